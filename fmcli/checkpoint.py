@@ -1,0 +1,114 @@
+"""Checkpoints: atomic save (temp file, fsync, rename), safe load (weights_only), rotation, `latest`."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}.pt"
+
+
+def save_atomic(state: dict, path: str | Path) -> Path:
+    """Write `state` so that a crash at any moment leaves either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_latest(ckpt_dir: Path, name: str) -> None:
+    """`checkpoints/latest` is a one-line text file naming the newest checkpoint, replaced atomically."""
+    tmp = ckpt_dir / f".latest.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(name + "\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_dir / "latest")
+    _fsync_dir(ckpt_dir)
+
+
+def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int, keep_every: int = 0) -> Path:
+    """Save step's checkpoint, point `latest` at it, then delete what rotation no longer keeps."""
+    ckpt_dir = Path(ckpt_dir)
+    path = save_atomic(state, ckpt_dir / checkpoint_name(step))
+    write_latest(ckpt_dir, path.name)
+    rotate(ckpt_dir, keep_last, keep_every)
+    return path
+
+
+def rotate(ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> list[Path]:
+    steps = sorted(list_checkpoints(ckpt_dir))
+    keep = set(steps[-keep_last:])
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    removed = []
+    for s in steps:
+        if s not in keep:
+            p = ckpt_dir / checkpoint_name(s)
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def list_checkpoints(ckpt_dir: Path) -> dict[int, Path]:
+    if not ckpt_dir.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in ckpt_dir.iterdir() if (m := STEP_FILE.match(p.name))}
+
+
+def resolve_checkpoint(target: str | Path) -> Path:
+    """A checkpoint file, a run directory, or a checkpoints directory -> the checkpoint file to load."""
+    target = Path(target)
+    if target.is_file():
+        return target
+    for ckpt_dir in (target / "checkpoints", target):
+        latest = ckpt_dir / "latest"
+        if latest.is_file():
+            path = ckpt_dir / latest.read_text().strip()
+            if not path.is_file():
+                raise UsageError(f"{latest} names {path.name}, which does not exist")
+            return path
+    if target.exists():
+        raise UsageError(f"no checkpoint found in {target} (expected checkpoints/latest)")
+    raise UsageError(f"checkpoint not found: {target}")
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load with weights_only=True (no code execution); a corrupt or truncated file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for damaged files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load checkpoint {path}: corrupt or truncated ({reason[:160]})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UsageError(f"{path} is not an fm checkpoint (missing model/config)")
+    return state
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,157 @@
+"""Process-group setup/teardown, rank helpers, and the in-process torchrun relaunch (DESIGN.md section 7).
+
+`fm train --gpus N` / `--nproc N` makes the parent call `torch.distributed.run` with the same command line;
+the children see WORLD_SIZE in their environment and join the group instead of relaunching.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UsageError
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_externally() -> bool:
+    """True inside a process started by torchrun (ours or the user's) or a SLURM multi-task step."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def setup(device_pref: str = "auto") -> DistContext:
+    """Join the process group if this process was launched as one rank of several; pick its device."""
+    _adopt_slurm_env()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError("train.device=cuda but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= ctx.world_size
+    return value
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank if the flag is set on any rank (e.g. a stop signal seen by one process)."""
+    if not ctx.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_gather_objects(obj, ctx: DistContext) -> list:
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _adopt_slurm_env() -> None:
+    """Map SLURM's variables to torch's when srun started one task per GPU and torchrun was not used."""
+    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        raise UsageError("SLURM multi-task run: set MASTER_ADDR to the first node's hostname (see README)")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_gpus(requested: int) -> None:
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested > found:
+        raise UsageError(f"--gpus {requested} requested but this machine has {found} CUDA GPU(s); use --nproc N for CPU processes")
+
+
+def relaunch(
+    nproc: int,
+    argv: list[str],
+    *,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> int:
+    """Run `python -m fmcli.cli ARGV` as `nproc` local ranks through torch.distributed.run, in-process.
+
+    Returns the exit code: 0 if every rank succeeded, else the first failure's code (torchrun stops the
+    remaining ranks as soon as one fails, so a crashed rank cannot leave the others hanging).
+    """
+    from torch.distributed.run import get_args_parser, run
+
+    for key, value in (extra_env or {}).items():
+        os.environ[key] = value
+    args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes)]
+    if nnodes == 1 and rdzv_endpoint is None:
+        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", rdzv_id or "fm"]
+    else:
+        if rdzv_endpoint is None:
+            raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        args += ["--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
+        args += ["--rdzv-id", rdzv_id or "fm"]
+    args += ["--max-restarts", "0", "--module", "fmcli.cli", *argv]
+    parsed = get_args_parser().parse_args(args)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    try:
+        run(parsed)
+    except Exception as err:  # ChildFailedError: the failing rank already printed its one-line error
+        failures = getattr(err, "failures", {}) or {}
+        codes = [f.exitcode for f in failures.values() if getattr(f, "exitcode", None)]
+        code = next((c for c in codes if c > 0), 1)
+        print(f"error: distributed run failed ({len(failures) or 1} rank(s) exited non-zero)", file=sys.stderr)
+        return code
+    return 0

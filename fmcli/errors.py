@@ -1,0 +1,19 @@
+"""The one exception type for mistakes a user can fix; cli.py turns it into one line and an exit code."""
+
+
+class FmError(Exception):
+    """A user-facing error: `str(err)` is the whole message, `exit_code` 2 = bad usage/input, 1 = runtime."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class UsageError(FmError):
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=2)
+
+
+class RuntimeFailure(FmError):
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=1)

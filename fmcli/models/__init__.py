@@ -1,0 +1,16 @@
+"""Model construction from a validated ModelConfig."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def build_model(model_cfg) -> nn.Module:
+    """Build the backbone named by `model_cfg.arch` (its data-dependent fields must be resolved)."""
+    if model_cfg.arch == "dit":
+        from .dit import DiT
+
+        return DiT(model_cfg)
+    from ..errors import UsageError
+
+    raise UsageError(f"model.arch={model_cfg.arch!r} is not available in this version (use 'dit')")
