@@ -1,0 +1,43 @@
+"""Shared fixtures: run the CLI as a subprocess of this checkout, and small prepared datasets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fm_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    env.update(extra or {})
+    return env
+
+
+def run_fm(*args, cwd=None, env=None, timeout=600, input=None) -> subprocess.CompletedProcess:
+    """`fm ARGS` from this checkout (not whatever `fm` is on PATH); text stdout/stderr captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "fmcli.cli", *map(str, args)],
+        cwd=cwd,
+        env=fm_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+    )
+
+
+@pytest.fixture(scope="session")
+def shapes16(tmp_path_factory) -> Path:
+    """512 shapes images at 16x16 (the `debug` preset's data), prepared once per test session."""
+    from fmcli.data.sources import prepare_shapes
+
+    return prepare_shapes(tmp_path_factory.mktemp("data") / "shapes16", size=16, count=512, seed=0)
