@@ -74,6 +74,10 @@ def _guard(fn):
     except Exception as err:
         if _STATE["debug"]:
             raise
+        from .distributed import is_peer_failure
+
+        if is_peer_failure(err):  # another rank failed first and printed the cause; stay quiet
+            raise typer.Exit(1)
         raise FmError(f"{type(err).__name__}: {err} (rerun with --debug for the traceback)", exit_code=1) from None
 
 

@@ -6,6 +6,7 @@ the children see WORLD_SIZE in their environment and join the group instead of r
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -146,12 +147,29 @@ def relaunch(
     args += ["--max-restarts", "0", "--module", "fmcli.cli", *argv]
     parsed = get_args_parser().parse_args(args)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    # torchrun's own warnings repeat what the failing rank already printed; keep stderr to one error.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(parsed)
     except Exception as err:  # ChildFailedError: the failing rank already printed its one-line error
-        failures = getattr(err, "failures", {}) or {}
-        codes = [f.exitcode for f in failures.values() if getattr(f, "exitcode", None)]
-        code = next((c for c in codes if c > 0), 1)
-        print(f"error: distributed run failed ({len(failures) or 1} rank(s) exited non-zero)", file=sys.stderr)
+        first = err.get_first_failure() if hasattr(err, "get_first_failure") else None
+        if first is None:
+            print(f"error: distributed launch failed: {err}", file=sys.stderr)
+            return 1
+        rank, failure = first
+        if failure.exitcode is not None and failure.exitcode < 0:
+            print(f"error: rank {rank} was killed by signal {-failure.exitcode}", file=sys.stderr)
+            return 1
+        code = failure.exitcode or 1
+        print(f"error: distributed run stopped with exit code {code} (the failing rank's message is above)", file=sys.stderr)
         return code
     return 0
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """A collective that failed because another rank died: that rank reports the cause, not this one."""
+    if not launched_externally() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    text = str(err)
+    markers = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted", "ProcessGroup")
+    return isinstance(err, getattr(dist, "DistError", ())) or any(m in text for m in markers)

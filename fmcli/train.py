@@ -208,6 +208,7 @@ class _Trainer:
         progress = self.log.progress(cfg.train.steps, self.step)
         try:
             while self.step < cfg.train.steps:
+                _injected_failure(ctx, self.step)
                 loss, grad_norm = self._optimizer_step(batches)
                 if not math.isfinite(loss):
                     nan_skips += 1
@@ -289,6 +290,7 @@ class _Trainer:
             self.scaler.step(o)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.lr_used = self.optimizer.param_groups[0]["lr"]
         for s in self.schedulers:
             s.step()
         update_ema(self.ema, self.model, ema_decay_at(self.step, cfg.train.ema_decay, cfg.train.ema_warmup))
@@ -410,7 +412,7 @@ class _Trainer:
         record = {
             "step": self.step,
             "loss": sum(window) / len(window),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.lr_used,
             "grad_norm": grad_norm,
             "img_per_s": images / max(elapsed, 1e-9),
             "mem_mib": memory_mib(self.ctx.device),
@@ -522,6 +524,13 @@ def environment_info(ctx: D.DistContext) -> dict:
         "git_sha": sha,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _injected_failure(ctx: D.DistContext, step: int) -> None:
+    """Test hook: FM_TEST_FAIL_RANK=r [FM_TEST_FAIL_STEP=s] makes rank r fail at step s (checks no-hang exits)."""
+    rank = os.environ.get("FM_TEST_FAIL_RANK")
+    if rank is not None and int(rank) == ctx.rank and step == int(os.environ.get("FM_TEST_FAIL_STEP", "1")):
+        raise RuntimeFailure(f"injected failure on rank {ctx.rank} at step {step}")
 
 
 def _data_info(manifest: dict) -> dict:

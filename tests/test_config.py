@@ -1,0 +1,73 @@
+"""Presets and --set overrides: typed, validated, unknown keys and bad values rejected (exit 2 via the CLI)."""
+
+import json
+
+import pytest
+
+from conftest import run_fm
+from fmcli.config import RESUME_SAFE_KEYS, Config, apply_overrides, load_config, parse_override, preset_names
+from fmcli.errors import UsageError
+
+
+def test_overrides_are_typed():
+    assert parse_override("train.steps=200") == ("train.steps", 200)
+    assert parse_override("optim.lr=3e-4") == ("optim.lr", 3e-4)
+    assert parse_override("train.compile=true") == ("train.compile", True)
+    assert parse_override("optim.name=muon") == ("optim.name", "muon")
+    assert parse_override("optim.betas=[0.9, 0.95]") == ("optim.betas", [0.9, 0.95])
+    cfg = load_config("debug", ["train.steps=7", "optim.betas=[0.9, 0.95]"])
+    assert cfg.train.steps == 7 and cfg.optim.betas == (0.9, 0.95)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.stepz=5", "stepz"),
+        ("nosuch.steps=5", "nosuch"),
+        ("train.steps=abc", "train.steps"),
+        ("train.steps=-1", "train.steps"),
+        ("optim.name=sgd", "optim.name"),
+        ("model.heads=5", "heads"),
+    ],
+)
+def test_bad_overrides_are_rejected_with_the_key_named(override, needle):
+    with pytest.raises(UsageError, match=needle):
+        load_config("debug", [override])
+
+
+def test_unknown_key_in_a_preset_file_is_an_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = 10\nbogus = 1\n")
+    with pytest.raises(UsageError, match="train.bogus"):
+        load_config(str(bad))
+
+
+def test_every_preset_validates():
+    assert {"quickstart", "debug"} <= set(preset_names())
+    for name in preset_names():
+        assert isinstance(load_config(name), Config)
+
+
+def test_resume_refuses_unsafe_overrides():
+    cfg = load_config("debug")
+    assert apply_overrides(cfg, ["train.steps=99"], allowed=RESUME_SAFE_KEYS).train.steps == 99
+    with pytest.raises(UsageError, match="optim.lr"):
+        apply_overrides(cfg, ["optim.lr=1.0"], allowed=RESUME_SAFE_KEYS)
+
+
+def test_cli_print_config_and_exit_codes():
+    ok = run_fm("train", "--preset", "debug", "--set", "train.steps=3", "--print-config")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["train"]["steps"] == 3
+    for args in (["--set", "train.bogus=1"], ["--set", "train.steps=abc"], ["--preset", "nope"]):
+        bad = run_fm("train", "--preset", "debug", *args, "--print-config") if args[0] != "--preset" else run_fm("train", *args, "--print-config")
+        assert bad.returncode == 2, bad
+        assert bad.stdout == ""
+        assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_version_and_usage_errors():
+    v = run_fm("--version")
+    assert v.returncode == 0 and v.stdout.startswith("fm ")
+    assert run_fm("sample").returncode == 2  # missing --ckpt
+    assert run_fm("nosuchcommand").returncode == 2

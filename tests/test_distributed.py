@@ -1,0 +1,52 @@
+"""Distributed training on CPU (gloo): `fm train --nproc 2` equals one process, resumes exactly, fails fast."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from conftest import run_fm
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_args(data, run_dir, steps, *extra):
+    return ["train", "--preset", "debug", "--data", data, "--run-dir", run_dir, "--set", f"train.steps={steps}",
+            "--set", "train.log_every=1", "--set", "train.checkpoint_every=0", *extra]
+
+
+def test_two_processes_match_one_and_resume_exactly(tmp_path, shapes16):
+    one = run_fm(*train_args(shapes16, tmp_path / "one", 6))
+    assert one.returncode == 0, one.stderr
+    two = run_fm(*train_args(shapes16, tmp_path / "two", 6, "--nproc", "2"))
+    assert two.returncode == 0, two.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # one run directory per run
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+    # Stop the 2-process run halfway, resume it with 2 processes: the losses equal the uninterrupted run.
+    half = run_fm(*train_args(shapes16, tmp_path / "split", 6, "--nproc", "2", "--stop-at-step", "3"))
+    assert half.returncode == 0, half.stderr
+    resumed = run_fm("resume", tmp_path / "split", "--nproc", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path / "split") == losses(tmp_path / "two")
+
+
+def test_a_failing_rank_stops_the_run_quickly_with_one_error(tmp_path, shapes16):
+    start = time.time()
+    out = run_fm(*train_args(shapes16, tmp_path / "run", 50, "--nproc", "2"), env={"FM_TEST_FAIL_RANK": "1", "FM_TEST_FAIL_STEP": "2"}, timeout=120)
+    elapsed = time.time() - start
+    assert out.returncode != 0
+    assert elapsed < 60
+    assert out.stderr.count("injected failure on rank 1") == 1
+    assert "Traceback" not in out.stderr
+
+
+def test_gpus_beyond_the_machine_is_a_usage_error(tmp_path, shapes16):
+    out = run_fm(*train_args(shapes16, tmp_path / "run", 2, "--gpus", "64"))
+    assert out.returncode == 2
+    assert "64" in out.stderr and "GPU" in out.stderr

@@ -1,0 +1,68 @@
+"""DiT: shapes, adaLN-Zero initialisation, conditioning, positional embedding."""
+
+import numpy as np
+import torch
+
+from fmcli.config import ModelConfig
+from fmcli.models import build_model
+from fmcli.models.dit import sincos_2d_embedding
+
+
+def tiny(**kw):
+    base = dict(hidden_size=32, depth=2, heads=2, patch_size=4, image_size=16, in_channels=3, num_classes=10)
+    base.update(kw)
+    return build_model(ModelConfig(**base))
+
+
+def test_output_shape_matches_input():
+    torch.manual_seed(0)
+    model = tiny(in_channels=4, image_size=8, patch_size=2)
+    x = torch.randn(5, 4, 8, 8)
+    out = model(x, torch.rand(5), torch.randint(0, 10, (5,)))
+    assert out.shape == x.shape
+
+
+def test_zero_initialised_model_outputs_zeros():
+    model = tiny()
+    x = torch.randn(3, 3, 16, 16)
+    out = model(x, torch.rand(3), torch.tensor([0, 5, 10]))  # 10 = the null class
+    assert torch.count_nonzero(out) == 0
+
+
+def perturbed(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_class_and_time_change_the_output_once_trained_weights_are_nonzero():
+    torch.manual_seed(1)
+    model = perturbed(tiny())
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([0.3, 0.3])
+    a = model(x, t, torch.tensor([1, 1]))
+    b = model(x, t, torch.tensor([2, 2]))
+    c = model(x, torch.tensor([0.7, 0.7]), torch.tensor([1, 1]))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+    # Samples in a batch do not interact (attention is within an image).
+    single = model(x[:1], t[:1], torch.tensor([1]))
+    assert torch.allclose(single, a[:1], atol=1e-5)
+
+
+def test_unpatchify_inverts_patchify_layout():
+    model = tiny(patch_size=4)
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    p, g = 4, 4
+    # patchify the way the linear layer sees it: [B, g*g, p*p*C] with (p, q, c) ordering
+    patches = x.reshape(2, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(2, g * g, p * p * 3)
+    assert torch.equal(model.unpatchify(patches), x)
+
+
+def test_sincos_embedding_matches_formula():
+    emb = sincos_2d_embedding(8, 3)
+    assert emb.shape == (9, 8)
+    # position (row=1, col=2) is index 5; first half encodes the row, second the column
+    omega = 1.0 / 10000 ** (np.arange(2) / 2.0)
+    np.testing.assert_allclose(emb[5, :4], np.concatenate([np.sin(1 * omega), np.cos(1 * omega)]))
+    np.testing.assert_allclose(emb[5, 4:], np.concatenate([np.sin(2 * omega), np.cos(2 * omega)]))

@@ -1,0 +1,225 @@
+"""Training system: overfitting, exact resume, accumulation, LR schedule, EMA, optimizers, crash safety."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fm_env, run_fm
+from fmcli import checkpoint as ckpt_mod
+from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+from fmcli.config import load_config
+from fmcli.data.prepared import PreparedWriter
+from fmcli.errors import UsageError
+from fmcli.train import batch_geometry, lr_factor, train, update_ema
+
+
+def cfg_for(data: Path, *overrides):
+    return load_config("debug", [f"data.path='{data}'", *overrides])
+
+
+def test_tiny_model_overfits_two_images(tmp_path):
+    rng = np.random.default_rng(0)
+    with PreparedWriter(tmp_path / "two", 2, (3, 8, 8), labels=True) as w:
+        for k in range(2):
+            w.add(rng.integers(0, 256, (3, 8, 8), dtype=np.uint8), k)
+        data = w.finish(num_classes=2)
+    cfg = cfg_for(
+        data, "model.patch_size=2", "train.global_batch_size=2", "train.steps=300", "optim.lr=3e-3",
+        "optim.warmup_frac=0.0", "optim.min_lr_factor=1.0", "flow.cond_dropout=0.0", "train.checkpoint_every=0",
+        "train.log_every=100",
+    )
+    result = train(cfg, tmp_path / "run")
+    first, last = np.mean(result.losses[:10]), np.mean(result.losses[-30:])
+    assert last < 0.5 * first, (first, last)
+
+
+def test_resume_is_bit_exact_with_accumulation_workers_and_ema(tmp_path, shapes16):
+    common = ["train.steps=8", "train.global_batch_size=16", "train.micro_batch_size=4", "data.num_workers=1",
+              "data.flip=true", "train.log_every=1", "train.checkpoint_every=0", "train.ema_decay=0.9"]
+    straight = train(cfg_for(shapes16, *common), tmp_path / "straight")
+    first = train(cfg_for(shapes16, *common), tmp_path / "split", stop_at_step=4)
+    assert first.stopped_early and first.step == 4
+    ckpt = resolve_checkpoint(tmp_path / "split")
+    state = load_checkpoint(ckpt)
+    from fmcli.config import validate_config
+
+    second = train(validate_config(state["config"]), tmp_path / "split", resume_from=ckpt)
+    assert straight.losses == first.losses + second.losses  # bit for bit
+    a = load_checkpoint(resolve_checkpoint(tmp_path / "straight"))
+    b = load_checkpoint(resolve_checkpoint(tmp_path / "split"))
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    # The metrics log of the split run continues the same numbers.
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == straight.losses
+
+
+def test_accumulation_matches_one_big_batch(tmp_path, shapes16):
+    common = ["train.steps=3", "train.global_batch_size=16", "train.checkpoint_every=0", "train.log_every=1"]
+    big = train(cfg_for(shapes16, *common), tmp_path / "big")
+    acc = train(cfg_for(shapes16, *common, "train.micro_batch_size=4"), tmp_path / "acc")
+    np.testing.assert_allclose(big.losses, acc.losses, rtol=1e-5)
+    a = load_checkpoint(resolve_checkpoint(tmp_path / "big"))["model"]
+    b = load_checkpoint(resolve_checkpoint(tmp_path / "acc"))["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_accumulation_gradient_equals_big_batch_gradient():
+    """Direct check on gradients: sum over k micro-batches of loss/k == the loss of the whole batch."""
+    from fmcli.config import ModelConfig
+    from fmcli.flow import flow_matching_loss, interpolate
+    from fmcli.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=32, depth=2, heads=2, patch_size=4, image_size=8, in_channels=3, num_classes=3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x1, x0, t, y = torch.randn(12, 3, 8, 8), torch.randn(12, 3, 8, 8), torch.rand(12), torch.randint(0, 3, (12,))
+
+    def loss_of(sl):
+        xt, ut = interpolate(x0[sl], x1[sl], t[sl], 1e-5)
+        return flow_matching_loss(model(xt, t[sl], y[sl]), ut)
+
+    loss_of(slice(0, 12)).backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for k in range(3):
+        (loss_of(slice(4 * k, 4 * k + 4)) / 3).backward()
+    for g_big, p in zip(big, model.parameters()):
+        torch.testing.assert_close(p.grad, g_big, rtol=1e-4, atol=1e-6)
+
+
+def test_lr_schedule_follows_its_formula(tmp_path, shapes16):
+    steps, lr = 20, 1e-3
+    cfg = cfg_for(shapes16, f"train.steps={steps}", "train.log_every=1", "train.checkpoint_every=0",
+                  "optim.warmup_frac=0.25", "optim.warmup_start_factor=0.1", "optim.min_lr_factor=0.1", f"optim.lr={lr}")
+    train(cfg, tmp_path / "run")
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Independent formula: step k (1-based) runs at the lr of schedule position s = k - 1.
+    warmup = 5
+    expected = []
+    for s in range(steps):
+        if s < warmup:
+            f = 0.1 + 0.9 * s / warmup
+        else:
+            f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+        expected.append(lr * f)
+    np.testing.assert_allclose(logged, expected, rtol=1e-9)
+    assert lr_factor(0, 100, 0.05, 0.1, 0.1) == pytest.approx(0.1)
+    assert lr_factor(100, 100, 0.05, 0.1, 0.1) == pytest.approx(0.1)
+
+
+def test_ema_matches_hand_computed_update():
+    model = torch.nn.Linear(3, 2)
+    ema = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(2.0), model.bias.fill_(-1.0), ema.weight.fill_(1.0), ema.bias.fill_(0.0)
+    update_ema(ema, model, 0.9)
+    assert torch.allclose(ema.weight, torch.full((2, 3), 0.9 * 1.0 + 0.1 * 2.0))
+    assert torch.allclose(ema.bias, torch.full((2,), 0.9 * 0.0 + 0.1 * -1.0))
+
+
+def test_ema_is_updated_once_per_optimizer_step_not_per_micro_batch(tmp_path, shapes16):
+    """With decay d and k steps, EMA = d^k * init + ...; check the EMA moved by exactly one update per step."""
+    cfg = cfg_for(shapes16, "train.steps=1", "train.global_batch_size=16", "train.micro_batch_size=4",
+                  "train.ema_decay=0.5", "train.checkpoint_every=0")
+    train(cfg, tmp_path / "run")
+    state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
+    torch.manual_seed(cfg.train.seed)
+    from fmcli.models import build_model
+    from fmcli.train import resolve_data_fields
+    from fmcli.data.prepared import read_manifest
+
+    init = build_model(resolve_data_fields(cfg, read_manifest(shapes16)).model).state_dict()
+    for name, w in state["model"].items():
+        torch.testing.assert_close(state["ema"][name], 0.5 * init[name] + 0.5 * w)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizers_reduce_the_loss_on_shapes(tmp_path, shapes16, optimizer):
+    cfg = cfg_for(shapes16, f"optim.name={optimizer}", "train.steps=60", "train.checkpoint_every=0", "train.log_every=20", "optim.lr=2e-3")
+    losses = train(cfg, tmp_path / "run").losses
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_batch_geometry_refuses_non_dividing_sizes():
+    assert batch_geometry(576, 96, 2) == (96, 3)
+    assert batch_geometry(64, None, 2) == (32, 1)
+    with pytest.raises(UsageError, match="not divisible"):
+        batch_geometry(100, 16, 2)
+
+
+def test_crash_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, shapes16, monkeypatch):
+    cfg = cfg_for(shapes16, "train.steps=4", "train.checkpoint_every=2", "train.keep_last=1")
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def crash_on_second_checkpoint(src, dst):
+        if str(dst).endswith("step-0000004.pt"):
+            raise OSError("simulated crash between write and rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", crash_on_second_checkpoint)
+    with pytest.raises(OSError, match="simulated"):
+        train(cfg, tmp_path / "run")
+    path = resolve_checkpoint(tmp_path / "run")
+    assert path.name == "step-0000002.pt"
+    assert load_checkpoint(path)["step"] == 2
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if ".tmp-" in p.name]
+
+
+def test_truncated_checkpoint_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "step-0000001.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}, "config": {}}, bad)
+    bad.write_bytes(bad.read_bytes()[:300])
+    with pytest.raises(UsageError, match="corrupt or truncated"):
+        load_checkpoint(bad)
+    out = run_fm("sample", "--ckpt", bad, "--out", tmp_path / "x.png")
+    assert out.returncode == 2 and "corrupt or truncated" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sigterm_saves_a_resumable_checkpoint(tmp_path, shapes16):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fmcli.cli", "train", "--preset", "debug", "--data", str(shapes16), "--run-dir", str(run_dir),
+         "--set", "train.steps=100000", "--set", "train.log_every=1", "--set", "train.checkpoint_every=0"],
+        env=fm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "fm resume" in err
+    state = load_checkpoint(resolve_checkpoint(run_dir))
+    assert 3 <= state["step"] < 100000
+    resumed = run_fm("resume", run_dir, "--set", f"train.steps={state['step'] + 2}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(resolve_checkpoint(run_dir))["step"] == state["step"] + 2
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path, shapes16):
+    args = ["train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "train.steps=2"]
+    assert run_fm(*args).returncode == 0
+    again = run_fm(*args)
+    assert again.returncode == 2 and "fm resume" in again.stderr
+    cont = run_fm(*args[:-1], "train.steps=3", "--resume", "latest")
+    assert cont.returncode == 0, cont.stderr
+    unsafe = run_fm("resume", tmp_path / "run", "--set", "optim.lr=0.5")
+    assert unsafe.returncode == 2 and "optim.lr" in unsafe.stderr
