@@ -16,16 +16,14 @@ from .config import Config, validate_config
 from .errors import UsageError
 from .models import build_model
 from .sampling import guided_velocity, solve
+from .seeding import normal
 
-_SEED_STRIDE = 1 << 32
+_NOISE_STREAM = 1  # distinguishes sampling noise from training streams keyed by the same seed
 
 
 def initial_noise(seed: int, indices, shape: tuple[int, ...], device="cpu") -> torch.Tensor:
     """[len(indices), *shape] standard normal; row k depends only on (seed, indices[k])."""
-    rows = []
-    for i in indices:
-        g = torch.Generator().manual_seed((seed * _SEED_STRIDE + int(i)) % (1 << 63))
-        rows.append(torch.randn(shape, generator=g))
+    rows = [normal(tuple(shape), _NOISE_STREAM, seed, int(i)) for i in indices]
     return torch.stack(rows).to(device)
 
 

@@ -37,6 +37,7 @@ from .flow import flow_matching_loss, interpolate, sample_times
 from .generate import initial_noise, sample_batch
 from .images import save_grid
 from .models import build_model
+from .seeding import normal, torch_generator
 
 
 @dataclass
@@ -102,12 +103,11 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + 17) % (1 << 63))
+_STEP_STREAM, _EPOCH_STREAM = 2, 3  # key prefixes: independent streams from one user seed
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % (1 << 63)))
+    return torch.randperm(n, generator=torch_generator(_EPOCH_STREAM, seed, epoch))
 
 
 def build_optimizer(model: nn.Module, optim_cfg) -> "CombinedOptimizer":
@@ -253,12 +253,13 @@ class _Trainer:
     def _optimizer_step(self, batches) -> tuple[float, float]:
         cfg, ctx = self.cfg, self.ctx
         model = self.forward_model
-        gen = step_generator(cfg.train.seed, self.batches)
+        key = (_STEP_STREAM, cfg.train.seed, self.batches)
         self.batches += 1
         G = cfg.train.global_batch_size
         shape = tuple(self.dataset.manifest["shape"])
         # The whole global batch's randomness, drawn identically on every rank; each takes its rows.
-        noise = torch.randn((G, *shape), generator=gen)
+        noise = normal((G, *shape), *key)
+        gen = torch_generator(*key)
         times = sample_times(G, cfg.flow.time_sampler, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std, shift=cfg.flow.shift, generator=gen)
         drop = torch.rand(G, generator=gen) < cfg.flow.cond_dropout
         flip = torch.rand(G, generator=gen) < 0.5

@@ -41,3 +41,15 @@ def shapes16(tmp_path_factory) -> Path:
     from fmcli.data.sources import prepare_shapes
 
     return prepare_shapes(tmp_path_factory.mktemp("data") / "shapes16", size=16, count=512, seed=0)
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory, shapes16) -> Path:
+    """A run directory trained for a few steps with the `debug` preset (a real checkpoint to sample from)."""
+    from fmcli.config import load_config
+    from fmcli.train import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "debug"
+    cfg = load_config("debug", [f"data.path='{shapes16}'", "train.steps=4", "train.checkpoint_every=0"])
+    train(cfg, run_dir)
+    return run_dir
