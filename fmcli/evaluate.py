@@ -482,6 +482,8 @@ def fid_command(
             raise UsageError(f"{save_stats} already exists (use --force to replace it)")
     if gen is not None and not Path(gen).is_dir():
         raise UsageError(f"--gen {gen} is not a directory of images")
+    if gen is not None and (num_samples is not None or out is not None):
+        raise UsageError("--num-samples and --out go with --ckpt; --gen scores every image in its folder")
     extractor = build_extractor(features, inception=inception, device=device)
     if not isinstance(extractor, InceptionExtractor):
         log(f"features: {extractor.name} (not comparable to published FID)")
@@ -493,6 +495,8 @@ def fid_command(
         sample_cfg = sample_overrides(loaded.config.sample)
 
     ref_stats = reference_statistics(ref, extractor, batch_size=batch_size, keep_features=kid, log=log)
+    if kid and ref_stats.feats is None:
+        raise UsageError(f"--kid needs reference features, which {ref} lacks: write it with `fm fid --ref DATA --save-stats FILE.npz --kid`")
     result: dict = {}
     if save_stats is not None:
         result = {"stats": str(ref_stats.save(save_stats)), "ref_count": ref_stats.count, "features": ref_stats.features}
