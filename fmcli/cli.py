@@ -404,10 +404,82 @@ def class_grid(ctx: typer.Context):
     _not_yet("class-grid")
 
 
-@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def fid(ctx: typer.Context):
-    """(not available yet) FID of generated samples against reference data."""
-    _not_yet("fid")
+@app.command()
+def fid(
+    ref: Path = typer.Option(..., "--ref", help="Reference: prepared dataset directory, image folder, or statistics .npz."),
+    gen: Optional[Path] = typer.Option(None, "--gen", help="Folder of generated images to score."),
+    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Checkpoint (or run directory) to sample from and score."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", min=2, help="Samples to generate with --ckpt."),
+    save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write the reference statistics to FILE.npz."),
+    features: str = typer.Option("inception", "--features", help="inception (default), tiny, or module:factory; only inception is comparable to published FID."),
+    inception: Optional[str] = typer.Option(None, "--inception", help="Path to inception-2015-12-05.pt (default: $FM_INCEPTION)."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
+    seed: int = typer.Option(0, "--seed", help="Seed: sample i's noise depends only on (seed, i)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (generation and features)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also save the generated samples as PNGs here."),
+    kid: bool = typer.Option(False, "--kid", help="Also report KID (clean-fid's kernel distance)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --save-stats file."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """FID (clean-fid, "clean" mode) of generated samples against reference data.
+
+    Examples:
+      fm fid --ref data/cifar10 --save-stats stats/cifar10-train.npz --inception ~/inception-2015-12-05.pt
+      fm fid --ckpt runs/cifar10 --num-samples 50000 --ref stats/cifar10-train.npz --cfg 1.5 --steps 100
+      fm fid --gen samples/ --ref data/cifar10 --features tiny    # no Inception weights: not comparable to papers
+    """
+
+    def run():
+        from .evaluate import fid_command
+
+        console = _stderr_console()
+        result = fid_command(
+            ref=ref,
+            gen=gen,
+            ckpt=ckpt,
+            save_stats=save_stats,
+            features=features,
+            inception=inception,
+            num_samples=num_samples,
+            sample_overrides=lambda base: _sample_settings(base, cfg_scale, steps, solver),
+            seed=seed,
+            batch_size=batch_size,
+            ema=ema,
+            out=out,
+            kid=kid,
+            force=force,
+            device=_device(device),
+            log=lambda message: console.print(message, highlight=False, markup=False),
+            progress_factory=lambda total: _progress(console, "sampling", total),
+        )
+        if as_json:
+            _emit_json(result)
+        elif "fid" not in result:
+            print(result["stats"])
+        else:
+            for key, value in result.items():
+                print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+
+    _guard(run)
+
+
+def _progress(console, label: str, total: int):
+    """A context manager yielding advance(n) for a transient rich progress bar on stderr."""
+    import contextlib
+
+    from rich.progress import Progress
+
+    @contextlib.contextmanager
+    def bar():
+        with Progress(console=console, transient=True) as p:
+            task = p.add_task(label, total=total)
+            yield lambda n: p.advance(task, n)
+
+    return bar()
 
 
 @app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

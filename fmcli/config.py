@@ -104,9 +104,11 @@ class SampleConfig(Strict):
 
 
 class EvalConfig(Strict):
-    every: int = Field(0, ge=0)
+    every: int = Field(0, ge=0)  # FID of the EMA model every k steps (0 = off), logged to metrics.jsonl
     num_samples: int = Field(5000, gt=0)
-    ref: str | None = None
+    ref: str | None = None  # prepared dataset, image folder or stats .npz (`fm fid --save-stats`)
+    features: str = "inception"  # inception | tiny | module:factory (only inception is comparable to papers)
+    inception: str | None = None  # inception-2015-12-05.pt; None = $FM_INCEPTION
 
 
 class EncodersConfig(Strict):
@@ -141,6 +143,8 @@ RESUME_SAFE_KEYS = {
     "eval.every",
     "eval.num_samples",
     "eval.ref",
+    "eval.features",
+    "eval.inception",
 }
 
 

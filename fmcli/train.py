@@ -168,6 +168,7 @@ class _Trainer:
         cfg, ctx = self.cfg, self.ctx
         self.dataset = PreparedDataset(cfg.data.path)
         cfg = self.cfg = resolve_data_fields(cfg, self.dataset.manifest)
+        self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
         micro, accum = batch_geometry(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.world_size)
         self.micro, self.accum = micro, accum
         if cfg.train.global_batch_size > len(self.dataset):
@@ -229,6 +230,8 @@ class _Trainer:
                     window, window_start = [], time.perf_counter()
                 if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                     self._save_samples()
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self._evaluate()
                 stop_now = D.any_rank(self.stop_requested, ctx) or self.step == stop_at_step
                 if stop_now or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
                     result.checkpoint = self._save_checkpoint()
@@ -436,6 +439,23 @@ class _Trainer:
         x = sample_batch(self.ema, x0, labels, self.cfg.sample, shift=self.cfg.flow.shift).x
         path = save_grid(x, self.run_dir / "samples" / f"step-{self.step:07d}.png", nrow=k if k and n % k == 0 else None)
         self.log.info(f"samples: {path}")
+
+    def _make_evaluator(self):
+        """FID evaluator (extractor + reference statistics, computed once), rank 0 only for now."""
+        if not self.cfg.eval.every or not self.ctx.is_main:
+            return None
+        from .evaluate import TrainingEvaluator
+
+        return TrainingEvaluator(self.cfg, self.dataset.manifest, self.ctx.device, log=self.log.info)
+
+    def _evaluate(self) -> None:
+        """FID of the EMA model on eval.num_samples samples, appended to metrics.jsonl (rank 0 only for now)."""
+        if self.evaluator is None:
+            return
+        record = self.evaluator(self.ema, self.step, batch_size=self.micro)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.log.info(f"step {self.step}: FID {record['fid']:.4f} ({record['fid_num_samples']} samples, {record['fid_features']})")
 
     # ---------------------------------------------------------------------------------------- signals
 

@@ -1,0 +1,558 @@
+"""FID (and KID) through clean-fid: feature extractors, reference statistics, scoring generated samples.
+
+Default features: clean-fid's InceptionV3 in its "clean" mode (PIL bicubic resize of each channel to
+299x299 in float, then the StyleGAN2-ADA TorchScript Inception `inception-2015-12-05.pt`), built from a
+local file: nothing is downloaded. The Frechet distance and KID are clean-fid's own functions.
+
+A feature extractor is any callable mapping uint8 images [B,3,H,W] (0..255) to float features [B,D], with
+a `name` (recorded in statistics files, so features never get mixed) and an `input_size` (the size it
+resizes to). `--features tiny` is a small fixed random conv net for tests and for users without the
+Inception weights; its numbers are NOT comparable to published FID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import math
+import os
+import sys
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UsageError
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+# The URL clean-fid downloads from (cleanfid.downloads_helper.inception_url) and the file's sha256 (95,607,719 bytes).
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+STATS_FORMAT = 1
+
+
+class FeatureExtractor(Protocol):
+    name: str
+    input_size: int
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 [B,3,H,W] in 0..255 -> float64 [B,D]."""
+
+
+@dataclass
+class Statistics:
+    """Gaussian statistics of a feature set, with what is needed to refuse mixing incompatible ones."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int
+    features: str  # the feature extractor's name
+    image_size: int | None  # resolution of the images the features came from (None: unknown or mixed)
+    feats: np.ndarray | None = None  # the raw features, kept only when KID is wanted
+
+    def save(self, path: str | Path) -> Path:
+        """Write an .npz atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        arrays = dict(
+            mu=self.mu,
+            sigma=self.sigma,
+            count=np.int64(self.count),
+            features=np.str_(self.features),
+            image_size=np.int64(self.image_size or 0),
+            fm_stats_format=np.int64(STATS_FORMAT),
+        )
+        if self.feats is not None:
+            arrays["feats"] = self.feats
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+
+@dataclass
+class GeneratedFeatures:
+    feats: np.ndarray
+    nfe_per_sample: float
+    gen_seconds: float  # time spent sampling (feature extraction excluded)
+    image_size: int
+
+
+@dataclass
+class FidResult:
+    fid: float
+    num_samples: int
+    ref_count: int
+    features: str
+    kid: float | None = None
+    gen_seconds: float | None = None
+    nfe_per_sample: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {
+            "fid": self.fid,
+            "num_samples": self.num_samples,
+            "ref_count": self.ref_count,
+            "features": self.features,
+            "comparable_to_published": self.features == InceptionExtractor.name,
+        }
+        if self.kid is not None:
+            out["kid"] = self.kid
+        if self.gen_seconds is not None:
+            out["gen_seconds"] = round(self.gen_seconds, 3)
+            out["nfe_per_sample"] = self.nfe_per_sample
+        out.update(self.extra)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ distances
+
+
+def statistics_of(feats: np.ndarray, features: str, image_size: int | None, keep_features: bool = False) -> Statistics:
+    """Mean and covariance (np.cov, unbiased) of [N,D] features, as clean-fid computes them."""
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise UsageError(f"FID needs at least 2 images, got {feats.shape[0] if feats.ndim else 0}")
+    return Statistics(
+        mu=feats.mean(axis=0),
+        sigma=np.cov(feats, rowvar=False),
+        count=feats.shape[0],
+        features=features,
+        image_size=image_size,
+        feats=feats.astype(np.float32) if keep_features else None,
+    )
+
+
+def frechet_distance(gen: Statistics, ref: Statistics) -> float:
+    """clean-fid's Frechet distance between the two Gaussians, after checking they are comparable."""
+    from cleanfid.fid import frechet_distance as cleanfid_frechet
+
+    check_compatible(gen, ref)
+    with _stdout_to_stderr(), warnings.catch_warnings():  # clean-fid prints its singular-product notice on stdout
+        warnings.simplefilter("ignore", DeprecationWarning)  # clean-fid passes scipy's deprecated sqrtm(disp=)
+        return float(cleanfid_frechet(gen.mu, gen.sigma, ref.mu, ref.sigma))
+
+
+def kernel_distance(gen: Statistics, ref: Statistics, seed: int = 0) -> float:
+    """clean-fid's KID (subsets of up to 1000) with a fixed seed, leaving numpy's global RNG untouched."""
+    from cleanfid.fid import kernel_distance as cleanfid_kid
+
+    check_compatible(gen, ref)
+    if gen.feats is None or ref.feats is None:
+        raise UsageError("--kid needs the reference features: recompute the statistics with `fm fid --save-stats ... --kid`")
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with _stdout_to_stderr():
+            return float(cleanfid_kid(gen.feats.astype(np.float64), ref.feats.astype(np.float64)))
+    finally:
+        np.random.set_state(state)
+
+
+def check_compatible(gen: Statistics, ref: Statistics) -> None:
+    if gen.features != ref.features:
+        raise UsageError(f"feature extractors differ: generated images use {gen.features!r}, the reference {ref.features!r}; use the same --features")
+    if gen.mu.shape != ref.mu.shape:
+        raise UsageError(f"feature sizes differ: {gen.mu.shape[0]} vs {ref.mu.shape[0]} for {gen.features!r}")
+    if gen.image_size and ref.image_size and gen.image_size != ref.image_size:
+        raise UsageError(f"image sizes differ: generated {gen.image_size}px, reference {ref.image_size}px; compare images of one resolution")
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+# ---------------------------------------------------------------------------------- feature extractors
+
+
+def build_extractor(spec: str, *, inception: str | None = None, device: torch.device | str = "cpu") -> FeatureExtractor:
+    """`inception` (default; local weights), `tiny` (tests; not comparable), or `module:factory`.
+
+    A `module:factory` is called as factory(device) and returns an object with `name`, `input_size` and
+    `__call__(uint8 [B,3,H,W]) -> [B,D]`.
+    """
+    device = torch.device(device)
+    if spec == "inception":
+        return InceptionExtractor(resolve_inception_path(inception), device)
+    if spec == "tiny":
+        return TinyExtractor(device)
+    if ":" in spec:
+        module_name, attr = spec.split(":", 1)
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise UsageError(f"--features {spec}: cannot load it ({err})") from None
+        extractor = factory(device)
+        if not callable(extractor) or not isinstance(getattr(extractor, "name", None), str):
+            raise UsageError(f"--features {spec}: the factory must return a callable with a `name` string")
+        return extractor
+    raise UsageError(f"unknown --features {spec!r}: use inception, tiny or module:factory")
+
+
+def resolve_inception_path(path: str | None) -> Path:
+    """--inception PATH, else $FM_INCEPTION; a directory may hold the file under its usual name."""
+    path = path or os.environ.get("FM_INCEPTION")
+    if not path:
+        raise UsageError(
+            f"Inception weights not given: pass --inception PATH or set FM_INCEPTION to {INCEPTION_FILE} "
+            f"(get it once from {INCEPTION_URL}, sha256 {INCEPTION_SHA256[:16]}...), or use --features tiny (not comparable to published FID)"
+        )
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / INCEPTION_FILE
+    if not p.is_file():
+        raise UsageError(f"Inception weights not found at {p}: download {INCEPTION_URL} there, or point --inception/FM_INCEPTION at the file")
+    return p
+
+
+class InceptionExtractor:
+    """clean-fid's "clean" mode: its PIL-bicubic resizer to 299, then its InceptionV3W forward (2048-D pool3)."""
+
+    name = "inception-v3-clean"
+    input_size = 299
+
+    def __init__(self, path: Path, device: torch.device):
+        from cleanfid.resize import build_resizer
+
+        digest = _sha256(path)
+        if digest != INCEPTION_SHA256:
+            print(f"warning: {path} has sha256 {digest[:16]}..., not the reference file's {INCEPTION_SHA256[:16]}...: FID may not be comparable", file=sys.stderr)
+        try:
+            self.model = load_inception(path).to(device).eval()
+        except (RuntimeError, ValueError, AttributeError) as err:
+            raise UsageError(f"{path} is not the TorchScript Inception {INCEPTION_FILE} ({type(err).__name__}); get it from {INCEPTION_URL}") from None
+        self.resize = build_resizer("clean")
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        arr = images.to("cpu", torch.uint8).permute(0, 2, 3, 1).numpy()  # [B,H,W,3], as clean-fid reads files
+        resized = np.stack([self.resize(a) for a in arr]).astype(np.float32)  # [B,299,299,3] float 0..255
+        x = torch.from_numpy(resized).permute(0, 3, 1, 2).to(self.device)
+        return self.model(x).double().cpu().numpy()
+
+
+def load_inception(path: Path) -> torch.nn.Module:
+    """clean-fid's InceptionV3W (its own forward: (x - 128) / 128, then the TorchScript layers) from a local file."""
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    class LocalInceptionV3W(InceptionV3W):
+        def __init__(self, file: Path):  # InceptionV3W.__init__ minus the download and the fixed file name
+            torch.nn.Module.__init__(self)
+            self.base = torch.jit.load(str(file), map_location="cpu").eval()
+            self.layers = self.base.layers
+            self.resize_inside = False
+
+    return LocalInceptionV3W(path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TinyExtractor:
+    """A fixed, seeded random conv net (64-D): deterministic, cheap, sensitive to pixel perturbations.
+
+    For tests and for users without the Inception weights. Its FID is NOT comparable to published FID.
+    """
+
+    name = "tiny-randconv-v1"
+    input_size = 32
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        g = torch.Generator().manual_seed(8)
+        self.device = torch.device(device)
+        self.w1 = (torch.randn(32, 3, 3, 3, generator=g) / math.sqrt(27)).to(self.device)
+        self.b1 = (0.1 * torch.randn(32, generator=g)).to(self.device)
+        self.w2 = (torch.randn(64, 32, 3, 3, generator=g) / math.sqrt(288)).to(self.device)
+        self.b2 = (0.1 * torch.randn(64, generator=g)).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        x = images.to(self.device, torch.float32).contiguous() / 127.5 - 1.0  # one memory layout: identical sums
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        h = F.relu(F.conv2d(x, self.w1, self.b1, stride=2, padding=1))
+        h = F.relu(F.conv2d(h, self.w2, self.b2, stride=2, padding=1))
+        return h.mean(dim=(2, 3)).double().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------- reference features
+
+
+def reference_statistics(ref: str | Path, extractor: FeatureExtractor, *, batch_size: int = 64, keep_features: bool = False, log=None) -> Statistics:
+    """Statistics of REF: a stats .npz (checked against the extractor), a prepared dataset, or an image folder."""
+    ref = Path(ref)
+    if not ref.exists():
+        raise UsageError(f"--ref {ref} does not exist (a prepared dataset directory, an image folder or a stats .npz)")
+    if ref.is_file():
+        if ref.suffix != ".npz":
+            raise UsageError(f"--ref {ref} is a file but not a statistics .npz (written by `fm fid --save-stats`)")
+        return load_statistics(ref, extractor)
+    if (ref / "manifest.json").is_file():
+        feats, size = prepared_features(ref, extractor, batch_size=batch_size, log=log)
+    else:
+        feats, size = folder_features(ref, extractor, batch_size=batch_size, log=log)
+    return statistics_of(feats, extractor.name, size, keep_features=keep_features)
+
+
+def load_statistics(path: str | Path, extractor: FeatureExtractor | None = None) -> Statistics:
+    """Read a stats .npz; files with only mu/sigma (clean-fid's own) are taken as clean-fid Inception stats."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read statistics {path}: {err}") from None
+    if "mu" not in data or "sigma" not in data:
+        raise UsageError(f"{path} is not a statistics file: it has no mu/sigma (write one with `fm fid --ref DATA --save-stats FILE.npz`)")
+    if "features" in data:
+        features, size, count = str(data["features"]), int(data["image_size"]) or None, int(data["count"])
+    else:
+        features, size, count = InceptionExtractor.name, None, 0
+        print(f"note: {path} records no feature extractor; assuming clean-fid Inception statistics", file=sys.stderr)
+    stats = Statistics(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64), count=count, features=features, image_size=size, feats=data.get("feats"))
+    if extractor is not None and stats.features != extractor.name:
+        raise UsageError(f"{path} holds {stats.features!r} statistics but the features in use are {extractor.name!r}; recompute it or pass the matching --features")
+    return stats
+
+
+def prepared_features(path: Path, extractor: FeatureExtractor, *, batch_size: int = 64, log=None) -> tuple[np.ndarray, int]:
+    """Features of a prepared pixel dataset (uint8 [N,C,H,W], read through a memmap in batches)."""
+    from .data.prepared import read_manifest
+
+    manifest = read_manifest(path)
+    if manifest["kind"] != "pixels":
+        raise UsageError(f"{path} holds {manifest['kind']}, not pixels: FID needs images (use an image folder or a pixel dataset as --ref)")
+    x = np.load(path / "x.npy", mmap_mode="r")
+    return array_features(x, extractor, batch_size=batch_size, log=log, what=str(path)), int(x.shape[-1])
+
+
+def array_features(x, extractor: FeatureExtractor, *, batch_size: int = 64, log=None, what: str = "images") -> np.ndarray:
+    """Features of uint8 [N,C,H,W] (C = 1 or 3) in batches."""
+    feats = []
+    for start in range(0, len(x), batch_size):
+        batch = torch.from_numpy(np.array(x[start : start + batch_size]))  # a writable copy of the memmap rows
+        feats.append(extractor(to_rgb(batch)))
+    if log:
+        log(f"features of {len(x)} images from {what}")
+    return np.concatenate(feats)
+
+
+def folder_features(path: Path, extractor: FeatureExtractor, *, batch_size: int = 64, log=None) -> tuple[np.ndarray, int | None]:
+    """Features of every image under a folder (sorted, recursive), read as RGB like clean-fid does."""
+    from PIL import Image
+
+    files = image_files(path)
+    if not files:
+        raise UsageError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no manifest.json")
+    feats, sizes, batch = [], set(), []
+
+    def flush():
+        if batch:
+            feats.append(extractor(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()))
+            batch.clear()
+
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                arr = np.asarray(img.convert("RGB"))
+        except OSError as err:
+            raise UsageError(f"cannot read image {f}: {err}") from None
+        if batch and arr.shape != batch[0].shape:  # a batch holds one image size
+            flush()
+        batch.append(arr)
+        sizes.add(arr.shape[:2])
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    if log:
+        log(f"features of {len(files)} images from {path}")
+    (h, w), *others = sizes
+    return np.concatenate(feats), h if not others and h == w else None  # None: mixed or non-square sizes
+
+
+def image_files(path: Path) -> list[Path]:
+    return sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+
+
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,1|3,H,W] -> [B,3,H,W]: grayscale repeated to three channels (as PIL's convert("RGB"))."""
+    if images.shape[1] == 1:
+        return images.repeat(1, 3, 1, 1)
+    if images.shape[1] != 3:
+        raise UsageError(f"FID needs 1- or 3-channel images, got {images.shape[1]} channels")
+    return images
+
+
+# --------------------------------------------------------------------------------- generated features
+
+
+def generated_features(
+    loaded,
+    indices: Iterable[int],
+    extractor: FeatureExtractor,
+    *,
+    seed: int,
+    sample_cfg,
+    batch_size: int,
+    device: torch.device,
+    out: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> GeneratedFeatures:
+    """Sample the given global indices (sample i depends only on (seed, i): shardable), return their features."""
+    from .generate import iterate_samples
+    from .images import save_images, to_uint8
+
+    if loaded.info.get("kind", "pixels") != "pixels":
+        raise UsageError("FID of latent-space models needs VAE decoding, which `fm fid` does not do yet")
+    indices = list(indices)
+    feats, nfe_total, gen_seconds = [], 0, 0.0
+    start = time.perf_counter()
+    for chunk, _, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, shift=loaded.config.flow.shift):
+        pixels = torch.from_numpy(to_uint8(result.x)).permute(0, 3, 1, 2).contiguous()  # the PNG bytes' values, [B,C,H,W]
+        gen_seconds += time.perf_counter() - start
+        nfe_total += result.nfe * len(chunk)
+        if out is not None:
+            for k, i in enumerate(chunk):
+                save_images(result.x[k : k + 1], out, start_index=i)
+        feats.append(extractor(to_rgb(pixels)))
+        if progress:
+            progress(len(chunk))
+        start = time.perf_counter()
+    if not feats:
+        raise UsageError("no samples to generate")
+    return GeneratedFeatures(feats=np.concatenate(feats), nfe_per_sample=nfe_total / len(indices), gen_seconds=gen_seconds, image_size=loaded.shape[-1])
+
+
+# ------------------------------------------------------------------------------------ the two entries
+
+
+def fid_command(
+    *,
+    ref: Path,
+    gen: Path | None,
+    ckpt: str | None,
+    save_stats: Path | None,
+    features: str,
+    inception: str | None,
+    num_samples: int | None,
+    sample_overrides: Callable,
+    seed: int,
+    batch_size: int,
+    ema: bool,
+    out: Path | None,
+    kid: bool,
+    force: bool,
+    device: torch.device,
+    log,
+    progress_factory=None,
+) -> dict:
+    """What `fm fid` does; returns the result dictionary printed by the CLI."""
+    if gen is not None and ckpt is not None:
+        raise UsageError("use either --gen DIR or --ckpt CKPT, not both")
+    if gen is None and ckpt is None and save_stats is None:
+        raise UsageError("nothing to score: pass --gen DIR or --ckpt CKPT --num-samples N (or --save-stats FILE.npz)")
+    if ckpt is not None and num_samples is None:
+        raise UsageError("--ckpt needs --num-samples N (e.g. 50000 for CIFAR-10 results)")
+    if save_stats is not None:
+        if Path(ref).suffix == ".npz":
+            raise UsageError("--save-stats needs image data as --ref (a prepared dataset or an image folder), not a .npz")
+        if save_stats.exists() and not force:
+            raise UsageError(f"{save_stats} already exists (use --force to replace it)")
+    if gen is not None and not Path(gen).is_dir():
+        raise UsageError(f"--gen {gen} is not a directory of images")
+    if gen is not None and (num_samples is not None or out is not None):
+        raise UsageError("--num-samples and --out go with --ckpt; --gen scores every image in its folder")
+    extractor = build_extractor(features, inception=inception, device=device)
+    if not isinstance(extractor, InceptionExtractor):
+        log(f"features: {extractor.name} (not comparable to published FID)")
+    loaded = None
+    if ckpt is not None:  # load the model first: a bad checkpoint fails before the long reference pass
+        from .generate import load_for_sampling
+
+        loaded = load_for_sampling(ckpt, device, use_ema=ema)
+        sample_cfg = sample_overrides(loaded.config.sample)
+
+    ref_stats = reference_statistics(ref, extractor, batch_size=batch_size, keep_features=kid, log=log)
+    if kid and ref_stats.feats is None:
+        raise UsageError(f"--kid needs reference features, which {ref} lacks: write it with `fm fid --ref DATA --save-stats FILE.npz --kid`")
+    result: dict = {}
+    if save_stats is not None:
+        result = {"stats": str(ref_stats.save(save_stats)), "ref_count": ref_stats.count, "features": ref_stats.features}
+        if gen is None and ckpt is None:
+            return result
+
+    if gen is not None:
+        feats, size = folder_features(Path(gen), extractor, batch_size=batch_size, log=log)
+        gen_stats = statistics_of(feats, extractor.name, size, keep_features=kid)
+        scored = FidResult(fid=math.nan, num_samples=gen_stats.count, ref_count=ref_stats.count, features=extractor.name)
+    else:
+        if ref_stats.image_size and loaded.shape[-1] != ref_stats.image_size:
+            raise UsageError(f"image sizes differ: the model makes {loaded.shape[-1]}px images, the reference is {ref_stats.image_size}px")
+        progress = progress_factory(num_samples) if progress_factory else contextlib.nullcontext(None)
+        with progress as advance:
+            generated = generated_features(
+                loaded, range(num_samples), extractor, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, out=out, progress=advance
+            )
+        gen_stats = statistics_of(generated.feats, extractor.name, generated.image_size, keep_features=kid)
+        scored = FidResult(
+            fid=math.nan,
+            num_samples=gen_stats.count,
+            ref_count=ref_stats.count,
+            features=extractor.name,
+            gen_seconds=generated.gen_seconds,
+            nfe_per_sample=generated.nfe_per_sample,
+            extra={"solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "seed": seed, "step": loaded.step},
+        )
+    scored.fid = frechet_distance(gen_stats, ref_stats)
+    if kid:
+        scored.kid = kernel_distance(gen_stats, ref_stats)
+    return {**result, **scored.to_dict()}
+
+
+class TrainingEvaluator:
+    """FID of the EMA model during training: extractor and reference statistics are prepared once."""
+
+    def __init__(self, cfg, data_manifest: dict, device: torch.device, log=None):
+        if cfg.eval.ref is None:
+            raise UsageError("eval.every is set but eval.ref is not: --set eval.ref=DATA_DIR|IMAGE_DIR|STATS.npz")
+        if data_manifest["kind"] != "pixels":
+            raise UsageError("eval.every: FID during training of latent-space models needs VAE decoding, not available yet")
+        self.cfg, self.device = cfg, device
+        self.extractor = build_extractor(cfg.eval.features, inception=cfg.eval.inception, device=device)
+        self.ref = reference_statistics(cfg.eval.ref, self.extractor, log=log)
+        size = data_manifest["shape"][-1]
+        if self.ref.image_size and self.ref.image_size != size:
+            raise UsageError(f"eval.ref {cfg.eval.ref} holds {self.ref.image_size}px images but the model makes {size}px ones")
+
+    def __call__(self, model: torch.nn.Module, step: int, batch_size: int) -> dict:
+        from .generate import LoadedModel
+
+        loaded = LoadedModel(model=model, config=self.cfg, info={"kind": "pixels"}, step=step)
+        n = self.cfg.eval.num_samples
+        generated = generated_features(
+            loaded, range(n), self.extractor, seed=self.cfg.train.seed, sample_cfg=self.cfg.sample, batch_size=batch_size, device=self.device
+        )
+        stats = statistics_of(generated.feats, self.extractor.name, generated.image_size)
+        return {"step": step, "fid": frechet_distance(stats, self.ref), "fid_num_samples": n, "fid_features": self.extractor.name, "fid_gen_seconds": round(generated.gen_seconds, 3)}
