@@ -378,6 +378,55 @@ def _sample_settings(base, cfg_scale, steps, solver):
         raise UsageError(f"invalid sampling option: {str(err).splitlines()[-1].strip()}") from None
 
 
+def _relaunched(gpus: int, nproc: int) -> bool:
+    """With --gpus/--nproc N > 1 in the launching process, rerun this same command as N ranks."""
+    from . import distributed as D
+
+    if gpus and nproc:
+        raise UsageError("use either --gpus N or --nproc N, not both")
+    if gpus:
+        D.check_gpus(gpus)
+    procs = gpus or nproc
+    if procs <= 1 or D.launched_externally():
+        return False
+    argv = _without_launch_flags(sys.argv[1:]) + (["--device", "cuda"] if gpus else [])
+    code = D.relaunch(procs, argv)
+    if code:
+        raise typer.Exit(code)
+    return True
+
+
+def _without_launch_flags(argv: list[str]) -> list[str]:
+    """Drop --gpus/--nproc (and their values): the ranks know they are ranks from their environment."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--gpus", "--nproc"):
+            skip = True
+        elif not arg.startswith(("--gpus=", "--nproc=")):
+            out.append(arg)
+    return out
+
+
+def _rank_context(device: str, gpus: int):
+    """This process's rank and device (rank 0 of 1 when not distributed)."""
+    from . import distributed as D
+
+    if not D.launched_externally():
+        return D.DistContext(device=_device("cuda" if gpus else device))
+    return D.setup("cuda" if gpus else device)
+
+
+def _with_process_group(fn):
+    from . import distributed as D
+
+    try:
+        return fn()
+    finally:
+        D.cleanup()
+
+
 def _device(name: str):
     import torch
 
@@ -424,6 +473,8 @@ def fid(
     force: bool = typer.Option(False, "--force", help="Replace an existing --save-stats file."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    gpus: int = typer.Option(0, "--gpus", min=0, help="Generate on N local GPUs (sample indices sharded)."),
+    nproc: int = typer.Option(0, "--nproc", min=0, help="Generate with N local processes."),
 ):
     """FID (clean-fid, "clean" mode) of generated samples against reference data.
 
@@ -436,8 +487,14 @@ def fid(
     def run():
         from .evaluate import fid_command
 
+        if (gpus or nproc) and ckpt is None:
+            raise UsageError("--gpus/--nproc shard sample generation: they go with --ckpt")
+        if _relaunched(gpus, nproc):
+            return
+        ctx = _rank_context(device, gpus)
         console = _stderr_console()
-        result = fid_command(
+        result = _with_process_group(lambda: fid_command(
+            ctx=ctx,
             ref=ref,
             gen=gen,
             ckpt=ckpt,
@@ -452,10 +509,12 @@ def fid(
             out=out,
             kid=kid,
             force=force,
-            device=_device(device),
-            log=lambda message: console.print(message, highlight=False, markup=False),
+            device=ctx.device,
+            log=lambda message: console.print(message, highlight=False, markup=False) if ctx.is_main else None,
             progress_factory=lambda total: _progress(console, "sampling", total),
-        )
+        ))
+        if not ctx.is_main:
+            return
         if as_json:
             _emit_json(result)
         elif "fid" not in result:

@@ -93,6 +93,19 @@ def all_gather_objects(obj, ctx: DistContext) -> list:
     return out
 
 
+def shard_indices(n: int, ctx: DistContext) -> list[int]:
+    """This rank's share of sample indices 0..n-1 (strided, so every rank gets the same count +-1)."""
+    return list(range(ctx.rank, n, ctx.world_size))
+
+
+def gather_in_index_order(indices: list[int], rows, ctx: DistContext) -> list:
+    """All ranks' (index, row) pairs, returned to every rank as rows sorted by global index."""
+    pairs = list(zip(indices, rows))
+    if ctx.distributed:
+        pairs = [p for part in all_gather_objects(pairs, ctx) for p in part]
+    return [row for _, row in sorted(pairs, key=lambda p: p[0])]
+
+
 def _adopt_slurm_env() -> None:
     """Map SLURM's variables to torch's when srun started one task per GPU and torchrun was not used."""
     if "WORLD_SIZE" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:

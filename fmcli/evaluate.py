@@ -467,6 +467,7 @@ def fid_command(
     device: torch.device,
     log,
     progress_factory=None,
+    ctx=None,
 ) -> dict:
     """What `fm fid` does; returns the result dictionary printed by the CLI."""
     if gen is not None and ckpt is not None:
@@ -510,11 +511,19 @@ def fid_command(
     else:
         if ref_stats.image_size and loaded.shape[-1] != ref_stats.image_size:
             raise UsageError(f"image sizes differ: the model makes {loaded.shape[-1]}px images, the reference is {ref_stats.image_size}px")
-        progress = progress_factory(num_samples) if progress_factory else contextlib.nullcontext(None)
+        from . import distributed as D
+
+        ctx = ctx or D.DistContext(device=device)
+        indices = D.shard_indices(num_samples, ctx)  # sample i is the same on any rank: outputs match one process
+        progress = progress_factory(len(indices)) if progress_factory and ctx.is_main else contextlib.nullcontext(None)
         with progress as advance:
             generated = generated_features(
-                loaded, range(num_samples), extractor, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, out=out, progress=advance
+                loaded, indices, extractor, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, out=out, progress=advance
             )
+        if ctx.distributed:
+            feats = np.stack(D.gather_in_index_order(indices, list(generated.feats), ctx))
+            seconds = max(D.all_gather_objects(generated.gen_seconds, ctx))
+            generated = GeneratedFeatures(feats=feats, nfe_per_sample=generated.nfe_per_sample, gen_seconds=seconds, image_size=generated.image_size)
         gen_stats = statistics_of(generated.feats, extractor.name, generated.image_size, keep_features=kid)
         scored = FidResult(
             fid=math.nan,

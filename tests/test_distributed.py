@@ -50,3 +50,13 @@ def test_gpus_beyond_the_machine_is_a_usage_error(tmp_path, shapes16):
     out = run_fm(*train_args(shapes16, tmp_path / "run", 2, "--gpus", "64"))
     assert out.returncode == 2
     assert "64" in out.stderr and "GPU" in out.stderr
+
+
+def test_fid_generation_sharded_over_two_processes_equals_one(tmp_path, debug_run, shapes16):
+    args = ["fid", "--ckpt", debug_run, "--num-samples", "10", "--ref", shapes16, "--features", "tiny", "--steps", "3", "--json"]
+    one = run_fm(*args)
+    two = run_fm(*args, "--nproc", "2")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert a["fid"] == pytest.approx(b["fid"], rel=1e-9) and a["num_samples"] == b["num_samples"] == 10
+    assert "terminate called" not in two.stderr
