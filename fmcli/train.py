@@ -169,6 +169,8 @@ class _Trainer:
         self.dataset = PreparedDataset(cfg.data.path)
         cfg = self.cfg = resolve_data_fields(cfg, self.dataset.manifest)
         self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
+        if cfg.train.precision == "fp16" and ctx.device.type != "cuda":
+            raise UsageError("train.precision=fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
         micro, accum = batch_geometry(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.world_size)
         self.micro, self.accum = micro, accum
         if cfg.train.global_batch_size > len(self.dataset):
@@ -310,8 +312,6 @@ class _Trainer:
     def _autocast(self):
         precision, dev = self.cfg.train.precision, self.ctx.device.type
         if precision == "fp32":
-            return contextlib.nullcontext()
-        if dev == "cpu" and precision == "fp16":
             return contextlib.nullcontext()
         return torch.autocast(dev, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 

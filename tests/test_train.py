@@ -223,3 +223,33 @@ def test_existing_run_directory_is_never_overwritten(tmp_path, shapes16):
     assert cont.returncode == 0, cont.stderr
     unsafe = run_fm("resume", tmp_path / "run", "--set", "optim.lr=0.5")
     assert unsafe.returncode == 2 and "optim.lr" in unsafe.stderr
+
+
+def test_non_finite_loss_stops_cleanly_or_is_skipped(tmp_path, shapes16, monkeypatch):
+    import fmcli.train as train_mod
+
+    real_loss = train_mod.flow_matching_loss
+    calls = {"n": 0}
+
+    def nan_on_third_call(pred, target):
+        calls["n"] += 1
+        loss = real_loss(pred, target)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_mod, "flow_matching_loss", nan_on_third_call)
+    from fmcli.errors import RuntimeFailure
+
+    with pytest.raises(RuntimeFailure, match="non-finite loss at step 3"):
+        train(cfg_for(shapes16, "train.steps=5", "train.checkpoint_every=2"), tmp_path / "stop")
+    assert resolve_checkpoint(tmp_path / "stop").name == "step-0000002.pt"  # nothing written after the NaN
+
+    calls["n"] = 0
+    result = train(cfg_for(shapes16, "train.steps=5", "train.max_nan_skips=1", "train.checkpoint_every=0"), tmp_path / "skip")
+    assert result.step == 5 and len(result.losses) == 5 and all(math.isfinite(x) for x in result.losses)
+    state = load_checkpoint(resolve_checkpoint(tmp_path / "skip"))
+    assert state["data_position"]["batches"] == 6  # the skipped batch is consumed, not replayed
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, shapes16):
+    with pytest.raises(UsageError, match="fp16 needs a CUDA"):
+        train(cfg_for(shapes16, "train.precision=fp16"), tmp_path / "run")
