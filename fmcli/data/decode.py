@@ -11,7 +11,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -80,5 +80,7 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def _short_reason(err: Exception) -> str:
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image PIL can read"
     text = str(err).splitlines()[0] if str(err) else ""
     return f"{type(err).__name__}: {text}"[:120]

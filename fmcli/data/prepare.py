@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -135,8 +136,7 @@ def _decoded(records: Iterable[Record], size: int, channels: int, workers: int) 
         for batch in batches:
             yield from zip(batch, decode(batch))
         return
-    # forkserver: workers never inherit the parent's threads (rich's refresh thread) or its locks.
-    with mp.get_context("forkserver").Pool(workers, initializer=_ignore_sigint) as pool:
+    with _pool_context().Pool(workers, initializer=_ignore_sigint) as pool:
         pending = deque()  # a bounded window of tasks: reading never runs far ahead of decoding
         for batch in batches:
             pending.append((batch, pool.apply_async(decode, (batch,))))
@@ -146,6 +146,16 @@ def _decoded(records: Iterable[Record], size: int, channels: int, workers: int) 
         while pending:
             done, result = pending.popleft()
             yield from zip(done, result.get())
+
+
+def _pool_context():
+    """fork (fast) when this process runs no other thread; else forkserver, so that workers never
+    inherit a lock held by another thread (rich's progress refresh thread, for one)."""
+    if threading.active_count() == 1:
+        return mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["fmcli.data.decode"])
+    return ctx
 
 
 def _ignore_sigint():

@@ -294,7 +294,7 @@ def open_tar(pattern: str) -> Source:
         except (tarfile.TarError, OSError, EOFError) as err:
             raise UsageError(f"{shard} is not a readable tar shard ({type(err).__name__}: {err})") from None
         keys += len({_split_key(n)[0] for n in names})
-        captioned = captioned or any(_split_key(n)[1] in ("txt", "json") for n in names)
+        captioned = captioned or any(_split_key(n)[1].rsplit(".", 1)[-1] in ("txt", "json") for n in names)
     if keys == 0:
         raise UsageError(f"the shards matching {pattern!r} are empty")
 
@@ -326,6 +326,7 @@ def _split_key(name: str) -> tuple[str, str]:
 
 def _tar_record(shard: str, key: str, files: dict, captioned: bool) -> Record:
     name = f"{Path(shard).name}:{key}"
+    files = {ext.rsplit(".", 1)[-1]: data for ext, data in files.items()}  # "webp.png" decodes as png
     image = next((files[e] for e in ("jpg", "jpeg", "png", "webp", "bmp", "ppm") if e in files), None)
     if image is None:
         return Record(name, None, problem="no image member")
