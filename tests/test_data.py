@@ -86,6 +86,26 @@ def test_cifar10_extracted_folder_test_split(cifar, tmp_path):
     assert summary.count == 7
     assert np.array_equal(x, batches["test_batch"][b"data"].reshape(-1, 3, 32, 32))
     assert y.tolist() == batches["test_batch"][b"labels"]
+    prepare("cifar10", tmp_path / "t16", root=folder, split="test", size=16)
+    row = batches["test_batch"][b"data"][2].reshape(3, 32, 32).transpose(1, 2, 0)
+    ref = np.asarray(Image.fromarray(row).resize((16, 16), Image.Resampling.LANCZOS)).transpose(2, 0, 1)
+    assert np.array_equal(np.load(tmp_path / "t16" / "x.npy")[2], ref)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-an-archive", "no-batches"])
+def test_cifar10_bad_archive_is_usage_error(cifar, tmp_path, damage):
+    archive, folder, _ = cifar
+    bad = tmp_path / "cifar-10-python.tar.gz"
+    if damage == "truncated":
+        bad.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    elif damage == "not-an-archive":
+        bad.write_bytes(b"hello" * 100)
+    else:
+        with tarfile.open(bad, "w:gz") as tar:
+            tar.add(folder / "batches.meta", arcname="cifar-10-batches-py/batches.meta")
+    with pytest.raises(UsageError):
+        prepare("cifar10", tmp_path / "out", root=tmp_path)
+    assert _leftovers(tmp_path, "out") == []
 
 
 def test_cifar10_refuses_pickled_code(tmp_path):
@@ -214,6 +234,20 @@ def test_flat_folder_is_unconditional_with_alpha_on_white_and_crop(tmp_path):
     assert np.array_equal(x[1][:, :, 3:-3], ref[:, :, 3:-3])
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    px = np.zeros((16, 32, 3), dtype=np.uint8)
+    px[:, :16] = 255  # left half white: a landscape picture
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(px).save(root / "p.png", exif=exif.tobytes())
+    prepare("folder", tmp_path / "o", root=root, size=16)
+    x = np.load(tmp_path / "o" / "x.npy")[0]
+    upright = np.rot90(px, k=-1)  # shown upright: 32 tall, 16 wide, white on top
+    assert np.array_equal(x, upright[8:24].transpose(2, 0, 1))
+
+
 def test_resize_center_crop_of_odd_box_matches_pil_crop():
     img = Image.fromarray(RNG.integers(0, 256, (30, 50, 3), dtype=np.uint8))
     out = resize_center_crop(img, 30)
@@ -339,7 +373,7 @@ def test_existing_output_refused_unless_force(tmp_path):
     assert read_manifest(out)["count"] == 9 and _leftovers(tmp_path, "o") == ["o"]
 
 
-def test_interrupt_mid_write_leaves_nothing(tmp_path, folder):
+def test_interrupt_mid_write_leaves_nothing(tmp_path, folder, monkeypatch):
     seen = []
 
     def ctrl_c(n):
@@ -347,12 +381,14 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, folder):
         if len(seen) == 3:
             raise KeyboardInterrupt
 
+    monkeypatch.setattr("fmcli.data.prepare.PROGRESS_EVERY", 1)
     with pytest.raises(KeyboardInterrupt):
         prepare("folder", tmp_path / "o", root=folder[0], workers=2, on_progress=ctrl_c)
     assert _leftovers(tmp_path, "o") == []
+    seen.clear()
     with pytest.raises(KeyboardInterrupt):
-        prepare("shapes", tmp_path / "o", count=50, on_progress=ctrl_c if seen.clear() is None else None)
-    assert _leftovers(tmp_path, "o") == []
+        prepare("shapes", tmp_path / "o", count=50, on_progress=ctrl_c)
+    assert len(seen) == 3 and _leftovers(tmp_path, "o") == []
 
 
 # ----------------------------------------------------------------------------- writer and the reader

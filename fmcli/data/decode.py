@@ -11,7 +11,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -52,13 +52,14 @@ def decode_record(record: Record, size: int, channels: int) -> tuple[np.ndarray 
 
 
 def open_image(data: bytes | str, size: int, channels: int) -> Image.Image:
-    """Decode fully (so truncated files fail here) and convert to L or RGB; alpha is composited on white."""
+    """Decode fully (so truncated files fail here), upright, as L or RGB; alpha is composited on white."""
     if isinstance(data, str):
         with open(data, "rb") as f:
             data = f.read()
     image = Image.open(io.BytesIO(data))
     image.draft(image.mode, (size, size))  # JPEG only: decode at a reduced scale that still covers `size`
     image.load()
+    image = ImageOps.exif_transpose(image)  # camera photos: apply the EXIF orientation
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)

@@ -7,6 +7,7 @@ failure (Ctrl-C included) removes the temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -27,6 +28,7 @@ from .readers import Source, open_captions, open_cifar10, open_folder, open_mnis
 SOURCES = ("shapes", "cifar10", "mnist", "folder", "captions", "tar")
 BATCH = 64  # records per pool task
 SHOW_SKIPPED = 5
+PROGRESS_EVERY = 256  # records between progress updates
 
 
 @dataclass
@@ -72,17 +74,19 @@ def prepare(
     with PreparedWriter(out, None, (src.channels, size, size), labels=labelled, captions=src.captions, force=force) as writer:
         # Pixel arrays already at the final size need no decoding: a pool would only copy them around.
         pool_size = 1 if src.native_size == size else workers
-        for record, (pixels, reason) in _decoded(src.records(), size, src.channels, pool_size):
-            if pixels is None:
-                skipped += 1
-                if len(examples) < SHOW_SKIPPED:
-                    examples.append(f"{record.name} ({reason})")
-            else:
-                writer.add(pixels, record.label if labelled else None, record.caption if src.captions else None)
-            if on_progress is not None:
-                on_progress(1)
-            if limit is not None and writer.count >= limit:
-                break
+        decoded = _decoded(src.records(), size, src.channels, pool_size)
+        with contextlib.closing(decoded):  # leaving early (limit, error, Ctrl-C) stops the pool at once
+            for n, (record, (pixels, reason)) in enumerate(decoded, 1):
+                if pixels is None:
+                    skipped += 1
+                    if len(examples) < SHOW_SKIPPED:
+                        examples.append(f"{record.name} ({reason})")
+                else:
+                    writer.add(pixels, record.label if labelled else None, record.caption if src.captions else None)
+                if on_progress is not None and n % PROGRESS_EVERY == 0:
+                    on_progress(PROGRESS_EVERY)
+                if limit is not None and writer.count >= limit:
+                    break
         if writer.count == 0:
             detail = f": {skipped} skipped, e.g. {examples[0]}" if examples else ""
             raise UsageError(f"no usable images in the {source} source{detail}")

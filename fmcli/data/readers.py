@@ -58,47 +58,65 @@ def open_cifar10(root: str | Path, split: str) -> Source:
         archive, folder = root / CIFAR_ARCHIVE, None
     else:
         raise UsageError(f"{root} holds no CIFAR-10 python data: expected {CIFAR_ARCHIVE} or {CIFAR_FOLDER}/ with batches.meta")
-    if archive is not None:
-        try:
-            with tarfile.open(archive, "r:*") as tar:
-                members = {Path(m.name).name: m.name for m in tar.getmembers() if m.isfile()}
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise UsageError(f"{archive} is not a readable CIFAR-10 archive ({type(err).__name__}: {err})") from None
-    else:
-        members = {p.name: str(p) for p in folder.iterdir() if p.is_file()}
-    wanted = _cifar_batches(members, split)
     where = archive or folder
-    if "batches.meta" not in members or not wanted:
-        raise UsageError(f"{where} is not CIFAR-10 python data: it needs batches.meta and {'data_batch_N' if split == 'train' else 'test_batch'}")
-
-    def read(name: str) -> dict:
-        if archive is None:
-            with open(members[name], "rb") as f:
-                return _cifar_unpickle(f, name, where)
-        with tarfile.open(archive, "r:*") as tar:
-            return _cifar_unpickle(tar.extractfile(members[name]), name, where)
-
-    meta = read("batches.meta")
+    try:
+        with _CifarFiles(archive, folder) as files:
+            wanted = _cifar_batches(files.names, split)
+            if "batches.meta" not in files.names or not wanted:
+                need = "data_batch_N" if split == "train" else "test_batch"
+                raise UsageError(f"{where} is not CIFAR-10 python data: it needs batches.meta and {need}")
+            meta = _cifar_unpickle(files.open("batches.meta"), "batches.meta", where)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise UsageError(f"{where} is not a readable CIFAR-10 archive ({type(err).__name__}: {err})") from None
     class_names = [str(n) for n in meta.get("label_names", [])]
     if not class_names:
         raise UsageError(f"{where}: batches.meta has no label_names")
 
     def records() -> Iterator[Record]:
-        for name in wanted:
-            batch = read(name)
-            data, labels = batch.get("data"), batch.get("labels")
-            if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels is None or len(labels) != len(data):
-                raise UsageError(f"{where}: {name} is not a CIFAR-10 batch (expected data [N,3072] uint8 and N labels)")
-            pixels = data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
-            for i, (img, label) in enumerate(zip(pixels, labels)):
-                if not 0 <= int(label) < len(class_names):
-                    raise UsageError(f"{where}: {name} row {i} has label {label} outside 0..{len(class_names) - 1}")
-                yield Record(f"{name}[{i}]", img, int(label))
+        with _CifarFiles(archive, folder) as files:  # one pass over the archive's headers, then seeks
+            for name in wanted:
+                try:
+                    f = files.open(name)
+                except (tarfile.TarError, OSError, EOFError) as err:
+                    raise UsageError(f"{where}: cannot read {name} ({type(err).__name__}: {err})") from None
+                batch = _cifar_unpickle(f, name, where)
+                data, labels = batch.get("data"), batch.get("labels")
+                if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels is None or len(labels) != len(data):
+                    raise UsageError(f"{where}: {name} is not a CIFAR-10 batch (expected data [N,3072] uint8 and N labels)")
+                pixels = data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+                for i, (img, label) in enumerate(zip(pixels, labels)):
+                    if not 0 <= int(label) < len(class_names):
+                        raise UsageError(f"{where}: {name} row {i} has label {label} outside 0..{len(class_names) - 1}")
+                    yield Record(f"{name}[{i}]", img, int(label))
 
     return Source("cifar10", records, 3, 10000 * len(wanted), class_names, info={"split": split, "root": str(root)}, native_size=32)
 
 
-def _cifar_batches(members: dict, split: str) -> list[str]:
+class _CifarFiles:
+    """The batch files by base name, from the extracted folder or the (gzipped) tar archive."""
+
+    def __init__(self, archive: Path | None, folder: Path | None):
+        self.archive, self.folder, self.tar = archive, folder, None
+
+    def __enter__(self):
+        if self.archive is not None:
+            self.tar = tarfile.open(self.archive, "r:*")
+            self.members = {Path(m.name).name: m for m in self.tar.getmembers() if m.isfile()}
+        else:
+            self.members = {p.name: p for p in self.folder.iterdir() if p.is_file()}
+        self.names = set(self.members)
+        return self
+
+    def open(self, name: str):
+        return self.tar.extractfile(self.members[name]) if self.tar is not None else open(self.members[name], "rb")
+
+    def __exit__(self, *exc):
+        if self.tar is not None:
+            self.tar.close()
+        return False
+
+
+def _cifar_batches(members, split: str) -> list[str]:
     if split == "test":
         return ["test_batch"] if "test_batch" in members else []
     found = [n for n in members if re.fullmatch(r"data_batch_\d+", n)]

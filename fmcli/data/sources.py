@@ -1,7 +1,7 @@
-"""Dataset sources that `fm prepare-data` turns into the prepared format.
+"""The built-in `shapes` source: procedural, labelled and captioned, the zero-download default.
 
-`shapes` is procedural and built in (the zero-download default): coloured geometric shapes, one class
-per shape, random colour, background, position and scale, with a caption for each image.
+Coloured geometric shapes, one class per shape, random colour, background, position and scale, with a
+caption for each image. The readers for real datasets live in readers.py; prepare.py runs them all.
 """
 
 from __future__ import annotations
