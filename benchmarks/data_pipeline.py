@@ -5,13 +5,14 @@
    workers; PSS from /proc/PID/smaps_rollup, so pages shared after fork are not counted twice). The
    baseline is the same command with --limit 256: "above baseline" is what 50,000 images add.
    Sources: shapes (rendered), cifar10 (a synthetic archive in the real pickle format), tar (webdataset
-   shards of PNG + caption, decoded by PIL in --workers processes).
+   shards of PNG + caption, decoded by PIL in --workers processes), and optionally folder (50,000 PNG
+   files in 10 class folders).
 2. Read: the prepared shapes data through the DataLoader exactly as train.py builds it (RankBatchSampler
    + PreparedDataset.__getitems__ + collate_batched), images/s, for num_workers 0 and 2.
 3. Train: the quickstart preset's DiT, one fwd + bwd + AdamW step per global batch (64), images/s.
 Prints a JSON object on stdout; pass/fail lines on stderr.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/data_pipeline.py [--count 50000] [--sources shapes,cifar10,tar]
+    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/data_pipeline.py [--count 50000] [--sources shapes,cifar10,tar,folder]
 """
 
 from __future__ import annotations
@@ -109,6 +110,17 @@ def make_fixture(source: str, work: Path, count: int) -> Path | None:
                     batch = {b"data": _smooth(rng, n).reshape(n, -1), b"labels": rng.integers(0, 10, n).tolist()}
                     _add(tar, f"cifar-10-batches-py/data_batch_{b + 1}", pickle.dumps(batch, protocol=2))
         return archive
+    if source == "folder":
+        folder = work / "folder"
+        if not folder.exists():
+            from PIL import Image
+
+            for k in range(10):
+                (folder / f"class{k}").mkdir(parents=True)
+            images = _smooth(rng, count)
+            for i in range(count):
+                Image.fromarray(images[i].transpose(1, 2, 0)).save(folder / f"class{i % 10}" / f"{i:06d}.png")
+        return folder
     if source == "tar":
         shards = work / "shards"
         if not shards.exists():

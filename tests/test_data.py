@@ -371,6 +371,30 @@ def test_existing_output_refused_unless_force(tmp_path):
     assert res.returncode == 2 and "--force" in res.stderr and read_manifest(out)["count"] == 8
     prepare("shapes", out, count=9, force=True)
     assert read_manifest(out)["count"] == 9 and _leftovers(tmp_path, "o") == ["o"]
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(UsageError, match="not a prepared dataset"):
+        prepare("shapes", precious, count=9, force=True)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_early_stop_joins_the_pool_without_terminate(tmp_path, monkeypatch):
+    # Regression: leaving the decode pool early (--limit, Ctrl-C) through Pool.terminate() can deadlock
+    # (a worker blocked writing a large result holds the result queue's lock; seen in ~1 run of 3
+    # under load). prepare() must let the bounded in-flight work finish and close + join instead.
+    import multiprocessing.pool
+
+    def no_terminate(self):
+        raise AssertionError("Pool.terminate() called")
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", no_terminate)
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(700):
+        Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"{i:04d}.png")
+    summary = prepare("folder", tmp_path / "o", root=root, size=8, limit=5, workers=2)
+    assert summary.count == 5 and len(np.load(tmp_path / "o" / "x.npy")) == 5
 
 
 def test_interrupt_mid_write_leaves_nothing(tmp_path, folder, monkeypatch):

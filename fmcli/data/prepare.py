@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 from ..errors import UsageError
 from .decode import Record, decode_batch
-from .prepared import PreparedWriter
+from .prepared import PreparedWriter, is_replaceable
 from .readers import Source, open_captions, open_cifar10, open_folder, open_mnist, open_tar
 
 SOURCES = ("shapes", "cifar10", "mnist", "folder", "captions", "tar")
@@ -63,6 +63,8 @@ def prepare(
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"output {out} already exists (use --force to replace it)")
+    if out.exists() and not is_replaceable(out):
+        raise UsageError(f"refusing to replace {out}: it is not a prepared dataset (no manifest.json) nor empty")
     if split not in ("train", "test"):
         raise UsageError(f"--split must be train or test, not {split!r}")
     src = open_source(source, root, split=split, size=size, count=count, seed=seed)
@@ -140,8 +142,9 @@ def _decoded(records: Iterable[Record], size: int, channels: int, workers: int) 
         for batch in batches:
             yield from zip(batch, decode(batch))
         return
-    with _pool_context().Pool(workers, initializer=_ignore_sigint) as pool:
-        pending = deque()  # a bounded window of tasks: reading never runs far ahead of decoding
+    pool = _pool_context().Pool(workers, initializer=_ignore_sigint)
+    pending = deque()  # a bounded window of tasks: reading never runs far ahead of decoding
+    try:
         for batch in batches:
             pending.append((batch, pool.apply_async(decode, (batch,))))
             if len(pending) >= 4 * workers:
@@ -150,6 +153,13 @@ def _decoded(records: Iterable[Record], size: int, channels: int, workers: int) 
         while pending:
             done, result = pending.popleft()
             yield from zip(done, result.get())
+    finally:
+        # No Pool.terminate() (what `with Pool` does): its teardown can deadlock against idle workers.
+        # The work still in flight is bounded (4 batches per worker): let it finish, then join.
+        for _, result in pending:
+            result.wait()
+        pool.close()
+        pool.join()
 
 
 def _pool_context():

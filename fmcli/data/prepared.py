@@ -49,6 +49,8 @@ class PreparedWriter:
         self.out = Path(out)
         if self.out.exists() and not force:
             raise UsageError(f"output {self.out} already exists (use --force to replace it)")
+        if self.out.exists() and not is_replaceable(self.out):
+            raise UsageError(f"refusing to replace {self.out}: it is not a prepared dataset (no manifest.json) nor empty")
         if capacity is not None and capacity <= 0:
             raise UsageError("nothing to write: the source has no images")
         self.capacity, self.shape, self.dtype, self.kind = capacity, tuple(shape), dtype, kind
@@ -188,6 +190,11 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype, total: int) -> bytes:
         raise ValueError(f"npy header for shape {shape} does not fit in {total} bytes")
     body = text.ljust(body_len - 1) + "\n"
     return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
+
+
+def is_replaceable(path: Path) -> bool:
+    """--force may replace a previous prepared dataset or an empty directory, never anything else."""
+    return path.is_dir() and ((path / "manifest.json").is_file() or not any(path.iterdir()))
 
 
 def _fsync_file(path: Path) -> None:
