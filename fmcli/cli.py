@@ -101,7 +101,11 @@ PREPARE_SOURCES = ("shapes", "cifar10", "mnist", "folder", "captions", "tar")
 def prepare_data(
     source: str = typer.Argument(..., help=f"Data source: {', '.join(PREPARE_SOURCES)}."),
     out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
-    size: int = typer.Option(32, "--size", min=8, help="Image size in pixels."),
+    root: Optional[str] = typer.Option(None, "--root", help="Input: archive, folder, jsonl file, or a quoted tar glob 'shards/*.tar'."),
+    split: str = typer.Option("train", "--split", help="train or test (cifar10, mnist)."),
+    size: int = typer.Option(32, "--size", min=8, help="Output size: resize the short side, center crop (Lanczos)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Stop after N usable images."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding processes (default: cores, at most 8)."),
     count: int = typer.Option(20000, "--count", min=1, help="Number of images (shapes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (shapes)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
@@ -109,21 +113,51 @@ def prepare_data(
 ):
     """Turn a dataset into fm's prepared format (manifest.json + x.npy + y.npy + captions.jsonl).
 
-    Example: fm prepare-data shapes --out data/shapes-32 --size 32 --count 20000
+    Examples:
+
+      fm prepare-data shapes --out data/shapes-32 --size 32 --count 20000
+
+      fm prepare-data cifar10 --root cifar-10-python.tar.gz --split train --out data/cifar10
+
+      fm prepare-data mnist --root mnist/ --size 32 --out data/mnist
+
+      fm prepare-data folder --root celeba_hq/ --size 256 --workers 8 --out data/celebahq256
+
+      fm prepare-data tar --root 'shards/*.tar' --size 64 --out data/captions64
     """
 
     def run():
-        if source not in PREPARE_SOURCES:
-            raise UsageError(f"unknown source {source!r}; choose one of {', '.join(PREPARE_SOURCES)}")
-        if source != "shapes":
-            raise UsageError(f"source {source!r} is not available yet in fm {__version__} (only 'shapes')")
-        start = time.perf_counter()
-        path = _prepare_shapes_with_progress(out, size=size, count=count, seed=seed, force=force)
-        summary = {"path": str(path), "count": count, "skipped": 0, "classes": 10, "seconds": round(time.perf_counter() - start, 2)}
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from .data.prepare import default_workers, prepare
+
+        console = _stderr_console()
+        columns = (TextColumn(f"{source}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+            task = bar.add_task(source, total=None)
+            summary = prepare(
+                source,
+                out,
+                root=root,
+                split=split,
+                size=size,
+                limit=limit,
+                workers=workers or default_workers(),
+                force=force,
+                count=count,
+                seed=seed,
+                on_start=lambda total: bar.update(task, total=total),
+                on_progress=lambda n: bar.advance(task, n),
+            )
+        if summary.skipped:
+            shown = "; ".join(summary.skipped_examples)
+            more = f" (and {summary.skipped - len(summary.skipped_examples)} more)" if summary.skipped > len(summary.skipped_examples) else ""
+            console.print(f"skipped {summary.skipped} unusable item(s): {shown}{more}", highlight=False, markup=False)
         if as_json:
-            _emit_json(summary)
+            _emit_json({k: v for k, v in vars(summary).items() if k != "skipped_examples"})
         else:
-            print(path)
+            console.print(f"wrote {summary.count} images ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s", highlight=False)
+            print(summary.path)
 
     _guard(run)
 

@@ -1,8 +1,9 @@
 """The prepared-dataset format (DESIGN.md section 4): an atomic streaming writer and a memmap reader.
 
 A dataset is a directory with manifest.json, x.npy ([N,C,H,W] uint8 pixels or float16 latents),
-optional y.npy (int64 labels) and captions.jsonl. The writer fills preallocated memory-mapped arrays
-inside `DIR.tmp-*` and renames it into place only when complete, so an interrupted run leaves nothing.
+optional y.npy (int64 labels) and captions.jsonl. The writer streams rows into
+`.npy` files inside `DIR.tmp-*` and renames it into place only when complete, so an interrupted run
+leaves nothing.
 """
 
 from __future__ import annotations
@@ -26,59 +27,91 @@ FORMAT_VERSION = 1
 class PreparedWriter:
     """Streaming writer: `with PreparedWriter(out, capacity, shape) as w: w.add(img, label, caption)`.
 
-    Rows go straight into a preallocated memmap, so memory stays flat whatever the dataset size.
+    Rows are appended to `.npy` files through ordinary buffered writes (no memmap, so the process's
+    resident memory stays flat whatever the dataset size); the header is written last with the real row
+    count. `capacity` is an upper bound (None: unknown). `extras` declares more per-row arrays, e.g.
+    `{"text": ((77, 768), "float16"), "text_mask": ((77,), "bool")}` for cached text-encoder states.
     """
 
     def __init__(
         self,
         out: str | Path,
-        capacity: int,
-        shape: tuple[int, int, int],
+        capacity: int | None,
+        shape: tuple[int, ...],
         *,
         dtype: str = "uint8",
         kind: str = "pixels",
         labels: bool = False,
         captions: bool = False,
         force: bool = False,
+        extras: dict[str, tuple[tuple[int, ...], str]] | None = None,
     ):
         self.out = Path(out)
         if self.out.exists() and not force:
             raise UsageError(f"output {self.out} already exists (use --force to replace it)")
-        if capacity <= 0:
+        if self.out.exists() and not is_replaceable(self.out):
+            raise UsageError(f"refusing to replace {self.out}: it is not a prepared dataset (no manifest.json) nor empty")
+        if capacity is not None and capacity <= 0:
             raise UsageError("nothing to write: the source has no images")
         self.capacity, self.shape, self.dtype, self.kind = capacity, tuple(shape), dtype, kind
         self.tmp = self.out.parent / f"{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.count = 0
         self._has_labels, self._has_captions = labels, captions
+        self._extras = dict(extras or {})
+        self._streams: dict[str, _NpyStream] = {}
+        self.captions = None
 
     def __enter__(self):
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir()
-        self.x = np.lib.format.open_memmap(self.tmp / "x.npy", mode="w+", dtype=self.dtype, shape=(self.capacity, *self.shape))
-        self.y = np.zeros(self.capacity, dtype=np.int64) if self._has_labels else None
-        self.captions = open(self.tmp / "captions.jsonl", "w") if self._has_captions else None
+        self._streams["x"] = _NpyStream(self.tmp / "x.npy", self.shape, self.dtype)
+        if self._has_labels:
+            self._streams["y"] = _NpyStream(self.tmp / "y.npy", (), "int64")
+        for name, (row_shape, dtype) in self._extras.items():
+            self._streams[name] = _NpyStream(self.tmp / f"{name}.npy", tuple(row_shape), dtype)
+        if self._has_captions:
+            self.captions = open(self.tmp / "captions.jsonl", "w", encoding="utf-8")
         return self
 
-    def add(self, image: np.ndarray, label: int | None = None, caption: str | None = None) -> None:
-        if self.count >= self.capacity:
-            raise RuntimeError("PreparedWriter capacity exceeded")
-        self.x[self.count] = image
-        if self.y is not None:
-            self.y[self.count] = label
-        if self.captions is not None:
-            self.captions.write(json.dumps({"i": self.count, "caption": caption or ""}) + "\n")
-        self.count += 1
+    def add(self, image: np.ndarray, label: int | None = None, caption: str | None = None, **extras) -> None:
+        """Append one row: `image` [C,H,W], its label (if labelled), caption (if captioned), extras by name."""
+        self.add_batch(
+            np.asarray(image)[None],
+            None if label is None else np.asarray([label]),
+            None if caption is None else [caption],
+            **{k: np.asarray(v)[None] for k, v in extras.items()},
+        )
+
+    def add_batch(self, images: np.ndarray, labels=None, captions=None, **extras) -> None:
+        """Append rows: images [B,C,H,W]; labels [B]; captions: B strings; extras: name -> [B,...]."""
+        n = len(images)
+        if self.capacity is not None and self.count + n > self.capacity:
+            raise RuntimeError(f"PreparedWriter capacity {self.capacity} exceeded")
+        if self._has_labels != (labels is not None) or self._has_captions != (captions is not None):
+            raise ValueError("labels/captions must be given exactly when the writer was opened with them")
+        if set(extras) != set(self._extras):
+            raise ValueError(f"extras must be exactly {sorted(self._extras)}, got {sorted(extras)}")
+        rows = {"x": images, **extras}
+        if labels is not None:
+            rows["y"] = labels
+        for name, values in rows.items():
+            if len(values) != n:
+                raise ValueError(f"{name}: {len(values)} rows for {n} images")
+        for name, values in rows.items():
+            self._streams[name].write(values)
+        if captions is not None:
+            if len(captions) != n:
+                raise ValueError(f"captions: {len(captions)} rows for {n} images")
+            for k, caption in enumerate(captions):
+                self.captions.write(json.dumps({"i": self.count + k, "caption": caption or ""}, ensure_ascii=False) + "\n")
+        self.count += n
 
     def finish(self, **manifest_fields) -> Path:
-        """Trim to the rows written, write the manifest, fsync, and rename into place."""
+        """Write the headers and the manifest, fsync, and rename into place."""
         if self.count == 0:
             raise UsageError("no usable images: nothing was written")
-        self.x.flush()
-        del self.x
-        if self.count < self.capacity:
-            _truncate_npy(self.tmp / "x.npy", self.count)
-        if self.y is not None:
-            np.save(self.tmp / "y.npy", self.y[: self.count])
+        for stream in self._streams.values():
+            stream.close()
         if self.captions is not None:
             self.captions.close()
         manifest = {
@@ -112,25 +145,56 @@ class PreparedWriter:
     def __exit__(self, exc_type, exc, tb):
         # Any failure, Ctrl-C included, removes the temporary directory: no half-written dataset.
         if self.tmp.exists():
-            if hasattr(self, "x"):
-                del self.x
+            for stream in self._streams.values():
+                stream.abort()
             if self.captions is not None and not self.captions.closed:
                 self.captions.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
 
 
-def _truncate_npy(path: Path, rows: int) -> None:
-    """Rewrite an .npy to its first `rows` rows, streaming in chunks (never the whole array in RAM)."""
-    src = np.load(path, mmap_mode="r")
-    tmp = path.with_suffix(".trim.npy")
-    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(rows, *src.shape[1:]))
-    chunk = 4096
-    for start in range(0, rows, chunk):
-        dst[start : start + chunk] = src[start : min(start + chunk, rows)]
-    dst.flush()
-    del dst, src
-    os.replace(tmp, path)
+class _NpyStream:
+    """An .npy file written row by row: a reserved header, raw rows appended, the real header written last."""
+
+    HEADER_BYTES = 256  # room for any shape; a multiple of 64 as numpy itself aligns
+
+    def __init__(self, path: Path, row_shape: tuple[int, ...], dtype: str):
+        self.path, self.row_shape, self.dtype = path, tuple(row_shape), np.dtype(dtype)
+        self.rows = 0
+        self.file = open(path, "wb", buffering=1 << 20)
+        self.file.write(b"\0" * self.HEADER_BYTES)
+
+    def write(self, values) -> None:
+        values = np.asarray(values)
+        if values.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.path.name}: rows of shape {values.shape[1:]}, expected {self.row_shape}")
+        values = np.ascontiguousarray(values.astype(self.dtype, casting="same_kind", copy=False))
+        self.file.write(memoryview(values).cast("B"))
+        self.rows += len(values)
+
+    def close(self) -> None:
+        self.file.seek(0)
+        self.file.write(_npy_header((self.rows, *self.row_shape), self.dtype, self.HEADER_BYTES))
+        self.file.close()
+
+    def abort(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype, total: int) -> bytes:
+    """An .npy version 1.0 header of exactly `total` bytes (magic, length, dict padded with spaces)."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+    body_len = total - 10  # magic (6) + version (2) + header length (2)
+    if len(text) + 1 > body_len:
+        raise ValueError(f"npy header for shape {shape} does not fit in {total} bytes")
+    body = text.ljust(body_len - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
+
+
+def is_replaceable(path: Path) -> bool:
+    """--force may replace a previous prepared dataset or an empty directory, never anything else."""
+    return path.is_dir() and ((path / "manifest.json").is_file() or not any(path.iterdir()))
 
 
 def _fsync_file(path: Path) -> None:

@@ -1,19 +1,21 @@
-"""Dataset sources that `fm prepare-data` turns into the prepared format.
+"""The built-in `shapes` source: procedural, labelled and captioned, the zero-download default.
 
-`shapes` is procedural and built in (the zero-download default): coloured geometric shapes, one class
-per shape, random colour, background, position and scale, with a caption for each image.
+Coloured geometric shapes, one class per shape, random colour, background, position and scale, with a
+caption for each image. The readers for real datasets live in readers.py; prepare.py runs them all.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .decode import Record
 from .prepared import PreparedWriter
+from .readers import Source
 
 SHAPE_NAMES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon", "crescent", "heart"]
 COLOURS = {
@@ -47,19 +49,34 @@ def prepare_shapes(
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write `count` shapes images of `size` x `size`; identical output for the same seed."""
-    rng = np.random.default_rng(seed)
     with PreparedWriter(out, count, (3, size, size), labels=True, captions=True, force=force) as writer:
-        for i in range(count):
-            image, label, caption = render_shape(rng, size)
+        for i, (image, label, caption) in enumerate(generate_shapes(size, count, seed)):
             writer.add(image, label, caption)
             if progress is not None and (i + 1) % 500 == 0:
                 progress(500)
-        return writer.finish(
-            num_classes=len(SHAPE_NAMES),
-            class_names=SHAPE_NAMES,
-            source="shapes",
-            seed=seed,
-        )
+        return writer.finish(**_shapes_manifest(seed))
+
+
+def shapes_source(*, size: int = 32, count: int = 20000, seed: int = 0) -> Source:
+    """The shapes generator as a `fm prepare-data` source (records are pixel arrays at `size`)."""
+
+    def records() -> Iterator[Record]:
+        for i, (image, label, caption) in enumerate(generate_shapes(size, count, seed)):
+            yield Record(f"shapes[{i}]", image, label, caption)
+
+    info = {k: v for k, v in _shapes_manifest(seed).items() if k not in ("num_classes", "class_names", "source")}
+    return Source("shapes", records, 3, count, list(SHAPE_NAMES), captions=True, info=info, native_size=size)
+
+
+def generate_shapes(size: int, count: int, seed: int) -> Iterator[tuple[np.ndarray, int, str]]:
+    """`count` (image [3,size,size] uint8, label, caption), a pure function of (size, count, seed)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield render_shape(rng, size)
+
+
+def _shapes_manifest(seed: int) -> dict:
+    return {"num_classes": len(SHAPE_NAMES), "class_names": SHAPE_NAMES, "source": "shapes", "seed": seed}
 
 
 def render_shape(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int, str]:

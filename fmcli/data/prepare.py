@@ -1,0 +1,183 @@
+"""`fm prepare-data`: read a source, decode in parallel, stream into the prepared format atomically.
+
+Records are decoded in order by a process pool with a bounded window of batches in flight, so memory
+stays flat whatever the dataset size; the writer streams to `OUT.tmp-*` and renames on success, and any
+failure (Ctrl-C included) removes the temporary directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from ..errors import UsageError
+from .decode import Record, decode_batch
+from .prepared import PreparedWriter, is_replaceable
+from .readers import Source, open_captions, open_cifar10, open_folder, open_mnist, open_tar
+
+SOURCES = ("shapes", "cifar10", "mnist", "folder", "captions", "tar")
+BATCH = 64  # records per pool task
+SHOW_SKIPPED = 5
+PROGRESS_EVERY = 256  # records between progress updates
+
+
+@dataclass
+class Summary:
+    path: str
+    source: str
+    count: int
+    skipped: int
+    classes: int
+    seconds: float
+    bytes: int
+    skipped_examples: list[str] = field(default_factory=list)
+
+
+def prepare(
+    source: str,
+    out: str | Path,
+    *,
+    root: str | None = None,
+    split: str = "train",
+    size: int = 32,
+    limit: int | None = None,
+    workers: int = 1,
+    force: bool = False,
+    count: int = 20000,
+    seed: int = 0,
+    on_start: Callable[[int | None], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> Summary:
+    """Prepare `source` into `out`; returns counts and timing. Bad input raises UsageError, leaving nothing."""
+    start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"output {out} already exists (use --force to replace it)")
+    if out.exists() and not is_replaceable(out):
+        raise UsageError(f"refusing to replace {out}: it is not a prepared dataset (no manifest.json) nor empty")
+    if split not in ("train", "test"):
+        raise UsageError(f"--split must be train or test, not {split!r}")
+    src = open_source(source, root, split=split, size=size, count=count, seed=seed)
+    total = src.capacity if limit is None else min(limit, src.capacity or limit)
+    if on_start is not None:
+        on_start(total)
+    skipped, examples = 0, []
+    labelled = src.class_names is not None
+    with PreparedWriter(out, None, (src.channels, size, size), labels=labelled, captions=src.captions, force=force) as writer:
+        # Pixel arrays already at the final size need no decoding: a pool would only copy them around.
+        pool_size = 1 if src.native_size == size else workers
+        decoded = _decoded(src.records(), size, src.channels, pool_size)
+        with contextlib.closing(decoded):  # leaving early (limit, error, Ctrl-C) stops the pool at once
+            for n, (record, (pixels, reason)) in enumerate(decoded, 1):
+                if pixels is None:
+                    skipped += 1
+                    if len(examples) < SHOW_SKIPPED:
+                        examples.append(f"{record.name} ({reason})")
+                else:
+                    writer.add(pixels, record.label if labelled else None, record.caption if src.captions else None)
+                if on_progress is not None and n % PROGRESS_EVERY == 0:
+                    on_progress(PROGRESS_EVERY)
+                if limit is not None and writer.count >= limit:
+                    break
+        if writer.count == 0:
+            detail = f": {skipped} skipped, e.g. {examples[0]}" if examples else ""
+            raise UsageError(f"no usable images in the {source} source{detail}")
+        path = writer.finish(
+            num_classes=len(src.class_names or []),
+            class_names=src.class_names,
+            source=src.name,
+            channels=src.channels,
+            skipped=skipped,
+            **src.info,
+        )
+        written = writer.count
+    return Summary(
+        path=str(path),
+        source=src.name,
+        count=written,
+        skipped=skipped,
+        classes=len(src.class_names or []),
+        seconds=round(time.perf_counter() - start, 2),
+        bytes=sum(f.stat().st_size for f in path.iterdir()),
+        skipped_examples=examples,
+    )
+
+
+def open_source(name: str, root, *, split: str, size: int, count: int, seed: int) -> Source:
+    """Validate the source's input now (before any output exists) and return it."""
+    if name == "shapes":
+        from .sources import shapes_source
+
+        return shapes_source(size=size, count=count, seed=seed)
+    if name == "cifar10":
+        return open_cifar10(root, split)
+    if name == "mnist":
+        return open_mnist(root, split)
+    if name == "folder":
+        return open_folder(root)
+    if name == "captions":
+        return open_captions(root)
+    if name == "tar":
+        if root is None:
+            raise UsageError("the tar source needs --root 'SHARDS/*.tar'")
+        return open_tar(str(root))
+    raise UsageError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
+
+
+def _decoded(records: Iterable[Record], size: int, channels: int, workers: int) -> Iterator[tuple[Record, tuple]]:
+    """(record, (pixels or None, reason)) in source order; `workers` > 1 decodes in a process pool."""
+    decode = partial(decode_batch, size=size, channels=channels)
+    batches = iter(lambda it=iter(records): list(islice(it, BATCH)), [])
+    if workers <= 1:
+        for batch in batches:
+            yield from zip(batch, decode(batch))
+        return
+    pool = _pool_context().Pool(workers, initializer=_ignore_sigint)
+    pending = deque()  # a bounded window of tasks: reading never runs far ahead of decoding
+    try:
+        for batch in batches:
+            pending.append((batch, pool.apply_async(decode, (batch,))))
+            if len(pending) >= 4 * workers:
+                done, result = pending.popleft()
+                yield from zip(done, result.get())
+        while pending:
+            done, result = pending.popleft()
+            yield from zip(done, result.get())
+    finally:
+        # No Pool.terminate() (what `with Pool` does): its teardown can deadlock against idle workers.
+        # The work still in flight is bounded (4 batches per worker): let it finish, then join.
+        for _, result in pending:
+            result.wait()
+        pool.close()
+        pool.join()
+
+
+def _pool_context():
+    """fork (fast) when this process runs no other thread; else forkserver, so that workers never
+    inherit a lock held by another thread (rich's progress refresh thread, for one)."""
+    if threading.active_count() == 1:
+        return mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["fmcli.data.decode"])
+    return ctx
+
+
+def _ignore_sigint():
+    """Ctrl-C is handled by the parent (which tears the pool down); workers must not print tracebacks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def default_workers() -> int:
+    """Decoding processes when --workers is not given: the usable cores, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
