@@ -94,7 +94,7 @@ class _CountingVelocity:
 
 
 def _solve_fixed(v: Velocity, x: torch.Tensor, solver: str, steps: int, shift: float, capture: int):
-    grid = time_grid(steps, shift, device=x.device)
+    grid = time_grid(steps, shift, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     keep = _capture_indices(steps, capture)
     traj = [(0.0, x.clone())] if 0 in keep else []
     for i in range(steps):
