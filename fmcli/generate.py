@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
@@ -17,15 +18,19 @@ from .errors import UsageError
 from .models import build_model
 from .sampling import guided_velocity, solve
 
-_SEED_STRIDE = 1 << 32
+_SEED_MOD = 1 << 64  # SeedSequence wants non-negative integers; negative seeds wrap
 
 
 def initial_noise(seed: int, indices, shape: tuple[int, ...], device="cpu") -> torch.Tensor:
-    """[len(indices), *shape] standard normal; row k depends only on (seed, indices[k])."""
+    """[len(indices), *shape] standard normal; row k depends only on (seed, indices[k]).
+
+    Each row has its own PCG64 stream keyed by SeedSequence((seed, i)): torch's CPU generator keeps only
+    the low 32 bits of a seed, so packing (seed, i) into one torch seed made every --seed give the same noise.
+    """
     rows = []
     for i in indices:
-        g = torch.Generator().manual_seed((seed * _SEED_STRIDE + int(i)) % (1 << 63))
-        rows.append(torch.randn(shape, generator=g))
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed % _SEED_MOD, int(i)])))
+        rows.append(torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)))
     return torch.stack(rows).to(device)
 
 
