@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 COUPLINGS = ("independent", "ot-exact", "ot-sinkhorn")
@@ -119,8 +120,9 @@ def couple(
         for idx in groups:
             if len(idx) < 2:
                 continue
-            cost = pairwise_sq_dist(x1[idx.to(x1.device)], x0[idx.to(x0.device)]).cpu()  # [data i, noise j]
+            cost = pairwise_sq_dist(x1[idx.to(x1.device)], x0[idx.to(x0.device)])  # [data i, noise j]
             local = ot_exact_assignment(cost) if method == "ot-exact" else sinkhorn_assignment(cost, reg, iters)
+            local = local.cpu()
             perm[idx] = idx[local]
     x0_coupled = x0[perm.to(x0.device)] if method != "independent" else x0
     before = torch.mean((x0.float() - x1.float()) ** 2).item()
@@ -138,7 +140,7 @@ def ot_exact_assignment(cost: torch.Tensor) -> torch.Tensor:
     """perm with perm[i] = the noise index paired with data i, minimising sum_i cost[i, perm[i]]."""
     from scipy.optimize import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(cost.numpy())
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
     perm = torch.empty(cost.shape[0], dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
     return perm
@@ -148,10 +150,11 @@ def sinkhorn_log_plan(cost: torch.Tensor, reg: float, iters: int) -> torch.Tenso
     """log of the entropic OT plan between uniform marginals (log-domain Sinkhorn, stable for small reg)."""
     n, m = cost.shape
     c = cost.double() / cost.max().clamp_min(1e-12)
-    log_a = torch.full((n,), -math.log(n), dtype=torch.float64)
-    log_b = torch.full((m,), -math.log(m), dtype=torch.float64)
-    f = torch.zeros(n, dtype=torch.float64)
-    g = torch.zeros(m, dtype=torch.float64)
+    kw = dict(dtype=torch.float64, device=cost.device)
+    log_a = torch.full((n,), -math.log(n), **kw)
+    log_b = torch.full((m,), -math.log(m), **kw)
+    f = torch.zeros(n, **kw)
+    g = torch.zeros(m, **kw)
     for _ in range(iters):
         f = reg * (log_a - torch.logsumexp((g[None, :] - c) / reg, dim=1))
         g = reg * (log_b - torch.logsumexp((f[:, None] - c) / reg, dim=0))
@@ -162,27 +165,24 @@ def sinkhorn_assignment(cost: torch.Tensor, reg: float, iters: int) -> torch.Ten
     """Entropic plan rounded to a permutation: repeatedly pair rows and columns that are each other's best."""
     log_plan = sinkhorn_log_plan(cost, reg, iters)
     n = cost.shape[0]
-    perm = torch.full((n,), -1, dtype=torch.long)
-    free_rows = torch.ones(n, dtype=torch.bool)
-    free_cols = torch.ones(n, dtype=torch.bool)
-    neg_inf = torch.tensor(-math.inf, dtype=log_plan.dtype)
+    dev = log_plan.device
+    perm = torch.full((n,), -1, dtype=torch.long, device=dev)
+    free_rows = torch.ones(n, dtype=torch.bool, device=dev)
+    free_cols = torch.ones(n, dtype=torch.bool, device=dev)
+    neg_inf = torch.tensor(-math.inf, dtype=log_plan.dtype, device=dev)
     while bool(free_rows.any()):
         masked = torch.where(free_rows[:, None] & free_cols[None, :], log_plan, neg_inf)
-        best_col = masked.argmax(dim=1)
-        best_val = masked.max(dim=1).values
+        best_val, best_col = masked.max(dim=1)
         # For every column, the free row that values it most among the rows that chose it.
-        col_best = torch.full((n,), -math.inf, dtype=log_plan.dtype).scatter_reduce(
+        col_best = torch.full((n,), -math.inf, dtype=log_plan.dtype, device=dev).scatter_reduce(
             0, best_col[free_rows], best_val[free_rows], reduce="amax"
         )
         rows = torch.nonzero(free_rows).flatten()
         winners = rows[best_val[rows] >= col_best[best_col[rows]]]
-        # Ties within a column: keep the first row only.
+        # Exact ties within a column: keep its first row only.
         cols = best_col[winners]
-        first = torch.ones_like(cols, dtype=torch.bool)
-        seen: set[int] = set()
-        for k, col in enumerate(cols.tolist()):
-            first[k] = col not in seen
-            seen.add(col)
+        _, first = np.unique(cols.cpu().numpy(), return_index=True)
+        first = torch.as_tensor(np.sort(first), device=dev)
         winners, cols = winners[first], cols[first]
         perm[winners] = cols
         free_rows[winners] = False
