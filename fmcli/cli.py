@@ -321,6 +321,7 @@ def sample(
     solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (dopri5)."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (dopri5)."),
+    guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="LO,HI: apply CFG only for t in [LO, HI] (t=0 noise)."),
     seed: int = typer.Option(0, "--seed", help="Seed: sample i's noise depends only on (seed, i)."),
     out: Path = typer.Option(Path("samples"), "--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only)."),
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write a trajectory GIF (noise to image) of the grid."),
@@ -349,7 +350,7 @@ def sample(
             raise UsageError(f"--gif expects a .gif file name, got {gif}")
         dev = _device(device)
         loaded = load_for_sampling(ckpt, dev, use_ema=ema)
-        sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver, rtol, atol)
+        sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver, rtol, atol, guidance_interval)
         start = time.perf_counter()
         xs, nfes, paths, trajectories = [], [], [], []
         to_dir = out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp")
@@ -398,19 +399,29 @@ def sample(
     _guard(run)
 
 
-def _sample_settings(base, cfg_scale, steps, solver, rtol=None, atol=None):
+def _sample_settings(base, cfg_scale, steps, solver, rtol=None, atol=None, guidance_interval=None):
+    """The checkpoint's sample.* settings with the command-line overrides, validated."""
     from pydantic import ValidationError
 
     from .config import SampleConfig
 
-    given = {"cfg": cfg_scale, "steps": steps, "solver": solver, "rtol": rtol, "atol": atol}
+    interval = None
+    if guidance_interval is not None:
+        try:
+            interval = tuple(float(v) for v in guidance_interval.split(","))
+        except ValueError:
+            interval = ()
+        if len(interval) != 2:
+            raise UsageError(f"--guidance-interval expects LO,HI (e.g. 0.1,0.8), got {guidance_interval!r}")
+    given = {"cfg": cfg_scale, "steps": steps, "solver": solver, "rtol": rtol, "atol": atol, "guidance_interval": interval}
     update = {k: v for k, v in given.items() if v is not None}
     try:
         return SampleConfig.model_validate({**base.model_dump(), **update})
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"invalid sampling option --{where}: {first['msg']} (got {first.get('input')!r})") from None
+        where = ".".join(str(p) for p in first["loc"]) or "guidance_interval"
+        where = where.replace("_", "-")
+        raise UsageError(f"invalid sampling option --{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def _device(name: str):

@@ -91,3 +91,20 @@ def test_class_grid_refuses_to_overwrite(ot_run, tmp_path, capsys):
     assert _fm_inprocess(capsys, *args, "--force")[0] == 0
     code, _, err = _fm_inprocess(capsys, "class-grid", "--ckpt", ot_run, "--out", tmp_path / "x.jpg")
     assert code == 2 and ".png" in err
+
+
+def test_guidance_interval_option(ot_run, tmp_path, capsys):
+    from fmcli.cli import _sample_settings
+    from fmcli.config import SampleConfig
+    from fmcli.errors import UsageError
+
+    # The option reaches the sampler settings (the guidance math itself is tested in test_sampling.py).
+    settings = _sample_settings(SampleConfig(), 3.0, None, None, guidance_interval="0.2,0.8")
+    assert settings.guidance_interval == (0.2, 0.8) and settings.cfg == 3.0
+    for bad in ("0.8,0.2", "0.5", "a,b", "-0.1,0.5"):
+        with pytest.raises(UsageError, match="guidance-interval"):
+            _sample_settings(SampleConfig(), None, None, None, guidance_interval=bad)
+    code, out, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "-n", "2", "--steps", "2", "--cfg", "3", "--guidance-interval", "0,0.5", "--device", "cpu", "--out", tmp_path / "g.png")
+    assert code == 0, err
+    code, _, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "--guidance-interval", "0.8,0.2", "--out", tmp_path / "x.png")
+    assert code == 2 and "guidance" in err
