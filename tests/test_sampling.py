@@ -218,3 +218,16 @@ def test_same_seed_any_batch_size_gives_the_same_samples():
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
     assert not torch.allclose(run(2)[:1], torch.cat([r.x for _, _, r in iterate_samples(loaded, [0], seed=12, sample_cfg=sc, batch_size=1, device=torch.device("cpu"))]))
+
+
+def test_capture_with_a_shifted_grid_picks_the_nearest_times():
+    from fmcli.sampling import time_grid
+
+    x0 = _x0()
+    res = solve(_gauss_velocity, x0, "euler", 64, shift=3.0, capture=5)
+    grid = time_grid(64, 3.0, dtype=torch.float64)
+    times = [t for t, _ in res.trajectory]
+    assert len(times) == 5 and times[0] == 0.0 and times[-1] == 1.0
+    for tau, t in zip([0.0, 0.25, 0.5, 0.75, 1.0], times):
+        assert abs(t - tau) == pytest.approx((grid - tau).abs().min().item())
+    assert len(solve(_gauss_velocity, x0, "euler", 2, capture=9).trajectory) == 3  # the grid has only 3 times
