@@ -357,8 +357,13 @@ def sample(
     cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
     solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (dopri5)."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (dopri5)."),
+    guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="LO,HI: apply CFG only for t in [LO, HI] (t=0 noise)."),
     seed: int = typer.Option(0, "--seed", help="Seed: sample i's noise depends only on (seed, i)."),
     out: Path = typer.Option(Path("samples"), "--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only)."),
+    gif: Optional[Path] = typer.Option(None, "--gif", help="Also write a trajectory GIF (noise to image) of the grid."),
+    gif_frames: int = typer.Option(16, "--gif-frames", min=2, help="Frames in the GIF, at evenly spaced solver times."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward batch."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -369,47 +374,92 @@ def sample(
     Examples:
       fm sample --ckpt runs/quickstart --num-samples 16 --out samples/
       fm sample --ckpt runs/cifar10/checkpoints/step-0100000.pt --cfg 4 --steps 100 --class-label 3 --out cat.png
+      fm sample --ckpt runs/quickstart -n 16 --solver heun --steps 20 --out grid.png --gif trajectory.gif
+      fm sample --ckpt runs/quickstart --solver dopri5 --rtol 1e-4 --atol 1e-4 --out grid.png --json
     """
 
     def run():
         import torch
 
-        from .config import SampleConfig
-        from .generate import iterate_samples, load_for_sampling
-        from .images import save_grid, save_images
+        from .generate import iterate_samples, load_for_sampling, merge_trajectories
+        from .images import save_gif, save_grid, save_images, trajectory_frames
 
+        if gif is not None and gif.suffix.lower() != ".gif":
+            raise UsageError(f"--gif expects a .gif file name, got {gif}")
         dev = _device(device)
         loaded = load_for_sampling(ckpt, dev, use_ema=ema)
-        sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver)
+        sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver, rtol, atol, guidance_interval)
         start = time.perf_counter()
-        xs, nfe, paths = [], 0, []
+        xs, nfes, paths, trajectories = [], [], [], []
         to_dir = out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp")
         for chunk, _, result in iterate_samples(
-            loaded, list(range(num_samples)), seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev, class_label=class_label, shift=loaded.config.flow.shift
+            loaded,
+            list(range(num_samples)),
+            seed=seed,
+            sample_cfg=sample_cfg,
+            batch_size=batch_size,
+            device=dev,
+            class_label=class_label,
+            shift=loaded.config.flow.shift,
+            capture=gif_frames if gif is not None else 0,
         ):
             xs.append(result.x.cpu())
-            nfe = result.nfe
+            nfes.append(result.nfe)
+            if gif is not None:
+                trajectories.append([(t, x.cpu()) for t, x in result.trajectory])
             if to_dir:
                 paths += save_images(result.x, out, start_index=chunk[0])
         images = torch.cat(xs)
         grid = save_grid(images, out / "grid.png" if to_dir else out)
+        gif_path = save_gif(trajectory_frames(merge_trajectories(trajectories)), gif) if gif is not None else None
         seconds = time.perf_counter() - start
         if as_json:
-            _emit_json({"paths": [str(p) for p in paths], "grid": str(grid), "num_samples": num_samples, "nfe": nfe, "seconds": round(seconds, 3), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg})
+            _emit_json(
+                {
+                    "paths": [str(p) for p in paths],
+                    "grid": str(grid),
+                    "gif": str(gif_path) if gif_path else None,
+                    "num_samples": num_samples,
+                    "nfe": max(nfes),  # network evaluations per sample trajectory (a CFG pair counts once)
+                    "nfe_total": sum(nfes),  # batched forward passes over all batches
+                    "seconds": round(seconds, 3),
+                    "solver": sample_cfg.solver,
+                    "steps": sample_cfg.steps,
+                    "cfg": sample_cfg.cfg,
+                    "seed": seed,
+                }
+            )
         else:
             print(grid)
+            if gif_path:
+                print(gif_path)
 
     _guard(run)
 
 
-def _sample_settings(base, cfg_scale, steps, solver):
+def _sample_settings(base, cfg_scale, steps, solver, rtol=None, atol=None, guidance_interval=None):
+    """The checkpoint's sample.* settings with the command-line overrides, validated."""
+    from pydantic import ValidationError
+
     from .config import SampleConfig
 
-    update = {k: v for k, v in {"cfg": cfg_scale, "steps": steps, "solver": solver}.items() if v is not None}
+    interval = None
+    if guidance_interval is not None:
+        try:
+            interval = tuple(float(v) for v in guidance_interval.split(","))
+        except ValueError:
+            interval = ()
+        if len(interval) != 2:
+            raise UsageError(f"--guidance-interval expects LO,HI (e.g. 0.1,0.8), got {guidance_interval!r}")
+    given = {"cfg": cfg_scale, "steps": steps, "solver": solver, "rtol": rtol, "atol": atol, "guidance_interval": interval}
+    update = {k: v for k, v in given.items() if v is not None}
     try:
         return SampleConfig.model_validate({**base.model_dump(), **update})
-    except Exception as err:
-        raise UsageError(f"invalid sampling option: {str(err).splitlines()[-1].strip()}") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "guidance_interval"
+        where = where.replace("_", "-")
+        raise UsageError(f"invalid sampling option --{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def _relaunched(gpus: int, nproc: int) -> bool:
@@ -481,10 +531,51 @@ def _not_yet(name: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command("class-grid", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def class_grid(ctx: typer.Context):
-    """(not available yet) One row of samples per class."""
-    _not_yet("class-grid")
+@app.command("class-grid")
+def class_grid(
+    ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint file or run directory (class-conditional model)."),
+    samples_per_class: int = typer.Option(8, "--samples-per-class", min=1, help="Images per class (one row per class)."),
+    out: Path = typer.Option(..., "--out", help="Output image, FILE.png."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
+    seed: int = typer.Option(0, "--seed", help="Seed: sample i's noise depends only on (seed, i)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward batch."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the path, NFE and seconds as JSON on stdout."),
+):
+    """One row of samples per class, labelled with the class names recorded at training time.
+
+    Examples:
+      fm class-grid --ckpt runs/quickstart --samples-per-class 8 --out classes.png
+      fm class-grid --ckpt runs/cifar10 --samples-per-class 10 --cfg 3 --steps 50 --solver heun --out cifar.png
+    """
+
+    def run():
+        from .generate import class_grid_samples, class_names_of, load_for_sampling
+        from .images import class_grid_image, save_image_atomic
+
+        if out.suffix.lower() != ".png":
+            raise UsageError(f"--out expects a .png file name, got {out}")
+        if out.exists() and not force:
+            raise UsageError(f"{out} already exists; pass --force to replace it")
+        dev = _device(device)
+        loaded = load_for_sampling(ckpt, dev, use_ema=ema)
+        sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver)
+        start = time.perf_counter()
+        images, nfe = class_grid_samples(
+            loaded, samples_per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev, shift=loaded.config.flow.shift
+        )
+        path = save_image_atomic(class_grid_image(images, samples_per_class, class_names_of(loaded)), out)
+        seconds = time.perf_counter() - start
+        if as_json:
+            _emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg})
+        else:
+            print(path)
+
+    _guard(run)
 
 
 @app.command()

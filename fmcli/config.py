@@ -99,8 +99,16 @@ class SampleConfig(Strict):
     cfg: float = Field(1.0, ge=0)
     rtol: float = Field(1e-5, gt=0)
     atol: float = Field(1e-5, gt=0)
-    guidance_interval: tuple[float, float] | None = None
+    guidance_interval: tuple[float, float] | None = None  # [t_lo, t_hi]: CFG only for t in it
     grid_size: int = Field(16, gt=0)  # images in the periodic training sample grid
+
+    @model_validator(mode="after")
+    def _interval_in_unit_range(self):
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1, got {list(self.guidance_interval)}")
+        return self
 
 
 class EvalConfig(Strict):

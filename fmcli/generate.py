@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
@@ -109,3 +110,38 @@ def iterate_samples(
         x0 = initial_noise(seed, chunk, loaded.shape, device)
         y = y.to(device) if y is not None else None
         yield chunk, y, sample_batch(loaded.model, x0, y, sample_cfg, shift=shift, capture=capture)
+
+
+def class_grid_samples(
+    loaded: LoadedModel, per_class: int, *, seed: int, sample_cfg, batch_size: int, device: torch.device, shift: float = 1.0
+) -> tuple[torch.Tensor, int]:
+    """`per_class` samples of every class, ordered class by class (sample index = class * per_class + j).
+
+    Returns (images [K * per_class, C, H, W] on the CPU, the largest per-batch NFE).
+    """
+    k = loaded.num_classes
+    if not k:
+        raise UsageError("class-grid needs a class-conditional model, and this checkpoint is unconditional; use `fm sample`")
+    labels = torch.arange(k).repeat_interleave(per_class)
+    xs, nfe = [], 0
+    for _, _, result in iterate_samples(
+        loaded, list(range(k * per_class)), seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, labels=labels, shift=shift
+    ):
+        xs.append(result.x.cpu())
+        nfe = max(nfe, result.nfe)
+    return torch.cat(xs), nfe
+
+
+def class_names_of(loaded: LoadedModel) -> list[str]:
+    """Class names recorded from the dataset manifest at training time, else the class indices."""
+    names = loaded.info.get("class_names") or []
+    if len(names) == loaded.num_classes:
+        return [str(n) for n in names]
+    return [str(i) for i in range(loaded.num_classes)]
+
+
+def merge_trajectories(batches: list[list[tuple[float, torch.Tensor]]]) -> list[tuple[float, torch.Tensor]]:
+    """Join per-batch captured trajectories (same times) into one (t, x_t of every sample) list, on the CPU."""
+    if not batches or not batches[0]:
+        return []
+    return [(batches[0][k][0], torch.cat([b[k][1].cpu() for b in batches])) for k in range(len(batches[0]))]

@@ -54,3 +54,45 @@ def save_images(x: torch.Tensor, directory: str | Path, start_index: int = 0, pr
 def _format_of(path: Path) -> str:
     ext = path.suffix.lower()
     return {".png": "PNG", ".gif": "GIF", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(ext, "PNG")
+
+
+def save_gif(frames: list[Image.Image], path: str | Path, duration_ms: int = 120, hold_last_ms: int = 1000) -> Path:
+    """An animated GIF (looping; the last frame held longer), written atomically like every image."""
+    if not frames:
+        raise ValueError("save_gif needs at least one frame")
+    frames = [f.convert("RGB") for f in frames]
+    durations = [duration_ms] * (len(frames) - 1) + [hold_last_ms]
+    return save_image_atomic(frames[0], path, save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=False)
+
+
+def trajectory_frames(trajectory: list[tuple[float, torch.Tensor]], nrow: int | None = None) -> list[Image.Image]:
+    """One grid image per captured (t, x_t), with t written in a strip under the grid (never over samples)."""
+    from PIL import ImageDraw
+
+    frames = []
+    for t, x in trajectory:
+        grid = grid_image(x, nrow).convert("RGB")
+        frame = Image.new("RGB", (grid.width, grid.height + 14), (0, 0, 0))
+        frame.paste(grid, (0, 0))
+        ImageDraw.Draw(frame).text((2, grid.height + 1), f"t={t:.2f}", fill=(255, 255, 255))
+        frames.append(frame)
+    return frames
+
+
+def class_grid_image(x: torch.Tensor, per_class: int, class_names: list[str], padding: int = 2) -> Image.Image:
+    """Rows of `per_class` samples, one row per class (x is ordered class by class), names in a left margin."""
+    from PIL import ImageDraw, ImageFont
+
+    grid = grid_image(x, nrow=per_class, padding=padding).convert("RGB")
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(grid)
+    margin = max(probe.textbbox((0, 0), name, font=font)[2] for name in class_names) + 8
+    out = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
+    out.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    row_h = x.shape[-2] + padding
+    for k, name in enumerate(class_names):
+        top = padding + k * row_h
+        box = draw.textbbox((0, 0), name, font=font)
+        draw.text((margin - 4 - box[2], top + (x.shape[-2] - box[3]) // 2), name, fill=(0, 0, 0), font=font)
+    return out

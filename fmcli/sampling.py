@@ -68,7 +68,8 @@ def solve(
     atol: float = 1e-5,
     capture: int = 0,
 ) -> SampleResult:
-    """Integrate from noise x0 at t=0 to t=1. `capture` > 1 records that many evenly spaced (t, x_t)."""
+    """Integrate from noise x0 at t=0 to t=1. `capture` > 1 records (t, x_t) at that many evenly spaced
+    times (for fixed-step solvers: the grid times nearest to them, so fewer when the grid is coarser)."""
     counted = _CountingVelocity(velocity)
     if solver == "dopri5":
         x, traj = _solve_dopri5(counted, x0, rtol, atol, capture)
@@ -94,8 +95,8 @@ class _CountingVelocity:
 
 
 def _solve_fixed(v: Velocity, x: torch.Tensor, solver: str, steps: int, shift: float, capture: int):
-    grid = time_grid(steps, shift, device=x.device)
-    keep = _capture_indices(steps, capture)
+    grid = time_grid(steps, shift, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    keep = _capture_indices(grid, capture)
     traj = [(0.0, x.clone())] if 0 in keep else []
     for i in range(steps):
         t, t_next = grid[i], grid[i + 1]
@@ -120,10 +121,12 @@ def _solve_fixed(v: Velocity, x: torch.Tensor, solver: str, steps: int, shift: f
     return x, traj
 
 
-def _capture_indices(steps: int, capture: int) -> set[int]:
+def _capture_indices(grid: torch.Tensor, capture: int) -> set[int]:
+    """Grid indices nearest to `capture` evenly spaced times in [0, 1] (fewer if the grid is coarser)."""
     if capture <= 1:
         return set()
-    return {round(k * steps / (capture - 1)) for k in range(capture)}
+    targets = torch.linspace(0.0, 1.0, capture, dtype=torch.float64)
+    return {int(torch.argmin((grid.double().cpu() - tau).abs())) for tau in targets}
 
 
 def _solve_dopri5(v: Velocity, x0: torch.Tensor, rtol: float, atol: float, capture: int):

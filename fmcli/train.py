@@ -33,7 +33,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, config_to_dict
 from .data.prepared import PreparedDataset, collate_batched
 from .errors import RuntimeFailure, UsageError
-from .flow import flow_matching_loss, interpolate, sample_times
+from .flow import couple, flow_matching_loss, interpolate, sample_times
 from .generate import initial_noise, sample_batch
 from .images import save_grid
 from .models import build_model
@@ -162,6 +162,7 @@ class _Trainer:
     def __init__(self, cfg: Config, run_dir: Path, ctx: D.DistContext, log):
         self.cfg, self.run_dir, self.ctx, self.log = cfg, Path(run_dir), ctx, log
         self.stop_requested = False
+        self.ot_window: list[tuple[float, float]] = []  # (cost before, after) per coupled micro-batch
 
     # The loop reads top to bottom: setup, restore, steps, save.
     def run(self, resume_from: Path | None, stop_at_step: int | None) -> TrainResult:
@@ -277,6 +278,14 @@ class _Trainer:
             if cfg.data.flip:
                 x1 = torch.where(flip[rows].to(ctx.device).view(-1, 1, 1, 1), x1.flip(-1), x1)
             x0, t = noise[rows].to(ctx.device), times[rows].to(ctx.device)
+            if cfg.flow.coupling != "independent":
+                # Minibatch OT (flow.couple): re-pair this micro-batch's noise with its data, within each
+                # class for class-conditional data. Under DDP each rank couples only its own micro-batch
+                # (no cross-rank plan), so the coupling depends on micro-batch size and world size.
+                labels = batch["y"].to(ctx.device) if cfg.model.num_classes and "y" in batch else None
+                x0, coupling = couple(x0, x1, labels, cfg.flow.coupling, reg=cfg.flow.sinkhorn_reg, iters=cfg.flow.sinkhorn_iters)
+                if ctx.is_main:
+                    self.ot_window.append((coupling.cost_before, coupling.cost_after))
             xt, ut = interpolate(x0, x1, t, cfg.flow.sigma_min)
             cond = self._condition(batch, drop[rows])
             sync = contextlib.nullcontext() if (a == self.accum - 1 or not ctx.distributed) else model.no_sync()
@@ -422,11 +431,16 @@ class _Trainer:
             "mem_mib": memory_mib(self.ctx.device),
             "epoch": self.data_position[0],
         }
+        if self.ot_window:  # mean squared distance per element, noise to data, this rank's micro-batches
+            record["ot_cost_before"] = sum(b for b, _ in self.ot_window) / len(self.ot_window)
+            record["ot_cost_after"] = sum(a for _, a in self.ot_window) / len(self.ot_window)
+            self.ot_window = []
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self.log.info(
             f"step {self.step}/{self.cfg.train.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
             f"grad {grad_norm:.3f}  {record['img_per_s']:.0f} img/s  mem {record['mem_mib']:.0f} MiB"
+            + (f"  ot cost {record['ot_cost_before']:.3f} -> {record['ot_cost_after']:.3f}" if "ot_cost_after" in record else "")
         )
 
     def _save_samples(self) -> None:
