@@ -102,10 +102,18 @@ def prepare_data(
     seed: int = typer.Option(0, "--seed", help="Random seed (shapes)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Local diffusers VAE directory: store float16 latents instead of pixels."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (T5/CLIP) recorded for the captions."),
+    cache_text: bool = typer.Option(False, "--cache-text", help="Also store the text encoder's states and masks (text.npy, text_mask.npy)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Text tokens per caption (padding masked)."),
+    encode_batch: int = typer.Option(64, "--encode-batch-size", min=1, help="Images per encoder batch."),
+    device: str = typer.Option("auto", "--device", help="Encoder device: auto, cpu or cuda."),
 ):
     """Turn a dataset into fm's prepared format (manifest.json + x.npy + y.npy + captions.jsonl).
 
-    Example: fm prepare-data shapes --out data/shapes-32 --size 32 --count 20000
+    Examples:
+      fm prepare-data shapes --out data/shapes-32 --size 32 --count 20000
+      fm prepare-data shapes --out data/shapes-64-latents --size 64 --vae weights/sd-vae-ft-mse --text-encoder weights/t5-small --cache-text
     """
 
     def run():
@@ -114,7 +122,15 @@ def prepare_data(
         if source != "shapes":
             raise UsageError(f"source {source!r} is not available yet in fm {__version__} (only 'shapes')")
         start = time.perf_counter()
-        path = _prepare_shapes_with_progress(out, size=size, count=count, seed=seed, force=force)
+
+        def pixels(target: Path) -> Path:
+            return _prepare_shapes_with_progress(target, size=size, count=count, seed=seed, force=force)
+
+        if vae or text_encoder:
+            encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch)
+            path = _prepare_encoded_with_progress(pixels, out, count, _device(device), force, encode)
+        else:
+            path = pixels(out)
         summary = {"path": str(path), "count": count, "skipped": 0, "classes": 10, "seconds": round(time.perf_counter() - start, 2)}
         if as_json:
             _emit_json(summary)
@@ -132,6 +148,16 @@ def _prepare_shapes_with_progress(out: Path, **kwargs) -> Path:
     with Progress(console=_stderr_console(), transient=True) as bar:
         task = bar.add_task("shapes", total=kwargs["count"])
         return prepare_shapes(out, progress=lambda n: bar.advance(task, n), **kwargs)
+
+
+def _prepare_encoded_with_progress(pixels, out: Path, total: int, device, force: bool, encode: dict) -> Path:
+    from rich.progress import Progress
+
+    from .data.latents import prepare_encoded
+
+    with Progress(console=_stderr_console(), transient=True) as bar:
+        task = bar.add_task("encode", total=total)
+        return prepare_encoded(pixels, out, force=force, device=device, progress=lambda n: bar.advance(task, n), **encode)
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -314,8 +340,12 @@ def _ensure_data(cfg, prepare: bool):
 @app.command()
 def sample(
     ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint file or run directory."),
-    num_samples: int = typer.Option(16, "--num-samples", "-n", min=1, help="Number of images."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", min=1, help="Number of images (default 16, or one per prompt)."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Class index for every sample (default: cycle)."),
+    prompt: List[str] = typer.Option([], "--prompt", help="Text prompt (text models; repeatable: samples cycle through them)."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Local VAE directory (latent models; default: FM_VAE, then the run's)."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (default: FM_TEXT_ENCODER, then the run's)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
     solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
@@ -331,6 +361,8 @@ def sample(
     Examples:
       fm sample --ckpt runs/quickstart --num-samples 16 --out samples/
       fm sample --ckpt runs/cifar10/checkpoints/step-0100000.pt --cfg 4 --steps 100 --class-label 3 --out cat.png
+      fm sample --ckpt runs/quickstart-text --prompt "a red circle on a black background" -n 8 --out red.png
+      echo "a blue star on a white background" | fm sample --ckpt runs/quickstart-text --prompts - --out star.png
     """
 
     def run():
@@ -340,14 +372,17 @@ def sample(
         from .generate import iterate_samples, load_for_sampling
         from .images import save_grid, save_images
 
+        texts = list(prompt) + _read_prompts(prompts_file)
+        n = num_samples or len(texts) or 16
         dev = _device(device)
-        loaded = load_for_sampling(ckpt, dev, use_ema=ema)
+        loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
         sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver)
         start = time.perf_counter()
         xs, nfe, paths = [], 0, []
         to_dir = out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp")
         for chunk, _, result in iterate_samples(
-            loaded, list(range(num_samples)), seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev, class_label=class_label, shift=loaded.config.flow.shift
+            loaded, list(range(n)), seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev, class_label=class_label, shift=loaded.config.flow.shift,
+            prompts=[texts[i % len(texts)] for i in range(n)] if texts else None,
         ):
             xs.append(result.x.cpu())
             nfe = result.nfe
@@ -357,11 +392,28 @@ def sample(
         grid = save_grid(images, out / "grid.png" if to_dir else out)
         seconds = time.perf_counter() - start
         if as_json:
-            _emit_json({"paths": [str(p) for p in paths], "grid": str(grid), "num_samples": num_samples, "nfe": nfe, "seconds": round(seconds, 3), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg})
+            _emit_json({"paths": [str(p) for p in paths], "grid": str(grid), "num_samples": n, "nfe": nfe, "seconds": round(seconds, 3), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg})
         else:
             print(grid)
 
     _guard(run)
+
+
+def _read_prompts(source: Optional[str]) -> list[str]:
+    """Prompts from a file (one per line, blank lines skipped) or from stdin with '-'."""
+    if source is None:
+        return []
+    if source == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"--prompts file {path} not found (one prompt per line, or - for stdin)")
+        text = path.read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UsageError(f"--prompts {source}: no prompts (one per line)")
+    return lines
 
 
 def _sample_settings(base, cfg_scale, steps, solver):
