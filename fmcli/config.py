@@ -146,6 +146,8 @@ RESUME_SAFE_KEYS = {
     "eval.every",
     "eval.num_samples",
     "eval.ref",
+    "encoders.vae",  # the frozen encoders' local paths may move between sessions
+    "encoders.text_encoder",
 }
 
 

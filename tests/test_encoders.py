@@ -181,6 +181,23 @@ def test_text_training_encodes_captions_on_the_fly(tmp_path, tiny_t5):
     assert config["model"]["text_dim"] == 32 and config["model"]["cross_attention"]
 
 
+def test_pixels_with_cached_text(tmp_path, tiny_t5):
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.prepared import PreparedDataset
+    from fmcli.data.sources import prepare_shapes
+
+    src = prepare_shapes(tmp_path / "shapes", size=8, count=12, seed=1)
+    out = encode_prepared(src, tmp_path / "cached", text_encoder=tiny_t5, cache_text=True, max_tokens=8, batch_size=5)
+    assert np.array_equal(np.load(out / "x.npy"), np.load(src / "x.npy"))  # pixels copied exactly
+    assert np.array_equal(np.load(out / "y.npy"), np.load(src / "y.npy"))
+    ds = PreparedDataset(out, text=True)
+    assert ds.manifest["kind"] == "pixels" and ds.has_cached_text
+    batch = ds.__getitems__([3, 7])
+    assert batch["text"].shape == (2, 8, 32) and batch["text_mask"].dtype == torch.bool and "caption" not in batch
+    with pytest.raises(UsageError, match="--cache-text needs --text-encoder"):
+        encode_prepared(src, tmp_path / "bad", cache_text=True)
+
+
 class _Silent:
     def info(self, message):
         pass
