@@ -49,7 +49,7 @@ class FrozenVAE:
         from diffusers import AutoencoderKL
 
         _quiet_hf()
-        self.path = _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae")
+        self.path = check_vae_dir(path)
         self.device = torch.device(device)
         # bf16 decoding only where it is fast (CUDA); CPU stays fp32.
         self.dtype = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else torch.float32
@@ -109,7 +109,7 @@ class FrozenTextEncoder:
         _quiet_hf()
         if str(path) == BUILTIN_TINY_T5:
             path = ensure_builtin_text_encoder()
-        self.path = _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer_config.json"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder")
+        self.path = check_text_encoder_dir(path)
         self.device = torch.device(device)
         try:
             config = AutoConfig.from_pretrained(self.path, local_files_only=True)
@@ -317,11 +317,27 @@ def _quiet_hf() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+# What a local directory must hold: a name shown in messages -> the file patterns that satisfy it.
+_ALTERNATIVES = {
+    "diffusion_pytorch_model.safetensors": ["*.safetensors", "*.bin"],  # older .bin, sharded weights
+    "model.safetensors": ["*.safetensors", "*.bin"],
+    "tokenizer files": ["tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json"],
+}
+
+
+def check_vae_dir(path) -> Path:
+    return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae")
+
+
+def check_text_encoder_dir(path) -> Path:
+    if str(path) == BUILTIN_TINY_T5:
+        return Path(path)
+    return _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder")
+
+
 def _check_dir(path, what: str, expected: list[str], hint: str, env: str, flag: str) -> Path:
     path = Path(path).expanduser()
-    missing = [f for f in expected if not (path / f).exists()]
-    # Older checkpoints ship pytorch_model.bin / diffusion_pytorch_model.bin instead of safetensors.
-    missing = [f for f in missing if not (f.endswith(".safetensors") and any(path.glob("*.bin")))]
+    missing = [f for f in expected if not any(any(path.glob(p)) for p in _ALTERNATIVES.get(f, [f]))]
     if not path.is_dir() or missing:
         where = f"{path} does not exist" if not path.is_dir() else f"{path} lacks {', '.join(missing)}"
         raise UsageError(

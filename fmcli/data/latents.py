@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..encoders import TextConditioning, load_text_encoder, load_vae
+from ..encoders import TextConditioning, check_text_encoder_dir, check_vae_dir, load_text_encoder, load_vae
 from ..errors import UsageError
 from .prepared import PreparedDataset, PreparedWriter
 
@@ -96,6 +96,13 @@ def prepare_encoded(prepare_pixels: Callable[[Path], Path], out: str | Path, *, 
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"output {out} already exists (use --force to replace it)")
+    # Fail on a wrong encoder path before the (possibly long) pixel pass, not after it.
+    if encode_kwargs.get("cache_text") and not encode_kwargs.get("text_encoder"):
+        raise UsageError("--cache-text needs --text-encoder PATH")
+    if encode_kwargs.get("vae"):
+        check_vae_dir(encode_kwargs["vae"])
+    if encode_kwargs.get("text_encoder"):
+        check_text_encoder_dir(encode_kwargs["text_encoder"])
     tmp = out.parent / f".{out.name}.pixels-{uuid.uuid4().hex[:8]}"
     try:
         pixels = prepare_pixels(tmp)
