@@ -104,6 +104,20 @@ def test_empty_prompt_is_the_unconditional_branch(tiny_t5):
     assert torch.equal(states[2:], empty_states.expand(2, -1, -1)) and torch.equal(mask[2:], empty_mask.expand(2, -1))
 
 
+def test_clip_text_encoder_works(tmp_path, tiny_t5):
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(WORDS) + 3, hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                            max_position_embeddings=12, pad_token_id=0, eos_token_id=1, bos_token_id=1)  # fmt: skip
+    CLIPTextModel(config).save_pretrained(tmp_path / "clip")
+    AutoTokenizer.from_pretrained(tiny_t5).save_pretrained(tmp_path / "clip")
+    encoder = FrozenTextEncoder(tmp_path / "clip", max_tokens=128)
+    assert encoder.model_type == "clip_text_model" and encoder.max_tokens == 12  # clamped to CLIP's positions
+    states, mask = encoder.encode(["a red star", ""])
+    assert states.shape == (2, 12, 24) and mask.sum(1).tolist() == [4, 1]
+
+
 def test_builtin_tiny_encoder_is_seeded(tmp_path):
     a = build_tiny_text_encoder(tmp_path / "a", seed=0, words=WORDS, d_model=16, layers=1, heads=2)
     b = build_tiny_text_encoder(tmp_path / "b", seed=0, words=WORDS, d_model=16, layers=1, heads=2)
