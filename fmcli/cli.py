@@ -110,6 +110,12 @@ def prepare_data(
     seed: int = typer.Option(0, "--seed", help="Random seed (shapes)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Local diffusers VAE directory: store float16 latents instead of pixels."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (T5/CLIP) recorded for the captions."),
+    cache_text: bool = typer.Option(False, "--cache-text", help="Also store the text encoder's states and masks (text.npy, text_mask.npy)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Text tokens per caption (padding masked)."),
+    encode_batch: int = typer.Option(64, "--encode-batch-size", min=1, help="Images per encoder batch."),
+    device: str = typer.Option("auto", "--device", help="Encoder device: auto, cpu or cuda."),
 ):
     """Turn a dataset into fm's prepared format (manifest.json + x.npy + y.npy + captions.jsonl).
 
@@ -124,6 +130,8 @@ def prepare_data(
       fm prepare-data folder --root celeba_hq/ --size 256 --workers 8 --out data/celebahq256
 
       fm prepare-data tar --root 'shards/*.tar' --size 64 --out data/captions64
+
+      fm prepare-data captions --root pairs.jsonl --size 64 --out data/t2i-64 --vae weights/sd-vae-ft-mse --text-encoder weights/t5-small --cache-text
     """
 
     def run():
@@ -132,23 +140,39 @@ def prepare_data(
         from .data.prepare import default_workers, prepare
 
         console = _stderr_console()
-        columns = (TextColumn(f"{source}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-            task = bar.add_task(source, total=None)
-            summary = prepare(
-                source,
-                out,
-                root=root,
-                split=split,
-                size=size,
-                limit=limit,
-                workers=workers or default_workers(),
-                force=force,
-                count=count,
-                seed=seed,
-                on_start=lambda total: bar.update(task, total=total),
-                on_progress=lambda n: bar.advance(task, n),
-            )
+        summaries = []
+
+        def pixels(target: Path) -> Path:
+            """The pixel dataset of any source; with --vae/--text-encoder it is a temporary step before encoding."""
+            columns = (TextColumn(f"{source}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+                task = bar.add_task(source, total=None)
+                summary = prepare(
+                    source,
+                    target,
+                    root=root,
+                    split=split,
+                    size=size,
+                    limit=limit,
+                    workers=workers or default_workers(),
+                    force=force,
+                    count=count,
+                    seed=seed,
+                    on_start=lambda total: bar.update(task, total=total),
+                    on_progress=lambda n: bar.advance(task, n),
+                )
+            summaries.append(summary)
+            return Path(summary.path)
+
+        if vae or text_encoder:
+            encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch)
+            path = _prepare_encoded_with_progress(pixels, out, limit or count, _device(device), force, encode)
+            summary = summaries[-1]
+            summary.path = str(path)
+            summary.bytes = sum(f.stat().st_size for f in Path(path).iterdir())
+        else:
+            pixels(out)
+            summary = summaries[-1]
         if summary.skipped:
             shown = "; ".join(summary.skipped_examples)
             more = f" (and {summary.skipped - len(summary.skipped_examples)} more)" if summary.skipped > len(summary.skipped_examples) else ""
@@ -170,6 +194,16 @@ def _prepare_shapes_with_progress(out: Path, **kwargs) -> Path:
     with Progress(console=_stderr_console(), transient=True) as bar:
         task = bar.add_task("shapes", total=kwargs["count"])
         return prepare_shapes(out, progress=lambda n: bar.advance(task, n), **kwargs)
+
+
+def _prepare_encoded_with_progress(pixels, out: Path, total: int, device, force: bool, encode: dict) -> Path:
+    from rich.progress import Progress
+
+    from .data.latents import prepare_encoded
+
+    with Progress(console=_stderr_console(), transient=True) as bar:
+        task = bar.add_task("encode", total=total)
+        return prepare_encoded(pixels, out, force=force, device=device, progress=lambda n: bar.advance(task, n), **encode)
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -352,8 +386,12 @@ def _ensure_data(cfg, prepare: bool):
 @app.command()
 def sample(
     ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint file or run directory."),
-    num_samples: int = typer.Option(16, "--num-samples", "-n", min=1, help="Number of images."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", min=1, help="Number of images (default 16, or one per prompt)."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Class index for every sample (default: cycle)."),
+    prompt: List[str] = typer.Option([], "--prompt", help="Text prompt (text models; repeatable: samples cycle through them)."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Local VAE directory (latent models; default: FM_VAE, then the run's)."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (default: FM_TEXT_ENCODER, then the run's)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
     solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
@@ -376,6 +414,8 @@ def sample(
       fm sample --ckpt runs/cifar10/checkpoints/step-0100000.pt --cfg 4 --steps 100 --class-label 3 --out cat.png
       fm sample --ckpt runs/quickstart -n 16 --solver heun --steps 20 --out grid.png --gif trajectory.gif
       fm sample --ckpt runs/quickstart --solver dopri5 --rtol 1e-4 --atol 1e-4 --out grid.png --json
+      fm sample --ckpt runs/quickstart-text --prompt "a red circle on a black background" -n 8 --out red.png
+      echo "a blue star on a white background" | fm sample --ckpt runs/quickstart-text --prompts - --out star.png
     """
 
     def run():
@@ -386,15 +426,17 @@ def sample(
 
         if gif is not None and gif.suffix.lower() != ".gif":
             raise UsageError(f"--gif expects a .gif file name, got {gif}")
+        texts = list(prompt) + _read_prompts(prompts_file)
+        n = num_samples or len(texts) or 16
         dev = _device(device)
-        loaded = load_for_sampling(ckpt, dev, use_ema=ema)
+        loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
         sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver, rtol, atol, guidance_interval)
         start = time.perf_counter()
         xs, nfes, paths, trajectories = [], [], [], []
         to_dir = out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp")
         for chunk, _, result in iterate_samples(
             loaded,
-            list(range(num_samples)),
+            list(range(n)),
             seed=seed,
             sample_cfg=sample_cfg,
             batch_size=batch_size,
@@ -402,6 +444,7 @@ def sample(
             class_label=class_label,
             shift=loaded.config.flow.shift,
             capture=gif_frames if gif is not None else 0,
+            prompts=[texts[i % len(texts)] for i in range(n)] if texts else None,
         ):
             xs.append(result.x.cpu())
             nfes.append(result.nfe)
@@ -419,7 +462,7 @@ def sample(
                     "paths": [str(p) for p in paths],
                     "grid": str(grid),
                     "gif": str(gif_path) if gif_path else None,
-                    "num_samples": num_samples,
+                    "num_samples": n,
                     "nfe": max(nfes),  # network evaluations per sample trajectory (a CFG pair counts once)
                     "nfe_total": sum(nfes),  # batched forward passes over all batches
                     "seconds": round(seconds, 3),
@@ -435,6 +478,23 @@ def sample(
                 print(gif_path)
 
     _guard(run)
+
+
+def _read_prompts(source: Optional[str]) -> list[str]:
+    """Prompts from a file (one per line, blank lines skipped) or from stdin with '-'."""
+    if source is None:
+        return []
+    if source == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"--prompts file {path} not found (one prompt per line, or - for stdin)")
+        text = path.read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UsageError(f"--prompts {source}: no prompts (one per line)")
+    return lines
 
 
 def _sample_settings(base, cfg_scale, steps, solver, rtol=None, atol=None, guidance_interval=None):

@@ -29,7 +29,11 @@ class ModelConfig(Strict):
     heads: int = Field(6, gt=0)
     patch_size: int = Field(2, gt=0)
     mlp_ratio: float = Field(4.0, gt=0)
-    cross_attention: bool = False
+    cross_attention: bool = False  # text conditioning: cross-attention to the text encoder's token states
+    text_dim: int | None = Field(None, gt=0)  # width of the text states; filled from the text encoder when unset
+    # U-Net (arch = "unet"): base channels = hidden_size, one level per multiplier.
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    layers_per_block: int = Field(2, gt=0)
     # Filled from the prepared dataset's manifest when left unset (None).
     image_size: int | None = Field(None, gt=0)
     in_channels: int | None = Field(None, gt=0)
@@ -120,9 +124,10 @@ class EvalConfig(Strict):
 
 
 class EncodersConfig(Strict):
-    vae: str | None = None
-    text_encoder: str | None = None
+    vae: str | None = None  # local diffusers AutoencoderKL directory (or env FM_VAE)
+    text_encoder: str | None = None  # local transformers encoder directory (or env FM_TEXT_ENCODER), or "builtin:tiny-t5"
     max_tokens: int = Field(128, gt=0)
+    vae_precision: Literal["fp32", "bf16"] = "fp32"  # decoding precision (bf16 only on CUDA)
 
 
 class Config(Strict):
@@ -153,6 +158,8 @@ RESUME_SAFE_KEYS = {
     "eval.ref",
     "eval.features",
     "eval.inception",
+    "encoders.vae",  # the frozen encoders' local paths may move between sessions
+    "encoders.text_encoder",
 }
 
 

@@ -36,9 +36,12 @@ def class_conditions(labels: torch.Tensor | None, null_class: int) -> tuple[dict
 
 
 @torch.no_grad()
-def sample_batch(model, x0: torch.Tensor, labels: torch.Tensor | None, sample_cfg, *, shift: float = 1.0, capture: int = 0):
-    """Integrate one batch with the configured solver and CFG; returns a sampling.SampleResult."""
-    cond, uncond = class_conditions(labels, getattr(model, "null_class", 0))
+def sample_batch(model, x0: torch.Tensor, labels: torch.Tensor | None, sample_cfg, *, shift: float = 1.0, capture: int = 0, conditions=None):
+    """Integrate one batch with the configured solver and CFG; returns a sampling.SampleResult.
+
+    `conditions` = (cond, uncond) keyword dicts (text models) replaces the class conditions of `labels`.
+    """
+    cond, uncond = conditions if conditions is not None else class_conditions(labels, getattr(model, "null_class", 0))
     velocity = guided_velocity(model, cond, uncond, cfg=sample_cfg.cfg, interval=sample_cfg.guidance_interval)
     return solve(
         velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=shift, rtol=sample_cfg.rtol, atol=sample_cfg.atol, capture=capture
@@ -51,6 +54,12 @@ class LoadedModel:
     config: Config
     info: dict  # data manifest facts recorded at training time: class_names, kind, shape, ...
     step: int
+    text: object | None = None  # encoders.TextConditioning for text models
+    vae: object | None = None  # encoders.FrozenVAE for latent models: samples are decoded to images
+
+    @property
+    def is_text(self) -> bool:
+        return self.config.model.cross_attention
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -62,8 +71,9 @@ class LoadedModel:
         return self.config.model.num_classes
 
 
-def load_for_sampling(ckpt: str, device: torch.device, use_ema: bool = True) -> LoadedModel:
-    """Build the model from the checkpoint's own config and load its EMA (or raw) weights."""
+def load_for_sampling(ckpt: str, device: torch.device, use_ema: bool = True, vae: str | None = None, text_encoder: str | None = None) -> LoadedModel:
+    """Build the model from the checkpoint's own config and load its EMA (or raw) weights, with the frozen
+    encoders it needs (paths: the arguments, FM_VAE / FM_TEXT_ENCODER, then those recorded in the run)."""
     path = resolve_checkpoint(ckpt)
     state = load_checkpoint(path, map_location="cpu")
     cfg = validate_config(state["config"], source=str(path))
@@ -73,7 +83,26 @@ def load_for_sampling(ckpt: str, device: torch.device, use_ema: bool = True) -> 
         raise UsageError(f"{path} has no EMA weights; use --no-ema")
     model.load_state_dict(weights)
     model.to(device).eval()
-    return LoadedModel(model=model, config=cfg, info=state.get("data_info", {}), step=int(state.get("step", 0)))
+    info = state.get("data_info", {})
+    return LoadedModel(model=model, config=cfg, info=info, step=int(state.get("step", 0)), **_sampling_encoders(cfg, info, device, vae, text_encoder))
+
+
+def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_encoder: str | None) -> dict:
+    from .encoders import ENV_TEXT_ENCODER, ENV_VAE, FrozenVAE, TextConditioning, load_text_encoder, require, resolve_path
+
+    out = {}
+    if info.get("kind") == "latents":
+        path = require(resolve_path(vae, None, ENV_VAE, cfg.encoders.vae), "VAE", "--vae", ENV_VAE, "huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir {path}")
+        out["vae"] = FrozenVAE(path, device, cfg.encoders.vae_precision)
+    if cfg.model.cross_attention:
+        path = resolve_path(text_encoder, None, ENV_TEXT_ENCODER, cfg.encoders.text_encoder)
+        out["text"] = TextConditioning.from_encoder(load_text_encoder(path, device, cfg.encoders.max_tokens))
+    return out
+
+
+def decode(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+    """Model samples -> images in [-1, 1] (latents go through the VAE)."""
+    return loaded.vae.decode(x) if loaded.vae is not None else x
 
 
 def labels_for(indices, num_classes: int, class_label: int | None) -> torch.Tensor | None:
@@ -99,17 +128,35 @@ def iterate_samples(
     labels: torch.Tensor | None = None,
     shift: float = 1.0,
     capture: int = 0,
+    prompts: list[str] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, "object"]]:
-    """Yield (indices, labels, SampleResult) batch by batch for the given global sample indices."""
+    """Yield (indices, labels, SampleResult) batch by batch for the given global sample indices.
+
+    Text models take `prompts` (one per index, in order). Latent models' samples (and captured
+    trajectory frames) come back decoded to images through the VAE.
+    """
+    if loaded.is_text and not prompts:
+        raise UsageError("this is a text-to-image model: give --prompt TEXT (repeatable) or --prompts FILE|-")
+    if loaded.is_text and class_label is not None:
+        raise UsageError("--class-label given but this model is text-conditioned: use --prompt")
+    if prompts and not loaded.is_text:
+        raise UsageError("--prompt/--prompts given but this model is not text-conditioned")
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
-        if labels is not None:
+        conditions, y = None, None
+        if loaded.is_text:
+            conditions = loaded.text.conditions(prompts[start : start + batch_size], device)
+        elif labels is not None:
             y = labels[start : start + batch_size]
         else:
             y = labels_for(chunk, loaded.num_classes, class_label)
         x0 = initial_noise(seed, chunk, loaded.shape, device)
         y = y.to(device) if y is not None else None
-        yield chunk, y, sample_batch(loaded.model, x0, y, sample_cfg, shift=shift, capture=capture)
+        result = sample_batch(loaded.model, x0, y, sample_cfg, shift=shift, capture=capture, conditions=conditions)
+        if loaded.vae is not None:
+            result.x = decode(loaded, result.x)
+            result.trajectory = [(t, decode(loaded, xt)) for t, xt in result.trajectory]
+        yield chunk, y, result
 
 
 def class_grid_samples(

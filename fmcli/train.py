@@ -71,7 +71,9 @@ def train(
 def resolve_data_fields(cfg: Config, manifest: dict) -> Config:
     """Fill model.image_size / in_channels / num_classes from the dataset; refuse contradictions."""
     c, h, w = manifest["shape"]
-    facts = {"image_size": h, "in_channels": c, "num_classes": int(manifest.get("num_classes") or 0)}
+    # A text model (model.cross_attention) is conditioned on captions only, whatever labels the data has.
+    num_classes = 0 if cfg.model.cross_attention else int(manifest.get("num_classes") or 0)
+    facts = {"image_size": h, "in_channels": c, "num_classes": num_classes}
     update = {}
     for key, value in facts.items():
         current = getattr(cfg.model, key)
@@ -167,8 +169,9 @@ class _Trainer:
     # The loop reads top to bottom: setup, restore, steps, save.
     def run(self, resume_from: Path | None, stop_at_step: int | None) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
-        self.dataset = PreparedDataset(cfg.data.path)
+        self.dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
         cfg = self.cfg = resolve_data_fields(cfg, self.dataset.manifest)
+        cfg = self.cfg = self._setup_encoders(cfg)
         self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
         if cfg.train.precision == "fp16" and ctx.device.type != "cuda":
             raise UsageError("train.precision=fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
@@ -311,8 +314,19 @@ class _Trainer:
         update_ema(self.ema, self.model, ema_decay_at(self.step, cfg.train.ema_decay, cfg.train.ema_warmup))
         return mean_loss, grad_norm
 
+    def _setup_encoders(self, cfg: Config) -> Config:
+        """Text conditioning (cached states or a frozen encoder) and the recorded encoder paths."""
+        from .encoders import setup_training_encoders
+
+        self.text, cfg = setup_training_encoders(cfg, self.dataset, self.ctx.device)
+        self.vae = None  # loaded when a sample grid is first decoded
+        return cfg
+
     def _condition(self, batch: dict, drop: torch.Tensor) -> dict:
-        """Model keyword inputs; condition dropout is per sample (class -> the null class index)."""
+        """Model keyword inputs; condition dropout is per sample (class -> the null class index,
+        text -> the empty prompt's states and mask)."""
+        if self.text is not None:
+            return self.text.for_batch(batch, drop, self.ctx.device)
         if self.cfg.model.num_classes and "y" in batch:
             y = batch["y"].to(self.ctx.device)
             return {"y": torch.where(drop.to(y.device), torch.full_like(y, self.cfg.model.num_classes), y)}
@@ -450,7 +464,19 @@ class _Trainer:
         k = self.cfg.model.num_classes
         labels = torch.arange(n, device=self.ctx.device) % k if k else None
         x0 = initial_noise(self.cfg.train.seed, range(n), tuple(self.dataset.manifest["shape"]), self.ctx.device)
-        x = sample_batch(self.ema, x0, labels, self.cfg.sample, shift=self.cfg.flow.shift).x
+        conditions = None
+        if self.text is not None:  # the first n training captions (their text is saved next to the grid)
+            from .encoders import grid_conditions
+
+            conditions, prompts = grid_conditions(self.text, self.dataset, n, self.ctx.device)
+            out = self.run_dir / "samples" / f"step-{self.step:07d}.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("".join(p + "\n" for p in prompts))
+        x = sample_batch(self.ema, x0, labels, self.cfg.sample, shift=self.cfg.flow.shift, conditions=conditions).x
+        if self.dataset.manifest["kind"] == "latents":
+            x = self._decode_latents(x)
+            if x is None:
+                return
         path = save_grid(x, self.run_dir / "samples" / f"step-{self.step:07d}.png", nrow=k if k and n % k == 0 else None)
         self.log.info(f"samples: {path}")
 
@@ -470,6 +496,15 @@ class _Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self.log.info(f"step {self.step}: FID {record['fid']:.4f} ({record['fid_num_samples']} samples, {record['fid_features']})")
+    def _decode_latents(self, x: torch.Tensor) -> torch.Tensor | None:
+        from .encoders import FrozenVAE
+
+        if self.vae is None:
+            if not self.cfg.encoders.vae:
+                self.log.info("sample grid skipped: latents need a VAE to decode (set encoders.vae or FM_VAE)")
+                return None
+            self.vae = FrozenVAE(self.cfg.encoders.vae, self.ctx.device, self.cfg.encoders.vae_precision)
+        return self.vae.decode(x)
 
     # ---------------------------------------------------------------------------------------- signals
 

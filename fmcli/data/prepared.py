@@ -234,14 +234,20 @@ class PreparedDataset(Dataset):
 
     The arrays are opened lazily in each process, so DataLoader workers share the page cache instead of
     receiving pickled copies. Items are dicts: x (float32, pixels in [-1, 1] or latents as stored), y.
+    With `text=True` they also carry the cached text states (text, text_mask) when the dataset has them,
+    else the caption strings (caption: list[str]).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, text: bool = False):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.count = int(self.manifest["count"])
         self.has_labels = (self.path / "y.npy").is_file()
-        self._x = self._y = None
+        self.has_cached_text = text and (self.path / "text.npy").is_file()
+        self.with_captions = text and not self.has_cached_text
+        if self.with_captions and not (self.path / "captions.jsonl").is_file():
+            raise UsageError(f"{self.path} has no captions.jsonl (nor cached text.npy): a text model needs captioned data")
+        self._x = self._y = self._text = self._text_mask = self._captions = None
 
     def __len__(self) -> int:
         return self.count
@@ -250,10 +256,15 @@ class PreparedDataset(Dataset):
         if self._x is None:
             self._x = np.load(self.path / "x.npy", mmap_mode="r")
             self._y = np.load(self.path / "y.npy", mmap_mode="r") if self.has_labels else None
+            if self.has_cached_text:
+                self._text = np.load(self.path / "text.npy", mmap_mode="r")
+                self._text_mask = np.load(self.path / "text_mask.npy", mmap_mode="r")
+            if self.with_captions:
+                self._captions = read_captions(self.path)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_x"] = state["_y"] = None  # reopen in the worker, never pickle the data
+        state["_x"] = state["_y"] = state["_text"] = state["_text_mask"] = state["_captions"] = None  # reopen in the worker
         return state
 
     def __getitem__(self, i: int) -> dict:
@@ -268,6 +279,11 @@ class PreparedDataset(Dataset):
         out = {"x": x}
         if self._y is not None:
             out["y"] = torch.from_numpy(np.asarray(self._y[idx], dtype=np.int64))
+        if self._text is not None:
+            out["text"] = torch.from_numpy(np.ascontiguousarray(self._text[idx]))
+            out["text_mask"] = torch.from_numpy(np.ascontiguousarray(self._text_mask[idx]))
+        if self._captions is not None:
+            out["caption"] = [self._captions[i] for i in idx]
         return out
 
 

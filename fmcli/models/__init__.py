@@ -11,6 +11,10 @@ def build_model(model_cfg) -> nn.Module:
         from .dit import DiT
 
         return DiT(model_cfg)
+    if model_cfg.arch == "unet":
+        from .unet import UNet
+
+        return UNet(model_cfg)
     from ..errors import UsageError
 
     raise UsageError(f"model.arch={model_cfg.arch!r} is not available in this version (use 'dit')")

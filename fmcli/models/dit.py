@@ -2,7 +2,10 @@
 
 Patchify -> fixed 2D sin-cos positions -> N blocks with adaLN-Zero conditioning on (time + class)
 -> adaLN final layer -> unpatchify. Class index `num_classes` is the null class used for CFG dropout.
-Contract: `model(x [B,C,H,W], t [B] in [0,1], y [B] long | None) -> velocity [B,C,H,W]`.
+With `model.cross_attention` each block is self-attn -> cross-attn to the text tokens (padding masked)
+-> MLP, still with adaLN-Zero time conditioning; one class serves class and text models.
+Contract: `model(x [B,C,H,W], t [B] in [0,1], y [B] long | None, text [B,L,D] | None,
+text_mask [B,L] bool | None) -> velocity [B,C,H,W]`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ class DiT(nn.Module):
         self.t_embed = TimestepEmbedder(width)
         # One extra row: the null class for classifier-free guidance (also the only row if unconditional).
         self.y_embed = nn.Embedding(cfg.num_classes + 1, width)
-        self.blocks = nn.ModuleList(DiTBlock(width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.cross_attention = cfg.cross_attention
+        if cfg.cross_attention:
+            if cfg.text_dim is None:
+                raise ValueError("model.text_dim must be resolved (from the text encoder) before building")
+            # Caption projection to the model width (as PixArt-alpha): Linear -> GELU -> Linear.
+            self.text_embed = nn.Sequential(nn.Linear(cfg.text_dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
+        blocks = (DiTBlock(width, cfg.heads, cfg.mlp_ratio, cross_attention=cfg.cross_attention) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(blocks)
         self.final = FinalLayer(width, cfg.patch_size, cfg.in_channels)
         self.reset_parameters()
 
@@ -62,18 +72,34 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.modulation[-1].weight)
             nn.init.zeros_(block.modulation[-1].bias)
+            if block.cross_attn is not None:  # cross-attention residual starts at zero too: identity blocks
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
         nn.init.zeros_(self.final.modulation[-1].weight)
         nn.init.zeros_(self.final.modulation[-1].bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if y is None:
             y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embed(t) + self.y_embed(y)
+        context, key_mask = None, None
+        if self.cross_attention:
+            if text is None:
+                raise ValueError("this is a text-conditioned DiT: pass text (and text_mask); the empty prompt's states for unconditional")
+            context = self.text_embed(text.to(h.dtype))
+            key_mask = text_attention_mask(text_mask, text.shape[:2], x.device)
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, c, context, key_mask)
         h = self.final(h, c)
         return self.unpatchify(h)
 
@@ -117,19 +143,61 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
+def text_attention_mask(text_mask: torch.Tensor | None, shape, device) -> torch.Tensor | None:
+    """Key-padding mask [B,L] (True = a real token) -> SDPA boolean attn_mask [B,1,1,L].
+
+    A row with no real token (an empty prompt from a tokenizer without end-of-sequence token) attends to
+    its first position rather than to nothing, which would give NaN.
+    """
+    if text_mask is None:
+        return None
+    mask = text_mask.to(device=device, dtype=torch.bool)
+    if mask.shape != tuple(shape):
+        raise ValueError(f"text_mask shape {tuple(mask.shape)} does not match the text states {tuple(shape)}")
+    empty = ~mask.any(dim=1)
+    if empty.any():
+        mask = mask.clone()
+        mask[empty, 0] = True
+    return mask[:, None, None, :]
+
+
+class CrossAttention(nn.Module):
+    """Queries from the image tokens, keys and values from the text tokens; padding keys masked out."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x.shape
+        hd = d // self.heads
+        q = self.q(x).reshape(b, n, self.heads, hd).transpose(1, 2)
+        kv = self.kv(context).reshape(b, context.shape[1], 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=key_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
 class DiTBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, cross_attention: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, heads)
+        # Only text models have these modules, so class models keep their state_dict keys.
+        self.cross_norm = nn.LayerNorm(width, eps=1e-6) if cross_attention else None
+        self.cross_attn = CrossAttention(width, heads) if cross_attention else None
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context=None, key_mask=None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_norm(x), context, key_mask)
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 

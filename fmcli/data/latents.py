@@ -1,0 +1,111 @@
+"""Encode a prepared pixel dataset with the frozen encoders: VAE latents and, optionally, cached text states.
+
+`fm prepare-data SOURCE --vae PATH [--text-encoder PATH [--cache-text]]` first writes the source's pixels
+(the usual way) to a temporary directory, then streams it through `encode_prepared` in batches into the
+final directory, so every source gets the latent path and nothing is ever held whole in memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..encoders import TextConditioning, check_text_encoder_dir, check_vae_dir, load_text_encoder, load_vae
+from ..errors import UsageError
+from .prepared import PreparedDataset, PreparedWriter
+
+_COPIED_FIELDS = ("num_classes", "class_names", "source", "image_size", "seed")
+
+
+def encode_prepared(
+    src: str | Path,
+    out: str | Path,
+    *,
+    vae: str | None = None,
+    text_encoder: str | None = None,
+    cache_text: bool = False,
+    max_tokens: int = 128,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    vae_precision: str = "fp32",
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write `out` from the pixel dataset `src`: x = VAE latents (float16) when `vae` is given, else the
+    pixels; text.npy / text_mask.npy (+ the empty prompt's) when `cache_text`; manifest records both."""
+    if cache_text and not text_encoder:
+        raise UsageError("--cache-text needs --text-encoder PATH")
+    source = PreparedDataset(src)
+    manifest = source.manifest
+    if manifest["kind"] != "pixels":
+        raise UsageError(f"{src} already holds {manifest['kind']}; encode from pixels")
+    has_captions = (Path(src) / "captions.jsonl").is_file()
+    if text_encoder and not has_captions:
+        raise UsageError(f"source {manifest.get('source')} has no captions: --text-encoder needs captioned data")
+    encoder_vae = load_vae(vae, device, vae_precision) if vae else None
+    encoder_text = load_text_encoder(text_encoder, device, max_tokens) if text_encoder else None
+    text = TextConditioning.from_encoder(encoder_text) if cache_text else None
+
+    shape = tuple(manifest["shape"])
+    kind, dtype = ("latents", "float16") if encoder_vae else ("pixels", "uint8")
+    out_shape = encoder_vae.latent_shape(shape) if encoder_vae else shape
+    reader = PreparedDataset(src, text=has_captions)
+    n = len(reader)
+    with PreparedWriter(out, n, out_shape, dtype=dtype, kind=kind, labels=reader.has_labels, captions=has_captions, force=force) as writer:
+        if text is not None:
+            length, width = text.empty_states.shape[1:]
+            states = np.lib.format.open_memmap(writer.tmp / "text.npy", mode="w+", dtype=np.float16, shape=(n, length, width))
+            masks = np.lib.format.open_memmap(writer.tmp / "text_mask.npy", mode="w+", dtype=np.bool_, shape=(n, length))
+            np.save(writer.tmp / "text_empty.npy", text.empty_states.cpu().numpy().astype(np.float16))
+            np.save(writer.tmp / "text_empty_mask.npy", text.empty_mask.cpu().numpy())
+        for start in range(0, n, batch_size):
+            batch = reader.__getitems__(list(range(start, min(start + batch_size, n))))
+            if encoder_vae:
+                x = encoder_vae.encode(batch["x"]).cpu().numpy().astype(np.float16)
+            else:
+                x = np.round((batch["x"].numpy() + 1.0) * 127.5).astype(np.uint8)
+            captions = batch.get("caption")
+            if text is not None:
+                s, m = text.encode(captions)
+                states[start : start + len(x)] = s.cpu().numpy().astype(np.float16)
+                masks[start : start + len(x)] = m.cpu().numpy()
+            for k in range(len(x)):
+                label = int(batch["y"][k]) if "y" in batch else None
+                writer.add(x[k], label, captions[k] if captions is not None else None)
+            if progress is not None:
+                progress(len(x))
+        if text is not None:
+            states.flush()
+            masks.flush()
+            del states, masks
+        text_info = None
+        if encoder_text is not None:
+            text_info = {**encoder_text.info(), "cached": cache_text}
+        fields = {k: manifest[k] for k in _COPIED_FIELDS if k in manifest}
+        return writer.finish(**fields, vae=encoder_vae.info() if encoder_vae else None, text_encoder=text_info)
+
+
+def prepare_encoded(prepare_pixels: Callable[[Path], Path], out: str | Path, *, force: bool = False, **encode_kwargs) -> Path:
+    """Run `prepare_pixels(tmp_dir)` (any source's usual writer), then encode it into `out`; the temporary
+    pixel dataset is removed whatever happens."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"output {out} already exists (use --force to replace it)")
+    # Fail on a wrong encoder path before the (possibly long) pixel pass, not after it.
+    if encode_kwargs.get("cache_text") and not encode_kwargs.get("text_encoder"):
+        raise UsageError("--cache-text needs --text-encoder PATH")
+    if encode_kwargs.get("vae"):
+        check_vae_dir(encode_kwargs["vae"])
+    if encode_kwargs.get("text_encoder"):
+        check_text_encoder_dir(encode_kwargs["text_encoder"])
+    tmp = out.parent / f".{out.name}.pixels-{uuid.uuid4().hex[:8]}"
+    try:
+        pixels = prepare_pixels(tmp)
+        return encode_prepared(pixels, out, force=force, **encode_kwargs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

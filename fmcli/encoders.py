@@ -1,0 +1,361 @@
+"""Frozen encoders loaded from local directories: the VAE (diffusers AutoencoderKL) and the text encoder
+(transformers T5EncoderModel by default, CLIPTextModel too) with its tokenizer.
+
+Nothing is downloaded: every load uses local_files_only=True, and a missing directory is a UsageError that
+names the files expected and how to get them. Paths come from a flag, the config (`encoders.vae`,
+`encoders.text_encoder`), the environment (FM_VAE, FM_TEXT_ENCODER) or the path recorded at preparation
+or training time, in that order.
+
+Latent convention (as SD3 / diffusers): z = (mean(posterior) - shift_factor) * scaling_factor, with both
+factors read from the VAE's own config (shift_factor None -> 0); decoding inverts it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+ENV_VAE = "FM_VAE"
+ENV_TEXT_ENCODER = "FM_TEXT_ENCODER"
+BUILTIN_TINY_T5 = "builtin:tiny-t5"
+BUILTIN_DIR = Path("data") / "builtin-tiny-t5"
+
+_VAE_HINT = "huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir {path}"
+_TEXT_HINT = "huggingface-cli download google-t5/t5-small --local-dir {path}"
+
+
+def resolve_path(flag: str | None, configured: str | None, env: str, recorded: str | None) -> str | None:
+    """The first of: command-line flag, config value, environment variable, path recorded earlier."""
+    for value in (flag, configured, os.environ.get(env) or None, recorded):
+        if value:
+            return str(value)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+
+
+class FrozenVAE:
+    """A frozen AutoencoderKL: `encode` images in [-1, 1] to scaled latents, `decode` them back."""
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu", precision: str = "fp32"):
+        from diffusers import AutoencoderKL
+
+        _quiet_hf()
+        self.path = check_vae_dir(path)
+        self.device = torch.device(device)
+        # bf16 decoding only where it is fast (CUDA); CPU stays fp32.
+        self.dtype = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else torch.float32
+        try:
+            vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"could not load the VAE from {self.path}: {str(err).splitlines()[0]}") from None
+        self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        cfg = self.vae.config
+        self.scaling_factor = float(cfg.scaling_factor)
+        self.shift_factor = float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0
+        self.latent_channels = int(cfg.latent_channels)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+
+    def latent_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        c, h, w = shape
+        if h % self.downsample or w % self.downsample:
+            raise UsageError(f"image size {h}x{w} is not divisible by the VAE's downsampling factor {self.downsample}")
+        return (self.latent_channels, h // self.downsample, w // self.downsample)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] in [-1, 1] -> [B,C,h,w] float32: the posterior mean, shifted and scaled."""
+        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        return ((posterior.mean.float() - self.shift_factor) * self.scaling_factor)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B,C,h,w] scaled latents -> [B,3,H,W] float32 images clamped to [-1, 1]."""
+        z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)
+
+    def info(self) -> dict:
+        return {
+            "path": str(self.path),
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "latent_channels": self.latent_channels,
+            "downsample": self.downsample,
+        }
+
+
+# --------------------------------------------------------------------------------------- text encoder
+
+
+class FrozenTextEncoder:
+    """A frozen transformers text encoder + tokenizer; `encode(prompts)` -> (states [B,L,D], mask [B,L]).
+
+    Prompts are padded to `max_tokens` (so cached and on-the-fly states have one shape) and the attention
+    mask is kept: padding positions are masked in the encoder and in the model's cross-attention. The
+    encoder runs in fp32 (T5 overflows in fp16).
+    """
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu", max_tokens: int = 128):
+        from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        _quiet_hf()
+        if str(path) == BUILTIN_TINY_T5:
+            path = ensure_builtin_text_encoder()
+        self.path = check_text_encoder_dir(path)
+        self.device = torch.device(device)
+        try:
+            config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+            cls = CLIPTextModel if config.model_type.startswith("clip") else T5EncoderModel
+            self.model = cls.from_pretrained(self.path, local_files_only=True, torch_dtype=torch.float32)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"could not load the text encoder from {self.path}: {str(err).splitlines()[0]}") from None
+        self.model = self.model.to(self.device).eval().requires_grad_(False)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_tokens = min(max_tokens, limit) if limit else max_tokens
+        self.hidden_size = int(self.model.config.hidden_size)
+        self.model_type = config.model_type
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        states, masks = [], []
+        for start in range(0, len(prompts), batch_size):
+            tok = self.tokenizer(
+                list(prompts[start : start + batch_size]), padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt"
+            )
+            ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+            out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            states.append(out * mask[..., None])  # padding rows are zero: masked anyway, and caches compress
+            masks.append(mask.bool())
+        return torch.cat(states), torch.cat(masks)
+
+    def info(self) -> dict:
+        return {"path": str(self.path), "model_type": self.model_type, "hidden_size": self.hidden_size, "max_tokens": self.max_tokens}
+
+
+@dataclass
+class TextConditioning:
+    """Text conditions for the model: prompts -> {"text", "text_mask"}, and the empty prompt's states.
+
+    The unconditional branch (CFG and condition dropout) is the encoder's output for the empty prompt
+    with its own mask. `encoder` may be None when the dataset holds cached states (training only).
+    """
+
+    encoder: FrozenTextEncoder | None
+    empty_states: torch.Tensor  # [1, L, D]
+    empty_mask: torch.Tensor  # [1, L] bool
+
+    @classmethod
+    def from_encoder(cls, encoder: FrozenTextEncoder) -> "TextConditioning":
+        states, mask = encoder.encode([""])
+        return cls(encoder, states, mask)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.empty_states.shape[-1])
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.encoder is None:
+            raise UsageError("captions need a text encoder: set encoders.text_encoder or FM_TEXT_ENCODER")
+        return self.encoder.encode(list(prompts))
+
+    def uncond(self, n: int, device) -> dict:
+        return {"text": self.empty_states.to(device).expand(n, -1, -1), "text_mask": self.empty_mask.to(device).expand(n, -1)}
+
+    def conditions(self, prompts: list[str], device) -> tuple[dict, dict]:
+        """(cond, uncond) keyword dicts for sampling with classifier-free guidance."""
+        states, mask = self.encode(prompts)
+        return {"text": states.to(device), "text_mask": mask.to(device)}, self.uncond(len(prompts), device)
+
+    def for_batch(self, batch: dict, drop: torch.Tensor, device) -> dict:
+        """Training conditions: cached states or captions encoded now; dropped rows get the empty prompt."""
+        if "text" in batch:
+            states, mask = batch["text"].to(device).float(), batch["text_mask"].to(device).bool()
+        else:
+            states, mask = self.encode(batch["caption"])
+            states, mask = states.to(device), mask.to(device)
+        empty = self.uncond(states.shape[0], device)
+        drop = drop.to(device)
+        return {
+            "text": torch.where(drop[:, None, None], empty["text"], states),
+            "text_mask": torch.where(drop[:, None], empty["text_mask"], mask),
+        }
+
+
+# --------------------------------------------------------------------------------- training and grids
+
+
+def setup_training_encoders(cfg, dataset, device):
+    """(TextConditioning or None, cfg with the encoder paths and model.text_dim resolved).
+
+    Paths: config, then FM_VAE / FM_TEXT_ENCODER, then what `fm prepare-data` recorded in the manifest;
+    they are stored in the run's config so that `fm sample --ckpt` needs nothing else.
+    """
+    import numpy as np
+
+    manifest = dataset.manifest
+    recorded_vae = (manifest.get("vae") or {}).get("path")
+    encoders = {"vae": resolve_path(None, cfg.encoders.vae, ENV_VAE, recorded_vae) if manifest["kind"] == "latents" else cfg.encoders.vae}
+    text = None
+    if cfg.model.cross_attention:
+        recorded = manifest.get("text_encoder") or {}
+        encoders["text_encoder"] = resolve_path(None, cfg.encoders.text_encoder, ENV_TEXT_ENCODER, recorded.get("path"))
+        if dataset.has_cached_text:
+            empty = np.load(dataset.path / "text_empty.npy")
+            empty_mask = np.load(dataset.path / "text_empty_mask.npy")
+            text = TextConditioning(None, torch.from_numpy(empty).float(), torch.from_numpy(empty_mask).bool())
+            if recorded.get("max_tokens"):
+                encoders["max_tokens"] = int(recorded["max_tokens"])
+        else:
+            text = TextConditioning.from_encoder(load_text_encoder(encoders["text_encoder"], device, cfg.encoders.max_tokens))
+        if cfg.model.text_dim not in (None, text.text_dim):
+            raise UsageError(f"model.text_dim={cfg.model.text_dim} does not match the text encoder's width {text.text_dim}; remove the setting")
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"text_dim": text.text_dim})})
+    return text, cfg.model_copy(update={"encoders": cfg.encoders.model_copy(update=encoders)})
+
+
+def grid_conditions(text: TextConditioning, dataset, n: int, device) -> tuple[tuple[dict, dict], list[str]]:
+    """((cond, uncond), prompts) for a training sample grid: the dataset's first n captions (cycled)."""
+    import numpy as np
+
+    from .data.prepared import read_captions
+
+    rows = [i % len(dataset) for i in range(n)]
+    captions = read_captions(dataset.path) if (dataset.path / "captions.jsonl").is_file() else None
+    prompts = [captions[i] for i in rows] if captions else []
+    if dataset.has_cached_text:
+        states = torch.from_numpy(np.load(dataset.path / "text.npy", mmap_mode="r")[rows].astype(np.float32))
+        mask = torch.from_numpy(np.load(dataset.path / "text_mask.npy", mmap_mode="r")[rows])
+        return ({"text": states.to(device), "text_mask": mask.to(device)}, text.uncond(n, device)), prompts
+    return text.conditions(prompts, device), prompts
+
+
+# --------------------------------------------------------------------------- built-in tiny text encoder
+
+
+def ensure_builtin_text_encoder(root: Path = BUILTIN_DIR) -> Path:
+    """The built-in tiny T5 under data/ (built once, seeded: every build gives the same weights)."""
+    root = Path(root)
+    if not (root / "model.safetensors").is_file():
+        build_tiny_text_encoder(root)
+    return root
+
+
+def build_tiny_text_encoder(out: str | Path, *, seed: int = 0, words: list[str] | None = None, d_model: int = 64, layers: int = 2, heads: int = 4) -> Path:
+    """A randomly initialised (seeded) T5 encoder with a word-level tokenizer, saved with save_pretrained.
+
+    A pipeline check, not a language model: each known word is one token with its own random embedding,
+    so distinct captions give distinct states. Unknown words map to <unk>; every prompt ends with </s>,
+    so even the empty prompt has one real token.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab_words = sorted(set(words if words is not None else _shapes_words()) - set(specials))
+    vocab = {w: i for i, w in enumerate(specials + vocab_words)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    config = T5Config(
+        vocab_size=len(vocab), d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model, num_layers=layers, num_heads=heads,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0,
+    )
+    _quiet_hf()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config)
+    out = Path(out)
+    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process (a DDP rank) built it at the same moment: theirs is identical
+            if not (out / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _shapes_words() -> list[str]:
+    from .data.sources import BACKGROUNDS, COLOURS, SHAPE_NAMES
+
+    words = {"a", "an", "on", "background"}
+    for name in [*SHAPE_NAMES, *COLOURS, *BACKGROUNDS]:
+        words.update(name.split())
+    return sorted(words)
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _quiet_hf() -> None:
+    """No download progress bars or info logs from transformers / diffusers on our stderr."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+# What a local directory must hold: a name shown in messages -> the file patterns that satisfy it.
+_ALTERNATIVES = {
+    "diffusion_pytorch_model.safetensors": ["*.safetensors", "*.bin"],  # older .bin, sharded weights
+    "model.safetensors": ["*.safetensors", "*.bin"],
+    "tokenizer files": ["tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json"],
+}
+
+
+def check_vae_dir(path) -> Path:
+    return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae")
+
+
+def check_text_encoder_dir(path) -> Path:
+    if str(path) == BUILTIN_TINY_T5:
+        return Path(path)
+    return _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder")
+
+
+def _check_dir(path, what: str, expected: list[str], hint: str, env: str, flag: str) -> Path:
+    path = Path(path).expanduser()
+    missing = [f for f in expected if not any(any(path.glob(p)) for p in _ALTERNATIVES.get(f, [f]))]
+    if not path.is_dir() or missing:
+        where = f"{path} does not exist" if not path.is_dir() else f"{path} lacks {', '.join(missing)}"
+        raise UsageError(
+            f"{what} not found: {where} (expected a local directory with {', '.join(expected)}); "
+            f"get one with `{hint.format(path=path)}` and pass {flag} {path} or set {env}"
+        )
+    return path
+
+
+def require(path: str | None, what: str, flag: str, env: str, hint: str) -> str:
+    if not path:
+        raise UsageError(f"this needs a {what}: pass {flag} PATH, set it in the preset's [encoders] or {env} (e.g. `{hint.format(path='weights/' + what.replace(' ', '-'))}`)")
+    return path
+
+
+def load_vae(path: str | None, device, precision: str = "fp32") -> FrozenVAE:
+    return FrozenVAE(require(path, "VAE", "--vae", ENV_VAE, _VAE_HINT), device, precision)
+
+
+def load_text_encoder(path: str | None, device, max_tokens: int) -> FrozenTextEncoder:
+    return FrozenTextEncoder(require(path, "text encoder", "--text-encoder", ENV_TEXT_ENCODER, _TEXT_HINT), device, max_tokens)

@@ -1,0 +1,220 @@
+"""Frozen encoders and the latent / text path, with tiny encoders built from configs (no downloads):
+VAE scaling and shift against diffusers itself, the empty prompt as the unconditional branch, padding
+masking, prepare-data --vae --text-encoder --cache-text, training and sampling from prompts on stdin."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_fm
+from fmcli.config import load_config
+from fmcli.encoders import FrozenTextEncoder, FrozenVAE, TextConditioning, build_tiny_text_encoder
+from fmcli.errors import UsageError
+from fmcli.generate import sample_batch
+
+WORDS = ["a", "an", "red", "blue", "green", "circle", "square", "star", "on", "black", "white", "background"]
+
+
+def _save_tiny_vae(path, shift_factor):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+        scaling_factor=0.5, shift_factor=shift_factor,
+    )
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    return _save_tiny_vae(tmp_path_factory.mktemp("enc") / "vae", shift_factor=0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    return build_tiny_text_encoder(tmp_path_factory.mktemp("enc") / "t5", seed=0, words=WORDS, d_model=32, layers=2, heads=4)
+
+
+@pytest.mark.parametrize("shift", [0.1, None])
+def test_vae_round_trip_matches_diffusers(tmp_path, shift):
+    from diffusers import AutoencoderKL
+
+    path = _save_tiny_vae(tmp_path / "vae", shift_factor=shift)
+    vae = FrozenVAE(path)
+    reference = AutoencoderKL.from_pretrained(path).eval()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = vae.encode(images)
+    assert z.shape == (2, 4, 8, 8) and vae.latent_shape((3, 16, 16)) == (4, 8, 8)
+    s = 0.0 if shift is None else shift
+    with torch.no_grad():
+        expected_z = (reference.encode(images).latent_dist.mean - s) * 0.5  # the posterior mean, not a sample
+        expected_x = reference.decode(expected_z / 0.5 + s).sample.clamp(-1, 1)
+    assert torch.allclose(z, expected_z, atol=1e-6)
+    assert torch.allclose(vae.decode(z), expected_x, atol=1e-5)
+
+
+def test_missing_encoder_paths_are_clear_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match=r"config\.json.*huggingface-cli download stabilityai/sd-vae-ft-mse"):
+        FrozenVAE(tmp_path / "nowhere")
+    (tmp_path / "t5").mkdir()
+    with pytest.raises(UsageError, match=r"lacks config\.json.*huggingface-cli download google-t5/t5-small"):
+        FrozenTextEncoder(tmp_path / "t5")
+
+
+def test_padding_does_not_change_the_real_token_states(tiny_t5):
+    short, long = FrozenTextEncoder(tiny_t5, max_tokens=8), FrozenTextEncoder(tiny_t5, max_tokens=16)
+    prompts = ["a red circle", "a blue star on a white background", ""]
+    s8, m8 = short.encode(prompts)
+    s16, m16 = long.encode(prompts)
+    assert s8.shape == (3, 8, 32) and m8.sum(1).tolist() == [4, 8, 1]  # words + </s>; the empty prompt keeps </s>
+    assert torch.equal(m16[:, :8], m8) and not m16[:, 8:].any()
+    assert torch.allclose(s16[:, :8], s8, atol=1e-5)
+    assert (s8[0] - s8[1]).abs().max() > 1e-2  # different captions, different states
+
+
+def test_empty_prompt_is_the_unconditional_branch(tiny_t5):
+    encoder = FrozenTextEncoder(tiny_t5, max_tokens=8)
+    text = TextConditioning.from_encoder(encoder)
+    empty_states, empty_mask = encoder.encode([""])
+    prompts = ["a red circle", "a blue square"]
+    # Training: dropped rows get the empty prompt's states and mask, the others their caption's.
+    got = text.for_batch({"caption": prompts}, torch.tensor([True, False]), "cpu")
+    assert torch.equal(got["text"][0], empty_states[0]) and torch.equal(got["text_mask"][0], empty_mask[0])
+    kept_states, kept_mask = encoder.encode(prompts[1:])
+    assert torch.equal(got["text"][1], kept_states[0]) and torch.equal(got["text_mask"][1], kept_mask[0])
+    # Sampling with CFG: the uncond half of the batched forward is the empty prompt's encoding.
+    seen = []
+
+    def model(x, t, text, text_mask):
+        seen.append((text.clone(), text_mask.clone()))
+        return torch.zeros_like(x)
+
+    cfg = load_config("debug").sample.model_copy(update={"cfg": 3.0, "steps": 1})
+    sample_batch(model, torch.zeros(2, 3, 4, 4), None, cfg, conditions=text.conditions(prompts, "cpu"))
+    states, mask = seen[0]
+    cond_states, cond_mask = encoder.encode(prompts)
+    assert torch.equal(states[:2], cond_states) and torch.equal(mask[:2], cond_mask)
+    assert torch.equal(states[2:], empty_states.expand(2, -1, -1)) and torch.equal(mask[2:], empty_mask.expand(2, -1))
+
+
+def test_clip_text_encoder_works(tmp_path, tiny_t5):
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(WORDS) + 3, hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                            max_position_embeddings=12, pad_token_id=0, eos_token_id=1, bos_token_id=1)  # fmt: skip
+    CLIPTextModel(config).save_pretrained(tmp_path / "clip")
+    AutoTokenizer.from_pretrained(tiny_t5).save_pretrained(tmp_path / "clip")
+    encoder = FrozenTextEncoder(tmp_path / "clip", max_tokens=128)
+    assert encoder.model_type == "clip_text_model" and encoder.max_tokens == 12  # clamped to CLIP's positions
+    states, mask = encoder.encode(["a red star", ""])
+    assert states.shape == (2, 12, 24) and mask.sum(1).tolist() == [4, 1]
+
+
+def test_builtin_tiny_encoder_is_seeded(tmp_path):
+    a = build_tiny_text_encoder(tmp_path / "a", seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    b = build_tiny_text_encoder(tmp_path / "b", seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    sa, _ = FrozenTextEncoder(a, max_tokens=6).encode(["a green star"])
+    sb, _ = FrozenTextEncoder(b, max_tokens=6).encode(["a green star"])
+    assert torch.equal(sa, sb)
+
+
+TEXT_SETTINGS = [
+    "--set", "model.hidden_size=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.patch_size=2",
+    "--set", "train.steps=2", "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=4",
+    "--set", "train.precision=fp32", "--set", "train.log_every=1", "--set", "sample.grid_size=4", "--set", "sample.steps=2",
+    "--set", "data.num_workers=0", "--set", "encoders.max_tokens=8",
+]  # fmt: skip
+
+
+def test_latent_text_pipeline_end_to_end(tmp_path, tiny_vae, tiny_t5):
+    data = tmp_path / "latents"
+    res = run_fm("prepare-data", "shapes", "--out", data, "--size", 16, "--count", 32, "--vae", tiny_vae,
+                 "--text-encoder", tiny_t5, "--cache-text", "--max-tokens", 8, "--encode-batch-size", 10, "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["kind"] == "latents" and manifest["shape"] == [4, 8, 8] and manifest["dtype"] == "float16"
+    assert manifest["vae"]["scaling_factor"] == 0.5 and manifest["vae"]["shift_factor"] == pytest.approx(0.1)
+    assert manifest["text_encoder"]["cached"] and manifest["text_encoder"]["hidden_size"] == 32
+    # The stored latents are the tiny VAE's encoding of the same shapes pixels.
+    from fmcli.data.sources import prepare_shapes
+
+    pixels = np.load(prepare_shapes(tmp_path / "pixels", size=16, count=32, seed=0) / "x.npy")
+    x = np.load(data / "x.npy")
+    assert x.dtype == np.float16 and x.shape == (32, 4, 8, 8)
+    expected = FrozenVAE(tiny_vae).encode(torch.from_numpy(pixels).float() / 127.5 - 1)
+    assert np.allclose(x.astype(np.float32), expected.numpy(), atol=2e-3)
+    captions = [json.loads(line)["caption"] for line in (data / "captions.jsonl").read_text().splitlines()]
+    states, mask = np.load(data / "text.npy"), np.load(data / "text_mask.npy")
+    ref_states, ref_mask = FrozenTextEncoder(tiny_t5, max_tokens=8).encode(captions)
+    assert np.array_equal(mask, ref_mask.numpy()) and np.allclose(states.astype(np.float32), ref_states.numpy(), atol=2e-3)
+
+    run_dir = tmp_path / "run"
+    res = run_fm("train", "--preset", "text-debug", "--data", data, "--run-dir", run_dir, *TEXT_SETTINGS, "--set", f"encoders.vae={tiny_vae}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"]["text_dim"] == 32 and config["model"]["num_classes"] == 0
+    assert config["encoders"]["text_encoder"] == str(tiny_t5)
+    assert (run_dir / "samples" / "step-0000002.png").is_file()  # decoded through the VAE
+    assert (run_dir / "samples" / "step-0000002.txt").read_text().splitlines() == captions[:4]
+
+    out = tmp_path / "samples"
+    res = run_fm("sample", "--ckpt", run_dir, "--prompts", "-", "--steps", 2, "--out", out, "--json", input="a red circle\n\na blue star on a white background\n", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["num_samples"] == 2 and len(summary["paths"]) == 2
+    from PIL import Image
+
+    assert Image.open(summary["paths"][0]).size == (16, 16)  # decoded images, not 8x8 latents
+
+    from fmcli.generate import iterate_samples, load_for_sampling
+
+    loaded = load_for_sampling(str(run_dir), torch.device("cpu"))
+    with pytest.raises(UsageError, match="--prompt"):  # a text model needs prompts
+        next(iterate_samples(loaded, [0], seed=0, sample_cfg=loaded.config.sample, batch_size=1, device=torch.device("cpu")))
+
+
+def test_text_training_encodes_captions_on_the_fly(tmp_path, tiny_t5):
+    from fmcli.config import apply_overrides
+    from fmcli.data.sources import prepare_shapes
+    from fmcli.train import train
+
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=16, seed=0)
+    settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4"]
+    cfg = apply_overrides(load_config("quickstart-text"), settings)
+    result = train(cfg, tmp_path / "run", log=_Silent())
+    assert result.step == 2 and all(np.isfinite(result.losses))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["text_dim"] == 32 and config["model"]["cross_attention"]
+
+
+def test_pixels_with_cached_text(tmp_path, tiny_t5):
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.prepared import PreparedDataset
+    from fmcli.data.sources import prepare_shapes
+
+    src = prepare_shapes(tmp_path / "shapes", size=8, count=12, seed=1)
+    out = encode_prepared(src, tmp_path / "cached", text_encoder=tiny_t5, cache_text=True, max_tokens=8, batch_size=5)
+    assert np.array_equal(np.load(out / "x.npy"), np.load(src / "x.npy"))  # pixels copied exactly
+    assert np.array_equal(np.load(out / "y.npy"), np.load(src / "y.npy"))
+    ds = PreparedDataset(out, text=True)
+    assert ds.manifest["kind"] == "pixels" and ds.has_cached_text
+    batch = ds.__getitems__([3, 7])
+    assert batch["text"].shape == (2, 8, 32) and batch["text_mask"].dtype == torch.bool and "caption" not in batch
+    with pytest.raises(UsageError, match="--cache-text needs --text-encoder"):
+        encode_prepared(src, tmp_path / "bad", cache_text=True)
+
+
+class _Silent:
+    def info(self, message):
+        pass
+
+    def progress(self, total, start):
+        return lambda step, loss: None
