@@ -141,6 +141,13 @@ class Config(Strict):
     eval: EvalConfig = EvalConfig()
     encoders: EncodersConfig = EncodersConfig()
 
+    @model_validator(mode="after")
+    def _no_ot_for_text(self):
+        # Re-pairing noise across a text batch would detach images from their captions (DESIGN.md section 2).
+        if self.model.cross_attention and self.flow.coupling != "independent":
+            raise ValueError("flow.coupling must be 'independent' for text models (model.cross_attention = true)")
+        return self
+
 
 # Settings that may change when a run is resumed: they do not alter the math of the steps already taken.
 RESUME_SAFE_KEYS = {

@@ -71,3 +71,8 @@ def test_version_and_usage_errors():
     assert v.returncode == 0 and v.stdout.startswith("fm ")
     assert run_fm("sample").returncode == 2  # missing --ckpt
     assert run_fm("nosuchcommand").returncode == 2
+
+
+def test_ot_coupling_is_refused_for_text_models():
+    with pytest.raises(UsageError, match="coupling"):
+        load_config("debug", ["model.cross_attention=true", "flow.coupling=ot-exact"])
