@@ -406,6 +406,8 @@ def sample(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print paths, NFE and seconds as JSON on stdout."),
+    gpus: int = typer.Option(0, "--gpus", min=0, help="Generate on N local GPUs (sample indices sharded)."),
+    nproc: int = typer.Option(0, "--nproc", min=0, help="Generate with N local processes."),
 ):
     """Generate images from a checkpoint.
 
@@ -419,24 +421,34 @@ def sample(
     """
 
     def run():
+        if gif is not None and gif.suffix.lower() != ".gif":
+            raise UsageError(f"--gif expects a .gif file name, got {gif}")
+        if gif is not None and (gpus > 1 or nproc > 1):
+            raise UsageError("--gif is drawn by one process: drop --gpus/--nproc")
+        texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
+        n = num_samples or len(texts) or 16
+        if _relaunched(gpus, nproc, extra=["--num-samples", str(n)] + [a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
+            return
+        ctx = _rank_context(device, gpus)
+        _with_process_group(lambda: _sample_ranks(ctx, texts, n))
+
+    def _sample_ranks(ctx, texts, n):
         import torch
 
+        from . import distributed as D
         from .generate import iterate_samples, load_for_sampling, merge_trajectories
         from .images import save_gif, save_grid, save_images, trajectory_frames
 
-        if gif is not None and gif.suffix.lower() != ".gif":
-            raise UsageError(f"--gif expects a .gif file name, got {gif}")
-        texts = list(prompt) + _read_prompts(prompts_file)
-        n = num_samples or len(texts) or 16
-        dev = _device(device)
+        dev = ctx.device
         loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
         sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver, rtol, atol, guidance_interval)
         start = time.perf_counter()
         xs, nfes, paths, trajectories = [], [], [], []
         to_dir = out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp")
+        indices = D.shard_indices(n, ctx)  # sample i depends only on (seed, i): any split gives the same images
         for chunk, _, result in iterate_samples(
             loaded,
-            list(range(n)),
+            indices,
             seed=seed,
             sample_cfg=sample_cfg,
             batch_size=batch_size,
@@ -444,15 +456,22 @@ def sample(
             class_label=class_label,
             shift=loaded.config.flow.shift,
             capture=gif_frames if gif is not None else 0,
-            prompts=[texts[i % len(texts)] for i in range(n)] if texts else None,
+            prompts=[texts[i % len(texts)] for i in indices] if texts else None,
         ):
             xs.append(result.x.cpu())
             nfes.append(result.nfe)
             if gif is not None:
                 trajectories.append([(t, x.cpu()) for t, x in result.trajectory])
             if to_dir:
-                paths += save_images(result.x, out, start_index=chunk[0])
-        images = torch.cat(xs)
+                for k, i in enumerate(chunk):  # each rank writes its own samples, named by global index
+                    paths += save_images(result.x[k : k + 1], out, start_index=i)
+        local = torch.cat(xs) if xs else torch.empty(0)
+        images = torch.stack(D.gather_in_index_order(indices, list(local), ctx))
+        paths = [p for part in D.all_gather_objects(paths, ctx) for p in part]
+        nfes = [v for part in D.all_gather_objects(nfes, ctx) for v in part]
+        if not ctx.is_main:
+            return
+        paths.sort()
         grid = save_grid(images, out / "grid.png" if to_dir else out)
         gif_path = save_gif(trajectory_frames(merge_trajectories(trajectories)), gif) if gif is not None else None
         seconds = time.perf_counter() - start
@@ -522,7 +541,7 @@ def _sample_settings(base, cfg_scale, steps, solver, rtol=None, atol=None, guida
         raise UsageError(f"invalid sampling option --{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
-def _relaunched(gpus: int, nproc: int) -> bool:
+def _relaunched(gpus: int, nproc: int, extra: list[str] | None = None) -> bool:
     """With --gpus/--nproc N > 1 in the launching process, rerun this same command as N ranks."""
     from . import distributed as D
 
@@ -534,6 +553,8 @@ def _relaunched(gpus: int, nproc: int) -> bool:
     if procs <= 1 or D.launched_externally():
         return False
     argv = _without_launch_flags(sys.argv[1:]) + (["--device", "cuda"] if gpus else [])
+    if extra is not None:  # stdin was consumed here: hand the ranks its prompts as arguments instead
+        argv = [a for a in argv if a not in ("--prompts", "-")] + extra
     code = D.relaunch(procs, argv)
     if code:
         raise typer.Exit(code)

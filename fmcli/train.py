@@ -484,6 +484,14 @@ class _Trainer:
         """FID evaluator (extractor + reference statistics, computed once), rank 0 only for now."""
         if not self.cfg.eval.every or not self.ctx.is_main:
             return None
+        # Presets schedule evaluation (eval.every) but only the user knows the reference data: without one,
+        # or for latent data (FID in training needs VAE decoding, not built yet), say so once and train on.
+        if self.cfg.eval.ref is None:
+            self.log.info(f"note: eval.every={self.cfg.eval.every} but eval.ref is unset, so no FID during training (--set eval.ref=DATA|STATS.npz)")
+            return None
+        if self.dataset.manifest["kind"] != "pixels":
+            self.log.info("note: FID during training of latent-space models is not available yet; use `fm fid --ckpt` after training")
+            return None
         from .evaluate import TrainingEvaluator
 
         return TrainingEvaluator(self.cfg, self.dataset.manifest, self.ctx.device, log=self.log.info)

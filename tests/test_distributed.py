@@ -60,3 +60,13 @@ def test_fid_generation_sharded_over_two_processes_equals_one(tmp_path, debug_ru
     a, b = json.loads(one.stdout), json.loads(two.stdout)
     assert a["fid"] == pytest.approx(b["fid"], rel=1e-9) and a["num_samples"] == b["num_samples"] == 10
     assert "terminate called" not in two.stderr
+
+
+def test_sample_sharded_over_two_processes_equals_one(tmp_path, debug_run):
+    one = run_fm("sample", "--ckpt", debug_run, "-n", "5", "--seed", "3", "--out", tmp_path / "one", "--json")
+    two = run_fm("sample", "--ckpt", debug_run, "-n", "5", "--seed", "3", "--out", tmp_path / "two", "--json", "--nproc", "2")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    assert len(json.loads(two.stdout)["paths"]) == 5
+    for name in ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png"]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert "terminate called" not in two.stderr

@@ -274,14 +274,22 @@ def test_fid_during_training_is_logged_and_leaves_training_unchanged(trained):
     assert all("fid" not in r for r in (json.loads(line) for line in (without.run_dir / "metrics.jsonl").read_text().splitlines()))
 
 
-def test_eval_every_without_ref_fails_before_training(data, tmp_path):
+def test_eval_every_without_ref_says_so_and_trains_without_fid(data, tmp_path):
     from fmcli.config import load_config
     from fmcli.train import train
 
-    cfg = load_config("debug", [f"data.path='{data['prepared']}'", "eval.every=2", "eval.features='tiny'"])
-    with pytest.raises(UsageError, match="eval.ref"):
-        train(cfg, tmp_path / "run", log=_Quiet())
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    class Recording(_Quiet):
+        lines: list = []
+
+        def info(self, message):
+            self.lines.append(message)
+
+    log = Recording()
+    cfg = load_config("debug", [f"data.path='{data['prepared']}'", "eval.every=2", "eval.features='tiny'", "train.steps=2"])
+    train(cfg, tmp_path / "run", log=log)
+    assert any("eval.ref is unset" in line for line in log.lines)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records and all("fid" not in r for r in records)
 
 
 def test_fid_from_checkpoint_end_to_end(trained, data, tmp_path):
