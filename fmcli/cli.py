@@ -584,10 +584,17 @@ def _rank_context(device: str, gpus: int):
 
 
 def _with_process_group(fn):
+    """Run a rank's work; all ranks meet at a barrier before the group is destroyed (a rank that tears
+    down gloo while another still talks to it dies with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
     from . import distributed as D
 
     try:
-        return fn()
+        result = fn()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return result
     finally:
         D.cleanup()
 

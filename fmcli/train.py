@@ -63,7 +63,9 @@ def train(
     """Train (or resume) into `run_dir`. `stop_at_step` checkpoints and returns early at that step."""
     ctx = D.setup(cfg.train.device)
     try:
-        return _Trainer(cfg, run_dir, ctx, log or _stderr_log(ctx)).run(resume_from, stop_at_step)
+        result = _Trainer(cfg, run_dir, ctx, log or _stderr_log(ctx)).run(resume_from, stop_at_step)
+        D.barrier(ctx)  # rank 0 may still be writing samples: tear the group down together
+        return result
     finally:
         D.cleanup()
 
