@@ -2,7 +2,8 @@
 
 Variants (same process, alternating, fresh model per measurement): diffusers; `old` (the DiT before the
 fix: q/k/v taken by qkv[i] indexing, fp32 positional embedding added to the residual stream); `+unbind`;
-`+poscast`; `new` (both, the current code). Prints the medians and the SDPA kernel PyTorch picks.
+`+poscast`; `new` (both, the current code); `new+split3` (q, k, v from three GEMMs, the
+layout diffusers gives SDPA: a candidate for the remaining forward gap). Prints the medians and the SDPA kernel PyTorch picks.
 
     PYTHONPATH=$PWD python benchmarks/profile_dit.py --device cuda --batch 256 --steps 20
 """
@@ -43,6 +44,15 @@ def old_dit_forward(self, x, t, y=None):
     return self.unpatchify(h)
 
 
+def split3_attention_forward(self, x):
+    """q, k, v from three GEMMs on slices of the fused weight: the exact memory layout diffusers feeds SDPA."""
+    b, n, d = x.shape
+    h = self.heads
+    q, k, v = (F.linear(x, w, bias).view(b, n, h, d // h).transpose(1, 2) for w, bias in zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
 @contextlib.contextmanager
 def variant(name):
     saved = (dit.Attention.forward, dit.DiT.forward)
@@ -50,6 +60,8 @@ def variant(name):
         dit.Attention.forward = old_attention_forward
     if name in ("old", "old+unbind"):
         dit.DiT.forward = old_dit_forward
+    if name == "new+split3":
+        dit.Attention.forward = split3_attention_forward
     try:
         yield
     finally:
@@ -64,6 +76,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--variants", default="diffusers,old,old+unbind,old+poscast,new,new+split3")
     args = ap.parse_args()
     cfg = resolve_bench_config(load_config("quickstart", DIT_S2 + ["sample.steps=20"] + args.overrides))
     base = BenchSpec(config=config_to_dict(cfg), batch=args.batch, mode="both", steps=args.steps, warmup=3, device=args.device)
@@ -77,7 +90,7 @@ def main() -> int:
             print(f"sdpa choice {dtype}: indexed {torch._fused_sdp_choice(fused[0], fused[1], fused[2])}, "
                   f"unbind {torch._fused_sdp_choice(*(t.transpose(1, 2) for t in sep))}, "
                   f"contiguous {torch._fused_sdp_choice(*(t.transpose(1, 2).contiguous() for t in sep))} (0 math, 1 flash, 2 efficient, 3 cudnn)", file=sys.stderr)
-    names = ["diffusers", "old", "old+unbind", "old+poscast", "new"]
+    names = args.variants.split(",")
     report = {}
     for precision in args.precisions.split(","):
         res = {n: {"train": [], "sample": []} for n in names}

@@ -617,8 +617,11 @@ def autotune_training(cfg: Config, base: BenchSpec, *, max_memory_gib: float | N
         max_memory_gib = _physical_memory_gib() / 2  # a shared CPU machine: never take more than half of it
     budget = None if max_memory_gib is None else max_memory_gib * 1024
 
+    # Trials only need to rank batch sizes: a few timed steps each (the final report times --steps).
+    quick = replace(base, mode="train", impl="fm", steps=min(base.steps, 3), warmup=min(base.warmup, 1))
+
     def trial(b: int) -> Trial:
-        result = _measure_any(replace(base, batch=b, mode="train", impl="fm"))
+        result = _measure_any(replace(quick, batch=b))
         if result.get("oom"):
             log(f"  batch {b}: out of memory")
             return Trial(b, ok=False, reason="oom")
