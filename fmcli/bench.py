@@ -161,14 +161,16 @@ def autotune(
     min_gain: float = 0.03,
     max_memory_mib: float | None = None,
     margin: float = 0.1,
+    patience: int = 1,
 ) -> AutotuneResult:
     """Find the training batch size: double, then bisect between the last two sizes.
 
     Doubling stops at the first failing batch (`measure` raised torch.OutOfMemoryError / MemoryError,
-    returned ok=False, or its peak memory crossed `max_memory_mib`), when a doubling gains less than
-    `min_gain` throughput (plateau), or at `max_batch`. After a failure the bisection narrows
+    returned ok=False, or its peak memory crossed `max_memory_mib`), when `patience + 1` doublings in a
+    row fail to beat the best throughput so far by `min_gain` (plateau; the patience absorbs one noisy
+    trial on a shared machine), or at `max_batch`. After a failure the bisection narrows
     [largest ok, smallest failing] to 1/8 and the result stays `margin` below the smallest failing size;
-    after a plateau it narrows [last improving, plateaued] and returns the fastest measured batch.
+    after a plateau it narrows [best, 2 x best] and returns the fastest measured batch.
     """
     trials: dict[int, Trial] = {}
 
@@ -182,21 +184,26 @@ def autotune(
         trials[b] = trial
         return trial
 
-    b, prev, stop = max(1, min(start, max_batch)), None, "max batch"
+    b, best, last_ok, stalls, stop = max(1, min(start, max_batch)), None, None, 0, "max batch"
     while True:
         trial = run(b)
         if not trial.ok:
-            if prev is None:
+            if last_ok is None:
                 raise RuntimeFailure(f"batch size {b} already fails ({trial.reason}); nothing fits")
-            stop, lo, hi = trial.reason, prev.batch, b
+            stop, lo, hi = trial.reason, last_ok.batch, b
             break
-        if prev is not None and trial.throughput < prev.throughput * (1 + min_gain):
-            stop, lo, hi = "plateau", prev.batch, b
-            break
+        if best is not None and trial.throughput < best.throughput * (1 + min_gain):
+            stalls += 1  # one noisy trial is not a plateau: stop after `patience + 1` in a row
+            if stalls > patience:
+                stop, lo, hi = "plateau", best.batch, 2 * best.batch
+                break
+        else:
+            best, stalls = trial, 0
+        last_ok = trial
         if b >= max_batch:
             lo = hi = b
             break
-        prev, b = trial, min(2 * b, max_batch)
+        b = min(2 * b, max_batch)
 
     if stop == "plateau":
         while hi - lo > max(1, lo // 4):
@@ -219,6 +226,8 @@ def autotune(
             else:
                 hi = mid
         chosen = max(1, min(lo, math.floor((1 - margin) * hi)))
+        if stalls:  # throughput had already stopped improving before memory ran out
+            chosen = min(chosen, best.batch)
         if chosen >= 64:
             chosen -= chosen % 8  # tensor-core friendly, and a little more headroom
     return AutotuneResult(batch=chosen, stop=stop, trials=sorted(trials.values(), key=lambda t: t.batch))

@@ -71,11 +71,11 @@ def _fake(throughput, fail_above=None, memory=None, raise_oom=True):
 
 
 def test_autotune_doubles_then_stops_on_plateau_and_bisects():
-    # Throughput peaks at b = 200: doubling 4..256 improves, 512 does not; bisect between 256 and 512.
+    # Throughput peaks at b = 200: doubling 4..256 improves, 512 and 1024 do not (patience 1); bisect 256..512.
     measure, calls = _fake(lambda b: b * math.exp(-b / 200))
     result = autotune(measure, start=4, max_batch=4096, min_gain=0.03)
-    assert calls[:8] == [4, 8, 16, 32, 64, 128, 256, 512]
-    assert all(256 < c < 512 for c in calls[8:]) and len(calls) > 8  # bisection happened, inside the bracket
+    assert calls[:9] == [4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    assert all(256 < c < 512 for c in calls[9:]) and len(calls) > 9  # bisection happened, inside the bracket
     assert result.stop == "plateau"
     measured = {t.batch: t.throughput for t in result.trials}
     assert result.batch == max(measured, key=measured.get)
@@ -110,6 +110,12 @@ def test_autotune_failed_trial_without_exception_and_first_failure():
     measure, _ = _fake(lambda b: float(b), fail_above=2)
     with pytest.raises(RuntimeFailure):
         autotune(measure, start=4)
+
+
+def test_autotune_one_noisy_trial_is_not_a_plateau():
+    measure, calls = _fake(lambda b: 1.0 if b == 16 else float(b))
+    result = autotune(measure, start=4, max_batch=128)
+    assert calls == [4, 8, 16, 32, 64, 128] and result.batch == 128 and result.stop == "max batch"
 
 
 def test_autotune_stops_at_max_batch():
