@@ -3,12 +3,13 @@
 One measurement builds a fresh model and optimizer, feeds synthetic tensors shaped like the preset's data
 (no dataset is read), and times training steps (forward + backward + optimizer step) and one full solve
 of the preset's sampler, after warmup and with synchronised clocks. On CPU every measurement runs in a
-fresh subprocess, so that a trial that runs out of memory cannot poison the next one and the peak RSS
-belongs to that trial alone; on CUDA it runs in-process with a fresh model and `empty_cache` between.
+fresh child process (forked from a trial server that imported torch once), so that a trial that runs out
+of memory cannot poison the next one and the peak RSS belongs to that trial alone; on CUDA it runs
+in-process with a fresh model and `empty_cache` between.
 
 The autotuner doubles the batch from a small start until a trial fails (out of memory, or over the
 `--max-memory` budget) or the throughput stops improving, then bisects between the last two sizes and
-returns the largest safe batch, kept a margin below the first failing one. DDP runs never autotune:
+returns the fastest batch, or after a failure the largest safe one kept a margin below the failing size. DDP runs never autotune:
 they use a result cached in the run directory (`autotune.json`, keyed by device and preset).
 """
 
