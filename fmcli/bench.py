@@ -553,7 +553,7 @@ class BenchOptions:
     precision: str | None = None  # None = the preset's train.precision
     compile: bool = False
     max_memory_gib: float | None = None
-    max_batch: int = 4096
+    max_batch: int | None = None  # None = train.global_batch_size (a micro batch never exceeds it)
     compare: str | None = None
     device: str = "auto"
     run_dir: Path | None = None
@@ -585,7 +585,8 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("batch-size autotune never runs inside a DDP run (WORLD_SIZE > 1); pass --batch-size N")
         log(f"autotuning the training batch size on {name}")
-        tuned = autotune_training(cfg, base, max_memory_gib=opts.max_memory_gib, max_batch=opts.max_batch, log=log)
+        max_batch = opts.max_batch or cfg.train.global_batch_size
+        tuned = autotune_training(cfg, base, max_memory_gib=opts.max_memory_gib, max_batch=max_batch, log=log)
         batch = tuned.batch
         if opts.run_dir is not None:
             save_autotune_cache(opts.run_dir, cfg, device, precision, opts.compile, tuned)

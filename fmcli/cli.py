@@ -417,7 +417,7 @@ def bench(
     precision: Optional[str] = typer.Option(None, "--precision", help="bf16, fp16 or fp32 (default: the preset's)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Memory budget in GiB for autotune (CPU default: half the RAM)."),
-    max_batch: int = typer.Option(4096, "--max-batch", help="Largest batch autotune tries."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch autotune tries (default: the preset's train.global_batch_size)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'diffusers': also measure diffusers' DiTTransformer2DModel."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Cache the autotune result in RUN_DIR/autotune.json (for micro_batch_size='auto')."),
@@ -437,7 +437,7 @@ def bench(
 
         if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
             raise UsageError(f"--batch-size must be 'auto' or a positive integer, not {batch_size!r}")
-        if steps < 1 or warmup < 0 or max_batch < 1 or (max_memory is not None and max_memory <= 0):
+        if steps < 1 or warmup < 0 or (max_batch is not None and max_batch < 1) or (max_memory is not None and max_memory <= 0):
             raise UsageError("--steps and --max-batch must be >= 1, --warmup >= 0, --max-memory > 0")
         cfg = load_config(preset, overrides)
         opts = BenchOptions(
