@@ -18,7 +18,18 @@ from dataclasses import replace
 
 import torch
 
-from fmcli.bench import BenchSpec, device_name, dit_forward_flops, measure, measure_isolated, peak_flops, resolve_bench_config
+from fmcli.bench import (
+    BenchSpec,
+    _autocast,
+    build_bench_model,
+    device_name,
+    dit_forward_flops,
+    measure,
+    measure_isolated,
+    peak_flops,
+    resolve_bench_config,
+    train_step_fn,
+)
 from fmcli.config import config_to_dict, load_config
 
 DIT_S2 = ["model.hidden_size=384", "model.depth=12", "model.heads=6", "model.patch_size=2", "model.mlp_ratio=4.0",
@@ -35,7 +46,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mode", default="both", choices=["train", "sample", "both"])
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
+    ap.add_argument("--interleave", type=int, default=0, metavar="N",
+                    help="instead: both models in this process, N step pairs alternating fm/diffusers; median of per-pair ratios "
+                         "(robust on a machine whose load changes by the second)")
     args = ap.parse_args()
+    if args.interleave:
+        return interleaved(args)
 
     cfg = resolve_bench_config(load_config("quickstart", DIT_S2 + args.overrides))
     dev = torch.device(args.device)
@@ -66,6 +82,61 @@ def main() -> int:
                 if peak and part == "train":
                     entry[part]["fm_mfu"] = ours * 3 * fwd / peak
         report["precisions"][precision] = entry
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def interleaved(args) -> int:
+    """Paired timing: each fm step is followed (or preceded) by a diffusers step, so both see the same load."""
+    import time
+
+    cfg = resolve_bench_config(load_config("quickstart", DIT_S2 + args.overrides))
+    dev = torch.device(args.device)
+    m = cfg.model
+    report = {"device": device_name(dev), "batch": args.batch, "pairs": args.interleave, "mode": "interleaved", "precisions": {}}
+    for precision in args.precisions.split(","):
+        spec = BenchSpec(config=config_to_dict(cfg), batch=args.batch, precision=precision, device=dev.type)
+        torch.manual_seed(0)
+        models = {impl: build_bench_model(m, impl).to(dev) for impl in ("fm", "diffusers")}
+        steps = {impl: train_step_fn(model, cfg, spec, dev) for impl, model in models.items()}
+        x = torch.randn(2 * args.batch, m.in_channels, m.image_size, m.image_size, device=dev)  # a CFG-doubled batch
+        t = torch.rand(2 * args.batch, device=dev)
+        y = torch.randint(0, m.num_classes + 1, (2 * args.batch,), device=dev)
+
+        def forward(impl):
+            with torch.no_grad(), _autocast(precision, dev):
+                models[impl].eval()(x, t, y)
+            models[impl].train()
+
+        def clock(fn):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        for impl in models:  # warmup
+            steps[impl]()
+            forward(impl)
+        entry = {}
+        for part, fn in (("train", lambda impl: steps[impl]()), ("forward", forward)):
+            times = {"fm": [], "diffusers": []}
+            for i in range(args.interleave):
+                for impl in (("fm", "diffusers") if i % 2 == 0 else ("diffusers", "fm")):
+                    times[impl].append(clock(lambda: fn(impl)))
+            ratios = [d / f for f, d in zip(times["fm"], times["diffusers"])]  # > 1: fm faster
+            entry[part] = {
+                "fm_median_s": statistics.median(times["fm"]),
+                "diffusers_median_s": statistics.median(times["diffusers"]),
+                "ratio_fm_over_diffusers_speed": statistics.median(ratios),
+                "pairs_fm_faster": sum(r > 1 for r in ratios),
+            }
+            print(f"[{precision}] {part}: fm/diffusers speed {entry[part]['ratio_fm_over_diffusers_speed']:.3f} "
+                  f"(fm faster in {entry[part]['pairs_fm_faster']}/{len(ratios)} pairs)", file=sys.stderr, flush=True)
+        report["precisions"][precision] = entry
+        del models, steps
     print(json.dumps(report, indent=1))
     return 0
 

@@ -450,6 +450,16 @@ def _timed(fn, count: int, device: torch.device) -> float:
 
 
 def _measure_train(model: nn.Module, cfg: Config, spec: BenchSpec, device: torch.device) -> dict:
+    step = train_step_fn(model, cfg, spec, device)
+    for _ in range(spec.warmup):
+        step()
+    _sync(device)
+    seconds = _timed(step, spec.steps, device)
+    return {"img_per_s": spec.batch / seconds, "step_ms": 1000 * seconds}
+
+
+def train_step_fn(model: nn.Module, cfg: Config, spec: BenchSpec, device: torch.device) -> Callable[[], None]:
+    """One training step on synthetic data, as train.py takes it: path, loss, backward, clip, optimizer."""
     from .flow import flow_matching_loss, interpolate, sample_times
     from .train import build_optimizer
 
@@ -478,12 +488,7 @@ def _measure_train(model: nn.Module, cfg: Config, spec: BenchSpec, device: torch
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(spec.warmup):
-        step()
-    _sync(device)
-    seconds = _timed(step, spec.steps, device)
-    del optimizer
-    return {"img_per_s": b / seconds, "step_ms": 1000 * seconds}
+    return step
 
 
 def _measure_sample(model: nn.Module, cfg: Config, spec: BenchSpec, device: torch.device) -> dict:
