@@ -734,8 +734,8 @@ def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_siz
         tuned_batch = int(cache[key]["batch"])
     elif world_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError(
-            f"train.micro_batch_size='auto' in a DDP run needs a cached autotune result in {path}: "
-            "run the same command once single-process, or set a number"
+            f"train.micro_batch_size='auto' in a DDP run needs a cached autotune result in {path}: set a number, "
+            f"or start the run single-process (it autotunes and caches), then continue with `fm resume {run_dir} --nproc/--gpus N`"
         )
     else:
         log(f"train.micro_batch_size=auto: autotuning on {device_name(device)} (cached in {path})")
