@@ -754,10 +754,75 @@ def _progress(console, label: str, total: int):
     return bar()
 
 
-@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def bench(ctx: typer.Context):
-    """(not available yet) Batch-size autotune and throughput report."""
-    _not_yet("bench")
+@app.command()
+def bench(
+    preset: str = typer.Option("quickstart", "--preset", "-p", help="Preset name in presets/ or a .toml file."),
+    overrides: List[str] = typer.Option([], "--set", help=_SET_HELP),
+    batch_size: str = typer.Option("auto", "--batch-size", "-b", help="'auto' (autotune the training batch) or a number."),
+    mode: str = typer.Option("both", "--mode", help="train, sample or both."),
+    steps: int = typer.Option(5, "--steps", help="Timed iterations (training steps; solver steps for sampling)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed warmup training steps before the clock starts."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="bf16, fp16 or fp32 (default: the preset's)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Memory budget in GiB for autotune (CPU default: half the RAM)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch autotune tries (default: the preset's train.global_batch_size)."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="'diffusers': also measure diffusers' DiTTransformer2DModel."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Cache the autotune result in RUN_DIR/autotune.json (for micro_batch_size='auto')."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+):
+    """Autotune the batch size; report training and sampling throughput, memory, FLOPs and MFU.
+
+    Examples:
+      fm bench --preset quickstart
+      fm bench --preset cifar10 --batch-size 256 --precision bf16 --compare diffusers --json
+      fm bench --preset quickstart --mode train --max-memory 4
+    """
+
+    def run():
+        from .bench import BenchOptions, run_bench
+        from .config import load_config
+
+        if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+            raise UsageError(f"--batch-size must be 'auto' or a positive integer, not {batch_size!r}")
+        if steps < 1 or warmup < 0 or (max_batch is not None and max_batch < 1) or (max_memory is not None and max_memory <= 0):
+            raise UsageError("--steps and --max-batch must be >= 1, --warmup >= 0, --max-memory > 0")
+        cfg = load_config(preset, overrides)
+        opts = BenchOptions(
+            batch_size=None if batch_size == "auto" else int(batch_size), mode=mode, steps=steps, warmup=warmup, precision=precision,
+            compile=compile_model, max_memory_gib=max_memory, max_batch=max_batch, compare=compare, device=device, run_dir=run_dir,
+        )
+        console = _stderr_console()
+        report = run_bench(cfg, opts, log=lambda msg: console.print(msg, highlight=False, markup=False))
+        _print_bench_table(console, report)
+        if as_json:
+            _emit_json(report)
+
+    _guard(run)
+
+
+def _print_bench_table(console, report: dict) -> None:
+    from rich.table import Table
+
+    def num(v, fmt="{:.1f}"):
+        return "-" if v is None else fmt.format(v)
+
+    table = Table(title=f"fm bench: {report['preset']} on {report['device']} ({report['precision']}, batch {report['batch_size']})")
+    table.add_column("model")
+    for col in ("train img/s", "train MFU", "sample img/s", "sample img*NFE/s", "peak MiB", "params (M)", "GFLOPs/img fwd"):
+        table.add_column(col, justify="right")
+    rows = [("fm", report)] + ([("diffusers", report["compare"]["diffusers"])] if report.get("compare") else [])
+    for name, r in rows:
+        tr, sa, mem = r.get("train") or {}, r.get("sample") or {}, r["memory"]
+        peak = mem["peak_reserved_mib"] if mem["peak_reserved_mib"] is not None else mem["peak_rss_mib"]
+        table.add_row(
+            name, num(tr.get("img_per_s")), num(tr.get("mfu"), "{:.1%}"), num(sa.get("img_per_s"), "{:.2f}"), num(sa.get("img_nfe_per_s")),
+            num(peak, "{:.0f}"), f"{r['params'] / 1e6:.2f}", f"{report['flops_per_image']['forward'] / 1e9:.3f}",
+        )
+    console.print(table)
+    if report.get("compare"):
+        ratio = ", ".join(f"{k} {v:.2f}x" for k, v in report["compare"]["ratio"].items())
+        console.print(f"ours / diffusers: {ratio}", highlight=False)
 
 
 if __name__ == "__main__":

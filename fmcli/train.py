@@ -177,7 +177,12 @@ class _Trainer:
         self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
         if cfg.train.precision == "fp16" and ctx.device.type != "cuda":
             raise UsageError("train.precision=fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
-        micro, accum = batch_geometry(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.world_size)
+        micro_setting = cfg.train.micro_batch_size
+        if micro_setting == "auto":  # the autotune result cached in the run directory (DDP ranks never tune)
+            from .bench import auto_micro_batch
+
+            micro_setting = auto_micro_batch(cfg, self.run_dir, ctx.device, ctx.world_size, log=self.log.info)
+        micro, accum = batch_geometry(cfg.train.global_batch_size, micro_setting, ctx.world_size)
         self.micro, self.accum = micro, accum
         if cfg.train.global_batch_size > len(self.dataset):
             raise UsageError(f"train.global_batch_size {cfg.train.global_batch_size} exceeds the dataset size {len(self.dataset)}")

@@ -90,7 +90,8 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         if y is None:
             y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
-        h = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        h = self.x_embed(x).flatten(2).transpose(1, 2)
+        h = h + self.pos_embed  # fp32 positions: under autocast the residual stream stays fp32 (as in DiT)
         c = self.t_embed(t) + self.y_embed(y)
         context, key_mask = None, None
         if self.cross_attention:
@@ -138,8 +139,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        # unbind (not qkv[i] indexing): its backward is one stack, not three zero-filled full-size gradients.
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).unbind(2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

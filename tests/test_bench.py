@@ -1,0 +1,220 @@
+"""fm bench: analytic FLOPs against torch's counter, the autotuner on fake measurements, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from fmcli.bench import (
+    Trial,
+    auto_micro_batch,
+    autotune,
+    autotune_key,
+    build_bench_model,
+    dit_forward_flops,
+    peak_flops,
+    resolve_bench_config,
+)
+from fmcli.config import load_config
+from fmcli.errors import RuntimeFailure, UsageError
+from tests.conftest import run_fm
+
+# ----------------------------------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["model.hidden_size=64", "model.depth=2", "model.heads=4", "model.patch_size=2", "data.image_size=16"],
+        ["model.hidden_size=48", "model.depth=3", "model.heads=3", "model.patch_size=4", "model.mlp_ratio=2.0", "data.image_size=32"],
+    ],
+)
+def test_dit_flops_match_flop_counter(sets):
+    cfg = resolve_bench_config(load_config("debug", sets))
+    model = build_bench_model(cfg.model)
+    b, s = 3, cfg.model.image_size
+    # The math SDPA backend decomposes attention into counted matmuls (the fused CPU kernel is not counted).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(b, 3, s, s), torch.rand(b), torch.randint(0, 10, (b,)))
+    counted = counter.get_total_flops() / b
+    assert abs(dit_forward_flops(cfg.model) - counted) / counted < 0.05
+
+
+def test_peak_flops_table():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("cpu") is None
+
+
+# -------------------------------------------------------------------------------------- autotune
+
+
+def _fake(throughput, fail_above=None, memory=None, raise_oom=True):
+    calls = []
+
+    def measure(b):
+        calls.append(b)
+        if fail_above is not None and b > fail_above:
+            if raise_oom:
+                raise torch.OutOfMemoryError("fake CUDA out of memory")
+            return Trial(b, ok=False, reason="oom")
+        return Trial(b, ok=True, throughput=throughput(b), memory_mib=memory(b) if memory else None)
+
+    return measure, calls
+
+
+def test_autotune_doubles_then_stops_on_plateau_and_bisects():
+    # Throughput peaks at b = 200: doubling 4..256 improves, 512 and 1024 do not (patience 1); bisect 256..512.
+    measure, calls = _fake(lambda b: b * math.exp(-b / 200))
+    result = autotune(measure, start=4, max_batch=4096, min_gain=0.03)
+    assert calls[:9] == [4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    assert all(256 < c < 512 for c in calls[9:]) and len(calls) > 9  # bisection happened, inside the bracket
+    assert result.stop == "plateau"
+    measured = {t.batch: t.throughput for t in result.trials}
+    assert result.batch == max(measured, key=measured.get)
+    # Within 5% of the best batch of a brute-force sweep over every size up to 4096.
+    best = max(b * math.exp(-b / 200) for b in range(1, 4097))
+    assert result.batch * math.exp(-result.batch / 200) >= 0.95 * best
+
+
+def test_autotune_handles_oom_bisects_and_keeps_a_margin():
+    measure, calls = _fake(lambda b: float(b), fail_above=300)
+    result = autotune(measure, start=4, max_batch=4096, margin=0.1)
+    assert calls[:8] == [4, 8, 16, 32, 64, 128, 256, 512]
+    assert result.stop == "oom"
+    failed = [t.batch for t in result.trials if not t.ok]
+    ok = [t.batch for t in result.trials if t.ok]
+    assert all(b > 300 for b in failed) and all(b <= 300 for b in ok)
+    assert min(failed) - max(ok) <= max(ok) // 8  # bisection narrowed the bracket to 1/8
+    assert result.batch <= max(ok) and result.batch <= 0.9 * min(failed)
+    assert result.batch >= 0.75 * 300  # and did not give away much
+
+
+def test_autotune_memory_budget_counts_as_failure():
+    measure, _ = _fake(lambda b: float(b), memory=lambda b: 100 + 10 * b)  # MiB
+    result = autotune(measure, start=4, max_batch=4096, max_memory_mib=2100, margin=0.1)  # fits up to b = 200
+    assert result.stop == "memory budget"
+    assert 100 + 10 * result.batch <= 2100 and result.batch >= 150
+
+
+def test_autotune_failed_trial_without_exception_and_first_failure():
+    measure, _ = _fake(lambda b: float(b), fail_above=40, raise_oom=False)
+    assert autotune(measure, start=4, max_batch=4096).batch <= 40
+    measure, _ = _fake(lambda b: float(b), fail_above=2)
+    with pytest.raises(RuntimeFailure):
+        autotune(measure, start=4)
+
+
+def test_autotune_one_noisy_trial_is_not_a_plateau():
+    measure, calls = _fake(lambda b: 1.0 if b == 16 else float(b))
+    result = autotune(measure, start=4, max_batch=128)
+    assert calls == [4, 8, 16, 32, 64, 128] and result.batch == 128 and result.stop == "max batch"
+
+
+def test_autotune_stops_at_max_batch():
+    measure, calls = _fake(lambda b: float(b))
+    result = autotune(measure, start=4, max_batch=48)
+    assert calls == [4, 8, 16, 32, 48] and result.batch == 48 and result.stop == "max batch"
+
+
+# --------------------------------------------------------------------------- micro_batch_size=auto
+
+
+def test_auto_micro_batch_uses_cache_and_refuses_ddp_without_one(tmp_path, monkeypatch):
+    cfg = resolve_bench_config(load_config("debug", ["train.micro_batch_size=auto", "train.global_batch_size=24"]))
+    dev = torch.device("cpu")
+    with pytest.raises(UsageError, match="DDP"):
+        auto_micro_batch(cfg, tmp_path, dev, world_size=2)
+    key = autotune_key(cfg, dev, cfg.train.precision, cfg.train.compile)
+    (tmp_path / "autotune.json").write_text(json.dumps({key: {"batch": 10}}))
+    assert auto_micro_batch(cfg, tmp_path, dev, world_size=1) == 8  # largest divisor of 24 that is <= 10
+    assert auto_micro_batch(cfg, tmp_path, dev, world_size=2) == 6  # of 12 per rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    other = resolve_bench_config(load_config("debug", ["train.micro_batch_size=auto", "model.depth=3"]))
+    with pytest.raises(UsageError):
+        auto_micro_batch(other, tmp_path, dev, world_size=1)  # WORLD_SIZE>1: never autotune
+
+
+def test_train_with_auto_micro_batch_uses_cached_result(tmp_path, shapes16):
+    from fmcli.train import train
+
+    cfg = load_config("debug", [f"data.path={shapes16}", "train.micro_batch_size=auto", "train.steps=2", "train.checkpoint_every=0", "sample.grid_size=2"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    resolved = resolve_bench_config(cfg)
+    key = autotune_key(resolved, torch.device("cpu"), "fp32", False)
+    (run_dir / "autotune.json").write_text(json.dumps({key: {"batch": 4}}))
+    logged = []
+
+    class Log:
+        def info(self, msg):
+            logged.append(msg)
+
+        def progress(self, total, start):
+            return lambda step, loss: None
+
+    result = train(cfg, run_dir, log=Log())
+    assert result.step == 2 and len(result.losses) == 2
+    assert not any("autotuning" in m for m in logged)  # the cache answered
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_bench_debug_json_reports_all_fields():
+    proc = run_fm(
+        "bench", "--preset", "debug", "--json", "--steps", "1", "--warmup", "1", "--max-batch", "4",
+        "--set", "sample.steps=2", "--compare", "diffusers", timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    for key in ("preset", "device", "precision", "batch_size", "model", "params", "flops_per_image", "peak_flops", "autotune", "train", "sample", "memory", "compare"):
+        assert key in report, key
+    assert [t["batch"] for t in report["autotune"]["trials"]] == [4] and report["batch_size"] == 4
+    assert report["train"]["img_per_s"] > 0 and report["train"]["mfu"] is None  # CPU: no MFU
+    assert report["sample"]["nfe"] == 2 and report["sample"]["img_per_s"] > 0
+    assert report["memory"]["peak_rss_mib"] > 0
+    assert report["params"] == sum(p.numel() for p in build_bench_model(resolve_bench_config(load_config("debug")).model).parameters())
+    assert report["flops_per_image"]["train"] == 3 * report["flops_per_image"]["forward"]
+    assert set(report["compare"]["ratio"]) == {"train", "sample"}
+    assert report["compare"]["diffusers"]["train"]["img_per_s"] > 0
+    assert "fm bench" in proc.stderr  # the rich table went to stderr
+
+
+def test_cli_bench_usage_error_exits_2():
+    proc = run_fm("bench", "--preset", "debug", "--batch-size", "zero", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "sets, opts",
+    [
+        ([], {"mode": "fly"}),
+        ([], {"precision": "fp8"}),
+        ([], {"compare": "timm"}),
+        ([], {"steps": 0}),
+        (["data.source=folder"], {}),  # input shape unknown without the data: the preset must set it
+        (["model.arch=unet"], {}),
+    ],
+)
+def test_run_bench_rejects_bad_options_before_measuring(sets, opts):
+    from fmcli.bench import BenchOptions, run_bench
+
+    with pytest.raises(UsageError):
+        run_bench(load_config("debug", sets), BenchOptions(batch_size=2, **opts))
+
+
+def test_autotune_refused_inside_ddp(monkeypatch):
+    from fmcli.bench import BenchOptions, run_bench
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="DDP"):
+        run_bench(load_config("debug"), BenchOptions(batch_size=None))
