@@ -732,7 +732,7 @@ def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_siz
     cache = json.loads(path.read_text()) if path.exists() else {}
     if key in cache:
         tuned_batch = int(cache[key]["batch"])
-    elif world_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # inside a DDP rank: never tune (the launcher does)
         raise UsageError(
             f"train.micro_batch_size='auto' in a DDP run needs a cached autotune result in {path}: set a number, "
             f"or start the run single-process (it autotunes and caches), then continue with `fm resume {run_dir} --nproc/--gpus N`"

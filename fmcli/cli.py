@@ -300,6 +300,14 @@ def _run_training(cfg, run_dir: Path, resume_arg: Optional[str], stop_at_step, l
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
     if procs > 1 and not child or launch["nnodes"] > 1 and not child:
+        if cfg.train.micro_batch_size == "auto":  # tune once here, single-process; the ranks read the cache
+            import torch
+
+            from .bench import auto_micro_batch
+
+            device = torch.device("cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            auto_micro_batch(cfg, run_dir, device, world_size=procs * launch["nnodes"], log=lambda m: print(m, file=sys.stderr))
         argv = _child_argv(cfg, run_dir, ckpt, stop_at_step)
         code = D.relaunch(
             max(procs, 1),

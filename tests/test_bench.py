@@ -130,8 +130,10 @@ def test_autotune_stops_at_max_batch():
 def test_auto_micro_batch_uses_cache_and_refuses_ddp_without_one(tmp_path, monkeypatch):
     cfg = resolve_bench_config(load_config("debug", ["train.micro_batch_size=auto", "train.global_batch_size=24"]))
     dev = torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a DDP rank with no cache: refuse (the launcher tunes, ranks never do)
     with pytest.raises(UsageError, match="DDP"):
         auto_micro_batch(cfg, tmp_path, dev, world_size=2)
+    monkeypatch.delenv("WORLD_SIZE")
     key = autotune_key(cfg, dev, cfg.train.precision, cfg.train.compile)
     (tmp_path / "autotune.json").write_text(json.dumps({key: {"batch": 10}}))
     assert auto_micro_batch(cfg, tmp_path, dev, world_size=1) == 8  # largest divisor of 24 that is <= 10
