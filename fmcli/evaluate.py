@@ -543,25 +543,34 @@ def fid_command(
 class TrainingEvaluator:
     """FID of the EMA model during training: extractor and reference statistics are prepared once."""
 
-    def __init__(self, cfg, data_manifest: dict, device: torch.device, log=None):
+    def __init__(self, cfg, data_manifest: dict, device: torch.device, log=None, with_reference: bool = True):
         if cfg.eval.ref is None:
             raise UsageError("eval.every is set but eval.ref is not: --set eval.ref=DATA_DIR|IMAGE_DIR|STATS.npz")
         if data_manifest["kind"] != "pixels":
             raise UsageError("eval.every: FID during training of latent-space models needs VAE decoding, not available yet")
         self.cfg, self.device = cfg, device
         self.extractor = build_extractor(cfg.eval.features, inception=cfg.eval.inception, device=device)
-        self.ref = reference_statistics(cfg.eval.ref, self.extractor, log=log)
+        # Only the rank that computes the distance needs the reference (a folder can take minutes to score).
+        self.ref = reference_statistics(cfg.eval.ref, self.extractor, log=log) if with_reference else None
         size = data_manifest["shape"][-1]
-        if self.ref.image_size and self.ref.image_size != size:
+        if self.ref is not None and self.ref.image_size and self.ref.image_size != size:
             raise UsageError(f"eval.ref {cfg.eval.ref} holds {self.ref.image_size}px images but the model makes {size}px ones")
 
-    def __call__(self, model: torch.nn.Module, step: int, batch_size: int) -> dict:
+    def __call__(self, model: torch.nn.Module, step: int, batch_size: int, ctx=None) -> dict | None:
+        """Every rank generates its share of the samples; the rank holding the reference returns the record."""
+        from . import distributed as D
         from .generate import LoadedModel
 
+        ctx = ctx or D.DistContext(device=self.device)
         loaded = LoadedModel(model=model, config=self.cfg, info={"kind": "pixels"}, step=step)
         n = self.cfg.eval.num_samples
+        indices = D.shard_indices(n, ctx)
         generated = generated_features(
-            loaded, range(n), self.extractor, seed=self.cfg.train.seed, sample_cfg=self.cfg.sample, batch_size=batch_size, device=self.device
+            loaded, indices, self.extractor, seed=self.cfg.train.seed, sample_cfg=self.cfg.sample, batch_size=batch_size, device=self.device
         )
-        stats = statistics_of(generated.feats, self.extractor.name, generated.image_size)
-        return {"step": step, "fid": frechet_distance(stats, self.ref), "fid_num_samples": n, "fid_features": self.extractor.name, "fid_gen_seconds": round(generated.gen_seconds, 3)}
+        feats = np.stack(D.gather_in_index_order(indices, list(generated.feats), ctx))
+        seconds = max(D.all_gather_objects(generated.gen_seconds, ctx))
+        if self.ref is None:
+            return None
+        stats = statistics_of(feats, self.extractor.name, generated.image_size)
+        return {"step": step, "fid": frechet_distance(stats, self.ref), "fid_num_samples": n, "fid_features": self.extractor.name, "fid_gen_seconds": round(seconds, 3)}

@@ -488,8 +488,9 @@ class _Trainer:
         self.log.info(f"samples: {path}")
 
     def _make_evaluator(self):
-        """FID evaluator (extractor + reference statistics, computed once), rank 0 only for now."""
-        if not self.cfg.eval.every or not self.ctx.is_main:
+        """FID evaluator: the feature extractor on every rank (generation is sharded), reference statistics
+        computed once on rank 0."""
+        if not self.cfg.eval.every:
             return None
         # Presets schedule evaluation (eval.every) but only the user knows the reference data: without one,
         # or for latent data (FID in training needs VAE decoding, not built yet), say so once and train on.
@@ -501,16 +502,20 @@ class _Trainer:
             return None
         from .evaluate import TrainingEvaluator
 
-        return TrainingEvaluator(self.cfg, self.dataset.manifest, self.ctx.device, log=self.log.info)
+        return TrainingEvaluator(self.cfg, self.dataset.manifest, self.ctx.device, log=self.log.info, with_reference=self.ctx.is_main)
 
     def _evaluate(self) -> None:
-        """FID of the EMA model on eval.num_samples samples, appended to metrics.jsonl (rank 0 only for now)."""
+        """FID of the EMA model on eval.num_samples samples (sample indices sharded across ranks),
+        appended to metrics.jsonl by rank 0."""
         if self.evaluator is None:
             return
-        record = self.evaluator(self.ema, self.step, batch_size=self.micro)
+        record = self.evaluator(self.ema, self.step, batch_size=self.micro, ctx=self.ctx)
+        if not self.ctx.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self.log.info(f"step {self.step}: FID {record['fid']:.4f} ({record['fid_num_samples']} samples, {record['fid_features']})")
+
     def _decode_latents(self, x: torch.Tensor) -> torch.Tensor | None:
         from .encoders import FrozenVAE
 

@@ -11,8 +11,12 @@ import pytest
 from conftest import run_fm
 
 
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records(run_dir) if "loss" in r]
 
 
 def train_args(data, run_dir, steps, *extra):
@@ -21,12 +25,17 @@ def train_args(data, run_dir, steps, *extra):
 
 
 def test_two_processes_match_one_and_resume_exactly(tmp_path, shapes16):
-    one = run_fm(*train_args(shapes16, tmp_path / "one", 6))
+    # FID during training too: generation sharded over the ranks, the same number as one process.
+    evals = ["--set", "eval.every=6", "--set", "eval.num_samples=10", "--set", f"eval.ref='{shapes16}'", "--set", "eval.features='tiny'"]
+    one = run_fm(*train_args(shapes16, tmp_path / "one", 6, *evals))
     assert one.returncode == 0, one.stderr
-    two = run_fm(*train_args(shapes16, tmp_path / "two", 6, "--nproc", "2"))
+    two = run_fm(*train_args(shapes16, tmp_path / "two", 6, "--nproc", "2", *evals))
     assert two.returncode == 0, two.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # one run directory per run
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    fid_one, fid_two = ([r["fid"] for r in records(tmp_path / d) if "fid" in r] for d in ("one", "two"))
+    assert len(fid_one) == len(fid_two) == 1
+    assert fid_two[0] == pytest.approx(fid_one[0], rel=1e-3)
 
     # Stop the 2-process run halfway, resume it with 2 processes: the losses equal the uninterrupted run.
     half = run_fm(*train_args(shapes16, tmp_path / "split", 6, "--nproc", "2", "--stop-at-step", "3"))

@@ -253,3 +253,11 @@ def test_non_finite_loss_stops_cleanly_or_is_skipped(tmp_path, shapes16, monkeyp
 def test_fp16_on_cpu_is_refused(tmp_path, shapes16):
     with pytest.raises(UsageError, match="fp16 needs a CUDA"):
         train(cfg_for(shapes16, "train.precision=fp16"), tmp_path / "run")
+
+
+def test_muon_from_the_command_line(tmp_path, shapes16):
+    out = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "optim.name=muon", "--set", "train.steps=3")
+    assert out.returncode == 0, out.stderr
+    state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
+    assert state["config"]["optim"]["name"] == "muon"
+    assert len(state["optimizer"]["optimizers"]) == 2  # AdamW for embeddings/norms/biases/final layer + Muon
