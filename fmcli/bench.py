@@ -578,7 +578,9 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     if cfg.model.arch != "dit":
         raise UsageError(f"fm bench supports model.arch='dit' only (got {cfg.model.arch!r})")
     cfg = resolve_bench_config(cfg)
-    device = _bench_device(opts.device)
+    from .distributed import resolve_device
+
+    device = resolve_device(opts.device)
     name = device_name(device)
     flops_fwd = dit_forward_flops(cfg.model)
     peak = peak_flops(name) if device.type == "cuda" else None
@@ -674,16 +676,6 @@ def _summarise(result: dict, flops_fwd: int, peak: float | None, cfg: Config) ->
         sa["mfu"] = None if peak is None else sa["img_per_s"] * per_image / peak
         out["sample"] = sa
     return out
-
-
-def _bench_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def _physical_memory_gib() -> float:

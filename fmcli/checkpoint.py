@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .fsutil import fsync_dir
 
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
 
@@ -31,7 +32,7 @@ def save_atomic(state: dict, path: str | Path) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -42,7 +43,7 @@ def write_latest(ckpt_dir: Path, name: str) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, ckpt_dir / "latest")
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
 
 
 def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int, keep_every: int = 0) -> Path:
@@ -104,11 +105,3 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UsageError(f"{path} is not an fm checkpoint (missing model/config)")
     return state
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -608,15 +608,9 @@ def _with_process_group(fn):
 
 
 def _device(name: str):
-    import torch
+    from .distributed import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 # ------------------------------------------------------------------------- not available yet (honest)

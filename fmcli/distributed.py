@@ -34,6 +34,17 @@ class DistContext:
         return self.world_size > 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device auto|cpu|cuda -> a torch.device (auto = CUDA when there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
 def launched_externally() -> bool:
     """True inside a process started by torchrun (ours or the user's) or a SLURM multi-task step."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ

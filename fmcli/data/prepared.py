@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
+from ..fsutil import fsync_dir, fsync_file
 
 FORMAT_VERSION = 1
 
@@ -131,7 +132,7 @@ class PreparedWriter:
         manifest.update(manifest_fields)
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         for f in self.tmp.iterdir():
-            _fsync_file(f)
+            fsync_file(f)
         if self.out.exists():  # only reachable with force=True
             trash = self.out.parent / f"{self.out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.out, trash)
@@ -139,7 +140,7 @@ class PreparedWriter:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
+        fsync_dir(self.out.parent)
         return self.out
 
     def __exit__(self, exc_type, exc, tb):
@@ -197,17 +198,6 @@ def is_replaceable(path: Path) -> bool:
     return path.is_dir() and ((path / "manifest.json").is_file() or not any(path.iterdir()))
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_manifest(path: str | Path) -> dict:
