@@ -161,3 +161,46 @@ def test_demo_in_headless_chromium(server, tmp_path):
     from PIL import Image
 
     assert Image.open(shot).size[0] == 1200
+
+
+def test_text_model_frames_follow_the_prompt(tmp_path):
+    from fmcli.config import apply_overrides, load_config
+    from fmcli.data.sources import prepare_shapes
+    from fmcli.demo import progressive
+    from fmcli.encoders import build_tiny_text_encoder
+    from fmcli.errors import UsageError
+    from fmcli.generate import iterate_samples
+    from fmcli.train import train
+
+    t5 = build_tiny_text_encoder(tmp_path / "t5", seed=0, words=["a", "red", "blue", "circle", "star"], d_model=16, layers=1, heads=2)
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=16, seed=0)
+    cfg = apply_overrides(load_config("quickstart-text"), [
+        "model.hidden_size=32", "model.depth=1", "model.heads=2", "model.patch_size=4", "train.steps=1", "train.global_batch_size=8",
+        "train.precision=fp32", "train.log_every=1", "sample.grid_size=2", "sample.steps=2", "data.num_workers=0", "encoders.max_tokens=6",
+        f"data.path={data}", f"encoders.text_encoder={t5}",
+    ])  # fmt: skip
+    train(cfg, tmp_path / "run", log=_Silent())
+    loaded = load_for_sampling(str(tmp_path / "run"), torch.device("cpu"))
+    settings = _settings(loaded, solver="heun", steps=4, cfg=3.0)
+    with pytest.raises(UsageError, match="enter a prompt"):
+        next(progressive(loaded, n=2, seed=1, sample_cfg=settings, every=1, device=torch.device("cpu"), prompt="  "))
+    frames = list(progressive(loaded, n=2, seed=1, sample_cfg=settings, every=2, device=torch.device("cpu"), prompt="a red star"))
+    assert [f.step for f in frames] == [0, 2, 4] and frames[-1].nfe == 8  # heun: 2 evaluations per step
+    ((_, _, ref),) = list(iterate_samples(loaded, [0, 1], seed=1, sample_cfg=settings, batch_size=2, device=torch.device("cpu"),
+                                          prompts=["a red star"] * 2, shift=loaded.config.flow.shift))
+    torch.testing.assert_close(frames[-1].x, ref.x)  # the same samples as `fm sample --prompt 'a red star' --seed 1`
+
+
+class _Silent:
+    def info(self, message):
+        pass
+
+    def progress(self, total, start):
+        return lambda step, loss: None
+
+
+def test_demo_without_gradio_says_how_to_install(debug_run):
+    code = "import sys; sys.modules['gradio'] = None; sys.argv = ['fm', 'demo', '--ckpt', sys.argv[1]]; from fmcli.cli import app; app()"
+    res = subprocess.run([sys.executable, "-c", code, str(debug_run)], capture_output=True, text=True, timeout=120, env=fm_env())
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["error: fm demo needs gradio: pip install 'fm[demo]'  (or: pip install gradio)"]
