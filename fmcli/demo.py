@@ -131,6 +131,19 @@ def progressive(
     yield Frame(step=total or peek.calls, total=total, t=1.0, x=result.x.cpu(), final=True, nfe=result.nfe)
 
 
+def sample_settings(base, **update):
+    """The checkpoint's sample.* settings with the page's choices, validated like `fm sample` options."""
+    from pydantic import ValidationError
+
+    from .config import SampleConfig
+
+    try:
+        return SampleConfig.model_validate({**base.model_dump(), **update})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UsageError(f"invalid {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
 def _display(x: torch.Tensor, min_side: int = 384):
     """A grid image upscaled (nearest) so small samples are visible in the page."""
     from PIL import Image
@@ -157,10 +170,8 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
     kind = "text-to-image" if loaded.is_text else ("class-conditional" if class_names else "unconditional")
 
     def generate(prompt, class_choice, images, cfg_scale, steps, solver, seed, every):
-        from .cli import _sample_settings  # the same validation as `fm sample`
-
         try:
-            sample_cfg = _sample_settings(cfg.sample, float(cfg_scale), int(steps), str(solver))
+            sample_cfg = sample_settings(cfg.sample, cfg=float(cfg_scale), steps=int(steps), solver=str(solver))
             label = None
             if class_names and class_choice not in (None, "", ALL_CLASSES):
                 if class_choice not in class_names:

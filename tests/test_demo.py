@@ -204,3 +204,15 @@ def test_demo_without_gradio_says_how_to_install(debug_run):
     res = subprocess.run([sys.executable, "-c", code, str(debug_run)], capture_output=True, text=True, timeout=120, env=fm_env())
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == ["error: fm demo needs gradio: pip install 'fm[demo]'  (or: pip install gradio)"]
+
+
+def test_page_settings_are_validated_like_fm_sample(loaded):
+    from fmcli.demo import sample_settings
+    from fmcli.errors import UsageError
+
+    s = sample_settings(loaded.config.sample, cfg=3.5, steps=7, solver="midpoint")
+    assert (s.cfg, s.steps, s.solver, s.grid_size) == (3.5, 7, "midpoint", loaded.config.sample.grid_size)
+    with pytest.raises(UsageError, match="invalid steps"):
+        sample_settings(loaded.config.sample, steps=0)
+    with pytest.raises(UsageError, match="invalid solver"):
+        sample_settings(loaded.config.sample, solver="leapfrog")
