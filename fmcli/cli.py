@@ -827,5 +827,57 @@ def _print_bench_table(console, report: dict) -> None:
         console.print(f"ours / diffusers: {ratio}", highlight=False)
 
 
+# ------------------------------------------------------------------------------------------- plot
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="Run directory (reads RUN_DIR/metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png."),
+):
+    """Plot loss and learning-rate curves (and FID when logged) from a run's metrics.jsonl (needs matplotlib).
+
+    Examples:
+      fm plot runs/quickstart
+      fm plot runs/cifar10 --out cifar10-curves.png
+    """
+
+    def run():
+        from .plot import plot_run
+
+        print(plot_run(run_dir, out))
+
+    _guard(run)
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint file or run directory (its latest checkpoint)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: this machine only)."),
+    port: int = typer.Option(7860, "--port", min=1, max=65535, help="Port to listen on."),
+    share: bool = typer.Option(False, "--share", help="Also open a public Gradio share link."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Local diffusers VAE directory (latent models)."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (text models)."),
+    max_images: int = typer.Option(16, "--max-images", min=1, help="Largest grid a visitor may request."),
+):
+    """Interactive web demo (needs gradio): prompt or class, CFG, steps, solver, seed; the image forms step by step.
+
+    Examples:
+      fm demo --ckpt runs/quickstart
+      fm demo --ckpt runs/quickstart-text --port 8080
+    """
+
+    def run():
+        from .demo import launch_demo
+
+        launch_demo(ckpt, host=host, port=port, share=share, device=_device(device), vae=vae, text_encoder=text_encoder, max_images=max_images)
+
+    _guard(run)
+
+
 if __name__ == "__main__":
     app()

@@ -95,6 +95,7 @@ class TrainConfig(Strict):
     keep_every: int = Field(0, ge=0)  # also keep every k-th step's checkpoint; 0 = off
     compile: bool = False
     max_nan_skips: int = Field(0, ge=0)  # non-finite losses tolerated (step skipped) before stopping
+    tracker: Literal["none", "wandb", "tensorboard"] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
 
 
 class SampleConfig(Strict):

@@ -38,6 +38,7 @@ from .generate import initial_noise, sample_batch
 from .images import save_grid
 from .models import build_model
 from .seeding import normal, torch_generator
+from .tracking import NullTracker, make_tracker
 
 
 @dataclass
@@ -167,6 +168,7 @@ class _Trainer:
         self.cfg, self.run_dir, self.ctx, self.log = cfg, Path(run_dir), ctx, log
         self.stop_requested = False
         self.ot_window: list[tuple[float, float]] = []  # (cost before, after) per coupled micro-batch
+        self.tracker = NullTracker()  # train.tracker (W&B / TensorBoard) on rank 0, set up in run()
 
     # The loop reads top to bottom: setup, restore, steps, save.
     def run(self, resume_from: Path | None, stop_at_step: int | None) -> TrainResult:
@@ -204,6 +206,8 @@ class _Trainer:
             self._restore(resume_from)
         elif ctx.is_main:
             self._write_run_files()
+        if ctx.is_main:
+            self.tracker = make_tracker(cfg.train.tracker, self.run_dir, config=config_to_dict(cfg))
         D.barrier(ctx)
 
         ddp_model = model
@@ -259,6 +263,7 @@ class _Trainer:
                     self._save_samples()
         finally:
             progress(None, None)
+            self.tracker.close()
             self._restore_signal_handlers(old_handlers)
             del batches, loader
         result.step = self.step
@@ -458,6 +463,7 @@ class _Trainer:
             self.ot_window = []
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.tracker.log(record, self.step)
         self.log.info(
             f"step {self.step}/{self.cfg.train.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
             f"grad {grad_norm:.3f}  {record['img_per_s']:.0f} img/s  mem {record['mem_mib']:.0f} MiB"
@@ -485,6 +491,7 @@ class _Trainer:
             if x is None:
                 return
         path = save_grid(x, self.run_dir / "samples" / f"step-{self.step:07d}.png", nrow=k if k and n % k == 0 else None)
+        self.tracker.log_image(path, self.step)
         self.log.info(f"samples: {path}")
 
     def _make_evaluator(self):
@@ -514,6 +521,7 @@ class _Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.tracker.log(record, self.step)
         self.log.info(f"step {self.step}: FID {record['fid']:.4f} ({record['fid_num_samples']} samples, {record['fid_features']})")
 
     def _decode_latents(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,108 @@
+"""Optional experiment tracking (`train.tracker`): Weights & Biases or TensorBoard, next to metrics.jsonl.
+
+metrics.jsonl stays the record of truth and is always written; a tracker receives the same records and
+the sample-grid paths, on rank 0 only. Both backends are optional extras, imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from .errors import UsageError
+
+TRACKERS = ("none", "wandb", "tensorboard")
+
+
+class Tracker(Protocol):
+    def log(self, metrics: dict, step: int) -> None: ...
+
+    def log_image(self, path: str | Path, step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullTracker:
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_image(self, path: str | Path, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _numeric(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+
+
+class WandbTracker:
+    """One W&B run per training run; its files live under RUN_DIR/wandb. WANDB_MODE=offline needs no network
+    (upload later with `wandb sync RUN_DIR/wandb/offline-run-*`)."""
+
+    def __init__(self, run_dir: Path, project: str, name: str, config: dict, resume_id: str | None = None):
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("train.tracker=wandb needs wandb: pip install 'fm[wandb]'") from None
+        self._wandb = wandb
+        kwargs = dict(project=project, name=name, dir=str(run_dir), config=config, mode=os.environ.get("WANDB_MODE") or None)
+        if resume_id:
+            kwargs.update(id=resume_id, resume="allow")
+        self.run = wandb.init(**kwargs)
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log(_numeric(metrics), step=step)
+
+    def log_image(self, path: str | Path, step: int) -> None:
+        self.run.log({"samples": self._wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TensorBoardTracker:
+    """Event files under RUN_DIR/tb (`tensorboard --logdir RUN_DIR/tb`)."""
+
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("train.tracker=tensorboard needs tensorboard: pip install 'fm[tensorboard]'") from None
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+
+    def log(self, metrics: dict, step: int) -> None:
+        for key, value in _numeric(metrics).items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def log_image(self, path: str | Path, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        arr = np.asarray(Image.open(path).convert("RGB"))
+        self.writer.add_image("samples", arr, step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def make_tracker(kind: str, run_dir: str | Path, *, config: dict | None = None, name: str | None = None) -> Tracker:
+    """The tracker for `train.tracker` (rank 0 only; other ranks use NullTracker)."""
+    run_dir = Path(run_dir)
+    if kind == "none":
+        return NullTracker()
+    if kind == "wandb":
+        project = os.environ.get("WANDB_PROJECT") or "fm"
+        id_file = run_dir / "wandb_id.txt"  # `fm resume` continues the same W&B run
+        resume_id = id_file.read_text().strip() if id_file.is_file() else None
+        tracker = WandbTracker(run_dir, project, name or run_dir.name, config or {}, resume_id)
+        if resume_id is None:
+            id_file.write_text(tracker.run.id + "\n")
+        return tracker
+    if kind == "tensorboard":
+        return TensorBoardTracker(run_dir)
+    raise UsageError(f"train.tracker must be one of {', '.join(TRACKERS)}, not {kind!r}")

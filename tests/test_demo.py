@@ -1,0 +1,218 @@
+"""fm demo: progressive sampling (x_t every K steps) and the Gradio app driven over HTTP and in Chromium.
+
+gradio is the `demo` extra; .ci/run installs it (and Chromium + Playwright for the browser test).
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fm_env
+from fmcli.generate import initial_noise, load_for_sampling
+from fmcli.sampling import time_grid
+
+
+@pytest.fixture(scope="module")
+def loaded(debug_run):
+    return load_for_sampling(str(debug_run), torch.device("cpu"))
+
+
+def _settings(loaded, **kw):
+    return loaded.config.sample.model_copy(update=kw)
+
+
+def test_frames_are_the_euler_states_every_k_steps(loaded):
+    from fmcli.demo import progressive
+
+    n, seed, steps, k, label, w = 3, 5, 6, 2, 1, 2.0
+    frames = list(progressive(loaded, n=n, seed=seed, sample_cfg=_settings(loaded, solver="euler", steps=steps, cfg=w), every=k,
+                              device=torch.device("cpu"), class_label=label))
+    # independent reference: plain Euler with CFG written out here, from the same per-index noise
+    x = initial_noise(seed, range(n), loaded.shape)
+    y, null = torch.full((n,), label), torch.full((n,), loaded.model.null_class)
+    grid = time_grid(steps, loaded.config.flow.shift)
+    states = [x]
+    with torch.no_grad():
+        for i in range(steps):
+            t = grid[i].expand(n)
+            v_c, v_u = loaded.model(x, t, y=y), loaded.model(x, t, y=null)
+            x = x + (grid[i + 1] - grid[i]) * (v_u + w * (v_c - v_u))
+            states.append(x)
+    assert [f.step for f in frames] == [0, 2, 4, 6] and [f.final for f in frames] == [False, False, False, True]
+    for f in frames:
+        assert f.t == pytest.approx(float(grid[f.step]))
+        torch.testing.assert_close(f.x, states[f.step], atol=1e-5, rtol=1e-5)
+    assert frames[-1].nfe == steps
+
+
+def test_rk4_frames_start_each_step_and_stopping_early_ends_the_worker(loaded):
+    from fmcli.demo import progressive
+
+    gen = progressive(loaded, n=2, seed=0, sample_cfg=_settings(loaded, solver="rk4", steps=4, cfg=1.0), every=1, device=torch.device("cpu"))
+    first, second = next(gen), next(gen)
+    assert (first.step, second.step) == (0, 1)
+    torch.testing.assert_close(first.x, initial_noise(0, range(2), loaded.shape))
+    gen.close()  # a closed page: the sampler thread must stop, not run on
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "fm-demo-sampler"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(debug_run, tmp_path_factory):
+    pytest.importorskip("gradio")  # the `demo` extra
+    pytest.importorskip("gradio_client")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("demo") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fmcli.cli", "demo", "--ckpt", str(debug_run), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=fm_env({"GRADIO_ANALYTICS_ENABLED": "False"}))
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert proc.poll() is None, log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("fm demo did not start within 60 s:\n" + log.read_text())
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_demo_api_streams_previews_then_the_grid(server, loaded):
+    from gradio_client import Client
+    from PIL import Image
+
+    client = Client(server, verbose=False)
+    job = client.submit("", "triangle", 4, 2.0, 6, "euler", 7, 2, api_name="/generate")
+    image, status, grid = job.result(timeout=60)
+    outputs = job.outputs()
+    assert [o[1].split(",")[0] for o in outputs[:-1]] == ["step 0/6", "step 2/6", "step 4/6"]  # the progressive view
+    assert all(o[2] is None for o in outputs[:-1])
+    assert status.startswith("done: 4 image(s), 6 network evaluations")
+    # the downloadable grid is exactly the model's samples for class 'triangle' (index 2), seed 7
+    from fmcli.demo import progressive
+    from fmcli.images import grid_image
+
+    names = loaded.info["class_names"]
+    final = list(progressive(loaded, n=4, seed=7, sample_cfg=_settings(loaded, solver="euler", steps=6, cfg=2.0), every=6,
+                             device=torch.device("cpu"), class_label=names.index("triangle")))[-1]
+    got = np.asarray(Image.open(grid))
+    assert np.array_equal(got, np.asarray(grid_image(final.x)))
+    assert Image.open(image).size[0] >= got.shape[1]  # the on-page preview is the upscaled grid
+
+
+def test_demo_rejects_bad_input_with_a_message(server):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    with pytest.raises(Exception, match="less than minimum value 1"):  # the steps slider's bounds hold for API calls too
+        client.predict("", "all classes (cycling)", 2, 1.0, 0, "euler", 0, 1, api_name="/generate")
+    with pytest.raises(Exception, match="images must be between 1 and 16|greater than maximum"):
+        client.predict("", "all classes (cycling)", 17, 1.0, 4, "euler", 0, 1, api_name="/generate")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the Debian chromium package (installed by .ci/run)")
+def test_demo_in_headless_chromium(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args, timeout=30_000)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(server)
+            page.get_by_role("button", name="Generate").click()
+            page.get_by_text("done: 4 image(s)").wait_for()
+            img = page.locator("#fm-output img")
+            img.wait_for()
+            assert img.evaluate("e => e.complete && e.naturalWidth") > 0
+            shot = tmp_path / "demo.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    from PIL import Image
+
+    assert Image.open(shot).size[0] == 1200
+
+
+def test_text_model_frames_follow_the_prompt(tmp_path):
+    from fmcli.config import apply_overrides, load_config
+    from fmcli.data.sources import prepare_shapes
+    from fmcli.demo import progressive
+    from fmcli.encoders import build_tiny_text_encoder
+    from fmcli.errors import UsageError
+    from fmcli.generate import iterate_samples
+    from fmcli.train import train
+
+    t5 = build_tiny_text_encoder(tmp_path / "t5", seed=0, words=["a", "red", "blue", "circle", "star"], d_model=16, layers=1, heads=2)
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=16, seed=0)
+    cfg = apply_overrides(load_config("quickstart-text"), [
+        "model.hidden_size=32", "model.depth=1", "model.heads=2", "model.patch_size=4", "train.steps=1", "train.global_batch_size=8",
+        "train.precision=fp32", "train.log_every=1", "sample.grid_size=2", "sample.steps=2", "data.num_workers=0", "encoders.max_tokens=6",
+        f"data.path={data}", f"encoders.text_encoder={t5}",
+    ])  # fmt: skip
+    train(cfg, tmp_path / "run", log=_Silent())
+    loaded = load_for_sampling(str(tmp_path / "run"), torch.device("cpu"))
+    settings = _settings(loaded, solver="heun", steps=4, cfg=3.0)
+    with pytest.raises(UsageError, match="enter a prompt"):
+        next(progressive(loaded, n=2, seed=1, sample_cfg=settings, every=1, device=torch.device("cpu"), prompt="  "))
+    frames = list(progressive(loaded, n=2, seed=1, sample_cfg=settings, every=2, device=torch.device("cpu"), prompt="a red star"))
+    assert [f.step for f in frames] == [0, 2, 4] and frames[-1].nfe == 8  # heun: 2 evaluations per step
+    ((_, _, ref),) = list(iterate_samples(loaded, [0, 1], seed=1, sample_cfg=settings, batch_size=2, device=torch.device("cpu"),
+                                          prompts=["a red star"] * 2, shift=loaded.config.flow.shift))
+    torch.testing.assert_close(frames[-1].x, ref.x)  # the same samples as `fm sample --prompt 'a red star' --seed 1`
+
+
+class _Silent:
+    def info(self, message):
+        pass
+
+    def progress(self, total, start):
+        return lambda step, loss: None
+
+
+def test_demo_without_gradio_says_how_to_install(debug_run):
+    code = "import sys; sys.modules['gradio'] = None; sys.argv = ['fm', 'demo', '--ckpt', sys.argv[1]]; from fmcli.cli import app; app()"
+    res = subprocess.run([sys.executable, "-c", code, str(debug_run)], capture_output=True, text=True, timeout=120, env=fm_env())
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["error: fm demo needs gradio: pip install 'fm[demo]'  (or: pip install gradio)"]
+
+
+def test_page_settings_are_validated_like_fm_sample(loaded):
+    from fmcli.demo import sample_settings
+    from fmcli.errors import UsageError
+
+    s = sample_settings(loaded.config.sample, cfg=3.5, steps=7, solver="midpoint")
+    assert (s.cfg, s.steps, s.solver, s.grid_size) == (3.5, 7, "midpoint", loaded.config.sample.grid_size)
+    with pytest.raises(UsageError, match="invalid steps"):
+        sample_settings(loaded.config.sample, steps=0)
+    with pytest.raises(UsageError, match="invalid solver"):
+        sample_settings(loaded.config.sample, solver="leapfrog")

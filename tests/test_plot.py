@@ -1,0 +1,66 @@
+"""fm plot: curves from metrics.jsonl (matplotlib is the `plot` extra, installed by CI)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import fm_env, run_fm
+from fmcli.errors import UsageError
+from fmcli.plot import read_metrics
+
+
+def _write_metrics(run_dir, with_fid=True, torn=False):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-3 * min(1, s / 5), "grad_norm": 0.5}) for s in range(1, 21)]
+    if with_fid:
+        lines.insert(10, json.dumps({"step": 10, "fid": 80.0, "fid_num_samples": 64}))
+        lines.append(json.dumps({"step": 20, "fid": 60.0, "fid_num_samples": 64}))
+    text = "\n".join(lines) + "\n" + ('{"step": 21, "lo' if torn else "")
+    (run_dir / "metrics.jsonl").write_text(text)
+
+
+def test_read_metrics_separates_fid_records(tmp_path):
+    _write_metrics(tmp_path / "run", torn=True)
+    train, fid = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in train] == list(range(1, 21))  # FID lines and the torn last line skipped
+    assert [(r["step"], r["fid"]) for r in fid] == [(10, 80.0), (20, 60.0)]
+
+
+def test_read_metrics_rejects_a_run_without_metrics(tmp_path):
+    with pytest.raises(UsageError, match="metrics.jsonl not found"):
+        read_metrics(tmp_path)
+
+
+def test_fm_plot_writes_a_png_with_three_panels(tmp_path):
+    pytest.importorskip("matplotlib")  # the `plot` extra; .ci/run installs it
+    run = tmp_path / "run"
+    _write_metrics(run)
+    out = tmp_path / "out" / "curves.png"
+    res = run_fm("plot", run, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(out)
+    img = np.asarray(Image.open(out).convert("L"))
+    assert img.shape[0] > img.shape[1]  # three stacked panels: loss, lr, fid
+    assert img.std() > 5  # not a blank canvas
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp file left behind
+
+    _write_metrics(run, with_fid=False)
+    res = run_fm("plot", run)  # default: RUN_DIR/loss.png, two panels
+    assert res.returncode == 0, res.stderr
+    two = np.asarray(Image.open(run / "loss.png").convert("L"))
+    assert two.shape[0] < img.shape[0]
+
+
+def test_fm_plot_without_matplotlib_says_how_to_install(tmp_path):
+    _write_metrics(tmp_path / "run")
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.argv = ['fm', 'plot', sys.argv[1]];"
+        "from fmcli.cli import app; app()"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=fm_env())
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["error: fm plot needs matplotlib: pip install 'fm[plot]'  (or: pip install matplotlib)"]

@@ -1,0 +1,104 @@
+"""train.tracker: W&B (offline) and TensorBoard receive the metrics.jsonl records and the sample grids.
+
+The backends are the `wandb` / `tensorboard` extras, installed by .ci/run so these tests run in CI.
+"""
+
+import glob
+import json
+import struct
+import sys
+
+import pytest
+
+from conftest import run_fm
+from fmcli.errors import UsageError
+from fmcli.tracking import NullTracker, make_tracker
+
+
+def _wandb_records(path):
+    """Records of a W&B transaction log (.wandb): a 7-byte ':W&B' header, then LevelDB-log framing
+    (32 KiB blocks of [crc32 u32][length u16][type u8] chunks: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, buf, out = 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            out.append(record)
+            buf = b""
+    return out
+
+
+def _train(shapes16, run_dir, tracker, env=None):
+    res = run_fm(
+        "train", "--preset", "debug", "--data", shapes16, "--run-dir", run_dir,
+        "--set", "train.steps=4", "--set", "train.log_every=2", "--set", "train.sample_every=2", "--set", f"train.tracker={tracker}",
+        env=env, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_wandb_offline_run_logs_the_metrics_jsonl_records_and_grids(tmp_path, shapes16):
+    pytest.importorskip("wandb")  # the `wandb` extra
+    run_dir = tmp_path / "run"
+    metrics = _train(shapes16, run_dir, "wandb", env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert [m["step"] for m in metrics] == [2, 4]  # metrics.jsonl is still written
+    runs = glob.glob(str(run_dir / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert runs[0].endswith(run_id)
+    logs = glob.glob(f"{runs[0]}/run-{run_id}.wandb")
+    assert len(logs) == 1
+    history = {}
+    for record in _wandb_records(logs[0]):
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.setdefault(items["_step"], {}).update(items)
+    assert sorted(history) == [2, 4]
+    for m in metrics:
+        logged = history[m["step"]]
+        for key in ("loss", "lr", "grad_norm", "img_per_s", "epoch"):
+            assert logged[key] == pytest.approx(m[key], rel=1e-12), key
+        assert logged["samples/_type"] == "image-file"  # the sample grid of that step
+    images = glob.glob(f"{runs[0]}/files/media/images/samples_*.png")
+    assert len(images) == 2
+
+
+def test_tensorboard_event_files_hold_the_metrics(tmp_path, shapes16):
+    pytest.importorskip("tensorboard")  # the `tensorboard` extra
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    metrics = _train(shapes16, run_dir, "tensorboard")
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    loss = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert [s for s, _ in loss] == [m["step"] for m in metrics]
+    assert [v for _, v in loss] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)  # stored as float32
+    assert [e.step for e in acc.Images("samples")] == [2, 4]
+
+
+def test_missing_backend_is_a_usage_error_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(UsageError, match=r"pip install 'fm\[wandb\]'"):
+        make_tracker("wandb", tmp_path)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(UsageError, match=r"pip install 'fm\[tensorboard\]'"):
+        make_tracker("tensorboard", tmp_path)
+    assert isinstance(make_tracker("none", tmp_path), NullTracker)
+    assert not list(tmp_path.iterdir())  # nothing written by a failed or null tracker
