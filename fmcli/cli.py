@@ -135,38 +135,23 @@ def prepare_data(
     """
 
     def run():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        from .data.prepare import default_workers, prepare
+        from .data.prepare import default_workers
 
         console = _stderr_console()
         summaries = []
 
         def pixels(target: Path) -> Path:
             """The pixel dataset of any source; with --vae/--text-encoder it is a temporary step before encoding."""
-            columns = (TextColumn(f"{source}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-                task = bar.add_task(source, total=None)
-                summary = prepare(
-                    source,
-                    target,
-                    root=root,
-                    split=split,
-                    size=size,
-                    limit=limit,
-                    workers=workers or default_workers(),
-                    force=force,
-                    count=count,
-                    seed=seed,
-                    on_start=lambda total: bar.update(task, total=total),
-                    on_progress=lambda n: bar.advance(task, n),
-                )
+            summary = _prepare_with_progress(
+                source, target, root=root, split=split, size=size, limit=limit, workers=workers or default_workers(), force=force, count=count, seed=seed
+            )
             summaries.append(summary)
             return Path(summary.path)
 
         if vae or text_encoder:
             encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch)
-            path = _prepare_encoded_with_progress(pixels, out, limit or count, _device(device), force, encode)
+            total = limit or (count if source == "shapes" else None)  # other sources: known only once read
+            path = _prepare_encoded_with_progress(pixels, out, total, _device(device), force, encode)
             summary = summaries[-1]
             summary.path = str(path)
             summary.bytes = sum(f.stat().st_size for f in Path(path).iterdir())
@@ -186,17 +171,26 @@ def prepare_data(
     _guard(run)
 
 
-def _prepare_shapes_with_progress(out: Path, **kwargs) -> Path:
-    from rich.progress import Progress
+def _prepare_with_progress(source: str, target: Path, **kwargs):
+    """data.prepare.prepare with a progress bar on stderr (when it is a terminal); returns its Summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .data.sources import prepare_shapes
+    from .data.prepare import prepare
 
-    with Progress(console=_stderr_console(), transient=True) as bar:
-        task = bar.add_task("shapes", total=kwargs["count"])
-        return prepare_shapes(out, progress=lambda n: bar.advance(task, n), **kwargs)
+    console = _stderr_console()
+    columns = (TextColumn(source), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(source, total=None)
+        return prepare(
+            source,
+            target,
+            on_start=lambda total: bar.update(task, total=total),
+            on_progress=lambda n: bar.advance(task, n),
+            **kwargs,
+        )
 
 
-def _prepare_encoded_with_progress(pixels, out: Path, total: int, device, force: bool, encode: dict) -> Path:
+def _prepare_encoded_with_progress(pixels, out: Path, total: int | None, device, force: bool, encode: dict) -> Path:
     from rich.progress import Progress
 
     from .data.latents import prepare_encoded
@@ -384,7 +378,7 @@ def _ensure_data(cfg, prepare: bool):
     path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.train.seed}"
     if prepare and not (path / "manifest.json").exists():
         _stderr_console().print(f"preparing shapes data in {path}", highlight=False)
-        _prepare_shapes_with_progress(path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.train.seed, force=False)
+        _prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.train.seed)
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(path)})})
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint

@@ -35,6 +35,16 @@ def run_fm(*args, cwd=None, env=None, timeout=600, input=None) -> subprocess.Com
     )
 
 
+class QuietLog:
+    """A training log that prints nothing (for in-process train() calls in tests)."""
+
+    def info(self, message):
+        pass
+
+    def progress(self, total, start):
+        return lambda step, loss: None
+
+
 @pytest.fixture(scope="session")
 def shapes16(tmp_path_factory) -> Path:
     """512 shapes images at 16x16 (the `debug` preset's data), prepared once per test session."""

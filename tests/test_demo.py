@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fm_env
+from conftest import QuietLog, fm_env
 from fmcli.generate import initial_noise, load_for_sampling
 from fmcli.sampling import time_grid
 
@@ -184,7 +184,7 @@ def test_text_model_frames_follow_the_prompt(tmp_path):
         "train.precision=fp32", "train.log_every=1", "sample.grid_size=2", "sample.steps=2", "data.num_workers=0", "encoders.max_tokens=6",
         f"data.path={data}", f"encoders.text_encoder={t5}",
     ])  # fmt: skip
-    train(cfg, tmp_path / "run", log=_Silent())
+    train(cfg, tmp_path / "run", log=QuietLog())
     loaded = load_for_sampling(str(tmp_path / "run"), torch.device("cpu"))
     settings = _settings(loaded, solver="heun", steps=4, cfg=3.0)
     with pytest.raises(UsageError, match="enter a prompt"):
@@ -195,13 +195,6 @@ def test_text_model_frames_follow_the_prompt(tmp_path):
                                           prompts=["a red star"] * 2, shift=loaded.config.flow.shift))
     torch.testing.assert_close(frames[-1].x, ref.x)  # the same samples as `fm sample --prompt 'a red star' --seed 1`
 
-
-class _Silent:
-    def info(self, message):
-        pass
-
-    def progress(self, total, start):
-        return lambda step, loss: None
 
 
 def test_demo_without_gradio_says_how_to_install(debug_run):

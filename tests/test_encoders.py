@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_fm
+from conftest import QuietLog, run_fm
 from fmcli.config import load_config
 from fmcli.encoders import FrozenTextEncoder, FrozenVAE, TextConditioning, build_tiny_text_encoder
 from fmcli.errors import UsageError
@@ -189,7 +189,7 @@ def test_text_training_encodes_captions_on_the_fly(tmp_path, tiny_t5):
     data = prepare_shapes(tmp_path / "shapes", size=8, count=16, seed=0)
     settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4"]
     cfg = apply_overrides(load_config("quickstart-text"), settings)
-    result = train(cfg, tmp_path / "run", log=_Silent())
+    result = train(cfg, tmp_path / "run", log=QuietLog())
     assert result.step == 2 and all(np.isfinite(result.losses))
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["text_dim"] == 32 and config["model"]["cross_attention"]
@@ -210,11 +210,3 @@ def test_pixels_with_cached_text(tmp_path, tiny_t5):
     assert batch["text"].shape == (2, 8, 32) and batch["text_mask"].dtype == torch.bool and "caption" not in batch
     with pytest.raises(UsageError, match="--cache-text needs --text-encoder"):
         encode_prepared(src, tmp_path / "bad", cache_text=True)
-
-
-class _Silent:
-    def info(self, message):
-        pass
-
-    def progress(self, total, start):
-        return lambda step, loss: None

@@ -13,7 +13,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from conftest import run_fm
+from conftest import QuietLog, run_fm
 from fmcli.errors import UsageError
 
 NOISE_LEVELS = (8, 24, 64)
@@ -251,17 +251,10 @@ def trained(data, tmp_path_factory):
     common = ["train.steps=4", "train.checkpoint_every=0", "train.log_every=2", f"data.path='{data['prepared']}'"]
     evals = ["eval.every=2", "eval.num_samples=12", f"eval.ref='{data['folders'][0]}'", "eval.features='tiny'"]
     root = tmp_path_factory.mktemp("runs")
-    with_eval = train(load_config("debug", common + evals), root / "with-eval", log=_Quiet())
-    without = train(load_config("debug", common), root / "without-eval", log=_Quiet())
+    with_eval = train(load_config("debug", common + evals), root / "with-eval", log=QuietLog())
+    without = train(load_config("debug", common), root / "without-eval", log=QuietLog())
     return with_eval, without
 
-
-class _Quiet:
-    def info(self, message):
-        pass
-
-    def progress(self, total, start):
-        return lambda step, loss: None
 
 
 def test_fid_during_training_is_logged_and_leaves_training_unchanged(trained):
@@ -278,7 +271,7 @@ def test_eval_every_without_ref_says_so_and_trains_without_fid(data, tmp_path):
     from fmcli.config import load_config
     from fmcli.train import train
 
-    class Recording(_Quiet):
+    class Recording(QuietLog):
         lines: list = []
 
         def info(self, message):

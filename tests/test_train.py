@@ -166,7 +166,6 @@ def test_batch_geometry_refuses_non_dividing_sizes():
 def test_crash_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, shapes16, monkeypatch):
     cfg = cfg_for(shapes16, "train.steps=4", "train.checkpoint_every=2", "train.keep_last=1")
     real_replace = os.replace
-    calls = {"n": 0}
 
     def crash_on_second_checkpoint(src, dst):
         if str(dst).endswith("step-0000004.pt"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from conftest import QuietLog
 from fmcli.config import ModelConfig, apply_overrides, load_config
 from fmcli.models import build_model
 from fmcli.models.unet import UNet
@@ -55,7 +56,7 @@ def test_unet_trains_a_step(tmp_path, shapes16):
 
     settings = ["model.arch=unet", "model.hidden_size=16", "model.channel_mult=[1, 2]", "model.layers_per_block=1", f"data.path={shapes16}", "train.steps=2", "train.log_every=1", "sample.grid_size=4", "sample.steps=2"]
     cfg = apply_overrides(load_config("debug"), settings)
-    result = train(cfg, tmp_path / "run", log=_Silent())
+    result = train(cfg, tmp_path / "run", log=QuietLog())
     assert result.step == 2 and all(np.isfinite(result.losses))
     state = torch.load(result.checkpoint, weights_only=True)
     assert any(k.startswith("net.class_embedding") for k in state["model"])
@@ -67,11 +68,3 @@ def test_mnist_unet_preset_builds():
     model = build_model(cfg)
     out = model(torch.randn(2, 1, 28, 28), torch.rand(2), y=torch.tensor([3, 10]))
     assert out.shape == (2, 1, 28, 28)
-
-
-class _Silent:
-    def info(self, message):
-        pass
-
-    def progress(self, total, start):
-        return lambda step, loss: None
