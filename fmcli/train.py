@@ -108,6 +108,11 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 GEMMs several times faster than fp32 (why CPU presets may pick bf16)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 _STEP_STREAM, _EPOCH_STREAM = 2, 3  # key prefixes: independent streams from one user seed
 
 
@@ -179,6 +184,8 @@ class _Trainer:
         self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
         if cfg.train.precision == "fp16" and ctx.device.type != "cuda":
             raise UsageError("train.precision=fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
+        if cfg.train.precision == "bf16" and ctx.device.type == "cpu" and not cpu_has_native_bf16():
+            self.log.info("warning: this CPU has no native bf16 (AVX512-BF16 / AMX), so bf16 autocast may be slower than fp32 here; --set train.precision=fp32")
         micro_setting = cfg.train.micro_batch_size
         if micro_setting == "auto":  # the autotune result cached in the run directory (DDP ranks never tune)
             from .bench import auto_micro_batch

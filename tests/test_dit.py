@@ -66,3 +66,30 @@ def test_sincos_embedding_matches_formula():
     omega = 1.0 / 10000 ** (np.arange(2) / 2.0)
     np.testing.assert_allclose(emb[5, :4], np.concatenate([np.sin(1 * omega), np.cos(1 * omega)]))
     np.testing.assert_allclose(emb[5, 4:], np.concatenate([np.sin(2 * omega), np.cos(2 * omega)]))
+
+
+def test_cpu_bf16_autocast_runs_attention_in_fp32_and_matches_fp32_forward():
+    # CPU bf16 autocast keeps SDPA in fp32 (its bf16 backward is slow on CPU); the GEMMs still run in bf16.
+    torch.manual_seed(2)
+    model = perturbed(tiny())
+    x, t, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.randint(0, 10, (4,))
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real_sdpa(q, k, v, **kw)
+
+    reference = model(x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.functional.scaled_dot_product_attention = spy
+        try:
+            out = model(x, t, y)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = real_sdpa
+        qkv_dtype = model.blocks[0].attn.qkv(torch.randn(2, 16, 32)).dtype
+    assert qkv_dtype == torch.bfloat16  # the projections really are bf16 under autocast
+    assert seen and all(s == (torch.float32, False) for s in seen)
+    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    out.float().pow(2).mean().backward()  # and the mixed graph differentiates
+    assert all(p.grad is not None for p in model.blocks[0].attn.parameters())
