@@ -33,7 +33,8 @@ from fmcli.bench import (
 from fmcli.config import config_to_dict, load_config
 
 DIT_S2 = ["model.hidden_size=384", "model.depth=12", "model.heads=6", "model.patch_size=2", "model.mlp_ratio=4.0",
-          "model.image_size=32", "model.in_channels=4", "model.num_classes=10", "sample.steps=50", "sample.cfg=2.0"]
+          "model.image_size=32", "model.in_channels=4", "model.num_classes=10", "sample.steps=50", "sample.cfg=2.0",
+          "optim.name=adamw", "train.compile=false"]  # equal optimizer for both models, whatever the quickstart preset uses
 
 
 def main() -> int:

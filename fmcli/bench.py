@@ -578,6 +578,10 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     if cfg.model.arch != "dit":
         raise UsageError(f"fm bench supports model.arch='dit' only (got {cfg.model.arch!r})")
     cfg = resolve_bench_config(cfg)
+    if opts.compare and cfg.optim.name != "adamw":
+        # Muon picks fm's matrices by module name, which diffusers' model does not share: compare at equal optimizer.
+        log(f"--compare: both models train with AdamW (the preset's optim.name is {cfg.optim.name!r})")
+        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"name": "adamw"})})
     from .distributed import resolve_device
 
     device = resolve_device(opts.device)

@@ -173,7 +173,7 @@ def test_train_with_auto_micro_batch_uses_cached_result(tmp_path, shapes16):
 def test_cli_bench_debug_json_reports_all_fields():
     proc = run_fm(
         "bench", "--preset", "debug", "--json", "--steps", "1", "--warmup", "1", "--max-batch", "4",
-        "--set", "sample.steps=2", "--compare", "diffusers", timeout=300,
+        "--set", "sample.steps=2", "--set", "optim.name=muon", "--compare", "diffusers", timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -188,6 +188,7 @@ def test_cli_bench_debug_json_reports_all_fields():
     assert set(report["compare"]["ratio"]) == {"train", "sample"}
     assert report["compare"]["diffusers"]["train"]["img_per_s"] > 0
     assert "fm bench" in proc.stderr  # the rich table went to stderr
+    assert "both models train with AdamW" in proc.stderr  # Muon picks fm's matrices by name: equal optimizer instead
 
 
 def test_cli_bench_usage_error_exits_2():
