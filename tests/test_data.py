@@ -456,3 +456,27 @@ def test_dataset_pickles_without_data_and_loader_workers_agree(shapes16):
     for (xa, ya), (xb, yb), idx in zip(load(0), load(2), batches):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         assert torch.equal(ya, torch.from_numpy(np.load(shapes16 / "y.npy")[idx]))
+
+
+def test_train_remakes_auto_prepared_shapes_from_an_older_generator(tmp_path, monkeypatch):
+    from fmcli.cli import _ensure_data
+    from fmcli.config import load_config
+    from fmcli.data.sources import GENERATOR_VERSION
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("debug", ["data.count=64"])
+    path = tmp_path / _ensure_data(cfg, prepare=True).data.path
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["generator_version"] == GENERATOR_VERSION
+    fresh = np.load(path / "x.npy").copy()
+    # Pretend the directory came from the previous generator: altered pixels, no version recorded.
+    np.save(path / "x.npy", np.zeros_like(fresh))
+    del manifest["generator_version"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    _ensure_data(cfg, prepare=True)
+    assert json.loads((path / "manifest.json").read_text())["generator_version"] == GENERATOR_VERSION
+    assert np.array_equal(np.load(path / "x.npy"), fresh)
+    # A current directory is reused as it is, not prepared again.
+    stamp = (path / "x.npy").stat().st_mtime_ns
+    _ensure_data(cfg, prepare=True)
+    assert (path / "x.npy").stat().st_mtime_ns == stamp

@@ -36,6 +36,9 @@ BACKGROUNDS = {
     "dark green": (20, 60, 30),
     "white": (240, 240, 240),
 }
+# Bumped whenever the same (size, count, seed) would draw different images; recorded in the manifest so
+# `fm train` re-makes its auto-prepared data/shapes-* directory when it came from an older generator.
+GENERATOR_VERSION = 2  # 2: radius 0.3-0.45 of the image (1: 0.22-0.4)
 SUPERSAMPLE = 4  # draw large, downsample with antialiasing: smooth edges at 32x32
 
 
@@ -76,7 +79,7 @@ def generate_shapes(size: int, count: int, seed: int) -> Iterator[tuple[np.ndarr
 
 
 def _shapes_manifest(seed: int) -> dict:
-    return {"num_classes": len(SHAPE_NAMES), "class_names": SHAPE_NAMES, "source": "shapes", "seed": seed}
+    return {"num_classes": len(SHAPE_NAMES), "class_names": SHAPE_NAMES, "source": "shapes", "seed": seed, "generator_version": GENERATOR_VERSION}
 
 
 def render_shape(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int, str]:
