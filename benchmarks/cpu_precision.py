@@ -1,5 +1,6 @@
 """CPU training-step throughput of a preset's DiT: fp32 vs bf16 autocast, attention in bf16 vs fp32, eager vs compiled.
 
+The step is `fm bench`'s (`fmcli.bench.train_step_fn`: the preset's flow path, loss, clipping, optimizer).
 All variants are timed in one process, interleaved round by round (this machine's load changes by the
 second), each with its own model and AdamW; the table reports the median images/s and the ratio to fp32.
 "bf16, bf16 attention" is what plain autocast does (the model before `_sdpa` kept CPU attention in fp32).
@@ -18,16 +19,16 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from fmcli.bench import resolve_bench_config
-from fmcli.config import load_config
+from fmcli.bench import BenchSpec, resolve_bench_config, train_step_fn
+from fmcli.config import config_to_dict, load_config
 from fmcli.models import build_model
 from fmcli.models import dit
 
-VARIANTS = {
-    "fp32": dict(bf16=False, fp32_attention=True, compile=False),
-    "bf16, bf16 attention": dict(bf16=True, fp32_attention=False, compile=False),
-    "bf16, fp32 attention": dict(bf16=True, fp32_attention=True, compile=False),
-    "bf16, fp32 attention, compiled": dict(bf16=True, fp32_attention=True, compile=True),
+VARIANTS = {  # (precision, attention in fp32 under CPU bf16, torch.compile)
+    "fp32": ("fp32", True, False),
+    "bf16, bf16 attention": ("bf16", False, False),
+    "bf16, fp32 attention": ("bf16", True, False),
+    "bf16, fp32 attention, compiled": ("bf16", True, True),
 }
 
 
@@ -36,31 +37,22 @@ def _plain_sdpa(q, k, v, attn_mask=None):
 
 
 class Runner:
-    def __init__(self, model_cfg, batch: int, variant: dict):
-        torch.manual_seed(0)
-        self.model = build_model(model_cfg)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.forward = torch.compile(self.model) if variant["compile"] else self.model
-        self.variant = variant
-        c, s = model_cfg.in_channels, model_cfg.image_size
-        self.x = torch.randn(batch, c, s, s)
-        self.t = torch.rand(batch)
-        self.y = torch.randint(0, model_cfg.num_classes, (batch,))
+    """fm bench's training step (the preset's path, loss, clip and optimizer) for one variant, own model."""
 
-    def step(self):
-        patch = nullcontext() if self.variant["fp32_attention"] else mock.patch.object(dit, "_sdpa", _plain_sdpa)
-        amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.variant["bf16"])
-        with patch, amp:
-            loss = (self.forward(self.x, self.t, self.y).float() - self.x).pow(2).mean()
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+    def __init__(self, cfg, batch: int, precision: str, fp32_attention: bool, compile: bool):
+        torch.manual_seed(0)
+        spec = BenchSpec(config=config_to_dict(cfg), batch=batch, precision=precision, compile=compile, device="cpu")
+        self.step = train_step_fn(build_model(cfg.model), cfg, spec, torch.device("cpu"))
+        self.fp32_attention = fp32_attention
+        self.batch = batch
 
     def timed(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        return steps * self.x.shape[0] / (time.perf_counter() - start)
+        patch = nullcontext() if self.fp32_attention else mock.patch.object(dit, "_sdpa", _plain_sdpa)
+        with patch:
+            start = time.perf_counter()
+            for _ in range(steps):
+                self.step()
+            return steps * self.batch / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -74,7 +66,7 @@ def main() -> int:
 
     cfg = resolve_bench_config(load_config(args.preset, args.overrides))
     batch = args.batch or cfg.train.global_batch_size
-    runners = {name: Runner(cfg.model, batch, v) for name, v in VARIANTS.items()}
+    runners = {name: Runner(cfg, batch, *v) for name, v in VARIANTS.items()}
     for r in runners.values():  # warmup (and compilation) outside the timed rounds
         r.timed(3)
     rates = {name: [] for name in runners}
@@ -83,7 +75,7 @@ def main() -> int:
         for name in order:
             rates[name].append(runners[name].timed(args.steps))
     base = statistics.median(rates["fp32"])
-    print(f"preset {args.preset}, batch {batch}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds x {args.steps} steps")
+    print(f"preset {args.preset} ({cfg.optim.name}), batch {batch}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds x {args.steps} steps")
     print("| variant | median img/s | vs fp32 |")
     print("|---|---:|---:|")
     for name, r in rates.items():

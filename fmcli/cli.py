@@ -375,12 +375,13 @@ def _ensure_data(cfg, prepare: bool):
         return cfg
     if cfg.data.source != "shapes":
         raise UsageError(f"no dataset given: pass --data DIR, prepared with `fm prepare-data {cfg.data.source} --root ... --out DIR`")
+    from .data.prepared import read_manifest
     from .data.sources import GENERATOR_VERSION
 
     path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.train.seed}"
-    manifest = path / "manifest.json"
-    stale = manifest.exists() and json.loads(manifest.read_text()).get("generator_version") != GENERATOR_VERSION
-    if prepare and (stale or not manifest.exists()):
+    existing = read_manifest(path) if (path / "manifest.json").is_file() else None
+    stale = existing is not None and existing.get("generator_version") != GENERATOR_VERSION
+    if prepare and (existing is None or stale):
         why = " (the existing one came from an older shapes generator)" if stale else ""
         _stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
         _prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.train.seed, force=stale)

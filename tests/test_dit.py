@@ -68,7 +68,7 @@ def test_sincos_embedding_matches_formula():
     np.testing.assert_allclose(emb[5, 4:], np.concatenate([np.sin(2 * omega), np.cos(2 * omega)]))
 
 
-def test_cpu_bf16_autocast_runs_attention_in_fp32_and_matches_fp32_forward():
+def test_cpu_bf16_autocast_runs_attention_in_fp32_and_matches_fp32_forward(monkeypatch):
     # CPU bf16 autocast keeps SDPA in fp32 (its bf16 backward is slow on CPU); the GEMMs still run in bf16.
     torch.manual_seed(2)
     model = perturbed(tiny())
@@ -81,12 +81,9 @@ def test_cpu_bf16_autocast_runs_attention_in_fp32_and_matches_fp32_forward():
         return real_sdpa(q, k, v, **kw)
 
     reference = model(x, t, y)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.nn.functional.scaled_dot_product_attention = spy
-        try:
-            out = model(x, t, y)
-        finally:
-            torch.nn.functional.scaled_dot_product_attention = real_sdpa
+        out = model(x, t, y)
         qkv_dtype = model.blocks[0].attn.qkv(torch.randn(2, 16, 32)).dtype
     assert qkv_dtype == torch.bfloat16  # the projections really are bf16 under autocast
     assert seen and all(s == (torch.float32, False) for s in seen)
