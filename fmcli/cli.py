@@ -232,15 +232,22 @@ def train(
     def run():
         from .config import load_config
 
-        cfg = load_config(preset, overrides)
-        if data is not None:
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data)})})
+        if resume is not None:  # the checkpoint's config plus resume-safe overrides, exactly as `fm resume`
+            target = run_dir or Path("runs") / load_config(preset).name
+            ckpt = _resume_checkpoint(target, resume)
+            cfg = resume_config(ckpt, overrides, data=data)
+            target = run_dir or _run_dir_of(ckpt)
+        else:
+            cfg = load_config(preset, overrides)
+            if data is not None:
+                cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data)})})
+            target = run_dir or Path("runs") / cfg.name
         if print_config:
             from .config import config_to_dict
 
             _emit_json(config_to_dict(cfg))
             return
-        _run_training(cfg, run_dir or Path("runs") / cfg.name, resume, stop_at_step, _launch_opts(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id))
+        _run_training(cfg, target, resume, stop_at_step, _launch_opts(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id))
 
     _guard(run)
 
@@ -261,16 +268,28 @@ def resume(
     """
 
     def run():
-        from .checkpoint import load_checkpoint, resolve_checkpoint
-        from .config import RESUME_SAFE_KEYS, apply_overrides, validate_config
+        from .checkpoint import resolve_checkpoint
 
         ckpt = resolve_checkpoint(target)
-        state = load_checkpoint(ckpt)
-        cfg = apply_overrides(validate_config(state["config"], source=str(ckpt)), overrides, allowed=RESUME_SAFE_KEYS)
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        _run_training(cfg, run_dir, str(ckpt), stop_at_step, _launch_opts(gpus, nproc, 1, 0, None, None))
+        _run_training(resume_config(ckpt, overrides), _run_dir_of(ckpt), str(ckpt), stop_at_step, _launch_opts(gpus, nproc, 1, 0, None, None))
 
     _guard(run)
+
+
+def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None):
+    """The one way a resumed run's config is built: the checkpoint's config plus resume-safe overrides only
+    (anything else would change the math of a run whose optimizer and EMA state are restored)."""
+    from .checkpoint import load_checkpoint
+    from .config import RESUME_SAFE_KEYS, apply_overrides, validate_config
+
+    cfg = validate_config(load_checkpoint(ckpt)["config"], source=str(ckpt))
+    if data is not None and Path(cfg.data.path or "").resolve() != data.resolve():
+        raise UsageError(f"--data {data} differs from the resumed run's data.path {cfg.data.path}: a run cannot change its dataset on resume")
+    return apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
+
+
+def _run_dir_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
 def _launch_opts(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id) -> dict:

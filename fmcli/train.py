@@ -413,7 +413,7 @@ class _Trainer:
         path = None
         D.barrier(self.ctx)
         if self.ctx.is_main:
-            path = save_checkpoint(state, self.run_dir / "checkpoints", self.step, self.cfg.train.keep_last, self.cfg.train.keep_every)
+            path = save_checkpoint(state, self.run_dir / "checkpoints", self.step, self.cfg.train.keep_last, self.cfg.train.keep_every, log=self.log.info)
             self.log.info(f"checkpoint: {path}")
         D.barrier(self.ctx)
         return path or self.run_dir / "checkpoints" / f"step-{self.step:07d}.pt"
