@@ -307,7 +307,9 @@ def _run_training(cfg, run_dir: Path, resume_arg: Optional[str], stop_at_step, l
         D.check_gpus(launch["gpus"])
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
     # The parent resolves everything that all ranks must agree on: data, run directory, checkpoint.
-    cfg = _ensure_data(cfg, prepare=not child or int(os.environ.get("RANK", "0")) == 0)
+    # Under an external launcher (torchrun/SLURM, not our own relaunch) local rank 0 prepares the default
+    # data and the other ranks wait for its manifest; our own relaunch prepared it in the parent already.
+    cfg = _ensure_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
     ckpt = _resume_checkpoint(run_dir, resume_arg)
     if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and int(os.environ.get("RANK", "0")) == 0:
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -398,12 +400,22 @@ def _ensure_data(cfg, prepare: bool):
     from .data.sources import GENERATOR_VERSION
 
     path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.train.seed}"
-    existing = read_manifest(path) if (path / "manifest.json").is_file() else None
-    stale = existing is not None and existing.get("generator_version") != GENERATOR_VERSION
-    if prepare and (existing is None or stale):
-        why = " (the existing one came from an older shapes generator)" if stale else ""
-        _stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
-        _prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.train.seed, force=stale)
+
+    def current() -> dict | None:
+        existing = read_manifest(path) if (path / "manifest.json").is_file() else None
+        return existing if existing is not None and existing.get("generator_version") == GENERATOR_VERSION else None
+
+    if current() is None:
+        if prepare:
+            stale = (path / "manifest.json").is_file()
+            why = " (the existing one came from an older shapes generator)" if stale else ""
+            _stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
+            _prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.train.seed, force=stale)
+        else:
+            from .distributed import wait_until
+
+            timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
+            wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(path)})})
 
 

@@ -58,3 +58,66 @@ def test_item02_train_resume_refuses_non_resume_safe_overrides_like_fm_resume(tm
     assert printed["train"]["steps"] == 6 and printed["name"] == "debug" and printed["data"]["path"] == str(shapes16)
     r = run_fm("train", "--preset", "debug", "--run-dir", run, "--resume", "latest", "--data", tmp_path)
     assert r.returncode == 2 and "data" in r.stderr
+
+
+def test_item04_in_training_fid_of_a_text_model_is_refused_before_any_step(tmp_path, shapes16):
+    import pytest
+
+    from fmcli.errors import UsageError
+
+    cfg = load_config("quickstart-text", [f"data.path='{shapes16}'", "model.hidden_size=32", "model.depth=1", "model.heads=2",
+                                          "train.steps=4", "train.global_batch_size=8", "eval.every=2", f"eval.ref='{shapes16}'",
+                                          "eval.features=tiny", "train.compile=false", "train.precision=fp32"])
+    with pytest.raises(UsageError, match="text-conditioned"):
+        train(cfg, tmp_path / "run", log=QuietLog())
+    assert not (tmp_path / "run").exists()  # nothing was created, no work lost
+
+
+def test_item06_a_stop_request_checkpoints_before_samples_and_fid(tmp_path, shapes16, monkeypatch):
+    from fmcli import train as train_mod
+
+    calls = []
+    real_save = train_mod._Trainer._save_checkpoint
+    monkeypatch.setattr(train_mod._Trainer, "_save_samples", lambda self: calls.append(("samples", self.step)))
+    monkeypatch.setattr(train_mod._Trainer, "_evaluate", lambda self: calls.append(("fid", self.step)))
+    monkeypatch.setattr(train_mod._Trainer, "_save_checkpoint", lambda self: calls.append(("checkpoint", self.step)) or real_save(self))
+    result = train(_debug(shapes16, "train.steps=8", "train.sample_every=4", "eval.every=4"), tmp_path / "run", stop_at_step=4, log=QuietLog())
+    assert result.stopped_early
+    assert calls == [("checkpoint", 4)]
+
+
+def test_item06_the_launcher_passes_an_explicit_shutdown_timeout(monkeypatch):
+    import torch.distributed.run as torchrun
+
+    from fmcli import distributed as D
+
+    seen = []
+    monkeypatch.setattr(torchrun, "run", lambda parsed: seen.append(parsed.shutdown_timeout))
+    assert D.relaunch(2, ["--version"]) == 0
+    monkeypatch.setenv("FM_SHUTDOWN_TIMEOUT", "45")
+    assert D.relaunch(2, ["--version"]) == 0
+    assert seen == [600, 45]
+
+
+def test_item07_other_ranks_wait_for_local_rank_0_to_prepare_the_default_data(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import pytest
+
+    from fmcli import cli
+    from fmcli.data.sources import prepare_shapes
+    from fmcli.errors import RuntimeFailure
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("debug", ["data.count=64"])
+    monkeypatch.setenv("FM_DATA_WAIT", "0.5")
+    with pytest.raises(RuntimeFailure, match="timed out"):
+        cli._ensure_data(cfg, prepare=False)
+    monkeypatch.setenv("FM_DATA_WAIT", "60")
+    target = Path("data") / f"shapes-{cfg.data.image_size}-n64-s0"
+    maker = threading.Thread(target=lambda: (time.sleep(1.0), prepare_shapes(target, size=cfg.data.image_size, count=64, seed=0)))
+    maker.start()
+    resolved = cli._ensure_data(cfg, prepare=False)  # returns only once the manifest is there
+    maker.join()
+    assert Path(resolved.data.path) == target and (target / "manifest.json").is_file()
