@@ -459,7 +459,7 @@ def test_dataset_pickles_without_data_and_loader_workers_agree(shapes16):
 
 
 def test_train_remakes_auto_prepared_shapes_from_an_older_generator(tmp_path, monkeypatch):
-    from fmcli.cli import _ensure_data
+    from fmcli.launch import ensure_data as _ensure_data
     from fmcli.config import load_config
     from fmcli.data.sources import GENERATOR_VERSION
 
