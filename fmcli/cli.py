@@ -293,6 +293,11 @@ def _run_training(cfg, run_dir: Path, resume_arg: Optional[str], stop_at_step, l
     if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and int(os.environ.get("RANK", "0")) == 0:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
+    if int(os.environ.get("RANK", "0")) == 0:  # once per run: the launching process, or rank 0 under torchrun/SLURM
+        from .train import ema_warning
+
+        if warning := ema_warning(cfg.train):
+            print(warning, file=sys.stderr)
     if procs > 1 and not child or launch["nnodes"] > 1 and not child:
         if cfg.train.micro_batch_size == "auto":  # tune once here, single-process; the ranks read the cache
             import torch
@@ -378,13 +383,13 @@ def _ensure_data(cfg, prepare: bool):
     from .data.prepared import read_manifest
     from .data.sources import GENERATOR_VERSION
 
-    path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.train.seed}"
+    path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.data.seed}"
     existing = read_manifest(path) if (path / "manifest.json").is_file() else None
     stale = existing is not None and existing.get("generator_version") != GENERATOR_VERSION
     if prepare and (existing is None or stale):
         why = " (the existing one came from an older shapes generator)" if stale else ""
         _stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
-        _prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.train.seed, force=stale)
+        _prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.data.seed, force=stale)
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(path)})})
 
 
