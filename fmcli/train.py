@@ -119,8 +119,6 @@ def ema_initial_share(steps: int, decay: float, warmup: bool) -> float:
         if d == decay:  # the warmup curve only rises, so from here on every step decays by `decay`
             return share * decay ** (steps - step)
         share *= d
-        if share < 1e-12:
-            return share
     return share
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -480,3 +481,19 @@ def test_train_remakes_auto_prepared_shapes_from_an_older_generator(tmp_path, mo
     stamp = (path / "x.npy").stat().st_mtime_ns
     _ensure_data(cfg, prepare=True)
     assert (path / "x.npy").stat().st_mtime_ns == stamp
+
+
+def test_auto_prepared_shapes_follow_data_seed_not_train_seed(tmp_path, monkeypatch):
+    from fmcli.cli import _ensure_data
+    from fmcli.config import load_config
+
+    def prepare(where, *sets):
+        where.mkdir()
+        monkeypatch.chdir(where)
+        path = where / _ensure_data(load_config("debug", ["data.count=32", *sets]), prepare=True).data.path
+        return path.relative_to(where), np.load(path / "x.npy"), np.load(path / "y.npy")
+
+    default, reseeded, other_data = prepare(tmp_path / "a"), prepare(tmp_path / "b", "train.seed=7"), prepare(tmp_path / "c", "data.seed=7")
+    assert default[0] == reseeded[0] == Path("data/shapes-16-n32-s0")  # quickstart's data/shapes-32-n20000-s0 keeps its name
+    assert np.array_equal(default[1], reseeded[1]) and np.array_equal(default[2], reseeded[2])
+    assert other_data[0] == Path("data/shapes-16-n32-s7") and not np.array_equal(default[1], other_data[1])
