@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import RuntimeFailure, UsageError
 
-# The DiT paper's sizes (Peebles & Xie 2023, table 1): width, depth, heads; "/P" is the patch size.
+# The DiT paper's model sizes (Peebles & Xie 2023, table 1): width, depth, heads; "/P" is the patch size.
 _DIT_FAMILIES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 MODEL_SIZES: dict[str, dict[str, int]] = {
     f"DiT-{family}/{patch}": {"hidden_size": width, "depth": depth, "heads": heads, "patch_size": patch}

@@ -143,8 +143,8 @@ def test_inheritance_cycles_and_unknown_bases_are_clear_errors(tmp_path):
 
 # --------------------------------------------------------------------------------------------- model sizes
 
-# DiT paper (Peebles & Xie 2023), table 4: parameters in millions of the /2 models for 256x256 ImageNet
-# (32x32x4 latents, 1000 classes).
+# Published parameter counts, in millions, of the /2 models for 256x256 ImageNet (32x32x4 latents, 1000 classes):
+# DiT (Peebles & Xie 2023) and SiT (Ma et al. 2024, table 1) report S 33M, B 130M, L 458M, XL 675M.
 PAPER_PARAMS_M = {"DiT-S/2": 33, "DiT-B/2": 130, "DiT-L/2": 458, "DiT-XL/2": 675}
 
 
