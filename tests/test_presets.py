@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, run_fm
 from fmcli.config import MODEL_SIZES, apply_overrides, config_to_dict, load_config, preset_names, presets_dir
 from fmcli.errors import UsageError
-from fmcli.train import EMA_INITIAL_SHARE_LIMIT, ema_decay_at, ema_initial_share, ema_warning, update_ema
+from fmcli.optim import EMA_INITIAL_SHARE_LIMIT, ema_decay_at, ema_initial_share, ema_warning, update_ema
 
 TEXT_VARIANTS = ("overfit", "hparam_tuning", "full_scale", "text-debug")
 
