@@ -1,4 +1,5 @@
-"""Typed settings: pydantic models (unknown keys are errors), preset loading and `--set a.b=value` overrides.
+"""Typed settings: pydantic models (unknown keys are errors), preset loading (with `base = "NAME"` inheritance),
+the DiT model-size registry and `--set a.b=value` overrides.
 
 The pydantic models are the single source of truth for every setting and its default (DESIGN.md section 5).
 """
@@ -6,20 +7,28 @@ The pydantic models are the single source of truth for every setting and its def
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data.prepare import SOURCES
-from .errors import UsageError
+from .errors import RuntimeFailure, UsageError
 from .flow import COUPLINGS, TIME_SAMPLERS
 from .optim import OPTIMIZERS
 from .tracking import TRACKERS
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+# The DiT paper's model sizes (Peebles & Xie 2023, table 1): width, depth, heads; "/P" is the patch size.
+_DIT_FAMILIES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    f"DiT-{family}/{patch}": {"hidden_size": width, "depth": depth, "heads": heads, "patch_size": patch}
+    for family, (width, depth, heads) in _DIT_FAMILIES.items()
+    for patch in (2, 4, 8)
+}
+SIZE_FIELDS = ("hidden_size", "depth", "heads", "patch_size")  # what a size name sets
 
 
 class Strict(BaseModel):
@@ -28,6 +37,8 @@ class Strict(BaseModel):
 
 class ModelConfig(Strict):
     arch: Literal["dit", "unet"] = "dit"
+    # A name from MODEL_SIZES (e.g. "DiT-B/2") sets SIZE_FIELDS; fields given next to it override the name.
+    size: str | None = None
     hidden_size: int = Field(384, gt=0)
     depth: int = Field(12, gt=0)
     heads: int = Field(6, gt=0)
@@ -42,6 +53,26 @@ class ModelConfig(Strict):
     image_size: int | None = Field(None, gt=0)
     in_channels: int | None = Field(None, gt=0)
     num_classes: int | None = Field(None, ge=0)  # 0 = unconditional
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("size") in MODEL_SIZES:
+            return {**MODEL_SIZES[data["size"]], **data}
+        return data  # an unknown name is reported by _known_size with the field's own location
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, size: str | None) -> str | None:
+        if size is not None and size not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {size!r}; known sizes: {', '.join(MODEL_SIZES)}")
+        return size
+
+    @model_validator(mode="after")
+    def _size_is_for_dit(self):
+        if self.size is not None and self.arch != "dit":
+            raise ValueError(f"model.size {self.size!r} names a DiT size; it needs arch = 'dit' (drop size for the U-Net)")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -67,6 +98,7 @@ class DataConfig(Strict):
     path: str | None = None  # prepared dataset directory; for `shapes` it is made on first use
     image_size: int = Field(32, gt=0)  # used when `fm train` prepares shapes data itself
     count: int = Field(20000, gt=0)
+    seed: int = 0  # seeds and names the auto-prepared shapes data, so a train.seed sweep keeps the same data
     flip: bool = False
     num_workers: int = Field(0, ge=0)
 
@@ -240,16 +272,29 @@ def resolve_without_data(cfg: Config) -> Config:
     return resolve(cfg, {"shape": [channels, size, size], "num_classes": classes})
 
 
+def presets_dir():
+    """The folder of named presets: this source checkout's presets/, else the installed package data fmcli.presets.
+
+    A checkout (PYTHONPATH or `pip install -e .`) reads its own folder, so the presets that run are the ones next to
+    the code that runs; a wheel or `pip install .` ships the same files as fmcli/presets/ (pyproject.toml package-dir).
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "presets").is_dir():
+        return checkout / "presets"
+    try:
+        return importlib.resources.files("fmcli.presets")
+    except ModuleNotFoundError:
+        raise RuntimeFailure("this fm installation has no presets (package data fmcli.presets is missing); reinstall fm") from None
+
+
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+    return sorted(entry.name.removesuffix(".toml") for entry in presets_dir().iterdir() if entry.name.endswith(".toml"))
 
 
 def load_config(preset: str | None, overrides: list[str] | None = None) -> Config:
-    """Load a preset (a name in presets/ or a .toml path), apply `a.b=value` overrides, validate."""
+    """Load a preset (a name in presets/ or a .toml path, with its bases), apply `a.b=value` overrides, validate."""
     raw = _read_preset(preset) if preset else {}
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_key(raw, key, value)
+    raw = _apply_layer(raw, _overrides_layer(overrides or []))
     return validate_config(raw, source=preset or "defaults")
 
 
@@ -271,7 +316,13 @@ def config_to_dict(cfg: Config) -> dict:
 
 def apply_overrides(cfg: Config, overrides: list[str], allowed: set[str] | None = None) -> Config:
     """Apply overrides to an existing config; with `allowed`, refuse keys outside it (resume safety)."""
-    raw = config_to_dict(cfg)
+    raw = _apply_layer(config_to_dict(cfg), _overrides_layer(overrides, allowed))
+    return validate_config(raw, source="--set")
+
+
+def _overrides_layer(overrides: list[str], allowed: set[str] | None = None) -> dict:
+    """The `--set` items as one nested dict, applied on top of the preset like one more preset file."""
+    layer: dict = {}
     for item in overrides:
         key, value = parse_override(item)
         if allowed is not None and key not in allowed:
@@ -279,8 +330,32 @@ def apply_overrides(cfg: Config, overrides: list[str], allowed: set[str] | None 
                 f"--set {key} cannot change when resuming (it would change the run's math); "
                 f"allowed: {', '.join(sorted(allowed))}"
             )
-        _set_key(raw, key, value)
-    return validate_config(raw, source="--set")
+        _set_key(layer, key, value)
+    return layer
+
+
+def _apply_layer(raw: dict, layer: dict) -> dict:
+    """Deep-merge `layer` (a preset over its base, or the overrides over the preset) into a copy of `raw`.
+
+    Tables merge key by key; anything else replaces. A layer that names a model.size takes all SIZE_FIELDS from
+    that name, except the ones the same layer states: a later layer's size beats an earlier layer's explicit fields.
+    """
+    raw = copy.deepcopy(raw)
+    model = layer.get("model")
+    if isinstance(model, dict) and model.get("size") is not None and isinstance(raw.get("model"), dict):
+        for field in SIZE_FIELDS:
+            if field not in model:
+                raw["model"].pop(field, None)
+    return _deep_merge(raw, layer)
+
+
+def _deep_merge(base: dict, layer: dict) -> dict:
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -324,14 +399,42 @@ def _check_key_exists(parts: list[str], key: str) -> None:
 
 
 def _read_preset(preset: str) -> dict:
+    """A preset with its `base = "NAME"` chain resolved (base first, each file deep-merged over it)."""
+    return _resolve_preset(preset, relative_to=None, chain=[])
+
+
+def _resolve_preset(preset: str, relative_to: Path | None, chain: list[str]) -> dict:
+    try:
+        source, key, named = _locate_preset(preset, relative_to)
+    except UsageError as err:
+        if not chain:
+            raise
+        raise UsageError(f"preset {chain[-1]}: base {preset!r}: {err}") from None
+    if key in chain:
+        raise UsageError(f"preset inheritance cycle: {' -> '.join([*chain, key])}")
+    try:
+        raw = tomllib.loads(source.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"preset {key} is not valid TOML: {err}") from None
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"preset {key}: base must be a preset name or a .toml path, got {base!r}")
+    # A relative base path is relative to the user file that names it (shipped presets name their bases).
+    return _apply_layer(_resolve_preset(base, None if named else source.parent, [*chain, key]), raw)
+
+
+def _locate_preset(preset: str, relative_to: Path | None):
+    """(readable file, name for messages and cycle checks, whether it is a shipped preset) for a name or .toml path."""
     path = Path(preset)
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
     if path.suffix != ".toml" and not path.exists():
-        path = PRESETS_DIR / f"{preset}.toml"
-        if not path.exists():
+        entry = presets_dir().joinpath(f"{preset}.toml")
+        if not entry.is_file():
             raise UsageError(f"unknown preset {preset!r}; available: {', '.join(preset_names())} (or a .toml path)")
+        return entry, preset, True
     if not path.is_file():
         raise UsageError(f"preset file not found: {path}")
-    try:
-        return copy.deepcopy(tomllib.loads(path.read_text()))
-    except tomllib.TOMLDecodeError as err:
-        raise UsageError(f"preset {path} is not valid TOML: {err}") from None
+    return path, str(path.resolve()), False

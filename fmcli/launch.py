@@ -65,12 +65,21 @@ def run_training(cfg: Config, run_dir: Path, resume_arg: Optional[str], stop_at_
     ckpt = resume_checkpoint(run_dir, resume_arg)
     if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and int(os.environ.get("RANK", "0")) == 0:
         refuse_existing_run_dir(run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # once per run: the launching process, or rank 0 under torchrun/SLURM
+        warn_about_ema(cfg)
     if (procs > 1 or launch["nnodes"] > 1) and not child:
         _relaunch_training(cfg, run_dir, ckpt, stop_at_step, launch, procs)
         return None
     from .train import train
 
     return train(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step).checkpoint
+
+
+def warn_about_ema(cfg: Config) -> None:
+    from .optim import ema_warning
+
+    if warning := ema_warning(cfg.train):
+        print(warning, file=sys.stderr)
 
 
 def refuse_existing_run_dir(run_dir: Path) -> None:
@@ -137,7 +146,7 @@ def ensure_data(cfg: Config, prepare: bool) -> Config:
     from .data.prepared import read_manifest
     from .data.sources import GENERATOR_VERSION
 
-    path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.train.seed}"
+    path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.data.seed}"
 
     def current() -> dict | None:
         existing = read_manifest(path) if (path / "manifest.json").is_file() else None
@@ -148,7 +157,7 @@ def ensure_data(cfg: Config, prepare: bool) -> Config:
             stale = (path / "manifest.json").is_file()
             why = " (the existing one came from an older shapes generator)" if stale else ""
             stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
-            prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.train.seed, force=stale)
+            prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.data.seed, force=stale)
         else:
             timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
             D.wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")

@@ -83,3 +83,30 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     """With warmup, early EMA follows the weights closely: min(decay, (1 + step) / (10 + step))."""
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+EMA_INITIAL_SHARE_LIMIT = 0.05  # above this share of the initial weights at the end, the EMA is not the trained model
+
+
+def ema_initial_share(steps: int, decay: float, warmup: bool) -> float:
+    """The initial weights' share of the EMA after `steps` updates: the product of the per-step decays."""
+    share = 1.0
+    for step in range(steps):
+        d = ema_decay_at(step, decay, warmup)
+        if d == decay:  # the warmup curve only rises, so from here on every step decays by `decay`
+            return share * decay ** (steps - step)
+        share *= d
+    return share
+
+
+def ema_warning(train_cfg) -> str | None:
+    """One stderr line when the run's EMA would still be mostly the initial (zero-output) network at its end."""
+    share = ema_initial_share(train_cfg.steps, train_cfg.ema_decay, train_cfg.ema_warmup)
+    if share <= EMA_INITIAL_SHARE_LIMIT:
+        return None
+    fix = "set train.ema_warmup=true" if not train_cfg.ema_warmup else "lower train.ema_decay"
+    return (
+        f"warning: after {train_cfg.steps} steps the EMA (train.ema_decay={train_cfg.ema_decay}, "
+        f"ema_warmup={str(train_cfg.ema_warmup).lower()}) is still {share:.0%} the initial weights, so EMA samples "
+        f"and FID show an untrained model; {fix} or train longer"
+    )

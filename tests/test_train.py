@@ -138,7 +138,7 @@ def test_ema_matches_hand_computed_update():
 def test_ema_is_updated_once_per_optimizer_step_not_per_micro_batch(tmp_path, shapes16):
     """With decay d and k steps, EMA = d^k * init + ...; check the EMA moved by exactly one update per step."""
     cfg = cfg_for(shapes16, "train.steps=1", "train.global_batch_size=16", "train.micro_batch_size=4",
-                  "train.ema_decay=0.5", "train.checkpoint_every=0")
+                  "train.ema_decay=0.5", "train.ema_warmup=false", "train.checkpoint_every=0")
     train(cfg, tmp_path / "run")
     state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
     torch.manual_seed(cfg.train.seed)
