@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from .config import Config, config_to_dict, validate_config
 from .errors import RuntimeFailure, UsageError
+from .fsutil import write_text_atomic
 
 # Peak dense (no sparsity) bf16 tensor FLOP/s of known accelerators, matched against the device name in
 # order (most specific first). Vendor datasheet numbers; MFU is always reported against these.
@@ -709,10 +710,7 @@ def save_autotune_cache(run_dir: Path, cfg: Config, device: torch.device, precis
         "img_per_s": best.throughput if best else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = path.with_name(f".autotune.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(cache, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(cache, indent=2) + "\n")
 
 
 def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_size: int, log=lambda s: None) -> int:

@@ -17,6 +17,7 @@ import typer
 
 from . import __version__
 from .errors import FmError, UsageError
+from .fsutil import refuse_existing
 
 # ------------------------------------------------------------------------------------------- the app
 
@@ -25,14 +26,28 @@ class _App(typer.Typer):
     """Typer app whose errors meant for users become one stderr line and exit code 2 (usage) or 1."""
 
     def __call__(self, *args, **kwargs):
+        from typer._click import exceptions as click  # typer >= 0.24 vendors click; its errors live here
+
+        kwargs["standalone_mode"] = False  # click's errors come here, to be printed as one line too
         try:
-            return super().__call__(*args, **kwargs)
+            result = super().__call__(*args, **kwargs)
         except FmError as err:
             _print_error(str(err))
             sys.exit(err.exit_code)
+        except click.NoArgsIsHelpError as err:
+            err.show()  # `fm` alone: the help text, as click prints it
+            sys.exit(err.exit_code)
+        except click.ClickException as err:  # bad option, out-of-range value, missing argument
+            where = f" (see `fm {err.ctx.info_name} --help`)" if isinstance(err, click.UsageError) and err.ctx and err.ctx.parent else ""
+            _print_error(err.format_message().replace("\n", " ") + where)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            _print_error("aborted")
+            sys.exit(1)
         except KeyboardInterrupt:
             _print_error("interrupted")
             sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 app = _App(
@@ -108,6 +123,7 @@ def prepare_data(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding processes (default: cores, at most 8)."),
     count: int = typer.Option(20000, "--count", min=1, help="Number of images (shapes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (shapes)."),
+    max_member_mib: float = typer.Option(64.0, "--max-member-mib", min=0.001, help="tar: skip (and count) members larger than this, unread."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Local diffusers VAE directory: store float16 latents instead of pixels."),
@@ -137,13 +153,15 @@ def prepare_data(
     def run():
         from .data.prepare import default_workers
 
+        refuse_existing(out, force)
         console = _stderr_console()
         summaries = []
 
         def pixels(target: Path) -> Path:
             """The pixel dataset of any source; with --vae/--text-encoder it is a temporary step before encoding."""
             summary = _prepare_with_progress(
-                source, target, root=root, split=split, size=size, limit=limit, workers=workers or default_workers(), force=force, count=count, seed=seed
+                source, target, root=root, split=split, size=size, limit=limit, workers=workers or default_workers(), force=force, count=count, seed=seed,
+                max_member_mib=max_member_mib,
             )
             summaries.append(summary)
             return Path(summary.path)
@@ -262,11 +280,13 @@ def resume(
 
     def run():
         from .checkpoint import load_checkpoint, resolve_checkpoint
-        from .config import RESUME_SAFE_KEYS, apply_overrides, validate_config
+        from .config import RESUME_SAFE_KEYS, apply_overrides, refuse_checkpoint_trust, validate_config
 
         ckpt = resolve_checkpoint(target)
         state = load_checkpoint(ckpt)
-        cfg = apply_overrides(validate_config(state["config"], source=str(ckpt)), overrides, allowed=RESUME_SAFE_KEYS)
+        stored = validate_config(state["config"], source=str(ckpt))
+        refuse_checkpoint_trust(stored, overrides, str(ckpt))
+        cfg = apply_overrides(stored, overrides, allowed=RESUME_SAFE_KEYS)
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
         _run_training(cfg, run_dir, str(ckpt), stop_at_step, _launch_opts(gpus, nproc, 1, 0, None, None))
 
@@ -325,10 +345,11 @@ def _run_training(cfg, run_dir: Path, resume_arg: Optional[str], stop_at_step, l
 def _child_argv(cfg, run_dir: Path, ckpt: Optional[Path], stop_at_step) -> list[str]:
     """The children get the fully resolved config as a file, so every rank trains the same thing."""
     from .config import config_to_dict
+    from .fsutil import write_text_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / ".launch-config.json"
-    resolved.write_text(json.dumps(config_to_dict(cfg)))
+    write_text_atomic(resolved, json.dumps(config_to_dict(cfg)))
     argv = ["_train-resolved", str(resolved), "--run-dir", str(run_dir)]
     if ckpt is not None:
         argv += ["--resume", str(ckpt)]
@@ -372,6 +393,9 @@ def _ensure_data(cfg, prepare: bool):
     if cfg.data.path:
         if not Path(cfg.data.path).exists():
             raise UsageError(f"data.path {cfg.data.path} does not exist; create it with `fm prepare-data {cfg.data.source} --out {cfg.data.path}`")
+        from .data.prepared import validate_prepared
+
+        validate_prepared(cfg.data.path)  # before anything is created: a damaged dataset is exit 2 now, not a crash later
         return cfg
     if cfg.data.source != "shapes":
         raise UsageError(f"no dataset given: pass --data DIR, prepared with `fm prepare-data {cfg.data.source} --root ... --out DIR`")
@@ -410,6 +434,7 @@ def sample(
     out: Path = typer.Option(Path("samples"), "--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only)."),
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write a trajectory GIF (noise to image) of the grid."),
     gif_frames: int = typer.Option(16, "--gif-frames", min=2, help="Frames in the GIF, at evenly spaced solver times."),
+    force: bool = typer.Option(False, "--force", help="Replace existing output files (grid, samples, GIF)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward batch."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -435,6 +460,7 @@ def sample(
             raise UsageError("--gif is drawn by one process: drop --gpus/--nproc")
         texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
         n = num_samples or len(texts) or 16
+        refuse_existing(_sample_outputs(out, n) + [gif], force)
         if _relaunched(gpus, nproc, extra=["--num-samples", str(n)] + [a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
             return
         ctx = _rank_context(device, gpus)
@@ -505,6 +531,15 @@ def sample(
                 print(gif_path)
 
     _guard(run)
+
+
+def _sample_outputs(out: Path, n: int) -> list[Path]:
+    """The files `fm sample --out` writes: FILE.png, or DIR/grid.png and one DIR/NNNNNN.png per sample."""
+    from .images import sample_file
+
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        return [out]
+    return [out / "grid.png"] + [sample_file(out, i) for i in range(n)]
 
 
 def _read_prompts(source: Optional[str]) -> list[str]:
@@ -649,8 +684,7 @@ def class_grid(
 
         if out.suffix.lower() != ".png":
             raise UsageError(f"--out expects a .png file name, got {out}")
-        if out.exists() and not force:
-            raise UsageError(f"{out} already exists; pass --force to replace it")
+        refuse_existing(out, force)
         dev = _device(device)
         loaded = load_for_sampling(ckpt, dev, use_ema=ema)
         sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver)
@@ -677,6 +711,7 @@ def fid(
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write the reference statistics to FILE.npz."),
     features: str = typer.Option("inception", "--features", help="inception (default), tiny, or module:factory; only inception is comparable to published FID."),
     inception: Optional[str] = typer.Option(None, "--inception", help="Path to inception-2015-12-05.pt (default: $FM_INCEPTION)."),
+    inception_unverified: bool = typer.Option(False, "--inception-unverified", help="Use an Inception file whose sha256 differs from the reference (FID not comparable)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
     solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
@@ -685,7 +720,7 @@ def fid(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also save the generated samples as PNGs here."),
     kid: bool = typer.Option(False, "--kid", help="Also report KID (clean-fid's kernel distance)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --save-stats file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --save-stats file or --out samples."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     gpus: int = typer.Option(0, "--gpus", min=0, help="Generate on N local GPUs (sample indices sharded)."),
@@ -716,6 +751,7 @@ def fid(
             save_stats=save_stats,
             features=features,
             inception=inception,
+            inception_unverified=inception_unverified,
             num_samples=num_samples,
             sample_overrides=lambda base: _sample_settings(base, cfg_scale, steps, solver),
             seed=seed,
@@ -833,7 +869,8 @@ def _print_bench_table(console, report: dict) -> None:
 @app.command()
 def plot(
     run_dir: Path = typer.Argument(..., help="Run directory (reads RUN_DIR/metrics.jsonl)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (refreshed)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ):
     """Plot loss and learning-rate curves (and FID when logged) from a run's metrics.jsonl (needs matplotlib).
 
@@ -845,6 +882,7 @@ def plot(
     def run():
         from .plot import plot_run
 
+        refuse_existing(out, force)  # the default RUN_DIR/loss.png is fm's own view of metrics.jsonl: refreshed
         print(plot_run(run_dir, out))
 
     _guard(run)

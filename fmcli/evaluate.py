@@ -19,7 +19,6 @@ import math
 import os
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
+from .fsutil import atomic_write, refuse_existing
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # The URL clean-fid downloads from (cleanfid.downloads_helper.inception_url) and the file's sha256 (95,607,719 bytes).
@@ -59,10 +59,7 @@ class Statistics:
     feats: np.ndarray | None = None  # the raw features, kept only when KID is wanted
 
     def save(self, path: str | Path) -> Path:
-        """Write an .npz atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        """Write an .npz atomically (temp file, fsync, rename, fsync of the directory)."""
         arrays = dict(
             mu=self.mu,
             sigma=self.sigma,
@@ -73,15 +70,12 @@ class Statistics:
         )
         if self.feats is not None:
             arrays["feats"] = self.feats
-        try:
-            with open(tmp, "wb") as f:
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temp name
                 np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+
+        return atomic_write(path, write)
 
 
 @dataclass
@@ -182,15 +176,15 @@ def _stdout_to_stderr():
 # ---------------------------------------------------------------------------------- feature extractors
 
 
-def build_extractor(spec: str, *, inception: str | None = None, device: torch.device | str = "cpu") -> FeatureExtractor:
+def build_extractor(spec: str, *, inception: str | None = None, device: torch.device | str = "cpu", unverified: bool = False) -> FeatureExtractor:
     """`inception` (default; local weights), `tiny` (tests; not comparable), or `module:factory`.
 
     A `module:factory` is called as factory(device) and returns an object with `name`, `input_size` and
-    `__call__(uint8 [B,3,H,W]) -> [B,D]`.
+    `__call__(uint8 [B,3,H,W]) -> [B,D]`. `unverified` accepts an Inception file with another sha256.
     """
     device = torch.device(device)
     if spec == "inception":
-        return InceptionExtractor(resolve_inception_path(inception), device)
+        return InceptionExtractor(resolve_inception_path(inception), device, unverified=unverified)
     if spec == "tiny":
         return TinyExtractor(device)
     if ":" in spec:
@@ -228,10 +222,16 @@ class InceptionExtractor:
     name = "inception-v3-clean"
     input_size = 299
 
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, unverified: bool = False):
         from cleanfid.resize import build_resizer
 
         digest = _sha256(path)
+        if digest != INCEPTION_SHA256 and not unverified:
+            # torch.jit.load runs what the file describes: only the known file is loaded without being asked.
+            raise UsageError(
+                f"{path} has sha256 {digest[:16]}..., not the reference {INCEPTION_FILE}'s {INCEPTION_SHA256[:16]}...: refusing to load it; "
+                f"get the reference file from {INCEPTION_URL}, or pass --inception-unverified (--set eval.inception_unverified=true) to use it anyway"
+            )
         if digest != INCEPTION_SHA256:
             print(f"warning: {path} has sha256 {digest[:16]}..., not the reference file's {INCEPTION_SHA256[:16]}...: FID may not be comparable", file=sys.stderr)
         try:
@@ -457,6 +457,7 @@ def fid_command(
     features: str,
     inception: str | None,
     num_samples: int | None,
+    inception_unverified: bool = False,
     sample_overrides: Callable,
     seed: int,
     batch_size: int,
@@ -479,13 +480,16 @@ def fid_command(
     if save_stats is not None:
         if Path(ref).suffix == ".npz":
             raise UsageError("--save-stats needs image data as --ref (a prepared dataset or an image folder), not a .npz")
-        if save_stats.exists() and not force:
-            raise UsageError(f"{save_stats} already exists (use --force to replace it)")
+        refuse_existing(save_stats, force)
     if gen is not None and not Path(gen).is_dir():
         raise UsageError(f"--gen {gen} is not a directory of images")
     if gen is not None and (num_samples is not None or out is not None):
         raise UsageError("--num-samples and --out go with --ckpt; --gen scores every image in its folder")
-    extractor = build_extractor(features, inception=inception, device=device)
+    if out is not None and num_samples is not None:
+        from .images import sample_file
+
+        refuse_existing([sample_file(out, i) for i in range(num_samples)], force)
+    extractor = build_extractor(features, inception=inception, device=device, unverified=inception_unverified)
     if not isinstance(extractor, InceptionExtractor):
         log(f"features: {extractor.name} (not comparable to published FID)")
     loaded = None
@@ -549,7 +553,7 @@ class TrainingEvaluator:
         if data_manifest["kind"] != "pixels":
             raise UsageError("eval.every: FID during training of latent-space models needs VAE decoding, not available yet")
         self.cfg, self.device = cfg, device
-        self.extractor = build_extractor(cfg.eval.features, inception=cfg.eval.inception, device=device)
+        self.extractor = build_extractor(cfg.eval.features, inception=cfg.eval.inception, device=device, unverified=cfg.eval.inception_unverified)
         # Only the rank that computes the distance needs the reference (a folder can take minutes to score).
         self.ref = reference_statistics(cfg.eval.ref, self.extractor, log=log) if with_reference else None
         size = data_manifest["shape"][-1]

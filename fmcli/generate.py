@@ -16,14 +16,12 @@ from .config import Config, validate_config
 from .errors import UsageError
 from .models import build_model
 from .sampling import guided_velocity, solve
-from .seeding import normal
-
-_NOISE_STREAM = 1  # distinguishes sampling noise from training streams keyed by the same seed
+from .seeding import normal, stream
 
 
 def initial_noise(seed: int, indices, shape: tuple[int, ...], device="cpu") -> torch.Tensor:
     """[len(indices), *shape] standard normal; row k depends only on (seed, indices[k])."""
-    rows = [normal(tuple(shape), _NOISE_STREAM, seed, int(i)) for i in indices]
+    rows = [normal(tuple(shape), stream("sample_noise"), seed, int(i)) for i in indices]
     return torch.stack(rows).to(device)
 
 

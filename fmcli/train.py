@@ -30,14 +30,15 @@ from torch.utils.data import DataLoader
 from . import __version__
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, config_to_dict
+from .config import Config, config_to_dict, flip_warning
 from .data.prepared import PreparedDataset, collate_batched
 from .errors import RuntimeFailure, UsageError
+from .fsutil import write_text_atomic
 from .flow import couple, flow_matching_loss, interpolate, sample_times
 from .generate import initial_noise, sample_batch
 from .images import save_grid
 from .models import build_model
-from .seeding import normal, torch_generator
+from .seeding import normal, stream, torch_generator
 from .tracking import NullTracker, make_tracker
 
 
@@ -108,16 +109,29 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
+def numpy_rng_state() -> dict:
+    """numpy's whole legacy RNG state (key, position, cached Gaussian) as weights_only-loadable values."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def set_numpy_rng_state(state) -> None:
+    """Restore numpy_rng_state(); a bare key tensor (checkpoints before the full state was kept) restores the key only."""
+    if isinstance(state, dict):
+        np.random.set_state(("MT19937", state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached_gaussian"]))
+    else:
+        np.random.set_state(("MT19937", state.numpy().astype(np.uint32), *np.random.get_state()[2:]))
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 GEMMs several times faster than fp32 (why CPU presets may pick bf16)."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-_STEP_STREAM, _EPOCH_STREAM = 2, 3  # key prefixes: independent streams from one user seed
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch_generator(_EPOCH_STREAM, seed, epoch))
+    return torch.randperm(n, generator=torch_generator(stream("epoch_order"), seed, epoch))
 
 
 def build_optimizer(model: nn.Module, optim_cfg) -> "CombinedOptimizer":
@@ -182,6 +196,8 @@ class _Trainer:
         cfg = self.cfg = resolve_data_fields(cfg, self.dataset.manifest)
         cfg = self.cfg = self._setup_encoders(cfg)
         self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
+        if (warning := flip_warning(cfg)) and ctx.is_main:
+            self.log.info(warning)
         if cfg.train.precision == "fp16" and ctx.device.type != "cuda":
             raise UsageError("train.precision=fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
         if cfg.train.precision == "bf16" and ctx.device.type == "cpu" and not cpu_has_native_bf16():
@@ -281,7 +297,7 @@ class _Trainer:
     def _optimizer_step(self, batches) -> tuple[float, float]:
         cfg, ctx = self.cfg, self.ctx
         model = self.forward_model
-        key = (_STEP_STREAM, cfg.train.seed, self.batches)
+        key = (stream("train_step"), cfg.train.seed, self.batches)
         self.batches += 1
         G = cfg.train.global_batch_size
         shape = tuple(self.dataset.manifest["shape"])
@@ -386,7 +402,7 @@ class _Trainer:
     def _state(self) -> dict:
         rng = {
             "python": list(random.getstate()[1]),
-            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy": numpy_rng_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(self.ctx.device) if self.ctx.device.type == "cuda" else None,
         }
@@ -438,8 +454,7 @@ class _Trainer:
 
     def _set_rng(self, rng: dict) -> None:
         random.setstate((3, tuple(rng["python"]), None))
-        np_state = np.random.get_state()
-        np.random.set_state((np_state[0], rng["numpy"].numpy().astype(np.uint32), *np_state[2:]))
+        set_numpy_rng_state(rng["numpy"])
         torch.set_rng_state(rng["torch"].cpu())
         if rng.get("cuda") is not None and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu(), self.ctx.device)
@@ -448,8 +463,8 @@ class _Trainer:
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2) + "\n")
-        (self.run_dir / "env.json").write_text(json.dumps(environment_info(self.ctx), indent=2) + "\n")
+        write_text_atomic(self.run_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2) + "\n")
+        write_text_atomic(self.run_dir / "env.json", json.dumps(environment_info(self.ctx), indent=2) + "\n")
 
     def _log_metrics(self, window: list[float], grad_norm: float, elapsed: float) -> None:
         if not self.ctx.is_main:
@@ -489,9 +504,7 @@ class _Trainer:
             from .encoders import grid_conditions
 
             conditions, prompts = grid_conditions(self.text, self.dataset, n, self.ctx.device)
-            out = self.run_dir / "samples" / f"step-{self.step:07d}.txt"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("".join(p + "\n" for p in prompts))
+            write_text_atomic(self.run_dir / "samples" / f"step-{self.step:07d}.txt", "".join(p + "\n" for p in prompts))
         x = sample_batch(self.ema, x0, labels, self.cfg.sample, shift=self.cfg.flow.shift, conditions=conditions).x
         if self.dataset.manifest["kind"] == "latents":
             x = self._decode_latents(x)
