@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -322,8 +323,8 @@ def load_statistics(path: str | Path, extractor: FeatureExtractor | None = None)
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read statistics {path}: {err}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:  # missing, truncated or not an .npz at all
+        raise UsageError(f"cannot read statistics {path}: {err} (write one with `fm fid --ref DATA --save-stats FILE.npz`)") from None
     if "mu" not in data or "sigma" not in data:
         raise UsageError(f"{path} is not a statistics file: it has no mu/sigma (write one with `fm fid --ref DATA --save-stats FILE.npz`)")
     if "features" in data:
@@ -490,8 +491,6 @@ def fid_command(
 
         refuse_existing([sample_file(out, i) for i in range(num_samples)], force)
     extractor = build_extractor(features, inception=inception, device=device, unverified=inception_unverified)
-    if not isinstance(extractor, InceptionExtractor):
-        log(f"features: {extractor.name} (not comparable to published FID)")
     loaded = None
     if ckpt is not None:  # load the model first: a bad checkpoint fails before the long reference pass
         from .generate import load_for_sampling
@@ -500,6 +499,8 @@ def fid_command(
         sample_cfg = sample_overrides(loaded.config.sample)
 
     ref_stats = reference_statistics(ref, extractor, batch_size=batch_size, keep_features=kid, log=log)
+    if not isinstance(extractor, InceptionExtractor):  # said once the inputs are known to be good
+        log(f"features: {extractor.name} (not comparable to published FID)")
     if kid and ref_stats.feats is None:
         raise UsageError(f"--kid needs reference features, which {ref} lacks: write it with `fm fid --ref DATA --save-stats FILE.npz --kid`")
     result: dict = {}

@@ -157,7 +157,8 @@ class _NpyStream:
         values = np.asarray(values)
         if values.shape[1:] != self.row_shape:
             raise ValueError(f"{self.path.name}: rows of shape {values.shape[1:]}, expected {self.row_shape}")
-        values = np.ascontiguousarray(values.astype(self.dtype, casting="same_kind", copy=False))
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            values = np.ascontiguousarray(values.astype(self.dtype, casting="same_kind", copy=False))
         if self.dtype.kind == "f" and not np.isfinite(values).all():  # float16 overflow shows up here as inf
             raise RuntimeFailure(f"{self.path.name}: non-finite values (NaN/inf, or beyond the float16 range) in rows {self.rows}..{self.rows + len(values) - 1}")
         self.file.write(memoryview(values).cast("B"))
