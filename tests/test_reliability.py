@@ -79,10 +79,19 @@ def test_atomic_write_replaces_a_directory_whole(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["model.txt"] and [p.name for p in tmp_path.iterdir()] == ["enc"]
 
 
-def test_no_writer_renames_by_hand():
-    """Every writer goes through fsutil (the one place with os.replace): no copy can miss an fsync."""
+def test_no_writer_renames_a_temp_file_by_hand():
+    """Every writer goes through fsutil: no module but fsutil renames a temp file (os.replace(tmp, ...)),
+    so no copy of the write-fsync-rename dance can miss a step."""
+    import ast
+
     root = Path(__file__).resolve().parent.parent / "fmcli"
-    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if "os.replace(" in p.read_text() and p.name != "fsutil.py"]
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "fsutil.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.replace", "os.rename", "shutil.move") and "tmp" in ast.unparse(node.args[0]):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert offenders == []
 
 
