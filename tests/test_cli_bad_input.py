@@ -97,7 +97,7 @@ def w(tmp_path_factory, shapes16, debug_run) -> dict:
 
 TRAIN = ("train", "--preset", "debug", "--set", "train.device=cpu")
 
-# (id, arguments built from the work directory)
+# (id, arguments built from the work directory[, a phrase the error line must contain])
 CASES = [
     # presets, keys, types, ranges
     ("unknown-preset", lambda w: ("train", "--preset", "no-such-preset")),
@@ -120,8 +120,8 @@ CASES = [
     # bad paths, damaged datasets
     ("data-missing", lambda w: (*TRAIN, "--data", w["root"] / "no-such-data")),
     ("data-empty-dir", lambda w: (*TRAIN, "--data", w["empty"])),
-    ("data-truncated-x", lambda w: (*TRAIN, "--data", w["truncated"], "--run-dir", w["root"] / "new-run")),
-    ("data-label-out-of-range", lambda w: (*TRAIN, "--data", w["badlabels"], "--run-dir", w["root"] / "new-run")),
+    ("data-truncated-x", lambda w: (*TRAIN, "--data", w["truncated"], "--run-dir", w["root"] / "new-run"), "truncated"),
+    ("data-label-out-of-range", lambda w: (*TRAIN, "--data", w["badlabels"], "--run-dir", w["root"] / "new-run"), "labels span"),
     ("data-captions-count", lambda w: (*TRAIN, "--data", w["fewcaptions"], "--run-dir", w["root"] / "new-run")),
     ("data-manifest-not-json", lambda w: (*TRAIN, "--data", w["badjson"], "--run-dir", w["root"] / "new-run")),
     ("data-float-pixels", lambda w: (*TRAIN, "--data", w["floatpixels"], "--run-dir", w["root"] / "new-run")),
@@ -139,13 +139,13 @@ CASES = [
     ("resume-latest-dangling", lambda w: ("resume", w["dangling"])),
     ("resume-garbage-ckpt", lambda w: ("resume", w["garbage_ckpt"])),
     ("resume-truncated-ckpt", lambda w: ("resume", w["truncated_ckpt"])),
-    ("resume-pickled-code", lambda w: ("resume", w["evil_ckpt"])),
+    ("resume-pickled-code", lambda w: ("resume", w["evil_ckpt"]), "refused to unpickle code"),
     ("resume-not-fm-ckpt", lambda w: ("resume", w["not_fm_ckpt"])),
-    ("resume-unsafe-lr", lambda w: ("resume", w["run"], "--set", "optim.lr=0.5")),
-    ("resume-unsafe-sigma", lambda w: ("resume", w["run"], "--set", "flow.sigma_min=0.5")),
+    ("resume-unsafe-lr", lambda w: ("resume", w["run"], "--set", "optim.lr=0.5"), "optim.lr"),
+    ("resume-unsafe-sigma", lambda w: ("resume", w["run"], "--set", "flow.sigma_min=0.5"), "flow.sigma_min"),
     ("resume-bad-value", lambda w: ("resume", w["run"], "--set", "train.steps=abc")),
-    ("train-resume-unsafe-lr", lambda w: (*TRAIN, "--data", w["data"], "--run-dir", w["run"], "--resume", "latest", "--set", "optim.lr=0.5")),
-    ("train-resume-unsafe-ema", lambda w: (*TRAIN, "--data", w["data"], "--run-dir", w["run"], "--resume", "latest", "--set", "train.ema_decay=0")),
+    ("train-resume-unsafe-lr", lambda w: ("train", "--preset", "debug", "--data", w["data"], "--run-dir", w["run"], "--resume", "latest", "--set", "optim.lr=0.5"), "optim.lr"),
+    ("train-resume-unsafe-ema", lambda w: ("train", "--preset", "debug", "--run-dir", w["run"], "--resume", "latest", "--set", "train.ema_decay=0"), "train.ema_decay"),
     ("train-resume-missing-path", lambda w: (*TRAIN, "--data", w["data"], "--run-dir", w["root"] / "new-run", "--resume", w["root"] / "nope.pt")),
     # sampling: wrong-model flags, bad values, existing outputs
     ("sample-ckpt-missing", lambda w: ("sample", "--ckpt", w["root"] / "nope.pt", "--out", w["root"] / "new.png")),
@@ -157,7 +157,7 @@ CASES = [
     ("sample-guidance-interval", lambda w: ("sample", "--ckpt", w["run"], "--guidance-interval", "0.9,0.1", "--out", w["root"] / "new.png")),
     ("sample-gif-not-gif", lambda w: ("sample", "--ckpt", w["run"], "--gif", w["root"] / "t.png", "--out", w["root"] / "new.png")),
     ("sample-prompts-file-missing", lambda w: ("sample", "--ckpt", w["run"], "--prompts", w["root"] / "prompts.txt", "--out", w["root"] / "new.png")),
-    ("sample-out-exists", lambda w: ("sample", "--ckpt", w["run"], "--out", w["exists_png"])),
+    ("sample-out-exists", lambda w: ("sample", "--ckpt", w["run"], "--out", w["exists_png"]), "--force"),
     ("sample-gif-exists", lambda w: ("sample", "--ckpt", w["run"], "--out", w["root"] / "new.png", "--gif", w["exists_gif"])),
     ("sample-dir-sample-exists", lambda w: ("sample", "--ckpt", w["run"], "-n", "2", "--out", w["samples"])),
     ("sample-unknown-option", lambda w: ("sample", "--ckpt", w["run"], "--temperature", "2")),
@@ -199,11 +199,11 @@ def _snapshot(roots) -> dict:
 
 
 def test_there_are_at_least_forty_cases():
-    assert len(CASES) >= 40 and len({name for name, _ in CASES}) == len(CASES)
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("make_args", [c[1] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(make_args, w, capsys, monkeypatch):
+@pytest.mark.parametrize("make_args, expect", [(c[1], c[2] if len(c) > 2 else "") for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(make_args, expect, w, capsys, monkeypatch):
     from fmcli.cli import app
 
     monkeypatch.chdir(w["cwd"])  # relative defaults (runs/, data/, samples/) land inside the snapshot
@@ -217,4 +217,5 @@ def test_bad_input(make_args, w, capsys, monkeypatch):
     assert exit_info.value.code in (1, 2), (args, err)
     assert out == "", (args, out)
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) > 20, (args, err)
+    assert expect in lines[0], (args, err)
     assert _snapshot(roots) == before, args
