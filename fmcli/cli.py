@@ -503,6 +503,8 @@ def sample(
         from .generate import iterate_samples, load_for_sampling, merge_trajectories
         from .images import save_gif, save_grid, save_images, trajectory_frames
 
+        refuse_existing(_sample_outputs(out, n) + [gif], force)
+        D.barrier(ctx)  # every rank has checked before any rank writes (no rank may see another's new file)
         dev = ctx.device
         loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
         sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver, rtol, atol, guidance_interval)

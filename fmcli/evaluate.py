@@ -490,6 +490,10 @@ def fid_command(
         from .images import sample_file
 
         refuse_existing([sample_file(out, i) for i in range(num_samples)], force)
+        if ctx is not None:
+            from . import distributed as D
+
+            D.barrier(ctx)  # every rank has checked before any rank writes its samples
     extractor = build_extractor(features, inception=inception, device=device, unverified=inception_unverified)
     loaded = None
     if ckpt is not None:  # load the model first: a bad checkpoint fails before the long reference pass
