@@ -25,10 +25,10 @@ def grid_image(x: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Im
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
-def save_image_atomic(image: Image.Image, path: str | Path, **save_kwargs) -> Path:
+def save_image_atomic(image: Image.Image, path: str | Path, durable: bool = True, **save_kwargs) -> Path:
     """Write to a temp file beside the target and rename: a reader never sees a half-written image."""
     path = Path(path)
-    return atomic_write(path, lambda tmp: image.save(tmp, format=_format_of(path), **save_kwargs))
+    return atomic_write(path, lambda tmp: image.save(tmp, format=_format_of(path), **save_kwargs), durable=durable)
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -40,7 +40,9 @@ def save_images(x: torch.Tensor, directory: str | Path, start_index: int = 0, pr
     paths = []
     for k, arr in enumerate(to_uint8(x)):
         img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-        paths.append(save_image_atomic(img, sample_file(directory, start_index + k, prefix)))
+        # Atomic but not fsynced: an fsync per file costs ~9 ms here (7 min for 50k FID samples), and a
+        # sample lost in a power cut is regenerated bit-identically from (seed, index).
+        paths.append(save_image_atomic(img, sample_file(directory, start_index + k, prefix), durable=False))
     return paths
 
 
