@@ -16,17 +16,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# name -> the first key of the stream (the rest: seed, then a counter such as step, epoch or sample index)
+# The named random streams: the first key of every draw, so that streams keyed by the same user seed never
+# overlap. Values are part of the reproducibility contract (changing one changes every run's numbers).
 STREAMS = {
-    "sample_noise": 1,  # generate.py: initial noise of sample i, keyed (seed, i): same on any batch/rank split
-    "train_step": 2,  # train.py: noise, times, condition dropout and flips of global batch b, keyed (seed, b)
-    "epoch_order": 3,  # train.py: the data permutation of each epoch, keyed (seed, epoch)
+    "sample_noise": 1,  # initial noise of sample i: (stream, seed, i)
+    "step": 2,  # a training step's noise, times, dropout and flips: (stream, seed, global batch index)
+    "epoch": 3,  # the data order of an epoch: (stream, seed, epoch)
 }
-
-
-def stream(name: str) -> int:
-    """The key prefix of a named stream (KeyError for a name not in STREAMS)."""
-    return STREAMS[name]
 
 
 def torch_generator(*keys: int) -> torch.Generator:

@@ -98,10 +98,10 @@ def test_no_writer_renames_a_temp_file_by_hand():
 def test_streams_table_keeps_its_values():
     """The named streams are one table; their key prefixes are part of the reproducibility contract."""
     from fmcli.generate import initial_noise
-    from fmcli.seeding import STREAMS, normal, stream
+    from fmcli.seeding import STREAMS, normal
 
     assert len(set(STREAMS.values())) == len(STREAMS)
-    assert (stream("sample_noise"), stream("train_step"), stream("epoch_order")) == (1, 2, 3)
+    assert (STREAMS["sample_noise"], STREAMS["step"], STREAMS["epoch"]) == (1, 2, 3)
     # sample i's noise is the PCG64 stream of SeedSequence([1, seed, i]) (computed here without fm)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([1, 7, 3])))
     expected = rng.standard_normal((2, 4, 4), dtype=np.float32)
