@@ -36,6 +36,7 @@ import torch
 from . import distributed as D
 from .config import Config, config_to_dict, resolve_without_data, validate_config
 from .errors import RuntimeFailure, UsageError
+from .fsutil import write_text_atomic
 from .models import build_bench_model
 from .step import TrainingStep, autocast_for
 
@@ -472,10 +473,7 @@ def save_autotune_cache(run_dir: Path, cfg: Config, device: torch.device, precis
         "img_per_s": best.throughput if best else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = path.with_name(f".autotune.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(cache, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(cache, indent=2) + "\n")
 
 
 def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_size: int, log=lambda s: None) -> int:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
-import uuid
+import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import UsageError
-from .fsutil import fsync_dir
+from .fsutil import atomic_write, fsync_dir, write_text_atomic
 
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
 
@@ -21,29 +22,12 @@ def checkpoint_name(step: int) -> str:
 
 def save_atomic(state: dict, path: str | Path) -> Path:
     """Write `state` so that a crash at any moment leaves either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def write_latest(ckpt_dir: Path, name: str) -> None:
     """`checkpoints/latest` is a one-line text file naming the newest checkpoint, replaced atomically."""
-    tmp = ckpt_dir / f".latest.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(name + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / "latest")
-    fsync_dir(ckpt_dir)
+    write_text_atomic(ckpt_dir / "latest", name + "\n")
 
 
 def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int, keep_every: int = 0, log=None) -> Path:
@@ -122,15 +106,28 @@ def resolve_checkpoint(target: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load with weights_only=True (no code execution); a corrupt or truncated file is a one-line error."""
+    """Load with weights_only=True (no code execution); a corrupt or truncated file is a one-line error,
+    and so is a pickle that asks for code (an object of some class): that one is not an fm checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of damaged files: one line is enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only names a global it will not import ("Unsupported global: GLOBAL builtins.print"):
+        # the file asks for code, which no fm checkpoint does. Other unpickling errors are damage.
+        if "Unsupported global" in str(err):
+            raise UsageError(f"{path} is not an fm checkpoint (refused to unpickle code)") from None
+        raise UsageError(f"cannot load checkpoint {path}: corrupt or truncated ({_first_line(err)})") from None
     except Exception as err:  # torch raises many types for damaged files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load checkpoint {path}: corrupt or truncated ({reason[:160]})") from None
+        raise UsageError(f"cannot load checkpoint {path}: corrupt or truncated ({_first_line(err)})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UsageError(f"{path} is not an fm checkpoint (missing model/config)")
     return state
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:160]

@@ -17,6 +17,7 @@ from . import __version__
 from .console import emit_json, print_error, stderr_console
 from .data.prepare import SOURCES
 from .errors import FmError, UsageError
+from .fsutil import refuse_existing
 
 # ------------------------------------------------------------------------------------------- the app
 
@@ -25,14 +26,28 @@ class _App(typer.Typer):
     """Typer app whose errors meant for users become one stderr line and exit code 2 (usage) or 1."""
 
     def __call__(self, *args, **kwargs):
+        from typer._click import exceptions as click  # typer >= 0.24 vendors click; its errors live here
+
+        kwargs["standalone_mode"] = False  # click's errors come here, to be printed as one line too
         try:
-            return super().__call__(*args, **kwargs)
+            result = super().__call__(*args, **kwargs)
         except FmError as err:
             print_error(str(err))
             sys.exit(err.exit_code)
+        except click.NoArgsIsHelpError as err:
+            err.show()  # `fm` alone: the help text, as click prints it
+            sys.exit(err.exit_code)
+        except click.ClickException as err:  # bad option, out-of-range value, missing argument
+            where = f" (see `fm {err.ctx.info_name} --help`)" if isinstance(err, click.UsageError) and err.ctx and err.ctx.parent else ""
+            print_error(err.format_message().replace("\n", " ") + where)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            print_error("aborted")
+            sys.exit(1)
         except KeyboardInterrupt:
             print_error("interrupted")
             sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 app = _App(
@@ -135,6 +150,7 @@ def prepare_data(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding processes (default: cores, at most 8)."),
     count: int = typer.Option(20000, "--count", min=1, help="Number of images (shapes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (shapes)."),
+    max_member_mib: float = typer.Option(64.0, "--max-member-mib", min=0.001, help="tar: skip (and count) members larger than this, unread."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Local diffusers VAE directory: store float16 latents instead of pixels."),
@@ -165,13 +181,15 @@ def prepare_data(
         from .data.prepare import default_workers
         from .launch import prepare_encoded_with_progress, prepare_with_progress
 
+        refuse_existing(out, force)
         console = stderr_console()
         summaries = []
 
         def pixels(target: Path) -> Path:
             """The pixel dataset of any source; with --vae/--text-encoder it is a temporary step before encoding."""
             summary = prepare_with_progress(
-                source, target, root=root, split=split, size=size, limit=limit, workers=workers or default_workers(), force=force, count=count, seed=seed
+                source, target, root=root, split=split, size=size, limit=limit, workers=workers or default_workers(), force=force, count=count, seed=seed,
+                max_member_mib=max_member_mib,
             )
             summaries.append(summary)
             return Path(summary.path)
@@ -322,6 +340,7 @@ def sample(
     out: Path = typer.Option(Path("samples"), "--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only)."),
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write a trajectory GIF (noise to image) of the grid."),
     gif_frames: int = typer.Option(16, "--gif-frames", min=2, help="Frames in the GIF, at evenly spaced solver times."),
+    force: bool = typer.Option(False, "--force", help="Replace existing output files (grid, samples, GIF)."),
     batch_size: BatchSize = 64,
     ema: Ema = True,
     device: Device = "auto",
@@ -341,7 +360,7 @@ def sample(
     """
 
     def run():
-        from .generate import sample_command
+        from .generate import sample_command, sample_outputs
         from .launch import rank_context, relaunched, with_process_group
 
         if gif is not None and gif.suffix.lower() != ".gif":
@@ -351,12 +370,13 @@ def sample(
         overrides = _sample_overrides(cfg=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, guidance_interval=parse_interval(guidance_interval))
         texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
         n = num_samples or len(texts) or 16
+        refuse_existing(sample_outputs(out, n) + [gif], force)  # before any work; every rank checks again
         if relaunched(gpus, nproc, extra=["--num-samples", str(n)] + [a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
             return
         ctx = rank_context(device, gpus)
         summary = with_process_group(lambda: sample_command(
             ctx, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif,
-            gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder,
+            gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force,
         ))  # fmt: skip
         if summary is None:  # not rank 0
             return
@@ -417,8 +437,7 @@ def class_grid(
 
         if out.suffix.lower() != ".png":
             raise UsageError(f"--out expects a .png file name, got {out}")
-        if out.exists() and not force:
-            raise UsageError(f"{out} already exists; pass --force to replace it")
+        refuse_existing(out, force)
         dev = _device(device)
         loaded = load_for_sampling(ckpt, dev, use_ema=ema)
         sample_cfg = _sample_overrides(cfg=cfg_scale, steps=steps, solver=solver)(loaded.config.sample)
@@ -446,6 +465,7 @@ def fid(
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write the reference statistics to FILE.npz."),
     features: str = typer.Option("inception", "--features", help="inception (default), tiny, or module:factory; only inception is comparable to published FID."),
     inception: Optional[str] = typer.Option(None, "--inception", help="Path to inception-2015-12-05.pt (default: $FM_INCEPTION)."),
+    inception_unverified: bool = typer.Option(False, "--inception-unverified", help="Use an Inception file whose sha256 differs from the reference (FID not comparable)."),
     cfg_scale: CfgScale = None,
     steps: Steps = None,
     solver: Solver = None,
@@ -454,7 +474,7 @@ def fid(
     ema: Ema = True,
     out: Optional[Path] = typer.Option(None, "--out", help="Also save the generated samples as PNGs here."),
     kid: bool = typer.Option(False, "--kid", help="Also report KID (clean-fid's kernel distance)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --save-stats file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --save-stats file or --out samples."),
     device: Device = "auto",
     as_json: Json = False,
     gpus: Gpus = 0,
@@ -481,6 +501,7 @@ def fid(
         console = stderr_console()
         result = with_process_group(lambda: fid_command(
             ctx=ctx, ref=ref, gen=gen, ckpt=ckpt, save_stats=save_stats, features=features, inception=inception,
+            inception_unverified=inception_unverified,
             num_samples=num_samples, sample_overrides=_sample_overrides(cfg=cfg_scale, steps=steps, solver=solver),
             seed=seed, batch_size=batch_size, ema=ema, out=out, kid=kid, force=force, device=ctx.device,
             log=lambda message: console.print(message, highlight=False, markup=False) if ctx.is_main else None,
@@ -558,7 +579,8 @@ def bench(
 @app.command()
 def plot(
     run_dir: Path = typer.Argument(..., help="Run directory (reads RUN_DIR/metrics.jsonl)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (refreshed)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ):
     """Plot loss and learning-rate curves (and FID when logged) from a run's metrics.jsonl (needs matplotlib).
 
@@ -570,6 +592,7 @@ def plot(
     def run():
         from .plot import plot_run
 
+        refuse_existing(out, force)  # the default RUN_DIR/loss.png is fm's own view of metrics.jsonl: refreshed
         print(plot_run(run_dir, out))
 
     _guard(run)

@@ -84,7 +84,7 @@ class ModelConfig(Strict):
 class FlowConfig(Strict):
     sigma_min: float = Field(1e-5, ge=0.0, lt=1.0)
     time_sampler: Literal[TIME_SAMPLERS] = "uniform"
-    logit_mean: float = 0.0
+    logit_mean: float = 0.0  # on t (t = 1 data): SD3's sigma-based mean m is logit_mean = -m here
     logit_std: float = Field(1.0, gt=0)
     shift: float = Field(1.0, gt=0)  # SD3-style time shift; 1 = none
     coupling: Literal[COUPLINGS] = "independent"
@@ -159,6 +159,7 @@ class EvalConfig(Strict):
     ref: str | None = None  # prepared dataset, image folder or stats .npz (`fm fid --save-stats`)
     features: str = "inception"  # inception | tiny | module:factory (only inception is comparable to papers)
     inception: str | None = None  # inception-2015-12-05.pt; None = $FM_INCEPTION
+    inception_unverified: bool = False  # accept an Inception file whose sha256 is not the reference one
 
 
 class EncodersConfig(Strict):
@@ -203,9 +204,38 @@ RESUME_SAFE_KEYS = {
     "eval.ref",
     "eval.features",
     "eval.inception",
+    "eval.inception_unverified",
     "encoders.vae",  # the frozen encoders' local paths may move between sessions
     "encoders.text_encoder",
 }
+
+
+def flip_warning(cfg: Config) -> str | None:
+    """data.flip mirrors images but not their captions, which may say "left" or "right": say so."""
+    if cfg.data.flip and cfg.model.cross_attention:
+        return "warning: data.flip mirrors captioned images, whose captions may say left/right (now wrong half the time); --set data.flip=false unless they never do"
+    return None
+
+
+def refuse_checkpoint_trust(stored: Config, overrides: list[str], source: str) -> None:
+    """A checkpoint's config is data from wherever the file came from: it may not decide to run code.
+
+    `eval.features = "module:factory"` makes fm import a module and call it, and
+    `eval.inception_unverified = true` makes it torch.jit.load a file of unknown origin. Both are accepted
+    from the user's command line or preset only; a checkpoint that carries them needs the user to repeat
+    (or replace) them with --set when resuming.
+    """
+    given = {parse_override(item)[0] for item in overrides}
+    if ":" in stored.eval.features and "eval.features" not in given:
+        raise UsageError(
+            f"{source} stores eval.features={stored.eval.features!r}, which would import and run that code; fm never does so "
+            f"on a checkpoint's word: pass --set eval.features={stored.eval.features} if you trust it, or --set eval.features=inception"
+        )
+    if stored.eval.inception_unverified and "eval.inception_unverified" not in given:
+        raise UsageError(
+            f"{source} stores eval.inception_unverified=true; fm does not accept that from a checkpoint: "
+            "pass --set eval.inception_unverified=true if you trust the Inception file, or =false"
+        )
 
 
 # Data shapes (channels, image size, classes) of the sources whose shape is known without the data.

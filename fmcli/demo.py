@@ -130,6 +130,25 @@ def progressive(
     yield Frame(step=total or peek.calls, total=total, t=1.0, x=result.x.cpu(), final=True, nfe=result.nfe)
 
 
+MAX_STEPS, MAX_EVERY = 250, 50  # the page's slider ranges, enforced again by the handler
+
+
+def bounded_request(images, steps, every, max_images: int) -> tuple[int, int, int]:
+    """The page's numbers clamped to the sliders' ranges: a client calling /generate directly cannot ask
+    for a million steps or images (the sliders bound only the browser)."""
+
+    def clamp(value, lo: int, hi: int, what: str) -> int:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{what} must be a number, got {value!r}") from None
+        if number != number:  # NaN
+            raise UsageError(f"{what} must be a number, got {value!r}")
+        return int(min(max(number, lo), hi))
+
+    return clamp(images, 1, max_images, "images"), clamp(steps, 1, MAX_STEPS, "steps"), clamp(every, 1, MAX_EVERY, "every")
+
+
 def _display(x: torch.Tensor, min_side: int = 384):
     """A grid image upscaled (nearest) so small samples are visible in the page."""
     from PIL import Image
@@ -157,17 +176,15 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
 
     def generate(prompt, class_choice, images, cfg_scale, steps, solver, seed, every):
         try:
-            sample_cfg = sample_settings(cfg.sample, cfg=float(cfg_scale), steps=int(steps), solver=str(solver))
+            n, steps, every = bounded_request(images, steps, every, max_images)
+            sample_cfg = sample_settings(cfg.sample, cfg=float(cfg_scale), steps=steps, solver=str(solver))
             label = None
             if class_names and class_choice not in (None, "", ALL_CLASSES):
                 if class_choice not in class_names:
                     raise UsageError(f"unknown class {class_choice!r}")
                 label = class_names.index(class_choice)
-            n = int(images)
-            if not 1 <= n <= max_images:
-                raise UsageError(f"images must be between 1 and {max_images}")
             frames = progressive(
-                loaded, n=n, seed=int(seed), sample_cfg=sample_cfg, every=int(every), device=device,
+                loaded, n=n, seed=int(seed), sample_cfg=sample_cfg, every=every, device=device,
                 prompt=prompt, class_label=label,
             )
             for frame in frames:
@@ -188,10 +205,10 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
                 choice = gr.Dropdown([ALL_CLASSES] + class_names, value=ALL_CLASSES, label="Class", visible=bool(class_names))
                 images = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="Images")
                 cfg_scale = gr.Slider(0.0, 10.0, value=cfg.sample.cfg, step=0.1, label="CFG scale (1 = off)")
-                steps = gr.Slider(1, 250, value=cfg.sample.steps, step=1, label="Steps")
+                steps = gr.Slider(1, MAX_STEPS, value=min(cfg.sample.steps, MAX_STEPS), step=1, label="Steps")
                 solver = gr.Dropdown(list(SOLVERS), value=cfg.sample.solver, label="Solver")
                 seed = gr.Number(value=0, precision=0, label="Seed")
-                every = gr.Slider(1, 50, value=max(1, cfg.sample.steps // 10), step=1, label="Preview every K steps")
+                every = gr.Slider(1, MAX_EVERY, value=min(MAX_EVERY, max(1, cfg.sample.steps // 10)), step=1, label="Preview every K steps")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 image = gr.Image(label="samples", type="pil", format="png", elem_id="fm-output")

@@ -13,14 +13,13 @@ factors read from the VAE's own config (shift_factor None -> 0); decoding invert
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import UsageError
+from .fsutil import atomic_write
 
 ENV_VAE = "FM_VAE"
 ENV_TEXT_ENCODER = "FM_TEXT_ENCODER"
@@ -277,20 +276,16 @@ def build_tiny_text_encoder(out: str | Path, *, seed: int = 0, words: list[str] 
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
     out = Path(out)
-    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process (a DDP rank) built it at the same moment: theirs is identical
-            if not (out / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        atomic_write(out, write)
+    except OSError:  # another process (a DDP rank) built it at the same moment: theirs is identical
+        if not (out / "model.safetensors").is_file():
+            raise
     return out
 
 

@@ -19,8 +19,8 @@ import math
 import os
 import sys
 import time
-import uuid
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .data.decode import IMAGE_EXTENSIONS as READABLE_IMAGE_EXTENSIONS
 from .errors import UsageError
+from .fsutil import atomic_write, refuse_existing
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # The URL clean-fid downloads from (cleanfid.downloads_helper.inception_url) and the file's sha256 (95,607,719 bytes).
@@ -61,10 +62,7 @@ class Statistics:
     feats: np.ndarray | None = None  # the raw features, kept only when KID is wanted
 
     def save(self, path: str | Path) -> Path:
-        """Write an .npz atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        """Write an .npz atomically (temp file, fsync, rename, fsync of the directory)."""
         arrays = dict(
             mu=self.mu,
             sigma=self.sigma,
@@ -75,15 +73,12 @@ class Statistics:
         )
         if self.feats is not None:
             arrays["feats"] = self.feats
-        try:
-            with open(tmp, "wb") as f:
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temp name
                 np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+
+        return atomic_write(path, write)
 
 
 @dataclass
@@ -184,15 +179,15 @@ def _stdout_to_stderr():
 # ---------------------------------------------------------------------------------- feature extractors
 
 
-def build_extractor(spec: str, *, inception: str | None = None, device: torch.device | str = "cpu") -> FeatureExtractor:
+def build_extractor(spec: str, *, inception: str | None = None, device: torch.device | str = "cpu", unverified: bool = False) -> FeatureExtractor:
     """`inception` (default; local weights), `tiny` (tests; not comparable), or `module:factory`.
 
     A `module:factory` is called as factory(device) and returns an object with `name`, `input_size` and
-    `__call__(uint8 [B,3,H,W]) -> [B,D]`.
+    `__call__(uint8 [B,3,H,W]) -> [B,D]`. `unverified` accepts an Inception file with another sha256.
     """
     device = torch.device(device)
     if spec == "inception":
-        return InceptionExtractor(resolve_inception_path(inception), device)
+        return InceptionExtractor(resolve_inception_path(inception), device, unverified=unverified)
     if spec == "tiny":
         return TinyExtractor(device)
     if ":" in spec:
@@ -230,10 +225,16 @@ class InceptionExtractor:
     name = "inception-v3-clean"
     input_size = 299
 
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, unverified: bool = False):
         from cleanfid.resize import build_resizer
 
         digest = _sha256(path)
+        if digest != INCEPTION_SHA256 and not unverified:
+            # torch.jit.load runs what the file describes: only the known file is loaded without being asked.
+            raise UsageError(
+                f"{path} has sha256 {digest[:16]}..., not the reference {INCEPTION_FILE}'s {INCEPTION_SHA256[:16]}...: refusing to load it; "
+                f"get the reference file from {INCEPTION_URL}, or pass --inception-unverified (--set eval.inception_unverified=true) to use it anyway"
+            )
         if digest != INCEPTION_SHA256:
             print(f"warning: {path} has sha256 {digest[:16]}..., not the reference file's {INCEPTION_SHA256[:16]}...: FID may not be comparable", file=sys.stderr)
         try:
@@ -324,8 +325,8 @@ def load_statistics(path: str | Path, extractor: FeatureExtractor | None = None)
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read statistics {path}: {err}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:  # missing, truncated or not an .npz at all
+        raise UsageError(f"cannot read statistics {path}: {err} (write one with `fm fid --ref DATA --save-stats FILE.npz`)") from None
     if "mu" not in data or "sigma" not in data:
         raise UsageError(f"{path} is not a statistics file: it has no mu/sigma (write one with `fm fid --ref DATA --save-stats FILE.npz`)")
     if "features" in data:
@@ -459,6 +460,7 @@ def fid_command(
     features: str,
     inception: str | None,
     num_samples: int | None,
+    inception_unverified: bool = False,
     sample_overrides: Callable,
     seed: int,
     batch_size: int,
@@ -481,15 +483,20 @@ def fid_command(
     if save_stats is not None:
         if Path(ref).suffix == ".npz":
             raise UsageError("--save-stats needs image data as --ref (a prepared dataset or an image folder), not a .npz")
-        if save_stats.exists() and not force:
-            raise UsageError(f"{save_stats} already exists (use --force to replace it)")
+        refuse_existing(save_stats, force)
     if gen is not None and not Path(gen).is_dir():
         raise UsageError(f"--gen {gen} is not a directory of images")
     if gen is not None and (num_samples is not None or out is not None):
         raise UsageError("--num-samples and --out go with --ckpt; --gen scores every image in its folder")
-    extractor = build_extractor(features, inception=inception, device=device)
-    if not isinstance(extractor, InceptionExtractor):
-        log(f"features: {extractor.name} (not comparable to published FID)")
+    if out is not None and num_samples is not None:
+        from .images import sample_file
+
+        refuse_existing([sample_file(out, i) for i in range(num_samples)], force)
+        if ctx is not None:
+            from . import distributed as D
+
+            D.barrier(ctx)  # every rank has checked before any rank writes its samples
+    extractor = build_extractor(features, inception=inception, device=device, unverified=inception_unverified)
     loaded = None
     if ckpt is not None:  # load the model first: a bad checkpoint fails before the long reference pass
         from .generate import load_for_sampling
@@ -498,6 +505,8 @@ def fid_command(
         sample_cfg = sample_overrides(loaded.config.sample)
 
     ref_stats = reference_statistics(ref, extractor, batch_size=batch_size, keep_features=kid, log=log)
+    if not isinstance(extractor, InceptionExtractor):  # said once the inputs are known to be good
+        log(f"features: {extractor.name} (not comparable to published FID)")
     if kid and ref_stats.feats is None:
         raise UsageError(f"--kid needs reference features, which {ref} lacks: write it with `fm fid --ref DATA --save-stats FILE.npz --kid`")
     result: dict = {}
@@ -551,7 +560,7 @@ class TrainingEvaluator:
         if data_manifest["kind"] != "pixels":
             raise UsageError("eval.every: FID during training of latent-space models needs VAE decoding, not available yet")
         self.cfg, self.device = cfg, device
-        self.extractor = build_extractor(cfg.eval.features, inception=cfg.eval.inception, device=device)
+        self.extractor = build_extractor(cfg.eval.features, inception=cfg.eval.inception, device=device, unverified=cfg.eval.inception_unverified)
         # Only the rank that computes the distance needs the reference (a folder can take minutes to score).
         self.ref = reference_statistics(cfg.eval.ref, self.extractor, log=log) if with_reference else None
         size = data_manifest["shape"][-1]

@@ -51,7 +51,12 @@ def sample_times(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Training times in [0, 1]: `uniform`, or `logit_normal` (sigmoid of N(mean, std)), then the shift."""
+    """Training times in [0, 1]: `uniform`, or `logit_normal` (sigmoid of N(mean, std)), then the shift.
+
+    `logit_mean` is on fm's t, where t = 1 is data: a positive mean puts more training times near the
+    data end. SD3 (Esser et al., 2024) parametrises by the noise level sigma = 1 - t, so its m corresponds
+    to logit_mean = -m here (the logit of 1 - t is minus the logit of t).
+    """
     if sampler == "uniform":
         t = torch.rand(n, generator=generator, device=device)
     elif sampler == "logit_normal":
@@ -116,6 +121,9 @@ def couple(
         raise ValueError(f"unknown coupling {method!r}; choose one of {', '.join(COUPLINGS)}")
     n = x0.shape[0]
     perm = torch.arange(n)
+    if method != "independent" and not (bool(torch.isfinite(x0).all()) and bool(torch.isfinite(x1).all())):
+        # NaN costs would make the assignment meaningless (and used to stall the Sinkhorn rounding).
+        raise FloatingPointError(f"coupling {method!r}: the batch holds non-finite values (NaN/inf) in the {'data' if not bool(torch.isfinite(x1).all()) else 'noise'}; check the dataset")
     if method != "independent":
         groups = [perm.clone()] if labels is None else [torch.nonzero(labels.cpu() == c).flatten() for c in torch.unique(labels.cpu())]
         for idx in groups:
@@ -150,6 +158,8 @@ def ot_exact_assignment(cost: torch.Tensor) -> torch.Tensor:
 def sinkhorn_log_plan(cost: torch.Tensor, reg: float, iters: int) -> torch.Tensor:
     """log of the entropic OT plan between uniform marginals (log-domain Sinkhorn, stable for small reg)."""
     n, m = cost.shape
+    if not bool(torch.isfinite(cost).all()):
+        raise FloatingPointError("sinkhorn: the cost matrix holds non-finite values (NaN/inf in the batch)")
     c = cost.double() / cost.max().clamp_min(1e-12)
     kw = dict(dtype=torch.float64, device=cost.device)
     log_a = torch.full((n,), -math.log(n), **kw)
@@ -180,6 +190,9 @@ def sinkhorn_assignment(cost: torch.Tensor, reg: float, iters: int) -> torch.Ten
         )
         rows = torch.nonzero(free_rows).flatten()
         winners = rows[best_val[rows] >= col_best[best_col[rows]]]
+        if len(winners) == 0:  # no progress (only possible with NaN in the plan): pair what is left in order
+            perm[free_rows] = torch.nonzero(free_cols).flatten()
+            break
         # Exact ties within a column: keep its first row only.
         cols = best_col[winners]
         _, first = np.unique(cols.cpu().numpy(), return_index=True)

@@ -1,9 +1,84 @@
-"""Durability helpers shared by every atomic writer (checkpoints, datasets, images)."""
+"""Durable, atomic file writes and the overwrite policy, shared by every writer in fm.
+
+`atomic_write(path, writer)` is the one way fm writes a file (or a directory): the writer fills a temp
+path beside the target, which is then fsynced and renamed over it, so a crash leaves either the old
+content or the complete new one, never half of it. `refuse_existing(path, force)` is the one overwrite
+check every command with an output path runs before doing any work (DESIGN.md section 8).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from pathlib import Path
+from typing import Callable
+
+from .errors import UsageError
+
+
+def atomic_write(path: str | Path, writer: Callable[[Path], object], *, durable: bool = True) -> Path:
+    """Call `writer(tmp)` to write a file (or a directory) at `tmp`, then move it to `path` atomically.
+
+    `durable` fsyncs the data and the directory entry (off only for throwaway caches). On any failure,
+    Ctrl-C included, the temp path is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        writer(tmp)
+        commit(tmp, path, durable=durable)
+    finally:
+        _remove(tmp)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def temp_path(path: str | Path) -> Path:
+    """A hidden, unique name beside `path` (same file system, so the final rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def commit(tmp: Path, path: Path, *, durable: bool = True) -> None:
+    """fsync `tmp` (every file in it, for a directory), rename it to `path`, fsync the parent directory.
+
+    A directory replaces an existing one by moving the old one aside first (rename cannot replace a
+    non-empty directory); the old one is deleted only once the new one is in place.
+    """
+    if durable:
+        for f in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
+            fsync_file(f)
+        if tmp.is_dir():
+            fsync_dir(tmp)
+    old = None
+    if tmp.is_dir() and path.is_dir():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_existing(paths, force: bool) -> None:
+    """Never replace a user's file silently: an output that exists needs `--force` (DESIGN.md section 8).
+
+    `paths` is one path or several (e.g. the files `fm sample --out DIR` would write); None entries are
+    ignored. Run it before any work, so a refusal costs nothing and leaves nothing behind.
+    """
+    if force:
+        return
+    candidates = [paths] if isinstance(paths, (str, Path)) or paths is None else list(paths)
+    existing = [Path(p) for p in candidates if p is not None and Path(p).exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UsageError(f"{existing[0]} already exists{more}; pass --force to replace it")
 
 
 def fsync_file(path: Path) -> None:
@@ -18,3 +93,10 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ or the number of processes that share the work.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -191,15 +192,27 @@ def merge_trajectories(batches: list[list[tuple[float, torch.Tensor]]]) -> list[
     return [(batches[0][k][0], torch.cat([b[k][1].cpu() for b in batches])) for k in range(len(batches[0]))]
 
 
+def sample_outputs(out: Path, n: int) -> list[Path]:
+    """The files `fm sample --out` writes: FILE.png, or DIR/grid.png and one DIR/NNNNNN.png per sample."""
+    from .images import STILL_IMAGE_SUFFIXES, sample_file
+
+    if out.suffix.lower() in STILL_IMAGE_SUFFIXES:
+        return [out]
+    return [out / "grid.png"] + [sample_file(out, i) for i in range(n)]
+
+
 def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sample_overrides, seed: int, out, gif, gif_frames: int,
-                   batch_size: int, ema: bool, vae, text_encoder) -> dict | None:
+                   batch_size: int, ema: bool, vae, text_encoder, force: bool = False) -> dict | None:
     """What `fm sample` does on one rank: its share of the sample indices, written by global index; rank 0
     gathers the grid (and GIF) and returns the summary (other ranks return None)."""
     import time
 
     from . import distributed as D
+    from .fsutil import refuse_existing
     from .images import STILL_IMAGE_SUFFIXES, save_gif, save_grid, save_images, trajectory_frames
 
+    refuse_existing(sample_outputs(out, n) + [gif], force)
+    D.barrier(ctx)  # every rank has checked before any rank writes (no rank may see another's new file)
     dev = ctx.device
     loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
     sample_cfg = sample_overrides(loaded.config.sample)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
+
+from .fsutil import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -25,17 +25,10 @@ def grid_image(x: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Im
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
-def save_image_atomic(image: Image.Image, path: str | Path, **save_kwargs) -> Path:
+def save_image_atomic(image: Image.Image, path: str | Path, durable: bool = True, **save_kwargs) -> Path:
     """Write to a temp file beside the target and rename: a reader never sees a half-written image."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        image.save(tmp, format=_format_of(path), **save_kwargs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format=_format_of(path), **save_kwargs), durable=durable)
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -47,10 +40,15 @@ def save_images(x: torch.Tensor, directory: str | Path, start_index: int = 0, pr
     paths = []
     for k, arr in enumerate(to_uint8(x)):
         img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-        paths.append(save_image_atomic(img, Path(directory) / f"{prefix}{start_index + k:06d}.png"))
+        # Atomic but not fsynced: an fsync per file costs ~9 ms here (7 min for 50k FID samples), and a
+        # sample lost in a power cut is regenerated bit-identically from (seed, index).
+        paths.append(save_image_atomic(img, sample_file(directory, start_index + k, prefix), durable=False))
     return paths
 
 
+def sample_file(directory: str | Path, index: int, prefix: str = "") -> Path:
+    """Where sample `index` is written in an output directory (its global index: stable across ranks)."""
+    return Path(directory) / f"{prefix}{index:06d}.png"
 # The file types fm writes, by extension (PIL format names); anything else is written as PNG.
 WRITE_FORMATS = {".png": "PNG", ".gif": "GIF", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 STILL_IMAGE_SUFFIXES = tuple(ext for ext, fmt in WRITE_FORMATS.items() if fmt != "GIF")

@@ -16,6 +16,7 @@ from . import distributed as D
 from .config import Config, config_to_dict
 from .console import stderr_console
 from .errors import UsageError
+from .fsutil import write_text_atomic
 
 # ------------------------------------------------------------------------------------------ launching
 
@@ -31,9 +32,10 @@ def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None)
     checkpoint's config plus resume-safe overrides only (anything else would change the math of a run
     whose optimizer and EMA state are restored)."""
     from .checkpoint import load_checkpoint
-    from .config import RESUME_SAFE_KEYS, apply_overrides, validate_config
+    from .config import RESUME_SAFE_KEYS, apply_overrides, refuse_checkpoint_trust, validate_config
 
     cfg = validate_config(load_checkpoint(ckpt)["config"], source=str(ckpt))
+    refuse_checkpoint_trust(cfg, overrides, str(ckpt))  # a checkpoint's config never decides to run code
     if data is not None and Path(cfg.data.path or "").resolve() != data.resolve():
         raise UsageError(f"--data {data} differs from the resumed run's data.path {cfg.data.path}: a run cannot change its dataset on resume")
     return apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
@@ -123,7 +125,7 @@ def _child_argv(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step) 
     """The children get the fully resolved config as a file, so every rank trains the same thing."""
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / ".launch-config.json"
-    resolved.write_text(json.dumps(config_to_dict(cfg)))
+    write_text_atomic(resolved, json.dumps(config_to_dict(cfg)))
     argv = ["_train-resolved", str(resolved), "--run-dir", str(run_dir)]
     if ckpt is not None:
         argv += ["--resume", str(ckpt)]
@@ -140,6 +142,9 @@ def ensure_data(cfg: Config, prepare: bool) -> Config:
     if cfg.data.path:
         if not Path(cfg.data.path).exists():
             raise UsageError(f"data.path {cfg.data.path} does not exist; create it with `fm prepare-data {cfg.data.source} --out {cfg.data.path}`")
+        from .data.prepared import validate_prepared
+
+        validate_prepared(cfg.data.path)  # before anything is created: a damaged dataset is exit 2 now, not a crash later
         return cfg
     if cfg.data.source != "shapes":
         raise UsageError(f"no dataset given: pass --data DIR, prepared with `fm prepare-data {cfg.data.source} --root ... --out DIR`")

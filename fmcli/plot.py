@@ -6,11 +6,10 @@ matplotlib is an optional extra (`pip install 'fm[plot]'`); without it the comma
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 from .errors import UsageError
+from .fsutil import atomic_write
 
 INSTALL_HINT = "pip install 'fm[plot]'  (or: pip install matplotlib)"
 
@@ -77,12 +76,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.suptitle(run_dir.name)
     fig.tight_layout()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=110)
-        os.replace(tmp, out)
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=110))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .fsutil import write_text_atomic
 
 
 def memory_mib(device: torch.device) -> float:
@@ -44,8 +45,8 @@ def environment_info(device: torch.device, world_size: int) -> dict:
 
 def write_run_files(run_dir: Path, config: dict, env: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    write_text_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:

@@ -1,7 +1,14 @@
-"""Counter-based seeding: independent random streams keyed by tuples like (seed, step) or (seed, index).
+"""Counter-based seeding: independent random streams keyed by tuples like (stream, seed, step).
 
-torch's CPU generator keeps only 32 bits of its seed, so `seed * 2**32 + i` would collide across seeds.
-Keys are mixed by numpy's SeedSequence instead; bulk noise comes from PCG64 (128-bit state).
+Every random stream fm draws from a user seed is named in STREAMS (one table, so two uses can never
+share a key prefix by accident); the values are part of the reproducibility contract (changing one
+changes every sample and every training run), so they never change.
+
+Keys are mixed by numpy's SeedSequence into 64 bits. Bulk noise (`normal`) comes from PCG64 seeded by
+the whole SeedSequence (128-bit state). torch's CPU generator (mt19937) keeps only the low 32 bits of a
+seed (`manual_seed(s)` and `manual_seed(s & 0xFFFFFFFF)` give the same numbers), so `torch_generator`
+seeds it with exactly those 32 bits of the hash: distinct keys can collide there with probability about
+2**-32 per pair, which is why large per-sample noise never comes from it.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ STREAMS = {
 
 
 def torch_generator(*keys: int) -> torch.Generator:
-    """A CPU torch.Generator whose seed is a hash of the integer keys."""
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) | (int(state[1]) << 32))
+    """A CPU torch.Generator whose seed is a 32-bit hash of the integer keys (all torch keeps)."""
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]).generate_state(1, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]))
 
 
 def normal(shape: tuple[int, ...], *keys: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import UsageError
+from .fsutil import write_text_atomic
 
 TRACKERS = ("none", "wandb", "tensorboard")
 
@@ -101,7 +102,7 @@ def make_tracker(kind: str, run_dir: str | Path, *, config: dict | None = None, 
         resume_id = id_file.read_text().strip() if id_file.is_file() else None
         tracker = WandbTracker(run_dir, project, name or run_dir.name, config or {}, resume_id)
         if resume_id is None:
-            id_file.write_text(tracker.run.id + "\n")
+            write_text_atomic(id_file, tracker.run.id + "\n")
         return tracker
     if kind == "tensorboard":
         return TensorBoardTracker(run_dir)

@@ -21,11 +21,12 @@ from torch.utils.data import DataLoader
 from . import __version__
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, config_to_dict, resolve
+from .config import Config, config_to_dict, flip_warning, resolve
 from .console import RankLog
 from .data.prepared import PreparedDataset, collate_batched
 from .data.sampler import RankBatchSampler, batch_geometry, data_position
 from .errors import RuntimeFailure, UsageError
+from .fsutil import write_text_atomic
 from .generate import initial_noise, sample_batch
 from .images import save_grid
 from .runlog import append_metrics, environment_info, memory_mib, step_name, write_run_files
@@ -63,6 +64,20 @@ def resolve_for_training(cfg: Config, dataset: PreparedDataset, device: torch.de
     return cfg, text
 
 
+def numpy_rng_state() -> dict:
+    """numpy's whole legacy RNG state (key, position, cached Gaussian) as weights_only-loadable values."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def set_numpy_rng_state(state) -> None:
+    """Restore numpy_rng_state(); a bare key tensor (checkpoints before the full state was kept) restores the key only."""
+    if isinstance(state, dict):
+        np.random.set_state(("MT19937", state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached_gaussian"]))
+    else:
+        np.random.set_state(("MT19937", state.numpy().astype(np.uint32), *np.random.get_state()[2:]))
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 GEMMs several times faster than fp32 (why CPU presets may pick bf16)."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -78,6 +93,8 @@ class Trainer:
         self.cfg, self.text = cfg, text = resolve_for_training(cfg, self.dataset, ctx.device)
         self._check_precision()
         self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
+        if (warning := flip_warning(cfg)) and ctx.is_main:
+            self.log.info(warning)
         self.micro, self.accum = batch_geometry(cfg.train.global_batch_size, self._micro_setting(), ctx.world_size)
         if cfg.train.global_batch_size > len(self.dataset):
             raise UsageError(f"train.global_batch_size {cfg.train.global_batch_size} exceeds the dataset size {len(self.dataset)}")
@@ -226,7 +243,7 @@ class Trainer:
     def _state(self) -> dict:
         rng = {
             "python": list(random.getstate()[1]),
-            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy": numpy_rng_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(self.ctx.device) if self.ctx.device.type == "cuda" else None,
         }
@@ -269,8 +286,7 @@ class Trainer:
 
     def _set_rng(self, rng: dict) -> None:
         random.setstate((3, tuple(rng["python"]), None))
-        np_state = np.random.get_state()
-        np.random.set_state((np_state[0], rng["numpy"].numpy().astype(np.uint32), *np_state[2:]))
+        set_numpy_rng_state(rng["numpy"])
         torch.set_rng_state(rng["torch"].cpu())
         if rng.get("cuda") is not None and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu(), self.ctx.device)
@@ -312,9 +328,7 @@ class Trainer:
             from .encoders import grid_conditions
 
             conditions, prompts = grid_conditions(self.text, self.dataset, n, self.ctx.device)
-            out = self.run_dir / "samples" / step_name(self.step, ".txt")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("".join(p + "\n" for p in prompts))
+            write_text_atomic(self.run_dir / "samples" / step_name(self.step, ".txt"), "".join(p + "\n" for p in prompts))
         x = sample_batch(self.step_fn.ema, x0, labels, self.cfg.sample, conditions=conditions).x
         if self.dataset.manifest["kind"] == "latents":
             x = self._decode_latents(x)

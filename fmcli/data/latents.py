@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..encoders import TextConditioning, check_text_encoder_dir, check_vae_dir, load_text_encoder, load_vae
-from ..errors import UsageError
+from ..errors import RuntimeFailure, UsageError
+from ..fsutil import refuse_existing
 from .prepared import PreparedDataset, PreparedWriter
 
 _COPIED_FIELDS = ("num_classes", "class_names", "source", "image_size", "seed")
@@ -66,7 +67,7 @@ def encode_prepared(
         for start in range(0, n, batch_size):
             batch = reader.__getitems__(list(range(start, min(start + batch_size, n))))
             if encoder_vae:
-                x = encoder_vae.encode(batch["x"]).cpu().numpy().astype(np.float16)
+                x = _float16_latents(encoder_vae.encode(batch["x"]).float().cpu().numpy(), start)
             else:
                 x = np.round((batch["x"].numpy() + 1.0) * 127.5).astype(np.uint8)
             captions = batch.get("caption")
@@ -90,12 +91,25 @@ def encode_prepared(
         return writer.finish(**fields, vae=encoder_vae.info() if encoder_vae else None, text_encoder=text_info)
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def _float16_latents(z: np.ndarray, start: int) -> np.ndarray:
+    """Latents as stored (float16), refusing values that are non-finite or would overflow float16."""
+    bad = ~np.isfinite(z).reshape(len(z), -1).all(axis=1)
+    if bad.any():
+        raise RuntimeFailure(f"the VAE produced non-finite latents for image {start + int(np.argmax(bad))}; check the VAE weights (or encode in fp32)")
+    peak = float(np.abs(z).max()) if z.size else 0.0
+    if peak > FLOAT16_MAX:
+        raise RuntimeFailure(f"latents reach |z| = {peak:.4g}, beyond float16's {FLOAT16_MAX:g}: the VAE's scaling_factor/shift_factor look wrong")
+    return z.astype(np.float16)
+
+
 def prepare_encoded(prepare_pixels: Callable[[Path], Path], out: str | Path, *, force: bool = False, **encode_kwargs) -> Path:
     """Run `prepare_pixels(tmp_dir)` (any source's usual writer), then encode it into `out`; the temporary
     pixel dataset is removed whatever happens."""
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"output {out} already exists (use --force to replace it)")
+    refuse_existing(out, force)
     # Fail on a wrong encoder path before the (possibly long) pixel pass, not after it.
     if encode_kwargs.get("cache_text") and not encode_kwargs.get("text_encoder"):
         raise UsageError("--cache-text needs --text-encoder PATH")

@@ -23,7 +23,8 @@ from typing import Callable, Iterable, Iterator
 from ..errors import UsageError
 from .decode import Record, decode_batch
 from .prepared import PreparedWriter, is_replaceable
-from .readers import Source, open_captions, open_cifar10, open_folder, open_mnist, open_tar
+from ..fsutil import refuse_existing
+from .readers import DEFAULT_MAX_MEMBER_MIB, Source, open_captions, open_cifar10, open_folder, open_mnist, open_tar
 
 SOURCES = ("shapes", "cifar10", "mnist", "folder", "captions", "tar")
 BATCH = 64  # records per pool task
@@ -55,19 +56,19 @@ def prepare(
     force: bool = False,
     count: int = 20000,
     seed: int = 0,
+    max_member_mib: float = DEFAULT_MAX_MEMBER_MIB,
     on_start: Callable[[int | None], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> Summary:
     """Prepare `source` into `out`; returns counts and timing. Bad input raises UsageError, leaving nothing."""
     start = time.perf_counter()
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"output {out} already exists (use --force to replace it)")
+    refuse_existing(out, force)
     if out.exists() and not is_replaceable(out):
         raise UsageError(f"refusing to replace {out}: it is not a prepared dataset (no manifest.json) nor empty")
     if split not in ("train", "test"):
         raise UsageError(f"--split must be train or test, not {split!r}")
-    src = open_source(source, root, split=split, size=size, count=count, seed=seed)
+    src = open_source(source, root, split=split, size=size, count=count, seed=seed, max_member_mib=max_member_mib)
     total = src.capacity if limit is None else min(limit, src.capacity or limit)
     if on_start is not None:
         on_start(total)
@@ -113,7 +114,7 @@ def prepare(
     )
 
 
-def open_source(name: str, root, *, split: str, size: int, count: int, seed: int) -> Source:
+def open_source(name: str, root, *, split: str, size: int, count: int, seed: int, max_member_mib: float = DEFAULT_MAX_MEMBER_MIB) -> Source:
     """Validate the source's input now (before any output exists) and return it."""
     if name == "shapes":
         from .sources import shapes_source
@@ -130,7 +131,7 @@ def open_source(name: str, root, *, split: str, size: int, count: int, seed: int
     if name == "tar":
         if root is None:
             raise UsageError("the tar source needs --root 'SHARDS/*.tar'")
-        return open_tar(str(root))
+        return open_tar(str(root), max_member_bytes=int(max_member_mib * 2**20))
     raise UsageError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
 
 

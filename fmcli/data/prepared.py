@@ -2,25 +2,23 @@
 
 A dataset is a directory with manifest.json, x.npy ([N,C,H,W] uint8 pixels or float16 latents),
 optional y.npy (int64 labels) and captions.jsonl. The writer streams rows into
-`.npy` files inside `DIR.tmp-*` and renames it into place only when complete, so an interrupted run
-leaves nothing.
+`.npy` files inside `.DIR.tmp-*` and renames it into place only when complete (fsutil.commit: every
+file and the directory fsynced, then the rename), so an interrupted run leaves nothing.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import UsageError
-from ..fsutil import fsync_dir, fsync_file
+from ..errors import RuntimeFailure, UsageError
+from ..fsutil import commit, refuse_existing, temp_path
 
 FORMAT_VERSION = 1
 
@@ -48,14 +46,13 @@ class PreparedWriter:
         extras: dict[str, tuple[tuple[int, ...], str]] | None = None,
     ):
         self.out = Path(out)
-        if self.out.exists() and not force:
-            raise UsageError(f"output {self.out} already exists (use --force to replace it)")
+        refuse_existing(self.out, force)
         if self.out.exists() and not is_replaceable(self.out):
             raise UsageError(f"refusing to replace {self.out}: it is not a prepared dataset (no manifest.json) nor empty")
         if capacity is not None and capacity <= 0:
             raise UsageError("nothing to write: the source has no images")
         self.capacity, self.shape, self.dtype, self.kind = capacity, tuple(shape), dtype, kind
-        self.tmp = self.out.parent / f"{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = temp_path(self.out)
         self.count = 0
         self._has_labels, self._has_captions = labels, captions
         self._extras = dict(extras or {})
@@ -131,16 +128,7 @@ class PreparedWriter:
         }
         manifest.update(manifest_fields)
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        for f in self.tmp.iterdir():
-            fsync_file(f)
-        if self.out.exists():  # only reachable with force=True
-            trash = self.out.parent / f"{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out, trash)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
-        fsync_dir(self.out.parent)
+        commit(self.tmp, self.out)  # an existing self.out (force=True) is moved aside, then removed
         return self.out
 
     def __exit__(self, exc_type, exc, tb):
@@ -169,7 +157,10 @@ class _NpyStream:
         values = np.asarray(values)
         if values.shape[1:] != self.row_shape:
             raise ValueError(f"{self.path.name}: rows of shape {values.shape[1:]}, expected {self.row_shape}")
-        values = np.ascontiguousarray(values.astype(self.dtype, casting="same_kind", copy=False))
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            values = np.ascontiguousarray(values.astype(self.dtype, casting="same_kind", copy=False))
+        if self.dtype.kind == "f" and not np.isfinite(values).all():  # float16 overflow shows up here as inf
+            raise RuntimeFailure(f"{self.path.name}: non-finite values (NaN/inf, or beyond the float16 range) in rows {self.rows}..{self.rows + len(values) - 1}")
         self.file.write(memoryview(values).cast("B"))
         self.rows += len(values)
 
@@ -214,6 +205,75 @@ def read_manifest(path: str | Path) -> dict:
     return data
 
 
+KIND_DTYPES = {"pixels": "uint8", "latents": "float16"}
+
+
+def validate_prepared(path: str | Path) -> dict:
+    """Check a prepared dataset before anything uses it; return its manifest.
+
+    The manifest must agree with the files: x.npy holds `count` rows of `shape` in the kind's dtype and
+    is as long as its header says (a truncated copy would fail deep inside training as "mmap length is
+    greater than file size"); y.npy holds `count` integer labels in [0, num_classes); captions.jsonl and
+    cached text states have `count` rows. Any disagreement is a one-line UsageError naming the fix.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    redo = f"re-create it with `fm prepare-data ... --out {path} --force`"
+    try:
+        kind, count, shape = manifest["kind"], int(manifest["count"]), tuple(int(v) for v in manifest["shape"])
+        num_classes = int(manifest.get("num_classes") or 0)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"{path}/manifest.json lacks a valid {err} field; {redo}") from None
+    if kind not in KIND_DTYPES or count < 1 or len(shape) != 3:
+        raise UsageError(f"{path}/manifest.json: kind {kind!r}, count {count}, shape {list(shape)} is not a prepared dataset; {redo}")
+    _check_npy(path / "x.npy", (count, *shape), KIND_DTYPES[kind], redo)
+    y_file = path / "y.npy"
+    if num_classes and not y_file.is_file():
+        raise UsageError(f"{path}: the manifest says {num_classes} classes but y.npy is missing; {redo}")
+    if y_file.is_file():
+        _check_npy(y_file, (count,), None, redo)
+        y = np.load(y_file, mmap_mode="r")
+        if y.dtype.kind not in "iu":
+            raise UsageError(f"{y_file}: labels must be integers, found {y.dtype}; {redo}")
+        if num_classes and len(y):
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= num_classes:
+                raise UsageError(f"{y_file}: labels span [{lo}, {hi}] but the manifest says {num_classes} classes (labels must lie in [0, {num_classes})); {redo}")
+    captions = path / "captions.jsonl"
+    if captions.is_file():
+        lines = sum(1 for line in captions.open(encoding="utf-8") if line.strip())
+        if lines != count:
+            raise UsageError(f"{captions} has {lines} captions for {count} images; {redo}")
+    for name in ("text.npy", "text_mask.npy"):
+        if (path / name).is_file():
+            _check_npy(path / name, None, None, redo, rows=count)
+    return manifest
+
+
+def _check_npy(file: Path, shape: tuple[int, ...] | None, dtype: str | None, redo: str, rows: int | None = None) -> None:
+    """The .npy header matches the expected shape / dtype / row count and the file holds all its bytes."""
+    if not file.is_file():
+        raise UsageError(f"{file} is missing; {redo}")
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            got_shape, _, got_dtype = read_header(f)
+            data_start = f.tell()
+    except (ValueError, OSError, SyntaxError) as err:
+        raise UsageError(f"{file} is not a readable .npy file ({err}); {redo}") from None
+    if shape is not None and tuple(got_shape) != tuple(shape):
+        raise UsageError(f"{file} holds an array of shape {list(got_shape)}, the manifest expects {list(shape)}; {redo}")
+    if rows is not None and (not got_shape or got_shape[0] != rows):
+        raise UsageError(f"{file} holds {got_shape[0] if got_shape else 0} rows for {rows} images; {redo}")
+    if dtype is not None and got_dtype != np.dtype(dtype):
+        raise UsageError(f"{file} holds {got_dtype} values, expected {dtype}; {redo}")
+    expected = data_start + int(np.prod(got_shape, dtype=np.int64)) * got_dtype.itemsize
+    actual = file.stat().st_size
+    if actual < expected:
+        raise UsageError(f"{file} is truncated: {actual} bytes, its header needs {expected}; {redo}")
+
+
 def read_captions(path: str | Path) -> list[str]:
     lines = (Path(path) / "captions.jsonl").read_text().splitlines()
     return [json.loads(line)["caption"] for line in lines if line.strip()]
@@ -230,7 +290,7 @@ class PreparedDataset(Dataset):
 
     def __init__(self, path: str | Path, text: bool = False):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = validate_prepared(self.path)
         self.count = int(self.manifest["count"])
         self.has_labels = (self.path / "y.npy").is_file()
         self.has_cached_text = text and (self.path / "text.npy").is_file()

@@ -296,8 +296,22 @@ def _caption_folder(root: Path) -> Source:
 # ----------------------------------------------------------------------------------------- tar shards
 
 
-def open_tar(pattern: str) -> Source:
-    """Webdataset-style shards: members `key.jpg|png|webp|...` with `key.txt` or `key.json` ({"caption"})."""
+DEFAULT_MAX_MEMBER_MIB = 64  # a tar member above this is skipped unread (counted like any unusable item)
+
+
+class _TooLarge:
+    """Stands in for a tar member that was not read because of its size."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+
+def open_tar(pattern: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_MIB * 2**20) -> Source:
+    """Webdataset-style shards: members `key.jpg|png|webp|...` with `key.txt` or `key.json` ({"caption"}).
+
+    Members are read into memory one sample at a time; one larger than `max_member_bytes` is never read
+    (a crafted or broken shard cannot exhaust memory): its sample is skipped and counted.
+    """
     shards = sorted(glob.glob(os.path.expanduser(pattern)))
     if not shards and Path(pattern).is_dir():
         shards = sorted(str(p) for p in Path(pattern).glob("*.tar*"))
@@ -327,7 +341,7 @@ def open_tar(pattern: str) -> Source:
                         yield _tar_record(shard, key, files, captioned)
                         files = {}
                     key = k
-                    files[ext] = tar.extractfile(member).read()
+                    files[ext] = _TooLarge(member.size) if member.size > max_member_bytes else tar.extractfile(member).read()
                 if key is not None:
                     yield _tar_record(shard, key, files, captioned)
 
@@ -344,6 +358,9 @@ def _split_key(name: str) -> tuple[str, str]:
 def _tar_record(shard: str, key: str, files: dict, captioned: bool) -> Record:
     name = f"{Path(shard).name}:{key}"
     files = {ext.rsplit(".", 1)[-1]: data for ext, data in files.items()}  # "webp.png" decodes as png
+    big = next(((ext, v.size) for ext, v in files.items() if isinstance(v, _TooLarge)), None)
+    if big is not None:
+        return Record(name, None, problem=f".{big[0]} member of {big[1] / 2**20:.1f} MiB is above the --max-member-mib limit")
     image = next((files[e] for e in ("jpg", "jpeg", "png", "webp", "bmp", "ppm") if e in files), None)
     if image is None:
         return Record(name, None, problem="no image member")

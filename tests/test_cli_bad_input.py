@@ -1,0 +1,221 @@
+"""A careless user's bad inputs through the real CLI (issue #15): each one must end with exit code 1 or 2,
+no traceback, nothing on stdout, exactly one clear `error:` line on stderr, and no file created or changed.
+
+The CLI runs in this process (no interpreter start-up per case); the damaged inputs are made once per
+module. Every file under the module's work directory and the shared fixtures is snapshotted (size and
+modification time) before each case and compared after it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory, shapes16, debug_run) -> dict:
+    """The work directory: damaged datasets, checkpoints and stats files, and outputs that already exist."""
+    root = tmp_path_factory.mktemp("bad-input")
+    p = {"root": root, "data": shapes16, "cwd": root / "cwd"}
+    p["cwd"].mkdir()
+    p["run"] = root / "run"  # a copy: resume cases that wrongly ran would change it, never the shared run
+    shutil.copytree(debug_run, p["run"])
+    ckpt = p["run"] / "checkpoints" / (p["run"] / "checkpoints" / "latest").read_text().strip()
+
+    def dataset(name, damage):
+        d = root / name
+        shutil.copytree(shapes16, d)
+        damage(d)
+        p[name] = d
+
+    def edit_manifest(d, **fields):
+        m = json.loads((d / "manifest.json").read_text())
+        m.update(fields)
+        (d / "manifest.json").write_text(json.dumps(m))
+
+    def labels(d):
+        y = np.load(d / "y.npy")
+        y[0] = 10
+        np.save(d / "y.npy", y)
+
+    dataset("truncated", lambda d: (d / "x.npy").write_bytes((d / "x.npy").read_bytes()[:-777]))
+    dataset("badlabels", labels)
+    dataset("fewcaptions", lambda d: (d / "captions.jsonl").write_text("\n".join((d / "captions.jsonl").read_text().splitlines()[:100]) + "\n"))
+    dataset("badjson", lambda d: (d / "manifest.json").write_text("{not json"))
+    dataset("floatpixels", lambda d: np.save(d / "x.npy", np.zeros((512, 3, 16, 16), np.float32)))
+    dataset("wrongcount", lambda d: edit_manifest(d, count=9999))
+    dataset("oldformat", lambda d: edit_manifest(d, format=99))
+    (root / "empty").mkdir()
+    p["empty"] = root / "empty"
+    (root / "bad.toml").write_text("[train\nsteps = 3\n")
+    p["bad_toml"] = root / "bad.toml"
+    (root / "unknown.toml").write_text("[train]\nstepz = 3\n")
+    p["unknown_toml"] = root / "unknown.toml"
+    p["garbage_ckpt"] = root / "garbage.pt"
+    p["garbage_ckpt"].write_bytes(np.random.default_rng(0).bytes(4096))
+    p["truncated_ckpt"] = root / "truncated.pt"
+    p["truncated_ckpt"].write_bytes(ckpt.read_bytes()[:-5000])
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    p["evil_ckpt"] = root / "evil.pt"
+    torch.save({"model": Payload(), "config": {}}, p["evil_ckpt"])
+    p["not_fm_ckpt"] = root / "tensors.pt"
+    torch.save({"weights": torch.zeros(3)}, p["not_fm_ckpt"])
+    p["dangling"] = root / "dangling"
+    (p["dangling"] / "checkpoints").mkdir(parents=True)
+    (p["dangling"] / "checkpoints" / "latest").write_text("step-0000099.pt\n")
+    p["stats_bad"] = root / "bad-stats.npz"
+    p["stats_bad"].write_bytes(b"PK\x03\x04 not really a zip")
+    p["exists_png"] = root / "exists.png"
+    p["exists_png"].write_bytes(b"user's picture")
+    p["exists_gif"] = root / "exists.gif"
+    p["exists_gif"].write_bytes(b"user's animation")
+    p["exists_npz"] = root / "exists.npz"
+    p["exists_npz"].write_bytes(b"user's statistics")
+    p["samples"] = root / "samples"
+    p["samples"].mkdir()
+    (p["samples"] / "000000.png").write_bytes(b"user's sample")
+    p["images"] = root / "images"  # a real folder of images, for --gen
+    p["images"].mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(p["images"] / f"{i}.png")
+    p["fake_inception"] = root / "inception-2015-12-05.pt"
+    torch.jit.script(torch.nn.Identity()).save(str(p["fake_inception"]))
+    p["shared"] = [shapes16, debug_run]
+    return p
+
+
+TRAIN = ("train", "--preset", "debug", "--set", "train.device=cpu")
+
+# (id, arguments built from the work directory[, a phrase the error line must contain])
+CASES = [
+    # presets, keys, types, ranges
+    ("unknown-preset", lambda w: ("train", "--preset", "no-such-preset")),
+    ("preset-file-missing", lambda w: ("train", "--preset", w["root"] / "missing.toml")),
+    ("preset-invalid-toml", lambda w: ("train", "--preset", w["bad_toml"])),
+    ("preset-unknown-key", lambda w: ("train", "--preset", w["unknown_toml"], "--data", w["data"])),
+    ("set-unknown-key", lambda w: (*TRAIN, "--data", w["data"], "--set", "model.depthh=3")),
+    ("set-unknown-section", lambda w: (*TRAIN, "--data", w["data"], "--set", "nosuch.key=3")),
+    ("set-without-equals", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.steps")),
+    ("set-wrong-type", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.steps=abc")),
+    ("set-negative-steps", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.steps=-5")),
+    ("set-zero-lr", lambda w: (*TRAIN, "--data", w["data"], "--set", "optim.lr=0")),
+    ("set-bad-precision", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.precision=fp64")),
+    ("set-bad-coupling", lambda w: (*TRAIN, "--data", w["data"], "--set", "flow.coupling=ot-magic")),
+    ("print-config-bad-key", lambda w: ("train", "--preset", "debug", "--print-config", "--set", "train.nope=1")),
+    ("fp16-on-cpu", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.precision=fp16", "--run-dir", w["root"] / "new-run")),
+    ("batch-not-divisible", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.global_batch_size=15", "--set", "train.micro_batch_size=2", "--run-dir", w["root"] / "new-run")),
+    ("batch-above-dataset", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.global_batch_size=4096", "--run-dir", w["root"] / "new-run")),
+    ("stop-at-step-zero", lambda w: (*TRAIN, "--data", w["data"], "--stop-at-step", "0")),
+    # bad paths, damaged datasets
+    ("data-missing", lambda w: (*TRAIN, "--data", w["root"] / "no-such-data")),
+    ("data-empty-dir", lambda w: (*TRAIN, "--data", w["empty"])),
+    ("data-truncated-x", lambda w: (*TRAIN, "--data", w["truncated"], "--run-dir", w["root"] / "new-run"), "truncated"),
+    ("data-label-out-of-range", lambda w: (*TRAIN, "--data", w["badlabels"], "--run-dir", w["root"] / "new-run"), "labels span"),
+    ("data-captions-count", lambda w: (*TRAIN, "--data", w["fewcaptions"], "--run-dir", w["root"] / "new-run")),
+    ("data-manifest-not-json", lambda w: (*TRAIN, "--data", w["badjson"], "--run-dir", w["root"] / "new-run")),
+    ("data-float-pixels", lambda w: (*TRAIN, "--data", w["floatpixels"], "--run-dir", w["root"] / "new-run")),
+    ("data-manifest-count", lambda w: (*TRAIN, "--data", w["wrongcount"], "--run-dir", w["root"] / "new-run")),
+    ("data-format-version", lambda w: (*TRAIN, "--data", w["oldformat"], "--run-dir", w["root"] / "new-run")),
+    ("run-dir-exists", lambda w: (*TRAIN, "--data", w["data"], "--run-dir", w["run"])),
+    # launch flags without the hardware
+    ("train-gpus-absent", lambda w: (*TRAIN, "--data", w["data"], "--gpus", "64", "--run-dir", w["root"] / "new-run")),
+    ("train-gpus-and-nproc", lambda w: (*TRAIN, "--data", w["data"], "--gpus", "1", "--nproc", "2")),
+    ("sample-gpus-absent", lambda w: ("sample", "--ckpt", w["run"], "--gpus", "64", "--out", w["root"] / "new.png")),
+    ("fid-gpus-without-ckpt", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--nproc", "2")),
+    # checkpoints and resume
+    ("resume-missing", lambda w: ("resume", w["root"] / "no-such-run")),
+    ("resume-dir-without-ckpt", lambda w: ("resume", w["empty"])),
+    ("resume-latest-dangling", lambda w: ("resume", w["dangling"])),
+    ("resume-garbage-ckpt", lambda w: ("resume", w["garbage_ckpt"])),
+    ("resume-truncated-ckpt", lambda w: ("resume", w["truncated_ckpt"])),
+    ("resume-pickled-code", lambda w: ("resume", w["evil_ckpt"]), "refused to unpickle code"),
+    ("resume-not-fm-ckpt", lambda w: ("resume", w["not_fm_ckpt"])),
+    ("resume-unsafe-lr", lambda w: ("resume", w["run"], "--set", "optim.lr=0.5"), "optim.lr"),
+    ("resume-unsafe-sigma", lambda w: ("resume", w["run"], "--set", "flow.sigma_min=0.5"), "flow.sigma_min"),
+    ("resume-bad-value", lambda w: ("resume", w["run"], "--set", "train.steps=abc")),
+    ("train-resume-unsafe-lr", lambda w: ("train", "--preset", "debug", "--data", w["data"], "--run-dir", w["run"], "--resume", "latest", "--set", "optim.lr=0.5"), "optim.lr"),
+    ("train-resume-unsafe-ema", lambda w: ("train", "--preset", "debug", "--run-dir", w["run"], "--resume", "latest", "--set", "train.ema_decay=0"), "train.ema_decay"),
+    ("train-resume-missing-path", lambda w: (*TRAIN, "--data", w["data"], "--run-dir", w["root"] / "new-run", "--resume", w["root"] / "nope.pt")),
+    # sampling: wrong-model flags, bad values, existing outputs
+    ("sample-ckpt-missing", lambda w: ("sample", "--ckpt", w["root"] / "nope.pt", "--out", w["root"] / "new.png")),
+    ("sample-prompt-on-class-model", lambda w: ("sample", "--ckpt", w["run"], "--prompt", "a red circle", "--out", w["root"] / "new.png")),
+    ("sample-class-label-range", lambda w: ("sample", "--ckpt", w["run"], "--class-label", "99", "--out", w["root"] / "new.png")),
+    ("sample-unknown-solver", lambda w: ("sample", "--ckpt", w["run"], "--solver", "leapfrog", "--out", w["root"] / "new.png")),
+    ("sample-zero-steps", lambda w: ("sample", "--ckpt", w["run"], "--steps", "0", "--out", w["root"] / "new.png")),
+    ("sample-negative-cfg", lambda w: ("sample", "--ckpt", w["run"], "--cfg", "-1", "--out", w["root"] / "new.png")),
+    ("sample-guidance-interval", lambda w: ("sample", "--ckpt", w["run"], "--guidance-interval", "0.9,0.1", "--out", w["root"] / "new.png")),
+    ("sample-gif-not-gif", lambda w: ("sample", "--ckpt", w["run"], "--gif", w["root"] / "t.png", "--out", w["root"] / "new.png")),
+    ("sample-prompts-file-missing", lambda w: ("sample", "--ckpt", w["run"], "--prompts", w["root"] / "prompts.txt", "--out", w["root"] / "new.png")),
+    ("sample-out-exists", lambda w: ("sample", "--ckpt", w["run"], "--out", w["exists_png"]), "--force"),
+    ("sample-gif-exists", lambda w: ("sample", "--ckpt", w["run"], "--out", w["root"] / "new.png", "--gif", w["exists_gif"])),
+    ("sample-dir-sample-exists", lambda w: ("sample", "--ckpt", w["run"], "-n", "2", "--out", w["samples"])),
+    ("sample-unknown-option", lambda w: ("sample", "--ckpt", w["run"], "--temperature", "2")),
+    ("class-grid-out-exists", lambda w: ("class-grid", "--ckpt", w["run"], "--out", w["exists_png"])),
+    ("class-grid-not-png", lambda w: ("class-grid", "--ckpt", w["run"], "--out", w["root"] / "grid.jpg")),
+    # evaluation
+    ("fid-nothing-to-score", lambda w: ("fid", "--ref", w["data"], "--features", "tiny")),
+    ("fid-ckpt-without-n", lambda w: ("fid", "--ckpt", w["run"], "--ref", w["data"], "--features", "tiny")),
+    ("fid-gen-missing", lambda w: ("fid", "--gen", w["root"] / "no-images", "--ref", w["data"], "--features", "tiny")),
+    ("fid-gen-and-ckpt", lambda w: ("fid", "--gen", w["images"], "--ckpt", w["run"], "--ref", w["data"], "--features", "tiny")),
+    ("fid-unknown-features", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--features", "vgg")),
+    ("fid-stats-exists", lambda w: ("fid", "--ref", w["data"], "--save-stats", w["exists_npz"], "--features", "tiny")),
+    ("fid-out-sample-exists", lambda w: ("fid", "--ckpt", w["run"], "-n", "2", "--ref", w["data"], "--features", "tiny", "--out", w["samples"])),
+    ("fid-corrupt-stats", lambda w: ("fid", "--gen", w["images"], "--ref", w["stats_bad"], "--features", "tiny")),
+    ("fid-inception-wrong-hash", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--inception", w["fake_inception"])),
+    ("fid-inception-missing", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--inception", w["root"] / "none.pt")),
+    # plot, bench, prepare-data
+    ("plot-run-missing", lambda w: ("plot", w["root"] / "no-run")),
+    ("plot-bad-extension", lambda w: ("plot", w["run"], "--out", w["root"] / "curves.txt")),
+    ("plot-out-exists", lambda w: ("plot", w["run"], "--out", w["exists_png"])),
+    ("bench-bad-batch", lambda w: ("bench", "--preset", "debug", "--batch-size", "lots")),
+    ("prepare-unknown-source", lambda w: ("prepare-data", "imagenet", "--out", w["root"] / "new-data")),
+    ("prepare-out-exists", lambda w: ("prepare-data", "shapes", "--out", w["data"], "--count", "4")),
+    ("prepare-cifar-root-missing", lambda w: ("prepare-data", "cifar10", "--root", w["root"] / "cifar", "--out", w["root"] / "new-data")),
+    ("prepare-tar-no-match", lambda w: ("prepare-data", "tar", "--root", str(w["root"] / "shards" / "*.tar"), "--out", w["root"] / "new-data")),
+    ("prepare-bad-split", lambda w: ("prepare-data", "shapes", "--split", "valid", "--out", w["root"] / "new-data")),
+    ("prepare-size-too-small", lambda w: ("prepare-data", "shapes", "--size", "4", "--out", w["root"] / "new-data")),
+    ("unknown-command", lambda w: ("trian", "--preset", "debug")),
+]
+
+
+def _snapshot(roots) -> dict:
+    files = {}
+    for root in roots:
+        for path in [Path(root), *Path(root).rglob("*")]:
+            st = path.lstat()
+            files[str(path)] = (st.st_size, st.st_mtime_ns) if path.is_file() else "dir"
+    return files
+
+
+def test_there_are_at_least_forty_cases():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("make_args, expect", [(c[1], c[2] if len(c) > 2 else "") for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(make_args, expect, w, capsys, monkeypatch):
+    from fmcli.cli import app
+
+    monkeypatch.chdir(w["cwd"])  # relative defaults (runs/, data/, samples/) land inside the snapshot
+    args = [str(a) for a in make_args(w)]
+    roots = [w["root"], *w["shared"]]
+    before = _snapshot(roots)
+    with pytest.raises(SystemExit) as exit_info:
+        app(args=args, prog_name="fm")
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert exit_info.value.code in (1, 2), (args, err)
+    assert out == "", (args, out)
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) > 20, (args, err)
+    assert expect in lines[0], (args, err)
+    assert _snapshot(roots) == before, args

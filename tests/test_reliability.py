@@ -1,0 +1,429 @@
+"""Issue #15 (reliability hardening): one test per numbered item, named after it, plus fsutil.atomic_write.
+
+Each test fails on the code before the fix (a hang, a silent overwrite, a missing check) and passes now.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fmcli.errors import FmError, RuntimeFailure, UsageError
+
+
+def fm(capsys, *args) -> tuple[int, str, str]:
+    """The real CLI in this process: (exit code, stdout, stderr)."""
+    from fmcli.cli import app
+
+    with pytest.raises(SystemExit) as exit_info:
+        app(args=[str(a) for a in args], prog_name="fm")
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+@pytest.fixture
+def alarm():
+    """Fail (instead of hanging the suite) when the code under test does not return within `seconds`."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError("did not terminate")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    yield lambda seconds: signal.alarm(seconds)
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+# ------------------------------------------------------------------------------------ fsutil (#17.1)
+
+
+def test_atomic_write_failure_leaves_the_old_file_and_no_temp(tmp_path):
+    from fmcli.fsutil import atomic_write
+
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def broken(tmp: Path):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_atomic_write_replaces_a_directory_whole(tmp_path):
+    from fmcli.fsutil import atomic_write
+
+    target = tmp_path / "enc"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+
+    def write(tmp: Path):
+        tmp.mkdir()
+        (tmp / "model.txt").write_text("new")
+
+    atomic_write(target, write)
+    assert sorted(p.name for p in target.iterdir()) == ["model.txt"] and [p.name for p in tmp_path.iterdir()] == ["enc"]
+
+
+def test_no_writer_renames_a_temp_file_by_hand():
+    """Every writer goes through fsutil: no module but fsutil renames a temp file (os.replace(tmp, ...)),
+    so no copy of the write-fsync-rename dance can miss a step."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "fmcli"
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "fsutil.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.replace", "os.rename", "shutil.move") and "tmp" in ast.unparse(node.args[0]):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_streams_table_keeps_its_values():
+    """The named streams are one table; their key prefixes are part of the reproducibility contract."""
+    from fmcli.generate import initial_noise
+    from fmcli.seeding import STREAMS, normal
+
+    assert len(set(STREAMS.values())) == len(STREAMS)
+    assert (STREAMS["sample_noise"], STREAMS["step"], STREAMS["epoch"]) == (1, 2, 3)
+    # sample i's noise is the PCG64 stream of SeedSequence([1, seed, i]) (computed here without fm)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([1, 7, 3])))
+    expected = rng.standard_normal((2, 4, 4), dtype=np.float32)
+    assert np.array_equal(initial_noise(7, [3], (2, 4, 4))[0].numpy(), expected)
+    assert torch.equal(normal((2, 4, 4), 1, 7, 3), torch.from_numpy(expected))
+
+
+# ---------------------------------------------------------------------------------------- the items
+
+
+def test_item05_sinkhorn_nonfinite_raises(alarm):
+    from fmcli.flow import couple
+
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, 3, 4, 4, generator=g)
+    x1[3, 0, 0, 0] = float("nan")
+    alarm(20)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        couple(x0, x1, method="ot-sinkhorn")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        couple(x0, x1, method="ot-exact")
+
+
+def test_item05_sinkhorn_rounding_terminates_on_a_nan_plan(alarm, monkeypatch):
+    """Even if the plan itself were NaN, the greedy rounding ends with a permutation."""
+    import fmcli.flow as flow
+
+    monkeypatch.setattr(flow, "sinkhorn_log_plan", lambda cost, reg, iters: torch.full(cost.shape, float("nan"), dtype=torch.float64))
+    alarm(20)
+    perm = flow.sinkhorn_assignment(torch.rand(6, 6, dtype=torch.float64), 0.05, 10)
+    assert sorted(perm.tolist()) == list(range(6))
+
+
+def _truncate(path: Path, keep: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - keep])
+
+
+def test_item08_truncated_dataset_exits_2_before_creating_anything(shapes16, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(shapes16, bad)
+    _truncate(bad / "x.npy", 1000)
+    code, out, err = fm(capsys, "train", "--preset", "debug", "--data", bad, "--run-dir", tmp_path / "run")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "x.npy is truncated" in err and "--force" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_item08_validate_prepared_checks_the_manifest_against_the_files(shapes16, tmp_path):
+    from fmcli.data.prepared import validate_prepared
+
+    assert validate_prepared(shapes16)["count"] == 512
+    cases = {
+        "count": lambda d: _edit_manifest(d, count=513),
+        "shape": lambda d: _edit_manifest(d, shape=[3, 8, 8]),
+        "dtype": lambda d: np.save(d / "x.npy", np.zeros((512, 3, 16, 16), np.float32)),
+        "captions": lambda d: (d / "captions.jsonl").write_text("\n".join((d / "captions.jsonl").read_text().splitlines()[:-1]) + "\n"),
+        "y.npy": lambda d: (d / "y.npy").unlink(),
+    }
+    expected = {"count": "shape", "shape": "shape", "dtype": "float32", "captions": "511 captions", "y.npy": "y.npy is missing"}
+    for name, damage in cases.items():
+        d = tmp_path / name
+        shutil.copytree(shapes16, d)
+        damage(d)
+        with pytest.raises(UsageError, match=expected[name]):
+            validate_prepared(d)
+
+
+def _edit_manifest(d: Path, **fields) -> None:
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest.update(fields)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def run_with_ckpt(tmp_path_factory, shapes16):
+    """A 2-step debug run (class-conditional, 10 classes) with its checkpoint."""
+    from conftest import QuietLog
+
+    from fmcli.config import load_config
+    from fmcli.train import train
+
+    run_dir = tmp_path_factory.mktemp("rel") / "run"
+    train(load_config("debug", [f"data.path='{shapes16}'", "train.steps=2", "train.log_every=1"]), run_dir, log=QuietLog())
+    return run_dir
+
+
+def test_item09_writers_refuse_existing_outputs_without_force(run_with_ckpt, shapes16, tmp_path, capsys):
+    png, gif = tmp_path / "mine.png", tmp_path / "mine.gif"
+    png.write_bytes(b"my picture")
+    gif.write_bytes(b"my animation")
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "000001.png").write_bytes(b"my sample")
+    common = ("--steps", "1", "--device", "cpu")
+    refused = [
+        ("sample", "--ckpt", run_with_ckpt, "-n", "2", "--out", png, *common),
+        ("sample", "--ckpt", run_with_ckpt, "-n", "2", "--out", tmp_path / "new.png", "--gif", gif, *common),
+        ("sample", "--ckpt", run_with_ckpt, "-n", "2", "--out", samples, *common),
+        ("fid", "--ckpt", run_with_ckpt, "-n", "2", "--ref", shapes16, "--features", "tiny", "--out", samples, *common),
+        ("plot", run_with_ckpt, "--out", png),
+        ("class-grid", "--ckpt", run_with_ckpt, "--samples-per-class", "1", "--out", png, *common),
+        ("prepare-data", "shapes", "--out", shapes16, "--count", "4"),
+    ]
+    for args in refused:
+        code, out, err = fm(capsys, *args)
+        assert (code, out) == (2, ""), (args, err)
+        assert "already exists" in err and "--force" in err and err.count("\n") == 1, (args, err)
+    assert png.read_bytes() == b"my picture" and gif.read_bytes() == b"my animation" and (samples / "000001.png").read_bytes() == b"my sample"
+    assert not (tmp_path / "new.png").exists() and sorted(p.name for p in samples.iterdir()) == ["000001.png"]
+    code, out, err = fm(capsys, "sample", "--ckpt", run_with_ckpt, "-n", "2", "--out", png, "--force", *common)
+    assert code == 0, err
+    assert Image.open(png).size[0] > 16  # replaced by the grid
+
+
+def _png_bytes(size: int, seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_item10_tar_members_above_the_limit_are_skipped_unread(tmp_path):
+    from fmcli.data.prepare import prepare
+
+    shard = tmp_path / "shard-0.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, size in (("small", 8), ("huge", 256), ("small2", 8)):
+            for ext, data in (("png", _png_bytes(size, len(key))), ("txt", f"a {key} image".encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    limit_mib = 20_000 / 2**20  # the 256x256 noise PNG is ~197 kB; the 8x8 ones are under 1 kB
+    summary = prepare("tar", tmp_path / "out", root=str(shard), size=8, max_member_mib=limit_mib)
+    assert summary.count == 2 and summary.skipped == 1
+    assert "huge" in summary.skipped_examples[0] and "above the --max-member-mib limit" in summary.skipped_examples[0]
+
+
+def _evil_module(tmp_path: Path) -> Path:
+    """A module whose import leaves a marker file: proof that fm imported code named by a config."""
+    marker = tmp_path / "imported.marker"
+    (tmp_path / "evilfeatures.py").write_text(
+        f"open({str(marker)!r}, 'w').write('imported')\n"
+        "def make(device):\n    raise SystemExit('called')\n"
+    )
+    return marker
+
+
+def test_item11_checkpoint_config_never_names_code_to_import(run_with_ckpt, shapes16, tmp_path, capsys, monkeypatch):
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+
+    marker = _evil_module(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "downloaded"
+    shutil.copytree(run_with_ckpt, run)
+    ckpt = resolve_checkpoint(run)
+    state = load_checkpoint(ckpt)
+    state["config"]["eval"].update(features="evilfeatures:make", every=1, ref=str(shapes16), num_samples=2)
+    torch.save(state, ckpt)
+    code, out, err = fm(capsys, "resume", run, "--set", "train.steps=3")
+    assert (code, out) == (2, "") and "eval.features='evilfeatures:make'" in err and "--set eval.features=" in err, err
+    assert not marker.exists()
+    # fm fid --ckpt takes its features from the command line only
+    code, out, err = fm(capsys, "fid", "--ckpt", run, "-n", "2", "--ref", shapes16, "--features", "tiny", "--steps", "1", "--device", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(out)["features"] == "tiny-randconv-v1" and not marker.exists()
+
+
+def test_item11_the_user_may_repeat_the_trust_decision(run_with_ckpt):
+    from fmcli.config import load_config, refuse_checkpoint_trust
+
+    stored = load_config("debug", ["eval.features=evilfeatures:make"])
+    with pytest.raises(UsageError, match="never does so"):
+        refuse_checkpoint_trust(stored, ["train.steps=9"], "ckpt")
+    refuse_checkpoint_trust(stored, ["eval.features=evilfeatures:make"], "ckpt")  # the user's own word
+    refuse_checkpoint_trust(load_config("debug"), [], "ckpt")  # inception/tiny: nothing to trust
+
+
+def test_item12_wrong_inception_hash_refuses_without_the_flag(shapes16, tmp_path, capsys):
+    from fmcli.evaluate import build_extractor
+
+    fake = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(torch.nn.Identity()).save(str(fake))
+    with pytest.raises(UsageError, match="--inception-unverified"):
+        build_extractor("inception", inception=str(fake))
+    code, out, err = fm(capsys, "fid", "--gen", tmp_path, "--ref", shapes16, "--features", "inception", "--inception", fake)
+    assert (code, out) == (2, "") and "refusing to load it" in err and err.count("\n") == 1
+
+
+def test_item13_demo_clamps_steps_every_and_images():
+    from fmcli.demo import MAX_EVERY, MAX_STEPS, bounded_request
+
+    assert bounded_request(10**6, 10**9, 10**6, max_images=16) == (16, MAX_STEPS, MAX_EVERY)
+    assert bounded_request(-3, 0, -1, max_images=16) == (1, 1, 1)
+    assert bounded_request(4.0, 20, 5, max_images=16) == (4, 20, 5)
+    with pytest.raises(UsageError, match="steps must be a number"):
+        bounded_request(1, "nan", 1, max_images=4)
+
+
+def test_item14_pickled_code_is_not_an_fm_checkpoint(tmp_path, capsys):
+    from fmcli.checkpoint import load_checkpoint
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload(), "config": {}}, evil)
+    with pytest.raises(UsageError) as info:
+        load_checkpoint(evil)
+    assert str(info.value) == f"{evil} is not an fm checkpoint (refused to unpickle code)"
+    code, out, err = fm(capsys, "sample", "--ckpt", evil, "--out", tmp_path / "x.png")
+    assert (code, out, err) == (2, "", f"error: {evil} is not an fm checkpoint (refused to unpickle code)\n")
+    _truncate(evil, 50)  # damage is still reported as damage
+    with pytest.raises(UsageError, match="corrupt or truncated"):
+        load_checkpoint(evil)
+
+
+def test_item15_numpy_rng_state_is_saved_whole(run_with_ckpt):
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+    from fmcli.train import numpy_rng_state, set_numpy_rng_state
+
+    np.random.seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian and a position inside the key
+    np.random.randint(0, 10, size=5)
+    saved = numpy_rng_state()
+    expected = (np.random.standard_normal(3), np.random.random(4))
+    np.random.seed(99)
+    set_numpy_rng_state(saved)
+    got = (np.random.standard_normal(3), np.random.random(4))
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+    rng = load_checkpoint(resolve_checkpoint(run_with_ckpt))["rng"][0]["numpy"]
+    assert set(rng) == {"key", "pos", "has_gauss", "cached_gaussian"} and rng["key"].shape == (624,)
+
+
+def test_item16_labels_outside_num_classes_are_refused(shapes16, tmp_path):
+    from fmcli.data.prepared import PreparedDataset
+
+    bad = tmp_path / "labels"
+    shutil.copytree(shapes16, bad)
+    y = np.load(bad / "y.npy")
+    y[7] = int(json.loads((bad / "manifest.json").read_text())["num_classes"])  # one past the last class
+    np.save(bad / "y.npy", y)
+    with pytest.raises(UsageError, match=r"labels span \[0, 10\] but the manifest says 10 classes"):
+        PreparedDataset(bad)
+    y[7] = -1
+    np.save(bad / "y.npy", y)
+    with pytest.raises(UsageError, match=r"labels span \[-1, "):
+        PreparedDataset(bad)
+
+
+def test_item17_flip_on_text_data_warns():
+    from fmcli.config import flip_warning, load_config
+
+    text = load_config("debug", ["model.cross_attention=true", "data.flip=true"])
+    assert "left/right" in flip_warning(text)
+    assert flip_warning(load_config("debug", ["data.flip=true"])) is None  # class data: flipping is harmless
+    assert flip_warning(load_config("debug", ["model.cross_attention=true"])) is None
+
+
+@pytest.fixture
+def fsync_log(monkeypatch):
+    """Every os.fsync as the path of the file or directory it flushed."""
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced
+
+
+def test_item18_prepared_writer_and_statistics_fsync_their_directory(tmp_path, fsync_log):
+    from fmcli.data.prepared import PreparedWriter
+    from fmcli.evaluate import statistics_of
+
+    with PreparedWriter(tmp_path / "ds", 2, (3, 4, 4)) as w:
+        w.add_batch(np.zeros((2, 3, 4, 4), np.uint8))
+        w.finish()
+    assert tmp_path in fsync_log  # the rename into place is durable
+    assert any(p.name.startswith(".ds.tmp-") for p in fsync_log)  # the directory's own entries, before the rename
+    fsync_log.clear()
+    stats = statistics_of(np.random.default_rng(0).standard_normal((5, 3)), "tiny", 8)
+    stats.save(tmp_path / "stats" / "s.npz")
+    assert tmp_path / "stats" in fsync_log and any(p.name.startswith(".s.npz.tmp-") for p in fsync_log)
+
+
+def test_item19_torch_generator_seed_is_the_32_bits_torch_keeps():
+    from fmcli.seeding import torch_generator
+
+    for keys in ((2, 0, 5), (3, 123, 9), (1, 2**63 + 5, 7)):
+        g = torch_generator(*keys)
+        assert g.initial_seed() < 2**32  # the seed it reports is the seed it uses
+        # ... and the numbers are those of the former 64-bit seed (torch ignored the high half)
+        words = np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]).generate_state(2, np.uint32)
+        former = torch.Generator().manual_seed(int(words[0]) | (int(words[1]) << 32))
+        assert torch.equal(torch.rand(16, generator=g), torch.rand(16, generator=former))
+
+
+def test_item20_logit_mean_is_documented_on_t_with_the_sd3_sign():
+    from fmcli.flow import sample_times
+
+    doc = sample_times.__doc__
+    assert "t = 1 is data" in doc and "SD3" in doc and "-m" in doc
+    g = torch.Generator().manual_seed(0)
+    t = sample_times(20000, "logit_normal", logit_mean=1.0, generator=g)
+    assert abs(float((t > 0.5).float().mean()) - 0.8413) < 0.01  # P(N(1,1) > 0) = Phi(1): mass toward data
+
+
+def test_item21_latents_must_be_finite_and_fit_float16(tmp_path):
+    from fmcli.data.latents import _float16_latents
+    from fmcli.data.prepared import PreparedWriter
+
+    ok = np.ones((2, 4, 2, 2), np.float32)
+    assert _float16_latents(ok, 0).dtype == np.float16
+    with pytest.raises(RuntimeFailure, match="non-finite latents for image 11"):
+        _float16_latents(np.stack([ok[0], ok[1] * np.nan]), 10)
+    with pytest.raises(RuntimeFailure, match="beyond float16"):
+        _float16_latents(ok * 1e5, 0)
+    with pytest.raises(RuntimeFailure, match="non-finite"):
+        with PreparedWriter(tmp_path / "lat", 2, (4, 2, 2), dtype="float16", kind="latents") as w:
+            w.add_batch(ok * 1e5)  # overflows to inf in float16
+    assert list(tmp_path.iterdir()) == []
