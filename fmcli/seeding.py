@@ -9,6 +9,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# Named random streams: the first key of a draw, so that streams keyed by the same user seed never coincide.
+# (train.py's step and epoch streams use 2 and 3.)
+SAMPLE_NOISE_STREAM = 1  # initial noise of sample i: (stream, seed, i)
+SDE_NOISE_STREAM = 4  # euler-sde's noise of sample i at solver step k: (stream, seed, i, k)
+
 
 def torch_generator(*keys: int) -> torch.Generator:
     """A CPU torch.Generator whose seed is a hash of the integer keys."""

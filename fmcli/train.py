@@ -492,7 +492,7 @@ class _Trainer:
             out = self.run_dir / "samples" / f"step-{self.step:07d}.txt"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text("".join(p + "\n" for p in prompts))
-        x = sample_batch(self.ema, x0, labels, self.cfg.sample, shift=self.cfg.flow.shift, conditions=conditions).x
+        x = sample_batch(self.ema, x0, labels, self.cfg.sample, shift=self.cfg.flow.shift, sigma_min=self.cfg.flow.sigma_min, conditions=conditions).x
         if self.dataset.manifest["kind"] == "latents":
             x = self._decode_latents(x)
             if x is None:
