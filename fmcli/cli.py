@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, Callable, List, Optional
 
 import typer
 
@@ -25,6 +25,9 @@ class _App(typer.Typer):
     """Typer app whose errors meant for users become one stderr line and exit code 2 (usage) or 1."""
 
     def __call__(self, *args, **kwargs):
+        argv = kwargs.get("args")
+        if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else map(str, argv))):
+            _fill_lazy_help()
         try:
             return super().__call__(*args, **kwargs)
         except FmError as err:
@@ -390,6 +393,44 @@ def _ensure_data(cfg, prepare: bool):
 
 # ------------------------------------------------------------------------------------------- sample
 
+# Sampling options shared by `fm sample`, `fm class-grid` and `fm fid`. The solver and guidance names live
+# in sampling.py, which needs torch (seconds to import): their help text is filled in only for --help.
+_LAZY_HELP: list[tuple[object, Callable[[], str]]] = []
+
+
+def _lazy_option(decl: str, help_text: Callable[[], str]):
+    info = typer.Option(decl, help="(see --help)")
+    _LAZY_HELP.append((info, help_text))
+    return info
+
+
+def _fill_lazy_help() -> None:
+    for info, text in _LAZY_HELP:
+        info.help = text()
+
+
+def _solver_help() -> str:
+    from .sampling import SOLVERS
+
+    return f"Solver: {', '.join(SOLVERS)} (default: the checkpoint's sample.solver)."
+
+
+def _guidance_help() -> str:
+    from .sampling import GUIDANCES
+
+    return f"Guidance method of --cfg W: {', '.join(GUIDANCES)} (auto = autoguidance with --guide-ckpt)."
+
+
+SolverOpt = Annotated[Optional[str], _lazy_option("--solver", _solver_help)]
+GuidanceOpt = Annotated[Optional[str], _lazy_option("--guidance", _guidance_help)]
+GuideCkptOpt = Annotated[
+    Optional[str], typer.Option("--guide-ckpt", help="Autoguidance guide: a smaller or earlier checkpoint of the same data (implies --guidance auto).")
+]
+SdeNoiseOpt = Annotated[Optional[float], typer.Option("--sde-noise", help="euler-sde diffusion scale: g(t)^2 = SCALE * (1 - t); 0 = plain Euler.")]
+ZeroInitOpt = Annotated[Optional[int], typer.Option("--zero-init-steps", help="cfg-zero: steps at the start with zero velocity (default 1).")]
+IntervalOpt = Annotated[Optional[str], typer.Option("--guidance-interval", help="LO,HI: guide only for t in [LO, HI] (t=0 noise).")]
+
+
 
 @app.command()
 def sample(
@@ -401,11 +442,15 @@ def sample(
     vae: Optional[str] = typer.Option(None, "--vae", help="Local VAE directory (latent models; default: FM_VAE, then the run's)."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (default: FM_TEXT_ENCODER, then the run's)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (all but dopri5)."),
+    solver: SolverOpt = None,
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (dopri5)."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (dopri5)."),
-    guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="LO,HI: apply CFG only for t in [LO, HI] (t=0 noise)."),
+    guidance: GuidanceOpt = None,
+    guide_ckpt: GuideCkptOpt = None,
+    guidance_interval: IntervalOpt = None,
+    zero_init_steps: ZeroInitOpt = None,
+    sde_noise: SdeNoiseOpt = None,
     seed: int = typer.Option(0, "--seed", help="Seed: sample i's noise depends only on (seed, i)."),
     out: Path = typer.Option(Path("samples"), "--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only)."),
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write a trajectory GIF (noise to image) of the grid."),
@@ -424,6 +469,8 @@ def sample(
       fm sample --ckpt runs/cifar10/checkpoints/step-0100000.pt --cfg 4 --steps 100 --class-label 3 --out cat.png
       fm sample --ckpt runs/quickstart -n 16 --solver heun --steps 20 --out grid.png --gif trajectory.gif
       fm sample --ckpt runs/quickstart --solver dopri5 --rtol 1e-4 --atol 1e-4 --out grid.png --json
+      fm sample --ckpt runs/quickstart --solver euler-sde --sde-noise 1 --steps 32 --out sde.png
+      fm sample --ckpt runs/quickstart --cfg 2 --guide-ckpt runs/quickstart/checkpoints/step-0000950.pt --out auto.png
       fm sample --ckpt runs/quickstart-text --prompt "a red circle on a black background" -n 8 --out red.png
       echo "a blue star on a white background" | fm sample --ckpt runs/quickstart-text --prompts - --out star.png
     """
@@ -444,12 +491,17 @@ def sample(
         import torch
 
         from . import distributed as D
-        from .generate import iterate_samples, load_for_sampling, merge_trajectories
+        from .generate import TrajectoryRecorder, decode, iterate_samples, load_for_sampling, merge_trajectories
         from .images import save_gif, save_grid, save_images, trajectory_frames
 
         dev = ctx.device
         loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
-        sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver, rtol, atol, guidance_interval)
+        sample_cfg = _sample_settings(
+            loaded.config.sample, cfg=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, guidance_interval=guidance_interval,
+            guidance=guidance, guide_ckpt=guide_ckpt, zero_init_steps=zero_init_steps, sde_noise=sde_noise,
+        )  # fmt: skip
+        loaded = _attach_guide(loaded, guide_ckpt, dev, ema)
+        recorder = TrajectoryRecorder() if gif is not None else None
         start = time.perf_counter()
         xs, nfes, paths, trajectories = [], [], [], []
         to_dir = out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp")
@@ -463,13 +515,13 @@ def sample(
             device=dev,
             class_label=class_label,
             shift=loaded.config.flow.shift,
-            capture=gif_frames if gif is not None else 0,
+            on_step=recorder,
             prompts=[texts[i % len(texts)] for i in indices] if texts else None,
         ):
             xs.append(result.x.cpu())
             nfes.append(result.nfe)
-            if gif is not None:
-                trajectories.append([(t, x.cpu()) for t, x in result.trajectory])
+            if recorder is not None:
+                trajectories.append(recorder.take(gif_frames))
             if to_dir:
                 for k, i in enumerate(chunk):  # each rank writes its own samples, named by global index
                     paths += save_images(result.x[k : k + 1], out, start_index=i)
@@ -481,7 +533,10 @@ def sample(
             return
         paths.sort()
         grid = save_grid(images, out / "grid.png" if to_dir else out)
-        gif_path = save_gif(trajectory_frames(merge_trajectories(trajectories)), gif) if gif is not None else None
+        gif_path = None
+        if gif is not None:  # frames are the model's states: latent models' go through the VAE here
+            frames = [(t, decode(loaded, x.to(dev)).cpu()) for t, x in merge_trajectories(trajectories)]
+            gif_path = save_gif(trajectory_frames(frames), gif)
         seconds = time.perf_counter() - start
         if as_json:
             _emit_json(
@@ -496,6 +551,7 @@ def sample(
                     "solver": sample_cfg.solver,
                     "steps": sample_cfg.steps,
                     "cfg": sample_cfg.cfg,
+                    "guidance": sample_cfg.guidance,
                     "seed": seed,
                 }
             )
@@ -524,8 +580,11 @@ def _read_prompts(source: Optional[str]) -> list[str]:
     return lines
 
 
-def _sample_settings(base, cfg_scale, steps, solver, rtol=None, atol=None, guidance_interval=None):
-    """The checkpoint's sample.* settings with the command-line overrides, validated."""
+def _sample_settings(base, *, guide_ckpt=None, guidance_interval=None, **given):
+    """The checkpoint's sample.* settings with the command-line overrides (None = not given), validated.
+
+    --guide-ckpt implies --guidance auto; --guidance auto needs it.
+    """
     from pydantic import ValidationError
 
     from .config import SampleConfig
@@ -538,15 +597,30 @@ def _sample_settings(base, cfg_scale, steps, solver, rtol=None, atol=None, guida
             interval = ()
         if len(interval) != 2:
             raise UsageError(f"--guidance-interval expects LO,HI (e.g. 0.1,0.8), got {guidance_interval!r}")
-    given = {"cfg": cfg_scale, "steps": steps, "solver": solver, "rtol": rtol, "atol": atol, "guidance_interval": interval}
-    update = {k: v for k, v in given.items() if v is not None}
+    if guide_ckpt is not None and given.get("guidance") not in (None, "auto"):
+        raise UsageError(f"--guide-ckpt is autoguidance's guide: it goes with --guidance auto, not {given['guidance']}")
+    if guide_ckpt is not None:
+        given["guidance"] = "auto"
+    update = {k: v for k, v in {**given, "guidance_interval": interval}.items() if v is not None}
     try:
-        return SampleConfig.model_validate({**base.model_dump(), **update})
+        settings = SampleConfig.model_validate({**base.model_dump(), **update})
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "guidance_interval"
-        where = where.replace("_", "-")
-        raise UsageError(f"invalid sampling option --{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        where = ".".join(str(p) for p in first["loc"]) or ("zero_init_steps" if "zero_init_steps" in msg else "guidance_interval")
+        raise UsageError(f"invalid sampling option --{where.replace('_', '-')}: {msg}") from None
+    if settings.guidance == "auto" and guide_ckpt is None:
+        raise UsageError("--guidance auto needs --guide-ckpt CKPT: a smaller or earlier checkpoint of the same data")
+    return settings
+
+
+def _attach_guide(loaded, guide_ckpt, device, ema: bool):
+    """The loaded model with its autoguidance guide (checked to model the same data), when one is given."""
+    if guide_ckpt is None:
+        return loaded
+    from .generate import with_guide
+
+    return with_guide(loaded, guide_ckpt, device, use_ema=ema)
 
 
 def _relaunched(gpus: int, nproc: int, extra: list[str] | None = None) -> bool:
@@ -627,8 +701,13 @@ def class_grid(
     samples_per_class: int = typer.Option(8, "--samples-per-class", min=1, help="Images per class (one row per class)."),
     out: Path = typer.Option(..., "--out", help="Output image, FILE.png."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (all but dopri5)."),
+    solver: SolverOpt = None,
+    guidance: GuidanceOpt = None,
+    guide_ckpt: GuideCkptOpt = None,
+    guidance_interval: IntervalOpt = None,
+    zero_init_steps: ZeroInitOpt = None,
+    sde_noise: SdeNoiseOpt = None,
     seed: int = typer.Option(0, "--seed", help="Seed: sample i's noise depends only on (seed, i)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward batch."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
@@ -641,7 +720,13 @@ def class_grid(
     Examples:
       fm class-grid --ckpt runs/quickstart --samples-per-class 8 --out classes.png
       fm class-grid --ckpt runs/cifar10 --samples-per-class 10 --cfg 3 --steps 50 --solver heun --out cifar.png
+      fm class-grid --ckpt runs/quickstart --cfg 3 --guidance cfg-zero --solver ab2 --steps 8 --out zero.png
     """
+
+    sampling_options = dict(
+        cfg=cfg_scale, steps=steps, solver=solver, guidance=guidance, guide_ckpt=guide_ckpt, guidance_interval=guidance_interval,
+        zero_init_steps=zero_init_steps, sde_noise=sde_noise,
+    )  # fmt: skip
 
     def run():
         from .generate import class_grid_samples, class_names_of, load_for_sampling
@@ -653,7 +738,8 @@ def class_grid(
             raise UsageError(f"{out} already exists; pass --force to replace it")
         dev = _device(device)
         loaded = load_for_sampling(ckpt, dev, use_ema=ema)
-        sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver)
+        sample_cfg = _sample_settings(loaded.config.sample, **sampling_options)
+        loaded = _attach_guide(loaded, guide_ckpt, dev, ema)
         start = time.perf_counter()
         images, nfe = class_grid_samples(
             loaded, samples_per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev, shift=loaded.config.flow.shift
@@ -661,7 +747,7 @@ def class_grid(
         path = save_image_atomic(class_grid_image(images, samples_per_class, class_names_of(loaded)), out)
         seconds = time.perf_counter() - start
         if as_json:
-            _emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg})
+            _emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance})
         else:
             print(path)
 
@@ -678,8 +764,13 @@ def fid(
     features: str = typer.Option("inception", "--features", help="inception (default), tiny, or module:factory; only inception is comparable to published FID."),
     inception: Optional[str] = typer.Option(None, "--inception", help="Path to inception-2015-12-05.pt (default: $FM_INCEPTION)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (all but dopri5)."),
+    solver: SolverOpt = None,
+    guidance: GuidanceOpt = None,
+    guide_ckpt: GuideCkptOpt = None,
+    guidance_interval: IntervalOpt = None,
+    zero_init_steps: ZeroInitOpt = None,
+    sde_noise: SdeNoiseOpt = None,
     seed: int = typer.Option(0, "--seed", help="Seed: sample i's noise depends only on (seed, i)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (generation and features)."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
@@ -687,9 +778,10 @@ def fid(
     kid: bool = typer.Option(False, "--kid", help="Also report KID (clean-fid's kernel distance)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --save-stats file."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (with --nfe: a list of rows)."),
     gpus: int = typer.Option(0, "--gpus", min=0, help="Generate on N local GPUs (sample indices sharded)."),
     nproc: int = typer.Option(0, "--nproc", min=0, help="Generate with N local processes."),
+    nfe: Optional[str] = typer.Option(None, "--nfe", help="Sweep NFE budgets, e.g. 1,2,4,8,16,32: one row each (the solver's steps per budget)."),
 ):
     """FID (clean-fid, "clean" mode) of generated samples against reference data.
 
@@ -697,11 +789,15 @@ def fid(
       fm fid --ref data/cifar10 --save-stats stats/cifar10-train.npz --inception ~/inception-2015-12-05.pt
       fm fid --ckpt runs/cifar10 --num-samples 50000 --ref stats/cifar10-train.npz --cfg 1.5 --steps 100
       fm fid --gen samples/ --ref data/cifar10 --features tiny    # no Inception weights: not comparable to papers
+      fm fid --ckpt runs/quickstart -n 1000 --ref data/shapes-32-n20000-s0 --features tiny --nfe 1,2,4,8,16 --solver ab2 --json > ab2.json
     """
 
     def run():
         from .evaluate import fid_command
 
+        budgets = _parse_nfe(nfe) if nfe is not None else None
+        if budgets is not None and steps is not None:
+            raise UsageError("--nfe chooses the steps for each budget: drop --steps")
         if (gpus or nproc) and ckpt is None:
             raise UsageError("--gpus/--nproc shard sample generation: they go with --ckpt")
         if _relaunched(gpus, nproc):
@@ -717,7 +813,12 @@ def fid(
             features=features,
             inception=inception,
             num_samples=num_samples,
-            sample_overrides=lambda base: _sample_settings(base, cfg_scale, steps, solver),
+            sample_overrides=lambda base: _sample_settings(
+                base, cfg=cfg_scale, steps=steps, solver=solver, guidance=guidance, guide_ckpt=guide_ckpt, guidance_interval=guidance_interval,
+                zero_init_steps=zero_init_steps, sde_noise=sde_noise,
+            ),
+            guide_ckpt=guide_ckpt,
+            nfe=budgets,
             seed=seed,
             batch_size=batch_size,
             ema=ema,
@@ -732,6 +833,8 @@ def fid(
             return
         if as_json:
             _emit_json(result)
+        elif isinstance(result, list):
+            _print_nfe_table(result)
         elif "fid" not in result:
             print(result["stats"])
         else:
@@ -739,6 +842,24 @@ def fid(
                 print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
 
     _guard(run)
+
+
+def _parse_nfe(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8]; anything but positive integers is a usage error."""
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--nfe expects positive integers separated by commas (e.g. 1,2,4,8), got {text!r}")
+    return [int(p) for p in parts]
+
+
+def _print_nfe_table(rows: list[dict]) -> None:
+    """The NFE sweep as a plain table on stdout."""
+    kid = any("kid" in r for r in rows)
+    print(f"{'NFE':>5} {'used':>6} {'steps':>5}  {'FID (' + rows[0]['features'] + ')':>16}" + ("  KID" if kid else ""))
+    for r in rows:
+        line = f"{r['nfe_budget']:>5} {r['nfe_per_sample']:>6g} {r['steps']:>5}  {r['fid']:>16.4f}"
+        print(line + (f"  {r['kid']:.5f}" if kid else ""))
+    print(f"solver {rows[0]['solver']}, guidance {rows[0]['guidance']}, cfg {rows[0]['cfg']:g}, {rows[0]['num_samples']} samples")
 
 
 def _progress(console, label: str, total: int):
@@ -832,20 +953,23 @@ def _print_bench_table(console, report: dict) -> None:
 
 @app.command()
 def plot(
-    run_dir: Path = typer.Argument(..., help="Run directory (reads RUN_DIR/metrics.jsonl)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png."),
+    run_dir: Path = typer.Argument(..., help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (or SWEEP.png)."),
 ):
-    """Plot loss and learning-rate curves (and FID when logged) from a run's metrics.jsonl (needs matplotlib).
+    """Plot loss and learning-rate curves (and FID when logged) from a run's metrics.jsonl, or FID against NFE
+    from `fm fid --nfe` sweeps (one curve per solver/guidance; needs matplotlib).
 
     Examples:
       fm plot runs/quickstart
       fm plot runs/cifar10 --out cifar10-curves.png
+      fm fid --ckpt runs/quickstart -n 500 --ref data/shapes --features tiny --nfe 2,4,8,16 --solver heun --json >> sweep.json
+      fm plot sweep.json
     """
 
     def run():
-        from .plot import plot_run
+        from .plot import plot_nfe_sweep, plot_run
 
-        print(plot_run(run_dir, out))
+        print(plot_nfe_sweep(run_dir, out) if run_dir.is_file() else plot_run(run_dir, out))
 
     _guard(run)
 
@@ -863,18 +987,23 @@ def demo(
     vae: Optional[str] = typer.Option(None, "--vae", help="Local diffusers VAE directory (latent models)."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (text models)."),
     max_images: int = typer.Option(16, "--max-images", min=1, help="Largest grid a visitor may request."),
+    guide_ckpt: GuideCkptOpt = None,
 ):
-    """Interactive web demo (needs gradio): prompt or class, CFG, steps, solver, seed; the image forms step by step.
+    """Interactive web demo (needs gradio): prompt or class, guidance, steps, solver, seed; the image forms step by step.
 
     Examples:
       fm demo --ckpt runs/quickstart
       fm demo --ckpt runs/quickstart-text --port 8080
+      fm demo --ckpt runs/quickstart --guide-ckpt runs/quickstart/checkpoints/step-0000950.pt   # offers autoguidance
     """
 
     def run():
         from .demo import launch_demo
 
-        launch_demo(ckpt, host=host, port=port, share=share, device=_device(device), vae=vae, text_encoder=text_encoder, max_images=max_images)
+        launch_demo(
+            ckpt, host=host, port=port, share=share, device=_device(device), vae=vae, text_encoder=text_encoder, max_images=max_images,
+            guide_ckpt=guide_ckpt,
+        )  # fmt: skip
 
     _guard(run)
 

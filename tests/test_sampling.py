@@ -313,7 +313,8 @@ def test_interval_nfe_over_a_full_solve():
 # ------------------------------------------------------------------------------------------ determinism
 
 
-def test_same_seed_any_batch_size_gives_the_same_samples():
+@pytest.mark.parametrize("solver", ["heun", "euler-sde"])
+def test_same_seed_any_batch_size_gives_the_same_samples(solver):
     from fmcli.config import Config, SampleConfig
     from fmcli.generate import LoadedModel, initial_noise, iterate_samples
     from fmcli.models import build_model
@@ -325,7 +326,7 @@ def test_same_seed_any_batch_size_gives_the_same_samples():
         for p in model.parameters():
             p.normal_(0, 0.05)
     loaded = LoadedModel(model=model.eval(), config=cfg, info={}, step=0)
-    sc = SampleConfig(solver="heun", steps=4, cfg=2.0)
+    sc = SampleConfig(solver=solver, steps=4, cfg=2.0)
 
     def run(batch_size):
         out = [r.x for _, _, r in iterate_samples(loaded, list(range(7)), seed=11, sample_cfg=sc, batch_size=batch_size, device=torch.device("cpu"))]
