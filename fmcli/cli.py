@@ -426,7 +426,7 @@ GuidanceOpt = Annotated[Optional[str], _lazy_option("--guidance", _guidance_help
 GuideCkptOpt = Annotated[
     Optional[str], typer.Option("--guide-ckpt", help="Autoguidance guide: a smaller or earlier checkpoint of the same data (implies --guidance auto).")
 ]
-SdeNoiseOpt = Annotated[Optional[float], typer.Option("--sde-noise", help="euler-sde diffusion scale: g(t)^2 = SCALE * (1 - t); 0 = plain Euler.")]
+SdeNoiseOpt = Annotated[Optional[float], typer.Option("--sde-noise", help="euler-sde diffusion scale: g(t)^2 = 2 * SCALE * (1 - t) (SiT's norm); 0 = plain Euler.")]
 ZeroInitOpt = Annotated[Optional[int], typer.Option("--zero-init-steps", help="cfg-zero: steps at the start with zero velocity (default 1).")]
 IntervalOpt = Annotated[Optional[str], typer.Option("--guidance-interval", help="LO,HI: guide only for t in [LO, HI] (t=0 noise).")]
 

@@ -105,7 +105,7 @@ class SampleConfig(Strict):
     cfg: float = Field(1.0, ge=0)  # guidance weight w (1 = off), for every guidance method
     guidance: GuidanceName = "cfg"  # sampling.GUIDANCES; "auto" needs a guide checkpoint (--guide-ckpt)
     zero_init_steps: int = Field(1, ge=0)  # cfg-zero: the first K steps have zero velocity (CFG-Zero*)
-    sde_noise: float = Field(1.0, ge=0)  # euler-sde: g(t)^2 = sde_noise * (1 - t); 0 = the ODE (Euler)
+    sde_noise: float = Field(1.0, ge=0)  # euler-sde: g(t)^2 = 2 * sde_noise * (1 - t) (SiT's norm); 0 = the ODE (Euler)
     rtol: float = Field(1e-5, gt=0)
     atol: float = Field(1e-5, gt=0)
     guidance_interval: tuple[float, float] | None = None  # [t_lo, t_hi]: CFG only for t in it

@@ -123,10 +123,12 @@ def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t, sigma_min: float = 
 
 
 def sde_diffusion(t, noise: float):
-    """g(t)^2 = noise * (1 - t): SiT's choice w_t = sigma_t (Ma et al. 2024, "SiT: Exploring Flow and
-    Diffusion-based Generative Models with Scalable Interpolant Transformers", arXiv:2401.08740), written
-    with 1 - t so that g -> 0 at the data end even when sigma_min > 0. `noise` is the --sde-noise scale."""
-    return noise * (1 - t)
+    """g(t)^2 = 2 w(t) with w(t) = noise * (1 - t): SiT's "sigma" diffusion form (w_t = norm * sigma_t for
+    the linear path; Ma et al. 2024, "SiT: Exploring Flow and Diffusion-based Generative Models with
+    Scalable Interpolant Transformers", arXiv:2401.08740), with `noise` (--sde-noise) as SiT's
+    diffusion_norm. Written with 1 - t, not sigma_t = 1 - (1 - sigma_min) t, so that g -> 0 at the data
+    end even when sigma_min > 0."""
+    return 2 * noise * (1 - t)
 
 
 # ----------------------------------------------------------------------------------------------- solve
@@ -269,9 +271,9 @@ def _solve_ab2(v: Velocity, x: torch.Tensor, grid: torch.Tensor, start: int, rep
 
 def _solve_euler_maruyama(v: Velocity, x, grid, start: int, sigma_min: float, noise_scale: float, noise, report: _Reporter):
     """Euler-Maruyama for dx = [v + g^2/2 s(x, t)] dt + g dW (same marginals as the ODE, by Fokker-Planck),
-    with s from `score_from_velocity` and g^2 from `sde_diffusion`. With g^2 = noise (1 - t) the score term
-    is noise (1 - t) / (2 a(t)) (t v - x): bounded, (1 - t) / a(t) <= 1. The last step is a plain ODE step
-    (no noise and no score term, which only balances the noise)."""
+    with s from `score_from_velocity` and g^2 from `sde_diffusion`. With g^2 = 2 noise (1 - t) the score
+    term is noise (1 - t) / a(t) (t v - x): bounded, as (1 - t) / a(t) <= 1. The last step is a plain ODE
+    (Euler) step, one of SiT's last-step choices: no noise, and no score term, which only balances it."""
     if noise is None:
         gen = torch.Generator(device="cpu").manual_seed(0)
         noise = lambda i: torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)  # noqa: E731
