@@ -25,11 +25,12 @@ def initial_noise(seed: int, indices, shape: tuple[int, ...], device="cpu") -> t
     return torch.stack(rows).to(device)
 
 
-def sde_noise(seed: int, indices) -> Callable[[int], torch.Tensor]:
-    """euler-sde's noise for solver step k: row j depends only on (seed, indices[j], k), like the initial noise."""
+def sde_noise(seed: int, indices, shape: tuple[int, ...]) -> Callable[[int], torch.Tensor]:
+    """euler-sde's noise for solver step k, [len(indices), *shape]: row j depends only on (seed, indices[j], k),
+    like the initial noise, so an SDE sample too is the same whatever the batch size."""
     indices = [int(i) for i in indices]
 
-    def at(step: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def at(step: int) -> torch.Tensor:
         return torch.stack([normal(tuple(shape), SDE_NOISE_STREAM, seed, i, int(step)) for i in indices])
 
     return at
@@ -70,10 +71,10 @@ def sample_batch(
         model, cond, uncond, cfg=sample_cfg.cfg, interval=sample_cfg.guidance_interval, guidance=sample_cfg.guidance, guide=guide
     )
     zero_init = sample_cfg.guidance == "cfg-zero" and sample_cfg.cfg != 1.0 and uncond is not None
-    draw = sde_noise(seed, range(x0.shape[0]) if indices is None else indices)
+    noise = sde_noise(seed, range(x0.shape[0]) if indices is None else indices, tuple(x0.shape[1:]))
     return solve(
         velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=shift, rtol=sample_cfg.rtol, atol=sample_cfg.atol,
-        sigma_min=sigma_min, sde_noise=sample_cfg.sde_noise, noise=lambda k: draw(k, tuple(x0.shape[1:])),
+        sigma_min=sigma_min, sde_noise=sample_cfg.sde_noise, noise=noise,
         skip_steps=sample_cfg.zero_init_steps if zero_init else 0, on_step=on_step,
     )  # fmt: skip
 
