@@ -62,8 +62,8 @@ def main() -> int:
         return {"solver": settings.solver, "steps": steps, "nfe": nfe, "shape_accuracy": round(accuracy, 3), "fd": round(fd, 3), "sample_seconds": round(seconds, 1)}
 
     rows = []
-    for solver in [s for s in args.solvers.split(",") if s]:
-        for budget in (int(n) for n in args.nfe.split(",")):
+    for budget in (int(n) for n in args.nfe.split(",")):  # budget-major: a cut-short run still compares every solver
+        for solver in [s for s in args.solvers.split(",") if s]:
             rows.append({"nfe_budget": budget, **score(base.model_copy(update={"solver": solver, "steps": steps_for_nfe(solver, budget)}))})
             print(json.dumps(rows[-1]), flush=True)
     for tol in (float(v) for v in args.tolerances.split(",") if v):
