@@ -52,7 +52,7 @@ def main() -> int:
 
     def score(settings) -> dict:
         t0 = time.perf_counter()
-        x, nfe = class_grid_samples(loaded, args.per_class, seed=args.seed, sample_cfg=settings, batch_size=len(labels), device=cpu, shift=loaded.config.flow.shift)
+        x, nfe = class_grid_samples(loaded, args.per_class, seed=args.seed, sample_cfg=settings, batch_size=len(labels), device=cpu)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             accuracy = (clf(x.clamp(-1, 1)).argmax(1) == labels).float().mean().item()

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from .config import sample_settings
 from .errors import UsageError
 from .generate import LoadedModel, class_names_of, decode, iterate_samples
 from .images import grid_image, save_image_atomic
@@ -51,7 +52,6 @@ def progressive(
     device: torch.device,
     prompt: str | None = None,
     class_label: int | None = None,
-    shift: float | None = None,
 ) -> Iterator[Frame]:
     """Yield x_t frames every `every` solver steps (the first is the noise), then the final samples."""
     if every < 1:
@@ -61,7 +61,6 @@ def progressive(
     prompts = [prompt.strip()] * n if loaded.is_text else None
     frames: queue.Queue = queue.Queue()
     stop = threading.Event()
-    shift = loaded.config.flow.shift if shift is None else shift
     outcome: dict = {"steps": 0}
 
     def on_step(step: Step):
@@ -76,7 +75,7 @@ def progressive(
             ((_, _, result),) = list(
                 iterate_samples(
                     loaded, list(range(n)), seed=seed, sample_cfg=sample_cfg, batch_size=n, device=device,
-                    class_label=None if loaded.is_text else class_label, shift=shift, prompts=prompts, on_step=on_step,
+                    class_label=None if loaded.is_text else class_label, prompts=prompts, on_step=on_step,
                 )
             )
             outcome["result"] = result
@@ -105,19 +104,6 @@ def progressive(
         raise err
     result = outcome["result"]
     yield Frame(step=outcome["steps"], total=total, t=1.0, x=result.x.cpu(), final=True, nfe=result.nfe)
-
-
-def sample_settings(base, **update):
-    """The checkpoint's sample.* settings with the page's choices, validated like `fm sample` options."""
-    from pydantic import ValidationError
-
-    from .config import SampleConfig
-
-    try:
-        return SampleConfig.model_validate({**base.model_dump(), **update})
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise UsageError(f"invalid {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def _display(x: torch.Tensor, min_side: int = 384):

@@ -12,16 +12,17 @@ from typing import Callable, Iterator
 import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
-from .config import Config, validate_config
+from .config import Config, validate_config, with_sampling_shift
 from .errors import UsageError
 from .models import build_model
 from .sampling import OnStep, guided_velocity, solve
-from .seeding import SAMPLE_NOISE_STREAM, SDE_NOISE_STREAM, normal
+from .seeding import STREAMS, normal
+
 
 
 def initial_noise(seed: int, indices, shape: tuple[int, ...], device="cpu") -> torch.Tensor:
     """[len(indices), *shape] standard normal; row k depends only on (seed, indices[k])."""
-    rows = [normal(tuple(shape), SAMPLE_NOISE_STREAM, seed, int(i)) for i in indices]
+    rows = [normal(tuple(shape), STREAMS["sample_noise"], seed, int(i)) for i in indices]
     return torch.stack(rows).to(device)
 
 
@@ -31,7 +32,7 @@ def sde_noise(seed: int, indices, shape: tuple[int, ...]) -> Callable[[int], tor
     indices = [int(i) for i in indices]
 
     def at(step: int) -> torch.Tensor:
-        return torch.stack([normal(tuple(shape), SDE_NOISE_STREAM, seed, i, int(step)) for i in indices])
+        return torch.stack([normal(tuple(shape), STREAMS["sde_noise"], seed, i, int(step)) for i in indices])
 
     return at
 
@@ -50,7 +51,6 @@ def sample_batch(
     labels: torch.Tensor | None,
     sample_cfg,
     *,
-    shift: float = 1.0,
     sigma_min: float = 0.0,
     conditions=None,
     guide=None,
@@ -73,7 +73,7 @@ def sample_batch(
     zero_init = sample_cfg.guidance == "cfg-zero" and sample_cfg.cfg != 1.0 and uncond is not None
     noise = sde_noise(seed, range(x0.shape[0]) if indices is None else indices, tuple(x0.shape[1:]))
     return solve(
-        velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=shift, rtol=sample_cfg.rtol, atol=sample_cfg.atol,
+        velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=sample_cfg.shift or 1.0, rtol=sample_cfg.rtol, atol=sample_cfg.atol,
         sigma_min=sigma_min, sde_noise=sample_cfg.sde_noise, noise=noise,
         skip_steps=sample_cfg.zero_init_steps if zero_init else 0, on_step=on_step,
     )  # fmt: skip
@@ -110,7 +110,7 @@ def load_for_sampling(
     encoders it needs (paths: the arguments, FM_VAE / FM_TEXT_ENCODER, then those recorded in the run)."""
     path = resolve_checkpoint(ckpt)
     state = load_checkpoint(path, map_location="cpu")
-    cfg = validate_config(state["config"], source=str(path))
+    cfg = with_sampling_shift(validate_config(state["config"], source=str(path)))
     model = build_model(cfg.model)
     weights = state.get("ema") if use_ema else state["model"]
     if weights is None:
@@ -177,7 +177,6 @@ def iterate_samples(
     device: torch.device,
     class_label: int | None = None,
     labels: torch.Tensor | None = None,
-    shift: float = 1.0,
     on_step: OnStep | None = None,
     prompts: list[str] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, "object"]]:
@@ -204,7 +203,7 @@ def iterate_samples(
         x0 = initial_noise(seed, chunk, loaded.shape, device)
         y = y.to(device) if y is not None else None
         result = sample_batch(
-            loaded.model, x0, y, sample_cfg, shift=shift, sigma_min=loaded.config.flow.sigma_min, conditions=conditions,
+            loaded.model, x0, y, sample_cfg, sigma_min=loaded.config.flow.sigma_min, conditions=conditions,
             guide=loaded.guide, seed=seed, indices=chunk, on_step=on_step,
         )  # fmt: skip
         if loaded.vae is not None:
@@ -213,7 +212,7 @@ def iterate_samples(
 
 
 def class_grid_samples(
-    loaded: LoadedModel, per_class: int, *, seed: int, sample_cfg, batch_size: int, device: torch.device, shift: float = 1.0
+    loaded: LoadedModel, per_class: int, *, seed: int, sample_cfg, batch_size: int, device: torch.device
 ) -> tuple[torch.Tensor, int]:
     """`per_class` samples of every class, ordered class by class (sample index = class * per_class + j).
 
@@ -225,7 +224,7 @@ def class_grid_samples(
     labels = torch.arange(k).repeat_interleave(per_class)
     xs, nfe = [], 0
     for _, _, result in iterate_samples(
-        loaded, list(range(k * per_class)), seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, labels=labels, shift=shift
+        loaded, list(range(k * per_class)), seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, labels=labels
     ):
         xs.append(result.x.cpu())
         nfe = max(nfe, result.nfe)
@@ -271,3 +270,59 @@ def merge_trajectories(batches: list[list[tuple[float, torch.Tensor]]]) -> list[
             continue
         out.append((batches[0][k][0], torch.cat([b[k][1].cpu() for b in batches])))
     return out
+
+
+def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sample_overrides, seed: int, out, gif, gif_frames: int,
+                   batch_size: int, ema: bool, vae, text_encoder, guide_ckpt=None) -> dict | None:
+    """What `fm sample` does on one rank: its share of the sample indices, written by global index; rank 0
+    gathers the grid (and GIF) and returns the summary (other ranks return None)."""
+    import time
+
+    from . import distributed as D
+    from .images import STILL_IMAGE_SUFFIXES, save_gif, save_grid, save_images, trajectory_frames
+
+    dev = ctx.device
+    loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
+    sample_cfg = sample_overrides(loaded.config.sample)
+    if guide_ckpt is not None:
+        loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema)
+    recorder = TrajectoryRecorder() if gif is not None else None
+    start = time.perf_counter()
+    xs, nfes, paths, trajectories = [], [], [], []
+    to_dir = out.suffix.lower() not in STILL_IMAGE_SUFFIXES
+    indices = D.shard_indices(n, ctx)  # sample i depends only on (seed, i): any split gives the same images
+    prompts = [texts[i % len(texts)] for i in indices] if texts else None
+    for chunk, _, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev,
+                                            class_label=class_label, on_step=recorder, prompts=prompts):
+        xs.append(result.x.cpu())
+        nfes.append(result.nfe)
+        if recorder is not None:
+            trajectories.append(recorder.take(gif_frames))
+        if to_dir:
+            for k, i in enumerate(chunk):  # each rank writes its own samples, named by global index
+                paths += save_images(result.x[k : k + 1], out, start_index=i)
+    local = torch.cat(xs) if xs else torch.empty(0)
+    images = torch.stack(D.gather_in_index_order(indices, list(local), ctx))
+    paths = sorted(p for part in D.all_gather_objects(paths, ctx) for p in part)
+    nfes = [v for part in D.all_gather_objects(nfes, ctx) for v in part]
+    if not ctx.is_main:
+        return None
+    grid = save_grid(images, out / "grid.png" if to_dir else out)
+    gif_path = None
+    if gif is not None:  # frames are the model's states: latent models' go through the VAE here
+        frames = [(t, decode(loaded, x.to(dev)).cpu()) for t, x in merge_trajectories(trajectories)]
+        gif_path = save_gif(trajectory_frames(frames), gif)
+    return {
+        "paths": [str(p) for p in paths],
+        "grid": str(grid),
+        "gif": str(gif_path) if gif_path else None,
+        "num_samples": n,
+        "nfe": max(nfes),  # network evaluations per sample trajectory (a CFG pair counts once)
+        "nfe_total": sum(nfes),  # batched forward passes over all batches
+        "seconds": round(time.perf_counter() - start, 3),
+        "solver": sample_cfg.solver,
+        "steps": sample_cfg.steps,
+        "cfg": sample_cfg.cfg,
+        "guidance": sample_cfg.guidance,
+        "seed": seed,
+    }

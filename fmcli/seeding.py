@@ -9,10 +9,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Named random streams: the first key of a draw, so that streams keyed by the same user seed never coincide.
-# (train.py's step and epoch streams use 2 and 3.)
-SAMPLE_NOISE_STREAM = 1  # initial noise of sample i: (stream, seed, i)
-SDE_NOISE_STREAM = 4  # euler-sde's noise of sample i at solver step k: (stream, seed, i, k)
+# The named random streams: the first key of every draw, so that streams keyed by the same user seed never
+# overlap. Values are part of the reproducibility contract (changing one changes every run's numbers).
+STREAMS = {
+    "sample_noise": 1,  # initial noise of sample i: (stream, seed, i)
+    "step": 2,  # a training step's noise, times, dropout and flips: (stream, seed, global batch index)
+    "epoch": 3,  # the data order of an epoch: (stream, seed, epoch)
+    "sde_noise": 4,  # euler-sde's noise of sample i at solver step k: (stream, seed, i, k)
+}
 
 
 def torch_generator(*keys: int) -> torch.Generator:

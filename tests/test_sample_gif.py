@@ -94,16 +94,16 @@ def test_class_grid_refuses_to_overwrite(ot_run, tmp_path, capsys):
 
 
 def test_guidance_interval_option(ot_run, tmp_path, capsys):
-    from fmcli.cli import _sample_settings
-    from fmcli.config import SampleConfig
+    from fmcli.cli import parse_interval
+    from fmcli.config import SampleConfig, sample_settings
     from fmcli.errors import UsageError
 
     # The option reaches the sampler settings (the guidance math itself is tested in test_sampling.py).
-    settings = _sample_settings(SampleConfig(), cfg=3.0, guidance_interval="0.2,0.8")
+    settings = sample_settings(SampleConfig(), cfg=3.0, guidance_interval=parse_interval("0.2,0.8"))
     assert settings.guidance_interval == (0.2, 0.8) and settings.cfg == 3.0
     for bad in ("0.8,0.2", "0.5", "a,b", "-0.1,0.5"):
         with pytest.raises(UsageError, match="guidance-interval"):
-            _sample_settings(SampleConfig(), guidance_interval=bad)
+            sample_settings(SampleConfig(), guidance_interval=parse_interval(bad))
     code, out, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "-n", "2", "--steps", "2", "--cfg", "3", "--guidance-interval", "0,0.5", "--device", "cpu", "--out", tmp_path / "g.png")
     assert code == 0, err
     code, _, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "--guidance-interval", "0.8,0.2", "--out", tmp_path / "x.png")
@@ -160,7 +160,7 @@ def test_bad_sampling_input_is_one_line_and_exit_2(ot_run, tmp_path, capsys):
         (("sample", "--guidance", "cfg", "--guide-ckpt", str(ot_run)), "--guidance auto"),
         (("sample", "--guide-ckpt", other_classes, "--cfg", "2"), "class count"),
         (("class-grid", "--guide-ckpt", other_size, "--cfg", "2"), "sample shape"),
-        (("sample", "--guidance", "cfg-zero", "--steps", "2", "--zero-init-steps", "2"), "zero-init"),
+        (("sample", "--guidance", "cfg-zero", "--steps", "2", "--zero-init-steps", "2"), "zero_init_steps"),
         (("sample", "--sde-noise", "-1"), "--sde-noise"),
     ]
     for args, expected in cases:
