@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Callable, List, Optional
 
 import typer
 
@@ -29,6 +29,9 @@ class _App(typer.Typer):
         from typer._click import exceptions as click  # typer >= 0.24 vendors click; its errors live here
 
         kwargs["standalone_mode"] = False  # click's errors come here, to be printed as one line too
+        argv = kwargs.get("args")
+        if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else map(str, argv))):
+            _fill_lazy_help()
         try:
             result = super().__call__(*args, **kwargs)
         except FmError as err:
@@ -104,8 +107,7 @@ Preset = Annotated[str, typer.Option("--preset", "-p", help="Preset name (see pr
 Overrides = Annotated[List[str], typer.Option("--set", help="Override a setting, e.g. --set train.steps=200 (repeatable).")]
 Ckpt = Annotated[str, typer.Option("--ckpt", help="Checkpoint file or run directory (its latest checkpoint).")]
 CfgScale = Annotated[Optional[float], typer.Option("--cfg", min=0.0, help="Classifier-free guidance weight (1 = off).")]
-Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Solver steps (fixed-step solvers).")]
-Solver = Annotated[Optional[str], typer.Option("--solver", help="euler, midpoint, heun, rk4 or dopri5.")]
+Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Solver steps (all but dopri5).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed: sample i's noise depends only on (seed, i).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward batch.")]
 Ema = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.")]
@@ -115,6 +117,43 @@ Gpus = Annotated[int, typer.Option("--gpus", min=0, help="Use N local GPUs (DDP 
 Nproc = Annotated[int, typer.Option("--nproc", min=0, help="Use N local processes (gloo on CPU).")]
 StopAt = Annotated[Optional[int], typer.Option("--stop-at-step", min=1, help="Checkpoint and stop at this step (resume later).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+
+# The solver and guidance names live in sampling.py, which needs torch (seconds to import): their help
+# text is filled in only when --help is asked for, so that importing the CLI stays free of torch.
+_LAZY_HELP: list[tuple[object, Callable[[], str]]] = []
+
+
+def _lazy_option(decl: str, help_text: Callable[[], str]):
+    info = typer.Option(decl, help="(see --help)")
+    _LAZY_HELP.append((info, help_text))
+    return info
+
+
+def _fill_lazy_help() -> None:
+    for info, text in _LAZY_HELP:
+        info.help = text()
+
+
+def _solver_help() -> str:
+    from .sampling import SOLVERS
+
+    return f"Solver: {', '.join(SOLVERS)} (default: the checkpoint's sample.solver)."
+
+
+def _guidance_help() -> str:
+    from .sampling import GUIDANCES
+
+    return f"Guidance method of --cfg W: {', '.join(GUIDANCES)} (auto = autoguidance with --guide-ckpt)."
+
+
+Solver = Annotated[Optional[str], _lazy_option("--solver", _solver_help)]
+Guidance = Annotated[Optional[str], _lazy_option("--guidance", _guidance_help)]
+GuideCkpt = Annotated[
+    Optional[str], typer.Option("--guide-ckpt", help="Autoguidance guide: a smaller or earlier checkpoint of the same data (implies --guidance auto).")
+]
+SdeNoise = Annotated[Optional[float], typer.Option("--sde-noise", help="euler-sde diffusion scale: g(t)^2 = 2 * SCALE * (1 - t) (SiT's norm); 0 = plain Euler.")]
+ZeroInit = Annotated[Optional[int], typer.Option("--zero-init-steps", help="cfg-zero: steps at the start with zero velocity (default 1).")]
+Interval = Annotated[Optional[str], typer.Option("--guidance-interval", help="LO,HI: guide only for t in [LO, HI] (t=0 noise).")]
 
 
 def parse_interval(text: Optional[str]):
@@ -130,11 +169,23 @@ def parse_interval(text: Optional[str]):
     return interval
 
 
-def _sample_overrides(**given):
-    """A function base -> base with these command-line sampling options (validated in config.sample_settings)."""
+def _sample_overrides(guide_ckpt: Optional[str] = None, **given):
+    """A function base -> base with these command-line sampling options (validated in config.sample_settings).
+    --guide-ckpt implies --guidance auto, and --guidance auto needs it."""
     from .config import sample_settings
 
-    return lambda base: sample_settings(base, **given)
+    if guide_ckpt is not None and given.get("guidance") not in (None, "auto"):
+        raise UsageError(f"--guide-ckpt is autoguidance's guide: it goes with --guidance auto, not {given['guidance']}")
+    if guide_ckpt is not None:
+        given["guidance"] = "auto"
+
+    def settings(base):
+        out = sample_settings(base, **given)
+        if out.guidance == "auto" and guide_ckpt is None:
+            raise UsageError("--guidance auto needs --guide-ckpt CKPT: a smaller or earlier checkpoint of the same data")
+        return out
+
+    return settings
 
 
 # ------------------------------------------------------------------------------------- prepare-data
@@ -335,7 +386,11 @@ def sample(
     solver: Solver = None,
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (dopri5)."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (dopri5)."),
-    guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="LO,HI: apply CFG only for t in [LO, HI] (t=0 noise)."),
+    guidance: Guidance = None,
+    guide_ckpt: GuideCkpt = None,
+    guidance_interval: Interval = None,
+    zero_init_steps: ZeroInit = None,
+    sde_noise: SdeNoise = None,
     seed: Seed = 0,
     out: Path = typer.Option(Path("samples"), "--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only)."),
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write a trajectory GIF (noise to image) of the grid."),
@@ -355,6 +410,8 @@ def sample(
       fm sample --ckpt runs/cifar10/checkpoints/step-0100000.pt --cfg 4 --steps 100 --class-label 3 --out cat.png
       fm sample --ckpt runs/quickstart -n 16 --solver heun --steps 20 --out grid.png --gif trajectory.gif
       fm sample --ckpt runs/quickstart --solver dopri5 --rtol 1e-4 --atol 1e-4 --out grid.png --json
+      fm sample --ckpt runs/quickstart --solver euler-sde --sde-noise 1 --steps 32 --out sde.png
+      fm sample --ckpt runs/quickstart --cfg 2 --guide-ckpt runs/quickstart/checkpoints/step-0000950.pt --out auto.png
       fm sample --ckpt runs/quickstart-text --prompt "a red circle on a black background" -n 8 --out red.png
       echo "a blue star on a white background" | fm sample --ckpt runs/quickstart-text --prompts - --out star.png
     """
@@ -367,7 +424,10 @@ def sample(
             raise UsageError(f"--gif expects a .gif file name, got {gif}")
         if gif is not None and (gpus > 1 or nproc > 1):
             raise UsageError("--gif is drawn by one process: drop --gpus/--nproc")
-        overrides = _sample_overrides(cfg=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, guidance_interval=parse_interval(guidance_interval))
+        overrides = _sample_overrides(
+            guide_ckpt, cfg=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, guidance_interval=parse_interval(guidance_interval),
+            guidance=guidance, zero_init_steps=zero_init_steps, sde_noise=sde_noise,
+        )  # fmt: skip
         texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
         n = num_samples or len(texts) or 16
         refuse_existing(sample_outputs(out, n) + [gif], force)  # before any work; every rank checks again
@@ -376,7 +436,7 @@ def sample(
         ctx = rank_context(device, gpus)
         summary = with_process_group(lambda: sample_command(
             ctx, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif,
-            gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force,
+            gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=guide_ckpt,
         ))  # fmt: skip
         if summary is None:  # not rank 0
             return
@@ -415,6 +475,11 @@ def class_grid(
     cfg_scale: CfgScale = None,
     steps: Steps = None,
     solver: Solver = None,
+    guidance: Guidance = None,
+    guide_ckpt: GuideCkpt = None,
+    guidance_interval: Interval = None,
+    zero_init_steps: ZeroInit = None,
+    sde_noise: SdeNoise = None,
     seed: Seed = 0,
     batch_size: BatchSize = 64,
     ema: Ema = True,
@@ -427,12 +492,13 @@ def class_grid(
     Examples:
       fm class-grid --ckpt runs/quickstart --samples-per-class 8 --out classes.png
       fm class-grid --ckpt runs/cifar10 --samples-per-class 10 --cfg 3 --steps 50 --solver heun --out cifar.png
+      fm class-grid --ckpt runs/quickstart --cfg 3 --guidance cfg-zero --solver ab2 --steps 8 --out zero.png
     """
 
     def run():
         import time
 
-        from .generate import class_grid_samples, class_names_of, load_for_sampling
+        from .generate import class_grid_samples, class_names_of, load_for_sampling, with_guide
         from .images import class_grid_image, save_image_atomic
 
         if out.suffix.lower() != ".png":
@@ -440,13 +506,18 @@ def class_grid(
         refuse_existing(out, force)
         dev = _device(device)
         loaded = load_for_sampling(ckpt, dev, use_ema=ema)
-        sample_cfg = _sample_overrides(cfg=cfg_scale, steps=steps, solver=solver)(loaded.config.sample)
+        sample_cfg = _sample_overrides(
+            guide_ckpt, cfg=cfg_scale, steps=steps, solver=solver, guidance=guidance, guidance_interval=parse_interval(guidance_interval),
+            zero_init_steps=zero_init_steps, sde_noise=sde_noise,
+        )(loaded.config.sample)  # fmt: skip
+        if guide_ckpt is not None:
+            loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema)
         start = time.perf_counter()
         images, nfe = class_grid_samples(loaded, samples_per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev)
         path = save_image_atomic(class_grid_image(images, samples_per_class, class_names_of(loaded)), out)
         seconds = time.perf_counter() - start
         if as_json:
-            emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg})
+            emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance})
         else:
             print(path)
 
@@ -469,6 +540,11 @@ def fid(
     cfg_scale: CfgScale = None,
     steps: Steps = None,
     solver: Solver = None,
+    guidance: Guidance = None,
+    guide_ckpt: GuideCkpt = None,
+    guidance_interval: Interval = None,
+    zero_init_steps: ZeroInit = None,
+    sde_noise: SdeNoise = None,
     seed: Seed = 0,
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (generation and features)."),
     ema: Ema = True,
@@ -479,6 +555,7 @@ def fid(
     as_json: Json = False,
     gpus: Gpus = 0,
     nproc: Nproc = 0,
+    nfe: Optional[str] = typer.Option(None, "--nfe", help="Sweep NFE budgets, e.g. 1,2,4,8,16,32: one row each (the solver's steps per budget; --json: a list)."),
 ):
     """FID (clean-fid, "clean" mode) of generated samples against reference data.
 
@@ -486,6 +563,7 @@ def fid(
       fm fid --ref data/cifar10 --save-stats stats/cifar10-train.npz --inception ~/inception-2015-12-05.pt
       fm fid --ckpt runs/cifar10 --num-samples 50000 --ref stats/cifar10-train.npz --cfg 1.5 --steps 100
       fm fid --gen samples/ --ref data/cifar10 --features tiny    # no Inception weights: not comparable to papers
+      fm fid --ckpt runs/quickstart -n 1000 --ref data/shapes-32-n20000-s0 --features tiny --nfe 1,2,4,8,16 --solver ab2 --json > ab2.json
     """
 
     def run():
@@ -493,6 +571,13 @@ def fid(
         from .evaluate import fid_command
         from .launch import rank_context, relaunched, with_process_group
 
+        budgets = _parse_nfe(nfe) if nfe is not None else None
+        if budgets is not None and steps is not None:
+            raise UsageError("--nfe chooses the steps for each budget: drop --steps")
+        overrides = _sample_overrides(
+            guide_ckpt, cfg=cfg_scale, steps=steps, solver=solver, guidance=guidance, guidance_interval=parse_interval(guidance_interval),
+            zero_init_steps=zero_init_steps, sde_noise=sde_noise,
+        )  # fmt: skip
         if (gpus or nproc) and ckpt is None:
             raise UsageError("--gpus/--nproc shard sample generation: they go with --ckpt")
         if relaunched(gpus, nproc):
@@ -502,7 +587,7 @@ def fid(
         result = with_process_group(lambda: fid_command(
             ctx=ctx, ref=ref, gen=gen, ckpt=ckpt, save_stats=save_stats, features=features, inception=inception,
             inception_unverified=inception_unverified,
-            num_samples=num_samples, sample_overrides=_sample_overrides(cfg=cfg_scale, steps=steps, solver=solver),
+            num_samples=num_samples, sample_overrides=overrides, guide_ckpt=guide_ckpt, nfe=budgets,
             seed=seed, batch_size=batch_size, ema=ema, out=out, kid=kid, force=force, device=ctx.device,
             log=lambda message: console.print(message, highlight=False, markup=False) if ctx.is_main else None,
             progress_factory=lambda total: progress(console, "sampling", total),
@@ -511,6 +596,8 @@ def fid(
             return
         if as_json:
             emit_json(result)
+        elif isinstance(result, list):
+            _print_nfe_table(result)
         elif "fid" not in result:
             print(result["stats"])
         else:
@@ -518,6 +605,24 @@ def fid(
                 print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
 
     _guard(run)
+
+
+def _parse_nfe(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8]; anything but positive integers is a usage error."""
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--nfe expects positive integers separated by commas (e.g. 1,2,4,8), got {text!r}")
+    return [int(p) for p in parts]
+
+
+def _print_nfe_table(rows: list[dict]) -> None:
+    """The NFE sweep as a plain table on stdout."""
+    kid = any("kid" in r for r in rows)
+    print(f"{'NFE':>5} {'used':>6} {'steps':>5}  {'FID (' + rows[0]['features'] + ')':>16}" + ("  KID" if kid else ""))
+    for r in rows:
+        line = f"{r['nfe_budget']:>5} {r['nfe_per_sample']:>6g} {r['steps']:>5}  {r['fid']:>16.4f}"
+        print(line + (f"  {r['kid']:.5f}" if kid else ""))
+    print(f"solver {rows[0]['solver']}, guidance {rows[0]['guidance']}, cfg {rows[0]['cfg']:g}, {rows[0]['num_samples']} samples")
 
 
 # -------------------------------------------------------------------------------------------- bench
@@ -578,22 +683,25 @@ def bench(
 
 @app.command()
 def plot(
-    run_dir: Path = typer.Argument(..., help="Run directory (reads RUN_DIR/metrics.jsonl)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (refreshed)."),
+    run_dir: Path = typer.Argument(..., help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (or SWEEP.png), refreshed."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ):
-    """Plot loss and learning-rate curves (and FID when logged) from a run's metrics.jsonl (needs matplotlib).
+    """Plot loss and learning-rate curves (and FID when logged) from a run's metrics.jsonl, or FID against NFE
+    from `fm fid --nfe` sweeps (one curve per solver/guidance; needs matplotlib).
 
     Examples:
       fm plot runs/quickstart
       fm plot runs/cifar10 --out cifar10-curves.png
+      fm fid --ckpt runs/quickstart -n 500 --ref data/shapes --features tiny --nfe 2,4,8,16 --solver heun --json >> sweep.json
+      fm plot sweep.json
     """
 
     def run():
-        from .plot import plot_run
+        from .plot import plot_nfe_sweep, plot_run
 
         refuse_existing(out, force)  # the default RUN_DIR/loss.png is fm's own view of metrics.jsonl: refreshed
-        print(plot_run(run_dir, out))
+        print(plot_nfe_sweep(run_dir, out) if run_dir.is_file() else plot_run(run_dir, out))
 
     _guard(run)
 
@@ -611,18 +719,23 @@ def demo(
     vae: Optional[str] = typer.Option(None, "--vae", help="Local diffusers VAE directory (latent models)."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (text models)."),
     max_images: int = typer.Option(16, "--max-images", min=1, help="Largest grid a visitor may request."),
+    guide_ckpt: GuideCkpt = None,
 ):
-    """Interactive web demo (needs gradio): prompt or class, CFG, steps, solver, seed; the image forms step by step.
+    """Interactive web demo (needs gradio): prompt or class, guidance, steps, solver, seed; the image forms step by step.
 
     Examples:
       fm demo --ckpt runs/quickstart
       fm demo --ckpt runs/quickstart-text --port 8080
+      fm demo --ckpt runs/quickstart --guide-ckpt runs/quickstart/checkpoints/step-0000950.pt   # offers autoguidance
     """
 
     def run():
         from .demo import launch_demo
 
-        launch_demo(ckpt, host=host, port=port, share=share, device=_device(device), vae=vae, text_encoder=text_encoder, max_images=max_images)
+        launch_demo(
+            ckpt, host=host, port=port, share=share, device=_device(device), vae=vae, text_encoder=text_encoder, max_images=max_images,
+            guide_ckpt=guide_ckpt,
+        )  # fmt: skip
 
     _guard(run)
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .data.prepare import SOURCES
 from .errors import RuntimeFailure, UsageError
 from .flow import COUPLINGS, TIME_SAMPLERS
+from .sampling import GuidanceName, SolverName
 from .optim import OPTIMIZERS
 from .tracking import TRACKERS
 
@@ -135,9 +136,12 @@ class TrainConfig(Strict):
 
 
 class SampleConfig(Strict):
-    solver: Literal["euler", "midpoint", "heun", "rk4", "dopri5"] = "euler"
+    solver: SolverName = "euler"  # the names live in sampling.SOLVERS
     steps: int = Field(50, gt=0)
-    cfg: float = Field(1.0, ge=0)
+    cfg: float = Field(1.0, ge=0)  # guidance weight w (1 = off), for every guidance method
+    guidance: GuidanceName = "cfg"  # sampling.GUIDANCES; "auto" needs a guide checkpoint (--guide-ckpt)
+    zero_init_steps: int = Field(1, ge=0)  # cfg-zero: the first K steps have zero velocity (CFG-Zero*)
+    sde_noise: float = Field(1.0, ge=0)  # euler-sde: g(t)^2 = 2 * sde_noise * (1 - t) (SiT's norm); 0 = the ODE (Euler)
     rtol: float = Field(1e-5, gt=0)
     atol: float = Field(1e-5, gt=0)
     guidance_interval: tuple[float, float] | None = None  # [t_lo, t_hi]: CFG only for t in it
@@ -150,6 +154,8 @@ class SampleConfig(Strict):
             lo, hi = self.guidance_interval
             if not 0.0 <= lo <= hi <= 1.0:
                 raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1, got {list(self.guidance_interval)}")
+        if self.guidance == "cfg-zero" and self.solver != "dopri5" and self.zero_init_steps >= self.steps:
+            raise ValueError(f"zero_init_steps ({self.zero_init_steps}) must be below steps ({self.steps}): cfg-zero would never move the noise")
         return self
 
 

@@ -1,14 +1,13 @@
 """`fm demo`: a Gradio page that shows samples forming step by step (gradio is the `demo` extra).
 
-The sampling itself is fm's own (generate.iterate_samples with the checkpoint's solver, CFG and noise
-per seed/index, so a demo image equals `fm sample` with the same settings). A model wrapper notes x_t
-at every K-th solver step; the solver runs in a worker thread and `progressive` yields those grids
-while it integrates.
+The sampling itself is fm's own (generate.iterate_samples with the checkpoint's solver, guidance and
+noise per seed/index, so a demo image equals `fm sample` with the same settings). The solver's on_step
+callback hands x_t of every K-th step over; the solver runs in a worker thread and `progressive` yields
+those grids while it integrates.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import queue
 import tempfile
@@ -23,7 +22,7 @@ from .config import sample_settings
 from .errors import UsageError
 from .generate import LoadedModel, class_names_of, decode, iterate_samples
 from .images import grid_image, save_image_atomic
-from .sampling import FIXED_STEP_SOLVERS, SOLVERS, nfe_per_step
+from .sampling import ADAPTIVE_SOLVERS, GUIDANCES, SOLVERS, Step
 
 INSTALL_HINT = "pip install 'fm[demo]'  (or: pip install gradio)"
 ALL_CLASSES = "all classes (cycling)"
@@ -31,7 +30,7 @@ ALL_CLASSES = "all classes (cycling)"
 
 @dataclass
 class Frame:
-    step: int  # solver steps done (for dopri5: network evaluations)
+    step: int  # solver steps done (dopri5: accepted steps)
     total: int  # steps of the run (dopri5: 0, unknown in advance)
     t: float  # flow time of x, 0 = noise, 1 = data
     x: torch.Tensor  # [n, C, H, W] images in [-1, 1] (latents decoded) on the CPU
@@ -41,34 +40,6 @@ class Frame:
 
 class _Cancelled(Exception):
     pass
-
-
-class _PeekingModel:
-    """Wraps the network: every K-th solver step, puts (step, t, x_t) on a queue before evaluating.
-
-    Fixed-step solvers evaluate the velocity nfe_per_step times per step, the first at (x_t, t) of the
-    step's start; with CFG the batch is [x; x] and the first half is x_t.
-    """
-
-    def __init__(self, model, n: int, solver: str, every: int, frames: queue.Queue, stop: threading.Event):
-        self.model, self.n, self.solver, self.every = model, n, solver, every
-        self.frames, self.stop = frames, stop
-        self.calls, self.last_t = 0, -1.0
-        self.per_step = nfe_per_step(solver) if solver in FIXED_STEP_SOLVERS else 1
-
-    def __getattr__(self, name):  # null_class etc.
-        return getattr(self.model, name)
-
-    def __call__(self, x, t, **cond):
-        if self.stop.is_set():
-            raise _Cancelled()
-        if self.calls % self.per_step == 0:
-            step, tau = self.calls // self.per_step, float(t.reshape(-1)[0])
-            if step % self.every == 0 and tau > self.last_t:  # dopri5 may re-evaluate at an earlier t after a rejected step
-                self.last_t = tau
-                self.frames.put((step, tau, x[: self.n].detach().clone()))
-        self.calls += 1
-        return self.model(x, t, **cond)
 
 
 def progressive(
@@ -90,16 +61,21 @@ def progressive(
     prompts = [prompt.strip()] * n if loaded.is_text else None
     frames: queue.Queue = queue.Queue()
     stop = threading.Event()
-    peek = _PeekingModel(loaded.model, n, sample_cfg.solver, every, frames, stop)
-    peeking = dataclasses.replace(loaded, model=peek)
-    outcome: dict = {}
+    outcome: dict = {"steps": 0}
+
+    def on_step(step: Step):
+        if stop.is_set():  # the consumer went away: end the solve at this step
+            raise _Cancelled()
+        outcome["steps"] = step.index
+        if step.index % every == 0 and step.t < 1.0:  # the final state comes as the final frame
+            frames.put((step.index, step.total, step.t, step.x.detach().clone()))
 
     def work():
         try:
             ((_, _, result),) = list(
                 iterate_samples(
-                    peeking, list(range(n)), seed=seed, sample_cfg=sample_cfg, batch_size=n, device=device,
-                    class_label=None if loaded.is_text else class_label, prompts=prompts,
+                    loaded, list(range(n)), seed=seed, sample_cfg=sample_cfg, batch_size=n, device=device,
+                    class_label=None if loaded.is_text else class_label, prompts=prompts, on_step=on_step,
                 )
             )
             outcome["result"] = result
@@ -110,13 +86,13 @@ def progressive(
 
     worker = threading.Thread(target=work, name="fm-demo-sampler", daemon=True)
     worker.start()
-    total = sample_cfg.steps if sample_cfg.solver in FIXED_STEP_SOLVERS else 0
+    total = 0 if sample_cfg.solver in ADAPTIVE_SOLVERS else sample_cfg.steps
     try:
         while True:
             item = frames.get()
             if item is None:
                 break
-            step, t, x = item
+            step, total, t, x = item
             yield Frame(step=step, total=total, t=t, x=decode(loaded, x).cpu() if loaded.vae is not None else x.cpu())
     finally:
         stop.set()  # the consumer went away (closed page): the worker stops at its next evaluation
@@ -127,7 +103,7 @@ def progressive(
             return
         raise err
     result = outcome["result"]
-    yield Frame(step=total or peek.calls, total=total, t=1.0, x=result.x.cpu(), final=True, nfe=result.nfe)
+    yield Frame(step=outcome["steps"], total=total, t=1.0, x=result.x.cpu(), final=True, nfe=result.nfe)
 
 
 MAX_STEPS, MAX_EVERY = 250, 50  # the page's slider ranges, enforced again by the handler
@@ -168,16 +144,24 @@ def _import_gradio():
 
 
 def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_images: int = 16):
-    """The Gradio Blocks app; its API endpoint is /generate (prompt, class, images, cfg, steps, solver, seed, every)."""
+    """The Gradio Blocks app; its API endpoint is /generate (prompt, class, images, cfg, steps, solver, seed, every,
+    guidance, sde_noise). Autoguidance ("auto") is offered when the model was loaded with a guide."""
     gr = _import_gradio()
     cfg = loaded.config
     class_names = class_names_of(loaded) if loaded.num_classes else []
     kind = "text-to-image" if loaded.is_text else ("class-conditional" if class_names else "unconditional")
 
-    def generate(prompt, class_choice, images, cfg_scale, steps, solver, seed, every):
+    guidances = [g for g in GUIDANCES if g != "auto" or loaded.guide is not None]
+
+    def generate(prompt, class_choice, images, cfg_scale, steps, solver, seed, every, guidance="cfg", sde_noise=1.0):
         try:
             n, steps, every = bounded_request(images, steps, every, max_images)
-            sample_cfg = sample_settings(cfg.sample, cfg=float(cfg_scale), steps=steps, solver=str(solver))
+            if guidance not in guidances:
+                raise UsageError(f"guidance {guidance!r} is not available here; choose one of {', '.join(guidances)}"
+                                 + ("" if loaded.guide is not None else " (auto needs `fm demo --guide-ckpt`)"))
+            sample_cfg = sample_settings(
+                cfg.sample, cfg=float(cfg_scale), steps=steps, solver=str(solver), guidance=str(guidance), sde_noise=float(sde_noise)
+            )
             label = None
             if class_names and class_choice not in (None, "", ALL_CLASSES):
                 if class_choice not in class_names:
@@ -193,7 +177,7 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
                     yield _display(frame.x), f"step {frame.step}{of}, t = {frame.t:.3f}", None
                     continue
                 path = save_image_atomic(grid_image(frame.x), out_dir / f"fm-{kind.split('-')[0]}-seed{int(seed)}-{os.urandom(3).hex()}.png")
-                yield _display(frame.x), f"done: {n} image(s), {frame.nfe} network evaluations ({solver}, cfg {float(cfg_scale):g})", str(path)
+                yield _display(frame.x), f"done: {n} image(s), {frame.nfe} network evaluations ({solver}, {guidance} {float(cfg_scale):g})", str(path)
         except UsageError as err:
             raise gr.Error(str(err)) from None
 
@@ -204,9 +188,11 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
                 prompt = gr.Textbox(label="Prompt", placeholder="a photo of ...", visible=loaded.is_text)
                 choice = gr.Dropdown([ALL_CLASSES] + class_names, value=ALL_CLASSES, label="Class", visible=bool(class_names))
                 images = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="Images")
-                cfg_scale = gr.Slider(0.0, 10.0, value=cfg.sample.cfg, step=0.1, label="CFG scale (1 = off)")
+                cfg_scale = gr.Slider(0.0, 10.0, value=cfg.sample.cfg, step=0.1, label="Guidance scale (1 = off)")
+                guidance = gr.Dropdown(guidances, value=cfg.sample.guidance if cfg.sample.guidance in guidances else "cfg", label="Guidance")
                 steps = gr.Slider(1, MAX_STEPS, value=min(cfg.sample.steps, MAX_STEPS), step=1, label="Steps")
                 solver = gr.Dropdown(list(SOLVERS), value=cfg.sample.solver, label="Solver")
+                sde_noise = gr.Slider(0.0, 4.0, value=cfg.sample.sde_noise, step=0.1, label="SDE noise (euler-sde)")
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 every = gr.Slider(1, MAX_EVERY, value=min(MAX_EVERY, max(1, cfg.sample.steps // 10)), step=1, label="Preview every K steps")
                 button = gr.Button("Generate", variant="primary")
@@ -214,16 +200,21 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
                 image = gr.Image(label="samples", type="pil", format="png", elem_id="fm-output")
                 status = gr.Markdown(elem_id="fm-status")
                 grid_file = gr.File(label="grid (PNG, full resolution)")
-        button.click(generate, [prompt, choice, images, cfg_scale, steps, solver, seed, every], [image, status, grid_file], api_name="generate")
+        inputs = [prompt, choice, images, cfg_scale, steps, solver, seed, every, guidance, sde_noise]
+        button.click(generate, inputs, [image, status, grid_file], api_name="generate")
     app.queue(default_concurrency_limit=1)  # one model, one generation at a time
     return app
 
 
-def launch_demo(ckpt: str, *, host: str, port: int, share: bool, device: torch.device, vae=None, text_encoder=None, max_images: int = 16) -> None:
+def launch_demo(
+    ckpt: str, *, host: str, port: int, share: bool, device: torch.device, vae=None, text_encoder=None, max_images: int = 16, guide_ckpt=None
+) -> None:
     _import_gradio()  # fail fast, before loading the model
-    from .generate import load_for_sampling
+    from .generate import load_for_sampling, with_guide
 
     loaded = load_for_sampling(ckpt, device, vae=vae, text_encoder=text_encoder)
+    if guide_ckpt is not None:
+        loaded = with_guide(loaded, guide_ckpt, device)
     out_dir = Path(tempfile.mkdtemp(prefix="fm-demo-"))
     app = build_app(loaded, device, out_dir, max_images=max_images)
     try:

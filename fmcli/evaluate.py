@@ -472,8 +472,11 @@ def fid_command(
     log,
     progress_factory=None,
     ctx=None,
-) -> dict:
-    """What `fm fid` does; returns the result dictionary printed by the CLI."""
+    guide_ckpt: str | None = None,
+    nfe: list[int] | None = None,
+) -> dict | list[dict]:
+    """What `fm fid` does; returns the result dictionary printed by the CLI, or with `nfe` (an NFE sweep:
+    the solver's steps chosen per budget by sampling.steps_for_nfe) one such row per NFE."""
     if gen is not None and ckpt is not None:
         raise UsageError("use either --gen DIR or --ckpt CKPT, not both")
     if gen is None and ckpt is None and save_stats is None:
@@ -488,6 +491,8 @@ def fid_command(
         raise UsageError(f"--gen {gen} is not a directory of images")
     if gen is not None and (num_samples is not None or out is not None):
         raise UsageError("--num-samples and --out go with --ckpt; --gen scores every image in its folder")
+    if nfe is not None and ckpt is None:
+        raise UsageError("--nfe sweeps the sampler of a model: it goes with --ckpt")
     if out is not None and num_samples is not None:
         from .images import sample_file
 
@@ -503,6 +508,11 @@ def fid_command(
 
         loaded = load_for_sampling(ckpt, device, use_ema=ema)
         sample_cfg = sample_overrides(loaded.config.sample)
+        if guide_ckpt is not None:
+            from .generate import with_guide
+
+            loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
+        sweep = [(n, _settings_for_nfe(sample_cfg, n)) for n in nfe] if nfe is not None else None
 
     ref_stats = reference_statistics(ref, extractor, batch_size=batch_size, keep_features=kid, log=log)
     if not isinstance(extractor, InceptionExtractor):  # said once the inputs are known to be good
@@ -519,36 +529,76 @@ def fid_command(
         feats, size = folder_features(Path(gen), extractor, batch_size=batch_size, log=log)
         gen_stats = statistics_of(feats, extractor.name, size, keep_features=kid)
         scored = FidResult(fid=math.nan, num_samples=gen_stats.count, ref_count=ref_stats.count, features=extractor.name)
-    else:
-        if ref_stats.image_size and loaded.shape[-1] != ref_stats.image_size:
-            raise UsageError(f"image sizes differ: the model makes {loaded.shape[-1]}px images, the reference is {ref_stats.image_size}px")
-        from . import distributed as D
+        scored.fid = frechet_distance(gen_stats, ref_stats)
+        if kid:
+            scored.kid = kernel_distance(gen_stats, ref_stats)
+        return {**result, **scored.to_dict()}
+    if ref_stats.image_size and loaded.shape[-1] != ref_stats.image_size:
+        raise UsageError(f"image sizes differ: the model makes {loaded.shape[-1]}px images, the reference is {ref_stats.image_size}px")
 
-        ctx = ctx or D.DistContext(device=device)
-        indices = D.shard_indices(num_samples, ctx)  # sample i is the same on any rank: outputs match one process
-        progress = progress_factory(len(indices)) if progress_factory and ctx.is_main else contextlib.nullcontext(None)
-        with progress as advance:
-            generated = generated_features(
-                loaded, indices, extractor, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, out=out, progress=advance
-            )
-        if ctx.distributed:
-            feats = np.stack(D.gather_in_index_order(indices, list(generated.feats), ctx))
-            seconds = max(D.all_gather_objects(generated.gen_seconds, ctx))
-            generated = GeneratedFeatures(feats=feats, nfe_per_sample=generated.nfe_per_sample, gen_seconds=seconds, image_size=generated.image_size)
-        gen_stats = statistics_of(generated.feats, extractor.name, generated.image_size, keep_features=kid)
-        scored = FidResult(
-            fid=math.nan,
-            num_samples=gen_stats.count,
-            ref_count=ref_stats.count,
-            features=extractor.name,
-            gen_seconds=generated.gen_seconds,
-            nfe_per_sample=generated.nfe_per_sample,
-            extra={"solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "seed": seed, "step": loaded.step},
+    def score(settings, out_dir: Path | None) -> dict:
+        scored = _score_checkpoint(
+            loaded, settings, ref_stats, extractor, num_samples=num_samples, seed=seed, batch_size=batch_size, device=device,
+            out=out_dir, kid=kid, ctx=ctx, progress_factory=progress_factory,
+        )  # fmt: skip
+        return {**result, **scored.to_dict()}
+
+    if sweep is None:
+        return score(sample_cfg, out)
+    rows = []
+    for n, settings in sweep:
+        if log:
+            log(f"NFE {n}: {settings.solver}, {settings.steps} steps")
+        rows.append({"nfe_budget": n, **score(settings, out / f"nfe-{n}" if out is not None else None)})
+    return rows
+
+
+def _settings_for_nfe(sample_cfg, nfe: int):
+    """The sampling settings with the most solver steps whose NFE fits `nfe` (validated: cfg-zero's
+    zero-init steps must stay below the steps)."""
+    from pydantic import ValidationError
+
+    from .sampling import steps_for_nfe
+
+    try:
+        steps = steps_for_nfe(sample_cfg.solver, nfe)
+        return type(sample_cfg).model_validate({**sample_cfg.model_dump(), "steps": steps})
+    except ValueError as err:  # pydantic's ValidationError is a ValueError too
+        msg = err.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(err, ValidationError) else str(err)
+        raise UsageError(f"--nfe {nfe} with --solver {sample_cfg.solver}: {msg}") from None
+
+
+def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, *, num_samples, seed, batch_size, device, out, kid, ctx, progress_factory) -> FidResult:
+    """Generate `num_samples` (sharded over the ranks of `ctx`) and score them against the reference."""
+    from . import distributed as D
+
+    ctx = ctx or D.DistContext(device=device)
+    indices = D.shard_indices(num_samples, ctx)  # sample i is the same on any rank: outputs match one process
+    progress = progress_factory(len(indices)) if progress_factory and ctx.is_main else contextlib.nullcontext(None)
+    with progress as advance:
+        generated = generated_features(
+            loaded, indices, extractor, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, out=out, progress=advance
         )
-    scored.fid = frechet_distance(gen_stats, ref_stats)
+    if ctx.distributed:
+        feats = np.stack(D.gather_in_index_order(indices, list(generated.feats), ctx))
+        seconds = max(D.all_gather_objects(generated.gen_seconds, ctx))
+        generated = GeneratedFeatures(feats=feats, nfe_per_sample=generated.nfe_per_sample, gen_seconds=seconds, image_size=generated.image_size)
+    gen_stats = statistics_of(generated.feats, extractor.name, generated.image_size, keep_features=kid)
+    extra = {"solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance, "seed": seed, "step": loaded.step}
+    if sample_cfg.solver == "dopri5":
+        extra.update(rtol=sample_cfg.rtol, atol=sample_cfg.atol)
+    scored = FidResult(
+        fid=frechet_distance(gen_stats, ref_stats),
+        num_samples=gen_stats.count,
+        ref_count=ref_stats.count,
+        features=extractor.name,
+        gen_seconds=generated.gen_seconds,
+        nfe_per_sample=generated.nfe_per_sample,
+        extra=extra,
+    )
     if kid:
         scored.kid = kernel_distance(gen_stats, ref_stats)
-    return {**result, **scored.to_dict()}
+    return scored
 
 
 class TrainingEvaluator:

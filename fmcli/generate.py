@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -16,7 +16,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Config, validate_config, with_sampling_shift
 from .errors import UsageError
 from .models import build_model
-from .sampling import guided_velocity, solve
+from .sampling import OnStep, guided_velocity, solve
 from .seeding import STREAMS, normal
 
 
@@ -27,6 +27,17 @@ def initial_noise(seed: int, indices, shape: tuple[int, ...], device="cpu") -> t
     return torch.stack(rows).to(device)
 
 
+def sde_noise(seed: int, indices, shape: tuple[int, ...]) -> Callable[[int], torch.Tensor]:
+    """euler-sde's noise for solver step k, [len(indices), *shape]: row j depends only on (seed, indices[j], k),
+    like the initial noise, so an SDE sample too is the same whatever the batch size."""
+    indices = [int(i) for i in indices]
+
+    def at(step: int) -> torch.Tensor:
+        return torch.stack([normal(tuple(shape), STREAMS["sde_noise"], seed, i, int(step)) for i in indices])
+
+    return at
+
+
 def class_conditions(labels: torch.Tensor | None, null_class: int) -> tuple[dict, dict | None]:
     """(cond, uncond) keyword dicts for the model; None uncond when the model is unconditional."""
     if labels is None:
@@ -35,16 +46,38 @@ def class_conditions(labels: torch.Tensor | None, null_class: int) -> tuple[dict
 
 
 @torch.no_grad()
-def sample_batch(model, x0: torch.Tensor, labels: torch.Tensor | None, sample_cfg, *, capture: int = 0, conditions=None):
-    """Integrate one batch with the configured solver and CFG; returns a sampling.SampleResult.
+def sample_batch(
+    model,
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+    sample_cfg,
+    *,
+    sigma_min: float = 0.0,
+    conditions=None,
+    guide=None,
+    seed: int = 0,
+    indices=None,
+    on_step: OnStep | None = None,
+):
+    """Integrate one batch with the configured solver and guidance; returns a sampling.SampleResult.
 
     `conditions` = (cond, uncond) keyword dicts (text models) replaces the class conditions of `labels`.
+    `guide` is the autoguidance model (guidance "auto"). euler-sde's noise is keyed by (seed, sample index,
+    step), the indices defaulting to the batch rows 0..B-1.
     """
     cond, uncond = conditions if conditions is not None else class_conditions(labels, getattr(model, "null_class", 0))
-    velocity = guided_velocity(model, cond, uncond, cfg=sample_cfg.cfg, interval=sample_cfg.guidance_interval)
-    return solve(
-        velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=sample_cfg.shift or 1.0, rtol=sample_cfg.rtol, atol=sample_cfg.atol, capture=capture
+    if sample_cfg.guidance == "auto" and guide is None:
+        raise UsageError("--guidance auto needs a guide model: pass --guide-ckpt CKPT (a smaller or earlier checkpoint of the same data)")
+    velocity = guided_velocity(
+        model, cond, uncond, cfg=sample_cfg.cfg, interval=sample_cfg.guidance_interval, guidance=sample_cfg.guidance, guide=guide
     )
+    zero_init = sample_cfg.guidance == "cfg-zero" and sample_cfg.cfg != 1.0 and uncond is not None
+    noise = sde_noise(seed, range(x0.shape[0]) if indices is None else indices, tuple(x0.shape[1:]))
+    return solve(
+        velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=sample_cfg.shift or 1.0, rtol=sample_cfg.rtol, atol=sample_cfg.atol,
+        sigma_min=sigma_min, sde_noise=sample_cfg.sde_noise, noise=noise,
+        skip_steps=sample_cfg.zero_init_steps if zero_init else 0, on_step=on_step,
+    )  # fmt: skip
 
 
 @dataclass
@@ -55,6 +88,7 @@ class LoadedModel:
     step: int
     text: object | None = None  # encoders.TextConditioning for text models
     vae: object | None = None  # encoders.FrozenVAE for latent models: samples are decoded to images
+    guide: torch.nn.Module | None = None  # autoguidance's guide network (`with_guide`)
 
     @property
     def is_text(self) -> bool:
@@ -70,7 +104,9 @@ class LoadedModel:
         return self.config.model.num_classes
 
 
-def load_for_sampling(ckpt: str, device: torch.device, use_ema: bool = True, vae: str | None = None, text_encoder: str | None = None) -> LoadedModel:
+def load_for_sampling(
+    ckpt: str, device: torch.device, use_ema: bool = True, vae: str | None = None, text_encoder: str | None = None, with_encoders: bool = True
+) -> LoadedModel:
     """Build the model from the checkpoint's own config and load its EMA (or raw) weights, with the frozen
     encoders it needs (paths: the arguments, FM_VAE / FM_TEXT_ENCODER, then those recorded in the run)."""
     path = resolve_checkpoint(ckpt)
@@ -83,7 +119,24 @@ def load_for_sampling(ckpt: str, device: torch.device, use_ema: bool = True, vae
     model.load_state_dict(weights)
     model.to(device).eval()
     info = state.get("data_info", {})
-    return LoadedModel(model=model, config=cfg, info=info, step=int(state.get("step", 0)), **_sampling_encoders(cfg, info, device, vae, text_encoder))
+    encoders = _sampling_encoders(cfg, info, device, vae, text_encoder) if with_encoders else {}
+    return LoadedModel(model=model, config=cfg, info=info, step=int(state.get("step", 0)), **encoders)
+
+
+def with_guide(loaded: LoadedModel, guide_ckpt: str, device: torch.device, use_ema: bool = True) -> LoadedModel:
+    """`loaded` with the autoguidance guide from `guide_ckpt`, which must model the same data: the same
+    sample shape, class count and kind of conditioning (it may be smaller or less trained)."""
+    import dataclasses
+
+    guide = load_for_sampling(guide_ckpt, device, use_ema=use_ema, with_encoders=False)
+    facts = lambda m: {"sample shape": list(m.shape), "class count": m.num_classes, "text conditioning": m.is_text}  # noqa: E731
+    for what, mine in facts(loaded).items():
+        theirs = facts(guide)[what]
+        if theirs != mine:
+            raise UsageError(f"--guide-ckpt {guide_ckpt} has {what} {theirs}, the model has {mine}: the guide must be a model of the same data")
+    if loaded.is_text and guide.config.model.text_dim != loaded.config.model.text_dim:
+        raise UsageError(f"--guide-ckpt {guide_ckpt} reads text states of width {guide.config.model.text_dim}, the model {loaded.config.model.text_dim}")
+    return dataclasses.replace(loaded, guide=guide.model)
 
 
 def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_encoder: str | None) -> dict:
@@ -125,13 +178,13 @@ def iterate_samples(
     device: torch.device,
     class_label: int | None = None,
     labels: torch.Tensor | None = None,
-    capture: int = 0,
+    on_step: OnStep | None = None,
     prompts: list[str] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, "object"]]:
     """Yield (indices, labels, SampleResult) batch by batch for the given global sample indices.
 
-    Text models take `prompts` (one per index, in order). Latent models' samples (and captured
-    trajectory frames) come back decoded to images through the VAE.
+    Text models take `prompts` (one per index, in order). Latent models' samples come back decoded to
+    images through the VAE (states given to `on_step` are the model's own: decode them with `decode`).
     """
     if loaded.is_text and not prompts:
         raise UsageError("this is a text-to-image model: give --prompt TEXT (repeatable) or --prompts FILE|-")
@@ -150,10 +203,12 @@ def iterate_samples(
             y = labels_for(chunk, loaded.num_classes, class_label)
         x0 = initial_noise(seed, chunk, loaded.shape, device)
         y = y.to(device) if y is not None else None
-        result = sample_batch(loaded.model, x0, y, sample_cfg, capture=capture, conditions=conditions)
+        result = sample_batch(
+            loaded.model, x0, y, sample_cfg, sigma_min=loaded.config.flow.sigma_min, conditions=conditions,
+            guide=loaded.guide, seed=seed, indices=chunk, on_step=on_step,
+        )  # fmt: skip
         if loaded.vae is not None:
             result.x = decode(loaded, result.x)
-            result.trajectory = [(t, decode(loaded, xt)) for t, xt in result.trajectory]
         yield chunk, y, result
 
 
@@ -185,11 +240,37 @@ def class_names_of(loaded: LoadedModel) -> list[str]:
     return [str(i) for i in range(loaded.num_classes)]
 
 
+class TrajectoryRecorder:
+    """An `on_step` callback keeping every solver state of the current batch (on the CPU), for GIFs."""
+
+    def __init__(self):
+        self.states: list[tuple[float, torch.Tensor]] = []
+
+    def __call__(self, step) -> None:
+        self.states.append((step.t, step.x.detach().cpu().clone()))
+
+    def take(self, frames: int) -> list[tuple[float, torch.Tensor]]:
+        """For each of `frames` evenly spaced times in [0, 1], the recorded state nearest to it (a state repeats
+        when the solver took fewer steps; `merge_trajectories` drops the repeats). Then forget them."""
+        states, self.states = self.states, []
+        if not states or frames < 1:
+            return []
+        targets = [k / (frames - 1) for k in range(frames)] if frames > 1 else [1.0]
+        return [states[min(range(len(states)), key=lambda j: abs(states[j][0] - tau))] for tau in targets]
+
+
 def merge_trajectories(batches: list[list[tuple[float, torch.Tensor]]]) -> list[tuple[float, torch.Tensor]]:
-    """Join per-batch captured trajectories (same times) into one (t, x_t of every sample) list, on the CPU."""
+    """Join per-batch trajectories (from `TrajectoryRecorder.take`, frame k nearest to the same time in every
+    batch) into one (t, x_t of every sample) list on the CPU; a frame that repeats the previous one in every
+    batch is dropped."""
     if not batches or not batches[0]:
         return []
-    return [(batches[0][k][0], torch.cat([b[k][1].cpu() for b in batches])) for k in range(len(batches[0]))]
+    out = []
+    for k in range(min(len(b) for b in batches)):
+        if k and all(b[k][1] is b[k - 1][1] for b in batches):
+            continue
+        out.append((batches[0][k][0], torch.cat([b[k][1].cpu() for b in batches])))
+    return out
 
 
 def sample_outputs(out: Path, n: int) -> list[Path]:
@@ -202,7 +283,7 @@ def sample_outputs(out: Path, n: int) -> list[Path]:
 
 
 def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sample_overrides, seed: int, out, gif, gif_frames: int,
-                   batch_size: int, ema: bool, vae, text_encoder, force: bool = False) -> dict | None:
+                   batch_size: int, ema: bool, vae, text_encoder, force: bool = False, guide_ckpt=None) -> dict | None:
     """What `fm sample` does on one rank: its share of the sample indices, written by global index; rank 0
     gathers the grid (and GIF) and returns the summary (other ranks return None)."""
     import time
@@ -216,18 +297,20 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     dev = ctx.device
     loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
     sample_cfg = sample_overrides(loaded.config.sample)
+    if guide_ckpt is not None:
+        loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema)
+    recorder = TrajectoryRecorder() if gif is not None else None
     start = time.perf_counter()
     xs, nfes, paths, trajectories = [], [], [], []
     to_dir = out.suffix.lower() not in STILL_IMAGE_SUFFIXES
     indices = D.shard_indices(n, ctx)  # sample i depends only on (seed, i): any split gives the same images
     prompts = [texts[i % len(texts)] for i in indices] if texts else None
-    capture = gif_frames if gif is not None else 0
     for chunk, _, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev,
-                                            class_label=class_label, capture=capture, prompts=prompts):
+                                            class_label=class_label, on_step=recorder, prompts=prompts):
         xs.append(result.x.cpu())
         nfes.append(result.nfe)
-        if gif is not None:
-            trajectories.append([(t, x.cpu()) for t, x in result.trajectory])
+        if recorder is not None:
+            trajectories.append(recorder.take(gif_frames))
         if to_dir:
             for k, i in enumerate(chunk):  # each rank writes its own samples, named by global index
                 paths += save_images(result.x[k : k + 1], out, start_index=i)
@@ -238,7 +321,10 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     if not ctx.is_main:
         return None
     grid = save_grid(images, out / "grid.png" if to_dir else out)
-    gif_path = save_gif(trajectory_frames(merge_trajectories(trajectories)), gif) if gif is not None else None
+    gif_path = None
+    if gif is not None:  # frames are the model's states: latent models' go through the VAE here
+        frames = [(t, decode(loaded, x.to(dev)).cpu()) for t, x in merge_trajectories(trajectories)]
+        gif_path = save_gif(trajectory_frames(frames), gif)
     return {
         "paths": [str(p) for p in paths],
         "grid": str(grid),
@@ -250,5 +336,6 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         "solver": sample_cfg.solver,
         "steps": sample_cfg.steps,
         "cfg": sample_cfg.cfg,
+        "guidance": sample_cfg.guidance,
         "seed": seed,
     }

@@ -1,4 +1,5 @@
-"""`fm plot`: loss, learning-rate (and FID, when logged) curves of a run from its metrics.jsonl.
+"""`fm plot`: loss, learning-rate (and FID, when logged) curves of a run from its metrics.jsonl; FID-vs-NFE
+curves from the JSON of `fm fid --nfe ... --json`.
 
 matplotlib is an optional extra (`pip install 'fm[plot]'`); without it the command says how to install it.
 """
@@ -53,14 +54,63 @@ def _pyplot():
     return plt
 
 
+def read_nfe_sweep(path: str | Path) -> list[dict]:
+    """The rows of one or more `fm fid --nfe ... --json` outputs (a JSON list, or such lists one per line)."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        chunks = [json.loads(text)]
+    except json.JSONDecodeError:
+        try:
+            chunks = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise UsageError(f"{path} is neither a run directory nor the JSON of `fm fid --nfe ... --json`") from None
+    rows = [r for chunk in chunks for r in (chunk if isinstance(chunk, list) else [chunk])]
+    if not rows or not all(isinstance(r, dict) and isinstance(r.get("fid"), (int, float)) and "nfe_per_sample" in r for r in rows):
+        raise UsageError(f"{path}: expected rows with 'fid' and 'nfe_per_sample', as written by `fm fid --nfe 1,2,4,8 --json`")
+    return rows
+
+
+def plot_nfe_sweep(path: str | Path, out: str | Path | None = None) -> Path:
+    """FID against the NFE each sample used (log2 axis), one curve per (solver, guidance, cfg); returns the image path."""
+    plt = _pyplot()
+    path = Path(path)
+    rows = read_nfe_sweep(path)
+    out = _output_path(out, path.with_suffix(".png"))
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        label = f"{r.get('solver', '?')}, {r.get('guidance', 'cfg')} {r.get('cfg', 1):g}"
+        curves.setdefault(label, []).append((float(r["nfe_per_sample"]), float(r["fid"])))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, pts in curves.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.2, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    features = {r.get("features", "inception") for r in rows}
+    ax.set_ylabel("FID" if features == {"inception"} else f"FD ({', '.join(sorted(features))} features)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, plt, out)
+
+
+def _output_path(out, default: Path) -> Path:
+    out = Path(out) if out is not None else default
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UsageError(f"--out {out}: use a .png, .svg or .pdf file name")
+    return out
+
+
+def _save(fig, plt, out: Path) -> Path:    return _save(fig, plt, out)
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the curves PNG (default RUN_DIR/loss.png) atomically; returns its path."""
     plt = _pyplot()
     run_dir = Path(run_dir)
     train, fid = read_metrics(run_dir)
-    out = Path(out) if out is not None else run_dir / "loss.png"
-    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise UsageError(f"--out {out}: use a .png, .svg or .pdf file name")
+    out = _output_path(out, run_dir / "loss.png")
 
     panels = [("loss", "loss", train, "log"), ("lr", "learning rate", train, "linear"), ("fid", "FID", fid, "linear")]
     panels = [p for p in panels if p[2] and any(p[0] in r for r in p[2])]

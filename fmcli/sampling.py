@@ -1,29 +1,67 @@
-"""ODE solvers, classifier-free guidance and NFE counting (pure torch, no I/O).
+"""Solvers (fixed-step, multistep, SDE, adaptive), guidance, NFE counting, a step callback (pure torch, no I/O).
 
 The model contract is `model(x, t, **cond) -> velocity` with t of shape [B] (DESIGN.md section 3).
-Every solver integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) and reports the true number
-of network evaluations (NFE): a CFG evaluation is one batched forward of [cond; uncond], counted once.
+Every solver integrates from t = 0 (noise) to t = 1 (data) and reports the true number of network
+evaluations (NFE): a guided evaluation (CFG's batched [cond; uncond] forward, or autoguidance's main +
+guide pair) counts once. `on_step` sees the state after every solver step (previews, GIFs).
+
+The solver and guidance names below are the only list of them: config.py and the CLI refer to these.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 
 from .flow import shift_time
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B,...], t scalar tensor) -> v
-FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun", "rk4")
-SOLVERS = FIXED_STEP_SOLVERS + ("dopri5",)
+
+FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun", "rk4")  # one-step Runge-Kutta methods
+MULTISTEP_SOLVERS = ("ab2",)
+SDE_SOLVERS = ("euler-sde",)
+ADAPTIVE_SOLVERS = ("dopri5",)
+SOLVERS = FIXED_STEP_SOLVERS + MULTISTEP_SOLVERS + SDE_SOLVERS + ADAPTIVE_SOLVERS
+SolverName = Literal[SOLVERS]  # type: ignore[valid-type]  (pydantic field type: the same names)
+
+GUIDANCES = ("cfg", "cfg-zero", "auto")
+GuidanceName = Literal[GUIDANCES]  # type: ignore[valid-type]
+
+_NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1, "euler-sde": 1}
+_START_UP_NFE = {"ab2": 1}  # ab2's first step is a Heun step: one evaluation more than its steps
 
 
 @dataclass
 class SampleResult:
     x: torch.Tensor
     nfe: int
-    trajectory: list[tuple[float, torch.Tensor]] = field(default_factory=list)  # (t, x_t) when captured
+
+
+@dataclass
+class Step:
+    """What `on_step` receives: the solver state after `index` steps (index 0 = the initial noise)."""
+
+    index: int
+    total: int  # steps planned; 0 for an adaptive solver (not known in advance)
+    t: float  # flow time of x: 0 = noise, 1 = data
+    x: torch.Tensor  # the state itself (clone it to keep it)
+    nfe: int  # network evaluations so far
+
+
+OnStep = Callable[[Step], None]
+
+
+# ------------------------------------------------------------------------------------------- guidance
+
+
+def optimized_scale(v_cond: torch.Tensor, v_uncond: torch.Tensor) -> torch.Tensor:
+    """CFG-Zero*'s per-sample s* = <v_cond, v_uncond> / ||v_uncond||^2 (the least-squares projection of
+    v_cond on v_uncond), shaped to broadcast over v ([B, 1, ..., 1])."""
+    flat_c, flat_u = v_cond.flatten(1), v_uncond.flatten(1)
+    s = (flat_c * flat_u).sum(1) / (flat_u.pow(2).sum(1) + 1e-8)  # eps as in the paper's code
+    return s.view(-1, *([1] * (v_cond.dim() - 1)))
 
 
 def guided_velocity(
@@ -32,29 +70,68 @@ def guided_velocity(
     uncond: dict[str, torch.Tensor] | None = None,
     cfg: float = 1.0,
     interval: tuple[float, float] | None = None,
+    *,
+    guidance: str = "cfg",
+    guide: Callable[..., torch.Tensor] | None = None,
 ) -> Velocity:
-    """v = v_uncond + w (v_cond - v_uncond) on every channel, from one batched forward pass.
+    """The guided velocity of weight w = `cfg`, on every channel.
 
-    `cfg == 1` (or no `uncond`) skips the unconditional branch entirely; outside the optional guidance
-    interval [t_lo, t_hi] the plain conditional velocity is used.
+    - `cfg`: v = v_uncond + w (v_cond - v_uncond), one batched forward of [cond; uncond].
+    - `cfg-zero` (CFG-Zero*, Fan et al. 2025, arXiv:2503.18886): v = s* v_uncond + w (v_cond - s* v_uncond)
+      with the per-sample optimised scale s* (`optimized_scale`); its zero-init of the first steps is the
+      solver's `skip_steps` (see `solve`).
+    - `auto` (autoguidance, Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself",
+      arXiv:2406.02507): v = v_guide + w (v_main - v_guide), the guide being a smaller or less trained
+      model of the same data, evaluated with the same conditioning.
+
+    w == 1 is the main model alone (no second branch is evaluated), as is every t outside the optional
+    guidance interval [t_lo, t_hi]; so is cfg/cfg-zero without `uncond` (an unconditional model).
     """
-    use_cfg = uncond is not None and cfg != 1.0
+    if guidance not in GUIDANCES:
+        raise ValueError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCES)}")
+    if guidance == "auto" and guide is None:
+        raise ValueError("autoguidance needs a guide model")
+    use = cfg != 1.0 and (guide is not None if guidance == "auto" else uncond is not None)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tb = t.reshape(()).expand(x.shape[0]).to(x.dtype)
-        guided = use_cfg and (interval is None or interval[0] <= float(t) <= interval[1])
-        if not guided:
+        if not use or (interval is not None and not interval[0] <= float(t) <= interval[1]):
             return model(x, tb, **cond)
+        if guidance == "auto":
+            v_main, v_guide = model(x, tb, **cond), guide(x, tb, **cond)
+            return v_guide + cfg * (v_main - v_guide)
         both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
         v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tb, tb]), **both).chunk(2)
+        if guidance == "cfg-zero":
+            v_uncond = optimized_scale(v_cond, v_uncond) * v_uncond
         return v_uncond + cfg * (v_cond - v_uncond)
 
     return velocity
 
 
-def time_grid(steps: int, shift: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:
-    """steps + 1 times from 0 to 1, optionally SD3-shifted (more resolution near the noise end)."""
-    return shift_time(torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=dtype), shift)
+# -------------------------------------------------------------------------------------------- the SDE
+
+
+def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t, sigma_min: float = 0.0) -> torch.Tensor:
+    """grad log p_t(x) from the marginal velocity, in closed form for x_t = a(t) x0 + t x1, a = 1 - (1 - sigma_min) t.
+
+    With E0 = E[x0 | x_t = x], E1 = E[x1 | x_t = x]: x = a E0 + t E1 and v = E1 - (1 - sigma_min) E0, so
+    E0 = x - t v (as a + (1 - sigma_min) t = 1); Tweedie for the Gaussian x_t | x1 gives score = -E0 / a.
+    """
+    a = 1 - (1 - sigma_min) * t
+    return (t * v - x) / a
+
+
+def sde_diffusion(t, noise: float):
+    """g(t)^2 = 2 w(t) with w(t) = noise * (1 - t): SiT's "sigma" diffusion form (w_t = norm * sigma_t for
+    the linear path; Ma et al. 2024, "SiT: Exploring Flow and Diffusion-based Generative Models with
+    Scalable Interpolant Transformers", arXiv:2401.08740), with `noise` (--sde-noise) as SiT's
+    diffusion_norm. Written with 1 - t, not sigma_t = 1 - (1 - sigma_min) t, so that g -> 0 at the data
+    end even when sigma_min > 0."""
+    return 2 * noise * (1 - t)
+
+
+# ----------------------------------------------------------------------------------------------- solve
 
 
 def solve(
@@ -66,22 +143,63 @@ def solve(
     shift: float = 1.0,
     rtol: float = 1e-5,
     atol: float = 1e-5,
-    capture: int = 0,
+    sigma_min: float = 0.0,
+    sde_noise: float = 1.0,
+    noise: Callable[[int], torch.Tensor] | None = None,
+    skip_steps: int = 0,
+    on_step: OnStep | None = None,
 ) -> SampleResult:
-    """Integrate from noise x0 at t=0 to t=1. `capture` > 1 records (t, x_t) at that many evenly spaced
-    times (for fixed-step solvers: the grid times nearest to them, so fewer when the grid is coarser)."""
-    counted = _CountingVelocity(velocity)
-    if solver == "dopri5":
-        x, traj = _solve_dopri5(counted, x0, rtol, atol, capture)
-    elif solver in FIXED_STEP_SOLVERS:
-        x, traj = _solve_fixed(counted, x0, solver, steps, shift, capture)
-    else:
+    """Integrate from noise x0 at t = 0 to t = 1 on the (optionally SD3-shifted) grid of `steps` steps.
+
+    `skip_steps`: the velocity is taken to be zero on the first `skip_steps` grid steps (CFG-Zero*'s
+    zero-init): x stays x0 and no network is evaluated; the adaptive solver starts at that grid time.
+    `euler-sde` draws its noise for step i from `noise(i)` (shape of x0; default: a fixed-seed generator),
+    so a caller can key it by sample index and step. `on_step(Step)` is called with the initial state and
+    after every step (dopri5: every accepted step, then the result).
+    """
+    if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    return SampleResult(x=x, nfe=counted.calls, trajectory=traj)
+    counted = _CountingVelocity(velocity)
+    grid = time_grid(steps, shift, device=x0.device, dtype=torch.float64 if x0.dtype == torch.float64 else torch.float32)
+    report = _Reporter(on_step, counted, 0 if solver in ADAPTIVE_SOLVERS else steps)
+    if solver in ADAPTIVE_SOLVERS:
+        x = _solve_dopri5(counted, x0, float(grid[min(skip_steps, steps)]), rtol, atol, report)
+    else:
+        x = x0
+        report(0, grid[0], x)
+        for i in range(min(skip_steps, steps)):  # zero velocity: the state does not move
+            report(i + 1, grid[i + 1], x)
+        start = min(skip_steps, steps)
+        if solver in FIXED_STEP_SOLVERS:
+            x = _solve_one_step(counted, x, solver, grid, start, report)
+        elif solver == "ab2":
+            x = _solve_ab2(counted, x, grid, start, report)
+        else:
+            x = _solve_euler_maruyama(counted, x, grid, start, sigma_min, sde_noise, noise, report)
+    return SampleResult(x=x, nfe=counted.calls)
+
+
+def time_grid(steps: int, shift: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """steps + 1 times from 0 to 1, optionally SD3-shifted (more resolution near the noise end)."""
+    return shift_time(torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=dtype), shift)
 
 
 def nfe_per_step(solver: str) -> int:
-    return {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}[solver]
+    """Network evaluations per step of a fixed-step, multistep or SDE solver (ab2: after its start-up)."""
+    return _NFE_PER_STEP[solver]
+
+
+def nfe_of(solver: str, steps: int) -> int:
+    """Exact NFE of `steps` steps (no zero-init): per-step cost plus a start-up evaluation where there is one."""
+    return nfe_per_step(solver) * steps + (_START_UP_NFE.get(solver, 0) if steps else 0)
+
+
+def steps_for_nfe(solver: str, nfe: int) -> int:
+    """The most steps whose NFE (`nfe_of`) does not exceed `nfe` (at least one step); ValueError for dopri5."""
+    if solver in ADAPTIVE_SOLVERS:
+        raise ValueError(f"{solver} chooses its own steps: set its tolerances instead of an NFE budget")
+    steps = (nfe - _START_UP_NFE.get(solver, 0)) // nfe_per_step(solver)
+    return max(1, steps)
 
 
 class _CountingVelocity:
@@ -94,11 +212,17 @@ class _CountingVelocity:
         return self.velocity(x, t)
 
 
-def _solve_fixed(v: Velocity, x: torch.Tensor, solver: str, steps: int, shift: float, capture: int):
-    grid = time_grid(steps, shift, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    keep = _capture_indices(grid, capture)
-    traj = [(0.0, x.clone())] if 0 in keep else []
-    for i in range(steps):
+class _Reporter:
+    def __init__(self, on_step: OnStep | None, counted: _CountingVelocity, total: int):
+        self.on_step, self.counted, self.total = on_step, counted, total
+
+    def __call__(self, index: int, t, x: torch.Tensor) -> None:
+        if self.on_step is not None:
+            self.on_step(Step(index=index, total=self.total, t=float(t), x=x, nfe=self.counted.calls))
+
+
+def _solve_one_step(v: Velocity, x: torch.Tensor, solver: str, grid: torch.Tensor, start: int, report: _Reporter):
+    for i in range(start, len(grid) - 1):
         t, t_next = grid[i], grid[i + 1]
         h = t_next - t
         if solver == "euler":
@@ -116,24 +240,80 @@ def _solve_fixed(v: Velocity, x: torch.Tensor, solver: str, steps: int, shift: f
             k3 = v(x + 0.5 * h * k2, t + 0.5 * h)
             k4 = v(x + h * k3, t_next)
             x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        if i + 1 in keep:
-            traj.append((float(t_next), x.clone()))
-    return x, traj
+        report(i + 1, t_next, x)
+    return x
 
 
-def _capture_indices(grid: torch.Tensor, capture: int) -> set[int]:
-    """Grid indices nearest to `capture` evenly spaced times in [0, 1] (fewer if the grid is coarser)."""
-    if capture <= 1:
-        return set()
-    targets = torch.linspace(0.0, 1.0, capture, dtype=torch.float64)
-    return {int(torch.argmin((grid.double().cpu() - tau).abs())) for tau in targets}
+def _solve_ab2(v: Velocity, x: torch.Tensor, grid: torch.Tensor, start: int, report: _Reporter):
+    """Two-step Adams-Bashforth with variable steps (Hairer, Norsett & Wanner, Solving ODEs I, III.5), one
+    evaluation per step after a Heun start (second order from the first step on).
+
+    Why AB2 in t rather than an exponential integrator (DPM-Solver++(2M), Lu et al. 2022): for this linear
+    path the first-order exponential integrator (DDIM) is exactly Euler in t, so the flow's velocity has no
+    stiff linear part for an exponential integrator to absorb, and the multistep correction can be made in
+    t directly, valid for any velocity field (also the guided ones). Multistep reuse of past evaluations
+    for diffusion sampling: PNDM (Liu et al. 2022), iPNDM (Zhang & Chen 2023, DEIS).
+    """
+    v_prev, h_prev = None, None
+    for i in range(start, len(grid) - 1):
+        t, t_next = grid[i], grid[i + 1]
+        h = t_next - t
+        v_now = v(x, t)
+        if v_prev is None:  # Heun start-up step
+            x = x + 0.5 * h * (v_now + v(x + h * v_now, t_next))
+        else:
+            r = h / h_prev
+            x = x + h * ((1 + 0.5 * r) * v_now - 0.5 * r * v_prev)
+        v_prev, h_prev = v_now, h
+        report(i + 1, t_next, x)
+    return x
 
 
-def _solve_dopri5(v: Velocity, x0: torch.Tensor, rtol: float, atol: float, capture: int):
+def _solve_euler_maruyama(v: Velocity, x, grid, start: int, sigma_min: float, noise_scale: float, noise, report: _Reporter):
+    """Euler-Maruyama for dx = [v + g^2/2 s(x, t)] dt + g dW (same marginals as the ODE, by Fokker-Planck),
+    with s from `score_from_velocity` and g^2 from `sde_diffusion`. With g^2 = 2 noise (1 - t) the score
+    term is noise (1 - t) / a(t) (t v - x): bounded, as (1 - t) / a(t) <= 1. The last step is a plain ODE
+    (Euler) step, one of SiT's last-step choices: no noise, and no score term, which only balances it."""
+    if noise is None:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        noise = lambda i: torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)  # noqa: E731
+    last = len(grid) - 2
+    for i in range(start, last + 1):
+        t, t_next = grid[i], grid[i + 1]
+        h = t_next - t
+        vel = v(x, t)
+        if i == last:
+            x = x + h * vel
+        else:
+            g2 = sde_diffusion(t, noise_scale)
+            drift = vel + 0.5 * g2 * score_from_velocity(vel, x, t, sigma_min)
+            x = x + h * drift + torch.sqrt(g2 * h) * noise(i).to(device=x.device, dtype=x.dtype)
+        report(i + 1, t_next, x)
+    return x
+
+
+class _ReportingODE:
+    """torchdiffeq's func: the velocity, plus its accepted-step callback (the state at each accepted step's start)."""
+
+    def __init__(self, v: Velocity, report: _Reporter):
+        self.v, self.report, self.accepted = v, report, 0
+
+    def __call__(self, t, x):
+        return self.v(x, t.to(x.dtype))
+
+    def callback_accept_step(self, t0, y0, dt):
+        if self.accepted:  # step 0's start is the initial state, already reported
+            self.report(self.accepted, t0, y0)
+        self.accepted += 1
+
+
+def _solve_dopri5(v: Velocity, x0: torch.Tensor, t_start: float, rtol: float, atol: float, report: _Reporter):
     from torchdiffeq import odeint
 
-    n_times = max(capture, 2)
-    times = torch.linspace(0.0, 1.0, n_times, device=x0.device, dtype=torch.float64)
-    xs = odeint(lambda t, x: v(x, t.to(x.dtype)), x0, times, rtol=rtol, atol=atol, method="dopri5")
-    traj = [(float(times[i]), xs[i]) for i in range(n_times)] if capture > 1 else []
-    return xs[-1], traj
+    report(0, 0.0, x0)
+    func = _ReportingODE(v, report)
+    times = torch.tensor([t_start, 1.0], device=x0.device, dtype=torch.float64)
+    x = odeint(func, x0, times, rtol=rtol, atol=atol, method="dopri5")[-1] if t_start < 1.0 else x0
+    report(max(func.accepted, 1), 1.0, x)
+    return x
+

@@ -22,6 +22,7 @@ STREAMS = {
     "sample_noise": 1,  # initial noise of sample i: (stream, seed, i)
     "step": 2,  # a training step's noise, times, dropout and flips: (stream, seed, global batch index)
     "epoch": 3,  # the data order of an epoch: (stream, seed, epoch)
+    "sde_noise": 4,  # euler-sde's noise of sample i at solver step k: (stream, seed, i, k)
 }
 
 

@@ -329,7 +329,7 @@ class Trainer:
 
             conditions, prompts = grid_conditions(self.text, self.dataset, n, self.ctx.device)
             write_text_atomic(self.run_dir / "samples" / step_name(self.step, ".txt"), "".join(p + "\n" for p in prompts))
-        x = sample_batch(self.step_fn.ema, x0, labels, self.cfg.sample, conditions=conditions).x
+        x = sample_batch(self.step_fn.ema, x0, labels, self.cfg.sample, sigma_min=self.cfg.flow.sigma_min, conditions=conditions).x
         if self.dataset.manifest["kind"] == "latents":
             x = self._decode_latents(x)
             if x is None:

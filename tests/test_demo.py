@@ -107,12 +107,12 @@ def test_demo_api_streams_previews_then_the_grid(server, loaded):
     from PIL import Image
 
     client = Client(server, verbose=False)
-    job = client.submit("", "triangle", 4, 2.0, 6, "euler", 7, 2, api_name="/generate")
+    job = client.submit("", "triangle", 4, 2.0, 6, "euler", 7, 2, "cfg", 1.0, api_name="/generate")
     image, status, grid = job.result(timeout=60)
     outputs = job.outputs()
     assert [o[1].split(",")[0] for o in outputs[:-1]] == ["step 0/6", "step 2/6", "step 4/6"]  # the progressive view
     assert all(o[2] is None for o in outputs[:-1])
-    assert status.startswith("done: 4 image(s), 6 network evaluations")
+    assert status.startswith("done: 4 image(s), 6 network evaluations (euler, cfg 2)")
     # the downloadable grid is exactly the model's samples for class 'triangle' (index 2), seed 7
     from fmcli.demo import progressive
     from fmcli.images import grid_image
@@ -130,9 +130,11 @@ def test_demo_rejects_bad_input_with_a_message(server):
 
     client = Client(server, verbose=False)
     with pytest.raises(Exception, match="less than minimum value 1"):  # the steps slider's bounds hold for API calls too
-        client.predict("", "all classes (cycling)", 2, 1.0, 0, "euler", 0, 1, api_name="/generate")
+        client.predict("", "all classes (cycling)", 2, 1.0, 0, "euler", 0, 1, "cfg", 1.0, api_name="/generate")
     with pytest.raises(Exception, match="images must be between 1 and 16|greater than maximum"):
-        client.predict("", "all classes (cycling)", 17, 1.0, 4, "euler", 0, 1, api_name="/generate")
+        client.predict("", "all classes (cycling)", 17, 1.0, 4, "euler", 0, 1, "cfg", 1.0, api_name="/generate")
+    with pytest.raises(Exception, match="auto needs `fm demo --guide-ckpt`|not in the list of choices"):  # no guide loaded
+        client.predict("", "all classes (cycling)", 2, 2.0, 4, "euler", 0, 1, "auto", 1.0, api_name="/generate")
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -195,6 +197,25 @@ def test_text_model_frames_follow_the_prompt(tmp_path):
                                           prompts=["a red star"] * 2))
     torch.testing.assert_close(frames[-1].x, ref.x)  # the same samples as `fm sample --prompt 'a red star' --seed 1`
 
+
+
+@pytest.mark.parametrize("solver,guidance", [("euler-sde", "cfg"), ("ab2", "cfg-zero"), ("dopri5", "cfg")])
+def test_frames_of_the_new_solvers_and_guidance_end_in_the_fm_sample_result(loaded, solver, guidance):
+    from fmcli.demo import progressive
+    from fmcli.generate import iterate_samples
+
+    settings = _settings(loaded, solver=solver, steps=6, cfg=3.0, guidance=guidance, sde_noise=1.0, rtol=1e-3, atol=1e-3)
+    frames = list(progressive(loaded, n=3, seed=2, sample_cfg=settings, every=2, device=torch.device("cpu"), class_label=1))
+    ((_, _, ref),) = list(iterate_samples(loaded, [0, 1, 2], seed=2, sample_cfg=settings, batch_size=3, device=torch.device("cpu"),
+                                          class_label=1))
+    torch.testing.assert_close(frames[-1].x, ref.x, rtol=0, atol=0)
+    assert frames[-1].final and frames[-1].nfe == ref.nfe and not any(f.final for f in frames[:-1])
+    times = [f.t for f in frames]
+    assert times == sorted(times) and times[0] == 0.0 and times[-1] == 1.0
+    if solver != "dopri5":
+        assert [f.step for f in frames] == [0, 2, 4, 6] and frames[-1].total == 6
+    if guidance == "cfg-zero":
+        assert ref.nfe == 6  # zero-init skips the first of the 6 steps (no evaluation); ab2's Heun start-up adds one
 
 
 def test_demo_without_gradio_says_how_to_install(debug_run):

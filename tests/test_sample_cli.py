@@ -37,3 +37,20 @@ def test_sample_usage_errors(tmp_path, debug_run):
     missing = run_fm("sample", "--ckpt", tmp_path / "nope.pt")
     assert missing.returncode == 2 and "not found" in missing.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_help_lists_the_solver_and_guidance_names_without_torch_at_import():
+    """The names come from sampling.py (no second copy); importing the CLI alone stays free of torch."""
+    import subprocess
+    import sys
+
+    from conftest import fm_env
+    from fmcli.sampling import GUIDANCES, SOLVERS
+
+    for command in ("sample", "class-grid", "fid"):
+        r = run_fm(command, "--help", env={"COLUMNS": "400"})
+        assert r.returncode == 0, r.stderr
+        assert all(name in r.stdout for name in SOLVERS + GUIDANCES), (command, r.stdout)
+    probe = "import sys, fmcli.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=fm_env(), timeout=120)
+    assert out.stdout.strip() == "False", out.stderr

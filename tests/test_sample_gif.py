@@ -108,3 +108,87 @@ def test_guidance_interval_option(ot_run, tmp_path, capsys):
     assert code == 0, err
     code, _, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "--guidance-interval", "0.8,0.2", "--out", tmp_path / "x.png")
     assert code == 2 and "guidance" in err
+
+
+def _fake_checkpoint(path, ot_run, **model):
+    """A checkpoint like ot_run's but with other model facts (random weights; only its shape is used)."""
+    import torch
+
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+    from fmcli.config import config_to_dict, validate_config
+    from fmcli.models import build_model
+
+    state = load_checkpoint(resolve_checkpoint(ot_run))
+    cfg = validate_config(state["config"])
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=model)})
+    weights = build_model(cfg.model).state_dict()
+    torch.save({"model": weights, "ema": weights, "config": config_to_dict(cfg), "step": 1, "data_info": state.get("data_info", {})}, path)
+    return path
+
+
+def test_new_solvers_and_guidance_from_the_command_line(ot_run, tmp_path, capsys):
+    def sample(name, *args):
+        code, out, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "-n", "3", "--out", tmp_path / f"{name}.png", "--json", "--device", "cpu", *args)
+        assert code == 0, err
+        return json.loads(out), np.asarray(Image.open(tmp_path / f"{name}.png"))
+
+    info, _ = sample("ab2", "--solver", "ab2", "--steps", "5", "--cfg", "1")
+    assert info["nfe"] == 6 and info["solver"] == "ab2"  # one Heun start-up evaluation more than its steps
+    info, sde = sample("sde", "--solver", "euler-sde", "--steps", "6", "--sde-noise", "1.5", "--batch-size", "2")
+    assert info["nfe"] == 6
+    _, sde_again = sample("sde2", "--solver", "euler-sde", "--steps", "6", "--sde-noise", "1.5", "--batch-size", "3")
+    assert np.array_equal(sde, sde_again)  # noise per (seed, sample index, step): the batch size does not matter
+    _, ode = sample("sde0", "--solver", "euler-sde", "--steps", "6", "--sde-noise", "0")
+    _, euler = sample("euler", "--solver", "euler", "--steps", "6")
+    assert np.array_equal(ode, euler) and not np.array_equal(sde, euler)
+    info, zero = sample("zero", "--guidance", "cfg-zero", "--cfg", "3", "--steps", "4", "--zero-init-steps", "1")
+    assert info["nfe"] == 3 and info["guidance"] == "cfg-zero"  # the zero-init step evaluates nothing
+    # Autoguidance with the model itself as the guide is the unguided model.
+    info, auto = sample("auto", "--guide-ckpt", str(ot_run), "--cfg", "3", "--steps", "4")
+    _, plain = sample("plain", "--cfg", "1", "--steps", "4")
+    assert info["guidance"] == "auto" and np.array_equal(auto, plain)
+
+
+def test_bad_sampling_input_is_one_line_and_exit_2(ot_run, tmp_path, capsys):
+    out = ["--out", tmp_path / "x.png", "--device", "cpu"]
+    other_classes = _fake_checkpoint(tmp_path / "k3.pt", ot_run, num_classes=3)
+    other_size = _fake_checkpoint(tmp_path / "s8.pt", ot_run, image_size=8)
+    cases = [
+        (("sample", "--solver", "leapfrog"), "--solver"),
+        (("sample", "--guidance", "pag"), "--guidance"),
+        (("sample", "--guidance", "auto", "--cfg", "2"), "--guide-ckpt"),
+        (("sample", "--guidance", "cfg", "--guide-ckpt", str(ot_run)), "--guidance auto"),
+        (("sample", "--guide-ckpt", other_classes, "--cfg", "2"), "class count"),
+        (("class-grid", "--guide-ckpt", other_size, "--cfg", "2"), "sample shape"),
+        (("sample", "--guidance", "cfg-zero", "--steps", "2", "--zero-init-steps", "2"), "zero_init_steps"),
+        (("sample", "--sde-noise", "-1"), "--sde-noise"),
+    ]
+    for args, expected in cases:
+        code, _, err = _fm_inprocess(capsys, args[0], "--ckpt", ot_run, *args[1:], *out)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (args, err)
+    for bad in ("0", "1,x", "-2", "", "2,,4"):
+        code, _, err = _fm_inprocess(capsys, "fid", "--ckpt", ot_run, "-n", "4", "--ref", tmp_path, "--nfe", bad, "--device", "cpu")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--nfe" in err, (bad, err)
+    code, _, err = _fm_inprocess(capsys, "fid", "--ckpt", ot_run, "-n", "4", "--ref", tmp_path, "--nfe", "4", "--solver", "dopri5", "--device", "cpu", "--features", "tiny")
+    assert code == 2 and "tolerances" in err
+
+
+def test_fid_nfe_sweep_table_json_and_plot(ot_run, shapes16, tmp_path, capsys):
+    args = ["fid", "--ckpt", ot_run, "-n", "20", "--ref", shapes16, "--features", "tiny", "--device", "cpu", "--cfg", "1"]
+    code, out, err = _fm_inprocess(capsys, *args, "--nfe", "1,2,4", "--solver", "heun", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["nfe_budget"] for r in rows] == [1, 2, 4] and [r["steps"] for r in rows] == [1, 1, 2]
+    assert [r["nfe_per_sample"] for r in rows] == [2, 2, 4]  # heun's budget of 1 still takes one step (2 NFE)
+    assert all(r["fid"] > 0 and r["solver"] == "heun" for r in rows)
+    assert rows[0]["fid"] == rows[1]["fid"]  # the same samples (steps 1 both times) score the same
+    code, table, err = _fm_inprocess(capsys, *args, "--nfe", "2,4", "--solver", "ab2")
+    assert code == 0, err
+    assert table.splitlines()[0].split()[:3] == ["NFE", "used", "steps"] and len(table.splitlines()) == 4
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(out + json.dumps([{**r, "solver": "euler"} for r in rows]) + "\n")  # two `--json` outputs appended
+    pytest.importorskip("matplotlib")
+    code, printed, err = _fm_inprocess(capsys, "plot", sweep)
+    assert code == 0, err
+    assert printed.strip() == str(tmp_path / "sweep.png") and Image.open(tmp_path / "sweep.png").size[0] > 100
