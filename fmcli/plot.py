@@ -102,7 +102,11 @@ def _output_path(out, default: Path) -> Path:
     return out
 
 
-def _save(fig, plt, out: Path) -> Path:    return _save(fig, plt, out)
+def _save(fig, plt, out: Path) -> Path:
+    try:
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -125,8 +129,4 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(run_dir.name)
     fig.tight_layout()
-
-    try:
-        return atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=110))
-    finally:
-        plt.close(fig)
+    return _save(fig, plt, out)
