@@ -64,7 +64,7 @@ PEAK_BF16_FLOPS: list[tuple[tuple[str, ...], float]] = [
 KNOWN_SOURCE_SHAPES = {"cifar10": (3, 32, 10), "mnist": (1, 28, 10)}
 
 MODES = ("train", "sample", "both")
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 # ------------------------------------------------------------------------------------ configuration
@@ -251,6 +251,7 @@ class BenchSpec:
     device: str = "cpu"
     impl: str = "fm"  # "fm" (our DiT) or "diffusers" (DiTTransformer2DModel)
     threads: int | None = None
+    muon_ns_dtype: str | None = None  # Muon's Newton-Schulz dtype (fmcli.hardware.matmul_dtype); None = bf16
 
 
 def measure(spec: BenchSpec) -> dict:
@@ -455,7 +456,7 @@ def _measure_train(model: nn.Module, cfg: Config, spec: BenchSpec, device: torch
         step()
     _sync(device)
     seconds = _timed(step, spec.steps, device)
-    return {"img_per_s": spec.batch / seconds, "step_ms": 1000 * seconds}
+    return {"img_per_s": spec.batch / seconds, "step_ms": 1000 * seconds, "compiled": step.compiled, "compile_warning": step.compile_warning}
 
 
 def train_step_fn(model: nn.Module, cfg: Config, spec: BenchSpec, device: torch.device) -> Callable[[], None]:
@@ -463,9 +464,10 @@ def train_step_fn(model: nn.Module, cfg: Config, spec: BenchSpec, device: torch.
     from .flow import flow_matching_loss, interpolate, sample_times
     from .train import build_optimizer
 
+    from .hardware import CompileChoice, compile_with_fallback
+
     model.train()
-    optimizer = build_optimizer(model, cfg.optim)
-    forward = torch.compile(model) if spec.compile else model
+    optimizer = build_optimizer(model, cfg.optim, ns_dtype=spec.muon_ns_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16" and device.type == "cuda")
     m, b = cfg.model, spec.batch
     x1 = torch.randn(b, m.in_channels, m.image_size, m.image_size, device=device)
@@ -473,6 +475,16 @@ def train_step_fn(model: nn.Module, cfg: Config, spec: BenchSpec, device: torch.
     cond = {"y": y} if y is not None else {}
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     autocast = _autocast(spec.precision, device)
+
+    def first_call(f):  # as train.py: a lazy compile fails (if at all) at its first forward/backward
+        with autocast:
+            out = f(x1, torch.full((b,), 0.5, device=device), **cond)
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    warnings = []
+    choice = CompileChoice(spec.compile, spec.compile, "bench")
+    forward = compile_with_fallback(model, first_call, warnings.append, choice)
 
     def step():
         t = sample_times(b, cfg.flow.time_sampler, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std, shift=cfg.flow.shift, device=device)
@@ -488,6 +500,7 @@ def train_step_fn(model: nn.Module, cfg: Config, spec: BenchSpec, device: torch.
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+    step.compiled, step.compile_warning = choice.compile, (warnings or [None])[0]
     return step
 
 
@@ -555,8 +568,8 @@ class BenchOptions:
     mode: str = "both"
     steps: int = 5
     warmup: int = 2
-    precision: str | None = None  # None = the preset's train.precision
-    compile: bool = False
+    precision: str | None = None  # None = the preset's train.precision ("auto" is resolved by fmcli.hardware)
+    compile: bool | str | None = None  # None = the preset's train.compile; "auto" resolved by fmcli.hardware
     max_memory_gib: float | None = None
     max_batch: int | None = None  # None = train.global_batch_size (a micro batch never exceeds it)
     compare: str | None = None
@@ -568,9 +581,9 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     """The whole `fm bench`: resolve, autotune (unless a batch is given), measure ours (and diffusers')."""
     if opts.mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {opts.mode!r}")
-    precision = opts.precision or cfg.train.precision
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    precision_setting = opts.precision or cfg.train.precision
+    if precision_setting not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision_setting!r}")
     if opts.compare not in (None, "diffusers"):
         raise UsageError(f"--compare supports 'diffusers' only, not {opts.compare!r}")
     if opts.steps < 1 or opts.warmup < 0:
@@ -586,9 +599,11 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
 
     device = resolve_device(opts.device)
     name = device_name(device)
+    hw = resolve_bench_hardware(cfg, device, precision_setting, cfg.train.compile if opts.compile is None else opts.compile, log)
+    precision, compile_on = hw["precision"]["precision"], hw["compile"]["compile"]
     flops_fwd = dit_forward_flops(cfg.model)
     peak = peak_flops(name) if device.type == "cuda" else None
-    base = BenchSpec(config=config_to_dict(cfg), batch=1, steps=opts.steps, warmup=opts.warmup, precision=precision, compile=opts.compile, device=device.type)
+    base = BenchSpec(config=config_to_dict(cfg), batch=1, steps=opts.steps, warmup=opts.warmup, precision=precision, compile=compile_on, device=device.type, muon_ns_dtype=hw["muon_ns_dtype"])
 
     tuned = None
     batch = opts.batch_size
@@ -600,7 +615,7 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
         tuned = autotune_training(cfg, base, max_memory_gib=opts.max_memory_gib, max_batch=max_batch, log=log)
         batch = tuned.batch
         if opts.run_dir is not None:
-            save_autotune_cache(opts.run_dir, cfg, device, precision, opts.compile, tuned)
+            save_autotune_cache(opts.run_dir, cfg, device, precision, compile_on, tuned)
 
     impls = ["fm"] + (["diffusers"] if opts.compare else [])
     results = {}
@@ -610,11 +625,16 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
         if results[impl].get("oom"):
             raise RuntimeFailure(f"{impl} at batch {batch} ran out of memory; pass a smaller --batch-size")
 
+    ours = results["fm"].get("train") or {}
+    if ours.get("compile_warning"):  # compiling failed in the trial: it ran eager (reported once here)
+        log(ours["compile_warning"])
+        hw["compile"].update(compile=False, fell_back=True)
     report = {
         "preset": cfg.name,
         "device": name,
         "precision": precision,
-        "compile": opts.compile,
+        "compile": hw["compile"]["compile"],
+        "hardware": hw,
         "mode": opts.mode,
         "batch_size": batch,
         "model": {k: getattr(cfg.model, k) for k in ("arch", "hidden_size", "depth", "heads", "patch_size", "mlp_ratio", "image_size", "in_channels", "num_classes")},
@@ -631,6 +651,29 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
                 ratio[part] = report[part]["img_per_s"] / theirs[part]["img_per_s"]
         report["compare"] = {"diffusers": theirs, "ratio": ratio}
     return report
+
+
+def resolve_bench_hardware(cfg: Config, device: torch.device, precision_setting: str, compile_setting, log) -> dict:
+    """Precision, compile and Muon dtype as `fm train` would resolve them here, plus the CPU probe's numbers."""
+    from . import hardware
+    from .train import precision_probe_step, resolve_hardware
+
+    if compile_setting not in (True, False, "auto"):
+        raise UsageError(f"--compile must be true, false or auto, not {compile_setting!r}")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision_setting, "compile": compile_setting})})
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    choice, compile_choice, ns_dtype = resolve_hardware(cfg, device, shape)
+    probe = choice.probe
+    if probe is None and device.type == "cpu":  # an explicit precision: still report what the CPU does
+        probe = hardware.probe_cpu(cfg.model.hidden_size, *precision_probe_step(cfg, shape))
+    log(f"precision: {choice.precision} ({choice.reason}); compile: {'on' if compile_choice.compile else 'off'} ({compile_choice.reason})")
+    if choice.warning:
+        log(choice.warning)
+    if probe is not None and choice.probe is None:
+        log(f"probe: {probe.summary()}")
+    record = choice.record()
+    record["probe"] = asdict(probe) if probe is not None else None
+    return {"precision": record, "compile": compile_choice.record(), "muon_ns_dtype": ns_dtype}
 
 
 def autotune_training(cfg: Config, base: BenchSpec, *, max_memory_gib: float | None = None, max_batch: int = 4096, log=lambda s: None) -> AutotuneResult:
@@ -715,15 +758,18 @@ def save_autotune_cache(run_dir: Path, cfg: Config, device: torch.device, precis
     return path
 
 
-def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_size: int, log=lambda s: None) -> int:
+def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_size: int, log=lambda s: None, ns_dtype: str | None = None) -> int:
     """train.micro_batch_size="auto": the cached autotune result for this device + preset, else a fresh one.
 
     The micro batch is the largest divisor of global_batch_size / world_size not above the tuned batch.
     A DDP rank never autotunes: without a cached result it stops with a message.
     """
+    from .hardware import resolve_compile
+
     cfg = resolve_bench_config(cfg)
-    precision = cfg.train.precision
-    key = autotune_key(cfg, device, precision, cfg.train.compile)
+    precision = cfg.train.precision  # resolved by the caller (train.resolve_hardware): never "auto" here
+    compile_on = resolve_compile(cfg.train.compile, device).compile
+    key = autotune_key(cfg, device, precision, compile_on)
     path = Path(run_dir) / "autotune.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
     if key in cache:
@@ -736,9 +782,9 @@ def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_siz
     else:
         log(f"train.micro_batch_size=auto: autotuning on {device_name(device)} (cached in {path})")
         per_rank = cfg.train.global_batch_size // world_size
-        base = BenchSpec(config=config_to_dict(cfg), batch=1, steps=3, warmup=1, precision=precision, compile=cfg.train.compile, device=device.type)
+        base = BenchSpec(config=config_to_dict(cfg), batch=1, steps=3, warmup=1, precision=precision, compile=compile_on, device=device.type, muon_ns_dtype=ns_dtype)
         tuned = autotune_training(cfg, base, max_batch=per_rank, log=log)
-        save_autotune_cache(run_dir, cfg, device, precision, cfg.train.compile, tuned)
+        save_autotune_cache(run_dir, cfg, device, precision, compile_on, tuned)
         tuned_batch = tuned.batch
     per_rank = cfg.train.global_batch_size // world_size
     return max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= max(1, tuned_batch))

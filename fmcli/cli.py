@@ -294,14 +294,24 @@ def _run_training(cfg, run_dir: Path, resume_arg: Optional[str], stop_at_step, l
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
     if procs > 1 and not child or launch["nnodes"] > 1 and not child:
-        if cfg.train.micro_batch_size == "auto":  # tune once here, single-process; the ranks read the cache
-            import torch
+        import torch
 
+        device = torch.device("cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+        ns_dtype = None
+        if cfg.train.precision == "auto" or cfg.optim.name == "muon":  # decided once here, so that every rank agrees
+            from .data.prepared import read_manifest
+            from .train import resolve_data_fields, resolve_hardware
+
+            manifest = read_manifest(cfg.data.path)
+            choice, _, ns_dtype = resolve_hardware(resolve_data_fields(cfg, manifest), device, tuple(manifest["shape"]))
+            if choice.setting == "auto":
+                print(f"precision: {choice.precision} ({choice.reason})", file=sys.stderr)
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": choice.precision})})
+        if cfg.train.micro_batch_size == "auto":  # tune once here, single-process; the ranks read the cache
             from .bench import auto_micro_batch
 
-            device = torch.device("cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
             run_dir.mkdir(parents=True, exist_ok=True)
-            auto_micro_batch(cfg, run_dir, device, world_size=procs * launch["nnodes"], log=lambda m: print(m, file=sys.stderr))
+            auto_micro_batch(cfg, run_dir, device, world_size=procs * launch["nnodes"], log=lambda m: print(m, file=sys.stderr), ns_dtype=ns_dtype)
         argv = _child_argv(cfg, run_dir, ckpt, stop_at_step)
         code = D.relaunch(
             max(procs, 1),
@@ -764,8 +774,8 @@ def bench(
     mode: str = typer.Option("both", "--mode", help="train, sample or both."),
     steps: int = typer.Option(5, "--steps", help="Timed iterations (training steps; solver steps for sampling)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed warmup training steps before the clock starts."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="bf16, fp16 or fp32 (default: the preset's)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (default: the preset's train.precision; auto = measured, see `fm env`)."),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: the preset's train.compile; auto = where inductor works)."),
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Memory budget in GiB for autotune (CPU default: half the RAM)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch autotune tries (default: the preset's train.global_batch_size)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'diffusers': also measure diffusers' DiTTransformer2DModel."),
@@ -809,7 +819,8 @@ def _print_bench_table(console, report: dict) -> None:
     def num(v, fmt="{:.1f}"):
         return "-" if v is None else fmt.format(v)
 
-    table = Table(title=f"fm bench: {report['preset']} on {report['device']} ({report['precision']}, batch {report['batch_size']})")
+    compiled = "compiled" if report["compile"] else "eager"
+    table = Table(title=f"fm bench: {report['preset']} on {report['device']} ({report['precision']}, {compiled}, batch {report['batch_size']})")
     table.add_column("model")
     for col in ("train img/s", "train MFU", "sample img/s", "sample img*NFE/s", "peak MiB", "params (M)", "GFLOPs/img fwd"):
         table.add_column(col, justify="right")
@@ -825,6 +836,58 @@ def _print_bench_table(console, report: dict) -> None:
     if report.get("compare"):
         ratio = ", ".join(f"{k} {v:.2f}x" for k, v in report["compare"]["ratio"].items())
         console.print(f"ours / diffusers: {ratio}", highlight=False)
+
+
+# -------------------------------------------------------------------------------------------- env
+
+
+@app.command("env")
+def env_command(
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda: the device whose choices are reported."),
+    width: int = typer.Option(384, "--width", min=8, help="Model width for the probe's GEMM (the quickstart DiT is 128)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+):
+    """What this machine is and what `auto` picks on it: device, CPU flags, GPUs, versions, the fp32/bf16 probe,
+    precision and compile choice, C++ compiler, optional extras.
+
+    The probe takes a few seconds the first time and is cached in $XDG_CACHE_HOME/fm/probe.json (~/.cache/fm).
+
+    Examples:
+      fm env
+      fm env --json
+      fm env --width 128
+    """
+
+    def run():
+        from .hardware import environment_report
+
+        report = environment_report(_device(device), width=width)
+        if as_json:
+            _emit_json(report)
+        else:
+            _print_env(report)
+
+    _guard(run)
+
+
+def _print_env(r: dict) -> None:
+    cpu, probe, auto = r["cpu"], r["probe"], r["auto"]
+    flags = ", ".join(k for k, v in cpu["flags"].items() if v) or "none of avx2/avx512f/avx512_bf16/amx"
+    gemm = probe["gemm_gflops"]
+    lines = [
+        f"device:       {r['device']}",
+        f"cpu:          {cpu['model']} ({cpu['cores']} cores, {cpu['threads']} torch threads; {flags})",
+        *[f"gpu {g['index']}:        {g['name']}, {g['memory_gib']:.1f} GiB, bf16 {'yes' if g['bf16'] else 'no'}" for g in r["gpus"]],
+        f"versions:     python {r['versions']['python']}, torch {r['versions']['torch']}, cuda {r['versions']['cuda'] or '-'}, fm {r['versions']['fm']}",
+        f"probe (cpu):  GEMM width {probe['width']}: fp32 {gemm['fp32']:.1f} GFLOP/s, bf16 {gemm['bf16']:.1f} GFLOP/s ({probe['gemm_speedup']:.2f}x; {probe['source']})",
+        f"auto:         precision {auto['precision']} ({auto['precision_reason']})",
+        f"              compile {'on' if auto['compile'] else 'off'} ({auto['compile_reason']})",
+        f"              Muon orthogonalisation in {auto['muon_matmul_dtype']}",
+        f"c++ compiler: {r['cxx_compiler']['path'] or '-'} ({'works' if r['cxx_compiler']['works'] else 'not working: ' + str(r['cxx_compiler']['error'])})",
+        f"extras:       " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in r["extras"].items()),
+        f"probe cache:  {r['cache']}",
+    ]
+    print("\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------- plot

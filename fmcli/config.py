@@ -83,7 +83,8 @@ class TrainConfig(Strict):
     steps: int = Field(1000, gt=0)
     global_batch_size: int = Field(64, gt=0)
     micro_batch_size: int | Literal["auto"] | None = None  # None = global / world size (no accumulation)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # "auto": bf16 on CUDA when supported; on a CPU bf16 only where a measured probe finds it faster (fmcli.hardware)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ema_decay: float = Field(0.9999, ge=0, le=1)
     ema_warmup: bool = False
@@ -93,7 +94,7 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
     keep_last: int = Field(2, ge=1)
     keep_every: int = Field(0, ge=0)  # also keep every k-th step's checkpoint; 0 = off
-    compile: bool = False
+    compile: bool | Literal["auto"] = False  # "auto": where inductor works (CUDA, or a CPU with a C++ compiler)
     max_nan_skips: int = Field(0, ge=0)  # non-finite losses tolerated (step skipped) before stopping
     tracker: Literal["none", "wandb", "tensorboard"] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
 

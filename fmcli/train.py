@@ -37,6 +37,7 @@ from .flow import couple, flow_matching_loss, interpolate, sample_times
 from .generate import initial_noise, sample_batch
 from .images import save_grid
 from .models import build_model
+from .optim_muon import Muon
 from .seeding import normal, torch_generator
 from .tracking import NullTracker, make_tracker
 
@@ -108,11 +109,6 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 GEMMs several times faster than fp32 (why CPU presets may pick bf16)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
 _STEP_STREAM, _EPOCH_STREAM = 2, 3  # key prefixes: independent streams from one user seed
 
 
@@ -120,8 +116,11 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch_generator(_EPOCH_STREAM, seed, epoch))
 
 
-def build_optimizer(model: nn.Module, optim_cfg) -> "CombinedOptimizer":
-    """AdamW (decay on >=2-D weights only), or Muon for 2-D hidden matrices with AdamW for the rest."""
+def build_optimizer(model: nn.Module, optim_cfg, ns_dtype: str | None = None) -> "CombinedOptimizer":
+    """AdamW (decay on >=2-D weights only), or Muon for 2-D hidden matrices with AdamW for the rest.
+
+    `ns_dtype` is Muon's Newton-Schulz dtype ("bf16" | "fp32"; fmcli.hardware.matmul_dtype finds the fast one);
+    None = bf16, as torch.optim.Muon."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     adam_decay, adam_plain, muon = [], [], []
     for name, p in named:
@@ -138,7 +137,7 @@ def build_optimizer(model: nn.Module, optim_cfg) -> "CombinedOptimizer":
     if muon:
         # match_rms_adamw scales Muon's update to AdamW's RMS, so one lr serves both optimizers.
         optimizers.append(
-            torch.optim.Muon(muon, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+            Muon(muon, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype or "bf16")
         )
     return CombinedOptimizer(optimizers)
 
@@ -183,14 +182,13 @@ class _Trainer:
         cfg = self.cfg = self._setup_encoders(cfg)
         self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
         if cfg.train.precision == "fp16" and ctx.device.type != "cuda":
-            raise UsageError("train.precision=fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
-        if cfg.train.precision == "bf16" and ctx.device.type == "cpu" and not cpu_has_native_bf16():
-            self.log.info("warning: this CPU has no native bf16 (AVX512-BF16 / AMX), so bf16 autocast may be slower than fp32 here; --set train.precision=fp32")
+            raise UsageError("train.precision=fp16 needs a CUDA device (loss scaling); use bf16, fp32 or auto on CPU")
+        cfg = self.cfg = self._resolve_hardware(cfg)
         micro_setting = cfg.train.micro_batch_size
         if micro_setting == "auto":  # the autotune result cached in the run directory (DDP ranks never tune)
             from .bench import auto_micro_batch
 
-            micro_setting = auto_micro_batch(cfg, self.run_dir, ctx.device, ctx.world_size, log=self.log.info)
+            micro_setting = auto_micro_batch(cfg, self.run_dir, ctx.device, ctx.world_size, log=self.log.info, ns_dtype=self.hardware["muon_ns_dtype"])
         micro, accum = batch_geometry(cfg.train.global_batch_size, micro_setting, ctx.world_size)
         self.micro, self.accum = micro, accum
         if cfg.train.global_batch_size > len(self.dataset):
@@ -200,7 +198,7 @@ class _Trainer:
         model = build_model(cfg.model).to(ctx.device)
         self.ema = copy.deepcopy(model).float().requires_grad_(False).eval()
         self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim)
+        self.optimizer = build_optimizer(model, cfg.optim, ns_dtype=self.hardware["muon_ns_dtype"])
         self.schedulers = [
             torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg.train.steps, cfg.optim.warmup_frac, cfg.optim.warmup_start_factor, cfg.optim.min_lr_factor))
             for o in self.optimizer.optimizers
@@ -211,17 +209,64 @@ class _Trainer:
 
         if resume_from is not None:
             self._restore(resume_from)
-        elif ctx.is_main:
-            self._write_run_files()
-        if ctx.is_main:
-            self.tracker = make_tracker(cfg.train.tracker, self.run_dir, config=config_to_dict(cfg))
-        D.barrier(ctx)
+        self.hardware["muon_ns_dtype"] = _muon_ns_dtype(self.optimizer)  # a resumed run keeps its saved one
 
         ddp_model = model
         if ctx.distributed:
             ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        self.forward_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
+        self.forward_model = self._compile(ddp_model)
+        if resume_from is None and ctx.is_main:
+            self._write_run_files()
+        if ctx.is_main:
+            self.tracker = make_tracker(cfg.train.tracker, self.run_dir, config=config_to_dict(cfg))
+        D.barrier(ctx)
         return self._loop(stop_at_step)
+
+    # -------------------------------------------------------------------------------------- hardware
+
+    def _resolve_hardware(self, cfg: Config) -> Config:
+        """train.precision / train.compile "auto" -> what this machine does well; rank 0 decides for every rank.
+
+        The resolved precision replaces "auto" in the config (config.json, checkpoint), so a resumed run keeps
+        it on any machine; the decision, its reason and the probe's numbers go to env.json and the checkpoint.
+        """
+        ctx = self.ctx
+        decision = resolve_hardware(cfg, ctx.device, tuple(self.dataset.manifest["shape"])) if ctx.is_main else None
+        precision, compile_choice, ns_dtype = D.all_gather_objects(decision, ctx)[0]
+        if precision.setting == "auto":
+            self.log.info(f"precision: {precision.precision} ({precision.reason})")
+        if precision.warning:
+            self.log.info(precision.warning)
+        if compile_choice.setting == "auto":
+            self.log.info(f"compile: {'on' if compile_choice.compile else 'off'} ({compile_choice.reason})")
+        self.compile_choice = compile_choice
+        self.hardware = {"precision": precision.record(), "compile": compile_choice.record(), "muon_ns_dtype": ns_dtype}
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision.precision})})
+
+    def _compile(self, model: nn.Module):
+        """torch.compile where train.compile resolved on, proven on one forward/backward; eager if compiling fails."""
+        from . import hardware
+
+        forward = hardware.compile_with_fallback(model, self._first_call, self.log.info, self.compile_choice)
+        if self.ctx.distributed and D.any_rank(self.compile_choice.fell_back, self.ctx) and forward is not model:
+            forward = model  # one rank could not compile: all run eager, the same program everywhere
+            self.compile_choice.compile, self.compile_choice.fell_back = False, True
+        self.hardware["compile"] = self.compile_choice.record()
+        return forward
+
+    def _first_call(self, forward) -> None:
+        """One forward/backward of a micro-batch of real data (no optimizer step, gradients dropped): where a lazy
+        torch.compile builds its kernels, or fails. Uses no random stream, so the run's numbers are unchanged."""
+        batch = collate_batched(self.dataset.__getitems__(list(range(self.micro))))
+        x = batch["x"].to(self.ctx.device)
+        t = torch.full((x.shape[0],), 0.5, device=self.ctx.device)
+        cond = self._condition(batch, torch.zeros(x.shape[0], dtype=torch.bool))
+        sync = forward.no_sync() if self.ctx.distributed and hasattr(forward, "no_sync") else contextlib.nullcontext()
+        with sync:
+            with self._autocast():
+                out = forward(x, t, **cond)
+            out.float().square().mean().backward()
+        self.model.zero_grad(set_to_none=True)
 
     def _loop(self, stop_at_step):
         cfg, ctx = self.cfg, self.ctx
@@ -406,6 +451,7 @@ class _Trainer:
             "config": config_to_dict(self.cfg),
             "data_info": _data_info(self.dataset.manifest),
             "fm_version": __version__,
+            "hardware": self.hardware,  # how train.precision / train.compile were resolved, and the probe's numbers
         }
 
     def _save_checkpoint(self) -> Path:
@@ -449,7 +495,7 @@ class _Trainer:
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2) + "\n")
-        (self.run_dir / "env.json").write_text(json.dumps(environment_info(self.ctx), indent=2) + "\n")
+        (self.run_dir / "env.json").write_text(json.dumps({**environment_info(self.ctx), "hardware": self.hardware}, indent=2) + "\n")
 
     def _log_metrics(self, window: list[float], grad_norm: float, elapsed: float) -> None:
         if not self.ctx.is_main:
@@ -629,6 +675,43 @@ def environment_info(ctx: D.DistContext) -> dict:
         "git_sha": sha,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def resolve_hardware(cfg: Config, device: torch.device, shape: tuple[int, int, int], measure_step: bool = True):
+    """(PrecisionChoice, CompileChoice, Muon's Newton-Schulz dtype or None) for this config on this device.
+
+    On a CPU with precision "auto" the probe times a forward/backward of the model (not for text models,
+    whose inputs need the text encoder: those are judged on the GEMM)."""
+    from . import hardware
+
+    step = key = None
+    if measure_step and device.type == "cpu" and not cfg.model.cross_attention:
+        step, key = precision_probe_step(cfg, shape)
+    width = cfg.model.hidden_size
+    precision = hardware.resolve_precision(cfg.train.precision, device, width, step if cfg.train.precision == "auto" else None, key)
+    compile_choice = hardware.resolve_compile(cfg.train.compile, device)
+    ns_dtype = hardware.matmul_dtype(device, width, precision.probe) if cfg.optim.name == "muon" else None
+    return precision, compile_choice, ns_dtype
+
+
+def precision_probe_step(cfg: Config, shape: tuple[int, int, int]):
+    """A forward/backward of a fresh copy of the model for the precision probe, and its cache key.
+
+    Runs before the run's `torch.manual_seed`, so the draws here never reach the run's numbers."""
+    from . import hardware
+
+    batch = min(cfg.train.global_batch_size, 32)
+    model = build_model(cfg.model)
+    c, h, w = shape
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(batch, c, h, w, generator=gen), torch.rand(batch, generator=gen)
+    kwargs = {"y": torch.arange(batch) % cfg.model.num_classes} if cfg.model.num_classes else {}
+    return hardware.forward_backward_fn(model, (x, t), kwargs), hardware.model_key(config_to_dict(cfg)["model"], batch)
+
+
+def _muon_ns_dtype(optimizer: "CombinedOptimizer") -> str | None:
+    groups = [g for o in optimizer.optimizers if isinstance(o, Muon) for g in o.param_groups]
+    return groups[0]["ns_dtype"] if groups else None
 
 
 def _injected_failure(ctx: D.DistContext, step: int) -> None:
