@@ -94,6 +94,8 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
     keep_last: int = Field(2, ge=1)
     keep_every: int = Field(0, ge=0)  # also keep every k-th step's checkpoint; 0 = off
+    # Fresh runs lower `steps` so that they fit this many minutes at the step time measured at start (fmcli.train)
+    budget_minutes: float | None = Field(None, gt=0)
     compile: bool | Literal["auto"] = False  # "auto": where inductor works (CUDA, or a CPU with a C++ compiler)
     max_nan_skips: int = Field(0, ge=0)  # non-finite losses tolerated (step skipped) before stopping
     tracker: Literal["none", "wandb", "tensorboard"] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
@@ -161,6 +163,7 @@ RESUME_SAFE_KEYS = {
     "train.keep_every",
     "train.max_nan_skips",
     "train.compile",
+    "train.budget_minutes",  # only fresh runs fit their steps to it
     "data.num_workers",
     "eval.every",
     "eval.num_samples",

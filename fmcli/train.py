@@ -183,7 +183,8 @@ class _Trainer:
         self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
         if cfg.train.precision == "fp16" and ctx.device.type != "cuda":
             raise UsageError("train.precision=fp16 needs a CUDA device (loss scaling); use bf16, fp32 or auto on CPU")
-        cfg = self.cfg = self._resolve_hardware(cfg)
+        saved = load_checkpoint(resume_from, map_location=ctx.device) if resume_from is not None else None
+        cfg = self.cfg = self._resolve_hardware(cfg, saved)
         micro_setting = cfg.train.micro_batch_size
         if micro_setting == "auto":  # the autotune result cached in the run directory (DDP ranks never tune)
             from .bench import auto_micro_batch
@@ -200,21 +201,23 @@ class _Trainer:
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optim, ns_dtype=self.hardware["muon_ns_dtype"])
         self.schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg.train.steps, cfg.optim.warmup_frac, cfg.optim.warmup_start_factor, cfg.optim.min_lr_factor))
+            # self.cfg at call time: train.budget_minutes may still lower train.steps before the first step
+            torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, self.cfg.train.steps, cfg.optim.warmup_frac, cfg.optim.warmup_start_factor, cfg.optim.min_lr_factor))
             for o in self.optimizer.optimizers
         ]
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
         # `batches` counts global batches drawn; it equals `step` unless non-finite steps were skipped.
         self.step, self.batches = 0, 0
 
-        if resume_from is not None:
-            self._restore(resume_from)
+        if saved is not None:
+            self._restore(saved, resume_from)
         self.hardware["muon_ns_dtype"] = _muon_ns_dtype(self.optimizer)  # a resumed run keeps its saved one
 
         ddp_model = model
         if ctx.distributed:
             ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         self.forward_model = self._compile(ddp_model)
+        cfg = self.cfg = self._fit_budget(cfg, saved)
         if resume_from is None and ctx.is_main:
             self._write_run_files()
         if ctx.is_main:
@@ -224,13 +227,15 @@ class _Trainer:
 
     # -------------------------------------------------------------------------------------- hardware
 
-    def _resolve_hardware(self, cfg: Config) -> Config:
+    def _resolve_hardware(self, cfg: Config, saved: dict | None) -> Config:
         """train.precision / train.compile "auto" -> what this machine does well; rank 0 decides for every rank.
 
         The resolved precision replaces "auto" in the config (config.json, checkpoint), so a resumed run keeps
         it on any machine; the decision, its reason and the probe's numbers go to env.json and the checkpoint.
         """
         ctx = self.ctx
+        if saved is not None and cfg.train.precision == "auto":  # resuming: "auto" already became something
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": saved["config"]["train"]["precision"]})})
         decision = resolve_hardware(cfg, ctx.device, tuple(self.dataset.manifest["shape"])) if ctx.is_main else None
         precision, compile_choice, ns_dtype = D.all_gather_objects(decision, ctx)[0]
         if precision.setting == "auto":
@@ -242,6 +247,55 @@ class _Trainer:
         self.compile_choice = compile_choice
         self.hardware = {"precision": precision.record(), "compile": compile_choice.record(), "muon_ns_dtype": ns_dtype}
         return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision.precision})})
+
+    def _fit_budget(self, cfg: Config, saved: dict | None) -> Config:
+        """train.budget_minutes: a fresh run lowers train.steps so that its steps fit the budget on this machine.
+
+        The step time is measured here, after compiling: the median of 3 forward/backward passes of a micro
+        batch x accumulation, plus one optimizer step taken on a copy of the model and optimizer (Muon's
+        orthogonalisation is part of the cost). 10 % of the budget is left for data, EMA, sample grids and
+        checkpoints. Only lowers: a fast machine trains the preset's steps. The resolved steps are written to
+        config.json and the checkpoint, so a resume continues the same schedule.
+        """
+        minutes = cfg.train.budget_minutes
+        if minutes is None:
+            return cfg
+        if saved is not None:  # resuming: `fm train --resume` with the same request continues the fitted schedule
+            fitted = (saved.get("hardware") or {}).get("budget") or {}
+            if fitted.get("requested_steps") == cfg.train.steps:
+                self.hardware["budget"] = fitted
+                return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": fitted["steps"]})})
+            return cfg
+        step_s = self._measure_step_seconds() if self.ctx.is_main else None
+        step_s = D.all_gather_objects(step_s, self.ctx)[0]
+        fit = max(1, int(0.9 * minutes * 60 / step_s))
+        steps = min(cfg.train.steps, fit)
+        self.hardware["budget"] = {"minutes": minutes, "step_seconds": step_s, "requested_steps": cfg.train.steps, "steps": steps}
+        self.log.info(
+            f"budget: {minutes:g} min at {step_s:.3f} s/step (measured) -> {steps} steps"
+            + (f" (of the preset's {cfg.train.steps}: this machine is slower than the preset was tuned on)" if steps < cfg.train.steps else "")
+        )
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
+
+    def _measure_step_seconds(self) -> float:
+        import statistics
+
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            self._first_call(self.forward_model)
+            times.append(time.perf_counter() - start)
+        forward_backward = statistics.median(times) * self.accum
+        model, optimizer = copy.deepcopy((self.model, self.optimizer))  # a copy: the run's state is untouched
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        optimizer_s = []
+        for _ in range(2):  # the first step allocates the optimizer's state
+            start = time.perf_counter()
+            for o in optimizer.optimizers:
+                o.step()
+            optimizer_s.append(time.perf_counter() - start)
+        return forward_backward + optimizer_s[-1]
 
     def _compile(self, model: nn.Module):
         """torch.compile where train.compile resolved on, proven on one forward/backward; eager if compiling fails."""
@@ -464,8 +518,8 @@ class _Trainer:
         D.barrier(self.ctx)
         return path or self.run_dir / "checkpoints" / f"step-{self.step:07d}.pt"
 
-    def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.ctx.device)  # every rank loads it itself
+    def _restore(self, state: dict, path: Path) -> None:
+        """Continue from a checkpoint's state (loaded by every rank itself, from `path`)."""
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
