@@ -162,3 +162,17 @@ def test_budget_lowers_steps_on_a_slow_machine_and_resume_keeps_them(tmp_path, s
 def test_budget_never_raises_steps(tmp_path, shapes16):
     result = train(cfg_for(shapes16, "train.steps=3", "train.budget_minutes=1000", "train.checkpoint_every=0"), tmp_path / "run", log=QuietLog())
     assert result.step == 3
+
+
+def test_fm_bench_reports_the_precision_and_compile_it_used(tmp_path):
+    out = run_fm(
+        "bench", "--preset", "debug", "--json", "--mode", "train", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+        "--precision", "auto", "--set", "optim.name=muon", env={"XDG_CACHE_HOME": str(tmp_path), hardware.FORCE_ENV: "bf16-fast"}, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["precision"] == "bf16" and report["compile"] is False  # debug preset: compile false, obeyed
+    hw = report["hardware"]
+    assert hw["precision"]["setting"] == "auto" and hw["precision"]["probe"]["source"] == "forced"
+    assert hw["muon_ns_dtype"] == "bf16" and hw["compile"]["setting"] is False
+    assert report["train"]["compiled"] is False and "precision: bf16" in out.stderr
