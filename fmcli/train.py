@@ -260,14 +260,15 @@ class _Trainer:
         minutes = cfg.train.budget_minutes
         if minutes is None:
             return cfg
-        if saved is not None:  # resuming: `fm train --resume` with the same request continues the fitted schedule
-            fitted = (saved.get("hardware") or {}).get("budget") or {}
-            if fitted.get("requested_steps") == cfg.train.steps:
+        if saved is not None:  # resuming: never re-measured; a request for the original steps gets the fitted ones
+            fitted = (saved.get("hardware") or {}).get("budget")
+            if fitted:
                 self.hardware["budget"] = fitted
-                return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": fitted["steps"]})})
+                if fitted.get("requested_steps") == cfg.train.steps:
+                    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": fitted["steps"]})})
             return cfg
-        step_s = self._measure_step_seconds() if self.ctx.is_main else None
-        step_s = D.all_gather_objects(step_s, self.ctx)[0]
+        # Every rank measures (a DDP forward may broadcast buffers: a collective), rank 0's number is used.
+        step_s = D.all_gather_objects(self._measure_step_seconds(), self.ctx)[0]
         fit = max(1, int(0.9 * minutes * 60 / step_s))
         steps = min(cfg.train.steps, fit)
         self.hardware["budget"] = {"minutes": minutes, "step_seconds": step_s, "requested_steps": cfg.train.steps, "steps": steps}
