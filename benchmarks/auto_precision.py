@@ -47,8 +47,9 @@ def interleaved(preset: str, batch: int, steps: int, rounds: int, names: list[st
 
     import torch
 
-    from fmcli.bench import BenchSpec, resolve_bench_config, resolve_bench_hardware, train_step_fn
-    from fmcli.config import config_to_dict, load_config
+    from fmcli.autotune import BenchSpec, train_step_fn
+    from fmcli.bench import resolve_bench_hardware
+    from fmcli.config import config_to_dict, load_config, resolve_without_data
     from fmcli.models import build_model
 
     def option(extra, flag):
@@ -58,7 +59,7 @@ def interleaved(preset: str, batch: int, steps: int, rounds: int, names: list[st
     for name in names:
         extra, env = VARIANTS[name]
         overrides = [extra[i + 1] for i, a in enumerate(extra) if a == "--set"]
-        cfg = resolve_bench_config(load_config(preset, overrides))
+        cfg = resolve_without_data(load_config(preset, overrides))
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:

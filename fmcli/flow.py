@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 COUPLINGS = ("independent", "ot-exact", "ot-sinkhorn")
+TIME_SAMPLERS = ("uniform", "logit_normal")
 
 
 def expand_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

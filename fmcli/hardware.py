@@ -419,6 +419,28 @@ def environment_report(device: torch.device, width: int = 384) -> dict:
     }
 
 
+def environment_text(r: dict) -> str:
+    """`fm env`'s human-readable form of environment_report()."""
+    cpu, probe, auto = r["cpu"], r["probe"], r["auto"]
+    flags = ", ".join(k for k, v in cpu["flags"].items() if v) or "none of avx2/avx512f/avx512_bf16/amx"
+    gemm = probe["gemm_gflops"]
+    compiler = r["cxx_compiler"]
+    lines = [
+        f"device:       {r['device']}",
+        f"cpu:          {cpu['model']} ({cpu['cores']} cores, {cpu['threads']} torch threads; {flags})",
+        *[f"gpu {g['index']}:        {g['name']}, {g['memory_gib']:.1f} GiB, bf16 {'yes' if g['bf16'] else 'no'}" for g in r["gpus"]],
+        f"versions:     python {r['versions']['python']}, torch {r['versions']['torch']}, cuda {r['versions']['cuda'] or '-'}, fm {r['versions']['fm']}",
+        f"probe (cpu):  GEMM width {probe['width']}: fp32 {gemm['fp32']:.1f} GFLOP/s, bf16 {gemm['bf16']:.1f} GFLOP/s ({probe['gemm_speedup']:.2f}x; {probe['source']})",
+        f"auto:         precision {auto['precision']} ({auto['precision_reason']})",
+        f"              compile {'on' if auto['compile'] else 'off'} ({auto['compile_reason']})",
+        f"              Muon orthogonalisation in {auto['muon_matmul_dtype']}",
+        f"c++ compiler: {compiler['path'] or '-'} ({'works' if compiler['works'] else 'not working: ' + str(compiler['error'])})",
+        "extras:       " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in r["extras"].items()),
+        f"probe cache:  {r['cache']}",
+    ]
+    return "\n".join(lines)
+
+
 def _fm_version() -> str:
     from . import __version__
 

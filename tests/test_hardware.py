@@ -147,16 +147,19 @@ def test_fm_env_json_fields(tmp_path):
 
 
 def test_budget_lowers_steps_on_a_slow_machine_and_resume_keeps_them(tmp_path, shapes16):
-    request = ["train.steps=100000", "train.budget_minutes=0.01", "train.checkpoint_every=0", "train.log_every=1000"]
+    from fmcli.config import validate_config
+
+    request = ["train.steps=40", "train.budget_minutes=0.005", "train.checkpoint_every=0", "train.log_every=1000"]
     first = train(cfg_for(shapes16, *request), tmp_path / "run", stop_at_step=2, log=QuietLog())
     state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
     budget = state["hardware"]["budget"]
-    assert budget["requested_steps"] == 100000 and budget["step_seconds"] > 0
-    assert budget["steps"] == max(1, int(0.9 * 0.6 / budget["step_seconds"])) < 100000
+    assert budget["requested_steps"] == 40 and budget["step_seconds"] > 0
+    assert budget["steps"] == max(1, int(0.9 * 0.3 / budget["step_seconds"])) < 40
     assert state["config"]["train"]["steps"] == budget["steps"] and first.stopped_early == (budget["steps"] > 2)
-    # `fm train --resume` with the same request continues the fitted schedule, it does not re-measure
-    resumed = train(cfg_for(shapes16, *request), tmp_path / "run", resume_from=resolve_checkpoint(tmp_path / "run"), log=QuietLog())
+    # a resume (config from the checkpoint, as fm resume / fm train --resume build it) keeps the fitted steps
+    resumed = train(validate_config(state["config"]), tmp_path / "run", resume_from=resolve_checkpoint(tmp_path / "run"), log=QuietLog())
     assert resumed.step == budget["steps"]
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["hardware"]["budget"] == budget  # not re-measured
 
 
 def test_budget_never_raises_steps(tmp_path, shapes16):
