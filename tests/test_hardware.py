@@ -179,3 +179,30 @@ def test_fm_bench_reports_the_precision_and_compile_it_used(tmp_path):
     assert hw["precision"]["setting"] == "auto" and hw["precision"]["probe"]["source"] == "forced"
     assert hw["muon_ns_dtype"] == "bf16" and hw["compile"]["setting"] is False
     assert report["train"]["compiled"] is False and "precision: bf16" in out.stderr
+
+
+def test_a_working_compile_is_used_and_computes_what_eager_does(tmp_path, shapes16, monkeypatch):
+    """The compiled module is what trains (a stand-in for torch.compile's OptimizedModule, which has no
+    truth value: `bool()` on it raises, as on the real one around a DiT)."""
+
+    class Compiled:
+        calls = 0
+
+        def __init__(self, module):
+            self.module = module
+
+        def __len__(self):
+            raise TypeError(f"{type(self.module).__name__} does not support len()")
+
+        def __call__(self, *args, **kwargs):
+            Compiled.calls += 1
+            return self.module(*args, **kwargs)
+
+    eager = train(cfg_for(shapes16, "train.steps=3", "train.checkpoint_every=0"), tmp_path / "eager", log=QuietLog())
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: Compiled(model))
+    log = ListLog()
+    result = train(cfg_for(shapes16, "train.steps=3", "train.checkpoint_every=0", "train.compile=true"), tmp_path / "run", log=log)
+    assert not [line for line in log.lines if "torch.compile failed" in line], log.lines
+    assert Compiled.calls == 1 + 3  # the proving forward/backward, then every step's forward
+    assert result.losses == eager.losses
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["hardware"]["compile"]["compile"] is True
