@@ -163,6 +163,7 @@ class BenchSpec:
     device: str = "cpu"
     impl: str = "fm"  # "fm" (our DiT) or "diffusers" (DiTTransformer2DModel)
     threads: int | None = None
+    muon_ns_dtype: str | None = None  # Muon's Newton-Schulz dtype (fmcli.hardware.matmul_dtype); None = bf16
 
 
 def measure(spec: BenchSpec) -> dict:
@@ -307,7 +308,7 @@ def _measure_train(model, cfg: Config, spec: BenchSpec, device: torch.device) ->
         step()
     _sync(device)
     seconds = _timed(step, spec.steps, device)
-    return {"img_per_s": spec.batch / seconds, "step_ms": 1000 * seconds}
+    return {"img_per_s": spec.batch / seconds, "step_ms": 1000 * seconds, "compiled": step.compiled, "compile_warning": step.compile_warning}
 
 
 def train_step_fn(model, cfg: Config, spec: BenchSpec, device: torch.device) -> Callable[[], None]:
@@ -318,15 +319,16 @@ def train_step_fn(model, cfg: Config, spec: BenchSpec, device: torch.device) -> 
     m = cfg.model
     shape = (m.in_channels, m.image_size, m.image_size)
     text = _synthetic_text(cfg) if m.cross_attention else None
-    step = TrainingStep(cfg, ctx, micro=spec.batch, accum=1, shape=shape, text=text, model=model)
-    step.wrap(compile_model=spec.compile)
+    step = TrainingStep(cfg, ctx, micro=spec.batch, accum=1, shape=shape, text=text, model=model, ns_dtype=spec.muon_ns_dtype)
     batches = synthetic_batches(cfg, spec.batch, device)
+    compiled = step.wrap(spec.compile, next(batches))  # a failed compile runs eager; the parent reports it once
     count = {"n": 0}
 
     def one():
         step(batches, count["n"], count["n"])
         count["n"] += 1
 
+    one.compiled, one.compile_warning = compiled, step.compile_warning
     return one
 
 
@@ -476,15 +478,18 @@ def save_autotune_cache(run_dir: Path, cfg: Config, device: torch.device, precis
     return write_text_atomic(path, json.dumps(cache, indent=2) + "\n")
 
 
-def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_size: int, log=lambda s: None) -> int:
+def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_size: int, log=lambda s: None, ns_dtype: str | None = None) -> int:
     """train.micro_batch_size="auto": the cached autotune result for this device + preset, else a fresh one.
 
     The micro batch is the largest divisor of global_batch_size / world_size not above the tuned batch.
     A DDP rank never autotunes: without a cached result it stops with a message.
     """
+    from .hardware import resolve_compile
+
     cfg = resolve_without_data(cfg)
-    precision = cfg.train.precision
-    key = autotune_key(cfg, device, precision, cfg.train.compile)
+    precision = cfg.train.precision  # resolved by the caller (train.resolve_hardware): never "auto" here
+    compile_on = resolve_compile(cfg.train.compile, device).compile
+    key = autotune_key(cfg, device, precision, compile_on)
     path = Path(run_dir) / "autotune.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
     if key in cache:
@@ -497,9 +502,9 @@ def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_siz
     else:
         log(f"train.micro_batch_size=auto: autotuning on {device_name(device)} (cached in {path})")
         per_rank = cfg.train.global_batch_size // world_size
-        base = BenchSpec(config=config_to_dict(cfg), batch=1, steps=3, warmup=1, precision=precision, compile=cfg.train.compile, device=device.type)
+        base = BenchSpec(config=config_to_dict(cfg), batch=1, steps=3, warmup=1, precision=precision, compile=compile_on, device=device.type, muon_ns_dtype=ns_dtype)
         tuned = autotune_training(cfg, base, max_batch=per_rank, log=log)
-        save_autotune_cache(run_dir, cfg, device, precision, cfg.train.compile, tuned)
+        save_autotune_cache(run_dir, cfg, device, precision, compile_on, tuned)
         tuned_batch = tuned.batch
     per_rank = cfg.train.global_batch_size // world_size
     return max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= max(1, tuned_batch))

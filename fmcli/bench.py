@@ -25,7 +25,7 @@ PEAK_BF16_FLOPS: list[tuple[tuple[str, ...], float]] = [
 ]  # fmt: skip
 
 MODES = ("train", "sample", "both")
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -68,8 +68,8 @@ class BenchOptions:
     mode: str = "both"
     steps: int = 5
     warmup: int = 2
-    precision: str | None = None  # None = the preset's train.precision
-    compile: bool = False
+    precision: str | None = None  # None = the preset's train.precision ("auto" is resolved by fmcli.hardware)
+    compile: bool | str | None = None  # None = the preset's train.compile ("auto" resolved by fmcli.hardware)
     max_memory_gib: float | None = None
     max_batch: int | None = None  # None = train.global_batch_size (a micro batch never exceeds it)
     compare: str | None = None
@@ -81,9 +81,9 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     """The whole `fm bench`: resolve, autotune (unless a batch is given), measure ours (and diffusers')."""
     if opts.mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {opts.mode!r}")
-    precision = opts.precision or cfg.train.precision
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    precision_setting = opts.precision or cfg.train.precision
+    if precision_setting not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision_setting!r}")
     if opts.compare not in (None, "diffusers"):
         raise UsageError(f"--compare supports 'diffusers' only, not {opts.compare!r}")
     if opts.steps < 1 or opts.warmup < 0:
@@ -99,9 +99,11 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
 
     device = resolve_device(opts.device)
     name = device_name(device)
+    hw = resolve_bench_hardware(cfg, device, precision_setting, cfg.train.compile if opts.compile is None else opts.compile, log)
+    precision, compile_on = hw["precision"]["precision"], hw["compile"]["compile"]
     flops_fwd = dit_forward_flops(cfg.model)
     peak = peak_flops(name) if device.type == "cuda" else None
-    base = BenchSpec(config=config_to_dict(cfg), batch=1, steps=opts.steps, warmup=opts.warmup, precision=precision, compile=opts.compile, device=device.type)
+    base = BenchSpec(config=config_to_dict(cfg), batch=1, steps=opts.steps, warmup=opts.warmup, precision=precision, compile=compile_on, device=device.type, muon_ns_dtype=hw["muon_ns_dtype"])
 
     tuned = None
     batch = opts.batch_size
@@ -113,7 +115,7 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
         tuned = autotune_training(cfg, base, max_memory_gib=opts.max_memory_gib, max_batch=max_batch, log=log)
         batch = tuned.batch
         if opts.run_dir is not None:
-            save_autotune_cache(opts.run_dir, cfg, device, precision, opts.compile, tuned)
+            save_autotune_cache(opts.run_dir, cfg, device, precision, compile_on, tuned)
 
     impls = ["fm"] + (["diffusers"] if opts.compare else [])
     results = {}
@@ -123,11 +125,15 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
         if results[impl].get("oom"):
             raise RuntimeFailure(f"{impl} at batch {batch} ran out of memory; pass a smaller --batch-size")
 
+    if (results["fm"].get("train") or {}).get("compile_warning"):  # the trial compiled nothing and ran eager
+        log(results["fm"]["train"]["compile_warning"])
+        hw["compile"].update(compile=False, fell_back=True)
     report = {
         "preset": cfg.name,
         "device": name,
         "precision": precision,
-        "compile": opts.compile,
+        "compile": hw["compile"]["compile"],
+        "hardware": hw,
         "mode": opts.mode,
         "batch_size": batch,
         "model": {k: getattr(cfg.model, k) for k in ("arch", "hidden_size", "depth", "heads", "patch_size", "mlp_ratio", "image_size", "in_channels", "num_classes")},
@@ -144,6 +150,29 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
                 ratio[part] = report[part]["img_per_s"] / theirs[part]["img_per_s"]
         report["compare"] = {"diffusers": theirs, "ratio": ratio}
     return report
+
+
+def resolve_bench_hardware(cfg: Config, device: torch.device, precision_setting: str, compile_setting, log) -> dict:
+    """Precision, compile and Muon dtype as `fm train` resolves them here, plus the CPU probe's numbers."""
+    from . import hardware
+    from .step import precision_probe_step, resolve_hardware
+
+    if compile_setting not in (True, False, "auto"):
+        raise UsageError(f"--compile must be true, false or auto, not {compile_setting!r}")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision_setting, "compile": compile_setting})})
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    choice, compile_choice, ns_dtype = resolve_hardware(cfg, device, shape)
+    probe = choice.probe
+    if probe is None and device.type == "cpu":  # an explicit precision: still report what the CPU does
+        probe = hardware.probe_cpu(cfg.model.hidden_size, *precision_probe_step(cfg, shape))
+    log(f"precision: {choice.precision} ({choice.reason}); compile: {'on' if compile_choice.compile else 'off'} ({compile_choice.reason})")
+    if choice.warning:
+        log(choice.warning)
+    if probe is not None and choice.probe is None:
+        log(f"probe: {probe.summary()}")
+    record = choice.record()
+    record["probe"] = asdict(probe) if probe is not None else None
+    return {"precision": record, "compile": compile_choice.record(), "muon_ns_dtype": ns_dtype}
 
 
 def _summarise(result: dict, flops_fwd: int, peak: float | None, cfg: Config) -> dict:
@@ -171,7 +200,8 @@ def bench_table(report: dict):
     def num(v, fmt="{:.1f}"):
         return "-" if v is None else fmt.format(v)
 
-    table = Table(title=f"fm bench: {report['preset']} on {report['device']} ({report['precision']}, batch {report['batch_size']})")
+    compiled = "compiled" if report["compile"] else "eager"
+    table = Table(title=f"fm bench: {report['preset']} on {report['device']} ({report['precision']}, {compiled}, batch {report['batch_size']})")
     table.add_column("model")
     for col in ("train img/s", "train MFU", "sample img/s", "sample img*NFE/s", "peak MiB", "params (M)", "GFLOPs/img fwd"):
         table.add_column(col, justify="right")

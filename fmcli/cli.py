@@ -636,8 +636,8 @@ def bench(
     mode: str = typer.Option("both", "--mode", help="train, sample or both."),
     steps: int = typer.Option(5, "--steps", help="Timed iterations (training steps; solver steps for sampling)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed warmup training steps before the clock starts."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="bf16, fp16 or fp32 (default: the preset's)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (default: the preset's train.precision; auto = measured, see `fm env`)."),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: the preset's train.compile; auto = where inductor works)."),
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Memory budget in GiB for autotune (CPU default: half the RAM)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch autotune tries (default: the preset's train.global_batch_size)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'diffusers': also measure diffusers' DiTTransformer2DModel."),
@@ -674,6 +674,39 @@ def bench(
             console.print(f"ours / diffusers: {ratio}", highlight=False)
         if as_json:
             emit_json(report)
+
+    _guard(run)
+
+
+# -------------------------------------------------------------------------------------------- env
+
+
+@app.command("env")
+def env_command(
+    device: Device = "auto",
+    width: int = typer.Option(384, "--width", min=8, help="Model width for the probe's GEMM (the quickstart DiT is 128)."),
+    as_json: Json = False,
+):
+    """What this machine is and what `auto` picks on it: device, CPU flags, GPUs, versions, the fp32/bf16 probe,
+    precision and compile choice, C++ compiler, optional extras.
+
+    The probe takes a few seconds the first time and is cached in $XDG_CACHE_HOME/fm/probe.json (~/.cache/fm).
+
+    Examples:
+      fm env
+      fm env --json
+      fm env --width 128
+    """
+
+    def run():
+        from .distributed import resolve_device
+        from .hardware import environment_report, environment_text
+
+        report = environment_report(resolve_device(device), width=width)
+        if as_json:
+            emit_json(report)
+        else:
+            print(environment_text(report))
 
     _guard(run)
 

@@ -120,7 +120,8 @@ class TrainConfig(Strict):
     steps: int = Field(1000, gt=0)
     global_batch_size: int = Field(64, gt=0)
     micro_batch_size: int | Literal["auto"] | None = None  # None = global / world size (no accumulation)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # "auto": bf16 on CUDA when supported; on a CPU bf16 only where a measured probe finds it faster (fmcli.hardware)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ema_decay: float = Field(0.9999, ge=0, le=1)
     ema_warmup: bool = False
@@ -130,7 +131,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end
     keep_last: int = Field(2, ge=1)
     keep_every: int = Field(0, ge=0)  # also keep every k-th step's checkpoint; 0 = off
-    compile: bool = False
+    # Fresh runs lower `steps` so that they fit this many minutes at the step time measured at start (fmcli.train)
+    budget_minutes: float | None = Field(None, gt=0)
+    compile: bool | Literal["auto"] = False  # "auto": where inductor works (CUDA, or a CPU with a C++ compiler)
     max_nan_skips: int = Field(0, ge=0)  # non-finite losses tolerated (step skipped) before stopping
     tracker: Literal[TRACKERS] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
 
@@ -204,6 +207,7 @@ RESUME_SAFE_KEYS = {
     "train.keep_every",
     "train.max_nan_skips",
     "train.compile",
+    "train.budget_minutes",  # only fresh runs fit their steps to it
     "data.num_workers",
     "eval.every",
     "eval.num_samples",

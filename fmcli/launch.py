@@ -92,6 +92,7 @@ def refuse_existing_run_dir(run_dir: Path) -> None:
 def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step, launch: dict, procs: int) -> None:
     import typer
 
+    cfg = _resolve_hardware_in_launcher(cfg)
     if cfg.train.micro_batch_size == "auto":  # tune once here, single-process; the ranks read the cache
         _autotune_in_launcher(cfg, run_dir, world_size=procs * launch["nnodes"])
     code = D.relaunch(
@@ -105,6 +106,25 @@ def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at
     )
     if code:
         raise typer.Exit(code)
+
+
+def _resolve_hardware_in_launcher(cfg: Config) -> Config:
+    """precision "auto" decided once here, before the ranks start, so that every rank (and the autotune)
+    trains the same precision; the ranks then see it as an explicit setting."""
+    if cfg.train.precision != "auto":
+        return cfg
+    import torch
+
+    from .data.prepared import PreparedDataset
+    from .step import resolve_hardware
+    from .train import resolve_for_training
+
+    device = torch.device("cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
+    resolved, _ = resolve_for_training(cfg, dataset, device)
+    choice, _, _ = resolve_hardware(resolved, device, tuple(dataset.manifest["shape"]))
+    print(f"precision: {choice.precision} ({choice.reason})", file=sys.stderr)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": choice.precision})})
 
 
 def _autotune_in_launcher(cfg: Config, run_dir: Path, world_size: int) -> None:

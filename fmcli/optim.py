@@ -7,11 +7,16 @@ import math
 import torch
 import torch.nn as nn
 
+from .optim_muon import Muon
+
 OPTIMIZERS = ("adamw", "muon")
 
 
-def build_optimizer(model: nn.Module, optim_cfg) -> "CombinedOptimizer":
-    """AdamW (decay on >=2-D weights only), or Muon for 2-D hidden matrices with AdamW for the rest."""
+def build_optimizer(model: nn.Module, optim_cfg, ns_dtype: str | None = None) -> "CombinedOptimizer":
+    """AdamW (decay on >=2-D weights only), or Muon for 2-D hidden matrices with AdamW for the rest.
+
+    Muon is fm's (fmcli.optim_muon): its Newton-Schulz runs in `ns_dtype` ("bf16" | "fp32"; the fast one
+    comes from fmcli.hardware.matmul_dtype), None = bf16 as torch.optim.Muon."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     adam_decay, adam_plain, muon = [], [], []
     for name, p in named:
@@ -28,7 +33,7 @@ def build_optimizer(model: nn.Module, optim_cfg) -> "CombinedOptimizer":
     if muon:
         # match_rms_adamw scales Muon's update to AdamW's RMS, so one lr serves both optimizers.
         optimizers.append(
-            torch.optim.Muon(muon, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+            Muon(muon, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype or "bf16")
         )
     return CombinedOptimizer(optimizers)
 
@@ -38,6 +43,12 @@ class CombinedOptimizer:
 
     def __init__(self, optimizers):
         self.optimizers = optimizers
+
+    @property
+    def muon_ns_dtype(self) -> str | None:
+        """Muon's Newton-Schulz dtype (restored from a checkpoint with the state), None without Muon."""
+        groups = [g for o in self.optimizers if isinstance(o, Muon) for g in o.param_groups]
+        return groups[0]["ns_dtype"] if groups else None
 
     @property
     def param_groups(self):

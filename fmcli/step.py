@@ -36,6 +36,40 @@ class StepResult:
     ot_costs: list[tuple[float, float]] = field(default_factory=list)  # (before, after) per coupled micro-batch
 
 
+def resolve_hardware(cfg: Config, device: torch.device, shape: tuple[int, int, int]):
+    """(PrecisionChoice, CompileChoice, Muon's Newton-Schulz dtype or None) for this config on this device.
+
+    On a CPU with precision "auto" the probe times a forward/backward of a fresh copy of the model (not for
+    text models, whose inputs need the text encoder: those are judged on the GEMM alone)."""
+    from . import hardware
+
+    step = key = None
+    if cfg.train.precision == "auto" and device.type == "cpu" and not cfg.model.cross_attention:
+        step, key = precision_probe_step(cfg, shape)
+    width = cfg.model.hidden_size
+    precision = hardware.resolve_precision(cfg.train.precision, device, width, step, key)
+    compile_choice = hardware.resolve_compile(cfg.train.compile, device)
+    ns_dtype = hardware.matmul_dtype(device, width, precision.probe) if cfg.optim.name == "muon" else None
+    return precision, compile_choice, ns_dtype
+
+
+def precision_probe_step(cfg: Config, shape: tuple[int, int, int]):
+    """A forward/backward of a fresh copy of the model for the precision probe (batch min(global, 32)), and
+    its cache key. Its draws come from a private generator, never from the run's random streams."""
+    from . import hardware
+    from .config import config_to_dict
+
+    batch = min(cfg.train.global_batch_size, 32)
+    state = torch.get_rng_state()
+    model = build_model(cfg.model)  # initialised from the global stream, which is put back below
+    torch.set_rng_state(state)
+    c, h, w = shape
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(batch, c, h, w, generator=gen), torch.rand(batch, generator=gen)
+    kwargs = {"y": torch.arange(batch) % cfg.model.num_classes} if cfg.model.num_classes else {}
+    return hardware.forward_backward_fn(model, (x, t), kwargs), hardware.model_key(config_to_dict(cfg)["model"], batch)
+
+
 def autocast_for(precision: str, device: torch.device):
     """bf16/fp16 autocast (fp32 master weights), or nothing for fp32."""
     if precision == "fp32":
@@ -50,22 +84,55 @@ class TrainingStep:
     Call `wrap()` once the state is final (after a checkpoint restore): it adds DDP and torch.compile.
     """
 
-    def __init__(self, cfg: Config, ctx: D.DistContext, *, micro: int, accum: int, shape: tuple[int, ...], text=None, model: nn.Module | None = None):
+    def __init__(self, cfg: Config, ctx: D.DistContext, *, micro: int, accum: int, shape: tuple[int, ...], text=None, model: nn.Module | None = None, ns_dtype: str | None = None):
         self.cfg, self.ctx, self.micro, self.accum, self.shape, self.text = cfg, ctx, micro, accum, tuple(shape), text
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every run
         self.model = (model if model is not None else build_model(cfg.model)).to(ctx.device)
         self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, ns_dtype=ns_dtype)
         self.schedulers = build_schedulers(self.optimizer, cfg.optim, cfg.train.steps)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
         self.ddp = self.forward = self.model
+        self.compile_warning: str | None = None  # set when torch.compile failed and the step runs eager
 
-    def wrap(self, compile_model: bool | None = None) -> None:
+    def wrap(self, compile_model: bool, example: dict, log=lambda message: None) -> bool:
+        """Add DDP, and torch.compile when `compile_model`; True if the step runs compiled.
+
+        torch.compile is lazy: a missing C++ compiler or an unsupported op fails at the first forward or its
+        backward. So that first call happens here, on `example` (a micro-batch as the loader yields it),
+        without an optimizer step; if it fails the step runs eager after one warning line (`log`).
+        """
+        from .hardware import CompileChoice, compile_with_fallback
+
         if self.ctx.distributed:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        compile_model = self.cfg.train.compile if compile_model is None else compile_model
-        self.forward = torch.compile(self.ddp) if compile_model else self.ddp
+        warnings = []
+        choice = CompileChoice(compile_model, bool(compile_model), "")
+        self.forward = compile_with_fallback(self.ddp, lambda f: self.forward_backward(example, f), lambda m: warnings.append(m) or log(m), choice)
+        if self.ctx.distributed and D.any_rank(choice.fell_back, self.ctx) and self.forward is not self.ddp:
+            self.forward, choice.compile = self.ddp, False  # one rank could not compile: all run the same eager program
+        self.compile_warning = (warnings or [None])[0]
+        return choice.compile
+
+    def forward_backward(self, batch: dict, forward=None) -> None:
+        """One forward/backward of a micro-batch at t = 0.5 (no random stream, no optimizer step, gradients
+        dropped): compiles a lazy torch.compile, and times a step for train.budget_minutes."""
+        forward = self.forward if forward is None else forward  # not `or`: a compiled module has no truth value
+        x = batch["x"].to(self.ctx.device)
+        t = torch.full((x.shape[0],), 0.5, device=self.ctx.device)
+        cond = self._condition(batch, torch.zeros(x.shape[0], dtype=torch.bool))
+        sync = self.ddp.no_sync() if self.ctx.distributed else contextlib.nullcontext()
+        with sync:
+            with autocast_for(self.cfg.train.precision, self.ctx.device):
+                out = forward(x, t, **cond)
+            out.float().square().mean().backward()
+        self.model.zero_grad(set_to_none=True)
+
+    def set_total_steps(self, steps: int) -> None:
+        """A new schedule length before the first step (train.budget_minutes)."""
+        self.cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"steps": steps})})
+        self.schedulers = build_schedulers(self.optimizer, self.cfg.optim, steps)
 
     def state_dict(self) -> dict:
         return {

@@ -78,11 +78,6 @@ def set_numpy_rng_state(state) -> None:
         np.random.set_state(("MT19937", state.numpy().astype(np.uint32), *np.random.get_state()[2:]))
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 GEMMs several times faster than fp32 (why CPU presets may pick bf16)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
 class Trainer:
     """One run on one rank. Everything is set up in __init__ (a bad setting fails before any work);
     `run` restores a checkpoint if asked, then loops."""
@@ -92,6 +87,7 @@ class Trainer:
         self.dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
         self.cfg, self.text = cfg, text = resolve_for_training(cfg, self.dataset, ctx.device)
         self._check_precision()
+        self.cfg = cfg = self._resolve_hardware(cfg)  # train.precision / train.compile "auto" -> this machine's
         self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
         if (warning := flip_warning(cfg)) and ctx.is_main:
             self.log.info(warning)
@@ -99,7 +95,7 @@ class Trainer:
         if cfg.train.global_batch_size > len(self.dataset):
             raise UsageError(f"train.global_batch_size {cfg.train.global_batch_size} exceeds the dataset size {len(self.dataset)}")
         shape = tuple(self.dataset.manifest["shape"])
-        self.step_fn = TrainingStep(cfg, ctx, micro=self.micro, accum=self.accum, shape=shape, text=text)
+        self.step_fn = TrainingStep(cfg, ctx, micro=self.micro, accum=self.accum, shape=shape, text=text, ns_dtype=self.hardware["muon_ns_dtype"])
         self.step = 0  # optimizer steps taken
         self.batches = 0  # global batches drawn; equals `step` unless non-finite steps were skipped
         self.stop_requested = False
@@ -111,8 +107,7 @@ class Trainer:
     def run(self, resume_from: Path | None, stop_at_step: int | None) -> TrainResult:
         if resume_from is not None:
             self._restore(resume_from)
-        elif self.ctx.is_main:
-            write_run_files(self.run_dir, config_to_dict(self.cfg), environment_info(self.ctx.device, self.ctx.world_size))
+        self.hardware["muon_ns_dtype"] = self.step_fn.optimizer.muon_ns_dtype  # a resumed run keeps its saved one
         result = TrainResult(run_dir=self.run_dir, step=self.step)
         if self.step >= self.cfg.train.steps:
             self.log.info(f"the run is already at step {self.step} of train.steps={self.cfg.train.steps}; extend it with --set train.steps=N")
@@ -120,8 +115,11 @@ class Trainer:
             return result
         if self.ctx.is_main:
             self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg))
+        self._wrap_step(fresh=resume_from is None)
+        if resume_from is None and self.ctx.is_main:
+            env = {**environment_info(self.ctx.device, self.ctx.world_size), "hardware": self.hardware}
+            write_run_files(self.run_dir, config_to_dict(self.cfg), env)
         D.barrier(self.ctx)
-        self.step_fn.wrap()
         old_handlers = self._install_signal_handlers()
         progress = self.log.progress(self.cfg.train.steps, self.step)
         loader = self._loader()
@@ -184,11 +182,84 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ setup
 
     def _check_precision(self) -> None:
-        precision, device = self.cfg.train.precision, self.ctx.device.type
-        if precision == "fp16" and device != "cuda":
-            raise UsageError("train.precision=fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
-        if precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
-            self.log.info("warning: this CPU has no native bf16 (AVX512-BF16 / AMX), so bf16 autocast may be slower than fp32 here; --set train.precision=fp32")
+        if self.cfg.train.precision == "fp16" and self.ctx.device.type != "cuda":
+            raise UsageError("train.precision=fp16 needs a CUDA device (loss scaling); use bf16, fp32 or auto on CPU")
+
+    def _resolve_hardware(self, cfg: Config) -> Config:
+        """train.precision / train.compile "auto" -> what this machine does well; rank 0 decides for every rank.
+
+        The resolved precision replaces "auto" in the config (config.json, checkpoint), so a resumed run keeps
+        it on any machine; the decision, its reason and the probe's numbers go to env.json and the checkpoint.
+        """
+        from .step import resolve_hardware
+
+        ctx = self.ctx
+        decision = resolve_hardware(cfg, ctx.device, tuple(self.dataset.manifest["shape"])) if ctx.is_main else None
+        precision, compile_choice, ns_dtype = D.all_gather_objects(decision, ctx)[0]
+        if precision.setting == "auto":
+            self.log.info(f"precision: {precision.precision} ({precision.reason})")
+        if precision.warning:
+            self.log.info(precision.warning)
+        if compile_choice.setting == "auto":
+            self.log.info(f"compile: {'on' if compile_choice.compile else 'off'} ({compile_choice.reason})")
+        self.compile_choice = compile_choice
+        self.hardware = {"precision": precision.record(), "compile": compile_choice.record(), "muon_ns_dtype": ns_dtype, "budget": None}
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision.precision})})
+
+    def _wrap_step(self, fresh: bool) -> None:
+        """DDP + torch.compile (proven on one forward/backward; eager after one warning if compiling fails),
+        then train.budget_minutes for a fresh run."""
+        example = collate_batched(self.dataset.__getitems__(list(range(self.micro))))
+        compiled = self.step_fn.wrap(self.compile_choice.compile, example, log=self.log.info)
+        if self.compile_choice.compile and not compiled:
+            self.compile_choice.compile, self.compile_choice.fell_back = False, True
+        self.hardware["compile"] = self.compile_choice.record()
+        if fresh and self.cfg.train.budget_minutes is not None:
+            self._fit_budget(example)
+
+    def _fit_budget(self, example: dict) -> None:
+        """train.budget_minutes: a fresh run lowers train.steps so that its steps fit the budget on this machine.
+
+        The step time is measured here, after compiling: the median of 3 forward/backward passes of a micro
+        batch x accumulation, plus one optimizer step taken on a copy of the model and optimizer (Muon's
+        orthogonalisation is part of the cost). 10 % of the budget is left for data, EMA, sample grids and
+        checkpoints. Only lowers: a fast machine trains the preset's steps. The fitted steps are written to
+        config.json and the checkpoint, so a resume continues the same schedule (it never re-measures).
+        """
+        cfg = self.cfg
+        minutes = cfg.train.budget_minutes
+        # Every rank measures (a DDP forward may broadcast buffers: a collective), rank 0's number is used.
+        step_s = D.all_gather_objects(self._measure_step_seconds(example), self.ctx)[0]
+        steps = min(cfg.train.steps, max(1, int(0.9 * minutes * 60 / step_s)))
+        self.hardware["budget"] = {"minutes": minutes, "step_seconds": step_s, "requested_steps": cfg.train.steps, "steps": steps}
+        self.log.info(
+            f"budget: {minutes:g} min at {step_s:.3f} s/step (measured) -> {steps} steps"
+            + (f" (of the preset's {cfg.train.steps}: this machine is slower than the preset was tuned on)" if steps < cfg.train.steps else "")
+        )
+        if steps != cfg.train.steps:
+            self.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
+            self.step_fn.set_total_steps(steps)
+
+    def _measure_step_seconds(self, example: dict) -> float:
+        import copy
+        import statistics
+
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            self.step_fn.forward_backward(example)
+            times.append(time.perf_counter() - start)
+        forward_backward = statistics.median(times) * self.accum
+        model, optimizer = copy.deepcopy((self.step_fn.model, self.step_fn.optimizer))  # a copy: the run's state is untouched
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        optimizer_s = []
+        for _ in range(2):  # the first step allocates the optimizer's state
+            start = time.perf_counter()
+            for o in optimizer.optimizers:
+                o.step()
+            optimizer_s.append(time.perf_counter() - start)
+        return forward_backward + optimizer_s[-1]
 
     def _micro_setting(self):
         """train.micro_batch_size, with "auto" answered by the autotune cache in the run directory (DDP
@@ -197,7 +268,7 @@ class Trainer:
             return self.cfg.train.micro_batch_size
         from .autotune import auto_micro_batch
 
-        return auto_micro_batch(self.cfg, self.run_dir, self.ctx.device, self.ctx.world_size, log=self.log.info)
+        return auto_micro_batch(self.cfg, self.run_dir, self.ctx.device, self.ctx.world_size, log=self.log.info, ns_dtype=self.hardware["muon_ns_dtype"])
 
     def _make_evaluator(self):
         """FID evaluator: the feature extractor on every rank (generation is sharded), reference statistics
@@ -258,6 +329,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "data_info": _data_info(self.dataset.manifest),
             "fm_version": __version__,
+            "hardware": self.hardware,  # how train.precision / train.compile were resolved, the probe, the budget
         }
 
     def _save_checkpoint(self) -> Path:
@@ -274,6 +346,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.ctx.device)  # every rank loads it itself
         self.step_fn.load_state_dict(state)
+        self.hardware["budget"] = (state.get("hardware") or {}).get("budget")  # the fitted steps are in the config
         self.step = int(state["step"])
         self.batches = int(state["data_position"]["batches"])
         saved = (state["data_position"]["epoch"], state["data_position"]["index"])

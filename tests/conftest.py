@@ -45,6 +45,18 @@ class QuietLog:
         return lambda step, loss: None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hardware_cache(tmp_path_factory):
+    """fmcli.hardware's probe cache in a temporary directory (never the user's ~/.cache/fm); subprocesses inherit it."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield Path(os.environ["XDG_CACHE_HOME"]) / "fm"
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def shapes16(tmp_path_factory) -> Path:
     """512 shapes images at 16x16 (the `debug` preset's data), prepared once per test session."""

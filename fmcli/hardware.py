@@ -1,0 +1,488 @@
+"""What this machine does well: device, precision and compile choice from a measured probe, cached per machine.
+
+`train.precision = "auto"` and `train.compile = "auto"` are resolved here, once per run, before any step.
+
+- Precision on CUDA: bf16 when the card supports it, else fp32. On a CPU: a short measured probe (a GEMM
+  of the model's width in fp32 and bf16, plus one forward/backward of the model in each when it is cheap)
+  picks bf16 only where it is measurably faster. CPUs differ by orders of magnitude here: with AMX or
+  AVX512-BF16 a bf16 GEMM is 2-20x faster than fp32, without them it can be 500x *slower* (emulated).
+- The probe's result is cached per machine (CPU model + torch version + device + threads) in
+  `$XDG_CACHE_HOME/fm/probe.json` (default `~/.cache/fm`), so it costs its few seconds once.
+- `FM_PROBE_FORCE=bf16-slow|bf16-fast` (for tests only) replaces the measurement with a made-up one.
+- Compile "auto": on where inductor works (a CUDA device with triton, or a CPU with a working C++
+  compiler); a compile that fails anyway falls back to eager with one warning (`compile_with_fallback`).
+- `environment_report()` is everything `fm env` prints.
+
+No imports from train / bench / cli: callers pass the model step to time as a callable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .fsutil import fsync_file
+
+FORCE_ENV = "FM_PROBE_FORCE"  # tests only: "bf16-slow" | "bf16-fast" replaces the measurement
+FORCED = ("bf16-slow", "bf16-fast")
+PRECISION_SETTINGS = ("auto", "bf16", "fp16", "fp32")
+PROBE_VERSION = 1  # bump when the probe's method changes: old cached results are then ignored
+
+# bf16 must beat fp32 by this factor to be chosen: it costs precision, so a tie goes to fp32.
+MIN_STEP_SPEEDUP = 1.1  # measured on a forward/backward of the model
+MIN_GEMM_SPEEDUP = 2.0  # from the GEMM alone (no model step measured): GEMMs overstate the step's gain
+STEP_PROBE_MAX_S = 2.0  # a model whose fp32 forward/backward takes longer is judged on the GEMM alone
+OPTIONAL_EXTRAS = {"plot": "matplotlib", "wandb": "wandb", "tensorboard": "tensorboard", "demo": "gradio", "test": "pytest"}
+
+
+# ------------------------------------------------------------------------------------------- facts
+
+
+@dataclass
+class CpuInfo:
+    model: str
+    flags: dict  # avx2, avx512f, avx512_bf16, amx_tile, amx_bf16 -> bool
+    cores: int  # usable by this process (affinity)
+    threads: int  # torch intra-op threads
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.flags["avx512_bf16"] or self.flags["amx_bf16"]
+
+
+def cpu_info() -> CpuInfo:
+    """CPU model and the instruction-set flags that decide bf16 speed (from /proc/cpuinfo on Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name":
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = {
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags or bool(torch.cpu._is_avx512_bf16_supported()),
+        "amx_tile": "amx_tile" in flags or bool(torch.cpu._is_amx_tile_supported()),
+        "amx_bf16": "amx_bf16" in flags,
+    }
+    wanted["amx_bf16"] = wanted["amx_bf16"] or wanted["amx_tile"]
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return CpuInfo(model=model, flags=wanted, cores=cores, threads=torch.get_num_threads())
+
+
+def machine_key(device: torch.device) -> str:
+    """What the probe's result depends on: CPU (or GPU) model, torch version, device, threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}|torch {torch.__version__}|cuda"
+    return f"{cpu_info().model}|torch {torch.__version__}|cpu|{torch.get_num_threads()} threads"
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/fm, else ~/.cache/fm (tests point XDG_CACHE_HOME at a temporary directory)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fm"
+
+
+# ------------------------------------------------------------------------------------------ the probe
+
+
+@dataclass
+class Probe:
+    """fp32 vs bf16 on this device: measured (or cached, or forced for tests) and the choice made from it."""
+
+    device: str
+    width: int
+    gemm_gflops: dict  # {"fp32": GFLOP/s, "bf16": GFLOP/s} of a [1024, width] x [width, 4*width] GEMM
+    gemm_speedup: float  # bf16 GFLOP/s / fp32 GFLOP/s
+    step_ms: dict | None = None  # {"fp32": ms, "bf16": ms} of one forward/backward of the model, when measured
+    step_speedup: float | None = None  # fp32 ms / bf16 ms
+    precision: str = "fp32"  # what train.precision="auto" becomes
+    matmul_dtype: str = "fp32"  # the faster dtype for plain matmuls (Muon's orthogonalisation)
+    source: str = "measured"  # measured | cache | forced
+    seconds: float = 0.0  # time the measurement took
+    key: str = ""
+
+    def summary(self) -> str:
+        parts = [f"GEMM bf16/fp32 {self.gemm_speedup:.2f}x ({self.gemm_gflops['bf16']:.1f} vs {self.gemm_gflops['fp32']:.1f} GFLOP/s)"]
+        if self.step_speedup is not None:
+            parts.insert(0, f"model fwd/bwd bf16 {self.step_speedup:.2f}x fp32 ({self.step_ms['bf16']:.0f} vs {self.step_ms['fp32']:.0f} ms)")
+        where = {"measured": f"measured in {self.seconds:.1f} s", "cache": "cached", "forced": f"forced by {FORCE_ENV}"}[self.source]
+        return "; ".join(parts) + f"; {where}"
+
+
+def probe_cpu(width: int, model_step: Callable[[str], None] | None = None, step_key: str | None = None, *, use_cache: bool = True) -> Probe:
+    """Measure (or read from the cache) how bf16 compares with fp32 on this CPU for a model of `width`.
+
+    `model_step(precision)` runs one forward/backward of the model at "fp32" or "bf16"; `step_key` names
+    that workload in the cache (model config + batch). Without them only the GEMM is measured.
+    """
+    forced = os.environ.get(FORCE_ENV)
+    if forced:
+        return _forced_probe(forced, width)
+    device = torch.device("cpu")
+    workload = f"w{width}" + (f"|{step_key}" if model_step is not None and step_key else "")
+    key = machine_key(device)
+    if use_cache:
+        hit = _read_cache().get(key, {}).get(workload)
+        if hit and hit.get("version") == PROBE_VERSION:
+            hit = {k: v for k, v in hit.items() if k != "version"}
+            return Probe(**{**hit, "source": "cache"})
+    start = time.perf_counter()
+    gemm = _gemm_gflops(width)
+    gemm_speedup = gemm["bf16"] / gemm["fp32"]
+    step_ms = _step_ms(model_step) if model_step is not None else None
+    step_speedup = step_ms["fp32"] / step_ms["bf16"] if step_ms else None
+    probe = Probe(
+        device="cpu",
+        width=width,
+        gemm_gflops=gemm,
+        gemm_speedup=gemm_speedup,
+        step_ms=step_ms,
+        step_speedup=step_speedup,
+        precision=_choose(gemm_speedup, step_speedup),
+        matmul_dtype="bf16" if gemm_speedup >= 1.2 else "fp32",
+        source="measured",
+        seconds=time.perf_counter() - start,
+        key=key,
+    )
+    if use_cache:
+        _write_cache(key, workload, probe)
+    return probe
+
+
+def _choose(gemm_speedup: float, step_speedup: float | None) -> str:
+    if step_speedup is not None:
+        return "bf16" if step_speedup >= MIN_STEP_SPEEDUP else "fp32"
+    return "bf16" if gemm_speedup >= MIN_GEMM_SPEEDUP else "fp32"
+
+
+def _forced_probe(forced: str, width: int) -> Probe:
+    if forced not in FORCED:
+        from .errors import UsageError
+
+        raise UsageError(f"{FORCE_ENV}={forced!r}: expected one of {', '.join(FORCED)} (a test-only setting; unset it to measure)")
+    # Made-up numbers in the shape of real ones: an AVX2-only Zen 3 (bf16 emulated) vs an AMX Xeon.
+    fast = forced == "bf16-fast"
+    gemm = {"fp32": 150.0, "bf16": 1500.0 if fast else 0.3}
+    step = {"fp32": 100.0, "bf16": 60.0 if fast else 2000.0}
+    return Probe(
+        device="cpu", width=width, gemm_gflops=gemm, gemm_speedup=gemm["bf16"] / gemm["fp32"], step_ms=step,
+        step_speedup=step["fp32"] / step["bf16"], precision="bf16" if fast else "fp32", matmul_dtype="bf16" if fast else "fp32",
+        source="forced", key=machine_key(torch.device("cpu")),
+    )
+
+
+def _gemm_gflops(width: int, rounds: int = 3, round_s: float = 0.05) -> dict:
+    """Best GFLOP/s of a [1024, width] x [width, 4*width] GEMM (a DiT MLP's shape), fp32 and bf16 interleaved.
+
+    A dtype whose single call already takes longer than a round is timed once: it is slow, and how slow
+    matters little.
+    """
+    m, k, n = 1024, width, 4 * width
+    flops = 2 * m * k * n
+    gen = torch.Generator().manual_seed(0)
+    mats = {p: (torch.randn(m, k, generator=gen).to(dt), torch.randn(k, n, generator=gen).to(dt)) for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    best = {}
+    for p, (a, b) in mats.items():  # warmup (first-call allocation and kernel selection)
+        start = time.perf_counter()
+        a @ b
+        best[p] = time.perf_counter() - start
+    for _ in range(rounds):
+        for p, (a, b) in mats.items():
+            if best[p] > round_s:
+                continue
+            reps = max(1, int(round_s / max(best[p], 1e-6)))
+            start = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            best[p] = min(best[p], (time.perf_counter() - start) / reps)
+    return {p: flops / s / 1e9 for p, s in best.items()}
+
+
+def _step_ms(model_step: Callable[[str], None], rounds: int = 2) -> dict | None:
+    """Best milliseconds of the model's forward/backward per precision, interleaved; None when too slow."""
+    start = time.perf_counter()
+    model_step("fp32")  # warmup, and the cost check
+    if time.perf_counter() - start > STEP_PROBE_MAX_S:
+        return None
+    model_step("bf16")
+    best = {"fp32": float("inf"), "bf16": float("inf")}
+    for _ in range(rounds):
+        for p in best:
+            start = time.perf_counter()
+            model_step(p)
+            best[p] = min(best[p], time.perf_counter() - start)
+    return {p: 1000 * s for p, s in best.items()}
+
+
+def forward_backward_fn(model: torch.nn.Module, inputs: tuple, kwargs: dict | None = None) -> Callable[[str], None]:
+    """model_step for probe_cpu: one forward/backward of `model(*inputs, **kwargs)` under fp32 or bf16 autocast."""
+    kwargs = kwargs or {}
+
+    def step(precision: str) -> None:
+        with autocast(precision, torch.device("cpu")):
+            out = model(*inputs, **kwargs)
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a precision (a null context for fp32, and for fp16 off CUDA)."""
+    import contextlib
+
+    if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# -------------------------------------------------------------------------------------- the decisions
+
+
+@dataclass
+class PrecisionChoice:
+    setting: str  # what the config said: auto | bf16 | fp16 | fp32
+    precision: str  # what runs
+    reason: str
+    warning: str | None = None  # an explicit choice that this machine does badly
+    probe: Probe | None = None
+
+    def record(self) -> dict:
+        return {"setting": self.setting, "precision": self.precision, "reason": self.reason, "probe": asdict(self.probe) if self.probe else None}
+
+
+def resolve_precision(setting: str, device: torch.device, width: int, model_step=None, step_key=None) -> PrecisionChoice:
+    """train.precision -> the precision that runs. An explicit setting is obeyed (with a warning where it is slow)."""
+    if setting not in PRECISION_SETTINGS:
+        from .errors import UsageError
+
+        raise UsageError(f"precision must be one of {', '.join(PRECISION_SETTINGS)}, not {setting!r}")
+    if setting != "auto":
+        warning = None
+        if setting == "bf16" and device.type == "cpu" and not cpu_info().native_bf16:
+            warning = "warning: this CPU has no native bf16 (AVX512-BF16 / AMX), so bf16 autocast may be slower than fp32 here; --set train.precision=fp32 (or auto)"
+        return PrecisionChoice(setting, setting, "set explicitly", warning=warning)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice(setting, "bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16")
+        return PrecisionChoice(setting, "fp32", f"auto: {torch.cuda.get_device_name(device)} has no bf16 (fp16 would need loss scaling: set it explicitly)")
+    probe = probe_cpu(width, model_step, step_key)
+    return PrecisionChoice(setting, probe.precision, f"auto: {probe.summary()}", probe=probe)
+
+
+def matmul_dtype(device: torch.device, width: int, probe: Probe | None = None) -> str:
+    """The faster dtype for plain matmuls of this width (Muon's Newton-Schulz): bf16 on CUDA, probed on a CPU."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return (probe or probe_cpu(width)).matmul_dtype
+
+
+@dataclass
+class CompileChoice:
+    setting: object  # "auto" | True | False
+    compile: bool
+    reason: str
+    fell_back: bool = False  # compiling failed at the first call: the run is eager
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def resolve_compile(setting, device: torch.device) -> CompileChoice:
+    """train.compile true/false is obeyed; "auto" compiles where inductor can work (CUDA + triton, CPU + C++)."""
+    if setting is True or setting is False:
+        return CompileChoice(setting, setting, "set explicitly")
+    if device.type == "cuda":
+        if _has_triton():
+            return CompileChoice(setting, True, "auto: CUDA device with triton")
+        return CompileChoice(setting, False, "auto: CUDA without triton, inductor cannot generate kernels")
+    compiler = cxx_compiler()
+    if compiler["works"]:
+        return CompileChoice(setting, True, f"auto: C++ compiler {compiler['path']} works")
+    return CompileChoice(setting, False, f"auto: no working C++ compiler for inductor ({compiler['error']})")
+
+
+def compile_with_fallback(model, first_call: Callable[[Callable], None], log: Callable[[str], None], choice: CompileChoice):
+    """torch.compile(model), proven on `first_call(compiled)`; if compiling fails, the eager model and one warning.
+
+    torch.compile is lazy: a missing compiler or an unsupported op surfaces at the first forward (or its
+    backward), so `first_call` runs one (a forward/backward on example inputs, without an optimizer step).
+    """
+    if not choice.compile:
+        return model
+    try:
+        compiled = torch.compile(model)
+        first_call(compiled)
+        return compiled
+    except (torch.OutOfMemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # any compiler failure: the run goes on without it
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        log(f"warning: torch.compile failed ({type(err).__name__}: {first_line}); continuing without compile (train.compile=false hides this)")
+        choice.compile, choice.fell_back = False, True
+        _reset_dynamo()
+        return model
+
+
+def _reset_dynamo() -> None:
+    try:
+        torch._dynamo.reset()
+    except Exception:  # resetting is a courtesy (frees the failed graph); it must not fail the run
+        pass
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+
+        return bool(has_triton())
+    except Exception:
+        return False
+
+
+def cxx_compiler(use_cache: bool = True) -> dict:
+    """The C++ compiler inductor would use ($CXX, else g++ / clang++ / c++ on PATH) and whether it builds a shared object."""
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    path = next((p for p in (shutil.which(c) for c in candidates) if p), None)
+    if path is None:
+        return {"path": None, "works": False, "error": f"none of {', '.join(candidates)} on PATH"}
+    key = f"cxx|{path}|{os.path.getmtime(path):.0f}"
+    cache = _read_cache().get(key) if use_cache else None
+    if cache is not None:
+        return cache
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cpp"
+        src.write_text('extern "C" int fm_probe(int x) { return x + 1; }\n')
+        try:
+            proc = subprocess.run([path, "-shared", "-fPIC", "-O1", str(src), "-o", str(Path(tmp) / "probe.so")], capture_output=True, text=True, timeout=60)
+            works, error = proc.returncode == 0, (proc.stderr.strip().splitlines() or [""])[-1][:200] or None
+        except (OSError, subprocess.SubprocessError) as err:
+            works, error = False, str(err)[:200]
+    result = {"path": path, "works": works, "error": None if works else error}
+    if use_cache:
+        _update_cache(lambda c: c.__setitem__(key, result))
+    return result
+
+
+# ------------------------------------------------------------------------------------------- fm env
+
+
+def environment_report(device: torch.device, width: int = 384) -> dict:
+    """Everything `fm env` prints: device, CPU, GPU, versions, the probe, auto's choices, compiler, extras."""
+    cpu = cpu_info()
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append({"index": i, "name": props.name, "memory_gib": round(props.total_memory / 2**30, 2), "bf16": bool(torch.cuda.is_bf16_supported())})
+    precision = resolve_precision("auto", device, width)
+    compile_choice = resolve_compile("auto", device)
+    probe = precision.probe or probe_cpu(width)  # the CPU's numbers, even when the device is a GPU
+    compiler = cxx_compiler()
+    return {
+        "device": device.type if device.type == "cpu" else f"cuda:{device.index or 0}",
+        "cpu": {"model": cpu.model, "flags": cpu.flags, "cores": cpu.cores, "threads": cpu.threads},
+        "gpus": gpus,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda, "fm": _fm_version()},
+        "probe": {"width": width, **{k: v for k, v in asdict(probe).items() if k not in ("width", "key", "device")}},
+        "auto": {
+            "precision": precision.precision,
+            "precision_reason": precision.reason,
+            "compile": compile_choice.compile,
+            "compile_reason": compile_choice.reason,
+            "muon_matmul_dtype": matmul_dtype(device, width, precision.probe),
+        },
+        "cxx_compiler": compiler,
+        "extras": {extra: importlib.util.find_spec(module) is not None for extra, module in OPTIONAL_EXTRAS.items()},
+        "cache": str(cache_dir() / "probe.json"),
+    }
+
+
+def environment_text(r: dict) -> str:
+    """`fm env`'s human-readable form of environment_report()."""
+    cpu, probe, auto = r["cpu"], r["probe"], r["auto"]
+    flags = ", ".join(k for k, v in cpu["flags"].items() if v) or "none of avx2/avx512f/avx512_bf16/amx"
+    gemm = probe["gemm_gflops"]
+    compiler = r["cxx_compiler"]
+    lines = [
+        f"device:       {r['device']}",
+        f"cpu:          {cpu['model']} ({cpu['cores']} cores, {cpu['threads']} torch threads; {flags})",
+        *[f"gpu {g['index']}:        {g['name']}, {g['memory_gib']:.1f} GiB, bf16 {'yes' if g['bf16'] else 'no'}" for g in r["gpus"]],
+        f"versions:     python {r['versions']['python']}, torch {r['versions']['torch']}, cuda {r['versions']['cuda'] or '-'}, fm {r['versions']['fm']}",
+        f"probe (cpu):  GEMM width {probe['width']}: fp32 {gemm['fp32']:.1f} GFLOP/s, bf16 {gemm['bf16']:.1f} GFLOP/s ({probe['gemm_speedup']:.2f}x; {probe['source']})",
+        f"auto:         precision {auto['precision']} ({auto['precision_reason']})",
+        f"              compile {'on' if auto['compile'] else 'off'} ({auto['compile_reason']})",
+        f"              Muon orthogonalisation in {auto['muon_matmul_dtype']}",
+        f"c++ compiler: {compiler['path'] or '-'} ({'works' if compiler['works'] else 'not working: ' + str(compiler['error'])})",
+        "extras:       " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in r["extras"].items()),
+        f"probe cache:  {r['cache']}",
+    ]
+    return "\n".join(lines)
+
+
+def _fm_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def model_key(model_cfg: dict, batch: int) -> str:
+    """A short stable name for (model config, batch): the cache key of a model-step probe."""
+    return hashlib.sha256(json.dumps({"model": model_cfg, "batch": batch}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# -------------------------------------------------------------------------------------------- cache
+
+
+def _cache_path() -> Path:
+    return cache_dir() / "probe.json"
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(_cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or corrupt: measure again (and rewrite it)
+
+
+def _write_cache(key: str, workload: str, probe: Probe) -> None:
+    entry = {**asdict(probe), "version": PROBE_VERSION}
+    entry.pop("source")
+    _update_cache(lambda c: c.setdefault(key, {}).__setitem__(workload, entry))
+
+
+def _update_cache(change: Callable[[dict], None]) -> None:
+    """Read, change, write back atomically (temp file + rename). A read-only cache dir only costs re-measuring."""
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cache = _read_cache()
+        change(cache)
+        tmp = path.with_name(f".probe.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=2) + "\n")
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass

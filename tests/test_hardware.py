@@ -1,0 +1,208 @@
+"""fmcli.hardware: the precision probe and its cache, auto precision / compile, the compile fallback, fm env."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import QuietLog, run_fm
+from fmcli import hardware
+from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+from fmcli.config import load_config
+from fmcli.train import train
+
+CPU = torch.device("cpu")
+
+
+def cfg_for(data, *overrides):
+    return load_config("debug", [f"data.path='{data}'", *overrides])
+
+
+class ListLog(QuietLog):
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(message)
+
+
+@pytest.mark.parametrize("forced, expected", [("bf16-slow", "fp32"), ("bf16-fast", "bf16")])
+def test_forced_probe_decides_auto_precision(monkeypatch, forced, expected):
+    monkeypatch.setenv(hardware.FORCE_ENV, forced)
+    choice = hardware.resolve_precision("auto", CPU, width=64)
+    assert choice.precision == expected and choice.probe.source == "forced"
+    assert hardware.matmul_dtype(CPU, 64, choice.probe) == expected  # Muon's orthogonalisation follows the probe
+    assert "forced" in choice.reason
+
+
+@pytest.mark.parametrize("forced", ["bf16-slow", "bf16-fast"])
+@pytest.mark.parametrize("explicit", ["fp32", "bf16"])
+def test_explicit_precision_is_never_overridden(monkeypatch, forced, explicit):
+    monkeypatch.setenv(hardware.FORCE_ENV, forced)
+    choice = hardware.resolve_precision(explicit, CPU, width=64)
+    assert choice.precision == explicit and choice.probe is None
+
+
+def test_explicit_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_info", lambda: hardware.CpuInfo("test cpu", dict.fromkeys(["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"], False), 2, 2))
+    choice = hardware.resolve_precision("bf16", CPU, width=64)
+    assert choice.precision == "bf16" and "no native bf16" in choice.warning
+
+
+def test_measured_probe_decision_follows_the_timings(monkeypatch):
+    """The decision is the rule applied to what was measured: slow bf16 -> fp32, fast bf16 -> bf16."""
+    for gemm, step, expected in [({"fp32": 100.0, "bf16": 0.5}, {"fp32": 50.0, "bf16": 900.0}, "fp32"), ({"fp32": 100.0, "bf16": 400.0}, {"fp32": 50.0, "bf16": 30.0}, "bf16")]:
+        monkeypatch.setattr(hardware, "_gemm_gflops", lambda width, g=gemm: dict(g))
+        monkeypatch.setattr(hardware, "_step_ms", lambda fn, s=step: dict(s))
+        probe = hardware.probe_cpu(64, model_step=lambda p: None, step_key="k", use_cache=False)
+        assert probe.precision == expected and probe.source == "measured"
+        assert probe.step_speedup == pytest.approx(step["fp32"] / step["bf16"])
+
+
+def test_probe_is_cached_per_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(hardware, "_gemm_gflops", lambda width: calls.append(width) or {"fp32": 10.0, "bf16": 30.0})
+    first = hardware.probe_cpu(48)
+    second = hardware.probe_cpu(48)
+    assert calls == [48] and first.source == "measured" and second.source == "cache"
+    assert second.gemm_gflops == first.gemm_gflops and second.precision == first.precision == "bf16"
+    cache = json.loads((tmp_path / "fm" / "probe.json").read_text())
+    assert hardware.machine_key(CPU) in cache and torch.__version__ in hardware.machine_key(CPU)
+    hardware.probe_cpu(96)  # another width is another measurement
+    assert calls == [48, 96]
+
+
+def test_real_probe_is_short_and_sane(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
+    step = hardware.forward_backward_fn(model, (torch.randn(64, 32),))
+    probe = hardware.probe_cpu(32, step, "mlp")
+    assert probe.seconds < 10 and probe.precision in ("fp32", "bf16")
+    assert all(v > 0 for v in probe.gemm_gflops.values()) and set(probe.step_ms) == {"fp32", "bf16"}
+    assert probe.precision == hardware._choose(probe.gemm_speedup, probe.step_speedup)
+
+
+def test_compile_setting_explicit_and_auto(monkeypatch):
+    assert hardware.resolve_compile(True, CPU).compile is True
+    assert hardware.resolve_compile(False, CPU).compile is False
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    auto = hardware.resolve_compile("auto", CPU)
+    assert auto.compile is False and "no working C++ compiler" in auto.reason
+
+
+def test_compile_failure_at_first_call_falls_back_to_eager(tmp_path, shapes16, monkeypatch):
+    """torch.compile is lazy: the failure comes at the first forward. Training goes on eagerly, with one warning,
+    and computes exactly what an eager run computes."""
+
+    def failing_compile(model, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("InductorError: C++ compile error\nlong compiler output")
+
+        return call
+
+    eager = train(cfg_for(shapes16, "train.steps=3", "train.checkpoint_every=0"), tmp_path / "eager", log=QuietLog())
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    log = ListLog()
+    result = train(cfg_for(shapes16, "train.steps=3", "train.checkpoint_every=0", "train.compile=true"), tmp_path / "run", log=log)
+    warnings = [line for line in log.lines if "torch.compile failed" in line]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "continuing without compile" in warnings[0]
+    assert result.losses == eager.losses
+    record = load_checkpoint(resolve_checkpoint(tmp_path / "run"))["hardware"]["compile"]
+    assert record["fell_back"] is True and record["compile"] is False
+
+
+def test_auto_precision_is_resolved_and_recorded(tmp_path, shapes16, monkeypatch):
+    monkeypatch.setenv(hardware.FORCE_ENV, "bf16-slow")
+    log = ListLog()
+    train(cfg_for(shapes16, "train.steps=2", "train.precision=auto", "optim.name=muon"), tmp_path / "run", log=log)
+    state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
+    assert state["config"]["train"]["precision"] == "fp32"  # resolved once: a resumed run keeps it anywhere
+    hw = state["hardware"]
+    assert hw["precision"]["setting"] == "auto" and hw["precision"]["probe"]["source"] == "forced"
+    assert hw["muon_ns_dtype"] == "fp32"
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["hardware"]["precision"]["precision"] == "fp32"
+    assert any(line.startswith("precision: fp32") for line in log.lines)
+
+
+def test_fm_env_json_fields(tmp_path):
+    out = run_fm("env", "--json", "--width", "32", env={"XDG_CACHE_HOME": str(tmp_path)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["device"] == "cpu" or report["device"].startswith("cuda")
+    assert set(report["cpu"]["flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+    assert report["cpu"]["cores"] >= 1 and report["cpu"]["threads"] >= 1 and report["cpu"]["model"]
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["probe"]["width"] == 32 and report["probe"]["gemm_gflops"]["fp32"] > 0 and report["probe"]["gemm_gflops"]["bf16"] > 0
+    assert report["auto"]["precision"] in ("bf16", "fp32") and isinstance(report["auto"]["compile"], bool)
+    assert report["auto"]["muon_matmul_dtype"] in ("bf16", "fp32")
+    assert set(report["cxx_compiler"]) == {"path", "works", "error"}
+    assert set(report["extras"]) == set(hardware.OPTIONAL_EXTRAS)
+    assert (tmp_path / "fm" / "probe.json").exists()
+    again = run_fm("env", "--width", "32", env={"XDG_CACHE_HOME": str(tmp_path), hardware.FORCE_ENV: "bf16-slow"}, timeout=300)
+    assert again.returncode == 0 and "precision fp32" in again.stdout
+
+
+def test_budget_lowers_steps_on_a_slow_machine_and_resume_keeps_them(tmp_path, shapes16):
+    from fmcli.config import validate_config
+
+    request = ["train.steps=40", "train.budget_minutes=0.005", "train.checkpoint_every=0", "train.log_every=1000"]
+    first = train(cfg_for(shapes16, *request), tmp_path / "run", stop_at_step=2, log=QuietLog())
+    state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
+    budget = state["hardware"]["budget"]
+    assert budget["requested_steps"] == 40 and budget["step_seconds"] > 0
+    assert budget["steps"] == max(1, int(0.9 * 0.3 / budget["step_seconds"])) < 40
+    assert state["config"]["train"]["steps"] == budget["steps"] and first.stopped_early == (budget["steps"] > 2)
+    # a resume (config from the checkpoint, as fm resume / fm train --resume build it) keeps the fitted steps
+    resumed = train(validate_config(state["config"]), tmp_path / "run", resume_from=resolve_checkpoint(tmp_path / "run"), log=QuietLog())
+    assert resumed.step == budget["steps"]
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["hardware"]["budget"] == budget  # not re-measured
+
+
+def test_budget_never_raises_steps(tmp_path, shapes16):
+    result = train(cfg_for(shapes16, "train.steps=3", "train.budget_minutes=1000", "train.checkpoint_every=0"), tmp_path / "run", log=QuietLog())
+    assert result.step == 3
+
+
+def test_fm_bench_reports_the_precision_and_compile_it_used(tmp_path):
+    out = run_fm(
+        "bench", "--preset", "debug", "--json", "--mode", "train", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+        "--precision", "auto", "--set", "optim.name=muon", env={"XDG_CACHE_HOME": str(tmp_path), hardware.FORCE_ENV: "bf16-fast"}, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["precision"] == "bf16" and report["compile"] is False  # debug preset: compile false, obeyed
+    hw = report["hardware"]
+    assert hw["precision"]["setting"] == "auto" and hw["precision"]["probe"]["source"] == "forced"
+    assert hw["muon_ns_dtype"] == "bf16" and hw["compile"]["setting"] is False
+    assert report["train"]["compiled"] is False and "precision: bf16" in out.stderr
+
+
+def test_a_working_compile_is_used_and_computes_what_eager_does(tmp_path, shapes16, monkeypatch):
+    """The compiled module is what trains (a stand-in for torch.compile's OptimizedModule, which has no
+    truth value: `bool()` on it raises, as on the real one around a DiT)."""
+
+    class Compiled:
+        calls = 0
+
+        def __init__(self, module):
+            self.module = module
+
+        def __len__(self):
+            raise TypeError(f"{type(self.module).__name__} does not support len()")
+
+        def __call__(self, *args, **kwargs):
+            Compiled.calls += 1
+            return self.module(*args, **kwargs)
+
+    eager = train(cfg_for(shapes16, "train.steps=3", "train.checkpoint_every=0"), tmp_path / "eager", log=QuietLog())
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: Compiled(model))
+    log = ListLog()
+    result = train(cfg_for(shapes16, "train.steps=3", "train.checkpoint_every=0", "train.compile=true"), tmp_path / "run", log=log)
+    assert not [line for line in log.lines if "torch.compile failed" in line], log.lines
+    assert Compiled.calls == 1 + 3  # the proving forward/backward, then every step's forward
+    assert result.losses == eager.losses
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["hardware"]["compile"]["compile"] is True
