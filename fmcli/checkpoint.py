@@ -13,6 +13,7 @@ from .errors import UsageError
 from .fsutil import fsync_dir
 
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
+EXPORT_MANIFEST = "fm_export.json"  # marks an `fm export` directory (weights only; export.py reads it)
 
 
 def checkpoint_name(step: int) -> str:
@@ -76,9 +77,10 @@ def list_checkpoints(ckpt_dir: Path) -> dict[int, Path]:
 
 
 def resolve_checkpoint(target: str | Path) -> Path:
-    """A checkpoint file, a run directory, or a checkpoints directory -> the checkpoint file to load."""
+    """A checkpoint file, a run directory, or a checkpoints directory -> the checkpoint file to load (an
+    `fm export` directory is returned as it is)."""
     target = Path(target)
-    if target.is_file():
+    if target.is_file() or (target / EXPORT_MANIFEST).is_file():
         return target
     for ckpt_dir in (target / "checkpoints", target):
         latest = ckpt_dir / "latest"
@@ -95,6 +97,8 @@ def resolve_checkpoint(target: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load with weights_only=True (no code execution); a corrupt or truncated file is a one-line error."""
     path = Path(path)
+    if (path / EXPORT_MANIFEST).is_file():
+        raise UsageError(f"{path} is an exported model (weights only): sample from it, or use the training checkpoint here")
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
     try:

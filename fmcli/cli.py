@@ -507,6 +507,38 @@ def sample(
     _guard(run)
 
 
+# ------------------------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint file or run directory."),
+    out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers (class-conditional DiTs: a DiTTransformer2DModel directory) or fm (any model)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Export the EMA weights (default) or the raw ones."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing export directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+):
+    """Export a checkpoint's weights as safetensors (never pickles), for diffusers or for fm.
+
+    Examples:
+      fm export --ckpt runs/quickstart --format diffusers --out exported/quickstart
+      fm export --ckpt runs/quickstart-text --format fm --out exported/quickstart-text
+      fm sample --ckpt exported/quickstart --out samples/
+    """
+
+    def run():
+        from .export import export_checkpoint
+
+        summary = export_checkpoint(ckpt, out, fmt, use_ema=ema, force=force)
+        if as_json:
+            _emit_json(vars(summary))
+        else:
+            print(summary.path)
+
+    _guard(run)
+
+
 def _read_prompts(source: Optional[str]) -> list[str]:
     """Prompts from a file (one per line, blank lines skipped) or from stdin with '-'."""
     if source is None:

@@ -71,10 +71,10 @@ class LoadedModel:
 
 
 def load_for_sampling(ckpt: str, device: torch.device, use_ema: bool = True, vae: str | None = None, text_encoder: str | None = None) -> LoadedModel:
-    """Build the model from the checkpoint's own config and load its EMA (or raw) weights, with the frozen
-    encoders it needs (paths: the arguments, FM_VAE / FM_TEXT_ENCODER, then those recorded in the run)."""
+    """Build the model from the checkpoint's (or export directory's) own config and load its EMA (or raw)
+    weights, with the frozen encoders it needs (paths: the arguments, FM_VAE / FM_TEXT_ENCODER, then those recorded in the run)."""
     path = resolve_checkpoint(ckpt)
-    state = load_checkpoint(path, map_location="cpu")
+    state = load_weights(path)
     cfg = validate_config(state["config"], source=str(path))
     model = build_model(cfg.model)
     weights = state.get("ema") if use_ema else state["model"]
@@ -84,6 +84,13 @@ def load_for_sampling(ckpt: str, device: torch.device, use_ema: bool = True, vae
     model.to(device).eval()
     info = state.get("data_info", {})
     return LoadedModel(model=model, config=cfg, info=info, step=int(state.get("step", 0)), **_sampling_encoders(cfg, info, device, vae, text_encoder))
+
+
+def load_weights(path) -> dict:
+    """A training checkpoint, or an `fm export` directory read as one (its weights serve as model and EMA)."""
+    from .export import is_export, load_export
+
+    return load_export(path) if is_export(path) else load_checkpoint(path, map_location="cpu")
 
 
 def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_encoder: str | None) -> dict:
