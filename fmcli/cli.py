@@ -507,6 +507,80 @@ def sample(
     _guard(run)
 
 
+# ------------------------------------------------------------------------------------------- reflow
+
+
+@app.command()
+def reflow(
+    ckpt: str = typer.Option(..., "--ckpt", help="Teacher: checkpoint file, run directory or export directory."),
+    num_pairs: int = typer.Option(..., "--num-pairs", "-n", min=1, help="Number of (noise, sample) pairs."),
+    out: Path = typer.Option(..., "--out", help="Output dataset directory (kind 'pairs', written atomically)."),
+    solver: str = typer.Option("heun", "--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4 or dopri5."),
+    steps: int = typer.Option(50, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (default: the teacher's sample.cfg)."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (dopri5)."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (dopri5)."),
+    prompt: List[str] = typer.Option([], "--prompt", help="Text prompt (text teachers; repeatable: pair i takes prompt i mod P)."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
+    seed: int = typer.Option(0, "--seed", help="Seed: pair i's noise depends only on (seed, i)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Pairs per solver batch (and per restartable chunk)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the teacher's EMA weights (default) or the raw ones."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (text teachers)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output dataset."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    gpus: int = typer.Option(0, "--gpus", min=0, help="Solve on N local GPUs (chunks sharded)."),
+    nproc: int = typer.Option(0, "--nproc", min=0, help="Solve with N local processes."),
+):
+    """Reflow pairs: noise x0 and the teacher's ODE sample x1 = ODE(x0), a dataset for flow.coupling = "pairs".
+
+    An interrupted run continues when the same command is run again (finished chunks are kept in OUT.partial).
+
+    Examples:
+      fm reflow --ckpt runs/quickstart --num-pairs 4000 --out data/quickstart-pairs --solver heun --steps 50
+      fm reflow --ckpt runs/cifar10 -n 50000 --solver dopri5 --cfg 1.5 --gpus 2 --out data/cifar10-pairs
+      fm train --preset quickstart-2rf --data data/quickstart-pairs --set train.init_from='runs/quickstart'
+    """
+
+    def run():
+        from .checkpoint import resolve_checkpoint
+        from .config import validate_config
+        from .distributed import launched_externally
+        from .generate import load_weights
+        from .reflow import check_inputs
+
+        texts = list(prompt) + _read_prompts(prompts_file)
+        if not launched_externally():  # the one-line refusals come before relaunching or solving anything
+            teacher = validate_config(load_weights(resolve_checkpoint(ckpt))["config"], source=str(ckpt))
+            check_inputs(teacher, out, texts, force)
+        if _relaunched(gpus, nproc, extra=[a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
+            return
+        ctx = _rank_context(device, gpus)
+        _with_process_group(lambda: _reflow_rank(ctx, texts))
+
+    def _reflow_rank(ctx, texts):
+        from .generate import load_for_sampling
+        from .reflow import generate_pairs, rank_share
+
+        loaded = load_for_sampling(ckpt, ctx.device, use_ema=ema, text_encoder=text_encoder, with_vae=False)
+        sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver, rtol, atol)
+        console = _stderr_console()
+        with _progress(console, "reflow", rank_share(num_pairs, batch_size, ctx)) as advance:
+            summary = generate_pairs(
+                loaded, out, num_pairs=num_pairs, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, ctx=ctx, checkpoint=ckpt,
+                ema=ema, prompts=texts or None, force=force, on_chunk=advance if ctx.is_main else None,
+            )
+        if summary is None:
+            return
+        if as_json:
+            _emit_json(vars(summary))
+        else:
+            console.print(f"{summary.count} pairs, {summary.nfe} NFE each, {summary.seconds:.1f} s ({summary.chunks_reused} chunks reused)", highlight=False)
+            print(summary.path)
+
+    _guard(run)
+
+
 # ------------------------------------------------------------------------------------------- export
 
 

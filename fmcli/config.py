@@ -52,7 +52,7 @@ class FlowConfig(Strict):
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     shift: float = Field(1.0, gt=0)  # SD3-style time shift; 1 = none
-    coupling: Literal["independent", "ot-exact", "ot-sinkhorn"] = "independent"
+    coupling: Literal["independent", "ot-exact", "ot-sinkhorn", "pairs"] = "independent"  # pairs: x0 from an `fm reflow` dataset
     sinkhorn_reg: float = Field(0.05, gt=0)
     sinkhorn_iters: int = Field(100, gt=0)
     cond_dropout: float = Field(0.1, ge=0.0, le=1.0)
@@ -96,6 +96,7 @@ class TrainConfig(Strict):
     compile: bool = False
     max_nan_skips: int = Field(0, ge=0)  # non-finite losses tolerated (step skipped) before stopping
     tracker: Literal["none", "wandb", "tensorboard"] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
+    init_from: str | None = None  # start from these weights (a checkpoint, run or export directory: its EMA), e.g. reflow's teacher
 
 
 class SampleConfig(Strict):
@@ -145,8 +146,8 @@ class Config(Strict):
     @model_validator(mode="after")
     def _no_ot_for_text(self):
         # Re-pairing noise across a text batch would detach images from their captions (DESIGN.md section 2).
-        if self.model.cross_attention and self.flow.coupling != "independent":
-            raise ValueError("flow.coupling must be 'independent' for text models (model.cross_attention = true)")
+        if self.model.cross_attention and self.flow.coupling not in ("independent", "pairs"):
+            raise ValueError("flow.coupling must be 'independent' (or 'pairs') for text models (model.cross_attention = true)")
         return self
 
 

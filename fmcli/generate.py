@@ -70,9 +70,12 @@ class LoadedModel:
         return self.config.model.num_classes
 
 
-def load_for_sampling(ckpt: str, device: torch.device, use_ema: bool = True, vae: str | None = None, text_encoder: str | None = None) -> LoadedModel:
+def load_for_sampling(
+    ckpt: str, device: torch.device, use_ema: bool = True, vae: str | None = None, text_encoder: str | None = None, with_vae: bool = True
+) -> LoadedModel:
     """Build the model from the checkpoint's (or export directory's) own config and load its EMA (or raw)
-    weights, with the frozen encoders it needs (paths: the arguments, FM_VAE / FM_TEXT_ENCODER, then those recorded in the run)."""
+    weights, with the frozen encoders it needs (paths: the arguments, FM_VAE / FM_TEXT_ENCODER, then those recorded in the run).
+    `with_vae=False` skips the VAE: samples stay latents (reflow pairs)."""
     path = resolve_checkpoint(ckpt)
     state = load_weights(path)
     cfg = validate_config(state["config"], source=str(path))
@@ -83,7 +86,7 @@ def load_for_sampling(ckpt: str, device: torch.device, use_ema: bool = True, vae
     model.load_state_dict(weights)
     model.to(device).eval()
     info = state.get("data_info", {})
-    return LoadedModel(model=model, config=cfg, info=info, step=int(state.get("step", 0)), **_sampling_encoders(cfg, info, device, vae, text_encoder))
+    return LoadedModel(model=model, config=cfg, info=info, step=int(state.get("step", 0)), **_sampling_encoders(cfg, info, device, vae, text_encoder, with_vae))
 
 
 def load_weights(path) -> dict:
@@ -93,11 +96,11 @@ def load_weights(path) -> dict:
     return load_export(path) if is_export(path) else load_checkpoint(path, map_location="cpu")
 
 
-def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_encoder: str | None) -> dict:
+def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_encoder: str | None, with_vae: bool = True) -> dict:
     from .encoders import ENV_TEXT_ENCODER, ENV_VAE, FrozenVAE, TextConditioning, load_text_encoder, require, resolve_path
 
     out = {}
-    if info.get("kind") == "latents":
+    if info.get("kind") == "latents" and with_vae:
         path = require(resolve_path(vae, None, ENV_VAE, cfg.encoders.vae), "VAE", "--vae", ENV_VAE, "huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir {path}")
         out["vae"] = FrozenVAE(path, device, cfg.encoders.vae_precision)
     if cfg.model.cross_attention:

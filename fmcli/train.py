@@ -31,7 +31,7 @@ from . import __version__
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, config_to_dict
-from .data.prepared import PreparedDataset, collate_batched
+from .data.prepared import PreparedDataset, collate_batched, data_space
 from .errors import RuntimeFailure, UsageError
 from .flow import couple, flow_matching_loss, interpolate, sample_times
 from .generate import initial_noise, sample_batch
@@ -69,6 +69,30 @@ def train(
         return result
     finally:
         D.cleanup()
+
+
+def check_coupling_data(cfg: Config, dataset: PreparedDataset) -> None:
+    """flow.coupling = "pairs" trains on `fm reflow` pairs, and such pairs only with it."""
+    if cfg.flow.coupling == "pairs" and not dataset.is_pairs:
+        raise UsageError(f"flow.coupling='pairs' needs a reflow pairs dataset (`fm reflow --out DIR`), and {dataset.path} holds {dataset.manifest['kind']}")
+    if dataset.is_pairs and cfg.flow.coupling != "pairs":
+        raise UsageError(f"{dataset.path} holds reflow pairs: train on them with --set flow.coupling=pairs")
+    if dataset.is_pairs and cfg.data.flip:
+        raise UsageError("data.flip would separate reflow pairs (the flipped x1 is not the teacher's sample of x0): --set data.flip=false")
+
+
+def init_weights(model: nn.Module, source: str) -> None:
+    """Load the (EMA) weights of a checkpoint, run or export directory into `model`; the architectures must match."""
+    from .checkpoint import resolve_checkpoint
+    from .generate import load_weights
+
+    state = load_weights(resolve_checkpoint(source))
+    weights = state.get("ema") or state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise UsageError(f"train.init_from={source}: its model differs from this one ({first[1].strip() if len(first) > 1 else first[0]}); use the teacher's model settings") from None
 
 
 def resolve_data_fields(cfg: Config, manifest: dict) -> Config:
@@ -180,6 +204,7 @@ class _Trainer:
         cfg, ctx = self.cfg, self.ctx
         self.dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
         cfg = self.cfg = resolve_data_fields(cfg, self.dataset.manifest)
+        check_coupling_data(cfg, self.dataset)
         cfg = self.cfg = self._setup_encoders(cfg)
         self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
         if cfg.train.precision == "fp16" and ctx.device.type != "cuda":
@@ -197,7 +222,11 @@ class _Trainer:
             raise UsageError(f"train.global_batch_size {cfg.train.global_batch_size} exceeds the dataset size {len(self.dataset)}")
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every run
-        model = build_model(cfg.model).to(ctx.device)
+        model = build_model(cfg.model)
+        if cfg.train.init_from and resume_from is None:  # a resumed run's checkpoint already holds the weights
+            init_weights(model, cfg.train.init_from)
+            self.log.info(f"initialised from {cfg.train.init_from}")
+        model = model.to(ctx.device)
         self.ema = copy.deepcopy(model).float().requires_grad_(False).eval()
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optim)
@@ -286,7 +315,9 @@ class _Trainer:
         G = cfg.train.global_batch_size
         shape = tuple(self.dataset.manifest["shape"])
         # The whole global batch's randomness, drawn identically on every rank; each takes its rows.
-        noise = normal((G, *shape), *key)
+        # Reflow pairs bring their own noise (x0 stored with each x1).
+        pairs = cfg.flow.coupling == "pairs"
+        noise = None if pairs else normal((G, *shape), *key)
         gen = torch_generator(*key)
         times = sample_times(G, cfg.flow.time_sampler, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std, shift=cfg.flow.shift, generator=gen)
         drop = torch.rand(G, generator=gen) < cfg.flow.cond_dropout
@@ -299,8 +330,9 @@ class _Trainer:
             x1 = batch["x"].to(ctx.device, non_blocking=True)
             if cfg.data.flip:
                 x1 = torch.where(flip[rows].to(ctx.device).view(-1, 1, 1, 1), x1.flip(-1), x1)
-            x0, t = noise[rows].to(ctx.device), times[rows].to(ctx.device)
-            if cfg.flow.coupling != "independent":
+            x0 = batch["x0"].to(ctx.device, non_blocking=True) if pairs else noise[rows].to(ctx.device)
+            t = times[rows].to(ctx.device)
+            if cfg.flow.coupling not in ("independent", "pairs"):
                 # Minibatch OT (flow.couple): re-pair this micro-batch's noise with its data, within each
                 # class for class-conditional data. Under DDP each rank couples only its own micro-batch
                 # (no cross-rank plan), so the coupling depends on micro-batch size and world size.
@@ -493,7 +525,7 @@ class _Trainer:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text("".join(p + "\n" for p in prompts))
         x = sample_batch(self.ema, x0, labels, self.cfg.sample, shift=self.cfg.flow.shift, conditions=conditions).x
-        if self.dataset.manifest["kind"] == "latents":
+        if data_space(self.dataset.manifest) == "latents":
             x = self._decode_latents(x)
             if x is None:
                 return
@@ -511,12 +543,13 @@ class _Trainer:
         if self.cfg.eval.ref is None:
             self.log.info(f"note: eval.every={self.cfg.eval.every} but eval.ref is unset, so no FID during training (--set eval.ref=DATA|STATS.npz)")
             return None
-        if self.dataset.manifest["kind"] != "pixels":
+        if data_space(self.dataset.manifest) != "pixels":
             self.log.info("note: FID during training of latent-space models is not available yet; use `fm fid --ckpt` after training")
             return None
         from .evaluate import TrainingEvaluator
 
-        return TrainingEvaluator(self.cfg, self.dataset.manifest, self.ctx.device, log=self.log.info, with_reference=self.ctx.is_main)
+        manifest = {**self.dataset.manifest, "kind": "pixels"}  # reflow pairs of a pixel model: samples are pixels
+        return TrainingEvaluator(self.cfg, manifest, self.ctx.device, log=self.log.info, with_reference=self.ctx.is_main)
 
     def _evaluate(self) -> None:
         """FID of the EMA model on eval.num_samples samples (sample indices sharded across ranks),
@@ -639,8 +672,9 @@ def _injected_failure(ctx: D.DistContext, step: int) -> None:
 
 
 def _data_info(manifest: dict) -> dict:
+    """What sampling needs to know about the training data; a student of reflow pairs samples its teacher's kind."""
     keys = ("kind", "shape", "num_classes", "class_names", "source", "image_size", "vae", "text_encoder")
-    return {k: manifest.get(k) for k in keys}
+    return {**{k: manifest.get(k) for k in keys}, "kind": data_space(manifest)}
 
 
 class _stderr_log:
