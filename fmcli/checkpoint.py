@@ -47,20 +47,49 @@ def write_latest(ckpt_dir: Path, name: str) -> None:
     fsync_dir(ckpt_dir)
 
 
-def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int, keep_every: int = 0) -> Path:
-    """Save step's checkpoint, point `latest` at it, then delete what rotation no longer keeps."""
+def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int, keep_every: int = 0, log=None) -> Path:
+    """Save step's checkpoint, point `latest` at it, set aside an abandoned newer branch, then rotate.
+
+    A run resumed from an older checkpoint (a rollback) continues on a new branch: checkpoints with a
+    higher step belong to the abandoned future. They are moved (never deleted) into
+    `checkpoints/abandoned-from-step-XXXXXXX/`, and rotation only ever considers the current branch,
+    so the checkpoint just written is never removed.
+    """
     ckpt_dir = Path(ckpt_dir)
     path = save_atomic(state, ckpt_dir / checkpoint_name(step))
     write_latest(ckpt_dir, path.name)
-    rotate(ckpt_dir, keep_last, keep_every)
+    moved = set_aside_newer(ckpt_dir, step)
+    if moved and log is not None:
+        log(f"rollback: moved {len(moved)} newer checkpoint(s) of the abandoned branch to {moved[0].parent}")
+    rotate(ckpt_dir, keep_last, keep_every, current=step)
     return path
 
 
-def rotate(ckpt_dir: Path, keep_last: int, keep_every: int = 0) -> list[Path]:
+def set_aside_newer(ckpt_dir: Path, step: int) -> list[Path]:
+    """Move checkpoints with a step above `step` into abandoned-from-step-<step>/ (kept, out of rotation)."""
+    newer = sorted(s for s in list_checkpoints(ckpt_dir) if s > step)
+    if not newer:
+        return []
+    aside = ckpt_dir / f"abandoned-from-step-{step:07d}"
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for s in newer:
+        target = aside / checkpoint_name(s)
+        os.replace(ckpt_dir / checkpoint_name(s), target)
+        moved.append(target)
+    fsync_dir(aside)
+    fsync_dir(ckpt_dir)
+    return moved
+
+
+def rotate(ckpt_dir: Path, keep_last: int, keep_every: int = 0, current: int | None = None) -> list[Path]:
+    """Delete checkpoints beyond the newest `keep_last` (plus every `keep_every`-th); never `current`."""
     steps = sorted(list_checkpoints(ckpt_dir))
     keep = set(steps[-keep_last:])
     if keep_every:
         keep |= {s for s in steps if s % keep_every == 0}
+    if current is not None:
+        keep.add(current)
     removed = []
     for s in steps:
         if s not in keep:

@@ -232,15 +232,22 @@ def train(
     def run():
         from .config import load_config
 
-        cfg = load_config(preset, overrides)
-        if data is not None:
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data)})})
+        if resume is not None:  # the checkpoint's config plus resume-safe overrides, exactly as `fm resume`
+            target = run_dir or Path("runs") / load_config(preset).name
+            ckpt = _resume_checkpoint(target, resume)
+            cfg = resume_config(ckpt, overrides, data=data)
+            target = run_dir or _run_dir_of(ckpt)
+        else:
+            cfg = load_config(preset, overrides)
+            if data is not None:
+                cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data)})})
+            target = run_dir or Path("runs") / cfg.name
         if print_config:
             from .config import config_to_dict
 
             _emit_json(config_to_dict(cfg))
             return
-        _run_training(cfg, run_dir or Path("runs") / cfg.name, resume, stop_at_step, _launch_opts(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id))
+        _run_training(cfg, target, resume, stop_at_step, _launch_opts(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id))
 
     _guard(run)
 
@@ -261,16 +268,28 @@ def resume(
     """
 
     def run():
-        from .checkpoint import load_checkpoint, resolve_checkpoint
-        from .config import RESUME_SAFE_KEYS, apply_overrides, validate_config
+        from .checkpoint import resolve_checkpoint
 
         ckpt = resolve_checkpoint(target)
-        state = load_checkpoint(ckpt)
-        cfg = apply_overrides(validate_config(state["config"], source=str(ckpt)), overrides, allowed=RESUME_SAFE_KEYS)
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        _run_training(cfg, run_dir, str(ckpt), stop_at_step, _launch_opts(gpus, nproc, 1, 0, None, None))
+        _run_training(resume_config(ckpt, overrides), _run_dir_of(ckpt), str(ckpt), stop_at_step, _launch_opts(gpus, nproc, 1, 0, None, None))
 
     _guard(run)
+
+
+def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None):
+    """The one way a resumed run's config is built: the checkpoint's config plus resume-safe overrides only
+    (anything else would change the math of a run whose optimizer and EMA state are restored)."""
+    from .checkpoint import load_checkpoint
+    from .config import RESUME_SAFE_KEYS, apply_overrides, validate_config
+
+    cfg = validate_config(load_checkpoint(ckpt)["config"], source=str(ckpt))
+    if data is not None and Path(cfg.data.path or "").resolve() != data.resolve():
+        raise UsageError(f"--data {data} differs from the resumed run's data.path {cfg.data.path}: a run cannot change its dataset on resume")
+    return apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
+
+
+def _run_dir_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
 def _launch_opts(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id) -> dict:
@@ -288,7 +307,9 @@ def _run_training(cfg, run_dir: Path, resume_arg: Optional[str], stop_at_step, l
         D.check_gpus(launch["gpus"])
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
     # The parent resolves everything that all ranks must agree on: data, run directory, checkpoint.
-    cfg = _ensure_data(cfg, prepare=not child or int(os.environ.get("RANK", "0")) == 0)
+    # Under an external launcher (torchrun/SLURM, not our own relaunch) local rank 0 prepares the default
+    # data and the other ranks wait for its manifest; our own relaunch prepared it in the parent already.
+    cfg = _ensure_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
     ckpt = _resume_checkpoint(run_dir, resume_arg)
     if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and int(os.environ.get("RANK", "0")) == 0:
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -379,12 +400,22 @@ def _ensure_data(cfg, prepare: bool):
     from .data.sources import GENERATOR_VERSION
 
     path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.train.seed}"
-    existing = read_manifest(path) if (path / "manifest.json").is_file() else None
-    stale = existing is not None and existing.get("generator_version") != GENERATOR_VERSION
-    if prepare and (existing is None or stale):
-        why = " (the existing one came from an older shapes generator)" if stale else ""
-        _stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
-        _prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.train.seed, force=stale)
+
+    def current() -> dict | None:
+        existing = read_manifest(path) if (path / "manifest.json").is_file() else None
+        return existing if existing is not None and existing.get("generator_version") == GENERATOR_VERSION else None
+
+    if current() is None:
+        if prepare:
+            stale = (path / "manifest.json").is_file()
+            why = " (the existing one came from an older shapes generator)" if stale else ""
+            _stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
+            _prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.train.seed, force=stale)
+        else:
+            from .distributed import wait_until
+
+            timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
+            wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(path)})})
 
 

@@ -10,12 +10,13 @@ import logging
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from .errors import RuntimeFailure, UsageError
 
 
 @dataclass
@@ -168,6 +169,9 @@ def relaunch(
             raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
         args += ["--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
         args += ["--rdzv-id", rdzv_id or "fm"]
+    # After forwarding Ctrl-C/SIGTERM the agent waits this long for the ranks to write their stop checkpoint
+    # before it SIGKILLs them (torchrun's default, 30 s, is too short for a large model).
+    args += ["--shutdown-timeout", str(shutdown_timeout())]
     args += ["--max-restarts", "0", "--module", "fmcli.cli", *argv]
     parsed = get_args_parser().parse_args(args)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
@@ -188,6 +192,23 @@ def relaunch(
         print(f"error: distributed run stopped with exit code {code} (the failing rank's message is above)", file=sys.stderr)
         return code
     return 0
+
+
+def shutdown_timeout() -> int:
+    """Seconds the launcher gives ranks to finish after a stop signal: FM_SHUTDOWN_TIMEOUT, default 600."""
+    value = os.environ.get("FM_SHUTDOWN_TIMEOUT", "600")
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"FM_SHUTDOWN_TIMEOUT must be a positive number of seconds, got {value!r}")
+    return int(value)
+
+
+def wait_until(ready, timeout: float, what: str, poll: float = 0.5) -> None:
+    """Block until `ready()` is true (another rank is preparing something), or fail with a clear message."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeFailure(f"timed out after {timeout:.0f} s waiting for {what}; did local rank 0 fail?")
+        time.sleep(poll)
 
 
 def is_peer_failure(err: BaseException) -> bool:

@@ -281,10 +281,8 @@ class _Trainer:
                     elapsed = time.perf_counter() - window_start
                     self._log_metrics(window, grad_norm, elapsed)
                     window, window_start = [], time.perf_counter()
-                if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
-                    self._save_samples()
-                if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    self._evaluate()
+                # A requested stop checkpoints before anything slow (samples, FID): under a launcher the
+                # workers get only a grace period after the signal before they are killed.
                 stop_now = D.any_rank(self.stop_requested, ctx) or self.step == stop_at_step
                 if stop_now or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
                     result.checkpoint = self._save_checkpoint()
@@ -292,6 +290,10 @@ class _Trainer:
                     result.stopped_early = True
                     self.log.info(f"stopped at step {self.step}; continue with: fm resume {self.run_dir}")
                     break
+                if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                    self._save_samples()
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self._evaluate()
             else:
                 if result.checkpoint is None or not result.checkpoint.name.endswith(f"{self.step:07d}.pt"):
                     result.checkpoint = self._save_checkpoint()
@@ -445,7 +447,7 @@ class _Trainer:
         path = None
         D.barrier(self.ctx)
         if self.ctx.is_main:
-            path = save_checkpoint(state, self.run_dir / "checkpoints", self.step, self.cfg.train.keep_last, self.cfg.train.keep_every)
+            path = save_checkpoint(state, self.run_dir / "checkpoints", self.step, self.cfg.train.keep_last, self.cfg.train.keep_every, log=self.log.info)
             self.log.info(f"checkpoint: {path}")
         D.barrier(self.ctx)
         return path or self.run_dir / "checkpoints" / f"step-{self.step:07d}.pt"
@@ -543,9 +545,11 @@ class _Trainer:
         if self.cfg.eval.ref is None:
             self.log.info(f"note: eval.every={self.cfg.eval.every} but eval.ref is unset, so no FID during training (--set eval.ref=DATA|STATS.npz)")
             return None
+        # Refused here, before any step, rather than failing at the first evaluation and losing the work.
         if data_space(self.dataset.manifest) != "pixels":
-            self.log.info("note: FID during training of latent-space models is not available yet; use `fm fid --ckpt` after training")
-            return None
+            raise UsageError("eval.ref is set, but FID during training of latent-space models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
+        if self.cfg.model.cross_attention:
+            raise UsageError("eval.ref is set, but FID during training of text-conditioned models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
         from .evaluate import TrainingEvaluator
 
         manifest = {**self.dataset.manifest, "kind": "pixels"}  # reflow pairs of a pixel model: samples are pixels
