@@ -193,3 +193,18 @@ def test_pairs_training_resumes_bit_exactly_and_starts_from_the_teacher(teacher,
         torch.testing.assert_close(got[k], v, atol=1e-9, rtol=0)
     with pytest.raises(UsageError, match="init_from"):
         train(load_config("debug", [*common, "model.depth=3"]), tmp_path / "mismatch")
+
+
+def test_straightness_benchmark_against_closed_forms():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("reflow_straightness", REPO / "benchmarks" / "reflow_straightness.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    assert bench.path_straightness(lambda x, t: a, torch.zeros_like(a), 8) == pytest.approx(0.0, abs=1e-24)  # a straight path
+    # v = 2 t a: x1 - x0 = a, S = mean(a^2) * integral of (2t - 1)^2 dt = mean(a^2) / 3 (Euler: to O(1/steps)).
+    s = bench.path_straightness(lambda x, t: 2 * t * a, torch.zeros_like(a), 2000)
+    assert s == pytest.approx((a**2).mean().item() / 3, rel=2e-3)
