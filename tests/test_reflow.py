@@ -135,11 +135,13 @@ def test_pairs_round_trip_through_the_reader(teacher, tmp_path):
     np.testing.assert_array_equal(batch["y"].numpy(), raw["y"][[3, 0, 10]])
 
 
-def text_checkpoint(path):
-    cfg = load_config("debug", ["model.cross_attention=true", "model.text_dim=8", "model.image_size=16", "model.in_channels=3", "model.num_classes=0"])
+def text_checkpoint(path, encoder=None, text_dim=8):
+    cfg = load_config("debug", ["model.cross_attention=true", f"model.text_dim={text_dim}", "model.image_size=16", "model.in_channels=3",
+                                "model.num_classes=0", f"encoders.text_encoder='{encoder}'", "encoders.max_tokens=8"])
     from fmcli.models import build_model
 
-    save_atomic({"model": build_model(cfg.model).state_dict(), "config": config_to_dict(cfg), "step": 1, "data_info": {}}, path)
+    sd = build_model(cfg.model).state_dict()
+    save_atomic({"model": sd, "ema": sd, "config": config_to_dict(cfg), "step": 1, "data_info": {}}, path)
 
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(debug_run, tmp_path):
@@ -150,6 +152,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(debug_run, tmp_path):
     exists = run_fm("reflow", "--ckpt", debug_run, "-n", "4", "--out", tmp_path / "taken")
     assert exists.returncode == 2 and exists.stderr.count("\n") == 1 and "--force" in exists.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "text.pt"] and not any((tmp_path / "taken").iterdir())
+
+
+def test_text_teacher_pairs_carry_their_prompts(tmp_path):
+    from fmcli.encoders import build_tiny_text_encoder
+
+    words = ["a", "red", "blue", "circle", "star"]
+    encoder = build_tiny_text_encoder(tmp_path / "t5", seed=0, words=words, d_model=16, layers=1, heads=2)
+    text_checkpoint(tmp_path / "text.pt", encoder, text_dim=16)
+    loaded = load_for_sampling(str(tmp_path / "text.pt"), torch.device("cpu"))
+    prompts = ["a red circle", "a blue star", "a star"]
+    pairs(loaded, tmp_path / "p", n=7, batch_size=3, prompts=prompts)
+    ds = PreparedDataset(tmp_path / "p", text=True)
+    assert ds.manifest["num_classes"] == 0 and not ds.has_labels
+    assert ds.__getitems__(list(range(7)))["caption"] == [prompts[i % 3] for i in range(7)]
+    assert ds.manifest["teacher"]["prompts_sha256"]  # the prompts are part of the plan a restart must match
 
 
 # ------------------------------------------------------------------------------------ training on pairs
