@@ -48,7 +48,7 @@ class ModelConfig(Strict):
 
 class FlowConfig(Strict):
     sigma_min: float = Field(1e-5, ge=0.0, lt=1.0)
-    time_sampler: Literal["uniform", "logit_normal"] = "uniform"
+    time_sampler: Literal["uniform", "logit_normal", "zero"] = "uniform"  # zero: one-step distillation on reflow pairs
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     shift: float = Field(1.0, gt=0)  # SD3-style time shift; 1 = none

@@ -50,7 +50,10 @@ def sample_times(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Training times in [0, 1]: `uniform`, or `logit_normal` (sigmoid of N(mean, std)), then the shift."""
+    """Training times in [0, 1]: `uniform`, or `logit_normal` (sigmoid of N(mean, std)), then the shift;
+    `zero`: t = 0 only, the one-step distillation of a reflowed model on its pairs (Liu et al. 2022, sec. 2.3)."""
+    if sampler == "zero":
+        return torch.zeros(n, device=device)
     if sampler == "uniform":
         t = torch.rand(n, generator=generator, device=device)
     elif sampler == "logit_normal":

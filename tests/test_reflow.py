@@ -225,3 +225,16 @@ def test_straightness_benchmark_against_closed_forms():
     # v = 2 t a: x1 - x0 = a, S = mean(a^2) * integral of (2t - 1)^2 dt = mean(a^2) / 3 (Euler: to O(1/steps)).
     s = bench.path_straightness(lambda x, t: 2 * t * a, torch.zeros_like(a), 2000)
     assert s == pytest.approx((a**2).mean().item() / 3, rel=2e-3)
+
+
+def test_one_step_distillation_trains_at_t0_only(tmp_path, monkeypatch):
+    import fmcli.train as train_mod
+    from fmcli.flow import sample_times
+
+    assert torch.equal(sample_times(5, "zero", shift=3.0), torch.zeros(5))  # no shift moves t = 0
+    seen, real = [], train_mod.interpolate
+    monkeypatch.setattr(train_mod, "interpolate", lambda x0, x1, t, s: seen.append(t) or real(x0, x1, t, s))
+    data = identity_pairs(tmp_path / "pairs")
+    cfg = load_config("debug", [f"data.path='{data}'", "flow.coupling='pairs'", "flow.time_sampler='zero'", "train.steps=2", "train.checkpoint_every=0"])
+    train(cfg, tmp_path / "run")
+    assert len(seen) == 2 and all(torch.equal(t, torch.zeros(16)) for t in seen)
