@@ -215,7 +215,7 @@ def loader_throughput(data: Path, workers: int, batches: int = 400) -> float:
     from torch.utils.data import DataLoader
 
     from fmcli.data.prepared import PreparedDataset, collate_batched
-    from fmcli.train import RankBatchSampler
+    from fmcli.data.sampler import RankBatchSampler
 
     ds = PreparedDataset(data)
     ctx = SimpleNamespace(world_size=1, rank=0)
@@ -241,7 +241,8 @@ def train_throughput(data: Path, steps: int = 10) -> float:
     from fmcli.data.prepared import PreparedDataset
     from fmcli.flow import flow_matching_loss, interpolate, sample_times
     from fmcli.models import build_model
-    from fmcli.train import build_optimizer, resolve_data_fields
+    from fmcli.config import resolve as resolve_data_fields
+    from fmcli.optim import build_optimizer
 
     ds = PreparedDataset(data)
     cfg = resolve_data_fields(load_config("quickstart"), ds.manifest)

@@ -6,16 +6,16 @@ Results (and --json) go to stdout; logs and progress go to stderr. Exit codes: 0
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 from . import __version__
+from .console import emit_json, print_error, stderr_console
+from .data.prepare import SOURCES
 from .errors import FmError, UsageError
 
 # ------------------------------------------------------------------------------------------- the app
@@ -28,10 +28,10 @@ class _App(typer.Typer):
         try:
             return super().__call__(*args, **kwargs)
         except FmError as err:
-            _print_error(str(err))
+            print_error(str(err))
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
-            _print_error("interrupted")
+            print_error("interrupted")
             sys.exit(130)
 
 
@@ -44,10 +44,6 @@ app = _App(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 _STATE = {"debug": False}
-
-
-def _print_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
 
 
 def _version(value: bool):
@@ -81,25 +77,56 @@ def _guard(fn):
         raise FmError(f"{type(err).__name__}: {err} (rerun with --debug for the traceback)", exit_code=1) from None
 
 
-def _emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+def _device(name: str):
+    from .distributed import resolve_device
+
+    return resolve_device(name)
 
 
-def _stderr_console():
-    from rich.console import Console
+# ------------------------------------------------------------------ options shared by several commands
 
-    return Console(stderr=True)
+Preset = Annotated[str, typer.Option("--preset", "-p", help="Preset name (see presets/) or a .toml file.")]
+Overrides = Annotated[List[str], typer.Option("--set", help="Override a setting, e.g. --set train.steps=200 (repeatable).")]
+Ckpt = Annotated[str, typer.Option("--ckpt", help="Checkpoint file or run directory (its latest checkpoint).")]
+CfgScale = Annotated[Optional[float], typer.Option("--cfg", min=0.0, help="Classifier-free guidance weight (1 = off).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Solver steps (fixed-step solvers).")]
+Solver = Annotated[Optional[str], typer.Option("--solver", help="euler, midpoint, heun, rk4 or dopri5.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed: sample i's noise depends only on (seed, i).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward batch.")]
+Ema = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Gpus = Annotated[int, typer.Option("--gpus", min=0, help="Use N local GPUs (DDP over NCCL; sampling shards sample indices).")]
+Nproc = Annotated[int, typer.Option("--nproc", min=0, help="Use N local processes (gloo on CPU).")]
+StopAt = Annotated[Optional[int], typer.Option("--stop-at-step", min=1, help="Checkpoint and stop at this step (resume later).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+
+
+def parse_interval(text: Optional[str]):
+    """--guidance-interval LO,HI -> (lo, hi) (range checks are SampleConfig's)."""
+    if text is None:
+        return None
+    try:
+        interval = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        interval = ()
+    if len(interval) != 2:
+        raise UsageError(f"--guidance-interval expects LO,HI (e.g. 0.1,0.8), got {text!r}")
+    return interval
+
+
+def _sample_overrides(**given):
+    """A function base -> base with these command-line sampling options (validated in config.sample_settings)."""
+    from .config import sample_settings
+
+    return lambda base: sample_settings(base, **given)
 
 
 # ------------------------------------------------------------------------------------- prepare-data
 
-PREPARE_SOURCES = ("shapes", "cifar10", "mnist", "folder", "captions", "tar")
-
-
 @app.command("prepare-data")
 def prepare_data(
-    source: str = typer.Argument(..., help=f"Data source: {', '.join(PREPARE_SOURCES)}."),
+    source: str = typer.Argument(..., help=f"Data source: {', '.join(SOURCES)}."),
     out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
     root: Optional[str] = typer.Option(None, "--root", help="Input: archive, folder, jsonl file, or a quoted tar glob 'shards/*.tar'."),
     split: str = typer.Option("train", "--split", help="train or test (cifar10, mnist)."),
@@ -136,13 +163,14 @@ def prepare_data(
 
     def run():
         from .data.prepare import default_workers
+        from .launch import prepare_encoded_with_progress, prepare_with_progress
 
-        console = _stderr_console()
+        console = stderr_console()
         summaries = []
 
         def pixels(target: Path) -> Path:
             """The pixel dataset of any source; with --vae/--text-encoder it is a temporary step before encoding."""
-            summary = _prepare_with_progress(
+            summary = prepare_with_progress(
                 source, target, root=root, split=split, size=size, limit=limit, workers=workers or default_workers(), force=force, count=count, seed=seed
             )
             summaries.append(summary)
@@ -151,7 +179,7 @@ def prepare_data(
         if vae or text_encoder:
             encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch)
             total = limit or (count if source == "shapes" else None)  # other sources: known only once read
-            path = _prepare_encoded_with_progress(pixels, out, total, _device(device), force, encode)
+            path = prepare_encoded_with_progress(pixels, out, total, _device(device), force, encode)
             summary = summaries[-1]
             summary.path = str(path)
             summary.bytes = sum(f.stat().st_size for f in Path(path).iterdir())
@@ -163,7 +191,7 @@ def prepare_data(
             more = f" (and {summary.skipped - len(summary.skipped_examples)} more)" if summary.skipped > len(summary.skipped_examples) else ""
             console.print(f"skipped {summary.skipped} unusable item(s): {shown}{more}", highlight=False, markup=False)
         if as_json:
-            _emit_json({k: v for k, v in vars(summary).items() if k != "skipped_examples"})
+            emit_json({k: v for k, v in vars(summary).items() if k != "skipped_examples"})
         else:
             console.print(f"wrote {summary.count} images ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s", highlight=False)
             print(summary.path)
@@ -171,51 +199,20 @@ def prepare_data(
     _guard(run)
 
 
-def _prepare_with_progress(source: str, target: Path, **kwargs):
-    """data.prepare.prepare with a progress bar on stderr (when it is a terminal); returns its Summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .data.prepare import prepare
-
-    console = _stderr_console()
-    columns = (TextColumn(source), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(source, total=None)
-        return prepare(
-            source,
-            target,
-            on_start=lambda total: bar.update(task, total=total),
-            on_progress=lambda n: bar.advance(task, n),
-            **kwargs,
-        )
-
-
-def _prepare_encoded_with_progress(pixels, out: Path, total: int | None, device, force: bool, encode: dict) -> Path:
-    from rich.progress import Progress
-
-    from .data.latents import prepare_encoded
-
-    with Progress(console=_stderr_console(), transient=True) as bar:
-        task = bar.add_task("encode", total=total)
-        return prepare_encoded(pixels, out, force=force, device=device, progress=lambda n: bar.advance(task, n), **encode)
-
-
 # -------------------------------------------------------------------------------------------- train
-
-_SET_HELP = "Override a setting, e.g. --set train.steps=200 (repeatable)."
 
 
 @app.command()
 def train(
-    preset: str = typer.Option("quickstart", "--preset", "-p", help="Preset name in presets/ or a .toml file."),
+    preset: Preset = "quickstart",
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared dataset directory (overrides data.path)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/NAME)."),
-    overrides: List[str] = typer.Option([], "--set", help=_SET_HELP),
+    overrides: Overrides = [],
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (in the run directory) or a checkpoint path."),
-    stop_at_step: Optional[int] = typer.Option(None, "--stop-at-step", min=1, help="Checkpoint and stop at this step (resume later)."),
-    gpus: int = typer.Option(0, "--gpus", min=0, help="Train on N local GPUs (DDP over NCCL)."),
-    nproc: int = typer.Option(0, "--nproc", min=0, help="Train with N local processes (gloo on CPU)."),
+    stop_at_step: StopAt = None,
+    gpus: Gpus = 0,
+    nproc: Nproc = 0,
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="Number of nodes (multi-node DDP)."),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank (multi-node DDP)."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node)."),
@@ -230,24 +227,22 @@ def train(
     """
 
     def run():
-        from .config import load_config
+        from .config import config_to_dict, load_config
+        from .launch import launch_options, resume_checkpoint, resume_config, run_dir_of, run_training
 
+        launch = launch_options(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id)
         if resume is not None:  # the checkpoint's config plus resume-safe overrides, exactly as `fm resume`
-            target = run_dir or Path("runs") / load_config(preset).name
-            ckpt = _resume_checkpoint(target, resume)
-            cfg = resume_config(ckpt, overrides, data=data)
-            target = run_dir or _run_dir_of(ckpt)
+            ckpt = resume_checkpoint(run_dir or Path("runs") / load_config(preset).name, resume)
+            cfg, target = resume_config(ckpt, overrides, data=data), run_dir or run_dir_of(ckpt)
         else:
             cfg = load_config(preset, overrides)
             if data is not None:
                 cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data)})})
             target = run_dir or Path("runs") / cfg.name
         if print_config:
-            from .config import config_to_dict
-
-            _emit_json(config_to_dict(cfg))
+            emit_json(config_to_dict(cfg))
             return
-        _run_training(cfg, target, resume, stop_at_step, _launch_opts(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id))
+        _print_checkpoint(run_training(cfg, target, resume, stop_at_step, launch))
 
     _guard(run)
 
@@ -256,9 +251,9 @@ def train(
 def resume(
     target: Path = typer.Argument(..., help="A run directory (resumes its latest checkpoint) or a checkpoint file."),
     overrides: List[str] = typer.Option([], "--set", help="Change a resume-safe setting, e.g. --set train.steps=2000."),
-    stop_at_step: Optional[int] = typer.Option(None, "--stop-at-step", min=1, help="Checkpoint and stop at this step."),
-    gpus: int = typer.Option(0, "--gpus", min=0, help="Resume on N local GPUs."),
-    nproc: int = typer.Option(0, "--nproc", min=0, help="Resume with N local processes."),
+    stop_at_step: StopAt = None,
+    gpus: Gpus = 0,
+    nproc: Nproc = 0,
 ):
     """Continue a stopped run exactly where it left off.
 
@@ -269,93 +264,12 @@ def resume(
 
     def run():
         from .checkpoint import resolve_checkpoint
+        from .launch import launch_options, resume_config, run_dir_of, run_training
 
         ckpt = resolve_checkpoint(target)
-        _run_training(resume_config(ckpt, overrides), _run_dir_of(ckpt), str(ckpt), stop_at_step, _launch_opts(gpus, nproc, 1, 0, None, None))
+        _print_checkpoint(run_training(resume_config(ckpt, overrides), run_dir_of(ckpt), str(ckpt), stop_at_step, launch_options(gpus, nproc)))
 
     _guard(run)
-
-
-def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None):
-    """The one way a resumed run's config is built: the checkpoint's config plus resume-safe overrides only
-    (anything else would change the math of a run whose optimizer and EMA state are restored)."""
-    from .checkpoint import load_checkpoint
-    from .config import RESUME_SAFE_KEYS, apply_overrides, validate_config
-
-    cfg = validate_config(load_checkpoint(ckpt)["config"], source=str(ckpt))
-    if data is not None and Path(cfg.data.path or "").resolve() != data.resolve():
-        raise UsageError(f"--data {data} differs from the resumed run's data.path {cfg.data.path}: a run cannot change its dataset on resume")
-    return apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
-
-
-def _run_dir_of(ckpt: Path) -> Path:
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-
-
-def _launch_opts(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id) -> dict:
-    if gpus and nproc:
-        raise UsageError("use either --gpus N or --nproc N, not both")
-    return dict(gpus=gpus, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
-
-
-def _run_training(cfg, run_dir: Path, resume_arg: Optional[str], stop_at_step, launch: dict) -> None:
-    from . import distributed as D
-
-    child = D.launched_externally()
-    procs = launch["gpus"] or launch["nproc"]
-    if launch["gpus"]:
-        D.check_gpus(launch["gpus"])
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
-    # The parent resolves everything that all ranks must agree on: data, run directory, checkpoint.
-    # Under an external launcher (torchrun/SLURM, not our own relaunch) local rank 0 prepares the default
-    # data and the other ranks wait for its manifest; our own relaunch prepared it in the parent already.
-    cfg = _ensure_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
-    ckpt = _resume_checkpoint(run_dir, resume_arg)
-    if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and int(os.environ.get("RANK", "0")) == 0:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
-    if procs > 1 and not child or launch["nnodes"] > 1 and not child:
-        if cfg.train.micro_batch_size == "auto":  # tune once here, single-process; the ranks read the cache
-            import torch
-
-            from .bench import auto_micro_batch
-
-            device = torch.device("cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            auto_micro_batch(cfg, run_dir, device, world_size=procs * launch["nnodes"], log=lambda m: print(m, file=sys.stderr))
-        argv = _child_argv(cfg, run_dir, ckpt, stop_at_step)
-        code = D.relaunch(
-            max(procs, 1),
-            argv,
-            nnodes=launch["nnodes"],
-            node_rank=launch["node_rank"],
-            rdzv_endpoint=launch["rdzv_endpoint"],
-            rdzv_id=launch["rdzv_id"],
-            extra_env={"FM_RUN_RESOLVED": "1"},
-        )
-        if code:
-            raise typer.Exit(code)
-        return
-    from .train import train as train_loop
-
-    result = train_loop(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(result.checkpoint)
-
-
-def _child_argv(cfg, run_dir: Path, ckpt: Optional[Path], stop_at_step) -> list[str]:
-    """The children get the fully resolved config as a file, so every rank trains the same thing."""
-    from .config import config_to_dict
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = run_dir / ".launch-config.json"
-    resolved.write_text(json.dumps(config_to_dict(cfg)))
-    argv = ["_train-resolved", str(resolved), "--run-dir", str(run_dir)]
-    if ckpt is not None:
-        argv += ["--resume", str(ckpt)]
-    if stop_at_step:
-        argv += ["--stop-at-step", str(stop_at_step)]
-    return argv
 
 
 @app.command("_train-resolved", hidden=True)
@@ -368,55 +282,22 @@ def train_resolved(
     """Internal: one rank of a run whose config the launching parent already resolved."""
 
     def run():
+        import json
+
         from .config import validate_config
         from .train import train as train_loop
 
         cfg = validate_config(json.loads(config_file.read_text()), source=str(config_file))
         ckpt = Path(resume_arg) if resume_arg else None
-        result = train_loop(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(result.checkpoint)
+        _print_checkpoint(train_loop(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step).checkpoint)
 
     _guard(run)
 
 
-def _resume_checkpoint(run_dir: Path, resume_arg: Optional[str]) -> Optional[Path]:
-    from .checkpoint import resolve_checkpoint
-
-    if resume_arg is None:
-        return None
-    return resolve_checkpoint(run_dir if resume_arg == "latest" else resume_arg)
-
-
-def _ensure_data(cfg, prepare: bool):
-    """Use data.path; for the shapes source with no path, prepare (once) a default dataset under data/."""
-    if cfg.data.path:
-        if not Path(cfg.data.path).exists():
-            raise UsageError(f"data.path {cfg.data.path} does not exist; create it with `fm prepare-data {cfg.data.source} --out {cfg.data.path}`")
-        return cfg
-    if cfg.data.source != "shapes":
-        raise UsageError(f"no dataset given: pass --data DIR, prepared with `fm prepare-data {cfg.data.source} --root ... --out DIR`")
-    from .data.prepared import read_manifest
-    from .data.sources import GENERATOR_VERSION
-
-    path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.train.seed}"
-
-    def current() -> dict | None:
-        existing = read_manifest(path) if (path / "manifest.json").is_file() else None
-        return existing if existing is not None and existing.get("generator_version") == GENERATOR_VERSION else None
-
-    if current() is None:
-        if prepare:
-            stale = (path / "manifest.json").is_file()
-            why = " (the existing one came from an older shapes generator)" if stale else ""
-            _stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
-            _prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.train.seed, force=stale)
-        else:
-            from .distributed import wait_until
-
-            timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
-            wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(path)})})
+def _print_checkpoint(path) -> None:
+    """The last checkpoint on stdout (rank 0 only), for scripts: `ckpt=$(fm train ...)`."""
+    if path is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(path)
 
 
 # ------------------------------------------------------------------------------------------- sample
@@ -424,29 +305,29 @@ def _ensure_data(cfg, prepare: bool):
 
 @app.command()
 def sample(
-    ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint file or run directory."),
+    ckpt: Ckpt,
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", min=1, help="Number of images (default 16, or one per prompt)."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Class index for every sample (default: cycle)."),
     prompt: List[str] = typer.Option([], "--prompt", help="Text prompt (text models; repeatable: samples cycle through them)."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Local VAE directory (latent models; default: FM_VAE, then the run's)."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (default: FM_TEXT_ENCODER, then the run's)."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
+    cfg_scale: CfgScale = None,
+    steps: Steps = None,
+    solver: Solver = None,
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (dopri5)."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (dopri5)."),
     guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="LO,HI: apply CFG only for t in [LO, HI] (t=0 noise)."),
-    seed: int = typer.Option(0, "--seed", help="Seed: sample i's noise depends only on (seed, i)."),
+    seed: Seed = 0,
     out: Path = typer.Option(Path("samples"), "--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only)."),
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write a trajectory GIF (noise to image) of the grid."),
     gif_frames: int = typer.Option(16, "--gif-frames", min=2, help="Frames in the GIF, at evenly spaced solver times."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward batch."),
-    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print paths, NFE and seconds as JSON on stdout."),
-    gpus: int = typer.Option(0, "--gpus", min=0, help="Generate on N local GPUs (sample indices sharded)."),
-    nproc: int = typer.Option(0, "--nproc", min=0, help="Generate with N local processes."),
+    batch_size: BatchSize = 64,
+    ema: Ema = True,
+    device: Device = "auto",
+    as_json: Json = False,
+    gpus: Gpus = 0,
+    nproc: Nproc = 0,
 ):
     """Generate images from a checkpoint.
 
@@ -460,80 +341,31 @@ def sample(
     """
 
     def run():
+        from .generate import sample_command
+        from .launch import rank_context, relaunched, with_process_group
+
         if gif is not None and gif.suffix.lower() != ".gif":
             raise UsageError(f"--gif expects a .gif file name, got {gif}")
         if gif is not None and (gpus > 1 or nproc > 1):
             raise UsageError("--gif is drawn by one process: drop --gpus/--nproc")
+        overrides = _sample_overrides(cfg=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, guidance_interval=parse_interval(guidance_interval))
         texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
         n = num_samples or len(texts) or 16
-        if _relaunched(gpus, nproc, extra=["--num-samples", str(n)] + [a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
+        if relaunched(gpus, nproc, extra=["--num-samples", str(n)] + [a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
             return
-        ctx = _rank_context(device, gpus)
-        _with_process_group(lambda: _sample_ranks(ctx, texts, n))
-
-    def _sample_ranks(ctx, texts, n):
-        import torch
-
-        from . import distributed as D
-        from .generate import iterate_samples, load_for_sampling, merge_trajectories
-        from .images import save_gif, save_grid, save_images, trajectory_frames
-
-        dev = ctx.device
-        loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
-        sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver, rtol, atol, guidance_interval)
-        start = time.perf_counter()
-        xs, nfes, paths, trajectories = [], [], [], []
-        to_dir = out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp")
-        indices = D.shard_indices(n, ctx)  # sample i depends only on (seed, i): any split gives the same images
-        for chunk, _, result in iterate_samples(
-            loaded,
-            indices,
-            seed=seed,
-            sample_cfg=sample_cfg,
-            batch_size=batch_size,
-            device=dev,
-            class_label=class_label,
-            shift=loaded.config.flow.shift,
-            capture=gif_frames if gif is not None else 0,
-            prompts=[texts[i % len(texts)] for i in indices] if texts else None,
-        ):
-            xs.append(result.x.cpu())
-            nfes.append(result.nfe)
-            if gif is not None:
-                trajectories.append([(t, x.cpu()) for t, x in result.trajectory])
-            if to_dir:
-                for k, i in enumerate(chunk):  # each rank writes its own samples, named by global index
-                    paths += save_images(result.x[k : k + 1], out, start_index=i)
-        local = torch.cat(xs) if xs else torch.empty(0)
-        images = torch.stack(D.gather_in_index_order(indices, list(local), ctx))
-        paths = [p for part in D.all_gather_objects(paths, ctx) for p in part]
-        nfes = [v for part in D.all_gather_objects(nfes, ctx) for v in part]
-        if not ctx.is_main:
+        ctx = rank_context(device, gpus)
+        summary = with_process_group(lambda: sample_command(
+            ctx, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif,
+            gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder,
+        ))  # fmt: skip
+        if summary is None:  # not rank 0
             return
-        paths.sort()
-        grid = save_grid(images, out / "grid.png" if to_dir else out)
-        gif_path = save_gif(trajectory_frames(merge_trajectories(trajectories)), gif) if gif is not None else None
-        seconds = time.perf_counter() - start
         if as_json:
-            _emit_json(
-                {
-                    "paths": [str(p) for p in paths],
-                    "grid": str(grid),
-                    "gif": str(gif_path) if gif_path else None,
-                    "num_samples": n,
-                    "nfe": max(nfes),  # network evaluations per sample trajectory (a CFG pair counts once)
-                    "nfe_total": sum(nfes),  # batched forward passes over all batches
-                    "seconds": round(seconds, 3),
-                    "solver": sample_cfg.solver,
-                    "steps": sample_cfg.steps,
-                    "cfg": sample_cfg.cfg,
-                    "seed": seed,
-                }
-            )
+            emit_json(summary)
         else:
-            print(grid)
-            if gif_path:
-                print(gif_path)
+            print(summary["grid"])
+            if summary["gif"]:
+                print(summary["gif"])
 
     _guard(run)
 
@@ -543,25 +375,25 @@ def sample(
 
 @app.command()
 def reflow(
-    ckpt: str = typer.Option(..., "--ckpt", help="Teacher: checkpoint file, run directory or export directory."),
+    ckpt: Annotated[str, typer.Option("--ckpt", help="Teacher: checkpoint file, run directory or export directory.")],
     num_pairs: int = typer.Option(..., "--num-pairs", "-n", min=1, help="Number of (noise, sample) pairs."),
     out: Path = typer.Option(..., "--out", help="Output dataset directory (kind 'pairs', written atomically)."),
     solver: str = typer.Option("heun", "--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4 or dopri5."),
     steps: int = typer.Option(50, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (default: the teacher's sample.cfg)."),
+    cfg_scale: Annotated[Optional[float], typer.Option("--cfg", min=0.0, help="Classifier-free guidance weight (default: the teacher's sample.cfg).")] = None,
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (dopri5)."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (dopri5)."),
     prompt: List[str] = typer.Option([], "--prompt", help="Text prompt (text teachers; repeatable: pair i takes prompt i mod P)."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
-    seed: int = typer.Option(0, "--seed", help="Seed: pair i's noise depends only on (seed, i)."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Pairs per solver batch (and per restartable chunk)."),
-    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the teacher's EMA weights (default) or the raw ones."),
+    seed: Annotated[int, typer.Option("--seed", help="Seed: pair i's noise depends only on (seed, i).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Pairs per solver batch (and per restartable chunk).")] = 256,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the teacher's EMA weights (default) or the raw ones.")] = True,
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (text teachers)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output dataset."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
-    gpus: int = typer.Option(0, "--gpus", min=0, help="Solve on N local GPUs (chunks sharded)."),
-    nproc: int = typer.Option(0, "--nproc", min=0, help="Solve with N local processes."),
+    device: Device = "auto",
+    force: Force = False,
+    as_json: Json = False,
+    gpus: Gpus = 0,
+    nproc: Nproc = 0,
 ):
     """Reflow pairs: noise x0 and the teacher's ODE sample x1 = ODE(x0), a dataset for flow.coupling = "pairs".
 
@@ -574,40 +406,37 @@ def reflow(
     """
 
     def run():
-        from .checkpoint import resolve_checkpoint
-        from .config import validate_config
         from .distributed import launched_externally
-        from .generate import load_weights
-        from .reflow import check_inputs
+        from .launch import rank_context, relaunched, with_process_group
+        from .reflow import check_teacher
 
-        texts = list(prompt) + _read_prompts(prompts_file)
+        texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
+        overrides = _sample_overrides(cfg=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol)
         if not launched_externally():  # the one-line refusals come before relaunching or solving anything
-            teacher = validate_config(load_weights(resolve_checkpoint(ckpt))["config"], source=str(ckpt))
-            check_inputs(teacher, out, texts, force)
-        if _relaunched(gpus, nproc, extra=[a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
+            check_teacher(ckpt, out, texts, force, overrides)
+        if relaunched(gpus, nproc, extra=[a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
             return
-        ctx = _rank_context(device, gpus)
-        _with_process_group(lambda: _reflow_rank(ctx, texts))
+        ctx = rank_context(device, gpus)
+        summary = with_process_group(lambda: _reflow_rank(ctx, texts, overrides))
+        if summary is None:  # not rank 0
+            return
+        if as_json:
+            emit_json(vars(summary))
+        else:
+            stderr_console().print(f"{summary.count} pairs, {summary.nfe} NFE each, {summary.seconds:.1f} s ({summary.chunks_reused} chunks reused)", highlight=False)
+            print(summary.path)
 
-    def _reflow_rank(ctx, texts):
+    def _reflow_rank(ctx, texts, overrides):
+        from .console import progress
         from .generate import load_for_sampling
         from .reflow import generate_pairs, rank_share
 
         loaded = load_for_sampling(ckpt, ctx.device, use_ema=ema, text_encoder=text_encoder, with_vae=False)
-        sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver, rtol, atol)
-        console = _stderr_console()
-        with _progress(console, "reflow", rank_share(num_pairs, batch_size, ctx)) as advance:
-            summary = generate_pairs(
-                loaded, out, num_pairs=num_pairs, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, ctx=ctx, checkpoint=ckpt,
-                ema=ema, prompts=texts or None, force=force, on_chunk=advance if ctx.is_main else None,
+        with progress(stderr_console(), "reflow", rank_share(num_pairs, batch_size, ctx)) as advance:
+            return generate_pairs(
+                loaded, out, num_pairs=num_pairs, seed=seed, sample_cfg=overrides(loaded.config.sample), batch_size=batch_size, ctx=ctx,
+                checkpoint=ckpt, ema=ema, prompts=texts or None, force=force, on_chunk=advance if ctx.is_main else None,
             )
-        if summary is None:
-            return
-        if as_json:
-            _emit_json(vars(summary))
-        else:
-            console.print(f"{summary.count} pairs, {summary.nfe} NFE each, {summary.seconds:.1f} s ({summary.chunks_reused} chunks reused)", highlight=False)
-            print(summary.path)
 
     _guard(run)
 
@@ -617,12 +446,12 @@ def reflow(
 
 @app.command()
 def export(
-    ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint file or run directory."),
+    ckpt: Ckpt,
     out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
     fmt: str = typer.Option("diffusers", "--format", help="diffusers (class-conditional DiTs: a DiTTransformer2DModel directory) or fm (any model)."),
-    ema: bool = typer.Option(True, "--ema/--no-ema", help="Export the EMA weights (default) or the raw ones."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing export directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Export the EMA weights (default) or the raw ones.")] = True,
+    force: Force = False,
+    as_json: Json = False,
 ):
     """Export a checkpoint's weights as safetensors (never pickles), for diffusers or for fm.
 
@@ -637,7 +466,7 @@ def export(
 
         summary = export_checkpoint(ckpt, out, fmt, use_ema=ema, force=force)
         if as_json:
-            _emit_json(vars(summary))
+            emit_json(vars(summary))
         else:
             print(summary.path)
 
@@ -661,117 +490,20 @@ def _read_prompts(source: Optional[str]) -> list[str]:
     return lines
 
 
-def _sample_settings(base, cfg_scale, steps, solver, rtol=None, atol=None, guidance_interval=None):
-    """The checkpoint's sample.* settings with the command-line overrides, validated."""
-    from pydantic import ValidationError
-
-    from .config import SampleConfig
-
-    interval = None
-    if guidance_interval is not None:
-        try:
-            interval = tuple(float(v) for v in guidance_interval.split(","))
-        except ValueError:
-            interval = ()
-        if len(interval) != 2:
-            raise UsageError(f"--guidance-interval expects LO,HI (e.g. 0.1,0.8), got {guidance_interval!r}")
-    given = {"cfg": cfg_scale, "steps": steps, "solver": solver, "rtol": rtol, "atol": atol, "guidance_interval": interval}
-    update = {k: v for k, v in given.items() if v is not None}
-    try:
-        return SampleConfig.model_validate({**base.model_dump(), **update})
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "guidance_interval"
-        where = where.replace("_", "-")
-        raise UsageError(f"invalid sampling option --{where}: {first['msg'].removeprefix('Value error, ')}") from None
-
-
-def _relaunched(gpus: int, nproc: int, extra: list[str] | None = None) -> bool:
-    """With --gpus/--nproc N > 1 in the launching process, rerun this same command as N ranks."""
-    from . import distributed as D
-
-    if gpus and nproc:
-        raise UsageError("use either --gpus N or --nproc N, not both")
-    if gpus:
-        D.check_gpus(gpus)
-    procs = gpus or nproc
-    if procs <= 1 or D.launched_externally():
-        return False
-    argv = _without_launch_flags(sys.argv[1:]) + (["--device", "cuda"] if gpus else [])
-    if extra is not None:  # stdin was consumed here: hand the ranks its prompts as arguments instead
-        argv = [a for a in argv if a not in ("--prompts", "-")] + extra
-    code = D.relaunch(procs, argv)
-    if code:
-        raise typer.Exit(code)
-    return True
-
-
-def _without_launch_flags(argv: list[str]) -> list[str]:
-    """Drop --gpus/--nproc (and their values): the ranks know they are ranks from their environment."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--gpus", "--nproc"):
-            skip = True
-        elif not arg.startswith(("--gpus=", "--nproc=")):
-            out.append(arg)
-    return out
-
-
-def _rank_context(device: str, gpus: int):
-    """This process's rank and device (rank 0 of 1 when not distributed)."""
-    from . import distributed as D
-
-    if not D.launched_externally():
-        return D.DistContext(device=_device("cuda" if gpus else device))
-    return D.setup("cuda" if gpus else device)
-
-
-def _with_process_group(fn):
-    """Run a rank's work; all ranks meet at a barrier before the group is destroyed (a rank that tears
-    down gloo while another still talks to it dies with "terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    from . import distributed as D
-
-    try:
-        result = fn()
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-        return result
-    finally:
-        D.cleanup()
-
-
-def _device(name: str):
-    from .distributed import resolve_device
-
-    return resolve_device(name)
-
-
-# ------------------------------------------------------------------------- not available yet (honest)
-
-
-def _not_yet(name: str) -> None:
-    _print_error(f"`fm {name}` is not available yet in fm {__version__}")
-    raise typer.Exit(2)
-
-
 @app.command("class-grid")
 def class_grid(
-    ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint file or run directory (class-conditional model)."),
+    ckpt: Ckpt,
     samples_per_class: int = typer.Option(8, "--samples-per-class", min=1, help="Images per class (one row per class)."),
     out: Path = typer.Option(..., "--out", help="Output image, FILE.png."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
-    seed: int = typer.Option(0, "--seed", help="Seed: sample i's noise depends only on (seed, i)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per forward batch."),
-    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the path, NFE and seconds as JSON on stdout."),
+    cfg_scale: CfgScale = None,
+    steps: Steps = None,
+    solver: Solver = None,
+    seed: Seed = 0,
+    batch_size: BatchSize = 64,
+    ema: Ema = True,
+    device: Device = "auto",
+    force: Force = False,
+    as_json: Json = False,
 ):
     """One row of samples per class, labelled with the class names recorded at training time.
 
@@ -781,6 +513,8 @@ def class_grid(
     """
 
     def run():
+        import time
+
         from .generate import class_grid_samples, class_names_of, load_for_sampling
         from .images import class_grid_image, save_image_atomic
 
@@ -790,19 +524,20 @@ def class_grid(
             raise UsageError(f"{out} already exists; pass --force to replace it")
         dev = _device(device)
         loaded = load_for_sampling(ckpt, dev, use_ema=ema)
-        sample_cfg = _sample_settings(loaded.config.sample, cfg_scale, steps, solver)
+        sample_cfg = _sample_overrides(cfg=cfg_scale, steps=steps, solver=solver)(loaded.config.sample)
         start = time.perf_counter()
-        images, nfe = class_grid_samples(
-            loaded, samples_per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev, shift=loaded.config.flow.shift
-        )
+        images, nfe = class_grid_samples(loaded, samples_per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev)
         path = save_image_atomic(class_grid_image(images, samples_per_class, class_names_of(loaded)), out)
         seconds = time.perf_counter() - start
         if as_json:
-            _emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg})
+            emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg})
         else:
             print(path)
 
     _guard(run)
+
+
+# ---------------------------------------------------------------------------------------------- fid
 
 
 @app.command()
@@ -814,19 +549,19 @@ def fid(
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write the reference statistics to FILE.npz."),
     features: str = typer.Option("inception", "--features", help="inception (default), tiny, or module:factory; only inception is comparable to published FID."),
     inception: Optional[str] = typer.Option(None, "--inception", help="Path to inception-2015-12-05.pt (default: $FM_INCEPTION)."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg", min=0.0, help="Classifier-free guidance weight (1 = off)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="euler, midpoint, heun, rk4 or dopri5."),
-    seed: int = typer.Option(0, "--seed", help="Seed: sample i's noise depends only on (seed, i)."),
+    cfg_scale: CfgScale = None,
+    steps: Steps = None,
+    solver: Solver = None,
+    seed: Seed = 0,
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (generation and features)."),
-    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights (default) or the raw ones."),
+    ema: Ema = True,
     out: Optional[Path] = typer.Option(None, "--out", help="Also save the generated samples as PNGs here."),
     kid: bool = typer.Option(False, "--kid", help="Also report KID (clean-fid's kernel distance)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --save-stats file."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
-    gpus: int = typer.Option(0, "--gpus", min=0, help="Generate on N local GPUs (sample indices sharded)."),
-    nproc: int = typer.Option(0, "--nproc", min=0, help="Generate with N local processes."),
+    device: Device = "auto",
+    as_json: Json = False,
+    gpus: Gpus = 0,
+    nproc: Nproc = 0,
 ):
     """FID (clean-fid, "clean" mode) of generated samples against reference data.
 
@@ -837,38 +572,27 @@ def fid(
     """
 
     def run():
+        from .console import progress
         from .evaluate import fid_command
+        from .launch import rank_context, relaunched, with_process_group
 
         if (gpus or nproc) and ckpt is None:
             raise UsageError("--gpus/--nproc shard sample generation: they go with --ckpt")
-        if _relaunched(gpus, nproc):
+        if relaunched(gpus, nproc):
             return
-        ctx = _rank_context(device, gpus)
-        console = _stderr_console()
-        result = _with_process_group(lambda: fid_command(
-            ctx=ctx,
-            ref=ref,
-            gen=gen,
-            ckpt=ckpt,
-            save_stats=save_stats,
-            features=features,
-            inception=inception,
-            num_samples=num_samples,
-            sample_overrides=lambda base: _sample_settings(base, cfg_scale, steps, solver),
-            seed=seed,
-            batch_size=batch_size,
-            ema=ema,
-            out=out,
-            kid=kid,
-            force=force,
-            device=ctx.device,
+        ctx = rank_context(device, gpus)
+        console = stderr_console()
+        result = with_process_group(lambda: fid_command(
+            ctx=ctx, ref=ref, gen=gen, ckpt=ckpt, save_stats=save_stats, features=features, inception=inception,
+            num_samples=num_samples, sample_overrides=_sample_overrides(cfg=cfg_scale, steps=steps, solver=solver),
+            seed=seed, batch_size=batch_size, ema=ema, out=out, kid=kid, force=force, device=ctx.device,
             log=lambda message: console.print(message, highlight=False, markup=False) if ctx.is_main else None,
-            progress_factory=lambda total: _progress(console, "sampling", total),
-        ))
+            progress_factory=lambda total: progress(console, "sampling", total),
+        ))  # fmt: skip
         if not ctx.is_main:
             return
         if as_json:
-            _emit_json(result)
+            emit_json(result)
         elif "fid" not in result:
             print(result["stats"])
         else:
@@ -878,25 +602,13 @@ def fid(
     _guard(run)
 
 
-def _progress(console, label: str, total: int):
-    """A context manager yielding advance(n) for a transient rich progress bar on stderr."""
-    import contextlib
-
-    from rich.progress import Progress
-
-    @contextlib.contextmanager
-    def bar():
-        with Progress(console=console, transient=True) as p:
-            task = p.add_task(label, total=total)
-            yield lambda n: p.advance(task, n)
-
-    return bar()
+# -------------------------------------------------------------------------------------------- bench
 
 
 @app.command()
 def bench(
-    preset: str = typer.Option("quickstart", "--preset", "-p", help="Preset name in presets/ or a .toml file."),
-    overrides: List[str] = typer.Option([], "--set", help=_SET_HELP),
+    preset: Preset = "quickstart",
+    overrides: Overrides = [],
     batch_size: str = typer.Option("auto", "--batch-size", "-b", help="'auto' (autotune the training batch) or a number."),
     mode: str = typer.Option("both", "--mode", help="train, sample or both."),
     steps: int = typer.Option(5, "--steps", help="Timed iterations (training steps; solver steps for sampling)."),
@@ -906,9 +618,9 @@ def bench(
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Memory budget in GiB for autotune (CPU default: half the RAM)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch autotune tries (default: the preset's train.global_batch_size)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'diffusers': also measure diffusers' DiTTransformer2DModel."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = "auto",
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Cache the autotune result in RUN_DIR/autotune.json (for micro_batch_size='auto')."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    as_json: Json = False,
 ):
     """Autotune the batch size; report training and sampling throughput, memory, FLOPs and MFU.
 
@@ -919,7 +631,7 @@ def bench(
     """
 
     def run():
-        from .bench import BenchOptions, run_bench
+        from .bench import BenchOptions, bench_table, run_bench
         from .config import load_config
 
         if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
@@ -931,37 +643,16 @@ def bench(
             batch_size=None if batch_size == "auto" else int(batch_size), mode=mode, steps=steps, warmup=warmup, precision=precision,
             compile=compile_model, max_memory_gib=max_memory, max_batch=max_batch, compare=compare, device=device, run_dir=run_dir,
         )
-        console = _stderr_console()
+        console = stderr_console()
         report = run_bench(cfg, opts, log=lambda msg: console.print(msg, highlight=False, markup=False))
-        _print_bench_table(console, report)
+        console.print(bench_table(report))
+        if report.get("compare"):
+            ratio = ", ".join(f"{k} {v:.2f}x" for k, v in report["compare"]["ratio"].items())
+            console.print(f"ours / diffusers: {ratio}", highlight=False)
         if as_json:
-            _emit_json(report)
+            emit_json(report)
 
     _guard(run)
-
-
-def _print_bench_table(console, report: dict) -> None:
-    from rich.table import Table
-
-    def num(v, fmt="{:.1f}"):
-        return "-" if v is None else fmt.format(v)
-
-    table = Table(title=f"fm bench: {report['preset']} on {report['device']} ({report['precision']}, batch {report['batch_size']})")
-    table.add_column("model")
-    for col in ("train img/s", "train MFU", "sample img/s", "sample img*NFE/s", "peak MiB", "params (M)", "GFLOPs/img fwd"):
-        table.add_column(col, justify="right")
-    rows = [("fm", report)] + ([("diffusers", report["compare"]["diffusers"])] if report.get("compare") else [])
-    for name, r in rows:
-        tr, sa, mem = r.get("train") or {}, r.get("sample") or {}, r["memory"]
-        peak = mem["peak_reserved_mib"] if mem["peak_reserved_mib"] is not None else mem["peak_rss_mib"]
-        table.add_row(
-            name, num(tr.get("img_per_s")), num(tr.get("mfu"), "{:.1%}"), num(sa.get("img_per_s"), "{:.2f}"), num(sa.get("img_nfe_per_s")),
-            num(peak, "{:.0f}"), f"{r['params'] / 1e6:.2f}", f"{report['flops_per_image']['forward'] / 1e9:.3f}",
-        )
-    console.print(table)
-    if report.get("compare"):
-        ratio = ", ".join(f"{k} {v:.2f}x" for k, v in report["compare"]["ratio"].items())
-        console.print(f"ours / diffusers: {ratio}", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------- plot
@@ -992,11 +683,11 @@ def plot(
 
 @app.command()
 def demo(
-    ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint file or run directory (its latest checkpoint)."),
+    ckpt: Ckpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: this machine only)."),
     port: int = typer.Option(7860, "--port", min=1, max=65535, help="Port to listen on."),
     share: bool = typer.Option(False, "--share", help="Also open a public Gradio share link."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = "auto",
     vae: Optional[str] = typer.Option(None, "--vae", help="Local diffusers VAE directory (latent models)."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (text models)."),
     max_images: int = typer.Option(16, "--max-images", min=1, help="Largest grid a visitor may request."),

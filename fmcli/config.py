@@ -13,7 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .data.prepare import SOURCES
 from .errors import UsageError
+from .flow import COUPLINGS, TIME_SAMPLERS
+from .optim import OPTIMIZERS
+from .tracking import TRACKERS
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -48,18 +52,18 @@ class ModelConfig(Strict):
 
 class FlowConfig(Strict):
     sigma_min: float = Field(1e-5, ge=0.0, lt=1.0)
-    time_sampler: Literal["uniform", "logit_normal", "zero"] = "uniform"  # zero: one-step distillation on reflow pairs
+    time_sampler: Literal[TIME_SAMPLERS] = "uniform"  # zero: one-step distillation on reflow pairs
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     shift: float = Field(1.0, gt=0)  # SD3-style time shift; 1 = none
-    coupling: Literal["independent", "ot-exact", "ot-sinkhorn", "pairs"] = "independent"  # pairs: x0 from an `fm reflow` dataset
+    coupling: Literal[COUPLINGS] = "independent"  # pairs: x0 stored with x1 in an `fm reflow` dataset
     sinkhorn_reg: float = Field(0.05, gt=0)
     sinkhorn_iters: int = Field(100, gt=0)
     cond_dropout: float = Field(0.1, ge=0.0, le=1.0)
 
 
 class DataConfig(Strict):
-    source: Literal["shapes", "cifar10", "mnist", "folder", "captions", "tar"] = "shapes"
+    source: Literal[SOURCES] = "shapes"
     path: str | None = None  # prepared dataset directory; for `shapes` it is made on first use
     image_size: int = Field(32, gt=0)  # used when `fm train` prepares shapes data itself
     count: int = Field(20000, gt=0)
@@ -68,7 +72,7 @@ class DataConfig(Strict):
 
 
 class OptimConfig(Strict):
-    name: Literal["adamw", "muon"] = "adamw"
+    name: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
@@ -95,7 +99,7 @@ class TrainConfig(Strict):
     keep_every: int = Field(0, ge=0)  # also keep every k-th step's checkpoint; 0 = off
     compile: bool = False
     max_nan_skips: int = Field(0, ge=0)  # non-finite losses tolerated (step skipped) before stopping
-    tracker: Literal["none", "wandb", "tensorboard"] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
+    tracker: Literal[TRACKERS] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
     init_from: str | None = None  # start from these weights (a checkpoint, run or export directory: its EMA), e.g. reflow's teacher
 
 
@@ -106,6 +110,7 @@ class SampleConfig(Strict):
     rtol: float = Field(1e-5, gt=0)
     atol: float = Field(1e-5, gt=0)
     guidance_interval: tuple[float, float] | None = None  # [t_lo, t_hi]: CFG only for t in it
+    shift: float | None = Field(None, gt=0)  # time-grid shift; None = the training flow.shift (filled by resolve)
     grid_size: int = Field(16, gt=0)  # images in the periodic training sample grid
 
     @model_validator(mode="after")
@@ -170,6 +175,70 @@ RESUME_SAFE_KEYS = {
     "encoders.vae",  # the frozen encoders' local paths may move between sessions
     "encoders.text_encoder",
 }
+
+
+# Data shapes (channels, image size, classes) of the sources whose shape is known without the data.
+KNOWN_SOURCE_SHAPES = {"cifar10": (3, 32, 10), "mnist": (1, 28, 10)}
+
+
+def resolve(cfg: Config, manifest: dict) -> Config:
+    """Fill the dataset-derived fields (model.image_size / in_channels / num_classes) once, from a prepared
+    dataset's manifest; a setting that contradicts the data is an error."""
+    c, h, w = manifest["shape"]
+    # A text model (model.cross_attention) is conditioned on captions only, whatever labels the data has.
+    num_classes = 0 if cfg.model.cross_attention else int(manifest.get("num_classes") or 0)
+    facts = {"image_size": h, "in_channels": c, "num_classes": num_classes}
+    update = {}
+    for key, value in facts.items():
+        current = getattr(cfg.model, key)
+        if current is None:
+            update[key] = value
+        elif current != value:
+            raise UsageError(f"model.{key}={current} does not match the dataset ({value}); remove the setting or fix the data")
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=update)}) if update else cfg
+    return with_sampling_shift(cfg)
+
+
+def with_sampling_shift(cfg: Config) -> Config:
+    """sample.shift defaults to the shift the model was trained with (flow.shift)."""
+    if cfg.sample.shift is not None:
+        return cfg
+    return cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"shift": cfg.flow.shift})})
+
+
+def sample_settings(base: SampleConfig, **overrides) -> SampleConfig:
+    """`base` (a checkpoint's sample.* settings) with the given overrides (None = keep), validated once for
+    every command and the demo; a bad value is a UsageError naming the option."""
+    update = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return SampleConfig.model_validate({**base.model_dump(), **update})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or next(iter(update), "sample")
+        message = first["msg"].removeprefix("Value error, ")
+        raise UsageError(f"invalid {where} (--{where.replace('_', '-')}): {message}") from None
+
+
+def resolve_without_data(cfg: Config) -> Config:
+    """`resolve` for tools that use synthetic tensors (bench, autotune): the manifest at data.path when there
+    is one, else the source's known shape (shapes = 3 x data.image_size, 10 classes; cifar10; mnist).
+    Other sources need model.image_size, in_channels and num_classes set."""
+    m = cfg.model
+    if None not in (m.image_size, m.in_channels, m.num_classes):
+        return cfg
+    manifest_path = Path(cfg.data.path) / "manifest.json" if cfg.data.path else None
+    if manifest_path is not None and manifest_path.exists():
+        return resolve(cfg, json.loads(manifest_path.read_text()))
+    if cfg.data.source == "shapes":
+        channels, size, classes = 3, cfg.data.image_size, 10
+    elif cfg.data.source in KNOWN_SOURCE_SHAPES:
+        channels, size, classes = KNOWN_SOURCE_SHAPES[cfg.data.source]
+    else:
+        raise UsageError(
+            f"data.source={cfg.data.source!r}: set model.image_size, model.in_channels and model.num_classes "
+            "(e.g. --set model.image_size=32) so the input shape is known without the dataset"
+        )
+    return resolve(cfg, {"shape": [channels, size, size], "num_classes": classes})
 
 
 def preset_names() -> list[str]:

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from .config import sample_settings
 from .errors import UsageError
 from .generate import LoadedModel, class_names_of, decode, iterate_samples
 from .images import grid_image, save_image_atomic
@@ -80,7 +81,6 @@ def progressive(
     device: torch.device,
     prompt: str | None = None,
     class_label: int | None = None,
-    shift: float | None = None,
 ) -> Iterator[Frame]:
     """Yield x_t frames every `every` solver steps (the first is the noise), then the final samples."""
     if every < 1:
@@ -92,7 +92,6 @@ def progressive(
     stop = threading.Event()
     peek = _PeekingModel(loaded.model, n, sample_cfg.solver, every, frames, stop)
     peeking = dataclasses.replace(loaded, model=peek)
-    shift = loaded.config.flow.shift if shift is None else shift
     outcome: dict = {}
 
     def work():
@@ -100,7 +99,7 @@ def progressive(
             ((_, _, result),) = list(
                 iterate_samples(
                     peeking, list(range(n)), seed=seed, sample_cfg=sample_cfg, batch_size=n, device=device,
-                    class_label=None if loaded.is_text else class_label, shift=shift, prompts=prompts,
+                    class_label=None if loaded.is_text else class_label, prompts=prompts,
                 )
             )
             outcome["result"] = result
@@ -129,19 +128,6 @@ def progressive(
         raise err
     result = outcome["result"]
     yield Frame(step=total or peek.calls, total=total, t=1.0, x=result.x.cpu(), final=True, nfe=result.nfe)
-
-
-def sample_settings(base, **update):
-    """The checkpoint's sample.* settings with the page's choices, validated like `fm sample` options."""
-    from pydantic import ValidationError
-
-    from .config import SampleConfig
-
-    try:
-        return SampleConfig.model_validate({**base.model_dump(), **update})
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise UsageError(f"invalid {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def _display(x: torch.Tensor, min_side: int = 384):

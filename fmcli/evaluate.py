@@ -29,13 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.decode import IMAGE_EXTENSIONS as READABLE_IMAGE_EXTENSIONS
 from .errors import UsageError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # The URL clean-fid downloads from (cleanfid.downloads_helper.inception_url) and the file's sha256 (95,607,719 bytes).
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# Every still image type fm can read; GIFs are left out of scored folders (they are trajectory animations).
+IMAGE_EXTENSIONS = set(READABLE_IMAGE_EXTENSIONS) - {".gif"}
 STATS_FORMAT = 1
 
 
@@ -429,7 +431,7 @@ def generated_features(
     indices = list(indices)
     feats, nfe_total, gen_seconds = [], 0, 0.0
     start = time.perf_counter()
-    for chunk, _, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, shift=loaded.config.flow.shift):
+    for chunk, _, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device):
         pixels = torch.from_numpy(to_uint8(result.x)).permute(0, 3, 1, 2).contiguous()  # the PNG bytes' values, [B,C,H,W]
         gen_seconds += time.perf_counter() - start
         nfe_total += result.nfe * len(chunk)

@@ -130,7 +130,7 @@ def _write_diffusers(tmp: Path, weights: dict, cfg: Config, meta: dict, name: st
     model.save_pretrained(str(tmp), safe_serialization=True)
     # fm's sampling grid is sigma = linspace(1, 0, steps + 1) with the SD3 shift, which is this scheduler's
     # rule given those sigmas (its default grid ends at sigma 1/1000 instead of 0).
-    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.flow.shift).save_pretrained(str(tmp / "scheduler"))
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.sample.shift or cfg.flow.shift).save_pretrained(str(tmp / "scheduler"))
     (tmp / EXPORT_MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
     (tmp / "README.md").write_text(_diffusers_readme(cfg, meta, name))
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-COUPLINGS = ("independent", "ot-exact", "ot-sinkhorn")
+COUPLINGS = ("independent", "ot-exact", "ot-sinkhorn", "pairs")  # pairs: the data comes paired (`fm reflow`): kept as is
+TIME_SAMPLERS = ("uniform", "logit_normal", "zero")
 
 
 def expand_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,7 @@ def couple(
         raise ValueError(f"unknown coupling {method!r}; choose one of {', '.join(COUPLINGS)}")
     n = x0.shape[0]
     perm = torch.arange(n)
-    if method != "independent":
+    if method not in ("independent", "pairs"):
         groups = [perm.clone()] if labels is None else [torch.nonzero(labels.cpu() == c).flatten() for c in torch.unique(labels.cpu())]
         for idx in groups:
             if len(idx) < 2:

@@ -12,18 +12,17 @@ from typing import Iterator
 import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
-from .config import Config, validate_config
+from .config import Config, validate_config, with_sampling_shift
 from .errors import UsageError
 from .models import build_model
 from .sampling import guided_velocity, solve
-from .seeding import normal
+from .seeding import STREAMS, normal
 
-_NOISE_STREAM = 1  # distinguishes sampling noise from training streams keyed by the same seed
 
 
 def initial_noise(seed: int, indices, shape: tuple[int, ...], device="cpu") -> torch.Tensor:
     """[len(indices), *shape] standard normal; row k depends only on (seed, indices[k])."""
-    rows = [normal(tuple(shape), _NOISE_STREAM, seed, int(i)) for i in indices]
+    rows = [normal(tuple(shape), STREAMS["sample_noise"], seed, int(i)) for i in indices]
     return torch.stack(rows).to(device)
 
 
@@ -35,7 +34,7 @@ def class_conditions(labels: torch.Tensor | None, null_class: int) -> tuple[dict
 
 
 @torch.no_grad()
-def sample_batch(model, x0: torch.Tensor, labels: torch.Tensor | None, sample_cfg, *, shift: float = 1.0, capture: int = 0, conditions=None):
+def sample_batch(model, x0: torch.Tensor, labels: torch.Tensor | None, sample_cfg, *, capture: int = 0, conditions=None):
     """Integrate one batch with the configured solver and CFG; returns a sampling.SampleResult.
 
     `conditions` = (cond, uncond) keyword dicts (text models) replaces the class conditions of `labels`.
@@ -43,7 +42,7 @@ def sample_batch(model, x0: torch.Tensor, labels: torch.Tensor | None, sample_cf
     cond, uncond = conditions if conditions is not None else class_conditions(labels, getattr(model, "null_class", 0))
     velocity = guided_velocity(model, cond, uncond, cfg=sample_cfg.cfg, interval=sample_cfg.guidance_interval)
     return solve(
-        velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=shift, rtol=sample_cfg.rtol, atol=sample_cfg.atol, capture=capture
+        velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=sample_cfg.shift or 1.0, rtol=sample_cfg.rtol, atol=sample_cfg.atol, capture=capture
     )
 
 
@@ -78,7 +77,7 @@ def load_for_sampling(
     `with_vae=False` skips the VAE: samples stay latents (reflow pairs)."""
     path = resolve_checkpoint(ckpt)
     state = load_weights(path)
-    cfg = validate_config(state["config"], source=str(path))
+    cfg = with_sampling_shift(validate_config(state["config"], source=str(path)))
     model = build_model(cfg.model)
     weights = state.get("ema") if use_ema else state["model"]
     if weights is None:
@@ -135,7 +134,6 @@ def iterate_samples(
     device: torch.device,
     class_label: int | None = None,
     labels: torch.Tensor | None = None,
-    shift: float = 1.0,
     capture: int = 0,
     prompts: list[str] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, "object"]]:
@@ -161,7 +159,7 @@ def iterate_samples(
             y = labels_for(chunk, loaded.num_classes, class_label)
         x0 = initial_noise(seed, chunk, loaded.shape, device)
         y = y.to(device) if y is not None else None
-        result = sample_batch(loaded.model, x0, y, sample_cfg, shift=shift, capture=capture, conditions=conditions)
+        result = sample_batch(loaded.model, x0, y, sample_cfg, capture=capture, conditions=conditions)
         if loaded.vae is not None:
             result.x = decode(loaded, result.x)
             result.trajectory = [(t, decode(loaded, xt)) for t, xt in result.trajectory]
@@ -169,7 +167,7 @@ def iterate_samples(
 
 
 def class_grid_samples(
-    loaded: LoadedModel, per_class: int, *, seed: int, sample_cfg, batch_size: int, device: torch.device, shift: float = 1.0
+    loaded: LoadedModel, per_class: int, *, seed: int, sample_cfg, batch_size: int, device: torch.device
 ) -> tuple[torch.Tensor, int]:
     """`per_class` samples of every class, ordered class by class (sample index = class * per_class + j).
 
@@ -181,7 +179,7 @@ def class_grid_samples(
     labels = torch.arange(k).repeat_interleave(per_class)
     xs, nfe = [], 0
     for _, _, result in iterate_samples(
-        loaded, list(range(k * per_class)), seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, labels=labels, shift=shift
+        loaded, list(range(k * per_class)), seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, labels=labels
     ):
         xs.append(result.x.cpu())
         nfe = max(nfe, result.nfe)
@@ -201,3 +199,53 @@ def merge_trajectories(batches: list[list[tuple[float, torch.Tensor]]]) -> list[
     if not batches or not batches[0]:
         return []
     return [(batches[0][k][0], torch.cat([b[k][1].cpu() for b in batches])) for k in range(len(batches[0]))]
+
+
+def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sample_overrides, seed: int, out, gif, gif_frames: int,
+                   batch_size: int, ema: bool, vae, text_encoder) -> dict | None:
+    """What `fm sample` does on one rank: its share of the sample indices, written by global index; rank 0
+    gathers the grid (and GIF) and returns the summary (other ranks return None)."""
+    import time
+
+    from . import distributed as D
+    from .images import STILL_IMAGE_SUFFIXES, save_gif, save_grid, save_images, trajectory_frames
+
+    dev = ctx.device
+    loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
+    sample_cfg = sample_overrides(loaded.config.sample)
+    start = time.perf_counter()
+    xs, nfes, paths, trajectories = [], [], [], []
+    to_dir = out.suffix.lower() not in STILL_IMAGE_SUFFIXES
+    indices = D.shard_indices(n, ctx)  # sample i depends only on (seed, i): any split gives the same images
+    prompts = [texts[i % len(texts)] for i in indices] if texts else None
+    capture = gif_frames if gif is not None else 0
+    for chunk, _, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev,
+                                            class_label=class_label, capture=capture, prompts=prompts):
+        xs.append(result.x.cpu())
+        nfes.append(result.nfe)
+        if gif is not None:
+            trajectories.append([(t, x.cpu()) for t, x in result.trajectory])
+        if to_dir:
+            for k, i in enumerate(chunk):  # each rank writes its own samples, named by global index
+                paths += save_images(result.x[k : k + 1], out, start_index=i)
+    local = torch.cat(xs) if xs else torch.empty(0)
+    images = torch.stack(D.gather_in_index_order(indices, list(local), ctx))
+    paths = sorted(p for part in D.all_gather_objects(paths, ctx) for p in part)
+    nfes = [v for part in D.all_gather_objects(nfes, ctx) for v in part]
+    if not ctx.is_main:
+        return None
+    grid = save_grid(images, out / "grid.png" if to_dir else out)
+    gif_path = save_gif(trajectory_frames(merge_trajectories(trajectories)), gif) if gif is not None else None
+    return {
+        "paths": [str(p) for p in paths],
+        "grid": str(grid),
+        "gif": str(gif_path) if gif_path else None,
+        "num_samples": n,
+        "nfe": max(nfes),  # network evaluations per sample trajectory (a CFG pair counts once)
+        "nfe_total": sum(nfes),  # batched forward passes over all batches
+        "seconds": round(time.perf_counter() - start, 3),
+        "solver": sample_cfg.solver,
+        "steps": sample_cfg.steps,
+        "cfg": sample_cfg.cfg,
+        "seed": seed,
+    }

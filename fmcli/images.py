@@ -51,9 +51,13 @@ def save_images(x: torch.Tensor, directory: str | Path, start_index: int = 0, pr
     return paths
 
 
+# The file types fm writes, by extension (PIL format names); anything else is written as PNG.
+WRITE_FORMATS = {".png": "PNG", ".gif": "GIF", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+STILL_IMAGE_SUFFIXES = tuple(ext for ext, fmt in WRITE_FORMATS.items() if fmt != "GIF")
+
+
 def _format_of(path: Path) -> str:
-    ext = path.suffix.lower()
-    return {".png": "PNG", ".gif": "GIF", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(ext, "PNG")
+    return WRITE_FORMATS.get(path.suffix.lower(), "PNG")
 
 
 def save_gif(frames: list[Image.Image], path: str | Path, duration_ms: int = 120, hold_last_ms: int = 1000) -> Path:

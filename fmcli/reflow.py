@@ -76,6 +76,18 @@ def rank_share(num_pairs: int, batch_size: int, ctx: D.DistContext) -> int:
     return sum(min(batch_size, num_pairs - c * batch_size) for c in range(ctx.rank, n_chunks, ctx.world_size))
 
 
+def check_teacher(ckpt: str, out: Path, prompts: list[str] | None, force: bool, sample_overrides) -> None:
+    """In the launching process: the teacher's config (not its encoders) against the inputs, and the sampling options."""
+    from .checkpoint import resolve_checkpoint
+    from .config import validate_config, with_sampling_shift
+    from .generate import load_weights
+
+    path = resolve_checkpoint(ckpt)
+    cfg = with_sampling_shift(validate_config(load_weights(path)["config"], source=str(path)))
+    sample_overrides(cfg.sample)
+    check_inputs(cfg, out, prompts, force)
+
+
 def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: bool) -> None:
     """The one-line refusals, before any work or any file: existing --out, text model without prompts."""
     if out.exists() and not force:
@@ -110,7 +122,7 @@ def generate_pairs(
     start = time.perf_counter()
     plan = ReflowPlan(
         checkpoint=str(Path(checkpoint).resolve()), step=loaded.step, ema=ema, num_pairs=num_pairs, seed=seed, solver=sample_cfg.solver,
-        steps=sample_cfg.steps, cfg=sample_cfg.cfg, rtol=sample_cfg.rtol, atol=sample_cfg.atol, shift=loaded.config.flow.shift,
+        steps=sample_cfg.steps, cfg=sample_cfg.cfg, rtol=sample_cfg.rtol, atol=sample_cfg.atol, shift=sample_cfg.shift or 1.0,
         chunk=batch_size, prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None,
     )
     work = out.parent / f"{out.name}.partial"
@@ -151,7 +163,7 @@ def _solve_chunk(loaded, indices, seed, sample_cfg, device, prompts):
     elif loaded.num_classes:
         y = torch.tensor([i % loaded.num_classes for i in indices])
         conditions = class_conditions(y.to(device), loaded.model.null_class)
-    result = sample_batch(loaded.model, x0.to(device), None, sample_cfg, shift=loaded.config.flow.shift, conditions=conditions or ({}, None))
+    result = sample_batch(loaded.model, x0.to(device), None, sample_cfg, conditions=conditions or ({}, None))
     return x0, result.x.float().cpu(), y, result.nfe
 
 

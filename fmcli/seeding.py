@@ -9,6 +9,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# The named random streams: the first key of every draw, so that streams keyed by the same user seed never
+# overlap. Values are part of the reproducibility contract (changing one changes every run's numbers).
+STREAMS = {
+    "sample_noise": 1,  # initial noise of sample i: (stream, seed, i)
+    "step": 2,  # a training step's noise, times, dropout and flips: (stream, seed, global batch index)
+    "epoch": 3,  # the data order of an epoch: (stream, seed, epoch)
+}
+
 
 def torch_generator(*keys: int) -> torch.Generator:
     """A CPU torch.Generator whose seed is a hash of the integer keys."""

@@ -10,16 +10,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fmcli.bench import (
-    Trial,
-    auto_micro_batch,
-    autotune,
-    autotune_key,
-    build_bench_model,
-    dit_forward_flops,
-    peak_flops,
-    resolve_bench_config,
-)
+from fmcli.autotune import Trial, auto_micro_batch, autotune, autotune_key
+from fmcli.bench import dit_forward_flops, peak_flops
+from fmcli.config import resolve_without_data as resolve_bench_config
+from fmcli.models import build_bench_model
 from fmcli.config import load_config
 from fmcli.errors import RuntimeFailure, UsageError
 from tests.conftest import run_fm

@@ -192,7 +192,7 @@ def test_text_model_frames_follow_the_prompt(tmp_path):
     frames = list(progressive(loaded, n=2, seed=1, sample_cfg=settings, every=2, device=torch.device("cpu"), prompt="a red star"))
     assert [f.step for f in frames] == [0, 2, 4] and frames[-1].nfe == 8  # heun: 2 evaluations per step
     ((_, _, ref),) = list(iterate_samples(loaded, [0, 1], seed=1, sample_cfg=settings, batch_size=2, device=torch.device("cpu"),
-                                          prompts=["a red star"] * 2, shift=loaded.config.flow.shift))
+                                          prompts=["a red star"] * 2))
     torch.testing.assert_close(frames[-1].x, ref.x)  # the same samples as `fm sample --prompt 'a red star' --seed 1`
 
 
@@ -205,7 +205,7 @@ def test_demo_without_gradio_says_how_to_install(debug_run):
 
 
 def test_page_settings_are_validated_like_fm_sample(loaded):
-    from fmcli.demo import sample_settings
+    from fmcli.config import sample_settings
     from fmcli.errors import UsageError
 
     s = sample_settings(loaded.config.sample, cfg=3.5, steps=7, solver="midpoint")

@@ -228,12 +228,12 @@ def test_straightness_benchmark_against_closed_forms():
 
 
 def test_one_step_distillation_trains_at_t0_only(tmp_path, monkeypatch):
-    import fmcli.train as train_mod
+    import fmcli.step as step_mod
     from fmcli.flow import sample_times
 
     assert torch.equal(sample_times(5, "zero", shift=3.0), torch.zeros(5))  # no shift moves t = 0
-    seen, real = [], train_mod.interpolate
-    monkeypatch.setattr(train_mod, "interpolate", lambda x0, x1, t, s: seen.append(t) or real(x0, x1, t, s))
+    seen, real = [], step_mod.interpolate
+    monkeypatch.setattr(step_mod, "interpolate", lambda x0, x1, t, s: seen.append(t) or real(x0, x1, t, s))
     data = identity_pairs(tmp_path / "pairs")
     cfg = load_config("debug", [f"data.path='{data}'", "flow.coupling='pairs'", "flow.time_sampler='zero'", "train.steps=2", "train.checkpoint_every=0"])
     train(cfg, tmp_path / "run")

@@ -77,10 +77,10 @@ def test_item06_a_stop_request_checkpoints_before_samples_and_fid(tmp_path, shap
     from fmcli import train as train_mod
 
     calls = []
-    real_save = train_mod._Trainer._save_checkpoint
-    monkeypatch.setattr(train_mod._Trainer, "_save_samples", lambda self: calls.append(("samples", self.step)))
-    monkeypatch.setattr(train_mod._Trainer, "_evaluate", lambda self: calls.append(("fid", self.step)))
-    monkeypatch.setattr(train_mod._Trainer, "_save_checkpoint", lambda self: calls.append(("checkpoint", self.step)) or real_save(self))
+    real_save = train_mod.Trainer._save_checkpoint
+    monkeypatch.setattr(train_mod.Trainer, "_save_samples", lambda self: calls.append(("samples", self.step)))
+    monkeypatch.setattr(train_mod.Trainer, "_evaluate", lambda self: calls.append(("fid", self.step)))
+    monkeypatch.setattr(train_mod.Trainer, "_save_checkpoint", lambda self: calls.append(("checkpoint", self.step)) or real_save(self))
     result = train(_debug(shapes16, "train.steps=8", "train.sample_every=4", "eval.every=4"), tmp_path / "run", stop_at_step=4, log=QuietLog())
     assert result.stopped_early
     assert calls == [("checkpoint", 4)]
@@ -105,7 +105,7 @@ def test_item07_other_ranks_wait_for_local_rank_0_to_prepare_the_default_data(tm
 
     import pytest
 
-    from fmcli import cli
+    from fmcli import launch
     from fmcli.data.sources import prepare_shapes
     from fmcli.errors import RuntimeFailure
 
@@ -113,11 +113,11 @@ def test_item07_other_ranks_wait_for_local_rank_0_to_prepare_the_default_data(tm
     cfg = load_config("debug", ["data.count=64"])
     monkeypatch.setenv("FM_DATA_WAIT", "0.5")
     with pytest.raises(RuntimeFailure, match="timed out"):
-        cli._ensure_data(cfg, prepare=False)
+        launch.ensure_data(cfg, prepare=False)
     monkeypatch.setenv("FM_DATA_WAIT", "60")
     target = Path("data") / f"shapes-{cfg.data.image_size}-n64-s0"
     maker = threading.Thread(target=lambda: (time.sleep(1.0), prepare_shapes(target, size=cfg.data.image_size, count=64, seed=0)))
     maker.start()
-    resolved = cli._ensure_data(cfg, prepare=False)  # returns only once the manifest is there
+    resolved = launch.ensure_data(cfg, prepare=False)  # returns only once the manifest is there
     maker.join()
     assert Path(resolved.data.path) == target and (target / "manifest.json").is_file()

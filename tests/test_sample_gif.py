@@ -94,16 +94,16 @@ def test_class_grid_refuses_to_overwrite(ot_run, tmp_path, capsys):
 
 
 def test_guidance_interval_option(ot_run, tmp_path, capsys):
-    from fmcli.cli import _sample_settings
-    from fmcli.config import SampleConfig
+    from fmcli.cli import parse_interval
+    from fmcli.config import SampleConfig, sample_settings
     from fmcli.errors import UsageError
 
     # The option reaches the sampler settings (the guidance math itself is tested in test_sampling.py).
-    settings = _sample_settings(SampleConfig(), 3.0, None, None, guidance_interval="0.2,0.8")
+    settings = sample_settings(SampleConfig(), cfg=3.0, guidance_interval=parse_interval("0.2,0.8"))
     assert settings.guidance_interval == (0.2, 0.8) and settings.cfg == 3.0
     for bad in ("0.8,0.2", "0.5", "a,b", "-0.1,0.5"):
         with pytest.raises(UsageError, match="guidance-interval"):
-            _sample_settings(SampleConfig(), None, None, None, guidance_interval=bad)
+            sample_settings(SampleConfig(), guidance_interval=parse_interval(bad))
     code, out, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "-n", "2", "--steps", "2", "--cfg", "3", "--guidance-interval", "0,0.5", "--device", "cpu", "--out", tmp_path / "g.png")
     assert code == 0, err
     code, _, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "--guidance-interval", "0.8,0.2", "--out", tmp_path / "x.png")

@@ -21,7 +21,9 @@ from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config
 from fmcli.data.prepared import PreparedWriter
 from fmcli.errors import UsageError
-from fmcli.train import batch_geometry, lr_factor, train, update_ema
+from fmcli.data.sampler import batch_geometry
+from fmcli.optim import lr_factor, update_ema
+from fmcli.train import train
 
 
 def cfg_for(data: Path, *overrides):
@@ -141,7 +143,7 @@ def test_ema_is_updated_once_per_optimizer_step_not_per_micro_batch(tmp_path, sh
     state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
     torch.manual_seed(cfg.train.seed)
     from fmcli.models import build_model
-    from fmcli.train import resolve_data_fields
+    from fmcli.config import resolve as resolve_data_fields
     from fmcli.data.prepared import read_manifest
 
     init = build_model(resolve_data_fields(cfg, read_manifest(shapes16)).model).state_dict()
@@ -225,7 +227,7 @@ def test_existing_run_directory_is_never_overwritten(tmp_path, shapes16):
 
 
 def test_non_finite_loss_stops_cleanly_or_is_skipped(tmp_path, shapes16, monkeypatch):
-    import fmcli.train as train_mod
+    import fmcli.step as train_mod
 
     real_loss = train_mod.flow_matching_loss
     calls = {"n": 0}

@@ -18,24 +18,10 @@ from .prepared import PreparedWriter
 from .readers import Source
 
 SHAPE_NAMES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon", "crescent", "heart"]
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 230),
-    "yellow": (240, 220, 40),
-    "magenta": (210, 50, 200),
-    "cyan": (40, 210, 220),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-}
-BACKGROUNDS = {
-    "black": (15, 15, 15),
-    "gray": (110, 110, 110),
-    "navy": (20, 25, 80),
-    "beige": (225, 210, 170),
-    "dark green": (20, 60, 30),
-    "white": (240, 240, 240),
-}
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230), "yellow": (240, 220, 40),
+           "magenta": (210, 50, 200), "cyan": (40, 210, 220), "orange": (245, 140, 30), "white": (245, 245, 245)}
+BACKGROUNDS = {"black": (15, 15, 15), "gray": (110, 110, 110), "navy": (20, 25, 80), "beige": (225, 210, 170),
+               "dark green": (20, 60, 30), "white": (240, 240, 240)}  # fmt: skip
 # Bumped whenever the same (size, count, seed) would draw different images; recorded in the manifest so
 # `fm train` re-makes its auto-prepared data/shapes-* directory when it came from an older generator.
 GENERATOR_VERSION = 2  # 2: radius 0.3-0.45 of the image (1: 0.22-0.4)

@@ -1,0 +1,70 @@
+"""Where output goes: logs and rich progress bars on stderr (rank 0 only), results and --json on stdout."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def emit_json(obj) -> None:
+    """One JSON document on stdout (the only thing a --json command prints there)."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def print_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def progress(console, label: str, total: int | None):
+    """A context manager yielding advance(n) for a transient rich progress bar on stderr."""
+    from rich.progress import Progress
+
+    @contextlib.contextmanager
+    def bar():
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as p:
+            task = p.add_task(label, total=total)
+            yield lambda n: p.advance(task, n)
+
+    return bar()
+
+
+class RankLog:
+    """A training run's log: rank 0 prints to stderr and shows a progress bar (stdout stays for results).
+
+    Any object with `info(message)` and `progress(total, start) -> update(step, loss)` can stand in
+    (tests pass a quiet one).
+    """
+
+    def __init__(self, is_main: bool = True):
+        self.is_main = is_main
+        self.console = stderr_console()
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            self.console.print(message, highlight=False, markup=False)
+
+    def progress(self, total: int, start: int):
+        if not self.is_main or not self.console.is_terminal:
+            return lambda step, loss: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+        bar = Progress(*columns, console=self.console, transient=True)
+        task = bar.add_task("train", total=total, completed=start, loss="-")
+        bar.start()
+
+        def update(step, loss):
+            if step is None:
+                bar.stop()
+            else:
+                bar.update(task, completed=step, loss=f"{loss:.4f}")
+
+        return update

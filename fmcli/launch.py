@@ -1,0 +1,235 @@
+"""What happens before a run: data, run directory and checkpoint resolution, auto-prepared shapes data, the
+micro-batch autotune (once, in the launcher), the torchrun relaunch, and each rank's context.
+
+cli.py parses and calls these; they raise fmcli.errors for anything a user can fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from . import distributed as D
+from .config import Config, config_to_dict
+from .console import stderr_console
+from .errors import UsageError
+
+# ------------------------------------------------------------------------------------------ launching
+
+
+def launch_options(gpus: int, nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint=None, rdzv_id=None) -> dict:
+    if gpus and nproc:
+        raise UsageError("use either --gpus N or --nproc N, not both")
+    return dict(gpus=gpus, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
+
+
+def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None) -> Config:
+    """The one way a resumed run's config is built (`fm resume` and `fm train --resume` alike): the
+    checkpoint's config plus resume-safe overrides only (anything else would change the math of a run
+    whose optimizer and EMA state are restored)."""
+    from .checkpoint import load_checkpoint
+    from .config import RESUME_SAFE_KEYS, apply_overrides, validate_config
+
+    cfg = validate_config(load_checkpoint(ckpt)["config"], source=str(ckpt))
+    if data is not None and Path(cfg.data.path or "").resolve() != data.resolve():
+        raise UsageError(f"--data {data} differs from the resumed run's data.path {cfg.data.path}: a run cannot change its dataset on resume")
+    return apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def resume_checkpoint(run_dir: Path, resume_arg: Optional[str]) -> Optional[Path]:
+    from .checkpoint import resolve_checkpoint
+
+    if resume_arg is None:
+        return None
+    return resolve_checkpoint(run_dir if resume_arg == "latest" else resume_arg)
+
+
+def run_training(cfg: Config, run_dir: Path, resume_arg: Optional[str], stop_at_step, launch: dict) -> Optional[Path]:
+    """Resolve what all ranks must agree on (data, run directory, checkpoint, autotuned micro batch), then
+    train here or relaunch as N ranks. Returns the last checkpoint (rank 0 of a local run), else None."""
+    child = D.launched_externally()
+    procs = launch["gpus"] or launch["nproc"]
+    if launch["gpus"]:
+        D.check_gpus(launch["gpus"])
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
+    # Under an external launcher (torchrun/SLURM, not our own relaunch) local rank 0 prepares the default
+    # data and the other ranks wait for its manifest; our own relaunch prepared it in the parent already.
+    cfg = ensure_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
+    ckpt = resume_checkpoint(run_dir, resume_arg)
+    if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and int(os.environ.get("RANK", "0")) == 0:
+        refuse_existing_run_dir(run_dir)
+    if (procs > 1 or launch["nnodes"] > 1) and not child:
+        _relaunch_training(cfg, run_dir, ckpt, stop_at_step, launch, procs)
+        return None
+    from .train import train
+
+    return train(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step).checkpoint
+
+
+def refuse_existing_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
+
+
+def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step, launch: dict, procs: int) -> None:
+    import typer
+
+    if cfg.train.micro_batch_size == "auto":  # tune once here, single-process; the ranks read the cache
+        _autotune_in_launcher(cfg, run_dir, world_size=procs * launch["nnodes"])
+    code = D.relaunch(
+        max(procs, 1),
+        _child_argv(cfg, run_dir, ckpt, stop_at_step),
+        nnodes=launch["nnodes"],
+        node_rank=launch["node_rank"],
+        rdzv_endpoint=launch["rdzv_endpoint"],
+        rdzv_id=launch["rdzv_id"],
+        extra_env={"FM_RUN_RESOLVED": "1"},
+    )
+    if code:
+        raise typer.Exit(code)
+
+
+def _autotune_in_launcher(cfg: Config, run_dir: Path, world_size: int) -> None:
+    """Resolve the config as a rank will (dataset fields, text encoder width), then tune and cache."""
+    import torch
+
+    from .autotune import auto_micro_batch
+    from .data.prepared import PreparedDataset
+    from .train import resolve_for_training
+
+    device = torch.device("cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+    resolved, _ = resolve_for_training(cfg, PreparedDataset(cfg.data.path, text=cfg.model.cross_attention), device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    auto_micro_batch(resolved, run_dir, device, world_size=world_size, log=lambda m: print(m, file=sys.stderr))
+
+
+def _child_argv(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step) -> list[str]:
+    """The children get the fully resolved config as a file, so every rank trains the same thing."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / ".launch-config.json"
+    resolved.write_text(json.dumps(config_to_dict(cfg)))
+    argv = ["_train-resolved", str(resolved), "--run-dir", str(run_dir)]
+    if ckpt is not None:
+        argv += ["--resume", str(ckpt)]
+    if stop_at_step:
+        argv += ["--stop-at-step", str(stop_at_step)]
+    return argv
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def ensure_data(cfg: Config, prepare: bool) -> Config:
+    """Use data.path; for the shapes source with no path, prepare (once) a default dataset under data/."""
+    if cfg.data.path:
+        if not Path(cfg.data.path).exists():
+            raise UsageError(f"data.path {cfg.data.path} does not exist; create it with `fm prepare-data {cfg.data.source} --out {cfg.data.path}`")
+        return cfg
+    if cfg.data.source != "shapes":
+        raise UsageError(f"no dataset given: pass --data DIR, prepared with `fm prepare-data {cfg.data.source} --root ... --out DIR`")
+    from .data.prepared import read_manifest
+    from .data.sources import GENERATOR_VERSION
+
+    path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.train.seed}"
+
+    def current() -> dict | None:
+        existing = read_manifest(path) if (path / "manifest.json").is_file() else None
+        return existing if existing is not None and existing.get("generator_version") == GENERATOR_VERSION else None
+
+    if current() is None:
+        if prepare:
+            stale = (path / "manifest.json").is_file()
+            why = " (the existing one came from an older shapes generator)" if stale else ""
+            stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
+            prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.train.seed, force=stale)
+        else:
+            timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
+            D.wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(path)})})
+
+
+def prepare_with_progress(source: str, target: Path, **kwargs):
+    """data.prepare.prepare with a progress bar on stderr (when it is a terminal); returns its Summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .data.prepare import prepare
+
+    console = stderr_console()
+    columns = (TextColumn(source), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(source, total=None)
+        return prepare(source, target, on_start=lambda total: bar.update(task, total=total), on_progress=lambda n: bar.advance(task, n), **kwargs)
+
+
+def prepare_encoded_with_progress(pixels, out: Path, total: int | None, device, force: bool, encode: dict) -> Path:
+    from rich.progress import Progress
+
+    from .data.latents import prepare_encoded
+
+    with Progress(console=stderr_console(), transient=True) as bar:
+        task = bar.add_task("encode", total=total)
+        return prepare_encoded(pixels, out, force=force, device=device, progress=lambda n: bar.advance(task, n), **encode)
+
+
+# ------------------------------------------------------------------------------ ranks for sample / fid
+
+
+def relaunched(gpus: int, nproc: int, extra: list[str] | None = None) -> bool:
+    """With --gpus/--nproc N > 1 in the launching process, rerun this same command as N ranks."""
+    import typer
+
+    if gpus and nproc:
+        raise UsageError("use either --gpus N or --nproc N, not both")
+    if gpus:
+        D.check_gpus(gpus)
+    procs = gpus or nproc
+    if procs <= 1 or D.launched_externally():
+        return False
+    argv = _without_launch_flags(sys.argv[1:]) + (["--device", "cuda"] if gpus else [])
+    if extra is not None:  # stdin was consumed here: hand the ranks its prompts as arguments instead
+        argv = [a for a in argv if a not in ("--prompts", "-")] + extra
+    code = D.relaunch(procs, argv)
+    if code:
+        raise typer.Exit(code)
+    return True
+
+
+def _without_launch_flags(argv: list[str]) -> list[str]:
+    """Drop --gpus/--nproc (and their values): the ranks know they are ranks from their environment."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--gpus", "--nproc"):
+            skip = True
+        elif not arg.startswith(("--gpus=", "--nproc=")):
+            out.append(arg)
+    return out
+
+
+def rank_context(device: str, gpus: int) -> D.DistContext:
+    """This process's rank and device (rank 0 of 1 when not distributed)."""
+    if not D.launched_externally():
+        return D.DistContext(device=D.resolve_device("cuda" if gpus else device))
+    return D.setup("cuda" if gpus else device)
+
+
+def with_process_group(fn):
+    """Run a rank's work; all ranks meet at a barrier before the group is destroyed (a rank that tears
+    down gloo while another still talks to it dies with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    try:
+        result = fn()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return result
+    finally:
+        D.cleanup()

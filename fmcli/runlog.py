@@ -1,0 +1,58 @@
+"""A run directory's records: config.json, env.json, metrics.jsonl (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+
+
+def memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def environment_info(device: torch.device, world_size: int) -> dict:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {
+        "fm": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cuda": torch.version.cuda,
+        "world_size": world_size,
+        "cpu_threads": torch.get_num_threads(),
+        "git_sha": sha,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_run_files(run_dir: Path, config: dict, env: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def step_name(step: int, suffix: str) -> str:
+    """samples/step-0001000.png, checkpoints/step-0001000.pt: one naming scheme for every per-step file."""
+    return f"step-{step:07d}{suffix}"

@@ -1,0 +1,171 @@
+"""THE training step: coupling, path, conditioning dropout, autocast, backward, clip, optimizer step, EMA.
+
+`fm train` (train.py) and the batch-size autotuner (autotune.py) both run `TrainingStep`, so what is tuned
+(speed, memory: EMA copy, optimizer state, OT coupling, text conditioning) is exactly what is trained.
+
+Exactness by construction: every random draw of a step (noise, times, condition dropout, flips) comes
+from a generator keyed by (step stream, seed, global batch index) over the whole global batch, of which
+each rank and micro-batch takes its rows. So a resumed run, or a run split over more processes or
+micro-batches, sees the same numbers as an uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from . import distributed as D
+from .config import Config
+from .flow import couple, flow_matching_loss, interpolate, sample_times
+from .models import build_model
+from .optim import build_optimizer, build_schedulers, ema_decay_at, update_ema
+from .seeding import STREAMS, normal, torch_generator
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean flow-matching loss over the whole global batch (averaged across ranks)
+    grad_norm: float  # before clipping; nan when the step was skipped (non-finite loss)
+    lr: float  # the learning rate this step ran at
+    ot_costs: list[tuple[float, float]] = field(default_factory=list)  # (before, after) per coupled micro-batch
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16/fp16 autocast (fp32 master weights), or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+class TrainingStep:
+    """The trained state (model, fp32 EMA, optimizer, LR schedulers, grad scaler) and the step that changes it.
+
+    `shape` is one data item's [C, H, W]; `text` is the run's encoders.TextConditioning (text models).
+    Call `wrap()` once the state is final (after a checkpoint restore): it adds DDP and torch.compile.
+    """
+
+    def __init__(self, cfg: Config, ctx: D.DistContext, *, micro: int, accum: int, shape: tuple[int, ...], text=None, model: nn.Module | None = None):
+        self.cfg, self.ctx, self.micro, self.accum, self.shape, self.text = cfg, ctx, micro, accum, tuple(shape), text
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every run
+        self.model = (model if model is not None else build_model(cfg.model)).to(ctx.device)
+        self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.schedulers = build_schedulers(self.optimizer, cfg.optim, cfg.train.steps)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
+        self.ddp = self.forward = self.model
+
+    def wrap(self, compile_model: bool | None = None) -> None:
+        if self.ctx.distributed:
+            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        compile_model = self.cfg.train.compile if compile_model is None else compile_model
+        self.forward = torch.compile(self.ddp) if compile_model else self.ddp
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for s, sd in zip(self.schedulers, state["schedulers"], strict=True):
+            s.load_state_dict(sd)
+        self.scaler.load_state_dict(state["scaler"])
+
+    def __call__(self, batches: Iterator[dict], batch_index: int, step: int) -> StepResult:
+        """One optimizer step over `accum` micro-batches drawn from `batches`; `batch_index` keys the
+        randomness (global batches drawn so far), `step` is the optimizer steps taken so far (EMA warmup)."""
+        cfg, ctx = self.cfg, self.ctx
+        draws = self._draws(batch_index)
+        total, ot_costs = torch.zeros((), device=ctx.device), []
+        autocast = autocast_for(cfg.train.precision, ctx.device)
+        for a in range(self.accum):
+            batch = next(batches)
+            rows = slice((a * ctx.world_size + ctx.rank) * self.micro, (a * ctx.world_size + ctx.rank + 1) * self.micro)
+            x0, x1, t = self._pair(batch, draws, rows, ot_costs)
+            xt, ut = interpolate(x0, x1, t, cfg.flow.sigma_min)
+            cond = self._condition(batch, draws["drop"][rows])
+            last = a == self.accum - 1
+            sync = self.ddp.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
+            with sync, autocast:
+                loss = flow_matching_loss(self.forward(xt, t, **cond), ut)
+            self.scaler.scale(loss / self.accum).backward()
+            total += loss.detach()
+        mean_loss = D.all_reduce_mean(total / self.accum, ctx).item()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not math.isfinite(mean_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(mean_loss, float("nan"), lr, ot_costs)
+        grad_norm = self._apply_gradients()
+        update_ema(self.ema, self.model, ema_decay_at(step, cfg.train.ema_decay, cfg.train.ema_warmup))
+        return StepResult(mean_loss, grad_norm, lr, ot_costs)
+
+    # ----------------------------------------------------------------------------------------- parts
+
+    def _draws(self, batch_index: int) -> dict:
+        """The whole global batch's randomness, drawn identically on every rank; each takes its rows."""
+        cfg, G = self.cfg, self.cfg.train.global_batch_size
+        key = (STREAMS["step"], cfg.train.seed, batch_index)
+        noise = None if cfg.flow.coupling == "pairs" else normal((G, *self.shape), *key)  # reflow pairs bring their own
+        gen = torch_generator(*key)
+        f = cfg.flow
+        times = sample_times(G, f.time_sampler, logit_mean=f.logit_mean, logit_std=f.logit_std, shift=f.shift, generator=gen)
+        drop = torch.rand(G, generator=gen) < f.cond_dropout
+        flip = torch.rand(G, generator=gen) < 0.5
+        return {"noise": noise, "times": times, "drop": drop, "flip": flip}
+
+    def _pair(self, batch: dict, draws: dict, rows: slice, ot_costs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noise x0, data x1, time t) of one micro-batch, flipped and coupled as configured; with
+        coupling "pairs" x0 is the noise stored with each x1 (`fm reflow`)."""
+        cfg, dev = self.cfg, self.ctx.device
+        x1 = batch["x"].to(dev, non_blocking=True)
+        if cfg.data.flip:
+            x1 = torch.where(draws["flip"][rows].to(dev).view(-1, 1, 1, 1), x1.flip(-1), x1)
+        t = draws["times"][rows].to(dev)
+        if cfg.flow.coupling == "pairs":
+            return batch["x0"].to(dev, non_blocking=True), x1, t
+        x0 = draws["noise"][rows].to(dev)
+        if cfg.flow.coupling != "independent":
+            # Minibatch OT (flow.couple): re-pair this micro-batch's noise with its data, within each class
+            # for class-conditional data. Under DDP each rank couples only its own micro-batch (no
+            # cross-rank plan), so the coupling depends on micro-batch size and world size.
+            labels = batch["y"].to(dev) if cfg.model.num_classes and "y" in batch else None
+            x0, coupling = couple(x0, x1, labels, cfg.flow.coupling, reg=cfg.flow.sinkhorn_reg, iters=cfg.flow.sinkhorn_iters)
+            ot_costs.append((coupling.cost_before, coupling.cost_after))
+        return x0, x1, t
+
+    def _condition(self, batch: dict, drop: torch.Tensor) -> dict:
+        """Model keyword inputs; condition dropout is per sample (class -> the null class index,
+        text -> the empty prompt's states and mask)."""
+        if self.text is not None:
+            return self.text.for_batch(batch, drop, self.ctx.device)
+        if self.cfg.model.num_classes and "y" in batch:
+            y = batch["y"].to(self.ctx.device)
+            return {"y": torch.where(drop.to(y.device), torch.full_like(y, self.cfg.model.num_classes), y)}
+        return {}
+
+    def _apply_gradients(self) -> float:
+        """Unscale, clip, step every optimizer and scheduler; returns the gradient norm before clipping."""
+        for o in self.optimizer.optimizers:
+            self.scaler.unscale_(o)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        for o in self.optimizer.optimizers:
+            self.scaler.step(o)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        for s in self.schedulers:
+            s.step()
+        return grad_norm
