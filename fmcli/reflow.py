@@ -30,9 +30,8 @@ from . import distributed as D
 from .data.prepared import PreparedWriter, is_replaceable
 from .errors import UsageError
 from .generate import class_conditions, sample_batch
-from .seeding import normal
+from .seeding import STREAMS, normal
 
-_REFLOW_STREAM = 4  # not fm sample's noise stream (1): pairs for seed S are not `fm sample --seed S`'s images
 PLAN_FILE = "plan.json"
 
 
@@ -67,7 +66,7 @@ class ReflowSummary:
 
 def reflow_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
     """[len(indices), *shape] standard normal; row k depends only on (seed, indices[k])."""
-    return torch.stack([normal(tuple(shape), _REFLOW_STREAM, seed, int(i)) for i in indices])
+    return torch.stack([normal(tuple(shape), STREAMS["reflow_noise"], seed, int(i)) for i in indices])
 
 
 def rank_share(num_pairs: int, batch_size: int, ctx: D.DistContext) -> int:

@@ -15,6 +15,7 @@ STREAMS = {
     "sample_noise": 1,  # initial noise of sample i: (stream, seed, i)
     "step": 2,  # a training step's noise, times, dropout and flips: (stream, seed, global batch index)
     "epoch": 3,  # the data order of an epoch: (stream, seed, epoch)
+    "reflow_noise": 4,  # `fm reflow`'s noise of pair i: (stream, seed, i); not sample i's, for the same seed
 }
 
 
