@@ -333,11 +333,14 @@ def train_step_fn(model, cfg: Config, spec: BenchSpec, device: torch.device) -> 
 
 
 def synthetic_batches(cfg: Config, batch: int, device: torch.device) -> Iterator[dict]:
-    """Micro-batches shaped like the preset's data: x, labels, and cached text states for text models."""
+    """Micro-batches shaped like the preset's data: x (and x0 for reflow pairs), labels, and cached text
+    states for text models."""
     m = cfg.model
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, m.in_channels, m.image_size, m.image_size, generator=gen)
     item = {"x": x}
+    if cfg.flow.coupling == "pairs":  # reflow pairs carry their noise
+        item["x0"] = torch.randn(batch, m.in_channels, m.image_size, m.image_size, generator=gen)
     if m.num_classes:
         item["y"] = torch.randint(0, m.num_classes, (batch,), generator=gen)
     if m.cross_attention:

@@ -14,6 +14,7 @@ from .errors import UsageError
 from .fsutil import atomic_write, fsync_dir, write_text_atomic
 
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
+EXPORT_MANIFEST = "fm_export.json"  # marks an `fm export` directory (weights only; export.py reads it)
 
 
 def checkpoint_name(step: int) -> str:
@@ -89,9 +90,10 @@ def list_checkpoints(ckpt_dir: Path) -> dict[int, Path]:
 
 
 def resolve_checkpoint(target: str | Path) -> Path:
-    """A checkpoint file, a run directory, or a checkpoints directory -> the checkpoint file to load."""
+    """A checkpoint file, a run directory, or a checkpoints directory -> the checkpoint file to load (an
+    `fm export` directory is returned as it is)."""
     target = Path(target)
-    if target.is_file():
+    if target.is_file() or (target / EXPORT_MANIFEST).is_file():
         return target
     for ckpt_dir in (target / "checkpoints", target):
         latest = ckpt_dir / "latest"
@@ -109,6 +111,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load with weights_only=True (no code execution); a corrupt or truncated file is a one-line error,
     and so is a pickle that asks for code (an object of some class): that one is not an fm checkpoint."""
     path = Path(path)
+    if (path / EXPORT_MANIFEST).is_file():
+        raise UsageError(f"{path} is an exported model (weights only): sample from it, or use the training checkpoint here")
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
     try:

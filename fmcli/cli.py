@@ -450,6 +450,109 @@ def sample(
     _guard(run)
 
 
+# ------------------------------------------------------------------------------------------- reflow
+
+
+@app.command()
+def reflow(
+    ckpt: Annotated[str, typer.Option("--ckpt", help="Teacher: checkpoint file, run directory or export directory.")],
+    num_pairs: int = typer.Option(..., "--num-pairs", "-n", min=1, help="Number of (noise, sample) pairs."),
+    out: Path = typer.Option(..., "--out", help="Output dataset directory (kind 'pairs', written atomically)."),
+    solver: str = typer.Option("heun", "--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4 or dopri5."),
+    steps: int = typer.Option(50, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
+    cfg_scale: Annotated[Optional[float], typer.Option("--cfg", min=0.0, help="Classifier-free guidance weight (default: the teacher's sample.cfg).")] = None,
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (dopri5)."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (dopri5)."),
+    prompt: List[str] = typer.Option([], "--prompt", help="Text prompt (text teachers; repeatable: pair i takes prompt i mod P)."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
+    seed: Annotated[int, typer.Option("--seed", help="Seed: pair i's noise depends only on (seed, i).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Pairs per solver batch (and per restartable chunk).")] = 256,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the teacher's EMA weights (default) or the raw ones.")] = True,
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (text teachers)."),
+    device: Device = "auto",
+    force: Force = False,
+    as_json: Json = False,
+    gpus: Gpus = 0,
+    nproc: Nproc = 0,
+):
+    """Reflow pairs: noise x0 and the teacher's ODE sample x1 = ODE(x0), a dataset for flow.coupling = "pairs".
+
+    An interrupted run continues when the same command is run again (finished chunks are kept in OUT.partial).
+
+    Examples:
+      fm reflow --ckpt runs/quickstart --num-pairs 4000 --out data/quickstart-pairs --solver heun --steps 50
+      fm reflow --ckpt runs/cifar10 -n 50000 --solver dopri5 --cfg 1.5 --gpus 2 --out data/cifar10-pairs
+      fm train --preset quickstart --data data/quickstart-pairs --set flow.coupling=pairs --set train.init_from=runs/quickstart
+    """
+
+    def run():
+        from .distributed import launched_externally
+        from .launch import rank_context, relaunched, with_process_group
+        from .reflow import check_teacher
+
+        texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
+        overrides = _sample_overrides(cfg=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol)
+        if not launched_externally():  # the one-line refusals come before relaunching or solving anything
+            check_teacher(ckpt, out, texts, force, overrides)
+        if relaunched(gpus, nproc, extra=[a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
+            return
+        ctx = rank_context(device, gpus)
+        summary = with_process_group(lambda: _reflow_rank(ctx, texts, overrides))
+        if summary is None:  # not rank 0
+            return
+        if as_json:
+            emit_json(vars(summary))
+        else:
+            stderr_console().print(f"{summary.count} pairs, {summary.nfe} NFE each, {summary.seconds:.1f} s ({summary.chunks_reused} chunks reused)", highlight=False)
+            print(summary.path)
+
+    def _reflow_rank(ctx, texts, overrides):
+        from .console import progress
+        from .generate import load_for_sampling
+        from .reflow import generate_pairs, rank_share
+
+        loaded = load_for_sampling(ckpt, ctx.device, use_ema=ema, text_encoder=text_encoder, with_vae=False)
+        with progress(stderr_console(), "reflow", rank_share(num_pairs, batch_size, ctx)) as advance:
+            return generate_pairs(
+                loaded, out, num_pairs=num_pairs, seed=seed, sample_cfg=overrides(loaded.config.sample), batch_size=batch_size, ctx=ctx,
+                checkpoint=ckpt, ema=ema, prompts=texts or None, force=force, on_chunk=advance if ctx.is_main else None,
+            )
+
+    _guard(run)
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    ckpt: Ckpt,
+    out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers (class-conditional DiTs: a DiTTransformer2DModel directory) or fm (any model)."),
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Export the EMA weights (default) or the raw ones.")] = True,
+    force: Force = False,
+    as_json: Json = False,
+):
+    """Export a checkpoint's weights as safetensors (never pickles), for diffusers or for fm.
+
+    Examples:
+      fm export --ckpt runs/quickstart --format diffusers --out exported/quickstart
+      fm export --ckpt runs/quickstart-text --format fm --out exported/quickstart-text
+      fm sample --ckpt exported/quickstart --out samples/
+    """
+
+    def run():
+        from .export import export_checkpoint
+
+        summary = export_checkpoint(ckpt, out, fmt, use_ema=ema, force=force)
+        if as_json:
+            emit_json(vars(summary))
+        else:
+            print(summary.path)
+
+    _guard(run)
+
+
 def _read_prompts(source: Optional[str]) -> list[str]:
     """Prompts from a file (one per line, blank lines skipped) or from stdin with '-'."""
     if source is None:

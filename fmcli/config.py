@@ -84,11 +84,11 @@ class ModelConfig(Strict):
 
 class FlowConfig(Strict):
     sigma_min: float = Field(1e-5, ge=0.0, lt=1.0)
-    time_sampler: Literal[TIME_SAMPLERS] = "uniform"
+    time_sampler: Literal[TIME_SAMPLERS] = "uniform"  # zero: one-step distillation on reflow pairs
     logit_mean: float = 0.0  # on t (t = 1 data): SD3's sigma-based mean m is logit_mean = -m here
     logit_std: float = Field(1.0, gt=0)
     shift: float = Field(1.0, gt=0)  # SD3-style time shift; 1 = none
-    coupling: Literal[COUPLINGS] = "independent"
+    coupling: Literal[COUPLINGS] = "independent"  # pairs: x0 stored with x1 in an `fm reflow` dataset
     sinkhorn_reg: float = Field(0.05, gt=0)
     sinkhorn_iters: int = Field(100, gt=0)
     cond_dropout: float = Field(0.1, ge=0.0, le=1.0)
@@ -136,6 +136,7 @@ class TrainConfig(Strict):
     compile: bool | Literal["auto"] = False  # "auto": where inductor works (CUDA, or a CPU with a C++ compiler)
     max_nan_skips: int = Field(0, ge=0)  # non-finite losses tolerated (step skipped) before stopping
     tracker: Literal[TRACKERS] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
+    init_from: str | None = None  # start from these weights (a checkpoint, run or export directory: its EMA), e.g. reflow's teacher
 
 
 class SampleConfig(Strict):
@@ -192,8 +193,8 @@ class Config(Strict):
     @model_validator(mode="after")
     def _no_ot_for_text(self):
         # Re-pairing noise across a text batch would detach images from their captions (DESIGN.md section 2).
-        if self.model.cross_attention and self.flow.coupling != "independent":
-            raise ValueError("flow.coupling must be 'independent' for text models (model.cross_attention = true)")
+        if self.model.cross_attention and self.flow.coupling not in ("independent", "pairs"):
+            raise ValueError("flow.coupling must be 'independent' (or 'pairs') for text models (model.cross_attention = true)")
         return self
 
 

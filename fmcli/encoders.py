@@ -200,9 +200,11 @@ def setup_training_encoders(cfg, dataset, device):
     """
     import numpy as np
 
+    from .data.prepared import data_space
+
     manifest = dataset.manifest
     recorded_vae = (manifest.get("vae") or {}).get("path")
-    encoders = {"vae": resolve_path(None, cfg.encoders.vae, ENV_VAE, recorded_vae) if manifest["kind"] == "latents" else cfg.encoders.vae}
+    encoders = {"vae": resolve_path(None, cfg.encoders.vae, ENV_VAE, recorded_vae) if data_space(manifest) == "latents" else cfg.encoders.vae}
     text = None
     if cfg.model.cross_attention:
         recorded = manifest.get("text_encoder") or {}

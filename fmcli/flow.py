@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-COUPLINGS = ("independent", "ot-exact", "ot-sinkhorn")
-TIME_SAMPLERS = ("uniform", "logit_normal")
+COUPLINGS = ("independent", "ot-exact", "ot-sinkhorn", "pairs")  # pairs: the data comes paired (`fm reflow`): kept as is
+TIME_SAMPLERS = ("uniform", "logit_normal", "zero")
 
 
 def expand_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -51,12 +51,15 @@ def sample_times(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Training times in [0, 1]: `uniform`, or `logit_normal` (sigmoid of N(mean, std)), then the shift.
+    """Training times in [0, 1]: `uniform`, or `logit_normal` (sigmoid of N(mean, std)), then the shift;
+    `zero`: t = 0 only, the one-step distillation of a reflowed model on its pairs (Liu et al. 2022, sec. 2.3).
 
     `logit_mean` is on fm's t, where t = 1 is data: a positive mean puts more training times near the
     data end. SD3 (Esser et al., 2024) parametrises by the noise level sigma = 1 - t, so its m corresponds
     to logit_mean = -m here (the logit of 1 - t is minus the logit of t).
     """
+    if sampler == "zero":
+        return torch.zeros(n, device=device)
     if sampler == "uniform":
         t = torch.rand(n, generator=generator, device=device)
     elif sampler == "logit_normal":
@@ -121,10 +124,10 @@ def couple(
         raise ValueError(f"unknown coupling {method!r}; choose one of {', '.join(COUPLINGS)}")
     n = x0.shape[0]
     perm = torch.arange(n)
-    if method != "independent" and not (bool(torch.isfinite(x0).all()) and bool(torch.isfinite(x1).all())):
+    if method not in ("independent", "pairs") and not (bool(torch.isfinite(x0).all()) and bool(torch.isfinite(x1).all())):
         # NaN costs would make the assignment meaningless (and used to stall the Sinkhorn rounding).
         raise FloatingPointError(f"coupling {method!r}: the batch holds non-finite values (NaN/inf) in the {'data' if not bool(torch.isfinite(x1).all()) else 'noise'}; check the dataset")
-    if method != "independent":
+    if method not in ("independent", "pairs"):
         groups = [perm.clone()] if labels is None else [torch.nonzero(labels.cpu() == c).flatten() for c in torch.unique(labels.cpu())]
         for idx in groups:
             if len(idx) < 2:

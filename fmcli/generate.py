@@ -105,12 +105,15 @@ class LoadedModel:
 
 
 def load_for_sampling(
-    ckpt: str, device: torch.device, use_ema: bool = True, vae: str | None = None, text_encoder: str | None = None, with_encoders: bool = True
+    ckpt: str, device: torch.device, use_ema: bool = True, vae: str | None = None, text_encoder: str | None = None,
+    with_encoders: bool = True, with_vae: bool = True,
 ) -> LoadedModel:
-    """Build the model from the checkpoint's own config and load its EMA (or raw) weights, with the frozen
-    encoders it needs (paths: the arguments, FM_VAE / FM_TEXT_ENCODER, then those recorded in the run)."""
+    """Build the model from the checkpoint's (or export directory's) own config and load its EMA (or raw)
+    weights, with the frozen encoders it needs (paths: the arguments, FM_VAE / FM_TEXT_ENCODER, then those
+    recorded in the run). `with_encoders=False` loads none (an autoguidance guide); `with_vae=False` skips
+    the VAE: samples stay latents (reflow pairs)."""
     path = resolve_checkpoint(ckpt)
-    state = load_checkpoint(path, map_location="cpu")
+    state = load_weights(path)
     cfg = with_sampling_shift(validate_config(state["config"], source=str(path)))
     model = build_model(cfg.model)
     weights = state.get("ema") if use_ema else state["model"]
@@ -119,7 +122,7 @@ def load_for_sampling(
     model.load_state_dict(weights)
     model.to(device).eval()
     info = state.get("data_info", {})
-    encoders = _sampling_encoders(cfg, info, device, vae, text_encoder) if with_encoders else {}
+    encoders = _sampling_encoders(cfg, info, device, vae, text_encoder, with_vae) if with_encoders else {}
     return LoadedModel(model=model, config=cfg, info=info, step=int(state.get("step", 0)), **encoders)
 
 
@@ -139,11 +142,18 @@ def with_guide(loaded: LoadedModel, guide_ckpt: str, device: torch.device, use_e
     return dataclasses.replace(loaded, guide=guide.model)
 
 
-def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_encoder: str | None) -> dict:
+def load_weights(path) -> dict:
+    """A training checkpoint, or an `fm export` directory read as one (its weights serve as model and EMA)."""
+    from .export import is_export, load_export
+
+    return load_export(path) if is_export(path) else load_checkpoint(path, map_location="cpu")
+
+
+def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_encoder: str | None, with_vae: bool = True) -> dict:
     from .encoders import ENV_TEXT_ENCODER, ENV_VAE, FrozenVAE, TextConditioning, load_text_encoder, require, resolve_path
 
     out = {}
-    if info.get("kind") == "latents":
+    if info.get("kind") == "latents" and with_vae:
         path = require(resolve_path(vae, None, ENV_VAE, cfg.encoders.vae), "VAE", "--vae", ENV_VAE, "huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir {path}")
         out["vae"] = FrozenVAE(path, device, cfg.encoders.vae_precision)
     if cfg.model.cross_attention:

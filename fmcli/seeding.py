@@ -23,6 +23,7 @@ STREAMS = {
     "step": 2,  # a training step's noise, times, dropout and flips: (stream, seed, global batch index)
     "epoch": 3,  # the data order of an epoch: (stream, seed, epoch)
     "sde_noise": 4,  # euler-sde's noise of sample i at solver step k: (stream, seed, i, k)
+    "reflow_noise": 5,  # `fm reflow`'s noise of pair i: (stream, seed, i); not sample i's, for the same seed
 }
 
 

@@ -185,7 +185,7 @@ class TrainingStep:
         """The whole global batch's randomness, drawn identically on every rank; each takes its rows."""
         cfg, G = self.cfg, self.cfg.train.global_batch_size
         key = (STREAMS["step"], cfg.train.seed, batch_index)
-        noise = normal((G, *self.shape), *key)
+        noise = None if cfg.flow.coupling == "pairs" else normal((G, *self.shape), *key)  # reflow pairs bring their own
         gen = torch_generator(*key)
         f = cfg.flow
         times = sample_times(G, f.time_sampler, logit_mean=f.logit_mean, logit_std=f.logit_std, shift=f.shift, generator=gen)
@@ -194,12 +194,16 @@ class TrainingStep:
         return {"noise": noise, "times": times, "drop": drop, "flip": flip}
 
     def _pair(self, batch: dict, draws: dict, rows: slice, ot_costs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noise x0, data x1, time t) of one micro-batch, flipped and coupled as configured."""
+        """(noise x0, data x1, time t) of one micro-batch, flipped and coupled as configured; with
+        coupling "pairs" x0 is the noise stored with each x1 (`fm reflow`)."""
         cfg, dev = self.cfg, self.ctx.device
         x1 = batch["x"].to(dev, non_blocking=True)
         if cfg.data.flip:
             x1 = torch.where(draws["flip"][rows].to(dev).view(-1, 1, 1, 1), x1.flip(-1), x1)
-        x0, t = draws["noise"][rows].to(dev), draws["times"][rows].to(dev)
+        t = draws["times"][rows].to(dev)
+        if cfg.flow.coupling == "pairs":
+            return batch["x0"].to(dev, non_blocking=True), x1, t
+        x0 = draws["noise"][rows].to(dev)
         if cfg.flow.coupling != "independent":
             # Minibatch OT (flow.couple): re-pair this micro-batch's noise with its data, within each class
             # for class-conditional data. Under DDP each rank couples only its own micro-batch (no

@@ -23,7 +23,7 @@ from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, config_to_dict, flip_warning, resolve
 from .console import RankLog
-from .data.prepared import PreparedDataset, collate_batched
+from .data.prepared import PreparedDataset, collate_batched, data_space
 from .data.sampler import RankBatchSampler, batch_geometry, data_position
 from .errors import RuntimeFailure, UsageError
 from .fsutil import write_text_atomic
@@ -78,6 +78,33 @@ def set_numpy_rng_state(state) -> None:
         np.random.set_state(("MT19937", state.numpy().astype(np.uint32), *np.random.get_state()[2:]))
 
 
+def check_coupling_data(cfg: Config, dataset: PreparedDataset) -> None:
+    """flow.coupling = "pairs" trains on `fm reflow` pairs, and such pairs only with it."""
+    if cfg.flow.coupling == "pairs" and not dataset.is_pairs:
+        raise UsageError(f"flow.coupling='pairs' needs a reflow pairs dataset (`fm reflow --out DIR`), and {dataset.path} holds {dataset.manifest['kind']}")
+    if dataset.is_pairs and cfg.flow.coupling != "pairs":
+        raise UsageError(f"{dataset.path} holds reflow pairs: train on them with --set flow.coupling=pairs")
+    if dataset.is_pairs and cfg.data.flip:
+        raise UsageError("data.flip would separate reflow pairs (the flipped x1 is not the teacher's sample of x0): --set data.flip=false")
+
+
+def init_weights(step_fn: TrainingStep, source: str) -> None:
+    """Model and EMA from the (EMA) weights of a checkpoint, run or export directory; the architectures must match."""
+    from .checkpoint import resolve_checkpoint
+    from .generate import load_weights
+
+    state = load_weights(resolve_checkpoint(source))
+    weights = state.get("ema") or state["model"]
+    try:
+        step_fn.model.load_state_dict(weights)
+        step_fn.ema.load_state_dict(weights)
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines()
+        raise UsageError(f"train.init_from={source}: its model differs from this one ({lines[1].strip() if len(lines) > 1 else lines[0]}); use the teacher's model settings") from None
+
+
+
+
 class Trainer:
     """One run on one rank. Everything is set up in __init__ (a bad setting fails before any work);
     `run` restores a checkpoint if asked, then loops."""
@@ -86,6 +113,7 @@ class Trainer:
         self.run_dir, self.ctx, self.log = run_dir, ctx, log
         self.dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
         self.cfg, self.text = cfg, text = resolve_for_training(cfg, self.dataset, ctx.device)
+        check_coupling_data(cfg, self.dataset)
         self._check_precision()
         self.cfg = cfg = self._resolve_hardware(cfg)  # train.precision / train.compile "auto" -> this machine's
         self.evaluator = self._make_evaluator()  # before any step: a bad eval.ref or missing weights fail now
@@ -107,6 +135,9 @@ class Trainer:
     def run(self, resume_from: Path | None, stop_at_step: int | None) -> TrainResult:
         if resume_from is not None:
             self._restore(resume_from)
+        elif self.cfg.train.init_from:  # a resumed run's checkpoint already holds the weights
+            init_weights(self.step_fn, self.cfg.train.init_from)
+            self.log.info(f"initialised from {self.cfg.train.init_from}")
         self.hardware["muon_ns_dtype"] = self.step_fn.optimizer.muon_ns_dtype  # a resumed run keeps its saved one
         result = TrainResult(run_dir=self.run_dir, step=self.step)
         if self.step >= self.cfg.train.steps:
@@ -281,13 +312,14 @@ class Trainer:
             self.log.info(f"note: eval.every={self.cfg.eval.every} but eval.ref is unset, so no FID during training (--set eval.ref=DATA|STATS.npz)")
             return None
         # Refused here, before any step, rather than failing at the first evaluation and losing the work.
-        if self.dataset.manifest["kind"] != "pixels":
+        if data_space(self.dataset.manifest) != "pixels":
             raise UsageError("eval.ref is set, but FID during training of latent-space models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
         if self.cfg.model.cross_attention:
             raise UsageError("eval.ref is set, but FID during training of text-conditioned models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
         from .evaluate import TrainingEvaluator
 
-        return TrainingEvaluator(self.cfg, self.dataset.manifest, self.ctx.device, log=self.log.info, with_reference=self.ctx.is_main)
+        manifest = {**self.dataset.manifest, "kind": "pixels"}  # reflow pairs of a pixel model: samples are pixels
+        return TrainingEvaluator(self.cfg, manifest, self.ctx.device, log=self.log.info, with_reference=self.ctx.is_main)
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -403,7 +435,7 @@ class Trainer:
             conditions, prompts = grid_conditions(self.text, self.dataset, n, self.ctx.device)
             write_text_atomic(self.run_dir / "samples" / step_name(self.step, ".txt"), "".join(p + "\n" for p in prompts))
         x = sample_batch(self.step_fn.ema, x0, labels, self.cfg.sample, sigma_min=self.cfg.flow.sigma_min, conditions=conditions).x
-        if self.dataset.manifest["kind"] == "latents":
+        if data_space(self.dataset.manifest) == "latents":
             x = self._decode_latents(x)
             if x is None:
                 return
@@ -464,5 +496,6 @@ def _injected_failure(ctx: D.DistContext, step: int) -> None:
 
 
 def _data_info(manifest: dict) -> dict:
+    """What sampling needs to know about the training data; a student of reflow pairs samples its teacher's kind."""
     keys = ("kind", "shape", "num_classes", "class_names", "source", "image_size", "vae", "text_encoder")
-    return {k: manifest.get(k) for k in keys}
+    return {**{k: manifest.get(k) for k in keys}, "kind": data_space(manifest)}

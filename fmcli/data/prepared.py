@@ -1,7 +1,8 @@
 """The prepared-dataset format (DESIGN.md section 4): an atomic streaming writer and a memmap reader.
 
 A dataset is a directory with manifest.json, x.npy ([N,C,H,W] uint8 pixels or float16 latents),
-optional y.npy (int64 labels) and captions.jsonl. The writer streams rows into
+optional y.npy (int64 labels) and captions.jsonl. Kind "pairs" (`fm reflow`) stores float32 x0.npy (noise)
+and x1.npy (the teacher's sample from it) instead of x.npy. The writer streams rows into
 `.npy` files inside `.DIR.tmp-*` and renames it into place only when complete (fsutil.commit: every
 file and the directory fsynced, then the rename), so an interrupted run leaves nothing.
 """
@@ -44,6 +45,7 @@ class PreparedWriter:
         captions: bool = False,
         force: bool = False,
         extras: dict[str, tuple[tuple[int, ...], str]] | None = None,
+        x_name: str = "x",
     ):
         self.out = Path(out)
         refuse_existing(self.out, force)
@@ -58,11 +60,12 @@ class PreparedWriter:
         self._extras = dict(extras or {})
         self._streams: dict[str, _NpyStream] = {}
         self.captions = None
+        self._x_name = x_name  # the file of the images (add_batch's first argument): x.npy, or x1.npy for pairs
 
     def __enter__(self):
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir()
-        self._streams["x"] = _NpyStream(self.tmp / "x.npy", self.shape, self.dtype)
+        self._streams["x"] = _NpyStream(self.tmp / f"{self._x_name}.npy", self.shape, self.dtype)
         if self._has_labels:
             self._streams["y"] = _NpyStream(self.tmp / "y.npy", (), "int64")
         for name, (row_shape, dtype) in self._extras.items():
@@ -205,6 +208,11 @@ def read_manifest(path: str | Path) -> dict:
     return data
 
 
+def data_space(manifest: dict) -> str:
+    """What a dataset's samples are, "pixels" or "latents"; a reflow pairs dataset holds its teacher's kind."""
+    return manifest.get("space", "pixels") if manifest["kind"] == "pairs" else manifest["kind"]
+
+
 KIND_DTYPES = {"pixels": "uint8", "latents": "float16"}
 
 
@@ -293,18 +301,20 @@ class PreparedDataset(Dataset):
         self.manifest = validate_prepared(self.path)
         self.count = int(self.manifest["count"])
         self.has_labels = (self.path / "y.npy").is_file()
+        self.is_pairs = self.manifest["kind"] == "pairs"
         self.has_cached_text = text and (self.path / "text.npy").is_file()
         self.with_captions = text and not self.has_cached_text
         if self.with_captions and not (self.path / "captions.jsonl").is_file():
             raise UsageError(f"{self.path} has no captions.jsonl (nor cached text.npy): a text model needs captioned data")
-        self._x = self._y = self._text = self._text_mask = self._captions = None
+        self._x = self._x0 = self._y = self._text = self._text_mask = self._captions = None
 
     def __len__(self) -> int:
         return self.count
 
     def _open(self):
         if self._x is None:
-            self._x = np.load(self.path / "x.npy", mmap_mode="r")
+            self._x = np.load(self.path / ("x1.npy" if self.is_pairs else "x.npy"), mmap_mode="r")
+            self._x0 = np.load(self.path / "x0.npy", mmap_mode="r") if self.is_pairs else None
             self._y = np.load(self.path / "y.npy", mmap_mode="r") if self.has_labels else None
             if self.has_cached_text:
                 self._text = np.load(self.path / "text.npy", mmap_mode="r")
@@ -314,7 +324,8 @@ class PreparedDataset(Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_x"] = state["_y"] = state["_text"] = state["_text_mask"] = state["_captions"] = None  # reopen in the worker
+        for k in ("_x", "_x0", "_y", "_text", "_text_mask", "_captions"):
+            state[k] = None  # reopened in the worker
         return state
 
     def __getitem__(self, i: int) -> dict:
@@ -327,6 +338,8 @@ class PreparedDataset(Dataset):
         x = torch.from_numpy(np.ascontiguousarray(self._x[idx]))
         x = x.float() / 127.5 - 1.0 if self.manifest["kind"] == "pixels" else x.float()
         out = {"x": x}
+        if self._x0 is not None:
+            out["x0"] = torch.from_numpy(np.ascontiguousarray(self._x0[idx]))
         if self._y is not None:
             out["y"] = torch.from_numpy(np.asarray(self._y[idx], dtype=np.int64))
         if self._text is not None:

@@ -1,4 +1,23 @@
-"""diffusers' DiTTransformer2DModel behind fm's model contract (the `fm bench --compare diffusers` baseline)."""
+"""fm's class-conditional DiT <-> diffusers' DiTTransformer2DModel: configuration and exact weight mapping.
+
+The two compute the same network up to three conventions, each mapped exactly (copies, permutations and
+sign flips only, so an export read back into fm is bit-identical):
+- output: fm predicts dx/dt (t = 0 noise, towards data); diffusers' flow-matching schedulers step with
+  dx/dsigma, sigma = 1 - t the noise level, which is -dx/dt: the output layer is negated.
+- positions: fm's 2D sin-cos table puts rows in the first half of the channels, diffusers' columns; the whole
+  residual stream is kept in a channel order with the halves swapped (a permutation of every weight that
+  reads or writes it; layer norms without affine parameters do not care).
+- conditioning: fm shares one time + class embedding across the blocks; diffusers gives every block's
+  AdaLayerNormZero its own copy (the final layer uses block 0's), so the shared weights are replicated.
+The time input stays fm's: timestep = 1000 t = 1000 - (the scheduler's timestep 1000 sigma). Folding the
+reversal into the first time-MLP weight (a rotation of each cos/sin pair) is exact in real arithmetic but
+not in float32 (phases up to 1000 rad carry ~3e-5 rad of rounding), about 10x the error of this mapping.
+
+One thing no weight can express: diffusers' DiT time features use frequencies 10000^(-i/127)
+(`downscale_freq_shift=1`), fm's (like the original DiT's) 10000^(-i/128). `load_exported_dit` sets the
+attribute to 0 after `from_pretrained`; the exported README shows the same one-line fix.
+Also here: `DiffusersDiT`, the diffusers model behind fm's contract, the speed baseline of `fm bench --compare`.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +26,143 @@ import torch.nn as nn
 
 from ..errors import UsageError
 
+TIMESTEP_SCALE = 1000  # the exported model takes timestep = 1000 t (fm's t; FlowMatchEulerDiscreteScheduler's num_train_timesteps)
+
+
+def check_exportable(model_cfg) -> None:
+    """Refuse (one line) the fm models that DiTTransformer2DModel cannot represent exactly."""
+    m = model_cfg
+    if m.arch != "dit":
+        raise UsageError(f"--format diffusers exports class-conditional DiTs; this model is model.arch={m.arch!r} (use --format fm)")
+    if m.cross_attention:
+        raise UsageError("--format diffusers exports class-conditional DiTs; diffusers' DiTTransformer2DModel has no text cross-attention (use --format fm)")
+    if m.mlp_ratio != 4.0:
+        raise UsageError(f"--format diffusers needs model.mlp_ratio = 4 (DiTTransformer2DModel's MLP is fixed at 4x), this model has {m.mlp_ratio} (use --format fm)")
+
+
+def diffusers_dit_config(model_cfg) -> dict:
+    """DiTTransformer2DModel keyword arguments for fm's model settings (resolved: image size, channels, classes)."""
+    m = model_cfg
+    return dict(
+        num_attention_heads=m.heads,
+        attention_head_dim=m.hidden_size // m.heads,
+        in_channels=m.in_channels,
+        out_channels=m.in_channels,  # velocity only: no learned sigma channels
+        num_layers=m.depth,
+        sample_size=m.image_size,
+        patch_size=m.patch_size,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=m.num_classes,  # its label table gets the extra null-class row (class_dropout_prob > 0)
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,  # fm's LayerNorms; diffusers' default 1e-5 would change the MLP branch
+        attention_bias=True,
+        dropout=0.0,
+    )
+
+
+def load_exported_dit(path, **kwargs):
+    """`DiTTransformer2DModel.from_pretrained(path)` with fm's time frequencies (see the module docstring)."""
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel.from_pretrained(str(path), **kwargs)
+    use_fm_time_frequencies(model)
+    return model.eval()
+
+
+def use_fm_time_frequencies(model) -> None:
+    for block in model.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+
+
+def fm_to_diffusers(state: dict[str, torch.Tensor], model_cfg) -> dict[str, torch.Tensor]:
+    """fm DiT state_dict -> DiTTransformer2DModel state_dict (fp32, contiguous)."""
+    check_exportable(model_cfg)
+    s = {k: v.detach().float().cpu() for k, v in state.items()}
+    width = model_cfg.hidden_size
+    p = _half_swap(width)
+    emb = {
+        "timestep_embedder.linear_1.weight": s["t_embed.mlp.0.weight"],
+        "timestep_embedder.linear_1.bias": s["t_embed.mlp.0.bias"],
+        "timestep_embedder.linear_2.weight": s["t_embed.mlp.2.weight"],
+        "timestep_embedder.linear_2.bias": s["t_embed.mlp.2.bias"],
+        "class_embedder.embedding_table.weight": s["y_embed.weight"],
+    }
+    out = {"pos_embed.proj.weight": s["x_embed.weight"][p], "pos_embed.proj.bias": s["x_embed.bias"][p]}
+    for i in range(model_cfg.depth):
+        f, d = f"blocks.{i}.", f"transformer_blocks.{i}."
+        out.update({d + "norm1.emb." + k: v.clone() for k, v in emb.items()})
+        out[d + "norm1.linear.weight"] = s[f + "modulation.1.weight"][_chunk_perm(p, 6)]
+        out[d + "norm1.linear.bias"] = s[f + "modulation.1.bias"][_chunk_perm(p, 6)]
+        qkv_w, qkv_b = s[f + "attn.qkv.weight"], s[f + "attn.qkv.bias"]
+        for j, name in enumerate(("to_q", "to_k", "to_v")):
+            out[d + f"attn1.{name}.weight"] = qkv_w[j * width : (j + 1) * width][:, p]
+            out[d + f"attn1.{name}.bias"] = qkv_b[j * width : (j + 1) * width]
+        out[d + "attn1.to_out.0.weight"] = s[f + "attn.proj.weight"][p]  # reads head space, writes the residual
+        out[d + "attn1.to_out.0.bias"] = s[f + "attn.proj.bias"][p]
+        out[d + "ff.net.0.proj.weight"] = s[f + "mlp.0.weight"][:, p]
+        out[d + "ff.net.0.proj.bias"] = s[f + "mlp.0.bias"]
+        out[d + "ff.net.2.weight"] = s[f + "mlp.2.weight"][p]
+        out[d + "ff.net.2.bias"] = s[f + "mlp.2.bias"][p]
+    out["proj_out_1.weight"] = s["final.modulation.1.weight"][_chunk_perm(p, 2)]
+    out["proj_out_1.bias"] = s["final.modulation.1.bias"][_chunk_perm(p, 2)]
+    out["proj_out_2.weight"] = -s["final.linear.weight"][:, p]
+    out["proj_out_2.bias"] = -s["final.linear.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def diffusers_to_fm(state: dict[str, torch.Tensor], model_cfg) -> dict[str, torch.Tensor]:
+    """The inverse of `fm_to_diffusers` (every step is a copy, permutation or negation: bit-exact)."""
+    s = {k: v.detach().float().cpu() for k, v in state.items()}
+    width = model_cfg.hidden_size
+    p = _half_swap(width)  # an involution: its own inverse
+    e = "transformer_blocks.0.norm1.emb."
+    out = {
+        "x_embed.weight": s["pos_embed.proj.weight"][p],
+        "x_embed.bias": s["pos_embed.proj.bias"][p],
+        "t_embed.mlp.0.weight": s[e + "timestep_embedder.linear_1.weight"],
+        "t_embed.mlp.0.bias": s[e + "timestep_embedder.linear_1.bias"],
+        "t_embed.mlp.2.weight": s[e + "timestep_embedder.linear_2.weight"],
+        "t_embed.mlp.2.bias": s[e + "timestep_embedder.linear_2.bias"],
+        "y_embed.weight": s[e + "class_embedder.embedding_table.weight"],
+    }
+    for i in range(model_cfg.depth):
+        f, d = f"blocks.{i}.", f"transformer_blocks.{i}."
+        out[f + "modulation.1.weight"] = s[d + "norm1.linear.weight"][_chunk_perm(p, 6)]
+        out[f + "modulation.1.bias"] = s[d + "norm1.linear.bias"][_chunk_perm(p, 6)]
+        out[f + "attn.qkv.weight"] = torch.cat([s[d + f"attn1.{n}.weight"][:, p] for n in ("to_q", "to_k", "to_v")])
+        out[f + "attn.qkv.bias"] = torch.cat([s[d + f"attn1.{n}.bias"] for n in ("to_q", "to_k", "to_v")])
+        out[f + "attn.proj.weight"] = s[d + "attn1.to_out.0.weight"][p]
+        out[f + "attn.proj.bias"] = s[d + "attn1.to_out.0.bias"][p]
+        out[f + "mlp.0.weight"] = s[d + "ff.net.0.proj.weight"][:, p]
+        out[f + "mlp.0.bias"] = s[d + "ff.net.0.proj.bias"]
+        out[f + "mlp.2.weight"] = s[d + "ff.net.2.weight"][p]
+        out[f + "mlp.2.bias"] = s[d + "ff.net.2.bias"][p]
+    out["final.modulation.1.weight"] = s["proj_out_1.weight"][_chunk_perm(p, 2)]
+    out["final.modulation.1.bias"] = s["proj_out_1.bias"][_chunk_perm(p, 2)]
+    out["final.linear.weight"] = -s["proj_out_2.weight"][:, p]
+    out["final.linear.bias"] = -s["proj_out_2.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _half_swap(width: int) -> torch.Tensor:
+    """Channel j of diffusers' residual stream is channel perm[j] of fm's (row / column position halves swapped)."""
+    half = width // 2
+    return torch.cat([torch.arange(half, width), torch.arange(half)])
+
+
+def _chunk_perm(perm: torch.Tensor, chunks: int) -> torch.Tensor:
+    """`perm` applied inside each of `chunks` consecutive blocks of len(perm) rows (shift/scale/gate vectors)."""
+    width = len(perm)
+    return torch.cat([perm + k * width for k in range(chunks)])
+
 
 class DiffusersDiT(nn.Module):
     """diffusers' class-conditional DiTTransformer2DModel behind fm's contract `model(x, t, y=None)`.
 
-    Same width, depth, heads, patch and input; out_channels = in_channels (no learned sigma); its label
-    table has a row for the null class (index num_classes) because class_dropout_prob > 0. Its timestep
-    embedding expects the 0..1000 scale, so t in [0, 1] is multiplied by 1000 (as our DiT does inside).
+    Built from `diffusers_dit_config` (fm's width, depth, heads, patch, input; no learned sigma; a null-class
+    row). Used as the speed baseline of `fm bench --compare diffusers`; with weights from `fm_to_diffusers`
+    (and `use_fm_time_frequencies`) it returns fm's velocity: timestep 1000 t, output negated back.
     """
 
     def __init__(self, model_cfg):
@@ -26,20 +175,7 @@ class DiffusersDiT(nn.Module):
         if m.cross_attention:
             raise UsageError("--compare diffusers supports class-conditional DiTs only (no cross-attention)")
         self.num_classes = m.num_classes
-        self.inner = DiTTransformer2DModel(
-            num_attention_heads=m.heads,
-            attention_head_dim=m.hidden_size // m.heads,
-            in_channels=m.in_channels,
-            out_channels=m.in_channels,
-            num_layers=m.depth,
-            sample_size=m.image_size,
-            patch_size=m.patch_size,
-            num_embeds_ada_norm=max(1, m.num_classes),
-            activation_fn="gelu-approximate",
-            norm_type="ada_norm_zero",
-            norm_elementwise_affine=False,
-            dropout=0.0,
-        )
+        self.inner = DiTTransformer2DModel(**diffusers_dit_config(m))
 
     @property
     def null_class(self) -> int:
@@ -48,4 +184,4 @@ class DiffusersDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-        return self.inner(x, timestep=t * 1000, class_labels=y).sample
+        return -self.inner(x, timestep=TIMESTEP_SCALE * t, class_labels=y).sample

@@ -1,0 +1,226 @@
+"""`fm export`: a checkpoint's weights as a safetensors directory (never a pickle), for diffusers or for fm.
+
+--format diffusers (class-conditional or unconditional DiTs): a `DiTTransformer2DModel` directory
+(config.json + diffusion_pytorch_model.safetensors, mapped exactly by models/diffusers_dit.py), a
+`FlowMatchEulerDiscreteScheduler` config in scheduler/, and a README.md whose snippet samples with both.
+--format fm (any model): model.safetensors with fm's own parameter names.
+Both also hold fm_export.json (fm's resolved config, data facts, step, layout), so `fm sample --ckpt DIR`
+loads either. The directory is written as DIR.tmp-* and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import EXPORT_MANIFEST, load_checkpoint, resolve_checkpoint
+from .config import Config, config_to_dict, validate_config
+from .errors import UsageError
+from .fsutil import fsync_dir, fsync_file
+
+EXPORT_FORMATS = ("diffusers", "fm")
+EXPORT_VERSION = 1
+_FM_WEIGHTS = "model.safetensors"
+_DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class ExportSummary:
+    path: str
+    format: str
+    layout: str  # "diffusers-dit" or "fm"
+    params: int
+    step: int
+    ema: bool
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers", *, use_ema: bool = True, force: bool = False) -> ExportSummary:
+    """Write `ckpt`'s (EMA) weights to `out` in `fmt`; refuses, before writing anything, what cannot be exported."""
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not (out.is_dir() and ((out / EXPORT_MANIFEST).is_file() or not any(out.iterdir()))):
+        raise UsageError(f"refusing to replace {out}: it is neither an fm export (no {EXPORT_MANIFEST}) nor empty")
+    path = resolve_checkpoint(ckpt)
+    if is_export(path):
+        raise UsageError(f"{path} is already an exported model; export from the training checkpoint")
+    state = load_checkpoint(path)
+    cfg = validate_config(state["config"], source=str(path))
+    weights = state.get("ema") if use_ema else state["model"]
+    if weights is None:
+        raise UsageError(f"{path} has no EMA weights; use --no-ema")
+    if fmt == "diffusers":
+        from .models.diffusers_dit import check_exportable
+
+        check_exportable(cfg.model)
+    meta = {
+        "format": EXPORT_VERSION,
+        "layout": "diffusers-dit" if fmt == "diffusers" else "fm",
+        "weights_file": _DIFFUSERS_WEIGHTS if fmt == "diffusers" else _FM_WEIGHTS,
+        "ema": bool(use_ema),
+        "step": int(state.get("step", 0)),
+        "config": config_to_dict(cfg),
+        "data_info": state.get("data_info", {}),
+        "source_checkpoint": str(path),
+        "fm_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    writer = _write_diffusers if fmt == "diffusers" else _write_fm
+    _atomic_dir(out, lambda tmp: writer(tmp, weights, cfg, meta, out.name))
+    return ExportSummary(path=str(out), format=fmt, layout=meta["layout"], params=sum(v.numel() for v in weights.values()), step=meta["step"], ema=bool(use_ema))
+
+
+def is_export(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / EXPORT_MANIFEST).is_file()
+
+
+def load_export(path: str | Path) -> dict:
+    """An export directory as a checkpoint-shaped dict: {"model", "ema", "config", "data_info", "step"} (fm names)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / EXPORT_MANIFEST).read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path / EXPORT_MANIFEST} is not valid JSON: {err}") from None
+    if meta.get("format") != EXPORT_VERSION or meta.get("layout") not in ("fm", "diffusers-dit"):
+        raise UsageError(f"{path}: unsupported export (format {meta.get('format')!r}, layout {meta.get('layout')!r})")
+    weights_file = path / meta["weights_file"]
+    if not weights_file.is_file():
+        raise UsageError(f"{path} is incomplete: {meta['weights_file']} is missing")
+    cfg = validate_config(meta["config"], source=str(path / EXPORT_MANIFEST))
+    weights = load_file(weights_file)
+    if meta["layout"] == "diffusers-dit":
+        from .models.diffusers_dit import diffusers_to_fm
+
+        weights = diffusers_to_fm(weights, cfg.model)
+    # One set of weights: whichever fm export chose (EMA by default) serves for both keys.
+    return {"model": weights, "ema": weights, "config": meta["config"], "data_info": meta.get("data_info", {}), "step": meta.get("step", 0)}
+
+
+# ------------------------------------------------------------------------------------------ writers
+
+
+def _write_fm(tmp: Path, weights: dict, cfg: Config, meta: dict, name: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / _FM_WEIGHTS), metadata={"format": "pt"})
+    (tmp / EXPORT_MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / "README.md").write_text(_fm_readme(cfg, meta, name))
+
+
+def _write_diffusers(tmp: Path, weights: dict, cfg: Config, meta: dict, name: str) -> None:
+    from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    from .models.diffusers_dit import diffusers_dit_config, fm_to_diffusers
+
+    model = DiTTransformer2DModel(**diffusers_dit_config(cfg.model))
+    model.load_state_dict(fm_to_diffusers(weights, cfg.model), strict=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    # fm's sampling grid is sigma = linspace(1, 0, steps + 1) with the SD3 shift, which is this scheduler's
+    # rule given those sigmas (its default grid ends at sigma 1/1000 instead of 0).
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.sample.shift or cfg.flow.shift).save_pretrained(str(tmp / "scheduler"))
+    (tmp / EXPORT_MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / "README.md").write_text(_diffusers_readme(cfg, meta, name))
+
+
+def _atomic_dir(out: Path, write) -> None:
+    """Run write(tmp) in a sibling temporary directory, then rename it to `out` (replacing a previous export)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_file(f)
+        if out.exists():
+            trash = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ READMEs
+
+
+def _diffusers_readme(cfg: Config, meta: dict, name: str) -> str:
+    m = cfg.model
+    k = m.num_classes
+    labels = "torch.arange(n) % NUM_CLASSES" if k else "torch.zeros(n, dtype=torch.long)  # unconditional: label 0 is the null class"
+    guidance = cfg.sample.cfg if k else 1.0
+    return f"""# {cfg.name}: a flow-matching DiT exported by fm {__version__}
+
+Class-conditional rectified-flow model (fm step {meta['step']}, {'EMA' if meta['ema'] else 'raw'} weights) as a diffusers
+`DiTTransformer2DModel` ({m.hidden_size} wide, {m.depth} blocks, patch {m.patch_size}, {m.in_channels}x{m.image_size}x{m.image_size} input,
+{k} classes; label {k} is the null class for classifier-free guidance). Samples are in [-1, 1]{' (SD-VAE latents: decode with the VAE)' if meta['data_info'].get('kind') == 'latents' else ''}.
+
+Conventions (fm's flow; t = 0 is noise, t = 1 is data, sigma = 1 - t):
+- `timestep` = 1000 * t = 1000 - (the scheduler's timestep, 1000 * sigma);
+- the output is d x / d sigma (noise minus data direction), what FlowMatchEulerDiscreteScheduler.step expects;
+- after `from_pretrained`, set `downscale_freq_shift = 0` on every block's time projection: fm's time
+  features use frequencies 10000^(-i/128) like the original DiT; diffusers' DiT uses 10000^(-i/127), a
+  difference no weight can absorb. Without this line the model is loaded but computes something else.
+
+```python
+import numpy as np
+import torch
+from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+DIR, NUM_CLASSES, STEPS, CFG, n = "{name}", {k}, {cfg.sample.steps}, {guidance}, 8
+model = DiTTransformer2DModel.from_pretrained(DIR).eval()
+for block in model.transformer_blocks:
+    block.norm1.emb.time_proj.downscale_freq_shift = 0
+scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(DIR, subfolder="scheduler")
+scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, STEPS + 1)[:-1])  # fm's grid: ends exactly at sigma = 0
+
+x = torch.randn(n, {m.in_channels}, {m.image_size}, {m.image_size}, generator=torch.Generator().manual_seed(0))
+y = {labels}
+null = torch.full_like(y, NUM_CLASSES)
+with torch.no_grad():
+    for ts in scheduler.timesteps:
+        timestep = (1000 - ts).expand(2 * n)
+        out = model(torch.cat([x, x]), timestep=timestep, class_labels=torch.cat([y, null])).sample
+        cond, uncond = out.chunk(2)
+        x = scheduler.step(uncond + CFG * (cond - uncond), ts, x).prev_sample
+images = (x.clamp(-1, 1) + 1) / 2  # [n, C, H, W] in [0, 1]
+```
+
+`fm sample --ckpt DIR` also reads this directory (fm_export.json holds fm's config). The stock `DiTPipeline`
+does not apply: it expects a DDPM noise-prediction model with learned variance.
+"""
+
+
+def _fm_readme(cfg: Config, meta: dict, name: str) -> str:
+    m = cfg.model
+    what = "text-conditioned DiT (cross-attention to text-encoder states)" if m.arch == "dit" and m.cross_attention else (
+        "U-Net (a diffusers UNet2D(Condition)Model under `net.`)" if m.arch == "unet" else "DiT"
+    )
+    return f"""# {cfg.name}: fm model weights (fm {__version__}, step {meta['step']}, {'EMA' if meta['ema'] else 'raw'})
+
+A {what}: `model.safetensors` with fm's parameter names, `fm_export.json` with fm's resolved config.
+Sample with fm:
+
+    fm sample --ckpt {name} --num-samples 16 --out samples/
+
+What diffusers cannot load from here: there is no diffusers pipeline for this model. Only class-conditional
+DiTs export to a diffusers `DiTTransformer2DModel` (`fm export --format diffusers`); diffusers' DiT has no
+text cross-attention, and a U-Net's weights, although they are a diffusers U-Net's, take fm's time
+convention (timestep = 1000 t, t = 0 noise, output d x / d t) that no diffusers scheduler uses.
+"""

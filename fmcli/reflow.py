@@ -1,0 +1,225 @@
+"""`fm reflow`: (noise, teacher sample) pairs for rectified-flow reflow (Liu et al. 2022, "Flow Straight and Fast").
+
+Pair i is x0_i = noise from (seed, i) in reflow's own stream and x1_i = the teacher's ODE solution from x0_i
+(with its class i mod K, or prompt i mod P, and CFG). Training a student on the stored pairs
+(`flow.coupling = "pairs"`) straightens the flow: 1-RF -> 2-RF.
+
+Work is cut into chunks of `batch_size` consecutive indices; rank r of W solves chunks r, r + W, ... and
+saves each as DIR.partial/part-NNNNNNN.npz (atomically), so an interrupted run restarted with the same
+settings solves only the missing chunks. Rank 0 then streams the parts, in index order, into a prepared
+dataset of kind "pairs" (DESIGN.md section 4) written as DIR.tmp-* and renamed. Fixed-step solvers give each
+pair independently of the chunking; dopri5 picks its steps per chunk, so there the pairs depend on the batch
+size (within rtol/atol) but still not on the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed as D
+from .data.prepared import PreparedWriter, is_replaceable
+from .errors import UsageError
+from .generate import class_conditions, sample_batch
+from .seeding import STREAMS, normal
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class ReflowPlan:
+    """Everything that determines the pairs; a restart must find the same plan in DIR.partial."""
+
+    checkpoint: str
+    step: int
+    ema: bool
+    num_pairs: int
+    seed: int
+    solver: str
+    steps: int
+    cfg: float
+    rtol: float
+    atol: float
+    shift: float
+    chunk: int
+    prompts_sha256: str | None
+
+
+@dataclass
+class ReflowSummary:
+    path: str
+    count: int
+    chunks_solved: int  # by this invocation, all ranks
+    chunks_reused: int  # found complete in DIR.partial from an earlier, interrupted invocation
+    nfe: int  # network evaluations per pair (largest over chunks; a CFG pair of passes counts once)
+    seconds: float
+
+
+def reflow_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
+    """[len(indices), *shape] standard normal; row k depends only on (seed, indices[k])."""
+    return torch.stack([normal(tuple(shape), STREAMS["reflow_noise"], seed, int(i)) for i in indices])
+
+
+def rank_share(num_pairs: int, batch_size: int, ctx: D.DistContext) -> int:
+    """How many pairs this rank solves (its chunks r, r + W, ...)."""
+    n_chunks = math.ceil(num_pairs / batch_size)
+    return sum(min(batch_size, num_pairs - c * batch_size) for c in range(ctx.rank, n_chunks, ctx.world_size))
+
+
+def check_teacher(ckpt: str, out: Path, prompts: list[str] | None, force: bool, sample_overrides) -> None:
+    """In the launching process: the teacher's config (not its encoders) against the inputs, and the sampling options."""
+    from .checkpoint import resolve_checkpoint
+    from .config import validate_config, with_sampling_shift
+    from .generate import load_weights
+
+    path = resolve_checkpoint(ckpt)
+    cfg = with_sampling_shift(validate_config(load_weights(path)["config"], source=str(path)))
+    sample_overrides(cfg.sample)
+    check_inputs(cfg, out, prompts, force)
+
+
+def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: bool) -> None:
+    """The one-line refusals, before any work or any file: existing --out, text model without prompts."""
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not is_replaceable(out):
+        raise UsageError(f"refusing to replace {out}: it is not a prepared dataset (no manifest.json) nor empty")
+    text = loaded_config.model.cross_attention
+    if text and not prompts:
+        raise UsageError("this teacher is a text-to-image model: reflow needs prompts (--prompt TEXT, repeatable, or --prompts FILE|-)")
+    if prompts and not text:
+        raise UsageError("--prompt/--prompts given but this teacher is not text-conditioned")
+
+
+def generate_pairs(
+    loaded,
+    out: str | Path,
+    *,
+    num_pairs: int,
+    seed: int,
+    sample_cfg,
+    batch_size: int,
+    ctx: D.DistContext,
+    checkpoint: str,
+    ema: bool = True,
+    prompts: list[str] | None = None,
+    force: bool = False,
+    on_chunk=None,
+) -> ReflowSummary | None:
+    """Solve this rank's missing chunks, then (rank 0) assemble the dataset. Returns the summary on rank 0."""
+    out = Path(out)
+    check_inputs(loaded.config, out, prompts, force)
+    start = time.perf_counter()
+    plan = ReflowPlan(
+        checkpoint=str(Path(checkpoint).resolve()), step=loaded.step, ema=ema, num_pairs=num_pairs, seed=seed, solver=sample_cfg.solver,
+        steps=sample_cfg.steps, cfg=sample_cfg.cfg, rtol=sample_cfg.rtol, atol=sample_cfg.atol, shift=sample_cfg.shift or 1.0,
+        chunk=batch_size, prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None,
+    )
+    work = out.parent / f"{out.name}.partial"
+    if ctx.is_main:
+        _open_work_dir(work, plan)
+    D.barrier(ctx)
+
+    n_chunks = math.ceil(num_pairs / batch_size)
+    solved = reused = 0
+    for c in range(ctx.rank, n_chunks, ctx.world_size):
+        part = work / f"part-{c:07d}.npz"
+        if part.is_file():
+            reused += 1
+            continue
+        indices = list(range(c * batch_size, min(num_pairs, (c + 1) * batch_size)))
+        x0, x1, y, nfe = _solve_chunk(loaded, indices, seed, sample_cfg, ctx.device, prompts)
+        _save_part(part, x0=x0.numpy(), x1=x1.numpy(), nfe=np.asarray(nfe), **({"y": y.numpy()} if y is not None else {}))
+        solved += 1
+        if on_chunk is not None:
+            on_chunk(len(indices))
+    counts = D.all_gather_objects((solved, reused), ctx)
+    D.barrier(ctx)
+    if not ctx.is_main:
+        return None
+    path, nfe = _assemble(work, out, loaded, plan, n_chunks, prompts, force)
+    shutil.rmtree(work, ignore_errors=True)
+    return ReflowSummary(
+        path=str(path), count=num_pairs, chunks_solved=sum(s for s, _ in counts), chunks_reused=sum(r for _, r in counts),
+        nfe=nfe, seconds=round(time.perf_counter() - start, 3),
+    )
+
+
+def _solve_chunk(loaded, indices, seed, sample_cfg, device, prompts):
+    x0 = reflow_noise(seed, indices, loaded.shape)
+    conditions, y = None, None
+    if loaded.is_text:
+        conditions = loaded.text.conditions([prompts[i % len(prompts)] for i in indices], device)
+    elif loaded.num_classes:
+        y = torch.tensor([i % loaded.num_classes for i in indices])
+        conditions = class_conditions(y.to(device), loaded.model.null_class)
+    result = sample_batch(loaded.model, x0.to(device), None, sample_cfg, conditions=conditions or ({}, None))
+    return x0, result.x.float().cpu(), y, result.nfe
+
+
+def _open_work_dir(work: Path, plan: ReflowPlan) -> None:
+    """Create DIR.partial with the plan, or check that an existing one (an interrupted run) has the same plan."""
+    plan_file = work / PLAN_FILE
+    if plan_file.is_file():
+        before = json.loads(plan_file.read_text())
+        differ = sorted(k for k, v in asdict(plan).items() if before.get(k) != v)
+        if differ:
+            raise UsageError(
+                f"{work} holds an interrupted reflow with other settings ({', '.join(differ)}); "
+                f"rerun with the same options to continue it, or delete {work}"
+            )
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = work / f".{PLAN_FILE}.tmp"
+    tmp.write_text(json.dumps(asdict(plan), indent=2) + "\n")
+    os.replace(tmp, plan_file)
+
+
+def _save_part(path: Path, **arrays) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _assemble(work: Path, out: Path, loaded, plan: ReflowPlan, n_chunks: int, prompts, force: bool) -> tuple[Path, int]:
+    """Stream the parts in index order into the pairs dataset; returns (its path, the largest NFE per pair)."""
+    labelled = bool(loaded.num_classes) and not loaded.is_text
+    shape = tuple(loaded.shape)
+    nfe = 0
+    writer = PreparedWriter(
+        out, plan.num_pairs, shape, dtype="float32", kind="pairs", labels=labelled, captions=loaded.is_text, force=force,
+        x_name="x1", extras={"x0": (shape, "float32")},
+    )
+    with writer:
+        for c in range(n_chunks):
+            part = work / f"part-{c:07d}.npz"
+            if not part.is_file():
+                raise UsageError(f"{part} is missing: a rank did not finish; rerun the same command to complete it")
+            with np.load(part, allow_pickle=False) as z:
+                first = c * plan.chunk
+                captions = [prompts[i % len(prompts)] for i in range(first, first + len(z["x1"]))] if loaded.is_text else None
+                writer.add_batch(z["x1"], z["y"] if labelled else None, captions, x0=z["x0"])
+                nfe = max(nfe, int(z["nfe"]))
+        info = loaded.info
+        path = writer.finish(
+            num_classes=0 if loaded.is_text else loaded.num_classes,
+            class_names=info.get("class_names"),
+            source="reflow",
+            space=info.get("kind", "pixels"),  # what x1 holds: pixels in [-1, 1] (float) or VAE latents
+            vae=info.get("vae"),
+            text_encoder=info.get("text_encoder"),
+            teacher={**asdict(plan), "nfe": nfe},
+        )
+    return path, nfe

@@ -1,0 +1,138 @@
+"""`fm export`: the diffusers DiT reproduces fm's velocity, the README snippet samples like fm, bad input refused."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_fm
+from fmcli.checkpoint import save_atomic
+from fmcli.config import config_to_dict, load_config
+from fmcli.errors import UsageError
+from fmcli.export import export_checkpoint, load_export
+from fmcli.generate import initial_noise, load_for_sampling, sample_batch
+from fmcli.models import build_model
+
+NUM_CLASSES = 5
+
+
+def make_checkpoint(path, overrides=(), seed=0):
+    """A checkpoint of a tiny model whose every weight is random: adaLN-Zero's zero init would hide mapping errors."""
+    cfg = load_config("debug", ["model.image_size=16", "model.in_channels=3", f"model.num_classes={NUM_CLASSES}", *overrides])
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) / max(1, p.shape[-1] if p.dim() > 1 else 1) ** 0.5)
+    sd = model.state_dict()
+    info = {"kind": "pixels", "shape": [3, 16, 16], "num_classes": NUM_CLASSES, "class_names": None}
+    save_atomic({"model": sd, "ema": sd, "config": config_to_dict(cfg), "step": 7, "data_info": info}, path)
+    return model.eval(), cfg
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    model, cfg = make_checkpoint(root / "step.pt")
+    export_checkpoint(root / "step.pt", root / "dit", "diffusers")
+    return model, cfg, root / "dit"
+
+
+def test_diffusers_dit_gives_fms_velocity_for_every_time_label_and_the_null_class(exported, monkeypatch):
+    from diffusers import DiTTransformer2DModel
+
+    from fmcli.models.diffusers_dit import use_fm_time_frequencies
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fm, _, out = exported
+    theirs = DiTTransformer2DModel.from_pretrained(str(out)).eval()  # a stock load: all keys present, none extra
+    stock = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * (NUM_CLASSES + 1), 3, 16, 16, generator=stock)
+    labels = torch.arange(NUM_CLASSES + 1).repeat(2)  # every class and the null class (index NUM_CLASSES)
+    with torch.no_grad():
+        plain = -theirs(x, timestep=1000 * torch.full((len(x),), 0.7), class_labels=labels).sample
+        use_fm_time_frequencies(theirs)
+        for t in (0.0, 0.013, 0.25, 0.5, 0.7, 0.999, 1.0):
+            tb = torch.full((len(x),), t)
+            ours = fm(x, tb, labels)
+            # diffusers' convention: output d x / d sigma = -(d x / d t); fm's time as timestep = 1000 t.
+            v = -theirs(x, timestep=1000 * tb, class_labels=labels).sample
+            assert (v - ours).abs().max().item() <= 1e-5, t
+        mixed_t = torch.rand(len(x), generator=stock)
+        assert (-theirs(x, timestep=1000 * mixed_t, class_labels=labels).sample - fm(x, mixed_t, labels)).abs().max() <= 1e-5
+    # Without the frequency fix the model loads but computes something else: why the README has that line.
+    assert (plain - fm(x, torch.full((len(x),), 0.7), labels)).abs().max() > 1e-2
+
+
+def test_export_round_trips_into_fm_bit_for_bit(exported, tmp_path):
+    fm, cfg, out = exported
+    state = load_export(out)
+    for k, v in fm.state_dict().items():
+        assert torch.equal(state["ema"][k], v), k
+    loaded = load_for_sampling(str(out), torch.device("cpu"))
+    assert loaded.step == 7 and loaded.num_classes == NUM_CLASSES
+    # The fm format too, for any model: here a U-Net, which has no diffusers DiT form.
+    _, _ = make_checkpoint(tmp_path / "unet.pt", ["model.arch='unet'", "model.hidden_size=16", "model.channel_mult=[1, 2]", "model.layers_per_block=1"])
+    export_checkpoint(tmp_path / "unet.pt", tmp_path / "unet", "fm")
+    ref = torch.load(tmp_path / "unet.pt", weights_only=True)["ema"]
+    got = load_for_sampling(str(tmp_path / "unet"), torch.device("cpu")).model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.items())
+    assert not list(tmp_path.glob("*.pt.tmp*")) and not any(p.suffix == ".pkl" for p in (tmp_path / "unet").iterdir())
+
+
+def test_readme_snippet_samples_what_fm_samples(exported, monkeypatch):
+    """Run the exported README's code (diffusers model + FlowMatchEulerDiscreteScheduler) against fm's sampler."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fm, cfg, out = exported
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    code = re.sub(r'^DIR, (.*?) = "[^"]*", ', lambda m: f'DIR, {m.group(1)} = {str(out)!r}, ', code, flags=re.M)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    n = scope["n"]
+    x0 = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(n) % NUM_CLASSES
+    expected = sample_batch(fm, x0, labels, cfg.sample).x  # Euler, cfg.sample.steps steps, CFG weight cfg.sample.cfg
+    assert scope["STEPS"] == cfg.sample.steps and scope["CFG"] == cfg.sample.cfg
+    np.testing.assert_allclose(scope["x"].numpy(), expected.numpy(), atol=1e-4)
+
+
+def test_fm_sample_accepts_an_export_directory(exported, tmp_path):
+    from fmcli.images import save_grid
+
+    fm, cfg, out = exported
+    res = run_fm("sample", "--ckpt", out, "-n", "4", "--steps", "3", "--out", tmp_path / "grid.png", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    x0 = initial_noise(0, range(4), (3, 16, 16))
+    x = sample_batch(fm, x0, torch.arange(4) % NUM_CLASSES, cfg.sample.model_copy(update={"steps": 3})).x
+    assert (tmp_path / "grid.png").read_bytes() == save_grid(x, tmp_path / "expected.png").read_bytes()
+
+
+@pytest.mark.parametrize("overrides", [["model.arch='unet'", "model.hidden_size=16", "model.channel_mult=[1, 2]", "model.layers_per_block=1"], ["model.mlp_ratio=2.0"]])
+def test_unsupported_model_for_diffusers_is_one_line_and_writes_nothing(tmp_path, overrides):
+    make_checkpoint(tmp_path / "step.pt", overrides)
+    res = run_fm("export", "--ckpt", tmp_path / "step.pt", "--format", "diffusers", "--out", tmp_path / "out")
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "--format fm" in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step.pt"]
+
+
+def test_existing_out_needs_force(tmp_path):
+    make_checkpoint(tmp_path / "step.pt")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    res = run_fm("export", "--ckpt", tmp_path / "step.pt", "--out", tmp_path / "out")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--force" in res.stderr
+    forced = run_fm("export", "--ckpt", tmp_path / "step.pt", "--out", tmp_path / "out", "--force")  # not an export: still refused
+    assert forced.returncode == 2 and "refusing" in forced.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "step.pt"]
+    export_checkpoint(tmp_path / "step.pt", tmp_path / "new", "fm")
+    with pytest.raises(UsageError, match="--force"):
+        export_checkpoint(tmp_path / "step.pt", tmp_path / "new", "diffusers")
+    export_checkpoint(tmp_path / "step.pt", tmp_path / "new", "diffusers", force=True)  # a previous export may be replaced
+    assert (tmp_path / "new" / "diffusion_pytorch_model.safetensors").is_file() and (tmp_path / "new" / "scheduler" / "scheduler_config.json").is_file()
+    assert not (tmp_path / "new" / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out", "step.pt"]  # no temporary directory left

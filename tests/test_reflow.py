@@ -1,0 +1,240 @@
+"""`fm reflow` pairs and training on them: the teacher's ODE, reproducible, chunk/world independent, restartable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_fm
+from fmcli import reflow as reflow_mod
+from fmcli.checkpoint import load_checkpoint, resolve_checkpoint, save_atomic
+from fmcli.config import SampleConfig, config_to_dict, load_config, validate_config
+from fmcli.data.prepared import PreparedDataset, PreparedWriter
+from fmcli.distributed import DistContext
+from fmcli.errors import UsageError
+from fmcli.generate import initial_noise, load_for_sampling
+from fmcli.reflow import generate_pairs
+from fmcli.train import train
+
+HEUN = SampleConfig(solver="heun", steps=3, cfg=2.5)
+
+
+def pairs(loaded, out, n=11, batch_size=4, seed=0, **kw):
+    return generate_pairs(loaded, out, num_pairs=n, seed=seed, sample_cfg=HEUN, batch_size=batch_size, ctx=DistContext(), checkpoint="teacher", **kw)
+
+
+def arrays(path):
+    return {f: np.load(path / f"{f}.npy") for f in ("x0", "x1", "y")}
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(debug_run, tmp_path_factory):
+    """debug_run's checkpoint with every weight random: 4 steps from adaLN-Zero's init barely move the noise."""
+    state = load_checkpoint(resolve_checkpoint(debug_run))
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(v.shape, generator=gen) / max(1, v.shape[-1] if v.dim() > 1 else 1) ** 0.5 for k, v in state["ema"].items()}
+    path = tmp_path_factory.mktemp("teacher") / "step.pt"
+    save_atomic({**state, "model": weights, "ema": weights}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_ckpt):
+    return load_for_sampling(str(teacher_ckpt), torch.device("cpu"))
+
+
+def test_pairs_are_the_teachers_guided_heun_solutions(teacher, tmp_path):
+    summary = pairs(teacher, tmp_path / "p")
+    got = arrays(tmp_path / "p")
+    k, null = teacher.num_classes, teacher.num_classes
+    np.testing.assert_array_equal(got["y"], np.arange(11) % k)
+    x0 = torch.from_numpy(got["x0"])
+    assert abs(x0.mean()) < 0.05 and abs(x0.std() - 1) < 0.05
+    assert not torch.equal(x0[:1], initial_noise(0, [0], teacher.shape))  # its own stream, not fm sample's noise
+    # An independent Heun with CFG, one pair at a time: v = v_u + w (v_c - v_u), t from 0 to 1 in 3 steps.
+    model = teacher.model
+    for i in range(11):
+        x = x0[i : i + 1].double()
+
+        def v(x, t):
+            both = model(torch.cat([x, x]).float(), torch.full((2,), t), torch.tensor([i % k, null])).double()
+            return both[1:] + HEUN.cfg * (both[:1] - both[1:])
+
+        with torch.no_grad():
+            for a, b in ((0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0)):
+                k1 = v(x, a)
+                k2 = v(x + (b - a) * k1, b)
+                x = x + (b - a) / 2 * (k1 + k2)
+        np.testing.assert_allclose(got["x1"][i], x[0].float().numpy(), atol=2e-5)
+    assert summary.nfe == 6 and summary.count == 11 and summary.chunks_solved == 3
+    assert np.abs(got["x1"] - got["x0"]).mean() > 0.1  # the teacher moved them
+
+
+def test_reproducible_for_a_seed_and_independent_of_batch_size(teacher, tmp_path):
+    pairs(teacher, tmp_path / "a", batch_size=4)
+    pairs(teacher, tmp_path / "b", batch_size=5)
+    pairs(teacher, tmp_path / "c", batch_size=4, seed=1)
+    a, b, c = arrays(tmp_path / "a"), arrays(tmp_path / "b"), arrays(tmp_path / "c")
+    np.testing.assert_array_equal(a["x0"], b["x0"])
+    np.testing.assert_array_equal(a["y"], b["y"])
+    np.testing.assert_allclose(a["x1"], b["x1"], rtol=1e-5, atol=1e-5)  # float rounding of other GEMM shapes only
+    assert not np.allclose(a["x0"], c["x0"])
+
+
+def test_two_processes_write_the_same_dataset_as_one(teacher_ckpt, tmp_path):
+    args = ["reflow", "--ckpt", teacher_ckpt, "-n", "9", "--solver", "heun", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
+    one = run_fm(*args, "--out", tmp_path / "one")
+    two = run_fm(*args, "--out", tmp_path / "two", "--nproc", "2", "--json", env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert json.loads(two.stdout)["count"] == 9
+    for f, ref in arrays(tmp_path / "one").items():
+        np.testing.assert_array_equal(np.load(tmp_path / "two" / f"{f}.npy"), ref)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no .partial or .tmp left
+
+
+def test_an_interrupted_reflow_continues_without_recomputing_or_duplicating(teacher, tmp_path, monkeypatch):
+    pairs(teacher, tmp_path / "straight")
+    real, calls = reflow_mod._solve_chunk, []
+
+    class Killed(Exception):
+        pass
+
+    def failing(*args):
+        calls.append(args[1][0])
+        if calls == [0, 4]:  # the second chunk of the first attempt dies
+            raise Killed
+        return real(*args)
+
+    monkeypatch.setattr(reflow_mod, "_solve_chunk", failing)
+    with pytest.raises(Killed):
+        pairs(teacher, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and len(list((tmp_path / "out.partial").glob("part-*.npz"))) == 1
+    with pytest.raises(UsageError, match="other settings"):
+        pairs(teacher, tmp_path / "out", seed=5)
+    calls.clear()
+    summary = pairs(teacher, tmp_path / "out")
+    assert calls == [4, 8] and summary.chunks_reused == 1 and summary.chunks_solved == 2
+    for f, ref in arrays(tmp_path / "straight").items():
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / f"{f}.npy"), ref)
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_pairs_round_trip_through_the_reader(teacher, tmp_path):
+    pairs(teacher, tmp_path / "p")
+    raw = arrays(tmp_path / "p")
+    ds = PreparedDataset(tmp_path / "p")
+    assert len(ds) == 11 and ds.manifest["kind"] == "pairs" and ds.manifest["space"] == "pixels"
+    assert ds.manifest["teacher"]["solver"] == "heun" and ds.manifest["teacher"]["cfg"] == 2.5
+    batch = ds.__getitems__([3, 0, 10])
+    np.testing.assert_array_equal(batch["x"].numpy(), raw["x1"][[3, 0, 10]])  # stored floats, not rescaled
+    np.testing.assert_array_equal(batch["x0"].numpy(), raw["x0"][[3, 0, 10]])
+    np.testing.assert_array_equal(batch["y"].numpy(), raw["y"][[3, 0, 10]])
+
+
+def text_checkpoint(path, encoder=None, text_dim=8):
+    cfg = load_config("debug", ["model.cross_attention=true", f"model.text_dim={text_dim}", "model.image_size=16", "model.in_channels=3",
+                                "model.num_classes=0", f"encoders.text_encoder='{encoder}'", "encoders.max_tokens=8"])
+    from fmcli.models import build_model
+
+    sd = build_model(cfg.model).state_dict()
+    save_atomic({"model": sd, "ema": sd, "config": config_to_dict(cfg), "step": 1, "data_info": {}}, path)
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(debug_run, tmp_path):
+    text_checkpoint(tmp_path / "text.pt")
+    no_prompts = run_fm("reflow", "--ckpt", tmp_path / "text.pt", "-n", "4", "--out", tmp_path / "p")
+    assert no_prompts.returncode == 2 and no_prompts.stderr.count("\n") == 1 and "--prompt" in no_prompts.stderr
+    (tmp_path / "taken").mkdir()
+    exists = run_fm("reflow", "--ckpt", debug_run, "-n", "4", "--out", tmp_path / "taken")
+    assert exists.returncode == 2 and exists.stderr.count("\n") == 1 and "--force" in exists.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "text.pt"] and not any((tmp_path / "taken").iterdir())
+
+
+def test_text_teacher_pairs_carry_their_prompts(tmp_path):
+    from fmcli.encoders import build_tiny_text_encoder
+
+    words = ["a", "red", "blue", "circle", "star"]
+    encoder = build_tiny_text_encoder(tmp_path / "t5", seed=0, words=words, d_model=16, layers=1, heads=2)
+    text_checkpoint(tmp_path / "text.pt", encoder, text_dim=16)
+    loaded = load_for_sampling(str(tmp_path / "text.pt"), torch.device("cpu"))
+    prompts = ["a red circle", "a blue star", "a star"]
+    pairs(loaded, tmp_path / "p", n=7, batch_size=3, prompts=prompts)
+    ds = PreparedDataset(tmp_path / "p", text=True)
+    assert ds.manifest["num_classes"] == 0 and not ds.has_labels
+    assert ds.__getitems__(list(range(7)))["caption"] == [prompts[i % 3] for i in range(7)]
+    assert ds.manifest["teacher"]["prompts_sha256"]  # the prompts are part of the plan a restart must match
+
+
+# ------------------------------------------------------------------------------------ training on pairs
+
+
+def identity_pairs(path, n=64):
+    """Pairs with x1 = x0: with sigma_min = 0 the target velocity is exactly 0."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 3, 16, 16), dtype=np.float32)
+    with PreparedWriter(path, n, (3, 16, 16), dtype="float32", kind="pairs", labels=True, x_name="x1", extras={"x0": ((3, 16, 16), "float32")}) as w:
+        w.add_batch(x, np.arange(n) % 4, x0=x)
+        return w.finish(num_classes=4, space="pixels")
+
+
+def test_pairs_coupling_trains_on_the_stored_noise(tmp_path):
+    data = identity_pairs(tmp_path / "pairs")
+    cfg = load_config("debug", [f"data.path='{data}'", "flow.coupling='pairs'", "flow.sigma_min=0.0", "train.steps=1", "train.checkpoint_every=0"])
+    # The untrained DiT outputs 0 (adaLN-Zero), and the stored pairs ask for 0: fresh noise would give loss ~ 2.
+    assert train(cfg, tmp_path / "run").losses == [0.0]
+    with pytest.raises(UsageError, match="flow.coupling=pairs"):
+        train(load_config("debug", [f"data.path='{data}'"]), tmp_path / "other")
+    with pytest.raises(UsageError, match="data.flip"):
+        train(cfg.model_copy(update={"data": cfg.data.model_copy(update={"flip": True})}), tmp_path / "flip")
+
+
+def test_pairs_training_resumes_bit_exactly_and_starts_from_the_teacher(teacher, teacher_ckpt, tmp_path):
+    pairs(teacher, tmp_path / "p", n=32, batch_size=16)
+    common = [f"data.path='{tmp_path / 'p'}'", "flow.coupling='pairs'", f"train.init_from='{teacher_ckpt}'", "train.steps=6",
+              "train.global_batch_size=8", "train.micro_batch_size=4", "train.log_every=1", "train.checkpoint_every=0", "train.ema_decay=0.9"]
+    straight = train(load_config("debug", common), tmp_path / "straight")
+    first = train(load_config("debug", common), tmp_path / "split", stop_at_step=3)
+    ckpt = resolve_checkpoint(tmp_path / "split")
+    second = train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "split", resume_from=ckpt)
+    assert straight.losses == first.losses + second.losses  # bit for bit
+    a, b = (load_checkpoint(resolve_checkpoint(tmp_path / d)) for d in ("straight", "split"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # init_from: one step at a negligible learning rate leaves the teacher's EMA weights.
+    tiny = train(load_config("debug", [*common, "train.steps=1", "optim.lr=1e-12"]), tmp_path / "init")
+    got = load_checkpoint(tiny.checkpoint)["model"]
+    for k, v in teacher.model.state_dict().items():
+        torch.testing.assert_close(got[k], v, atol=1e-9, rtol=0)
+    with pytest.raises(UsageError, match="init_from"):
+        train(load_config("debug", [*common, "model.depth=3"]), tmp_path / "mismatch")
+
+
+def test_straightness_benchmark_against_closed_forms():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("reflow_straightness", REPO / "benchmarks" / "reflow_straightness.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    assert bench.path_straightness(lambda x, t: a, torch.zeros_like(a), 8) == pytest.approx(0.0, abs=1e-24)  # a straight path
+    # v = 2 t a: x1 - x0 = a, S = mean(a^2) * integral of (2t - 1)^2 dt = mean(a^2) / 3 (Euler: to O(1/steps)).
+    s = bench.path_straightness(lambda x, t: 2 * t * a, torch.zeros_like(a), 2000)
+    assert s == pytest.approx((a**2).mean().item() / 3, rel=2e-3)
+
+
+def test_one_step_distillation_trains_at_t0_only(tmp_path, monkeypatch):
+    import fmcli.step as step_mod
+    from fmcli.flow import sample_times
+
+    assert torch.equal(sample_times(5, "zero", shift=3.0), torch.zeros(5))  # no shift moves t = 0
+    seen, real = [], step_mod.interpolate
+    monkeypatch.setattr(step_mod, "interpolate", lambda x0, x1, t, s: seen.append(t) or real(x0, x1, t, s))
+    data = identity_pairs(tmp_path / "pairs")
+    cfg = load_config("debug", [f"data.path='{data}'", "flow.coupling='pairs'", "flow.time_sampler='zero'", "train.steps=2", "train.checkpoint_every=0"])
+    train(cfg, tmp_path / "run")
+    assert len(seen) == 2 and all(torch.equal(t, torch.zeros(16)) for t in seen)
