@@ -471,7 +471,9 @@ def _locate_preset(preset: str, relative_to: Path | None):
     path = Path(preset)
     if relative_to is not None and not path.is_absolute():
         path = relative_to / path
-    if path.suffix != ".toml" and not path.exists():
+    # A name unless it is a .toml path or an existing file: a run directory `quickstart/` in the working
+    # directory must not hide the preset of that name.
+    if path.suffix != ".toml" and not path.is_file():
         entry = presets_dir().joinpath(f"{preset}.toml")
         if not entry.is_file():
             raise UsageError(f"unknown preset {preset!r}; available: {', '.join(preset_names())} (or a .toml path)")

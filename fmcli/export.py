@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import EXPORT_MANIFEST, load_checkpoint, resolve_checkpoint
 from .config import Config, config_to_dict, validate_config
 from .errors import UsageError
-from .fsutil import fsync_dir, fsync_file
+from .fsutil import atomic_write
 
 EXPORT_FORMATS = ("diffusers", "fm")
 EXPORT_VERSION = 1
@@ -137,24 +137,12 @@ def _write_diffusers(tmp: Path, weights: dict, cfg: Config, meta: dict, name: st
 
 def _atomic_dir(out: Path, write) -> None:
     """Run write(tmp) in a sibling temporary directory, then rename it to `out` (replacing a previous export)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+
+    def write_dir(tmp: Path) -> None:
+        tmp.mkdir()
         write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                fsync_file(f)
-        if out.exists():
-            trash = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write(out, write_dir)  # fsutil.commit moves a previous export aside, then replaces it
 
 
 # ------------------------------------------------------------------------------------------ READMEs

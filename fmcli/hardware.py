@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from .fsutil import fsync_file
+from .fsutil import write_text_atomic
 
 FORCE_ENV = "FM_PROBE_FORCE"  # tests only: "bf16-slow" | "bf16-fast" replaces the measurement
 FORCED = ("bf16-slow", "bf16-fast")
@@ -480,9 +480,6 @@ def _update_cache(change: Callable[[dict], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         cache = _read_cache()
         change(cache)
-        tmp = path.with_name(f".probe.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=2) + "\n")
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(cache, indent=2) + "\n")
     except OSError:
         pass

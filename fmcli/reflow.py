@@ -28,6 +28,7 @@ import torch
 
 from . import distributed as D
 from .data.prepared import PreparedWriter, is_replaceable
+from .fsutil import atomic_write, write_text_atomic
 from .errors import UsageError
 from .generate import class_conditions, sample_batch
 from .seeding import STREAMS, normal
@@ -179,18 +180,15 @@ def _open_work_dir(work: Path, plan: ReflowPlan) -> None:
             )
         return
     work.mkdir(parents=True, exist_ok=True)
-    tmp = work / f".{PLAN_FILE}.tmp"
-    tmp.write_text(json.dumps(asdict(plan), indent=2) + "\n")
-    os.replace(tmp, plan_file)
+    write_text_atomic(plan_file, json.dumps(asdict(plan), indent=2) + "\n")
 
 
 def _save_part(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def _assemble(work: Path, out: Path, loaded, plan: ReflowPlan, n_chunks: int, prompts, force: bool) -> tuple[Path, int]:

@@ -76,3 +76,11 @@ def test_version_and_usage_errors():
 def test_ot_coupling_is_refused_for_text_models():
     with pytest.raises(UsageError, match="coupling"):
         load_config("debug", ["model.cross_attention=true", "flow.coupling=ot-exact"])
+
+
+def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    from fmcli.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").mkdir()  # e.g. a run directory made with --run-dir quickstart
+    assert load_config("quickstart").name == "quickstart"

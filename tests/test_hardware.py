@@ -146,14 +146,20 @@ def test_fm_env_json_fields(tmp_path):
     assert again.returncode == 0 and "precision fp32" in again.stdout
 
 
-def test_budget_lowers_steps_on_a_slow_machine_and_resume_keeps_them(tmp_path, shapes16):
+def test_budget_lowers_steps_on_a_slow_machine_and_resume_keeps_them(tmp_path, shapes16, monkeypatch):
+    from fmcli import train as train_mod
     from fmcli.config import validate_config
+
+    # A slow machine, whatever this one is: 20 ms per step (the real measurement is tested to be positive below).
+    real = train_mod.Trainer._measure_step_seconds
+    measured = []
+    monkeypatch.setattr(train_mod.Trainer, "_measure_step_seconds", lambda self, example: measured.append(real(self, example)) or 0.02)
 
     request = ["train.steps=40", "train.budget_minutes=0.005", "train.checkpoint_every=0", "train.log_every=1000"]
     first = train(cfg_for(shapes16, *request), tmp_path / "run", stop_at_step=2, log=QuietLog())
     state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
     budget = state["hardware"]["budget"]
-    assert budget["requested_steps"] == 40 and budget["step_seconds"] > 0
+    assert budget["requested_steps"] == 40 and budget["step_seconds"] == 0.02 and measured[0] > 0
     assert budget["steps"] == max(1, int(0.9 * 0.3 / budget["step_seconds"])) < 40
     assert state["config"]["train"]["steps"] == budget["steps"] and first.stopped_early == (budget["steps"] > 2)
     # a resume (config from the checkpoint, as fm resume / fm train --resume build it) keeps the fitted steps

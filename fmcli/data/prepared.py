@@ -213,7 +213,9 @@ def data_space(manifest: dict) -> str:
     return manifest.get("space", "pixels") if manifest["kind"] == "pairs" else manifest["kind"]
 
 
-KIND_DTYPES = {"pixels": "uint8", "latents": "float16"}
+KIND_DTYPES = {"pixels": "uint8", "latents": "float16", "pairs": "float32"}
+# The array files of each kind: reflow pairs store the noise and the teacher's sample from it.
+KIND_FILES = {"pixels": ("x.npy",), "latents": ("x.npy",), "pairs": ("x0.npy", "x1.npy")}
 
 
 def validate_prepared(path: str | Path) -> dict:
@@ -234,7 +236,8 @@ def validate_prepared(path: str | Path) -> dict:
         raise UsageError(f"{path}/manifest.json lacks a valid {err} field; {redo}") from None
     if kind not in KIND_DTYPES or count < 1 or len(shape) != 3:
         raise UsageError(f"{path}/manifest.json: kind {kind!r}, count {count}, shape {list(shape)} is not a prepared dataset; {redo}")
-    _check_npy(path / "x.npy", (count, *shape), KIND_DTYPES[kind], redo)
+    for name in KIND_FILES[kind]:
+        _check_npy(path / name, (count, *shape), KIND_DTYPES[kind], redo)
     y_file = path / "y.npy"
     if num_classes and not y_file.is_file():
         raise UsageError(f"{path}: the manifest says {num_classes} classes but y.npy is missing; {redo}")
