@@ -72,9 +72,10 @@ def evaluate(model: MLP, n: int = 1000, seed: int = 123) -> dict:
     velocity = lambda x, t: model(x, t.reshape(()).expand(x.shape[0]))  # noqa: E731
     ref = solve(velocity, x0, "dopri5", rtol=1e-6, atol=1e-6)
     euler = solve(velocity, x0, "euler", 10)
-    fine = solve(velocity, x0, "rk4", 100, capture=101)
+    trajectory = []  # (t, x_t) at each of the 101 grid points of a fine rk4 solve
+    fine = solve(velocity, x0, "rk4", 100, on_step=lambda step: trajectory.append((step.t, step.x.clone())))
     chord = fine.x - x0
-    straightness = torch.stack([((velocity(x, torch.tensor(t)) - chord) ** 2).sum(1).mean() for t, x in fine.trajectory]).mean()
+    straightness = torch.stack([((velocity(x, torch.tensor(t)) - chord) ** 2).sum(1).mean() for t, x in trajectory]).mean()
     mode_dist = torch.cdist(ref.x, centres()).min(dim=1).values.mean()
     return {
         "euler10_err": (euler.x - ref.x).norm(dim=1).mean().item(),

@@ -22,7 +22,6 @@ from typing import Callable, Iterable, Iterator
 
 from ..errors import UsageError
 from .decode import Record, decode_batch
-from .prepared import PreparedWriter, is_replaceable
 from ..fsutil import refuse_existing
 from .readers import DEFAULT_MAX_MEMBER_MIB, Source, open_captions, open_cifar10, open_folder, open_mnist, open_tar
 
@@ -64,6 +63,8 @@ def prepare(
     start = time.perf_counter()
     out = Path(out)
     refuse_existing(out, force)
+    from .prepared import PreparedWriter, is_replaceable  # imports torch: not at CLI start-up (`fm --help` stays fast)
+
     if out.exists() and not is_replaceable(out):
         raise UsageError(f"refusing to replace {out}: it is not a prepared dataset (no manifest.json) nor empty")
     if split not in ("train", "test"):
