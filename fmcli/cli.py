@@ -6,8 +6,11 @@ Results (and --json) go to stdout; logs and progress go to stderr. Exit codes: 0
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional
 
@@ -169,23 +172,72 @@ def parse_interval(text: Optional[str]):
     return interval
 
 
-def _sample_overrides(guide_ckpt: Optional[str] = None, **given):
-    """A function base -> base with these command-line sampling options (validated in config.sample_settings).
-    --guide-ckpt implies --guidance auto, and --guidance auto needs it."""
-    from .config import sample_settings
+@dataclass(frozen=True)
+class SamplingFlags:
+    """The sampling options that `sample`, `class-grid` and `fid` share, declared once (see `sampling_options`)."""
 
-    if guide_ckpt is not None and given.get("guidance") not in (None, "auto"):
-        raise UsageError(f"--guide-ckpt is autoguidance's guide: it goes with --guidance auto, not {given['guidance']}")
-    if guide_ckpt is not None:
-        given["guidance"] = "auto"
+    cfg_scale: Optional[float] = None
+    steps: Optional[int] = None
+    solver: Optional[str] = None
+    guidance: Optional[str] = None
+    guide_ckpt: Optional[str] = None
+    guidance_interval: Optional[str] = None
+    zero_init_steps: Optional[int] = None
+    sde_noise: Optional[float] = None
 
-    def settings(base):
-        out = sample_settings(base, **given)
-        if out.guidance == "auto" and guide_ckpt is None:
-            raise UsageError("--guidance auto needs --guide-ckpt CKPT: a smaller or earlier checkpoint of the same data")
-        return out
+    def overrides(self, **extra):
+        """A function base -> base with these options (validated in config.sample_settings).
+        --guide-ckpt implies --guidance auto, and --guidance auto needs it."""
+        from .config import sample_settings
 
-    return settings
+        given = dict(
+            cfg=self.cfg_scale, steps=self.steps, solver=self.solver, guidance=self.guidance,
+            guidance_interval=parse_interval(self.guidance_interval), zero_init_steps=self.zero_init_steps,
+            sde_noise=self.sde_noise, **extra,
+        )  # fmt: skip
+        guide_ckpt = self.guide_ckpt
+        if guide_ckpt is not None and given["guidance"] not in (None, "auto"):
+            raise UsageError(f"--guide-ckpt is autoguidance's guide: it goes with --guidance auto, not {given['guidance']}")
+        if guide_ckpt is not None:
+            given["guidance"] = "auto"
+
+        def settings(base):
+            out = sample_settings(base, **given)
+            if out.guidance == "auto" and guide_ckpt is None:
+                raise UsageError("--guidance auto needs --guide-ckpt CKPT: a smaller or earlier checkpoint of the same data")
+            return out
+
+        return settings
+
+
+_SAMPLING_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+    for name, annotation in (
+        ("cfg_scale", CfgScale), ("steps", Steps), ("solver", Solver), ("guidance", Guidance), ("guide_ckpt", GuideCkpt),
+        ("guidance_interval", Interval), ("zero_init_steps", ZeroInit), ("sde_noise", SdeNoise),
+    )
+]  # fmt: skip
+
+
+def sampling_options(command):
+    """Give `command` the shared sampling options in place of its `sampling: SamplingFlags` parameter.
+
+    Typer reads a command's options from its signature, so the wrapper's signature lists the options
+    (where `sampling` stood) and the wrapper packs their values into one SamplingFlags."""
+    signature = inspect.signature(command, eval_str=True)
+    names = [p.name for p in _SAMPLING_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        flags = SamplingFlags(**{name: kwargs.pop(name) for name in names})
+        return command(sampling=flags, **kwargs)
+
+    params = []
+    for p in signature.parameters.values():
+        params.extend(_SAMPLING_OPTIONS if p.name == "sampling" else [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)])
+    wrapper.__signature__ = signature.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
 
 
 # ------------------------------------------------------------------------------------- prepare-data
@@ -373,6 +425,7 @@ def _print_checkpoint(path) -> None:
 
 
 @app.command()
+@sampling_options
 def sample(
     ckpt: Ckpt,
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", min=1, help="Number of images (default 16, or one per prompt)."),
@@ -381,16 +434,9 @@ def sample(
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Local VAE directory (latent models; default: FM_VAE, then the run's)."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (default: FM_TEXT_ENCODER, then the run's)."),
-    cfg_scale: CfgScale = None,
-    steps: Steps = None,
-    solver: Solver = None,
+    sampling: SamplingFlags = SamplingFlags(),  # the shared sampling options (see sampling_options)
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (dopri5)."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (dopri5)."),
-    guidance: Guidance = None,
-    guide_ckpt: GuideCkpt = None,
-    guidance_interval: Interval = None,
-    zero_init_steps: ZeroInit = None,
-    sde_noise: SdeNoise = None,
     seed: Seed = 0,
     out: Path = typer.Option(Path("samples"), "--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only)."),
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write a trajectory GIF (noise to image) of the grid."),
@@ -424,10 +470,7 @@ def sample(
             raise UsageError(f"--gif expects a .gif file name, got {gif}")
         if gif is not None and (gpus > 1 or nproc > 1):
             raise UsageError("--gif is drawn by one process: drop --gpus/--nproc")
-        overrides = _sample_overrides(
-            guide_ckpt, cfg=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, guidance_interval=parse_interval(guidance_interval),
-            guidance=guidance, zero_init_steps=zero_init_steps, sde_noise=sde_noise,
-        )  # fmt: skip
+        overrides = sampling.overrides(rtol=rtol, atol=atol)
         texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
         n = num_samples or len(texts) or 16
         refuse_existing(sample_outputs(out, n) + [gif], force)  # before any work; every rank checks again
@@ -436,7 +479,7 @@ def sample(
         ctx = rank_context(device, gpus)
         summary = with_process_group(lambda: sample_command(
             ctx, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif,
-            gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=guide_ckpt,
+            gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=sampling.guide_ckpt,
         ))  # fmt: skip
         if summary is None:  # not rank 0
             return
@@ -491,7 +534,7 @@ def reflow(
         from .reflow import check_teacher
 
         texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
-        overrides = _sample_overrides(cfg=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol)
+        overrides = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver).overrides(rtol=rtol, atol=atol)
         if not launched_externally():  # the one-line refusals come before relaunching or solving anything
             check_teacher(ckpt, out, texts, force, overrides)
         if relaunched(gpus, nproc, extra=[a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
@@ -571,18 +614,12 @@ def _read_prompts(source: Optional[str]) -> list[str]:
 
 
 @app.command("class-grid")
+@sampling_options
 def class_grid(
     ckpt: Ckpt,
     samples_per_class: int = typer.Option(8, "--samples-per-class", min=1, help="Images per class (one row per class)."),
     out: Path = typer.Option(..., "--out", help="Output image, FILE.png."),
-    cfg_scale: CfgScale = None,
-    steps: Steps = None,
-    solver: Solver = None,
-    guidance: Guidance = None,
-    guide_ckpt: GuideCkpt = None,
-    guidance_interval: Interval = None,
-    zero_init_steps: ZeroInit = None,
-    sde_noise: SdeNoise = None,
+    sampling: SamplingFlags = SamplingFlags(),  # the shared sampling options (see sampling_options)
     seed: Seed = 0,
     batch_size: BatchSize = 64,
     ema: Ema = True,
@@ -609,12 +646,9 @@ def class_grid(
         refuse_existing(out, force)
         dev = _device(device)
         loaded = load_for_sampling(ckpt, dev, use_ema=ema)
-        sample_cfg = _sample_overrides(
-            guide_ckpt, cfg=cfg_scale, steps=steps, solver=solver, guidance=guidance, guidance_interval=parse_interval(guidance_interval),
-            zero_init_steps=zero_init_steps, sde_noise=sde_noise,
-        )(loaded.config.sample)  # fmt: skip
-        if guide_ckpt is not None:
-            loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema)
+        sample_cfg = sampling.overrides()(loaded.config.sample)
+        if sampling.guide_ckpt is not None:
+            loaded = with_guide(loaded, sampling.guide_ckpt, dev, use_ema=ema)
         start = time.perf_counter()
         images, nfe = class_grid_samples(loaded, samples_per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev)
         path = save_image_atomic(class_grid_image(images, samples_per_class, class_names_of(loaded)), out)
@@ -631,6 +665,7 @@ def class_grid(
 
 
 @app.command()
+@sampling_options
 def fid(
     ref: Path = typer.Option(..., "--ref", help="Reference: prepared dataset directory, image folder, or statistics .npz."),
     gen: Optional[Path] = typer.Option(None, "--gen", help="Folder of generated images to score."),
@@ -640,14 +675,7 @@ def fid(
     features: str = typer.Option("inception", "--features", help="inception (default), tiny, or module:factory; only inception is comparable to published FID."),
     inception: Optional[str] = typer.Option(None, "--inception", help="Path to inception-2015-12-05.pt (default: $FM_INCEPTION)."),
     inception_unverified: bool = typer.Option(False, "--inception-unverified", help="Use an Inception file whose sha256 differs from the reference (FID not comparable)."),
-    cfg_scale: CfgScale = None,
-    steps: Steps = None,
-    solver: Solver = None,
-    guidance: Guidance = None,
-    guide_ckpt: GuideCkpt = None,
-    guidance_interval: Interval = None,
-    zero_init_steps: ZeroInit = None,
-    sde_noise: SdeNoise = None,
+    sampling: SamplingFlags = SamplingFlags(),  # the shared sampling options (see sampling_options)
     seed: Seed = 0,
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (generation and features)."),
     ema: Ema = True,
@@ -675,12 +703,9 @@ def fid(
         from .launch import rank_context, relaunched, with_process_group
 
         budgets = _parse_nfe(nfe) if nfe is not None else None
-        if budgets is not None and steps is not None:
+        if budgets is not None and sampling.steps is not None:
             raise UsageError("--nfe chooses the steps for each budget: drop --steps")
-        overrides = _sample_overrides(
-            guide_ckpt, cfg=cfg_scale, steps=steps, solver=solver, guidance=guidance, guidance_interval=parse_interval(guidance_interval),
-            zero_init_steps=zero_init_steps, sde_noise=sde_noise,
-        )  # fmt: skip
+        overrides = sampling.overrides()
         if (gpus or nproc) and ckpt is None:
             raise UsageError("--gpus/--nproc shard sample generation: they go with --ckpt")
         if relaunched(gpus, nproc):
@@ -690,7 +715,7 @@ def fid(
         result = with_process_group(lambda: fid_command(
             ctx=ctx, ref=ref, gen=gen, ckpt=ckpt, save_stats=save_stats, features=features, inception=inception,
             inception_unverified=inception_unverified,
-            num_samples=num_samples, sample_overrides=overrides, guide_ckpt=guide_ckpt, nfe=budgets,
+            num_samples=num_samples, sample_overrides=overrides, guide_ckpt=sampling.guide_ckpt, nfe=budgets,
             seed=seed, batch_size=batch_size, ema=ema, out=out, kid=kid, force=force, device=ctx.device,
             log=lambda message: console.print(message, highlight=False, markup=False) if ctx.is_main else None,
             progress_factory=lambda total: progress(console, "sampling", total),

@@ -75,73 +75,75 @@ def use_fm_time_frequencies(model) -> None:
         block.norm1.emb.time_proj.downscale_freq_shift = 0
 
 
+# Every tensor that is not an embedding copy or the packed qkv: (fm name, diffusers name, how). Each `how`
+# is its own inverse (the half swap is an involution, and so is negation), so one table maps both ways.
+_HOW = {
+    "copy": lambda t, p: t,
+    "rows": lambda t, p: t[p],  # writes the residual stream
+    "cols": lambda t, p: t[:, p],  # reads the residual stream
+    "rows6": lambda t, p: t[_chunk_perm(p, 6)],  # shift/scale/gate x (attn, mlp), each a residual vector
+    "rows2": lambda t, p: t[_chunk_perm(p, 2)],
+    "neg": lambda t, p: -t,  # dx/dt vs dx/dsigma
+    "neg_cols": lambda t, p: -t[:, p],
+}
+_EMBEDDINGS = {  # fm's shared conditioning -> each diffusers block's AdaLayerNormZero (suffix of norm1.emb.)
+    "t_embed.mlp.0.weight": "timestep_embedder.linear_1.weight",
+    "t_embed.mlp.0.bias": "timestep_embedder.linear_1.bias",
+    "t_embed.mlp.2.weight": "timestep_embedder.linear_2.weight",
+    "t_embed.mlp.2.bias": "timestep_embedder.linear_2.bias",
+    "y_embed.weight": "class_embedder.embedding_table.weight",
+}
+_QKV = ("to_q", "to_k", "to_v")
+
+
+def _mapped(depth: int) -> list[tuple[str, str, str]]:
+    table = [("x_embed.weight", "pos_embed.proj.weight", "rows"), ("x_embed.bias", "pos_embed.proj.bias", "rows")]
+    for i in range(depth):
+        f, d = f"blocks.{i}.", f"transformer_blocks.{i}."
+        table += [
+            (f + "modulation.1.weight", d + "norm1.linear.weight", "rows6"),
+            (f + "modulation.1.bias", d + "norm1.linear.bias", "rows6"),
+            (f + "attn.proj.weight", d + "attn1.to_out.0.weight", "rows"),  # reads head space, writes the residual
+            (f + "attn.proj.bias", d + "attn1.to_out.0.bias", "rows"),
+            (f + "mlp.0.weight", d + "ff.net.0.proj.weight", "cols"),
+            (f + "mlp.0.bias", d + "ff.net.0.proj.bias", "copy"),
+            (f + "mlp.2.weight", d + "ff.net.2.weight", "rows"),
+            (f + "mlp.2.bias", d + "ff.net.2.bias", "rows"),
+        ]
+    return table + [
+        ("final.modulation.1.weight", "proj_out_1.weight", "rows2"),
+        ("final.modulation.1.bias", "proj_out_1.bias", "rows2"),
+        ("final.linear.weight", "proj_out_2.weight", "neg_cols"),
+        ("final.linear.bias", "proj_out_2.bias", "neg"),
+    ]
+
+
 def fm_to_diffusers(state: dict[str, torch.Tensor], model_cfg) -> dict[str, torch.Tensor]:
     """fm DiT state_dict -> DiTTransformer2DModel state_dict (fp32, contiguous)."""
     check_exportable(model_cfg)
     s = {k: v.detach().float().cpu() for k, v in state.items()}
-    width = model_cfg.hidden_size
-    p = _half_swap(width)
-    emb = {
-        "timestep_embedder.linear_1.weight": s["t_embed.mlp.0.weight"],
-        "timestep_embedder.linear_1.bias": s["t_embed.mlp.0.bias"],
-        "timestep_embedder.linear_2.weight": s["t_embed.mlp.2.weight"],
-        "timestep_embedder.linear_2.bias": s["t_embed.mlp.2.bias"],
-        "class_embedder.embedding_table.weight": s["y_embed.weight"],
-    }
-    out = {"pos_embed.proj.weight": s["x_embed.weight"][p], "pos_embed.proj.bias": s["x_embed.bias"][p]}
+    width, p = model_cfg.hidden_size, _half_swap(model_cfg.hidden_size)
+    out = {d: _HOW[how](s[f], p) for f, d, how in _mapped(model_cfg.depth)}
     for i in range(model_cfg.depth):
-        f, d = f"blocks.{i}.", f"transformer_blocks.{i}."
-        out.update({d + "norm1.emb." + k: v.clone() for k, v in emb.items()})
-        out[d + "norm1.linear.weight"] = s[f + "modulation.1.weight"][_chunk_perm(p, 6)]
-        out[d + "norm1.linear.bias"] = s[f + "modulation.1.bias"][_chunk_perm(p, 6)]
-        qkv_w, qkv_b = s[f + "attn.qkv.weight"], s[f + "attn.qkv.bias"]
-        for j, name in enumerate(("to_q", "to_k", "to_v")):
+        d = f"transformer_blocks.{i}."
+        out.update({d + "norm1.emb." + k: s[f].clone() for f, k in _EMBEDDINGS.items()})
+        qkv_w, qkv_b = s[f"blocks.{i}.attn.qkv.weight"], s[f"blocks.{i}.attn.qkv.bias"]
+        for j, name in enumerate(_QKV):
             out[d + f"attn1.{name}.weight"] = qkv_w[j * width : (j + 1) * width][:, p]
             out[d + f"attn1.{name}.bias"] = qkv_b[j * width : (j + 1) * width]
-        out[d + "attn1.to_out.0.weight"] = s[f + "attn.proj.weight"][p]  # reads head space, writes the residual
-        out[d + "attn1.to_out.0.bias"] = s[f + "attn.proj.bias"][p]
-        out[d + "ff.net.0.proj.weight"] = s[f + "mlp.0.weight"][:, p]
-        out[d + "ff.net.0.proj.bias"] = s[f + "mlp.0.bias"]
-        out[d + "ff.net.2.weight"] = s[f + "mlp.2.weight"][p]
-        out[d + "ff.net.2.bias"] = s[f + "mlp.2.bias"][p]
-    out["proj_out_1.weight"] = s["final.modulation.1.weight"][_chunk_perm(p, 2)]
-    out["proj_out_1.bias"] = s["final.modulation.1.bias"][_chunk_perm(p, 2)]
-    out["proj_out_2.weight"] = -s["final.linear.weight"][:, p]
-    out["proj_out_2.bias"] = -s["final.linear.bias"]
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def diffusers_to_fm(state: dict[str, torch.Tensor], model_cfg) -> dict[str, torch.Tensor]:
     """The inverse of `fm_to_diffusers` (every step is a copy, permutation or negation: bit-exact)."""
     s = {k: v.detach().float().cpu() for k, v in state.items()}
-    width = model_cfg.hidden_size
-    p = _half_swap(width)  # an involution: its own inverse
-    e = "transformer_blocks.0.norm1.emb."
-    out = {
-        "x_embed.weight": s["pos_embed.proj.weight"][p],
-        "x_embed.bias": s["pos_embed.proj.bias"][p],
-        "t_embed.mlp.0.weight": s[e + "timestep_embedder.linear_1.weight"],
-        "t_embed.mlp.0.bias": s[e + "timestep_embedder.linear_1.bias"],
-        "t_embed.mlp.2.weight": s[e + "timestep_embedder.linear_2.weight"],
-        "t_embed.mlp.2.bias": s[e + "timestep_embedder.linear_2.bias"],
-        "y_embed.weight": s[e + "class_embedder.embedding_table.weight"],
-    }
+    p = _half_swap(model_cfg.hidden_size)
+    out = {f: _HOW[how](s[d], p) for f, d, how in _mapped(model_cfg.depth)}
+    out.update({f: s["transformer_blocks.0.norm1.emb." + k] for f, k in _EMBEDDINGS.items()})
     for i in range(model_cfg.depth):
         f, d = f"blocks.{i}.", f"transformer_blocks.{i}."
-        out[f + "modulation.1.weight"] = s[d + "norm1.linear.weight"][_chunk_perm(p, 6)]
-        out[f + "modulation.1.bias"] = s[d + "norm1.linear.bias"][_chunk_perm(p, 6)]
-        out[f + "attn.qkv.weight"] = torch.cat([s[d + f"attn1.{n}.weight"][:, p] for n in ("to_q", "to_k", "to_v")])
-        out[f + "attn.qkv.bias"] = torch.cat([s[d + f"attn1.{n}.bias"] for n in ("to_q", "to_k", "to_v")])
-        out[f + "attn.proj.weight"] = s[d + "attn1.to_out.0.weight"][p]
-        out[f + "attn.proj.bias"] = s[d + "attn1.to_out.0.bias"][p]
-        out[f + "mlp.0.weight"] = s[d + "ff.net.0.proj.weight"][:, p]
-        out[f + "mlp.0.bias"] = s[d + "ff.net.0.proj.bias"]
-        out[f + "mlp.2.weight"] = s[d + "ff.net.2.weight"][p]
-        out[f + "mlp.2.bias"] = s[d + "ff.net.2.bias"][p]
-    out["final.modulation.1.weight"] = s["proj_out_1.weight"][_chunk_perm(p, 2)]
-    out["final.modulation.1.bias"] = s["proj_out_1.bias"][_chunk_perm(p, 2)]
-    out["final.linear.weight"] = -s["proj_out_2.weight"][:, p]
-    out["final.linear.bias"] = -s["proj_out_2.bias"]
+        out[f + "attn.qkv.weight"] = torch.cat([s[d + f"attn1.{n}.weight"][:, p] for n in _QKV])
+        out[f + "attn.qkv.bias"] = torch.cat([s[d + f"attn1.{n}.bias"] for n in _QKV])
     return {k: v.contiguous() for k, v in out.items()}
 
 
