@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reflow_straightness import straightness  # noqa: E402
-from shape_accuracy import classifier, train_classifier  # noqa: E402
+from shape_accuracy import cached_classifier  # noqa: E402
 
 from fmcli.generate import class_grid_samples, load_for_sampling  # noqa: E402
 
@@ -40,15 +40,7 @@ def main() -> int:
     args = ap.parse_args()
 
     start = time.perf_counter()
-    if args.classifier and Path(args.classifier).is_file():
-        cached = torch.load(args.classifier, weights_only=True)
-        clf, held_out = classifier(), cached["held_out"]
-        clf.load_state_dict(cached["state"])
-        clf.eval()
-    else:
-        clf, held_out = train_classifier(args.data, args.epochs)
-        if args.classifier:
-            torch.save({"state": clf.state_dict(), "held_out": held_out}, args.classifier)
+    clf, held_out = cached_classifier(args.data, args.epochs, args.classifier)
     print(json.dumps({"classifier_held_out_accuracy": round(held_out, 4), "seconds": round(time.perf_counter() - start, 1)}), flush=True)
     for item in args.ckpt:
         name, path = item.split("=", 1)

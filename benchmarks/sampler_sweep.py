@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.shape_accuracy import train_classifier
+from benchmarks.shape_accuracy import cached_classifier
 from fmcli.evaluate import build_extractor, frechet_distance, reference_statistics, statistics_of, to_rgb
 from fmcli.generate import class_grid_samples, load_for_sampling
 from fmcli.images import to_uint8
@@ -39,11 +39,12 @@ def main() -> int:
     ap.add_argument("--features", default="tiny")
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--epochs", type=int, default=4, help="classifier training epochs")
+    ap.add_argument("--classifier", default=None, help="cache the trained classifier here (state dict; reused when present)")
     args = ap.parse_args()
 
     start = time.perf_counter()
     cpu = torch.device("cpu")
-    clf, held_out = train_classifier(args.data, args.epochs)
+    clf, held_out = cached_classifier(args.data, args.epochs, args.classifier)
     extractor = build_extractor(args.features, device=cpu)
     ref = reference_statistics(args.data, extractor)
     loaded = load_for_sampling(args.ckpt, cpu)

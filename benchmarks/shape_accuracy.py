@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,6 +50,19 @@ def train_classifier(data: str, epochs: int, held_out: int = 2000) -> tuple[nn.M
     return model, acc
 
 
+def cached_classifier(data: str, epochs: int, path: str | None) -> tuple[nn.Module, float]:
+    """`train_classifier`, reusing the state saved at `path` when it exists (and saving it there when not)."""
+    if path and Path(path).is_file():
+        cached = torch.load(path, weights_only=True)
+        model = classifier()
+        model.load_state_dict(cached["state"])
+        return model.eval(), cached["held_out"]
+    model, acc = train_classifier(data, epochs)
+    if path:
+        torch.save({"state": model.state_dict(), "held_out": acc}, path)
+    return model, acc
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True)
@@ -59,10 +73,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--grid", default=None, help="also save the samples here (PNG)")
+    ap.add_argument("--classifier", default=None, help="cache the trained classifier here (state dict; reused when present)")
     args = ap.parse_args()
 
     start = time.perf_counter()
-    clf, held_out_acc = train_classifier(args.data, args.epochs)
+    clf, held_out_acc = cached_classifier(args.data, args.epochs, args.classifier)
     loaded = load_for_sampling(args.ckpt, torch.device("cpu"))
     updates = {k: v for k, v in (("cfg", args.cfg), ("steps", args.steps)) if v is not None}
     sample_cfg = loaded.config.sample.model_copy(update=updates)
