@@ -37,6 +37,10 @@ def train_classifier(data: str, epochs: int, held_out: int = 2000) -> tuple[nn.M
     n = len(x) - held_out
     model = classifier()
     opt = torch.optim.AdamW(model.parameters(), 2e-3)
+    # Cosine decay to zero: at a constant lr the last epoch's noise decided the score (held-out 0.9655 on
+    # an AVX2 CPU, 0.997 on an AMX one, same seed), and a weaker classifier under-reports sample accuracy.
+    batches = epochs * -(-n // 128)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, batches)
     for _ in range(epochs):
         for idx in torch.randperm(n).split(128):
             xb = x[idx].flip(3) if torch.rand(()) < 0.5 else x[idx]
@@ -44,6 +48,7 @@ def train_classifier(data: str, epochs: int, held_out: int = 2000) -> tuple[nn.M
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     model.eval()
     with torch.no_grad():
         acc = (model(x[n:]).argmax(1) == y[n:]).float().mean().item()
