@@ -283,7 +283,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, count: int, device: torch.device) -> float:
+def seconds_per_call(fn, count: int, device: torch.device) -> float:
     """Seconds per call: median of per-call times on CPU (robust to a shared machine), mean on CUDA."""
     if count <= 0:
         return float("nan")
@@ -307,7 +307,7 @@ def _measure_train(model, cfg: Config, spec: BenchSpec, device: torch.device) ->
     for _ in range(spec.warmup):
         step()
     _sync(device)
-    seconds = _timed(step, spec.steps, device)
+    seconds = seconds_per_call(step, spec.steps, device)
     return {"img_per_s": spec.batch / seconds, "step_ms": 1000 * seconds, "compiled": step.compiled, "compile_warning": step.compile_warning}
 
 
@@ -387,7 +387,7 @@ def _measure_sample(model, cfg: Config, spec: BenchSpec, device: torch.device) -
     if spec.warmup and s.solver != "dopri5":
         solve(s.model_copy(update={"steps": 1}))
     _sync(device)
-    seconds = _timed(lambda: solve(s.model_copy(update={"steps": timed})), 1, device) * s.steps / timed
+    seconds = seconds_per_call(lambda: solve(s.model_copy(update={"steps": timed})), 1, device) * s.steps / timed
     full_nfe = nfe["n"] * s.steps // timed
     guided = bool(m.num_classes) and s.cfg != 1.0
     return {

@@ -251,9 +251,9 @@ class Trainer:
     def _fit_budget(self, example: dict) -> None:
         """train.budget_minutes: a fresh run lowers train.steps so that its steps fit the budget on this machine.
 
-        The step time is measured here, after compiling: the median of 5 forward/backward passes of a micro
-        batch x accumulation, plus an optimizer step (median of 3) taken on a copy of the model and optimizer (Muon's
-        orthogonalisation is part of the cost). 10 % of the budget is left for data, EMA, sample grids and
+        The step time is measured here, after compiling, by autotune.seconds_per_call (median on CPU,
+        synchronised mean on CUDA): 5 forward/backward passes of a micro batch x accumulation, plus 3 optimizer
+        steps taken on a copy of the model and optimizer (Muon's orthogonalisation is part of the cost). 10 % of the budget is left for data, EMA, sample grids and
         checkpoints. Only lowers: a fast machine trains the preset's steps. The fitted steps are written to
         config.json and the checkpoint, so a resume continues the same schedule (it never re-measures).
         """
@@ -273,27 +273,24 @@ class Trainer:
 
     def _measure_step_seconds(self, example: dict) -> float:
         import copy
-        import statistics
 
+        from .autotune import seconds_per_call
+
+        device = self.ctx.device
         # The first pass after compiling may still pay one-off costs (allocator growth, lazy kernels): one
         # untimed pass, then the median of 5 (shared machines' speed varies from minute to minute).
         self.step_fn.forward_backward(example)
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            self.step_fn.forward_backward(example)
-            times.append(time.perf_counter() - start)
-        forward_backward = statistics.median(times) * self.accum
+        forward_backward = seconds_per_call(lambda: self.step_fn.forward_backward(example), 5, device) * self.accum
         model, optimizer = copy.deepcopy((self.step_fn.model, self.step_fn.optimizer))  # a copy: the run's state is untouched
         for p in model.parameters():
             p.grad = torch.full_like(p, 1e-3)
-        optimizer_s = []
-        for _ in range(4):  # the first step allocates the optimizer's state: the median of the other 3
-            start = time.perf_counter()
+
+        def optimizer_step():
             for o in optimizer.optimizers:
                 o.step()
-            optimizer_s.append(time.perf_counter() - start)
-        return forward_backward + statistics.median(optimizer_s[1:])
+
+        optimizer_step()  # the first step allocates the optimizer's state: untimed
+        return forward_backward + seconds_per_call(optimizer_step, 3, device)
 
     def _micro_setting(self):
         """train.micro_batch_size, with "auto" answered by the autotune cache in the run directory (DDP
