@@ -97,13 +97,17 @@ def interleaved(preset: str, batch: int, steps: int, rounds: int, names: list[st
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="quickstart")
-    ap.add_argument("--batch", type=int, default=64, help="the quickstart's global batch (= its micro batch on one process)")
+    ap.add_argument("--batch", type=int, default=None, help="default: the preset's global batch (= its micro batch on one process)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from: " + "; ".join(VARIANTS))
     ap.add_argument("--interleave", type=int, default=0, help="N rounds in one process instead of separate fm bench runs")
     args = ap.parse_args()
     names = args.variants.split(",")
+    if args.batch is None:
+        from fmcli.config import load_config
+
+        args.batch = load_config(args.preset).train.global_batch_size
     if args.interleave:
         interleaved(args.preset, args.batch, args.steps, args.interleave, names)
         return 0

@@ -252,8 +252,8 @@ class Trainer:
         """train.budget_minutes: a fresh run lowers train.steps so that its steps fit the budget on this machine.
 
         The step time is measured here, after compiling, by autotune.seconds_per_call (median on CPU,
-        synchronised mean on CUDA): 5 forward/backward passes of a micro batch x accumulation, plus 3 optimizer
-        steps taken on a copy of the model and optimizer (Muon's orthogonalisation is part of the cost). 10 % of the budget is left for data, EMA, sample grids and
+        synchronised mean on CUDA) over 5 real training steps whose effect is then undone
+        (_measure_step_seconds). 10 % of the budget is left for data loading, logging, sample grids and
         checkpoints. Only lowers: a fast machine trains the preset's steps. The fitted steps are written to
         config.json and the checkpoint, so a resume continues the same schedule (it never re-measures).
         """
@@ -272,25 +272,24 @@ class Trainer:
             self.step_fn.set_total_steps(steps)
 
     def _measure_step_seconds(self, example: dict) -> float:
+        """Seconds per real optimizer step (forward/backward of every micro batch, clipping, optimizer, EMA),
+        timed on `example` and then undone: the trained state is restored bit for bit, so a run with a
+        budget that does not cut its steps trains exactly as one without. (Timing forward/backward alone
+        missed 10-25 % of the step and fitted runs that went over their budget.)"""
         import copy
+        import itertools
 
         from .autotune import seconds_per_call
 
-        device = self.ctx.device
-        # The first pass after compiling may still pay one-off costs (allocator growth, lazy kernels): one
-        # untimed pass, then the median of 5 (shared machines' speed varies from minute to minute).
-        self.step_fn.forward_backward(example)
-        forward_backward = seconds_per_call(lambda: self.step_fn.forward_backward(example), 5, device) * self.accum
-        model, optimizer = copy.deepcopy((self.step_fn.model, self.step_fn.optimizer))  # a copy: the run's state is untouched
-        for p in model.parameters():
-            p.grad = torch.full_like(p, 1e-3)
-
-        def optimizer_step():
-            for o in optimizer.optimizers:
-                o.step()
-
-        optimizer_step()  # the first step allocates the optimizer's state: untimed
-        return forward_backward + seconds_per_call(optimizer_step, 3, device)
+        saved = copy.deepcopy(self.step_fn.state_dict())
+        batches = itertools.repeat(example)
+        try:
+            # The first step after compiling pays one-off costs (optimizer state, allocator growth, lazy
+            # kernels): untimed; then the median of 5 (a shared machine's speed varies minute to minute).
+            self.step_fn(batches, 0, 0)
+            return seconds_per_call(lambda: self.step_fn(batches, 0, 0), 5, self.ctx.device)
+        finally:
+            self.step_fn.load_state_dict(saved)
 
     def _micro_setting(self):
         """train.micro_batch_size, with "auto" answered by the autotune cache in the run directory (DDP

@@ -168,9 +168,35 @@ def test_budget_lowers_steps_on_a_slow_machine_and_resume_keeps_them(tmp_path, s
     assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["hardware"]["budget"] == budget  # not re-measured
 
 
-def test_budget_never_raises_steps(tmp_path, shapes16):
-    result = train(cfg_for(shapes16, "train.steps=3", "train.budget_minutes=1000", "train.checkpoint_every=0"), tmp_path / "run", log=QuietLog())
+def assert_same_state(a, b, where="optimizer"):
+    """Nested state dicts equal exactly (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_budget_never_raises_steps_and_its_timing_leaves_training_untouched(tmp_path, shapes16):
+    # The budget is timed with real training steps that are then undone: a run whose steps fit the budget
+    # must end with exactly the weights, EMA and optimizer state of a run without a budget.
+    common = ["train.steps=3", "train.checkpoint_every=0", "optim.name=muon"]
+    result = train(cfg_for(shapes16, *common, "train.budget_minutes=1000"), tmp_path / "budget", log=QuietLog())
     assert result.step == 3
+    train(cfg_for(shapes16, *common), tmp_path / "plain", log=QuietLog())
+    timed, plain = (load_checkpoint(resolve_checkpoint(tmp_path / name)) for name in ("budget", "plain"))
+    assert timed["hardware"]["budget"]["steps"] == 3 and plain["hardware"]["budget"] is None
+    for part in ("model", "ema"):
+        for key, value in plain[part].items():
+            assert torch.equal(timed[part][key], value), (part, key)
+    assert_same_state(timed["optimizer"], plain["optimizer"])
 
 
 def test_fm_bench_reports_the_precision_and_compile_it_used(tmp_path):
