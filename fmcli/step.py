@@ -117,7 +117,7 @@ class TrainingStep:
 
     def forward_backward(self, batch: dict, forward=None) -> None:
         """One forward/backward of a micro-batch at t = 0.5 (no random stream, no optimizer step, gradients
-        dropped): compiles a lazy torch.compile, and times a step for train.budget_minutes."""
+        dropped): compiles a lazy torch.compile (wrap)."""
         forward = self.forward if forward is None else forward  # not `or`: a compiled module has no truth value
         x = batch["x"].to(self.ctx.device)
         t = torch.full((x.shape[0],), 0.5, device=self.ctx.device)
