@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import json
+import typing
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -116,6 +117,27 @@ class OptimConfig(Strict):
     min_lr_factor: float = Field(0.1, ge=0, le=1)
 
 
+# What train.budget_fallback may change: the recipe's size and optimisation, never the data or the hardware choice.
+FALLBACK_KEY_PREFIXES = ("model.", "optim.", "flow.", "sample.", "train.global_batch_size", "train.micro_batch_size", "train.steps", "train.ema_decay")
+
+
+class BudgetFallback(Strict):
+    """train.budget_fallback: a smaller recipe for a machine slower than the preset was tuned on. Where the
+    budget fits fewer than `min_steps` of the preset's own steps, a fresh run trains `overrides` instead."""
+
+    min_steps: int = Field(gt=0)
+    overrides: list[str] = Field(min_length=1)  # `--set`-style items, e.g. "model.hidden_size=64"
+
+    @field_validator("overrides")
+    @classmethod
+    def _sizes_and_optimisation_only(cls, items):
+        for item in items:
+            key = item.split("=", 1)[0].strip()
+            if "=" not in item or not key.startswith(FALLBACK_KEY_PREFIXES):
+                raise ValueError(f"{item!r}: a fallback sets model.*, optim.*, flow.*, sample.* or train.global_batch_size/micro_batch_size/steps/ema_decay as KEY=VALUE")
+        return items
+
+
 class TrainConfig(Strict):
     steps: int = Field(1000, gt=0)
     global_batch_size: int = Field(64, gt=0)
@@ -133,6 +155,7 @@ class TrainConfig(Strict):
     keep_every: int = Field(0, ge=0)  # also keep every k-th step's checkpoint; 0 = off
     # Fresh runs lower `steps` so that they fit this many minutes at the step time measured at start (fmcli.train)
     budget_minutes: float | None = Field(None, gt=0)
+    budget_fallback: BudgetFallback | None = None  # a smaller recipe where the budget fits too few steps
     compile: bool | Literal["auto"] = False  # "auto": where inductor works (CUDA, or a CPU with a C++ compiler)
     max_nan_skips: int = Field(0, ge=0)  # non-finite losses tolerated (step skipped) before stopping
     tracker: Literal[TRACKERS] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
@@ -195,6 +218,15 @@ class Config(Strict):
         # Re-pairing noise across a text batch would detach images from their captions (DESIGN.md section 2).
         if self.model.cross_attention and self.flow.coupling not in ("independent", "pairs"):
             raise ValueError("flow.coupling must be 'independent' (or 'pairs') for text models (model.cross_attention = true)")
+        return self
+
+    @model_validator(mode="after")
+    def _fallback_is_a_valid_config(self):
+        if self.train.budget_fallback is None:
+            return self
+        if self.train.budget_minutes is None:
+            raise ValueError("train.budget_fallback needs train.budget_minutes (it is chosen from the steps that fit the budget)")
+        budget_fallback_config(self)  # its overrides must make a valid config too
         return self
 
 
@@ -336,7 +368,22 @@ def load_config(preset: str | None, overrides: list[str] | None = None) -> Confi
     """Load a preset (a name in presets/ or a .toml path, with its bases), apply `a.b=value` overrides, validate."""
     raw = _read_preset(preset) if preset else {}
     raw = _apply_layer(raw, _overrides_layer(overrides or []))
+    _drop_overridden_fallback(raw, overrides or [])
     return validate_config(raw, source=preset or "defaults")
+
+
+def _drop_overridden_fallback(raw: dict, overrides: list[str]) -> None:
+    """A `--set` of a key the preset's train.budget_fallback would change (or of model.size, which sets the
+    model's size fields) is the user's explicit choice: the fallback is dropped rather than overriding it."""
+    fallback = (raw.get("train") or {}).get("budget_fallback")
+    if not isinstance(fallback, dict) or not overrides:
+        return
+    given = {parse_override(item)[0] for item in overrides}
+    if "model.size" in given:
+        given |= {f"model.{field}" for field in SIZE_FIELDS}
+    changes = {str(item).split("=", 1)[0].strip() for item in fallback.get("overrides") or []}
+    if given & changes:
+        raw["train"]["budget_fallback"] = None
 
 
 def validate_config(raw: dict, source: str = "config") -> Config:
@@ -353,6 +400,18 @@ def validate_config(raw: dict, source: str = "config") -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     return json.loads(cfg.model_dump_json())
+
+
+def budget_fallback_config(cfg: Config) -> Config:
+    """The config train.budget_fallback trains: its overrides applied, the fallback itself removed."""
+    raw = config_to_dict(cfg)
+    raw["train"]["budget_fallback"] = None
+    try:
+        return Config.model_validate(_apply_layer(raw, _overrides_layer(cfg.train.budget_fallback.overrides)))
+    except (ValidationError, UsageError) as err:
+        first = err.errors()[0] if isinstance(err, ValidationError) else None
+        detail = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else str(err)
+        raise ValueError(f"train.budget_fallback.overrides do not make a valid config: {detail} (--set train.budget_fallback=null trains without it)") from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str], allowed: set[str] | None = None) -> Config:
@@ -436,7 +495,9 @@ def _check_key_exists(parts: list[str], key: str) -> None:
         if fields is None or part not in fields:
             raise UsageError(f"invalid config key {key!r}: unknown setting {part!r}")
         annotation = fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        # a section, or an optional one (BudgetFallback | None)
+        candidates = [annotation, *typing.get_args(annotation)]
+        model = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
 def _read_preset(preset: str) -> dict:

@@ -53,7 +53,7 @@ class RankLog:
 
     def progress(self, total: int, start: int):
         if not self.is_main or not self.console.is_terminal:
-            return lambda step, loss: None
+            return lambda step, loss, total=None: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
@@ -61,10 +61,10 @@ class RankLog:
         task = bar.add_task("train", total=total, completed=start, loss="-")
         bar.start()
 
-        def update(step, loss):
+        def update(step, loss, total=None):  # total: a budget refit changed train.steps
             if step is None:
                 bar.stop()
             else:
-                bar.update(task, completed=step, loss=f"{loss:.4f}")
+                bar.update(task, completed=step, loss=f"{loss:.4f}", **({"total": total} if total else {}))
 
         return update

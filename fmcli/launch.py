@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,8 @@ from .config import Config, config_to_dict
 from .console import stderr_console
 from .errors import UsageError
 from .fsutil import write_text_atomic
+
+STARTED_AT_ENV = "FM_STARTED_AT"  # set for relaunched ranks: when `fm train` began (the budget's start)
 
 # ------------------------------------------------------------------------------------------ launching
 
@@ -57,6 +60,8 @@ def run_training(cfg: Config, run_dir: Path, resume_arg: Optional[str], stop_at_
     """Resolve what all ranks must agree on (data, run directory, checkpoint, autotuned micro batch), then
     train here or relaunch as N ranks. Returns the last checkpoint (rank 0 of a local run), else None."""
     child = D.launched_externally()
+    # When the command began (train.budget_minutes counts from here); our relaunched ranks inherit it.
+    started_at = float(os.environ.get(STARTED_AT_ENV) or time.time())
     procs = launch["gpus"] or launch["nproc"]
     if launch["gpus"]:
         D.check_gpus(launch["gpus"])
@@ -70,11 +75,11 @@ def run_training(cfg: Config, run_dir: Path, resume_arg: Optional[str], stop_at_
     if int(os.environ.get("RANK", "0")) == 0:  # once per run: the launching process, or rank 0 under torchrun/SLURM
         warn_about_ema(cfg)
     if (procs > 1 or launch["nnodes"] > 1) and not child:
-        _relaunch_training(cfg, run_dir, ckpt, stop_at_step, launch, procs)
+        _relaunch_training(cfg, run_dir, ckpt, stop_at_step, launch, procs, started_at)
         return None
     from .train import train
 
-    return train(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step).checkpoint
+    return train(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step, started_at=started_at).checkpoint
 
 
 def warn_about_ema(cfg: Config) -> None:
@@ -89,7 +94,7 @@ def refuse_existing_run_dir(run_dir: Path) -> None:
         raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
 
 
-def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step, launch: dict, procs: int) -> None:
+def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step, launch: dict, procs: int, started_at: float) -> None:
     import typer
 
     cfg = _resolve_hardware_in_launcher(cfg)
@@ -102,7 +107,7 @@ def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at
         node_rank=launch["node_rank"],
         rdzv_endpoint=launch["rdzv_endpoint"],
         rdzv_id=launch["rdzv_id"],
-        extra_env={"FM_RUN_RESOLVED": "1"},
+        extra_env={"FM_RUN_RESOLVED": "1", STARTED_AT_ENV: repr(started_at)},
     )
     if code:
         raise typer.Exit(code)

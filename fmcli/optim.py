@@ -75,13 +75,47 @@ def lr_factor(step: int, total_steps: int, warmup_frac: float, start_factor: flo
     return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_schedulers(optimizer: CombinedOptimizer, optim_cfg, total_steps: int) -> list:
-    """One LambdaLR per optimizer, all following lr_factor (checkpointed with the optimizer)."""
+class LRSchedule:
+    """lr_factor as a LambdaLR callable whose length can change mid-run (train.budget_minutes refits it)
+    without a jump in the LR: `retarget` keeps the cosine's progress at the current step and spreads what
+    is left of it over the new remaining steps. Its attributes are plain numbers, so LambdaLR's state_dict
+    saves them and a resume continues the exact schedule."""
 
-    def factor(s: int) -> float:
-        return lr_factor(s, total_steps, optim_cfg.warmup_frac, optim_cfg.warmup_start_factor, optim_cfg.min_lr_factor)
+    def __init__(self, total_steps: int, warmup_frac: float, start_factor: float, min_factor: float):
+        self.warmup_frac, self.start_factor, self.min_factor = warmup_frac, start_factor, min_factor
+        self.plan(total_steps)
 
-    return [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizer.optimizers]
+    def plan(self, total_steps: int) -> None:
+        """The schedule as if it had been planned for `total_steps` from the start."""
+        self.total_steps, self.warmup_steps = total_steps, int(round(self.warmup_frac * total_steps))
+        self.anchor_step, self.anchor_progress = None, 0.0  # None: the cosine starts at the end of warmup
+
+    def progress(self, step: int) -> float:
+        """How far along the cosine `step` is, 0..1."""
+        if self.anchor_step is None:  # lr_factor's arithmetic, so a schedule never retargeted matches it bit for bit
+            return min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        left = max(1, self.total_steps - self.anchor_step)
+        return min(1.0, self.anchor_progress + (1 - self.anchor_progress) * (step - self.anchor_step) / left)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.start_factor + (1 - self.start_factor) * step / self.warmup_steps
+        return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+
+    def retarget(self, step: int, total_steps: int) -> None:
+        """From `step` on, end the schedule at `total_steps`, the LR continuous at `step`."""
+        if step == 0:
+            self.plan(total_steps)
+        elif self.anchor_step is None and step <= self.warmup_steps:
+            self.total_steps = total_steps  # the cosine has not started: only its length changes
+        else:
+            self.anchor_progress, self.anchor_step, self.total_steps = self.progress(step), step, total_steps
+
+
+def build_schedulers(optimizer: CombinedOptimizer, optim_cfg, total_steps: int) -> tuple[LRSchedule, list]:
+    """One LambdaLR per optimizer, all following one LRSchedule (checkpointed with the schedulers)."""
+    schedule = LRSchedule(total_steps, optim_cfg.warmup_frac, optim_cfg.warmup_start_factor, optim_cfg.min_lr_factor)
+    return schedule, [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizer.optimizers]
 
 
 @torch.no_grad()

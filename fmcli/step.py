@@ -90,7 +90,7 @@ class TrainingStep:
         self.model = (model if model is not None else build_model(cfg.model)).to(ctx.device)
         self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
         self.optimizer = build_optimizer(self.model, cfg.optim, ns_dtype=ns_dtype)
-        self.schedulers = build_schedulers(self.optimizer, cfg.optim, cfg.train.steps)
+        self.schedule, self.schedulers = build_schedulers(self.optimizer, cfg.optim, cfg.train.steps)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
         self.ddp = self.forward = self.model
         self.compile_warning: str | None = None  # set when torch.compile failed and the step runs eager
@@ -129,10 +129,10 @@ class TrainingStep:
             out.float().square().mean().backward()
         self.model.zero_grad(set_to_none=True)
 
-    def set_total_steps(self, steps: int) -> None:
-        """A new schedule length before the first step (train.budget_minutes)."""
+    def set_total_steps(self, steps: int, at_step: int = 0) -> None:
+        """A new run length from `at_step` on (train.budget_minutes), the LR continuous (LRSchedule.retarget)."""
         self.cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"steps": steps})})
-        self.schedulers = build_schedulers(self.optimizer, self.cfg.optim, steps)
+        self.schedule.retarget(at_step, steps)
 
     def state_dict(self) -> dict:
         return {
@@ -149,6 +149,8 @@ class TrainingStep:
         self.optimizer.load_state_dict(state["optimizer"])
         for s, sd in zip(self.schedulers, state["schedulers"], strict=True):
             s.load_state_dict(sd)
+        if self.schedule.total_steps != self.cfg.train.steps:  # a resume that sets train.steps re-plans the schedule
+            self.schedule.plan(self.cfg.train.steps)
         self.scaler.load_state_dict(state["scaler"])
 
     def __call__(self, batches: Iterator[dict], batch_index: int, step: int) -> StepResult:

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from . import distributed as D
+from .budget import StepBudget
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, config_to_dict, flip_warning, resolve
+from .config import Config, budget_fallback_config, config_to_dict, flip_warning, resolve
 from .console import RankLog
 from .data.prepared import PreparedDataset, collate_batched, data_space
 from .data.sampler import RankBatchSampler, batch_geometry, data_position
@@ -33,6 +34,16 @@ from .runlog import append_metrics, environment_info, memory_mib, step_name, wri
 from .step import TrainingStep
 from .tracking import NullTracker, make_tracker
 
+clock = time.perf_counter  # train.budget_minutes' clock (tests replace it with a simulated machine)
+
+
+class UseBudgetFallback(Exception):
+    """The budget fits fewer than train.budget_fallback.min_steps of this recipe (a fresh run, nothing written yet)."""
+
+    def __init__(self, steps: int):
+        super().__init__(steps)
+        self.steps = steps
+
 
 @dataclass
 class TrainResult:
@@ -43,12 +54,24 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def train(cfg: Config, run_dir: Path, *, resume_from: Path | None = None, stop_at_step: int | None = None, log=None) -> TrainResult:
-    """Train (or resume) into `run_dir`. `stop_at_step` checkpoints and returns early at that step."""
+def train(cfg: Config, run_dir: Path, *, resume_from: Path | None = None, stop_at_step: int | None = None, log=None, started_at: float | None = None) -> TrainResult:
+    """Train (or resume) into `run_dir`. `stop_at_step` checkpoints and returns early at that step;
+    `started_at` (time.time()) is when the command began, for train.budget_minutes (default: now)."""
     ctx = D.setup(cfg.train.device)
+    log = log or RankLog(ctx.is_main)
     try:
-        trainer = Trainer(cfg, Path(run_dir), ctx, log or RankLog(ctx.is_main))
-        result = trainer.run(resume_from, stop_at_step)
+        trainer = Trainer(cfg, Path(run_dir), ctx, log, started_at)
+        try:
+            result = trainer.run(resume_from, stop_at_step)
+        except UseBudgetFallback as too_few:  # raised before anything was written: start over, smaller
+            fallback = cfg.train.budget_fallback
+            log.info(
+                f"budget: {too_few.steps} steps are under train.budget_fallback.min_steps={fallback.min_steps}; "
+                f"training the preset's fallback instead: {' '.join(fallback.overrides)}"
+            )
+            trainer = Trainer(budget_fallback_config(cfg), Path(run_dir), ctx, log, started=trainer.started)
+            trainer.fallback = {"from_steps": too_few.steps, "min_steps": fallback.min_steps, "overrides": fallback.overrides}
+            result = trainer.run(resume_from, stop_at_step)
         D.barrier(ctx)  # rank 0 may still be writing samples: tear the group down together
         return result
     finally:
@@ -109,7 +132,11 @@ class Trainer:
     """One run on one rank. Everything is set up in __init__ (a bad setting fails before any work);
     `run` restores a checkpoint if asked, then loops."""
 
-    def __init__(self, cfg: Config, run_dir: Path, ctx: D.DistContext, log):
+    def __init__(self, cfg: Config, run_dir: Path, ctx: D.DistContext, log, started_at: float | None = None, started: float | None = None):
+        # train.budget_minutes counts from the command's start (data preparation, setup and compiling included);
+        # `started` (on `clock`) carries it over to a budget fallback's trainer
+        self.started = started if started is not None else clock() - (max(0.0, time.time() - started_at) if started_at is not None else 0.0)
+        self.fallback: dict | None = None  # train.budget_fallback, when this trainer is it
         self.run_dir, self.ctx, self.log = run_dir, ctx, log
         self.dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
         self.cfg, self.text = cfg, text = resolve_for_training(cfg, self.dataset, ctx.device)
@@ -130,6 +157,8 @@ class Trainer:
         self.tracker = NullTracker()  # train.tracker (W&B / TensorBoard), rank 0, opened in run()
         self.vae = None  # loaded when a latent sample grid is first decoded
         self.ot_window: list[tuple[float, float]] = []  # (cost before, after) per coupled micro-batch, rank 0
+        self.budget: StepBudget | None = None  # train.budget_minutes in a fresh run: refits train.steps as it goes
+        self.overhead = 0.0  # seconds of periodic work (checkpoints, sample grids, evaluation) so far
 
     # The run reads top to bottom: restore or start, steps, save.
     def run(self, resume_from: Path | None, stop_at_step: int | None) -> TrainResult:
@@ -144,9 +173,9 @@ class Trainer:
             self.log.info(f"the run is already at step {self.step} of train.steps={self.cfg.train.steps}; extend it with --set train.steps=N")
             result.checkpoint = resume_from
             return result
+        self._wrap_step(fresh=resume_from is None)  # may raise UseBudgetFallback: nothing is written before it
         if self.ctx.is_main:
             self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg))
-        self._wrap_step(fresh=resume_from is None)
         if resume_from is None and self.ctx.is_main:
             env = {**environment_info(self.ctx.device, self.ctx.world_size), "hardware": self.hardware}
             write_run_files(self.run_dir, config_to_dict(self.cfg), env)
@@ -167,6 +196,7 @@ class Trainer:
     def _loop(self, batches, stop_at_step: int | None, result: TrainResult, progress) -> None:
         cfg = self.cfg
         window, window_start, nan_skips, done = [], time.perf_counter(), 0, self.step >= cfg.train.steps
+        self.progress = progress
         while not done:
             _injected_failure(self.ctx, self.step)
             out = self.step_fn(batches, self.batches, self.step)
@@ -181,10 +211,14 @@ class Trainer:
             if self.ctx.is_main:
                 self.ot_window += out.ot_costs
             progress(self.step, out.loss)
-            done = self.step >= cfg.train.steps
+            done = self.step >= self.cfg.train.steps
             if self.step % cfg.train.log_every == 0 or done:
                 self._log_metrics(window, out, time.perf_counter() - window_start)
                 window, window_start = [], time.perf_counter()
+                if self.budget is not None and not done:
+                    self._refit_budget(out.loss)
+                    done = self.step >= self.cfg.train.steps
+            periodic_start = clock()
             # A requested stop checkpoints before anything slow (samples, FID): under a launcher the
             # workers get only a grace period after the signal before they are killed.
             stop = D.any_rank(self.stop_requested, self.ctx) or self.step == stop_at_step
@@ -198,6 +232,10 @@ class Trainer:
                 self._save_samples()
             if self._every(cfg.eval.every):
                 self._evaluate()
+            if self.budget is not None and not done and any(self._every(k) for k in self.budget.period_steps):
+                spent = clock() - periodic_start
+                self.overhead += spent
+                self.budget.record_event(spent)
 
     def _every(self, k: int) -> bool:
         return bool(k) and self.step % k == 0
@@ -249,27 +287,50 @@ class Trainer:
             self._fit_budget(example)
 
     def _fit_budget(self, example: dict) -> None:
-        """train.budget_minutes: a fresh run lowers train.steps so that its steps fit the budget on this machine.
+        """train.budget_minutes: a fresh run lowers train.steps so that the run ends within the budget.
 
-        The step time is measured here, after compiling, by autotune.seconds_per_call (median on CPU,
+        First fit: the step time measured here, after compiling, by autotune.seconds_per_call (median on CPU,
         synchronised mean on CUDA) over 5 real training steps whose effect is then undone
-        (_measure_step_seconds). 10 % of the budget is left for data loading, logging, sample grids and
-        checkpoints. Only lowers: a fast machine trains the preset's steps. The fitted steps are written to
-        config.json and the checkpoint, so a resume continues the same schedule (it never re-measures).
+        (_measure_step_seconds). Then every log interval refits the steps from the pace of the recent steps
+        (_refit_budget; fmcli.budget.StepBudget), periodic work reserved for. Only lowers: a fast machine
+        trains the preset's steps; a first fit under train.budget_fallback.min_steps raises UseBudgetFallback
+        (train() starts over with the fallback's overrides). Each fit is written to the config and the
+        checkpoint, so a resume continues that schedule (it never re-measures, refits or falls back).
         """
         cfg = self.cfg
-        minutes = cfg.train.budget_minutes
         # Every rank measures (a DDP forward may broadcast buffers: a collective), rank 0's number is used.
         step_s = D.all_gather_objects(self._measure_step_seconds(example), self.ctx)[0]
-        steps = min(cfg.train.steps, max(1, int(0.9 * minutes * 60 / step_s)))
-        self.hardware["budget"] = {"minutes": minutes, "step_seconds": step_s, "requested_steps": cfg.train.steps, "steps": steps}
+        periods = (cfg.train.checkpoint_every, cfg.train.sample_every, cfg.eval.every)
+        self.budget = StepBudget(cfg.train.budget_minutes * 60, self.started, cfg.train.steps, periods)
+        steps = D.all_gather_objects(self.budget.first_fit(clock(), step_s), self.ctx)[0]
+        self.hardware["budget"] = {"step_seconds": step_s, **self.budget.record(), "fallback": self.fallback}
         self.log.info(
-            f"budget: {minutes:g} min at {step_s:.3f} s/step (measured) -> {steps} steps"
-            + (f" (of the preset's {cfg.train.steps}: this machine is slower than the preset was tuned on)" if steps < cfg.train.steps else "")
+            f"budget: {cfg.train.budget_minutes:g} min at {step_s:.3f} s/step (measured) -> {steps} steps"
+            + (f" (of the preset's {cfg.train.steps}: this machine is slower than the preset was tuned on; refitted as the run goes)" if steps < cfg.train.steps else "")
         )
+        fallback = cfg.train.budget_fallback
+        if fallback is not None and steps < fallback.min_steps:
+            raise UseBudgetFallback(steps)
+        self._logged_steps = steps
         if steps != cfg.train.steps:
-            self.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
-            self.step_fn.set_total_steps(steps)
+            self._set_steps(steps)
+
+    def _refit_budget(self, loss: float) -> None:
+        """At a log interval: rank 0 refits the steps from the recent pace, every rank follows."""
+        fitted = self.budget.refit(self.step, clock(), self.overhead) if self.ctx.is_main else None
+        fitted = D.all_gather_objects(fitted, self.ctx)[0]
+        self.hardware["budget"].update(self.budget.record())
+        if fitted == self.cfg.train.steps:
+            return
+        self._set_steps(fitted)
+        self.progress(self.step, loss, fitted)
+        if abs(fitted - self._logged_steps) >= 0.02 * self._logged_steps:  # a line per real change, not per jitter
+            self.log.info(f"budget: {fitted} steps at the last {self.budget.pace_steps} steps' pace ({self.budget.pace:.3f} s/step)")
+            self._logged_steps = fitted
+
+    def _set_steps(self, steps: int) -> None:
+        self.cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"steps": steps})})
+        self.step_fn.set_total_steps(steps, at_step=self.step)
 
     def _measure_step_seconds(self, example: dict) -> float:
         """Seconds per real optimizer step (forward/backward of every micro batch, clipping, optimizer, EMA),

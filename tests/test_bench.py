@@ -154,7 +154,7 @@ def test_train_with_auto_micro_batch_uses_cached_result(tmp_path, shapes16):
             logged.append(msg)
 
         def progress(self, total, start):
-            return lambda step, loss: None
+            return lambda step, loss, total=None: None
 
     result = train(cfg, run_dir, log=Log())
     assert result.step == 2 and len(result.losses) == 2

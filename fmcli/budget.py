@@ -1,0 +1,81 @@
+"""train.budget_minutes: how many steps fit the wall-clock budget, re-estimated as the run goes.
+
+A start-of-run timing alone is not enough: on a shared 2-core machine identical runs measured 0.10-0.13
+s/step before their first step, and the pace then drifted by up to 1.5x within a run, so runs ended a
+minute early or late. StepBudget starts from that timing and then refits the step count at every log
+interval from the pace of the recent steps. Periodic work (checkpoints, sample grids, evaluation) is timed
+apart from the steps and reserved for: each future event costs what the slowest one so far cost.
+The LR schedule follows each refit without a jump (fmcli.optim.LRSchedule.retarget).
+
+Pure arithmetic on the times it is given (no clock, no I/O), so tests drive it with made-up times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PACE_WINDOW_STEPS = 1000  # the pace is taken over about this many recent steps (and the last interval alone)
+FIRST_EVENT_SHARE = 0.02  # before any periodic work has been timed, each event is assumed to cost this share of the budget
+MARGIN_SHARE = 0.01  # kept free for the pace's jitter between refits (a run that overshoots cannot give time back)
+
+
+@dataclass
+class StepBudget:
+    seconds: float  # the whole budget
+    started: float  # clock time the budget started (the trainer's setup, before compiling)
+    requested_steps: int  # the preset's steps: the budget only ever lowers them
+    period_steps: tuple[int, ...] = ()  # the intervals of periodic work (checkpoint_every, sample_every, eval.every)
+    steps: int = 0  # the current fit
+    refits: int = 0  # how often the fit changed after the first one
+    marks: list[tuple[int, float]] = field(default_factory=list)  # (step, step-only seconds since `started`)
+    event_seconds: float | None = None  # the slowest periodic event so far
+    pace: float | None = None  # seconds per step over the last `pace_steps` steps (periodic work excluded)
+    pace_steps: int = 0
+
+    def first_fit(self, now: float, step_seconds: float) -> int:
+        """The steps that fit from `now` at the measured `step_seconds`."""
+        self.steps = self.requested_steps
+        self.steps = self._fit(0, now, step_seconds)
+        return self.steps
+
+    def record_event(self, seconds: float) -> None:
+        self.event_seconds = seconds if self.event_seconds is None else max(self.event_seconds, seconds)
+
+    def refit(self, step: int, now: float, overhead: float) -> int:
+        """At a log interval: `now` on the clock, `overhead` seconds spent on periodic work so far.
+        Returns the (possibly new) total steps."""
+        self.marks.append((step, now - self.started - overhead))
+        base = next((m for m in self.marks if step - m[0] <= PACE_WINDOW_STEPS), self.marks[0])
+        if base[0] == step:  # one mark: the first interval includes one-off costs after compiling
+            return self.steps
+        # The slower of the window's pace and the last interval's: a slowdown counts at once (a run that
+        # overshoots has nothing to give back), a speed-up once the window has seen it.
+        (s_prev, t_prev), (_, t_now) = self.marks[-2], self.marks[-1]
+        self.pace = max((t_now - base[1]) / (step - base[0]), (t_now - t_prev) / (step - s_prev))
+        self.pace_steps = step - base[0]
+        fitted = self._fit(step, now, self.pace)
+        if fitted != self.steps:
+            self.steps, self.refits = fitted, self.refits + 1
+        return self.steps
+
+    def _fit(self, step: int, now: float, pace: float) -> int:
+        """The most steps whose remaining ones, plus the periodic work they bring, end within the budget."""
+        left = self.started + (1 - MARGIN_SHARE) * self.seconds - now
+        event = self.event_seconds if self.event_seconds is not None else FIRST_EVENT_SHARE * self.seconds
+        pace = max(pace, 1e-9)
+        fits = lambda n: (n - step) * pace + self._events(step, n) * event <= left  # noqa: E731
+        lo, hi = step, step + int(max(0.0, left - event) / pace)  # the largest n that fits: events only grow with n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return max(step + 1, min(self.requested_steps, lo))
+
+    def _events(self, step: int, total: int) -> int:
+        """Periodic work after `step` up to `total` (steps where any period falls count once), plus the end's."""
+        periodic = {m for k in self.period_steps if k for m in range(k * (step // k + 1), total, k)}
+        return len(periodic) + 1
+
+    def record(self) -> dict:
+        """What env.json / the checkpoint say about the budget."""
+        return {"minutes": self.seconds / 60, "requested_steps": self.requested_steps, "steps": self.steps, "refits": self.refits,
+                "pace_seconds": self.pace, "pace_steps": self.pace_steps, "event_seconds": self.event_seconds}
