@@ -308,12 +308,23 @@ class Trainer:
             f"budget: {cfg.train.budget_minutes:g} min at {step_s:.3f} s/step (measured) -> {steps} steps"
             + (f" (of the preset's {cfg.train.steps}: this machine is slower than the preset was tuned on; refitted as the run goes)" if steps < cfg.train.steps else "")
         )
-        fallback = cfg.train.budget_fallback
-        if fallback is not None and steps < fallback.min_steps:
+        if self._falls_back(steps):
             raise UseBudgetFallback(steps)
         self._logged_steps = steps
         if steps != cfg.train.steps:
             self._set_steps(steps)
+
+    def _falls_back(self, steps: int) -> bool:
+        """train.budget_fallback applies where the budget cut the steps under its min_steps, unless the run
+        starts from weights (train.init_from) whose model a fallback that resizes it could not load."""
+        fallback = self.cfg.train.budget_fallback
+        if fallback is None or steps >= min(fallback.min_steps, self.cfg.train.steps):
+            return False
+        if self.cfg.train.init_from and any(item.startswith("model.") for item in fallback.overrides):
+            self.log.info(f"budget: {steps} steps are under train.budget_fallback.min_steps={fallback.min_steps}, "
+                          "but train.init_from fixes the model: training it as set")
+            return False
+        return True
 
     def _refit_budget(self, loss: float) -> None:
         """At a log interval: rank 0 refits the steps from the recent pace, every rank follows."""

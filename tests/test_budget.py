@@ -244,3 +244,18 @@ def test_an_explicit_setting_wins_over_the_presets_fallback():
     # settings the fallback does not touch keep it; null switches it off
     assert load_config("quickstart", ["model.depth=2"]).train.budget_fallback is not None
     assert load_config("quickstart", ["train.budget_fallback=null"]).train.budget_fallback is None
+
+
+def test_no_fallback_where_the_budget_did_not_cut_the_steps_or_init_from_fixes_the_model(tmp_path, shapes16, monkeypatch, debug_run):
+    machine = SimulatedMachine(lambda step: 0.05)
+    monkeypatch.setattr(train_mod, "clock", lambda: machine.now)
+    monkeypatch.setattr(train_mod.Trainer, "_measure_step_seconds", lambda self, example: 0.05)
+    # 30 requested steps all fit (though under min_steps=100): nothing was cut, the recipe stays
+    train(cfg_for(shapes16, "train.steps=30", "train.budget_minutes=0.1", *FALLBACK), tmp_path / "short", log=machine)
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "short"))["hardware"]["budget"]["fallback"] is None
+    # cut under min_steps, but starting from a checkpoint's weights: a resized model could not load them
+    cfg = cfg_for(shapes16, "train.steps=150", "train.budget_minutes=0.1", f"train.init_from='{debug_run}'", *FALLBACK)
+    train(cfg, tmp_path / "init", log=machine)
+    state = load_checkpoint(resolve_checkpoint(tmp_path / "init"))
+    assert state["hardware"]["budget"]["fallback"] is None and state["config"]["model"]["hidden_size"] == cfg.model.hidden_size
+    assert any("train.init_from fixes the model" in line for line in machine.lines)
