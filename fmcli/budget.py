@@ -12,6 +12,8 @@ Pure arithmetic on the times it is given (no clock, no I/O), so tests drive it w
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 
 PACE_WINDOW_STEPS = 1000  # the pace is taken over about this many recent steps (and the last interval alone)
@@ -34,7 +36,6 @@ class StepBudget:
 
     def first_fit(self, now: float, step_seconds: float) -> int:
         """The steps that fit from `now` at the measured `step_seconds`."""
-        self.steps = self.requested_steps
         self.steps = self._fit(0, now, step_seconds)
         return self.steps
 
@@ -45,7 +46,9 @@ class StepBudget:
         """At a log interval: `now` on the clock, `overhead` seconds spent on periodic work so far.
         Returns the (possibly new) total steps."""
         self.marks.append((step, now - self.started - overhead))
-        base = next((m for m in self.marks if step - m[0] <= PACE_WINDOW_STEPS), self.marks[0])
+        first = next(i for i, m in enumerate(self.marks) if step - m[0] <= PACE_WINDOW_STEPS)  # the newest mark always is
+        del self.marks[:first]  # older marks never come back into the window
+        base = self.marks[0]
         if base[0] == step:  # one mark: the first interval includes one-off costs after compiling
             return self.steps
         # The slower of the window's pace and the last interval's: a slowdown counts at once (a run that
@@ -71,9 +74,15 @@ class StepBudget:
         return max(step + 1, min(self.requested_steps, lo))
 
     def _events(self, step: int, total: int) -> int:
-        """Periodic work after `step` up to `total` (steps where any period falls count once), plus the end's."""
-        periodic = {m for k in self.period_steps if k for m in range(k * (step // k + 1), total, k)}
-        return len(periodic) + 1
+        """Periodic work after `step` and before `total` (a step where several periods fall counts once), plus
+        the end's: multiples of any period in (step, total), by inclusion-exclusion over the periods."""
+        periods = sorted({k for k in self.period_steps if k})
+        count = 0
+        for size in range(1, len(periods) + 1):
+            for subset in itertools.combinations(periods, size):
+                k = math.lcm(*subset)
+                count += (-1) ** (size + 1) * ((total - 1) // k - step // k)
+        return count + 1
 
     def record(self) -> dict:
         """What env.json / the checkpoint say about the budget."""

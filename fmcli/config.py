@@ -132,8 +132,7 @@ class BudgetFallback(Strict):
     @classmethod
     def _sizes_and_optimisation_only(cls, items):
         for item in items:
-            key = item.split("=", 1)[0].strip()
-            if "=" not in item or not key.startswith(FALLBACK_KEY_PREFIXES):
+            if "=" not in item or not parse_override(item)[0].startswith(FALLBACK_KEY_PREFIXES):
                 raise ValueError(f"{item!r}: a fallback sets model.*, optim.*, flow.*, sample.* or train.global_batch_size/micro_batch_size/steps/ema_decay as KEY=VALUE")
         return items
 
@@ -381,7 +380,7 @@ def _drop_overridden_fallback(raw: dict, overrides: list[str]) -> None:
     given = {parse_override(item)[0] for item in overrides}
     if "model.size" in given:
         given |= {f"model.{field}" for field in SIZE_FIELDS}
-    changes = {str(item).split("=", 1)[0].strip() for item in fallback.get("overrides") or []}
+    changes = {parse_override(str(item))[0] for item in fallback.get("overrides") or [] if "=" in str(item)}
     if given & changes:
         raw["train"]["budget_fallback"] = None
 

@@ -66,18 +66,9 @@ class CombinedOptimizer:
             o.load_state_dict(s)
 
 
-def lr_factor(step: int, total_steps: int, warmup_frac: float, start_factor: float, min_factor: float) -> float:
-    """Linear warmup from start_factor over warmup_frac of the steps, then cosine down to min_factor."""
-    warmup = int(round(warmup_frac * total_steps))
-    if step < warmup:
-        return start_factor + (1 - start_factor) * step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class LRSchedule:
-    """lr_factor as a LambdaLR callable whose length can change mid-run (train.budget_minutes refits it)
-    without a jump in the LR: `retarget` keeps the cosine's progress at the current step and spreads what
+    """The LR factor for LambdaLR: linear warmup from start_factor over warmup_frac of the steps, then cosine
+    down to min_factor. Its length can change mid-run (train.budget_minutes refits it) without a jump in the LR: `retarget` keeps the cosine's progress at the current step and spreads what
     is left of it over the new remaining steps. Its attributes are plain numbers, so LambdaLR's state_dict
     saves them and a resume continues the exact schedule."""
 
@@ -92,7 +83,7 @@ class LRSchedule:
 
     def progress(self, step: int) -> float:
         """How far along the cosine `step` is, 0..1."""
-        if self.anchor_step is None:  # lr_factor's arithmetic, so a schedule never retargeted matches it bit for bit
+        if self.anchor_step is None:  # the closed form's arithmetic: a schedule never retargeted matches it bit for bit
             return min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         left = max(1, self.total_steps - self.anchor_step)
         return min(1.0, self.anchor_progress + (1 - self.anchor_progress) * (step - self.anchor_step) / left)

@@ -57,10 +57,12 @@ class TrainResult:
 def train(cfg: Config, run_dir: Path, *, resume_from: Path | None = None, stop_at_step: int | None = None, log=None, started_at: float | None = None) -> TrainResult:
     """Train (or resume) into `run_dir`. `stop_at_step` checkpoints and returns early at that step;
     `started_at` (time.time()) is when the command began, for train.budget_minutes (default: now)."""
+    # train.budget_minutes counts from the command's start (data preparation, setup and compiling included)
+    started = clock() - (max(0.0, time.time() - started_at) if started_at is not None else 0.0)
     ctx = D.setup(cfg.train.device)
     log = log or RankLog(ctx.is_main)
     try:
-        trainer = Trainer(cfg, Path(run_dir), ctx, log, started_at)
+        trainer = Trainer(cfg, Path(run_dir), ctx, log, started)
         try:
             result = trainer.run(resume_from, stop_at_step)
         except UseBudgetFallback as too_few:  # raised before anything was written: start over, smaller
@@ -69,7 +71,7 @@ def train(cfg: Config, run_dir: Path, *, resume_from: Path | None = None, stop_a
                 f"budget: {too_few.steps} steps are under train.budget_fallback.min_steps={fallback.min_steps}; "
                 f"training the preset's fallback instead: {' '.join(fallback.overrides)}"
             )
-            trainer = Trainer(budget_fallback_config(cfg), Path(run_dir), ctx, log, started=trainer.started)
+            trainer = Trainer(budget_fallback_config(cfg), Path(run_dir), ctx, log, started)
             trainer.fallback = {"from_steps": too_few.steps, "min_steps": fallback.min_steps, "overrides": fallback.overrides}
             result = trainer.run(resume_from, stop_at_step)
         D.barrier(ctx)  # rank 0 may still be writing samples: tear the group down together
@@ -132,10 +134,8 @@ class Trainer:
     """One run on one rank. Everything is set up in __init__ (a bad setting fails before any work);
     `run` restores a checkpoint if asked, then loops."""
 
-    def __init__(self, cfg: Config, run_dir: Path, ctx: D.DistContext, log, started_at: float | None = None, started: float | None = None):
-        # train.budget_minutes counts from the command's start (data preparation, setup and compiling included);
-        # `started` (on `clock`) carries it over to a budget fallback's trainer
-        self.started = started if started is not None else clock() - (max(0.0, time.time() - started_at) if started_at is not None else 0.0)
+    def __init__(self, cfg: Config, run_dir: Path, ctx: D.DistContext, log, started: float):
+        self.started = started  # on `clock`: when train.budget_minutes began (a fallback's trainer keeps it)
         self.fallback: dict | None = None  # train.budget_fallback, when this trainer is it
         self.run_dir, self.ctx, self.log = run_dir, ctx, log
         self.dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
@@ -196,7 +196,6 @@ class Trainer:
     def _loop(self, batches, stop_at_step: int | None, result: TrainResult, progress) -> None:
         cfg = self.cfg
         window, window_start, nan_skips, done = [], time.perf_counter(), 0, self.step >= cfg.train.steps
-        self.progress = progress
         while not done:
             _injected_failure(self.ctx, self.step)
             out = self.step_fn(batches, self.batches, self.step)
@@ -216,7 +215,7 @@ class Trainer:
                 self._log_metrics(window, out, time.perf_counter() - window_start)
                 window, window_start = [], time.perf_counter()
                 if self.budget is not None and not done:
-                    self._refit_budget(out.loss)
+                    self._refit_budget(progress, out.loss)
                     done = self.step >= self.cfg.train.steps
             periodic_start = clock()
             # A requested stop checkpoints before anything slow (samples, FID): under a launcher the
@@ -326,7 +325,7 @@ class Trainer:
             return False
         return True
 
-    def _refit_budget(self, loss: float) -> None:
+    def _refit_budget(self, progress, loss: float) -> None:
         """At a log interval: rank 0 refits the steps from the recent pace, every rank follows."""
         fitted = self.budget.refit(self.step, clock(), self.overhead) if self.ctx.is_main else None
         fitted = D.all_gather_objects(fitted, self.ctx)[0]
@@ -334,7 +333,7 @@ class Trainer:
         if fitted == self.cfg.train.steps:
             return
         self._set_steps(fitted)
-        self.progress(self.step, loss, fitted)
+        progress(self.step, loss, fitted)
         if abs(fitted - self._logged_steps) >= 0.02 * self._logged_steps:  # a line per real change, not per jitter
             self.log.info(f"budget: {fitted} steps at the last {self.budget.pace_steps} steps' pace ({self.budget.pace:.3f} s/step)")
             self._logged_steps = fitted

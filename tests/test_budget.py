@@ -14,7 +14,7 @@ from fmcli import train as train_mod
 from fmcli.budget import FIRST_EVENT_SHARE, MARGIN_SHARE, StepBudget
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config, validate_config
-from fmcli.optim import LRSchedule, build_schedulers, lr_factor
+from fmcli.optim import LRSchedule, build_schedulers
 from fmcli.train import train
 
 
@@ -79,6 +79,15 @@ def test_a_start_of_run_timing_alone_overruns_where_refits_do_not():
 
 
 # ------------------------------------------------------------------------------------------ schedule
+
+
+def lr_factor(step: int, total: int, warmup_frac: float, start: float, lo: float) -> float:
+    """The schedule's closed form (independent reference): linear warmup, then cosine to `lo`."""
+    warmup = int(round(warmup_frac * total))
+    if step < warmup:
+        return start + (1 - start) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def test_an_unretargeted_schedule_is_lr_factor_exactly():

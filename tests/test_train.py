@@ -22,7 +22,7 @@ from fmcli.config import load_config
 from fmcli.data.prepared import PreparedWriter
 from fmcli.errors import UsageError
 from fmcli.data.sampler import batch_geometry
-from fmcli.optim import lr_factor, update_ema
+from fmcli.optim import LRSchedule, update_ema
 from fmcli.train import train
 
 
@@ -121,8 +121,8 @@ def test_lr_schedule_follows_its_formula(tmp_path, shapes16):
             f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
         expected.append(lr * f)
     np.testing.assert_allclose(logged, expected, rtol=1e-9)
-    assert lr_factor(0, 100, 0.05, 0.1, 0.1) == pytest.approx(0.1)
-    assert lr_factor(100, 100, 0.05, 0.1, 0.1) == pytest.approx(0.1)
+    assert LRSchedule(100, 0.05, 0.1, 0.1)(0) == pytest.approx(0.1)
+    assert LRSchedule(100, 0.05, 0.1, 0.1)(100) == pytest.approx(0.1)
 
 
 def test_ema_matches_hand_computed_update():
