@@ -46,8 +46,10 @@ class StepBudget:
         """At a log interval: `now` on the clock, `overhead` seconds spent on periodic work so far.
         Returns the (possibly new) total steps."""
         self.marks.append((step, now - self.started - overhead))
-        first = next(i for i, m in enumerate(self.marks) if step - m[0] <= PACE_WINDOW_STEPS)  # the newest mark always is
-        del self.marks[:first]  # older marks never come back into the window
+        # The oldest mark within the window, but never the newest itself: log intervals longer than the
+        # window still refit from their last interval.
+        first = next(i for i, m in enumerate(self.marks) if step - m[0] <= PACE_WINDOW_STEPS)
+        del self.marks[: min(first, len(self.marks) - 2)]  # older marks never come back into the window
         base = self.marks[0]
         if base[0] == step:  # one mark: the first interval includes one-off costs after compiling
             return self.steps

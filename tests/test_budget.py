@@ -69,6 +69,11 @@ def test_refits_end_the_run_within_the_budget_on_a_drifting_machine(case):
         assert abs(steps - int((120 * (1 - MARGIN_SHARE) - 5 - 1.5 * (1 + (steps - 1) // 500)) / 0.1)) <= 2
 
 
+def test_log_intervals_longer_than_the_pace_window_still_refit():
+    steps, end, budget = simulate(lambda s: 0.01 if s < 3000 else 0.015, seconds=120.0, log_every=1500, period=10**9)
+    assert budget.refits >= 1 and end <= 120.0
+
+
 def test_a_start_of_run_timing_alone_overruns_where_refits_do_not():
     # The failure this module exists for: timed at 0.1 s/step, then 1.5x slower -> a fixed fit runs over.
     pace = lambda s: 0.1 if s < 300 else 0.15  # noqa: E731
