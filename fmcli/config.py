@@ -1,7 +1,7 @@
 """Typed settings: pydantic models (unknown keys are errors), preset loading (with `base = "NAME"` inheritance),
 the DiT model-size registry and `--set a.b=value` overrides.
 
-The pydantic models are the single source of truth for every setting and its default (DESIGN.md section 5).
+The pydantic models are the single source of truth for every setting and its default (docs/architecture.md section 6).
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _no_ot_for_text(self):
-        # Re-pairing noise across a text batch would detach images from their captions (DESIGN.md section 2).
+        # Re-pairing noise across a text batch would detach images from their captions (docs/architecture.md section 3).
         if self.model.cross_attention and self.flow.coupling not in ("independent", "pairs"):
             raise ValueError("flow.coupling must be 'independent' (or 'pairs') for text models (model.cross_attention = true)")
         return self

@@ -1,4 +1,4 @@
-"""Process-group setup/teardown, rank helpers, and the in-process torchrun relaunch (DESIGN.md section 7).
+"""Process-group setup/teardown, rank helpers, and the in-process torchrun relaunch (docs/architecture.md section 8).
 
 `fm train --gpus N` / `--nproc N` makes the parent call `torch.distributed.run` with the same command line;
 the children see WORLD_SIZE in their environment and join the group instead of relaunching.

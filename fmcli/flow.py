@@ -1,6 +1,6 @@
 """Probability paths, time samplers, minibatch couplings and the flow-matching loss (pure torch, no I/O).
 
-Convention (DESIGN.md section 2): t = 0 is noise x0 ~ N(0, I), t = 1 is data x1.
+Convention (docs/architecture.md section 3): t = 0 is noise x0 ~ N(0, I), t = 1 is data x1.
     x_t = (1 - (1 - sigma_min) t) x0 + t x1,      u_t = x1 - (1 - sigma_min) x0
 sigma_min = 0 is rectified flow; sigma_min > 0 is the OT-CFM path of Lipman et al. (2023), eq. 20-23.
 """
@@ -70,7 +70,7 @@ def sample_times(
 
 
 def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE averaged over every element (DESIGN.md section 2), computed in fp32."""
+    """MSE averaged over every element (docs/architecture.md section 3), computed in fp32."""
     return torch.mean((prediction.float() - target.float()) ** 2)
 
 

@@ -3,7 +3,7 @@
 `atomic_write(path, writer)` is the one way fm writes a file (or a directory): the writer fills a temp
 path beside the target, which is then fsynced and renamed over it, so a crash leaves either the old
 content or the complete new one, never half of it. `refuse_existing(path, force)` is the one overwrite
-check every command with an output path runs before doing any work (DESIGN.md section 8).
+check every command with an output path runs before doing any work (docs/architecture.md section 10).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def commit(tmp: Path, path: Path, *, durable: bool = True) -> None:
 
 
 def refuse_existing(paths, force: bool) -> None:
-    """Never replace a user's file silently: an output that exists needs `--force` (DESIGN.md section 8).
+    """Never replace a user's file silently: an output that exists needs `--force` (docs/architecture.md section 10).
 
     `paths` is one path or several (e.g. the files `fm sample --out DIR` would write); None entries are
     ignored. Run it before any work, so a refusal costs nothing and leaves nothing behind.

@@ -7,7 +7,7 @@ Pair i is x0_i = noise from (seed, i) in reflow's own stream and x1_i = the teac
 Work is cut into chunks of `batch_size` consecutive indices; rank r of W solves chunks r, r + W, ... and
 saves each as DIR.partial/part-NNNNNNN.npz (atomically), so an interrupted run restarted with the same
 settings solves only the missing chunks. Rank 0 then streams the parts, in index order, into a prepared
-dataset of kind "pairs" (DESIGN.md section 4) written as DIR.tmp-* and renamed. Fixed-step solvers give each
+dataset of kind "pairs" (docs/architecture.md section 5) written as .DIR.tmp-* and renamed. Fixed-step solvers give each
 pair independently of the chunking; dopri5 picks its steps per chunk, so there the pairs depend on the batch
 size (within rtol/atol) but still not on the number of processes.
 """

@@ -1,4 +1,4 @@
-"""A run directory's records: config.json, env.json, metrics.jsonl (DESIGN.md section 6)."""
+"""A run directory's records: config.json, env.json, metrics.jsonl (docs/architecture.md section 7)."""
 
 from __future__ import annotations
 

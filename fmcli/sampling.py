@@ -1,6 +1,6 @@
 """Solvers (fixed-step, multistep, SDE, adaptive), guidance, NFE counting, a step callback (pure torch, no I/O).
 
-The model contract is `model(x, t, **cond) -> velocity` with t of shape [B] (DESIGN.md section 3).
+The model contract is `model(x, t, **cond) -> velocity` with t of shape [B] (docs/architecture.md section 4).
 Every solver integrates from t = 0 (noise) to t = 1 (data) and reports the true number of network
 evaluations (NFE): a guided evaluation (CFG's batched [cond; uncond] forward, or autoguidance's main +
 guide pair) counts once. `on_step` sees the state after every solver step (previews, GIFs).

@@ -1,5 +1,5 @@
 """Cross-attention DiT: padding masking, the attention against a brute-force reference, state_dict keys,
-parameter counts, and the text-to-image presets (DESIGN.md section 5)."""
+parameter counts, and the text-to-image presets (docs/architecture.md section 6)."""
 
 from __future__ import annotations
 

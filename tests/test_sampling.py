@@ -11,8 +11,8 @@ from scipy.integrate import solve_ivp
 
 from fmcli.sampling import FIXED_STEP_SOLVERS, GUIDANCES, SOLVERS, guided_velocity, nfe_of, score_from_velocity, solve, steps_for_nfe
 
-# Gaussian-to-Gaussian flow. With x0 ~ N(0, I), x1 ~ N(mu, s^2 I) independent and the path of DESIGN.md
-# section 2, x_t = a(t) x0 + t x1 with a(t) = 1 - (1 - sigma_min) t, so x_t ~ N(t mu, sigma_t^2 I) with
+# Gaussian-to-Gaussian flow. With x0 ~ N(0, I), x1 ~ N(mu, s^2 I) independent and the path of docs/architecture.md
+# section 3, x_t = a(t) x0 + t x1 with a(t) = 1 - (1 - sigma_min) t, so x_t ~ N(t mu, sigma_t^2 I) with
 # sigma_t^2 = a^2 + t^2 s^2. The marginal velocity E[u_t | x_t] (u_t = x1 - (1 - sigma_min) x0) is, by
 # Gaussian conditioning, mu + Cov(u_t, x_t) / Var(x_t) (x - t mu) with Cov = -(1 - sigma_min) a + t s^2,
 # i.e. v(x, t) = mu + (sigma_t' / sigma_t) (x - t mu), affine in x. The ODE's solution from x(0) = x0 is

@@ -1,4 +1,4 @@
-"""The prepared-dataset format (DESIGN.md section 4): an atomic streaming writer and a memmap reader.
+"""The prepared-dataset format (docs/architecture.md section 5): an atomic streaming writer and a memmap reader.
 
 A dataset is a directory with manifest.json, x.npy ([N,C,H,W] uint8 pixels or float16 latents),
 optional y.npy (int64 labels) and captions.jsonl. Kind "pairs" (`fm reflow`) stores float32 x0.npy (noise)
