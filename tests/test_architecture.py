@@ -298,6 +298,24 @@ def test_every_config_key_is_documented():
     )
 
 
+def test_documented_defaults_are_the_code_defaults():
+    """The key table's default column (TOML values, `None`, or the word required) equals the pydantic default."""
+    import tomllib
+
+    rows = dict(re.findall(r"^\| `([a-z_.]+)` \| ([^|]+?) \|", _doc(), re.M))
+    wrong = []
+    for key, default in config_keys().items():
+        cell = rows.get(key)
+        if cell is None:
+            continue  # reported by test_every_config_key_is_documented
+        text = cell.strip().strip("`")
+        documented = None if text == "None" else "required" if text == "required" else tomllib.loads(f"v = {text}")["v"]
+        expected = list(default) if isinstance(default, tuple) else default
+        if documented != expected or type(documented) is not type(expected):
+            wrong.append(f"  | `{key}` | {_default_cell(default)} |  (the table says {cell.strip()})")
+    assert not wrong, "docs/architecture.md section 6 gives other defaults than config.py; fix these rows:\n" + "\n".join(wrong)
+
+
 def _default_cell(default) -> str:
     """A default as the key table writes it: `None`, `"auto"`, `false`, `[1, 2, 2]`; required stays a word."""
     import json
