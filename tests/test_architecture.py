@@ -350,11 +350,21 @@ def environment_variables() -> dict[str, set[str]]:
     def is_environ(node) -> bool:
         return isinstance(node, ast.Attribute) and node.attr == "environ" and isinstance(node.value, ast.Name) and node.value.id == "os"
 
-    def literal(node):
-        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
-
     for module, path in module_paths().items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        # module-level NAME = "VALUE" constants, so that os.environ.get(ENV_VAE) counts too
+        constants = {
+            t.id: n.value.value
+            for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+            for t in n.targets if isinstance(t, ast.Name)
+        }  # fmt: skip
+
+        def literal(node):
+            if isinstance(node, ast.Name):
+                return constants.get(node.id)
+            return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+        for node in ast.walk(tree):
             name = None
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"FM_[A-Z0-9_]+", node.value):
                 name = node.value
