@@ -218,11 +218,16 @@ def test_init_from_a_flow_model_starts_as_the_teacher(debug_run):
             torch.testing.assert_close(step.ema(x, t, y, t_end=t_end), v, rtol=0, atol=0)
 
 
-def test_fine_tune_samples_and_exports_through_the_cli(tmp_path, debug_run, shapes16):
-    run = tmp_path / "mf"
-    out = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", run, "--set", "train.steps=2",
-                 "--set", f"train.init_from='{debug_run}'", *[a for item in MEANFLOW for a in ("--set", item)])
-    assert out.returncode == 0, out.stderr
+@pytest.fixture(scope="module")
+def mf_run(tmp_path_factory, debug_run, shapes16):
+    """debug_run fine-tuned for 2 mean-flow steps (train.init_from)."""
+    run = tmp_path_factory.mktemp("mf") / "run"
+    train(load_config("debug", [f"data.path='{shapes16}'", *MEANFLOW, "train.steps=2", f"train.init_from='{debug_run}'"]), run)
+    return run
+
+
+def test_fine_tune_samples_and_exports_through_the_cli(tmp_path, mf_run, debug_run, shapes16):
+    run = mf_run
     sample = run_fm("sample", "--ckpt", run, "-n", "3", "--steps", "1", "--out", tmp_path / "one.png", "--json")
     assert sample.returncode == 0, sample.stderr
     assert json.loads(sample.stdout)["nfe"] == 1 and json.loads(sample.stdout)["solver"] == "meanflow"
@@ -251,3 +256,28 @@ def test_config_keeps_objective_model_and_solver_together():
                          ([*MEANFLOW, "model.arch='unet'"], "model.arch='dit'")):
         with pytest.raises(Exception, match=words):
             load_config("debug", items)
+
+
+def test_demo_previews_every_jump_and_offers_only_the_meanflow_sampler(mf_run):
+    from fmcli.demo import progressive
+    from fmcli.generate import initial_noise, load_for_sampling, sample_batch
+
+    loaded = load_for_sampling(str(mf_run), torch.device("cpu"))
+    settings = loaded.config.sample.model_copy(update={"steps": 4})
+    frames = list(progressive(loaded, n=2, seed=0, sample_cfg=settings, every=1, device=torch.device("cpu")))
+    assert [f.step for f in frames] == [0, 1, 2, 3, 4]
+    ref = sample_batch(loaded.model, initial_noise(0, range(2), loaded.shape), torch.arange(2), settings)
+    torch.testing.assert_close(frames[-1].x, ref.x)
+
+
+def test_training_on_reflow_pairs_with_the_recipes_settings(tmp_path, debug_run):
+    """The recipe's data path at debug size: `fm reflow` pairs, then the mean-flow student on them."""
+    pairs = tmp_path / "pairs"
+    made = run_fm("reflow", "--ckpt", debug_run, "--num-pairs", "16", "--solver", "heun", "--steps", "2", "--out", pairs)
+    assert made.returncode == 0, made.stderr
+    recipe = load_config("quickstart-meanflow")
+    items = [*MEANFLOW, "flow.coupling='pairs'", "flow.cond_dropout=0", "flow.time_sampler='uniform'", "sample.cfg=1",
+             f"flow.meanflow_ratio={recipe.flow.meanflow_ratio}", "train.steps=2", f"train.init_from='{debug_run}'"]
+    out = run_fm("train", "--preset", "debug", "--data", pairs, "--run-dir", tmp_path / "run", *[a for i in items for a in ("--set", i)])
+    assert out.returncode == 0, out.stderr
+    assert (recipe.flow.objective, recipe.flow.coupling, recipe.sample.solver, recipe.sample.cfg) == ("meanflow", "pairs", "meanflow", 1.0)
