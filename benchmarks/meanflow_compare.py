@@ -86,7 +86,7 @@ def main() -> int:
     for name, ckpt in models.items():
         loaded = load_for_sampling(str(ckpt), torch.device("cpu"))
         solver = loaded.config.sample.solver  # euler for the teacher and 2-RF, meanflow for the mean-flow student
-        budgets = args.nfe + ([args.teacher_steps] if name == "teacher" else [])
+        budgets = list(dict.fromkeys(args.nfe + ([args.teacher_steps] if name == "teacher" else [])))
         fid = fid_rows(ckpt, args, budgets, solver)
         for nfe in budgets:
             row = {"model": name, "solver": solver, "cfg": loaded.config.sample.cfg, "nfe": nfe,
