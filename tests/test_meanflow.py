@@ -281,3 +281,13 @@ def test_training_on_reflow_pairs_with_the_recipes_settings(tmp_path, debug_run)
     out = run_fm("train", "--preset", "debug", "--data", pairs, "--run-dir", tmp_path / "run", *[a for i in items for a in ("--set", i)])
     assert out.returncode == 0, out.stderr
     assert (recipe.flow.objective, recipe.flow.coupling, recipe.sample.solver, recipe.sample.cfg) == ("meanflow", "pairs", "meanflow", 1.0)
+
+
+def test_bench_prices_the_mean_flow_step_against_flow_matching():
+    proc = run_fm("bench", "--preset", "debug", "--json", "--mode", "train", "--steps", "1", "--warmup", "1", "--batch-size", "4",
+                  "--precision", "fp32", *[a for item in MEANFLOW for a in ("--set", item)], timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    mf = json.loads(proc.stdout)["meanflow"]
+    assert mf["meanflow_step_ms"] > 0 and mf["flow_step_ms"] > 0 and mf["jvp_fraction"] == 0.25
+    assert mf["step_cost_vs_flow"] == pytest.approx(mf["meanflow_step_ms"] / mf["flow_step_ms"])
+    assert "the flow-matching step" in proc.stderr
