@@ -150,15 +150,20 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
                 ratio[part] = report[part]["img_per_s"] / theirs[part]["img_per_s"]
         report["compare"] = {"diffusers": theirs, "ratio": ratio}
     if cfg.flow.objective == "meanflow" and "train" in report:
-        log(f"measuring the flow-matching step of the same model at batch {batch} (what the mean-flow step costs more)")
-        flow = measure_any(replace(base, batch=batch, mode="train", config=config_to_dict(flow_twin(cfg))))
-        report["meanflow"] = {
-            "flow_step_ms": flow["train"]["step_ms"],
-            "meanflow_step_ms": report["train"]["step_ms"],
-            "step_cost_vs_flow": report["train"]["step_ms"] / flow["train"]["step_ms"],
-            "jvp_fraction": cfg.flow.meanflow_ratio,  # rows with t_end > t: the only ones that need the JVP
-        }
+        report["meanflow"] = mean_flow_cost(cfg, replace(base, batch=batch), report["train"]["step_ms"], log)
     return report
+
+
+def mean_flow_cost(cfg: Config, spec: BenchSpec, meanflow_step_ms: float, log) -> dict:
+    """A mean-flow training step's time against the flow-matching step of the same run (`flow_twin`)."""
+    log(f"measuring the flow-matching step of the same model at batch {spec.batch} (what the mean-flow step costs more)")
+    flow = measure_any(replace(spec, mode="train", config=config_to_dict(flow_twin(cfg))))
+    return {
+        "flow_step_ms": flow["train"]["step_ms"],
+        "meanflow_step_ms": meanflow_step_ms,
+        "step_cost_vs_flow": meanflow_step_ms / flow["train"]["step_ms"],
+        "jvp_fraction": cfg.flow.meanflow_ratio,  # rows with t_end > t: the only ones that need the JVP
+    }
 
 
 def flow_twin(cfg: Config) -> Config:
