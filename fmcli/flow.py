@@ -93,7 +93,7 @@ def sample_time_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-flow training intervals (t, t_end), t <= t_end: two draws of `sample_times(sampler, **times)`
     sorted, then t_end = t (plain flow matching) for all but a fraction `ratio` of the rows, as in MeanFlow
-    (its table 1a: 25 % of pairs with r != t was best for one step). Returns t and t_end, each [n]."""
+    (whose ablation found 25 % of intervals with r != t best for one-step sampling from scratch). Returns t and t_end, each [n]."""
     a = sample_times(n, sampler, generator=generator, **times)
     b = sample_times(n, sampler, generator=generator, **times)
     keep = torch.rand(n, generator=generator, device=a.device) < ratio
@@ -103,7 +103,7 @@ def sample_time_pairs(
 
 def mean_flow_loss(prediction: torch.Tensor, target: torch.Tensor, power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to minimise, plain MSE for the log): per sample m = mean squared error over its elements, weighted
-    by the stop-gradient adaptive weight 1 / (m + c)^power (MeanFlow sec. 4.3, c = MEANFLOW_WEIGHT_EPS), then
+    by the stop-gradient adaptive weight 1 / (m + c)^power (MeanFlow's adaptive loss weighting, c = MEANFLOW_WEIGHT_EPS), then
     averaged over the batch. power = 0 is `flow_matching_loss`. In fp32."""
     per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1)
     weight = (per_sample.detach() + MEANFLOW_WEIGHT_EPS) ** -power if power else torch.ones_like(per_sample)
