@@ -149,7 +149,30 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
             if part in theirs and part in report:
                 ratio[part] = report[part]["img_per_s"] / theirs[part]["img_per_s"]
         report["compare"] = {"diffusers": theirs, "ratio": ratio}
+    if cfg.flow.objective == "meanflow" and "train" in report:
+        report["meanflow"] = mean_flow_cost(cfg, replace(base, batch=batch), report["train"]["step_ms"], log)
     return report
+
+
+def mean_flow_cost(cfg: Config, spec: BenchSpec, meanflow_step_ms: float, log) -> dict:
+    """A mean-flow training step's time against the flow-matching step of the same run (`flow_twin`)."""
+    log(f"measuring the flow-matching step of the same model at batch {spec.batch} (what the mean-flow step costs more)")
+    flow = measure_any(replace(spec, mode="train", config=config_to_dict(flow_twin(cfg))))
+    return {
+        "flow_step_ms": flow["train"]["step_ms"],
+        "meanflow_step_ms": meanflow_step_ms,
+        "step_cost_vs_flow": meanflow_step_ms / flow["train"]["step_ms"],
+        "jvp_fraction": cfg.flow.meanflow_ratio,  # rows with t_end > t: the only ones that need the JVP
+    }
+
+
+def flow_twin(cfg: Config) -> Config:
+    """The same run with the flow-matching objective (no end-time input, Euler sampling): the baseline that
+    `fm bench` prices a mean-flow step against."""
+    raw = config_to_dict(cfg)
+    raw["flow"]["objective"], raw["sample"]["solver"] = "flow", "euler"
+    raw["model"]["end_time"] = False
+    return Config.model_validate(raw)
 
 
 def resolve_bench_hardware(cfg: Config, device: torch.device, precision_setting: str, compile_setting, log) -> dict:

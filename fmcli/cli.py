@@ -800,6 +800,9 @@ def bench(
         if report.get("compare"):
             ratio = ", ".join(f"{k} {v:.2f}x" for k, v in report["compare"]["ratio"].items())
             console.print(f"ours / diffusers: {ratio}", highlight=False)
+        if report.get("meanflow"):
+            mf = report["meanflow"]
+            console.print(f"mean-flow step {mf['meanflow_step_ms']:.1f} ms = {mf['step_cost_vs_flow']:.2f}x the flow-matching step ({mf['flow_step_ms']:.1f} ms; JVP on {mf['jvp_fraction']:.0%} of the rows)", highlight=False)
         if as_json:
             emit_json(report)
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .data.prepare import SOURCES
 from .errors import RuntimeFailure, UsageError
-from .flow import COUPLINGS, TIME_SAMPLERS
+from .flow import COUPLINGS, OBJECTIVES, TIME_SAMPLERS
 from .sampling import GuidanceName, SolverName
 from .optim import OPTIMIZERS
 from .tracking import TRACKERS
@@ -47,6 +47,9 @@ class ModelConfig(Strict):
     patch_size: int = Field(2, gt=0)
     mlp_ratio: float = Field(4.0, gt=0)
     cross_attention: bool = False  # text conditioning: cross-attention to the text encoder's token states
+    # A second time input, the end of the interval the output averages over (mean-flow models). Follows
+    # flow.objective = "meanflow" when not given (Config._end_time_follows_the_objective).
+    end_time: bool = False
     text_dim: int | None = Field(None, gt=0)  # width of the text states; filled from the text encoder when unset
     # U-Net (arch = "unet"): base channels = hidden_size, one level per multiplier.
     channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -84,6 +87,10 @@ class ModelConfig(Strict):
 
 
 class FlowConfig(Strict):
+    # "meanflow": the network predicts the average velocity over [t, t_end] (flow.py, "Mean flows")
+    objective: Literal[OBJECTIVES] = "flow"
+    meanflow_ratio: float = Field(0.25, ge=0.0, le=1.0)  # fraction of training pairs with t_end > t (the rest: t_end = t)
+    meanflow_power: float = Field(1.0, ge=0.0)  # adaptive loss weight 1 / (mse + 1e-3)^p per sample; 0 = plain MSE
     sigma_min: float = Field(1e-5, ge=0.0, lt=1.0)
     time_sampler: Literal[TIME_SAMPLERS] = "uniform"  # zero: one-step distillation on reflow pairs
     logit_mean: float = 0.0  # on t (t = 1 data): SD3's sigma-based mean m is logit_mean = -m here
@@ -211,6 +218,36 @@ class Config(Strict):
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
     encoders: EncodersConfig = EncodersConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _end_time_follows_the_objective(cls, data: Any) -> Any:
+        """A mean-flow objective needs the network's second time input: model.end_time defaults to it."""
+        if not isinstance(data, dict):
+            return data
+        flow, model = data.get("flow"), data.get("model")
+        objective = flow.get("objective") if isinstance(flow, dict) else getattr(flow, "objective", None)
+        if objective != "meanflow":
+            return data
+        if model is None:
+            return {**data, "model": {"end_time": True}}
+        if isinstance(model, dict) and "end_time" not in model:
+            return {**data, "model": {**model, "end_time": True}}
+        if isinstance(model, BaseModel) and "end_time" not in model.model_fields_set:
+            return {**data, "model": model.model_copy(update={"end_time": True})}
+        return data
+
+    @model_validator(mode="after")
+    def _meanflow_is_consistent(self):
+        mean_flow = self.flow.objective == "meanflow"
+        if self.model.end_time != mean_flow:
+            raise ValueError(f"model.end_time={str(self.model.end_time).lower()} goes with flow.objective='meanflow' only (got {self.flow.objective!r}); drop model.end_time")
+        if mean_flow and self.model.arch != "dit":
+            raise ValueError("flow.objective='meanflow' is implemented for model.arch='dit' only")
+        if mean_flow != (self.sample.solver == "meanflow"):
+            want = "sample.solver='meanflow' (its average-velocity jumps)" if mean_flow else "a flow solver, not sample.solver='meanflow' (mean-flow models only)"
+            raise ValueError(f"flow.objective={self.flow.objective!r} samples with {want}")
+        return self
 
     @model_validator(mode="after")
     def _no_ot_for_text(self):

@@ -22,7 +22,7 @@ from .config import sample_settings
 from .errors import UsageError
 from .generate import LoadedModel, class_names_of, decode, iterate_samples
 from .images import grid_image, save_image_atomic
-from .sampling import ADAPTIVE_SOLVERS, GUIDANCES, SOLVERS, Step
+from .sampling import ADAPTIVE_SOLVERS, GUIDANCES, MEAN_FLOW_GUIDANCES, MEAN_FLOW_SOLVERS, SOLVERS, Step
 
 INSTALL_HINT = "pip install 'fm[demo]'  (or: pip install gradio)"
 ALL_CLASSES = "all classes (cycling)"
@@ -152,6 +152,9 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
     kind = "text-to-image" if loaded.is_text else ("class-conditional" if class_names else "unconditional")
 
     guidances = [g for g in GUIDANCES if g != "auto" or loaded.guide is not None]
+    mean_flow = cfg.flow.objective == "meanflow"  # only its own jumps and cfg fit an average-velocity model
+    solvers = [s for s in SOLVERS if (s in MEAN_FLOW_SOLVERS) == mean_flow]
+    guidances = [g for g in guidances if g in MEAN_FLOW_GUIDANCES or not mean_flow]
 
     def generate(prompt, class_choice, images, cfg_scale, steps, solver, seed, every, guidance="cfg", sde_noise=1.0):
         try:
@@ -191,7 +194,7 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
                 cfg_scale = gr.Slider(0.0, 10.0, value=cfg.sample.cfg, step=0.1, label="Guidance scale (1 = off)")
                 guidance = gr.Dropdown(guidances, value=cfg.sample.guidance if cfg.sample.guidance in guidances else "cfg", label="Guidance")
                 steps = gr.Slider(1, MAX_STEPS, value=min(cfg.sample.steps, MAX_STEPS), step=1, label="Steps")
-                solver = gr.Dropdown(list(SOLVERS), value=cfg.sample.solver, label="Solver")
+                solver = gr.Dropdown(solvers, value=cfg.sample.solver, label="Solver")
                 sde_noise = gr.Slider(0.0, 4.0, value=cfg.sample.sde_noise, step=0.1, label="SDE noise (euler-sde)")
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 every = gr.Slider(1, MAX_EVERY, value=min(MAX_EVERY, max(1, cfg.sample.steps // 10)), step=1, label="Preview every K steps")

@@ -3,6 +3,18 @@
 Convention (docs/architecture.md section 3): t = 0 is noise x0 ~ N(0, I), t = 1 is data x1.
     x_t = (1 - (1 - sigma_min) t) x0 + t x1,      u_t = x1 - (1 - sigma_min) x0
 sigma_min = 0 is rectified flow; sigma_min > 0 is the OT-CFM path of Lipman et al. (2023), eq. 20-23.
+
+Mean flows (flow.objective = "meanflow"; Geng et al. 2025, "Mean Flows for One-step Generative Modeling",
+arXiv:2505.13447), in this convention. The network u(z, t, t_end) predicts the average velocity of the ODE
+dz/ds = v(z, s) over [t, t_end], t <= t_end, starting from z at time t (the interval ends where a sampler
+jumps to):
+    u(z_t, t, t_end) = 1 / (t_end - t) * integral_t^t_end v(z_s, s) ds,   so   z_t_end = z_t + (t_end - t) u.
+Differentiating (t_end - t) u(z_t, t, t_end) = integral_t^t_end v ds in t, along the trajectory, gives the
+MeanFlow identity
+    u(z_t, t, t_end) = v(z_t, t) + (t_end - t) d/dt u(z_t, t, t_end),   d/dt = v . grad_z + partial_t,
+whose total derivative is one Jacobian-vector product with tangent (v, 1, 0) on (z, t, t_end) (step.py).
+(The paper runs time from data to noise: its (r, t) are fm's (1 - t_end, 1 - t), its u is -u here.)
+With t_end = t the target is v itself: plain flow matching.
 """
 
 from __future__ import annotations
@@ -15,6 +27,8 @@ import torch
 
 COUPLINGS = ("independent", "ot-exact", "ot-sinkhorn", "pairs")  # pairs: the data comes paired (`fm reflow`): kept as is
 TIME_SAMPLERS = ("uniform", "logit_normal", "zero")
+OBJECTIVES = ("flow", "meanflow")  # meanflow: the network predicts the average velocity over [t, t_end]
+MEANFLOW_WEIGHT_EPS = 1e-3  # c in the adaptive weight 1 / (mse + c)^p (the paper's value)
 
 
 def expand_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -72,6 +86,28 @@ def sample_times(
 def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """MSE averaged over every element (docs/architecture.md section 3), computed in fp32."""
     return torch.mean((prediction.float() - target.float()) ** 2)
+
+
+def sample_time_pairs(
+    n: int, ratio: float, sampler: str = "uniform", *, generator: torch.Generator | None = None, **times
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-flow training intervals (t, t_end), t <= t_end: two draws of `sample_times(sampler, **times)`
+    sorted, then t_end = t (plain flow matching) for all but a fraction `ratio` of the rows, as in MeanFlow
+    (whose ablation found 25 % of intervals with r != t best for one-step sampling from scratch). Returns t and t_end, each [n]."""
+    a = sample_times(n, sampler, generator=generator, **times)
+    b = sample_times(n, sampler, generator=generator, **times)
+    keep = torch.rand(n, generator=generator, device=a.device) < ratio
+    t, t_end = torch.minimum(a, b), torch.maximum(a, b)
+    return t, torch.where(keep, t_end, t)
+
+
+def mean_flow_loss(prediction: torch.Tensor, target: torch.Tensor, power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimise, plain MSE for the log): per sample m = mean squared error over its elements, weighted
+    by the stop-gradient adaptive weight 1 / (m + c)^power (MeanFlow's adaptive loss weighting, c = MEANFLOW_WEIGHT_EPS), then
+    averaged over the batch. power = 0 is `flow_matching_loss`. In fp32."""
+    per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1)
+    weight = (per_sample.detach() + MEANFLOW_WEIGHT_EPS) ** -power if power else torch.ones_like(per_sample)
+    return (weight * per_sample).mean(), per_sample.mean()
 
 
 def logit_normal_density(t: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:

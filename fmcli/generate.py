@@ -16,7 +16,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Config, validate_config, with_sampling_shift
 from .errors import UsageError
 from .models import build_model
-from .sampling import OnStep, guided_velocity, solve
+from .sampling import OnStep, check_solver_for_model, guided_velocity, solve
 from .seeding import STREAMS, normal
 
 
@@ -66,6 +66,10 @@ def sample_batch(
     step), the indices defaulting to the batch rows 0..B-1.
     """
     cond, uncond = conditions if conditions is not None else class_conditions(labels, getattr(model, "null_class", 0))
+    try:
+        check_solver_for_model(sample_cfg.solver, sample_cfg.guidance, getattr(model, "end_time", False))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if sample_cfg.guidance == "auto" and guide is None:
         raise UsageError("--guidance auto needs a guide model: pass --guide-ckpt CKPT (a smaller or earlier checkpoint of the same data)")
     velocity = guided_velocity(

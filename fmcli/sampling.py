@@ -1,6 +1,8 @@
 """Solvers (fixed-step, multistep, SDE, adaptive), guidance, NFE counting, a step callback (pure torch, no I/O).
 
-The model contract is `model(x, t, **cond) -> velocity` with t of shape [B] (docs/architecture.md section 4).
+The model contract is `model(x, t, **cond) -> velocity` with t of shape [B] (docs/architecture.md section 4); a
+mean-flow model also takes `t_end` [B] and returns the average velocity over [t, t_end] (fmcli/flow.py), which only
+the `meanflow` solver uses: x_t_end = x_t + (t_end - t) u(x_t, t, t_end), one evaluation per step.
 Every solver integrates from t = 0 (noise) to t = 1 (data) and reports the true number of network
 evaluations (NFE): a guided evaluation (CFG's batched [cond; uncond] forward, or autoguidance's main +
 guide pair) counts once. `on_step` sees the state after every solver step (previews, GIFs).
@@ -23,13 +25,15 @@ FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun", "rk4")  # one-step Runge-Kutt
 MULTISTEP_SOLVERS = ("ab2",)
 SDE_SOLVERS = ("euler-sde",)
 ADAPTIVE_SOLVERS = ("dopri5",)
-SOLVERS = FIXED_STEP_SOLVERS + MULTISTEP_SOLVERS + SDE_SOLVERS + ADAPTIVE_SOLVERS
+MEAN_FLOW_SOLVERS = ("meanflow",)  # jumps with a mean-flow model's average velocity; the only solver for one
+SOLVERS = FIXED_STEP_SOLVERS + MULTISTEP_SOLVERS + SDE_SOLVERS + ADAPTIVE_SOLVERS + MEAN_FLOW_SOLVERS
 SolverName = Literal[SOLVERS]  # type: ignore[valid-type]  (pydantic field type: the same names)
 
 GUIDANCES = ("cfg", "cfg-zero", "auto")
+MEAN_FLOW_GUIDANCES = ("cfg",)  # cfg-zero's zero-init and autoguidance's guide are defined for velocities
 GuidanceName = Literal[GUIDANCES]  # type: ignore[valid-type]
 
-_NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1, "euler-sde": 1}
+_NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1, "euler-sde": 1, "meanflow": 1}
 _START_UP_NFE = {"ab2": 1}  # ab2's first step is a Heun step: one evaluation more than its steps
 
 
@@ -86,6 +90,8 @@ def guided_velocity(
 
     w == 1 is the main model alone (no second branch is evaluated), as is every t outside the optional
     guidance interval [t_lo, t_hi]; so is cfg/cfg-zero without `uncond` (an unconditional model).
+    The returned function takes an optional end time (mean-flow models: `model(..., t_end=...)`); for them
+    `cfg` combines the two average velocities the same way.
     """
     if guidance not in GUIDANCES:
         raise ValueError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCES)}")
@@ -93,14 +99,15 @@ def guided_velocity(
         raise ValueError("autoguidance needs a guide model")
     use = cfg != 1.0 and (guide is not None if guidance == "auto" else uncond is not None)
 
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def velocity(x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor | None = None) -> torch.Tensor:
         tb = t.reshape(()).expand(x.shape[0]).to(x.dtype)
+        ends = {} if t_end is None else {"t_end": t_end.reshape(()).expand(x.shape[0]).to(x.dtype)}
         if not use or (interval is not None and not interval[0] <= float(t) <= interval[1]):
-            return model(x, tb, **cond)
+            return model(x, tb, **cond, **ends)
         if guidance == "auto":
             v_main, v_guide = model(x, tb, **cond), guide(x, tb, **cond)
             return v_guide + cfg * (v_main - v_guide)
-        both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+        both = {k: torch.cat([cond[k], uncond[k]]) for k in cond} | {k: torch.cat([e, e]) for k, e in ends.items()}
         v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tb, tb]), **both).chunk(2)
         if guidance == "cfg-zero":
             v_uncond = optimized_scale(v_cond, v_uncond) * v_uncond
@@ -174,9 +181,23 @@ def solve(
             x = _solve_one_step(counted, x, solver, grid, start, report)
         elif solver == "ab2":
             x = _solve_ab2(counted, x, grid, start, report)
+        elif solver == "meanflow":
+            x = _solve_mean_flow(counted, x, grid, start, report)
         else:
             x = _solve_euler_maruyama(counted, x, grid, start, sigma_min, sde_noise, noise, report)
     return SampleResult(x=x, nfe=counted.calls)
+
+
+def check_solver_for_model(solver: str, guidance: str, mean_flow: bool) -> None:
+    """ValueError where the sampler does not fit the model: a mean-flow model predicts average velocities, which
+    only the `meanflow` solver uses (a Runge-Kutta, multistep, SDE or adaptive solver needs the instantaneous
+    velocity), and only with `cfg` guidance; a flow model has no average velocity to jump with."""
+    if mean_flow and solver not in MEAN_FLOW_SOLVERS:
+        raise ValueError(f"this is a mean-flow model: it samples with --solver meanflow (average-velocity jumps, 1 NFE a step), not {solver}")
+    if not mean_flow and solver in MEAN_FLOW_SOLVERS:
+        raise ValueError(f"--solver {solver} needs a mean-flow model (flow.objective = 'meanflow'); this model predicts velocities: use euler, heun, ...")
+    if mean_flow and guidance not in MEAN_FLOW_GUIDANCES:
+        raise ValueError(f"--guidance {guidance} is defined for velocity models; a mean-flow model takes --guidance cfg")
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -207,9 +228,9 @@ class _CountingVelocity:
         self.velocity = velocity
         self.calls = 0
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, *t_end):
         self.calls += 1
-        return self.velocity(x, t)
+        return self.velocity(x, t, *t_end)
 
 
 class _Reporter:
@@ -241,6 +262,16 @@ def _solve_one_step(v: Velocity, x: torch.Tensor, solver: str, grid: torch.Tenso
             k4 = v(x + h * k3, t_next)
             x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
         report(i + 1, t_next, x)
+    return x
+
+
+def _solve_mean_flow(u, x: torch.Tensor, grid: torch.Tensor, start: int, report: _Reporter):
+    """Jumps with the average velocity over each grid interval: x_t_end = x_t + (t_end - t) u(x_t, t, t_end),
+    exact for an exact mean-flow model whatever the grid (one step: noise to data in one evaluation)."""
+    for i in range(start, len(grid) - 1):
+        t, t_end = grid[i], grid[i + 1]
+        x = x + (t_end - t) * u(x, t, t_end)
+        report(i + 1, t_end, x)
     return x
 
 

@@ -1,5 +1,8 @@
 """THE training step: coupling, path, conditioning dropout, autocast, backward, clip, optimizer step, EMA.
 
+flow.objective = "meanflow" regresses the network u(x_t, t, t_end) on the MeanFlow target (fmcli/flow.py),
+whose total derivative is a forward-mode JVP of the network (`mean_flow_target`).
+
 `fm train` (train.py) and the batch-size autotuner (autotune.py) both run `TrainingStep`, so what is tuned
 (speed, memory: EMA copy, optimizer state, OT coupling, text conditioning) is exactly what is trained.
 
@@ -22,7 +25,7 @@ import torch.nn as nn
 
 from . import distributed as D
 from .config import Config
-from .flow import couple, flow_matching_loss, interpolate, sample_times
+from .flow import couple, expand_time, flow_matching_loss, interpolate, mean_flow_loss, sample_time_pairs, sample_times
 from .models import build_model
 from .optim import build_optimizer, build_schedulers, ema_decay_at, update_ema
 from .seeding import STREAMS, normal, torch_generator
@@ -30,7 +33,7 @@ from .seeding import STREAMS, normal, torch_generator
 
 @dataclass
 class StepResult:
-    loss: float  # mean flow-matching loss over the whole global batch (averaged across ranks)
+    loss: float  # mean flow-matching loss over the whole global batch (averaged across ranks); meanflow: the MSE to its target
     grad_norm: float  # before clipping; nan when the step was skipped (non-finite loss)
     lr: float  # the learning rate this step ran at
     ot_costs: list[tuple[float, float]] = field(default_factory=list)  # (before, after) per coupled micro-batch
@@ -70,6 +73,33 @@ def precision_probe_step(cfg: Config, shape: tuple[int, int, int]):
     return hardware.forward_backward_fn(model, (x, t), kwargs), hardware.model_key(config_to_dict(cfg)["model"], batch)
 
 
+def mean_flow_target(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, v: torch.Tensor, cond: dict) -> torch.Tensor:
+    """The MeanFlow target v + (t_end - t) d/dt u(x_t, t, t_end) (fmcli/flow.py), detached, in v's dtype.
+
+    d/dt u along the path is one forward-mode JVP of the network in (x, t), tangent (v, 1), t_end held
+    fixed (tangent 0). Only rows with t_end > t need it: elsewhere the target is v, and those rows are
+    skipped (at the paper's ratio, 75 % of the batch). `model` is the bare module, never the DDP wrapper (a
+    forward outside DDP's reducer contributes no gradient there, and none is taken here). Forward-mode AD is
+    not implemented for the flash SDPA kernels (CPU and CUDA), so attention inside the JVP only runs on
+    PyTorch's math backend; every other forward keeps the fast one.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = torch.nonzero(t_end > t).flatten()
+    if len(rows) == 0:
+        return v.detach()
+    sub = {k: c[rows] for k, c in cond.items()}
+
+    def u(x, time):
+        return model(x, time, t_end=t_end[rows], **sub)
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        _, du_dt = torch.func.jvp(u, (xt[rows], t[rows]), (v[rows], torch.ones_like(t[rows])))
+    target = v.detach().clone()
+    target[rows] = v[rows] + expand_time(t_end[rows] - t[rows], v) * du_dt.to(v.dtype)
+    return target
+
+
 def autocast_for(precision: str, device: torch.device):
     """bf16/fp16 autocast (fp32 master weights), or nothing for fp32."""
     if precision == "fp32":
@@ -87,7 +117,7 @@ class TrainingStep:
     def __init__(self, cfg: Config, ctx: D.DistContext, *, micro: int, accum: int, shape: tuple[int, ...], text=None, model: nn.Module | None = None, ns_dtype: str | None = None):
         self.cfg, self.ctx, self.micro, self.accum, self.shape, self.text = cfg, ctx, micro, accum, tuple(shape), text
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every run
-        self.model = (model if model is not None else build_model(cfg.model)).to(ctx.device)
+        self.model = (model if model is not None else build_model(cfg.model)).to(ctx.device)  # the bare module (mean_flow_target)
         self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
         self.optimizer = build_optimizer(self.model, cfg.optim, ns_dtype=ns_dtype)
         self.schedule, self.schedulers = build_schedulers(self.optimizer, cfg.optim, cfg.train.steps)
@@ -122,6 +152,8 @@ class TrainingStep:
         x = batch["x"].to(self.ctx.device)
         t = torch.full((x.shape[0],), 0.5, device=self.ctx.device)
         cond = self._condition(batch, torch.zeros(x.shape[0], dtype=torch.bool))
+        if self.cfg.flow.objective == "meanflow":  # compile the call the step makes
+            cond["t_end"] = t
         sync = self.ddp.no_sync() if self.ctx.distributed else contextlib.nullcontext()
         with sync:
             with autocast_for(self.cfg.train.precision, self.ctx.device):
@@ -169,9 +201,12 @@ class TrainingStep:
             last = a == self.accum - 1
             sync = self.ddp.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
             with sync, autocast:
-                loss = flow_matching_loss(self.forward(xt, t, **cond), ut)
+                if draws["ends"] is None:
+                    loss = logged = flow_matching_loss(self.forward(xt, t, **cond), ut)
+                else:
+                    loss, logged = self._mean_flow_loss(xt, t, draws["ends"][rows].to(ctx.device), ut, cond)
             self.scaler.scale(loss / self.accum).backward()
-            total += loss.detach()
+            total += logged.detach()
         mean_loss = D.all_reduce_mean(total / self.accum, ctx).item()
         lr = self.optimizer.param_groups[0]["lr"]
         if not math.isfinite(mean_loss):
@@ -190,10 +225,14 @@ class TrainingStep:
         noise = None if cfg.flow.coupling == "pairs" else normal((G, *self.shape), *key)  # reflow pairs bring their own
         gen = torch_generator(*key)
         f = cfg.flow
-        times = sample_times(G, f.time_sampler, logit_mean=f.logit_mean, logit_std=f.logit_std, shift=f.shift, generator=gen)
+        law = dict(logit_mean=f.logit_mean, logit_std=f.logit_std, shift=f.shift)
+        if f.objective == "meanflow":  # intervals [t, t_end] (flow.sample_time_pairs)
+            times, ends = sample_time_pairs(G, f.meanflow_ratio, f.time_sampler, generator=gen, **law)
+        else:
+            times, ends = sample_times(G, f.time_sampler, generator=gen, **law), None
         drop = torch.rand(G, generator=gen) < f.cond_dropout
         flip = torch.rand(G, generator=gen) < 0.5
-        return {"noise": noise, "times": times, "drop": drop, "flip": flip}
+        return {"noise": noise, "times": times, "ends": ends, "drop": drop, "flip": flip}
 
     def _pair(self, batch: dict, draws: dict, rows: slice, ot_costs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise x0, data x1, time t) of one micro-batch, flipped and coupled as configured; with
@@ -214,6 +253,14 @@ class TrainingStep:
             x0, coupling = couple(x0, x1, labels, cfg.flow.coupling, reg=cfg.flow.sinkhorn_reg, iters=cfg.flow.sinkhorn_iters)
             ot_costs.append((coupling.cost_before, coupling.cost_after))
         return x0, x1, t
+
+    def _mean_flow_loss(self, xt, t, t_end, v, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted loss, plain MSE) of the mean-flow prediction against its stop-gradient target. The
+        prediction goes through `self.forward` (DDP, compiled), so its gradients are averaged across ranks as
+        for flow matching; the JVP runs on the bare module outside DDP's reducer and carries no gradient."""
+        target = mean_flow_target(self.model, xt, t, t_end, v, cond)
+        prediction = self.forward(xt, t, t_end=t_end, **cond)
+        return mean_flow_loss(prediction, target, self.cfg.flow.meanflow_power)
 
     def _condition(self, batch: dict, drop: torch.Tensor) -> dict:
         """Model keyword inputs; condition dropout is per sample (class -> the null class index,

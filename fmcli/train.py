@@ -114,12 +114,16 @@ def check_coupling_data(cfg: Config, dataset: PreparedDataset) -> None:
 
 
 def init_weights(step_fn: TrainingStep, source: str) -> None:
-    """Model and EMA from the (EMA) weights of a checkpoint, run or export directory; the architectures must match."""
+    """Model and EMA from the (EMA) weights of a checkpoint, run or export directory; the architectures must match,
+    except that a mean-flow model may start from a flow model: its end-time embedding keeps its zero-output
+    initialisation, so it starts as the teacher (models/dit.py)."""
     from .checkpoint import resolve_checkpoint
     from .generate import load_weights
 
     state = load_weights(resolve_checkpoint(source))
     weights = state.get("ema") or state["model"]
+    if step_fn.cfg.model.end_time and not any(k.startswith("interval_embed.") for k in weights):
+        weights = {**weights, **{k: v for k, v in step_fn.model.state_dict().items() if k.startswith("interval_embed.")}}
     try:
         step_fn.model.load_state_dict(weights)
         step_fn.ema.load_state_dict(weights)

@@ -240,15 +240,17 @@ def test_the_sde_draws_noise_per_step_and_its_last_step_is_noiseless():
 
 
 class _CountingModel:
-    """model(x, t, y) with a class- and channel-dependent output; counts calls and batch rows."""
+    """model(x, t, y) with a class- and channel-dependent output; counts calls and batch rows. It also takes a
+    mean-flow model's end time (the meanflow solver), which must come batched like t."""
 
     def __init__(self):
         self.calls, self.rows = 0, []
 
-    def __call__(self, x, t, y=None):
+    def __call__(self, x, t, y=None, t_end=None):
         self.calls += 1
         self.rows.append(x.shape[0])
         assert t.shape == (x.shape[0],)
+        assert t_end is None or (t_end.shape == t.shape and bool((t_end > t).all()))
         scale = (y.float() + 1).view(-1, 1, 1, 1) if y is not None else 1.0
         channel = torch.arange(x.shape[1], dtype=x.dtype).view(1, -1, 1, 1)
         return -0.5 * x * scale + channel * (1 + t.view(-1, 1, 1, 1))

@@ -36,6 +36,10 @@ def check_exportable(model_cfg) -> None:
         raise UsageError(f"--format diffusers exports class-conditional DiTs; this model is model.arch={m.arch!r} (use --format fm)")
     if m.cross_attention:
         raise UsageError("--format diffusers exports class-conditional DiTs; diffusers' DiTTransformer2DModel has no text cross-attention (use --format fm)")
+    if m.end_time:
+        # FlowMapEulerDiscreteScheduler's step, z_r = z_t - (sigma_t - sigma_r) u, is fm's mean-flow step (with u
+        # negated), but it needs a network of two times; DiTTransformer2DModel embeds one timestep only.
+        raise UsageError("--format diffusers: a mean-flow DiT takes two times (t, t_end) and diffusers' DiTTransformer2DModel embeds one, so FlowMapEulerDiscreteScheduler cannot drive it; use --format fm")
     if m.mlp_ratio != 4.0:
         raise UsageError(f"--format diffusers needs model.mlp_ratio = 4 (DiTTransformer2DModel's MLP is fixed at 4x), this model has {m.mlp_ratio} (use --format fm)")
 
@@ -172,6 +176,8 @@ class DiffusersDiT(nn.Module):
         from diffusers import DiTTransformer2DModel
 
         m = model_cfg
+        if m.end_time:
+            raise UsageError("--compare diffusers: diffusers' DiT has one time input, a mean-flow model two (t, t_end)")
         if m.mlp_ratio != 4.0:
             raise UsageError("--compare diffusers needs model.mlp_ratio=4 (diffusers' DiT has a fixed 4x MLP)")
         if m.cross_attention:

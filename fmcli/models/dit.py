@@ -6,6 +6,10 @@ With `model.cross_attention` each block is self-attn -> cross-attn to the text t
 -> MLP, still with adaLN-Zero time conditioning; one class serves class and text models.
 Contract: `model(x [B,C,H,W], t [B] in [0,1], y [B] long | None, text [B,L,D] | None,
 text_mask [B,L] bool | None) -> velocity [B,C,H,W]`.
+A mean-flow DiT (`model.end_time`) also takes `t_end [B]` (>= t; default t) and returns the average velocity
+over [t, t_end] (fmcli/flow.py): the interval length t_end - t gets its own timestep embedding, added to the
+conditioning, whose output layer starts at zero, so a mean-flow DiT loaded from a flow DiT (train.init_from)
+starts as that model for every t_end (exact at t_end = t, where the average velocity is the velocity).
 """
 
 from __future__ import annotations
@@ -47,11 +51,18 @@ class DiT(nn.Module):
         blocks = (DiTBlock(width, cfg.heads, cfg.mlp_ratio, cross_attention=cfg.cross_attention) for _ in range(cfg.depth))
         self.blocks = nn.ModuleList(blocks)
         self.final = FinalLayer(width, cfg.patch_size, cfg.in_channels)
+        # Last, so that the other weights draw the same initial values as a flow DiT's of the same seed.
+        self.interval_embed = TimestepEmbedder(width) if cfg.end_time else None
         self.reset_parameters()
 
     @property
     def null_class(self) -> int:
         return self.num_classes
+
+    @property
+    def end_time(self) -> bool:
+        """A mean-flow model: it takes `t_end` and predicts the average velocity over [t, t_end]."""
+        return self.interval_embed is not None
 
     def reset_parameters(self):
         def _basic(m):
@@ -79,6 +90,10 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final.modulation[-1].bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
+        if self.interval_embed is not None:  # zero output: the model starts blind to t_end (see the module docstring)
+            nn.init.normal_(self.interval_embed.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.interval_embed.mlp[-1].weight)
+            nn.init.zeros_(self.interval_embed.mlp[-1].bias)
 
     def forward(
         self,
@@ -87,12 +102,17 @@ class DiT(nn.Module):
         y: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        t_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if y is None:
             y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
-        h = self.x_embed(x).flatten(2).transpose(1, 2)
+        h = self.x_embed(x).flatten(2).transpose(1, 2)  # (N, T, D)
         h = h + self.pos_embed  # fp32 positions: under autocast the residual stream stays fp32 (as in DiT)
-        c = self.t_embed(t) + self.y_embed(y)
+        c = self.t_embed(t) + self.y_embed(y)  # (N, D)
+        if self.interval_embed is not None:
+            c = c + self.interval_embed(t - t if t_end is None else t_end - t)  # the interval's length, as in MeanFlow
+        elif t_end is not None:
+            raise ValueError("t_end given to a flow DiT: only mean-flow models (model.end_time) take an end time")
         context, key_mask = None, None
         if self.cross_attention:
             if text is None:
@@ -124,8 +144,9 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000 * t.float()[:, None] * freqs[None]
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # float64 for derivative checks
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=dtype) / half)
+        args = 1000 * t.to(dtype)[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
