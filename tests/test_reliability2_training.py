@@ -40,3 +40,98 @@ def test_item10_a_rollback_never_overwrites_a_checkpoint(tmp_path, shapes16):
     assert sorted(p.name for p in second.iterdir()) == ["step-0000020.pt"]
     assert sorted(list_checkpoints(ckpts)) == [10, 20]
     assert aside.read_bytes() == first_30
+
+
+def test_item11_reflow_takes_over_only_an_empty_or_planned_partial_folder(tmp_path, debug_run):
+    out = tmp_path / "pairs"
+    partial = tmp_path / "pairs.partial"
+    partial.mkdir()
+    (partial / "notes.txt").write_text("the user's own file")
+    r = run_fm("reflow", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--batch-size", "4", "--out", out, "--device", "cpu")
+    assert r.returncode == 2 and "plan.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (partial / "notes.txt").read_text() == "the user's own file" and not out.exists()
+    (partial / "notes.txt").unlink()
+    (partial / "plan.json").write_text("{damaged")
+    r = run_fm("reflow", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--batch-size", "4", "--out", out, "--device", "cpu")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert str(partial / "plan.json") in r.stderr and "delete" in r.stderr
+    assert (partial / "plan.json").read_text() == "{damaged"
+    # An empty folder is taken over (an interrupted run that had not written its plan yet).
+    (partial / "plan.json").unlink()
+    r = run_fm("reflow", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--batch-size", "4", "--out", out, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert out.is_dir() and not partial.exists()
+
+
+@pytest.fixture(scope="module")
+def diffusers_export(tmp_path_factory, debug_run):
+    from fmcli.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("export")
+    export_checkpoint(resolve_checkpoint(debug_run), root / "dit", "diffusers")
+    return root / "dit"
+
+
+def _damaged_copy(export: Path, to: Path, damage) -> Path:
+    import shutil
+
+    shutil.copytree(export, to)
+    damage(to)
+    return to
+
+
+def _edit(path: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path)
+    change(weights)
+    save_file(weights, str(path))
+
+
+def _edit_manifest(folder: Path, **fields) -> None:
+    import json
+
+    manifest = json.loads((folder / "fm_export.json").read_text())
+    manifest.update(fields)
+    for key, value in fields.items():
+        if value is None:
+            del manifest[key]
+    (folder / "fm_export.json").write_text(json.dumps(manifest))
+
+
+def _with_model(folder: Path, **fields) -> dict:
+    import json
+
+    config = json.loads((folder / "fm_export.json").read_text())["config"]
+    return {**config, "model": {**config["model"], **fields}}
+
+
+def test_item15_a_modified_or_damaged_export_is_refused_in_one_line(tmp_path, diffusers_export):
+    import torch
+
+    from fmcli.errors import UsageError
+    from fmcli.export import load_export
+    from fmcli.generate import load_for_sampling
+
+    weights = "diffusion_pytorch_model.safetensors"
+    key = "transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias"
+    fine_tuned = _damaged_copy(diffusers_export, tmp_path / "tuned", lambda d: _edit(d / weights, lambda w: w[key].add_(0.01)))
+    with pytest.raises(UsageError, match="different time/class embeddings"):
+        load_export(fine_tuned)
+
+    def outside(d: Path) -> None:
+        (d / weights).rename(tmp_path / "elsewhere.safetensors")
+        _edit_manifest(d, weights_file="../elsewhere.safetensors")
+
+    cases = {
+        "outside": outside,
+        "no-weights-key": lambda d: _edit_manifest(d, weights_file=None),
+        "truncated": lambda d: (d / weights).write_bytes((d / weights).read_bytes()[:-1000]),
+        "missing-tensor": lambda d: _edit(d / weights, lambda w: w.pop("proj_out_2.bias")),
+        "other-width": lambda d: _edit_manifest(d, config=_with_model(d, hidden_size=64)),
+    }
+    for name, damage in cases.items():
+        folder = _damaged_copy(diffusers_export, tmp_path / name, damage)
+        with pytest.raises(UsageError) as err:
+            load_for_sampling(str(folder), torch.device("cpu"))
+        assert len(str(err.value).splitlines()) == 1, (name, str(err.value))
