@@ -356,7 +356,7 @@ def train(
             ckpt = resume_checkpoint(run_dir or Path("runs") / load_config(preset).name, resume)
             cfg, target = resume_config(ckpt, overrides, data=data), run_dir or run_dir_of(ckpt)
         else:
-            cfg = load_config(preset, overrides)
+            cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
             if data is not None:
                 cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data)})})
             target = run_dir or Path("runs") / cfg.name

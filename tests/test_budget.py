@@ -224,7 +224,6 @@ def test_a_machine_too_slow_for_the_recipe_trains_the_fallback(tmp_path, shapes1
     (["train.budget_fallback.min_steps=10", "train.budget_fallback.overrides=['data.count=5']"], "a fallback sets model.*"),
     (["train.budget_fallback.min_steps=10", "train.budget_fallback.overrides=['model.hidden_size=-3']"], "model.hidden_size"),
     (["train.budget_fallback.min_steps=10", "train.budget_fallback.overrides=['model.hiden=3']"], "unknown setting 'hiden'"),
-    (["train.budget_minutes=null", *FALLBACK], "needs train.budget_minutes"),
     (["train.budget_fallback.overrides=['model.hidden_size=32']"], "min_steps: Field required"),
 ])
 def test_a_bad_fallback_is_a_clear_config_error(overrides, message):

@@ -135,3 +135,23 @@ def test_item15_a_modified_or_damaged_export_is_refused_in_one_line(tmp_path, di
         with pytest.raises(UsageError) as err:
             load_for_sampling(str(folder), torch.device("cpu"))
         assert len(str(err.value).splitlines()) == 1, (name, str(err.value))
+
+
+def test_item17_switching_the_budget_off_drops_the_fallback_with_one_line(tmp_path):
+    import json
+
+    r = run_fm("train", "--preset", "quickstart", "--set", "train.budget_minutes=null", "--print-config")
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout)
+    assert printed["train"]["budget_minutes"] is None and printed["train"]["budget_fallback"] is None
+    notes = [line for line in r.stderr.splitlines() if "budget_fallback" in line]
+    assert len(notes) == 1 and "off" in notes[0]
+    # In process too, and a run's config resumed with the budget off (resume-safe) loads.
+    from fmcli.config import apply_overrides
+
+    heard = []
+    cfg = load_config("quickstart", ["train.budget_minutes=null"], note=heard.append)
+    assert cfg.train.budget_fallback is None and len(heard) == 1
+    budgeted = load_config("quickstart")
+    assert budgeted.train.budget_fallback is not None  # the preset keeps it while its budget is on
+    assert apply_overrides(budgeted, ["train.budget_minutes=null"]).train.budget_fallback is None
