@@ -234,21 +234,6 @@ def test_a_bad_fallback_is_a_clear_config_error(overrides, message):
         load_config("debug", [*base, *overrides])
 
 
-def test_a_resume_that_sets_train_steps_replans_the_schedule_for_them(tmp_path, shapes16):
-    # The schedule is saved with the schedulers now; an explicit new length must still win over it.
-    common = ["train.log_every=1", "train.checkpoint_every=0", "optim.warmup_frac=0.1", "optim.warmup_start_factor=0.1",
-              "optim.min_lr_factor=0.1", "optim.lr=1e-3"]
-    train(cfg_for(shapes16, "train.steps=20", *common), tmp_path / "run", stop_at_step=10, log=QuietLog())
-    saved = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
-    extended = validate_config({**saved["config"], "train": {**saved["config"]["train"], "steps": 30}})
-    train(extended, tmp_path / "run", resume_from=resolve_checkpoint(tmp_path / "run"), log=QuietLog())
-    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "lr" in json.loads(line)]
-    assert len(lrs) == 30
-    # steps 12..30 run at schedule positions 11..29 of a 30-step plan (step 11 used the lr set before the resume)
-    expected = [1e-3 * lr_factor(s, 30, 0.1, 0.1, 0.1) for s in range(11, 30)]
-    assert lrs[11:] == pytest.approx(expected, rel=1e-9)
-
-
 def test_an_explicit_setting_wins_over_the_presets_fallback():
     assert load_config("quickstart").train.budget_fallback.overrides == ["model.hidden_size=64"]
     # the user's width (or a model size, which sets it) is never replaced by the fallback's

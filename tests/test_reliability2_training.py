@@ -155,3 +155,26 @@ def test_item17_switching_the_budget_off_drops_the_fallback_with_one_line(tmp_pa
     budgeted = load_config("quickstart")
     assert budgeted.train.budget_fallback is not None  # the preset keeps it while its budget is on
     assert apply_overrides(budgeted, ["train.budget_minutes=null"]).train.budget_fallback is None
+
+
+def test_item07_a_resume_with_new_train_steps_continues_the_lr_without_a_jump(tmp_path, shapes16):
+    import json
+
+    from fmcli.optim import LRSchedule
+
+    common = ["train.log_every=1", "train.checkpoint_every=0", "optim.warmup_frac=0.1", "optim.warmup_start_factor=0.1",
+              "optim.min_lr_factor=0.1", "optim.lr=1e-3"]
+    run = tmp_path / "run"
+    train(_debug(shapes16, "train.steps=20", *common), run, stop_at_step=10, log=QuietLog())
+    saved = load_checkpoint(resolve_checkpoint(run))
+    extended = validate_config({**saved["config"], "train": {**saved["config"]["train"], "steps": 40}})
+    train(extended, run, resume_from=resolve_checkpoint(run), log=QuietLog())
+    lrs = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert len(lrs) == 40
+    # The reference: the 20-step schedule, retargeted at step 10 to end at 40 (what a budget refit does).
+    reference = LRSchedule(20, 0.1, 0.1, 0.1)
+    reference.retarget(10, 40)
+    assert lrs[10:] == pytest.approx([1e-3 * reference(s) for s in range(10, 40)], rel=1e-9)
+    # Continuous: the first step after the resume runs at the rate the interrupted run would have used.
+    assert lrs[10] == pytest.approx(1e-3 * LRSchedule(20, 0.1, 0.1, 0.1)(10), rel=1e-9)
+    assert lrs[-1] == pytest.approx(1e-3 * reference(39), rel=1e-9) and lrs[-1] < lrs[10]
