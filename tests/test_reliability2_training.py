@@ -178,3 +178,31 @@ def test_item07_a_resume_with_new_train_steps_continues_the_lr_without_a_jump(tm
     # Continuous: the first step after the resume runs at the rate the interrupted run would have used.
     assert lrs[10] == pytest.approx(1e-3 * LRSchedule(20, 0.1, 0.1, 0.1)(10), rel=1e-9)
     assert lrs[-1] == pytest.approx(1e-3 * reference(39), rel=1e-9) and lrs[-1] < lrs[10]
+
+
+def test_item14_the_demo_clamps_every_number_and_caps_dopri5(debug_run):
+    import math
+
+    import torch
+
+    from fmcli.config import sample_settings
+    from fmcli.demo import MAX_CFG, MAX_DOPRI5_NFE, MAX_SDE_NOISE, bounded_sampling, progressive
+    from fmcli.errors import UsageError
+    from fmcli.generate import load_for_sampling
+
+    assert bounded_sampling(1e6, 1e9, 10**40) == (MAX_CFG, MAX_SDE_NOISE, 2**63 - 1)
+    assert bounded_sampling(-5, -1, -(10**40)) == (0.0, 0.0, -(2**63 - 1))
+    assert bounded_sampling("2.5", 1, 7.0) == (2.5, 1.0, 7)
+    assert bounded_sampling(math.inf, 0.5, 3) == (MAX_CFG, 0.5, 3)
+    for bad in (("nan", 1, 0), (1, None, 0), (1, 1, "nan"), (1, 1, "seed")):
+        with pytest.raises(UsageError):
+            bounded_sampling(*bad)
+    assert MAX_DOPRI5_NFE <= 500
+    # dopri5 on a stiff request (guidance 1e6, past the clamp) stops at the cap with one line, not after hundreds.
+    loaded = load_for_sampling(str(debug_run), torch.device("cpu"))
+    stiff = sample_settings(loaded.config.sample, solver="dopri5", cfg=1e6)
+    frames = []
+    with pytest.raises(UsageError, match="more than 12 network evaluations") as err:
+        for frame in progressive(loaded, n=2, seed=0, sample_cfg=stiff, every=1, device=torch.device("cpu"), max_nfe=12):
+            frames.append(frame)
+    assert len(str(err.value).splitlines()) == 1 and not any(f.final for f in frames)
