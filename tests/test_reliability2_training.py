@@ -206,3 +206,67 @@ def test_item14_the_demo_clamps_every_number_and_caps_dopri5(debug_run):
         for frame in progressive(loaded, n=2, seed=0, sample_cfg=stiff, every=1, device=torch.device("cpu"), max_nfe=12):
             frames.append(frame)
     assert len(str(err.value).splitlines()) == 1 and not any(f.final for f in frames)
+
+
+RSS_PROBE = """
+import resource, sys
+from fmcli.cli import app
+try:
+    app(args=sys.argv[1:], prog_name="fm")
+except SystemExit as stop:
+    assert not stop.code, stop.code
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_rss_kib(*args) -> int:
+    import subprocess
+    import sys
+
+    from conftest import fm_env
+
+    r = subprocess.run([sys.executable, "-c", RSS_PROBE, *map(str, args)], capture_output=True, text=True, env=fm_env(), timeout=600)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.strip().splitlines()[-1])
+
+
+def test_item13_fm_sample_memory_stays_flat_in_the_number_of_samples(tmp_path):
+    """8,000 samples of 3x32x32 (98 MB as float tensors, a ~3,000 px grid) must peak like 500: only the grid's are kept."""
+    import torch
+
+    from fmcli.checkpoint import save_atomic
+    from fmcli.config import config_to_dict
+    from fmcli.models import build_model
+
+    cfg = load_config("debug", ["model.image_size=32", "model.in_channels=3", "model.num_classes=0"])
+    model = build_model(cfg.model)
+    info = {"kind": "pixels", "shape": [3, 32, 32], "num_classes": 0, "class_names": None}
+    save_atomic({"model": model.state_dict(), "ema": model.state_dict(), "config": config_to_dict(cfg), "step": 1, "data_info": info}, tmp_path / "ckpt.pt")
+    # --out FILE.png with --grid: the same keep-only-the-grid path as --out DIR, without writing 8,000 PNGs
+    common = ("sample", "--ckpt", tmp_path / "ckpt.pt", "--steps", "1", "--cfg", "1", "--batch-size", "500", "--device", "cpu", "--grid", "10")
+    small = _peak_rss_kib(*common, "-n", "500", "--out", tmp_path / "small.png")
+    large = _peak_rss_kib(*common, "-n", "8000", "--out", tmp_path / "large.png")
+    assert large <= 1.10 * small, (small, large)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "large.png").size == Image.open(tmp_path / "small.png").size
+
+
+def test_item13_fm_sample_to_a_folder_writes_every_sample_and_a_grid_of_sample_grid_size(tmp_path, debug_run):
+    from PIL import Image
+
+    r = run_fm("sample", "--ckpt", debug_run, "-n", "13", "--steps", "1", "--batch-size", "4", "--out", tmp_path / "dir", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    assert json.loads(r.stdout)["grid_samples"] == 10  # the debug preset's sample.grid_size
+    assert len(list((tmp_path / "dir").glob("0*.png"))) == 13
+    full = run_fm("sample", "--ckpt", debug_run, "-n", "13", "--steps", "1", "--batch-size", "4", "--out", tmp_path / "all.png", "--gif", tmp_path / "all.gif")
+    assert full.returncode == 0, full.stderr
+    few = run_fm("sample", "--ckpt", debug_run, "-n", "13", "--steps", "1", "--batch-size", "4", "--out", tmp_path / "few.png", "--grid", "5",
+                 "--gif", tmp_path / "few.gif")
+    assert few.returncode == 0, few.stderr
+    grid10, grid13, grid5 = (Image.open(p).size for p in (tmp_path / "dir" / "grid.png", tmp_path / "all.png", tmp_path / "few.png"))
+    assert grid5[0] * grid5[1] < grid10[0] * grid10[1] < grid13[0] * grid13[1]  # FILE.png shows all samples unless --grid
+    gif5, gif13 = Image.open(tmp_path / "few.gif").size, Image.open(tmp_path / "all.gif").size
+    assert gif5[0] == grid5[0] and gif5[1] < gif13[1]  # the GIF shows the grid's samples (under a caption strip)
