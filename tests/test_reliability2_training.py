@@ -270,3 +270,79 @@ def test_item13_fm_sample_to_a_folder_writes_every_sample_and_a_grid_of_sample_g
     assert grid5[0] * grid5[1] < grid10[0] * grid10[1] < grid13[0] * grid13[1]  # FILE.png shows all samples unless --grid
     gif5, gif13 = Image.open(tmp_path / "few.gif").size, Image.open(tmp_path / "all.gif").size
     assert gif5[0] == grid5[0] and gif5[1] < gif13[1]  # the GIF shows the grid's samples (under a caption strip)
+
+
+class SimulatedMachine(QuietLog):
+    """A fake clock for train.budget_minutes: each training step takes `pace` seconds (advanced through the
+    progress callback the loop calls once per step); train_mod.clock reads it."""
+
+    def __init__(self, pace: float):
+        self.now, self.pace, self.lines = 0.0, pace, []
+
+    def info(self, message):
+        self.lines.append(message)
+
+    def progress(self, total, start):
+        def update(step, loss, total=None):
+            if step is not None and total is None:
+                self.now += self.pace
+
+        return update
+
+
+def test_item04_the_fallback_is_decided_from_timed_checkpoints_and_grids_not_a_guess(tmp_path, shapes16, monkeypatch):
+    """100 steps at 0.1 s fit a 12 s budget with real (tens of ms) checkpoints every 5 steps; reserved at
+    2 % of the budget each, they had cut the run to ~80 steps, under min_steps=99: a needless fallback."""
+    import time
+
+    from fmcli import train as train_mod
+
+    machine = SimulatedMachine(0.1)
+    simulated = lambda: machine.now  # noqa: E731
+    monkeypatch.setattr(train_mod, "clock", simulated)
+    monkeypatch.setattr(train_mod.Trainer, "_measure_step_seconds", lambda self, example: 0.1)
+    real_measure, measured = train_mod.Trainer._measure_work, []
+
+    def measure_on_the_real_clock(self):  # the real checkpoint save and grid, timed for real
+        monkeypatch.setattr(train_mod, "clock", time.perf_counter)
+        try:
+            measured.append(real_measure(self))
+        finally:
+            monkeypatch.setattr(train_mod, "clock", simulated)
+        return measured[-1]
+
+    monkeypatch.setattr(train_mod.Trainer, "_measure_work", measure_on_the_real_clock)
+    fallback = ["train.budget_fallback.min_steps=99", "train.budget_fallback.overrides=['model.hidden_size=16']"]
+    cfg = _debug(shapes16, "train.steps=100", "train.budget_minutes=0.2", "train.checkpoint_every=5", "train.keep_last=1",
+                 "sample.grid_size=2", "sample.steps=1", "eval.every=20", *fallback)  # eval.every without eval.ref: no work
+    result = train(cfg, tmp_path / "run", log=machine)
+    budget = load_checkpoint(resolve_checkpoint(tmp_path / "run"))["hardware"]["budget"]
+    checkpoint_s, grid_s, eval_s = measured[0]
+    assert 0 < checkpoint_s < 0.02 * 12 and 0 < grid_s and eval_s is None
+    assert budget["fallback"] is None, (measured, budget)
+    assert result.step == 100 and budget["work_seconds"]["every"] == [5, 0, 0]
+    assert not any("fallback instead" in line for line in machine.lines)
+
+
+def test_item16_a_budget_reserves_the_final_grid_at_its_measured_cost_and_ends_within_it(tmp_path, shapes16, monkeypatch):
+    """The final sample grid costs 4 s of a 6 s budget (0.05 s per image and network evaluation, simulated):
+    reserved at 2 % it had let the run fit ~115 steps and end near 10 s."""
+    from fmcli import train as train_mod
+
+    machine = SimulatedMachine(0.05)
+    monkeypatch.setattr(train_mod, "clock", lambda: machine.now)
+    monkeypatch.setattr(train_mod.Trainer, "_measure_step_seconds", lambda self, example: 0.05)
+    real_sample = train_mod.sample_batch
+
+    def slow_sample(model, x0, labels, sample_cfg, **kwargs):
+        result = real_sample(model, x0, labels, sample_cfg, **kwargs)
+        machine.now += 0.05 * len(x0) * result.nfe
+        return result
+
+    monkeypatch.setattr(train_mod, "sample_batch", slow_sample)
+    cfg = _debug(shapes16, "train.steps=1000", "train.budget_minutes=0.1", "train.checkpoint_every=0", "sample.grid_size=10", "sample.steps=8")
+    result = train(cfg, tmp_path / "run", log=machine)
+    assert (tmp_path / "run" / "samples").is_dir()  # the final grid was made (and its time counted)
+    assert 0 < result.step < 1000
+    assert machine.now <= 6.0 * 1.02, (machine.now, result.step)
+    assert machine.now >= 6.0 * 0.9  # and the budget was used, not wasted on an overestimate
