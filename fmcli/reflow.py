@@ -86,6 +86,7 @@ def check_teacher(ckpt: str, out: Path, prompts: list[str] | None, force: bool, 
     cfg = with_sampling_shift(validate_config(load_weights(path)["config"], source=str(path)))
     sample_overrides(cfg.sample)
     check_inputs(cfg, out, prompts, force)
+    read_work_plan(work_dir(out))  # here, before any rank starts; rank 0 reads it again when it opens the folder
 
 
 def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: bool) -> None:
@@ -99,7 +100,11 @@ def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: boo
         raise UsageError("this teacher is a text-to-image model: reflow needs prompts (--prompt TEXT, repeatable, or --prompts FILE|-)")
     if prompts and not text:
         raise UsageError("--prompt/--prompts given but this teacher is not text-conditioned")
-    read_work_plan(out.parent / f"{out.name}.partial")
+
+
+def work_dir(out: Path) -> Path:
+    """OUT.partial: the finished chunks of an interrupted run."""
+    return out.parent / f"{out.name}.partial"
 
 
 def read_work_plan(work: Path) -> dict | None:
@@ -148,7 +153,7 @@ def generate_pairs(
         steps=sample_cfg.steps, cfg=sample_cfg.cfg, rtol=sample_cfg.rtol, atol=sample_cfg.atol, shift=sample_cfg.shift or 1.0,
         chunk=batch_size, prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None,
     )
-    work = out.parent / f"{out.name}.partial"
+    work = work_dir(out)
     if ctx.is_main:
         _open_work_dir(work, plan)
     D.barrier(ctx)
