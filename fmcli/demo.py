@@ -129,8 +129,9 @@ def bounded_request(images, steps, every, max_images: int) -> tuple[int, int, in
 def bounded_sampling(cfg_scale, sde_noise, seed) -> tuple[float, float, int]:
     """The guidance scale and SDE noise clamped to their sliders' ranges, the seed to 64 bits, like
     `bounded_request`: the server never runs what the page could not ask for."""
-    return (_clamp(cfg_scale, 0.0, MAX_CFG, "guidance scale"), _clamp(sde_noise, 0.0, MAX_SDE_NOISE, "SDE noise"),
-            int(_clamp(seed, -MAX_SEED, MAX_SEED, "seed")))
+    exact = isinstance(seed, int) and not isinstance(seed, bool)  # an int seed keeps all its digits (a float has 53 bits)
+    seed = min(max(seed, -MAX_SEED), MAX_SEED) if exact else int(_clamp(seed, -MAX_SEED, MAX_SEED, "seed"))
+    return _clamp(cfg_scale, 0.0, MAX_CFG, "guidance scale"), _clamp(sde_noise, 0.0, MAX_SDE_NOISE, "SDE noise"), seed
 
 
 def _clamp(value, lo: float, hi: float, what: str) -> float:

@@ -332,7 +332,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     for chunk, _, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev,
                                             class_label=class_label, on_step=recorder, prompts=prompts):
         rows = [k for k, i in enumerate(chunk) if i < shown]
-        kept += [(chunk[k], result.x[k].cpu()) for k in rows]
+        kept += [(chunk[k], result.x[k].cpu().clone()) for k in rows]  # a copy: a view would hold the whole batch
         nfes.append(result.nfe)
         if recorder is not None:  # one process (a GIF refuses --gpus/--nproc): the grid's rows lead each batch
             frames = recorder.take(gif_frames)

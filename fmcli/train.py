@@ -402,14 +402,16 @@ class Trainer:
 
     def _measure_grid(self) -> tuple[float, torch.Tensor, float]:
         """(seconds of the sample grid, the images sampled to time it, seconds per image): the grid's own
-        batch sampled with one solver step, scaled to the network evaluations of the real grid (an
-        adaptive solver: one image solved in full, scaled to the grid's count). One-off costs (a VAE's
-        loading, lazy kernels) are counted in: an overestimate, never an overshoot."""
+        batch sampled with one solver step (after CFG-Zero*'s zero-init steps, which evaluate nothing),
+        scaled to the network evaluations of the real grid (an adaptive solver: one image solved in full,
+        scaled to the grid's count). One-off costs (a VAE's loading, lazy kernels) are counted in, on the
+        side of an overestimate; a machine that slows down later is caught by the refits."""
         from .sampling import ADAPTIVE_SOLVERS, nfe_of
 
         sample_cfg, n = self.cfg.sample, self.cfg.sample.grid_size
         adaptive = sample_cfg.solver in ADAPTIVE_SOLVERS
-        probe_cfg = sample_cfg if adaptive else sample_cfg.model_copy(update={"steps": 1})
+        zero_init = sample_cfg.zero_init_steps if sample_cfg.guidance == "cfg-zero" else 0
+        probe_cfg = sample_cfg if adaptive else sample_cfg.model_copy(update={"steps": min(sample_cfg.steps, zero_init + 1)})
         start = clock()
         x, nfe = self._grid(1 if adaptive else n, probe_cfg)
         seconds = clock() - start
