@@ -4,7 +4,11 @@ A start-of-run timing alone is not enough: on a shared 2-core machine identical 
 s/step before their first step, and the pace then drifted by up to 1.5x within a run, so runs ended a
 minute early or late. StepBudget starts from that timing and then refits the step count at every log
 interval from the pace of the recent steps. Periodic work (checkpoints, sample grids, evaluation) is timed
-apart from the steps and reserved for: each future event costs what the slowest one so far cost.
+apart from the steps and reserved for, each kind on its own (`Work`): before the first fit the trainer
+times one checkpoint and a small sample grid (scaled to the real one) and estimates one evaluation, so the
+first fit (and the fallback decided from it) never rests on a guess; from then on each kind costs what its
+slowest event so far cost. The run's end does a checkpoint and a sample grid whatever the periods: a 100-
+image grid once took 3 of a budget's 10 minutes, so it is reserved at its measured cost.
 The LR schedule follows each refit without a jump (fmcli.optim.LRSchedule.retarget).
 
 Pure arithmetic on the times it is given (no clock, no I/O), so tests drive it with made-up times.
@@ -12,13 +16,31 @@ Pure arithmetic on the times it is given (no clock, no I/O), so tests drive it w
 
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass, field
 
 PACE_WINDOW_STEPS = 1000  # the pace is taken over about this many recent steps (and the last interval alone)
-FIRST_EVENT_SHARE = 0.02  # before any periodic work has been timed, each event is assumed to cost this share of the budget
+FIRST_EVENT_SHARE = 0.02  # work never timed (none given, none observed) is assumed to cost this share of the budget per event
 MARGIN_SHARE = 0.01  # kept free for the pace's jitter between refits (a run that overshoots cannot give time back)
+
+
+@dataclass
+class Work:
+    """One kind of periodic work: every `every` steps (0 = never), and at the run's last step if `at_end`."""
+
+    every: int
+    at_end: bool = False
+    seconds: float | None = None  # one event's cost as estimated before the run (None: not timed)
+    slowest: float | None = None  # the slowest event observed in the run; replaces the estimate once there
+
+    def cost(self, budget_seconds: float) -> float:
+        if self.slowest is not None:
+            return self.slowest
+        return self.seconds if self.seconds is not None else FIRST_EVENT_SHARE * budget_seconds
+
+    def events(self, step: int, total: int) -> int:
+        """Events after `step` up to the run's end at `total` (the last step's counted once)."""
+        periodic = (total - 1) // self.every - step // self.every if self.every else 0
+        return periodic + 1 if self.at_end else periodic + int(bool(self.every) and total % self.every == 0)
 
 
 @dataclass
@@ -26,11 +48,10 @@ class StepBudget:
     seconds: float  # the whole budget
     started: float  # clock time the budget started (the trainer's setup, before compiling)
     requested_steps: int  # the preset's steps: the budget only ever lowers them
-    period_steps: tuple[int, ...] = ()  # the intervals of periodic work (checkpoint_every, sample_every, eval.every)
+    work: tuple[Work, ...] = ()  # the periodic work: checkpoints, sample grids, evaluation
     steps: int = 0  # the current fit
     refits: int = 0  # how often the fit changed after the first one
     marks: list[tuple[int, float]] = field(default_factory=list)  # (step, step-only seconds since `started`)
-    event_seconds: float | None = None  # the slowest periodic event so far
     pace: float | None = None  # seconds per step over the last `pace_steps` steps (periodic work excluded)
     pace_steps: int = 0
 
@@ -39,8 +60,10 @@ class StepBudget:
         self.steps = self._fit(0, now, step_seconds)
         return self.steps
 
-    def record_event(self, seconds: float) -> None:
-        self.event_seconds = seconds if self.event_seconds is None else max(self.event_seconds, seconds)
+    def record_work(self, kind: int, seconds: float) -> None:
+        """An event of work[kind] took `seconds`: it replaces the estimate, the slowest one counts."""
+        w = self.work[kind]
+        w.slowest = seconds if w.slowest is None else max(w.slowest, seconds)
 
     def refit(self, step: int, now: float, overhead: float) -> int:
         """At a log interval: `now` on the clock, `overhead` seconds spent on periodic work so far.
@@ -64,29 +87,22 @@ class StepBudget:
         return self.steps
 
     def _fit(self, step: int, now: float, pace: float) -> int:
-        """The most steps whose remaining ones, plus the periodic work they bring, end within the budget."""
+        """The most steps whose remaining ones, plus the periodic and final work they bring, end within the budget."""
         left = self.started + (1 - MARGIN_SHARE) * self.seconds - now
-        event = self.event_seconds if self.event_seconds is not None else FIRST_EVENT_SHARE * self.seconds
         pace = max(pace, 1e-9)
-        fits = lambda n: (n - step) * pace + self._events(step, n) * event <= left  # noqa: E731
-        lo, hi = step, step + int(max(0.0, left - event) / pace)  # the largest n that fits: events only grow with n
+        fits = lambda n: (n - step) * pace + self.work_seconds(step, n) <= left  # noqa: E731
+        lo, hi = step, step + int(max(0.0, left - self.work_seconds(step, step + 1)) / pace)  # work only grows with n
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         return max(step + 1, min(self.requested_steps, lo))
 
-    def _events(self, step: int, total: int) -> int:
-        """Periodic work after `step` and before `total` (a step where several periods fall counts once), plus
-        the end's: multiples of any period in (step, total), by inclusion-exclusion over the periods."""
-        periods = sorted({k for k in self.period_steps if k})
-        count = 0
-        for size in range(1, len(periods) + 1):
-            for subset in itertools.combinations(periods, size):
-                k = math.lcm(*subset)
-                count += (-1) ** (size + 1) * ((total - 1) // k - step // k)
-        return count + 1
+    def work_seconds(self, step: int, total: int) -> float:
+        """Seconds of periodic work after `step` in a run that ends at `total`, its final work included."""
+        return sum(w.events(step, total) * w.cost(self.seconds) for w in self.work)
 
     def record(self) -> dict:
         """What env.json / the checkpoint say about the budget."""
         return {"minutes": self.seconds / 60, "requested_steps": self.requested_steps, "steps": self.steps, "refits": self.refits,
-                "pace_seconds": self.pace, "pace_steps": self.pace_steps, "event_seconds": self.event_seconds}
+                "pace_seconds": self.pace, "pace_steps": self.pace_steps,
+                "work_seconds": {"every": [w.every for w in self.work], "seconds": [w.cost(self.seconds) for w in self.work]}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import re
@@ -32,30 +33,31 @@ def write_latest(ckpt_dir: Path, name: str) -> None:
 
 
 def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int, keep_every: int = 0, log=None) -> Path:
-    """Save step's checkpoint, point `latest` at it, set aside an abandoned newer branch, then rotate.
+    """Set aside an abandoned branch, save step's checkpoint, point `latest` at it, then rotate.
 
-    A run resumed from an older checkpoint (a rollback) continues on a new branch: checkpoints with a
-    higher step belong to the abandoned future. They are moved (never deleted) into
-    `checkpoints/abandoned-from-step-XXXXXXX/`, and rotation only ever considers the current branch,
-    so the checkpoint just written is never removed.
+    A run resumed from an older checkpoint (a rollback) continues on a new branch: checkpoints at or after
+    `step` belong to the abandoned future (one at `step` itself is that future's, not this branch's). They
+    are moved (never deleted, never overwritten) into a folder of their own,
+    `checkpoints/abandoned-from-step-XXXXXXX[-N]/`, before the new one is written, and rotation only ever
+    considers the current branch, so the checkpoint just written is never removed.
     """
     ckpt_dir = Path(ckpt_dir)
+    moved = set_aside_from(ckpt_dir, step)
+    if moved and log is not None:
+        log(f"rollback: moved {len(moved)} checkpoint(s) of the abandoned branch to {moved[0].parent}")
     path = save_atomic(state, ckpt_dir / checkpoint_name(step))
     write_latest(ckpt_dir, path.name)
-    moved = set_aside_newer(ckpt_dir, step)
-    if moved and log is not None:
-        log(f"rollback: moved {len(moved)} newer checkpoint(s) of the abandoned branch to {moved[0].parent}")
     rotate(ckpt_dir, keep_last, keep_every, current=step)
     return path
 
 
-def set_aside_newer(ckpt_dir: Path, step: int) -> list[Path]:
-    """Move checkpoints with a step above `step` into abandoned-from-step-<step>/ (kept, out of rotation)."""
-    newer = sorted(s for s in list_checkpoints(ckpt_dir) if s > step)
+def set_aside_from(ckpt_dir: Path, step: int) -> list[Path]:
+    """Move checkpoints with a step at or above `step` into a new abandoned-from-step-<step>[-N]/ (kept, out
+    of rotation); a second rollback to the same step gets its own folder."""
+    newer = sorted(s for s in list_checkpoints(ckpt_dir) if s >= step)
     if not newer:
         return []
-    aside = ckpt_dir / f"abandoned-from-step-{step:07d}"
-    aside.mkdir(exist_ok=True)
+    aside = _new_aside_dir(ckpt_dir, step)
     moved = []
     for s in newer:
         target = aside / checkpoint_name(s)
@@ -64,6 +66,18 @@ def set_aside_newer(ckpt_dir: Path, step: int) -> list[Path]:
     fsync_dir(aside)
     fsync_dir(ckpt_dir)
     return moved
+
+
+def _new_aside_dir(ckpt_dir: Path, step: int) -> Path:
+    """abandoned-from-step-<step>, or -2, -3, ... after it: created here (mkdir without exist_ok claims it)."""
+    base = f"abandoned-from-step-{step:07d}"
+    for n in itertools.count(1):
+        aside = ckpt_dir / (base if n == 1 else f"{base}-{n}")
+        try:
+            aside.mkdir()
+            return aside
+        except FileExistsError:
+            continue
 
 
 def rotate(ckpt_dir: Path, keep_last: int, keep_every: int = 0, current: int | None = None) -> list[Path]:

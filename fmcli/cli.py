@@ -356,7 +356,7 @@ def train(
             ckpt = resume_checkpoint(run_dir or Path("runs") / load_config(preset).name, resume)
             cfg, target = resume_config(ckpt, overrides, data=data), run_dir or run_dir_of(ckpt)
         else:
-            cfg = load_config(preset, overrides)
+            cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
             if data is not None:
                 cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data)})})
             target = run_dir or Path("runs") / cfg.name
@@ -441,6 +441,7 @@ def sample(
     out: Path = typer.Option(Path("samples"), "--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only)."),
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write a trajectory GIF (noise to image) of the grid."),
     gif_frames: int = typer.Option(16, "--gif-frames", min=2, help="Frames in the GIF, at evenly spaced solver times."),
+    grid: Optional[int] = typer.Option(None, "--grid", min=1, help="Samples the grid (and GIF) shows, the first ones (default: all for --out FILE.png, the checkpoint's sample.grid_size for --out DIR)."),
     force: bool = typer.Option(False, "--force", help="Replace existing output files (grid, samples, GIF)."),
     batch_size: BatchSize = 64,
     ema: Ema = True,
@@ -480,6 +481,7 @@ def sample(
         summary = with_process_group(lambda: sample_command(
             ctx, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif,
             gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=sampling.guide_ckpt,
+            grid=grid,
         ))  # fmt: skip
         if summary is None:  # not rank 0
             return

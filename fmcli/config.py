@@ -400,17 +400,22 @@ def preset_names() -> list[str]:
     return sorted(entry.name.removesuffix(".toml") for entry in presets_dir().iterdir() if entry.name.endswith(".toml"))
 
 
-def load_config(preset: str | None, overrides: list[str] | None = None) -> Config:
-    """Load a preset (a name in presets/ or a .toml path, with its bases), apply `a.b=value` overrides, validate."""
+def load_config(preset: str | None, overrides: list[str] | None = None, note=None) -> Config:
+    """Load a preset (a name in presets/ or a .toml path, with its bases), apply `a.b=value` overrides, validate.
+    `note(line)` hears of a setting the overrides switched off along with another (the budget's fallback)."""
     raw = _read_preset(preset) if preset else {}
     raw = _apply_layer(raw, _overrides_layer(overrides or []))
-    _drop_overridden_fallback(raw, overrides or [])
+    _drop_overridden_fallback(raw, overrides or [], note or (lambda line: None))
     return validate_config(raw, source=preset or "defaults")
 
 
-def _drop_overridden_fallback(raw: dict, overrides: list[str]) -> None:
+def _drop_overridden_fallback(raw: dict, overrides: list[str], note) -> None:
     """A `--set` of a key the preset's train.budget_fallback would change (or of model.size, which sets the
-    model's size fields) is the user's explicit choice: the fallback is dropped rather than overriding it."""
+    model's size fields) is the user's explicit choice: the fallback is dropped rather than overriding it.
+    So is a budget switched off (train.budget_minutes=null): no budget, so nothing to fall back from."""
+    if _drop_fallback_without_budget(raw):
+        note("note: train.budget_minutes is off, so train.budget_fallback is off too (the preset's steps and model are trained as set)")
+        return
     fallback = (raw.get("train") or {}).get("budget_fallback")
     if not isinstance(fallback, dict) or not overrides:
         return
@@ -420,6 +425,15 @@ def _drop_overridden_fallback(raw: dict, overrides: list[str]) -> None:
     changes = {parse_override(str(item))[0] for item in fallback.get("overrides") or [] if "=" in str(item)}
     if given & changes:
         raw["train"]["budget_fallback"] = None
+
+
+def _drop_fallback_without_budget(raw: dict) -> bool:
+    """A fallback is chosen from the steps that fit the budget: without a budget it goes too. True if dropped."""
+    train = raw.get("train") or {}
+    if train.get("budget_fallback") is None or train.get("budget_minutes") is not None:
+        return False
+    train["budget_fallback"] = None
+    return True
 
 
 def validate_config(raw: dict, source: str = "config") -> Config:
@@ -453,6 +467,7 @@ def budget_fallback_config(cfg: Config) -> Config:
 def apply_overrides(cfg: Config, overrides: list[str], allowed: set[str] | None = None) -> Config:
     """Apply overrides to an existing config; with `allowed`, refuse keys outside it (resume safety)."""
     raw = _apply_layer(config_to_dict(cfg), _overrides_layer(overrides, allowed))
+    _drop_fallback_without_budget(raw)  # a resume never falls back: nothing to say
     return validate_config(raw, source="--set")
 
 

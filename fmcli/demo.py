@@ -52,8 +52,10 @@ def progressive(
     device: torch.device,
     prompt: str | None = None,
     class_label: int | None = None,
+    max_nfe: int | None = None,
 ) -> Iterator[Frame]:
-    """Yield x_t frames every `every` solver steps (the first is the noise), then the final samples."""
+    """Yield x_t frames every `every` solver steps (the first is the noise), then the final samples.
+    `max_nfe`: an adaptive solver that needs more network evaluations stops with a one-line error."""
     if every < 1:
         raise UsageError("preview interval must be >= 1 step")
     if loaded.is_text and not (prompt and prompt.strip()):
@@ -66,6 +68,9 @@ def progressive(
     def on_step(step: Step):
         if stop.is_set():  # the consumer went away: end the solve at this step
             raise _Cancelled()
+        if max_nfe is not None and step.nfe > max_nfe:
+            raise UsageError(f"{sample_cfg.solver} needed more than {max_nfe} network evaluations and was stopped; "
+                             "lower the guidance scale or pick a fixed-step solver")
         outcome["steps"] = step.index
         if step.index % every == 0 and step.t < 1.0:  # the final state comes as the final frame
             frames.put((step.index, step.total, step.t, step.x.detach().clone()))
@@ -107,22 +112,36 @@ def progressive(
 
 
 MAX_STEPS, MAX_EVERY = 250, 50  # the page's slider ranges, enforced again by the handler
+MAX_CFG, MAX_SDE_NOISE = 10.0, 4.0  # the guidance and SDE-noise sliders' upper ends (both start at 0)
+MAX_SEED = 2**63 - 1  # seeds are keyed as 64-bit integers (fmcli.seeding)
+# dopri5 picks its own steps, so the steps slider does not bound it: a stiff request (a huge guidance scale)
+# once took 464 evaluations. It stops at what the steps slider allows Heun (2 evaluations a step).
+MAX_DOPRI5_NFE = 2 * MAX_STEPS
 
 
 def bounded_request(images, steps, every, max_images: int) -> tuple[int, int, int]:
     """The page's numbers clamped to the sliders' ranges: a client calling /generate directly cannot ask
     for a million steps or images (the sliders bound only the browser)."""
+    return (int(_clamp(images, 1, max_images, "images")), int(_clamp(steps, 1, MAX_STEPS, "steps")),
+            int(_clamp(every, 1, MAX_EVERY, "every")))
 
-    def clamp(value, lo: int, hi: int, what: str) -> int:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise UsageError(f"{what} must be a number, got {value!r}") from None
-        if number != number:  # NaN
-            raise UsageError(f"{what} must be a number, got {value!r}")
-        return int(min(max(number, lo), hi))
 
-    return clamp(images, 1, max_images, "images"), clamp(steps, 1, MAX_STEPS, "steps"), clamp(every, 1, MAX_EVERY, "every")
+def bounded_sampling(cfg_scale, sde_noise, seed) -> tuple[float, float, int]:
+    """The guidance scale and SDE noise clamped to their sliders' ranges, the seed to 64 bits, like
+    `bounded_request`: the server never runs what the page could not ask for."""
+    exact = isinstance(seed, int) and not isinstance(seed, bool)  # an int seed keeps all its digits (a float has 53 bits)
+    seed = min(max(seed, -MAX_SEED), MAX_SEED) if exact else int(_clamp(seed, -MAX_SEED, MAX_SEED, "seed"))
+    return _clamp(cfg_scale, 0.0, MAX_CFG, "guidance scale"), _clamp(sde_noise, 0.0, MAX_SDE_NOISE, "SDE noise"), seed
+
+
+def _clamp(value, lo: float, hi: float, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"{what} must be a number, got {value!r}") from None
+    if number != number:  # NaN
+        raise UsageError(f"{what} must be a number, got {value!r}")
+    return min(max(number, lo), hi)
 
 
 def _display(x: torch.Tensor, min_side: int = 384):
@@ -159,11 +178,12 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
     def generate(prompt, class_choice, images, cfg_scale, steps, solver, seed, every, guidance="cfg", sde_noise=1.0):
         try:
             n, steps, every = bounded_request(images, steps, every, max_images)
+            cfg_scale, sde_noise, seed = bounded_sampling(cfg_scale, sde_noise, seed)
             if guidance not in guidances:
                 raise UsageError(f"guidance {guidance!r} is not available here; choose one of {', '.join(guidances)}"
                                  + ("" if loaded.guide is not None else " (auto needs `fm demo --guide-ckpt`)"))
             sample_cfg = sample_settings(
-                cfg.sample, cfg=float(cfg_scale), steps=steps, solver=str(solver), guidance=str(guidance), sde_noise=float(sde_noise)
+                cfg.sample, cfg=cfg_scale, steps=steps, solver=str(solver), guidance=str(guidance), sde_noise=sde_noise
             )
             label = None
             if class_names and class_choice not in (None, "", ALL_CLASSES):
@@ -171,8 +191,8 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
                     raise UsageError(f"unknown class {class_choice!r}")
                 label = class_names.index(class_choice)
             frames = progressive(
-                loaded, n=n, seed=int(seed), sample_cfg=sample_cfg, every=every, device=device,
-                prompt=prompt, class_label=label,
+                loaded, n=n, seed=seed, sample_cfg=sample_cfg, every=every, device=device,
+                prompt=prompt, class_label=label, max_nfe=MAX_DOPRI5_NFE if sample_cfg.solver in ADAPTIVE_SOLVERS else None,
             )
             for frame in frames:
                 if not frame.final:
@@ -191,11 +211,11 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
                 prompt = gr.Textbox(label="Prompt", placeholder="a photo of ...", visible=loaded.is_text)
                 choice = gr.Dropdown([ALL_CLASSES] + class_names, value=ALL_CLASSES, label="Class", visible=bool(class_names))
                 images = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="Images")
-                cfg_scale = gr.Slider(0.0, 10.0, value=cfg.sample.cfg, step=0.1, label="Guidance scale (1 = off)")
+                cfg_scale = gr.Slider(0.0, MAX_CFG, value=min(cfg.sample.cfg, MAX_CFG), step=0.1, label="Guidance scale (1 = off)")
                 guidance = gr.Dropdown(guidances, value=cfg.sample.guidance if cfg.sample.guidance in guidances else "cfg", label="Guidance")
                 steps = gr.Slider(1, MAX_STEPS, value=min(cfg.sample.steps, MAX_STEPS), step=1, label="Steps")
                 solver = gr.Dropdown(solvers, value=cfg.sample.solver, label="Solver")
-                sde_noise = gr.Slider(0.0, 4.0, value=cfg.sample.sde_noise, step=0.1, label="SDE noise (euler-sde)")
+                sde_noise = gr.Slider(0.0, MAX_SDE_NOISE, value=min(cfg.sample.sde_noise, MAX_SDE_NOISE), step=0.1, label="SDE noise (euler-sde)")
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 every = gr.Slider(1, MAX_EVERY, value=min(MAX_EVERY, max(1, cfg.sample.steps // 10)), step=1, label="Preview every K steps")
                 button = gr.Button("Generate", variant="primary")

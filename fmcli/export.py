@@ -86,27 +86,76 @@ def is_export(path: str | Path) -> bool:
 
 
 def load_export(path: str | Path) -> dict:
-    """An export directory as a checkpoint-shaped dict: {"model", "ema", "config", "data_info", "step"} (fm names)."""
-    from safetensors.torch import load_file
+    """An export directory as a checkpoint-shaped dict: {"model", "ema", "config", "data_info", "step"} (fm names).
 
+    A damaged or modified export is a one-line UsageError, never read silently as something else: the
+    manifest must name a weights file inside the folder, and the weights must be exactly fm's model."""
     path = Path(path)
-    try:
-        meta = json.loads((path / EXPORT_MANIFEST).read_text())
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path / EXPORT_MANIFEST} is not valid JSON: {err}") from None
-    if meta.get("format") != EXPORT_VERSION or meta.get("layout") not in ("fm", "diffusers-dit"):
-        raise UsageError(f"{path}: unsupported export (format {meta.get('format')!r}, layout {meta.get('layout')!r})")
-    weights_file = path / meta["weights_file"]
-    if not weights_file.is_file():
-        raise UsageError(f"{path} is incomplete: {meta['weights_file']} is missing")
+    meta = _read_manifest(path)
     cfg = validate_config(meta["config"], source=str(path / EXPORT_MANIFEST))
-    weights = load_file(weights_file)
+    weights = _read_weights(path / meta["weights_file"])
     if meta["layout"] == "diffusers-dit":
         from .models.diffusers_dit import diffusers_to_fm
 
-        weights = diffusers_to_fm(weights, cfg.model)
+        try:
+            weights = diffusers_to_fm(weights, cfg.model)
+        except KeyError as err:
+            raise UsageError(f"{path} does not match the model its fm_export.json describes: it lacks {err.args[0]}") from None
+        except (IndexError, RuntimeError) as err:  # a tensor of another width than the config's
+            raise UsageError(f"{path} does not match the model its fm_export.json describes ({_one_line(err)})") from None
+    _check_weights(path, weights, cfg)
     # One set of weights: whichever fm export chose (EMA by default) serves for both keys.
     return {"model": weights, "ema": weights, "config": meta["config"], "data_info": meta.get("data_info", {}), "step": meta.get("step", 0)}
+
+
+def _read_manifest(path: Path) -> dict:
+    """fm_export.json, checked: a known format and layout, a config, and a weights file that is a bare
+    file name present in the folder (never a path that leads out of it)."""
+    manifest = path / EXPORT_MANIFEST
+    try:
+        meta = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{manifest} is not valid JSON ({_one_line(err)}); export the model again") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_VERSION or meta.get("layout") not in ("fm", "diffusers-dit"):
+        found = (meta.get("format"), meta.get("layout")) if isinstance(meta, dict) else (None, None)
+        raise UsageError(f"{path}: unsupported export (format {found[0]!r}, layout {found[1]!r})")
+    name = meta.get("weights_file")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise UsageError(f"{manifest}: weights_file must be the name of a file in {path}, not {name!r}; export the model again")
+    if not (path / name).is_file():
+        raise UsageError(f"{path} is incomplete: {name} is missing")
+    if not isinstance(meta.get("config"), dict):
+        raise UsageError(f"{manifest} has no config; export the model again")
+    return meta
+
+
+def _read_weights(weights_file: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(weights_file)
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise UsageError(f"cannot read {weights_file}: corrupt or not safetensors ({_one_line(err)})") from None
+
+
+def _check_weights(path: Path, weights: dict, cfg: Config) -> None:
+    """The weights must be exactly the tensors (names and shapes) of the model the manifest's config builds."""
+    from .models import build_model
+
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg.model).state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
+    for what, keys in (("lacks", missing), ("has unexpected", extra), ("has a wrong shape for", wrong)):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise UsageError(f"{path} does not match the model its fm_export.json describes: it {what} {keys[0]}{more}")
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:160]
 
 
 # ------------------------------------------------------------------------------------------ writers

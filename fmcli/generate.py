@@ -296,10 +296,23 @@ def sample_outputs(out: Path, n: int) -> list[Path]:
     return [out / "grid.png"] + [sample_file(out, i) for i in range(n)]
 
 
+def grid_count(out: Path, n: int, grid: int | None, grid_size: int) -> int:
+    """How many samples (the first ones) the grid shows: `--grid`, else all of them for --out FILE.png (the
+    grid is the output) and the checkpoint's sample.grid_size for --out DIR (the samples are the output)."""
+    from .images import STILL_IMAGE_SUFFIXES
+
+    if grid is not None:
+        return min(n, grid)
+    return n if out.suffix.lower() in STILL_IMAGE_SUFFIXES else min(n, grid_size)
+
+
 def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sample_overrides, seed: int, out, gif, gif_frames: int,
-                   batch_size: int, ema: bool, vae, text_encoder, force: bool = False, guide_ckpt=None) -> dict | None:
+                   batch_size: int, ema: bool, vae, text_encoder, force: bool = False, guide_ckpt=None, grid: int | None = None) -> dict | None:
     """What `fm sample` does on one rank: its share of the sample indices, written by global index; rank 0
-    gathers the grid (and GIF) and returns the summary (other ranks return None)."""
+    gathers the grid (and GIF) and returns the summary (other ranks return None).
+
+    Memory stays flat in `n`: each batch's samples are written and dropped; only the grid's (the first
+    `grid_count` samples, and their trajectories for the GIF) are kept."""
     import time
 
     from . import distributed as D
@@ -315,21 +328,25 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema)
     recorder = TrajectoryRecorder() if gif is not None else None
     start = time.perf_counter()
-    xs, nfes, paths, trajectories = [], [], [], []
+    shown = grid_count(out, n, grid, loaded.config.sample.grid_size)
+    kept, nfes, paths, trajectories = [], [], [], []  # kept: (index, image) of the grid's samples only
     to_dir = out.suffix.lower() not in STILL_IMAGE_SUFFIXES
     indices = D.shard_indices(n, ctx)  # sample i depends only on (seed, i): any split gives the same images
     prompts = [texts[i % len(texts)] for i in indices] if texts else None
     for chunk, _, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev,
                                             class_label=class_label, on_step=recorder, prompts=prompts):
-        xs.append(result.x.cpu())
+        rows = [k for k, i in enumerate(chunk) if i < shown]
+        kept += [(chunk[k], result.x[k].cpu().clone()) for k in rows]  # a copy: a view would hold the whole batch
         nfes.append(result.nfe)
-        if recorder is not None:
-            trajectories.append(recorder.take(gif_frames))
+        if recorder is not None:  # one process (a GIF refuses --gpus/--nproc): the grid's rows lead each batch
+            frames = recorder.take(gif_frames)
+            if rows:
+                trajectories.append(_first_rows(frames, len(rows)))
         if to_dir:
             for k, i in enumerate(chunk):  # each rank writes its own samples, named by global index
                 paths += save_images(result.x[k : k + 1], out, start_index=i)
-    local = torch.cat(xs) if xs else torch.empty(0)
-    images = torch.stack(D.gather_in_index_order(indices, list(local), ctx))
+        del result
+    images = torch.stack(D.gather_in_index_order([i for i, _ in kept], [x for _, x in kept], ctx))
     paths = sorted(p for part in D.all_gather_objects(paths, ctx) for p in part)
     nfes = [v for part in D.all_gather_objects(nfes, ctx) for v in part]
     if not ctx.is_main:
@@ -344,6 +361,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         "grid": str(grid),
         "gif": str(gif_path) if gif_path else None,
         "num_samples": n,
+        "grid_samples": shown,
         "nfe": max(nfes),  # network evaluations per sample trajectory (a CFG pair counts once)
         "nfe_total": sum(nfes),  # batched forward passes over all batches
         "seconds": round(time.perf_counter() - start, 3),
@@ -353,3 +371,10 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         "guidance": sample_cfg.guidance,
         "seed": seed,
     }
+
+
+def _first_rows(frames: list[tuple[float, torch.Tensor]], rows: int) -> list[tuple[float, torch.Tensor]]:
+    """A batch's trajectory (TrajectoryRecorder.take) cut to its first `rows` samples; a state that repeats
+    stays one object (merge_trajectories drops a frame that repeats in every batch by identity)."""
+    cut: dict[int, torch.Tensor] = {}
+    return [(t, cut.setdefault(id(x), x[:rows].clone())) for t, x in frames]

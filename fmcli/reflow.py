@@ -86,6 +86,7 @@ def check_teacher(ckpt: str, out: Path, prompts: list[str] | None, force: bool, 
     cfg = with_sampling_shift(validate_config(load_weights(path)["config"], source=str(path)))
     sample_overrides(cfg.sample)
     check_inputs(cfg, out, prompts, force)
+    read_work_plan(work_dir(out))  # here, before any rank starts; rank 0 reads it again when it opens the folder
 
 
 def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: bool) -> None:
@@ -99,6 +100,33 @@ def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: boo
         raise UsageError("this teacher is a text-to-image model: reflow needs prompts (--prompt TEXT, repeatable, or --prompts FILE|-)")
     if prompts and not text:
         raise UsageError("--prompt/--prompts given but this teacher is not text-conditioned")
+
+
+def work_dir(out: Path) -> Path:
+    """OUT.partial: the finished chunks of an interrupted run."""
+    return out.parent / f"{out.name}.partial"
+
+
+def read_work_plan(work: Path) -> dict | None:
+    """The plan of an interrupted reflow in `work` (DIR.partial), None where there is none to continue (no
+    folder, or an empty one). Anything else is not fm's to take over, and never deleted: a folder of other
+    files, or a plan.json that is not a plan, is a one-line refusal."""
+    if not work.exists():
+        return None
+    if not work.is_dir():
+        raise UsageError(f"{work} exists and is not a folder of an interrupted reflow; move or delete it")
+    plan_file = work / PLAN_FILE
+    if not plan_file.exists():
+        if any(work.iterdir()):
+            raise UsageError(f"{work} holds files but no {PLAN_FILE}, so it is not an interrupted reflow; move or delete it")
+        return None
+    try:
+        plan = json.loads(plan_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{plan_file} is damaged ({type(err).__name__}); delete {work} to start the reflow over") from None
+    if not isinstance(plan, dict):
+        raise UsageError(f"{plan_file} is not a reflow plan; delete {work} to start the reflow over")
+    return plan
 
 
 def generate_pairs(
@@ -125,7 +153,7 @@ def generate_pairs(
         steps=sample_cfg.steps, cfg=sample_cfg.cfg, rtol=sample_cfg.rtol, atol=sample_cfg.atol, shift=sample_cfg.shift or 1.0,
         chunk=batch_size, prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None,
     )
-    work = out.parent / f"{out.name}.partial"
+    work = work_dir(out)
     if ctx.is_main:
         _open_work_dir(work, plan)
     D.barrier(ctx)
@@ -170,8 +198,8 @@ def _solve_chunk(loaded, indices, seed, sample_cfg, device, prompts):
 def _open_work_dir(work: Path, plan: ReflowPlan) -> None:
     """Create DIR.partial with the plan, or check that an existing one (an interrupted run) has the same plan."""
     plan_file = work / PLAN_FILE
-    if plan_file.is_file():
-        before = json.loads(plan_file.read_text())
+    before = read_work_plan(work)
+    if before is not None:
         differ = sorted(k for k, v in asdict(plan).items() if before.get(k) != v)
         if differ:
             raise UsageError(

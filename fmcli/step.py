@@ -181,8 +181,10 @@ class TrainingStep:
         self.optimizer.load_state_dict(state["optimizer"])
         for s, sd in zip(self.schedulers, state["schedulers"], strict=True):
             s.load_state_dict(sd)
-        if self.schedule.total_steps != self.cfg.train.steps:  # a resume that sets train.steps re-plans the schedule
-            self.schedule.plan(self.cfg.train.steps)
+        if self.schedule.total_steps != self.cfg.train.steps:
+            # A resume that sets train.steps: the rest of the schedule spreads over the new length from here,
+            # as a budget refit does (re-planning from scratch would jump the LR, even back into warmup).
+            self.schedule.retarget(self.schedulers[0].last_epoch, self.cfg.train.steps)
         self.scaler.load_state_dict(state["scaler"])
 
     def __call__(self, batches: Iterator[dict], batch_index: int, step: int) -> StepResult:

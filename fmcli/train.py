@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from . import distributed as D
-from .budget import StepBudget
-from .checkpoint import load_checkpoint, save_checkpoint
+from .budget import StepBudget, Work
+from .checkpoint import load_checkpoint, save_atomic, save_checkpoint
 from .config import Config, budget_fallback_config, config_to_dict, flip_warning, resolve
 from .console import RankLog
 from .data.prepared import PreparedDataset, collate_batched, data_space
@@ -35,6 +35,7 @@ from .step import TrainingStep
 from .tracking import NullTracker, make_tracker
 
 clock = time.perf_counter  # train.budget_minutes' clock (tests replace it with a simulated machine)
+CHECKPOINTS, SAMPLES, EVALUATION = 0, 1, 2  # the budget's kinds of periodic work (StepBudget.work)
 
 
 class UseBudgetFallback(Exception):
@@ -221,24 +222,29 @@ class Trainer:
                 if self.budget is not None and not done:
                     self._refit_budget(progress, out.loss)
                     done = self.step >= self.cfg.train.steps
-            periodic_start = clock()
             # A requested stop checkpoints before anything slow (samples, FID): under a launcher the
             # workers get only a grace period after the signal before they are killed.
             stop = D.any_rank(self.stop_requested, self.ctx) or self.step == stop_at_step
             if stop or done or self._every(cfg.train.checkpoint_every):
-                result.checkpoint = self._save_checkpoint()
+                result.checkpoint = self._timed(CHECKPOINTS, self._save_checkpoint)
             if stop and not done:
                 result.stopped_early = True
                 self.log.info(f"stopped at step {self.step}; continue with: fm resume {self.run_dir}")
                 return
             if self._every(cfg.train.sample_every) or done:
-                self._save_samples()
+                self._timed(SAMPLES, self._save_samples)
             if self._every(cfg.eval.every):
-                self._evaluate()
-            if self.budget is not None and not done and any(self._every(k) for k in self.budget.period_steps):
-                spent = clock() - periodic_start
-                self.overhead += spent
-                self.budget.record_event(spent)
+                self._timed(EVALUATION, self._evaluate)
+
+    def _timed(self, kind: int, work):
+        """Run one periodic `work`; under a budget its time is kept apart from the steps' pace and reserved for."""
+        start = clock()
+        out = work()
+        if self.budget is not None:
+            spent = clock() - start
+            self.overhead += spent
+            self.budget.record_work(kind, spent)
+        return out
 
     def _every(self, k: int) -> bool:
         return bool(k) and self.step % k == 0
@@ -303,8 +309,13 @@ class Trainer:
         cfg = self.cfg
         # Every rank measures (a DDP forward may broadcast buffers: a collective), rank 0's number is used.
         step_s = D.all_gather_objects(self._measure_step_seconds(example), self.ctx)[0]
-        periods = (cfg.train.checkpoint_every, cfg.train.sample_every, cfg.eval.every)
-        self.budget = StepBudget(cfg.train.budget_minutes * 60, self.started, cfg.train.steps, periods)
+        with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):  # the run's RNG untouched
+            checkpoint_s, grid_s, eval_s = D.all_gather_objects(self._measure_work(), self.ctx)[0]
+        work = [None] * 3
+        work[CHECKPOINTS] = Work(cfg.train.checkpoint_every, at_end=True, seconds=checkpoint_s)
+        work[SAMPLES] = Work(cfg.train.sample_every, at_end=True, seconds=grid_s)
+        work[EVALUATION] = Work(cfg.eval.every if self.evaluator is not None else 0, seconds=eval_s)  # no eval.ref: no work
+        self.budget = StepBudget(cfg.train.budget_minutes * 60, self.started, cfg.train.steps, tuple(work))
         steps = D.all_gather_objects(self.budget.first_fit(clock(), step_s), self.ctx)[0]
         self.hardware["budget"] = {"step_seconds": step_s, **self.budget.record(), "fallback": self.fallback}
         self.log.info(
@@ -365,6 +376,51 @@ class Trainer:
             return seconds_per_call(lambda: self.step_fn(batches, 0, 0), 5, self.ctx.device)
         finally:
             self.step_fn.load_state_dict(saved)
+
+    def _measure_work(self) -> tuple[float, float, float | None]:
+        """Seconds of one checkpoint, one sample grid and one evaluation (None without an evaluator), measured
+        (grid, evaluation: estimated from a small measured part) before the first fit, so that the fit and
+        the fallback decided from it never rest on a guess. Nothing is written to the run: the checkpoint
+        goes to a temporary folder; the grid is sampled, not saved."""
+        import tempfile
+
+        start = clock()
+        state = self._state()  # collective (RNG gather): every rank takes part
+        if not self.ctx.is_main:
+            return 0.0, 0.0, None  # rank 0's numbers are used
+        with tempfile.TemporaryDirectory(prefix="fm-budget-") as tmp:
+            save_atomic(state, Path(tmp) / "step.pt")
+        checkpoint_s = clock() - start
+        del state
+        grid_s, images, per_image_s = self._measure_grid()
+        eval_s = None
+        if self.evaluator is not None:  # generation as the grid's per image, plus the features of the grid's images
+            from .evaluate import to_rgb
+            from .images import to_uint8
+
+            start = clock()
+            self.evaluator.extractor(to_rgb(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()))
+            features_s = (clock() - start) / len(images)
+            eval_s = (per_image_s + features_s) * self.cfg.eval.num_samples / self.ctx.world_size
+        return checkpoint_s, grid_s, eval_s
+
+    def _measure_grid(self) -> tuple[float, torch.Tensor, float]:
+        """(seconds of the sample grid, the images sampled to time it, seconds per image): the grid's own
+        batch sampled with one solver step (after CFG-Zero*'s zero-init steps, which evaluate nothing),
+        scaled to the network evaluations of the real grid (an adaptive solver: one image solved in full,
+        scaled to the grid's count). One-off costs (a VAE's loading, lazy kernels) are counted in, on the
+        side of an overestimate; a machine that slows down later is caught by the refits."""
+        from .sampling import ADAPTIVE_SOLVERS, nfe_of
+
+        sample_cfg, n = self.cfg.sample, self.cfg.sample.grid_size
+        adaptive = sample_cfg.solver in ADAPTIVE_SOLVERS
+        zero_init = sample_cfg.zero_init_steps if sample_cfg.guidance == "cfg-zero" else 0
+        probe_cfg = sample_cfg if adaptive else sample_cfg.model_copy(update={"steps": min(sample_cfg.steps, zero_init + 1)})
+        start = clock()
+        x, nfe = self._grid(1 if adaptive else n, probe_cfg)
+        seconds = clock() - start
+        grid_s = seconds * n if adaptive else seconds * nfe_of(sample_cfg.solver, sample_cfg.steps) / max(1, nfe)
+        return grid_s, x, grid_s / n
 
     def _micro_setting(self):
         """train.micro_batch_size, with "auto" answered by the autotune cache in the run directory (DDP
@@ -500,22 +556,29 @@ class Trainer:
         if not self.ctx.is_main:
             return
         n, k = self.cfg.sample.grid_size, self.cfg.model.num_classes
-        labels = torch.arange(n, device=self.ctx.device) % k if k else None
-        x0 = initial_noise(self.cfg.train.seed, range(n), tuple(self.dataset.manifest["shape"]), self.ctx.device)
-        conditions = None
-        if self.text is not None:  # the first n training captions (their text is saved next to the grid)
-            from .encoders import grid_conditions
-
-            conditions, prompts = grid_conditions(self.text, self.dataset, n, self.ctx.device)
-            write_text_atomic(self.run_dir / "samples" / step_name(self.step, ".txt"), "".join(p + "\n" for p in prompts))
-        x = sample_batch(self.step_fn.ema, x0, labels, self.cfg.sample, sigma_min=self.cfg.flow.sigma_min, conditions=conditions).x
-        if data_space(self.dataset.manifest) == "latents":
-            x = self._decode_latents(x)
-            if x is None:
-                return
+        x, _ = self._grid(n, self.cfg.sample, prompts_to=self.run_dir / "samples" / step_name(self.step, ".txt"))
+        if x is None:
+            return
         path = save_grid(x, self.run_dir / "samples" / step_name(self.step, ".png"), nrow=k if k and n % k == 0 else None)
         self.tracker.log_image(path, self.step)
         self.log.info(f"samples: {path}")
+
+    def _grid(self, n: int, sample_cfg, prompts_to: Path | None = None) -> tuple[torch.Tensor | None, int]:
+        """(the first `n` grid images, decoded; None where latents have no VAE, the solver's NFE) from the EMA
+        model; a text model's prompts (the first n training captions) are written to `prompts_to` if given."""
+        k = self.cfg.model.num_classes
+        labels = torch.arange(n, device=self.ctx.device) % k if k else None
+        x0 = initial_noise(self.cfg.train.seed, range(n), tuple(self.dataset.manifest["shape"]), self.ctx.device)
+        conditions = None
+        if self.text is not None:
+            from .encoders import grid_conditions
+
+            conditions, prompts = grid_conditions(self.text, self.dataset, n, self.ctx.device)
+            if prompts_to is not None:
+                write_text_atomic(prompts_to, "".join(p + "\n" for p in prompts))
+        result = sample_batch(self.step_fn.ema, x0, labels, sample_cfg, sigma_min=self.cfg.flow.sigma_min, conditions=conditions)
+        x = self._decode_latents(result.x) if data_space(self.dataset.manifest) == "latents" else result.x
+        return x, result.nfe
 
     def _evaluate(self) -> None:
         """FID of the EMA model on eval.num_samples samples (sample indices sharded across ranks),

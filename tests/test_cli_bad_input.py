@@ -219,3 +219,66 @@ def test_bad_input(make_args, expect, w, capsys, monkeypatch):
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) > 20, (args, err)
     assert expect in lines[0], (args, err)
     assert _snapshot(roots) == before, args
+
+
+# Issue #32 (reliability 2, training side): reflow work folders and damaged exports, in the same harness.
+@pytest.fixture(scope="module")
+def w32(w, debug_run):
+    from safetensors.torch import load_file, save_file
+
+    from fmcli.checkpoint import resolve_checkpoint
+    from fmcli.export import export_checkpoint
+
+    root = w["root"] / "issue32"
+    root.mkdir()
+    p = {**w, "root": root}
+    for name, files in (("user", {"notes.txt": "the user's own file"}), ("damaged", {"plan.json": "{damaged"}), ("list", {"plan.json": "[1, 2]"})):
+        partial = root / f"{name}.partial"
+        partial.mkdir()
+        for file, text in files.items():
+            (partial / file).write_text(text)
+        p[f"reflow_{name}"] = root / name
+    export = root / "export"
+    export_checkpoint(resolve_checkpoint(debug_run), export, "diffusers")
+    weights = "diffusion_pytorch_model.safetensors"
+
+    def damaged(name, damage):
+        shutil.copytree(export, root / name)
+        damage(root / name)
+        p[name] = root / name
+
+    def edit_weights(d, change):
+        state = load_file(d / weights)
+        change(state)
+        save_file(state, str(d / weights))
+
+    def edit_manifest(d, **fields):
+        m = json.loads((d / "fm_export.json").read_text())
+        m.update(fields)
+        (d / "fm_export.json").write_text(json.dumps({k: v for k, v in m.items() if v is not None}))
+
+    key = "transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"
+    damaged("export_tuned", lambda d: edit_weights(d, lambda s: s[key].mul_(2)))
+    damaged("export_no_weights_key", lambda d: edit_manifest(d, weights_file=None))
+    damaged("export_outside", lambda d: edit_manifest(d, weights_file="../export/" + weights))
+    damaged("export_truncated", lambda d: (d / weights).write_bytes((d / weights).read_bytes()[:-999]))
+    damaged("export_missing_tensor", lambda d: edit_weights(d, lambda s: s.pop("proj_out_1.weight")))
+    return p
+
+
+REFLOW = ("reflow", "--device", "cpu", "-n", "4", "--steps", "1", "--batch-size", "4")
+CASES_32 = [
+    ("reflow-partial-of-user-files", lambda w: (*REFLOW, "--ckpt", w["run"], "--out", w["reflow_user"]), "plan.json"),
+    ("reflow-partial-damaged-plan", lambda w: (*REFLOW, "--ckpt", w["run"], "--out", w["reflow_damaged"]), "plan.json is damaged"),
+    ("reflow-partial-plan-not-a-plan", lambda w: (*REFLOW, "--ckpt", w["run"], "--out", w["reflow_list"]), "not a reflow plan"),
+    ("export-embeddings-differ", lambda w: ("sample", "--ckpt", w["export_tuned"], "--out", w["root"] / "x.png"), "embeddings"),
+    ("export-no-weights-file", lambda w: ("sample", "--ckpt", w["export_no_weights_key"], "--out", w["root"] / "x.png"), "weights_file"),
+    ("export-weights-outside", lambda w: ("sample", "--ckpt", w["export_outside"], "--out", w["root"] / "x.png"), "weights_file"),
+    ("export-truncated-weights", lambda w: ("sample", "--ckpt", w["export_truncated"], "--out", w["root"] / "x.png"), "corrupt"),
+    ("export-missing-tensor", lambda w: ("sample", "--ckpt", w["export_missing_tensor"], "--out", w["root"] / "x.png"), "does not match"),
+]
+
+
+@pytest.mark.parametrize("make_args, expect", [(c[1], c[2]) for c in CASES_32], ids=[c[0] for c in CASES_32])
+def test_bad_input_issue32(make_args, expect, w32, capsys, monkeypatch):
+    test_bad_input(make_args, expect, w32, capsys, monkeypatch)

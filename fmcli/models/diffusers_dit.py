@@ -143,12 +143,27 @@ def diffusers_to_fm(state: dict[str, torch.Tensor], model_cfg) -> dict[str, torc
     s = {k: v.detach().float().cpu() for k, v in state.items()}
     p = _half_swap(model_cfg.hidden_size)
     out = {f: _HOW[how](s[d], p) for f, d, how in _mapped(model_cfg.depth)}
+    _check_shared_embeddings(s, model_cfg.depth)
     out.update({f: s["transformer_blocks.0.norm1.emb." + k] for f, k in _EMBEDDINGS.items()})
     for i in range(model_cfg.depth):
         f, d = f"blocks.{i}.", f"transformer_blocks.{i}."
         out[f + "attn.qkv.weight"] = torch.cat([s[d + f"attn1.{n}.weight"][:, p] for n in _QKV])
         out[f + "attn.qkv.bias"] = torch.cat([s[d + f"attn1.{n}.bias"] for n in _QKV])
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _check_shared_embeddings(s: dict[str, torch.Tensor], depth: int) -> None:
+    """fm has one time + class embedding; diffusers keeps a copy per block (and conditions its final layer on
+    block 0's). An export whose copies differ (e.g. fine-tuned in diffusers) computes something fm cannot:
+    refused, not read as block 0's."""
+    for i in range(1, depth):
+        for k in _EMBEDDINGS.values():
+            first, copy = s["transformer_blocks.0.norm1.emb." + k], s[f"transformer_blocks.{i}.norm1.emb." + k]
+            if first.shape != copy.shape or not torch.equal(first, copy):
+                raise UsageError(
+                    f"this diffusers DiT's blocks have different time/class embeddings (transformer_blocks.{i}.norm1.emb.{k} "
+                    "differs from block 0's), which fm's one shared embedding cannot represent; fm reads only unmodified exports"
+                )
 
 
 def _half_swap(width: int) -> torch.Tensor:
