@@ -14,9 +14,9 @@ import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Config, validate_config, with_sampling_shift
-from .errors import UsageError
+from .errors import RuntimeFailure, UsageError
 from .models import build_model
-from .sampling import OnStep, guided_velocity, solve
+from .sampling import SDE_SOLVERS, OnStep, guided_velocity, solve
 from .seeding import STREAMS, normal
 
 
@@ -55,7 +55,7 @@ def sample_batch(
     sigma_min: float = 0.0,
     conditions=None,
     guide=None,
-    seed: int = 0,
+    seed: int | None = None,
     indices=None,
     on_step: OnStep | None = None,
 ):
@@ -63,21 +63,38 @@ def sample_batch(
 
     `conditions` = (cond, uncond) keyword dicts (text models) replaces the class conditions of `labels`.
     `guide` is the autoguidance model (guidance "auto"). euler-sde's noise is keyed by (seed, sample index,
-    step), the indices defaulting to the batch rows 0..B-1.
+    step): an SDE caller must pass both, or every batch would repeat batch 0's noise. Non-finite samples
+    are an error (a RuntimeFailure), never images.
     """
     cond, uncond = conditions if conditions is not None else class_conditions(labels, getattr(model, "null_class", 0))
     if sample_cfg.guidance == "auto" and guide is None:
         raise UsageError("--guidance auto needs a guide model: pass --guide-ckpt CKPT (a smaller or earlier checkpoint of the same data)")
+    if sample_cfg.solver in SDE_SOLVERS and (seed is None or indices is None):
+        raise ValueError(f"{sample_cfg.solver} draws noise per (seed, sample index, step): pass the batch's seed and sample indices")
     velocity = guided_velocity(
         model, cond, uncond, cfg=sample_cfg.cfg, interval=sample_cfg.guidance_interval, guidance=sample_cfg.guidance, guide=guide
     )
     zero_init = sample_cfg.guidance == "cfg-zero" and sample_cfg.cfg != 1.0 and uncond is not None
-    noise = sde_noise(seed, range(x0.shape[0]) if indices is None else indices, tuple(x0.shape[1:]))
-    return solve(
+    noise = sde_noise(seed, indices, tuple(x0.shape[1:])) if sample_cfg.solver in SDE_SOLVERS else None
+    result = solve(
         velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=sample_cfg.shift or 1.0, rtol=sample_cfg.rtol, atol=sample_cfg.atol,
         sigma_min=sigma_min, sde_noise=sample_cfg.sde_noise, noise=noise,
         skip_steps=sample_cfg.zero_init_steps if zero_init else 0, on_step=on_step,
     )  # fmt: skip
+    check_finite_samples(result.x, indices)
+    return result
+
+
+def check_finite_samples(x: torch.Tensor, indices=None) -> None:
+    """Samples with nan or inf would be written as black images (or stored as reflow pairs): stop instead."""
+    bad = (~torch.isfinite(x.flatten(1))).any(1)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        first = int(indices[rows[0]]) if indices is not None else rows[0]
+        raise RuntimeFailure(
+            f"{len(rows)} of {x.shape[0]} samples (first: sample {first}) are not finite (nan/inf): the model or the sampling "
+            "settings diverged; try a lower --cfg or --sde-noise, another solver, or another checkpoint"
+        )
 
 
 @dataclass
