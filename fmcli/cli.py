@@ -838,24 +838,27 @@ def bench(
 def env_command(
     device: Device = "auto",
     width: int = typer.Option(384, "--width", min=8, help="Model width for the probe's GEMM (the quickstart DiT is 128)."),
+    remeasure: bool = typer.Option(False, "--remeasure", help="Forget this machine's cached probes and measure again (e.g. one taken under heavy load)."),
     as_json: Json = False,
 ):
     """What this machine is and what `auto` picks on it: device, CPU flags, GPUs, versions, the fp32/bf16 probe,
     precision and compile choice, C++ compiler, optional extras.
 
-    The probe takes a few seconds the first time and is cached in $XDG_CACHE_HOME/fm/probe.json (~/.cache/fm).
+    The probe takes a few seconds the first time and is cached in $XDG_CACHE_HOME/fm/probe.json (~/.cache/fm);
+    --remeasure measures it again.
 
     Examples:
       fm env
       fm env --json
       fm env --width 128
+      fm env --remeasure
     """
 
     def run():
         from .distributed import resolve_device
         from .hardware import environment_report, environment_text
 
-        report = environment_report(resolve_device(device), width=width)
+        report = environment_report(resolve_device(device), width=width, remeasure=remeasure)
         if as_json:
             emit_json(report)
         else:
