@@ -143,20 +143,44 @@ def load_for_sampling(
     return LoadedModel(model=model, config=cfg, info=info, step=int(state.get("step", 0)), **encoders)
 
 
-def with_guide(loaded: LoadedModel, guide_ckpt: str, device: torch.device, use_ema: bool = True) -> LoadedModel:
-    """`loaded` with the autoguidance guide from `guide_ckpt`, which must model the same data: the same
-    sample shape, class count and kind of conditioning (it may be smaller or less trained)."""
+def with_guide(loaded: LoadedModel, guide_ckpt: str, device: torch.device, use_ema: bool = True, warn=None) -> LoadedModel:
+    """`loaded` with the autoguidance guide from `guide_ckpt`, which must model the same data in the same
+    space (it may be smaller or less trained): v = v_guide + w (v_main - v_guide) only makes sense when both
+    velocities live in one space and read one conditioning. Refused (exit 2) on a different sample shape,
+    class count, class names or order, data kind (pixels or latents), VAE latent space, text conditioning or
+    text encoder; an encoder recorded at another path with otherwise equal facts is `warn`ed about (the
+    weights may have moved, or be another fine-tune)."""
     import dataclasses
+    import sys
 
     guide = load_for_sampling(guide_ckpt, device, use_ema=use_ema, with_encoders=False)
-    facts = lambda m: {"sample shape": list(m.shape), "class count": m.num_classes, "text conditioning": m.is_text}  # noqa: E731
-    for what, mine in facts(loaded).items():
-        theirs = facts(guide)[what]
-        if theirs != mine:
-            raise UsageError(f"--guide-ckpt {guide_ckpt} has {what} {theirs}, the model has {mine}: the guide must be a model of the same data")
-    if loaded.is_text and guide.config.model.text_dim != loaded.config.model.text_dim:
-        raise UsageError(f"--guide-ckpt {guide_ckpt} reads text states of width {guide.config.model.text_dim}, the model {loaded.config.model.text_dim}")
+    mine, theirs = _guide_facts(loaded), _guide_facts(guide)
+    for what, value in mine.items():
+        if what in theirs and value is not None and theirs[what] is not None and theirs[what] != value:
+            raise UsageError(f"--guide-ckpt {guide_ckpt} has {what} {theirs[what]}, the model has {value}: the guide must be a model of the same data")
+    for what in ("VAE", "text encoder"):
+        paths = [(m.info.get("vae" if what == "VAE" else "text_encoder") or {}).get("path") for m in (loaded, guide)]
+        if None not in paths and paths[0] != paths[1]:
+            (warn or (lambda m: print(m, file=sys.stderr)))(
+                f"warning: --guide-ckpt's {what} was recorded at {paths[1]}, the model's at {paths[0]}; autoguidance is wrong unless they are the same weights"
+            )
     return dataclasses.replace(loaded, guide=guide.model)
+
+
+def _guide_facts(m: LoadedModel) -> dict:
+    """What a model and its autoguidance guide must share (None: not recorded, e.g. an old checkpoint)."""
+    info, text = m.info, m.config.model.cross_attention
+    vae, encoder = info.get("vae") or {}, info.get("text_encoder") or {}
+    return {
+        "sample shape": list(m.shape),
+        "class count": m.num_classes,
+        "class names": list(info["class_names"]) if m.num_classes and info.get("class_names") else None,
+        "data kind": info.get("kind"),
+        "VAE latent space": {k: vae.get(k) for k in ("scaling_factor", "shift_factor", "latent_channels", "downsample")} if vae else None,
+        "text conditioning": text,
+        "text state width": m.config.model.text_dim if text else None,
+        "text encoder": {k: encoder.get(k) for k in ("model_type", "hidden_size")} if text and encoder else None,
+    }
 
 
 def load_weights(path) -> dict:
@@ -325,7 +349,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
     sample_cfg = sample_overrides(loaded.config.sample)
     if guide_ckpt is not None:
-        loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema)
+        loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema, warn=None if ctx.is_main else lambda message: None)
     recorder = TrajectoryRecorder() if gif is not None else None
     start = time.perf_counter()
     xs, nfes, paths, trajectories = [], [], [], []
