@@ -558,16 +558,13 @@ def _nfe_sweep(sample_cfg, budgets: list[int], log) -> list[tuple[int, object]]:
     rk4 at 2 or 3) is skipped with a note rather than run over budget under its label."""
     from .sampling import nfe_of
 
-    sweep = []
-    for n in budgets:
-        settings = _settings_for_nfe(sample_cfg, n)
-        if settings is None:
-            if log:
-                log(f"NFE {n}: skipped, {sample_cfg.solver} needs at least {nfe_of(sample_cfg.solver, 1)} NFE per sample")
-            continue
-        sweep.append((n, settings))
+    least = nfe_of(sample_cfg.solver, 1)
+    sweep = [(n, settings) for n in budgets if (settings := _settings_for_nfe(sample_cfg, n)) is not None]
     if not sweep:
-        raise UsageError(f"--nfe {','.join(map(str, budgets))}: {sample_cfg.solver} needs at least {nfe_of(sample_cfg.solver, 1)} NFE per sample; give larger budgets")
+        raise UsageError(f"--nfe {','.join(map(str, budgets))}: {sample_cfg.solver} needs at least {least} NFE per sample; give larger budgets")
+    for n in sorted(set(budgets) - {n for n, _ in sweep}):
+        if log:
+            log(f"NFE {n}: skipped, {sample_cfg.solver} needs at least {least} NFE per sample")
     return sweep
 
 
