@@ -260,7 +260,7 @@ def test_corrupt_probe_cache_is_measured_again(damage, shapes16, tmp_path, monke
     data = json.loads(cache.read_text())
     key = next(k for k in data if "|cpu|" in k)
     if damage == "wrong-shape":
-        data = ["not", "a", "dict"]
+        data[key] = {workload: ["not", "a", "probe"] for workload in data[key]}
     elif damage == "machine-not-a-dict":
         data[key] = 7
     else:
