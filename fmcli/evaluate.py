@@ -558,8 +558,8 @@ def _nfe_sweep(sample_cfg, budgets: list[int], log) -> list[tuple[int, object]]:
     rk4 at 2 or 3) is skipped with a note rather than run over budget under its label."""
     from .sampling import nfe_of
 
-    least = nfe_of(sample_cfg.solver, 1)
     sweep = [(n, settings) for n in budgets if (settings := _settings_for_nfe(sample_cfg, n)) is not None]
+    least = nfe_of(sample_cfg.solver, 1)  # after _settings_for_nfe, which refuses dopri5 (no per-step NFE)
     if not sweep:
         raise UsageError(f"--nfe {','.join(map(str, budgets))}: {sample_cfg.solver} needs at least {least} NFE per sample; give larger budgets")
     for n in sorted(set(budgets) - {n for n, _ in sweep}):
