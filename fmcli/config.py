@@ -260,6 +260,7 @@ RESUME_SAFE_KEYS = {
     "eval.features",
     "eval.inception",
     "eval.inception_unverified",
+    "sample.guidance",  # only the sample grids use it; lets a run saved with "auto" (refused in training) resume
     "encoders.vae",  # the frozen encoders' local paths may move between sessions
     "encoders.text_encoder",
 }

@@ -429,3 +429,22 @@ def test_item12_a_budget_fallback_that_sets_autoguidance_is_refused_too():
     with pytest.raises(UsageError, match="budget_fallback"):
         check_training_config(cfg)
     check_training_config(load_config("debug"))  # the usual config passes
+
+
+def test_item12_a_run_saved_with_autoguidance_resumes_once_guidance_is_set(debug_run, tmp_path, capsys):
+    """Older fm saved the final checkpoint of such a run before failing: it is refused, and resumable with --set."""
+    import shutil
+
+    from fmcli.checkpoint import resolve_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(debug_run, run)
+    ckpt = resolve_checkpoint(run)
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["sample"]["guidance"] = "auto"
+    torch.save(state, ckpt)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    code, _, err = fm(capsys, "resume", run, "--set", "train.steps=6")
+    assert code == 2 and "sample.guidance" in err and sorted(p.name for p in (run / "checkpoints").iterdir()) == before, err
+    code, _, err = fm(capsys, "resume", run, "--set", "train.steps=6", "--set", "sample.guidance=cfg")
+    assert code == 0, err
