@@ -135,7 +135,7 @@ Preset = Annotated[str, typer.Option("--preset", "-p", help="Preset name (see pr
 Overrides = Annotated[List[str], typer.Option("--set", help="Override a setting, e.g. --set train.steps=200 (repeatable).")]
 Ckpt = Annotated[str, typer.Option("--ckpt", help="Checkpoint file or run directory (its latest checkpoint).")]
 CfgScale = Annotated[Optional[float], float_option("--cfg", min=0.0, help="Classifier-free guidance weight (1 = off).")]
-Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Solver steps (all but dopri5).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Solver steps (dopri5 picks its own; with cfg-zero its zero-init still spans the first --zero-init-steps of this grid).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed: sample i's noise depends only on (seed, i).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward batch.")]
 Ema = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.")]
@@ -180,7 +180,7 @@ GuideCkpt = Annotated[
     Optional[str], typer.Option("--guide-ckpt", help="Autoguidance guide: a smaller or earlier checkpoint of the same data (implies --guidance auto).")
 ]
 SdeNoise = Annotated[Optional[float], float_option("--sde-noise", min=0.0, help="euler-sde diffusion scale: g(t)^2 = 2 * SCALE * (1 - t) (SiT's norm); 0 = plain Euler.")]
-ZeroInit = Annotated[Optional[int], typer.Option("--zero-init-steps", help="cfg-zero: steps at the start with zero velocity (default 1).")]
+ZeroInit = Annotated[Optional[int], typer.Option("--zero-init-steps", help="cfg-zero: steps of the --steps grid at the start with zero velocity, below --steps (default 1; every solver).")]
 Interval = Annotated[Optional[str], typer.Option("--guidance-interval", help="LO,HI: guide only for t in [LO, HI] (t=0 noise).")]
 
 
