@@ -65,6 +65,8 @@ def main() -> int:
     rows = []
     for budget in (int(n) for n in args.nfe.split(",")):  # budget-major: a cut-short run still compares every solver
         for solver in [s for s in args.solvers.split(",") if s]:
+            if steps_for_nfe(solver, budget) == 0:  # not even one step fits this budget (e.g. heun at NFE 1)
+                continue
             rows.append({"nfe_budget": budget, **score(base.model_copy(update={"solver": solver, "steps": steps_for_nfe(solver, budget)}))})
             print(json.dumps(rows[-1]), flush=True)
     for tol in (float(v) for v in args.tolerances.split(",") if v):

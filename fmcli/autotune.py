@@ -381,7 +381,7 @@ def _measure_sample(model, cfg: Config, spec: BenchSpec, device: torch.device) -
 
     def solve(sample_cfg):
         with autocast:
-            nfe["n"] = sample_batch(model, x0, labels, sample_cfg).nfe
+            nfe["n"] = sample_batch(model, x0, labels, sample_cfg, seed=0, indices=range(b)).nfe
 
     timed = s.steps if s.solver == "dopri5" else min(s.steps, spec.steps)
     if spec.warmup and s.solver != "dopri5":

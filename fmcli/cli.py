@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -106,11 +107,35 @@ def _device(name: str):
 
 # ------------------------------------------------------------------ options shared by several commands
 
+
+def float_option(*args, min: float | None = None, **kwargs):
+    """typer.Option for a float: every float option goes through `finite_float`, which refuses nan and inf
+    (click's own float type accepts both, and `nan` slips past any range check)."""
+    return typer.Option(*args, parser=finite_float(min), metavar="FLOAT", **kwargs)
+
+
+def finite_float(minimum: float | None = None) -> Callable[[object], float]:
+    """A parser: text -> a finite float (>= `minimum` when given); anything else is a one-line usage error."""
+
+    def parse(value) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"{value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise typer.BadParameter(f"{value!r} is not a finite number (nan and inf are refused)")
+        if minimum is not None and number < minimum:
+            raise typer.BadParameter(f"{value!r} must be >= {minimum:g}")
+        return number
+
+    return parse
+
+
 Preset = Annotated[str, typer.Option("--preset", "-p", help="Preset name (see presets/) or a .toml file.")]
 Overrides = Annotated[List[str], typer.Option("--set", help="Override a setting, e.g. --set train.steps=200 (repeatable).")]
 Ckpt = Annotated[str, typer.Option("--ckpt", help="Checkpoint file or run directory (its latest checkpoint).")]
-CfgScale = Annotated[Optional[float], typer.Option("--cfg", min=0.0, help="Classifier-free guidance weight (1 = off).")]
-Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Solver steps (all but dopri5).")]
+CfgScale = Annotated[Optional[float], float_option("--cfg", min=0.0, help="Classifier-free guidance weight (1 = off).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Solver steps (dopri5 picks its own; with cfg-zero its zero-init still spans the first --zero-init-steps of this grid).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed: sample i's noise depends only on (seed, i).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward batch.")]
 Ema = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.")]
@@ -154,8 +179,8 @@ Guidance = Annotated[Optional[str], _lazy_option("--guidance", _guidance_help)]
 GuideCkpt = Annotated[
     Optional[str], typer.Option("--guide-ckpt", help="Autoguidance guide: a smaller or earlier checkpoint of the same data (implies --guidance auto).")
 ]
-SdeNoise = Annotated[Optional[float], typer.Option("--sde-noise", help="euler-sde diffusion scale: g(t)^2 = 2 * SCALE * (1 - t) (SiT's norm); 0 = plain Euler.")]
-ZeroInit = Annotated[Optional[int], typer.Option("--zero-init-steps", help="cfg-zero: steps at the start with zero velocity (default 1).")]
+SdeNoise = Annotated[Optional[float], float_option("--sde-noise", min=0.0, help="euler-sde diffusion scale: g(t)^2 = 2 * SCALE * (1 - t) (SiT's norm); 0 = plain Euler.")]
+ZeroInit = Annotated[Optional[int], typer.Option("--zero-init-steps", help="cfg-zero: steps of the --steps grid at the start with zero velocity, below --steps (default 1; every solver).")]
 Interval = Annotated[Optional[str], typer.Option("--guidance-interval", help="LO,HI: guide only for t in [LO, HI] (t=0 noise).")]
 
 
@@ -253,7 +278,7 @@ def prepare_data(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding processes (default: cores, at most 8)."),
     count: int = typer.Option(20000, "--count", min=1, help="Number of images (shapes)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (shapes)."),
-    max_member_mib: float = typer.Option(64.0, "--max-member-mib", min=0.001, help="tar: skip (and count) members larger than this, unread."),
+    max_member_mib: float = float_option(64.0, "--max-member-mib", min=0.001, help="tar: skip (and count) members larger than this, unread."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Local diffusers VAE directory: store float16 latents instead of pixels."),
@@ -435,8 +460,8 @@ def sample(
     vae: Optional[str] = typer.Option(None, "--vae", help="Local VAE directory (latent models; default: FM_VAE, then the run's)."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (default: FM_TEXT_ENCODER, then the run's)."),
     sampling: SamplingFlags = SamplingFlags(),  # the shared sampling options (see sampling_options)
-    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (dopri5)."),
-    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (dopri5)."),
+    rtol: Optional[float] = float_option(None, "--rtol", help="Relative tolerance (dopri5)."),
+    atol: Optional[float] = float_option(None, "--atol", help="Absolute tolerance (dopri5)."),
     seed: Seed = 0,
     out: Path = typer.Option(Path("samples"), "--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only)."),
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write a trajectory GIF (noise to image) of the grid."),
@@ -503,11 +528,11 @@ def reflow(
     ckpt: Annotated[str, typer.Option("--ckpt", help="Teacher: checkpoint file, run directory or export directory.")],
     num_pairs: int = typer.Option(..., "--num-pairs", "-n", min=1, help="Number of (noise, sample) pairs."),
     out: Path = typer.Option(..., "--out", help="Output dataset directory (kind 'pairs', written atomically)."),
-    solver: str = typer.Option("heun", "--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4 or dopri5."),
+    solver: str = typer.Option("heun", "--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4, ab2 or dopri5 (euler-sde is refused: pairs need the ODE)."),
     steps: int = typer.Option(50, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
-    cfg_scale: Annotated[Optional[float], typer.Option("--cfg", min=0.0, help="Classifier-free guidance weight (default: the teacher's sample.cfg).")] = None,
-    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (dopri5)."),
-    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (dopri5)."),
+    cfg_scale: Annotated[Optional[float], float_option("--cfg", min=0.0, help="Classifier-free guidance weight (default: the teacher's sample.cfg).")] = None,
+    rtol: Optional[float] = float_option(None, "--rtol", help="Relative tolerance (dopri5)."),
+    atol: Optional[float] = float_option(None, "--atol", help="Absolute tolerance (dopri5)."),
     prompt: List[str] = typer.Option([], "--prompt", help="Text prompt (text teachers; repeatable: pair i takes prompt i mod P)."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
     seed: Annotated[int, typer.Option("--seed", help="Seed: pair i's noise depends only on (seed, i).")] = 0,
@@ -768,7 +793,7 @@ def bench(
     warmup: int = typer.Option(2, "--warmup", help="Untimed warmup training steps before the clock starts."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (default: the preset's train.precision; auto = measured, see `fm env`)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: the preset's train.compile; auto = where inductor works)."),
-    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="Memory budget in GiB for autotune (CPU default: half the RAM)."),
+    max_memory: Optional[float] = float_option(None, "--max-memory", help="Memory budget in GiB for autotune (CPU default: half the RAM)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch autotune tries (default: the preset's train.global_batch_size)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'diffusers': also measure diffusers' DiTTransformer2DModel."),
     device: Device = "auto",
@@ -818,24 +843,27 @@ def bench(
 def env_command(
     device: Device = "auto",
     width: int = typer.Option(384, "--width", min=8, help="Model width for the probe's GEMM (the quickstart DiT is 128)."),
+    remeasure: bool = typer.Option(False, "--remeasure", help="Forget this machine's cached probes and measure again (e.g. one taken under heavy load)."),
     as_json: Json = False,
 ):
     """What this machine is and what `auto` picks on it: device, CPU flags, GPUs, versions, the fp32/bf16 probe,
     precision and compile choice, C++ compiler, optional extras.
 
-    The probe takes a few seconds the first time and is cached in $XDG_CACHE_HOME/fm/probe.json (~/.cache/fm).
+    The probe takes a few seconds the first time and is cached in $XDG_CACHE_HOME/fm/probe.json (~/.cache/fm);
+    --remeasure measures it again.
 
     Examples:
       fm env
       fm env --json
       fm env --width 128
+      fm env --remeasure
     """
 
     def run():
         from .distributed import resolve_device
         from .hardware import environment_report, environment_text
 
-        report = environment_report(resolve_device(device), width=width)
+        report = environment_report(resolve_device(device), width=width, remeasure=remeasure)
         if as_json:
             emit_json(report)
         else:

@@ -34,7 +34,9 @@ SIZE_FIELDS = ("hidden_size", "depth", "heads", "patch_size")  # what a size nam
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float setting refuses nan and inf ("Input should be a finite number"); an
+    # infinite budget or guidance weight otherwise turns into nan arithmetic or black images further on.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -181,15 +183,26 @@ class SampleConfig(Strict):
     shift: float | None = Field(None, gt=0)  # time-grid shift; None = the training flow.shift (filled by resolve)
     grid_size: int = Field(16, gt=0)  # images in the periodic training sample grid
 
-    @model_validator(mode="after")
-    def _interval_in_unit_range(self):
-        if self.guidance_interval is not None:
-            lo, hi = self.guidance_interval
-            if not 0.0 <= lo <= hi <= 1.0:
-                raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1, got {list(self.guidance_interval)}")
-        if self.guidance == "cfg-zero" and self.solver != "dopri5" and self.zero_init_steps >= self.steps:
-            raise ValueError(f"zero_init_steps ({self.zero_init_steps}) must be below steps ({self.steps}): cfg-zero would never move the noise")
-        return self
+    # Field validators (not a model validator) so that an error names its own setting and option.
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval_in_unit_range(cls, interval):
+        if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
+            raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1, got {list(interval)}")
+        return interval
+
+    @field_validator("zero_init_steps")
+    @classmethod
+    def _zero_init_below_steps(cls, zero_init_steps, info):
+        # One rule for every solver: cfg-zero's zero-init spans the first K steps of the `steps`-step time grid
+        # (dopri5 then integrates from that grid time on), so K must leave some of the grid to integrate.
+        steps, guidance = info.data.get("steps"), info.data.get("guidance")
+        if guidance == "cfg-zero" and steps is not None and zero_init_steps >= steps:
+            raise ValueError(
+                f"zero_init_steps ({zero_init_steps}) must be below steps ({steps}) with cfg-zero, for every solver "
+                "(dopri5 too: the zero-init spans that many of `steps` grid steps); cfg-zero would never move the noise"
+            )
+        return zero_init_steps
 
 
 class EvalConfig(Strict):
@@ -284,9 +297,35 @@ RESUME_SAFE_KEYS = {
     "eval.features",
     "eval.inception",
     "eval.inception_unverified",
+    "sample.guidance",  # only the sample grids use it; lets a run saved with "auto" (refused in training) resume
     "encoders.vae",  # the frozen encoders' local paths may move between sessions
     "encoders.text_encoder",
 }
+
+
+def check_training_config(cfg: Config) -> None:
+    """What a config may hold for sampling but not for training: autoguidance needs a guide checkpoint, which
+    `fm sample --guide-ckpt` gives and training's sample grids have no way to (they would fail mid-run)."""
+    configs = [("", cfg)]
+    if cfg.train.budget_fallback is not None:
+        configs.append((" (in train.budget_fallback.overrides)", budget_fallback_config(cfg)))
+    for where, c in configs:
+        if c.sample.guidance == "auto":
+            raise UsageError(
+                f"sample.guidance='auto'{where} (autoguidance) needs a guide checkpoint, which training's sample grids cannot have; "
+                "train with --set sample.guidance=cfg (or cfg-zero) and use `fm sample --guide-ckpt CKPT` afterwards"
+            )
+
+
+def with_setting(cfg: Config, key: str, value: Any) -> Config:
+    """`cfg` with one setting (`section.field`) replaced and the whole config validated, as a `--set` would be.
+
+    For values fm resolves itself (train.precision "auto" -> what runs): `model_copy(update=...)` skips
+    validation, so a bad value would reach config.json and checkpoints that later commands then refuse.
+    """
+    raw = config_to_dict(cfg)
+    _set_key(raw, key, value)
+    return validate_config(raw, source=f"{key}={value!r}")
 
 
 def flip_warning(cfg: Config) -> str | None:

@@ -512,7 +512,7 @@ def fid_command(
             from .generate import with_guide
 
             loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
-        sweep = [(n, _settings_for_nfe(sample_cfg, n)) for n in nfe] if nfe is not None else None
+        sweep = _nfe_sweep(sample_cfg, nfe, log) if nfe is not None else None
 
     ref_stats = reference_statistics(ref, extractor, batch_size=batch_size, keep_features=kid, log=log)
     if not isinstance(extractor, InceptionExtractor):  # said once the inputs are known to be good
@@ -553,15 +553,32 @@ def fid_command(
     return rows
 
 
+def _nfe_sweep(sample_cfg, budgets: list[int], log) -> list[tuple[int, object]]:
+    """(budget, settings) for each NFE budget the solver can meet; a budget below one step's NFE (heun at 1,
+    rk4 at 2 or 3) is skipped with a note rather than run over budget under its label."""
+    from .sampling import nfe_of
+
+    sweep = [(n, settings) for n in budgets if (settings := _settings_for_nfe(sample_cfg, n)) is not None]
+    least = nfe_of(sample_cfg.solver, 1)  # after _settings_for_nfe, which refuses dopri5 (no per-step NFE)
+    if not sweep:
+        raise UsageError(f"--nfe {','.join(map(str, budgets))}: {sample_cfg.solver} needs at least {least} NFE per sample; give larger budgets")
+    for n in sorted(set(budgets) - {n for n, _ in sweep}):
+        if log:
+            log(f"NFE {n}: skipped, {sample_cfg.solver} needs at least {least} NFE per sample")
+    return sweep
+
+
 def _settings_for_nfe(sample_cfg, nfe: int):
     """The sampling settings with the most solver steps whose NFE fits `nfe` (validated: cfg-zero's
-    zero-init steps must stay below the steps)."""
+    zero-init steps must stay below the steps); None when not even one step fits."""
     from pydantic import ValidationError
 
     from .sampling import steps_for_nfe
 
     try:
         steps = steps_for_nfe(sample_cfg.solver, nfe)
+        if steps == 0:  # not even one step fits the budget
+            return None
         return type(sample_cfg).model_validate({**sample_cfg.model_dump(), "steps": steps})
     except ValueError as err:  # pydantic's ValidationError is a ValueError too
         msg = err.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(err, ValidationError) else str(err)

@@ -14,9 +14,9 @@ import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Config, validate_config, with_sampling_shift
-from .errors import UsageError
+from .errors import RuntimeFailure, UsageError
 from .models import build_model
-from .sampling import OnStep, check_solver_for_model, guided_velocity, solve
+from .sampling import SDE_SOLVERS, OnStep, check_solver_for_model, guided_velocity, solve
 from .seeding import STREAMS, normal
 
 
@@ -55,7 +55,7 @@ def sample_batch(
     sigma_min: float = 0.0,
     conditions=None,
     guide=None,
-    seed: int = 0,
+    seed: int | None = None,
     indices=None,
     on_step: OnStep | None = None,
 ):
@@ -63,7 +63,8 @@ def sample_batch(
 
     `conditions` = (cond, uncond) keyword dicts (text models) replaces the class conditions of `labels`.
     `guide` is the autoguidance model (guidance "auto"). euler-sde's noise is keyed by (seed, sample index,
-    step), the indices defaulting to the batch rows 0..B-1.
+    step): an SDE caller must pass both, or every batch would repeat batch 0's noise. Non-finite samples
+    are an error (a RuntimeFailure), never images.
     """
     cond, uncond = conditions if conditions is not None else class_conditions(labels, getattr(model, "null_class", 0))
     try:
@@ -72,16 +73,32 @@ def sample_batch(
         raise UsageError(str(err)) from None
     if sample_cfg.guidance == "auto" and guide is None:
         raise UsageError("--guidance auto needs a guide model: pass --guide-ckpt CKPT (a smaller or earlier checkpoint of the same data)")
+    if sample_cfg.solver in SDE_SOLVERS and (seed is None or indices is None):
+        raise ValueError(f"{sample_cfg.solver} draws noise per (seed, sample index, step): pass the batch's seed and sample indices")
     velocity = guided_velocity(
         model, cond, uncond, cfg=sample_cfg.cfg, interval=sample_cfg.guidance_interval, guidance=sample_cfg.guidance, guide=guide
     )
     zero_init = sample_cfg.guidance == "cfg-zero" and sample_cfg.cfg != 1.0 and uncond is not None
-    noise = sde_noise(seed, range(x0.shape[0]) if indices is None else indices, tuple(x0.shape[1:]))
-    return solve(
+    noise = sde_noise(seed, indices, tuple(x0.shape[1:])) if sample_cfg.solver in SDE_SOLVERS else None
+    result = solve(
         velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=sample_cfg.shift or 1.0, rtol=sample_cfg.rtol, atol=sample_cfg.atol,
         sigma_min=sigma_min, sde_noise=sample_cfg.sde_noise, noise=noise,
         skip_steps=sample_cfg.zero_init_steps if zero_init else 0, on_step=on_step,
     )  # fmt: skip
+    check_finite_samples(result.x, indices)
+    return result
+
+
+def check_finite_samples(x: torch.Tensor, indices=None) -> None:
+    """Samples with nan or inf would be written as black images (or stored as reflow pairs): stop instead."""
+    bad = (~torch.isfinite(x.flatten(1))).any(1)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        first = int(indices[rows[0]]) if indices is not None else rows[0]
+        raise RuntimeFailure(
+            f"{len(rows)} of {x.shape[0]} samples (first: sample {first}) are not finite (nan/inf): the model or the sampling "
+            "settings diverged; try a lower --cfg or --sde-noise, another solver, or another checkpoint"
+        )
 
 
 @dataclass
@@ -130,20 +147,44 @@ def load_for_sampling(
     return LoadedModel(model=model, config=cfg, info=info, step=int(state.get("step", 0)), **encoders)
 
 
-def with_guide(loaded: LoadedModel, guide_ckpt: str, device: torch.device, use_ema: bool = True) -> LoadedModel:
-    """`loaded` with the autoguidance guide from `guide_ckpt`, which must model the same data: the same
-    sample shape, class count and kind of conditioning (it may be smaller or less trained)."""
+def with_guide(loaded: LoadedModel, guide_ckpt: str, device: torch.device, use_ema: bool = True, warn=None) -> LoadedModel:
+    """`loaded` with the autoguidance guide from `guide_ckpt`, which must model the same data in the same
+    space (it may be smaller or less trained): v = v_guide + w (v_main - v_guide) only makes sense when both
+    velocities live in one space and read one conditioning. Refused (exit 2) on a different sample shape,
+    class count, class names or order, data kind (pixels or latents), VAE latent space, text conditioning or
+    text encoder; an encoder recorded at another path with otherwise equal facts is `warn`ed about (the
+    weights may have moved, or be another fine-tune)."""
     import dataclasses
+    import sys
 
     guide = load_for_sampling(guide_ckpt, device, use_ema=use_ema, with_encoders=False)
-    facts = lambda m: {"sample shape": list(m.shape), "class count": m.num_classes, "text conditioning": m.is_text}  # noqa: E731
-    for what, mine in facts(loaded).items():
-        theirs = facts(guide)[what]
-        if theirs != mine:
-            raise UsageError(f"--guide-ckpt {guide_ckpt} has {what} {theirs}, the model has {mine}: the guide must be a model of the same data")
-    if loaded.is_text and guide.config.model.text_dim != loaded.config.model.text_dim:
-        raise UsageError(f"--guide-ckpt {guide_ckpt} reads text states of width {guide.config.model.text_dim}, the model {loaded.config.model.text_dim}")
+    mine, theirs = _guide_facts(loaded), _guide_facts(guide)
+    for what, value in mine.items():
+        if what in theirs and value is not None and theirs[what] is not None and theirs[what] != value:
+            raise UsageError(f"--guide-ckpt {guide_ckpt} has {what} {theirs[what]}, the model has {value}: the guide must be a model of the same data")
+    for what in ("VAE", "text encoder"):
+        paths = [(m.info.get("vae" if what == "VAE" else "text_encoder") or {}).get("path") for m in (loaded, guide)]
+        if None not in paths and paths[0] != paths[1]:
+            (warn or (lambda m: print(m, file=sys.stderr)))(
+                f"warning: --guide-ckpt's {what} was recorded at {paths[1]}, the model's at {paths[0]}; autoguidance is wrong unless they are the same weights"
+            )
     return dataclasses.replace(loaded, guide=guide.model)
+
+
+def _guide_facts(m: LoadedModel) -> dict:
+    """What a model and its autoguidance guide must share (None: not recorded, e.g. an old checkpoint)."""
+    info, text = m.info, m.config.model.cross_attention
+    vae, encoder = info.get("vae") or {}, info.get("text_encoder") or {}
+    return {
+        "sample shape": list(m.shape),
+        "class count": m.num_classes,
+        "class names": list(info["class_names"]) if m.num_classes and info.get("class_names") else None,
+        "data kind": info.get("kind"),
+        "VAE latent space": {k: vae.get(k) for k in ("scaling_factor", "shift_factor", "latent_channels", "downsample")} if vae else None,
+        "text conditioning": text,
+        "text state width": m.config.model.text_dim if text else None,
+        "text encoder": {k: encoder.get(k) for k in ("model_type", "hidden_size")} if text and encoder else None,
+    }
 
 
 def load_weights(path) -> dict:
@@ -325,7 +366,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
     sample_cfg = sample_overrides(loaded.config.sample)
     if guide_ckpt is not None:
-        loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema)
+        loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema, warn=None if ctx.is_main else lambda message: None)
     recorder = TrajectoryRecorder() if gif is not None else None
     start = time.perf_counter()
     shown = grid_count(out, n, grid, loaded.config.sample.grid_size)

@@ -6,8 +6,10 @@
   of the model's width in fp32 and bf16, plus one forward/backward of the model in each when it is cheap)
   picks bf16 only where it is measurably faster. CPUs differ by orders of magnitude here: with AMX or
   AVX512-BF16 a bf16 GEMM is 2-20x faster than fp32, without them it can be 500x *slower* (emulated).
-- The probe's result is cached per machine (CPU model + torch version + device + threads) in
-  `$XDG_CACHE_HOME/fm/probe.json` (default `~/.cache/fm`), so it costs its few seconds once.
+- The probe's result is cached per machine (CPU model, bf16-relevant flags, cores + torch version + device +
+  threads) in `$XDG_CACHE_HOME/fm/probe.json` (default `~/.cache/fm`), so it costs its few seconds once. A
+  cached entry is used only when it is well-formed, consistent with its own numbers, plausible for the CPU's
+  flags, and not a bf16 verdict on a CPU without native bf16; anything else is measured again.
 - `FM_PROBE_FORCE=bf16-slow|bf16-fast` (for tests only) replaces the measurement with a made-up one.
 - Compile "auto": on where inductor works (a CUDA device with triton, or a CPU with a working C++
   compiler); a compile that fails anyway falls back to eager with one warning (`compile_with_fallback`).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -90,11 +93,16 @@ def cpu_info() -> CpuInfo:
     return CpuInfo(model=model, flags=wanted, cores=cores, threads=torch.get_num_threads())
 
 
-def machine_key(device: torch.device) -> str:
-    """What the probe's result depends on: CPU (or GPU) model, torch version, device, threads."""
+def machine_key(device: torch.device, cpu: CpuInfo | None = None) -> str:
+    """What the probe's result depends on: CPU (or GPU) model, torch version, device, threads; on a CPU also
+    its bf16-relevant flags and core count, since a model name alone ("AMD EPYC" on some VMs) covers
+    generations with and without native bf16, and a shared home directory or CI cache must not carry a
+    verdict from one to the other."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}|torch {torch.__version__}|cuda"
-    return f"{cpu_info().model}|torch {torch.__version__}|cpu|{torch.get_num_threads()} threads"
+    cpu = cpu or cpu_info()
+    flags = "+".join(k for k, v in cpu.flags.items() if v) or "no avx2/avx512/amx"
+    return f"{cpu.model}|{flags}|{cpu.cores} cores|torch {torch.__version__}|cpu|{cpu.threads} threads"
 
 
 def cache_dir() -> Path:
@@ -141,12 +149,10 @@ def probe_cpu(width: int, model_step: Callable[[str], None] | None = None, step_
         return _forced_probe(forced, width)
     device = torch.device("cpu")
     workload = f"w{width}" + (f"|{step_key}" if model_step is not None and step_key else "")
-    key = machine_key(device)
-    if use_cache:
-        hit = _read_cache().get(key, {}).get(workload)
-        if hit and hit.get("version") == PROBE_VERSION:
-            hit = {k: v for k, v in hit.items() if k != "version"}
-            return Probe(**{**hit, "source": "cache"})
+    cpu = cpu_info()
+    key = machine_key(device, cpu)
+    if use_cache and (hit := _cached_probe(key, workload, width, cpu)) is not None:
+        return hit
     start = time.perf_counter()
     gemm = _gemm_gflops(width)
     gemm_speedup = gemm["bf16"] / gemm["fp32"]
@@ -160,7 +166,7 @@ def probe_cpu(width: int, model_step: Callable[[str], None] | None = None, step_
         step_ms=step_ms,
         step_speedup=step_speedup,
         precision=_choose(gemm_speedup, step_speedup),
-        matmul_dtype="bf16" if gemm_speedup >= 1.2 else "fp32",
+        matmul_dtype=_matmul_choice(gemm_speedup),
         source="measured",
         seconds=time.perf_counter() - start,
         key=key,
@@ -174,6 +180,10 @@ def _choose(gemm_speedup: float, step_speedup: float | None) -> str:
     if step_speedup is not None:
         return "bf16" if step_speedup >= MIN_STEP_SPEEDUP else "fp32"
     return "bf16" if gemm_speedup >= MIN_GEMM_SPEEDUP else "fp32"
+
+
+def _matmul_choice(gemm_speedup: float) -> str:
+    return "bf16" if gemm_speedup >= 1.2 else "fp32"
 
 
 def _forced_probe(forced: str, width: int) -> Probe:
@@ -369,7 +379,7 @@ def cxx_compiler(use_cache: bool = True) -> dict:
         return {"path": None, "works": False, "error": f"none of {', '.join(candidates)} on PATH"}
     key = f"cxx|{path}|{os.path.getmtime(path):.0f}"
     cache = _read_cache().get(key) if use_cache else None
-    if cache is not None:
+    if _valid_compiler_entry(cache, path):
         return cache
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "probe.cpp"
@@ -385,11 +395,22 @@ def cxx_compiler(use_cache: bool = True) -> dict:
     return result
 
 
+def _valid_compiler_entry(entry, path: str) -> bool:
+    """A cached compiler check of the right shape (else the compiler is checked again)."""
+    return (
+        isinstance(entry, dict) and set(entry) == {"path", "works", "error"} and entry["path"] == path
+        and isinstance(entry["works"], bool) and (entry["error"] is None or isinstance(entry["error"], str))
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------- fm env
 
 
-def environment_report(device: torch.device, width: int = 384) -> dict:
-    """Everything `fm env` prints: device, CPU, GPU, versions, the probe, auto's choices, compiler, extras."""
+def environment_report(device: torch.device, width: int = 384, remeasure: bool = False) -> dict:
+    """Everything `fm env` prints: device, CPU, GPU, versions, the probe, auto's choices, compiler, extras.
+    `remeasure` first forgets this machine's cached probes (one measured under load is otherwise kept)."""
+    if remeasure:
+        forget_probes()
     cpu = cpu_info()
     gpus = []
     if torch.cuda.is_available():
@@ -436,7 +457,7 @@ def environment_text(r: dict) -> str:
         f"              Muon orthogonalisation in {auto['muon_matmul_dtype']}",
         f"c++ compiler: {compiler['path'] or '-'} ({'works' if compiler['works'] else 'not working: ' + str(compiler['error'])})",
         "extras:       " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in r["extras"].items()),
-        f"probe cache:  {r['cache']}",
+        f"probe cache:  {r['cache']} (`fm env --remeasure` measures this machine again, e.g. after a probe under heavy load)",
     ]
     return "\n".join(lines)
 
@@ -459,6 +480,63 @@ def _cache_path() -> Path:
     return cache_dir() / "probe.json"
 
 
+def _cached_probe(key: str, workload: str, width: int, cpu: CpuInfo) -> Probe | None:
+    """The cached probe of this machine and workload, or None when there is none or it is not to be trusted
+    (then it is measured again and the entry rewritten). The cache is a plain file anyone can edit or copy:
+    every field is checked, and the decision is re-derived from the numbers rather than read."""
+    entries = _read_cache().get(key)
+    entry = entries.get(workload) if isinstance(entries, dict) else None
+    if not isinstance(entry, dict) or entry.get("version") != PROBE_VERSION:
+        return None
+    try:
+        probe = Probe(**{k: v for k, v in entry.items() if k not in ("version", "source")}, source="cache")
+    except TypeError:  # missing or unknown fields
+        return None
+    return probe if _trustworthy(probe, key, width, cpu) else None
+
+
+def _trustworthy(probe: Probe, key: str, width: int, cpu: CpuInfo) -> bool:
+    """A cached probe is used only if it is well-formed, consistent, measured here, and plausible for the CPU."""
+    pair = lambda d: isinstance(d, dict) and set(d) == {"fp32", "bf16"} and all(_positive(v) for v in d.values())  # noqa: E731
+    if (probe.device, probe.width, probe.key) != ("cpu", width, key) or not pair(probe.gemm_gflops):
+        return False
+    if (probe.step_ms is None) != (probe.step_speedup is None) or (probe.step_ms is not None and not pair(probe.step_ms)):
+        return False
+    gemm, step = probe.gemm_gflops, probe.step_ms
+    if not _close(probe.gemm_speedup, gemm["bf16"] / gemm["fp32"]) or (step and not _close(probe.step_speedup, step["fp32"] / step["bf16"])):
+        return False
+    if probe.precision != _choose(probe.gemm_speedup, probe.step_speedup) or probe.matmul_dtype != _matmul_choice(probe.gemm_speedup):
+        return False
+    if not isinstance(probe.seconds, (int, float)) or not 0 <= probe.seconds < math.inf:
+        return False
+    if not cpu.native_bf16 and "bf16" in (probe.precision, probe.matmul_dtype):
+        return False  # a bf16 verdict for a CPU that emulates bf16 (~500x slower GEMMs) came from another machine
+    return gemm["fp32"] >= _plausible_fp32_gflops(cpu, width)
+
+
+def _plausible_fp32_gflops(cpu: CpuInfo, width: int) -> float:
+    """A floor for the probe's fp32 GEMM on this CPU: 1/100 of a conservative peak (8 or 16 fp32 FLOP per
+    cycle and thread at 2 GHz for AVX2 / AVX-512). Below it the probe was measured under heavy load (or
+    elsewhere) and is measured again. Small GEMMs (width < 128) are dominated by call overhead: no floor."""
+    if width < 128 or not (cpu.flags["avx2"] or cpu.flags["avx512f"]):
+        return 0.0
+    per_thread = 32.0 if cpu.flags["avx512f"] else 16.0
+    return per_thread * max(1, min(cpu.threads, cpu.cores)) / 100
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _close(a, b) -> bool:
+    return _positive(a) and math.isclose(a, b, rel_tol=1e-6)
+
+
+def forget_probes() -> None:
+    """Remove this machine's cached probes (`fm env --remeasure`): the next use measures again."""
+    _update_cache(lambda c: c.pop(machine_key(torch.device("cpu")), None))
+
+
 def _read_cache() -> dict:
     try:
         data = json.loads(_cache_path().read_text())
@@ -470,7 +548,13 @@ def _read_cache() -> dict:
 def _write_cache(key: str, workload: str, probe: Probe) -> None:
     entry = {**asdict(probe), "version": PROBE_VERSION}
     entry.pop("source")
-    _update_cache(lambda c: c.setdefault(key, {}).__setitem__(workload, entry))
+
+    def change(cache: dict) -> None:
+        if not isinstance(cache.get(key), dict):  # absent, or damaged: start this machine's entries afresh
+            cache[key] = {}
+        cache[key][workload] = entry
+
+    _update_cache(change)
 
 
 def _update_cache(change: Callable[[dict], None]) -> None:

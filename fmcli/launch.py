@@ -59,6 +59,9 @@ def resume_checkpoint(run_dir: Path, resume_arg: Optional[str]) -> Optional[Path
 def run_training(cfg: Config, run_dir: Path, resume_arg: Optional[str], stop_at_step, launch: dict) -> Optional[Path]:
     """Resolve what all ranks must agree on (data, run directory, checkpoint, autotuned micro batch), then
     train here or relaunch as N ranks. Returns the last checkpoint (rank 0 of a local run), else None."""
+    from .config import check_training_config
+
+    check_training_config(cfg)  # before any data is prepared or any directory made
     child = D.launched_externally()
     # When the command began (train.budget_minutes counts from here); our relaunched ranks inherit it.
     started_at = float(os.environ.get(STARTED_AT_ENV) or time.time())
@@ -120,6 +123,7 @@ def _resolve_hardware_in_launcher(cfg: Config) -> Config:
         return cfg
     import torch
 
+    from .config import with_setting
     from .data.prepared import PreparedDataset
     from .step import resolve_hardware
     from .train import resolve_for_training
@@ -128,8 +132,9 @@ def _resolve_hardware_in_launcher(cfg: Config) -> Config:
     dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
     resolved, _ = resolve_for_training(cfg, dataset, device)
     choice, _, _ = resolve_hardware(resolved, device, tuple(dataset.manifest["shape"]))
+    resolved_cfg = with_setting(cfg, "train.precision", choice.precision)  # validated before the ranks see it
     print(f"precision: {choice.precision} ({choice.reason})", file=sys.stderr)
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": choice.precision})})
+    return resolved_cfg
 
 
 def _autotune_in_launcher(cfg: Config, run_dir: Path, world_size: int) -> None:

@@ -31,6 +31,7 @@ from .data.prepared import PreparedWriter, is_replaceable
 from .fsutil import atomic_write, write_text_atomic
 from .errors import UsageError
 from .generate import class_conditions, sample_batch
+from .sampling import SDE_SOLVERS, SOLVERS
 from .seeding import STREAMS, normal
 
 PLAN_FILE = "plan.json"
@@ -84,9 +85,17 @@ def check_teacher(ckpt: str, out: Path, prompts: list[str] | None, force: bool, 
 
     path = resolve_checkpoint(ckpt)
     cfg = with_sampling_shift(validate_config(load_weights(path)["config"], source=str(path)))
-    sample_overrides(cfg.sample)
+    check_solver(sample_overrides(cfg.sample))
     check_inputs(cfg, out, prompts, force)
     read_work_plan(work_dir(out))  # here, before any rank starts; rank 0 reads it again when it opens the folder
+
+
+def check_solver(sample_cfg) -> None:
+    """Reflow pairs are an ODE coupling: x1 must be a deterministic function of x0. A stochastic solver's
+    pairs are neither that nor independent (and the student would learn a blurred map), so it is refused."""
+    if sample_cfg.solver in SDE_SOLVERS:
+        odes = ", ".join(s for s in SOLVERS if s not in SDE_SOLVERS)
+        raise UsageError(f"--solver {sample_cfg.solver} is stochastic; reflow pairs need the teacher's ODE: use one of {odes}")
 
 
 def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: bool) -> None:
@@ -146,6 +155,7 @@ def generate_pairs(
 ) -> ReflowSummary | None:
     """Solve this rank's missing chunks, then (rank 0) assemble the dataset. Returns the summary on rank 0."""
     out = Path(out)
+    check_solver(sample_cfg)
     check_inputs(loaded.config, out, prompts, force)
     start = time.perf_counter()
     plan = ReflowPlan(
@@ -191,7 +201,7 @@ def _solve_chunk(loaded, indices, seed, sample_cfg, device, prompts):
     elif loaded.num_classes:
         y = torch.tensor([i % loaded.num_classes for i in indices])
         conditions = class_conditions(y.to(device), loaded.model.null_class)
-    result = sample_batch(loaded.model, x0.to(device), None, sample_cfg, conditions=conditions or ({}, None))
+    result = sample_batch(loaded.model, x0.to(device), None, sample_cfg, conditions=conditions or ({}, None), seed=seed, indices=indices)
     return x0, result.x.float().cpu(), y, result.nfe
 
 

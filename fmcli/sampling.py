@@ -159,13 +159,16 @@ def solve(
     """Integrate from noise x0 at t = 0 to t = 1 on the (optionally SD3-shifted) grid of `steps` steps.
 
     `skip_steps`: the velocity is taken to be zero on the first `skip_steps` grid steps (CFG-Zero*'s
-    zero-init): x stays x0 and no network is evaluated; the adaptive solver starts at that grid time.
+    zero-init): x stays x0 and no network is evaluated; the adaptive solver starts at that grid time (the
+    only use dopri5 makes of `steps`). It must be below `steps`, for every solver.
     `euler-sde` draws its noise for step i from `noise(i)` (shape of x0; default: a fixed-seed generator),
     so a caller can key it by sample index and step. `on_step(Step)` is called with the initial state and
     after every step (dopri5: every accepted step, then the result).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if skip_steps and skip_steps >= steps:  # the same rule for every solver (config.SampleConfig checks it first)
+        raise ValueError(f"skip_steps ({skip_steps}) must be below steps ({steps}): the noise would be returned unchanged")
     counted = _CountingVelocity(velocity)
     grid = time_grid(steps, shift, device=x0.device, dtype=torch.float64 if x0.dtype == torch.float64 else torch.float32)
     report = _Reporter(on_step, counted, 0 if solver in ADAPTIVE_SOLVERS else steps)
@@ -216,11 +219,11 @@ def nfe_of(solver: str, steps: int) -> int:
 
 
 def steps_for_nfe(solver: str, nfe: int) -> int:
-    """The most steps whose NFE (`nfe_of`) does not exceed `nfe` (at least one step); ValueError for dopri5."""
+    """The most steps whose NFE (`nfe_of`) does not exceed `nfe`; 0 when not even one step fits (heun,
+    midpoint and ab2 need 2 NFE, rk4 4). ValueError for dopri5."""
     if solver in ADAPTIVE_SOLVERS:
         raise ValueError(f"{solver} chooses its own steps: set its tolerances instead of an NFE budget")
-    steps = (nfe - _START_UP_NFE.get(solver, 0)) // nfe_per_step(solver)
-    return max(1, steps)
+    return max(0, (nfe - _START_UP_NFE.get(solver, 0)) // nfe_per_step(solver))
 
 
 class _CountingVelocity:

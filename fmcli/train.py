@@ -22,7 +22,7 @@ from . import __version__
 from . import distributed as D
 from .budget import StepBudget, Work
 from .checkpoint import load_checkpoint, save_atomic, save_checkpoint
-from .config import Config, budget_fallback_config, config_to_dict, flip_warning, resolve
+from .config import Config, budget_fallback_config, config_to_dict, flip_warning, resolve, with_setting
 from .console import RankLog
 from .data.prepared import PreparedDataset, collate_batched, data_space
 from .data.sampler import RankBatchSampler, batch_geometry, data_position
@@ -282,7 +282,10 @@ class Trainer:
             self.log.info(f"compile: {'on' if compile_choice.compile else 'off'} ({compile_choice.reason})")
         self.compile_choice = compile_choice
         self.hardware = {"precision": precision.record(), "compile": compile_choice.record(), "muon_ns_dtype": ns_dtype, "budget": None}
-        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision.precision})})
+        resolved = with_setting(cfg, "train.precision", precision.precision)  # validated before config.json sees it
+        self.cfg = resolved
+        self._check_precision()  # an "auto" that resolved to fp16 on a CPU is refused like an explicit one
+        return resolved
 
     def _wrap_step(self, fresh: bool) -> None:
         """DDP + torch.compile (proven on one forward/backward; eager after one warning if compiling fails),
@@ -576,7 +579,10 @@ class Trainer:
             conditions, prompts = grid_conditions(self.text, self.dataset, n, self.ctx.device)
             if prompts_to is not None:
                 write_text_atomic(prompts_to, "".join(p + "\n" for p in prompts))
-        result = sample_batch(self.step_fn.ema, x0, labels, sample_cfg, sigma_min=self.cfg.flow.sigma_min, conditions=conditions)
+        result = sample_batch(
+            self.step_fn.ema, x0, labels, sample_cfg, sigma_min=self.cfg.flow.sigma_min, conditions=conditions,
+            seed=self.cfg.train.seed, indices=range(n),  # euler-sde's noise, keyed like the initial noise
+        )
         x = self._decode_latents(result.x) if data_space(self.dataset.manifest) == "latents" else result.x
         return x, result.nfe
 

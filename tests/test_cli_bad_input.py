@@ -89,6 +89,10 @@ def w(tmp_path_factory, shapes16, debug_run) -> dict:
 
     for i in range(3):
         Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(p["images"] / f"{i}.png")
+    state = torch.load(ckpt, weights_only=True)  # an autoguidance guide of the same run with another class order
+    state["data_info"]["class_names"] = state["data_info"]["class_names"][::-1]
+    p["guide_order"] = root / "guide-other-order.pt"
+    torch.save(state, p["guide_order"])
     p["fake_inception"] = root / "inception-2015-12-05.pt"
     torch.jit.script(torch.nn.Identity()).save(str(p["fake_inception"]))
     p["shared"] = [shapes16, debug_run]
@@ -117,6 +121,11 @@ CASES = [
     ("batch-not-divisible", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.global_batch_size=15", "--set", "train.micro_batch_size=2", "--run-dir", w["root"] / "new-run")),
     ("batch-above-dataset", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.global_batch_size=4096", "--run-dir", w["root"] / "new-run")),
     ("stop-at-step-zero", lambda w: (*TRAIN, "--data", w["data"], "--stop-at-step", "0")),
+    # non-finite numbers and settings training cannot honour (issue #32)
+    ("set-budget-inf", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.budget_minutes=inf", "--run-dir", w["root"] / "new-run"), "finite"),
+    ("set-lr-nan", lambda w: (*TRAIN, "--data", w["data"], "--set", "optim.lr=nan", "--run-dir", w["root"] / "new-run"), "finite"),
+    ("set-betas-inf", lambda w: (*TRAIN, "--data", w["data"], "--set", "optim.betas=[0.9,inf]", "--run-dir", w["root"] / "new-run"), "finite"),
+    ("train-guidance-auto", lambda w: (*TRAIN, "--data", w["data"], "--set", "sample.guidance=auto", "--run-dir", w["root"] / "new-run"), "sample.guidance"),
     # bad paths, damaged datasets
     ("data-missing", lambda w: (*TRAIN, "--data", w["root"] / "no-such-data")),
     ("data-empty-dir", lambda w: (*TRAIN, "--data", w["empty"])),
@@ -154,6 +163,14 @@ CASES = [
     ("sample-unknown-solver", lambda w: ("sample", "--ckpt", w["run"], "--solver", "leapfrog", "--out", w["root"] / "new.png")),
     ("sample-zero-steps", lambda w: ("sample", "--ckpt", w["run"], "--steps", "0", "--out", w["root"] / "new.png")),
     ("sample-negative-cfg", lambda w: ("sample", "--ckpt", w["run"], "--cfg", "-1", "--out", w["root"] / "new.png")),
+    ("sample-cfg-inf", lambda w: ("sample", "--ckpt", w["run"], "--cfg", "inf", "--out", w["root"] / "new.png"), "finite"),
+    ("sample-cfg-nan", lambda w: ("sample", "--ckpt", w["run"], "--cfg", "nan", "--out", w["root"] / "new.png"), "finite"),
+    ("sample-sde-noise-inf", lambda w: ("sample", "--ckpt", w["run"], "--solver", "euler-sde", "--sde-noise", "inf", "--out", w["root"] / "new.png"), "finite"),
+    ("sample-interval-nan", lambda w: ("sample", "--ckpt", w["run"], "--guidance-interval", "nan,0.5", "--out", w["root"] / "new.png"), "finite"),
+    ("sample-cfg-overflows", lambda w: ("sample", "--ckpt", w["run"], "--cfg", "1e300", "--out", w["root"] / "new.png"), "not finite"),
+    ("sample-dopri5-zero-init", lambda w: ("sample", "--ckpt", w["run"], "--solver", "dopri5", "--guidance", "cfg-zero", "--cfg", "2", "--steps", "1", "--out", w["root"] / "new.png"), "--zero-init-steps"),
+    ("sample-guide-other-class-order", lambda w: ("sample", "--ckpt", w["run"], "--guide-ckpt", w["guide_order"], "--cfg", "2", "--out", w["root"] / "new.png"), "class names"),
+    ("reflow-sde-solver", lambda w: ("reflow", "--ckpt", w["run"], "-n", "4", "--solver", "euler-sde", "--out", w["root"] / "new-pairs"), "stochastic"),
     ("sample-guidance-interval", lambda w: ("sample", "--ckpt", w["run"], "--guidance-interval", "0.9,0.1", "--out", w["root"] / "new.png")),
     ("sample-gif-not-gif", lambda w: ("sample", "--ckpt", w["run"], "--gif", w["root"] / "t.png", "--out", w["root"] / "new.png")),
     ("sample-prompts-file-missing", lambda w: ("sample", "--ckpt", w["run"], "--prompts", w["root"] / "prompts.txt", "--out", w["root"] / "new.png")),
@@ -173,6 +190,7 @@ CASES = [
     ("fid-out-sample-exists", lambda w: ("fid", "--ckpt", w["run"], "-n", "2", "--ref", w["data"], "--features", "tiny", "--out", w["samples"])),
     ("fid-corrupt-stats", lambda w: ("fid", "--gen", w["images"], "--ref", w["stats_bad"], "--features", "tiny")),
     ("fid-inception-wrong-hash", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--inception", w["fake_inception"])),
+    ("fid-nfe-below-one-step", lambda w: ("fid", "--ckpt", w["run"], "-n", "2", "--ref", w["data"], "--features", "tiny", "--nfe", "1,3", "--solver", "rk4"), "needs at least"),
     ("fid-inception-missing", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--inception", w["root"] / "none.pt")),
     # plot, bench, prepare-data
     ("plot-run-missing", lambda w: ("plot", w["root"] / "no-run")),
@@ -282,3 +300,38 @@ CASES_32 = [
 @pytest.mark.parametrize("make_args, expect", [(c[1], c[2]) for c in CASES_32], ids=[c[0] for c in CASES_32])
 def test_bad_input_issue32(make_args, expect, w32, capsys, monkeypatch):
     test_bad_input(make_args, expect, w32, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("damage", ["wrong-shape", "machine-not-a-dict", "precision-int8", "precision-fp16"])
+def test_corrupt_probe_cache_is_measured_again(damage, shapes16, tmp_path, monkeypatch, capsys):
+    """A damaged $XDG_CACHE_HOME/fm/probe.json (issue #32.1) is not an input error: auto precision measures again,
+    trains, and writes a precision that later commands accept; no traceback, no AttributeError."""
+    from fmcli.cli import app
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache = tmp_path / "xdg" / "fm" / "probe.json"
+
+    def train(name):
+        args = [*TRAIN, "--data", shapes16, "--set", "train.precision=auto", "--set", "train.steps=2", "--run-dir", tmp_path / name]
+        with pytest.raises(SystemExit) as exit_info:
+            app(args=[str(a) for a in args], prog_name="fm")
+        err = capsys.readouterr().err
+        assert exit_info.value.code in (0, None) and "Traceback" not in err and "AttributeError" not in err, err
+        return json.loads((tmp_path / name / "config.json").read_text())["train"]["precision"]
+
+    train("first")  # fills the cache
+    data = json.loads(cache.read_text())
+    key = next(k for k in data if "|cpu|" in k)
+    if damage == "wrong-shape":
+        data[key] = {workload: ["not", "a", "probe"] for workload in data[key]}
+    elif damage == "machine-not-a-dict":
+        data[key] = 7
+    else:
+        for entry in data[key].values():
+            entry["precision"] = damage.removeprefix("precision-")
+    cache.write_text(json.dumps(data))
+    assert train("second") in ("fp32", "bf16")
+    with pytest.raises(SystemExit) as exit_info:  # the run is usable: sampling accepts its config
+        app(args=["sample", "--ckpt", str(tmp_path / "second"), "-n", "2", "--out", str(tmp_path / "s.png"), "--device", "cpu"], prog_name="fm")
+    code = exit_info.value.code
+    assert code in (0, None), capsys.readouterr().err

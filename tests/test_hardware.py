@@ -63,6 +63,8 @@ def test_measured_probe_decision_follows_the_timings(monkeypatch):
 
 def test_probe_is_cached_per_machine(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    # a CPU with native bf16 (a cached bf16 verdict is refused on one without: tests/test_reliability2.py)
+    monkeypatch.setattr(hardware, "cpu_info", lambda: hardware.CpuInfo("test cpu", {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_tile": False, "amx_bf16": False}, 2, 2))
     calls = []
     monkeypatch.setattr(hardware, "_gemm_gflops", lambda width: calls.append(width) or {"fp32": 10.0, "bf16": 30.0})
     first = hardware.probe_cpu(48)
