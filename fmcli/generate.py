@@ -1,7 +1,12 @@
-"""Sampling from a trained model: per-index noise, conditioning, batching, checkpoint loading.
+"""Sampling from a trained model: per-index noise, conditioning, batching, checkpoint loading, and how the
+network runs (precision and compile, resolved on the sampling machine).
 
 Sample i's initial noise depends only on (seed, i), so outputs are identical whatever the batch size
-or the number of processes that share the work.
+or the number of processes that share the work (on the same machine, at the same precision).
+
+Every sampling command (`fm sample`, class-grid, fid, reflow, demo) and `fm bench --mode sample` run the
+same path: `load_for_sampling` -> `prepare_for_sampling` (sample.precision / sample.compile resolved as
+training resolves its own, the network wrapped once in a `SamplingNet`) -> `iterate_samples`.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import torch
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Config, validate_config, with_sampling_shift
 from .errors import UsageError
+from .hardware import CompileChoice, PrecisionChoice, autocast, check_precision, choice_lines, compile_failed, resolve_compile
 from .models import build_model
 from .sampling import OnStep, guided_velocity, solve
 from .seeding import STREAMS, normal
-
 
 
 def initial_noise(seed: int, indices, shape: tuple[int, ...], device="cpu") -> torch.Tensor:
@@ -89,6 +94,9 @@ class LoadedModel:
     text: object | None = None  # encoders.TextConditioning for text models
     vae: object | None = None  # encoders.FrozenVAE for latent models: samples are decoded to images
     guide: torch.nn.Module | None = None  # autoguidance's guide network (`with_guide`)
+    # After `prepare_for_sampling`: `model` and `guide` are SamplingNets, `hardware` the PrecisionChoice and
+    # CompileChoice they run with.
+    hardware: dict | None = None
 
     @property
     def is_text(self) -> bool:
@@ -140,6 +148,85 @@ def with_guide(loaded: LoadedModel, guide_ckpt: str, device: torch.device, use_e
     if loaded.is_text and guide.config.model.text_dim != loaded.config.model.text_dim:
         raise UsageError(f"--guide-ckpt {guide_ckpt} reads text states of width {guide.config.model.text_dim}, the model {loaded.config.model.text_dim}")
     return dataclasses.replace(loaded, guide=guide.model)
+
+
+class SamplingNet:
+    """The network as sampling runs it: under autocast at `precision` (fp32 weights), compiled or eager, its
+    velocity returned in fp32, so that the solver's state and arithmetic stay fp32 whatever the precision.
+
+    The compiled module is built once (per command) and reused for every batch; torch.compile is lazy, so a
+    compiler failure shows at a call: it is logged once (`hardware.compile_failed`) and that call and every
+    later one run eager. The model contract is the wrapped module's: `net(x, t, **cond)`, `net.null_class`.
+    """
+
+    def __init__(self, module: torch.nn.Module, precision: str = "fp32", device: torch.device = torch.device("cpu"),
+                 compile_choice: CompileChoice | None = None, log: Callable[[str], None] = lambda message: None):
+        self.module, self.precision, self.device, self.log = module.eval(), precision, device, log
+        self.compile_choice = compile_choice or CompileChoice(False, False, "not compiled")
+        self._compiled = torch.compile(module) if self.compile_choice.compile else None
+
+    @property
+    def null_class(self) -> int:
+        return self.module.null_class
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        with autocast(self.precision, self.device):
+            return self._forward(x, t, **cond).float()
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        if self._compiled is not None:
+            try:
+                return self._compiled(x, t, **cond)
+            except (torch.OutOfMemoryError, KeyboardInterrupt):
+                raise
+            except Exception as err:  # a compiler failure: this call and the rest run eager
+                self._compiled = None
+                compile_failed(err, self.log, self.compile_choice, "--no-compile or sample.compile=false")
+        return self.module(x, t, **cond)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+
+def resolve_sampling_hardware(cfg: Config, sample_cfg, device: torch.device) -> tuple[PrecisionChoice, CompileChoice]:
+    """sample.precision and sample.compile for this model on this device, resolved as training resolves its own
+    (fmcli.hardware: the same probe and cache). The training run's precision does not matter here: a model
+    trained in bf16 samples in fp32 on a machine without fast bf16."""
+    from .step import resolve_model_precision
+
+    check_precision(sample_cfg.precision, device, "sample.precision (--precision)")
+    m = cfg.model
+    precision = resolve_model_precision(cfg, sample_cfg.precision, device, (m.in_channels, m.image_size, m.image_size))
+    return precision, resolve_compile(sample_cfg.compile, device)
+
+
+def prepare_for_sampling(loaded: LoadedModel, sample_cfg, device: torch.device, log: Callable[[str], None] = lambda message: None, ctx=None) -> LoadedModel:
+    """`loaded` with its network (and autoguidance guide) wrapped in a SamplingNet at the resolved sample.precision
+    and sample.compile; the choice is logged like training's. Under DDP (`ctx`) rank 0 decides for every rank,
+    so all ranks run the same program."""
+    import dataclasses
+
+    from . import distributed as D
+
+    main = ctx is None or ctx.is_main
+    decision = resolve_sampling_hardware(loaded.config, sample_cfg, device) if main else None
+    precision, compile_choice = D.all_gather_objects(decision, ctx)[0] if ctx is not None else decision
+    if main:
+        for line in choice_lines(precision, compile_choice, "sampling"):
+            log(line)
+    net = SamplingNet(loaded.model, precision.precision, device, compile_choice, log if main else lambda message: None)
+    guide = None
+    if loaded.guide is not None:
+        guide = SamplingNet(loaded.guide, precision.precision, device, dataclasses.replace(compile_choice), lambda message: None)
+    return dataclasses.replace(loaded, model=net, guide=guide, hardware={"precision": precision, "compile": compile_choice})
+
+
+def sampling_record(loaded: LoadedModel) -> dict:
+    """What ran: the precision and whether the network ran compiled (false after a compile that fell back)."""
+    if not isinstance(loaded.model, SamplingNet):
+        return {"precision": "fp32", "compile": False}
+    return {"precision": loaded.model.precision, "compile": loaded.model.compiled}
 
 
 def load_weights(path) -> dict:
@@ -293,7 +380,8 @@ def sample_outputs(out: Path, n: int) -> list[Path]:
 
 
 def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sample_overrides, seed: int, out, gif, gif_frames: int,
-                   batch_size: int, ema: bool, vae, text_encoder, force: bool = False, guide_ckpt=None) -> dict | None:
+                   batch_size: int, ema: bool, vae, text_encoder, force: bool = False, guide_ckpt=None,
+                   log: Callable[[str], None] = lambda message: None) -> dict | None:
     """What `fm sample` does on one rank: its share of the sample indices, written by global index; rank 0
     gathers the grid (and GIF) and returns the summary (other ranks return None)."""
     import time
@@ -309,6 +397,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     sample_cfg = sample_overrides(loaded.config.sample)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema)
+    loaded = prepare_for_sampling(loaded, sample_cfg, dev, log, ctx)
     recorder = TrajectoryRecorder() if gif is not None else None
     start = time.perf_counter()
     xs, nfes, paths, trajectories = [], [], [], []
@@ -342,7 +431,8 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         "num_samples": n,
         "nfe": max(nfes),  # network evaluations per sample trajectory (a CFG pair counts once)
         "nfe_total": sum(nfes),  # batched forward passes over all batches
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(time.perf_counter() - start, 3),  # compiling included (it happens at the first batch)
+        **sampling_record(loaded),  # precision, compile: what ran
         "solver": sample_cfg.solver,
         "steps": sample_cfg.steps,
         "cfg": sample_cfg.cfg,

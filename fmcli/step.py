@@ -23,6 +23,7 @@ import torch.nn as nn
 from . import distributed as D
 from .config import Config
 from .flow import couple, flow_matching_loss, interpolate, sample_times
+from .hardware import autocast
 from .models import build_model
 from .optim import build_optimizer, build_schedulers, ema_decay_at, update_ema
 from .seeding import STREAMS, normal, torch_generator
@@ -37,20 +38,27 @@ class StepResult:
 
 
 def resolve_hardware(cfg: Config, device: torch.device, shape: tuple[int, int, int]):
-    """(PrecisionChoice, CompileChoice, Muon's Newton-Schulz dtype or None) for this config on this device.
+    """(PrecisionChoice, CompileChoice, Muon's Newton-Schulz dtype or None) for training this config on this device."""
+    from . import hardware
 
-    On a CPU with precision "auto" the probe times a forward/backward of a fresh copy of the model (not for
-    text models, whose inputs need the text encoder: those are judged on the GEMM alone)."""
+    precision = resolve_model_precision(cfg, cfg.train.precision, device, shape)
+    compile_choice = hardware.resolve_compile(cfg.train.compile, device)
+    ns_dtype = hardware.matmul_dtype(device, cfg.model.hidden_size, precision.probe) if cfg.optim.name == "muon" else None
+    return precision, compile_choice, ns_dtype
+
+
+def resolve_model_precision(cfg: Config, setting: str, device: torch.device, shape: tuple[int, int, int]):
+    """`setting` (train.precision or sample.precision) for this config's model on this device: a PrecisionChoice.
+
+    On a CPU, "auto" runs the probe on a forward/backward of a fresh copy of the model (not for text models,
+    whose inputs need the text encoder: those are judged on the GEMM alone); training and sampling share its
+    cached answer, as they share the model."""
     from . import hardware
 
     step = key = None
-    if cfg.train.precision == "auto" and device.type == "cpu" and not cfg.model.cross_attention:
+    if setting == "auto" and device.type == "cpu" and not cfg.model.cross_attention:
         step, key = precision_probe_step(cfg, shape)
-    width = cfg.model.hidden_size
-    precision = hardware.resolve_precision(cfg.train.precision, device, width, step, key)
-    compile_choice = hardware.resolve_compile(cfg.train.compile, device)
-    ns_dtype = hardware.matmul_dtype(device, width, precision.probe) if cfg.optim.name == "muon" else None
-    return precision, compile_choice, ns_dtype
+    return hardware.resolve_precision(setting, device, cfg.model.hidden_size, step, key)
 
 
 def precision_probe_step(cfg: Config, shape: tuple[int, int, int]):
@@ -68,13 +76,6 @@ def precision_probe_step(cfg: Config, shape: tuple[int, int, int]):
     x, t = torch.randn(batch, c, h, w, generator=gen), torch.rand(batch, generator=gen)
     kwargs = {"y": torch.arange(batch) % cfg.model.num_classes} if cfg.model.num_classes else {}
     return hardware.forward_backward_fn(model, (x, t), kwargs), hardware.model_key(config_to_dict(cfg)["model"], batch)
-
-
-def autocast_for(precision: str, device: torch.device):
-    """bf16/fp16 autocast (fp32 master weights), or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 class TrainingStep:
@@ -124,7 +125,7 @@ class TrainingStep:
         cond = self._condition(batch, torch.zeros(x.shape[0], dtype=torch.bool))
         sync = self.ddp.no_sync() if self.ctx.distributed else contextlib.nullcontext()
         with sync:
-            with autocast_for(self.cfg.train.precision, self.ctx.device):
+            with autocast(self.cfg.train.precision, self.ctx.device):
                 out = forward(x, t, **cond)
             out.float().square().mean().backward()
         self.model.zero_grad(set_to_none=True)
@@ -159,7 +160,7 @@ class TrainingStep:
         cfg, ctx = self.cfg, self.ctx
         draws = self._draws(batch_index)
         total, ot_costs = torch.zeros((), device=ctx.device), []
-        autocast = autocast_for(cfg.train.precision, ctx.device)
+        amp = autocast(cfg.train.precision, ctx.device)
         for a in range(self.accum):
             batch = next(batches)
             rows = slice((a * ctx.world_size + ctx.rank) * self.micro, (a * ctx.world_size + ctx.rank + 1) * self.micro)
@@ -168,7 +169,7 @@ class TrainingStep:
             cond = self._condition(batch, draws["drop"][rows])
             last = a == self.accum - 1
             sync = self.ddp.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
-            with sync, autocast:
+            with sync, amp:
                 loss = flow_matching_loss(self.forward(xt, t, **cond), ut)
             self.scaler.scale(loss / self.accum).backward()
             total += loss.detach()
