@@ -19,6 +19,10 @@ shape accuracy of benchmarks/shape_accuracy.py, at fp32 and at bf16, for two see
 
     PYTHONPATH=$PWD python benchmarks/sample_precision.py fidelity --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 2000
 
+How much the pixels differ (README, "Precision and compile"): the same samples in fp32 and bf16, 8-bit levels.
+
+    PYTHONPATH=$PWD python benchmarks/sample_precision.py diff --ckpt runs/quickstart -n 200 --compiled
+
 Every variant passes its precision and compile explicitly except "auto" (the checkpoint's sample.precision /
 sample.compile, "auto" unless changed). Sizes are arguments, so a tiny run checks the script itself:
     PYTHONPATH=$PWD python benchmarks/sample_precision.py speed --random debug -n 8 --rounds 1 --cfg 2
@@ -127,6 +131,35 @@ def fidelity(args) -> dict:
             "bf16_within_seed_spread": {k: gap[k] <= spread[k] for k in gap}}  # fmt: skip
 
 
+def diff(args) -> dict:
+    """How much samples differ between precisions: the same seeds and indices in fp32 eager and in each other
+    variant, compared as the 8-bit pixels `fm sample` writes (mean and max |difference| in levels of 255, and
+    the share of pixels that differ)."""
+    import torch
+
+    from fmcli.generate import iterate_samples, load_for_sampling, prepare_for_sampling
+    from fmcli.images import to_uint8
+
+    cpu = torch.device("cpu")
+    loaded = load_for_sampling(args.ckpt, cpu)
+    base = loaded.config.sample.model_copy(update={k: v for k, v in (("cfg", args.cfg), ("steps", args.steps)) if v is not None})
+    variants = {"fp32 eager": ("fp32", False), "bf16 eager": ("bf16", False)} | ({"bf16 compiled": ("bf16", True)} if args.compiled else {})
+    pixels = {}
+    for name, (precision, compiled) in variants.items():
+        sc = base.model_copy(update={"precision": precision, "compile": compiled})
+        prepared = prepare_for_sampling(loaded, sc, cpu)
+        xs = [r.x for _, _, r in iterate_samples(prepared, list(range(args.n)), seed=args.seed, sample_cfg=sc, batch_size=args.batch_size, device=cpu)]
+        pixels[name] = torch.from_numpy(to_uint8(torch.cat(xs))).int()
+    ref = pixels["fp32 eager"]
+    rows = []
+    for name, px in pixels.items():
+        d = (px - ref).abs().float()
+        rows.append({"variant": name, "mean_abs_levels": round(d.mean().item(), 4), "max_abs_levels": int(d.max()), "share_differing": round((d > 0).float().mean().item(), 4)})
+        print(f"{name:>14} vs fp32 eager: mean |d| {rows[-1]['mean_abs_levels']:.3f} / 255, max {rows[-1]['max_abs_levels']}, "
+              f"{rows[-1]['share_differing']:.1%} of pixels differ", file=sys.stderr)  # fmt: skip
+    return {"ckpt": args.ckpt, "n": args.n, "solver": base.solver, "steps": base.steps, "cfg": base.cfg, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -144,12 +177,20 @@ def main() -> None:
     fp.add_argument("--data", required=True, help="the prepared shapes dataset the model was trained on")
     fp.add_argument("-n", type=int, default=2000)
     fp.add_argument("--batch-size", type=int, default=500)
+    dp = sub.add_parser("diff", help="how much bf16 samples differ from fp32 ones, in 8-bit pixel levels")
+    dp.add_argument("--ckpt", required=True)
+    dp.add_argument("-n", type=int, default=100)
+    dp.add_argument("--batch-size", type=int, default=100)
+    dp.add_argument("--cfg", type=float, default=None, help="default: the checkpoint's sample.cfg")
+    dp.add_argument("--steps", type=int, default=None)
+    dp.add_argument("--seed", type=int, default=0)
+    dp.add_argument("--compiled", action="store_true", help="also bf16 compiled")
     args = ap.parse_args()
     if args.what == "speed":
         args.cfg = args.cfg or [1.0, 4.0]
         print(json.dumps(speed(args), indent=1))
     else:
-        print(json.dumps(fidelity(args), indent=1))
+        print(json.dumps(fidelity(args) if args.what == "fidelity" else diff(args), indent=1))
 
 
 if __name__ == "__main__":

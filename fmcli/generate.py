@@ -156,7 +156,10 @@ class SamplingNet:
 
     The compiled module is built once (per command) and reused for every batch; torch.compile is lazy, so a
     compiler failure shows at a call: it is logged once (`hardware.compile_failed`) and that call and every
-    later one run eager. The model contract is the wrapped module's: `net(x, t, **cond)`, `net.null_class`.
+    later one run eager. A compiled call smaller than the first one (the last batch of a command) is padded
+    to the first one's size by repeating its last row, and the padding dropped: one graph serves the whole
+    command instead of a second compile for the remainder (rows are independent, so the real rows are the
+    same bytes either way). The model contract is the wrapped module's: `net(x, t, **cond)`, `net.null_class`.
     """
 
     def __init__(self, module: torch.nn.Module, precision: str = "fp32", device: torch.device = torch.device("cpu"),
@@ -164,6 +167,7 @@ class SamplingNet:
         self.module, self.precision, self.device, self.log = module.eval(), precision, device, log
         self.compile_choice = compile_choice or CompileChoice(False, False, "not compiled")
         self._compiled = torch.compile(module) if self.compile_choice.compile else None
+        self._graph_batch = 0  # the batch size the compiled graph was first called with
 
     @property
     def null_class(self) -> int:
@@ -176,7 +180,12 @@ class SamplingNet:
     def _forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         if self._compiled is not None:
             try:
-                return self._compiled(x, t, **cond)
+                n = x.shape[0]
+                self._graph_batch = self._graph_batch or n
+                if n >= self._graph_batch:
+                    return self._compiled(x, t, **cond)
+                pad = lambda v: torch.cat([v, v[-1:].expand(self._graph_batch - n, *v.shape[1:])])  # noqa: E731
+                return self._compiled(pad(x), pad(t), **{k: pad(v) for k, v in cond.items()})[:n]
             except (torch.OutOfMemoryError, KeyboardInterrupt):
                 raise
             except Exception as err:  # a compiler failure: this call and the rest run eager

@@ -140,13 +140,23 @@ def test_a_compile_that_fails_falls_back_to_eager_with_one_warning(monkeypatch):
     torch.testing.assert_close(out, samples(loaded, sc, 7), rtol=0, atol=0)
 
 
-def test_the_compiled_module_is_built_once_per_command(monkeypatch):
-    built = []
-    monkeypatch.setattr(torch, "compile", lambda module: built.append(module) or module)
+def test_the_compiled_module_is_built_once_and_sees_one_batch_size(monkeypatch):
+    """One torch.compile per command; the last, smaller batch is padded to the graph's batch (no recompile) and
+    its samples are those of an unpadded eager run."""
+    built, sizes = [], []
+
+    def fake_compile(module):
+        built.append(module)
+        return lambda x, t, **cond: sizes.append((x.shape[0], t.shape[0], cond["y"].shape[0])) or module(x, t, **cond)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     sc = SampleConfig(solver="euler", steps=2, cfg=2.0, precision="fp32", compile=True)
-    prepared = prepare_for_sampling(tiny_loaded(), sc, CPU)
-    samples(prepared, sc, 3)  # three batches
+    loaded = tiny_loaded()
+    prepared = prepare_for_sampling(loaded, sc, CPU)
+    out = samples(prepared, sc, 3)  # batches of 3, 3 and 1 sample(s): CFG-doubled 6, 6, 2
     assert len(built) == 1 and prepared.model.compiled
+    assert set(sizes) == {(6, 6, 6)} and len(sizes) == 3 * 2
+    torch.testing.assert_close(out, samples(loaded, sc, 3), rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------- one path
