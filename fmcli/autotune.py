@@ -305,12 +305,26 @@ def seconds_per_call(fn, count: int, device: torch.device) -> float:
 
 
 def _measure_train(model, cfg: Config, spec: BenchSpec, device: torch.device) -> dict:
+    """Training throughput of `spec.steps` consecutive steps after `spec.warmup`: `img_per_s` is the loop's own
+    statistic (images over the wall time of the whole block, as `fm train` logs it; a median of a few steps
+    cannot stand for a run on a machine whose speed drifts), `img_per_s_median` the per-step median that
+    ranks autotune trials (robust to one slow step)."""
     step = train_step_fn(model, cfg, spec, device)
     for _ in range(spec.warmup):
         step()
     _sync(device)
-    seconds = seconds_per_call(step, spec.steps, device)
-    return {"img_per_s": spec.batch / seconds, "step_ms": 1000 * seconds, "compiled": step.compiled, "compile_warning": step.compile_warning}
+    marks = [time.perf_counter()]
+    for _ in range(spec.steps):
+        step()
+        marks.append(time.perf_counter())
+    _sync(device)
+    marks[-1] = time.perf_counter()
+    seconds = (marks[-1] - marks[0]) / spec.steps
+    median = statistics.median(b - a for a, b in zip(marks, marks[1:])) if device.type == "cpu" else seconds
+    return {
+        "img_per_s": spec.batch / seconds, "step_ms": 1000 * seconds, "img_per_s_median": spec.batch / median,
+        "compiled": step.compiled, "compile_warning": step.compile_warning,
+    }  # fmt: skip
 
 
 def train_step_fn(model, cfg: Config, spec: BenchSpec, device: torch.device) -> Callable[[], None]:
@@ -453,7 +467,7 @@ def autotune_training(cfg: Config, base: BenchSpec, *, max_memory_gib: float | N
         if result.get("oom"):
             log(f"  batch {b}: out of memory")
             return Trial(b, ok=False, reason="oom")
-        t = Trial(b, ok=True, throughput=result["train"]["img_per_s"], memory_mib=peak_of(result))
+        t = Trial(b, ok=True, throughput=result["train"]["img_per_s_median"], memory_mib=peak_of(result))
         log(f"  batch {b}: {t.throughput:.1f} img/s, {t.memory_mib:.0f} MiB")
         return t
 

@@ -66,7 +66,7 @@ def peak_flops(device_name: str) -> float | None:
 class BenchOptions:
     batch_size: int | None = None  # None = autotune
     mode: str = "both"
-    steps: int = 5
+    steps: int = 20  # consecutive training steps timed as one block (the training loop's statistic)
     warmup: int = 2
     precision: str | None = None  # None = the preset's train.precision ("auto" is resolved by fmcli.hardware)
     compile: bool | str | None = None  # None = the preset's train.compile ("auto" resolved by fmcli.hardware)

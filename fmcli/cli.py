@@ -785,7 +785,7 @@ def bench(
     overrides: Overrides = [],
     batch_size: str = typer.Option("auto", "--batch-size", "-b", help="'auto' (autotune the training batch) or a number."),
     mode: str = typer.Option("both", "--mode", help="train, sample or both."),
-    steps: int = typer.Option(5, "--steps", help="Timed iterations (training steps; solver steps for sampling)."),
+    steps: int = typer.Option(20, "--steps", help="Timed iterations: consecutive training steps (img/s over the block, as the training log computes it); solver steps for sampling."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed warmup training steps before the clock starts."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (default: the preset's train.precision; auto = measured, see `fm env`)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: the preset's train.compile; auto = where inductor works)."),
