@@ -132,13 +132,7 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
         if results[impl].get("oom"):
             raise RuntimeFailure(f"{impl} at batch {batch} ran out of memory; pass a smaller --batch-size")
 
-    if (results["fm"].get("train") or {}).get("compile_warning"):  # the trial compiled nothing and ran eager
-        log(results["fm"]["train"]["compile_warning"])
-        hw["compile"].update(compile=False, fell_back=True)
-    sampled = results["fm"].get("sample") or {}
-    if "sample" in hw and hw["sample"]["compile"]["compile"] and not sampled.get("compiled", True):
-        log("warning: torch.compile failed while sampling; the sampling figure is eager")
-        hw["sample"]["compile"].update(compile=False, fell_back=True)
+    _record_fallbacks(results["fm"], hw, log)
     report = {
         "preset": cfg.name,
         "device": name,
@@ -161,6 +155,16 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
                 ratio[part] = report[part]["img_per_s"] / theirs[part]["img_per_s"]
         report["compare"] = {"diffusers": theirs, "ratio": ratio}
     return report
+
+
+def _record_fallbacks(result: dict, hw: dict, log) -> None:
+    """A trial whose torch.compile failed ran eager: say so once, and report compile false."""
+    if (result.get("train") or {}).get("compile_warning"):
+        log(result["train"]["compile_warning"])
+        hw["compile"].update(compile=False, fell_back=True)
+    if "sample" in hw and hw["sample"]["compile"]["compile"] and not (result.get("sample") or {}).get("compiled", True):
+        log("warning: torch.compile failed while sampling; the sampling figure is eager")
+        hw["sample"]["compile"].update(compile=False, fell_back=True)
 
 
 def resolve_bench_sampling(cfg: Config, device: torch.device, opts: BenchOptions, log) -> dict:
