@@ -154,9 +154,15 @@ def diff(args) -> dict:
     rows = []
     for name, px in pixels.items():
         d = (px - ref).abs().float()
-        rows.append({"variant": name, "mean_abs_levels": round(d.mean().item(), 4), "max_abs_levels": int(d.max()), "share_differing": round((d > 0).float().mean().item(), 4)})
+        per_image = d.flatten(1).mean(1)
+        rows.append({
+            "variant": name, "mean_abs_levels": round(d.mean().item(), 4), "max_abs_levels": int(d.max()),
+            "p99_abs_levels": float(d.flatten().kthvalue(max(1, int(0.99 * d.numel()))).values), "share_differing": round((d > 0).float().mean().item(), 4),
+            "images_mean_abs_over_4_levels": round((per_image > 4).float().mean().item(), 4),
+        })  # fmt: skip
         print(f"{name:>14} vs fp32 eager: mean |d| {rows[-1]['mean_abs_levels']:.3f} / 255, max {rows[-1]['max_abs_levels']}, "
-              f"{rows[-1]['share_differing']:.1%} of pixels differ", file=sys.stderr)  # fmt: skip
+              f"p99 {rows[-1]['p99_abs_levels']:.0f}, {rows[-1]['share_differing']:.1%} of pixels differ, "
+              f"{rows[-1]['images_mean_abs_over_4_levels']:.1%} of images by over 4 levels on average", file=sys.stderr)  # fmt: skip
     return {"ckpt": args.ckpt, "n": args.n, "solver": base.solver, "steps": base.steps, "cfg": base.cfg, "rows": rows}
 
 
