@@ -12,6 +12,8 @@ running every variant once, so a drifting machine hits all of them alike; the wa
     PYTHONPATH=$PWD python benchmarks/sample_precision.py speed --random DiT-S/2 -n 400 --cfg 4
     # what auto does on a CPU without fast bf16 (it must equal fp32 eager within noise):
     PYTHONPATH=$PWD python benchmarks/sample_precision.py speed --random quickstart -n 400 --cfg 4 --probe-force bf16-slow
+    # which part gives what (fp32/bf16 x eager/compiled):
+    PYTHONPATH=$PWD python benchmarks/sample_precision.py speed --random quickstart -n 1000 --cfg 4 --all-variants
 
 Fidelity: `fm fid --features tiny` (FD of a fixed random conv net, not comparable to published FID) and the
 shape accuracy of benchmarks/shape_accuracy.py, at fp32 and at bf16, for two seeds: bf16 is as good as fp32 when
@@ -43,6 +45,11 @@ REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {  # name -> the flags it adds to `fm sample`
     "fp32 eager": ["--precision", "fp32", "--no-compile"],
     "auto": [],  # sample.precision / sample.compile of the checkpoint ("auto": the probe and the C++ compiler decide)
+}
+MORE_VARIANTS = {  # --all-variants: which of precision and compile gives what
+    "fp32 compiled": ["--precision", "fp32", "--compile"],
+    "bf16 eager": ["--precision", "bf16", "--no-compile"],
+    "bf16 compiled": ["--precision", "bf16", "--compile"],
 }
 
 
@@ -87,9 +94,10 @@ def speed(args) -> dict:
     ckpt = args.ckpt or random_checkpoint(args.random, work / "random.pt")
     env = {"FM_PROBE_FORCE": args.probe_force} if args.probe_force else {}
     rows = {}
+    variants = VARIANTS | (MORE_VARIANTS if args.all_variants else {})
     for r in range(args.rounds):
         for cfg in args.cfg:
-            for name, flags in VARIANTS.items():
+            for name, flags in variants.items():
                 out = work / f"r{r}-cfg{cfg}-{name.replace(' ', '-')}"
                 info, seconds, stderr = fm("sample", "--ckpt", ckpt, "-n", args.n, "--batch-size", args.batch_size, "--cfg", cfg,
                                            "--seed", 0, "--out", out, *flags, env=env)  # fmt: skip
@@ -178,6 +186,7 @@ def main() -> None:
     sp.add_argument("--cfg", type=float, action="append", help="guidance weights to time (repeatable; 1 = unguided); default 1 and 4")
     sp.add_argument("--rounds", type=int, default=3)
     sp.add_argument("--probe-force", choices=["bf16-slow", "bf16-fast"], help="FM_PROBE_FORCE for every command (bf16-slow: a CPU without fast bf16)")
+    sp.add_argument("--all-variants", action="store_true", help="also fp32 compiled, bf16 eager and bf16 compiled")
     fp = sub.add_parser("fidelity", help="bf16 vs fp32 samples against the seed-to-seed spread")
     fp.add_argument("--ckpt", required=True)
     fp.add_argument("--data", required=True, help="the prepared shapes dataset the model was trained on")
