@@ -1,6 +1,8 @@
 """What this machine does well: device, precision and compile choice from a measured probe, cached per machine.
 
-`train.precision = "auto"` and `train.compile = "auto"` are resolved here, once per run, before any step.
+`train.precision` / `train.compile` (once per run, before any step) and `sample.precision` / `sample.compile`
+(once per sampling command, on the machine that samples) are resolved here, by the same rules; `autocast` is
+the one autocast context of training, sampling and the probe.
 
 - Precision on CUDA: bf16 when the card supports it, else fp32. On a CPU: a short measured probe (a GEMM
   of the model's width in fp32 and bf16, plus one forward/backward of the model in each when it is cheap)
