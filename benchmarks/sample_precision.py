@@ -126,8 +126,8 @@ def fidelity(args) -> dict:
             fid, _, _ = fm("fid", "--ckpt", args.ckpt, "-n", args.n, "--ref", args.data, "--features", "tiny", "--seed", seed,
                            "--precision", precision, "--no-compile", "--batch-size", args.batch_size)  # fmt: skip
             acc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "shape_accuracy.py"), "--ckpt", args.ckpt, "--data", args.data,
-                                  "--per-class", str(args.n // 10), "--seed", str(seed), "--precision", precision, "--no-compile",
-                                  "--classifier", str(Path(tempfile.gettempdir()) / "fm-shape-classifier.pt")],
+                                  "--per-class", str(args.n // 10), "--seed", str(seed), "--precision", precision, "--no-compile", "--epochs", str(args.epochs),
+                                  "--classifier", args.classifier],
                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)  # fmt: skip
             accuracy = json.loads(acc.stdout.strip().splitlines()[-1])["sample_accuracy"]
             rows.append({"precision": precision, "seed": seed, "fd_tiny": fid["fid"], "shape_accuracy": accuracy})
@@ -192,6 +192,8 @@ def main() -> None:
     fp.add_argument("--data", required=True, help="the prepared shapes dataset the model was trained on")
     fp.add_argument("-n", type=int, default=2000)
     fp.add_argument("--batch-size", type=int, default=500)
+    fp.add_argument("--epochs", type=int, default=4, help="the shape classifier's training epochs (shape_accuracy.py)")
+    fp.add_argument("--classifier", default=str(Path(tempfile.gettempdir()) / "fm-shape-classifier.pt"), help="cache of the trained classifier")
     dp = sub.add_parser("diff", help="how much bf16 samples differ from fp32 ones, in 8-bit pixel levels")
     dp.add_argument("--ckpt", required=True)
     dp.add_argument("-n", type=int, default=100)
