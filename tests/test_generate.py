@@ -12,7 +12,6 @@ from fmcli import hardware
 from fmcli.config import Config, SampleConfig, load_config
 from fmcli.errors import UsageError
 from fmcli.generate import LoadedModel, SamplingNet, iterate_samples, prepare_for_sampling, resolve_sampling_hardware
-from fmcli.hardware import CompileChoice
 from fmcli.models import build_model
 
 CPU = torch.device("cpu")
