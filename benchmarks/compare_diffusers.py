@@ -22,7 +22,7 @@ from fmcli.autotune import BenchSpec, device_name, measure, measure_isolated, tr
 from fmcli.bench import dit_forward_flops, peak_flops
 from fmcli.config import resolve_without_data as resolve_bench_config
 from fmcli.models import build_bench_model
-from fmcli.step import autocast_for as _autocast
+from fmcli.hardware import autocast as _autocast
 from fmcli.config import config_to_dict, load_config
 
 DIT_S2 = ["model.hidden_size=384", "model.depth=12", "model.heads=6", "model.patch_size=2", "model.mlp_ratio=4.0",

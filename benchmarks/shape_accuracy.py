@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fmcli.generate import class_grid_samples, class_names_of, load_for_sampling
+from fmcli.generate import class_grid_samples, class_names_of, load_for_sampling, prepare_for_sampling, sampling_record
 
 
 def classifier() -> nn.Module:
@@ -79,13 +80,16 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--grid", default=None, help="also save the samples here (PNG)")
     ap.add_argument("--classifier", default=None, help="cache the trained classifier here (state dict; reused when present)")
+    ap.add_argument("--precision", default=None, help="network precision while sampling (default: the checkpoint's sample.precision)")
+    ap.add_argument("--compile", dest="compile_model", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the network")
     args = ap.parse_args()
 
     start = time.perf_counter()
     clf, held_out_acc = cached_classifier(args.data, args.epochs, args.classifier)
     loaded = load_for_sampling(args.ckpt, torch.device("cpu"))
-    updates = {k: v for k, v in (("cfg", args.cfg), ("steps", args.steps)) if v is not None}
+    updates = {k: v for k, v in (("cfg", args.cfg), ("steps", args.steps), ("precision", args.precision), ("compile", args.compile_model)) if v is not None}
     sample_cfg = loaded.config.sample.model_copy(update=updates)
+    loaded = prepare_for_sampling(loaded, sample_cfg, torch.device("cpu"), lambda line: print(line, file=sys.stderr))
     x, nfe = class_grid_samples(loaded, args.per_class, seed=args.seed, sample_cfg=sample_cfg, batch_size=100, device=torch.device("cpu"))
     with torch.no_grad():
         pred = clf(x.clamp(-1, 1)).argmax(1)
@@ -97,7 +101,7 @@ def main() -> int:
 
         torchvision.utils.save_image((x[::3] + 1) / 2, args.grid, nrow=args.per_class // 3, padding=1)
     print(json.dumps({
-        "ckpt": args.ckpt, "step": loaded.step, "cfg": sample_cfg.cfg, "solver": sample_cfg.solver, "steps": sample_cfg.steps, "nfe": nfe,
+        "ckpt": args.ckpt, "step": loaded.step, **sampling_record(loaded), "cfg": sample_cfg.cfg, "solver": sample_cfg.solver, "steps": sample_cfg.steps, "nfe": nfe,
         "classifier_held_out_accuracy": round(held_out_acc, 4), "sample_accuracy": round((pred == labels).float().mean().item(), 3),
         "per_class": per_class, "seconds": round(time.perf_counter() - start, 1),
     }))

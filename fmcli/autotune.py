@@ -38,7 +38,7 @@ from .config import Config, config_to_dict, resolve_without_data, validate_confi
 from .errors import RuntimeFailure, UsageError
 from .fsutil import write_text_atomic
 from .models import build_bench_model
-from .step import TrainingStep, autocast_for
+from .step import TrainingStep
 
 
 def device_name(device: torch.device) -> str:
@@ -164,6 +164,8 @@ class BenchSpec:
     impl: str = "fm"  # "fm" (our DiT) or "diffusers" (DiTTransformer2DModel)
     threads: int | None = None
     muon_ns_dtype: str | None = None  # Muon's Newton-Schulz dtype (fmcli.hardware.matmul_dtype); None = bf16
+    sample_precision: str = "fp32"  # sampling's network precision and compile (sample.*, resolved by the parent
+    sample_compile: bool = False  # as `fm sample` resolves them: generate.resolve_sampling_hardware)
 
 
 def measure(spec: BenchSpec) -> dict:
@@ -303,12 +305,26 @@ def seconds_per_call(fn, count: int, device: torch.device) -> float:
 
 
 def _measure_train(model, cfg: Config, spec: BenchSpec, device: torch.device) -> dict:
+    """Training throughput of `spec.steps` consecutive steps after `spec.warmup`: `img_per_s` is the loop's own
+    statistic (images over the wall time of the whole block, as `fm train` logs it; a median of a few steps
+    cannot stand for a run on a machine whose speed drifts), `img_per_s_median` the per-step median that
+    ranks autotune trials (robust to one slow step)."""
     step = train_step_fn(model, cfg, spec, device)
     for _ in range(spec.warmup):
         step()
     _sync(device)
-    seconds = seconds_per_call(step, spec.steps, device)
-    return {"img_per_s": spec.batch / seconds, "step_ms": 1000 * seconds, "compiled": step.compiled, "compile_warning": step.compile_warning}
+    marks = [time.perf_counter()]
+    for _ in range(spec.steps):
+        step()
+        marks.append(time.perf_counter())
+    _sync(device)
+    marks[-1] = time.perf_counter()
+    seconds = (marks[-1] - marks[0]) / spec.steps
+    median = statistics.median(b - a for a, b in zip(marks, marks[1:])) if device.type == "cpu" else seconds
+    return {
+        "img_per_s": spec.batch / seconds, "step_ms": 1000 * seconds, "img_per_s_median": spec.batch / median,
+        "compiled": step.compiled, "compile_warning": step.compile_warning,
+    }  # fmt: skip
 
 
 def train_step_fn(model, cfg: Config, spec: BenchSpec, device: torch.device) -> Callable[[], None]:
@@ -364,32 +380,38 @@ def _synthetic_text(cfg: Config):
 
 
 def _measure_sample(model, cfg: Config, spec: BenchSpec, device: torch.device) -> dict:
-    """Sampling throughput at the preset's solver, steps and CFG.
+    """Sampling throughput at the preset's solver, steps and CFG, on `fm sample`'s own path.
 
+    The network is prepared by generate.prepare_for_sampling (at spec.sample_precision, compiled per
+    spec.sample_compile: the parent resolved sample.precision / sample.compile with the function `fm sample`
+    uses) and driven by generate.iterate_samples (per-index noise, labels cycling through the classes, guidance,
+    the solver), so what is timed is what `fm sample` runs, less decoding and writing PNGs (and, for text
+    models, the text encoder: synthetic states stand in for prompts).
     A fixed-step solve costs `steps` identical solver steps, so the clock runs over min(steps, spec.steps)
-    of them (after a one-step warmup) and the full solve's time is scaled from it; `timed_steps` says how
-    many ran. An adaptive dopri5 solve is timed whole.
+    of them (after a one-step warmup, which also compiles) and the full solve's time is scaled from it;
+    `timed_steps` says how many ran. An adaptive dopri5 solve is timed whole.
     """
-    from .generate import sample_batch
+    from .generate import LoadedModel, iterate_samples, prepare_for_sampling
 
-    model.eval()
-    m, b, s = cfg.model, spec.batch, cfg.sample
-    x0 = torch.randn(b, m.in_channels, m.image_size, m.image_size, device=device)
-    labels = torch.arange(b, device=device) % m.num_classes if m.num_classes else None
-    autocast = autocast_for(spec.precision, device)
+    m, b = cfg.model, spec.batch
+    s = cfg.sample.model_copy(update={"precision": spec.sample_precision, "compile": spec.sample_compile})
+    text = _SyntheticPrompts(_synthetic_text(cfg)) if m.cross_attention else None
+    loaded = prepare_for_sampling(LoadedModel(model=model, config=cfg, info={}, step=0, text=text), s, device)
+    prompts = [""] * b if text is not None else None
     nfe = {}
 
-    def solve(sample_cfg):
-        with autocast:
-            nfe["n"] = sample_batch(model, x0, labels, sample_cfg, seed=0, indices=range(b)).nfe
+    def solve(steps: int) -> None:
+        settings = s.model_copy(update={"steps": steps})
+        for _, _, result in iterate_samples(loaded, list(range(b)), seed=0, sample_cfg=settings, batch_size=b, device=device, prompts=prompts):
+            nfe["n"] = result.nfe
 
     timed = s.steps if s.solver == "dopri5" else min(s.steps, spec.steps)
     if spec.warmup and s.solver != "dopri5":
-        solve(s.model_copy(update={"steps": 1}))
+        solve(1)
     _sync(device)
-    seconds = seconds_per_call(lambda: solve(s.model_copy(update={"steps": timed})), 1, device) * s.steps / timed
+    seconds = seconds_per_call(lambda: solve(timed), 1, device) * s.steps / timed
     full_nfe = nfe["n"] * s.steps // timed
-    guided = bool(m.num_classes) and s.cfg != 1.0
+    guided = bool(m.num_classes or m.cross_attention) and s.cfg != 1.0
     return {
         "solver": s.solver,
         "steps": s.steps,
@@ -400,7 +422,20 @@ def _measure_sample(model, cfg: Config, spec: BenchSpec, device: torch.device) -
         "img_per_s": b / seconds,
         "img_nfe_per_s": b * full_nfe / seconds,
         "seconds": seconds,
+        "precision": loaded.model.precision,
+        "compiled": loaded.model.compiled,  # false after a compile that failed and fell back to eager
     }
+
+
+class _SyntheticPrompts:
+    """Stands in for a text encoder in `fm bench`: every prompt becomes the same synthetic token states."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def conditions(self, prompts: list[str], device) -> tuple[dict, dict]:
+        uncond = self.text.uncond(len(prompts), device)
+        return {k: v.clone() for k, v in uncond.items()}, uncond
 
 
 def _peak_memory(device: torch.device) -> dict:
@@ -432,7 +467,7 @@ def autotune_training(cfg: Config, base: BenchSpec, *, max_memory_gib: float | N
         if result.get("oom"):
             log(f"  batch {b}: out of memory")
             return Trial(b, ok=False, reason="oom")
-        t = Trial(b, ok=True, throughput=result["train"]["img_per_s"], memory_mib=peak_of(result))
+        t = Trial(b, ok=True, throughput=result["train"]["img_per_s_median"], memory_mib=peak_of(result))
         log(f"  batch {b}: {t.throughput:.1f} img/s, {t.memory_mib:.0f} MiB")
         return t
 

@@ -14,6 +14,7 @@ import torch
 from .autotune import BenchSpec, autotune_training, device_name, measure_any, peak_of, save_autotune_cache
 from .config import Config, config_to_dict, resolve_without_data
 from .errors import RuntimeFailure, UsageError
+from .hardware import PRECISION_SETTINGS
 
 # Peak dense (no sparsity) bf16 tensor FLOP/s of known accelerators, matched against the device name in
 # order (most specific first). Vendor datasheet numbers; MFU is always reported against these.
@@ -25,7 +26,6 @@ PEAK_BF16_FLOPS: list[tuple[tuple[str, ...], float]] = [
 ]  # fmt: skip
 
 MODES = ("train", "sample", "both")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -66,7 +66,7 @@ def peak_flops(device_name: str) -> float | None:
 class BenchOptions:
     batch_size: int | None = None  # None = autotune
     mode: str = "both"
-    steps: int = 5
+    steps: int = 20  # consecutive training steps timed as one block (the training loop's statistic)
     warmup: int = 2
     precision: str | None = None  # None = the preset's train.precision ("auto" is resolved by fmcli.hardware)
     compile: bool | str | None = None  # None = the preset's train.compile ("auto" resolved by fmcli.hardware)
@@ -82,8 +82,8 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     if opts.mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {opts.mode!r}")
     precision_setting = opts.precision or cfg.train.precision
-    if precision_setting not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision_setting!r}")
+    if precision_setting not in PRECISION_SETTINGS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISION_SETTINGS)}, not {precision_setting!r}")
     if opts.compare not in (None, "diffusers"):
         raise UsageError(f"--compare supports 'diffusers' only, not {opts.compare!r}")
     if opts.steps < 1 or opts.warmup < 0:
@@ -101,9 +101,16 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     name = device_name(device)
     hw = resolve_bench_hardware(cfg, device, precision_setting, cfg.train.compile if opts.compile is None else opts.compile, log)
     precision, compile_on = hw["precision"]["precision"], hw["compile"]["compile"]
+    sample_precision, sample_compile = "fp32", False
+    if opts.mode in ("sample", "both"):
+        hw["sample"] = resolve_bench_sampling(cfg, device, opts, log)
+        sample_precision, sample_compile = hw["sample"]["precision"]["precision"], hw["sample"]["compile"]["compile"]
     flops_fwd = dit_forward_flops(cfg.model)
     peak = peak_flops(name) if device.type == "cuda" else None
-    base = BenchSpec(config=config_to_dict(cfg), batch=1, steps=opts.steps, warmup=opts.warmup, precision=precision, compile=compile_on, device=device.type, muon_ns_dtype=hw["muon_ns_dtype"])
+    base = BenchSpec(
+        config=config_to_dict(cfg), batch=1, steps=opts.steps, warmup=opts.warmup, precision=precision, compile=compile_on, device=device.type,
+        muon_ns_dtype=hw["muon_ns_dtype"], sample_precision=sample_precision, sample_compile=sample_compile,
+    )  # fmt: skip
 
     tuned = None
     batch = opts.batch_size
@@ -125,9 +132,7 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
         if results[impl].get("oom"):
             raise RuntimeFailure(f"{impl} at batch {batch} ran out of memory; pass a smaller --batch-size")
 
-    if (results["fm"].get("train") or {}).get("compile_warning"):  # the trial compiled nothing and ran eager
-        log(results["fm"]["train"]["compile_warning"])
-        hw["compile"].update(compile=False, fell_back=True)
+    _record_fallbacks(results["fm"], hw, log)
     report = {
         "preset": cfg.name,
         "device": name,
@@ -175,6 +180,29 @@ def flow_twin(cfg: Config) -> Config:
     return Config.model_validate(raw)
 
 
+def _record_fallbacks(result: dict, hw: dict, log) -> None:
+    """A trial whose torch.compile failed ran eager: say so once, and report compile false."""
+    if (result.get("train") or {}).get("compile_warning"):
+        log(result["train"]["compile_warning"])
+        hw["compile"].update(compile=False, fell_back=True)
+    if "sample" in hw and hw["sample"]["compile"]["compile"] and not (result.get("sample") or {}).get("compiled", True):
+        log("warning: torch.compile failed while sampling; the sampling figure is eager")
+        hw["sample"]["compile"].update(compile=False, fell_back=True)
+
+
+def resolve_bench_sampling(cfg: Config, device: torch.device, opts: BenchOptions, log) -> dict:
+    """Sampling's precision and compile as `fm sample` resolves them here (generate.resolve_sampling_hardware):
+    sample.precision / sample.compile, or --precision / --compile when given."""
+    from .generate import resolve_sampling_hardware
+    from .hardware import choice_lines
+
+    update = {k: v for k, v in (("precision", opts.precision), ("compile", opts.compile)) if v is not None}
+    precision, compile_choice = resolve_sampling_hardware(cfg, cfg.sample.model_copy(update=update), device)
+    for line in choice_lines(precision, compile_choice, "sampling"):
+        log(line)
+    return {"precision": precision.record(), "compile": compile_choice.record()}
+
+
 def resolve_bench_hardware(cfg: Config, device: torch.device, precision_setting: str, compile_setting, log) -> dict:
     """Precision, compile and Muon dtype as `fm train` resolves them here, plus the CPU probe's numbers."""
     from . import hardware
@@ -206,6 +234,7 @@ def _summarise(result: dict, flops_fwd: int, peak: float | None, cfg: Config) ->
         out["train"] = tr
     if "sample" in result:
         sa = dict(result["sample"])
+        sa["compile"] = sa.pop("compiled")  # what ran: false after a compile that fell back to eager
         # Each NFE is a forward of the (possibly CFG-doubled) batch: FLOPs per image = fwd * nfe * (2 if guided).
         per_image = flops_fwd * sa["nfe"] * sa["forward_batch"] / result["batch"]
         sa["flops_per_image"] = per_image
@@ -223,8 +252,11 @@ def bench_table(report: dict):
     def num(v, fmt="{:.1f}"):
         return "-" if v is None else fmt.format(v)
 
-    compiled = "compiled" if report["compile"] else "eager"
-    table = Table(title=f"fm bench: {report['preset']} on {report['device']} ({report['precision']}, {compiled}, batch {report['batch_size']})")
+    how = lambda precision, compiled: f"{precision}, {'compiled' if compiled else 'eager'}"  # noqa: E731
+    sampled = report.get("sample")
+    sampling = f"; sampling {how(sampled['precision'], sampled['compile'])}" if sampled else ""
+    title = f"fm bench: {report['preset']} on {report['device']} ({how(report['precision'], report['compile'])}{sampling}, batch {report['batch_size']})"
+    table = Table(title=title)
     table.add_column("model")
     for col in ("train img/s", "train MFU", "sample img/s", "sample img*NFE/s", "peak MiB", "params (M)", "GFLOPs/img fwd"):
         table.add_column(col, justify="right")

@@ -99,6 +99,11 @@ def _guard(fn):
         raise FmError(f"{type(err).__name__}: {err} (rerun with --debug for the traceback)", exit_code=1) from None
 
 
+def _log_line(message: str) -> None:
+    """One log line on stderr (commands' notes: the sampling precision and compile choice, warnings)."""
+    stderr_console().print(message, highlight=False, markup=False)
+
+
 def _device(name: str):
     from .distributed import resolve_device
 
@@ -182,6 +187,13 @@ GuideCkpt = Annotated[
 SdeNoise = Annotated[Optional[float], float_option("--sde-noise", min=0.0, help="euler-sde diffusion scale: g(t)^2 = 2 * SCALE * (1 - t) (SiT's norm); 0 = plain Euler.")]
 ZeroInit = Annotated[Optional[int], typer.Option("--zero-init-steps", help="cfg-zero: steps of the --steps grid at the start with zero velocity, below --steps (default 1; every solver).")]
 Interval = Annotated[Optional[str], typer.Option("--guidance-interval", help="LO,HI: guide only for t in [LO, HI] (t=0 noise).")]
+SamplePrecision = Annotated[
+    Optional[str],
+    typer.Option("--precision", help="Network precision: auto, bf16, fp16 (CUDA) or fp32 (default: the checkpoint's sample.precision; auto = bf16 where measured faster, see `fm env`)."),
+]
+SampleCompile = Annotated[
+    Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the network (default: sample.compile; auto = where inductor works).")
+]
 
 
 def parse_interval(text: Optional[str]):
@@ -199,7 +211,8 @@ def parse_interval(text: Optional[str]):
 
 @dataclass(frozen=True)
 class SamplingFlags:
-    """The sampling options that `sample`, `class-grid` and `fid` share, declared once (see `sampling_options`)."""
+    """The sampling options that `sample`, `class-grid` and `fid` share, declared once (see `sampling_options`);
+    `reflow` and `demo` take the precision and compile ones too."""
 
     cfg_scale: Optional[float] = None
     steps: Optional[int] = None
@@ -209,6 +222,8 @@ class SamplingFlags:
     guidance_interval: Optional[str] = None
     zero_init_steps: Optional[int] = None
     sde_noise: Optional[float] = None
+    precision: Optional[str] = None
+    compile_model: Optional[bool] = None
 
     def overrides(self, **extra):
         """A function base -> base with these options (validated in config.sample_settings).
@@ -218,7 +233,7 @@ class SamplingFlags:
         given = dict(
             cfg=self.cfg_scale, steps=self.steps, solver=self.solver, guidance=self.guidance,
             guidance_interval=parse_interval(self.guidance_interval), zero_init_steps=self.zero_init_steps,
-            sde_noise=self.sde_noise, **extra,
+            sde_noise=self.sde_noise, precision=self.precision, compile=self.compile_model, **extra,
         )  # fmt: skip
         guide_ckpt = self.guide_ckpt
         if guide_ckpt is not None and given["guidance"] not in (None, "auto"):
@@ -240,6 +255,7 @@ _SAMPLING_OPTIONS = [
     for name, annotation in (
         ("cfg_scale", CfgScale), ("steps", Steps), ("solver", Solver), ("guidance", Guidance), ("guide_ckpt", GuideCkpt),
         ("guidance_interval", Interval), ("zero_init_steps", ZeroInit), ("sde_noise", SdeNoise),
+        ("precision", SamplePrecision), ("compile_model", SampleCompile),
     )
 ]  # fmt: skip
 
@@ -507,6 +523,7 @@ def sample(
             ctx, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif,
             gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=sampling.guide_ckpt,
             grid=grid,
+            log=_log_line,
         ))  # fmt: skip
         if summary is None:  # not rank 0
             return
@@ -537,6 +554,8 @@ def reflow(
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
     seed: Annotated[int, typer.Option("--seed", help="Seed: pair i's noise depends only on (seed, i).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Pairs per solver batch (and per restartable chunk).")] = 256,
+    precision: SamplePrecision = None,
+    compile_model: SampleCompile = None,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the teacher's EMA weights (default) or the raw ones.")] = True,
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (text teachers)."),
     device: Device = "auto",
@@ -561,7 +580,8 @@ def reflow(
         from .reflow import check_teacher
 
         texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
-        overrides = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver).overrides(rtol=rtol, atol=atol)
+        flags = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver, precision=precision, compile_model=compile_model)
+        overrides = flags.overrides(rtol=rtol, atol=atol)
         if not launched_externally():  # the one-line refusals come before relaunching or solving anything
             check_teacher(ckpt, out, texts, force, overrides)
         if relaunched(gpus, nproc, extra=[a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
@@ -578,13 +598,15 @@ def reflow(
 
     def _reflow_rank(ctx, texts, overrides):
         from .console import progress
-        from .generate import load_for_sampling
+        from .generate import load_for_sampling, prepare_for_sampling
         from .reflow import generate_pairs, rank_share
 
         loaded = load_for_sampling(ckpt, ctx.device, use_ema=ema, text_encoder=text_encoder, with_vae=False)
+        sample_cfg = overrides(loaded.config.sample)
+        loaded = prepare_for_sampling(loaded, sample_cfg, ctx.device, _log_line, ctx)
         with progress(stderr_console(), "reflow", rank_share(num_pairs, batch_size, ctx)) as advance:
             return generate_pairs(
-                loaded, out, num_pairs=num_pairs, seed=seed, sample_cfg=overrides(loaded.config.sample), batch_size=batch_size, ctx=ctx,
+                loaded, out, num_pairs=num_pairs, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, ctx=ctx,
                 checkpoint=ckpt, ema=ema, prompts=texts or None, force=force, on_chunk=advance if ctx.is_main else None,
             )
 
@@ -665,7 +687,7 @@ def class_grid(
     def run():
         import time
 
-        from .generate import class_grid_samples, class_names_of, load_for_sampling, with_guide
+        from .generate import class_grid_samples, class_names_of, load_for_sampling, prepare_for_sampling, sampling_record, with_guide
         from .images import class_grid_image, save_image_atomic
 
         if out.suffix.lower() != ".png":
@@ -676,12 +698,13 @@ def class_grid(
         sample_cfg = sampling.overrides()(loaded.config.sample)
         if sampling.guide_ckpt is not None:
             loaded = with_guide(loaded, sampling.guide_ckpt, dev, use_ema=ema)
+        loaded = prepare_for_sampling(loaded, sample_cfg, dev, _log_line)
         start = time.perf_counter()
         images, nfe = class_grid_samples(loaded, samples_per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev)
         path = save_image_atomic(class_grid_image(images, samples_per_class, class_names_of(loaded)), out)
         seconds = time.perf_counter() - start
         if as_json:
-            emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance})
+            emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), **sampling_record(loaded), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance})
         else:
             print(path)
 
@@ -789,7 +812,7 @@ def bench(
     overrides: Overrides = [],
     batch_size: str = typer.Option("auto", "--batch-size", "-b", help="'auto' (autotune the training batch) or a number."),
     mode: str = typer.Option("both", "--mode", help="train, sample or both."),
-    steps: int = typer.Option(5, "--steps", help="Timed iterations (training steps; solver steps for sampling)."),
+    steps: int = typer.Option(20, "--steps", help="Timed iterations: consecutive training steps (img/s over the block, as the training log computes it); solver steps for sampling."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed warmup training steps before the clock starts."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (default: the preset's train.precision; auto = measured, see `fm env`)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: the preset's train.compile; auto = where inductor works)."),
@@ -914,6 +937,8 @@ def demo(
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (text models)."),
     max_images: int = typer.Option(16, "--max-images", min=1, help="Largest grid a visitor may request."),
     guide_ckpt: GuideCkpt = None,
+    precision: SamplePrecision = None,
+    compile_model: SampleCompile = None,
 ):
     """Interactive web demo (needs gradio): prompt or class, guidance, steps, solver, seed; the image forms step by step.
 
@@ -928,7 +953,7 @@ def demo(
 
         launch_demo(
             ckpt, host=host, port=port, share=share, device=_device(device), vae=vae, text_encoder=text_encoder, max_images=max_images,
-            guide_ckpt=guide_ckpt,
+            guide_ckpt=guide_ckpt, precision=precision, compile_model=compile_model, log=_log_line,
         )  # fmt: skip
 
     _guard(run)

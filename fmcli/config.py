@@ -182,6 +182,11 @@ class SampleConfig(Strict):
     guidance_interval: tuple[float, float] | None = None  # [t_lo, t_hi]: CFG only for t in it
     shift: float | None = Field(None, gt=0)  # time-grid shift; None = the training flow.shift (filled by resolve)
     grid_size: int = Field(16, gt=0)  # images in the periodic training sample grid
+    # How the network runs while sampling (`fm sample`, class-grid, fid, reflow, demo, bench): resolved on the
+    # sampling machine like train.precision / train.compile (fmcli.hardware), never taken from the training run.
+    # The solver's state and arithmetic stay fp32; only the network runs under autocast.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool | Literal["auto"] = "auto"
 
     # Field validators (not a model validator) so that an error names its own setting and option.
     @field_validator("guidance_interval")
@@ -290,6 +295,8 @@ RESUME_SAFE_KEYS = {
     "train.max_nan_skips",
     "train.compile",
     "train.budget_minutes",  # only fresh runs fit their steps to it
+    "sample.precision",  # how `fm sample` runs the network later, resolved on the sampling machine
+    "sample.compile",
     "data.num_workers",
     "eval.every",
     "eval.num_samples",

@@ -230,14 +230,18 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
 
 
 def launch_demo(
-    ckpt: str, *, host: str, port: int, share: bool, device: torch.device, vae=None, text_encoder=None, max_images: int = 16, guide_ckpt=None
+    ckpt: str, *, host: str, port: int, share: bool, device: torch.device, vae=None, text_encoder=None, max_images: int = 16, guide_ckpt=None,
+    precision: str | None = None, compile_model: bool | None = None, log=lambda message: None,
 ) -> None:
+    """Serve the demo. The network runs at sample.precision / sample.compile (or `precision` / `compile_model`),
+    resolved once at launch; a compiled network is reused by every request."""
     _import_gradio()  # fail fast, before loading the model
-    from .generate import load_for_sampling, with_guide
+    from .generate import load_for_sampling, prepare_for_sampling, with_guide
 
     loaded = load_for_sampling(ckpt, device, vae=vae, text_encoder=text_encoder)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, device)
+    loaded = prepare_for_sampling(loaded, sample_settings(loaded.config.sample, precision=precision, compile=compile_model), device, log)
     out_dir = Path(tempfile.mkdtemp(prefix="fm-demo-"))
     app = build_app(loaded, device, out_dir, max_images=max_images)
     try:

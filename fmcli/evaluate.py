@@ -512,6 +512,9 @@ def fid_command(
             from .generate import with_guide
 
             loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
+        from .generate import prepare_for_sampling
+
+        loaded = prepare_for_sampling(loaded, sample_cfg, device, log or (lambda message: None), ctx)
         sweep = _nfe_sweep(sample_cfg, nfe, log) if nfe is not None else None
 
     ref_stats = reference_statistics(ref, extractor, batch_size=batch_size, keep_features=kid, log=log)
@@ -601,7 +604,10 @@ def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, *, num_samples, 
         seconds = max(D.all_gather_objects(generated.gen_seconds, ctx))
         generated = GeneratedFeatures(feats=feats, nfe_per_sample=generated.nfe_per_sample, gen_seconds=seconds, image_size=generated.image_size)
     gen_stats = statistics_of(generated.feats, extractor.name, generated.image_size, keep_features=kid)
-    extra = {"solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance, "seed": seed, "step": loaded.step}
+    from .generate import sampling_record
+
+    extra = {"solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance, "seed": seed, "step": loaded.step,
+             **sampling_record(loaded)}
     if sample_cfg.solver == "dopri5":
         extra.update(rtol=sample_cfg.rtol, atol=sample_cfg.atol)
     scored = FidResult(
@@ -634,8 +640,9 @@ class TrainingEvaluator:
         if self.ref is not None and self.ref.image_size and self.ref.image_size != size:
             raise UsageError(f"eval.ref {cfg.eval.ref} holds {self.ref.image_size}px images but the model makes {size}px ones")
 
-    def __call__(self, model: torch.nn.Module, step: int, batch_size: int, ctx=None) -> dict | None:
-        """Every rank generates its share of the samples; the rank holding the reference returns the record."""
+    def __call__(self, model, step: int, batch_size: int, ctx=None) -> dict | None:
+        """Every rank generates its share of the samples (`model`: the EMA, as a generate.SamplingNet at the run's
+        precision); the rank holding the reference returns the record."""
         from . import distributed as D
         from .generate import LoadedModel
 

@@ -1,7 +1,12 @@
-"""Sampling from a trained model: per-index noise, conditioning, batching, checkpoint loading.
+"""Sampling from a trained model: per-index noise, conditioning, batching, checkpoint loading, and how the
+network runs (precision and compile, resolved on the sampling machine).
 
 Sample i's initial noise depends only on (seed, i), so outputs are identical whatever the batch size
-or the number of processes that share the work.
+or the number of processes that share the work (on the same machine, at the same precision).
+
+Every sampling command (`fm sample`, class-grid, fid, reflow, demo) and `fm bench --mode sample` run the
+same path: `load_for_sampling` -> `prepare_for_sampling` (sample.precision / sample.compile resolved as
+training resolves its own, the network wrapped once in a `SamplingNet`) -> `iterate_samples`.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import torch
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Config, validate_config, with_sampling_shift
 from .errors import RuntimeFailure, UsageError
+from .hardware import CompileChoice, PrecisionChoice, autocast, check_precision, choice_lines, compile_failed, resolve_compile
 from .models import build_model
 from .sampling import SDE_SOLVERS, OnStep, check_solver_for_model, guided_velocity, solve
 from .seeding import STREAMS, normal
-
 
 
 def initial_noise(seed: int, indices, shape: tuple[int, ...], device="cpu") -> torch.Tensor:
@@ -110,6 +115,9 @@ class LoadedModel:
     text: object | None = None  # encoders.TextConditioning for text models
     vae: object | None = None  # encoders.FrozenVAE for latent models: samples are decoded to images
     guide: torch.nn.Module | None = None  # autoguidance's guide network (`with_guide`)
+    # After `prepare_for_sampling`: `model` and `guide` are SamplingNets, `hardware` the PrecisionChoice and
+    # CompileChoice they run with.
+    hardware: dict | None = None
 
     @property
     def is_text(self) -> bool:
@@ -185,6 +193,99 @@ def _guide_facts(m: LoadedModel) -> dict:
         "text state width": m.config.model.text_dim if text else None,
         "text encoder": {k: encoder.get(k) for k in ("model_type", "hidden_size")} if text and encoder else None,
     }
+
+
+class SamplingNet:
+    """The network as sampling runs it: under autocast at `precision` (fp32 weights), compiled or eager, its
+    velocity returned in fp32, so that the solver's state and arithmetic stay fp32 whatever the precision.
+
+    The compiled module is built once (per command) and reused for every batch; torch.compile is lazy, so a
+    compiler failure shows at a call: it is logged once (`hardware.compile_failed`) and that call and every
+    later one run eager. A compiled call smaller than the first one (the last batch of a command) is padded
+    to the first one's size by repeating its last row, and the padding dropped: one graph serves the whole
+    command instead of a second compile for the remainder (rows are independent, so the real rows are the
+    same bytes either way). The model contract is the wrapped module's: `net(x, t, **cond)`, `net.null_class`.
+    """
+
+    def __init__(self, module: torch.nn.Module, precision: str = "fp32", device: torch.device = torch.device("cpu"),
+                 compile_choice: CompileChoice | None = None, log: Callable[[str], None] = lambda message: None):
+        self.module, self.precision, self.device, self.log = module.eval(), precision, device, log
+        self.compile_choice = compile_choice or CompileChoice(False, False, "not compiled")
+        self._compiled = torch.compile(module) if self.compile_choice.compile else None
+        self._graph_batch = 0  # the batch size the compiled graph was first called with
+
+    @property
+    def null_class(self) -> int:
+        return self.module.null_class
+
+    @property
+    def end_time(self) -> bool:
+        """A mean-flow network (takes t_end): the solver check needs it through the wrapper."""
+        return bool(getattr(self.module, "end_time", False))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        with autocast(self.precision, self.device):
+            return self._forward(x, t, **cond).float()
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        if self._compiled is not None:
+            try:
+                n = x.shape[0]
+                self._graph_batch = self._graph_batch or n
+                if n >= self._graph_batch:
+                    return self._compiled(x, t, **cond)
+                pad = lambda v: torch.cat([v, v[-1:].expand(self._graph_batch - n, *v.shape[1:])])  # noqa: E731
+                return self._compiled(pad(x), pad(t), **{k: pad(v) for k, v in cond.items()})[:n]
+            except (torch.OutOfMemoryError, KeyboardInterrupt):
+                raise
+            except Exception as err:  # a compiler failure: this call and the rest run eager
+                self._compiled = None
+                compile_failed(err, self.log, self.compile_choice, "--no-compile or sample.compile=false")
+        return self.module(x, t, **cond)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+
+def resolve_sampling_hardware(cfg: Config, sample_cfg, device: torch.device) -> tuple[PrecisionChoice, CompileChoice]:
+    """sample.precision and sample.compile for this model on this device, resolved as training resolves its own
+    (fmcli.hardware: the same probe and cache). The training run's precision does not matter here: a model
+    trained in bf16 samples in fp32 on a machine without fast bf16."""
+    from .step import resolve_model_precision
+
+    check_precision(sample_cfg.precision, device, "sample.precision (--precision)")
+    m = cfg.model
+    precision = resolve_model_precision(cfg, sample_cfg.precision, device, (m.in_channels, m.image_size, m.image_size))
+    return precision, resolve_compile(sample_cfg.compile, device)
+
+
+def prepare_for_sampling(loaded: LoadedModel, sample_cfg, device: torch.device, log: Callable[[str], None] = lambda message: None, ctx=None) -> LoadedModel:
+    """`loaded` with its network (and autoguidance guide) wrapped in a SamplingNet at the resolved sample.precision
+    and sample.compile; the choice is logged like training's. Under DDP (`ctx`) rank 0 decides for every rank,
+    so all ranks run the same program."""
+    import dataclasses
+
+    from . import distributed as D
+
+    main = ctx is None or ctx.is_main
+    decision = resolve_sampling_hardware(loaded.config, sample_cfg, device) if main else None
+    precision, compile_choice = D.all_gather_objects(decision, ctx)[0] if ctx is not None else decision
+    if main:
+        for line in choice_lines(precision, compile_choice, "sampling"):
+            log(line)
+    net = SamplingNet(loaded.model, precision.precision, device, compile_choice, log if main else lambda message: None)
+    guide = None
+    if loaded.guide is not None:
+        guide = SamplingNet(loaded.guide, precision.precision, device, dataclasses.replace(compile_choice), lambda message: None)
+    return dataclasses.replace(loaded, model=net, guide=guide, hardware={"precision": precision, "compile": compile_choice})
+
+
+def sampling_record(loaded: LoadedModel) -> dict:
+    """What ran: the precision and whether the network ran compiled (false after a compile that fell back)."""
+    if not isinstance(loaded.model, SamplingNet):
+        return {"precision": "fp32", "compile": False}
+    return {"precision": loaded.model.precision, "compile": loaded.model.compiled}
 
 
 def load_weights(path) -> dict:
@@ -348,7 +449,8 @@ def grid_count(out: Path, n: int, grid: int | None, grid_size: int) -> int:
 
 
 def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sample_overrides, seed: int, out, gif, gif_frames: int,
-                   batch_size: int, ema: bool, vae, text_encoder, force: bool = False, guide_ckpt=None, grid: int | None = None) -> dict | None:
+                   batch_size: int, ema: bool, vae, text_encoder, force: bool = False, guide_ckpt=None, grid: int | None = None,
+                   log: Callable[[str], None] = lambda message: None) -> dict | None:
     """What `fm sample` does on one rank: its share of the sample indices, written by global index; rank 0
     gathers the grid (and GIF) and returns the summary (other ranks return None).
 
@@ -367,6 +469,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     sample_cfg = sample_overrides(loaded.config.sample)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema, warn=None if ctx.is_main else lambda message: None)
+    loaded = prepare_for_sampling(loaded, sample_cfg, dev, log, ctx)
     recorder = TrajectoryRecorder() if gif is not None else None
     start = time.perf_counter()
     shown = grid_count(out, n, grid, loaded.config.sample.grid_size)
@@ -405,7 +508,8 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         "grid_samples": shown,
         "nfe": max(nfes),  # network evaluations per sample trajectory (a CFG pair counts once)
         "nfe_total": sum(nfes),  # batched forward passes over all batches
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(time.perf_counter() - start, 3),  # compiling included (it happens at the first batch)
+        **sampling_record(loaded),  # precision, compile: what ran
         "solver": sample_cfg.solver,
         "steps": sample_cfg.steps,
         "cfg": sample_cfg.cfg,

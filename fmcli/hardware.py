@@ -1,6 +1,8 @@
 """What this machine does well: device, precision and compile choice from a measured probe, cached per machine.
 
-`train.precision = "auto"` and `train.compile = "auto"` are resolved here, once per run, before any step.
+`train.precision` / `train.compile` (once per run, before any step) and `sample.precision` / `sample.compile`
+(once per sampling command, on the machine that samples) are resolved here, by the same rules; `autocast` is
+the one autocast context of training, sampling and the probe.
 
 - Precision on CUDA: bf16 when the card supports it, else fp32. On a CPU: a short measured probe (a GEMM
   of the model's width in fp32 and bf16, plus one forward/backward of the model in each when it is cheap)
@@ -259,10 +261,12 @@ def forward_backward_fn(model: torch.nn.Module, inputs: tuple, kwargs: dict | No
 
 
 def autocast(precision: str, device: torch.device):
-    """The autocast context of a precision (a null context for fp32, and for fp16 off CUDA)."""
+    """THE autocast of fm, for training and sampling: bf16/fp16 autocast over fp32 weights, nothing for fp32.
+
+    fp16 runs on CUDA only: `resolve_precision` refuses it on other devices before anything runs."""
     import contextlib
 
-    if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
+    if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
@@ -282,16 +286,25 @@ class PrecisionChoice:
         return {"setting": self.setting, "precision": self.precision, "reason": self.reason, "probe": asdict(self.probe) if self.probe else None}
 
 
-def resolve_precision(setting: str, device: torch.device, width: int, model_step=None, step_key=None) -> PrecisionChoice:
-    """train.precision -> the precision that runs. An explicit setting is obeyed (with a warning where it is slow)."""
-    if setting not in PRECISION_SETTINGS:
-        from .errors import UsageError
+def check_precision(setting: str, device: torch.device, key: str = "precision") -> None:
+    """A precision setting this device can run: one of PRECISION_SETTINGS, and fp16 only on CUDA (fp16 training
+    needs loss scaling, and CPU fp16 kernels are slow or missing), for training and sampling alike."""
+    from .errors import UsageError
 
-        raise UsageError(f"precision must be one of {', '.join(PRECISION_SETTINGS)}, not {setting!r}")
+    if setting not in PRECISION_SETTINGS:
+        raise UsageError(f"{key} must be one of {', '.join(PRECISION_SETTINGS)}, not {setting!r}")
+    if setting == "fp16" and device.type != "cuda":
+        raise UsageError(f"{key}=fp16 needs a CUDA device; use bf16, fp32 or auto on {device.type.upper()}")
+
+
+def resolve_precision(setting: str, device: torch.device, width: int, model_step=None, step_key=None) -> PrecisionChoice:
+    """train.precision or sample.precision -> the precision that runs. An explicit setting is obeyed (with a
+    warning where it is slow)."""
+    check_precision(setting, device)
     if setting != "auto":
         warning = None
         if setting == "bf16" and device.type == "cpu" and not cpu_info().native_bf16:
-            warning = "warning: this CPU has no native bf16 (AVX512-BF16 / AMX), so bf16 autocast may be slower than fp32 here; --set train.precision=fp32 (or auto)"
+            warning = "warning: this CPU has no native bf16 (AVX512-BF16 / AMX), so bf16 autocast may be slower than fp32 here; use precision fp32 (or auto)"
         return PrecisionChoice(setting, setting, "set explicitly", warning=warning)
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
@@ -320,7 +333,7 @@ class CompileChoice:
 
 
 def resolve_compile(setting, device: torch.device) -> CompileChoice:
-    """train.compile true/false is obeyed; "auto" compiles where inductor can work (CUDA + triton, CPU + C++)."""
+    """train.compile / sample.compile true/false is obeyed; "auto" compiles where inductor can work (CUDA + triton, CPU + C++)."""
     if setting is True or setting is False:
         return CompileChoice(setting, setting, "set explicitly")
     if device.type == "cuda":
@@ -333,7 +346,7 @@ def resolve_compile(setting, device: torch.device) -> CompileChoice:
     return CompileChoice(setting, False, f"auto: no working C++ compiler for inductor ({compiler['error']})")
 
 
-def compile_with_fallback(model, first_call: Callable[[Callable], None], log: Callable[[str], None], choice: CompileChoice):
+def compile_with_fallback(model, first_call: Callable[[Callable], None], log: Callable[[str], None], choice: CompileChoice, hint: str = "train.compile=false"):
     """torch.compile(model), proven on `first_call(compiled)`; if compiling fails, the eager model and one warning.
 
     torch.compile is lazy: a missing compiler or an unsupported op surfaces at the first forward (or its
@@ -348,11 +361,30 @@ def compile_with_fallback(model, first_call: Callable[[Callable], None], log: Ca
     except (torch.OutOfMemoryError, KeyboardInterrupt):
         raise
     except Exception as err:  # any compiler failure: the run goes on without it
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        log(f"warning: torch.compile failed ({type(err).__name__}: {first_line}); continuing without compile (train.compile=false hides this)")
-        choice.compile, choice.fell_back = False, True
-        _reset_dynamo()
+        compile_failed(err, log, choice, hint)
         return model
+
+
+def compile_failed(err: Exception, log: Callable[[str], None], choice: CompileChoice, hint: str) -> None:
+    """The one warning line of a failed torch.compile (`hint` names the setting that hides it); `choice` records the fallback."""
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    log(f"warning: torch.compile failed ({type(err).__name__}: {first_line}); continuing without compile ({hint} hides this)")
+    choice.compile, choice.fell_back = False, True
+    _reset_dynamo()
+
+
+def choice_lines(precision: PrecisionChoice, compile_choice: CompileChoice, what: str = "") -> list[str]:
+    """The log lines of a precision and compile decision, for training and sampling alike: each "auto" choice with
+    its reason (an explicit setting is the user's own and needs no line), and any warning."""
+    prefix = f"{what} " if what else ""
+    lines = []
+    if precision.setting == "auto":
+        lines.append(f"{prefix}precision: {precision.precision} ({precision.reason})")
+    if precision.warning:
+        lines.append(precision.warning)
+    if compile_choice.setting == "auto":
+        lines.append(f"{prefix}compile: {'on' if compile_choice.compile else 'off'} ({compile_choice.reason})")
+    return lines
 
 
 def _reset_dynamo() -> None:

@@ -6,8 +6,9 @@ Pair i is x0_i = noise from (seed, i) in reflow's own stream and x1_i = the teac
 
 Work is cut into chunks of `batch_size` consecutive indices; rank r of W solves chunks r, r + W, ... and
 saves each as DIR.partial/part-NNNNNNN.npz (atomically), so an interrupted run restarted with the same
-settings solves only the missing chunks. Rank 0 then streams the parts, in index order, into a prepared
-dataset of kind "pairs" (docs/architecture.md section 5) written as .DIR.tmp-* and renamed. Fixed-step solvers give each
+settings (the resolved network precision and compile among them) solves only the missing chunks. Rank 0
+then streams the parts, in index order, into a prepared dataset of kind "pairs" (docs/architecture.md section 5)
+written as .DIR.tmp-* and renamed. Fixed-step solvers give each
 pair independently of the chunking; dopri5 picks its steps per chunk, so there the pairs depend on the batch
 size (within rtol/atol) but still not on the number of processes.
 """
@@ -30,7 +31,7 @@ from . import distributed as D
 from .data.prepared import PreparedWriter, is_replaceable
 from .fsutil import atomic_write, write_text_atomic
 from .errors import UsageError
-from .generate import class_conditions, sample_batch
+from .generate import class_conditions, sample_batch, sampling_record
 from .sampling import SDE_SOLVERS, SOLVERS
 from .seeding import STREAMS, normal
 
@@ -54,6 +55,8 @@ class ReflowPlan:
     shift: float
     chunk: int
     prompts_sha256: str | None
+    precision: str  # the teacher's network precision (sample.precision resolved): bf16 pairs differ slightly from fp32 ones
+    compile: bool  # compiled or eager (also changes the pairs' last bits)
 
 
 @dataclass
@@ -162,6 +165,7 @@ def generate_pairs(
         checkpoint=str(Path(checkpoint).resolve()), step=loaded.step, ema=ema, num_pairs=num_pairs, seed=seed, solver=sample_cfg.solver,
         steps=sample_cfg.steps, cfg=sample_cfg.cfg, rtol=sample_cfg.rtol, atol=sample_cfg.atol, shift=sample_cfg.shift or 1.0,
         chunk=batch_size, prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None,
+        **sampling_record(loaded),
     )
     work = work_dir(out)
     if ctx.is_main:
@@ -214,7 +218,7 @@ def _open_work_dir(work: Path, plan: ReflowPlan) -> None:
         if differ:
             raise UsageError(
                 f"{work} holds an interrupted reflow with other settings ({', '.join(differ)}); "
-                f"rerun with the same options to continue it, or delete {work}"
+                f"rerun with the same options to continue it (--precision / --compile for the network's), or delete {work}"
             )
         return
     work.mkdir(parents=True, exist_ok=True)

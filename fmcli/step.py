@@ -26,6 +26,7 @@ import torch.nn as nn
 from . import distributed as D
 from .config import Config
 from .flow import couple, expand_time, flow_matching_loss, interpolate, mean_flow_loss, sample_time_pairs, sample_times
+from .hardware import autocast
 from .models import build_model
 from .optim import build_optimizer, build_schedulers, ema_decay_at, update_ema
 from .seeding import STREAMS, normal, torch_generator
@@ -40,20 +41,27 @@ class StepResult:
 
 
 def resolve_hardware(cfg: Config, device: torch.device, shape: tuple[int, int, int]):
-    """(PrecisionChoice, CompileChoice, Muon's Newton-Schulz dtype or None) for this config on this device.
+    """(PrecisionChoice, CompileChoice, Muon's Newton-Schulz dtype or None) for training this config on this device."""
+    from . import hardware
 
-    On a CPU with precision "auto" the probe times a forward/backward of a fresh copy of the model (not for
-    text models, whose inputs need the text encoder: those are judged on the GEMM alone)."""
+    precision = resolve_model_precision(cfg, cfg.train.precision, device, shape)
+    compile_choice = hardware.resolve_compile(cfg.train.compile, device)
+    ns_dtype = hardware.matmul_dtype(device, cfg.model.hidden_size, precision.probe) if cfg.optim.name == "muon" else None
+    return precision, compile_choice, ns_dtype
+
+
+def resolve_model_precision(cfg: Config, setting: str, device: torch.device, shape: tuple[int, int, int]):
+    """`setting` (train.precision or sample.precision) for this config's model on this device: a PrecisionChoice.
+
+    On a CPU, "auto" runs the probe on a forward/backward of a fresh copy of the model (not for text models,
+    whose inputs need the text encoder: those are judged on the GEMM alone); training and sampling share its
+    cached answer, as they share the model."""
     from . import hardware
 
     step = key = None
-    if cfg.train.precision == "auto" and device.type == "cpu" and not cfg.model.cross_attention:
+    if setting == "auto" and device.type == "cpu" and not cfg.model.cross_attention:
         step, key = precision_probe_step(cfg, shape)
-    width = cfg.model.hidden_size
-    precision = hardware.resolve_precision(cfg.train.precision, device, width, step, key)
-    compile_choice = hardware.resolve_compile(cfg.train.compile, device)
-    ns_dtype = hardware.matmul_dtype(device, width, precision.probe) if cfg.optim.name == "muon" else None
-    return precision, compile_choice, ns_dtype
+    return hardware.resolve_precision(setting, device, cfg.model.hidden_size, step, key)
 
 
 def precision_probe_step(cfg: Config, shape: tuple[int, int, int]):
@@ -98,13 +106,6 @@ def mean_flow_target(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, t_end:
     target = v.detach().clone()
     target[rows] = v[rows] + expand_time(t_end[rows] - t[rows], v) * du_dt.to(v.dtype)
     return target
-
-
-def autocast_for(precision: str, device: torch.device):
-    """bf16/fp16 autocast (fp32 master weights), or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 class TrainingStep:
@@ -156,7 +157,7 @@ class TrainingStep:
             cond["t_end"] = t
         sync = self.ddp.no_sync() if self.ctx.distributed else contextlib.nullcontext()
         with sync:
-            with autocast_for(self.cfg.train.precision, self.ctx.device):
+            with autocast(self.cfg.train.precision, self.ctx.device):
                 out = forward(x, t, **cond)
             out.float().square().mean().backward()
         self.model.zero_grad(set_to_none=True)
@@ -193,7 +194,7 @@ class TrainingStep:
         cfg, ctx = self.cfg, self.ctx
         draws = self._draws(batch_index)
         total, ot_costs = torch.zeros((), device=ctx.device), []
-        autocast = autocast_for(cfg.train.precision, ctx.device)
+        amp = autocast(cfg.train.precision, ctx.device)
         for a in range(self.accum):
             batch = next(batches)
             rows = slice((a * ctx.world_size + ctx.rank) * self.micro, (a * ctx.world_size + ctx.rank + 1) * self.micro)
@@ -202,7 +203,7 @@ class TrainingStep:
             cond = self._condition(batch, draws["drop"][rows])
             last = a == self.accum - 1
             sync = self.ddp.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
-            with sync, autocast:
+            with sync, amp:
                 if draws["ends"] is None:
                     loss = logged = flow_matching_loss(self.forward(xt, t, **cond), ut)
                 else:

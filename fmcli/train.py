@@ -28,7 +28,7 @@ from .data.prepared import PreparedDataset, collate_batched, data_space
 from .data.sampler import RankBatchSampler, batch_geometry, data_position
 from .errors import RuntimeFailure, UsageError
 from .fsutil import write_text_atomic
-from .generate import initial_noise, sample_batch
+from .generate import SamplingNet, initial_noise, sample_batch
 from .images import save_grid
 from .runlog import append_metrics, environment_info, memory_mib, step_name, write_run_files
 from .step import TrainingStep
@@ -156,6 +156,8 @@ class Trainer:
             raise UsageError(f"train.global_batch_size {cfg.train.global_batch_size} exceeds the dataset size {len(self.dataset)}")
         shape = tuple(self.dataset.manifest["shape"])
         self.step_fn = TrainingStep(cfg, ctx, micro=self.micro, accum=self.accum, shape=shape, text=text, ns_dtype=self.hardware["muon_ns_dtype"])
+        # Sample grids and FID sample the EMA at the run's precision (eager: a grid is too small to repay compiling).
+        self.ema_net = SamplingNet(self.step_fn.ema, cfg.train.precision, ctx.device)
         self.step = 0  # optimizer steps taken
         self.batches = 0  # global batches drawn; equals `step` unless non-finite steps were skipped
         self.stop_requested = False
@@ -260,8 +262,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ setup
 
     def _check_precision(self) -> None:
-        if self.cfg.train.precision == "fp16" and self.ctx.device.type != "cuda":
-            raise UsageError("train.precision=fp16 needs a CUDA device (loss scaling); use bf16, fp32 or auto on CPU")
+        """On every rank, before rank 0 resolves "auto" for all of them."""
+        from .hardware import check_precision
+
+        check_precision(self.cfg.train.precision, self.ctx.device, "train.precision")
 
     def _resolve_hardware(self, cfg: Config) -> Config:
         """train.precision / train.compile "auto" -> what this machine does well; rank 0 decides for every rank.
@@ -269,17 +273,14 @@ class Trainer:
         The resolved precision replaces "auto" in the config (config.json, checkpoint), so a resumed run keeps
         it on any machine; the decision, its reason and the probe's numbers go to env.json and the checkpoint.
         """
+        from .hardware import choice_lines
         from .step import resolve_hardware
 
         ctx = self.ctx
         decision = resolve_hardware(cfg, ctx.device, tuple(self.dataset.manifest["shape"])) if ctx.is_main else None
         precision, compile_choice, ns_dtype = D.all_gather_objects(decision, ctx)[0]
-        if precision.setting == "auto":
-            self.log.info(f"precision: {precision.precision} ({precision.reason})")
-        if precision.warning:
-            self.log.info(precision.warning)
-        if compile_choice.setting == "auto":
-            self.log.info(f"compile: {'on' if compile_choice.compile else 'off'} ({compile_choice.reason})")
+        for line in choice_lines(precision, compile_choice):
+            self.log.info(line)
         self.compile_choice = compile_choice
         self.hardware = {"precision": precision.record(), "compile": compile_choice.record(), "muon_ns_dtype": ns_dtype, "budget": None}
         resolved = with_setting(cfg, "train.precision", precision.precision)  # validated before config.json sees it
@@ -580,7 +581,7 @@ class Trainer:
             if prompts_to is not None:
                 write_text_atomic(prompts_to, "".join(p + "\n" for p in prompts))
         result = sample_batch(
-            self.step_fn.ema, x0, labels, sample_cfg, sigma_min=self.cfg.flow.sigma_min, conditions=conditions,
+            self.ema_net, x0, labels, sample_cfg, sigma_min=self.cfg.flow.sigma_min, conditions=conditions,
             seed=self.cfg.train.seed, indices=range(n),  # euler-sde's noise, keyed like the initial noise
         )
         x = self._decode_latents(result.x) if data_space(self.dataset.manifest) == "latents" else result.x
@@ -591,7 +592,7 @@ class Trainer:
         appended to metrics.jsonl by rank 0."""
         if self.evaluator is None:
             return
-        record = self.evaluator(self.step_fn.ema, self.step, batch_size=self.micro, ctx=self.ctx)
+        record = self.evaluator(self.ema_net, self.step, batch_size=self.micro, ctx=self.ctx)
         if not self.ctx.is_main:
             return
         append_metrics(self.run_dir, record)

@@ -130,7 +130,7 @@ TEXT_SETTINGS = [
     "--set", "model.hidden_size=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.patch_size=2",
     "--set", "train.steps=2", "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=4",
     "--set", "train.precision=fp32", "--set", "train.log_every=1", "--set", "sample.grid_size=4", "--set", "sample.steps=2",
-    "--set", "data.num_workers=0", "--set", "encoders.max_tokens=8",
+    "--set", "data.num_workers=0", "--set", "encoders.max_tokens=8", "--set", "sample.precision=fp32", "--set", "sample.compile=false",
 ]  # fmt: skip
 
 

@@ -238,3 +238,37 @@ def test_one_step_distillation_trains_at_t0_only(tmp_path, monkeypatch):
     cfg = load_config("debug", [f"data.path='{data}'", "flow.coupling='pairs'", "flow.time_sampler='zero'", "train.steps=2", "train.checkpoint_every=0"])
     train(cfg, tmp_path / "run")
     assert len(seen) == 2 and all(torch.equal(t, torch.zeros(16)) for t in seen)
+
+
+def test_a_restart_at_another_precision_is_refused(teacher, tmp_path, monkeypatch):
+    """Pairs are solved at the resolved sampling precision, which the plan records: an interrupted fp32 reflow
+    does not continue in bf16 (its pairs would mix two precisions), and continues at fp32."""
+    from fmcli.generate import prepare_for_sampling
+
+    fp32 = prepare_for_sampling(teacher, HEUN.model_copy(update={"precision": "fp32", "compile": False}), torch.device("cpu"))
+    bf16 = prepare_for_sampling(teacher, HEUN.model_copy(update={"precision": "bf16", "compile": False}), torch.device("cpu"))
+    real = reflow_mod._solve_chunk
+
+    class Killed(Exception):
+        pass
+
+    def failing(loaded, indices, *args):
+        if indices[0] == 4:
+            raise Killed
+        return real(loaded, indices, *args)
+
+    monkeypatch.setattr(reflow_mod, "_solve_chunk", failing)
+    with pytest.raises(Killed):
+        pairs(fp32, tmp_path / "out")
+    assert json.loads((tmp_path / "out.partial" / "plan.json").read_text())["precision"] == "fp32"
+    with pytest.raises(UsageError, match=r"other settings \(precision\)"):
+        pairs(bf16, tmp_path / "out")
+    monkeypatch.setattr(reflow_mod, "_solve_chunk", real)
+    summary = pairs(fp32, tmp_path / "out")
+    assert summary.chunks_reused == 1 and summary.chunks_solved == 2
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["teacher"]["precision"] == "fp32" and manifest["teacher"]["compile"] is False
+    pairs(bf16, tmp_path / "bf16")
+    a, b = arrays(tmp_path / "out"), arrays(tmp_path / "bf16")
+    np.testing.assert_array_equal(a["x0"], b["x0"])
+    assert 0 < np.abs(a["x1"] - b["x1"]).max() < 0.1  # bf16 pairs: the same flow, rounded differently

@@ -1,16 +1,19 @@
-"""`fm sample`: byte-identical output for a seed, independent of batch size; JSON and usage errors."""
+"""`fm sample`: byte-identical output for a seed, independent of batch size (at each precision); JSON and usage errors."""
 
 import json
 
+import pytest
 from PIL import Image
 
 from conftest import run_fm
 
 
-def test_same_seed_gives_byte_identical_pngs(tmp_path, debug_run):
-    a = run_fm("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "7", "--out", tmp_path / "a")
-    b = run_fm("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "7", "--out", tmp_path / "b", "--batch-size", "2")
-    c = run_fm("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "8", "--out", tmp_path / "c")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_same_seed_gives_byte_identical_pngs(tmp_path, debug_run, precision):
+    how = ("--precision", precision, "--no-compile")
+    a = run_fm("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "7", "--out", tmp_path / "a", *how)
+    b = run_fm("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "7", "--out", tmp_path / "b", "--batch-size", "2", *how)
+    c = run_fm("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "8", "--out", tmp_path / "c", *how)
     for r in (a, b, c):
         assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in (tmp_path / "a").iterdir())

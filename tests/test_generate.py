@@ -1,0 +1,232 @@
+"""generate.py's network runtime: sample.precision / sample.compile resolved like training's, the SamplingNet
+(autocast network, fp32 solver), per-index determinism at every precision, and one sampling path for
+`fm sample` and `fm bench`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fmcli import generate as gen_mod
+from fmcli import hardware
+from fmcli.config import Config, SampleConfig, load_config
+from fmcli.errors import UsageError
+from fmcli.generate import LoadedModel, SamplingNet, iterate_samples, prepare_for_sampling, resolve_sampling_hardware
+from fmcli.models import build_model
+
+CPU = torch.device("cpu")
+
+
+def tiny_loaded(seed: int = 0) -> LoadedModel:
+    """A small class-conditional DiT with random weights (adaLN-Zero's zero init would give zero velocity)."""
+    cfg = Config.model_validate({"model": {"hidden_size": 32, "depth": 2, "heads": 2, "patch_size": 4, "image_size": 8, "in_channels": 3, "num_classes": 3}})
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return LoadedModel(model=model.eval(), config=cfg, info={}, step=0)
+
+
+def samples(loaded, sc, batch_size, n=7, seed=11):
+    return torch.cat([r.x for _, _, r in iterate_samples(loaded, list(range(n)), seed=seed, sample_cfg=sc, batch_size=batch_size, device=CPU)])
+
+
+# ------------------------------------------------------------------------------------------ resolution
+
+
+@pytest.mark.parametrize("forced, expected", [("bf16-fast", "bf16"), ("bf16-slow", "fp32")])
+def test_auto_precision_follows_the_probe_as_training_does(monkeypatch, forced, expected):
+    from fmcli.step import resolve_hardware
+
+    monkeypatch.setenv(hardware.FORCE_ENV, forced)
+    cfg = tiny_loaded().config
+    precision, _ = resolve_sampling_hardware(cfg, SampleConfig(precision="auto", compile=False), CPU)
+    trained, _, _ = resolve_hardware(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "auto"})}), CPU, (3, 8, 8))
+    assert precision.precision == trained.precision == expected
+    assert precision.reason.startswith("auto:") and "forced" in precision.reason
+
+
+@pytest.mark.parametrize("works, expected", [(True, True), (False, False)])
+def test_auto_compile_follows_the_cxx_compiler(monkeypatch, works, expected):
+    monkeypatch.setattr(hardware, "cxx_compiler", lambda use_cache=True: {"path": "/usr/bin/g++", "works": works, "error": None if works else "no"})
+    _, compile_choice = resolve_sampling_hardware(tiny_loaded().config, SampleConfig(precision="fp32", compile="auto"), CPU)
+    assert compile_choice.compile is expected and compile_choice.reason.startswith("auto:")
+    _, explicit = resolve_sampling_hardware(tiny_loaded().config, SampleConfig(precision="fp32", compile=not expected), CPU)
+    assert explicit.compile is (not expected) and explicit.reason == "set explicitly"
+
+
+def test_a_bf16_trained_checkpoint_samples_in_fp32_where_bf16_is_slow(monkeypatch, tmp_path, shapes16):
+    """The training run's precision is not the sampling machine's: auto is resolved where sampling runs."""
+    from conftest import QuietLog
+
+    from fmcli.generate import load_for_sampling
+    from fmcli.train import train
+
+    cfg = load_config("debug", [f"data.path='{shapes16}'", "train.steps=1", "train.precision=bf16", "sample.precision=auto"])
+    train(cfg, tmp_path / "run", log=QuietLog())
+    loaded = load_for_sampling(str(tmp_path / "run"), CPU)
+    assert loaded.config.train.precision == "bf16" and loaded.config.sample.precision == "auto"
+    lines = []
+    for forced, expected in (("bf16-slow", "fp32"), ("bf16-fast", "bf16")):
+        monkeypatch.setenv(hardware.FORCE_ENV, forced)
+        prepared = prepare_for_sampling(loaded, loaded.config.sample, CPU, lines.append)
+        assert prepared.model.precision == expected and prepared.hardware["precision"].precision == expected
+    assert lines[0].startswith("sampling precision: fp32 (auto: ") and lines[-1].startswith("sampling precision: bf16 (auto: ")
+
+
+def test_fp16_sampling_on_a_cpu_is_refused():
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        resolve_sampling_hardware(tiny_loaded().config, SampleConfig(precision="fp16"), CPU)
+
+
+# ------------------------------------------------------------------------------------- the network
+
+
+def test_the_network_runs_in_bf16_and_the_solver_in_fp32():
+    loaded = tiny_loaded()
+    seen = []
+    loaded.model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    net = prepare_for_sampling(loaded, SampleConfig(precision="bf16", compile=False), CPU).model
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([0, 1])
+    v = net(x, t, y=y)
+    assert seen == [torch.bfloat16] and v.dtype == torch.float32  # autocast inside, fp32 out to the solver
+    with torch.no_grad():
+        exact = loaded.model(x, t, y=y)
+    assert 0 < (v - exact).abs().max() < 0.05  # bf16 rounding: close to fp32, not equal
+    fp32 = samples(loaded, SampleConfig(solver="heun", steps=4, cfg=2.0), 7)  # an unprepared model: fp32 eager
+    bf16 = samples(prepare_for_sampling(loaded, SampleConfig(precision="bf16", compile=False), CPU), SampleConfig(solver="heun", steps=4, cfg=2.0), 7)
+    assert bf16.dtype == torch.float32 and 0 < (bf16 - fp32).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("solver", ["heun", "euler-sde"])
+def test_same_seed_any_batch_size_gives_the_same_samples_at_each_precision(precision, solver):
+    sc = SampleConfig(solver=solver, steps=4, cfg=2.0, precision=precision, compile=False)
+    loaded = prepare_for_sampling(tiny_loaded(), sc, CPU)
+    a, b, c = samples(loaded, sc, 7), samples(loaded, sc, 3), samples(loaded, sc, 1)
+    assert a.abs().max() > 0
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # fp32: other GEMM shapes round the last bits differently
+    torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_sampling_is_per_index_deterministic_and_close_to_eager():
+    """Under torch.compile (a static graph for the first batch size, a dynamic one after) sample i is the same
+    whatever the batch size, as in eager; compiled and eager bf16 differ by bf16 rounding (fused kernels keep
+    intermediates in fp32)."""
+    sc = SampleConfig(solver="euler", steps=2, cfg=2.0, precision="bf16", compile=True)
+    loaded = prepare_for_sampling(tiny_loaded(), sc, CPU)
+    a, b = samples(loaded, sc, 7), samples(loaded, sc, 3)
+    assert loaded.model.compiled
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    eager = samples(prepare_for_sampling(tiny_loaded(), sc.model_copy(update={"compile": False}), CPU), sc, 7)
+    assert (a - eager).abs().max() < 0.05
+
+
+def test_a_compile_that_fails_falls_back_to_eager_with_one_warning(monkeypatch):
+    class Broken:
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("inductor: no C++ compiler\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda module: Broken())
+    loaded, lines = tiny_loaded(), []
+    sc = SampleConfig(solver="euler", steps=3, cfg=2.0, precision="fp32", compile=True)
+    prepared = prepare_for_sampling(loaded, sc, CPU, lines.append)
+    out = samples(prepared, sc, 7)
+    assert len(lines) == 1 and lines[0].startswith("warning: torch.compile failed (RuntimeError: inductor: no C++ compiler)")
+    assert "--no-compile" in lines[0] and not prepared.model.compiled and prepared.hardware["compile"].fell_back
+    torch.testing.assert_close(out, samples(loaded, sc, 7), rtol=0, atol=0)
+
+
+def test_the_compiled_module_is_built_once_and_sees_one_batch_size(monkeypatch):
+    """One torch.compile per command; the last, smaller batch is padded to the graph's batch (no recompile) and
+    its samples are those of an unpadded eager run."""
+    built, sizes = [], []
+
+    def fake_compile(module):
+        built.append(module)
+        return lambda x, t, **cond: sizes.append((x.shape[0], t.shape[0], cond["y"].shape[0])) or module(x, t, **cond)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    sc = SampleConfig(solver="euler", steps=2, cfg=2.0, precision="fp32", compile=True)
+    loaded = tiny_loaded()
+    prepared = prepare_for_sampling(loaded, sc, CPU)
+    out = samples(prepared, sc, 3)  # batches of 3, 3 and 1 sample(s): CFG-doubled 6, 6, 2
+    assert len(built) == 1 and prepared.model.compiled
+    assert set(sizes) == {(6, 6, 6)} and len(sizes) == 3 * 2
+    torch.testing.assert_close(out, samples(loaded, sc, 3), rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- one path
+
+
+def test_bench_measures_the_sampling_path_of_fm_sample(monkeypatch, tmp_path, debug_run):
+    """A spy on prepare_for_sampling, iterate_samples and SamplingNet.__call__: `fm sample` and the bench's
+    sampling trial go through the same functions, at the precision and compile each resolved."""
+    from fmcli.autotune import BenchSpec, measure
+    from fmcli.config import config_to_dict, resolve_without_data
+    from fmcli.distributed import DistContext
+    from fmcli.generate import sample_command
+
+    calls = []
+    real_prepare, real_iterate, real_call = gen_mod.prepare_for_sampling, gen_mod.iterate_samples, SamplingNet.__call__
+
+    def prepare(loaded, sample_cfg, *a, **k):
+        calls.append(("prepare", sample_cfg.precision, sample_cfg.compile))
+        return real_prepare(loaded, sample_cfg, *a, **k)
+
+    def iterate(loaded, *a, **k):
+        calls.append(("iterate", loaded.model.precision))
+        return real_iterate(loaded, *a, **k)
+
+    def call(self, *a, **k):
+        calls.append(("net", self.precision, self.compiled))
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(gen_mod, "prepare_for_sampling", prepare)
+    monkeypatch.setattr(gen_mod, "iterate_samples", iterate)
+    monkeypatch.setattr(SamplingNet, "__call__", call)
+    overrides = lambda base: base.model_copy(update={"precision": "bf16", "compile": False})  # noqa: E731
+    summary = sample_command(
+        DistContext(), ckpt=str(debug_run), texts=[], n=2, class_label=None, sample_overrides=overrides, seed=0, out=tmp_path / "g.png",
+        gif=None, gif_frames=2, batch_size=2, ema=True, vae=None, text_encoder=None,
+    )  # fmt: skip
+    assert summary["precision"] == "bf16" and summary["compile"] is False
+    sampled = list(calls)
+    calls.clear()
+    cfg = resolve_without_data(load_config("debug"))
+    result = measure(BenchSpec(config=config_to_dict(cfg), batch=2, mode="sample", steps=2, warmup=1, sample_precision="bf16", sample_compile=False))
+    assert result["sample"]["precision"] == "bf16" and result["sample"]["compiled"] is False
+    assert sampled[:2] == calls[:2] == [("prepare", "bf16", False), ("iterate", "bf16")]
+    assert {c for c in sampled if c[0] == "net"} == {c for c in calls if c[0] == "net"} == {("net", "bf16", False)}
+
+
+def test_cli_bench_reports_the_sampling_precision_and_compile(monkeypatch):
+    from conftest import run_fm
+
+    r = run_fm(
+        "bench", "--preset", "debug", "--json", "--mode", "sample", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+        "--set", "sample.precision=auto", env={"FM_PROBE_FORCE": "bf16-fast"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    import json
+
+    report = json.loads(r.stdout)
+    assert report["sample"]["precision"] == "bf16" and report["sample"]["compile"] is False
+    assert report["hardware"]["sample"]["precision"]["precision"] == "bf16" and "sampling precision: bf16 (auto: " in r.stderr
+
+
+def test_cli_sample_precision_flag_and_json(tmp_path, debug_run):
+    from conftest import run_fm
+
+    r = run_fm("sample", "--ckpt", debug_run, "-n", "2", "--precision", "bf16", "--no-compile", "--out", tmp_path / "g.png", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    info = json.loads(r.stdout)
+    assert info["precision"] == "bf16" and info["compile"] is False
+    bad = run_fm("sample", "--ckpt", debug_run, "-n", "2", "--precision", "fp16", "--out", tmp_path / "h.png")
+    assert bad.returncode == 2 and "fp16 needs a CUDA device" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_fm("sample", "--ckpt", debug_run, "-n", "2", "--precision", "fp8", "--out", tmp_path / "h.png")
+    assert bad.returncode == 2 and "precision" in bad.stderr and "Traceback" not in bad.stderr
