@@ -504,17 +504,7 @@ def fid_command(
     extractor = build_extractor(features, inception=inception, device=device, unverified=inception_unverified)
     loaded = None
     if ckpt is not None:  # load the model first: a bad checkpoint fails before the long reference pass
-        from .generate import load_for_sampling
-
-        loaded = load_for_sampling(ckpt, device, use_ema=ema)
-        sample_cfg = sample_overrides(loaded.config.sample)
-        if guide_ckpt is not None:
-            from .generate import with_guide
-
-            loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
-        from .generate import prepare_for_sampling
-
-        loaded = prepare_for_sampling(loaded, sample_cfg, device, log or (lambda message: None), ctx)
+        loaded, sample_cfg = _load_sampler(ckpt, guide_ckpt, sample_overrides, ema=ema, device=device, log=log, ctx=ctx)
         sweep = _nfe_sweep(sample_cfg, nfe, log) if nfe is not None else None
 
     ref_stats = reference_statistics(ref, extractor, batch_size=batch_size, keep_features=kid, log=log)
@@ -554,6 +544,18 @@ def fid_command(
             log(f"NFE {n}: {settings.solver}, {settings.steps} steps")
         rows.append({"nfe_budget": n, **score(settings, out / f"nfe-{n}" if out is not None else None)})
     return rows
+
+
+def _load_sampler(ckpt: str, guide_ckpt: str | None, sample_overrides: Callable, *, ema: bool, device, log, ctx):
+    """The checkpoint (and its autoguidance guide) ready to sample at the resolved precision/compile, and the
+    sampling settings after the command's overrides."""
+    from .generate import load_for_sampling, prepare_for_sampling, with_guide
+
+    loaded = load_for_sampling(ckpt, device, use_ema=ema)
+    sample_cfg = sample_overrides(loaded.config.sample)
+    if guide_ckpt is not None:
+        loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
+    return prepare_for_sampling(loaded, sample_cfg, device, log or (lambda message: None), ctx), sample_cfg
 
 
 def _nfe_sweep(sample_cfg, budgets: list[int], log) -> list[tuple[int, object]]:
