@@ -247,7 +247,7 @@ def prepare_data(
     source: str = typer.Argument(..., help=f"Data source: {', '.join(SOURCES)}."),
     out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
     root: Optional[str] = typer.Option(None, "--root", help="Input: archive, folder, jsonl file, or a quoted tar glob 'shards/*.tar'."),
-    split: str = typer.Option("train", "--split", help="train or test (cifar10, mnist)."),
+    split: str = typer.Option("train", "--split", help="train or test (cifar10, mnist, sklearn-digits)."),
     size: int = typer.Option(32, "--size", min=8, help="Output size: resize the short side, center crop (Lanczos)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Stop after N usable images."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding processes (default: cores, at most 8)."),
@@ -272,6 +272,8 @@ def prepare_data(
       fm prepare-data cifar10 --root cifar-10-python.tar.gz --split train --out data/cifar10
 
       fm prepare-data mnist --root mnist/ --size 32 --out data/mnist
+
+      fm prepare-data sklearn-digits --size 32 --out data/digits32            # scikit-learn's 8x8 digits, upscaled
 
       fm prepare-data folder --root celeba_hq/ --size 256 --workers 8 --out data/celebahq256
 
