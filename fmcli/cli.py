@@ -921,22 +921,26 @@ def plot(
     run_dir: Path = typer.Argument(..., help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json`."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (or SWEEP.png), refreshed."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    y_metric: str = typer.Option("recall", "--y", help="fm eval sweeps: recall, precision, coverage, density or fd against accuracy."),
 ):
-    """Plot loss and learning-rate curves (and FID when logged) from a run's metrics.jsonl, or FID against NFE
-    from `fm fid --nfe` sweeps (one curve per solver/guidance; needs matplotlib).
+    """Plot loss and learning-rate curves (and FID or FD/precision/recall/coverage/accuracy when logged) from a
+    run's metrics.jsonl, FID against NFE from `fm fid --nfe` sweeps (one curve per solver/guidance), or the
+    frontier of an `fm eval` sweep: recall (or --y fd ...) against conditional accuracy (needs matplotlib).
 
     Examples:
       fm plot runs/quickstart
       fm plot runs/cifar10 --out cifar10-curves.png
       fm fid --ckpt runs/quickstart -n 500 --ref data/shapes --features tiny --nfe 2,4,8,16 --solver heun --json >> sweep.json
       fm plot sweep.json
+      fm eval --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 500 --cfg 1,2,3,4 --json > frontier.json
+      fm plot frontier.json --y fd --out frontier-fd.png
     """
 
     def run():
-        from .plot import plot_nfe_sweep, plot_run
+        from .plot import plot_run, plot_sweep
 
         refuse_existing(out, force)  # the default RUN_DIR/loss.png is fm's own view of metrics.jsonl: refreshed
-        print(plot_nfe_sweep(run_dir, out) if run_dir.is_file() else plot_run(run_dir, out))
+        print(plot_sweep(run_dir, out, y=y_metric) if run_dir.is_file() else plot_run(run_dir, out))
 
     _guard(run)
 

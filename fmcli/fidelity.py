@@ -285,6 +285,56 @@ class _null_progress:
         return False
 
 
+# ------------------------------------------------------------------------------------- during training
+
+
+class TrainingFidelity:
+    """eval.every in the domain (or DINOv2) features: FD, precision, recall, density, coverage and, for
+    class-conditional models, accuracy of the EMA model, each logged beside its real-vs-real floor.
+
+    The reference is eval.ref, else the training data. Every rank builds the extractor (generation is sharded;
+    the classifier is deterministic, so ranks that train it agree); the main rank holds the reference.
+    """
+
+    def __init__(self, cfg, data_path, device, log=None, with_reference: bool = True):
+        from .features import build_space
+
+        data = Path(cfg.eval.ref or data_path)
+        self.cfg, self.device, self.space = cfg, device, cfg.eval.features
+        self.extractor = build_space(self.space, data=data, device=device, classifier=cfg.eval.classifier, dinov2=cfg.eval.dinov2, log=log)
+        self.reference = None
+        if with_reference:
+            self.reference = prepare_reference(data, {self.space: self.extractor}, cfg.eval.num_samples, log=log)
+            floor(self.reference, kid=False)
+
+    def __call__(self, model: torch.nn.Module, step: int, batch_size: int, ctx=None) -> dict | None:
+        from . import distributed as D
+        from .evaluate import generated_features
+        from .generate import LoadedModel
+
+        ctx = ctx or D.DistContext(device=self.device)
+        loaded = LoadedModel(model=model, config=self.cfg, info={"kind": "pixels"}, step=step)
+        n = self.cfg.eval.num_samples
+        indices = D.shard_indices(n, ctx)
+        generated = generated_features(loaded, indices, self.extractor, seed=self.cfg.train.seed, sample_cfg=self.cfg.sample, batch_size=batch_size, device=self.device)
+        feats = np.stack(D.gather_in_index_order(indices, list(generated.feats), ctx))
+        seconds = max(D.all_gather_objects(generated.gen_seconds, ctx))
+        if self.reference is None:
+            return None
+        labels = np.arange(n) % loaded.num_classes if loaded.num_classes else None  # generate.labels_for's classes
+        scores = score(self.reference, Generated({self.space: feats}, labels), kid=False)
+        record = {"step": step, **_flat(scores, self.space), **{f"{k}_floor": v for k, v in _flat(self.reference.floor_scores, self.space).items()}}
+        return {**record, "eval_features": self.space, "eval_num_samples": n, "eval_gen_seconds": round(seconds, 3)}
+
+
+def _flat(scores: dict, space: str) -> dict:
+    """{"fd", "precision", "recall", "density", "coverage"[, "accuracy"]} of one space, for metrics.jsonl."""
+    out = dict(scores["metrics"][space])
+    if "accuracy" in scores:
+        out["accuracy"] = scores["accuracy"]
+    return out
+
+
 # ------------------------------------------------------------------------------------------ output
 
 

@@ -196,3 +196,49 @@ def test_eval_bad_input_is_one_line_and_exit_2(data, args, message):
     result = run_fm("eval", *[a.format(data=data) for a in args], env={"FM_DINOV2": ""})
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------ during training
+
+
+def test_eval_every_logs_domain_fidelity_and_leaves_training_unchanged(data, tmp_path, monkeypatch):
+    from conftest import QuietLog
+    from fmcli import features
+    from fmcli.config import load_config
+    from fmcli.train import train
+
+    monkeypatch.setattr(features, "CLASSIFIER_STEPS", STEPS)
+    common = ["train.steps=4", "train.checkpoint_every=0", "train.log_every=2", f"data.path='{data}'"]
+    evals = ["eval.every=2", "eval.num_samples=20", "eval.features='domain'"]  # eval.ref unset: the training data
+    with_eval = train(load_config("debug", common + evals), tmp_path / "with", log=QuietLog())
+    without = train(load_config("debug", common), tmp_path / "without", log=QuietLog())
+    assert with_eval.losses == without.losses  # the classifier and the evaluation draw nothing from training's RNG
+    records = [json.loads(line) for line in (tmp_path / "with" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "fd" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert {"fd", "precision", "recall", "density", "coverage", "accuracy", "fd_floor", "recall_floor", "accuracy_floor"} <= set(r)
+        assert r["eval_features"] == "domain" and r["eval_num_samples"] == 20 and r["fd"] > r["fd_floor"] >= 0
+    assert features.default_classifier_path(data, 0).is_file()  # trained once, cached beside the data
+
+    pytest.importorskip("matplotlib")
+    result = run_fm("plot", tmp_path / "with")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "with" / "loss.png").size[1] > 4 * 2.6 * 100  # loss, lr, FD, fidelity, accuracy panels
+
+
+def test_plot_draws_the_frontier_of_an_eval_sweep(tmp_path):
+    pytest.importorskip("matplotlib")
+    floor = {"metrics": {"domain": {"fd": 0.1, "precision": 0.8, "recall": 0.8, "density": 1.0, "coverage": 0.9}}, "accuracy": 0.99}
+    rows = [
+        {"cfg": w, "guidance_interval": None, "nfe_per_sample": 8, "accuracy": a, "floor": floor,
+         "metrics": {"domain": {"fd": 1 + w, "precision": 0.7, "recall": r, "density": 0.9, "coverage": 0.8}}}
+        for w, a, r in ((1, 0.6, 0.7), (2, 0.8, 0.5), (4, 0.95, 0.3))
+    ]  # fmt: skip
+    sweep = tmp_path / "frontier.json"
+    sweep.write_text(json.dumps(rows))
+    result = run_fm("plot", sweep, "--y", "fd")
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == tmp_path / "frontier.png" and (tmp_path / "frontier.png").stat().st_size > 0
+    bad = run_fm("plot", sweep, "--y", "loss", "--out", tmp_path / "x.png")
+    assert bad.returncode == 2 and "--y loss" in bad.stderr
