@@ -27,6 +27,15 @@ from fmcli.generate import class_grid_samples, class_names_of, load_for_sampling
 from fmcli.images import to_uint8
 
 
+def cached_classifier(data: str, path: str | None = None) -> tuple[torch.nn.Module, float]:
+    """fm's domain classifier of `data` (trained once, cached) and its held-out accuracy, for the other
+    benchmarks: it maps images in [-1, 1] [B,C,H,W] to class logits."""
+    from fmcli.features import load_or_train_classifier
+
+    trained = load_or_train_classifier(Path(data), path=path)
+    return trained.model, trained.held_out_accuracy
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True)
