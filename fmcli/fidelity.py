@@ -90,11 +90,11 @@ def floor(reference: Reference, *, k: int = 5, kid: bool = True) -> dict:
     """The real-vs-real scores (the floor half scored as if it were samples); cached on the reference."""
     if not reference.floor_scores:
         as_samples = Generated(reference.floor, reference.floor_labels)
-        reference.floor_scores = score(reference, as_samples, k=k, kid=kid, predicted_from_labels=True)
+        reference.floor_scores = score(reference, as_samples, k=k, kid=kid, real_samples=True)
     return reference.floor_scores
 
 
-def score(reference: Reference, generated: Generated, *, k: int = 5, kid: bool = True, predicted_from_labels: bool = False) -> dict:
+def score(reference: Reference, generated: Generated, *, k: int = 5, kid: bool = True, real_samples: bool = False) -> dict:
     """Every metric of `generated` against the reference, per feature space; conditional accuracy and per-class
     FD in the domain space when the samples have labels (the floor's accuracy is the classifier's held-out one)."""
     out: dict = {"metrics": {}}
@@ -106,10 +106,11 @@ def score(reference: Reference, generated: Generated, *, k: int = 5, kid: bool =
     if domain is None or generated.labels is None or reference.ref_labels is None:
         return out
     feats = generated.feats["domain"]
-    if predicted_from_labels:
+    if real_samples:  # real images' accuracy: on the held-out ones, which the classifier never trained on
         out["accuracy"] = domain.trained.held_out_accuracy
     else:
-        predicted = domain.model.head(torch.from_numpy(feats).float().to(domain.device)).argmax(1).cpu().numpy()
+        with torch.no_grad():  # the head on the features gives the classifier's own predictions
+            predicted = domain.model.head(torch.from_numpy(feats).float().to(domain.device)).argmax(1).cpu().numpy()
         out["accuracy"] = metrics.accuracy(predicted, generated.labels)
     per_class = metrics.per_class_fd(reference.ref["domain"], reference.ref_labels, feats, generated.labels)
     out["per_class_fd"] = {reference.class_names[c] if c < len(reference.class_names) else str(c): v for c, v in per_class.items()}
