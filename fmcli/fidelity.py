@@ -347,10 +347,11 @@ def format_table(floor_row: dict, rows: list[dict]) -> str:
     def line(label, scores, nfe=None):
         for space, m in scores["metrics"].items():
             acc = scores.get("accuracy") if space == "domain" else None
+            acc = f"{acc:>6.3f}" if acc is not None else f"{'-':>6}"
             kid = f"{m['kid']:>9.5f}" if "kid" in m else f"{'-':>9}"
             lines.append(
                 f"{label:<28} {space:<10} {m['fd']:>9.4f} {kid} {m['precision']:>6.3f} {m['recall']:>6.3f} {m['density']:>6.3f} "
-                f"{m['coverage']:>6.3f} {acc if acc is None else round(acc, 3)!s:>6} {'' if nfe is None else f'{nfe:g}':>5}"
+                f"{m['coverage']:>6.3f} {acc} {'' if nfe is None else f'{nfe:g}':>5}"
             )
             label = ""
 
@@ -360,10 +361,10 @@ def format_table(floor_row: dict, rows: list[dict]) -> str:
             label = Path(r["gen"]).name
         else:
             interval = "" if r["guidance_interval"] is None else f" [{r['guidance_interval'][0]:g},{r['guidance_interval'][1]:g}]"
-            label = f"{r['guidance']} {r['cfg']:g}{interval} {r['solver']}x{r['steps']}"
+            label = f"{r['guidance']} {r['cfg']:g}{interval}, {r['solver']} {r['steps']}"
         line(label, r, r.get("nfe_per_sample"))
-    if any("per_class_fd_mean" in r for r in rows):
-        lines.append("per-class FD (domain), mean: floor " + f"{floor_row.get('per_class_fd_mean', float('nan')):.4f}; " + ", ".join(
-            f"{r['cfg']:g}: {r['per_class_fd_mean']:.4f}" if "cfg" in r else f"{r['per_class_fd_mean']:.4f}" for r in rows if "per_class_fd_mean" in r
-        ))
+    means = [(r.get("cfg"), r.get("per_class_fd_mean")) for r in rows if r.get("per_class_fd_mean") is not None]
+    if means and floor_row.get("per_class_fd_mean") is not None:
+        shown = ", ".join(f"cfg {w:g}: {m:.4f}" if w is not None else f"{m:.4f}" for w, m in means)
+        lines.append(f"per-class FD (domain), mean over classes: floor {floor_row['per_class_fd_mean']:.4f}; {shown}")
     return "\n".join(lines)
