@@ -15,6 +15,7 @@ Every extractor maps uint8 [B,3,H,W] to float64 [B,D] and has a `name` and an `i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import os
@@ -31,7 +32,7 @@ from .errors import UsageError
 SPACES = ("domain", "inception", "dinov2", "tiny")
 CLASSIFIER_ARCH = "domain-cnn-v1"  # bump when DomainCNN or its training changes: old caches are then rebuilt
 CACHE_FORMAT = 1
-CLASSIFIER_STEPS = 1500  # optimizer steps of 64 images (~52 CPU-seconds at 32x32; see DomainCNN)
+CLASSIFIER_STEPS = 1500  # optimizer steps of 64 images (~55 s at 32x32 on one thread; see DomainCNN)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -55,9 +56,9 @@ def build_space(spec: str, *, data: Path | None, device, classifier: str | None 
 class DomainCNN(nn.Module):
     """Four strided conv layers with batch norm (32, 64, 64, 128 channels; 32x32 -> 4x4) and a linear head.
 
-    About 5 M multiply-adds per 32x32 image: a step of 64 takes 0.035 CPU-seconds (one thread), so the 1,500
-    steps take ~52 s on one core (~30 s on two). Chosen by measurement on 20,000 shapes (2,000 held out), 1,500
-    steps of 64: 99.95 % held out, against 98.5 % without the third layer and 95 % with 800 steps (without
+    About 5 M multiply-adds per 32x32 image: the 1,500 steps of 64 take 55 s on one thread (shapes, a shared
+    2-core machine; digits: 50 CPU-seconds, 99.3 % held out). Chosen by measurement on 20,000 shapes (2,000 held out), 1,500
+    steps of 64: 99.95 % held out (99.8 % on train_classifier's own split), against 98.5 % without the third layer and 95 % with 800 steps (without
     batch norm 86 %); the strided layers are ~4x faster per step on a CPU than conv + max-pool stages.
     """
 
@@ -94,10 +95,28 @@ def train_classifier(x: np.ndarray, y: np.ndarray, num_classes: int, *, seed: in
 
     A seeded permutation holds out 10 % of the images (at most 2,000) for the accuracy. AdamW with cosine decay
     to zero: a weaker classifier under-reports sample accuracy. The same seed gives the same weights (on one
-    machine and thread count: float summation order is the library's).
+    machine: training runs on one thread, so the float summation order is fixed).
     """
     if len(x) < 4 or len(np.unique(y)) < 2:
         raise UsageError(f"the domain classifier needs labelled images of at least 2 classes, got {len(x)} images of {len(np.unique(y))} class(es)")
+    with _one_thread():
+        return _train(x, y, num_classes, seed=seed, steps=steps, batch_size=batch_size, held_out=held_out)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Train on one CPU thread: these small convolutions gain little from a second thread, and on a shared
+    2-core machine two threads took 428 s instead of 55 s for the same 1,500 steps (each parallel region
+    waits for a thread that another process holds). One thread also fixes the summation order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(x, y, num_classes: int, *, seed: int, steps: int, batch_size: int, held_out: int | None) -> tuple[DomainCNN, float, int]:
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=g).numpy()
     n_out = held_out if held_out is not None else min(2000, max(1, len(x) // 10))
