@@ -35,12 +35,11 @@ def main() -> int:
     ap.add_argument("--straightness-n", type=int, default=100)
     ap.add_argument("--straightness-steps", type=int, default=32)
     ap.add_argument("--seed", type=int, default=123)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--classifier", default=None, help="cache the trained classifier here (state dict; reused when present)")
+    ap.add_argument("--classifier", default=None, help="the domain classifier's cache file (default: beside the data)")
     args = ap.parse_args()
 
     start = time.perf_counter()
-    clf, held_out = cached_classifier(args.data, args.epochs, args.classifier)
+    clf, held_out = cached_classifier(args.data, args.classifier)
     print(json.dumps({"classifier_held_out_accuracy": round(held_out, 4), "seconds": round(time.perf_counter() - start, 1)}), flush=True)
     for item in args.ckpt:
         name, path = item.split("=", 1)

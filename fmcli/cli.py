@@ -288,7 +288,7 @@ def prepare_data(
     source: str = typer.Argument(..., help=f"Data source: {', '.join(SOURCES)}."),
     out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
     root: Optional[str] = typer.Option(None, "--root", help="Input: archive, folder, jsonl file, or a quoted tar glob 'shards/*.tar'."),
-    split: str = typer.Option("train", "--split", help="train or test (cifar10, mnist)."),
+    split: str = typer.Option("train", "--split", help="train or test (cifar10, mnist, sklearn-digits)."),
     size: int = typer.Option(32, "--size", min=8, help="Output size: resize the short side, center crop (Lanczos)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Stop after N usable images."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding processes (default: cores, at most 8)."),
@@ -313,6 +313,8 @@ def prepare_data(
       fm prepare-data cifar10 --root cifar-10-python.tar.gz --split train --out data/cifar10
 
       fm prepare-data mnist --root mnist/ --size 32 --out data/mnist
+
+      fm prepare-data sklearn-digits --size 32 --out data/digits32            # scikit-learn's 8x8 digits, upscaled
 
       fm prepare-data folder --root celeba_hq/ --size 256 --workers 8 --out data/celebahq256
 
@@ -803,6 +805,78 @@ def _print_nfe_table(rows: list[dict]) -> None:
     print(f"solver {rows[0]['solver']}, guidance {rows[0]['guidance']}, cfg {rows[0]['cfg']:g}, {rows[0]['num_samples']} samples")
 
 
+# --------------------------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def eval_command(
+    data: Path = typer.Option(..., "--data", help="The prepared dataset (pixels): reference, real-vs-real floor, domain classifier."),
+    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Checkpoint (or run directory) to sample from and score."),
+    gen: Optional[Path] = typer.Option(None, "--gen", help="Folder of generated images to score instead."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", min=6, help="Samples per setting with --ckpt (the reference and the floor use as many real images)."),
+    features: str = typer.Option("domain", "--features", help="Feature spaces, comma-separated: domain (a classifier of --data), inception, dinov2, tiny."),
+    classifier: Optional[str] = typer.Option(None, "--classifier", help="Where the domain classifier is cached (default DATA/fm-classifier-sSEED.pt)."),
+    classifier_seed: int = typer.Option(0, "--classifier-seed", help="Seed of the domain classifier's training."),
+    classifier_steps: Optional[int] = typer.Option(None, "--classifier-steps", min=1, help="Training steps of the domain classifier (default 1500)."),
+    inception: Optional[str] = typer.Option(None, "--inception", help="inception-2015-12-05.pt (default: $FM_INCEPTION)."),
+    dinov2: Optional[str] = typer.Option(None, "--dinov2", help="Local transformers Dinov2Model directory (default: $FM_DINOV2)."),
+    cfg_scales: Optional[str] = typer.Option(None, "--cfg", help="Guidance scale(s), comma-separated: a sweep, one row each (e.g. 1,1.5,2,4)."),
+    intervals: List[str] = typer.Option([], "--guidance-interval", help="LO,HI guidance interval (repeatable: a sweep)."),
+    nfe: Optional[str] = typer.Option(None, "--nfe", help="NFE budgets, comma-separated (the solver's steps per budget)."),
+    steps: Steps = None,
+    solver: Solver = None,
+    guidance: Guidance = None,
+    k: int = typer.Option(5, "--k", min=1, help="Neighbours for precision/recall/density/coverage."),
+    kid: bool = typer.Option(True, "--kid/--no-kid", help="Also report KID (100 subsets of up to 1,000)."),
+    seed: Seed = 0,
+    batch_size: BatchSize = 64,
+    ema: Ema = True,
+    device: Device = "auto",
+    as_json: Json = False,
+):
+    """Fidelity against a prepared dataset: FD, KID, precision/recall, density/coverage per feature space, conditional
+    accuracy and per-class FD (domain features), each beside its real-vs-real floor, and the NFE.
+
+    Examples:
+      fm eval --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 1000
+      fm eval --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 500 --cfg 1,1.5,2,4 --guidance-interval 0,1 --guidance-interval 0.2,1 --json > frontier.json
+      fm plot frontier.json     # recall against accuracy, one point per setting
+      fm eval --gen samples/ --data data/digits32 --features domain,dinov2 --dinov2 weights/dinov2-base
+    """
+
+    def run():
+        from .console import progress
+        from .fidelity import EvalRequest, evaluate_fidelity, format_table
+
+        if nfe is not None and steps is not None:
+            raise UsageError("--nfe chooses the steps for each budget: drop --steps")
+        request = EvalRequest(
+            data=data, ckpt=ckpt, gen=gen, num_samples=num_samples, spaces=tuple(s.strip() for s in features.split(",") if s.strip()),
+            cfgs=_parse_floats("--cfg", cfg_scales), intervals=[parse_interval(i) for i in intervals] or None,
+            nfes=_parse_nfe(nfe) if nfe is not None else None, sample_overrides=SamplingFlags(steps=steps, solver=solver, guidance=guidance).overrides(),
+            classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed, batch_size=batch_size, ema=ema,
+        )  # fmt: skip
+        console = stderr_console()
+        floor, rows = evaluate_fidelity(request, device=_device(device), log=lambda m: console.print(m, highlight=False, markup=False),
+                                        progress_factory=lambda total: progress(console, "sampling", total))  # fmt: skip
+        if as_json:
+            emit_json(rows)
+        else:
+            print(format_table(floor, rows))
+
+    _guard(run)
+
+
+def _parse_floats(flag: str, text: Optional[str]) -> Optional[list[float]]:
+    """'1,1.5,2' -> [1.0, 1.5, 2.0]; anything else is a usage error."""
+    if text is None:
+        return None
+    try:
+        return [float(p) for p in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} expects numbers separated by commas (e.g. 1,1.5,2,4), got {text!r}") from None
+
+
 # -------------------------------------------------------------------------------------------- bench
 
 
@@ -903,22 +977,26 @@ def plot(
     run_dir: Path = typer.Argument(..., help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json`."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (or SWEEP.png), refreshed."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    y_metric: str = typer.Option("recall", "--y", help="fm eval sweeps: recall, precision, coverage, density or fd against accuracy."),
 ):
-    """Plot loss and learning-rate curves (and FID when logged) from a run's metrics.jsonl, or FID against NFE
-    from `fm fid --nfe` sweeps (one curve per solver/guidance; needs matplotlib).
+    """Plot loss and learning-rate curves (and FID or FD/precision/recall/coverage/accuracy when logged) from a
+    run's metrics.jsonl, FID against NFE from `fm fid --nfe` sweeps (one curve per solver/guidance), or the
+    frontier of an `fm eval` sweep: recall (or --y fd ...) against conditional accuracy (needs matplotlib).
 
     Examples:
       fm plot runs/quickstart
       fm plot runs/cifar10 --out cifar10-curves.png
       fm fid --ckpt runs/quickstart -n 500 --ref data/shapes --features tiny --nfe 2,4,8,16 --solver heun --json >> sweep.json
       fm plot sweep.json
+      fm eval --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 500 --cfg 1,2,3,4 --json > frontier.json
+      fm plot frontier.json --y fd --out frontier-fd.png
     """
 
     def run():
-        from .plot import plot_nfe_sweep, plot_run
+        from .plot import plot_run, plot_sweep
 
         refuse_existing(out, force)  # the default RUN_DIR/loss.png is fm's own view of metrics.jsonl: refreshed
-        print(plot_nfe_sweep(run_dir, out) if run_dir.is_file() else plot_run(run_dir, out))
+        print(plot_sweep(run_dir, out, y=y_metric) if run_dir.is_file() else plot_run(run_dir, out))
 
     _guard(run)
 

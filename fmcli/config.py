@@ -211,10 +211,15 @@ class SampleConfig(Strict):
 
 
 class EvalConfig(Strict):
-    every: int = Field(0, ge=0)  # FID of the EMA model every k steps (0 = off), logged to metrics.jsonl
+    every: int = Field(0, ge=0)  # evaluate the EMA model every k steps (0 = off), logged to metrics.jsonl
     num_samples: int = Field(5000, gt=0)
-    ref: str | None = None  # prepared dataset, image folder or stats .npz (`fm fid --save-stats`)
-    features: str = "inception"  # inception | tiny | module:factory (only inception is comparable to papers)
+    # inception | tiny | module:factory: FID against eval.ref (only inception is comparable to papers);
+    # domain | dinov2: FD, precision, recall, density, coverage (and accuracy) beside their real-vs-real floor
+    # (fmcli.fidelity), against eval.ref or, unset, the training data
+    features: str = "inception"
+    ref: str | None = None  # prepared dataset, image folder or stats .npz (`fm fid --save-stats`); domain/dinov2: a prepared dataset
+    classifier: str | None = None  # domain: the classifier's cache file (None = beside the dataset)
+    dinov2: str | None = None  # dinov2: a local transformers Dinov2Model directory (None = $FM_DINOV2)
     inception: str | None = None  # inception-2015-12-05.pt; None = $FM_INCEPTION
     inception_unverified: bool = False  # accept an Inception file whose sha256 is not the reference one
 

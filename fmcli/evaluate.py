@@ -2,7 +2,8 @@
 
 Default features: clean-fid's InceptionV3 in its "clean" mode (PIL bicubic resize of each channel to
 299x299 in float, then the StyleGAN2-ADA TorchScript Inception `inception-2015-12-05.pt`), built from a
-local file: nothing is downloaded. The Frechet distance and KID are clean-fid's own functions.
+local file: nothing is downloaded. KID is clean-fid's own function; the Frechet distance is fmcli.metrics'
+(the same formula in float64 through symmetric eigendecompositions, exact for singular covariances).
 
 A feature extractor is any callable mapping uint8 images [B,3,H,W] (0..255) to float features [B,D], with
 a `name` (recorded in statistics files, so features never get mixed) and an `input_size` (the size it
@@ -19,7 +20,6 @@ import math
 import os
 import sys
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,13 +136,12 @@ def statistics_of(feats: np.ndarray, features: str, image_size: int | None, keep
 
 
 def frechet_distance(gen: Statistics, ref: Statistics) -> float:
-    """clean-fid's Frechet distance between the two Gaussians, after checking they are comparable."""
-    from cleanfid.fid import frechet_distance as cleanfid_frechet
+    """The Frechet distance between the two Gaussians (fmcli.metrics: float64, symmetric eigendecompositions;
+    clean-fid's sqrtm warned "Matrix is singular" on rank-deficient covariances), after checking they are comparable."""
+    from .metrics import frechet_distance as fd
 
     check_compatible(gen, ref)
-    with _stdout_to_stderr(), warnings.catch_warnings():  # clean-fid prints its singular-product notice on stdout
-        warnings.simplefilter("ignore", DeprecationWarning)  # clean-fid passes scipy's deprecated sqrtm(disp=)
-        return float(cleanfid_frechet(gen.mu, gen.sigma, ref.mu, ref.sigma))
+    return fd(ref.mu, ref.sigma, gen.mu, gen.sigma)
 
 
 def kernel_distance(gen: Statistics, ref: Statistics, seed: int = 0) -> float:

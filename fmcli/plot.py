@@ -1,5 +1,6 @@
-"""`fm plot`: loss, learning-rate (and FID, when logged) curves of a run from its metrics.jsonl; FID-vs-NFE
-curves from the JSON of `fm fid --nfe ... --json`.
+"""`fm plot`: loss, learning-rate (and FID or the fidelity metrics, when logged) curves of a run from its
+metrics.jsonl; FID-vs-NFE curves from the JSON of `fm fid --nfe ... --json`; the recall/FD-against-accuracy
+frontier from the JSON of `fm eval ... --json`.
 
 matplotlib is an optional extra (`pip install 'fm[plot]'`); without it the command says how to install it.
 """
@@ -12,11 +13,12 @@ from pathlib import Path
 from .errors import UsageError
 from .fsutil import atomic_write
 
+FRONTIER_Y = ("recall", "precision", "coverage", "density", "fd", "kid")
 INSTALL_HINT = "pip install 'fm[plot]'  (or: pip install matplotlib)"
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """(training records with a "loss", FID records with a "fid") from RUN_DIR/metrics.jsonl.
+    """(training records with a "loss", evaluation records with a "fid" or an "fd") from RUN_DIR/metrics.jsonl.
 
     Blank lines and a torn last line (a run killed mid-write) are skipped; other malformed lines are errors.
     """
@@ -36,7 +38,7 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             raise UsageError(f"{path}:{n} is not valid JSON") from None
         if "loss" in record and "step" in record:
             train.append(record)
-        if "fid" in record and "step" in record:
+        if ("fid" in record or "fd" in record) and "step" in record:
             fid.append(record)
     if not train and not fid:
         raise UsageError(f"{path} has no loss or fid records yet (train.log_every steps must pass first)")
@@ -54,9 +56,8 @@ def _pyplot():
     return plt
 
 
-def read_nfe_sweep(path: str | Path) -> list[dict]:
-    """The rows of one or more `fm fid --nfe ... --json` outputs (a JSON list, or such lists one per line)."""
-    path = Path(path)
+def read_json_rows(path: Path) -> list[dict]:
+    """The rows of one or more JSON outputs (a JSON list, or such lists / objects one per line)."""
     text = path.read_text()
     try:
         chunks = [json.loads(text)]
@@ -64,11 +65,65 @@ def read_nfe_sweep(path: str | Path) -> list[dict]:
         try:
             chunks = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError:
-            raise UsageError(f"{path} is neither a run directory nor the JSON of `fm fid --nfe ... --json`") from None
-    rows = [r for chunk in chunks for r in (chunk if isinstance(chunk, list) else [chunk])]
+            raise UsageError(f"{path} is neither a run directory nor the JSON of `fm fid --nfe ... --json` or `fm eval ... --json`") from None
+    return [r for chunk in chunks for r in (chunk if isinstance(chunk, list) else [chunk])]
+
+
+def read_nfe_sweep(path: str | Path) -> list[dict]:
+    """The rows of one or more `fm fid --nfe ... --json` outputs (a JSON list, or such lists one per line)."""
+    path = Path(path)
+    rows = read_json_rows(path)
     if not rows or not all(isinstance(r, dict) and isinstance(r.get("fid"), (int, float)) and "nfe_per_sample" in r for r in rows):
         raise UsageError(f"{path}: expected rows with 'fid' and 'nfe_per_sample', as written by `fm fid --nfe 1,2,4,8 --json`")
     return rows
+
+
+def plot_sweep(path: str | Path, out: str | Path | None = None, y: str = "recall") -> Path:
+    """A sweep file: `fm eval` rows (they have "metrics") as a frontier, `fm fid --nfe` rows as FID-vs-NFE."""
+    rows = read_json_rows(Path(path))
+    if rows and all(isinstance(r, dict) and "metrics" in r for r in rows):
+        return plot_frontier(path, out, y=y)
+    return plot_nfe_sweep(path, out)
+
+
+def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "recall") -> Path:
+    """`y` (recall, precision, coverage, density or fd) against conditional accuracy, one point per sampling
+    setting and one panel per feature space, the real-vs-real floor as a star: the user picks a point."""
+    if y not in FRONTIER_Y:
+        raise UsageError(f"--y {y}: choose one of {', '.join(FRONTIER_Y)}")
+    plt = _pyplot()
+    path = Path(path)
+    rows = read_json_rows(path)
+    out = _output_path(out, path.with_suffix(".png"))
+    spaces = list(rows[0]["metrics"])
+    x_key = "accuracy" if all("accuracy" in r for r in rows) else "precision"  # unconditional: precision-recall
+    fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 4.5), squeeze=False)
+    for ax, space in zip(axes[0], spaces):
+        pts = [(_x(r, space, x_key), r["metrics"][space][y], _label(r)) for r in rows if space in r["metrics"]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:blue")
+        for px, py, label in pts:
+            ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        floor = rows[0].get("floor", {})
+        if space in floor.get("metrics", {}):
+            ax.plot([_x(floor, space, x_key)], [floor["metrics"][space][y]], "*", ms=12, color="tab:green", label="real vs real")
+            ax.legend(loc="best")
+        ax.set_xlabel("conditional accuracy" if x_key == "accuracy" else "precision")
+        ax.set_ylabel(f"{'FD' if y == 'fd' else y} ({space} features)")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, plt, out)
+
+
+def _x(row: dict, space: str, key: str) -> float:
+    return row["accuracy"] if key == "accuracy" else row["metrics"][space]["precision"]
+
+
+def _label(row: dict) -> str:
+    """cfg 2 [0.2,1] x8: the setting of one point."""
+    if "cfg" not in row:
+        return Path(row.get("gen", "")).name
+    interval = row.get("guidance_interval")
+    return f"cfg {row['cfg']:g}" + (f" [{interval[0]:g},{interval[1]:g}]" if interval else "") + f" nfe {row.get('nfe_per_sample', 0):g}"
 
 
 def plot_nfe_sweep(path: str | Path, out: str | Path | None = None) -> Path:
@@ -116,14 +171,23 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     train, fid = read_metrics(run_dir)
     out = _output_path(out, run_dir / "loss.png")
 
-    panels = [("loss", "loss", train, "log"), ("lr", "learning rate", train, "linear"), ("fid", "FID", fid, "linear")]
-    panels = [p for p in panels if p[2] and any(p[0] in r for r in p[2])]
+    panels = [
+        (("loss",), "loss", train, "log"), (("lr",), "learning rate", train, "linear"), (("fid",), "FID", fid, "linear"),
+        (("fd",), "FD", fid, "linear"), (("precision", "recall", "coverage"), "fidelity", fid, "linear"), (("accuracy",), "accuracy", fid, "linear"),
+    ]  # fmt: skip
+    panels = [p for p in panels if p[2] and any(k in r for r in p[2] for k in p[0])]
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
-    for ax, (key, label, records, scale) in zip(axes[:, 0], panels):
-        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if key == "fid" or len(pts) < 30 else None, lw=1.2)
+    for ax, (keys, label, records, scale) in zip(axes[:, 0], panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if records is fid or len(pts) < 30 else None, lw=1.2, label=key if len(keys) > 1 else None)
+            floor = [r[f"{key}_floor"] for r in records if isinstance(r.get(f"{key}_floor"), (int, float))]
+            if floor:  # the real-vs-real floor: where a perfect model would be
+                ax.axhline(floor[-1], ls="--", lw=1, color=line[0].get_color(), alpha=0.7)
+        if len(keys) > 1:
+            ax.legend(loc="best", fontsize=8)
         ax.set_ylabel(label)
-        if scale == "log" and all(p[1] > 0 for p in pts):
+        if scale == "log" and pts and all(p[1] > 0 for p in pts):
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
     axes[-1, 0].set_xlabel("step")

@@ -436,20 +436,27 @@ class Trainer:
         return auto_micro_batch(self.cfg, self.run_dir, self.ctx.device, self.ctx.world_size, log=self.log.info, ns_dtype=self.hardware["muon_ns_dtype"])
 
     def _make_evaluator(self):
-        """FID evaluator: the feature extractor on every rank (generation is sharded), reference statistics
-        computed once on rank 0."""
+        """The evaluator: the feature extractor on every rank (generation is sharded), reference features
+        computed once on rank 0. FID (inception/tiny) against eval.ref, or the fidelity metrics (domain/dinov2)
+        against eval.ref or the training data."""
         if not self.cfg.eval.every:
             return None
+        fidelity = self.cfg.eval.features in ("domain", "dinov2")
         # Presets schedule evaluation (eval.every) but only the user knows the reference data: without one,
         # say so once and train on.
-        if self.cfg.eval.ref is None:
-            self.log.info(f"note: eval.every={self.cfg.eval.every} but eval.ref is unset, so no FID during training (--set eval.ref=DATA|STATS.npz)")
+        if self.cfg.eval.ref is None and not fidelity:
+            self.log.info(f"note: eval.every={self.cfg.eval.every} but eval.ref is unset, so no FID during training (--set eval.ref=DATA|STATS.npz, or eval.features=domain)")
             return None
         # Refused here, before any step, rather than failing at the first evaluation and losing the work.
+        what = "eval.features=domain" if fidelity and self.cfg.eval.ref is None else "eval.ref is set, but"
         if data_space(self.dataset.manifest) != "pixels":
-            raise UsageError("eval.ref is set, but FID during training of latent-space models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
+            raise UsageError(f"{what}: evaluation during training of latent-space models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
         if self.cfg.model.cross_attention:
-            raise UsageError("eval.ref is set, but FID during training of text-conditioned models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
+            raise UsageError(f"{what}: evaluation during training of text-conditioned models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
+        if fidelity:
+            from .fidelity import TrainingFidelity
+
+            return TrainingFidelity(self.cfg, self.cfg.data.path, self.ctx.device, log=self.log.info, with_reference=self.ctx.is_main)
         from .evaluate import TrainingEvaluator
 
         manifest = {**self.dataset.manifest, "kind": "pixels"}  # reflow pairs of a pixel model: samples are pixels
@@ -597,7 +604,14 @@ class Trainer:
             return
         append_metrics(self.run_dir, record)
         self.tracker.log(record, self.step)
-        self.log.info(f"step {self.step}: FID {record['fid']:.4f} ({record['fid_num_samples']} samples, {record['fid_features']})")
+        if "fid" in record:
+            self.log.info(f"step {self.step}: FID {record['fid']:.4f} ({record['fid_num_samples']} samples, {record['fid_features']})")
+        else:
+            accuracy = f", accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
+            self.log.info(
+                f"step {self.step}: FD {record['fd']:.4f} (floor {record['fd_floor']:.4f}), precision {record['precision']:.3f}, "
+                f"recall {record['recall']:.3f}, coverage {record['coverage']:.3f}{accuracy} ({record['eval_num_samples']} samples, {record['eval_features']} features)"
+            )
 
     def _decode_latents(self, x: torch.Tensor) -> torch.Tensor | None:
         from .encoders import FrozenVAE

@@ -497,3 +497,24 @@ def test_auto_prepared_shapes_follow_data_seed_not_train_seed(tmp_path, monkeypa
     assert default[0] == reseeded[0] == Path("data/shapes-16-n32-s0")  # quickstart's data/shapes-32-n20000-s0 keeps its name
     assert np.array_equal(default[1], reseeded[1]) and np.array_equal(default[2], reseeded[2])
     assert other_data[0] == Path("data/shapes-16-n32-s7") and not np.array_equal(default[1], other_data[1])
+
+
+def test_sklearn_digits_source_has_disjoint_fixed_splits(tmp_path):
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+
+    from fmcli.data.prepare import prepare
+    from fmcli.data.readers import open_sklearn_digits
+
+    train, test = open_sklearn_digits("train"), open_sklearn_digits("test")
+    names = {s: [r.name for r in src.records()] for s, src in (("train", train), ("test", test))}
+    assert (len(names["train"]), len(names["test"])) == (1438, 359)
+    assert not set(names["train"]) & set(names["test"]) and len(set(names["train"]) | set(names["test"])) == 1797
+    summary = prepare("sklearn-digits", tmp_path / "digits", split="test", size=16)
+    x, y = np.load(tmp_path / "digits" / "x.npy"), np.load(tmp_path / "digits" / "y.npy")
+    digits = load_digits()
+    assert summary.count == 359 and x.shape == (359, 1, 16, 16) and x.dtype == np.uint8
+    assert np.array_equal(y, digits.target[4::5]) and sorted(set(y.tolist())) == list(range(10))
+    # Upscaling keeps the picture: the 16px image block-averaged to 8x8 correlates with the 0..16 original.
+    small = x[:, 0].reshape(359, 8, 2, 8, 2).mean(axis=(2, 4))
+    assert np.corrcoef(small.ravel(), digits.images[4::5].ravel())[0, 1] > 0.95

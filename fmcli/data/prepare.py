@@ -23,9 +23,9 @@ from typing import Callable, Iterable, Iterator
 from ..errors import UsageError
 from .decode import Record, decode_batch
 from ..fsutil import refuse_existing
-from .readers import DEFAULT_MAX_MEMBER_MIB, Source, open_captions, open_cifar10, open_folder, open_mnist, open_tar
+from .readers import DEFAULT_MAX_MEMBER_MIB, Source, open_captions, open_cifar10, open_folder, open_mnist, open_sklearn_digits, open_tar
 
-SOURCES = ("shapes", "cifar10", "mnist", "folder", "captions", "tar")
+SOURCES = ("shapes", "cifar10", "mnist", "sklearn-digits", "folder", "captions", "tar")
 BATCH = 64  # records per pool task
 SHOW_SKIPPED = 5
 PROGRESS_EVERY = 256  # records between progress updates
@@ -125,6 +125,8 @@ def open_source(name: str, root, *, split: str, size: int, count: int, seed: int
         return open_cifar10(root, split)
     if name == "mnist":
         return open_mnist(root, split)
+    if name == "sklearn-digits":
+        return open_sklearn_digits(split)
     if name == "folder":
         return open_folder(root)
     if name == "captions":

@@ -1,4 +1,5 @@
-"""Readers for real datasets: CIFAR-10 (python archive), MNIST (IDX), image folders, captions, tar shards.
+"""Readers for real datasets: CIFAR-10 (python archive), MNIST (IDX), scikit-learn's 8x8 digits, image
+folders, captions, tar shards.
 
 Each `open_*` validates its input up front (a missing root or a wrong format is a UsageError before
 anything is written) and returns a `Source` whose records are produced lazily, one at a time.
@@ -180,6 +181,31 @@ def open_mnist(root: str | Path, split: str) -> Source:
             yield Record(f"{prefix}[{i}]", images[i][None], int(labels[i]))
 
     return Source("mnist", records, 1, len(images), [str(d) for d in range(10)], info={"split": split, "root": str(root)}, native_size=28)
+
+
+SKLEARN_HINT = "pip install scikit-learn  (or: pip install 'fm[bench]')"
+DIGITS_TEST_EVERY = 5  # image i is in the test split when i % 5 == 4: 1,438 train, 359 test, every class in both
+
+
+def open_sklearn_digits(split: str) -> Source:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes, values 0..16; nothing downloaded), 1 channel.
+
+    The split is fixed by index (see DIGITS_TEST_EVERY), so train and test are disjoint whatever the
+    scikit-learn version; pixels are scaled to 0..255 and resized by `prepare` (Lanczos) to --size.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UsageError(f"the sklearn-digits source needs scikit-learn: {SKLEARN_HINT}") from None
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # [1797, 8, 8]
+    keep = [i for i in range(len(images)) if (i % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1) == (split == "test")]
+
+    def records() -> Iterator[Record]:
+        for i in keep:
+            yield Record(f"digits[{i}]", images[i][None], int(digits.target[i]))
+
+    return Source("sklearn-digits", records, 1, len(keep), [str(d) for d in range(10)], info={"split": split}, native_size=8)
 
 
 def _find_idx(root: Path, prefix: str, what: str, dims: int) -> Path:

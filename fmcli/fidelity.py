@@ -1,0 +1,370 @@
+"""`fm eval`: fidelity of a checkpoint (or an image folder) against a prepared dataset, each metric beside its
+real-vs-real floor, optionally swept over guidance scale, guidance interval and NFE.
+
+The real-vs-real floor: the dataset's images are split by a seeded permutation into two disjoint halves. The
+second half is the reference every score is measured against (its first `n` images, `n` = the generated
+count, capped at the half); the first half's first `n` images are scored against the same reference as if
+they were samples. A perfect generator scores the floor, not zero: FD, KID and the k-NN metrics of `n`
+samples carry a bias that the floor measures at the same `n`. Conditional accuracy's floor is the domain
+classifier's accuracy on its held-out real images.
+
+Metrics (fmcli.metrics) per feature space (fmcli.features): FD, KID, precision, recall, density, coverage;
+in the domain space also the conditional accuracy and the per-class FD (mean over classes, and each class).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import metrics
+from .errors import UsageError
+
+
+@dataclass
+class Reference:
+    """Real features of the reference half and of the floor half, per feature space."""
+
+    extractors: dict  # space -> extractor
+    ref: dict[str, np.ndarray]
+    floor: dict[str, np.ndarray]
+    ref_labels: np.ndarray | None
+    floor_labels: np.ndarray | None
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    floor_scores: dict = field(default_factory=dict)  # filled by `floor`
+
+
+@dataclass
+class Generated:
+    feats: dict[str, np.ndarray]
+    labels: np.ndarray | None  # the class each sample was asked for (None: unconditional or a folder)
+    nfe_per_sample: float | None = None
+    gen_seconds: float | None = None
+
+
+def split_halves(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(floor half, reference half): disjoint index sets of a seeded permutation of `count` images."""
+    order = np.random.default_rng(seed).permutation(count)
+    return np.sort(order[: count // 2]), np.sort(order[count // 2 :])
+
+
+def prepare_reference(data: Path, extractors: dict, n: int, *, seed: int = 0, batch_size: int = 256, log=None) -> Reference:
+    """Features of `n` reference and `n` floor images of the prepared pixel dataset `data` (each half capped)."""
+    from .data.prepared import read_manifest
+
+    manifest = read_manifest(data)
+    if manifest["kind"] != "pixels":
+        raise UsageError(f"{data} holds {manifest['kind']}, not pixels: the fidelity metrics compare images")
+    x = np.load(Path(data) / "x.npy", mmap_mode="r")
+    if len(x) < 2 * 6:
+        raise UsageError(f"{data} has {len(x)} images: the floor needs two disjoint halves of at least 6 (k-NN metrics with k=5)")
+    y = np.load(Path(data) / "y.npy") if (Path(data) / "y.npy").is_file() else None
+    floor_idx, ref_idx = split_halves(len(x), seed)
+    floor_idx, ref_idx = floor_idx[:n], ref_idx[:n]
+    ref, floor = {}, {}
+    for space, ext in extractors.items():
+        ref[space] = features_of(np.asarray(x[ref_idx]), ext, batch_size)
+        floor[space] = features_of(np.asarray(x[floor_idx]), ext, batch_size)
+        if log:
+            log(f"{space} features of {len(ref_idx)} reference + {len(floor_idx)} floor images from {data}")
+    names = [str(c) for c in (manifest.get("class_names") or range(manifest.get("num_classes") or 0))]
+    return Reference(
+        extractors, ref, floor, y[ref_idx] if y is not None else None, y[floor_idx] if y is not None else None, names, tuple(x.shape[1:])
+    )
+
+
+def features_of(images: np.ndarray, extractor, batch_size: int = 256) -> np.ndarray:
+    """Features of uint8 [N,C,H,W] images (grey repeated to RGB, as every extractor reads RGB)."""
+    from .evaluate import to_rgb
+
+    return np.concatenate([extractor(to_rgb(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])))) for i in range(0, len(images), batch_size)])
+
+
+def floor(reference: Reference, *, k: int = 5, kid: bool = True) -> dict:
+    """The real-vs-real scores (the floor half scored as if it were samples); cached on the reference."""
+    if not reference.floor_scores:
+        as_samples = Generated(reference.floor, reference.floor_labels)
+        reference.floor_scores = score(reference, as_samples, k=k, kid=kid, real_samples=True)
+    return reference.floor_scores
+
+
+def score(reference: Reference, generated: Generated, *, k: int = 5, kid: bool = True, real_samples: bool = False) -> dict:
+    """Every metric of `generated` against the reference, per feature space; conditional accuracy and per-class
+    FD in the domain space when the samples have labels (the floor's accuracy is the classifier's held-out one)."""
+    out: dict = {"metrics": {}}
+    for space, feats in generated.feats.items():
+        if len(feats) < k + 1:
+            raise UsageError(f"{len(feats)} samples: the k-NN metrics need more than k={k}")
+        out["metrics"][space] = metrics.fidelity(reference.ref[space], feats, k=k, kid=kid).to_dict()
+    domain = reference.extractors.get("domain")
+    if domain is None or generated.labels is None or reference.ref_labels is None:
+        return out
+    feats = generated.feats["domain"]
+    if real_samples:  # real images' accuracy: on the held-out ones, which the classifier never trained on
+        out["accuracy"] = domain.trained.held_out_accuracy
+    else:
+        with torch.no_grad():  # the head on the features gives the classifier's own predictions
+            predicted = domain.model.head(torch.from_numpy(feats).float().to(domain.device)).argmax(1).cpu().numpy()
+        out["accuracy"] = metrics.accuracy(predicted, generated.labels)
+    per_class = metrics.per_class_fd(reference.ref["domain"], reference.ref_labels, feats, generated.labels)
+    out["per_class_fd"] = {reference.class_names[c] if c < len(reference.class_names) else str(c): v for c, v in per_class.items()}
+    out["per_class_fd_mean"] = float(np.mean(list(per_class.values()))) if per_class else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------ samples
+
+
+def sample_features(loaded, n: int, extractors: dict, *, seed: int, sample_cfg, batch_size: int, device, progress=None) -> Generated:
+    """Generate samples 0..n-1 (sample i asks for class i % K; its noise depends only on (seed, i)) and
+    return their features in every space."""
+    from .evaluate import to_rgb
+    from .generate import iterate_samples
+    from .images import to_uint8
+
+    if loaded.info.get("kind", "pixels") != "pixels" or loaded.is_text:
+        raise UsageError("fm eval scores class-conditional or unconditional pixel models (latent and text models: not yet)")
+    feats: dict[str, list] = {s: [] for s in extractors}
+    labels, nfe_total, seconds = [], 0, 0.0
+    start = time.perf_counter()
+    for chunk, y, result in iterate_samples(loaded, list(range(n)), seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device):
+        pixels = to_rgb(torch.from_numpy(to_uint8(result.x)).permute(0, 3, 1, 2).contiguous())  # the PNG bytes' values
+        seconds += time.perf_counter() - start
+        nfe_total += result.nfe * len(chunk)
+        for space, ext in extractors.items():
+            feats[space].append(ext(pixels))
+        if y is not None:
+            labels.append(y.cpu().numpy())
+        if progress:
+            progress(len(chunk))
+        start = time.perf_counter()
+    return Generated({s: np.concatenate(f) for s, f in feats.items()}, np.concatenate(labels) if labels else None, nfe_total / n, seconds)
+
+
+def folder_images(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """Every image under `path` as uint8 [N,3,H,W]; each must have the dataset's size."""
+    from PIL import Image
+
+    from .evaluate import image_files
+
+    files = image_files(path)
+    if not files:
+        raise UsageError(f"--gen {path} holds no images")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                arr = np.asarray(img.convert("RGB"))
+        except OSError as err:
+            raise UsageError(f"cannot read image {f}: {err}") from None
+        if arr.shape[:2] != tuple(shape[1:]):
+            raise UsageError(f"{f} is {arr.shape[1]}x{arr.shape[0]} but the dataset's images are {shape[2]}x{shape[1]}")
+        out.append(arr.transpose(2, 0, 1))
+    return np.stack(out)
+
+
+# ---------------------------------------------------------------------------------------- the command
+
+
+@dataclass
+class EvalRequest:
+    """What `fm eval` was asked for (the CLI fills it; `evaluate_fidelity` runs it)."""
+
+    data: Path
+    ckpt: str | None = None
+    gen: Path | None = None
+    num_samples: int | None = None
+    spaces: tuple[str, ...] = ("domain",)
+    cfgs: list[float] | None = None
+    intervals: list[tuple[float, float] | None] | None = None
+    nfes: list[int] | None = None
+    sample_overrides: Callable = lambda base: base
+    classifier: str | None = None
+    classifier_seed: int = 0
+    classifier_steps: int | None = None  # None: features.CLASSIFIER_STEPS
+    inception: str | None = None
+    dinov2: str | None = None
+    k: int = 5
+    kid: bool = True
+    seed: int = 0
+    split_seed: int = 0
+    batch_size: int = 64
+    ema: bool = True
+
+
+def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=None) -> tuple[dict, list[dict]]:
+    """(the floor, one row per sampling setting) for a checkpoint, or one row for an image folder; every row
+    also carries the floor (key "floor"), so that each JSON row stands on its own."""
+    from .features import build_space
+
+    _check(req)
+    loaded = None
+    if req.ckpt is not None:  # a bad checkpoint fails before the reference pass
+        from .generate import load_for_sampling
+
+        loaded = load_for_sampling(req.ckpt, device, use_ema=req.ema)
+    extractors = {
+        s: build_space(s, data=req.data, device=device, classifier=req.classifier, seed=req.classifier_seed, steps=req.classifier_steps,
+                       inception=req.inception, dinov2=req.dinov2, log=log)
+        for s in req.spaces
+    }  # fmt: skip
+    images = folder_images(req.gen, _data_shape(req.data)) if req.gen is not None else None
+    n = len(images) if images is not None else req.num_samples
+    reference = prepare_reference(req.data, extractors, n, seed=req.split_seed, log=log)
+    floor_row = {"ref_count": len(next(iter(reference.ref.values()))), "floor_count": len(next(iter(reference.floor.values()))), **floor(reference, k=req.k, kid=req.kid)}
+    if "domain" in extractors:
+        floor_row["classifier_held_out"] = extractors["domain"].trained.held_out
+    if images is not None:
+        generated = Generated({s: features_of(images, e) for s, e in extractors.items()}, None)
+        return floor_row, [{"gen": str(req.gen), "num_samples": n, **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row}]
+    if loaded.shape != reference.image_shape:
+        raise UsageError(f"the model makes {list(loaded.shape)} images but {req.data} holds {list(reference.image_shape)}")
+    rows = []
+    for settings in sweep_settings(req.sample_overrides(loaded.config.sample), req.cfgs, req.intervals, req.nfes):
+        if log:
+            log(f"sampling {n}: {settings.solver} {settings.steps} steps, {settings.guidance} {settings.cfg:g}, interval {settings.guidance_interval}")
+        progress = progress_factory(n) if progress_factory else _null_progress()
+        with progress as advance:
+            generated = sample_features(loaded, n, extractors, seed=req.seed, sample_cfg=settings, batch_size=req.batch_size, device=device, progress=advance)
+        rows.append({
+            "step": loaded.step, "solver": settings.solver, "steps": settings.steps, "guidance": settings.guidance, "cfg": settings.cfg,
+            "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
+            "nfe_per_sample": generated.nfe_per_sample, "gen_seconds": round(generated.gen_seconds, 3), "num_samples": n, "seed": req.seed,
+            **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row,
+        })  # fmt: skip
+    return floor_row, rows
+
+
+def sweep_settings(base, cfgs, intervals, nfes) -> list:
+    """Every combination of the swept guidance scales, intervals and NFE budgets (None: the base's value)."""
+    from .config import sample_settings
+    from .evaluate import _settings_for_nfe
+
+    out = []
+    for w in cfgs or [None]:
+        for interval in intervals or [None]:
+            settings = sample_settings(base, cfg=w, guidance_interval=interval)
+            out.extend([_settings_for_nfe(settings, budget) for budget in nfes] if nfes else [settings])
+    return out
+
+
+def _check(req: EvalRequest) -> None:
+    if (req.ckpt is None) == (req.gen is None):
+        raise UsageError("score either a checkpoint (--ckpt CKPT -n N) or a folder of images (--gen DIR)")
+    if req.ckpt is not None and req.num_samples is None:
+        raise UsageError("--ckpt needs --num-samples N (e.g. 1000: the reference and the floor then use 1,000 real images each)")
+    if req.gen is not None and (req.num_samples is not None or req.cfgs or req.intervals or req.nfes):
+        raise UsageError("--num-samples, --cfg, --guidance-interval and --nfe go with --ckpt; --gen scores the images in its folder")
+    if req.gen is not None and not Path(req.gen).is_dir():
+        raise UsageError(f"--gen {req.gen} is not a directory of images")
+    if not (Path(req.data) / "manifest.json").is_file():
+        raise UsageError(f"--data {req.data} is not a prepared dataset (no manifest.json); create one with `fm prepare-data`")
+    unknown = [s for s in req.spaces if s not in ("domain", "inception", "dinov2", "tiny")]
+    if unknown or not req.spaces:
+        raise UsageError(f"--features {','.join(req.spaces)}: choose among domain, inception, dinov2, tiny")
+    if req.k < 1:
+        raise UsageError("--k must be at least 1")
+
+
+def _data_shape(data: Path) -> tuple[int, int, int]:
+    from .data.prepared import read_manifest
+
+    return tuple(read_manifest(data)["shape"])
+
+
+class _null_progress:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ------------------------------------------------------------------------------------- during training
+
+
+class TrainingFidelity:
+    """eval.every in the domain (or DINOv2) features: FD, precision, recall, density, coverage and, for
+    class-conditional models, accuracy of the EMA model, each logged beside its real-vs-real floor.
+
+    The reference is eval.ref, else the training data. Every rank builds the extractor (generation is sharded;
+    the classifier is deterministic, so ranks that train it agree); the main rank holds the reference.
+    """
+
+    def __init__(self, cfg, data_path, device, log=None, with_reference: bool = True):
+        from .features import build_space
+
+        data = Path(cfg.eval.ref or data_path)
+        self.cfg, self.device, self.space = cfg, device, cfg.eval.features
+        self.extractor = build_space(self.space, data=data, device=device, classifier=cfg.eval.classifier, dinov2=cfg.eval.dinov2, log=log)
+        self.reference = None
+        if with_reference:
+            self.reference = prepare_reference(data, {self.space: self.extractor}, cfg.eval.num_samples, log=log)
+            floor(self.reference, kid=False)
+
+    def __call__(self, model: torch.nn.Module, step: int, batch_size: int, ctx=None) -> dict | None:
+        from . import distributed as D
+        from .evaluate import generated_features
+        from .generate import LoadedModel
+
+        ctx = ctx or D.DistContext(device=self.device)
+        loaded = LoadedModel(model=model, config=self.cfg, info={"kind": "pixels"}, step=step)
+        n = self.cfg.eval.num_samples
+        indices = D.shard_indices(n, ctx)
+        generated = generated_features(loaded, indices, self.extractor, seed=self.cfg.train.seed, sample_cfg=self.cfg.sample, batch_size=batch_size, device=self.device)
+        feats = np.stack(D.gather_in_index_order(indices, list(generated.feats), ctx))
+        seconds = max(D.all_gather_objects(generated.gen_seconds, ctx))
+        if self.reference is None:
+            return None
+        labels = np.arange(n) % loaded.num_classes if loaded.num_classes else None  # generate.labels_for's classes
+        scores = score(self.reference, Generated({self.space: feats}, labels), kid=False)
+        record = {"step": step, **_flat(scores, self.space), **{f"{k}_floor": v for k, v in _flat(self.reference.floor_scores, self.space).items()}}
+        return {**record, "eval_features": self.space, "eval_num_samples": n, "eval_gen_seconds": round(seconds, 3)}
+
+
+def _flat(scores: dict, space: str) -> dict:
+    """{"fd", "precision", "recall", "density", "coverage"[, "accuracy"]} of one space, for metrics.jsonl."""
+    out = dict(scores["metrics"][space])
+    if "accuracy" in scores:
+        out["accuracy"] = scores["accuracy"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def format_table(floor_row: dict, rows: list[dict]) -> str:
+    """The floor and every row as plain text: one line per (row, feature space)."""
+    head = f"{'setting':<28} {'features':<10} {'FD':>9} {'KID':>9} {'prec':>6} {'recall':>6} {'dens':>6} {'cover':>6} {'acc':>6} {'NFE':>5}"
+    lines = [head]
+
+    def line(label, scores, nfe=None):
+        for space, m in scores["metrics"].items():
+            acc = scores.get("accuracy") if space == "domain" else None
+            acc = f"{acc:>6.3f}" if acc is not None else f"{'-':>6}"
+            kid = f"{m['kid']:>9.5f}" if "kid" in m else f"{'-':>9}"
+            lines.append(
+                f"{label:<28} {space:<10} {m['fd']:>9.4f} {kid} {m['precision']:>6.3f} {m['recall']:>6.3f} {m['density']:>6.3f} "
+                f"{m['coverage']:>6.3f} {acc} {'' if nfe is None else f'{nfe:g}':>5}"
+            )
+            label = ""
+
+    line(f"real vs real ({floor_row['floor_count']} vs {floor_row['ref_count']})", floor_row)
+    for r in rows:
+        if "gen" in r:
+            label = Path(r["gen"]).name
+        else:
+            interval = "" if r["guidance_interval"] is None else f" [{r['guidance_interval'][0]:g},{r['guidance_interval'][1]:g}]"
+            label = f"{r['guidance']} {r['cfg']:g}{interval}, {r['solver']} {r['steps']}"
+        line(label, r, r.get("nfe_per_sample"))
+    means = [(r.get("cfg"), r.get("per_class_fd_mean")) for r in rows if r.get("per_class_fd_mean") is not None]
+    if means and floor_row.get("per_class_fd_mean") is not None:
+        shown = ", ".join(f"cfg {w:g}: {m:.4f}" if w is not None else f"{m:.4f}" for w, m in means)
+        lines.append(f"per-class FD (domain), mean over classes: floor {floor_row['per_class_fd_mean']:.4f}; {shown}")
+    return "\n".join(lines)

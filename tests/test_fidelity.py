@@ -1,0 +1,246 @@
+"""fm eval / fmcli.fidelity and fmcli.features: the domain classifier (deterministic for a seed, a validated
+cache), DINOv2 from a local directory, the real-vs-real floor, and the command end to end. All offline, tiny."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_fm
+from fmcli.errors import UsageError
+
+STEPS = 25  # classifier steps in tests: seconds, not the default's quality
+
+
+@pytest.fixture()
+def data(tmp_path, shapes16) -> Path:
+    """A private copy of the 16px shapes data (classifier caches are written beside it)."""
+    import shutil
+
+    return Path(shutil.copytree(shapes16, tmp_path / "shapes16"))
+
+
+# ------------------------------------------------------------------------------------- the classifier
+
+
+def test_classifier_is_deterministic_for_a_seed(shapes16):
+    from fmcli.features import train_classifier
+
+    x, y = np.load(shapes16 / "x.npy")[:200], np.load(shapes16 / "y.npy")[:200]
+    before = torch.random.get_rng_state()
+    a, acc_a, n_a = train_classifier(x, y, 10, seed=1, steps=STEPS)
+    b, acc_b, _ = train_classifier(x, y, 10, seed=1, steps=STEPS)
+    c, _, _ = train_classifier(x, y, 10, seed=2, steps=STEPS)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is left alone
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert acc_a == acc_b and n_a == 20 and 0 <= acc_a <= 1
+    assert not all(torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_classifier_cache_is_reused_validated_and_rebuilt(data, monkeypatch):
+    from fmcli import features
+
+    logs = []
+    first = features.load_or_train_classifier(data, seed=0, steps=STEPS, log=logs.append)
+    path = features.default_classifier_path(data, 0)
+    assert path.is_file() and any("training" in m for m in logs)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again although the cache matched")
+
+    monkeypatch.setattr(features, "train_classifier", no_training)
+    again = features.load_or_train_classifier(data, seed=0, steps=STEPS)
+    assert again.key == first.key and again.held_out_accuracy == first.held_out_accuracy
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in first.model.state_dict().items())
+    monkeypatch.undo()
+
+    # Another dataset behind the same directory (re-prepared: a new manifest) -> retrained, not trusted.
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "created": "another time"}))
+    logs.clear()
+    rebuilt = features.load_or_train_classifier(data, seed=0, steps=STEPS, log=logs.append)
+    assert rebuilt.key != first.key and any("another dataset" in m for m in logs)
+
+    # A corrupt cache is replaced at the default place...
+    path.write_bytes(b"not a checkpoint")
+    logs.clear()
+    features.load_or_train_classifier(data, seed=0, steps=STEPS, log=logs.append)
+    assert any("unreadable" in m for m in logs)
+    # ... and refused at a path the user gave.
+    mine = data.parent / "mine.pt"
+    mine.write_bytes(b"garbage")
+    with pytest.raises(UsageError, match="mine.pt: unreadable"):
+        features.load_or_train_classifier(data, seed=0, steps=STEPS, path=mine)
+
+
+def test_unlabelled_data_has_no_domain_classifier(tmp_path):
+    from fmcli.data.prepared import PreparedWriter
+    from fmcli.features import load_or_train_classifier
+
+    with PreparedWriter(tmp_path / "u", 8, (1, 8, 8), labels=False) as w:
+        for _ in range(8):
+            w.add(np.zeros((1, 8, 8), np.uint8), None)
+        w.finish(num_classes=0, class_names=None, source="test")
+    with pytest.raises(UsageError, match="labelled pixel dataset"):
+        load_or_train_classifier(tmp_path / "u")
+
+
+# --------------------------------------------------------------------------------------------- DINOv2
+
+
+def test_dinov2_features_from_a_local_directory(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from fmcli.features import Dinov2Extractor, resolve_dinov2_path
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=7)
+    Dinov2Model(cfg).save_pretrained(tmp_path / "dino")
+    ext = Dinov2Extractor(resolve_dinov2_path(str(tmp_path / "dino")), "cpu")
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    feats = ext(images)
+    assert feats.shape == (5, 32) and feats.dtype == np.float64
+    # Reference: the CLS token after the final layer norm, computed from the hidden states by hand.
+    x = torch.nn.functional.interpolate(images.float() / 255, size=(28, 28), mode="bicubic", antialias=True).clamp(0, 1)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = ext.model(pixel_values=x, output_hidden_states=True)
+        cls = ext.model.layernorm(out.hidden_states[-1])[:, 0]
+    np.testing.assert_allclose(feats, cls.double().numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UsageError, match="no config.json"):
+        resolve_dinov2_path(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ the floor
+
+
+def test_halves_are_disjoint_and_seeded():
+    from fmcli.fidelity import split_halves
+
+    a, b = split_halves(101, seed=0)
+    assert len(a) == 50 and len(b) == 51 and not set(a) & set(b) and set(a) | set(b) == set(range(101))
+    assert np.array_equal(split_halves(101, seed=0)[0], a) and not np.array_equal(split_halves(101, seed=1)[0], a)
+
+
+def _json(result):
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_eval_of_the_floor_images_scores_the_floor(data, tmp_path):
+    """The floor half saved as PNGs and scored with --gen gives exactly the floor's numbers, and the floor's
+    precision/recall/density/coverage equal the `prdc` package's on the same features."""
+    from fmcli import features
+    from fmcli.fidelity import split_halves
+
+    x = np.load(data / "x.npy")
+    n = 40
+    floor_idx, ref_idx = split_halves(len(x), seed=0)
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    for j, i in enumerate(floor_idx[:n]):
+        Image.fromarray(x[i].transpose(1, 2, 0)).save(folder / f"{j:04d}.png")
+    rows = _json(run_fm("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS, "--json"))
+    (row,) = rows
+    assert row["num_samples"] == n and row["floor"]["floor_count"] == n and row["floor"]["ref_count"] == n
+    for key, value in row["floor"]["metrics"]["domain"].items():
+        assert row["metrics"]["domain"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+    trained = features.load_or_train_classifier(data, seed=0, steps=STEPS)
+    ext = features.DomainExtractor(trained, 3, "cpu")
+    real, fake = ext(torch.from_numpy(x[ref_idx[:n]])), ext(torch.from_numpy(x[floor_idx[:n]]))
+    prdc = pytest.importorskip("prdc")
+    with contextlib.redirect_stdout(io.StringIO()):
+        want = prdc.compute_prdc(real, fake, nearest_k=5)
+    got = row["floor"]["metrics"]["domain"]
+    assert {k: got[k] for k in want} == pytest.approx({k: float(v) for k, v in want.items()}, abs=1e-12)
+    assert row["floor"]["accuracy"] == trained.held_out_accuracy
+
+
+def test_eval_sweeps_guidance_of_a_checkpoint(data, debug_run):
+    result = run_fm("eval", "--ckpt", debug_run, "--data", data, "-n", 30, "--classifier-steps", STEPS, "--cfg", "1,2",
+                    "--guidance-interval", "0,1", "--guidance-interval", "0.3,1", "--steps", 2, "--no-kid", "--json")  # fmt: skip
+    rows = _json(result)
+    assert [(r["cfg"], r["guidance_interval"]) for r in rows] == [(1.0, [0.0, 1.0]), (1.0, [0.3, 1.0]), (2.0, [0.0, 1.0]), (2.0, [0.3, 1.0])]
+    for r in rows:
+        m = r["metrics"]["domain"]
+        assert set(m) == {"fd", "precision", "recall", "density", "coverage"} and 0 <= r["accuracy"] <= 1
+        assert r["num_samples"] == 30 and r["steps"] == 2
+        # Classes with at least 2 images among both the 30 references and the 30 samples (3 of each class).
+        assert 5 <= len(r["per_class_fd"]) <= 10 and r["per_class_fd_mean"] == pytest.approx(np.mean(list(r["per_class_fd"].values())))
+    assert rows[0]["nfe_per_sample"] == 2 and rows[2]["nfe_per_sample"] == 2  # CFG's [cond; uncond] batch: one NFE
+    # The plain table: the floor first, then one line per setting.
+    table = run_fm("eval", "--ckpt", debug_run, "--data", data, "-n", 12, "--classifier-steps", STEPS, "--steps", 1, "--no-kid")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[1].startswith("real vs real (12 vs 12)") and "euler" in lines[2]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "{data}"], "score either a checkpoint"),
+        (["--data", "{data}", "--ckpt", "x.pt"], "--ckpt needs --num-samples"),
+        (["--data", "{data}", "--gen", "{data}", "--features", "bogus"], "choose among"),
+        (["--data", "{data}", "--gen", "{data}", "--features", "dinov2"], "DINOv2 weights not given"),
+        (["--data", "{data}", "--gen", "{data}", "--cfg", "1,x"], "--cfg expects numbers"),
+        (["--data", "nowhere", "--gen", "{data}"], "not a prepared dataset"),
+    ],
+)
+def test_eval_bad_input_is_one_line_and_exit_2(data, args, message):
+    result = run_fm("eval", *[a.format(data=data) for a in args], env={"FM_DINOV2": ""})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------ during training
+
+
+def test_eval_every_logs_domain_fidelity_and_leaves_training_unchanged(data, tmp_path, monkeypatch):
+    from conftest import QuietLog
+    from fmcli import features
+    from fmcli.config import load_config
+    from fmcli.train import train
+
+    monkeypatch.setattr(features, "CLASSIFIER_STEPS", STEPS)
+    common = ["train.steps=4", "train.checkpoint_every=0", "train.log_every=2", f"data.path='{data}'"]
+    evals = ["eval.every=2", "eval.num_samples=20", "eval.features='domain'"]  # eval.ref unset: the training data
+    with_eval = train(load_config("debug", common + evals), tmp_path / "with", log=QuietLog())
+    without = train(load_config("debug", common), tmp_path / "without", log=QuietLog())
+    assert with_eval.losses == without.losses  # the classifier and the evaluation draw nothing from training's RNG
+    records = [json.loads(line) for line in (tmp_path / "with" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "fd" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert {"fd", "precision", "recall", "density", "coverage", "accuracy", "fd_floor", "recall_floor", "accuracy_floor"} <= set(r)
+        assert r["eval_features"] == "domain" and r["eval_num_samples"] == 20 and r["fd"] > r["fd_floor"] >= 0
+    assert features.default_classifier_path(data, 0).is_file()  # trained once, cached beside the data
+
+    pytest.importorskip("matplotlib")
+    result = run_fm("plot", tmp_path / "with")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "with" / "loss.png").size[1] > 4 * 2.6 * 100  # loss, lr, FD, fidelity, accuracy panels
+
+
+def test_plot_draws_the_frontier_of_an_eval_sweep(tmp_path):
+    pytest.importorskip("matplotlib")
+    floor = {"metrics": {"domain": {"fd": 0.1, "precision": 0.8, "recall": 0.8, "density": 1.0, "coverage": 0.9}}, "accuracy": 0.99}
+    rows = [
+        {"cfg": w, "guidance_interval": None, "nfe_per_sample": 8, "accuracy": a, "floor": floor,
+         "metrics": {"domain": {"fd": 1 + w, "precision": 0.7, "recall": r, "density": 0.9, "coverage": 0.8}}}
+        for w, a, r in ((1, 0.6, 0.7), (2, 0.8, 0.5), (4, 0.95, 0.3))
+    ]  # fmt: skip
+    sweep = tmp_path / "frontier.json"
+    sweep.write_text(json.dumps(rows))
+    result = run_fm("plot", sweep, "--y", "fd")
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == tmp_path / "frontier.png" and (tmp_path / "frontier.png").stat().st_size > 0
+    bad = run_fm("plot", sweep, "--y", "loss", "--out", tmp_path / "x.png")
+    assert bad.returncode == 2 and "--y loss" in bad.stderr
