@@ -872,9 +872,12 @@ def _parse_floats(flag: str, text: Optional[str]) -> Optional[list[float]]:
     if text is None:
         return None
     try:
-        return [float(p) for p in text.split(",")]
+        values = [float(p) for p in text.split(",")]
     except ValueError:
         raise UsageError(f"{flag} expects numbers separated by commas (e.g. 1,1.5,2,4), got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{flag} expects finite numbers (no nan or inf), got {text!r}")
+    return values
 
 
 # -------------------------------------------------------------------------------------------- bench

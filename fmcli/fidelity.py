@@ -225,8 +225,12 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
         return floor_row, [{"gen": str(req.gen), "num_samples": n, **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row}]
     if loaded.shape != reference.image_shape:
         raise UsageError(f"the model makes {list(loaded.shape)} images but {req.data} holds {list(reference.image_shape)}")
+    from .generate import prepare_for_sampling
+
+    base = req.sample_overrides(loaded.config.sample)
+    loaded = prepare_for_sampling(loaded, base, device, log or (lambda message: None))  # sample.precision / compile
     rows = []
-    for settings in sweep_settings(req.sample_overrides(loaded.config.sample), req.cfgs, req.intervals, req.nfes):
+    for settings in sweep_settings(base, req.cfgs, req.intervals, req.nfes, log):
         if log:
             log(f"sampling {n}: {settings.solver} {settings.steps} steps, {settings.guidance} {settings.cfg:g}, interval {settings.guidance_interval}")
         progress = progress_factory(n) if progress_factory else _null_progress()
@@ -241,16 +245,17 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     return floor_row, rows
 
 
-def sweep_settings(base, cfgs, intervals, nfes) -> list:
-    """Every combination of the swept guidance scales, intervals and NFE budgets (None: the base's value)."""
+def sweep_settings(base, cfgs, intervals, nfes, log=None) -> list:
+    """Every combination of the swept guidance scales, intervals and NFE budgets (None: the base's value); an
+    NFE budget the solver cannot meet is skipped with a note (evaluate._nfe_sweep), never run over budget."""
     from .config import sample_settings
-    from .evaluate import _settings_for_nfe
+    from .evaluate import _nfe_sweep
 
     out = []
     for w in cfgs or [None]:
         for interval in intervals or [None]:
             settings = sample_settings(base, cfg=w, guidance_interval=interval)
-            out.extend([_settings_for_nfe(settings, budget) for budget in nfes] if nfes else [settings])
+            out.extend([s for _, s in _nfe_sweep(settings, nfes, log)] if nfes else [settings])
     return out
 
 

@@ -166,6 +166,8 @@ CASES = [
     ("sample-cfg-inf", lambda w: ("sample", "--ckpt", w["run"], "--cfg", "inf", "--out", w["root"] / "new.png"), "finite"),
     ("sample-cfg-nan", lambda w: ("sample", "--ckpt", w["run"], "--cfg", "nan", "--out", w["root"] / "new.png"), "finite"),
     ("sample-sde-noise-inf", lambda w: ("sample", "--ckpt", w["run"], "--solver", "euler-sde", "--sde-noise", "inf", "--out", w["root"] / "new.png"), "finite"),
+    ("eval-cfg-sweep-nan", lambda w: ("eval", "--data", w["data"], "--ckpt", w["run"], "-n", "8", "--cfg", "1,nan"), "finite"),
+    ("eval-cfg-sweep-inf", lambda w: ("eval", "--data", w["data"], "--ckpt", w["run"], "-n", "8", "--cfg", "inf"), "finite"),
     ("sample-interval-nan", lambda w: ("sample", "--ckpt", w["run"], "--guidance-interval", "nan,0.5", "--out", w["root"] / "new.png"), "finite"),
     ("sample-cfg-overflows", lambda w: ("sample", "--ckpt", w["run"], "--cfg", "1e300", "--out", w["root"] / "new.png"), "not finite"),
     ("sample-dopri5-zero-init", lambda w: ("sample", "--ckpt", w["run"], "--solver", "dopri5", "--guidance", "cfg-zero", "--cfg", "2", "--steps", "1", "--out", w["root"] / "new.png"), "--zero-init-steps"),
