@@ -361,10 +361,19 @@ def array_features(x, extractor: FeatureExtractor, *, batch_size: int = 64, log=
     return np.concatenate(feats)
 
 
-def folder_features(path: Path, extractor: FeatureExtractor, *, batch_size: int = 64, log=None) -> tuple[np.ndarray, int | None]:
-    """Features of every image under a folder (sorted, recursive), read as RGB like clean-fid does."""
+def read_rgb(path: Path) -> np.ndarray:
+    """One image file as uint8 [H,W,3]; an unreadable file is a usage error naming it."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except OSError as err:
+        raise UsageError(f"cannot read image {path}: {err}") from None
+
+
+def folder_features(path: Path, extractor: FeatureExtractor, *, batch_size: int = 64, log=None) -> tuple[np.ndarray, int | None]:
+    """Features of every image under a folder (sorted, recursive), read as RGB like clean-fid does."""
     files = image_files(path)
     if not files:
         raise UsageError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no manifest.json")
@@ -376,11 +385,7 @@ def folder_features(path: Path, extractor: FeatureExtractor, *, batch_size: int 
             batch.clear()
 
     for f in files:
-        try:
-            with Image.open(f) as img:
-                arr = np.asarray(img.convert("RGB"))
-        except OSError as err:
-            raise UsageError(f"cannot read image {f}: {err}") from None
+        arr = read_rgb(f)
         if batch and arr.shape != batch[0].shape:  # a batch holds one image size
             flush()
         batch.append(arr)

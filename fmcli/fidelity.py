@@ -149,20 +149,14 @@ def sample_features(loaded, n: int, extractors: dict, *, seed: int, sample_cfg, 
 
 def folder_images(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """Every image under `path` as uint8 [N,3,H,W]; each must have the dataset's size."""
-    from PIL import Image
-
-    from .evaluate import image_files
+    from .evaluate import image_files, read_rgb
 
     files = image_files(path)
     if not files:
         raise UsageError(f"--gen {path} holds no images")
     out = []
     for f in files:
-        try:
-            with Image.open(f) as img:
-                arr = np.asarray(img.convert("RGB"))
-        except OSError as err:
-            raise UsageError(f"cannot read image {f}: {err}") from None
+        arr = read_rgb(f)
         if arr.shape[:2] != tuple(shape[1:]):
             raise UsageError(f"{f} is {arr.shape[1]}x{arr.shape[0]} but the dataset's images are {shape[2]}x{shape[1]}")
         out.append(arr.transpose(2, 0, 1))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QuietLog, run_fm
+from test_budget import SimulatedMachine as BudgetMachine
 from fmcli.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config, validate_config
 from fmcli.train import train
@@ -272,22 +273,11 @@ def test_item13_fm_sample_to_a_folder_writes_every_sample_and_a_grid_of_sample_g
     assert gif5[0] == grid5[0] and gif5[1] < gif13[1]  # the GIF shows the grid's samples (under a caption strip)
 
 
-class SimulatedMachine(QuietLog):
-    """A fake clock for train.budget_minutes: each training step takes `pace` seconds (advanced through the
-    progress callback the loop calls once per step); train_mod.clock reads it."""
+class SimulatedMachine(BudgetMachine):
+    """test_budget's fake clock for train.budget_minutes with a constant `pace` seconds per training step."""
 
     def __init__(self, pace: float):
-        self.now, self.pace, self.lines = 0.0, pace, []
-
-    def info(self, message):
-        self.lines.append(message)
-
-    def progress(self, total, start):
-        def update(step, loss, total=None):
-            if step is not None and total is None:
-                self.now += self.pace
-
-        return update
+        super().__init__(lambda step: pace)
 
 
 def test_item04_the_fallback_is_decided_from_timed_checkpoints_and_grids_not_a_guess(tmp_path, shapes16, monkeypatch):
