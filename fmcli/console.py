@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 
 
@@ -14,9 +15,20 @@ def stderr_console():
 
 
 def emit_json(obj) -> None:
-    """One JSON document on stdout (the only thing a --json command prints there)."""
-    sys.stdout.write(json.dumps(obj) + "\n")
+    """One JSON document on stdout (the only thing a --json command prints there). A non-finite float (a
+    diverged FID, say) is written as null: Python's NaN/Infinity tokens are not JSON and break `jq`."""
+    sys.stdout.write(json.dumps(_finite(obj), allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def print_error(message: str) -> None:

@@ -448,3 +448,16 @@ def test_item12_a_run_saved_with_autoguidance_resumes_once_guidance_is_set(debug
     assert code == 2 and "sample.guidance" in err and sorted(p.name for p in (run / "checkpoints").iterdir()) == before, err
     code, _, err = fm(capsys, "resume", run, "--set", "train.steps=6", "--set", "sample.guidance=cfg")
     assert code == 0, err
+
+
+def test_json_output_is_valid_json_when_a_number_is_not_finite(capsys):
+    """--json rows with a diverged metric (nan/inf) print null, never Python's NaN/Infinity tokens, which `jq`
+    and every strict JSON parser reject."""
+    import numpy as np
+
+    from fmcli.console import emit_json
+
+    emit_json({"fid": float("nan"), "rows": [{"kid": float("inf"), "nfe": 4}, (np.float64("-inf"), 1.5)], "ok": True})
+    text = capsys.readouterr().out
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"fid": None, "rows": [{"kid": None, "nfe": 4}, [None, 1.5]], "ok": True}
