@@ -14,6 +14,7 @@ in the domain space also the conditional accuracy and the per-class FD (mean ove
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +228,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     for settings in sweep_settings(base, req.cfgs, req.intervals, req.nfes, log):
         if log:
             log(f"sampling {n}: {settings.solver} {settings.steps} steps, {settings.guidance} {settings.cfg:g}, interval {settings.guidance_interval}")
-        progress = progress_factory(n) if progress_factory else _null_progress()
+        progress = progress_factory(n) if progress_factory else contextlib.nullcontext(None)
         with progress as advance:
             generated = sample_features(loaded, n, extractors, seed=req.seed, sample_cfg=settings, batch_size=req.batch_size, device=device, progress=advance)
         rows.append({
@@ -275,14 +276,6 @@ def _data_shape(data: Path) -> tuple[int, int, int]:
     from .data.prepared import read_manifest
 
     return tuple(read_manifest(data)["shape"])
-
-
-class _null_progress:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ------------------------------------------------------------------------------------- during training
