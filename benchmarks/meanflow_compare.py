@@ -7,15 +7,15 @@ evaluation per step); the mean-flow student is `presets/quickstart-meanflow.toml
 evaluation per step); the teacher samples with its own CFG, one guided evaluation counted as one NFE (fm's
 convention; it costs a doubled batch). Then, for every model and NFE:
 
-- shape accuracy: benchmarks/shape_accuracy.py's classifier on `--per-class` samples of every class;
-- `fm fid --features tiny --nfe ...` against the data (Frechet distance of the built-in tiny features, and
-  whatever other metrics that command reports, e.g. recall, passed through).
+- shape accuracy: fm's domain classifier of the data (benchmarks/shape_accuracy.py) on `--per-class` samples of every class;
+- `fm eval --nfe ...` against the data: FD, recall, precision, coverage in the features of the dataset's own
+  classifier (fm's domain features), beside the real-vs-real floor, and that classifier's conditional accuracy.
 
 Steps already done in `--work` (pairs, runs) are reused, so a rerun only evaluates. Each line of stdout is a
 JSON record; a Markdown table closes the output.
 
     PYTHONPATH=$PWD python benchmarks/meanflow_compare.py --data data/shapes-32-n20000-s0 \
-        --teacher runs/quickstart --work runs/mf-compare --classifier runs/clf.pt
+        --teacher runs/quickstart --work runs/mf-compare
     # other mean-flow settings: --mf-set flow.meanflow_ratio=0.25 --mf-set flow.meanflow_power=0 --work runs/mf-r25
 """
 
@@ -53,8 +53,7 @@ def main() -> int:
     ap.add_argument("--per-class", type=int, default=30)
     ap.add_argument("--fid-samples", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=123)
-    ap.add_argument("--epochs", type=int, default=4, help="classifier training epochs")
-    ap.add_argument("--classifier", default=None, help="cache the trained classifier here (reused when present)")
+    ap.add_argument("--classifier", default=None, help="the domain classifier's cache (default: fm's, beside the data)")
     ap.add_argument("--mf-set", action="append", default=[], help="extra --set for the mean-flow student (repeatable)")
     ap.add_argument("--rf-set", action="append", default=[], help="extra --set for the 2-RF student (repeatable)")
     args = ap.parse_args()
@@ -79,7 +78,7 @@ def main() -> int:
         wall = fm("train", "--preset", preset, "--data", pairs, "--run-dir", run, *[a for item in items for a in ("--set", item)])
         emit({"trained": name, "preset": preset, "overrides": items, "seconds": wall, "steps": load_for_sampling(str(run), torch.device("cpu"), with_encoders=False).step})
 
-    clf, held_out = cached_classifier(args.data, args.epochs, args.classifier)
+    clf, held_out = cached_classifier(args.data, args.classifier)
     emit({"classifier_held_out_accuracy": round(held_out, 4)})
     models = {"teacher": args.teacher, "2rf": work / "2rf", "meanflow": work / "meanflow"}
     rows = []
@@ -115,26 +114,38 @@ def accuracy(loaded, clf, solver: str, nfe: int, args) -> float:
 
 
 def fid_rows(ckpt, args, budgets: list[int], solver: str) -> dict[int, dict]:
-    """`fm fid --nfe` at every budget: {nfe: the numeric fields of its row (fid, kid, recall, ...)}."""
+    """`fm eval --nfe` at every budget, in the dataset's own classifier features: {nfe: FD, recall, precision,
+    coverage, density, KID and the eval's conditional accuracy, with the real-vs-real floor's FD and recall}."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "fmcli.cli", "fid", "--ckpt", str(ckpt), "-n", str(args.fid_samples), "--ref", str(args.data),
-           "--features", "tiny", "--solver", solver, "--nfe", ",".join(map(str, budgets)), "--seed", str(args.seed), "--json"]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    skip = {"nfe_budget", "steps", "num_samples", "seed", "step", "cfg"}
-    return {r["nfe_budget"]: {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip} for r in json.loads(out)}
+    cmd = [sys.executable, "-m", "fmcli.cli", "eval", "--ckpt", str(ckpt), "-n", str(args.fid_samples), "--data", str(args.data),
+           "--solver", solver, "--nfe", ",".join(map(str, budgets)), "--seed", str(args.seed), "--batch-size", "250", "--json"]
+    rows = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+    rows = rows if isinstance(rows, list) else rows["rows"]
+    out = {}
+    for r in rows:
+        m, f = r["metrics"]["domain"], r["floor"]["metrics"]["domain"]
+        out[r["steps"]] = {**{k: m[k] for k in ("fd", "kid", "precision", "recall", "density", "coverage") if k in m},
+                           "eval_accuracy": r.get("accuracy"), "fd_floor": f["fd"], "recall_floor": f["recall"]}
+    return out
 
 
 def table(rows: list[dict], nfes: list[int], teacher_steps: int) -> str:
     """Markdown: one row per model, accuracy and FD (tiny) at each NFE."""
-    head = "| model | solver | CFG | " + " | ".join(f"acc / FD {n} NFE" for n in nfes) + f" | teacher {teacher_steps} steps |"
+    head = "| model | solver | CFG | " + " | ".join(f"acc / FD / recall, {n} NFE" for n in nfes) + f" | {teacher_steps} steps |"
     lines = [head, "|" + "---|" * (4 + len(nfes))]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = {r["nfe"]: r for r in rows if r["model"] == model}
         first = next(iter(mine.values()))
-        cells = [f"{mine[n]['accuracy']:.3f} / {mine[n].get('fid', float('nan')):.4f}" for n in nfes]
+        cells = [cell(mine[n]) if n in mine else "-" for n in nfes]
         ref = mine.get(teacher_steps) if model == "teacher" else None
-        lines.append(f"| {model} | {first['solver']} | {first['cfg']:g} | " + " | ".join(cells) + f" | {'%.3f' % ref['accuracy'] if ref else '-'} |")
+        lines.append(f"| {model} | {first['solver']} | {first['cfg']:g} | " + " | ".join(cells) + f" | {cell(ref) if ref else '-'} |")
+    floor = rows[0]
+    lines.append(f"\nreal-vs-real floor (domain features): FD {floor['fd_floor']:.3f}, recall {floor['recall_floor']:.3f}")
     return "\n".join(lines)
+
+
+def cell(row: dict) -> str:
+    return f"{row['accuracy']:.3f} / {row.get('fd', float('nan')):.2f} / {row.get('recall', float('nan')):.2f}"
 
 
 def emit(record: dict) -> None:

@@ -15,9 +15,9 @@ running every variant once, so a drifting machine hits all of them alike; the wa
     # which part gives what (fp32/bf16 x eager/compiled):
     PYTHONPATH=$PWD python benchmarks/sample_precision.py speed --random quickstart -n 1000 --cfg 4 --all-variants
 
-Fidelity: `fm fid --features tiny` (FD of a fixed random conv net, not comparable to published FID) and the
-shape accuracy of benchmarks/shape_accuracy.py, at fp32 and at bf16, for two seeds: bf16 is as good as fp32 when
-|bf16 - fp32| at a seed is within |seed 0 - seed 1| at one precision.
+Fidelity: `fm eval`'s metrics in the dataset's own classifier features (FD, recall, precision, coverage and
+conditional accuracy), at fp32 and at bf16, for two seeds: bf16 is as good as fp32 when |bf16 - fp32| at a seed
+is within |seed 0 - seed 1| at one precision.
 
     PYTHONPATH=$PWD python benchmarks/sample_precision.py fidelity --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 2000
 
@@ -118,25 +118,30 @@ def speed(args) -> dict:
 
 
 def fidelity(args) -> dict:
-    """FD (tiny features) and shape accuracy at fp32 and bf16, seeds 0 and 1 (both eager: compile changes
-    the last bits, not the precision's effect)."""
+    """`fm eval`'s metrics (the dataset's own classifier features: FD, recall, precision, coverage; conditional
+    accuracy) at fp32 and at bf16, seeds 0 and 1, each at the checkpoint's sampler and guidance (or --cfg). bf16
+    is as good as fp32 when |bf16 - fp32| at a seed is within |seed 0 - seed 1| at one precision. Both eager:
+    compile changes the last bits, not the precision's effect."""
+    import torch
+
+    from fmcli.fidelity import EvalRequest, evaluate_fidelity
+
+    keys = ("fd", "recall", "precision", "coverage", "accuracy")
     rows = []
     for precision in ("fp32", "bf16"):
         for seed in (0, 1):
-            fid, _, _ = fm("fid", "--ckpt", args.ckpt, "-n", args.n, "--ref", args.data, "--features", "tiny", "--seed", seed,
-                           "--precision", precision, "--no-compile", "--batch-size", args.batch_size)  # fmt: skip
-            acc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "shape_accuracy.py"), "--ckpt", args.ckpt, "--data", args.data,
-                                  "--per-class", str(args.n // 10), "--seed", str(seed), "--precision", precision, "--no-compile", "--epochs", str(args.epochs),
-                                  "--classifier", args.classifier],
-                                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)  # fmt: skip
-            accuracy = json.loads(acc.stdout.strip().splitlines()[-1])["sample_accuracy"]
-            rows.append({"precision": precision, "seed": seed, "fd_tiny": fid["fid"], "shape_accuracy": accuracy})
-            print(f"{precision} seed {seed}: FD(tiny) {fid['fid']:.5f}, shape accuracy {accuracy:.3f}", file=sys.stderr)
+            change = {"precision": precision, "compile": False} | ({"cfg": args.cfg} if args.cfg is not None else {})
+            req = EvalRequest(data=Path(args.data), ckpt=args.ckpt, num_samples=args.n, seed=seed, batch_size=args.batch_size,
+                              kid=False, sample_overrides=lambda base, change=change: base.model_copy(update=change))  # fmt: skip
+            floor, (row,) = evaluate_fidelity(req, device=torch.device("cpu"))
+            got = {**row["metrics"]["domain"], "accuracy": row.get("accuracy")}
+            rows.append({"precision": precision, "seed": seed, "cfg": row["cfg"], **{k: got[k] for k in keys}})
+            print(json.dumps(rows[-1]), file=sys.stderr)
     at = {(r["precision"], r["seed"]): r for r in rows}
-    spread = {k: abs(at[("fp32", 0)][k] - at[("fp32", 1)][k]) for k in ("fd_tiny", "shape_accuracy")}
-    gap = {k: max(abs(at[("bf16", s)][k] - at[("fp32", s)][k]) for s in (0, 1)) for k in ("fd_tiny", "shape_accuracy")}
-    return {"ckpt": args.ckpt, "n": args.n, "rows": rows, "seed_spread_fp32": spread, "bf16_vs_fp32_max": gap,
-            "bf16_within_seed_spread": {k: gap[k] <= spread[k] for k in gap}}  # fmt: skip
+    spread = {k: abs(at[("fp32", 0)][k] - at[("fp32", 1)][k]) for k in keys}
+    gap = {k: max(abs(at[("bf16", s)][k] - at[("fp32", s)][k]) for s in (0, 1)) for k in keys}
+    return {"ckpt": args.ckpt, "n": args.n, "rows": rows, "floor": floor["metrics"]["domain"], "seed_spread_fp32": spread,
+            "bf16_vs_fp32_max": gap, "bf16_within_seed_spread": {k: gap[k] <= spread[k] for k in keys}}  # fmt: skip
 
 
 def diff(args) -> dict:
@@ -192,8 +197,7 @@ def main() -> None:
     fp.add_argument("--data", required=True, help="the prepared shapes dataset the model was trained on")
     fp.add_argument("-n", type=int, default=2000)
     fp.add_argument("--batch-size", type=int, default=500)
-    fp.add_argument("--epochs", type=int, default=4, help="the shape classifier's training epochs (shape_accuracy.py)")
-    fp.add_argument("--classifier", default=str(Path(tempfile.gettempdir()) / "fm-shape-classifier.pt"), help="cache of the trained classifier")
+    fp.add_argument("--cfg", type=float, default=None, help="default: the checkpoint's sample.cfg")
     dp = sub.add_parser("diff", help="how much bf16 samples differ from fp32 ones, in 8-bit pixel levels")
     dp.add_argument("--ckpt", required=True)
     dp.add_argument("-n", type=int, default=100)
