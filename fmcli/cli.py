@@ -30,31 +30,45 @@ class _App(typer.Typer):
     """Typer app whose errors meant for users become one stderr line and exit code 2 (usage) or 1."""
 
     def __call__(self, *args, **kwargs):
-        from typer._click import exceptions as click  # typer >= 0.24 vendors click; its errors live here
-
         kwargs["standalone_mode"] = False  # click's errors come here, to be printed as one line too
         argv = kwargs.get("args")
         if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else map(str, argv))):
             _fill_lazy_help()
         try:
             result = super().__call__(*args, **kwargs)
-        except FmError as err:
-            print_error(str(err))
-            sys.exit(err.exit_code)
-        except click.NoArgsIsHelpError as err:
-            err.show()  # `fm` alone: the help text, as click prints it
-            sys.exit(err.exit_code)
-        except click.ClickException as err:  # bad option, out-of-range value, missing argument
-            where = f" (see `fm {err.ctx.info_name} --help`)" if isinstance(err, click.UsageError) and err.ctx and err.ctx.parent else ""
-            print_error(err.format_message().replace("\n", " ") + where)
-            sys.exit(err.exit_code)
-        except typer.Abort:
-            print_error("aborted")
-            sys.exit(1)
+        except Exception as err:  # noqa: BLE001 - the one error handler of every command
+            sys.exit(_exit_code(err))
         except KeyboardInterrupt:
             print_error("interrupted")
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _exit_code(err: Exception) -> int:
+    """Print `err` as one line (or re-raise it under --debug) and return the exit code: 2 for usage errors
+    (FmError's own code, click's parse errors), 1 for anything unexpected."""
+    from typer._click import exceptions as click  # typer >= 0.24 vendors click; its errors live here
+
+    if isinstance(err, FmError):
+        print_error(str(err))
+        return err.exit_code
+    if isinstance(err, click.NoArgsIsHelpError):
+        err.show()  # `fm` alone: the help text, as click prints it
+        return err.exit_code
+    if isinstance(err, click.ClickException):  # bad option, out-of-range value, missing argument
+        where = f" (see `fm {err.ctx.info_name} --help`)" if isinstance(err, click.UsageError) and err.ctx and err.ctx.parent else ""
+        print_error(err.format_message().replace("\n", " ") + where)
+        return err.exit_code
+    if isinstance(err, typer.Abort):
+        print_error("aborted")
+        return 1
+    if _STATE["debug"]:
+        raise err
+    from .distributed import is_peer_failure
+
+    if not is_peer_failure(err):  # else another rank failed first and printed the cause; stay quiet
+        print_error(f"{type(err).__name__}: {err} (rerun with --debug for the traceback)")
+    return 1
 
 
 app = _App(
@@ -81,22 +95,6 @@ def main(
 ):
     """fm: a flow-matching image-generation toolkit."""
     _STATE["debug"] = debug
-
-
-def _guard(fn):
-    """Run a command body; unexpected exceptions become exit 1 with one line (traceback with --debug)."""
-    try:
-        return fn()
-    except (FmError, typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as err:
-        if _STATE["debug"]:
-            raise
-        from .distributed import is_peer_failure
-
-        if is_peer_failure(err):  # another rank failed first and printed the cause; stay quiet
-            raise typer.Exit(1)
-        raise FmError(f"{type(err).__name__}: {err} (rerun with --debug for the traceback)", exit_code=1) from None
 
 
 def _log_line(message: str) -> None:
@@ -323,44 +321,41 @@ def prepare_data(
       fm prepare-data captions --root pairs.jsonl --size 64 --out data/t2i-64 --vae weights/sd-vae-ft-mse --text-encoder weights/t5-small --cache-text
     """
 
-    def run():
-        from .data.prepare import default_workers
-        from .launch import prepare_encoded_with_progress, prepare_with_progress
+    from .data.prepare import default_workers
+    from .launch import prepare_encoded_with_progress, prepare_with_progress
 
-        refuse_existing(out, force)
-        console = stderr_console()
-        summaries = []
+    refuse_existing(out, force)
+    console = stderr_console()
+    summaries = []
 
-        def pixels(target: Path) -> Path:
-            """The pixel dataset of any source; with --vae/--text-encoder it is a temporary step before encoding."""
-            summary = prepare_with_progress(
-                source, target, root=root, split=split, size=size, limit=limit, workers=workers or default_workers(), force=force, count=count, seed=seed,
-                max_member_mib=max_member_mib,
-            )
-            summaries.append(summary)
-            return Path(summary.path)
+    def pixels(target: Path) -> Path:
+        """The pixel dataset of any source; with --vae/--text-encoder it is a temporary step before encoding."""
+        summary = prepare_with_progress(
+            source, target, root=root, split=split, size=size, limit=limit, workers=workers or default_workers(), force=force, count=count, seed=seed,
+            max_member_mib=max_member_mib,
+        )
+        summaries.append(summary)
+        return Path(summary.path)
 
-        if vae or text_encoder:
-            encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch)
-            total = limit or (count if source == "shapes" else None)  # other sources: known only once read
-            path = prepare_encoded_with_progress(pixels, out, total, _device(device), force, encode)
-            summary = summaries[-1]
-            summary.path = str(path)
-            summary.bytes = sum(f.stat().st_size for f in Path(path).iterdir())
-        else:
-            pixels(out)
-            summary = summaries[-1]
-        if summary.skipped:
-            shown = "; ".join(summary.skipped_examples)
-            more = f" (and {summary.skipped - len(summary.skipped_examples)} more)" if summary.skipped > len(summary.skipped_examples) else ""
-            console.print(f"skipped {summary.skipped} unusable item(s): {shown}{more}", highlight=False, markup=False)
-        if as_json:
-            emit_json({k: v for k, v in vars(summary).items() if k != "skipped_examples"})
-        else:
-            console.print(f"wrote {summary.count} images ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s", highlight=False)
-            print(summary.path)
-
-    _guard(run)
+    if vae or text_encoder:
+        encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch)
+        total = limit or (count if source == "shapes" else None)  # other sources: known only once read
+        path = prepare_encoded_with_progress(pixels, out, total, _device(device), force, encode)
+        summary = summaries[-1]
+        summary.path = str(path)
+        summary.bytes = sum(f.stat().st_size for f in Path(path).iterdir())
+    else:
+        pixels(out)
+        summary = summaries[-1]
+    if summary.skipped:
+        shown = "; ".join(summary.skipped_examples)
+        more = f" (and {summary.skipped - len(summary.skipped_examples)} more)" if summary.skipped > len(summary.skipped_examples) else ""
+        console.print(f"skipped {summary.skipped} unusable item(s): {shown}{more}", highlight=False, markup=False)
+    if as_json:
+        emit_json({k: v for k, v in vars(summary).items() if k != "skipped_examples"})
+    else:
+        console.print(f"wrote {summary.count} images ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s", highlight=False)
+        print(summary.path)
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -390,25 +385,22 @@ def train(
       fm train --preset quickstart --set train.steps=200 --print-config
     """
 
-    def run():
-        from .config import config_to_dict, load_config
-        from .launch import launch_options, resume_checkpoint, resume_config, run_dir_of, run_training
+    from .config import config_to_dict, load_config
+    from .launch import launch_options, resume_checkpoint, resume_config, run_dir_of, run_training
 
-        launch = launch_options(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id)
-        if resume is not None:  # the checkpoint's config plus resume-safe overrides, exactly as `fm resume`
-            ckpt = resume_checkpoint(run_dir or Path("runs") / load_config(preset).name, resume)
-            cfg, target = resume_config(ckpt, overrides, data=data), run_dir or run_dir_of(ckpt)
-        else:
-            cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
-            if data is not None:
-                cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data)})})
-            target = run_dir or Path("runs") / cfg.name
-        if print_config:
-            emit_json(config_to_dict(cfg))
-            return
-        _print_checkpoint(run_training(cfg, target, resume, stop_at_step, launch))
-
-    _guard(run)
+    launch = launch_options(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id)
+    if resume is not None:  # the checkpoint's config plus resume-safe overrides, exactly as `fm resume`
+        ckpt = resume_checkpoint(run_dir or Path("runs") / load_config(preset).name, resume)
+        cfg, target = resume_config(ckpt, overrides, data=data), run_dir or run_dir_of(ckpt)
+    else:
+        cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
+        if data is not None:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data)})})
+        target = run_dir or Path("runs") / cfg.name
+    if print_config:
+        emit_json(config_to_dict(cfg))
+        return
+    _print_checkpoint(run_training(cfg, target, resume, stop_at_step, launch))
 
 
 @app.command()
@@ -426,14 +418,11 @@ def resume(
       fm resume runs/quickstart --set train.steps=4000
     """
 
-    def run():
-        from .checkpoint import resolve_checkpoint
-        from .launch import launch_options, resume_config, run_dir_of, run_training
+    from .checkpoint import resolve_checkpoint
+    from .launch import launch_options, resume_config, run_dir_of, run_training
 
-        ckpt = resolve_checkpoint(target)
-        _print_checkpoint(run_training(resume_config(ckpt, overrides), run_dir_of(ckpt), str(ckpt), stop_at_step, launch_options(gpus, nproc)))
-
-    _guard(run)
+    ckpt = resolve_checkpoint(target)
+    _print_checkpoint(run_training(resume_config(ckpt, overrides), run_dir_of(ckpt), str(ckpt), stop_at_step, launch_options(gpus, nproc)))
 
 
 @app.command("_train-resolved", hidden=True)
@@ -445,17 +434,14 @@ def train_resolved(
 ):
     """Internal: one rank of a run whose config the launching parent already resolved."""
 
-    def run():
-        import json
+    import json
 
-        from .config import validate_config
-        from .train import train as train_loop
+    from .config import validate_config
+    from .train import train as train_loop
 
-        cfg = validate_config(json.loads(config_file.read_text()), source=str(config_file))
-        ckpt = Path(resume_arg) if resume_arg else None
-        _print_checkpoint(train_loop(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step).checkpoint)
-
-    _guard(run)
+    cfg = validate_config(json.loads(config_file.read_text()), source=str(config_file))
+    ckpt = Path(resume_arg) if resume_arg else None
+    _print_checkpoint(train_loop(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step).checkpoint)
 
 
 def _print_checkpoint(path) -> None:
@@ -506,37 +492,34 @@ def sample(
       echo "a blue star on a white background" | fm sample --ckpt runs/quickstart-text --prompts - --out star.png
     """
 
-    def run():
-        from .generate import sample_command, sample_outputs
-        from .launch import rank_context, relaunched, with_process_group
+    from .generate import sample_command, sample_outputs
+    from .launch import rank_context, relaunched, with_process_group
 
-        if gif is not None and gif.suffix.lower() != ".gif":
-            raise UsageError(f"--gif expects a .gif file name, got {gif}")
-        if gif is not None and (gpus > 1 or nproc > 1):
-            raise UsageError("--gif is drawn by one process: drop --gpus/--nproc")
-        overrides = sampling.overrides(rtol=rtol, atol=atol)
-        texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
-        n = num_samples or len(texts) or 16
-        refuse_existing(sample_outputs(out, n) + [gif], force)  # before any work; every rank checks again
-        if relaunched(gpus, nproc, extra=["--num-samples", str(n)] + [a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
-            return
-        ctx = rank_context(device, gpus)
-        summary = with_process_group(lambda: sample_command(
-            ctx, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif,
-            gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=sampling.guide_ckpt,
-            grid=grid,
-            log=_log_line,
-        ))  # fmt: skip
-        if summary is None:  # not rank 0
-            return
-        if as_json:
-            emit_json(summary)
-        else:
-            print(summary["grid"])
-            if summary["gif"]:
-                print(summary["gif"])
-
-    _guard(run)
+    if gif is not None and gif.suffix.lower() != ".gif":
+        raise UsageError(f"--gif expects a .gif file name, got {gif}")
+    if gif is not None and (gpus > 1 or nproc > 1):
+        raise UsageError("--gif is drawn by one process: drop --gpus/--nproc")
+    overrides = sampling.overrides(rtol=rtol, atol=atol)
+    texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
+    n = num_samples or len(texts) or 16
+    refuse_existing(sample_outputs(out, n) + [gif], force)  # before any work; every rank checks again
+    if relaunched(gpus, nproc, extra=["--num-samples", str(n)] + [a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
+        return
+    ctx = rank_context(device, gpus)
+    summary = with_process_group(lambda: sample_command(
+        ctx, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif,
+        gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=sampling.guide_ckpt,
+        grid=grid,
+        log=_log_line,
+    ))  # fmt: skip
+    if summary is None:  # not rank 0
+        return
+    if as_json:
+        emit_json(summary)
+    else:
+        print(summary["grid"])
+        if summary["gif"]:
+            print(summary["gif"])
 
 
 # ------------------------------------------------------------------------------------------- reflow
@@ -576,27 +559,9 @@ def reflow(
       fm train --preset quickstart --data data/quickstart-pairs --set flow.coupling=pairs --set train.init_from=runs/quickstart
     """
 
-    def run():
-        from .distributed import launched_externally
-        from .launch import rank_context, relaunched, with_process_group
-        from .reflow import check_teacher
-
-        texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
-        flags = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver, precision=precision, compile_model=compile_model)
-        overrides = flags.overrides(rtol=rtol, atol=atol)
-        if not launched_externally():  # the one-line refusals come before relaunching or solving anything
-            check_teacher(ckpt, out, texts, force, overrides)
-        if relaunched(gpus, nproc, extra=[a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
-            return
-        ctx = rank_context(device, gpus)
-        summary = with_process_group(lambda: _reflow_rank(ctx, texts, overrides))
-        if summary is None:  # not rank 0
-            return
-        if as_json:
-            emit_json(vars(summary))
-        else:
-            stderr_console().print(f"{summary.count} pairs, {summary.nfe} NFE each, {summary.seconds:.1f} s ({summary.chunks_reused} chunks reused)", highlight=False)
-            print(summary.path)
+    from .distributed import launched_externally
+    from .launch import rank_context, relaunched, with_process_group
+    from .reflow import check_teacher
 
     def _reflow_rank(ctx, texts, overrides):
         from .console import progress
@@ -612,7 +577,22 @@ def reflow(
                 checkpoint=ckpt, ema=ema, prompts=texts or None, force=force, on_chunk=advance if ctx.is_main else None,
             )
 
-    _guard(run)
+    texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
+    flags = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver, precision=precision, compile_model=compile_model)
+    overrides = flags.overrides(rtol=rtol, atol=atol)
+    if not launched_externally():  # the one-line refusals come before relaunching or solving anything
+        check_teacher(ckpt, out, texts, force, overrides)
+    if relaunched(gpus, nproc, extra=[a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
+        return
+    ctx = rank_context(device, gpus)
+    summary = with_process_group(lambda: _reflow_rank(ctx, texts, overrides))
+    if summary is None:  # not rank 0
+        return
+    if as_json:
+        emit_json(vars(summary))
+    else:
+        stderr_console().print(f"{summary.count} pairs, {summary.nfe} NFE each, {summary.seconds:.1f} s ({summary.chunks_reused} chunks reused)", highlight=False)
+        print(summary.path)
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -635,16 +615,13 @@ def export(
       fm sample --ckpt exported/quickstart --out samples/
     """
 
-    def run():
-        from .export import export_checkpoint
+    from .export import export_checkpoint
 
-        summary = export_checkpoint(ckpt, out, fmt, use_ema=ema, force=force)
-        if as_json:
-            emit_json(vars(summary))
-        else:
-            print(summary.path)
-
-    _guard(run)
+    summary = export_checkpoint(ckpt, out, fmt, use_ema=ema, force=force)
+    if as_json:
+        emit_json(vars(summary))
+    else:
+        print(summary.path)
 
 
 def _read_prompts(source: Optional[str]) -> list[str]:
@@ -686,31 +663,28 @@ def class_grid(
       fm class-grid --ckpt runs/quickstart --cfg 3 --guidance cfg-zero --solver ab2 --steps 8 --out zero.png
     """
 
-    def run():
-        import time
+    import time
 
-        from .generate import class_grid_samples, class_names_of, load_for_sampling, prepare_for_sampling, sampling_record, with_guide
-        from .images import class_grid_image, save_image_atomic
+    from .generate import class_grid_samples, class_names_of, load_for_sampling, prepare_for_sampling, sampling_record, with_guide
+    from .images import class_grid_image, save_image_atomic
 
-        if out.suffix.lower() != ".png":
-            raise UsageError(f"--out expects a .png file name, got {out}")
-        refuse_existing(out, force)
-        dev = _device(device)
-        loaded = load_for_sampling(ckpt, dev, use_ema=ema)
-        sample_cfg = sampling.overrides()(loaded.config.sample)
-        if sampling.guide_ckpt is not None:
-            loaded = with_guide(loaded, sampling.guide_ckpt, dev, use_ema=ema)
-        loaded = prepare_for_sampling(loaded, sample_cfg, dev, _log_line)
-        start = time.perf_counter()
-        images, nfe = class_grid_samples(loaded, samples_per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev)
-        path = save_image_atomic(class_grid_image(images, samples_per_class, class_names_of(loaded)), out)
-        seconds = time.perf_counter() - start
-        if as_json:
-            emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), **sampling_record(loaded), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance})
-        else:
-            print(path)
-
-    _guard(run)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out expects a .png file name, got {out}")
+    refuse_existing(out, force)
+    dev = _device(device)
+    loaded = load_for_sampling(ckpt, dev, use_ema=ema)
+    sample_cfg = sampling.overrides()(loaded.config.sample)
+    if sampling.guide_ckpt is not None:
+        loaded = with_guide(loaded, sampling.guide_ckpt, dev, use_ema=ema)
+    loaded = prepare_for_sampling(loaded, sample_cfg, dev, _log_line)
+    start = time.perf_counter()
+    images, nfe = class_grid_samples(loaded, samples_per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev)
+    path = save_image_atomic(class_grid_image(images, samples_per_class, class_names_of(loaded)), out)
+    seconds = time.perf_counter() - start
+    if as_json:
+        emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), **sampling_record(loaded), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance})
+    else:
+        print(path)
 
 
 # ---------------------------------------------------------------------------------------------- fid
@@ -749,42 +723,39 @@ def fid(
       fm fid --ckpt runs/quickstart -n 1000 --ref data/shapes-32-n20000-s0 --features tiny --nfe 1,2,4,8,16 --solver ab2 --json > ab2.json
     """
 
-    def run():
-        from .console import progress
-        from .evaluate import fid_command
-        from .launch import rank_context, relaunched, with_process_group
+    from .console import progress
+    from .evaluate import fid_command
+    from .launch import rank_context, relaunched, with_process_group
 
-        budgets = _parse_nfe(nfe) if nfe is not None else None
-        if budgets is not None and sampling.steps is not None:
-            raise UsageError("--nfe chooses the steps for each budget: drop --steps")
-        overrides = sampling.overrides()
-        if (gpus or nproc) and ckpt is None:
-            raise UsageError("--gpus/--nproc shard sample generation: they go with --ckpt")
-        if relaunched(gpus, nproc):
-            return
-        ctx = rank_context(device, gpus)
-        console = stderr_console()
-        result = with_process_group(lambda: fid_command(
-            ctx=ctx, ref=ref, gen=gen, ckpt=ckpt, save_stats=save_stats, features=features, inception=inception,
-            inception_unverified=inception_unverified,
-            num_samples=num_samples, sample_overrides=overrides, guide_ckpt=sampling.guide_ckpt, nfe=budgets,
-            seed=seed, batch_size=batch_size, ema=ema, out=out, kid=kid, force=force, device=ctx.device,
-            log=lambda message: console.print(message, highlight=False, markup=False) if ctx.is_main else None,
-            progress_factory=lambda total: progress(console, "sampling", total),
-        ))  # fmt: skip
-        if not ctx.is_main:
-            return
-        if as_json:
-            emit_json(result)
-        elif isinstance(result, list):
-            _print_nfe_table(result)
-        elif "fid" not in result:
-            print(result["stats"])
-        else:
-            for key, value in result.items():
-                print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
-
-    _guard(run)
+    budgets = _parse_nfe(nfe) if nfe is not None else None
+    if budgets is not None and sampling.steps is not None:
+        raise UsageError("--nfe chooses the steps for each budget: drop --steps")
+    overrides = sampling.overrides()
+    if (gpus or nproc) and ckpt is None:
+        raise UsageError("--gpus/--nproc shard sample generation: they go with --ckpt")
+    if relaunched(gpus, nproc):
+        return
+    ctx = rank_context(device, gpus)
+    console = stderr_console()
+    result = with_process_group(lambda: fid_command(
+        ctx=ctx, ref=ref, gen=gen, ckpt=ckpt, save_stats=save_stats, features=features, inception=inception,
+        inception_unverified=inception_unverified,
+        num_samples=num_samples, sample_overrides=overrides, guide_ckpt=sampling.guide_ckpt, nfe=budgets,
+        seed=seed, batch_size=batch_size, ema=ema, out=out, kid=kid, force=force, device=ctx.device,
+        log=lambda message: console.print(message, highlight=False, markup=False) if ctx.is_main else None,
+        progress_factory=lambda total: progress(console, "sampling", total),
+    ))  # fmt: skip
+    if not ctx.is_main:
+        return
+    if as_json:
+        emit_json(result)
+    elif isinstance(result, list):
+        _print_nfe_table(result)
+    elif "fid" not in result:
+        print(result["stats"])
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
 
 
 def _parse_nfe(text: str) -> list[int]:
@@ -844,27 +815,24 @@ def eval_command(
       fm eval --gen samples/ --data data/digits32 --features domain,dinov2 --dinov2 weights/dinov2-base
     """
 
-    def run():
-        from .console import progress
-        from .fidelity import EvalRequest, evaluate_fidelity, format_table
+    from .console import progress
+    from .fidelity import EvalRequest, evaluate_fidelity, format_table
 
-        if nfe is not None and steps is not None:
-            raise UsageError("--nfe chooses the steps for each budget: drop --steps")
-        request = EvalRequest(
-            data=data, ckpt=ckpt, gen=gen, num_samples=num_samples, spaces=tuple(s.strip() for s in features.split(",") if s.strip()),
-            cfgs=_parse_floats("--cfg", cfg_scales), intervals=[parse_interval(i) for i in intervals] or None,
-            nfes=_parse_nfe(nfe) if nfe is not None else None, sample_overrides=SamplingFlags(steps=steps, solver=solver, guidance=guidance).overrides(),
-            classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed, batch_size=batch_size, ema=ema,
-        )  # fmt: skip
-        console = stderr_console()
-        floor, rows = evaluate_fidelity(request, device=_device(device), log=lambda m: console.print(m, highlight=False, markup=False),
-                                        progress_factory=lambda total: progress(console, "sampling", total))  # fmt: skip
-        if as_json:
-            emit_json(rows)
-        else:
-            print(format_table(floor, rows))
-
-    _guard(run)
+    if nfe is not None and steps is not None:
+        raise UsageError("--nfe chooses the steps for each budget: drop --steps")
+    request = EvalRequest(
+        data=data, ckpt=ckpt, gen=gen, num_samples=num_samples, spaces=tuple(s.strip() for s in features.split(",") if s.strip()),
+        cfgs=_parse_floats("--cfg", cfg_scales), intervals=[parse_interval(i) for i in intervals] or None,
+        nfes=_parse_nfe(nfe) if nfe is not None else None, sample_overrides=SamplingFlags(steps=steps, solver=solver, guidance=guidance).overrides(),
+        classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed, batch_size=batch_size, ema=ema,
+    )  # fmt: skip
+    console = stderr_console()
+    floor, rows = evaluate_fidelity(request, device=_device(device), log=lambda m: console.print(m, highlight=False, markup=False),
+                                    progress_factory=lambda total: progress(console, "sampling", total))  # fmt: skip
+    if as_json:
+        emit_json(rows)
+    else:
+        print(format_table(floor, rows))
 
 
 def _parse_floats(flag: str, text: Optional[str]) -> Optional[list[float]]:
@@ -908,32 +876,29 @@ def bench(
       fm bench --preset quickstart --mode train --max-memory 4
     """
 
-    def run():
-        from .bench import BenchOptions, bench_table, run_bench
-        from .config import load_config
+    from .bench import BenchOptions, bench_table, run_bench
+    from .config import load_config
 
-        if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
-            raise UsageError(f"--batch-size must be 'auto' or a positive integer, not {batch_size!r}")
-        if steps < 1 or warmup < 0 or (max_batch is not None and max_batch < 1) or (max_memory is not None and max_memory <= 0):
-            raise UsageError("--steps and --max-batch must be >= 1, --warmup >= 0, --max-memory > 0")
-        cfg = load_config(preset, overrides)
-        opts = BenchOptions(
-            batch_size=None if batch_size == "auto" else int(batch_size), mode=mode, steps=steps, warmup=warmup, precision=precision,
-            compile=compile_model, max_memory_gib=max_memory, max_batch=max_batch, compare=compare, device=device, run_dir=run_dir,
-        )
-        console = stderr_console()
-        report = run_bench(cfg, opts, log=lambda msg: console.print(msg, highlight=False, markup=False))
-        console.print(bench_table(report))
-        if report.get("compare"):
-            ratio = ", ".join(f"{k} {v:.2f}x" for k, v in report["compare"]["ratio"].items())
-            console.print(f"ours / diffusers: {ratio}", highlight=False)
-        if report.get("meanflow"):
-            mf = report["meanflow"]
-            console.print(f"mean-flow step {mf['meanflow_step_ms']:.1f} ms = {mf['step_cost_vs_flow']:.2f}x the flow-matching step ({mf['flow_step_ms']:.1f} ms; JVP on {mf['jvp_fraction']:.0%} of the rows)", highlight=False)
-        if as_json:
-            emit_json(report)
-
-    _guard(run)
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+        raise UsageError(f"--batch-size must be 'auto' or a positive integer, not {batch_size!r}")
+    if steps < 1 or warmup < 0 or (max_batch is not None and max_batch < 1) or (max_memory is not None and max_memory <= 0):
+        raise UsageError("--steps and --max-batch must be >= 1, --warmup >= 0, --max-memory > 0")
+    cfg = load_config(preset, overrides)
+    opts = BenchOptions(
+        batch_size=None if batch_size == "auto" else int(batch_size), mode=mode, steps=steps, warmup=warmup, precision=precision,
+        compile=compile_model, max_memory_gib=max_memory, max_batch=max_batch, compare=compare, device=device, run_dir=run_dir,
+    )
+    console = stderr_console()
+    report = run_bench(cfg, opts, log=lambda msg: console.print(msg, highlight=False, markup=False))
+    console.print(bench_table(report))
+    if report.get("compare"):
+        ratio = ", ".join(f"{k} {v:.2f}x" for k, v in report["compare"]["ratio"].items())
+        console.print(f"ours / diffusers: {ratio}", highlight=False)
+    if report.get("meanflow"):
+        mf = report["meanflow"]
+        console.print(f"mean-flow step {mf['meanflow_step_ms']:.1f} ms = {mf['step_cost_vs_flow']:.2f}x the flow-matching step ({mf['flow_step_ms']:.1f} ms; JVP on {mf['jvp_fraction']:.0%} of the rows)", highlight=False)
+    if as_json:
+        emit_json(report)
 
 
 # -------------------------------------------------------------------------------------------- env
@@ -959,17 +924,14 @@ def env_command(
       fm env --remeasure
     """
 
-    def run():
-        from .distributed import resolve_device
-        from .hardware import environment_report, environment_text
+    from .distributed import resolve_device
+    from .hardware import environment_report, environment_text
 
-        report = environment_report(resolve_device(device), width=width, remeasure=remeasure)
-        if as_json:
-            emit_json(report)
-        else:
-            print(environment_text(report))
-
-    _guard(run)
+    report = environment_report(resolve_device(device), width=width, remeasure=remeasure)
+    if as_json:
+        emit_json(report)
+    else:
+        print(environment_text(report))
 
 
 # ------------------------------------------------------------------------------------------- plot
@@ -995,13 +957,10 @@ def plot(
       fm plot frontier.json --y fd --out frontier-fd.png
     """
 
-    def run():
-        from .plot import plot_run, plot_sweep
+    from .plot import plot_run, plot_sweep
 
-        refuse_existing(out, force)  # the default RUN_DIR/loss.png is fm's own view of metrics.jsonl: refreshed
-        print(plot_sweep(run_dir, out, y=y_metric) if run_dir.is_file() else plot_run(run_dir, out))
-
-    _guard(run)
+    refuse_existing(out, force)  # the default RUN_DIR/loss.png is fm's own view of metrics.jsonl: refreshed
+    print(plot_sweep(run_dir, out, y=y_metric) if run_dir.is_file() else plot_run(run_dir, out))
 
 
 # ------------------------------------------------------------------------------------------- demo
@@ -1029,15 +988,12 @@ def demo(
       fm demo --ckpt runs/quickstart --guide-ckpt runs/quickstart/checkpoints/step-0000950.pt   # offers autoguidance
     """
 
-    def run():
-        from .demo import launch_demo
+    from .demo import launch_demo
 
-        launch_demo(
-            ckpt, host=host, port=port, share=share, device=_device(device), vae=vae, text_encoder=text_encoder, max_images=max_images,
-            guide_ckpt=guide_ckpt, precision=precision, compile_model=compile_model, log=_log_line,
-        )  # fmt: skip
-
-    _guard(run)
+    launch_demo(
+        ckpt, host=host, port=port, share=share, device=_device(device), vae=vae, text_encoder=text_encoder, max_images=max_images,
+        guide_ckpt=guide_ckpt, precision=precision, compile_model=compile_model, log=_log_line,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
