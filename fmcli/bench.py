@@ -245,6 +245,17 @@ def _summarise(result: dict, flops_fwd: int, peak: float | None, cfg: Config) ->
 
 
 
+def bench_notes(report: dict) -> list[str]:
+    """The lines printed under the table: the diffusers ratio and the mean-flow step's cost, when measured."""
+    notes = []
+    if report.get("compare"):
+        notes.append(f"ours / diffusers: {', '.join(f'{k} {v:.2f}x' for k, v in report['compare']['ratio'].items())}")
+    if report.get("meanflow"):
+        mf = report["meanflow"]
+        notes.append(f"mean-flow step {mf['meanflow_step_ms']:.1f} ms = {mf['step_cost_vs_flow']:.2f}x the flow-matching step ({mf['flow_step_ms']:.1f} ms; JVP on {mf['jvp_fraction']:.0%} of the rows)")
+    return notes
+
+
 def bench_table(report: dict):
     """The rich table `fm bench` prints on stderr (fm, and diffusers with --compare)."""
     from rich.table import Table

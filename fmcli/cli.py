@@ -321,40 +321,20 @@ def prepare_data(
       fm prepare-data captions --root pairs.jsonl --size 64 --out data/t2i-64 --vae weights/sd-vae-ft-mse --text-encoder weights/t5-small --cache-text
     """
 
-    from .data.prepare import default_workers
-    from .launch import prepare_encoded_with_progress, prepare_with_progress
+    from .data.prepare import prepare_dataset, skipped_note
 
     refuse_existing(out, force)
-    console = stderr_console()
-    summaries = []
-
-    def pixels(target: Path) -> Path:
-        """The pixel dataset of any source; with --vae/--text-encoder it is a temporary step before encoding."""
-        summary = prepare_with_progress(
-            source, target, root=root, split=split, size=size, limit=limit, workers=workers or default_workers(), force=force, count=count, seed=seed,
-            max_member_mib=max_member_mib,
-        )
-        summaries.append(summary)
-        return Path(summary.path)
-
-    if vae or text_encoder:
-        encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch)
-        total = limit or (count if source == "shapes" else None)  # other sources: known only once read
-        path = prepare_encoded_with_progress(pixels, out, total, _device(device), force, encode)
-        summary = summaries[-1]
-        summary.path = str(path)
-        summary.bytes = sum(f.stat().st_size for f in Path(path).iterdir())
-    else:
-        pixels(out)
-        summary = summaries[-1]
-    if summary.skipped:
-        shown = "; ".join(summary.skipped_examples)
-        more = f" (and {summary.skipped - len(summary.skipped_examples)} more)" if summary.skipped > len(summary.skipped_examples) else ""
-        console.print(f"skipped {summary.skipped} unusable item(s): {shown}{more}", highlight=False, markup=False)
+    encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch) if vae or text_encoder else None
+    summary = prepare_dataset(
+        source, out, root=root, split=split, size=size, limit=limit, workers=workers, count=count, seed=seed, max_member_mib=max_member_mib,
+        force=force, encode=encode, device=device,
+    )  # fmt: skip
+    if note := skipped_note(summary):
+        _log_line(note)
     if as_json:
         emit_json({k: v for k, v in vars(summary).items() if k != "skipped_examples"})
     else:
-        console.print(f"wrote {summary.count} images ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s", highlight=False)
+        stderr_console().print(f"wrote {summary.count} images ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s", highlight=False)
         print(summary.path)
 
 
@@ -385,18 +365,11 @@ def train(
       fm train --preset quickstart --set train.steps=200 --print-config
     """
 
-    from .config import config_to_dict, load_config
-    from .launch import launch_options, resume_checkpoint, resume_config, run_dir_of, run_training
+    from .config import config_to_dict
+    from .launch import launch_options, run_training, training_config
 
     launch = launch_options(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id)
-    if resume is not None:  # the checkpoint's config plus resume-safe overrides, exactly as `fm resume`
-        ckpt = resume_checkpoint(run_dir or Path("runs") / load_config(preset).name, resume)
-        cfg, target = resume_config(ckpt, overrides, data=data), run_dir or run_dir_of(ckpt)
-    else:
-        cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
-        if data is not None:
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data)})})
-        target = run_dir or Path("runs") / cfg.name
+    cfg, target = training_config(preset, overrides, data=data, run_dir=run_dir, resume=resume)
     if print_config:
         emit_json(config_to_dict(cfg))
         return
@@ -418,11 +391,9 @@ def resume(
       fm resume runs/quickstart --set train.steps=4000
     """
 
-    from .checkpoint import resolve_checkpoint
-    from .launch import launch_options, resume_config, run_dir_of, run_training
+    from .launch import launch_options, resume_training
 
-    ckpt = resolve_checkpoint(target)
-    _print_checkpoint(run_training(resume_config(ckpt, overrides), run_dir_of(ckpt), str(ckpt), stop_at_step, launch_options(gpus, nproc)))
+    _print_checkpoint(resume_training(target, overrides, stop_at_step, launch_options(gpus, nproc)))
 
 
 @app.command("_train-resolved", hidden=True)
@@ -434,14 +405,9 @@ def train_resolved(
 ):
     """Internal: one rank of a run whose config the launching parent already resolved."""
 
-    import json
+    from .launch import train_resolved as train_rank
 
-    from .config import validate_config
-    from .train import train as train_loop
-
-    cfg = validate_config(json.loads(config_file.read_text()), source=str(config_file))
-    ckpt = Path(resume_arg) if resume_arg else None
-    _print_checkpoint(train_loop(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step).checkpoint)
+    _print_checkpoint(train_rank(config_file, run_dir, resume_arg, stop_at_step))
 
 
 def _print_checkpoint(path) -> None:
@@ -493,7 +459,7 @@ def sample(
     """
 
     from .generate import sample_command, sample_outputs
-    from .launch import rank_context, relaunched, with_process_group
+    from .launch import on_ranks
 
     if gif is not None and gif.suffix.lower() != ".gif":
         raise UsageError(f"--gif expects a .gif file name, got {gif}")
@@ -503,16 +469,12 @@ def sample(
     texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
     n = num_samples or len(texts) or 16
     refuse_existing(sample_outputs(out, n) + [gif], force)  # before any work; every rank checks again
-    if relaunched(gpus, nproc, extra=["--num-samples", str(n)] + [a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
-        return
-    ctx = rank_context(device, gpus)
-    summary = with_process_group(lambda: sample_command(
-        ctx, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif,
-        gif_frames=gif_frames, batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=sampling.guide_ckpt,
-        grid=grid,
-        log=_log_line,
-    ))  # fmt: skip
-    if summary is None:  # not rank 0
+    work = functools.partial(
+        sample_command, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif, gif_frames=gif_frames,
+        batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=sampling.guide_ckpt, grid=grid, log=_log_line,
+    )  # fmt: skip
+    summary = on_ranks(work, device=device, gpus=gpus, nproc=nproc, extra=_prompt_args(n, texts) if prompts_file == "-" else None)
+    if summary is None:  # a launcher, or not rank 0
         return
     if as_json:
         emit_json(summary)
@@ -520,6 +482,11 @@ def sample(
         print(summary["grid"])
         if summary["gif"]:
             print(summary["gif"])
+
+
+def _prompt_args(n: int | None, texts: list[str]) -> list[str]:
+    """Stdin's prompts (read once, in the launcher) as arguments for the relaunched ranks, with the count they imply."""
+    return (["--num-samples", str(n)] if n is not None else []) + [a for t in texts for a in ("--prompt", t)]
 
 
 # ------------------------------------------------------------------------------------------- reflow
@@ -560,33 +527,20 @@ def reflow(
     """
 
     from .distributed import launched_externally
-    from .launch import rank_context, relaunched, with_process_group
-    from .reflow import check_teacher
-
-    def _reflow_rank(ctx, texts, overrides):
-        from .console import progress
-        from .generate import load_for_sampling, prepare_for_sampling
-        from .reflow import generate_pairs, rank_share
-
-        loaded = load_for_sampling(ckpt, ctx.device, use_ema=ema, text_encoder=text_encoder, with_vae=False)
-        sample_cfg = overrides(loaded.config.sample)
-        loaded = prepare_for_sampling(loaded, sample_cfg, ctx.device, _log_line, ctx)
-        with progress(stderr_console(), "reflow", rank_share(num_pairs, batch_size, ctx)) as advance:
-            return generate_pairs(
-                loaded, out, num_pairs=num_pairs, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, ctx=ctx,
-                checkpoint=ckpt, ema=ema, prompts=texts or None, force=force, on_chunk=advance if ctx.is_main else None,
-            )
+    from .launch import on_ranks
+    from .reflow import check_teacher, reflow_command
 
     texts = list(prompt) + _read_prompts(prompts_file)  # read stdin once, in the launching process
     flags = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver, precision=precision, compile_model=compile_model)
     overrides = flags.overrides(rtol=rtol, atol=atol)
     if not launched_externally():  # the one-line refusals come before relaunching or solving anything
         check_teacher(ckpt, out, texts, force, overrides)
-    if relaunched(gpus, nproc, extra=[a for t in texts for a in ("--prompt", t)] if prompts_file == "-" else None):
-        return
-    ctx = rank_context(device, gpus)
-    summary = with_process_group(lambda: _reflow_rank(ctx, texts, overrides))
-    if summary is None:  # not rank 0
+    work = functools.partial(
+        reflow_command, ckpt=ckpt, out=out, texts=texts, sample_overrides=overrides, num_pairs=num_pairs, seed=seed, batch_size=batch_size, ema=ema,
+        text_encoder=text_encoder, force=force, log=_log_line,
+    )  # fmt: skip
+    summary = on_ranks(work, device=device, gpus=gpus, nproc=nproc, extra=_prompt_args(None, texts) if prompts_file == "-" else None)
+    if summary is None:  # a launcher, or not rank 0
         return
     if as_json:
         emit_json(vars(summary))
@@ -663,28 +617,19 @@ def class_grid(
       fm class-grid --ckpt runs/quickstart --cfg 3 --guidance cfg-zero --solver ab2 --steps 8 --out zero.png
     """
 
-    import time
-
-    from .generate import class_grid_samples, class_names_of, load_for_sampling, prepare_for_sampling, sampling_record, with_guide
-    from .images import class_grid_image, save_image_atomic
+    from .generate import class_grid_command
 
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out expects a .png file name, got {out}")
     refuse_existing(out, force)
-    dev = _device(device)
-    loaded = load_for_sampling(ckpt, dev, use_ema=ema)
-    sample_cfg = sampling.overrides()(loaded.config.sample)
-    if sampling.guide_ckpt is not None:
-        loaded = with_guide(loaded, sampling.guide_ckpt, dev, use_ema=ema)
-    loaded = prepare_for_sampling(loaded, sample_cfg, dev, _log_line)
-    start = time.perf_counter()
-    images, nfe = class_grid_samples(loaded, samples_per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev)
-    path = save_image_atomic(class_grid_image(images, samples_per_class, class_names_of(loaded)), out)
-    seconds = time.perf_counter() - start
+    summary = class_grid_command(
+        ckpt, out, per_class=samples_per_class, sample_overrides=sampling.overrides(), guide_ckpt=sampling.guide_ckpt, seed=seed,
+        batch_size=batch_size, ema=ema, device=_device(device), log=_log_line,
+    )  # fmt: skip
     if as_json:
-        emit_json({"path": str(path), "classes": loaded.num_classes, "samples_per_class": samples_per_class, "nfe": nfe, "seconds": round(seconds, 3), **sampling_record(loaded), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance})
+        emit_json(summary)
     else:
-        print(path)
+        print(summary["path"])
 
 
 # ---------------------------------------------------------------------------------------------- fid
@@ -876,7 +821,7 @@ def bench(
       fm bench --preset quickstart --mode train --max-memory 4
     """
 
-    from .bench import BenchOptions, bench_table, run_bench
+    from .bench import BenchOptions, bench_notes, bench_table, run_bench
     from .config import load_config
 
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
@@ -888,15 +833,10 @@ def bench(
         batch_size=None if batch_size == "auto" else int(batch_size), mode=mode, steps=steps, warmup=warmup, precision=precision,
         compile=compile_model, max_memory_gib=max_memory, max_batch=max_batch, compare=compare, device=device, run_dir=run_dir,
     )
-    console = stderr_console()
-    report = run_bench(cfg, opts, log=lambda msg: console.print(msg, highlight=False, markup=False))
-    console.print(bench_table(report))
-    if report.get("compare"):
-        ratio = ", ".join(f"{k} {v:.2f}x" for k, v in report["compare"]["ratio"].items())
-        console.print(f"ours / diffusers: {ratio}", highlight=False)
-    if report.get("meanflow"):
-        mf = report["meanflow"]
-        console.print(f"mean-flow step {mf['meanflow_step_ms']:.1f} ms = {mf['step_cost_vs_flow']:.2f}x the flow-matching step ({mf['flow_step_ms']:.1f} ms; JVP on {mf['jvp_fraction']:.0%} of the rows)", highlight=False)
+    report = run_bench(cfg, opts, log=_log_line)
+    stderr_console().print(bench_table(report))
+    for line in bench_notes(report):
+        stderr_console().print(line, highlight=False)
     if as_json:
         emit_json(report)
 
