@@ -668,9 +668,7 @@ def fid(
       fm fid --ckpt runs/quickstart -n 1000 --ref data/shapes-32-n20000-s0 --features tiny --nfe 1,2,4,8,16 --solver ab2 --json > ab2.json
     """
 
-    from .console import progress
-    from .evaluate import fid_command
-    from .launch import rank_context, relaunched, with_process_group
+    from .launch import on_ranks
 
     budgets = _parse_nfe(nfe) if nfe is not None else None
     if budgets is not None and sampling.steps is not None:
@@ -678,19 +676,13 @@ def fid(
     overrides = sampling.overrides()
     if (gpus or nproc) and ckpt is None:
         raise UsageError("--gpus/--nproc shard sample generation: they go with --ckpt")
-    if relaunched(gpus, nproc):
-        return
-    ctx = rank_context(device, gpus)
-    console = stderr_console()
-    result = with_process_group(lambda: fid_command(
-        ctx=ctx, ref=ref, gen=gen, ckpt=ckpt, save_stats=save_stats, features=features, inception=inception,
-        inception_unverified=inception_unverified,
-        num_samples=num_samples, sample_overrides=overrides, guide_ckpt=sampling.guide_ckpt, nfe=budgets,
-        seed=seed, batch_size=batch_size, ema=ema, out=out, kid=kid, force=force, device=ctx.device,
-        log=lambda message: console.print(message, highlight=False, markup=False) if ctx.is_main else None,
-        progress_factory=lambda total: progress(console, "sampling", total),
-    ))  # fmt: skip
-    if not ctx.is_main:
+    work = functools.partial(
+        _fid_rank, ref=ref, gen=gen, ckpt=ckpt, save_stats=save_stats, features=features, inception=inception, inception_unverified=inception_unverified,
+        num_samples=num_samples, sample_overrides=overrides, guide_ckpt=sampling.guide_ckpt, nfe=budgets, seed=seed, batch_size=batch_size, ema=ema,
+        out=out, kid=kid, force=force,
+    )  # fmt: skip
+    result = on_ranks(work, device=device, gpus=gpus, nproc=nproc)
+    if result is None:  # a launcher, or not rank 0
         return
     if as_json:
         emit_json(result)
@@ -701,6 +693,51 @@ def fid(
     else:
         for key, value in result.items():
             print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def _fid_rank(ctx, **request):
+    """One rank of `fm fid`: rank 0 logs, shows progress and returns the result."""
+    from .console import progress
+
+    log = _log_line if ctx.is_main else (lambda message: None)
+    result = fid_checked(ctx=ctx, device=ctx.device, log=log, progress_factory=lambda total: progress(stderr_console(), "sampling", total), **request)
+    return result if ctx.is_main else None
+
+
+def fid_checked(*, force: bool, device, log, ctx=None, progress_factory=None, **request):
+    """`fm fid` past parsing: its flags checked (on every rank), then `evaluate.fid`."""
+    from .evaluate import FidRequest, fid
+
+    req = FidRequest(**request)
+    _check_fid_flags(req, force, ctx)
+    return fid(req, device=device, log=log, ctx=ctx, progress_factory=progress_factory)
+
+
+def _check_fid_flags(req, force: bool, ctx) -> None:
+    """Which inputs go together, and no output replaced without --force."""
+    if req.gen is not None and req.ckpt is not None:
+        raise UsageError("use either --gen DIR or --ckpt CKPT, not both")
+    if req.gen is None and req.ckpt is None and req.save_stats is None:
+        raise UsageError("nothing to score: pass --gen DIR or --ckpt CKPT --num-samples N (or --save-stats FILE.npz)")
+    if req.ckpt is not None and req.num_samples is None:
+        raise UsageError("--ckpt needs --num-samples N (e.g. 50000 for CIFAR-10 results)")
+    if req.save_stats is not None:
+        if Path(req.ref).suffix == ".npz":
+            raise UsageError("--save-stats needs image data as --ref (a prepared dataset or an image folder), not a .npz")
+        refuse_existing(req.save_stats, force)
+    if req.gen is not None and not Path(req.gen).is_dir():
+        raise UsageError(f"--gen {req.gen} is not a directory of images")
+    if req.gen is not None and (req.num_samples is not None or req.out is not None):
+        raise UsageError("--num-samples and --out go with --ckpt; --gen scores every image in its folder")
+    if req.nfe is not None and req.ckpt is None:
+        raise UsageError("--nfe sweeps the sampler of a model: it goes with --ckpt")
+    if req.out is not None and req.num_samples is not None:
+        from .distributed import barrier
+        from .images import sample_file
+
+        refuse_existing([sample_file(req.out, i) for i in range(req.num_samples)], force)
+        if ctx is not None:
+            barrier(ctx)  # every rank has checked before any rank writes its samples
 
 
 def _parse_nfe(text: str) -> list[int]:
