@@ -90,8 +90,8 @@ def _version(value: bool):
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ):
     """fm: a flow-matching image-generation toolkit."""
     _STATE["debug"] = debug
@@ -283,24 +283,25 @@ def sampling_options(command):
 
 @app.command("prepare-data")
 def prepare_data(
-    source: str = typer.Argument(..., help=f"Data source: {', '.join(SOURCES)}."),
-    out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
-    root: Optional[str] = typer.Option(None, "--root", help="Input: archive, folder, jsonl file, or a quoted tar glob 'shards/*.tar'."),
-    split: str = typer.Option("train", "--split", help="train or test (cifar10, mnist, sklearn-digits)."),
-    size: int = typer.Option(32, "--size", min=8, help="Output size: resize the short side, center crop (Lanczos)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Stop after N usable images."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding processes (default: cores, at most 8)."),
-    count: int = typer.Option(20000, "--count", min=1, help="Number of images (shapes)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (shapes)."),
-    max_member_mib: float = float_option(64.0, "--max-member-mib", min=0.001, help="tar: skip (and count) members larger than this, unread."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="Local diffusers VAE directory: store float16 latents instead of pixels."),
-    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (T5/CLIP) recorded for the captions."),
-    cache_text: bool = typer.Option(False, "--cache-text", help="Also store the text encoder's states and masks (text.npy, text_mask.npy)."),
-    max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Text tokens per caption (padding masked)."),
-    encode_batch: int = typer.Option(64, "--encode-batch-size", min=1, help="Images per encoder batch."),
-    device: str = typer.Option("auto", "--device", help="Encoder device: auto, cpu or cuda."),
+    *,
+    source: Annotated[str, typer.Argument(help=f"Data source: {', '.join(SOURCES)}.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
+    root: Annotated[Optional[str], typer.Option("--root", help="Input: archive, folder, jsonl file, or a quoted tar glob 'shards/*.tar'.")] = None,
+    split: Annotated[str, typer.Option("--split", help="train or test (cifar10, mnist, sklearn-digits).")] = "train",
+    size: Annotated[int, typer.Option("--size", min=8, help="Output size: resize the short side, center crop (Lanczos).")] = 32,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Stop after N usable images.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decoding processes (default: cores, at most 8).")] = None,
+    count: Annotated[int, typer.Option("--count", min=1, help="Number of images (shapes).")] = 20000,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (shapes).")] = 0,
+    max_member_mib: Annotated[float, float_option("--max-member-mib", min=0.001, help="tar: skip (and count) members larger than this, unread.")] = 64.0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    vae: Annotated[Optional[str], typer.Option("--vae", help="Local diffusers VAE directory: store float16 latents instead of pixels.")] = None,
+    text_encoder: Annotated[Optional[str], typer.Option("--text-encoder", help="Local text encoder directory (T5/CLIP) recorded for the captions.")] = None,
+    cache_text: Annotated[bool, typer.Option("--cache-text", help="Also store the text encoder's states and masks (text.npy, text_mask.npy).")] = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Text tokens per caption (padding masked).")] = 128,
+    encode_batch: Annotated[int, typer.Option("--encode-batch-size", min=1, help="Images per encoder batch.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="Encoder device: auto, cpu or cuda.")] = "auto",
 ):
     """Turn a dataset into fm's prepared format (manifest.json + x.npy + y.npy + captions.jsonl).
 
@@ -344,18 +345,18 @@ def prepare_data(
 @app.command()
 def train(
     preset: Preset = "quickstart",
-    data: Optional[Path] = typer.Option(None, "--data", help="Prepared dataset directory (overrides data.path)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/NAME)."),
+    data: Annotated[Optional[Path], typer.Option("--data", help="Prepared dataset directory (overrides data.path).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default runs/NAME).")] = None,
     overrides: Overrides = [],
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (in the run directory) or a checkpoint path."),
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config as JSON and exit.")] = False,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' (in the run directory) or a checkpoint path.")] = None,
     stop_at_step: StopAt = None,
     gpus: Gpus = 0,
     nproc: Nproc = 0,
-    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Number of nodes (multi-node DDP)."),
-    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's rank (multi-node DDP)."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node)."),
-    rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Rendezvous id shared by all nodes."),
+    nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="Number of nodes (multi-node DDP).")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="This node's rank (multi-node DDP).")] = 0,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node).")] = None,
+    rdzv_id: Annotated[Optional[str], typer.Option("--rdzv-id", help="Rendezvous id shared by all nodes.")] = None,
 ):
     """Train a flow-matching model.
 
@@ -378,8 +379,9 @@ def train(
 
 @app.command()
 def resume(
-    target: Path = typer.Argument(..., help="A run directory (resumes its latest checkpoint) or a checkpoint file."),
-    overrides: List[str] = typer.Option([], "--set", help="Change a resume-safe setting, e.g. --set train.steps=2000."),
+    *,
+    target: Annotated[Path, typer.Argument(help="A run directory (resumes its latest checkpoint) or a checkpoint file.")],
+    overrides: Annotated[List[str], typer.Option("--set", help="Change a resume-safe setting, e.g. --set train.steps=2000.")] = [],
     stop_at_step: StopAt = None,
     gpus: Gpus = 0,
     nproc: Nproc = 0,
@@ -398,10 +400,11 @@ def resume(
 
 @app.command("_train-resolved", hidden=True)
 def train_resolved(
-    config_file: Path = typer.Argument(...),
-    run_dir: Path = typer.Option(..., "--run-dir"),
-    resume_arg: Optional[str] = typer.Option(None, "--resume"),
-    stop_at_step: Optional[int] = typer.Option(None, "--stop-at-step"),
+    *,
+    config_file: Annotated[Path, typer.Argument()],
+    run_dir: Annotated[Path, typer.Option("--run-dir")],
+    resume_arg: Annotated[Optional[str], typer.Option("--resume")] = None,
+    stop_at_step: Annotated[Optional[int], typer.Option("--stop-at-step")] = None,
 ):
     """Internal: one rank of a run whose config the launching parent already resolved."""
 
@@ -423,21 +426,21 @@ def _print_checkpoint(path) -> None:
 @sampling_options
 def sample(
     ckpt: Ckpt,
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", min=1, help="Number of images (default 16, or one per prompt)."),
-    class_label: Optional[int] = typer.Option(None, "--class-label", help="Class index for every sample (default: cycle)."),
-    prompt: List[str] = typer.Option([], "--prompt", help="Text prompt (text models; repeatable: samples cycle through them)."),
-    prompts_file: Optional[str] = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="Local VAE directory (latent models; default: FM_VAE, then the run's)."),
-    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (default: FM_TEXT_ENCODER, then the run's)."),
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", min=1, help="Number of images (default 16, or one per prompt).")] = None,
+    class_label: Annotated[Optional[int], typer.Option("--class-label", help="Class index for every sample (default: cycle).")] = None,
+    prompt: Annotated[List[str], typer.Option("--prompt", help="Text prompt (text models; repeatable: samples cycle through them).")] = [],
+    prompts_file: Annotated[Optional[str], typer.Option("--prompts", help="File with one prompt per line, or - for stdin.")] = None,
+    vae: Annotated[Optional[str], typer.Option("--vae", help="Local VAE directory (latent models; default: FM_VAE, then the run's).")] = None,
+    text_encoder: Annotated[Optional[str], typer.Option("--text-encoder", help="Local text encoder directory (default: FM_TEXT_ENCODER, then the run's).")] = None,
     sampling: SamplingFlags = SamplingFlags(),  # the shared sampling options (see sampling_options)
-    rtol: Optional[float] = float_option(None, "--rtol", help="Relative tolerance (dopri5)."),
-    atol: Optional[float] = float_option(None, "--atol", help="Absolute tolerance (dopri5)."),
+    rtol: Annotated[Optional[float], float_option("--rtol", help="Relative tolerance (dopri5).")] = None,
+    atol: Annotated[Optional[float], float_option("--atol", help="Absolute tolerance (dopri5).")] = None,
     seed: Seed = 0,
-    out: Path = typer.Option(Path("samples"), "--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only)."),
-    gif: Optional[Path] = typer.Option(None, "--gif", help="Also write a trajectory GIF (noise to image) of the grid."),
-    gif_frames: int = typer.Option(16, "--gif-frames", min=2, help="Frames in the GIF, at evenly spaced solver times."),
-    grid: Optional[int] = typer.Option(None, "--grid", min=1, help="Samples the grid (and GIF) shows, the first ones (default: all for --out FILE.png, the checkpoint's sample.grid_size for --out DIR)."),
-    force: bool = typer.Option(False, "--force", help="Replace existing output files (grid, samples, GIF)."),
+    out: Annotated[Path, typer.Option("--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only).")] = Path("samples"),
+    gif: Annotated[Optional[Path], typer.Option("--gif", help="Also write a trajectory GIF (noise to image) of the grid.")] = None,
+    gif_frames: Annotated[int, typer.Option("--gif-frames", min=2, help="Frames in the GIF, at evenly spaced solver times.")] = 16,
+    grid: Annotated[Optional[int], typer.Option("--grid", min=1, help="Samples the grid (and GIF) shows, the first ones (default: all for --out FILE.png, the checkpoint's sample.grid_size for --out DIR).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing output files (grid, samples, GIF).")] = False,
     batch_size: BatchSize = 64,
     ema: Ema = True,
     device: Device = "auto",
@@ -494,22 +497,23 @@ def _prompt_args(n: int | None, texts: list[str]) -> list[str]:
 
 @app.command()
 def reflow(
+    *,
     ckpt: Annotated[str, typer.Option("--ckpt", help="Teacher: checkpoint file, run directory or export directory.")],
-    num_pairs: int = typer.Option(..., "--num-pairs", "-n", min=1, help="Number of (noise, sample) pairs."),
-    out: Path = typer.Option(..., "--out", help="Output dataset directory (kind 'pairs', written atomically)."),
-    solver: str = typer.Option("heun", "--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4, ab2 or dopri5 (euler-sde is refused: pairs need the ODE)."),
-    steps: int = typer.Option(50, "--steps", min=1, help="Solver steps (fixed-step solvers)."),
+    num_pairs: Annotated[int, typer.Option("--num-pairs", "-n", min=1, help="Number of (noise, sample) pairs.")],
+    out: Annotated[Path, typer.Option("--out", help="Output dataset directory (kind 'pairs', written atomically).")],
+    solver: Annotated[str, typer.Option("--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4, ab2 or dopri5 (euler-sde is refused: pairs need the ODE).")] = "heun",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Solver steps (fixed-step solvers).")] = 50,
     cfg_scale: Annotated[Optional[float], float_option("--cfg", min=0.0, help="Classifier-free guidance weight (default: the teacher's sample.cfg).")] = None,
-    rtol: Optional[float] = float_option(None, "--rtol", help="Relative tolerance (dopri5)."),
-    atol: Optional[float] = float_option(None, "--atol", help="Absolute tolerance (dopri5)."),
-    prompt: List[str] = typer.Option([], "--prompt", help="Text prompt (text teachers; repeatable: pair i takes prompt i mod P)."),
-    prompts_file: Optional[str] = typer.Option(None, "--prompts", help="File with one prompt per line, or - for stdin."),
+    rtol: Annotated[Optional[float], float_option("--rtol", help="Relative tolerance (dopri5).")] = None,
+    atol: Annotated[Optional[float], float_option("--atol", help="Absolute tolerance (dopri5).")] = None,
+    prompt: Annotated[List[str], typer.Option("--prompt", help="Text prompt (text teachers; repeatable: pair i takes prompt i mod P).")] = [],
+    prompts_file: Annotated[Optional[str], typer.Option("--prompts", help="File with one prompt per line, or - for stdin.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed: pair i's noise depends only on (seed, i).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Pairs per solver batch (and per restartable chunk).")] = 256,
     precision: SamplePrecision = None,
     compile_model: SampleCompile = None,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the teacher's EMA weights (default) or the raw ones.")] = True,
-    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (text teachers)."),
+    text_encoder: Annotated[Optional[str], typer.Option("--text-encoder", help="Local text encoder directory (text teachers).")] = None,
     device: Device = "auto",
     force: Force = False,
     as_json: Json = False,
@@ -554,9 +558,10 @@ def reflow(
 
 @app.command()
 def export(
+    *,
     ckpt: Ckpt,
-    out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
-    fmt: str = typer.Option("diffusers", "--format", help="diffusers (class-conditional DiTs: a DiTTransformer2DModel directory) or fm (any model)."),
+    out: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
+    fmt: Annotated[str, typer.Option("--format", help="diffusers (class-conditional DiTs: a DiTTransformer2DModel directory) or fm (any model).")] = "diffusers",
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Export the EMA weights (default) or the raw ones.")] = True,
     force: Force = False,
     as_json: Json = False,
@@ -598,9 +603,10 @@ def _read_prompts(source: Optional[str]) -> list[str]:
 @app.command("class-grid")
 @sampling_options
 def class_grid(
+    *,
     ckpt: Ckpt,
-    samples_per_class: int = typer.Option(8, "--samples-per-class", min=1, help="Images per class (one row per class)."),
-    out: Path = typer.Option(..., "--out", help="Output image, FILE.png."),
+    samples_per_class: Annotated[int, typer.Option("--samples-per-class", min=1, help="Images per class (one row per class).")] = 8,
+    out: Annotated[Path, typer.Option("--out", help="Output image, FILE.png.")],
     sampling: SamplingFlags = SamplingFlags(),  # the shared sampling options (see sampling_options)
     seed: Seed = 0,
     batch_size: BatchSize = 64,
@@ -638,26 +644,27 @@ def class_grid(
 @app.command()
 @sampling_options
 def fid(
-    ref: Path = typer.Option(..., "--ref", help="Reference: prepared dataset directory, image folder, or statistics .npz."),
-    gen: Optional[Path] = typer.Option(None, "--gen", help="Folder of generated images to score."),
-    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Checkpoint (or run directory) to sample from and score."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", min=2, help="Samples to generate with --ckpt."),
-    save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write the reference statistics to FILE.npz."),
-    features: str = typer.Option("inception", "--features", help="inception (default), tiny, or module:factory; only inception is comparable to published FID."),
-    inception: Optional[str] = typer.Option(None, "--inception", help="Path to inception-2015-12-05.pt (default: $FM_INCEPTION)."),
-    inception_unverified: bool = typer.Option(False, "--inception-unverified", help="Use an Inception file whose sha256 differs from the reference (FID not comparable)."),
+    *,
+    ref: Annotated[Path, typer.Option("--ref", help="Reference: prepared dataset directory, image folder, or statistics .npz.")],
+    gen: Annotated[Optional[Path], typer.Option("--gen", help="Folder of generated images to score.")] = None,
+    ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="Checkpoint (or run directory) to sample from and score.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", min=2, help="Samples to generate with --ckpt.")] = None,
+    save_stats: Annotated[Optional[Path], typer.Option("--save-stats", help="Write the reference statistics to FILE.npz.")] = None,
+    features: Annotated[str, typer.Option("--features", help="inception (default), tiny, or module:factory; only inception is comparable to published FID.")] = "inception",
+    inception: Annotated[Optional[str], typer.Option("--inception", help="Path to inception-2015-12-05.pt (default: $FM_INCEPTION).")] = None,
+    inception_unverified: Annotated[bool, typer.Option("--inception-unverified", help="Use an Inception file whose sha256 differs from the reference (FID not comparable).")] = False,
     sampling: SamplingFlags = SamplingFlags(),  # the shared sampling options (see sampling_options)
     seed: Seed = 0,
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per batch (generation and features)."),
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch (generation and features).")] = 64,
     ema: Ema = True,
-    out: Optional[Path] = typer.Option(None, "--out", help="Also save the generated samples as PNGs here."),
-    kid: bool = typer.Option(False, "--kid", help="Also report KID (clean-fid's kernel distance)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --save-stats file or --out samples."),
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also save the generated samples as PNGs here.")] = None,
+    kid: Annotated[bool, typer.Option("--kid", help="Also report KID (clean-fid's kernel distance).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --save-stats file or --out samples.")] = False,
     device: Device = "auto",
     as_json: Json = False,
     gpus: Gpus = 0,
     nproc: Nproc = 0,
-    nfe: Optional[str] = typer.Option(None, "--nfe", help="Sweep NFE budgets, e.g. 1,2,4,8,16,32: one row each (the solver's steps per budget; --json: a list)."),
+    nfe: Annotated[Optional[str], typer.Option("--nfe", help="Sweep NFE budgets, e.g. 1,2,4,8,16,32: one row each (the solver's steps per budget; --json: a list).")] = None,
 ):
     """FID (clean-fid, "clean" mode) of generated samples against reference data.
 
@@ -763,24 +770,25 @@ def _print_nfe_table(rows: list[dict]) -> None:
 
 @app.command("eval")
 def eval_command(
-    data: Path = typer.Option(..., "--data", help="The prepared dataset (pixels): reference, real-vs-real floor, domain classifier."),
-    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Checkpoint (or run directory) to sample from and score."),
-    gen: Optional[Path] = typer.Option(None, "--gen", help="Folder of generated images to score instead."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", min=6, help="Samples per setting with --ckpt (the reference and the floor use as many real images)."),
-    features: str = typer.Option("domain", "--features", help="Feature spaces, comma-separated: domain (a classifier of --data), inception, dinov2, tiny."),
-    classifier: Optional[str] = typer.Option(None, "--classifier", help="Where the domain classifier is cached (default DATA/fm-classifier-sSEED.pt)."),
-    classifier_seed: int = typer.Option(0, "--classifier-seed", help="Seed of the domain classifier's training."),
-    classifier_steps: Optional[int] = typer.Option(None, "--classifier-steps", min=1, help="Training steps of the domain classifier (default 1500)."),
-    inception: Optional[str] = typer.Option(None, "--inception", help="inception-2015-12-05.pt (default: $FM_INCEPTION)."),
-    dinov2: Optional[str] = typer.Option(None, "--dinov2", help="Local transformers Dinov2Model directory (default: $FM_DINOV2)."),
-    cfg_scales: Optional[str] = typer.Option(None, "--cfg", help="Guidance scale(s), comma-separated: a sweep, one row each (e.g. 1,1.5,2,4)."),
-    intervals: List[str] = typer.Option([], "--guidance-interval", help="LO,HI guidance interval (repeatable: a sweep)."),
-    nfe: Optional[str] = typer.Option(None, "--nfe", help="NFE budgets, comma-separated (the solver's steps per budget)."),
+    *,
+    data: Annotated[Path, typer.Option("--data", help="The prepared dataset (pixels): reference, real-vs-real floor, domain classifier.")],
+    ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="Checkpoint (or run directory) to sample from and score.")] = None,
+    gen: Annotated[Optional[Path], typer.Option("--gen", help="Folder of generated images to score instead.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", min=6, help="Samples per setting with --ckpt (the reference and the floor use as many real images).")] = None,
+    features: Annotated[str, typer.Option("--features", help="Feature spaces, comma-separated: domain (a classifier of --data), inception, dinov2, tiny.")] = "domain",
+    classifier: Annotated[Optional[str], typer.Option("--classifier", help="Where the domain classifier is cached (default DATA/fm-classifier-sSEED.pt).")] = None,
+    classifier_seed: Annotated[int, typer.Option("--classifier-seed", help="Seed of the domain classifier's training.")] = 0,
+    classifier_steps: Annotated[Optional[int], typer.Option("--classifier-steps", min=1, help="Training steps of the domain classifier (default 1500).")] = None,
+    inception: Annotated[Optional[str], typer.Option("--inception", help="inception-2015-12-05.pt (default: $FM_INCEPTION).")] = None,
+    dinov2: Annotated[Optional[str], typer.Option("--dinov2", help="Local transformers Dinov2Model directory (default: $FM_DINOV2).")] = None,
+    cfg_scales: Annotated[Optional[str], typer.Option("--cfg", help="Guidance scale(s), comma-separated: a sweep, one row each (e.g. 1,1.5,2,4).")] = None,
+    intervals: Annotated[List[str], typer.Option("--guidance-interval", help="LO,HI guidance interval (repeatable: a sweep).")] = [],
+    nfe: Annotated[Optional[str], typer.Option("--nfe", help="NFE budgets, comma-separated (the solver's steps per budget).")] = None,
     steps: Steps = None,
     solver: Solver = None,
     guidance: Guidance = None,
-    k: int = typer.Option(5, "--k", min=1, help="Neighbours for precision/recall/density/coverage."),
-    kid: bool = typer.Option(True, "--kid/--no-kid", help="Also report KID (100 subsets of up to 1,000)."),
+    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for precision/recall/density/coverage.")] = 5,
+    kid: Annotated[bool, typer.Option("--kid/--no-kid", help="Also report KID (100 subsets of up to 1,000).")] = True,
     seed: Seed = 0,
     batch_size: BatchSize = 64,
     ema: Ema = True,
@@ -837,17 +845,17 @@ def _parse_floats(flag: str, text: Optional[str]) -> Optional[list[float]]:
 def bench(
     preset: Preset = "quickstart",
     overrides: Overrides = [],
-    batch_size: str = typer.Option("auto", "--batch-size", "-b", help="'auto' (autotune the training batch) or a number."),
-    mode: str = typer.Option("both", "--mode", help="train, sample or both."),
-    steps: int = typer.Option(20, "--steps", help="Timed iterations: consecutive training steps (img/s over the block, as the training log computes it); solver steps for sampling."),
-    warmup: int = typer.Option(2, "--warmup", help="Untimed warmup training steps before the clock starts."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (default: the preset's train.precision; auto = measured, see `fm env`)."),
-    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: the preset's train.compile; auto = where inductor works)."),
-    max_memory: Optional[float] = float_option(None, "--max-memory", help="Memory budget in GiB for autotune (CPU default: half the RAM)."),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch autotune tries (default: the preset's train.global_batch_size)."),
-    compare: Optional[str] = typer.Option(None, "--compare", help="'diffusers': also measure diffusers' DiTTransformer2DModel."),
+    batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="'auto' (autotune the training batch) or a number.")] = "auto",
+    mode: Annotated[str, typer.Option("--mode", help="train, sample or both.")] = "both",
+    steps: Annotated[int, typer.Option("--steps", help="Timed iterations: consecutive training steps (img/s over the block, as the training log computes it); solver steps for sampling.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed warmup training steps before the clock starts.")] = 2,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="auto, bf16, fp16 or fp32 (default: the preset's train.precision; auto = measured, see `fm env`).")] = None,
+    compile_model: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (default: the preset's train.compile; auto = where inductor works).")] = None,
+    max_memory: Annotated[Optional[float], float_option("--max-memory", help="Memory budget in GiB for autotune (CPU default: half the RAM).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Largest batch autotune tries (default: the preset's train.global_batch_size).")] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="'diffusers': also measure diffusers' DiTTransformer2DModel.")] = None,
     device: Device = "auto",
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Cache the autotune result in RUN_DIR/autotune.json (for micro_batch_size='auto')."),
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Cache the autotune result in RUN_DIR/autotune.json (for micro_batch_size='auto').")] = None,
     as_json: Json = False,
 ):
     """Autotune the batch size; report training and sampling throughput, memory, FLOPs and MFU.
@@ -884,8 +892,8 @@ def bench(
 @app.command("env")
 def env_command(
     device: Device = "auto",
-    width: int = typer.Option(384, "--width", min=8, help="Model width for the probe's GEMM (the quickstart DiT is 128)."),
-    remeasure: bool = typer.Option(False, "--remeasure", help="Forget this machine's cached probes and measure again (e.g. one taken under heavy load)."),
+    width: Annotated[int, typer.Option("--width", min=8, help="Model width for the probe's GEMM (the quickstart DiT is 128).")] = 384,
+    remeasure: Annotated[bool, typer.Option("--remeasure", help="Forget this machine's cached probes and measure again (e.g. one taken under heavy load).")] = False,
     as_json: Json = False,
 ):
     """What this machine is and what `auto` picks on it: device, CPU flags, GPUs, versions, the fp32/bf16 probe,
@@ -916,10 +924,11 @@ def env_command(
 
 @app.command()
 def plot(
-    run_dir: Path = typer.Argument(..., help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json`."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (or SWEEP.png), refreshed."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
-    y_metric: str = typer.Option("recall", "--y", help="fm eval sweeps: recall, precision, coverage, density or fd against accuracy."),
+    *,
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (or SWEEP.png), refreshed.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    y_metric: Annotated[str, typer.Option("--y", help="fm eval sweeps: recall, precision, coverage, density or fd against accuracy.")] = "recall",
 ):
     """Plot loss and learning-rate curves (and FID or FD/precision/recall/coverage/accuracy when logged) from a
     run's metrics.jsonl, FID against NFE from `fm fid --nfe` sweeps (one curve per solver/guidance), or the
@@ -946,13 +955,13 @@ def plot(
 @app.command()
 def demo(
     ckpt: Ckpt,
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: this machine only)."),
-    port: int = typer.Option(7860, "--port", min=1, max=65535, help="Port to listen on."),
-    share: bool = typer.Option(False, "--share", help="Also open a public Gradio share link."),
+    host: Annotated[str, typer.Option("--host", help="Interface to bind (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 7860,
+    share: Annotated[bool, typer.Option("--share", help="Also open a public Gradio share link.")] = False,
     device: Device = "auto",
-    vae: Optional[str] = typer.Option(None, "--vae", help="Local diffusers VAE directory (latent models)."),
-    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Local text encoder directory (text models)."),
-    max_images: int = typer.Option(16, "--max-images", min=1, help="Largest grid a visitor may request."),
+    vae: Annotated[Optional[str], typer.Option("--vae", help="Local diffusers VAE directory (latent models).")] = None,
+    text_encoder: Annotated[Optional[str], typer.Option("--text-encoder", help="Local text encoder directory (text models).")] = None,
+    max_images: Annotated[int, typer.Option("--max-images", min=1, help="Largest grid a visitor may request.")] = 16,
     guide_ckpt: GuideCkpt = None,
     precision: SamplePrecision = None,
     compile_model: SampleCompile = None,
