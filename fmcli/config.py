@@ -242,6 +242,11 @@ class Config(Strict):
     eval: EvalConfig = EvalConfig()
     encoders: EncodersConfig = EncodersConfig()
 
+    def with_section(self, section: str, **changes) -> "Config":
+        """This config with fields of one section replaced, e.g. `cfg.with_section("train", steps=100)`. Not
+        validated (`model_copy`): for values fm derived itself; a user's value goes through `with_setting`."""
+        return self.model_copy(update={section: getattr(self, section).model_copy(update=changes)})
+
     @model_validator(mode="before")
     @classmethod
     def _end_time_follows_the_objective(cls, data: Any) -> Any:
@@ -386,7 +391,7 @@ def resolve(cfg: Config, manifest: dict) -> Config:
             update[key] = value
         elif current != value:
             raise UsageError(f"model.{key}={current} does not match the dataset ({value}); remove the setting or fix the data")
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=update)}) if update else cfg
+    cfg = cfg.with_section("model", **update) if update else cfg
     return with_sampling_shift(cfg)
 
 
@@ -394,7 +399,7 @@ def with_sampling_shift(cfg: Config) -> Config:
     """sample.shift defaults to the shift the model was trained with (flow.shift)."""
     if cfg.sample.shift is not None:
         return cfg
-    return cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"shift": cfg.flow.shift})})
+    return cfg.with_section("sample", shift=cfg.flow.shift)
 
 
 def sample_settings(base: SampleConfig, **overrides) -> SampleConfig:

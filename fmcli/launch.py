@@ -54,7 +54,7 @@ def training_config(preset: str, overrides: list[str], *, data: Optional[Path], 
         return resume_config(ckpt, overrides, data=data), run_dir or run_dir_of(ckpt)
     cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
     if data is not None:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data)})})
+        cfg = cfg.with_section("data", path=str(data))
     return cfg, run_dir or Path("runs") / cfg.name
 
 
@@ -99,7 +99,7 @@ def run_training(cfg: Config, run_dir: Path, resume_arg: Optional[str], stop_at_
     procs = launch["gpus"] or launch["nproc"]
     if launch["gpus"]:
         D.check_gpus(launch["gpus"])
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
+        cfg = cfg.with_section("train", device="cuda")
     # Under an external launcher (torchrun/SLURM, not our own relaunch) local rank 0 prepares the default
     # data and the other ranks wait for its manifest; our own relaunch prepared it in the parent already.
     cfg = ensure_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
@@ -229,7 +229,7 @@ def ensure_data(cfg: Config, prepare: bool) -> Config:
         else:
             timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
             D.wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(path)})})
+    return cfg.with_section("data", path=str(path))
 
 
 # ------------------------------------------------------------------------------ ranks for sample / fid

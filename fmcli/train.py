@@ -358,7 +358,7 @@ class Trainer:
             self._logged_steps = fitted
 
     def _set_steps(self, steps: int) -> None:
-        self.cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"steps": steps})})
+        self.cfg = self.cfg.with_section("train", steps=steps)
         self.step_fn.set_total_steps(steps, at_step=self.step)
 
     def _measure_step_seconds(self, example: dict) -> float:
