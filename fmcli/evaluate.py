@@ -578,18 +578,17 @@ def nfe_sweep(sample_cfg, budgets: list[int], log) -> list[tuple[int, object]]:
 def _settings_for_nfe(sample_cfg, nfe: int):
     """The sampling settings with the most solver steps whose NFE fits `nfe` (validated: cfg-zero's
     zero-init steps must stay below the steps); None when not even one step fits."""
-    from pydantic import ValidationError
-
+    from .config import validated
     from .sampling import steps_for_nfe
 
+    what = f"--nfe {nfe} with --solver {sample_cfg.solver}"
     try:
         steps = steps_for_nfe(sample_cfg.solver, nfe)
-        if steps == 0:  # not even one step fits the budget
-            return None
-        return type(sample_cfg).model_validate({**sample_cfg.model_dump(), "steps": steps})
-    except ValueError as err:  # pydantic's ValidationError is a ValueError too
-        msg = err.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(err, ValidationError) else str(err)
-        raise UsageError(f"--nfe {nfe} with --solver {sample_cfg.solver}: {msg}") from None
+    except ValueError as err:
+        raise UsageError(f"{what}: {err}") from None
+    if steps == 0:  # not even one step fits the budget
+        return None
+    return validated(type(sample_cfg), {**sample_cfg.model_dump(), "steps": steps}, lambda where, problem: f"{what}: {problem}")
 
 
 def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest, *, device, out, ctx, progress_factory) -> FidResult:
