@@ -615,14 +615,26 @@ def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest,
     return scored
 
 
+def refuse_training_eval(cfg, space: str) -> None:
+    """Evaluation during training (FID, or fidelity.TrainingFidelity's metrics) scores pixel samples of a
+    class-conditional or unconditional model: anything else is refused before the first step, not at the first
+    evaluation. `space`: what the training data holds (`data.prepared.data_space`)."""
+    fidelity_without_ref = cfg.eval.features in ("domain", "dinov2") and cfg.eval.ref is None
+    what = "eval.features=domain" if fidelity_without_ref else "eval.ref is set, but"
+    if space != "pixels":
+        kind = "latent-space"
+    elif cfg.model.cross_attention:
+        kind = "text-conditioned"
+    else:
+        return
+    raise UsageError(f"{what}: evaluation during training of {kind} models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
+
+
 class TrainingEvaluator:
     """FID of the EMA model during training: extractor and reference statistics are prepared once."""
 
     def __init__(self, cfg, data_manifest: dict, device: torch.device, log=None, with_reference: bool = True):
-        if cfg.eval.ref is None:
-            raise UsageError("eval.every is set but eval.ref is not: --set eval.ref=DATA_DIR|IMAGE_DIR|STATS.npz")
-        if data_manifest["kind"] != "pixels":
-            raise UsageError("eval.every: FID during training of latent-space models needs VAE decoding, not available yet")
+        """`cfg.eval.ref` set and the model one `refuse_training_eval` accepts (the Trainer checks both first)."""
         self.cfg, self.device = cfg, device
         self.extractor = build_extractor(cfg.eval.features, inception=cfg.eval.inception, device=device, unverified=cfg.eval.inception_unverified)
         # Only the rank that computes the distance needs the reference (a folder can take minutes to score).
