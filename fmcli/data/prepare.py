@@ -20,7 +20,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..console import stderr_console
+from ..console import Bar
 from ..errors import UsageError
 from .decode import Record, decode_batch
 from ..fsutil import refuse_existing
@@ -156,25 +156,16 @@ def skipped_note(summary: Summary) -> str | None:
 
 
 def prepare_with_progress(source: str, target: Path, **kwargs):
-    """data.prepare.prepare with a progress bar on stderr (when it is a terminal); returns its Summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = stderr_console()
-    columns = (TextColumn(source), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(source, total=None)
-        return prepare(source, target, on_start=lambda total: bar.update(task, total=total), on_progress=lambda n: bar.advance(task, n), **kwargs)
+    """`prepare` with a progress bar on stderr (when it is a terminal); returns its Summary."""
+    with Bar(source) as bar:
+        return prepare(source, target, on_start=lambda total: bar.update(total=total), on_progress=bar.advance, **kwargs)
 
 
 def prepare_encoded_with_progress(pixels, out: Path, total: int | None, device, force: bool, encode: dict) -> Path:
-    from rich.progress import Progress
-
     from .latents import prepare_encoded
 
-    with Progress(console=stderr_console(), transient=True) as bar:
-        task = bar.add_task("encode", total=total)
-        return prepare_encoded(pixels, out, force=force, device=device, progress=lambda n: bar.advance(task, n), **encode)
-
+    with Bar("encode", total) as bar:
+        return prepare_encoded(pixels, out, force=force, device=device, progress=bar.advance, **encode)
 
 
 def open_source(name: str, root, *, split: str, size: int, count: int, seed: int, max_member_mib: float = DEFAULT_MAX_MEMBER_MIB) -> Source:
