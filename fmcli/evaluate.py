@@ -482,24 +482,30 @@ def sharded_features(loaded, n: int, extractors: dict[str, FeatureExtractor], *,
 # -------------------------------------------------------------------------------------------- fm fid
 
 
-@dataclass
-class FidRequest:
+@dataclass(kw_only=True)
+class ScoreRequest:
+    """What `fm fid` and `fm eval` score: `num_samples` samples of a checkpoint, or the images of a folder."""
+
+    ckpt: str | None = None
+    gen: Path | None = None
+    num_samples: int | None = None
+    sample_overrides: Callable = lambda base: base  # the command's sampling options over the checkpoint's
+    seed: int = 0
+    batch_size: int = 64
+    ema: bool = True
+
+
+@dataclass(kw_only=True)
+class FidRequest(ScoreRequest):
     """What `fm fid` computes (the CLI checks the flags and fills it; `fid` runs it)."""
 
     ref: Path
-    gen: Path | None = None
-    ckpt: str | None = None
-    num_samples: int | None = None
     save_stats: Path | None = None
     features: str = "inception"
     inception: str | None = None
     inception_unverified: bool = False
-    sample_overrides: Callable | None = None
     guide_ckpt: str | None = None
     nfe: list[int] | None = None  # an NFE sweep: the solver's steps chosen per budget by sampling.steps_for_nfe
-    seed: int = 0
-    batch_size: int = 64
-    ema: bool = True
     out: Path | None = None
     kid: bool = False
 

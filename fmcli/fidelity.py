@@ -16,14 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from . import metrics
 from .errors import UsageError
-from .evaluate import GeneratedFeatures as Generated, sharded_features
+from .evaluate import GeneratedFeatures as Generated, ScoreRequest, sharded_features
 
 
 @dataclass
@@ -137,19 +136,15 @@ def folder_images(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- the command
 
 
-@dataclass
-class EvalRequest:
+@dataclass(kw_only=True)
+class EvalRequest(ScoreRequest):
     """What `fm eval` was asked for (the CLI fills it; `evaluate_fidelity` runs it)."""
 
     data: Path
-    ckpt: str | None = None
-    gen: Path | None = None
-    num_samples: int | None = None
     spaces: tuple[str, ...] = ("domain",)
     cfgs: list[float] | None = None
     intervals: list[tuple[float, float] | None] | None = None
     nfes: list[int] | None = None
-    sample_overrides: Callable = lambda base: base
     classifier: str | None = None
     classifier_seed: int = 0
     classifier_steps: int | None = None  # None: features.CLASSIFIER_STEPS
@@ -157,10 +152,7 @@ class EvalRequest:
     dinov2: str | None = None
     k: int = 5
     kid: bool = True
-    seed: int = 0
     split_seed: int = 0
-    batch_size: int = 64
-    ema: bool = True
 
 
 def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=None) -> tuple[dict, list[dict]]:
