@@ -68,7 +68,13 @@ def fid(
         return
     if as_json:
         emit_json(result)
-    elif isinstance(result, list):
+    else:
+        _print_fid(result)
+
+
+def _print_fid(result: dict | list[dict]) -> None:
+    """`fm fid`'s result as text: the NFE table, the statistics file written, or one `key: value` line each."""
+    if isinstance(result, list):
         _print_nfe_table(result)
     elif "fid" not in result:
         print(result["stats"])

@@ -59,10 +59,7 @@ def sample(
     from ..generate import sample_command, sample_outputs
     from ..launch import on_ranks
 
-    if gif is not None and gif.suffix.lower() != ".gif":
-        raise UsageError(f"--gif expects a .gif file name, got {gif}")
-    if gif is not None and (gpus > 1 or nproc > 1):
-        raise UsageError("--gif is drawn by one process: drop --gpus/--nproc")
+    _check_gif(gif, gpus, nproc)
     overrides = sampling.overrides(rtol=rtol, atol=atol)
     texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
     n = num_samples or len(texts) or 16
@@ -77,9 +74,14 @@ def sample(
     if as_json:
         emit_json(summary)
     else:
-        print(summary["grid"])
-        if summary["gif"]:
-            print(summary["gif"])
+        print("\n".join(path for path in (summary["grid"], summary["gif"]) if path))
+
+
+def _check_gif(gif: Optional[Path], gpus: int, nproc: int) -> None:
+    if gif is not None and gif.suffix.lower() != ".gif":
+        raise UsageError(f"--gif expects a .gif file name, got {gif}")
+    if gif is not None and (gpus > 1 or nproc > 1):
+        raise UsageError("--gif is drawn by one process: drop --gpus/--nproc")
 
 
 def _prompt_args(n: int | None, texts: list[str]) -> list[str]:
