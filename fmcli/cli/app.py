@@ -12,6 +12,7 @@ from ..console import print_error, stderr_console
 from ..errors import FmError
 from .options import fill_lazy_help
 
+
 class _App(typer.Typer):
     """Typer app whose errors meant for users become one stderr line and exit code 2 (usage) or 1."""
 

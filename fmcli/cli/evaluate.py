@@ -16,6 +16,7 @@ from .options import (
     BatchSize, Device, Ema, Gpus, Guidance, Json, Nproc, SamplingFlags, Seed, Solver, Steps, parse_floats, parse_interval, parse_nfe, sampling_options,
 )  # fmt: skip
 
+
 @app.command()
 @sampling_options
 def fid(
@@ -190,9 +191,8 @@ def eval_command(
         nfes=parse_nfe(nfe) if nfe is not None else None, sample_overrides=SamplingFlags(steps=steps, solver=solver, guidance=guidance).overrides(),
         classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed, batch_size=batch_size, ema=ema,
     )  # fmt: skip
-    console = stderr_console()
-    floor, rows = evaluate_fidelity(request, device=torch_device(device), log=lambda m: console.print(m, highlight=False, markup=False),
-                                    progress_factory=lambda total: progress(console, "sampling", total))  # fmt: skip
+    progress_factory = lambda total: progress(stderr_console(), "sampling", total)  # noqa: E731
+    floor, rows = evaluate_fidelity(request, device=torch_device(device), log=log_line, progress_factory=progress_factory)
     if as_json:
         emit_json(rows)
     else:

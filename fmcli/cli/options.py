@@ -14,6 +14,7 @@ import typer
 
 from ..errors import UsageError
 
+
 def float_option(*args, min: float | None = None, **kwargs):
     """typer.Option for a float: every float option goes through `finite_float`, which refuses nan and inf
     (click's own float type accepts both, and `nan` slips past any range check)."""

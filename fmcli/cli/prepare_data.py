@@ -13,6 +13,7 @@ from ..fsutil import refuse_existing
 from .app import app, log_line
 from .options import float_option
 
+
 @app.command("prepare-data")
 def prepare_data(
     *,

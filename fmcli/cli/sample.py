@@ -17,6 +17,7 @@ from .options import (
     sampling_options,
 )  # fmt: skip
 
+
 @app.command()
 @sampling_options
 def sample(

@@ -13,6 +13,7 @@ from ..fsutil import refuse_existing
 from .app import app, log_line, torch_device
 from .options import Ckpt, Device, GuideCkpt, Json, Overrides, Preset, SampleCompile, SamplePrecision, float_option
 
+
 @app.command()
 def bench(
     preset: Preset = "quickstart",

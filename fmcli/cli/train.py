@@ -12,6 +12,7 @@ from ..console import emit_json
 from .app import app
 from .options import Gpus, Nproc, Overrides, Preset, StopAt
 
+
 @app.command()
 def train(
     preset: Preset = "quickstart",
