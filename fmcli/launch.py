@@ -1,7 +1,7 @@
 """What happens before a run: data, run directory and checkpoint resolution, auto-prepared shapes data, the
 micro-batch autotune (once, in the launcher), the torchrun relaunch, and each rank's context.
 
-cli.py parses and calls these; they raise fmcli.errors for anything a user can fix.
+fmcli.cli parses and calls these; they raise fmcli.errors for anything a user can fix.
 """
 
 from __future__ import annotations
