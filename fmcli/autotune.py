@@ -330,7 +330,7 @@ def _measure_train(model, cfg: Config, spec: BenchSpec, device: torch.device) ->
 def train_step_fn(model, cfg: Config, spec: BenchSpec, device: torch.device) -> Callable[[], None]:
     """The real training step (step.TrainingStep, with EMA, coupling and conditioning) at batch
     `spec.batch` on synthetic data: one call = one optimizer step."""
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"global_batch_size": spec.batch, "micro_batch_size": None, "precision": spec.precision})})
+    cfg = cfg.with_section("train", global_batch_size=spec.batch, micro_batch_size=None, precision=spec.precision)
     ctx = D.DistContext(device=device)
     m = cfg.model
     shape = (m.in_channels, m.image_size, m.image_size)

@@ -94,7 +94,7 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     if opts.compare and cfg.optim.name != "adamw":
         # Muon picks fm's matrices by module name, which diffusers' model does not share: compare at equal optimizer.
         log(f"--compare: both models train with AdamW (the preset's optim.name is {cfg.optim.name!r})")
-        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"name": "adamw"})})
+        cfg = cfg.with_section("optim", name="adamw")
     from .distributed import resolve_device
 
     device = resolve_device(opts.device)
@@ -210,7 +210,7 @@ def resolve_bench_hardware(cfg: Config, device: torch.device, precision_setting:
 
     if compile_setting not in (True, False, "auto"):
         raise UsageError(f"--compile must be true, false or auto, not {compile_setting!r}")
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision_setting, "compile": compile_setting})})
+    cfg = cfg.with_section("train", precision=precision_setting, compile=compile_setting)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     choice, compile_choice, ns_dtype = resolve_hardware(cfg, device, shape)
     probe = choice.probe
@@ -243,6 +243,17 @@ def _summarise(result: dict, flops_fwd: int, peak: float | None, cfg: Config) ->
     return out
 
 
+
+
+def bench_notes(report: dict) -> list[str]:
+    """The lines printed under the table: the diffusers ratio and the mean-flow step's cost, when measured."""
+    notes = []
+    if report.get("compare"):
+        notes.append(f"ours / diffusers: {', '.join(f'{k} {v:.2f}x' for k, v in report['compare']['ratio'].items())}")
+    if report.get("meanflow"):
+        mf = report["meanflow"]
+        notes.append(f"mean-flow step {mf['meanflow_step_ms']:.1f} ms = {mf['step_cost_vs_flow']:.2f}x the flow-matching step ({mf['flow_step_ms']:.1f} ms; JVP on {mf['jvp_fraction']:.0%} of the rows)")
+    return notes
 
 
 def bench_table(report: dict):

@@ -12,7 +12,7 @@ import json
 import typing
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -22,6 +22,8 @@ from .flow import COUPLINGS, OBJECTIVES, TIME_SAMPLERS
 from .sampling import GuidanceName, SolverName
 from .optim import OPTIMIZERS
 from .tracking import TRACKERS
+
+M = TypeVar("M", bound=BaseModel)
 
 # The DiT paper's model sizes (Peebles & Xie 2023, table 1): width, depth, heads; "/P" is the patch size.
 _DIT_FAMILIES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -242,6 +244,11 @@ class Config(Strict):
     eval: EvalConfig = EvalConfig()
     encoders: EncodersConfig = EncodersConfig()
 
+    def with_section(self, section: str, **changes) -> "Config":
+        """This config with fields of one section replaced, e.g. `cfg.with_section("train", steps=100)`. Not
+        validated (`model_copy`): for values fm derived itself; a user's value goes through `with_setting`."""
+        return self.model_copy(update={section: getattr(self, section).model_copy(update=changes)})
+
     @model_validator(mode="before")
     @classmethod
     def _end_time_follows_the_objective(cls, data: Any) -> Any:
@@ -386,7 +393,7 @@ def resolve(cfg: Config, manifest: dict) -> Config:
             update[key] = value
         elif current != value:
             raise UsageError(f"model.{key}={current} does not match the dataset ({value}); remove the setting or fix the data")
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=update)}) if update else cfg
+    cfg = cfg.with_section("model", **update) if update else cfg
     return with_sampling_shift(cfg)
 
 
@@ -394,20 +401,31 @@ def with_sampling_shift(cfg: Config) -> Config:
     """sample.shift defaults to the shift the model was trained with (flow.shift)."""
     if cfg.sample.shift is not None:
         return cfg
-    return cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"shift": cfg.flow.shift})})
+    return cfg.with_section("sample", shift=cfg.flow.shift)
 
 
 def sample_settings(base: SampleConfig, **overrides) -> SampleConfig:
     """`base` (a checkpoint's sample.* settings) with the given overrides (None = keep), validated once for
     every command and the demo; a bad value is a UsageError naming the option."""
     update = {k: v for k, v in overrides.items() if v is not None}
+
+    def message(where: str, problem: str) -> str:
+        where = where or next(iter(update), "sample")
+        return f"invalid {where} (--{where.replace('_', '-')}): {problem}"
+
+    return validated(SampleConfig, {**base.model_dump(), **update}, message)
+
+
+def validated(model: type[M], raw: dict, message: Callable[[str, str], str], error: type[Exception] = UsageError) -> M:
+    """`model.model_validate(raw)`, its first error raised as `error(message(key, problem))`: the one place a
+    pydantic ValidationError becomes fm's one-line message (`key` dotted, empty at the top level; `problem`
+    without pydantic's "Value error, " prefix, an unknown key called an unknown setting)."""
     try:
-        return SampleConfig.model_validate({**base.model_dump(), **update})
+        return model.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or next(iter(update), "sample")
-        message = first["msg"].removeprefix("Value error, ")
-        raise UsageError(f"invalid {where} (--{where.replace('_', '-')}): {message}") from None
+        problem = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        raise error(message(".".join(str(p) for p in first["loc"]), problem)) from None
 
 
 def resolve_without_data(cfg: Config) -> Config:
@@ -488,15 +506,7 @@ def _drop_fallback_without_budget(raw: dict) -> bool:
 
 
 def validate_config(raw: dict, source: str = "config") -> Config:
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        msg = first["msg"]
-        if first["type"] == "extra_forbidden":
-            msg = "unknown setting"
-        raise UsageError(f"invalid config ({source}): {where}: {msg}") from None
+    return validated(Config, raw, lambda where, problem: f"invalid config ({source}): {where or '(top level)'}: {problem}")
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -507,12 +517,15 @@ def budget_fallback_config(cfg: Config) -> Config:
     """The config train.budget_fallback trains: its overrides applied, the fallback itself removed."""
     raw = config_to_dict(cfg)
     raw["train"]["budget_fallback"] = None
+
+    def message(detail: str) -> str:
+        return f"train.budget_fallback.overrides do not make a valid config: {detail} (--set train.budget_fallback=null trains without it)"
+
     try:
-        return Config.model_validate(_apply_layer(raw, _overrides_layer(cfg.train.budget_fallback.overrides)))
-    except (ValidationError, UsageError) as err:
-        first = err.errors()[0] if isinstance(err, ValidationError) else None
-        detail = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else str(err)
-        raise ValueError(f"train.budget_fallback.overrides do not make a valid config: {detail} (--set train.budget_fallback=null trains without it)") from None
+        layer = _overrides_layer(cfg.train.budget_fallback.overrides)
+    except UsageError as err:
+        raise ValueError(message(str(err))) from None
+    return validated(Config, _apply_layer(raw, layer), lambda where, problem: message(f"{where}: {problem}"), error=ValueError)
 
 
 def apply_overrides(cfg: Config, overrides: list[str], allowed: set[str] | None = None) -> Config:

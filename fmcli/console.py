@@ -35,17 +35,46 @@ def print_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+class Bar:
+    """A transient rich progress bar on stderr, drawn only on a terminal: label, bar, done/total, any `fields`
+    (shown as "name value"), time left. The one progress idiom: commands use it through `progress`, the
+    training log starts and stops it itself."""
+
+    def __init__(self, label: str, total: int | None = None, *, completed: int = 0, console=None, **fields):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = console or stderr_console()
+        shown = [TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields]
+        columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), *shown, TimeRemainingColumn())
+        self._progress = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+        self._task = self._progress.add_task(label, total=total, completed=completed, **fields)
+
+    def start(self) -> "Bar":
+        self._progress.start()
+        return self
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+    def __enter__(self) -> "Bar":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def advance(self, n: int) -> None:
+        self._progress.advance(self._task, n)
+
+    def update(self, **changes) -> None:
+        """`completed`, `total` or a field's new value."""
+        self._progress.update(self._task, **changes)
+
+
+@contextlib.contextmanager
 def progress(console, label: str, total: int | None):
-    """A context manager yielding advance(n) for a transient rich progress bar on stderr."""
-    from rich.progress import Progress
-
-    @contextlib.contextmanager
-    def bar():
-        with Progress(console=console, transient=True, disable=not console.is_terminal) as p:
-            task = p.add_task(label, total=total)
-            yield lambda n: p.advance(task, n)
-
-    return bar()
+    """A `Bar` as a context manager yielding advance(n)."""
+    with Bar(label, total, console=console) as bar:
+        yield bar.advance
 
 
 class RankLog:
@@ -66,17 +95,12 @@ class RankLog:
     def progress(self, total: int, start: int):
         if not self.is_main or not self.console.is_terminal:
             return lambda step, loss, total=None: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
-        bar = Progress(*columns, console=self.console, transient=True)
-        task = bar.add_task("train", total=total, completed=start, loss="-")
-        bar.start()
+        bar = Bar("train", total, completed=start, console=self.console, loss="-").start()
 
         def update(step, loss, total=None):  # total: a budget refit changed train.steps
             if step is None:
                 bar.stop()
             else:
-                bar.update(task, completed=step, loss=f"{loss:.4f}", **({"total": total} if total else {}))
+                bar.update(completed=step, loss=f"{loss:.4f}", **({"total": total} if total else {}))
 
         return update

@@ -219,8 +219,8 @@ def setup_training_encoders(cfg, dataset, device):
             text = TextConditioning.from_encoder(load_text_encoder(encoders["text_encoder"], device, cfg.encoders.max_tokens))
         if cfg.model.text_dim not in (None, text.text_dim):
             raise UsageError(f"model.text_dim={cfg.model.text_dim} does not match the text encoder's width {text.text_dim}; remove the setting")
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"text_dim": text.text_dim})})
-    return text, cfg.model_copy(update={"encoders": cfg.encoders.model_copy(update=encoders)})
+        cfg = cfg.with_section("model", text_dim=text.text_dim)
+    return text, cfg.with_section("encoders", **encoders)
 
 
 def grid_conditions(text: TextConditioning, dataset, n: int, device) -> tuple[tuple[dict, dict], list[str]]:

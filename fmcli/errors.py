@@ -1,4 +1,4 @@
-"""The one exception type for mistakes a user can fix; cli.py turns it into one line and an exit code."""
+"""The one exception type for mistakes a user can fix; fmcli.cli (cli/app.py) turns it into one line and an exit code."""
 
 
 class FmError(Exception):

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .data.decode import IMAGE_EXTENSIONS as READABLE_IMAGE_EXTENSIONS
 from .errors import UsageError
-from .fsutil import atomic_write, refuse_existing
+from .fsutil import atomic_write
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # The URL clean-fid downloads from (cleanfid.downloads_helper.inception_url) and the file's sha256 (95,607,719 bytes).
@@ -83,10 +83,13 @@ class Statistics:
 
 @dataclass
 class GeneratedFeatures:
-    feats: np.ndarray
-    nfe_per_sample: float
-    gen_seconds: float  # time spent sampling (feature extraction excluded)
-    image_size: int
+    """Features per feature space, and the class each sample was asked for (None: unconditional, or images)."""
+
+    feats: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    nfe_per_sample: float | None = None
+    gen_seconds: float | None = None  # time spent sampling (feature extraction excluded)
+    image_size: int | None = None
 
 
 @dataclass
@@ -415,10 +418,10 @@ def to_rgb(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------- generated features
 
 
-def generated_features(
+def generate_features(
     loaded,
     indices: Iterable[int],
-    extractor: FeatureExtractor,
+    extractors: dict[str, FeatureExtractor],
     *,
     seed: int,
     sample_cfg,
@@ -427,127 +430,128 @@ def generated_features(
     out: Path | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> GeneratedFeatures:
-    """Sample the given global indices (sample i depends only on (seed, i): shardable), return their features."""
+    """Sample the given global indices (sample i depends only on (seed, i): shardable) and return their
+    features in every space of `extractors`, and the class each sample was asked for."""
     from .generate import iterate_samples
     from .images import save_images, to_uint8
 
-    if loaded.info.get("kind", "pixels") != "pixels":
-        raise UsageError("FID of latent-space models needs VAE decoding, which `fm fid` does not do yet")
     indices = list(indices)
-    feats, nfe_total, gen_seconds = [], 0, 0.0
+    feats: dict[str, list] = {space: [] for space in extractors}
+    labels, nfe_total, gen_seconds = [], 0, 0.0
     start = time.perf_counter()
-    for chunk, _, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device):
-        pixels = torch.from_numpy(to_uint8(result.x)).permute(0, 3, 1, 2).contiguous()  # the PNG bytes' values, [B,C,H,W]
+    for chunk, y, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device):
+        pixels = to_rgb(torch.from_numpy(to_uint8(result.x)).permute(0, 3, 1, 2).contiguous())  # the PNG bytes' values, [B,3,H,W]
         gen_seconds += time.perf_counter() - start
         nfe_total += result.nfe * len(chunk)
         if out is not None:
             for k, i in enumerate(chunk):
                 save_images(result.x[k : k + 1], out, start_index=i)
-        feats.append(extractor(to_rgb(pixels)))
+        for space, extractor in extractors.items():
+            feats[space].append(extractor(pixels))
+        if y is not None:
+            labels.append(y.cpu().numpy())
         if progress:
             progress(len(chunk))
         start = time.perf_counter()
-    if not feats:
+    if not indices:
         raise UsageError("no samples to generate")
-    return GeneratedFeatures(feats=np.concatenate(feats), nfe_per_sample=nfe_total / len(indices), gen_seconds=gen_seconds, image_size=loaded.shape[-1])
+    return GeneratedFeatures(
+        feats={space: np.concatenate(f) for space, f in feats.items()}, labels=np.concatenate(labels) if labels else None,
+        nfe_per_sample=nfe_total / len(indices), gen_seconds=gen_seconds, image_size=loaded.shape[-1],
+    )  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------ the two entries
+def sharded_features(loaded, n: int, extractors: dict[str, FeatureExtractor], *, seed: int, sample_cfg, batch_size: int, device,
+                     ctx=None, out: Path | None = None, progress_factory=None) -> GeneratedFeatures:
+    """Samples 0..n-1 shared out over the ranks of `ctx` and their features, gathered in index order on every
+    rank (sample i is the same on any rank, so the result is one process's); the time is the slowest rank's."""
+    from . import distributed as D
+
+    ctx = ctx or D.DistContext(device=device)
+    indices = D.shard_indices(n, ctx)
+    bar = progress_factory(len(indices)) if progress_factory and ctx.is_main else contextlib.nullcontext(None)
+    with bar as advance:
+        generated = generate_features(loaded, indices, extractors, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, out=out, progress=advance)
+    if not ctx.distributed:
+        return generated
+    feats = {space: np.stack(D.gather_in_index_order(indices, list(f), ctx)) for space, f in generated.feats.items()}
+    labels = None if generated.labels is None else np.stack(D.gather_in_index_order(indices, list(generated.labels), ctx))
+    return replace(generated, feats=feats, labels=labels, gen_seconds=max(D.all_gather_objects(generated.gen_seconds, ctx)))
 
 
-def fid_command(
-    *,
-    ref: Path,
-    gen: Path | None,
-    ckpt: str | None,
-    save_stats: Path | None,
-    features: str,
-    inception: str | None,
-    num_samples: int | None,
-    inception_unverified: bool = False,
-    sample_overrides: Callable,
-    seed: int,
-    batch_size: int,
-    ema: bool,
-    out: Path | None,
-    kid: bool,
-    force: bool,
-    device: torch.device,
-    log,
-    progress_factory=None,
-    ctx=None,
-    guide_ckpt: str | None = None,
-    nfe: list[int] | None = None,
-) -> dict | list[dict]:
-    """What `fm fid` does; returns the result dictionary printed by the CLI, or with `nfe` (an NFE sweep:
-    the solver's steps chosen per budget by sampling.steps_for_nfe) one such row per NFE."""
-    if gen is not None and ckpt is not None:
-        raise UsageError("use either --gen DIR or --ckpt CKPT, not both")
-    if gen is None and ckpt is None and save_stats is None:
-        raise UsageError("nothing to score: pass --gen DIR or --ckpt CKPT --num-samples N (or --save-stats FILE.npz)")
-    if ckpt is not None and num_samples is None:
-        raise UsageError("--ckpt needs --num-samples N (e.g. 50000 for CIFAR-10 results)")
-    if save_stats is not None:
-        if Path(ref).suffix == ".npz":
-            raise UsageError("--save-stats needs image data as --ref (a prepared dataset or an image folder), not a .npz")
-        refuse_existing(save_stats, force)
-    if gen is not None and not Path(gen).is_dir():
-        raise UsageError(f"--gen {gen} is not a directory of images")
-    if gen is not None and (num_samples is not None or out is not None):
-        raise UsageError("--num-samples and --out go with --ckpt; --gen scores every image in its folder")
-    if nfe is not None and ckpt is None:
-        raise UsageError("--nfe sweeps the sampler of a model: it goes with --ckpt")
-    if out is not None and num_samples is not None:
-        from .images import sample_file
+# -------------------------------------------------------------------------------------------- fm fid
 
-        refuse_existing([sample_file(out, i) for i in range(num_samples)], force)
-        if ctx is not None:
-            from . import distributed as D
 
-            D.barrier(ctx)  # every rank has checked before any rank writes its samples
-    extractor = build_extractor(features, inception=inception, device=device, unverified=inception_unverified)
+@dataclass(kw_only=True)
+class ScoreRequest:
+    """What `fm fid` and `fm eval` score: `num_samples` samples of a checkpoint, or the images of a folder."""
+
+    ckpt: str | None = None
+    gen: Path | None = None
+    num_samples: int | None = None
+    sample_overrides: Callable = lambda base: base  # the command's sampling options over the checkpoint's
+    seed: int = 0
+    batch_size: int = 64
+    ema: bool = True
+
+
+@dataclass(kw_only=True)
+class FidRequest(ScoreRequest):
+    """What `fm fid` computes (the CLI checks the flags and fills it; `fid` runs it)."""
+
+    ref: Path
+    save_stats: Path | None = None
+    features: str = "inception"
+    inception: str | None = None
+    inception_unverified: bool = False
+    guide_ckpt: str | None = None
+    nfe: list[int] | None = None  # an NFE sweep: the solver's steps chosen per budget by sampling.steps_for_nfe
+    out: Path | None = None
+    kid: bool = False
+
+
+def fid(req: FidRequest, *, device: torch.device, log, ctx=None, progress_factory=None) -> dict | list[dict]:
+    """The reference statistics (saved with `save_stats`), then the FID of a folder, of a checkpoint's samples,
+    or of every budget of an NFE sweep (one row each)."""
+    extractor = build_extractor(req.features, inception=req.inception, device=device, unverified=req.inception_unverified)
     loaded = None
-    if ckpt is not None:  # load the model first: a bad checkpoint fails before the long reference pass
-        loaded, sample_cfg = _load_sampler(ckpt, guide_ckpt, sample_overrides, ema=ema, device=device, log=log, ctx=ctx)
-        sweep = _nfe_sweep(sample_cfg, nfe, log) if nfe is not None else None
-
-    ref_stats = reference_statistics(ref, extractor, batch_size=batch_size, keep_features=kid, log=log)
-    if not isinstance(extractor, InceptionExtractor):  # said once the inputs are known to be good
-        log(f"features: {extractor.name} (not comparable to published FID)")
-    if kid and ref_stats.feats is None:
-        raise UsageError(f"--kid needs reference features, which {ref} lacks: write it with `fm fid --ref DATA --save-stats FILE.npz --kid`")
-    result: dict = {}
-    if save_stats is not None:
-        result = {"stats": str(ref_stats.save(save_stats)), "ref_count": ref_stats.count, "features": ref_stats.features}
-        if gen is None and ckpt is None:
-            return result
-
-    if gen is not None:
-        feats, size = folder_features(Path(gen), extractor, batch_size=batch_size, log=log)
-        gen_stats = statistics_of(feats, extractor.name, size, keep_features=kid)
-        scored = FidResult(fid=math.nan, num_samples=gen_stats.count, ref_count=ref_stats.count, features=extractor.name)
-        scored.fid = frechet_distance(gen_stats, ref_stats)
-        if kid:
-            scored.kid = kernel_distance(gen_stats, ref_stats)
-        return {**result, **scored.to_dict()}
+    if req.ckpt is not None:  # load the model first: a bad checkpoint fails before the long reference pass
+        loaded, sample_cfg = _load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=ctx)
+        sweep = nfe_sweep(sample_cfg, req.nfe, log) if req.nfe is not None else [(None, sample_cfg)]
+    ref_stats = _reference(req, extractor, log)
+    saved = {"stats": str(ref_stats.save(req.save_stats)), "ref_count": ref_stats.count, "features": ref_stats.features} if req.save_stats else {}
+    if req.gen is not None:
+        return {**saved, **_score_folder(req, ref_stats, extractor, log)}
+    if loaded is None:
+        return saved
     if ref_stats.image_size and loaded.shape[-1] != ref_stats.image_size:
         raise UsageError(f"image sizes differ: the model makes {loaded.shape[-1]}px images, the reference is {ref_stats.image_size}px")
-
-    def score(settings, out_dir: Path | None) -> dict:
-        scored = _score_checkpoint(
-            loaded, settings, ref_stats, extractor, num_samples=num_samples, seed=seed, batch_size=batch_size, device=device,
-            out=out_dir, kid=kid, ctx=ctx, progress_factory=progress_factory,
-        )  # fmt: skip
-        return {**result, **scored.to_dict()}
-
-    if sweep is None:
-        return score(sample_cfg, out)
     rows = []
     for n, settings in sweep:
-        if log:
+        if n is not None and log:
             log(f"NFE {n}: {settings.solver}, {settings.steps} steps")
-        rows.append({"nfe_budget": n, **score(settings, out / f"nfe-{n}" if out is not None else None)})
-    return rows
+        out = req.out / f"nfe-{n}" if req.out is not None and n is not None else req.out
+        scored = _score_checkpoint(loaded, settings, ref_stats, extractor, req, device=device, out=out, ctx=ctx, progress_factory=progress_factory)
+        rows.append({**({"nfe_budget": n} if n is not None else {}), **saved, **scored.to_dict()})
+    return rows if req.nfe is not None else rows[0]
+
+
+def _reference(req: FidRequest, extractor: FeatureExtractor, log) -> Statistics:
+    ref_stats = reference_statistics(req.ref, extractor, batch_size=req.batch_size, keep_features=req.kid, log=log)
+    if not isinstance(extractor, InceptionExtractor):  # said once the inputs are known to be good
+        log(f"features: {extractor.name} (not comparable to published FID)")
+    if req.kid and ref_stats.feats is None:
+        raise UsageError(f"--kid needs reference features, which {req.ref} lacks: write it with `fm fid --ref DATA --save-stats FILE.npz --kid`")
+    return ref_stats
+
+
+def _score_folder(req: FidRequest, ref_stats: Statistics, extractor: FeatureExtractor, log) -> dict:
+    feats, size = folder_features(Path(req.gen), extractor, batch_size=req.batch_size, log=log)
+    gen_stats = statistics_of(feats, extractor.name, size, keep_features=req.kid)
+    scored = FidResult(fid=frechet_distance(gen_stats, ref_stats), num_samples=gen_stats.count, ref_count=ref_stats.count, features=extractor.name)
+    if req.kid:
+        scored.kid = kernel_distance(gen_stats, ref_stats)
+    return scored.to_dict()
 
 
 def _load_sampler(ckpt: str, guide_ckpt: str | None, sample_overrides: Callable, *, ema: bool, device, log, ctx):
@@ -562,7 +566,7 @@ def _load_sampler(ckpt: str, guide_ckpt: str | None, sample_overrides: Callable,
     return prepare_for_sampling(loaded, sample_cfg, device, log or (lambda message: None), ctx), sample_cfg
 
 
-def _nfe_sweep(sample_cfg, budgets: list[int], log) -> list[tuple[int, object]]:
+def nfe_sweep(sample_cfg, budgets: list[int], log) -> list[tuple[int, object]]:
     """(budget, settings) for each NFE budget the solver can meet; a budget below one step's NFE (heun at 1,
     rk4 at 2 or 3) is skipped with a note rather than run over budget under its label."""
     from .sampling import nfe_of
@@ -580,64 +584,63 @@ def _nfe_sweep(sample_cfg, budgets: list[int], log) -> list[tuple[int, object]]:
 def _settings_for_nfe(sample_cfg, nfe: int):
     """The sampling settings with the most solver steps whose NFE fits `nfe` (validated: cfg-zero's
     zero-init steps must stay below the steps); None when not even one step fits."""
-    from pydantic import ValidationError
-
+    from .config import validated
     from .sampling import steps_for_nfe
 
+    what = f"--nfe {nfe} with --solver {sample_cfg.solver}"
     try:
         steps = steps_for_nfe(sample_cfg.solver, nfe)
-        if steps == 0:  # not even one step fits the budget
-            return None
-        return type(sample_cfg).model_validate({**sample_cfg.model_dump(), "steps": steps})
-    except ValueError as err:  # pydantic's ValidationError is a ValueError too
-        msg = err.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(err, ValidationError) else str(err)
-        raise UsageError(f"--nfe {nfe} with --solver {sample_cfg.solver}: {msg}") from None
+    except ValueError as err:
+        raise UsageError(f"{what}: {err}") from None
+    if steps == 0:  # not even one step fits the budget
+        return None
+    return validated(type(sample_cfg), {**sample_cfg.model_dump(), "steps": steps}, lambda where, problem: f"{what}: {problem}")
 
 
-def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, *, num_samples, seed, batch_size, device, out, kid, ctx, progress_factory) -> FidResult:
-    """Generate `num_samples` (sharded over the ranks of `ctx`) and score them against the reference."""
-    from . import distributed as D
-
-    ctx = ctx or D.DistContext(device=device)
-    indices = D.shard_indices(num_samples, ctx)  # sample i is the same on any rank: outputs match one process
-    progress = progress_factory(len(indices)) if progress_factory and ctx.is_main else contextlib.nullcontext(None)
-    with progress as advance:
-        generated = generated_features(
-            loaded, indices, extractor, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, out=out, progress=advance
-        )
-    if ctx.distributed:
-        feats = np.stack(D.gather_in_index_order(indices, list(generated.feats), ctx))
-        seconds = max(D.all_gather_objects(generated.gen_seconds, ctx))
-        generated = GeneratedFeatures(feats=feats, nfe_per_sample=generated.nfe_per_sample, gen_seconds=seconds, image_size=generated.image_size)
-    gen_stats = statistics_of(generated.feats, extractor.name, generated.image_size, keep_features=kid)
+def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest, *, device, out, ctx, progress_factory) -> FidResult:
+    """Generate `req.num_samples` (sharded over the ranks of `ctx`) and score them against the reference."""
     from .generate import sampling_record
 
-    extra = {"solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance, "seed": seed, "step": loaded.step,
-             **sampling_record(loaded)}
+    if loaded.info.get("kind", "pixels") != "pixels":
+        raise UsageError("FID of latent-space models needs VAE decoding, which `fm fid` does not do yet")
+    generated = sharded_features(
+        loaded, req.num_samples, {"fid": extractor}, seed=req.seed, sample_cfg=sample_cfg, batch_size=req.batch_size, device=device, ctx=ctx,
+        out=out, progress_factory=progress_factory,
+    )  # fmt: skip
+    gen_stats = statistics_of(generated.feats["fid"], extractor.name, generated.image_size, keep_features=req.kid)
+    extra = {"solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance, "seed": req.seed, "step": loaded.step,
+             **sampling_record(loaded)}  # fmt: skip
     if sample_cfg.solver == "dopri5":
         extra.update(rtol=sample_cfg.rtol, atol=sample_cfg.atol)
     scored = FidResult(
-        fid=frechet_distance(gen_stats, ref_stats),
-        num_samples=gen_stats.count,
-        ref_count=ref_stats.count,
-        features=extractor.name,
-        gen_seconds=generated.gen_seconds,
-        nfe_per_sample=generated.nfe_per_sample,
-        extra=extra,
-    )
-    if kid:
+        fid=frechet_distance(gen_stats, ref_stats), num_samples=gen_stats.count, ref_count=ref_stats.count, features=extractor.name,
+        gen_seconds=generated.gen_seconds, nfe_per_sample=generated.nfe_per_sample, extra=extra,
+    )  # fmt: skip
+    if req.kid:
         scored.kid = kernel_distance(gen_stats, ref_stats)
     return scored
+
+
+def refuse_training_eval(cfg, space: str) -> None:
+    """Evaluation during training (FID, or fidelity.TrainingFidelity's metrics) scores pixel samples of a
+    class-conditional or unconditional model: anything else is refused before the first step, not at the first
+    evaluation. `space`: what the training data holds (`data.prepared.data_space`)."""
+    fidelity_without_ref = cfg.eval.features in ("domain", "dinov2") and cfg.eval.ref is None
+    what = "eval.features=domain" if fidelity_without_ref else "eval.ref is set, but"
+    if space != "pixels":
+        kind = "latent-space"
+    elif cfg.model.cross_attention:
+        kind = "text-conditioned"
+    else:
+        return
+    raise UsageError(f"{what}: evaluation during training of {kind} models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
 
 
 class TrainingEvaluator:
     """FID of the EMA model during training: extractor and reference statistics are prepared once."""
 
     def __init__(self, cfg, data_manifest: dict, device: torch.device, log=None, with_reference: bool = True):
-        if cfg.eval.ref is None:
-            raise UsageError("eval.every is set but eval.ref is not: --set eval.ref=DATA_DIR|IMAGE_DIR|STATS.npz")
-        if data_manifest["kind"] != "pixels":
-            raise UsageError("eval.every: FID during training of latent-space models needs VAE decoding, not available yet")
+        """`cfg.eval.ref` set and the model one `refuse_training_eval` accepts (the Trainer checks both first)."""
         self.cfg, self.device = cfg, device
         self.extractor = build_extractor(cfg.eval.features, inception=cfg.eval.inception, device=device, unverified=cfg.eval.inception_unverified)
         # Only the rank that computes the distance needs the reference (a folder can take minutes to score).
@@ -649,19 +652,14 @@ class TrainingEvaluator:
     def __call__(self, model, step: int, batch_size: int, ctx=None) -> dict | None:
         """Every rank generates its share of the samples (`model`: the EMA, as a generate.SamplingNet at the run's
         precision); the rank holding the reference returns the record."""
-        from . import distributed as D
         from .generate import LoadedModel
 
-        ctx = ctx or D.DistContext(device=self.device)
         loaded = LoadedModel(model=model, config=self.cfg, info={"kind": "pixels"}, step=step)
         n = self.cfg.eval.num_samples
-        indices = D.shard_indices(n, ctx)
-        generated = generated_features(
-            loaded, indices, self.extractor, seed=self.cfg.train.seed, sample_cfg=self.cfg.sample, batch_size=batch_size, device=self.device
-        )
-        feats = np.stack(D.gather_in_index_order(indices, list(generated.feats), ctx))
-        seconds = max(D.all_gather_objects(generated.gen_seconds, ctx))
+        generated = sharded_features(
+            loaded, n, {"fid": self.extractor}, seed=self.cfg.train.seed, sample_cfg=self.cfg.sample, batch_size=batch_size, device=self.device, ctx=ctx
+        )  # fmt: skip
         if self.ref is None:
             return None
-        stats = statistics_of(feats, self.extractor.name, generated.image_size)
-        return {"step": step, "fid": frechet_distance(stats, self.ref), "fid_num_samples": n, "fid_features": self.extractor.name, "fid_gen_seconds": round(seconds, 3)}
+        stats = statistics_of(generated.feats["fid"], self.extractor.name, generated.image_size)
+        return {"step": step, "fid": frechet_distance(stats, self.ref), "fid_num_samples": n, "fid_features": self.extractor.name, "fid_gen_seconds": round(generated.gen_seconds, 3)}

@@ -14,17 +14,15 @@ in the domain space also the conditional accuracy and the per-class FD (mean ove
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from . import metrics
 from .errors import UsageError
+from .evaluate import GeneratedFeatures as Generated, ScoreRequest, sharded_features
 
 
 @dataclass
@@ -39,14 +37,6 @@ class Reference:
     class_names: list[str]
     image_shape: tuple[int, int, int]
     floor_scores: dict = field(default_factory=dict)  # filled by `floor`
-
-
-@dataclass
-class Generated:
-    feats: dict[str, np.ndarray]
-    labels: np.ndarray | None  # the class each sample was asked for (None: unconditional or a folder)
-    nfe_per_sample: float | None = None
-    gen_seconds: float | None = None
 
 
 def split_halves(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,30 +112,9 @@ def score(reference: Reference, generated: Generated, *, k: int = 5, kid: bool =
 # ------------------------------------------------------------------------------------------ samples
 
 
-def sample_features(loaded, n: int, extractors: dict, *, seed: int, sample_cfg, batch_size: int, device, progress=None) -> Generated:
-    """Generate samples 0..n-1 (sample i asks for class i % K; its noise depends only on (seed, i)) and
-    return their features in every space."""
-    from .evaluate import to_rgb
-    from .generate import iterate_samples
-    from .images import to_uint8
-
+def check_scorable(loaded) -> None:
     if loaded.info.get("kind", "pixels") != "pixels" or loaded.is_text:
         raise UsageError("fm eval scores class-conditional or unconditional pixel models (latent and text models: not yet)")
-    feats: dict[str, list] = {s: [] for s in extractors}
-    labels, nfe_total, seconds = [], 0, 0.0
-    start = time.perf_counter()
-    for chunk, y, result in iterate_samples(loaded, list(range(n)), seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device):
-        pixels = to_rgb(torch.from_numpy(to_uint8(result.x)).permute(0, 3, 1, 2).contiguous())  # the PNG bytes' values
-        seconds += time.perf_counter() - start
-        nfe_total += result.nfe * len(chunk)
-        for space, ext in extractors.items():
-            feats[space].append(ext(pixels))
-        if y is not None:
-            labels.append(y.cpu().numpy())
-        if progress:
-            progress(len(chunk))
-        start = time.perf_counter()
-    return Generated({s: np.concatenate(f) for s, f in feats.items()}, np.concatenate(labels) if labels else None, nfe_total / n, seconds)
 
 
 def folder_images(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
@@ -167,19 +136,15 @@ def folder_images(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- the command
 
 
-@dataclass
-class EvalRequest:
+@dataclass(kw_only=True)
+class EvalRequest(ScoreRequest):
     """What `fm eval` was asked for (the CLI fills it; `evaluate_fidelity` runs it)."""
 
     data: Path
-    ckpt: str | None = None
-    gen: Path | None = None
-    num_samples: int | None = None
     spaces: tuple[str, ...] = ("domain",)
     cfgs: list[float] | None = None
     intervals: list[tuple[float, float] | None] | None = None
     nfes: list[int] | None = None
-    sample_overrides: Callable = lambda base: base
     classifier: str | None = None
     classifier_seed: int = 0
     classifier_steps: int | None = None  # None: features.CLASSIFIER_STEPS
@@ -187,10 +152,7 @@ class EvalRequest:
     dinov2: str | None = None
     k: int = 5
     kid: bool = True
-    seed: int = 0
     split_seed: int = 0
-    batch_size: int = 64
-    ema: bool = True
 
 
 def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=None) -> tuple[dict, list[dict]]:
@@ -228,9 +190,8 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     for settings in sweep_settings(base, req.cfgs, req.intervals, req.nfes, log):
         if log:
             log(f"sampling {n}: {settings.solver} {settings.steps} steps, {settings.guidance} {settings.cfg:g}, interval {settings.guidance_interval}")
-        progress = progress_factory(n) if progress_factory else contextlib.nullcontext(None)
-        with progress as advance:
-            generated = sample_features(loaded, n, extractors, seed=req.seed, sample_cfg=settings, batch_size=req.batch_size, device=device, progress=advance)
+        check_scorable(loaded)
+        generated = sharded_features(loaded, n, extractors, seed=req.seed, sample_cfg=settings, batch_size=req.batch_size, device=device, progress_factory=progress_factory)
         rows.append({
             "step": loaded.step, "solver": settings.solver, "steps": settings.steps, "guidance": settings.guidance, "cfg": settings.cfg,
             "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
@@ -242,15 +203,15 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
 
 def sweep_settings(base, cfgs, intervals, nfes, log=None) -> list:
     """Every combination of the swept guidance scales, intervals and NFE budgets (None: the base's value); an
-    NFE budget the solver cannot meet is skipped with a note (evaluate._nfe_sweep), never run over budget."""
+    NFE budget the solver cannot meet is skipped with a note (evaluate.nfe_sweep), never run over budget."""
     from .config import sample_settings
-    from .evaluate import _nfe_sweep
+    from .evaluate import nfe_sweep
 
     out = []
     for w in cfgs or [None]:
         for interval in intervals or [None]:
             settings = sample_settings(base, cfg=w, guidance_interval=interval)
-            out.extend([s for _, s in _nfe_sweep(settings, nfes, log)] if nfes else [settings])
+            out.extend([s for _, s in nfe_sweep(settings, nfes, log)] if nfes else [settings])
     return out
 
 
@@ -301,23 +262,19 @@ class TrainingFidelity:
             floor(self.reference, kid=False)
 
     def __call__(self, model: torch.nn.Module, step: int, batch_size: int, ctx=None) -> dict | None:
-        from . import distributed as D
-        from .evaluate import generated_features
         from .generate import LoadedModel
 
-        ctx = ctx or D.DistContext(device=self.device)
         loaded = LoadedModel(model=model, config=self.cfg, info={"kind": "pixels"}, step=step)
         n = self.cfg.eval.num_samples
-        indices = D.shard_indices(n, ctx)
-        generated = generated_features(loaded, indices, self.extractor, seed=self.cfg.train.seed, sample_cfg=self.cfg.sample, batch_size=batch_size, device=self.device)
-        feats = np.stack(D.gather_in_index_order(indices, list(generated.feats), ctx))
-        seconds = max(D.all_gather_objects(generated.gen_seconds, ctx))
+        generated = sharded_features(
+            loaded, n, {self.space: self.extractor}, seed=self.cfg.train.seed, sample_cfg=self.cfg.sample, batch_size=batch_size, device=self.device, ctx=ctx
+        )  # fmt: skip
         if self.reference is None:
             return None
         labels = np.arange(n) % loaded.num_classes if loaded.num_classes else None  # generate.labels_for's classes
-        scores = score(self.reference, Generated({self.space: feats}, labels), kid=False)
+        scores = score(self.reference, Generated(generated.feats, labels), kid=False)
         record = {"step": step, **_flat(scores, self.space), **{f"{k}_floor": v for k, v in _flat(self.reference.floor_scores, self.space).items()}}
-        return {**record, "eval_features": self.space, "eval_num_samples": n, "eval_gen_seconds": round(seconds, 3)}
+        return {**record, "eval_features": self.space, "eval_num_samples": n, "eval_gen_seconds": round(generated.gen_seconds, 3)}
 
 
 def _flat(scores: dict, space: str) -> dict:

@@ -388,6 +388,27 @@ def class_grid_samples(
     return torch.cat(xs), nfe
 
 
+def class_grid_command(ckpt: str, out: Path, *, per_class: int, sample_overrides, guide_ckpt: str | None, seed: int, batch_size: int,
+                       ema: bool, device: torch.device, log: Callable[[str], None] = lambda message: None) -> dict:
+    """What `fm class-grid` does: `per_class` samples of every class as one labelled grid at `out`; returns its summary."""
+    import time
+
+    from .images import class_grid_image, save_image_atomic
+
+    loaded = load_for_sampling(ckpt, device, use_ema=ema)
+    sample_cfg = sample_overrides(loaded.config.sample)
+    if guide_ckpt is not None:
+        loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
+    loaded = prepare_for_sampling(loaded, sample_cfg, device, log)
+    start = time.perf_counter()
+    images, nfe = class_grid_samples(loaded, per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device)
+    path = save_image_atomic(class_grid_image(images, per_class, class_names_of(loaded)), out)
+    return {
+        "path": str(path), "classes": loaded.num_classes, "samples_per_class": per_class, "nfe": nfe, "seconds": round(time.perf_counter() - start, 3),
+        **sampling_record(loaded), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance,
+    }  # fmt: skip
+
+
 def class_names_of(loaded: LoadedModel) -> list[str]:
     """Class names recorded from the dataset manifest at training time, else the class indices."""
     names = loaded.info.get("class_names") or []

@@ -1,7 +1,7 @@
 """What happens before a run: data, run directory and checkpoint resolution, auto-prepared shapes data, the
 micro-batch autotune (once, in the launcher), the torchrun relaunch, and each rank's context.
 
-cli.py parses and calls these; they raise fmcli.errors for anything a user can fix.
+fmcli.cli parses and calls these; they raise fmcli.errors for anything a user can fix.
 """
 
 from __future__ import annotations
@@ -44,6 +44,37 @@ def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None)
     return apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
 
 
+def training_config(preset: str, overrides: list[str], *, data: Optional[Path], run_dir: Optional[Path], resume: Optional[str]) -> tuple[Config, Path]:
+    """What `fm train` trains, and where: a fresh run's preset plus overrides (and --data), or with --resume
+    the checkpoint's config plus resume-safe overrides, exactly as `fm resume`."""
+    from .config import load_config
+
+    if resume is not None:
+        ckpt = resume_checkpoint(run_dir or Path("runs") / load_config(preset).name, resume)
+        return resume_config(ckpt, overrides, data=data), run_dir or run_dir_of(ckpt)
+    cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
+    if data is not None:
+        cfg = cfg.with_section("data", path=str(data))
+    return cfg, run_dir or Path("runs") / cfg.name
+
+
+def resume_training(target: Path, overrides: list[str], stop_at_step, launch: dict) -> Optional[Path]:
+    """`fm resume`: the run of a checkpoint (or a run directory's latest one), continued."""
+    from .checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(target)
+    return run_training(resume_config(ckpt, overrides), run_dir_of(ckpt), str(ckpt), stop_at_step, launch)
+
+
+def train_resolved(config_file: Path, run_dir: Path, resume: Optional[str], stop_at_step) -> Optional[Path]:
+    """One relaunched rank (`fm _train-resolved`): the config the launcher resolved, trained as is."""
+    from .config import validate_config
+    from .train import train
+
+    cfg = validate_config(json.loads(config_file.read_text()), source=str(config_file))
+    return train(cfg, run_dir, resume_from=Path(resume) if resume else None, stop_at_step=stop_at_step).checkpoint
+
+
 def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
@@ -68,7 +99,7 @@ def run_training(cfg: Config, run_dir: Path, resume_arg: Optional[str], stop_at_
     procs = launch["gpus"] or launch["nproc"]
     if launch["gpus"]:
         D.check_gpus(launch["gpus"])
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cuda"})})
+        cfg = cfg.with_section("train", device="cuda")
     # Under an external launcher (torchrun/SLURM, not our own relaunch) local rank 0 prepares the default
     # data and the other ranks wait for its manifest; our own relaunch prepared it in the parent already.
     cfg = ensure_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
@@ -192,34 +223,13 @@ def ensure_data(cfg: Config, prepare: bool) -> Config:
             stale = (path / "manifest.json").is_file()
             why = " (the existing one came from an older shapes generator)" if stale else ""
             stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
+            from .data.prepare import prepare_with_progress
+
             prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.data.seed, force=stale)
         else:
             timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
             D.wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(path)})})
-
-
-def prepare_with_progress(source: str, target: Path, **kwargs):
-    """data.prepare.prepare with a progress bar on stderr (when it is a terminal); returns its Summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .data.prepare import prepare
-
-    console = stderr_console()
-    columns = (TextColumn(source), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(source, total=None)
-        return prepare(source, target, on_start=lambda total: bar.update(task, total=total), on_progress=lambda n: bar.advance(task, n), **kwargs)
-
-
-def prepare_encoded_with_progress(pixels, out: Path, total: int | None, device, force: bool, encode: dict) -> Path:
-    from rich.progress import Progress
-
-    from .data.latents import prepare_encoded
-
-    with Progress(console=stderr_console(), transient=True) as bar:
-        task = bar.add_task("encode", total=total)
-        return prepare_encoded(pixels, out, force=force, device=device, progress=lambda n: bar.advance(task, n), **encode)
+    return cfg.with_section("data", path=str(path))
 
 
 # ------------------------------------------------------------------------------ ranks for sample / fid
@@ -256,6 +266,15 @@ def _without_launch_flags(argv: list[str]) -> list[str]:
         elif not arg.startswith(("--gpus=", "--nproc=")):
             out.append(arg)
     return out
+
+
+def on_ranks(work, *, device: str, gpus: int, nproc: int, extra: list[str] | None = None):
+    """`work(ctx)` on this process's rank, inside a process group when distributed; None in a launcher that
+    relaunched this command as --gpus/--nproc N ranks (`extra`: see `relaunched`)."""
+    if relaunched(gpus, nproc, extra=extra):
+        return None
+    ctx = rank_context(device, gpus)
+    return with_process_group(lambda: work(ctx))
 
 
 def rank_context(device: str, gpus: int) -> D.DistContext:

@@ -141,6 +141,23 @@ def read_work_plan(work: Path) -> dict | None:
     return plan
 
 
+def reflow_command(ctx: D.DistContext, *, ckpt: str, out: Path, texts: list[str], sample_overrides, num_pairs: int, seed: int, batch_size: int,
+                   ema: bool, text_encoder: str | None, force: bool, log=lambda message: None) -> ReflowSummary | None:
+    """What `fm reflow` does on one rank: load the teacher, solve this rank's chunks (a progress bar on rank 0);
+    rank 0 assembles the dataset and returns the summary."""
+    from .console import progress, stderr_console
+    from .generate import load_for_sampling, prepare_for_sampling
+
+    loaded = load_for_sampling(ckpt, ctx.device, use_ema=ema, text_encoder=text_encoder, with_vae=False)
+    sample_cfg = sample_overrides(loaded.config.sample)
+    loaded = prepare_for_sampling(loaded, sample_cfg, ctx.device, log, ctx)
+    with progress(stderr_console(), "reflow", rank_share(num_pairs, batch_size, ctx)) as advance:
+        return generate_pairs(
+            loaded, out, num_pairs=num_pairs, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, ctx=ctx,
+            checkpoint=ckpt, ema=ema, prompts=texts or None, force=force, on_chunk=advance if ctx.is_main else None,
+        )
+
+
 def generate_pairs(
     loaded,
     out: str | Path,

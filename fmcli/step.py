@@ -164,7 +164,7 @@ class TrainingStep:
 
     def set_total_steps(self, steps: int, at_step: int = 0) -> None:
         """A new run length from `at_step` on (train.budget_minutes), the LR continuous (LRSchedule.retarget)."""
-        self.cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"steps": steps})})
+        self.cfg = self.cfg.with_section("train", steps=steps)
         self.schedule.retarget(at_step, steps)
 
     def state_dict(self) -> dict:

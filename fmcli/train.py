@@ -358,7 +358,7 @@ class Trainer:
             self._logged_steps = fitted
 
     def _set_steps(self, steps: int) -> None:
-        self.cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"steps": steps})})
+        self.cfg = self.cfg.with_section("train", steps=steps)
         self.step_fn.set_total_steps(steps, at_step=self.step)
 
     def _measure_step_seconds(self, example: dict) -> float:
@@ -447,12 +447,9 @@ class Trainer:
         if self.cfg.eval.ref is None and not fidelity:
             self.log.info(f"note: eval.every={self.cfg.eval.every} but eval.ref is unset, so no FID during training (--set eval.ref=DATA|STATS.npz, or eval.features=domain)")
             return None
-        # Refused here, before any step, rather than failing at the first evaluation and losing the work.
-        what = "eval.features=domain" if fidelity and self.cfg.eval.ref is None else "eval.ref is set, but"
-        if data_space(self.dataset.manifest) != "pixels":
-            raise UsageError(f"{what}: evaluation during training of latent-space models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
-        if self.cfg.model.cross_attention:
-            raise UsageError(f"{what}: evaluation during training of text-conditioned models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
+        from .evaluate import refuse_training_eval
+
+        refuse_training_eval(self.cfg, data_space(self.dataset.manifest))  # before any step, not at the first evaluation
         if fidelity:
             from .fidelity import TrainingFidelity
 

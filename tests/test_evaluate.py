@@ -128,7 +128,7 @@ def test_statistics_mismatch_is_a_clear_error(data, tmp_path):
 
 def _fid(**kwargs) -> dict:
     """`fm fid` in-process (same code path as the CLI body, without the subprocess start-up)."""
-    from fmcli.evaluate import fid_command
+    from fmcli.cli.evaluate import fid_checked as fid_command
 
     args = dict(gen=None, ckpt=None, save_stats=None, features="tiny", inception=None, num_samples=None, sample_overrides=None,
                 seed=0, batch_size=64, ema=True, out=None, kid=False, force=False, device=torch.device("cpu"), log=lambda m: None)

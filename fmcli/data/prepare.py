@@ -20,6 +20,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from ..console import Bar
 from ..errors import UsageError
 from .decode import Record, decode_batch
 from ..fsutil import refuse_existing
@@ -113,6 +114,58 @@ def prepare(
         bytes=sum(f.stat().st_size for f in path.iterdir()),
         skipped_examples=examples,
     )
+
+
+def prepare_dataset(
+    source: str, out: Path, *, root: str | None, split: str, size: int, limit: int | None, workers: int | None, count: int, seed: int,
+    max_member_mib: float, force: bool, encode: dict | None = None, device: str = "auto",
+) -> Summary:
+    """What `fm prepare-data` does: the pixel pass of any source (with a progress bar) and, with `encode`
+    (`vae`, `text_encoder`, `cache_text`, `max_tokens`, `batch_size`), its re-encoding into latents or cached
+    text states, the pixel pass then being a temporary step."""
+    summaries = []
+
+    def pixels(target: Path) -> Path:
+        summary = prepare_with_progress(
+            source, target, root=root, split=split, size=size, limit=limit, workers=workers or default_workers(), force=force, count=count, seed=seed,
+            max_member_mib=max_member_mib,
+        )
+        summaries.append(summary)
+        return Path(summary.path)
+
+    if not encode:
+        pixels(out)
+        return summaries[-1]
+    from ..distributed import resolve_device
+
+    total = limit or (count if source == "shapes" else None)  # other sources: known only once read
+    path = prepare_encoded_with_progress(pixels, out, total, resolve_device(device), force, encode)
+    summary = summaries[-1]
+    summary.path = str(path)
+    summary.bytes = sum(f.stat().st_size for f in Path(path).iterdir())
+    return summary
+
+
+def skipped_note(summary: Summary) -> str | None:
+    """The records a pass skipped, a few named, for stderr."""
+    if not summary.skipped:
+        return None
+    shown = "; ".join(summary.skipped_examples)
+    more = f" (and {summary.skipped - len(summary.skipped_examples)} more)" if summary.skipped > len(summary.skipped_examples) else ""
+    return f"skipped {summary.skipped} unusable item(s): {shown}{more}"
+
+
+def prepare_with_progress(source: str, target: Path, **kwargs):
+    """`prepare` with a progress bar on stderr (when it is a terminal); returns its Summary."""
+    with Bar(source) as bar:
+        return prepare(source, target, on_start=lambda total: bar.update(total=total), on_progress=bar.advance, **kwargs)
+
+
+def prepare_encoded_with_progress(pixels, out: Path, total: int | None, device, force: bool, encode: dict) -> Path:
+    from .latents import prepare_encoded
+
+    with Bar("encode", total) as bar:
+        return prepare_encoded(pixels, out, force=force, device=device, progress=bar.advance, **encode)
 
 
 def open_source(name: str, root, *, split: str, size: int, count: int, seed: int, max_member_mib: float = DEFAULT_MAX_MEMBER_MIB) -> Source:

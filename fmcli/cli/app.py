@@ -1,0 +1,95 @@
+"""The Typer app `fm`: the one error handler (exit codes 0/1/2, one line, --debug) and helpers every command uses."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from ..console import print_error, stderr_console
+from ..errors import FmError
+from .options import fill_lazy_help
+
+
+class _App(typer.Typer):
+    """Typer app whose errors meant for users become one stderr line and exit code 2 (usage) or 1."""
+
+    def __call__(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False  # click's errors come here, to be printed as one line too
+        argv = kwargs.get("args")
+        if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else map(str, argv))):
+            fill_lazy_help()
+        try:
+            result = super().__call__(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - the one error handler of every command
+            sys.exit(_exit_code(err))
+        except KeyboardInterrupt:
+            print_error("interrupted")
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _exit_code(err: Exception) -> int:
+    """Print `err` as one line (or re-raise it under --debug) and return the exit code: 2 for usage errors
+    (FmError's own code, click's parse errors), 1 for anything unexpected."""
+    from typer._click import exceptions as click  # typer >= 0.24 vendors click; its errors live here
+
+    if isinstance(err, FmError):
+        print_error(str(err))
+        return err.exit_code
+    if isinstance(err, click.NoArgsIsHelpError):
+        err.show()  # `fm` alone: the help text, as click prints it
+        return err.exit_code
+    if isinstance(err, click.ClickException):  # bad option, out-of-range value, missing argument
+        where = f" (see `fm {err.ctx.info_name} --help`)" if isinstance(err, click.UsageError) and err.ctx and err.ctx.parent else ""
+        print_error(err.format_message().replace("\n", " ") + where)
+        return err.exit_code
+    if isinstance(err, typer.Abort):
+        print_error("aborted")
+        return 1
+    if _STATE["debug"]:
+        raise err
+    from ..distributed import is_peer_failure
+
+    if not is_peer_failure(err):  # else another rank failed first and printed the cause; stay quiet
+        print_error(f"{type(err).__name__}: {err} (rerun with --debug for the traceback)")
+    return 1
+
+
+app = _App(
+    name="fm",
+    help="Flow-matching image generation: prepare data, train, sample, evaluate, benchmark.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+_STATE = {"debug": False}
+
+
+def _version(value: bool):
+    if value:
+        print(f"fm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+):
+    """fm: a flow-matching image-generation toolkit."""
+    _STATE["debug"] = debug
+
+
+def log_line(message: str) -> None:
+    """One log line on stderr (commands' notes: the sampling precision and compile choice, warnings)."""
+    stderr_console().print(message, highlight=False, markup=False)
+
+
+def torch_device(name: str):
+    from ..distributed import resolve_device
+
+    return resolve_device(name)

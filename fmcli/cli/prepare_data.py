@@ -1,0 +1,72 @@
+"""`fm prepare-data`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..console import emit_json, stderr_console
+from ..data.prepare import SOURCES
+from ..fsutil import refuse_existing
+from .app import app, log_line
+from .options import float_option
+
+
+@app.command("prepare-data")
+def prepare_data(
+    *,
+    source: Annotated[str, typer.Argument(help=f"Data source: {', '.join(SOURCES)}.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
+    root: Annotated[Optional[str], typer.Option("--root", help="Input: archive, folder, jsonl file, or a quoted tar glob 'shards/*.tar'.")] = None,
+    split: Annotated[str, typer.Option("--split", help="train or test (cifar10, mnist, sklearn-digits).")] = "train",
+    size: Annotated[int, typer.Option("--size", min=8, help="Output size: resize the short side, center crop (Lanczos).")] = 32,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Stop after N usable images.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decoding processes (default: cores, at most 8).")] = None,
+    count: Annotated[int, typer.Option("--count", min=1, help="Number of images (shapes).")] = 20000,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (shapes).")] = 0,
+    max_member_mib: Annotated[float, float_option("--max-member-mib", min=0.001, help="tar: skip (and count) members larger than this, unread.")] = 64.0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    vae: Annotated[Optional[str], typer.Option("--vae", help="Local diffusers VAE directory: store float16 latents instead of pixels.")] = None,
+    text_encoder: Annotated[Optional[str], typer.Option("--text-encoder", help="Local text encoder directory (T5/CLIP) recorded for the captions.")] = None,
+    cache_text: Annotated[bool, typer.Option("--cache-text", help="Also store the text encoder's states and masks (text.npy, text_mask.npy).")] = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Text tokens per caption (padding masked).")] = 128,
+    encode_batch: Annotated[int, typer.Option("--encode-batch-size", min=1, help="Images per encoder batch.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="Encoder device: auto, cpu or cuda.")] = "auto",
+):
+    """Turn a dataset into fm's prepared format (manifest.json + x.npy + y.npy + captions.jsonl).
+
+    Examples:
+
+      fm prepare-data shapes --out data/shapes-32 --size 32 --count 20000
+
+      fm prepare-data cifar10 --root cifar-10-python.tar.gz --split train --out data/cifar10
+
+      fm prepare-data mnist --root mnist/ --size 32 --out data/mnist
+
+      fm prepare-data sklearn-digits --size 32 --out data/digits32            # scikit-learn's 8x8 digits, upscaled
+
+      fm prepare-data folder --root celeba_hq/ --size 256 --workers 8 --out data/celebahq256
+
+      fm prepare-data tar --root 'shards/*.tar' --size 64 --out data/captions64
+
+      fm prepare-data captions --root pairs.jsonl --size 64 --out data/t2i-64 --vae weights/sd-vae-ft-mse --text-encoder weights/t5-small --cache-text
+    """
+
+    from ..data.prepare import prepare_dataset, skipped_note
+
+    refuse_existing(out, force)
+    encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch) if vae or text_encoder else None
+    summary = prepare_dataset(
+        source, out, root=root, split=split, size=size, limit=limit, workers=workers, count=count, seed=seed, max_member_mib=max_member_mib,
+        force=force, encode=encode, device=device,
+    )  # fmt: skip
+    if note := skipped_note(summary):
+        log_line(note)
+    if as_json:
+        emit_json({k: v for k, v in vars(summary).items() if k != "skipped_examples"})
+    else:
+        stderr_console().print(f"wrote {summary.count} images ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s", highlight=False)
+        print(summary.path)
