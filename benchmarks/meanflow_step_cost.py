@@ -23,7 +23,7 @@ from fmcli.autotune import BenchSpec, train_step_fn
 from fmcli.bench import flow_twin
 from fmcli.config import apply_overrides, load_config, resolve_without_data
 from fmcli.models import build_model
-from fmcli.step import autocast_for
+from fmcli.hardware import autocast as autocast_for
 
 
 def fastest(fn, repeat: int) -> float:
