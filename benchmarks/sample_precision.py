@@ -135,9 +135,9 @@ def fidelity(args) -> dict:
                               kid=False, sample_overrides=lambda base, change=change: base.model_copy(update=change))  # fmt: skip
             floor, (row,) = evaluate_fidelity(req, device=torch.device("cpu"))
             got = {**row["metrics"]["domain"], "accuracy": row.get("accuracy")}
-            rows.append({"precision": precision, "seed": seed, "cfg": row["cfg"], **{k: got[k] for k in keys}})
+            rows.append({"dtype": precision, "seed": seed, "cfg": row["cfg"], **{k: got[k] for k in keys}})  # "precision" is a metric
             print(json.dumps(rows[-1]), file=sys.stderr)
-    at = {(r["precision"], r["seed"]): r for r in rows}
+    at = {(r["dtype"], r["seed"]): r for r in rows}
     spread = {k: abs(at[("fp32", 0)][k] - at[("fp32", 1)][k]) for k in keys}
     gap = {k: max(abs(at[("bf16", s)][k] - at[("fp32", s)][k]) for s in (0, 1)) for k in keys}
     return {"ckpt": args.ckpt, "n": args.n, "rows": rows, "floor": floor["metrics"]["domain"], "seed_spread_fp32": spread,
