@@ -119,10 +119,8 @@ def fid_rows(ckpt, args, budgets: list[int], solver: str) -> dict[int, dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "fmcli.cli", "eval", "--ckpt", str(ckpt), "-n", str(args.fid_samples), "--data", str(args.data),
            "--solver", solver, "--nfe", ",".join(map(str, budgets)), "--seed", str(args.seed), "--batch-size", "250", "--json"]
-    rows = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
-    rows = rows if isinstance(rows, list) else rows["rows"]
     out = {}
-    for r in rows:
+    for r in json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout):  # one row per budget
         m, f = r["metrics"]["domain"], r["floor"]["metrics"]["domain"]
         out[r["steps"]] = {**{k: m[k] for k in ("fd", "kid", "precision", "recall", "density", "coverage") if k in m},
                            "eval_accuracy": r.get("accuracy"), "fd_floor": f["fd"], "recall_floor": f["recall"]}
@@ -130,7 +128,7 @@ def fid_rows(ckpt, args, budgets: list[int], solver: str) -> dict[int, dict]:
 
 
 def table(rows: list[dict], nfes: list[int], teacher_steps: int) -> str:
-    """Markdown: one row per model, accuracy and FD (tiny) at each NFE."""
+    """Markdown: one row per model, accuracy / FD / recall (domain features) at each NFE, then the floor."""
     head = "| model | solver | CFG | " + " | ".join(f"acc / FD / recall, {n} NFE" for n in nfes) + f" | {teacher_steps} steps |"
     lines = [head, "|" + "---|" * (4 + len(nfes))]
     for model in dict.fromkeys(r["model"] for r in rows):
