@@ -1,22 +1,33 @@
 """train.budget_minutes: how many steps fit the wall-clock budget, re-estimated as the run goes.
 
-A start-of-run timing alone is not enough: on a shared 2-core machine identical runs measured 0.10-0.13
-s/step before their first step, and the pace then drifted by up to 1.5x within a run, so runs ended a
-minute early or late. StepBudget starts from that timing and then refits the step count at every log
-interval from the pace of the recent steps. Periodic work (checkpoints, sample grids, evaluation) is timed
-apart from the steps and reserved for, each kind on its own (`Work`): before the first fit the trainer
-times one checkpoint and a small sample grid (scaled to the real one) and estimates one evaluation, so the
-first fit (and the fallback decided from it) never rests on a guess; from then on each kind costs what its
-slowest event so far cost. The run's end does a checkpoint and a sample grid whatever the periods: a 100-
-image grid once took 3 of a budget's 10 minutes, so it is reserved at its measured cost.
-The LR schedule follows each refit without a jump (fmcli.optim.LRSchedule.retarget).
+`RunBudget` is all of it for one run, called by the trainer at a few named points: `start` (the first fit
+and the train.budget_fallback choice, in a fresh run's setup), `timed` (each checkpoint, sample grid and
+evaluation), `at_log_interval` (a refit) and `record` (what env.json and the checkpoint say). A machine's
+pace drifts within a run, so a timing taken once at the start cannot keep a run inside its budget: the
+steps are refitted at every log interval from the pace of the recent steps (docs/benchmarks.md, "Why the
+budget refits"), the LR schedule following each refit without a jump (fmcli.optim.LRSchedule.retarget).
+Periodic work (checkpoints, sample grids, evaluation) is timed apart from the steps and reserved for, each
+kind on its own (`Work`), measured before the first fit so that the fit and the fallback decided from it
+never rest on a guess; the run's end does a checkpoint and a sample grid whatever the periods, so they are
+reserved at their measured cost.
 
-Pure arithmetic on the times it is given (no clock, no I/O), so tests drive it with made-up times.
+`StepBudget` is the arithmetic: pure, on the times it is given (no clock, no I/O), so tests drive it with
+made-up times. Tests replace `clock` with a simulated machine.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import distributed as D
+
+clock = time.perf_counter  # the budget's clock (tests replace it with a simulated machine)
+CHECKPOINTS, SAMPLES, EVALUATION = 0, 1, 2  # the kinds of periodic work (StepBudget.work)
 
 PACE_WINDOW_STEPS = 1000  # the pace is taken over about this many recent steps (and the last interval alone)
 FIRST_EVENT_SHARE = 0.02  # work never timed (none given, none observed) is assumed to cost this share of the budget per event
@@ -106,3 +117,177 @@ class StepBudget:
         return {"minutes": self.seconds / 60, "requested_steps": self.requested_steps, "steps": self.steps, "refits": self.refits,
                 "pace_seconds": self.pace, "pace_steps": self.pace_steps,
                 "work_seconds": {"every": [w.every for w in self.work], "seconds": [w.cost(self.seconds) for w in self.work]}}
+
+
+def started_on_clock(started_at: float | None) -> float:
+    """When the budget began, on `clock`: at the command's start (`started_at`, time.time(); data preparation,
+    setup and compiling count), or now."""
+    return clock() - (max(0.0, time.time() - started_at) if started_at is not None else 0.0)
+
+
+@dataclass
+class Probes:
+    """What the budget times before its first fit, as callbacks into the run (budget.py knows no trainer)."""
+
+    step_fn: object  # the TrainingStep: real steps on `example`, then undone (RunBudget._measure_step_seconds)
+    example: dict  # one micro-batch as the loader yields it
+    state: Callable[[], dict]  # the checkpoint's state; collective (the RNG gather): every rank calls it
+    grid: Callable  # grid(n, sample_cfg) -> (the first n grid images or None, NFE), sampled from the EMA
+    features: Callable | None  # the evaluator's features of grid images (None: no evaluation during training)
+
+
+class RunBudget:
+    """train.budget_minutes of one run on one rank: every rank measures and follows, rank 0's numbers count.
+
+    Active only in a fresh run with a budget, after `start`; a resume continues the fitted schedule of its
+    checkpoint (it never re-measures, refits or falls back) and `record`s what the checkpoint said."""
+
+    def __init__(self, minutes: float | None, started: float, ctx: D.DistContext, log):
+        self.minutes, self.started, self.ctx, self.log = minutes, started, ctx, log
+        self.fit: StepBudget | None = None  # the arithmetic, once started
+        self.overhead = 0.0  # seconds of periodic work so far
+        self.fallback: dict | None = None  # train.budget_fallback, once chosen
+        self.logged_steps = 0  # the fit the last log line announced
+        self.snapshot: dict | None = None  # the record at the last fit (or the resumed checkpoint's)
+
+    def start(self, cfg, probes: Probes) -> int | None:
+        """A fresh run's first fit of cfg.train.steps: the steps to train, or None where the budget fits fewer
+        than train.budget_fallback.min_steps (the caller builds budget_fallback_config's step and starts again).
+        Without a budget: cfg.train.steps. Only lowers: a fast machine trains the preset's steps."""
+        if self.minutes is None:
+            return cfg.train.steps
+        # Every rank measures (a DDP forward may broadcast buffers: a collective), rank 0's number is used.
+        step_s = D.all_gather_objects(self._measure_step_seconds(probes), self.ctx)[0]
+        with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):  # the run's RNG untouched
+            checkpoint_s, grid_s, eval_s = D.all_gather_objects(self._measure_work(cfg, probes), self.ctx)[0]
+        work = [None] * 3
+        work[CHECKPOINTS] = Work(cfg.train.checkpoint_every, at_end=True, seconds=checkpoint_s)
+        work[SAMPLES] = Work(cfg.train.sample_every, at_end=True, seconds=grid_s)
+        work[EVALUATION] = Work(cfg.eval.every if probes.features is not None else 0, seconds=eval_s)  # no eval.ref: no work
+        self.fit = StepBudget(self.minutes * 60, self.started, cfg.train.steps, tuple(work))
+        steps = D.all_gather_objects(self.fit.first_fit(clock(), step_s), self.ctx)[0]
+        self.snapshot = {"step_seconds": step_s, **self.fit.record(), "fallback": self.fallback}
+        self.log.info(
+            f"budget: {self.minutes:g} min at {step_s:.3f} s/step (measured) -> {steps} steps"
+            + (f" (of the preset's {cfg.train.steps}: this machine is slower than the preset was tuned on; refitted as the run goes)" if steps < cfg.train.steps else "")
+        )
+        if self._falls_back(cfg, steps):
+            return None
+        self.logged_steps = steps
+        return steps
+
+    def timed(self, kind: int, work: Callable):
+        """Run one periodic `work`; under a budget its time is kept apart from the steps' pace and reserved for."""
+        start = clock()
+        out = work()
+        if self.fit is not None:
+            spent = clock() - start
+            self.overhead += spent
+            self.fit.record_work(kind, spent)
+        return out
+
+    def at_log_interval(self, step: int, steps: int) -> int | None:
+        """Rank 0 refits the run's `steps` from the recent pace, every rank follows: the new steps, or None."""
+        if self.fit is None:
+            return None
+        fitted = self.fit.refit(step, clock(), self.overhead) if self.ctx.is_main else None
+        fitted = D.all_gather_objects(fitted, self.ctx)[0]
+        self.snapshot.update(self.fit.record())
+        if fitted == steps:
+            return None
+        if abs(fitted - self.logged_steps) >= 0.02 * self.logged_steps:  # a line per real change, not per jitter
+            self.log.info(f"budget: {fitted} steps at the last {self.fit.pace_steps} steps' pace ({self.fit.pace:.3f} s/step)")
+            self.logged_steps = fitted
+        return fitted
+
+    def restore(self, record: dict | None) -> None:
+        """A resumed run: its checkpoint's record (the fitted steps are in its config)."""
+        self.snapshot = record
+
+    def record(self) -> dict | None:
+        """hardware["budget"] of env.json and the checkpoint: as of the last fit."""
+        return self.snapshot
+
+    def _falls_back(self, cfg, steps: int) -> bool:
+        """train.budget_fallback applies where the budget cut the steps under its min_steps, unless the run
+        starts from weights (train.init_from) whose model a fallback that resizes it could not load."""
+        fallback = cfg.train.budget_fallback
+        if fallback is None or steps >= min(fallback.min_steps, cfg.train.steps):
+            return False
+        if cfg.train.init_from and any(item.startswith("model.") for item in fallback.overrides):
+            self.log.info(f"budget: {steps} steps are under train.budget_fallback.min_steps={fallback.min_steps}, "
+                          "but train.init_from fixes the model: training it as set")
+            return False
+        self.log.info(
+            f"budget: {steps} steps are under train.budget_fallback.min_steps={fallback.min_steps}; "
+            f"training the preset's fallback instead: {' '.join(fallback.overrides)}"
+        )
+        self.fallback = {"from_steps": steps, "min_steps": fallback.min_steps, "overrides": fallback.overrides}
+        return True
+
+    # ------------------------------------------------------------------------------------ measuring
+
+    def _measure_step_seconds(self, probes: Probes) -> float:
+        """Seconds per real optimizer step (forward/backward of every micro batch, clipping, optimizer, EMA),
+        timed on `probes.example` and then undone: the trained state is restored bit for bit, so a run with a
+        budget that does not cut its steps trains exactly as one without. Timing forward/backward alone
+        misses the optimizer and EMA, and fitted runs that went over their budget."""
+        import copy
+        import itertools
+
+        from .autotune import seconds_per_call
+
+        step_fn = probes.step_fn
+        saved = copy.deepcopy(step_fn.state_dict())
+        batches = itertools.repeat(probes.example)
+        try:
+            # The first step after compiling pays one-off costs (optimizer state, allocator growth, lazy
+            # kernels): untimed; then the median of 5 (a shared machine's speed varies minute to minute).
+            step_fn(batches, 0, 0)
+            return seconds_per_call(lambda: step_fn(batches, 0, 0), 5, self.ctx.device)
+        finally:
+            step_fn.load_state_dict(saved)
+
+    def _measure_work(self, cfg, probes: Probes) -> tuple[float, float, float | None]:
+        """Seconds of one checkpoint, one sample grid and one evaluation (None without one), measured (grid,
+        evaluation: estimated from a small measured part) before the first fit. Nothing is written to the
+        run: the checkpoint goes to a temporary folder; the grid is sampled, not saved."""
+        import tempfile
+
+        from .checkpoint import save_atomic
+
+        start = clock()
+        state = probes.state()  # collective (RNG gather): every rank takes part
+        if not self.ctx.is_main:
+            return 0.0, 0.0, None  # rank 0's numbers are used
+        with tempfile.TemporaryDirectory(prefix="fm-budget-") as tmp:
+            save_atomic(state, Path(tmp) / "step.pt")
+        checkpoint_s = clock() - start
+        del state
+        grid_s, images, per_image_s = self._measure_grid(cfg.sample, probes.grid)
+        eval_s = None
+        if probes.features is not None:  # generation as the grid's per image, plus the features of the grid's images
+            start = clock()
+            probes.features(images)
+            features_s = (clock() - start) / len(images)
+            eval_s = (per_image_s + features_s) * cfg.eval.num_samples / self.ctx.world_size
+        return checkpoint_s, grid_s, eval_s
+
+    @staticmethod
+    def _measure_grid(sample_cfg, grid: Callable) -> tuple[float, torch.Tensor, float]:
+        """(seconds of the sample grid, the images sampled to time it, seconds per image): the grid's own
+        batch sampled with one solver step (after CFG-Zero*'s zero-init steps, which evaluate nothing),
+        scaled to the network evaluations of the real grid (an adaptive solver: one image solved in full,
+        scaled to the grid's count). One-off costs (a VAE's loading, lazy kernels) are counted in, on the
+        side of an overestimate; a machine that slows down later is caught by the refits."""
+        from .sampling import ADAPTIVE_SOLVERS, nfe_of
+
+        n = sample_cfg.grid_size
+        adaptive = sample_cfg.solver in ADAPTIVE_SOLVERS
+        zero_init = sample_cfg.zero_init_steps if sample_cfg.guidance == "cfg-zero" else 0
+        probe_cfg = sample_cfg if adaptive else sample_cfg.model_copy(update={"steps": min(sample_cfg.steps, zero_init + 1)})
+        start = clock()
+        x, nfe = grid(1 if adaptive else n, probe_cfg)
+        seconds = clock() - start
+        grid_s = seconds * n if adaptive else seconds * nfe_of(sample_cfg.solver, sample_cfg.steps) / max(1, nfe)
+        return grid_s, x, grid_s / n

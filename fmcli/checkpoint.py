@@ -1,25 +1,88 @@
-"""Checkpoints: atomic save (temp file, fsync, rename), safe load (weights_only), rotation, `latest`."""
+"""Checkpoints: the full training state (`training_state`: the trained state, data position, every rank's RNG,
+config, hardware record) and its restore; atomic save (temp file, fsync, rename), safe load (weights_only),
+rotation, `latest`."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import pickle
+import random
 import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import __version__
+from . import distributed as D
 from .errors import UsageError
 from .fsutil import atomic_write, fsync_dir, write_text_atomic
+from .runlog import step_name
 
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
 EXPORT_MANIFEST = "fm_export.json"  # marks an `fm export` directory (weights only; export.py reads it)
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}.pt"
+def training_state(trained: dict, *, step: int, batches: int, position: tuple[int, int], ctx: D.DistContext, config: dict,
+                   data_info: dict, hardware: dict) -> dict:
+    """What a checkpoint holds: `trained` (TrainingStep.state_dict: model, EMA, optimizer, schedulers, scaler),
+    the optimizer steps taken, the data position (epoch, index in it, global batches drawn), every rank's RNG,
+    the config, what sampling needs to know of the data, and how the hardware and budget were chosen.
+    Collective (the RNG gather): every rank calls it."""
+    epoch, index = position
+    return {
+        "format": 1,
+        **trained,
+        "step": step,
+        "data_position": {"epoch": epoch, "index": index, "batches": batches},
+        "rng": D.all_gather_objects(rng_state(ctx.device), ctx),
+        "world_size": ctx.world_size,
+        "config": config,
+        "data_info": data_info,
+        "fm_version": __version__,
+        "hardware": hardware,
+    }
+
+
+def restore_rng(state: dict, ctx: D.DistContext) -> None:
+    """This rank's RNG from training_state() (saved at the same world size; else the streams start fresh)."""
+    rngs = state.get("rng") or []
+    if len(rngs) == ctx.world_size:
+        set_rng_state(rngs[ctx.rank], ctx.device)
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's python, numpy, torch (and CUDA) RNG states, as weights_only-loadable values."""
+    return {
+        "python": list(random.getstate()[1]),
+        "numpy": numpy_rng_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def set_rng_state(rng: dict, device: torch.device) -> None:
+    random.setstate((3, tuple(rng["python"]), None))
+    set_numpy_rng_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+
+
+def numpy_rng_state() -> dict:
+    """numpy's whole legacy RNG state (key, position, cached Gaussian) as weights_only-loadable values."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def set_numpy_rng_state(state) -> None:
+    """Restore numpy_rng_state(); a bare key tensor (checkpoints before the full state was kept) restores the key only."""
+    if isinstance(state, dict):
+        np.random.set_state(("MT19937", state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached_gaussian"]))
+    else:
+        np.random.set_state(("MT19937", state.numpy().astype(np.uint32), *np.random.get_state()[2:]))
 
 
 def save_atomic(state: dict, path: str | Path) -> Path:
@@ -45,7 +108,7 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int
     moved = set_aside_from(ckpt_dir, step)
     if moved and log is not None:
         log(f"rollback: moved {len(moved)} checkpoint(s) of the abandoned branch to {moved[0].parent}")
-    path = save_atomic(state, ckpt_dir / checkpoint_name(step))
+    path = save_atomic(state, ckpt_dir / step_name(step, ".pt"))
     write_latest(ckpt_dir, path.name)
     rotate(ckpt_dir, keep_last, keep_every, current=step)
     return path
@@ -60,8 +123,8 @@ def set_aside_from(ckpt_dir: Path, step: int) -> list[Path]:
     aside = _new_aside_dir(ckpt_dir, step)
     moved = []
     for s in newer:
-        target = aside / checkpoint_name(s)
-        os.replace(ckpt_dir / checkpoint_name(s), target)
+        target = aside / step_name(s, ".pt")
+        os.replace(ckpt_dir / step_name(s, ".pt"), target)
         moved.append(target)
     fsync_dir(aside)
     fsync_dir(ckpt_dir)
@@ -91,7 +154,7 @@ def rotate(ckpt_dir: Path, keep_last: int, keep_every: int = 0, current: int | N
     removed = []
     for s in steps:
         if s not in keep:
-            p = ckpt_dir / checkpoint_name(s)
+            p = ckpt_dir / step_name(s, ".pt")
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

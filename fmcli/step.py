@@ -123,7 +123,9 @@ class TrainingStep:
         self.optimizer = build_optimizer(self.model, cfg.optim, ns_dtype=ns_dtype)
         self.schedule, self.schedulers = build_schedulers(self.optimizer, cfg.optim, cfg.train.steps)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
-        self.ddp = self.forward = self.model
+        # What a step calls: `wrapped` is the model under DDP where several processes train (else the model
+        # itself), `train_forward` that one compiled when wrap() compiles (else the same module).
+        self.wrapped = self.train_forward = self.model
         self.compile_warning: str | None = None  # set when torch.compile failed and the step runs eager
 
     def wrap(self, compile_model: bool, example: dict, log=lambda message: None) -> bool:
@@ -137,30 +139,36 @@ class TrainingStep:
 
         if self.ctx.distributed:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         warnings = []
         choice = CompileChoice(compile_model, bool(compile_model), "")
-        self.forward = compile_with_fallback(self.ddp, lambda f: self.forward_backward(example, f), lambda m: warnings.append(m) or log(m), choice)
-        if self.ctx.distributed and D.any_rank(choice.fell_back, self.ctx) and self.forward is not self.ddp:
-            self.forward, choice.compile = self.ddp, False  # one rank could not compile: all run the same eager program
+        self.train_forward = compile_with_fallback(self.wrapped, lambda f: self.warm_up(example, f), lambda m: warnings.append(m) or log(m), choice)
+        if self.ctx.distributed and D.any_rank(choice.fell_back, self.ctx) and self.train_forward is not self.wrapped:
+            self.train_forward, choice.compile = self.wrapped, False  # one rank could not compile: all run the same eager program
         self.compile_warning = (warnings or [None])[0]
         return choice.compile
 
-    def forward_backward(self, batch: dict, forward=None) -> None:
-        """One forward/backward of a micro-batch at t = 0.5 (no random stream, no optimizer step, gradients
-        dropped): compiles a lazy torch.compile (wrap)."""
-        forward = self.forward if forward is None else forward  # not `or`: a compiled module has no truth value
+    def warm_up(self, batch: dict, forward=None) -> None:
+        """The compile warm-up: one forward/backward of a micro-batch at t = 0.5 through `forward` (default
+        `train_forward`; no random stream, no optimizer step, gradients dropped), which makes a lazy
+        torch.compile compile now (wrap)."""
+        forward = self.train_forward if forward is None else forward  # not `or`: a compiled module has no truth value
         x = batch["x"].to(self.ctx.device)
         t = torch.full((x.shape[0],), 0.5, device=self.ctx.device)
         cond = self._condition(batch, torch.zeros(x.shape[0], dtype=torch.bool))
         if self.cfg.flow.objective == "meanflow":  # compile the call the step makes
             cond["t_end"] = t
-        sync = self.ddp.no_sync() if self.ctx.distributed else contextlib.nullcontext()
+        sync = self.wrapped.no_sync() if self.ctx.distributed else contextlib.nullcontext()
         with sync:
             with autocast(self.cfg.train.precision, self.ctx.device):
                 out = forward(x, t, **cond)
             out.float().square().mean().backward()
         self.model.zero_grad(set_to_none=True)
+
+    @property
+    def total_steps(self) -> int:
+        """The run's length: train.steps of the config this step trains (the one copy; the trainer reads it)."""
+        return self.cfg.train.steps
 
     def set_total_steps(self, steps: int, at_step: int = 0) -> None:
         """A new run length from `at_step` on (train.budget_minutes), the LR continuous (LRSchedule.retarget)."""
@@ -202,10 +210,10 @@ class TrainingStep:
             xt, ut = interpolate(x0, x1, t, cfg.flow.sigma_min)
             cond = self._condition(batch, draws["drop"][rows])
             last = a == self.accum - 1
-            sync = self.ddp.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
+            sync = self.wrapped.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
             with sync, amp:
                 if draws["ends"] is None:
-                    loss = logged = flow_matching_loss(self.forward(xt, t, **cond), ut)
+                    loss = logged = flow_matching_loss(self.train_forward(xt, t, **cond), ut)
                 else:
                     loss, logged = self._mean_flow_loss(xt, t, draws["ends"][rows].to(ctx.device), ut, cond)
             self.scaler.scale(loss / self.accum).backward()
@@ -259,10 +267,10 @@ class TrainingStep:
 
     def _mean_flow_loss(self, xt, t, t_end, v, cond) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted loss, plain MSE) of the mean-flow prediction against its stop-gradient target. The
-        prediction goes through `self.forward` (DDP, compiled), so its gradients are averaged across ranks as
+        prediction goes through `self.train_forward` (DDP, compiled), so its gradients are averaged across ranks as
         for flow matching; the JVP runs on the bare module outside DDP's reducer and carries no gradient."""
         target = mean_flow_target(self.model, xt, t, t_end, v, cond)
-        prediction = self.forward(xt, t, t_end=t_end, **cond)
+        prediction = self.train_forward(xt, t, t_end=t_end, **cond)
         return mean_flow_loss(prediction, target, self.cfg.flow.meanflow_power)
 
     def _condition(self, batch: dict, drop: torch.Tensor) -> dict:

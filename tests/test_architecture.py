@@ -419,3 +419,52 @@ def test_long_function_allow_list_only_holds_long_functions():
         if not lengths or max(lengths) <= MAX_FUNCTION_LINES:
             stale.append(f"({module!r}, {name!r})")
     assert not stale, f"LONG_FUNCTIONS lists {', '.join(stale)}, now at most {MAX_FUNCTION_LINES} lines or gone: delete the entries (#29)"
+
+
+# ------------------------------------------------------------------------ attributes are made in __init__
+
+ATTRIBUTE_MODULES = ("train.py", "budget.py", "step.py", "checkpoint.py")
+
+
+def _self_targets(node: ast.AST, self_name: str) -> set[str]:
+    """Attributes `self_name.x` that assignments anywhere under `node` write (tuples, annotations, += included)."""
+    names = set()
+    for n in ast.walk(node):
+        targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, (ast.AnnAssign, ast.AugAssign)) else []
+        for target in targets:
+            for t in ast.walk(target):
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == self_name and isinstance(t.ctx, ast.Store):
+                    names.add(t.attr)
+    return names
+
+
+def attributes_made_outside_init(source: str) -> list[str]:
+    """`Class.method: self.x` for every attribute a method assigns that neither __init__ nor the class body
+    (dataclass fields, class attributes) assigns first."""
+    found = []
+    for cls in (n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef)):
+        methods = [m for m in cls.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and m.args.args]
+        declared = {t.id for n in cls.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                    for target in (n.targets if isinstance(n, ast.Assign) else [n.target]) for t in ast.walk(target) if isinstance(t, ast.Name)}
+        declared |= {m.name for m in methods}  # properties and methods
+        for m in methods:
+            if m.name == "__init__":
+                declared |= _self_targets(m, m.args.args[0].arg)
+        for m in methods:
+            if m.name != "__init__" and not any(isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod") for d in m.decorator_list):
+                found += [f"{cls.name}.{m.name}: self.{a}" for a in sorted(_self_targets(m, m.args.args[0].arg) - declared)]
+    return found
+
+
+def test_the_attribute_check_finds_a_planted_attribute():
+    planted = "class A:\n    def __init__(self):\n        self.a = 1\n    def later(self):\n        self.a, self.b = 2, 3\n        self.c += 1\n"
+    assert attributes_made_outside_init(planted) == ["A.later: self.b", "A.later: self.c"]
+    dataclass_like = "class B:\n    steps: int = 0\n    def refit(self):\n        self.steps = 1\n"
+    assert attributes_made_outside_init(dataclass_like) == []
+
+
+@pytest.mark.parametrize("module", ATTRIBUTE_MODULES)
+def test_every_attribute_is_assigned_in_init(module):
+    """Issue #29: a class's attributes are all made in its __init__ (or class body); methods only change them."""
+    made_later = attributes_made_outside_init((PACKAGE / module).read_text())
+    assert not made_later, f"fmcli/{module}: attributes first assigned outside __init__ (assign them in __init__): " + ", ".join(made_later)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import QuietLog
-from fmcli import train as train_mod
+from fmcli import budget as budget_mod
 from fmcli.budget import FIRST_EVENT_SHARE, MARGIN_SHARE, StepBudget, Work
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config, validate_config
@@ -140,7 +140,7 @@ def test_a_retargeted_schedule_survives_the_scheduler_checkpoint():
 
 class SimulatedMachine(QuietLog):
     """Advances a fake clock by pace(step) per training step (through the progress callback the loop calls
-    once per step); train_mod.clock reads it."""
+    once per step); budget_mod.clock reads it."""
 
     def __init__(self, pace):
         self.now, self.pace, self.lines = 0.0, pace, []
@@ -162,9 +162,9 @@ def cfg_for(data, *overrides):
 
 def test_the_trainer_refits_its_steps_when_the_machine_slows_down_and_a_resume_keeps_them(tmp_path, shapes16, monkeypatch):
     machine = SimulatedMachine(lambda step: 0.01 if step < 30 else 0.02)
-    monkeypatch.setattr(train_mod, "clock", lambda: machine.now)
-    monkeypatch.setattr(train_mod.Trainer, "_measure_step_seconds", lambda self, example: 0.01)
-    monkeypatch.setattr(train_mod.Trainer, "_measure_work", lambda self: (0.02, 0.03, None))  # checkpoint, grid, no eval
+    monkeypatch.setattr(budget_mod, "clock", lambda: machine.now)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_step_seconds", lambda self, probes: 0.01)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_work", lambda self, cfg, probes: (0.02, 0.03, None))  # checkpoint, grid, no eval
     overrides = ["train.steps=400", "train.budget_minutes=0.02", "train.log_every=1", "train.checkpoint_every=40",
                  "train.sample_every=0", "optim.warmup_frac=0.05"]
     result = train(cfg_for(shapes16, *overrides), tmp_path / "run", log=machine)
@@ -204,9 +204,9 @@ WORK = (0.3, 0.5, None)  # seconds of a checkpoint and a sample grid, as if meas
 @pytest.mark.parametrize("step_seconds, falls_back", [(0.05, True), (0.001, False)])
 def test_a_machine_too_slow_for_the_recipe_trains_the_fallback(tmp_path, shapes16, monkeypatch, step_seconds, falls_back):
     machine = SimulatedMachine(lambda step: step_seconds)
-    monkeypatch.setattr(train_mod, "clock", lambda: machine.now)
-    monkeypatch.setattr(train_mod.Trainer, "_measure_step_seconds", lambda self, example: step_seconds)
-    monkeypatch.setattr(train_mod.Trainer, "_measure_work", lambda self: WORK)
+    monkeypatch.setattr(budget_mod, "clock", lambda: machine.now)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_step_seconds", lambda self, probes: step_seconds)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_work", lambda self, cfg, probes: WORK)
     cfg = cfg_for(shapes16, "train.steps=150", "train.budget_minutes=0.1", "train.log_every=50", *FALLBACK)
     assert cfg.model.hidden_size != 16
     result = train(cfg, tmp_path / "run", log=machine)
@@ -251,9 +251,9 @@ def test_an_explicit_setting_wins_over_the_presets_fallback():
 
 def test_no_fallback_where_the_budget_did_not_cut_the_steps_or_init_from_fixes_the_model(tmp_path, shapes16, monkeypatch, debug_run):
     machine = SimulatedMachine(lambda step: 0.05)
-    monkeypatch.setattr(train_mod, "clock", lambda: machine.now)
-    monkeypatch.setattr(train_mod.Trainer, "_measure_step_seconds", lambda self, example: 0.05)
-    monkeypatch.setattr(train_mod.Trainer, "_measure_work", lambda self: WORK)
+    monkeypatch.setattr(budget_mod, "clock", lambda: machine.now)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_step_seconds", lambda self, probes: 0.05)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_work", lambda self, cfg, probes: WORK)
     # 30 requested steps all fit (though under min_steps=100): nothing was cut, the recipe stays
     train(cfg_for(shapes16, "train.steps=30", "train.budget_minutes=0.1", *FALLBACK), tmp_path / "short", log=machine)
     assert load_checkpoint(resolve_checkpoint(tmp_path / "short"))["hardware"]["budget"]["fallback"] is None

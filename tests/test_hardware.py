@@ -149,15 +149,15 @@ def test_fm_env_json_fields(tmp_path):
 
 
 def test_budget_lowers_steps_on_a_slow_machine_and_resume_keeps_them(tmp_path, shapes16, monkeypatch):
-    from fmcli import train as train_mod
+    from fmcli import budget as budget_mod
     from fmcli.config import validate_config
 
     # A slow machine, whatever this one is: 20 ms per step (the real measurement is tested to be positive below).
-    real = train_mod.Trainer._measure_step_seconds
+    real = budget_mod.RunBudget._measure_step_seconds
     measured = []
-    monkeypatch.setattr(train_mod.Trainer, "_measure_step_seconds", lambda self, example: measured.append(real(self, example)) or 0.02)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_step_seconds", lambda self, probes: measured.append(real(self, probes)) or 0.02)
 
-    monkeypatch.setattr(train_mod, "clock", lambda: 0.0)  # setup takes no time on this clock (tests/test_budget.py drives refits)
+    monkeypatch.setattr(budget_mod, "clock", lambda: 0.0)  # setup takes no time on this clock (tests/test_budget.py drives refits)
     request = ["train.steps=40", "train.budget_minutes=0.005", "train.checkpoint_every=0", "train.log_every=1000"]
     first = train(cfg_for(shapes16, *request), tmp_path / "run", stop_at_step=2, log=QuietLog())
     state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))

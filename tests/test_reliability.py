@@ -322,7 +322,7 @@ def test_item14_pickled_code_is_not_an_fm_checkpoint(tmp_path, capsys):
 
 def test_item15_numpy_rng_state_is_saved_whole(run_with_ckpt):
     from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
-    from fmcli.train import numpy_rng_state, set_numpy_rng_state
+    from fmcli.checkpoint import numpy_rng_state, set_numpy_rng_state
 
     np.random.seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian and a position inside the key

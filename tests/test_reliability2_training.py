@@ -285,23 +285,23 @@ def test_item04_the_fallback_is_decided_from_timed_checkpoints_and_grids_not_a_g
     2 % of the budget each, they had cut the run to ~80 steps, under min_steps=99: a needless fallback."""
     import time
 
-    from fmcli import train as train_mod
+    from fmcli import budget as budget_mod
 
     machine = SimulatedMachine(0.1)
     simulated = lambda: machine.now  # noqa: E731
-    monkeypatch.setattr(train_mod, "clock", simulated)
-    monkeypatch.setattr(train_mod.Trainer, "_measure_step_seconds", lambda self, example: 0.1)
-    real_measure, measured = getattr(train_mod.Trainer, "_measure_work", None), []
+    monkeypatch.setattr(budget_mod, "clock", simulated)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_step_seconds", lambda self, probes: 0.1)
+    real_measure, measured = budget_mod.RunBudget._measure_work, []
 
-    def measure_on_the_real_clock(self):  # the real checkpoint save and grid, timed for real
-        monkeypatch.setattr(train_mod, "clock", time.perf_counter)
+    def measure_on_the_real_clock(self, cfg, probes):  # the real checkpoint save and grid, timed for real
+        monkeypatch.setattr(budget_mod, "clock", time.perf_counter)
         try:
-            measured.append(real_measure(self))
+            measured.append(real_measure(self, cfg, probes))
         finally:
-            monkeypatch.setattr(train_mod, "clock", simulated)
+            monkeypatch.setattr(budget_mod, "clock", simulated)
         return measured[-1]
 
-    monkeypatch.setattr(train_mod.Trainer, "_measure_work", measure_on_the_real_clock, raising=False)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_work", measure_on_the_real_clock)
     fallback = ["train.budget_fallback.min_steps=99", "train.budget_fallback.overrides=['model.hidden_size=16']"]
     cfg = _debug(shapes16, "train.steps=100", "train.budget_minutes=0.2", "train.checkpoint_every=5", "train.keep_last=1",
                  "sample.grid_size=2", "sample.steps=1", "eval.every=20", *fallback)  # eval.every without eval.ref: no work
@@ -317,11 +317,12 @@ def test_item04_the_fallback_is_decided_from_timed_checkpoints_and_grids_not_a_g
 def test_item16_a_budget_reserves_the_final_grid_at_its_measured_cost_and_ends_within_it(tmp_path, shapes16, monkeypatch):
     """The final sample grid costs 4 s of a 6 s budget (0.05 s per image and network evaluation, simulated):
     reserved at 2 % it had let the run fit ~115 steps and end near 10 s."""
+    from fmcli import budget as budget_mod
     from fmcli import train as train_mod
 
     machine = SimulatedMachine(0.05)
-    monkeypatch.setattr(train_mod, "clock", lambda: machine.now)
-    monkeypatch.setattr(train_mod.Trainer, "_measure_step_seconds", lambda self, example: 0.05)
+    monkeypatch.setattr(budget_mod, "clock", lambda: machine.now)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_step_seconds", lambda self, probes: 0.05)
     real_sample = train_mod.sample_batch
 
     def slow_sample(model, x0, labels, sample_cfg, **kwargs):
