@@ -211,7 +211,9 @@ class SamplingNet:
                  compile_choice: CompileChoice | None = None, log: Callable[[str], None] = lambda message: None):
         self.module, self.precision, self.device, self.log = module.eval(), precision, device, log
         self.compile_choice = compile_choice or CompileChoice(False, False, "not compiled")
-        self._compiled = torch.compile(module) if self.compile_choice.compile else None
+        # Inductor's freezing folds the (fixed) weights into the graph as constants, pre-packed for the GEMM
+        # library: the weights must not change while this net lives (sampling commands load them once).
+        self._compiled = torch.compile(module, options={"freezing": True}) if self.compile_choice.compile else None
         self._graph_batch = 0  # the batch size the compiled graph was first called with
 
     @property

@@ -90,3 +90,23 @@ def test_cpu_bf16_autocast_runs_attention_in_fp32_and_matches_fp32_forward(monke
     assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
     out.float().pow(2).mean().backward()  # and the mixed graph differentiates
     assert all(p.grad is not None for p in model.blocks[0].attn.parameters())
+
+
+def test_cpu_bf16_attention_without_gradients_stays_bf16(monkeypatch):
+    # Sampling (no backward to follow) runs CPU SDPA in bf16, its faster forward; training keeps fp32 (above).
+    torch.manual_seed(2)
+    model = perturbed(tiny())
+    x, t, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.randint(0, 10, (4,))
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(q.dtype)
+        return real_sdpa(q, k, v, **kw)
+
+    reference = model(x, t, y)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen)
+    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()

@@ -129,7 +129,7 @@ def test_a_compile_that_fails_falls_back_to_eager_with_one_warning(monkeypatch):
         def __call__(self, *args, **kwargs):
             raise RuntimeError("inductor: no C++ compiler\nmore detail")
 
-    monkeypatch.setattr(torch, "compile", lambda module: Broken())
+    monkeypatch.setattr(torch, "compile", lambda module, **options: Broken())
     loaded, lines = tiny_loaded(), []
     sc = SampleConfig(solver="euler", steps=3, cfg=2.0, precision="fp32", compile=True)
     prepared = prepare_for_sampling(loaded, sc, CPU, lines.append)
@@ -144,7 +144,8 @@ def test_the_compiled_module_is_built_once_and_sees_one_batch_size(monkeypatch):
     its samples are those of an unpadded eager run."""
     built, sizes = [], []
 
-    def fake_compile(module):
+    def fake_compile(module, **options):
+        assert options == {"options": {"freezing": True}}  # sampling's weights are fixed: inductor may fold them
         built.append(module)
         return lambda x, t, **cond: sizes.append((x.shape[0], t.shape[0], cond["y"].shape[0])) or module(x, t, **cond)
 

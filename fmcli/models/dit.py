@@ -167,10 +167,11 @@ class Attention(nn.Module):
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """SDPA, in fp32 for bf16 inputs on the CPU: PyTorch's CPU flash-attention backward in bf16 is several
-    times slower than in fp32 (it was 45 % of a bf16 training step), while the GEMMs around it gain from bf16.
-    CPU autocast would cast the inputs straight back to bf16, so it is switched off for this one call."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    """SDPA, in fp32 for bf16 inputs on the CPU when a backward will follow: PyTorch's CPU flash-attention
+    backward in bf16 is several times slower than in fp32 (it was 45 % of a bf16 training step), while the GEMMs
+    around it gain from bf16. CPU autocast would cast the inputs straight back to bf16, so it is switched off
+    for this one call. Without gradients (sampling) the bf16 forward is the faster one (docs/benchmarks.md)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
