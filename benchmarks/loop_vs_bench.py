@@ -104,7 +104,7 @@ def parts(args) -> dict:
     from torch.utils.data import DataLoader
 
     from fmcli import distributed as D
-    from fmcli.autotune import synthetic_batches
+    from fmcli.measure import synthetic_batches
     from fmcli.config import load_config, resolve
     from fmcli.data.prepared import PreparedDataset, collate_batched
     from fmcli.data.sampler import RankBatchSampler

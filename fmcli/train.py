@@ -369,7 +369,7 @@ class Trainer:
         import copy
         import itertools
 
-        from .autotune import seconds_per_call
+        from .measure import seconds_per_call
 
         saved = copy.deepcopy(self.step_fn.state_dict())
         batches = itertools.repeat(example)

@@ -24,7 +24,6 @@ MAX_FUNCTION_LINES = 80
 # paths relative to fmcli/. The list only shrinks: remove an edge when the code stops needing it (the test
 # then asks for its removal here and from the table in docs/architecture.md section 2); never add one.
 KNOWN_WRONG_WAY = {
-    ("autotune.py", "generate.py"),  # fm bench --mode sample times one solve through generate.sample_batch
     ("encoders.py", "data/prepared.py"),  # a dataset's recorded encoder paths and captions (data_space, read_captions)
     ("encoders.py", "data/sources.py"),  # the built-in tiny T5's vocabulary is the shapes captions' words
     ("generate.py", "export.py"),  # fm sample --ckpt DIR loads an `fm export` directory (is_export, load_export)
@@ -98,7 +97,7 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 def test_no_import_cycle_inside_fmcli():
     graph = import_graph()
-    assert "fmcli.step" in graph["fmcli.train"] and "fmcli.step" in graph["fmcli.autotune"]
+    assert "fmcli.step" in graph["fmcli.train"] and "fmcli.step" in graph["fmcli.measure"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -111,7 +110,7 @@ def test_autotune_and_training_run_the_same_step_function(tmp_path, shapes16, mo
     from conftest import QuietLog
 
     from fmcli import step as step_mod
-    from fmcli.autotune import BenchSpec, measure
+    from fmcli.measure import BenchSpec, measure
     from fmcli.config import config_to_dict, load_config, resolve_without_data
     from fmcli.train import train
 

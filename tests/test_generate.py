@@ -164,7 +164,8 @@ def test_the_compiled_module_is_built_once_and_sees_one_batch_size(monkeypatch):
 def test_bench_measures_the_sampling_path_of_fm_sample(monkeypatch, tmp_path, debug_run):
     """A spy on prepare_for_sampling, iterate_samples and SamplingNet.__call__: `fm sample` and the bench's
     sampling trial go through the same functions, at the precision and compile each resolved."""
-    from fmcli.autotune import BenchSpec, measure
+    from fmcli.bench import measure_bench as measure
+    from fmcli.measure import BenchSpec
     from fmcli.config import config_to_dict, resolve_without_data
     from fmcli.distributed import DistContext
     from fmcli.generate import sample_command
