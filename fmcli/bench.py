@@ -97,7 +97,7 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
         # Muon picks fm's matrices by module name, which diffusers' model does not share: compare at equal optimizer.
         log(f"--compare: both models train with AdamW (the preset's optim.name is {cfg.optim.name!r})")
         cfg = cfg.with_section("optim", name="adamw")
-    from .distributed import resolve_device
+    from .hardware import resolve_device
 
     device = resolve_device(opts.device)
     name = device_name(device)
@@ -208,16 +208,15 @@ def resolve_bench_sampling(cfg: Config, device: torch.device, opts: BenchOptions
 def resolve_bench_hardware(cfg: Config, device: torch.device, precision_setting: str, compile_setting, log) -> dict:
     """Precision, compile and Muon dtype as `fm train` resolves them here, plus the CPU probe's numbers."""
     from . import hardware
-    from .step import precision_probe_step, resolve_hardware
 
-    if compile_setting not in (True, False, "auto"):
+    if compile_setting not in hardware.COMPILE_SETTINGS:
         raise UsageError(f"--compile must be true, false or auto, not {compile_setting!r}")
     cfg = cfg.with_section("train", precision=precision_setting, compile=compile_setting)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-    choice, compile_choice, ns_dtype = resolve_hardware(cfg, device, shape)
+    choice, compile_choice, ns_dtype = hardware.resolve_hardware(cfg, device, shape)
     probe = choice.probe
     if probe is None and device.type == "cpu":  # an explicit precision: still report what the CPU does
-        probe = hardware.probe_cpu(cfg.model.hidden_size, *precision_probe_step(cfg, shape))
+        probe = hardware.probe_cpu(cfg.model.hidden_size, *hardware.precision_probe_step(cfg, shape))
     log(f"precision: {choice.precision} ({choice.reason}); compile: {'on' if compile_choice.compile else 'off'} ({compile_choice.reason})")
     if choice.warning:
         log(choice.warning)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -26,6 +27,8 @@ ENV_VAE = "FM_VAE"
 ENV_TEXT_ENCODER = "FM_TEXT_ENCODER"
 BUILTIN_TINY_T5 = "builtin:tiny-t5"
 BUILTIN_DIR = Path("data") / "builtin-tiny-t5"
+VAE_PRECISIONS = ("fp32", "bf16")  # FrozenVAE's decoding precision (bf16 only on CUDA)
+VaePrecision = Literal[VAE_PRECISIONS]  # type: ignore[valid-type]  (encoders.vae_precision)
 
 _VAE_HINT = "huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir {path}"
 _TEXT_HINT = "huggingface-cli download google-t5/t5-small --local-dir {path}"

@@ -274,7 +274,7 @@ class Trainer:
         it on any machine; the decision, its reason and the probe's numbers go to env.json and the checkpoint.
         """
         from .hardware import choice_lines
-        from .step import resolve_hardware
+        from .hardware import resolve_hardware
 
         ctx = self.ctx
         decision = resolve_hardware(cfg, ctx.device, tuple(self.dataset.manifest["shape"])) if ctx.is_main else None

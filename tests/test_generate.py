@@ -37,12 +37,12 @@ def samples(loaded, sc, batch_size, n=7, seed=11):
 
 @pytest.mark.parametrize("forced, expected", [("bf16-fast", "bf16"), ("bf16-slow", "fp32")])
 def test_auto_precision_follows_the_probe_as_training_does(monkeypatch, forced, expected):
-    from fmcli.step import resolve_hardware
+    from fmcli.hardware import resolve_hardware
 
     monkeypatch.setenv(hardware.FORCE_ENV, forced)
     cfg = tiny_loaded().config
     precision, _ = resolve_sampling_hardware(cfg, SampleConfig(precision="auto", compile=False), CPU)
-    trained, _, _ = resolve_hardware(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "auto"})}), CPU, (3, 8, 8))
+    trained, _, _ = resolve_hardware(cfg.with_section("train", precision="auto"), CPU, (3, 8, 8))
     assert precision.precision == trained.precision == expected
     assert precision.reason.startswith("auto:") and "forced" in precision.reason
 
