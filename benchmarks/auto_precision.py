@@ -47,7 +47,7 @@ def interleaved(preset: str, batch: int, steps: int, rounds: int, names: list[st
 
     import torch
 
-    from fmcli.autotune import BenchSpec, train_step_fn
+    from fmcli.measure import BenchSpec, train_step_fn
     from fmcli.bench import resolve_bench_hardware
     from fmcli.config import config_to_dict, load_config, resolve_without_data
     from fmcli.models import build_model

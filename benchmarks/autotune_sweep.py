@@ -19,7 +19,8 @@ from dataclasses import replace
 
 import torch
 
-from fmcli.autotune import BenchSpec, autotune_training, device_name, measure, measure_isolated
+from fmcli.autotune import autotune_training
+from fmcli.measure import BenchSpec, device_name, measure, measure_isolated
 from fmcli.config import resolve_without_data as resolve_bench_config
 from fmcli.config import config_to_dict, load_config
 

@@ -18,8 +18,8 @@ from dataclasses import replace
 
 import torch
 
-from fmcli.autotune import BenchSpec, device_name, measure, measure_isolated, train_step_fn
-from fmcli.bench import dit_forward_flops, peak_flops
+from fmcli.measure import BenchSpec, device_name, measure_isolated, train_step_fn
+from fmcli.bench import dit_forward_flops, measure_bench, peak_flops
 from fmcli.config import resolve_without_data as resolve_bench_config
 from fmcli.models import build_bench_model
 from fmcli.hardware import autocast as _autocast
@@ -49,7 +49,7 @@ def main() -> int:
 
     cfg = resolve_bench_config(load_config("quickstart", DIT_S2 + args.overrides))
     dev = torch.device(args.device)
-    run = measure_isolated if dev.type == "cpu" else measure
+    run = (lambda spec: measure_isolated(spec, measure_bench)) if dev.type == "cpu" else measure_bench
     base = BenchSpec(config=config_to_dict(cfg), batch=args.batch, mode=args.mode, steps=args.steps, warmup=args.warmup, device=dev.type)
     name = device_name(dev)
     fwd = dit_forward_flops(cfg.model)

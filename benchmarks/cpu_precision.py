@@ -1,6 +1,6 @@
 """CPU training-step throughput of a preset's DiT: fp32 vs bf16 autocast, attention in bf16 vs fp32, eager vs compiled.
 
-The step is `fm bench`'s (`fmcli.autotune.train_step_fn`, i.e. step.TrainingStep: the preset's flow path, loss, clipping, optimizer).
+The step is `fm bench`'s (`fmcli.measure.train_step_fn`, i.e. step.TrainingStep: the preset's flow path, loss, clipping, optimizer).
 All variants are timed in one process, interleaved round by round (this machine's load changes by the
 second), each with its own model and AdamW; the table reports the median images/s and the ratio to fp32.
 "bf16, bf16 attention" is what plain autocast does (the model before `_sdpa` kept CPU attention in fp32).
@@ -19,7 +19,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from fmcli.autotune import BenchSpec, train_step_fn
+from fmcli.measure import BenchSpec, train_step_fn
 from fmcli.config import resolve_without_data as resolve_bench_config
 from fmcli.config import config_to_dict, load_config
 from fmcli.models import build_model

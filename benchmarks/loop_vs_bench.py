@@ -104,11 +104,12 @@ def parts(args) -> dict:
     from torch.utils.data import DataLoader
 
     from fmcli import distributed as D
-    from fmcli.autotune import synthetic_batches
+    from fmcli.measure import synthetic_batches
     from fmcli.config import load_config, resolve
     from fmcli.data.prepared import PreparedDataset, collate_batched
     from fmcli.data.sampler import RankBatchSampler
-    from fmcli.step import TrainingStep, resolve_hardware
+    from fmcli.hardware import resolve_hardware
+    from fmcli.step import TrainingStep
 
     work = Path(args.work or tempfile.mkdtemp(prefix="fm-loop-vs-bench-"))
     result = {}
@@ -117,7 +118,7 @@ def parts(args) -> dict:
         cfg = resolve(load_config("quickstart", hardware_sets(args) + ["train.budget_minutes=null", "train.budget_fallback=null"]), dataset.manifest)
         shape = tuple(dataset.manifest["shape"])
         precision, compile_choice, ns_dtype = resolve_hardware(cfg, torch.device("cpu"), shape)
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision.precision})})
+        cfg = cfg.with_section("train", precision=precision.precision)
         ctx = D.DistContext(device=torch.device("cpu"))
         G = cfg.train.global_batch_size
         step = TrainingStep(cfg, ctx, micro=G, accum=1, shape=shape, ns_dtype=ns_dtype)

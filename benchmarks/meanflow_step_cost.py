@@ -19,7 +19,7 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fmcli.autotune import BenchSpec, train_step_fn
+from fmcli.measure import BenchSpec, train_step_fn
 from fmcli.bench import flow_twin
 from fmcli.config import apply_overrides, load_config, resolve_without_data
 from fmcli.models import build_model

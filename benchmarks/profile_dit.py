@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.compare_diffusers import DIT_S2
-from fmcli.autotune import BenchSpec, measure
+from fmcli.bench import measure_bench as measure
+from fmcli.measure import BenchSpec
 from fmcli.config import resolve_without_data as resolve_bench_config
 from fmcli.config import config_to_dict, load_config
 from fmcli.models import dit

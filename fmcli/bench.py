@@ -1,6 +1,7 @@
 """The report behind `fm bench`: training and sampling throughput, memory, analytic FLOPs and MFU, and the
-comparison with diffusers' DiT. The measurements themselves (the real training step in an isolated trial,
-the batch-size search) are autotune.py's."""
+comparison with diffusers' DiT. The training step is timed by measure.py (in an isolated trial on CPU), the
+batch size searched by autotune.py; the sampling throughput (`sample_throughput`, on `fm sample`'s own path)
+is timed here, in the same trial (`measure_bench`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from typing import Callable
 
 import torch
 
-from .autotune import BenchSpec, autotune_training, device_name, measure_any, peak_of, save_autotune_cache
+from .autotune import autotune_training, save_autotune_cache
 from .config import Config, config_to_dict, resolve_without_data
 from .errors import RuntimeFailure, UsageError
 from .hardware import PRECISION_SETTINGS
+from .measure import BenchSpec, device_name, measure, measure_any, seconds_per_call, sync, synthetic_text
 
 # Peak dense (no sparsity) bf16 tensor FLOP/s of known accelerators, matched against the device name in
 # order (most specific first). Vendor datasheet numbers; MFU is always reported against these.
@@ -95,7 +97,7 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
         # Muon picks fm's matrices by module name, which diffusers' model does not share: compare at equal optimizer.
         log(f"--compare: both models train with AdamW (the preset's optim.name is {cfg.optim.name!r})")
         cfg = cfg.with_section("optim", name="adamw")
-    from .distributed import resolve_device
+    from .hardware import resolve_device
 
     device = resolve_device(opts.device)
     name = device_name(device)
@@ -128,7 +130,7 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     results = {}
     for impl in impls:
         log(f"measuring {impl} at batch {batch} ({opts.mode}, {precision})")
-        results[impl] = measure_any(replace(base, batch=batch, mode=opts.mode, impl=impl))
+        results[impl] = measure_any(replace(base, batch=batch, mode=opts.mode, impl=impl), measure_bench)
         if results[impl].get("oom"):
             raise RuntimeFailure(f"{impl} at batch {batch} ran out of memory; pass a smaller --batch-size")
 
@@ -206,16 +208,15 @@ def resolve_bench_sampling(cfg: Config, device: torch.device, opts: BenchOptions
 def resolve_bench_hardware(cfg: Config, device: torch.device, precision_setting: str, compile_setting, log) -> dict:
     """Precision, compile and Muon dtype as `fm train` resolves them here, plus the CPU probe's numbers."""
     from . import hardware
-    from .step import precision_probe_step, resolve_hardware
 
-    if compile_setting not in (True, False, "auto"):
+    if compile_setting not in hardware.COMPILE_SETTINGS:
         raise UsageError(f"--compile must be true, false or auto, not {compile_setting!r}")
     cfg = cfg.with_section("train", precision=precision_setting, compile=compile_setting)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-    choice, compile_choice, ns_dtype = resolve_hardware(cfg, device, shape)
+    choice, compile_choice, ns_dtype = hardware.resolve_hardware(cfg, device, shape)
     probe = choice.probe
     if probe is None and device.type == "cpu":  # an explicit precision: still report what the CPU does
-        probe = hardware.probe_cpu(cfg.model.hidden_size, *precision_probe_step(cfg, shape))
+        probe = hardware.probe_cpu(cfg.model.hidden_size, *hardware.precision_probe_step(cfg, shape))
     log(f"precision: {choice.precision} ({choice.reason}); compile: {'on' if compile_choice.compile else 'off'} ({compile_choice.reason})")
     if choice.warning:
         log(choice.warning)
@@ -224,6 +225,73 @@ def resolve_bench_hardware(cfg: Config, device: torch.device, precision_setting:
     record = choice.record()
     record["probe"] = asdict(probe) if probe is not None else None
     return {"precision": record, "compile": compile_choice.record(), "muon_ns_dtype": ns_dtype}
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def measure_bench(spec: BenchSpec) -> dict:
+    """One `fm bench` trial: measure.measure (training, memory) with the sampling throughput when spec.mode asks."""
+    return measure(spec, sample=sample_throughput)
+
+
+def sample_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device) -> dict:
+    """Sampling throughput at the preset's solver, steps and CFG, on `fm sample`'s own path.
+
+    The network is prepared by generate.prepare_for_sampling (at spec.sample_precision, compiled per
+    spec.sample_compile: the parent resolved sample.precision / sample.compile with the function `fm sample`
+    uses) and driven by generate.iterate_samples (per-index noise, labels cycling through the classes, guidance,
+    the solver), so what is timed is what `fm sample` runs, less decoding and writing PNGs (and, for text
+    models, the text encoder: synthetic states stand in for prompts).
+    A fixed-step solve costs `steps` identical solver steps, so the clock runs over min(steps, spec.steps)
+    of them (after a one-step warmup, which also compiles) and the full solve's time is scaled from it;
+    `timed_steps` says how many ran. An adaptive dopri5 solve is timed whole.
+    """
+    from .generate import LoadedModel, iterate_samples, prepare_for_sampling
+
+    m, b = cfg.model, spec.batch
+    s = cfg.sample.model_copy(update={"precision": spec.sample_precision, "compile": spec.sample_compile})
+    text = _SyntheticPrompts(synthetic_text(cfg)) if m.cross_attention else None
+    loaded = prepare_for_sampling(LoadedModel(model=model, config=cfg, info={}, step=0, text=text), s, device)
+    prompts = [""] * b if text is not None else None
+    nfe = {}
+
+    def solve(steps: int) -> None:
+        settings = s.model_copy(update={"steps": steps})
+        for _, _, result in iterate_samples(loaded, list(range(b)), seed=0, sample_cfg=settings, batch_size=b, device=device, prompts=prompts):
+            nfe["n"] = result.nfe
+
+    timed = s.steps if s.solver == "dopri5" else min(s.steps, spec.steps)
+    if spec.warmup and s.solver != "dopri5":
+        solve(1)
+    sync(device)
+    seconds = seconds_per_call(lambda: solve(timed), 1, device) * s.steps / timed
+    full_nfe = nfe["n"] * s.steps // timed
+    guided = bool(m.num_classes or m.cross_attention) and s.cfg != 1.0
+    return {
+        "solver": s.solver,
+        "steps": s.steps,
+        "timed_steps": timed,
+        "cfg": s.cfg,
+        "nfe": full_nfe,
+        "forward_batch": 2 * b if guided else b,
+        "img_per_s": b / seconds,
+        "img_nfe_per_s": b * full_nfe / seconds,
+        "seconds": seconds,
+        "precision": loaded.model.precision,
+        "compiled": loaded.model.compiled,  # false after a compile that failed and fell back to eager
+    }
+
+
+class _SyntheticPrompts:
+    """Stands in for a text encoder in `fm bench`: every prompt becomes the same synthetic token states."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def conditions(self, prompts: list[str], device) -> tuple[dict, dict]:
+        uncond = self.text.uncond(len(prompts), device)
+        return {k: v.clone() for k, v in uncond.items()}, uncond
 
 
 def _summarise(result: dict, flops_fwd: int, peak: float | None, cfg: Config) -> dict:
@@ -241,8 +309,6 @@ def _summarise(result: dict, flops_fwd: int, peak: float | None, cfg: Config) ->
         sa["mfu"] = None if peak is None else sa["img_per_s"] * per_image / peak
         out["sample"] = sa
     return out
-
-
 
 
 def bench_notes(report: dict) -> list[str]:

@@ -235,7 +235,7 @@ class RunBudget:
         import copy
         import itertools
 
-        from .autotune import seconds_per_call
+        from .measure import seconds_per_call
 
         step_fn = probes.step_fn
         saved = copy.deepcopy(step_fn.state_dict())

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .data.prepare import SOURCES
 from .errors import RuntimeFailure, UsageError
 from .flow import COUPLINGS, OBJECTIVES, TIME_SAMPLERS
+from .encoders import VaePrecision
+from .hardware import CompileSetting, DeviceSetting, PrecisionSetting
 from .sampling import GuidanceName, SolverName
 from .optim import OPTIMIZERS
 from .tracking import TRACKERS
@@ -153,8 +155,8 @@ class TrainConfig(Strict):
     global_batch_size: int = Field(64, gt=0)
     micro_batch_size: int | Literal["auto"] | None = None  # None = global / world size (no accumulation)
     # "auto": bf16 on CUDA when supported; on a CPU bf16 only where a measured probe finds it faster (fmcli.hardware)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: PrecisionSetting = "auto"
+    device: DeviceSetting = "auto"  # hardware.resolve_device
     ema_decay: float = Field(0.9999, ge=0, le=1)
     ema_warmup: bool = False
     seed: int = 0
@@ -166,7 +168,7 @@ class TrainConfig(Strict):
     # Fresh runs lower `steps` so that they fit this many minutes at the step time measured at start (fmcli.train)
     budget_minutes: float | None = Field(None, gt=0)
     budget_fallback: BudgetFallback | None = None  # a smaller recipe where the budget fits too few steps
-    compile: bool | Literal["auto"] = False  # "auto": where inductor works (CUDA, or a CPU with a C++ compiler)
+    compile: CompileSetting = False  # "auto": where inductor works (CUDA, or a CPU with a C++ compiler)
     max_nan_skips: int = Field(0, ge=0)  # non-finite losses tolerated (step skipped) before stopping
     tracker: Literal[TRACKERS] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
     init_from: str | None = None  # start from these weights (a checkpoint, run or export directory: its EMA), e.g. reflow's teacher
@@ -187,8 +189,8 @@ class SampleConfig(Strict):
     # How the network runs while sampling (`fm sample`, class-grid, fid, reflow, demo, bench): resolved on the
     # sampling machine like train.precision / train.compile (fmcli.hardware), never taken from the training run.
     # The solver's state and arithmetic stay fp32; only the network runs under autocast.
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    compile: bool | Literal["auto"] = "auto"
+    precision: PrecisionSetting = "auto"
+    compile: CompileSetting = "auto"
 
     # Field validators (not a model validator) so that an error names its own setting and option.
     @field_validator("guidance_interval")
@@ -230,7 +232,7 @@ class EncodersConfig(Strict):
     vae: str | None = None  # local diffusers AutoencoderKL directory (or env FM_VAE)
     text_encoder: str | None = None  # local transformers encoder directory (or env FM_TEXT_ENCODER), or "builtin:tiny-t5"
     max_tokens: int = Field(128, gt=0)
-    vae_precision: Literal["fp32", "bf16"] = "fp32"  # decoding precision (bf16 only on CUDA)
+    vae_precision: VaePrecision = "fp32"  # decoding precision (bf16 only on CUDA)
 
 
 class Config(Strict):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import RuntimeFailure, UsageError
+from .hardware import resolve_device
 
 
 @dataclass
@@ -35,17 +36,6 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """--device auto|cpu|cuda -> a torch.device (auto = CUDA when there is one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available")
-    return torch.device(name)
-
-
 def launched_externally() -> bool:
     """True inside a process started by torchrun (ours or the user's) or a SLURM multi-task step."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
@@ -57,14 +47,11 @@ def setup(device_pref: str = "auto") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UsageError("train.device=cuda but no CUDA device is available")
+    device = resolve_device(device_pref, "train.device")
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)

@@ -15,16 +15,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from .errors import UsageError
 from .fsutil import atomic_write
+from .shapes_vocab import caption_words
 
 ENV_VAE = "FM_VAE"
 ENV_TEXT_ENCODER = "FM_TEXT_ENCODER"
 BUILTIN_TINY_T5 = "builtin:tiny-t5"
 BUILTIN_DIR = Path("data") / "builtin-tiny-t5"
+VAE_PRECISIONS = ("fp32", "bf16")  # FrozenVAE's decoding precision (bf16 only on CUDA)
+VaePrecision = Literal[VAE_PRECISIONS]  # type: ignore[valid-type]  (encoders.vae_precision)
 
 _VAE_HINT = "huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir {path}"
 _TEXT_HINT = "huggingface-cli download google-t5/t5-small --local-dir {path}"
@@ -196,22 +200,18 @@ def setup_training_encoders(cfg, dataset, device):
     """(TextConditioning or None, cfg with the encoder paths and model.text_dim resolved).
 
     Paths: config, then FM_VAE / FM_TEXT_ENCODER, then what `fm prepare-data` recorded in the manifest;
-    they are stored in the run's config so that `fm sample --ckpt` needs nothing else.
+    they are stored in the run's config so that `fm sample --ckpt` needs nothing else. `dataset` is a
+    data.prepared.PreparedDataset, read through its own methods (this module sits below data/).
     """
-    import numpy as np
-
-    from .data.prepared import data_space
-
     manifest = dataset.manifest
     recorded_vae = (manifest.get("vae") or {}).get("path")
-    encoders = {"vae": resolve_path(None, cfg.encoders.vae, ENV_VAE, recorded_vae) if data_space(manifest) == "latents" else cfg.encoders.vae}
+    encoders = {"vae": resolve_path(None, cfg.encoders.vae, ENV_VAE, recorded_vae) if dataset.space == "latents" else cfg.encoders.vae}
     text = None
     if cfg.model.cross_attention:
         recorded = manifest.get("text_encoder") or {}
         encoders["text_encoder"] = resolve_path(None, cfg.encoders.text_encoder, ENV_TEXT_ENCODER, recorded.get("path"))
         if dataset.has_cached_text:
-            empty = np.load(dataset.path / "text_empty.npy")
-            empty_mask = np.load(dataset.path / "text_empty_mask.npy")
+            empty, empty_mask = dataset.empty_text()
             text = TextConditioning(None, torch.from_numpy(empty).float(), torch.from_numpy(empty_mask).bool())
             if recorded.get("max_tokens"):
                 encoders["max_tokens"] = int(recorded["max_tokens"])
@@ -225,16 +225,11 @@ def setup_training_encoders(cfg, dataset, device):
 
 def grid_conditions(text: TextConditioning, dataset, n: int, device) -> tuple[tuple[dict, dict], list[str]]:
     """((cond, uncond), prompts) for a training sample grid: the dataset's first n captions (cycled)."""
-    import numpy as np
-
-    from .data.prepared import read_captions
-
     rows = [i % len(dataset) for i in range(n)]
-    captions = read_captions(dataset.path) if (dataset.path / "captions.jsonl").is_file() else None
+    captions = dataset.captions()
     prompts = [captions[i] for i in rows] if captions else []
     if dataset.has_cached_text:
-        states = torch.from_numpy(np.load(dataset.path / "text.npy", mmap_mode="r")[rows].astype(np.float32))
-        mask = torch.from_numpy(np.load(dataset.path / "text_mask.npy", mmap_mode="r")[rows])
+        states, mask = (torch.from_numpy(a) for a in dataset.text_rows(rows))
         return ({"text": states.to(device), "text_mask": mask.to(device)}, text.uncond(n, device)), prompts
     return text.conditions(prompts, device), prompts
 
@@ -262,7 +257,7 @@ def build_tiny_text_encoder(out: str | Path, *, seed: int = 0, words: list[str] 
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
     specials = ["<pad>", "</s>", "<unk>"]
-    vocab_words = sorted(set(words if words is not None else _shapes_words()) - set(specials))
+    vocab_words = sorted(set(words if words is not None else caption_words()) - set(specials))
     vocab = {w: i for i, w in enumerate(specials + vocab_words)}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -289,15 +284,6 @@ def build_tiny_text_encoder(out: str | Path, *, seed: int = 0, words: list[str] 
         if not (out / "model.safetensors").is_file():
             raise
     return out
-
-
-def _shapes_words() -> list[str]:
-    from .data.sources import BACKGROUNDS, COLOURS, SHAPE_NAMES
-
-    words = {"a", "an", "on", "background"}
-    for name in [*SHAPE_NAMES, *COLOURS, *BACKGROUNDS]:
-        words.update(name.split())
-    return sorted(words)
 
 
 # -------------------------------------------------------------------------------------------- helpers

@@ -138,7 +138,7 @@ def folder_images(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
 
 @dataclass(kw_only=True)
 class EvalRequest(ScoreRequest):
-    """What `fm eval` was asked for (the CLI fills it; `evaluate_fidelity` runs it)."""
+    """What `fm eval` was asked for (the CLI fills it and checks its flags; `evaluate_fidelity` runs it)."""
 
     data: Path
     spaces: tuple[str, ...] = ("domain",)
@@ -160,7 +160,6 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     also carries the floor (key "floor"), so that each JSON row stands on its own."""
     from .features import build_space
 
-    _check(req)
     loaded = None
     if req.ckpt is not None:  # a bad checkpoint fails before the reference pass
         from .generate import load_for_sampling
@@ -213,24 +212,6 @@ def sweep_settings(base, cfgs, intervals, nfes, log=None) -> list:
             settings = sample_settings(base, cfg=w, guidance_interval=interval)
             out.extend([s for _, s in nfe_sweep(settings, nfes, log)] if nfes else [settings])
     return out
-
-
-def _check(req: EvalRequest) -> None:
-    if (req.ckpt is None) == (req.gen is None):
-        raise UsageError("score either a checkpoint (--ckpt CKPT -n N) or a folder of images (--gen DIR)")
-    if req.ckpt is not None and req.num_samples is None:
-        raise UsageError("--ckpt needs --num-samples N (e.g. 1000: the reference and the floor then use 1,000 real images each)")
-    if req.gen is not None and (req.num_samples is not None or req.cfgs or req.intervals or req.nfes):
-        raise UsageError("--num-samples, --cfg, --guidance-interval and --nfe go with --ckpt; --gen scores the images in its folder")
-    if req.gen is not None and not Path(req.gen).is_dir():
-        raise UsageError(f"--gen {req.gen} is not a directory of images")
-    if not (Path(req.data) / "manifest.json").is_file():
-        raise UsageError(f"--data {req.data} is not a prepared dataset (no manifest.json); create one with `fm prepare-data`")
-    unknown = [s for s in req.spaces if s not in ("domain", "inception", "dinov2", "tiny")]
-    if unknown or not req.spaces:
-        raise UsageError(f"--features {','.join(req.spaces)}: choose among domain, inception, dinov2, tiny")
-    if req.k < 1:
-        raise UsageError("--k must be at least 1")
 
 
 def _data_shape(data: Path) -> tuple[int, int, int]:

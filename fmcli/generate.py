@@ -20,7 +20,7 @@ import torch
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Config, validate_config, with_sampling_shift
 from .errors import RuntimeFailure, UsageError
-from .hardware import CompileChoice, PrecisionChoice, autocast, check_precision, choice_lines, compile_failed, resolve_compile
+from .hardware import CompileChoice, PrecisionChoice, autocast, check_precision, choice_lines, compile_failed, resolve_compile, resolve_model_precision
 from .models import build_model
 from .sampling import SDE_SOLVERS, OnStep, check_solver_for_model, guided_velocity, solve
 from .seeding import STREAMS, normal
@@ -254,8 +254,6 @@ def resolve_sampling_hardware(cfg: Config, sample_cfg, device: torch.device) -> 
     """sample.precision and sample.compile for this model on this device, resolved as training resolves its own
     (fmcli.hardware: the same probe and cache). The training run's precision does not matter here: a model
     trained in bf16 samples in fp32 on a machine without fast bf16."""
-    from .step import resolve_model_precision
-
     check_precision(sample_cfg.precision, device, "sample.precision (--precision)")
     m = cfg.model
     precision = resolve_model_precision(cfg, sample_cfg.precision, device, (m.in_channels, m.image_size, m.image_size))

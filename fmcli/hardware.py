@@ -17,7 +17,9 @@ the one autocast context of training, sampling and the probe.
   compiler); a compile that fails anyway falls back to eager with one warning (`compile_with_fallback`).
 - `environment_report()` is everything `fm env` prints.
 
-No imports from train / bench / cli: callers pass the model step to time as a callable.
+`resolve_hardware` (training) and `resolve_model_precision` (training and sampling) take a config and build
+the model-shaped probe step (`precision_probe_step`); the probe itself takes the step to time as a callable.
+No imports from above the parts layer (config is read by attribute, never imported).
 """
 
 from __future__ import annotations
@@ -34,15 +36,21 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
+from .errors import UsageError
 from .fsutil import write_text_atomic
 
 FORCE_ENV = "FM_PROBE_FORCE"  # tests only: "bf16-slow" | "bf16-fast" replaces the measurement
 FORCED = ("bf16-slow", "bf16-fast")
 PRECISION_SETTINGS = ("auto", "bf16", "fp16", "fp32")
+PrecisionSetting = Literal[PRECISION_SETTINGS]  # type: ignore[valid-type]  (train.precision, sample.precision)
+COMPILE_SETTINGS = (True, False, "auto")
+CompileSetting = bool | Literal["auto"]  # train.compile, sample.compile (resolve_compile)
+DEVICE_SETTINGS = ("auto", "cpu", "cuda")
+DeviceSetting = Literal[DEVICE_SETTINGS]  # type: ignore[valid-type]  (train.device, every --device)
 PROBE_VERSION = 1  # bump when the probe's method changes: old cached results are then ignored
 
 # bf16 must beat fp32 by this factor to be chosen: it costs precision, so a tie goes to fp32.
@@ -105,6 +113,17 @@ def machine_key(device: torch.device, cpu: CpuInfo | None = None) -> str:
     cpu = cpu or cpu_info()
     flags = "+".join(k for k, v in cpu.flags.items() if v) or "no avx2/avx512/amx"
     return f"{cpu.model}|{flags}|{cpu.cores} cores|torch {torch.__version__}|cpu|{cpu.threads} threads"
+
+
+def resolve_device(name: str, key: str = "--device") -> torch.device:
+    """auto|cpu|cuda -> a torch.device: THE "auto" device rule (CUDA when there is one), for every command and
+    rank; `key` names the setting in errors (`--device`, `train.device`)."""
+    said = f"{key} {name}" if key.startswith("-") else f"{key}={name}"
+    if name not in DEVICE_SETTINGS:
+        raise UsageError(f"{key} must be auto, cpu or cuda, not {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{said} but no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def cache_dir() -> Path:
@@ -190,8 +209,6 @@ def _matmul_choice(gemm_speedup: float) -> str:
 
 def _forced_probe(forced: str, width: int) -> Probe:
     if forced not in FORCED:
-        from .errors import UsageError
-
         raise UsageError(f"{FORCE_ENV}={forced!r}: expected one of {', '.join(FORCED)} (a test-only setting; unset it to measure)")
     # Made-up numbers in the shape of real ones: an AVX2-only Zen 3 (bf16 emulated) vs an AMX Xeon.
     fast = forced == "bf16-fast"
@@ -289,8 +306,6 @@ class PrecisionChoice:
 def check_precision(setting: str, device: torch.device, key: str = "precision") -> None:
     """A precision setting this device can run: one of PRECISION_SETTINGS, and fp16 only on CUDA (fp16 training
     needs loss scaling, and CPU fp16 kernels are slow or missing), for training and sampling alike."""
-    from .errors import UsageError
-
     if setting not in PRECISION_SETTINGS:
         raise UsageError(f"{key} must be one of {', '.join(PRECISION_SETTINGS)}, not {setting!r}")
     if setting == "fp16" and device.type != "cuda":
@@ -319,6 +334,43 @@ def matmul_dtype(device: torch.device, width: int, probe: Probe | None = None) -
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return (probe or probe_cpu(width)).matmul_dtype
+
+
+def resolve_hardware(cfg, device: torch.device, shape: tuple[int, int, int]):
+    """(PrecisionChoice, CompileChoice, Muon's Newton-Schulz dtype or None) for training `cfg` (a config.Config,
+    read by attribute) on this device: `fm train`, its launcher and `fm bench` decide through here."""
+    precision = resolve_model_precision(cfg, cfg.train.precision, device, shape)
+    compile_choice = resolve_compile(cfg.train.compile, device)
+    ns_dtype = matmul_dtype(device, cfg.model.hidden_size, precision.probe) if cfg.optim.name == "muon" else None
+    return precision, compile_choice, ns_dtype
+
+
+def resolve_model_precision(cfg, setting: str, device: torch.device, shape: tuple[int, int, int]) -> PrecisionChoice:
+    """`setting` (train.precision or sample.precision) for this config's model on this device.
+
+    On a CPU, "auto" runs the probe on a forward/backward of a fresh copy of the model (not for text models,
+    whose inputs need the text encoder: those are judged on the GEMM alone); training and sampling share its
+    cached answer, as they share the model."""
+    step = key = None
+    if setting == "auto" and device.type == "cpu" and not cfg.model.cross_attention:
+        step, key = precision_probe_step(cfg, shape)
+    return resolve_precision(setting, device, cfg.model.hidden_size, step, key)
+
+
+def precision_probe_step(cfg, shape: tuple[int, int, int]) -> tuple[Callable[[str], None], str]:
+    """The probe's model step (`forward_backward_fn` on a fresh copy of the model, batch min(global, 32)) and its
+    cache key. Its draws come from a private generator, never from the run's random streams."""
+    from .models import build_model
+
+    batch = min(cfg.train.global_batch_size, 32)
+    state = torch.get_rng_state()
+    model = build_model(cfg.model)  # initialised from the global stream, which is put back below
+    torch.set_rng_state(state)
+    c, h, w = shape
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(batch, c, h, w, generator=gen), torch.rand(batch, generator=gen)
+    kwargs = {"y": torch.arange(batch) % cfg.model.num_classes} if cfg.model.num_classes else {}
+    return forward_backward_fn(model, (x, t), kwargs), model_key(json.loads(cfg.model.model_dump_json()), batch)
 
 
 @dataclass

@@ -152,14 +152,12 @@ def _resolve_hardware_in_launcher(cfg: Config) -> Config:
     trains the same precision; the ranks then see it as an explicit setting."""
     if cfg.train.precision != "auto":
         return cfg
-    import torch
-
     from .config import with_setting
     from .data.prepared import PreparedDataset
-    from .step import resolve_hardware
+    from .hardware import resolve_device, resolve_hardware
     from .train import resolve_for_training
 
-    device = torch.device("cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(cfg.train.device, "train.device")
     dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
     resolved, _ = resolve_for_training(cfg, dataset, device)
     choice, _, _ = resolve_hardware(resolved, device, tuple(dataset.manifest["shape"]))
@@ -170,13 +168,12 @@ def _resolve_hardware_in_launcher(cfg: Config) -> Config:
 
 def _autotune_in_launcher(cfg: Config, run_dir: Path, world_size: int) -> None:
     """Resolve the config as a rank will (dataset fields, text encoder width), then tune and cache."""
-    import torch
-
     from .autotune import auto_micro_batch
     from .data.prepared import PreparedDataset
+    from .hardware import resolve_device
     from .train import resolve_for_training
 
-    device = torch.device("cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(cfg.train.device, "train.device")
     resolved, _ = resolve_for_training(cfg, PreparedDataset(cfg.data.path, text=cfg.model.cross_attention), device)
     run_dir.mkdir(parents=True, exist_ok=True)
     auto_micro_batch(resolved, run_dir, device, world_size=world_size, log=lambda m: print(m, file=sys.stderr))
@@ -280,7 +277,9 @@ def on_ranks(work, *, device: str, gpus: int, nproc: int, extra: list[str] | Non
 def rank_context(device: str, gpus: int) -> D.DistContext:
     """This process's rank and device (rank 0 of 1 when not distributed)."""
     if not D.launched_externally():
-        return D.DistContext(device=D.resolve_device("cuda" if gpus else device))
+        from .hardware import resolve_device
+
+        return D.DistContext(device=resolve_device("cuda" if gpus else device))
     return D.setup("cuda" if gpus else device)
 
 

@@ -40,47 +40,6 @@ class StepResult:
     ot_costs: list[tuple[float, float]] = field(default_factory=list)  # (before, after) per coupled micro-batch
 
 
-def resolve_hardware(cfg: Config, device: torch.device, shape: tuple[int, int, int]):
-    """(PrecisionChoice, CompileChoice, Muon's Newton-Schulz dtype or None) for training this config on this device."""
-    from . import hardware
-
-    precision = resolve_model_precision(cfg, cfg.train.precision, device, shape)
-    compile_choice = hardware.resolve_compile(cfg.train.compile, device)
-    ns_dtype = hardware.matmul_dtype(device, cfg.model.hidden_size, precision.probe) if cfg.optim.name == "muon" else None
-    return precision, compile_choice, ns_dtype
-
-
-def resolve_model_precision(cfg: Config, setting: str, device: torch.device, shape: tuple[int, int, int]):
-    """`setting` (train.precision or sample.precision) for this config's model on this device: a PrecisionChoice.
-
-    On a CPU, "auto" runs the probe on a forward/backward of a fresh copy of the model (not for text models,
-    whose inputs need the text encoder: those are judged on the GEMM alone); training and sampling share its
-    cached answer, as they share the model."""
-    from . import hardware
-
-    step = key = None
-    if setting == "auto" and device.type == "cpu" and not cfg.model.cross_attention:
-        step, key = precision_probe_step(cfg, shape)
-    return hardware.resolve_precision(setting, device, cfg.model.hidden_size, step, key)
-
-
-def precision_probe_step(cfg: Config, shape: tuple[int, int, int]):
-    """A forward/backward of a fresh copy of the model for the precision probe (batch min(global, 32)), and
-    its cache key. Its draws come from a private generator, never from the run's random streams."""
-    from . import hardware
-    from .config import config_to_dict
-
-    batch = min(cfg.train.global_batch_size, 32)
-    state = torch.get_rng_state()
-    model = build_model(cfg.model)  # initialised from the global stream, which is put back below
-    torch.set_rng_state(state)
-    c, h, w = shape
-    gen = torch.Generator().manual_seed(0)
-    x, t = torch.randn(batch, c, h, w, generator=gen), torch.rand(batch, generator=gen)
-    kwargs = {"y": torch.arange(batch) % cfg.model.num_classes} if cfg.model.num_classes else {}
-    return hardware.forward_backward_fn(model, (x, t), kwargs), hardware.model_key(config_to_dict(cfg)["model"], batch)
-
-
 def mean_flow_target(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, v: torch.Tensor, cond: dict) -> torch.Tensor:
     """The MeanFlow target v + (t_end - t) d/dt u(x_t, t, t_end) (fmcli/flow.py), detached, in v's dtype.
 

@@ -58,8 +58,7 @@ class HardwareRecord:
         The resolved precision replaces "auto" in the config (config.json, checkpoint), so a resumed run keeps
         it on any machine; the decision, its reason and the probe's numbers go to env.json and the checkpoint.
         """
-        from .hardware import choice_lines
-        from .step import resolve_hardware
+        from .hardware import choice_lines, resolve_hardware
 
         decision = resolve_hardware(cfg, ctx.device, shape) if ctx.is_main else None
         precision, compile_choice, ns_dtype = D.all_gather_objects(decision, ctx)[0]

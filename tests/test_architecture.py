@@ -1,7 +1,7 @@
 """The architecture of fmcli against its design document, docs/architecture.md.
 
-The layout names every module, the `layers` block orders them and every import points down it (or is a
-known wrong-way edge, issue #29), the key table names every config key, the CLI contract every command,
+The layout names every module, the `layers` block orders them and every import points down it (no
+exceptions), the key table names every config key, the CLI contract every command,
 the environment table every variable; no import cycle; one training step; no function over 80 lines.
 Each failure message says what to add to docs/architecture.md (code and doc change in the same commit).
 """
@@ -19,21 +19,6 @@ import torch
 PACKAGE = Path(__file__).resolve().parent.parent / "fmcli"
 DOC = PACKAGE.parent / "docs" / "architecture.md"
 MAX_FUNCTION_LINES = 80
-
-# Imports that point up the documented layer order today (issue #29): (importing module, imported module),
-# paths relative to fmcli/. The list only shrinks: remove an edge when the code stops needing it (the test
-# then asks for its removal here and from the table in docs/architecture.md section 2); never add one.
-KNOWN_WRONG_WAY = {
-    ("autotune.py", "generate.py"),  # fm bench --mode sample times one solve through generate.sample_batch
-    ("encoders.py", "data/prepared.py"),  # a dataset's recorded encoder paths and captions (data_space, read_captions)
-    ("encoders.py", "data/sources.py"),  # the built-in tiny T5's vocabulary is the shapes captions' words
-    ("generate.py", "export.py"),  # fm sample --ckpt DIR loads an `fm export` directory (is_export, load_export)
-}
-
-# Functions over MAX_FUNCTION_LINES (issue #29), with their length: they may shrink, not grow. Empty since
-# evaluate.fid_command became evaluate.fid and its helpers; never add an entry.
-LONG_FUNCTIONS: dict[tuple[str, str], int] = {}
-
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
@@ -98,7 +83,7 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 def test_no_import_cycle_inside_fmcli():
     graph = import_graph()
-    assert "fmcli.step" in graph["fmcli.train"] and "fmcli.step" in graph["fmcli.autotune"]
+    assert "fmcli.step" in graph["fmcli.train"] and "fmcli.step" in graph["fmcli.measure"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -111,7 +96,7 @@ def test_autotune_and_training_run_the_same_step_function(tmp_path, shapes16, mo
     from conftest import QuietLog
 
     from fmcli import step as step_mod
-    from fmcli.autotune import BenchSpec, measure
+    from fmcli.measure import BenchSpec, measure
     from fmcli.config import config_to_dict, load_config, resolve_without_data
     from fmcli.train import train
 
@@ -239,25 +224,14 @@ def _suggest_layer(module: str, layers: list[tuple[str, list[str]]]) -> str:
 
 
 def test_imports_point_down_the_documented_layers():
-    """Every fmcli import goes to the importer's own layer or a lower one, except KNOWN_WRONG_WAY (#29)."""
+    """Every fmcli import goes to the importer's own layer or a lower one: no exceptions."""
     index = layer_index()
     names = [name for name, _ in parse_layers(_doc())]
     edges = {(s, d) for s, d in import_edges() if s in index and d in index}  # unlisted modules: the test above
-    upward = {(s, d) for s, d in edges if index[d] < index[s]}
-    new = sorted(upward - KNOWN_WRONG_WAY)
-    assert not new, "imports that point up the layers of docs/architecture.md section 2:\n" + "\n".join(
-        f"  {s} (layer {names[index[s]]}) imports {d} (layer {names[index[d]]}, above it)" for s, d in new
-    ) + "\nmove the code, or change the layer order in the ```layers block (code and doc in the same commit); KNOWN_WRONG_WAY is not for new edges"
-    gone = sorted(KNOWN_WRONG_WAY - upward)
-    assert not gone, f"KNOWN_WRONG_WAY lists {gone}, which no longer point up the layers: delete them from it and from the table in docs/architecture.md section 2 (#29)"
-
-
-def test_known_wrong_way_edges_are_the_documented_ones():
-    documented = set(re.findall(r"^\| `([^`]+)` -> `([^`]+)` \|", _doc(), re.M))
-    assert documented == KNOWN_WRONG_WAY, (
-        f"the wrong-way table of docs/architecture.md section 2 and KNOWN_WRONG_WAY differ: only in the doc {sorted(documented - KNOWN_WRONG_WAY)}, "
-        f"only in the test {sorted(KNOWN_WRONG_WAY - documented)}; make the table rows `| \\`a.py\\` -> \\`b.py\\` | why |` match the list"
-    )
+    upward = sorted((s, d) for s, d in edges if index[d] < index[s])
+    assert not upward, "imports that point up the layers of docs/architecture.md section 2:\n" + "\n".join(
+        f"  {s} (layer {names[index[s]]}) imports {d} (layer {names[index[d]]}, above it)" for s, d in upward
+    ) + "\nmove the code, or change the layer order in the ```layers block (code and doc in the same commit)"
 
 
 def config_keys() -> dict[str, object]:
@@ -399,26 +373,9 @@ def function_lengths(path: Path) -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("module", sorted(module_paths()))
 def test_no_function_is_longer_than_80_lines(module):
-    """Every module; the functions of LONG_FUNCTIONS (#29) may not grow beyond their recorded length."""
-    too_long = [
-        (name, length, LONG_FUNCTIONS.get((module, name), MAX_FUNCTION_LINES))
-        for name, length in function_lengths(PACKAGE / module)
-        if length > LONG_FUNCTIONS.get((module, name), MAX_FUNCTION_LINES)
-    ]
-    assert not too_long, "\n".join(
-        f"fmcli/{module}: {name} is {length} lines (limit {limit}{', its LONG_FUNCTIONS length (#29): it may not grow' if limit > MAX_FUNCTION_LINES else ''}): "
-        "split it into named helpers"
-        for name, length, limit in too_long
-    )
-
-
-def test_long_function_allow_list_only_holds_long_functions():
-    stale = []
-    for (module, name), limit in LONG_FUNCTIONS.items():
-        lengths = [length for n, length in function_lengths(PACKAGE / module) if n == name] if (PACKAGE / module).is_file() else []
-        if not lengths or max(lengths) <= MAX_FUNCTION_LINES:
-            stale.append(f"({module!r}, {name!r})")
-    assert not stale, f"LONG_FUNCTIONS lists {', '.join(stale)}, now at most {MAX_FUNCTION_LINES} lines or gone: delete the entries (#29)"
+    """Every module, every function (nested ones too): no exceptions."""
+    too_long = [(name, length) for name, length in function_lengths(PACKAGE / module) if length > MAX_FUNCTION_LINES]
+    assert not too_long, "\n".join(f"fmcli/{module}: {name} is {length} lines (limit {MAX_FUNCTION_LINES}): split it into named helpers" for name, length in too_long)
 
 
 # ------------------------------------------------------------------------ attributes are made in __init__

@@ -37,12 +37,12 @@ def samples(loaded, sc, batch_size, n=7, seed=11):
 
 @pytest.mark.parametrize("forced, expected", [("bf16-fast", "bf16"), ("bf16-slow", "fp32")])
 def test_auto_precision_follows_the_probe_as_training_does(monkeypatch, forced, expected):
-    from fmcli.step import resolve_hardware
+    from fmcli.hardware import resolve_hardware
 
     monkeypatch.setenv(hardware.FORCE_ENV, forced)
     cfg = tiny_loaded().config
     precision, _ = resolve_sampling_hardware(cfg, SampleConfig(precision="auto", compile=False), CPU)
-    trained, _, _ = resolve_hardware(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "auto"})}), CPU, (3, 8, 8))
+    trained, _, _ = resolve_hardware(cfg.with_section("train", precision="auto"), CPU, (3, 8, 8))
     assert precision.precision == trained.precision == expected
     assert precision.reason.startswith("auto:") and "forced" in precision.reason
 
@@ -165,7 +165,8 @@ def test_the_compiled_module_is_built_once_and_sees_one_batch_size(monkeypatch):
 def test_bench_measures_the_sampling_path_of_fm_sample(monkeypatch, tmp_path, debug_run):
     """A spy on prepare_for_sampling, iterate_samples and SamplingNet.__call__: `fm sample` and the bench's
     sampling trial go through the same functions, at the precision and compile each resolved."""
-    from fmcli.autotune import BenchSpec, measure
+    from fmcli.bench import measure_bench as measure
+    from fmcli.measure import BenchSpec
     from fmcli.config import config_to_dict, resolve_without_data
     from fmcli.distributed import DistContext
     from fmcli.generate import sample_command

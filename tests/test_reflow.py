@@ -189,7 +189,7 @@ def test_pairs_coupling_trains_on_the_stored_noise(tmp_path):
     with pytest.raises(UsageError, match="flow.coupling=pairs"):
         train(load_config("debug", [f"data.path='{data}'"]), tmp_path / "other")
     with pytest.raises(UsageError, match="data.flip"):
-        train(cfg.model_copy(update={"data": cfg.data.model_copy(update={"flip": True})}), tmp_path / "flip")
+        train(cfg.with_section("data", flip=True), tmp_path / "flip")
 
 
 def test_pairs_training_resumes_bit_exactly_and_starts_from_the_teacher(teacher, teacher_ckpt, tmp_path):

@@ -118,16 +118,15 @@ def test_item01_fm_env_survives_a_cache_of_the_wrong_shape(monkeypatch, tmp_path
 @pytest.mark.parametrize("bad", ["int8", "fp16"])
 def test_item01_a_resolved_precision_is_validated_before_anything_is_written(shapes16, tmp_path, monkeypatch, bad):
     """Whatever "auto" resolves to passes validation (and the fp16-needs-CUDA rule) before config.json exists."""
-    from fmcli import step
     from fmcli.train import train
 
-    real = step.resolve_hardware
+    real = hardware.resolve_hardware
 
     def resolve(cfg, device, shape):
         precision, compile_choice, ns_dtype = real(cfg, device, shape)
         return dataclasses.replace(precision, precision=bad), compile_choice, ns_dtype
 
-    monkeypatch.setattr(step, "resolve_hardware", resolve)
+    monkeypatch.setattr(hardware, "resolve_hardware", resolve)
     monkeypatch.setenv(hardware.FORCE_ENV, "bf16-slow")  # no real measurement: the value is replaced anyway
     run_dir = tmp_path / "run"
     cfg = load_config("debug", [f"data.path='{shapes16}'", "train.steps=2", "train.precision='auto'"])

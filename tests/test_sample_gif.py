@@ -120,7 +120,7 @@ def _fake_checkpoint(path, ot_run, **model):
 
     state = load_checkpoint(resolve_checkpoint(ot_run))
     cfg = validate_config(state["config"])
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=model)})
+    cfg = cfg.with_section("model", **model)
     weights = build_model(cfg.model).state_dict()
     torch.save({"model": weights, "ema": weights, "config": config_to_dict(cfg), "step": 1, "data_info": state.get("data_info", {})}, path)
     return path

@@ -90,6 +90,7 @@ def log_line(message: str) -> None:
 
 
 def torch_device(name: str):
-    from ..distributed import resolve_device
+    """--device auto|cpu|cuda as a torch.device (hardware.resolve_device, imported only when a command runs)."""
+    from ..hardware import resolve_device
 
     return resolve_device(name)

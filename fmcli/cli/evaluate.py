@@ -191,9 +191,31 @@ def eval_command(
         nfes=parse_nfe(nfe) if nfe is not None else None, sample_overrides=SamplingFlags(steps=steps, solver=solver, guidance=guidance).overrides(),
         classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed, batch_size=batch_size, ema=ema,
     )  # fmt: skip
+    _check_eval_flags(request)
     progress_factory = lambda total: progress(stderr_console(), "sampling", total)  # noqa: E731
     floor, rows = evaluate_fidelity(request, device=torch_device(device), log=log_line, progress_factory=progress_factory)
     if as_json:
         emit_json(rows)
     else:
         print(format_table(floor, rows))
+
+
+def _check_eval_flags(req) -> None:
+    """Which inputs go together, and that --gen and --data are what they claim to be."""
+    if (req.ckpt is None) == (req.gen is None):
+        raise UsageError("score either a checkpoint (--ckpt CKPT -n N) or a folder of images (--gen DIR)")
+    if req.ckpt is not None and req.num_samples is None:
+        raise UsageError("--ckpt needs --num-samples N (e.g. 1000: the reference and the floor then use 1,000 real images each)")
+    if req.gen is not None and (req.num_samples is not None or req.cfgs or req.intervals or req.nfes):
+        raise UsageError("--num-samples, --cfg, --guidance-interval and --nfe go with --ckpt; --gen scores the images in its folder")
+    if req.gen is not None and not Path(req.gen).is_dir():
+        raise UsageError(f"--gen {req.gen} is not a directory of images")
+    if not (Path(req.data) / "manifest.json").is_file():
+        raise UsageError(f"--data {req.data} is not a prepared dataset (no manifest.json); create one with `fm prepare-data`")
+    from ..features import SPACES
+
+    unknown = [s for s in req.spaces if s not in SPACES]
+    if unknown or not req.spaces:
+        raise UsageError(f"--features {','.join(req.spaces)}: choose among {', '.join(SPACES)}")
+    if req.k < 1:
+        raise UsageError("--k must be at least 1")

@@ -82,10 +82,9 @@ def env_command(
       fm env --remeasure
     """
 
-    from ..distributed import resolve_device
     from ..hardware import environment_report, environment_text
 
-    report = environment_report(resolve_device(device), width=width, remeasure=remeasure)
+    report = environment_report(torch_device(device), width=width, remeasure=remeasure)
     if as_json:
         emit_json(report)
     else:

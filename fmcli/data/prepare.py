@@ -136,7 +136,7 @@ def prepare_dataset(
     if not encode:
         pixels(out)
         return summaries[-1]
-    from ..distributed import resolve_device
+    from ..hardware import resolve_device
 
     total = limit or (count if source == "shapes" else None)  # other sources: known only once read
     path = prepare_encoded_with_progress(pixels, out, total, resolve_device(device), force, encode)

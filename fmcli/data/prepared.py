@@ -314,6 +314,24 @@ class PreparedDataset(Dataset):
     def __len__(self) -> int:
         return self.count
 
+    @property
+    def space(self) -> str:
+        """What the samples are, "pixels" or "latents" (`data_space`)."""
+        return data_space(self.manifest)
+
+    def captions(self) -> list[str] | None:
+        """Every row's caption (captions.jsonl), or None for data without captions."""
+        return read_captions(self.path) if (self.path / "captions.jsonl").is_file() else None
+
+    def empty_text(self) -> tuple[np.ndarray, np.ndarray]:
+        """The cached empty prompt: states [1,L,D] and mask [1,L] (text_empty*.npy, written with text.npy)."""
+        return np.load(self.path / "text_empty.npy"), np.load(self.path / "text_empty_mask.npy")
+
+    def text_rows(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The cached text states (float32) and masks of `rows` (text.npy, text_mask.npy)."""
+        states = np.load(self.path / "text.npy", mmap_mode="r")[rows].astype(np.float32)
+        return states, np.load(self.path / "text_mask.npy", mmap_mode="r")[rows]
+
     def _open(self):
         if self._x is None:
             self._x = np.load(self.path / ("x1.npy" if self.is_pairs else "x.npy"), mmap_mode="r")

@@ -13,15 +13,11 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..shapes_vocab import BACKGROUNDS, COLOURS, SHAPE_NAMES, caption
 from .decode import Record
 from .prepared import PreparedWriter
 from .readers import Source
 
-SHAPE_NAMES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon", "crescent", "heart"]
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230), "yellow": (240, 220, 40),
-           "magenta": (210, 50, 200), "cyan": (40, 210, 220), "orange": (245, 140, 30), "white": (245, 245, 245)}
-BACKGROUNDS = {"black": (15, 15, 15), "gray": (110, 110, 110), "navy": (20, 25, 80), "beige": (225, 210, 170),
-               "dark green": (20, 60, 30), "white": (240, 240, 240)}  # fmt: skip
 # Bumped whenever the same (size, count, seed) would draw different images; recorded in the manifest so
 # `fm train` re-makes its auto-prepared data/shapes-* directory when it came from an older generator.
 GENERATOR_VERSION = 2  # 2: radius 0.3-0.45 of the image (1: 0.22-0.4)
@@ -87,9 +83,7 @@ def render_shape(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int, 
     angle = rng.uniform(0, 2 * math.pi) if SHAPE_NAMES[label] in ("triangle", "star", "hexagon") else 0.0
     _draw(draw, SHAPE_NAMES[label], cx, cy, radius, angle, COLOURS[fg_name], tuple(int(v) for v in bg))
     img = img.resize((size, size), Image.Resampling.LANCZOS)
-    article = "an" if fg_name[0] in "aeiou" else "a"
-    caption = f"{article} {fg_name} {SHAPE_NAMES[label]} on a {bg_name} background"
-    return np.asarray(img).transpose(2, 0, 1).copy(), label, caption
+    return np.asarray(img).transpose(2, 0, 1).copy(), label, caption(fg_name, SHAPE_NAMES[label], bg_name)
 
 
 def _polygon(cx, cy, r, n, angle, inner=None):
