@@ -214,7 +214,7 @@ def loader_throughput(data: Path, workers: int, batches: int = 400) -> float:
     """Images/s through the DataLoader as train.py builds it (global batch 64, one process)."""
     from torch.utils.data import DataLoader
 
-    from fmcli.data.prepared import PreparedDataset, collate_batched
+    from fmcli.data.dataset import PreparedDataset, collate_batched
     from fmcli.data.sampler import RankBatchSampler
 
     ds = PreparedDataset(data)
@@ -238,7 +238,7 @@ def train_throughput(data: Path, steps: int = 10) -> float:
     import torch
 
     from fmcli.config import load_config
-    from fmcli.data.prepared import PreparedDataset
+    from fmcli.data.dataset import PreparedDataset
     from fmcli.flow import flow_matching_loss, interpolate, sample_times
     from fmcli.models import build_model
     from fmcli.config import resolve as resolve_data_fields

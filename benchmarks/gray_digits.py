@@ -17,8 +17,8 @@ import numpy as np
 
 def make_gray_digits(out: Path, count: int = 20000, size: int = 28, seed: int = 0, force: bool = False) -> Path:
     """`count` grey shapes [1, size, size] uint8 with their class labels, as a prepared dataset at `out`."""
-    from fmcli.data.prepared import PreparedWriter
-    from fmcli.data.sources import SHAPE_NAMES, generate_shapes
+    from fmcli.data.dataset import PreparedWriter
+    from fmcli.data.shapes import SHAPE_NAMES, generate_shapes
 
     with PreparedWriter(out, count, (1, size, size), labels=True, force=force) as writer:
         for image, label, _ in generate_shapes(size, count, seed):

@@ -40,7 +40,7 @@ def datasets(work: Path, count: int) -> dict[str, Path]:
     """{"digits 1x28x28": grey shapes at 28, "shapes 3x32x32": the built-in shapes}, prepared once in `work`."""
     from gray_digits import make_gray_digits
 
-    from fmcli.data.sources import prepare_shapes
+    from fmcli.data.shapes import prepare_shapes
 
     out = {"digits 1x28x28": work / f"gray28-{count}", "shapes 3x32x32": work / f"shapes32-{count}"}
     if not out["digits 1x28x28"].exists():
@@ -106,7 +106,7 @@ def parts(args) -> dict:
     from fmcli import distributed as D
     from fmcli.measure import synthetic_batches
     from fmcli.config import load_config, resolve
-    from fmcli.data.prepared import PreparedDataset, collate_batched
+    from fmcli.data.dataset import PreparedDataset, collate_batched
     from fmcli.data.sampler import RankBatchSampler
     from fmcli.hardware import resolve_hardware
     from fmcli.step import TrainingStep

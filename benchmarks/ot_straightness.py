@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from fmcli.flow import couple, flow_matching_loss, interpolate
-from fmcli.sampling import solve
+from fmcli.solvers import solve
 
 RADIUS, STD = 4.0, 0.3
 

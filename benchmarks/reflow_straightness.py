@@ -16,7 +16,7 @@ import time
 import torch
 
 from fmcli.generate import class_conditions, initial_noise, labels_for, load_for_sampling
-from fmcli.sampling import guided_velocity
+from fmcli.solvers import guided_velocity
 
 
 @torch.no_grad()

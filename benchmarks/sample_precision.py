@@ -61,7 +61,7 @@ def random_checkpoint(size: str, out: Path) -> Path:
 
     from fmcli.checkpoint import save_atomic
     from fmcli.config import config_to_dict, load_config, resolve_without_data
-    from fmcli.data.sources import SHAPE_NAMES
+    from fmcli.data.shapes import SHAPE_NAMES
     from fmcli.models import build_model
 
     sets = {"quickstart": [], "DiT-S/2": ["model.size='DiT-S/2'"], "debug": ["sample.precision='auto'", "sample.compile='auto'"]}[size]

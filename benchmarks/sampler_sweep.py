@@ -1,6 +1,6 @@
 """Quality vs network evaluations for each sampler, on a shapes checkpoint: shape accuracy and a feature FD.
 
-For every solver and NFE budget (the most steps that fit, sampling.steps_for_nfe) it samples `--per-class`
+For every solver and NFE budget (the most steps that fit, solvers.steps_for_nfe) it samples `--per-class`
 images of every class (class-grid order, fixed seed, the checkpoint's CFG unless --cfg) and reports
 - shape accuracy: the fraction an independent CNN (benchmarks/shape_accuracy.py, trained on the real
   data) assigns to the requested class;
@@ -23,7 +23,7 @@ from benchmarks.shape_accuracy import cached_classifier
 from fmcli.evaluate import build_extractor, frechet_distance, reference_statistics, statistics_of, to_rgb
 from fmcli.generate import class_grid_samples, load_for_sampling
 from fmcli.images import to_uint8
-from fmcli.sampling import steps_for_nfe
+from fmcli.solvers import steps_for_nfe
 
 
 def main() -> int:

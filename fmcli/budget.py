@@ -280,7 +280,7 @@ class RunBudget:
         scaled to the network evaluations of the real grid (an adaptive solver: one image solved in full,
         scaled to the grid's count). One-off costs (a VAE's loading, lazy kernels) are counted in, on the
         side of an overestimate; a machine that slows down later is caught by the refits."""
-        from .sampling import ADAPTIVE_SOLVERS, nfe_of
+        from .solvers import ADAPTIVE_SOLVERS, nfe_of
 
         n = sample_cfg.grid_size
         adaptive = sample_cfg.solver in ADAPTIVE_SOLVERS

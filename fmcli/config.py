@@ -21,7 +21,7 @@ from .errors import RuntimeFailure, UsageError
 from .flow import COUPLINGS, OBJECTIVES, TIME_SAMPLERS
 from .encoders import VaePrecision
 from .hardware import CompileSetting, DeviceSetting, PrecisionSetting
-from .sampling import GuidanceName, SolverName
+from .solvers import GuidanceName, SolverName
 from .optim import OPTIMIZERS
 from .tracking import TRACKERS
 
@@ -175,10 +175,10 @@ class TrainConfig(Strict):
 
 
 class SampleConfig(Strict):
-    solver: SolverName = "euler"  # the names live in sampling.SOLVERS
+    solver: SolverName = "euler"  # the names live in solvers.SOLVERS
     steps: int = Field(50, gt=0)
     cfg: float = Field(1.0, ge=0)  # guidance weight w (1 = off), for every guidance method
-    guidance: GuidanceName = "cfg"  # sampling.GUIDANCES; "auto" needs a guide checkpoint (--guide-ckpt)
+    guidance: GuidanceName = "cfg"  # solvers.GUIDANCES; "auto" needs a guide checkpoint (--guide-ckpt)
     zero_init_steps: int = Field(1, ge=0)  # cfg-zero: the first K steps have zero velocity (CFG-Zero*)
     sde_noise: float = Field(1.0, ge=0)  # euler-sde: g(t)^2 = 2 * sde_noise * (1 - t) (SiT's norm); 0 = the ODE (Euler)
     rtol: float = Field(1e-5, gt=0)

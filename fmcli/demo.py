@@ -22,7 +22,7 @@ from .config import sample_settings
 from .errors import UsageError
 from .generate import LoadedModel, class_names_of, decode, iterate_samples
 from .images import grid_image, save_image_atomic
-from .sampling import ADAPTIVE_SOLVERS, GUIDANCES, MEAN_FLOW_GUIDANCES, MEAN_FLOW_SOLVERS, SOLVERS, Step
+from .solvers import ADAPTIVE_SOLVERS, GUIDANCES, MEAN_FLOW_GUIDANCES, MEAN_FLOW_SOLVERS, SOLVERS, Step
 
 INSTALL_HINT = "pip install 'fm[demo]'  (or: pip install gradio)"
 ALL_CLASSES = "all classes (cycling)"

@@ -201,7 +201,7 @@ def setup_training_encoders(cfg, dataset, device):
 
     Paths: config, then FM_VAE / FM_TEXT_ENCODER, then what `fm prepare-data` recorded in the manifest;
     they are stored in the run's config so that `fm sample --ckpt` needs nothing else. `dataset` is a
-    data.prepared.PreparedDataset, read through its own methods (this module sits below data/).
+    data.dataset.PreparedDataset, read through its own methods (this module sits below data/).
     """
     manifest = dataset.manifest
     recorded_vae = (manifest.get("vae") or {}).get("path")

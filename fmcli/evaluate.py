@@ -344,7 +344,7 @@ def load_statistics(path: str | Path, extractor: FeatureExtractor | None = None)
 
 def prepared_features(path: Path, extractor: FeatureExtractor, *, batch_size: int = 64, log=None) -> tuple[np.ndarray, int]:
     """Features of a prepared pixel dataset (uint8 [N,C,H,W], read through a memmap in batches)."""
-    from .data.prepared import read_manifest
+    from .data.dataset import read_manifest
 
     manifest = read_manifest(path)
     if manifest["kind"] != "pixels":
@@ -505,7 +505,7 @@ class FidRequest(ScoreRequest):
     inception: str | None = None
     inception_unverified: bool = False
     guide_ckpt: str | None = None
-    nfe: list[int] | None = None  # an NFE sweep: the solver's steps chosen per budget by sampling.steps_for_nfe
+    nfe: list[int] | None = None  # an NFE sweep: the solver's steps chosen per budget by solvers.steps_for_nfe
     out: Path | None = None
     kid: bool = False
 
@@ -569,7 +569,7 @@ def _load_sampler(ckpt: str, guide_ckpt: str | None, sample_overrides: Callable,
 def nfe_sweep(sample_cfg, budgets: list[int], log) -> list[tuple[int, object]]:
     """(budget, settings) for each NFE budget the solver can meet; a budget below one step's NFE (heun at 1,
     rk4 at 2 or 3) is skipped with a note rather than run over budget under its label."""
-    from .sampling import nfe_of
+    from .solvers import nfe_of
 
     sweep = [(n, settings) for n in budgets if (settings := _settings_for_nfe(sample_cfg, n)) is not None]
     least = nfe_of(sample_cfg.solver, 1)  # after _settings_for_nfe, which refuses dopri5 (no per-step NFE)
@@ -585,7 +585,7 @@ def _settings_for_nfe(sample_cfg, nfe: int):
     """The sampling settings with the most solver steps whose NFE fits `nfe` (validated: cfg-zero's
     zero-init steps must stay below the steps); None when not even one step fits."""
     from .config import validated
-    from .sampling import steps_for_nfe
+    from .solvers import steps_for_nfe
 
     what = f"--nfe {nfe} with --solver {sample_cfg.solver}"
     try:
@@ -624,7 +624,7 @@ def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest,
 def refuse_training_eval(cfg, space: str) -> None:
     """Evaluation during training (FID, or fidelity.TrainingFidelity's metrics) scores pixel samples of a
     class-conditional or unconditional model: anything else is refused before the first step, not at the first
-    evaluation. `space`: what the training data holds (`data.prepared.data_space`)."""
+    evaluation. `space`: what the training data holds (`data.dataset.data_space`)."""
     fidelity_without_ref = cfg.eval.features in ("domain", "dinov2") and cfg.eval.ref is None
     what = "eval.features=domain" if fidelity_without_ref else "eval.ref is set, but"
     if space != "pixels":

@@ -174,7 +174,7 @@ def load_or_train_classifier(data: Path, *, seed: int = 0, path: str | Path | No
     At the default location a stale or unreadable cache is replaced; at a path the user gave it is refused
     (it may be another dataset's classifier, which the user meant to keep).
     """
-    from .data.prepared import read_manifest
+    from .data.dataset import read_manifest
 
     data = Path(data)
     manifest = read_manifest(data)
@@ -251,7 +251,7 @@ class DomainExtractor:
 
 
 def domain_extractor(data: Path, *, seed: int = 0, steps: int = CLASSIFIER_STEPS, path: str | None = None, device="cpu", log=None) -> DomainExtractor:
-    from .data.prepared import read_manifest
+    from .data.dataset import read_manifest
 
     trained = load_or_train_classifier(data, seed=seed, steps=steps, path=path, log=log)
     return DomainExtractor(trained, read_manifest(data)["shape"][0], device)

@@ -47,7 +47,7 @@ def split_halves(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def prepare_reference(data: Path, extractors: dict, n: int, *, seed: int = 0, batch_size: int = 256, log=None) -> Reference:
     """Features of `n` reference and `n` floor images of the prepared pixel dataset `data` (each half capped)."""
-    from .data.prepared import read_manifest
+    from .data.dataset import read_manifest
 
     manifest = read_manifest(data)
     if manifest["kind"] != "pixels":
@@ -215,7 +215,7 @@ def sweep_settings(base, cfgs, intervals, nfes, log=None) -> list:
 
 
 def _data_shape(data: Path) -> tuple[int, int, int]:
-    from .data.prepared import read_manifest
+    from .data.dataset import read_manifest
 
     return tuple(read_manifest(data)["shape"])
 

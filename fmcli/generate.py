@@ -22,7 +22,7 @@ from .config import Config, validate_config, with_sampling_shift
 from .errors import RuntimeFailure, UsageError
 from .hardware import CompileChoice, PrecisionChoice, autocast, check_precision, choice_lines, compile_failed, resolve_compile, resolve_model_precision
 from .models import build_model
-from .sampling import SDE_SOLVERS, OnStep, check_solver_for_model, guided_velocity, solve
+from .solvers import SDE_SOLVERS, OnStep, check_solver_for_model, guided_velocity, solve
 from .seeding import STREAMS, normal
 
 
@@ -64,7 +64,7 @@ def sample_batch(
     indices=None,
     on_step: OnStep | None = None,
 ):
-    """Integrate one batch with the configured solver and guidance; returns a sampling.SampleResult.
+    """Integrate one batch with the configured solver and guidance; returns a solvers.SampleResult.
 
     `conditions` = (cond, uncond) keyword dicts (text models) replaces the class conditions of `labels`.
     `guide` is the autoguidance model (guidance "auto"). euler-sde's noise is keyed by (seed, sample index,

@@ -153,7 +153,7 @@ def _resolve_hardware_in_launcher(cfg: Config) -> Config:
     if cfg.train.precision != "auto":
         return cfg
     from .config import with_setting
-    from .data.prepared import PreparedDataset
+    from .data.dataset import PreparedDataset
     from .hardware import resolve_device, resolve_hardware
     from .train import resolve_for_training
 
@@ -169,7 +169,7 @@ def _resolve_hardware_in_launcher(cfg: Config) -> Config:
 def _autotune_in_launcher(cfg: Config, run_dir: Path, world_size: int) -> None:
     """Resolve the config as a rank will (dataset fields, text encoder width), then tune and cache."""
     from .autotune import auto_micro_batch
-    from .data.prepared import PreparedDataset
+    from .data.dataset import PreparedDataset
     from .hardware import resolve_device
     from .train import resolve_for_training
 
@@ -200,14 +200,14 @@ def ensure_data(cfg: Config, prepare: bool) -> Config:
     if cfg.data.path:
         if not Path(cfg.data.path).exists():
             raise UsageError(f"data.path {cfg.data.path} does not exist; create it with `fm prepare-data {cfg.data.source} --out {cfg.data.path}`")
-        from .data.prepared import validate_prepared
+        from .data.dataset import validate_prepared
 
         validate_prepared(cfg.data.path)  # before anything is created: a damaged dataset is exit 2 now, not a crash later
         return cfg
     if cfg.data.source != "shapes":
         raise UsageError(f"no dataset given: pass --data DIR, prepared with `fm prepare-data {cfg.data.source} --root ... --out DIR`")
-    from .data.prepared import read_manifest
-    from .data.sources import GENERATOR_VERSION
+    from .data.dataset import read_manifest
+    from .data.shapes import GENERATOR_VERSION
 
     path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.data.seed}"
 

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from . import distributed as D
-from .data.prepared import PreparedWriter, is_replaceable
+from .data.dataset import PreparedWriter, is_replaceable
 from .fsutil import atomic_write, write_text_atomic
 from .errors import UsageError
 from .generate import class_conditions, sample_batch, sampling_record
-from .sampling import SDE_SOLVERS, SOLVERS
+from .solvers import SDE_SOLVERS, SOLVERS
 from .seeding import STREAMS, normal
 
 PLAN_FILE = "plan.json"

@@ -1,7 +1,7 @@
 """The words of the built-in `shapes` data: its classes, colours and backgrounds, the caption it writes for an
 image, and the words such captions use (the vocabulary of the built-in tiny T5, encoders.py).
 
-Plain constants and strings, below both users: data/sources.py draws the images, encoders.py builds the tiny
+Plain constants and strings, below both users: data/shapes.py draws the images, encoders.py builds the tiny
 text encoder whose vocabulary must cover their captions.
 """
 

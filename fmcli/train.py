@@ -22,7 +22,7 @@ from .budget import CHECKPOINTS, EVALUATION, SAMPLES, Probes, RunBudget, started
 from .checkpoint import load_checkpoint, restore_rng, save_checkpoint, training_state
 from .config import Config, budget_fallback_config, config_to_dict, flip_warning, resolve, with_setting
 from .console import RankLog
-from .data.prepared import PreparedDataset, collate_batched, data_space
+from .data.dataset import PreparedDataset, collate_batched, data_space
 from .data.sampler import RankBatchSampler, batch_geometry, data_position
 from .errors import RuntimeFailure, UsageError
 from .fsutil import write_text_atomic

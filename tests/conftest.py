@@ -60,7 +60,7 @@ def hardware_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes16(tmp_path_factory) -> Path:
     """512 shapes images at 16x16 (the `debug` preset's data), prepared once per test session."""
-    from fmcli.data.sources import prepare_shapes
+    from fmcli.data.shapes import prepare_shapes
 
     return prepare_shapes(tmp_path_factory.mktemp("data") / "shapes16", size=16, count=512, seed=0)
 

@@ -121,7 +121,7 @@ def test_auto_micro_batch_works_for_a_text_preset(tmp_path):
     from conftest import QuietLog
 
     from fmcli.config import load_config
-    from fmcli.data.sources import prepare_shapes
+    from fmcli.data.shapes import prepare_shapes
     from fmcli.train import train
 
     data = prepare_shapes(tmp_path / "captioned", size=16, count=64, seed=0)

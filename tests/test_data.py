@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 from conftest import run_fm
 from fmcli.data.decode import resize_center_crop
 from fmcli.data.prepare import prepare
-from fmcli.data.prepared import PreparedDataset, PreparedWriter, read_captions, read_manifest
-from fmcli.data.sources import prepare_shapes
+from fmcli.data.dataset import PreparedDataset, PreparedWriter, read_captions, read_manifest
+from fmcli.data.shapes import prepare_shapes
 from fmcli.errors import UsageError
 
 RNG = np.random.default_rng(1234)
@@ -462,7 +462,7 @@ def test_dataset_pickles_without_data_and_loader_workers_agree(shapes16):
 def test_train_remakes_auto_prepared_shapes_from_an_older_generator(tmp_path, monkeypatch):
     from fmcli.launch import ensure_data
     from fmcli.config import load_config
-    from fmcli.data.sources import GENERATOR_VERSION
+    from fmcli.data.shapes import GENERATOR_VERSION
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config("debug", ["data.count=64"])

@@ -16,7 +16,7 @@ import torch
 
 from conftest import QuietLog, fm_env
 from fmcli.generate import initial_noise, load_for_sampling
-from fmcli.sampling import time_grid
+from fmcli.solvers import time_grid
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_demo_in_headless_chromium(server, tmp_path):
 
 def test_text_model_frames_follow_the_prompt(tmp_path):
     from fmcli.config import apply_overrides, load_config
-    from fmcli.data.sources import prepare_shapes
+    from fmcli.data.shapes import prepare_shapes
     from fmcli.demo import progressive
     from fmcli.encoders import build_tiny_text_encoder
     from fmcli.errors import UsageError

@@ -144,7 +144,7 @@ def test_latent_text_pipeline_end_to_end(tmp_path, tiny_vae, tiny_t5):
     assert manifest["vae"]["scaling_factor"] == 0.5 and manifest["vae"]["shift_factor"] == pytest.approx(0.1)
     assert manifest["text_encoder"]["cached"] and manifest["text_encoder"]["hidden_size"] == 32
     # The stored latents are the tiny VAE's encoding of the same shapes pixels.
-    from fmcli.data.sources import prepare_shapes
+    from fmcli.data.shapes import prepare_shapes
 
     pixels = np.load(prepare_shapes(tmp_path / "pixels", size=16, count=32, seed=0) / "x.npy")
     x = np.load(data / "x.npy")
@@ -183,7 +183,7 @@ def test_latent_text_pipeline_end_to_end(tmp_path, tiny_vae, tiny_t5):
 
 def test_text_training_encodes_captions_on_the_fly(tmp_path, tiny_t5):
     from fmcli.config import apply_overrides
-    from fmcli.data.sources import prepare_shapes
+    from fmcli.data.shapes import prepare_shapes
     from fmcli.train import train
 
     data = prepare_shapes(tmp_path / "shapes", size=8, count=16, seed=0)
@@ -197,8 +197,8 @@ def test_text_training_encodes_captions_on_the_fly(tmp_path, tiny_t5):
 
 def test_pixels_with_cached_text(tmp_path, tiny_t5):
     from fmcli.data.latents import encode_prepared
-    from fmcli.data.prepared import PreparedDataset
-    from fmcli.data.sources import prepare_shapes
+    from fmcli.data.dataset import PreparedDataset
+    from fmcli.data.shapes import prepare_shapes
 
     src = prepare_shapes(tmp_path / "shapes", size=8, count=12, seed=1)
     out = encode_prepared(src, tmp_path / "cached", text_encoder=tiny_t5, cache_text=True, max_tokens=8, batch_size=5)

@@ -34,7 +34,7 @@ def _save_pngs(x: np.ndarray, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A prepared 16px shapes dataset, its images as PNGs, and noisier copies of them."""
-    from fmcli.data.sources import prepare_shapes
+    from fmcli.data.shapes import prepare_shapes
 
     root = tmp_path_factory.mktemp("fid")
     prepared = prepare_shapes(root / "prepared", size=16, count=96, seed=3)
@@ -164,7 +164,7 @@ def test_save_stats_then_stats_ref_equals_folder_and_prepared_refs(data, tmp_pat
 
 
 def test_grayscale_prepared_and_folder_give_identical_features(tmp_path):
-    from fmcli.data.prepared import PreparedWriter
+    from fmcli.data.dataset import PreparedWriter
     from fmcli.evaluate import TinyExtractor, folder_features, prepared_features
 
     rng = np.random.default_rng(5)

@@ -81,7 +81,7 @@ def test_classifier_cache_is_reused_validated_and_rebuilt(data, monkeypatch):
 
 
 def test_unlabelled_data_has_no_domain_classifier(tmp_path):
-    from fmcli.data.prepared import PreparedWriter
+    from fmcli.data.dataset import PreparedWriter
     from fmcli.features import load_or_train_classifier
 
     with PreparedWriter(tmp_path / "u", 8, (1, 8, 8), labels=False) as w:

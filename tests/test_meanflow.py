@@ -17,7 +17,7 @@ from fmcli.config import ModelConfig, config_to_dict, load_config, validate_conf
 from fmcli.distributed import DistContext
 from fmcli.flow import flow_matching_loss, interpolate, mean_flow_loss, sample_time_pairs
 from fmcli.models import build_model
-from fmcli.sampling import solve
+from fmcli.solvers import solve
 from fmcli.step import TrainingStep, mean_flow_target
 from fmcli.train import train
 

@@ -12,7 +12,7 @@ from conftest import run_fm
 from fmcli import reflow as reflow_mod
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint, save_atomic
 from fmcli.config import SampleConfig, config_to_dict, load_config, validate_config
-from fmcli.data.prepared import PreparedDataset, PreparedWriter
+from fmcli.data.dataset import PreparedDataset, PreparedWriter
 from fmcli.distributed import DistContext
 from fmcli.errors import UsageError
 from fmcli.generate import initial_noise, load_for_sampling

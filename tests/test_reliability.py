@@ -152,7 +152,7 @@ def test_item08_truncated_dataset_exits_2_before_creating_anything(shapes16, tmp
 
 
 def test_item08_validate_prepared_checks_the_manifest_against_the_files(shapes16, tmp_path):
-    from fmcli.data.prepared import validate_prepared
+    from fmcli.data.dataset import validate_prepared
 
     assert validate_prepared(shapes16)["count"] == 512
     cases = {
@@ -338,7 +338,7 @@ def test_item15_numpy_rng_state_is_saved_whole(run_with_ckpt):
 
 
 def test_item16_labels_outside_num_classes_are_refused(shapes16, tmp_path):
-    from fmcli.data.prepared import PreparedDataset
+    from fmcli.data.dataset import PreparedDataset
 
     bad = tmp_path / "labels"
     shutil.copytree(shapes16, bad)
@@ -377,7 +377,7 @@ def fsync_log(monkeypatch):
 
 
 def test_item18_prepared_writer_and_statistics_fsync_their_directory(tmp_path, fsync_log):
-    from fmcli.data.prepared import PreparedWriter
+    from fmcli.data.dataset import PreparedWriter
     from fmcli.evaluate import statistics_of
 
     with PreparedWriter(tmp_path / "ds", 2, (3, 4, 4)) as w:
@@ -415,7 +415,7 @@ def test_item20_logit_mean_is_documented_on_t_with_the_sd3_sign():
 
 def test_item21_latents_must_be_finite_and_fit_float16(tmp_path):
     from fmcli.data.latents import _float16_latents
-    from fmcli.data.prepared import PreparedWriter
+    from fmcli.data.dataset import PreparedWriter
 
     ok = np.ones((2, 4, 2, 2), np.float32)
     assert _float16_latents(ok, 0).dtype == np.float16

@@ -247,7 +247,7 @@ def test_item05_dopri5_cfg_zero_never_returns_the_noise_as_a_sample(debug_run, t
 
 
 def test_item05_solve_refuses_a_zero_init_that_covers_the_grid():
-    from fmcli.sampling import solve
+    from fmcli.solvers import solve
 
     for solver in ("dopri5", "euler"):
         with pytest.raises(ValueError, match="skip_steps"):
@@ -391,7 +391,7 @@ def test_item08_guides_in_another_latent_space_or_text_encoder_are_refused(debug
 
 
 def test_item09_steps_for_nfe_never_exceeds_the_budget():
-    from fmcli.sampling import nfe_of, steps_for_nfe
+    from fmcli.solvers import nfe_of, steps_for_nfe
 
     for solver in ("euler", "euler-sde", "midpoint", "heun", "rk4", "ab2"):
         for nfe in range(1, 12):

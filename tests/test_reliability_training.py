@@ -106,7 +106,7 @@ def test_item07_other_ranks_wait_for_local_rank_0_to_prepare_the_default_data(tm
     import pytest
 
     from fmcli import launch
-    from fmcli.data.sources import prepare_shapes
+    from fmcli.data.shapes import prepare_shapes
     from fmcli.errors import RuntimeFailure
 
     monkeypatch.chdir(tmp_path)

@@ -43,12 +43,12 @@ def test_sample_usage_errors(tmp_path, debug_run):
 
 
 def test_help_lists_the_solver_and_guidance_names_without_torch_at_import():
-    """The names come from sampling.py (no second copy); importing the CLI alone stays free of torch."""
+    """The names come from solvers.py (no second copy); importing the CLI alone stays free of torch."""
     import subprocess
     import sys
 
     from conftest import fm_env
-    from fmcli.sampling import GUIDANCES, SOLVERS
+    from fmcli.solvers import GUIDANCES, SOLVERS
 
     for command in ("sample", "class-grid", "fid"):
         r = run_fm(command, "--help", env={"COLUMNS": "400"})

@@ -98,7 +98,7 @@ def test_guidance_interval_option(ot_run, tmp_path, capsys):
     from fmcli.config import SampleConfig, sample_settings
     from fmcli.errors import UsageError
 
-    # The option reaches the sampler settings (the guidance math itself is tested in test_sampling.py).
+    # The option reaches the sampler settings (the guidance math itself is tested in test_solvers.py).
     settings = sample_settings(SampleConfig(), cfg=3.0, guidance_interval=parse_interval("0.2,0.8"))
     assert settings.guidance_interval == (0.2, 0.8) and settings.cfg == 3.0
     for bad in ("0.8,0.2", "0.5", "a,b", "-0.1,0.5"):

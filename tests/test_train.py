@@ -19,7 +19,7 @@ from conftest import fm_env, run_fm
 from fmcli import checkpoint as ckpt_mod
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config
-from fmcli.data.prepared import PreparedWriter
+from fmcli.data.dataset import PreparedWriter
 from fmcli.errors import UsageError
 from fmcli.data.sampler import batch_geometry
 from fmcli.optim import LRSchedule, update_ema
@@ -144,7 +144,7 @@ def test_ema_is_updated_once_per_optimizer_step_not_per_micro_batch(tmp_path, sh
     torch.manual_seed(cfg.train.seed)
     from fmcli.models import build_model
     from fmcli.config import resolve as resolve_data_fields
-    from fmcli.data.prepared import read_manifest
+    from fmcli.data.dataset import read_manifest
 
     init = build_model(resolve_data_fields(cfg, read_manifest(shapes16)).model).state_dict()
     for name, w in state["model"].items():

@@ -53,7 +53,7 @@ Nproc = Annotated[int, typer.Option("--nproc", min=0, help="Use N local processe
 StopAt = Annotated[Optional[int], typer.Option("--stop-at-step", min=1, help="Checkpoint and stop at this step (resume later).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 
-# The solver and guidance names live in sampling.py, which needs torch (seconds to import): their help
+# The solver and guidance names live in solvers.py, which needs torch (seconds to import): their help
 # text is filled in only when --help is asked for, so that importing the CLI stays free of torch.
 _LAZY_HELP: list[tuple[object, Callable[[], str]]] = []
 
@@ -70,13 +70,13 @@ def fill_lazy_help() -> None:
 
 
 def _solver_help() -> str:
-    from ..sampling import SOLVERS
+    from ..solvers import SOLVERS
 
     return f"Solver: {', '.join(SOLVERS)} (default: the checkpoint's sample.solver)."
 
 
 def _guidance_help() -> str:
-    from ..sampling import GUIDANCES
+    from ..solvers import GUIDANCES
 
     return f"Guidance method of --cfg W: {', '.join(GUIDANCES)} (auto = autoguidance with --guide-ckpt)."
 

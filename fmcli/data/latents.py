@@ -18,7 +18,7 @@ import torch
 from ..encoders import TextConditioning, check_text_encoder_dir, check_vae_dir, load_text_encoder, load_vae
 from ..errors import RuntimeFailure, UsageError
 from ..fsutil import refuse_existing
-from .prepared import PreparedDataset, PreparedWriter
+from .dataset import PreparedDataset, PreparedWriter
 
 _COPIED_FIELDS = ("num_classes", "class_names", "source", "image_size", "seed")
 

@@ -64,7 +64,7 @@ def prepare(
     start = time.perf_counter()
     out = Path(out)
     refuse_existing(out, force)
-    from .prepared import PreparedWriter, is_replaceable  # imports torch: not at CLI start-up (`fm --help` stays fast)
+    from .dataset import PreparedWriter, is_replaceable  # imports torch: not at CLI start-up (`fm --help` stays fast)
 
     if out.exists() and not is_replaceable(out):
         raise UsageError(f"refusing to replace {out}: it is not a prepared dataset (no manifest.json) nor empty")
@@ -171,7 +171,7 @@ def prepare_encoded_with_progress(pixels, out: Path, total: int | None, device, 
 def open_source(name: str, root, *, split: str, size: int, count: int, seed: int, max_member_mib: float = DEFAULT_MAX_MEMBER_MIB) -> Source:
     """Validate the source's input now (before any output exists) and return it."""
     if name == "shapes":
-        from .sources import shapes_source
+        from .shapes import shapes_source
 
         return shapes_source(size=size, count=count, seed=seed)
     if name == "cifar10":

@@ -1,4 +1,4 @@
-"""fmcli.sampling: solvers against a closed-form Gaussian flow and scipy, the SDE, NFE counting, guidance, determinism."""
+"""fmcli.solvers: solvers against a closed-form Gaussian flow and scipy, the SDE, NFE counting, guidance, determinism."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from fmcli.sampling import FIXED_STEP_SOLVERS, GUIDANCES, SOLVERS, guided_velocity, nfe_of, score_from_velocity, solve, steps_for_nfe
+from fmcli.solvers import FIXED_STEP_SOLVERS, GUIDANCES, SOLVERS, guided_velocity, nfe_of, score_from_velocity, solve, steps_for_nfe
 
 # Gaussian-to-Gaussian flow. With x0 ~ N(0, I), x1 ~ N(mu, s^2 I) independent and the path of docs/architecture.md
 # section 3, x_t = a(t) x0 + t x1 with a(t) = 1 - (1 - sigma_min) t, so x_t ~ N(t mu, sigma_t^2 I) with
@@ -344,7 +344,7 @@ def test_same_seed_any_batch_size_gives_the_same_samples(solver):
 
 def test_trajectory_recorder_picks_the_states_nearest_to_even_times():
     from fmcli.generate import TrajectoryRecorder, merge_trajectories
-    from fmcli.sampling import time_grid
+    from fmcli.solvers import time_grid
 
     x0 = _x0()
     rec = TrajectoryRecorder()
@@ -379,7 +379,7 @@ def test_guidance_weight_one_is_the_main_model_for_every_method():
 
 
 def test_optimized_scale_is_the_least_squares_projection():
-    from fmcli.sampling import optimized_scale
+    from fmcli.solvers import optimized_scale
 
     g = torch.Generator().manual_seed(4)
     v_c, v_u = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
@@ -391,7 +391,7 @@ def test_optimized_scale_is_the_least_squares_projection():
 
 
 def test_cfg_zero_formula_and_with_its_scale_fixed_to_one_it_is_plain_cfg(monkeypatch):
-    import fmcli.sampling as sampling
+    import fmcli.solvers as solvers
 
     model, cond, uncond, x, t, v_c, v_u = _guidance_setup()
     w = 3.0
@@ -399,7 +399,7 @@ def test_cfg_zero_formula_and_with_its_scale_fixed_to_one_it_is_plain_cfg(monkey
     zero = guided_velocity(model, cond, uncond, cfg=w, guidance="cfg-zero")(x, t)
     torch.testing.assert_close(zero, s * v_u + w * (v_c - s * v_u), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(zero, v_u + w * (v_c - v_u))
-    monkeypatch.setattr(sampling, "optimized_scale", lambda vc, vu: torch.ones(vc.shape[0], 1, 1, 1))
+    monkeypatch.setattr(solvers, "optimized_scale", lambda vc, vu: torch.ones(vc.shape[0], 1, 1, 1))
     fixed = guided_velocity(model, cond, uncond, cfg=w, guidance="cfg-zero")(x, t)
     assert torch.equal(fixed, guided_velocity(model, cond, uncond, cfg=w, guidance="cfg")(x, t))
 

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from ..shapes_vocab import BACKGROUNDS, COLOURS, SHAPE_NAMES, caption
 from .decode import Record
-from .prepared import PreparedWriter
+from .dataset import PreparedWriter
 from .readers import Source
 
 # Bumped whenever the same (size, count, seed) would draw different images; recorded in the manifest so
