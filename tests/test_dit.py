@@ -1,6 +1,7 @@
 """DiT: shapes, adaLN-Zero initialisation, conditioning, positional embedding."""
 
 import numpy as np
+import pytest
 import torch
 
 from fmcli.config import ModelConfig
@@ -68,8 +69,10 @@ def test_sincos_embedding_matches_formula():
     np.testing.assert_allclose(emb[5, 4:], np.concatenate([np.sin(2 * omega), np.cos(2 * omega)]))
 
 
-def test_cpu_bf16_autocast_runs_attention_in_fp32_and_matches_fp32_forward(monkeypatch):
-    # CPU bf16 autocast keeps SDPA in fp32 (its bf16 backward is slow on CPU); the GEMMs still run in bf16.
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "sampling"])
+def test_cpu_bf16_autocast_attention_dtype_and_forward(monkeypatch, grad):
+    # CPU bf16 autocast keeps SDPA in fp32 where a backward follows (its bf16 backward is slow on CPU), and in
+    # bf16 without gradients (sampling: the faster forward); the GEMMs run in bf16 either way.
     torch.manual_seed(2)
     model = perturbed(tiny())
     x, t, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.randint(0, 10, (4,))
@@ -82,31 +85,13 @@ def test_cpu_bf16_autocast_runs_attention_in_fp32_and_matches_fp32_forward(monke
 
     reference = model(x, t, y)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, t, y)
         qkv_dtype = model.blocks[0].attn.qkv(torch.randn(2, 16, 32)).dtype
     assert qkv_dtype == torch.bfloat16  # the projections really are bf16 under autocast
-    assert seen and all(s == (torch.float32, False) for s in seen)
+    expected = (torch.float32, False) if grad else (torch.bfloat16, True)
+    assert seen and all(s == expected for s in seen)
     assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
-    out.float().pow(2).mean().backward()  # and the mixed graph differentiates
-    assert all(p.grad is not None for p in model.blocks[0].attn.parameters())
-
-
-def test_cpu_bf16_attention_without_gradients_stays_bf16(monkeypatch):
-    # Sampling (no backward to follow) runs CPU SDPA in bf16, its faster forward; training keeps fp32 (above).
-    torch.manual_seed(2)
-    model = perturbed(tiny())
-    x, t, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.randint(0, 10, (4,))
-    seen = []
-    real_sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, **kw):
-        seen.append(q.dtype)
-        return real_sdpa(q, k, v, **kw)
-
-    reference = model(x, t, y)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x, t, y)
-    assert seen and all(dtype == torch.bfloat16 for dtype in seen)
-    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    if grad:
+        out.float().pow(2).mean().backward()  # and the mixed graph differentiates
+        assert all(p.grad is not None for p in model.blocks[0].attn.parameters())
