@@ -192,6 +192,8 @@ CASES = [
     ("fid-out-sample-exists", lambda w: ("fid", "--ckpt", w["run"], "-n", "2", "--ref", w["data"], "--features", "tiny", "--out", w["samples"])),
     ("fid-corrupt-stats", lambda w: ("fid", "--gen", w["images"], "--ref", w["stats_bad"], "--features", "tiny")),
     ("fid-inception-wrong-hash", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--inception", w["fake_inception"])),
+    ("fid-nfe-and-steps", lambda w: ("fid", "--ckpt", w["run"], "-n", "2", "--ref", w["data"], "--features", "tiny", "--nfe", "1,2", "--steps", "4"), "drop --steps"),
+    ("eval-nfe-and-steps", lambda w: ("eval", "--ckpt", w["run"], "-n", "8", "--data", w["data"], "--nfe", "1,2", "--steps", "4"), "drop --steps"),
     ("fid-nfe-below-one-step", lambda w: ("fid", "--ckpt", w["run"], "-n", "2", "--ref", w["data"], "--features", "tiny", "--nfe", "1,3", "--solver", "rk4"), "needs at least"),
     ("fid-inception-missing", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--inception", w["root"] / "none.pt")),
     # plot, bench, prepare-data

@@ -53,9 +53,7 @@ def fid(
 
     from ..launch import on_ranks
 
-    budgets = parse_nfe(nfe) if nfe is not None else None
-    if budgets is not None and sampling.steps is not None:
-        raise UsageError("--nfe chooses the steps for each budget: drop --steps")
+    budgets = parse_nfe(nfe, sampling.steps)
     overrides = sampling.overrides()
     if (gpus or nproc) and ckpt is None:
         raise UsageError("--gpus/--nproc shard sample generation: they go with --ckpt")
@@ -129,7 +127,6 @@ def _check_fid_flags(req, force: bool, ctx) -> None:
             barrier(ctx)  # every rank has checked before any rank writes its samples
 
 
-
 def _print_nfe_table(rows: list[dict]) -> None:
     """The NFE sweep as a plain table on stdout."""
     kid = any("kid" in r for r in rows)
@@ -183,12 +180,10 @@ def eval_command(
     from ..console import progress
     from ..fidelity import EvalRequest, evaluate_fidelity, format_table
 
-    if nfe is not None and steps is not None:
-        raise UsageError("--nfe chooses the steps for each budget: drop --steps")
     request = EvalRequest(
         data=data, ckpt=ckpt, gen=gen, num_samples=num_samples, spaces=tuple(s.strip() for s in features.split(",") if s.strip()),
         cfgs=parse_floats("--cfg", cfg_scales), intervals=[parse_interval(i) for i in intervals] or None,
-        nfes=parse_nfe(nfe) if nfe is not None else None, sample_overrides=SamplingFlags(steps=steps, solver=solver, guidance=guidance).overrides(),
+        nfes=parse_nfe(nfe, steps), sample_overrides=SamplingFlags(steps=steps, solver=solver, guidance=guidance).overrides(),
         classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed, batch_size=batch_size, ema=ema,
     )  # fmt: skip
     _check_eval_flags(request)

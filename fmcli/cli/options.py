@@ -202,13 +202,17 @@ def read_prompts(source: Optional[str]) -> list[str]:
 
 
 
-def parse_nfe(text: str) -> list[int]:
-    """'1,2,4,8' -> [1, 2, 4, 8]; anything but positive integers is a usage error."""
+def parse_nfe(text: Optional[str], steps: Optional[int] = None) -> Optional[list[int]]:
+    """--nfe '1,2,4,8' -> [1, 2, 4, 8] (None without --nfe); anything but positive integers is a usage error, and
+    so is --steps beside it (each budget chooses its own steps)."""
+    if text is None:
+        return None
+    if steps is not None:
+        raise UsageError("--nfe chooses the steps for each budget: drop --steps")
     parts = [p.strip() for p in text.split(",")]
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise UsageError(f"--nfe expects positive integers separated by commas (e.g. 1,2,4,8), got {text!r}")
     return [int(p) for p in parts]
-
 
 
 def parse_floats(flag: str, text: Optional[str]) -> Optional[list[float]]:
