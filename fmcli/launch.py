@@ -131,9 +131,13 @@ def refuse_existing_run_dir(run_dir: Path) -> None:
 def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step, launch: dict, procs: int, started_at: float) -> None:
     import typer
 
-    cfg = _resolve_hardware_in_launcher(cfg)
-    if cfg.train.micro_batch_size == "auto":  # tune once here, single-process; the ranks read the cache
-        _autotune_in_launcher(cfg, run_dir, world_size=procs * launch["nnodes"])
+    if cfg.train.precision == "auto" or cfg.train.micro_batch_size == "auto":
+        cfg, resolved, device = _resolve_in_launcher(cfg)
+        if cfg.train.micro_batch_size == "auto":  # tune once here, single-process; the ranks read the cache
+            from .autotune import auto_micro_batch
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            auto_micro_batch(resolved, run_dir, device, world_size=procs * launch["nnodes"], log=lambda m: print(m, file=sys.stderr))
     code = D.relaunch(
         max(procs, 1),
         _child_argv(cfg, run_dir, ckpt, stop_at_step),
@@ -147,11 +151,10 @@ def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at
         raise typer.Exit(code)
 
 
-def _resolve_hardware_in_launcher(cfg: Config) -> Config:
-    """precision "auto" decided once here, before the ranks start, so that every rank (and the autotune)
-    trains the same precision; the ranks then see it as an explicit setting."""
-    if cfg.train.precision != "auto":
-        return cfg
+def _resolve_in_launcher(cfg: Config):
+    """(cfg, that config resolved as a rank will resolve it: dataset fields, text encoder width; the device).
+    Precision "auto" is decided once here, before the ranks start, so that every rank (and the autotune) trains
+    the same precision; the ranks then see it as an explicit setting."""
     from .config import with_setting
     from .data.dataset import PreparedDataset
     from .hardware import resolve_device, resolve_hardware
@@ -160,23 +163,12 @@ def _resolve_hardware_in_launcher(cfg: Config) -> Config:
     device = resolve_device(cfg.train.device, "train.device")
     dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
     resolved, _ = resolve_for_training(cfg, dataset, device)
-    choice, _, _ = resolve_hardware(resolved, device, tuple(dataset.manifest["shape"]))
-    resolved_cfg = with_setting(cfg, "train.precision", choice.precision)  # validated before the ranks see it
-    print(f"precision: {choice.precision} ({choice.reason})", file=sys.stderr)
-    return resolved_cfg
-
-
-def _autotune_in_launcher(cfg: Config, run_dir: Path, world_size: int) -> None:
-    """Resolve the config as a rank will (dataset fields, text encoder width), then tune and cache."""
-    from .autotune import auto_micro_batch
-    from .data.dataset import PreparedDataset
-    from .hardware import resolve_device
-    from .train import resolve_for_training
-
-    device = resolve_device(cfg.train.device, "train.device")
-    resolved, _ = resolve_for_training(cfg, PreparedDataset(cfg.data.path, text=cfg.model.cross_attention), device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    auto_micro_batch(resolved, run_dir, device, world_size=world_size, log=lambda m: print(m, file=sys.stderr))
+    if cfg.train.precision == "auto":
+        choice, _, _ = resolve_hardware(resolved, device, tuple(dataset.manifest["shape"]))
+        cfg = with_setting(cfg, "train.precision", choice.precision)  # validated before the ranks see it
+        resolved = with_setting(resolved, "train.precision", choice.precision)
+        print(f"precision: {choice.precision} ({choice.reason})", file=sys.stderr)
+    return cfg, resolved, device
 
 
 def _child_argv(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step) -> list[str]:
