@@ -190,7 +190,7 @@ class RunBudget:
         """Rank 0 refits the run's `steps` from the recent pace, every rank follows: the new steps, or None."""
         if self.fit is None:
             return None
-        fitted = self.fit.refit(step, clock(), self.overhead) if self.ctx.is_main else None
+        fitted = self.fit.refit(step, clock(), self.overhead) if self.ctx.rank == 0 else None
         fitted = D.all_gather_objects(fitted, self.ctx)[0]
         self.snapshot.update(self.fit.record())
         if fitted == steps:
@@ -258,7 +258,7 @@ class RunBudget:
 
         start = clock()
         state = probes.state()  # collective (RNG gather): every rank takes part
-        if not self.ctx.is_main:
+        if self.ctx.rank != 0:
             return 0.0, 0.0, None  # rank 0's numbers are used
         with tempfile.TemporaryDirectory(prefix="fm-budget-") as tmp:
             save_atomic(state, Path(tmp) / "step.pt")

@@ -96,13 +96,13 @@ class TrainingStep:
         """
         from .hardware import CompileChoice, compile_with_fallback
 
-        if self.ctx.distributed:
+        if self.ctx.world_size > 1:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         warnings = []
         choice = CompileChoice(compile_model, bool(compile_model), "")
         self.train_forward = compile_with_fallback(self.wrapped, lambda f: self.warm_up(example, f), lambda m: warnings.append(m) or log(m), choice)
-        if self.ctx.distributed and D.any_rank(choice.fell_back, self.ctx) and self.train_forward is not self.wrapped:
+        if self.ctx.world_size > 1 and D.any_rank(choice.fell_back, self.ctx) and self.train_forward is not self.wrapped:
             self.train_forward, choice.compile = self.wrapped, False  # one rank could not compile: all run the same eager program
         self.compile_warning = (warnings or [None])[0]
         return choice.compile
@@ -117,7 +117,7 @@ class TrainingStep:
         cond = self._condition(batch, torch.zeros(x.shape[0], dtype=torch.bool))
         if self.cfg.flow.objective == "meanflow":  # compile the call the step makes
             cond["t_end"] = t
-        sync = self.wrapped.no_sync() if self.ctx.distributed else contextlib.nullcontext()
+        sync = self.wrapped.no_sync() if self.ctx.world_size > 1 else contextlib.nullcontext()
         with sync:
             with autocast(self.cfg.train.precision, self.ctx.device):
                 out = forward(x, t, **cond)
@@ -169,7 +169,7 @@ class TrainingStep:
             xt, ut = interpolate(x0, x1, t, cfg.flow.sigma_min)
             cond = self._condition(batch, draws["drop"][rows])
             last = a == self.accum - 1
-            sync = self.wrapped.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
+            sync = self.wrapped.no_sync() if ctx.world_size > 1 and not last else contextlib.nullcontext()
             with sync, amp:
                 if draws["ends"] is None:
                     loss = logged = flow_matching_loss(self.train_forward(xt, t, **cond), ut)

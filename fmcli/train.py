@@ -60,7 +60,7 @@ class HardwareRecord:
         """
         from .hardware import choice_lines, resolve_hardware
 
-        decision = resolve_hardware(cfg, ctx.device, shape) if ctx.is_main else None
+        decision = resolve_hardware(cfg, ctx.device, shape) if ctx.rank == 0 else None
         precision, compile_choice, ns_dtype = D.all_gather_objects(decision, ctx)[0]
         for line in choice_lines(precision, compile_choice):
             log.info(line)
@@ -76,7 +76,7 @@ def train(cfg: Config, run_dir: Path, *, resume_from: Path | None = None, stop_a
     `started_at` (time.time()) is when the command began, for train.budget_minutes (default: now)."""
     started = started_on_clock(started_at)  # the budget counts data preparation, setup and compiling
     ctx = D.setup(cfg.train.device)
-    log = log or RankLog(ctx.is_main)
+    log = log or RankLog(ctx.rank == 0)
     try:
         result = Trainer(cfg, Path(run_dir), ctx, log, started, resume_from).run(stop_at_step)
         D.barrier(ctx)  # rank 0 may still be writing samples: tear the group down together
@@ -141,11 +141,11 @@ def make_evaluator(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, lo
     if fidelity:
         from .fidelity import TrainingFidelity
 
-        return TrainingFidelity(cfg, cfg.data.path, ctx.device, log=log.info, with_reference=ctx.is_main)
+        return TrainingFidelity(cfg, cfg.data.path, ctx.device, log=log.info, with_reference=ctx.rank == 0)
     from .evaluate import TrainingEvaluator
 
     manifest = {**dataset.manifest, "kind": "pixels"}  # reflow pairs of a pixel model: samples are pixels
-    return TrainingEvaluator(cfg, manifest, ctx.device, log=log.info, with_reference=ctx.is_main)
+    return TrainingEvaluator(cfg, manifest, ctx.device, log=log.info, with_reference=ctx.rank == 0)
 
 
 def micro_setting(cfg: Config, run_dir: Path, ctx: D.DistContext, log, ns_dtype: str | None):
@@ -212,9 +212,9 @@ class Trainer:
             self.log.info(f"the run is already at step {self.step} of train.steps={self.steps}; extend it with --set train.steps=N")
             result.checkpoint = self.resume_from
             return result
-        if self.ctx.is_main:
+        if self.ctx.rank == 0:
             self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg))
-        if self.resume_from is None and self.ctx.is_main:
+        if self.resume_from is None and self.ctx.rank == 0:
             env = {**environment_info(self.ctx.device, self.ctx.world_size), "hardware": self.hardware.record(self.budget.record())}
             write_run_files(self.run_dir, config_to_dict(self.cfg), env)
         D.barrier(self.ctx)
@@ -245,7 +245,7 @@ class Trainer:
             self.step += 1
             result.losses.append(out.loss)
             window.append(out.loss)
-            if self.ctx.is_main:
+            if self.ctx.rank == 0:
                 self.ot_window += out.ot_costs
             progress(self.step, out.loss)
             done = self.step >= self.steps
@@ -295,7 +295,7 @@ class Trainer:
         cfg = with_setting(cfg, "train.precision", hardware.precision.precision)  # validated before config.json sees it
         check_precision(cfg.train.precision, self.ctx.device, "train.precision")  # an "auto" that resolved to fp16 on a CPU
         evaluator = make_evaluator(cfg, self.dataset, self.ctx, self.log)  # before any step: a bad eval.ref fails now
-        if (warning := flip_warning(cfg)) and self.ctx.is_main:
+        if (warning := flip_warning(cfg)) and self.ctx.rank == 0:
             self.log.info(warning)
         micro, accum = batch_geometry(cfg.train.global_batch_size, micro_setting(cfg, self.run_dir, self.ctx, self.log, hardware.muon_ns_dtype), self.ctx.world_size)
         if cfg.train.global_batch_size > len(self.dataset):
@@ -368,7 +368,7 @@ class Trainer:
         state = self._state()  # collective (RNG gather): every rank takes part
         path = self.run_dir / "checkpoints" / step_name(self.step, ".pt")
         D.barrier(self.ctx)
-        if self.ctx.is_main:
+        if self.ctx.rank == 0:
             cfg = self.cfg.train
             path = save_checkpoint(state, self.run_dir / "checkpoints", self.step, cfg.keep_last, cfg.keep_every, log=self.log.info)
             self.log.info(f"checkpoint: {path}")
@@ -395,7 +395,7 @@ class Trainer:
         return SamplingNet(self.step_fn.ema, self.cfg.train.precision, self.ctx.device)
 
     def _log_metrics(self, window: list[float], out, elapsed: float) -> None:
-        if not self.ctx.is_main:
+        if self.ctx.rank != 0:
             return
         record = {
             "step": self.step,
@@ -419,7 +419,7 @@ class Trainer:
         )
 
     def _save_samples(self) -> None:
-        if not self.ctx.is_main:
+        if self.ctx.rank != 0:
             return
         n, k = self.cfg.sample.grid_size, self.cfg.model.num_classes
         x, _ = self._grid(n, self.cfg.sample, prompts_to=self.run_dir / "samples" / step_name(self.step, ".txt"))
@@ -455,7 +455,7 @@ class Trainer:
         if self.evaluator is None:
             return
         record = self.evaluator(self.ema_net, self.step, batch_size=self.step_fn.micro, ctx=self.ctx)
-        if not self.ctx.is_main:
+        if self.ctx.rank != 0:
             return
         append_metrics(self.run_dir, record)
         self.tracker.log(record, self.step)
