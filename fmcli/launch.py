@@ -146,14 +146,14 @@ def _resolve_in_launcher(cfg: Config):
     """(cfg, that config resolved as a rank will resolve it: dataset fields, text encoder width; the device).
     Precision "auto" is decided once here, before the ranks start, so that every rank (and the autotune) trains
     the same precision; the ranks then see it as an explicit setting."""
-    from .config import with_setting
+    from .config import resolve, with_setting
     from .data.dataset import PreparedDataset
     from .hardware import resolve_device, resolve_hardware
-    from .train import resolve_for_training
+    from .encoders import setup_training_encoders
 
     device = resolve_device(cfg.train.device, "train.device")
     dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
-    resolved, _ = resolve_for_training(cfg, dataset, device)
+    _, resolved = setup_training_encoders(resolve(cfg, dataset.manifest), dataset, device)  # as train.build_step resolves it
     if cfg.train.precision == "auto":
         choice, _, _ = resolve_hardware(resolved, device, tuple(dataset.manifest["shape"]))
         cfg = with_setting(cfg, "train.precision", choice.precision)  # validated before the ranks see it
