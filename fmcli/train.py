@@ -186,6 +186,36 @@ class Trainer:
         if self.step < self.cfg.train.steps:
             self._start(cfg)
 
+    def _start(self, cfg: Config) -> None:
+        """Wrap the step (DDP + torch.compile), proven on one forward/backward of a first micro-batch (eager
+        after one warning if compiling fails); a fresh run then fits train.budget_minutes (RunBudget.start),
+        timing that micro-batch's step, a checkpoint's state, a grid and the evaluator's features. Where the
+        budget fits too few steps for the recipe, train.budget_fallback's config builds the step again (nothing
+        is written yet; that config has no fallback of its own), whose own step time the budget measures and
+        fits. A resume continues its checkpoint's schedule: it never re-measures, refits or falls back."""
+        steps = None
+        while steps is None:
+            example = collate_batched(self.dataset.__getitems__(list(range(self.step_fn.micro))))
+            choice = self.hardware.compile
+            if not self.step_fn.wrap(choice.compile, example, log=self.log.info) and choice.compile:
+                choice.compile, choice.fell_back = False, True
+            if self.resume_from is not None:
+                return
+            features = None
+            if self.evaluator is not None:
+                from .evaluate import to_rgb
+                from .images import to_uint8
+
+                extractor = self.evaluator.extractor
+                features = lambda images: extractor(to_rgb(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()))  # noqa: E731
+            steps = self.budget.start(self.cfg, Probes(self.step_fn, example, self._state, self._grid, features))
+            if steps is None:  # train.budget_fallback applies
+                fallback = budget_fallback_config(cfg)
+                self.cfg, self.text, self.hardware, self.evaluator, self.step_fn = build_step(fallback, self.dataset, self.ctx, self.log, self.run_dir, fresh=True)
+        if steps != self.cfg.train.steps:
+            self.step_fn.set_total_steps(steps, at_step=self.step)
+            self.cfg = self.step_fn.cfg
+
     # The run reads top to bottom: steps, checkpoints, samples, evaluation.
     def run(self, stop_at_step: int | None) -> TrainResult:
         result = TrainResult(run_dir=self.run_dir, step=self.step)
@@ -275,38 +305,6 @@ class Trainer:
                 f"(the last checkpoint in {self.run_dir / 'checkpoints'} is intact)"
             )
         self.log.info(f"step {self.step + 1}: non-finite loss, step skipped ({skips}/{self.cfg.train.max_nan_skips})")
-
-    # ------------------------------------------------------------------------------------------ setup
-
-    def _start(self, cfg: Config) -> None:
-        """Wrap the step (DDP + torch.compile), proven on one forward/backward of a first micro-batch (eager
-        after one warning if compiling fails); a fresh run then fits train.budget_minutes (RunBudget.start),
-        timing that micro-batch's step, a checkpoint's state, a grid and the evaluator's features. Where the
-        budget fits too few steps for the recipe, train.budget_fallback's config builds the step again (nothing
-        is written yet; that config has no fallback of its own), whose own step time the budget measures and
-        fits. A resume continues its checkpoint's schedule: it never re-measures, refits or falls back."""
-        steps = None
-        while steps is None:
-            example = collate_batched(self.dataset.__getitems__(list(range(self.step_fn.micro))))
-            choice = self.hardware.compile
-            if not self.step_fn.wrap(choice.compile, example, log=self.log.info) and choice.compile:
-                choice.compile, choice.fell_back = False, True
-            if self.resume_from is not None:
-                return
-            features = None
-            if self.evaluator is not None:
-                from .evaluate import to_rgb
-                from .images import to_uint8
-
-                extractor = self.evaluator.extractor
-                features = lambda images: extractor(to_rgb(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()))  # noqa: E731
-            steps = self.budget.start(self.cfg, Probes(self.step_fn, example, self._state, self._grid, features))
-            if steps is None:  # train.budget_fallback applies
-                fallback = budget_fallback_config(cfg)
-                self.cfg, self.text, self.hardware, self.evaluator, self.step_fn = build_step(fallback, self.dataset, self.ctx, self.log, self.run_dir, fresh=True)
-        if steps != self.cfg.train.steps:
-            self.step_fn.set_total_steps(steps, at_step=self.step)
-            self.cfg = self.step_fn.cfg
 
     # ----------------------------------------------------------------------------------- checkpoints
 
