@@ -2,7 +2,7 @@
 
 `RunBudget` is all of it for one run, called by the trainer at a few named points: `start` (the first fit
 and the train.budget_fallback choice, in a fresh run's setup), `timed` (each checkpoint, sample grid and
-evaluation), `at_log_interval` (a refit) and `record` (what env.json and the checkpoint say). A machine's
+evaluation), `at_log_interval` (a refit) and `snapshot` (what env.json and the checkpoint say). A machine's
 pace drifts within a run, so a timing taken once at the start cannot keep a run inside its budget: the
 steps are refitted at every log interval from the pace of the recent steps (docs/benchmarks.md, "Why the
 budget refits"), the LR schedule following each refit without a jump (fmcli.optim.LRSchedule.retarget).
@@ -119,12 +119,6 @@ class StepBudget:
                 "work_seconds": {"every": [w.every for w in self.work], "seconds": [w.cost(self.seconds) for w in self.work]}}
 
 
-def started_on_clock(started_at: float | None) -> float:
-    """When the budget began, on `clock`: at the command's start (`started_at`, time.time(); data preparation,
-    setup and compiling count), or now."""
-    return clock() - (max(0.0, time.time() - started_at) if started_at is not None else 0.0)
-
-
 @dataclass
 class Probes:
     """What the budget times before its first fit, as callbacks into the run (budget.py knows no trainer)."""
@@ -140,7 +134,7 @@ class RunBudget:
     """train.budget_minutes of one run on one rank: every rank measures and follows, rank 0's numbers count.
 
     Active only in a fresh run with a budget, after `start`; a resume continues the fitted schedule of its
-    checkpoint (it never re-measures, refits or falls back) and `record`s what the checkpoint said."""
+    checkpoint (it never re-measures, refits or falls back) and keeps what the checkpoint said as its `snapshot`."""
 
     def __init__(self, minutes: float | None, started: float, ctx: D.DistContext, log):
         self.minutes, self.started, self.ctx, self.log = minutes, started, ctx, log
@@ -148,7 +142,7 @@ class RunBudget:
         self.overhead = 0.0  # seconds of periodic work so far
         self.fallback: dict | None = None  # train.budget_fallback, once chosen
         self.logged_steps = 0  # the fit the last log line announced
-        self.snapshot: dict | None = None  # the record at the last fit (or the resumed checkpoint's)
+        self.snapshot: dict | None = None  # hardware["budget"] of env.json and the checkpoint: as of the last fit (or the resumed checkpoint's)
 
     def start(self, cfg, probes: Probes) -> int | None:
         """A fresh run's first fit of cfg.train.steps: the steps to train, or None where the budget fits fewer
@@ -171,8 +165,20 @@ class RunBudget:
             f"budget: {self.minutes:g} min at {step_s:.3f} s/step (measured) -> {steps} steps"
             + (f" (of the preset's {cfg.train.steps}: this machine is slower than the preset was tuned on; refitted as the run goes)" if steps < cfg.train.steps else "")
         )
-        if self._falls_back(cfg, steps):
-            return None
+        # train.budget_fallback applies where the budget cut the steps under its min_steps, unless the run starts
+        # from weights (train.init_from) whose model a fallback that resizes it could not load.
+        fallback = cfg.train.budget_fallback
+        if fallback is not None and steps < min(fallback.min_steps, cfg.train.steps):
+            if cfg.train.init_from and any(item.startswith("model.") for item in fallback.overrides):
+                self.log.info(f"budget: {steps} steps are under train.budget_fallback.min_steps={fallback.min_steps}, "
+                              "but train.init_from fixes the model: training it as set")
+            else:
+                self.log.info(
+                    f"budget: {steps} steps are under train.budget_fallback.min_steps={fallback.min_steps}; "
+                    f"training the preset's fallback instead: {' '.join(fallback.overrides)}"
+                )
+                self.fallback = {"from_steps": steps, "min_steps": fallback.min_steps, "overrides": fallback.overrides}
+                return None
         self.logged_steps = steps
         return steps
 
@@ -190,7 +196,7 @@ class RunBudget:
         """Rank 0 refits the run's `steps` from the recent pace, every rank follows: the new steps, or None."""
         if self.fit is None:
             return None
-        fitted = self.fit.refit(step, clock(), self.overhead) if self.ctx.is_main else None
+        fitted = self.fit.refit(step, clock(), self.overhead) if self.ctx.rank == 0 else None
         fitted = D.all_gather_objects(fitted, self.ctx)[0]
         self.snapshot.update(self.fit.record())
         if fitted == steps:
@@ -203,27 +209,6 @@ class RunBudget:
     def restore(self, record: dict | None) -> None:
         """A resumed run: its checkpoint's record (the fitted steps are in its config)."""
         self.snapshot = record
-
-    def record(self) -> dict | None:
-        """hardware["budget"] of env.json and the checkpoint: as of the last fit."""
-        return self.snapshot
-
-    def _falls_back(self, cfg, steps: int) -> bool:
-        """train.budget_fallback applies where the budget cut the steps under its min_steps, unless the run
-        starts from weights (train.init_from) whose model a fallback that resizes it could not load."""
-        fallback = cfg.train.budget_fallback
-        if fallback is None or steps >= min(fallback.min_steps, cfg.train.steps):
-            return False
-        if cfg.train.init_from and any(item.startswith("model.") for item in fallback.overrides):
-            self.log.info(f"budget: {steps} steps are under train.budget_fallback.min_steps={fallback.min_steps}, "
-                          "but train.init_from fixes the model: training it as set")
-            return False
-        self.log.info(
-            f"budget: {steps} steps are under train.budget_fallback.min_steps={fallback.min_steps}; "
-            f"training the preset's fallback instead: {' '.join(fallback.overrides)}"
-        )
-        self.fallback = {"from_steps": steps, "min_steps": fallback.min_steps, "overrides": fallback.overrides}
-        return True
 
     # ------------------------------------------------------------------------------------ measuring
 
@@ -255,16 +240,29 @@ class RunBudget:
         import tempfile
 
         from .checkpoint import save_atomic
+        from .solvers import ADAPTIVE_SOLVERS, nfe_of
 
         start = clock()
         state = probes.state()  # collective (RNG gather): every rank takes part
-        if not self.ctx.is_main:
+        if self.ctx.rank != 0:
             return 0.0, 0.0, None  # rank 0's numbers are used
         with tempfile.TemporaryDirectory(prefix="fm-budget-") as tmp:
             save_atomic(state, Path(tmp) / "step.pt")
         checkpoint_s = clock() - start
         del state
-        grid_s, images, per_image_s = self._measure_grid(cfg.sample, probes.grid)
+        # The sample grid: its own batch sampled with one solver step (after CFG-Zero*'s zero-init steps, which
+        # evaluate nothing), scaled to the network evaluations of the real grid (an adaptive solver: one image
+        # solved in full, scaled to the grid's count). One-off costs (a VAE's loading, lazy kernels) are counted
+        # in, on the side of an overestimate; a machine that slows down later is caught by the refits.
+        sample, n = cfg.sample, cfg.sample.grid_size
+        adaptive = sample.solver in ADAPTIVE_SOLVERS
+        zero_init = sample.zero_init_steps if sample.guidance == "cfg-zero" else 0
+        probe_cfg = sample if adaptive else sample.model_copy(update={"steps": min(sample.steps, zero_init + 1)})
+        start = clock()
+        images, nfe = probes.grid(1 if adaptive else n, probe_cfg)
+        seconds = clock() - start
+        grid_s = seconds * n if adaptive else seconds * nfe_of(sample.solver, sample.steps) / max(1, nfe)
+        per_image_s = grid_s / n
         eval_s = None
         if probes.features is not None:  # generation as the grid's per image, plus the features of the grid's images
             start = clock()
@@ -272,22 +270,3 @@ class RunBudget:
             features_s = (clock() - start) / len(images)
             eval_s = (per_image_s + features_s) * cfg.eval.num_samples / self.ctx.world_size
         return checkpoint_s, grid_s, eval_s
-
-    @staticmethod
-    def _measure_grid(sample_cfg, grid: Callable) -> tuple[float, torch.Tensor, float]:
-        """(seconds of the sample grid, the images sampled to time it, seconds per image): the grid's own
-        batch sampled with one solver step (after CFG-Zero*'s zero-init steps, which evaluate nothing),
-        scaled to the network evaluations of the real grid (an adaptive solver: one image solved in full,
-        scaled to the grid's count). One-off costs (a VAE's loading, lazy kernels) are counted in, on the
-        side of an overestimate; a machine that slows down later is caught by the refits."""
-        from .solvers import ADAPTIVE_SOLVERS, nfe_of
-
-        n = sample_cfg.grid_size
-        adaptive = sample_cfg.solver in ADAPTIVE_SOLVERS
-        zero_init = sample_cfg.zero_init_steps if sample_cfg.guidance == "cfg-zero" else 0
-        probe_cfg = sample_cfg if adaptive else sample_cfg.model_copy(update={"steps": min(sample_cfg.steps, zero_init + 1)})
-        start = clock()
-        x, nfe = grid(1 if adaptive else n, probe_cfg)
-        seconds = clock() - start
-        grid_s = seconds * n if adaptive else seconds * nfe_of(sample_cfg.solver, sample_cfg.steps) / max(1, nfe)
-        return grid_s, x, grid_s / n

@@ -32,12 +32,20 @@ def training_state(trained: dict, *, step: int, batches: int, position: tuple[in
     the config, what sampling needs to know of the data, and how the hardware and budget were chosen.
     Collective (the RNG gather): every rank calls it."""
     epoch, index = position
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    # This process's RNG states as weights_only-loadable values; numpy's whole legacy state (key, position, cached Gaussian).
+    rng = {
+        "python": list(random.getstate()[1]),
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None,
+    }
     return {
         "format": 1,
         **trained,
         "step": step,
         "data_position": {"epoch": epoch, "index": index, "batches": batches},
-        "rng": D.all_gather_objects(rng_state(ctx.device), ctx),
+        "rng": D.all_gather_objects(rng, ctx),
         "world_size": ctx.world_size,
         "config": config,
         "data_info": data_info,
@@ -49,40 +57,18 @@ def training_state(trained: dict, *, step: int, batches: int, position: tuple[in
 def restore_rng(state: dict, ctx: D.DistContext) -> None:
     """This rank's RNG from training_state() (saved at the same world size; else the streams start fresh)."""
     rngs = state.get("rng") or []
-    if len(rngs) == ctx.world_size:
-        set_rng_state(rngs[ctx.rank], ctx.device)
-
-
-def rng_state(device: torch.device) -> dict:
-    """This process's python, numpy, torch (and CUDA) RNG states, as weights_only-loadable values."""
-    return {
-        "python": list(random.getstate()[1]),
-        "numpy": numpy_rng_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }
-
-
-def set_rng_state(rng: dict, device: torch.device) -> None:
+    if len(rngs) != ctx.world_size:
+        return
+    rng = rngs[ctx.rank]
     random.setstate((3, tuple(rng["python"]), None))
-    set_numpy_rng_state(rng["numpy"])
+    numpy = rng["numpy"]
+    if isinstance(numpy, dict):
+        np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    else:  # a bare key tensor (checkpoints before the full state was kept) restores the key only
+        np.random.set_state(("MT19937", numpy.numpy().astype(np.uint32), *np.random.get_state()[2:]))
     torch.set_rng_state(rng["torch"].cpu())
-    if rng.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
-
-
-def numpy_rng_state() -> dict:
-    """numpy's whole legacy RNG state (key, position, cached Gaussian) as weights_only-loadable values."""
-    name, key, pos, has_gauss, cached = np.random.get_state()
-    return {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-
-
-def set_numpy_rng_state(state) -> None:
-    """Restore numpy_rng_state(); a bare key tensor (checkpoints before the full state was kept) restores the key only."""
-    if isinstance(state, dict):
-        np.random.set_state(("MT19937", state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached_gaussian"]))
-    else:
-        np.random.set_state(("MT19937", state.numpy().astype(np.uint32), *np.random.get_state()[2:]))
+    if rng.get("cuda") is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), ctx.device)
 
 
 def save_atomic(state: dict, path: str | Path) -> Path:

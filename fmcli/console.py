@@ -85,8 +85,10 @@ class RankLog:
     """
 
     def __init__(self, is_main: bool = True):
+        from rich.console import Console
+
         self.is_main = is_main
-        self.console = stderr_console()
+        self.console = Console(stderr=True)
 
     def info(self, message: str) -> None:
         if self.is_main:

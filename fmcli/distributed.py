@@ -27,14 +27,6 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def launched_externally() -> bool:
     """True inside a process started by torchrun (ours or the user's) or a SLURM multi-task step."""
@@ -43,7 +35,14 @@ def launched_externally() -> bool:
 
 def setup(device_pref: str = "auto") -> DistContext:
     """Join the process group if this process was launched as one rank of several; pick its device."""
-    _adopt_slurm_env()
+    # srun started one task per GPU and torchrun was not used: SLURM's variables are torch's.
+    if "WORLD_SIZE" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) >= 2:
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in os.environ:
+            raise UsageError("SLURM multi-task run: set MASTER_ADDR to the first node's hostname (see README)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -63,12 +62,12 @@ def cleanup() -> None:
 
 
 def barrier(ctx: DistContext) -> None:
-    if ctx.distributed:
+    if ctx.world_size > 1:
         dist.barrier()
 
 
 def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    if ctx.distributed:
+    if ctx.world_size > 1:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= ctx.world_size
@@ -77,7 +76,7 @@ def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 def any_rank(flag: bool, ctx: DistContext) -> bool:
     """True on every rank if the flag is set on any rank (e.g. a stop signal seen by one process)."""
-    if not ctx.distributed:
+    if ctx.world_size == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -85,7 +84,7 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
 
 
 def all_gather_objects(obj, ctx: DistContext) -> list:
-    if not ctx.distributed:
+    if ctx.world_size == 1:
         return [obj]
     out = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
@@ -100,21 +99,9 @@ def shard_indices(n: int, ctx: DistContext) -> list[int]:
 def gather_in_index_order(indices: list[int], rows, ctx: DistContext) -> list:
     """All ranks' (index, row) pairs, returned to every rank as rows sorted by global index."""
     pairs = list(zip(indices, rows))
-    if ctx.distributed:
+    if ctx.world_size > 1:
         pairs = [p for part in all_gather_objects(pairs, ctx) for p in part]
     return [row for _, row in sorted(pairs, key=lambda p: p[0])]
-
-
-def _adopt_slurm_env() -> None:
-    """Map SLURM's variables to torch's when srun started one task per GPU and torchrun was not used."""
-    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
-        return
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    if "MASTER_ADDR" not in os.environ:
-        raise UsageError("SLURM multi-task run: set MASTER_ADDR to the first node's hostname (see README)")
 
 
 def free_port() -> int:

@@ -469,10 +469,10 @@ def sharded_features(loaded, n: int, extractors: dict[str, FeatureExtractor], *,
 
     ctx = ctx or D.DistContext(device=device)
     indices = D.shard_indices(n, ctx)
-    bar = progress_factory(len(indices)) if progress_factory and ctx.is_main else contextlib.nullcontext(None)
+    bar = progress_factory(len(indices)) if progress_factory and ctx.rank == 0 else contextlib.nullcontext(None)
     with bar as advance:
         generated = generate_features(loaded, indices, extractors, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, out=out, progress=advance)
-    if not ctx.distributed:
+    if ctx.world_size == 1:
         return generated
     feats = {space: np.stack(D.gather_in_index_order(indices, list(f), ctx)) for space, f in generated.feats.items()}
     labels = None if generated.labels is None else np.stack(D.gather_in_index_order(indices, list(generated.labels), ctx))

@@ -268,7 +268,7 @@ def prepare_for_sampling(loaded: LoadedModel, sample_cfg, device: torch.device, 
 
     from . import distributed as D
 
-    main = ctx is None or ctx.is_main
+    main = ctx is None or ctx.rank == 0
     decision = resolve_sampling_hardware(loaded.config, sample_cfg, device) if main else None
     precision, compile_choice = D.all_gather_objects(decision, ctx)[0] if ctx is not None else decision
     if main:
@@ -489,7 +489,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
     sample_cfg = sample_overrides(loaded.config.sample)
     if guide_ckpt is not None:
-        loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema, warn=None if ctx.is_main else lambda message: None)
+        loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema, warn=None if ctx.rank == 0 else lambda message: None)
     loaded = prepare_for_sampling(loaded, sample_cfg, dev, log, ctx)
     recorder = TrajectoryRecorder() if gif is not None else None
     start = time.perf_counter()
@@ -514,7 +514,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     images = torch.stack(D.gather_in_index_order([i for i, _ in kept], [x for _, x in kept], ctx))
     paths = sorted(p for part in D.all_gather_objects(paths, ctx) for p in part)
     nfes = [v for part in D.all_gather_objects(nfes, ctx) for v in part]
-    if not ctx.is_main:
+    if ctx.rank != 0:
         return None
     grid = save_grid(images, out / "grid.png" if to_dir else out)
     gif_path = None

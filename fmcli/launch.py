@@ -44,18 +44,20 @@ def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None)
     return apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
 
 
-def training_config(preset: str, overrides: list[str], *, data: Optional[Path], run_dir: Optional[Path], resume: Optional[str]) -> tuple[Config, Path]:
-    """What `fm train` trains, and where: a fresh run's preset plus overrides (and --data), or with --resume
-    the checkpoint's config plus resume-safe overrides, exactly as `fm resume`."""
+def training_config(preset: str, overrides: list[str], *, data: Optional[Path], run_dir: Optional[Path], resume: Optional[str]) -> tuple[Config, Path, Optional[Path]]:
+    """What `fm train` trains, where, and from which checkpoint: a fresh run's preset plus overrides (and
+    --data), or with --resume ('latest' in the run directory, or a path) the checkpoint's config plus
+    resume-safe overrides, exactly as `fm resume`."""
+    from .checkpoint import resolve_checkpoint
     from .config import load_config
 
     if resume is not None:
-        ckpt = resume_checkpoint(run_dir or Path("runs") / load_config(preset).name, resume)
-        return resume_config(ckpt, overrides, data=data), run_dir or run_dir_of(ckpt)
+        ckpt = resolve_checkpoint((run_dir or Path("runs") / load_config(preset).name) if resume == "latest" else resume)
+        return resume_config(ckpt, overrides, data=data), run_dir or run_dir_of(ckpt), ckpt
     cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
     if data is not None:
         cfg = cfg.with_section("data", path=str(data))
-    return cfg, run_dir or Path("runs") / cfg.name
+    return cfg, run_dir or Path("runs") / cfg.name, None
 
 
 def resume_training(target: Path, overrides: list[str], stop_at_step, launch: dict) -> Optional[Path]:
@@ -63,7 +65,7 @@ def resume_training(target: Path, overrides: list[str], stop_at_step, launch: di
     from .checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(target)
-    return run_training(resume_config(ckpt, overrides), run_dir_of(ckpt), str(ckpt), stop_at_step, launch)
+    return run_training(resume_config(ckpt, overrides), run_dir_of(ckpt), ckpt, stop_at_step, launch)
 
 
 def train_resolved(config_file: Path, run_dir: Path, resume: Optional[str], stop_at_step) -> Optional[Path]:
@@ -79,18 +81,12 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
-def resume_checkpoint(run_dir: Path, resume_arg: Optional[str]) -> Optional[Path]:
-    from .checkpoint import resolve_checkpoint
-
-    if resume_arg is None:
-        return None
-    return resolve_checkpoint(run_dir if resume_arg == "latest" else resume_arg)
-
-
-def run_training(cfg: Config, run_dir: Path, resume_arg: Optional[str], stop_at_step, launch: dict) -> Optional[Path]:
-    """Resolve what all ranks must agree on (data, run directory, checkpoint, autotuned micro batch), then
-    train here or relaunch as N ranks. Returns the last checkpoint (rank 0 of a local run), else None."""
+def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step, launch: dict) -> Optional[Path]:
+    """Resolve what all ranks must agree on (data, run directory, autotuned micro batch) for a fresh run or
+    one resumed from `ckpt`, then train here or relaunch as N ranks. Returns the last checkpoint (rank 0 of
+    a local run), else None."""
     from .config import check_training_config
+    from .optim import ema_warning
 
     check_training_config(cfg)  # before any data is prepared or any directory made
     child = D.launched_externally()
@@ -100,32 +96,27 @@ def run_training(cfg: Config, run_dir: Path, resume_arg: Optional[str], stop_at_
     if launch["gpus"]:
         D.check_gpus(launch["gpus"])
         cfg = cfg.with_section("train", device="cuda")
-    # Under an external launcher (torchrun/SLURM, not our own relaunch) local rank 0 prepares the default
-    # data and the other ranks wait for its manifest; our own relaunch prepared it in the parent already.
-    cfg = ensure_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
-    ckpt = resume_checkpoint(run_dir, resume_arg)
-    if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and int(os.environ.get("RANK", "0")) == 0:
-        refuse_existing_run_dir(run_dir)
+    if cfg.data.path:
+        if not Path(cfg.data.path).exists():
+            raise UsageError(f"data.path {cfg.data.path} does not exist; create it with `fm prepare-data {cfg.data.source} --out {cfg.data.path}`")
+        from .data.dataset import validate_prepared
+
+        validate_prepared(cfg.data.path)  # before anything is created: a damaged dataset is exit 2 now, not a crash later
+    else:
+        # Under an external launcher (torchrun/SLURM, not our own relaunch) local rank 0 prepares the default
+        # data and the other ranks wait for its manifest; our own relaunch prepared it in the parent already.
+        cfg = default_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
     if int(os.environ.get("RANK", "0")) == 0:  # once per run: the launching process, or rank 0 under torchrun/SLURM
-        warn_about_ema(cfg)
+        if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and run_dir.exists() and any(run_dir.iterdir()):
+            raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
+        if warning := ema_warning(cfg.train):
+            print(warning, file=sys.stderr)
     if (procs > 1 or launch["nnodes"] > 1) and not child:
         _relaunch_training(cfg, run_dir, ckpt, stop_at_step, launch, procs, started_at)
         return None
     from .train import train
 
     return train(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step, started_at=started_at).checkpoint
-
-
-def warn_about_ema(cfg: Config) -> None:
-    from .optim import ema_warning
-
-    if warning := ema_warning(cfg.train):
-        print(warning, file=sys.stderr)
-
-
-def refuse_existing_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
 
 
 def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step, launch: dict, procs: int, started_at: float) -> None:
@@ -155,14 +146,14 @@ def _resolve_in_launcher(cfg: Config):
     """(cfg, that config resolved as a rank will resolve it: dataset fields, text encoder width; the device).
     Precision "auto" is decided once here, before the ranks start, so that every rank (and the autotune) trains
     the same precision; the ranks then see it as an explicit setting."""
-    from .config import with_setting
+    from .config import resolve, with_setting
     from .data.dataset import PreparedDataset
     from .hardware import resolve_device, resolve_hardware
-    from .train import resolve_for_training
+    from .encoders import setup_training_encoders
 
     device = resolve_device(cfg.train.device, "train.device")
     dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
-    resolved, _ = resolve_for_training(cfg, dataset, device)
+    _, resolved = setup_training_encoders(resolve(cfg, dataset.manifest), dataset, device)  # as train.build_step resolves it
     if cfg.train.precision == "auto":
         choice, _, _ = resolve_hardware(resolved, device, tuple(dataset.manifest["shape"]))
         cfg = with_setting(cfg, "train.precision", choice.precision)  # validated before the ranks see it
@@ -187,15 +178,9 @@ def _child_argv(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step) 
 # ----------------------------------------------------------------------------------------------- data
 
 
-def ensure_data(cfg: Config, prepare: bool) -> Config:
-    """Use data.path; for the shapes source with no path, prepare (once) a default dataset under data/."""
-    if cfg.data.path:
-        if not Path(cfg.data.path).exists():
-            raise UsageError(f"data.path {cfg.data.path} does not exist; create it with `fm prepare-data {cfg.data.source} --out {cfg.data.path}`")
-        from .data.dataset import validate_prepared
-
-        validate_prepared(cfg.data.path)  # before anything is created: a damaged dataset is exit 2 now, not a crash later
-        return cfg
+def default_data(cfg: Config, prepare: bool) -> Config:
+    """A run without data.path: the shapes source's default dataset under data/, prepared once (with
+    `prepare`; else waited for, as another rank prepares it); any other source needs --data."""
     if cfg.data.source != "shapes":
         raise UsageError(f"no dataset given: pass --data DIR, prepared with `fm prepare-data {cfg.data.source} --root ... --out DIR`")
     from .data.dataset import read_manifest

@@ -154,7 +154,7 @@ def reflow_command(ctx: D.DistContext, *, ckpt: str, out: Path, texts: list[str]
     with progress(stderr_console(), "reflow", rank_share(num_pairs, batch_size, ctx)) as advance:
         return generate_pairs(
             loaded, out, num_pairs=num_pairs, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, ctx=ctx,
-            checkpoint=ckpt, ema=ema, prompts=texts or None, force=force, on_chunk=advance if ctx.is_main else None,
+            checkpoint=ckpt, ema=ema, prompts=texts or None, force=force, on_chunk=advance if ctx.rank == 0 else None,
         )
 
 
@@ -185,7 +185,7 @@ def generate_pairs(
         **sampling_record(loaded),
     )
     work = work_dir(out)
-    if ctx.is_main:
+    if ctx.rank == 0:
         _open_work_dir(work, plan)
     D.barrier(ctx)
 
@@ -204,7 +204,7 @@ def generate_pairs(
             on_chunk(len(indices))
     counts = D.all_gather_objects((solved, reused), ctx)
     D.barrier(ctx)
-    if not ctx.is_main:
+    if ctx.rank != 0:
         return None
     path, nfe = _assemble(work, out, loaded, plan, n_chunks, prompts, force)
     shutil.rmtree(work, ignore_errors=True)

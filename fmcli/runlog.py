@@ -22,12 +22,13 @@ def memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def environment_info(device: torch.device, world_size: int) -> dict:
+def write_run_files(run_dir: Path, config: dict, device: torch.device, world_size: int, hardware: dict) -> None:
+    """config.json (the config trained) and env.json (this machine, the software, how the hardware was chosen)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         sha = None
-    return {
+    env = {
         "fm": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -40,10 +41,8 @@ def environment_info(device: torch.device, world_size: int) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "git_sha": sha,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "hardware": hardware,
     }
-
-
-def write_run_files(run_dir: Path, config: dict, env: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
     write_text_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")

@@ -96,13 +96,13 @@ class TrainingStep:
         """
         from .hardware import CompileChoice, compile_with_fallback
 
-        if self.ctx.distributed:
+        if self.ctx.world_size > 1:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         warnings = []
         choice = CompileChoice(compile_model, bool(compile_model), "")
         self.train_forward = compile_with_fallback(self.wrapped, lambda f: self.warm_up(example, f), lambda m: warnings.append(m) or log(m), choice)
-        if self.ctx.distributed and D.any_rank(choice.fell_back, self.ctx) and self.train_forward is not self.wrapped:
+        if self.ctx.world_size > 1 and D.any_rank(choice.fell_back, self.ctx) and self.train_forward is not self.wrapped:
             self.train_forward, choice.compile = self.wrapped, False  # one rank could not compile: all run the same eager program
         self.compile_warning = (warnings or [None])[0]
         return choice.compile
@@ -117,20 +117,16 @@ class TrainingStep:
         cond = self._condition(batch, torch.zeros(x.shape[0], dtype=torch.bool))
         if self.cfg.flow.objective == "meanflow":  # compile the call the step makes
             cond["t_end"] = t
-        sync = self.wrapped.no_sync() if self.ctx.distributed else contextlib.nullcontext()
+        sync = self.wrapped.no_sync() if self.ctx.world_size > 1 else contextlib.nullcontext()
         with sync:
             with autocast(self.cfg.train.precision, self.ctx.device):
                 out = forward(x, t, **cond)
             out.float().square().mean().backward()
         self.model.zero_grad(set_to_none=True)
 
-    @property
-    def total_steps(self) -> int:
-        """The run's length: train.steps of the config this step trains (the one copy; the trainer reads it)."""
-        return self.cfg.train.steps
-
     def set_total_steps(self, steps: int, at_step: int = 0) -> None:
-        """A new run length from `at_step` on (train.budget_minutes), the LR continuous (LRSchedule.retarget)."""
+        """A new run length from `at_step` on (train.budget_minutes), the LR continuous (LRSchedule.retarget):
+        train.steps of this step's config is the run's length, the one copy (the trainer's `cfg` is this one)."""
         self.cfg = self.cfg.with_section("train", steps=steps)
         self.schedule.retarget(at_step, steps)
 
@@ -169,7 +165,7 @@ class TrainingStep:
             xt, ut = interpolate(x0, x1, t, cfg.flow.sigma_min)
             cond = self._condition(batch, draws["drop"][rows])
             last = a == self.accum - 1
-            sync = self.wrapped.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
+            sync = self.wrapped.no_sync() if ctx.world_size > 1 and not last else contextlib.nullcontext()
             with sync, amp:
                 if draws["ends"] is None:
                     loss = logged = flow_matching_loss(self.train_forward(xt, t, **cond), ut)
@@ -182,7 +178,17 @@ class TrainingStep:
         if not math.isfinite(mean_loss):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(mean_loss, float("nan"), lr, ot_costs)
-        grad_norm = self._apply_gradients()
+        # Unscale, clip, step every optimizer and scheduler; the gradient norm is logged before clipping.
+        for o in self.optimizer.optimizers:
+            self.scaler.unscale_(o)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        for o in self.optimizer.optimizers:
+            self.scaler.step(o)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        for s in self.schedulers:
+            s.step()
         update_ema(self.ema, self.model, ema_decay_at(step, cfg.train.ema_decay, cfg.train.ema_warmup))
         return StepResult(mean_loss, grad_norm, lr, ot_costs)
 
@@ -241,17 +247,3 @@ class TrainingStep:
             y = batch["y"].to(self.ctx.device)
             return {"y": torch.where(drop.to(y.device), torch.full_like(y, self.cfg.model.num_classes), y)}
         return {}
-
-    def _apply_gradients(self) -> float:
-        """Unscale, clip, step every optimizer and scheduler; returns the gradient norm before clipping."""
-        for o in self.optimizer.optimizers:
-            self.scaler.unscale_(o)
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-        for o in self.optimizer.optimizers:
-            self.scaler.step(o)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        for s in self.schedulers:
-            s.step()
-        return grad_norm

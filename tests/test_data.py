@@ -460,13 +460,13 @@ def test_dataset_pickles_without_data_and_loader_workers_agree(shapes16):
 
 
 def test_train_remakes_auto_prepared_shapes_from_an_older_generator(tmp_path, monkeypatch):
-    from fmcli.launch import ensure_data
+    from fmcli.launch import default_data
     from fmcli.config import load_config
     from fmcli.data.shapes import GENERATOR_VERSION
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config("debug", ["data.count=64"])
-    path = tmp_path / ensure_data(cfg, prepare=True).data.path
+    path = tmp_path / default_data(cfg, prepare=True).data.path
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["generator_version"] == GENERATOR_VERSION
     fresh = np.load(path / "x.npy").copy()
@@ -474,23 +474,23 @@ def test_train_remakes_auto_prepared_shapes_from_an_older_generator(tmp_path, mo
     np.save(path / "x.npy", np.zeros_like(fresh))
     del manifest["generator_version"]
     (path / "manifest.json").write_text(json.dumps(manifest))
-    ensure_data(cfg, prepare=True)
+    default_data(cfg, prepare=True)
     assert json.loads((path / "manifest.json").read_text())["generator_version"] == GENERATOR_VERSION
     assert np.array_equal(np.load(path / "x.npy"), fresh)
     # A current directory is reused as it is, not prepared again.
     stamp = (path / "x.npy").stat().st_mtime_ns
-    ensure_data(cfg, prepare=True)
+    default_data(cfg, prepare=True)
     assert (path / "x.npy").stat().st_mtime_ns == stamp
 
 
 def test_auto_prepared_shapes_follow_data_seed_not_train_seed(tmp_path, monkeypatch):
-    from fmcli.launch import ensure_data
+    from fmcli.launch import default_data
     from fmcli.config import load_config
 
     def prepare(where, *sets):
         where.mkdir()
         monkeypatch.chdir(where)
-        path = where / ensure_data(load_config("debug", ["data.count=32", *sets]), prepare=True).data.path
+        path = where / default_data(load_config("debug", ["data.count=32", *sets]), prepare=True).data.path
         return path.relative_to(where), np.load(path / "x.npy"), np.load(path / "y.npy")
 
     default, reseeded, other_data = prepare(tmp_path / "a"), prepare(tmp_path / "b", "train.seed=7"), prepare(tmp_path / "c", "data.seed=7")

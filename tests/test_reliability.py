@@ -321,16 +321,17 @@ def test_item14_pickled_code_is_not_an_fm_checkpoint(tmp_path, capsys):
 
 
 def test_item15_numpy_rng_state_is_saved_whole(run_with_ckpt):
-    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
-    from fmcli.checkpoint import numpy_rng_state, set_numpy_rng_state
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint, restore_rng, training_state
+    from fmcli.distributed import DistContext
 
     np.random.seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian and a position inside the key
     np.random.randint(0, 10, size=5)
-    saved = numpy_rng_state()
+    ctx = DistContext()
+    saved = training_state({}, step=0, batches=0, position=(0, 0), ctx=ctx, config={}, data_info={}, hardware={})
     expected = (np.random.standard_normal(3), np.random.random(4))
     np.random.seed(99)
-    set_numpy_rng_state(saved)
+    restore_rng(saved, ctx)
     got = (np.random.standard_normal(3), np.random.random(4))
     assert all(np.array_equal(a, b) for a, b in zip(expected, got))
     rng = load_checkpoint(resolve_checkpoint(run_with_ckpt))["rng"][0]["numpy"]

@@ -113,11 +113,11 @@ def test_item07_other_ranks_wait_for_local_rank_0_to_prepare_the_default_data(tm
     cfg = load_config("debug", ["data.count=64"])
     monkeypatch.setenv("FM_DATA_WAIT", "0.5")
     with pytest.raises(RuntimeFailure, match="timed out"):
-        launch.ensure_data(cfg, prepare=False)
+        launch.default_data(cfg, prepare=False)
     monkeypatch.setenv("FM_DATA_WAIT", "60")
     target = Path("data") / f"shapes-{cfg.data.image_size}-n64-s0"
     maker = threading.Thread(target=lambda: (time.sleep(1.0), prepare_shapes(target, size=cfg.data.image_size, count=64, seed=0)))
     maker.start()
-    resolved = launch.ensure_data(cfg, prepare=False)  # returns only once the manifest is there
+    resolved = launch.default_data(cfg, prepare=False)  # returns only once the manifest is there
     maker.join()
     assert Path(resolved.data.path) == target and (target / "manifest.json").is_file()

@@ -86,9 +86,9 @@ def _fid_rank(ctx, **request):
     """One rank of `fm fid`: rank 0 logs, shows progress and returns the result."""
     from ..console import progress
 
-    log = log_line if ctx.is_main else (lambda message: None)
+    log = log_line if ctx.rank == 0 else (lambda message: None)
     result = fid_checked(ctx=ctx, device=ctx.device, log=log, progress_factory=lambda total: progress(stderr_console(), "sampling", total), **request)
-    return result if ctx.is_main else None
+    return result if ctx.rank == 0 else None
 
 
 def fid_checked(*, force: bool, device, log, ctx=None, progress_factory=None, **request):

@@ -41,11 +41,11 @@ def train(
     from ..launch import launch_options, run_training, training_config
 
     launch = launch_options(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id)
-    cfg, target = training_config(preset, overrides, data=data, run_dir=run_dir, resume=resume)
+    cfg, target, ckpt = training_config(preset, overrides, data=data, run_dir=run_dir, resume=resume)
     if print_config:
         emit_json(config_to_dict(cfg))
         return
-    _print_checkpoint(run_training(cfg, target, resume, stop_at_step, launch))
+    _print_checkpoint(run_training(cfg, target, ckpt, stop_at_step, launch))
 
 
 @app.command()
