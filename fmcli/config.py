@@ -399,6 +399,15 @@ def resolve(cfg: Config, manifest: dict) -> Config:
     return with_sampling_shift(cfg)
 
 
+
+def resolve_for_training(cfg: Config, dataset, device):
+    """(the run's TextConditioning or None, `cfg` as a run trains it): every field the prepared `dataset`
+    (data.dataset.PreparedDataset) decides filled (`resolve`), then the encoders' paths and the text width
+    (encoders.setup_training_encoders). The launcher and every rank resolve through this one function."""
+    from .encoders import setup_training_encoders
+
+    return setup_training_encoders(resolve(cfg, dataset.manifest), dataset, device)
+
 def with_sampling_shift(cfg: Config) -> Config:
     """sample.shift defaults to the shift the model was trained with (flow.shift)."""
     if cfg.sample.shift is not None:

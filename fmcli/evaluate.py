@@ -641,7 +641,7 @@ class TrainingEvaluator:
 
     def __init__(self, cfg, data_manifest: dict, device: torch.device, log=None, with_reference: bool = True):
         """`cfg.eval.ref` set and the model one `refuse_training_eval` accepts (the Trainer checks both first)."""
-        self.cfg, self.device = cfg, device
+        self.num_samples, self.device = cfg.eval.num_samples, device
         self.extractor = build_extractor(cfg.eval.features, inception=cfg.eval.inception, device=device, unverified=cfg.eval.inception_unverified)
         # Only the rank that computes the distance needs the reference (a folder can take minutes to score).
         self.ref = reference_statistics(cfg.eval.ref, self.extractor, log=log) if with_reference else None
@@ -649,15 +649,15 @@ class TrainingEvaluator:
         if self.ref is not None and self.ref.image_size and self.ref.image_size != size:
             raise UsageError(f"eval.ref {cfg.eval.ref} holds {self.ref.image_size}px images but the model makes {size}px ones")
 
-    def __call__(self, model, step: int, batch_size: int, ctx=None) -> dict | None:
+    def __call__(self, model, cfg, step: int, batch_size: int, ctx=None) -> dict | None:
         """Every rank generates its share of the samples (`model`: the EMA, as a generate.SamplingNet at the run's
-        precision); the rank holding the reference returns the record."""
+        precision, sampled as `cfg`, the run's config now, says); the rank holding the reference returns the record."""
         from .generate import LoadedModel
 
-        loaded = LoadedModel(model=model, config=self.cfg, info={"kind": "pixels"}, step=step)
-        n = self.cfg.eval.num_samples
+        loaded = LoadedModel(model=model, config=cfg, info={"kind": "pixels"}, step=step)
+        n = self.num_samples
         generated = sharded_features(
-            loaded, n, {"fid": self.extractor}, seed=self.cfg.train.seed, sample_cfg=self.cfg.sample, batch_size=batch_size, device=self.device, ctx=ctx
+            loaded, n, {"fid": self.extractor}, seed=cfg.train.seed, sample_cfg=cfg.sample, batch_size=batch_size, device=self.device, ctx=ctx
         )  # fmt: skip
         if self.ref is None:
             return None

@@ -235,20 +235,21 @@ class TrainingFidelity:
         from .features import build_space
 
         data = Path(cfg.eval.ref or data_path)
-        self.cfg, self.device, self.space = cfg, device, cfg.eval.features
+        self.num_samples, self.device, self.space = cfg.eval.num_samples, device, cfg.eval.features
         self.extractor = build_space(self.space, data=data, device=device, classifier=cfg.eval.classifier, dinov2=cfg.eval.dinov2, log=log)
         self.reference = None
         if with_reference:
             self.reference = prepare_reference(data, {self.space: self.extractor}, cfg.eval.num_samples, log=log)
             floor(self.reference, kid=False)
 
-    def __call__(self, model: torch.nn.Module, step: int, batch_size: int, ctx=None) -> dict | None:
+    def __call__(self, model: torch.nn.Module, cfg, step: int, batch_size: int, ctx=None) -> dict | None:
+        """`model` (the EMA) sampled as `cfg` (the run's config now) says; the rank holding the reference returns the record."""
         from .generate import LoadedModel
 
-        loaded = LoadedModel(model=model, config=self.cfg, info={"kind": "pixels"}, step=step)
-        n = self.cfg.eval.num_samples
+        loaded = LoadedModel(model=model, config=cfg, info={"kind": "pixels"}, step=step)
+        n = self.num_samples
         generated = sharded_features(
-            loaded, n, {self.space: self.extractor}, seed=self.cfg.train.seed, sample_cfg=self.cfg.sample, batch_size=batch_size, device=self.device, ctx=ctx
+            loaded, n, {self.space: self.extractor}, seed=cfg.train.seed, sample_cfg=cfg.sample, batch_size=batch_size, device=self.device, ctx=ctx
         )  # fmt: skip
         if self.reference is None:
             return None

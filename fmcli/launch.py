@@ -74,7 +74,8 @@ def train_resolved(config_file: Path, run_dir: Path, resume: Optional[str], stop
     from .train import train
 
     cfg = validate_config(json.loads(config_file.read_text()), source=str(config_file))
-    return train(cfg, run_dir, resume_from=Path(resume) if resume else None, stop_at_step=stop_at_step).checkpoint
+    started_at = float(os.environ[STARTED_AT_ENV]) if os.environ.get(STARTED_AT_ENV) else None  # the budget counts from `fm train`'s start
+    return train(cfg, run_dir, resume_from=Path(resume) if resume else None, stop_at_step=stop_at_step, started_at=started_at).checkpoint
 
 
 def run_dir_of(ckpt: Path) -> Path:
@@ -146,14 +147,13 @@ def _resolve_in_launcher(cfg: Config):
     """(cfg, that config resolved as a rank will resolve it: dataset fields, text encoder width; the device).
     Precision "auto" is decided once here, before the ranks start, so that every rank (and the autotune) trains
     the same precision; the ranks then see it as an explicit setting."""
-    from .config import resolve, with_setting
+    from .config import resolve_for_training, with_setting
     from .data.dataset import PreparedDataset
     from .hardware import resolve_device, resolve_hardware
-    from .encoders import setup_training_encoders
 
     device = resolve_device(cfg.train.device, "train.device")
     dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
-    _, resolved = setup_training_encoders(resolve(cfg, dataset.manifest), dataset, device)  # as train.build_step resolves it
+    _, resolved = resolve_for_training(cfg, dataset, device)  # as train.build_step resolves it
     if cfg.train.precision == "auto":
         choice, _, _ = resolve_hardware(resolved, device, tuple(dataset.manifest["shape"]))
         cfg = with_setting(cfg, "train.precision", choice.precision)  # validated before the ranks see it

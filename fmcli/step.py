@@ -124,11 +124,13 @@ class TrainingStep:
             out.float().square().mean().backward()
         self.model.zero_grad(set_to_none=True)
 
-    def set_total_steps(self, steps: int, at_step: int = 0) -> None:
-        """A new run length from `at_step` on (train.budget_minutes), the LR continuous (LRSchedule.retarget):
-        train.steps of this step's config is the run's length, the one copy (the trainer's `cfg` is this one)."""
+    def set_total_steps(self, steps: int, at_step: int = 0) -> Config:
+        """A new run length from `at_step` on (train.budget_minutes), the LR continuous (LRSchedule.retarget).
+        train.steps of this step's config is the run's length, the one copy; returns that new config, which
+        the trainer holds as its own `cfg` (the same object, never a copy)."""
         self.cfg = self.cfg.with_section("train", steps=steps)
         self.schedule.retarget(at_step, steps)
+        return self.cfg
 
     def state_dict(self) -> dict:
         return {

@@ -22,7 +22,7 @@ from . import distributed as D
 from . import budget as B
 from .budget import CHECKPOINTS, EVALUATION, SAMPLES, Probes, RunBudget
 from .checkpoint import load_checkpoint, restore_rng, save_checkpoint, training_state
-from .config import Config, budget_fallback_config, config_to_dict, flip_warning, resolve, with_setting
+from .config import Config, budget_fallback_config, config_to_dict, flip_warning, resolve_for_training, with_setting
 from .console import RankLog
 from .data.dataset import PreparedDataset, collate_batched, data_space
 from .data.sampler import RankBatchSampler, batch_geometry, data_position
@@ -117,15 +117,12 @@ def make_evaluator(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, lo
 
 
 def build_step(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log, run_dir: Path, *, fresh: bool):
-    """What the config decides: (config, text conditioning, HardwareRecord, evaluator, TrainingStep) for `cfg`
-    as given, resolved against the data and this machine; a `fresh` run's step starts from train.init_from's
+    """What the config decides: (config, text conditioning, HardwareRecord, TrainingStep) for `cfg` as given, resolved against the data and this machine; a `fresh` run's step starts from train.init_from's
     weights (a resumed run's checkpoint already holds them). A bad setting fails here, before any work."""
-    from .encoders import setup_training_encoders
     from .hardware import check_precision, choice_lines, resolve_hardware
 
     shape = tuple(dataset.manifest["shape"])
-    cfg = resolve(cfg, dataset.manifest)  # every dataset- and encoder-derived field filled (launch resolves it alike)
-    text, cfg = setup_training_encoders(cfg, dataset, ctx.device)
+    text, cfg = resolve_for_training(cfg, dataset, ctx.device)
     # flow.coupling = "pairs" trains on `fm reflow` pairs, and such pairs only with it.
     if cfg.flow.coupling == "pairs" and not dataset.is_pairs:
         raise UsageError(f"flow.coupling='pairs' needs a reflow pairs dataset (`fm reflow --out DIR`), and {dataset.path} holds {dataset.manifest['kind']}")
@@ -143,7 +140,6 @@ def build_step(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log, r
         log.info(line)
     cfg = with_setting(cfg, "train.precision", hardware.precision.precision)  # validated before config.json sees it
     check_precision(cfg.train.precision, ctx.device, "train.precision")  # an "auto" that resolved to fp16 on a CPU
-    evaluator = make_evaluator(cfg, dataset, ctx, log) if cfg.eval.every else None  # before any step: a bad eval.ref fails now
     if (warning := flip_warning(cfg)) and ctx.rank == 0:
         log.info(warning)
     micro = cfg.train.micro_batch_size
@@ -159,7 +155,7 @@ def build_step(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log, r
         init_weights(step_fn, cfg.train.init_from)
         log.info(f"initialised from {cfg.train.init_from}")
     hardware.muon_ns_dtype = step_fn.optimizer.muon_ns_dtype
-    return step_fn.cfg, text, hardware, evaluator, step_fn
+    return step_fn.cfg, text, hardware, step_fn
 
 
 class Trainer:
@@ -170,10 +166,13 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, ctx: D.DistContext, log, started: float, resume_from: Path | None = None):
         self.run_dir, self.ctx, self.log, self.resume_from = run_dir, ctx, log, resume_from
         self.dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
+        # The evaluator depends on eval.* and the data only, which train.budget_fallback never changes: built
+        # once, first, so that a bad eval.ref fails before any other work; each evaluation passes the run's config.
+        self.evaluator = make_evaluator(cfg, self.dataset, ctx, log) if cfg.eval.every else None
         # What the config decides (built again, once, where train.budget_fallback applies): the config trained,
-        # the text conditioning, the hardware choice, the evaluator, and the step. `cfg` is the step's own
-        # config, reassigned where a refit replaces it: its train.steps is the run's length, the one copy.
-        self.cfg, self.text, self.hardware, self.evaluator, self.step_fn = build_step(cfg, self.dataset, ctx, log, run_dir, fresh=resume_from is None)
+        # the text conditioning, the hardware choice and the step. `cfg` is the step's own config, replaced
+        # where a refit changes it: its train.steps is the run's length, the one copy.
+        self.cfg, self.text, self.hardware, self.step_fn = build_step(cfg, self.dataset, ctx, log, run_dir, fresh=resume_from is None)
         self.step = 0  # optimizer steps taken
         self.batches = 0  # global batches drawn; equals `step` unless non-finite steps were skipped
         self.stop_requested = False
@@ -211,10 +210,9 @@ class Trainer:
             steps = self.budget.start(self.cfg, Probes(self.step_fn, example, self._state, self._grid, features))
             if steps is None:  # train.budget_fallback applies
                 fallback = budget_fallback_config(cfg)
-                self.cfg, self.text, self.hardware, self.evaluator, self.step_fn = build_step(fallback, self.dataset, self.ctx, self.log, self.run_dir, fresh=True)
+                self.cfg, self.text, self.hardware, self.step_fn = build_step(fallback, self.dataset, self.ctx, self.log, self.run_dir, fresh=True)
         if steps != self.cfg.train.steps:
-            self.step_fn.set_total_steps(steps, at_step=self.step)
-            self.cfg = self.step_fn.cfg
+            self.cfg = self.step_fn.set_total_steps(steps, at_step=self.step)
 
     # The run reads top to bottom: steps, checkpoints, samples, evaluation.
     def run(self, stop_at_step: int | None) -> TrainResult:
@@ -277,8 +275,7 @@ class Trainer:
                 self._log_metrics(window, out, time.perf_counter() - window_start)
                 window, window_start = [], time.perf_counter()
                 if not done and (fitted := self.budget.at_log_interval(self.step, self.cfg.train.steps)) is not None:
-                    self.step_fn.set_total_steps(fitted, at_step=self.step)
-                    self.cfg = self.step_fn.cfg
+                    self.cfg = self.step_fn.set_total_steps(fitted, at_step=self.step)
                     progress(self.step, out.loss, fitted)
                     done = self.step >= fitted
             # A requested stop checkpoints before anything slow (samples, FID): under a launcher the
@@ -406,7 +403,7 @@ class Trainer:
         if self.evaluator is None:
             return
         ema = SamplingNet(self.step_fn.ema, self.cfg.train.precision, self.ctx.device)
-        record = self.evaluator(ema, self.step, batch_size=self.step_fn.micro, ctx=self.ctx)
+        record = self.evaluator(ema, self.cfg, self.step, batch_size=self.step_fn.micro, ctx=self.ctx)
         if self.ctx.rank != 0:
             return
         append_metrics(self.run_dir, record)

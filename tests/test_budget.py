@@ -225,6 +225,25 @@ def test_a_machine_too_slow_for_the_recipe_trains_the_fallback(tmp_path, shapes1
     assert len(list((tmp_path / "run" / "checkpoints").glob("*.pt"))) >= 1
 
 
+def test_the_fallback_rebuilds_the_step_not_the_evaluator(tmp_path, shapes16, monkeypatch):
+    """A fallback changes what the config decides for the step (config, hardware choice, TrainingStep) and
+    nothing else: the evaluator (eval.* and the data, which a fallback never sets) is built once."""
+    import fmcli.train as train_mod
+
+    machine = SimulatedMachine(lambda step: 0.05)
+    monkeypatch.setattr(budget_mod, "clock", lambda: machine.now)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_step_seconds", lambda self, probes: 0.05)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_work", lambda self, cfg, probes: WORK)
+    built = []
+    make_evaluator = train_mod.make_evaluator
+    monkeypatch.setattr(train_mod, "make_evaluator", lambda *a, **k: built.append(a[0]) or make_evaluator(*a, **k))
+    cfg = cfg_for(shapes16, "train.steps=150", "train.budget_minutes=0.1", "train.log_every=50", "eval.every=1000", "eval.features='tiny'", *FALLBACK)
+    train(cfg, tmp_path / "run", log=machine)
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["config"]["model"]["hidden_size"] == 16  # it fell back
+    assert len(built) == 1
+    assert sum("eval.ref is unset" in line for line in machine.lines) == 1
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.budget_fallback.min_steps=10", "train.budget_fallback.overrides=['data.count=5']"], "a fallback sets model.*"),
     (["train.budget_fallback.min_steps=10", "train.budget_fallback.overrides=['model.hidden_size=-3']"], "model.hidden_size"),

@@ -79,3 +79,30 @@ def test_sample_sharded_over_two_processes_equals_one(tmp_path, debug_run):
     for name in ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png"]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert "terminate called" not in two.stderr
+
+
+def test_relaunched_ranks_count_the_budget_from_the_command_start(tmp_path, monkeypatch):
+    """The launcher hands its start time to the ranks it relaunches (FM_STARTED_AT): a rank's budget must count
+    data preparation and the launch itself, not begin again when the rank starts."""
+    import fmcli.train
+    from fmcli.config import config_to_dict, load_config
+    from fmcli.launch import STARTED_AT_ENV, train_resolved
+
+    seen = {}
+
+    class Result:
+        checkpoint = None
+
+    def fake_train(cfg, run_dir, **kwargs):
+        seen.update(kwargs)
+        return Result()
+
+    monkeypatch.setattr(fmcli.train, "train", fake_train)
+    config_file = tmp_path / "launch-config.json"
+    config_file.write_text(json.dumps(config_to_dict(load_config("debug"))))
+    monkeypatch.setenv(STARTED_AT_ENV, "1234.5")
+    train_resolved(config_file, tmp_path / "run", None, None)
+    assert seen["started_at"] == 1234.5
+    monkeypatch.delenv(STARTED_AT_ENV)
+    train_resolved(config_file, tmp_path / "run", None, None)
+    assert seen["started_at"] is None  # a rank started by hand: its own start
