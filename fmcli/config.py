@@ -56,6 +56,9 @@ class ModelConfig(Strict):
     # A second time input, the end of the interval the output averages over (mean-flow models). Follows
     # flow.objective = "meanflow" when not given (Config._end_time_follows_the_objective).
     end_time: bool = False
+    # What the network outputs: the velocity, or the data x1 from which the velocity follows (flow.py, "Data
+    # prediction"); every consumer sees the velocity either way.
+    prediction: Literal["velocity", "data"] = "velocity"
     text_dim: int | None = Field(None, gt=0)  # width of the text states; filled from the text encoder when unset
     # U-Net (arch = "unet"): base channels = hidden_size, one level per multiplier.
     channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -279,6 +282,13 @@ class Config(Strict):
         if mean_flow != (self.sample.solver == "meanflow"):
             want = "sample.solver='meanflow' (its average-velocity jumps)" if mean_flow else "a flow solver, not sample.solver='meanflow' (mean-flow models only)"
             raise ValueError(f"flow.objective={self.flow.objective!r} samples with {want}")
+        return self
+
+    @model_validator(mode="after")
+    def _data_prediction_ends_at_the_data(self):
+        # velocity_from_data follows the straight path to x1; with a sigma_min > 0 the path ends beside it.
+        if self.model.prediction == "data" and self.flow.sigma_min > 1e-4:
+            raise ValueError(f"model.prediction='data' needs the path to end at the data: flow.sigma_min <= 1e-4 (got {self.flow.sigma_min}); or model.prediction='velocity'")
         return self
 
     @model_validator(mode="after")

@@ -15,6 +15,13 @@ MeanFlow identity
 whose total derivative is one Jacobian-vector product with tangent (v, 1, 0) on (z, t, t_end) (step.py).
 (The paper runs time from data to noise: its (r, t) are fm's (1 - t_end, 1 - t), its u is -u here.)
 With t_end = t the target is v itself: plain flow matching.
+
+Data prediction (model.prediction = "data"; JiT, Li & He 2025, "Back to Basics: Let Denoising Generative
+Models Denoise", arXiv:2511.13720): the network outputs the data x1_hat and the velocity follows from the
+straight path through x_t that ends there, v = (x1_hat - x_t) / (1 - t) (`velocity_from_data`); the loss,
+the solvers and guidance all keep working on that velocity. A clean image is an easier target for a small
+network than the velocity, which carries the noise. A mean-flow model jumps along the same line:
+z_t_end = z_t + (t_end - t) / (1 - t) (x1_hat - z_t), to x1_hat itself when t_end = 1.
 """
 
 from __future__ import annotations
@@ -34,6 +41,18 @@ MEANFLOW_WEIGHT_EPS = 1e-3  # c in the adaptive weight 1 / (mse + c)^p (the pape
 def expand_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape per-sample times [B] so they broadcast against a batch shaped like `like`."""
     return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+# 1 - t is clamped at this in `velocity_from_data` (JiT's t_eps): at the data end the division by 1 - t would
+# blow up, and there the predicted data is already where the path ends.
+DATA_PREDICTION_EPS = 0.05
+
+
+def velocity_from_data(x1_hat: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, eps: float = DATA_PREDICTION_EPS) -> torch.Tensor:
+    """The velocity (x1_hat - x_t) / max(1 - t, eps) of the straight path from x_t to the predicted data
+    x1_hat, in fp32 (a network's output under autocast is bf16; the division by a small 1 - t is not). Exact
+    for sigma_min = 0; with sigma_min > 0 the path's velocity differs by O(sigma_min t / (1 - t))."""
+    return (x1_hat.float() - xt.float()) / expand_time((1 - t.float()).clamp_min(eps), x1_hat.float())
 
 
 def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: float = 0.0):

@@ -40,6 +40,8 @@ def check_exportable(model_cfg) -> None:
         # FlowMapEulerDiscreteScheduler's step, z_r = z_t - (sigma_t - sigma_r) u, is fm's mean-flow step (with u
         # negated), but it needs a network of two times; DiTTransformer2DModel embeds one timestep only.
         raise UsageError("--format diffusers: a mean-flow DiT takes two times (t, t_end) and diffusers' DiTTransformer2DModel embeds one, so FlowMapEulerDiscreteScheduler cannot drive it; use --format fm")
+    if m.prediction == "data":
+        raise UsageError("--format diffusers: this DiT predicts the data (model.prediction='data') and its velocity needs the input x_t, which DiTTransformer2DModel's output has no path to; FlowMatchEulerDiscreteScheduler expects a velocity (use --format fm)")
     if m.mlp_ratio != 4.0:
         raise UsageError(f"--format diffusers needs model.mlp_ratio = 4 (DiTTransformer2DModel's MLP is fixed at 4x), this model has {m.mlp_ratio} (use --format fm)")
 

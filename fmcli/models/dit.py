@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..flow import velocity_from_data
+
 
 class DiT(nn.Module):
     def __init__(self, cfg):
@@ -32,6 +34,7 @@ class DiT(nn.Module):
         self.in_channels = cfg.in_channels
         self.patch_size = cfg.patch_size
         self.num_classes = cfg.num_classes
+        self.predicts_data = cfg.prediction == "data"  # the output is x1; forward returns its velocity (flow.py)
         self.grid = cfg.image_size // cfg.patch_size
         width = cfg.hidden_size
 
@@ -121,8 +124,8 @@ class DiT(nn.Module):
             key_mask = text_attention_mask(text_mask, text.shape[:2], x.device)
         for block in self.blocks:
             h = block(h, c, context, key_mask)
-        h = self.final(h, c)
-        return self.unpatchify(h)
+        out = self.unpatchify(self.final(h, c))
+        return velocity_from_data(out, x, t) if self.predicts_data else out
 
     def unpatchify(self, h: torch.Tensor) -> torch.Tensor:
         p, g, c = self.patch_size, self.grid, self.in_channels

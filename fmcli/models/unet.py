@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..flow import velocity_from_data
 from .dit import text_attention_mask
 
 TIMESTEP_SCALE = 1000.0
@@ -39,6 +40,7 @@ class UNet(nn.Module):
             norm_num_groups=math.gcd(32, *channels),
         )
         self.num_classes = cfg.num_classes
+        self.predicts_data = cfg.prediction == "data"  # the output is x1; forward returns its velocity (flow.py)
         self.cross_attention = cfg.cross_attention
         if cfg.cross_attention:
             from diffusers import UNet2DConditionModel
@@ -74,7 +76,9 @@ class UNet(nn.Module):
                 raise ValueError("this is a text-conditioned U-Net: pass text (and text_mask); the empty prompt's states for unconditional")
             mask = text_attention_mask(text_mask, text.shape[:2], x.device)
             mask = mask[:, 0, 0, :] if mask is not None else None
-            return self.net(x, timestep, encoder_hidden_states=text.to(x.dtype), encoder_attention_mask=mask).sample
-        if y is None:
-            y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
-        return self.net(x, timestep, class_labels=y).sample
+            out = self.net(x, timestep, encoder_hidden_states=text.to(x.dtype), encoder_attention_mask=mask).sample
+        else:
+            if y is None:
+                y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+            out = self.net(x, timestep, class_labels=y).sample
+        return velocity_from_data(out, x, t) if self.predicts_data else out
