@@ -12,6 +12,25 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def assert_resumes_bit_exactly(run_root: Path, overrides: list[str], stop_at: int = 3) -> None:
+    """A `debug`-preset run with `overrides`, straight through and stopped at `stop_at` then resumed from its
+    checkpoint: the same losses and the same final weights, bit for bit."""
+    import torch
+
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+    from fmcli.config import load_config, validate_config
+    from fmcli.train import train
+
+    straight = train(load_config("debug", overrides), run_root / "straight")
+    first = train(load_config("debug", overrides), run_root / "split", stop_at_step=stop_at)
+    ckpt = resolve_checkpoint(run_root / "split")
+    second = train(validate_config(load_checkpoint(ckpt)["config"]), run_root / "split", resume_from=ckpt)
+    assert straight.losses == first.losses + second.losses
+    a, b = (load_checkpoint(resolve_checkpoint(run_root / d)) for d in ("straight", "split"))
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
 def fm_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import run_fm
+from conftest import assert_resumes_bit_exactly, run_fm
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
 from fmcli.config import ModelConfig, config_to_dict, load_config, validate_config
 from fmcli.distributed import DistContext
@@ -171,16 +171,8 @@ def test_the_loss_at_t_end_equal_t_is_the_flow_matching_loss(shapes16):
 
 
 def test_mean_flow_run_resumes_bit_exactly(tmp_path, shapes16):
-    common = [f"data.path='{shapes16}'", *MEANFLOW, "flow.meanflow_ratio=0.5", "train.steps=6", "train.log_every=1",
-              "train.checkpoint_every=0", "train.global_batch_size=8", "train.micro_batch_size=4"]
-    straight = train(load_config("debug", common), tmp_path / "straight")
-    first = train(load_config("debug", common), tmp_path / "split", stop_at_step=3)
-    ckpt = resolve_checkpoint(tmp_path / "split")
-    second = train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "split", resume_from=ckpt)
-    assert straight.losses == first.losses + second.losses
-    a, b = (load_checkpoint(resolve_checkpoint(tmp_path / d)) for d in ("straight", "split"))
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert_resumes_bit_exactly(tmp_path, [f"data.path='{shapes16}'", *MEANFLOW, "flow.meanflow_ratio=0.5", "train.steps=6", "train.log_every=1",
+                                          "train.checkpoint_every=0", "train.global_batch_size=8", "train.micro_batch_size=4"])
 
 
 def test_two_processes_average_mean_flow_gradients_like_one(tmp_path, shapes16):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
-from fmcli.config import ModelConfig, load_config, validate_config
+from conftest import assert_resumes_bit_exactly
+from fmcli.config import ModelConfig, load_config
 from fmcli.errors import UsageError
 from fmcli.flow import DATA_PREDICTION_EPS, interpolate, velocity_from_data
 from fmcli.models import build_model
@@ -63,14 +63,8 @@ def test_a_data_predicting_network_returns_the_velocity_of_its_output(arch):
 
 
 def test_a_data_predicting_run_resumes_bit_exactly(tmp_path, shapes16):
-    common = [f"data.path='{shapes16}'", "model.prediction='data'", "train.steps=6", "train.log_every=1",
-              "train.checkpoint_every=0", "train.global_batch_size=8", "train.micro_batch_size=4"]
-    straight = train(load_config("debug", common), tmp_path / "straight")
-    first = train(load_config("debug", common), tmp_path / "split", stop_at_step=3)
-    ckpt = resolve_checkpoint(tmp_path / "split")
-    second = train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "split", resume_from=ckpt)
-    assert straight.losses == first.losses + second.losses
-    assert all(torch.isfinite(torch.tensor(straight.losses)))
+    assert_resumes_bit_exactly(tmp_path, [f"data.path='{shapes16}'", "model.prediction='data'", "train.steps=6", "train.log_every=1",
+                                          "train.checkpoint_every=0", "train.global_batch_size=8", "train.micro_batch_size=4"])
 
 
 def test_a_mean_flow_model_may_predict_the_data(tmp_path, shapes16):
