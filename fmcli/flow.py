@@ -52,7 +52,8 @@ def velocity_from_data(x1_hat: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, 
     """The velocity (x1_hat - x_t) / max(1 - t, eps) of the straight path from x_t to the predicted data
     x1_hat, in fp32 (a network's output under autocast is bf16; the division by a small 1 - t is not). Exact
     for sigma_min = 0; with sigma_min > 0 the path's velocity differs by O(sigma_min t / (1 - t))."""
-    return (x1_hat.float() - xt.float()) / expand_time((1 - t.float()).clamp_min(eps), x1_hat.float())
+    x1_hat = x1_hat.float()  # once: this runs in every forward of a data-predicting network
+    return (x1_hat - xt.float()) / expand_time((1 - t.float()).clamp_min(eps), x1_hat)
 
 
 def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: float = 0.0):
