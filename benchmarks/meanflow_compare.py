@@ -65,7 +65,7 @@ def main() -> int:
         wall = fm("reflow", "--ckpt", args.teacher, "--num-pairs", args.pairs, "--solver", "heun", "--steps", args.pair_steps, "--out", pairs)
         emit({"made": "pairs", "count": args.pairs, "seconds": wall})
     students = {
-        "2rf": ("quickstart", ["flow.coupling=pairs", "flow.cond_dropout=0", "flow.time_sampler=uniform", "sample.cfg=1", "sample.steps=4", "optim.lr=1e-3", *args.rf_set]),
+        "2rf": ("quickstart", ["flow.coupling=pairs", "flow.cond_dropout=0", "flow.time_sampler=uniform", "flow.shift=1", "sample.cfg=1", "sample.steps=4", "optim.lr=1e-3", *args.rf_set]),
         "meanflow": ("quickstart-meanflow", args.mf_set),
     }
     for name, (preset, extra) in students.items():

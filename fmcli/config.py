@@ -104,11 +104,23 @@ class FlowConfig(Strict):
     time_sampler: Literal[TIME_SAMPLERS] = "uniform"  # zero: one-step distillation on reflow pairs
     logit_mean: float = 0.0  # on t (t = 1 data): SD3's sigma-based mean m is logit_mean = -m here
     logit_std: float = Field(1.0, gt=0)
-    shift: float = Field(1.0, gt=0)  # SD3-style time shift; 1 = none
+    # SD3-style time shift (flow.shift_time; 1 = none), also the sampling grid's unless sample.shift is set;
+    # "auto": resolution_shift of the data's dimension, resolved to a number from the data (resolve)
+    shift: float | Literal["auto"] = 1.0
     coupling: Literal[COUPLINGS] = "independent"  # pairs: x0 stored with x1 in an `fm reflow` dataset
     sinkhorn_reg: float = Field(0.05, gt=0)
     sinkhorn_iters: int = Field(100, gt=0)
     cond_dropout: float = Field(0.1, ge=0.0, le=1.0)
+
+
+    @field_validator("shift", mode="before")
+    @classmethod
+    def _positive_shift(cls, shift):
+        if shift == "auto":
+            return shift
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+            raise ValueError(f"must be a number > 0 or \"auto\", got {shift!r}")
+        return float(shift)
 
 
 class DataConfig(Strict):
@@ -406,7 +418,27 @@ def resolve(cfg: Config, manifest: dict) -> Config:
         elif current != value:
             raise UsageError(f"model.{key}={current} does not match the dataset ({value}); remove the setting or fix the data")
     cfg = cfg.with_section("model", **update) if update else cfg
-    return with_sampling_shift(cfg)
+    return with_sampling_shift(with_resolved_shift(cfg, c * h * w))
+
+
+# The data dimension (values per sample) that trains unshifted under flow.shift = "auto": an MNIST-sized image.
+# Measured (docs/benchmarks.md, "A time shift by the data's dimension"): 28x28x1 digits train best unshifted,
+# 32x32x3 shapes with a shift near 2 (sqrt(3072 / 784) = 1.98).
+AUTO_SHIFT_REFERENCE_DIM = 28 * 28
+
+
+def resolution_shift(dim: int) -> float:
+    """SD3's resolution-dependent time shift (Esser et al. 2024, sec. 5.3.2): sqrt(dim / reference), the same
+    signal-to-noise ratio at a shifted time for data with more values per sample, which noise destroys more
+    slowly; never below 1 (smaller data keeps the unshifted times it was measured to train well with)."""
+    return max(1.0, (dim / AUTO_SHIFT_REFERENCE_DIM) ** 0.5)
+
+
+def with_resolved_shift(cfg: Config, dim: int) -> Config:
+    """flow.shift = "auto" replaced by its number for data of `dim` values per sample (model input)."""
+    if cfg.flow.shift != "auto":
+        return cfg
+    return cfg.with_section("flow", shift=round(resolution_shift(dim), 4))
 
 
 
@@ -455,7 +487,7 @@ def resolve_without_data(cfg: Config) -> Config:
     Other sources need model.image_size, in_channels and num_classes set."""
     m = cfg.model
     if None not in (m.image_size, m.in_channels, m.num_classes):
-        return cfg
+        return with_resolved_shift(cfg, m.in_channels * m.image_size**2)
     manifest_path = Path(cfg.data.path) / "manifest.json" if cfg.data.path else None
     if manifest_path is not None and manifest_path.exists():
         return resolve(cfg, json.loads(manifest_path.read_text()))

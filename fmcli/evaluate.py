@@ -493,6 +493,7 @@ class ScoreRequest:
     seed: int = 0
     batch_size: int = 64
     ema: bool = True
+    guide_ckpt: str | None = None  # autoguidance's guide (--guide-ckpt)
 
 
 @dataclass(kw_only=True)
@@ -504,7 +505,6 @@ class FidRequest(ScoreRequest):
     features: str = "inception"
     inception: str | None = None
     inception_unverified: bool = False
-    guide_ckpt: str | None = None
     nfe: list[int] | None = None  # an NFE sweep: the solver's steps chosen per budget by solvers.steps_for_nfe
     out: Path | None = None
     kid: bool = False
@@ -516,7 +516,7 @@ def fid(req: FidRequest, *, device: torch.device, log, ctx=None, progress_factor
     extractor = build_extractor(req.features, inception=req.inception, device=device, unverified=req.inception_unverified)
     loaded = None
     if req.ckpt is not None:  # load the model first: a bad checkpoint fails before the long reference pass
-        loaded, sample_cfg = _load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=ctx)
+        loaded, sample_cfg = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=ctx)
         sweep = nfe_sweep(sample_cfg, req.nfe, log) if req.nfe is not None else [(None, sample_cfg)]
     ref_stats = _reference(req, extractor, log)
     saved = {"stats": str(ref_stats.save(req.save_stats)), "ref_count": ref_stats.count, "features": ref_stats.features} if req.save_stats else {}
@@ -554,7 +554,7 @@ def _score_folder(req: FidRequest, ref_stats: Statistics, extractor: FeatureExtr
     return scored.to_dict()
 
 
-def _load_sampler(ckpt: str, guide_ckpt: str | None, sample_overrides: Callable, *, ema: bool, device, log, ctx):
+def load_sampler(ckpt: str, guide_ckpt: str | None, sample_overrides: Callable, *, ema: bool, device, log, ctx):
     """The checkpoint (and its autoguidance guide) ready to sample at the resolved precision/compile, and the
     sampling settings after the command's overrides."""
     from .generate import load_for_sampling, prepare_for_sampling, with_guide

@@ -160,11 +160,11 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     also carries the floor (key "floor"), so that each JSON row stands on its own."""
     from .features import build_space
 
-    loaded = None
-    if req.ckpt is not None:  # a bad checkpoint fails before the reference pass
-        from .generate import load_for_sampling
+    loaded = base = None
+    if req.ckpt is not None:  # a bad checkpoint (or guide) fails before the reference pass
+        from .evaluate import load_sampler
 
-        loaded = load_for_sampling(req.ckpt, device, use_ema=req.ema)
+        loaded, base = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=None)
     extractors = {
         s: build_space(s, data=req.data, device=device, classifier=req.classifier, seed=req.classifier_seed, steps=req.classifier_steps,
                        inception=req.inception, dinov2=req.dinov2, log=log)
@@ -181,10 +181,6 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
         return floor_row, [{"gen": str(req.gen), "num_samples": n, **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row}]
     if loaded.shape != reference.image_shape:
         raise UsageError(f"the model makes {list(loaded.shape)} images but {req.data} holds {list(reference.image_shape)}")
-    from .generate import prepare_for_sampling
-
-    base = req.sample_overrides(loaded.config.sample)
-    loaded = prepare_for_sampling(loaded, base, device, log or (lambda message: None))  # sample.precision / compile
     rows = []
     for settings in sweep_settings(base, req.cfgs, req.intervals, req.nfes, log):
         if log:

@@ -84,3 +84,36 @@ def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "quickstart").mkdir()  # e.g. a run directory made with --run-dir quickstart
     assert load_config("quickstart").name == "quickstart"
+
+
+def test_auto_shift_is_sd3s_resolution_rule_resolved_from_the_data(tmp_path):
+    from fmcli.config import AUTO_SHIFT_REFERENCE_DIM, resolve, resolve_without_data
+
+    cfg = load_config("debug", ["flow.shift=auto"])
+    assert cfg.flow.shift == "auto"
+    for shape, want in [([3, 32, 32], (3 * 32 * 32 / 784) ** 0.5), ([1, 28, 28], 1.0), ([4, 8, 8], 1.0), ([3, 64, 64], (3 * 64 * 64 / 784) ** 0.5)]:
+        got = resolve(cfg, {"shape": shape, "num_classes": 10})
+        assert got.flow.shift == pytest.approx(want, abs=1e-4) and got.sample.shift == got.flow.shift  # the grid follows
+    assert AUTO_SHIFT_REFERENCE_DIM == 784
+    assert resolve_without_data(load_config("quickstart", ["flow.shift=auto"])).flow.shift == pytest.approx(3072**0.5 / 28, abs=1e-4)
+    # A number is kept as given; a sample.shift the user set is kept.
+    assert resolve(load_config("debug", ["flow.shift=1.5"]), {"shape": [3, 32, 32]}).flow.shift == 1.5
+    assert resolve(load_config("debug", ["flow.shift=auto", "sample.shift=1"]), {"shape": [3, 32, 32]}).sample.shift == 1.0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "bogus", "true"])
+def test_bad_shift_values_are_one_clear_error(value):
+    with pytest.raises(UsageError, match=r'flow.shift: must be a number > 0 or "auto"'):
+        load_config("debug", [f"flow.shift={value}"])
+
+
+def test_a_run_trained_with_auto_shift_records_the_number(tmp_path, shapes16):
+    import torch
+
+    from fmcli.train import train
+
+    run = tmp_path / "run"
+    train(load_config("debug", [f"data.path='{shapes16}'", "train.steps=1", "train.checkpoint_every=0", "flow.shift=auto"]), run)
+    state = torch.load(next((run / "checkpoints").glob("step-*.pt")), weights_only=True)
+    assert state["config"]["flow"]["shift"] == 1.0 == state["config"]["sample"]["shift"]  # 3x16x16 = 768 values: unshifted
+    assert json.loads((run / "config.json").read_text())["flow"]["shift"] == 1.0

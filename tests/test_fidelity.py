@@ -183,10 +183,31 @@ def test_eval_sweeps_guidance_of_a_checkpoint(data, debug_run):
     assert lines[1].startswith("real vs real (12 vs 12)") and "euler" in lines[2]
 
 
+def test_eval_autoguidance_by_the_model_itself_is_the_unguided_model(data, debug_run, tmp_path):
+    # v = v_guide + w (v_main - v_guide) is v_main whatever w when the guide is the model: the rows must equal
+    # the unguided ones. A perturbed guide must change them (the guide is really evaluated).
+    ckpt = str(Path(debug_run) / "checkpoints" / (Path(debug_run) / "checkpoints" / "latest").read_text().strip())
+    state = torch.load(ckpt, weights_only=True)
+    state["ema"] = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["ema"].items()}
+    other = tmp_path / "perturbed-guide.pt"
+    torch.save(state, other)
+    common = ("eval", "--ckpt", debug_run, "--data", data, "-n", 20, "--classifier-steps", STEPS, "--steps", 3, "--no-kid", "--json")
+    plain = _json(run_fm(*common, "--cfg", "1"))[0]
+    rows = _json(run_fm(*common, "--cfg", "2,3", "--guide-ckpt", ckpt))
+    assert [(r["guidance"], r["cfg"]) for r in rows] == [("auto", 2.0), ("auto", 3.0)]
+    for r in rows:
+        assert r["metrics"]["domain"] == pytest.approx(plain["metrics"]["domain"], rel=1e-4, abs=1e-6) and r["accuracy"] == plain["accuracy"]
+    guided = _json(run_fm(*common, "--cfg", "3", "--guide-ckpt", other))[0]
+    assert guided["metrics"]["domain"]["fd"] != pytest.approx(plain["metrics"]["domain"]["fd"], rel=1e-3)
+    no_guide = run_fm(*common, "--cfg", "2", "--guidance", "auto")
+    assert no_guide.returncode == 2 and "--guidance auto needs --guide-ckpt" in no_guide.stderr and "Traceback" not in no_guide.stderr
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--data", "{data}"], "score either a checkpoint"),
+        (["--data", "{data}", "--gen", "{data}", "--guide-ckpt", "g.pt"], "--guide-ckpt go with --ckpt"),
         (["--data", "{data}", "--ckpt", "x.pt"], "--ckpt needs --num-samples"),
         (["--data", "{data}", "--gen", "{data}", "--features", "bogus"], "choose among"),
         (["--data", "{data}", "--gen", "{data}", "--features", "dinov2"], "DINOv2 weights not given"),

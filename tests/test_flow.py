@@ -84,6 +84,16 @@ def test_shifted_sampler_law_is_the_pushforward():
     assert stats.kstest(t, cdf).pvalue > 1e-3
 
 
+def test_a_shifted_logit_normal_is_a_logit_normal_with_its_mean_moved():
+    # logit(t') = logit(t) - log(s) for SD3's shift: so the shifted logit-normal(m, sd) is logit-normal(m - log s, sd)
+    # (why flow.shift = 2 trains at the times of logit_mean = -0.69). Checked on the samples against scipy's normal.
+    shift, mean, std = 2.0, 0.3, 0.9
+    t = sample_times(20000, "logit_normal", logit_mean=mean, logit_std=std, shift=shift, generator=torch.Generator().manual_seed(5))
+    logits = torch.logit(t.double()).numpy()
+    assert stats.kstest(logits, stats.norm(mean - np.log(shift), std).cdf).pvalue > 1e-3
+    assert stats.kstest(logits, stats.norm(mean, std).cdf).pvalue < 1e-6  # the test can tell the shift apart
+
+
 # ---------------------------------------------------------------------------------------------- couplings
 
 

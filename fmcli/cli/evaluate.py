@@ -13,7 +13,7 @@ from ..errors import UsageError
 from ..fsutil import refuse_existing
 from .app import app, log_line, torch_device
 from .options import (
-    BatchSize, Device, Ema, Gpus, Guidance, Json, Nproc, SamplingFlags, Seed, Solver, Steps, parse_floats, parse_interval, parse_nfe, sampling_options,
+    BatchSize, Device, Ema, Gpus, GuideCkpt, Guidance, Json, Nproc, SamplingFlags, Seed, Solver, Steps, parse_floats, parse_interval, parse_nfe, sampling_options,
 )  # fmt: skip
 
 
@@ -159,6 +159,7 @@ def eval_command(
     steps: Steps = None,
     solver: Solver = None,
     guidance: Guidance = None,
+    guide_ckpt: GuideCkpt = None,
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for precision/recall/density/coverage.")] = 5,
     kid: Annotated[bool, typer.Option("--kid/--no-kid", help="Also report KID (100 subsets of up to 1,000).")] = True,
     seed: Seed = 0,
@@ -174,6 +175,7 @@ def eval_command(
       fm eval --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 1000
       fm eval --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 500 --cfg 1,1.5,2,4 --guidance-interval 0,1 --guidance-interval 0.2,1 --json > frontier.json
       fm plot frontier.json     # recall against accuracy, one point per setting
+      fm eval --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 1000 --cfg 2,3 --guide-ckpt runs/short   # autoguidance
       fm eval --gen samples/ --data data/digits32 --features domain,dinov2 --dinov2 weights/dinov2-base
     """
 
@@ -183,7 +185,7 @@ def eval_command(
     request = EvalRequest(
         data=data, ckpt=ckpt, gen=gen, num_samples=num_samples, spaces=tuple(s.strip() for s in features.split(",") if s.strip()),
         cfgs=parse_floats("--cfg", cfg_scales), intervals=[parse_interval(i) for i in intervals] or None,
-        nfes=parse_nfe(nfe, steps), sample_overrides=SamplingFlags(steps=steps, solver=solver, guidance=guidance).overrides(),
+        nfes=parse_nfe(nfe, steps), sample_overrides=SamplingFlags(steps=steps, solver=solver, guidance=guidance, guide_ckpt=guide_ckpt).overrides(), guide_ckpt=guide_ckpt,
         classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed, batch_size=batch_size, ema=ema,
     )  # fmt: skip
     _check_eval_flags(request)
@@ -201,8 +203,8 @@ def _check_eval_flags(req) -> None:
         raise UsageError("score either a checkpoint (--ckpt CKPT -n N) or a folder of images (--gen DIR)")
     if req.ckpt is not None and req.num_samples is None:
         raise UsageError("--ckpt needs --num-samples N (e.g. 1000: the reference and the floor then use 1,000 real images each)")
-    if req.gen is not None and (req.num_samples is not None or req.cfgs or req.intervals or req.nfes):
-        raise UsageError("--num-samples, --cfg, --guidance-interval and --nfe go with --ckpt; --gen scores the images in its folder")
+    if req.gen is not None and (req.num_samples is not None or req.cfgs or req.intervals or req.nfes or req.guide_ckpt):
+        raise UsageError("--num-samples, --cfg, --guidance-interval, --nfe and --guide-ckpt go with --ckpt; --gen scores the images in its folder")
     if req.gen is not None and not Path(req.gen).is_dir():
         raise UsageError(f"--gen {req.gen} is not a directory of images")
     if not (Path(req.data) / "manifest.json").is_file():
