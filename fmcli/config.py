@@ -118,8 +118,8 @@ class FlowConfig(Strict):
     def _positive_shift(cls, shift):
         if shift == "auto":
             return shift
-        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
-            raise ValueError(f"must be a number > 0 or \"auto\", got {shift!r}")
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < float("inf"):
+            raise ValueError(f"must be a finite number > 0 or \"auto\", got {shift!r}")
         return float(shift)
 
 
