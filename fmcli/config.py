@@ -112,7 +112,6 @@ class FlowConfig(Strict):
     sinkhorn_iters: int = Field(100, gt=0)
     cond_dropout: float = Field(0.1, ge=0.0, le=1.0)
 
-
     @field_validator("shift", mode="before")
     @classmethod
     def _positive_shift(cls, shift):

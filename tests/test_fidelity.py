@@ -186,8 +186,10 @@ def test_eval_sweeps_guidance_of_a_checkpoint(data, debug_run):
 def test_eval_autoguidance_by_the_model_itself_is_the_unguided_model(data, debug_run, tmp_path):
     # v = v_guide + w (v_main - v_guide) is v_main whatever w when the guide is the model: the rows must equal
     # the unguided ones. A perturbed guide must change them (the guide is really evaluated).
-    ckpt = str(Path(debug_run) / "checkpoints" / (Path(debug_run) / "checkpoints" / "latest").read_text().strip())
-    state = torch.load(ckpt, weights_only=True)
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+
+    ckpt = str(resolve_checkpoint(debug_run))
+    state = load_checkpoint(ckpt)
     state["ema"] = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["ema"].items()}
     other = tmp_path / "perturbed-guide.pt"
     torch.save(state, other)
