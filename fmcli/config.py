@@ -417,7 +417,7 @@ def resolve(cfg: Config, manifest: dict) -> Config:
         elif current != value:
             raise UsageError(f"model.{key}={current} does not match the dataset ({value}); remove the setting or fix the data")
     cfg = cfg.with_section("model", **update) if update else cfg
-    return with_sampling_shift(with_resolved_shift(cfg, c * h * w))
+    return with_data_dimension(cfg, c * h * w)
 
 
 # The data dimension (values per sample) that trains unshifted under flow.shift = "auto": an MNIST-sized image.
@@ -440,6 +440,12 @@ def with_resolved_shift(cfg: Config, dim: int) -> Config:
     return cfg.with_section("flow", shift=round(resolution_shift(dim), 4))
 
 
+def with_data_dimension(cfg: Config, dim: int) -> Config:
+    """Every default that follows from the data's `dim` values per sample: flow.shift = "auto" resolved, and
+    sample.shift following it. `resolve` and `resolve_without_data` both end here, so a tool on synthetic
+    tensors (bench, autotune) samples on the same grid as the run it stands for."""
+    return with_sampling_shift(with_resolved_shift(cfg, dim))
+
 
 def resolve_for_training(cfg: Config, dataset, device):
     """(the run's TextConditioning or None, `cfg` as a run trains it): every field the prepared `dataset`
@@ -448,6 +454,7 @@ def resolve_for_training(cfg: Config, dataset, device):
     from .encoders import setup_training_encoders
 
     return setup_training_encoders(resolve(cfg, dataset.manifest), dataset, device)
+
 
 def with_sampling_shift(cfg: Config) -> Config:
     """sample.shift defaults to the shift the model was trained with (flow.shift)."""
@@ -486,7 +493,7 @@ def resolve_without_data(cfg: Config) -> Config:
     Other sources need model.image_size, in_channels and num_classes set."""
     m = cfg.model
     if None not in (m.image_size, m.in_channels, m.num_classes):
-        return with_resolved_shift(cfg, m.in_channels * m.image_size**2)
+        return with_data_dimension(cfg, m.in_channels * m.image_size**2)
     manifest_path = Path(cfg.data.path) / "manifest.json" if cfg.data.path else None
     if manifest_path is not None and manifest_path.exists():
         return resolve(cfg, json.loads(manifest_path.read_text()))

@@ -96,6 +96,11 @@ def test_auto_shift_is_sd3s_resolution_rule_resolved_from_the_data(tmp_path):
         assert got.flow.shift == pytest.approx(want, abs=1e-4) and got.sample.shift == got.flow.shift  # the grid follows
     assert AUTO_SHIFT_REFERENCE_DIM == 784
     assert resolve_without_data(load_config("quickstart", ["flow.shift=auto"])).flow.shift == pytest.approx(3072**0.5 / 28, abs=1e-4)
+    # Without data, from the source's known shape and from model dims set by hand: the sampling grid follows too
+    # (bench and autotune time the grid the run would sample on).
+    for sets in [[], ["model.image_size=32", "model.in_channels=3", "model.num_classes=10"]]:
+        got = resolve_without_data(load_config("quickstart", ["flow.shift=auto", *sets]))
+        assert got.flow.shift == pytest.approx(3072**0.5 / 28, abs=1e-4) and got.sample.shift == got.flow.shift
     # A number is kept as given; a sample.shift the user set is kept.
     assert resolve(load_config("debug", ["flow.shift=1.5"]), {"shape": [3, 32, 32]}).flow.shift == 1.5
     assert resolve(load_config("debug", ["flow.shift=auto", "sample.shift=1"]), {"shape": [3, 32, 32]}).sample.shift == 1.0
