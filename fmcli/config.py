@@ -290,6 +290,8 @@ class Config(Strict):
             raise ValueError(f"model.end_time={str(self.model.end_time).lower()} goes with flow.objective='meanflow' only (got {self.flow.objective!r}); drop model.end_time")
         if mean_flow and self.model.arch != "dit":
             raise ValueError("flow.objective='meanflow' is implemented for model.arch='dit' only")
+        if mean_flow and self.flow.time_sampler == "zero":  # t = t_end = 0 on every row: no interval is ever learnt
+            raise ValueError("flow.objective='meanflow' learns intervals [t, t_end] between times drawn by flow.time_sampler; 'zero' draws only t = 0: use 'uniform' or 'logit_normal'")
         if mean_flow != (self.sample.solver == "meanflow"):
             want = "sample.solver='meanflow' (its average-velocity jumps)" if mean_flow else "a flow solver, not sample.solver='meanflow' (mean-flow models only)"
             raise ValueError(f"flow.objective={self.flow.objective!r} samples with {want}")

@@ -464,7 +464,8 @@ def generate_features(
 def sharded_features(loaded, n: int, extractors: dict[str, FeatureExtractor], *, seed: int, sample_cfg, batch_size: int, device,
                      ctx=None, out: Path | None = None, progress_factory=None) -> GeneratedFeatures:
     """Samples 0..n-1 shared out over the ranks of `ctx` and their features, gathered in index order on every
-    rank (sample i is the same on any rank, so the result is one process's); the time is the slowest rank's."""
+    rank (sample i is the same on any rank, so the result is one process's); the time is the slowest rank's, the
+    NFE per sample the mean over all ranks' samples (dopri5's differs between ranks)."""
     from . import distributed as D
 
     ctx = ctx or D.DistContext(device=device)
@@ -476,7 +477,10 @@ def sharded_features(loaded, n: int, extractors: dict[str, FeatureExtractor], *,
         return generated
     feats = {space: np.stack(D.gather_in_index_order(indices, list(f), ctx)) for space, f in generated.feats.items()}
     labels = None if generated.labels is None else np.stack(D.gather_in_index_order(indices, list(generated.labels), ctx))
-    return replace(generated, feats=feats, labels=labels, gen_seconds=max(D.all_gather_objects(generated.gen_seconds, ctx)))
+    nfe_totals = D.all_gather_objects((generated.nfe_per_sample * len(indices), len(indices)), ctx)
+    nfe_per_sample = sum(total for total, _ in nfe_totals) / sum(count for _, count in nfe_totals)
+    return replace(generated, feats=feats, labels=labels, nfe_per_sample=nfe_per_sample,
+                   gen_seconds=max(D.all_gather_objects(generated.gen_seconds, ctx)))  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- fm fid

@@ -2,7 +2,8 @@
 network runs (precision and compile, resolved on the sampling machine).
 
 Sample i's initial noise depends only on (seed, i), so outputs are identical whatever the batch size
-or the number of processes that share the work (on the same machine, at the same precision).
+or the number of processes that share the work (on the same machine, at the same precision), with every
+fixed-step solver; dopri5's step size is chosen for a whole batch, so its samples vary within its tolerance.
 
 Every sampling command (`fm sample`, class-grid, fid, reflow, demo) and `fm bench --mode sample` run the
 same path: `load_for_sampling` -> `prepare_for_sampling` (sample.precision / sample.compile resolved as

@@ -68,6 +68,11 @@ def optimized_scale(v_cond: torch.Tensor, v_uncond: torch.Tensor) -> torch.Tenso
     return s.view(-1, *([1] * (v_cond.dim() - 1)))
 
 
+# A float32 grid point meant to sit on a guidance interval's end lands an ulp or two off it (0.7 is 0.69999999):
+# the interval is closed, so the ends are widened by far less than any grid step.
+GRID_TOLERANCE = 1e-6
+
+
 def guided_velocity(
     model: Callable[..., torch.Tensor],
     cond: dict[str, torch.Tensor],
@@ -102,7 +107,7 @@ def guided_velocity(
     def velocity(x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor | None = None) -> torch.Tensor:
         tb = t.reshape(()).expand(x.shape[0]).to(x.dtype)
         ends = {} if t_end is None else {"t_end": t_end.reshape(()).expand(x.shape[0]).to(x.dtype)}
-        if not use or (interval is not None and not interval[0] <= float(t) <= interval[1]):
+        if not use or (interval is not None and not interval[0] - GRID_TOLERANCE <= float(t) <= interval[1] + GRID_TOLERANCE):
             return model(x, tb, **cond, **ends)
         if guidance == "auto":
             v_main, v_guide = model(x, tb, **cond), guide(x, tb, **cond)

@@ -247,7 +247,7 @@ def test_fine_tune_samples_and_exports_through_the_cli(tmp_path, mf_run, debug_r
 def test_config_keeps_objective_model_and_solver_together():
     assert load_config("debug", MEANFLOW).model.end_time
     for items, words in ((["flow.objective='meanflow'"], "sample.solver='meanflow'"), (["model.end_time=true"], "model.end_time"),
-                         ([*MEANFLOW, "model.arch='unet'"], "model.arch='dit'")):
+                         ([*MEANFLOW, "model.arch='unet'"], "model.arch='dit'"), ([*MEANFLOW, "flow.time_sampler='zero'"], "'zero' draws only t = 0")):
         with pytest.raises(Exception, match=words):
             load_config("debug", items)
 

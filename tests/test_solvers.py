@@ -312,6 +312,21 @@ def test_interval_nfe_over_a_full_solve():
     assert model.rows.count(4) == 6 and model.rows.count(2) == 4  # t = 0, 0.1, ..., 0.5 guided
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("interval", [(0.7, 1.0), (0.0, 0.6), (0.3, 0.3)])
+def test_interval_ends_are_guided_in_any_dtype(interval, dtype):
+    # The interval is closed: grid points on its ends are guided, though float32 rounds 0.7 to 0.69999999.
+    from fractions import Fraction
+
+    model = _CountingModel()
+    y = torch.tensor([0, 1])
+    v = guided_velocity(model, {"y": y}, {"y": torch.full_like(y, 3)}, cfg=2.0, interval=interval)
+    solve(v, torch.zeros(2, 1, 2, 2, dtype=dtype), "euler", 10)
+    lo, hi = (Fraction(str(e)) for e in interval)  # the exact grid i / 10, counted in rationals
+    expected = sum(lo <= Fraction(i, 10) <= hi for i in range(10))
+    assert model.rows.count(4) == expected and model.rows.count(2) == 10 - expected
+
+
 # ------------------------------------------------------------------------------------------ determinism
 
 
