@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -125,12 +128,19 @@ def relaunch(
     rdzv_endpoint: str | None = None,
     rdzv_id: str | None = None,
     extra_env: dict[str, str] | None = None,
+    stops_cleanly: bool = False,
 ) -> int:
     """Run `python -m fmcli.cli ARGV` as `nproc` local ranks through torch.distributed.run, in-process.
 
     Returns the exit code: 0 if every rank succeeded, else the first failure's code (torchrun stops the
-    remaining ranks as soon as one fails, so a crashed rank cannot leave the others hanging).
+    remaining ranks as soon as one fails, so a crashed rank cannot leave the others hanging). On Ctrl-C or
+    SIGTERM torchrun forwards the signal and raises once the ranks are gone: with `stops_cleanly` (training,
+    whose ranks save a stop checkpoint and then report a clean exit through STOP_MARKER_ENV) that is 0 when they did, as a
+    single process exits; otherwise 128 + the signal's number, like any interrupted command.
     """
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import get_args_parser, run
 
     for key, value in (extra_env or {}).items():
@@ -151,8 +161,16 @@ def relaunch(
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
     # torchrun's own warnings repeat what the failing rank already printed; keep stderr to one error.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    marker = Path(tempfile.mkdtemp(prefix="fm-stop-")) / "stopped"
+    os.environ[STOP_MARKER_ENV] = str(marker)
     try:
         run(parsed)
+    except SignalException as err:
+        if stops_cleanly and marker.exists():
+            return 0  # the ranks logged their stop checkpoint and how to resume
+        name = signal.Signals(err.sigval).name
+        print(f"error: stopped by {name}" + (" before the ranks saved a stop checkpoint" if stops_cleanly else ""), file=sys.stderr)
+        return 128 + int(err.sigval)
     except Exception as err:  # ChildFailedError: the failing rank already printed its one-line error
         first = err.get_first_failure() if hasattr(err, "get_first_failure") else None
         if first is None:
@@ -165,7 +183,22 @@ def relaunch(
         code = failure.exitcode or 1
         print(f"error: distributed run stopped with exit code {code} (the failing rank's message is above)", file=sys.stderr)
         return code
+    finally:
+        os.environ.pop(STOP_MARKER_ENV, None)
+        shutil.rmtree(marker.parent, ignore_errors=True)
     return 0
+
+
+# Set by `relaunch` for its ranks: a file that local rank 0 creates once training has returned, its last
+# (stop) checkpoint saved.
+STOP_MARKER_ENV = "FM_STOP_MARKER"
+
+
+def report_clean_exit(ctx: DistContext) -> None:
+    """Tell the launcher (if any) that training returned normally, a requested stop's checkpoint saved."""
+    path = os.environ.get(STOP_MARKER_ENV)
+    if path and ctx.local_rank == 0:
+        Path(path).touch()
 
 
 def shutdown_timeout() -> int:

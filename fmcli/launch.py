@@ -138,6 +138,7 @@ def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at
         rdzv_endpoint=launch["rdzv_endpoint"],
         rdzv_id=launch["rdzv_id"],
         extra_env={"FM_RUN_RESOLVED": "1", STARTED_AT_ENV: repr(started_at)},
+        stops_cleanly=True,
     )
     if code:
         raise typer.Exit(code)

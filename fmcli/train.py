@@ -69,6 +69,7 @@ def train(cfg: Config, run_dir: Path, *, resume_from: Path | None = None, stop_a
     try:
         result = Trainer(cfg, Path(run_dir), ctx, log, started, resume_from).run(stop_at_step)
         D.barrier(ctx)  # rank 0 may still be writing samples: tear the group down together
+        D.report_clean_exit(ctx)
         return result
     finally:
         D.cleanup()

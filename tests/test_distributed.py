@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import run_fm
+from conftest import fm_env, run_fm
 
 
 def records(run_dir):
@@ -43,6 +46,23 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path, shapes16):
     resumed = run_fm("resume", tmp_path / "split", "--nproc", "2")
     assert resumed.returncode == 0, resumed.stderr
     assert losses(tmp_path / "split") == losses(tmp_path / "two")
+
+
+def test_sigterm_to_the_launcher_saves_the_ranks_checkpoint_and_exits_0(tmp_path, shapes16):
+    # As one process does: the signal is forwarded, the ranks save a stop checkpoint, and that is success.
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+
+    run_dir = tmp_path / "run"
+    args = train_args(shapes16, run_dir, 100000, "--nproc", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "fmcli.cli", *map(str, args)], env=fm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir.joinpath("metrics.jsonl").exists() and len(records(run_dir)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "fm resume" in err and "error" not in err
+    assert 3 <= load_checkpoint(resolve_checkpoint(run_dir))["step"] < 100000
 
 
 def test_a_failing_rank_stops_the_run_quickly_with_one_error(tmp_path, shapes16):
