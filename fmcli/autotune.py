@@ -166,12 +166,31 @@ def autotune_key(cfg: Config, device: torch.device, precision: str, compile: boo
     return f"{device_name(device)}|{cfg.name}|{digest}"
 
 
+def read_autotune_cache(path: Path) -> dict:
+    """run_dir/autotune.json as {key: entry}, {} when absent; a file that is not that, or an entry without a
+    positive integer batch, is a one-line error naming the file (the cache is never trusted unchecked)."""
+    if not path.exists():
+        return {}
+    fix = f"delete {path} to autotune again, or set train.micro_batch_size to a number"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RuntimeFailure(f"cannot read the autotune cache {path} ({err}); {fix}") from None
+    if not isinstance(cache, dict):
+        raise RuntimeFailure(f"the autotune cache {path} is not a JSON object; {fix}")
+    for key, entry in cache.items():
+        batch = entry.get("batch") if isinstance(entry, dict) else None
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise RuntimeFailure(f"the autotune cache {path} has no positive integer batch for {key!r} (got {batch!r}); {fix}")
+    return cache
+
+
 def save_autotune_cache(run_dir: Path, cfg: Config, device: torch.device, precision: str, compile: bool, tuned: AutotuneResult) -> Path:
     """Add this result to run_dir/autotune.json (atomically: temp file + rename)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "autotune.json"
-    cache = json.loads(path.read_text()) if path.exists() else {}
+    cache = read_autotune_cache(path)
     best = next(t for t in tuned.trials if t.batch == tuned.batch) if any(t.batch == tuned.batch for t in tuned.trials) else None
     cache[autotune_key(cfg, device, precision, compile)] = {
         "batch": tuned.batch,
@@ -195,9 +214,9 @@ def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_siz
     compile_on = resolve_compile(cfg.train.compile, device).compile
     key = autotune_key(cfg, device, precision, compile_on)
     path = Path(run_dir) / "autotune.json"
-    cache = json.loads(path.read_text()) if path.exists() else {}
+    cache = read_autotune_cache(path)
     if key in cache:
-        tuned_batch = int(cache[key]["batch"])
+        tuned_batch = cache[key]["batch"]
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # inside a DDP rank: never tune (the launcher does)
         raise UsageError(
             f"train.micro_batch_size='auto' in a DDP run needs a cached autotune result in {path}: set a number, "

@@ -138,6 +138,18 @@ def test_auto_micro_batch_uses_cache_and_refuses_ddp_without_one(tmp_path, monke
         auto_micro_batch(other, tmp_path, dev, world_size=1)  # WORLD_SIZE>1: never autotune
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"K": {"batch": -3}}', '{"K": {"batch": "8"}}', '{"K": {"stop": "x"}}', '{"K": 4}'])
+def test_a_damaged_autotune_cache_is_one_error_naming_the_file(tmp_path, text):
+    from fmcli.errors import RuntimeFailure
+
+    cfg = resolve_bench_config(load_config("debug", ["train.micro_batch_size=auto", "train.global_batch_size=24"]))
+    dev = torch.device("cpu")
+    key = autotune_key(cfg, dev, cfg.train.precision, cfg.train.compile)
+    (tmp_path / "autotune.json").write_text(text.replace('"K"', json.dumps(key)))
+    with pytest.raises(RuntimeFailure, match=r"autotune cache .*autotune\.json.*delete"):
+        auto_micro_batch(cfg, tmp_path, dev, world_size=1)
+
+
 def test_train_with_auto_micro_batch_uses_cached_result(tmp_path, shapes16):
     from fmcli.train import train
 
