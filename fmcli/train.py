@@ -237,8 +237,10 @@ class Trainer:
         sampler = RankBatchSampler(len(self.dataset), self.cfg.train.global_batch_size, self.step_fn.micro, self.step_fn.accum, self.ctx,
                                    self.cfg.train.seed, epoch, index)
         workers = self.cfg.data.num_workers
+        # Its own generator: iter(loader) draws a worker base seed (unused: every draw is keyed, seeding.STREAMS)
+        # and must not draw it from the global RNG that a checkpoint restores, or a resumed run's would differ.
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_batched, pin_memory=self.ctx.device.type == "cuda",
-                            persistent_workers=False, prefetch_factor=2 if workers else None)
+                            persistent_workers=False, prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(self.cfg.train.seed))
         try:
             self._loop(iter(loader), stop_at_step, result, progress)
         finally:

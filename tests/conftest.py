@@ -29,6 +29,7 @@ def assert_resumes_bit_exactly(run_root: Path, overrides: list[str], stop_at: in
     a, b = (load_checkpoint(resolve_checkpoint(run_root / d)) for d in ("straight", "split"))
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])  # the global RNG continues as if never stopped
 
 
 def fm_env(extra: dict | None = None) -> dict:
