@@ -4,6 +4,7 @@ rotation, `latest`."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pickle
@@ -17,8 +18,8 @@ import torch
 
 from . import __version__
 from . import distributed as D
-from .errors import UsageError
-from .fsutil import atomic_write, fsync_dir, write_text_atomic
+from .errors import RuntimeFailure, UsageError
+from .fsutil import atomic_write, commit, fsync_dir, fsync_file, temp_path, write_text_atomic
 from .runlog import step_name
 
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
@@ -54,6 +55,44 @@ def training_state(trained: dict, *, step: int, batches: int, position: tuple[in
     }
 
 
+TRAINING_KEYS = ("model", "ema", "optimizer", "schedulers", "scaler", "step", "data_position")  # what a resume reads
+
+
+def restore_training(step_fn, state: dict, path: str | Path) -> None:
+    """`step_fn.load_state_dict(state)` (step.TrainingStep) for a resume, after checking that the checkpoint
+    holds what a resume reads; a damaged one (keys missing, weights that do not fit its own config) is a
+    one-line error naming `path`, not a KeyError or torch's many-line size-mismatch report."""
+    position = state.get("data_position")
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if isinstance(position, dict):
+        missing += [f"data_position.{k}" for k in ("epoch", "index", "batches") if not isinstance(position.get(k), int)]
+    elif "data_position" not in missing:
+        missing.append("data_position")
+    if "step" in state and not isinstance(state["step"], int):
+        missing.append("step")
+    if missing:
+        raise UsageError(f"{path} is damaged: {', '.join(missing)} missing or invalid; resume from another checkpoint "
+                         f"(its weights can start a new run: --set train.init_from={path})")
+    try:
+        step_fn.load_state_dict(state)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise UsageError(f"{path} is damaged: its training state does not fit its own config ({_state_dict_error(err)}); "
+                         "resume from another checkpoint") from None
+
+
+def _state_dict_error(err: Exception) -> str:
+    """The first specific line of a load_state_dict error (torch's first line only says which module)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    text = lines[0] if lines else type(err).__name__
+    if isinstance(err, KeyError):
+        text = f"missing {text}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def restore_rng(state: dict, ctx: D.DistContext) -> None:
     """This rank's RNG from training_state() (saved at the same world size; else the streams start fresh)."""
     rngs = state.get("rng") or []
@@ -81,34 +120,69 @@ def write_latest(ckpt_dir: Path, name: str) -> None:
     write_text_atomic(ckpt_dir / "latest", name + "\n")
 
 
-def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int, keep_every: int = 0, log=None) -> Path:
-    """Set aside an abandoned branch, save step's checkpoint, point `latest` at it, then rotate.
+def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int, keep_every: int = 0, log=None,
+                    resumed_from: tuple[int, Path] | None = None) -> Path:
+    """Save step's checkpoint, setting aside an abandoned branch, point `latest` at it, then rotate.
 
-    A run resumed from an older checkpoint (a rollback) continues on a new branch: checkpoints at or after
-    `step` belong to the abandoned future (one at `step` itself is that future's, not this branch's). They
-    are moved (never deleted, never overwritten) into a folder of their own,
-    `checkpoints/abandoned-from-step-XXXXXXX[-N]/`, before the new one is written, and rotation only ever
-    considers the current branch, so the checkpoint just written is never removed.
+    A run resumed from an older checkpoint (a rollback; `resumed_from` = (its step, its file), given at the
+    run's first save only) continues on a new branch: every checkpoint here after the resumed step, and one
+    at that step that is not the resumed file, belongs to the abandoned future. At that first save they are
+    moved (never deleted, never overwritten) into a folder of their own,
+    `checkpoints/abandoned-from-step-<resumed step>[-N]/`, so rotation only ever counts the current branch.
+    The new checkpoint is written to a temp file before anything moves (a failed write, e.g. a full disk,
+    moves nothing), and `latest` names the resumed checkpoint while the moves happen, so it never names a
+    moved file.
     """
     ckpt_dir = Path(ckpt_dir)
-    moved = set_aside_from(ckpt_dir, step)
-    if moved and log is not None:
-        log(f"rollback: moved {len(moved)} checkpoint(s) of the abandoned branch to {moved[0].parent}")
-    path = save_atomic(state, ckpt_dir / step_name(step, ".pt"))
+    path = ckpt_dir / step_name(step, ".pt")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        try:
+            torch.save(state, tmp)
+            fsync_file(tmp)
+        except (OSError, RuntimeError) as err:  # torch reports a short write as a RuntimeError
+            raise RuntimeFailure(f"could not write checkpoint {path} ({_first_line(err)}): is the disk full? "
+                                 f"Nothing in {ckpt_dir} was changed; free space and resume") from None
+        if resumed_from is not None:
+            moved = set_aside_branch(ckpt_dir, *resumed_from)
+        else:  # never overwrite: a checkpoint at or after `step` here is not this branch's
+            moved = set_aside_from(ckpt_dir, step)
+        if moved and log is not None:
+            log(f"rollback: moved {len(moved)} checkpoint(s) of the abandoned branch to {moved[0].parent}")
+        commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     write_latest(ckpt_dir, path.name)
     rotate(ckpt_dir, keep_last, keep_every, current=step)
     return path
 
 
+def set_aside_branch(ckpt_dir: Path, step: int, resumed: Path) -> list[Path]:
+    """The first save of a run resumed from `resumed` (at `step`): move the abandoned branch's checkpoints
+    (after `step`, or at it but not `resumed` itself) into abandoned-from-step-<step>[-N]/. `latest` is
+    pointed at `resumed` first when it lives under `ckpt_dir`, so it never names a moved file."""
+    resumed = Path(resumed).resolve()
+    abandoned = sorted(s for s, p in list_checkpoints(ckpt_dir).items() if s > step or (s == step and p.resolve() != resumed))
+    if not abandoned:
+        return []
+    with contextlib.suppress(ValueError):  # a checkpoint of another run directory: latest cannot name it
+        write_latest(ckpt_dir, resumed.relative_to(ckpt_dir.resolve()).as_posix())
+    return _move_aside(ckpt_dir, step, abandoned)
+
+
 def set_aside_from(ckpt_dir: Path, step: int) -> list[Path]:
     """Move checkpoints with a step at or above `step` into a new abandoned-from-step-<step>[-N]/ (kept, out
     of rotation); a second rollback to the same step gets its own folder."""
-    newer = sorted(s for s in list_checkpoints(ckpt_dir) if s >= step)
-    if not newer:
+    return _move_aside(ckpt_dir, step, sorted(s for s in list_checkpoints(ckpt_dir) if s >= step))
+
+
+def _move_aside(ckpt_dir: Path, step: int, steps: list[int]) -> list[Path]:
+    if not steps:
         return []
     aside = _new_aside_dir(ckpt_dir, step)
     moved = []
-    for s in newer:
+    for s in steps:
         target = aside / step_name(s, ".pt")
         os.replace(ckpt_dir / step_name(s, ".pt"), target)
         moved.append(target)

@@ -79,7 +79,12 @@ def train_resolved(config_file: Path, run_dir: Path, resume: Optional[str], stop
 
 
 def run_dir_of(ckpt: Path) -> Path:
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    """RUN of RUN/checkpoints/X.pt, and of a set-aside RUN/checkpoints/abandoned-from-step-*/X.pt too (the run
+    continues in RUN, never inside the abandoned folder); else the checkpoint's folder."""
+    folder = ckpt.parent
+    if folder.name.startswith("abandoned-from-step-") and folder.parent.name == "checkpoints":
+        folder = folder.parent
+    return folder.parent if folder.name == "checkpoints" else folder
 
 
 def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step, launch: dict) -> Optional[Path]:

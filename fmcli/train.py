@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from . import distributed as D
 from . import budget as B
 from .budget import CHECKPOINTS, EVALUATION, SAMPLES, Probes, RunBudget
-from .checkpoint import load_checkpoint, restore_rng, save_checkpoint, training_state
+from .checkpoint import load_checkpoint, restore_rng, restore_training, save_checkpoint, training_state
 from .config import Config, budget_fallback_config, config_to_dict, flip_warning, resolve_for_training, with_setting
 from .console import RankLog
 from .data.dataset import PreparedDataset, collate_batched, data_space
@@ -181,6 +181,7 @@ class Trainer:
         self.vae = None  # loaded when a latent sample grid is first decoded
         self.ot_window: list[tuple[float, float]] = []  # (cost before, after) per coupled micro-batch, rank 0
         self.budget = RunBudget(cfg.train.budget_minutes, started, ctx, log)
+        self.branch_point = None  # (step, file) resumed from, until the first save sets the abandoned branch aside
         if resume_from is not None:
             self._restore(resume_from)
         if self.step < self.cfg.train.steps:
@@ -324,14 +325,16 @@ class Trainer:
         D.barrier(self.ctx)
         if self.ctx.rank == 0:
             cfg = self.cfg.train
-            path = save_checkpoint(state, self.run_dir / "checkpoints", self.step, cfg.keep_last, cfg.keep_every, log=self.log.info)
+            path = save_checkpoint(state, self.run_dir / "checkpoints", self.step, cfg.keep_last, cfg.keep_every, log=self.log.info,
+                                   resumed_from=self.branch_point)
             self.log.info(f"checkpoint: {path}")
         D.barrier(self.ctx)
+        self.branch_point = None
         return path
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.ctx.device)  # every rank loads it itself
-        self.step_fn.load_state_dict(state)
+        restore_training(self.step_fn, state, path)
         self.budget.restore((state.get("hardware") or {}).get("budget"))  # the fitted steps are in the config
         self.step = int(state["step"])
         self.batches = int(state["data_position"]["batches"])
@@ -340,6 +343,7 @@ class Trainer:
             raise RuntimeFailure(f"{path}: data position {saved} does not match this dataset; was it re-prepared with another size?")
         restore_rng(state, self.ctx)
         self.hardware.muon_ns_dtype = self.step_fn.optimizer.muon_ns_dtype  # a resumed run keeps its saved one
+        self.branch_point = (self.step, path)
         self.log.info(f"resumed from {path} at step {self.step}")
 
     # ---------------------------------------------------------------------------------------- outputs

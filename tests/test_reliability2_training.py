@@ -30,13 +30,13 @@ def test_item10_a_rollback_never_overwrites_a_checkpoint(tmp_path, shapes16):
     first_30 = (ckpts / "step-0000030.pt").read_bytes()
     # Back to 20 and on to 30: the abandoned branch's step 30 is set aside before the new one is written.
     _resume(run, 20)
-    aside = ckpts / "abandoned-from-step-0000030" / "step-0000030.pt"
+    aside = ckpts / "abandoned-from-step-0000020" / "step-0000030.pt"
     assert aside.read_bytes() == first_30
     assert resolve_checkpoint(run) == ckpts / "step-0000030.pt"
     # Two rollbacks to the same step: each gets its own folder, nothing is replaced.
     _resume(run, 10, stop_at_step=20)
     _resume(run, 10, stop_at_step=20)
-    first, second = ckpts / "abandoned-from-step-0000020", ckpts / "abandoned-from-step-0000020-2"
+    first, second = ckpts / "abandoned-from-step-0000010", ckpts / "abandoned-from-step-0000010-2"
     assert sorted(p.name for p in first.iterdir()) == ["step-0000020.pt", "step-0000030.pt"]
     assert sorted(p.name for p in second.iterdir()) == ["step-0000020.pt"]
     assert sorted(list_checkpoints(ckpts)) == [10, 20]

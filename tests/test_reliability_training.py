@@ -30,7 +30,7 @@ def test_item01_rollback_keeps_the_new_checkpoint_and_sets_the_abandoned_branch_
     train(cfg, run, resume_from=old, stop_at_step=25, log=Log())
     assert resolve_checkpoint(run) == ckpts / "step-0000025.pt"  # latest names a file that exists
     assert sorted(list_checkpoints(ckpts)) == [20, 25]
-    aside = ckpts / "abandoned-from-step-0000025" / "step-0000030.pt"
+    aside = ckpts / "abandoned-from-step-0000020" / "step-0000030.pt"  # named for the step resumed from
     assert aside.is_file() and load_checkpoint(aside)["step"] == 30  # moved, not deleted
     assert any("rollback" in m and "abandoned" in m for m in messages)
     # And the run continues from the new branch.

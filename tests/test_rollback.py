@@ -1,0 +1,112 @@
+"""Rollback and damaged checkpoints: an abandoned branch is set aside whole (never rotated away), a failed save
+leaves the run resumable, a set-aside checkpoint resumes into its own run, a damaged checkpoint is one line."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QuietLog, run_fm
+from fmcli.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
+from fmcli.config import load_config, validate_config
+from fmcli.errors import RuntimeFailure
+from fmcli.train import train
+
+
+def _debug(data: Path, *overrides):
+    return load_config("debug", [f"data.path='{data}'", "train.checkpoint_every=10", "train.keep_last=2", "train.sample_every=0", *overrides])
+
+
+def _resume(path: Path, run: Path, log=None, **kwargs):
+    return train(validate_config(load_checkpoint(path)["config"]), run, resume_from=path, log=log or QuietLog(), **kwargs)
+
+
+def test_rollback_sets_aside_the_checkpoints_between_the_resumed_step_and_the_first_save(tmp_path, shapes16):
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    train(_debug(shapes16, "train.steps=30"), run, stop_at_step=12, log=QuietLog())
+    assert sorted(list_checkpoints(ckpts)) == [10, 12]
+    abandoned = (ckpts / "step-0000012.pt").read_bytes()
+    messages = []
+
+    class Log(QuietLog):
+        def info(self, message):
+            messages.append(message)
+
+    # Back to 10: the branch's first save is at 20, but 12 is the abandoned future too (keep_last=2 rotated it away).
+    _resume(ckpts / "step-0000010.pt", run, log=Log())
+    aside = ckpts / "abandoned-from-step-0000010" / "step-0000012.pt"
+    assert aside.read_bytes() == abandoned
+    assert sorted(list_checkpoints(ckpts)) == [20, 30] and resolve_checkpoint(run) == ckpts / "step-0000030.pt"
+    assert any(m.startswith("rollback: moved 1 checkpoint(s)") for m in messages), messages
+
+
+def test_a_failed_save_moves_nothing_and_latest_never_names_a_moved_file(tmp_path, shapes16, monkeypatch):
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    train(_debug(shapes16, "train.steps=20"), run, log=QuietLog())
+    step20 = (ckpts / "step-0000020.pt").read_bytes()
+
+    def disk_full(state, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The write fails (a full disk): nothing was moved, latest still names step 20, no temp file is left.
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", disk_full)
+        with pytest.raises(Exception) as failed:
+            _resume(ckpts / "step-0000010.pt", run)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000010.pt", "step-0000020.pt"]
+    assert resolve_checkpoint(run) == ckpts / "step-0000020.pt"
+    assert isinstance(failed.value, RuntimeFailure) and "step-0000020.pt" in str(failed.value), failed.value
+
+    # The new file cannot be renamed into place after the abandoned branch moved: latest names the resumed checkpoint.
+    real_replace = os.replace
+
+    def rename_fails(src, dst):
+        if Path(src).name.startswith(".step-"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", rename_fails)
+        with pytest.raises(OSError):
+            _resume(ckpts / "step-0000010.pt", run)
+    assert resolve_checkpoint(run) == ckpts / "step-0000010.pt"
+    aside = list(ckpts.glob("abandoned-from-step-*/step-0000020.pt"))
+    assert len(aside) == 1 and aside[0].read_bytes() == step20
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]
+
+
+def test_resuming_a_set_aside_checkpoint_continues_its_run_and_sets_the_current_branch_aside(tmp_path, shapes16):
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    train(_debug(shapes16, "train.steps=20"), run, log=QuietLog())
+    first20 = (ckpts / "step-0000020.pt").read_bytes()
+    _resume(ckpts / "step-0000010.pt", run)  # the first branch's step 20 goes aside
+    [old20] = ckpts.glob("abandoned-from-step-*/step-0000020.pt")
+    assert old20.read_bytes() == first20
+    second20 = (ckpts / "step-0000020.pt").read_bytes()
+    r = run_fm("resume", old20, "--set", "train.steps=30")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in old20.parent.iterdir()) == ["step-0000020.pt"]  # no run nested inside the folder
+    assert resolve_checkpoint(run) == ckpts / "step-0000030.pt" and sorted(list_checkpoints(ckpts)) == [10, 30]
+    # The second branch's step 20 (same step, another file) is set aside, not deleted.
+    assert [p.read_bytes() == second20 for p in ckpts.glob("abandoned-from-step-*/step-0000020.pt")].count(True) == 1
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, debug_run):
+    state = load_checkpoint(resolve_checkpoint(debug_run))
+    no_optimizer = {k: v for k, v in state.items() if k != "optimizer"}
+    wider = copy.deepcopy(state)
+    wider["config"]["model"]["hidden_size"] *= 2  # the config no longer fits the weights
+    for name, damaged, why in (("no-optimizer", no_optimizer, "optimizer"), ("wider", wider, "size mismatch")):
+        path = tmp_path / name / "checkpoints" / "step-0000004.pt"
+        path.parent.mkdir(parents=True)
+        torch.save(damaged, path)
+        r = run_fm("resume", path, "--set", "train.steps=8")
+        assert r.returncode == 2, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and str(path) in r.stderr and why in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and sorted(p.name for p in path.parent.iterdir()) == [path.name]
