@@ -24,7 +24,7 @@ from .generate import LoadedModel, class_names_of, decode, iterate_samples
 from .images import grid_image, save_image_atomic
 from .solvers import ADAPTIVE_SOLVERS, GUIDANCES, MEAN_FLOW_GUIDANCES, MEAN_FLOW_SOLVERS, SOLVERS, Step
 
-INSTALL_HINT = "pip install 'fm[demo]'  (or: pip install gradio)"
+INSTALL_HINT = "pip install gradio  (or, in the fm checkout: pip install -e '.[demo]')"
 ALL_CLASSES = "all classes (cycling)"
 
 

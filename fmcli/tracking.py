@@ -47,7 +47,7 @@ class WandbTracker:
         try:
             import wandb
         except ImportError:
-            raise UsageError("train.tracker=wandb needs wandb: pip install 'fm[wandb]'") from None
+            raise UsageError("train.tracker=wandb needs wandb: pip install wandb (or, in the fm checkout: pip install -e '.[wandb]')") from None
         self._wandb = wandb
         kwargs = dict(project=project, name=name, dir=str(run_dir), config=config, mode=os.environ.get("WANDB_MODE") or None)
         if resume_id:
@@ -71,7 +71,7 @@ class TensorBoardTracker:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UsageError("train.tracker=tensorboard needs tensorboard: pip install 'fm[tensorboard]'") from None
+            raise UsageError("train.tracker=tensorboard needs tensorboard: pip install tensorboard (or, in the fm checkout: pip install -e '.[tensorboard]')") from None
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
 
     def log(self, metrics: dict, step: int) -> None:

@@ -518,3 +518,26 @@ def test_sklearn_digits_source_has_disjoint_fixed_splits(tmp_path):
     # Upscaling keeps the picture: the 16px image block-averaged to 8x8 correlates with the 0..16 original.
     small = x[:, 0].reshape(359, 8, 2, 8, 2).mean(axis=(2, 4))
     assert np.corrcoef(small.ravel(), digits.images[4::5].ravel())[0, 1] > 0.95
+
+
+def test_sigterm_during_prepare_data_leaves_nothing(tmp_path):
+    # SIGTERM runs the same clean-up as Ctrl-C: no hidden temporary folder, no half-written dataset.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import fm_env
+
+    out = tmp_path / "big"
+    proc = subprocess.Popen([sys.executable, "-m", "fmcli.cli", "prepare-data", "shapes", "--out", str(out), "--count", "2000000", "--size", "32"],
+                            env=fm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".") for p in tmp_path.iterdir()):
+        time.sleep(0.1)  # the temporary folder appears once the work has begun
+    assert any(p.name.startswith(".") for p in tmp_path.iterdir()), "prepare-data never started writing"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert list(tmp_path.iterdir()) == [] and "terminated" in err

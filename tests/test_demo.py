@@ -222,7 +222,7 @@ def test_demo_without_gradio_says_how_to_install(debug_run):
     code = "import sys; sys.modules['gradio'] = None; sys.argv = ['fm', 'demo', '--ckpt', sys.argv[1]]; from fmcli.cli import app; app()"
     res = subprocess.run([sys.executable, "-c", code, str(debug_run)], capture_output=True, text=True, timeout=120, env=fm_env())
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == ["error: fm demo needs gradio: pip install 'fm[demo]'  (or: pip install gradio)"]
+    assert res.stderr.strip().splitlines() == ["error: fm demo needs gradio: pip install gradio  (or, in the fm checkout: pip install -e '.[demo]')"]
 
 
 def test_page_settings_are_validated_like_fm_sample(loaded):

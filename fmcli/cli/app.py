@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated
 
@@ -13,6 +14,14 @@ from ..errors import FmError
 from .options import fill_lazy_help
 
 
+def _raise_terminated(signum, frame):
+    """SIGTERM raises what Ctrl-C raises, so that every command's clean-up for an interrupt (temporary files and
+    folders removed, nothing half-written) runs for it too; the exit code still tells them apart (click may
+    re-raise the interrupt as a new exception, so the signal is remembered here, not in the exception's type)."""
+    _STATE["terminated"] = True
+    raise KeyboardInterrupt
+
+
 class _App(typer.Typer):
     """Typer app whose errors meant for users become one stderr line and exit code 2 (usage) or 1."""
 
@@ -21,14 +30,26 @@ class _App(typer.Typer):
         argv = kwargs.get("args")
         if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else map(str, argv))):
             fill_lazy_help()
+        # Training installs its own handlers for its run (a stop checkpoint), and restores this one after.
+        try:
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        except ValueError:  # not the main thread (an embedding caller): leave signals alone
+            previous = None
         try:
             result = super().__call__(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - the one error handler of every command
             sys.exit(_exit_code(err))
         except KeyboardInterrupt:
-            print_error("interrupted")
-            sys.exit(130)
-        sys.exit(result if isinstance(result, int) else 0)
+            result = 130
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        code = result if isinstance(result, int) else 0
+        if code == 130:  # typer turns the interrupt into exit code 130 itself, silently
+            terminated = _STATE.pop("terminated", False)
+            print_error("terminated" if terminated else "interrupted")
+            code = 143 if terminated else 130
+        sys.exit(code)
 
 
 def _exit_code(err: Exception) -> int:

@@ -183,7 +183,7 @@ def open_mnist(root: str | Path, split: str) -> Source:
     return Source("mnist", records, 1, len(images), [str(d) for d in range(10)], info={"split": split, "root": str(root)}, native_size=28)
 
 
-SKLEARN_HINT = "pip install scikit-learn  (or: pip install 'fm[bench]')"
+SKLEARN_HINT = "pip install scikit-learn  (or, in the fm checkout: pip install -e '.[bench]')"
 DIGITS_TEST_EVERY = 5  # image i is in the test split when i % 5 == 4: 1,438 train, 359 test, every class in both
 
 
