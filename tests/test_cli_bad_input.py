@@ -206,6 +206,7 @@ CASES = [
     ("prepare-cifar-root-missing", lambda w: ("prepare-data", "cifar10", "--root", w["root"] / "cifar", "--out", w["root"] / "new-data")),
     ("prepare-tar-no-match", lambda w: ("prepare-data", "tar", "--root", str(w["root"] / "shards" / "*.tar"), "--out", w["root"] / "new-data")),
     ("prepare-bad-split", lambda w: ("prepare-data", "shapes", "--split", "valid", "--out", w["root"] / "new-data")),
+    ("prepare-cache-text-without-encoder", lambda w: ("prepare-data", "shapes", "--cache-text", "--count", "4", "--out", w["root"] / "new-data"), "--text-encoder"),
     ("prepare-size-too-small", lambda w: ("prepare-data", "shapes", "--size", "4", "--out", w["root"] / "new-data")),
     ("unknown-command", lambda w: ("trian", "--preset", "debug")),
 ]

@@ -9,6 +9,7 @@ import typer
 
 from ..console import emit_json, stderr_console
 from ..data.prepare import SOURCES
+from ..errors import UsageError
 from ..fsutil import refuse_existing
 from .app import app, log_line
 from .options import float_option
@@ -57,6 +58,8 @@ def prepare_data(
 
     from ..data.prepare import prepare_dataset, skipped_note
 
+    if cache_text and not text_encoder:  # else the dataset would silently hold no text states
+        raise UsageError("--cache-text stores a text encoder's states: give the encoder with --text-encoder DIR")
     refuse_existing(out, force)
     encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch) if vae or text_encoder else None
     summary = prepare_dataset(
