@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from . import distributed as D
+from .optim import ema_warning
 
 clock = time.perf_counter  # the budget's clock (tests replace it with a simulated machine)
 CHECKPOINTS, SAMPLES, EVALUATION = 0, 1, 2  # the kinds of periodic work (StepBudget.work)
@@ -143,6 +144,9 @@ class RunBudget:
         self.fallback: dict | None = None  # train.budget_fallback, once chosen
         self.logged_steps = 0  # the fit the last log line announced
         self.snapshot: dict | None = None  # hardware["budget"] of env.json and the checkpoint: as of the last fit (or the resumed checkpoint's)
+        self.train_cfg = None  # cfg.train of the run being fitted (the fallback's, once chosen), for the EMA warning
+        self.ema_warned = False  # the EMA warning was given (by the launcher for the requested steps, or for a fit)
+        self.ema_fine_at: int | None = None  # the fewest fitted steps found to leave the EMA trained (fewer only get worse)
 
     def start(self, cfg, probes: Probes) -> int | None:
         """A fresh run's first fit of cfg.train.steps: the steps to train, or None where the budget fits fewer
@@ -150,6 +154,9 @@ class RunBudget:
         Without a budget: cfg.train.steps. Only lowers: a fast machine trains the preset's steps."""
         if self.minutes is None:
             return cfg.train.steps
+        if self.train_cfg is None:  # the launcher warned about the requested steps' EMA already (launch.run_training)
+            self.ema_warned = ema_warning(cfg.train) is not None
+        self.train_cfg = cfg.train
         # Every rank measures (a DDP forward may broadcast buffers: a collective), rank 0's number is used.
         step_s = D.all_gather_objects(self._measure_step_seconds(probes), self.ctx)[0]
         with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):  # the run's RNG untouched
@@ -180,6 +187,7 @@ class RunBudget:
                 self.fallback = {"from_steps": steps, "min_steps": fallback.min_steps, "overrides": fallback.overrides}
                 return None
         self.logged_steps = steps
+        self._warn_ema(steps)
         return steps
 
     def timed(self, kind: int, work: Callable):
@@ -201,10 +209,22 @@ class RunBudget:
         self.snapshot.update(self.fit.record())
         if fitted == steps:
             return None
+        self._warn_ema(fitted)
         if abs(fitted - self.logged_steps) >= 0.02 * self.logged_steps:  # a line per real change, not per jitter
             self.log.info(f"budget: {fitted} steps at the last {self.fit.pace_steps} steps' pace ({self.fit.pace:.3f} s/step)")
             self.logged_steps = fitted
         return fitted
+
+    def _warn_ema(self, steps: int) -> None:
+        """Once: the EMA warning where the budget cut the steps so far that the EMA stays mostly the initial network."""
+        if self.ema_warned or (self.ema_fine_at is not None and steps >= self.ema_fine_at):
+            return
+        warning = ema_warning(self.train_cfg.model_copy(update={"steps": steps}))
+        if warning is None:
+            self.ema_fine_at = steps
+            return
+        self.log.info(warning)
+        self.ema_warned = True
 
     def restore(self, record: dict | None) -> None:
         """A resumed run: its checkpoint's record (the fitted steps are in its config)."""

@@ -331,7 +331,6 @@ RESUME_SAFE_KEYS = {
     "train.keep_every",
     "train.max_nan_skips",
     "train.compile",
-    "train.budget_minutes",  # only fresh runs fit their steps to it
     "sample.precision",  # how `fm sample` runs the network later, resolved on the sampling machine
     "sample.compile",
     "data.num_workers",
@@ -344,6 +343,11 @@ RESUME_SAFE_KEYS = {
     "sample.guidance",  # only the sample grids use it; lets a run saved with "auto" (refused in training) resume
     "encoders.vae",  # the frozen encoders' local paths may move between sessions
     "encoders.text_encoder",
+}
+# Keys a resume refuses for a reason other than the math, with what to do instead.
+RESUME_REFUSALS = {
+    "train.budget_minutes": "--set train.budget_minutes cannot change when resuming: a resumed run continues its checkpoint's "
+                            "schedule and is never fitted to a budget; set its length with --set train.steps=N",
 }
 
 
@@ -603,7 +607,7 @@ def _overrides_layer(overrides: list[str], allowed: set[str] | None = None) -> d
         key, value = parse_override(item)
         if allowed is not None and key not in allowed:
             raise UsageError(
-                f"--set {key} cannot change when resuming (it would change the run's math); "
+                RESUME_REFUSALS.get(key) or f"--set {key} cannot change when resuming (it would change the run's math); "
                 f"allowed: {', '.join(sorted(allowed))}"
             )
         _set_key(layer, key, value)

@@ -30,21 +30,26 @@ def launch_options(gpus: int, nproc: int, nnodes: int = 1, node_rank: int = 0, r
     return dict(gpus=gpus, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
 
 
-def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None) -> Config:
+def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None, stop_at_step: Optional[int] = None) -> Config:
     """The one way a resumed run's config is built (`fm resume` and `fm train --resume` alike): the
     checkpoint's config plus resume-safe overrides only (anything else would change the math of a run
-    whose optimizer and EMA state are restored)."""
+    whose optimizer and EMA state are restored); a --stop-at-step the checkpoint has passed is refused."""
     from .checkpoint import load_checkpoint
     from .config import RESUME_SAFE_KEYS, apply_overrides, refuse_checkpoint_trust, validate_config
+    from .train import check_stop_at_step
 
-    cfg = validate_config(load_checkpoint(ckpt)["config"], source=str(ckpt))
+    state = load_checkpoint(ckpt)
+    if isinstance(state.get("step"), int):  # a damaged one is reported when the trainer restores it
+        check_stop_at_step(state["step"], stop_at_step, ckpt)
+    cfg = validate_config(state["config"], source=str(ckpt))
     refuse_checkpoint_trust(cfg, overrides, str(ckpt))  # a checkpoint's config never decides to run code
     if data is not None and Path(cfg.data.path or "").resolve() != data.resolve():
         raise UsageError(f"--data {data} differs from the resumed run's data.path {cfg.data.path}: a run cannot change its dataset on resume")
     return apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
 
 
-def training_config(preset: str, overrides: list[str], *, data: Optional[Path], run_dir: Optional[Path], resume: Optional[str]) -> tuple[Config, Path, Optional[Path]]:
+def training_config(preset: str, overrides: list[str], *, data: Optional[Path], run_dir: Optional[Path], resume: Optional[str],
+                    stop_at_step: Optional[int] = None) -> tuple[Config, Path, Optional[Path]]:
     """What `fm train` trains, where, and from which checkpoint: a fresh run's preset plus overrides (and
     --data), or with --resume ('latest' in the run directory, or a path) the checkpoint's config plus
     resume-safe overrides, exactly as `fm resume`."""
@@ -53,7 +58,7 @@ def training_config(preset: str, overrides: list[str], *, data: Optional[Path], 
 
     if resume is not None:
         ckpt = resolve_checkpoint((run_dir or Path("runs") / load_config(preset).name) if resume == "latest" else resume)
-        return resume_config(ckpt, overrides, data=data), run_dir or run_dir_of(ckpt), ckpt
+        return resume_config(ckpt, overrides, data=data, stop_at_step=stop_at_step), run_dir or run_dir_of(ckpt), ckpt
     cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
     if data is not None:
         cfg = cfg.with_section("data", path=str(data))
@@ -65,7 +70,7 @@ def resume_training(target: Path, overrides: list[str], stop_at_step, launch: di
     from .checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(target)
-    return run_training(resume_config(ckpt, overrides), run_dir_of(ckpt), ckpt, stop_at_step, launch)
+    return run_training(resume_config(ckpt, overrides, stop_at_step=stop_at_step), run_dir_of(ckpt), ckpt, stop_at_step, launch)
 
 
 def train_resolved(config_file: Path, run_dir: Path, resume: Optional[str], stop_at_step) -> Optional[Path]:

@@ -68,9 +68,11 @@ class CombinedOptimizer:
 
 class LRSchedule:
     """The LR factor for LambdaLR: linear warmup from start_factor over warmup_frac of the steps, then cosine
-    down to min_factor. Its length can change mid-run (train.budget_minutes refits it) without a jump in the LR: `retarget` keeps the cosine's progress at the current step and spreads what
-    is left of it over the new remaining steps. Its attributes are plain numbers, so LambdaLR's state_dict
-    saves them and a resume continues the exact schedule."""
+    down to min_factor. Its length can change mid-run (train.budget_minutes refits it, a resume may set
+    train.steps) without a jump in the LR: `retarget` keeps the LR at the current step, lets what is left of
+    the warmup end at warmup_frac of the new length, and spreads what is left of the cosine over the new
+    remaining steps. Its attributes are plain numbers, so LambdaLR's state_dict saves them and a resume
+    continues the exact schedule."""
 
     def __init__(self, total_steps: int, warmup_frac: float, start_factor: float, min_factor: float):
         self.warmup_frac, self.start_factor, self.min_factor = warmup_frac, start_factor, min_factor
@@ -80,6 +82,8 @@ class LRSchedule:
         """The schedule as if it had been planned for `total_steps` from the start."""
         self.total_steps, self.warmup_steps = total_steps, int(round(self.warmup_frac * total_steps))
         self.anchor_step, self.anchor_progress = None, 0.0  # None: the cosine starts at the end of warmup
+        # None: the warmup rises from start_factor at step 0; else from warmup_anchor_factor at this step (a retarget)
+        self.warmup_anchor_step, self.warmup_anchor_factor = None, self.start_factor
 
     def progress(self, step: int) -> float:
         """How far along the cosine `step` is, 0..1."""
@@ -90,17 +94,32 @@ class LRSchedule:
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return self.start_factor + (1 - self.start_factor) * step / self.warmup_steps
+            if self.warmup_anchor_step is None:
+                return self.start_factor + (1 - self.start_factor) * step / self.warmup_steps
+            s0, f0 = self.warmup_anchor_step, self.warmup_anchor_factor
+            return f0 + (1 - f0) * (step - s0) / (self.warmup_steps - s0)
         return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
 
     def retarget(self, step: int, total_steps: int) -> None:
         """From `step` on, end the schedule at `total_steps`, the LR continuous at `step`."""
         if step == 0:
             self.plan(total_steps)
-        elif self.anchor_step is None and step <= self.warmup_steps:
-            self.total_steps = total_steps  # the cosine has not started: only its length changes
+            return
+        if step < self.warmup_steps:  # still warming up: the warmup's share of the new length decides
+            factor, warmup = self(step), int(round(self.warmup_frac * total_steps))
+            span = 1 - self.min_factor
+            if step < warmup or span <= 0:  # a straight line from here to the peak at the new warmup's end
+                # (a constant LR after warmup, min_factor = 1, has no cosine to take over: its floor is the peak)
+                self.warmup_anchor_step, self.warmup_anchor_factor = step, factor
+                self.total_steps, self.warmup_steps = total_steps, warmup if step < warmup else total_steps
+                return
+            # The new length's warmup is already over: the cosine takes over here, at the point where its
+            # value is the current LR, so the LR starts decaying now and reaches the floor at the new end.
+            cos = max(-1.0, min(1.0, 2 * (factor - self.min_factor) / span - 1))
+            self.warmup_steps, self.anchor_progress = step, math.acos(cos) / math.pi
         else:
-            self.anchor_progress, self.anchor_step, self.total_steps = self.progress(step), step, total_steps
+            self.anchor_progress = self.progress(step)
+        self.anchor_step, self.total_steps = step, total_steps
 
 
 def build_schedulers(optimizer: CombinedOptimizer, optim_cfg, total_steps: int) -> tuple[LRSchedule, list]:

@@ -67,12 +67,18 @@ def train(cfg: Config, run_dir: Path, *, resume_from: Path | None = None, stop_a
     ctx = D.setup(cfg.train.device)
     log = log or RankLog(ctx.rank == 0)
     try:
-        result = Trainer(cfg, Path(run_dir), ctx, log, started, resume_from).run(stop_at_step)
+        result = Trainer(cfg, Path(run_dir), ctx, log, started, resume_from, stop_at_step).run(stop_at_step)
         D.barrier(ctx)  # rank 0 may still be writing samples: tear the group down together
         D.report_clean_exit(ctx)
         return result
     finally:
         D.cleanup()
+
+
+def check_stop_at_step(step: int, stop_at_step: int | None, source) -> None:
+    """Refuse a --stop-at-step that a run resumed at `step` has already passed: it would train on to the end."""
+    if stop_at_step is not None and stop_at_step <= step:
+        raise UsageError(f"--stop-at-step {stop_at_step} is not after step {step}, where {source} resumes; pick a later step or leave it out")
 
 
 def init_weights(step_fn: TrainingStep, source: str) -> None:
@@ -164,7 +170,8 @@ class Trainer:
     restored (or train.init_from loaded), the step compiled and a fresh run's budget fitted, its fallback
     chosen; nothing is written before `run`, which loops and saves."""
 
-    def __init__(self, cfg: Config, run_dir: Path, ctx: D.DistContext, log, started: float, resume_from: Path | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, ctx: D.DistContext, log, started: float, resume_from: Path | None = None,
+                 stop_at_step: int | None = None):
         self.run_dir, self.ctx, self.log, self.resume_from = run_dir, ctx, log, resume_from
         self.dataset = PreparedDataset(cfg.data.path, text=cfg.model.cross_attention)
         # The evaluator depends on eval.* and the data only, which train.budget_fallback never changes: built
@@ -184,6 +191,7 @@ class Trainer:
         self.branch_point = None  # (step, file) resumed from, until the first save sets the abandoned branch aside
         if resume_from is not None:
             self._restore(resume_from)
+            check_stop_at_step(self.step, stop_at_step, resume_from)  # the launcher checked too; train() callers
         if self.step < self.cfg.train.steps:
             self._start(cfg)
 
@@ -284,7 +292,7 @@ class Trainer:
                     done = self.step >= fitted
             # A requested stop checkpoints before anything slow (samples, FID): under a launcher the
             # workers get only a grace period after the signal before they are killed.
-            stop = D.any_rank(self.stop_requested, self.ctx) or self.step == stop_at_step
+            stop = D.any_rank(self.stop_requested, self.ctx) or (stop_at_step is not None and self.step >= stop_at_step)
             if stop or done or self._every(cfg.checkpoint_every):
                 result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
             if stop and not done:

@@ -102,7 +102,7 @@ def test_an_unretargeted_schedule_is_lr_factor_exactly():
     assert [s(k) for k in range(320)] == [lr_factor(k, 300, 0.05, 0.1, 0.1) for k in range(320)]
 
 
-@pytest.mark.parametrize("at, new_total", [(100, 200), (100, 600), (5, 150), (250, 260)])
+@pytest.mark.parametrize("at, new_total", [(100, 200), (100, 600), (15, 150), (250, 260)])
 def test_retarget_keeps_the_lr_continuous_and_ends_the_cosine_at_the_new_total(at, new_total):
     total, warmup, lo = 300, 15, 0.1
     s = LRSchedule(total, 0.05, 0.1, lo)
@@ -116,6 +116,41 @@ def test_retarget_keeps_the_lr_continuous_and_ends_the_cosine_at_the_new_total(a
         p = min(1.0, p0 + (1 - p0) * (k - start) / (new_total - start))
         assert s(k) == pytest.approx(lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p)), rel=1e-12), k
     assert s(new_total) == pytest.approx(lo)
+
+
+@pytest.mark.parametrize("at, new_total", [(5, 150), (5, 600), (1, 40)])
+def test_a_retarget_during_warmup_warms_up_to_the_new_lengths_warmup_then_follows_its_schedule(at, new_total):
+    s = LRSchedule(300, 0.05, 0.1, 0.1)  # warmup: 15 steps
+    before = s(at)
+    s.retarget(at, new_total)
+    assert s(at) == pytest.approx(before, rel=1e-12)
+    warmup = round(0.05 * new_total)
+    rising = [s(k) for k in range(at, warmup + 1)]
+    assert all(a < b for a, b in zip(rising, rising[1:])) and s(warmup) == 1.0
+    # From the new warmup's end the schedule is the one planned for the new length from the start.
+    assert [s(k) for k in range(warmup, new_total + 5)] == pytest.approx([lr_factor(k, new_total, 0.05, 0.1, 0.1) for k in range(warmup, new_total + 5)], rel=1e-12)
+
+
+@pytest.mark.parametrize("total, at, new_total", [(200, 4, 9), (300, 10, 60), (300, 14, 250)])
+def test_a_run_shortened_during_warmup_decays_from_the_current_lr_to_the_floor_at_its_new_end(total, at, new_total):
+    """The new length's warmup (5 %) ends before `at`: the old code kept warming up to the old warmup's end,
+    past the new end (fm resume --set train.steps=9 at step 4 of 200 trained its last step at 8.2x the start LR)."""
+    s = LRSchedule(total, 0.05, 0.1, 0.1)
+    before = s(at)
+    assert at < round(0.05 * total) and round(0.05 * new_total) <= at
+    s.retarget(at, new_total)
+    assert s(at) == pytest.approx(before, rel=1e-12)
+    after = [s(k) for k in range(at, new_total + 1)]
+    assert all(a > b for a, b in zip(after, after[1:]))  # decaying from the retarget on
+    assert s(new_total) == pytest.approx(0.1, rel=1e-12) and s(new_total + 3) == pytest.approx(0.1, rel=1e-12)
+
+
+def test_a_constant_lr_schedule_shortened_during_warmup_still_reaches_its_peak_at_the_new_end():
+    s = LRSchedule(40, 0.1, 0.1, 1.0)  # warmup 4 steps, then the LR stays at its peak (min_lr_factor = 1)
+    before = s(2)
+    s.retarget(2, 10)  # the new warmup (1 step) is over
+    assert s(2) == pytest.approx(before, rel=1e-12) and s(10) == 1.0
+    assert all(a < b for a, b in zip([s(k) for k in range(2, 11)], [s(k) for k in range(3, 11)]))
 
 
 def test_a_retargeted_schedule_survives_the_scheduler_checkpoint():
@@ -282,3 +317,58 @@ def test_no_fallback_where_the_budget_did_not_cut_the_steps_or_init_from_fixes_t
     state = load_checkpoint(resolve_checkpoint(tmp_path / "init"))
     assert state["hardware"]["budget"]["fallback"] is None and state["config"]["model"]["hidden_size"] == cfg.model.hidden_size
     assert any("train.init_from fixes the model" in line for line in machine.lines)
+
+
+# ------------------------------------------------------------------------------ the EMA under a budget
+
+
+def ema_lines(lines):
+    return [line for line in lines if "initial weights" in line]
+
+
+def budget_on_a_fake_clock(monkeypatch, now, step_seconds):
+    from fmcli import distributed as D
+    from fmcli.budget import Probes, RunBudget
+
+    monkeypatch.setattr(budget_mod, "clock", lambda: now[0])
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_step_seconds", lambda self, probes: step_seconds)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_work", lambda self, cfg, probes: (0.0, 0.0, None))
+    log = SimulatedMachine(lambda step: 0.0)
+    return RunBudget(0.01, 0.0, D.DistContext(), log), Probes(None, None, None, None, None), log  # 0.6 s
+
+
+EMA = ["train.ema_warmup=false", "train.ema_decay=0.95", "train.checkpoint_every=0", "train.sample_every=0"]
+
+
+def test_a_budget_that_cuts_the_steps_below_what_the_ema_needs_warns_once(monkeypatch):
+    """1000 steps leave a trained EMA (0.95^1000 of the initial weights); the 49 that fit the budget leave 8 %
+    (the limit is 5 %, at 58 steps or fewer)."""
+    from fmcli.optim import ema_warning
+
+    now = [0.0]
+    budget, probes, log = budget_on_a_fake_clock(monkeypatch, now, 0.012)
+    cfg = load_config("debug", ["train.steps=1000", *EMA])
+    assert ema_warning(cfg.train) is None  # the launcher said nothing about the requested steps
+    steps = budget.start(cfg, probes)
+    assert steps == 49
+    assert ema_lines(log.lines) == [ema_warning(cfg.train.model_copy(update={"steps": steps}))]
+    for step in (5, 10):  # refits that cut further say nothing new
+        now[0] += 5 * 0.02
+        steps = budget.at_log_interval(step, steps) or steps
+    assert len(ema_lines(log.lines)) == 1
+    # Requested steps that already leave the EMA untrained were warned about by the launcher: not again.
+    budget, probes, log = budget_on_a_fake_clock(monkeypatch, [0.0], 0.012)
+    assert budget.start(load_config("debug", ["train.steps=40", *EMA]), probes) == 40 and not ema_lines(log.lines)
+
+
+def test_a_refit_that_newly_cuts_the_steps_below_what_the_ema_needs_warns_once(monkeypatch):
+    now = [0.0]
+    budget, probes, log = budget_on_a_fake_clock(monkeypatch, now, 0.005)
+    cfg = load_config("debug", ["train.steps=1000", *EMA])
+    steps = budget.start(cfg, probes)
+    assert steps > 70 and not ema_lines(log.lines)  # 0.95^70 < 3 %: the first fit leaves a trained EMA
+    for step in range(5, 40, 5):  # the machine slows down 4x
+        now[0] += 5 * (0.005 if step <= 5 else 0.02)
+        steps = budget.at_log_interval(step, steps) or steps
+    assert steps <= 58 and len(ema_lines(log.lines)) == 1
+

@@ -181,6 +181,29 @@ def test_item07_a_resume_with_new_train_steps_continues_the_lr_without_a_jump(tm
     assert lrs[-1] == pytest.approx(1e-3 * reference(39), rel=1e-9) and lrs[-1] < lrs[10]
 
 
+def test_a_resume_that_shortens_a_run_during_warmup_decays_the_lr_to_its_floor_by_the_new_end(tmp_path, shapes16):
+    """Stopped at step 4 of 200 (warmup: 10 steps) and resumed with train.steps=9: the old schedule kept warming
+    up to its old warmup's end, so the run's last step trained at 8.2x the LR it resumed at."""
+    import json
+
+    from fmcli.optim import LRSchedule
+
+    common = ["train.log_every=1", "train.checkpoint_every=0", "optim.warmup_frac=0.05", "optim.warmup_start_factor=0.1",
+              "optim.min_lr_factor=0.1", "optim.lr=1e-3"]
+    run = tmp_path / "run"
+    train(_debug(shapes16, "train.steps=200", *common), run, stop_at_step=4, log=QuietLog())
+    saved = load_checkpoint(resolve_checkpoint(run))
+    shortened = validate_config({**saved["config"], "train": {**saved["config"]["train"], "steps": 9}})
+    train(shortened, run, resume_from=resolve_checkpoint(run), log=QuietLog())
+    lrs = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert len(lrs) == 9
+    assert lrs[4] == pytest.approx(1e-3 * LRSchedule(200, 0.05, 0.1, 0.1)(4), rel=1e-9)  # continuous at the resume
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))  # decaying from there
+    # After the last step the optimizer's LR is the schedule's floor, min_lr_factor x lr.
+    final = load_checkpoint(resolve_checkpoint(run))["optimizer"]["optimizers"][0]["param_groups"][0]["lr"]
+    assert final == pytest.approx(1e-3 * 0.1, rel=1e-9)
+
+
 def test_item14_the_demo_clamps_every_number_and_caps_dopri5(debug_run):
     import math
 

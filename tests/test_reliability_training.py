@@ -121,3 +121,20 @@ def test_item07_other_ranks_wait_for_local_rank_0_to_prepare_the_default_data(tm
     resolved = launch.default_data(cfg, prepare=False)  # returns only once the manifest is there
     maker.join()
     assert Path(resolved.data.path) == target and (target / "manifest.json").is_file()
+
+
+def test_a_stop_at_step_the_resumed_checkpoint_has_passed_is_refused_before_training(tmp_path, shapes16):
+    """train() resumed at step 4 with stop_at_step 2 or 4 trained on to the end (the stop test was `==`)."""
+    import pytest
+
+    from fmcli.errors import UsageError
+
+    run = tmp_path / "run"
+    train(_debug(shapes16, "train.steps=8", "train.checkpoint_every=0"), run, stop_at_step=4, log=QuietLog())
+    ckpt = resolve_checkpoint(run)
+    for stop in (2, 4):
+        with pytest.raises(UsageError, match=f"--stop-at-step {stop} is not after step 4"):
+            train(validate_config(load_checkpoint(ckpt)["config"]), run, resume_from=ckpt, stop_at_step=stop, log=QuietLog())
+    assert sorted(list_checkpoints(run / "checkpoints")) == [4]  # nothing trained
+    result = train(validate_config(load_checkpoint(ckpt)["config"]), run, resume_from=ckpt, stop_at_step=6, log=QuietLog())
+    assert result.step == 6 and result.stopped_early

@@ -41,7 +41,7 @@ def train(
     from ..launch import launch_options, run_training, training_config
 
     launch = launch_options(gpus, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id)
-    cfg, target, ckpt = training_config(preset, overrides, data=data, run_dir=run_dir, resume=resume)
+    cfg, target, ckpt = training_config(preset, overrides, data=data, run_dir=run_dir, resume=resume, stop_at_step=stop_at_step)
     if print_config:
         emit_json(config_to_dict(cfg))
         return
