@@ -67,18 +67,37 @@ def commit(tmp: Path, path: Path, *, durable: bool = True) -> None:
 
 
 def refuse_existing(paths, force: bool) -> None:
-    """Never replace a user's file silently: an output that exists needs `--force` (docs/architecture.md section 10).
+    """Never replace a user's file silently: an output that exists needs `--force` (docs/architecture.md section 10);
+    and an output must be writable where it goes, checked now rather than after the work.
 
     `paths` is one path or several (e.g. the files `fm sample --out DIR` would write); None entries are
     ignored. Run it before any work, so a refusal costs nothing and leaves nothing behind.
     """
-    if force:
-        return
     candidates = [paths] if isinstance(paths, (str, Path)) or paths is None else list(paths)
-    existing = [Path(p) for p in candidates if p is not None and Path(p).exists()]
-    if existing:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise UsageError(f"{existing[0]} already exists{more}; pass --force to replace it")
+    by_folder: dict[Path, list[str]] = {}
+    for p in candidates:
+        if p is not None:
+            by_folder.setdefault(Path(p).parent, []).append(Path(p).name)
+    if not force:
+        existing = []
+        for folder, names in by_folder.items():  # one listing per folder: `fm sample -n 1000000` names a million files
+            present = set(os.listdir(folder)) if folder.is_dir() else set()
+            existing += [folder / n for n in names if n in present]
+        if existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise UsageError(f"{existing[0]} already exists{more}; pass --force to replace it")
+    for folder in by_folder:
+        refuse_unwritable(folder)
+
+
+def refuse_unwritable(folder: str | Path) -> None:
+    """`folder` can be created (or is there) and written: its nearest existing ancestor is a writable folder."""
+    folder = Path(folder)
+    there = next(p for p in [folder, *folder.parents] if p.exists() or p == Path(p.anchor) or p == Path("."))
+    if not there.is_dir():
+        raise UsageError(f"cannot write into {folder}: {there} is a file, not a folder; choose another output path")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write into {folder}: {there} is not writable (permission denied); choose another output path")
 
 
 def fsync_file(path: Path) -> None:

@@ -52,6 +52,8 @@ def w(tmp_path_factory, shapes16, debug_run) -> dict:
     dataset("oldformat", lambda d: edit_manifest(d, format=99))
     (root / "empty").mkdir()
     p["empty"] = root / "empty"
+    (root / "afile").write_text("a file where an output folder would go\n")
+    p["afile"] = root / "afile"
     (root / "bad.toml").write_text("[train\nsteps = 3\n")
     p["bad_toml"] = root / "bad.toml"
     (root / "unknown.toml").write_text("[train]\nstepz = 3\n")
@@ -213,6 +215,12 @@ CASES = [
     ("prepare-cache-text-without-encoder", lambda w: ("prepare-data", "shapes", "--cache-text", "--count", "4", "--out", w["root"] / "new-data"), "--text-encoder"),
     ("prepare-size-too-small", lambda w: ("prepare-data", "shapes", "--size", "4", "--out", w["root"] / "new-data")),
     ("unknown-command", lambda w: ("trian", "--preset", "debug")),
+    # an output under a file: refused before any work, not an OSError after it
+    ("sample-out-under-a-file", lambda w: ("sample", "--ckpt", w["run"], "-n", "2", "--out", w["afile"] / "x.png"), "is a file, not a folder"),
+    ("sample-dir-under-a-file", lambda w: ("sample", "--ckpt", w["run"], "-n", "2", "--out", w["afile"] / "samples"), "is a file, not a folder"),
+    ("prepare-out-under-a-file", lambda w: ("prepare-data", "shapes", "--count", "4", "--out", w["afile"] / "data"), "is a file, not a folder"),
+    ("class-grid-out-under-a-file", lambda w: ("class-grid", "--ckpt", w["run"], "--out", w["afile"] / "grid.png"), "is a file, not a folder"),
+    ("fid-save-stats-under-a-file", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--features", "tiny", "--save-stats", w["afile"] / "st.npz"), "is a file, not a folder"),
 ]
 
 

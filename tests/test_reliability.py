@@ -428,3 +428,24 @@ def test_item21_latents_must_be_finite_and_fit_float16(tmp_path):
         with PreparedWriter(tmp_path / "lat", 2, (4, 2, 2), dtype="float16", kind="latents") as w:
             w.add_batch(ok * 1e5)  # overflows to inf in float16
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_in_an_unwritable_folder_are_refused_before_any_work(tmp_path, monkeypatch):
+    # As root every folder is writable, so the permission answer is faked; the check must ask for the nearest
+    # existing ancestor (the output's own folders do not exist yet).
+    import os
+
+    from fmcli.fsutil import refuse_existing
+
+    (tmp_path / "ro").mkdir()
+    asked = []
+
+    def access(path, mode):
+        asked.append(Path(path))
+        return Path(path) != tmp_path / "ro"
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(UsageError, match=r"ro is not writable \(permission denied\)"):
+        refuse_existing([tmp_path / "ro" / "new" / "x.png"], force=True)
+    assert asked == [tmp_path / "ro"]
+    refuse_existing([tmp_path / "elsewhere" / "x.png"], force=False)  # a new folder under a writable one
