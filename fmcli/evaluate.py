@@ -316,6 +316,9 @@ def reference_statistics(ref: str | Path, extractor: FeatureExtractor, *, batch_
             raise UsageError(f"--ref {ref} is a file but not a statistics .npz (written by `fm fid --save-stats`)")
         return load_statistics(ref, extractor)
     if (ref / "manifest.json").is_file():
+        from .data.dataset import validate_prepared
+
+        validate_prepared(ref)  # as `fm train` does: a damaged dataset is one line, not a crash in np.load
         feats, size = prepared_features(ref, extractor, batch_size=batch_size, log=log)
     else:
         feats, size = folder_features(ref, extractor, batch_size=batch_size, log=log)
@@ -377,7 +380,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
 def folder_features(path: Path, extractor: FeatureExtractor, *, batch_size: int = 64, log=None) -> tuple[np.ndarray, int | None]:
     """Features of every image under a folder (sorted, recursive), read as RGB like clean-fid does."""
-    files = image_files(path)
+    files = image_files(path, log)
     if not files:
         raise UsageError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no manifest.json")
     feats, sizes, batch = [], set(), []
@@ -402,8 +405,16 @@ def folder_features(path: Path, extractor: FeatureExtractor, *, batch_size: int 
     return np.concatenate(feats), h if not others and h == w else None  # None: mixed or non-square sizes
 
 
-def image_files(path: Path) -> list[Path]:
-    return sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+def image_files(path: Path, log=None) -> list[Path]:
+    """The images under `path` (recursively) that a score counts: every one but the grid `fm sample --out DIR`
+    writes beside its samples (a montage of them, not a sample: counting it would skew the score)."""
+    from .images import is_sample_grid
+
+    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+    grids = [p for p in files if is_sample_grid(p)]
+    if grids and log:
+        log(f"note: skipping {grids[0]}" + (f" and {len(grids) - 1} more" if len(grids) > 1 else "") + " (the grid `fm sample` writes beside its samples)")
+    return [p for p in files if p not in grids]
 
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -561,10 +572,10 @@ def _score_folder(req: FidRequest, ref_stats: Statistics, extractor: FeatureExtr
 def load_sampler(ckpt: str, guide_ckpt: str | None, sample_overrides: Callable, *, ema: bool, device, log, ctx):
     """The checkpoint (and its autoguidance guide) ready to sample at the resolved precision/compile, and the
     sampling settings after the command's overrides."""
-    from .generate import load_for_sampling, prepare_for_sampling, with_guide
+    from .generate import guidance_that_runs, load_for_sampling, prepare_for_sampling, with_guide
 
     loaded = load_for_sampling(ckpt, device, use_ema=ema)
-    sample_cfg = sample_overrides(loaded.config.sample)
+    sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
     return prepare_for_sampling(loaded, sample_cfg, device, log or (lambda message: None), ctx), sample_cfg

@@ -175,6 +175,7 @@ def load_or_train_classifier(data: Path, *, seed: int = 0, path: str | Path | No
     (it may be another dataset's classifier, which the user meant to keep).
     """
     from .data.dataset import read_manifest
+    from .fsutil import can_write_in
 
     data = Path(data)
     manifest = read_manifest(data)
@@ -191,6 +192,12 @@ def load_or_train_classifier(data: Path, *, seed: int = 0, path: str | Path | No
             raise UsageError(f"--classifier {path}: {problem}; delete it (or give a new path) to train one for {data}")
         if log:
             log(f"classifier cache {path}: {problem}; training a new one")
+    # Checked before the training (about a minute), not found out when saving its result.
+    if not can_write_in(path.parent):
+        if given:
+            raise UsageError(f"--classifier {path}: cannot write in {path.parent}; give a path in a writable folder")
+        raise UsageError(f"the data folder {data} is not writable, so the domain classifier cannot be cached beside it; "
+                         f"pass --classifier PATH (training: --set eval.classifier=PATH) to cache it elsewhere")  # fmt: skip
     if log:
         log(f"training the domain classifier on {data} (seed {seed}, {steps} steps; cached at {path})")
     x, y = np.load(data / "x.npy", mmap_mode="r"), np.load(data / "y.npy")
@@ -220,10 +227,15 @@ def _write_cache(path: Path, model: DomainCNN, acc: float, n_out: int, key: str,
     blob = {"format": CACHE_FORMAT, "key": key, "arch": CLASSIFIER_ARCH, "state": model.state_dict(),
             "held_out_accuracy": acc, "held_out": n_out, "num_classes": manifest["num_classes"]}  # fmt: skip
     try:
-        atomic_write(path, lambda tmp: torch.save(blob, tmp))
-    except OSError as err:  # a read-only dataset: the classifier still works, it is only retrained next time
+        atomic_write(path, lambda tmp: _save(blob, tmp))
+    except OSError as err:  # e.g. a full disk (a read-only folder is refused before training): the classifier still works
         if log:
             log(f"could not cache the classifier at {path} ({err}); pass --classifier PATH to keep it")
+
+
+def _save(blob: dict, path: Path) -> None:
+    with open(path, "wb") as f:  # opened here: a failure is an OSError (torch.save(blob, path) raises RuntimeError)
+        torch.save(blob, f)
 
 
 class DomainExtractor:

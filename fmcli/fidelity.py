@@ -117,11 +117,12 @@ def check_scorable(loaded) -> None:
         raise UsageError("fm eval scores class-conditional or unconditional pixel models (latent and text models: not yet)")
 
 
-def folder_images(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
-    """Every image under `path` as uint8 [N,3,H,W]; each must have the dataset's size."""
+def folder_images(path: Path, shape: tuple[int, int, int], log=None) -> np.ndarray:
+    """Every image under `path` (evaluate.image_files: `fm sample`'s grid skipped) as uint8 [N,3,H,W]; each
+    must have the dataset's size."""
     from .evaluate import image_files, read_rgb
 
-    files = image_files(path)
+    files = image_files(path, log)
     if not files:
         raise UsageError(f"--gen {path} holds no images")
     out = []
@@ -158,8 +159,11 @@ class EvalRequest(ScoreRequest):
 def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=None) -> tuple[dict, list[dict]]:
     """(the floor, one row per sampling setting) for a checkpoint, or one row for an image folder; every row
     also carries the floor (key "floor"), so that each JSON row stands on its own."""
+    from .data.dataset import validate_prepared
     from .features import build_space
+    from .generate import guidance_that_runs
 
+    validate_prepared(req.data)  # as `fm train` does, before the classifier reads it: a damaged dataset is one line
     loaded = base = None
     if req.ckpt is not None:  # a bad checkpoint (or guide) fails before the reference pass
         from .evaluate import load_sampler
@@ -170,7 +174,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
                        inception=req.inception, dinov2=req.dinov2, log=log)
         for s in req.spaces
     }  # fmt: skip
-    images = folder_images(req.gen, _data_shape(req.data)) if req.gen is not None else None
+    images = folder_images(req.gen, _data_shape(req.data), log) if req.gen is not None else None
     n = len(images) if images is not None else req.num_samples
     reference = prepare_reference(req.data, extractors, n, seed=req.split_seed, log=log)
     floor_row = {"ref_count": len(next(iter(reference.ref.values()))), "floor_count": len(next(iter(reference.floor.values()))), **floor(reference, k=req.k, kid=req.kid)}
@@ -183,6 +187,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
         raise UsageError(f"the model makes {list(loaded.shape)} images but {req.data} holds {list(reference.image_shape)}")
     rows = []
     for settings in sweep_settings(base, req.cfgs, req.intervals, req.nfes, log):
+        settings = guidance_that_runs(loaded, settings, log)  # its rows report what ran
         if log:
             log(f"sampling {n}: {settings.solver} {settings.steps} steps, {settings.guidance} {settings.cfg:g}, interval {settings.guidance_interval}")
         check_scorable(loaded)
@@ -228,9 +233,12 @@ class TrainingFidelity:
     """
 
     def __init__(self, cfg, data_path, device, log=None, with_reference: bool = True):
+        from .data.dataset import validate_prepared
         from .features import build_space
 
         data = Path(cfg.eval.ref or data_path)
+        if cfg.eval.ref:  # the training data was validated at launch; eval.ref was not
+            validate_prepared(data)
         self.num_samples, self.device, self.space = cfg.eval.num_samples, device, cfg.eval.features
         self.extractor = build_space(self.space, data=data, device=device, classifier=cfg.eval.classifier, dinov2=cfg.eval.dinov2, log=log)
         self.reference = None

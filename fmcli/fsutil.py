@@ -100,6 +100,19 @@ def refuse_unwritable(folder: str | Path) -> None:
         raise UsageError(f"cannot write into {folder}: {there} is not writable (permission denied); choose another output path")
 
 
+def can_write_in(folder: str | Path) -> bool:
+    """Whether a file can be created in `folder` (made if missing), found by creating and removing one: mode
+    bits say nothing for root, a read-only mount or an ACL."""
+    probe = temp_path(Path(folder) / "write-probe")
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe.touch(exist_ok=False)
+    except OSError:
+        return False
+    probe.unlink(missing_ok=True)
+    return True
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

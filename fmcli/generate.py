@@ -289,6 +289,18 @@ def sampling_record(loaded: LoadedModel) -> dict:
     return {"precision": loaded.model.precision, "compile": loaded.model.compiled}
 
 
+def guidance_that_runs(loaded: LoadedModel, sample_cfg, log: Callable[[str], None] | None = None):
+    """`sample_cfg` as it runs on `loaded`: cfg and cfg-zero guide away from the unconditional branch, which an
+    unconditional model lacks, so they leave it unguided (solvers.guided_velocity); its cfg then reads 1, so
+    that every summary reports what ran. Autoguidance (a guide network) works on any model."""
+    if sample_cfg.cfg == 1.0 or sample_cfg.guidance == "auto" or loaded.num_classes or loaded.is_text:
+        return sample_cfg
+    if log:
+        log(f"note: the model is unconditional, so {sample_cfg.guidance} guidance (cfg {sample_cfg.cfg:g}) has nothing to guide: sampling unguided "
+            "(cfg 1); --guide-ckpt CKPT (autoguidance) guides unconditional models")  # fmt: skip
+    return sample_cfg.model_copy(update={"cfg": 1.0})
+
+
 def load_weights(path) -> dict:
     """A training checkpoint, or an `fm export` directory read as one (its weights serve as model and EMA)."""
     from .export import is_export, load_export
@@ -377,6 +389,8 @@ def class_grid_samples(
     Returns (images [K * per_class, C, H, W] on the CPU, the largest per-batch NFE).
     """
     k = loaded.num_classes
+    if loaded.is_text:
+        raise UsageError("class-grid needs a class-conditional model, and this checkpoint is a text-conditioned one; use `fm sample --prompt TEXT`")
     if not k:
         raise UsageError("class-grid needs a class-conditional model, and this checkpoint is unconditional; use `fm sample`")
     labels = torch.arange(k).repeat_interleave(per_class)
@@ -453,11 +467,11 @@ def merge_trajectories(batches: list[list[tuple[float, torch.Tensor]]]) -> list[
 
 def sample_outputs(out: Path, n: int) -> list[Path]:
     """The files `fm sample --out` writes: FILE.png, or DIR/grid.png and one DIR/NNNNNN.png per sample."""
-    from .images import STILL_IMAGE_SUFFIXES, sample_file
+    from .images import SAMPLE_GRID_NAME, STILL_IMAGE_SUFFIXES, sample_file
 
     if out.suffix.lower() in STILL_IMAGE_SUFFIXES:
         return [out]
-    return [out / "grid.png"] + [sample_file(out, i) for i in range(n)]
+    return [out / SAMPLE_GRID_NAME] + [sample_file(out, i) for i in range(n)]
 
 
 def grid_count(out: Path, n: int, grid: int | None, grid_size: int) -> int:
@@ -482,13 +496,13 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
 
     from . import distributed as D
     from .fsutil import refuse_existing
-    from .images import STILL_IMAGE_SUFFIXES, save_gif, save_grid, save_images, trajectory_frames
+    from .images import SAMPLE_GRID_NAME, STILL_IMAGE_SUFFIXES, save_gif, save_grid, save_images, trajectory_frames
 
     refuse_existing(sample_outputs(out, n) + [gif], force)
     D.barrier(ctx)  # every rank has checked before any rank writes (no rank may see another's new file)
     dev = ctx.device
     loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
-    sample_cfg = sample_overrides(loaded.config.sample)
+    sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log if ctx.rank == 0 else None)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema, warn=None if ctx.rank == 0 else lambda message: None)
     loaded = prepare_for_sampling(loaded, sample_cfg, dev, log, ctx)
@@ -517,7 +531,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     nfes = [v for part in D.all_gather_objects(nfes, ctx) for v in part]
     if ctx.rank != 0:
         return None
-    grid = save_grid(images, out / "grid.png" if to_dir else out)
+    grid = save_grid(images, out / SAMPLE_GRID_NAME if to_dir else out)  # scoring the folder skips it (images.is_sample_grid)
     gif_path = None
     if gif is not None:  # frames are the model's states: latent models' go through the VAE here
         frames = [(t, decode(loaded, x.to(dev)).cpu()) for t, x in merge_trajectories(trajectories)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,20 @@ def save_images(x: torch.Tensor, directory: str | Path, start_index: int = 0, pr
 def sample_file(directory: str | Path, index: int, prefix: str = "") -> Path:
     """Where sample `index` is written in an output directory (its global index: stable across ranks)."""
     return Path(directory) / f"{prefix}{index:06d}.png"
+
+
+# `fm sample --out DIR` writes its grid beside the samples under this name; scoring a folder skips it there.
+SAMPLE_GRID_NAME = "grid.png"
+_SAMPLE_NAME = re.compile(r"\d{6}\.png")  # sample_file's names (no prefix)
+
+
+def is_sample_grid(path: str | Path) -> bool:
+    """Whether `path` is the grid that `fm sample --out DIR` wrote: named SAMPLE_GRID_NAME, beside at least
+    one sample file (NNNNNN.png). A grid.png among other images is an ordinary image."""
+    path = Path(path)
+    return path.name == SAMPLE_GRID_NAME and any(_SAMPLE_NAME.fullmatch(p.name) for p in path.parent.iterdir())
+
+
 # The file types fm writes, by extension (PIL format names); anything else is written as PNG.
 WRITE_FORMATS = {".png": "PNG", ".gif": "GIF", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 STILL_IMAGE_SUFFIXES = tuple(ext for ext, fmt in WRITE_FORMATS.items() if fmt != "GIF")

@@ -227,7 +227,7 @@ def steps_for_nfe(solver: str, nfe: int) -> int:
     """The most steps whose NFE (`nfe_of`) does not exceed `nfe`; 0 when not even one step fits (heun,
     midpoint and ab2 need 2 NFE, rk4 4). ValueError for dopri5."""
     if solver in ADAPTIVE_SOLVERS:
-        raise ValueError(f"{solver} chooses its own steps: set its tolerances instead of an NFE budget")
+        raise ValueError(f"{solver} chooses its own steps: drop --nfe and set its tolerances with --rtol/--atol instead")
     return max(0, (nfe - _START_UP_NFE.get(solver, 0)) // nfe_per_step(solver))
 
 

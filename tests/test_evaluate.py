@@ -330,3 +330,26 @@ def test_sharded_nfe_is_the_mean_over_every_ranks_samples(monkeypatch):
     got = E.sharded_features(None, 5, {"x": None}, seed=0, sample_cfg=None, batch_size=8, device="cpu", ctx=D.DistContext(rank=0, world_size=2))
     assert got.nfe_per_sample == pytest.approx((3 * 20 + 2 * 32) / 5)
     assert got.feats["x"][:, 0].tolist() == [0, 1, 2, 3, 4] and got.gen_seconds == 2.0
+
+
+def test_scored_folders_skip_only_the_grid_fm_sample_writes_beside_its_samples(tmp_path):
+    """`fm sample --out DIR` writes DIR/grid.png beside DIR/NNNNNN.png: the grid is a montage, not a sample, and
+    counting it would skew the score. A grid.png among a user's own images is an ordinary image."""
+    from fmcli.evaluate import image_files
+
+    img = Image.new("RGB", (8, 8))
+    sampled = tmp_path / "sampled"
+    (sampled / "nfe-4").mkdir(parents=True)
+    for folder in (sampled, sampled / "nfe-4"):
+        for name in ("000000.png", "000001.png", "grid.png"):
+            img.save(folder / name)
+    assert [p.relative_to(sampled).as_posix() for p in image_files(sampled)] == ["000000.png", "000001.png", "nfe-4/000000.png", "nfe-4/000001.png"]
+    notes = []
+    image_files(sampled, notes.append)
+    assert len(notes) == 1 and "grid.png and 1 more" in notes[0]  # said once, on stderr
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("cat.png", "grid.png", "0001.png"):
+        img.save(mine / name)
+    assert [p.name for p in image_files(mine)] == ["0001.png", "cat.png", "grid.png"]

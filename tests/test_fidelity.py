@@ -267,3 +267,84 @@ def test_plot_draws_the_frontier_of_an_eval_sweep(tmp_path):
     assert Path(result.stdout.strip()) == tmp_path / "frontier.png" and (tmp_path / "frontier.png").stat().st_size > 0
     bad = run_fm("plot", sweep, "--y", "loss", "--out", tmp_path / "x.png")
     assert bad.returncode == 2 and "--y loss" in bad.stderr
+
+
+# ------------------------------------------------------------------- what `fm sample` wrote, the data
+
+
+def test_a_folder_written_by_fm_sample_scores_exactly_its_samples(data, debug_run, tmp_path):
+    """The README's workflow: `fm sample --out DIR`, then `fm fid --gen DIR` and `fm eval --gen DIR`. The
+    grid.png beside the samples is not one of them (it made FID count n + 1 images and eval refuse the folder)."""
+    folder = tmp_path / "samples"
+    sampled = run_fm("sample", "--ckpt", debug_run, "-n", 6, "--steps", 2, "--out", folder)
+    assert sampled.returncode == 0, sampled.stderr
+    assert (folder / "grid.png").is_file()
+    fid = _json(run_fm("fid", "--gen", folder, "--ref", data, "--features", "tiny", "--json"))
+    assert fid["num_samples"] == 6
+    result = run_fm("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS, "--no-kid", "--json")
+    (row,) = _json(result)
+    assert row["num_samples"] == 6 and "skipping" in result.stderr and "grid.png" in result.stderr
+
+
+def test_eval_and_fid_refuse_a_damaged_dataset_in_one_line(data, tmp_path):
+    """As `fm train` does (data.dataset.validate_prepared): a truncated x.npy is exit 2 naming the file, not
+    numpy's 'mmap length is greater than file size' (exit 1) after loading everything else."""
+    import os
+
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    for i, img in enumerate(np.load(data / "x.npy")[:6]):
+        Image.fromarray(img.transpose(1, 2, 0)).save(folder / f"{i:06d}.png")
+    os.truncate(data / "x.npy", 200_000)
+    for args in (("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS), ("fid", "--gen", folder, "--ref", data, "--features", "tiny")):
+        result = run_fm(*args)
+        assert result.returncode == 2, (args[0], result.stderr)
+        assert "x.npy is truncated" in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_on_a_read_only_dataset_says_so_before_training_the_classifier(shapes16):
+    """The classifier is cached beside the data: a folder the user cannot write in is one line naming
+    --classifier, before the (minute-long) training, not a torch.save crash after it. Run unprivileged
+    (root writes anywhere); the folder is under /tmp, as pytest's own are closed to other users."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from conftest import fm_env
+
+    as_user = [] if os.geteuid() else ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    if as_user and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: no unprivileged user to run as")
+    root = Path(tempfile.mkdtemp(prefix="fm-readonly-"))
+    try:
+        data = Path(shutil.copytree(shapes16, root / "data"))
+        home = root / "home"
+        home.mkdir()
+        gen = root / "gen"
+        gen.mkdir()
+        for i, img in enumerate(np.load(data / "x.npy")[:6]):
+            Image.fromarray(img.transpose(1, 2, 0)).save(gen / f"{i:06d}.png")
+        for path in (root, data, gen):
+            path.chmod(0o555)
+        home.chmod(0o777)
+        env = fm_env({"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")})
+
+        def fm(*args):
+            return subprocess.run([*as_user, sys.executable, "-m", "fmcli.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
+
+        if as_user and fm("--help").returncode != 0:
+            pytest.skip("the unprivileged user cannot run this checkout's Python")
+        result = fm("eval", "--gen", gen, "--data", data, "--classifier-steps", STEPS, "--json")
+        assert result.returncode == 2, result.stderr
+        assert f"data folder {data} is not writable" in result.stderr and "--classifier PATH" in result.stderr
+        assert "training the domain classifier" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        elsewhere = fm("eval", "--gen", gen, "--data", data, "--classifier-steps", STEPS, "--classifier", home / "clf.pt", "--no-kid", "--json")
+        assert elsewhere.returncode == 0, elsewhere.stderr
+        assert (home / "clf.pt").is_file() and json.loads(elsewhere.stdout)[0]["num_samples"] == 6
+    finally:
+        for path in (root, root / "data", root / "gen"):
+            if path.exists():
+                path.chmod(0o755)
+        shutil.rmtree(root, ignore_errors=True)

@@ -57,3 +57,56 @@ def test_help_lists_the_solver_and_guidance_names_without_torch_at_import():
     probe = "import sys, fmcli.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=fm_env(), timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_every_sampling_command_takes_the_dopri5_tolerances(tmp_path, debug_run, shapes16):
+    """--rtol/--atol are SAMPLING options (README, docs/architecture.md), and `--nfe` with dopri5 points to them:
+    sample, class-grid, fid and eval all take them, and they reach the solver (looser = fewer NFE)."""
+    for command in ("sample", "class-grid", "fid", "eval"):
+        r = run_fm(command, "--help", env={"COLUMNS": "400"})
+        assert r.returncode == 0 and "--rtol" in r.stdout and "--atol" in r.stdout, command
+    common = ("--ckpt", debug_run, "-n", "2", "--ref", shapes16, "--features", "tiny", "--solver", "dopri5", "--json")
+    loose, tight = (json.loads(_ok(run_fm("fid", *common, "--rtol", tol, "--atol", tol)).stdout) for tol in ("1e-1", "1e-5"))
+    assert (loose["rtol"], loose["atol"], tight["rtol"]) == (0.1, 0.1, 1e-5) and loose["nfe_per_sample"] < tight["nfe_per_sample"]
+    grid = json.loads(_ok(run_fm("class-grid", "--ckpt", debug_run, "--samples-per-class", "1", "--solver", "dopri5", "--rtol", "1e-1", "--atol", "1e-1",
+                                 "--out", tmp_path / "c.png", "--json")).stdout)  # fmt: skip
+    assert grid["nfe"] < tight["nfe_per_sample"]
+    swept = run_fm("fid", *common, "--nfe", "4,8")
+    assert swept.returncode == 2 and "--rtol/--atol" in swept.stderr
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def unconditional_run(tmp_path_factory):
+    """The debug preset trained 2 steps on 8 unlabelled images (an unconditional model; its sample.cfg is 2)."""
+    import numpy as np
+
+    from fmcli.config import load_config
+    from fmcli.data.dataset import PreparedWriter
+    from fmcli.train import train
+
+    root = tmp_path_factory.mktemp("unconditional")
+    rng = np.random.default_rng(0)
+    with PreparedWriter(root / "data", 8, (3, 16, 16), labels=False) as w:
+        for _ in range(8):
+            w.add(rng.integers(0, 256, (3, 16, 16), dtype=np.uint8), None)
+        w.finish(num_classes=0, class_names=None, source="test")
+    cfg = load_config("debug", [f"data.path='{root / 'data'}'", "train.steps=2", "train.checkpoint_every=0", "train.global_batch_size=4"])
+    train(cfg, root / "run")
+    return root / "run"
+
+
+def test_guidance_of_an_unconditional_model_reports_what_ran(tmp_path, unconditional_run):
+    """cfg and cfg-zero need a class (or prompt) to guide away from: an unconditional model samples unguided,
+    and the summary says cfg 1, with a note; autoguidance (--guide-ckpt) does guide it."""
+    r = _ok(run_fm("sample", "--ckpt", unconditional_run, "-n", "2", "--steps", "2", "--cfg", "3", "--out", tmp_path / "a.png", "--json"))
+    assert json.loads(r.stdout)["cfg"] == 1.0 and "unconditional" in r.stderr
+    plain = _ok(run_fm("sample", "--ckpt", unconditional_run, "-n", "2", "--steps", "2", "--cfg", "1", "--out", tmp_path / "b.png"))
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes() and "unconditional" not in plain.stderr
+    auto = _ok(run_fm("sample", "--ckpt", unconditional_run, "-n", "2", "--steps", "2", "--cfg", "3", "--guide-ckpt", unconditional_run,
+                      "--out", tmp_path / "c.png", "--json"))  # fmt: skip
+    assert json.loads(auto.stdout)["cfg"] == 3.0 and json.loads(auto.stdout)["guidance"] == "auto"

@@ -191,3 +191,15 @@ def test_fid_nfe_sweep_table_json_and_plot(ot_run, shapes16, tmp_path, capsys):
     code, printed, err = _fm_inprocess(capsys, "plot", sweep)
     assert code == 0, err
     assert printed.strip() == str(tmp_path / "sweep.png") and Image.open(tmp_path / "sweep.png").size[0] > 100
+
+
+def test_class_grid_of_a_text_model_says_it_is_one():
+    """A text model has no classes either, but it is not unconditional: the refusal names what it is and what to use."""
+    from types import SimpleNamespace
+
+    from fmcli.errors import UsageError
+    from fmcli.generate import LoadedModel, class_grid_samples
+
+    text_model = LoadedModel(model=None, config=SimpleNamespace(model=SimpleNamespace(cross_attention=True, num_classes=0)), info={}, step=0)
+    with pytest.raises(UsageError, match=r"text-conditioned.*fm sample --prompt"):
+        class_grid_samples(text_model, 1, seed=0, sample_cfg=None, batch_size=1, device="cpu")

@@ -89,6 +89,8 @@ GuideCkpt = Annotated[
 SdeNoise = Annotated[Optional[float], float_option("--sde-noise", min=0.0, help="euler-sde diffusion scale: g(t)^2 = 2 * SCALE * (1 - t) (SiT's norm); 0 = plain Euler.")]
 ZeroInit = Annotated[Optional[int], typer.Option("--zero-init-steps", help="cfg-zero: steps of the --steps grid at the start with zero velocity, below --steps (default 1; every solver).")]
 Interval = Annotated[Optional[str], typer.Option("--guidance-interval", help="LO,HI: guide only for t in [LO, HI] (t=0 noise).")]
+Rtol = Annotated[Optional[float], float_option("--rtol", help="Relative tolerance of dopri5 (default: the checkpoint's sample.rtol).")]
+Atol = Annotated[Optional[float], float_option("--atol", help="Absolute tolerance of dopri5 (default: the checkpoint's sample.atol).")]
 SamplePrecision = Annotated[
     Optional[str],
     typer.Option("--precision", help="Network precision: auto, bf16, fp16 (CUDA) or fp32 (default: the checkpoint's sample.precision; auto = bf16 where measured faster, see `fm env`)."),
@@ -114,7 +116,7 @@ def parse_interval(text: Optional[str]):
 @dataclass(frozen=True)
 class SamplingFlags:
     """The sampling options that `sample`, `class-grid` and `fid` share, declared once (see `sampling_options`);
-    `reflow` and `demo` take the precision and compile ones too."""
+    `eval` takes the solver ones, `reflow` the solver, precision and compile ones, `demo` precision and compile."""
 
     cfg_scale: Optional[float] = None
     steps: Optional[int] = None
@@ -124,6 +126,8 @@ class SamplingFlags:
     guidance_interval: Optional[str] = None
     zero_init_steps: Optional[int] = None
     sde_noise: Optional[float] = None
+    rtol: Optional[float] = None
+    atol: Optional[float] = None
     precision: Optional[str] = None
     compile_model: Optional[bool] = None
 
@@ -135,7 +139,7 @@ class SamplingFlags:
         given = dict(
             cfg=self.cfg_scale, steps=self.steps, solver=self.solver, guidance=self.guidance,
             guidance_interval=parse_interval(self.guidance_interval), zero_init_steps=self.zero_init_steps,
-            sde_noise=self.sde_noise, precision=self.precision, compile=self.compile_model, **extra,
+            sde_noise=self.sde_noise, rtol=self.rtol, atol=self.atol, precision=self.precision, compile=self.compile_model, **extra,
         )  # fmt: skip
         guide_ckpt = self.guide_ckpt
         if guide_ckpt is not None and given["guidance"] not in (None, "auto"):
@@ -156,7 +160,7 @@ _SAMPLING_OPTIONS = [
     inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
     for name, annotation in (
         ("cfg_scale", CfgScale), ("steps", Steps), ("solver", Solver), ("guidance", Guidance), ("guide_ckpt", GuideCkpt),
-        ("guidance_interval", Interval), ("zero_init_steps", ZeroInit), ("sde_noise", SdeNoise),
+        ("guidance_interval", Interval), ("zero_init_steps", ZeroInit), ("sde_noise", SdeNoise), ("rtol", Rtol), ("atol", Atol),
         ("precision", SamplePrecision), ("compile_model", SampleCompile),
     )
 ]  # fmt: skip

@@ -13,8 +13,8 @@ from ..errors import UsageError
 from ..fsutil import refuse_existing
 from .app import app, log_line, torch_device
 from .options import (
-    BatchSize, Ckpt, Device, Ema, Force, Gpus, Json, Nproc, SampleCompile, SamplePrecision, SamplingFlags, Seed, float_option, read_prompts,
-    sampling_options,
+    Atol, BatchSize, Ckpt, Device, Ema, Force, Gpus, Json, Nproc, Rtol, SampleCompile, SamplePrecision, SamplingFlags, Seed, float_option,
+    read_prompts, sampling_options,
 )  # fmt: skip
 
 
@@ -29,8 +29,6 @@ def sample(
     vae: Annotated[Optional[str], typer.Option("--vae", help="Local VAE directory (latent models; default: FM_VAE, then the run's).")] = None,
     text_encoder: Annotated[Optional[str], typer.Option("--text-encoder", help="Local text encoder directory (default: FM_TEXT_ENCODER, then the run's).")] = None,
     sampling: SamplingFlags = SamplingFlags(),  # the shared sampling options (see sampling_options)
-    rtol: Annotated[Optional[float], float_option("--rtol", help="Relative tolerance (dopri5).")] = None,
-    atol: Annotated[Optional[float], float_option("--atol", help="Absolute tolerance (dopri5).")] = None,
     seed: Seed = 0,
     out: Annotated[Path, typer.Option("--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only).")] = Path("samples"),
     gif: Annotated[Optional[Path], typer.Option("--gif", help="Also write a trajectory GIF (noise to image) of the grid.")] = None,
@@ -61,7 +59,7 @@ def sample(
     from ..launch import on_ranks
 
     _check_gif(gif, gpus, nproc)
-    overrides = sampling.overrides(rtol=rtol, atol=atol)
+    overrides = sampling.overrides()
     texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
     n = num_samples or len(texts) or 16
     refuse_existing(sample_outputs(out, n) + [gif], force)  # before any work; every rank checks again
@@ -102,8 +100,8 @@ def reflow(
     solver: Annotated[str, typer.Option("--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4, ab2 or dopri5 (euler-sde is refused: pairs need the ODE).")] = "heun",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Solver steps (fixed-step solvers).")] = 50,
     cfg_scale: Annotated[Optional[float], float_option("--cfg", min=0.0, help="Classifier-free guidance weight (default: the teacher's sample.cfg).")] = None,
-    rtol: Annotated[Optional[float], float_option("--rtol", help="Relative tolerance (dopri5).")] = None,
-    atol: Annotated[Optional[float], float_option("--atol", help="Absolute tolerance (dopri5).")] = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
     prompt: Annotated[List[str], typer.Option("--prompt", help="Text prompt (text teachers; repeatable: pair i takes prompt i mod P).")] = [],
     prompts_file: Annotated[Optional[str], typer.Option("--prompts", help="File with one prompt per line, or - for stdin.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed: pair i's noise depends only on (seed, i).")] = 0,
@@ -133,8 +131,8 @@ def reflow(
     from ..reflow import check_teacher, reflow_command
 
     texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
-    flags = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver, precision=precision, compile_model=compile_model)
-    overrides = flags.overrides(rtol=rtol, atol=atol)
+    flags = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, precision=precision, compile_model=compile_model)
+    overrides = flags.overrides()
     if not launched_externally():  # the one-line refusals come before relaunching or solving anything
         check_teacher(ckpt, out, texts, force, overrides)
     work = functools.partial(
