@@ -323,7 +323,7 @@ def bench_notes(report: dict) -> list[str]:
 
 
 def bench_table(report: dict):
-    """The rich table `fm bench` prints on stderr (fm, and diffusers with --compare)."""
+    """The rich table `fm bench` prints on stdout (on stderr with --json) (fm, and diffusers with --compare)."""
     from rich.table import Table
 
     def num(v, fmt="{:.1f}"):

@@ -550,21 +550,24 @@ def _drop_overridden_fallback(raw: dict, overrides: list[str], note) -> None:
     if _drop_fallback_without_budget(raw):
         note("note: train.budget_minutes is off, so train.budget_fallback is off too (the preset's steps and model are trained as set)")
         return
-    fallback = (raw.get("train") or {}).get("budget_fallback")
+    train = raw.get("train")
+    fallback = train.get("budget_fallback") if isinstance(train, dict) else None
     if not isinstance(fallback, dict) or not overrides:
         return
     given = {parse_override(item)[0] for item in overrides}
     if "model.size" in given:
         given |= {f"model.{field}" for field in SIZE_FIELDS}
-    changes = {parse_override(str(item))[0] for item in fallback.get("overrides") or [] if "=" in str(item)}
+    items = fallback.get("overrides")
+    changes = {parse_override(str(item))[0] for item in (items if isinstance(items, list) else []) if "=" in str(item)}
     if given & changes:
         raw["train"]["budget_fallback"] = None
 
 
 def _drop_fallback_without_budget(raw: dict) -> bool:
     """A fallback is chosen from the steps that fit the budget: without a budget it goes too. True if dropped."""
-    train = raw.get("train") or {}
-    if train.get("budget_fallback") is None or train.get("budget_minutes") is not None:
+    train = raw.get("train")
+    # `--set train=1` leaves no section here: validation reports it as the one-line config error.
+    if not isinstance(train, dict) or train.get("budget_fallback") is None or train.get("budget_minutes") is not None:
         return False
     train["budget_fallback"] = None
     return True

@@ -119,6 +119,11 @@ def check_gpus(requested: int) -> None:
         raise UsageError(f"--gpus {requested} requested but this machine has {found} CUDA GPU(s); use --nproc N for CPU processes")
 
 
+def check_rendezvous(nnodes: int, rdzv_endpoint: str | None) -> None:
+    if nnodes > 1 and rdzv_endpoint is None:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+
+
 def relaunch(
     nproc: int,
     argv: list[str],
@@ -149,8 +154,7 @@ def relaunch(
     if nnodes == 1 and rdzv_endpoint is None:
         args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", rdzv_id or "fm"]
     else:
-        if rdzv_endpoint is None:
-            raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        check_rendezvous(nnodes, rdzv_endpoint)
         args += ["--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
         args += ["--rdzv-id", rdzv_id or "fm"]
     # After forwarding Ctrl-C/SIGTERM the agent waits this long for the ranks to write their stop checkpoint

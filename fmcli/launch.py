@@ -27,6 +27,10 @@ STARTED_AT_ENV = "FM_STARTED_AT"  # set for relaunched ranks: when `fm train` be
 def launch_options(gpus: int, nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint=None, rdzv_id=None) -> dict:
     if gpus and nproc:
         raise UsageError("use either --gpus N or --nproc N, not both")
+    # Checked here, before any directory or file is made (relaunch checks it again, too late for that).
+    D.check_rendezvous(nnodes, rdzv_endpoint)
+    if max(gpus, nproc) > 1 or nnodes > 1:
+        D.shutdown_timeout()
     return dict(gpus=gpus, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
 
 
@@ -58,6 +62,11 @@ def training_config(preset: str, overrides: list[str], *, data: Optional[Path], 
 
     if resume is not None:
         ckpt = resolve_checkpoint((run_dir or Path("runs") / load_config(preset).name) if resume == "latest" else resume)
+        # A resume continues the checkpoint's own run: its config.json, metrics and checkpoints live there, so
+        # another --run-dir would mix two runs (or lack a run's files). New runs start from weights instead.
+        if run_dir is not None and run_dir.resolve() != run_dir_of(ckpt).resolve():
+            raise UsageError(f"--resume {resume} continues its own run {run_dir_of(ckpt)}, not --run-dir {run_dir}; drop --run-dir, "
+                             f"or start a new run from its weights: --set train.init_from={resume} (without --resume)")
         return resume_config(ckpt, overrides, data=data, stop_at_step=stop_at_step), run_dir or run_dir_of(ckpt), ckpt
     cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
     if data is not None:
@@ -109,7 +118,7 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
         cfg = cfg.with_section("train", device="cuda")
     if cfg.data.path:
         if not Path(cfg.data.path).exists():
-            raise UsageError(f"data.path {cfg.data.path} does not exist; create it with `fm prepare-data {cfg.data.source} --out {cfg.data.path}`")
+            raise UsageError(f"data.path {cfg.data.path} does not exist; {prepare_hint(cfg.data)}")
         from .data.dataset import validate_prepared
 
         validate_prepared(cfg.data.path)  # before anything is created: a damaged dataset is exit 2 now, not a crash later
@@ -118,7 +127,7 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
         # data and the other ranks wait for its manifest; our own relaunch prepared it in the parent already.
         cfg = default_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
     if int(os.environ.get("RANK", "0")) == 0:  # once per run: the launching process, or rank 0 under torchrun/SLURM
-        if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and run_dir.exists() and any(run_dir.iterdir()):
+        if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and holds_a_run(run_dir):
             raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
         if warning := ema_warning(cfg.train):
             print(warning, file=sys.stderr)
@@ -128,6 +137,14 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
     from .train import train
 
     return train(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step, started_at=started_at).checkpoint
+
+
+# What a launch writes before the run's own files: a launch that failed before them left no run behind.
+LAUNCH_FILES = (".launch-config.json", "autotune.json")
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    return run_dir.exists() and any(p.name not in LAUNCH_FILES for p in run_dir.iterdir())
 
 
 def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step, launch: dict, procs: int, started_at: float) -> None:
@@ -189,6 +206,19 @@ def _child_argv(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step) 
 # ----------------------------------------------------------------------------------------------- data
 
 
+def prepare_hint(data) -> str:
+    """How to make data.path again. fm's own shapes data (named by default_data from data.image_size, count and
+    seed) gets those options: prepare-data's defaults would make another dataset."""
+    if data.source == "shapes" and Path(data.path).name == shapes_name(data):
+        return f"create it with `fm prepare-data shapes --out {data.path} --size {data.image_size} --count {data.count} --seed {data.seed}`"
+    root = "" if data.source == "shapes" else " --root ..."
+    return f"create it with `fm prepare-data {data.source}{root} --out {data.path}` and the options it was first prepared with"
+
+
+def shapes_name(data) -> str:
+    return f"shapes-{data.image_size}-n{data.count}-s{data.seed}"
+
+
 def default_data(cfg: Config, prepare: bool) -> Config:
     """A run without data.path: the shapes source's default dataset under data/, prepared once (with
     `prepare`; else waited for, as another rank prepares it); any other source needs --data."""
@@ -197,7 +227,7 @@ def default_data(cfg: Config, prepare: bool) -> Config:
     from .data.dataset import read_manifest
     from .data.shapes import GENERATOR_VERSION
 
-    path = Path("data") / f"shapes-{cfg.data.image_size}-n{cfg.data.count}-s{cfg.data.seed}"
+    path = Path("data") / shapes_name(cfg.data)
 
     def current() -> dict | None:
         existing = read_manifest(path) if (path / "manifest.json").is_file() else None

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .errors import UsageError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, refuse_existing
 
 FRONTIER_Y = ("recall", "precision", "coverage", "density", "fd", "kid")
 INSTALL_HINT = "pip install 'fm[plot]'  (or: pip install matplotlib)"
@@ -58,7 +58,12 @@ def _pyplot():
 
 def read_json_rows(path: Path) -> list[dict]:
     """The rows of one or more JSON outputs (a JSON list, or such lists / objects one per line)."""
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:  # an image or other binary file
+        raise UsageError(f"{path} is not text: give a run directory or the JSON of `fm fid --nfe ... --json` or `fm eval ... --json`") from None
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
     try:
         chunks = [json.loads(text)]
     except json.JSONDecodeError:
@@ -78,23 +83,35 @@ def read_nfe_sweep(path: str | Path) -> list[dict]:
     return rows
 
 
-def plot_sweep(path: str | Path, out: str | Path | None = None, y: str = "recall") -> Path:
+def plot_sweep(path: str | Path, out: str | Path | None = None, y: str = "recall", force: bool = False) -> Path:
     """A sweep file: `fm eval` rows (they have "metrics") as a frontier, `fm fid --nfe` rows as FID-vs-NFE."""
     rows = read_json_rows(Path(path))
     if rows and all(isinstance(r, dict) and "metrics" in r for r in rows):
-        return plot_frontier(path, out, y=y)
-    return plot_nfe_sweep(path, out)
+        return plot_frontier(path, out, y=y, force=force)
+    return plot_nfe_sweep(path, out, force=force)
 
 
-def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "recall") -> Path:
+def _sweep_output(out, path: Path, force: bool) -> Path:
+    """--out, else SWEEP.png beside the sweep: a name the user may have used for a file of their own, so an
+    existing one needs --force (unlike RUN/loss.png, fm's own file in a run directory)."""
+    if out is not None:
+        return _output_path(out, None)
+    default = path.with_suffix(".png")
+    if default.resolve() == path.resolve():
+        raise UsageError(f"{path}: the default output {default.name} would replace the sweep itself; pass --out FILE.png")
+    refuse_existing(default, force)
+    return default
+
+
+def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "recall", force: bool = False) -> Path:
     """`y` (recall, precision, coverage, density or fd) against conditional accuracy, one point per sampling
     setting and one panel per feature space, the real-vs-real floor as a star: the user picks a point."""
     if y not in FRONTIER_Y:
         raise UsageError(f"--y {y}: choose one of {', '.join(FRONTIER_Y)}")
-    plt = _pyplot()
     path = Path(path)
     rows = read_json_rows(path)
-    out = _output_path(out, path.with_suffix(".png"))
+    out = _sweep_output(out, path, force)
+    plt = _pyplot()
     spaces = list(rows[0]["metrics"])
     x_key = "accuracy" if all("accuracy" in r for r in rows) else "precision"  # unconditional: precision-recall
     fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 4.5), squeeze=False)
@@ -126,12 +143,12 @@ def _label(row: dict) -> str:
     return f"cfg {row['cfg']:g}" + (f" [{interval[0]:g},{interval[1]:g}]" if interval else "") + f" nfe {row.get('nfe_per_sample', 0):g}"
 
 
-def plot_nfe_sweep(path: str | Path, out: str | Path | None = None) -> Path:
+def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
     """FID against the NFE each sample used (log2 axis), one curve per (solver, guidance, cfg); returns the image path."""
-    plt = _pyplot()
     path = Path(path)
     rows = read_nfe_sweep(path)
-    out = _output_path(out, path.with_suffix(".png"))
+    out = _sweep_output(out, path, force)
+    plt = _pyplot()
     curves: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         label = f"{r.get('solver', '?')}, {r.get('guidance', 'cfg')} {r.get('cfg', 1):g}"

@@ -32,7 +32,7 @@ from .data.dataset import PreparedWriter, is_replaceable
 from .fsutil import atomic_write, write_text_atomic
 from .errors import UsageError
 from .generate import class_conditions, sample_batch, sampling_record
-from .solvers import SDE_SOLVERS, SOLVERS
+from .solvers import SDE_SOLVERS, SOLVERS, check_solver_for_model
 from .seeding import STREAMS, normal
 
 PLAN_FILE = "plan.json"
@@ -88,17 +88,23 @@ def check_teacher(ckpt: str, out: Path, prompts: list[str] | None, force: bool, 
 
     path = resolve_checkpoint(ckpt)
     cfg = with_sampling_shift(validate_config(load_weights(path)["config"], source=str(path)))
-    check_solver(sample_overrides(cfg.sample))
+    check_solver(sample_overrides(cfg.sample), cfg.model.end_time)
     check_inputs(cfg, out, prompts, force)
     read_work_plan(work_dir(out))  # here, before any rank starts; rank 0 reads it again when it opens the folder
 
 
-def check_solver(sample_cfg) -> None:
+def check_solver(sample_cfg, mean_flow: bool) -> None:
     """Reflow pairs are an ODE coupling: x1 must be a deterministic function of x0. A stochastic solver's
-    pairs are neither that nor independent (and the student would learn a blurred map), so it is refused."""
+    pairs are neither that nor independent (and the student would learn a blurred map), so it is refused.
+    And the solver must fit the teacher (sampling would refuse it only after DIR.partial/plan.json is written,
+    which would then block the corrected command as "other settings")."""
     if sample_cfg.solver in SDE_SOLVERS:
         odes = ", ".join(s for s in SOLVERS if s not in SDE_SOLVERS)
         raise UsageError(f"--solver {sample_cfg.solver} is stochastic; reflow pairs need the teacher's ODE: use one of {odes}")
+    try:
+        check_solver_for_model(sample_cfg.solver, sample_cfg.guidance, mean_flow)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: bool) -> None:
@@ -175,7 +181,7 @@ def generate_pairs(
 ) -> ReflowSummary | None:
     """Solve this rank's missing chunks, then (rank 0) assemble the dataset. Returns the summary on rank 0."""
     out = Path(out)
-    check_solver(sample_cfg)
+    check_solver(sample_cfg, loaded.config.model.end_time)
     check_inputs(loaded.config, out, prompts, force)
     start = time.perf_counter()
     plan = ReflowPlan(

@@ -197,6 +197,13 @@ def test_cli_bench_debug_json_reports_all_fields():
     assert "both models train with AdamW" in proc.stderr  # Muon picks fm's matrices by name: equal optimizer instead
 
 
+def test_cli_bench_prints_its_results_table_on_stdout():
+    proc = run_fm("bench", "--preset", "debug", "--mode", "train", "--batch-size", "2", "--steps", "1", "--warmup", "0", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "fm bench: debug on cpu" in proc.stdout and "params" in proc.stdout  # the result, for `fm bench > result.txt`
+    assert "fm bench: debug" not in proc.stderr
+
+
 def test_cli_bench_usage_error_exits_2():
     proc = run_fm("bench", "--preset", "debug", "--batch-size", "zero", timeout=120)
     assert proc.returncode == 2, proc.stderr

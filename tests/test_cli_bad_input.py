@@ -26,6 +26,7 @@ def w(tmp_path_factory, shapes16, debug_run) -> dict:
     p["run"] = root / "run"  # a copy: resume cases that wrongly ran would change it, never the shared run
     shutil.copytree(debug_run, p["run"])
     ckpt = p["run"] / "checkpoints" / (p["run"] / "checkpoints" / "latest").read_text().strip()
+    p["run_ckpt"] = ckpt
 
     def dataset(name, damage):
         d = root / name
@@ -97,6 +98,16 @@ def w(tmp_path_factory, shapes16, debug_run) -> dict:
     torch.save(state, p["guide_order"])
     p["fake_inception"] = root / "inception-2015-12-05.pt"
     torch.jit.script(torch.nn.Identity()).save(str(p["fake_inception"]))
+    p["sweep"] = root / "sweep.json"  # an `fm fid --nfe` sweep whose default output is a user's file
+    p["sweep"].write_text(json.dumps([{"fid": 50.0, "nfe_per_sample": n, "solver": "euler"} for n in (1, 2)]))
+    (root / "sweep.png").write_bytes(b"user's picture named like the sweep")
+    # A run whose data is fm's own shapes data (data/shapes-16-n512-s0, relative: absent in cwd), deleted since.
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["data"]["path"] = "data/shapes-16-n512-s0"
+    p["nodata_run"] = root / "nodata-run"
+    (p["nodata_run"] / "checkpoints").mkdir(parents=True)
+    torch.save(state, p["nodata_run"] / "checkpoints" / ckpt.name)
+    (p["nodata_run"] / "checkpoints" / "latest").write_text(ckpt.name + "\n")
     p["shared"] = [shapes16, debug_run]
     return p
 
@@ -119,6 +130,9 @@ CASES = [
     ("set-bad-precision", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.precision=fp64")),
     ("set-bad-coupling", lambda w: (*TRAIN, "--data", w["data"], "--set", "flow.coupling=ot-magic")),
     ("print-config-bad-key", lambda w: ("train", "--preset", "debug", "--print-config", "--set", "train.nope=1")),
+    ("set-section-to-scalar", lambda w: ("train", "--preset", "debug", "--print-config", "--set", "train=1"), "train"),
+    ("set-fallback-overrides-scalar", lambda w: ("train", "--preset", "debug", "--print-config", "--set", "train.budget_minutes=5",
+                                                 "--set", "model.depth=3", "--set", "train.budget_fallback.overrides=1"), "budget_fallback"),
     ("fp16-on-cpu", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.precision=fp16", "--run-dir", w["root"] / "new-run")),
     ("batch-not-divisible", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.global_batch_size=15", "--set", "train.micro_batch_size=2", "--run-dir", w["root"] / "new-run")),
     ("batch-above-dataset", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.global_batch_size=4096", "--run-dir", w["root"] / "new-run")),
@@ -142,6 +156,7 @@ CASES = [
     # launch flags without the hardware
     ("train-gpus-absent", lambda w: (*TRAIN, "--data", w["data"], "--gpus", "64", "--run-dir", w["root"] / "new-run")),
     ("train-gpus-and-nproc", lambda w: (*TRAIN, "--data", w["data"], "--gpus", "1", "--nproc", "2")),
+    ("train-nnodes-without-endpoint", lambda w: (*TRAIN, "--data", w["data"], "--run-dir", w["root"] / "new-run", "--nnodes", "2"), "--rdzv-endpoint"),
     ("sample-gpus-absent", lambda w: ("sample", "--ckpt", w["run"], "--gpus", "64", "--out", w["root"] / "new.png")),
     ("fid-gpus-without-ckpt", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--nproc", "2")),
     # checkpoints and resume
@@ -162,6 +177,9 @@ CASES = [
     ("train-resume-unsafe-lr", lambda w: ("train", "--preset", "debug", "--data", w["data"], "--run-dir", w["run"], "--resume", "latest", "--set", "optim.lr=0.5"), "optim.lr"),
     ("train-resume-unsafe-ema", lambda w: ("train", "--preset", "debug", "--run-dir", w["run"], "--resume", "latest", "--set", "train.ema_decay=0"), "train.ema_decay"),
     ("train-resume-missing-path", lambda w: (*TRAIN, "--data", w["data"], "--run-dir", w["root"] / "new-run", "--resume", w["root"] / "nope.pt")),
+    ("train-resume-into-new-run-dir", lambda w: (*TRAIN, "--run-dir", w["root"] / "new-run", "--resume", w["run"]), "train.init_from"),
+    ("train-resume-into-other-run", lambda w: (*TRAIN, "--run-dir", w["dangling"], "--resume", w["run_ckpt"]), "train.init_from"),
+    ("resume-data-missing", lambda w: ("resume", w["nodata_run"]), "--size 16 --count 512 --seed 0"),
     # sampling: wrong-model flags, bad values, existing outputs
     ("sample-ckpt-missing", lambda w: ("sample", "--ckpt", w["root"] / "nope.pt", "--out", w["root"] / "new.png")),
     ("sample-prompt-on-class-model", lambda w: ("sample", "--ckpt", w["run"], "--prompt", "a red circle", "--out", w["root"] / "new.png")),
@@ -179,6 +197,7 @@ CASES = [
     ("sample-dopri5-zero-init", lambda w: ("sample", "--ckpt", w["run"], "--solver", "dopri5", "--guidance", "cfg-zero", "--cfg", "2", "--steps", "1", "--out", w["root"] / "new.png"), "--zero-init-steps"),
     ("sample-guide-other-class-order", lambda w: ("sample", "--ckpt", w["run"], "--guide-ckpt", w["guide_order"], "--cfg", "2", "--out", w["root"] / "new.png"), "class names"),
     ("reflow-sde-solver", lambda w: ("reflow", "--ckpt", w["run"], "-n", "4", "--solver", "euler-sde", "--out", w["root"] / "new-pairs"), "stochastic"),
+    ("reflow-meanflow-on-flow-model", lambda w: ("reflow", "--ckpt", w["run"], "-n", "4", "--steps", "2", "--solver", "meanflow", "--out", w["root"] / "new-pairs"), "mean-flow"),
     ("sample-guidance-interval", lambda w: ("sample", "--ckpt", w["run"], "--guidance-interval", "0.9,0.1", "--out", w["root"] / "new.png")),
     ("sample-gif-not-gif", lambda w: ("sample", "--ckpt", w["run"], "--gif", w["root"] / "t.png", "--out", w["root"] / "new.png")),
     ("sample-prompts-file-missing", lambda w: ("sample", "--ckpt", w["run"], "--prompts", w["root"] / "prompts.txt", "--out", w["root"] / "new.png")),
@@ -206,11 +225,15 @@ CASES = [
     ("plot-run-missing", lambda w: ("plot", w["root"] / "no-run")),
     ("plot-bad-extension", lambda w: ("plot", w["run"], "--out", w["root"] / "curves.txt")),
     ("plot-out-exists", lambda w: ("plot", w["run"], "--out", w["exists_png"])),
+    ("plot-sweep-default-out-exists", lambda w: ("plot", w["sweep"]), "--force"),
+    ("plot-binary-file", lambda w: ("plot", w["images"] / "0.png"), "not text"),
     ("bench-bad-batch", lambda w: ("bench", "--preset", "debug", "--batch-size", "lots")),
     ("prepare-unknown-source", lambda w: ("prepare-data", "imagenet", "--out", w["root"] / "new-data")),
     ("prepare-out-exists", lambda w: ("prepare-data", "shapes", "--out", w["data"], "--count", "4")),
     ("prepare-cifar-root-missing", lambda w: ("prepare-data", "cifar10", "--root", w["root"] / "cifar", "--out", w["root"] / "new-data")),
     ("prepare-tar-no-match", lambda w: ("prepare-data", "tar", "--root", str(w["root"] / "shards" / "*.tar"), "--out", w["root"] / "new-data")),
+    ("prepare-cifar-root-not-archive", lambda w: ("prepare-data", "cifar10", "--root", w["images"] / "0.png", "--out", w["root"] / "new-data"), "0.png"),
+    ("prepare-tar-root-not-archive", lambda w: ("prepare-data", "tar", "--root", w["images"] / "0.png", "--out", w["root"] / "new-data"), "0.png"),
     ("prepare-bad-split", lambda w: ("prepare-data", "shapes", "--split", "valid", "--out", w["root"] / "new-data")),
     ("prepare-cache-text-without-encoder", lambda w: ("prepare-data", "shapes", "--cache-text", "--count", "4", "--out", w["root"] / "new-data"), "--text-encoder"),
     ("prepare-size-too-small", lambda w: ("prepare-data", "shapes", "--size", "4", "--out", w["root"] / "new-data")),

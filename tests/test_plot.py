@@ -64,3 +64,25 @@ def test_fm_plot_without_matplotlib_says_how_to_install(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=fm_env())
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == ["error: fm plot needs matplotlib: pip install 'fm[plot]'  (or: pip install matplotlib)"]
+
+
+def test_fm_plot_sweep_keeps_an_existing_default_output_unless_forced(tmp_path):
+    pytest.importorskip("matplotlib")
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps([{"fid": 40.0 / n, "nfe_per_sample": n, "solver": "euler"} for n in (1, 2, 4)]))
+    png = tmp_path / "sweep.png"
+    png.write_bytes(b"the user's own sweep.png")
+    res = run_fm("plot", sweep)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [f"error: {png} already exists; pass --force to replace it"]
+    assert png.read_bytes() == b"the user's own sweep.png"
+    res = run_fm("plot", sweep, "--force")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(png) and Image.open(png).size[0] > 100
+
+
+def test_fm_plot_of_a_binary_file_is_one_line(tmp_path):
+    image = tmp_path / "curves.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    res = run_fm("plot", image)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: {image} is not text: give a run directory or the JSON of `fm fid --nfe ... --json` or `fm eval ... --json`"]

@@ -39,6 +39,8 @@ def bench(
       fm bench --preset quickstart --mode train --max-memory 4
     """
 
+    from rich.console import Console
+
     from ..bench import BenchOptions, bench_notes, bench_table, run_bench
     from ..config import load_config
 
@@ -52,9 +54,11 @@ def bench(
         compile=compile_model, max_memory_gib=max_memory, max_batch=max_batch, compare=compare, device=device, run_dir=run_dir,
     )
     report = run_bench(cfg, opts, log=log_line)
-    stderr_console().print(bench_table(report))
+    # The table is the result (stdout); with --json stdout holds the JSON alone, so the table goes to stderr.
+    console = stderr_console() if as_json else Console()
+    console.print(bench_table(report))
     for line in bench_notes(report):
-        stderr_console().print(line, highlight=False)
+        console.print(line, highlight=False)
     if as_json:
         emit_json(report)
 
@@ -98,8 +102,8 @@ def env_command(
 def plot(
     *,
     run_dir: Annotated[Path, typer.Argument(help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json`.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (or SWEEP.png), refreshed.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (refreshed) or SWEEP.png.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file (or an existing SWEEP.png).")] = False,
     y_metric: Annotated[str, typer.Option("--y", help="fm eval sweeps: recall, precision, coverage, density or fd against accuracy.")] = "recall",
 ):
     """Plot loss and learning-rate curves (and FID or FD/precision/recall/coverage/accuracy when logged) from a
@@ -118,7 +122,7 @@ def plot(
     from ..plot import plot_run, plot_sweep
 
     refuse_existing(out, force)  # the default RUN_DIR/loss.png is fm's own view of metrics.jsonl: refreshed
-    print(plot_sweep(run_dir, out, y=y_metric) if run_dir.is_file() else plot_run(run_dir, out))
+    print(plot_sweep(run_dir, out, y=y_metric, force=force) if run_dir.is_file() else plot_run(run_dir, out))
 
 
 # ------------------------------------------------------------------------------------------- demo

@@ -67,7 +67,7 @@ def open_cifar10(root: str | Path, split: str) -> Source:
                 raise UsageError(f"{where} is not CIFAR-10 python data: it needs batches.meta and {need}")
             meta = _cifar_unpickle(files.open("batches.meta"), "batches.meta", where)
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise UsageError(f"{where} is not a readable CIFAR-10 archive ({type(err).__name__}: {err})") from None
+        raise UsageError(f"{where} is not a readable CIFAR-10 archive (expected {CIFAR_ARCHIVE} or its extracted {CIFAR_FOLDER}/; {_archive_problem(err)})") from None
     class_names = [str(n) for n in meta.get("label_names", [])]
     if not class_names:
         raise UsageError(f"{where}: batches.meta has no label_names")
@@ -78,7 +78,7 @@ def open_cifar10(root: str | Path, split: str) -> Source:
                 try:
                     f = files.open(name)
                 except (tarfile.TarError, OSError, EOFError) as err:
-                    raise UsageError(f"{where}: cannot read {name} ({type(err).__name__}: {err})") from None
+                    raise UsageError(f"{where}: cannot read {name} ({_archive_problem(err)})") from None
                 batch = _cifar_unpickle(f, name, where)
                 data, labels = batch.get("data"), batch.get("labels")
                 if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels is None or len(labels) != len(data):
@@ -349,7 +349,7 @@ def open_tar(pattern: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_MIB * 2**2
             with tarfile.open(shard, "r:*") as tar:
                 names = [m.name for m in tar.getmembers() if m.isfile()]
         except (tarfile.TarError, OSError, EOFError) as err:
-            raise UsageError(f"{shard} is not a readable tar shard ({type(err).__name__}: {err})") from None
+            raise UsageError(f"{shard} is not a readable tar shard (expected a .tar, .tar.gz, .tar.bz2 or .tar.xz archive; {_archive_problem(err)})") from None
         keys += len({_split_key(n)[0] for n in names})
         captioned = captioned or any(_split_key(n)[1].rsplit(".", 1)[-1] in ("txt", "json") for n in names)
     if keys == 0:
@@ -405,6 +405,15 @@ def _tar_record(shard: str, key: str, files: dict, captioned: bool) -> Record:
 
 
 # ---------------------------------------------------------------------------------------------- paths
+
+
+def _archive_problem(err: BaseException) -> str:
+    """One line for an archive that did not open: tarfile's "could not be opened successfully" lists every
+    compression it tried, one line each."""
+    if isinstance(err, tarfile.ReadError) and "could not be opened successfully" in str(err):
+        return "not a tar archive, plain or compressed"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _existing(root, want_dir: bool = False) -> Path:
