@@ -210,8 +210,9 @@ def resolve_inception_path(path: str | None) -> Path:
     path = path or os.environ.get("FM_INCEPTION")
     if not path:
         raise UsageError(
-            f"Inception weights not given: pass --inception PATH or set FM_INCEPTION to {INCEPTION_FILE} "
-            f"(get it once from {INCEPTION_URL}, sha256 {INCEPTION_SHA256[:16]}...), or use --features tiny (not comparable to published FID)"
+            f"Inception weights not given: pass --inception PATH (fm train: --set eval.inception=PATH) or set FM_INCEPTION to {INCEPTION_FILE} "
+            f"(get it once from {INCEPTION_URL}, sha256 {INCEPTION_SHA256[:16]}...), or use --features tiny (fm train: --set eval.features=tiny; "
+            "not comparable to published FID)"
         )
     p = Path(path).expanduser()
     if p.is_dir():

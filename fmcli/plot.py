@@ -21,6 +21,9 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """(training records with a "loss", evaluation records with a "fid" or an "fd") from RUN_DIR/metrics.jsonl.
 
     Blank lines and a torn last line (a run killed mid-write) are skipped; other malformed lines are errors.
+    A resumed run appends from its checkpoint's step, after records the interrupted (or rolled-back) run had
+    already logged past it: a training record at or before the last one's step starts the current branch there,
+    and every earlier record (training or evaluation) at its step or later is dropped.
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -37,12 +40,19 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
                 continue
             raise UsageError(f"{path}:{n} is not valid JSON") from None
         if "loss" in record and "step" in record:
+            if train and train[-1]["step"] >= record["step"]:  # a resume: the branch restarts here
+                train, fid = _before(train, record["step"]), _before(fid, record["step"])
             train.append(record)
         if ("fid" in record or "fd" in record) and "step" in record:
+            fid = _before(fid, record["step"]) if fid and fid[-1]["step"] >= record["step"] else fid
             fid.append(record)
     if not train and not fid:
         raise UsageError(f"{path} has no loss or fid records yet (train.log_every steps must pass first)")
     return train, fid
+
+
+def _before(records: list[dict], step: int) -> list[dict]:
+    return [r for r in records if r["step"] < step]
 
 
 def _pyplot():

@@ -30,6 +30,17 @@ def test_read_metrics_separates_fid_records(tmp_path):
     assert [(r["step"], r["fid"]) for r in fid] == [(10, 80.0), (20, 60.0)]
 
 
+def test_read_metrics_shows_the_current_branch_of_a_resumed_run(tmp_path):
+    # Logged to step 15 (FID at 10 and 15), then resumed from a step-12 checkpoint and run to 18 (FID at 18).
+    rows = [{"step": s, "loss": 1.0} for s in range(1, 16)] + [{"step": 10, "fid": 9.0}, {"step": 15, "fid": 7.0}]
+    rows = sorted(rows, key=lambda r: r["step"]) + [{"step": s, "loss": 2.0} for s in range(13, 19)] + [{"step": 18, "fid": 5.0}]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, fid = read_metrics(tmp_path / "run")
+    assert [(r["step"], r["loss"]) for r in train] == [(s, 1.0) for s in range(1, 13)] + [(s, 2.0) for s in range(13, 19)]
+    assert [(r["step"], r["fid"]) for r in fid] == [(10, 9.0), (18, 5.0)]  # the abandoned branch's FID at 15 is gone
+
+
 def test_read_metrics_rejects_a_run_without_metrics(tmp_path):
     with pytest.raises(UsageError, match="metrics.jsonl not found"):
         read_metrics(tmp_path)
