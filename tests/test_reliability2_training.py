@@ -158,19 +158,24 @@ def test_item17_switching_the_budget_off_drops_the_fallback_with_one_line(tmp_pa
     assert apply_overrides(budgeted, ["train.budget_minutes=null"]).train.budget_fallback is None
 
 
-def test_item07_a_resume_with_new_train_steps_continues_the_lr_without_a_jump(tmp_path, shapes16):
+def _lrs_of_a_resume_with_new_steps(shapes16, run, *, steps: int, stop_at: int, new_steps: int, warmup_frac: float) -> list[float]:
+    """A `steps`-step run stopped at `stop_at`, resumed with train.steps=`new_steps`: the LR logged at every step."""
     import json
 
+    common = ["train.log_every=1", "train.checkpoint_every=0", f"optim.warmup_frac={warmup_frac}", "optim.warmup_start_factor=0.1",
+              "optim.min_lr_factor=0.1", "optim.lr=1e-3"]
+    train(_debug(shapes16, f"train.steps={steps}", *common), run, stop_at_step=stop_at, log=QuietLog())
+    saved = load_checkpoint(resolve_checkpoint(run))
+    changed = validate_config({**saved["config"], "train": {**saved["config"]["train"], "steps": new_steps}})
+    train(changed, run, resume_from=resolve_checkpoint(run), log=QuietLog())
+    return [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+
+
+def test_item07_a_resume_with_new_train_steps_continues_the_lr_without_a_jump(tmp_path, shapes16):
     from fmcli.optim import LRSchedule
 
-    common = ["train.log_every=1", "train.checkpoint_every=0", "optim.warmup_frac=0.1", "optim.warmup_start_factor=0.1",
-              "optim.min_lr_factor=0.1", "optim.lr=1e-3"]
     run = tmp_path / "run"
-    train(_debug(shapes16, "train.steps=20", *common), run, stop_at_step=10, log=QuietLog())
-    saved = load_checkpoint(resolve_checkpoint(run))
-    extended = validate_config({**saved["config"], "train": {**saved["config"]["train"], "steps": 40}})
-    train(extended, run, resume_from=resolve_checkpoint(run), log=QuietLog())
-    lrs = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    lrs = _lrs_of_a_resume_with_new_steps(shapes16, run, steps=20, stop_at=10, new_steps=40, warmup_frac=0.1)
     assert len(lrs) == 40
     # The reference: the 20-step schedule, retargeted at step 10 to end at 40 (what a budget refit does).
     reference = LRSchedule(20, 0.1, 0.1, 0.1)
@@ -184,18 +189,10 @@ def test_item07_a_resume_with_new_train_steps_continues_the_lr_without_a_jump(tm
 def test_a_resume_that_shortens_a_run_during_warmup_decays_the_lr_to_its_floor_by_the_new_end(tmp_path, shapes16):
     """Stopped at step 4 of 200 (warmup: 10 steps) and resumed with train.steps=9: the old schedule kept warming
     up to its old warmup's end, so the run's last step trained at 8.2x the LR it resumed at."""
-    import json
-
     from fmcli.optim import LRSchedule
 
-    common = ["train.log_every=1", "train.checkpoint_every=0", "optim.warmup_frac=0.05", "optim.warmup_start_factor=0.1",
-              "optim.min_lr_factor=0.1", "optim.lr=1e-3"]
     run = tmp_path / "run"
-    train(_debug(shapes16, "train.steps=200", *common), run, stop_at_step=4, log=QuietLog())
-    saved = load_checkpoint(resolve_checkpoint(run))
-    shortened = validate_config({**saved["config"], "train": {**saved["config"]["train"], "steps": 9}})
-    train(shortened, run, resume_from=resolve_checkpoint(run), log=QuietLog())
-    lrs = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    lrs = _lrs_of_a_resume_with_new_steps(shapes16, run, steps=200, stop_at=4, new_steps=9, warmup_frac=0.05)
     assert len(lrs) == 9
     assert lrs[4] == pytest.approx(1e-3 * LRSchedule(200, 0.05, 0.1, 0.1)(4), rel=1e-9)  # continuous at the resume
     assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))  # decaying from there
