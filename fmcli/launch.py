@@ -17,7 +17,7 @@ from . import distributed as D
 from .config import Config, config_to_dict
 from .console import stderr_console
 from .errors import UsageError
-from .fsutil import write_text_atomic
+from .fsutil import refuse_unwritable, write_text_atomic
 
 STARTED_AT_ENV = "FM_STARTED_AT"  # set for relaunched ranks: when `fm train` began (the budget's start)
 
@@ -109,6 +109,9 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
     from .optim import ema_warning
 
     check_training_config(cfg)  # before any data is prepared or any directory made
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file, not a run directory; pick another --run-dir")
+    refuse_unwritable(run_dir)
     child = D.launched_externally()
     # When the command began (train.budget_minutes counts from here); our relaunched ranks inherit it.
     started_at = float(os.environ.get(STARTED_AT_ENV) or time.time())

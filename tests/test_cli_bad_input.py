@@ -243,6 +243,8 @@ CASES = [
     ("sample-dir-under-a-file", lambda w: ("sample", "--ckpt", w["run"], "-n", "2", "--out", w["afile"] / "samples"), "is a file, not a folder"),
     ("prepare-out-under-a-file", lambda w: ("prepare-data", "shapes", "--count", "4", "--out", w["afile"] / "data"), "is a file, not a folder"),
     ("class-grid-out-under-a-file", lambda w: ("class-grid", "--ckpt", w["run"], "--out", w["afile"] / "grid.png"), "is a file, not a folder"),
+    ("train-run-dir-is-a-file", lambda w: ("train", "--preset", "debug", "--data", w["data"], "--run-dir", w["afile"]), "is a file, not a run directory"),
+    ("train-run-dir-under-a-file", lambda w: ("train", "--preset", "debug", "--data", w["data"], "--run-dir", w["afile"] / "run"), "is a file, not a folder"),
     ("fid-save-stats-under-a-file", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--features", "tiny", "--save-stats", w["afile"] / "st.npz"), "is a file, not a folder"),
 ]
 
