@@ -190,7 +190,7 @@ class TrainConfig(Strict):
 
 class SampleConfig(Strict):
     solver: SolverName = "euler"  # the names live in solvers.SOLVERS
-    steps: int = Field(50, gt=0)
+    steps: int = Field(50, gt=0, le=100_000)  # more is a typo, not a finer grid: it would only exhaust memory
     cfg: float = Field(1.0, ge=0)  # guidance weight w (1 = off), for every guidance method
     guidance: GuidanceName = "cfg"  # solvers.GUIDANCES; "auto" needs a guide checkpoint (--guide-ckpt)
     zero_init_steps: int = Field(1, ge=0)  # cfg-zero: the first K steps have zero velocity (CFG-Zero*)

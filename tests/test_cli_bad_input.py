@@ -243,6 +243,11 @@ CASES = [
     ("sample-dir-under-a-file", lambda w: ("sample", "--ckpt", w["run"], "-n", "2", "--out", w["afile"] / "samples"), "is a file, not a folder"),
     ("prepare-out-under-a-file", lambda w: ("prepare-data", "shapes", "--count", "4", "--out", w["afile"] / "data"), "is a file, not a folder"),
     ("class-grid-out-under-a-file", lambda w: ("class-grid", "--ckpt", w["run"], "--out", w["afile"] / "grid.png"), "is a file, not a folder"),
+    # numbers far past any real use: refused up front, not an allocation failure (or a full disk) later
+    ("prepare-count-beyond-the-disk", lambda w: ("prepare-data", "shapes", "--count", "1000000000000", "--out", w["root"] / "new-data"), "GB free"),
+    ("prepare-size-huge", lambda w: ("prepare-data", "shapes", "--size", "100000", "--out", w["root"] / "new-data"), "--size"),
+    ("sample-steps-huge", lambda w: ("sample", "--ckpt", w["run"], "--steps", "1000000000000", "--out", w["root"] / "new.png"), "--steps"),
+    ("sample-n-huge", lambda w: ("sample", "--ckpt", w["run"], "-n", "99999999999999999999999", "--out", w["root"] / "many"), "--num-samples"),
     ("train-run-dir-is-a-file", lambda w: ("train", "--preset", "debug", "--data", w["data"], "--run-dir", w["afile"]), "is a file, not a run directory"),
     ("train-run-dir-under-a-file", lambda w: ("train", "--preset", "debug", "--data", w["data"], "--run-dir", w["afile"] / "run"), "is a file, not a folder"),
     ("fid-save-stats-under-a-file", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--features", "tiny", "--save-stats", w["afile"] / "st.npz"), "is a file, not a folder"),

@@ -22,7 +22,7 @@ def prepare_data(
     out: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
     root: Annotated[Optional[str], typer.Option("--root", help="Input: archive, folder, jsonl file, or a quoted tar glob 'shards/*.tar'.")] = None,
     split: Annotated[str, typer.Option("--split", help="train or test (cifar10, mnist, sklearn-digits).")] = "train",
-    size: Annotated[int, typer.Option("--size", min=8, help="Output size: resize the short side, center crop (Lanczos).")] = 32,
+    size: Annotated[int, typer.Option("--size", min=8, max=4096, help="Output size: resize the short side, center crop (Lanczos).")] = 32,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Stop after N usable images.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decoding processes (default: cores, at most 8).")] = None,
     count: Annotated[int, typer.Option("--count", min=1, help="Number of images (shapes).")] = 20000,

@@ -22,7 +22,7 @@ from .options import (
 @sampling_options
 def sample(
     ckpt: Ckpt,
-    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", min=1, help="Number of images (default 16, or one per prompt).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", min=1, max=10**9, help="Number of images (default 16, or one per prompt).")] = None,
     class_label: Annotated[Optional[int], typer.Option("--class-label", help="Class index for every sample (default: cycle).")] = None,
     prompt: Annotated[List[str], typer.Option("--prompt", help="Text prompt (text models; repeatable: samples cycle through them).")] = [],
     prompts_file: Annotated[Optional[str], typer.Option("--prompts", help="File with one prompt per line, or - for stdin.")] = None,
@@ -95,10 +95,10 @@ def _prompt_args(n: int | None, texts: list[str]) -> list[str]:
 def reflow(
     *,
     ckpt: Annotated[str, typer.Option("--ckpt", help="Teacher: checkpoint file, run directory or export directory.")],
-    num_pairs: Annotated[int, typer.Option("--num-pairs", "-n", min=1, help="Number of (noise, sample) pairs.")],
+    num_pairs: Annotated[int, typer.Option("--num-pairs", "-n", min=1, max=10**9, help="Number of (noise, sample) pairs.")],
     out: Annotated[Path, typer.Option("--out", help="Output dataset directory (kind 'pairs', written atomically).")],
     solver: Annotated[str, typer.Option("--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4, ab2 or dopri5 (euler-sde is refused: pairs need the ODE).")] = "heun",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Solver steps (fixed-step solvers).")] = 50,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=100_000, help="Solver steps (fixed-step solvers).")] = 50,
     cfg_scale: Annotated[Optional[float], float_option("--cfg", min=0.0, help="Classifier-free guidance weight (default: the teacher's sample.cfg).")] = None,
     rtol: Rtol = None,
     atol: Atol = None,

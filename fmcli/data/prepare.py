@@ -11,6 +11,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import shutil
 import threading
 import time
 from collections import deque
@@ -72,6 +73,8 @@ def prepare(
         raise UsageError(f"--split must be train or test, not {split!r}")
     src = open_source(source, root, split=split, size=size, count=count, seed=seed, max_member_mib=max_member_mib)
     total = src.capacity if limit is None else min(limit, src.capacity or limit)
+    if total:
+        check_disk_space(out, total * src.channels * size * size)
     if on_start is not None:
         on_start(total)
     skipped, examples = 0, []
@@ -217,6 +220,15 @@ def _decoded(records: Iterable[Record], size: int, channels: int, workers: int) 
             result.wait()
         pool.close()
         pool.join()
+
+
+def check_disk_space(out: Path, need: int) -> None:
+    """Refuse a dataset whose pixels (uint8) cannot fit where it goes, before writing any of it."""
+    where = next(p for p in [out, *out.parents] if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise UsageError(f"the dataset needs {need / 1e9:.1f} GB for its pixels and {where} has {free / 1e9:.1f} GB free; "
+                         "lower --count or --size, or choose another --out")
 
 
 def _pool_context():
