@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +301,20 @@ def test_eval_and_fid_refuse_a_damaged_dataset_in_one_line(data, tmp_path):
         result = run_fm(*args)
         assert result.returncode == 2, (args[0], result.stderr)
         assert "x.npy is truncated" in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_unwritable_data_folder_is_refused_before_the_classifier_trains(shapes16, monkeypatch, tmp_path):
+    # The same check without an unprivileged user (which a CI checkout in a private temp folder cannot run):
+    # the folder's answer is faked, and training must not start.
+    from fmcli import features, fsutil
+
+    data = Path(shutil.copytree(shapes16, tmp_path / "data"))
+    monkeypatch.setattr(fsutil, "can_write_in", lambda folder: Path(folder).resolve() != data.resolve())
+    monkeypatch.setattr(features, "train_classifier", lambda *a, **k: pytest.fail("trained before the folder was checked"))
+    with pytest.raises(UsageError, match=rf"data folder {data} is not writable.*--classifier PATH"):
+        features.load_or_train_classifier(data)
+    with pytest.raises(UsageError, match=r"--classifier .*cannot write in"):
+        features.load_or_train_classifier(data, path=data / "clf.pt")
 
 
 def test_eval_on_a_read_only_dataset_says_so_before_training_the_classifier(shapes16):
