@@ -2,7 +2,7 @@
 metrics.jsonl; FID-vs-NFE curves from the JSON of `fm fid --nfe ... --json`; the recall/FD-against-accuracy
 frontier from the JSON of `fm eval ... --json`.
 
-matplotlib is an optional extra (`pip install 'fm[plot]'`); without it the command says how to install it.
+matplotlib is an optional extra (`pip install -e '.[plot]'` in the checkout); without it the command says how to install it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .errors import UsageError
 from .fsutil import atomic_write, refuse_existing
 
 FRONTIER_Y = ("recall", "precision", "coverage", "density", "fd", "kid")
-INSTALL_HINT = "pip install 'fm[plot]'  (or: pip install matplotlib)"
+INSTALL_HINT = "pip install matplotlib  (or, in the fm checkout: pip install -e '.[plot]')"
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:

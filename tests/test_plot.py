@@ -74,7 +74,7 @@ def test_fm_plot_without_matplotlib_says_how_to_install(tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=fm_env())
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == ["error: fm plot needs matplotlib: pip install 'fm[plot]'  (or: pip install matplotlib)"]
+    assert res.stderr.strip().splitlines() == ["error: fm plot needs matplotlib: pip install matplotlib  (or, in the fm checkout: pip install -e '.[plot]')"]
 
 
 def test_fm_plot_sweep_keeps_an_existing_default_output_unless_forced(tmp_path):
