@@ -93,19 +93,29 @@ def refuse_existing(paths, force: bool) -> None:
 def refuse_unwritable(folder: str | Path) -> None:
     """`folder` can be created (or is there) and written: its nearest existing ancestor is a writable folder."""
     folder = Path(folder)
-    there = next(p for p in [folder, *folder.parents] if p.exists() or p == Path(p.anchor) or p == Path("."))
+    there = _nearest_existing(folder)
     if not there.is_dir():
         raise UsageError(f"cannot write into {folder}: {there} is a file, not a folder; choose another output path")
-    if not os.access(there, os.W_OK | os.X_OK):
+    if not _can_create_file_in(there):
         raise UsageError(f"cannot write into {folder}: {there} is not writable (permission denied); choose another output path")
 
 
 def can_write_in(folder: str | Path) -> bool:
-    """Whether a file can be created in `folder` (made if missing), found by creating and removing one: mode
-    bits say nothing for root, a read-only mount or an ACL."""
-    probe = temp_path(Path(folder) / "write-probe")
+    """Whether files can be created in `folder`, or in it once made: its nearest existing ancestor is a folder
+    a file can be created in. Nothing is left behind (a missing `folder` is not made)."""
+    there = _nearest_existing(Path(folder))
+    return there.is_dir() and _can_create_file_in(there)
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next(p for p in [path, *path.parents] if p.exists() or p == Path(p.anchor) or p == Path("."))
+
+
+def _can_create_file_in(folder: Path) -> bool:
+    """Found by creating and removing a file: mode bits (os.access) say nothing for root, and a read-only mount
+    or an ACL can refuse what they allow."""
+    probe = temp_path(folder / "write-probe")
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
         probe.touch(exist_ok=False)
     except OSError:
         return False

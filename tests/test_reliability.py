@@ -431,20 +431,19 @@ def test_item21_latents_must_be_finite_and_fit_float16(tmp_path):
 
 
 def test_outputs_in_an_unwritable_folder_are_refused_before_any_work(tmp_path, monkeypatch):
-    # As root every folder is writable, so the permission answer is faked; the check must ask for the nearest
+    # As root every folder is writable, so the probe's answer is faked; the check must ask for the nearest
     # existing ancestor (the output's own folders do not exist yet).
-    import os
-
+    from fmcli import fsutil
     from fmcli.fsutil import refuse_existing
 
     (tmp_path / "ro").mkdir()
     asked = []
 
-    def access(path, mode):
-        asked.append(Path(path))
-        return Path(path) != tmp_path / "ro"
+    def can_create_file_in(folder):
+        asked.append(Path(folder))
+        return Path(folder) != tmp_path / "ro"
 
-    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(fsutil, "_can_create_file_in", can_create_file_in)
     with pytest.raises(UsageError, match=r"ro is not writable \(permission denied\)"):
         refuse_existing([tmp_path / "ro" / "new" / "x.png"], force=True)
     assert asked == [tmp_path / "ro"]
