@@ -165,12 +165,13 @@ def relaunch(
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
     # torchrun's own warnings repeat what the failing rank already printed; keep stderr to one error.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    marker = Path(tempfile.mkdtemp(prefix="fm-stop-")) / "stopped"
-    os.environ[STOP_MARKER_ENV] = str(marker)
+    marker = Path(tempfile.mkdtemp(prefix="fm-stop-")) / "stopped" if stops_cleanly else None  # training only
+    if marker is not None:
+        os.environ[STOP_MARKER_ENV] = str(marker)
     try:
         run(parsed)
     except SignalException as err:
-        if stops_cleanly and marker.exists():
+        if marker is not None and marker.exists():
             return 0  # the ranks logged their stop checkpoint and how to resume
         name = signal.Signals(err.sigval).name
         print(f"error: stopped by {name}" + (" before the ranks saved a stop checkpoint" if stops_cleanly else ""), file=sys.stderr)
@@ -188,8 +189,9 @@ def relaunch(
         print(f"error: distributed run stopped with exit code {code} (the failing rank's message is above)", file=sys.stderr)
         return code
     finally:
-        os.environ.pop(STOP_MARKER_ENV, None)
-        shutil.rmtree(marker.parent, ignore_errors=True)
+        if marker is not None:
+            os.environ.pop(STOP_MARKER_ENV, None)
+            shutil.rmtree(marker.parent, ignore_errors=True)
     return 0
 
 
