@@ -146,7 +146,6 @@ class RunBudget:
         self.snapshot: dict | None = None  # hardware["budget"] of env.json and the checkpoint: as of the last fit (or the resumed checkpoint's)
         self.train_cfg = None  # cfg.train of the run being fitted (the fallback's, once chosen), for the EMA warning
         self.ema_warned = False  # the EMA warning was given (by the launcher for the requested steps, or for a fit)
-        self.ema_fine_at: int | None = None  # the fewest fitted steps found to leave the EMA trained (fewer only get worse)
 
     def start(self, cfg, probes: Probes) -> int | None:
         """A fresh run's first fit of cfg.train.steps: the steps to train, or None where the budget fits fewer
@@ -217,14 +216,11 @@ class RunBudget:
 
     def _warn_ema(self, steps: int) -> None:
         """Once: the EMA warning where the budget cut the steps so far that the EMA stays mostly the initial network."""
-        if self.ema_warned or (self.ema_fine_at is not None and steps >= self.ema_fine_at):
+        if self.ema_warned:
             return
-        warning = ema_warning(self.train_cfg.model_copy(update={"steps": steps}))
-        if warning is None:
-            self.ema_fine_at = steps
-            return
-        self.log.info(warning)
-        self.ema_warned = True
+        if warning := ema_warning(self.train_cfg.model_copy(update={"steps": steps})):
+            self.log.info(warning)
+            self.ema_warned = True
 
     def restore(self, record: dict | None) -> None:
         """A resumed run: its checkpoint's record (the fitted steps are in its config)."""
