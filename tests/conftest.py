@@ -42,6 +42,35 @@ def fm_env(extra: dict | None = None) -> dict:
     return env
 
 
+def fm_in_process(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`fm ARGS` run by the same app and error handler inside this process, stdout and stderr captured: for
+    calls that only parse and validate (--print-config, --help, refused input), which a fresh interpreter
+    makes ~50x slower (importing torch). Calls that do work stay in `run_fm`, which also checks the real
+    entry point; `env` is set for the call and restored."""
+    import contextlib
+    import io
+
+    from fmcli.cli import app
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                app(args=[str(a) for a in args], prog_name="fm")
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["fm", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def run_fm(*args, cwd=None, env=None, timeout=600, input=None) -> subprocess.CompletedProcess:
     """`fm ARGS` from this checkout (not whatever `fm` is on PATH); text stdout/stderr captured."""
     return subprocess.run(

@@ -16,7 +16,7 @@ from fmcli.config import resolve_without_data as resolve_bench_config
 from fmcli.models import build_bench_model
 from fmcli.config import load_config
 from fmcli.errors import RuntimeFailure, UsageError
-from tests.conftest import run_fm
+from tests.conftest import fm_in_process, run_fm
 
 # ----------------------------------------------------------------------------------------- FLOPs
 
@@ -205,7 +205,7 @@ def test_cli_bench_prints_its_results_table_on_stdout():
 
 
 def test_cli_bench_usage_error_exits_2():
-    proc = run_fm("bench", "--preset", "debug", "--batch-size", "zero", timeout=120)
+    proc = fm_in_process("bench", "--preset", "debug", "--batch-size", "zero")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_fm
+from conftest import fm_in_process, run_fm
 from fmcli.config import RESUME_SAFE_KEYS, Config, apply_overrides, load_config, parse_override, preset_names
 from fmcli.errors import UsageError
 
@@ -60,7 +60,7 @@ def test_cli_print_config_and_exit_codes():
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["train"]["steps"] == 3
     for args in (["--set", "train.bogus=1"], ["--set", "train.steps=abc"], ["--preset", "nope"]):
-        bad = run_fm("train", "--preset", "debug", *args, "--print-config") if args[0] != "--preset" else run_fm("train", *args, "--print-config")
+        bad = fm_in_process("train", "--preset", "debug", *args, "--print-config") if args[0] != "--preset" else fm_in_process("train", *args, "--print-config")
         assert bad.returncode == 2, bad
         assert bad.stdout == ""
         assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import run_fm
+from conftest import fm_in_process, run_fm
 from fmcli.config import ModelConfig, load_config, preset_names
 from fmcli.models import build_model
 from fmcli.models.dit import CrossAttention
@@ -115,7 +115,9 @@ def test_text_presets_match_the_table(name):
 def test_every_preset_prints_its_config():
     names = preset_names()
     assert {"stability", "overfit", "hparam_tuning", "text-debug", "full_scale", "celebahq256", "mnist-unet", "quickstart-text", "debug"} <= set(names)
-    for name in names:
-        res = run_fm("train", "--preset", name, "--print-config")
+    for name in names:  # in this process (the app's own code path); one through the real entry point below
+        res = fm_in_process("train", "--preset", name, "--print-config")
         assert res.returncode == 0, (name, res.stderr)
         assert json.loads(res.stdout)["name"] == name
+    res = run_fm("train", "--preset", names[0], "--print-config")
+    assert res.returncode == 0 and json.loads(res.stdout)["name"] == names[0], res.stderr

@@ -13,7 +13,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from conftest import QuietLog, run_fm
+from conftest import QuietLog, fm_in_process, run_fm
 from fmcli.errors import UsageError
 
 NOISE_LEVELS = (8, 24, 64)
@@ -196,7 +196,7 @@ def test_tiny_extractor_is_deterministic_and_pluggable_by_module_path(data):
 
 
 def test_missing_inception_weights_exit_2_with_one_line_and_empty_stdout(data, tmp_path):
-    result = run_fm("fid", "--gen", data["folders"][0], "--ref", data["folders"][0], env={"FM_INCEPTION": ""})
+    result = fm_in_process("fid", "--gen", data["folders"][0], "--ref", data["folders"][0], env={"FM_INCEPTION": ""})
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()

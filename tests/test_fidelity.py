@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_fm
+from conftest import fm_in_process, run_fm
 from fmcli.errors import UsageError
 
 STEPS = 25  # classifier steps in tests: seconds, not the default's quality
@@ -219,7 +219,7 @@ def test_eval_autoguidance_by_the_model_itself_is_the_unguided_model(data, debug
     ],
 )
 def test_eval_bad_input_is_one_line_and_exit_2(data, args, message):
-    result = run_fm("eval", *[a.format(data=data) for a in args], env={"FM_DINOV2": ""})
+    result = fm_in_process("eval", *[a.format(data=data) for a in args], env={"FM_DINOV2": ""})
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

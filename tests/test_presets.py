@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_fm
+from conftest import REPO, fm_in_process, run_fm
 from fmcli.config import MODEL_SIZES, apply_overrides, config_to_dict, load_config, preset_names, presets_dir
 from fmcli.errors import UsageError
 from fmcli.optim import EMA_INITIAL_SHARE_LIMIT, ema_decay_at, ema_initial_share, ema_warning, update_ema
@@ -136,7 +136,7 @@ def test_inheritance_cycles_and_unknown_bases_are_clear_errors(tmp_path):
     for name, needle in [("a", "cycle: .*a.toml -> .*b.toml -> .*a.toml"), ("self", "cycle"), ("lost", "base 'nosuch'.*unknown preset.*available: .*stability"), ("typed", "base must be")]:
         with pytest.raises(UsageError, match=needle):
             load_config(str(tmp_path / f"{name}.toml"))
-    out = run_fm("train", "--preset", tmp_path / "a.toml", "--print-config")
+    out = fm_in_process("train", "--preset", tmp_path / "a.toml", "--print-config")
     assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "cycle" in out.stderr
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import QuietLog, run_fm
+from conftest import QuietLog, fm_in_process, run_fm
 from fmcli.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config, validate_config
 from fmcli.train import train
@@ -44,19 +44,19 @@ def test_item02_train_resume_refuses_non_resume_safe_overrides_like_fm_resume(tm
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     train_resume = ["train", "--preset", "debug", "--run-dir", run, "--resume", "latest"]
     for key_value, args in (("optim.lr=0.5", train_resume), ("optim.lr=0.5", ["resume", run]), ("flow.sigma_min=0.5", train_resume), ("train.ema_decay=0", train_resume)):
-        r = run_fm(*args, "--set", key_value, "--set", "train.steps=6")
+        r = fm_in_process(*args, "--set", key_value, "--set", "train.steps=6")
         assert r.returncode == 2, (args, r.stderr)
         assert key_value.split("=")[0] in r.stderr and "Traceback" not in r.stderr
         assert r.stdout == ""
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     # A resume-safe override goes through both entry points, and the checkpoint's config is the one used.
-    r = run_fm("train", "--preset", "quickstart", "--run-dir", run, "--resume", "latest", "--set", "train.steps=6", "--print-config")
+    r = fm_in_process("train", "--preset", "quickstart", "--run-dir", run, "--resume", "latest", "--set", "train.steps=6", "--print-config")
     assert r.returncode == 0, r.stderr
     import json
 
     printed = json.loads(r.stdout)
     assert printed["train"]["steps"] == 6 and printed["name"] == "debug" and printed["data"]["path"] == str(shapes16)
-    r = run_fm("train", "--preset", "debug", "--run-dir", run, "--resume", "latest", "--data", tmp_path)
+    r = fm_in_process("train", "--preset", "debug", "--run-dir", run, "--resume", "latest", "--data", tmp_path)
     assert r.returncode == 2 and "data" in r.stderr
 
 

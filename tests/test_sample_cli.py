@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import run_fm
+from conftest import fm_in_process, run_fm
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -33,11 +33,11 @@ def test_json_output_and_nfe(tmp_path, debug_run):
 
 
 def test_sample_usage_errors(tmp_path, debug_run):
-    bad_label = run_fm("sample", "--ckpt", debug_run, "--class-label", "99", "--out", tmp_path / "x.png")
+    bad_label = fm_in_process("sample", "--ckpt", debug_run, "--class-label", "99", "--out", tmp_path / "x.png")
     assert bad_label.returncode == 2 and "class-label" in bad_label.stderr
-    bad_solver = run_fm("sample", "--ckpt", debug_run, "--solver", "leapfrog", "--out", tmp_path / "x.png")
+    bad_solver = fm_in_process("sample", "--ckpt", debug_run, "--solver", "leapfrog", "--out", tmp_path / "x.png")
     assert bad_solver.returncode == 2 and bad_solver.stdout == ""
-    missing = run_fm("sample", "--ckpt", tmp_path / "nope.pt")
+    missing = fm_in_process("sample", "--ckpt", tmp_path / "nope.pt")
     assert missing.returncode == 2 and "not found" in missing.stderr
     assert not (tmp_path / "x.png").exists()
 
@@ -63,7 +63,7 @@ def test_every_sampling_command_takes_the_dopri5_tolerances(tmp_path, debug_run,
     """--rtol/--atol are SAMPLING options (README, docs/architecture.md), and `--nfe` with dopri5 points to them:
     sample, class-grid, fid and eval all take them, and they reach the solver (looser = fewer NFE)."""
     for command in ("sample", "class-grid", "fid", "eval"):
-        r = run_fm(command, "--help", env={"COLUMNS": "400"})
+        r = fm_in_process(command, "--help", env={"COLUMNS": "400"})
         assert r.returncode == 0 and "--rtol" in r.stdout and "--atol" in r.stdout, command
     common = ("--ckpt", debug_run, "-n", "2", "--ref", shapes16, "--features", "tiny", "--solver", "dopri5", "--json")
     loose, tight = (json.loads(_ok(run_fm("fid", *common, "--rtol", tol, "--atol", tol)).stdout) for tol in ("1e-1", "1e-5"))
