@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fm_env, run_fm
+from conftest import fm_env, fm_in_process, run_fm
 from fmcli import checkpoint as ckpt_mod
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config
@@ -218,11 +218,11 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, shapes16):
 def test_existing_run_directory_is_never_overwritten(tmp_path, shapes16):
     args = ["train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "train.steps=2"]
     assert run_fm(*args).returncode == 0
-    again = run_fm(*args)
+    again = fm_in_process(*args)
     assert again.returncode == 2 and "fm resume" in again.stderr
     cont = run_fm(*args[:-1], "train.steps=3", "--resume", "latest")
     assert cont.returncode == 0, cont.stderr
-    unsafe = run_fm("resume", tmp_path / "run", "--set", "optim.lr=0.5")
+    unsafe = fm_in_process("resume", tmp_path / "run", "--set", "optim.lr=0.5")
     assert unsafe.returncode == 2 and "optim.lr" in unsafe.stderr
 
 
