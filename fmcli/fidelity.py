@@ -233,12 +233,17 @@ class TrainingFidelity:
     """
 
     def __init__(self, cfg, data_path, device, log=None, with_reference: bool = True):
-        from .data.dataset import validate_prepared
+        from .data.dataset import read_manifest, validate_prepared
         from .features import build_space
 
         data = Path(cfg.eval.ref or data_path)
         if cfg.eval.ref:  # the training data was validated at launch; eval.ref was not
             validate_prepared(data)
+            # As `fm eval` refuses a model whose images differ from --data: the samples have the training data's shape.
+            ref_shape, model_shape = tuple(read_manifest(data)["shape"]), tuple(read_manifest(data_path)["shape"])
+            if ref_shape != model_shape:
+                raise UsageError(f"eval.ref {data} holds {list(ref_shape)} images but the model makes {list(model_shape)} ones; "
+                                 "give a reference of the training data's size and channels")  # fmt: skip
         self.num_samples, self.device, self.space = cfg.eval.num_samples, device, cfg.eval.features
         self.extractor = build_space(self.space, data=data, device=device, classifier=cfg.eval.classifier, dinov2=cfg.eval.dinov2, log=log)
         self.reference = None

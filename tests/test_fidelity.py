@@ -253,6 +253,21 @@ def test_eval_every_logs_domain_fidelity_and_leaves_training_unchanged(data, tmp
     assert Image.open(tmp_path / "with" / "loss.png").size[1] > 4 * 2.6 * 100  # loss, lr, FD, fidelity, accuracy panels
 
 
+def test_eval_every_refuses_a_reference_of_another_image_shape_before_any_work(shapes16, tmp_path, monkeypatch):
+    """`fm eval` refuses a model whose images differ from --data; during training an eval.ref of another size
+    logged FD, recall and accuracy of 16px samples against 8px images (the classifier pools any size)."""
+    from fmcli import features
+    from fmcli.config import load_config
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.fidelity import TrainingFidelity
+
+    small = prepare_shapes(tmp_path / "shapes8", size=8, count=40, seed=1)
+    monkeypatch.setattr(features, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the shapes were compared"))
+    cfg = load_config("debug", [f"data.path='{shapes16}'", "eval.every=2", "eval.features='domain'", f"eval.ref='{small}'"])
+    with pytest.raises(UsageError, match=r"eval.ref .*shapes8 holds \[3, 8, 8\] images but the model makes \[3, 16, 16\]"):
+        TrainingFidelity(cfg, shapes16, "cpu")
+
+
 def test_plot_draws_the_frontier_of_an_eval_sweep(tmp_path):
     pytest.importorskip("matplotlib")
     floor = {"metrics": {"domain": {"fd": 0.1, "precision": 0.8, "recall": 0.8, "density": 1.0, "coverage": 0.9}}, "accuracy": 0.99}
