@@ -546,10 +546,15 @@ def fid(req: FidRequest, *, device: torch.device, log, ctx=None, progress_factor
     for n, settings in sweep:
         if n is not None and log:
             log(f"NFE {n}: {settings.solver}, {settings.steps} steps")
-        out = req.out / f"nfe-{n}" if req.out is not None and n is not None else req.out
+        out = sample_dir(req.out, n)
         scored = _score_checkpoint(loaded, settings, ref_stats, extractor, req, device=device, out=out, ctx=ctx, progress_factory=progress_factory)
         rows.append({**({"nfe_budget": n} if n is not None else {}), **saved, **scored.to_dict()})
     return rows if req.nfe is not None else rows[0]
+
+
+def sample_dir(out: Path | None, nfe: int | None) -> Path | None:
+    """Where `fm fid --out DIR` writes the samples of one row: DIR, or DIR/nfe-N for budget N of an NFE sweep."""
+    return out / f"nfe-{nfe}" if out is not None and nfe is not None else out
 
 
 def _reference(req: FidRequest, extractor: FeatureExtractor, log) -> Statistics:
