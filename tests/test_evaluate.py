@@ -370,3 +370,14 @@ def test_an_nfe_sweep_refuses_to_replace_its_samples_without_force(debug_run, sh
     forced = run_fm(*common, "--force", "--json")
     assert forced.returncode == 0, forced.stderr
     assert mine.read_bytes() != before and sorted(p.name for p in (out / "nfe-2").iterdir()) == [f"{i:06d}.png" for i in range(3)]
+
+
+def test_fid_refuses_a_model_of_another_size_before_the_reference_pass(debug_run, tmp_path):
+    """A prepared reference's image size is in its manifest: a 16px model against 8px data is refused before its
+    features are computed (minutes for 50,000 images through Inception), not after."""
+    from fmcli.data.shapes import prepare_shapes
+
+    small = prepare_shapes(tmp_path / "shapes8", size=8, count=40, seed=1)
+    result = run_fm("fid", "--ckpt", debug_run, "-n", 4, "--ref", small, "--features", "tiny")
+    assert result.returncode == 2 and "image sizes differ: the model makes 16px images, the reference is 8px" in result.stderr
+    assert "features of" not in result.stderr and "Traceback" not in result.stderr
