@@ -534,22 +534,42 @@ def fid(req: FidRequest, *, device: torch.device, log, ctx=None, progress_factor
     if req.ckpt is not None:  # load the model first: a bad checkpoint fails before the long reference pass
         loaded, sample_cfg = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=ctx)
         sweep = nfe_sweep(sample_cfg, req.nfe, log) if req.nfe is not None else [(None, sample_cfg)]
+        _check_scorable(loaded, _prepared_size(req.ref))  # before the reference pass (minutes for a large dataset)
     ref_stats = _reference(req, extractor, log)
     saved = {"stats": str(ref_stats.save(req.save_stats)), "ref_count": ref_stats.count, "features": ref_stats.features} if req.save_stats else {}
     if req.gen is not None:
         return {**saved, **_score_folder(req, ref_stats, extractor, log)}
     if loaded is None:
         return saved
-    if ref_stats.image_size and loaded.shape[-1] != ref_stats.image_size:
-        raise UsageError(f"image sizes differ: the model makes {loaded.shape[-1]}px images, the reference is {ref_stats.image_size}px")
+    _check_scorable(loaded, ref_stats.image_size)  # a folder's size is known once it is read
     rows = []
     for n, settings in sweep:
         if n is not None and log:
             log(f"NFE {n}: {settings.solver}, {settings.steps} steps")
-        out = req.out / f"nfe-{n}" if req.out is not None and n is not None else req.out
+        out = sample_dir(req.out, n)
         scored = _score_checkpoint(loaded, settings, ref_stats, extractor, req, device=device, out=out, ctx=ctx, progress_factory=progress_factory)
         rows.append({**({"nfe_budget": n} if n is not None else {}), **saved, **scored.to_dict()})
     return rows if req.nfe is not None else rows[0]
+
+
+def _check_scorable(loaded, ref_size: int | None) -> None:
+    """What `fm fid` cannot score: a latent model's samples, or images of another size than the reference's (None: unknown)."""
+    if loaded.info.get("kind", "pixels") != "pixels":
+        raise UsageError("FID of latent-space models needs VAE decoding, which `fm fid` does not do yet")
+    if ref_size and loaded.shape[-1] != ref_size:
+        raise UsageError(f"image sizes differ: the model makes {loaded.shape[-1]}px images, the reference is {ref_size}px")
+
+
+def _prepared_size(ref: Path) -> int | None:
+    """The image size of a prepared dataset REF from its manifest (None for a folder or a stats file)."""
+    from .data.dataset import read_manifest
+
+    return int(read_manifest(ref)["shape"][-1]) if (Path(ref) / "manifest.json").is_file() else None
+
+
+def sample_dir(out: Path | None, nfe: int | None) -> Path | None:
+    """Where `fm fid --out DIR` writes the samples of one row: DIR, or DIR/nfe-N for budget N of an NFE sweep."""
+    return out / f"nfe-{nfe}" if out is not None and nfe is not None else out
 
 
 def _reference(req: FidRequest, extractor: FeatureExtractor, log) -> Statistics:
@@ -617,8 +637,6 @@ def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest,
     """Generate `req.num_samples` (sharded over the ranks of `ctx`) and score them against the reference."""
     from .generate import sampling_record
 
-    if loaded.info.get("kind", "pixels") != "pixels":
-        raise UsageError("FID of latent-space models needs VAE decoding, which `fm fid` does not do yet")
     generated = sharded_features(
         loaded, req.num_samples, {"fid": extractor}, seed=req.seed, sample_cfg=sample_cfg, batch_size=req.batch_size, device=device, ctx=ctx,
         out=out, progress_factory=progress_factory,

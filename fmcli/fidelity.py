@@ -169,13 +169,19 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
         from .evaluate import load_sampler
 
         loaded, base = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=None)
+        check_scorable(loaded)  # what the model and its sweep cannot do, before the classifier trains (a minute)
+        if loaded.shape != _data_shape(req.data):
+            raise UsageError(f"the model makes {list(loaded.shape)} images but {req.data} holds {list(_data_shape(req.data))}")
+        sweep = sweep_settings(base, req.cfgs, req.intervals, req.nfes, log)  # a budget or setting no solver run meets, too
+    images = folder_images(req.gen, _data_shape(req.data), log) if req.gen is not None else None
+    n = len(images) if images is not None else req.num_samples
+    if n < req.k + 1:
+        raise UsageError(f"{n} {'images in --gen' if images is not None else 'samples'}: the k-NN metrics need more than k={req.k}")
     extractors = {
         s: build_space(s, data=req.data, device=device, classifier=req.classifier, seed=req.classifier_seed, steps=req.classifier_steps,
                        inception=req.inception, dinov2=req.dinov2, log=log)
         for s in req.spaces
     }  # fmt: skip
-    images = folder_images(req.gen, _data_shape(req.data), log) if req.gen is not None else None
-    n = len(images) if images is not None else req.num_samples
     reference = prepare_reference(req.data, extractors, n, seed=req.split_seed, log=log)
     floor_row = {"ref_count": len(next(iter(reference.ref.values()))), "floor_count": len(next(iter(reference.floor.values()))), **floor(reference, k=req.k, kid=req.kid)}
     if "domain" in extractors:
@@ -183,14 +189,11 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     if images is not None:
         generated = Generated({s: features_of(images, e) for s, e in extractors.items()}, None)
         return floor_row, [{"gen": str(req.gen), "num_samples": n, **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row}]
-    if loaded.shape != reference.image_shape:
-        raise UsageError(f"the model makes {list(loaded.shape)} images but {req.data} holds {list(reference.image_shape)}")
     rows = []
-    for settings in sweep_settings(base, req.cfgs, req.intervals, req.nfes, log):
+    for settings in sweep:
         settings = guidance_that_runs(loaded, settings, log)  # its rows report what ran
         if log:
             log(f"sampling {n}: {settings.solver} {settings.steps} steps, {settings.guidance} {settings.cfg:g}, interval {settings.guidance_interval}")
-        check_scorable(loaded)
         generated = sharded_features(loaded, n, extractors, seed=req.seed, sample_cfg=settings, batch_size=req.batch_size, device=device, progress_factory=progress_factory)
         rows.append({
             "step": loaded.step, "solver": settings.solver, "steps": settings.steps, "guidance": settings.guidance, "cfg": settings.cfg,
@@ -233,12 +236,17 @@ class TrainingFidelity:
     """
 
     def __init__(self, cfg, data_path, device, log=None, with_reference: bool = True):
-        from .data.dataset import validate_prepared
+        from .data.dataset import read_manifest, validate_prepared
         from .features import build_space
 
         data = Path(cfg.eval.ref or data_path)
         if cfg.eval.ref:  # the training data was validated at launch; eval.ref was not
             validate_prepared(data)
+            # As `fm eval` refuses a model whose images differ from --data: the samples have the training data's shape.
+            ref_shape, model_shape = tuple(read_manifest(data)["shape"]), tuple(read_manifest(data_path)["shape"])
+            if ref_shape != model_shape:
+                raise UsageError(f"eval.ref {data} holds {list(ref_shape)} images but the model makes {list(model_shape)} ones; "
+                                 "give a reference of the training data's size and channels")  # fmt: skip
         self.num_samples, self.device, self.space = cfg.eval.num_samples, device, cfg.eval.features
         self.extractor = build_space(self.space, data=data, device=device, classifier=cfg.eval.classifier, dinov2=cfg.eval.dinov2, log=log)
         self.reference = None

@@ -10,7 +10,8 @@ Pure numpy, no I/O: features in, numbers out. Every function takes real (referen
   averaged over random subsets, exactly as clean-fid's `kernel_distance` does (same draws for the same seed).
 - Precision and recall (Kynkaanniemi et al. 2019) and density and coverage (Naeem et al. 2020): k-nearest-
   neighbour balls around each sample, as the `prdc` package computes them (strict `<`, k-th neighbour
-  excluding the point itself), with distances in row chunks so memory stays O(chunk * N).
+  excluding the point itself), with distances in row chunks so memory stays O(chunk * N); equal rows are
+  exactly 0 apart (the package's dot-product expansion leaves round-off there).
 """
 
 from __future__ import annotations
@@ -118,13 +119,15 @@ def prdc(real: np.ndarray, fake: np.ndarray, *, k: int = 5) -> dict[str, float]:
     ball holds at least one fake.
     """
     real, fake = _features(real, "real", at_least=k + 1), _features(fake, "fake", at_least=k + 1)
-    r_real = kth_neighbour_distance(real, k)  # [N]
-    r_fake = kth_neighbour_distance(fake, k)  # [M]
+    ids = _row_ids(np.concatenate([real, fake]))  # equal rows share an id: their distance is exactly 0
+    id_real, id_fake = ids[: len(real)], ids[len(real) :]
+    r_real = kth_neighbour_distance(real, k, id_real)  # [N]
+    r_fake = kth_neighbour_distance(fake, k, id_fake)  # [M]
     in_real_balls = np.zeros(fake.shape[0])  # per fake: how many real balls contain it
     real_recalled = np.zeros(real.shape[0], dtype=bool)  # per real: inside some fake ball
     nearest_fake = np.full(real.shape[0], np.inf)  # per real: distance to its nearest fake
     for start in range(0, real.shape[0], CHUNK):
-        d = pairwise_distances(real[start : start + CHUNK], fake)  # [chunk, M]
+        d = pairwise_distances(real[start : start + CHUNK], fake, id_real[start : start + CHUNK], id_fake)  # [chunk, M]
         inside = d < r_real[start : start + CHUNK, None]
         in_real_balls += inside.sum(axis=0)
         real_recalled[start : start + CHUNK] = (d < r_fake[None, :]).any(axis=1)
@@ -137,21 +140,33 @@ def prdc(real: np.ndarray, fake: np.ndarray, *, k: int = 5) -> dict[str, float]:
     }
 
 
-def kth_neighbour_distance(x: np.ndarray, k: int) -> np.ndarray:
+def kth_neighbour_distance(x: np.ndarray, k: int, ids: np.ndarray | None = None) -> np.ndarray:
     """Distance from each row to its k-th nearest other row (the row itself, at distance 0, is not counted)."""
+    ids = _row_ids(x) if ids is None else ids
     out = np.empty(x.shape[0])
     for start in range(0, x.shape[0], CHUNK):
-        d = pairwise_distances(x[start : start + CHUNK], x)
+        d = pairwise_distances(x[start : start + CHUNK], x, ids[start : start + CHUNK], ids)
         rows = np.arange(d.shape[0])
         d[rows, start + rows] = -1.0  # the point itself sorts first whatever round-off gave its distance
         out[start : start + CHUNK] = np.partition(d, k, axis=1)[:, k]
     return out
 
 
-def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Euclidean distances [len(a), len(b)] in float64 (|a|^2 + |b|^2 - 2 a.b, clipped at 0)."""
+def pairwise_distances(a: np.ndarray, b: np.ndarray, ids_a: np.ndarray | None = None, ids_b: np.ndarray | None = None) -> np.ndarray:
+    """Euclidean distances [len(a), len(b)] in float64 (|a|^2 + |b|^2 - 2 a.b, clipped at 0).
+
+    The expansion leaves round-off of ~1e-8 |a| between equal rows (1e-6 for 2048-D features), which the strict
+    `<` of the k-NN balls then counts as inside a ball of radius 0: rows with the same id (`_row_ids`) are
+    set exactly 0 apart, as the definitions say."""
     sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    if ids_a is not None and ids_b is not None:
+        sq[ids_a[:, None] == ids_b[None, :]] = 0.0
     return np.sqrt(np.clip(sq, 0, None))
+
+
+def _row_ids(x: np.ndarray) -> np.ndarray:
+    """One integer per row, the same for equal rows (duplicated images give equal features)."""
+    return np.unique(x, axis=0, return_inverse=True)[1].reshape(-1)
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -353,3 +353,31 @@ def test_scored_folders_skip_only_the_grid_fm_sample_writes_beside_its_samples(t
     for name in ("cat.png", "grid.png", "0001.png"):
         img.save(mine / name)
     assert [p.name for p in image_files(mine)] == ["0001.png", "cat.png", "grid.png"]
+
+
+def test_an_nfe_sweep_refuses_to_replace_its_samples_without_force(debug_run, shapes16, tmp_path):
+    """`fm fid --nfe 2,4 --out DIR` writes DIR/nfe-2/, DIR/nfe-4/: a second run replaced those samples without
+    --force (only DIR/NNNNNN.png, which a sweep never writes, was checked)."""
+    out = tmp_path / "sweep"
+    (out / "nfe-4").mkdir(parents=True)
+    mine = out / "nfe-4" / "000001.png"
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(mine)
+    before = mine.read_bytes()
+    common = ("fid", "--ckpt", debug_run, "-n", 3, "--ref", shapes16, "--features", "tiny", "--nfe", "2,4", "--out", out)
+    result = run_fm(*common)
+    assert result.returncode == 2 and "nfe-4/000001.png already exists" in result.stderr and "--force" in result.stderr
+    assert mine.read_bytes() == before and not (out / "nfe-2").exists()  # refused before any sample was written
+    forced = run_fm(*common, "--force", "--json")
+    assert forced.returncode == 0, forced.stderr
+    assert mine.read_bytes() != before and sorted(p.name for p in (out / "nfe-2").iterdir()) == [f"{i:06d}.png" for i in range(3)]
+
+
+def test_fid_refuses_a_model_of_another_size_before_the_reference_pass(debug_run, tmp_path):
+    """A prepared reference's image size is in its manifest: a 16px model against 8px data is refused before its
+    features are computed (minutes for 50,000 images through Inception), not after."""
+    from fmcli.data.shapes import prepare_shapes
+
+    small = prepare_shapes(tmp_path / "shapes8", size=8, count=40, seed=1)
+    result = run_fm("fid", "--ckpt", debug_run, "-n", 4, "--ref", small, "--features", "tiny")
+    assert result.returncode == 2 and "image sizes differ: the model makes 16px images, the reference is 8px" in result.stderr
+    assert "features of" not in result.stderr and "Traceback" not in result.stderr

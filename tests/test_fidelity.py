@@ -213,15 +213,47 @@ def test_eval_autoguidance_by_the_model_itself_is_the_unguided_model(data, debug
         (["--data", "{data}", "--gen", "{data}", "--guide-ckpt", "g.pt"], "--guide-ckpt go with --ckpt"),
         (["--data", "{data}", "--ckpt", "x.pt"], "--ckpt needs --num-samples"),
         (["--data", "{data}", "--gen", "{data}", "--features", "bogus"], "choose among"),
-        (["--data", "{data}", "--gen", "{data}", "--features", "dinov2"], "DINOv2 weights not given"),
+        (["--data", "{data}", "--gen", "{gen}", "--features", "dinov2"], "DINOv2 weights not given"),
         (["--data", "{data}", "--gen", "{data}", "--cfg", "1,x"], "--cfg expects numbers"),
         (["--data", "nowhere", "--gen", "{data}"], "not a prepared dataset"),
     ],
 )
-def test_eval_bad_input_is_one_line_and_exit_2(data, args, message):
-    result = fm_in_process("eval", *[a.format(data=data) for a in args], env={"FM_DINOV2": ""})
+def test_eval_bad_input_is_one_line_and_exit_2(data, tmp_path, args, message):
+    gen = tmp_path / "gen"  # a folder fm eval can score (the data folder holds no images)
+    gen.mkdir()
+    for i, img in enumerate(np.load(data / "x.npy")[:6]):
+        Image.fromarray(img.transpose(1, 2, 0)).save(gen / f"{i:06d}.png")
+    result = fm_in_process("eval", *[a.format(data=data, gen=gen) for a in args], env={"FM_DINOV2": ""})
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_refuses_what_it_cannot_score_before_the_classifier_trains(data, debug_run, tmp_path, monkeypatch):
+    """A model of another image shape, an NFE budget its solver cannot meet, and a --gen folder with too few images
+    or one of another size are one-line usage errors before the domain classifier trains (a minute at the default
+    steps) and the reference pass: they came after both."""
+    from fmcli import features
+    from fmcli.cli.options import SamplingFlags
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.fidelity import EvalRequest, evaluate_fidelity
+
+    monkeypatch.setattr(features, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the request was checked"))
+    small = prepare_shapes(tmp_path / "shapes8", size=8, count=40, seed=1)
+    with pytest.raises(UsageError, match=r"the model makes \[3, 16, 16\] images but .*shapes8 holds \[3, 8, 8\]"):
+        evaluate_fidelity(EvalRequest(data=small, ckpt=str(debug_run), num_samples=10), device=torch.device("cpu"))
+    heun = SamplingFlags(solver="heun").overrides()
+    with pytest.raises(UsageError, match="heun needs at least 2 NFE"):
+        evaluate_fidelity(EvalRequest(data=data, ckpt=str(debug_run), num_samples=10, nfes=[1], sample_overrides=heun), device=torch.device("cpu"))
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    for i in range(3):  # too few for the k-NN metrics (k = 5)
+        Image.new("RGB", (16, 16), (i, i, i)).save(folder / f"{i:06d}.png")
+    with pytest.raises(UsageError, match="3 images in --gen: the k-NN metrics need more than k=5"):
+        evaluate_fidelity(EvalRequest(data=data, gen=folder), device=torch.device("cpu"))
+    Image.new("RGB", (8, 8)).save(folder / "small.png")
+    with pytest.raises(UsageError, match="small.png is 8x8 but the dataset's images are 16x16"):
+        evaluate_fidelity(EvalRequest(data=data, gen=folder), device=torch.device("cpu"))
+    assert not features.default_classifier_path(data, 0).exists() and not features.default_classifier_path(small, 0).exists()
 
 
 # ------------------------------------------------------------------------------------ during training
@@ -251,6 +283,21 @@ def test_eval_every_logs_domain_fidelity_and_leaves_training_unchanged(data, tmp
     result = run_fm("plot", tmp_path / "with")
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "with" / "loss.png").size[1] > 4 * 2.6 * 100  # loss, lr, FD, fidelity, accuracy panels
+
+
+def test_eval_every_refuses_a_reference_of_another_image_shape_before_any_work(shapes16, tmp_path, monkeypatch):
+    """`fm eval` refuses a model whose images differ from --data; during training an eval.ref of another size
+    logged FD, recall and accuracy of 16px samples against 8px images (the classifier pools any size)."""
+    from fmcli import features
+    from fmcli.config import load_config
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.fidelity import TrainingFidelity
+
+    small = prepare_shapes(tmp_path / "shapes8", size=8, count=40, seed=1)
+    monkeypatch.setattr(features, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the shapes were compared"))
+    cfg = load_config("debug", [f"data.path='{shapes16}'", "eval.every=2", "eval.features='domain'", f"eval.ref='{small}'"])
+    with pytest.raises(UsageError, match=r"eval.ref .*shapes8 holds \[3, 8, 8\] images but the model makes \[3, 16, 16\]"):
+        TrainingFidelity(cfg, shapes16, "cpu")
 
 
 def test_plot_draws_the_frontier_of_an_eval_sweep(tmp_path):

@@ -111,6 +111,24 @@ def test_prdc_matches_brute_force(k, monkeypatch):
     assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1  # a case where every term matters
 
 
+@pytest.mark.parametrize("d", [128, 2048])
+def test_prdc_of_duplicated_points_matches_brute_force(d):
+    """Equal rows (duplicated images, a collapsed generator) are 0 apart: a real with k copies has a ball of radius 0
+    that holds nothing (strict <). The |a|^2 + |b|^2 - 2 a.b expansion left ~1e-6 between equal 2048-D rows and
+    counted fakes inside such balls (precision 0.02 where the definition gives 0)."""
+    rng = np.random.default_rng(d)
+    base = rng.normal(size=(50, d)) * 3
+    twice = np.concatenate([base, base])  # every point once more: with k = 1 every ball has radius 0
+    assert metrics.prdc(twice, twice.copy(), k=1) == pytest.approx(_brute_prdc(twice, twice, 1), abs=1e-12)
+    real = np.concatenate([twice, rng.normal(size=(10, d)) * 3])  # and 10 single points
+    fake = np.concatenate([base[:25], base])  # 25 points twice, 25 once
+    for k in (1, 2):
+        assert metrics.prdc(real, fake, k=k) == pytest.approx(_brute_prdc(real, fake, k), abs=1e-12), k
+    same = np.concatenate([base] * 6)  # k = 5 copies of every other point
+    assert metrics.prdc(same, same, k=5) == pytest.approx(_brute_prdc(same, same, 5), abs=1e-12)
+    assert metrics.kth_neighbour_distance(same, 5).max() == 0.0
+
+
 def test_prdc_matches_the_prdc_package():
     prdc = pytest.importorskip("prdc")
     rng = np.random.default_rng(5)

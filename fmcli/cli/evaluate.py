@@ -121,9 +121,12 @@ def _check_fid_flags(req, force: bool, ctx) -> None:
         raise UsageError("--nfe sweeps the sampler of a model: it goes with --ckpt")
     if req.out is not None and req.num_samples is not None:
         from ..distributed import barrier
+        from ..evaluate import sample_dir
         from ..images import sample_file
 
-        refuse_existing([sample_file(req.out, i) for i in range(req.num_samples)], force)
+        # An NFE sweep writes each budget's samples under DIR/nfe-N: those are the files it would replace.
+        dirs = [sample_dir(req.out, n) for n in req.nfe] if req.nfe is not None else [req.out]
+        refuse_existing([sample_file(d, i) for d in dirs for i in range(req.num_samples)], force)
         if ctx is not None:
             barrier(ctx)  # every rank has checked before any rank writes its samples
 
