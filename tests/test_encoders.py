@@ -210,3 +210,41 @@ def test_pixels_with_cached_text(tmp_path, tiny_t5):
     assert batch["text"].shape == (2, 8, 32) and batch["text_mask"].dtype == torch.bool and "caption" not in batch
     with pytest.raises(UsageError, match="--cache-text needs --text-encoder"):
         encode_prepared(src, tmp_path / "bad", cache_text=True)
+
+
+def test_training_refuses_encoders_that_did_not_make_the_cached_latents_or_text(tmp_path, tiny_vae, tiny_t5, monkeypatch):
+    """A latent / cached-text dataset trained with another VAE or text encoder (a flag, the config or FM_VAE /
+    FM_TEXT_ENCODER win over the recorded path) would record encoders that cannot read its latents or states:
+    the run's grids and `fm sample` would decode garbage or crash after training. Refused before training;
+    the same weights moved elsewhere are accepted."""
+    import shutil
+
+    from fmcli.config import apply_overrides, resolve_for_training
+    from fmcli.data.dataset import PreparedDataset
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+
+    src = prepare_shapes(tmp_path / "shapes", size=16, count=4, seed=0)
+    data = encode_prepared(src, tmp_path / "latents", vae=tiny_vae, text_encoder=tiny_t5, cache_text=True, max_tokens=8)
+    dataset = PreparedDataset(data, text=True)
+    other_vae = _save_tiny_vae(tmp_path / "other-vae", shift_factor=None)  # shift 0 instead of 0.1
+    wider_t5 = build_tiny_text_encoder(tmp_path / "t5-64", seed=0, words=WORDS, d_model=64, layers=1, heads=4)
+    moved_vae, moved_t5 = shutil.copytree(tiny_vae, tmp_path / "moved-vae"), shutil.copytree(tiny_t5, tmp_path / "moved-t5")
+    monkeypatch.delenv("FM_VAE", raising=False)
+    monkeypatch.delenv("FM_TEXT_ENCODER", raising=False)
+
+    def resolved(*settings):
+        cfg = apply_overrides(load_config("quickstart-text"), [f"data.path={data}", *settings])
+        return resolve_for_training(cfg, dataset, torch.device("cpu"))[1]
+
+    assert resolved().encoders.vae == str(tiny_vae)  # the recorded encoders
+    cfg = resolved(f"encoders.vae={moved_vae}", f"encoders.text_encoder={moved_t5}")
+    assert cfg.encoders.vae == str(moved_vae) and cfg.model.text_dim == 32
+    with pytest.raises(UsageError, match="shift_factor 0, but the dataset's latents were encoded with shift_factor 0.1"):
+        resolved(f"encoders.vae={other_vae}")
+    monkeypatch.setenv("FM_VAE", str(other_vae))
+    with pytest.raises(UsageError, match="the VAE .* has shift_factor 0"):
+        resolved()
+    monkeypatch.delenv("FM_VAE")
+    with pytest.raises(UsageError, match="width 64, but the dataset's cached text states come from a t5 of width 32"):
+        resolved(f"encoders.text_encoder={wider_t5}")
