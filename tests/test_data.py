@@ -249,6 +249,20 @@ def test_exif_orientation_is_applied(tmp_path):
     assert np.array_equal(x, upright[8:24].transpose(2, 0, 1))
 
 
+def test_16bit_grayscale_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG (mode I;16) holds 0..65535; PIL's convert clips it at 255, which turned all but
+    the darkest 0.4% of its range white. Scaled to 8 bits instead, as an 8-bit save of the same image."""
+    root = tmp_path / "scans"
+    root.mkdir()
+    deep = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0, 257, ... 65535
+    Image.fromarray(deep).save(root / "a.png")
+    assert Image.open(root / "a.png").mode.startswith("I")
+    prepare("folder", tmp_path / "o", root=root, size=16)
+    x = np.load(tmp_path / "o" / "x.npy")[0]
+    expected = np.arange(256, dtype=np.uint8).reshape(16, 16)  # deep // 257
+    assert x.shape == (3, 16, 16) and all(np.array_equal(x[c], expected) for c in range(3))
+
+
 def test_resize_center_crop_of_odd_box_matches_pil_crop():
     img = Image.fromarray(RNG.integers(0, 256, (30, 50, 3), dtype=np.uint8))
     out = resize_center_crop(img, 30)
