@@ -435,15 +435,15 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, folder, monkeypatch):
 
 def test_writer_latents_extras_and_dtype_checks(tmp_path):
     lat = RNG.standard_normal((5, 4, 8, 8)).astype(np.float32)
-    text = RNG.standard_normal((5, 6, 3)).astype(np.float16)
-    with PreparedWriter(tmp_path / "l", None, (4, 8, 8), dtype="float16", kind="latents", captions=True, extras={"text": ((6, 3), "float16")}) as w:
-        w.add_batch(lat[:3], captions=["a", "b", "c"], text=text[:3])
-        w.add(lat[3], caption="d", text=text[3])
-        w.add(lat[4], caption="e", text=text[4])
+    feat = RNG.standard_normal((5, 6, 3)).astype(np.float16)  # any per-row extra (not text.npy: a text cache is four files)
+    with PreparedWriter(tmp_path / "l", None, (4, 8, 8), dtype="float16", kind="latents", captions=True, extras={"feat": ((6, 3), "float16")}) as w:
+        w.add_batch(lat[:3], captions=["a", "b", "c"], feat=feat[:3])
+        w.add(lat[3], caption="d", feat=feat[3])
+        w.add(lat[4], caption="e", feat=feat[4])
         w.finish()
     x = np.load(tmp_path / "l" / "x.npy", mmap_mode="r")
     assert x.dtype == np.float16 and np.array_equal(x, lat.astype(np.float16))
-    assert np.array_equal(np.load(tmp_path / "l" / "text.npy"), text)
+    assert np.array_equal(np.load(tmp_path / "l" / "feat.npy"), feat)
     ds = PreparedDataset(tmp_path / "l")
     assert torch.equal(ds.__getitems__([4, 1])["x"], torch.from_numpy(lat[[4, 1]].astype(np.float16)).float())
     with PreparedWriter(tmp_path / "u", 2, (1, 2, 2)) as w:

@@ -248,3 +248,28 @@ def test_training_refuses_encoders_that_did_not_make_the_cached_latents_or_text(
     monkeypatch.delenv("FM_VAE")
     with pytest.raises(UsageError, match="width 64, but the dataset's cached text states come from a t5 of width 32"):
         resolved(f"encoders.text_encoder={wider_t5}")
+
+
+@pytest.mark.parametrize("damage", ["no-empty-prompt", "short-mask", "float32-states"])
+def test_damaged_text_cache_is_refused_before_training(tmp_path, tiny_t5, damage):
+    """The four text-cache files must agree (text [N,L,D] float16, text_mask [N,L], text_empty [1,L,D],
+    text_empty_mask [1,L]); a copy missing the empty prompt or with mismatched arrays failed inside training
+    (FileNotFoundError, a tensor-size error). `validate_prepared` now refuses it: exit 2 before any work."""
+    from fmcli.data.dataset import validate_prepared
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+
+    src = prepare_shapes(tmp_path / "shapes", size=8, count=4, seed=0)
+    data = encode_prepared(src, tmp_path / "cached", text_encoder=tiny_t5, cache_text=True, max_tokens=8)
+    validate_prepared(data)
+    if damage == "no-empty-prompt":
+        (data / "text_empty.npy").unlink()
+        expected = "without text_empty.npy"
+    elif damage == "short-mask":
+        np.save(data / "text_mask.npy", np.load(data / "text_mask.npy")[:, :4])
+        expected = "text_mask.npy holds an array of shape \\[4, 4\\]"
+    else:
+        np.save(data / "text.npy", np.load(data / "text.npy").astype(np.float32))
+        expected = "text.npy holds float32 values, expected float16"
+    with pytest.raises(UsageError, match=expected):
+        validate_prepared(data)
