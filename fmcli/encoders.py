@@ -88,8 +88,10 @@ class FrozenVAE:
         return self.vae.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)
 
     def info(self) -> dict:
+        """What a latent dataset records of its VAE; the path absolute, so that it still names the VAE from
+        another working directory (training, sampling)."""
         return {
-            "path": str(self.path),
+            "path": os.path.abspath(self.path),
             "scaling_factor": self.scaling_factor,
             "shift_factor": self.shift_factor,
             "latent_channels": self.latent_channels,
@@ -143,7 +145,8 @@ class FrozenTextEncoder:
         return torch.cat(states), torch.cat(masks)
 
     def info(self) -> dict:
-        return {"path": str(self.path), "model_type": self.model_type, "hidden_size": self.hidden_size, "max_tokens": self.max_tokens}
+        """What a dataset records of its text encoder (the path absolute, as `FrozenVAE.info`)."""
+        return {"path": os.path.abspath(self.path), "model_type": self.model_type, "hidden_size": self.hidden_size, "max_tokens": self.max_tokens}
 
 
 @dataclass

@@ -5,6 +5,7 @@ masking, prepare-data --vae --text-encoder --cache-text, training and sampling f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,7 +235,7 @@ def test_training_refuses_encoders_that_did_not_make_the_cached_latents_or_text(
     monkeypatch.delenv("FM_TEXT_ENCODER", raising=False)
 
     def resolved(*settings):
-        cfg = apply_overrides(load_config("quickstart-text"), [f"data.path={data}", *settings])
+        cfg = apply_overrides(load_config("text-debug"), [f"data.path={data}", *settings])
         return resolve_for_training(cfg, dataset, torch.device("cpu"))[1]
 
     assert resolved().encoders.vae == str(tiny_vae)  # the recorded encoders
@@ -273,3 +274,31 @@ def test_damaged_text_cache_is_refused_before_training(tmp_path, tiny_t5, damage
         expected = "text.npy holds float32 values, expected float16"
     with pytest.raises(UsageError, match=expected):
         validate_prepared(data)
+
+
+def test_recorded_encoder_paths_work_from_another_directory(tmp_path, tiny_vae, tiny_t5, monkeypatch):
+    """`fm prepare-data --vae weights/vae` recorded the path as typed, relative to where it ran: training the
+    dataset from another directory ran all its steps, then failed at the first sample grid ("VAE not found"),
+    and the run recorded the dead path for `fm sample`. The manifest now records absolute paths."""
+    import shutil
+
+    from fmcli.config import apply_overrides, resolve_for_training
+    from fmcli.data.dataset import PreparedDataset
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_vae, work / "weights" / "vae")
+    shutil.copytree(tiny_t5, work / "weights" / "t5")
+    elsewhere.mkdir()
+    monkeypatch.delenv("FM_VAE", raising=False)
+    monkeypatch.delenv("FM_TEXT_ENCODER", raising=False)
+    monkeypatch.chdir(work)
+    src = prepare_shapes("shapes", size=16, count=4, seed=0)
+    encode_prepared(src, "latents", vae="weights/vae", text_encoder="weights/t5", cache_text=True, max_tokens=8)
+    monkeypatch.chdir(elsewhere)
+    dataset = PreparedDataset(work / "latents", text=True)
+    cfg = apply_overrides(load_config("text-debug"), [f"data.path={work / 'latents'}"])  # no encoders set: the recorded ones
+    cfg = resolve_for_training(cfg, dataset, torch.device("cpu"))[1]
+    assert (Path(cfg.encoders.vae) / "config.json").is_file() and Path(cfg.encoders.vae).samefile(work / "weights" / "vae")
+    assert Path(cfg.encoders.text_encoder).samefile(work / "weights" / "t5")
