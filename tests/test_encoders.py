@@ -302,3 +302,20 @@ def test_recorded_encoder_paths_work_from_another_directory(tmp_path, tiny_vae, 
     cfg = resolve_for_training(cfg, dataset, torch.device("cpu"))[1]
     assert (Path(cfg.encoders.vae) / "config.json").is_file() and Path(cfg.encoders.vae).samefile(work / "weights" / "vae")
     assert Path(cfg.encoders.text_encoder).samefile(work / "weights" / "t5")
+
+
+def test_force_over_a_users_folder_is_refused_before_the_pixel_pass(tmp_path, tiny_vae):
+    """`fm prepare-data ... --vae DIR --out USER_FOLDER --force` refused the folder (not a prepared dataset)
+    only when writing the latents, after the whole pixel pass and the VAE load; now before any work."""
+    from fmcli.data.latents import prepare_encoded
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    def pixel_pass(target):
+        raise AssertionError(f"the pixel pass ran (into {target}) before the output was checked")
+
+    with pytest.raises(UsageError, match="not a prepared dataset"):
+        prepare_encoded(pixel_pass, user, force=True, vae=str(tiny_vae))
+    assert (user / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

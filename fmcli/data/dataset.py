@@ -49,8 +49,7 @@ class PreparedWriter:
     ):
         self.out = Path(out)
         refuse_existing(self.out, force)
-        if self.out.exists() and not is_replaceable(self.out):
-            raise UsageError(f"refusing to replace {self.out}: it is not a prepared dataset (no manifest.json) nor empty")
+        refuse_unreplaceable(self.out)
         if capacity is not None and capacity <= 0:
             raise UsageError("nothing to write: the source has no images")
         self.capacity, self.shape, self.dtype, self.kind = capacity, tuple(shape), dtype, kind
@@ -190,6 +189,12 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype, total: int) -> bytes:
 def is_replaceable(path: Path) -> bool:
     """--force may replace a previous prepared dataset or an empty directory, never anything else."""
     return path.is_dir() and ((path / "manifest.json").is_file() or not any(path.iterdir()))
+
+
+def refuse_unreplaceable(path: Path) -> None:
+    """What --force may not replace (`is_replaceable`) is refused: run before any work."""
+    if path.exists() and not is_replaceable(path):
+        raise UsageError(f"refusing to replace {path}: it is not a prepared dataset (no manifest.json) nor empty")
 
 
 

@@ -65,10 +65,9 @@ def prepare(
     start = time.perf_counter()
     out = Path(out)
     refuse_existing(out, force)
-    from .dataset import PreparedWriter, is_replaceable  # imports torch: not at CLI start-up (`fm --help` stays fast)
+    from .dataset import PreparedWriter, refuse_unreplaceable  # imports torch: not at CLI start-up (`fm --help` stays fast)
 
-    if out.exists() and not is_replaceable(out):
-        raise UsageError(f"refusing to replace {out}: it is not a prepared dataset (no manifest.json) nor empty")
+    refuse_unreplaceable(out)
     if split not in ("train", "test"):
         raise UsageError(f"--split must be train or test, not {split!r}")
     src = open_source(source, root, split=split, size=size, count=count, seed=seed, max_member_mib=max_member_mib)
