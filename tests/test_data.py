@@ -379,6 +379,18 @@ def test_shapes_deterministic_per_seed_and_limit(tmp_path):
     assert read_manifest(tmp_path / "e")["count"] == 7 and len(read_captions(tmp_path / "e")) == 7
 
 
+@pytest.mark.parametrize("source", ["shapes", "folder"])
+def test_split_test_of_a_source_without_splits_is_refused(tmp_path, source):
+    """`--split test` on a source without splits was ignored: the "test" dataset held the training images
+    themselves (train/test leakage in `fm eval --data`). Refused (exit 2) before anything is written."""
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a.png")
+    res = run_fm("prepare-data", source, "--root", root, "--out", tmp_path / "test", "--size", 8, "--count", 4, "--split", "test")
+    assert res.returncode == 2 and "has no test split" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert not (tmp_path / "test").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
 def test_existing_output_refused_unless_force(tmp_path):
     out = tmp_path / "o"
     prepare("shapes", out, count=8)
