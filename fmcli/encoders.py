@@ -67,10 +67,14 @@ class FrozenVAE:
         self.scaling_factor = float(cfg.scaling_factor)
         self.shift_factor = float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0
         self.latent_channels = int(cfg.latent_channels)
+        self.in_channels = int(cfg.in_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
 
     def latent_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
         c, h, w = shape
+        if c != self.in_channels:
+            raise UsageError(f"the VAE at {self.path} encodes {self.in_channels}-channel images, these have {c} channel(s) "
+                             "(mnist and sklearn-digits are grayscale): prepare them without --vae, in pixel space")
         if h % self.downsample or w % self.downsample:
             raise UsageError(f"image size {h}x{w} is not divisible by the VAE's downsampling factor {self.downsample}")
         return (self.latent_channels, h // self.downsample, w // self.downsample)

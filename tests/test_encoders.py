@@ -319,3 +319,18 @@ def test_force_over_a_users_folder_is_refused_before_the_pixel_pass(tmp_path, ti
         prepare_encoded(pixel_pass, user, force=True, vae=str(tiny_vae))
     assert (user / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_grayscale_data_with_an_rgb_vae_is_a_usage_error(tmp_path, tiny_vae):
+    """A 1-channel source (mnist, sklearn-digits) encoded with an RGB VAE failed inside the VAE's first
+    convolution (a RuntimeError, exit 1); now a one-line usage error (exit 2) naming the channels."""
+    from fmcli.data.dataset import PreparedWriter
+    from fmcli.data.latents import encode_prepared
+
+    with PreparedWriter(tmp_path / "gray", 2, (1, 16, 16), labels=True) as w:
+        for k in range(2):
+            w.add(np.full((1, 16, 16), 40 * k, np.uint8), k)
+        gray = w.finish(num_classes=2)
+    with pytest.raises(UsageError, match="encodes 3-channel images, these have 1 channel"):
+        encode_prepared(gray, tmp_path / "latents", vae=str(tiny_vae))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gray"]
