@@ -12,6 +12,8 @@ factors read from the VAE's own config (shift_factor None -> 0); decoding invert
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +67,14 @@ class FrozenVAE:
         self.scaling_factor = float(cfg.scaling_factor)
         self.shift_factor = float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0
         self.latent_channels = int(cfg.latent_channels)
+        self.in_channels = int(cfg.in_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
 
     def latent_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
         c, h, w = shape
+        if c != self.in_channels:
+            raise UsageError(f"the VAE at {self.path} encodes {self.in_channels}-channel images, these have {c} channel(s) "
+                             "(mnist and sklearn-digits are grayscale): prepare them without --vae, in pixel space")
         if h % self.downsample or w % self.downsample:
             raise UsageError(f"image size {h}x{w} is not divisible by the VAE's downsampling factor {self.downsample}")
         return (self.latent_channels, h // self.downsample, w // self.downsample)
@@ -86,8 +92,10 @@ class FrozenVAE:
         return self.vae.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)
 
     def info(self) -> dict:
+        """What a latent dataset records of its VAE; the path absolute, so that it still names the VAE from
+        another working directory (training, sampling)."""
         return {
-            "path": str(self.path),
+            "path": os.path.abspath(self.path),
             "scaling_factor": self.scaling_factor,
             "shift_factor": self.shift_factor,
             "latent_channels": self.latent_channels,
@@ -141,7 +149,8 @@ class FrozenTextEncoder:
         return torch.cat(states), torch.cat(masks)
 
     def info(self) -> dict:
-        return {"path": str(self.path), "model_type": self.model_type, "hidden_size": self.hidden_size, "max_tokens": self.max_tokens}
+        """What a dataset records of its text encoder (the path absolute, as `FrozenVAE.info`)."""
+        return {"path": os.path.abspath(self.path), "model_type": self.model_type, "hidden_size": self.hidden_size, "max_tokens": self.max_tokens}
 
 
 @dataclass
@@ -206,6 +215,8 @@ def setup_training_encoders(cfg, dataset, device):
     manifest = dataset.manifest
     recorded_vae = (manifest.get("vae") or {}).get("path")
     encoders = {"vae": resolve_path(None, cfg.encoders.vae, ENV_VAE, recorded_vae) if dataset.space == "latents" else cfg.encoders.vae}
+    if dataset.space == "latents" and manifest.get("vae"):
+        check_same_vae(encoders["vae"], manifest["vae"])
     text = None
     if cfg.model.cross_attention:
         recorded = manifest.get("text_encoder") or {}
@@ -213,6 +224,7 @@ def setup_training_encoders(cfg, dataset, device):
         if dataset.has_cached_text:
             empty, empty_mask = dataset.empty_text()
             text = TextConditioning(None, torch.from_numpy(empty).float(), torch.from_numpy(empty_mask).bool())
+            check_same_text_encoder(encoders["text_encoder"], recorded, text.text_dim)
             if recorded.get("max_tokens"):
                 encoders["max_tokens"] = int(recorded["max_tokens"])
         else:
@@ -221,6 +233,69 @@ def setup_training_encoders(cfg, dataset, device):
             raise UsageError(f"model.text_dim={cfg.model.text_dim} does not match the text encoder's width {text.text_dim}; remove the setting")
         cfg = cfg.with_section("model", text_dim=text.text_dim)
     return text, cfg.with_section("encoders", **encoders)
+
+
+def check_same_vae(path: str | None, recorded: dict) -> None:
+    """A latent dataset is decoded (sample grids, `fm sample`) with the VAE the run records: refuse one whose
+    latent space (channels, downsampling, scaling and shift factors) is not the one the dataset was encoded in.
+    A VAE that is not there (or has no readable config.json) is not checked: training does not need it."""
+    facts = _vae_facts(path) if path else None
+    if facts is None:
+        return
+    differ = [k for k, v in facts.items() if recorded.get(k) is not None and not math.isclose(float(recorded[k]), v, rel_tol=1e-6)]
+    if differ:
+        theirs = ", ".join(f"{k} {facts[k]:g}" for k in differ)
+        mine = ", ".join(f"{k} {float(recorded[k]):g}" for k in differ)
+        raise UsageError(
+            f"the VAE {path} (encoders.vae or {ENV_VAE}) has {theirs}, but the dataset's latents were encoded with {mine} "
+            f"(the VAE at {recorded.get('path')}): set encoders.vae to the dataset's VAE"
+        )
+
+
+def check_same_text_encoder(path: str | None, recorded: dict, width: int) -> None:
+    """Cached text states are used in training, the encoder the run records at sampling: refuse an encoder of
+    another kind or width than the one that wrote the cache. One that is not there is not checked."""
+    facts = _text_encoder_facts(path) if path else None
+    if facts is None:
+        return
+    model_type, hidden = facts
+    cached_type = recorded.get("model_type")
+    if hidden != width or (cached_type and model_type and model_type != cached_type):
+        raise UsageError(
+            f"the text encoder {path} (encoders.text_encoder or {ENV_TEXT_ENCODER}) is a {model_type} of width {hidden}, but the dataset's "
+            f"cached text states come from a {cached_type or 'text encoder'} of width {width} (at {recorded.get('path')}): "
+            "set encoders.text_encoder to the encoder that cached them"
+        )
+
+
+def _vae_facts(path) -> dict | None:
+    """The latent space an AutoencoderKL directory's config.json describes (diffusers' defaults where a key is
+    absent), as `FrozenVAE.info` reports it; None when it cannot be read."""
+    try:
+        cfg = json.loads((Path(path).expanduser() / "config.json").read_text())
+        shift = cfg.get("shift_factor")
+        return {
+            "scaling_factor": float(cfg.get("scaling_factor", 0.18215)),
+            "shift_factor": float(shift) if shift is not None else 0.0,
+            "latent_channels": float(cfg.get("latent_channels", 4)),
+            "downsample": float(2 ** (len(cfg.get("block_out_channels", [64])) - 1)),
+        }
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _text_encoder_facts(path) -> tuple[str | None, int] | None:
+    """(model_type, hidden width) of a text-encoder directory's config.json (T5: d_model; CLIP: hidden_size, or its
+    text_config's); None when it cannot be read."""
+    if str(path) == BUILTIN_TINY_T5:
+        path = BUILTIN_DIR
+    try:
+        cfg = json.loads((Path(path).expanduser() / "config.json").read_text())
+        text_cfg = cfg.get("text_config") or {}
+        hidden = cfg.get("d_model") or cfg.get("hidden_size") or text_cfg.get("hidden_size")
+        return (cfg.get("model_type"), int(hidden)) if hidden else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def grid_conditions(text: TextConditioning, dataset, n: int, device) -> tuple[tuple[dict, dict], list[str]]:

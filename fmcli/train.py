@@ -321,7 +321,7 @@ class Trainer:
         """The checkpoint's contents (checkpoint.training_state); collective: every rank calls it."""
         hardware = self.hardware.record(self.budget.snapshot)  # how precision / compile were resolved, the probe, the budget
         manifest = self.dataset.manifest  # what sampling needs to know of it; a student of reflow pairs samples its teacher's kind
-        keys = ("kind", "shape", "num_classes", "class_names", "source", "image_size", "vae", "text_encoder")
+        keys = ("kind", "shape", "count", "num_classes", "class_names", "source", "image_size", "vae", "text_encoder")
         data_info = {**{k: manifest.get(k) for k in keys}, "kind": data_space(manifest)}
         position = data_position(self.batches, len(self.dataset), self.cfg.train.global_batch_size)
         return training_state(self.step_fn.state_dict(), step=self.step, batches=self.batches, position=position, ctx=self.ctx,
@@ -346,6 +346,12 @@ class Trainer:
         self.budget.restore((state.get("hardware") or {}).get("budget"))  # the fitted steps are in the config
         self.step = int(state["step"])
         self.batches = int(state["data_position"]["batches"])
+        # The data position indexes this dataset's epoch permutations, which depend on its size (older checkpoints
+        # lack the count: only a position that falls elsewhere in the epochs is caught then).
+        count = (state.get("data_info") or {}).get("count")
+        if count is not None and int(count) != len(self.dataset):
+            raise UsageError(f"{path} was trained on {count} images, but {self.cfg.data.path} holds {len(self.dataset)} (re-prepared?): a resume "
+                             f"continues the same data; to go on with other data start a new run with --set train.init_from={path}")
         saved = (state["data_position"]["epoch"], state["data_position"]["index"])
         if saved != data_position(self.batches, len(self.dataset), self.cfg.train.global_batch_size):
             raise RuntimeFailure(f"{path}: data position {saved} does not match this dataset; was it re-prepared with another size?")

@@ -249,6 +249,20 @@ def test_exif_orientation_is_applied(tmp_path):
     assert np.array_equal(x, upright[8:24].transpose(2, 0, 1))
 
 
+def test_16bit_grayscale_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG (mode I;16) holds 0..65535; PIL's convert clips it at 255, which turned all but
+    the darkest 0.4% of its range white. Scaled to 8 bits instead, as an 8-bit save of the same image."""
+    root = tmp_path / "scans"
+    root.mkdir()
+    deep = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0, 257, ... 65535
+    Image.fromarray(deep).save(root / "a.png")
+    assert Image.open(root / "a.png").mode.startswith("I")
+    prepare("folder", tmp_path / "o", root=root, size=16)
+    x = np.load(tmp_path / "o" / "x.npy")[0]
+    expected = np.arange(256, dtype=np.uint8).reshape(16, 16)  # deep // 257
+    assert x.shape == (3, 16, 16) and all(np.array_equal(x[c], expected) for c in range(3))
+
+
 def test_resize_center_crop_of_odd_box_matches_pil_crop():
     img = Image.fromarray(RNG.integers(0, 256, (30, 50, 3), dtype=np.uint8))
     out = resize_center_crop(img, 30)
@@ -365,6 +379,18 @@ def test_shapes_deterministic_per_seed_and_limit(tmp_path):
     assert read_manifest(tmp_path / "e")["count"] == 7 and len(read_captions(tmp_path / "e")) == 7
 
 
+@pytest.mark.parametrize("source", ["shapes", "folder"])
+def test_split_test_of_a_source_without_splits_is_refused(tmp_path, source):
+    """`--split test` on a source without splits was ignored: the "test" dataset held the training images
+    themselves (train/test leakage in `fm eval --data`). Refused (exit 2) before anything is written."""
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a.png")
+    res = run_fm("prepare-data", source, "--root", root, "--out", tmp_path / "test", "--size", 8, "--count", 4, "--split", "test")
+    assert res.returncode == 2 and "has no test split" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert not (tmp_path / "test").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
 def test_existing_output_refused_unless_force(tmp_path):
     out = tmp_path / "o"
     prepare("shapes", out, count=8)
@@ -421,15 +447,15 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, folder, monkeypatch):
 
 def test_writer_latents_extras_and_dtype_checks(tmp_path):
     lat = RNG.standard_normal((5, 4, 8, 8)).astype(np.float32)
-    text = RNG.standard_normal((5, 6, 3)).astype(np.float16)
-    with PreparedWriter(tmp_path / "l", None, (4, 8, 8), dtype="float16", kind="latents", captions=True, extras={"text": ((6, 3), "float16")}) as w:
-        w.add_batch(lat[:3], captions=["a", "b", "c"], text=text[:3])
-        w.add(lat[3], caption="d", text=text[3])
-        w.add(lat[4], caption="e", text=text[4])
+    feat = RNG.standard_normal((5, 6, 3)).astype(np.float16)  # any per-row extra (not text.npy: a text cache is four files)
+    with PreparedWriter(tmp_path / "l", None, (4, 8, 8), dtype="float16", kind="latents", captions=True, extras={"feat": ((6, 3), "float16")}) as w:
+        w.add_batch(lat[:3], captions=["a", "b", "c"], feat=feat[:3])
+        w.add(lat[3], caption="d", feat=feat[3])
+        w.add(lat[4], caption="e", feat=feat[4])
         w.finish()
     x = np.load(tmp_path / "l" / "x.npy", mmap_mode="r")
     assert x.dtype == np.float16 and np.array_equal(x, lat.astype(np.float16))
-    assert np.array_equal(np.load(tmp_path / "l" / "text.npy"), text)
+    assert np.array_equal(np.load(tmp_path / "l" / "feat.npy"), feat)
     ds = PreparedDataset(tmp_path / "l")
     assert torch.equal(ds.__getitems__([4, 1])["x"], torch.from_numpy(lat[[4, 1]].astype(np.float16)).float())
     with PreparedWriter(tmp_path / "u", 2, (1, 2, 2)) as w:

@@ -5,6 +5,7 @@ masking, prepare-data --vae --text-encoder --cache-text, training and sampling f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,126 @@ def test_pixels_with_cached_text(tmp_path, tiny_t5):
     assert batch["text"].shape == (2, 8, 32) and batch["text_mask"].dtype == torch.bool and "caption" not in batch
     with pytest.raises(UsageError, match="--cache-text needs --text-encoder"):
         encode_prepared(src, tmp_path / "bad", cache_text=True)
+
+
+def test_training_refuses_encoders_that_did_not_make_the_cached_latents_or_text(tmp_path, tiny_vae, tiny_t5, monkeypatch):
+    """A latent / cached-text dataset trained with another VAE or text encoder (a flag, the config or FM_VAE /
+    FM_TEXT_ENCODER win over the recorded path) would record encoders that cannot read its latents or states:
+    the run's grids and `fm sample` would decode garbage or crash after training. Refused before training;
+    the same weights moved elsewhere are accepted."""
+    import shutil
+
+    from fmcli.config import apply_overrides, resolve_for_training
+    from fmcli.data.dataset import PreparedDataset
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+
+    src = prepare_shapes(tmp_path / "shapes", size=16, count=4, seed=0)
+    data = encode_prepared(src, tmp_path / "latents", vae=tiny_vae, text_encoder=tiny_t5, cache_text=True, max_tokens=8)
+    dataset = PreparedDataset(data, text=True)
+    other_vae = _save_tiny_vae(tmp_path / "other-vae", shift_factor=None)  # shift 0 instead of 0.1
+    wider_t5 = build_tiny_text_encoder(tmp_path / "t5-64", seed=0, words=WORDS, d_model=64, layers=1, heads=4)
+    moved_vae, moved_t5 = shutil.copytree(tiny_vae, tmp_path / "moved-vae"), shutil.copytree(tiny_t5, tmp_path / "moved-t5")
+    monkeypatch.delenv("FM_VAE", raising=False)
+    monkeypatch.delenv("FM_TEXT_ENCODER", raising=False)
+
+    def resolved(*settings):
+        cfg = apply_overrides(load_config("text-debug"), [f"data.path={data}", *settings])
+        return resolve_for_training(cfg, dataset, torch.device("cpu"))[1]
+
+    assert resolved().encoders.vae == str(tiny_vae)  # the recorded encoders
+    cfg = resolved(f"encoders.vae={moved_vae}", f"encoders.text_encoder={moved_t5}")
+    assert cfg.encoders.vae == str(moved_vae) and cfg.model.text_dim == 32
+    with pytest.raises(UsageError, match="shift_factor 0, but the dataset's latents were encoded with shift_factor 0.1"):
+        resolved(f"encoders.vae={other_vae}")
+    monkeypatch.setenv("FM_VAE", str(other_vae))
+    with pytest.raises(UsageError, match="the VAE .* has shift_factor 0"):
+        resolved()
+    monkeypatch.delenv("FM_VAE")
+    with pytest.raises(UsageError, match="width 64, but the dataset's cached text states come from a t5 of width 32"):
+        resolved(f"encoders.text_encoder={wider_t5}")
+
+
+@pytest.mark.parametrize("damage", ["no-empty-prompt", "short-mask", "float32-states"])
+def test_damaged_text_cache_is_refused_before_training(tmp_path, tiny_t5, damage):
+    """The four text-cache files must agree (text [N,L,D] float16, text_mask [N,L], text_empty [1,L,D],
+    text_empty_mask [1,L]); a copy missing the empty prompt or with mismatched arrays failed inside training
+    (FileNotFoundError, a tensor-size error). `validate_prepared` now refuses it: exit 2 before any work."""
+    from fmcli.data.dataset import validate_prepared
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+
+    src = prepare_shapes(tmp_path / "shapes", size=8, count=4, seed=0)
+    data = encode_prepared(src, tmp_path / "cached", text_encoder=tiny_t5, cache_text=True, max_tokens=8)
+    validate_prepared(data)
+    if damage == "no-empty-prompt":
+        (data / "text_empty.npy").unlink()
+        expected = "without text_empty.npy"
+    elif damage == "short-mask":
+        np.save(data / "text_mask.npy", np.load(data / "text_mask.npy")[:, :4])
+        expected = "text_mask.npy holds an array of shape \\[4, 4\\]"
+    else:
+        np.save(data / "text.npy", np.load(data / "text.npy").astype(np.float32))
+        expected = "text.npy holds float32 values, expected float16"
+    with pytest.raises(UsageError, match=expected):
+        validate_prepared(data)
+
+
+def test_recorded_encoder_paths_work_from_another_directory(tmp_path, tiny_vae, tiny_t5, monkeypatch):
+    """`fm prepare-data --vae weights/vae` recorded the path as typed, relative to where it ran: training the
+    dataset from another directory ran all its steps, then failed at the first sample grid ("VAE not found"),
+    and the run recorded the dead path for `fm sample`. The manifest now records absolute paths."""
+    import shutil
+
+    from fmcli.config import apply_overrides, resolve_for_training
+    from fmcli.data.dataset import PreparedDataset
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_vae, work / "weights" / "vae")
+    shutil.copytree(tiny_t5, work / "weights" / "t5")
+    elsewhere.mkdir()
+    monkeypatch.delenv("FM_VAE", raising=False)
+    monkeypatch.delenv("FM_TEXT_ENCODER", raising=False)
+    monkeypatch.chdir(work)
+    src = prepare_shapes("shapes", size=16, count=4, seed=0)
+    encode_prepared(src, "latents", vae="weights/vae", text_encoder="weights/t5", cache_text=True, max_tokens=8)
+    monkeypatch.chdir(elsewhere)
+    dataset = PreparedDataset(work / "latents", text=True)
+    cfg = apply_overrides(load_config("text-debug"), [f"data.path={work / 'latents'}"])  # no encoders set: the recorded ones
+    cfg = resolve_for_training(cfg, dataset, torch.device("cpu"))[1]
+    assert (Path(cfg.encoders.vae) / "config.json").is_file() and Path(cfg.encoders.vae).samefile(work / "weights" / "vae")
+    assert Path(cfg.encoders.text_encoder).samefile(work / "weights" / "t5")
+
+
+def test_force_over_a_users_folder_is_refused_before_the_pixel_pass(tmp_path, tiny_vae):
+    """`fm prepare-data ... --vae DIR --out USER_FOLDER --force` refused the folder (not a prepared dataset)
+    only when writing the latents, after the whole pixel pass and the VAE load; now before any work."""
+    from fmcli.data.latents import prepare_encoded
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    def pixel_pass(target):
+        raise AssertionError(f"the pixel pass ran (into {target}) before the output was checked")
+
+    with pytest.raises(UsageError, match="not a prepared dataset"):
+        prepare_encoded(pixel_pass, user, force=True, vae=str(tiny_vae))
+    assert (user / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_grayscale_data_with_an_rgb_vae_is_a_usage_error(tmp_path, tiny_vae):
+    """A 1-channel source (mnist, sklearn-digits) encoded with an RGB VAE failed inside the VAE's first
+    convolution (a RuntimeError, exit 1); now a one-line usage error (exit 2) naming the channels."""
+    from fmcli.data.dataset import PreparedWriter
+    from fmcli.data.latents import encode_prepared
+
+    with PreparedWriter(tmp_path / "gray", 2, (1, 16, 16), labels=True) as w:
+        for k in range(2):
+            w.add(np.full((1, 16, 16), 40 * k, np.uint8), k)
+        gray = w.finish(num_classes=2)
+    with pytest.raises(UsageError, match="encodes 3-channel images, these have 1 channel"):
+        encode_prepared(gray, tmp_path / "latents", vae=str(tiny_vae))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gray"]

@@ -22,6 +22,7 @@ from fmcli.config import load_config
 from fmcli.data.dataset import PreparedWriter
 from fmcli.errors import UsageError
 from fmcli.data.sampler import batch_geometry
+from fmcli.data.shapes import prepare_shapes
 from fmcli.optim import LRSchedule, update_ema
 from fmcli.train import train
 
@@ -66,6 +67,22 @@ def test_resume_is_bit_exact_with_accumulation_workers_and_ema(tmp_path, shapes1
     # The metrics log of the split run continues the same numbers.
     logged = [json.loads(line)["loss"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert logged == straight.losses
+
+
+def test_resume_on_a_dataset_of_another_size_is_refused(tmp_path):
+    """The data position indexes the epoch permutations of the dataset trained on, which depend on its size: a
+    resume on a re-prepared dataset of another size (32 -> 40 images, batch 8: the same (epoch, index) after
+    2 batches, so the position check alone let it through) read rows the run never planned. Refused (exit 2)."""
+    from fmcli.config import validate_config
+
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=32, seed=0)
+    common = ["model.patch_size=4", "train.steps=4", "train.global_batch_size=8", "train.checkpoint_every=0"]
+    first = train(cfg_for(data, *common), tmp_path / "run", stop_at_step=2)
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    assert first.step == 2
+    prepare_shapes(data, size=8, count=40, seed=1, force=True)
+    with pytest.raises(UsageError, match="trained on 32 images, but .* holds 40"):
+        train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "run", resume_from=ckpt)
 
 
 def test_accumulation_matches_one_big_batch(tmp_path, shapes16):

@@ -49,8 +49,7 @@ class PreparedWriter:
     ):
         self.out = Path(out)
         refuse_existing(self.out, force)
-        if self.out.exists() and not is_replaceable(self.out):
-            raise UsageError(f"refusing to replace {self.out}: it is not a prepared dataset (no manifest.json) nor empty")
+        refuse_unreplaceable(self.out)
         if capacity is not None and capacity <= 0:
             raise UsageError("nothing to write: the source has no images")
         self.capacity, self.shape, self.dtype, self.kind = capacity, tuple(shape), dtype, kind
@@ -192,6 +191,12 @@ def is_replaceable(path: Path) -> bool:
     return path.is_dir() and ((path / "manifest.json").is_file() or not any(path.iterdir()))
 
 
+def refuse_unreplaceable(path: Path) -> None:
+    """What --force may not replace (`is_replaceable`) is refused: run before any work."""
+    if path.exists() and not is_replaceable(path):
+        raise UsageError(f"refusing to replace {path}: it is not a prepared dataset (no manifest.json) nor empty")
+
+
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -255,14 +260,34 @@ def validate_prepared(path: str | Path) -> dict:
         lines = sum(1 for line in captions.open(encoding="utf-8") if line.strip())
         if lines != count:
             raise UsageError(f"{captions} has {lines} captions for {count} images; {redo}")
-    for name in ("text.npy", "text_mask.npy"):
-        if (path / name).is_file():
-            _check_npy(path / name, None, None, redo, rows=count)
+    _check_text_cache(path, count, redo)
     return manifest
 
 
-def _check_npy(file: Path, shape: tuple[int, ...] | None, dtype: str | None, redo: str, rows: int | None = None) -> None:
-    """The .npy header matches the expected shape / dtype / row count and the file holds all its bytes."""
+TEXT_CACHE_FILES = ("text.npy", "text_mask.npy", "text_empty.npy", "text_empty_mask.npy")
+
+
+def _check_text_cache(path: Path, count: int, redo: str) -> None:
+    """Cached text states come as four files that agree: text [count,L,D] float16, text_mask [count,L] bool, and
+    the empty prompt's text_empty [1,L,D] / text_empty_mask [1,L] (the unconditional branch)."""
+    present = [name for name in TEXT_CACHE_FILES if (path / name).is_file()]
+    if not present:
+        return
+    if len(present) < len(TEXT_CACHE_FILES):
+        missing = ", ".join(name for name in TEXT_CACHE_FILES if name not in present)
+        raise UsageError(f"{path} holds cached text states without {missing}; {redo}")
+    shape = _check_npy(path / "text.npy", None, "float16", redo, rows=count)
+    if len(shape) != 3:
+        raise UsageError(f"{path / 'text.npy'} holds an array of shape {list(shape)}, expected [count, tokens, width]; {redo}")
+    _, length, width = shape
+    _check_npy(path / "text_mask.npy", (count, length), "bool", redo)
+    _check_npy(path / "text_empty.npy", (1, length, width), "float16", redo)
+    _check_npy(path / "text_empty_mask.npy", (1, length), "bool", redo)
+
+
+def _check_npy(file: Path, shape: tuple[int, ...] | None, dtype: str | None, redo: str, rows: int | None = None) -> tuple[int, ...]:
+    """The .npy header matches the expected shape / dtype / row count and the file holds all its bytes; returns
+    the shape."""
     if not file.is_file():
         raise UsageError(f"{file} is missing; {redo}")
     try:
@@ -283,6 +308,7 @@ def _check_npy(file: Path, shape: tuple[int, ...] | None, dtype: str | None, red
     actual = file.stat().st_size
     if actual < expected:
         raise UsageError(f"{file} is truncated: {actual} bytes, its header needs {expected}; {redo}")
+    return tuple(got_shape)
 
 
 def read_captions(path: str | Path) -> list[str]:

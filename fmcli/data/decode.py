@@ -52,7 +52,8 @@ def decode_record(record: Record, size: int, channels: int) -> tuple[np.ndarray 
 
 
 def open_image(data: bytes | str, size: int, channels: int) -> Image.Image:
-    """Decode fully (so truncated files fail here), upright, as L or RGB; alpha is composited on white."""
+    """Decode fully (so truncated files fail here), upright, as L or RGB; alpha is composited on white; 16-bit
+    grayscale is scaled to 8 bits (65535 -> 255), not clipped."""
     if isinstance(data, str):
         with open(data, "rb") as f:
             data = f.read()
@@ -60,6 +61,8 @@ def open_image(data: bytes | str, size: int, channels: int) -> Image.Image:
     image.draft(image.mode, (size, size))  # JPEG only: decode at a reduced scale that still covers `size`
     image.load()
     image = ImageOps.exif_transpose(image)  # camera photos: apply the EXIF orientation
+    if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grayscale (PNG, TIFF): PIL's convert clips at 255
+        image = Image.fromarray(np.round(np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)

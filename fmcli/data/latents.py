@@ -18,7 +18,7 @@ import torch
 from ..encoders import TextConditioning, check_text_encoder_dir, check_vae_dir, load_text_encoder, load_vae
 from ..errors import RuntimeFailure, UsageError
 from ..fsutil import refuse_existing
-from .dataset import PreparedDataset, PreparedWriter
+from .dataset import PreparedDataset, PreparedWriter, refuse_unreplaceable
 
 _COPIED_FIELDS = ("num_classes", "class_names", "source", "image_size", "seed")
 
@@ -110,6 +110,7 @@ def prepare_encoded(prepare_pixels: Callable[[Path], Path], out: str | Path, *, 
     pixel dataset is removed whatever happens."""
     out = Path(out)
     refuse_existing(out, force)
+    refuse_unreplaceable(out)  # --force replaces only a prepared dataset: said now, not after the pixel pass
     # Fail on a wrong encoder path before the (possibly long) pixel pass, not after it.
     if encode_kwargs.get("cache_text") and not encode_kwargs.get("text_encoder"):
         raise UsageError("--cache-text needs --text-encoder PATH")

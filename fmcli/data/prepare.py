@@ -28,6 +28,7 @@ from ..fsutil import refuse_existing
 from .readers import DEFAULT_MAX_MEMBER_MIB, Source, open_captions, open_cifar10, open_folder, open_mnist, open_sklearn_digits, open_tar
 
 SOURCES = ("shapes", "cifar10", "mnist", "sklearn-digits", "folder", "captions", "tar")
+SPLIT_SOURCES = ("cifar10", "mnist", "sklearn-digits")  # the sources with a train and a test split (--split)
 BATCH = 64  # records per pool task
 SHOW_SKIPPED = 5
 PROGRESS_EVERY = 256  # records between progress updates
@@ -65,12 +66,14 @@ def prepare(
     start = time.perf_counter()
     out = Path(out)
     refuse_existing(out, force)
-    from .dataset import PreparedWriter, is_replaceable  # imports torch: not at CLI start-up (`fm --help` stays fast)
+    from .dataset import PreparedWriter, refuse_unreplaceable  # imports torch: not at CLI start-up (`fm --help` stays fast)
 
-    if out.exists() and not is_replaceable(out):
-        raise UsageError(f"refusing to replace {out}: it is not a prepared dataset (no manifest.json) nor empty")
+    refuse_unreplaceable(out)
     if split not in ("train", "test"):
         raise UsageError(f"--split must be train or test, not {split!r}")
+    if split != "train" and source not in SPLIT_SOURCES:  # it would be the training images again: a "test" set that leaks
+        raise UsageError(f"--split test: the {source} source has no test split (only {', '.join(SPLIT_SOURCES)} do); "
+                         "prepare held-out images from their own --root" + (", or shapes with another --seed" if source == "shapes" else ""))
     src = open_source(source, root, split=split, size=size, count=count, seed=seed, max_member_mib=max_member_mib)
     total = src.capacity if limit is None else min(limit, src.capacity or limit)
     if total:
