@@ -202,6 +202,12 @@ def _diffusers_readme(cfg: Config, meta: dict, name: str) -> str:
     k = m.num_classes
     labels = "torch.arange(n) % NUM_CLASSES" if k else "torch.zeros(n, dtype=torch.long)  # unconditional: label 0 is the null class"
     guidance = cfg.sample.cfg if k else 1.0
+    lo, hi = cfg.sample.guidance_interval or (0.0, 1.0)
+    own = (cfg.sample.solver, cfg.sample.guidance if guidance != 1.0 else "cfg")
+    other = "" if own == ("euler", "cfg") else (
+        f"\nThis snippet is Euler with plain CFG; the checkpoint samples with {own[0]} and {own[1]} guidance by default, so"
+        f" `fm sample --ckpt DIR --solver euler --guidance cfg` is what it reproduces.\n"
+    )
     return f"""# {cfg.name}: a flow-matching DiT exported by fm {__version__}
 
 Class-conditional rectified-flow model (fm step {meta['step']}, {'EMA' if meta['ema'] else 'raw'} weights) as a diffusers
@@ -221,6 +227,7 @@ import torch
 from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
 DIR, NUM_CLASSES, STEPS, CFG, n = "{name}", {k}, {cfg.sample.steps}, {guidance}, 8
+GUIDED = ({lo!r}, {hi!r})  # fm's sample.guidance_interval: CFG only where fm's time t = 1 - sigma is in it
 model = DiTTransformer2DModel.from_pretrained(DIR).eval()
 for block in model.transformer_blocks:
     block.norm1.emb.time_proj.downscale_freq_shift = 0
@@ -231,14 +238,19 @@ x = torch.randn(n, {m.in_channels}, {m.image_size}, {m.image_size}, generator=to
 y = {labels}
 null = torch.full_like(y, NUM_CLASSES)
 with torch.no_grad():
-    for ts in scheduler.timesteps:
-        timestep = (1000 - ts).expand(2 * n)
-        out = model(torch.cat([x, x]), timestep=timestep, class_labels=torch.cat([y, null])).sample
-        cond, uncond = out.chunk(2)
-        x = scheduler.step(uncond + CFG * (cond - uncond), ts, x).prev_sample
+    for i, ts in enumerate(scheduler.timesteps):
+        t = 1.0 - float(scheduler.sigmas[i])
+        if CFG != 1 and GUIDED[0] - 1e-6 <= t <= GUIDED[1] + 1e-6:
+            timestep = (1000 - ts).expand(2 * n)
+            out = model(torch.cat([x, x]), timestep=timestep, class_labels=torch.cat([y, null])).sample
+            cond, uncond = out.chunk(2)
+            velocity = uncond + CFG * (cond - uncond)
+        else:
+            velocity = model(x, timestep=(1000 - ts).expand(n), class_labels=y).sample
+        x = scheduler.step(velocity, ts, x).prev_sample
 images = (x.clamp(-1, 1) + 1) / 2  # [n, C, H, W] in [0, 1]
 ```
-
+{other}
 `fm sample --ckpt DIR` also reads this directory (fm_export.json holds fm's config). The stock `DiTPipeline`
 does not apply: it expects a DDPM noise-prediction model with learned variance.
 """

@@ -99,6 +99,28 @@ def test_readme_snippet_samples_what_fm_samples(exported, monkeypatch):
     np.testing.assert_allclose(scope["x"].numpy(), expected.numpy(), atol=1e-4)
 
 
+def test_readme_snippet_follows_the_guidance_interval_and_shift(tmp_path, monkeypatch):
+    """The quickstart's default guides only on t in [0.3, 1] (and shifts its grid): the snippet must do the same,
+    or the exported model samples other images than `fm sample --ckpt EXPORT` does with the same settings."""
+    from fmcli.config import with_sampling_shift
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fm, cfg = make_checkpoint(tmp_path / "step.pt", ["sample.guidance_interval=[0.3, 1.0]", "flow.shift=2.0", "sample.steps=10"])
+    export_checkpoint(tmp_path / "step.pt", tmp_path / "dit", "diffusers")
+    out = tmp_path / "dit"
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    code = re.sub(r'^DIR, (.*?) = "[^"]*", ', lambda m: f'DIR, {m.group(1)} = {str(out)!r}, ', code, flags=re.M)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    n = scope["n"]
+    x0 = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    sample_cfg = with_sampling_shift(cfg).sample
+    expected = sample_batch(fm, x0, torch.arange(n) % NUM_CLASSES, sample_cfg).x
+    unguided_early = sample_batch(fm, x0, torch.arange(n) % NUM_CLASSES, sample_cfg.model_copy(update={"guidance_interval": None})).x
+    assert (expected - unguided_early).abs().max() > 1e-2  # the interval matters for this model
+    np.testing.assert_allclose(scope["x"].numpy(), expected.numpy(), atol=1e-4)
+
+
 def test_fm_sample_accepts_an_export_directory(exported, tmp_path):
     from fmcli.images import save_grid
 
