@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import EXPORT_MANIFEST, load_checkpoint, resolve_checkpoint
 from .config import Config, config_to_dict, validate_config
 from .errors import UsageError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, refuse_unwritable
 
 EXPORT_FORMATS = ("diffusers", "fm")
 EXPORT_VERSION = 1
@@ -51,6 +51,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
         raise UsageError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not (out.is_dir() and ((out / EXPORT_MANIFEST).is_file() or not any(out.iterdir()))):
         raise UsageError(f"refusing to replace {out}: it is neither an fm export (no {EXPORT_MANIFEST}) nor empty")
+    refuse_unwritable(out.parent)  # a file where a folder of --out should be: one line now, not an OSError later
     path = resolve_checkpoint(ckpt)
     if is_export(path):
         raise UsageError(f"{path} is already an exported model; export from the training checkpoint")

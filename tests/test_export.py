@@ -158,3 +158,17 @@ def test_existing_out_needs_force(tmp_path):
     assert (tmp_path / "new" / "diffusion_pytorch_model.safetensors").is_file() and (tmp_path / "new" / "scheduler" / "scheduler_config.json").is_file()
     assert not (tmp_path / "new" / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out", "step.pt"]  # no temporary directory left
+
+
+def test_out_under_a_file_is_refused_before_any_work(tmp_path, capsys):
+    """--out whose folder is a file: exit 2 with one line, as every other output path (not exit 1 with a FileExistsError)."""
+    from fmcli.cli import app
+
+    make_checkpoint(tmp_path / "step.pt")
+    (tmp_path / "afile").write_text("a file where the export's folder would go\n")
+    with pytest.raises(SystemExit) as exit_info:
+        app(args=["export", "--ckpt", str(tmp_path / "step.pt"), "--out", str(tmp_path / "afile" / "dit")], prog_name="fm")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "is a file, not a folder" in err
+    assert (tmp_path / "afile").read_text() == "a file where the export's folder would go\n"
