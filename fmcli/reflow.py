@@ -29,7 +29,7 @@ import torch
 
 from . import distributed as D
 from .data.dataset import PreparedWriter, is_replaceable
-from .fsutil import atomic_write, write_text_atomic
+from .fsutil import atomic_write, refuse_unwritable, write_text_atomic
 from .errors import UsageError
 from .generate import class_conditions, sample_batch, sampling_record
 from .solvers import SDE_SOLVERS, SOLVERS, check_solver_for_model
@@ -113,6 +113,7 @@ def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: boo
         raise UsageError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not is_replaceable(out):
         raise UsageError(f"refusing to replace {out}: it is not a prepared dataset (no manifest.json) nor empty")
+    refuse_unwritable(out.parent)  # OUT.partial and OUT go there: a file in the way is one line now, not an OSError later
     text = loaded_config.model.cross_attention
     if text and not prompts:
         raise UsageError("this teacher is a text-to-image model: reflow needs prompts (--prompt TEXT, repeatable, or --prompts FILE|-)")

@@ -154,6 +154,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(debug_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "text.pt"] and not any((tmp_path / "taken").iterdir())
 
 
+def test_out_under_a_file_is_refused_before_any_work(debug_run, tmp_path, capsys):
+    """--out whose folder is a file: exit 2 with one line before the teacher is loaded, not exit 1 with a
+    NotADirectoryError once OUT.partial is made."""
+    from fmcli.cli import app
+
+    (tmp_path / "afile").write_text("a file where the pairs' folder would go\n")
+    with pytest.raises(SystemExit) as exit_info:
+        app(args=["reflow", "--ckpt", str(debug_run), "-n", "4", "--steps", "2", "--out", str(tmp_path / "afile" / "pairs")], prog_name="fm")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "is a file, not a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_text_teacher_pairs_carry_their_prompts(tmp_path):
     from fmcli.encoders import build_tiny_text_encoder
 
