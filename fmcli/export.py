@@ -60,6 +60,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
     weights = state.get("ema") if use_ema else state["model"]
     if weights is None:
         raise UsageError(f"{path} has no EMA weights; use --no-ema")
+    if not isinstance(weights, dict):
+        raise UsageError(f"{path} is damaged: its {'EMA' if use_ema else 'model'} weights are not a state dict")
+    _check_weights(path, weights, cfg, "is damaged: its weights do not fit its own config:")  # else fm would refuse the export
     if fmt == "diffusers":
         from .models.diffusers_dit import check_exportable
 
@@ -139,8 +142,9 @@ def _read_weights(weights_file: Path) -> dict:
         raise UsageError(f"cannot read {weights_file}: corrupt or not safetensors ({_one_line(err)})") from None
 
 
-def _check_weights(path: Path, weights: dict, cfg: Config) -> None:
-    """The weights must be exactly the tensors (names and shapes) of the model the manifest's config builds."""
+def _check_weights(path: Path, weights: dict, cfg: Config, what: str = "does not match the model its fm_export.json describes:") -> None:
+    """The weights must be exactly the tensors (names and shapes) of the model the config builds (the manifest's,
+    or a checkpoint's before it is exported); `what` says which, after the path."""
     from .models import build_model
 
     with torch.device("meta"):  # names and shapes only: no memory, no initialisation
@@ -148,10 +152,10 @@ def _check_weights(path: Path, weights: dict, cfg: Config) -> None:
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
-    for what, keys in (("lacks", missing), ("has unexpected", extra), ("has a wrong shape for", wrong)):
+    for verb, keys in (("lacks", missing), ("has unexpected", extra), ("has a wrong shape for", wrong)):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise UsageError(f"{path} does not match the model its fm_export.json describes: it {what} {keys[0]}{more}")
+            raise UsageError(f"{path} {what} it {verb} {keys[0]}{more}")
 
 
 def _one_line(err: Exception) -> str:

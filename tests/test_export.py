@@ -172,3 +172,16 @@ def test_out_under_a_file_is_refused_before_any_work(tmp_path, capsys):
     assert exit_info.value.code == 2, err
     assert len(err.splitlines()) == 1 and "is a file, not a folder" in err
     assert (tmp_path / "afile").read_text() == "a file where the export's folder would go\n"
+
+
+def test_weights_that_do_not_fit_their_config_are_refused_before_writing(tmp_path):
+    """--format fm copied a damaged checkpoint's weights as they were, into an export that fm itself then refused;
+    the checkpoint is now checked first (one line, exit 2) and nothing is written."""
+    make_checkpoint(tmp_path / "step.pt")
+    state = torch.load(tmp_path / "step.pt", weights_only=True)
+    state["config"]["model"]["depth"] += 1  # the weights are a depth-2 model's
+    save_atomic(state, tmp_path / "damaged.pt")
+    res = run_fm("export", "--ckpt", tmp_path / "damaged.pt", "--format", "fm", "--out", tmp_path / "out")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "damaged.pt is damaged" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["damaged.pt", "step.pt"]
