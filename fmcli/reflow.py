@@ -153,10 +153,11 @@ def reflow_command(ctx: D.DistContext, *, ckpt: str, out: Path, texts: list[str]
     """What `fm reflow` does on one rank: load the teacher, solve this rank's chunks (a progress bar on rank 0);
     rank 0 assembles the dataset and returns the summary."""
     from .console import progress, stderr_console
-    from .generate import load_for_sampling, prepare_for_sampling
+    from .generate import guidance_that_runs, load_for_sampling, prepare_for_sampling
 
     loaded = load_for_sampling(ckpt, ctx.device, use_ema=ema, text_encoder=text_encoder, with_vae=False)
-    sample_cfg = sample_overrides(loaded.config.sample)
+    # An unconditional teacher samples unguided whatever its cfg: the plan and the manifest record cfg 1, what ran.
+    sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log if ctx.rank == 0 else None)
     loaded = prepare_for_sampling(loaded, sample_cfg, ctx.device, log, ctx)
     with progress(stderr_console(), "reflow", rank_share(num_pairs, batch_size, ctx)) as advance:
         return generate_pairs(
