@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import EXPORT_MANIFEST, load_checkpoint, resolve_checkpoint
 from .config import Config, config_to_dict, validate_config
 from .errors import UsageError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, refuse_unwritable
 
 EXPORT_FORMATS = ("diffusers", "fm")
 EXPORT_VERSION = 1
@@ -51,6 +51,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
         raise UsageError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not (out.is_dir() and ((out / EXPORT_MANIFEST).is_file() or not any(out.iterdir()))):
         raise UsageError(f"refusing to replace {out}: it is neither an fm export (no {EXPORT_MANIFEST}) nor empty")
+    refuse_unwritable(out.parent)  # a file where a folder of --out should be: one line now, not an OSError later
     path = resolve_checkpoint(ckpt)
     if is_export(path):
         raise UsageError(f"{path} is already an exported model; export from the training checkpoint")
@@ -59,6 +60,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
     weights = state.get("ema") if use_ema else state["model"]
     if weights is None:
         raise UsageError(f"{path} has no EMA weights; use --no-ema")
+    if not isinstance(weights, dict):
+        raise UsageError(f"{path} is damaged: its {'EMA' if use_ema else 'model'} weights are not a state dict")
+    _check_weights(path, weights, cfg, "is damaged: its weights do not fit its own config:")  # else fm would refuse the export
     if fmt == "diffusers":
         from .models.diffusers_dit import check_exportable
 
@@ -138,8 +142,9 @@ def _read_weights(weights_file: Path) -> dict:
         raise UsageError(f"cannot read {weights_file}: corrupt or not safetensors ({_one_line(err)})") from None
 
 
-def _check_weights(path: Path, weights: dict, cfg: Config) -> None:
-    """The weights must be exactly the tensors (names and shapes) of the model the manifest's config builds."""
+def _check_weights(path: Path, weights: dict, cfg: Config, what: str = "does not match the model its fm_export.json describes:") -> None:
+    """The weights must be exactly the tensors (names and shapes) of the model the config builds (the manifest's,
+    or a checkpoint's before it is exported); `what` says which, after the path."""
     from .models import build_model
 
     with torch.device("meta"):  # names and shapes only: no memory, no initialisation
@@ -147,10 +152,10 @@ def _check_weights(path: Path, weights: dict, cfg: Config) -> None:
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
-    for what, keys in (("lacks", missing), ("has unexpected", extra), ("has a wrong shape for", wrong)):
+    for verb, keys in (("lacks", missing), ("has unexpected", extra), ("has a wrong shape for", wrong)):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise UsageError(f"{path} does not match the model its fm_export.json describes: it {what} {keys[0]}{more}")
+            raise UsageError(f"{path} {what} it {verb} {keys[0]}{more}")
 
 
 def _one_line(err: Exception) -> str:
@@ -202,6 +207,12 @@ def _diffusers_readme(cfg: Config, meta: dict, name: str) -> str:
     k = m.num_classes
     labels = "torch.arange(n) % NUM_CLASSES" if k else "torch.zeros(n, dtype=torch.long)  # unconditional: label 0 is the null class"
     guidance = cfg.sample.cfg if k else 1.0
+    lo, hi = cfg.sample.guidance_interval or (0.0, 1.0)
+    own = (cfg.sample.solver, cfg.sample.guidance if guidance != 1.0 else "cfg")
+    other = "" if own == ("euler", "cfg") else (
+        f"\nThis snippet is Euler with plain CFG; the checkpoint samples with {own[0]} and {own[1]} guidance by default, so"
+        f" `fm sample --ckpt DIR --solver euler --guidance cfg` is what it reproduces.\n"
+    )
     return f"""# {cfg.name}: a flow-matching DiT exported by fm {__version__}
 
 Class-conditional rectified-flow model (fm step {meta['step']}, {'EMA' if meta['ema'] else 'raw'} weights) as a diffusers
@@ -221,6 +232,7 @@ import torch
 from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
 DIR, NUM_CLASSES, STEPS, CFG, n = "{name}", {k}, {cfg.sample.steps}, {guidance}, 8
+GUIDED = ({lo!r}, {hi!r})  # fm's sample.guidance_interval: CFG only where fm's time t = 1 - sigma is in it
 model = DiTTransformer2DModel.from_pretrained(DIR).eval()
 for block in model.transformer_blocks:
     block.norm1.emb.time_proj.downscale_freq_shift = 0
@@ -231,14 +243,19 @@ x = torch.randn(n, {m.in_channels}, {m.image_size}, {m.image_size}, generator=to
 y = {labels}
 null = torch.full_like(y, NUM_CLASSES)
 with torch.no_grad():
-    for ts in scheduler.timesteps:
-        timestep = (1000 - ts).expand(2 * n)
-        out = model(torch.cat([x, x]), timestep=timestep, class_labels=torch.cat([y, null])).sample
-        cond, uncond = out.chunk(2)
-        x = scheduler.step(uncond + CFG * (cond - uncond), ts, x).prev_sample
+    for i, ts in enumerate(scheduler.timesteps):
+        t = 1.0 - float(scheduler.sigmas[i])
+        if CFG != 1 and GUIDED[0] - 1e-6 <= t <= GUIDED[1] + 1e-6:
+            timestep = (1000 - ts).expand(2 * n)
+            out = model(torch.cat([x, x]), timestep=timestep, class_labels=torch.cat([y, null])).sample
+            cond, uncond = out.chunk(2)
+            velocity = uncond + CFG * (cond - uncond)
+        else:
+            velocity = model(x, timestep=(1000 - ts).expand(n), class_labels=y).sample
+        x = scheduler.step(velocity, ts, x).prev_sample
 images = (x.clamp(-1, 1) + 1) / 2  # [n, C, H, W] in [0, 1]
 ```
-
+{other}
 `fm sample --ckpt DIR` also reads this directory (fm_export.json holds fm's config). The stock `DiTPipeline`
 does not apply: it expects a DDPM noise-prediction model with learned variance.
 """

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import _state_dict_error, load_checkpoint, resolve_checkpoint
 from .config import Config, validate_config, with_sampling_shift
 from .errors import RuntimeFailure, UsageError
 from .hardware import CompileChoice, PrecisionChoice, autocast, check_precision, choice_lines, compile_failed, resolve_compile, resolve_model_precision
@@ -149,11 +149,27 @@ def load_for_sampling(
     weights = state.get("ema") if use_ema else state["model"]
     if weights is None:
         raise UsageError(f"{path} has no EMA weights; use --no-ema")
-    model.load_state_dict(weights)
+    info, step = _checked_facts(state, path)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise UsageError(f"{path} is damaged: its {'EMA' if use_ema else 'model'} weights do not fit its own config "
+                         f"({_state_dict_error(err)}); sample from another checkpoint") from None
     model.to(device).eval()
-    info = state.get("data_info", {})
     encoders = _sampling_encoders(cfg, info, device, vae, text_encoder, with_vae) if with_encoders else {}
-    return LoadedModel(model=model, config=cfg, info=info, step=int(state.get("step", 0)), **encoders)
+    return LoadedModel(model=model, config=cfg, info=info, step=step, **encoders)
+
+
+def _checked_facts(state: dict, path) -> tuple[dict, int]:
+    """The checkpoint's (or export's) data facts and step, checked: what sampling reads of them (class names,
+    data kind, encoders) must have the types fm writes, or the file is damaged (one line, exit 2)."""
+    info, step = state.get("data_info") or {}, state.get("step", 0)
+    names = info.get("class_names") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not (names is None or (isinstance(names, list) and all(isinstance(n, str) for n in names))):
+        raise UsageError(f"{path} is damaged: its data_info is not what fm records (a mapping with a list of class names)")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UsageError(f"{path} is damaged: its step {step!r} is not a count of training steps")
+    return info, step
 
 
 def with_guide(loaded: LoadedModel, guide_ckpt: str, device: torch.device, use_ema: bool = True, warn=None) -> LoadedModel:

@@ -120,6 +120,9 @@ def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "rec
         raise UsageError(f"--y {y}: choose one of {', '.join(FRONTIER_Y)}")
     path = Path(path)
     rows = read_json_rows(path)
+    if any(y not in m for r in rows for m in r["metrics"].values()):  # kid: absent from `fm eval --no-kid` rows
+        have = [k for k in FRONTIER_Y if all(k in m for r in rows for m in r["metrics"].values())]
+        raise UsageError(f"--y {y}: not every row of {path} has it (e.g. `fm eval --no-kid` writes no kid); choose one of {', '.join(have)}")
     out = _sweep_output(out, path, force)
     plt = _pyplot()
     spaces = list(rows[0]["metrics"])

@@ -29,7 +29,7 @@ import torch
 
 from . import distributed as D
 from .data.dataset import PreparedWriter, is_replaceable
-from .fsutil import atomic_write, write_text_atomic
+from .fsutil import atomic_write, refuse_unwritable, write_text_atomic
 from .errors import UsageError
 from .generate import class_conditions, sample_batch, sampling_record
 from .solvers import SDE_SOLVERS, SOLVERS, check_solver_for_model
@@ -113,6 +113,7 @@ def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: boo
         raise UsageError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not is_replaceable(out):
         raise UsageError(f"refusing to replace {out}: it is not a prepared dataset (no manifest.json) nor empty")
+    refuse_unwritable(out.parent)  # OUT.partial and OUT go there: a file in the way is one line now, not an OSError later
     text = loaded_config.model.cross_attention
     if text and not prompts:
         raise UsageError("this teacher is a text-to-image model: reflow needs prompts (--prompt TEXT, repeatable, or --prompts FILE|-)")
@@ -152,10 +153,11 @@ def reflow_command(ctx: D.DistContext, *, ckpt: str, out: Path, texts: list[str]
     """What `fm reflow` does on one rank: load the teacher, solve this rank's chunks (a progress bar on rank 0);
     rank 0 assembles the dataset and returns the summary."""
     from .console import progress, stderr_console
-    from .generate import load_for_sampling, prepare_for_sampling
+    from .generate import guidance_that_runs, load_for_sampling, prepare_for_sampling
 
     loaded = load_for_sampling(ckpt, ctx.device, use_ema=ema, text_encoder=text_encoder, with_vae=False)
-    sample_cfg = sample_overrides(loaded.config.sample)
+    # An unconditional teacher samples unguided whatever its cfg: the plan and the manifest record cfg 1, what ran.
+    sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log if ctx.rank == 0 else None)
     loaded = prepare_for_sampling(loaded, sample_cfg, ctx.device, log, ctx)
     with progress(stderr_console(), "reflow", rank_share(num_pairs, batch_size, ctx)) as advance:
         return generate_pairs(

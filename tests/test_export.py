@@ -99,6 +99,28 @@ def test_readme_snippet_samples_what_fm_samples(exported, monkeypatch):
     np.testing.assert_allclose(scope["x"].numpy(), expected.numpy(), atol=1e-4)
 
 
+def test_readme_snippet_follows_the_guidance_interval_and_shift(tmp_path, monkeypatch):
+    """The quickstart's default guides only on t in [0.3, 1] (and shifts its grid): the snippet must do the same,
+    or the exported model samples other images than `fm sample --ckpt EXPORT` does with the same settings."""
+    from fmcli.config import with_sampling_shift
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fm, cfg = make_checkpoint(tmp_path / "step.pt", ["sample.guidance_interval=[0.3, 1.0]", "flow.shift=2.0", "sample.steps=10"])
+    export_checkpoint(tmp_path / "step.pt", tmp_path / "dit", "diffusers")
+    out = tmp_path / "dit"
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    code = re.sub(r'^DIR, (.*?) = "[^"]*", ', lambda m: f'DIR, {m.group(1)} = {str(out)!r}, ', code, flags=re.M)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    n = scope["n"]
+    x0 = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    sample_cfg = with_sampling_shift(cfg).sample
+    expected = sample_batch(fm, x0, torch.arange(n) % NUM_CLASSES, sample_cfg).x
+    unguided_early = sample_batch(fm, x0, torch.arange(n) % NUM_CLASSES, sample_cfg.model_copy(update={"guidance_interval": None})).x
+    assert (expected - unguided_early).abs().max() > 1e-2  # the interval matters for this model
+    np.testing.assert_allclose(scope["x"].numpy(), expected.numpy(), atol=1e-4)
+
+
 def test_fm_sample_accepts_an_export_directory(exported, tmp_path):
     from fmcli.images import save_grid
 
@@ -136,3 +158,30 @@ def test_existing_out_needs_force(tmp_path):
     assert (tmp_path / "new" / "diffusion_pytorch_model.safetensors").is_file() and (tmp_path / "new" / "scheduler" / "scheduler_config.json").is_file()
     assert not (tmp_path / "new" / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out", "step.pt"]  # no temporary directory left
+
+
+def test_out_under_a_file_is_refused_before_any_work(tmp_path, capsys):
+    """--out whose folder is a file: exit 2 with one line, as every other output path (not exit 1 with a FileExistsError)."""
+    from fmcli.cli import app
+
+    make_checkpoint(tmp_path / "step.pt")
+    (tmp_path / "afile").write_text("a file where the export's folder would go\n")
+    with pytest.raises(SystemExit) as exit_info:
+        app(args=["export", "--ckpt", str(tmp_path / "step.pt"), "--out", str(tmp_path / "afile" / "dit")], prog_name="fm")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "is a file, not a folder" in err
+    assert (tmp_path / "afile").read_text() == "a file where the export's folder would go\n"
+
+
+def test_weights_that_do_not_fit_their_config_are_refused_before_writing(tmp_path):
+    """--format fm copied a damaged checkpoint's weights as they were, into an export that fm itself then refused;
+    the checkpoint is now checked first (one line, exit 2) and nothing is written."""
+    make_checkpoint(tmp_path / "step.pt")
+    state = torch.load(tmp_path / "step.pt", weights_only=True)
+    state["config"]["model"]["depth"] += 1  # the weights are a depth-2 model's
+    save_atomic(state, tmp_path / "damaged.pt")
+    res = run_fm("export", "--ckpt", tmp_path / "damaged.pt", "--format", "fm", "--out", tmp_path / "out")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "damaged.pt is damaged" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["damaged.pt", "step.pt"]

@@ -232,3 +232,28 @@ def test_cli_sample_precision_flag_and_json(tmp_path, debug_run):
     assert bad.returncode == 2 and "fp16 needs a CUDA device" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_fm("sample", "--ckpt", debug_run, "-n", "2", "--precision", "fp8", "--out", tmp_path / "h.png")
     assert bad.returncode == 2 and "precision" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("damage", ["weights-of-another-depth", "weights-not-a-dict", "data-info-not-a-mapping", "class-names-not-a-list", "step-not-a-count"])
+def test_a_damaged_checkpoint_is_one_usage_error_naming_it(debug_run, tmp_path, damage):
+    """Sampling reads weights, data facts and step from a file: one that does not hold what fm writes is a one-line
+    UsageError naming it (exit 2), not torch's many-line state-dict report or an AttributeError (exit 1)."""
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint, save_atomic
+    from fmcli.generate import load_for_sampling
+
+    state = load_checkpoint(resolve_checkpoint(debug_run))
+    if damage == "weights-of-another-depth":
+        state["config"]["model"]["depth"] += 1
+    elif damage == "weights-not-a-dict":
+        state["ema"] = [1, 2]
+    elif damage == "data-info-not-a-mapping":
+        state["data_info"] = "shapes"
+    elif damage == "class-names-not-a-list":
+        state["data_info"]["class_names"] = 10
+    else:
+        state["step"] = "4"
+    save_atomic(state, tmp_path / "damaged.pt")
+    with pytest.raises(UsageError) as err:
+        load_for_sampling(str(tmp_path / "damaged.pt"), CPU)
+    message = str(err.value)
+    assert "damaged.pt is damaged" in message and "\n" not in message

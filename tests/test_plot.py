@@ -97,3 +97,20 @@ def test_fm_plot_of_a_binary_file_is_one_line(tmp_path):
     res = run_fm("plot", image)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: {image} is not text: give a run directory or the JSON of `fm fid --nfe ... --json` or `fm eval ... --json`"]
+
+
+def test_fm_plot_frontier_y_kid_of_rows_without_kid_is_a_usage_error(tmp_path):
+    """`fm eval --no-kid` rows have no kid: `fm plot FILE --y kid` says so (exit 2), not a KeyError (exit 1)."""
+    from fmcli.plot import plot_sweep
+
+    pytest.importorskip("matplotlib")
+    scores = {"fd": 1.0, "precision": 0.5, "recall": 0.6, "density": 0.7, "coverage": 0.4}
+    rows = [{"cfg": c, "guidance_interval": None, "nfe_per_sample": 8, "metrics": {"domain": scores}, "accuracy": 0.5 + c / 10,
+             "floor": {"metrics": {"domain": scores}, "accuracy": 0.99}} for c in (1, 2)]
+    sweep = tmp_path / "frontier.json"
+    sweep.write_text(json.dumps(rows))
+    with pytest.raises(UsageError, match="--y kid") as err:
+        plot_sweep(sweep, tmp_path / "f.png", y="kid")
+    assert "recall" in str(err.value) and "kid" not in str(err.value).split("choose one of")[1]
+    assert not (tmp_path / "f.png").exists()
+    assert plot_sweep(sweep, tmp_path / "f.png", y="fd").is_file()  # the metrics the rows do have still plot

@@ -154,6 +154,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(debug_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "text.pt"] and not any((tmp_path / "taken").iterdir())
 
 
+def test_out_under_a_file_is_refused_before_any_work(debug_run, tmp_path, capsys):
+    """--out whose folder is a file: exit 2 with one line before the teacher is loaded, not exit 1 with a
+    NotADirectoryError once OUT.partial is made."""
+    from fmcli.cli import app
+
+    (tmp_path / "afile").write_text("a file where the pairs' folder would go\n")
+    with pytest.raises(SystemExit) as exit_info:
+        app(args=["reflow", "--ckpt", str(debug_run), "-n", "4", "--steps", "2", "--out", str(tmp_path / "afile" / "pairs")], prog_name="fm")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "is a file, not a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_text_teacher_pairs_carry_their_prompts(tmp_path):
     from fmcli.encoders import build_tiny_text_encoder
 
@@ -272,3 +286,24 @@ def test_a_restart_at_another_precision_is_refused(teacher, tmp_path, monkeypatc
     a, b = arrays(tmp_path / "out"), arrays(tmp_path / "bf16")
     np.testing.assert_array_equal(a["x0"], b["x0"])
     assert 0 < np.abs(a["x1"] - b["x1"]).max() < 0.1  # bf16 pairs: the same flow, rounded differently
+
+
+def test_an_unconditional_teacher_records_the_guidance_that_ran(tmp_path, capsys):
+    """An unconditional teacher has no branch for cfg to guide away from, so it samples unguided: its pairs and
+    the manifest's teacher record say cfg 1 (what ran), as `fm sample`'s summary does, not the cfg asked for."""
+    from fmcli.cli import app
+
+    with PreparedWriter(tmp_path / "data", 8, (3, 16, 16), labels=False) as w:
+        for img in np.random.default_rng(0).integers(0, 256, (8, 3, 16, 16), dtype=np.uint8):
+            w.add(img, None)
+        w.finish(num_classes=0, class_names=None, source="test")
+    cfg = load_config("debug", [f"data.path='{tmp_path / 'data'}'", "train.steps=2", "train.checkpoint_every=0", "train.global_batch_size=4"])
+    train(cfg, tmp_path / "run")
+    for name, w in (("guided", "3"), ("plain", "1")):
+        with pytest.raises(SystemExit) as exit_info:
+            app(args=["reflow", "--ckpt", str(tmp_path / "run"), "-n", "3", "--steps", "2", "--cfg", w, "--out", str(tmp_path / name), "--json"], prog_name="fm")
+        assert exit_info.value.code in (0, None), capsys.readouterr().err
+    assert "has nothing to guide" in capsys.readouterr().err  # the note fm sample gives
+    teacher = json.loads((tmp_path / "guided" / "manifest.json").read_text())["teacher"]
+    assert teacher["cfg"] == 1.0
+    np.testing.assert_array_equal(np.load(tmp_path / "guided" / "x1.npy"), np.load(tmp_path / "plain" / "x1.npy"))

@@ -42,6 +42,21 @@ def test_sample_usage_errors(tmp_path, debug_run):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_prompts_file_that_is_not_text_is_a_usage_error(tmp_path, debug_run, capsys):
+    """A binary --prompts file (an image given by mistake) is bad input: exit 2 naming the file, not exit 1 with
+    a UnicodeDecodeError."""
+    from fmcli.cli import app
+
+    image = tmp_path / "prompts.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
+    with pytest.raises(SystemExit) as exit_info:
+        app(args=["sample", "--ckpt", str(debug_run), "--prompts", str(image), "--out", str(tmp_path / "x.png")], prog_name="fm")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.startswith("error: ") and "prompts.png" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_help_lists_the_solver_and_guidance_names_without_torch_at_import():
     """The names come from solvers.py (no second copy); importing the CLI alone stays free of torch."""
     import subprocess

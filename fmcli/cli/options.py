@@ -198,7 +198,12 @@ def read_prompts(source: Optional[str]) -> list[str]:
         path = Path(source)
         if not path.is_file():
             raise UsageError(f"--prompts file {path} not found (one prompt per line, or - for stdin)")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompts {path} is not a UTF-8 text file (one prompt per line)") from None
+        except OSError as err:
+            raise UsageError(f"cannot read --prompts {path}: {err.strerror or err}") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise UsageError(f"--prompts {source}: no prompts (one per line)")
