@@ -20,7 +20,7 @@ import torch
 
 from .config import sample_settings
 from .errors import UsageError
-from .generate import LoadedModel, class_names_of, decode, iterate_samples
+from .generate import LoadedModel, class_names_of, decode, guidance_that_runs, iterate_samples
 from .images import grid_image, save_image_atomic
 from .solvers import ADAPTIVE_SOLVERS, GUIDANCES, MEAN_FLOW_GUIDANCES, MEAN_FLOW_SOLVERS, SOLVERS, Step
 
@@ -134,6 +134,13 @@ def bounded_sampling(cfg_scale, sde_noise, seed) -> tuple[float, float, int]:
     return _clamp(cfg_scale, 0.0, MAX_CFG, "guidance scale"), _clamp(sde_noise, 0.0, MAX_SDE_NOISE, "SDE noise"), seed
 
 
+def page_settings(loaded: LoadedModel, cfg_scale, steps: int, solver, guidance, sde_noise):
+    """The sampling settings a page request runs with: validated like `fm sample`'s flags, and guidance as it
+    runs on this model (an unconditional model samples unguided: cfg 1), so the status line reports what ran."""
+    settings = sample_settings(loaded.config.sample, cfg=cfg_scale, steps=steps, solver=str(solver), guidance=str(guidance), sde_noise=sde_noise)
+    return guidance_that_runs(loaded, settings)
+
+
 def _clamp(value, lo: float, hi: float, what: str) -> float:
     try:
         number = float(value)
@@ -182,9 +189,7 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
             if guidance not in guidances:
                 raise UsageError(f"guidance {guidance!r} is not available here; choose one of {', '.join(guidances)}"
                                  + ("" if loaded.guide is not None else " (auto needs `fm demo --guide-ckpt`)"))
-            sample_cfg = sample_settings(
-                cfg.sample, cfg=cfg_scale, steps=steps, solver=str(solver), guidance=str(guidance), sde_noise=sde_noise
-            )
+            sample_cfg = page_settings(loaded, cfg_scale, steps, solver, guidance, sde_noise)
             label = None
             if class_names and class_choice not in (None, "", ALL_CLASSES):
                 if class_choice not in class_names:
@@ -200,7 +205,7 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
                     yield _display(frame.x), f"step {frame.step}{of}, t = {frame.t:.3f}", None
                     continue
                 path = save_image_atomic(grid_image(frame.x), out_dir / f"fm-{kind.split('-')[0]}-seed{int(seed)}-{os.urandom(3).hex()}.png")
-                yield _display(frame.x), f"done: {n} image(s), {frame.nfe} network evaluations ({solver}, {guidance} {float(cfg_scale):g})", str(path)
+                yield _display(frame.x), f"done: {n} image(s), {frame.nfe} network evaluations ({solver}, {guidance} {sample_cfg.cfg:g})", str(path)
         except UsageError as err:
             raise gr.Error(str(err)) from None
 

@@ -235,7 +235,7 @@ def setup_training_encoders(cfg, dataset, device):
     return text, cfg.with_section("encoders", **encoders)
 
 
-def check_same_vae(path: str | None, recorded: dict) -> None:
+def check_same_vae(path: str | None, recorded: dict, *, used_by: str = "the dataset's latents were encoded with", setting: str = "encoders.vae") -> None:
     """A latent dataset is decoded (sample grids, `fm sample`) with the VAE the run records: refuse one whose
     latent space (channels, downsampling, scaling and shift factors) is not the one the dataset was encoded in.
     A VAE that is not there (or has no readable config.json) is not checked: training does not need it."""
@@ -247,12 +247,13 @@ def check_same_vae(path: str | None, recorded: dict) -> None:
         theirs = ", ".join(f"{k} {facts[k]:g}" for k in differ)
         mine = ", ".join(f"{k} {float(recorded[k]):g}" for k in differ)
         raise UsageError(
-            f"the VAE {path} (encoders.vae or {ENV_VAE}) has {theirs}, but the dataset's latents were encoded with {mine} "
-            f"(the VAE at {recorded.get('path')}): set encoders.vae to the dataset's VAE"
+            f"the VAE {path} ({setting} or {ENV_VAE}) has {theirs}, but {used_by} {mine} "
+            f"(the VAE at {recorded.get('path')}): set {setting} to that VAE"
         )
 
 
-def check_same_text_encoder(path: str | None, recorded: dict, width: int) -> None:
+def check_same_text_encoder(path: str | None, recorded: dict, width: int, *, used_by: str = "the dataset's cached text states come from",
+                            setting: str = "encoders.text_encoder") -> None:
     """Cached text states are used in training, the encoder the run records at sampling: refuse an encoder of
     another kind or width than the one that wrote the cache. One that is not there is not checked."""
     facts = _text_encoder_facts(path) if path else None
@@ -262,9 +263,8 @@ def check_same_text_encoder(path: str | None, recorded: dict, width: int) -> Non
     cached_type = recorded.get("model_type")
     if hidden != width or (cached_type and model_type and model_type != cached_type):
         raise UsageError(
-            f"the text encoder {path} (encoders.text_encoder or {ENV_TEXT_ENCODER}) is a {model_type} of width {hidden}, but the dataset's "
-            f"cached text states come from a {cached_type or 'text encoder'} of width {width} (at {recorded.get('path')}): "
-            "set encoders.text_encoder to the encoder that cached them"
+            f"the text encoder {path} ({setting} or {ENV_TEXT_ENCODER}) is a {model_type} of width {hidden}, but {used_by} "
+            f"a {cached_type or 'text encoder'} of width {width} (at {recorded.get('path')}): set {setting} to that encoder"
         )
 
 

@@ -66,26 +66,30 @@ def commit(tmp: Path, path: Path, *, durable: bool = True) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def refuse_existing(paths, force: bool) -> None:
+def refuse_existing(paths, force: bool, *, folders: bool = False) -> None:
     """Never replace a user's file silently: an output that exists needs `--force` (docs/architecture.md section 10);
     and an output must be writable where it goes, checked now rather than after the work.
 
     `paths` is one path or several (e.g. the files `fm sample --out DIR` would write); None entries are
-    ignored. Run it before any work, so a refusal costs nothing and leaves nothing behind.
+    ignored; `folders` says they are folders (a dataset), not files. Run it before any work, so a refusal
+    costs nothing and leaves nothing behind.
     """
     candidates = [paths] if isinstance(paths, (str, Path)) or paths is None else list(paths)
     by_folder: dict[Path, list[str]] = {}
     for p in candidates:
         if p is not None:
             by_folder.setdefault(Path(p).parent, []).append(Path(p).name)
-    if not force:
-        existing = []
-        for folder, names in by_folder.items():  # one listing per folder: `fm sample -n 1000000` names a million files
-            present = set(os.listdir(folder)) if folder.is_dir() else set()
-            existing += [folder / n for n in names if n in present]
-        if existing:
-            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            raise UsageError(f"{existing[0]} already exists{more}; pass --force to replace it")
+    existing = []
+    for folder, names in by_folder.items():  # one listing per folder: `fm sample -n 1000000` names a million files
+        present = set(os.listdir(folder)) if folder.is_dir() else set()
+        existing += [folder / n for n in names if n in present]
+    for path in existing:  # not even --force replaces a folder by a file or a file by a folder (the rename fails)
+        if path.is_dir() != folders:
+            what, other = ("a file", "a folder") if folders else ("a folder", "a file")
+            raise UsageError(f"{path} is {what}, and {other} would be written there; choose another output path")
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UsageError(f"{existing[0]} already exists{more}; pass --force to replace it")
     for folder in by_folder:
         refuse_unwritable(folder)
 

@@ -325,14 +325,21 @@ def load_weights(path) -> dict:
 
 
 def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_encoder: str | None, with_vae: bool = True) -> dict:
-    from .encoders import ENV_TEXT_ENCODER, ENV_VAE, FrozenVAE, TextConditioning, load_text_encoder, require, resolve_path
+    from .encoders import (ENV_TEXT_ENCODER, ENV_VAE, FrozenVAE, TextConditioning, check_same_text_encoder, check_same_vae, load_text_encoder,
+                           require, resolve_path)  # fmt: skip
 
     out = {}
+    # --vae / --text-encoder and the environment win over the run's record: refuse encoders of another latent
+    # space or width before any work (they decoded garbage, or crashed in the first text projection).
     if info.get("kind") == "latents" and with_vae:
         path = require(resolve_path(vae, None, ENV_VAE, cfg.encoders.vae), "VAE", "--vae", ENV_VAE, "huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir {path}")
+        if info.get("vae"):
+            check_same_vae(path, info["vae"], used_by="the model was trained on latents of", setting="--vae")
         out["vae"] = FrozenVAE(path, device, cfg.encoders.vae_precision)
     if cfg.model.cross_attention:
         path = resolve_path(text_encoder, None, ENV_TEXT_ENCODER, cfg.encoders.text_encoder)
+        if cfg.model.text_dim is not None:
+            check_same_text_encoder(path, info.get("text_encoder") or {}, cfg.model.text_dim, used_by="the model was trained on text states of", setting="--text-encoder")
         out["text"] = TextConditioning.from_encoder(load_text_encoder(path, device, cfg.encoders.max_tokens))
     return out
 

@@ -235,3 +235,16 @@ def test_page_settings_are_validated_like_fm_sample(loaded):
         sample_settings(loaded.config.sample, steps=0)
     with pytest.raises(UsageError, match="invalid solver"):
         sample_settings(loaded.config.sample, solver="leapfrog")
+
+
+def test_the_page_reports_the_guidance_that_runs(loaded):
+    """The status line read the slider's guidance scale; an unconditional model samples unguided (cfg 1, as
+    `fm sample` reports), so the page's settings are the ones that run."""
+    import dataclasses
+
+    from fmcli.demo import page_settings
+
+    assert page_settings(loaded, 2.5, 6, "euler", "cfg", 1.0).cfg == 2.5
+    unconditional = dataclasses.replace(loaded, config=loaded.config.with_section("model", num_classes=0))
+    ran = page_settings(unconditional, 2.5, 6, "euler", "cfg", 1.0)
+    assert (ran.cfg, ran.steps, ran.solver) == (1.0, 6, "euler")

@@ -334,3 +334,27 @@ def test_grayscale_data_with_an_rgb_vae_is_a_usage_error(tmp_path, tiny_vae):
     with pytest.raises(UsageError, match="encodes 3-channel images, these have 1 channel"):
         encode_prepared(gray, tmp_path / "latents", vae=str(tiny_vae))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gray"]
+
+
+def test_sampling_refuses_encoders_of_another_latent_space_or_width(tmp_path, tiny_vae, tiny_t5):
+    """`fm sample/fid/eval --vae/--text-encoder` (or FM_VAE / FM_TEXT_ENCODER) win over the run's record; a VAE of
+    another latent space decoded garbage and a wider text encoder crashed in the model's first text projection.
+    Both are refused before any work; the recorded encoders and the same weights elsewhere are accepted."""
+    import shutil
+
+    from fmcli.config import apply_overrides
+    from fmcli.generate import _sampling_encoders
+
+    cfg = apply_overrides(load_config("text-debug"), [f"encoders.vae={tiny_vae}", f"encoders.text_encoder={tiny_t5}", "model.text_dim=32"])
+    info = {"kind": "latents", "vae": FrozenVAE(tiny_vae, torch.device("cpu")).info(),
+            "text_encoder": FrozenTextEncoder(tiny_t5, torch.device("cpu"), 8).info()}  # fmt: skip
+    cpu = torch.device("cpu")
+    assert set(_sampling_encoders(cfg, info, cpu, None, None)) == {"vae", "text"}
+    moved = shutil.copytree(tiny_vae, tmp_path / "moved-vae")
+    assert "vae" in _sampling_encoders(cfg, info, cpu, str(moved), None)
+    other_vae = _save_tiny_vae(tmp_path / "other-vae", shift_factor=None)  # shift 0 instead of 0.1
+    with pytest.raises(UsageError, match="shift_factor 0, but the model was trained on latents of shift_factor 0.1.*set --vae"):
+        _sampling_encoders(cfg, info, cpu, str(other_vae), None)
+    wider_t5 = build_tiny_text_encoder(tmp_path / "t5-64", seed=0, words=WORDS, d_model=64, layers=1, heads=4)
+    with pytest.raises(UsageError, match="width 64, but the model was trained on text states of a t5 of width 32"):
+        _sampling_encoders(cfg, info, cpu, None, str(wider_t5))

@@ -125,3 +125,22 @@ def test_guidance_of_an_unconditional_model_reports_what_ran(tmp_path, unconditi
     auto = _ok(run_fm("sample", "--ckpt", unconditional_run, "-n", "2", "--steps", "2", "--cfg", "3", "--guide-ckpt", unconditional_run,
                       "--out", tmp_path / "c.png", "--json"))  # fmt: skip
     assert json.loads(auto.stdout)["cfg"] == 3.0 and json.loads(auto.stdout)["guidance"] == "auto"
+
+
+def test_force_never_replaces_a_folder_by_a_file_or_a_file_by_a_folder(tmp_path, debug_run):
+    """`--force` replaces an output of the same kind only: `fm sample --out x.png --force` onto a folder x.png
+    sampled everything and then failed in the rename (IsADirectoryError, exit 1). Refused before any work."""
+    from fmcli.errors import UsageError
+    from fmcli.fsutil import refuse_existing
+
+    (tmp_path / "x.png").mkdir()
+    (tmp_path / "x.png" / "keep.txt").write_text("mine")
+    r = fm_in_process("sample", "--ckpt", debug_run, "-n", "2", "--out", tmp_path / "x.png", "--force")
+    assert r.returncode == 2 and "is a folder, and a file would be written there" in r.stderr, r.stderr
+    assert (tmp_path / "x.png" / "keep.txt").read_text() == "mine"
+    (tmp_path / "data").write_text("a file where a dataset would go")
+    with pytest.raises(UsageError, match="is a file, and a folder would be written there"):
+        refuse_existing(tmp_path / "data", True, folders=True)
+    refuse_existing(tmp_path / "x.png", True, folders=True)  # a folder over a folder: --force's own case
+    with pytest.raises(UsageError, match="already exists; pass --force"):
+        refuse_existing(tmp_path / "x.png", False, folders=True)

@@ -60,7 +60,7 @@ def prepare_data(
 
     if cache_text and not text_encoder:  # else the dataset would silently hold no text states
         raise UsageError("--cache-text stores a text encoder's states: give the encoder with --text-encoder DIR")
-    refuse_existing(out, force)
+    refuse_existing(out, force, folders=True)
     encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch) if vae or text_encoder else None
     summary = prepare_dataset(
         source, out, root=root, split=split, size=size, limit=limit, workers=workers, count=count, seed=seed, max_member_mib=max_member_mib,

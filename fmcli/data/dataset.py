@@ -48,7 +48,7 @@ class PreparedWriter:
         x_name: str = "x",
     ):
         self.out = Path(out)
-        refuse_existing(self.out, force)
+        refuse_existing(self.out, force, folders=True)
         refuse_unreplaceable(self.out)
         if capacity is not None and capacity <= 0:
             raise UsageError("nothing to write: the source has no images")

@@ -65,7 +65,7 @@ def prepare(
     """Prepare `source` into `out`; returns counts and timing. Bad input raises UsageError, leaving nothing."""
     start = time.perf_counter()
     out = Path(out)
-    refuse_existing(out, force)
+    refuse_existing(out, force, folders=True)
     from .dataset import PreparedWriter, refuse_unreplaceable  # imports torch: not at CLI start-up (`fm --help` stays fast)
 
     refuse_unreplaceable(out)
