@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from . import distributed as D
-from .data.dataset import PreparedWriter, is_replaceable
-from .fsutil import atomic_write, refuse_unwritable, write_text_atomic
+from .data.dataset import PreparedWriter, refuse_unreplaceable
+from .fsutil import atomic_write, refuse_existing, write_text_atomic
 from .errors import UsageError
 from .generate import class_conditions, sample_batch, sampling_record
 from .solvers import SDE_SOLVERS, SOLVERS, check_solver_for_model
@@ -109,11 +109,8 @@ def check_solver(sample_cfg, mean_flow: bool) -> None:
 
 def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: bool) -> None:
     """The one-line refusals, before any work or any file: existing --out, text model without prompts."""
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not is_replaceable(out):
-        raise UsageError(f"refusing to replace {out}: it is not a prepared dataset (no manifest.json) nor empty")
-    refuse_unwritable(out.parent)  # OUT.partial and OUT go there: a file in the way is one line now, not an OSError later
+    refuse_existing(out, force, folders=True)  # also OUT's folder writable: OUT.partial and OUT go there
+    refuse_unreplaceable(out)
     text = loaded_config.model.cross_attention
     if text and not prompts:
         raise UsageError("this teacher is a text-to-image model: reflow needs prompts (--prompt TEXT, repeatable, or --prompts FILE|-)")
