@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .autotune import autotune_training, save_autotune_cache
+from .autotune import autotune_training, read_autotune_cache, save_autotune_cache
 from .config import Config, config_to_dict, resolve_without_data
 from .errors import RuntimeFailure, UsageError
 from .hardware import PRECISION_SETTINGS
@@ -81,17 +81,7 @@ class BenchOptions:
 
 def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lambda s: None) -> dict:
     """The whole `fm bench`: resolve, autotune (unless a batch is given), measure ours (and diffusers')."""
-    if opts.mode not in MODES:
-        raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {opts.mode!r}")
-    precision_setting = opts.precision or cfg.train.precision
-    if precision_setting not in PRECISION_SETTINGS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISION_SETTINGS)}, not {precision_setting!r}")
-    if opts.compare not in (None, "diffusers"):
-        raise UsageError(f"--compare supports 'diffusers' only, not {opts.compare!r}")
-    if opts.steps < 1 or opts.warmup < 0:
-        raise UsageError("--steps must be >= 1 and --warmup >= 0")
-    if cfg.model.arch != "dit":
-        raise UsageError(f"fm bench supports model.arch='dit' only (got {cfg.model.arch!r})")
+    precision_setting = _checked_options(cfg, opts)
     cfg = resolve_without_data(cfg)
     if opts.compare and cfg.optim.name != "adamw":
         # Muon picks fm's matrices by module name, which diffusers' model does not share: compare at equal optimizer.
@@ -159,6 +149,28 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     if cfg.flow.objective == "meanflow" and "train" in report:
         report["meanflow"] = mean_flow_cost(cfg, replace(base, batch=batch), report["train"]["step_ms"], log)
     return report
+
+
+def _checked_options(cfg: Config, opts: BenchOptions) -> str:
+    """`fm bench`'s options checked before any work; returns the precision setting. --run-dir, where the autotune
+    result is cached, must be a folder fm can write (exit 2) whose autotune.json, if any, is readable (exit 1)."""
+    if opts.mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {opts.mode!r}")
+    precision_setting = opts.precision or cfg.train.precision
+    if precision_setting not in PRECISION_SETTINGS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISION_SETTINGS)}, not {precision_setting!r}")
+    if opts.compare not in (None, "diffusers"):
+        raise UsageError(f"--compare supports 'diffusers' only, not {opts.compare!r}")
+    if opts.steps < 1 or opts.warmup < 0:
+        raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    if cfg.model.arch != "dit":
+        raise UsageError(f"fm bench supports model.arch='dit' only (got {cfg.model.arch!r})")
+    if opts.run_dir is not None and opts.batch_size is None:  # only autotuning writes there
+        from .fsutil import refuse_unwritable
+
+        refuse_unwritable(opts.run_dir)
+        read_autotune_cache(Path(opts.run_dir) / "autotune.json")
+    return precision_setting
 
 
 def mean_flow_cost(cfg: Config, spec: BenchSpec, meanflow_step_ms: float, log) -> dict:

@@ -234,3 +234,24 @@ def test_autotune_refused_inside_ddp(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="DDP"):
         run_bench(load_config("debug"), BenchOptions(batch_size=None))
+
+
+@pytest.mark.parametrize("what", ["file", "damaged cache"])
+def test_bench_run_dir_is_checked_before_any_measurement(tmp_path, monkeypatch, what):
+    # The autotune result goes to --run-dir: a file there (exit 2) or a damaged autotune.json in it (exit 1) used
+    # to fail only after the whole autotune (FileExistsError: exit 1, after minutes of trials).
+    import fmcli.bench as bench_mod
+
+    measured = []
+    monkeypatch.setattr(bench_mod, "autotune_training", lambda *a, **k: measured.append(1) or pytest.fail("autotuned"))
+    monkeypatch.setenv("FM_PROBE_FORCE", "bf16-slow")
+    run_dir = tmp_path / "run"
+    if what == "file":
+        run_dir.write_text("not a run directory")
+    else:
+        run_dir.mkdir()
+        (run_dir / "autotune.json").write_text(json.dumps({"cpu|debug|x": {"batch": 0}}))
+    proc = fm_in_process("bench", "--preset", "debug", "--mode", "train", "--run-dir", run_dir)
+    assert proc.returncode == (2 if what == "file" else 1), proc.stderr
+    assert proc.stderr.startswith("error: ") and str(run_dir) in proc.stderr and "Traceback" not in proc.stderr
+    assert not measured
