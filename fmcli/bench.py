@@ -255,9 +255,11 @@ def sample_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device)
     uses) and driven by generate.iterate_samples (per-index noise, labels cycling through the classes, guidance,
     the solver), so what is timed is what `fm sample` runs, less decoding and writing PNGs (and, for text
     models, the text encoder: synthetic states stand in for prompts).
-    A fixed-step solve costs `steps` identical solver steps, so the clock runs over min(steps, spec.steps)
-    of them (after a one-step warmup, which also compiles) and the full solve's time is scaled from it;
-    `timed_steps` says how many ran. An adaptive dopri5 solve is timed whole.
+    A fixed-step solve is timed over min(steps, spec.steps) of its steps (after a one-step warmup, which also
+    compiles; `timed_steps` says how many ran) and scaled to the full solve by the network rows each evaluates:
+    the full solve's NFE and rows are counted on the same path with a stand-in network (which evaluations a
+    fixed-step solve makes depends only on its grid: guidance intervals, zero-init steps and a solver's start-up
+    evaluation included). An adaptive dopri5 solve is timed and counted whole.
     """
     from .generate import LoadedModel, iterate_samples, prepare_for_sampling
 
@@ -265,6 +267,8 @@ def sample_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device)
     s = cfg.sample.model_copy(update={"precision": spec.sample_precision, "compile": spec.sample_compile})
     text = _SyntheticPrompts(synthetic_text(cfg)) if m.cross_attention else None
     loaded = prepare_for_sampling(LoadedModel(model=model, config=cfg, info={}, step=0, text=text), s, device)
+    counted = _CountingNet(loaded.model)
+    loaded = replace(loaded, model=counted)
     prompts = [""] * b if text is not None else None
     nfe = {}
 
@@ -277,22 +281,44 @@ def sample_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device)
     if spec.warmup and s.solver != "dopri5":
         solve(1)
     sync(device)
-    seconds = seconds_per_call(lambda: solve(timed), 1, device) * s.steps / timed
-    full_nfe = nfe["n"] * s.steps // timed
+    counted.rows = 0
+    seconds = seconds_per_call(lambda: solve(timed), 1, device)
+    timed_rows = counted.rows
+    if timed != s.steps:  # the full solve's evaluations, counted without running the network
+        counted.rows, counted.dry = 0, True
+        solve(s.steps)
+        counted.dry = False
+    full_rows = counted.rows
+    seconds *= full_rows / max(1, timed_rows)
     guided = bool(m.num_classes or m.cross_attention) and s.cfg != 1.0
     return {
         "solver": s.solver,
         "steps": s.steps,
         "timed_steps": timed,
         "cfg": s.cfg,
-        "nfe": full_nfe,
+        "nfe": nfe["n"],
         "forward_batch": 2 * b if guided else b,
+        "forward_rows": full_rows,  # network rows the full solve of the batch evaluates (a guided NFE: 2 per image)
         "img_per_s": b / seconds,
-        "img_nfe_per_s": b * full_nfe / seconds,
+        "img_nfe_per_s": b * nfe["n"] / seconds,
         "seconds": seconds,
         "precision": loaded.model.precision,
         "compiled": loaded.model.compiled,  # false after a compile that failed and fell back to eager
     }
+
+
+class _CountingNet:
+    """The sampling network, counting the rows it evaluates; `dry`: returns a zero velocity without running it."""
+
+    def __init__(self, net):
+        self.net, self.rows, self.dry = net, 0, False
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        self.rows += x.shape[0]
+        return torch.zeros_like(x, dtype=torch.float32) if self.dry else self.net(x, t, **cond)
 
 
 class _SyntheticPrompts:
@@ -315,8 +341,8 @@ def _summarise(result: dict, flops_fwd: int, peak: float | None, cfg: Config) ->
     if "sample" in result:
         sa = dict(result["sample"])
         sa["compile"] = sa.pop("compiled")  # what ran: false after a compile that fell back to eager
-        # Each NFE is a forward of the (possibly CFG-doubled) batch: FLOPs per image = fwd * nfe * (2 if guided).
-        per_image = flops_fwd * sa["nfe"] * sa["forward_batch"] / result["batch"]
+        # The network rows the full solve evaluates per image (2 per guided NFE: outside a guidance interval, 1).
+        per_image = flops_fwd * sa["forward_rows"] / result["batch"]
         sa["flops_per_image"] = per_image
         sa["mfu"] = None if peak is None else sa["img_per_s"] * per_image / peak
         out["sample"] = sa
