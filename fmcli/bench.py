@@ -277,9 +277,11 @@ def sample_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device)
         for _, _, result in iterate_samples(loaded, list(range(b)), seed=0, sample_cfg=settings, batch_size=b, device=device, prompts=prompts):
             nfe["n"] = result.nfe
 
-    timed = s.steps if s.solver == "dopri5" else min(s.steps, spec.steps)
+    # CFG-Zero*'s zero-init steps evaluate nothing and must be fewer than a solve's steps: a short solve takes one more.
+    first = 1 + (s.zero_init_steps if s.guidance == "cfg-zero" else 0)
+    timed = s.steps if s.solver == "dopri5" else min(s.steps, max(spec.steps, first))
     if spec.warmup and s.solver != "dopri5":
-        solve(1)
+        solve(first)
     sync(device)
     counted.rows = 0
     seconds = seconds_per_call(lambda: solve(timed), 1, device)

@@ -260,6 +260,7 @@ def test_bench_run_dir_is_checked_before_any_measurement(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("sets", [
     ["sample.solver=ab2", "sample.steps=12"],  # a start-up evaluation: 13 NFE, not 12 x (6 / 5)
     ["sample.guidance_interval=[0.5, 1.0]", "sample.steps=12"],  # guided (2 rows an image) only on part of the grid
+    ["sample.guidance=cfg-zero", "sample.zero_init_steps=3", "sample.steps=12"],  # 3 steps without a network call
 ])
 def test_bench_sampling_reports_the_nfe_and_flops_of_the_full_solve(sets):
     """A solve timed over part of its steps reports the full solve's NFE and network rows (the FLOPs): counted
@@ -277,6 +278,9 @@ def test_bench_sampling_reports_the_nfe_and_flops_of_the_full_solve(sets):
     reference_rows, reference_nfe = sum(rows), whole["nfe"]
     part = sample_throughput(model, cfg, BenchSpec(config={}, batch=2, mode="sample", steps=5, warmup=1), torch.device("cpu"))
     assert part["timed_steps"] == 5 and part["nfe"] == reference_nfe
+    if cfg.sample.guidance == "cfg-zero":  # --steps 2 <= zero_init_steps: timed over one evaluated step more
+        short = sample_throughput(model, cfg, BenchSpec(config={}, batch=2, mode="sample", steps=2, warmup=1), torch.device("cpu"))
+        assert short["timed_steps"] == 4 and short["nfe"] == reference_nfe
     fwd = dit_forward_flops(cfg.model)
     summary = _summarise({"params": 0, "memory": {}, "batch": 2, "sample": part}, fwd, None, cfg)
     assert summary["sample"]["flops_per_image"] == fwd * reference_rows / 2
