@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .autotune import autotune_training, save_autotune_cache
+from .autotune import autotune_training, read_autotune_cache, save_autotune_cache
 from .config import Config, config_to_dict, resolve_without_data
 from .errors import RuntimeFailure, UsageError
 from .hardware import PRECISION_SETTINGS
@@ -81,17 +81,7 @@ class BenchOptions:
 
 def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lambda s: None) -> dict:
     """The whole `fm bench`: resolve, autotune (unless a batch is given), measure ours (and diffusers')."""
-    if opts.mode not in MODES:
-        raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {opts.mode!r}")
-    precision_setting = opts.precision or cfg.train.precision
-    if precision_setting not in PRECISION_SETTINGS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISION_SETTINGS)}, not {precision_setting!r}")
-    if opts.compare not in (None, "diffusers"):
-        raise UsageError(f"--compare supports 'diffusers' only, not {opts.compare!r}")
-    if opts.steps < 1 or opts.warmup < 0:
-        raise UsageError("--steps must be >= 1 and --warmup >= 0")
-    if cfg.model.arch != "dit":
-        raise UsageError(f"fm bench supports model.arch='dit' only (got {cfg.model.arch!r})")
+    precision_setting = _checked_options(cfg, opts)
     cfg = resolve_without_data(cfg)
     if opts.compare and cfg.optim.name != "adamw":
         # Muon picks fm's matrices by module name, which diffusers' model does not share: compare at equal optimizer.
@@ -159,6 +149,28 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     if cfg.flow.objective == "meanflow" and "train" in report:
         report["meanflow"] = mean_flow_cost(cfg, replace(base, batch=batch), report["train"]["step_ms"], log)
     return report
+
+
+def _checked_options(cfg: Config, opts: BenchOptions) -> str:
+    """`fm bench`'s options checked before any work; returns the precision setting. --run-dir, where the autotune
+    result is cached, must be a folder fm can write (exit 2) whose autotune.json, if any, is readable (exit 1)."""
+    if opts.mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {opts.mode!r}")
+    precision_setting = opts.precision or cfg.train.precision
+    if precision_setting not in PRECISION_SETTINGS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISION_SETTINGS)}, not {precision_setting!r}")
+    if opts.compare not in (None, "diffusers"):
+        raise UsageError(f"--compare supports 'diffusers' only, not {opts.compare!r}")
+    if opts.steps < 1 or opts.warmup < 0:
+        raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    if cfg.model.arch != "dit":
+        raise UsageError(f"fm bench supports model.arch='dit' only (got {cfg.model.arch!r})")
+    if opts.run_dir is not None and opts.batch_size is None:  # only autotuning writes there
+        from .fsutil import refuse_unwritable
+
+        refuse_unwritable(opts.run_dir)
+        read_autotune_cache(Path(opts.run_dir) / "autotune.json")
+    return precision_setting
 
 
 def mean_flow_cost(cfg: Config, spec: BenchSpec, meanflow_step_ms: float, log) -> dict:
@@ -243,9 +255,11 @@ def sample_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device)
     uses) and driven by generate.iterate_samples (per-index noise, labels cycling through the classes, guidance,
     the solver), so what is timed is what `fm sample` runs, less decoding and writing PNGs (and, for text
     models, the text encoder: synthetic states stand in for prompts).
-    A fixed-step solve costs `steps` identical solver steps, so the clock runs over min(steps, spec.steps)
-    of them (after a one-step warmup, which also compiles) and the full solve's time is scaled from it;
-    `timed_steps` says how many ran. An adaptive dopri5 solve is timed whole.
+    A fixed-step solve is timed over min(steps, spec.steps) of its steps (after a one-step warmup, which also
+    compiles; `timed_steps` says how many ran) and scaled to the full solve by the network rows each evaluates:
+    the full solve's NFE and rows are counted on the same path with a stand-in network (which evaluations a
+    fixed-step solve makes depends only on its grid: guidance intervals, zero-init steps and a solver's start-up
+    evaluation included). An adaptive dopri5 solve is timed and counted whole.
     """
     from .generate import LoadedModel, iterate_samples, prepare_for_sampling
 
@@ -253,6 +267,8 @@ def sample_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device)
     s = cfg.sample.model_copy(update={"precision": spec.sample_precision, "compile": spec.sample_compile})
     text = _SyntheticPrompts(synthetic_text(cfg)) if m.cross_attention else None
     loaded = prepare_for_sampling(LoadedModel(model=model, config=cfg, info={}, step=0, text=text), s, device)
+    counted = _CountingNet(loaded.model)
+    loaded = replace(loaded, model=counted)
     prompts = [""] * b if text is not None else None
     nfe = {}
 
@@ -261,26 +277,50 @@ def sample_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device)
         for _, _, result in iterate_samples(loaded, list(range(b)), seed=0, sample_cfg=settings, batch_size=b, device=device, prompts=prompts):
             nfe["n"] = result.nfe
 
-    timed = s.steps if s.solver == "dopri5" else min(s.steps, spec.steps)
+    # CFG-Zero*'s zero-init steps evaluate nothing and must be fewer than a solve's steps: a short solve takes one more.
+    first = 1 + (s.zero_init_steps if s.guidance == "cfg-zero" else 0)
+    timed = s.steps if s.solver == "dopri5" else min(s.steps, max(spec.steps, first))
     if spec.warmup and s.solver != "dopri5":
-        solve(1)
+        solve(first)
     sync(device)
-    seconds = seconds_per_call(lambda: solve(timed), 1, device) * s.steps / timed
-    full_nfe = nfe["n"] * s.steps // timed
+    counted.rows = 0
+    seconds = seconds_per_call(lambda: solve(timed), 1, device)
+    timed_rows = counted.rows
+    if timed != s.steps:  # the full solve's evaluations, counted without running the network
+        counted.rows, counted.dry = 0, True
+        solve(s.steps)
+        counted.dry = False
+    full_rows = counted.rows
+    seconds *= full_rows / max(1, timed_rows)
     guided = bool(m.num_classes or m.cross_attention) and s.cfg != 1.0
     return {
         "solver": s.solver,
         "steps": s.steps,
         "timed_steps": timed,
         "cfg": s.cfg,
-        "nfe": full_nfe,
+        "nfe": nfe["n"],
         "forward_batch": 2 * b if guided else b,
+        "forward_rows": full_rows,  # network rows the full solve of the batch evaluates (a guided NFE: 2 per image)
         "img_per_s": b / seconds,
-        "img_nfe_per_s": b * full_nfe / seconds,
+        "img_nfe_per_s": b * nfe["n"] / seconds,
         "seconds": seconds,
         "precision": loaded.model.precision,
         "compiled": loaded.model.compiled,  # false after a compile that failed and fell back to eager
     }
+
+
+class _CountingNet:
+    """The sampling network, counting the rows it evaluates; `dry`: returns a zero velocity without running it."""
+
+    def __init__(self, net):
+        self.net, self.rows, self.dry = net, 0, False
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        self.rows += x.shape[0]
+        return torch.zeros_like(x, dtype=torch.float32) if self.dry else self.net(x, t, **cond)
 
 
 class _SyntheticPrompts:
@@ -303,8 +343,8 @@ def _summarise(result: dict, flops_fwd: int, peak: float | None, cfg: Config) ->
     if "sample" in result:
         sa = dict(result["sample"])
         sa["compile"] = sa.pop("compiled")  # what ran: false after a compile that fell back to eager
-        # Each NFE is a forward of the (possibly CFG-doubled) batch: FLOPs per image = fwd * nfe * (2 if guided).
-        per_image = flops_fwd * sa["nfe"] * sa["forward_batch"] / result["batch"]
+        # The network rows the full solve evaluates per image (2 per guided NFE: outside a guidance interval, 1).
+        per_image = flops_fwd * sa["forward_rows"] / result["batch"]
         sa["flops_per_image"] = per_image
         sa["mfu"] = None if peak is None else sa["img_per_s"] * per_image / peak
         out["sample"] = sa

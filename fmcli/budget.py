@@ -93,17 +93,20 @@ class StepBudget:
         (s_prev, t_prev), (_, t_now) = self.marks[-2], self.marks[-1]
         self.pace = max((t_now - base[1]) / (step - base[0]), (t_now - t_prev) / (step - s_prev))
         self.pace_steps = step - base[0]
-        fitted = self._fit(step, now, self.pace)
+        # The trainer refits before the work of this very step (its checkpoint, grid, evaluation): still due.
+        fitted = self._fit(step, now, self.pace, work_after=step - 1)
         if fitted != self.steps:
             self.steps, self.refits = fitted, self.refits + 1
         return self.steps
 
-    def _fit(self, step: int, now: float, pace: float) -> int:
-        """The most steps whose remaining ones, plus the periodic and final work they bring, end within the budget."""
+    def _fit(self, step: int, now: float, pace: float, work_after: int | None = None) -> int:
+        """The most steps whose remaining ones, plus the periodic and final work they bring, end within the budget.
+        The work still due is that of the steps after `work_after` (default `step`)."""
         left = self.started + (1 - MARGIN_SHARE) * self.seconds - now
         pace = max(pace, 1e-9)
-        fits = lambda n: (n - step) * pace + self.work_seconds(step, n) <= left  # noqa: E731
-        lo, hi = step, step + int(max(0.0, left - self.work_seconds(step, step + 1)) / pace)  # work only grows with n
+        after = step if work_after is None else work_after
+        fits = lambda n: (n - step) * pace + self.work_seconds(after, n) <= left  # noqa: E731
+        lo, hi = step, step + int(max(0.0, left - self.work_seconds(after, step + 1)) / pace)  # work only grows with n
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)

@@ -234,3 +234,53 @@ def test_autotune_refused_inside_ddp(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="DDP"):
         run_bench(load_config("debug"), BenchOptions(batch_size=None))
+
+
+@pytest.mark.parametrize("what", ["file", "damaged cache"])
+def test_bench_run_dir_is_checked_before_any_measurement(tmp_path, monkeypatch, what):
+    # The autotune result goes to --run-dir: a file there (exit 2) or a damaged autotune.json in it (exit 1) used
+    # to fail only after the whole autotune (FileExistsError: exit 1, after minutes of trials).
+    import fmcli.bench as bench_mod
+
+    measured = []
+    monkeypatch.setattr(bench_mod, "autotune_training", lambda *a, **k: measured.append(1) or pytest.fail("autotuned"))
+    monkeypatch.setenv("FM_PROBE_FORCE", "bf16-slow")
+    run_dir = tmp_path / "run"
+    if what == "file":
+        run_dir.write_text("not a run directory")
+    else:
+        run_dir.mkdir()
+        (run_dir / "autotune.json").write_text(json.dumps({"cpu|debug|x": {"batch": 0}}))
+    proc = fm_in_process("bench", "--preset", "debug", "--mode", "train", "--run-dir", run_dir)
+    assert proc.returncode == (2 if what == "file" else 1), proc.stderr
+    assert proc.stderr.startswith("error: ") and str(run_dir) in proc.stderr and "Traceback" not in proc.stderr
+    assert not measured
+
+
+@pytest.mark.parametrize("sets", [
+    ["sample.solver=ab2", "sample.steps=12"],  # a start-up evaluation: 13 NFE, not 12 x (6 / 5)
+    ["sample.guidance_interval=[0.5, 1.0]", "sample.steps=12"],  # guided (2 rows an image) only on part of the grid
+    ["sample.guidance=cfg-zero", "sample.zero_init_steps=3", "sample.steps=12"],  # 3 steps without a network call
+])
+def test_bench_sampling_reports_the_nfe_and_flops_of_the_full_solve(sets):
+    """A solve timed over part of its steps reports the full solve's NFE and network rows (the FLOPs): counted
+    here by a forward hook on the network over a solve timed whole."""
+    from fmcli.bench import _summarise, sample_throughput
+    from fmcli.measure import BenchSpec
+
+    cfg = resolve_bench_config(load_config("debug", sets))
+    model = build_bench_model(cfg.model, "fm")
+    rows = []
+    model.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    spec = BenchSpec(config={}, batch=2, mode="sample", steps=cfg.sample.steps, warmup=0)
+    whole = sample_throughput(model, cfg, spec, torch.device("cpu"))
+    assert whole["timed_steps"] == cfg.sample.steps
+    reference_rows, reference_nfe = sum(rows), whole["nfe"]
+    part = sample_throughput(model, cfg, BenchSpec(config={}, batch=2, mode="sample", steps=5, warmup=1), torch.device("cpu"))
+    assert part["timed_steps"] == 5 and part["nfe"] == reference_nfe
+    if cfg.sample.guidance == "cfg-zero":  # --steps 2 <= zero_init_steps: timed over one evaluated step more
+        short = sample_throughput(model, cfg, BenchSpec(config={}, batch=2, mode="sample", steps=2, warmup=1), torch.device("cpu"))
+        assert short["timed_steps"] == 4 and short["nfe"] == reference_nfe
+    fwd = dit_forward_flops(cfg.model)
+    summary = _summarise({"params": 0, "memory": {}, "batch": 2, "sample": part}, fwd, None, cfg)
+    assert summary["sample"]["flops_per_image"] == fwd * reference_rows / 2

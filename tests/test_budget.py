@@ -71,6 +71,15 @@ def test_refits_end_the_run_within_the_budget_on_a_drifting_machine(case):
         assert abs(steps - int((120 * (1 - MARGIN_SHARE) - 5 - 1.5 * (1 + (steps - 1) // 500)) / 0.1)) <= 2
 
 
+@pytest.mark.parametrize("period, log_every, event", [(300, 100, 5.0), (500, 100, 3.0), (200, 100, 1.5)])
+def test_a_refit_at_a_step_with_periodic_work_reserves_that_work(period, log_every, event):
+    # The trainer refits at a log interval before that step's checkpoint / grid / evaluation: a refit that took
+    # that work for done fitted steps for its time and, as the last refit of the run, ended it late (123.8 s of 120).
+    for seconds in (100.0, 120.0, 150.0):
+        steps, end, budget = simulate(lambda s: 0.1, seconds=seconds, log_every=log_every, period=period, event=event)
+        assert end <= seconds, (seconds, steps, end)
+
+
 def test_log_intervals_longer_than_the_pace_window_still_refit():
     steps, end, budget = simulate(lambda s: 0.01 if s < 3000 else 0.015, seconds=120.0, log_every=1500, period=10**9)
     assert budget.refits >= 1 and end <= 120.0

@@ -44,3 +44,28 @@ def test_a_refused_or_failed_launch_does_not_block_the_corrected_command(shapes1
     assert (run / "config.json").is_file()
     again = run_fm(*train)  # a real run in it is never reused
     assert again.returncode == 2 and "fm resume" in again.stderr
+
+
+def test_the_launchers_autotune_times_muon_in_the_dtype_the_ranks_train_with(tmp_path, shapes16, monkeypatch):
+    """--nproc/--gpus with train.micro_batch_size=auto tunes once in the launcher: its trials must run the step the
+    ranks run. On a CPU without fast bf16 (bf16-slow) training orthogonalises in fp32; the trials ran bf16 (the
+    emulated GEMMs that made Muon 5x slower), which favours larger batches."""
+    import fmcli.autotune as autotune_mod
+    from fmcli import distributed as D
+    from fmcli import launch as launch_mod
+    from fmcli.autotune import AutotuneResult, Trial
+    from fmcli.config import load_config
+
+    bases = []
+
+    def fake_autotune(cfg, base, **kw):
+        bases.append(base)
+        return AutotuneResult(batch=4, stop="max batch", trials=[Trial(4, ok=True, throughput=1.0, memory_mib=1.0)])
+
+    monkeypatch.setattr(autotune_mod, "autotune_training", fake_autotune)
+    monkeypatch.setattr(D, "relaunch", lambda *a, **k: 0)
+    monkeypatch.setenv("FM_PROBE_FORCE", "bf16-slow")
+    cfg = load_config("debug", [f"data.path='{shapes16}'", "optim.name=muon", "train.micro_batch_size=auto", "train.precision=auto"])
+    launch = {"nnodes": 1, "node_rank": 0, "rdzv_endpoint": None, "rdzv_id": None}
+    launch_mod._relaunch_training(cfg, tmp_path / "run", None, None, launch, 2, 0.0)
+    assert [b.muon_ns_dtype for b in bases] == ["fp32"]
