@@ -284,6 +284,14 @@ class Config(Strict):
         return data
 
     @model_validator(mode="after")
+    def _muon_has_its_matrices(self):
+        # Muon updates the DiT blocks' 2-D weights (optim.build_optimizer); a U-Net has none of them, so Muon
+        # would silently leave every weight to AdamW.
+        if self.optim.name == "muon" and self.model.arch != "dit":
+            raise ValueError(f"optim.name='muon' updates the DiT blocks' matrices; model.arch={self.model.arch!r} has none: set optim.name='adamw'")
+        return self
+
+    @model_validator(mode="after")
     def _meanflow_is_consistent(self):
         mean_flow = self.flow.objective == "meanflow"
         if self.model.end_time != mean_flow:

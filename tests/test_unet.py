@@ -68,3 +68,20 @@ def test_mnist_unet_preset_builds():
     model = build_model(cfg)
     out = model(torch.randn(2, 1, 28, 28), torch.rand(2), y=torch.tensor([3, 10]))
     assert out.shape == (2, 1, 28, 28)
+
+
+def test_muon_with_the_unet_is_refused_rather_than_silently_adamw():
+    """Muon updates the DiT blocks' 2-D weights; a U-Net has none, so `--set model.arch=unet` on a Muon preset
+    trained every weight with AdamW while the run recorded optim.name='muon'. Refused with a one-line fix."""
+    import pytest
+
+    from fmcli.config import OptimConfig
+    from fmcli.errors import UsageError
+    from fmcli.optim import build_optimizer
+    from fmcli.optim_muon import Muon
+
+    optimizer = build_optimizer(_unet(), OptimConfig(name="muon"))  # the premise: nothing goes to Muon
+    assert not any(isinstance(o, Muon) for o in optimizer.optimizers)
+    with pytest.raises(UsageError, match="optim.name='muon'.*model.arch='unet'.*set optim.name='adamw'"):
+        load_config("quickstart", ["model.arch=unet"])
+    assert load_config("quickstart", ["model.arch=unet", "optim.name=adamw"]).optim.name == "adamw"
