@@ -276,7 +276,10 @@ class RunBudget:
         sample, n = cfg.sample, cfg.sample.grid_size
         adaptive = sample.solver in ADAPTIVE_SOLVERS
         zero_init = sample.zero_init_steps if sample.guidance == "cfg-zero" else 0
-        probe_cfg = sample if adaptive else sample.model_copy(update={"steps": min(sample.steps, zero_init + 1)})
+        # The probe's one step sits at t = 0, which a guidance interval may leave unguided (the quickstart's [0.3, 1]):
+        # it is guided here, so the estimate prices every evaluation at the guided batch, never below the real grid.
+        one_step = {"steps": min(sample.steps, zero_init + 1), "guidance_interval": None}
+        probe_cfg = sample if adaptive else sample.model_copy(update=one_step)
         start = clock()
         images, nfe = probes.grid(1 if adaptive else n, probe_cfg)
         seconds = clock() - start

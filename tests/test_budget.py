@@ -381,3 +381,38 @@ def test_a_refit_that_newly_cuts_the_steps_below_what_the_ema_needs_warns_once(m
         steps = budget.at_log_interval(step, steps) or steps
     assert steps <= 58 and len(ema_lines(log.lines)) == 1
 
+
+
+def test_the_grid_estimate_prices_guided_evaluations_inside_a_guidance_interval(monkeypatch):
+    """The budget timed its grid with one solver step at t = 0, which the quickstart's guidance interval [0.3, 1]
+    leaves unguided: a batch of n rows priced every evaluation, though ~70 % of the real grid's run on 2n (CFG).
+    On a clock charged per network row, the estimate must not fall below the real grid's cost."""
+    from fmcli import distributed as D
+    from fmcli.budget import Probes, RunBudget
+    from fmcli.solvers import guided_velocity, time_grid
+
+    now = [0.0]
+    monkeypatch.setattr(budget_mod, "clock", lambda: now[0])
+
+    def grid(n, sample_cfg):  # an Euler solve through fm's own guidance, with a network that costs 1 ms a row
+        def net(x, t, y=None):
+            now[0] += 1e-3 * x.shape[0]
+            return torch.zeros_like(x)
+
+        y = torch.zeros(n, dtype=torch.long)
+        velocity = guided_velocity(net, {"y": y}, {"y": y + 1}, sample_cfg.cfg, sample_cfg.guidance_interval)
+        x, ts = torch.zeros(n, 1), time_grid(sample_cfg.steps, sample_cfg.shift or 1.0)
+        for k in range(sample_cfg.steps):
+            x = x + (ts[k + 1] - ts[k]) * velocity(x, ts[k])
+        return None, sample_cfg.steps
+
+    cfg = load_config("quickstart")
+    assert cfg.sample.guidance_interval == (0.3, 1.0) and cfg.sample.solver == "euler"
+    budget = RunBudget(10, 0.0, D.DistContext(), QuietLog())
+    probes = Probes(step_fn=None, example=None, state=lambda: {"w": torch.zeros(1)}, grid=grid, features=None)
+    _, grid_s, _ = budget._measure_work(cfg, probes)
+    now[0] = 0.0
+    grid(cfg.sample.grid_size, cfg.sample)
+    real_s = now[0]
+    assert real_s < 2 * cfg.sample.grid_size * cfg.sample.steps * 1e-3  # the interval leaves some steps unguided
+    assert real_s <= grid_s <= 2 * real_s, (grid_s, real_s)
