@@ -12,7 +12,7 @@ import json
 import typing
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -61,7 +61,7 @@ class ModelConfig(Strict):
     prediction: Literal["velocity", "data"] = "velocity"
     text_dim: int | None = Field(None, gt=0)  # width of the text states; filled from the text encoder when unset
     # U-Net (arch = "unet"): base channels = hidden_size, one level per multiplier.
-    channel_mult: tuple[int, ...] = (1, 2, 2)
+    channel_mult: tuple[Annotated[int, Field(gt=0)], ...] = Field((1, 2, 2), min_length=1)
     layers_per_block: int = Field(2, gt=0)
     # Filled from the prepared dataset's manifest when left unset (None).
     image_size: int | None = Field(None, gt=0)
@@ -132,10 +132,14 @@ class DataConfig(Strict):
     num_workers: int = Field(0, ge=0)
 
 
+# Adam's betas: torch refuses any outside [0, 1) only when the optimizer is built, deep into a run.
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class OptimConfig(Strict):
     name: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0 = off
@@ -186,6 +190,15 @@ class TrainConfig(Strict):
     max_nan_skips: int = Field(0, ge=0)  # non-finite losses tolerated (step skipped) before stopping
     tracker: Literal[TRACKERS] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
     init_from: str | None = None  # start from these weights (a checkpoint, run or export directory: its EMA), e.g. reflow's teacher
+
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive_micro_batch(cls, micro):
+        # 0 would otherwise read as None (the whole global batch per rank), a negative fail only when training starts.
+        if isinstance(micro, int) and micro <= 0:
+            raise ValueError(f"must be a number of images > 0, \"auto\" or none (= global batch / processes), got {micro}")
+        return micro
 
 
 class SampleConfig(Strict):

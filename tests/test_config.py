@@ -122,3 +122,32 @@ def test_a_run_trained_with_auto_shift_records_the_number(tmp_path, shapes16):
     state = torch.load(next((run / "checkpoints").glob("step-*.pt")), weights_only=True)
     assert state["config"]["flow"]["shift"] == 1.0 == state["config"]["sample"]["shift"]  # 3x16x16 = 768 values: unshifted
     assert json.loads((run / "config.json").read_text())["flow"]["shift"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        # 0 was read as None (the whole global batch per rank): a silently ignored setting
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("train.micro_batch_size=-4", "train.micro_batch_size"),
+        # torch.optim.AdamW refuses betas outside [0, 1) only when the run builds it (exit 1, after the data)
+        ("optim.betas=[1.5, 0.999]", "optim.betas"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas"),
+        # the U-Net needs at least one level of positive width (IndexError / conv RuntimeError before)
+        ("model.channel_mult=[]", "model.channel_mult"),
+        ("model.channel_mult=[1, 0]", "model.channel_mult"),
+    ],
+)
+def test_values_the_run_cannot_use_are_refused_with_the_key(override, needle):
+    with pytest.raises(UsageError, match=needle):
+        load_config("debug", [override])
+    refused = fm_in_process("train", "--preset", "debug", "--set", override, "--print-config")
+    assert refused.returncode == 2 and needle in refused.stderr and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_valid_micro_batch_betas_and_levels_still_load():
+    cfg = load_config("debug", ["train.micro_batch_size=4", "optim.betas=[0.0, 0.95]", "model.channel_mult=[1]"])
+    assert (cfg.train.micro_batch_size, cfg.optim.betas, cfg.model.channel_mult) == (4, (0.0, 0.95), (1,))
+    assert load_config("debug", ["train.micro_batch_size=auto"]).train.micro_batch_size == "auto"
+    assert load_config("debug", ["train.micro_batch_size=none"]).train.micro_batch_size is None
