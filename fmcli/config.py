@@ -94,6 +94,25 @@ class ModelConfig(Strict):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
         return self
 
+    @model_validator(mode="after")
+    def _builds_for_its_image(self):
+        if self.arch == "dit" and self.hidden_size % 4:  # half the channels for rows, half for columns, each sin + cos
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 for the DiT's 2D sin-cos positions")
+        if self.image_size is not None and (problem := image_misfit(self, self.image_size)):
+            raise ValueError(problem)
+        return self
+
+
+def image_misfit(model: "ModelConfig", image_size: int) -> str | None:
+    """Why `model` cannot take images (or latents) of `image_size`, or None: a DiT cuts them into whole patches,
+    a U-Net halves them once per level but the last (models/dit.py, models/unet.py)."""
+    if model.arch == "dit" and image_size % model.patch_size:
+        return f"image size {image_size} is not divisible by model.patch_size {model.patch_size}"
+    levels = len(model.channel_mult)
+    if model.arch == "unet" and image_size % 2 ** (levels - 1):
+        return f"image size {image_size} is not divisible by 2^{levels - 1} (model.channel_mult has {levels} levels)"
+    return None
+
 
 class FlowConfig(Strict):
     # "meanflow": the network predicts the average velocity over [t, t_end] (flow.py, "Mean flows")
@@ -436,6 +455,8 @@ def resolve(cfg: Config, manifest: dict) -> Config:
         elif current != value:
             raise UsageError(f"model.{key}={current} does not match the dataset ({value}); remove the setting or fix the data")
     cfg = cfg.with_section("model", **update) if update else cfg
+    if problem := image_misfit(cfg.model, h):
+        raise UsageError(f"the dataset's {problem}: pick a model.patch_size (DiT) or model.channel_mult (U-Net) that divides it")
     return with_data_dimension(cfg, c * h * w)
 
 

@@ -151,3 +151,22 @@ def test_valid_micro_batch_betas_and_levels_still_load():
     assert (cfg.train.micro_batch_size, cfg.optim.betas, cfg.model.channel_mult) == (4, (0.0, 0.95), (1,))
     assert load_config("debug", ["train.micro_batch_size=auto"]).train.micro_batch_size == "auto"
     assert load_config("debug", ["train.micro_batch_size=none"]).train.micro_batch_size is None
+
+
+def test_a_model_that_cannot_take_the_datas_images_is_a_usage_error_before_work(tmp_path, shapes16):
+    # shapes16 holds 16x16 images: a DiT patch of 5 or a 6-level U-Net (16 / 2^5) cannot cut them; this was a
+    # ValueError from the model's constructor (exit 1) once the run had resolved its data and hardware.
+    for extra in (["model.patch_size=5"], ["model.arch=unet", "model.channel_mult=[1,1,1,1,1,1]"]):
+        args = [a for item in extra for a in ("--set", item)]
+        refused = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", *args)
+        assert refused.returncode == 2, refused.stderr
+        assert "image size 16 is not divisible" in refused.stderr and "Traceback" not in refused.stderr
+        assert not (tmp_path / "run").exists()
+    # The DiT's sin-cos positions need a width divisible by 4: refused with the config, before the data.
+    with pytest.raises(UsageError, match="hidden_size 34 must be divisible by 4"):
+        load_config("debug", ["model.hidden_size=34"])
+    with pytest.raises(UsageError, match="not divisible by model.patch_size 5"):
+        load_config("debug", ["model.patch_size=5", "model.image_size=16"])
+    # What divides is accepted: 16 / 8, and a U-Net of 5 levels (16 / 2^4).
+    assert load_config("debug", ["model.patch_size=8", "model.image_size=16"]).model.patch_size == 8
+    assert load_config("debug", ["model.arch=unet", "model.channel_mult=[1,1,1,1,1]", "model.image_size=16"]).model.arch == "unet"
