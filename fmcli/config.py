@@ -588,13 +588,16 @@ def _drop_overridden_fallback(raw: dict, overrides: list[str], note) -> None:
     fallback = train.get("budget_fallback") if isinstance(train, dict) else None
     if not isinstance(fallback, dict) or not overrides:
         return
-    given = {parse_override(item)[0] for item in overrides}
-    if "model.size" in given:
-        given |= {f"model.{field}" for field in SIZE_FIELDS}
     items = fallback.get("overrides")
     changes = {parse_override(str(item))[0] for item in (items if isinstance(items, list) else []) if "=" in str(item)}
+    given, changes = (_with_size_fields({parse_override(item)[0] for item in overrides}), _with_size_fields(changes))
     if given & changes:
         raw["train"]["budget_fallback"] = None
+
+
+def _with_size_fields(keys: set[str]) -> set[str]:
+    """`keys` of settings, with the four fields a model.size among them sets (on either side: a --set or a fallback)."""
+    return keys | {f"model.{field}" for field in SIZE_FIELDS} if "model.size" in keys else keys
 
 
 def _drop_fallback_without_budget(raw: dict) -> bool:
