@@ -385,11 +385,19 @@ RESUME_REFUSALS = {
 
 def check_training_config(cfg: Config) -> None:
     """What a config may hold for sampling but not for training: autoguidance needs a guide checkpoint, which
-    `fm sample --guide-ckpt` gives and training's sample grids have no way to (they would fail mid-run)."""
+    `fm sample --guide-ckpt` gives and training's sample grids have no way to (they would fail mid-run); the
+    time sampler 'zero' trains only on reflow pairs."""
     configs = [("", cfg)]
     if cfg.train.budget_fallback is not None:
         configs.append((" (in train.budget_fallback.overrides)", budget_fallback_config(cfg)))
     for where, c in configs:
+        # At t = 0 alone the network sees only the noise; unless that noise is the teacher's own for the image (a
+        # reflow pair), the best it can learn is the mean image minus the noise: every one-step sample is the mean.
+        if c.flow.time_sampler == "zero" and c.flow.coupling != "pairs":
+            raise UsageError(
+                f"flow.time_sampler='zero'{where} distils reflow pairs (one step from each teacher noise) and needs "
+                f"flow.coupling='pairs' on an `fm reflow` dataset, got {c.flow.coupling!r}; or use 'uniform' / 'logit_normal'"
+            )
         if c.sample.guidance == "auto":
             raise UsageError(
                 f"sample.guidance='auto'{where} (autoguidance) needs a guide checkpoint, which training's sample grids cannot have; "

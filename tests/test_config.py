@@ -170,3 +170,17 @@ def test_a_model_that_cannot_take_the_datas_images_is_a_usage_error_before_work(
     # What divides is accepted: 16 / 8, and a U-Net of 5 levels (16 / 2^4).
     assert load_config("debug", ["model.patch_size=8", "model.image_size=16"]).model.patch_size == 8
     assert load_config("debug", ["model.arch=unet", "model.channel_mult=[1,1,1,1,1]", "model.image_size=16"]).model.arch == "unet"
+
+
+def test_zero_times_are_refused_for_training_without_reflow_pairs(tmp_path, shapes16):
+    # t = 0 only on independent (or OT) noise learns the mean image minus the noise: every one-step sample is
+    # the mean. It was accepted and trained; the documented use is one-step distillation on reflow pairs.
+    from fmcli.config import check_training_config
+
+    for coupling in ("independent", "ot-exact"):
+        with pytest.raises(UsageError, match="time_sampler='zero'.*flow.coupling='pairs'"):
+            check_training_config(load_config("debug", ["flow.time_sampler=zero", f"flow.coupling={coupling}"]))
+    check_training_config(load_config("debug", ["flow.time_sampler=zero", "flow.coupling=pairs"]))
+    refused = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "flow.time_sampler=zero")
+    assert refused.returncode == 2 and "flow.coupling='pairs'" in refused.stderr, refused.stderr
+    assert not (tmp_path / "run").exists()
