@@ -12,7 +12,7 @@ import json
 import typing
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -61,7 +61,7 @@ class ModelConfig(Strict):
     prediction: Literal["velocity", "data"] = "velocity"
     text_dim: int | None = Field(None, gt=0)  # width of the text states; filled from the text encoder when unset
     # U-Net (arch = "unet"): base channels = hidden_size, one level per multiplier.
-    channel_mult: tuple[int, ...] = (1, 2, 2)
+    channel_mult: tuple[Annotated[int, Field(gt=0)], ...] = Field((1, 2, 2), min_length=1)
     layers_per_block: int = Field(2, gt=0)
     # Filled from the prepared dataset's manifest when left unset (None).
     image_size: int | None = Field(None, gt=0)
@@ -93,6 +93,25 @@ class ModelConfig(Strict):
         if self.hidden_size % self.heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
         return self
+
+    @model_validator(mode="after")
+    def _builds_for_its_image(self):
+        if self.arch == "dit" and self.hidden_size % 4:  # half the channels for rows, half for columns, each sin + cos
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 for the DiT's 2D sin-cos positions")
+        if self.image_size is not None and (problem := image_misfit(self, self.image_size)):
+            raise ValueError(problem)
+        return self
+
+
+def image_misfit(model: "ModelConfig", image_size: int) -> str | None:
+    """Why `model` cannot take images (or latents) of `image_size`, or None: a DiT cuts them into whole patches,
+    a U-Net halves them once per level but the last (models/dit.py, models/unet.py)."""
+    if model.arch == "dit" and image_size % model.patch_size:
+        return f"image size {image_size} is not divisible by model.patch_size {model.patch_size}"
+    levels = len(model.channel_mult)
+    if model.arch == "unet" and image_size % 2 ** (levels - 1):
+        return f"image size {image_size} is not divisible by 2^{levels - 1} (model.channel_mult has {levels} levels)"
+    return None
 
 
 class FlowConfig(Strict):
@@ -132,10 +151,14 @@ class DataConfig(Strict):
     num_workers: int = Field(0, ge=0)
 
 
+# Adam's betas: torch refuses any outside [0, 1) only when the optimizer is built, deep into a run.
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class OptimConfig(Strict):
     name: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0 = off
@@ -186,6 +209,15 @@ class TrainConfig(Strict):
     max_nan_skips: int = Field(0, ge=0)  # non-finite losses tolerated (step skipped) before stopping
     tracker: Literal[TRACKERS] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
     init_from: str | None = None  # start from these weights (a checkpoint, run or export directory: its EMA), e.g. reflow's teacher
+
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive_micro_batch(cls, micro):
+        # 0 would otherwise read as None (the whole global batch per rank), a negative fail only when training starts.
+        if isinstance(micro, int) and micro <= 0:
+            raise ValueError(f"must be a number of images > 0, \"auto\" or none (= global batch / processes), got {micro}")
+        return micro
 
 
 class SampleConfig(Strict):
@@ -361,11 +393,19 @@ RESUME_REFUSALS = {
 
 def check_training_config(cfg: Config) -> None:
     """What a config may hold for sampling but not for training: autoguidance needs a guide checkpoint, which
-    `fm sample --guide-ckpt` gives and training's sample grids have no way to (they would fail mid-run)."""
+    `fm sample --guide-ckpt` gives and training's sample grids have no way to (they would fail mid-run); the
+    time sampler 'zero' trains only on reflow pairs."""
     configs = [("", cfg)]
     if cfg.train.budget_fallback is not None:
         configs.append((" (in train.budget_fallback.overrides)", budget_fallback_config(cfg)))
     for where, c in configs:
+        # At t = 0 alone the network sees only the noise; unless that noise is the teacher's own for the image (a
+        # reflow pair), the best it can learn is the mean image minus the noise: every one-step sample is the mean.
+        if c.flow.time_sampler == "zero" and c.flow.coupling != "pairs":
+            raise UsageError(
+                f"flow.time_sampler='zero'{where} distils reflow pairs (one step from each teacher noise) and needs "
+                f"flow.coupling='pairs' on an `fm reflow` dataset, got {c.flow.coupling!r}; or use 'uniform' / 'logit_normal'"
+            )
         if c.sample.guidance == "auto":
             raise UsageError(
                 f"sample.guidance='auto'{where} (autoguidance) needs a guide checkpoint, which training's sample grids cannot have; "
@@ -431,6 +471,8 @@ def resolve(cfg: Config, manifest: dict) -> Config:
         elif current != value:
             raise UsageError(f"model.{key}={current} does not match the dataset ({value}); remove the setting or fix the data")
     cfg = cfg.with_section("model", **update) if update else cfg
+    if problem := image_misfit(cfg.model, h):
+        raise UsageError(f"the dataset's {problem}: pick a model.patch_size (DiT) or model.channel_mult (U-Net) that divides it")
     return with_data_dimension(cfg, c * h * w)
 
 
@@ -562,13 +604,16 @@ def _drop_overridden_fallback(raw: dict, overrides: list[str], note) -> None:
     fallback = train.get("budget_fallback") if isinstance(train, dict) else None
     if not isinstance(fallback, dict) or not overrides:
         return
-    given = {parse_override(item)[0] for item in overrides}
-    if "model.size" in given:
-        given |= {f"model.{field}" for field in SIZE_FIELDS}
     items = fallback.get("overrides")
     changes = {parse_override(str(item))[0] for item in (items if isinstance(items, list) else []) if "=" in str(item)}
+    given, changes = (_with_size_fields({parse_override(item)[0] for item in overrides}), _with_size_fields(changes))
     if given & changes:
         raw["train"]["budget_fallback"] = None
+
+
+def _with_size_fields(keys: set[str]) -> set[str]:
+    """`keys` of settings, with the four fields a model.size among them sets (on either side: a --set or a fallback)."""
+    return keys | {f"model.{field}" for field in SIZE_FIELDS} if "model.size" in keys else keys
 
 
 def _drop_fallback_without_budget(raw: dict) -> bool:

@@ -36,16 +36,23 @@ def launched_externally() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def setup(device_pref: str = "auto") -> DistContext:
-    """Join the process group if this process was launched as one rank of several; pick its device."""
-    # srun started one task per GPU and torchrun was not used: SLURM's variables are torch's.
+def adopt_slurm() -> None:
+    """srun started one task per GPU and torchrun was not used: SLURM's variables become torch's (WORLD_SIZE,
+    RANK, LOCAL_RANK), so that this task is seen as the rank it is. Called wherever a process that will not
+    relaunch itself asks what it is (`launch`: before the data, the run directory and sampling shards), and by
+    `setup`; a process that launches ranks with --gpus/--nproc/--nnodes does not call it."""
     if "WORLD_SIZE" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) >= 2:
+        if "MASTER_ADDR" not in os.environ:
+            raise UsageError("SLURM multi-task run: set MASTER_ADDR to the first node's hostname (see README)")
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
         os.environ.setdefault("MASTER_PORT", "29500")
-        if "MASTER_ADDR" not in os.environ:
-            raise UsageError("SLURM multi-task run: set MASTER_ADDR to the first node's hostname (see README)")
+
+
+def setup(device_pref: str = "auto") -> DistContext:
+    """Join the process group if this process was launched as one rank of several; pick its device."""
+    adopt_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -112,10 +112,12 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {run_dir} is a file, not a run directory; pick another --run-dir")
     refuse_unwritable(run_dir)
+    procs = launch["gpus"] or launch["nproc"]
+    if procs <= 1 and launch["nnodes"] <= 1:
+        D.adopt_slurm()  # one srun task per GPU: this task is a rank (local rank 0 alone prepares the data, rank 0 checks the run)
     child = D.launched_externally()
     # When the command began (train.budget_minutes counts from here); our relaunched ranks inherit it.
     started_at = float(os.environ.get(STARTED_AT_ENV) or time.time())
-    procs = launch["gpus"] or launch["nproc"]
     if launch["gpus"]:
         D.check_gpus(launch["gpus"])
         cfg = cfg.with_section("train", device="cuda")
@@ -266,6 +268,8 @@ def relaunched(gpus: int, nproc: int, extra: list[str] | None = None) -> bool:
     if gpus:
         D.check_gpus(gpus)
     procs = gpus or nproc
+    if procs <= 1:
+        D.adopt_slurm()  # one srun task per GPU: this task is one rank of the command, its shard only
     if procs <= 1 or D.launched_externally():
         return False
     argv = _without_launch_flags(sys.argv[1:]) + (["--device", "cuda"] if gpus else [])

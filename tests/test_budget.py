@@ -312,6 +312,18 @@ def test_an_explicit_setting_wins_over_the_presets_fallback():
     assert load_config("quickstart", ["train.budget_fallback=null"]).train.budget_fallback is None
 
 
+def test_an_explicit_size_field_wins_over_a_fallback_that_names_a_model_size(tmp_path):
+    # A fallback's model.size sets hidden_size, depth, heads and patch_size: the user's --set model.depth=3 was
+    # kept beside it and silently replaced by DiT-S/4's depth 12 when the fallback trained.
+    preset = tmp_path / "sized.toml"
+    preset.write_text('base = "debug"\n[train]\nbudget_minutes = 5\n[train.budget_fallback]\nmin_steps = 100\noverrides = ["model.size=DiT-S/4"]\n')
+    assert load_config(str(preset)).train.budget_fallback is not None
+    for field in ("hidden_size=64", "depth=3", "heads=4", "patch_size=2"):
+        assert load_config(str(preset), [f"model.{field}"]).train.budget_fallback is None, field
+    # a setting no size names keeps the fallback
+    assert load_config(str(preset), ["model.mlp_ratio=2"]).train.budget_fallback is not None
+
+
 def test_no_fallback_where_the_budget_did_not_cut_the_steps_or_init_from_fixes_the_model(tmp_path, shapes16, monkeypatch, debug_run):
     machine = SimulatedMachine(lambda step: 0.05)
     monkeypatch.setattr(budget_mod, "clock", lambda: machine.now)

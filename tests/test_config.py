@@ -122,3 +122,65 @@ def test_a_run_trained_with_auto_shift_records_the_number(tmp_path, shapes16):
     state = torch.load(next((run / "checkpoints").glob("step-*.pt")), weights_only=True)
     assert state["config"]["flow"]["shift"] == 1.0 == state["config"]["sample"]["shift"]  # 3x16x16 = 768 values: unshifted
     assert json.loads((run / "config.json").read_text())["flow"]["shift"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        # 0 was read as None (the whole global batch per rank): a silently ignored setting
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("train.micro_batch_size=-4", "train.micro_batch_size"),
+        # torch.optim.AdamW refuses betas outside [0, 1) only when the run builds it (exit 1, after the data)
+        ("optim.betas=[1.5, 0.999]", "optim.betas"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas"),
+        # the U-Net needs at least one level of positive width (IndexError / conv RuntimeError before)
+        ("model.channel_mult=[]", "model.channel_mult"),
+        ("model.channel_mult=[1, 0]", "model.channel_mult"),
+    ],
+)
+def test_values_the_run_cannot_use_are_refused_with_the_key(override, needle):
+    with pytest.raises(UsageError, match=needle):
+        load_config("debug", [override])
+    refused = fm_in_process("train", "--preset", "debug", "--set", override, "--print-config")
+    assert refused.returncode == 2 and needle in refused.stderr and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_valid_micro_batch_betas_and_levels_still_load():
+    cfg = load_config("debug", ["train.micro_batch_size=4", "optim.betas=[0.0, 0.95]", "model.channel_mult=[1]"])
+    assert (cfg.train.micro_batch_size, cfg.optim.betas, cfg.model.channel_mult) == (4, (0.0, 0.95), (1,))
+    assert load_config("debug", ["train.micro_batch_size=auto"]).train.micro_batch_size == "auto"
+    assert load_config("debug", ["train.micro_batch_size=none"]).train.micro_batch_size is None
+
+
+def test_a_model_that_cannot_take_the_datas_images_is_a_usage_error_before_work(tmp_path, shapes16):
+    # shapes16 holds 16x16 images: a DiT patch of 5 or a 6-level U-Net (16 / 2^5) cannot cut them; this was a
+    # ValueError from the model's constructor (exit 1) once the run had resolved its data and hardware.
+    for extra in (["model.patch_size=5"], ["model.arch=unet", "model.channel_mult=[1,1,1,1,1,1]"]):
+        args = [a for item in extra for a in ("--set", item)]
+        refused = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", *args)
+        assert refused.returncode == 2, refused.stderr
+        assert "image size 16 is not divisible" in refused.stderr and "Traceback" not in refused.stderr
+        assert not (tmp_path / "run").exists()
+    # The DiT's sin-cos positions need a width divisible by 4: refused with the config, before the data.
+    with pytest.raises(UsageError, match="hidden_size 34 must be divisible by 4"):
+        load_config("debug", ["model.hidden_size=34"])
+    with pytest.raises(UsageError, match="not divisible by model.patch_size 5"):
+        load_config("debug", ["model.patch_size=5", "model.image_size=16"])
+    # What divides is accepted: 16 / 8, and a U-Net of 5 levels (16 / 2^4).
+    assert load_config("debug", ["model.patch_size=8", "model.image_size=16"]).model.patch_size == 8
+    assert load_config("debug", ["model.arch=unet", "model.channel_mult=[1,1,1,1,1]", "model.image_size=16"]).model.arch == "unet"
+
+
+def test_zero_times_are_refused_for_training_without_reflow_pairs(tmp_path, shapes16):
+    # t = 0 only on independent (or OT) noise learns the mean image minus the noise: every one-step sample is
+    # the mean. It was accepted and trained; the documented use is one-step distillation on reflow pairs.
+    from fmcli.config import check_training_config
+
+    for coupling in ("independent", "ot-exact"):
+        with pytest.raises(UsageError, match="time_sampler='zero'.*flow.coupling='pairs'"):
+            check_training_config(load_config("debug", ["flow.time_sampler=zero", f"flow.coupling={coupling}"]))
+    check_training_config(load_config("debug", ["flow.time_sampler=zero", "flow.coupling=pairs"]))
+    refused = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "flow.time_sampler=zero")
+    assert refused.returncode == 2 and "flow.coupling='pairs'" in refused.stderr, refused.stderr
+    assert not (tmp_path / "run").exists()

@@ -69,3 +69,33 @@ def test_the_launchers_autotune_times_muon_in_the_dtype_the_ranks_train_with(tmp
     launch = {"nnodes": 1, "node_rank": 0, "rdzv_endpoint": None, "rdzv_id": None}
     launch_mod._relaunch_training(cfg, tmp_path / "run", None, None, launch, 2, 0.0)
     assert [b.muon_ns_dtype for b in bases] == ["fp32"]
+
+
+def test_an_srun_task_is_its_rank_before_the_data_and_the_run_directory(tmp_path, monkeypatch):
+    """`srun` with one task per GPU (no torchrun): SLURM's variables were mapped only when the process group was
+    joined, after the launcher's data step, so every task (here local rank 1) prepared the default shapes data
+    itself, concurrently into one directory. Local rank 1 now waits for local rank 0's data, as the README says."""
+    slurm = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": "29517", "FM_DATA_WAIT": "1"}
+    waited = run_fm("train", "--preset", "debug", "--run-dir", tmp_path / "run", cwd=tmp_path, env=slurm, timeout=60)
+    assert waited.returncode == 1, waited.stderr
+    assert "waiting for local rank 0 to prepare the shapes data" in waited.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+    # Without MASTER_ADDR the task cannot join: one usage line before any data or directory.
+    del slurm["MASTER_ADDR"]
+    refused = run_fm("train", "--preset", "debug", "--run-dir", tmp_path / "run", cwd=tmp_path, env=slurm, timeout=60)
+    assert refused.returncode == 2 and "set MASTER_ADDR" in refused.stderr
+    assert not (tmp_path / "data").exists()
+    # Sampling commands ask the same question: a task is one rank (its shard), not a whole command of its own.
+    from fmcli import distributed as D
+    from fmcli.launch import relaunched
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # set, then removed: monkeypatch removes what adopt_slurm sets
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    for key, value in {**slurm, "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    assert relaunched(0, 0) is False and D.launched_externally()
+    import os
+
+    assert (os.environ["WORLD_SIZE"], os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("2", "1", "1")
