@@ -266,7 +266,7 @@ def _float_settings(model=Config, prefix=""):
         tuples = [a for a in options if typing.get_origin(a) is tuple]
         if section is not None:
             yield from _float_settings(section, key + ".")
-        elif tuples and float in typing.get_args(tuples[0]):
+        elif tuples and float in [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in typing.get_args(tuples[0])]:
             yield key, "[{}, 0.5]"
         elif float in options:
             yield key, "{}"
