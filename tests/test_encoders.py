@@ -358,3 +358,34 @@ def test_sampling_refuses_encoders_of_another_latent_space_or_width(tmp_path, ti
     wider_t5 = build_tiny_text_encoder(tmp_path / "t5-64", seed=0, words=WORDS, d_model=64, layers=1, heads=4)
     with pytest.raises(UsageError, match="width 64, but the model was trained on text states of a t5 of width 32"):
         _sampling_encoders(cfg, info, cpu, None, str(wider_t5))
+
+
+def test_latent_training_without_its_vae_skips_the_grid_instead_of_failing_the_run(tmp_path, tiny_vae, monkeypatch):
+    """Training on latents needs no VAE (only the sample grids decode), so one that is not there is not checked
+    at setup; but a recorded VAE that had moved failed the run at its first sample grid (exit 2 after the
+    steps, and mid-run at `train.sample_every`). The grid is now skipped with a note, as without any VAE, and
+    the run ends normally with its checkpoint."""
+    import shutil
+
+    from fmcli.config import apply_overrides
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.train import train
+
+    monkeypatch.delenv("FM_VAE", raising=False)
+    moved = shutil.copytree(tiny_vae, tmp_path / "vae")
+    src = prepare_shapes(tmp_path / "shapes", size=16, count=8, seed=0)
+    data = encode_prepared(src, tmp_path / "latents", vae=str(moved))
+    shutil.rmtree(moved)  # the VAE the dataset records is gone
+    notes = []
+
+    class Log(QuietLog):
+        def info(self, message):
+            notes.append(message)
+
+    settings = ["model.hidden_size=32", "model.depth=1", "model.heads=2", "train.steps=2", "train.global_batch_size=4", "train.precision=fp32",
+                "train.sample_every=1", "sample.grid_size=2", "sample.steps=1", f"data.path={data}", "train.budget_minutes=null", "eval.every=0"]  # fmt: skip
+    result = train(apply_overrides(load_config("debug"), settings), tmp_path / "run", log=Log())
+    assert result.step == 2 and (tmp_path / "run" / "checkpoints" / "step-0000002.pt").is_file()
+    assert not list((tmp_path / "run").glob("samples/*.png"))
+    assert any("sample grid skipped" in n and str(moved) in n for n in notes), notes
