@@ -389,3 +389,22 @@ def test_latent_training_without_its_vae_skips_the_grid_instead_of_failing_the_r
     assert result.step == 2 and (tmp_path / "run" / "checkpoints" / "step-0000002.pt").is_file()
     assert not list((tmp_path / "run").glob("samples/*.png"))
     assert any("sample grid skipped" in n and str(moved) in n for n in notes), notes
+
+
+def test_fid_of_a_text_model_is_refused_before_the_reference_pass(tmp_path, tiny_t5):
+    """`fm fid --ckpt` of a text-to-image model computed the reference's features (minutes for a large dataset) and
+    then failed with "give --prompt TEXT", a flag fm fid does not have. It is now refused right after the checkpoint
+    loads, pointing to `fm sample --prompts` and `fm fid --gen`."""
+    from conftest import fm_in_process
+    from fmcli.config import apply_overrides
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.train import train
+
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=8, seed=0)
+    settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
+                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1"]  # fmt: skip
+    train(apply_overrides(load_config("quickstart-text"), settings), tmp_path / "run", log=QuietLog())
+    res = fm_in_process("fid", "--ckpt", str(tmp_path / "run"), "--ref", str(data), "-n", "4", "--features", "tiny", "--steps", "1")
+    assert res.returncode == 2, res.stderr
+    assert "fm sample --ckpt CKPT --prompts FILE" in res.stderr and "--gen DIR" in res.stderr
+    assert "features of" not in res.stderr  # no reference pass before the refusal
