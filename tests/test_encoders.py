@@ -408,3 +408,28 @@ def test_fid_of_a_text_model_is_refused_before_the_reference_pass(tmp_path, tiny
     assert res.returncode == 2, res.stderr
     assert "fm sample --ckpt CKPT --prompts FILE" in res.stderr and "--gen DIR" in res.stderr
     assert "features of" not in res.stderr  # no reference pass before the refusal
+
+
+def test_fm_export_readme_of_a_text_model_samples_as_written(tmp_path, tiny_t5, monkeypatch):
+    """The README of `fm export --format fm` told every model to `fm sample --ckpt DIR --num-samples 16 --out
+    samples/`, which a text-to-image model refuses (exit 2: it needs --prompt). A text model's README now gives a
+    prompt; the command as written runs."""
+    import shlex
+
+    from conftest import fm_in_process
+    from fmcli.config import apply_overrides
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.export import export_checkpoint
+    from fmcli.train import train
+
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=8, seed=0)
+    settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
+                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1", "sample.steps=1"]  # fmt: skip
+    train(apply_overrides(load_config("quickstart-text"), settings), tmp_path / "run", log=QuietLog())
+    export_checkpoint(tmp_path / "run", tmp_path / "exported", "fm")
+    lines = [line.strip() for line in (tmp_path / "exported" / "README.md").read_text().splitlines() if line.strip().startswith("fm sample")]
+    assert len(lines) == 1
+    monkeypatch.chdir(tmp_path)  # the README names the export by its folder name
+    res = fm_in_process(*shlex.split(lines[0])[1:])
+    assert res.returncode == 0, res.stderr
+    assert len(list((tmp_path / "samples").glob("0*.png"))) == 16
