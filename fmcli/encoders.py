@@ -387,10 +387,19 @@ def check_vae_dir(path) -> Path:
     return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae")
 
 
+# The config.json model types FrozenTextEncoder loads: T5 (T5EncoderModel; mT5 is the same network) and CLIP (CLIPTextModel).
+TEXT_ENCODER_TYPES = ("t5", "mt5", "clip", "clip_text_model")
+
+
 def check_text_encoder_dir(path) -> Path:
     if str(path) == BUILTIN_TINY_T5:
         return Path(path)
-    return _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder")
+    path = _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder")
+    facts = _text_encoder_facts(path)  # None when config.json cannot be read: loading says why
+    if facts is not None and facts[0] is not None and facts[0] not in TEXT_ENCODER_TYPES:
+        raise UsageError(f"the text encoder {path} is a {facts[0]} (config.json model_type); fm loads T5 or CLIP text encoders "
+                         f"(model_type {', '.join(TEXT_ENCODER_TYPES)}), e.g. google-t5/t5-small")
+    return path
 
 
 def _check_dir(path, what: str, expected: list[str], hint: str, env: str, flag: str) -> Path:

@@ -433,3 +433,25 @@ def test_fm_export_readme_of_a_text_model_samples_as_written(tmp_path, tiny_t5, 
     res = fm_in_process(*shlex.split(lines[0])[1:])
     assert res.returncode == 0, res.stderr
     assert len(list((tmp_path / "samples").glob("0*.png"))) == 16
+
+
+def test_a_text_encoder_of_another_architecture_is_a_usage_error_before_any_work(tmp_path, tiny_t5):
+    """fm loads T5 (T5EncoderModel) and CLIP text encoders. A directory of another kind (a BERT, say) was loaded as
+    a T5 and failed inside transformers (`fm prepare-data --text-encoder`: exit 1, "RuntimeError: You set
+    `ignore_mismatched_sizes` to `False`", after the whole pixel pass). It is now a one-line usage error naming the
+    kind, before the pixel pass."""
+    import shutil
+
+    from fmcli.data.latents import prepare_encoded
+
+    bert = shutil.copytree(tiny_t5, tmp_path / "bert")
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 20, "hidden_size": 16, "num_hidden_layers": 1,
+                                                  "num_attention_heads": 2, "intermediate_size": 32}))  # fmt: skip
+    with pytest.raises(UsageError, match="is a bert.*T5 or CLIP"):
+        FrozenTextEncoder(bert, max_tokens=8)
+
+    def pixel_pass(target):
+        raise AssertionError(f"the pixel pass ran (into {target}) before the text encoder was checked")
+
+    with pytest.raises(UsageError, match="is a bert.*T5 or CLIP"):
+        prepare_encoded(pixel_pass, tmp_path / "out", text_encoder=str(bert), cache_text=True)
