@@ -60,7 +60,7 @@ class FrozenVAE:
         self.dtype = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else torch.float32
         try:
             vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights that do not fit config.json
             raise UsageError(f"could not load the VAE from {self.path}: {str(err).splitlines()[0]}") from None
         self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
         cfg = self.vae.config
@@ -127,7 +127,7 @@ class FrozenTextEncoder:
             cls = CLIPTextModel if config.model_type.startswith("clip") else T5EncoderModel
             self.model = cls.from_pretrained(self.path, local_files_only=True, torch_dtype=torch.float32)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights that do not fit config.json
             raise UsageError(f"could not load the text encoder from {self.path}: {str(err).splitlines()[0]}") from None
         self.model = self.model.to(self.device).eval().requires_grad_(False)
         limit = getattr(self.model.config, "max_position_embeddings", None)

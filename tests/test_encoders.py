@@ -455,3 +455,23 @@ def test_a_text_encoder_of_another_architecture_is_a_usage_error_before_any_work
 
     with pytest.raises(UsageError, match="is a bert.*T5 or CLIP"):
         prepare_encoded(pixel_pass, tmp_path / "out", text_encoder=str(bert), cache_text=True)
+
+
+def test_encoder_weights_that_do_not_fit_their_config_are_a_one_line_usage_error(tmp_path, tiny_vae, tiny_t5):
+    """A VAE or text-encoder directory whose weights do not fit its config.json (a config edited or copied from
+    another model) failed with transformers' / diffusers' RuntimeError: exit 1 and a message of one line per
+    mismatched tensor (~90 lines for the tiny VAE). It is now the one-line "could not load" usage error (exit 2)."""
+    import shutil
+
+    vae = shutil.copytree(tiny_vae, tmp_path / "vae")
+    config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**config, "block_out_channels": [8, 32]}))
+    with pytest.raises(UsageError, match="could not load the VAE") as err:
+        FrozenVAE(vae)
+    assert "\n" not in str(err.value)
+    t5 = shutil.copytree(tiny_t5, tmp_path / "t5")
+    config = json.loads((t5 / "config.json").read_text())
+    (t5 / "config.json").write_text(json.dumps({**config, "d_ff": 2 * config["d_ff"]}))
+    with pytest.raises(UsageError, match="could not load the text encoder") as err:
+        FrozenTextEncoder(t5, max_tokens=8)
+    assert "\n" not in str(err.value)
