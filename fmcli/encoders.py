@@ -60,7 +60,7 @@ class FrozenVAE:
         self.dtype = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else torch.float32
         try:
             vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights that do not fit config.json
             raise UsageError(f"could not load the VAE from {self.path}: {str(err).splitlines()[0]}") from None
         self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
         cfg = self.vae.config
@@ -127,7 +127,7 @@ class FrozenTextEncoder:
             cls = CLIPTextModel if config.model_type.startswith("clip") else T5EncoderModel
             self.model = cls.from_pretrained(self.path, local_files_only=True, torch_dtype=torch.float32)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights that do not fit config.json
             raise UsageError(f"could not load the text encoder from {self.path}: {str(err).splitlines()[0]}") from None
         self.model = self.model.to(self.device).eval().requires_grad_(False)
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -387,10 +387,19 @@ def check_vae_dir(path) -> Path:
     return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae")
 
 
+# The config.json model types FrozenTextEncoder loads: T5 (T5EncoderModel; mT5 is the same network) and CLIP (CLIPTextModel).
+TEXT_ENCODER_TYPES = ("t5", "mt5", "clip", "clip_text_model")
+
+
 def check_text_encoder_dir(path) -> Path:
     if str(path) == BUILTIN_TINY_T5:
         return Path(path)
-    return _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder")
+    path = _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder")
+    facts = _text_encoder_facts(path)  # None when config.json cannot be read: loading says why
+    if facts is not None and facts[0] is not None and facts[0] not in TEXT_ENCODER_TYPES:
+        raise UsageError(f"the text encoder {path} is a {facts[0]} (config.json model_type); fm loads T5 or CLIP text encoders "
+                         f"(model_type {', '.join(TEXT_ENCODER_TYPES)}), e.g. google-t5/t5-small")
+    return path
 
 
 def _check_dir(path, what: str, expected: list[str], hint: str, env: str, flag: str) -> Path:

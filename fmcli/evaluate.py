@@ -553,7 +553,11 @@ def fid(req: FidRequest, *, device: torch.device, log, ctx=None, progress_factor
 
 
 def _check_scorable(loaded, ref_size: int | None) -> None:
-    """What `fm fid` cannot score: a latent model's samples, or images of another size than the reference's (None: unknown)."""
+    """What `fm fid` cannot score: a latent model's samples, a text model's (it takes no prompts), or images of another
+    size than the reference's (None: unknown)."""
+    if loaded.is_text:
+        raise UsageError("fm fid --ckpt samples class-conditional or unconditional models; a text-to-image model needs prompts, which "
+                         "fm fid does not take: write its samples with `fm sample --ckpt CKPT --prompts FILE --out DIR` and score them with --gen DIR")
     if loaded.info.get("kind", "pixels") != "pixels":
         raise UsageError("FID of latent-space models needs VAE decoding, which `fm fid` does not do yet")
     if ref_size and loaded.shape[-1] != ref_size:

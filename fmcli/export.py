@@ -266,12 +266,13 @@ def _fm_readme(cfg: Config, meta: dict, name: str) -> str:
     what = "text-conditioned DiT (cross-attention to text-encoder states)" if m.arch == "dit" and m.cross_attention else (
         "U-Net (a diffusers UNet2D(Condition)Model under `net.`)" if m.arch == "unet" else "DiT"
     )
+    prompt = ' --prompt "a photo of a cat"' if m.cross_attention else ""  # a text model needs one (or --prompts FILE)
     return f"""# {cfg.name}: fm model weights (fm {__version__}, step {meta['step']}, {'EMA' if meta['ema'] else 'raw'})
 
 A {what}: `model.safetensors` with fm's parameter names, `fm_export.json` with fm's resolved config.
-Sample with fm:
+Sample with fm{" (any prompt, or --prompts FILE with one per line)" if prompt else ""}:
 
-    fm sample --ckpt {name} --num-samples 16 --out samples/
+    fm sample --ckpt {name}{prompt} --num-samples 16 --out samples/
 
 What diffusers cannot load from here: there is no diffusers pipeline for this model. Only class-conditional
 DiTs export to a diffusers `DiTTransformer2DModel` (`fm export --format diffusers`); diffusers' DiT has no

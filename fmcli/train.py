@@ -438,7 +438,11 @@ class Trainer:
             if not self.cfg.encoders.vae:
                 self.log.info("sample grid skipped: latents need a VAE to decode (set encoders.vae or FM_VAE)")
                 return None
-            self.vae = FrozenVAE(self.cfg.encoders.vae, self.ctx.device, self.cfg.encoders.vae_precision)
+            try:
+                self.vae = FrozenVAE(self.cfg.encoders.vae, self.ctx.device, self.cfg.encoders.vae_precision)
+            except UsageError as err:  # training needs no VAE (setup does not check one that is not there): it costs the grid, not the run
+                self.log.info(f"sample grid skipped: {err}")
+                return None
         return self.vae.decode(x)
 
     # ---------------------------------------------------------------------------------------- signals

@@ -358,3 +358,120 @@ def test_sampling_refuses_encoders_of_another_latent_space_or_width(tmp_path, ti
     wider_t5 = build_tiny_text_encoder(tmp_path / "t5-64", seed=0, words=WORDS, d_model=64, layers=1, heads=4)
     with pytest.raises(UsageError, match="width 64, but the model was trained on text states of a t5 of width 32"):
         _sampling_encoders(cfg, info, cpu, None, str(wider_t5))
+
+
+def test_latent_training_without_its_vae_skips_the_grid_instead_of_failing_the_run(tmp_path, tiny_vae, monkeypatch):
+    """Training on latents needs no VAE (only the sample grids decode), so one that is not there is not checked
+    at setup; but a recorded VAE that had moved failed the run at its first sample grid (exit 2 after the
+    steps, and mid-run at `train.sample_every`). The grid is now skipped with a note, as without any VAE, and
+    the run ends normally with its checkpoint."""
+    import shutil
+
+    from fmcli.config import apply_overrides
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.train import train
+
+    monkeypatch.delenv("FM_VAE", raising=False)
+    moved = shutil.copytree(tiny_vae, tmp_path / "vae")
+    src = prepare_shapes(tmp_path / "shapes", size=16, count=8, seed=0)
+    data = encode_prepared(src, tmp_path / "latents", vae=str(moved))
+    shutil.rmtree(moved)  # the VAE the dataset records is gone
+    notes = []
+
+    class Log(QuietLog):
+        def info(self, message):
+            notes.append(message)
+
+    settings = ["model.hidden_size=32", "model.depth=1", "model.heads=2", "train.steps=2", "train.global_batch_size=4", "train.precision=fp32",
+                "train.sample_every=1", "sample.grid_size=2", "sample.steps=1", f"data.path={data}", "train.budget_minutes=null", "eval.every=0"]  # fmt: skip
+    result = train(apply_overrides(load_config("debug"), settings), tmp_path / "run", log=Log())
+    assert result.step == 2 and (tmp_path / "run" / "checkpoints" / "step-0000002.pt").is_file()
+    assert not list((tmp_path / "run").glob("samples/*.png"))
+    assert any("sample grid skipped" in n and str(moved) in n for n in notes), notes
+
+
+def test_fid_of_a_text_model_is_refused_before_the_reference_pass(tmp_path, tiny_t5):
+    """`fm fid --ckpt` of a text-to-image model computed the reference's features (minutes for a large dataset) and
+    then failed with "give --prompt TEXT", a flag fm fid does not have. It is now refused right after the checkpoint
+    loads, pointing to `fm sample --prompts` and `fm fid --gen`."""
+    from conftest import fm_in_process
+    from fmcli.config import apply_overrides
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.train import train
+
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=8, seed=0)
+    settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
+                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1"]  # fmt: skip
+    train(apply_overrides(load_config("quickstart-text"), settings), tmp_path / "run", log=QuietLog())
+    res = fm_in_process("fid", "--ckpt", str(tmp_path / "run"), "--ref", str(data), "-n", "4", "--features", "tiny", "--steps", "1")
+    assert res.returncode == 2, res.stderr
+    assert "fm sample --ckpt CKPT --prompts FILE" in res.stderr and "--gen DIR" in res.stderr
+    assert "features of" not in res.stderr  # no reference pass before the refusal
+
+
+def test_fm_export_readme_of_a_text_model_samples_as_written(tmp_path, tiny_t5, monkeypatch):
+    """The README of `fm export --format fm` told every model to `fm sample --ckpt DIR --num-samples 16 --out
+    samples/`, which a text-to-image model refuses (exit 2: it needs --prompt). A text model's README now gives a
+    prompt; the command as written runs."""
+    import shlex
+
+    from conftest import fm_in_process
+    from fmcli.config import apply_overrides
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.export import export_checkpoint
+    from fmcli.train import train
+
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=8, seed=0)
+    settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
+                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1", "sample.steps=1"]  # fmt: skip
+    train(apply_overrides(load_config("quickstart-text"), settings), tmp_path / "run", log=QuietLog())
+    export_checkpoint(tmp_path / "run", tmp_path / "exported", "fm")
+    lines = [line.strip() for line in (tmp_path / "exported" / "README.md").read_text().splitlines() if line.strip().startswith("fm sample")]
+    assert len(lines) == 1
+    monkeypatch.chdir(tmp_path)  # the README names the export by its folder name
+    res = fm_in_process(*shlex.split(lines[0])[1:])
+    assert res.returncode == 0, res.stderr
+    assert len(list((tmp_path / "samples").glob("0*.png"))) == 16
+
+
+def test_a_text_encoder_of_another_architecture_is_a_usage_error_before_any_work(tmp_path, tiny_t5):
+    """fm loads T5 (T5EncoderModel) and CLIP text encoders. A directory of another kind (a BERT, say) was loaded as
+    a T5 and failed inside transformers (`fm prepare-data --text-encoder`: exit 1, "RuntimeError: You set
+    `ignore_mismatched_sizes` to `False`", after the whole pixel pass). It is now a one-line usage error naming the
+    kind, before the pixel pass."""
+    import shutil
+
+    from fmcli.data.latents import prepare_encoded
+
+    bert = shutil.copytree(tiny_t5, tmp_path / "bert")
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 20, "hidden_size": 16, "num_hidden_layers": 1,
+                                                  "num_attention_heads": 2, "intermediate_size": 32}))  # fmt: skip
+    with pytest.raises(UsageError, match="is a bert.*T5 or CLIP"):
+        FrozenTextEncoder(bert, max_tokens=8)
+
+    def pixel_pass(target):
+        raise AssertionError(f"the pixel pass ran (into {target}) before the text encoder was checked")
+
+    with pytest.raises(UsageError, match="is a bert.*T5 or CLIP"):
+        prepare_encoded(pixel_pass, tmp_path / "out", text_encoder=str(bert), cache_text=True)
+
+
+def test_encoder_weights_that_do_not_fit_their_config_are_a_one_line_usage_error(tmp_path, tiny_vae, tiny_t5):
+    """A VAE or text-encoder directory whose weights do not fit its config.json (a config edited or copied from
+    another model) failed with transformers' / diffusers' RuntimeError: exit 1 and a message of one line per
+    mismatched tensor (~90 lines for the tiny VAE). It is now the one-line "could not load" usage error (exit 2)."""
+    import shutil
+
+    vae = shutil.copytree(tiny_vae, tmp_path / "vae")
+    config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**config, "block_out_channels": [8, 32]}))
+    with pytest.raises(UsageError, match="could not load the VAE") as err:
+        FrozenVAE(vae)
+    assert "\n" not in str(err.value)
+    t5 = shutil.copytree(tiny_t5, tmp_path / "t5")
+    config = json.loads((t5 / "config.json").read_text())
+    (t5 / "config.json").write_text(json.dumps({**config, "d_ff": 2 * config["d_ff"]}))
+    with pytest.raises(UsageError, match="could not load the text encoder") as err:
+        FrozenTextEncoder(t5, max_tokens=8)
+    assert "\n" not in str(err.value)
