@@ -309,7 +309,12 @@ def guidance_that_runs(loaded: LoadedModel, sample_cfg, log: Callable[[str], Non
     """`sample_cfg` as it runs on `loaded`: cfg and cfg-zero guide away from the unconditional branch, which an
     unconditional model lacks, so they leave it unguided (solvers.guided_velocity); its cfg then reads 1, so
     that every summary reports what ran. Autoguidance (a guide network) works on any model."""
-    if sample_cfg.cfg == 1.0 or sample_cfg.guidance == "auto" or loaded.num_classes or loaded.is_text:
+    if sample_cfg.cfg == 1.0 or sample_cfg.guidance == "auto":
+        return sample_cfg
+    if loaded.num_classes or loaded.is_text:
+        if log and loaded.config.flow.cond_dropout == 0:
+            log(f"note: the model was trained without condition dropout (flow.cond_dropout=0), so its unconditional branch is untrained "
+                f"and {sample_cfg.guidance} guidance (cfg {sample_cfg.cfg:g}) extrapolates from it; --cfg 1 samples as trained")  # fmt: skip
         return sample_cfg
     if log:
         log(f"note: the model is unconditional, so {sample_cfg.guidance} guidance (cfg {sample_cfg.cfg:g}) has nothing to guide: sampling unguided "

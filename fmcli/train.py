@@ -135,6 +135,12 @@ def build_step(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log, r
         raise UsageError(f"flow.coupling='pairs' needs a reflow pairs dataset (`fm reflow --out DIR`), and {dataset.path} holds {dataset.manifest['kind']}")
     if dataset.is_pairs and cfg.flow.coupling != "pairs":
         raise UsageError(f"{dataset.path} holds reflow pairs: train on them with --set flow.coupling=pairs")
+    # Guidance extrapolates from the unconditional branch, which only condition dropout trains: without it the
+    # run's sample grids (and `fm sample` at the run's default) would guide from an untrained null class.
+    conditional = cfg.model.num_classes or cfg.model.cross_attention
+    if conditional and cfg.flow.cond_dropout == 0 and cfg.sample.cfg != 1 and cfg.sample.guidance in ("cfg", "cfg-zero"):
+        raise UsageError(f"flow.cond_dropout=0 trains no unconditional branch, which sample.cfg={cfg.sample.cfg:g} guides from: "
+                         "--set sample.cfg=1 (a reflow student samples unguided), or a flow.cond_dropout above 0 (e.g. 0.1)")
     if dataset.is_pairs and cfg.data.flip:
         raise UsageError("data.flip would separate reflow pairs (the flipped x1 is not the teacher's sample of x0): --set data.flip=false")
     check_precision(cfg.train.precision, ctx.device, "train.precision")  # every rank, before rank 0 resolves "auto"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fm_env, fm_in_process, run_fm
+from conftest import QuietLog, fm_env, fm_in_process, run_fm
 from fmcli import checkpoint as ckpt_mod
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config
@@ -39,7 +39,7 @@ def test_tiny_model_overfits_two_images(tmp_path):
         data = w.finish(num_classes=2)
     cfg = cfg_for(
         data, "model.patch_size=2", "train.global_batch_size=2", "train.steps=300", "optim.lr=3e-3",
-        "optim.warmup_frac=0.0", "optim.min_lr_factor=1.0", "flow.cond_dropout=0.0", "train.checkpoint_every=0",
+        "optim.warmup_frac=0.0", "optim.min_lr_factor=1.0", "flow.cond_dropout=0.0", "sample.cfg=1", "train.checkpoint_every=0",
         "train.log_every=100",
     )
     result = train(cfg, tmp_path / "run")
@@ -279,3 +279,26 @@ def test_muon_from_the_command_line(tmp_path, shapes16):
     state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
     assert state["config"]["optim"]["name"] == "muon"
     assert len(state["optimizer"]["optimizers"]) == 2  # AdamW for embeddings/norms/biases/final layer + Muon
+
+
+def test_guided_grids_without_condition_dropout_are_refused_before_the_run(tmp_path, shapes16, debug_run):
+    """flow.cond_dropout=0 trains no unconditional branch; guidance (sample.cfg != 1) extrapolates from it, so the
+    run's sample grids came from an untrained null class. Refused before any work; a reflow student's recipe
+    (cfg 1) trains. Sampling such a model with --cfg > 1 says what the guidance extrapolates from."""
+    import dataclasses
+
+    import torch
+
+    from fmcli.errors import UsageError
+    from fmcli.generate import guidance_that_runs, load_for_sampling
+
+    with pytest.raises(UsageError, match="flow.cond_dropout=0 trains no unconditional branch, which sample.cfg=2"):
+        train(cfg_for(shapes16, "flow.cond_dropout=0", "sample.cfg=2", "train.steps=1"), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    train(cfg_for(shapes16, "flow.cond_dropout=0", "sample.cfg=1", "train.steps=1"), tmp_path / "student", log=QuietLog())
+    loaded = load_for_sampling(str(debug_run), torch.device("cpu"))
+    no_dropout = dataclasses.replace(loaded, config=loaded.config.with_section("flow", cond_dropout=0.0))
+    for model, noted in ((loaded, False), (no_dropout, True)):
+        notes = []
+        ran = guidance_that_runs(model, model.config.sample.model_copy(update={"cfg": 3.0}), notes.append)
+        assert ran.cfg == 3.0 and any("cond_dropout=0" in n for n in notes) == noted
