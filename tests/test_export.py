@@ -83,14 +83,20 @@ def test_export_round_trips_into_fm_bit_for_bit(exported, tmp_path):
     assert not list(tmp_path.glob("*.pt.tmp*")) and not any(p.suffix == ".pkl" for p in (tmp_path / "unet").iterdir())
 
 
-def test_readme_snippet_samples_what_fm_samples(exported, monkeypatch):
-    """Run the exported README's code (diffusers model + FlowMatchEulerDiscreteScheduler) against fm's sampler."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    fm, cfg, out = exported
+def _run_readme_snippet(out) -> dict:
+    """Run the python block of an export's README with DIR pointing at `out`; its variables."""
     code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
     code = re.sub(r'^DIR, (.*?) = "[^"]*", ', lambda m: f'DIR, {m.group(1)} = {str(out)!r}, ', code, flags=re.M)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
+    return scope
+
+
+def test_readme_snippet_samples_what_fm_samples(exported, monkeypatch):
+    """Run the exported README's code (diffusers model + FlowMatchEulerDiscreteScheduler) against fm's sampler."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fm, cfg, out = exported
+    scope = _run_readme_snippet(out)
     n = scope["n"]
     x0 = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(n) % NUM_CLASSES
@@ -108,10 +114,7 @@ def test_readme_snippet_follows_the_guidance_interval_and_shift(tmp_path, monkey
     fm, cfg = make_checkpoint(tmp_path / "step.pt", ["sample.guidance_interval=[0.3, 1.0]", "flow.shift=2.0", "sample.steps=10"])
     export_checkpoint(tmp_path / "step.pt", tmp_path / "dit", "diffusers")
     out = tmp_path / "dit"
-    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
-    code = re.sub(r'^DIR, (.*?) = "[^"]*", ', lambda m: f'DIR, {m.group(1)} = {str(out)!r}, ', code, flags=re.M)
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    scope = _run_readme_snippet(out)
     n = scope["n"]
     x0 = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     sample_cfg = with_sampling_shift(cfg).sample
