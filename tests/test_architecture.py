@@ -288,6 +288,47 @@ def test_documented_defaults_are_the_code_defaults():
     assert not wrong, "docs/architecture.md section 6 gives other defaults than config.py; fix these rows:\n" + "\n".join(wrong)
 
 
+def config_choices() -> dict[str, list[str]]:
+    """Every key whose type is (or includes) a Literal of words -> those words, e.g. `data.source` -> its sources."""
+    from pydantic import BaseModel
+
+    from fmcli.config import Config
+
+    choices: dict[str, list[str]] = {}
+
+    def literals(annotation) -> list[str]:
+        if typing.get_origin(annotation) is typing.Literal:
+            return [a for a in typing.get_args(annotation) if isinstance(a, str)]
+        return [w for a in typing.get_args(annotation) for w in literals(a)]
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            section = next((a for a in (field.annotation, *typing.get_args(field.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if section is not None:
+                walk(section, prefix + name + ".")
+            elif words := literals(field.annotation):
+                choices[prefix + name] = words
+
+    walk(Config, "")
+    return choices
+
+
+def test_documented_values_name_every_choice():
+    """The key table's values column names every word a Literal key accepts (`data.source = "sklearn-digits"`
+    was accepted but missing from the table)."""
+    assert "sklearn-digits" in config_choices()["data.source"] and config_choices()["train.compile"] == ["auto"]
+    rows = dict(re.findall(r"^\| `([a-z_.]+)` \| [^|]+? \| ([^|]+?) \|", _doc(), re.M))
+    wrong = []
+    for key, words in config_choices().items():
+        cell = rows.get(key)
+        if cell is None:
+            continue  # reported by test_every_config_key_is_documented
+        named = set(re.findall(r'`"?([^`"]+)"?`', cell))
+        if missing := [w for w in words if w not in named]:
+            wrong.append(f"  `{key}`: {', '.join(missing)} (the table says {cell.strip()})")
+    assert not wrong, "docs/architecture.md section 6's values column lacks accepted values:\n" + "\n".join(wrong)
+
+
 def _default_cell(default) -> str:
     """A default as the key table writes it: `None`, `"auto"`, `false`, `[1, 2, 2]`; required stays a word."""
     import json
