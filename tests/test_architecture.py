@@ -329,6 +329,16 @@ def test_documented_values_name_every_choice():
     assert not wrong, "docs/architecture.md section 6's values column lacks accepted values:\n" + "\n".join(wrong)
 
 
+def test_resume_safe_keys_are_the_documented_ones():
+    """Section 6's list of what `--set` may change on resume is `config.RESUME_SAFE_KEYS`, no more, no less."""
+    from fmcli.config import RESUME_SAFE_KEYS
+
+    sentence = re.search(r"On resume only `RESUME_SAFE_KEYS` may change: (.*?)\.\n", _doc(), re.S)
+    assert sentence, "docs/architecture.md section 6 lost its RESUME_SAFE_KEYS sentence"
+    documented = set(re.findall(r"`([a-z_]+\.[a-z_]+)`", sentence.group(1)))
+    assert documented == RESUME_SAFE_KEYS, f"undocumented: {sorted(RESUME_SAFE_KEYS - documented)}; not safe: {sorted(documented - RESUME_SAFE_KEYS)}"
+
+
 def _default_cell(default) -> str:
     """A default as the key table writes it: `None`, `"auto"`, `false`, `[1, 2, 2]`; required stays a word."""
     import json
