@@ -366,6 +366,32 @@ def test_every_command_is_in_the_cli_contract():
     )
 
 
+def synopses() -> dict[str, str]:
+    """Section 10's synopsis of each command (its continuation lines included), `[SAMPLING]` expanded."""
+    block = re.search(r"^## 10\..*?^```\n(.*?)^```", _doc(), re.M | re.S).group(1)
+    parts = re.split(r"^(?=fm |SAMPLING = )", block, flags=re.M)
+    sampling = next(p for p in parts if p.startswith("SAMPLING = "))
+    return {p.split()[1]: p.replace("[SAMPLING]", sampling) for p in parts if p.startswith("fm ")}
+
+
+def test_every_option_is_in_its_synopsis():
+    """Each command's synopsis names every option it takes (`fm env --remeasure`, `fm plot --y` and the
+    sampling commands' `--precision`/`--compile` were missing)."""
+    import typer.main
+
+    from fmcli.cli import app
+
+    docs = synopses()
+    assert "--rtol" in docs["sample"] and "--k" in docs["eval"]
+    missing = []
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            opts = [o for o in (*param.opts, *param.secondary_opts) if o.startswith("-") and o not in ("--help", "-h")]
+            if opts and not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", docs.get(name, "")) for o in opts):
+                missing.append(f"  fm {name} {'/'.join(opts)}")
+    assert not missing, "docs/architecture.md section 10's synopses lack these options:\n" + "\n".join(missing)
+
+
 def environment_variables() -> dict[str, set[str]]:
     """Names fmcli reads from (or sets in) os.environ, and every FM_* string it names -> the modules naming them."""
     found: dict[str, set[str]] = {}
