@@ -392,6 +392,18 @@ def test_every_option_is_in_its_synopsis():
     assert not missing, "docs/architecture.md section 10's synopses lack these options:\n" + "\n".join(missing)
 
 
+def test_every_preset_is_in_the_docs():
+    """Section 6's preset list and the README's preset table name every `presets/*.toml`."""
+    names = sorted(p.stem for p in (PACKAGE.parent / "presets").glob("*.toml"))
+    assert {"quickstart", "debug", "quickstart-meanflow"} <= set(names)
+    listed = re.search(r"^Presets \(`presets/`\): (.*?)\n\n", _doc(), re.M | re.S).group(1)
+    table = set(re.findall(r"^\| `([\w-]+)`", (PACKAGE.parent / "README.md").read_text(encoding="utf-8"), re.M))
+    table |= {n for row in re.findall(r"^\| (`[\w-]+`(?:, `[\w-]+`)+) \|", (PACKAGE.parent / "README.md").read_text(encoding="utf-8"), re.M)
+              for n in re.findall(r"`([\w-]+)`", row)}
+    assert not [n for n in names if f"`{n}`" not in listed], "docs/architecture.md section 6's preset list lacks some presets"
+    assert not [n for n in names if n not in table], f"README's preset table lacks {[n for n in names if n not in table]}"
+
+
 def environment_variables() -> dict[str, set[str]]:
     """Names fmcli reads from (or sets in) os.environ, and every FM_* string it names -> the modules naming them."""
     found: dict[str, set[str]] = {}
