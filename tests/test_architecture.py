@@ -288,6 +288,57 @@ def test_documented_defaults_are_the_code_defaults():
     assert not wrong, "docs/architecture.md section 6 gives other defaults than config.py; fix these rows:\n" + "\n".join(wrong)
 
 
+def config_choices() -> dict[str, list[str]]:
+    """Every key whose type is (or includes) a Literal of words -> those words, e.g. `data.source` -> its sources."""
+    from pydantic import BaseModel
+
+    from fmcli.config import Config
+
+    choices: dict[str, list[str]] = {}
+
+    def literals(annotation) -> list[str]:
+        if typing.get_origin(annotation) is typing.Literal:
+            return [a for a in typing.get_args(annotation) if isinstance(a, str)]
+        return [w for a in typing.get_args(annotation) for w in literals(a)]
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            section = next((a for a in (field.annotation, *typing.get_args(field.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if section is not None:
+                walk(section, prefix + name + ".")
+            elif words := literals(field.annotation):
+                choices[prefix + name] = words
+
+    walk(Config, "")
+    return choices
+
+
+def test_documented_values_name_every_choice():
+    """The key table's values column names every word a Literal key accepts (`data.source = "sklearn-digits"`
+    was accepted but missing from the table)."""
+    assert "sklearn-digits" in config_choices()["data.source"] and config_choices()["train.compile"] == ["auto"]
+    rows = dict(re.findall(r"^\| `([a-z_.]+)` \| [^|]+? \| ([^|]+?) \|", _doc(), re.M))
+    wrong = []
+    for key, words in config_choices().items():
+        cell = rows.get(key)
+        if cell is None:
+            continue  # reported by test_every_config_key_is_documented
+        named = set(re.findall(r'`"?([^`"]+)"?`', cell))
+        if missing := [w for w in words if w not in named]:
+            wrong.append(f"  `{key}`: {', '.join(missing)} (the table says {cell.strip()})")
+    assert not wrong, "docs/architecture.md section 6's values column lacks accepted values:\n" + "\n".join(wrong)
+
+
+def test_resume_safe_keys_are_the_documented_ones():
+    """Section 6's list of what `--set` may change on resume is `config.RESUME_SAFE_KEYS`, no more, no less."""
+    from fmcli.config import RESUME_SAFE_KEYS
+
+    sentence = re.search(r"On resume only `RESUME_SAFE_KEYS` may change: (.*?)\.\n", _doc(), re.S)
+    assert sentence, "docs/architecture.md section 6 lost its RESUME_SAFE_KEYS sentence"
+    documented = set(re.findall(r"`([a-z_]+\.[a-z_]+)`", sentence.group(1)))
+    assert documented == RESUME_SAFE_KEYS, f"undocumented: {sorted(RESUME_SAFE_KEYS - documented)}; not safe: {sorted(documented - RESUME_SAFE_KEYS)}"
+
+
 def _default_cell(default) -> str:
     """A default as the key table writes it: `None`, `"auto"`, `false`, `[1, 2, 2]`; required stays a word."""
     import json
@@ -313,6 +364,44 @@ def test_every_command_is_in_the_cli_contract():
     assert not missing, "docs/architecture.md section 10 (Command-line contract) lacks a synopsis line for:\n" + "\n".join(
         f"  fm {c} [OPTIONS...]" for c in missing
     )
+
+
+def synopses() -> dict[str, str]:
+    """Section 10's synopsis of each command (its continuation lines included), `[SAMPLING]` expanded."""
+    block = re.search(r"^## 10\..*?^```\n(.*?)^```", _doc(), re.M | re.S).group(1)
+    parts = re.split(r"^(?=fm |SAMPLING = )", block, flags=re.M)
+    sampling = next(p for p in parts if p.startswith("SAMPLING = "))
+    return {p.split()[1]: p.replace("[SAMPLING]", sampling) for p in parts if p.startswith("fm ")}
+
+
+def test_every_option_is_in_its_synopsis():
+    """Each command's synopsis names every option it takes (`fm env --remeasure`, `fm plot --y` and the
+    sampling commands' `--precision`/`--compile` were missing)."""
+    import typer.main
+
+    from fmcli.cli import app
+
+    docs = synopses()
+    assert "--rtol" in docs["sample"] and "--k" in docs["eval"]
+    missing = []
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            opts = [o for o in (*param.opts, *param.secondary_opts) if o.startswith("-") and o not in ("--help", "-h")]
+            if opts and not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", docs.get(name, "")) for o in opts):
+                missing.append(f"  fm {name} {'/'.join(opts)}")
+    assert not missing, "docs/architecture.md section 10's synopses lack these options:\n" + "\n".join(missing)
+
+
+def test_every_preset_is_in_the_docs():
+    """Section 6's preset list and the README's preset table name every `presets/*.toml`."""
+    names = sorted(p.stem for p in (PACKAGE.parent / "presets").glob("*.toml"))
+    assert {"quickstart", "debug", "quickstart-meanflow"} <= set(names)
+    listed = re.search(r"^Presets \(`presets/`\): (.*?)\n\n", _doc(), re.M | re.S).group(1)
+    table = set(re.findall(r"^\| `([\w-]+)`", (PACKAGE.parent / "README.md").read_text(encoding="utf-8"), re.M))
+    table |= {n for row in re.findall(r"^\| (`[\w-]+`(?:, `[\w-]+`)+) \|", (PACKAGE.parent / "README.md").read_text(encoding="utf-8"), re.M)
+              for n in re.findall(r"`([\w-]+)`", row)}
+    assert not [n for n in names if f"`{n}`" not in listed], "docs/architecture.md section 6's preset list lacks some presets"
+    assert not [n for n in names if n not in table], f"README's preset table lacks {[n for n in names if n not in table]}"
 
 
 def environment_variables() -> dict[str, set[str]]:

@@ -104,7 +104,7 @@ def plot(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json`.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (refreshed) or SWEEP.png.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file (or an existing SWEEP.png).")] = False,
-    y_metric: Annotated[str, typer.Option("--y", help="fm eval sweeps: recall, precision, coverage, density or fd against accuracy.")] = "recall",
+    y_metric: Annotated[str, typer.Option("--y", help="fm eval sweeps: recall, precision, coverage, density, fd or kid against accuracy.")] = "recall",
 ):
     """Plot loss and learning-rate curves (and FID or FD/precision/recall/coverage/accuracy when logged) from a
     run's metrics.jsonl, FID against NFE from `fm fid --nfe` sweeps (one curve per solver/guidance), or the
