@@ -234,26 +234,31 @@ def test_imports_point_down_the_documented_layers():
     ) + "\nmove the code, or change the layer order in the ```layers block (code and doc in the same commit)"
 
 
+def config_fields():
+    """Every field of the config, dotted (`train.budget_fallback.min_steps`): (key, pydantic field, its section
+    model or None); nested and optional sections are walked into."""
+    from pydantic import BaseModel
+
+    from fmcli.config import Config
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            section = next((a for a in (field.annotation, *typing.get_args(field.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            yield prefix + name, field, section
+            if section is not None:
+                yield from walk(section, prefix + name + ".")
+
+    yield from walk(Config, "")
+
+
 def config_keys() -> dict[str, object]:
     """Every settable key, dotted (`train.budget_fallback.min_steps`), with its default ("required" if none)."""
     from pydantic import BaseModel
     from pydantic_core import PydanticUndefined
 
-    from fmcli.config import Config
-
-    keys: dict[str, object] = {}
-
-    def walk(model, prefix):
-        for name, field in model.model_fields.items():
-            key = prefix + name
-            section = next((a for a in (field.annotation, *typing.get_args(field.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-            if section is None or not isinstance(field.default, BaseModel):  # a section table itself has no row
-                keys[key] = "required" if field.default is PydanticUndefined else field.default
-            if section is not None:
-                walk(section, key + ".")
-
-    walk(Config, "")
-    return keys
+    return {key: "required" if field.default is PydanticUndefined else field.default
+            for key, field, section in config_fields()
+            if section is None or not isinstance(field.default, BaseModel)}  # a section table itself has no row
 
 
 def test_config_key_walk_finds_nested_and_optional_sections():
@@ -290,27 +295,13 @@ def test_documented_defaults_are_the_code_defaults():
 
 def config_choices() -> dict[str, list[str]]:
     """Every key whose type is (or includes) a Literal of words -> those words, e.g. `data.source` -> its sources."""
-    from pydantic import BaseModel
-
-    from fmcli.config import Config
-
-    choices: dict[str, list[str]] = {}
 
     def literals(annotation) -> list[str]:
         if typing.get_origin(annotation) is typing.Literal:
             return [a for a in typing.get_args(annotation) if isinstance(a, str)]
         return [w for a in typing.get_args(annotation) for w in literals(a)]
 
-    def walk(model, prefix):
-        for name, field in model.model_fields.items():
-            section = next((a for a in (field.annotation, *typing.get_args(field.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-            if section is not None:
-                walk(section, prefix + name + ".")
-            elif words := literals(field.annotation):
-                choices[prefix + name] = words
-
-    walk(Config, "")
-    return choices
+    return {key: words for key, field, section in config_fields() if section is None and (words := literals(field.annotation))}
 
 
 def test_documented_values_name_every_choice():
