@@ -352,7 +352,11 @@ def _solve_dopri5(v: Velocity, x0: torch.Tensor, t_start: float, rtol: float, at
     report(0, 0.0, x0)
     func = _ReportingODE(v, report)
     times = torch.tensor([t_start, 1.0], device=x0.device, dtype=torch.float64)
-    x = odeint(func, x0, times, rtol=rtol, atol=atol, method="dopri5")[-1] if t_start < 1.0 else x0
+    # step_t: the step that would cross t = 1 is shortened to end there (as scipy's solve_ivp does), rather than
+    # torchdiffeq's default of stepping past it and interpolating back: no step evaluates the network beyond the
+    # data end, where it was never trained, and the result is a step's endpoint, not its less accurate dense output.
+    land = {"step_t": times[-1:]}
+    x = odeint(func, x0, times, rtol=rtol, atol=atol, method="dopri5", options=land)[-1] if t_start < 1.0 else x0
     report(max(func.accepted, 1), 1.0, x)
     return x
 

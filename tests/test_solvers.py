@@ -93,6 +93,24 @@ def test_dopri5_matches_scipy_rk45():
     assert np.abs(ref - _exact_endpoint(x0).flatten().numpy()).max() < 1e-7  # scipy agrees with the closed form
 
 
+@pytest.mark.parametrize("tol", [1e-3, 1e-4, 1e-6])
+def test_dopri5_never_evaluates_the_network_past_the_data_end(tol):
+    """The model is trained on t in [0, 1]: like scipy's solve_ivp (which never steps past t_bound), dopri5's
+    last step ends at t = 1 instead of stepping past it and interpolating back (torchdiffeq's default, which
+    evaluated the network up to t = 1.8 here and was less accurate)."""
+    x0 = _x0()
+    seen = []
+
+    def velocity(x, t):
+        seen.append(float(t))
+        return _gauss_velocity(x, t)
+
+    res = solve(velocity, x0, "dopri5", rtol=tol, atol=tol)
+    assert min(seen) == 0.0 and max(seen) <= 1.0, max(seen)
+    assert max(seen) > 1.0 - 1e-12  # the last step ends on the data end itself (to rounding)
+    assert (res.x - _exact_endpoint(x0)).abs().max() < 10 * tol
+
+
 def test_dopri5_tolerances_matter():
     x0 = _x0()
     exact = _exact_endpoint(x0)
