@@ -1,7 +1,8 @@
 """Sampling from a trained model: per-index noise, conditioning, batching, checkpoint loading, and how the
 network runs (precision and compile, resolved on the sampling machine).
 
-Sample i's initial noise depends only on (seed, i), so outputs are identical whatever the batch size
+Sample i's initial noise depends only on (seed, i), so outputs are identical (to float rounding: a GEMM of
+another batch shape may round its last bits differently) whatever the batch size
 or the number of processes that share the work (on the same machine, at the same precision), with every
 fixed-step solver; dopri5's step size is chosen for a whole batch, so its samples vary within its tolerance.
 
