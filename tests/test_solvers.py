@@ -254,6 +254,29 @@ def test_the_sde_draws_noise_per_step_and_its_last_step_is_noiseless():
     assert torch.equal(a.x, b.x) and not torch.equal(a.x, solve(_gauss_velocity, x0, "euler", 6).x)
 
 
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_ab2_is_exact_for_a_velocity_linear_in_t_on_uneven_grids(shift):
+    # Variable-step AB2 integrates the line through its last two velocities over the next step, and its Heun
+    # start-up is exact for a line too, so for v(t) = 1 + 3 t the endpoint is x0 + 1 + 3/2 exactly, whatever
+    # the grid. Constant-step coefficients (3/2, -1/2) on a shifted grid's uneven steps are not.
+    x0 = _x0()
+    out = solve(lambda x, t: torch.ones_like(x) * (1 + 3 * torch.as_tensor(t, dtype=x.dtype)), x0, "ab2", 7, shift=shift).x
+    torch.testing.assert_close(out, x0 + 2.5, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("noise_scale", [0.5, 2.0])
+def test_euler_maruyama_step_uses_the_documented_diffusion(noise_scale):
+    # One noisy step by hand (the SiT form g^2 = 2 noise (1 - t)): from x = 0 with a zero field the drift and the
+    # score vanish, so after the zero-init step (t = 0 -> 1/3) the step at t = 1/3 adds sqrt(g^2 h) z with
+    # g^2 = 2 noise (2/3), h = 1/3; the last step (Euler, zero field) adds nothing. A diffusion of another
+    # shape in t with the same marginals (e.g. 2 noise (1 - t)^2) gives another scale here.
+    x0 = torch.zeros(3, 4, dtype=torch.float64)
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = solve(lambda x, t: torch.zeros_like(x), x0, "euler-sde", 3, sde_noise=noise_scale, noise=lambda i: z, skip_steps=1).x
+    torch.testing.assert_close(out, math.sqrt(2 * noise_scale * (2 / 3) * (1 / 3)) * z, rtol=1e-12, atol=0)
+
+
 # ------------------------------------------------------------------------------------ NFE and guidance
 
 
