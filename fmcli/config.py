@@ -98,6 +98,8 @@ class ModelConfig(Strict):
     def _builds_for_its_image(self):
         if self.arch == "dit" and self.hidden_size % 4:  # half the channels for rows, half for columns, each sin + cos
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 for the DiT's 2D sin-cos positions")
+        if self.arch == "dit" and int(self.hidden_size * self.mlp_ratio) < 1:  # models/dit.py: int(width * mlp_ratio) units
+            raise ValueError(f"model.mlp_ratio {self.mlp_ratio} gives the DiT's MLP no hidden unit at hidden_size {self.hidden_size}: raise it")
         if self.image_size is not None and (problem := image_misfit(self, self.image_size)):
             raise ValueError(problem)
         return self

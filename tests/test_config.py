@@ -167,6 +167,10 @@ def test_a_model_that_cannot_take_the_datas_images_is_a_usage_error_before_work(
         load_config("debug", ["model.hidden_size=34"])
     with pytest.raises(UsageError, match="not divisible by model.patch_size 5"):
         load_config("debug", ["model.patch_size=5", "model.image_size=16"])
+    # An MLP ratio that rounds to no hidden unit built an empty MLP (a torch warning) and trained on.
+    with pytest.raises(UsageError, match="no hidden unit"):
+        load_config("debug", ["model.mlp_ratio=0.01"])
+    assert load_config("debug", ["model.mlp_ratio=0.5"]).model.mlp_ratio == 0.5
     # What divides is accepted: 16 / 8, and a U-Net of 5 levels (16 / 2^4).
     assert load_config("debug", ["model.patch_size=8", "model.image_size=16"]).model.patch_size == 8
     assert load_config("debug", ["model.arch=unet", "model.channel_mult=[1,1,1,1,1]", "model.image_size=16"]).model.arch == "unet"
