@@ -196,6 +196,26 @@ def test_text_training_encodes_captions_on_the_fly(tmp_path, tiny_t5):
     assert config["model"]["text_dim"] == 32 and config["model"]["cross_attention"]
 
 
+def test_text_states_beyond_float16_are_refused_not_cached_as_inf(tmp_path, tiny_t5, monkeypatch):
+    # The text cache is float16: states beyond 65504 were stored as inf, and training on them gave NaN losses.
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.encoders import FrozenTextEncoder
+    from fmcli.errors import RuntimeFailure
+
+    src = prepare_shapes(tmp_path / "shapes", size=8, count=6, seed=1)
+    encode = FrozenTextEncoder.encode
+
+    def loud(self, prompts):
+        states, mask = encode(self, prompts)
+        return states * 1e6, mask  # |states| ~ 1e5-1e6 > 65504: no float16 holds them
+
+    monkeypatch.setattr(FrozenTextEncoder, "encode", loud)
+    with pytest.raises(RuntimeFailure, match="beyond float16's 65504"):
+        encode_prepared(src, tmp_path / "cached", text_encoder=tiny_t5, cache_text=True, max_tokens=8, batch_size=4)
+    assert not (tmp_path / "cached").exists()  # no half-written dataset
+
+
 def test_pixels_with_cached_text(tmp_path, tiny_t5):
     from fmcli.data.latents import encode_prepared
     from fmcli.data.dataset import PreparedDataset

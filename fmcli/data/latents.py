@@ -62,7 +62,7 @@ def encode_prepared(
             length, width = text.empty_states.shape[1:]
             states = np.lib.format.open_memmap(writer.tmp / "text.npy", mode="w+", dtype=np.float16, shape=(n, length, width))
             masks = np.lib.format.open_memmap(writer.tmp / "text_mask.npy", mode="w+", dtype=np.bool_, shape=(n, length))
-            np.save(writer.tmp / "text_empty.npy", text.empty_states.cpu().numpy().astype(np.float16))
+            np.save(writer.tmp / "text_empty.npy", _float16_text(text.empty_states.float().cpu().numpy(), "the empty prompt"))
             np.save(writer.tmp / "text_empty_mask.npy", text.empty_mask.cpu().numpy())
         for start in range(0, n, batch_size):
             batch = reader.__getitems__(list(range(start, min(start + batch_size, n))))
@@ -73,7 +73,7 @@ def encode_prepared(
             captions = batch.get("caption")
             if text is not None:
                 s, m = text.encode(captions)
-                states[start : start + len(x)] = s.cpu().numpy().astype(np.float16)
+                states[start : start + len(x)] = _float16_text(s.float().cpu().numpy(), f"caption {start}..{start + len(x) - 1}")
                 masks[start : start + len(x)] = m.cpu().numpy()
             for k in range(len(x)):
                 label = int(batch["y"][k]) if "y" in batch else None
@@ -92,6 +92,17 @@ def encode_prepared(
 
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def _float16_text(states: np.ndarray, which: str) -> np.ndarray:
+    """Text-encoder states as cached (float16), refusing values that are non-finite or would overflow float16
+    (as inf, which training would turn into NaN losses)."""
+    if not np.isfinite(states).all():
+        raise RuntimeFailure(f"the text encoder produced non-finite states for {which}; check its weights")
+    peak = float(np.abs(states).max()) if states.size else 0.0
+    if peak > FLOAT16_MAX:
+        raise RuntimeFailure(f"the text encoder's states for {which} reach {peak:.4g}, beyond float16's {FLOAT16_MAX:g}, so they cannot be cached: prepare the data without --cache-text (training then encodes the captions)")
+    return states.astype(np.float16)
 
 
 def _float16_latents(z: np.ndarray, start: int) -> np.ndarray:
