@@ -29,7 +29,10 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise UsageError(f"{path} not found: give a run directory written by `fm train`")
     train, fid = [], []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not text: give a run directory written by `fm train`") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -39,6 +42,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             if n == len(lines):
                 continue
             raise UsageError(f"{path}:{n} is not valid JSON") from None
+        if not isinstance(record, dict) or record.get("step", 0) is None or not _is_value(record.get("step", 0)):
+            raise UsageError(f"{path}:{n} is not a metrics record (a JSON object with a numeric step)")
         if "loss" in record and "step" in record:
             if train and train[-1]["step"] >= record["step"]:  # a resume: the branch restarts here
                 train, fid = _before(train, record["step"]), _before(fid, record["step"])

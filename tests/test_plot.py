@@ -156,3 +156,18 @@ def test_fm_plot_of_eval_rows_with_malformed_metrics_is_a_usage_error(tmp_path, 
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: {frontier}: expected rows with 'metrics' per feature space, as written by `fm eval ... --json`"]
     assert not (tmp_path / "frontier.png").exists()
+
+
+@pytest.mark.parametrize("first", ['5', '["step", 1]', '{"step": "a", "loss": 1}', '{"step": null, "loss": 1}'])
+def test_read_metrics_names_a_line_that_is_not_a_record(tmp_path, first):
+    """A damaged metrics.jsonl line that parses as JSON but is no record is one usage error naming it (exit 2), as
+    invalid JSON is, not a TypeError."""
+    (tmp_path / "metrics.jsonl").write_text(first + '\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(UsageError, match=r"metrics.jsonl:1 is not a metrics record"):
+        read_metrics(tmp_path)
+
+
+def test_read_metrics_of_a_binary_file_is_a_usage_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(b'\xff\xfe\x00\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(UsageError, match="is not text"):
+        read_metrics(tmp_path)
