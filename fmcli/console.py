@@ -9,9 +9,11 @@ import sys
 
 
 def stderr_console():
+    """Logs on stderr. soft_wrap: a line is written whole, never folded at the 80 columns rich assumes off a
+    terminal (a log file, `2> log`, CI), which broke a long path in a message across lines."""
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
 
 
 def emit_json(obj) -> None:
@@ -88,7 +90,7 @@ class RankLog:
         from rich.console import Console
 
         self.is_main = is_main
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)  # whole lines, as stderr_console()
 
     def info(self, message: str) -> None:
         if self.is_main:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -250,6 +252,15 @@ def launch_demo(
     out_dir = Path(tempfile.mkdtemp(prefix="fm-demo-"))
     app = build_app(loaded, device, out_dir, max_images=max_images)
     try:
-        app.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(out_dir)], show_error=True, ssr_mode=False, quiet=False)
-    except OSError as err:  # port in use, bad host
-        raise UsageError(f"cannot serve on {host}:{port}: {err}") from None
+        try:
+            app.launch(
+                server_name=host, server_port=port, share=share, allowed_paths=[str(out_dir)], show_error=True, ssr_mode=False, quiet=False,
+                prevent_thread_lock=True,
+            )  # fmt: skip
+        except OSError as err:  # port in use, bad host
+            raise UsageError(f"cannot serve on {host}:{port}: {err}") from None
+        while app.is_running:  # our own wait: gradio's swallows Ctrl-C (and SIGTERM, fm's KeyboardInterrupt) and returns
+            time.sleep(0.1)
+    finally:  # the interrupt goes on to fm's handler (exit 130 / 143, one line)
+        app.close()
+        shutil.rmtree(out_dir, ignore_errors=True)

@@ -535,6 +535,8 @@ def fid(req: FidRequest, *, device: torch.device, log, ctx=None, progress_factor
         loaded, sample_cfg = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=ctx)
         sweep = nfe_sweep(sample_cfg, req.nfe, log) if req.nfe is not None else [(None, sample_cfg)]
         _check_scorable(loaded, _prepared_size(req.ref))  # before the reference pass (minutes for a large dataset)
+    if req.gen is not None and not image_files(Path(req.gen)):  # so is an empty --gen
+        raise UsageError(f"--gen {req.gen} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     ref_stats = _reference(req, extractor, log)
     saved = {"stats": str(ref_stats.save(req.save_stats)), "ref_count": ref_stats.count, "features": ref_stats.features} if req.save_stats else {}
     if req.gen is not None:

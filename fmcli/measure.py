@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -330,4 +331,8 @@ def peak_of(result: dict) -> float | None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C reaches the whole process group: the fm process reports it (one line, exit 130); the server and its
+    # trial children just end, without a KeyboardInterrupt traceback each (or a BrokenPipeError from a child
+    # whose server already left). SIGTERM already ends them so.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     _serve_trials()

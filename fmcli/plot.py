@@ -29,7 +29,10 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise UsageError(f"{path} not found: give a run directory written by `fm train`")
     train, fid = [], []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not text: give a run directory written by `fm train`") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -39,6 +42,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             if n == len(lines):
                 continue
             raise UsageError(f"{path}:{n} is not valid JSON") from None
+        if not isinstance(record, dict) or record.get("step", 0) is None or not _is_value(record.get("step", 0)):
+            raise UsageError(f"{path}:{n} is not a metrics record (a JSON object with a numeric step)")
         if "loss" in record and "step" in record:
             if train and train[-1]["step"] >= record["step"]:  # a resume: the branch restarts here
                 train, fid = _before(train, record["step"]), _before(fid, record["step"])
@@ -88,9 +93,19 @@ def read_nfe_sweep(path: str | Path) -> list[dict]:
     """The rows of one or more `fm fid --nfe ... --json` outputs (a JSON list, or such lists one per line)."""
     path = Path(path)
     rows = read_json_rows(path)
-    if not rows or not all(isinstance(r, dict) and isinstance(r.get("fid"), (int, float)) and "nfe_per_sample" in r for r in rows):
+    if not rows or not all(isinstance(r, dict) and _is_value(r.get("fid", "")) and "nfe_per_sample" in r for r in rows):
         raise UsageError(f"{path}: expected rows with 'fid' and 'nfe_per_sample', as written by `fm fid --nfe 1,2,4,8 --json`")
     return rows
+
+
+def _is_value(v) -> bool:
+    """A number, or null: `--json` writes a non-finite one (a diverged FID) as null (console.emit_json)."""
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _num(v) -> float:
+    """A value of a row as a float; null (non-finite when written) is NaN, which matplotlib leaves out."""
+    return float("nan") if v is None else float(v)
 
 
 def plot_sweep(path: str | Path, out: str | Path | None = None, y: str = "recall", force: bool = False) -> Path:
@@ -120,6 +135,8 @@ def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "rec
         raise UsageError(f"--y {y}: choose one of {', '.join(FRONTIER_Y)}")
     path = Path(path)
     rows = read_json_rows(path)
+    if not all(isinstance(r["metrics"], dict) and r["metrics"] and all(isinstance(m, dict) for m in r["metrics"].values()) for r in rows):
+        raise UsageError(f"{path}: expected rows with 'metrics' per feature space, as written by `fm eval ... --json`")
     if any(y not in m for r in rows for m in r["metrics"].values()):  # kid: absent from `fm eval --no-kid` rows
         have = [k for k in FRONTIER_Y if all(k in m for r in rows for m in r["metrics"].values())]
         raise UsageError(f"--y {y}: not every row of {path} has it (e.g. `fm eval --no-kid` writes no kid); choose one of {', '.join(have)}")
@@ -129,13 +146,13 @@ def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "rec
     x_key = "accuracy" if all("accuracy" in r for r in rows) else "precision"  # unconditional: precision-recall
     fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 4.5), squeeze=False)
     for ax, space in zip(axes[0], spaces):
-        pts = [(_x(r, space, x_key), r["metrics"][space][y], _label(r)) for r in rows if space in r["metrics"]]
+        pts = [(_x(r, space, x_key), _num(r["metrics"][space][y]), _label(r)) for r in rows if space in r["metrics"]]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:blue")
         for px, py, label in pts:
             ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
         floor = rows[0].get("floor", {})
         if space in floor.get("metrics", {}):
-            ax.plot([_x(floor, space, x_key)], [floor["metrics"][space][y]], "*", ms=12, color="tab:green", label="real vs real")
+            ax.plot([_x(floor, space, x_key)], [_num(floor["metrics"][space][y])], "*", ms=12, color="tab:green", label="real vs real")
             ax.legend(loc="best")
         ax.set_xlabel("conditional accuracy" if x_key == "accuracy" else "precision")
         ax.set_ylabel(f"{'FD' if y == 'fd' else y} ({space} features)")
@@ -145,7 +162,7 @@ def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "rec
 
 
 def _x(row: dict, space: str, key: str) -> float:
-    return row["accuracy"] if key == "accuracy" else row["metrics"][space]["precision"]
+    return _num(row["accuracy"] if key == "accuracy" else row["metrics"][space]["precision"])
 
 
 def _label(row: dict) -> str:
@@ -165,7 +182,7 @@ def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool 
     curves: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         label = f"{r.get('solver', '?')}, {r.get('guidance', 'cfg')} {r.get('cfg', 1):g}"
-        curves.setdefault(label, []).append((float(r["nfe_per_sample"]), float(r["fid"])))
+        curves.setdefault(label, []).append((float(r["nfe_per_sample"]), _num(r["fid"])))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, pts in curves.items():
         pts.sort()

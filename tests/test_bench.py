@@ -284,3 +284,28 @@ def test_bench_sampling_reports_the_nfe_and_flops_of_the_full_solve(sets):
     fwd = dit_forward_flops(cfg.model)
     summary = _summarise({"params": 0, "memory": {}, "batch": 2, "sample": part}, fwd, None, cfg)
     assert summary["sample"]["flops_per_image"] == fwd * reference_rows / 2
+
+
+def test_trial_server_ends_quietly_on_ctrl_c():
+    """Ctrl-C reaches the whole process group, the trial server (`python -m fmcli.measure`) included: it must end
+    by the signal without a KeyboardInterrupt traceback (the fm process prints the one line, exit 130)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "fmcli.measure"], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while "pipe_read" not in Path(f"/proc/{proc.pid}/wchan").read_text():  # imported torch; waiting for a request
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.skip("cannot tell when the trial server waits on its stdin (/proc/PID/wchan)")
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGINT  # ended by the signal itself, as the kernel's default action does
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err.decode()

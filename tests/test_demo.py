@@ -248,3 +248,34 @@ def test_the_page_reports_the_guidance_that_runs(loaded):
     unconditional = dataclasses.replace(loaded, config=loaded.config.with_section("model", num_classes=0))
     ran = page_settings(unconditional, 2.5, 6, "euler", "cfg", 1.0)
     assert (ran.cfg, ran.steps, ran.solver) == (1.0, 6, "euler")
+
+
+@pytest.mark.parametrize("sig, code, line", [(2, 130, "error: interrupted"), (15, 143, "error: terminated")])
+def test_demo_stopped_by_ctrl_c_or_sigterm_exits_like_every_command(debug_run, tmp_path, sig, code, line):
+    """Ctrl-C / SIGTERM end `fm demo` as they end every command: exit 130 / 143 and fm's one line on stderr (gradio's
+    own wait swallowed the interrupt and exited 0), and the demo's temporary image folder is removed."""
+    import signal
+
+    pytest.importorskip("gradio")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fmcli.cli", "demo", "--ckpt", str(debug_run), "--port", str(port), "--no-compile"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=fm_env({"GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp_path)}))
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "fm demo did not start"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("fm-demo-")]  # the folder the page's images go to
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, (out, err)
+    assert err.strip().splitlines()[-1] == line and "Traceback" not in err
+    assert "Keyboard interruption" not in out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("fm-demo-")]

@@ -381,3 +381,23 @@ def test_fid_refuses_a_model_of_another_size_before_the_reference_pass(debug_run
     result = run_fm("fid", "--ckpt", debug_run, "-n", 4, "--ref", small, "--features", "tiny")
     assert result.returncode == 2 and "image sizes differ: the model makes 16px images, the reference is 8px" in result.stderr
     assert "features of" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fid_of_an_empty_gen_folder_is_refused_before_the_reference_pass(data, tmp_path, monkeypatch):
+    """An empty --gen is found before the reference's features are computed (minutes for a large dataset)."""
+    import fmcli.evaluate
+
+    passes = []
+    monkeypatch.setattr(fmcli.evaluate, "reference_statistics", lambda *a, **k: passes.append(a) or pytest.fail("reference pass ran"))
+    (tmp_path / "gen").mkdir()
+    res = fm_in_process("fid", "--gen", str(tmp_path / "gen"), "--ref", str(data["prepared"]), "--features", "tiny")
+    assert res.returncode == 2 and not passes
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: --gen {tmp_path / 'gen'} holds no images (")
+
+
+def test_save_stats_needs_an_npz_name(data, tmp_path):
+    """Statistics saved under another name could not be read back: --ref takes statistics only from a .npz."""
+    res = fm_in_process("fid", "--ref", str(data["prepared"]), "--save-stats", str(tmp_path / "ref.txt"), "--features", "tiny")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: --save-stats expects a .npz file name, got {tmp_path / 'ref.txt'}"]
+    assert not list(tmp_path.iterdir())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import fm_env, run_fm
+from conftest import fm_env, fm_in_process, run_fm
 from fmcli.errors import UsageError
 from fmcli.plot import read_metrics
 
@@ -114,3 +114,60 @@ def test_fm_plot_frontier_y_kid_of_rows_without_kid_is_a_usage_error(tmp_path):
     assert "recall" in str(err.value) and "kid" not in str(err.value).split("choose one of")[1]
     assert not (tmp_path / "f.png").exists()
     assert plot_sweep(sweep, tmp_path / "f.png", y="fd").is_file()  # the metrics the rows do have still plot
+
+
+def _record_plotted(monkeypatch):
+    """The (x, y) lists every Axes.plot call draws."""
+    import matplotlib.axes
+
+    drawn, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, x, y, *a, **k: drawn.append((list(x), list(y))) or plot(ax, x, y, *a, **k))
+    return drawn
+
+
+def test_fm_plot_of_sweeps_with_a_null_value_leaves_that_point_out(tmp_path, monkeypatch):
+    """`--json` writes a non-finite FID or FD as null (console.emit_json): `fm plot` of such an `fm fid --nfe` or
+    `fm eval` output draws the other points (null as NaN, a gap), not a refusal or a TypeError."""
+    pytest.importorskip("matplotlib")
+    drawn = _record_plotted(monkeypatch)
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps([{"fid": None, "nfe_per_sample": 1, "solver": "euler"}, {"fid": 4.0, "nfe_per_sample": 2, "solver": "euler"}]))
+    res = fm_in_process("plot", str(sweep))
+    assert res.returncode == 0, res.stderr
+    (x, y), = drawn
+    assert x == [1.0, 2.0] and np.isnan(y[0]) and y[1] == 4.0
+    scores = {"fd": None, "precision": 0.5, "recall": 0.6, "density": 0.7, "coverage": 0.4}
+    rows = [{"cfg": c, "nfe_per_sample": 8, "metrics": {"tiny": dict(scores, fd=None if c == 1 else 3.0)}, "floor": {"metrics": {"tiny": scores}}} for c in (1, 2)]
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps(rows))
+    drawn.clear()
+    res = fm_in_process("plot", str(frontier), "--y", "fd")
+    assert res.returncode == 0, res.stderr
+    (x, y), (fx, fy) = drawn  # the points, then the real-vs-real floor
+    assert x == [0.5, 0.5] and np.isnan(y[0]) and y[1] == 3.0 and fx == [0.5] and np.isnan(fy[0])
+
+
+@pytest.mark.parametrize("metrics", [{}, 5, {"tiny": 5}])
+def test_fm_plot_of_eval_rows_with_malformed_metrics_is_a_usage_error(tmp_path, metrics):
+    pytest.importorskip("matplotlib")
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps([{"cfg": 1, "metrics": metrics}]))
+    res = fm_in_process("plot", str(frontier))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: {frontier}: expected rows with 'metrics' per feature space, as written by `fm eval ... --json`"]
+    assert not (tmp_path / "frontier.png").exists()
+
+
+@pytest.mark.parametrize("first", ['5', '["step", 1]', '{"step": "a", "loss": 1}', '{"step": null, "loss": 1}'])
+def test_read_metrics_names_a_line_that_is_not_a_record(tmp_path, first):
+    """A damaged metrics.jsonl line that parses as JSON but is no record is one usage error naming it (exit 2), as
+    invalid JSON is, not a TypeError."""
+    (tmp_path / "metrics.jsonl").write_text(first + '\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(UsageError, match=r"metrics.jsonl:1 is not a metrics record"):
+        read_metrics(tmp_path)
+
+
+def test_read_metrics_of_a_binary_file_is_a_usage_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(b'\xff\xfe\x00\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(UsageError, match="is not text"):
+        read_metrics(tmp_path)

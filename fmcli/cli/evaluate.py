@@ -112,6 +112,8 @@ def _check_fid_flags(req, force: bool, ctx) -> None:
     if req.save_stats is not None:
         if Path(req.ref).suffix == ".npz":
             raise UsageError("--save-stats needs image data as --ref (a prepared dataset or an image folder), not a .npz")
+        if Path(req.save_stats).suffix != ".npz":  # --ref takes statistics only from a .npz file name
+            raise UsageError(f"--save-stats expects a .npz file name, got {req.save_stats}")
         refuse_existing(req.save_stats, force)
     if req.gen is not None and not Path(req.gen).is_dir():
         raise UsageError(f"--gen {req.gen} is not a directory of images")
