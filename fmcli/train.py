@@ -238,7 +238,8 @@ class Trainer:
             result.checkpoint = self.resume_from
             return result
         if self.ctx.rank == 0:
-            self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg))
+            resumed_at = None if self.resume_from is None else self.step
+            self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg), resumed_at=resumed_at)
             if self.resume_from is None:
                 write_run_files(self.run_dir, config_to_dict(self.cfg), self.ctx.device, self.ctx.world_size, self.hardware.record(self.budget.snapshot))
         D.barrier(self.ctx)
