@@ -302,3 +302,21 @@ def test_guided_grids_without_condition_dropout_are_refused_before_the_run(tmp_p
         notes = []
         ran = guidance_that_runs(model, model.config.sample.model_copy(update={"cfg": 3.0}), notes.append)
         assert ran.cfg == 3.0 and any("cond_dropout=0" in n for n in notes) == noted
+
+
+def test_a_resume_after_a_torn_metrics_line_keeps_every_line_a_record(tmp_path, shapes16):
+    """A run killed mid-write leaves a torn last line; the resumed run's first record must not continue it (one
+    line that is neither record, which `fm plot` then refuses): the torn fragment is dropped, the records stay."""
+    from fmcli.config import validate_config
+    from fmcli.plot import read_metrics
+
+    common = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=0"]
+    first = train(cfg_for(shapes16, *common), tmp_path / "run", stop_at_step=2, log=QuietLog())
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "loss": 0.5, "l')  # what a kill during the next write leaves
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    second = train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "run", resume_from=ckpt, log=QuietLog())
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == list(zip([1, 2, 3, 4], first.losses + second.losses))
+    assert [r["step"] for r in read_metrics(tmp_path / "run")[0]] == [1, 2, 3, 4]
