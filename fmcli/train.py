@@ -300,6 +300,8 @@ class Trainer:
             # A requested stop checkpoints before anything slow (samples, FID): under a launcher the
             # workers get only a grace period after the signal before they are killed.
             stop = D.any_rank(self.stop_requested, self.ctx) or (stop_at_step is not None and self.step >= stop_at_step)
+            if stop and window:  # the steps since the last log interval: logged now, or no record would hold them
+                self._log_metrics(window, out, time.perf_counter() - window_start)
             if stop or done or self._every(cfg.checkpoint_every):
                 result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
             if stop and not done:

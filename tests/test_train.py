@@ -304,6 +304,21 @@ def test_guided_grids_without_condition_dropout_are_refused_before_the_run(tmp_p
         assert ran.cfg == 3.0 and any("cond_dropout=0" in n for n in notes) == noted
 
 
+def test_a_stop_between_log_intervals_logs_its_steps_and_the_resume_continues_the_log(tmp_path, shapes16):
+    """Steps 1-3 of a run stopped at step 3 (log_every=5) are in a record at step 3 (they were in none); the
+    resumed run's record at step 5 averages its own steps 4-5, computed here from the losses each call returned."""
+    common = ["train.steps=10", "train.log_every=5", "train.checkpoint_every=0"]
+    first = train(cfg_for(shapes16, *common), tmp_path / "run", stop_at_step=3, log=QuietLog())
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    from fmcli.config import validate_config
+
+    second = train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "run", resume_from=ckpt, log=QuietLog())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 5, 10]
+    expected = [sum(first.losses) / 3, sum(second.losses[:2]) / 2, sum(second.losses[2:]) / 5]
+    assert [r["loss"] for r in records] == pytest.approx(expected, rel=1e-12)
+
+
 def test_a_resume_after_a_torn_metrics_line_keeps_every_line_a_record(tmp_path, shapes16):
     """A run killed mid-write leaves a torn last line; the resumed run's first record must not continue it (one
     line that is neither record, which `fm plot` then refuses): the torn fragment is dropped, the records stay."""
