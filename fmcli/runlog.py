@@ -45,8 +45,14 @@ def write_run_files(run_dir: Path, config: dict, device: torch.device, world_siz
         "hardware": hardware,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    write_config(run_dir, config)
     write_text_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    """config.json: the config trained; rewritten with each checkpoint's, so that a resume's overrides (train.steps,
+    the intervals) and the budget's refits show there too."""
+    write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:

@@ -30,7 +30,7 @@ from .errors import RuntimeFailure, UsageError
 from .fsutil import write_text_atomic
 from .generate import SamplingNet, initial_noise, sample_batch
 from .images import save_grid
-from .runlog import append_metrics, memory_mib, step_name, write_run_files
+from .runlog import append_metrics, memory_mib, step_name, write_config, write_run_files
 from .step import TrainingStep
 from .tracking import NullTracker, make_tracker
 
@@ -344,6 +344,7 @@ class Trainer:
             cfg = self.cfg.train
             path = save_checkpoint(state, self.run_dir / "checkpoints", self.step, cfg.keep_last, cfg.keep_every, log=self.log.info,
                                    resumed_from=self.branch_point)
+            write_config(self.run_dir, state["config"])  # config.json follows the run's newest checkpoint
             self.log.info(f"checkpoint: {path}")
         D.barrier(self.ctx)
         self.branch_point = None

@@ -335,3 +335,13 @@ def test_a_resume_after_a_torn_metrics_line_keeps_every_line_a_record(tmp_path, 
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in records] == list(zip([1, 2, 3, 4], first.losses + second.losses))
     assert [r["step"] for r in read_metrics(tmp_path / "run")[0]] == [1, 2, 3, 4]
+
+
+def test_config_json_names_the_settings_a_resume_changed(tmp_path, shapes16):
+    """config.json is the run's config: after a resume with --set train.steps=7 --set train.log_every=3 it holds
+    those values (it kept the first run's 4 and 2)."""
+    run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "train.steps=4", "--set", "train.log_every=2")
+    out = run_fm("resume", tmp_path / "run", "--set", "train.steps=7", "--set", "train.log_every=3")
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (saved["steps"], saved["log_every"]) == (7, 3)
