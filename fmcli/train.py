@@ -190,6 +190,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.batches = 0  # global batches drawn; equals `step` unless non-finite steps were skipped
         self.stop_requested = False
+        self.stopped = False  # a requested stop's checkpoint is saved: the run is only winding down (loader workers)
         self.tracker = NullTracker()  # train.tracker (W&B / TensorBoard), rank 0, opened in run()
         self.vae = None  # loaded when a latent sample grid is first decoded
         self.ot_window: list[tuple[float, float]] = []  # (cost before, after) per coupled micro-batch, rank 0
@@ -244,6 +245,7 @@ class Trainer:
                 write_run_files(self.run_dir, config_to_dict(self.cfg), self.ctx.device, self.ctx.world_size, self.hardware.record(self.budget.snapshot))
         D.barrier(self.ctx)
         old_handlers = {}  # SIGINT and SIGTERM ask for a stop at the next step boundary
+        self.pid = os.getpid()  # DataLoader workers inherit the handler (fork) and get a terminal's Ctrl-C too
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread
                 old_handlers[sig] = signal.signal(sig, self._request_stop)
@@ -305,7 +307,7 @@ class Trainer:
             if stop or done or self._every(cfg.checkpoint_every):
                 result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
             if stop and not done:
-                result.stopped_early = True
+                result.stopped_early = self.stopped = True
                 self.log.info(f"stopped at step {self.step}; continue with: fm resume {self.run_dir}")
                 return
             if self._every(cfg.sample_every) or done:
@@ -458,6 +460,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- signals
 
     def _request_stop(self, signum, frame) -> None:
+        if os.getpid() != self.pid or self.stopped:  # a DataLoader worker (the main process stops the run and its
+            return  # workers), or a stop already saved: a second Ctrl-C while the workers shut down has nothing to stop
         if self.stop_requested:  # a second Ctrl-C means: stop now
             raise KeyboardInterrupt
         self.stop_requested = True

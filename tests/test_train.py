@@ -345,3 +345,52 @@ def test_config_json_names_the_settings_a_resume_changed(tmp_path, shapes16):
     assert out.returncode == 0, out.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert (saved["steps"], saved["log_every"]) == (7, 3)
+
+
+def test_a_terminal_ctrl_c_with_loader_workers_stops_once_with_one_message(tmp_path, shapes16):
+    """A terminal's Ctrl-C reaches the whole process group, DataLoader workers too, which inherit the trainer's
+    handler: only the main process may take it (each worker printed the stop message as well)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fmcli.cli", "train", "--preset", "debug", "--data", str(shapes16), "--run-dir", str(run_dir),
+         "--set", "train.steps=100000", "--set", "train.log_every=1", "--set", "train.checkpoint_every=0", "--set", "data.num_workers=2"],
+        env=fm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert err.count("SIGINT: finishing this step") == 1, err
+    assert "stopped at step" in err and "Traceback" not in err
+
+
+def test_a_second_ctrl_c_while_a_stopped_run_winds_down_is_not_a_traceback(tmp_path, shapes16, monkeypatch):
+    """Ctrl-C asks for a stop; once its checkpoint is saved, a second one (while the loader's workers shut down)
+    has nothing left to stop: it raised KeyboardInterrupt inside the loader's __del__, a printed traceback."""
+    from torch.utils.data import dataloader
+
+    real_shutdown = dataloader._MultiProcessingDataLoaderIter._shutdown_workers
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    def shutdown_with_ctrl_c(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C
+        return real_shutdown(self)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_shutdown_workers", shutdown_with_ctrl_c)
+    from fmcli import step as step_mod
+
+    real_step = step_mod.TrainingStep.__call__
+
+    def first_ctrl_c(self, batches, batch_index, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, batches, batch_index, step)
+
+    monkeypatch.setattr(step_mod.TrainingStep, "__call__", first_ctrl_c)
+    result = train(cfg_for(shapes16, "train.steps=10", "train.checkpoint_every=0", "data.num_workers=1"), tmp_path / "run", log=QuietLog())
+    assert result.stopped_early and result.step == 2
+    assert not [u for u in unraisable if isinstance(u.exc_value, KeyboardInterrupt)]
