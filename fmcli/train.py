@@ -191,6 +191,7 @@ class Trainer:
         self.batches = 0  # global batches drawn; equals `step` unless non-finite steps were skipped
         self.stop_requested = False
         self.stopped = False  # a requested stop's checkpoint is saved: the run is only winding down (loader workers)
+        self.pid = os.getpid()  # the stop handler's process: DataLoader workers inherit the handler (fork) and a terminal's Ctrl-C
         self.tracker = NullTracker()  # train.tracker (W&B / TensorBoard), rank 0, opened in run()
         self.vae = None  # loaded when a latent sample grid is first decoded
         self.ot_window: list[tuple[float, float]] = []  # (cost before, after) per coupled micro-batch, rank 0
@@ -245,7 +246,6 @@ class Trainer:
                 write_run_files(self.run_dir, config_to_dict(self.cfg), self.ctx.device, self.ctx.world_size, self.hardware.record(self.budget.snapshot))
         D.barrier(self.ctx)
         old_handlers = {}  # SIGINT and SIGTERM ask for a stop at the next step boundary
-        self.pid = os.getpid()  # DataLoader workers inherit the handler (fork) and get a terminal's Ctrl-C too
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread
                 old_handlers[sig] = signal.signal(sig, self._request_stop)
