@@ -251,7 +251,8 @@ def resolve_checkpoint(target: str | Path) -> Path:
                 raise UsageError(f"{latest} names {path.name}, which does not exist")
             return path
     if target.exists():
-        raise UsageError(f"no checkpoint found in {target} (expected checkpoints/latest)")
+        stopped = " (a run that stopped before its first checkpoint: train it again with another --run-dir)" if (target / "config.json").is_file() else ""
+        raise UsageError(f"no checkpoint found in {target} (expected checkpoints/latest){stopped}")
     raise UsageError(f"checkpoint not found: {target}")
 
 

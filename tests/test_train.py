@@ -394,3 +394,16 @@ def test_a_second_ctrl_c_while_a_stopped_run_winds_down_is_not_a_traceback(tmp_p
     result = train(cfg_for(shapes16, "train.steps=10", "train.checkpoint_every=0", "data.num_workers=1"), tmp_path / "run", log=QuietLog())
     assert result.stopped_early and result.step == 2
     assert not [u for u in unraisable if isinstance(u.exc_value, KeyboardInterrupt)]
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_not_sent_to_fm_resume(tmp_path, shapes16):
+    """config.json and env.json but no checkpoint: `fm train` must not point at `fm resume` (which finds nothing to
+    continue); both commands say the run stopped before its first checkpoint, one line, exit 2."""
+    run_dir = tmp_path / "run"
+    failed = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", run_dir, "--set", "train.steps=4",
+                    env={"FM_TEST_FAIL_RANK": "0", "FM_TEST_FAIL_STEP": "1"})
+    assert failed.returncode == 1 and (run_dir / "config.json").is_file() and not (run_dir / "checkpoints").exists()
+    again = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", run_dir)
+    assert again.returncode == 2 and "no checkpoint" in again.stderr and "fm resume" not in again.stderr, again.stderr
+    resumed = fm_in_process("resume", run_dir)
+    assert resumed.returncode == 2 and "stopped before its first checkpoint" in resumed.stderr and "--run-dir" in resumed.stderr
