@@ -23,6 +23,7 @@ from .fsutil import atomic_write, commit, fsync_dir, fsync_file, temp_path, writ
 from .runlog import step_name
 
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
+STALE_TEMP = re.compile(r"^\.(step-\d{7,}\.pt|latest)\.tmp-[0-9a-f]{8}$")  # fsutil.temp_path's, of a save killed mid-write
 EXPORT_MANIFEST = "fm_export.json"  # marks an `fm export` directory (weights only; export.py reads it)
 
 
@@ -155,7 +156,17 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int
         tmp.unlink(missing_ok=True)
     write_latest(ckpt_dir, path.name)
     rotate(ckpt_dir, keep_last, keep_every, current=step)
+    remove_stale_temps(ckpt_dir)
     return path
+
+
+def remove_stale_temps(ckpt_dir: Path) -> list[Path]:
+    """Delete the temp files of earlier saves that a kill (SIGKILL, OOM, power loss) interrupted before their
+    clean-up: a checkpoint's size each, hidden, never rotated. Only rank 0 of the run writes here."""
+    stale = [p for p in ckpt_dir.iterdir() if STALE_TEMP.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def set_aside_branch(ckpt_dir: Path, step: int, resumed: Path) -> list[Path]:
@@ -240,7 +251,8 @@ def resolve_checkpoint(target: str | Path) -> Path:
                 raise UsageError(f"{latest} names {path.name}, which does not exist")
             return path
     if target.exists():
-        raise UsageError(f"no checkpoint found in {target} (expected checkpoints/latest)")
+        stopped = " (a run that stopped before its first checkpoint: train it again with another --run-dir)" if (target / "config.json").is_file() else ""
+        raise UsageError(f"no checkpoint found in {target} (expected checkpoints/latest){stopped}")
     raise UsageError(f"checkpoint not found: {target}")
 
 

@@ -133,6 +133,9 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
         cfg = default_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
     if int(os.environ.get("RANK", "0")) == 0:  # once per run: the launching process, or rank 0 under torchrun/SLURM
         if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and holds_a_run(run_dir):
+            if not (run_dir / "checkpoints" / "latest").is_file():  # `fm resume` has nothing to continue there
+                raise UsageError(f"run directory {run_dir} already exists and holds no checkpoint (its run stopped before the first): "
+                                 "pick another --run-dir, or delete it to start that run over")
             raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
         if warning := ema_warning(cfg.train):
             print(warning, file=sys.stderr)

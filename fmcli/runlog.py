@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -44,13 +45,42 @@ def write_run_files(run_dir: Path, config: dict, device: torch.device, world_siz
         "hardware": hardware,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    write_config(run_dir, config)
     write_text_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
 
 
+def write_config(run_dir: Path, config: dict) -> None:
+    """config.json: the config trained; rewritten with each checkpoint's, so that a resume's overrides (train.steps,
+    the intervals) and the budget's refits show there too."""
+    write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+
+
 def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one record; a torn last line (a run killed mid-write, before the resume that appends now) is cut
+    off first: the record appended would otherwise continue it, one line that is neither record."""
+    with open(run_dir / "metrics.jsonl", "ab+") as f:
+        drop_torn_tail(f)
+        f.write((json.dumps(record) + "\n").encode())
+
+
+def drop_torn_tail(f) -> None:
+    """Truncate the file open in `f` (binary, appending) after its last newline, if its last byte is not one."""
+    end = f.seek(0, os.SEEK_END)
+    if end == 0:
+        return
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+        return
+    keep, chunk = 0, end
+    while chunk > 0:  # back from the end, a block at a time, to the last newline
+        start = max(0, chunk - 65536)
+        f.seek(start)
+        newline = f.read(chunk - start).rfind(b"\n")
+        if newline >= 0:
+            keep = start + newline + 1
+            break
+        chunk = start
+    f.truncate(keep)
 
 
 def step_name(step: int, suffix: str) -> str:

@@ -65,14 +65,17 @@ class WandbTracker:
 
 
 class TensorBoardTracker:
-    """Event files under RUN_DIR/tb (`tensorboard --logdir RUN_DIR/tb`)."""
+    """Event files under RUN_DIR/tb (`tensorboard --logdir RUN_DIR/tb`). A run resumed at step s purges what the
+    earlier event files hold after s (`purge_step`: logged past the checkpoint before a crash, or a rolled-back
+    branch), so TensorBoard shows each step once, as metrics.jsonl's reader (plot.read_metrics) does."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, resumed_at: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UsageError("train.tracker=tensorboard needs tensorboard: pip install tensorboard (or, in the fm checkout: pip install -e '.[tensorboard]')") from None
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+        purge = None if resumed_at is None else resumed_at + 1
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge)
 
     def log(self, metrics: dict, step: int) -> None:
         for key, value in _numeric(metrics).items():
@@ -91,8 +94,9 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-def make_tracker(kind: str, run_dir: str | Path, *, config: dict | None = None, name: str | None = None) -> Tracker:
-    """The tracker for `train.tracker` (rank 0 only; other ranks use NullTracker)."""
+def make_tracker(kind: str, run_dir: str | Path, *, config: dict | None = None, name: str | None = None, resumed_at: int | None = None) -> Tracker:
+    """The tracker for `train.tracker` (rank 0 only; other ranks use NullTracker); `resumed_at`: the step a
+    resumed run continues from."""
     run_dir = Path(run_dir)
     if kind == "none":
         return NullTracker()
@@ -105,5 +109,5 @@ def make_tracker(kind: str, run_dir: str | Path, *, config: dict | None = None, 
             write_text_atomic(id_file, tracker.run.id + "\n")
         return tracker
     if kind == "tensorboard":
-        return TensorBoardTracker(run_dir)
+        return TensorBoardTracker(run_dir, resumed_at)
     raise UsageError(f"train.tracker must be one of {', '.join(TRACKERS)}, not {kind!r}")

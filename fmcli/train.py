@@ -30,7 +30,7 @@ from .errors import RuntimeFailure, UsageError
 from .fsutil import write_text_atomic
 from .generate import SamplingNet, initial_noise, sample_batch
 from .images import save_grid
-from .runlog import append_metrics, memory_mib, step_name, write_run_files
+from .runlog import append_metrics, memory_mib, step_name, write_config, write_run_files
 from .step import TrainingStep
 from .tracking import NullTracker, make_tracker
 
@@ -190,6 +190,8 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.batches = 0  # global batches drawn; equals `step` unless non-finite steps were skipped
         self.stop_requested = False
+        self.stopped = False  # a requested stop's checkpoint is saved: the run is only winding down (loader workers)
+        self.pid = os.getpid()  # the stop handler's process: DataLoader workers inherit the handler (fork) and a terminal's Ctrl-C
         self.tracker = NullTracker()  # train.tracker (W&B / TensorBoard), rank 0, opened in run()
         self.vae = None  # loaded when a latent sample grid is first decoded
         self.ot_window: list[tuple[float, float]] = []  # (cost before, after) per coupled micro-batch, rank 0
@@ -238,7 +240,8 @@ class Trainer:
             result.checkpoint = self.resume_from
             return result
         if self.ctx.rank == 0:
-            self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg))
+            resumed_at = None if self.resume_from is None else self.step
+            self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg), resumed_at=resumed_at)
             if self.resume_from is None:
                 write_run_files(self.run_dir, config_to_dict(self.cfg), self.ctx.device, self.ctx.world_size, self.hardware.record(self.budget.snapshot))
         D.barrier(self.ctx)
@@ -299,10 +302,12 @@ class Trainer:
             # A requested stop checkpoints before anything slow (samples, FID): under a launcher the
             # workers get only a grace period after the signal before they are killed.
             stop = D.any_rank(self.stop_requested, self.ctx) or (stop_at_step is not None and self.step >= stop_at_step)
+            if stop and window:  # the steps since the last log interval: logged now, or no record would hold them
+                self._log_metrics(window, out, time.perf_counter() - window_start)
             if stop or done or self._every(cfg.checkpoint_every):
                 result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
             if stop and not done:
-                result.stopped_early = True
+                result.stopped_early = self.stopped = True
                 self.log.info(f"stopped at step {self.step}; continue with: fm resume {self.run_dir}")
                 return
             if self._every(cfg.sample_every) or done:
@@ -341,6 +346,7 @@ class Trainer:
             cfg = self.cfg.train
             path = save_checkpoint(state, self.run_dir / "checkpoints", self.step, cfg.keep_last, cfg.keep_every, log=self.log.info,
                                    resumed_from=self.branch_point)
+            write_config(self.run_dir, state["config"])  # config.json follows the run's newest checkpoint
             self.log.info(f"checkpoint: {path}")
         D.barrier(self.ctx)
         self.branch_point = None
@@ -454,6 +460,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- signals
 
     def _request_stop(self, signum, frame) -> None:
+        if os.getpid() != self.pid or self.stopped:  # a DataLoader worker (the main process stops the run and its
+            return  # workers), or a stop already saved: a second Ctrl-C while the workers shut down has nothing to stop
         if self.stop_requested:  # a second Ctrl-C means: stop now
             raise KeyboardInterrupt
         self.stop_requested = True

@@ -110,3 +110,18 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, debug_run):
         assert r.returncode == 2, (name, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and str(path) in r.stderr and why in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_a_save_removes_the_temp_file_a_killed_save_left_and_nothing_else(tmp_path, shapes16):
+    """A kill during torch.save leaves `.step-N.pt.tmp-XXXXXXXX` (fsutil.temp_path) behind, a checkpoint's size,
+    that rotation never sees; the resumed run's first save removes it, and no other file."""
+    train(_debug(shapes16, "train.steps=2", "train.checkpoint_every=2"), tmp_path / "run", log=QuietLog())
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    left = [ckpt_dir / ".step-0000004.pt.tmp-0123abcd", ckpt_dir / ".latest.tmp-89abcdef"]
+    kept = [ckpt_dir / "notes.txt", ckpt_dir / "step-0000004.pt.tmp-0123abcd", ckpt_dir / ".step-0000004.pt.tmp-mine"]
+    for p in left + kept:
+        p.write_bytes(b"PK\x03\x04 partial")
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    train(validate_config(load_checkpoint(ckpt)["config"]).with_section("train", steps=3), tmp_path / "run", resume_from=ckpt, log=QuietLog())
+    assert [p.exists() for p in left + kept] == [False, False, True, True, True]
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["step"] == 3

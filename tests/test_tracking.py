@@ -102,3 +102,29 @@ def test_missing_backend_is_a_usage_error_naming_the_extra(tmp_path, monkeypatch
         make_tracker("tensorboard", tmp_path)
     assert isinstance(make_tracker("none", tmp_path), NullTracker)
     assert not list(tmp_path.iterdir())  # nothing written by a failed or null tracker
+
+
+def test_tensorboard_of_a_rolled_back_run_shows_each_step_once_with_the_current_branch(tmp_path, shapes16):
+    """A resume from step 2 of a run that had logged steps 1-6 (here a rollback with a longer schedule, so the
+    new branch's losses differ from the old ones from step 5 on) appends steps 3-6 again: TensorBoard must show
+    steps 1-10 once each, steps 3-10 with the new branch's losses (those the resumed train() returned)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import QuietLog
+    from fmcli.checkpoint import load_checkpoint
+    from fmcli.config import load_config, validate_config
+    from fmcli.train import train
+
+    run_dir = tmp_path / "run"
+    over = [f"data.path='{shapes16}'", "train.steps=6", "train.log_every=1", "train.checkpoint_every=2", "train.keep_last=5", "train.tracker='tensorboard'"]
+    first = train(load_config("debug", over), run_dir, log=QuietLog())
+    ckpt = run_dir / "checkpoints" / "step-0000002.pt"
+    cfg = validate_config({**load_checkpoint(ckpt)["config"]}).with_section("train", steps=10)
+    second = train(cfg, run_dir, resume_from=ckpt, log=QuietLog())
+    assert second.losses[:4] != first.losses[2:]  # the branches differ where they overlap
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    loss = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert [s for s, _ in loss] == list(range(1, 11))
+    assert [v for _, v in loss] == pytest.approx(first.losses[:2] + second.losses, rel=1e-6)

@@ -302,3 +302,108 @@ def test_guided_grids_without_condition_dropout_are_refused_before_the_run(tmp_p
         notes = []
         ran = guidance_that_runs(model, model.config.sample.model_copy(update={"cfg": 3.0}), notes.append)
         assert ran.cfg == 3.0 and any("cond_dropout=0" in n for n in notes) == noted
+
+
+def test_a_stop_between_log_intervals_logs_its_steps_and_the_resume_continues_the_log(tmp_path, shapes16):
+    """Steps 1-3 of a run stopped at step 3 (log_every=5) are in a record at step 3 (they were in none); the
+    resumed run's record at step 5 averages its own steps 4-5, computed here from the losses each call returned."""
+    common = ["train.steps=10", "train.log_every=5", "train.checkpoint_every=0"]
+    first = train(cfg_for(shapes16, *common), tmp_path / "run", stop_at_step=3, log=QuietLog())
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    from fmcli.config import validate_config
+
+    second = train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "run", resume_from=ckpt, log=QuietLog())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 5, 10]
+    expected = [sum(first.losses) / 3, sum(second.losses[:2]) / 2, sum(second.losses[2:]) / 5]
+    assert [r["loss"] for r in records] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_resume_after_a_torn_metrics_line_keeps_every_line_a_record(tmp_path, shapes16):
+    """A run killed mid-write leaves a torn last line; the resumed run's first record must not continue it (one
+    line that is neither record, which `fm plot` then refuses): the torn fragment is dropped, the records stay."""
+    from fmcli.config import validate_config
+    from fmcli.plot import read_metrics
+
+    common = ["train.steps=4", "train.log_every=1", "train.checkpoint_every=0"]
+    first = train(cfg_for(shapes16, *common), tmp_path / "run", stop_at_step=2, log=QuietLog())
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "loss": 0.5, "l')  # what a kill during the next write leaves
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    second = train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "run", resume_from=ckpt, log=QuietLog())
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == list(zip([1, 2, 3, 4], first.losses + second.losses))
+    assert [r["step"] for r in read_metrics(tmp_path / "run")[0]] == [1, 2, 3, 4]
+
+
+def test_config_json_names_the_settings_a_resume_changed(tmp_path, shapes16):
+    """config.json is the run's config: after a resume with --set train.steps=7 --set train.log_every=3 it holds
+    those values (it kept the first run's 4 and 2)."""
+    run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "train.steps=4", "--set", "train.log_every=2")
+    out = run_fm("resume", tmp_path / "run", "--set", "train.steps=7", "--set", "train.log_every=3")
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (saved["steps"], saved["log_every"]) == (7, 3)
+
+
+def test_a_terminal_ctrl_c_with_loader_workers_stops_once_with_one_message(tmp_path, shapes16):
+    """A terminal's Ctrl-C reaches the whole process group, DataLoader workers too, which inherit the trainer's
+    handler: only the main process may take it (each worker printed the stop message as well)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fmcli.cli", "train", "--preset", "debug", "--data", str(shapes16), "--run-dir", str(run_dir),
+         "--set", "train.steps=100000", "--set", "train.log_every=1", "--set", "train.checkpoint_every=0", "--set", "data.num_workers=2"],
+        env=fm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert err.count("SIGINT: finishing this step") == 1, err
+    assert "stopped at step" in err and "Traceback" not in err
+
+
+def test_a_second_ctrl_c_while_a_stopped_run_winds_down_is_not_a_traceback(tmp_path, shapes16, monkeypatch):
+    """Ctrl-C asks for a stop; once its checkpoint is saved, a second one (while the loader's workers shut down)
+    has nothing left to stop: it raised KeyboardInterrupt inside the loader's __del__, a printed traceback."""
+    from torch.utils.data import dataloader
+
+    real_shutdown = dataloader._MultiProcessingDataLoaderIter._shutdown_workers
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    def shutdown_with_ctrl_c(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C
+        return real_shutdown(self)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_shutdown_workers", shutdown_with_ctrl_c)
+    from fmcli import step as step_mod
+
+    real_step = step_mod.TrainingStep.__call__
+
+    def first_ctrl_c(self, batches, batch_index, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, batches, batch_index, step)
+
+    monkeypatch.setattr(step_mod.TrainingStep, "__call__", first_ctrl_c)
+    result = train(cfg_for(shapes16, "train.steps=10", "train.checkpoint_every=0", "data.num_workers=1"), tmp_path / "run", log=QuietLog())
+    assert result.stopped_early and result.step == 2
+    assert not [u for u in unraisable if isinstance(u.exc_value, KeyboardInterrupt)]
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_not_sent_to_fm_resume(tmp_path, shapes16):
+    """config.json and env.json but no checkpoint: `fm train` must not point at `fm resume` (which finds nothing to
+    continue); both commands say the run stopped before its first checkpoint, one line, exit 2."""
+    run_dir = tmp_path / "run"
+    failed = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", run_dir, "--set", "train.steps=4",
+                    env={"FM_TEST_FAIL_RANK": "0", "FM_TEST_FAIL_STEP": "1"})
+    assert failed.returncode == 1 and (run_dir / "config.json").is_file() and not (run_dir / "checkpoints").exists()
+    again = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", run_dir)
+    assert again.returncode == 2 and "no checkpoint" in again.stderr and "fm resume" not in again.stderr, again.stderr
+    resumed = fm_in_process("resume", run_dir)
+    assert resumed.returncode == 2 and "stopped before its first checkpoint" in resumed.stderr and "--run-dir" in resumed.stderr
