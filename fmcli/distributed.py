@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .errors import RuntimeFailure, UsageError
+from .errors import RuntimeFailure, Stopped, UsageError
 from .hardware import resolve_device
 
 
@@ -148,7 +148,7 @@ def relaunch(
     remaining ranks as soon as one fails, so a crashed rank cannot leave the others hanging). On Ctrl-C or
     SIGTERM torchrun forwards the signal and raises once the ranks are gone: with `stops_cleanly` (training,
     whose ranks save a stop checkpoint and then report a clean exit through STOP_MARKER_ENV) that is 0 when they did, as a
-    single process exits; otherwise 128 + the signal's number, like any interrupted command.
+    single process exits; otherwise `Stopped` (exit code 128 + the signal's number, one line, like any interrupted command).
     """
     import tempfile
 
@@ -171,7 +171,9 @@ def relaunch(
     parsed = get_args_parser().parse_args(args)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
     # torchrun's own warnings repeat what the failing rank already printed; keep stderr to one error.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # Each of its modules' loggers has its own level (torch sets WARNING on them), so the parent's would not do.
+    for name in [n for n in logging.root.manager.loggerDict if n.split(".")[:3] == ["torch", "distributed", "elastic"]]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     marker = Path(tempfile.mkdtemp(prefix="fm-stop-")) / "stopped" if stops_cleanly else None  # training only
     if marker is not None:
         os.environ[STOP_MARKER_ENV] = str(marker)
@@ -180,9 +182,8 @@ def relaunch(
     except SignalException as err:
         if marker is not None and marker.exists():
             return 0  # the ranks logged their stop checkpoint and how to resume
-        name = signal.Signals(err.sigval).name
-        print(f"error: stopped by {name}" + (" before the ranks saved a stop checkpoint" if stops_cleanly else ""), file=sys.stderr)
-        return 128 + int(err.sigval)
+        name = signal.Signals(err.sigval).name  # the one line of the whole run: the ranks stay quiet (cli/app.py)
+        raise Stopped(f"stopped by {name}" + (" before the ranks saved a stop checkpoint" if stops_cleanly else ""), int(err.sigval)) from None
     except Exception as err:  # ChildFailedError: the failing rank already printed its one-line error
         first = err.get_first_failure() if hasattr(err, "get_first_failure") else None
         if first is None:
@@ -193,6 +194,9 @@ def relaunch(
             print(f"error: rank {rank} was killed by signal {-failure.exitcode}", file=sys.stderr)
             return 1
         code = failure.exitcode or 1
+        if code in (130, 143):  # a rank stopped by a signal of its own: it stays quiet (cli/app.py), so say it here
+            print(f"error: rank {rank} was {'interrupted' if code == 130 else 'terminated'}", file=sys.stderr)
+            return code
         print(f"error: distributed run stopped with exit code {code} (the failing rank's message is above)", file=sys.stderr)
         return code
     finally:

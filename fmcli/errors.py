@@ -17,3 +17,10 @@ class UsageError(FmError):
 class RuntimeFailure(FmError):
     def __init__(self, message: str):
         super().__init__(message, exit_code=1)
+
+
+class Stopped(FmError):
+    """A command stopped by a signal (Ctrl-C, SIGTERM) and already cleaned up: exit code 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message, exit_code=128 + signum)

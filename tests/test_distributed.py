@@ -65,6 +65,26 @@ def test_sigterm_to_the_launcher_saves_the_ranks_checkpoint_and_exits_0(tmp_path
     assert 3 <= load_checkpoint(resolve_checkpoint(run_dir))["step"] < 100000
 
 
+@pytest.mark.parametrize("to_group", [True, False], ids=["terminal-ctrl-c", "launcher-only"])
+def test_ctrl_c_on_a_two_process_command_is_one_line_and_exit_130(tmp_path, debug_run, to_group):
+    # A terminal's Ctrl-C reaches the launcher and both ranks: each rank printed "error: interrupted", the launcher
+    # "error: stopped by SIGINT" and then "error: interrupted" again (four lines). The launcher reports it once.
+    import os
+
+    out = tmp_path / "samples"
+    args = ["sample", "--ckpt", debug_run, "-n", "100000", "--steps", "50", "--batch-size", "4", "--out", out, "--nproc", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "fmcli.cli", *map(str, args)], env=fm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.is_dir() and any(out.glob("*.png"))):
+        time.sleep(0.2)
+    assert any(out.glob("*.png")), "the ranks never started sampling"
+    os.killpg(proc.pid, signal.SIGINT) if to_group else proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 130 and errors == ["error: stopped by SIGINT"], err
+    assert "Traceback" not in err and "death signal" not in err
+
+
 def test_a_failing_rank_stops_the_run_quickly_with_one_error(tmp_path, shapes16):
     start = time.time()
     out = run_fm(*train_args(shapes16, tmp_path / "run", 50, "--nproc", "2"), env={"FM_TEST_FAIL_RANK": "1", "FM_TEST_FAIL_STEP": "2"}, timeout=120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Annotated
@@ -47,7 +48,8 @@ class _App(typer.Typer):
         code = result if isinstance(result, int) else 0
         if code == 130:  # typer turns the interrupt into exit code 130 itself, silently
             terminated = _STATE.pop("terminated", False)
-            print_error("terminated" if terminated else "interrupted")
+            if "TORCHELASTIC_RUN_ID" not in os.environ:  # a torchrun worker: its launcher prints the run's one line
+                print_error("terminated" if terminated else "interrupted")
             code = 143 if terminated else 130
         sys.exit(code)
 
