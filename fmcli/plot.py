@@ -108,11 +108,14 @@ def _num(v) -> float:
     return float("nan") if v is None else float(v)
 
 
-def plot_sweep(path: str | Path, out: str | Path | None = None, y: str = "recall", force: bool = False) -> Path:
-    """A sweep file: `fm eval` rows (they have "metrics") as a frontier, `fm fid --nfe` rows as FID-vs-NFE."""
+def plot_sweep(path: str | Path, out: str | Path | None = None, y: str | None = None, force: bool = False) -> Path:
+    """A sweep file: `fm eval` rows (they have "metrics") as a frontier (`y` against accuracy, default recall),
+    `fm fid --nfe` rows as FID-vs-NFE (which has no `y` to choose: one given is refused, not ignored)."""
     rows = read_json_rows(Path(path))
     if rows and all(isinstance(r, dict) and "metrics" in r for r in rows):
-        return plot_frontier(path, out, y=y, force=force)
+        return plot_frontier(path, out, y=y or "recall", force=force)
+    if y is not None:
+        raise UsageError(f"--y chooses the metric of an `fm eval` sweep's frontier; {path} holds `fm fid --nfe` rows (FID against NFE)")
     return plot_nfe_sweep(path, out, force=force)
 
 

@@ -91,6 +91,17 @@ def test_fm_plot_sweep_keeps_an_existing_default_output_unless_forced(tmp_path):
     assert res.stdout.strip() == str(png) and Image.open(png).size[0] > 100
 
 
+def test_fm_plot_y_is_refused_where_there_is_no_frontier_not_ignored(tmp_path):
+    # --y picks an `fm eval` frontier's metric; on an NFE sweep or a run directory it was silently ignored.
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps([{"fid": 40.0 / n, "nfe_per_sample": n, "solver": "euler"} for n in (1, 2, 4)]))
+    _write_metrics(tmp_path / "run")
+    for target in (sweep, tmp_path / "run"):
+        res = fm_in_process("plot", str(target), "--y", "fd")
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--y chooses the metric of an `fm eval` sweep" in res.stderr, res.stderr
+    assert not (tmp_path / "sweep.png").exists() and not (tmp_path / "run" / "loss.png").exists()
+
+
 def test_fm_plot_of_a_binary_file_is_one_line(tmp_path):
     image = tmp_path / "curves.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)

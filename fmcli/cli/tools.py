@@ -104,7 +104,7 @@ def plot(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json`.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (refreshed) or SWEEP.png.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file (or an existing SWEEP.png).")] = False,
-    y_metric: Annotated[str, typer.Option("--y", help="fm eval sweeps: recall, precision, coverage, density, fd or kid against accuracy.")] = "recall",
+    y_metric: Annotated[Optional[str], typer.Option("--y", help="fm eval sweeps only: recall (default), precision, coverage, density, fd or kid against accuracy.")] = None,
 ):
     """Plot loss and learning-rate curves (and FID or FD/precision/recall/coverage/accuracy when logged) from a
     run's metrics.jsonl, FID against NFE from `fm fid --nfe` sweeps (one curve per solver/guidance), or the
@@ -122,6 +122,8 @@ def plot(
     from ..plot import plot_run, plot_sweep
 
     refuse_existing(out, force)  # the default RUN_DIR/loss.png is fm's own view of metrics.jsonl: refreshed
+    if y_metric is not None and not run_dir.is_file():
+        raise UsageError(f"--y chooses the metric of an `fm eval` sweep's frontier; {run_dir} is a run directory (its plot shows every logged metric)")
     print(plot_sweep(run_dir, out, y=y_metric, force=force) if run_dir.is_file() else plot_run(run_dir, out))
 
 
