@@ -282,6 +282,14 @@ def _flat(scores: dict, space: str) -> dict:
 # ------------------------------------------------------------------------------------------ output
 
 
+def _row_label(r: dict) -> str:
+    """A row's setting as the table shows it: the folder scored, or guidance, scale, interval, solver and steps."""
+    if "gen" in r:
+        return Path(r["gen"]).name
+    interval = "" if r["guidance_interval"] is None else f" [{r['guidance_interval'][0]:g},{r['guidance_interval'][1]:g}]"
+    return f"{r['guidance']} {r['cfg']:g}{interval}, {r['solver']} {r['steps']}"
+
+
 def format_table(floor_row: dict, rows: list[dict]) -> str:
     """The floor and every row as plain text: one line per (row, feature space)."""
     head = f"{'setting':<28} {'features':<10} {'FD':>9} {'KID':>9} {'prec':>6} {'recall':>6} {'dens':>6} {'cover':>6} {'acc':>6} {'NFE':>5}"
@@ -299,15 +307,12 @@ def format_table(floor_row: dict, rows: list[dict]) -> str:
             label = ""
 
     line(f"real vs real ({floor_row['floor_count']} vs {floor_row['ref_count']})", floor_row)
-    for r in rows:
-        if "gen" in r:
-            label = Path(r["gen"]).name
-        else:
-            interval = "" if r["guidance_interval"] is None else f" [{r['guidance_interval'][0]:g},{r['guidance_interval'][1]:g}]"
-            label = f"{r['guidance']} {r['cfg']:g}{interval}, {r['solver']} {r['steps']}"
+    labels = [_row_label(r) for r in rows]
+    for label, r in zip(labels, rows):
         line(label, r, r.get("nfe_per_sample"))
-    means = [(r.get("cfg"), r.get("per_class_fd_mean")) for r in rows if r.get("per_class_fd_mean") is not None]
+    # each mean under its row's own label: rows of an --nfe or --guidance-interval sweep share their cfg
+    means = [(label, r["per_class_fd_mean"]) for label, r in zip(labels, rows) if r.get("per_class_fd_mean") is not None]
     if means and floor_row.get("per_class_fd_mean") is not None:
-        shown = ", ".join(f"cfg {w:g}: {m:.4f}" if w is not None else f"{m:.4f}" for w, m in means)
+        shown = ", ".join(f"{label}: {m:.4f}" for label, m in means)
         lines.append(f"per-class FD (domain), mean over classes: floor {floor_row['per_class_fd_mean']:.4f}; {shown}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ matplotlib is an optional extra (`pip install -e '.[plot]'` in the checkout); wi
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from .errors import UsageError
@@ -73,6 +74,11 @@ def _pyplot():
 
 def read_json_rows(path: Path) -> list[dict]:
     """The rows of one or more JSON outputs (a JSON list, or such lists / objects one per line)."""
+    return [r for chunk in read_json_chunks(path) for r in (chunk if isinstance(chunk, list) else [chunk])]
+
+
+def read_json_chunks(path: Path) -> list:
+    """The JSON outputs in a file, each as written (a list of rows or one object): one, or one per line."""
     try:
         text = path.read_text()
     except UnicodeDecodeError:  # an image or other binary file
@@ -86,13 +92,17 @@ def read_json_rows(path: Path) -> list[dict]:
             chunks = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError:
             raise UsageError(f"{path} is neither a run directory nor the JSON of `fm fid --nfe ... --json` or `fm eval ... --json`") from None
-    return [r for chunk in chunks for r in (chunk if isinstance(chunk, list) else [chunk])]
+    return chunks
 
 
 def read_nfe_sweep(path: str | Path) -> list[dict]:
-    """The rows of one or more `fm fid --nfe ... --json` outputs (a JSON list, or such lists one per line)."""
+    """The rows of one or more `fm fid --nfe ... --json` outputs (a JSON list, or such lists one per line), each
+    row with `_sweep`: the index of the list it came from (None for a single row, `fm fid --json` without --nfe)."""
     path = Path(path)
-    rows = read_json_rows(path)
+    rows = [
+        {**r, "_sweep": i if isinstance(chunk, list) else None} if isinstance(r, dict) else r
+        for i, chunk in enumerate(read_json_chunks(path)) for r in (chunk if isinstance(chunk, list) else [chunk])
+    ]  # fmt: skip
     if not rows or not all(isinstance(r, dict) and _is_value(r.get("fid", "")) and "nfe_per_sample" in r for r in rows):
         raise UsageError(f"{path}: expected rows with 'fid' and 'nfe_per_sample', as written by `fm fid --nfe 1,2,4,8 --json`")
     return rows
@@ -177,17 +187,21 @@ def _label(row: dict) -> str:
 
 
 def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
-    """FID against the NFE each sample used (log2 axis), one curve per (solver, guidance, cfg); returns the image path."""
+    """FID against the NFE each sample used (log2 axis), one curve per appended sweep (single rows: per solver,
+    guidance and cfg), labelled by solver, guidance and cfg (and the sweep's place in the file where two curves
+    would share that label: two models' sweeps are never joined into one line); returns the image path."""
     path = Path(path)
     rows = read_nfe_sweep(path)
     out = _sweep_output(out, path, force)
     plt = _pyplot()
-    curves: dict[str, list[tuple[float, float]]] = {}
+    curves: dict[tuple, list[tuple[float, float]]] = {}
     for r in rows:
-        label = f"{r.get('solver', '?')}, {r.get('guidance', 'cfg')} {r.get('cfg', 1):g}"
-        curves.setdefault(label, []).append((float(r["nfe_per_sample"]), _num(r["fid"])))
+        setting = f"{r.get('solver', '?')}, {r.get('guidance', 'cfg')} {r.get('cfg', 1):g}"
+        curves.setdefault((r["_sweep"], setting), []).append((float(r["nfe_per_sample"]), _num(r["fid"])))
+    shared = Counter(setting for _, setting in curves)
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, pts in curves.items():
+    for (sweep, setting), pts in curves.items():
+        label = setting if shared[setting] == 1 or sweep is None else f"{setting} (sweep {sweep + 1})"
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.2, label=label)
     ax.set_xscale("log", base=2)

@@ -410,3 +410,21 @@ def test_eval_on_a_read_only_dataset_says_so_before_training_the_classifier(shap
             if path.exists():
                 path.chmod(0o755)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_table_labels_each_per_class_mean_with_its_own_row():
+    """An --nfe sweep (or a --guidance-interval one) has rows that share their cfg: each per-class FD mean is
+    named by its row's full setting (as the table's rows are), never by the cfg alone ("cfg 1: a, cfg 1: b")."""
+    from fmcli.fidelity import format_table
+
+    m = {"domain": {"fd": 1.0, "precision": 0.5, "recall": 0.5, "density": 0.5, "coverage": 0.5}}
+    floor = {"floor_count": 10, "ref_count": 10, "metrics": m, "accuracy": 1.0, "per_class_fd_mean": 0.25}
+    rows = [
+        {"guidance": "cfg", "cfg": 1.0, "guidance_interval": None, "solver": "meanflow", "steps": s, "nfe_per_sample": s,
+         "metrics": m, "accuracy": 0.5, "per_class_fd_mean": fd}
+        for s, fd in ((1, 3.0), (2, 2.0))
+    ]
+    rows.append({"gen": "/x/samples", "metrics": m, "accuracy": 0.5, "per_class_fd_mean": 1.5})
+    last = format_table(floor, rows).splitlines()[-1]
+    assert last == ("per-class FD (domain), mean over classes: floor 0.2500; "
+                    "cfg 1, meanflow 1: 3.0000, cfg 1, meanflow 2: 2.0000, samples: 1.5000")

@@ -182,3 +182,23 @@ def test_read_metrics_of_a_binary_file_is_a_usage_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_bytes(b'\xff\xfe\x00\n{"step": 2, "loss": 1.0}\n')
     with pytest.raises(UsageError, match="is not text"):
         read_metrics(tmp_path)
+
+
+def test_fm_plot_draws_each_appended_sweep_as_its_own_curve(tmp_path, monkeypatch):
+    """Two models' `fm fid --nfe 1,2,4 --json >> sweep.json` at the same solver and cfg (a 2-RF student and its
+    distilled one-step model, both Euler at cfg 1) are two curves, each through its own three points, not one
+    line zig-zagging between the models; single rows (`fm fid --json` without --nfe) still join per setting."""
+    pytest.importorskip("matplotlib")
+    drawn = _record_plotted(monkeypatch)
+    a = [{"fid": f, "nfe_per_sample": n, "solver": "euler", "cfg": 1.0} for n, f in ((1, 9.0), (2, 8.0), (4, 7.0))]
+    b = [{"fid": f, "nfe_per_sample": n, "solver": "euler", "cfg": 1.0} for n, f in ((1, 5.0), (2, 4.0), (4, 3.0))]
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps(a) + "\n" + json.dumps(b) + "\n")
+    res = fm_in_process("plot", str(sweep))
+    assert res.returncode == 0, res.stderr
+    assert sorted(drawn) == [([1.0, 2.0, 4.0], [5.0, 4.0, 3.0]), ([1.0, 2.0, 4.0], [9.0, 8.0, 7.0])]
+    drawn.clear()
+    singles = tmp_path / "singles.json"
+    singles.write_text("".join(json.dumps(r) + "\n" for r in a))
+    assert fm_in_process("plot", str(singles)).returncode == 0
+    assert drawn == [([1.0, 2.0, 4.0], [9.0, 8.0, 7.0])]
