@@ -650,8 +650,16 @@ def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest,
     gen_stats = statistics_of(generated.feats["fid"], extractor.name, generated.image_size, keep_features=req.kid)
     extra = {"solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance, "seed": req.seed, "step": loaded.step,
              **sampling_record(loaded)}  # fmt: skip
+    # Every setting that tells this row's curve from another's (fm plot keeps them apart): the checkpoint, the interval, ...
+    extra.update(ckpt=str(req.ckpt), guidance_interval=list(sample_cfg.guidance_interval) if sample_cfg.guidance_interval is not None else None)
+    if sample_cfg.guidance == "auto":
+        extra.update(guide_ckpt=str(req.guide_ckpt))
     if sample_cfg.solver == "dopri5":
         extra.update(rtol=sample_cfg.rtol, atol=sample_cfg.atol)
+    if sample_cfg.solver == "euler-sde":
+        extra.update(sde_noise=sample_cfg.sde_noise)
+    if sample_cfg.guidance == "cfg-zero":
+        extra.update(zero_init_steps=sample_cfg.zero_init_steps)
     scored = FidResult(
         fid=frechet_distance(gen_stats, ref_stats), num_samples=gen_stats.count, ref_count=ref_stats.count, features=extractor.name,
         gen_seconds=generated.gen_seconds, nfe_per_sample=generated.nfe_per_sample, extra=extra,

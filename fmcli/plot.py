@@ -174,15 +174,15 @@ def _label(row: dict) -> str:
 
 
 def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
-    """FID against the NFE each sample used (log2 axis), one curve per (solver, guidance, cfg); returns the image path."""
+    """FID against the NFE each sample used (log2 axis), one curve per (solver, guidance, cfg) and
+    checkpoint, interval or other setting the rows differ in (_CURVE_SETTINGS); returns the image path."""
     path = Path(path)
     rows = read_nfe_sweep(path)
     out = _sweep_output(out, path, force)
     plt = _pyplot()
     curves: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        label = f"{r.get('solver', '?')}, {r.get('guidance', 'cfg')} {r.get('cfg', 1):g}"
-        curves.setdefault(label, []).append((float(r["nfe_per_sample"]), _num(r["fid"])))
+        curves.setdefault(_curve_label(r, rows), []).append((float(r["nfe_per_sample"]), _num(r["fid"])))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, pts in curves.items():
         pts.sort()
@@ -195,6 +195,27 @@ def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool 
     ax.legend()
     fig.tight_layout()
     return _save(fig, plt, out)
+
+
+# Settings besides solver, guidance and cfg that make an `fm fid --nfe` row part of another curve (another
+# checkpoint, guidance interval, SDE noise, ...): rows that differ in one of them are never joined.
+_CURVE_SETTINGS = ("ckpt", "step", "guide_ckpt", "guidance_interval", "sde_noise", "zero_init_steps", "rtol", "atol", "seed", "num_samples", "features")
+
+
+def _curve_label(row: dict, rows: list[dict]) -> str:
+    """euler, cfg 4 (plus each setting of _CURVE_SETTINGS that differs between the rows of that solver, guidance
+    and cfg, where this row has it): one curve's name."""
+    base = _curve_base(row)
+    label = f"{row.get('solver', '?')}, {row.get('guidance', 'cfg')} {row.get('cfg', 1):g}"
+    for key in _CURVE_SETTINGS:
+        value = row.get(key)
+        if value is not None and len({json.dumps(r.get(key)) for r in rows if _curve_base(r) == base}) > 1:
+            label += f", {key} " + (f"[{value[0]:g},{value[1]:g}]" if isinstance(value, list) and len(value) == 2 else str(value))
+    return label
+
+
+def _curve_base(row: dict) -> tuple:
+    return row.get("solver"), row.get("guidance", "cfg"), row.get("cfg", 1)
 
 
 def _output_path(out, default: Path) -> Path:

@@ -372,6 +372,16 @@ def test_an_nfe_sweep_refuses_to_replace_its_samples_without_force(debug_run, sh
     assert mine.read_bytes() != before and sorted(p.name for p in (out / "nfe-2").iterdir()) == [f"{i:06d}.png" for i in range(3)]
 
 
+def test_fid_json_rows_name_the_checkpoint_and_the_guidance_interval(debug_run, shapes16):
+    """A row of `fm fid --json` says what ran: the checkpoint and the guidance interval (absent before, so two sweeps at
+    other intervals or of other checkpoints could not be told apart, and `fm plot` joined them into one curve)."""
+    res = run_fm("fid", "--ckpt", debug_run, "-n", 2, "--ref", shapes16, "--features", "tiny", "--nfe", "2", "--cfg", "2",
+                 "--guidance-interval", "0.25,1", "--solver", "euler-sde", "--json")
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)
+    assert (row["ckpt"], row["guidance_interval"], row["sde_noise"], row["cfg"]) == (str(debug_run), [0.25, 1.0], 1.0, 2.0)
+
+
 def test_fid_refuses_a_model_of_another_size_before_the_reference_pass(debug_run, tmp_path):
     """A prepared reference's image size is in its manifest: a 16px model against 8px data is refused before its
     features are computed (minutes for 50,000 images through Inception), not after."""
