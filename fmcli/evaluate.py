@@ -625,7 +625,8 @@ def nfe_sweep(sample_cfg, budgets: list[int], log) -> list[tuple[int, object]]:
 
 def _settings_for_nfe(sample_cfg, nfe: int):
     """The sampling settings with the most solver steps whose NFE fits `nfe` (validated: cfg-zero's
-    zero-init steps must stay below the steps); None when not even one step fits."""
+    zero-init steps must stay below the steps); None when not even one step fits. cfg-zero's zero-init
+    steps evaluate no network (generate.sample_batch skips them where cfg != 1), so they come on top."""
     from .config import validated
     from .solvers import steps_for_nfe
 
@@ -636,6 +637,8 @@ def _settings_for_nfe(sample_cfg, nfe: int):
         raise UsageError(f"{what}: {err}") from None
     if steps == 0:  # not even one step fits the budget
         return None
+    if sample_cfg.guidance == "cfg-zero" and sample_cfg.cfg != 1.0:
+        steps += sample_cfg.zero_init_steps
     return validated(type(sample_cfg), {**sample_cfg.model_dump(), "steps": steps}, lambda where, problem: f"{what}: {problem}")
 
 

@@ -411,3 +411,28 @@ def test_save_stats_needs_an_npz_name(data, tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: --save-stats expects a .npz file name, got {tmp_path / 'ref.txt'}"]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("zero_init", [1, 2])
+def test_an_nfe_budget_with_cfg_zero_gets_the_most_steps_whose_real_nfe_fits(zero_init):
+    """cfg-zero's zero-init steps evaluate no network, but `--nfe N` gave the steps of plain sampling: every budget
+    ran under-spent (euler at 4: 3 NFE) and heun or ab2 at 2 was refused ("zero_init_steps (1) must be below steps
+    (1)"). Reference: solvers.solve with a counting network, the most steps whose evaluations fit, by brute force."""
+    from fmcli.config import SampleConfig
+    from fmcli.evaluate import _settings_for_nfe
+    from fmcli.solvers import solve
+
+    def real_nfe(solver, steps):
+        calls = []
+        solve(lambda x, t, *rest: calls.append(1) or torch.zeros_like(x), torch.zeros(1, 2), solver, steps, skip_steps=zero_init,
+              noise=lambda i: torch.zeros(1, 2))  # fmt: skip
+        return len(calls)
+
+    for solver in ("euler", "midpoint", "heun", "rk4", "ab2", "euler-sde"):
+        for budget in range(1, 10):
+            fitting = [s for s in range(zero_init + 1, 30) if real_nfe(solver, s) <= budget]
+            cfg = SampleConfig(solver=solver, guidance="cfg-zero", cfg=3.0, zero_init_steps=zero_init, steps=zero_init + 1)
+            got = _settings_for_nfe(cfg, budget)
+            assert (got.steps if got is not None else None) == (max(fitting) if fitting else None), (solver, budget)
+    unguided = SampleConfig(solver="euler", guidance="cfg-zero", cfg=1.0, zero_init_steps=zero_init, steps=zero_init + 1)
+    assert _settings_for_nfe(unguided, 4).steps == 4  # cfg 1: no zero-init runs, every step costs its NFE
