@@ -625,7 +625,8 @@ def nfe_sweep(sample_cfg, budgets: list[int], log) -> list[tuple[int, object]]:
 
 def _settings_for_nfe(sample_cfg, nfe: int):
     """The sampling settings with the most solver steps whose NFE fits `nfe` (validated: cfg-zero's
-    zero-init steps must stay below the steps); None when not even one step fits."""
+    zero-init steps must stay below the steps); None when not even one step fits. cfg-zero's zero-init
+    steps evaluate no network (generate.sample_batch skips them where cfg != 1), so they come on top."""
     from .config import validated
     from .solvers import steps_for_nfe
 
@@ -636,6 +637,8 @@ def _settings_for_nfe(sample_cfg, nfe: int):
         raise UsageError(f"{what}: {err}") from None
     if steps == 0:  # not even one step fits the budget
         return None
+    if sample_cfg.guidance == "cfg-zero" and sample_cfg.cfg != 1.0:
+        steps += sample_cfg.zero_init_steps
     return validated(type(sample_cfg), {**sample_cfg.model_dump(), "steps": steps}, lambda where, problem: f"{what}: {problem}")
 
 
@@ -650,8 +653,16 @@ def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest,
     gen_stats = statistics_of(generated.feats["fid"], extractor.name, generated.image_size, keep_features=req.kid)
     extra = {"solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance, "seed": req.seed, "step": loaded.step,
              **sampling_record(loaded)}  # fmt: skip
+    # Every setting that tells this row's curve from another's (fm plot keeps them apart): the checkpoint, the interval, ...
+    extra.update(ckpt=str(req.ckpt), guidance_interval=list(sample_cfg.guidance_interval) if sample_cfg.guidance_interval is not None else None)
+    if sample_cfg.guidance == "auto":
+        extra.update(guide_ckpt=str(req.guide_ckpt))
     if sample_cfg.solver == "dopri5":
         extra.update(rtol=sample_cfg.rtol, atol=sample_cfg.atol)
+    if sample_cfg.solver == "euler-sde":
+        extra.update(sde_noise=sample_cfg.sde_noise)
+    if sample_cfg.guidance == "cfg-zero":
+        extra.update(zero_init_steps=sample_cfg.zero_init_steps)
     scored = FidResult(
         fid=frechet_distance(gen_stats, ref_stats), num_samples=gen_stats.count, ref_count=ref_stats.count, features=extractor.name,
         gen_seconds=generated.gen_seconds, nfe_per_sample=generated.nfe_per_sample, extra=extra,

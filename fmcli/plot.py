@@ -97,10 +97,11 @@ def read_json_chunks(path: Path) -> list:
 
 def read_nfe_sweep(path: str | Path) -> list[dict]:
     """The rows of one or more `fm fid --nfe ... --json` outputs (a JSON list, or such lists one per line), each
-    row with `_sweep`: the index of the list it came from (None for a single row, `fm fid --json` without --nfe)."""
+    row with `_sweep`: the index of the list it came from (None for a single row, `fm fid --json` without --nfe,
+    or a one-budget sweep: such rows appended one by one are points of one curve, joined per setting)."""
     path = Path(path)
     rows = [
-        {**r, "_sweep": i if isinstance(chunk, list) else None} if isinstance(r, dict) else r
+        {**r, "_sweep": i if isinstance(chunk, list) and len(chunk) > 1 else None} if isinstance(r, dict) else r
         for i, chunk in enumerate(read_json_chunks(path)) for r in (chunk if isinstance(chunk, list) else [chunk])
     ]  # fmt: skip
     if not rows or not all(isinstance(r, dict) and _is_value(r.get("fid", "")) and "nfe_per_sample" in r for r in rows):
@@ -187,17 +188,17 @@ def _label(row: dict) -> str:
 
 
 def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
-    """FID against the NFE each sample used (log2 axis), one curve per appended sweep (single rows: per solver,
-    guidance and cfg), labelled by solver, guidance and cfg (and the sweep's place in the file where two curves
-    would share that label: two models' sweeps are never joined into one line); returns the image path."""
+    """FID against the NFE each sample used (log2 axis), one curve per appended sweep (single rows: per setting)
+    and per (solver, guidance, cfg) and checkpoint, interval or other setting the rows differ in
+    (_CURVE_SETTINGS), labelled by them (and by the sweep's place in the file where two curves would share a
+    label: two sweeps are never joined into one line); returns the image path."""
     path = Path(path)
     rows = read_nfe_sweep(path)
     out = _sweep_output(out, path, force)
     plt = _pyplot()
     curves: dict[tuple, list[tuple[float, float]]] = {}
     for r in rows:
-        setting = f"{r.get('solver', '?')}, {r.get('guidance', 'cfg')} {r.get('cfg', 1):g}"
-        curves.setdefault((r["_sweep"], setting), []).append((float(r["nfe_per_sample"]), _num(r["fid"])))
+        curves.setdefault((r["_sweep"], _curve_label(r, rows)), []).append((float(r["nfe_per_sample"]), _num(r["fid"])))
     shared = Counter(setting for _, setting in curves)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (sweep, setting), pts in curves.items():
@@ -212,6 +213,27 @@ def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool 
     ax.legend()
     fig.tight_layout()
     return _save(fig, plt, out)
+
+
+# Settings besides solver, guidance and cfg that make an `fm fid --nfe` row part of another curve (another
+# checkpoint, guidance interval, SDE noise, ...): rows that differ in one of them are never joined.
+_CURVE_SETTINGS = ("ckpt", "step", "guide_ckpt", "guidance_interval", "sde_noise", "zero_init_steps", "rtol", "atol", "seed", "num_samples", "features")
+
+
+def _curve_label(row: dict, rows: list[dict]) -> str:
+    """euler, cfg 4 (plus each setting of _CURVE_SETTINGS that differs between the rows of that solver, guidance
+    and cfg, where this row has it): one curve's name."""
+    base = _curve_base(row)
+    label = f"{row.get('solver', '?')}, {row.get('guidance', 'cfg')} {row.get('cfg', 1):g}"
+    for key in _CURVE_SETTINGS:
+        value = row.get(key)
+        if value is not None and len({json.dumps(r.get(key)) for r in rows if _curve_base(r) == base}) > 1:
+            label += f", {key} " + (f"[{value[0]:g},{value[1]:g}]" if isinstance(value, list) and len(value) == 2 else str(value))
+    return label
+
+
+def _curve_base(row: dict) -> tuple:
+    return row.get("solver"), row.get("guidance", "cfg"), row.get("cfg", 1)
 
 
 def _output_path(out, default: Path) -> Path:

@@ -372,6 +372,16 @@ def test_an_nfe_sweep_refuses_to_replace_its_samples_without_force(debug_run, sh
     assert mine.read_bytes() != before and sorted(p.name for p in (out / "nfe-2").iterdir()) == [f"{i:06d}.png" for i in range(3)]
 
 
+def test_fid_json_rows_name_the_checkpoint_and_the_guidance_interval(debug_run, shapes16):
+    """A row of `fm fid --json` says what ran: the checkpoint and the guidance interval (absent before, so two sweeps at
+    other intervals or of other checkpoints could not be told apart, and `fm plot` joined them into one curve)."""
+    res = run_fm("fid", "--ckpt", debug_run, "-n", 2, "--ref", shapes16, "--features", "tiny", "--nfe", "2", "--cfg", "2",
+                 "--guidance-interval", "0.25,1", "--solver", "euler-sde", "--json")
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)
+    assert (row["ckpt"], row["guidance_interval"], row["sde_noise"], row["cfg"]) == (str(debug_run), [0.25, 1.0], 1.0, 2.0)
+
+
 def test_fid_refuses_a_model_of_another_size_before_the_reference_pass(debug_run, tmp_path):
     """A prepared reference's image size is in its manifest: a 16px model against 8px data is refused before its
     features are computed (minutes for 50,000 images through Inception), not after."""
@@ -401,3 +411,28 @@ def test_save_stats_needs_an_npz_name(data, tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: --save-stats expects a .npz file name, got {tmp_path / 'ref.txt'}"]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("zero_init", [1, 2])
+def test_an_nfe_budget_with_cfg_zero_gets_the_most_steps_whose_real_nfe_fits(zero_init):
+    """cfg-zero's zero-init steps evaluate no network, but `--nfe N` gave the steps of plain sampling: every budget
+    ran under-spent (euler at 4: 3 NFE) and heun or ab2 at 2 was refused ("zero_init_steps (1) must be below steps
+    (1)"). Reference: solvers.solve with a counting network, the most steps whose evaluations fit, by brute force."""
+    from fmcli.config import SampleConfig
+    from fmcli.evaluate import _settings_for_nfe
+    from fmcli.solvers import solve
+
+    def real_nfe(solver, steps):
+        calls = []
+        solve(lambda x, t, *rest: calls.append(1) or torch.zeros_like(x), torch.zeros(1, 2), solver, steps, skip_steps=zero_init,
+              noise=lambda i: torch.zeros(1, 2))  # fmt: skip
+        return len(calls)
+
+    for solver in ("euler", "midpoint", "heun", "rk4", "ab2", "euler-sde"):
+        for budget in range(1, 10):
+            fitting = [s for s in range(zero_init + 1, 30) if real_nfe(solver, s) <= budget]
+            cfg = SampleConfig(solver=solver, guidance="cfg-zero", cfg=3.0, zero_init_steps=zero_init, steps=zero_init + 1)
+            got = _settings_for_nfe(cfg, budget)
+            assert (got.steps if got is not None else None) == (max(fitting) if fitting else None), (solver, budget)
+    unguided = SampleConfig(solver="euler", guidance="cfg-zero", cfg=1.0, zero_init_steps=zero_init, steps=zero_init + 1)
+    assert _settings_for_nfe(unguided, 4).steps == 4  # cfg 1: no zero-init runs, every step costs its NFE

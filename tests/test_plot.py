@@ -202,3 +202,31 @@ def test_fm_plot_draws_each_appended_sweep_as_its_own_curve(tmp_path, monkeypatc
     singles.write_text("".join(json.dumps(r) + "\n" for r in a))
     assert fm_in_process("plot", str(singles)).returncode == 0
     assert drawn == [([1.0, 2.0, 4.0], [9.0, 8.0, 7.0])]
+
+
+def test_fm_plot_keeps_appended_sweeps_of_other_checkpoints_or_intervals_apart(tmp_path, monkeypatch):
+    """`fm fid --nfe ... --json >> sweep.json` for two checkpoints (or two guidance intervals) of the same solver and
+    cfg: each sweep is its own curve, as the README says. The curves were keyed by (solver, guidance, cfg) only, so
+    such sweeps were joined into one zig-zag line with two points per NFE."""
+    pytest.importorskip("matplotlib")
+    drawn = _record_plotted(monkeypatch)
+    common = {"solver": "euler", "guidance": "cfg", "cfg": 4.0, "seed": 0, "num_samples": 16, "features": "tiny-randconv-v1"}
+    sweeps = [  # (ckpt, step, interval): three sweeps at NFE 2 and 4
+        [dict(common, ckpt="runs/ot", step=40, guidance_interval=None, nfe_per_sample=n, fid=10.0 / n) for n in (2, 4)],
+        [dict(common, ckpt="runs/ot", step=40, guidance_interval=[0.5, 1.0], nfe_per_sample=n, fid=20.0 / n) for n in (2, 4)],
+        [dict(common, ckpt="runs/c10", step=40, guidance_interval=None, nfe_per_sample=n, fid=30.0 / n) for n in (2, 4)],
+    ]
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text("".join(json.dumps(rows) + "\n" for rows in sweeps))
+    res = fm_in_process("plot", str(sweep))
+    assert res.returncode == 0, res.stderr
+    assert sorted(drawn) == [([2.0, 4.0], [5.0, 2.5]), ([2.0, 4.0], [10.0, 5.0]), ([2.0, 4.0], [15.0, 7.5])]
+    from fmcli.plot import _curve_label
+
+    rows = [r for rows in sweeps for r in rows]
+    assert [_curve_label(rows[i], rows) for i in (0, 2, 4)] == [
+        "euler, cfg 4, ckpt runs/ot", "euler, cfg 4, ckpt runs/ot, guidance_interval [0.5,1]", "euler, cfg 4, ckpt runs/c10"]
+    drawn.clear()  # rows of one setting appended point by point still make one curve
+    sweep.write_text("".join(json.dumps([r]) + "\n" for r in sweeps[0]))
+    assert fm_in_process("plot", str(sweep), "--force").returncode == 0
+    assert drawn == [([2.0, 4.0], [5.0, 2.5])]

@@ -32,6 +32,18 @@ def test_json_output_and_nfe(tmp_path, debug_run):
     assert (tmp_path / "g.png").is_file()
 
 
+def test_json_of_sample_and_class_grid_says_which_guidance_interval_and_seed_ran(tmp_path, debug_run):
+    """`--cfg 4 --guidance-interval 0.25,1` guides only part of the path; --json reported cfg 4 and no interval
+    (class-grid not even its seed), so the record of a run claimed full-path guidance."""
+    how = ("--ckpt", debug_run, "--steps", "4", "--cfg", "4", "--guidance-interval", "0.25,1", "--seed", "5", "--no-compile", "--json")
+    sample = json.loads(_ok(run_fm("sample", "-n", "2", "--out", tmp_path / "s.png", *how)).stdout)
+    grid = json.loads(_ok(run_fm("class-grid", "--samples-per-class", "1", "--out", tmp_path / "c.png", *how)).stdout)
+    for info in (sample, grid):
+        assert (info["cfg"], info["guidance_interval"], info["seed"]) == (4.0, [0.25, 1.0], 5)
+    plain = json.loads(_ok(run_fm("sample", "--ckpt", debug_run, "-n", "1", "--steps", "2", "--out", tmp_path / "p.png", "--json")).stdout)
+    assert plain["guidance_interval"] is None  # the debug preset guides the whole path
+
+
 def test_sample_usage_errors(tmp_path, debug_run):
     bad_label = fm_in_process("sample", "--ckpt", debug_run, "--class-label", "99", "--out", tmp_path / "x.png")
     assert bad_label.returncode == 2 and "class-label" in bad_label.stderr
