@@ -71,6 +71,16 @@ def test_sample_dopri5_tolerances(ot_run, tmp_path, capsys):
     assert code == 2 and "--gif" in err
 
 
+def test_sample_out_with_a_gif_or_other_non_grid_image_suffix_is_refused(ot_run, tmp_path, capsys):
+    # `--out traj.gif` used to become a folder named traj.gif holding PNGs (exit 0): the user asked for an
+    # image file, so it is one line and exit 2, pointing to --gif, and nothing is written.
+    for name in ("traj.gif", "grid.TIFF", "grid.bmp"):
+        code, _, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "-n", "2", "--steps", "2", "--device", "cpu", "--out", tmp_path / name)
+        assert code == 2 and err.count("\n") == 1 and "--out" in err, err
+        assert not (tmp_path / name).exists()
+    assert "--gif" in _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "--out", tmp_path / "t.gif")[2]
+
+
 def test_class_grid(ot_run, tmp_path):
     out = tmp_path / "classes.png"
     proc = run_fm("class-grid", "--ckpt", ot_run, "--samples-per-class", "3", "--out", out, "--steps", "3", "--json")

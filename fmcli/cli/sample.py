@@ -58,6 +58,7 @@ def sample(
     from ..generate import sample_command, sample_outputs
     from ..launch import on_ranks
 
+    _check_out(out)
     _check_gif(gif, gpus, nproc)
     overrides = sampling.overrides()
     texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
@@ -74,6 +75,16 @@ def sample(
         emit_json(summary)
     else:
         print("\n".join(path for path in (summary["grid"], summary["gif"]) if path))
+
+
+# Image suffixes that `--out` does not write a still grid in: such a name would otherwise become a folder.
+NOT_A_GRID_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff")
+
+
+def _check_out(out: Path) -> None:
+    if out.suffix.lower() in NOT_A_GRID_SUFFIXES:
+        also = "; a trajectory GIF is --gif FILE.gif" if out.suffix.lower() == ".gif" else ""
+        raise UsageError(f"--out {out}: the grid is written as .png, .jpg, .jpeg or .webp, or give a directory{also}")
 
 
 def _check_gif(gif: Optional[Path], gpus: int, nproc: int) -> None:
