@@ -81,6 +81,17 @@ def test_sample_out_with_a_gif_or_other_non_grid_image_suffix_is_refused(ot_run,
     assert "--gif" in _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "--out", tmp_path / "t.gif")[2]
 
 
+def test_gif_has_at_most_gif_frames_frames_in_time_order(ot_run, tmp_path, capsys):
+    # README: each frame is the solver state nearest to one of --gif-frames evenly spaced times, so Euler with
+    # 3 steps (4 states, t = 0, 1/3, 2/3, 1) gives 4 frames for 16 asked, and 3 asked give t = 0, 1/3 or 2/3, 1.
+    for frames, steps, want in ((16, 3, 4), (3, 3, 3), (3, 9, 3)):
+        gif = tmp_path / f"f{frames}-{steps}.gif"
+        code, _, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "-n", "2", "--solver", "euler", "--steps", steps, "--cfg", "1", "--device", "cpu",
+                                     "--out", tmp_path / f"f{frames}-{steps}.png", "--gif", gif, "--gif-frames", frames)  # fmt: skip
+        assert code == 0, err
+        assert Image.open(gif).n_frames == want
+
+
 def test_class_grid(ot_run, tmp_path):
     out = tmp_path / "classes.png"
     proc = run_fm("class-grid", "--ckpt", ot_run, "--samples-per-class", "3", "--out", out, "--steps", "3", "--json")

@@ -32,7 +32,7 @@ def sample(
     seed: Seed = 0,
     out: Annotated[Path, typer.Option("--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only).")] = Path("samples"),
     gif: Annotated[Optional[Path], typer.Option("--gif", help="Also write a trajectory GIF (noise to image) of the grid.")] = None,
-    gif_frames: Annotated[int, typer.Option("--gif-frames", min=2, help="Frames in the GIF, at evenly spaced solver times.")] = 16,
+    gif_frames: Annotated[int, typer.Option("--gif-frames", min=2, help="Most frames in the GIF: the solver states nearest to evenly spaced times (fewer when the solver takes fewer steps).")] = 16,
     grid: Annotated[Optional[int], typer.Option("--grid", min=1, help="Samples the grid (and GIF) shows, the first ones (default: all for --out FILE.png, the checkpoint's sample.grid_size for --out DIR).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files (grid, samples, GIF).")] = False,
     batch_size: BatchSize = 64,
