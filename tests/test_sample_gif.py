@@ -92,6 +92,15 @@ def test_gif_has_at_most_gif_frames_frames_in_time_order(ot_run, tmp_path, capsy
         assert Image.open(gif).n_frames == want
 
 
+def test_dopri5_that_diverges_is_one_clear_line_and_exit_1(ot_run, tmp_path, capsys):
+    # A --cfg too large for float32 makes the velocity non-finite; dopri5 then rejects every step. This used to
+    # print "AssertionError: underflow in dt 0.0" (torchdiffeq's internals); now it says what diverged and what to try.
+    code, _, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "-n", "2", "--solver", "dopri5", "--cfg", "1e38", "--device", "cpu", "--out", tmp_path / "d.png")
+    assert code == 1 and err.count("\n") == 1, err
+    assert "dopri5 could not step past t = " in err and "--cfg" in err and "AssertionError" not in err, err
+    assert not (tmp_path / "d.png").exists()
+
+
 def test_class_grid(ot_run, tmp_path):
     out = tmp_path / "classes.png"
     proc = run_fm("class-grid", "--ckpt", ot_run, "--samples-per-class", "3", "--out", out, "--steps", "3", "--json")
