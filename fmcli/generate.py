@@ -87,13 +87,19 @@ def sample_batch(
     )
     zero_init = sample_cfg.guidance == "cfg-zero" and sample_cfg.cfg != 1.0 and uncond is not None
     noise = sde_noise(seed, indices, tuple(x0.shape[1:])) if sample_cfg.solver in SDE_SOLVERS else None
-    result = solve(
-        velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=sample_cfg.shift or 1.0, rtol=sample_cfg.rtol, atol=sample_cfg.atol,
-        sigma_min=sigma_min, sde_noise=sample_cfg.sde_noise, noise=noise,
-        skip_steps=sample_cfg.zero_init_steps if zero_init else 0, on_step=on_step,
-    )  # fmt: skip
+    try:
+        result = solve(
+            velocity, x0, sample_cfg.solver, sample_cfg.steps, shift=sample_cfg.shift or 1.0, rtol=sample_cfg.rtol, atol=sample_cfg.atol,
+            sigma_min=sigma_min, sde_noise=sample_cfg.sde_noise, noise=noise,
+            skip_steps=sample_cfg.zero_init_steps if zero_init else 0, on_step=on_step,
+        )  # fmt: skip
+    except FloatingPointError as err:  # dopri5 stalled on a non-finite velocity: the same advice as non-finite samples
+        raise RuntimeFailure(f"{err}: the model or the sampling settings diverged; {DIVERGED_ADVICE}") from None
     check_finite_samples(result.x, indices)
     return result
+
+
+DIVERGED_ADVICE = "try a lower --cfg or --sde-noise, another solver, or another checkpoint"
 
 
 def check_finite_samples(x: torch.Tensor, indices=None) -> None:
@@ -104,7 +110,7 @@ def check_finite_samples(x: torch.Tensor, indices=None) -> None:
         first = int(indices[rows[0]]) if indices is not None else rows[0]
         raise RuntimeFailure(
             f"{len(rows)} of {x.shape[0]} samples (first: sample {first}) are not finite (nan/inf): the model or the sampling "
-            "settings diverged; try a lower --cfg or --sde-noise, another solver, or another checkpoint"
+            f"settings diverged; {DIVERGED_ADVICE}"
         )
 
 

@@ -335,7 +335,7 @@ class _ReportingODE:
     """torchdiffeq's func: the velocity, plus its accepted-step callback (the state at each accepted step's start)."""
 
     def __init__(self, v: Velocity, report: _Reporter):
-        self.v, self.report, self.accepted = v, report, 0
+        self.v, self.report, self.accepted, self.reached = v, report, 0, None  # reached: the last accepted step's end
 
     def __call__(self, t, x):
         return self.v(x, t.to(x.dtype))
@@ -344,6 +344,7 @@ class _ReportingODE:
         if self.accepted:  # step 0's start is the initial state, already reported
             self.report(self.accepted, t0, y0)
         self.accepted += 1
+        self.reached = float(t0 + dt)
 
 
 def _solve_dopri5(v: Velocity, x0: torch.Tensor, t_start: float, rtol: float, atol: float, report: _Reporter):
@@ -356,7 +357,15 @@ def _solve_dopri5(v: Velocity, x0: torch.Tensor, t_start: float, rtol: float, at
     # torchdiffeq's default of stepping past it and interpolating back: no step evaluates the network beyond the
     # data end, where it was never trained, and the result is a step's endpoint, not its less accurate dense output.
     land = {"step_t": times[-1:]}
-    x = odeint(func, x0, times, rtol=rtol, atol=atol, method="dopri5", options=land)[-1] if t_start < 1.0 else x0
+    try:
+        x = odeint(func, x0, times, rtol=rtol, atol=atol, method="dopri5", options=land)[-1] if t_start < 1.0 else x0
+    except AssertionError as err:  # torchdiffeq's "underflow in dt": every step was rejected (a nan/inf velocity)
+        what = str(err).split(":")[0]  # its non-finite-state message goes on to print the whole tensor
+        if not what.startswith(("underflow in dt", "non-finite values")):
+            raise
+        reached = t_start if func.reached is None else func.reached
+        raise FloatingPointError(f"dopri5 could not step past t = {reached:.3g} ({what}): the velocity is not finite beyond it, or too stiff "
+                                 f"for rtol={rtol:g}, atol={atol:g}") from None  # fmt: skip
     report(max(func.accepted, 1), 1.0, x)
     return x
 

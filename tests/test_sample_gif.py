@@ -71,6 +71,36 @@ def test_sample_dopri5_tolerances(ot_run, tmp_path, capsys):
     assert code == 2 and "--gif" in err
 
 
+def test_sample_out_with_a_gif_or_other_non_grid_image_suffix_is_refused(ot_run, tmp_path, capsys):
+    # `--out traj.gif` used to become a folder named traj.gif holding PNGs (exit 0): the user asked for an
+    # image file, so it is one line and exit 2, pointing to --gif, and nothing is written.
+    for name in ("traj.gif", "grid.TIFF", "grid.bmp"):
+        code, _, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "-n", "2", "--steps", "2", "--device", "cpu", "--out", tmp_path / name)
+        assert code == 2 and err.count("\n") == 1 and "--out" in err, err
+        assert not (tmp_path / name).exists()
+    assert "--gif" in _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "--out", tmp_path / "t.gif")[2]
+
+
+def test_gif_has_at_most_gif_frames_frames_in_time_order(ot_run, tmp_path, capsys):
+    # README: each frame is the solver state nearest to one of --gif-frames evenly spaced times, so Euler with
+    # 3 steps (4 states, t = 0, 1/3, 2/3, 1) gives 4 frames for 16 asked, and 3 asked give t = 0, 1/3 or 2/3, 1.
+    for frames, steps, want in ((16, 3, 4), (3, 3, 3), (3, 9, 3)):
+        gif = tmp_path / f"f{frames}-{steps}.gif"
+        code, _, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "-n", "2", "--solver", "euler", "--steps", steps, "--cfg", "1", "--device", "cpu",
+                                     "--out", tmp_path / f"f{frames}-{steps}.png", "--gif", gif, "--gif-frames", frames)  # fmt: skip
+        assert code == 0, err
+        assert Image.open(gif).n_frames == want
+
+
+def test_dopri5_that_diverges_is_one_clear_line_and_exit_1(ot_run, tmp_path, capsys):
+    # A --cfg too large for float32 makes the velocity non-finite; dopri5 then rejects every step. This used to
+    # print "AssertionError: underflow in dt 0.0" (torchdiffeq's internals); now it says what diverged and what to try.
+    code, _, err = _fm_inprocess(capsys, "sample", "--ckpt", ot_run, "-n", "2", "--solver", "dopri5", "--cfg", "1e38", "--device", "cpu", "--out", tmp_path / "d.png")
+    assert code == 1 and err.count("\n") == 1, err
+    assert "dopri5 could not step past t = " in err and "--cfg" in err and "AssertionError" not in err, err
+    assert not (tmp_path / "d.png").exists()
+
+
 def test_class_grid(ot_run, tmp_path):
     out = tmp_path / "classes.png"
     proc = run_fm("class-grid", "--ckpt", ot_run, "--samples-per-class", "3", "--out", out, "--steps", "3", "--json")

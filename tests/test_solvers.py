@@ -516,3 +516,17 @@ def test_steps_for_an_nfe_budget():
     assert steps_for_nfe("ab2", 8) == 7 and steps_for_nfe("heun", 8) == 4 and steps_for_nfe("rk4", 2) == 0
     with pytest.raises(ValueError, match="tolerances"):
         steps_for_nfe("dopri5", 8)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_dopri5_on_a_velocity_that_turns_non_finite_raises_floating_point_error(bad):
+    # v = -x is finite (and trivially integrable: x(t) = x0 e^-t) for t < 0.5, then nan/inf: no step across
+    # t = 0.5 can be accepted. torchdiffeq's "underflow in dt" AssertionError used to escape (the CLI printed
+    # "AssertionError: underflow in dt 0.0"); it is a FloatingPointError naming dopri5 and the time it reached.
+    def velocity(x, t):
+        return -x if float(t) < 0.5 else torch.full_like(x, bad)
+
+    with pytest.raises(FloatingPointError, match=r"dopri5 could not step past t = ") as err:
+        solve(velocity, torch.ones(2, 3), "dopri5", rtol=1e-5, atol=1e-5)
+    reached = float(str(err.value).split("t = ")[1].split(" ")[0])
+    assert 0.3 < reached < 0.5  # the last accepted step ends before the velocity turns bad

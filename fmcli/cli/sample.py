@@ -32,7 +32,7 @@ def sample(
     seed: Seed = 0,
     out: Annotated[Path, typer.Option("--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only).")] = Path("samples"),
     gif: Annotated[Optional[Path], typer.Option("--gif", help="Also write a trajectory GIF (noise to image) of the grid.")] = None,
-    gif_frames: Annotated[int, typer.Option("--gif-frames", min=2, help="Frames in the GIF, at evenly spaced solver times.")] = 16,
+    gif_frames: Annotated[int, typer.Option("--gif-frames", min=2, help="Most frames in the GIF: the solver states nearest to evenly spaced times (fewer when the solver takes fewer steps).")] = 16,
     grid: Annotated[Optional[int], typer.Option("--grid", min=1, help="Samples the grid (and GIF) shows, the first ones (default: all for --out FILE.png, the checkpoint's sample.grid_size for --out DIR).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files (grid, samples, GIF).")] = False,
     batch_size: BatchSize = 64,
@@ -58,6 +58,7 @@ def sample(
     from ..generate import sample_command, sample_outputs
     from ..launch import on_ranks
 
+    _check_out(out)
     _check_gif(gif, gpus, nproc)
     overrides = sampling.overrides()
     texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
@@ -74,6 +75,16 @@ def sample(
         emit_json(summary)
     else:
         print("\n".join(path for path in (summary["grid"], summary["gif"]) if path))
+
+
+# Image suffixes that `--out` does not write a still grid in: such a name would otherwise become a folder.
+NOT_A_GRID_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff")
+
+
+def _check_out(out: Path) -> None:
+    if out.suffix.lower() in NOT_A_GRID_SUFFIXES:
+        also = "; a trajectory GIF is --gif FILE.gif" if out.suffix.lower() == ".gif" else ""
+        raise UsageError(f"--out {out}: the grid is written as .png, .jpg, .jpeg or .webp, or give a directory{also}")
 
 
 def _check_gif(gif: Optional[Path], gpus: int, nproc: int) -> None:
