@@ -5,6 +5,7 @@ masking, prepare-data --vae --text-encoder --cache-text, training and sampling f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,38 @@ def test_builtin_tiny_encoder_is_seeded(tmp_path):
     sb, _ = FrozenTextEncoder(b, max_tokens=6).encode(["a green star"])
     assert torch.equal(sa, sb)
 
+
+
+def test_building_the_tiny_encoder_again_never_moves_away_the_one_there(tmp_path):
+    """DDP ranks that both find no built-in T5 both build it; the second build must leave the first directory in
+    place (a rank may be loading it at that moment: it once vanished for an instant and failed that rank), and a
+    partial directory (no weights) is still replaced."""
+    path = build_tiny_text_encoder(tmp_path / "t5", seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    inode = os.stat(path).st_ino
+    build_tiny_text_encoder(path, seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    assert os.stat(path).st_ino == inode  # the same directory, never renamed aside and replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t5"]  # no temporary directory left beside it
+    FrozenTextEncoder(path, max_tokens=6).encode(["a green star"])
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    build_tiny_text_encoder(partial, seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    assert (partial / "model.safetensors").is_file()
+
+
+def test_the_tiny_encoder_built_on_a_nonzero_ddp_rank_has_its_weights(tmp_path, monkeypatch):
+    """`fm train --preset quickstart-text --nproc 2` with an explicit precision: every rank builds the built-in T5.
+    transformers' save_pretrained writes the weights and config.json on torch.distributed rank 0 only, so rank 1's
+    build was a folder of tokenizer files and the run failed with 'lacks config.json, model.safetensors'."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 1)
+    path = build_tiny_text_encoder(tmp_path / "t5", seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    monkeypatch.undo()
+    assert {"config.json", "model.safetensors"} <= {p.name for p in path.iterdir()}
+    reference = build_tiny_text_encoder(tmp_path / "rank0", seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    a, _ = FrozenTextEncoder(path, max_tokens=6).encode(["a green star"])
+    b, _ = FrozenTextEncoder(reference, max_tokens=6).encode(["a green star"])
+    assert torch.equal(a, b)
 
 TEXT_SETTINGS = [
     "--set", "model.hidden_size=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.patch_size=2",
