@@ -463,6 +463,26 @@ def test_fid_of_a_text_model_is_refused_before_the_reference_pass(tmp_path, tiny
     assert "features of" not in res.stderr  # no reference pass before the refusal
 
 
+
+def test_eval_of_a_folder_against_a_latent_dataset_says_latents_not_a_wrong_image_size(tmp_path, tiny_vae):
+    """`fm eval --gen DIR --data LATENTS` (the README: score a text or latent model's `fm sample` folder) said
+    "000000.png is 16x16 but the dataset's images are 8x8": the 8x8 was the latents' size, and a user resizing
+    their samples to it only met the latent refusal next. The latent dataset is now refused as such."""
+    from PIL import Image
+
+    from conftest import fm_in_process
+
+    data = tmp_path / "latents"
+    res = run_fm("prepare-data", "shapes", "--out", data, "--size", 16, "--count", 12, "--vae", tiny_vae)
+    assert res.returncode == 0, res.stderr
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for i in range(6):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(gen / f"{i:06d}.png")  # the dataset's image size, 16x16
+    res = fm_in_process("eval", "--gen", str(gen), "--data", str(data))
+    assert res.returncode == 2, res.stderr
+    assert "holds latents, not pixels" in res.stderr and "8x8" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
 def test_fm_export_readme_of_a_text_model_samples_as_written(tmp_path, tiny_t5, monkeypatch):
     """The README of `fm export --format fm` told every model to `fm sample --ckpt DIR --num-samples 16 --out
     samples/`, which a text-to-image model refuses (exit 2: it needs --prompt). A text model's README now gives a
