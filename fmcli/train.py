@@ -108,7 +108,12 @@ def make_evaluator(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, lo
     # Presets schedule evaluation (eval.every) but only the user knows the reference data: without one,
     # say so once and train on.
     if cfg.eval.ref is None and not fidelity:
-        log.info(f"note: eval.every={cfg.eval.every} but eval.ref is unset, so no FID during training (--set eval.ref=DATA|STATS.npz, or eval.features=domain)")
+        from .evaluate import training_eval_unavailable
+
+        if reason := training_eval_unavailable(cfg, data_space(dataset.manifest)):  # its remedies would be refused
+            log.info(f"note: eval.every={cfg.eval.every}, but {reason}")
+        else:
+            log.info(f"note: eval.every={cfg.eval.every} but eval.ref is unset, so no FID during training (--set eval.ref=DATA|STATS.npz, or eval.features=domain)")
         return None
     from .evaluate import refuse_training_eval
 

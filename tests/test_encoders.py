@@ -483,6 +483,33 @@ def test_eval_of_a_folder_against_a_latent_dataset_says_latents_not_a_wrong_imag
     assert res.returncode == 2, res.stderr
     assert "holds latents, not pixels" in res.stderr and "8x8" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
+
+def test_eval_every_on_a_text_model_points_to_what_scores_it_not_to_refused_settings(tmp_path, tiny_t5):
+    """text-debug / stability schedule eval.every: the note suggested eval.ref or eval.features=domain, which a text
+    model then refused, and that refusal said "use `fm fid --ckpt` after training", which refuses text models too
+    (README, fm fid). Both now name what works: `fm sample --prompts FILE --out DIR`, scored with `fm fid --gen DIR`."""
+    from fmcli.config import apply_overrides
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.train import train
+
+    class Recording(QuietLog):
+        def __init__(self):
+            self.lines = []
+
+        def info(self, message):
+            self.lines.append(message)
+
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=8, seed=0)
+    settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
+                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1", "eval.every=1"]  # fmt: skip
+    log = Recording()
+    train(apply_overrides(load_config("quickstart-text"), settings), tmp_path / "run", log=log)
+    note = [line for line in log.lines if "eval.every=1" in line]
+    assert len(note) == 1 and "--prompts FILE" in note[0] and "fm fid --gen DIR" in note[0] and "eval.features=domain" not in note[0]
+    with pytest.raises(UsageError) as refused:
+        train(apply_overrides(load_config("quickstart-text"), settings + ["eval.features=domain"]), tmp_path / "run2", log=QuietLog())
+    assert "fm fid --gen DIR" in str(refused.value) and "fm fid --ckpt" not in str(refused.value)
+
 def test_fm_export_readme_of_a_text_model_samples_as_written(tmp_path, tiny_t5, monkeypatch):
     """The README of `fm export --format fm` told every model to `fm sample --ckpt DIR --num-samples 16 --out
     samples/`, which a text-to-image model refuses (exit 2: it needs --prompt). A text model's README now gives a
