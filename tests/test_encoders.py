@@ -442,6 +442,10 @@ def test_latent_training_without_its_vae_skips_the_grid_instead_of_failing_the_r
     assert result.step == 2 and (tmp_path / "run" / "checkpoints" / "step-0000002.pt").is_file()
     assert not list((tmp_path / "run").glob("samples/*.png"))
     assert any("sample grid skipped" in n and str(moved) in n for n in notes), notes
+    # The note's remedy is one `fm train` / `fm resume` take: not `--vae` (fm train has none) or FM_VAE alone
+    # (a resumed run's recorded path comes first; the README's `fm resume runs/x` with FM_VAE set kept skipping).
+    note = next(n for n in notes if "sample grid skipped" in n)
+    assert "--set encoders.vae=PATH" in note and "pass --vae" not in note, note
 
 
 def test_fid_of_a_text_model_is_refused_before_the_reference_pass(tmp_path, tiny_t5):
