@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,7 @@ from typing import Literal
 import torch
 
 from .errors import UsageError
-from .fsutil import atomic_write
+from .fsutil import commit, fsync_dir, fsync_file, temp_path
 from .shapes_vocab import caption_words
 
 ENV_VAE = "FM_VAE"
@@ -321,12 +322,13 @@ def ensure_builtin_text_encoder(root: Path = BUILTIN_DIR) -> Path:
 
 
 def build_tiny_text_encoder(out: str | Path, *, seed: int = 0, words: list[str] | None = None, d_model: int = 64, layers: int = 2, heads: int = 4) -> Path:
-    """A randomly initialised (seeded) T5 encoder with a word-level tokenizer, saved with save_pretrained.
+    """A randomly initialised (seeded) T5 encoder with a word-level tokenizer, saved in save_pretrained's layout.
 
     A pipeline check, not a language model: each known word is one token with its own random embedding,
     so distinct captions give distinct states. Unknown words map to <unk>; every prompt ends with </s>,
     so even the empty prompt has one real token.
     """
+    from safetensors.torch import save_model
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
@@ -348,16 +350,24 @@ def build_tiny_text_encoder(out: str | Path, *, seed: int = 0, words: list[str] 
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
     out = Path(out)
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(out)
     try:
-        atomic_write(out, write)
-    except OSError:  # another process (a DDP rank) built it at the same moment: theirs is identical
-        if not (out / "model.safetensors").is_file():
-            raise
+        # Not model.save_pretrained: under torch.distributed it writes the weights and config.json on rank 0 only,
+        # so another rank building this at the same time made a directory of tokenizer files alone.
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            fsync_file(f)
+        try:  # a plain rename never replaces a built directory, which another DDP rank may be reading right now
+            os.rename(tmp, out)
+        except OSError:  # that rank built it at the same moment: theirs is identical; a partial directory is replaced
+            if not (out / "model.safetensors").is_file():
+                commit(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -677,14 +677,22 @@ def refuse_training_eval(cfg, space: str) -> None:
     class-conditional or unconditional model: anything else is refused before the first step, not at the first
     evaluation. `space`: what the training data holds (`data.dataset.data_space`)."""
     fidelity_without_ref = cfg.eval.features in ("domain", "dinov2") and cfg.eval.ref is None
-    what = "eval.features=domain" if fidelity_without_ref else "eval.ref is set, but"
+    what = f"eval.features={cfg.eval.features}" if fidelity_without_ref else "eval.ref is set, but"
+    if reason := training_eval_unavailable(cfg, space):
+        raise UsageError(f"{what}: {reason}; set eval.every=0")
+
+
+def training_eval_unavailable(cfg, space: str) -> str | None:
+    """Why a run of this model and data cannot be scored during training (None: it can), with what to do after
+    training instead: `fm fid --ckpt` refuses latent and text models too, so their samples are scored as a folder."""
     if space != "pixels":
         kind = "latent-space"
     elif cfg.model.cross_attention:
         kind = "text-conditioned"
     else:
-        return
-    raise UsageError(f"{what}: evaluation during training of {kind} models is not available; unset eval.ref (or eval.every=0) and use `fm fid --ckpt` after training")
+        return None
+    write = "`fm sample --ckpt RUN --prompts FILE --out DIR`" if cfg.model.cross_attention else "`fm sample --ckpt RUN -n N --out DIR`"
+    return f"evaluation during training of {kind} models is not available (after training, score {write} with `fm fid --gen DIR`)"
 
 
 class TrainingEvaluator:

@@ -219,9 +219,13 @@ def sweep_settings(base, cfgs, intervals, nfes, log=None) -> list:
 
 
 def _data_shape(data: Path) -> tuple[int, int, int]:
+    """The image shape of the pixel dataset `data` (a latent dataset's shape is its latents', not its images')."""
     from .data.dataset import read_manifest
 
-    return tuple(read_manifest(data)["shape"])
+    manifest = read_manifest(data)
+    if manifest["kind"] != "pixels":
+        raise UsageError(f"{data} holds {manifest['kind']}, not pixels: the fidelity metrics compare images")
+    return tuple(manifest["shape"])
 
 
 # ------------------------------------------------------------------------------------- during training

@@ -108,7 +108,12 @@ def make_evaluator(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, lo
     # Presets schedule evaluation (eval.every) but only the user knows the reference data: without one,
     # say so once and train on.
     if cfg.eval.ref is None and not fidelity:
-        log.info(f"note: eval.every={cfg.eval.every} but eval.ref is unset, so no FID during training (--set eval.ref=DATA|STATS.npz, or eval.features=domain)")
+        from .evaluate import training_eval_unavailable
+
+        if reason := training_eval_unavailable(cfg, data_space(dataset.manifest)):  # its remedies would be refused
+            log.info(f"note: eval.every={cfg.eval.every}, but {reason}")
+        else:
+            log.info(f"note: eval.every={cfg.eval.every} but eval.ref is unset, so no FID during training (--set eval.ref=DATA|STATS.npz, or eval.features=domain)")
         return None
     from .evaluate import refuse_training_eval
 
@@ -447,13 +452,15 @@ class Trainer:
         from .encoders import FrozenVAE
 
         if self.vae is None:
+            # `fm train` has no --vae, and a resumed run's config (the path it recorded) comes before FM_VAE: --set works for both.
+            hint = "to draw the grids, give the VAE with --set encoders.vae=PATH (FM_VAE is read by a fresh run only)"
             if not self.cfg.encoders.vae:
-                self.log.info("sample grid skipped: latents need a VAE to decode (set encoders.vae or FM_VAE)")
+                self.log.info(f"sample grid skipped: latents need a VAE to decode; {hint}")
                 return None
             try:
                 self.vae = FrozenVAE(self.cfg.encoders.vae, self.ctx.device, self.cfg.encoders.vae_precision)
             except UsageError as err:  # training needs no VAE (setup does not check one that is not there): it costs the grid, not the run
-                self.log.info(f"sample grid skipped: {err}")
+                self.log.info(f"sample grid skipped: {str(err).split('; get one with')[0]}; {hint}")
                 return None
         return self.vae.decode(x)
 

@@ -5,6 +5,7 @@ masking, prepare-data --vae --text-encoder --cache-text, training and sampling f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,38 @@ def test_builtin_tiny_encoder_is_seeded(tmp_path):
     sb, _ = FrozenTextEncoder(b, max_tokens=6).encode(["a green star"])
     assert torch.equal(sa, sb)
 
+
+
+def test_building_the_tiny_encoder_again_never_moves_away_the_one_there(tmp_path):
+    """DDP ranks that both find no built-in T5 both build it; the second build must leave the first directory in
+    place (a rank may be loading it at that moment: it once vanished for an instant and failed that rank), and a
+    partial directory (no weights) is still replaced."""
+    path = build_tiny_text_encoder(tmp_path / "t5", seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    inode = os.stat(path).st_ino
+    build_tiny_text_encoder(path, seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    assert os.stat(path).st_ino == inode  # the same directory, never renamed aside and replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t5"]  # no temporary directory left beside it
+    FrozenTextEncoder(path, max_tokens=6).encode(["a green star"])
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    build_tiny_text_encoder(partial, seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    assert (partial / "model.safetensors").is_file()
+
+
+def test_the_tiny_encoder_built_on_a_nonzero_ddp_rank_has_its_weights(tmp_path, monkeypatch):
+    """`fm train --preset quickstart-text --nproc 2` with an explicit precision: every rank builds the built-in T5.
+    transformers' save_pretrained writes the weights and config.json on torch.distributed rank 0 only, so rank 1's
+    build was a folder of tokenizer files and the run failed with 'lacks config.json, model.safetensors'."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 1)
+    path = build_tiny_text_encoder(tmp_path / "t5", seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    monkeypatch.undo()
+    assert {"config.json", "model.safetensors"} <= {p.name for p in path.iterdir()}
+    reference = build_tiny_text_encoder(tmp_path / "rank0", seed=0, words=WORDS, d_model=16, layers=1, heads=2)
+    a, _ = FrozenTextEncoder(path, max_tokens=6).encode(["a green star"])
+    b, _ = FrozenTextEncoder(reference, max_tokens=6).encode(["a green star"])
+    assert torch.equal(a, b)
 
 TEXT_SETTINGS = [
     "--set", "model.hidden_size=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "model.patch_size=2",
@@ -409,6 +442,10 @@ def test_latent_training_without_its_vae_skips_the_grid_instead_of_failing_the_r
     assert result.step == 2 and (tmp_path / "run" / "checkpoints" / "step-0000002.pt").is_file()
     assert not list((tmp_path / "run").glob("samples/*.png"))
     assert any("sample grid skipped" in n and str(moved) in n for n in notes), notes
+    # The note's remedy is one `fm train` / `fm resume` take: not `--vae` (fm train has none) or FM_VAE alone
+    # (a resumed run's recorded path comes first; the README's `fm resume runs/x` with FM_VAE set kept skipping).
+    note = next(n for n in notes if "sample grid skipped" in n)
+    assert "--set encoders.vae=PATH" in note and "pass --vae" not in note, note
 
 
 def test_fid_of_a_text_model_is_refused_before_the_reference_pass(tmp_path, tiny_t5):
@@ -429,6 +466,53 @@ def test_fid_of_a_text_model_is_refused_before_the_reference_pass(tmp_path, tiny
     assert "fm sample --ckpt CKPT --prompts FILE" in res.stderr and "--gen DIR" in res.stderr
     assert "features of" not in res.stderr  # no reference pass before the refusal
 
+
+
+def test_eval_of_a_folder_against_a_latent_dataset_says_latents_not_a_wrong_image_size(tmp_path, tiny_vae):
+    """`fm eval --gen DIR --data LATENTS` (the README: score a text or latent model's `fm sample` folder) said
+    "000000.png is 16x16 but the dataset's images are 8x8": the 8x8 was the latents' size, and a user resizing
+    their samples to it only met the latent refusal next. The latent dataset is now refused as such."""
+    from PIL import Image
+
+    from conftest import fm_in_process
+
+    data = tmp_path / "latents"
+    res = run_fm("prepare-data", "shapes", "--out", data, "--size", 16, "--count", 12, "--vae", tiny_vae)
+    assert res.returncode == 0, res.stderr
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for i in range(6):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(gen / f"{i:06d}.png")  # the dataset's image size, 16x16
+    res = fm_in_process("eval", "--gen", str(gen), "--data", str(data))
+    assert res.returncode == 2, res.stderr
+    assert "holds latents, not pixels" in res.stderr and "8x8" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_eval_every_on_a_text_model_points_to_what_scores_it_not_to_refused_settings(tmp_path, tiny_t5):
+    """text-debug / stability schedule eval.every: the note suggested eval.ref or eval.features=domain, which a text
+    model then refused, and that refusal said "use `fm fid --ckpt` after training", which refuses text models too
+    (README, fm fid). Both now name what works: `fm sample --prompts FILE --out DIR`, scored with `fm fid --gen DIR`."""
+    from fmcli.config import apply_overrides
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.train import train
+
+    class Recording(QuietLog):
+        def __init__(self):
+            self.lines = []
+
+        def info(self, message):
+            self.lines.append(message)
+
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=8, seed=0)
+    settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
+                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1", "eval.every=1"]  # fmt: skip
+    log = Recording()
+    train(apply_overrides(load_config("quickstart-text"), settings), tmp_path / "run", log=log)
+    note = [line for line in log.lines if "eval.every=1" in line]
+    assert len(note) == 1 and "--prompts FILE" in note[0] and "fm fid --gen DIR" in note[0] and "eval.features=domain" not in note[0]
+    with pytest.raises(UsageError) as refused:
+        train(apply_overrides(load_config("quickstart-text"), settings + ["eval.features=domain"]), tmp_path / "run2", log=QuietLog())
+    assert "fm fid --gen DIR" in str(refused.value) and "fm fid --ckpt" not in str(refused.value)
 
 def test_fm_export_readme_of_a_text_model_samples_as_written(tmp_path, tiny_t5, monkeypatch):
     """The README of `fm export --format fm` told every model to `fm sample --ckpt DIR --num-samples 16 --out
