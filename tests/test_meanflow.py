@@ -161,7 +161,9 @@ def test_the_loss_at_t_end_equal_t_is_the_flow_matching_loss(shapes16):
     grads = torch.autograd.grad(loss, list(step.model.parameters()), allow_unused=True)
     ref = flow_matching_loss(step.model(xt, t, **cond), ut)  # the network at t_end = t, no JVP involved
     ref_grads = torch.autograd.grad(ref, list(step.model.parameters()), allow_unused=True)
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-7)
+    # float32 rounding only: the JVP's forward runs attention through the math SDPA backend, the reference through
+    # the fused kernel, whose sums round differently on some CPUs (1.1e-7 relative on an AMX Xeon); 1e-6 is a few ulps.
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     for a, b in zip(grads, ref_grads):
         if b is not None:
             torch.testing.assert_close(a, b)
