@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from .errors import UsageError
-from .fsutil import commit, fsync_dir, fsync_file, temp_path
+from .fsutil import commit, commit_new, temp_path
 from .shapes_vocab import caption_words
 
 ENV_VAE = "FM_VAE"
@@ -358,14 +358,10 @@ def build_tiny_text_encoder(out: str | Path, *, seed: int = 0, words: list[str] 
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            fsync_file(f)
-        try:  # a plain rename never replaces a built directory, which another DDP rank may be reading right now
-            os.rename(tmp, out)
-        except OSError:  # that rank built it at the same moment: theirs is identical; a partial directory is replaced
-            if not (out / "model.safetensors").is_file():
-                commit(tmp, out)
-        fsync_dir(out.parent)
+        # Never replace a built directory, which another DDP rank may be reading right now: that rank built it at
+        # the same moment and theirs is identical. Only a partial one (no weights) is replaced.
+        if not commit_new(tmp, out) and not (out / "model.safetensors").is_file():
+            commit(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

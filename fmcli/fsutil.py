@@ -66,6 +66,22 @@ def commit(tmp: Path, path: Path, *, durable: bool = True) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def commit_new(tmp: Path, path: Path) -> bool:
+    """`commit` that never replaces: fsync `tmp`, rename it to `path` only where nothing is there yet (a plain
+    rename fails on a non-empty directory), fsync the parent. False when `path` already existed (another process,
+    e.g. a DDP rank, built it first: it may be reading it now); `tmp` is then left for the caller."""
+    for f in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
+        fsync_file(f)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not path.exists():
+            raise
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
 def refuse_existing(paths, force: bool, *, folders: bool = False) -> None:
     """Never replace a user's file silently: an output that exists needs `--force` (docs/architecture.md section 10);
     and an output must be writable where it goes, checked now rather than after the work.
