@@ -644,7 +644,7 @@ def _settings_for_nfe(sample_cfg, nfe: int):
 
 def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest, *, device, out, ctx, progress_factory) -> FidResult:
     """Generate `req.num_samples` (sharded over the ranks of `ctx`) and score them against the reference."""
-    from .generate import sampling_record
+    from .generate import interval_record, sampling_record
 
     generated = sharded_features(
         loaded, req.num_samples, {"fid": extractor}, seed=req.seed, sample_cfg=sample_cfg, batch_size=req.batch_size, device=device, ctx=ctx,
@@ -654,7 +654,7 @@ def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest,
     extra = {"solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance, "seed": req.seed, "step": loaded.step,
              **sampling_record(loaded)}  # fmt: skip
     # Every setting that tells this row's curve from another's (fm plot keeps them apart): the checkpoint, the interval, ...
-    extra.update(ckpt=str(req.ckpt), guidance_interval=list(sample_cfg.guidance_interval) if sample_cfg.guidance_interval is not None else None)
+    extra.update(ckpt=str(req.ckpt), guidance_interval=interval_record(sample_cfg))
     if sample_cfg.guidance == "auto":
         extra.update(guide_ckpt=str(req.guide_ckpt))
     if sample_cfg.solver == "dopri5":

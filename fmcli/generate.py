@@ -456,12 +456,12 @@ def class_grid_command(ckpt: str, out: Path, *, per_class: int, sample_overrides
     return {
         "path": str(path), "classes": loaded.num_classes, "samples_per_class": per_class, "nfe": nfe, "seconds": round(time.perf_counter() - start, 3),
         **sampling_record(loaded), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance,
-        "guidance_interval": _interval(sample_cfg), "seed": seed,
+        "guidance_interval": interval_record(sample_cfg), "seed": seed,
     }  # fmt: skip
 
 
-def _interval(sample_cfg) -> list[float] | None:
-    """The guidance interval [LO, HI] that ran (None: the whole path), for --json."""
+def interval_record(sample_cfg) -> list[float] | None:
+    """The guidance interval [LO, HI] that ran (None: the whole path), as every --json row records it."""
     return list(sample_cfg.guidance_interval) if sample_cfg.guidance_interval is not None else None
 
 
@@ -591,7 +591,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         "steps": sample_cfg.steps,
         "cfg": sample_cfg.cfg,
         "guidance": sample_cfg.guidance,
-        "guidance_interval": _interval(sample_cfg),
+        "guidance_interval": interval_record(sample_cfg),
         "seed": seed,
     }
 
