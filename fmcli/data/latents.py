@@ -95,25 +95,34 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def _float16_text(states: np.ndarray, which: str) -> np.ndarray:
-    """Text-encoder states as cached (float16), refusing values that are non-finite or would overflow float16
-    (as inf, which training would turn into NaN losses)."""
-    if not np.isfinite(states).all():
-        raise RuntimeFailure(f"the text encoder produced non-finite states for {which}; check its weights")
-    peak = float(np.abs(states).max()) if states.size else 0.0
-    if peak > FLOAT16_MAX:
-        raise RuntimeFailure(f"the text encoder's states for {which} reach {peak:.4g}, beyond float16's {FLOAT16_MAX:g}, so they cannot be cached: prepare the data without --cache-text (training then encodes the captions)")
-    return states.astype(np.float16)
+    """Text-encoder states as cached (float16); inf there would turn into NaN losses in training."""
+    return _checked_float16(
+        states,
+        lambda row: f"the text encoder produced non-finite states for {which}; check its weights",
+        lambda peak: f"the text encoder's states for {which} reach {peak:.4g}, beyond float16's {FLOAT16_MAX:g}, so they cannot be cached: "
+        "prepare the data without --cache-text (training then encodes the captions)",
+    )  # fmt: skip
 
 
 def _float16_latents(z: np.ndarray, start: int) -> np.ndarray:
-    """Latents as stored (float16), refusing values that are non-finite or would overflow float16."""
-    bad = ~np.isfinite(z).reshape(len(z), -1).all(axis=1)
+    """Latents as stored (float16)."""
+    return _checked_float16(
+        z,
+        lambda row: f"the VAE produced non-finite latents for image {start + row}; check the VAE weights (or encode in fp32)",
+        lambda peak: f"latents reach |z| = {peak:.4g}, beyond float16's {FLOAT16_MAX:g}: the VAE's scaling_factor/shift_factor look wrong",
+    )
+
+
+def _checked_float16(values: np.ndarray, non_finite: Callable[[int], str], too_large: Callable[[float], str]) -> np.ndarray:
+    """`values` ([rows, ...]) as float16, refusing a row with nan/inf (`non_finite(row)` names the first) and values
+    beyond float16's range, which would be stored as inf (`too_large(peak)`)."""
+    bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
     if bad.any():
-        raise RuntimeFailure(f"the VAE produced non-finite latents for image {start + int(np.argmax(bad))}; check the VAE weights (or encode in fp32)")
-    peak = float(np.abs(z).max()) if z.size else 0.0
+        raise RuntimeFailure(non_finite(int(np.argmax(bad))))
+    peak = float(np.abs(values).max()) if values.size else 0.0
     if peak > FLOAT16_MAX:
-        raise RuntimeFailure(f"latents reach |z| = {peak:.4g}, beyond float16's {FLOAT16_MAX:g}: the VAE's scaling_factor/shift_factor look wrong")
-    return z.astype(np.float16)
+        raise RuntimeFailure(too_large(peak))
+    return values.astype(np.float16)
 
 
 def prepare_encoded(prepare_pixels: Callable[[Path], Path], out: str | Path, *, force: bool = False, **encode_kwargs) -> Path:
