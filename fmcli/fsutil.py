@@ -51,10 +51,7 @@ def commit(tmp: Path, path: Path, *, durable: bool = True) -> None:
     non-empty directory); the old one is deleted only once the new one is in place.
     """
     if durable:
-        for f in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
-            fsync_file(f)
-        if tmp.is_dir():
-            fsync_dir(tmp)
+        _fsync_tree(tmp)
     old = None
     if tmp.is_dir() and path.is_dir():
         old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
@@ -70,8 +67,7 @@ def commit_new(tmp: Path, path: Path) -> bool:
     """`commit` that never replaces: fsync `tmp`, rename it to `path` only where nothing is there yet (a plain
     rename fails on a non-empty directory), fsync the parent. False when `path` already existed (another process,
     e.g. a DDP rank, built it first: it may be reading it now); `tmp` is then left for the caller."""
-    for f in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
-        fsync_file(f)
+    _fsync_tree(tmp)
     try:
         os.rename(tmp, path)
     except OSError:
@@ -80,6 +76,14 @@ def commit_new(tmp: Path, path: Path) -> bool:
         return False
     fsync_dir(path.parent)
     return True
+
+
+def _fsync_tree(tmp: Path) -> None:
+    """fsync a file, or every file in a directory and the directory itself, before it is renamed into place."""
+    for f in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
+        fsync_file(f)
+    if tmp.is_dir():
+        fsync_dir(tmp)
 
 
 def refuse_existing(paths, force: bool, *, folders: bool = False) -> None:
