@@ -275,16 +275,20 @@ def test_every_config_key_is_documented():
     )
 
 
+def _documented_cells(values: dict, column: int):
+    """(key, value, cell) for each key of `values` in section 6's key table, `cell` its `column`-th cell after the
+    key (1: default, 2: values); a key missing from the table is reported by test_every_config_key_is_documented."""
+    skipped = r" \| [^|]+?" * (column - 1)
+    cells = dict(re.findall(r"^\| `([a-z_.]+)`" + skipped + r" \| ([^|]+?) \|", _doc(), re.M))
+    return [(key, value, cells[key]) for key, value in values.items() if key in cells]
+
+
 def test_documented_defaults_are_the_code_defaults():
     """The key table's default column (TOML values, `None`, or the word required) equals the pydantic default."""
     import tomllib
 
-    rows = dict(re.findall(r"^\| `([a-z_.]+)` \| ([^|]+?) \|", _doc(), re.M))
     wrong = []
-    for key, default in config_keys().items():
-        cell = rows.get(key)
-        if cell is None:
-            continue  # reported by test_every_config_key_is_documented
+    for key, default, cell in _documented_cells(config_keys(), column=1):
         text = cell.strip().strip("`")
         documented = None if text == "None" else "required" if text == "required" else tomllib.loads(f"v = {text}")["v"]
         expected = list(default) if isinstance(default, tuple) else default
@@ -308,12 +312,8 @@ def test_documented_values_name_every_choice():
     """The key table's values column names every word a Literal key accepts (`data.source = "sklearn-digits"`
     was accepted but missing from the table)."""
     assert "sklearn-digits" in config_choices()["data.source"] and config_choices()["train.compile"] == ["auto"]
-    rows = dict(re.findall(r"^\| `([a-z_.]+)` \| [^|]+? \| ([^|]+?) \|", _doc(), re.M))
     wrong = []
-    for key, words in config_choices().items():
-        cell = rows.get(key)
-        if cell is None:
-            continue  # reported by test_every_config_key_is_documented
+    for key, words, cell in _documented_cells(config_choices(), column=2):
         named = set(re.findall(r'`"?([^`"]+)"?`', cell))
         if missing := [w for w in words if w not in named]:
             wrong.append(f"  `{key}`: {', '.join(missing)} (the table says {cell.strip()})")
