@@ -138,7 +138,7 @@ def autotune_training(cfg: Config, base: BenchSpec, *, max_memory_gib: float | N
     budget = None if max_memory_gib is None else max_memory_gib * 1024
 
     # Trials only need to rank batch sizes: a few timed steps each (the final report times --steps).
-    quick = replace(base, mode="train", impl="fm", steps=min(base.steps, 3), warmup=min(base.warmup, 1))
+    quick = replace(base, mode="train", impl="fm", steps=min(base.steps, 3), warmup=min(base.warmup, 1), rounds=1)
 
     def trial(b: int) -> Trial:
         result = measure_any(replace(quick, batch=b))

@@ -6,6 +6,7 @@ is timed here, in the same trial (`measure_bench`)."""
 from __future__ import annotations
 
 import os
+import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ from .autotune import autotune_training, read_autotune_cache, save_autotune_cach
 from .config import Config, config_to_dict, resolve_without_data
 from .errors import RuntimeFailure, UsageError
 from .hardware import PRECISION_SETTINGS
-from .measure import BenchSpec, device_name, measure, measure_any, seconds_per_call, sync, synthetic_text
+from .measure import BenchSpec, device_name, measure, measure_any, seconds_per_call, sync, synthetic_text, timed_block, timing_spread
 
 # Peak dense (no sparsity) bf16 tensor FLOP/s of known accelerators, matched against the device name in
 # order (most specific first). Vendor datasheet numbers; MFU is always reported against these.
@@ -28,6 +29,9 @@ PEAK_BF16_FLOPS: list[tuple[tuple[str, ...], float]] = [
 ]  # fmt: skip
 
 MODES = ("train", "sample", "both")
+# Timings whose rounds range wider than this fraction of their median are flagged on stderr (`timing_warnings`);
+# fewer rounds than MIN_ROUNDS show no spread worth the name, fewer steps than MIN_STEPS a round are too few to time.
+NOISY_SPREAD, MIN_ROUNDS, MIN_STEPS = 0.2, 3, 5
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -68,8 +72,9 @@ def peak_flops(device_name: str) -> float | None:
 class BenchOptions:
     batch_size: int | None = None  # None = autotune
     mode: str = "both"
-    steps: int = 20  # consecutive training steps timed as one block (the training loop's statistic)
+    steps: int = 20  # consecutive training steps timed as one block, a round (the training loop's statistic)
     warmup: int = 2
+    rounds: int = 5  # timed rounds: figures are their median, with their spread (min-max); ratios interleave them
     precision: str | None = None  # None = the preset's train.precision ("auto" is resolved by fmcli.hardware)
     compile: bool | str | None = None  # None = the preset's train.compile ("auto" resolved by fmcli.hardware)
     max_memory_gib: float | None = None
@@ -100,7 +105,7 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     flops_fwd = dit_forward_flops(cfg.model)
     peak = peak_flops(name) if device.type == "cuda" else None
     base = BenchSpec(
-        config=config_to_dict(cfg), batch=1, steps=opts.steps, warmup=opts.warmup, precision=precision, compile=compile_on, device=device.type,
+        config=config_to_dict(cfg), batch=1, steps=opts.steps, warmup=opts.warmup, rounds=opts.rounds, precision=precision, compile=compile_on, device=device.type,
         muon_ns_dtype=hw["muon_ns_dtype"], sample_precision=sample_precision, sample_compile=sample_compile,
     )  # fmt: skip
 
@@ -140,15 +145,30 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     }
     report.update(_summarise(results["fm"], flops_fwd, peak, cfg))
     if opts.compare:
-        theirs = _summarise(results["diffusers"], flops_fwd, peak, cfg)
-        ratio = {}
-        for part in ("train", "sample"):
-            if part in theirs and part in report:
-                ratio[part] = report[part]["img_per_s"] / theirs[part]["img_per_s"]
-        report["compare"] = {"diffusers": theirs, "ratio": ratio}
+        report["compare"] = compare_diffusers(report, _summarise(results["diffusers"], flops_fwd, peak, cfg), replace(base, batch=batch, mode=opts.mode), log)
     if cfg.flow.objective == "meanflow" and "train" in report:
         report["meanflow"] = mean_flow_cost(cfg, replace(base, batch=batch), report["train"]["step_ms"], log)
+    report["warnings"] = timing_warnings(report, opts)
+    for line in report["warnings"]:
+        log(line)
     return report
+
+
+def compare_diffusers(ours: dict, theirs: dict, spec: BenchSpec, log) -> dict:
+    """`--compare diffusers`: their figures, and ours / theirs per part from both models timed in interleaved
+    rounds in one trial (`measure_interleaved`). Where both do not fit in memory together the ratio is of the
+    two separate trials' medians, said on stderr and `interleaved: false`."""
+    log(f"timing fm and diffusers in {spec.rounds} interleaved rounds (the ratio)")
+    pair = measure_any(replace(spec, impl="fm", other_impl="diffusers"), measure_interleaved)
+    spread = {}
+    if pair.get("oom"):
+        log(f"warning: fm and diffusers do not fit in memory together at batch {spec.batch}: the ratio is of their separate trials, not interleaved")
+        for part in ("train", "sample"):
+            if part in ours and part in theirs:
+                spread[part] = {"ratio": ours[part]["img_per_s"] / theirs[part]["img_per_s"], "min": None, "max": None, "rounds": spec.rounds, "interleaved": False}
+    else:
+        spread = {part: interleaved_ratio(times["a"], times["b"]) for part, times in pair.items()}
+    return {"diffusers": theirs, "ratio": {part: r["ratio"] for part, r in spread.items()}, "ratio_spread": spread}
 
 
 def _checked_options(cfg: Config, opts: BenchOptions) -> str:
@@ -161,8 +181,8 @@ def _checked_options(cfg: Config, opts: BenchOptions) -> str:
         raise UsageError(f"--precision must be one of {', '.join(PRECISION_SETTINGS)}, not {precision_setting!r}")
     if opts.compare not in (None, "diffusers"):
         raise UsageError(f"--compare supports 'diffusers' only, not {opts.compare!r}")
-    if opts.steps < 1 or opts.warmup < 0:
-        raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    if opts.steps < 1 or opts.warmup < 0 or opts.rounds < 1:
+        raise UsageError("--steps and --rounds must be >= 1 and --warmup >= 0")
     if cfg.model.arch != "dit":
         raise UsageError(f"fm bench supports model.arch='dit' only (got {cfg.model.arch!r})")
     if opts.run_dir is not None and opts.batch_size is None:  # only autotuning writes there
@@ -174,13 +194,29 @@ def _checked_options(cfg: Config, opts: BenchOptions) -> str:
 
 
 def mean_flow_cost(cfg: Config, spec: BenchSpec, meanflow_step_ms: float, log) -> dict:
-    """A mean-flow training step's time against the flow-matching step of the same run (`flow_twin`)."""
-    log(f"measuring the flow-matching step of the same model at batch {spec.batch} (what the mean-flow step costs more)")
-    flow = measure_any(replace(spec, mode="train", config=config_to_dict(flow_twin(cfg))))
+    """A mean-flow training step's time against the flow-matching step of the same run (`flow_twin`), both
+    timed in interleaved rounds in one trial (`measure_interleaved`): the medians, their ratio and the per-round
+    ratios' spread. Where both do not fit in memory together the flow step is timed alone and priced against
+    the mean-flow trial's `meanflow_step_ms` (said on stderr, `interleaved: false`)."""
+    log(f"timing the flow-matching and the mean-flow step of the same model at batch {spec.batch} in {spec.rounds} interleaved rounds")
+    flow_cfg = config_to_dict(flow_twin(cfg))
+    pair = measure_any(replace(spec, mode="train", config=flow_cfg, other_config=config_to_dict(cfg)), measure_interleaved)
+    if pair.get("oom"):
+        log(f"warning: both models do not fit in memory together at batch {spec.batch}: the flow-matching step is timed in a trial of its own, not interleaved")
+        flow = measure_any(replace(spec, mode="train", config=flow_cfg))
+        if flow.get("oom"):
+            raise RuntimeFailure(f"the flow-matching twin at batch {spec.batch} ran out of memory; pass a smaller --batch-size")
+        flow_ms = flow["train"]["step_ms"]
+        spread = {"ratio": meanflow_step_ms / flow_ms, "min": None, "max": None, "rounds": spec.rounds, "interleaved": False}
+    else:
+        times = pair["train"]
+        spread = interleaved_ratio(times["a"], times["b"])
+        flow_ms, meanflow_step_ms = 1000 * statistics.median(times["a"]), 1000 * statistics.median(times["b"])
     return {
-        "flow_step_ms": flow["train"]["step_ms"],
+        "flow_step_ms": flow_ms,
         "meanflow_step_ms": meanflow_step_ms,
-        "step_cost_vs_flow": meanflow_step_ms / flow["train"]["step_ms"],
+        "step_cost_vs_flow": meanflow_step_ms / flow_ms,
+        "step_cost_spread": spread,  # the per-round ratios' min and max, over `rounds` interleaved rounds
         "jvp_fraction": cfg.flow.meanflow_ratio,  # rows with t_end > t: the only ones that need the JVP
     }
 
@@ -239,6 +275,62 @@ def resolve_bench_hardware(cfg: Config, device: torch.device, precision_setting:
     return {"precision": record, "compile": compile_choice.record(), "muon_ns_dtype": ns_dtype}
 
 
+# ----------------------------------------------------------------------------- interleaved rounds
+
+
+def measure_interleaved(spec: BenchSpec) -> dict:
+    """Two models timed in alternating rounds in one trial, so that both see the same load (a ratio of two
+    trials run one after the other also measures how the machine's load changed between them): A is
+    spec.config / spec.impl, B spec.other_config / spec.other_impl (None: A's). Training first (each model
+    after its own warmup; a round is a block of spec.steps steps, seconds per step), then sampling (a round is
+    one solve, `SampleTimer`), as `measure` orders them; rounds alternate A B, B A, A B, ... so that a steady
+    drift does not favour either. Returns {part: {"a": [seconds per round], "b": [...]}}."""
+    from .config import validate_config
+    from .measure import train_step_fn
+    from .models import build_bench_model
+
+    device = torch.device(spec.device)
+    models = []
+    for config, impl in ((spec.config, spec.impl), (spec.other_config or spec.config, spec.other_impl or spec.impl)):
+        cfg = validate_config(config, source="bench")
+        torch.manual_seed(0)
+        models.append((build_bench_model(cfg.model, impl).to(device), cfg))
+    out = {}
+    if spec.mode in ("train", "both"):
+        steps = [train_step_fn(model, cfg, spec, device) for model, cfg in models]
+        for step in steps:
+            for _ in range(spec.warmup):
+                step()
+
+        def block(step) -> float:
+            marks = timed_block(step, spec.steps, device)
+            return (marks[-1] - marks[0]) / spec.steps
+
+        out["train"] = _alternate([lambda step=step: block(step) for step in steps], spec.rounds)
+    if spec.mode in ("sample", "both"):
+        timers = [SampleTimer(model, cfg, spec, device) for model, cfg in models]
+        out["sample"] = _alternate([timer.round for timer in timers], spec.rounds)
+    return out
+
+
+def _alternate(rounds: list[Callable[[], float]], count: int) -> dict:
+    """`count` rounds of each of two timers, in the order A B, B A, A B, ...: {"a": [...], "b": [...]}."""
+    times = ([], [])
+    for r in range(max(1, count)):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            times[i].append(rounds[i]())
+    return {"a": times[0], "b": times[1]}
+
+
+def interleaved_ratio(a: list[float], b: list[float]) -> dict:
+    """How many times faster A is than B from times measured in interleaved rounds: the ratio of the median
+    times, median(b) / median(a), and the spread of the per-round ratios b_i / a_i (min, max)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("interleaved_ratio needs as many rounds of A as of B, at least one")
+    per_round = [tb / ta for ta, tb in zip(a, b)]
+    return {"ratio": statistics.median(b) / statistics.median(a), "min": min(per_round), "max": max(per_round), "rounds": len(a), "interleaved": True}
+
+
 # ------------------------------------------------------------------------------------ sampling
 
 
@@ -248,7 +340,15 @@ def measure_bench(spec: BenchSpec) -> dict:
 
 
 def sample_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device) -> dict:
-    """Sampling throughput at the preset's solver, steps and CFG, on `fm sample`'s own path.
+    """Sampling throughput at the preset's solver, steps and CFG, on `fm sample`'s own path, over `spec.rounds`
+    timed solves (`SampleTimer`): `seconds` / `img_per_s` are the median round's, `seconds_rounds` and
+    `seconds_spread` every round and their spread."""
+    timer = SampleTimer(model, cfg, spec, device)
+    return timer.facts([timer.round() for _ in range(max(1, spec.rounds))])
+
+
+class SampleTimer:
+    """One sampling round: a solve of the batch on `fm sample`'s own path, its seconds scaled to the full solve.
 
     The network is prepared by generate.prepare_for_sampling (at spec.sample_precision, compiled per
     spec.sample_compile: the parent resolved sample.precision / sample.compile with the function `fm sample`
@@ -261,52 +361,61 @@ def sample_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device)
     fixed-step solve makes depends only on its grid: guidance intervals, zero-init steps and a solver's start-up
     evaluation included). An adaptive dopri5 solve is timed and counted whole.
     """
-    from .generate import LoadedModel, iterate_samples, prepare_for_sampling
 
-    m, b = cfg.model, spec.batch
-    s = cfg.sample.model_copy(update={"precision": spec.sample_precision, "compile": spec.sample_compile})
-    text = _SyntheticPrompts(synthetic_text(cfg)) if m.cross_attention else None
-    loaded = prepare_for_sampling(LoadedModel(model=model, config=cfg, info={}, step=0, text=text), s, device)
-    counted = _CountingNet(loaded.model)
-    loaded = replace(loaded, model=counted)
-    prompts = [""] * b if text is not None else None
-    nfe = {}
+    def __init__(self, model, cfg: Config, spec: BenchSpec, device: torch.device):
+        from .generate import LoadedModel, prepare_for_sampling
 
-    def solve(steps: int) -> None:
-        settings = s.model_copy(update={"steps": steps})
-        for _, _, result in iterate_samples(loaded, list(range(b)), seed=0, sample_cfg=settings, batch_size=b, device=device, prompts=prompts):
-            nfe["n"] = result.nfe
+        m, self.b, self.device = cfg.model, spec.batch, device
+        self.s = s = cfg.sample.model_copy(update={"precision": spec.sample_precision, "compile": spec.sample_compile})
+        text = _SyntheticPrompts(synthetic_text(cfg)) if m.cross_attention else None
+        loaded = prepare_for_sampling(LoadedModel(model=model, config=cfg, info={}, step=0, text=text), s, device)
+        self.counted = _CountingNet(loaded.model)
+        self.loaded = replace(loaded, model=self.counted)
+        self.prompts = [""] * self.b if text is not None else None
+        self.guided = bool(m.num_classes or m.cross_attention) and s.cfg != 1.0
+        self.nfe, self.full_rows, self.timed_rows = 0, 0, 0
+        # CFG-Zero*'s zero-init steps evaluate nothing and must be fewer than a solve's steps: a short solve takes one more.
+        first = 1 + (s.zero_init_steps if s.guidance == "cfg-zero" else 0)
+        self.timed = s.steps if s.solver == "dopri5" else min(s.steps, max(spec.steps, first))
+        if spec.warmup and s.solver != "dopri5":
+            self.solve(first)
+        if self.timed != s.steps:  # the full solve's and the timed solve's evaluations, counted without running the network
+            self.counted.dry = True
+            self.full_rows, self.timed_rows = self.rows_of(s.steps), self.rows_of(self.timed)
+            self.counted.dry = False
 
-    # CFG-Zero*'s zero-init steps evaluate nothing and must be fewer than a solve's steps: a short solve takes one more.
-    first = 1 + (s.zero_init_steps if s.guidance == "cfg-zero" else 0)
-    timed = s.steps if s.solver == "dopri5" else min(s.steps, max(spec.steps, first))
-    if spec.warmup and s.solver != "dopri5":
-        solve(first)
-    sync(device)
-    counted.rows = 0
-    seconds = seconds_per_call(lambda: solve(timed), 1, device)
-    timed_rows = counted.rows
-    if timed != s.steps:  # the full solve's evaluations, counted without running the network
-        counted.rows, counted.dry = 0, True
-        solve(s.steps)
-        counted.dry = False
-    full_rows = counted.rows
-    seconds *= full_rows / max(1, timed_rows)
-    guided = bool(m.num_classes or m.cross_attention) and s.cfg != 1.0
-    return {
-        "solver": s.solver,
-        "steps": s.steps,
-        "timed_steps": timed,
-        "cfg": s.cfg,
-        "nfe": nfe["n"],
-        "forward_batch": 2 * b if guided else b,
-        "forward_rows": full_rows,  # network rows the full solve of the batch evaluates (a guided NFE: 2 per image)
-        "img_per_s": b / seconds,
-        "img_nfe_per_s": b * nfe["n"] / seconds,
-        "seconds": seconds,
-        "precision": loaded.model.precision,
-        "compiled": loaded.model.compiled,  # false after a compile that failed and fell back to eager
-    }
+    def solve(self, steps: int) -> None:
+        from .generate import iterate_samples
+
+        settings = self.s.model_copy(update={"steps": steps})
+        for _, _, result in iterate_samples(self.loaded, list(range(self.b)), seed=0, sample_cfg=settings, batch_size=self.b, device=self.device, prompts=self.prompts):
+            self.nfe = result.nfe if steps == self.s.steps else self.nfe
+
+    def rows_of(self, steps: int) -> int:
+        self.counted.rows = 0
+        self.solve(steps)
+        return self.counted.rows
+
+    def round(self) -> float:
+        """Seconds of one full solve of the batch (a timed solve of `timed` steps, scaled by the rows evaluated)."""
+        sync(self.device)
+        self.counted.rows = 0
+        seconds = seconds_per_call(lambda: self.solve(self.timed), 1, self.device)
+        if self.timed == self.s.steps:  # timed whole: its own evaluations are the full solve's
+            self.full_rows = self.timed_rows = self.counted.rows
+        return seconds * self.full_rows / max(1, self.timed_rows)
+
+    def facts(self, rounds: list[float]) -> dict:
+        seconds, b = statistics.median(rounds), self.b
+        return {
+            "solver": self.s.solver, "steps": self.s.steps, "timed_steps": self.timed, "cfg": self.s.cfg, "nfe": self.nfe,
+            "forward_batch": 2 * b if self.guided else b,
+            "forward_rows": self.full_rows,  # network rows the full solve of the batch evaluates (a guided NFE: 2 per image)
+            "img_per_s": b / seconds, "img_nfe_per_s": b * self.nfe / seconds, "seconds": seconds,
+            "seconds_rounds": rounds, "seconds_spread": timing_spread(rounds),
+            "precision": self.loaded.model.precision,
+            "compiled": self.loaded.model.compiled,  # false after a compile that failed and fell back to eager
+        }  # fmt: skip
 
 
 class _CountingNet:
@@ -351,14 +460,66 @@ def _summarise(result: dict, flops_fwd: int, peak: float | None, cfg: Config) ->
     return out
 
 
+def _timed_figures(report: dict) -> list[tuple[str, dict, dict]]:
+    """(name, spread, what a round is) of every timed figure in a report: fm's (and diffusers') training (a
+    round's seconds per step) and sampling (a round's seconds per solve of the batch), with img/s per round."""
+    rows = [("fm", report)] + ([("diffusers", report["compare"]["diffusers"])] if report.get("compare") else [])
+    out = []
+    for name, r in rows:
+        for part, key, unit in (("train", "step_ms_spread", 1000), ("sample", "seconds_spread", 1)):
+            sp = (r.get(part) or {}).get(key)
+            if sp:
+                what = f"{r[part]['steps_per_round']} steps" if part == "train" else "one solve"
+                out.append((f"{name} {part}", sp, {"what": what, "img_per_s": lambda v, u=unit: report["batch_size"] * u / v}))
+    return out
+
+
+def _ratio_spreads(report: dict) -> list[tuple[str, dict]]:
+    """(name, spread) of every ratio in a report: ours / diffusers per part, the mean-flow step's cost."""
+    out = [(f"ours / diffusers ({part})", r) for part, r in ((report.get("compare") or {}).get("ratio_spread") or {}).items()]
+    if (report.get("meanflow") or {}).get("step_cost_spread"):
+        out.append(("the mean-flow step's cost", report["meanflow"]["step_cost_spread"]))
+    return out
+
+
+def timing_warnings(report: dict, opts: BenchOptions) -> list[str]:
+    """The stderr warnings that say a report's timings cannot be trusted: too few rounds to show a spread, too
+    few training steps a round to time, or rounds that range wider than NOISY_SPREAD of their median."""
+    out = []
+    if opts.rounds < MIN_ROUNDS:
+        out.append(f"warning: --rounds {opts.rounds} shows no spread worth the name: each figure is one or two measurements (use --rounds {MIN_ROUNDS} or more)")
+    if opts.steps < MIN_STEPS and opts.mode in ("train", "both"):
+        out.append(f"warning: --steps {opts.steps} is too few training steps a round to time (one slow step moves the figure; use --steps {MIN_STEPS} or more)")
+    noisy = [(name, sp["rel_spread"], sp["n"]) for name, sp, _ in _timed_figures(report) if sp["n"] > 1]
+    noisy += [(name, (sp["max"] - sp["min"]) / sp["ratio"], sp["rounds"]) for name, sp in _ratio_spreads(report) if sp.get("min") is not None and sp["rounds"] > 1]
+    for name, rel, n in noisy:
+        if not rel <= NOISY_SPREAD:  # nan or inf too
+            out.append(f"warning: {name} ranges over {rel:.0%} of its median in {n} rounds: too noisy to trust (the machine's load "
+                       "or clock changed while measuring); rerun on an idle machine, or with more --steps / --rounds")  # fmt: skip
+    return out
+
+
+def _range(sp: dict | None) -> str:
+    if not sp or sp.get("min") is None:
+        return "from separate trials, not interleaved" if sp else "not measured"
+    return f"{sp['min']:.2f}-{sp['max']:.2f}x over {sp['rounds']} interleaved rounds"
+
+
 def bench_notes(report: dict) -> list[str]:
-    """The lines printed under the table: the diffusers ratio and the mean-flow step's cost, when measured."""
+    """The lines printed under the table: each figure's median and spread over its rounds, the diffusers
+    ratio and the mean-flow step's cost (with the spread of their per-round ratios), when measured."""
     notes = []
+    for name, sp, round_ in _timed_figures(report):
+        rate = round_["img_per_s"]  # the slowest round is the smallest img/s
+        notes.append(f"{name}: {rate(sp['median']):.2f} img/s, median of {sp['n']} round{'s' * (sp['n'] != 1)} of {round_['what']} "
+                     f"(range {rate(sp['max']):.2f}-{rate(sp['min']):.2f} img/s, {sp['rel_spread']:.0%} of the median)")  # fmt: skip
     if report.get("compare"):
-        notes.append(f"ours / diffusers: {', '.join(f'{k} {v:.2f}x' for k, v in report['compare']['ratio'].items())}")
+        spread = report["compare"].get("ratio_spread") or {}
+        notes.append(f"ours / diffusers: {', '.join(f'{k} {v:.2f}x ({_range(spread.get(k))})' for k, v in report['compare']['ratio'].items())}")
     if report.get("meanflow"):
         mf = report["meanflow"]
-        notes.append(f"mean-flow step {mf['meanflow_step_ms']:.1f} ms = {mf['step_cost_vs_flow']:.2f}x the flow-matching step ({mf['flow_step_ms']:.1f} ms; JVP on {mf['jvp_fraction']:.0%} of the rows)")
+        notes.append(f"mean-flow step {mf['meanflow_step_ms']:.1f} ms = {mf['step_cost_vs_flow']:.2f}x the flow-matching step ({mf['flow_step_ms']:.1f} ms; JVP on {mf['jvp_fraction']:.0%} of the rows; "
+                     f"per-round ratio {_range(mf.get('step_cost_spread'))})")  # fmt: skip
     return notes
 
 

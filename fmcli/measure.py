@@ -50,8 +50,9 @@ class BenchSpec:
     config: dict  # a resolved Config as a dict
     batch: int
     mode: str = "both"  # train | sample | both (sample: bench.measure_bench)
-    steps: int = 5
+    steps: int = 5  # consecutive steps timed as one block (a round)
     warmup: int = 2
+    rounds: int = 1  # timed rounds of `steps` each: their median and spread are reported (`timing_spread`)
     precision: str = "fp32"
     compile: bool = False
     device: str = "cpu"
@@ -60,6 +61,8 @@ class BenchSpec:
     muon_ns_dtype: str | None = None  # Muon's Newton-Schulz dtype (fmcli.hardware.matmul_dtype); None = bf16
     sample_precision: str = "fp32"  # sampling's network precision and compile (sample.*, resolved by the parent
     sample_compile: bool = False  # as `fm sample` resolves them: generate.resolve_sampling_hardware)
+    other_config: dict | None = None  # bench.measure_interleaved: the second model, timed in rounds alternating
+    other_impl: str | None = None  # with this one (None: the same config / impl)
 
 
 # A part of a measurement beyond training: (model, cfg, spec, device) -> its figures (bench.sample_throughput).
@@ -237,26 +240,48 @@ def seconds_per_call(fn, count: int, device: torch.device) -> float:
 # ------------------------------------------------------------------------------- the training step
 
 
-def train_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device) -> dict:
-    """Training throughput of `spec.steps` consecutive steps after `spec.warmup`: `img_per_s` is the loop's own
-    statistic (images over the wall time of the whole block, as `fm train` logs it; a median of a few steps
-    cannot stand for a run on a machine whose speed drifts), `img_per_s_median` the per-step median that
-    ranks autotune trials (robust to one slow step)."""
-    step = train_step_fn(model, cfg, spec, device)
-    for _ in range(spec.warmup):
-        step()
+def timing_spread(values: list[float]) -> dict:
+    """Median and spread of a measurement repeated in rounds: min, max and the relative range
+    (max - min) / median (0 for one round: a single round has no spread to show, `n` says so)."""
+    if not values:
+        raise ValueError("timing_spread needs at least one value")
+    med, lo, hi = statistics.median(values), min(values), max(values)
+    return {"n": len(values), "median": med, "min": lo, "max": hi, "rel_spread": (hi - lo) / med if med > 0 else float("inf")}
+
+
+def timed_block(fn: Callable[[], None], count: int, device: torch.device) -> list[float]:
+    """Clock marks around `count` consecutive calls of fn (synchronised before the first and after the last):
+    count + 1 marks, so the block's wall time is marks[-1] - marks[0] and the per-call times their differences."""
     sync(device)
     marks = [time.perf_counter()]
-    for _ in range(spec.steps):
-        step()
+    for _ in range(count):
+        fn()
         marks.append(time.perf_counter())
     sync(device)
     marks[-1] = time.perf_counter()
-    seconds = (marks[-1] - marks[0]) / spec.steps
-    median = statistics.median(b - a for a, b in zip(marks, marks[1:])) if device.type == "cpu" else seconds
+    return marks
+
+
+def train_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device) -> dict:
+    """Training throughput over `spec.rounds` rounds of `spec.steps` consecutive steps after `spec.warmup`.
+    A round's time is the loop's own statistic (the wall time of the whole block, as `fm train` logs it; a
+    median of single steps cannot stand for a run on a machine whose speed drifts); `step_ms` / `img_per_s`
+    are the median round's, `step_ms_rounds` and `step_ms_spread` every round and their spread;
+    `img_per_s_median` is the per-step median that ranks autotune trials (robust to one slow step)."""
+    step = train_step_fn(model, cfg, spec, device)
+    for _ in range(spec.warmup):
+        step()
+    rounds, per_step = [], []
+    for _ in range(max(1, spec.rounds)):
+        marks = timed_block(step, spec.steps, device)
+        rounds.append((marks[-1] - marks[0]) / spec.steps)
+        per_step += [b - a for a, b in zip(marks, marks[1:])]
+    seconds = statistics.median(rounds)
+    median = statistics.median(per_step) if device.type == "cpu" else seconds
     return {
         "img_per_s": spec.batch / seconds, "step_ms": 1000 * seconds, "img_per_s_median": spec.batch / median,
-        "compiled": step.compiled, "compile_warning": step.compile_warning,
+        "step_ms_rounds": [1000 * r for r in rounds], "step_ms_spread": timing_spread([1000 * r for r in rounds]),
+        "steps_per_round": spec.steps, "compiled": step.compiled, "compile_warning": step.compile_warning,
     }  # fmt: skip
 
 

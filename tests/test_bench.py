@@ -179,7 +179,7 @@ def test_train_with_auto_micro_batch_uses_cached_result(tmp_path, shapes16):
 def test_cli_bench_debug_json_reports_all_fields():
     proc = run_fm(
         "bench", "--preset", "debug", "--json", "--steps", "1", "--warmup", "1", "--max-batch", "4",
-        "--set", "sample.steps=2", "--set", "optim.name=muon", "--compare", "diffusers", timeout=300,
+        "--set", "sample.steps=2", "--set", "optim.name=muon", "--compare", "diffusers", "--rounds", "2", timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -192,6 +192,10 @@ def test_cli_bench_debug_json_reports_all_fields():
     assert report["params"] == sum(p.numel() for p in build_bench_model(resolve_bench_config(load_config("debug")).model).parameters())
     assert report["flops_per_image"]["train"] == 3 * report["flops_per_image"]["forward"]
     assert set(report["compare"]["ratio"]) == {"train", "sample"}
+    for part, spread in report["compare"]["ratio_spread"].items():  # from both models' interleaved rounds in one trial
+        assert spread["interleaved"] and spread["rounds"] == 2 and spread["ratio"] == report["compare"]["ratio"][part]
+        assert spread["min"] <= spread["max"]
+    assert report["compare"]["diffusers"]["train"]["step_ms_spread"]["n"] == 2
     assert report["compare"]["diffusers"]["train"]["img_per_s"] > 0
     assert "fm bench" in proc.stderr  # the rich table went to stderr
     assert "both models train with AdamW" in proc.stderr  # Muon picks fm's matrices by name: equal optimizer instead
@@ -309,3 +313,140 @@ def test_trial_server_ends_quietly_on_ctrl_c():
         proc.kill()
     assert proc.returncode == -signal.SIGINT  # ended by the signal itself, as the kernel's default action does
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err.decode()
+
+
+# ------------------------------------------------------------------------- timing: rounds and spread
+
+
+def test_timing_spread_and_interleaved_ratio_match_a_hand_computation():
+    from fmcli.bench import interleaved_ratio
+    from fmcli.measure import timing_spread
+
+    # Sorted 9, 10, 11, 12, 30: median 11, range 30 - 9 = 21, relative 21 / 11.
+    assert timing_spread([10.0, 12.0, 11.0, 30.0, 9.0]) == {"n": 5, "median": 11.0, "min": 9.0, "max": 30.0, "rel_spread": 21 / 11}
+    # An even count: the median is the mean of the middle two, (2 + 3) / 2 = 2.5; range 4 - 1 = 3.
+    assert timing_spread([4.0, 1.0, 3.0, 2.0]) == {"n": 4, "median": 2.5, "min": 1.0, "max": 4.0, "rel_spread": 3 / 2.5}
+    assert timing_spread([5.0])["rel_spread"] == 0.0
+    # A's times 1, 2, 4 (median 2), B's 2, 3, 4 (median 3): B / A = 1.5; per round 2/1, 3/2, 4/4.
+    assert interleaved_ratio([1.0, 2.0, 4.0], [2.0, 3.0, 4.0]) == {"ratio": 1.5, "min": 1.0, "max": 2.0, "rounds": 3, "interleaved": True}
+
+
+class _FakeClock:
+    """A clock that only moves when a fake training step runs: each step takes `cost(model) * load(now)`."""
+
+    def __init__(self, cost, load=lambda now: 1.0):
+        self.now, self.cost, self.load = 0.0, cost, load
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def install(self, monkeypatch):
+        import types
+
+        import fmcli.bench as bench_mod
+        import fmcli.measure as measure_mod
+
+        def fake_step_fn(model, cfg, spec, device):
+            def one():
+                self.now += self.cost(cfg) * self.load(self.now)
+
+            one.compiled, one.compile_warning = False, None
+            return one
+
+        monkeypatch.setattr(measure_mod, "time", types.SimpleNamespace(perf_counter=self.perf_counter))
+        monkeypatch.setattr(measure_mod, "train_step_fn", fake_step_fn)
+        monkeypatch.setattr(bench_mod, "measure_any", lambda spec, fn=measure_mod.measure: fn(spec))  # in-process trials
+        monkeypatch.setenv("FM_PROBE_FORCE", "bf16-slow")
+
+
+@pytest.mark.parametrize("noisy", [True, False])
+def test_bench_reports_rounds_median_and_spread_and_warns_when_noisy(monkeypatch, noisy):
+    """Three rounds of 5 steps on a fake clock: steps of 0.1 s, except (noisy) a third round whose steps take
+    0.3 s (another process took the CPU). Hand computation: rounds 100, 100, 300 ms a step; median 100 ms, so 20
+    img/s at batch 2; range 200 ms = 200% of the median: a warning on stderr and in --json."""
+    durations = iter([0.1] * 10 + [0.3 if noisy else 0.1] * 5)
+    _FakeClock(lambda cfg: next(durations)).install(monkeypatch)
+    proc = fm_in_process("bench", "--preset", "debug", "--mode", "train", "-b", "2", "--steps", "5", "--rounds", "3", "--warmup", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    train = report["train"]
+    last = 300.0 if noisy else 100.0
+    assert train["step_ms_rounds"] == pytest.approx([100.0, 100.0, last])
+    assert train["step_ms"] == pytest.approx(100.0) and train["img_per_s"] == pytest.approx(20.0)
+    sp = train["step_ms_spread"]
+    assert (sp["n"], sp["median"], sp["min"], sp["max"]) == (3, pytest.approx(100.0), pytest.approx(100.0), pytest.approx(last))
+    assert sp["rel_spread"] == pytest.approx(2.0 if noisy else 0.0)
+    warned = [w for w in report["warnings"] if "fm train ranges over 200%" in w]
+    assert bool(warned) == noisy and all(w in proc.stderr for w in warned)
+    assert "median of 3 rounds of 5 steps" in proc.stderr  # the text report's spread line (stderr with --json)
+    assert ("range 6.67-20.00 img/s" if noisy else "range 20.00-20.00 img/s") in proc.stderr
+
+
+def test_bench_warns_when_too_few_steps_or_rounds_to_time(monkeypatch):
+    _FakeClock(lambda cfg: 0.1).install(monkeypatch)
+    proc = fm_in_process("bench", "--preset", "debug", "--mode", "train", "-b", "2", "--steps", "3", "--rounds", "1", "--warmup", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    warnings = json.loads(proc.stdout)["warnings"]
+    assert any("--steps 3 is too few" in w for w in warnings) and any("--rounds 1 shows no spread" in w for w in warnings)
+    assert all(w in proc.stderr for w in warnings)
+    bad = fm_in_process("bench", "--preset", "debug", "--mode", "train", "-b", "2", "--rounds", "0")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "--rounds" in bad.stderr
+
+
+def test_mean_flow_cost_is_timed_in_interleaved_rounds_through_a_load_change(monkeypatch):
+    """The mean-flow step costs 2x the flow step (fake clock); the machine's load doubles once the mean-flow
+    trial is done (5 rounds x 5 steps x 20 ms = 0.5 s). Priced against the mean-flow trial (the old way), the
+    flow step timed after it at load 2 costs as much as the mean-flow step at load 1: an impossible 1.0x.
+    Interleaved in one trial both run at the same load: every per-round ratio, and the ratio of the medians, is 2."""
+    from fmcli.bench import BenchOptions, run_bench
+
+    clock = _FakeClock(lambda cfg: 0.02 if cfg.flow.objective == "meanflow" else 0.01, load=lambda now: 1.0 if now < 0.49 else 2.0)
+    clock.install(monkeypatch)
+    cfg = load_config("debug", ["flow.objective=meanflow", "sample.solver=meanflow"])
+    report = run_bench(cfg, BenchOptions(batch_size=2, mode="train", steps=5, rounds=5, warmup=0))
+    mf = report["meanflow"]
+    assert report["train"]["step_ms"] == pytest.approx(20.0)  # the mean-flow trial, at load 1
+    # Every interleaved round runs at load 2: flow 20 ms, mean flow 40 ms a step.
+    assert mf["flow_step_ms"] == pytest.approx(20.0) and mf["meanflow_step_ms"] == pytest.approx(40.0)
+    assert mf["step_cost_vs_flow"] == pytest.approx(2.0)
+    assert mf["step_cost_spread"] == {"ratio": pytest.approx(2.0), "min": pytest.approx(2.0), "max": pytest.approx(2.0), "rounds": 5, "interleaved": True}
+
+
+def test_interleaved_rounds_alternate_so_a_load_change_hits_both_models(monkeypatch):
+    """measure_interleaved alone, the load doubling mid-way through its rounds: A (cost 1) and B (cost 2) run
+    in the order A B, B A, A B, ...; hand computation of the 4 rounds of one step each, load 1 before t = 4.5."""
+    from fmcli.bench import measure_interleaved
+    from fmcli.measure import BenchSpec
+
+    clock = _FakeClock(lambda cfg: 2.0 if cfg.flow.objective == "meanflow" else 1.0, load=lambda now: 1.0 if now < 4.5 else 2.0)
+    clock.install(monkeypatch)
+    flow = resolve_bench_config(load_config("debug"))
+    meanflow = resolve_bench_config(load_config("debug", ["flow.objective=meanflow", "sample.solver=meanflow"]))
+    from fmcli.config import config_to_dict
+
+    spec = BenchSpec(config=config_to_dict(flow), other_config=config_to_dict(meanflow), batch=2, mode="train", steps=1, warmup=0, rounds=4)
+    times = measure_interleaved(spec)["train"]
+    # t: A 0-1, B 1-3, B 3-5 (starts before 4.5: load 1), A 5-7 (load 2), A 7-9, B 9-13, B 13-17, A 17-19.
+    assert times == {"a": [1.0, 2.0, 2.0, 2.0], "b": [2.0, 2.0, 4.0, 4.0]}
+
+
+def test_tiny_bench_json_end_to_end_reports_rounds_for_training_and_sampling(monkeypatch):
+    """A real (tiny) bench through the CLI, trials in this process: every timed figure carries its rounds, and
+    the figure is their median (img/s = batch / median time)."""
+    import fmcli.bench as bench_mod
+    import fmcli.measure as measure_mod
+
+    monkeypatch.setattr(bench_mod, "measure_any", lambda spec, fn=measure_mod.measure: fn(spec))
+    monkeypatch.setenv("FM_PROBE_FORCE", "bf16-slow")
+    proc = fm_in_process("bench", "--preset", "debug", "-b", "2", "--steps", "2", "--rounds", "3", "--warmup", "1", "--set", "sample.steps=2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    train, sample = report["train"], report["sample"]
+    assert len(train["step_ms_rounds"]) == 3 and train["steps_per_round"] == 2
+    assert train["step_ms"] == pytest.approx(sorted(train["step_ms_rounds"])[1]) and train["img_per_s"] == pytest.approx(2000 / train["step_ms"])
+    sp = train["step_ms_spread"]
+    assert sp["min"] == min(train["step_ms_rounds"]) and sp["max"] == max(train["step_ms_rounds"]) and sp["n"] == 3
+    assert len(sample["seconds_rounds"]) == 3 and sample["seconds"] == pytest.approx(sorted(sample["seconds_rounds"])[1])
+    assert sample["img_per_s"] == pytest.approx(2 / sample["seconds"]) and sample["seconds_spread"]["n"] == 3
+    assert any("--steps 2 is too few" in w for w in report["warnings"])
+    assert "fm train:" in proc.stderr and "fm sample:" in proc.stderr and "median of 3 rounds" in proc.stderr

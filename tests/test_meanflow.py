@@ -280,10 +280,11 @@ def test_training_on_reflow_pairs_with_the_recipes_settings(tmp_path, debug_run)
 
 
 def test_bench_prices_the_mean_flow_step_against_flow_matching():
-    proc = run_fm("bench", "--preset", "debug", "--json", "--mode", "train", "--steps", "1", "--warmup", "1", "--batch-size", "4",
+    proc = run_fm("bench", "--preset", "debug", "--json", "--mode", "train", "--steps", "1", "--warmup", "1", "--batch-size", "4", "--rounds", "2",
                   "--precision", "fp32", *[a for item in MEANFLOW for a in ("--set", item)], timeout=600)
     assert proc.returncode == 0, proc.stderr
     mf = json.loads(proc.stdout)["meanflow"]
     assert mf["meanflow_step_ms"] > 0 and mf["flow_step_ms"] > 0 and mf["jvp_fraction"] == 0.25
     assert mf["step_cost_vs_flow"] == pytest.approx(mf["meanflow_step_ms"] / mf["flow_step_ms"])
+    assert mf["step_cost_spread"]["interleaved"] and mf["step_cost_spread"]["rounds"] == 2  # both timed in one trial
     assert "the flow-matching step" in proc.stderr

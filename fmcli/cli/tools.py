@@ -20,8 +20,9 @@ def bench(
     overrides: Overrides = [],
     batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="'auto' (autotune the training batch) or a number.")] = "auto",
     mode: Annotated[str, typer.Option("--mode", help="train, sample or both.")] = "both",
-    steps: Annotated[int, typer.Option("--steps", help="Timed iterations: consecutive training steps (img/s over the block, as the training log computes it); solver steps for sampling.")] = 20,
+    steps: Annotated[int, typer.Option("--steps", help="Timed iterations a round: consecutive training steps (img/s over the block, as the training log computes it); solver steps for sampling.")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed warmup training steps before the clock starts.")] = 2,
+    rounds: Annotated[int, typer.Option("--rounds", help="Timed rounds: each figure is their median, with their range; ratios come from rounds interleaved in one trial.")] = 5,
     precision: Annotated[Optional[str], typer.Option("--precision", help="auto, bf16, fp16 or fp32 (default: the preset's train.precision; auto = measured, see `fm env`).")] = None,
     compile_model: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (default: the preset's train.compile; auto = where inductor works).")] = None,
     max_memory: Annotated[Optional[float], float_option("--max-memory", help="Memory budget in GiB for autotune (CPU default: half the RAM).")] = None,
@@ -46,11 +47,11 @@ def bench(
 
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
         raise UsageError(f"--batch-size must be 'auto' or a positive integer, not {batch_size!r}")
-    if steps < 1 or warmup < 0 or (max_batch is not None and max_batch < 1) or (max_memory is not None and max_memory <= 0):
-        raise UsageError("--steps and --max-batch must be >= 1, --warmup >= 0, --max-memory > 0")
+    if steps < 1 or rounds < 1 or warmup < 0 or (max_batch is not None and max_batch < 1) or (max_memory is not None and max_memory <= 0):
+        raise UsageError("--steps, --rounds and --max-batch must be >= 1, --warmup >= 0, --max-memory > 0")
     cfg = load_config(preset, overrides)
     opts = BenchOptions(
-        batch_size=None if batch_size == "auto" else int(batch_size), mode=mode, steps=steps, warmup=warmup, precision=precision,
+        batch_size=None if batch_size == "auto" else int(batch_size), mode=mode, steps=steps, warmup=warmup, rounds=rounds, precision=precision,
         compile=compile_model, max_memory_gib=max_memory, max_batch=max_batch, compare=compare, device=device, run_dir=run_dir,
     )
     report = run_bench(cfg, opts, log=log_line)
