@@ -480,9 +480,9 @@ class Trainer:
                 self.log.info(f"sample grid skipped: latents need a VAE to decode; {hint}")
                 return None
             try:
-                self.vae = FrozenVAE(self.cfg.encoders.vae, self.ctx.device, self.cfg.encoders.vae_precision)
+                self.vae = FrozenVAE(self.cfg.encoders.vae, self.ctx.device, self.cfg.encoders.vae_precision, remedy=hint)
             except UsageError as err:  # training needs no VAE (setup does not check one that is not there): it costs the grid, not the run
-                self.log.info(f"sample grid skipped: {str(err).split('; get one with')[0]}; {hint}")
+                self.log.info(f"sample grid skipped: {err}")
                 return None
         return self.vae.decode(x)
 
