@@ -14,7 +14,7 @@ from ..fsutil import refuse_existing
 from .app import app, log_line, torch_device
 from .options import (
     Atol, BatchSize, Device, Ema, Gpus, GuideCkpt, Guidance, Json, Nproc, Rtol, SampleCompile, SamplePrecision, SamplingFlags, Seed, Solver, Steps,
-    parse_floats, parse_interval, parse_nfe, sampling_options,
+    parse_floats, parse_interval, parse_nfe, sampling_options, seed_option,
 )  # fmt: skip
 
 
@@ -155,7 +155,7 @@ def eval_command(
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", min=6, max=10**9, help="Samples per setting with --ckpt (the reference and the floor use as many real images).")] = None,
     features: Annotated[str, typer.Option("--features", help="Feature spaces, comma-separated: domain (a classifier of --data), inception, dinov2, tiny.")] = "domain",
     classifier: Annotated[Optional[str], typer.Option("--classifier", help="Where the domain classifier is cached (default DATA/fm-classifier-sSEED.pt).")] = None,
-    classifier_seed: Annotated[int, typer.Option("--classifier-seed", help="Seed of the domain classifier's training.")] = 0,
+    classifier_seed: Annotated[int, seed_option("--classifier-seed", help="Seed of the domain classifier's training (0 to 2^32-1).")] = 0,
     classifier_steps: Annotated[Optional[int], typer.Option("--classifier-steps", min=1, help="Training steps of the domain classifier (default 1500).")] = None,
     inception: Annotated[Optional[str], typer.Option("--inception", help="inception-2015-12-05.pt (default: $FM_INCEPTION).")] = None,
     dinov2: Annotated[Optional[str], typer.Option("--dinov2", help="Local transformers Dinov2Model directory (default: $FM_DINOV2).")] = None,
