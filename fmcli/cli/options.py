@@ -134,7 +134,7 @@ def parse_interval(text: Optional[str]):
 @dataclass(frozen=True)
 class SamplingFlags:
     """The sampling options that `sample`, `class-grid` and `fid` share, declared once (see `sampling_options`);
-    `eval` takes the solver, precision and compile ones, `reflow` the solver, precision and compile ones, `demo` precision and compile."""
+    `eval` and `reflow` take the solver, precision and compile ones, `demo` precision and compile."""
 
     cfg_scale: Optional[float] = None
     steps: Optional[int] = None
