@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data.prepare import SOURCES
 from .errors import RuntimeFailure, UsageError
@@ -23,6 +23,7 @@ from .encoders import VaePrecision
 from .hardware import CompileSetting, DeviceSetting, PrecisionSetting
 from .solvers import GuidanceName, SolverName
 from .optim import OPTIMIZERS
+from .seeding import seed_problem
 from .tracking import TRACKERS
 
 M = TypeVar("M", bound=BaseModel)
@@ -148,10 +149,19 @@ class DataConfig(Strict):
     path: str | None = None  # prepared dataset directory; for `shapes` it is made on first use
     image_size: int = Field(32, gt=0)  # used when `fm train` prepares shapes data itself
     count: int = Field(20000, gt=0)
-    seed: int = 0  # seeds and names the auto-prepared shapes data, so a train.seed sweep keeps the same data
+    seed: int = Field(0, ge=0)  # seeds and names the auto-prepared shapes data, so a train.seed sweep keeps the same data
     flip: bool = False
     num_workers: int = Field(0, ge=0)
 
+
+def _user_seed(seed: int) -> int:
+    if problem := seed_problem(seed):
+        raise ValueError(problem)
+    return seed
+
+
+# A seed of fm's random streams (fmcli.seeding): 32-bit, so that no two seeds share a stream.
+Seed = Annotated[int, AfterValidator(_user_seed)]
 
 # Adam's betas: torch refuses any outside [0, 1) only when the optimizer is built, deep into a run.
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -198,7 +208,7 @@ class TrainConfig(Strict):
     device: DeviceSetting = "auto"  # hardware.resolve_device
     ema_decay: float = Field(0.9999, ge=0, le=1)
     ema_warmup: bool = False
-    seed: int = 0
+    seed: Seed = 0
     log_every: int = Field(50, gt=0)
     sample_every: int = Field(0, ge=0)  # 0 = only at the end
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end

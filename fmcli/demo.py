@@ -8,6 +8,7 @@ those grids while it integrates.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import shutil
@@ -24,6 +25,7 @@ from .config import sample_settings
 from .errors import UsageError
 from .generate import LoadedModel, class_names_of, decode, guidance_that_runs, iterate_samples
 from .images import grid_image, save_image_atomic
+from .seeding import seed_problem
 from .solvers import ADAPTIVE_SOLVERS, GUIDANCES, MEAN_FLOW_GUIDANCES, MEAN_FLOW_SOLVERS, SOLVERS, Step
 
 INSTALL_HINT = "pip install gradio  (or, in the fm checkout: pip install -e '.[demo]')"
@@ -115,7 +117,6 @@ def progressive(
 
 MAX_STEPS, MAX_EVERY = 250, 50  # the page's slider ranges, enforced again by the handler
 MAX_CFG, MAX_SDE_NOISE = 10.0, 4.0  # the guidance and SDE-noise sliders' upper ends (both start at 0)
-MAX_SEED = 2**63 - 1  # seeds are keyed as 64-bit integers (fmcli.seeding)
 # dopri5 picks its own steps, so the steps slider does not bound it: a stiff request (a huge guidance scale)
 # once took 464 evaluations. It stops at what the steps slider allows Heun (2 evaluations a step).
 MAX_DOPRI5_NFE = 2 * MAX_STEPS
@@ -129,10 +130,14 @@ def bounded_request(images, steps, every, max_images: int) -> tuple[int, int, in
 
 
 def bounded_sampling(cfg_scale, sde_noise, seed) -> tuple[float, float, int]:
-    """The guidance scale and SDE noise clamped to their sliders' ranges, the seed to 64 bits, like
-    `bounded_request`: the server never runs what the page could not ask for."""
+    """The guidance scale and SDE noise clamped to their sliders' ranges, like `bounded_request`: the server never
+    runs what the page could not ask for. A seed outside [0, 2**32) is refused, not clamped: it would repeat
+    another seed's images (fmcli.seeding)."""
     exact = isinstance(seed, int) and not isinstance(seed, bool)  # an int seed keeps all its digits (a float has 53 bits)
-    seed = min(max(seed, -MAX_SEED), MAX_SEED) if exact else int(_clamp(seed, -MAX_SEED, MAX_SEED, "seed"))
+    seed = seed if exact else _clamp(seed, -math.inf, math.inf, "seed")
+    if problem := seed_problem(seed):
+        raise UsageError(problem)
+    seed = int(seed)
     return _clamp(cfg_scale, 0.0, MAX_CFG, "guidance scale"), _clamp(sde_noise, 0.0, MAX_SDE_NOISE, "SDE noise"), seed
 
 

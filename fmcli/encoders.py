@@ -51,18 +51,19 @@ def resolve_path(flag: str | None, configured: str | None, env: str, recorded: s
 class FrozenVAE:
     """A frozen AutoencoderKL: `encode` images in [-1, 1] to scaled latents, `decode` them back."""
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu", precision: str = "fp32"):
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu", precision: str = "fp32", remedy: str | None = None):
+        """`remedy`: what to do when the VAE is missing or does not load (default: download it, then --vae or FM_VAE)."""
         from diffusers import AutoencoderKL
 
         _quiet_hf()
-        self.path = check_vae_dir(path)
+        self.path = check_vae_dir(path, remedy)
         self.device = torch.device(device)
         # bf16 decoding only where it is fast (CUDA); CPU stays fp32.
         self.dtype = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else torch.float32
         try:
             vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights that do not fit config.json
-            raise UsageError(f"could not load the VAE from {self.path}: {str(err).splitlines()[0]}") from None
+            raise UsageError(f"could not load the VAE from {self.path}: {str(err).splitlines()[0]}" + (f"; {remedy}" if remedy else "")) from None
         self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
         cfg = self.vae.config
         self.scaling_factor = float(cfg.scaling_factor)
@@ -389,8 +390,8 @@ _ALTERNATIVES = {
 }
 
 
-def check_vae_dir(path) -> Path:
-    return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae")
+def check_vae_dir(path, remedy: str | None = None) -> Path:
+    return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae", remedy)
 
 
 # The config.json model types FrozenTextEncoder loads: T5 (T5EncoderModel; mT5 is the same network) and CLIP (CLIPTextModel).
@@ -408,15 +409,15 @@ def check_text_encoder_dir(path) -> Path:
     return path
 
 
-def _check_dir(path, what: str, expected: list[str], hint: str, env: str, flag: str) -> Path:
+def _check_dir(path, what: str, expected: list[str], hint: str, env: str, flag: str, remedy: str | None = None) -> Path:
+    """`path` if it holds `expected`; else a UsageError saying what is missing, then `remedy` (default: get one with
+    `hint`, then `flag` or `env`)."""
     path = Path(path).expanduser()
     missing = [f for f in expected if not any(any(path.glob(p)) for p in _ALTERNATIVES.get(f, [f]))]
     if not path.is_dir() or missing:
         where = f"{path} does not exist" if not path.is_dir() else f"{path} lacks {', '.join(missing)}"
-        raise UsageError(
-            f"{what} not found: {where} (expected a local directory with {', '.join(expected)}); "
-            f"get one with `{hint.format(path=path)}` and pass {flag} {path} or set {env}"
-        )
+        remedy = remedy or f"get one with `{hint.format(path=path)}` and pass {flag} {path} or set {env}"
+        raise UsageError(f"{what} not found: {where} (expected a local directory with {', '.join(expected)}); {remedy}")
     return path
 
 

@@ -161,7 +161,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     also carries the floor (key "floor"), so that each JSON row stands on its own."""
     from .data.dataset import validate_prepared
     from .features import build_space
-    from .generate import guidance_that_runs, interval_record
+    from .generate import guidance_that_runs, interval_record, sampling_record
 
     validate_prepared(req.data)  # as `fm train` does, before the classifier reads it: a damaged dataset is one line
     loaded = base = None
@@ -199,6 +199,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
             "step": loaded.step, "solver": settings.solver, "steps": settings.steps, "guidance": settings.guidance, "cfg": settings.cfg,
             "guidance_interval": interval_record(settings),
             "nfe_per_sample": generated.nfe_per_sample, "gen_seconds": round(generated.gen_seconds, 3), "num_samples": n, "seed": req.seed,
+            **sampling_record(loaded),  # precision, compile: what ran
             **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row,
         })  # fmt: skip
     return floor_row, rows

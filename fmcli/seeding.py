@@ -9,6 +9,12 @@ the whole SeedSequence (128-bit state). torch's CPU generator (mt19937) keeps on
 seed (`manual_seed(s)` and `manual_seed(s & 0xFFFFFFFF)` give the same numbers), so `torch_generator`
 seeds it with exactly those 32 bits of the hash: distinct keys can collide there with probability about
 2**-32 per pair, which is why large per-sample noise never comes from it.
+
+A seed a user gives (`--seed`, `train.seed`, `fm eval --classifier-seed`, the demo's) is 32-bit, in
+[0, SEED_LIMIT): SeedSequence splits a larger key into 32-bit words and pads every key to four words with
+zeros, so (stream, a + b * 2**32, 0) is (stream, a, b): seed 2**32's sample 0 was seed 0's sample 1, and
+torch keeps a seed's low 32 bits (seed 2**32's initial weights were seed 0's). A negative seed is masked to
+64 bits (-1 is 2**64 - 1). Below SEED_LIMIT every key is one word, so no two seeds share a stream.
 """
 
 from __future__ import annotations
@@ -25,6 +31,16 @@ STREAMS = {
     "sde_noise": 4,  # euler-sde's noise of sample i at solver step k: (stream, seed, i, k)
     "reflow_noise": 5,  # `fm reflow`'s noise of pair i: (stream, seed, i); not sample i's, for the same seed
 }
+
+
+SEED_LIMIT = 2**32
+
+
+def seed_problem(seed: int) -> str | None:
+    """Why `seed` cannot be a user's seed (None: it can): outside [0, SEED_LIMIT) it repeats another seed's numbers."""
+    if 0 <= seed < SEED_LIMIT:
+        return None
+    return f"a seed is a whole number from 0 to {SEED_LIMIT - 1}, got {seed} (a larger or negative one repeats another seed's random numbers)"
 
 
 def torch_generator(*keys: int) -> torch.Generator:

@@ -8,6 +8,7 @@ around them: data, the order of setup, logs, sample grids, evaluation, signals.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -95,9 +96,30 @@ def init_weights(step_fn: TrainingStep, source: str) -> None:
     try:
         step_fn.model.load_state_dict(weights)
         step_fn.ema.load_state_dict(weights)
-    except RuntimeError as err:
-        lines = str(err).strip().splitlines()
-        raise UsageError(f"train.init_from={source}: its model differs from this one ({lines[1].strip() if len(lines) > 1 else lines[0]}); use the teacher's model settings") from None
+    except RuntimeError:
+        what, todo = _model_mismatch((state.get("config") or {}).get("model") or {}, step_fn.cfg.model.model_dump(mode="json"), weights, step_fn.model.state_dict())
+        raise UsageError(f"train.init_from={source}: its model differs from this one ({what}); {todo}") from None
+
+
+def _model_mismatch(theirs: dict, mine: dict, weights: dict, own: dict) -> tuple[str, str]:
+    """Why init_from's weights do not fit this model and what to do, short enough for one line: the model settings
+    (`mine`: this run's) that differ from the checkpoint's and the --set that matches them; where the settings agree,
+    how many weights are missing, extra or of another shape, and the first few."""
+
+    def text(value) -> str:  # as --set reads it back (config.parse_override)
+        return "none" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+    # A mean-flow model may start from a flow model (init_weights), so end_time true here and false there is no mismatch.
+    differ = [k for k in mine if k in theirs and theirs[k] != mine[k] and not (k == "end_time" and mine[k])]
+    if differ:
+        what = ", ".join(f"model.{k} {text(theirs[k])} in the checkpoint, {text(mine[k])} here" for k in differ)
+        return what, f"train with the checkpoint's model settings: {' '.join(f'--set model.{k}={text(theirs[k])}' for k in differ)}"
+    groups = (
+        ("missing", [k for k in own if k not in weights]), ("unexpected", [k for k in weights if k not in own]),
+        ("of another shape", [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]),
+    )  # fmt: skip
+    what = ", ".join(f"{len(keys)} weights {label} (e.g. {', '.join(keys[:3])})" for label, keys in groups if keys)
+    return what or "its weights do not load", "use the checkpoint's model settings"
 
 
 def make_evaluator(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log):
@@ -458,9 +480,9 @@ class Trainer:
                 self.log.info(f"sample grid skipped: latents need a VAE to decode; {hint}")
                 return None
             try:
-                self.vae = FrozenVAE(self.cfg.encoders.vae, self.ctx.device, self.cfg.encoders.vae_precision)
+                self.vae = FrozenVAE(self.cfg.encoders.vae, self.ctx.device, self.cfg.encoders.vae_precision, remedy=hint)
             except UsageError as err:  # training needs no VAE (setup does not check one that is not there): it costs the grid, not the run
-                self.log.info(f"sample grid skipped: {str(err).split('; get one with')[0]}; {hint}")
+                self.log.info(f"sample grid skipped: {err}")
                 return None
         return self.vae.decode(x)
 

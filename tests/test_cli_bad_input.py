@@ -142,6 +142,18 @@ CASES = [
     ("set-lr-nan", lambda w: (*TRAIN, "--data", w["data"], "--set", "optim.lr=nan", "--run-dir", w["root"] / "new-run"), "finite"),
     ("set-betas-inf", lambda w: (*TRAIN, "--data", w["data"], "--set", "optim.betas=[0.9,inf]", "--run-dir", w["root"] / "new-run"), "finite"),
     ("train-guidance-auto", lambda w: (*TRAIN, "--data", w["data"], "--set", "sample.guidance=auto", "--run-dir", w["root"] / "new-run"), "sample.guidance"),
+    # seeds outside [0, 2**32): each repeated another seed's numbers (seed 2**32's sample 0 was seed 0's sample 1)
+    ("set-train-seed-2-32", lambda w: (*TRAIN, "--data", w["data"], "--set", f"train.seed={2**32}", "--run-dir", w["root"] / "new-run"), "train.seed: a seed is a whole number from 0 to 4294967295"),
+    ("set-train-seed-negative", lambda w: (*TRAIN, "--data", w["data"], "--set", "train.seed=-1", "--run-dir", w["root"] / "new-run"), "train.seed"),
+    ("set-data-seed-negative", lambda w: (*TRAIN, "--set", "data.seed=-1", "--run-dir", w["root"] / "new-run"), "data.seed"),
+    ("prepare-data-seed-negative", lambda w: ("prepare-data", "shapes", "--out", w["root"] / "new-shapes", "--count", "8", "--seed", "-1"), "--seed"),
+    ("sample-seed-2-32", lambda w: ("sample", "--ckpt", w["run"], "--seed", str(2**32), "--out", w["root"] / "new.png"), "from 0 to 4294967295"),
+    ("sample-seed-negative", lambda w: ("sample", "--ckpt", w["run"], "--seed", "-1", "--out", w["root"] / "new.png"), "from 0 to 4294967295"),
+    ("class-grid-seed-2-64", lambda w: ("class-grid", "--ckpt", w["run"], "--seed", str(2**64), "--out", w["root"] / "new.png"), "from 0 to 4294967295"),
+    ("fid-seed-2-32", lambda w: ("fid", "--ckpt", w["run"], "-n", "4", "--ref", w["data"], "--features", "tiny", "--seed", str(2**32)), "from 0 to 4294967295"),
+    ("eval-seed-2-32", lambda w: ("eval", "--data", w["data"], "--ckpt", w["run"], "-n", "8", "--seed", str(2**32)), "from 0 to 4294967295"),
+    ("eval-classifier-seed-2-32", lambda w: ("eval", "--data", w["data"], "--ckpt", w["run"], "-n", "8", "--classifier-seed", str(2**32)), "--classifier-seed"),
+    ("reflow-seed-2-32", lambda w: ("reflow", "--ckpt", w["run"], "-n", "4", "--seed", str(2**32), "--out", w["root"] / "new-pairs"), "from 0 to 4294967295"),
     # bad paths, damaged datasets
     ("data-missing", lambda w: (*TRAIN, "--data", w["root"] / "no-such-data")),
     ("data-empty-dir", lambda w: (*TRAIN, "--data", w["empty"])),

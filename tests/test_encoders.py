@@ -445,7 +445,34 @@ def test_latent_training_without_its_vae_skips_the_grid_instead_of_failing_the_r
     # The note's remedy is one `fm train` / `fm resume` take: not `--vae` (fm train has none) or FM_VAE alone
     # (a resumed run's recorded path comes first; the README's `fm resume runs/x` with FM_VAE set kept skipping).
     note = next(n for n in notes if "sample grid skipped" in n)
-    assert "--set encoders.vae=PATH" in note and "pass --vae" not in note, note
+    assert note == (f"sample grid skipped: VAE not found: {moved} does not exist (expected a local directory with config.json, "
+                    "diffusion_pytorch_model.safetensors); to draw the grids, give the VAE with --set encoders.vae=PATH "
+                    "(FM_VAE is read by a fresh run only)"), note
+
+
+def test_a_missing_or_broken_vae_says_what_to_do_as_its_caller_asks(tmp_path):
+    """The VAE check's remedy: by default download one, then --vae or FM_VAE (fm sample, fm prepare-data); a caller
+    with another remedy (fm train's skipped grid: --set encoders.vae) passes it, and it replaces the default
+    whole (train.py cut the default at "; get one with" before: two modules coupled through one phrase)."""
+    missing = tmp_path / "no-vae"
+    problem = f"VAE not found: {missing} does not exist (expected a local directory with config.json, diffusion_pytorch_model.safetensors)"
+    with pytest.raises(UsageError) as err:
+        FrozenVAE(missing)
+    assert str(err.value) == (f"{problem}; get one with `huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir {missing}` "
+                              f"and pass --vae {missing} or set FM_VAE")
+    with pytest.raises(UsageError) as err:
+        FrozenVAE(missing, remedy="do this instead")
+    assert str(err.value) == f"{problem}; do this instead"
+    broken = tmp_path / "broken-vae"  # the files are there, but do not load
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    for remedy, tail in ((None, ""), ("do this instead", "; do this instead")):
+        with pytest.raises(UsageError) as err:
+            FrozenVAE(broken, remedy=remedy)
+        message = str(err.value)
+        assert message.startswith(f"could not load the VAE from {broken}: ") and message.endswith(tail) and "\n" not in message, message
+        assert remedy is not None or "do this instead" not in message
 
 
 def test_fid_of_a_text_model_is_refused_before_the_reference_pass(tmp_path, tiny_t5):

@@ -206,6 +206,27 @@ def test_eval_autoguidance_by_the_model_itself_is_the_unguided_model(data, debug
     assert no_guide.returncode == 2 and "--guidance auto needs --guide-ckpt" in no_guide.stderr and "Traceback" not in no_guide.stderr
 
 
+def test_eval_precision_and_compile_reach_the_sampler_and_its_rows(data, debug_run, monkeypatch):
+    """fm eval --precision/--compile as fm fid's: the network runs at the precision given on the command line (the
+    checkpoint's sample.precision, fp32 in `debug`, without it), compiled with --compile, and each --json row says
+    what ran; a bad value is one line, exit 2, before any work."""
+    from fmcli import generate
+
+    ran, compiled = [], []
+    real_autocast = generate.autocast
+    monkeypatch.setattr(generate, "autocast", lambda precision, device: ran.append(precision) or real_autocast(precision, device))
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module) or module)  # no inductor build on a CPU test
+    common = ("eval", "--ckpt", debug_run, "--data", data, "-n", 8, "--classifier-steps", STEPS, "--steps", 1, "--no-kid", "--json")
+    default = _json(fm_in_process(*common))
+    assert set(ran) == {"fp32"} and not compiled and (default[0]["precision"], default[0]["compile"]) == ("fp32", False)
+    ran.clear()
+    given = _json(fm_in_process(*common, "--precision", "bf16", "--compile"))
+    assert set(ran) == {"bf16"} and len(compiled) == 1 and (given[0]["precision"], given[0]["compile"]) == ("bf16", True)
+    for bad, message in (("fp64", "invalid precision (--precision)"), ("fp16", "needs a CUDA device")):
+        result = fm_in_process("eval", "--ckpt", debug_run, "--data", data, "-n", 8, "--device", "cpu", "--precision", bad)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

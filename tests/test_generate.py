@@ -47,6 +47,40 @@ def test_auto_precision_follows_the_probe_as_training_does(monkeypatch, forced, 
     assert precision.reason.startswith("auto:") and "forced" in precision.reason
 
 
+def test_seeds_are_32_bit_and_every_32_bit_seed_keeps_its_noise():
+    """A seed of 2**32 or more repeated another seed's noise: SeedSequence splits it into 32-bit words and pads
+    every key with zeros, so seed 2**32's sample 0 was seed 0's sample 1, and 64-bit masking made 2**64 + 3 seed 3.
+    Such seeds (and negative ones) are refused wherever a user gives one (the CLI's parser, the config, the demo);
+    every seed in [0, 2**32) draws the numbers it always drew (values pinned from fm before the limit)."""
+    import typer
+
+    from fmcli.cli.options import seed_value
+    from fmcli.demo import bounded_sampling
+    from fmcli.generate import initial_noise, sde_noise
+    from fmcli.seeding import STREAMS, torch_generator
+
+    assert torch.equal(initial_noise(2**32, [0], (8,)), initial_noise(0, [1], (8,)))  # the collision the limit prevents
+    assert torch.equal(initial_noise(2**64 + 3, [2], (8,)), initial_noise(3, [2], (8,)))
+    pinned = [
+        (initial_noise(5, [0, 3], (2, 2)), [2.3040637969970703, 1.1149739027023315, -0.3950560986995697, 1.3353091478347778,
+                                            0.7583979964256287, 1.714313268661499, -0.10379666835069656, 1.8499822616577148]),
+        (initial_noise(2**32 - 1, [7], (4,)), [0.35726961493492126, -0.3009973168373108, 0.21812260150909424, 0.7347416877746582]),
+        (sde_noise(9, [1], (3,))(2), [-0.6353054642677307, -1.5564509630203247, 0.32397985458374023]),
+        (torch.rand(3, generator=torch_generator(STREAMS["epoch"], 11, 2)), [0.29301416873931885, 0.035581111907958984, 0.17114317417144775]),
+    ]  # fmt: skip
+    for got, values in pinned:
+        assert got.flatten().tolist() == values
+    for bad in (2**32, -1, 2**64 + 3):
+        with pytest.raises(typer.BadParameter, match="a seed is a whole number from 0 to 4294967295"):
+            seed_value(str(bad))
+        with pytest.raises(UsageError, match=f"train.seed: a seed is a whole number from 0 to 4294967295, got {bad}"):
+            load_config("debug", [f"train.seed={bad}"])
+        with pytest.raises(UsageError, match="a seed is a whole number from 0 to 4294967295"):
+            bounded_sampling(1.0, 1.0, bad)
+    assert seed_value(str(2**32 - 1)) == load_config("debug", [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+    assert bounded_sampling(1.0, 1.0, 7.0)[2] == 7 and bounded_sampling(1.0, 1.0, 2**32 - 1)[2] == 2**32 - 1
+
+
 @pytest.mark.parametrize("works, expected", [(True, True), (False, False)])
 def test_auto_compile_follows_the_cxx_compiler(monkeypatch, works, expected):
     monkeypatch.setattr(hardware, "cxx_compiler", lambda use_cache=True: {"path": "/usr/bin/g++", "works": works, "error": None if works else "no"})

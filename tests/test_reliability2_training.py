@@ -211,11 +211,12 @@ def test_item14_the_demo_clamps_every_number_and_caps_dopri5(debug_run):
     from fmcli.errors import UsageError
     from fmcli.generate import load_for_sampling
 
-    assert bounded_sampling(1e6, 1e9, 10**40) == (MAX_CFG, MAX_SDE_NOISE, 2**63 - 1)
-    assert bounded_sampling(-5, -1, -(10**40)) == (0.0, 0.0, -(2**63 - 1))
+    assert bounded_sampling(1e6, 1e9, 2**32 - 1) == (MAX_CFG, MAX_SDE_NOISE, 2**32 - 1)
+    assert bounded_sampling(-5, -1, 0) == (0.0, 0.0, 0)
     assert bounded_sampling("2.5", 1, 7.0) == (2.5, 1.0, 7)
     assert bounded_sampling(math.inf, 0.5, 3) == (MAX_CFG, 0.5, 3)
-    for bad in (("nan", 1, 0), (1, None, 0), (1, 1, "nan"), (1, 1, "seed")):
+    # A seed outside [0, 2**32) is refused, not clamped: it would repeat another seed's images (fmcli.seeding).
+    for bad in (("nan", 1, 0), (1, None, 0), (1, 1, "nan"), (1, 1, "seed"), (1, 1, 10**40), (1, 1, -(10**40)), (1, 1, math.inf)):
         with pytest.raises(UsageError):
             bounded_sampling(*bad)
     assert MAX_DOPRI5_NFE <= 500

@@ -273,6 +273,32 @@ def test_fp16_on_cpu_is_refused(tmp_path, shapes16):
         train(cfg_for(shapes16, "train.precision=fp16"), tmp_path / "run")
 
 
+def test_init_from_a_model_of_another_depth_is_one_line_naming_the_setting(tmp_path, shapes16, debug_run):
+    """train.init_from with another model: one line naming the setting that differs (debug_run: the `debug` preset's
+    depth 2) and the --set that fits, not torch's list of every missing weight (4 blocks x 10 weights at depth 6).
+    Where the settings agree but the weights do not, the counts by kind and the first few names."""
+    ckpt = resolve_checkpoint(debug_run)
+    for depth in (6, 1):
+        with pytest.raises(UsageError) as err:
+            train(cfg_for(shapes16, f"train.init_from='{debug_run}'", f"model.depth={depth}", "train.steps=1"), tmp_path / f"depth{depth}")
+        message = str(err.value)
+        assert f"(model.depth 2 in the checkpoint, {depth} here); train with the checkpoint's model settings: --set model.depth=2" in message
+        assert "\n" not in message and "blocks." not in message and len(message) < 300, message
+    state = load_checkpoint(ckpt)  # settings that agree, weights that do not: one weight gone, one extra, one reshaped
+    del state["config"]["model"]["depth"]
+    ema = state["ema"]
+    ema.pop("blocks.1.attn.proj.bias")
+    ema["blocks.2.attn.proj.bias"] = torch.zeros(32)
+    ema["x_embed.weight"] = torch.zeros(1, 2)
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(UsageError) as err:
+        train(cfg_for(shapes16, f"train.init_from='{tmp_path / 'edited.pt'}'", "train.steps=1"), tmp_path / "edited")
+    assert str(err.value).endswith(
+        "its model differs from this one (1 weights missing (e.g. blocks.1.attn.proj.bias), 1 weights unexpected (e.g. blocks.2.attn.proj.bias), "
+        "1 weights of another shape (e.g. x_embed.weight)); use the checkpoint's model settings"
+    ), err.value
+
+
 def test_muon_from_the_command_line(tmp_path, shapes16):
     out = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "optim.name=muon", "--set", "train.steps=3")
     assert out.returncode == 0, out.stderr

@@ -13,8 +13,8 @@ from ..errors import UsageError
 from ..fsutil import refuse_existing
 from .app import app, log_line, torch_device
 from .options import (
-    Atol, BatchSize, Device, Ema, Gpus, GuideCkpt, Guidance, Json, Nproc, Rtol, SamplingFlags, Seed, Solver, Steps, parse_floats, parse_interval, parse_nfe,
-    sampling_options,
+    Atol, BatchSize, Device, Ema, Gpus, GuideCkpt, Guidance, Json, Nproc, Rtol, SampleCompile, SamplePrecision, SamplingFlags, Seed, Solver, Steps,
+    parse_floats, parse_interval, parse_nfe, sampling_options, seed_option,
 )  # fmt: skip
 
 
@@ -155,7 +155,7 @@ def eval_command(
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", min=6, max=10**9, help="Samples per setting with --ckpt (the reference and the floor use as many real images).")] = None,
     features: Annotated[str, typer.Option("--features", help="Feature spaces, comma-separated: domain (a classifier of --data), inception, dinov2, tiny.")] = "domain",
     classifier: Annotated[Optional[str], typer.Option("--classifier", help="Where the domain classifier is cached (default DATA/fm-classifier-sSEED.pt).")] = None,
-    classifier_seed: Annotated[int, typer.Option("--classifier-seed", help="Seed of the domain classifier's training.")] = 0,
+    classifier_seed: Annotated[int, seed_option("--classifier-seed", help="Seed of the domain classifier's training (0 to 2^32-1).")] = 0,
     classifier_steps: Annotated[Optional[int], typer.Option("--classifier-steps", min=1, help="Training steps of the domain classifier (default 1500).")] = None,
     inception: Annotated[Optional[str], typer.Option("--inception", help="inception-2015-12-05.pt (default: $FM_INCEPTION).")] = None,
     dinov2: Annotated[Optional[str], typer.Option("--dinov2", help="Local transformers Dinov2Model directory (default: $FM_DINOV2).")] = None,
@@ -168,6 +168,8 @@ def eval_command(
     guide_ckpt: GuideCkpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
+    precision: SamplePrecision = None,
+    compile_model: SampleCompile = None,
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for precision/recall/density/coverage.")] = 5,
     kid: Annotated[bool, typer.Option("--kid/--no-kid", help="Also report KID (100 subsets of up to 1,000).")] = True,
     seed: Seed = 0,
@@ -190,10 +192,11 @@ def eval_command(
     from ..console import progress
     from ..fidelity import EvalRequest, evaluate_fidelity, format_table
 
+    flags = SamplingFlags(steps=steps, solver=solver, guidance=guidance, guide_ckpt=guide_ckpt, rtol=rtol, atol=atol, precision=precision, compile_model=compile_model)
     request = EvalRequest(
         data=data, ckpt=ckpt, gen=gen, num_samples=num_samples, spaces=tuple(s.strip() for s in features.split(",") if s.strip()),
         cfgs=parse_floats("--cfg", cfg_scales), intervals=[parse_interval(i) for i in intervals] or None,
-        nfes=parse_nfe(nfe, steps), sample_overrides=SamplingFlags(steps=steps, solver=solver, guidance=guidance, guide_ckpt=guide_ckpt, rtol=rtol, atol=atol).overrides(), guide_ckpt=guide_ckpt,
+        nfes=parse_nfe(nfe, steps), sample_overrides=flags.overrides(), guide_ckpt=guide_ckpt,
         classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed, batch_size=batch_size, ema=ema,
     )  # fmt: skip
     _check_eval_flags(request)

@@ -38,12 +38,30 @@ def finite_float(minimum: float | None = None) -> Callable[[object], float]:
     return parse
 
 
+def seed_option(*args, **kwargs):
+    """typer.Option for a seed of fm's random streams: `seed_value` refuses what is not a 32-bit seed."""
+    return typer.Option(*args, parser=seed_value, metavar="INTEGER", **kwargs)
+
+
+def seed_value(value) -> int:
+    """A parser: text -> a seed in [0, 2**32) (fmcli.seeding.seed_problem); anything else is a one-line usage error."""
+    from ..seeding import seed_problem  # imports torch: only when a command with a seed runs, never for --help
+
+    try:
+        seed = int(value)
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"{value!r} is not a whole number") from None
+    if problem := seed_problem(seed):
+        raise typer.BadParameter(problem)
+    return seed
+
+
 Preset = Annotated[str, typer.Option("--preset", "-p", help="Preset name (see presets/) or a .toml file.")]
 Overrides = Annotated[List[str], typer.Option("--set", help="Override a setting, e.g. --set train.steps=200 (repeatable).")]
 Ckpt = Annotated[str, typer.Option("--ckpt", help="Checkpoint file or run directory (its latest checkpoint).")]
 CfgScale = Annotated[Optional[float], float_option("--cfg", min=0.0, help="Classifier-free guidance weight (1 = off).")]
 Steps = Annotated[Optional[int], typer.Option("--steps", min=1, max=100_000, help="Solver steps (dopri5 picks its own; with cfg-zero its zero-init still spans the first --zero-init-steps of this grid).")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed: sample i's noise depends only on (seed, i).")]
+Seed = Annotated[int, seed_option("--seed", help="Seed, 0 to 2^32-1: sample i's noise depends only on (seed, i).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward batch.")]
 Ema = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
@@ -116,7 +134,7 @@ def parse_interval(text: Optional[str]):
 @dataclass(frozen=True)
 class SamplingFlags:
     """The sampling options that `sample`, `class-grid` and `fid` share, declared once (see `sampling_options`);
-    `eval` takes the solver ones, `reflow` the solver, precision and compile ones, `demo` precision and compile."""
+    `eval` and `reflow` take the solver, precision and compile ones, `demo` precision and compile."""
 
     cfg_scale: Optional[float] = None
     steps: Optional[int] = None

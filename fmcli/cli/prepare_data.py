@@ -26,7 +26,7 @@ def prepare_data(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Stop after N usable images.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decoding processes (default: cores, at most 8).")] = None,
     count: Annotated[int, typer.Option("--count", min=1, help="Number of images (shapes).")] = 20000,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed (shapes).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed (shapes).")] = 0,
     max_member_mib: Annotated[float, float_option("--max-member-mib", min=0.001, help="tar: skip (and count) members larger than this, unread.")] = 64.0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,

@@ -14,7 +14,7 @@ from ..fsutil import refuse_existing
 from .app import app, log_line, torch_device
 from .options import (
     Atol, BatchSize, Ckpt, Device, Ema, Force, Gpus, Json, Nproc, Rtol, SampleCompile, SamplePrecision, SamplingFlags, Seed, float_option,
-    read_prompts, sampling_options,
+    read_prompts, sampling_options, seed_option,
 )  # fmt: skip
 
 
@@ -115,7 +115,7 @@ def reflow(
     atol: Atol = None,
     prompt: Annotated[List[str], typer.Option("--prompt", help="Text prompt (text teachers; repeatable: pair i takes prompt i mod P).")] = [],
     prompts_file: Annotated[Optional[str], typer.Option("--prompts", help="File with one prompt per line, or - for stdin.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed: pair i's noise depends only on (seed, i).")] = 0,
+    seed: Annotated[int, seed_option("--seed", help="Seed, 0 to 2^32-1: pair i's noise depends only on (seed, i).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Pairs per solver batch (and per restartable chunk).")] = 256,
     precision: SamplePrecision = None,
     compile_model: SampleCompile = None,
