@@ -267,7 +267,7 @@ does not apply: it expects a DDPM noise-prediction model with learned variance.
 def _images_snippet(cfg: Config, meta: dict) -> str:
     """The README snippet's last lines for a latent model: decode the sampled latents with the run's VAE, inverting
     fm's z = (mean - shift_factor) * scaling_factor with the factors of the VAE's own config (as encoders.FrozenVAE)."""
-    vae = (meta["data_info"].get("vae") or {}).get("path") or cfg.encoders.vae or "PATH/TO/THE/VAE"
+    vae = cfg.encoders.vae or (meta["data_info"].get("vae") or {}).get("path") or "PATH/TO/THE/VAE"  # fm sample's order
     return f"""from diffusers import AutoencoderKL
 
 VAE = {str(vae)!r}  # the VAE the training latents were encoded with

@@ -137,8 +137,11 @@ def test_readme_snippet_of_a_latent_model_decodes_its_latents_to_images(tmp_path
                   scaling_factor=0.5, shift_factor=0.1).save_pretrained(tmp_path / "vae")  # fmt: skip
     fm, cfg = make_checkpoint(tmp_path / "step.pt", ["model.in_channels=4", "model.image_size=8", "model.num_classes=0", "sample.steps=4"])
     state = torch.load(tmp_path / "step.pt", weights_only=True)
-    vae_info = {"path": str(tmp_path / "vae"), "scaling_factor": 0.5, "shift_factor": 0.1, "latent_channels": 4, "downsample": 2}
+    # The dataset recorded the VAE where it was encoded; the run's config names where it is now (a resume's
+    # --set encoders.vae), which `fm sample` uses and so must the snippet.
+    vae_info = {"path": str(tmp_path / "moved-away"), "scaling_factor": 0.5, "shift_factor": 0.1, "latent_channels": 4, "downsample": 2}
     state["data_info"] = {"kind": "latents", "shape": [4, 8, 8], "num_classes": 0, "class_names": None, "image_size": 16, "vae": vae_info}
+    state["config"]["encoders"]["vae"] = str(tmp_path / "vae")
     save_atomic(state, tmp_path / "step.pt")
     export_checkpoint(tmp_path / "step.pt", tmp_path / "dit", "diffusers")
     readme = (tmp_path / "dit" / "README.md").read_text()
