@@ -561,7 +561,8 @@ def _check_scorable(loaded, ref_size: int | None) -> None:
         raise UsageError("fm fid --ckpt samples class-conditional or unconditional models; a text-to-image model needs prompts, which "
                          "fm fid does not take: write its samples with `fm sample --ckpt CKPT --prompts FILE --out DIR` and score them with --gen DIR")
     if loaded.info.get("kind", "pixels") != "pixels":
-        raise UsageError("FID of latent-space models needs VAE decoding, which `fm fid` does not do yet")
+        raise UsageError("fm fid --ckpt samples pixel models, not latent ones: write the samples (decoded by the VAE) with "
+                         "`fm sample --ckpt CKPT -n N --out DIR` and score them with --gen DIR")
     if ref_size and loaded.shape[-1] != ref_size:
         raise UsageError(f"image sizes differ: the model makes {loaded.shape[-1]}px images, the reference is {ref_size}px")
 

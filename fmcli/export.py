@@ -213,11 +213,14 @@ def _diffusers_readme(cfg: Config, meta: dict, name: str) -> str:
         f"\nThis snippet is Euler with plain CFG; the checkpoint samples with {own[0]} and {own[1]} guidance by default, so"
         f" `fm sample --ckpt DIR --solver euler --guidance cfg` is what it reproduces.\n"
     )
+    latents = meta["data_info"].get("kind") == "latents"
+    samples = ("Samples are VAE latents, z = (posterior mean - shift_factor) * scaling_factor with the VAE config's factors; "
+               "the snippet decodes them to images in [0, 1]" if latents else "Samples are in [-1, 1]")  # fmt: skip
     return f"""# {cfg.name}: a flow-matching DiT exported by fm {__version__}
 
-Class-conditional rectified-flow model (fm step {meta['step']}, {'EMA' if meta['ema'] else 'raw'} weights) as a diffusers
+{'Class-conditional' if k else 'Unconditional'} rectified-flow model (fm step {meta['step']}, {'EMA' if meta['ema'] else 'raw'} weights) as a diffusers
 `DiTTransformer2DModel` ({m.hidden_size} wide, {m.depth} blocks, patch {m.patch_size}, {m.in_channels}x{m.image_size}x{m.image_size} input,
-{k} classes; label {k} is the null class for classifier-free guidance). Samples are in [-1, 1]{' (SD-VAE latents: decode with the VAE)' if meta['data_info'].get('kind') == 'latents' else ''}.
+{k} classes; label {k} is the null class for classifier-free guidance). {samples}.
 
 Conventions (fm's flow; t = 0 is noise, t = 1 is data, sigma = 1 - t):
 - `timestep` = 1000 * t = 1000 - (the scheduler's timestep, 1000 * sigma);
@@ -253,12 +256,26 @@ with torch.no_grad():
         else:
             velocity = model(x, timestep=(1000 - ts).expand(n), class_labels=y).sample
         x = scheduler.step(velocity, ts, x).prev_sample
-images = (x.clamp(-1, 1) + 1) / 2  # [n, C, H, W] in [0, 1]
+{_images_snippet(cfg, meta) if latents else 'images = (x.clamp(-1, 1) + 1) / 2  # [n, C, H, W] in [0, 1]'}
 ```
 {other}
 `fm sample --ckpt DIR` also reads this directory (fm_export.json holds fm's config). The stock `DiTPipeline`
 does not apply: it expects a DDPM noise-prediction model with learned variance.
 """
+
+
+def _images_snippet(cfg: Config, meta: dict) -> str:
+    """The README snippet's last lines for a latent model: decode the sampled latents with the run's VAE, inverting
+    fm's z = (mean - shift_factor) * scaling_factor with the factors of the VAE's own config (as encoders.FrozenVAE)."""
+    vae = cfg.encoders.vae or (meta["data_info"].get("vae") or {}).get("path") or "PATH/TO/THE/VAE"  # fm sample's order
+    return f"""from diffusers import AutoencoderKL
+
+VAE = {str(vae)!r}  # the VAE the training latents were encoded with
+vae = AutoencoderKL.from_pretrained(VAE).eval()
+shift = vae.config.shift_factor or 0.0  # fm: z = (posterior mean - shift_factor) * scaling_factor
+with torch.no_grad():
+    images = vae.decode(x / vae.config.scaling_factor + shift).sample
+images = (images.clamp(-1, 1) + 1) / 2  # [n, 3, H, W] in [0, 1]"""
 
 
 def _fm_readme(cfg: Config, meta: dict, name: str) -> str:

@@ -180,7 +180,8 @@ def load_or_train_classifier(data: Path, *, seed: int = 0, path: str | Path | No
     data = Path(data)
     manifest = read_manifest(data)
     if manifest["kind"] != "pixels" or not manifest.get("num_classes"):
-        raise UsageError(f"{data}: the domain classifier needs a labelled pixel dataset (this one is {manifest['kind']}, {manifest.get('num_classes') or 0} classes)")
+        raise UsageError(f"{data}: the domain classifier needs a labelled pixel dataset (this one is {manifest['kind']}, "
+                         f"{manifest.get('num_classes') or 0} classes); for unlabelled images use the inception, dinov2 or tiny features")
     key = classifier_key(data, seed, steps)
     given = path is not None
     path = Path(path) if given else default_classifier_path(data, seed)

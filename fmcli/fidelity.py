@@ -51,7 +51,8 @@ def prepare_reference(data: Path, extractors: dict, n: int, *, seed: int = 0, ba
 
     manifest = read_manifest(data)
     if manifest["kind"] != "pixels":
-        raise UsageError(f"{data} holds {manifest['kind']}, not pixels: the fidelity metrics compare images")
+        raise UsageError(f"{data} holds {manifest['kind']}, not pixels: the fidelity metrics compare images; pass a pixel dataset of "
+                         "the same images (`fm prepare-data` without --vae)")  # fmt: skip
     x = np.load(Path(data) / "x.npy", mmap_mode="r")
     if len(x) < 2 * 6:
         raise UsageError(f"{data} has {len(x)} images: the floor needs two disjoint halves of at least 6 (k-NN metrics with k=5)")
@@ -114,7 +115,9 @@ def score(reference: Reference, generated: Generated, *, k: int = 5, kid: bool =
 
 def check_scorable(loaded) -> None:
     if loaded.info.get("kind", "pixels") != "pixels" or loaded.is_text:
-        raise UsageError("fm eval scores class-conditional or unconditional pixel models (latent and text models: not yet)")
+        what, prompts = ("text", " --prompts FILE") if loaded.is_text else ("latent", "")
+        raise UsageError(f"fm eval --ckpt scores class-conditional or unconditional pixel models, not {what} ones: write the samples with "
+                         f"`fm sample --ckpt CKPT -n N{prompts} --out DIR` and score them with `fm eval --gen DIR --data PIXELS`")  # fmt: skip
 
 
 def folder_images(path: Path, shape: tuple[int, int, int], log=None) -> np.ndarray:
@@ -225,7 +228,8 @@ def _data_shape(data: Path) -> tuple[int, int, int]:
 
     manifest = read_manifest(data)
     if manifest["kind"] != "pixels":
-        raise UsageError(f"{data} holds {manifest['kind']}, not pixels: the fidelity metrics compare images")
+        raise UsageError(f"{data} holds {manifest['kind']}, not pixels: the fidelity metrics compare images; pass a pixel dataset of "
+                         "the same images (`fm prepare-data` without --vae)")  # fmt: skip
     return tuple(manifest["shape"])
 
 

@@ -124,6 +124,39 @@ def test_readme_snippet_follows_the_guidance_interval_and_shift(tmp_path, monkey
     np.testing.assert_allclose(scope["x"].numpy(), expected.numpy(), atol=1e-4)
 
 
+def test_readme_snippet_of_a_latent_model_decodes_its_latents_to_images(tmp_path, monkeypatch):
+    """An unconditional latent DiT's README ended with `images = (x.clamp(-1, 1) + 1) / 2`: 4-channel latents, not
+    images, and "decode with the VAE" without the VAE's factors. The snippet must decode x through the run's VAE as
+    z / scaling_factor + shift_factor (this VAE: 0.5 and 0.1, written out by hand below)."""
+    from diffusers import AutoencoderKL
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                  block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+                  scaling_factor=0.5, shift_factor=0.1).save_pretrained(tmp_path / "vae")  # fmt: skip
+    fm, cfg = make_checkpoint(tmp_path / "step.pt", ["model.in_channels=4", "model.image_size=8", "model.num_classes=0", "sample.steps=4"])
+    state = torch.load(tmp_path / "step.pt", weights_only=True)
+    # The dataset recorded the VAE where it was encoded; the run's config names where it is now (a resume's
+    # --set encoders.vae), which `fm sample` uses and so must the snippet.
+    vae_info = {"path": str(tmp_path / "moved-away"), "scaling_factor": 0.5, "shift_factor": 0.1, "latent_channels": 4, "downsample": 2}
+    state["data_info"] = {"kind": "latents", "shape": [4, 8, 8], "num_classes": 0, "class_names": None, "image_size": 16, "vae": vae_info}
+    state["config"]["encoders"]["vae"] = str(tmp_path / "vae")
+    save_atomic(state, tmp_path / "step.pt")
+    export_checkpoint(tmp_path / "step.pt", tmp_path / "dit", "diffusers")
+    readme = (tmp_path / "dit" / "README.md").read_text()
+    assert readme.startswith("# ") and "Unconditional rectified-flow model" in readme
+    scope = _run_readme_snippet(tmp_path / "dit")
+    n = scope["n"]
+    z = sample_batch(fm, torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(0)), None, cfg.sample).x
+    np.testing.assert_allclose(scope["x"].numpy(), z.numpy(), atol=1e-4)  # the latents fm samples
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    with torch.no_grad():
+        expected = (vae.decode(z / 0.5 + 0.1).sample.clamp(-1, 1) + 1) / 2
+    assert tuple(scope["images"].shape) == (n, 3, 16, 16)
+    np.testing.assert_allclose(scope["images"].numpy(), expected.numpy(), atol=1e-4)
+
+
 def test_fm_sample_accepts_an_export_directory(exported, tmp_path):
     from fmcli.images import save_grid
 

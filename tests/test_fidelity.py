@@ -89,8 +89,36 @@ def test_unlabelled_data_has_no_domain_classifier(tmp_path):
         for _ in range(8):
             w.add(np.zeros((1, 8, 8), np.uint8), None)
         w.finish(num_classes=0, class_names=None, source="test")
-    with pytest.raises(UsageError, match="labelled pixel dataset"):
+    with pytest.raises(UsageError, match="labelled pixel dataset.*; for unlabelled images use the inception, dinov2 or tiny features"):
         load_or_train_classifier(tmp_path / "u")
+
+
+def test_latent_models_and_data_are_refused_with_the_way_to_score_them(tmp_path):
+    """An unconditional latent model's user met three dead ends that named no way out: `fm eval --ckpt` ("latent and
+    text models: not yet"), `fm fid --ckpt` ("which `fm fid` does not do yet") and `fm eval --data LATENTS` ("the
+    fidelity metrics compare images"). Each now says what to run instead."""
+    from types import SimpleNamespace
+
+    from fmcli.data.dataset import PreparedWriter
+    from fmcli.evaluate import _check_scorable
+    from fmcli.fidelity import _data_shape, check_scorable, prepare_reference
+
+    latent = SimpleNamespace(info={"kind": "latents"}, is_text=False, shape=(4, 8, 8))
+    text = SimpleNamespace(info={"kind": "pixels"}, is_text=True, shape=(3, 16, 16))
+    with pytest.raises(UsageError, match=r"not latent ones: write the samples with `fm sample --ckpt CKPT -n N --out DIR` and score them "
+                                         r"with `fm eval --gen DIR --data PIXELS`"):  # fmt: skip
+        check_scorable(latent)
+    with pytest.raises(UsageError, match=r"not text ones: .*`fm sample --ckpt CKPT -n N --prompts FILE --out DIR`"):
+        check_scorable(text)
+    with pytest.raises(UsageError, match=r"not latent ones: .*`fm sample --ckpt CKPT -n N --out DIR` and score them with --gen DIR"):
+        _check_scorable(latent, None)
+    with PreparedWriter(tmp_path / "lat", 12, (4, 2, 2), dtype="float16", kind="latents", labels=False) as w:
+        for _ in range(12):
+            w.add(np.zeros((4, 2, 2), np.float16), None)
+        w.finish(num_classes=0, class_names=None, source="test")
+    for refuse in (lambda: _data_shape(tmp_path / "lat"), lambda: prepare_reference(tmp_path / "lat", {}, 6)):
+        with pytest.raises(UsageError, match=r"holds latents, not pixels: .*pass a pixel dataset of the same images \(`fm prepare-data` without --vae\)"):
+            refuse()
 
 
 # --------------------------------------------------------------------------------------------- DINOv2
