@@ -87,9 +87,10 @@ class GeneratedFeatures:
 
     feats: dict[str, np.ndarray]
     labels: np.ndarray | None = None
-    nfe_per_sample: float | None = None
+    nfe_per_sample: float | None = None  # network evaluations per sample, the mean over the samples
     gen_seconds: float | None = None  # time spent sampling (feature extraction excluded)
     image_size: int | None = None
+    nfe_max: int | None = None  # the most network evaluations any sample took (dopri5's batches differ)
 
 
 @dataclass
@@ -101,9 +102,12 @@ class FidResult:
     kid: float | None = None
     gen_seconds: float | None = None
     nfe_per_sample: float | None = None
+    nfe_max: int | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        from .generate import nfe_fields
+
         out = {
             "fid": self.fid,
             "num_samples": self.num_samples,
@@ -115,7 +119,8 @@ class FidResult:
             out["kid"] = self.kid
         if self.gen_seconds is not None:
             out["gen_seconds"] = round(self.gen_seconds, 3)
-            out["nfe_per_sample"] = self.nfe_per_sample
+            out["nfe_per_sample"] = self.nfe_per_sample  # the name fm plot and earlier rows read; `nfe` is the same number
+            out.update(nfe_fields(self.nfe_per_sample, self.nfe_max))
         out.update(self.extra)
         return out
 
@@ -449,12 +454,13 @@ def generate_features(
 
     indices = list(indices)
     feats: dict[str, list] = {space: [] for space in extractors}
-    labels, nfe_total, gen_seconds = [], 0, 0.0
+    labels, nfe_total, nfe_max, gen_seconds = [], 0, 0, 0.0
     start = time.perf_counter()
     for chunk, y, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device):
         pixels = to_rgb(torch.from_numpy(to_uint8(result.x)).permute(0, 3, 1, 2).contiguous())  # the PNG bytes' values, [B,3,H,W]
         gen_seconds += time.perf_counter() - start
         nfe_total += result.nfe * len(chunk)
+        nfe_max = max(nfe_max, result.nfe)
         if out is not None:
             for k, i in enumerate(chunk):
                 save_images(result.x[k : k + 1], out, start_index=i)
@@ -469,7 +475,7 @@ def generate_features(
         raise UsageError("no samples to generate")
     return GeneratedFeatures(
         feats={space: np.concatenate(f) for space, f in feats.items()}, labels=np.concatenate(labels) if labels else None,
-        nfe_per_sample=nfe_total / len(indices), gen_seconds=gen_seconds, image_size=loaded.shape[-1],
+        nfe_per_sample=nfe_total / len(indices), gen_seconds=gen_seconds, image_size=loaded.shape[-1], nfe_max=nfe_max,
     )  # fmt: skip
 
 
@@ -477,7 +483,7 @@ def sharded_features(loaded, n: int, extractors: dict[str, FeatureExtractor], *,
                      ctx=None, out: Path | None = None, progress_factory=None) -> GeneratedFeatures:
     """Samples 0..n-1 shared out over the ranks of `ctx` and their features, gathered in index order on every
     rank (sample i is the same on any rank, so the result is one process's); the time is the slowest rank's, the
-    NFE per sample the mean over all ranks' samples (dopri5's differs between ranks)."""
+    NFE per sample the mean over all ranks' samples (dopri5's differs between ranks), `nfe_max` the largest."""
     from . import distributed as D
 
     ctx = ctx or D.DistContext(device=device)
@@ -489,9 +495,9 @@ def sharded_features(loaded, n: int, extractors: dict[str, FeatureExtractor], *,
         return generated
     feats = {space: np.stack(D.gather_in_index_order(indices, list(f), ctx)) for space, f in generated.feats.items()}
     labels = None if generated.labels is None else np.stack(D.gather_in_index_order(indices, list(generated.labels), ctx))
-    nfe_totals = D.all_gather_objects((generated.nfe_per_sample * len(indices), len(indices)), ctx)
-    nfe_per_sample = sum(total for total, _ in nfe_totals) / sum(count for _, count in nfe_totals)
-    return replace(generated, feats=feats, labels=labels, nfe_per_sample=nfe_per_sample,
+    nfe_totals = D.all_gather_objects((generated.nfe_per_sample * len(indices), len(indices), generated.nfe_max), ctx)
+    nfe_per_sample = sum(total for total, _, _ in nfe_totals) / sum(count for _, count, _ in nfe_totals)
+    return replace(generated, feats=feats, labels=labels, nfe_per_sample=nfe_per_sample, nfe_max=max(most for _, _, most in nfe_totals),
                    gen_seconds=max(D.all_gather_objects(generated.gen_seconds, ctx)))  # fmt: skip
 
 
@@ -645,28 +651,20 @@ def _settings_for_nfe(sample_cfg, nfe: int):
 
 def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest, *, device, out, ctx, progress_factory) -> FidResult:
     """Generate `req.num_samples` (sharded over the ranks of `ctx`) and score them against the reference."""
-    from .generate import interval_record, sampling_record
+    from .generate import sampling_record, settings_record
 
     generated = sharded_features(
         loaded, req.num_samples, {"fid": extractor}, seed=req.seed, sample_cfg=sample_cfg, batch_size=req.batch_size, device=device, ctx=ctx,
         out=out, progress_factory=progress_factory,
     )  # fmt: skip
     gen_stats = statistics_of(generated.feats["fid"], extractor.name, generated.image_size, keep_features=req.kid)
-    extra = {"solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance, "seed": req.seed, "step": loaded.step,
-             **sampling_record(loaded)}  # fmt: skip
     # Every setting that tells this row's curve from another's (fm plot keeps them apart): the checkpoint, the interval, ...
-    extra.update(ckpt=str(req.ckpt), guidance_interval=interval_record(sample_cfg))
+    extra = {**settings_record(sample_cfg), "seed": req.seed, "step": loaded.step, **sampling_record(loaded), "ckpt": str(req.ckpt)}
     if sample_cfg.guidance == "auto":
         extra.update(guide_ckpt=str(req.guide_ckpt))
-    if sample_cfg.solver == "dopri5":
-        extra.update(rtol=sample_cfg.rtol, atol=sample_cfg.atol)
-    if sample_cfg.solver == "euler-sde":
-        extra.update(sde_noise=sample_cfg.sde_noise)
-    if sample_cfg.guidance == "cfg-zero":
-        extra.update(zero_init_steps=sample_cfg.zero_init_steps)
     scored = FidResult(
         fid=frechet_distance(gen_stats, ref_stats), num_samples=gen_stats.count, ref_count=ref_stats.count, features=extractor.name,
-        gen_seconds=generated.gen_seconds, nfe_per_sample=generated.nfe_per_sample, extra=extra,
+        gen_seconds=generated.gen_seconds, nfe_per_sample=generated.nfe_per_sample, nfe_max=generated.nfe_max, extra=extra,
     )  # fmt: skip
     if req.kid:
         scored.kid = kernel_distance(gen_stats, ref_stats)

@@ -164,7 +164,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     also carries the floor (key "floor"), so that each JSON row stands on its own."""
     from .data.dataset import validate_prepared
     from .features import build_space
-    from .generate import guidance_that_runs, interval_record, sampling_record
+    from .generate import guidance_that_runs, nfe_fields, sampling_record, settings_record
 
     validate_prepared(req.data)  # as `fm train` does, before the classifier reads it: a damaged dataset is one line
     loaded = base = None
@@ -176,6 +176,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
         if loaded.shape != _data_shape(req.data):
             raise UsageError(f"the model makes {list(loaded.shape)} images but {req.data} holds {list(_data_shape(req.data))}")
         sweep = sweep_settings(base, req.cfgs, req.intervals, req.nfes, log)  # a budget or setting no solver run meets, too
+        sweep = distinct_runs([guidance_that_runs(loaded, s, log) for s in sweep], log)  # each row reports what ran, once
     images = folder_images(req.gen, _data_shape(req.data), log) if req.gen is not None else None
     n = len(images) if images is not None else req.num_samples
     if n < req.k + 1:
@@ -194,15 +195,13 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
         return floor_row, [{"gen": str(req.gen), "num_samples": n, **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row}]
     rows = []
     for settings in sweep:
-        settings = guidance_that_runs(loaded, settings, log)  # its rows report what ran
         if log:
-            log(f"sampling {n}: {settings.solver} {settings.steps} steps, {settings.guidance} {settings.cfg:g}, interval {settings.guidance_interval}")
+            log(f"sampling {n}: {_solver_label(settings_record(settings))}, {settings.guidance} {settings.cfg:g}, interval {settings.guidance_interval}")
         generated = sharded_features(loaded, n, extractors, seed=req.seed, sample_cfg=settings, batch_size=req.batch_size, device=device, progress_factory=progress_factory)
         rows.append({
-            "step": loaded.step, "solver": settings.solver, "steps": settings.steps, "guidance": settings.guidance, "cfg": settings.cfg,
-            "guidance_interval": interval_record(settings),
-            "nfe_per_sample": generated.nfe_per_sample, "gen_seconds": round(generated.gen_seconds, 3), "num_samples": n, "seed": req.seed,
-            **sampling_record(loaded),  # precision, compile: what ran
+            "step": loaded.step, **settings_record(settings), **sampling_record(loaded),
+            "nfe_per_sample": generated.nfe_per_sample, **nfe_fields(generated.nfe_per_sample, generated.nfe_max),
+            "gen_seconds": round(generated.gen_seconds, 3), "num_samples": n, "seed": req.seed,
             **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row,
         })  # fmt: skip
     return floor_row, rows
@@ -219,6 +218,18 @@ def sweep_settings(base, cfgs, intervals, nfes, log=None) -> list:
         for interval in intervals or [None]:
             settings = sample_settings(base, cfg=w, guidance_interval=interval)
             out.extend([s for _, s in nfe_sweep(settings, nfes, log)] if nfes else [settings])
+    return out
+
+
+def distinct_runs(sweep: list, log=None) -> list:
+    """The sweep's settings as they run, each once: NFE budgets that buy the same steps (heun at 8 and 9) or guidance
+    scales an unconditional model runs unguided (generate.guidance_that_runs) would give rows of one run, twice."""
+    out = []
+    for settings in sweep:
+        if settings not in out:
+            out.append(settings)
+        elif log:
+            log(f"note: {settings.solver} {settings.steps} steps, {settings.guidance} {settings.cfg:g} comes out of the sweep twice: one row")
     return out
 
 
@@ -296,7 +307,14 @@ def _row_label(r: dict) -> str:
     if "gen" in r:
         return Path(r["gen"]).name
     interval = "" if r["guidance_interval"] is None else f" [{r['guidance_interval'][0]:g},{r['guidance_interval'][1]:g}]"
-    return f"{r['guidance']} {r['cfg']:g}{interval}, {r['solver']} {r['steps']}"
+    return f"{r['guidance']} {r['cfg']:g}{interval}, {_solver_label(r)}"
+
+
+def _solver_label(r: dict) -> str:
+    """euler 50, or dopri5 1e-05/1e-05 (its tolerances: it chooses its own steps)."""
+    if "rtol" in r:
+        return f"{r['solver']} {r['rtol']:g}/{r['atol']:g}"
+    return f"{r['solver']} {r['steps']}"
 
 
 def format_table(floor_row: dict, rows: list[dict]) -> str:

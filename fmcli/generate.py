@@ -340,6 +340,12 @@ def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_en
     from .encoders import (ENV_TEXT_ENCODER, ENV_VAE, FrozenVAE, TextConditioning, check_same_text_encoder, check_same_vae, load_text_encoder,
                            require, resolve_path)  # fmt: skip
 
+    # A --vae or --text-encoder the model never reads would be accepted and do nothing (the FM_* variables are
+    # defaults for every command, not requests: they stay quiet).
+    if vae is not None and info.get("kind") != "latents":
+        raise UsageError(f"--vae {vae}: this model makes pixels, with nothing to decode: drop --vae (it is for latent-space models)")
+    if text_encoder is not None and not cfg.model.cross_attention:
+        raise UsageError(f"--text-encoder {text_encoder}: this model is not text-conditioned: drop --text-encoder")
     out = {}
     # --vae / --text-encoder and the environment win over the run's record: refuse encoders of another latent
     # space or width before any work (they decoded garbage, or crashed in the first text projection).
@@ -421,7 +427,7 @@ def class_grid_samples(
 ) -> tuple[torch.Tensor, int]:
     """`per_class` samples of every class, ordered class by class (sample index = class * per_class + j).
 
-    Returns (images [K * per_class, C, H, W] on the CPU, the largest per-batch NFE).
+    Returns (images [K * per_class, C, H, W] on the CPU, (NFE, samples) of every batch: `nfe_record`'s input).
     """
     k = loaded.num_classes
     if loaded.is_text:
@@ -429,13 +435,13 @@ def class_grid_samples(
     if not k:
         raise UsageError("class-grid needs a class-conditional model, and this checkpoint is unconditional; use `fm sample`")
     labels = torch.arange(k).repeat_interleave(per_class)
-    xs, nfe = [], 0
-    for _, _, result in iterate_samples(
+    xs, nfes = [], []
+    for chunk, _, result in iterate_samples(
         loaded, list(range(k * per_class)), seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, labels=labels
     ):
         xs.append(result.x.cpu())
-        nfe = max(nfe, result.nfe)
-    return torch.cat(xs), nfe
+        nfes.append((result.nfe, len(chunk)))
+    return torch.cat(xs), nfes
 
 
 def class_grid_command(ckpt: str, out: Path, *, per_class: int, sample_overrides, guide_ckpt: str | None, seed: int, batch_size: int,
@@ -451,18 +457,51 @@ def class_grid_command(ckpt: str, out: Path, *, per_class: int, sample_overrides
         loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
     loaded = prepare_for_sampling(loaded, sample_cfg, device, log)
     start = time.perf_counter()
-    images, nfe = class_grid_samples(loaded, per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device)
+    images, nfes = class_grid_samples(loaded, per_class, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device)
     path = save_image_atomic(class_grid_image(images, per_class, class_names_of(loaded)), out)
     return {
-        "path": str(path), "classes": loaded.num_classes, "samples_per_class": per_class, "nfe": nfe, "seconds": round(time.perf_counter() - start, 3),
-        **sampling_record(loaded), "solver": sample_cfg.solver, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg, "guidance": sample_cfg.guidance,
-        "guidance_interval": interval_record(sample_cfg), "seed": seed,
+        "path": str(path), "classes": loaded.num_classes, "samples_per_class": per_class, **nfe_record(nfes), "seconds": round(time.perf_counter() - start, 3),
+        **sampling_record(loaded), **settings_record(sample_cfg), "seed": seed,
     }  # fmt: skip
 
 
 def interval_record(sample_cfg) -> list[float] | None:
     """The guidance interval [LO, HI] that ran (None: the whole path), as every --json row records it."""
     return list(sample_cfg.guidance_interval) if sample_cfg.guidance_interval is not None else None
+
+
+def settings_record(sample_cfg) -> dict:
+    """The sampling settings that ran, as every `--json` row (fm sample, class-grid, fid, eval) records them:
+    solver, steps, cfg, guidance, guidance_interval, and the settings of that solver or guidance only. `steps` is
+    null for dopri5, which chooses its own, unless cfg-zero's zero-init ran on its grid (dopri5 starts at grid
+    step zero_init_steps); rtol/atol come with dopri5, sde_noise with euler-sde, zero_init_steps with cfg-zero."""
+    from .solvers import ADAPTIVE_SOLVERS, SDE_SOLVERS
+
+    adaptive = sample_cfg.solver in ADAPTIVE_SOLVERS
+    zero_init = sample_cfg.guidance == "cfg-zero" and sample_cfg.cfg != 1.0
+    out = {
+        "solver": sample_cfg.solver, "steps": None if adaptive and not zero_init else sample_cfg.steps, "cfg": sample_cfg.cfg,
+        "guidance": sample_cfg.guidance, "guidance_interval": interval_record(sample_cfg),
+    }  # fmt: skip
+    if adaptive:
+        out.update(rtol=sample_cfg.rtol, atol=sample_cfg.atol)
+    if sample_cfg.solver in SDE_SOLVERS:
+        out.update(sde_noise=sample_cfg.sde_noise)
+    if sample_cfg.guidance == "cfg-zero":
+        out.update(zero_init_steps=sample_cfg.zero_init_steps)
+    return out
+
+
+def nfe_record(batches: list[tuple[int, int]]) -> dict:
+    """`nfe_fields` from (NFE, samples) of each batch."""
+    return nfe_fields(sum(nfe * count for nfe, count in batches) / sum(count for _, count in batches), max(nfe for nfe, _ in batches))
+
+
+def nfe_fields(nfe_per_sample: float, nfe_max: int) -> dict:
+    """The NFE of every `--json` row (fm sample, class-grid, fid, eval): `nfe`, network evaluations per sample,
+    the mean over all samples (a guided pair counts once; with a fixed-step solver every sample's own count),
+    and `nfe_max`, the most any sample took (dopri5 chooses its steps per batch, so its batches differ)."""
+    return {"nfe": int(nfe_per_sample) if nfe_per_sample == int(nfe_per_sample) else nfe_per_sample, "nfe_max": nfe_max}
 
 
 def class_names_of(loaded: LoadedModel) -> list[str]:
@@ -558,7 +597,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
                                             class_label=class_label, on_step=recorder, prompts=prompts):
         rows = [k for k, i in enumerate(chunk) if i < shown]
         kept += [(chunk[k], result.x[k].cpu().clone()) for k in rows]  # a copy: a view would hold the whole batch
-        nfes.append(result.nfe)
+        nfes.append((result.nfe, len(chunk)))
         if recorder is not None:  # one process (a GIF refuses --gpus/--nproc): the grid's rows lead each batch
             frames = recorder.take(gif_frames)
             if rows:
@@ -583,15 +622,11 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         "gif": str(gif_path) if gif_path else None,
         "num_samples": n,
         "grid_samples": shown,
-        "nfe": max(nfes),  # network evaluations per sample trajectory (a CFG pair counts once)
-        "nfe_total": sum(nfes),  # batched forward passes over all batches
+        **nfe_record(nfes),  # nfe: network evaluations per sample (mean; a CFG pair counts once), nfe_max: the most
+        "nfe_total": sum(nfe for nfe, _ in nfes),  # batched forward passes over all batches
         "seconds": round(time.perf_counter() - start, 3),  # compiling included (it happens at the first batch)
         **sampling_record(loaded),  # precision, compile: what ran
-        "solver": sample_cfg.solver,
-        "steps": sample_cfg.steps,
-        "cfg": sample_cfg.cfg,
-        "guidance": sample_cfg.guidance,
-        "guidance_interval": interval_record(sample_cfg),
+        **settings_record(sample_cfg),  # solver, steps, cfg, guidance, ...: what ran
         "seed": seed,
     }
 

@@ -208,6 +208,22 @@ def check_solver_for_model(solver: str, guidance: str, mean_flow: bool) -> None:
         raise ValueError(f"--guidance {guidance} is defined for velocity models; a mean-flow model takes --guidance cfg")
 
 
+def unused_settings(solver: str, guidance: str) -> dict[str, str]:
+    """The sampling settings (config.SampleConfig names) that `solver` with `guidance` never reads, each with the
+    solver or guidance that does: a user option of one of them would be accepted and do nothing. dopri5 reads
+    `steps` only for cfg-zero's zero-init (the grid time it starts from, see `solve`)."""
+    unused = {}
+    if solver not in ADAPTIVE_SOLVERS:
+        unused["rtol"] = unused["atol"] = "--solver dopri5"
+    if solver in ADAPTIVE_SOLVERS and guidance != "cfg-zero":
+        unused["steps"] = "a fixed-step solver, or cfg-zero's zero-init; dopri5 chooses its own steps: set its accuracy with --rtol/--atol"
+    if solver not in SDE_SOLVERS:
+        unused["sde_noise"] = "--solver euler-sde"
+    if guidance != "cfg-zero":
+        unused["zero_init_steps"] = "--guidance cfg-zero"
+    return unused
+
+
 def time_grid(steps: int, shift: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:
     """steps + 1 times from 0 to 1, optionally SD3-shifted (more resolution near the noise end)."""
     return shift_time(torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=dtype), shift)

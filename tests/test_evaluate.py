@@ -314,21 +314,21 @@ def test_sharded_nfe_is_the_mean_over_every_ranks_samples(monkeypatch):
     def fake_generate(loaded, indices, extractors, **_):
         rank = indices[0] % 2
         return E.GeneratedFeatures(feats={"x": np.array([[float(i)] for i in indices])}, labels=None,
-                                   nfe_per_sample=nfe_of_rank[rank], gen_seconds=1.0 + rank)  # fmt: skip
+                                   nfe_per_sample=nfe_of_rank[rank], gen_seconds=1.0 + rank, nfe_max=int(nfe_of_rank[rank]) + 6)  # fmt: skip
 
     rank1 = fake_generate(None, [1, 3], {})
 
     def fake_all_gather(obj, ctx):
         if isinstance(obj, list):  # gather_in_index_order's (index, row) pairs
             return [obj, list(zip([1, 3], rank1.feats["x"]))]
-        if isinstance(obj, tuple):  # (NFE total, sample count)
-            return [obj, (rank1.nfe_per_sample * 2, 2)]
+        if isinstance(obj, tuple):  # (NFE total, sample count, largest NFE)
+            return [obj, (rank1.nfe_per_sample * 2, 2, rank1.nfe_max)]
         return [obj, rank1.gen_seconds]
 
     monkeypatch.setattr(E, "generate_features", fake_generate)
     monkeypatch.setattr(D, "all_gather_objects", fake_all_gather)
     got = E.sharded_features(None, 5, {"x": None}, seed=0, sample_cfg=None, batch_size=8, device="cpu", ctx=D.DistContext(rank=0, world_size=2))
-    assert got.nfe_per_sample == pytest.approx((3 * 20 + 2 * 32) / 5)
+    assert got.nfe_per_sample == pytest.approx((3 * 20 + 2 * 32) / 5) and got.nfe_max == 38  # rank 1's largest
     assert got.feats["x"][:, 0].tolist() == [0, 1, 2, 3, 4] and got.gen_seconds == 2.0
 
 

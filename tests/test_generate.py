@@ -291,3 +291,60 @@ def test_a_damaged_checkpoint_is_one_usage_error_naming_it(debug_run, tmp_path, 
         load_for_sampling(str(tmp_path / "damaged.pt"), CPU)
     message = str(err.value)
     assert "damaged.pt is damaged" in message and "\n" not in message
+
+
+class _Toy(torch.nn.Module):
+    """A nonlinear class-conditional velocity (and, with `mean_flow`, an average velocity that reads t_end)."""
+
+    null_class = 3
+
+    def __init__(self, mean_flow: bool = False):
+        super().__init__()
+        self.end_time = mean_flow
+
+    def forward(self, x, t, y, t_end=None):
+        w = (y.float() + 1).view(-1, 1)
+        v = torch.sin(3 * x) * w + t.view(-1, 1) * (x - w)
+        return v if t_end is None else v * (1 + t_end.view(-1, 1) - t.view(-1, 1))
+
+
+@pytest.mark.parametrize("guidance", ["cfg", "cfg-zero"])
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "heun", "rk4", "ab2", "euler-sde", "dopri5", "meanflow"])
+def test_the_settings_a_solver_never_reads_are_those_that_change_nothing(solver, guidance):
+    """Brute force against `solvers.unused_settings` (what the CLI refuses as options that do nothing): changing a
+    setting it lists leaves the samples bit-identical, and changing any other of them changes the samples."""
+    from fmcli.config import sample_settings
+    from fmcli.generate import sample_batch
+    from fmcli.solvers import unused_settings
+
+    if solver == "meanflow" and guidance == "cfg-zero":
+        pytest.skip("a mean-flow model takes --guidance cfg only")
+    model, x0, labels = _Toy(solver == "meanflow"), torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
+    base = dict(solver=solver, guidance=guidance, cfg=2.0, steps=4, zero_init_steps=1, sde_noise=1.0, rtol=1e-4, atol=1e-4)
+
+    def run(**change):
+        cfg = sample_settings(SampleConfig(), **{**base, **change})
+        return sample_batch(model, x0.clone(), labels, cfg, seed=0, indices=[0, 1]).x
+
+    ref = run()
+    unused = unused_settings(solver, guidance)
+    for key, other in {"rtol": 1e-1, "atol": 1e-1, "steps": 6, "sde_noise": 0.3, "zero_init_steps": 2}.items():
+        assert torch.equal(run(**{key: other}), ref) == (key in unused), (key, unused)
+
+
+def test_guidance_settings_at_weight_one_change_nothing():
+    """Brute force for the CLI's refusal of guidance options at --cfg 1: the interval, the method, cfg-zero's zero-init
+    and an autoguidance guide leave the samples bit-identical at weight 1 (the main model alone)."""
+    from fmcli.config import sample_settings
+    from fmcli.generate import sample_batch
+
+    model, x0, labels = _Toy(), torch.randn(2, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 2])
+
+    def run(guide=None, **change):
+        cfg = sample_settings(SampleConfig(), **{"solver": "heun", "steps": 4, "cfg": 1.0, **change})
+        return sample_batch(model, x0.clone(), labels, cfg, guide=guide, seed=0, indices=[0, 1]).x
+
+    ref = run()
+    for change in ({"guidance_interval": (0.2, 0.8)}, {"guidance": "cfg-zero", "zero_init_steps": 2}, {"guidance": "auto", "guide": lambda x, t, **c: 0 * x}):
+        assert torch.equal(run(**change), ref), change
+    assert not torch.equal(run(cfg=2.0, guidance="cfg-zero", zero_init_steps=2), ref)  # guided, they do change it

@@ -230,3 +230,33 @@ def test_fm_plot_keeps_appended_sweeps_of_other_checkpoints_or_intervals_apart(t
     sweep.write_text("".join(json.dumps([r]) + "\n" for r in sweeps[0]))
     assert fm_in_process("plot", str(sweep), "--force").returncode == 0
     assert drawn == [([2.0, 4.0], [5.0, 2.5])]
+
+
+def test_fm_plot_reads_rows_written_before_and_after_nfe_and_nfe_max(tmp_path, monkeypatch):
+    """`fm fid`/`fm eval --json` rows gained `nfe`, `nfe_max` and `steps` null for dopri5 (with rtol/atol): a file
+    with an old sweep and a new one appended still plots each as its curve at its `nfe_per_sample`, the eval
+    frontier of new rows plots, and the eval table names a dopri5 row by its tolerances, not "dopri5 None"."""
+    pytest.importorskip("matplotlib")
+    from fmcli.fidelity import format_table
+
+    drawn = _record_plotted(monkeypatch)
+    common = {"solver": "heun", "guidance": "cfg", "cfg": 2.0, "seed": 0, "num_samples": 16, "features": "tiny-randconv-v1", "guidance_interval": None}
+    old = [dict(common, nfe_budget=n, nfe_per_sample=float(n), steps=n // 2, fid=8.0 / n, ckpt="runs/a") for n in (2, 4)]
+    new = [dict(common, nfe_budget=n, nfe_per_sample=float(n), nfe=n, nfe_max=n, steps=n // 2, fid=4.0 / n, ckpt="runs/b", precision="fp32") for n in (2, 4)]
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps(old) + "\n" + json.dumps(new) + "\n")
+    res = fm_in_process("plot", str(sweep))
+    assert res.returncode == 0, res.stderr
+    assert sorted(drawn) == [([2.0, 4.0], [2.0, 1.0]), ([2.0, 4.0], [4.0, 2.0])]
+    scores = {"fd": 1.0, "precision": 0.5, "recall": 0.6, "density": 0.7, "coverage": 0.4}
+    floor = {"metrics": {"tiny": scores}, "floor_count": 8, "ref_count": 8}
+    rows = [
+        {"solver": "dopri5", "steps": None, "rtol": 1e-3, "atol": 1e-4, "guidance": "cfg", "cfg": 2.0, "guidance_interval": None,
+         "nfe_per_sample": 40.5, "nfe": 40.5, "nfe_max": 46, "metrics": {"tiny": scores}, "floor": floor},
+        {"solver": "euler", "steps": 8, "guidance": "cfg", "cfg": 1.0, "guidance_interval": None, "nfe_per_sample": 8.0, "metrics": {"tiny": scores}, "floor": floor},
+    ]  # fmt: skip
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps(rows))
+    assert fm_in_process("plot", str(frontier)).returncode == 0 and (tmp_path / "frontier.png").is_file()
+    table = format_table(floor, rows)
+    assert "cfg 2, dopri5 0.001/0.0001" in table and "cfg 1, euler 8" in table and "None" not in table

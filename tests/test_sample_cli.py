@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import fm_in_process, run_fm
@@ -156,3 +157,128 @@ def test_force_never_replaces_a_folder_by_a_file_or_a_file_by_a_folder(tmp_path,
     refuse_existing(tmp_path / "x.png", True, folders=True)  # a folder over a folder: --force's own case
     with pytest.raises(UsageError, match="already exists; pass --force"):
         refuse_existing(tmp_path / "x.png", False, folders=True)
+
+
+# ------------------------------------------------------------- options that do nothing, rows that say what ran
+
+
+@pytest.mark.parametrize(
+    "command, extra, option",
+    [
+        ("sample", ("--solver", "euler", "--rtol", "1e-3", "--out", "{tmp}/x.png"), "--rtol/--atol"),
+        ("sample", ("--solver", "dopri5", "--steps", "20", "--out", "{tmp}/x.png"), "--steps"),
+        ("sample", ("--solver", "heun", "--sde-noise", "0.5", "--out", "{tmp}/x.png"), "--sde-noise"),
+        ("sample", ("--guidance", "cfg", "--zero-init-steps", "2", "--out", "{tmp}/x.png"), "--zero-init-steps"),
+        ("class-grid", ("--solver", "ab2", "--atol", "1e-3", "--out", "{tmp}/x.png"), "--rtol/--atol"),
+        ("fid", ("-n", "2", "--ref", "{data}", "--features", "tiny", "--solver", "midpoint", "--rtol", "1e-3"), "--rtol/--atol"),
+        ("eval", ("-n", "8", "--data", "{data}", "--features", "tiny", "--solver", "dopri5", "--steps", "9"), "--steps"),
+        ("reflow", ("-n", "2", "--out", "{tmp}/pairs", "--solver", "heun", "--rtol", "1e-3"), "--rtol/--atol"),
+        ("sample", ("--cfg", "1", "--guidance-interval", "0.2,0.8", "--out", "{tmp}/x.png"), "--guidance-interval"),
+        ("class-grid", ("--cfg", "1", "--guide-ckpt", "{ckpt}", "--out", "{tmp}/x.png"), "--guide-ckpt"),
+        ("fid", ("-n", "2", "--ref", "{data}", "--features", "tiny", "--cfg", "1", "--guidance", "cfg-zero"), "--guidance cfg-zero"),
+    ],
+)  # fmt: skip
+def test_an_option_the_solver_or_guidance_never_reads_is_refused(tmp_path, debug_run, shapes16, command, extra, option):
+    """--rtol/--atol with a fixed-step solver, --steps with dopri5, --sde-noise without euler-sde, --zero-init-steps
+    without cfg-zero, and guidance options at --cfg 1 (unguided) were accepted and did nothing (test_generate checks
+    by brute force that they change no sample): exit 2, one line naming the option, nothing written."""
+    args = [a.format(tmp=tmp_path, data=shapes16, ckpt=debug_run) for a in extra]
+    r = fm_in_process(command, "--ckpt", debug_run, *args, "--device", "cpu")
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1 and option in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_guidance_options_beside_a_cfg_sweep_that_includes_1_are_kept(debug_run, shapes16):
+    """`fm eval --cfg 1,2 --guidance cfg-zero`: the cfg 1 row is the sweep's unguided baseline, not an option ignored."""
+    r = fm_in_process("eval", "--ckpt", debug_run, "-n", "6", "--data", shapes16, "--features", "tiny", "--k", "2", "--no-kid", "--cfg", "1,2",
+                      "--guidance", "cfg-zero", "--steps", "2", "--device", "cpu", "--json")  # fmt: skip
+    assert [(row["cfg"], row["guidance"]) for row in json.loads(_ok(r).stdout)] == [(1.0, "cfg-zero"), (2.0, "cfg-zero")]
+
+
+def test_options_nothing_reads_here_are_refused(tmp_path, debug_run, shapes16):
+    """--gif-frames without --gif, --vae on a pixel model, --text-encoder on a class model, and sampling options
+    beside `fm fid --gen` / `fm eval --gen` (nothing is sampled) were accepted and did nothing: exit 2."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for i in range(8):
+        Image.new("RGB", (16, 16), (30 * i, 10, 10)).save(gen / f"{i:06d}.png")
+    refused = {
+        "--gif-frames": ("sample", "--ckpt", debug_run, "--gif-frames", "4", "--out", tmp_path / "a.png"),
+        "--vae": ("sample", "--ckpt", debug_run, "--vae", tmp_path, "--out", tmp_path / "b.png"),
+        "--text-encoder": ("sample", "--ckpt", debug_run, "--text-encoder", "builtin:tiny-t5", "--out", tmp_path / "c.png"),
+        "--cfg, --solver": ("fid", "--gen", gen, "--ref", shapes16, "--features", "tiny", "--cfg", "3", "--solver", "heun"),
+        "--steps": ("eval", "--gen", gen, "--data", shapes16, "--features", "tiny", "--steps", "3", "--no-kid"),
+    }
+    for option, args in refused.items():
+        r = fm_in_process(*args, "--device", "cpu")
+        assert r.returncode == 2 and option in r.stderr and len(r.stderr.splitlines()) == 1, (option, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]
+
+
+def test_repeated_sweep_values_are_refused(debug_run, shapes16):
+    """`--nfe 2,2`, `--cfg 2,2.0` and a repeated --guidance-interval gave two rows of one setting: exit 2."""
+    common = ("--ckpt", debug_run, "--device", "cpu")
+    cases = [
+        ("fid", "-n", "2", "--ref", shapes16, "--features", "tiny", "--nfe", "2,4,2"),
+        ("eval", "-n", "8", "--data", shapes16, "--features", "tiny", "--nfe", "8,8"),
+        ("eval", "-n", "8", "--data", shapes16, "--features", "tiny", "--cfg", "2,2.0"),
+        ("eval", "-n", "8", "--data", shapes16, "--features", "tiny", "--guidance-interval", "0.2,1", "--guidance-interval", "0.2,1.0"),
+    ]
+    for args in cases:
+        r = fm_in_process(*args, *common)
+        assert r.returncode == 2 and "twice" in r.stderr and r.stdout == "", (args, r.stderr)
+
+
+def test_eval_scores_budgets_that_buy_the_same_steps_once(debug_run, shapes16):
+    """heun at --nfe 8,9: both budgets buy 4 steps (2 NFE a step, by hand), and eval rows carry no budget, so the
+    sweep gave two identical rows of one run: one row now, with a note."""
+    r = _ok(fm_in_process("eval", "--ckpt", debug_run, "-n", "6", "--data", shapes16, "--features", "tiny", "--k", "2", "--no-kid", "--solver", "heun",
+                          "--nfe", "8,9", "--device", "cpu", "--json"))  # fmt: skip
+    assert [(row["steps"], row["nfe_per_sample"]) for row in json.loads(r.stdout)] == [(4, 8)] and "one row" in r.stderr
+
+
+class _Stiff(torch.nn.Module):
+    """v = -k x with k = 41 for class 1 and 1 otherwise: dopri5 takes many more steps for a batch holding class 1."""
+
+    null_class = 10
+
+    def forward(self, x, t, y):
+        return -(1.0 + 40.0 * (y == 1).float()).view(-1, 1, 1, 1) * x
+
+
+def test_json_rows_say_what_ran_with_one_nfe_meaning(tmp_path, debug_run, shapes16, monkeypatch):
+    """dopri5 rows reported the unused configured `steps` and (fm sample) no rtol/atol; `nfe` was the largest batch's
+    in fm sample and class-grid but the per-sample mean (`nfe_per_sample`) in fid and eval. Every row now has steps
+    null, rtol/atol, `nfe` = the mean over samples and `nfe_max`, checked against per-batch NFE of the solver run
+    directly on each batch (batches of 2, labels 0..5: only the first batch holds the stiff class 1)."""
+    import dataclasses
+
+    from fmcli import generate
+    from fmcli.solvers import solve
+
+    real = generate.load_for_sampling
+    monkeypatch.setattr(generate, "load_for_sampling", lambda *a, **k: dataclasses.replace(real(*a, **k), model=_Stiff()))
+    tol = ("--solver", "dopri5", "--rtol", "1e-3", "--atol", "1e-3", "--cfg", "1", "--batch-size", "2", "--device", "cpu", "--json")
+    def batch_nfe(n):  # dopri5's NFE of each batch of 2 of samples 0..n-1 (labels cycle 0..9), solved directly
+        ks = [(1.0 + 40.0 * (torch.tensor([i, i + 1]) == 1).float()).view(-1, 1, 1, 1) for i in range(0, n, 2)]
+        return [solve(lambda x, t: -k * x, generate.initial_noise(0, [i, i + 1], (3, 16, 16)), "dopri5", rtol=1e-3, atol=1e-3).nfe
+                for i, k in zip(range(0, n, 2), ks)]  # fmt: skip
+
+    per_batch = batch_nfe(6)
+    assert per_batch[0] > per_batch[1] == per_batch[2]  # the batches differ: mean and max are two numbers
+    mean, most = sum(2 * n for n in per_batch) / 6, max(per_batch)
+
+    sample = json.loads(_ok(fm_in_process("sample", "--ckpt", debug_run, "-n", "6", "--out", tmp_path / "s.png", *tol)).stdout)
+    fid = json.loads(_ok(fm_in_process("fid", "--ckpt", debug_run, "-n", "6", "--ref", shapes16, "--features", "tiny", *tol)).stdout)
+    rows = json.loads(_ok(fm_in_process("eval", "--ckpt", debug_run, "-n", "6", "--data", shapes16, "--features", "tiny", "--k", "2", "--no-kid", *tol)).stdout)
+    for row in (sample, fid, rows[0]):
+        assert (row["steps"], row["rtol"], row["atol"], row["solver"]) == (None, 1e-3, 1e-3, "dopri5"), row
+        assert row["nfe"] == pytest.approx(mean) and row["nfe_max"] == most, row
+        assert (row["precision"], row["compile"]) == ("fp32", False)
+    assert fid["nfe_per_sample"] == rows[0]["nfe_per_sample"] == pytest.approx(mean)  # the name fm plot reads, kept
+    grid = json.loads(_ok(fm_in_process("class-grid", "--ckpt", debug_run, "--samples-per-class", "1", "--out", tmp_path / "c.png", *tol)).stdout)
+    ten = batch_nfe(10)  # class-grid: sample index = class, one per class
+    assert (grid["steps"], grid["rtol"], grid["nfe_max"]) == (None, 1e-3, max(ten)) and grid["nfe"] == pytest.approx(sum(ten) / 5)
+    euler = json.loads(_ok(fm_in_process("sample", "--ckpt", debug_run, "-n", "1", "--steps", "3", "--out", tmp_path / "e.png", "--json")).stdout)
+    assert (euler["steps"], euler["nfe"], euler["nfe_max"]) == (3, 3, 3) and "rtol" not in euler

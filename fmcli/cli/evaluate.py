@@ -14,7 +14,7 @@ from ..fsutil import refuse_existing
 from .app import app, log_line, torch_device
 from .options import (
     Atol, BatchSize, Device, Ema, Gpus, GuideCkpt, Guidance, Json, Nproc, Rtol, SampleCompile, SamplePrecision, SamplingFlags, Seed, Solver, Steps,
-    parse_floats, parse_interval, parse_nfe, sampling_options, seed_option,
+    parse_floats, parse_interval, parse_nfe, refuse_repeats, sampling_options, seed_option,
 )  # fmt: skip
 
 
@@ -58,6 +58,8 @@ def fid(
     overrides = sampling.overrides()
     if (gpus or nproc) and ckpt is None:
         raise UsageError("--gpus/--nproc shard sample generation: they go with --ckpt")
+    if ckpt is None:
+        sampling.refuse_without_ckpt()
     work = functools.partial(
         _fid_rank, ref=ref, gen=gen, ckpt=ckpt, save_stats=save_stats, features=features, inception=inception, inception_unverified=inception_unverified,
         num_samples=num_samples, sample_overrides=overrides, guide_ckpt=sampling.guide_ckpt, nfe=budgets, seed=seed, batch_size=batch_size, ema=ema,
@@ -192,14 +194,16 @@ def eval_command(
     from ..console import progress
     from ..fidelity import EvalRequest, evaluate_fidelity, format_table
 
-    flags = SamplingFlags(steps=steps, solver=solver, guidance=guidance, guide_ckpt=guide_ckpt, rtol=rtol, atol=atol, precision=precision, compile_model=compile_model)
+    sampling = SamplingFlags(steps=steps, solver=solver, guidance=guidance, guide_ckpt=guide_ckpt, rtol=rtol, atol=atol, precision=precision, compile_model=compile_model)
     request = EvalRequest(
         data=data, ckpt=ckpt, gen=gen, num_samples=num_samples, spaces=tuple(s.strip() for s in features.split(",") if s.strip()),
-        cfgs=parse_floats("--cfg", cfg_scales), intervals=[parse_interval(i) for i in intervals] or None,
-        nfes=parse_nfe(nfe, steps), sample_overrides=flags.overrides(), guide_ckpt=guide_ckpt,
+        cfgs=parse_floats("--cfg", cfg_scales), intervals=refuse_repeats("--guidance-interval", [parse_interval(i) for i in intervals]) or None,
+        nfes=parse_nfe(nfe, steps), sample_overrides=sampling.overrides(cfg_runs=cfg_scales is None), guide_ckpt=guide_ckpt,
         classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed, batch_size=batch_size, ema=ema,
     )  # fmt: skip
     _check_eval_flags(request)
+    if gen is not None:
+        sampling.refuse_without_ckpt()
     progress_factory = lambda total: progress(stderr_console(), "sampling", total)  # noqa: E731
     floor, rows = evaluate_fidelity(request, device=torch_device(device), log=log_line, progress_factory=progress_factory)
     if as_json:

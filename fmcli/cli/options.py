@@ -60,7 +60,7 @@ Preset = Annotated[str, typer.Option("--preset", "-p", help="Preset name (see pr
 Overrides = Annotated[List[str], typer.Option("--set", help="Override a setting, e.g. --set train.steps=200 (repeatable).")]
 Ckpt = Annotated[str, typer.Option("--ckpt", help="Checkpoint file or run directory (its latest checkpoint).")]
 CfgScale = Annotated[Optional[float], float_option("--cfg", min=0.0, help="Classifier-free guidance weight (1 = off).")]
-Steps = Annotated[Optional[int], typer.Option("--steps", min=1, max=100_000, help="Solver steps (dopri5 picks its own; with cfg-zero its zero-init still spans the first --zero-init-steps of this grid).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", min=1, max=100_000, help="Solver steps (refused with dopri5, which picks its own, except with cfg-zero: its zero-init spans the first --zero-init-steps of this grid).")]
 Seed = Annotated[int, seed_option("--seed", help="Seed, 0 to 2^32-1: sample i's noise depends only on (seed, i).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward batch.")]
 Ema = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.")]
@@ -107,8 +107,8 @@ GuideCkpt = Annotated[
 SdeNoise = Annotated[Optional[float], float_option("--sde-noise", min=0.0, help="euler-sde diffusion scale: g(t)^2 = 2 * SCALE * (1 - t) (SiT's norm); 0 = plain Euler.")]
 ZeroInit = Annotated[Optional[int], typer.Option("--zero-init-steps", help="cfg-zero: steps of the --steps grid at the start with zero velocity, below --steps (default 1; every solver).")]
 Interval = Annotated[Optional[str], typer.Option("--guidance-interval", help="LO,HI: guide only for t in [LO, HI] (t=0 noise).")]
-Rtol = Annotated[Optional[float], float_option("--rtol", help="Relative tolerance of dopri5 (default: the checkpoint's sample.rtol).")]
-Atol = Annotated[Optional[float], float_option("--atol", help="Absolute tolerance of dopri5 (default: the checkpoint's sample.atol).")]
+Rtol = Annotated[Optional[float], float_option("--rtol", help="Relative tolerance of dopri5, refused with other solvers (default: the checkpoint's sample.rtol).")]
+Atol = Annotated[Optional[float], float_option("--atol", help="Absolute tolerance of dopri5, refused with other solvers (default: the checkpoint's sample.atol).")]
 SamplePrecision = Annotated[
     Optional[str],
     typer.Option("--precision", help="Network precision: auto, bf16, fp16 (CUDA) or fp32 (default: the checkpoint's sample.precision; auto = bf16 where measured faster, see `fm env`)."),
@@ -149,16 +149,29 @@ class SamplingFlags:
     precision: Optional[str] = None
     compile_model: Optional[bool] = None
 
-    def overrides(self, **extra):
+    def given(self) -> list[str]:
+        """The options given (not None), as the user spelled them."""
+        names = {"cfg_scale": "--cfg", "compile_model": "--compile/--no-compile"}
+        return [names.get(k, f"--{k.replace('_', '-')}") for k, v in vars(self).items() if v is not None]
+
+    def refuse_without_ckpt(self) -> None:
+        """Sampling options beside --gen DIR (or with nothing to sample) would be accepted and do nothing: exit 2."""
+        if self.given():
+            raise UsageError(f"{', '.join(self.given())} set how --ckpt samples, and nothing is sampled here: drop them (--gen scores the images in its folder)")
+
+    def overrides(self, cfg_runs: bool = True, **extra):
         """A function base -> base with these options (validated in config.sample_settings).
-        --guide-ckpt implies --guidance auto, and --guidance auto needs it."""
+        --guide-ckpt implies --guidance auto, and --guidance auto needs it. `cfg_runs`: the resolved cfg is the
+        one that runs (False for `fm eval --cfg W,...`, whose sweep sets it later); `extra`: the command's defaults."""
         from ..config import sample_settings
 
         given = dict(
             cfg=self.cfg_scale, steps=self.steps, solver=self.solver, guidance=self.guidance,
             guidance_interval=parse_interval(self.guidance_interval), zero_init_steps=self.zero_init_steps,
-            sde_noise=self.sde_noise, rtol=self.rtol, atol=self.atol, precision=self.precision, compile=self.compile_model, **extra,
+            sde_noise=self.sde_noise, rtol=self.rtol, atol=self.atol, precision=self.precision, compile=self.compile_model,
         )  # fmt: skip
+        mine = dict(given)  # the user's options; `extra` are the command's own defaults (reflow's steps)
+        given.update({k: v for k, v in extra.items() if given.get(k) is None})
         guide_ckpt = self.guide_ckpt
         if guide_ckpt is not None and given["guidance"] not in (None, "auto"):
             raise UsageError(f"--guide-ckpt is autoguidance's guide: it goes with --guidance auto, not {given['guidance']}")
@@ -169,9 +182,35 @@ class SamplingFlags:
             out = sample_settings(base, **given)
             if out.guidance == "auto" and guide_ckpt is None:
                 raise UsageError("--guidance auto needs --guide-ckpt CKPT: a smaller or earlier checkpoint of the same data")
+            refuse_unused(mine, out)
+            if cfg_runs and out.cfg == 1.0:
+                refuse_unguided(mine, guide_ckpt)
             return out
 
         return settings
+
+
+def refuse_unused(given: dict, settings) -> None:
+    """A sampling option the resolved solver or guidance never reads (e.g. --rtol with euler) is a usage error,
+    not an option accepted that does nothing; one not given (None) keeps the checkpoint's value, unused or not."""
+    from ..solvers import unused_settings
+
+    unused = unused_settings(settings.solver, settings.guidance)
+    for key in ("rtol", "atol", "steps", "sde_noise", "zero_init_steps"):
+        if given.get(key) is not None and key in unused:
+            option = "--rtol/--atol" if key in ("rtol", "atol") else f"--{key.replace('_', '-')}"
+            ran = f"--guidance {settings.guidance}" if key == "zero_init_steps" else f"--solver {settings.solver}"
+            raise UsageError(f"{option} is not used by {ran} (it goes with {unused[key]}): drop {option} or change {ran.split()[0]}")
+
+
+def refuse_unguided(given: dict, guide_ckpt) -> None:
+    """Guidance options when the guidance weight is 1 (off: the main model alone, whatever the method, interval or
+    guide) would be accepted and do nothing: a usage error."""
+    options = [f"--guidance {given['guidance']}"] if given.get("guidance") in ("cfg-zero", "auto") else []
+    options += [f"--{k.replace('_', '-')}" for k in ("guidance_interval", "zero_init_steps") if given.get(k) is not None]
+    options += ["--guide-ckpt"] if guide_ckpt is not None else []
+    if options:
+        raise UsageError(f"{', '.join(options)} shape guidance of weight --cfg, and cfg is 1 (unguided): give --cfg W (e.g. 2) or drop {', '.join(options)}")
 
 
 _SAMPLING_OPTIONS = [
@@ -239,7 +278,16 @@ def parse_nfe(text: Optional[str], steps: Optional[int] = None) -> Optional[list
     parts = [p.strip() for p in text.split(",")]
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise UsageError(f"--nfe expects positive integers separated by commas (e.g. 1,2,4,8), got {text!r}")
-    return [int(p) for p in parts]
+    return refuse_repeats("--nfe", [int(p) for p in parts])
+
+
+def refuse_repeats(flag: str, values: list) -> list:
+    """A sweep's values, each once: a value listed twice would give two rows of one setting (exit 2, not a row twice)."""
+    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if repeated is not None:
+        shown = f"{repeated:g}" if isinstance(repeated, float) else ",".join(f"{v:g}" for v in repeated) if isinstance(repeated, tuple) else repeated
+        raise UsageError(f"{flag} lists {shown} twice: give each value once (one row each)")
+    return values
 
 
 def parse_floats(flag: str, text: Optional[str]) -> Optional[list[float]]:
@@ -252,4 +300,4 @@ def parse_floats(flag: str, text: Optional[str]) -> Optional[list[float]]:
         raise UsageError(f"{flag} expects numbers separated by commas (e.g. 1,1.5,2,4), got {text!r}") from None
     if not all(math.isfinite(v) for v in values):
         raise UsageError(f"{flag} expects finite numbers (no nan or inf), got {text!r}")
-    return values
+    return refuse_repeats(flag, values)

@@ -32,7 +32,7 @@ def sample(
     seed: Seed = 0,
     out: Annotated[Path, typer.Option("--out", help="Directory (one PNG per sample + grid.png) or FILE.png (grid only).")] = Path("samples"),
     gif: Annotated[Optional[Path], typer.Option("--gif", help="Also write a trajectory GIF (noise to image) of the grid.")] = None,
-    gif_frames: Annotated[int, typer.Option("--gif-frames", min=2, help="Most frames in the GIF: the solver states nearest to evenly spaced times (fewer when the solver takes fewer steps).")] = 16,
+    gif_frames: Annotated[Optional[int], typer.Option("--gif-frames", min=2, help="Most frames in the --gif (default 16): the solver states nearest to evenly spaced times (fewer when the solver takes fewer steps).")] = None,
     grid: Annotated[Optional[int], typer.Option("--grid", min=1, help="Samples the grid (and GIF) shows, the first ones (default: all for --out FILE.png, the checkpoint's sample.grid_size for --out DIR).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files (grid, samples, GIF).")] = False,
     batch_size: BatchSize = 64,
@@ -59,13 +59,13 @@ def sample(
     from ..launch import on_ranks
 
     _check_out(out)
-    _check_gif(gif, gpus, nproc)
+    _check_gif(gif, gif_frames, gpus, nproc)
     overrides = sampling.overrides()
     texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
     n = num_samples or len(texts) or 16
     refuse_existing(sample_outputs(out, n) + [gif], force)  # before any work; every rank checks again
     work = functools.partial(
-        sample_command, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif, gif_frames=gif_frames,
+        sample_command, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif, gif_frames=gif_frames or 16,
         batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=sampling.guide_ckpt, grid=grid, log=log_line,
     )  # fmt: skip
     summary = on_ranks(work, device=device, gpus=gpus, nproc=nproc, extra=_prompt_args(n, texts) if prompts_file == "-" else None)
@@ -87,7 +87,9 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out}: the grid is written as .png, .jpg, .jpeg or .webp, or give a directory{also}")
 
 
-def _check_gif(gif: Optional[Path], gpus: int, nproc: int) -> None:
+def _check_gif(gif: Optional[Path], gif_frames: Optional[int], gpus: int, nproc: int) -> None:
+    if gif is None and gif_frames is not None:
+        raise UsageError("--gif-frames sets the frames of the trajectory GIF: add --gif FILE.gif, or drop --gif-frames")
     if gif is not None and gif.suffix.lower() != ".gif":
         raise UsageError(f"--gif expects a .gif file name, got {gif}")
     if gif is not None and (gpus > 1 or nproc > 1):
@@ -109,7 +111,7 @@ def reflow(
     num_pairs: Annotated[int, typer.Option("--num-pairs", "-n", min=1, max=10**9, help="Number of (noise, sample) pairs.")],
     out: Annotated[Path, typer.Option("--out", help="Output dataset directory (kind 'pairs', written atomically).")],
     solver: Annotated[str, typer.Option("--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4, ab2 or dopri5 (euler-sde is refused: pairs need the ODE).")] = "heun",
-    steps: Annotated[int, typer.Option("--steps", min=1, max=100_000, help="Solver steps (fixed-step solvers).")] = 50,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, max=100_000, help="Solver steps (fixed-step solvers; default 50).")] = None,
     cfg_scale: Annotated[Optional[float], float_option("--cfg", min=0.0, help="Classifier-free guidance weight (default: the teacher's sample.cfg).")] = None,
     rtol: Rtol = None,
     atol: Atol = None,
@@ -143,7 +145,7 @@ def reflow(
 
     texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
     flags = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, precision=precision, compile_model=compile_model)
-    overrides = flags.overrides()
+    overrides = flags.overrides(steps=50)  # the default of fixed-step solvers (dopri5 chooses its own: --steps is refused)
     if not launched_externally():  # the one-line refusals come before relaunching or solving anything
         check_teacher(ckpt, out, texts, force, overrides)
     work = functools.partial(
