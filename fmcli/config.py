@@ -753,9 +753,11 @@ def _resolve_preset(preset: str, relative_to: Path | None, chain: list[str]) -> 
     if key in chain:
         raise UsageError(f"preset inheritance cycle: {' -> '.join([*chain, key])}")
     try:
-        raw = tomllib.loads(source.read_text())
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise UsageError(f"preset {key} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:  # a binary file (an image, a checkpoint) named as a preset: TOML is UTF-8 text
+        raise UsageError(f"preset {key} is not valid TOML: not UTF-8 text (is it a preset file?)") from None
     base = raw.pop("base", None)
     if base is None:
         return raw

@@ -42,6 +42,20 @@ def test_unknown_key_in_a_preset_file_is_an_error(tmp_path):
         load_config(str(bad))
 
 
+def test_a_binary_file_given_as_a_preset_is_one_usage_line(tmp_path):
+    """A PNG (not UTF-8, so not TOML) passed as --preset: exit 2 naming the file, not exit 1 with a UnicodeDecodeError."""
+    image = tmp_path / "picture.toml"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(UnicodeDecodeError):
+        image.read_text(encoding="utf-8")  # the premise: the file is not UTF-8 text
+    bad = fm_in_process("train", "--preset", image, "--print-config")
+    assert bad.returncode == 2 and bad.stdout == "", bad
+    assert len(bad.stderr.strip().splitlines()) == 1 and "picture.toml" in bad.stderr and "UnicodeDecodeError" not in bad.stderr
+    base = tmp_path / "child.toml"  # the same file reached as a base
+    base.write_text('base = "picture.toml"\n')
+    assert fm_in_process("train", "--preset", base, "--print-config").returncode == 2
+
+
 def test_every_preset_validates():
     assert {"quickstart", "debug"} <= set(preset_names())
     for name in preset_names():
