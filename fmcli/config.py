@@ -663,6 +663,7 @@ def _overrides_layer(overrides: list[str], allowed: set[str] | None = None) -> d
     layer: dict = {}
     for item in overrides:
         key, value = parse_override(item)
+        _check_key_exists(key.split("."), key)  # a typo is an unknown setting, on a resume too (not a "change")
         if allowed is not None and key not in allowed:
             raise UsageError(
                 RESUME_REFUSALS.get(key) or f"--set {key} cannot change when resuming (it would change the run's math); "

@@ -56,6 +56,19 @@ def test_a_binary_file_given_as_a_preset_is_one_usage_line(tmp_path):
     assert fm_in_process("train", "--preset", base, "--print-config").returncode == 2
 
 
+def test_an_unknown_key_on_resume_is_called_unknown_not_a_change():
+    """`fm resume --set train.stepz=3` is a typo: the message names the unknown setting, not "cannot change when
+    resuming (it would change the run's math)", which says the key exists."""
+    cfg = load_config("debug")
+    assert "stepz" not in Config.model_fields["train"].annotation.model_fields  # the premise: no such setting
+    for typo, part in (("train.stepz=3", "stepz"), ("trian.steps=3", "trian"), ("train.steps.x=3", "x")):
+        with pytest.raises(UsageError, match=f"unknown setting '{part}'") as err:
+            apply_overrides(cfg, [typo], allowed=RESUME_SAFE_KEYS)
+        assert "cannot change" not in str(err.value)
+    with pytest.raises(UsageError, match="cannot change when resuming"):  # a real key outside the safe ones still is
+        apply_overrides(cfg, ["model.hidden_size=64"], allowed=RESUME_SAFE_KEYS)
+
+
 def test_every_preset_validates():
     assert {"quickstart", "debug"} <= set(preset_names())
     for name in preset_names():
