@@ -133,10 +133,7 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
         cfg = default_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
     if int(os.environ.get("RANK", "0")) == 0:  # once per run: the launching process, or rank 0 under torchrun/SLURM
         if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and holds_a_run(run_dir):
-            if not (run_dir / "checkpoints" / "latest").is_file():  # `fm resume` has nothing to continue there
-                raise UsageError(f"run directory {run_dir} already exists and holds no checkpoint (its run stopped before the first): "
-                                 "pick another --run-dir, or delete it to start that run over")
-            raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
+            refuse_used_run_dir(run_dir)
         if warning := ema_warning(cfg.train):
             print(warning, file=sys.stderr)
     if (procs > 1 or launch["nnodes"] > 1) and not child:
@@ -149,10 +146,24 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
 
 # What a launch writes before the run's own files: a launch that failed before them left no run behind.
 LAUNCH_FILES = (".launch-config.json", "autotune.json")
+# What a run writes from its start (train.Trainer.run): a folder with none of them is not a run that stopped early.
+RUN_FILES = ("config.json", "env.json", "metrics.jsonl", "checkpoints", "samples")
 
 
 def holds_a_run(run_dir: Path) -> bool:
     return run_dir.exists() and any(p.name not in LAUNCH_FILES for p in run_dir.iterdir())
+
+
+def refuse_used_run_dir(run_dir: Path) -> None:
+    """A fresh run's directory that `holds_a_run`: why it cannot be used, and what to do instead (exit 2)."""
+    if not any((run_dir / name).exists() for name in RUN_FILES):  # a folder of the user's, not a run that stopped
+        example = next(p.name for p in sorted(run_dir.iterdir()) if p.name not in LAUNCH_FILES)
+        raise UsageError(f"run directory {run_dir} already exists and holds files that are not an fm run (e.g. {example}): "
+                         "pick another --run-dir (fm does not write a run among other files)")
+    if not (run_dir / "checkpoints" / "latest").is_file():  # `fm resume` has nothing to continue there
+        raise UsageError(f"run directory {run_dir} already exists and holds no checkpoint (its run stopped before the first): "
+                         "pick another --run-dir, or delete it to start that run over")
+    raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
 
 
 def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step, launch: dict, procs: int, started_at: float) -> None:

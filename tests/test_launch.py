@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import run_fm
+from conftest import fm_in_process, run_fm
 from fmcli.errors import UsageError
 from fmcli.launch import training_config
 
@@ -44,6 +44,22 @@ def test_a_refused_or_failed_launch_does_not_block_the_corrected_command(shapes1
     assert (run / "config.json").is_file()
     again = run_fm(*train)  # a real run in it is never reused
     assert again.returncode == 2 and "fm resume" in again.stderr
+
+
+def test_a_folder_of_the_users_files_is_not_called_a_run_to_delete(shapes16, tmp_path):
+    """--run-dir naming a folder that holds only the user's own files: refused (exit 2) as not an fm run, without
+    the advice for a run that stopped before its first checkpoint ("delete it to start that run over")."""
+    folder = tmp_path / "my-notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    refused = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", folder, "--set", "train.steps=2")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused
+    assert "not an fm run" in refused.stderr and "notes.txt" in refused.stderr, refused.stderr
+    assert "delete" not in refused.stderr and "stopped before" not in refused.stderr, refused.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"] and (folder / "notes.txt").read_text() == "mine"
+    (folder / "config.json").write_text("{}")  # what a run that failed at its first step leaves: still that advice
+    stopped = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", folder, "--set", "train.steps=2")
+    assert stopped.returncode == 2 and "stopped before the first" in stopped.stderr, stopped.stderr
 
 
 def test_the_launchers_autotune_times_muon_in_the_dtype_the_ranks_train_with(tmp_path, shapes16, monkeypatch):
