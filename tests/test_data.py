@@ -269,6 +269,25 @@ def test_resize_center_crop_of_odd_box_matches_pil_crop():
     assert np.array_equal(np.asarray(out), np.asarray(img.crop((10, 0, 40, 30))))
 
 
+def test_folder_out_inside_its_root_is_refused_before_any_work(folder, tmp_path):
+    """--out inside --root: the dataset would be a new "class" folder (of manifest.json, x.npy, y.npy) that the
+    next `fm prepare-data folder` of that root reads as one more class with no usable image. Refused, nothing
+    written into the user's folder."""
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(folder[0], root)
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    for out in (root / "prepared", root / "cat" / "prepared", tmp_path / "imgs" / ".." / "imgs" / "p"):
+        with pytest.raises(UsageError, match="inside --root"):
+            prepare("folder", out, root=root, size=16, workers=1)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before and not list(root.glob(".*"))
+    res = run_fm("prepare-data", "folder", "--root", root, "--out", root / "prepared")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "inside --root" in res.stderr, res.stderr
+    summary = prepare("folder", tmp_path / "beside", root=root, size=16, workers=1)  # beside it: as before
+    assert (summary.count, summary.classes) == (6, 2)
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "all-corrupt", "file-not-dir"])
 def test_folder_bad_inputs_exit_2_without_output(tmp_path, case):
     root = tmp_path / "in"

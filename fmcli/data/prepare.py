@@ -74,6 +74,7 @@ def prepare(
     if split != "train" and source not in SPLIT_SOURCES:  # it would be the training images again: a "test" set that leaks
         raise UsageError(f"--split test: the {source} source has no test split (only {', '.join(SPLIT_SOURCES)} do); "
                          "prepare held-out images from their own --root" + (", or shapes with another --seed" if source == "shapes" else ""))
+    refuse_out_in_root(source, root, out)
     src = open_source(source, root, split=split, size=size, count=count, seed=seed, max_member_mib=max_member_mib)
     total = src.capacity if limit is None else min(limit, src.capacity or limit)
     if total:
@@ -172,6 +173,17 @@ def prepare_encoded_with_progress(pixels, out: Path, total: int | None, device, 
 
     with Bar("encode", total) as bar:
         return prepare_encoded(pixels, out, force=force, device=device, progress=bar.advance, **encode)
+
+
+def refuse_out_in_root(source: str, root, out: Path) -> None:
+    """A folder source reads every file under --root: a dataset written inside it would be read back as input by
+    the next run (a class folder of .npy files, or a flat folder turned into class folders)."""
+    if source not in ("folder", "captions") or root is None or not Path(root).expanduser().is_dir():
+        return
+    root_dir = Path(root).expanduser().resolve()
+    if out.resolve() == root_dir or root_dir in out.resolve().parents:
+        raise UsageError(f"--out {out} is inside --root {root}, whose files the {source} source reads (a later run would read "
+                         "this dataset back as images); choose an --out outside it")
 
 
 def open_source(name: str, root, *, split: str, size: int, count: int, seed: int, max_member_mib: float = DEFAULT_MAX_MEMBER_MIB) -> Source:
