@@ -49,6 +49,8 @@ def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None,
     refuse_checkpoint_trust(cfg, overrides, str(ckpt))  # a checkpoint's config never decides to run code
     if data is not None and Path(cfg.data.path or "").resolve() != data.resolve():
         raise UsageError(f"--data {data} differs from the resumed run's data.path {cfg.data.path}: a run cannot change its dataset on resume")
+    if cfg.data.path and not Path(cfg.data.path).exists():  # said here, where the checkpoint tells what the data was
+        raise UsageError(missing_resume_data(cfg.data, state.get("data_info")))
     return apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
 
 
@@ -236,6 +238,16 @@ def prepare_hint(data) -> str:
         return f"create it with `fm prepare-data shapes --out {data.path} --size {data.image_size} --count {data.count} --seed {data.seed}`"
     root = "" if data.source == "shapes" else " --root ..."
     return f"create it with `fm prepare-data {data.source}{root} --out {data.path}` and the options it was first prepared with"
+
+
+def missing_resume_data(data, info) -> str:
+    """Why a resumed run's data.path is missing and how to give it back: the run cannot change its dataset, and its
+    data.source may be a preset's default that says nothing of what --data held (the checkpoint's data_info does)."""
+    where = "" if Path(data.path).is_absolute() else f" (relative to this working directory, {Path.cwd()})"
+    what = f" ({info.get('source')}, {info.get('count')} images)" if isinstance(info, dict) else ""
+    own_shapes = data.source == "shapes" and Path(data.path).name == shapes_name(data) and (not what or info.get("source") == "shapes")
+    fix = prepare_hint(data) if own_shapes else "put it back there (or a link to it), or run fm from the directory the run was started in"
+    return f"data.path {data.path}{where} of the resumed run does not exist; a run resumes on its own dataset{what}: {fix}"
 
 
 def shapes_name(data) -> str:

@@ -62,6 +62,30 @@ def test_a_folder_of_the_users_files_is_not_called_a_run_to_delete(shapes16, tmp
     assert stopped.returncode == 2 and "stopped before the first" in stopped.stderr, stopped.stderr
 
 
+def test_a_resumed_run_whose_data_moved_is_told_what_the_data_was(shapes16, tmp_path, monkeypatch):
+    """A run trained with --data on another source than its preset's data.source (here the debug preset's "shapes"
+    on a copy of a folder-made dataset), its data then moved: the resume names the dataset the checkpoint trained on
+    and how to give it back, never `fm prepare-data shapes` (which would make other images)."""
+    from fmcli.config import load_config
+    from fmcli.data.dataset import read_manifest
+    from fmcli.train import train
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(shapes16, tmp_path / "mine")
+    manifest = read_manifest(tmp_path / "mine")
+    manifest["source"] = "folder"  # the premise: what --data holds is not what the preset's data.source says
+    (tmp_path / "mine" / "manifest.json").write_text(__import__("json").dumps(manifest))
+    cfg = load_config("debug", ["data.path='mine'", "train.steps=2", "train.checkpoint_every=0"])
+    assert cfg.data.source == "shapes"
+    train(cfg, tmp_path / "run")
+    (tmp_path / "mine").rename(tmp_path / "moved")
+    for args in (("resume", "run"), ("train", "--resume", "latest", "--run-dir", "run")):
+        res = fm_in_process(*args)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res
+        assert "data.path mine" in res.stderr and "folder, 512 images" in res.stderr and str(tmp_path) in res.stderr, res.stderr
+        assert "prepare-data shapes" not in res.stderr, res.stderr
+
+
 def test_the_launchers_autotune_times_muon_in_the_dtype_the_ranks_train_with(tmp_path, shapes16, monkeypatch):
     """--nproc/--gpus with train.micro_batch_size=auto tunes once in the launcher: its trials must run the step the
     ranks run. On a CPU without fast bf16 (bf16-slow) training orthogonalises in fp32; the trials ran bf16 (the
