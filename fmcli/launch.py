@@ -147,7 +147,7 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
 
 
 # What a launch writes before the run's own files: a launch that failed before them left no run behind.
-LAUNCH_FILES = (".launch-config.json", "autotune.json")
+LAUNCH_FILES = (".launch-config.json", "autotune.json", ".lock")  # runlog.RUN_LOCK: the lock of a run being trained
 # What a run writes from its start (train.Trainer.run): a folder with none of them is not a run that stopped early.
 RUN_FILES = ("config.json", "env.json", "metrics.jsonl", "checkpoints", "samples")
 

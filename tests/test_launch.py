@@ -86,6 +86,33 @@ def test_a_resumed_run_whose_data_moved_is_told_what_the_data_was(shapes16, tmp_
         assert "prepare-data shapes" not in res.stderr, res.stderr
 
 
+def test_a_second_resume_of_a_run_being_trained_is_refused(debug_run, tmp_path):
+    """Two `fm resume` of one run at once (a requeued job beside the old one, a second terminal) each took the other's
+    new checkpoints for an abandoned branch and moved them aside, and one crashed on a rename (exit 1). While a
+    process holds the run's lock (here this test, with flock directly), a resume is refused before writing anything."""
+    import fcntl
+    import os
+
+    run = tmp_path / "run"
+    shutil.copytree(debug_run, run)
+    listing = lambda: sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.name != ".lock")  # noqa: E731
+    before, metrics = listing(), (run / "metrics.jsonl").read_bytes()
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other process's lock
+        busy = fm_in_process("resume", run, "--set", "train.steps=6")
+        lines = busy.stderr.strip().splitlines()
+        assert busy.returncode == 2 and [line for line in lines if line.startswith("error")] == lines[-1:], busy
+        assert "another fm process" in lines[-1] and "Traceback" not in busy.stderr, busy.stderr
+        assert listing() == before and (run / "metrics.jsonl").read_bytes() == metrics
+    finally:
+        os.close(fd)  # the other process ended: the same command now resumes
+    done = fm_in_process("resume", run, "--set", "train.steps=6")
+    assert done.returncode == 0 and "step-0000006.pt" in done.stdout, done
+    again = fm_in_process("train", "--preset", "debug", "--run-dir", run)  # its lock file does not make a run
+    assert again.returncode == 2 and "fm resume" in again.stderr
+
+
 def test_the_launchers_autotune_times_muon_in_the_dtype_the_ranks_train_with(tmp_path, shapes16, monkeypatch):
     """--nproc/--gpus with train.micro_batch_size=auto tunes once in the launcher: its trials must run the step the
     ranks run. On a CPU without fast bf16 (bf16-slow) training orthogonalises in fp32; the trials ran bf16 (the
