@@ -44,6 +44,7 @@ class Summary:
     seconds: float
     bytes: int
     skipped_examples: list[str] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)  # class names with no usable image (not in --json)
 
 
 def prepare(
@@ -120,6 +121,7 @@ def prepare(
         seconds=round(time.perf_counter() - start, 2),
         bytes=sum(f.stat().st_size for f in path.iterdir()),
         skipped_examples=examples,
+        empty_classes=_empty_classes(path, src.class_names),
     )
 
 
@@ -151,6 +153,25 @@ def prepare_dataset(
     summary.path = str(path)
     summary.bytes = sum(f.stat().st_size for f in Path(path).iterdir())
     return summary
+
+
+def _empty_classes(path: Path, class_names: list[str] | None) -> list[str]:
+    """The classes (e.g. an empty class folder, or one of damaged files only) that no written image has."""
+    if not class_names:
+        return []
+    import numpy as np
+
+    counts = np.bincount(np.load(Path(path) / "y.npy"), minlength=len(class_names))
+    return [name for name, n in zip(class_names, counts) if n == 0]
+
+
+def empty_classes_note(summary: Summary) -> str | None:
+    """A label with no image trains nothing, yet the model and its grids have it: say so, on stderr."""
+    if not summary.empty_classes:
+        return None
+    names = ", ".join(repr(name) for name in summary.empty_classes)
+    return (f"warning: {len(summary.empty_classes)} of {summary.classes} classes have no usable image ({names}): "
+            "a model trained on it learns nothing for them (an empty or unreadable class folder, or a --limit that stops before them)")
 
 
 def skipped_note(summary: Summary) -> str | None:
