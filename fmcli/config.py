@@ -663,7 +663,9 @@ def _overrides_layer(overrides: list[str], allowed: set[str] | None = None) -> d
     layer: dict = {}
     for item in overrides:
         key, value = parse_override(item)
-        _check_key_exists(key.split("."), key)  # a typo is an unknown setting, on a resume too (not a "change")
+        annotation = _check_key_exists(key.split("."), key)  # a typo is an unknown setting, on a resume too (not a "change")
+        if isinstance(value, (bool, int, float)) and _is_text_setting(annotation):
+            value = item.split("=", 1)[1].strip()  # a text setting keeps the text: --set name=2024 names the run "2024"
         if allowed is not None and key not in allowed:
             raise UsageError(
                 RESUME_REFUSALS.get(key) or f"--set {key} cannot change when resuming (it would change the run's math); "
@@ -727,8 +729,10 @@ def _set_key(raw: dict, key: str, value: Any) -> None:
     _check_key_exists(parts, key)
 
 
-def _check_key_exists(parts: list[str], key: str) -> None:
+def _check_key_exists(parts: list[str], key: str) -> Any:
+    """The key's type annotation; an unknown key is a UsageError naming the unknown part."""
     model: Any = Config
+    annotation = None
     for part in parts:
         fields = getattr(model, "model_fields", None)
         if fields is None or part not in fields:
@@ -737,6 +741,12 @@ def _check_key_exists(parts: list[str], key: str) -> None:
         # a section, or an optional one (BudgetFallback | None)
         candidates = [annotation, *typing.get_args(annotation)]
         model = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return annotation
+
+
+def _is_text_setting(annotation: Any) -> bool:
+    """A `str` or `str | None` field (name, data.path, train.init_from, ...), whose --set value is text as typed."""
+    return annotation is str or annotation == (str | None)
 
 
 def _read_preset(preset: str) -> dict:

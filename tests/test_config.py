@@ -69,6 +69,19 @@ def test_an_unknown_key_on_resume_is_called_unknown_not_a_change():
         apply_overrides(cfg, ["model.hidden_size=64"], allowed=RESUME_SAFE_KEYS)
 
 
+def test_a_text_setting_given_a_number_by_set_keeps_the_text():
+    """`--set name=2024` (a run named by its date) parsed 2024 as a TOML integer and was refused with "name: Input
+    should be a valid string"; a text field takes the characters typed, while typed fields still parse."""
+    from pathlib import Path
+
+    from fmcli.launch import training_config
+
+    cfg = load_config("debug", ["name=2024", "data.path=007", "train.init_from=1e3", "eval.features=true", "train.steps=3"])
+    assert (cfg.name, cfg.data.path, cfg.train.init_from, cfg.eval.features) == ("2024", "007", "1e3", "true")
+    assert cfg.train.steps == 3 and load_config("debug", ["name='x y'", "data.path=null"]).name == "x y"
+    assert training_config("debug", ["name=2024"], data=None, run_dir=None, resume=None)[1] == Path("runs") / "2024"
+
+
 def test_every_preset_validates():
     assert {"quickstart", "debug"} <= set(preset_names())
     for name in preset_names():
