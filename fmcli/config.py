@@ -673,6 +673,9 @@ def _overrides_layer(overrides: list[str], allowed: set[str] | None = None) -> d
     layer: dict = {}
     for item in overrides:
         key, value = parse_override(item)
+        annotation = _check_key_exists(key.split("."), key)  # a typo is an unknown setting, on a resume too (not a "change")
+        if isinstance(value, (bool, int, float)) and _is_text_setting(annotation):
+            value = item.split("=", 1)[1].strip()  # a text setting keeps the text: --set name=2024 names the run "2024"
         if allowed is not None and key not in allowed:
             raise UsageError(
                 RESUME_REFUSALS.get(key) or f"--set {key} cannot change when resuming (it would change the run's math); "
@@ -736,8 +739,10 @@ def _set_key(raw: dict, key: str, value: Any) -> None:
     _check_key_exists(parts, key)
 
 
-def _check_key_exists(parts: list[str], key: str) -> None:
+def _check_key_exists(parts: list[str], key: str) -> Any:
+    """The key's type annotation; an unknown key is a UsageError naming the unknown part."""
     model: Any = Config
+    annotation = None
     for part in parts:
         fields = getattr(model, "model_fields", None)
         if fields is None or part not in fields:
@@ -746,6 +751,12 @@ def _check_key_exists(parts: list[str], key: str) -> None:
         # a section, or an optional one (BudgetFallback | None)
         candidates = [annotation, *typing.get_args(annotation)]
         model = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return annotation
+
+
+def _is_text_setting(annotation: Any) -> bool:
+    """A `str` or `str | None` field (name, data.path, train.init_from, ...), whose --set value is text as typed."""
+    return annotation is str or annotation == (str | None)
 
 
 def _read_preset(preset: str) -> dict:
@@ -763,9 +774,11 @@ def _resolve_preset(preset: str, relative_to: Path | None, chain: list[str]) -> 
     if key in chain:
         raise UsageError(f"preset inheritance cycle: {' -> '.join([*chain, key])}")
     try:
-        raw = tomllib.loads(source.read_text())
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise UsageError(f"preset {key} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:  # a binary file (an image, a checkpoint) named as a preset: TOML is UTF-8 text
+        raise UsageError(f"preset {key} is not valid TOML: not UTF-8 text (is it a preset file?)") from None
     base = raw.pop("base", None)
     if base is None:
         return raw

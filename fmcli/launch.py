@@ -49,6 +49,8 @@ def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None,
     refuse_checkpoint_trust(cfg, overrides, str(ckpt))  # a checkpoint's config never decides to run code
     if data is not None and Path(cfg.data.path or "").resolve() != data.resolve():
         raise UsageError(f"--data {data} differs from the resumed run's data.path {cfg.data.path}: a run cannot change its dataset on resume")
+    if cfg.data.path and not Path(cfg.data.path).exists():  # said here, where the checkpoint tells what the data was
+        raise UsageError(missing_resume_data(cfg.data, state.get("data_info")))
     return apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
 
 
@@ -133,10 +135,7 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
         cfg = default_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
     if int(os.environ.get("RANK", "0")) == 0:  # once per run: the launching process, or rank 0 under torchrun/SLURM
         if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and holds_a_run(run_dir):
-            if not (run_dir / "checkpoints" / "latest").is_file():  # `fm resume` has nothing to continue there
-                raise UsageError(f"run directory {run_dir} already exists and holds no checkpoint (its run stopped before the first): "
-                                 "pick another --run-dir, or delete it to start that run over")
-            raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
+            refuse_used_run_dir(run_dir)
         if warning := ema_warning(cfg.train):
             print(warning, file=sys.stderr)
     if (procs > 1 or launch["nnodes"] > 1) and not child:
@@ -148,11 +147,25 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
 
 
 # What a launch writes before the run's own files: a launch that failed before them left no run behind.
-LAUNCH_FILES = (".launch-config.json", "autotune.json")
+LAUNCH_FILES = (".launch-config.json", "autotune.json", ".lock")  # runlog.RUN_LOCK: the lock of a run being trained
+# What a run writes from its start (train.Trainer.run): a folder with none of them is not a run that stopped early.
+RUN_FILES = ("config.json", "env.json", "metrics.jsonl", "checkpoints", "samples")
 
 
 def holds_a_run(run_dir: Path) -> bool:
     return run_dir.exists() and any(p.name not in LAUNCH_FILES for p in run_dir.iterdir())
+
+
+def refuse_used_run_dir(run_dir: Path) -> None:
+    """A fresh run's directory that `holds_a_run`: why it cannot be used, and what to do instead (exit 2)."""
+    if not any((run_dir / name).exists() for name in RUN_FILES):  # a folder of the user's, not a run that stopped
+        example = next(p.name for p in sorted(run_dir.iterdir()) if p.name not in LAUNCH_FILES)
+        raise UsageError(f"run directory {run_dir} already exists and holds files that are not an fm run (e.g. {example}): "
+                         "pick another --run-dir (fm does not write a run among other files)")
+    if not (run_dir / "checkpoints" / "latest").is_file():  # `fm resume` has nothing to continue there
+        raise UsageError(f"run directory {run_dir} already exists and holds no checkpoint (its run stopped before the first): "
+                         "pick another --run-dir, or delete it to start that run over")
+    raise UsageError(f"run directory {run_dir} already exists; continue it with `fm resume {run_dir}` or `--resume latest`, or pick --run-dir")
 
 
 def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step, launch: dict, procs: int, started_at: float) -> None:
@@ -225,6 +238,16 @@ def prepare_hint(data) -> str:
         return f"create it with `fm prepare-data shapes --out {data.path} --size {data.image_size} --count {data.count} --seed {data.seed}`"
     root = "" if data.source == "shapes" else " --root ..."
     return f"create it with `fm prepare-data {data.source}{root} --out {data.path}` and the options it was first prepared with"
+
+
+def missing_resume_data(data, info) -> str:
+    """Why a resumed run's data.path is missing and how to give it back: the run cannot change its dataset, and its
+    data.source may be a preset's default that says nothing of what --data held (the checkpoint's data_info does)."""
+    where = "" if Path(data.path).is_absolute() else f" (relative to this working directory, {Path.cwd()})"
+    what = f" ({info.get('source')}, {info.get('count')} images)" if isinstance(info, dict) else ""
+    own_shapes = data.source == "shapes" and Path(data.path).name == shapes_name(data) and (not what or info.get("source") == "shapes")
+    fix = prepare_hint(data) if own_shapes else "put it back there (or a link to it), or run fm from the directory the run was started in"
+    return f"data.path {data.path}{where} of the resumed run does not exist; a run resumes on its own dataset{what}: {fix}"
 
 
 def shapes_name(data) -> str:

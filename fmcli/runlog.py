@@ -1,7 +1,10 @@
-"""A run directory's records: config.json, env.json, metrics.jsonl (docs/architecture.md section 7)."""
+"""A run directory's records: config.json, env.json, metrics.jsonl, and the lock of a run being trained (docs/architecture.md
+section 7)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -14,7 +17,32 @@ import numpy as np
 import torch
 
 from . import __version__
+from .errors import UsageError
 from .fsutil import write_text_atomic
+
+
+RUN_LOCK = ".lock"  # the file rank 0 holds an advisory lock on while it trains in a run directory
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Held by rank 0 while a run trains in `run_dir`: a second `fm train`/`fm resume` of the same run is refused
+    (exit 2) instead of both writing checkpoints, metrics and rollback set-asides over each other. An advisory
+    flock on RUN_DIR/.lock, which the OS releases when the process ends however it ends; where the filesystem
+    has no locks, the run goes unlocked."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{run_dir} is being trained by another fm process (fm train or fm resume of this run): "
+                             "wait for it to end, or stop it (Ctrl-C saves a checkpoint), then resume") from None
+        except OSError:
+            pass  # a filesystem without flock (some network mounts): no lock, as before
+        yield
+    finally:
+        os.close(fd)
 
 
 def memory_mib(device: torch.device) -> float:

@@ -31,7 +31,7 @@ from .errors import RuntimeFailure, UsageError
 from .fsutil import write_text_atomic
 from .generate import SamplingNet, initial_noise, sample_batch
 from .images import save_grid
-from .runlog import append_metrics, memory_mib, step_name, write_config, write_run_files
+from .runlog import append_metrics, memory_mib, run_dir_lock, step_name, write_config, write_run_files
 from .step import TrainingStep
 from .tracking import NullTracker, make_tracker
 
@@ -266,6 +266,10 @@ class Trainer:
             self.log.info(f"the run is already at step {self.step} of train.steps={self.cfg.train.steps}; extend it with --set train.steps=N")
             result.checkpoint = self.resume_from
             return result
+        with run_dir_lock(self.run_dir) if self.ctx.rank == 0 else contextlib.nullcontext():  # one process trains a run
+            return self._run_locked(stop_at_step, result)
+
+    def _run_locked(self, stop_at_step: int | None, result: TrainResult) -> TrainResult:
         if self.ctx.rank == 0:
             resumed_at = None if self.resume_from is None else self.step
             self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg), resumed_at=resumed_at)

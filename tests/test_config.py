@@ -42,6 +42,46 @@ def test_unknown_key_in_a_preset_file_is_an_error(tmp_path):
         load_config(str(bad))
 
 
+def test_a_binary_file_given_as_a_preset_is_one_usage_line(tmp_path):
+    """A PNG (not UTF-8, so not TOML) passed as --preset: exit 2 naming the file, not exit 1 with a UnicodeDecodeError."""
+    image = tmp_path / "picture.toml"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(UnicodeDecodeError):
+        image.read_text(encoding="utf-8")  # the premise: the file is not UTF-8 text
+    bad = fm_in_process("train", "--preset", image, "--print-config")
+    assert bad.returncode == 2 and bad.stdout == "", bad
+    assert len(bad.stderr.strip().splitlines()) == 1 and "picture.toml" in bad.stderr and "UnicodeDecodeError" not in bad.stderr
+    base = tmp_path / "child.toml"  # the same file reached as a base
+    base.write_text('base = "picture.toml"\n')
+    assert fm_in_process("train", "--preset", base, "--print-config").returncode == 2
+
+
+def test_an_unknown_key_on_resume_is_called_unknown_not_a_change():
+    """`fm resume --set train.stepz=3` is a typo: the message names the unknown setting, not "cannot change when
+    resuming (it would change the run's math)", which says the key exists."""
+    cfg = load_config("debug")
+    assert "stepz" not in Config.model_fields["train"].annotation.model_fields  # the premise: no such setting
+    for typo, part in (("train.stepz=3", "stepz"), ("trian.steps=3", "trian"), ("train.steps.x=3", "x")):
+        with pytest.raises(UsageError, match=f"unknown setting '{part}'") as err:
+            apply_overrides(cfg, [typo], allowed=RESUME_SAFE_KEYS)
+        assert "cannot change" not in str(err.value)
+    with pytest.raises(UsageError, match="cannot change when resuming"):  # a real key outside the safe ones still is
+        apply_overrides(cfg, ["model.hidden_size=64"], allowed=RESUME_SAFE_KEYS)
+
+
+def test_a_text_setting_given_a_number_by_set_keeps_the_text():
+    """`--set name=2024` (a run named by its date) parsed 2024 as a TOML integer and was refused with "name: Input
+    should be a valid string"; a text field takes the characters typed, while typed fields still parse."""
+    from pathlib import Path
+
+    from fmcli.launch import training_config
+
+    cfg = load_config("debug", ["name=2024", "data.path=007", "train.init_from=1e3", "eval.features=true", "train.steps=3"])
+    assert (cfg.name, cfg.data.path, cfg.train.init_from, cfg.eval.features) == ("2024", "007", "1e3", "true")
+    assert cfg.train.steps == 3 and load_config("debug", ["name='x y'", "data.path=null"]).name == "x y"
+    assert training_config("debug", ["name=2024"], data=None, run_dir=None, resume=None)[1] == Path("runs") / "2024"
+
+
 def test_every_preset_validates():
     assert {"quickstart", "debug"} <= set(preset_names())
     for name in preset_names():

@@ -269,6 +269,47 @@ def test_resize_center_crop_of_odd_box_matches_pil_crop():
     assert np.array_equal(np.asarray(out), np.asarray(img.crop((10, 0, 40, 30))))
 
 
+def test_folder_out_inside_its_root_is_refused_before_any_work(folder, tmp_path):
+    """--out inside --root: the dataset would be a new "class" folder (of manifest.json, x.npy, y.npy) that the
+    next `fm prepare-data folder` of that root reads as one more class with no usable image. Refused, nothing
+    written into the user's folder."""
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(folder[0], root)
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    for out in (root / "prepared", root / "cat" / "prepared", tmp_path / "imgs" / ".." / "imgs" / "p"):
+        with pytest.raises(UsageError, match="inside --root"):
+            prepare("folder", out, root=root, size=16, workers=1)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before and not list(root.glob(".*"))
+    res = run_fm("prepare-data", "folder", "--root", root, "--out", root / "prepared")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "inside --root" in res.stderr, res.stderr
+    summary = prepare("folder", tmp_path / "beside", root=root, size=16, workers=1)  # beside it: as before
+    assert (summary.count, summary.classes) == (6, 2)
+
+
+def test_a_class_folder_without_a_usable_image_is_named_on_stderr(folder, tmp_path):
+    """An empty class folder (or one of damaged files only, e.g. macOS's __MACOSX of ._* files) still becomes a label,
+    one the model is trained to draw without a single image of it: the command says which, on stderr only."""
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(folder[0], root)
+    (root / "bird").mkdir()  # sorted between cat and dog: label 1
+    (root / "emu").mkdir()
+    (root / "emu" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # only a damaged file
+    res = run_fm("prepare-data", "folder", "--root", root, "--out", tmp_path / "o", "--json", "--workers", "1")
+    assert res.returncode == 0, res.stderr
+    manifest, _, y = _load(tmp_path / "o")
+    assert manifest["class_names"] == ["bird", "cat", "dog", "emu"]
+    assert sorted(set(range(4)) - set(y.tolist())) == [0, 3]  # the reference: labels no row has
+    warning = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "2 of 4 classes" in warning[0] and "'bird'" in warning[0] and "'emu'" in warning[0], res.stderr
+    assert "'cat'" not in warning[0] and set(json.loads(res.stdout)) == {"path", "source", "count", "skipped", "classes", "seconds", "bytes"}
+    quiet = run_fm("prepare-data", "folder", "--root", folder[0], "--out", tmp_path / "o2", "--workers", "1")
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "all-corrupt", "file-not-dir"])
 def test_folder_bad_inputs_exit_2_without_output(tmp_path, case):
     root = tmp_path / "in"

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import run_fm
+from conftest import fm_in_process, run_fm
 from fmcli.errors import UsageError
 from fmcli.launch import training_config
 
@@ -43,6 +43,73 @@ def test_a_refused_or_failed_launch_does_not_block_the_corrected_command(shapes1
     assert ok.returncode == 0, ok.stderr
     assert (run / "config.json").is_file()
     again = run_fm(*train)  # a real run in it is never reused
+    assert again.returncode == 2 and "fm resume" in again.stderr
+
+
+def test_a_folder_of_the_users_files_is_not_called_a_run_to_delete(shapes16, tmp_path):
+    """--run-dir naming a folder that holds only the user's own files: refused (exit 2) as not an fm run, without
+    the advice for a run that stopped before its first checkpoint ("delete it to start that run over")."""
+    folder = tmp_path / "my-notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    refused = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", folder, "--set", "train.steps=2")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused
+    assert "not an fm run" in refused.stderr and "notes.txt" in refused.stderr, refused.stderr
+    assert "delete" not in refused.stderr and "stopped before" not in refused.stderr, refused.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"] and (folder / "notes.txt").read_text() == "mine"
+    (folder / "config.json").write_text("{}")  # what a run that failed at its first step leaves: still that advice
+    stopped = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", folder, "--set", "train.steps=2")
+    assert stopped.returncode == 2 and "stopped before the first" in stopped.stderr, stopped.stderr
+
+
+def test_a_resumed_run_whose_data_moved_is_told_what_the_data_was(shapes16, tmp_path, monkeypatch):
+    """A run trained with --data on another source than its preset's data.source (here the debug preset's "shapes"
+    on a copy of a folder-made dataset), its data then moved: the resume names the dataset the checkpoint trained on
+    and how to give it back, never `fm prepare-data shapes` (which would make other images)."""
+    from fmcli.config import load_config
+    from fmcli.data.dataset import read_manifest
+    from fmcli.train import train
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(shapes16, tmp_path / "mine")
+    manifest = read_manifest(tmp_path / "mine")
+    manifest["source"] = "folder"  # the premise: what --data holds is not what the preset's data.source says
+    (tmp_path / "mine" / "manifest.json").write_text(__import__("json").dumps(manifest))
+    cfg = load_config("debug", ["data.path='mine'", "train.steps=2", "train.checkpoint_every=0"])
+    assert cfg.data.source == "shapes"
+    train(cfg, tmp_path / "run")
+    (tmp_path / "mine").rename(tmp_path / "moved")
+    for args in (("resume", "run"), ("train", "--resume", "latest", "--run-dir", "run")):
+        res = fm_in_process(*args)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res
+        assert "data.path mine" in res.stderr and "folder, 512 images" in res.stderr and str(tmp_path) in res.stderr, res.stderr
+        assert "prepare-data shapes" not in res.stderr, res.stderr
+
+
+def test_a_second_resume_of_a_run_being_trained_is_refused(debug_run, tmp_path):
+    """Two `fm resume` of one run at once (a requeued job beside the old one, a second terminal) each took the other's
+    new checkpoints for an abandoned branch and moved them aside, and one crashed on a rename (exit 1). While a
+    process holds the run's lock (here this test, with flock directly), a resume is refused before writing anything."""
+    import fcntl
+    import os
+
+    run = tmp_path / "run"
+    shutil.copytree(debug_run, run)
+    listing = lambda: sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.name != ".lock")  # noqa: E731
+    before, metrics = listing(), (run / "metrics.jsonl").read_bytes()
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other process's lock
+        busy = fm_in_process("resume", run, "--set", "train.steps=6")
+        lines = busy.stderr.strip().splitlines()
+        assert busy.returncode == 2 and [line for line in lines if line.startswith("error")] == lines[-1:], busy
+        assert "another fm process" in lines[-1] and "Traceback" not in busy.stderr, busy.stderr
+        assert listing() == before and (run / "metrics.jsonl").read_bytes() == metrics
+    finally:
+        os.close(fd)  # the other process ended: the same command now resumes
+    done = fm_in_process("resume", run, "--set", "train.steps=6")
+    assert done.returncode == 0 and "step-0000006.pt" in done.stdout, done
+    again = fm_in_process("train", "--preset", "debug", "--run-dir", run)  # its lock file does not make a run
     assert again.returncode == 2 and "fm resume" in again.stderr
 
 

@@ -125,3 +125,12 @@ def test_a_save_removes_the_temp_file_a_killed_save_left_and_nothing_else(tmp_pa
     train(validate_config(load_checkpoint(ckpt)["config"]).with_section("train", steps=3), tmp_path / "run", resume_from=ckpt, log=QuietLog())
     assert [p.exists() for p in left + kept] == [False, False, True, True, True]
     assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["step"] == 3
+
+
+def test_resume_help_says_an_older_checkpoint_rolls_back():
+    """The README's rollback (an older checkpoint continues on a new branch, later ones moved aside) is what
+    `fm resume CKPT` does to a run's checkpoints folder: its --help says so, not only "continue a stopped run"."""
+    from conftest import fm_in_process
+
+    shown = fm_in_process("resume", "--help", env={"COLUMNS": "400"})
+    assert shown.returncode == 0 and "roll" in shown.stdout and "abandoned-from-step-" in shown.stdout, shown.stdout

@@ -56,7 +56,7 @@ def prepare_data(
       fm prepare-data captions --root pairs.jsonl --size 64 --out data/t2i-64 --vae weights/sd-vae-ft-mse --text-encoder weights/t5-small --cache-text
     """
 
-    from ..data.prepare import prepare_dataset, skipped_note
+    from ..data.prepare import empty_classes_note, prepare_dataset, skipped_note
 
     if cache_text and not text_encoder:  # else the dataset would silently hold no text states
         raise UsageError("--cache-text stores a text encoder's states: give the encoder with --text-encoder DIR")
@@ -66,10 +66,11 @@ def prepare_data(
         source, out, root=root, split=split, size=size, limit=limit, workers=workers, count=count, seed=seed, max_member_mib=max_member_mib,
         force=force, encode=encode, device=device,
     )  # fmt: skip
-    if note := skipped_note(summary):
-        log_line(note)
+    for note in (skipped_note(summary), empty_classes_note(summary)):
+        if note:
+            log_line(note)
     if as_json:
-        emit_json({k: v for k, v in vars(summary).items() if k != "skipped_examples"})
+        emit_json({k: v for k, v in vars(summary).items() if k not in ("skipped_examples", "empty_classes")})
     else:
         stderr_console().print(f"wrote {summary.count} images ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s", highlight=False)
         print(summary.path)

@@ -51,17 +51,19 @@ def train(
 @app.command()
 def resume(
     *,
-    target: Annotated[Path, typer.Argument(help="A run directory (resumes its latest checkpoint) or a checkpoint file.")],
+    target: Annotated[Path, typer.Argument(help="A run directory (resumes its latest checkpoint) or a checkpoint file (an older one rolls back: "
+                                                 "later checkpoints are moved, never deleted, to checkpoints/abandoned-from-step-N/).")],
     overrides: Annotated[List[str], typer.Option("--set", help="Change a resume-safe setting, e.g. --set train.steps=2000.")] = [],
     stop_at_step: StopAt = None,
     gpus: Gpus = 0,
     nproc: Nproc = 0,
 ):
-    """Continue a stopped run exactly where it left off.
+    """Continue a stopped run exactly where it left off, extend it, or roll it back to an older checkpoint.
 
     Examples:
       fm resume runs/quickstart
       fm resume runs/quickstart --set train.steps=4000
+      fm resume runs/quickstart/checkpoints/step-0002000.pt   # roll back: later checkpoints move to abandoned-from-step-0002000/
     """
 
     from ..launch import launch_options, resume_training

@@ -44,6 +44,7 @@ class Summary:
     seconds: float
     bytes: int
     skipped_examples: list[str] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)  # class names with no usable image (not in --json)
 
 
 def prepare(
@@ -74,6 +75,7 @@ def prepare(
     if split != "train" and source not in SPLIT_SOURCES:  # it would be the training images again: a "test" set that leaks
         raise UsageError(f"--split test: the {source} source has no test split (only {', '.join(SPLIT_SOURCES)} do); "
                          "prepare held-out images from their own --root" + (", or shapes with another --seed" if source == "shapes" else ""))
+    refuse_out_in_root(source, root, out)
     src = open_source(source, root, split=split, size=size, count=count, seed=seed, max_member_mib=max_member_mib)
     total = src.capacity if limit is None else min(limit, src.capacity or limit)
     if total:
@@ -119,6 +121,7 @@ def prepare(
         seconds=round(time.perf_counter() - start, 2),
         bytes=sum(f.stat().st_size for f in path.iterdir()),
         skipped_examples=examples,
+        empty_classes=_empty_classes(path, src.class_names),
     )
 
 
@@ -152,6 +155,25 @@ def prepare_dataset(
     return summary
 
 
+def _empty_classes(path: Path, class_names: list[str] | None) -> list[str]:
+    """The classes (e.g. an empty class folder, or one of damaged files only) that no written image has."""
+    if not class_names:
+        return []
+    import numpy as np
+
+    counts = np.bincount(np.load(Path(path) / "y.npy"), minlength=len(class_names))
+    return [name for name, n in zip(class_names, counts) if n == 0]
+
+
+def empty_classes_note(summary: Summary) -> str | None:
+    """A label with no image trains nothing, yet the model and its grids have it: say so, on stderr."""
+    if not summary.empty_classes:
+        return None
+    names = ", ".join(repr(name) for name in summary.empty_classes)
+    return (f"warning: {len(summary.empty_classes)} of {summary.classes} classes have no usable image ({names}): "
+            "a model trained on it learns nothing for them (an empty or unreadable class folder, or a --limit that stops before them)")
+
+
 def skipped_note(summary: Summary) -> str | None:
     """The records a pass skipped, a few named, for stderr."""
     if not summary.skipped:
@@ -172,6 +194,17 @@ def prepare_encoded_with_progress(pixels, out: Path, total: int | None, device, 
 
     with Bar("encode", total) as bar:
         return prepare_encoded(pixels, out, force=force, device=device, progress=bar.advance, **encode)
+
+
+def refuse_out_in_root(source: str, root, out: Path) -> None:
+    """A folder source reads every file under --root: a dataset written inside it would be read back as input by
+    the next run (a class folder of .npy files, or a flat folder turned into class folders)."""
+    if source not in ("folder", "captions") or root is None or not Path(root).expanduser().is_dir():
+        return
+    root_dir = Path(root).expanduser().resolve()
+    if out.resolve() == root_dir or root_dir in out.resolve().parents:
+        raise UsageError(f"--out {out} is inside --root {root}, whose files the {source} source reads (a later run would read "
+                         "this dataset back as images); choose an --out outside it")
 
 
 def open_source(name: str, root, *, split: str, size: int, count: int, seed: int, max_member_mib: float = DEFAULT_MAX_MEMBER_MIB) -> Source:
