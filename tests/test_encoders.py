@@ -357,6 +357,47 @@ def test_recorded_encoder_paths_work_from_another_directory(tmp_path, tiny_vae, 
     assert Path(cfg.encoders.text_encoder).samefile(work / "weights" / "t5")
 
 
+def test_relative_encoder_paths_a_run_is_given_are_recorded_absolute(tmp_path, tiny_vae, tiny_t5, monkeypatch):
+    """`--set encoders.vae=vae` (or a relative FM_VAE / FM_TEXT_ENCODER) was stored as typed in the run's config,
+    so `fm sample` from another directory failed, and its message said to download a VAE. The run now records
+    the absolute path of a relative one that exists; a missing one is kept as given; sampling's message names
+    the command's VAE option (or FM_VAE) and the VAE the data was encoded with, not a download."""
+    import shutil
+
+    from fmcli.config import apply_overrides, resolve_for_training
+    from fmcli.data.dataset import PreparedDataset
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.generate import _sampling_encoders
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_vae, work / "vae")
+    shutil.copytree(tiny_t5, work / "t5")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    data = encode_prepared(prepare_shapes("shapes", size=16, count=4, seed=0), "latents", vae=str(work / "vae"), text_encoder=str(work / "t5"),
+                           cache_text=True, max_tokens=8)  # fmt: skip
+    dataset = PreparedDataset(work / "latents", text=True)
+    monkeypatch.setenv("FM_TEXT_ENCODER", "t5")  # relative, from the environment
+    monkeypatch.delenv("FM_VAE", raising=False)
+    cfg = apply_overrides(load_config("text-debug"), [f"data.path={data}", "encoders.vae=vae"])
+    cfg = resolve_for_training(cfg, dataset, torch.device("cpu"))[1]
+    assert cfg.encoders.vae == os.path.join(str(work), "vae") and cfg.encoders.text_encoder == os.path.join(str(work), "t5")
+    gone = apply_overrides(load_config("text-debug"), [f"data.path={data}", "encoders.vae=no-such-vae"])
+    assert resolve_for_training(gone, dataset, torch.device("cpu"))[1].encoders.vae == "no-such-vae"  # not there: kept as typed
+    # A run that recorded a relative path, sampled from elsewhere: the message says how to point at the VAE.
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("FM_TEXT_ENCODER", raising=False)
+    old = apply_overrides(load_config("debug"), ["encoders.vae=vae"])
+    info = {"kind": "latents", "vae": {"path": str(work / "vae")}}
+    for option, remedy in (("--vae", "pass --vae DIR or set FM_VAE"), (None, "set FM_VAE=DIR")):
+        with pytest.raises(UsageError) as err:
+            _sampling_encoders(old, info, torch.device("cpu"), None, None, vae_option=option)
+        message = str(err.value)
+        assert message.startswith("VAE not found: vae does not exist") and "huggingface-cli" not in message, message
+        assert message.endswith(f"; {remedy} to the VAE the model was trained with (its data was encoded with {work / 'vae'})"), message
+
+
 def test_force_over_a_users_folder_is_refused_before_the_pixel_pass(tmp_path, tiny_vae):
     """`fm prepare-data ... --vae DIR --out USER_FOLDER --force` refused the folder (not a prepared dataset)
     only when writing the latents, after the whole pixel pass and the VAE load; now before any work."""
