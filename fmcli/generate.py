@@ -341,6 +341,11 @@ def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_en
                        vae_option: str | None = None) -> dict:
     from .encoders import ENV_TEXT_ENCODER, ENV_VAE, FrozenVAE, TextConditioning, check_same_text_encoder, check_same_vae, load_text_encoder, resolve_path
 
+    # An encoder given for a model that uses none would be ignored silently: refused, as --prompt on a model without text is.
+    if vae is not None and info.get("kind") != "latents":
+        raise UsageError(f"--vae given but this model samples pixels, not VAE latents: remove --vae {vae}")
+    if text_encoder is not None and not cfg.model.cross_attention:
+        raise UsageError(f"--text-encoder given but this model is not text-conditioned: remove --text-encoder {text_encoder}")
     out = {}
     # --vae / --text-encoder and the environment win over the run's record: refuse encoders of another latent
     # space or width before any work (they decoded garbage, or crashed in the first text projection).

@@ -454,6 +454,24 @@ def test_sampling_refuses_encoders_of_another_latent_space_or_width(tmp_path, ti
         _sampling_encoders(cfg, info, cpu, None, str(wider_t5))
 
 
+def test_an_encoder_given_to_a_model_that_uses_none_is_refused_not_ignored(tmp_path, tiny_vae, tiny_t5):
+    """`fm sample/demo --vae` on a pixel-space model, and `--text-encoder` on a model without text, were silently
+    ignored (while --prompt on such a model is refused): each is now a one-line usage error naming the option."""
+    from fmcli.config import apply_overrides
+    from fmcli.generate import _sampling_encoders
+
+    cpu, pixels = torch.device("cpu"), load_config("debug")
+    assert _sampling_encoders(pixels, {"kind": "pixels"}, cpu, None, None) == {}
+    with pytest.raises(UsageError, match=f"^--vae given but this model samples pixels, not VAE latents: remove --vae {tiny_vae}$"):
+        _sampling_encoders(pixels, {"kind": "pixels"}, cpu, str(tiny_vae), None, vae_option="--vae")
+    with pytest.raises(UsageError, match="^--text-encoder given but this model is not text-conditioned"):
+        _sampling_encoders(pixels, {"kind": "pixels"}, cpu, None, str(tiny_t5))
+    latent = apply_overrides(load_config("debug"), [f"encoders.vae={tiny_vae}"])  # a latent model without text: --vae is used
+    assert set(_sampling_encoders(latent, {"kind": "latents"}, cpu, str(tiny_vae), None)) == {"vae"}
+    with pytest.raises(UsageError, match="^--text-encoder given but this model is not text-conditioned"):
+        _sampling_encoders(latent, {"kind": "latents"}, cpu, str(tiny_vae), str(tiny_t5))
+
+
 def test_latent_training_without_its_vae_skips_the_grid_instead_of_failing_the_run(tmp_path, tiny_vae, monkeypatch):
     """Training on latents needs no VAE (only the sample grids decode), so one that is not there is not checked
     at setup; but a recorded VAE that had moved failed the run at its first sample grid (exit 2 after the
