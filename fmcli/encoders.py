@@ -402,6 +402,16 @@ def check_vae_dir(path, remedy: str | None = None) -> Path:
     return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae", remedy)
 
 
+def check_vae_image_size(path, size: int) -> None:
+    """`fm prepare-data --size` against the VAE's downsampling factor (config.json), before the pixel pass rather
+    than after it (`FrozenVAE.latent_shape` checks again); a config that cannot be read is left to loading."""
+    facts = _vae_facts(path)
+    factor = int(facts["downsample"]) if facts else 1
+    if size % factor:
+        raise UsageError(f"--size {size} is not divisible by the VAE's downsampling factor {factor}: use a multiple of {factor} "
+                         f"(e.g. {max(factor, size - size % factor)})")
+
+
 # The config.json model types FrozenTextEncoder loads: T5 (T5EncoderModel; mT5 is the same network) and CLIP (CLIPTextModel).
 TEXT_ENCODER_TYPES = ("t5", "mt5", "clip", "clip_text_model")
 

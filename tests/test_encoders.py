@@ -415,6 +415,25 @@ def test_force_over_a_users_folder_is_refused_before_the_pixel_pass(tmp_path, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
+def test_a_size_the_vae_cannot_downsample_is_refused_before_the_pixel_pass(tmp_path, tiny_vae, monkeypatch):
+    """`fm prepare-data --vae --size S` with S not a multiple of the VAE's downsampling factor was refused only
+    after the whole pixel pass (minutes on a real dataset); now before it, naming a size that works."""
+    import fmcli.data.prepare as prepare_module
+
+    def pixel_pass(*args, **kwargs):
+        raise AssertionError("the pixel pass ran before the size was checked")
+
+    monkeypatch.setattr(prepare_module, "prepare_with_progress", pixel_pass)
+    common = dict(root=None, split="train", limit=None, workers=1, count=4, seed=0, max_member_mib=64.0, force=False, device="cpu")
+    # The tiny VAE has 2 blocks: one 2x downsampling (2 ** (2 - 1)); 17 is odd.
+    with pytest.raises(UsageError, match=r"^--size 17 is not divisible by the VAE's downsampling factor 2: use a multiple of 2 \(e.g. 16\)$"):
+        prepare_module.prepare_dataset("shapes", tmp_path / "latents", size=17, encode={"vae": str(tiny_vae)}, **common)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    summary = prepare_module.prepare_dataset("shapes", tmp_path / "latents", size=16, encode={"vae": str(tiny_vae)}, **common)
+    assert json.loads((Path(summary.path) / "manifest.json").read_text())["shape"] == [4, 8, 8]
+
+
 def test_grayscale_data_with_an_rgb_vae_is_a_usage_error(tmp_path, tiny_vae):
     """A 1-channel source (mnist, sklearn-digits) encoded with an RGB VAE failed inside the VAE's first
     convolution (a RuntimeError, exit 1); now a one-line usage error (exit 2) naming the channels."""
