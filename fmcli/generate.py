@@ -315,8 +315,8 @@ def sampling_record(loaded: LoadedModel) -> dict:
 
 def guidance_that_runs(loaded: LoadedModel, sample_cfg, log: Callable[[str], None] | None = None):
     """`sample_cfg` as it runs on `loaded`: cfg and cfg-zero guide away from the unconditional branch, which an
-    unconditional model lacks, so they leave it unguided (solvers.guided_velocity); its cfg then reads 1, so
-    that every summary reports what ran. Autoguidance (a guide network) works on any model."""
+    unconditional model lacks, so they leave it unguided (solvers.guided_velocity); its cfg then reads 1 and its
+    guidance interval none (it guides nothing), so that every summary reports what ran. Autoguidance (a guide network) works on any model."""
     if sample_cfg.cfg == 1.0 or sample_cfg.guidance == "auto":
         return sample_cfg
     if loaded.num_classes or loaded.is_text:
@@ -327,7 +327,7 @@ def guidance_that_runs(loaded: LoadedModel, sample_cfg, log: Callable[[str], Non
     if log:
         log(f"note: the model is unconditional, so {sample_cfg.guidance} guidance (cfg {sample_cfg.cfg:g}) has nothing to guide: sampling unguided "
             "(cfg 1); --guide-ckpt CKPT (autoguidance) guides unconditional models")  # fmt: skip
-    return sample_cfg.model_copy(update={"cfg": 1.0})
+    return sample_cfg.model_copy(update={"cfg": 1.0, "guidance_interval": None})
 
 
 def load_weights(path) -> dict:
