@@ -250,7 +250,7 @@ def launch_demo(
     _import_gradio()  # fail fast, before loading the model
     from .generate import load_for_sampling, prepare_for_sampling, with_guide
 
-    loaded = load_for_sampling(ckpt, device, vae=vae, text_encoder=text_encoder)
+    loaded = load_for_sampling(ckpt, device, vae=vae, text_encoder=text_encoder, vae_option="--vae")
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, device)
     loaded = prepare_for_sampling(loaded, sample_settings(loaded.config.sample, precision=precision, compile=compile_model), device, log)

@@ -211,7 +211,7 @@ def setup_training_encoders(cfg, dataset, device):
     """(TextConditioning or None, cfg with the encoder paths and model.text_dim resolved).
 
     Paths: config, then FM_VAE / FM_TEXT_ENCODER, then what `fm prepare-data` recorded in the manifest;
-    they are stored in the run's config so that `fm sample --ckpt` needs nothing else. `dataset` is a
+    they are stored in the run's config (absolute, when they exist) so that `fm sample --ckpt` needs nothing else. `dataset` is a
     data.dataset.PreparedDataset, read through its own methods (this module sits below data/).
     """
     manifest = dataset.manifest
@@ -234,7 +234,15 @@ def setup_training_encoders(cfg, dataset, device):
         if cfg.model.text_dim not in (None, text.text_dim):
             raise UsageError(f"model.text_dim={cfg.model.text_dim} does not match the text encoder's width {text.text_dim}; remove the setting")
         cfg = cfg.with_section("model", text_dim=text.text_dim)
-    return text, cfg.with_section("encoders", **encoders)
+    return text, cfg.with_section("encoders", **{k: _absolute_if_here(v) if k != "max_tokens" else v for k, v in encoders.items()})
+
+
+def _absolute_if_here(path: str | None) -> str | None:
+    """A relative encoder path that names a directory here, made absolute: the run records it, and `fm sample`
+    or a resume from another working directory reads it (a missing one is kept as given: training may not need it)."""
+    if path and path != BUILTIN_TINY_T5 and not os.path.isabs(path) and os.path.isdir(path):
+        return os.path.abspath(path)
+    return path
 
 
 def check_same_vae(path: str | None, recorded: dict, *, used_by: str = "the dataset's latents were encoded with", setting: str = "encoders.vae") -> None:
@@ -392,6 +400,16 @@ _ALTERNATIVES = {
 
 def check_vae_dir(path, remedy: str | None = None) -> Path:
     return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae", remedy)
+
+
+def check_vae_image_size(path, size: int) -> None:
+    """`fm prepare-data --size` against the VAE's downsampling factor (config.json), before the pixel pass rather
+    than after it (`FrozenVAE.latent_shape` checks again); a config that cannot be read is left to loading."""
+    facts = _vae_facts(path)
+    factor = int(facts["downsample"]) if facts else 1
+    if size % factor:
+        raise UsageError(f"--size {size} is not divisible by the VAE's downsampling factor {factor}: use a multiple of {factor} "
+                         f"(e.g. {max(factor, size - size % factor)})")
 
 
 # The config.json model types FrozenTextEncoder loads: T5 (T5EncoderModel; mT5 is the same network) and CLIP (CLIPTextModel).

@@ -143,12 +143,13 @@ class LoadedModel:
 
 def load_for_sampling(
     ckpt: str, device: torch.device, use_ema: bool = True, vae: str | None = None, text_encoder: str | None = None,
-    with_encoders: bool = True, with_vae: bool = True,
+    with_encoders: bool = True, with_vae: bool = True, vae_option: str | None = None,
 ) -> LoadedModel:
     """Build the model from the checkpoint's (or export directory's) own config and load its EMA (or raw)
     weights, with the frozen encoders it needs (paths: the arguments, FM_VAE / FM_TEXT_ENCODER, then those
     recorded in the run). `with_encoders=False` loads none (an autoguidance guide); `with_vae=False` skips
-    the VAE: samples stay latents (reflow pairs)."""
+    the VAE: samples stay latents (reflow pairs). `vae_option`: the command's VAE flag, which a missing VAE's message names
+    (None: the command has none, FM_VAE is named)."""
     path = resolve_checkpoint(ckpt)
     state = load_weights(path)
     cfg = with_sampling_shift(validate_config(state["config"], source=str(path)))
@@ -163,7 +164,7 @@ def load_for_sampling(
         raise UsageError(f"{path} is damaged: its {'EMA' if use_ema else 'model'} weights do not fit its own config "
                          f"({_state_dict_error(err)}); sample from another checkpoint") from None
     model.to(device).eval()
-    encoders = _sampling_encoders(cfg, info, device, vae, text_encoder, with_vae) if with_encoders else {}
+    encoders = _sampling_encoders(cfg, info, device, vae, text_encoder, with_vae, vae_option) if with_encoders else {}
     return LoadedModel(model=model, config=cfg, info=info, step=step, **encoders)
 
 
@@ -314,8 +315,8 @@ def sampling_record(loaded: LoadedModel) -> dict:
 
 def guidance_that_runs(loaded: LoadedModel, sample_cfg, log: Callable[[str], None] | None = None):
     """`sample_cfg` as it runs on `loaded`: cfg and cfg-zero guide away from the unconditional branch, which an
-    unconditional model lacks, so they leave it unguided (solvers.guided_velocity); its cfg then reads 1, so
-    that every summary reports what ran. Autoguidance (a guide network) works on any model."""
+    unconditional model lacks, so they leave it unguided (solvers.guided_velocity); its cfg then reads 1 and its
+    guidance interval none (it guides nothing), so that every summary reports what ran. Autoguidance (a guide network) works on any model."""
     if sample_cfg.cfg == 1.0 or sample_cfg.guidance == "auto":
         return sample_cfg
     if loaded.num_classes or loaded.is_text:
@@ -326,7 +327,7 @@ def guidance_that_runs(loaded: LoadedModel, sample_cfg, log: Callable[[str], Non
     if log:
         log(f"note: the model is unconditional, so {sample_cfg.guidance} guidance (cfg {sample_cfg.cfg:g}) has nothing to guide: sampling unguided "
             "(cfg 1); --guide-ckpt CKPT (autoguidance) guides unconditional models")  # fmt: skip
-    return sample_cfg.model_copy(update={"cfg": 1.0})
+    return sample_cfg.model_copy(update={"cfg": 1.0, "guidance_interval": None})
 
 
 def load_weights(path) -> dict:
@@ -336,24 +337,29 @@ def load_weights(path) -> dict:
     return load_export(path) if is_export(path) else load_checkpoint(path, map_location="cpu")
 
 
-def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_encoder: str | None, with_vae: bool = True) -> dict:
-    from .encoders import (ENV_TEXT_ENCODER, ENV_VAE, FrozenVAE, TextConditioning, check_same_text_encoder, check_same_vae, load_text_encoder,
-                           require, resolve_path)  # fmt: skip
+def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_encoder: str | None, with_vae: bool = True,
+                       vae_option: str | None = None) -> dict:
+    from .encoders import ENV_TEXT_ENCODER, ENV_VAE, FrozenVAE, TextConditioning, check_same_text_encoder, check_same_vae, load_text_encoder, resolve_path
 
-    # A --vae or --text-encoder the model never reads would be accepted and do nothing (the FM_* variables are
-    # defaults for every command, not requests: they stay quiet).
+    # An encoder given for a model that uses none would be ignored silently: refused, as --prompt on a model without text is.
     if vae is not None and info.get("kind") != "latents":
-        raise UsageError(f"--vae {vae}: this model makes pixels, with nothing to decode: drop --vae (it is for latent-space models)")
+        raise UsageError(f"--vae given but this model samples pixels, not VAE latents: remove --vae {vae}")
     if text_encoder is not None and not cfg.model.cross_attention:
-        raise UsageError(f"--text-encoder {text_encoder}: this model is not text-conditioned: drop --text-encoder")
+        raise UsageError(f"--text-encoder given but this model is not text-conditioned: remove --text-encoder {text_encoder}")
     out = {}
     # --vae / --text-encoder and the environment win over the run's record: refuse encoders of another latent
     # space or width before any work (they decoded garbage, or crashed in the first text projection).
     if info.get("kind") == "latents" and with_vae:
-        path = require(resolve_path(vae, None, ENV_VAE, cfg.encoders.vae), "VAE", "--vae", ENV_VAE, "huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir {path}")
+        # The VAE the run recorded may have moved (or been recorded relative to another directory): say how to point at it.
+        remedy = (f"pass {vae_option} DIR or set {ENV_VAE}" if vae_option else f"set {ENV_VAE}=DIR") + " to the VAE the model was trained with"
+        if (info.get("vae") or {}).get("path"):
+            remedy += f" (its data was encoded with {info['vae']['path']})"
+        path = resolve_path(vae, None, ENV_VAE, cfg.encoders.vae)
+        if not path:
+            raise UsageError(f"this model samples latents and needs the VAE they were encoded with: {remedy}")
         if info.get("vae"):
             check_same_vae(path, info["vae"], used_by="the model was trained on latents of", setting="--vae")
-        out["vae"] = FrozenVAE(path, device, cfg.encoders.vae_precision)
+        out["vae"] = FrozenVAE(path, device, cfg.encoders.vae_precision, remedy=remedy)
     if cfg.model.cross_attention:
         path = resolve_path(text_encoder, None, ENV_TEXT_ENCODER, cfg.encoders.text_encoder)
         if cfg.model.text_dim is not None:
@@ -581,7 +587,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     refuse_existing(sample_outputs(out, n) + [gif], force)
     D.barrier(ctx)  # every rank has checked before any rank writes (no rank may see another's new file)
     dev = ctx.device
-    loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder)
+    loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder, vae_option="--vae")
     sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log if ctx.rank == 0 else None)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema, warn=None if ctx.rank == 0 else lambda message: None)

@@ -357,6 +357,47 @@ def test_recorded_encoder_paths_work_from_another_directory(tmp_path, tiny_vae, 
     assert Path(cfg.encoders.text_encoder).samefile(work / "weights" / "t5")
 
 
+def test_relative_encoder_paths_a_run_is_given_are_recorded_absolute(tmp_path, tiny_vae, tiny_t5, monkeypatch):
+    """`--set encoders.vae=vae` (or a relative FM_VAE / FM_TEXT_ENCODER) was stored as typed in the run's config,
+    so `fm sample` from another directory failed, and its message said to download a VAE. The run now records
+    the absolute path of a relative one that exists; a missing one is kept as given; sampling's message names
+    the command's VAE option (or FM_VAE) and the VAE the data was encoded with, not a download."""
+    import shutil
+
+    from fmcli.config import apply_overrides, resolve_for_training
+    from fmcli.data.dataset import PreparedDataset
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.generate import _sampling_encoders
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_vae, work / "vae")
+    shutil.copytree(tiny_t5, work / "t5")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    data = encode_prepared(prepare_shapes("shapes", size=16, count=4, seed=0), "latents", vae=str(work / "vae"), text_encoder=str(work / "t5"),
+                           cache_text=True, max_tokens=8)  # fmt: skip
+    dataset = PreparedDataset(work / "latents", text=True)
+    monkeypatch.setenv("FM_TEXT_ENCODER", "t5")  # relative, from the environment
+    monkeypatch.delenv("FM_VAE", raising=False)
+    cfg = apply_overrides(load_config("text-debug"), [f"data.path={data}", "encoders.vae=vae"])
+    cfg = resolve_for_training(cfg, dataset, torch.device("cpu"))[1]
+    assert cfg.encoders.vae == os.path.join(str(work), "vae") and cfg.encoders.text_encoder == os.path.join(str(work), "t5")
+    gone = apply_overrides(load_config("text-debug"), [f"data.path={data}", "encoders.vae=no-such-vae"])
+    assert resolve_for_training(gone, dataset, torch.device("cpu"))[1].encoders.vae == "no-such-vae"  # not there: kept as typed
+    # A run that recorded a relative path, sampled from elsewhere: the message says how to point at the VAE.
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("FM_TEXT_ENCODER", raising=False)
+    old = apply_overrides(load_config("debug"), ["encoders.vae=vae"])
+    info = {"kind": "latents", "vae": {"path": str(work / "vae")}}
+    for option, remedy in (("--vae", "pass --vae DIR or set FM_VAE"), (None, "set FM_VAE=DIR")):
+        with pytest.raises(UsageError) as err:
+            _sampling_encoders(old, info, torch.device("cpu"), None, None, vae_option=option)
+        message = str(err.value)
+        assert message.startswith("VAE not found: vae does not exist") and "huggingface-cli" not in message, message
+        assert message.endswith(f"; {remedy} to the VAE the model was trained with (its data was encoded with {work / 'vae'})"), message
+
+
 def test_force_over_a_users_folder_is_refused_before_the_pixel_pass(tmp_path, tiny_vae):
     """`fm prepare-data ... --vae DIR --out USER_FOLDER --force` refused the folder (not a prepared dataset)
     only when writing the latents, after the whole pixel pass and the VAE load; now before any work."""
@@ -372,6 +413,25 @@ def test_force_over_a_users_folder_is_refused_before_the_pixel_pass(tmp_path, ti
         prepare_encoded(pixel_pass, user, force=True, vae=str(tiny_vae))
     assert (user / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_a_size_the_vae_cannot_downsample_is_refused_before_the_pixel_pass(tmp_path, tiny_vae, monkeypatch):
+    """`fm prepare-data --vae --size S` with S not a multiple of the VAE's downsampling factor was refused only
+    after the whole pixel pass (minutes on a real dataset); now before it, naming a size that works."""
+    import fmcli.data.prepare as prepare_module
+
+    def pixel_pass(*args, **kwargs):
+        raise AssertionError("the pixel pass ran before the size was checked")
+
+    monkeypatch.setattr(prepare_module, "prepare_with_progress", pixel_pass)
+    common = dict(root=None, split="train", limit=None, workers=1, count=4, seed=0, max_member_mib=64.0, force=False, device="cpu")
+    # The tiny VAE has 2 blocks: one 2x downsampling (2 ** (2 - 1)); 17 is odd.
+    with pytest.raises(UsageError, match=r"^--size 17 is not divisible by the VAE's downsampling factor 2: use a multiple of 2 \(e.g. 16\)$"):
+        prepare_module.prepare_dataset("shapes", tmp_path / "latents", size=17, encode={"vae": str(tiny_vae)}, **common)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    summary = prepare_module.prepare_dataset("shapes", tmp_path / "latents", size=16, encode={"vae": str(tiny_vae)}, **common)
+    assert json.loads((Path(summary.path) / "manifest.json").read_text())["shape"] == [4, 8, 8]
 
 
 def test_grayscale_data_with_an_rgb_vae_is_a_usage_error(tmp_path, tiny_vae):
@@ -411,6 +471,24 @@ def test_sampling_refuses_encoders_of_another_latent_space_or_width(tmp_path, ti
     wider_t5 = build_tiny_text_encoder(tmp_path / "t5-64", seed=0, words=WORDS, d_model=64, layers=1, heads=4)
     with pytest.raises(UsageError, match="width 64, but the model was trained on text states of a t5 of width 32"):
         _sampling_encoders(cfg, info, cpu, None, str(wider_t5))
+
+
+def test_an_encoder_given_to_a_model_that_uses_none_is_refused_not_ignored(tmp_path, tiny_vae, tiny_t5):
+    """`fm sample/demo --vae` on a pixel-space model, and `--text-encoder` on a model without text, were silently
+    ignored (while --prompt on such a model is refused): each is now a one-line usage error naming the option."""
+    from fmcli.config import apply_overrides
+    from fmcli.generate import _sampling_encoders
+
+    cpu, pixels = torch.device("cpu"), load_config("debug")
+    assert _sampling_encoders(pixels, {"kind": "pixels"}, cpu, None, None) == {}
+    with pytest.raises(UsageError, match=f"^--vae given but this model samples pixels, not VAE latents: remove --vae {tiny_vae}$"):
+        _sampling_encoders(pixels, {"kind": "pixels"}, cpu, str(tiny_vae), None, vae_option="--vae")
+    with pytest.raises(UsageError, match="^--text-encoder given but this model is not text-conditioned"):
+        _sampling_encoders(pixels, {"kind": "pixels"}, cpu, None, str(tiny_t5))
+    latent = apply_overrides(load_config("debug"), [f"encoders.vae={tiny_vae}"])  # a latent model without text: --vae is used
+    assert set(_sampling_encoders(latent, {"kind": "latents"}, cpu, str(tiny_vae), None)) == {"vae"}
+    with pytest.raises(UsageError, match="^--text-encoder given but this model is not text-conditioned"):
+        _sampling_encoders(latent, {"kind": "latents"}, cpu, str(tiny_vae), str(tiny_t5))
 
 
 def test_latent_training_without_its_vae_skips_the_grid_instead_of_failing_the_run(tmp_path, tiny_vae, monkeypatch):

@@ -20,6 +20,8 @@ from fmcli.errors import UsageError
 from fmcli.optim import EMA_INITIAL_SHARE_LIMIT, ema_decay_at, ema_initial_share, ema_warning, update_ema
 
 TEXT_VARIANTS = ("overfit", "hparam_tuning", "full_scale", "text-debug")
+# The presets written for VAE latents (their comments prepare the data with --vae): the data decides the space, not the config.
+LATENT_PRESETS = {"celebahq256", "stability", *TEXT_VARIANTS}
 
 
 # --------------------------------------------------------------------------------------- package data
@@ -226,3 +228,41 @@ def test_fm_train_warns_once_about_an_initial_weight_ema(tmp_path, shapes16):
     assert out.returncode == 0, out.stderr
     expected = ema_warning(load_config("debug", sets).train)
     assert expected is not None and [line for line in out.stderr.splitlines() if "EMA" in line] == [expected]
+
+
+# ------------------------------------------------------------------------------ settings a model refuses
+
+
+def test_no_shipped_preset_schedules_what_its_own_model_refuses_or_ignores():
+    """celebahq256 (latents) and stability with its variants (latents, text) set eval.every, which their models
+    cannot run: every run printed "evaluation during training ... is not available". Nor may an unconditional
+    preset ask for cfg/cfg-zero guidance, which `guidance_that_runs` turns off with a note."""
+    from types import SimpleNamespace
+
+    from fmcli.evaluate import training_eval_unavailable
+    from fmcli.generate import guidance_that_runs
+
+    for name in preset_names():
+        text = (presets_dir() / f"{name}.toml").read_text()
+        base = tomllib.loads(text).get("base")
+        meant_for_latents = "--vae" in text + ((presets_dir() / f"{base}.toml").read_text() if base else "")
+        assert meant_for_latents == (name in LATENT_PRESETS), name
+        cfg = load_config(name)
+        space = "latents" if name in LATENT_PRESETS else "pixels"
+        assert cfg.eval.every == 0 or training_eval_unavailable(cfg, space) is None, (name, cfg.eval.every)
+        notes = []
+        classes = 10 if cfg.model.num_classes is None and not cfg.model.cross_attention else cfg.model.num_classes or 0  # shapes, mnist, cifar10
+        loaded = SimpleNamespace(num_classes=classes, is_text=cfg.model.cross_attention, config=cfg)
+        guidance_that_runs(loaded, cfg.sample, notes.append)
+        assert notes == [], (name, notes)
+
+
+def test_the_celebahq256_comment_states_its_parameter_count():
+    from fmcli.models import build_model
+
+    cfg = load_config("celebahq256", ["model.image_size=32", "model.in_channels=4"])  # 256px through an 8x VAE: 32x32x4
+    count = sum(p.numel() for p in build_model(cfg.model).parameters())
+    # By hand: 8 blocks x 4,726,272 (qkv, proj, MLP 4x, adaLN 6x) + patch embed 8,704 + time MLP 394,240
+    # + final adaLN 525,312 and linear 8,208 + the 512-wide null condition = 38,747,152.
+    assert count == 38_747_152
+    assert f"about {count / 1e6:.1f}M parameters" in (presets_dir() / "celebahq256.toml").read_text()

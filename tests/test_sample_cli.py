@@ -140,6 +140,17 @@ def test_guidance_of_an_unconditional_model_reports_what_ran(tmp_path, unconditi
     assert json.loads(auto.stdout)["cfg"] == 3.0 and json.loads(auto.stdout)["guidance"] == "auto"
 
 
+def test_a_guidance_interval_that_ran_nothing_is_not_reported(tmp_path, unconditional_run):
+    """An unconditional model's cfg is forced to 1, and at cfg 1 the interval guides nothing; its --json still
+    reported `guidance_interval: [0.3, 1.0]`. The samples are those of `--cfg 1` without an interval (byte for
+    byte), and the row now says null."""
+    how = ("-n", "2", "--steps", "2", "--no-compile", "--json")
+    forced = _ok(run_fm("sample", "--ckpt", unconditional_run, "--cfg", "3", "--guidance-interval", "0.3,1", "--out", tmp_path / "a.png", *how))
+    plain = _ok(run_fm("sample", "--ckpt", unconditional_run, "--cfg", "1", "--out", tmp_path / "b.png", *how))
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert [json.loads(r.stdout)["guidance_interval"] for r in (forced, plain)] == [None, None]
+
+
 def test_force_never_replaces_a_folder_by_a_file_or_a_file_by_a_folder(tmp_path, debug_run):
     """`--force` replaces an output of the same kind only: `fm sample --out x.png --force` onto a folder x.png
     sampled everything and then failed in the rename (IsADirectoryError, exit 1). Refused before any work."""

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..encoders import TextConditioning, check_text_encoder_dir, check_vae_dir, load_text_encoder, load_vae
+from ..encoders import TextConditioning, check_text_encoder_dir, check_vae_dir, check_vae_image_size, load_text_encoder, load_vae
 from ..errors import RuntimeFailure, UsageError
 from ..fsutil import refuse_existing
 from .dataset import PreparedDataset, PreparedWriter, refuse_unreplaceable
@@ -125,9 +125,9 @@ def _checked_float16(values: np.ndarray, non_finite: Callable[[int], str], too_l
     return values.astype(np.float16)
 
 
-def prepare_encoded(prepare_pixels: Callable[[Path], Path], out: str | Path, *, force: bool = False, **encode_kwargs) -> Path:
+def prepare_encoded(prepare_pixels: Callable[[Path], Path], out: str | Path, *, force: bool = False, size: int | None = None, **encode_kwargs) -> Path:
     """Run `prepare_pixels(tmp_dir)` (any source's usual writer), then encode it into `out`; the temporary
-    pixel dataset is removed whatever happens."""
+    pixel dataset is removed whatever happens. `size`: the pixel pass's image size, checked against the VAE first."""
     out = Path(out)
     refuse_existing(out, force, folders=True)
     refuse_unreplaceable(out)  # --force replaces only a prepared dataset: said now, not after the pixel pass
@@ -136,6 +136,8 @@ def prepare_encoded(prepare_pixels: Callable[[Path], Path], out: str | Path, *, 
         raise UsageError("--cache-text needs --text-encoder PATH")
     if encode_kwargs.get("vae"):
         check_vae_dir(encode_kwargs["vae"])
+        if size is not None:
+            check_vae_image_size(encode_kwargs["vae"], size)
     if encode_kwargs.get("text_encoder"):
         check_text_encoder_dir(encode_kwargs["text_encoder"])
     tmp = out.parent / f".{out.name}.pixels-{uuid.uuid4().hex[:8]}"

@@ -148,7 +148,7 @@ def prepare_dataset(
     from ..hardware import resolve_device
 
     total = limit or (count if source == "shapes" else None)  # other sources: known only once read
-    path = prepare_encoded_with_progress(pixels, out, total, resolve_device(device), force, encode)
+    path = prepare_encoded_with_progress(pixels, out, total, resolve_device(device), force, dict(encode, size=size))
     summary = summaries[-1]
     summary.path = str(path)
     summary.bytes = sum(f.stat().st_size for f in Path(path).iterdir())
