@@ -480,7 +480,7 @@ def settings_record(sample_cfg) -> dict:
     """The sampling settings that ran, as every `--json` row (fm sample, class-grid, fid, eval) records them:
     solver, steps, cfg, guidance, guidance_interval, and the settings of that solver or guidance only. `steps` is
     null for dopri5, which chooses its own, unless cfg-zero's zero-init ran on its grid (dopri5 starts at grid
-    step zero_init_steps); rtol/atol come with dopri5, sde_noise with euler-sde, zero_init_steps with cfg-zero."""
+    step zero_init_steps); rtol/atol come with dopri5, sde_noise with euler-sde, zero_init_steps with cfg-zero at cfg != 1."""
     from .solvers import ADAPTIVE_SOLVERS, SDE_SOLVERS
 
     adaptive = sample_cfg.solver in ADAPTIVE_SOLVERS
@@ -493,7 +493,7 @@ def settings_record(sample_cfg) -> dict:
         out.update(rtol=sample_cfg.rtol, atol=sample_cfg.atol)
     if sample_cfg.solver in SDE_SOLVERS:
         out.update(sde_noise=sample_cfg.sde_noise)
-    if sample_cfg.guidance == "cfg-zero":
+    if zero_init:  # at cfg 1 nothing is guided, so no step is zeroed
         out.update(zero_init_steps=sample_cfg.zero_init_steps)
     return out
 

@@ -348,3 +348,14 @@ def test_guidance_settings_at_weight_one_change_nothing():
     for change in ({"guidance_interval": (0.2, 0.8)}, {"guidance": "cfg-zero", "zero_init_steps": 2}, {"guidance": "auto", "guide": lambda x, t, **c: 0 * x}):
         assert torch.equal(run(**change), ref), change
     assert not torch.equal(run(cfg=2.0, guidance="cfg-zero", zero_init_steps=2), ref)  # guided, they do change it
+
+
+def test_a_row_reports_zero_init_steps_only_where_cfg_zero_zeroed_a_step():
+    """cfg-zero zeroes its first steps only when it guides (generate.sample_batch: cfg != 1); at cfg 1 the row
+    must not claim a zero-init that never ran."""
+    from fmcli.generate import settings_record
+
+    guided = settings_record(SampleConfig(guidance="cfg-zero", cfg=2.0, zero_init_steps=3))
+    unguided = settings_record(SampleConfig(guidance="cfg-zero", cfg=1.0))
+    assert guided["zero_init_steps"] == 3
+    assert "zero_init_steps" not in unguided
