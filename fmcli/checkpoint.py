@@ -11,7 +11,7 @@ import pickle
 import random
 import re
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -246,14 +246,27 @@ def resolve_checkpoint(target: str | Path) -> Path:
     for ckpt_dir in (target / "checkpoints", target):
         latest = ckpt_dir / "latest"
         if latest.is_file():
-            path = ckpt_dir / latest.read_text().strip()
-            if not path.is_file():
-                raise UsageError(f"{latest} names {path.name}, which does not exist")
-            return path
+            return _read_latest(latest)
     if target.exists():
         stopped = " (a run that stopped before its first checkpoint: train it again with another --run-dir)" if (target / "config.json").is_file() else ""
         raise UsageError(f"no checkpoint found in {target} (expected checkpoints/latest){stopped}")
     raise UsageError(f"checkpoint not found: {target}")
+
+
+def _read_latest(latest: Path) -> Path:
+    """The checkpoint `latest` names, which must be a step-XXXXXXX.pt inside its own checkpoints folder (or a
+    set-aside folder in it): a hand-edited or damaged pointer is refused, never followed to another run's
+    files (a resume there would train, and roll back, that run) and never guessed from the folder (after an
+    interrupted rollback the newest step there can be the abandoned branch)."""
+    text = latest.read_text(errors="replace").strip()
+    name = PurePosixPath(text)
+    fix = f"resume a checkpoint file of {latest.parent} by its path, or rewrite {latest} with its file name"
+    if not text or name.is_absolute() or ".." in name.parts or "\n" in text or not STEP_FILE.match(name.name):
+        raise UsageError(f"{latest} does not name a checkpoint in its folder (it holds {text[:80]!r}): {fix}")
+    path = latest.parent / name
+    if not path.is_file():
+        raise UsageError(f"{latest} names {text}, which does not exist: {fix}")
+    return path
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -194,8 +194,12 @@ class BudgetFallback(Strict):
     @classmethod
     def _sizes_and_optimisation_only(cls, items):
         for item in items:
-            if "=" not in item or not parse_override(item)[0].startswith(FALLBACK_KEY_PREFIXES):
+            if "=" not in item or not (key := parse_override(item)[0]).startswith(FALLBACK_KEY_PREFIXES):
                 raise ValueError(f"{item!r}: a fallback sets model.*, optim.*, flow.*, sample.* or train.global_batch_size/micro_batch_size/steps/ema_decay as KEY=VALUE")
+            try:  # here, not only when the fallback's config is built: a dropped fallback is checked too
+                _check_key_exists(key.split("."), key)
+            except UsageError as err:
+                raise ValueError(str(err)) from None
         return items
 
 
@@ -601,15 +605,15 @@ def load_config(preset: str | None, overrides: list[str] | None = None, note=Non
     `note(line)` hears of a setting the overrides switched off along with another (the budget's fallback)."""
     raw = _read_preset(preset) if preset else {}
     raw = _apply_layer(raw, _overrides_layer(overrides or []))
-    _drop_overridden_fallback(raw, overrides or [], note or (lambda line: None))
+    _drop_overridden_fallback(raw, overrides or [], note or (lambda line: None), preset or "defaults")
     return validate_config(raw, source=preset or "defaults")
 
 
-def _drop_overridden_fallback(raw: dict, overrides: list[str], note) -> None:
+def _drop_overridden_fallback(raw: dict, overrides: list[str], note, source: str) -> None:
     """A `--set` of a key the preset's train.budget_fallback would change (or of model.size, which sets the
     model's size fields) is the user's explicit choice: the fallback is dropped rather than overriding it.
     So is a budget switched off (train.budget_minutes=null): no budget, so nothing to fall back from."""
-    if _drop_fallback_without_budget(raw):
+    if _drop_fallback_without_budget(raw, source):
         note("note: train.budget_minutes is off, so train.budget_fallback is off too (the preset's steps and model are trained as set)")
         return
     train = raw.get("train")
@@ -620,7 +624,15 @@ def _drop_overridden_fallback(raw: dict, overrides: list[str], note) -> None:
     changes = {parse_override(str(item))[0] for item in (items if isinstance(items, list) else []) if "=" in str(item)}
     given, changes = (_with_size_fields({parse_override(item)[0] for item in overrides}), _with_size_fields(changes))
     if given & changes:
-        raw["train"]["budget_fallback"] = None
+        _drop_fallback(raw["train"], source)
+
+
+def _drop_fallback(train: dict, source: str) -> None:
+    """Switch train.budget_fallback off, after checking it as written (its keys, min_steps): a typo in a preset
+    is reported on every run, not only on the slow machine where the fallback would train."""
+    validated(BudgetFallback, train["budget_fallback"], lambda where, problem: f"invalid config ({source}): "
+              f"train.budget_fallback{'.' + where if where else ''}: {problem} (--set train.budget_fallback=null trains without it)")
+    train["budget_fallback"] = None
 
 
 def _with_size_fields(keys: set[str]) -> set[str]:
@@ -628,13 +640,13 @@ def _with_size_fields(keys: set[str]) -> set[str]:
     return keys | {f"model.{field}" for field in SIZE_FIELDS} if "model.size" in keys else keys
 
 
-def _drop_fallback_without_budget(raw: dict) -> bool:
+def _drop_fallback_without_budget(raw: dict, source: str = "--set") -> bool:
     """A fallback is chosen from the steps that fit the budget: without a budget it goes too. True if dropped."""
     train = raw.get("train")
     # `--set train=1` leaves no section here: validation reports it as the one-line config error.
     if not isinstance(train, dict) or train.get("budget_fallback") is None or train.get("budget_minutes") is not None:
         return False
-    train["budget_fallback"] = None
+    _drop_fallback(train, source)
     return True
 
 

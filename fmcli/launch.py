@@ -63,7 +63,7 @@ def training_config(preset: str, overrides: list[str], *, data: Optional[Path], 
     from .config import load_config
 
     if resume is not None:
-        ckpt = resolve_checkpoint((run_dir or Path("runs") / load_config(preset).name) if resume == "latest" else resume)
+        ckpt = resolve_checkpoint((run_dir or default_run_dir(load_config(preset).name)) if resume == "latest" else resume)
         # A resume continues the checkpoint's own run: its config.json, metrics and checkpoints live there, so
         # another --run-dir would mix two runs (or lack a run's files). New runs start from weights instead.
         if run_dir is not None and run_dir.resolve() != run_dir_of(ckpt).resolve():
@@ -73,7 +73,17 @@ def training_config(preset: str, overrides: list[str], *, data: Optional[Path], 
     cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
     if data is not None:
         cfg = cfg.with_section("data", path=str(data))
-    return cfg, run_dir or Path("runs") / cfg.name, None
+    return cfg, run_dir or default_run_dir(cfg.name), None
+
+
+def default_run_dir(name: str) -> Path:
+    """runs/NAME, where NAME must be one folder name: an empty name, `.`/`..` or one with a `/` would make the run
+    directory runs/ itself or put it outside runs/ (--run-dir is how a run goes elsewhere). Checked here, where
+    the name becomes a path, not in the config: a checkpoint of an older run keeps loading whatever its name."""
+    if name.strip() in ("", ".", "..") or "/" in name:
+        raise UsageError(f"name {name!r} is not a run name: the run directory is runs/NAME, so it must be one folder name "
+                         "(not empty, '.' or '..', no '/'); to put a run elsewhere use --run-dir DIR")
+    return Path("runs") / name
 
 
 def resume_training(target: Path, overrides: list[str], stop_at_step, launch: dict) -> Optional[Path]:

@@ -428,3 +428,20 @@ def test_the_grid_estimate_prices_guided_evaluations_inside_a_guidance_interval(
     real_s = now[0]
     assert real_s < 2 * cfg.sample.grid_size * cfg.sample.steps * 1e-3  # the interval leaves some steps unguided
     assert real_s <= grid_s <= 2 * real_s, (grid_s, real_s)
+
+
+@pytest.mark.parametrize("overrides", [[], ["train.budget_minutes=null"], ["model.hidden_size=24"], ["train.steps=5"]])
+def test_a_fallback_typo_in_a_preset_is_reported_even_where_the_fallback_is_dropped(tmp_path, overrides):
+    # Dropped (no budget, or a --set of a key it changes), the fallback was never checked: its misspelt key
+    # waited for a machine slow enough to train it. Every one of these loads is refused, naming the key.
+    from fmcli.errors import UsageError
+
+    preset = tmp_path / "typo.toml"
+    preset.write_text('base = "debug"\n[train]\nbudget_minutes = 5\n[train.budget_fallback]\nmin_steps = 100\n'
+                      'overrides = ["model.hiden_size=16", "model.hidden_size=16", "train.steps=10"]\n')
+    with pytest.raises(UsageError, match="train.budget_fallback.overrides: invalid config key 'model.hiden_size'"):
+        load_config(str(preset), overrides)
+    # the same preset spelt right loads, with the fallback kept or dropped as before
+    preset.write_text(preset.read_text().replace('"model.hiden_size=16", ', ""))
+    assert (load_config(str(preset), overrides).train.budget_fallback is None) == bool(overrides)
+    assert load_config(str(preset), ["train.budget_fallback=null"]).train.budget_fallback is None

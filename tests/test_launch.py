@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -166,3 +167,21 @@ def test_an_srun_task_is_its_rank_before_the_data_and_the_run_directory(tmp_path
     import os
 
     assert (os.environ["WORLD_SIZE"], os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("2", "1", "1")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../escape", "ABSOLUTE"])
+def test_a_name_that_is_not_one_folder_name_is_refused_before_anything_is_written(tmp_path, name):
+    # runs/NAME must be a direct child of runs/ (by os.path, independently of fm): '' gave runs/ itself, '..',
+    # '../x' and '/abs' a folder outside runs/. One line, exit 2, nothing written; --run-dir places a run elsewhere.
+    if name == "ABSOLUTE":
+        name = str(tmp_path / "abs-run")
+    result = run_fm("train", "--preset", "debug", "--set", f"name={name}", "--set", "train.steps=1", cwd=tmp_path)
+    assert result.returncode == 2 and "is not a run name" in result.stderr and "--run-dir" in result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+    assert training_config("debug", [f"name={name}"], data=None, run_dir=tmp_path / "mine", resume=None)[1] == tmp_path / "mine"
+
+
+@pytest.mark.parametrize("name", ["run", "2024", "my run.v2"])
+def test_a_one_folder_name_is_a_child_of_runs(name):
+    run_dir = training_config("debug", [f"name={name}"], data=None, run_dir=None, resume=None)[1]
+    assert os.path.dirname(os.path.normpath(run_dir)) == "runs" and os.path.basename(run_dir) == name

@@ -14,7 +14,7 @@ import torch
 from conftest import QuietLog, run_fm
 from fmcli.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config, validate_config
-from fmcli.errors import RuntimeFailure
+from fmcli.errors import RuntimeFailure, UsageError
 from fmcli.train import train
 
 
@@ -134,3 +134,32 @@ def test_resume_help_says_an_older_checkpoint_rolls_back():
 
     shown = fm_in_process("resume", "--help", env={"COLUMNS": "400"})
     assert shown.returncode == 0 and "roll" in shown.stdout and "abandoned-from-step-" in shown.stdout, shown.stdout
+
+
+@pytest.mark.parametrize("pointer", ["", "../../r1/checkpoints/step-0000001.pt", "/abs/step-0000001.pt", "config.json", "step-0000001.pt\nx"])
+def test_latest_that_names_no_checkpoint_of_its_own_folder_is_refused(tmp_path, pointer):
+    # Two runs side by side; r2's pointer is hand-edited or damaged. It must never resolve to r1's file (a
+    # resume of it trained and rolled back r1) nor be guessed: one line naming the pointer, exit 2.
+    for run in ("r1", "r2"):
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        (tmp_path / run / "checkpoints" / "step-0000001.pt").write_bytes(b"x")
+        (tmp_path / run / "config.json").write_text("{}")
+    (tmp_path / "r2" / "checkpoints" / "latest").write_text(pointer + "\n")
+    with pytest.raises(UsageError, match="latest does not name a checkpoint in its folder"):
+        resolve_checkpoint(tmp_path / "r2")
+    if pointer.startswith(".."):
+        result = run_fm("resume", tmp_path / "r2")
+        assert result.returncode == 2 and "latest does not name a checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in (tmp_path / "r1" / "checkpoints").iterdir()) == ["step-0000001.pt"]
+
+
+def test_latest_naming_its_own_or_a_set_aside_checkpoint_resolves_to_it(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "abandoned-from-step-0000001").mkdir(parents=True)
+    for rel in ("step-0000001.pt", "abandoned-from-step-0000001/step-0000002.pt"):
+        (ckpts / rel).write_bytes(b"x")
+        (ckpts / "latest").write_text(rel + "\n")
+        assert resolve_checkpoint(tmp_path / "run") == ckpts / rel
+    (ckpts / "latest").write_text("step-0000009.pt\n")
+    with pytest.raises(UsageError, match="names step-0000009.pt, which does not exist"):
+        resolve_checkpoint(tmp_path / "run")
