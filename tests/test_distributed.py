@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -146,3 +147,33 @@ def test_relaunched_ranks_count_the_budget_from_the_command_start(tmp_path, monk
     monkeypatch.delenv(STARTED_AT_ENV)
     train_resolved(config_file, tmp_path / "run", None, None)
     assert seen["started_at"] is None  # a rank started by hand: its own start
+
+
+def test_every_rank_trains_with_rank_0s_hardware_decisions(tmp_path, shapes16):
+    """Precision, compile, Muon's dtype and the autotuned micro batch are decided once (the launcher, rank 0) for
+    every rank. Here rank 1 alone sees another machine (a sitecustomize on the ranks' path): its probe says bf16
+    is fast and it has a C++ compiler, where the launcher and rank 0 have neither. Rank 1 resolved compile again
+    to look up the autotune cache, found no entry for compile on, and stopped the run (exit 2). Now it follows
+    rank 0: the run trains in fp32, eager, Muon in fp32, and its losses are those of one fp32 process."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    os.environ['FM_PROBE_FORCE'] = 'bf16-fast'\n"
+        "    os.environ.pop('CXX', None)  # set by the launcher, which rank 1 inherits\n"
+        "else:\n"
+        "    os.environ['CXX'] = '/nonexistent/c++'\n"
+    )
+    from conftest import REPO
+
+    env = {"FM_PROBE_FORCE": "bf16-slow", "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
+    muon = ["--set", "optim.name=muon", "--set", "train.precision=auto"]
+    two = run_fm(*train_args(shapes16, tmp_path / "two", 3, "--nproc", "2", *muon, "--set", "train.compile=auto",
+                             "--set", "train.micro_batch_size=auto"), env=env)
+    assert two.returncode == 0, two.stderr
+    one = run_fm(*train_args(shapes16, tmp_path / "one", 3, *muon), env={"FM_PROBE_FORCE": "bf16-slow"})
+    assert one.returncode == 0, one.stderr
+    hardware = json.loads((tmp_path / "two" / "env.json").read_text())["hardware"]
+    assert (hardware["precision"]["precision"], hardware["compile"]["compile"], hardware["muon_ns_dtype"]) == ("fp32", False, "fp32")
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
