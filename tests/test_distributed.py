@@ -177,3 +177,28 @@ def test_every_rank_trains_with_rank_0s_hardware_decisions(tmp_path, shapes16):
     hardware = json.loads((tmp_path / "two" / "env.json").read_text())["hardware"]
     assert (hardware["precision"]["precision"], hardware["compile"]["compile"], hardware["muon_ns_dtype"]) == ("fp32", False, "fp32")
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+
+def test_an_error_every_rank_hits_is_printed_once(tmp_path):
+    """Under --nproc N every rank printed the same usage error (a batch larger than the dataset: N identical lines).
+    The launcher hands its ranks a folder (FM_RANK_ERRORS) in which the first to print a line claims it. Two
+    `fm` processes with that folder and the same bad input stand in for two ranks: one line, both exit 2; another
+    message is still printed."""
+    env = {"FM_RANK_ERRORS": str(tmp_path)}  # console.RANK_ERRORS_ENV
+    same = [run_fm("train", "--preset", "nope", env=env) for _ in range(2)]
+    assert [p.returncode for p in same] == [2, 2]
+    lines = [line for p in same for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "unknown preset 'nope'" in lines[0], lines
+    other = run_fm("train", "--preset", "nope2", env=env)
+    assert other.returncode == 2 and "unknown preset 'nope2'" in other.stderr
+
+
+def test_the_launcher_hands_its_ranks_an_error_folder_and_removes_it(monkeypatch):
+    import torch.distributed.run as torchrun
+
+    from fmcli import distributed as D
+
+    seen = []
+    monkeypatch.setattr(torchrun, "run", lambda parsed: seen.append(os.environ.get("FM_RANK_ERRORS")))
+    assert D.relaunch(2, ["sample"]) == 0
+    assert seen[0] and not os.path.exists(seen[0]) and "FM_RANK_ERRORS" not in os.environ
