@@ -22,7 +22,8 @@ import torch
 from .checkpoint import _state_dict_error, load_checkpoint, resolve_checkpoint
 from .config import Config, validate_config, with_sampling_shift
 from .errors import RuntimeFailure, UsageError
-from .hardware import CompileChoice, PrecisionChoice, autocast, check_precision, choice_lines, compile_failed, resolve_compile, resolve_model_precision
+from .hardware import (CompileChoice, PrecisionChoice, autocast, check_precision, choice_lines, compile_failed, quiet_no_cuda_notice, resolve_compile,
+                       resolve_model_precision)
 from .models import build_model
 from .solvers import SDE_SOLVERS, OnStep, check_solver_for_model, guided_velocity, solve
 from .seeding import STREAMS, normal
@@ -237,6 +238,8 @@ class SamplingNet:
         self.compile_choice = compile_choice or CompileChoice(False, False, "not compiled")
         # Inductor's freezing folds the (fixed) weights into the graph as constants, pre-packed for the GEMM
         # library: the weights must not change while this net lives (sampling commands load them once).
+        if self.compile_choice.compile:
+            quiet_no_cuda_notice()
         self._compiled = torch.compile(module, options={"freezing": True}) if self.compile_choice.compile else None
         self._graph_batch = 0  # the batch size the compiled graph was first called with
 
