@@ -113,13 +113,14 @@ def score(reference: Reference, generated: Generated, *, k: int = 5, kid: bool =
 # ------------------------------------------------------------------------------------------ samples
 
 
-def check_scorable(loaded, data_shape: tuple, data) -> None:
-    """What `fm eval --ckpt` cannot score: latent and text models, and images of another shape than the dataset's."""
+def check_scorable(loaded, data_shape: tuple | None = None, data=None) -> None:
+    """What `fm eval --ckpt` cannot score: latent and text models, and images of another shape than the dataset
+    `data`'s `data_shape` (when given)."""
     if loaded.info.get("kind", "pixels") != "pixels" or loaded.is_text:
         what, prompts = ("text", " --prompts FILE") if loaded.is_text else ("latent", "")
         raise UsageError(f"fm eval --ckpt scores class-conditional or unconditional pixel models, not {what} ones: write the samples with "
                          f"`fm sample --ckpt CKPT -n N{prompts} --out DIR` and score them with `fm eval --gen DIR --data PIXELS`")  # fmt: skip
-    if loaded.shape != data_shape:
+    if data_shape is not None and loaded.shape != data_shape:
         raise UsageError(f"the model makes {list(loaded.shape)} images but {data} holds {list(data_shape)}")
 
 
