@@ -5,7 +5,8 @@ data, on CPU in its own forked process). The autotuner doubles the batch from a 
 fails (out of memory, or over the `--max-memory` budget) or the throughput stops improving, then bisects
 between the last two sizes and returns the fastest batch, or after a failure the largest safe one kept a
 margin below the failing size. DDP runs never autotune: they use a result cached in the run directory
-(`autotune.json`, keyed by device and preset).
+(`autotune.json`, keyed by device, preset, and everything that changes the answer: model, precision, compile,
+optimizer and Muon's Newton-Schulz dtype, world size).
 """
 
 from __future__ import annotations
@@ -159,9 +160,12 @@ def _physical_memory_gib() -> float:
 # ------------------------------------------------------------------------- the autotune cache
 
 
-def autotune_key(cfg: Config, device: torch.device, precision: str, compile: bool) -> str:
-    """Cache key: the device name plus a hash of everything that changes a training step's memory and speed."""
-    facts = {"model": config_to_dict(cfg)["model"], "precision": precision, "compile": compile, "optim": cfg.optim.name}
+def autotune_key(cfg: Config, device: torch.device, precision: str, compile: bool, *, ns_dtype: str | None, world_size: int) -> str:
+    """Cache key: the device name plus a hash of everything that changes the tuned batch: a training step's memory
+    and speed (model, precision, compile, optimizer, Muon's Newton-Schulz dtype) and the world size (the search
+    stops at the per-rank batch, global / world size)."""
+    facts = {"model": config_to_dict(cfg)["model"], "precision": precision, "compile": compile, "optim": cfg.optim.name,
+             "ns_dtype": ns_dtype if cfg.optim.name == "muon" else None, "world_size": world_size}
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
     return f"{device_name(device)}|{cfg.name}|{digest}"
 
@@ -185,14 +189,15 @@ def read_autotune_cache(path: Path) -> dict:
     return cache
 
 
-def save_autotune_cache(run_dir: Path, cfg: Config, device: torch.device, precision: str, compile: bool, tuned: AutotuneResult) -> Path:
+def save_autotune_cache(run_dir: Path, cfg: Config, device: torch.device, precision: str, compile: bool, tuned: AutotuneResult, *,
+                        ns_dtype: str | None, world_size: int) -> Path:
     """Add this result to run_dir/autotune.json (atomically: temp file + rename)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "autotune.json"
     cache = read_autotune_cache(path)
     best = next(t for t in tuned.trials if t.batch == tuned.batch) if any(t.batch == tuned.batch for t in tuned.trials) else None
-    cache[autotune_key(cfg, device, precision, compile)] = {
+    cache[autotune_key(cfg, device, precision, compile, ns_dtype=ns_dtype, world_size=world_size)] = {
         "batch": tuned.batch,
         "stop": tuned.stop,
         "img_per_s": best.throughput if best else None,
@@ -201,18 +206,18 @@ def save_autotune_cache(run_dir: Path, cfg: Config, device: torch.device, precis
     return write_text_atomic(path, json.dumps(cache, indent=2) + "\n")
 
 
-def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_size: int, log=lambda s: None, ns_dtype: str | None = None) -> int:
+def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_size: int, compile_on: bool, log=lambda s: None,
+                     ns_dtype: str | None = None) -> int:
     """train.micro_batch_size="auto": the cached autotune result for this device + preset, else a fresh one.
 
     The micro batch is the largest divisor of global_batch_size / world_size not above the tuned batch.
-    A DDP rank never autotunes: without a cached result it stops with a message.
+    A DDP rank never autotunes: without a cached result it stops with a message. `compile_on` and `ns_dtype`
+    are the run's decisions (rank 0's, for every rank), never resolved again here: a rank that resolved its own
+    would look up another key.
     """
-    from .hardware import resolve_compile
-
     cfg = resolve_without_data(cfg)
     precision = cfg.train.precision  # resolved by the caller (train.resolve_hardware): never "auto" here
-    compile_on = resolve_compile(cfg.train.compile, device).compile
-    key = autotune_key(cfg, device, precision, compile_on)
+    key = autotune_key(cfg, device, precision, compile_on, ns_dtype=ns_dtype, world_size=world_size)
     path = Path(run_dir) / "autotune.json"
     cache = read_autotune_cache(path)
     if key in cache:
@@ -227,7 +232,7 @@ def auto_micro_batch(cfg: Config, run_dir: Path, device: torch.device, world_siz
         per_rank = cfg.train.global_batch_size // world_size
         base = BenchSpec(config=config_to_dict(cfg), batch=1, steps=3, warmup=1, precision=precision, compile=compile_on, device=device.type, muon_ns_dtype=ns_dtype)
         tuned = autotune_training(cfg, base, max_batch=per_rank, log=log)
-        save_autotune_cache(run_dir, cfg, device, precision, compile_on, tuned)
+        save_autotune_cache(run_dir, cfg, device, precision, compile_on, tuned, ns_dtype=ns_dtype, world_size=world_size)
         tuned_batch = tuned.batch
     per_rank = cfg.train.global_batch_size // world_size
     return max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= max(1, tuned_batch))

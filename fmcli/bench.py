@@ -119,7 +119,7 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
         tuned = autotune_training(cfg, base, max_memory_gib=opts.max_memory_gib, max_batch=max_batch, log=log)
         batch = tuned.batch
         if opts.run_dir is not None:
-            save_autotune_cache(opts.run_dir, cfg, device, precision, compile_on, tuned)
+            save_autotune_cache(opts.run_dir, cfg, device, precision, compile_on, tuned, ns_dtype=hw["muon_ns_dtype"], world_size=1)
 
     impls = ["fm"] + (["diffusers"] if opts.compare else [])
     results = {}

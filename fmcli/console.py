@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import os
 import sys
+
+# Set by distributed.relaunch for the ranks it starts: a folder in which each error line is claimed by the first
+# rank to print it, so that an error every rank hits (a batch larger than the dataset) is printed once.
+RANK_ERRORS_ENV = "FM_RANK_ERRORS"
 
 
 def stderr_console():
@@ -34,7 +40,24 @@ def _finite(obj):
 
 
 def print_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """`error: MESSAGE` on stderr; under `--nproc/--gpus N` only by the first rank to report this message."""
+    line = f"error: {message}"
+    if _first_to_report(line):
+        print(line, file=sys.stderr)
+
+
+def _first_to_report(line: str) -> bool:
+    """False when another rank of this launch already printed `line` (claimed atomically, O_EXCL)."""
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if not folder:
+        return True
+    try:
+        os.close(os.open(os.path.join(folder, hashlib.sha256(line.encode()).hexdigest()[:32]), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # the folder is gone or unwritable: rather twice than never
+        return True
+    return True
 
 
 class Bar:

@@ -8,10 +8,12 @@ those grids while it integrates.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -256,6 +258,14 @@ def launch_demo(
     loaded = prepare_for_sampling(loaded, sample_settings(loaded.config.sample, precision=precision, compile=compile_model), device, log)
     out_dir = Path(tempfile.mkdtemp(prefix="fm-demo-"))
     app = build_app(loaded, device, out_dir, max_images=max_images)
+    # gradio prints its URL and notes ("Running on local URL", "Closing server") with print(): logs, which go to
+    # stderr as every command's do (stdout carries results only, and a server has none).
+    with contextlib.redirect_stdout(sys.stderr):
+        _serve(app, host, port, share, out_dir)
+
+
+def _serve(app, host: str, port: int, share: bool, out_dir: Path) -> None:
+    """app.launch, then wait until it stops; Ctrl-C / SIGTERM go on to fm's handler after the server is closed."""
     try:
         try:
             app.launch(

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .console import RANK_ERRORS_ENV
 from .errors import RuntimeFailure, Stopped, UsageError
 from .hardware import resolve_device
 
@@ -177,6 +178,8 @@ def relaunch(
     marker = Path(tempfile.mkdtemp(prefix="fm-stop-")) / "stopped" if stops_cleanly else None  # training only
     if marker is not None:
         os.environ[STOP_MARKER_ENV] = str(marker)
+    errors = tempfile.mkdtemp(prefix="fm-errors-")  # an error every rank hits is printed once (console.print_error)
+    os.environ[RANK_ERRORS_ENV] = errors
     try:
         run(parsed)
     except SignalException as err:
@@ -200,6 +203,8 @@ def relaunch(
         print(f"error: distributed run stopped with exit code {code} (the failing rank's message is above)", file=sys.stderr)
         return code
     finally:
+        os.environ.pop(RANK_ERRORS_ENV, None)
+        shutil.rmtree(errors, ignore_errors=True)
         if marker is not None:
             os.environ.pop(STOP_MARKER_ENV, None)
             shutil.rmtree(marker.parent, ignore_errors=True)

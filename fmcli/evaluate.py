@@ -538,9 +538,10 @@ def fid(req: FidRequest, *, device: torch.device, log, ctx=None, progress_factor
     extractor = build_extractor(req.features, inception=req.inception, device=device, unverified=req.inception_unverified)
     loaded = None
     if req.ckpt is not None:  # load the model first: a bad checkpoint fails before the long reference pass
-        loaded, sample_cfg = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=ctx)
+        # What cannot be scored is refused before the probe and the reference pass (minutes for a large dataset).
+        check = lambda m: _check_scorable(m, _prepared_size(req.ref))  # noqa: E731
+        loaded, sample_cfg = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=ctx, check=check)
         sweep = nfe_sweep(sample_cfg, req.nfe, log) if req.nfe is not None else [(None, sample_cfg)]
-        _check_scorable(loaded, _prepared_size(req.ref))  # before the reference pass (minutes for a large dataset)
     if req.gen is not None and not image_files(Path(req.gen)):  # so is an empty --gen
         raise UsageError(f"--gen {req.gen} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     ref_stats = _reference(req, extractor, log)
@@ -603,12 +604,14 @@ def _score_folder(req: FidRequest, ref_stats: Statistics, extractor: FeatureExtr
     return scored.to_dict()
 
 
-def load_sampler(ckpt: str, guide_ckpt: str | None, sample_overrides: Callable, *, ema: bool, device, log, ctx):
+def load_sampler(ckpt: str, guide_ckpt: str | None, sample_overrides: Callable, *, ema: bool, device, log, ctx, check: Callable = lambda loaded: None):
     """The checkpoint (and its autoguidance guide) ready to sample at the resolved precision/compile, and the
-    sampling settings after the command's overrides."""
+    sampling settings after the command's overrides. `check(loaded)` refuses what the command cannot score,
+    before the precision probe and its log lines."""
     from .generate import guidance_that_runs, load_for_sampling, prepare_for_sampling, with_guide
 
     loaded = load_for_sampling(ckpt, device, use_ema=ema)
+    check(loaded)
     sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)

@@ -113,11 +113,15 @@ def score(reference: Reference, generated: Generated, *, k: int = 5, kid: bool =
 # ------------------------------------------------------------------------------------------ samples
 
 
-def check_scorable(loaded) -> None:
+def check_scorable(loaded, data_shape: tuple | None = None, data=None) -> None:
+    """What `fm eval --ckpt` cannot score: latent and text models, and images of another shape than the dataset
+    `data`'s `data_shape` (when given)."""
     if loaded.info.get("kind", "pixels") != "pixels" or loaded.is_text:
         what, prompts = ("text", " --prompts FILE") if loaded.is_text else ("latent", "")
         raise UsageError(f"fm eval --ckpt scores class-conditional or unconditional pixel models, not {what} ones: write the samples with "
                          f"`fm sample --ckpt CKPT -n N{prompts} --out DIR` and score them with `fm eval --gen DIR --data PIXELS`")  # fmt: skip
+    if data_shape is not None and loaded.shape != data_shape:
+        raise UsageError(f"the model makes {list(loaded.shape)} images but {data} holds {list(data_shape)}")
 
 
 def folder_images(path: Path, shape: tuple[int, int, int], log=None) -> np.ndarray:
@@ -171,10 +175,9 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     if req.ckpt is not None:  # a bad checkpoint (or guide) fails before the reference pass
         from .evaluate import load_sampler
 
-        loaded, base = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=None)
-        check_scorable(loaded)  # what the model and its sweep cannot do, before the classifier trains (a minute)
-        if loaded.shape != _data_shape(req.data):
-            raise UsageError(f"the model makes {list(loaded.shape)} images but {req.data} holds {list(_data_shape(req.data))}")
+        # What the model cannot do, before the precision probe and before the classifier trains (a minute).
+        loaded, base = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=None,
+                                    check=lambda m: check_scorable(m, _data_shape(req.data), req.data))
         sweep = sweep_settings(base, req.cfgs, req.intervals, req.nfes, log)  # a budget or setting no solver run meets, too
         sweep = distinct_runs([guidance_that_runs(loaded, s, log) for s in sweep], log)  # each row reports what ran, once
     images = folder_images(req.gen, _data_shape(req.data), log) if req.gen is not None else None

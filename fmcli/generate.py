@@ -22,7 +22,8 @@ import torch
 from .checkpoint import _state_dict_error, load_checkpoint, resolve_checkpoint
 from .config import Config, validate_config, with_sampling_shift
 from .errors import RuntimeFailure, UsageError
-from .hardware import CompileChoice, PrecisionChoice, autocast, check_precision, choice_lines, compile_failed, resolve_compile, resolve_model_precision
+from .hardware import (CompileChoice, PrecisionChoice, autocast, check_precision, choice_lines, compile_failed, quiet_no_cuda_notice, resolve_compile,
+                       resolve_model_precision)
 from .models import build_model
 from .solvers import SDE_SOLVERS, OnStep, check_solver_for_model, guided_velocity, solve
 from .seeding import STREAMS, normal
@@ -238,6 +239,8 @@ class SamplingNet:
         self.compile_choice = compile_choice or CompileChoice(False, False, "not compiled")
         # Inductor's freezing folds the (fixed) weights into the graph as constants, pre-packed for the GEMM
         # library: the weights must not change while this net lives (sampling commands load them once).
+        if self.compile_choice.compile:
+            quiet_no_cuda_notice()
         self._compiled = torch.compile(module, options={"freezing": True}) if self.compile_choice.compile else None
         self._graph_batch = 0  # the batch size the compiled graph was first called with
 
@@ -384,6 +387,19 @@ def labels_for(indices, num_classes: int, class_label: int | None) -> torch.Tens
     return torch.tensor([class_label if class_label is not None else int(i) % num_classes for i in indices])
 
 
+def check_conditioning(loaded: LoadedModel, class_label: int | None, prompts: list[str] | None) -> None:
+    """The one-line refusals of a sampling command's conditioning (prompts for text models only, a class label
+    the model has), run before the precision probe and its log lines, and again by `iterate_samples`."""
+    if loaded.is_text and not prompts:
+        raise UsageError("this is a text-to-image model: give --prompt TEXT (repeatable) or --prompts FILE|-")
+    if loaded.is_text and class_label is not None:
+        raise UsageError("--class-label given but this model is text-conditioned: use --prompt")
+    if prompts and not loaded.is_text:
+        raise UsageError("--prompt/--prompts given but this model is not text-conditioned")
+    if not loaded.is_text:
+        labels_for([], loaded.num_classes, class_label)
+
+
 def iterate_samples(
     loaded: LoadedModel,
     indices: list[int],
@@ -402,12 +418,8 @@ def iterate_samples(
     Text models take `prompts` (one per index, in order). Latent models' samples come back decoded to
     images through the VAE (states given to `on_step` are the model's own: decode them with `decode`).
     """
-    if loaded.is_text and not prompts:
-        raise UsageError("this is a text-to-image model: give --prompt TEXT (repeatable) or --prompts FILE|-")
-    if loaded.is_text and class_label is not None:
-        raise UsageError("--class-label given but this model is text-conditioned: use --prompt")
-    if prompts and not loaded.is_text:
-        raise UsageError("--prompt/--prompts given but this model is not text-conditioned")
+    if indices:  # a rank's empty share (-n below the rank count) samples nothing: its command checked the prompts
+        check_conditioning(loaded, class_label, prompts)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         conditions, y = None, None
@@ -436,10 +448,7 @@ def class_grid_samples(
     Returns (images [K * per_class, C, H, W] on the CPU, (NFE, samples) of every batch: `nfe_record`'s input).
     """
     k = loaded.num_classes
-    if loaded.is_text:
-        raise UsageError("class-grid needs a class-conditional model, and this checkpoint is a text-conditioned one; use `fm sample --prompt TEXT`")
-    if not k:
-        raise UsageError("class-grid needs a class-conditional model, and this checkpoint is unconditional; use `fm sample`")
+    refuse_classless(loaded)
     labels = torch.arange(k).repeat_interleave(per_class)
     xs, nfes = [], []
     for chunk, _, result in iterate_samples(
@@ -450,6 +459,14 @@ def class_grid_samples(
     return torch.cat(xs), nfes
 
 
+def refuse_classless(loaded: LoadedModel) -> None:
+    """class-grid's one-line refusal of a model without classes (before the precision probe and its log lines)."""
+    if loaded.is_text:
+        raise UsageError("class-grid needs a class-conditional model, and this checkpoint is a text-conditioned one; use `fm sample --prompt TEXT`")
+    if not loaded.num_classes:
+        raise UsageError("class-grid needs a class-conditional model, and this checkpoint is unconditional; use `fm sample`")
+
+
 def class_grid_command(ckpt: str, out: Path, *, per_class: int, sample_overrides, guide_ckpt: str | None, seed: int, batch_size: int,
                        ema: bool, device: torch.device, log: Callable[[str], None] = lambda message: None) -> dict:
     """What `fm class-grid` does: `per_class` samples of every class as one labelled grid at `out`; returns its summary."""
@@ -458,6 +475,7 @@ def class_grid_command(ckpt: str, out: Path, *, per_class: int, sample_overrides
     from .images import class_grid_image, save_image_atomic
 
     loaded = load_for_sampling(ckpt, device, use_ema=ema)
+    refuse_classless(loaded)
     sample_cfg = sample_overrides(loaded.config.sample)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
@@ -588,6 +606,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     D.barrier(ctx)  # every rank has checked before any rank writes (no rank may see another's new file)
     dev = ctx.device
     loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder, vae_option="--vae")
+    check_conditioning(loaded, class_label, texts)  # before the precision probe and its lines
     sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log if ctx.rank == 0 else None)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema, warn=None if ctx.rank == 0 else lambda message: None)

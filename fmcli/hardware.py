@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import platform
@@ -398,6 +399,21 @@ def resolve_compile(setting, device: torch.device) -> CompileChoice:
     return CompileChoice(setting, False, f"auto: no working C++ compiler for inductor ({compiler['error']})")
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch.utils.cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." (logged when inductor first
+    compiles on a machine with a CUDA toolkit but no GPU: a CPU compile needs no CUDA); its other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def quiet_no_cuda_notice() -> None:
+    """Install `_NoCudaRuntimeNotice` (once) before a torch.compile: training's and sampling's."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNotice) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNotice())
+
+
 def compile_with_fallback(model, first_call: Callable[[Callable], None], log: Callable[[str], None], choice: CompileChoice, hint: str = "train.compile=false"):
     """torch.compile(model), proven on `first_call(compiled)`; if compiling fails, the eager model and one warning.
 
@@ -406,6 +422,7 @@ def compile_with_fallback(model, first_call: Callable[[Callable], None], log: Ca
     """
     if not choice.compile:
         return model
+    quiet_no_cuda_notice()
     try:
         compiled = torch.compile(model)
         first_call(compiled)

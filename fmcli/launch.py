@@ -185,13 +185,14 @@ def _relaunch_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at
         cfg, resolved, device = _resolve_in_launcher(cfg)
         if cfg.train.micro_batch_size == "auto":  # tune once here, single-process; the ranks read the cache
             from .autotune import auto_micro_batch
-            from .hardware import matmul_dtype
+            from .hardware import matmul_dtype, resolve_compile
 
             # The trials run the ranks' step: Muon's Newton-Schulz in the dtype each rank's build_step picks
             # (its precision is explicit by then, so the dtype comes from the probe's GEMM of this width).
             ns_dtype = matmul_dtype(device, resolved.model.hidden_size) if resolved.optim.name == "muon" else None
+            compile_on = resolve_compile(resolved.train.compile, device).compile  # as the ranks' rank 0 resolves it
             run_dir.mkdir(parents=True, exist_ok=True)
-            auto_micro_batch(resolved, run_dir, device, world_size=procs * launch["nnodes"], log=lambda m: print(m, file=sys.stderr), ns_dtype=ns_dtype)
+            auto_micro_batch(resolved, run_dir, device, procs * launch["nnodes"], compile_on, log=lambda m: print(m, file=sys.stderr), ns_dtype=ns_dtype)
     code = D.relaunch(
         max(procs, 1),
         _child_argv(cfg, run_dir, ckpt, stop_at_step),

@@ -126,16 +126,41 @@ def test_auto_micro_batch_uses_cache_and_refuses_ddp_without_one(tmp_path, monke
     dev = torch.device("cpu")
     monkeypatch.setenv("WORLD_SIZE", "2")  # a DDP rank with no cache: refuse (the launcher tunes, ranks never do)
     with pytest.raises(UsageError, match="DDP"):
-        auto_micro_batch(cfg, tmp_path, dev, world_size=2)
+        auto_micro_batch(cfg, tmp_path, dev, 2, False)
     monkeypatch.delenv("WORLD_SIZE")
-    key = autotune_key(cfg, dev, cfg.train.precision, cfg.train.compile)
-    (tmp_path / "autotune.json").write_text(json.dumps({key: {"batch": 10}}))
-    assert auto_micro_batch(cfg, tmp_path, dev, world_size=1) == 8  # largest divisor of 24 that is <= 10
-    assert auto_micro_batch(cfg, tmp_path, dev, world_size=2) == 6  # of 12 per rank
+    keys = [autotune_key(cfg, dev, cfg.train.precision, False, ns_dtype=None, world_size=w) for w in (1, 2)]
+    (tmp_path / "autotune.json").write_text(json.dumps({keys[0]: {"batch": 10}, keys[1]: {"batch": 10}}))
+    assert auto_micro_batch(cfg, tmp_path, dev, 1, False) == 8  # largest divisor of 24 that is <= 10
+    assert auto_micro_batch(cfg, tmp_path, dev, 2, False) == 6  # of 12 per rank
     monkeypatch.setenv("WORLD_SIZE", "2")
     other = resolve_bench_config(load_config("debug", ["train.micro_batch_size=auto", "model.depth=3"]))
     with pytest.raises(UsageError):
-        auto_micro_batch(other, tmp_path, dev, world_size=1)  # WORLD_SIZE>1: never autotune
+        auto_micro_batch(other, tmp_path, dev, 1, False)  # WORLD_SIZE>1: never autotune
+
+
+def test_the_autotune_cache_is_not_reused_for_another_muon_dtype_or_world_size(tmp_path, monkeypatch):
+    """A cached batch answers only the setting it was tuned for: Muon's Newton-Schulz in bf16 vs fp32 changes the
+    step's speed, and the world size the per-rank batch the search may reach (global / world size). Each new
+    setting tunes (here a fake search that records its cap); the same setting again reads the cache."""
+    import fmcli.autotune as autotune_mod
+    from fmcli.autotune import AutotuneResult
+
+    caps = []
+
+    def fake_autotune(cfg, base, *, max_batch, **kw):
+        caps.append((base.muon_ns_dtype, max_batch))
+        return AutotuneResult(batch=max_batch, stop="max batch", trials=[Trial(max_batch, ok=True, throughput=1.0, memory_mib=1.0)])
+
+    monkeypatch.setattr(autotune_mod, "autotune_training", fake_autotune)
+    cfg = resolve_bench_config(load_config("debug", ["train.micro_batch_size=auto", "train.global_batch_size=16", "optim.name=muon"]))
+    dev = torch.device("cpu")
+    assert auto_micro_batch(cfg, tmp_path, dev, 2, False, ns_dtype="fp32") == 8  # tuned for 2 ranks: at most 16 / 2
+    assert auto_micro_batch(cfg, tmp_path, dev, 1, False, ns_dtype="fp32") == 16  # one rank may take the whole batch
+    assert auto_micro_batch(cfg, tmp_path, dev, 1, False, ns_dtype="bf16") == 16
+    assert caps == [("fp32", 8), ("fp32", 16), ("bf16", 16)]  # three settings, three searches
+    for world, dtype in ((2, "fp32"), (1, "fp32"), (1, "bf16")):  # each again: the cache answers
+        auto_micro_batch(cfg, tmp_path, dev, world, False, ns_dtype=dtype)
+    assert len(caps) == 3 and len(json.loads((tmp_path / "autotune.json").read_text())) == 3
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"K": {"batch": -3}}', '{"K": {"batch": "8"}}', '{"K": {"stop": "x"}}', '{"K": 4}'])
@@ -144,10 +169,10 @@ def test_a_damaged_autotune_cache_is_one_error_naming_the_file(tmp_path, text):
 
     cfg = resolve_bench_config(load_config("debug", ["train.micro_batch_size=auto", "train.global_batch_size=24"]))
     dev = torch.device("cpu")
-    key = autotune_key(cfg, dev, cfg.train.precision, cfg.train.compile)
+    key = autotune_key(cfg, dev, cfg.train.precision, False, ns_dtype=None, world_size=1)
     (tmp_path / "autotune.json").write_text(text.replace('"K"', json.dumps(key)))
     with pytest.raises(RuntimeFailure, match=r"autotune cache .*autotune\.json.*delete"):
-        auto_micro_batch(cfg, tmp_path, dev, world_size=1)
+        auto_micro_batch(cfg, tmp_path, dev, 1, False)
 
 
 def test_train_with_auto_micro_batch_uses_cached_result(tmp_path, shapes16):
@@ -157,7 +182,7 @@ def test_train_with_auto_micro_batch_uses_cached_result(tmp_path, shapes16):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     resolved = resolve_bench_config(cfg)
-    key = autotune_key(resolved, torch.device("cpu"), "fp32", False)
+    key = autotune_key(resolved, torch.device("cpu"), "fp32", False, ns_dtype=None, world_size=1)
     (run_dir / "autotune.json").write_text(json.dumps({key: {"batch": 4}}))
     logged = []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -146,3 +147,58 @@ def test_relaunched_ranks_count_the_budget_from_the_command_start(tmp_path, monk
     monkeypatch.delenv(STARTED_AT_ENV)
     train_resolved(config_file, tmp_path / "run", None, None)
     assert seen["started_at"] is None  # a rank started by hand: its own start
+
+
+def test_every_rank_trains_with_rank_0s_hardware_decisions(tmp_path, shapes16):
+    """Precision, compile, Muon's dtype and the autotuned micro batch are decided once (the launcher, rank 0) for
+    every rank. Here rank 1 alone sees another machine (a sitecustomize on the ranks' path): its probe says bf16
+    is fast and it has a C++ compiler, where the launcher and rank 0 have neither. Rank 1 resolved compile again
+    to look up the autotune cache, found no entry for compile on, and stopped the run (exit 2). Now it follows
+    rank 0: the run trains in fp32, eager, Muon in fp32, and its losses are those of one fp32 process."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    os.environ['FM_PROBE_FORCE'] = 'bf16-fast'\n"
+        "    os.environ.pop('CXX', None)  # set by the launcher, which rank 1 inherits\n"
+        "else:\n"
+        "    os.environ['CXX'] = '/nonexistent/c++'\n"
+    )
+    from conftest import REPO
+
+    env = {"FM_PROBE_FORCE": "bf16-slow", "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
+    muon = ["--set", "optim.name=muon", "--set", "train.precision=auto"]
+    two = run_fm(*train_args(shapes16, tmp_path / "two", 3, "--nproc", "2", *muon, "--set", "train.compile=auto",
+                             "--set", "train.micro_batch_size=auto"), env=env)
+    assert two.returncode == 0, two.stderr
+    one = run_fm(*train_args(shapes16, tmp_path / "one", 3, *muon), env={"FM_PROBE_FORCE": "bf16-slow"})
+    assert one.returncode == 0, one.stderr
+    hardware = json.loads((tmp_path / "two" / "env.json").read_text())["hardware"]
+    assert (hardware["precision"]["precision"], hardware["compile"]["compile"], hardware["muon_ns_dtype"]) == ("fp32", False, "fp32")
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+
+def test_an_error_every_rank_hits_is_printed_once(tmp_path):
+    """Under --nproc N every rank printed the same usage error (a batch larger than the dataset: N identical lines).
+    The launcher hands its ranks a folder (FM_RANK_ERRORS) in which the first to print a line claims it. Two
+    `fm` processes with that folder and the same bad input stand in for two ranks: one line, both exit 2; another
+    message is still printed."""
+    env = {"FM_RANK_ERRORS": str(tmp_path)}  # console.RANK_ERRORS_ENV
+    same = [run_fm("train", "--preset", "nope", env=env) for _ in range(2)]
+    assert [p.returncode for p in same] == [2, 2]
+    lines = [line for p in same for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "unknown preset 'nope'" in lines[0], lines
+    other = run_fm("train", "--preset", "nope2", env=env)
+    assert other.returncode == 2 and "unknown preset 'nope2'" in other.stderr
+
+
+def test_the_launcher_hands_its_ranks_an_error_folder_and_removes_it(monkeypatch):
+    import torch.distributed.run as torchrun
+
+    from fmcli import distributed as D
+
+    seen = []
+    monkeypatch.setattr(torchrun, "run", lambda parsed: seen.append(os.environ.get("FM_RANK_ERRORS")))
+    assert D.relaunch(2, ["sample"]) == 0
+    assert seen[0] and not os.path.exists(seen[0]) and "FM_RANK_ERRORS" not in os.environ

@@ -95,6 +95,34 @@ def test_compile_setting_explicit_and_auto(monkeypatch):
     assert auto.compile is False and "no working C++ compiler" in auto.reason
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch logs the notice only where no CUDA runtime is found")
+def test_compiling_on_a_cpu_prints_no_cuda_runtime_notice(tmp_path):
+    """Where a CUDA toolkit is found (here CUDA_HOME) but no GPU, inductor's first compile logged torch's
+    "No CUDA runtime is found, using CUDA_HOME=..." into a CPU run's stderr: torch logs it once per process, when
+    torch.utils.cpp_extension is imported (inductor does, though not on every path: the first call imports it
+    itself, so that the test does not depend on inductor's cache). A fresh process compiles through
+    compile_with_fallback: stderr stays empty, and the compiled module computes what the eager one does."""
+    import subprocess
+    import sys
+
+    from conftest import fm_env
+
+    if not hardware.cxx_compiler()["works"]:
+        pytest.skip("inductor needs a working C++ compiler")
+    code = (
+        "import torch\n"
+        "from fmcli.hardware import CompileChoice, compile_with_fallback\n"
+        "m, x = torch.nn.Linear(4, 4), torch.randn(2, 4)\n"
+        "first = lambda f: (__import__('torch.utils.cpp_extension'), f(x))\n"
+        "c = compile_with_fallback(m, first, print, CompileChoice(True, True, ''))\n"
+        "assert c is not m and torch.allclose(c(x), m(x), atol=1e-6)\n"
+    )
+    # A cold compile (a fresh inductor cache, as on a user's first run): a cached graph never imports cpp_extension.
+    env = fm_env({"CUDA_HOME": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+
+
 def test_compile_failure_at_first_call_falls_back_to_eager(tmp_path, shapes16, monkeypatch):
     """torch.compile is lazy: the failure comes at the first forward. Training goes on eagerly, with one warning,
     and computes exactly what an eager run computes."""

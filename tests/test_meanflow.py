@@ -288,3 +288,29 @@ def test_bench_prices_the_mean_flow_step_against_flow_matching():
     assert mf["step_cost_vs_flow"] == pytest.approx(mf["meanflow_step_ms"] / mf["flow_step_ms"])
     assert mf["step_cost_spread"]["interleaved"] and mf["step_cost_spread"]["rounds"] == 2  # both timed in one trial
     assert "the flow-matching step" in proc.stderr
+
+
+def test_the_first_jvp_prints_no_torch_deprecation_warning():
+    """torch loads its JVP decompositions at a process's first forward-mode call through `torch.jit.script`, which
+    printed a FutureWarning (two lines of torch's source) into the first mean-flow step of every run. A fresh
+    process (the decompositions load once per process) computes a target by hand-checkable JVP, stderr empty:
+    u = x t + t_end, so du/dt along (v, 1) = v t + x and the target is v + (t_end - t)(v t + x)."""
+    import subprocess
+    import sys
+
+    from conftest import fm_env
+
+    code = (
+        "import torch\n"
+        "from fmcli.step import mean_flow_target\n"
+        "class U(torch.nn.Module):\n"
+        "    def forward(self, x, t, t_end):\n"
+        "        return x * t[:, None] + t_end[:, None]\n"
+        "x, v = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.5, -1.0], [2.0, 1.0]])\n"
+        "t, t_end = torch.tensor([0.2, 0.5]), torch.tensor([0.6, 0.9])\n"
+        "got = mean_flow_target(U(), x, t, t_end, v, {})\n"
+        "want = v + (t_end - t)[:, None] * (v * t[:, None] + x)\n"
+        "assert torch.allclose(got, want), (got, want)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=fm_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

@@ -170,6 +170,42 @@ def test_force_never_replaces_a_folder_by_a_file_or_a_file_by_a_folder(tmp_path,
         refuse_existing(tmp_path / "x.png", False, folders=True)
 
 
+def test_bad_sampling_input_is_refused_before_the_precision_probe_and_its_lines(tmp_path, debug_run, unconditional_run):
+    """A class label or prompt the model cannot take, a class grid of a model without classes, or a reference of
+    another image size was refused after `sample.precision = "auto"` had run the probe and logged its choice: the
+    usage error came second. Now the error is the only line on stderr."""
+    from fmcli.data.shapes import prepare_shapes
+
+    ref32 = prepare_shapes(tmp_path / "ref32", size=32, count=8, seed=0)
+    out = ["--out", tmp_path / "x.png", "--precision", "auto"]
+    cases = [
+        (("sample", "--ckpt", debug_run, "--class-label", "99", *out), "--class-label 99 is out of range"),
+        (("sample", "--ckpt", debug_run, "--prompt", "a red circle", *out), "not text-conditioned"),
+        (("class-grid", "--ckpt", unconditional_run, *out), "unconditional"),
+        (("fid", "--ckpt", debug_run, "--ref", ref32, "-n", "4", "--features", "tiny", "--precision", "auto"), "image sizes differ"),
+    ]
+    for args, message in cases:
+        refused = fm_in_process(*args, env={"FM_PROBE_FORCE": "bf16-slow"})
+        assert refused.returncode == 2 and refused.stderr.splitlines() == [refused.stderr.strip()], (args, refused.stderr)
+        assert refused.stderr.startswith("error: ") and message in refused.stderr, (args, refused.stderr)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_rank_with_no_samples_of_a_text_model_needs_no_prompts():
+    """`fm sample --ckpt TEXT_RUN -n 1 --prompt P --nproc 2`: rank 1's share of the indices is empty, and so its
+    share of the prompts; iterate_samples took that for a text model without prompts and the run failed (exit 2).
+    An empty share samples nothing (the command checked the prompts on every rank first)."""
+    from types import SimpleNamespace
+
+    from fmcli.errors import UsageError
+    from fmcli.generate import iterate_samples
+
+    text_model = SimpleNamespace(is_text=True)
+    assert list(iterate_samples(text_model, [], seed=0, sample_cfg=None, batch_size=4, device="cpu", prompts=[])) == []
+    with pytest.raises(UsageError, match="give --prompt"):
+        list(iterate_samples(text_model, [0], seed=0, sample_cfg=None, batch_size=4, device="cpu", prompts=[]))
+
+
 # ------------------------------------------------------------- options that do nothing, rows that say what ran
 
 
