@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data.prepare import SOURCES
 from .errors import RuntimeFailure, UsageError
@@ -23,7 +23,6 @@ from .encoders import VaePrecision
 from .hardware import CompileSetting, DeviceSetting, PrecisionSetting
 from .solvers import GuidanceName, SolverName
 from .optim import OPTIMIZERS
-from .seeding import seed_problem
 from .tracking import TRACKERS
 
 M = TypeVar("M", bound=BaseModel)
@@ -154,15 +153,6 @@ class DataConfig(Strict):
     num_workers: int = Field(0, ge=0)
 
 
-def _user_seed(seed: int) -> int:
-    if problem := seed_problem(seed):
-        raise ValueError(problem)
-    return seed
-
-
-# A seed of fm's random streams (fmcli.seeding): 32-bit, so that no two seeds share a stream.
-Seed = Annotated[int, AfterValidator(_user_seed)]
-
 # Adam's betas: torch refuses any outside [0, 1) only when the optimizer is built, deep into a run.
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -212,7 +202,9 @@ class TrainConfig(Strict):
     device: DeviceSetting = "auto"  # hardware.resolve_device
     ema_decay: float = Field(0.9999, ge=0, le=1)
     ema_warmup: bool = False
-    seed: Seed = 0
+    # 32-bit (fmcli.seeding.seed_problem), checked where a new run starts (launch.training_config), not here: a
+    # checkpoint of an older run with another seed keeps loading.
+    seed: int = 0
     log_every: int = Field(50, gt=0)
     sample_every: int = Field(0, ge=0)  # 0 = only at the end
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at the end

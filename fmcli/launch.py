@@ -61,6 +61,7 @@ def training_config(preset: str, overrides: list[str], *, data: Optional[Path], 
     resume-safe overrides, exactly as `fm resume`."""
     from .checkpoint import resolve_checkpoint
     from .config import load_config
+    from .seeding import seed_problem
 
     if resume is not None:
         ckpt = resolve_checkpoint((run_dir or default_run_dir(load_config(preset).name)) if resume == "latest" else resume)
@@ -71,6 +72,8 @@ def training_config(preset: str, overrides: list[str], *, data: Optional[Path], 
                              f"or start a new run from its weights: --set train.init_from={resume} (without --resume)")
         return resume_config(ckpt, overrides, data=data, stop_at_step=stop_at_step), run_dir or run_dir_of(ckpt), ckpt
     cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
+    if problem := seed_problem(cfg.train.seed):
+        raise UsageError(f"invalid config ({preset}): train.seed: {problem}")
     if data is not None:
         cfg = cfg.with_section("data", path=str(data))
     return cfg, run_dir or default_run_dir(cfg.name), None
