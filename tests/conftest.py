@@ -42,11 +42,12 @@ def fm_env(extra: dict | None = None) -> dict:
     return env
 
 
-def fm_in_process(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`fm ARGS` run by the same app and error handler inside this process, stdout and stderr captured: for
-    calls that only parse and validate (--print-config, --help, refused input), which a fresh interpreter
-    makes ~50x slower (importing torch). Calls that do work stay in `run_fm`, which also checks the real
-    entry point; `env` is set for the call and restored."""
+def fm_in_process(*args, env: dict | None = None, cwd=None, input: str | None = None) -> subprocess.CompletedProcess:
+    """`fm ARGS` run by the same app and error handler inside this process, stdout and stderr captured (and
+    `input` as stdin): for calls that test what a command does, not how a process behaves, which a fresh
+    interpreter makes seconds slower each (importing torch, transformers, diffusers). `run_fm` stays for what
+    only a process shows (torchrun ranks, signals, what the import pulls in, the real entry point, environment
+    variables read at launch); `env` and `cwd` are set for the call and restored."""
     import contextlib
     import io
 
@@ -55,7 +56,11 @@ def fm_in_process(*args, env: dict | None = None) -> subprocess.CompletedProcess
     out, err = io.StringIO(), io.StringIO()
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
+    old_cwd, old_stdin = os.getcwd(), sys.stdin
     try:
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.stdin = io.StringIO(input or "")
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 app(args=[str(a) for a in args], prog_name="fm")
@@ -63,6 +68,8 @@ def fm_in_process(*args, env: dict | None = None) -> subprocess.CompletedProcess
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     finally:
+        sys.stdin = old_stdin
+        os.chdir(old_cwd)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -198,7 +198,7 @@ def test_a_model_that_cannot_take_the_datas_images_is_a_usage_error_before_work(
     # ValueError from the model's constructor (exit 1) once the run had resolved its data and hardware.
     for extra in (["model.patch_size=5"], ["model.arch=unet", "model.channel_mult=[1,1,1,1,1,1]"]):
         args = [a for item in extra for a in ("--set", item)]
-        refused = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", *args)
+        refused = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", *args)
         assert refused.returncode == 2, refused.stderr
         assert "image size 16 is not divisible" in refused.stderr and "Traceback" not in refused.stderr
         assert not (tmp_path / "run").exists()
@@ -225,7 +225,7 @@ def test_zero_times_are_refused_for_training_without_reflow_pairs(tmp_path, shap
         with pytest.raises(UsageError, match="time_sampler='zero'.*flow.coupling='pairs'"):
             check_training_config(load_config("debug", ["flow.time_sampler=zero", f"flow.coupling={coupling}"]))
     check_training_config(load_config("debug", ["flow.time_sampler=zero", "flow.coupling=pairs"]))
-    refused = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "flow.time_sampler=zero")
+    refused = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "flow.time_sampler=zero")
     assert refused.returncode == 2 and "flow.coupling='pairs'" in refused.stderr, refused.stderr
     assert not (tmp_path / "run").exists()
 

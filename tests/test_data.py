@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import run_fm
+from conftest import fm_in_process
 from fmcli.data.decode import resize_center_crop
 from fmcli.data.prepare import prepare
 from fmcli.data.dataset import PreparedDataset, PreparedWriter, read_captions, read_manifest
@@ -68,7 +68,7 @@ def cifar(tmp_path_factory):
 
 def test_cifar10_archive_round_trip_exact(cifar, tmp_path):
     archive, _, batches = cifar
-    res = run_fm("prepare-data", "cifar10", "--root", archive, "--out", tmp_path / "c", "--json")
+    res = fm_in_process("prepare-data", "cifar10", "--root", archive, "--out", tmp_path / "c", "--json")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert (summary["count"], summary["skipped"], summary["classes"]) == (17, 0, 10)
@@ -173,7 +173,7 @@ def test_mnist_truncated_file_is_exit_2(mnist, tmp_path):
         (bad / f.name).write_bytes(f.read_bytes())
     raw = (bad / "t10k-images-idx3-ubyte").read_bytes()
     (bad / "t10k-images-idx3-ubyte").write_bytes(raw[:-100])
-    res = run_fm("prepare-data", "mnist", "--root", bad, "--split", "test", "--out", tmp_path / "o")
+    res = fm_in_process("prepare-data", "mnist", "--root", bad, "--split", "test", "--out", tmp_path / "o")
     assert res.returncode == 2 and "truncated" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert _leftovers(tmp_path, "o") == []
 
@@ -198,7 +198,7 @@ def folder(tmp_path_factory):
 
 def test_folder_classes_skip_corrupt_and_round_trip(folder, tmp_path):
     root, images = folder
-    res = run_fm("prepare-data", "folder", "--root", root, "--out", tmp_path / "f", "--json", "--workers", "1")
+    res = fm_in_process("prepare-data", "folder", "--root", root, "--out", tmp_path / "f", "--json", "--workers", "1")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert (summary["count"], summary["skipped"], summary["classes"]) == (6, 2, 2)
@@ -321,7 +321,7 @@ def test_folder_bad_inputs_exit_2_without_output(tmp_path, case):
     elif case == "file-not-dir":
         root.write_text("x")
     if case == "missing":  # through the CLI once: exit 2 and a single line
-        res = run_fm("prepare-data", "folder", "--root", root, "--out", tmp_path / "out")
+        res = fm_in_process("prepare-data", "folder", "--root", root, "--out", tmp_path / "out")
         assert res.returncode == 2, res.stderr
         assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
     else:
@@ -363,7 +363,7 @@ def test_captions_folder_pairs(tmp_path):
 
 def test_captions_bad_jsonl_exit_2(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"image": "a.png", "caption": "x"}\nnot json\n')
-    res = run_fm("prepare-data", "captions", "--root", tmp_path / "d.jsonl", "--out", tmp_path / "o")
+    res = fm_in_process("prepare-data", "captions", "--root", tmp_path / "d.jsonl", "--out", tmp_path / "o")
     assert res.returncode == 2 and "line 2" in res.stderr
     assert _leftovers(tmp_path, "o") == []
 
@@ -386,7 +386,7 @@ def test_tar_shards_with_corrupt_member(tmp_path):
     with tarfile.open(tmp_path / "shard-001.tar", "w") as tar:
         _add(tar, "k3.webp.png", _png(pixels[2]))  # the key is up to the first dot: "k3"
         _add(tar, "k3.txt", b"third")
-    res = run_fm("prepare-data", "tar", "--root", str(tmp_path / "shard-*.tar"), "--size", "20", "--out", tmp_path / "o", "--json")
+    res = fm_in_process("prepare-data", "tar", "--root", str(tmp_path / "shard-*.tar"), "--size", "20", "--out", tmp_path / "o", "--json")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert (summary["count"], summary["skipped"]) == (3, 1) and "k1" in res.stderr
@@ -396,7 +396,7 @@ def test_tar_shards_with_corrupt_member(tmp_path):
 
 
 def test_tar_no_match_and_not_a_tar_exit_2(tmp_path):
-    res = run_fm("prepare-data", "tar", "--root", str(tmp_path / "nothing-*.tar"), "--out", tmp_path / "o")
+    res = fm_in_process("prepare-data", "tar", "--root", str(tmp_path / "nothing-*.tar"), "--out", tmp_path / "o")
     assert res.returncode == 2 and "no tar shards" in res.stderr
     (tmp_path / "fake.tar").write_bytes(b"definitely not a tar file" * 40)
     with pytest.raises(UsageError, match="not a readable tar"):
@@ -427,7 +427,7 @@ def test_split_test_of_a_source_without_splits_is_refused(tmp_path, source):
     root = tmp_path / "images"
     root.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a.png")
-    res = run_fm("prepare-data", source, "--root", root, "--out", tmp_path / "test", "--size", 8, "--count", 4, "--split", "test")
+    res = fm_in_process("prepare-data", source, "--root", root, "--out", tmp_path / "test", "--size", 8, "--count", 4, "--split", "test")
     assert res.returncode == 2 and "has no test split" in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert not (tmp_path / "test").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
@@ -435,7 +435,7 @@ def test_split_test_of_a_source_without_splits_is_refused(tmp_path, source):
 def test_existing_output_refused_unless_force(tmp_path):
     out = tmp_path / "o"
     prepare("shapes", out, count=8)
-    res = run_fm("prepare-data", "shapes", "--count", "9", "--out", out)
+    res = fm_in_process("prepare-data", "shapes", "--count", "9", "--out", out)
     assert res.returncode == 2 and "--force" in res.stderr and read_manifest(out)["count"] == 8
     prepare("shapes", out, count=9, force=True)
     assert read_manifest(out)["count"] == 9 and _leftovers(tmp_path, "o") == ["o"]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import fm_env, run_fm
+from conftest import fm_env, fm_in_process, run_fm
 
 
 def records(run_dir):
@@ -31,7 +31,7 @@ def train_args(data, run_dir, steps, *extra):
 def test_two_processes_match_one_and_resume_exactly(tmp_path, shapes16):
     # FID during training too: generation sharded over the ranks, the same number as one process.
     evals = ["--set", "eval.every=6", "--set", "eval.num_samples=10", "--set", f"eval.ref='{shapes16}'", "--set", "eval.features='tiny'"]
-    one = run_fm(*train_args(shapes16, tmp_path / "one", 6, *evals))
+    one = fm_in_process(*train_args(shapes16, tmp_path / "one", 6, *evals))
     assert one.returncode == 0, one.stderr
     two = run_fm(*train_args(shapes16, tmp_path / "two", 6, "--nproc", "2", *evals))
     assert two.returncode == 0, two.stderr
@@ -97,14 +97,14 @@ def test_a_failing_rank_stops_the_run_quickly_with_one_error(tmp_path, shapes16)
 
 
 def test_gpus_beyond_the_machine_is_a_usage_error(tmp_path, shapes16):
-    out = run_fm(*train_args(shapes16, tmp_path / "run", 2, "--gpus", "64"))
+    out = fm_in_process(*train_args(shapes16, tmp_path / "run", 2, "--gpus", "64"))
     assert out.returncode == 2
     assert "64" in out.stderr and "GPU" in out.stderr
 
 
 def test_fid_generation_sharded_over_two_processes_equals_one(tmp_path, debug_run, shapes16):
     args = ["fid", "--ckpt", debug_run, "--num-samples", "10", "--ref", shapes16, "--features", "tiny", "--steps", "3", "--json"]
-    one = run_fm(*args)
+    one = fm_in_process(*args)
     two = run_fm(*args, "--nproc", "2")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
     a, b = json.loads(one.stdout), json.loads(two.stdout)
@@ -113,7 +113,7 @@ def test_fid_generation_sharded_over_two_processes_equals_one(tmp_path, debug_ru
 
 
 def test_sample_sharded_over_two_processes_equals_one(tmp_path, debug_run):
-    one = run_fm("sample", "--ckpt", debug_run, "-n", "5", "--seed", "3", "--out", tmp_path / "one", "--json")
+    one = fm_in_process("sample", "--ckpt", debug_run, "-n", "5", "--seed", "3", "--out", tmp_path / "one", "--json")
     two = run_fm("sample", "--ckpt", debug_run, "-n", "5", "--seed", "3", "--out", tmp_path / "two", "--json", "--nproc", "2")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
     assert len(json.loads(two.stdout)["paths"]) == 5

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QuietLog, run_fm
+from conftest import QuietLog, fm_in_process
 from fmcli.config import load_config
 from fmcli.encoders import FrozenTextEncoder, FrozenVAE, TextConditioning, build_tiny_text_encoder
 from fmcli.errors import UsageError
@@ -170,7 +170,7 @@ TEXT_SETTINGS = [
 
 def test_latent_text_pipeline_end_to_end(tmp_path, tiny_vae, tiny_t5):
     data = tmp_path / "latents"
-    res = run_fm("prepare-data", "shapes", "--out", data, "--size", 16, "--count", 32, "--vae", tiny_vae,
+    res = fm_in_process("prepare-data", "shapes", "--out", data, "--size", 16, "--count", 32, "--vae", tiny_vae,
                  "--text-encoder", tiny_t5, "--cache-text", "--max-tokens", 8, "--encode-batch-size", 10, "--json")  # fmt: skip
     assert res.returncode == 0, res.stderr
     manifest = json.loads((data / "manifest.json").read_text())
@@ -191,7 +191,7 @@ def test_latent_text_pipeline_end_to_end(tmp_path, tiny_vae, tiny_t5):
     assert np.array_equal(mask, ref_mask.numpy()) and np.allclose(states.astype(np.float32), ref_states.numpy(), atol=2e-3)
 
     run_dir = tmp_path / "run"
-    res = run_fm("train", "--preset", "text-debug", "--data", data, "--run-dir", run_dir, *TEXT_SETTINGS, "--set", f"encoders.vae={tiny_vae}", cwd=tmp_path)
+    res = fm_in_process("train", "--preset", "text-debug", "--data", data, "--run-dir", run_dir, *TEXT_SETTINGS, "--set", f"encoders.vae={tiny_vae}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"]["text_dim"] == 32 and config["model"]["num_classes"] == 0
@@ -200,7 +200,7 @@ def test_latent_text_pipeline_end_to_end(tmp_path, tiny_vae, tiny_t5):
     assert (run_dir / "samples" / "step-0000002.txt").read_text().splitlines() == captions[:4]
 
     out = tmp_path / "samples"
-    res = run_fm("sample", "--ckpt", run_dir, "--prompts", "-", "--steps", 2, "--out", out, "--json", input="a red circle\n\na blue star on a white background\n", cwd=tmp_path)
+    res = fm_in_process("sample", "--ckpt", run_dir, "--prompts", "-", "--steps", 2, "--out", out, "--json", input="a red circle\n\na blue star on a white background\n", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["num_samples"] == 2 and len(summary["paths"]) == 2
@@ -582,7 +582,7 @@ def test_eval_of_a_folder_against_a_latent_dataset_says_latents_not_a_wrong_imag
     from conftest import fm_in_process
 
     data = tmp_path / "latents"
-    res = run_fm("prepare-data", "shapes", "--out", data, "--size", 16, "--count", 12, "--vae", tiny_vae)
+    res = fm_in_process("prepare-data", "shapes", "--out", data, "--size", 16, "--count", 12, "--vae", tiny_vae)
     assert res.returncode == 0, res.stderr
     gen = tmp_path / "gen"
     gen.mkdir()

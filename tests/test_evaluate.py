@@ -13,7 +13,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from conftest import QuietLog, fm_in_process, run_fm
+from conftest import QuietLog, fm_in_process
 from fmcli.errors import UsageError
 
 NOISE_LEVELS = (8, 24, 64)
@@ -136,7 +136,7 @@ def _fid(**kwargs) -> dict:
 
 
 def test_identical_folders_score_zero_and_noise_increases_fid(data):
-    out = _json(run_fm("fid", "--gen", data["folders"][0], "--ref", data["folders"][0], "--features", "tiny", "--kid", "--json"))
+    out = _json(fm_in_process("fid", "--gen", data["folders"][0], "--ref", data["folders"][0], "--features", "tiny", "--kid", "--json"))
     assert abs(out["fid"]) < 1e-8
     assert out["num_samples"] == out["ref_count"] == 96
     assert out["features"] == "tiny-randconv-v1" and out["comparable_to_published"] is False
@@ -147,14 +147,14 @@ def test_identical_folders_score_zero_and_noise_increases_fid(data):
 
 def test_save_stats_then_stats_ref_equals_folder_and_prepared_refs(data, tmp_path):
     stats = tmp_path / "ref.npz"
-    saved = run_fm("fid", "--ref", data["prepared"], "--save-stats", stats, "--features", "tiny")
+    saved = fm_in_process("fid", "--ref", data["prepared"], "--save-stats", stats, "--features", "tiny")
     assert saved.returncode == 0, saved.stderr
     assert saved.stdout.strip() == str(stats) and stats.is_file()
     with pytest.raises(UsageError, match="--force"):
         _fid(ref=data["prepared"], save_stats=stats)
 
     noisy = data["folders"][24]
-    via_stats = _json(run_fm("fid", "--gen", noisy, "--ref", stats, "--features", "tiny", "--json"))
+    via_stats = _json(fm_in_process("fid", "--gen", noisy, "--ref", stats, "--features", "tiny", "--json"))
     via_prepared = _fid(gen=noisy, ref=data["prepared"])
     via_folder = _fid(gen=noisy, ref=data["folders"][0])
     assert via_stats["fid"] > 1e-6
@@ -291,7 +291,7 @@ def test_fid_from_checkpoint_end_to_end(trained, data, tmp_path):
     run_dir = trained[0].run_dir
     out_dir = tmp_path / "samples"
     result = _json(
-        run_fm("fid", "--ckpt", run_dir, "--num-samples", 12, "--ref", data["folders"][0], "--features", "tiny", "--steps", 3, "--batch-size", 5, "--out", out_dir, "--json")
+        fm_in_process("fid", "--ckpt", run_dir, "--num-samples", 12, "--ref", data["folders"][0], "--features", "tiny", "--steps", 3, "--batch-size", 5, "--out", out_dir, "--json")
     )
     assert result["num_samples"] == 12 and result["nfe_per_sample"] == 3 and result["steps"] == 3
     assert result["gen_seconds"] > 0 and np.isfinite(result["fid"]) and result["fid"] > 0
@@ -364,10 +364,10 @@ def test_an_nfe_sweep_refuses_to_replace_its_samples_without_force(debug_run, sh
     Image.new("RGB", (16, 16), (9, 9, 9)).save(mine)
     before = mine.read_bytes()
     common = ("fid", "--ckpt", debug_run, "-n", 3, "--ref", shapes16, "--features", "tiny", "--nfe", "2,4", "--out", out)
-    result = run_fm(*common)
+    result = fm_in_process(*common)
     assert result.returncode == 2 and "nfe-4/000001.png already exists" in result.stderr and "--force" in result.stderr
     assert mine.read_bytes() == before and not (out / "nfe-2").exists()  # refused before any sample was written
-    forced = run_fm(*common, "--force", "--json")
+    forced = fm_in_process(*common, "--force", "--json")
     assert forced.returncode == 0, forced.stderr
     assert mine.read_bytes() != before and sorted(p.name for p in (out / "nfe-2").iterdir()) == [f"{i:06d}.png" for i in range(3)]
 
@@ -375,7 +375,7 @@ def test_an_nfe_sweep_refuses_to_replace_its_samples_without_force(debug_run, sh
 def test_fid_json_rows_name_the_checkpoint_and_the_guidance_interval(debug_run, shapes16):
     """A row of `fm fid --json` says what ran: the checkpoint and the guidance interval (absent before, so two sweeps at
     other intervals or of other checkpoints could not be told apart, and `fm plot` joined them into one curve)."""
-    res = run_fm("fid", "--ckpt", debug_run, "-n", 2, "--ref", shapes16, "--features", "tiny", "--nfe", "2", "--cfg", "2",
+    res = fm_in_process("fid", "--ckpt", debug_run, "-n", 2, "--ref", shapes16, "--features", "tiny", "--nfe", "2", "--cfg", "2",
                  "--guidance-interval", "0.25,1", "--solver", "euler-sde", "--json")
     assert res.returncode == 0, res.stderr
     (row,) = json.loads(res.stdout)
@@ -388,7 +388,7 @@ def test_fid_refuses_a_model_of_another_size_before_the_reference_pass(debug_run
     from fmcli.data.shapes import prepare_shapes
 
     small = prepare_shapes(tmp_path / "shapes8", size=8, count=40, seed=1)
-    result = run_fm("fid", "--ckpt", debug_run, "-n", 4, "--ref", small, "--features", "tiny")
+    result = fm_in_process("fid", "--ckpt", debug_run, "-n", 4, "--ref", small, "--features", "tiny")
     assert result.returncode == 2 and "image sizes differ: the model makes 16px images, the reference is 8px" in result.stderr
     assert "features of" not in result.stderr and "Traceback" not in result.stderr
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_fm
+from conftest import fm_in_process
 from fmcli.checkpoint import save_atomic
 from fmcli.config import config_to_dict, load_config
 from fmcli.errors import UsageError
@@ -161,7 +161,7 @@ def test_fm_sample_accepts_an_export_directory(exported, tmp_path):
     from fmcli.images import save_grid
 
     fm, cfg, out = exported
-    res = run_fm("sample", "--ckpt", out, "-n", "4", "--steps", "3", "--out", tmp_path / "grid.png", "--device", "cpu")
+    res = fm_in_process("sample", "--ckpt", out, "-n", "4", "--steps", "3", "--out", tmp_path / "grid.png", "--device", "cpu")
     assert res.returncode == 0, res.stderr
     x0 = initial_noise(0, range(4), (3, 16, 16))
     x = sample_batch(fm, x0, torch.arange(4) % NUM_CLASSES, cfg.sample.model_copy(update={"steps": 3})).x
@@ -171,7 +171,7 @@ def test_fm_sample_accepts_an_export_directory(exported, tmp_path):
 @pytest.mark.parametrize("overrides", [["model.arch='unet'", "model.hidden_size=16", "model.channel_mult=[1, 2]", "model.layers_per_block=1"], ["model.mlp_ratio=2.0"]])
 def test_unsupported_model_for_diffusers_is_one_line_and_writes_nothing(tmp_path, overrides):
     make_checkpoint(tmp_path / "step.pt", overrides)
-    res = run_fm("export", "--ckpt", tmp_path / "step.pt", "--format", "diffusers", "--out", tmp_path / "out")
+    res = fm_in_process("export", "--ckpt", tmp_path / "step.pt", "--format", "diffusers", "--out", tmp_path / "out")
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "--format fm" in res.stderr and "Traceback" not in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step.pt"]
@@ -181,9 +181,9 @@ def test_existing_out_needs_force(tmp_path):
     make_checkpoint(tmp_path / "step.pt")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep")
-    res = run_fm("export", "--ckpt", tmp_path / "step.pt", "--out", tmp_path / "out")
+    res = fm_in_process("export", "--ckpt", tmp_path / "step.pt", "--out", tmp_path / "out")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--force" in res.stderr
-    forced = run_fm("export", "--ckpt", tmp_path / "step.pt", "--out", tmp_path / "out", "--force")  # not an export: still refused
+    forced = fm_in_process("export", "--ckpt", tmp_path / "step.pt", "--out", tmp_path / "out", "--force")  # not an export: still refused
     assert forced.returncode == 2 and "refusing" in forced.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "step.pt"]
@@ -217,7 +217,7 @@ def test_weights_that_do_not_fit_their_config_are_refused_before_writing(tmp_pat
     state = torch.load(tmp_path / "step.pt", weights_only=True)
     state["config"]["model"]["depth"] += 1  # the weights are a depth-2 model's
     save_atomic(state, tmp_path / "damaged.pt")
-    res = run_fm("export", "--ckpt", tmp_path / "damaged.pt", "--format", "fm", "--out", tmp_path / "out")
+    res = fm_in_process("export", "--ckpt", tmp_path / "damaged.pt", "--format", "fm", "--out", tmp_path / "out")
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and "damaged.pt is damaged" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["damaged.pt", "step.pt"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fm_in_process, run_fm
+from conftest import fm_in_process
 from fmcli.errors import UsageError
 
 STEPS = 25  # classifier steps in tests: seconds, not the default's quality
@@ -176,7 +176,7 @@ def test_eval_of_the_floor_images_scores_the_floor(data, tmp_path):
     folder.mkdir()
     for j, i in enumerate(floor_idx[:n]):
         Image.fromarray(x[i].transpose(1, 2, 0)).save(folder / f"{j:04d}.png")
-    rows = _json(run_fm("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS, "--json"))
+    rows = _json(fm_in_process("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS, "--json"))
     (row,) = rows
     assert row["num_samples"] == n and row["floor"]["floor_count"] == n and row["floor"]["ref_count"] == n
     for key, value in row["floor"]["metrics"]["domain"].items():
@@ -194,7 +194,7 @@ def test_eval_of_the_floor_images_scores_the_floor(data, tmp_path):
 
 
 def test_eval_sweeps_guidance_of_a_checkpoint(data, debug_run):
-    result = run_fm("eval", "--ckpt", debug_run, "--data", data, "-n", 30, "--classifier-steps", STEPS, "--cfg", "1,2",
+    result = fm_in_process("eval", "--ckpt", debug_run, "--data", data, "-n", 30, "--classifier-steps", STEPS, "--cfg", "1,2",
                     "--guidance-interval", "0,1", "--guidance-interval", "0.3,1", "--steps", 2, "--no-kid", "--json")  # fmt: skip
     rows = _json(result)
     assert [(r["cfg"], r["guidance_interval"]) for r in rows] == [(1.0, [0.0, 1.0]), (1.0, [0.3, 1.0]), (2.0, [0.0, 1.0]), (2.0, [0.3, 1.0])]
@@ -206,7 +206,7 @@ def test_eval_sweeps_guidance_of_a_checkpoint(data, debug_run):
         assert 5 <= len(r["per_class_fd"]) <= 10 and r["per_class_fd_mean"] == pytest.approx(np.mean(list(r["per_class_fd"].values())))
     assert rows[0]["nfe_per_sample"] == 2 and rows[2]["nfe_per_sample"] == 2  # CFG's [cond; uncond] batch: one NFE
     # The plain table: the floor first, then one line per setting.
-    table = run_fm("eval", "--ckpt", debug_run, "--data", data, "-n", 12, "--classifier-steps", STEPS, "--steps", 1, "--no-kid")
+    table = fm_in_process("eval", "--ckpt", debug_run, "--data", data, "-n", 12, "--classifier-steps", STEPS, "--steps", 1, "--no-kid")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[1].startswith("real vs real (12 vs 12)") and "euler" in lines[2]
@@ -223,14 +223,14 @@ def test_eval_autoguidance_by_the_model_itself_is_the_unguided_model(data, debug
     other = tmp_path / "perturbed-guide.pt"
     torch.save(state, other)
     common = ("eval", "--ckpt", debug_run, "--data", data, "-n", 20, "--classifier-steps", STEPS, "--steps", 3, "--no-kid", "--json")
-    plain = _json(run_fm(*common, "--cfg", "1"))[0]
-    rows = _json(run_fm(*common, "--cfg", "2,3", "--guide-ckpt", ckpt))
+    plain = _json(fm_in_process(*common, "--cfg", "1"))[0]
+    rows = _json(fm_in_process(*common, "--cfg", "2,3", "--guide-ckpt", ckpt))
     assert [(r["guidance"], r["cfg"]) for r in rows] == [("auto", 2.0), ("auto", 3.0)]
     for r in rows:
         assert r["metrics"]["domain"] == pytest.approx(plain["metrics"]["domain"], rel=1e-4, abs=1e-6) and r["accuracy"] == plain["accuracy"]
-    guided = _json(run_fm(*common, "--cfg", "3", "--guide-ckpt", other))[0]
+    guided = _json(fm_in_process(*common, "--cfg", "3", "--guide-ckpt", other))[0]
     assert guided["metrics"]["domain"]["fd"] != pytest.approx(plain["metrics"]["domain"]["fd"], rel=1e-3)
-    no_guide = run_fm(*common, "--cfg", "2", "--guidance", "auto")
+    no_guide = fm_in_process(*common, "--cfg", "2", "--guidance", "auto")
     assert no_guide.returncode == 2 and "--guidance auto needs --guide-ckpt" in no_guide.stderr and "Traceback" not in no_guide.stderr
 
 
@@ -329,7 +329,7 @@ def test_eval_every_logs_domain_fidelity_and_leaves_training_unchanged(data, tmp
     assert features.default_classifier_path(data, 0).is_file()  # trained once, cached beside the data
 
     pytest.importorskip("matplotlib")
-    result = run_fm("plot", tmp_path / "with")
+    result = fm_in_process("plot", tmp_path / "with")
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "with" / "loss.png").size[1] > 4 * 2.6 * 100  # loss, lr, FD, fidelity, accuracy panels
 
@@ -359,10 +359,10 @@ def test_plot_draws_the_frontier_of_an_eval_sweep(tmp_path):
     ]  # fmt: skip
     sweep = tmp_path / "frontier.json"
     sweep.write_text(json.dumps(rows))
-    result = run_fm("plot", sweep, "--y", "fd")
+    result = fm_in_process("plot", sweep, "--y", "fd")
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == tmp_path / "frontier.png" and (tmp_path / "frontier.png").stat().st_size > 0
-    bad = run_fm("plot", sweep, "--y", "loss", "--out", tmp_path / "x.png")
+    bad = fm_in_process("plot", sweep, "--y", "loss", "--out", tmp_path / "x.png")
     assert bad.returncode == 2 and "--y loss" in bad.stderr
 
 
@@ -373,12 +373,12 @@ def test_a_folder_written_by_fm_sample_scores_exactly_its_samples(data, debug_ru
     """The README's workflow: `fm sample --out DIR`, then `fm fid --gen DIR` and `fm eval --gen DIR`. The
     grid.png beside the samples is not one of them (it made FID count n + 1 images and eval refuse the folder)."""
     folder = tmp_path / "samples"
-    sampled = run_fm("sample", "--ckpt", debug_run, "-n", 6, "--steps", 2, "--out", folder)
+    sampled = fm_in_process("sample", "--ckpt", debug_run, "-n", 6, "--steps", 2, "--out", folder)
     assert sampled.returncode == 0, sampled.stderr
     assert (folder / "grid.png").is_file()
-    fid = _json(run_fm("fid", "--gen", folder, "--ref", data, "--features", "tiny", "--json"))
+    fid = _json(fm_in_process("fid", "--gen", folder, "--ref", data, "--features", "tiny", "--json"))
     assert fid["num_samples"] == 6
-    result = run_fm("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS, "--no-kid", "--json")
+    result = fm_in_process("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS, "--no-kid", "--json")
     (row,) = _json(result)
     assert row["num_samples"] == 6 and "skipping" in result.stderr and "grid.png" in result.stderr
 
@@ -394,7 +394,7 @@ def test_eval_and_fid_refuse_a_damaged_dataset_in_one_line(data, tmp_path):
         Image.fromarray(img.transpose(1, 2, 0)).save(folder / f"{i:06d}.png")
     os.truncate(data / "x.npy", 200_000)
     for args in (("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS), ("fid", "--gen", folder, "--ref", data, "--features", "tiny")):
-        result = run_fm(*args)
+        result = fm_in_process(*args)
         assert result.returncode == 2, (args[0], result.stderr)
         assert "x.npy is truncated" in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

@@ -254,7 +254,7 @@ def test_cli_bench_reports_the_sampling_precision_and_compile(monkeypatch):
 
 
 def test_cli_sample_precision_flag_and_json(tmp_path, debug_run):
-    from conftest import run_fm
+    from conftest import fm_in_process as run_fm
 
     r = run_fm("sample", "--ckpt", debug_run, "-n", "2", "--precision", "bf16", "--no-compile", "--out", tmp_path / "g.png", "--json")
     assert r.returncode == 0, r.stderr

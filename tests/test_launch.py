@@ -33,17 +33,17 @@ def test_resume_continues_the_checkpoints_own_run_only(debug_run, tmp_path, monk
 def test_a_refused_or_failed_launch_does_not_block_the_corrected_command(shapes16, tmp_path):
     run = tmp_path / "run"
     train = ("train", "--preset", "debug", "--data", shapes16, "--run-dir", run, "--set", "train.steps=2", "--set", "train.device=cpu")
-    refused = run_fm(*train, "--nnodes", "2")
+    refused = fm_in_process(*train, "--nnodes", "2")
     assert refused.returncode == 2 and "--rdzv-endpoint" in refused.stderr, refused.stderr
     assert not run.exists()
     # What a launch whose ranks failed before writing the run leaves: the hand-off config and the autotune cache.
     run.mkdir()
     (run / ".launch-config.json").write_text("{}")
     (run / "autotune.json").write_text("{}")
-    ok = run_fm(*train)
+    ok = fm_in_process(*train)
     assert ok.returncode == 0, ok.stderr
     assert (run / "config.json").is_file()
-    again = run_fm(*train)  # a real run in it is never reused
+    again = fm_in_process(*train)  # a real run in it is never reused
     assert again.returncode == 2 and "fm resume" in again.stderr
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import assert_resumes_bit_exactly, run_fm
+from conftest import assert_resumes_bit_exactly, fm_in_process, run_fm
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
 from fmcli.config import ModelConfig, config_to_dict, load_config, validate_config
 from fmcli.distributed import DistContext
@@ -182,7 +182,7 @@ def test_two_processes_average_mean_flow_gradients_like_one(tmp_path, shapes16):
     args = lambda d, *x: ["train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / d, "--set", "train.steps=4",  # noqa: E731
                           "--set", "train.log_every=1", "--set", "train.checkpoint_every=0", "--set", "flow.meanflow_ratio=0.5",
                           *[a for item in MEANFLOW for a in ("--set", item)], *x]
-    one = run_fm(*args("one"))
+    one = fm_in_process(*args("one"))
     assert one.returncode == 0, one.stderr
     two = run_fm(*args("two", "--nproc", "2"))
     assert two.returncode == 0, two.stderr
@@ -224,20 +224,20 @@ def mf_run(tmp_path_factory, debug_run, shapes16):
 
 def test_fine_tune_samples_and_exports_through_the_cli(tmp_path, mf_run, debug_run, shapes16):
     run = mf_run
-    sample = run_fm("sample", "--ckpt", run, "-n", "3", "--steps", "1", "--out", tmp_path / "one.png", "--json")
+    sample = fm_in_process("sample", "--ckpt", run, "-n", "3", "--steps", "1", "--out", tmp_path / "one.png", "--json")
     assert sample.returncode == 0, sample.stderr
     assert json.loads(sample.stdout)["nfe"] == 1 and json.loads(sample.stdout)["solver"] == "meanflow"
-    fid = run_fm("fid", "--ckpt", run, "-n", "10", "--ref", shapes16, "--features", "tiny", "--nfe", "1,2", "--json")
+    fid = fm_in_process("fid", "--ckpt", run, "-n", "10", "--ref", shapes16, "--features", "tiny", "--nfe", "1,2", "--json")
     assert fid.returncode == 0, fid.stderr
     assert [r["nfe_per_sample"] for r in json.loads(fid.stdout)] == [1, 2]
     # Other solvers make no sense for average velocities; the meanflow solver none for a flow model.
     for ckpt, solver, words in ((run, "heun", "mean-flow model"), (debug_run, "meanflow", "needs a mean-flow model")):
-        bad = run_fm("sample", "--ckpt", ckpt, "-n", "2", "--solver", solver, "--out", tmp_path / f"{solver}.png")
+        bad = fm_in_process("sample", "--ckpt", ckpt, "-n", "2", "--solver", solver, "--out", tmp_path / f"{solver}.png")
         assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr
     # diffusers cannot hold a two-time DiT: a one-line refusal; --format fm round-trips exactly.
-    refused = run_fm("export", "--ckpt", run, "--out", tmp_path / "hf")
+    refused = fm_in_process("export", "--ckpt", run, "--out", tmp_path / "hf")
     assert refused.returncode == 2 and "FlowMapEulerDiscreteScheduler" in refused.stderr and not (tmp_path / "hf").exists()
-    assert run_fm("export", "--ckpt", run, "--out", tmp_path / "fm", "--format", "fm").returncode == 0
+    assert fm_in_process("export", "--ckpt", run, "--out", tmp_path / "fm", "--format", "fm").returncode == 0
     from fmcli.generate import initial_noise, load_for_sampling, sample_batch
 
     a, b = (load_for_sampling(str(p), torch.device("cpu")) for p in (run, tmp_path / "fm"))
@@ -269,12 +269,12 @@ def test_demo_previews_every_jump_and_offers_only_the_meanflow_sampler(mf_run):
 def test_training_on_reflow_pairs_with_the_recipes_settings(tmp_path, debug_run):
     """The recipe's data path at debug size: `fm reflow` pairs, then the mean-flow student on them."""
     pairs = tmp_path / "pairs"
-    made = run_fm("reflow", "--ckpt", debug_run, "--num-pairs", "16", "--solver", "heun", "--steps", "2", "--out", pairs)
+    made = fm_in_process("reflow", "--ckpt", debug_run, "--num-pairs", "16", "--solver", "heun", "--steps", "2", "--out", pairs)
     assert made.returncode == 0, made.stderr
     recipe = load_config("quickstart-meanflow")
     items = [*MEANFLOW, "flow.coupling='pairs'", "flow.cond_dropout=0", "flow.time_sampler='uniform'", "sample.cfg=1",
              f"flow.meanflow_ratio={recipe.flow.meanflow_ratio}", "train.steps=2", f"train.init_from='{debug_run}'"]
-    out = run_fm("train", "--preset", "debug", "--data", pairs, "--run-dir", tmp_path / "run", *[a for i in items for a in ("--set", i)])
+    out = fm_in_process("train", "--preset", "debug", "--data", pairs, "--run-dir", tmp_path / "run", *[a for i in items for a in ("--set", i)])
     assert out.returncode == 0, out.stderr
     assert (recipe.flow.objective, recipe.flow.coupling, recipe.sample.solver, recipe.sample.cfg) == ("meanflow", "pairs", "meanflow", 1.0)
 

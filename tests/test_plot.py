@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import fm_env, fm_in_process, run_fm
+from conftest import fm_env, fm_in_process
 from fmcli.errors import UsageError
 from fmcli.plot import read_metrics
 
@@ -51,7 +51,7 @@ def test_fm_plot_writes_a_png_with_three_panels(tmp_path):
     run = tmp_path / "run"
     _write_metrics(run)
     out = tmp_path / "out" / "curves.png"
-    res = run_fm("plot", run, "--out", out)
+    res = fm_in_process("plot", run, "--out", out)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(out)
     img = np.asarray(Image.open(out).convert("L"))
@@ -60,7 +60,7 @@ def test_fm_plot_writes_a_png_with_three_panels(tmp_path):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
     _write_metrics(run, with_fid=False)
-    res = run_fm("plot", run)  # default: RUN_DIR/loss.png, two panels
+    res = fm_in_process("plot", run)  # default: RUN_DIR/loss.png, two panels
     assert res.returncode == 0, res.stderr
     two = np.asarray(Image.open(run / "loss.png").convert("L"))
     assert two.shape[0] < img.shape[0]
@@ -83,10 +83,10 @@ def test_fm_plot_sweep_keeps_an_existing_default_output_unless_forced(tmp_path):
     sweep.write_text(json.dumps([{"fid": 40.0 / n, "nfe_per_sample": n, "solver": "euler"} for n in (1, 2, 4)]))
     png = tmp_path / "sweep.png"
     png.write_bytes(b"the user's own sweep.png")
-    res = run_fm("plot", sweep)
+    res = fm_in_process("plot", sweep)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [f"error: {png} already exists; pass --force to replace it"]
     assert png.read_bytes() == b"the user's own sweep.png"
-    res = run_fm("plot", sweep, "--force")
+    res = fm_in_process("plot", sweep, "--force")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(png) and Image.open(png).size[0] > 100
 
@@ -105,7 +105,7 @@ def test_fm_plot_y_is_refused_where_there_is_no_frontier_not_ignored(tmp_path):
 def test_fm_plot_of_a_binary_file_is_one_line(tmp_path):
     image = tmp_path / "curves.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
-    res = run_fm("plot", image)
+    res = fm_in_process("plot", image)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: {image} is not text: give a run directory or the JSON of `fm fid --nfe ... --json` or `fm eval ... --json`"]
 

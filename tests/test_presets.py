@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, fm_in_process, run_fm
+from conftest import REPO, fm_in_process
 from fmcli.config import MODEL_SIZES, apply_overrides, config_to_dict, load_config, preset_names, presets_dir
 from fmcli.errors import UsageError
 from fmcli.optim import EMA_INITIAL_SHARE_LIMIT, ema_decay_at, ema_initial_share, ema_warning, update_ema
@@ -224,7 +224,7 @@ def test_the_old_text_presets_fail_the_ema_check():
 def test_fm_train_warns_once_about_an_initial_weight_ema(tmp_path, shapes16):
     """Through the CLI: one stderr line, the check's own text. (That shipped presets stay silent: test above.)"""
     sets = ["train.steps=2", "train.checkpoint_every=0", "train.ema_warmup=false", "sample.grid_size=2", "sample.steps=1"]
-    out = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", *[a for s in sets for a in ("--set", s)])
+    out = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", *[a for s in sets for a in ("--set", s)])
     assert out.returncode == 0, out.stderr
     expected = ema_warning(load_config("debug", sets).train)
     assert expected is not None and [line for line in out.stderr.splitlines() if "EMA" in line] == [expected]

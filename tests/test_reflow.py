@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_fm
+from conftest import fm_in_process, run_fm
 from fmcli import reflow as reflow_mod
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint, save_atomic
 from fmcli.config import SampleConfig, config_to_dict, load_config, validate_config
@@ -86,7 +86,7 @@ def test_reproducible_for_a_seed_and_independent_of_batch_size(teacher, tmp_path
 
 def test_two_processes_write_the_same_dataset_as_one(teacher_ckpt, tmp_path):
     args = ["reflow", "--ckpt", teacher_ckpt, "-n", "9", "--solver", "heun", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
-    one = run_fm(*args, "--out", tmp_path / "one")
+    one = fm_in_process(*args, "--out", tmp_path / "one")
     two = run_fm(*args, "--out", tmp_path / "two", "--nproc", "2", "--json", env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
@@ -146,10 +146,10 @@ def text_checkpoint(path, encoder=None, text_dim=8):
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(debug_run, tmp_path):
     text_checkpoint(tmp_path / "text.pt")
-    no_prompts = run_fm("reflow", "--ckpt", tmp_path / "text.pt", "-n", "4", "--out", tmp_path / "p")
+    no_prompts = fm_in_process("reflow", "--ckpt", tmp_path / "text.pt", "-n", "4", "--out", tmp_path / "p")
     assert no_prompts.returncode == 2 and no_prompts.stderr.count("\n") == 1 and "--prompt" in no_prompts.stderr
     (tmp_path / "taken").mkdir()
-    exists = run_fm("reflow", "--ckpt", debug_run, "-n", "4", "--out", tmp_path / "taken")
+    exists = fm_in_process("reflow", "--ckpt", debug_run, "-n", "4", "--out", tmp_path / "taken")
     assert exists.returncode == 2 and exists.stderr.count("\n") == 1 and "--force" in exists.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "text.pt"] and not any((tmp_path / "taken").iterdir())
 

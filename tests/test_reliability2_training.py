@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QuietLog, run_fm
+from conftest import QuietLog, fm_in_process
 from test_budget import SimulatedMachine as BudgetMachine
 from fmcli.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config, validate_config
@@ -48,18 +48,18 @@ def test_item11_reflow_takes_over_only_an_empty_or_planned_partial_folder(tmp_pa
     partial = tmp_path / "pairs.partial"
     partial.mkdir()
     (partial / "notes.txt").write_text("the user's own file")
-    r = run_fm("reflow", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--batch-size", "4", "--out", out, "--device", "cpu")
+    r = fm_in_process("reflow", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--batch-size", "4", "--out", out, "--device", "cpu")
     assert r.returncode == 2 and "plan.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert (partial / "notes.txt").read_text() == "the user's own file" and not out.exists()
     (partial / "notes.txt").unlink()
     (partial / "plan.json").write_text("{damaged")
-    r = run_fm("reflow", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--batch-size", "4", "--out", out, "--device", "cpu")
+    r = fm_in_process("reflow", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--batch-size", "4", "--out", out, "--device", "cpu")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert str(partial / "plan.json") in r.stderr and "delete" in r.stderr
     assert (partial / "plan.json").read_text() == "{damaged"
     # An empty folder is taken over (an interrupted run that had not written its plan yet).
     (partial / "plan.json").unlink()
-    r = run_fm("reflow", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--batch-size", "4", "--out", out, "--device", "cpu")
+    r = fm_in_process("reflow", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--batch-size", "4", "--out", out, "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert out.is_dir() and not partial.exists()
 
@@ -141,7 +141,7 @@ def test_item15_a_modified_or_damaged_export_is_refused_in_one_line(tmp_path, di
 def test_item17_switching_the_budget_off_drops_the_fallback_with_one_line(tmp_path):
     import json
 
-    r = run_fm("train", "--preset", "quickstart", "--set", "train.budget_minutes=null", "--print-config")
+    r = fm_in_process("train", "--preset", "quickstart", "--set", "train.budget_minutes=null", "--print-config")
     assert r.returncode == 0, r.stderr
     printed = json.loads(r.stdout)
     assert printed["train"]["budget_minutes"] is None and printed["train"]["budget_fallback"] is None
@@ -277,15 +277,15 @@ def test_item13_fm_sample_memory_stays_flat_in_the_number_of_samples(tmp_path):
 def test_item13_fm_sample_to_a_folder_writes_every_sample_and_a_grid_of_sample_grid_size(tmp_path, debug_run):
     from PIL import Image
 
-    r = run_fm("sample", "--ckpt", debug_run, "-n", "13", "--steps", "1", "--batch-size", "4", "--out", tmp_path / "dir", "--json")
+    r = fm_in_process("sample", "--ckpt", debug_run, "-n", "13", "--steps", "1", "--batch-size", "4", "--out", tmp_path / "dir", "--json")
     assert r.returncode == 0, r.stderr
     import json
 
     assert json.loads(r.stdout)["grid_samples"] == 10  # the debug preset's sample.grid_size
     assert len(list((tmp_path / "dir").glob("0*.png"))) == 13
-    full = run_fm("sample", "--ckpt", debug_run, "-n", "13", "--steps", "1", "--batch-size", "4", "--out", tmp_path / "all.png", "--gif", tmp_path / "all.gif")
+    full = fm_in_process("sample", "--ckpt", debug_run, "-n", "13", "--steps", "1", "--batch-size", "4", "--out", tmp_path / "all.png", "--gif", tmp_path / "all.gif")
     assert full.returncode == 0, full.stderr
-    few = run_fm("sample", "--ckpt", debug_run, "-n", "13", "--steps", "1", "--batch-size", "4", "--out", tmp_path / "few.png", "--grid", "5",
+    few = fm_in_process("sample", "--ckpt", debug_run, "-n", "13", "--steps", "1", "--batch-size", "4", "--out", tmp_path / "few.png", "--grid", "5",
                  "--gif", tmp_path / "few.gif")
     assert few.returncode == 0, few.stderr
     grid10, grid13, grid5 = (Image.open(p).size for p in (tmp_path / "dir" / "grid.png", tmp_path / "all.png", tmp_path / "few.png"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QuietLog, run_fm
+from conftest import QuietLog, fm_in_process
 from fmcli.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config, validate_config
 from fmcli.errors import RuntimeFailure, UsageError
@@ -89,7 +89,7 @@ def test_resuming_a_set_aside_checkpoint_continues_its_run_and_sets_the_current_
     [old20] = ckpts.glob("abandoned-from-step-*/step-0000020.pt")
     assert old20.read_bytes() == first20
     second20 = (ckpts / "step-0000020.pt").read_bytes()
-    r = run_fm("resume", old20, "--set", "train.steps=30")
+    r = fm_in_process("resume", old20, "--set", "train.steps=30")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in old20.parent.iterdir()) == ["step-0000020.pt"]  # no run nested inside the folder
     assert resolve_checkpoint(run) == ckpts / "step-0000030.pt" and sorted(list_checkpoints(ckpts)) == [10, 30]
@@ -106,7 +106,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, debug_run):
         path = tmp_path / name / "checkpoints" / "step-0000004.pt"
         path.parent.mkdir(parents=True)
         torch.save(damaged, path)
-        r = run_fm("resume", path, "--set", "train.steps=8")
+        r = fm_in_process("resume", path, "--set", "train.steps=8")
         assert r.returncode == 2, (name, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and str(path) in r.stderr and why in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and sorted(p.name for p in path.parent.iterdir()) == [path.name]

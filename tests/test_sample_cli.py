@@ -6,15 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fm_in_process, run_fm
+from conftest import fm_in_process
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_same_seed_gives_byte_identical_pngs(tmp_path, debug_run, precision):
     how = ("--precision", precision, "--no-compile")
-    a = run_fm("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "7", "--out", tmp_path / "a", *how)
-    b = run_fm("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "7", "--out", tmp_path / "b", "--batch-size", "2", *how)
-    c = run_fm("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "8", "--out", tmp_path / "c", *how)
+    a = fm_in_process("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "7", "--out", tmp_path / "a", *how)
+    b = fm_in_process("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "7", "--out", tmp_path / "b", "--batch-size", "2", *how)
+    c = fm_in_process("sample", "--ckpt", debug_run, "--num-samples", "5", "--seed", "8", "--out", tmp_path / "c", *how)
     for r in (a, b, c):
         assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -26,7 +26,7 @@ def test_same_seed_gives_byte_identical_pngs(tmp_path, debug_run, precision):
 
 
 def test_json_output_and_nfe(tmp_path, debug_run):
-    r = run_fm("sample", "--ckpt", debug_run, "-n", "3", "--steps", "5", "--solver", "heun", "--cfg", "3", "--out", tmp_path / "g.png", "--json")
+    r = fm_in_process("sample", "--ckpt", debug_run, "-n", "3", "--steps", "5", "--solver", "heun", "--cfg", "3", "--out", tmp_path / "g.png", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["nfe"] == 10 and info["grid"].endswith("g.png") and info["paths"] == []
@@ -37,11 +37,11 @@ def test_json_of_sample_and_class_grid_says_which_guidance_interval_and_seed_ran
     """`--cfg 4 --guidance-interval 0.25,1` guides only part of the path; --json reported cfg 4 and no interval
     (class-grid not even its seed), so the record of a run claimed full-path guidance."""
     how = ("--ckpt", debug_run, "--steps", "4", "--cfg", "4", "--guidance-interval", "0.25,1", "--seed", "5", "--no-compile", "--json")
-    sample = json.loads(_ok(run_fm("sample", "-n", "2", "--out", tmp_path / "s.png", *how)).stdout)
-    grid = json.loads(_ok(run_fm("class-grid", "--samples-per-class", "1", "--out", tmp_path / "c.png", *how)).stdout)
+    sample = json.loads(_ok(fm_in_process("sample", "-n", "2", "--out", tmp_path / "s.png", *how)).stdout)
+    grid = json.loads(_ok(fm_in_process("class-grid", "--samples-per-class", "1", "--out", tmp_path / "c.png", *how)).stdout)
     for info in (sample, grid):
         assert (info["cfg"], info["guidance_interval"], info["seed"]) == (4.0, [0.25, 1.0], 5)
-    plain = json.loads(_ok(run_fm("sample", "--ckpt", debug_run, "-n", "1", "--steps", "2", "--out", tmp_path / "p.png", "--json")).stdout)
+    plain = json.loads(_ok(fm_in_process("sample", "--ckpt", debug_run, "-n", "1", "--steps", "2", "--out", tmp_path / "p.png", "--json")).stdout)
     assert plain["guidance_interval"] is None  # the debug preset guides the whole path
 
 
@@ -79,7 +79,7 @@ def test_help_lists_the_solver_and_guidance_names_without_torch_at_import():
     from fmcli.solvers import GUIDANCES, SOLVERS
 
     for command in ("sample", "class-grid", "fid"):
-        r = run_fm(command, "--help", env={"COLUMNS": "400"})
+        r = fm_in_process(command, "--help", env={"COLUMNS": "400"})
         assert r.returncode == 0, r.stderr
         assert all(name in r.stdout for name in SOLVERS + GUIDANCES), (command, r.stdout)
     probe = "import sys, fmcli.cli; print('torch' in sys.modules)"
@@ -94,12 +94,12 @@ def test_every_sampling_command_takes_the_dopri5_tolerances(tmp_path, debug_run,
         r = fm_in_process(command, "--help", env={"COLUMNS": "400"})
         assert r.returncode == 0 and "--rtol" in r.stdout and "--atol" in r.stdout, command
     common = ("--ckpt", debug_run, "-n", "2", "--ref", shapes16, "--features", "tiny", "--solver", "dopri5", "--json")
-    loose, tight = (json.loads(_ok(run_fm("fid", *common, "--rtol", tol, "--atol", tol)).stdout) for tol in ("1e-1", "1e-5"))
+    loose, tight = (json.loads(_ok(fm_in_process("fid", *common, "--rtol", tol, "--atol", tol)).stdout) for tol in ("1e-1", "1e-5"))
     assert (loose["rtol"], loose["atol"], tight["rtol"]) == (0.1, 0.1, 1e-5) and loose["nfe_per_sample"] < tight["nfe_per_sample"]
-    grid = json.loads(_ok(run_fm("class-grid", "--ckpt", debug_run, "--samples-per-class", "1", "--solver", "dopri5", "--rtol", "1e-1", "--atol", "1e-1",
+    grid = json.loads(_ok(fm_in_process("class-grid", "--ckpt", debug_run, "--samples-per-class", "1", "--solver", "dopri5", "--rtol", "1e-1", "--atol", "1e-1",
                                  "--out", tmp_path / "c.png", "--json")).stdout)  # fmt: skip
     assert grid["nfe"] < tight["nfe_per_sample"]
-    swept = run_fm("fid", *common, "--nfe", "4,8")
+    swept = fm_in_process("fid", *common, "--nfe", "4,8")
     assert swept.returncode == 2 and "--rtol/--atol" in swept.stderr
 
 
@@ -131,11 +131,11 @@ def unconditional_run(tmp_path_factory):
 def test_guidance_of_an_unconditional_model_reports_what_ran(tmp_path, unconditional_run):
     """cfg and cfg-zero need a class (or prompt) to guide away from: an unconditional model samples unguided,
     and the summary says cfg 1, with a note; autoguidance (--guide-ckpt) does guide it."""
-    r = _ok(run_fm("sample", "--ckpt", unconditional_run, "-n", "2", "--steps", "2", "--cfg", "3", "--out", tmp_path / "a.png", "--json"))
+    r = _ok(fm_in_process("sample", "--ckpt", unconditional_run, "-n", "2", "--steps", "2", "--cfg", "3", "--out", tmp_path / "a.png", "--json"))
     assert json.loads(r.stdout)["cfg"] == 1.0 and "unconditional" in r.stderr
-    plain = _ok(run_fm("sample", "--ckpt", unconditional_run, "-n", "2", "--steps", "2", "--cfg", "1", "--out", tmp_path / "b.png"))
+    plain = _ok(fm_in_process("sample", "--ckpt", unconditional_run, "-n", "2", "--steps", "2", "--cfg", "1", "--out", tmp_path / "b.png"))
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes() and "unconditional" not in plain.stderr
-    auto = _ok(run_fm("sample", "--ckpt", unconditional_run, "-n", "2", "--steps", "2", "--cfg", "3", "--guide-ckpt", unconditional_run,
+    auto = _ok(fm_in_process("sample", "--ckpt", unconditional_run, "-n", "2", "--steps", "2", "--cfg", "3", "--guide-ckpt", unconditional_run,
                       "--out", tmp_path / "c.png", "--json"))  # fmt: skip
     assert json.loads(auto.stdout)["cfg"] == 3.0 and json.loads(auto.stdout)["guidance"] == "auto"
 

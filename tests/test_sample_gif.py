@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_fm
+from conftest import fm_in_process
 
 
 @pytest.fixture(scope="module")
 def ot_run(shapes16, tmp_path_factory):
     """The debug preset trained 10 steps with ot-exact coupling (class-conditional, 10 classes)."""
     run_dir = tmp_path_factory.mktemp("ot") / "run"
-    proc = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", run_dir, "--set", "train.steps=10", "--set", "flow.coupling=ot-exact")
+    proc = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", run_dir, "--set", "train.steps=10", "--set", "flow.coupling=ot-exact")
     assert proc.returncode == 0, proc.stderr
     return run_dir
 
@@ -30,7 +30,7 @@ def test_training_logs_the_ot_cost_reduction(ot_run):
 
 def test_sample_gif_and_json(ot_run, tmp_path):
     gif = tmp_path / "traj.gif"
-    proc = run_fm("sample", "--ckpt", ot_run, "-n", "4", "--solver", "midpoint", "--steps", "4", "--cfg", "1", "--gif", gif, "--gif-frames", "5", "--out", tmp_path / "g.png", "--json", "--batch-size", "3")
+    proc = fm_in_process("sample", "--ckpt", ot_run, "-n", "4", "--solver", "midpoint", "--steps", "4", "--cfg", "1", "--gif", gif, "--gif-frames", "5", "--out", tmp_path / "g.png", "--json", "--batch-size", "3")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["gif"] == str(gif) and out["grid"] == str(tmp_path / "g.png")
@@ -103,7 +103,7 @@ def test_dopri5_that_diverges_is_one_clear_line_and_exit_1(ot_run, tmp_path, cap
 
 def test_class_grid(ot_run, tmp_path):
     out = tmp_path / "classes.png"
-    proc = run_fm("class-grid", "--ckpt", ot_run, "--samples-per-class", "3", "--out", out, "--steps", "3", "--json")
+    proc = fm_in_process("class-grid", "--ckpt", ot_run, "--samples-per-class", "3", "--out", out, "--steps", "3", "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["path"] == str(out) and info["classes"] == 10 and info["nfe"] == 3

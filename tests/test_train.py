@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QuietLog, fm_env, fm_in_process, run_fm
+from conftest import QuietLog, fm_env, fm_in_process
 from fmcli import checkpoint as ckpt_mod
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config
@@ -206,7 +206,7 @@ def test_truncated_checkpoint_is_a_one_line_error(tmp_path):
     bad.write_bytes(bad.read_bytes()[:300])
     with pytest.raises(UsageError, match="corrupt or truncated"):
         load_checkpoint(bad)
-    out = run_fm("sample", "--ckpt", bad, "--out", tmp_path / "x.png")
+    out = fm_in_process("sample", "--ckpt", bad, "--out", tmp_path / "x.png")
     assert out.returncode == 2 and "corrupt or truncated" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -227,17 +227,17 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, shapes16):
     assert "fm resume" in err
     state = load_checkpoint(resolve_checkpoint(run_dir))
     assert 3 <= state["step"] < 100000
-    resumed = run_fm("resume", run_dir, "--set", f"train.steps={state['step'] + 2}")
+    resumed = fm_in_process("resume", run_dir, "--set", f"train.steps={state['step'] + 2}")
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(resolve_checkpoint(run_dir))["step"] == state["step"] + 2
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path, shapes16):
     args = ["train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "train.steps=2"]
-    assert run_fm(*args).returncode == 0
+    assert fm_in_process(*args).returncode == 0
     again = fm_in_process(*args)
     assert again.returncode == 2 and "fm resume" in again.stderr
-    cont = run_fm(*args[:-1], "train.steps=3", "--resume", "latest")
+    cont = fm_in_process(*args[:-1], "train.steps=3", "--resume", "latest")
     assert cont.returncode == 0, cont.stderr
     unsafe = fm_in_process("resume", tmp_path / "run", "--set", "optim.lr=0.5")
     assert unsafe.returncode == 2 and "optim.lr" in unsafe.stderr
@@ -300,7 +300,7 @@ def test_init_from_a_model_of_another_depth_is_one_line_naming_the_setting(tmp_p
 
 
 def test_muon_from_the_command_line(tmp_path, shapes16):
-    out = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "optim.name=muon", "--set", "train.steps=3")
+    out = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "optim.name=muon", "--set", "train.steps=3")
     assert out.returncode == 0, out.stderr
     state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
     assert state["config"]["optim"]["name"] == "muon"
@@ -366,8 +366,8 @@ def test_a_resume_after_a_torn_metrics_line_keeps_every_line_a_record(tmp_path, 
 def test_config_json_names_the_settings_a_resume_changed(tmp_path, shapes16):
     """config.json is the run's config: after a resume with --set train.steps=7 --set train.log_every=3 it holds
     those values (it kept the first run's 4 and 2)."""
-    run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "train.steps=4", "--set", "train.log_every=2")
-    out = run_fm("resume", tmp_path / "run", "--set", "train.steps=7", "--set", "train.log_every=3")
+    fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "train.steps=4", "--set", "train.log_every=2")
+    out = fm_in_process("resume", tmp_path / "run", "--set", "train.steps=7", "--set", "train.log_every=3")
     assert out.returncode == 0, out.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert (saved["steps"], saved["log_every"]) == (7, 3)
@@ -426,7 +426,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_not_sent_to_fm_resume(
     """config.json and env.json but no checkpoint: `fm train` must not point at `fm resume` (which finds nothing to
     continue); both commands say the run stopped before its first checkpoint, one line, exit 2."""
     run_dir = tmp_path / "run"
-    failed = run_fm("train", "--preset", "debug", "--data", shapes16, "--run-dir", run_dir, "--set", "train.steps=4",
+    failed = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", run_dir, "--set", "train.steps=4",
                     env={"FM_TEST_FAIL_RANK": "0", "FM_TEST_FAIL_STEP": "1"})
     assert failed.returncode == 1 and (run_dir / "config.json").is_file() and not (run_dir / "checkpoints").exists()
     again = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", run_dir)
