@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import fm_in_process
+from conftest import fm_in_process, run_fm
 from fmcli.data.decode import resize_center_crop
 from fmcli.data.prepare import prepare
 from fmcli.data.dataset import PreparedDataset, PreparedWriter, read_captions, read_manifest

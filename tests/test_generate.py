@@ -50,12 +50,13 @@ def test_auto_precision_follows_the_probe_as_training_does(monkeypatch, forced, 
 def test_seeds_are_32_bit_and_every_32_bit_seed_keeps_its_noise():
     """A seed of 2**32 or more repeated another seed's noise: SeedSequence splits it into 32-bit words and pads
     every key with zeros, so seed 2**32's sample 0 was seed 0's sample 1, and 64-bit masking made 2**64 + 3 seed 3.
-    Such seeds (and negative ones) are refused wherever a user gives one (the CLI's parser, the config, the demo);
+    Such seeds (and negative ones) are refused wherever a user gives one (the CLI's parser, a new run's config, the demo);
     every seed in [0, 2**32) draws the numbers it always drew (values pinned from fm before the limit)."""
     import typer
 
     from fmcli.cli.options import seed_value
     from fmcli.demo import bounded_sampling
+    from fmcli.launch import training_config
     from fmcli.generate import initial_noise, sde_noise
     from fmcli.seeding import STREAMS, torch_generator
 
@@ -74,10 +75,10 @@ def test_seeds_are_32_bit_and_every_32_bit_seed_keeps_its_noise():
         with pytest.raises(typer.BadParameter, match="a seed is a whole number from 0 to 4294967295"):
             seed_value(str(bad))
         with pytest.raises(UsageError, match=f"train.seed: a seed is a whole number from 0 to 4294967295, got {bad}"):
-            load_config("debug", [f"train.seed={bad}"])
+            training_config("debug", [f"train.seed={bad}"], data=None, run_dir=None, resume=None)  # where a new run starts
         with pytest.raises(UsageError, match="a seed is a whole number from 0 to 4294967295"):
             bounded_sampling(1.0, 1.0, bad)
-    assert seed_value(str(2**32 - 1)) == load_config("debug", [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+    assert seed_value(str(2**32 - 1)) == training_config("debug", [f"train.seed={2**32 - 1}"], data=None, run_dir=None, resume=None)[0].train.seed == 2**32 - 1
     assert bounded_sampling(1.0, 1.0, 7.0)[2] == 7 and bounded_sampling(1.0, 1.0, 2**32 - 1)[2] == 2**32 - 1
 
 

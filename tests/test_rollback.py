@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QuietLog, fm_in_process
+from conftest import QuietLog, fm_in_process, run_fm
 from fmcli.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config, validate_config
 from fmcli.errors import RuntimeFailure, UsageError

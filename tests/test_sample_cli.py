@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fm_in_process
+from conftest import fm_in_process, run_fm
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
