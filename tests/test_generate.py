@@ -309,8 +309,12 @@ class _Toy(torch.nn.Module):
         return v if t_end is None else v * (1 + t_end.view(-1, 1) - t.view(-1, 1))
 
 
-@pytest.mark.parametrize("guidance", ["cfg", "cfg-zero"])
-@pytest.mark.parametrize("solver", ["euler", "midpoint", "heun", "rk4", "ab2", "euler-sde", "dopri5", "meanflow"])
+# A mean-flow model takes --guidance cfg only (solvers.check_solver_for_model refuses cfg-zero with it): not a pair to test.
+@pytest.mark.parametrize(
+    "solver, guidance",
+    [(s, g) for s in ["euler", "midpoint", "heun", "rk4", "ab2", "euler-sde", "dopri5", "meanflow"] for g in ["cfg", "cfg-zero"]
+     if (s, g) != ("meanflow", "cfg-zero")],
+)  # fmt: skip
 def test_the_settings_a_solver_never_reads_are_those_that_change_nothing(solver, guidance):
     """Brute force against `solvers.unused_settings` (what the CLI refuses as options that do nothing): changing a
     setting it lists leaves the samples bit-identical, and changing any other of them changes the samples."""
@@ -318,8 +322,6 @@ def test_the_settings_a_solver_never_reads_are_those_that_change_nothing(solver,
     from fmcli.generate import sample_batch
     from fmcli.solvers import unused_settings
 
-    if solver == "meanflow" and guidance == "cfg-zero":
-        pytest.skip("a mean-flow model takes --guidance cfg only")
     model, x0, labels = _Toy(solver == "meanflow"), torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
     base = dict(solver=solver, guidance=guidance, cfg=2.0, steps=4, zero_init_steps=1, sde_noise=1.0, rtol=1e-4, atol=1e-4)
 
