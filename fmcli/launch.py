@@ -18,6 +18,7 @@ from .config import Config, config_to_dict
 from .console import stderr_console
 from .errors import UsageError
 from .fsutil import refuse_unwritable, write_text_atomic
+from .runlog import RUN_LOCK
 
 STARTED_AT_ENV = "FM_STARTED_AT"  # set for relaunched ranks: when `fm train` began (the budget's start)
 
@@ -160,7 +161,7 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
 
 
 # What a launch writes before the run's own files: a launch that failed before them left no run behind.
-LAUNCH_FILES = (".launch-config.json", "autotune.json", ".lock")  # runlog.RUN_LOCK: the lock of a run being trained
+LAUNCH_FILES = (".launch-config.json", "autotune.json", RUN_LOCK)  # RUN_LOCK: the lock of a run being trained
 # What a run writes from its start (train.Trainer.run): a folder with none of them is not a run that stopped early.
 RUN_FILES = ("config.json", "env.json", "metrics.jsonl", "checkpoints", "samples")
 
