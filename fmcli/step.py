@@ -221,8 +221,9 @@ class TrainingStep:
         coupling "pairs" x0 is the noise stored with each x1 (`fm reflow`)."""
         cfg, dev = self.cfg, self.ctx.device
         x1 = batch["x"].to(dev, non_blocking=True)
-        if cfg.data.flip:
-            x1 = torch.where(draws["flip"][rows].to(dev).view(-1, 1, 1, 1), x1.flip(-1), x1)
+        if cfg.data.flip:  # latents: the mirrored image's own latents (a VAE is not flip-equivariant); pixels flip exactly
+            mirrored = batch["x_flip"].to(dev, non_blocking=True) if "x_flip" in batch else x1.flip(-1)
+            x1 = torch.where(draws["flip"][rows].to(dev).view(-1, 1, 1, 1), mirrored, x1)
         t = draws["times"][rows].to(dev)
         if cfg.flow.coupling == "pairs":
             return batch["x0"].to(dev, non_blocking=True), x1, t

@@ -170,6 +170,10 @@ def build_step(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log, r
                          "--set sample.cfg=1 (a reflow student samples unguided), or a flow.cond_dropout above 0 (e.g. 0.1)")
     if dataset.is_pairs and cfg.data.flip:
         raise UsageError("data.flip would separate reflow pairs (the flipped x1 is not the teacher's sample of x0): --set data.flip=false")
+    if cfg.data.flip and dataset.space == "latents" and not dataset.is_mirrored:  # a flipped latent is not the mirrored image's latent
+        raise UsageError(f"data.flip on {dataset.path}, whose latents have no mirrored copies (a flipped latent is not the mirrored image's "
+                         f"latent): re-prepare it with `fm prepare-data ... --vae DIR --flip --out {dataset.path} --force` (a resume too), "
+                         "or start the run with --set data.flip=false")
     check_precision(cfg.train.precision, ctx.device, "train.precision")  # every rank, before rank 0 resolves "auto"
     # train.precision / train.compile "auto" -> what this machine does well; rank 0 decides for every rank.
     # The resolved precision replaces "auto" in the config (config.json, checkpoint), so a resumed run keeps

@@ -684,3 +684,88 @@ def test_encoder_weights_that_do_not_fit_their_config_are_a_one_line_usage_error
     with pytest.raises(UsageError, match="could not load the text encoder") as err:
         FrozenTextEncoder(t5, max_tokens=8)
     assert "\n" not in str(err.value)
+
+
+def _diffusers_latents(vae_dir, images: torch.Tensor, shift: float = 0.1, scale: float = 0.5) -> np.ndarray:
+    """The reference latents, computed with diffusers directly: (posterior mean - shift) * scale."""
+    from diffusers import AutoencoderKL
+
+    with torch.no_grad():
+        return ((AutoencoderKL.from_pretrained(vae_dir).eval().encode(images).latent_dist.mean - shift) * scale).numpy()
+
+
+def test_flip_on_latents_trains_on_the_mirrored_images_own_latents(tmp_path, tiny_vae):
+    """data.flip flipped the cached latents, which is not the latent of the flipped image (a VAE is not
+    flip-equivariant: 59% off for this tiny one). `prepare-data --vae --flip` now also stores enc(flip(x)) and a
+    flipped row trains on it; checked against diffusers' encoding of the mirrored pixels."""
+    from fmcli.config import load_config
+    from fmcli.data.dataset import PreparedDataset
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.distributed import DistContext
+    from fmcli.step import TrainingStep
+
+    data = tmp_path / "latents"
+    res = fm_in_process("prepare-data", "shapes", "--out", data, "--size", 16, "--count", 6, "--vae", tiny_vae, "--flip", "--encode-batch-size", 4)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((data / "manifest.json").read_text())["mirrored"] is True
+    pixels = torch.from_numpy(np.load(prepare_shapes(tmp_path / "pixels", size=16, count=6, seed=0) / "x.npy")).float() / 127.5 - 1
+    direct, mirrored = _diffusers_latents(tiny_vae, pixels), _diffusers_latents(tiny_vae, pixels.flip(-1))
+    stored = np.load(data / "x_flip.npy").astype(np.float32)
+    assert np.abs(np.flip(direct, -1) - mirrored).max() > 0.1  # flipping the latent would be wrong here
+    np.testing.assert_allclose(stored, mirrored, atol=2e-3)
+
+    cfg = load_config("debug", [f"data.path='{data}'", "data.flip=true", "model.in_channels=4", "model.image_size=8", "model.num_classes=0",
+                                "model.hidden_size=32", "model.depth=1", "model.heads=2", "train.global_batch_size=6"])  # fmt: skip
+    step = TrainingStep(cfg, DistContext(), micro=6, accum=1, shape=(4, 8, 8))
+    batch = PreparedDataset(data).__getitems__(list(range(6)))
+    draws = next(d for d in map(step._draws, range(100)) if 0 < int(d["flip"][:6].sum()) < 6)  # some rows flipped, some not
+    _, x1, _ = step._pair(batch, draws, slice(0, 6), [])
+    expected = np.where(draws["flip"][:6].numpy()[:, None, None, None], mirrored, direct)
+    np.testing.assert_allclose(x1.numpy(), expected, atol=2e-3)
+
+
+def test_flip_on_latents_without_their_mirrors_is_refused_and_old_latent_data_still_loads(tmp_path, tiny_vae, monkeypatch):
+    """A latent dataset prepared without --flip (an older one has no `mirrored` field at all) still trains, but
+    not with data.flip: one line (exit 2) saying how to prepare the mirrors; with them the run trains."""
+    monkeypatch.delenv("FM_VAE", raising=False)
+    old = tmp_path / "old"
+    assert fm_in_process("prepare-data", "shapes", "--out", old, "--size", 16, "--count", 8, "--vae", tiny_vae).returncode == 0
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert manifest.pop("mirrored") is False and not (old / "x_flip.npy").exists()
+    (old / "manifest.json").write_text(json.dumps(manifest))  # as an older fm wrote it
+    settings = ["model.hidden_size=32", "model.depth=1", "model.heads=2", "train.steps=1", "train.global_batch_size=4", "train.precision=fp32",
+                "data.num_workers=0", "train.budget_minutes=null", "eval.every=0", "sample.grid_size=2", "sample.steps=1", f"encoders.vae={tiny_vae}"]  # fmt: skip
+    args = ["train", "--preset", "debug", "--set", "train.sample_every=0", *[a for s in settings for a in ("--set", s)]]
+    res = fm_in_process(*args, "--data", old, "--run-dir", tmp_path / "run-flip", "--set", "data.flip=true")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "no mirrored copies" in res.stderr and f"--vae DIR --flip --out {old} --force" in res.stderr, res.stderr
+    assert not (tmp_path / "run-flip" / "checkpoints").exists()
+    res = fm_in_process(*args, "--data", old, "--run-dir", tmp_path / "run-plain", "--set", "data.flip=false")
+    assert res.returncode == 0, res.stderr
+    mirrored = tmp_path / "mirrored"
+    assert fm_in_process("prepare-data", "shapes", "--out", mirrored, "--size", 16, "--count", 8, "--vae", tiny_vae, "--flip").returncode == 0
+    res = fm_in_process(*args, "--data", mirrored, "--run-dir", tmp_path / "run-mirrored", "--set", "data.flip=true")
+    assert res.returncode == 0, res.stderr
+    res = fm_in_process("prepare-data", "shapes", "--out", tmp_path / "pixels", "--size", 16, "--count", 8, "--flip")
+    assert res.returncode == 2 and "--flip" in res.stderr and "--vae" in res.stderr and not (tmp_path / "pixels").exists(), res.stderr
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "not-a-bool", "on-pixels"])
+def test_a_damaged_mirror_cache_is_refused(tmp_path, tiny_vae, damage):
+    from fmcli.data.dataset import validate_prepared
+    from fmcli.data.latents import encode_prepared
+    from fmcli.data.shapes import prepare_shapes
+
+    src = prepare_shapes(tmp_path / "shapes", size=16, count=4, seed=0)
+    data = src if damage == "on-pixels" else encode_prepared(src, tmp_path / "latents", vae=str(tiny_vae), flip=True)
+    manifest = json.loads((data / "manifest.json").read_text())
+    if damage == "missing":
+        (data / "x_flip.npy").unlink()
+    elif damage == "truncated":
+        with open(data / "x_flip.npy", "r+b") as f:
+            f.truncate((data / "x_flip.npy").stat().st_size - 10)
+    else:
+        manifest["mirrored"] = "yes" if damage == "not-a-bool" else True
+        (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="x_flip.npy|mirrored"):
+        validate_prepared(data)

@@ -31,6 +31,7 @@ def prepare_data(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     vae: Annotated[Optional[str], typer.Option("--vae", help="Local diffusers VAE directory: store float16 latents instead of pixels.")] = None,
+    flip: Annotated[bool, typer.Option("--flip", help="With --vae: also store the mirrored images' latents (x_flip.npy), which data.flip trains on.")] = False,
     text_encoder: Annotated[Optional[str], typer.Option("--text-encoder", help="Local text encoder directory (T5/CLIP) recorded for the captions.")] = None,
     cache_text: Annotated[bool, typer.Option("--cache-text", help="Also store the text encoder's states and masks (text.npy, text_mask.npy).")] = False,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Text tokens per caption (padding masked).")] = 128,
@@ -49,7 +50,7 @@ def prepare_data(
 
       fm prepare-data sklearn-digits --size 32 --out data/digits32            # scikit-learn's 8x8 digits, upscaled
 
-      fm prepare-data folder --root celeba_hq/ --size 256 --workers 8 --out data/celebahq256
+      fm prepare-data folder --root celeba_hq/ --size 256 --workers 8 --out data/celebahq256 --vae weights/sd-vae-ft-mse --flip
 
       fm prepare-data tar --root 'shards/*.tar' --size 64 --out data/captions64
 
@@ -60,8 +61,10 @@ def prepare_data(
 
     if cache_text and not text_encoder:  # else the dataset would silently hold no text states
         raise UsageError("--cache-text stores a text encoder's states: give the encoder with --text-encoder DIR")
+    if flip and not vae:  # pixels are mirrored exactly at load time; only latents need their mirrors encoded
+        raise UsageError("--flip stores the mirrored images' latents: it needs --vae DIR (pixel datasets are flipped when training, by data.flip)")
     refuse_existing(out, force, folders=True)
-    encode = dict(vae=vae, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch) if vae or text_encoder else None
+    encode = dict(vae=vae, flip=flip, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch) if vae or text_encoder else None
     summary = prepare_dataset(
         source, out, root=root, split=split, size=size, limit=limit, workers=workers, count=count, seed=seed, max_member_mib=max_member_mib,
         force=force, encode=encode, device=device,

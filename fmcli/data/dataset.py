@@ -243,6 +243,8 @@ def validate_prepared(path: str | Path) -> dict:
         raise UsageError(f"{path}/manifest.json: kind {kind!r}, count {count}, shape {list(shape)} is not a prepared dataset; {redo}")
     for name in KIND_FILES[kind]:
         _check_npy(path / name, (count, *shape), KIND_DTYPES[kind], redo)
+    if is_mirrored(manifest, path, redo):
+        _check_npy(path / "x_flip.npy", (count, *shape), KIND_DTYPES[kind], redo)
     y_file = path / "y.npy"
     if num_classes and not y_file.is_file():
         raise UsageError(f"{path}: the manifest says {num_classes} classes but y.npy is missing; {redo}")
@@ -262,6 +264,15 @@ def validate_prepared(path: str | Path) -> dict:
             raise UsageError(f"{captions} has {lines} captions for {count} images; {redo}")
     _check_text_cache(path, count, redo)
     return manifest
+
+
+def is_mirrored(manifest: dict, path: Path, redo: str) -> bool:
+    """Whether a latent dataset holds the mirrored images' latents (`manifest.mirrored`, x_flip.npy: `fm prepare-data
+    --vae DIR --flip`); a value that is not a bool, or one on another kind, is refused."""
+    mirrored = manifest.get("mirrored", False)
+    if not isinstance(mirrored, bool) or (mirrored and manifest.get("kind") != "latents"):
+        raise UsageError(f"{path}/manifest.json: mirrored {mirrored!r} (only a latent dataset may be mirrored, true or false); {redo}")
+    return mirrored
 
 
 TEXT_CACHE_FILES = ("text.npy", "text_mask.npy", "text_empty.npy", "text_empty_mask.npy")
@@ -320,7 +331,8 @@ class PreparedDataset(Dataset):
     """Reads a prepared dataset through np.load(mmap_mode="r").
 
     The arrays are opened lazily in each process, so DataLoader workers share the page cache instead of
-    receiving pickled copies. Items are dicts: x (float32, pixels in [-1, 1] or latents as stored), y.
+    receiving pickled copies. Items are dicts: x (float32, pixels in [-1, 1] or latents as stored), y; a mirrored
+    latent dataset's also x_flip (the mirrored image's latents, which data.flip trains on instead of flipping x).
     With `text=True` they also carry the cached text states (text, text_mask) when the dataset has them,
     else the caption strings (caption: list[str]).
     """
@@ -331,11 +343,12 @@ class PreparedDataset(Dataset):
         self.count = int(self.manifest["count"])
         self.has_labels = (self.path / "y.npy").is_file()
         self.is_pairs = self.manifest["kind"] == "pairs"
+        self.is_mirrored = bool(self.manifest.get("mirrored", False))  # validated: a latent dataset with x_flip.npy
         self.has_cached_text = text and (self.path / "text.npy").is_file()
         self.with_captions = text and not self.has_cached_text
         if self.with_captions and not (self.path / "captions.jsonl").is_file():
             raise UsageError(f"{self.path} has no captions.jsonl (nor cached text.npy): a text model needs captioned data")
-        self._x = self._x0 = self._y = self._text = self._text_mask = self._captions = None
+        self._x = self._x0 = self._x_flip = self._y = self._text = self._text_mask = self._captions = None
 
     def __len__(self) -> int:
         return self.count
@@ -362,6 +375,7 @@ class PreparedDataset(Dataset):
         if self._x is None:
             self._x = np.load(self.path / ("x1.npy" if self.is_pairs else "x.npy"), mmap_mode="r")
             self._x0 = np.load(self.path / "x0.npy", mmap_mode="r") if self.is_pairs else None
+            self._x_flip = np.load(self.path / "x_flip.npy", mmap_mode="r") if self.is_mirrored else None
             self._y = np.load(self.path / "y.npy", mmap_mode="r") if self.has_labels else None
             if self.has_cached_text:
                 self._text = np.load(self.path / "text.npy", mmap_mode="r")
@@ -371,7 +385,7 @@ class PreparedDataset(Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for k in ("_x", "_x0", "_y", "_text", "_text_mask", "_captions"):
+        for k in ("_x", "_x0", "_x_flip", "_y", "_text", "_text_mask", "_captions"):
             state[k] = None  # reopened in the worker
         return state
 
@@ -387,6 +401,8 @@ class PreparedDataset(Dataset):
         out = {"x": x}
         if self._x0 is not None:
             out["x0"] = torch.from_numpy(np.ascontiguousarray(self._x0[idx]))
+        if self._x_flip is not None:
+            out["x_flip"] = torch.from_numpy(np.ascontiguousarray(self._x_flip[idx])).float()
         if self._y is not None:
             out["y"] = torch.from_numpy(np.asarray(self._y[idx], dtype=np.int64))
         if self._text is not None:

@@ -34,13 +34,18 @@ def encode_prepared(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     vae_precision: str = "fp32",
+    flip: bool = False,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write `out` from the pixel dataset `src`: x = VAE latents (float16) when `vae` is given, else the
-    pixels; text.npy / text_mask.npy (+ the empty prompt's) when `cache_text`; manifest records both."""
+    pixels; with `flip` also x_flip = the latents of the horizontally mirrored images (a VAE is not
+    flip-equivariant: flipping a latent is not the mirrored image's latent); text.npy / text_mask.npy (+ the
+    empty prompt's) when `cache_text`; the manifest records them."""
     if cache_text and not text_encoder:
         raise UsageError("--cache-text needs --text-encoder PATH")
+    if flip and not vae:
+        raise UsageError("--flip stores the mirrored images' latents: it needs --vae DIR")
     source = PreparedDataset(src)
     manifest = source.manifest
     if manifest["kind"] != "pixels":
@@ -57,7 +62,8 @@ def encode_prepared(
     out_shape = encoder_vae.latent_shape(shape) if encoder_vae else shape
     reader = PreparedDataset(src, text=has_captions)
     n = len(reader)
-    with PreparedWriter(out, n, out_shape, dtype=dtype, kind=kind, labels=reader.has_labels, captions=has_captions, force=force) as writer:
+    extras = {"x_flip": (out_shape, dtype)} if flip else None
+    with PreparedWriter(out, n, out_shape, dtype=dtype, kind=kind, labels=reader.has_labels, captions=has_captions, force=force, extras=extras) as writer:
         if text is not None:
             length, width = text.empty_states.shape[1:]
             states = np.lib.format.open_memmap(writer.tmp / "text.npy", mode="w+", dtype=np.float16, shape=(n, length, width))
@@ -66,8 +72,11 @@ def encode_prepared(
             np.save(writer.tmp / "text_empty_mask.npy", text.empty_mask.cpu().numpy())
         for start in range(0, n, batch_size):
             batch = reader.__getitems__(list(range(start, min(start + batch_size, n))))
+            mirrored = {}
             if encoder_vae:
                 x = _float16_latents(encoder_vae.encode(batch["x"]).float().cpu().numpy(), start)
+                if flip:  # the latents of the mirrored images themselves (only pixels flip exactly)
+                    mirrored["x_flip"] = _float16_latents(encoder_vae.encode(batch["x"].flip(-1)).float().cpu().numpy(), start)
             else:
                 x = np.round((batch["x"].numpy() + 1.0) * 127.5).astype(np.uint8)
             captions = batch.get("caption")
@@ -77,7 +86,7 @@ def encode_prepared(
                 masks[start : start + len(x)] = m.cpu().numpy()
             for k in range(len(x)):
                 label = int(batch["y"][k]) if "y" in batch else None
-                writer.add(x[k], label, captions[k] if captions is not None else None)
+                writer.add(x[k], label, captions[k] if captions is not None else None, **{name: v[k] for name, v in mirrored.items()})
             if progress is not None:
                 progress(len(x))
         if text is not None:
@@ -88,6 +97,8 @@ def encode_prepared(
         if encoder_text is not None:
             text_info = {**encoder_text.info(), "cached": cache_text}
         fields = {k: manifest[k] for k in _COPIED_FIELDS if k in manifest}
+        if encoder_vae:
+            fields["mirrored"] = flip  # whether x_flip.npy holds the mirrored images' latents (validate_prepared checks it)
         return writer.finish(**fields, vae=encoder_vae.info() if encoder_vae else None, text_encoder=text_info)
 
 
