@@ -71,6 +71,7 @@ class FrozenVAE:
         self.latent_channels = int(cfg.latent_channels)
         self.in_channels = int(cfg.in_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.normalisation = {k: getattr(cfg, k, None) for k in ("latents_mean", "latents_std")}  # not applied: encode refuses it
 
     def latent_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
         c, h, w = shape
@@ -84,6 +85,7 @@ class FrozenVAE:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [-1, 1] -> [B,C,h,w] float32: the posterior mean, shifted and scaled."""
+        refuse_latent_normalisation(self.path, self.normalisation)
         posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
         return ((posterior.mean.float() - self.shift_factor) * self.scaling_factor)
 
@@ -410,6 +412,27 @@ def check_vae_image_size(path, size: int) -> None:
     if size % factor:
         raise UsageError(f"--size {size} is not divisible by the VAE's downsampling factor {factor}: use a multiple of {factor} "
                          f"(e.g. {max(factor, size - size % factor)})")
+
+
+def refuse_latent_normalisation(path, config: dict) -> None:
+    """fm's latents are (mean - shift_factor) * scaling_factor; a VAE whose config also sets a per-channel
+    `latents_mean` / `latents_std` (SDXL-style, e.g. Playground v2.5's) means its scaling_factor for latents
+    normalised by them first, so fm's would be on the wrong scale: such a VAE is refused for encoding. (Decoding
+    stays: latents fm encoded with one earlier were encoded without them, which decoding inverts exactly.)"""
+    if any(config.get(k) is not None for k in ("latents_mean", "latents_std")):
+        raise UsageError(f"the VAE {path} sets latents_mean/latents_std (per-channel normalisation) in its config.json, which fm does not "
+                         "apply (its latents would be on the wrong scale): encode with a VAE without them, e.g. stabilityai/sd-vae-ft-mse")
+
+
+def check_vae_encodes(path) -> None:
+    """`refuse_latent_normalisation` from the VAE's config.json, before `fm prepare-data`'s pixel pass (FrozenVAE.encode
+    checks again); a config that cannot be read is left to loading."""
+    try:
+        config = json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict):
+        refuse_latent_normalisation(path, config)
 
 
 # The config.json model types FrozenTextEncoder loads: T5 (T5EncoderModel; mT5 is the same network) and CLIP (CLIPTextModel).

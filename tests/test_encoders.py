@@ -769,3 +769,32 @@ def test_a_damaged_mirror_cache_is_refused(tmp_path, tiny_vae, damage):
         (data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match="x_flip.npy|mirrored"):
         validate_prepared(data)
+
+
+def test_a_vae_with_per_channel_latent_normalisation_is_refused_for_encoding(tmp_path, monkeypatch):
+    """A VAE config with latents_mean / latents_std (SDXL-style) means z = (mean - latents_mean) * scaling_factor /
+    latents_std (diffusers' pipelines); fm ignored them and stored (mean - shift) * scaling_factor, latents on the
+    wrong scale, silently. `prepare-data --vae` now refuses such a VAE in one line, before the pixel pass."""
+    from diffusers import AutoencoderKL
+
+    from fmcli.data import latents
+
+    torch.manual_seed(0)
+    path = tmp_path / "vae"
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                  block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+                  scaling_factor=0.5, latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[2.0, 3.0, 0.5, 4.0]).save_pretrained(path)  # fmt: skip
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():  # diffusers' own convention for this VAE, which fm's (mean - 0) * 0.5 is far from
+        mean = AutoencoderKL.from_pretrained(path).eval().encode(images).latent_dist.mean
+    normalised = (mean - torch.tensor([0.3, -0.2, 0.1, 0.5]).view(1, 4, 1, 1)) * 0.5 / torch.tensor([2.0, 3.0, 0.5, 4.0]).view(1, 4, 1, 1)
+    assert (mean * 0.5 - normalised).abs().max() > 0.1
+    passes = []
+    monkeypatch.setattr(latents, "encode_prepared", lambda *a, **k: passes.append(a))
+    res = fm_in_process("prepare-data", "shapes", "--out", tmp_path / "out", "--size", 16, "--count", 4, "--vae", path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "latents_mean/latents_std" in res.stderr and not passes and sorted(p.name for p in tmp_path.iterdir()) == ["vae"]
+    vae = FrozenVAE(path)
+    with pytest.raises(UsageError, match="latents_mean/latents_std"):
+        vae.encode(images)
+    assert vae.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 16, 16)  # latents an older fm encoded still decode

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..encoders import TextConditioning, check_text_encoder_dir, check_vae_dir, check_vae_image_size, load_text_encoder, load_vae
+from ..encoders import TextConditioning, check_text_encoder_dir, check_vae_dir, check_vae_encodes, check_vae_image_size, load_text_encoder, load_vae
 from ..errors import RuntimeFailure, UsageError
 from ..fsutil import refuse_existing
 from .dataset import PreparedDataset, PreparedWriter, refuse_unreplaceable
@@ -147,6 +147,7 @@ def prepare_encoded(prepare_pixels: Callable[[Path], Path], out: str | Path, *, 
         raise UsageError("--cache-text needs --text-encoder PATH")
     if encode_kwargs.get("vae"):
         check_vae_dir(encode_kwargs["vae"])
+        check_vae_encodes(encode_kwargs["vae"])
         if size is not None:
             check_vae_image_size(encode_kwargs["vae"], size)
     if encode_kwargs.get("text_encoder"):
