@@ -11,6 +11,7 @@ import importlib.resources
 import json
 import typing
 import tomllib
+import types
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, TypeVar
 
@@ -41,6 +42,44 @@ class Strict(BaseModel):
     # allow_inf_nan=False: every float setting refuses nan and inf ("Input should be a finite number"); an
     # infinite budget or guidance weight otherwise turns into nan arithmetic or black images further on.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info) -> Any:
+        # pydantic's lax mode reads true as 1 and false as 0: `steps = true` would train one step, `lr = true` at 1.0.
+        if problem := bool_for_number(cls.model_fields[info.field_name].annotation, value):
+            raise ValueError(problem)
+        return value
+
+
+def _union_members(annotation: Any) -> list:
+    """The types a field's annotation accepts: Annotated[X, ...] is X, a union its members (flattened)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _union_members(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [member for arg in typing.get_args(annotation) for member in _union_members(arg)]
+    return [annotation]
+
+
+def bool_for_number(annotation: Any, value: Any) -> str | None:
+    """Why `value` is a boolean where `annotation` wants a number (also as an item of a tuple or list setting), or None."""
+    members = _union_members(annotation)
+    if isinstance(value, bool):
+        if bool not in members and (int in members or float in members):
+            return f"Input should be a number, not the boolean {str(value).lower()}"
+        return None
+    if not isinstance(value, (list, tuple)):
+        return None
+    for member in members:
+        if typing.get_origin(member) not in (tuple, list):
+            continue
+        args = typing.get_args(member)
+        items = [args[0]] * len(value) if len(args) == 1 or args[-1] is Ellipsis else list(args)
+        for index, (item_type, item) in enumerate(zip(items, value)):
+            if problem := bool_for_number(item_type, item):
+                return f"item {index}: {problem}"
+    return None
 
 
 class ModelConfig(Strict):

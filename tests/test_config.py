@@ -239,3 +239,73 @@ def test_a_stored_config_with_a_seed_new_runs_refuse_still_loads():
         raw = config_to_dict(load_config("debug"))
         raw["train"]["seed"] = seed
         assert validate_config(raw, source="old checkpoint").train.seed == seed
+
+
+def _numeric_settings():
+    """(dotted key, JSON-schema entry) of every setting whose schema type is a number (integer or number) and not
+    also a boolean, in every section (and train.budget_fallback): the oracle is pydantic's JSON schema, not the
+    annotations the validator reads."""
+    from pydantic import BaseModel
+
+    from fmcli.config import BudgetFallback
+
+    sections = [(name, f.annotation) for name, f in Config.model_fields.items() if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+    for section, model in [*sections, ("train.budget_fallback", BudgetFallback)]:
+        for field, schema in model.model_json_schema()["properties"].items():
+            types = {s.get("type") for s in schema.get("anyOf", [schema])}
+            if types & {"integer", "number", "array"} and "boolean" not in types:
+                yield f"{section}.{field}", schema
+
+
+def _items_of(schema: dict):
+    """An array setting's item schemas (as many as it takes), or None."""
+    for s in schema.get("anyOf", [schema]):
+        if s.get("type") == "array":
+            return s.get("prefixItems") or [s["items"]] * max(1, s.get("minItems", 1))
+    return None
+
+
+@pytest.mark.parametrize("literal", ["true", "false"])
+def test_a_boolean_is_refused_for_every_number_setting_by_set_and_in_a_preset(literal, tmp_path):
+    """pydantic's lax mode read true as 1 and false as 0: `steps = true` trained one step, `--set optim.lr=true`
+    at 1.0, `channel_mult = [1, true]` built a level of width 1. Every int/float setting (and every number item of
+    a tuple setting) refuses a boolean with the config error naming the key."""
+    checked = 0
+    for key, schema in _numeric_settings():
+        items = _items_of(schema)
+        if items is None:
+            value = literal
+        elif any(i.get("type") in ("integer", "number") for i in items):
+            value = "[" + ", ".join([literal] * len(items)) + "]"
+        else:
+            continue  # a list of strings (budget_fallback.overrides)
+        section, field = key.rsplit(".", 1)
+        refused = f"{key.replace('.', '[.]')}: .*(boolean|got {literal.title()})"  # flow.shift words it itself
+        if section == "train.budget_fallback":  # a fallback needs a budget; its other field valid
+            sets = ["train.budget_minutes=5", "train.budget_fallback={min_steps=1, overrides=['train.steps=2']}"]
+            toml = '[train]\nbudget_minutes = 5\n[train.budget_fallback]\nmin_steps = 1\noverrides = ["train.steps=2"]\n'
+            toml = toml.replace(f"{field} = ", f"{field} = {value} #")
+        else:
+            sets, toml = [], f"[{section}]\n{field} = {value}\n"
+        with pytest.raises(UsageError, match=f"invalid config [(]debug[)]: {refused}"):
+            load_config("debug", [*sets, f"{key}={value}"])
+        preset = tmp_path / "p.toml"
+        preset.write_text(f'base = "debug"\n{toml}')
+        with pytest.raises(UsageError, match=refused):
+            load_config(str(preset))
+        checked += 1
+    assert checked >= 50  # the premise: the schema walk found the numeric settings
+
+
+def test_numbers_still_load_where_a_number_is_expected():
+    """The refusal is of booleans only: an int for a float, a whole float for an int, lists for tuples, booleans
+    for booleans, and every shipped preset and its saved config (config_to_dict, as checkpoints store it) load."""
+    from fmcli.config import config_to_dict, validate_config
+
+    cfg = load_config("debug", ["optim.lr=1", "sample.cfg=2", "train.steps=1e3", "train.budget_minutes=3", "optim.betas=[0, 0.9]",
+                                "model.channel_mult=[1, 2]", "data.flip=true", "train.compile=false", "sample.guidance_interval=[0, 1]"])
+    assert (cfg.optim.lr, cfg.sample.cfg, cfg.train.steps, cfg.train.budget_minutes) == (1.0, 2.0, 1000, 3.0)
+    assert (cfg.optim.betas, cfg.model.channel_mult, cfg.data.flip, cfg.train.compile) == ((0.0, 0.9), (1, 2), True, False)
+    for name in preset_names():
+        saved = load_config(name)
+        assert validate_config(json.loads(json.dumps(config_to_dict(saved)))) == saved
