@@ -717,8 +717,9 @@ def _overrides_layer(overrides: list[str], allowed: set[str] | None = None) -> d
     for item in overrides:
         key, value = parse_override(item)
         annotation = _check_key_exists(key.split("."), key)  # a typo is an unknown setting, on a resume too (not a "change")
-        if isinstance(value, (bool, int, float)) and _is_text_setting(annotation):
-            value = item.split("=", 1)[1].strip()  # a text setting keeps the text: --set name=2024 names the run "2024"
+        if value is not None and not isinstance(value, str) and _is_text_setting(annotation):
+            # a text setting keeps the text: --set name=2024 names the run "2024", name=2024-06-01 (a TOML date) "2024-06-01"
+            value = item.split("=", 1)[1].strip()
         if allowed is not None and key not in allowed:
             raise UsageError(
                 RESUME_REFUSALS.get(key) or f"--set {key} cannot change when resuming (it would change the run's math); "

@@ -82,6 +82,17 @@ def test_a_text_setting_given_a_number_by_set_keeps_the_text():
     assert training_config("debug", ["name=2024"], data=None, run_dir=None, resume=None)[1] == Path("runs") / "2024"
 
 
+
+def test_a_text_setting_given_a_toml_date_or_time_by_set_keeps_the_text():
+    """`--set name=2024-06-01` (a run named by its date) parsed as a TOML date and was refused with "name: Input
+    should be a valid string", as numbers once were: a text field takes the characters typed, whatever TOML reads."""
+    import tomllib
+
+    typed = {"name": "2024-06-01", "data.path": "12:30:00", "train.init_from": "1979-05-27T07:32:00Z", "eval.ref": "[1, 2]"}
+    assert all(not isinstance(tomllib.loads(f"v = {t}")["v"], str) for t in typed.values())  # the premise: TOML types them
+    cfg = load_config("debug", [f"{k}={v}" for k, v in typed.items()])
+    assert (cfg.name, cfg.data.path, cfg.train.init_from, cfg.eval.ref) == tuple(typed.values())
+
 def test_every_preset_validates():
     assert {"quickstart", "debug"} <= set(preset_names())
     for name in preset_names():
