@@ -823,6 +823,8 @@ def _resolve_preset(preset: str, relative_to: Path | None, chain: list[str]) -> 
         raise UsageError(f"preset {key} is not valid TOML: {err}") from None
     except UnicodeDecodeError:  # a binary file (an image, a checkpoint) named as a preset: TOML is UTF-8 text
         raise UsageError(f"preset {key} is not valid TOML: not UTF-8 text (is it a preset file?)") from None
+    if not raw:  # 0 bytes or only comments: a truncated or wrong file, which would train every default
+        raise UsageError(f"preset {key} has no settings (empty, or only comments): is it the right file? A preset sets at least one key, e.g. base = \"quickstart\"")
     base = raw.pop("base", None)
     if base is None:
         return raw

@@ -320,3 +320,22 @@ def test_numbers_still_load_where_a_number_is_expected():
     for name in preset_names():
         saved = load_config(name)
         assert validate_config(json.loads(json.dumps(config_to_dict(saved)))) == saved
+
+
+def test_an_empty_preset_file_is_refused_naming_it(tmp_path):
+    """A preset of 0 bytes or only comments (a truncated or wrong file) trained every default: a DiT-S for 1000
+    steps named "run". It is now one usage line naming the file, given directly or as a base; one key is enough."""
+    import tomllib
+
+    for name, text in (("zero.toml", ""), ("comments.toml", "# my preset\n\n# [train]\n"), ("blank.toml", "\n  \n")):
+        assert tomllib.loads(text) == {}  # the premise: TOML reads no setting
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UsageError, match=f"{name} has no settings"):
+            load_config(str(tmp_path / name))
+    (tmp_path / "child.toml").write_text('base = "zero.toml"\n[train]\nsteps = 3\n')
+    with pytest.raises(UsageError, match="zero.toml has no settings"):
+        load_config(str(tmp_path / "child.toml"))
+    bad = fm_in_process("train", "--preset", tmp_path / "zero.toml", "--print-config")
+    assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1 and "zero.toml" in bad.stderr
+    (tmp_path / "one.toml").write_text('name = "mine"\n')
+    assert load_config(str(tmp_path / "one.toml")).name == "mine"
