@@ -225,10 +225,10 @@ class BudgetFallback(Strict):
         for item in items:
             if "=" not in item or not (key := parse_override(item)[0]).startswith(FALLBACK_KEY_PREFIXES):
                 raise ValueError(f"{item!r}: a fallback sets model.*, optim.*, flow.*, sample.* or train.global_batch_size/micro_batch_size/steps/ema_decay as KEY=VALUE")
-            try:  # here, not only when the fallback's config is built: a dropped fallback is checked too
-                _check_key_exists(key.split("."), key)
-            except UsageError as err:
-                raise ValueError(str(err)) from None
+        try:  # here, not only when the fallback's config is built: a dropped fallback is checked too (keys exist, each once)
+            _overrides_layer(items, label="")
+        except UsageError as err:
+            raise ValueError(str(err)) from None
         return items
 
 
@@ -711,11 +711,17 @@ def apply_overrides(cfg: Config, overrides: list[str], allowed: set[str] | None 
     return validate_config(raw, source="--set")
 
 
-def _overrides_layer(overrides: list[str], allowed: set[str] | None = None) -> dict:
-    """The `--set` items as one nested dict, applied on top of the preset like one more preset file."""
+def _overrides_layer(overrides: list[str], allowed: set[str] | None = None, label: str = "--set ") -> dict:
+    """The `--set` items as one nested dict, applied on top of the preset like one more preset file; a key given
+    twice is an error (`label` names where the items came from)."""
     layer: dict = {}
+    given: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
+        if key in given:  # not "the last one wins": one of the two values would be silently dropped
+            values = " and ".join(text.split("=", 1)[1].strip() for text in (given[key], item))
+            raise UsageError(f"{label}{key} is given twice ({values}): give it once")
+        given[key] = item
         annotation = _check_key_exists(key.split("."), key)  # a typo is an unknown setting, on a resume too (not a "change")
         if value is not None and not isinstance(value, str) and _is_text_setting(annotation):
             # a text setting keeps the text: --set name=2024 names the run "2024", name=2024-06-01 (a TOML date) "2024-06-01"

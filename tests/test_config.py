@@ -339,3 +339,26 @@ def test_an_empty_preset_file_is_refused_naming_it(tmp_path):
     assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1 and "zero.toml" in bad.stderr
     (tmp_path / "one.toml").write_text('name = "mine"\n')
     assert load_config(str(tmp_path / "one.toml")).name == "mine"
+
+
+def test_a_key_set_twice_is_refused_naming_it_and_both_values(tmp_path, debug_run):
+    """`--set train.steps=5 --set train.steps=7` trained 7 steps and dropped the 5 without a word; every command
+    that takes --set (train, train --resume, resume, bench) and a preset's budget_fallback.overrides now refuse
+    a key given twice (exit 2, one line naming it and both values), before any work. Distinct keys still stack."""
+    twice = ["--set", "train.steps=5", "--set", " train.steps = 7"]
+    before = sorted(p.name for p in (debug_run / "checkpoints").iterdir())
+    for command in (["train", "--preset", "debug", "--print-config"], ["resume", debug_run], ["bench", "--preset", "debug"],
+                    ["train", "--preset", "debug", "--run-dir", debug_run, "--resume", "latest"]):
+        bad = fm_in_process(*command, *twice)
+        assert bad.returncode == 2 and bad.stdout == "", (command, bad)
+        assert bad.stderr.strip().splitlines() == ["error: --set train.steps is given twice (5 and 7): give it once"], command
+    assert sorted(p.name for p in (debug_run / "checkpoints").iterdir()) == before
+    with pytest.raises(UsageError, match=r"--set optim.lr is given twice \(0.5 and 0.5\)"):  # the same value twice too
+        apply_overrides(load_config("debug"), ["optim.lr=0.5", "optim.lr=0.5"])
+    preset = tmp_path / "p.toml"
+    preset.write_text('base = "quickstart"\n[train.budget_fallback]\nmin_steps = 9\noverrides = ["model.depth=2", "optim.lr=1e-3", "model.depth=3"]\n')
+    for sets in ([], ["model.depth=4"]):  # also where a --set of its key drops the fallback: checked on every run
+        with pytest.raises(UsageError, match=r"budget_fallback.overrides: model.depth is given twice \(2 and 3\)"):
+            load_config(str(preset), sets)
+    cfg = load_config("debug", ["train.steps=5", "train.log_every=7", "model.size=DiT-S/2", "model.depth=3"])
+    assert (cfg.train.steps, cfg.train.log_every, cfg.model.depth, cfg.model.hidden_size) == (5, 7, 3, 384)
