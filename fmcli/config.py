@@ -634,7 +634,7 @@ def preset_names() -> list[str]:
 def load_config(preset: str | None, overrides: list[str] | None = None, note=None) -> Config:
     """Load a preset (a name in presets/ or a .toml path, with its bases), apply `a.b=value` overrides, validate.
     `note(line)` hears of a setting the overrides switched off along with another (the budget's fallback)."""
-    raw = _read_preset(preset) if preset else {}
+    raw = _read_preset(preset) if preset is not None else {}  # --preset "" (an unset $VAR) is an unknown preset, not the defaults
     raw = _apply_layer(raw, _overrides_layer(overrides or []))
     _drop_overridden_fallback(raw, overrides or [], note or (lambda line: None), preset or "defaults")
     return validate_config(raw, source=preset or "defaults")

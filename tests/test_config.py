@@ -362,3 +362,13 @@ def test_a_key_set_twice_is_refused_naming_it_and_both_values(tmp_path, debug_ru
             load_config(str(preset), sets)
     cfg = load_config("debug", ["train.steps=5", "train.log_every=7", "model.size=DiT-S/2", "model.depth=3"])
     assert (cfg.train.steps, cfg.train.log_every, cfg.model.depth, cfg.model.hidden_size) == (5, 7, 3, 384)
+
+
+def test_an_empty_preset_name_is_refused_not_the_defaults():
+    """`fm train --preset "$PRESET"` with the variable unset passed "" and trained every default (a DiT-S for
+    1000 steps named "run"); "" is now an unknown preset (exit 2), as any name that is not one."""
+    with pytest.raises(UsageError, match="unknown preset ''"):
+        load_config("")
+    for command in ("train", "bench"):
+        bad = fm_in_process(command, "--preset", "", *(["--print-config"] if command == "train" else []))
+        assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1, bad
