@@ -372,3 +372,19 @@ def test_an_empty_preset_name_is_refused_not_the_defaults():
     for command in ("train", "bench"):
         bad = fm_in_process(command, "--preset", "", *(["--print-config"] if command == "train" else []))
         assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1, bad
+
+
+def test_data_and_set_data_path_together_are_refused(tmp_path):
+    """`fm train --data A --set data.path=B` trained on A and dropped B without a word (a key given twice, once as
+    its own flag); both together are now one usage line naming both, before anything is written. Each alone works."""
+    from pathlib import Path
+
+    from fmcli.launch import training_config
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    bad = fm_in_process("train", "--preset", "debug", "--data", a, "--set", f"data.path={b}", "--run-dir", tmp_path / "run")
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.strip().splitlines() == [f"error: --data {a} and --set data.path={b} both set data.path: give one"]
+    assert sorted(tmp_path.iterdir()) == []  # nothing written
+    assert training_config("debug", [], data=a, run_dir=None, resume=None)[0].data.path == str(a)
+    assert training_config("debug", [f"data.path={b}"], data=None, run_dir=None, resume=None)[0].data.path == str(b)
+    assert training_config("debug", ["data.seed=1"], data=Path(a), run_dir=None, resume=None)[0].data.path == str(a)
