@@ -11,6 +11,7 @@ import importlib.resources
 import json
 import typing
 import tomllib
+import types
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, TypeVar
 
@@ -41,6 +42,44 @@ class Strict(BaseModel):
     # allow_inf_nan=False: every float setting refuses nan and inf ("Input should be a finite number"); an
     # infinite budget or guidance weight otherwise turns into nan arithmetic or black images further on.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info) -> Any:
+        # pydantic's lax mode reads true as 1 and false as 0: `steps = true` would train one step, `lr = true` at 1.0.
+        if problem := bool_for_number(cls.model_fields[info.field_name].annotation, value):
+            raise ValueError(problem)
+        return value
+
+
+def _union_members(annotation: Any) -> list:
+    """The types a field's annotation accepts: Annotated[X, ...] is X, a union its members (flattened)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _union_members(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [member for arg in typing.get_args(annotation) for member in _union_members(arg)]
+    return [annotation]
+
+
+def bool_for_number(annotation: Any, value: Any) -> str | None:
+    """Why `value` is a boolean where `annotation` wants a number (also as an item of a tuple or list setting), or None."""
+    members = _union_members(annotation)
+    if isinstance(value, bool):
+        if bool not in members and (int in members or float in members):
+            return f"Input should be a number, not the boolean {str(value).lower()}"
+        return None
+    if not isinstance(value, (list, tuple)):
+        return None
+    for member in members:
+        if typing.get_origin(member) not in (tuple, list):
+            continue
+        args = typing.get_args(member)
+        items = [args[0]] * len(value) if len(args) == 1 or args[-1] is Ellipsis else list(args)
+        for index, (item_type, item) in enumerate(zip(items, value)):
+            if problem := bool_for_number(item_type, item):
+                return f"item {index}: {problem}"
+    return None
 
 
 class ModelConfig(Strict):
@@ -186,10 +225,10 @@ class BudgetFallback(Strict):
         for item in items:
             if "=" not in item or not (key := parse_override(item)[0]).startswith(FALLBACK_KEY_PREFIXES):
                 raise ValueError(f"{item!r}: a fallback sets model.*, optim.*, flow.*, sample.* or train.global_batch_size/micro_batch_size/steps/ema_decay as KEY=VALUE")
-            try:  # here, not only when the fallback's config is built: a dropped fallback is checked too
-                _check_key_exists(key.split("."), key)
-            except UsageError as err:
-                raise ValueError(str(err)) from None
+        try:  # here, not only when the fallback's config is built: a dropped fallback is checked too (keys exist, each once)
+            _overrides_layer(items, label="")
+        except UsageError as err:
+            raise ValueError(str(err)) from None
         return items
 
 
@@ -595,7 +634,7 @@ def preset_names() -> list[str]:
 def load_config(preset: str | None, overrides: list[str] | None = None, note=None) -> Config:
     """Load a preset (a name in presets/ or a .toml path, with its bases), apply `a.b=value` overrides, validate.
     `note(line)` hears of a setting the overrides switched off along with another (the budget's fallback)."""
-    raw = _read_preset(preset) if preset else {}
+    raw = _read_preset(preset) if preset is not None else {}  # --preset "" (an unset $VAR) is an unknown preset, not the defaults
     raw = _apply_layer(raw, _overrides_layer(overrides or []))
     _drop_overridden_fallback(raw, overrides or [], note or (lambda line: None), preset or "defaults")
     return validate_config(raw, source=preset or "defaults")
@@ -672,14 +711,21 @@ def apply_overrides(cfg: Config, overrides: list[str], allowed: set[str] | None 
     return validate_config(raw, source="--set")
 
 
-def _overrides_layer(overrides: list[str], allowed: set[str] | None = None) -> dict:
-    """The `--set` items as one nested dict, applied on top of the preset like one more preset file."""
+def _overrides_layer(overrides: list[str], allowed: set[str] | None = None, label: str = "--set ") -> dict:
+    """The `--set` items as one nested dict, applied on top of the preset like one more preset file; a key given
+    twice is an error (`label` names where the items came from)."""
     layer: dict = {}
+    given: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
+        if key in given:  # not "the last one wins": one of the two values would be silently dropped
+            values = " and ".join(text.split("=", 1)[1].strip() for text in (given[key], item))
+            raise UsageError(f"{label}{key} is given twice ({values}): give it once")
+        given[key] = item
         annotation = _check_key_exists(key.split("."), key)  # a typo is an unknown setting, on a resume too (not a "change")
-        if isinstance(value, (bool, int, float)) and _is_text_setting(annotation):
-            value = item.split("=", 1)[1].strip()  # a text setting keeps the text: --set name=2024 names the run "2024"
+        if value is not None and not isinstance(value, str) and _is_text_setting(annotation):
+            # a text setting keeps the text: --set name=2024 names the run "2024", name=2024-06-01 (a TOML date) "2024-06-01"
+            value = item.split("=", 1)[1].strip()
         if allowed is not None and key not in allowed:
             raise UsageError(
                 RESUME_REFUSALS.get(key) or f"--set {key} cannot change when resuming (it would change the run's math); "
@@ -783,6 +829,8 @@ def _resolve_preset(preset: str, relative_to: Path | None, chain: list[str]) -> 
         raise UsageError(f"preset {key} is not valid TOML: {err}") from None
     except UnicodeDecodeError:  # a binary file (an image, a checkpoint) named as a preset: TOML is UTF-8 text
         raise UsageError(f"preset {key} is not valid TOML: not UTF-8 text (is it a preset file?)") from None
+    if not raw:  # 0 bytes or only comments: a truncated or wrong file, which would train every default
+        raise UsageError(f"preset {key} has no settings (empty, or only comments): is it the right file? A preset sets at least one key, e.g. base = \"quickstart\"")
     base = raw.pop("base", None)
     if base is None:
         return raw

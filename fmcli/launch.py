@@ -61,7 +61,7 @@ def training_config(preset: str, overrides: list[str], *, data: Optional[Path], 
     --data), or with --resume ('latest' in the run directory, or a path) the checkpoint's config plus
     resume-safe overrides, exactly as `fm resume`."""
     from .checkpoint import resolve_checkpoint
-    from .config import load_config
+    from .config import load_config, parse_override
     from .seeding import seed_problem
 
     if resume is not None:
@@ -76,6 +76,8 @@ def training_config(preset: str, overrides: list[str], *, data: Optional[Path], 
     if problem := seed_problem(cfg.train.seed):
         raise UsageError(f"invalid config ({preset}): train.seed: {problem}")
     if data is not None:
+        if given := next((item for item in overrides if parse_override(item)[0] == "data.path"), None):
+            raise UsageError(f"--data {data} and --set {given.strip()} both set data.path: give one")  # not one silently dropped
         cfg = cfg.with_section("data", path=str(data))
     return cfg, run_dir or default_run_dir(cfg.name), None
 

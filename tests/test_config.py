@@ -82,6 +82,17 @@ def test_a_text_setting_given_a_number_by_set_keeps_the_text():
     assert training_config("debug", ["name=2024"], data=None, run_dir=None, resume=None)[1] == Path("runs") / "2024"
 
 
+
+def test_a_text_setting_given_a_toml_date_or_time_by_set_keeps_the_text():
+    """`--set name=2024-06-01` (a run named by its date) parsed as a TOML date and was refused with "name: Input
+    should be a valid string", as numbers once were: a text field takes the characters typed, whatever TOML reads."""
+    import tomllib
+
+    typed = {"name": "2024-06-01", "data.path": "12:30:00", "train.init_from": "1979-05-27T07:32:00Z", "eval.ref": "[1, 2]"}
+    assert all(not isinstance(tomllib.loads(f"v = {t}")["v"], str) for t in typed.values())  # the premise: TOML types them
+    cfg = load_config("debug", [f"{k}={v}" for k, v in typed.items()])
+    assert (cfg.name, cfg.data.path, cfg.train.init_from, cfg.eval.ref) == tuple(typed.values())
+
 def test_every_preset_validates():
     assert {"quickstart", "debug"} <= set(preset_names())
     for name in preset_names():
@@ -239,3 +250,141 @@ def test_a_stored_config_with_a_seed_new_runs_refuse_still_loads():
         raw = config_to_dict(load_config("debug"))
         raw["train"]["seed"] = seed
         assert validate_config(raw, source="old checkpoint").train.seed == seed
+
+
+def _numeric_settings():
+    """(dotted key, JSON-schema entry) of every setting whose schema type is a number (integer or number) and not
+    also a boolean, in every section (and train.budget_fallback): the oracle is pydantic's JSON schema, not the
+    annotations the validator reads."""
+    from pydantic import BaseModel
+
+    from fmcli.config import BudgetFallback
+
+    sections = [(name, f.annotation) for name, f in Config.model_fields.items() if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)]
+    for section, model in [*sections, ("train.budget_fallback", BudgetFallback)]:
+        for field, schema in model.model_json_schema()["properties"].items():
+            types = {s.get("type") for s in schema.get("anyOf", [schema])}
+            if types & {"integer", "number", "array"} and "boolean" not in types:
+                yield f"{section}.{field}", schema
+
+
+def _items_of(schema: dict):
+    """An array setting's item schemas (as many as it takes), or None."""
+    for s in schema.get("anyOf", [schema]):
+        if s.get("type") == "array":
+            return s.get("prefixItems") or [s["items"]] * max(1, s.get("minItems", 1))
+    return None
+
+
+@pytest.mark.parametrize("literal", ["true", "false"])
+def test_a_boolean_is_refused_for_every_number_setting_by_set_and_in_a_preset(literal, tmp_path):
+    """pydantic's lax mode read true as 1 and false as 0: `steps = true` trained one step, `--set optim.lr=true`
+    at 1.0, `channel_mult = [1, true]` built a level of width 1. Every int/float setting (and every number item of
+    a tuple setting) refuses a boolean with the config error naming the key."""
+    checked = 0
+    for key, schema in _numeric_settings():
+        items = _items_of(schema)
+        if items is None:
+            value = literal
+        elif any(i.get("type") in ("integer", "number") for i in items):
+            value = "[" + ", ".join([literal] * len(items)) + "]"
+        else:
+            continue  # a list of strings (budget_fallback.overrides)
+        section, field = key.rsplit(".", 1)
+        refused = f"{key.replace('.', '[.]')}: .*(boolean|got {literal.title()})"  # flow.shift words it itself
+        if section == "train.budget_fallback":  # a fallback needs a budget; its other field valid
+            sets = ["train.budget_minutes=5", "train.budget_fallback={min_steps=1, overrides=['train.steps=2']}"]
+            toml = '[train]\nbudget_minutes = 5\n[train.budget_fallback]\nmin_steps = 1\noverrides = ["train.steps=2"]\n'
+            toml = toml.replace(f"{field} = ", f"{field} = {value} #")
+        else:
+            sets, toml = [], f"[{section}]\n{field} = {value}\n"
+        with pytest.raises(UsageError, match=f"invalid config [(]debug[)]: {refused}"):
+            load_config("debug", [*sets, f"{key}={value}"])
+        preset = tmp_path / "p.toml"
+        preset.write_text(f'base = "debug"\n{toml}')
+        with pytest.raises(UsageError, match=refused):
+            load_config(str(preset))
+        checked += 1
+    assert checked >= 50  # the premise: the schema walk found the numeric settings
+
+
+def test_numbers_still_load_where_a_number_is_expected():
+    """The refusal is of booleans only: an int for a float, a whole float for an int, lists for tuples, booleans
+    for booleans, and every shipped preset and its saved config (config_to_dict, as checkpoints store it) load."""
+    from fmcli.config import config_to_dict, validate_config
+
+    cfg = load_config("debug", ["optim.lr=1", "sample.cfg=2", "train.steps=1e3", "train.budget_minutes=3", "optim.betas=[0, 0.9]",
+                                "model.channel_mult=[1, 2]", "data.flip=true", "train.compile=false", "sample.guidance_interval=[0, 1]"])
+    assert (cfg.optim.lr, cfg.sample.cfg, cfg.train.steps, cfg.train.budget_minutes) == (1.0, 2.0, 1000, 3.0)
+    assert (cfg.optim.betas, cfg.model.channel_mult, cfg.data.flip, cfg.train.compile) == ((0.0, 0.9), (1, 2), True, False)
+    for name in preset_names():
+        saved = load_config(name)
+        assert validate_config(json.loads(json.dumps(config_to_dict(saved)))) == saved
+
+
+def test_an_empty_preset_file_is_refused_naming_it(tmp_path):
+    """A preset of 0 bytes or only comments (a truncated or wrong file) trained every default: a DiT-S for 1000
+    steps named "run". It is now one usage line naming the file, given directly or as a base; one key is enough."""
+    import tomllib
+
+    for name, text in (("zero.toml", ""), ("comments.toml", "# my preset\n\n# [train]\n"), ("blank.toml", "\n  \n")):
+        assert tomllib.loads(text) == {}  # the premise: TOML reads no setting
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UsageError, match=f"{name} has no settings"):
+            load_config(str(tmp_path / name))
+    (tmp_path / "child.toml").write_text('base = "zero.toml"\n[train]\nsteps = 3\n')
+    with pytest.raises(UsageError, match="zero.toml has no settings"):
+        load_config(str(tmp_path / "child.toml"))
+    bad = fm_in_process("train", "--preset", tmp_path / "zero.toml", "--print-config")
+    assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1 and "zero.toml" in bad.stderr
+    (tmp_path / "one.toml").write_text('name = "mine"\n')
+    assert load_config(str(tmp_path / "one.toml")).name == "mine"
+
+
+def test_a_key_set_twice_is_refused_naming_it_and_both_values(tmp_path, debug_run):
+    """`--set train.steps=5 --set train.steps=7` trained 7 steps and dropped the 5 without a word; every command
+    that takes --set (train, train --resume, resume, bench) and a preset's budget_fallback.overrides now refuse
+    a key given twice (exit 2, one line naming it and both values), before any work. Distinct keys still stack."""
+    twice = ["--set", "train.steps=5", "--set", " train.steps = 7"]
+    before = sorted(p.name for p in (debug_run / "checkpoints").iterdir())
+    for command in (["train", "--preset", "debug", "--print-config"], ["resume", debug_run], ["bench", "--preset", "debug"],
+                    ["train", "--preset", "debug", "--run-dir", debug_run, "--resume", "latest"]):
+        bad = fm_in_process(*command, *twice)
+        assert bad.returncode == 2 and bad.stdout == "", (command, bad)
+        assert bad.stderr.strip().splitlines() == ["error: --set train.steps is given twice (5 and 7): give it once"], command
+    assert sorted(p.name for p in (debug_run / "checkpoints").iterdir()) == before
+    with pytest.raises(UsageError, match=r"--set optim.lr is given twice \(0.5 and 0.5\)"):  # the same value twice too
+        apply_overrides(load_config("debug"), ["optim.lr=0.5", "optim.lr=0.5"])
+    preset = tmp_path / "p.toml"
+    preset.write_text('base = "quickstart"\n[train.budget_fallback]\nmin_steps = 9\noverrides = ["model.depth=2", "optim.lr=1e-3", "model.depth=3"]\n')
+    for sets in ([], ["model.depth=4"]):  # also where a --set of its key drops the fallback: checked on every run
+        with pytest.raises(UsageError, match=r"budget_fallback.overrides: model.depth is given twice \(2 and 3\)"):
+            load_config(str(preset), sets)
+    cfg = load_config("debug", ["train.steps=5", "train.log_every=7", "model.size=DiT-S/2", "model.depth=3"])
+    assert (cfg.train.steps, cfg.train.log_every, cfg.model.depth, cfg.model.hidden_size) == (5, 7, 3, 384)
+
+
+def test_an_empty_preset_name_is_refused_not_the_defaults():
+    """`fm train --preset "$PRESET"` with the variable unset passed "" and trained every default (a DiT-S for
+    1000 steps named "run"); "" is now an unknown preset (exit 2), as any name that is not one."""
+    with pytest.raises(UsageError, match="unknown preset ''"):
+        load_config("")
+    for command in ("train", "bench"):
+        bad = fm_in_process(command, "--preset", "", *(["--print-config"] if command == "train" else []))
+        assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1, bad
+
+
+def test_data_and_set_data_path_together_are_refused(tmp_path):
+    """`fm train --data A --set data.path=B` trained on A and dropped B without a word (a key given twice, once as
+    its own flag); both together are now one usage line naming both, before anything is written. Each alone works."""
+    from pathlib import Path
+
+    from fmcli.launch import training_config
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    bad = fm_in_process("train", "--preset", "debug", "--data", a, "--set", f"data.path={b}", "--run-dir", tmp_path / "run")
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.strip().splitlines() == [f"error: --data {a} and --set data.path={b} both set data.path: give one"]
+    assert sorted(tmp_path.iterdir()) == []  # nothing written
+    assert training_config("debug", [], data=a, run_dir=None, resume=None)[0].data.path == str(a)
+    assert training_config("debug", [f"data.path={b}"], data=None, run_dir=None, resume=None)[0].data.path == str(b)
+    assert training_config("debug", ["data.seed=1"], data=Path(a), run_dir=None, resume=None)[0].data.path == str(a)
