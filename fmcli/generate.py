@@ -522,7 +522,7 @@ def nfe_record(batches: list[tuple[int, int]]) -> dict:
 
 
 def nfe_fields(nfe_per_sample: float, nfe_max: int) -> dict:
-    """The NFE of every `--json` row (fm sample, class-grid, fid, eval): `nfe`, network evaluations per sample,
+    """The NFE of every `--json` row (fm sample, class-grid, fid, eval, reflow): `nfe`, network evaluations per sample,
     the mean over all samples (a guided pair counts once; with a fixed-step solver every sample's own count),
     and `nfe_max`, the most any sample took (dopri5 chooses its steps per batch, so its batches differ)."""
     return {"nfe": int(nfe_per_sample) if nfe_per_sample == int(nfe_per_sample) else nfe_per_sample, "nfe_max": nfe_max}
