@@ -319,8 +319,11 @@ def sampling_record(loaded: LoadedModel) -> dict:
 def guidance_that_runs(loaded: LoadedModel, sample_cfg, log: Callable[[str], None] | None = None):
     """`sample_cfg` as it runs on `loaded`: cfg and cfg-zero guide away from the unconditional branch, which an
     unconditional model lacks, so they leave it unguided (solvers.guided_velocity); its cfg then reads 1 and its
-    guidance interval none (it guides nothing), so that every summary reports what ran. Autoguidance (a guide network) works on any model."""
-    if sample_cfg.cfg == 1.0 or sample_cfg.guidance == "auto":
+    guidance interval none (it guides nothing), so that every summary reports what ran. Autoguidance (a guide network) works on any model.
+    At cfg 1 every method is the main model alone, at every t: no guidance interval ran either."""
+    if sample_cfg.cfg == 1.0:
+        return sample_cfg.model_copy(update={"guidance_interval": None})
+    if sample_cfg.guidance == "auto":
         return sample_cfg
     if loaded.num_classes or loaded.is_text:
         if log and loaded.config.flow.cond_dropout == 0:
@@ -476,7 +479,7 @@ def class_grid_command(ckpt: str, out: Path, *, per_class: int, sample_overrides
 
     loaded = load_for_sampling(ckpt, device, use_ema=ema)
     refuse_classless(loaded)
-    sample_cfg = sample_overrides(loaded.config.sample)
+    sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
     loaded = prepare_for_sampling(loaded, sample_cfg, device, log)

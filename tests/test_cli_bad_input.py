@@ -232,6 +232,14 @@ CASES = [
     ("fid-nfe-and-steps", lambda w: ("fid", "--ckpt", w["run"], "-n", "2", "--ref", w["data"], "--features", "tiny", "--nfe", "1,2", "--steps", "4"), "drop --steps"),
     ("eval-nfe-and-steps", lambda w: ("eval", "--ckpt", w["run"], "-n", "8", "--data", w["data"], "--nfe", "1,2", "--steps", "4"), "drop --steps"),
     ("fid-nfe-below-one-step", lambda w: ("fid", "--ckpt", w["run"], "-n", "2", "--ref", w["data"], "--features", "tiny", "--nfe", "1,3", "--solver", "rk4"), "needs at least"),
+    # options that set how --ckpt samples, beside a folder to score (nothing is sampled): refused, not ignored
+    ("fid-gen-seed", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--features", "tiny", "--seed", "3"), "--seed"),
+    ("fid-gen-no-ema", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--features", "tiny", "--no-ema"), "--ema/--no-ema"),
+    ("eval-gen-seed", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--seed", "3"), "--seed"),
+    ("eval-gen-ema", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--ema"), "--ema/--no-ema"),
+    ("eval-gen-batch-size", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--batch-size", "8"), "--batch-size"),
+    # guidance options where no row guides (every --cfg is 1): refused, not reported on unguided rows
+    ("eval-cfg-1-interval", lambda w: ("eval", "--ckpt", w["run"], "-n", "8", "--data", w["data"], "--features", "tiny", "--cfg", "1", "--guidance-interval", "0.2,1"), "--guidance-interval"),
     ("fid-inception-missing", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--inception", w["root"] / "none.pt")),
     # plot, bench, prepare-data
     ("plot-run-missing", lambda w: ("plot", w["root"] / "no-run")),
