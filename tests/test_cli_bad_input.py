@@ -238,6 +238,12 @@ CASES = [
     ("eval-gen-seed", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--seed", "3"), "--seed"),
     ("eval-gen-ema", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--ema"), "--ema/--no-ema"),
     ("eval-gen-batch-size", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--batch-size", "8"), "--batch-size"),
+    # options of a part the command does not run here: refused, not ignored
+    ("fid-save-stats-with-n", lambda w: ("fid", "--ref", w["data"], "--save-stats", w["root"] / "new.npz", "--features", "tiny", "-n", "4"), "--num-samples"),
+    ("fid-inception-with-tiny", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--features", "tiny", "--inception", w["fake_inception"]), "--inception"),
+    ("eval-dinov2-without-its-space", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--dinov2", w["root"]), "--dinov2"),
+    ("eval-classifier-seed-without-domain", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--classifier-seed", "1"), "--classifier-seed"),
+    ("eval-classifier-steps-without-domain", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--classifier-steps", "5"), "--classifier-steps"),
     # guidance options where no row guides (every --cfg is 1): refused, not reported on unguided rows
     ("eval-cfg-1-interval", lambda w: ("eval", "--ckpt", w["run"], "-n", "8", "--data", w["data"], "--features", "tiny", "--cfg", "1", "--guidance-interval", "0.2,1"), "--guidance-interval"),
     ("fid-inception-missing", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--inception", w["root"] / "none.pt")),
