@@ -158,6 +158,9 @@ def load_for_sampling(
     weights = state.get("ema") if use_ema else state["model"]
     if weights is None:
         raise UsageError(f"{path} has no EMA weights; use --no-ema")
+    if not use_ema and state.get("exported_ema") is True:  # an export holds one set: --no-ema would load the EMA's anyway
+        raise UsageError(f"{path} is an export of the EMA weights only, so --no-ema has no raw weights to load: drop --no-ema, "
+                         "or export the raw ones with `fm export --no-ema`")  # fmt: skip
     info, step = _checked_facts(state, path)
     try:
         model.load_state_dict(weights)
