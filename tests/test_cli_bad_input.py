@@ -170,6 +170,7 @@ CASES = [
     ("train-gpus-and-nproc", lambda w: (*TRAIN, "--data", w["data"], "--gpus", "1", "--nproc", "2")),
     ("train-nnodes-without-endpoint", lambda w: (*TRAIN, "--data", w["data"], "--run-dir", w["root"] / "new-run", "--nnodes", "2"), "--rdzv-endpoint"),
     ("sample-gpus-absent", lambda w: ("sample", "--ckpt", w["run"], "--gpus", "64", "--out", w["root"] / "new.png")),
+    ("sample-gpus-with-device-cpu", lambda w: ("sample", "--ckpt", w["run"], "--gpus", "1", "--device", "cpu", "--out", w["root"] / "new.png"), "--device cpu"),
     ("fid-gpus-without-ckpt", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--nproc", "2")),
     # checkpoints and resume
     ("resume-missing", lambda w: ("resume", w["root"] / "no-such-run")),
