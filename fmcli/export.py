@@ -108,8 +108,9 @@ def load_export(path: str | Path) -> dict:
         except (IndexError, RuntimeError) as err:  # a tensor of another width than the config's
             raise UsageError(f"{path} does not match the model its fm_export.json describes ({_one_line(err)})") from None
     _check_weights(path, weights, cfg)
-    # One set of weights: whichever fm export chose (EMA by default) serves for both keys.
-    return {"model": weights, "ema": weights, "config": meta["config"], "data_info": meta.get("data_info", {}), "step": meta.get("step", 0)}
+    # One set of weights: whichever fm export chose (EMA by default) serves for both keys; `exported_ema` says which.
+    return {"model": weights, "ema": weights, "config": meta["config"], "data_info": meta.get("data_info", {}), "step": meta.get("step", 0),
+            "exported_ema": meta.get("ema")}  # fmt: skip
 
 
 def _read_manifest(path: Path) -> dict:

@@ -158,6 +158,9 @@ def load_for_sampling(
     weights = state.get("ema") if use_ema else state["model"]
     if weights is None:
         raise UsageError(f"{path} has no EMA weights; use --no-ema")
+    if not use_ema and state.get("exported_ema") is True:  # an export holds one set: --no-ema would load the EMA's anyway
+        raise UsageError(f"{path} is an export of the EMA weights only, so --no-ema has no raw weights to load: drop --no-ema, "
+                         "or export the raw ones with `fm export --no-ema`")  # fmt: skip
     info, step = _checked_facts(state, path)
     try:
         model.load_state_dict(weights)
@@ -319,8 +322,11 @@ def sampling_record(loaded: LoadedModel) -> dict:
 def guidance_that_runs(loaded: LoadedModel, sample_cfg, log: Callable[[str], None] | None = None):
     """`sample_cfg` as it runs on `loaded`: cfg and cfg-zero guide away from the unconditional branch, which an
     unconditional model lacks, so they leave it unguided (solvers.guided_velocity); its cfg then reads 1 and its
-    guidance interval none (it guides nothing), so that every summary reports what ran. Autoguidance (a guide network) works on any model."""
-    if sample_cfg.cfg == 1.0 or sample_cfg.guidance == "auto":
+    guidance interval none (it guides nothing), so that every summary reports what ran. Autoguidance (a guide network) works on any model.
+    At cfg 1 every method is the main model alone, at every t: no guidance interval ran either."""
+    if sample_cfg.cfg == 1.0:
+        return sample_cfg.model_copy(update={"guidance_interval": None})
+    if sample_cfg.guidance == "auto":
         return sample_cfg
     if loaded.num_classes or loaded.is_text:
         if log and loaded.config.flow.cond_dropout == 0:
@@ -476,7 +482,7 @@ def class_grid_command(ckpt: str, out: Path, *, per_class: int, sample_overrides
 
     loaded = load_for_sampling(ckpt, device, use_ema=ema)
     refuse_classless(loaded)
-    sample_cfg = sample_overrides(loaded.config.sample)
+    sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
     loaded = prepare_for_sampling(loaded, sample_cfg, device, log)
@@ -522,7 +528,7 @@ def nfe_record(batches: list[tuple[int, int]]) -> dict:
 
 
 def nfe_fields(nfe_per_sample: float, nfe_max: int) -> dict:
-    """The NFE of every `--json` row (fm sample, class-grid, fid, eval): `nfe`, network evaluations per sample,
+    """The NFE of every `--json` row (fm sample, class-grid, fid, eval, reflow): `nfe`, network evaluations per sample,
     the mean over all samples (a guided pair counts once; with a fixed-step solver every sample's own count),
     and `nfe_max`, the most any sample took (dopri5 chooses its steps per batch, so its batches differ)."""
     return {"nfe": int(nfe_per_sample) if nfe_per_sample == int(nfe_per_sample) else nfe_per_sample, "nfe_max": nfe_max}

@@ -339,7 +339,10 @@ def _without_launch_flags(argv: list[str]) -> list[str]:
 
 def on_ranks(work, *, device: str, gpus: int, nproc: int, extra: list[str] | None = None):
     """`work(ctx)` on this process's rank, inside a process group when distributed; None in a launcher that
-    relaunched this command as --gpus/--nproc N ranks (`extra`: see `relaunched`)."""
+    relaunched this command as --gpus/--nproc N ranks (`extra`: see `relaunched`). --gpus runs on CUDA: another
+    --device beside it would be accepted and ignored, so it is refused."""
+    if gpus and device not in ("auto", "cuda"):
+        raise UsageError(f"--gpus N runs on CUDA GPUs, so --device {device} would be ignored: drop --device {device} (or use --nproc N for CPU processes)")
     if relaunched(gpus, nproc, extra=extra):
         return None
     ctx = rank_context(device, gpus)

@@ -31,7 +31,7 @@ from . import distributed as D
 from .data.dataset import PreparedWriter, refuse_unreplaceable
 from .fsutil import atomic_write, refuse_existing, write_text_atomic
 from .errors import UsageError
-from .generate import class_conditions, sample_batch, sampling_record
+from .generate import class_conditions, nfe_record, sample_batch, sampling_record
 from .solvers import SDE_SOLVERS, SOLVERS, check_solver_for_model
 from .seeding import STREAMS, normal
 
@@ -65,7 +65,8 @@ class ReflowSummary:
     count: int
     chunks_solved: int  # by this invocation, all ranks
     chunks_reused: int  # found complete in DIR.partial from an earlier, interrupted invocation
-    nfe: int  # network evaluations per pair (largest over chunks; a CFG pair of passes counts once)
+    nfe: float  # network evaluations per pair, the mean over all pairs (a CFG pair of passes counts once): generate.nfe_fields
+    nfe_max: int  # the most any pair took (dopri5 chooses its steps per chunk, so its chunks differ)
     seconds: float
 
 
@@ -215,7 +216,7 @@ def generate_pairs(
     shutil.rmtree(work, ignore_errors=True)
     return ReflowSummary(
         path=str(path), count=num_pairs, chunks_solved=sum(s for s, _ in counts), chunks_reused=sum(r for _, r in counts),
-        nfe=nfe, seconds=round(time.perf_counter() - start, 3),
+        **nfe, seconds=round(time.perf_counter() - start, 3),
     )
 
 
@@ -255,11 +256,12 @@ def _save_part(path: Path, **arrays) -> None:
     atomic_write(path, write)
 
 
-def _assemble(work: Path, out: Path, loaded, plan: ReflowPlan, n_chunks: int, prompts, force: bool) -> tuple[Path, int]:
-    """Stream the parts in index order into the pairs dataset; returns (its path, the largest NFE per pair)."""
+def _assemble(work: Path, out: Path, loaded, plan: ReflowPlan, n_chunks: int, prompts, force: bool) -> tuple[Path, dict]:
+    """Stream the parts in index order into the pairs dataset; returns (its path, `nfe_record` of the chunks:
+    `nfe` the mean per pair, `nfe_max` the most, as every sampling command reports them)."""
     labelled = bool(loaded.num_classes) and not loaded.is_text
     shape = tuple(loaded.shape)
-    nfe = 0
+    nfes = []  # (NFE, pairs) of every chunk
     writer = PreparedWriter(
         out, plan.num_pairs, shape, dtype="float32", kind="pairs", labels=labelled, captions=loaded.is_text, force=force,
         x_name="x1", extras={"x0": (shape, "float32")},
@@ -273,7 +275,7 @@ def _assemble(work: Path, out: Path, loaded, plan: ReflowPlan, n_chunks: int, pr
                 first = c * plan.chunk
                 captions = [prompts[i % len(prompts)] for i in range(first, first + len(z["x1"]))] if loaded.is_text else None
                 writer.add_batch(z["x1"], z["y"] if labelled else None, captions, x0=z["x0"])
-                nfe = max(nfe, int(z["nfe"]))
+                nfes.append((int(z["nfe"]), len(z["x1"])))
         info = loaded.info
         path = writer.finish(
             num_classes=0 if loaded.is_text else loaded.num_classes,
@@ -282,6 +284,6 @@ def _assemble(work: Path, out: Path, loaded, plan: ReflowPlan, n_chunks: int, pr
             space=info.get("kind", "pixels"),  # what x1 holds: pixels in [-1, 1] (float) or VAE latents
             vae=info.get("vae"),
             text_encoder=info.get("text_encoder"),
-            teacher={**asdict(plan), "nfe": nfe},
+            teacher={**asdict(plan), **nfe_record(nfes)},
         )
-    return path, nfe
+    return path, nfe_record(nfes)

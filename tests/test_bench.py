@@ -246,6 +246,9 @@ def test_cli_bench_usage_error_exits_2():
         ([], {"precision": "fp8"}),
         ([], {"compare": "timm"}),
         ([], {"steps": 0}),
+        ([], {"max_batch": 4}),  # the autotune's options beside a given batch (no autotune runs): refused, not ignored
+        ([], {"max_memory_gib": 1.0}),
+        ([], {"run_dir": "autotune-cache"}),
         (["data.source=folder"], {}),  # input shape unknown without the data: the preset must set it
         (["model.arch=unet"], {}),
     ],

@@ -170,6 +170,7 @@ CASES = [
     ("train-gpus-and-nproc", lambda w: (*TRAIN, "--data", w["data"], "--gpus", "1", "--nproc", "2")),
     ("train-nnodes-without-endpoint", lambda w: (*TRAIN, "--data", w["data"], "--run-dir", w["root"] / "new-run", "--nnodes", "2"), "--rdzv-endpoint"),
     ("sample-gpus-absent", lambda w: ("sample", "--ckpt", w["run"], "--gpus", "64", "--out", w["root"] / "new.png")),
+    ("sample-gpus-with-device-cpu", lambda w: ("sample", "--ckpt", w["run"], "--gpus", "1", "--device", "cpu", "--out", w["root"] / "new.png"), "--device cpu"),
     ("fid-gpus-without-ckpt", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--nproc", "2")),
     # checkpoints and resume
     ("resume-missing", lambda w: ("resume", w["root"] / "no-such-run")),
@@ -232,6 +233,20 @@ CASES = [
     ("fid-nfe-and-steps", lambda w: ("fid", "--ckpt", w["run"], "-n", "2", "--ref", w["data"], "--features", "tiny", "--nfe", "1,2", "--steps", "4"), "drop --steps"),
     ("eval-nfe-and-steps", lambda w: ("eval", "--ckpt", w["run"], "-n", "8", "--data", w["data"], "--nfe", "1,2", "--steps", "4"), "drop --steps"),
     ("fid-nfe-below-one-step", lambda w: ("fid", "--ckpt", w["run"], "-n", "2", "--ref", w["data"], "--features", "tiny", "--nfe", "1,3", "--solver", "rk4"), "needs at least"),
+    # options that set how --ckpt samples, beside a folder to score (nothing is sampled): refused, not ignored
+    ("fid-gen-seed", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--features", "tiny", "--seed", "3"), "--seed"),
+    ("fid-gen-no-ema", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--features", "tiny", "--no-ema"), "--ema/--no-ema"),
+    ("eval-gen-seed", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--seed", "3"), "--seed"),
+    ("eval-gen-ema", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--ema"), "--ema/--no-ema"),
+    ("eval-gen-batch-size", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--batch-size", "8"), "--batch-size"),
+    # options of a part the command does not run here: refused, not ignored
+    ("fid-save-stats-with-n", lambda w: ("fid", "--ref", w["data"], "--save-stats", w["root"] / "new.npz", "--features", "tiny", "-n", "4"), "--num-samples"),
+    ("fid-inception-with-tiny", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--features", "tiny", "--inception", w["fake_inception"]), "--inception"),
+    ("eval-dinov2-without-its-space", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--dinov2", w["root"]), "--dinov2"),
+    ("eval-classifier-seed-without-domain", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--classifier-seed", "1"), "--classifier-seed"),
+    ("eval-classifier-steps-without-domain", lambda w: ("eval", "--gen", w["images"], "--data", w["data"], "--features", "tiny", "--classifier-steps", "5"), "--classifier-steps"),
+    # guidance options where no row guides (every --cfg is 1): refused, not reported on unguided rows
+    ("eval-cfg-1-interval", lambda w: ("eval", "--ckpt", w["run"], "-n", "8", "--data", w["data"], "--features", "tiny", "--cfg", "1", "--guidance-interval", "0.2,1"), "--guidance-interval"),
     ("fid-inception-missing", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--inception", w["root"] / "none.pt")),
     # plot, bench, prepare-data
     ("plot-run-missing", lambda w: ("plot", w["root"] / "no-run")),

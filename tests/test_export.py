@@ -221,3 +221,24 @@ def test_weights_that_do_not_fit_their_config_are_refused_before_writing(tmp_pat
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and "damaged.pt is damaged" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["damaged.pt", "step.pt"]
+
+
+def test_no_ema_on_an_export_loads_the_raw_weights_or_is_refused(tmp_path):
+    """An export holds one set of weights: --no-ema on an export of the EMA would silently sample the EMA (refused,
+    one line); on an export of the raw weights it samples them (checked against the checkpoint's raw model)."""
+    model, cfg = make_checkpoint(tmp_path / "step.pt")
+    state = torch.load(tmp_path / "step.pt", weights_only=True)
+    raw = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["ema"].items()}
+    save_atomic({**state, "model": raw}, tmp_path / "step.pt")  # the raw weights differ from the EMA's
+    export_checkpoint(tmp_path / "step.pt", tmp_path / "ema", "fm")
+    export_checkpoint(tmp_path / "step.pt", tmp_path / "raw", "fm", use_ema=False)
+    refused = fm_in_process("sample", "--ckpt", tmp_path / "ema", "-n", "2", "--steps", "2", "--no-ema", "--out", tmp_path / "e.png")
+    assert refused.returncode == 2 and "--no-ema" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (tmp_path / "e.png").exists()
+    ok = fm_in_process("sample", "--ckpt", tmp_path / "raw", "-n", "2", "--steps", "2", "--no-ema", "--out", tmp_path / "r.png", "--device", "cpu")
+    assert ok.returncode == 0, ok.stderr
+    model.load_state_dict(raw)
+    x = sample_batch(model, initial_noise(0, range(2), (3, 16, 16)), torch.arange(2) % NUM_CLASSES, cfg.sample.model_copy(update={"steps": 2})).x
+    from fmcli.images import save_grid
+
+    assert (tmp_path / "r.png").read_bytes() == save_grid(x, tmp_path / "expected.png").read_bytes()

@@ -123,6 +123,34 @@ def test_an_interrupted_reflow_continues_without_recomputing_or_duplicating(teac
     assert not (tmp_path / "out.partial").exists()
 
 
+def test_nfe_is_the_mean_per_pair_and_nfe_max_the_most_as_every_sampling_command_reports(teacher, tmp_path, monkeypatch):
+    """dopri5 picks its steps per chunk: `nfe` is the mean over the pairs of the network forwards counted
+    here (a CFG [cond; uncond] forward counts once), `nfe_max` the most any chunk's pairs took."""
+    forwards, per_chunk = [0], []
+    model_forward, solve_chunk = teacher.model.forward, reflow_mod._solve_chunk
+
+    def counting_forward(*args, **kwargs):
+        forwards[0] += 1
+        return model_forward(*args, **kwargs)
+
+    def counting_chunk(loaded, indices, *args):
+        before = forwards[0]
+        result = solve_chunk(loaded, indices, *args)
+        per_chunk.append((forwards[0] - before, len(indices)))
+        return result
+
+    monkeypatch.setattr(teacher.model, "forward", counting_forward)
+    monkeypatch.setattr(reflow_mod, "_solve_chunk", counting_chunk)
+    dopri5 = SampleConfig(solver="dopri5", cfg=2.0, rtol=1e-3, atol=1e-3)
+    summary = generate_pairs(teacher, tmp_path / "p", num_pairs=5, seed=0, sample_cfg=dopri5, batch_size=2, ctx=DistContext(), checkpoint="teacher")
+    counts = [n for n, _ in per_chunk]
+    assert len(set(counts)) > 1  # the chunks differ: a mean and a maximum that tell the two meanings apart
+    mean = sum(n * k for n, k in per_chunk) / 5
+    assert summary.nfe == pytest.approx(mean) and summary.nfe_max == max(counts)
+    teacher_record = json.loads((tmp_path / "p" / "manifest.json").read_text())["teacher"]
+    assert teacher_record["nfe"] == pytest.approx(mean) and teacher_record["nfe_max"] == max(counts)
+
+
 def test_pairs_round_trip_through_the_reader(teacher, tmp_path):
     pairs(teacher, tmp_path / "p")
     raw = arrays(tmp_path / "p")

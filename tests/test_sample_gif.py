@@ -233,3 +233,27 @@ def test_class_grid_of_a_text_model_says_it_is_one():
     text_model = LoadedModel(model=None, config=SimpleNamespace(model=SimpleNamespace(cross_attention=True, num_classes=0)), info={}, step=0)
     with pytest.raises(UsageError, match=r"text-conditioned.*fm sample --prompt"):
         class_grid_samples(text_model, 1, seed=0, sample_cfg=None, batch_size=1, device="cpu")
+
+
+def test_rows_at_cfg_1_report_no_guidance_interval(debug_run, tmp_path):
+    """A checkpoint whose sample.guidance_interval is set, sampled at --cfg 1: the model alone at every t, so no
+    interval ran and the rows say so (the same images as the checkpoint without an interval); at its cfg 2 it ran."""
+    import torch
+
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+
+    state = load_checkpoint(resolve_checkpoint(debug_run))
+    state["config"]["sample"]["guidance_interval"] = [0.25, 1.0]
+    interval_ckpt = tmp_path / "interval.pt"
+    torch.save(state, interval_ckpt)
+    common = ("-n", "4", "--steps", "2", "--json")
+    plain = json.loads(fm_in_process("sample", "--ckpt", debug_run, *common, "--cfg", "1", "--out", tmp_path / "plain.png").stdout)
+    at_1 = fm_in_process("sample", "--ckpt", interval_ckpt, *common, "--cfg", "1", "--out", tmp_path / "at1.png")
+    assert at_1.returncode == 0, at_1.stderr
+    assert json.loads(at_1.stdout)["guidance_interval"] is None and plain["guidance_interval"] is None
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "at1.png")), np.asarray(Image.open(tmp_path / "plain.png")))
+    guided = json.loads(fm_in_process("sample", "--ckpt", interval_ckpt, *common, "--out", tmp_path / "at2.png").stdout)
+    assert guided["cfg"] == 2.0 and guided["guidance_interval"] == [0.25, 1.0]
+    grid = fm_in_process("class-grid", "--ckpt", interval_ckpt, "--samples-per-class", "1", "--steps", "2", "--cfg", "1", "--out", tmp_path / "g.png", "--json")
+    assert grid.returncode == 0, grid.stderr
+    assert json.loads(grid.stdout)["guidance_interval"] is None

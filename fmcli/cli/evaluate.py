@@ -13,7 +13,7 @@ from ..errors import UsageError
 from ..fsutil import refuse_existing
 from .app import app, log_line, torch_device
 from .options import (
-    Atol, BatchSize, Device, Ema, Gpus, GuideCkpt, Guidance, Json, Nproc, Rtol, SampleCompile, SamplePrecision, SamplingFlags, Seed, Solver, Steps,
+    Atol, Device, EmaIfGiven, Gpus, GuideCkpt, Guidance, Json, Nproc, Rtol, SampleCompile, SamplePrecision, SamplingFlags, SeedIfGiven, Solver, Steps,
     parse_floats, parse_interval, parse_nfe, refuse_repeats, sampling_options, seed_option,
 )  # fmt: skip
 
@@ -31,9 +31,9 @@ def fid(
     inception: Annotated[Optional[str], typer.Option("--inception", help="Path to inception-2015-12-05.pt (default: $FM_INCEPTION).")] = None,
     inception_unverified: Annotated[bool, typer.Option("--inception-unverified", help="Use an Inception file whose sha256 differs from the reference (FID not comparable).")] = False,
     sampling: SamplingFlags = SamplingFlags(),  # the shared sampling options (see sampling_options)
-    seed: Seed = 0,
+    seed: SeedIfGiven = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch (generation and features).")] = 64,
-    ema: Ema = True,
+    ema: EmaIfGiven = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also save the generated samples as PNGs here.")] = None,
     kid: Annotated[bool, typer.Option("--kid", help="Also report KID (clean-fid's kernel distance).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --save-stats file or --out samples.")] = False,
@@ -59,10 +59,10 @@ def fid(
     if (gpus or nproc) and ckpt is None:
         raise UsageError("--gpus/--nproc shard sample generation: they go with --ckpt")
     if ckpt is None:
-        sampling.refuse_without_ckpt()
+        sampling.refuse_without_ckpt(seed=seed, ema=ema)
     work = functools.partial(
         _fid_rank, ref=ref, gen=gen, ckpt=ckpt, save_stats=save_stats, features=features, inception=inception, inception_unverified=inception_unverified,
-        num_samples=num_samples, sample_overrides=overrides, guide_ckpt=sampling.guide_ckpt, nfe=budgets, seed=seed, batch_size=batch_size, ema=ema,
+        num_samples=num_samples, sample_overrides=overrides, guide_ckpt=sampling.guide_ckpt, nfe=budgets, seed=seed or 0, batch_size=batch_size, ema=ema is not False,
         out=out, kid=kid, force=force,
     )  # fmt: skip
     result = on_ranks(work, device=device, gpus=gpus, nproc=nproc)
@@ -119,8 +119,10 @@ def _check_fid_flags(req, force: bool, ctx) -> None:
         refuse_existing(req.save_stats, force)
     if req.gen is not None and not Path(req.gen).is_dir():
         raise UsageError(f"--gen {req.gen} is not a directory of images")
-    if req.gen is not None and (req.num_samples is not None or req.out is not None):
-        raise UsageError("--num-samples and --out go with --ckpt; --gen scores every image in its folder")
+    if req.ckpt is None and (req.num_samples is not None or req.out is not None):
+        raise UsageError("--num-samples and --out go with --ckpt; " + ("--gen scores every image in its folder" if req.gen is not None else "nothing is sampled here"))
+    if req.features != "inception" and (req.inception is not None or req.inception_unverified):
+        raise UsageError(f"--inception and --inception-unverified set the Inception network, which --features {req.features} does not use: drop them")
     if req.nfe is not None and req.ckpt is None:
         raise UsageError("--nfe sweeps the sampler of a model: it goes with --ckpt")
     if req.out is not None and req.num_samples is not None:
@@ -157,7 +159,7 @@ def eval_command(
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", min=6, max=10**9, help="Samples per setting with --ckpt (the reference and the floor use as many real images).")] = None,
     features: Annotated[str, typer.Option("--features", help="Feature spaces, comma-separated: domain (a classifier of --data), inception, dinov2, tiny.")] = "domain",
     classifier: Annotated[Optional[str], typer.Option("--classifier", help="Where the domain classifier is cached (default DATA/fm-classifier-sSEED.pt).")] = None,
-    classifier_seed: Annotated[int, seed_option("--classifier-seed", help="Seed of the domain classifier's training (0 to 2^32-1).")] = 0,
+    classifier_seed: Annotated[Optional[int], seed_option("--classifier-seed", help="Seed of the domain classifier's training (0 to 2^32-1; default 0).")] = None,
     classifier_steps: Annotated[Optional[int], typer.Option("--classifier-steps", min=1, help="Training steps of the domain classifier (default 1500).")] = None,
     inception: Annotated[Optional[str], typer.Option("--inception", help="inception-2015-12-05.pt (default: $FM_INCEPTION).")] = None,
     dinov2: Annotated[Optional[str], typer.Option("--dinov2", help="Local transformers Dinov2Model directory (default: $FM_DINOV2).")] = None,
@@ -174,9 +176,9 @@ def eval_command(
     compile_model: SampleCompile = None,
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for precision/recall/density/coverage.")] = 5,
     kid: Annotated[bool, typer.Option("--kid/--no-kid", help="Also report KID (100 subsets of up to 1,000).")] = True,
-    seed: Seed = 0,
-    batch_size: BatchSize = 64,
-    ema: Ema = True,
+    seed: SeedIfGiven = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Samples per forward batch (default 64).")] = None,
+    ema: EmaIfGiven = None,
     device: Device = "auto",
     as_json: Json = False,
 ):
@@ -194,16 +196,23 @@ def eval_command(
     from ..console import progress
     from ..fidelity import EvalRequest, evaluate_fidelity, format_table
 
-    sampling = SamplingFlags(steps=steps, solver=solver, guidance=guidance, guide_ckpt=guide_ckpt, rtol=rtol, atol=atol, precision=precision, compile_model=compile_model)
+    cfgs = parse_floats("--cfg", cfg_scales)
+    unguided = cfgs is not None and all(w == 1.0 for w in cfgs)  # no row guides: the guidance options would shape nothing
+    sampling = SamplingFlags(
+        cfg_scale=1.0 if unguided else None, guidance_interval=intervals[0] if intervals else None, steps=steps, solver=solver, guidance=guidance,
+        guide_ckpt=guide_ckpt, rtol=rtol, atol=atol, precision=precision, compile_model=compile_model,
+    )  # fmt: skip
     request = EvalRequest(
         data=data, ckpt=ckpt, gen=gen, num_samples=num_samples, spaces=tuple(s.strip() for s in features.split(",") if s.strip()),
-        cfgs=parse_floats("--cfg", cfg_scales), intervals=refuse_repeats("--guidance-interval", [parse_interval(i) for i in intervals]) or None,
-        nfes=parse_nfe(nfe, steps), sample_overrides=sampling.overrides(cfg_runs=cfg_scales is None), guide_ckpt=guide_ckpt,
-        classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed, batch_size=batch_size, ema=ema,
+        cfgs=cfgs, intervals=refuse_repeats("--guidance-interval", [parse_interval(i) for i in intervals]) or None,
+        nfes=parse_nfe(nfe, steps), sample_overrides=sampling.overrides(cfg_runs=cfgs is None or unguided), guide_ckpt=guide_ckpt,
+        classifier=classifier, classifier_seed=classifier_seed or 0, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed or 0, batch_size=batch_size or 64, ema=ema is not False,
     )  # fmt: skip
     _check_eval_flags(request)
+    refuse_unscored_spaces(request.spaces, classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps,
+                           inception=inception, dinov2=dinov2)  # fmt: skip
     if gen is not None:
-        sampling.refuse_without_ckpt()
+        sampling.refuse_without_ckpt(seed=seed, batch_size=batch_size, ema=ema)
     progress_factory = lambda total: progress(stderr_console(), "sampling", total)  # noqa: E731
     floor, rows = evaluate_fidelity(request, device=torch_device(device), log=log_line, progress_factory=progress_factory)
     if as_json:
@@ -231,3 +240,17 @@ def _check_eval_flags(req) -> None:
         raise UsageError(f"--features {','.join(req.spaces)}: choose among {', '.join(SPACES)}")
     if req.k < 1:
         raise UsageError("--k must be at least 1")
+
+
+# The options of one feature space each: given without that space in --features, they would do nothing.
+_SPACE_OPTIONS = {"classifier": "domain", "classifier_seed": "domain", "classifier_steps": "domain", "inception": "inception", "dinov2": "dinov2"}
+
+
+def refuse_unscored_spaces(spaces: tuple[str, ...], **given) -> None:
+    """An option of a feature space that --features leaves out (e.g. --dinov2 DIR with --features domain) is a
+    usage error, not accepted to do nothing; `given`: the options by name, None where not given."""
+    for name, value in given.items():
+        space = _SPACE_OPTIONS[name]
+        if value is not None and space not in spaces:
+            flag = f"--{name.replace('_', '-')}"
+            raise UsageError(f"{flag} sets the {space} features, which --features {','.join(spaces)} leaves out: add {space} to --features or drop {flag}")

@@ -64,6 +64,9 @@ Steps = Annotated[Optional[int], typer.Option("--steps", min=1, max=100_000, hel
 Seed = Annotated[int, seed_option("--seed", help="Seed, 0 to 2^32-1: sample i's noise depends only on (seed, i).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per forward batch.")]
 Ema = Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.")]
+# fid and eval also score a folder (--gen), where nothing is sampled: None tells an option not given from its default.
+SeedIfGiven = Annotated[Optional[int], seed_option("--seed", help="Seed, 0 to 2^32-1 (default 0): sample i's noise depends only on (seed, i).")]
+EmaIfGiven = Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Use the EMA weights (default) or the raw ones.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Gpus = Annotated[int, typer.Option("--gpus", min=0, help="Use N local GPUs (DDP over NCCL; sampling shards sample indices).")]
@@ -154,10 +157,13 @@ class SamplingFlags:
         names = {"cfg_scale": "--cfg", "compile_model": "--compile/--no-compile"}
         return [names.get(k, f"--{k.replace('_', '-')}") for k, v in vars(self).items() if v is not None]
 
-    def refuse_without_ckpt(self) -> None:
-        """Sampling options beside --gen DIR (or with nothing to sample) would be accepted and do nothing: exit 2."""
-        if self.given():
-            raise UsageError(f"{', '.join(self.given())} set how --ckpt samples, and nothing is sampled here: drop them (--gen scores the images in its folder)")
+    def refuse_without_ckpt(self, **others) -> None:
+        """Sampling options beside --gen DIR (or with nothing to sample) would be accepted and do nothing: exit 2.
+        `others`: the command's own sampling-only options (seed, ema, batch_size), None where not given."""
+        flags = {"ema": "--ema/--no-ema"}
+        given = self.given() + [flags.get(k, f"--{k.replace('_', '-')}") for k, v in others.items() if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} set how --ckpt samples, and nothing is sampled here: drop them (--gen scores the images in its folder)")
 
     def overrides(self, cfg_runs: bool = True, **extra):
         """A function base -> base with these options (validated in config.sample_settings).

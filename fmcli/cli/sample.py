@@ -158,7 +158,7 @@ def reflow(
     if as_json:
         emit_json(vars(summary))
     else:
-        stderr_console().print(f"{summary.count} pairs, {summary.nfe} NFE each, {summary.seconds:.1f} s ({summary.chunks_reused} chunks reused)", highlight=False)
+        stderr_console().print(f"{summary.count} pairs, {summary.nfe:g} NFE per pair (mean; most {summary.nfe_max}), {summary.seconds:.1f} s ({summary.chunks_reused} chunks reused)", highlight=False)
         print(summary.path)
 
 
