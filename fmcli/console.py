@@ -69,7 +69,7 @@ def report_rank_exit(code: int | None) -> None:
         try:
             with open(os.path.join(folder, f"exit-rank-{int(os.environ.get('RANK', '0'))}"), "w") as f:
                 f.write("peer" if code is None else str(code))
-        except OSError:  # the folder is gone: the launcher falls back to the first failure's code
+        except (OSError, ValueError):  # the folder is gone (or RANK is not a number): the launcher falls back to the first failure
             pass
 
 
@@ -80,7 +80,7 @@ def reported_rank_exits(folder: str) -> list[int | None]:
         if name.startswith("exit-rank-"):
             with open(os.path.join(folder, name)) as f:
                 text = f.read().strip()
-            found.append(None if text == "peer" else int(text) if text.lstrip("-").isdigit() else 1)
+            found.append(int(text) if text.isdigit() else None)  # "peer" (or a report cut short): no cause of its own
     return found
 
 
