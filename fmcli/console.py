@@ -60,6 +60,30 @@ def _first_to_report(line: str) -> bool:
     return True
 
 
+def report_rank_exit(code: int | None) -> None:
+    """A rank of `--nproc/--gpus N` that fails tells its launcher why, in the RANK_ERRORS_ENV folder: `code` (2 usage,
+    1 runtime), or None when it failed only because another rank did (a dead peer). The launcher's exit code is
+    then the run's cause, not whichever rank's exit torchrun happened to see first (`distributed.relaunch`)."""
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if folder:
+        try:
+            with open(os.path.join(folder, f"exit-rank-{int(os.environ.get('RANK', '0'))}"), "w") as f:
+                f.write("peer" if code is None else str(code))
+        except (OSError, ValueError):  # the folder is gone (or RANK is not a number): the launcher falls back to the first failure
+            pass
+
+
+def reported_rank_exits(folder: str) -> list[int | None]:
+    """What the failed ranks of a launch reported through `report_rank_exit` (None: a dead peer's consequence)."""
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith("exit-rank-"):
+            with open(os.path.join(folder, name)) as f:
+                text = f.read().strip()
+            found.append(int(text) if text.isdigit() else None)  # "peer" (or a report cut short): no cause of its own
+    return found
+
+
 class Bar:
     """A transient rich progress bar on stderr, drawn only on a terminal: label, bar, done/total, any `fields`
     (shown as "name value"), time left. The one progress idiom: commands use it through `progress`, the

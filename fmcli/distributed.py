@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .console import RANK_ERRORS_ENV
+from .console import RANK_ERRORS_ENV, reported_rank_exits
 from .errors import RuntimeFailure, Stopped, UsageError
 from .hardware import resolve_device
 
@@ -145,8 +145,9 @@ def relaunch(
 ) -> int:
     """Run `python -m fmcli.cli ARGV` as `nproc` local ranks through torch.distributed.run, in-process.
 
-    Returns the exit code: 0 if every rank succeeded, else the first failure's code (torchrun stops the
-    remaining ranks as soon as one fails, so a crashed rank cannot leave the others hanging). On Ctrl-C or
+    Returns the exit code: 0 if every rank succeeded, else the run's as one process's (`failed_launch_code`: 1 for a
+    runtime error on any rank, else 2 for a usage error; torchrun stops the remaining ranks as soon as one fails, so a
+    crashed rank cannot leave the others hanging). On Ctrl-C or
     SIGTERM torchrun forwards the signal and raises once the ranks are gone: with `stops_cleanly` (training,
     whose ranks save a stop checkpoint and then report a clean exit through STOP_MARKER_ENV) that is 0 when they did, as a
     single process exits; otherwise `Stopped` (exit code 128 + the signal's number, one line, like any interrupted command).
@@ -188,20 +189,7 @@ def relaunch(
         name = signal.Signals(err.sigval).name  # the one line of the whole run: the ranks stay quiet (cli/app.py)
         raise Stopped(f"stopped by {name}" + (" before the ranks saved a stop checkpoint" if stops_cleanly else ""), int(err.sigval)) from None
     except Exception as err:  # ChildFailedError: the failing rank already printed its one-line error
-        first = err.get_first_failure() if hasattr(err, "get_first_failure") else None
-        if first is None:
-            print(f"error: distributed launch failed: {err}", file=sys.stderr)
-            return 1
-        rank, failure = first
-        if failure.exitcode is not None and failure.exitcode < 0:
-            print(f"error: rank {rank} was killed by signal {-failure.exitcode}", file=sys.stderr)
-            return 1
-        code = failure.exitcode or 1
-        if code in (130, 143):  # a rank stopped by a signal of its own: it stays quiet (cli/app.py), so say it here
-            print(f"error: rank {rank} was {'interrupted' if code == 130 else 'terminated'}", file=sys.stderr)
-            return code
-        print(f"error: distributed run stopped with exit code {code} (the failing rank's message is above)", file=sys.stderr)
-        return code
+        return failed_launch_code(err, reported_rank_exits(errors))
     finally:
         os.environ.pop(RANK_ERRORS_ENV, None)
         shutil.rmtree(errors, ignore_errors=True)
@@ -209,6 +197,30 @@ def relaunch(
             os.environ.pop(STOP_MARKER_ENV, None)
             shutil.rmtree(marker.parent, ignore_errors=True)
     return 0
+
+
+def failed_launch_code(err: Exception, reported: list[int | None]) -> int:
+    """The exit code of a launch whose ranks failed, as one process's: 1 if any rank reported a runtime error of its
+    own, else 2 if one reported a usage error (a rank that failed only because another did, a dead peer, reports
+    nothing that counts; torchrun's first failure is often that rank 0, by a tie of its whole-second timestamps).
+    Those ranks printed their one line. Without a report (a rank killed by a signal, or one that died before it could
+    report), torchrun's first failure decides, and the launcher says what it knows of it."""
+    if 1 in reported or 2 in reported:
+        return 1 if 1 in reported else 2
+    first = err.get_first_failure() if hasattr(err, "get_first_failure") else None
+    if first is None:
+        print(f"error: distributed launch failed: {err}", file=sys.stderr)
+        return 1
+    rank, failure = first
+    if failure.exitcode is not None and failure.exitcode < 0:
+        print(f"error: rank {rank} was killed by signal {-failure.exitcode}", file=sys.stderr)
+        return 1
+    code = failure.exitcode or 1
+    if code in (130, 143):  # a rank stopped by a signal of its own: it stays quiet (cli/app.py), so say it here
+        print(f"error: rank {rank} was {'interrupted' if code == 130 else 'terminated'}", file=sys.stderr)
+        return code
+    print(f"error: distributed run stopped with exit code {code} (the failing rank's message is above)", file=sys.stderr)
+    return code
 
 
 # Set by `relaunch` for its ranks: a file that local rank 0 creates once training has returned, its last

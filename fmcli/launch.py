@@ -18,7 +18,7 @@ from .config import Config, config_to_dict
 from .console import stderr_console
 from .errors import UsageError
 from .fsutil import refuse_unwritable, write_text_atomic
-from .runlog import RUN_LOCK
+from .runlog import RUN_LOCK, refuse_run_being_trained
 
 STARTED_AT_ENV = "FM_STARTED_AT"  # set for relaunched ranks: when `fm train` began (the budget's start)
 
@@ -133,6 +133,8 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
     procs = launch["gpus"] or launch["nproc"]
     if procs <= 1 and launch["nnodes"] <= 1:
         D.adopt_slurm()  # one srun task per GPU: this task is a rank (local rank 0 alone prepares the data, rank 0 checks the run)
+    if int(os.environ.get("RANK", "0")) == 0:  # before any setup (data, probe, autotune, the ranks): refused at once, nothing written
+        refuse_run_being_trained(run_dir)
     child = D.launched_externally()
     # When the command began (train.budget_minutes counts from here); our relaunched ranks inherit it.
     started_at = float(os.environ.get(STARTED_AT_ENV) or time.time())

@@ -24,6 +24,31 @@ from .fsutil import write_text_atomic
 RUN_LOCK = ".lock"  # the file rank 0 holds an advisory lock on while it trains in a run directory
 
 
+def _busy_error(run_dir: Path) -> UsageError:
+    return UsageError(f"{run_dir} is being trained by another fm process (fm train or fm resume of this run): "
+                      "wait for it to end, or stop it (Ctrl-C saves a checkpoint), then resume")
+
+
+def refuse_run_being_trained(run_dir: Path) -> None:
+    """Exit 2 now if another process holds `run_dir`'s lock (`run_dir_lock`): the launcher's check before any setup
+    (data, precision probe, autotune, compile, the ranks), which would otherwise run, and write autotune.json and
+    .launch-config.json into the other process's run, before the refusal where rank 0 takes the lock to train.
+    Creates nothing: no run directory, no lock file (a run that never trained there holds no lock)."""
+    try:
+        fd = os.open(run_dir / RUN_LOCK, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise _busy_error(run_dir) from None
+    except OSError:
+        pass  # a filesystem without flock: no lock, as run_dir_lock
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path):
     """Held by rank 0 while a run trains in `run_dir`: a second `fm train`/`fm resume` of the same run is refused
@@ -36,8 +61,7 @@ def run_dir_lock(run_dir: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UsageError(f"{run_dir} is being trained by another fm process (fm train or fm resume of this run): "
-                             "wait for it to end, or stop it (Ctrl-C saves a checkpoint), then resume") from None
+            raise _busy_error(run_dir) from None
         except OSError:
             pass  # a filesystem without flock (some network mounts): no lock, as before
         yield

@@ -90,7 +90,7 @@ def test_a_failing_rank_stops_the_run_quickly_with_one_error(tmp_path, shapes16)
     start = time.time()
     out = run_fm(*train_args(shapes16, tmp_path / "run", 50, "--nproc", "2"), env={"FM_TEST_FAIL_RANK": "1", "FM_TEST_FAIL_STEP": "2"}, timeout=120)
     elapsed = time.time() - start
-    assert out.returncode != 0
+    assert out.returncode == 1  # a runtime error, as in one process
     assert elapsed < 60
     assert out.stderr.count("injected failure on rank 1") == 1
     assert "Traceback" not in out.stderr
@@ -202,3 +202,60 @@ def test_the_launcher_hands_its_ranks_an_error_folder_and_removes_it(monkeypatch
     monkeypatch.setattr(torchrun, "run", lambda parsed: seen.append(os.environ.get("FM_RANK_ERRORS")))
     assert D.relaunch(2, ["sample"]) == 0
     assert seen[0] and not os.path.exists(seen[0]) and "FM_RANK_ERRORS" not in os.environ
+
+
+def _child_failed(*failures):
+    """torchrun's ChildFailedError for (rank, exit code) pairs, in the order torchrun recorded them, all in one second."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    recorded = {}
+    for rank, code in failures:
+        recorded[rank] = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file="<N/A>")
+        recorded[rank].timestamp = 1_700_000_000  # whole seconds: ranks that fail together tie
+    return ChildFailedError("fmcli.cli", recorded)
+
+
+@pytest.mark.parametrize("reports, failures, expected", [
+    ({1: 2, 0: None}, [(0, 1), (1, 2)], 2),   # rank 1's usage error; rank 0's collective broke (a dead peer), seen first
+    ({1: 2}, [(0, -15), (1, 2)], 2),           # rank 0 terminated by torchrun after rank 1's usage error
+    ({1: 2, 0: 1}, [(1, 2), (0, 1)], 1),       # a runtime error of rank 0's own outranks rank 1's usage error
+    ({0: None}, [(0, 1), (1, -9)], 1),         # rank 1 killed (nothing reported): torchrun's first failure, exit 1
+], ids=["usage-on-rank-1-peer-first", "usage-on-rank-1-rank-0-killed", "runtime-and-usage", "no-report"])
+def test_a_launch_exits_with_its_ranks_cause_not_torchruns_first_failure(monkeypatch, capsys, reports, failures, expected):
+    """fm's contract for one process, for N ranks: 2 when a rank's usage error stopped the run and no rank had a
+    runtime error of its own, else 1. The launcher took the code of torchrun's first failure, which (ties of whole
+    seconds, in rank order) was often rank 0's exit 1 from a collective broken by rank 1's exit: exit 1 for a usage
+    error. The ranks report their cause (console.report_rank_exit, as cli/app.py does) and the launcher follows it."""
+    import torch.distributed.run as torchrun
+
+    from fmcli import distributed as D
+    from fmcli.console import report_rank_exit
+
+    def ranks_fail(parsed):
+        for rank, code in reports.items():
+            monkeypatch.setenv("RANK", str(rank))
+            report_rank_exit(code)
+        monkeypatch.delenv("RANK")
+        raise _child_failed(*failures)
+
+    monkeypatch.setattr(torchrun, "run", ranks_fail)
+    assert D.relaunch(2, ["sample"]) == expected
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == (0 if 2 in reports.values() or 1 in reports.values() else 1), errors  # a reporting rank printed the line
+
+
+def test_a_usage_error_on_rank_1_alone_is_exit_2_and_one_line(tmp_path, debug_run):
+    """Rank 1 alone runs in another directory (a sitecustomize on the ranks' path), where the relative --ckpt does
+    not exist: its usage error is the run's, exit 2, printed once; rank 0, whose collective broke, says nothing."""
+    from conftest import REPO
+
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    site.mkdir()
+    elsewhere.mkdir()
+    (site / "sitecustomize.py").write_text(f"import os\nif os.environ.get('RANK') == '1':\n    os.chdir({str(elsewhere)!r})\n")
+    (tmp_path / "run").symlink_to(debug_run)
+    out = run_fm("sample", "--ckpt", "run", "-n", "2", "--steps", "2", "--out", "samples", "--nproc", "2", cwd=tmp_path,
+                 env={"PYTHONPATH": f"{site}{os.pathsep}{REPO}"})
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and errors == ["error: checkpoint not found: run"], out.stderr
+    assert "Traceback" not in out.stderr

@@ -114,6 +114,40 @@ def test_a_second_resume_of_a_run_being_trained_is_refused(debug_run, tmp_path):
     assert again.returncode == 2 and "fm resume" in again.stderr
 
 
+def test_a_run_being_trained_is_refused_before_any_setup(debug_run, shapes16, tmp_path, monkeypatch):
+    """The run's lock was taken where rank 0 starts to train (Trainer.run): a second `fm resume` of a run being trained
+    loaded its data, built and probed its step, autotuned (writing autotune.json into the other process's run) and
+    compiled, or with --nproc wrote .launch-config.json and started the ranks, before it was refused. The launcher now
+    checks the lock first: exit 2 before any of that work, and the run's files byte for byte as they were."""
+    import fcntl
+    import os
+
+    import fmcli.data.dataset
+    import fmcli.distributed
+    import fmcli.train
+
+    run = tmp_path / "run"
+    shutil.copytree(debug_run, run)
+    snapshot = lambda: {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}  # noqa: E731
+    work = []
+    for module, name in ((fmcli.data.dataset, "validate_prepared"), (fmcli.train.Trainer, "__init__")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _name=name, _original=original, **k: work.append(_name) or _original(*a, **k))
+    monkeypatch.setattr(fmcli.distributed, "relaunch", lambda *a, **k: work.append("relaunch") or 0)  # never start ranks here
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process trains the run
+        before = snapshot()
+        more = ("--set", "train.steps=6")  # the run ended at step 4: a resume that extends it
+        for args in (("resume", run, *more), ("train", "--resume", "latest", "--run-dir", run, *more), ("resume", run, "--nproc", "2", *more),
+                     ("train", "--preset", "debug", "--data", shapes16, "--run-dir", run)):
+            busy = fm_in_process(*args)
+            assert busy.returncode == 2 and busy.stderr.count("error:") == 1 and "another fm process" in busy.stderr, (args, busy.stderr)
+            assert work == [] and snapshot() == before, (args, work)
+    finally:
+        os.close(fd)
+
+
 def test_the_launchers_autotune_times_muon_in_the_dtype_the_ranks_train_with(tmp_path, shapes16, monkeypatch):
     """--nproc/--gpus with train.micro_batch_size=auto tunes once in the launcher: its trials must run the step the
     ranks run. On a CPU without fast bf16 (bf16-slow) training orthogonalises in fp32; the trials ran bf16 (the

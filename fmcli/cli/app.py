@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from ..console import print_error, stderr_console
+from ..console import RANK_ERRORS_ENV, print_error, report_rank_exit, stderr_console
 from ..errors import FmError
 from .options import fill_lazy_help
 
@@ -39,7 +39,9 @@ class _App(typer.Typer):
         try:
             result = super().__call__(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - the one error handler of every command
-            sys.exit(_exit_code(err))
+            code = _exit_code(err)
+            _report_to_launcher(err, code)
+            sys.exit(code)
         except KeyboardInterrupt:
             result = 130
         finally:
@@ -79,6 +81,17 @@ def _exit_code(err: Exception) -> int:
     if not is_peer_failure(err):  # else another rank failed first and printed the cause; stay quiet
         print_error(f"{type(err).__name__}: {err} (rerun with --debug for the traceback)")
     return 1
+
+
+def _report_to_launcher(err: Exception, code: int) -> None:
+    """A rank relaunched by `--nproc/--gpus N` tells its launcher how it failed (console.report_rank_exit): its own
+    usage error (2) or runtime error (1), or a collective broken by another rank's failure (that rank's cause counts)."""
+    if not os.environ.get(RANK_ERRORS_ENV):
+        return
+    from ..distributed import is_peer_failure
+
+    peer = code == 1 and not isinstance(err, FmError) and is_peer_failure(err)
+    report_rank_exit(None if peer else code)
 
 
 app = _App(
