@@ -191,7 +191,7 @@ def build_step(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log, r
         from .autotune import auto_micro_batch
 
         micro = auto_micro_batch(cfg, run_dir, ctx.device, ctx.world_size, hardware.compile.compile, log=log.info, ns_dtype=hardware.muon_ns_dtype)
-    micro, accum = batch_geometry(cfg.train.global_batch_size, micro, ctx.world_size)
+    micro, accum = batch_geometry(cfg.train.global_batch_size, micro, ctx.world_size, resumed=not fresh)
     if cfg.train.global_batch_size > len(dataset):
         raise UsageError(f"train.global_batch_size {cfg.train.global_batch_size} exceeds the dataset size {len(dataset)}")
     step_fn = TrainingStep(cfg, ctx, micro=micro, accum=accum, shape=shape, text=text, ns_dtype=hardware.muon_ns_dtype)

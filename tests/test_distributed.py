@@ -49,6 +49,30 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path, shapes16):
     assert losses(tmp_path / "split") == losses(tmp_path / "two")
 
 
+def test_a_resume_at_another_process_count_continues_the_same_training(tmp_path):
+    """A run stopped under --nproc 2 (micro 4: 2 accumulation steps per rank) and resumed in one process (4
+    accumulation steps) keeps the global batch, the data order across epoch ends (40 images, batch 16: an epoch
+    every 2 steps, 8 dropped) and the schedule: its losses are those of the uninterrupted one-process run, to float
+    tolerance (sums in another order: not bit for bit). A process count the batch sizes do not fit is refused
+    naming the counts that do (micro_batch_size cannot be --set on resume; it used to say to choose sizes)."""
+    from fmcli.data.shapes import prepare_shapes
+
+    data = prepare_shapes(tmp_path / "s40", size=16, count=40, seed=0)
+    micro = ("--set", "train.micro_batch_size=4")
+    one = fm_in_process(*train_args(data, tmp_path / "one", 6, *micro))
+    assert one.returncode == 0, one.stderr
+    half = run_fm(*train_args(data, tmp_path / "split", 6, "--nproc", "2", "--stop-at-step", "3", *micro))
+    assert half.returncode == 0, half.stderr
+    three = run_fm("resume", tmp_path / "split", "--nproc", "3")  # micro 4 x 3 processes does not divide 16
+    assert three.returncode == 2 and "resume with a number of processes (--nproc/--gpus) that divides 4" in three.stderr, three.stderr
+    resumed = fm_in_process("resume", tmp_path / "split")
+    assert resumed.returncode == 0, resumed.stderr
+    split, straight = records(tmp_path / "split"), records(tmp_path / "one")
+    assert [(r["step"], r["epoch"]) for r in split] == [(r["step"], r["epoch"]) for r in straight] == [(k, k // 2) for k in range(1, 7)]
+    np.testing.assert_allclose([r["loss"] for r in split], [r["loss"] for r in straight], rtol=1e-5)
+    np.testing.assert_allclose([r["lr"] for r in split], [r["lr"] for r in straight], rtol=1e-12)
+
+
 def test_sigterm_to_the_launcher_saves_the_ranks_checkpoint_and_exits_0(tmp_path, shapes16):
     # As one process does: the signal is forwarded, the ranks save a stop checkpoint, and that is success.
     from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
