@@ -73,6 +73,21 @@ def test_a_resume_at_another_process_count_continues_the_same_training(tmp_path)
     np.testing.assert_allclose([r["lr"] for r in split], [r["lr"] for r in straight], rtol=1e-12)
 
 
+def test_a_resume_that_would_change_the_ot_coupling_batch_is_refused(tmp_path, shapes16):
+    """Minibatch OT couples each rank's micro-batch: 8 images per process under --nproc 2 with micro_batch_size
+    unset (16 / 2). Resumed in one process it would be 16, another coupling, and the run went on silently with
+    other losses than its uninterrupted 2-process run. Refused (exit 2) before anything is written, naming --nproc 2."""
+    ot = ("--set", "flow.coupling=ot-exact")
+    half = run_fm(*train_args(shapes16, tmp_path / "run", 4, "--nproc", "2", "--stop-at-step", "2", *ot))
+    assert half.returncode == 0, half.stderr
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    out = fm_in_process("resume", tmp_path / "run")
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "micro-batches of 8 images" in errors[0] and "would be 16" in errors[0] and "--nproc 2" in errors[0], out.stderr
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+
 def test_sigterm_to_the_launcher_saves_the_ranks_checkpoint_and_exits_0(tmp_path, shapes16):
     # As one process does: the signal is forwarded, the ranks save a stop checkpoint, and that is success.
     from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
