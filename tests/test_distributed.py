@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import fm_env, fm_in_process, run_fm
 
@@ -58,8 +59,8 @@ def test_a_resume_at_another_process_count_continues_the_same_training(tmp_path)
     from fmcli.data.shapes import prepare_shapes
 
     data = prepare_shapes(tmp_path / "s40", size=16, count=40, seed=0)
-    micro = ("--set", "train.micro_batch_size=4")
-    one = fm_in_process(*train_args(data, tmp_path / "one", 6, *micro))
+    micro = ("--set", "train.micro_batch_size=4", "--set", "train.ema_decay=0.9", "--set", "train.ema_warmup=false")  # an EMA away from the model
+    one = fm_in_process(*train_args(data, tmp_path / "one", 6, *micro, "--set", "train.checkpoint_every=3"))
     assert one.returncode == 0, one.stderr
     half = run_fm(*train_args(data, tmp_path / "split", 6, "--nproc", "2", "--stop-at-step", "3", *micro))
     assert half.returncode == 0, half.stderr
@@ -71,6 +72,17 @@ def test_a_resume_at_another_process_count_continues_the_same_training(tmp_path)
     assert [(r["step"], r["epoch"]) for r in split] == [(r["step"], r["epoch"]) for r in straight] == [(k, k // 2) for k in range(1, 7)]
     np.testing.assert_allclose([r["loss"] for r in split], [r["loss"] for r in straight], rtol=1e-5)
     np.testing.assert_allclose([r["lr"] for r in split], [r["lr"] for r in straight], rtol=1e-12)
+    # The weights, the EMA (one update per optimizer step, not per micro-batch: 2 or 4 of them would differ here) and
+    # Adam's moments, at the 2-process stop and at the end.
+    from fmcli.checkpoint import load_checkpoint
+
+    for step in ("step-0000003.pt", "step-0000006.pt"):
+        a, b = (load_checkpoint(tmp_path / d / "checkpoints" / step) for d in ("one", "split"))
+        for key in ("model", "ema"):
+            for name in a[key]:
+                torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-5, atol=1e-6)
+        for sa, sb in zip(a["optimizer"]["optimizers"][0]["state"].values(), b["optimizer"]["optimizers"][0]["state"].values(), strict=True):
+            torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=1e-5, atol=1e-6)
 
 
 def test_a_resume_that_would_change_the_ot_coupling_batch_is_refused(tmp_path, shapes16):
