@@ -28,10 +28,11 @@ EXPORT_MANIFEST = "fm_export.json"  # marks an `fm export` directory (weights on
 
 
 def training_state(trained: dict, *, step: int, batches: int, position: tuple[int, int], ctx: D.DistContext, config: dict,
-                   data_info: dict, hardware: dict) -> dict:
+                   data_info: dict, hardware: dict, micro: int) -> dict:
     """What a checkpoint holds: `trained` (TrainingStep.state_dict: model, EMA, optimizer, schedulers, scaler),
     the optimizer steps taken, the data position (epoch, index in it, global batches drawn), every rank's RNG,
-    the config, what sampling needs to know of the data, and how the hardware and budget were chosen.
+    the per-rank micro batch it trained (`micro`), the config, what sampling needs to know of the data, and how
+    the hardware and budget were chosen.
     Collective (the RNG gather): every rank calls it."""
     epoch, index = position
     _, key, pos, has_gauss, cached = np.random.get_state()
@@ -49,6 +50,7 @@ def training_state(trained: dict, *, step: int, batches: int, position: tuple[in
         "data_position": {"epoch": epoch, "index": index, "batches": batches},
         "rng": D.all_gather_objects(rng, ctx),
         "world_size": ctx.world_size,
+        "micro_batch_size": micro,
         "config": config,
         "data_info": data_info,
         "fm_version": __version__,

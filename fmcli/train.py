@@ -82,6 +82,23 @@ def check_stop_at_step(step: int, stop_at_step: int | None, source) -> None:
         raise UsageError(f"--stop-at-step {stop_at_step} is not after step {step}, where {source} resumes; pick a later step or leave it out")
 
 
+def check_coupled_micro_batch(cfg: Config, state: dict, micro: int, world: int, path: Path) -> None:
+    """Minibatch OT (flow.coupling ot-*) couples each rank's micro-batch, so a resume whose micro batch differs from the
+    checkpoint's (another process count with train.micro_batch_size unset, or "auto" tuned to another size) would train
+    another coupling from here on: refused. Checkpoints before the micro batch was saved: derived where the config tells."""
+    if cfg.flow.coupling in ("independent", "pairs"):
+        return
+    saved_world, saved = int(state.get("world_size") or 1), state.get("micro_batch_size")
+    if saved is None and cfg.train.micro_batch_size != "auto":
+        saved = cfg.train.micro_batch_size or cfg.train.global_batch_size // saved_world
+    if saved is None or int(saved) == micro:
+        return
+    todo = (f"resume with --nproc {saved_world} (or --gpus {saved_world})" if saved_world != world
+            else "resume where its train.micro_batch_size='auto' was tuned (the run's autotune.json, the same kind of device)")
+    raise UsageError(f"{path} trained flow.coupling={cfg.flow.coupling} on micro-batches of {saved} images per process ({saved_world} processes); "
+                     f"this resume's would be {micro} ({world} processes), another coupling: {todo}")
+
+
 def init_weights(step_fn: TrainingStep, source: str) -> None:
     """Model and EMA from the (EMA) weights of a checkpoint, run or export directory; the architectures must match,
     except that a mean-flow model may start from a flow model: its end-time embedding keeps its zero-output
@@ -191,7 +208,7 @@ def build_step(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log, r
         from .autotune import auto_micro_batch
 
         micro = auto_micro_batch(cfg, run_dir, ctx.device, ctx.world_size, hardware.compile.compile, log=log.info, ns_dtype=hardware.muon_ns_dtype)
-    micro, accum = batch_geometry(cfg.train.global_batch_size, micro, ctx.world_size)
+    micro, accum = batch_geometry(cfg.train.global_batch_size, micro, ctx.world_size, resumed=not fresh)
     if cfg.train.global_batch_size > len(dataset):
         raise UsageError(f"train.global_batch_size {cfg.train.global_batch_size} exceeds the dataset size {len(dataset)}")
     step_fn = TrainingStep(cfg, ctx, micro=micro, accum=accum, shape=shape, text=text, ns_dtype=hardware.muon_ns_dtype)
@@ -371,7 +388,7 @@ class Trainer:
         data_info = {**{k: manifest.get(k) for k in keys}, "kind": data_space(manifest)}
         position = data_position(self.batches, len(self.dataset), self.cfg.train.global_batch_size)
         return training_state(self.step_fn.state_dict(), step=self.step, batches=self.batches, position=position, ctx=self.ctx,
-                              config=config_to_dict(self.cfg), data_info=data_info, hardware=hardware)
+                              config=config_to_dict(self.cfg), data_info=data_info, hardware=hardware, micro=self.step_fn.micro)
 
     def _save_checkpoint(self) -> Path:
         state = self._state()  # collective (RNG gather): every rank takes part
@@ -402,7 +419,8 @@ class Trainer:
         saved = (state["data_position"]["epoch"], state["data_position"]["index"])
         if saved != data_position(self.batches, len(self.dataset), self.cfg.train.global_batch_size):
             raise RuntimeFailure(f"{path}: data position {saved} does not match this dataset; was it re-prepared with another size?")
-        restore_rng(state, self.ctx)
+        check_coupled_micro_batch(self.cfg, state, self.step_fn.micro, self.ctx.world_size, path)
+        restore_rng(state, self.ctx)  # the streams of the rank it was (a resume at another world size starts them fresh: none is a step's)
         self.hardware.muon_ns_dtype = self.step_fn.optimizer.muon_ns_dtype  # a resumed run keeps its saved one
         self.branch_point = (self.step, path)
         self.log.info(f"resumed from {path} at step {self.step}")

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import fm_env, fm_in_process, run_fm
 
@@ -47,6 +48,56 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path, shapes16):
     resumed = run_fm("resume", tmp_path / "split", "--nproc", "2")
     assert resumed.returncode == 0, resumed.stderr
     assert losses(tmp_path / "split") == losses(tmp_path / "two")
+
+
+def test_a_resume_at_another_process_count_continues_the_same_training(tmp_path):
+    """A run stopped under --nproc 2 (micro 4: 2 accumulation steps per rank) and resumed in one process (4
+    accumulation steps) keeps the global batch, the data order across epoch ends (40 images, batch 16: an epoch
+    every 2 steps, 8 dropped) and the schedule: its losses are those of the uninterrupted one-process run, to float
+    tolerance (sums in another order: not bit for bit). A process count the batch sizes do not fit is refused
+    naming the counts that do (micro_batch_size cannot be --set on resume; it used to say to choose sizes)."""
+    from fmcli.data.shapes import prepare_shapes
+
+    data = prepare_shapes(tmp_path / "s40", size=16, count=40, seed=0)
+    micro = ("--set", "train.micro_batch_size=4", "--set", "train.ema_decay=0.9", "--set", "train.ema_warmup=false")  # an EMA away from the model
+    one = fm_in_process(*train_args(data, tmp_path / "one", 6, *micro, "--set", "train.checkpoint_every=3"))
+    assert one.returncode == 0, one.stderr
+    half = run_fm(*train_args(data, tmp_path / "split", 6, "--nproc", "2", "--stop-at-step", "3", *micro))
+    assert half.returncode == 0, half.stderr
+    three = run_fm("resume", tmp_path / "split", "--nproc", "3")  # micro 4 x 3 processes does not divide 16
+    assert three.returncode == 2 and "resume with a number of processes (--nproc/--gpus) that divides 4" in three.stderr, three.stderr
+    resumed = fm_in_process("resume", tmp_path / "split")
+    assert resumed.returncode == 0, resumed.stderr
+    split, straight = records(tmp_path / "split"), records(tmp_path / "one")
+    assert [(r["step"], r["epoch"]) for r in split] == [(r["step"], r["epoch"]) for r in straight] == [(k, k // 2) for k in range(1, 7)]
+    np.testing.assert_allclose([r["loss"] for r in split], [r["loss"] for r in straight], rtol=1e-5)
+    np.testing.assert_allclose([r["lr"] for r in split], [r["lr"] for r in straight], rtol=1e-12)
+    # The weights, the EMA (one update per optimizer step, not per micro-batch: 2 or 4 of them would differ here) and
+    # Adam's moments, at the 2-process stop and at the end.
+    from fmcli.checkpoint import load_checkpoint
+
+    for step in ("step-0000003.pt", "step-0000006.pt"):
+        a, b = (load_checkpoint(tmp_path / d / "checkpoints" / step) for d in ("one", "split"))
+        for key in ("model", "ema"):
+            for name in a[key]:
+                torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-5, atol=1e-6)
+        for sa, sb in zip(a["optimizer"]["optimizers"][0]["state"].values(), b["optimizer"]["optimizers"][0]["state"].values(), strict=True):
+            torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_resume_that_would_change_the_ot_coupling_batch_is_refused(tmp_path, shapes16):
+    """Minibatch OT couples each rank's micro-batch: 8 images per process under --nproc 2 with micro_batch_size
+    unset (16 / 2). Resumed in one process it would be 16, another coupling, and the run went on silently with
+    other losses than its uninterrupted 2-process run. Refused (exit 2) before anything is written, naming --nproc 2."""
+    ot = ("--set", "flow.coupling=ot-exact")
+    half = run_fm(*train_args(shapes16, tmp_path / "run", 4, "--nproc", "2", "--stop-at-step", "2", *ot))
+    assert half.returncode == 0, half.stderr
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    out = fm_in_process("resume", tmp_path / "run")
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "micro-batches of 8 images" in errors[0] and "would be 16" in errors[0] and "--nproc 2" in errors[0], out.stderr
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
 
 
 def test_sigterm_to_the_launcher_saves_the_ranks_checkpoint_and_exits_0(tmp_path, shapes16):

@@ -328,7 +328,7 @@ def test_item15_numpy_rng_state_is_saved_whole(run_with_ckpt):
     np.random.standard_normal()  # leaves a cached Gaussian and a position inside the key
     np.random.randint(0, 10, size=5)
     ctx = DistContext()
-    saved = training_state({}, step=0, batches=0, position=(0, 0), ctx=ctx, config={}, data_info={}, hardware={})
+    saved = training_state({}, step=0, batches=0, position=(0, 0), ctx=ctx, config={}, data_info={}, hardware={}, micro=16)
     expected = (np.random.standard_normal(3), np.random.random(4))
     np.random.seed(99)
     restore_rng(saved, ctx)

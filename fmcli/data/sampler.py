@@ -45,14 +45,15 @@ def data_position(batches: int, dataset_size: int, global_batch: int) -> tuple[i
     return epoch, k * global_batch
 
 
-def batch_geometry(global_batch: int, micro_batch, world: int) -> tuple[int, int]:
-    """(micro batch, accumulation steps); global = micro x accumulation x world size, exactly."""
+def batch_geometry(global_batch: int, micro_batch, world: int, resumed: bool = False) -> tuple[int, int]:
+    """(micro batch, accumulation steps); global = micro x accumulation x world size, exactly. A `resumed` run
+    keeps its batch sizes (neither may be --set on resume), so only its process count can make them fit."""
     if micro_batch == "auto":
         raise UsageError("train.micro_batch_size='auto' must be resolved by the autotuner first")
     micro = micro_batch or global_batch // world
     if micro <= 0 or global_batch % (micro * world):
-        raise UsageError(
-            f"train.global_batch_size {global_batch} is not divisible by micro_batch_size {micro} x world size {world}; "
-            f"choose sizes with global = micro x accumulation x processes"
-        )
+        fits = global_batch // micro_batch if micro_batch else global_batch  # process counts that divide this fit
+        procs = "in one process (no --nproc/--gpus)" if fits == 1 else f"with a number of processes (--nproc/--gpus) that divides {fits}"
+        todo = f"a resumed run keeps both sizes: resume {procs}" if resumed else "choose sizes with global = micro x accumulation x processes"
+        raise UsageError(f"train.global_batch_size {global_batch} is not divisible by micro_batch_size {micro} x world size {world}; {todo}")
     return micro, global_batch // (micro * world)
