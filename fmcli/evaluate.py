@@ -471,8 +471,9 @@ def generate_features(
         if progress:
             progress(len(chunk))
         start = time.perf_counter()
-    if not indices:
-        raise UsageError("no samples to generate")
+    if not indices:  # a rank's empty share (-n below the rank count): its peers' samples are the result
+        return GeneratedFeatures(feats={space: np.empty((0,)) for space in extractors}, nfe_per_sample=0.0, gen_seconds=gen_seconds,
+                                 image_size=loaded.shape[-1], nfe_max=0)  # fmt: skip
     return GeneratedFeatures(
         feats={space: np.concatenate(f) for space, f in feats.items()}, labels=np.concatenate(labels) if labels else None,
         nfe_per_sample=nfe_total / len(indices), gen_seconds=gen_seconds, image_size=loaded.shape[-1], nfe_max=nfe_max,
@@ -487,6 +488,8 @@ def sharded_features(loaded, n: int, extractors: dict[str, FeatureExtractor], *,
     from . import distributed as D
 
     ctx = ctx or D.DistContext(device=device)
+    if n < 1:
+        raise UsageError("no samples to generate")
     indices = D.shard_indices(n, ctx)
     bar = progress_factory(len(indices)) if progress_factory and ctx.rank == 0 else contextlib.nullcontext(None)
     with bar as advance:
@@ -494,7 +497,9 @@ def sharded_features(loaded, n: int, extractors: dict[str, FeatureExtractor], *,
     if ctx.world_size == 1:
         return generated
     feats = {space: np.stack(D.gather_in_index_order(indices, list(f), ctx)) for space, f in generated.feats.items()}
-    labels = None if generated.labels is None else np.stack(D.gather_in_index_order(indices, list(generated.labels), ctx))
+    # Every rank joins the gather: one whose share is empty has no labels of its own to say whether there are any.
+    has_labels = any(D.all_gather_objects(generated.labels is not None, ctx))
+    labels = np.stack(D.gather_in_index_order(indices, list(generated.labels if generated.labels is not None else []), ctx)) if has_labels else None
     nfe_totals = D.all_gather_objects((generated.nfe_per_sample * len(indices), len(indices), generated.nfe_max), ctx)
     nfe_per_sample = sum(total for total, _, _ in nfe_totals) / sum(count for _, count, _ in nfe_totals)
     return replace(generated, feats=feats, labels=labels, nfe_per_sample=nfe_per_sample, nfe_max=max(most for _, _, most in nfe_totals),
