@@ -230,7 +230,8 @@ class TrainingStep:
         x0 = draws["noise"][rows].to(dev)
         if cfg.flow.coupling != "independent":
             # Minibatch OT (flow.couple): re-pair this micro-batch's noise with its data, within each class
-            # for class-conditional data. Under DDP each rank couples only its own micro-batch (no
+            # for class-conditional data, by the data's label also where condition dropout shows the network
+            # the null class (docs/architecture.md: every class's noise stays N(0, I)). Under DDP each rank couples only its own micro-batch (no
             # cross-rank plan), so the coupling depends on micro-batch size and world size.
             labels = batch["y"].to(dev) if cfg.model.num_classes and "y" in batch else None
             x0, coupling = couple(x0, x1, labels, cfg.flow.coupling, reg=cfg.flow.sinkhorn_reg, iters=cfg.flow.sinkhorn_iters)

@@ -160,6 +160,26 @@ def test_per_class_exact_equals_brute_force_per_class():
     assert total == pytest.approx(ref, rel=1e-6)
 
 
+@pytest.mark.parametrize("method,batches", [("ot-exact", 300), ("ot-sinkhorn", 100)])
+def test_noise_paired_with_each_class_stays_standard_normal(method, batches):
+    """Sampling starts every class from N(0, I), so the noise OT pairs with class-c data must be N(0, I) too.
+    Two classes at x = -4 and x = +4 in 2-D, batches of 16: within-class coupling keeps the mean of each
+    class's noise at 0 and its variance at 1 (the closed form); a label-blind plan gives class c the noise
+    nearest to it (mean about -/+0.7 in x, variance 0.5), which this test would see at > 20 standard errors."""
+    g = torch.Generator().manual_seed(8)
+    paired = {0: [], 1: []}
+    for _ in range(batches):
+        y = torch.randint(0, 2, (16,), generator=g)
+        x1 = torch.randn(16, 2, generator=g) * 0.3 + torch.stack([(2 * y - 1) * 4.0, torch.zeros(16)], 1)
+        out, _ = couple(torch.randn(16, 2, generator=g), x1, y, method=method)
+        for c in (0, 1):
+            paired[c].append(out[y == c])
+    for z in map(torch.cat, paired.values()):
+        se = 1 / len(z) ** 0.5
+        assert z.mean(0).abs().max() < 4.5 * se, z.mean(0)
+        assert (z.var(0) - 1).abs().max() < 4.5 * math.sqrt(2) * se, z.var(0)
+
+
 @pytest.mark.parametrize("dim", [2, 32])
 def test_sinkhorn_rounded_plan_is_a_near_optimal_permutation(dim):
     g = torch.Generator().manual_seed(6)

@@ -433,3 +433,42 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_not_sent_to_fm_resume(
     assert again.returncode == 2 and "no checkpoint" in again.stderr and "fm resume" not in again.stderr, again.stderr
     resumed = fm_in_process("resume", run_dir)
     assert resumed.returncode == 2 and "stopped before its first checkpoint" in resumed.stderr and "--run-dir" in resumed.stderr
+
+
+@pytest.mark.parametrize("num_classes,coupling", [(0, "ot-exact"), (3, "ot-exact"), (3, "ot-sinkhorn")])
+def test_the_step_couples_each_rank_micro_batch_within_the_true_class(num_classes, coupling):
+    """TrainingStep._pair as rank 1 of 2 (rows 8..15 of the global batch), condition dropout 0.5: each noise
+    row is paired only within this micro-batch and, for a class-conditional model, within the data's own class,
+    also where dropout shows the network the null class (so every class's and the null class's noise stays
+    N(0, I), and the null class's (noise, data) law is the mixture of the classes' laws that guidance assumes).
+    Reference: scipy's linear_sum_assignment per class (one group when unconditional), computed here."""
+    from scipy.optimize import linear_sum_assignment
+
+    from fmcli.distributed import DistContext
+    from fmcli.step import TrainingStep
+
+    cfg = load_config("debug", ["data.source='shapes'", "model.image_size=8", "model.in_channels=1", f"model.num_classes={num_classes}",
+                                f"flow.coupling='{coupling}'", "flow.cond_dropout=0.5"])
+    step = TrainingStep(cfg, DistContext(), micro=8, accum=1, shape=(1, 8, 8))
+    rows, draws = slice(8, 16), step._draws(3)
+    assert 0 < int(draws["drop"][rows].sum()) < 8  # the micro-batch mixes dropped and kept labels
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    x = torch.randn(8, 1, 8, 8, generator=g) * 0.3 + (y.float() - 1).view(-1, 1, 1, 1) * 3
+    x0, x1, _ = step._pair({"x": x, "y": y}, draws, rows, [])
+    noise = draws["noise"][rows]
+    perm = [next(j for j in range(8) if torch.equal(x0[i], noise[j])) for i in range(8)]
+    assert sorted(perm) == list(range(8))  # a permutation of this rank's own noise: each row used once
+    groups = [np.arange(8)] if num_classes == 0 else [np.flatnonzero(y.numpy() == c) for c in range(3)]
+    if coupling == "ot-sinkhorn":
+        assert all(y[perm[i]] == y[i] for i in range(8)) or num_classes == 0
+        return
+    a, b = x1.flatten(1).double().numpy(), noise.flatten(1).double().numpy()
+    expected = np.empty(8, dtype=int)
+    for idx in groups:
+        r, c = linear_sum_assignment(((a[idx, None, :] - b[None, idx, :]) ** 2).sum(-1))
+        expected[idx[r]] = idx[c]
+    assert perm == expected.tolist()
+    if num_classes:  # the test can tell: a plan over the whole micro-batch would mix the classes
+        r, c = linear_sum_assignment(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+        assert c.tolist() != perm
