@@ -165,14 +165,14 @@ def test_fid_generation_sharded_over_two_processes_equals_one(tmp_path, debug_ru
 
 def test_fid_with_fewer_samples_than_processes_equals_one(tmp_path, debug_run, shapes16):
     # -n 2 over 3 ranks: rank 2's share is empty; it must still join every gather (labels included) and add nothing.
-    args = ["eval", "--ckpt", debug_run, "-n", "2", "--data", shapes16, "--features", "tiny", "--steps", "2", "--json"]
+    args = ["fid", "--ckpt", debug_run, "--num-samples", "2", "--ref", shapes16, "--features", "tiny", "--steps", "2", "--json"]
     one = fm_in_process(*args)
     three = run_fm(*args, "--nproc", "3")
     assert one.returncode == 0 and three.returncode == 0, (one.stderr, three.stderr)
     a, b = json.loads(one.stdout), json.loads(three.stdout)
-    a, b = (r[0] if isinstance(r, list) else r for r in (a, b))
-    for key in ("fd", "accuracy", "nfe", "nfe_max"):
-        assert a[key] == pytest.approx(b[key], rel=1e-9), key
+    # two samples make an ill-conditioned FD: batch 2 vs batches of 1 move it in the 8th digit
+    assert a["fid"] == pytest.approx(b["fid"], rel=1e-6) and a["num_samples"] == b["num_samples"] == 2
+    assert a["nfe"] == b["nfe"] == 2 and a["nfe_max"] == b["nfe_max"] == 2
 
 
 def test_sample_sharded_over_two_processes_equals_one(tmp_path, debug_run):
