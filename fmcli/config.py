@@ -418,6 +418,8 @@ RESUME_SAFE_KEYS = {
     "train.keep_every",
     "train.max_nan_skips",
     "train.compile",
+    "train.tracker",  # where the records also go (metrics.jsonl is always written); a tracker may start or stop mid-run
+    "train.device",  # the same math on another device (a run moved to a machine without CUDA); bit for bit only on the same one
     "sample.precision",  # how `fm sample` runs the network later, resolved on the sampling machine
     "sample.compile",
     "data.num_workers",
@@ -726,6 +728,8 @@ def _overrides_layer(overrides: list[str], allowed: set[str] | None = None, labe
         if value is not None and not isinstance(value, str) and _is_text_setting(annotation):
             # a text setting keeps the text: --set name=2024 names the run "2024", name=2024-06-01 (a TOML date) "2024-06-01"
             value = item.split("=", 1)[1].strip()
+        if value is None and "none" in typing.get_args(annotation):  # a choice named "none" (train.tracker), not null
+            value = "none"
         if allowed is not None and key not in allowed:
             raise UsageError(
                 RESUME_REFUSALS.get(key) or f"--set {key} cannot change when resuming (it would change the run's math); "

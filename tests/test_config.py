@@ -388,3 +388,10 @@ def test_data_and_set_data_path_together_are_refused(tmp_path):
     assert training_config("debug", [], data=a, run_dir=None, resume=None)[0].data.path == str(a)
     assert training_config("debug", [f"data.path={b}"], data=None, run_dir=None, resume=None)[0].data.path == str(b)
     assert training_config("debug", ["data.seed=1"], data=Path(a), run_dir=None, resume=None)[0].data.path == str(a)
+def test_resume_may_change_the_tracker_and_the_device_and_none_names_no_tracker():
+    """train.tracker and train.device change where records go and where the same math runs, not the math: a
+    resume may set them. `none` is train.tracker's own choice (no tracker), not null (which it does not take)."""
+    cfg = load_config("debug", ["train.tracker=tensorboard", "train.device=cpu"])
+    resumed = apply_overrides(cfg, ["train.tracker=none", "train.device=auto"], allowed=RESUME_SAFE_KEYS)
+    assert (resumed.train.tracker, resumed.train.device) == ("none", "auto")
+    assert load_config("debug", ["train.tracker=None"]).train.tracker == "none"

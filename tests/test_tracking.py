@@ -127,3 +127,28 @@ def test_tensorboard_of_a_rolled_back_run_shows_each_step_once_with_the_current_
     loss = [(e.step, e.value) for e in acc.Scalars("loss")]
     assert [s for s, _ in loss] == list(range(1, 11))
     assert [v for _, v in loss] == pytest.approx(first.losses[:2] + second.losses, rel=1e-6)
+
+
+def test_a_tracker_can_be_turned_on_or_off_when_resuming(tmp_path, shapes16):
+    """train.tracker does not change the training math: `fm resume --set train.tracker=...` is accepted. Turned
+    on at step 4, TensorBoard holds exactly the records metrics.jsonl gets from then on; turned off, nothing more."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    _train(shapes16, run_dir, "none")
+    res = fm_in_process("resume", run_dir, "--set", "train.tracker=tensorboard", "--set", "train.steps=8", "--set", "train.device=cpu")
+    assert res.returncode == 0, res.stderr
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8]
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    loss = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert [s for s, _ in loss] == [6, 8]
+    assert [v for _, v in loss] == pytest.approx([m["loss"] for m in metrics[2:]], rel=1e-6)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["tracker"] == "tensorboard" and config["train"]["device"] == "cpu"
+    events = sorted((run_dir / "tb").iterdir())
+    res = fm_in_process("resume", run_dir, "--set", "train.tracker=none", "--set", "train.steps=10")
+    assert res.returncode == 0, res.stderr
+    assert sorted((run_dir / "tb").iterdir()) == events and [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1] == 10
