@@ -124,14 +124,15 @@ def write_latest(ckpt_dir: Path, name: str) -> None:
 
 
 def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int, keep_every: int = 0, log=None,
-                    resumed_from: tuple[int, Path] | None = None) -> Path:
+                    resumed_from: tuple[int, Path] | None = None, on_set_aside=None) -> Path:
     """Save step's checkpoint, setting aside an abandoned branch, point `latest` at it, then rotate.
 
     A run resumed from an older checkpoint (a rollback; `resumed_from` = (its step, its file), given at the
     run's first save only) continues on a new branch: every checkpoint here after the resumed step, and one
     at that step that is not the resumed file, belongs to the abandoned future. At that first save they are
     moved (never deleted, never overwritten) into a folder of their own,
-    `checkpoints/abandoned-from-step-<resumed step>[-N]/`, so rotation only ever counts the current branch.
+    `checkpoints/abandoned-from-step-<resumed step>[-N]/`, so rotation only ever counts the current branch;
+    `on_set_aside(folder)` then moves the rest of that branch there (train.Trainer: sample grids, metrics records).
     The new checkpoint is written to a temp file before anything moves (a failed write, e.g. a full disk,
     moves nothing), and `latest` names the resumed checkpoint while the moves happen, so it never names a
     moved file.
@@ -153,6 +154,8 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int
             moved = set_aside_from(ckpt_dir, step)
         if moved and log is not None:
             log(f"rollback: moved {len(moved)} checkpoint(s) of the abandoned branch to {moved[0].parent}")
+        if moved and resumed_from is not None and on_set_aside is not None:
+            on_set_aside(moved[0].parent)
         commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,9 +22,10 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """(training records with a "loss", evaluation records with a "fid" or an "fd") from RUN_DIR/metrics.jsonl.
 
     Blank lines and a torn last line (a run killed mid-write) are skipped; other malformed lines are errors.
-    A resumed run appends from its checkpoint's step, after records the interrupted (or rolled-back) run had
-    already logged past it: a training record at or before the last one's step starts the current branch there,
-    and every earlier record (training or evaluation) at its step or later is dropped.
+    A resumed run appends from its checkpoint's step, after records the interrupted run had already logged past it
+    (a rollback moves the abandoned branch's records aside, train.Trainer._set_aside_outputs, but a run killed
+    between checkpoints leaves them): a training record at or before the last one's step starts the current
+    branch there, and every earlier record (training or evaluation) at its step or later is dropped.
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import time
@@ -18,7 +19,7 @@ import torch
 
 from . import __version__
 from .errors import UsageError
-from .fsutil import write_text_atomic
+from .fsutil import atomic_write, fsync_dir, write_text_atomic
 
 
 RUN_LOCK = ".lock"  # the file rank 0 holds an advisory lock on while it trains in a run directory
@@ -113,6 +114,61 @@ def append_metrics(run_dir: Path, record: dict) -> None:
     with open(run_dir / "metrics.jsonl", "ab+") as f:
         drop_torn_tail(f)
         f.write((json.dumps(record) + "\n").encode())
+
+
+def metrics_end(run_dir: Path) -> int:
+    """The size of metrics.jsonl (0 if there is none), after cutting off a torn last line: where a resumed run's
+    records will begin (`set_aside_metrics` tells the rows of the earlier branch by it)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    with open(path, "ab+") as f:
+        drop_torn_tail(f)
+        return f.seek(0, os.SEEK_END)
+
+
+def set_aside_metrics(run_dir: Path, step: int, before: int, aside: Path) -> int:
+    """A rollback to `step`: move the records in metrics.jsonl's first `before` bytes (what the file held when the
+    resumed run began) whose step is after `step`, the abandoned branch's, to aside/metrics.jsonl, and rewrite
+    metrics.jsonl without them (both atomically, the copy first: a crash between leaves them twice, never lost).
+    Returns the number of records moved."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    keep, gone = [], []
+    for line in data[:before].splitlines(keepends=True):
+        (gone if (_record_step(line) or 0) > step else keep).append(line)
+    if gone:
+        atomic_write(aside / "metrics.jsonl", lambda tmp: tmp.write_bytes(b"".join(gone)))
+        atomic_write(path, lambda tmp: tmp.write_bytes(b"".join(keep) + data[before:]))
+    return len(gone)
+
+
+def _record_step(line: bytes):
+    """A metrics.jsonl line's step, None where the line is not a record with a numeric one (kept where it is)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
+SAMPLE_FILE = re.compile(r"^step-(\d{7,})\.(png|txt)$")  # a sample grid and a text model's prompts (step_name)
+
+
+def set_aside_samples(samples_dir: Path, step: int, aside: Path) -> int:
+    """A rollback to `step`: move the sample grids (and prompt files) of steps after it, the abandoned branch's,
+    into aside/samples/, before the new branch writes its own at those steps. Returns the number of files moved."""
+    late = [p for p in samples_dir.iterdir() if (m := SAMPLE_FILE.match(p.name)) and int(m.group(1)) > step] if samples_dir.is_dir() else []
+    if not late:
+        return 0
+    (aside / "samples").mkdir(parents=True, exist_ok=True)
+    for p in sorted(late):
+        os.replace(p, aside / "samples" / p.name)
+    fsync_dir(aside / "samples")
+    fsync_dir(samples_dir)
+    return len(late)
 
 
 def drop_torn_tail(f) -> None:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from . import distributed as D
 from . import budget as B
 from .budget import CHECKPOINTS, EVALUATION, SAMPLES, Probes, RunBudget
-from .checkpoint import load_checkpoint, restore_rng, restore_training, save_checkpoint, training_state
+from .checkpoint import load_checkpoint, restore_rng, restore_training, save_checkpoint, set_aside_branch, training_state
 from .config import Config, budget_fallback_config, config_to_dict, flip_warning, resolve_for_training, with_setting
 from .console import RankLog
 from .data.dataset import PreparedDataset, collate_batched, data_space
@@ -31,7 +31,8 @@ from .errors import RuntimeFailure, UsageError
 from .fsutil import write_text_atomic
 from .generate import SamplingNet, initial_noise, sample_batch
 from .images import save_grid
-from .runlog import append_metrics, memory_mib, run_dir_lock, step_name, write_config, write_run_files
+from .runlog import (append_metrics, memory_mib, metrics_end, run_dir_lock, set_aside_metrics, set_aside_samples, step_name, write_config,
+                     write_run_files)
 from .step import TrainingStep
 from .tracking import NullTracker, make_tracker
 
@@ -244,7 +245,9 @@ class Trainer:
         self.vae = None  # loaded when a latent sample grid is first decoded
         self.ot_window: list[tuple[float, float]] = []  # (cost before, after) per coupled micro-batch, rank 0
         self.budget = RunBudget(cfg.train.budget_minutes, started, ctx, log)
-        self.branch_point = None  # (step, file) resumed from, until the first save sets the abandoned branch aside
+        # (step, file) resumed from, until the first save or sample grid sets the abandoned branch aside (rank 0)
+        self.branch_point = None
+        self.metrics_mark = 0  # where this run's metrics.jsonl records begin (a resume: the earlier ones are before it)
         if resume_from is not None:
             self._restore(resume_from)
             check_stop_at_step(self.step, stop_at_step, resume_from)  # the launcher checked too; train() callers
@@ -293,6 +296,7 @@ class Trainer:
     def _run_locked(self, stop_at_step: int | None, result: TrainResult) -> TrainResult:
         if self.ctx.rank == 0:
             resumed_at = None if self.resume_from is None else self.step
+            self.metrics_mark = metrics_end(self.run_dir)
             self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg), resumed_at=resumed_at)
             if self.resume_from is None:
                 write_run_files(self.run_dir, config_to_dict(self.cfg), self.ctx.device, self.ctx.world_size, self.hardware.record(self.budget.snapshot))
@@ -397,12 +401,30 @@ class Trainer:
         if self.ctx.rank == 0:
             cfg = self.cfg.train
             path = save_checkpoint(state, self.run_dir / "checkpoints", self.step, cfg.keep_last, cfg.keep_every, log=self.log.info,
-                                   resumed_from=self.branch_point)
+                                   resumed_from=self.branch_point, on_set_aside=self._set_aside_outputs)
             write_config(self.run_dir, state["config"])  # config.json follows the run's newest checkpoint
             self.log.info(f"checkpoint: {path}")
         D.barrier(self.ctx)
         self.branch_point = None
         return path
+
+    def _set_aside_branch(self) -> None:
+        """Rank 0, before a rolled-back run's first sample grid where no save came first: the abandoned branch (its
+        checkpoints, grids and records after the resumed step) set aside now, before a grid of it is replaced."""
+        moved = set_aside_branch(self.run_dir / "checkpoints", *self.branch_point)
+        if moved:
+            self.log.info(f"rollback: moved {len(moved)} checkpoint(s) of the abandoned branch to {moved[0].parent}")
+            self._set_aside_outputs(moved[0].parent)
+        self.branch_point = None
+
+    def _set_aside_outputs(self, aside: Path) -> None:
+        """The abandoned branch's sample grids and metrics.jsonl records (after the resumed step) into `aside`, the
+        folder its checkpoints went to: the new branch overwrites none of them, and the records read as one branch."""
+        step = self.branch_point[0]
+        grids = set_aside_samples(self.run_dir / "samples", step, aside)
+        records = set_aside_metrics(self.run_dir, step, self.metrics_mark, aside)
+        if grids or records:
+            self.log.info(f"rollback: moved {grids} sample file(s) and {records} metrics.jsonl record(s) of the abandoned branch to {aside}")
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.ctx.device)  # every rank loads it itself
@@ -454,6 +476,8 @@ class Trainer:
     def _save_samples(self) -> None:
         if self.ctx.rank != 0:
             return
+        if self.branch_point is not None:  # a rollback's grid before its first save: the old branch's grids go first
+            self._set_aside_branch()
         n, k = self.cfg.sample.grid_size, self.cfg.model.num_classes
         x, _ = self._grid(n, self.cfg.sample, prompts_to=self.run_dir / "samples" / step_name(self.step, ".txt"))
         if x is None:

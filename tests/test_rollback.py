@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -43,6 +44,33 @@ def test_rollback_sets_aside_the_checkpoints_between_the_resumed_step_and_the_fi
     assert aside.read_bytes() == abandoned
     assert sorted(list_checkpoints(ckpts)) == [20, 30] and resolve_checkpoint(run) == ckpts / "step-0000030.pt"
     assert any(m.startswith("rollback: moved 1 checkpoint(s)") for m in messages), messages
+
+
+def test_rollback_sets_aside_the_abandoned_branchs_sample_grids_and_metrics_records(tmp_path, shapes16):
+    """Back to step 10 of a run that had reached 20 (a longer schedule, so the branches differ): the old branch's grids
+    of steps 15 and 20 and its records of steps 15 and 20 go to the folder its checkpoint went to, byte for byte, before
+    the new branch writes its own (its grid at 15 comes before its first save); metrics.jsonl and fm plot's reader
+    hold the live branch only: the records up to 10, then those of the losses the resumed run returned."""
+    from fmcli.plot import read_metrics
+
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    train(_debug(shapes16, "train.steps=20", "train.sample_every=5", "sample.grid_size=2"), run, log=QuietLog())
+    grids = {p.name: p.read_bytes() for p in (run / "samples").iterdir()}
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert sorted(grids) == [f"step-00000{s:02d}.png" for s in (5, 10, 15, 20)] and len(lines) == 4
+    ckpt = ckpts / "step-0000010.pt"
+    cfg = validate_config(load_checkpoint(ckpt)["config"]).with_section("train", steps=30, log_every=1)
+    second = train(cfg, run, resume_from=ckpt, log=QuietLog())
+    aside = ckpts / "abandoned-from-step-0000010"
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "samples", "step-0000020.pt"]
+    assert {p.name: p.read_bytes() for p in (aside / "samples").iterdir()} == {k: grids[k] for k in ("step-0000015.png", "step-0000020.png")}
+    assert (aside / "metrics.jsonl").read_text() == "".join(lines[2:])  # steps 15, 20 of the old branch
+    assert (run / "samples" / "step-0000015.png").read_bytes() != grids["step-0000015.png"]  # the new branch's own
+    now = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert now[:2] == lines[:2] and [json.loads(line)["step"] for line in now[2:]] == list(range(11, 31))
+    assert [json.loads(line)["loss"] for line in now[2:]] == pytest.approx(second.losses, rel=1e-12)
+    records, _ = read_metrics(run)
+    assert [r["step"] for r in records] == [5, 10, *range(11, 31)]
 
 
 def test_a_failed_save_moves_nothing_and_latest_never_names_a_moved_file(tmp_path, shapes16, monkeypatch):
@@ -91,7 +119,8 @@ def test_resuming_a_set_aside_checkpoint_continues_its_run_and_sets_the_current_
     second20 = (ckpts / "step-0000020.pt").read_bytes()
     r = fm_in_process("resume", old20, "--set", "train.steps=30")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in old20.parent.iterdir()) == ["step-0000020.pt"]  # no run nested inside the folder
+    # No run nested inside the folder: the first branch's checkpoint, grid and records only.
+    assert sorted(p.name for p in old20.parent.iterdir()) == ["metrics.jsonl", "samples", "step-0000020.pt"]
     assert resolve_checkpoint(run) == ckpts / "step-0000030.pt" and sorted(list_checkpoints(ckpts)) == [10, 30]
     # The second branch's step 20 (same step, another file) is set aside, not deleted.
     assert [p.read_bytes() == second20 for p in ckpts.glob("abandoned-from-step-*/step-0000020.pt")].count(True) == 1
