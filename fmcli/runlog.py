@@ -154,6 +154,14 @@ def _record_step(line: bytes):
     return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
+def last_logged_step(run_dir: Path) -> int | None:
+    """The highest step of a record the run has logged: metrics.jsonl's and those a rollback set aside
+    (checkpoints/abandoned-from-step-*/metrics.jsonl), which a tracker was sent all the same; None if none."""
+    files = [run_dir / "metrics.jsonl", *sorted((run_dir / "checkpoints").glob("abandoned-from-step-*/metrics.jsonl"))]
+    steps = [s for f in files if f.is_file() for line in f.read_bytes().splitlines() if (s := _record_step(line)) is not None]
+    return int(max(steps)) if steps else None
+
+
 SAMPLE_FILE = re.compile(r"^step-(\d{7,})\.(png|txt)$")  # a sample grid and a text model's prompts (step_name)
 
 

@@ -94,9 +94,25 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-def make_tracker(kind: str, run_dir: str | Path, *, config: dict | None = None, name: str | None = None, resumed_at: int | None = None) -> Tracker:
+def wandb_rewind_warning(run_dir: Path, resumed_at: int, id_file: Path) -> str | None:
+    """A W&B run continued from a step before the last one it logged (a rollback, or a resume after a run killed
+    between checkpoints): W&B keeps a run's steps increasing and ignores a record of an earlier step (offline, when the
+    run is synced), so this run's records up to that step never reach it. Said once, before training; W&B's rewind
+    (`resume_from`) is a private preview that fm does not rely on."""
+    from .runlog import last_logged_step
+
+    last = last_logged_step(run_dir)
+    if last is None or last <= resumed_at:
+        return None
+    return (f"warning: the W&B run of {id_file} already has steps up to {last}, and W&B ignores records of earlier steps than "
+            f"its last: this run's records of steps {resumed_at + 1}..{last} will not reach W&B (metrics.jsonl and fm plot have "
+            f"them); to log this branch whole to a new W&B run, stop and move {id_file} away before resuming")
+
+
+def make_tracker(kind: str, run_dir: str | Path, *, config: dict | None = None, name: str | None = None, resumed_at: int | None = None,
+                 log=None) -> Tracker:
     """The tracker for `train.tracker` (rank 0 only; other ranks use NullTracker); `resumed_at`: the step a
-    resumed run continues from."""
+    resumed run continues from; `log` gets a warning line where a backend will drop some of this run's records."""
     run_dir = Path(run_dir)
     if kind == "none":
         return NullTracker()
@@ -104,6 +120,8 @@ def make_tracker(kind: str, run_dir: str | Path, *, config: dict | None = None, 
         project = os.environ.get("WANDB_PROJECT") or "fm"
         id_file = run_dir / "wandb_id.txt"  # `fm resume` continues the same W&B run
         resume_id = id_file.read_text().strip() if id_file.is_file() else None
+        if resume_id and resumed_at is not None and log is not None and (warning := wandb_rewind_warning(run_dir, resumed_at, id_file)):
+            log(warning)
         tracker = WandbTracker(run_dir, project, name or run_dir.name, config or {}, resume_id)
         if resume_id is None:
             write_text_atomic(id_file, tracker.run.id + "\n")

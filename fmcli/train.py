@@ -297,7 +297,7 @@ class Trainer:
         if self.ctx.rank == 0:
             resumed_at = None if self.resume_from is None else self.step
             self.metrics_mark = metrics_end(self.run_dir)
-            self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg), resumed_at=resumed_at)
+            self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg), resumed_at=resumed_at, log=self.log.info)
             if self.resume_from is None:
                 write_run_files(self.run_dir, config_to_dict(self.cfg), self.ctx.device, self.ctx.world_size, self.hardware.record(self.budget.snapshot))
         D.barrier(self.ctx)

@@ -152,3 +152,42 @@ def test_a_tracker_can_be_turned_on_or_off_when_resuming(tmp_path, shapes16):
     res = fm_in_process("resume", run_dir, "--set", "train.tracker=none", "--set", "train.steps=10")
     assert res.returncode == 0, res.stderr
     assert sorted((run_dir / "tb").iterdir()) == events and [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1] == 10
+
+
+class _FakeWandb:
+    """A stand-in `wandb` module (no network, no service process): init returns a run that records its calls."""
+
+    class Run:
+        id = "fake123"
+
+        def __init__(self, **kwargs):
+            self.kwargs, self.logged = kwargs, []
+
+        def log(self, metrics, step):
+            self.logged.append(step)
+
+        def finish(self):
+            pass
+
+    def init(self, **kwargs):
+        return self.Run(**kwargs)
+
+
+def test_a_wandb_run_continued_before_its_last_logged_step_warns_once_which_steps_it_drops(tmp_path, monkeypatch):
+    """W&B ignores a record whose step is below the run's last (steps must increase): a rollback to step 10 of a run
+    that logged up to step 20 (two records set aside already: steps 25, 30) loses steps 11..30 there. Said once."""
+    monkeypatch.setitem(sys.modules, "wandb", _FakeWandb())
+    (tmp_path / "wandb_id.txt").write_text("fake123\n")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (5, 10, 15, 20)))
+    aside = tmp_path / "checkpoints" / "abandoned-from-step-0000020"
+    aside.mkdir(parents=True)
+    (aside / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (25, 30)))
+    messages = []
+    tracker = make_tracker("wandb", tmp_path, resumed_at=10, log=messages.append)
+    assert tracker.run.kwargs["id"] == "fake123" and tracker.run.kwargs["resume"] == "allow"
+    assert len(messages) == 1 and "steps 11..30 will not reach W&B" in messages[0] and "wandb_id.txt" in messages[0], messages
+    messages.clear()
+    make_tracker("wandb", tmp_path, resumed_at=30, log=messages.append)  # a resume at the last logged step loses nothing
+    (tmp_path / "wandb_id.txt").unlink()
+    make_tracker("wandb", tmp_path, resumed_at=10, log=messages.append)  # a new W&B run: nothing to drop
+    assert messages == []
