@@ -128,6 +128,20 @@ def build_schedulers(optimizer: CombinedOptimizer, optim_cfg, total_steps: int) 
     return schedule, [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizer.optimizers]
 
 
+def extension_note(step: int, ended_at: int, total_steps: int, optim_cfg) -> str | None:
+    """One stderr line when a resume extends a run whose LR schedule had ended (`step` >= its length `ended_at`):
+    `retarget` keeps the LR continuous, so every added step trains at the cosine's floor, min_lr_factor x lr (and
+    at a floor of 0 changes no weight), where a fresh run of `total_steps` would warm up and decay over them all."""
+    if step < ended_at or total_steps <= step or optim_cfg.min_lr_factor >= 1:
+        return None
+    floor = optim_cfg.min_lr_factor * optim_cfg.lr
+    head = f"the run's LR schedule ended at step {ended_at}, so steps {step + 1}..{total_steps} train at its floor, optim.min_lr_factor x lr = {floor:.2e}"
+    if floor == 0:
+        return (f"warning: {head}: they change no weight (only the EMA moves on); to train on, start a new run from its weights "
+                "with --set train.init_from=CHECKPOINT (a fresh optimizer and LR schedule)")
+    return f"note: {head} (the LR stays continuous; a fresh run of {total_steps} steps would follow the whole schedule)"
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, in the EMA's fp32; called once per optimizer step."""

@@ -31,6 +31,7 @@ from .errors import RuntimeFailure, UsageError
 from .fsutil import write_text_atomic
 from .generate import SamplingNet, initial_noise, sample_batch
 from .images import save_grid
+from .optim import extension_note
 from .runlog import (append_metrics, memory_mib, metrics_end, run_dir_lock, set_aside_metrics, set_aside_samples, step_name, write_config,
                      write_run_files)
 from .step import TrainingStep
@@ -443,6 +444,9 @@ class Trainer:
             raise RuntimeFailure(f"{path}: data position {saved} does not match this dataset; was it re-prepared with another size?")
         check_coupled_micro_batch(self.cfg, state, self.step_fn.micro, self.ctx.world_size, path)
         restore_rng(state, self.ctx)  # the streams of the rank it was (a resume at another world size starts them fresh: none is a step's)
+        ended_at = state["config"]["train"]["steps"]  # the saved run's length (its schedule's end), --set train.steps aside
+        if note := extension_note(self.step, ended_at, self.cfg.train.steps, self.cfg.optim):
+            self.log.info(note)
         self.hardware.muon_ns_dtype = self.step_fn.optimizer.muon_ns_dtype  # a resumed run keeps its saved one
         self.branch_point = (self.step, path)
         self.log.info(f"resumed from {path} at step {self.step}")

@@ -472,3 +472,28 @@ def test_the_step_couples_each_rank_micro_batch_within_the_true_class(num_classe
     if num_classes:  # the test can tell: a plan over the whole micro-batch would mix the classes
         r, c = linear_sum_assignment(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
         assert c.tolist() != perm
+@pytest.mark.parametrize("floor", [0.1, 0.0])
+def test_extending_a_finished_run_says_it_trains_at_the_lr_floor(tmp_path, shapes16, floor):
+    """A finished run extended with train.steps keeps the LR continuous: every added step trains at the cosine's end,
+    min_lr_factor x lr (1e-3 x 0.1 = 1e-4 by hand; at a floor of 0 no weight changes). fm says so on the resume."""
+    from fmcli.config import validate_config
+
+    run = tmp_path / "run"
+    over = [f"data.path='{shapes16}'", "train.steps=6", "train.log_every=1", "optim.lr=1e-3", f"optim.min_lr_factor={floor}"]
+    train(load_config("debug", over), run, log=QuietLog())
+    ckpt = run / "checkpoints" / "step-0000006.pt"
+    messages = []
+
+    class Log(QuietLog):
+        def info(self, message):
+            messages.append(message)
+
+    train(validate_config(load_checkpoint(ckpt)["config"]).with_section("train", steps=9), run, resume_from=ckpt, log=Log())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records[6:]] == pytest.approx([1e-3 * floor] * 3, abs=1e-12)
+    said = [m for m in messages if "LR schedule ended at step 6" in m]
+    assert len(said) == 1 and "steps 7..9" in said[0], messages
+    if floor == 0:
+        before, after = torch.load(ckpt, weights_only=True)["model"], torch.load(run / "checkpoints" / "step-0000009.pt", weights_only=True)["model"]
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert said[0].startswith("warning:") and "train.init_from" in said[0]
