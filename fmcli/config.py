@@ -437,6 +437,9 @@ RESUME_SAFE_KEYS = {
 RESUME_REFUSALS = {
     "train.budget_minutes": "--set train.budget_minutes cannot change when resuming: a resumed run continues its checkpoint's "
                             "schedule and is never fitted to a budget; set its length with --set train.steps=N",
+    "train.precision": "--set train.precision cannot change when resuming: the run continues at the precision its optimizer and "
+                       "grad scaler trained at; to train at another (e.g. an fp16 run on a machine without CUDA), start a new run "
+                       "from its weights: --set train.init_from=CHECKPOINT",
 }
 
 

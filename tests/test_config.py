@@ -395,3 +395,10 @@ def test_resume_may_change_the_tracker_and_the_device_and_none_names_no_tracker(
     resumed = apply_overrides(cfg, ["train.tracker=none", "train.device=auto"], allowed=RESUME_SAFE_KEYS)
     assert (resumed.train.tracker, resumed.train.device) == ("none", "auto")
     assert load_config("debug", ["train.tracker=None"]).train.tracker == "none"
+
+
+def test_resume_refuses_another_precision_saying_how_to_train_at_it():
+    """A resumed fp16 run on a machine without CUDA is told to use bf16 or fp32, which a resume cannot set: the
+    refusal names the way that exists, a new run from its weights."""
+    with pytest.raises(UsageError, match=r"cannot change when resuming: .*--set train.init_from=CHECKPOINT"):
+        apply_overrides(load_config("debug"), ["train.precision=fp32"], allowed=RESUME_SAFE_KEYS)
