@@ -54,7 +54,8 @@ def test_rollback_sets_aside_the_abandoned_branchs_sample_grids_and_metrics_reco
     from fmcli.plot import read_metrics
 
     run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    train(_debug(shapes16, "train.steps=20", "train.sample_every=5", "sample.grid_size=2"), run, log=QuietLog())
+    cfg = _debug(shapes16, "train.steps=20", "sample.grid_size=2").with_section("train", sample_every=5)
+    train(cfg, run, log=QuietLog())
     grids = {p.name: p.read_bytes() for p in (run / "samples").iterdir()}
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     assert sorted(grids) == [f"step-00000{s:02d}.png" for s in (5, 10, 15, 20)] and len(lines) == 4
