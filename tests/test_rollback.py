@@ -20,7 +20,9 @@ from fmcli.train import train
 
 
 def _debug(data: Path, *overrides):
-    return load_config("debug", [f"data.path='{data}'", "train.checkpoint_every=10", "train.keep_last=2", "train.sample_every=0", *overrides])
+    given = {item.split("=", 1)[0] for item in overrides}  # a test's own value replaces the default here (a key is given once)
+    defaults = [d for d in ("train.checkpoint_every=10", "train.keep_last=2", "train.sample_every=0") if d.split("=", 1)[0] not in given]
+    return load_config("debug", [f"data.path='{data}'", *defaults, *overrides])
 
 
 def _resume(path: Path, run: Path, log=None, **kwargs):
