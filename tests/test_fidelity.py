@@ -305,6 +305,27 @@ def test_eval_refuses_what_it_cannot_score_before_the_classifier_trains(data, de
     assert not features.default_classifier_path(data, 0).exists() and not features.default_classifier_path(small, 0).exists()
 
 
+@pytest.mark.parametrize("space,flag,message", [
+    ("dinov2", "dinov2", "is not a transformers model directory"),
+    ("inception", "inception", "Inception weights not found"),
+])
+def test_missing_feature_weights_are_refused_before_the_classifier_trains(data, tmp_path, monkeypatch, space, flag, message):
+    """`fm eval --features domain,dinov2 --dinov2 DIR` (the README's example) with no model at DIR trained the domain
+    classifier (a minute, its cache written) and only then said the DINOv2 directory was missing."""
+    from fmcli import features
+    from fmcli.fidelity import EvalRequest, evaluate_fidelity
+
+    monkeypatch.setattr(features, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the weights were checked"))
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    for i, img in enumerate(np.load(data / "x.npy")[:8]):
+        Image.fromarray(img.transpose(1, 2, 0)).save(folder / f"{i:06d}.png")
+    request = EvalRequest(data=data, gen=folder, spaces=("domain", space), **{flag: str(tmp_path / "nothing")})
+    with pytest.raises(UsageError, match=message):
+        evaluate_fidelity(request, device=torch.device("cpu"))
+    assert not features.default_classifier_path(data, 0).exists()
+
+
 # ------------------------------------------------------------------------------------ during training
 
 
