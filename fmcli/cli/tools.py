@@ -114,7 +114,7 @@ def plot(
     Examples:
       fm plot runs/quickstart
       fm plot runs/cifar10 --out cifar10-curves.png
-      fm fid --ckpt runs/quickstart -n 500 --ref data/shapes --features tiny --nfe 2,4,8,16 --solver heun --json >> sweep.json
+      fm fid --ckpt runs/quickstart -n 500 --ref data/shapes-32-n20000-s0 --features tiny --nfe 2,4,8,16 --solver heun --json >> sweep.json
       fm plot sweep.json
       fm eval --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 500 --cfg 1,2,3,4 --json > frontier.json
       fm plot frontier.json --y fd --out frontier-fd.png
@@ -150,7 +150,7 @@ def demo(
     Examples:
       fm demo --ckpt runs/quickstart
       fm demo --ckpt runs/quickstart-text --port 8080
-      fm demo --ckpt runs/quickstart --guide-ckpt runs/quickstart/checkpoints/step-0000950.pt   # offers autoguidance
+      fm demo --ckpt runs/quickstart --guide-ckpt runs/short   # offers autoguidance (a shorter run of the same data)
     """
 
     from ..demo import launch_demo
