@@ -102,13 +102,13 @@ def env_command(
 @app.command()
 def plot(
     *,
-    run_dir: Annotated[Path, typer.Argument(help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json`.")],
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json` or `fm eval ... --json`.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (refreshed) or SWEEP.png.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file (or an existing SWEEP.png).")] = False,
     y_metric: Annotated[Optional[str], typer.Option("--y", help="fm eval sweeps only: recall (default), precision, coverage, density, fd or kid against accuracy.")] = None,
 ):
     """Plot loss and learning-rate curves (and FID or FD/precision/recall/coverage/accuracy when logged) from a
-    run's metrics.jsonl, FID against NFE from `fm fid --nfe` sweeps (one curve per solver/guidance), or the
+    run's metrics.jsonl, FID against NFE from `fm fid --nfe` sweeps (one curve per appended sweep), or the
     frontier of an `fm eval` sweep: recall (or --y fd ...) against conditional accuracy (needs matplotlib).
 
     Examples:
