@@ -228,9 +228,12 @@ def sweep_settings(base, cfgs, intervals, nfes, log=None) -> list:
 
 def distinct_runs(sweep: list, log=None) -> list:
     """The sweep's settings as they run, each once: NFE budgets that buy the same steps (heun at 8 and 9) or guidance
-    scales an unconditional model runs unguided (generate.guidance_that_runs) would give rows of one run, twice."""
+    scales an unconditional model runs unguided (generate.guidance_that_runs) would give rows of one run, twice. At
+    cfg 1 nothing is guided, so a guidance interval changes nothing: such rows read interval null, one row."""
     out = []
     for settings in sweep:
+        if settings.cfg == 1.0 and settings.guidance_interval is not None:
+            settings = settings.model_copy(update={"guidance_interval": None})
         if settings not in out:
             out.append(settings)
         elif log:

@@ -197,14 +197,15 @@ def test_eval_sweeps_guidance_of_a_checkpoint(data, debug_run):
     result = fm_in_process("eval", "--ckpt", debug_run, "--data", data, "-n", 30, "--classifier-steps", STEPS, "--cfg", "1,2",
                     "--guidance-interval", "0,1", "--guidance-interval", "0.3,1", "--steps", 2, "--no-kid", "--json")  # fmt: skip
     rows = _json(result)
-    assert [(r["cfg"], r["guidance_interval"]) for r in rows] == [(1.0, [0.0, 1.0]), (1.0, [0.3, 1.0]), (2.0, [0.0, 1.0]), (2.0, [0.3, 1.0])]
+    # cfg 1 guides nothing, so its two intervals are one run: one row.
+    assert [(r["cfg"], r["guidance_interval"]) for r in rows] == [(1.0, None), (2.0, [0.0, 1.0]), (2.0, [0.3, 1.0])]
     for r in rows:
         m = r["metrics"]["domain"]
         assert set(m) == {"fd", "precision", "recall", "density", "coverage"} and 0 <= r["accuracy"] <= 1
         assert r["num_samples"] == 30 and r["steps"] == 2
         # Classes with at least 2 images among both the 30 references and the 30 samples (3 of each class).
         assert 5 <= len(r["per_class_fd"]) <= 10 and r["per_class_fd_mean"] == pytest.approx(np.mean(list(r["per_class_fd"].values())))
-    assert rows[0]["nfe_per_sample"] == 2 and rows[2]["nfe_per_sample"] == 2  # CFG's [cond; uncond] batch: one NFE
+    assert rows[0]["nfe_per_sample"] == 2 and rows[1]["nfe_per_sample"] == 2  # CFG's [cond; uncond] batch: one NFE
     # The plain table: the floor first, then one line per setting.
     table = fm_in_process("eval", "--ckpt", debug_run, "--data", data, "-n", 12, "--classifier-steps", STEPS, "--steps", 1, "--no-kid")
     assert table.returncode == 0, table.stderr
@@ -324,6 +325,30 @@ def test_missing_feature_weights_are_refused_before_the_classifier_trains(data, 
     with pytest.raises(UsageError, match=message):
         evaluate_fidelity(request, device=torch.device("cpu"))
     assert not features.default_classifier_path(data, 0).exists()
+
+
+def test_cfg_1_rows_of_an_interval_sweep_are_one_run():
+    """`fm eval --cfg 1,2 --guidance-interval 0,1 --guidance-interval 0.2,1` (the README's frontier example) scored cfg 1
+    twice, once per interval, with identical numbers: at weight 1 the interval guides nothing. Reference: the guided
+    velocity itself, which at cfg 1 is the conditional one whatever the interval, and differs by interval at cfg 2."""
+    from fmcli.config import load_config
+    from fmcli.fidelity import distinct_runs, sweep_settings
+    from fmcli.solvers import guided_velocity
+
+    torch.manual_seed(0)
+    weight = torch.randn(4, 4)
+
+    def model(x, t, label):
+        return x @ weight + t[:, None] * (label[:, None].float() - 3)
+
+    x, t = torch.randn(2, 4), torch.tensor(0.1)
+    cond, uncond = {"label": torch.tensor([1, 2])}, {"label": torch.tensor([10, 10])}
+    velocities = {(w, lo): guided_velocity(model, cond, uncond, w, (lo, 1.0))(x, t) for w in (1.0, 2.0) for lo in (0.0, 0.2)}
+    assert torch.equal(velocities[1.0, 0.0], velocities[1.0, 0.2]) and not torch.equal(velocities[2.0, 0.0], velocities[2.0, 0.2])
+
+    base = load_config("debug").sample
+    runs = distinct_runs(sweep_settings(base, [1.0, 2.0], [(0.0, 1.0), (0.2, 1.0)], None))
+    assert [(s.cfg, s.guidance_interval) for s in runs] == [(1.0, None), (2.0, (0.0, 1.0)), (2.0, (0.2, 1.0))]
 
 
 # ------------------------------------------------------------------------------------ during training
