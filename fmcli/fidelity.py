@@ -184,11 +184,13 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     n = len(images) if images is not None else req.num_samples
     if n < req.k + 1:
         raise UsageError(f"{n} {'images in --gen' if images is not None else 'samples'}: the k-NN metrics need more than k={req.k}")
-    extractors = {
+    # The spaces read from weight files first: a missing --dinov2 / --inception stops before the classifier trains.
+    built = {
         s: build_space(s, data=req.data, device=device, classifier=req.classifier, seed=req.classifier_seed, steps=req.classifier_steps,
                        inception=req.inception, dinov2=req.dinov2, log=log)
-        for s in req.spaces
+        for s in sorted(req.spaces, key=lambda space: space == "domain")
     }  # fmt: skip
+    extractors = {s: built[s] for s in req.spaces}
     reference = prepare_reference(req.data, extractors, n, seed=req.split_seed, log=log)
     floor_row = {"ref_count": len(next(iter(reference.ref.values()))), "floor_count": len(next(iter(reference.floor.values()))), **floor(reference, k=req.k, kid=req.kid)}
     if "domain" in extractors:
@@ -226,9 +228,12 @@ def sweep_settings(base, cfgs, intervals, nfes, log=None) -> list:
 
 def distinct_runs(sweep: list, log=None) -> list:
     """The sweep's settings as they run, each once: NFE budgets that buy the same steps (heun at 8 and 9) or guidance
-    scales an unconditional model runs unguided (generate.guidance_that_runs) would give rows of one run, twice."""
+    scales an unconditional model runs unguided (generate.guidance_that_runs) would give rows of one run, twice. At
+    cfg 1 nothing is guided, so a guidance interval changes nothing: such rows read interval null, one row."""
     out = []
     for settings in sweep:
+        if settings.cfg == 1.0 and settings.guidance_interval is not None:
+            settings = settings.model_copy(update={"guidance_interval": None})
         if settings not in out:
             out.append(settings)
         elif log:

@@ -309,6 +309,51 @@ def test_eval_refuses_what_it_cannot_score_before_the_classifier_trains(data, de
     assert not features.default_classifier_path(data, 0).exists() and not features.default_classifier_path(small, 0).exists()
 
 
+@pytest.mark.parametrize("space,flag,message", [
+    ("dinov2", "dinov2", "is not a transformers model directory"),
+    ("inception", "inception", "Inception weights not found"),
+])
+def test_missing_feature_weights_are_refused_before_the_classifier_trains(data, tmp_path, monkeypatch, space, flag, message):
+    """`fm eval --features domain,dinov2 --dinov2 DIR` (the README's example) with no model at DIR trained the domain
+    classifier (a minute, its cache written) and only then said the DINOv2 directory was missing."""
+    from fmcli import features
+    from fmcli.fidelity import EvalRequest, evaluate_fidelity
+
+    monkeypatch.setattr(features, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the weights were checked"))
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    for i, img in enumerate(np.load(data / "x.npy")[:8]):
+        Image.fromarray(img.transpose(1, 2, 0)).save(folder / f"{i:06d}.png")
+    request = EvalRequest(data=data, gen=folder, spaces=("domain", space), **{flag: str(tmp_path / "nothing")})
+    with pytest.raises(UsageError, match=message):
+        evaluate_fidelity(request, device=torch.device("cpu"))
+    assert not features.default_classifier_path(data, 0).exists()
+
+
+def test_cfg_1_rows_of_an_interval_sweep_are_one_run():
+    """`fm eval --cfg 1,2 --guidance-interval 0,1 --guidance-interval 0.2,1` (the README's frontier example) scored cfg 1
+    twice, once per interval, with identical numbers: at weight 1 the interval guides nothing. Reference: the guided
+    velocity itself, which at cfg 1 is the conditional one whatever the interval, and differs by interval at cfg 2."""
+    from fmcli.config import load_config
+    from fmcli.fidelity import distinct_runs, sweep_settings
+    from fmcli.solvers import guided_velocity
+
+    torch.manual_seed(0)
+    weight = torch.randn(4, 4)
+
+    def model(x, t, label):
+        return x @ weight + t[:, None] * (label[:, None].float() - 3)
+
+    x, t = torch.randn(2, 4), torch.tensor(0.1)
+    cond, uncond = {"label": torch.tensor([1, 2])}, {"label": torch.tensor([10, 10])}
+    velocities = {(w, lo): guided_velocity(model, cond, uncond, w, (lo, 1.0))(x, t) for w in (1.0, 2.0) for lo in (0.0, 0.2)}
+    assert torch.equal(velocities[1.0, 0.0], velocities[1.0, 0.2]) and not torch.equal(velocities[2.0, 0.0], velocities[2.0, 0.2])
+
+    base = load_config("debug").sample
+    runs = distinct_runs(sweep_settings(base, [1.0, 2.0], [(0.0, 1.0), (0.2, 1.0)], None))
+    assert [(s.cfg, s.guidance_interval) for s in runs] == [(1.0, None), (2.0, (0.0, 1.0)), (2.0, (0.2, 1.0))]
+
+
 # ------------------------------------------------------------------------------------ during training
 
 

@@ -50,7 +50,7 @@ def sample(
       fm sample --ckpt runs/quickstart -n 16 --solver heun --steps 20 --out grid.png --gif trajectory.gif
       fm sample --ckpt runs/quickstart --solver dopri5 --rtol 1e-4 --atol 1e-4 --out grid.png --json
       fm sample --ckpt runs/quickstart --solver euler-sde --sde-noise 1 --steps 32 --out sde.png
-      fm sample --ckpt runs/quickstart --cfg 2 --guide-ckpt runs/quickstart/checkpoints/step-0000950.pt --out auto.png
+      fm sample --ckpt runs/quickstart --cfg 2 --guide-ckpt runs/short --out auto.png   # guide: a shorter run of the same data
       fm sample --ckpt runs/quickstart-text --prompt "a red circle on a black background" -n 8 --out red.png
       echo "a blue star on a white background" | fm sample --ckpt runs/quickstart-text --prompts - --out star.png
     """

@@ -102,19 +102,19 @@ def env_command(
 @app.command()
 def plot(
     *,
-    run_dir: Annotated[Path, typer.Argument(help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json`.")],
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (reads RUN_DIR/metrics.jsonl), or the JSON of `fm fid --nfe ... --json` or `fm eval ... --json`.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output image (.png, .svg, .pdf); default RUN_DIR/loss.png (refreshed) or SWEEP.png.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file (or an existing SWEEP.png).")] = False,
     y_metric: Annotated[Optional[str], typer.Option("--y", help="fm eval sweeps only: recall (default), precision, coverage, density, fd or kid against accuracy.")] = None,
 ):
     """Plot loss and learning-rate curves (and FID or FD/precision/recall/coverage/accuracy when logged) from a
-    run's metrics.jsonl, FID against NFE from `fm fid --nfe` sweeps (one curve per solver/guidance), or the
+    run's metrics.jsonl, FID against NFE from `fm fid --nfe` sweeps (one curve per appended sweep), or the
     frontier of an `fm eval` sweep: recall (or --y fd ...) against conditional accuracy (needs matplotlib).
 
     Examples:
       fm plot runs/quickstart
       fm plot runs/cifar10 --out cifar10-curves.png
-      fm fid --ckpt runs/quickstart -n 500 --ref data/shapes --features tiny --nfe 2,4,8,16 --solver heun --json >> sweep.json
+      fm fid --ckpt runs/quickstart -n 500 --ref data/shapes-32-n20000-s0 --features tiny --nfe 2,4,8,16 --solver heun --json >> sweep.json
       fm plot sweep.json
       fm eval --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 500 --cfg 1,2,3,4 --json > frontier.json
       fm plot frontier.json --y fd --out frontier-fd.png
@@ -150,7 +150,7 @@ def demo(
     Examples:
       fm demo --ckpt runs/quickstart
       fm demo --ckpt runs/quickstart-text --port 8080
-      fm demo --ckpt runs/quickstart --guide-ckpt runs/quickstart/checkpoints/step-0000950.pt   # offers autoguidance
+      fm demo --ckpt runs/quickstart --guide-ckpt runs/short   # offers autoguidance (a shorter run of the same data)
     """
 
     from ..demo import launch_demo
