@@ -225,8 +225,8 @@ class BudgetFallback(Strict):
         for item in items:
             if "=" not in item or not (key := parse_override(item)[0]).startswith(FALLBACK_KEY_PREFIXES):
                 raise ValueError(f"{item!r}: a fallback sets model.*, optim.*, flow.*, sample.* or train.global_batch_size/micro_batch_size/steps/ema_decay as KEY=VALUE")
-        try:  # here, not only when the fallback's config is built: a dropped fallback is checked too (keys exist, each once)
-            _overrides_layer(items, label="")
+        try:  # here, not only when the fallback's config is built: a dropped fallback is checked too (keys exist)
+            _overrides_layer(items, label="", once=False)  # each key once: load_config (a stored config still loads)
         except UsageError as err:
             raise ValueError(str(err)) from None
         return items
@@ -641,8 +641,33 @@ def load_config(preset: str | None, overrides: list[str] | None = None, note=Non
     `note(line)` hears of a setting the overrides switched off along with another (the budget's fallback)."""
     raw = _read_preset(preset) if preset is not None else {}  # --preset "" (an unset $VAR) is an unknown preset, not the defaults
     raw = _apply_layer(raw, _overrides_layer(overrides or []))
+    _refuse_repeated_fallback_keys(raw, preset or "defaults")
     _drop_overridden_fallback(raw, overrides or [], note or (lambda line: None), preset or "defaults")
     return validate_config(raw, source=preset or "defaults")
+
+
+def _refuse_repeated_fallback_keys(raw: dict, source: str) -> None:
+    """A key given twice in train.budget_fallback.overrides (a preset's or a --set's) is refused naming both values.
+    Here, where a config is written, not in BudgetFallback's validator: a checkpoint's config from before this rule
+    (its fallback took the last value) must still load to be sampled, exported or resumed."""
+    train = raw.get("train")
+    fallback = train.get("budget_fallback") if isinstance(train, dict) else None
+    items = fallback.get("overrides") if isinstance(fallback, dict) else None
+    if isinstance(items, list) and (repeated := _repeated_key([item for item in items if isinstance(item, str)])):
+        raise UsageError(f"invalid config ({source}): train.budget_fallback.overrides: {repeated}: give it once")
+
+
+def _repeated_key(items: list[str]) -> str | None:
+    """'KEY is given twice (A and B)' for the first key two KEY=VALUE items both set, else None."""
+    given: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            continue  # not an item: parse_override or the fallback's validator says so
+        key = item.split("=", 1)[0].strip()
+        if key in given:
+            return f"{key} is given twice ({' and '.join(text.split('=', 1)[1].strip() for text in (given[key], item))})"
+        given[key] = item
+    return None
 
 
 def _drop_overridden_fallback(raw: dict, overrides: list[str], note, source: str) -> None:
@@ -703,7 +728,7 @@ def budget_fallback_config(cfg: Config) -> Config:
         return f"train.budget_fallback.overrides do not make a valid config: {detail} (--set train.budget_fallback=null trains without it)"
 
     try:
-        layer = _overrides_layer(cfg.train.budget_fallback.overrides)
+        layer = _overrides_layer(cfg.train.budget_fallback.overrides, once=False)  # each once where written (load_config)
     except UsageError as err:
         raise ValueError(message(str(err))) from None
     return validated(Config, _apply_layer(raw, layer), lambda where, problem: message(f"{where}: {problem}"), error=ValueError)
@@ -716,16 +741,15 @@ def apply_overrides(cfg: Config, overrides: list[str], allowed: set[str] | None 
     return validate_config(raw, source="--set")
 
 
-def _overrides_layer(overrides: list[str], allowed: set[str] | None = None, label: str = "--set ") -> dict:
-    """The `--set` items as one nested dict, applied on top of the preset like one more preset file; a key given
-    twice is an error (`label` names where the items came from)."""
+def _overrides_layer(overrides: list[str], allowed: set[str] | None = None, label: str = "--set ", once: bool = True) -> dict:
+    """The `--set` items as one nested dict, applied on top of the preset like one more preset file; with `once`
+    a key given twice is an error (`label` names where the items came from), else the last one wins."""
     layer: dict = {}
     given: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
-        if key in given:  # not "the last one wins": one of the two values would be silently dropped
-            values = " and ".join(text.split("=", 1)[1].strip() for text in (given[key], item))
-            raise UsageError(f"{label}{key} is given twice ({values}): give it once")
+        if once and key in given:  # not "the last one wins": one of the two values would be silently dropped
+            raise UsageError(f"{label}{_repeated_key([given[key], item])}: give it once")
         given[key] = item
         annotation = _check_key_exists(key.split("."), key)  # a typo is an unknown setting, on a resume too (not a "change")
         if value is not None and not isinstance(value, str) and _is_text_setting(annotation):

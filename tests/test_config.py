@@ -364,6 +364,23 @@ def test_a_key_set_twice_is_refused_naming_it_and_both_values(tmp_path, debug_ru
     assert (cfg.train.steps, cfg.train.log_every, cfg.model.depth, cfg.model.hidden_size) == (5, 7, 3, 384)
 
 
+def test_a_stored_config_whose_fallback_repeats_a_key_still_loads_with_the_last_value(tmp_path):
+    """Runs trained before keys had to be given once kept a preset's train.budget_fallback.overrides as written in
+    their checkpoints' config; repeating a key there made every later `fm sample/export/resume` of the run fail
+    ("given twice"). A stored config still loads, its fallback the last value as that run knew it (train.steps 3,
+    by hand); a preset or --set that repeats a key is still refused where the config is written."""
+    from fmcli.config import budget_fallback_config, config_to_dict, validate_config
+
+    stored = config_to_dict(load_config("debug", ["train.budget_minutes=5"]))
+    stored["train"]["budget_fallback"] = {"min_steps": 2, "overrides": ["train.steps=2", "optim.lr=1e-3", "train.steps=3"]}
+    cfg = validate_config(json.loads(json.dumps(stored)), source="step-0000004.pt")
+    assert cfg.train.budget_fallback.overrides == ["train.steps=2", "optim.lr=1e-3", "train.steps=3"]
+    assert (budget_fallback_config(cfg).train.steps, budget_fallback_config(cfg).optim.lr) == (3, 1e-3)
+    sets = ["train.budget_minutes=5", "train.budget_fallback={min_steps=2, overrides=['train.steps=2', 'train.steps=3']}"]
+    with pytest.raises(UsageError, match=r"^invalid config \(debug\): train.budget_fallback.overrides: train.steps is given twice \(2 and 3\)"):
+        load_config("debug", sets)
+
+
 def test_an_empty_preset_name_is_refused_not_the_defaults():
     """`fm train --preset "$PRESET"` with the variable unset passed "" and trained every default (a DiT-S for
     1000 steps named "run"); "" is now an unknown preset (exit 2), as any name that is not one."""
