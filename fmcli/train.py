@@ -95,10 +95,15 @@ def check_coupled_micro_batch(cfg: Config, state: dict, micro: int, world: int, 
         saved = cfg.train.micro_batch_size or cfg.train.global_batch_size // saved_world
     if saved is None or int(saved) == micro:
         return
-    todo = (f"resume with --nproc {saved_world} (or --gpus {saved_world})" if saved_world != world
-            else "resume where its train.micro_batch_size='auto' was tuned (the run's autotune.json, the same kind of device)")
-    raise UsageError(f"{path} trained flow.coupling={cfg.flow.coupling} on micro-batches of {saved} images per process ({saved_world} processes); "
-                     f"this resume's would be {micro} ({world} processes), another coupling: {todo}")
+    def processes(n: int) -> str:
+        return "1 process" if n == 1 else f"{n} processes"
+
+    if saved_world == world:
+        todo = "resume where its train.micro_batch_size='auto' was tuned (the run's autotune.json, the same kind of device)"
+    else:
+        todo = "resume in one process (without --nproc/--gpus)" if saved_world == 1 else f"resume with --nproc {saved_world} (or --gpus {saved_world})"
+    raise UsageError(f"{path} trained flow.coupling={cfg.flow.coupling} on micro-batches of {saved} images per process ({processes(saved_world)}); "
+                     f"this resume's would be {micro} ({processes(world)}), another coupling: {todo}")
 
 
 def init_weights(step_fn: TrainingStep, source: str) -> None:
