@@ -23,7 +23,7 @@ from fmcli.bench import dit_forward_flops, measure_bench, peak_flops
 from fmcli.config import resolve_without_data as resolve_bench_config
 from fmcli.models import build_bench_model
 from fmcli.hardware import autocast as _autocast
-from fmcli.config import config_to_dict, load_config
+from fmcli.config import config_to_dict, load_config, overrides_with
 
 DIT_S2 = ["model.hidden_size=384", "model.depth=12", "model.heads=6", "model.patch_size=2", "model.mlp_ratio=4.0",
           "model.image_size=32", "model.in_channels=4", "model.num_classes=10", "sample.steps=50", "sample.cfg=2.0",
@@ -47,7 +47,7 @@ def main() -> int:
     if args.interleave:
         return interleaved(args)
 
-    cfg = resolve_bench_config(load_config("quickstart", DIT_S2 + args.overrides))
+    cfg = resolve_bench_config(load_config("quickstart", overrides_with(DIT_S2, args.overrides)))
     dev = torch.device(args.device)
     run = (lambda spec: measure_isolated(spec, measure_bench)) if dev.type == "cpu" else measure_bench
     base = BenchSpec(config=config_to_dict(cfg), batch=args.batch, mode=args.mode, steps=args.steps, warmup=args.warmup, device=dev.type)
@@ -84,7 +84,7 @@ def interleaved(args) -> int:
     """Paired timing: each fm step is followed (or preceded) by a diffusers step, so both see the same load."""
     import time
 
-    cfg = resolve_bench_config(load_config("quickstart", DIT_S2 + args.overrides))
+    cfg = resolve_bench_config(load_config("quickstart", overrides_with(DIT_S2, args.overrides)))
     dev = torch.device(args.device)
     m = cfg.model
     report = {"device": device_name(dev), "batch": args.batch, "pairs": args.interleave, "mode": "interleaved", "precisions": {}}

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 from shape_accuracy import cached_classifier  # noqa: E402
 
+from fmcli.config import overrides_with  # noqa: E402
 from fmcli.generate import class_grid_samples, load_for_sampling  # noqa: E402
 
 
@@ -65,8 +66,8 @@ def main() -> int:
         wall = fm("reflow", "--ckpt", args.teacher, "--num-pairs", args.pairs, "--solver", "heun", "--steps", args.pair_steps, "--out", pairs)
         emit({"made": "pairs", "count": args.pairs, "seconds": wall})
     students = {
-        "2rf": ("quickstart", ["flow.coupling=pairs", "flow.cond_dropout=0", "flow.time_sampler=uniform", "flow.shift=1", "sample.cfg=1", "sample.steps=4", "optim.lr=1e-3", *args.rf_set]),
-        "meanflow": ("quickstart-meanflow", args.mf_set),
+        "2rf": ("quickstart", ["flow.coupling=pairs", "flow.cond_dropout=0", "flow.time_sampler=uniform", "flow.shift=1", "sample.cfg=1", "sample.steps=4", "optim.lr=1e-3"]),
+        "meanflow": ("quickstart-meanflow", []),
     }
     for name, (preset, extra) in students.items():
         run = work / name
@@ -74,7 +75,9 @@ def main() -> int:
             continue
         steps = 10**6 if args.minutes else args.steps
         budget = [f"train.budget_minutes={args.minutes}"] if args.minutes else []
-        items = [f"train.init_from='{args.teacher}'", f"train.steps={steps}", *budget, f"train.sample_every={steps}", f"train.checkpoint_every={steps}", *extra]
+        user = args.rf_set if name == "2rf" else args.mf_set  # the user's --*-set replace the script's own settings
+        base = [f"train.init_from='{args.teacher}'", f"train.steps={steps}", *budget, f"train.sample_every={steps}", f"train.checkpoint_every={steps}", *extra]
+        items = overrides_with(base, user)
         wall = fm("train", "--preset", preset, "--data", pairs, "--run-dir", run, *[a for item in items for a in ("--set", item)])
         emit({"trained": name, "preset": preset, "overrides": items, "seconds": wall, "steps": load_for_sampling(str(run), torch.device("cpu"), with_encoders=False).step})
 

@@ -24,7 +24,7 @@ from benchmarks.compare_diffusers import DIT_S2
 from fmcli.bench import measure_bench as measure
 from fmcli.measure import BenchSpec
 from fmcli.config import resolve_without_data as resolve_bench_config
-from fmcli.config import config_to_dict, load_config
+from fmcli.config import config_to_dict, load_config, overrides_with
 from fmcli.models import dit
 
 
@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--variants", default="diffusers,old,old+unbind,old+poscast,new,new+split3")
     args = ap.parse_args()
-    cfg = resolve_bench_config(load_config("quickstart", DIT_S2 + ["sample.steps=20"] + args.overrides))
+    cfg = resolve_bench_config(load_config("quickstart", overrides_with(DIT_S2 + ["sample.steps=20"], args.overrides)))
     base = BenchSpec(config=config_to_dict(cfg), batch=args.batch, mode="both", steps=args.steps, warmup=3, device=args.device)
     if args.device == "cuda":
         m = cfg.model

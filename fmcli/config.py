@@ -657,6 +657,13 @@ def _refuse_repeated_fallback_keys(raw: dict, source: str) -> None:
         raise UsageError(f"invalid config ({source}): train.budget_fallback.overrides: {repeated}: give it once")
 
 
+def overrides_with(base: list[str], extra: list[str]) -> list[str]:
+    """`base` KEY=VALUE items, less those whose key `extra` sets, then `extra`: for scripts whose own settings a
+    user's --set replaces (load_config refuses a key given twice)."""
+    keys = {item.split("=", 1)[0].strip() for item in extra if "=" in item}
+    return [item for item in base if item.split("=", 1)[0].strip() not in keys] + list(extra)
+
+
 def _repeated_key(items: list[str]) -> str | None:
     """'KEY is given twice (A and B)' for the first key two KEY=VALUE items both set, else None."""
     given: dict[str, str] = {}

@@ -419,3 +419,14 @@ def test_resume_refuses_another_precision_saying_how_to_train_at_it():
     refusal names the way that exists, a new run from its weights."""
     with pytest.raises(UsageError, match=r"cannot change when resuming: .*--set train.init_from=CHECKPOINT"):
         apply_overrides(load_config("debug"), ["train.precision=fp32"], allowed=RESUME_SAFE_KEYS)
+
+
+def test_a_scripts_own_settings_give_way_to_the_users_set_of_the_same_key():
+    # The benchmark scripts pass their own settings and then the user's --set; load_config refuses a key twice, so a
+    # user's key must replace the script's (as it did when the last value won) rather than crash the script.
+    from fmcli.config import load_config, overrides_with
+
+    items = overrides_with(["optim.lr=1e-3", "train.steps=5"], ["optim.lr = 5e-4", "model.depth=2"])
+    assert items == ["train.steps=5", "optim.lr = 5e-4", "model.depth=2"]
+    cfg = load_config("quickstart", items)
+    assert (cfg.optim.lr, cfg.train.steps, cfg.model.depth) == (5e-4, 5, 2)
