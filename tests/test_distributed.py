@@ -25,8 +25,10 @@ def losses(run_dir):
 
 
 def train_args(data, run_dir, steps, *extra):
-    return ["train", "--preset", "debug", "--data", data, "--run-dir", run_dir, "--set", f"train.steps={steps}",
-            "--set", "train.log_every=1", "--set", "train.checkpoint_every=0", *extra]
+    # A test's own --set of a default here replaces it (fm refuses a key given twice).
+    given = {extra[i + 1].split("=", 1)[0] for i, a in enumerate(extra[:-1]) if a == "--set"}
+    defaults = [item for item in (f"train.steps={steps}", "train.log_every=1", "train.checkpoint_every=0") if item.split("=", 1)[0] not in given]
+    return ["train", "--preset", "debug", "--data", data, "--run-dir", run_dir, *[a for item in defaults for a in ("--set", item)], *extra]
 
 
 def test_two_processes_match_one_and_resume_exactly(tmp_path, shapes16):

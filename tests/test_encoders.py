@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import QuietLog, fm_in_process
-from fmcli.config import load_config
+from fmcli.config import load_config, overrides_with
 from fmcli.encoders import FrozenTextEncoder, FrozenVAE, TextConditioning, build_tiny_text_encoder
 from fmcli.errors import UsageError
 from fmcli.generate import sample_batch
@@ -221,7 +221,7 @@ def test_text_training_encodes_captions_on_the_fly(tmp_path, tiny_t5):
     from fmcli.train import train
 
     data = prepare_shapes(tmp_path / "shapes", size=8, count=16, seed=0)
-    settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4"]
+    settings = overrides_with([s for s in TEXT_SETTINGS if s != "--set"], [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4"])
     cfg = apply_overrides(load_config("quickstart-text"), settings)
     result = train(cfg, tmp_path / "run", log=QuietLog())
     assert result.step == 2 and all(np.isfinite(result.losses))
@@ -563,8 +563,8 @@ def test_fid_of_a_text_model_is_refused_before_the_reference_pass(tmp_path, tiny
     from fmcli.train import train
 
     data = prepare_shapes(tmp_path / "shapes", size=8, count=8, seed=0)
-    settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
-                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1"]  # fmt: skip
+    settings = overrides_with([s for s in TEXT_SETTINGS if s != "--set"], [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
+                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1"])  # fmt: skip
     train(apply_overrides(load_config("quickstart-text"), settings), tmp_path / "run", log=QuietLog())
     res = fm_in_process("fid", "--ckpt", str(tmp_path / "run"), "--ref", str(data), "-n", "4", "--features", "tiny", "--steps", "1")
     assert res.returncode == 2, res.stderr
@@ -609,8 +609,8 @@ def test_eval_every_on_a_text_model_points_to_what_scores_it_not_to_refused_sett
             self.lines.append(message)
 
     data = prepare_shapes(tmp_path / "shapes", size=8, count=8, seed=0)
-    settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
-                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1", "eval.every=1"]  # fmt: skip
+    settings = overrides_with([s for s in TEXT_SETTINGS if s != "--set"], [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
+                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1", "eval.every=1"])  # fmt: skip
     log = Recording()
     train(apply_overrides(load_config("quickstart-text"), settings), tmp_path / "run", log=log)
     note = [line for line in log.lines if "eval.every=1" in line]
@@ -632,8 +632,8 @@ def test_fm_export_readme_of_a_text_model_samples_as_written(tmp_path, tiny_t5, 
     from fmcli.train import train
 
     data = prepare_shapes(tmp_path / "shapes", size=8, count=8, seed=0)
-    settings = [s for s in TEXT_SETTINGS if s != "--set"] + [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
-                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1", "sample.steps=1"]  # fmt: skip
+    settings = overrides_with([s for s in TEXT_SETTINGS if s != "--set"], [f"data.path={data}", f"encoders.text_encoder={tiny_t5}", "model.patch_size=4",
+                                                             "train.steps=1", "train.sample_every=0", "sample.grid_size=1", "sample.steps=1"])  # fmt: skip
     train(apply_overrides(load_config("quickstart-text"), settings), tmp_path / "run", log=QuietLog())
     export_checkpoint(tmp_path / "run", tmp_path / "exported", "fm")
     lines = [line.strip() for line in (tmp_path / "exported" / "README.md").read_text().splitlines() if line.strip().startswith("fm sample")]

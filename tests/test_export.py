@@ -10,7 +10,7 @@ import torch
 
 from conftest import fm_in_process
 from fmcli.checkpoint import save_atomic
-from fmcli.config import config_to_dict, load_config
+from fmcli.config import config_to_dict, load_config, overrides_with
 from fmcli.errors import UsageError
 from fmcli.export import export_checkpoint, load_export
 from fmcli.generate import initial_noise, load_for_sampling, sample_batch
@@ -21,7 +21,7 @@ NUM_CLASSES = 5
 
 def make_checkpoint(path, overrides=(), seed=0):
     """A checkpoint of a tiny model whose every weight is random: adaLN-Zero's zero init would hide mapping errors."""
-    cfg = load_config("debug", ["model.image_size=16", "model.in_channels=3", f"model.num_classes={NUM_CLASSES}", *overrides])
+    cfg = load_config("debug", overrides_with(["model.image_size=16", "model.in_channels=3", f"model.num_classes={NUM_CLASSES}"], list(overrides)))
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 from conftest import fm_in_process, run_fm
 from fmcli import reflow as reflow_mod
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint, save_atomic
-from fmcli.config import SampleConfig, config_to_dict, load_config, validate_config
+from fmcli.config import SampleConfig, config_to_dict, load_config, overrides_with, validate_config
 from fmcli.data.dataset import PreparedDataset, PreparedWriter
 from fmcli.distributed import DistContext
 from fmcli.errors import UsageError
@@ -246,7 +246,7 @@ def test_pairs_training_resumes_bit_exactly_and_starts_from_the_teacher(teacher,
     a, b = (load_checkpoint(resolve_checkpoint(tmp_path / d)) for d in ("straight", "split"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # init_from: one step at a negligible learning rate leaves the teacher's EMA weights.
-    tiny = train(load_config("debug", [*common, "train.steps=1", "optim.lr=1e-12"]), tmp_path / "init")
+    tiny = train(load_config("debug", overrides_with(common, ["train.steps=1", "optim.lr=1e-12"])), tmp_path / "init")
     got = load_checkpoint(tiny.checkpoint)["model"]
     for k, v in teacher.model.state_dict().items():
         torch.testing.assert_close(got[k], v, atol=1e-9, rtol=0)
