@@ -428,6 +428,8 @@ RESUME_SAFE_KEYS = {
     "eval.ref",
     "eval.features",
     "eval.inception",
+    "eval.classifier",  # like the encoders' paths, the evaluation's weight files may move between sessions
+    "eval.dinov2",
     "eval.inception_unverified",
     "sample.guidance",  # only the sample grids use it; lets a run saved with "auto" (refused in training) resume
     "encoders.vae",  # the frozen encoders' local paths may move between sessions

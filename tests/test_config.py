@@ -102,6 +102,9 @@ def test_every_preset_validates():
 def test_resume_refuses_unsafe_overrides():
     cfg = load_config("debug")
     assert apply_overrides(cfg, ["train.steps=99"], allowed=RESUME_SAFE_KEYS).train.steps == 99
+    # The evaluation's weight files may move between sessions, as eval.inception's and the encoders' may.
+    moved = apply_overrides(cfg, ["eval.classifier='/new/clf.pt'", "eval.dinov2='/new/dinov2'"], allowed=RESUME_SAFE_KEYS)
+    assert (moved.eval.classifier, moved.eval.dinov2) == ("/new/clf.pt", "/new/dinov2")
     with pytest.raises(UsageError, match="optim.lr"):
         apply_overrides(cfg, ["optim.lr=1.0"], allowed=RESUME_SAFE_KEYS)
 
