@@ -205,6 +205,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
             "step": loaded.step, **settings_record(settings), **sampling_record(loaded),
             "nfe_per_sample": generated.nfe_per_sample, **nfe_fields(generated.nfe_per_sample, generated.nfe_max),
             "gen_seconds": round(generated.gen_seconds, 3), "num_samples": n, "seed": req.seed,
+            **({"guide_ckpt": str(req.guide_ckpt)} if settings.guidance == "auto" else {}),  # the guide that ran, as fm fid's rows name it
             **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row,
         })  # fmt: skip
     return floor_row, rows
