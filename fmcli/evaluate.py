@@ -659,7 +659,7 @@ def _settings_for_nfe(sample_cfg, nfe: int):
 
 def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest, *, device, out, ctx, progress_factory) -> FidResult:
     """Generate `req.num_samples` (sharded over the ranks of `ctx`) and score them against the reference."""
-    from .generate import sampling_record, settings_record
+    from .generate import guide_record, sampling_record, settings_record
 
     generated = sharded_features(
         loaded, req.num_samples, {"fid": extractor}, seed=req.seed, sample_cfg=sample_cfg, batch_size=req.batch_size, device=device, ctx=ctx,
@@ -667,9 +667,8 @@ def _score_checkpoint(loaded, sample_cfg, ref_stats, extractor, req: FidRequest,
     )  # fmt: skip
     gen_stats = statistics_of(generated.feats["fid"], extractor.name, generated.image_size, keep_features=req.kid)
     # Every setting that tells this row's curve from another's (fm plot keeps them apart): the checkpoint, the interval, ...
-    extra = {**settings_record(sample_cfg), "seed": req.seed, "step": loaded.step, **sampling_record(loaded), "ckpt": str(req.ckpt)}
-    if sample_cfg.guidance == "auto":
-        extra.update(guide_ckpt=str(req.guide_ckpt))
+    extra = {**settings_record(sample_cfg), "seed": req.seed, "step": loaded.step, **sampling_record(loaded), "ckpt": str(req.ckpt),
+             **guide_record(sample_cfg, req.guide_ckpt)}  # fmt: skip
     scored = FidResult(
         fid=frechet_distance(gen_stats, ref_stats), num_samples=gen_stats.count, ref_count=ref_stats.count, features=extractor.name,
         gen_seconds=generated.gen_seconds, nfe_per_sample=generated.nfe_per_sample, nfe_max=generated.nfe_max, extra=extra,

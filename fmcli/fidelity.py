@@ -168,7 +168,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     also carries the floor (key "floor"), so that each JSON row stands on its own."""
     from .data.dataset import validate_prepared
     from .features import build_space
-    from .generate import guidance_that_runs, nfe_fields, sampling_record, settings_record
+    from .generate import guidance_that_runs, guide_record, nfe_fields, sampling_record, settings_record
 
     validate_prepared(req.data)  # as `fm train` does, before the classifier reads it: a damaged dataset is one line
     loaded = base = None
@@ -207,6 +207,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
             "step": loaded.step, **settings_record(settings), **sampling_record(loaded),
             "nfe_per_sample": generated.nfe_per_sample, **nfe_fields(generated.nfe_per_sample, generated.nfe_max),
             "gen_seconds": round(generated.gen_seconds, 3), "num_samples": n, "seed": req.seed,
+            **guide_record(settings, req.guide_ckpt),  # the guide that ran, as fm fid's rows name it
             **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row,
         })  # fmt: skip
     return floor_row, rows

@@ -491,7 +491,7 @@ def class_grid_command(ckpt: str, out: Path, *, per_class: int, sample_overrides
     path = save_image_atomic(class_grid_image(images, per_class, class_names_of(loaded)), out)
     return {
         "path": str(path), "classes": loaded.num_classes, "samples_per_class": per_class, **nfe_record(nfes), "seconds": round(time.perf_counter() - start, 3),
-        **sampling_record(loaded), **settings_record(sample_cfg), "seed": seed,
+        **sampling_record(loaded), **settings_record(sample_cfg), **guide_record(sample_cfg, guide_ckpt), "seed": seed,
     }  # fmt: skip
 
 
@@ -520,6 +520,12 @@ def settings_record(sample_cfg) -> dict:
     if zero_init:  # at cfg 1 nothing is guided, so no step is zeroed
         out.update(zero_init_steps=sample_cfg.zero_init_steps)
     return out
+
+
+def guide_record(sample_cfg, guide_ckpt) -> dict:
+    """`guide_ckpt`, the autoguidance guide, in every `--json` row whose guidance is auto (fm sample, class-grid,
+    fid, eval); {} otherwise."""
+    return {"guide_ckpt": str(guide_ckpt)} if sample_cfg.guidance == "auto" else {}
 
 
 def nfe_record(batches: list[tuple[int, int]]) -> dict:
@@ -658,6 +664,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         "seconds": round(time.perf_counter() - start, 3),  # compiling included (it happens at the first batch)
         **sampling_record(loaded),  # precision, compile: what ran
         **settings_record(sample_cfg),  # solver, steps, cfg, guidance, ...: what ran
+        **guide_record(sample_cfg, guide_ckpt),
         "seed": seed,
     }
 

@@ -139,6 +139,7 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
     # When the command began (train.budget_minutes counts from here); our relaunched ranks inherit it.
     started_at = float(os.environ.get(STARTED_AT_ENV) or time.time())
     if launch["gpus"]:
+        refuse_device_beside_gpus(cfg.train.device, resumed=ckpt is not None)
         D.check_gpus(launch["gpus"])
         cfg = cfg.with_section("train", device="cuda")
     if cfg.data.path:
@@ -162,6 +163,18 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
     from .train import train
 
     return train(cfg, run_dir, resume_from=ckpt, stop_at_step=stop_at_step, started_at=started_at).checkpoint
+
+
+def refuse_device_beside_gpus(device: str, resumed: bool) -> None:
+    """--gpus N trains on CUDA: a train.device of cpu (or mps) beside it would be replaced, silently, so it is
+    refused, as `on_ranks` refuses --device cpu beside --gpus for sampling (before any CUDA is touched)."""
+    if device in ("auto", "cuda"):
+        return
+    if resumed:  # train.device is the run's own, and not a resume-safe key
+        raise UsageError(f"--gpus N trains on CUDA GPUs, but this run's config has train.device={device}, which a resume keeps: "
+                         "resume with --nproc N (CPU processes) or without --gpus")
+    raise UsageError(f"--gpus N trains on CUDA GPUs, so train.device={device} would be ignored: drop --set train.device={device} "
+                     "(or use --nproc N for CPU processes)")
 
 
 # What a launch writes before the run's own files: a launch that failed before them left no run behind.

@@ -31,7 +31,7 @@ from . import distributed as D
 from .data.dataset import PreparedWriter, refuse_unreplaceable
 from .fsutil import atomic_write, refuse_existing, write_text_atomic
 from .errors import UsageError
-from .generate import class_conditions, nfe_record, sample_batch, sampling_record
+from .generate import class_conditions, nfe_record, sample_batch, sampling_record, settings_record
 from .solvers import SDE_SOLVERS, SOLVERS, check_solver_for_model
 from .seeding import STREAMS, normal
 
@@ -68,6 +68,12 @@ class ReflowSummary:
     nfe: float  # network evaluations per pair, the mean over all pairs (a CFG pair of passes counts once): generate.nfe_fields
     nfe_max: int  # the most any pair took (dopri5 chooses its steps per chunk, so its chunks differ)
     seconds: float
+    settings: dict  # what ran (`settings_record`, seed, precision, compile), as every sampling command's --json row has it
+
+    def row(self) -> dict:
+        """The `--json` row: the summary with its settings inline."""
+        row = asdict(self)
+        return {**row, **row.pop("settings")}
 
 
 def reflow_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
@@ -212,11 +218,14 @@ def generate_pairs(
     D.barrier(ctx)
     if ctx.rank != 0:
         return None
-    path, nfe = _assemble(work, out, loaded, plan, n_chunks, prompts, force)
+    # What ran, as every sampling command records it (steps null for dopri5, the guidance and its interval); the
+    # plan's own fields stay as they were, so that an interrupted run of an older fm still matches its plan.json.
+    settings = {**settings_record(sample_cfg), "seed": seed, **sampling_record(loaded)}
+    path, nfe = _assemble(work, out, loaded, plan, n_chunks, prompts, force, settings)
     shutil.rmtree(work, ignore_errors=True)
     return ReflowSummary(
         path=str(path), count=num_pairs, chunks_solved=sum(s for s, _ in counts), chunks_reused=sum(r for _, r in counts),
-        **nfe, seconds=round(time.perf_counter() - start, 3),
+        **nfe, seconds=round(time.perf_counter() - start, 3), settings=settings,
     )
 
 
@@ -256,9 +265,10 @@ def _save_part(path: Path, **arrays) -> None:
     atomic_write(path, write)
 
 
-def _assemble(work: Path, out: Path, loaded, plan: ReflowPlan, n_chunks: int, prompts, force: bool) -> tuple[Path, dict]:
-    """Stream the parts in index order into the pairs dataset; returns (its path, `nfe_record` of the chunks:
-    `nfe` the mean per pair, `nfe_max` the most, as every sampling command reports them)."""
+def _assemble(work: Path, out: Path, loaded, plan: ReflowPlan, n_chunks: int, prompts, force: bool, settings: dict) -> tuple[Path, dict]:
+    """Stream the parts in index order into the pairs dataset, whose manifest's `teacher` is the plan with the
+    `settings` that ran over it; returns (its path, `nfe_record` of the chunks: `nfe` the mean per pair, `nfe_max`
+    the most, as every sampling command reports them)."""
     labelled = bool(loaded.num_classes) and not loaded.is_text
     shape = tuple(loaded.shape)
     nfes = []  # (NFE, pairs) of every chunk
@@ -284,6 +294,6 @@ def _assemble(work: Path, out: Path, loaded, plan: ReflowPlan, n_chunks: int, pr
             space=info.get("kind", "pixels"),  # what x1 holds: pixels in [-1, 1] (float) or VAE latents
             vae=info.get("vae"),
             text_encoder=info.get("text_encoder"),
-            teacher={**asdict(plan), **nfe_record(nfes)},
+            teacher={**asdict(plan), **settings, **nfe_record(nfes)},
         )
     return path, nfe_record(nfes)

@@ -76,8 +76,10 @@ def memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def write_run_files(run_dir: Path, config: dict, device: torch.device, world_size: int, hardware: dict) -> None:
-    """config.json (the config trained) and env.json (this machine, the software, how the hardware was chosen)."""
+def write_run_files(run_dir: Path, config: dict, device: torch.device, world_size: int, hardware: dict, resumed_at: int | None = None) -> None:
+    """config.json (the config trained) and env.json (this launch: the machine, the software, how the hardware was
+    chosen). A resume (`resumed_at`: its step) rewrites env.json only: this launch's record, `resumed_at_step`, and
+    the earlier launches' records under `launches` (oldest first), so that it never describes a launch that is over."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -98,8 +100,25 @@ def write_run_files(run_dir: Path, config: dict, device: torch.device, world_siz
         "hardware": hardware,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config)
+    if resumed_at is not None:
+        earlier = _read_env(run_dir / "env.json")
+        env.update(resumed_at_step=resumed_at, launches=[*earlier.pop("launches", []), earlier] if earlier else [])
+    else:
+        write_config(run_dir, config)
     write_text_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+
+
+def _read_env(path: Path) -> dict:
+    """The env.json a resume finds ({} where there is none, or it is damaged: its history is then lost, not the run)."""
+    try:
+        env = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(env, dict):
+        return {}
+    if not isinstance(env.get("launches", []), list):
+        env.pop("launches")
+    return env
 
 
 def write_config(run_dir: Path, config: dict) -> None:

@@ -304,8 +304,8 @@ class Trainer:
             resumed_at = None if self.resume_from is None else self.step
             self.metrics_mark = metrics_end(self.run_dir)
             self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg), resumed_at=resumed_at, log=self.log.info)
-            if self.resume_from is None:
-                write_run_files(self.run_dir, config_to_dict(self.cfg), self.ctx.device, self.ctx.world_size, self.hardware.record(self.budget.snapshot))
+            write_run_files(self.run_dir, config_to_dict(self.cfg), self.ctx.device, self.ctx.world_size, self.hardware.record(self.budget.snapshot),
+                            resumed_at=resumed_at)  # a resume records its own launch in env.json
         D.barrier(self.ctx)
         old_handlers = {}  # SIGINT and SIGTERM ask for a stop at the next step boundary
         for sig in (signal.SIGINT, signal.SIGTERM):

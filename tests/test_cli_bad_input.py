@@ -108,6 +108,13 @@ def w(tmp_path_factory, shapes16, debug_run) -> dict:
     (p["nodata_run"] / "checkpoints").mkdir(parents=True)
     torch.save(state, p["nodata_run"] / "checkpoints" / ckpt.name)
     (p["nodata_run"] / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    # A run configured for the CPU (train.device=cpu, which a resume keeps): --gpus would replace it.
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["train"]["device"] = "cpu"
+    p["cpu_run"] = root / "cpu-run"
+    (p["cpu_run"] / "checkpoints").mkdir(parents=True)
+    torch.save(state, p["cpu_run"] / "checkpoints" / ckpt.name)
+    (p["cpu_run"] / "checkpoints" / "latest").write_text(ckpt.name + "\n")
     p["shared"] = [shapes16, debug_run]
     return p
 
@@ -169,6 +176,8 @@ CASES = [
     ("train-gpus-absent", lambda w: (*TRAIN, "--data", w["data"], "--gpus", "64", "--run-dir", w["root"] / "new-run")),
     ("train-gpus-and-nproc", lambda w: (*TRAIN, "--data", w["data"], "--gpus", "1", "--nproc", "2")),
     ("train-nnodes-without-endpoint", lambda w: (*TRAIN, "--data", w["data"], "--run-dir", w["root"] / "new-run", "--nnodes", "2"), "--rdzv-endpoint"),
+    ("train-gpus-with-device-cpu", lambda w: (*TRAIN, "--data", w["data"], "--gpus", "2", "--run-dir", w["root"] / "new-run"), "train.device=cpu would be ignored"),
+    ("resume-gpus-with-device-cpu", lambda w: ("resume", w["cpu_run"], "--gpus", "2"), "train.device=cpu, which a resume keeps"),
     ("sample-gpus-absent", lambda w: ("sample", "--ckpt", w["run"], "--gpus", "64", "--out", w["root"] / "new.png")),
     ("sample-gpus-with-device-cpu", lambda w: ("sample", "--ckpt", w["run"], "--gpus", "1", "--device", "cpu", "--out", w["root"] / "new.png"), "--device cpu"),
     ("fid-gpus-without-ckpt", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--nproc", "2")),

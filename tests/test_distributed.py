@@ -87,6 +87,19 @@ def test_a_resume_at_another_process_count_continues_the_same_training(tmp_path)
             torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"], rtol=1e-5, atol=1e-6)
 
 
+def test_env_json_describes_the_launch_that_trains_and_keeps_the_earlier_ones(tmp_path, shapes16):
+    """env.json is this launch's machine and software: a run started in one process and resumed as two says
+    world_size 2 (it used to keep the first launch's 1), with the first launch's record kept under `launches`."""
+    first = fm_in_process(*train_args(shapes16, tmp_path / "run", 2))
+    assert first.returncode == 0, first.stderr
+    before = json.loads((tmp_path / "run" / "env.json").read_text())
+    resumed = run_fm("resume", tmp_path / "run", "--nproc", "2", "--set", "train.steps=3")
+    assert resumed.returncode == 0, resumed.stderr
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert (env["world_size"], env["resumed_at_step"], before["world_size"]) == (2, 2, 1)
+    assert env["launches"] == [before]
+
+
 def test_a_resume_that_would_change_the_ot_coupling_batch_is_refused(tmp_path, shapes16):
     """Minibatch OT couples each rank's micro-batch: 8 images per process under --nproc 2 with micro_batch_size
     unset (16 / 2). Resumed in one process it would be 16, another coupling, and the run went on silently with

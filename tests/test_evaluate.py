@@ -380,6 +380,13 @@ def test_fid_json_rows_name_the_checkpoint_and_the_guidance_interval(debug_run, 
     assert res.returncode == 0, res.stderr
     (row,) = json.loads(res.stdout)
     assert (row["ckpt"], row["guidance_interval"], row["sde_noise"], row["cfg"]) == (str(debug_run), [0.25, 1.0], 1.0, 2.0)
+    assert "guide_ckpt" not in row  # cfg guidance: no guide ran
+    from fmcli.checkpoint import resolve_checkpoint
+
+    guide = str(resolve_checkpoint(debug_run))
+    auto = fm_in_process("fid", "--ckpt", debug_run, "-n", 2, "--ref", shapes16, "--features", "tiny", "--steps", 2, "--cfg", "2", "--guide-ckpt", guide, "--json")
+    assert auto.returncode == 0, auto.stderr
+    assert (json.loads(auto.stdout)["guidance"], json.loads(auto.stdout)["guide_ckpt"]) == ("auto", guide)
 
 
 def test_fid_refuses_a_model_of_another_size_before_the_reference_pass(debug_run, tmp_path):

@@ -230,6 +230,7 @@ def test_eval_autoguidance_by_the_model_itself_is_the_unguided_model(data, debug
     plain = _json(fm_in_process(*common, "--cfg", "1"))[0]
     rows = _json(fm_in_process(*common, "--cfg", "2,3", "--guide-ckpt", ckpt))
     assert [(r["guidance"], r["cfg"]) for r in rows] == [("auto", 2.0), ("auto", 3.0)]
+    assert [r.get("guide_ckpt") for r in rows] == [ckpt, ckpt] and "guide_ckpt" not in plain  # each row names the guide that ran, as fm fid's do
     for r in rows:
         assert r["metrics"]["domain"] == pytest.approx(plain["metrics"]["domain"], rel=1e-4, abs=1e-6) and r["accuracy"] == plain["accuracy"]
     guided = _json(fm_in_process(*common, "--cfg", "3", "--guide-ckpt", other))[0]

@@ -335,3 +335,22 @@ def test_an_unconditional_teacher_records_the_guidance_that_ran(tmp_path, capsys
     teacher = json.loads((tmp_path / "guided" / "manifest.json").read_text())["teacher"]
     assert teacher["cfg"] == 1.0
     np.testing.assert_array_equal(np.load(tmp_path / "guided" / "x1.npy"), np.load(tmp_path / "plain" / "x1.npy"))
+
+
+def test_json_row_and_manifest_record_the_settings_that_ran(teacher_ckpt, tmp_path):
+    """`fm reflow --json` carries what every sampling command's row does (solver, steps or rtol/atol, cfg,
+    guidance and its interval, seed, precision, compile), and the manifest's teacher record names the guidance
+    too; dopri5 chooses its own steps, so neither says 50 (the fixed-step default)."""
+    state = load_checkpoint(teacher_ckpt)
+    state["config"]["sample"].update(cfg=2.0, guidance="cfg", guidance_interval=[0.2, 0.9])  # the teacher's own guidance
+    ckpt = tmp_path / "teacher.pt"
+    save_atomic(state, ckpt)
+    result = fm_in_process("reflow", "--ckpt", ckpt, "-n", 3, "--solver", "dopri5", "--rtol", "0.01", "--atol", "0.02", "--seed", 3,
+                           "--out", tmp_path / "p", "--device", "cpu", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    expected = {"solver": "dopri5", "steps": None, "rtol": 0.01, "atol": 0.02, "cfg": 2.0, "guidance": "cfg", "guidance_interval": [0.2, 0.9]}
+    assert {k: row.get(k) for k in expected} == expected and row["seed"] == 3 and row["precision"] == "fp32" and row["compile"] is False
+    assert row["count"] == 3 and row["path"] == str(tmp_path / "p")
+    teacher = PreparedDataset(tmp_path / "p").manifest["teacher"]
+    assert {k: teacher.get(k) for k in expected} == expected and teacher["seed"] == 3 and teacher["num_pairs"] == 3

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import fm_in_process, run_fm
+from fmcli.checkpoint import resolve_checkpoint
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -43,6 +44,10 @@ def test_json_of_sample_and_class_grid_says_which_guidance_interval_and_seed_ran
         assert (info["cfg"], info["guidance_interval"], info["seed"]) == (4.0, [0.25, 1.0], 5)
     plain = json.loads(_ok(fm_in_process("sample", "--ckpt", debug_run, "-n", "1", "--steps", "2", "--out", tmp_path / "p.png", "--json")).stdout)
     assert plain["guidance_interval"] is None  # the debug preset guides the whole path
+    guide = str(resolve_checkpoint(debug_run))  # autoguidance: the row names its guide, as fm fid's and fm eval's do
+    auto = json.loads(_ok(fm_in_process("class-grid", "--ckpt", debug_run, "--samples-per-class", "1", "--steps", "2", "--cfg", "2", "--guide-ckpt", guide,
+                                        "--out", tmp_path / "a.png", "--json")).stdout)  # fmt: skip
+    assert (auto["guidance"], auto["guide_ckpt"]) == ("auto", guide) and "guide_ckpt" not in grid
 
 
 def test_sample_usage_errors(tmp_path, debug_run):
@@ -138,6 +143,7 @@ def test_guidance_of_an_unconditional_model_reports_what_ran(tmp_path, unconditi
     auto = _ok(fm_in_process("sample", "--ckpt", unconditional_run, "-n", "2", "--steps", "2", "--cfg", "3", "--guide-ckpt", unconditional_run,
                       "--out", tmp_path / "c.png", "--json"))  # fmt: skip
     assert json.loads(auto.stdout)["cfg"] == 3.0 and json.loads(auto.stdout)["guidance"] == "auto"
+    assert json.loads(auto.stdout)["guide_ckpt"] == str(unconditional_run) and "guide_ckpt" not in json.loads(r.stdout)  # the guide that ran
 
 
 def test_a_guidance_interval_that_ran_nothing_is_not_reported(tmp_path, unconditional_run):

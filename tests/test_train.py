@@ -85,6 +85,15 @@ def test_resume_on_a_dataset_of_another_size_is_refused(tmp_path):
         train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "run", resume_from=ckpt)
 
 
+def test_metrics_epoch_counts_the_epochs_completed(tmp_path):
+    """docs/architecture.md: a metrics record's `epoch` is the whole epochs completed by its step (drop-last: 20
+    images at batch 8 make 2 steps an epoch, 4 images never read). By hand: floor(8 k / 16) after step k."""
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=20, seed=0)
+    train(cfg_for(data, "model.patch_size=4", "train.steps=5", "train.global_batch_size=8", "train.log_every=1", "train.checkpoint_every=0"), tmp_path / "run")
+    got = [(r["step"], r["epoch"]) for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert got == [(1, 0), (2, 1), (3, 1), (4, 2), (5, 2)]
+
+
 def test_accumulation_matches_one_big_batch(tmp_path, shapes16):
     common = ["train.steps=3", "train.global_batch_size=16", "train.checkpoint_every=0", "train.log_every=1"]
     big = train(cfg_for(shapes16, *common), tmp_path / "big")

@@ -156,7 +156,7 @@ def reflow(
     if summary is None:  # a launcher, or not rank 0
         return
     if as_json:
-        emit_json(vars(summary))
+        emit_json(summary.row())
     else:
         stderr_console().print(f"{summary.count} pairs, {summary.nfe:g} NFE per pair (mean; most {summary.nfe_max}), {summary.seconds:.1f} s ({summary.chunks_reused} chunks reused)", highlight=False)
         print(summary.path)
