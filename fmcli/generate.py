@@ -124,6 +124,7 @@ class LoadedModel:
     text: object | None = None  # encoders.TextConditioning for text models
     vae: object | None = None  # encoders.FrozenVAE for latent models: samples are decoded to images
     guide: torch.nn.Module | None = None  # autoguidance's guide network (`with_guide`)
+    ema: bool = True  # whether `model` holds EMA weights (an export holds the one set it was exported with)
     # After `prepare_for_sampling`: `model` and `guide` are SamplingNets, `hardware` the PrecisionChoice and
     # CompileChoice they run with.
     hardware: dict | None = None
@@ -169,7 +170,8 @@ def load_for_sampling(
                          f"({_state_dict_error(err)}); sample from another checkpoint") from None
     model.to(device).eval()
     encoders = _sampling_encoders(cfg, info, device, vae, text_encoder, with_vae, vae_option) if with_encoders else {}
-    return LoadedModel(model=model, config=cfg, info=info, step=step, **encoders)
+    exported = state.get("exported_ema")  # an export's one set, whichever flag asked: what it is, not what was asked
+    return LoadedModel(model=model, config=cfg, info=info, step=step, ema=use_ema if exported is None else bool(exported), **encoders)
 
 
 def _checked_facts(state: dict, path) -> tuple[dict, int]:

@@ -166,7 +166,7 @@ def reflow_command(ctx: D.DistContext, *, ckpt: str, out: Path, texts: list[str]
     with progress(stderr_console(), "reflow", rank_share(num_pairs, batch_size, ctx)) as advance:
         return generate_pairs(
             loaded, out, num_pairs=num_pairs, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, ctx=ctx,
-            checkpoint=ckpt, ema=ema, prompts=texts or None, force=force, on_chunk=advance if ctx.rank == 0 else None,
+            checkpoint=ckpt, ema=loaded.ema, prompts=texts or None, force=force, on_chunk=advance if ctx.rank == 0 else None,
         )
 
 

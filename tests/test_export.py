@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -242,3 +243,20 @@ def test_no_ema_on_an_export_loads_the_raw_weights_or_is_refused(tmp_path):
     from fmcli.images import save_grid
 
     assert (tmp_path / "r.png").read_bytes() == save_grid(x, tmp_path / "expected.png").read_bytes()
+
+
+def test_an_export_says_which_weights_it_holds_whatever_flag_asked(tmp_path):
+    """An export holds the one set it was made with: sampling it with the default --ema loads the raw set of a
+    `fm export --no-ema`, so what runs (`LoadedModel.ema`, reflow's teacher record) must say raw, not what was asked."""
+    from fmcli.generate import load_for_sampling
+
+    make_checkpoint(tmp_path / "step.pt")
+    export_checkpoint(tmp_path / "step.pt", tmp_path / "ema", "fm")
+    export_checkpoint(tmp_path / "step.pt", tmp_path / "raw", "fm", use_ema=False)
+    cpu = torch.device("cpu")
+    assert load_for_sampling(str(tmp_path / "ema"), cpu).ema is True
+    assert load_for_sampling(str(tmp_path / "raw"), cpu).ema is False and load_for_sampling(str(tmp_path / "raw"), cpu, use_ema=False).ema is False
+    assert load_for_sampling(str(tmp_path / "step.pt"), cpu, use_ema=False).ema is False
+    made = fm_in_process("reflow", "--ckpt", tmp_path / "raw", "-n", 2, "--steps", 2, "--out", tmp_path / "pairs", "--device", "cpu")
+    assert made.returncode == 0, made.stderr
+    assert json.loads((tmp_path / "pairs" / "manifest.json").read_text())["teacher"]["ema"] is False
