@@ -170,9 +170,9 @@ def refuse_device_beside_gpus(device: str, resumed: bool) -> None:
     refused, as `on_ranks` refuses --device cpu beside --gpus for sampling (before any CUDA is touched)."""
     if device in ("auto", "cuda"):
         return
-    if resumed:  # train.device is the run's own, and not a resume-safe key
-        raise UsageError(f"--gpus N trains on CUDA GPUs, but this run's config has train.device={device}, which a resume keeps: "
-                         "resume with --nproc N (CPU processes) or without --gpus")
+    if resumed:  # the run's own train.device, which a resume may change (RESUME_SAFE_KEYS) but never silently
+        raise UsageError(f"--gpus N trains on CUDA GPUs, but this run's config has train.device={device}: move it with "
+                         "--set train.device=cuda beside --gpus, or resume with --nproc N (CPU processes) or without --gpus")
     raise UsageError(f"--gpus N trains on CUDA GPUs, so train.device={device} would be ignored: drop --set train.device={device} "
                      "(or use --nproc N for CPU processes)")
 

@@ -177,7 +177,7 @@ CASES = [
     ("train-gpus-and-nproc", lambda w: (*TRAIN, "--data", w["data"], "--gpus", "1", "--nproc", "2")),
     ("train-nnodes-without-endpoint", lambda w: (*TRAIN, "--data", w["data"], "--run-dir", w["root"] / "new-run", "--nnodes", "2"), "--rdzv-endpoint"),
     ("train-gpus-with-device-cpu", lambda w: (*TRAIN, "--data", w["data"], "--gpus", "2", "--run-dir", w["root"] / "new-run"), "train.device=cpu would be ignored"),
-    ("resume-gpus-with-device-cpu", lambda w: ("resume", w["cpu_run"], "--gpus", "2"), "train.device=cpu, which a resume keeps"),
+    ("resume-gpus-with-device-cpu", lambda w: ("resume", w["cpu_run"], "--gpus", "2"), "--set train.device=cuda beside --gpus"),
     ("sample-gpus-absent", lambda w: ("sample", "--ckpt", w["run"], "--gpus", "64", "--out", w["root"] / "new.png")),
     ("sample-gpus-with-device-cpu", lambda w: ("sample", "--ckpt", w["run"], "--gpus", "1", "--device", "cpu", "--out", w["root"] / "new.png"), "--device cpu"),
     ("fid-gpus-without-ckpt", lambda w: ("fid", "--gen", w["images"], "--ref", w["data"], "--nproc", "2")),
