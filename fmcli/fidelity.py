@@ -204,7 +204,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
             log(f"sampling {n}: {_solver_label(settings_record(settings))}, {settings.guidance} {settings.cfg:g}, interval {settings.guidance_interval}")
         generated = sharded_features(loaded, n, extractors, seed=req.seed, sample_cfg=settings, batch_size=req.batch_size, device=device, progress_factory=progress_factory)
         rows.append({
-            "step": loaded.step, **settings_record(settings), **sampling_record(loaded),
+            "ckpt": str(req.ckpt), "step": loaded.step, **settings_record(settings), **sampling_record(loaded),
             "nfe_per_sample": generated.nfe_per_sample, **nfe_fields(generated.nfe_per_sample, generated.nfe_max),
             "gen_seconds": round(generated.gen_seconds, 3), "num_samples": n, "seed": req.seed,
             **guide_record(settings, req.guide_ckpt),  # the guide that ran, as fm fid's rows name it

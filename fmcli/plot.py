@@ -161,7 +161,8 @@ def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "rec
     x_key = "accuracy" if all("accuracy" in r for r in rows) else "precision"  # unconditional: precision-recall
     fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 4.5), squeeze=False)
     for ax, space in zip(axes[0], spaces):
-        pts = [(_x(r, space, x_key), _num(r["metrics"][space][y]), _label(r)) for r in rows if space in r["metrics"]]
+        several = len({(r.get("ckpt"), r.get("step")) for r in rows}) > 1  # appended evaluations of other checkpoints
+        pts = [(_x(r, space, x_key), _num(r["metrics"][space][y]), _label(r, several)) for r in rows if space in r["metrics"]]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:blue")
         for px, py, label in pts:
             ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -180,12 +181,13 @@ def _x(row: dict, space: str, key: str) -> float:
     return _num(row["accuracy"] if key == "accuracy" else row["metrics"][space]["precision"])
 
 
-def _label(row: dict) -> str:
-    """cfg 2 [0.2,1] x8: the setting of one point."""
+def _label(row: dict, name_checkpoint: bool = False) -> str:
+    """cfg 2 [0.2,1] nfe 8: the setting of one point (led by its checkpoint and step where the file holds several)."""
     if "cfg" not in row:
         return Path(row.get("gen", "")).name
     interval = row.get("guidance_interval")
-    return f"cfg {row['cfg']:g}" + (f" [{interval[0]:g},{interval[1]:g}]" if interval else "") + f" nfe {row.get('nfe_per_sample', 0):g}"
+    where = f"{Path(str(row.get('ckpt', ''))).name}@{row.get('step')}: " if name_checkpoint else ""
+    return where + f"cfg {row['cfg']:g}" + (f" [{interval[0]:g},{interval[1]:g}]" if interval else "") + f" nfe {row.get('nfe_per_sample', 0):g}"
 
 
 def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool = False) -> Path:

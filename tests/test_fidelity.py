@@ -199,6 +199,7 @@ def test_eval_sweeps_guidance_of_a_checkpoint(data, debug_run):
     rows = _json(result)
     # cfg 1 is the model alone at every t: no interval ran, and both intervals give that one run, so one row of it.
     assert [(r["cfg"], r["guidance_interval"]) for r in rows] == [(1.0, None), (2.0, [0.0, 1.0]), (2.0, [0.3, 1.0])]
+    assert all(r["ckpt"] == str(debug_run) for r in rows)  # which model, as fm fid's rows say: appended files stay apart
     unguided = _json(fm_in_process("eval", "--ckpt", debug_run, "--data", data, "-n", 30, "--classifier-steps", STEPS, "--cfg", "1",
                                    "--steps", 2, "--no-kid", "--json"))[0]  # fmt: skip
     assert rows[0]["metrics"] == unguided["metrics"] and rows[0]["accuracy"] == unguided["accuracy"]

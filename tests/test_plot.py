@@ -260,3 +260,13 @@ def test_fm_plot_reads_rows_written_before_and_after_nfe_and_nfe_max(tmp_path, m
     assert fm_in_process("plot", str(frontier)).returncode == 0 and (tmp_path / "frontier.png").is_file()
     table = format_table(floor, rows)
     assert "cfg 2, dopri5 0.001/0.0001" in table and "cfg 1, euler 8" in table and "None" not in table
+
+
+def test_frontier_points_of_two_checkpoints_name_their_checkpoint():
+    # Two `fm eval --json` files appended into one: the same cfg at two checkpoints must not read as one label twice.
+    from fmcli.plot import _label
+
+    rows = [{"ckpt": f"runs/{name}", "step": step, "cfg": 2.0, "guidance_interval": [0.3, 1.0], "nfe_per_sample": 50}
+            for name, step in (("a", 100), ("b", 200))]
+    assert _label(rows[0]) == "cfg 2 [0.3,1] nfe 50"
+    assert [_label(r, True) for r in rows] == ["a@100: cfg 2 [0.3,1] nfe 50", "b@200: cfg 2 [0.3,1] nfe 50"]
