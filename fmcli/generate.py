@@ -13,6 +13,9 @@ training resolves its own, the network wrapped once in a `SamplingNet`) -> `iter
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -583,13 +586,59 @@ def merge_trajectories(batches: list[list[tuple[float, torch.Tensor]]]) -> list[
     return out
 
 
-def sample_outputs(out: Path, n: int) -> list[Path]:
-    """The files `fm sample --out` writes: FILE.png, or DIR/grid.png and one DIR/NNNNNN.png per sample."""
+def sample_outputs(out: Path, n: int, force: bool = False) -> list[Path]:
+    """The files `fm sample --out` writes that must not exist yet: FILE.png, or DIR/grid.png, DIR/fm-sample.json and
+    one DIR/NNNNNN.png per sample; none for a DIR that an earlier `fm sample` wrote (its fm-sample.json is there:
+    the run continues it, once `sample_manifest` found the same settings), unless `force` starts it over."""
     from .images import SAMPLE_GRID_NAME, STILL_IMAGE_SUFFIXES, sample_file
 
     if out.suffix.lower() in STILL_IMAGE_SUFFIXES:
         return [out]
-    return [out / SAMPLE_GRID_NAME] + [sample_file(out, i) for i in range(n)]
+    if continues(out, force):
+        return []
+    return [out / SAMPLE_GRID_NAME, manifest_path(out)] + [sample_file(out, i) for i in range(n)]
+
+
+def manifest_path(out: Path) -> Path:
+    from .images import SAMPLE_MANIFEST_NAME
+
+    return Path(out) / SAMPLE_MANIFEST_NAME
+
+
+def continues(out: Path, force: bool) -> bool:
+    """Whether `fm sample --out DIR` continues the samples an earlier run left in DIR (its manifest is there)."""
+    return not force and manifest_path(out).is_file()
+
+
+def sample_manifest(out: Path, record: dict, force: bool) -> bool:
+    """Check `record` (the settings that decide the images) against DIR's manifest when continuing; False when
+    there is none to continue (the caller writes it). A damaged manifest or other settings: a one-line refusal."""
+    if not continues(out, force):
+        return False
+    path = manifest_path(out)
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} is damaged ({type(err).__name__}); pass --force to sample {out} over") from None
+    before = before if isinstance(before, dict) else {}
+    differ = sorted(k for k in set(record) | set(before) if before.get(k) != record.get(k))
+    if differ:
+        raise UsageError(
+            f"{out} holds samples made with other settings ({', '.join(differ)}); rerun the same command to continue them "
+            "(--precision / --compile for the network's), pass --force to sample over them, or choose another --out"
+        )
+    return True
+
+
+def _manifest_record(loaded: LoadedModel, ckpt: str, n: int, seed: int, class_label, texts: list[str], sample_cfg, guide_ckpt) -> dict:
+    """What decides sample i's image besides (seed, i): a continuation must find the same in DIR's manifest."""
+    prompts = hashlib.sha256("\n".join(texts).encode()).hexdigest() if texts else None
+    vae = getattr(loaded.vae, "path", None)
+    return {
+        "checkpoint": str(Path(ckpt).resolve()), "step": loaded.step, "ema": loaded.ema, "num_samples": n, "seed": seed,
+        "class_label": class_label, "prompts_sha256": prompts, "vae": str(vae) if vae is not None else None,
+        **settings_record(sample_cfg), **sampling_record(loaded), **guide_record(sample_cfg, guide_ckpt),
+    }  # fmt: skip
 
 
 def grid_count(out: Path, n: int, grid: int | None, grid_size: int) -> int:
@@ -609,14 +658,16 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     gathers the grid (and GIF) and returns the summary (other ranks return None).
 
     Memory stays flat in `n`: each batch's samples are written and dropped; only the grid's (the first
-    `grid_count` samples, and their trajectories for the GIF) are kept."""
+    `grid_count` samples, and their trajectories for the GIF) are kept. `--out DIR` records the settings in
+    DIR/fm-sample.json first: the same command run again after an interruption makes only the missing samples
+    (and the grid's again), a command with other settings is refused."""
     import time
 
     from . import distributed as D
-    from .fsutil import refuse_existing
-    from .images import SAMPLE_GRID_NAME, STILL_IMAGE_SUFFIXES, save_gif, save_grid, save_images, trajectory_frames
+    from .fsutil import refuse_existing, write_text_atomic
+    from .images import SAMPLE_GRID_NAME, STILL_IMAGE_SUFFIXES, save_gif, save_grid
 
-    refuse_existing(sample_outputs(out, n) + [gif], force)
+    refuse_existing(sample_outputs(out, n, force) + [gif], force)
     D.barrier(ctx)  # every rank has checked before any rank writes (no rank may see another's new file)
     dev = ctx.device
     loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder, vae_option="--vae")
@@ -625,38 +676,38 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema, warn=None if ctx.rank == 0 else lambda message: None)
     loaded = prepare_for_sampling(loaded, sample_cfg, dev, log, ctx)
-    recorder = TrajectoryRecorder() if gif is not None else None
     start = time.perf_counter()
     shown = grid_count(out, n, grid, loaded.config.sample.grid_size)
-    kept, nfes, paths, trajectories = [], [], [], []  # kept: (index, image) of the grid's samples only
     to_dir = out.suffix.lower() not in STILL_IMAGE_SUFFIXES
     indices = D.shard_indices(n, ctx)  # sample i depends only on (seed, i): any split gives the same images
+    if to_dir:
+        record = _manifest_record(loaded, ckpt, n, seed, class_label, texts, sample_cfg, guide_ckpt)
+        continuing = sample_manifest(out, record, force)  # every rank reads it before rank 0 may write it
+        D.barrier(ctx)
+        if not continuing and ctx.rank == 0:
+            write_text_atomic(manifest_path(out), json.dumps(record, indent=2) + "\n")
+        indices, there = _missing(out, indices, shown) if continuing else (indices, 0)
+        reused = sum(D.all_gather_objects(there, ctx))
+        if reused and ctx.rank == 0:
+            log(f"continuing {out}: {reused} of {n} samples are there (same settings); making the other {n - reused}")
     prompts = [texts[i % len(texts)] for i in indices] if texts else None
-    for chunk, _, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=dev,
-                                            class_label=class_label, on_step=recorder, prompts=prompts):
-        rows = [k for k, i in enumerate(chunk) if i < shown]
-        kept += [(chunk[k], result.x[k].cpu().clone()) for k in rows]  # a copy: a view would hold the whole batch
-        nfes.append((result.nfe, len(chunk)))
-        if recorder is not None:  # one process (a GIF refuses --gpus/--nproc): the grid's rows lead each batch
-            frames = recorder.take(gif_frames)
-            if rows:
-                trajectories.append(_first_rows(frames, len(rows)))
-        if to_dir:
-            for k, i in enumerate(chunk):  # each rank writes its own samples, named by global index
-                paths += save_images(result.x[k : k + 1], out, start_index=i)
-        del result
+    kept, nfes, trajectories = _write_samples(loaded, indices, out if to_dir else None, shown, ctx, seed=seed, sample_cfg=sample_cfg,
+                                              batch_size=batch_size, class_label=class_label, prompts=prompts, gif_frames=gif_frames if gif else None)
     images = torch.stack(D.gather_in_index_order([i for i, _ in kept], [x for _, x in kept], ctx))
-    paths = sorted(p for part in D.all_gather_objects(paths, ctx) for p in part)
     nfes = [v for part in D.all_gather_objects(nfes, ctx) for v in part]
     if ctx.rank != 0:
         return None
     grid = save_grid(images, out / SAMPLE_GRID_NAME if to_dir else out)  # scoring the folder skips it (images.is_sample_grid)
     gif_path = None
     if gif is not None:  # frames are the model's states: latent models' go through the VAE here
+        from .images import trajectory_frames
+
         frames = [(t, decode(loaded, x.to(dev)).cpu()) for t, x in merge_trajectories(trajectories)]
         gif_path = save_gif(trajectory_frames(frames), gif)
+    from .images import sample_file
+
     return {
-        "paths": [str(p) for p in paths],
+        "paths": [str(sample_file(out, i)) for i in range(n)] if to_dir else [],
         "grid": str(grid),
         "gif": str(gif_path) if gif_path else None,
         "num_samples": n,
@@ -669,6 +720,52 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         **guide_record(sample_cfg, guide_ckpt),
         "seed": seed,
     }
+
+
+def _missing(out: Path, indices: list[int], shown: int) -> tuple[list[int], int]:
+    """The indices a continuation makes: those whose file is not in `out`, and the grid's (it is drawn from them,
+    so they are made again, to the same images); and how many of `indices` are there."""
+    import os
+
+    from .images import sample_file
+
+    present = set(os.listdir(out))
+    there = [sample_file(out, i).name in present for i in indices]
+    return [i for i, ok in zip(indices, there) if i < shown or not ok], sum(there)
+
+
+def _write_samples(loaded, indices: list[int], out: Path | None, shown: int, ctx, *, seed: int, sample_cfg, batch_size: int, class_label,
+                   prompts, gif_frames: int | None) -> tuple[list, list, list]:
+    """Sample `indices` batch by batch, writing each to `out` (None: --out FILE.png, only the grid) as it comes, with a
+    progress bar on rank 0 and, on an interrupt, a line saying how to continue. Returns the grid's samples
+    (index, image), each batch's (NFE, count) and, for the GIF, the grid rows' trajectories."""
+    from .console import progress, stderr_console
+    from .images import save_images
+
+    recorder = TrajectoryRecorder() if gif_frames is not None else None
+    kept, nfes, trajectories = [], [], []
+    bar = progress(stderr_console(), "sample", len(indices)) if ctx.rank == 0 else contextlib.nullcontext(lambda k: None)
+    try:
+        with bar as advance:
+            for chunk, _, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size,
+                                                    device=ctx.device, class_label=class_label, on_step=recorder, prompts=prompts):
+                rows = [k for k, i in enumerate(chunk) if i < shown]
+                kept += [(chunk[k], result.x[k].cpu().clone()) for k in rows]  # a copy: a view would hold the whole batch
+                nfes.append((result.nfe, len(chunk)))
+                if recorder is not None:  # one process (a GIF refuses --gpus/--nproc): the grid's rows lead each batch
+                    frames = recorder.take(gif_frames)
+                    if rows:
+                        trajectories.append(_first_rows(frames, len(rows)))
+                if out is not None:
+                    for k, i in enumerate(chunk):  # each rank writes its own samples, named by global index
+                        save_images(result.x[k : k + 1], out, start_index=i)
+                advance(len(chunk))
+                del result
+    except KeyboardInterrupt:
+        if out is not None and ctx.rank == 0:
+            stderr_console().print(f"{out}: the samples written so far are complete; run the same command again to make the rest", highlight=False)
+        raise
+    return kept, nfes, trajectories
 
 
 def _first_rows(frames: list[tuple[float, torch.Tensor]], rows: int) -> list[tuple[float, torch.Tensor]]:

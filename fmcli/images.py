@@ -54,6 +54,8 @@ def sample_file(directory: str | Path, index: int, prefix: str = "") -> Path:
 
 # `fm sample --out DIR` writes its grid beside the samples under this name; scoring a folder skips it there.
 SAMPLE_GRID_NAME = "grid.png"
+# ... and the settings its samples were made with, so that the same command run again continues an interrupted run.
+SAMPLE_MANIFEST_NAME = "fm-sample.json"
 _SAMPLE_NAME = re.compile(r"\d{6}\.png")  # sample_file's names (no prefix)
 
 

@@ -195,7 +195,7 @@ def test_sample_sharded_over_two_processes_equals_one(tmp_path, debug_run):
     two = run_fm("sample", "--ckpt", debug_run, "-n", "5", "--seed", "3", "--out", tmp_path / "two", "--json", "--nproc", "2")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
     assert len(json.loads(two.stdout)["paths"]) == 5
-    for name in ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png"]:
+    for name in ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png", "fm-sample.json"]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert "terminate called" not in two.stderr
 

@@ -19,8 +19,8 @@ def test_same_seed_gives_byte_identical_pngs(tmp_path, debug_run, precision):
     for r in (a, b, c):
         assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png"]
-    for name in names:
+    assert names == ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "fm-sample.json", "grid.png"]
+    for name in names:  # the batch size is not in fm-sample.json: it does not change the images
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / "000000.png").read_bytes() != (tmp_path / "c" / "000000.png").read_bytes()
     assert Image.open(tmp_path / "a" / "000000.png").size == (16, 16)
@@ -335,3 +335,41 @@ def test_json_rows_say_what_ran_with_one_nfe_meaning(tmp_path, debug_run, shapes
     assert (grid["steps"], grid["rtol"], grid["nfe_max"]) == (None, 1e-3, max(ten)) and grid["nfe"] == pytest.approx(sum(ten) / 5)
     euler = json.loads(_ok(fm_in_process("sample", "--ckpt", debug_run, "-n", "1", "--steps", "3", "--out", tmp_path / "e.png", "--json")).stdout)
     assert (euler["steps"], euler["nfe"], euler["nfe_max"]) == (3, 3, 3) and "rtol" not in euler
+
+
+def test_an_interrupted_sample_folder_continues_to_the_images_of_an_uninterrupted_run(tmp_path, debug_run, monkeypatch):
+    """A 50k-image `fm sample --out DIR` interrupted after an hour could only be refused (its files exist) or redone
+    from scratch with --force. Run again, the same command now makes only the missing samples; the folder ends
+    byte-identical to an uninterrupted run's (the reference), other settings are refused, a user's file is kept."""
+    import fmcli.images as images
+
+    how = ("--ckpt", debug_run, "-n", "9", "--steps", "2", "--seed", "3", "--grid", "2", "--batch-size", "2", "--precision", "fp32", "--no-compile")
+    assert fm_in_process("sample", *how, "--out", tmp_path / "ref").returncode == 0
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    real, calls = images.save_images, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the fifth sample is written
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(kwargs.get("start_index"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(images, "save_images", interrupted)
+    r = fm_in_process("sample", *how, "--out", tmp_path / "run")
+    assert r.returncode == 130 and "run the same command again" in r.stderr, r.stderr
+    written = sorted(p.name for p in (tmp_path / "run").glob("0*.png"))
+    assert written == [f"{i:06d}.png" for i in range(5)]  # complete files only, no grid yet
+    monkeypatch.setattr(images, "save_images", real)
+    (tmp_path / "run" / "000003.png").unlink()  # a lost file is made again
+    other = fm_in_process("sample", *[("3" if a == "2" and how[k - 1] == "--steps" else a) for k, a in enumerate(how)], "--out", tmp_path / "run")
+    assert other.returncode == 2 and "other settings (steps)" in other.stderr, other.stderr
+    again = fm_in_process("sample", *how, "--out", tmp_path / "run", "--json")
+    assert again.returncode == 0, again.stderr
+    assert "4 of 9 samples are there" in again.stderr, again.stderr  # 000003 lost; the grid's 000000-000001 are drawn again
+    ref = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(ref + ["notes.txt"])
+    for name in ref:
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert len(json.loads(again.stdout)["paths"]) == 9

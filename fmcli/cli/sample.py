@@ -63,7 +63,7 @@ def sample(
     overrides = sampling.overrides()
     texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
     n = num_samples or len(texts) or 16
-    refuse_existing(sample_outputs(out, n) + [gif], force)  # before any work; every rank checks again
+    refuse_existing(sample_outputs(out, n, force) + [gif], force)  # before any work; every rank checks again
     work = functools.partial(
         sample_command, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif, gif_frames=gif_frames or 16,
         batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=sampling.guide_ckpt, grid=grid, log=log_line,
