@@ -6,6 +6,8 @@ fmcli.cli parses and calls these; they raise fmcli.errors for anything a user ca
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -300,18 +302,40 @@ def default_data(cfg: Config, prepare: bool) -> Config:
         existing = read_manifest(path) if (path / "manifest.json").is_file() else None
         return existing if existing is not None and existing.get("generator_version") == GENERATOR_VERSION else None
 
-    if current() is None:
-        if prepare:
-            stale = (path / "manifest.json").is_file()
-            why = " (the existing one came from an older shapes generator)" if stale else ""
-            stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
-            from .data.prepare import prepare_with_progress
-
-            prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.data.seed, force=stale)
-        else:
-            timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
-            D.wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
+    if current() is None and prepare:
+        with _folder_lock(path.parent):  # two runs started at once in one directory: one prepares, the other waits
+            if current() is None:
+                _prepare_shapes(cfg, path)
+    elif current() is None:
+        timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
+        D.wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
     return cfg.with_section("data", path=str(path))
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """A blocking advisory flock on `folder` itself (created if missing; no lock file left behind), released
+    when the block ends or the process dies; where the filesystem has no locks, nothing is locked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prepare_shapes(cfg: Config, path: Path) -> None:
+    """Prepare the default shapes dataset at `path`, replacing one made by an older generator."""
+    stale = (path / "manifest.json").is_file()
+    why = " (the existing one came from an older shapes generator)" if stale else ""
+    stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
+    from .data.prepare import prepare_with_progress
+
+    prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.data.seed, force=stale)
 
 
 # ------------------------------------------------------------------------------ ranks for sample / fid
