@@ -6,8 +6,6 @@ fmcli.cli parses and calls these; they raise fmcli.errors for anything a user ca
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import sys
@@ -19,7 +17,7 @@ from . import distributed as D
 from .config import Config, config_to_dict
 from .console import stderr_console
 from .errors import UsageError
-from .fsutil import refuse_unwritable, write_text_atomic
+from .fsutil import folder_lock, refuse_unwritable, write_text_atomic
 from .runlog import RUN_LOCK, refuse_run_being_trained
 
 STARTED_AT_ENV = "FM_STARTED_AT"  # set for relaunched ranks: when `fm train` began (the budget's start)
@@ -303,29 +301,13 @@ def default_data(cfg: Config, prepare: bool) -> Config:
         return existing if existing is not None and existing.get("generator_version") == GENERATOR_VERSION else None
 
     if current() is None and prepare:
-        with _folder_lock(path.parent):  # two runs started at once in one directory: one prepares, the other waits
+        with folder_lock(path.parent):  # two runs started at once in one directory: one prepares, the other waits
             if current() is None:
                 _prepare_shapes(cfg, path)
     elif current() is None:
         timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
         D.wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
     return cfg.with_section("data", path=str(path))
-
-
-@contextlib.contextmanager
-def _folder_lock(folder: Path):
-    """A blocking advisory flock on `folder` itself (created if missing; no lock file left behind), released
-    when the block ends or the process dies; where the filesystem has no locks, nothing is locked."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        yield
-    finally:
-        os.close(fd)
 
 
 def _prepare_shapes(cfg: Config, path: Path) -> None:
