@@ -8,6 +8,8 @@ check every command with an output path runs before doing any work (docs/archite
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import uuid
@@ -145,6 +147,27 @@ def _can_create_file_in(folder: Path) -> bool:
         return False
     probe.unlink(missing_ok=True)
     return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path):
+    """A blocking advisory flock on `folder` itself (created if missing; no lock file left behind) for a
+    check-then-create that concurrent fm processes share (the default shapes data, the probe cache): released
+    when the block ends or the process dies. Where the folder cannot be made or locked, nothing is locked."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def fsync_file(path: Path) -> None:

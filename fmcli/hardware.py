@@ -9,7 +9,8 @@ the one autocast context of training, sampling and the probe.
   picks bf16 only where it is measurably faster. CPUs differ by orders of magnitude here: with AMX or
   AVX512-BF16 a bf16 GEMM is 2-20x faster than fp32, without them it can be 500x *slower* (emulated).
 - The probe's result is cached per machine (CPU model, bf16-relevant flags, cores + torch version + device +
-  threads) in `$XDG_CACHE_HOME/fm/probe.json` (default `~/.cache/fm`), so it costs its few seconds once. A
+  threads) in `$XDG_CACHE_HOME/fm/probe.json` (default `~/.cache/fm`), so it costs its few seconds once
+  (processes started together take turns: one measures, the others read its result). A
   cached entry is used only when it is well-formed, consistent with its own numbers, plausible for the CPU's
   flags, and not a bf16 verdict on a CPU without native bf16; anything else is measured again.
 - `FM_PROBE_FORCE=bf16-slow|bf16-fast` (for tests only) replaces the measurement with a made-up one.
@@ -42,7 +43,7 @@ from typing import Callable, Literal
 import torch
 
 from .errors import UsageError
-from .fsutil import write_text_atomic
+from .fsutil import folder_lock, write_text_atomic
 
 FORCE_ENV = "FM_PROBE_FORCE"  # tests only: "bf16-slow" | "bf16-fast" replaces the measurement
 FORCED = ("bf16-slow", "bf16-fast")
@@ -173,14 +174,24 @@ def probe_cpu(width: int, model_step: Callable[[str], None] | None = None, step_
     workload = f"w{width}" + (f"|{step_key}" if model_step is not None and step_key else "")
     cpu = cpu_info()
     key = machine_key(device, cpu)
-    if use_cache and (hit := _cached_probe(key, workload, width, cpu)) is not None:
-        return hit
+    if not use_cache:
+        return _measure(width, model_step, key)
+    with folder_lock(cache_dir()):  # runs started together: one measures (undisturbed by the other), the rest read it
+        if (hit := _cached_probe(key, workload, width, cpu)) is not None:
+            return hit
+        probe = _measure(width, model_step, key)
+        _write_cache(key, workload, probe)
+    return probe
+
+
+def _measure(width: int, model_step: Callable[[str], None] | None, key: str) -> Probe:
+    """The probe, measured now: the GEMM at `width` in fp32 and bf16, and `model_step` in each where given."""
     start = time.perf_counter()
     gemm = _gemm_gflops(width)
     gemm_speedup = gemm["bf16"] / gemm["fp32"]
     step_ms = _step_ms(model_step) if model_step is not None else None
     step_speedup = step_ms["fp32"] / step_ms["bf16"] if step_ms else None
-    probe = Probe(
+    return Probe(
         device="cpu",
         width=width,
         gemm_gflops=gemm,
@@ -193,9 +204,6 @@ def probe_cpu(width: int, model_step: Callable[[str], None] | None = None, step_
         seconds=time.perf_counter() - start,
         key=key,
     )
-    if use_cache:
-        _write_cache(key, workload, probe)
-    return probe
 
 
 def _choose(gemm_speedup: float, step_speedup: float | None) -> str:

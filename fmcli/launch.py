@@ -17,7 +17,7 @@ from . import distributed as D
 from .config import Config, config_to_dict
 from .console import stderr_console
 from .errors import UsageError
-from .fsutil import refuse_unwritable, write_text_atomic
+from .fsutil import folder_lock, refuse_unwritable, write_text_atomic
 from .runlog import RUN_LOCK, refuse_run_being_trained
 
 STARTED_AT_ENV = "FM_STARTED_AT"  # set for relaunched ranks: when `fm train` began (the budget's start)
@@ -300,18 +300,24 @@ def default_data(cfg: Config, prepare: bool) -> Config:
         existing = read_manifest(path) if (path / "manifest.json").is_file() else None
         return existing if existing is not None and existing.get("generator_version") == GENERATOR_VERSION else None
 
-    if current() is None:
-        if prepare:
-            stale = (path / "manifest.json").is_file()
-            why = " (the existing one came from an older shapes generator)" if stale else ""
-            stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
-            from .data.prepare import prepare_with_progress
-
-            prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.data.seed, force=stale)
-        else:
-            timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
-            D.wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
+    if current() is None and prepare:
+        with folder_lock(path.parent):  # two runs started at once in one directory: one prepares, the other waits
+            if current() is None:
+                _prepare_shapes(cfg, path)
+    elif current() is None:
+        timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
+        D.wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
     return cfg.with_section("data", path=str(path))
+
+
+def _prepare_shapes(cfg: Config, path: Path) -> None:
+    """Prepare the default shapes dataset at `path`, replacing one made by an older generator."""
+    stale = (path / "manifest.json").is_file()
+    why = " (the existing one came from an older shapes generator)" if stale else ""
+    stderr_console().print(f"preparing shapes data in {path}{why}", highlight=False)
+    from .data.prepare import prepare_with_progress
+
+    prepare_with_progress("shapes", path, size=cfg.data.image_size, count=cfg.data.count, seed=cfg.data.seed, force=stale)
 
 
 # ------------------------------------------------------------------------------ ranks for sample / fid

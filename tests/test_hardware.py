@@ -268,3 +268,38 @@ def test_a_working_compile_is_used_and_computes_what_eager_does(tmp_path, shapes
     assert Compiled.calls == 1 + 3  # the proving forward/backward, then every step's forward
     assert result.losses == eager.losses
     assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["hardware"]["compile"]["compile"] is True
+
+
+_PROBE_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from fmcli import hardware
+def gemm(width):  # a slow, fixed measurement: whoever measures is seen, and the two would overlap
+    print("measuring", file=sys.stderr)
+    time.sleep(1.5)
+    return {"fp32": 10.0, "bf16": 30.0}
+hardware._gemm_gflops = gemm
+Path(f"ready-{sys.argv[1]}").touch()
+while not all(Path(f"ready-{k}").exists() for k in (0, 1)):
+    time.sleep(0.01)
+print(hardware.probe_cpu(40).source)
+"""
+
+
+def test_two_runs_started_at_once_measure_the_probe_once(tmp_path):
+    """Two `fm train` of a sweep started together with precision auto and no cached probe: one measures, the other
+    waits and reads its result (the same precision for both). Before, both measured at once, each slowed by the
+    other (on 2 cores they chose bf16 and fp32), and the last to finish overwrote the other's cache entry."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env.pop("FM_PROBE_FORCE", None)
+    procs = [subprocess.Popen([sys.executable, "-c", _PROBE_AT_ONCE, str(k)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert all(rc == 0 for _, _, rc in results), results
+    assert sorted(out.strip() for out, _, _ in results) == ["cache", "measured"]
+    assert sum(err.count("measuring") for _, err, _ in results) == 1
+    assert json.loads((tmp_path / "cache" / "fm" / "probe.json").read_text())  # one whole JSON document

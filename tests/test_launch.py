@@ -219,3 +219,39 @@ def test_a_name_that_is_not_one_folder_name_is_refused_before_anything_is_writte
 def test_a_one_folder_name_is_a_child_of_runs(name):
     run_dir = training_config("debug", [f"name={name}"], data=None, run_dir=None, resume=None)[1]
     assert os.path.dirname(os.path.normpath(run_dir)) == "runs" and os.path.basename(run_dir) == name
+
+
+_PREPARE_AT_ONCE = """
+import os, sys, time
+from pathlib import Path
+from fmcli.config import load_config
+from fmcli.launch import default_data
+import fmcli.data.prepare, fmcli.data.shapes  # imported before the start line: both reach the check together
+Path(f"ready-{sys.argv[1]}").touch()
+while not all(Path(f"ready-{k}").exists() for k in (0, 1)):
+    time.sleep(0.01)
+cfg = default_data(load_config("debug", ["data.count=3000"]), prepare=True)
+print(cfg.data.path)
+"""
+
+
+def test_two_runs_started_at_once_share_the_default_shapes_data(tmp_path):
+    """Two `fm train` of a sweep started together in one directory both need data/shapes-...: one prepares it, the
+    other waits for it; before, both prepared it: the second either failed ("already exists; pass --force", exit 2)
+    or replaced the first one's dataset under it."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_AT_ONCE, str(k)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    for out, err, rc in results:
+        assert rc == 0, err
+        assert out.strip() == os.path.join("data", "shapes-16-n3000-s0")
+    assert sum("preparing shapes data" in err for _, err, _ in results) == 1  # one prepared, the other waited
+    data = tmp_path / "data" / "shapes-16-n3000-s0"
+    assert np.load(data / "x.npy").shape == (3000, 3, 16, 16)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["shapes-16-n3000-s0"]  # no temporaries left
