@@ -17,6 +17,16 @@ import pytest
 import torch
 
 
+
+def _run_with(ckpt, run_dir, section: str, key: str, value):
+    """A run directory holding `ckpt` with one config value changed (its checkpoints/latest names it)."""
+    state = torch.load(ckpt, weights_only=True)
+    state["config"][section][key] = value
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save(state, run_dir / "checkpoints" / ckpt.name)
+    (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    return run_dir
+
 @pytest.fixture(scope="module")
 def w(tmp_path_factory, shapes16, debug_run) -> dict:
     """The work directory: damaged datasets, checkpoints and stats files, and outputs that already exist."""
@@ -102,19 +112,9 @@ def w(tmp_path_factory, shapes16, debug_run) -> dict:
     p["sweep"].write_text(json.dumps([{"fid": 50.0, "nfe_per_sample": n, "solver": "euler"} for n in (1, 2)]))
     (root / "sweep.png").write_bytes(b"user's picture named like the sweep")
     # A run whose data is fm's own shapes data (data/shapes-16-n512-s0, relative: absent in cwd), deleted since.
-    state = torch.load(ckpt, weights_only=True)
-    state["config"]["data"]["path"] = "data/shapes-16-n512-s0"
-    p["nodata_run"] = root / "nodata-run"
-    (p["nodata_run"] / "checkpoints").mkdir(parents=True)
-    torch.save(state, p["nodata_run"] / "checkpoints" / ckpt.name)
-    (p["nodata_run"] / "checkpoints" / "latest").write_text(ckpt.name + "\n")
-    # A run configured for the CPU (train.device=cpu, which a resume keeps): --gpus would replace it.
-    state = torch.load(ckpt, weights_only=True)
-    state["config"]["train"]["device"] = "cpu"
-    p["cpu_run"] = root / "cpu-run"
-    (p["cpu_run"] / "checkpoints").mkdir(parents=True)
-    torch.save(state, p["cpu_run"] / "checkpoints" / ckpt.name)
-    (p["cpu_run"] / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    p["nodata_run"] = _run_with(ckpt, root / "nodata-run", "data", "path", "data/shapes-16-n512-s0")
+    # A run configured for the CPU (train.device=cpu): --gpus would replace it.
+    p["cpu_run"] = _run_with(ckpt, root / "cpu-run", "train", "device", "cpu")
     p["shared"] = [shapes16, debug_run]
     return p
 

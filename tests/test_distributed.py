@@ -168,26 +168,18 @@ def test_gpus_beyond_the_machine_is_a_usage_error(tmp_path, shapes16):
     assert "64" in out.stderr and "GPU" in out.stderr
 
 
-def test_fid_generation_sharded_over_two_processes_equals_one(tmp_path, debug_run, shapes16):
-    args = ["fid", "--ckpt", debug_run, "--num-samples", "10", "--ref", shapes16, "--features", "tiny", "--steps", "3", "--json"]
+# -n 2 over 3 ranks: rank 2's share is empty; it must still join every gather (labels included) and add nothing.
+# Two samples make an ill-conditioned FD: batch 2 vs batches of 1 move it in the 8th digit.
+@pytest.mark.parametrize(("n", "nproc", "rel"), [(10, 2, 1e-9), (2, 3, 1e-6)], ids=["two-processes", "fewer-samples-than-processes"])
+def test_fid_generation_sharded_over_processes_equals_one(tmp_path, debug_run, shapes16, n, nproc, rel):
+    args = ["fid", "--ckpt", debug_run, "--num-samples", str(n), "--ref", shapes16, "--features", "tiny", "--steps", "2", "--json"]
     one = fm_in_process(*args)
-    two = run_fm(*args, "--nproc", "2")
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
-    a, b = json.loads(one.stdout), json.loads(two.stdout)
-    assert a["fid"] == pytest.approx(b["fid"], rel=1e-9) and a["num_samples"] == b["num_samples"] == 10
-    assert "terminate called" not in two.stderr
-
-
-def test_fid_with_fewer_samples_than_processes_equals_one(tmp_path, debug_run, shapes16):
-    # -n 2 over 3 ranks: rank 2's share is empty; it must still join every gather (labels included) and add nothing.
-    args = ["fid", "--ckpt", debug_run, "--num-samples", "2", "--ref", shapes16, "--features", "tiny", "--steps", "2", "--json"]
-    one = fm_in_process(*args)
-    three = run_fm(*args, "--nproc", "3")
-    assert one.returncode == 0 and three.returncode == 0, (one.stderr, three.stderr)
-    a, b = json.loads(one.stdout), json.loads(three.stdout)
-    # two samples make an ill-conditioned FD: batch 2 vs batches of 1 move it in the 8th digit
-    assert a["fid"] == pytest.approx(b["fid"], rel=1e-6) and a["num_samples"] == b["num_samples"] == 2
+    many = run_fm(*args, "--nproc", str(nproc))
+    assert one.returncode == 0 and many.returncode == 0, (one.stderr, many.stderr)
+    a, b = json.loads(one.stdout), json.loads(many.stdout)
+    assert a["fid"] == pytest.approx(b["fid"], rel=rel) and a["num_samples"] == b["num_samples"] == n
     assert a["nfe"] == b["nfe"] == 2 and a["nfe_max"] == b["nfe_max"] == 2
+    assert "terminate called" not in many.stderr
 
 
 def test_sample_sharded_over_two_processes_equals_one(tmp_path, debug_run):
