@@ -17,7 +17,6 @@ import pytest
 import torch
 
 
-
 def _run_with(ckpt, run_dir, section: str, key: str, value):
     """A run directory holding `ckpt` with one config value changed (its checkpoints/latest names it)."""
     state = torch.load(ckpt, weights_only=True)
@@ -26,6 +25,7 @@ def _run_with(ckpt, run_dir, section: str, key: str, value):
     torch.save(state, run_dir / "checkpoints" / ckpt.name)
     (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
     return run_dir
+
 
 @pytest.fixture(scope="module")
 def w(tmp_path_factory, shapes16, debug_run) -> dict:
