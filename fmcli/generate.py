@@ -668,6 +668,9 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     from .images import SAMPLE_GRID_NAME, STILL_IMAGE_SUFFIXES, save_gif, save_grid
 
     refuse_existing(sample_outputs(out, n, force) + [gif], force)
+    if ctx.rank == 0 and (stale := samples_beyond(out, n)):
+        log(f"warning: {out} also holds {stale} sample file(s) numbered {n} or above from an earlier run, which this one does not "
+            f"write; `fm fid --gen {out}` would score them too: remove them or choose another --out")
     D.barrier(ctx)  # every rank has checked before any rank writes (no rank may see another's new file)
     dev = ctx.device
     loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder, vae_option="--vae")
@@ -720,6 +723,15 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         **guide_record(sample_cfg, guide_ckpt),
         "seed": seed,
     }
+
+
+def samples_beyond(out: Path, n: int) -> int:
+    """How many files in `out` are named as fm names samples (images.sample_file) with an index of `n` or more."""
+    import re
+
+    if not out.is_dir():
+        return 0
+    return sum(1 for p in out.iterdir() if (m := re.fullmatch(r"(\d{6,})\.png", p.name)) and int(m.group(1)) >= n)
 
 
 def _missing(out: Path, indices: list[int], shown: int) -> tuple[list[int], int]:

@@ -373,3 +373,15 @@ def test_an_interrupted_sample_folder_continues_to_the_images_of_an_uninterrupte
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     assert len(json.loads(again.stdout)["paths"]) == 9
+
+
+def test_sampling_over_a_larger_earlier_run_warns_of_the_samples_it_leaves(tmp_path, debug_run):
+    # --force with a smaller -n replaces samples 0..n-1 and leaves the earlier run's higher-numbered ones, which
+    # `fm fid --gen` would score with the new ones: said on stderr (never removed: they may be a user's to keep).
+    out = tmp_path / "s"
+    first = fm_in_process("sample", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--out", out)
+    assert first.returncode == 0 and "warning" not in first.stderr, first.stderr
+    again = fm_in_process("sample", "--ckpt", debug_run, "-n", "2", "--steps", "1", "--out", out, "--force")
+    assert again.returncode == 0, again.stderr
+    assert "holds 2 sample file(s) numbered 2 or above" in again.stderr, again.stderr
+    assert sorted(p.name for p in out.glob("0*.png")) == ["000000.png", "000001.png", "000002.png", "000003.png"]
