@@ -229,12 +229,10 @@ def sweep_settings(base, cfgs, intervals, nfes, log=None) -> list:
 
 def distinct_runs(sweep: list, log=None) -> list:
     """The sweep's settings as they run, each once: NFE budgets that buy the same steps (heun at 8 and 9) or guidance
-    scales an unconditional model runs unguided (generate.guidance_that_runs) would give rows of one run, twice. At
-    cfg 1 nothing is guided, so a guidance interval changes nothing: such rows read interval null, one row."""
+    scales an unconditional model runs unguided would give rows of one run, twice; so would cfg 1 at two guidance
+    intervals (it guides nothing). `sweep` is as it runs: generate.guidance_that_runs already read those unguided."""
     out = []
     for settings in sweep:
-        if settings.cfg == 1.0 and settings.guidance_interval is not None:
-            settings = settings.model_copy(update={"guidance_interval": None})
         if settings not in out:
             out.append(settings)
         elif log:

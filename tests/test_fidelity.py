@@ -338,6 +338,7 @@ def test_cfg_1_rows_of_an_interval_sweep_are_one_run():
     velocity itself, which at cfg 1 is the conditional one whatever the interval, and differs by interval at cfg 2."""
     from fmcli.config import load_config
     from fmcli.fidelity import distinct_runs, sweep_settings
+    from fmcli.generate import LoadedModel, guidance_that_runs
     from fmcli.solvers import guided_velocity
 
     torch.manual_seed(0)
@@ -351,8 +352,9 @@ def test_cfg_1_rows_of_an_interval_sweep_are_one_run():
     velocities = {(w, lo): guided_velocity(model, cond, uncond, w, (lo, 1.0))(x, t) for w in (1.0, 2.0) for lo in (0.0, 0.2)}
     assert torch.equal(velocities[1.0, 0.0], velocities[1.0, 0.2]) and not torch.equal(velocities[2.0, 0.0], velocities[2.0, 0.2])
 
-    base = load_config("debug").sample
-    runs = distinct_runs(sweep_settings(base, [1.0, 2.0], [(0.0, 1.0), (0.2, 1.0)], None))
+    cfg = load_config("debug", ["model.num_classes=10"])
+    loaded = LoadedModel(model=None, config=cfg, info={}, step=0)  # a class-conditional model's settings, as they run
+    runs = distinct_runs([guidance_that_runs(loaded, s) for s in sweep_settings(cfg.sample, [1.0, 2.0], [(0.0, 1.0), (0.2, 1.0)], None)])
     assert [(s.cfg, s.guidance_interval) for s in runs] == [(1.0, None), (2.0, (0.0, 1.0)), (2.0, (0.2, 1.0))]
 
 
