@@ -300,13 +300,14 @@ def default_data(cfg: Config, prepare: bool) -> Config:
         existing = read_manifest(path) if (path / "manifest.json").is_file() else None
         return existing if existing is not None and existing.get("generator_version") == GENERATOR_VERSION else None
 
-    if current() is None and prepare:
-        with folder_lock(path.parent):  # two runs started at once in one directory: one prepares, the other waits
-            if current() is None:
-                _prepare_shapes(cfg, path)
-    elif current() is None:
-        timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
-        D.wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
+    if current() is None:
+        if prepare:
+            with folder_lock(path.parent):  # two runs started at once in one directory: one prepares, the other waits
+                if current() is None:
+                    _prepare_shapes(cfg, path)
+        else:
+            timeout = float(os.environ.get("FM_DATA_WAIT", "1800"))
+            D.wait_until(lambda: current() is not None, timeout, f"local rank 0 to prepare the shapes data in {path}")
     return cfg.with_section("data", path=str(path))
 
 
