@@ -161,13 +161,23 @@ def folder_lock(folder: str | Path):
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
+        flock_exclusive(fd, wait=True)
         yield
     finally:
         os.close(fd)
+
+
+def flock_exclusive(fd: int, wait: bool) -> bool:
+    """An exclusive advisory flock on the open `fd` (released when it is closed, or the process ends): False only
+    when another process holds it and `wait` is off; True when taken, or where the filesystem has no locks (some
+    network mounts: the caller goes unlocked)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def fsync_file(path: Path) -> None:

@@ -4,7 +4,6 @@ section 7)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import platform
@@ -19,7 +18,7 @@ import torch
 
 from . import __version__
 from .errors import UsageError
-from .fsutil import atomic_write, fsync_dir, write_text_atomic
+from .fsutil import atomic_write, flock_exclusive, fsync_dir, write_text_atomic
 
 
 RUN_LOCK = ".lock"  # the file rank 0 holds an advisory lock on while it trains in a run directory
@@ -40,12 +39,8 @@ def refuse_run_being_trained(run_dir: Path) -> None:
     except OSError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    except BlockingIOError:
-        raise _busy_error(run_dir) from None
-    except OSError:
-        pass  # a filesystem without flock: no lock, as run_dir_lock
+        if not flock_exclusive(fd, wait=False):  # taken here, it is released at the close
+            raise _busy_error(run_dir)
     finally:
         os.close(fd)
 
@@ -59,12 +54,8 @@ def run_dir_lock(run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _busy_error(run_dir) from None
-        except OSError:
-            pass  # a filesystem without flock (some network mounts): no lock, as before
+        if not flock_exclusive(fd, wait=False):
+            raise _busy_error(run_dir)
         yield
     finally:
         os.close(fd)
