@@ -321,6 +321,17 @@ class EvalConfig(Strict):
     inception_unverified: bool = False  # accept an Inception file whose sha256 is not the reference one
 
 
+class RepaConfig(Strict):
+    # Representation alignment (fmcli/repa.py): "domain" pulls the DiT's tokens after block `depth` toward the
+    # features of fm's in-domain classifier of the training data (labelled pixel data); "none" = off; "auto" =
+    # "domain" where the run can have it (a flow-matching DiT on labelled pixel data), else "none" (`resolve`).
+    encoder: Literal["none", "auto", "domain"] = "none"
+    depth: int = Field(2, gt=0)  # align the tokens after this many blocks (at most model.depth)
+    weight: float = Field(0.5, gt=0)  # the loss is flow matching + weight * (1 - mean cosine similarity)
+    seed: int = Field(1, ge=0)  # the classifier's seed: not fm eval's 0, so a run is not scored in the features it was pulled toward
+    classifier: str | None = None  # the classifier's cache file; None = beside the dataset (fm-classifier-s{seed}.pt)
+
+
 class EncodersConfig(Strict):
     vae: str | None = None  # local diffusers AutoencoderKL directory (or env FM_VAE)
     text_encoder: str | None = None  # local transformers encoder directory (or env FM_TEXT_ENCODER), or "builtin:tiny-t5"
@@ -337,6 +348,7 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
+    repa: RepaConfig = RepaConfig()
     encoders: EncodersConfig = EncodersConfig()
 
     def with_section(self, section: str, **changes) -> "Config":
@@ -382,6 +394,20 @@ class Config(Strict):
         if mean_flow != (self.sample.solver == "meanflow"):
             want = "sample.solver='meanflow' (its average-velocity jumps)" if mean_flow else "a flow solver, not sample.solver='meanflow' (mean-flow models only)"
             raise ValueError(f"flow.objective={self.flow.objective!r} samples with {want}")
+        return self
+
+    @model_validator(mode="after")
+    def _repa_has_its_tokens(self):
+        if self.repa.encoder != "domain":  # "auto" becomes "domain" only where these hold (with_resolved_repa)
+            return self
+        if self.model.arch != "dit":
+            raise ValueError(f"repa.encoder={self.repa.encoder!r} aligns a DiT's tokens; model.arch={self.model.arch!r} has none: set repa.encoder='none'")
+        if self.repa.depth > self.model.depth:
+            raise ValueError(f"repa.depth {self.repa.depth} is deeper than the model (model.depth {self.model.depth}): choose 1..{self.model.depth}")
+        if self.flow.objective != "flow":
+            raise ValueError(f"repa.encoder={self.repa.encoder!r} is implemented for flow.objective='flow' (got {self.flow.objective!r}): set repa.encoder='none'")
+        if self.model.cross_attention:
+            raise ValueError("repa.encoder='domain' needs the labelled images of a class-conditional dataset; text models have none: set repa.encoder='none'")
         return self
 
     @model_validator(mode="after")
@@ -433,6 +459,7 @@ RESUME_SAFE_KEYS = {
     "eval.inception_unverified",
     "sample.guidance",  # only the sample grids use it; lets a run saved with "auto" (refused in training) resume
     "encoders.vae",  # the frozen encoders' local paths may move between sessions
+    "repa.classifier",  # a moved cache; a resume checks the classifier is the one the run trained with (its key)
     "encoders.text_encoder",
 }
 # Keys a resume refuses for a reason other than the math, with what to do instead.
@@ -527,7 +554,17 @@ def resolve(cfg: Config, manifest: dict) -> Config:
     cfg = cfg.with_section("model", **update) if update else cfg
     if problem := image_misfit(cfg.model, h):
         raise UsageError(f"the dataset's {problem}: pick a model.patch_size (DiT) or model.channel_mult (U-Net) that divides it")
-    return with_data_dimension(cfg, c * h * w)
+    return with_resolved_repa(with_data_dimension(cfg, c * h * w), manifest.get("kind", "pixels"))
+
+
+def with_resolved_repa(cfg: Config, data_kind: str) -> Config:
+    """repa.encoder = "auto" -> "domain" where the run can align to the in-domain classifier (a flow-matching DiT of
+    at least repa.depth blocks, no text, on labelled pixel data: the classifier needs the labels), else "none"."""
+    if cfg.repa.encoder != "auto":
+        return cfg
+    m = cfg.model
+    fits = data_kind == "pixels" and bool(m.num_classes) and m.arch == "dit" and not m.cross_attention and cfg.flow.objective == "flow" and cfg.repa.depth <= m.depth
+    return cfg.with_section("repa", encoder="domain" if fits else "none")
 
 
 # The data dimension (values per sample) that trains unshifted under flow.shift = "auto": an MNIST-sized image.

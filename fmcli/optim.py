@@ -12,12 +12,14 @@ from .optim_muon import Muon
 OPTIMIZERS = ("adamw", "muon")
 
 
-def build_optimizer(model: nn.Module, optim_cfg, ns_dtype: str | None = None) -> "CombinedOptimizer":
-    """AdamW (decay on >=2-D weights only), or Muon for 2-D hidden matrices with AdamW for the rest.
+def build_optimizer(model: nn.Module, optim_cfg, ns_dtype: str | None = None, extra: nn.Module | None = None) -> "CombinedOptimizer":
+    """AdamW (decay on >=2-D weights only), or Muon for 2-D hidden matrices with AdamW for the rest; `extra`'s
+    parameters (REPA's projector, trained beside the model) are AdamW's.
 
     Muon is fm's (fmcli.optim_muon): its Newton-Schulz runs in `ns_dtype` ("bf16" | "fp32"; the fast one
     comes from fmcli.hardware.matmul_dtype), None = bf16 as torch.optim.Muon."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named += [(f"extra.{n}", p) for n, p in (extra.named_parameters() if extra is not None else ()) if p.requires_grad]
     adam_decay, adam_plain, muon = [], [], []
     for name, p in named:
         hidden_matrix = p.dim() == 2 and name.startswith("blocks.")

@@ -29,6 +29,7 @@ from .config import Config
 from .flow import couple, expand_time, flow_matching_loss, interpolate, mean_flow_loss, sample_time_pairs, sample_times
 from .hardware import autocast
 from .models import build_model
+from .repa import AlignedNet, Alignment, Encoder, load_encoder
 from .optim import build_optimizer, build_schedulers, ema_decay_at, update_ema
 from .seeding import STREAMS, normal, torch_generator
 
@@ -78,17 +79,22 @@ class TrainingStep:
     Call `wrap()` once the state is final (after a checkpoint restore): it adds DDP and torch.compile.
     """
 
-    def __init__(self, cfg: Config, ctx: D.DistContext, *, micro: int, accum: int, shape: tuple[int, ...], text=None, model: nn.Module | None = None, ns_dtype: str | None = None):
+    def __init__(self, cfg: Config, ctx: D.DistContext, *, micro: int, accum: int, shape: tuple[int, ...], text=None, model: nn.Module | None = None, ns_dtype: str | None = None,
+                 encoder: Encoder | None = None):
         self.cfg, self.ctx, self.micro, self.accum, self.shape, self.text = cfg, ctx, micro, accum, tuple(shape), text
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every run
         self.model = (model if model is not None else build_model(cfg.model)).to(ctx.device)  # the bare module (mean_flow_target)
         self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
-        self.optimizer = build_optimizer(self.model, cfg.optim, ns_dtype=ns_dtype)
+        # REPA (repa.encoder): a frozen encoder (`encoder`, default the run's own: repa.load_encoder) and a
+        # projector trained beside the model; `forward_module` is what DDP wraps and compile compiles.
+        self.align = None if cfg.repa.encoder == "none" else Alignment(cfg, encoder if encoder is not None else load_encoder(cfg), ctx.device)
+        self.forward_module = self.model if self.align is None else AlignedNet(self.model, self.align.projector, cfg.repa.depth)
+        self.optimizer = build_optimizer(self.model, cfg.optim, ns_dtype=ns_dtype, extra=None if self.align is None else self.align.projector)
         self.schedule, self.schedulers = build_schedulers(self.optimizer, cfg.optim, cfg.train.steps)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.precision == "fp16" and ctx.device.type == "cuda")
         # What a step calls: `wrapped` is the model under DDP where several processes train (else the model
         # itself), `train_forward` that one compiled when wrap() compiles (else the same module).
-        self.wrapped = self.train_forward = self.model
+        self.wrapped = self.train_forward = self.forward_module
         self.compile_warning: str | None = None  # set when torch.compile failed and the step runs eager
 
     def wrap(self, compile_model: bool, example: dict, log=lambda message: None) -> bool:
@@ -102,7 +108,7 @@ class TrainingStep:
 
         if self.ctx.world_size > 1:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.wrapped = nn.parallel.DistributedDataParallel(self.forward_module, device_ids=ids)
         warnings = []
         choice = CompileChoice(compile_model, bool(compile_model), "")
         self.train_forward = compile_with_fallback(self.wrapped, lambda f: self.warm_up(example, f), lambda m: warnings.append(m) or log(m), choice)
@@ -125,8 +131,8 @@ class TrainingStep:
         with sync:
             with autocast(self.cfg.train.precision, self.ctx.device):
                 out = forward(x, t, **cond)
-            out.float().square().mean().backward()
-        self.model.zero_grad(set_to_none=True)
+            sum(o.float().square().mean() for o in (out if isinstance(out, tuple) else (out,))).backward()
+        self.forward_module.zero_grad(set_to_none=True)
 
     def set_total_steps(self, steps: int, at_step: int = 0) -> Config:
         """A new run length from `at_step` on (train.budget_minutes), the LR continuous (LRSchedule.retarget).
@@ -137,15 +143,20 @@ class TrainingStep:
         return self.cfg
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedulers": [s.state_dict() for s in self.schedulers],
             "scaler": self.scaler.state_dict(),
         }
+        if self.align is not None:
+            state["repa"] = {"projector": self.align.projector.state_dict(), "encoder_key": self.align.key}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.align is not None:
+            self.align.load_state_dict(state.get("repa"))
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -173,7 +184,11 @@ class TrainingStep:
             last = a == self.accum - 1
             sync = self.wrapped.no_sync() if ctx.world_size > 1 and not last else contextlib.nullcontext()
             with sync, amp:
-                if draws["ends"] is None:
+                if self.align is not None:  # flow matching + REPA's term on the same forward
+                    out, projected = self.train_forward(xt, t, **cond)
+                    logged = flow_matching_loss(out, ut)
+                    loss = logged + self.align.loss(projected, x1)
+                elif draws["ends"] is None:
                     loss = logged = flow_matching_loss(self.train_forward(xt, t, **cond), ut)
                 else:
                     loss, logged = self._mean_flow_loss(xt, t, draws["ends"][rows].to(ctx.device), ut, cond)
@@ -188,7 +203,7 @@ class TrainingStep:
         for o in self.optimizer.optimizers:
             self.scaler.unscale_(o)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.forward_module.parameters(), clip).item()
         for o in self.optimizer.optimizers:
             self.scaler.step(o)
         self.scaler.update()

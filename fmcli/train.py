@@ -34,6 +34,7 @@ from .images import save_grid
 from .optim import extension_note
 from .runlog import (append_metrics, memory_mib, metrics_end, run_dir_lock, set_aside_metrics, set_aside_samples, step_name, write_config,
                      write_run_files)
+from .repa import load_encoder
 from .step import TrainingStep
 from .tracking import NullTracker, make_tracker
 
@@ -218,7 +219,13 @@ def build_step(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log, r
     micro, accum = batch_geometry(cfg.train.global_batch_size, micro, ctx.world_size, resumed=not fresh)
     if cfg.train.global_batch_size > len(dataset):
         raise UsageError(f"train.global_batch_size {cfg.train.global_batch_size} exceeds the dataset size {len(dataset)}")
-    step_fn = TrainingStep(cfg, ctx, micro=micro, accum=accum, shape=shape, text=text, ns_dtype=hardware.muon_ns_dtype)
+    encoder = None
+    if cfg.repa.encoder == "domain":  # REPA's encoder (the first run on a dataset trains it, about a minute)
+        encoder = load_encoder(cfg, log=log.info)
+        if ctx.rank == 0:
+            log.info(f"repa: the tokens after block {cfg.repa.depth} are aligned with the domain classifier of {cfg.data.path} "
+                     f"(seed {cfg.repa.seed}; off: --set repa.encoder=none)")
+    step_fn = TrainingStep(cfg, ctx, micro=micro, accum=accum, shape=shape, text=text, ns_dtype=hardware.muon_ns_dtype, encoder=encoder)
     if fresh and cfg.train.init_from:
         init_weights(step_fn, cfg.train.init_from)
         log.info(f"initialised from {cfg.train.init_from}")

@@ -32,7 +32,7 @@ def data(tmp_path, shapes16) -> Path:
 
 
 def test_classifier_is_deterministic_for_a_seed(shapes16):
-    from fmcli.features import train_classifier
+    from fmcli.classifier import train_classifier
 
     x, y = np.load(shapes16 / "x.npy")[:200], np.load(shapes16 / "y.npy")[:200]
     before = torch.random.get_rng_state()
@@ -46,17 +46,17 @@ def test_classifier_is_deterministic_for_a_seed(shapes16):
 
 
 def test_classifier_cache_is_reused_validated_and_rebuilt(data, monkeypatch):
-    from fmcli import features
+    from fmcli import classifier, features
 
     logs = []
     first = features.load_or_train_classifier(data, seed=0, steps=STEPS, log=logs.append)
-    path = features.default_classifier_path(data, 0)
+    path = classifier.default_classifier_path(data, 0)
     assert path.is_file() and any("training" in m for m in logs)
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained again although the cache matched")
 
-    monkeypatch.setattr(features, "train_classifier", no_training)
+    monkeypatch.setattr(classifier, "train_classifier", no_training)
     again = features.load_or_train_classifier(data, seed=0, steps=STEPS)
     assert again.key == first.key and again.held_out_accuracy == first.held_out_accuracy
     assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in first.model.state_dict().items())
@@ -166,7 +166,7 @@ def _json(result):
 def test_eval_of_the_floor_images_scores_the_floor(data, tmp_path):
     """The floor half saved as PNGs and scored with --gen gives exactly the floor's numbers, and the floor's
     precision/recall/density/coverage equal the `prdc` package's on the same features."""
-    from fmcli import features
+    from fmcli import classifier, features
     from fmcli.fidelity import split_halves
 
     x = np.load(data / "x.npy")
@@ -287,12 +287,12 @@ def test_eval_refuses_what_it_cannot_score_before_the_classifier_trains(data, de
     """A model of another image shape, an NFE budget its solver cannot meet, and a --gen folder with too few images
     or one of another size are one-line usage errors before the domain classifier trains (a minute at the default
     steps) and the reference pass: they came after both."""
-    from fmcli import features
+    from fmcli import classifier, features
     from fmcli.cli.options import SamplingFlags
     from fmcli.data.shapes import prepare_shapes
     from fmcli.fidelity import EvalRequest, evaluate_fidelity
 
-    monkeypatch.setattr(features, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the request was checked"))
+    monkeypatch.setattr(classifier, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the request was checked"))
     small = prepare_shapes(tmp_path / "shapes8", size=8, count=40, seed=1)
     with pytest.raises(UsageError, match=r"the model makes \[3, 16, 16\] images but .*shapes8 holds \[3, 8, 8\]"):
         evaluate_fidelity(EvalRequest(data=small, ckpt=str(debug_run), num_samples=10), device=torch.device("cpu"))
@@ -308,7 +308,7 @@ def test_eval_refuses_what_it_cannot_score_before_the_classifier_trains(data, de
     Image.new("RGB", (8, 8)).save(folder / "small.png")
     with pytest.raises(UsageError, match="small.png is 8x8 but the dataset's images are 16x16"):
         evaluate_fidelity(EvalRequest(data=data, gen=folder), device=torch.device("cpu"))
-    assert not features.default_classifier_path(data, 0).exists() and not features.default_classifier_path(small, 0).exists()
+    assert not classifier.default_classifier_path(data, 0).exists() and not features.default_classifier_path(small, 0).exists()
 
 
 @pytest.mark.parametrize("space,flag,message", [
@@ -318,10 +318,10 @@ def test_eval_refuses_what_it_cannot_score_before_the_classifier_trains(data, de
 def test_missing_feature_weights_are_refused_before_the_classifier_trains(data, tmp_path, monkeypatch, space, flag, message):
     """`fm eval --features domain,dinov2 --dinov2 DIR` (the README's example) with no model at DIR trained the domain
     classifier (a minute, its cache written) and only then said the DINOv2 directory was missing."""
-    from fmcli import features
+    from fmcli import classifier, features
     from fmcli.fidelity import EvalRequest, evaluate_fidelity
 
-    monkeypatch.setattr(features, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the weights were checked"))
+    monkeypatch.setattr(classifier, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the weights were checked"))
     folder = tmp_path / "gen"
     folder.mkdir()
     for i, img in enumerate(np.load(data / "x.npy")[:8]):
@@ -329,7 +329,7 @@ def test_missing_feature_weights_are_refused_before_the_classifier_trains(data, 
     request = EvalRequest(data=data, gen=folder, spaces=("domain", space), **{flag: str(tmp_path / "nothing")})
     with pytest.raises(UsageError, match=message):
         evaluate_fidelity(request, device=torch.device("cpu"))
-    assert not features.default_classifier_path(data, 0).exists()
+    assert not classifier.default_classifier_path(data, 0).exists()
 
 
 def test_cfg_1_rows_of_an_interval_sweep_are_one_run():
@@ -363,7 +363,7 @@ def test_cfg_1_rows_of_an_interval_sweep_are_one_run():
 
 def test_eval_every_logs_domain_fidelity_and_leaves_training_unchanged(data, tmp_path, monkeypatch):
     from conftest import QuietLog
-    from fmcli import features
+    from fmcli import classifier, features
     from fmcli.config import load_config
     from fmcli.train import train
 
@@ -379,7 +379,7 @@ def test_eval_every_logs_domain_fidelity_and_leaves_training_unchanged(data, tmp
     for r in evals:
         assert {"fd", "precision", "recall", "density", "coverage", "accuracy", "fd_floor", "recall_floor", "accuracy_floor"} <= set(r)
         assert r["eval_features"] == "domain" and r["eval_num_samples"] == 20 and r["fd"] > r["fd_floor"] >= 0
-    assert features.default_classifier_path(data, 0).is_file()  # trained once, cached beside the data
+    assert classifier.default_classifier_path(data, 0).is_file()  # trained once, cached beside the data
 
     pytest.importorskip("matplotlib")
     result = fm_in_process("plot", tmp_path / "with")
@@ -390,13 +390,13 @@ def test_eval_every_logs_domain_fidelity_and_leaves_training_unchanged(data, tmp
 def test_eval_every_refuses_a_reference_of_another_image_shape_before_any_work(shapes16, tmp_path, monkeypatch):
     """`fm eval` refuses a model whose images differ from --data; during training an eval.ref of another size
     logged FD, recall and accuracy of 16px samples against 8px images (the classifier pools any size)."""
-    from fmcli import features
+    from fmcli import classifier, features
     from fmcli.config import load_config
     from fmcli.data.shapes import prepare_shapes
     from fmcli.fidelity import TrainingFidelity
 
     small = prepare_shapes(tmp_path / "shapes8", size=8, count=40, seed=1)
-    monkeypatch.setattr(features, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the shapes were compared"))
+    monkeypatch.setattr(classifier, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the shapes were compared"))
     cfg = load_config("debug", [f"data.path='{shapes16}'", "eval.every=2", "eval.features='domain'", f"eval.ref='{small}'"])
     with pytest.raises(UsageError, match=r"eval.ref .*shapes8 holds \[3, 8, 8\] images but the model makes \[3, 16, 16\]"):
         TrainingFidelity(cfg, shapes16, "cpu")
@@ -459,7 +459,7 @@ def test_an_unwritable_data_folder_is_refused_before_the_classifier_trains(shape
 
     data = Path(shutil.copytree(shapes16, tmp_path / "data"))
     monkeypatch.setattr(fsutil, "can_write_in", lambda folder: Path(folder).resolve() != data.resolve())
-    monkeypatch.setattr(features, "train_classifier", lambda *a, **k: pytest.fail("trained before the folder was checked"))
+    monkeypatch.setattr(classifier, "train_classifier", lambda *a, **k: pytest.fail("trained before the folder was checked"))
     with pytest.raises(UsageError, match=rf"data folder {data} is not writable.*--classifier PATH"):
         features.load_or_train_classifier(data)
     with pytest.raises(UsageError, match=r"--classifier .*cannot write in"):

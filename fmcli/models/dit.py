@@ -106,7 +106,9 @@ class DiT(nn.Module):
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         t_end: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        hidden_after: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The velocity [N, C, H, W]; with `hidden_after` = k also the tokens [N, T, D] after block k (REPA, fmcli/repa.py)."""
         if y is None:
             y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         h = self.x_embed(x).flatten(2).transpose(1, 2)  # (N, T, D)
@@ -122,10 +124,14 @@ class DiT(nn.Module):
                 raise ValueError("this is a text-conditioned DiT: pass text (and text_mask); the empty prompt's states for unconditional")
             context = self.text_embed(text.to(h.dtype))
             key_mask = text_attention_mask(text_mask, text.shape[:2], x.device)
-        for block in self.blocks:
+        hidden = None
+        for k, block in enumerate(self.blocks, start=1):
             h = block(h, c, context, key_mask)
+            if k == hidden_after:
+                hidden = h
         out = self.unpatchify(self.final(h, c))
-        return velocity_from_data(out, x, t) if self.predicts_data else out
+        out = velocity_from_data(out, x, t) if self.predicts_data else out
+        return out if hidden_after is None else (out, hidden)
 
     def unpatchify(self, h: torch.Tensor) -> torch.Tensor:
         p, g, c = self.patch_size, self.grid, self.in_channels

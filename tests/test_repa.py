@@ -1,0 +1,210 @@
+"""REPA (fmcli/repa.py): the token grid and the loss against brute force, the hidden tokens against the blocks run
+by hand, what a step trains (projector yes, encoder no, blocks after repa.depth as without REPA), resume, DDP,
+and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import assert_resumes_bit_exactly, fm_in_process, run_fm
+from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+from fmcli.config import load_config
+from fmcli.distributed import DistContext
+from fmcli.errors import UsageError
+from fmcli.repa import Alignment, Encoder, on_token_grid, untrained_encoder
+from fmcli.step import TrainingStep
+
+REPA = ["repa.encoder=domain", "repa.depth=1"]
+
+
+@pytest.fixture(scope="module")
+def repa_data(shapes16):
+    """shapes16 with REPA's classifier (seed 1) cached beside it: trained once here, not in each run."""
+    from fmcli.classifier import load_or_train_classifier
+
+    load_or_train_classifier(shapes16, seed=1)
+    return shapes16
+
+
+def debug_cfg(*extra):
+    return load_config("debug", ["data.path='unused'", "model.image_size=16", "model.in_channels=3", "model.num_classes=10", *extra])
+
+
+# ----------------------------------------------------------------------------------------------- pure parts
+
+
+def test_token_grid_repeats_a_coarser_map_and_averages_a_finer_one():
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randn(2, 3, 2, 2, generator=g)
+    tokens = on_token_grid(coarse, 4)
+    assert tokens.shape == (2, 16, 3)
+    for r in range(4):
+        for c in range(4):
+            torch.testing.assert_close(tokens[:, r * 4 + c], coarse[:, :, r // 2, c // 2], rtol=0, atol=0)
+    fine = torch.randn(2, 3, 8, 8, generator=g)
+    tokens = on_token_grid(fine, 4)
+    for r in range(4):
+        for c in range(4):
+            torch.testing.assert_close(tokens[:, r * 4 + c], fine[:, :, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean((-1, -2)))
+    same = torch.randn(2, 3, 4, 4, generator=g)
+    torch.testing.assert_close(on_token_grid(same, 4), same.flatten(2).transpose(1, 2), rtol=0, atol=0)
+
+
+def test_alignment_loss_is_one_minus_the_mean_cosine(tmp_path):
+    cfg = debug_cfg(*REPA, "repa.weight=0.7")
+    conv = nn.Conv2d(3, 5, kernel_size=4, stride=4)  # 16x16 -> a 4x4 map: one cell per token
+    align = Alignment(cfg, Encoder(conv, "k"), torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    x1, projected = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 16, 5, generator=g)
+    feats = conv(x1).detach().double().numpy()
+    p = projected.double().numpy()
+    cosines = []
+    for n in range(2):
+        for tok in range(16):
+            a, b = p[n, tok], feats[n, :, tok // 4, tok % 4]
+            cosines.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+    assert align.loss(projected, x1).item() == pytest.approx(0.7 * (1 - np.mean(cosines)), rel=1e-5)
+
+
+def test_hidden_tokens_are_the_output_of_block_k():
+    from fmcli.models import build_model
+
+    cfg = debug_cfg()
+    torch.manual_seed(0)
+    net = build_model(cfg.model).eval()
+    g = torch.Generator().manual_seed(2)
+    x, t, y = torch.randn(3, 3, 16, 16, generator=g), torch.rand(3, generator=g), torch.tensor([0, 4, 10])
+    with torch.no_grad():
+        plain = net(x, t, y)
+        h = net.x_embed(x).flatten(2).transpose(1, 2) + net.pos_embed
+        c = net.t_embed(t) + net.y_embed(y)
+        for k, block in enumerate(net.blocks, start=1):
+            h = block(h, c, None, None)
+            out, hidden = net(x, t, y, hidden_after=k)
+            torch.testing.assert_close(out, plain, rtol=0, atol=0)  # the output is the network's, unchanged
+            torch.testing.assert_close(hidden, h, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------- the step
+
+
+def one_step(cfg, batch):
+    step = TrainingStep(cfg, DistContext(), micro=8, accum=1, shape=(3, 16, 16), encoder=untrained_encoder(cfg) if cfg.repa.encoder != "none" else None)
+    before = {n: p.detach().clone() for n, p in step.model.named_parameters()}
+    result = step(iter([batch]), 0, 0)
+    return step, before, result
+
+
+def test_a_repa_step_logs_flow_matching_trains_the_projector_and_leaves_later_blocks_alone():
+    g = torch.Generator().manual_seed(3)
+    batch = {"x": torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, "y": torch.randint(0, 10, (8,), generator=g)}
+    base = ["optim.grad_clip=0"]  # no global clipping: each parameter's update depends on its own gradient only
+    plain, _, plain_result = one_step(debug_cfg(*base), batch)
+    aligned, before, result = one_step(debug_cfg(*base, *REPA), batch)
+    # The same initial network, and the logged loss is the flow-matching loss alone (comparable with runs without REPA).
+    assert result.loss == plain_result.loss
+    encoder_before = {n: p.clone() for n, p in untrained_encoder(debug_cfg(*REPA)).module.named_parameters()}
+    for n, p in aligned.align.encoder.named_parameters():
+        torch.testing.assert_close(p, encoder_before[n], rtol=0, atol=0)  # frozen
+    assert all(p.grad is None for p in aligned.align.encoder.parameters())
+    projector_moved = [not torch.equal(p, q) for p, q in zip(aligned.align.projector.parameters(), Alignment(debug_cfg(*REPA), untrained_encoder(debug_cfg(*REPA)), torch.device("cpu")).projector.parameters())]
+    assert all(projector_moved)
+    a, b = dict(aligned.model.named_parameters()), dict(plain.model.named_parameters())
+    for name in a:
+        after_block_1 = name.startswith(("blocks.1.", "final."))  # repa.depth = 1: the loss sees blocks.0 and below only
+        if after_block_1:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    changed_early = [n for n in a if n.startswith("blocks.0.") and not torch.equal(a[n], b[n])]
+    assert changed_early, "the alignment term moved nothing in the block it aligns"
+    # The EMA holds the network only: sampling and exports are as without REPA.
+    assert set(aligned.ema.state_dict()) == set(plain.ema.state_dict())
+
+
+def test_the_projector_is_saved_and_a_resume_checks_the_encoder():
+    cfg = debug_cfg(*REPA)
+    step = TrainingStep(cfg, DistContext(), micro=8, accum=1, shape=(3, 16, 16), encoder=untrained_encoder(cfg))
+    state = step.state_dict()
+    assert state["repa"]["encoder_key"] == "untrained"
+    other = TrainingStep(cfg, DistContext(), micro=8, accum=1, shape=(3, 16, 16), encoder=Encoder(untrained_encoder(cfg).module, "another"))
+    with pytest.raises(UsageError, match="not the one this run trained with"):
+        other.load_state_dict(state)
+    without = {k: v for k, v in state.items() if k != "repa"}
+    with pytest.raises(UsageError, match="trained without REPA"):
+        step.load_state_dict(without)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def test_repa_run_resumes_bit_exactly(tmp_path, repa_data):
+    assert_resumes_bit_exactly(tmp_path, [f"data.path='{repa_data}'", *REPA, "train.steps=6", "train.log_every=1", "train.checkpoint_every=0",
+                                          "train.global_batch_size=8", "train.micro_batch_size=4"])
+
+
+def test_two_processes_average_repa_gradients_like_one(tmp_path, repa_data):
+    """The projector is trained beside the network: under DDP its gradients too must be averaged across ranks."""
+    args = lambda d, *x: ["train", "--preset", "debug", "--data", repa_data, "--run-dir", tmp_path / d, "--set", "train.steps=4",  # noqa: E731
+                          "--set", "train.log_every=1", "--set", "train.checkpoint_every=0", *[a for item in REPA for a in ("--set", item)], *x]
+    one = fm_in_process(*args("one"))
+    assert one.returncode == 0, one.stderr
+    two = run_fm(*args("two", "--nproc", "2"))
+    assert two.returncode == 0, two.stderr
+    losses = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]  # noqa: E731
+    np.testing.assert_allclose(losses("two"), losses("one"), rtol=1e-5)
+    a, b = (load_checkpoint(resolve_checkpoint(tmp_path / d)) for d in ("one", "two"))
+    for name in a["model"]:
+        torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-5, atol=1e-6)
+    for name in a["repa"]["projector"]:
+        # Adam turns float noise in near-zero gradients into ~1e-6 steps; a projector not averaged across ranks is off by ~lr (1e-3)
+        torch.testing.assert_close(b["repa"]["projector"][name], a["repa"]["projector"][name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting, message", [
+    (["model.arch=unet"], "aligns a DiT's tokens"),
+    (["repa.depth=3"], "deeper than the model"),
+    (["flow.objective=meanflow", "sample.solver=meanflow"], "implemented for flow.objective='flow'"),
+])  # fmt: skip
+def test_repa_refuses_what_it_cannot_align(tmp_path, shapes16, setting, message):
+    sets = [a for item in ["repa.encoder=domain", *setting] for a in ("--set", item)]
+    result = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "r", *sets)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_repa_needs_a_labelled_dataset(tmp_path, shapes16):
+    import shutil
+
+    data = tmp_path / "unlabelled"
+    shutil.copytree(shapes16, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["num_classes"] = 0
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    (data / "y.npy").unlink()
+    result = fm_in_process("train", "--preset", "debug", "--data", data, "--run-dir", tmp_path / "r", "--set", "repa.encoder=domain",
+                           "--set", "model.num_classes=0", "--set", "sample.cfg=1")
+    assert result.returncode == 2, result.stderr
+    assert "repa.encoder='domain'" in result.stderr and "labelled" in result.stderr and "repa.encoder=none" in result.stderr
+
+
+@pytest.mark.parametrize("manifest, extra, expected", [
+    ({"kind": "pixels", "num_classes": 10}, [], "domain"),
+    ({"kind": "pixels", "num_classes": 0}, [], "none"),  # unlabelled: no classifier to align with
+    ({"kind": "latents", "num_classes": 10}, [], "none"),  # the classifier reads pixels
+    ({"kind": "pairs", "num_classes": 10}, ["flow.coupling=pairs"], "none"),
+    ({"kind": "pixels", "num_classes": 10}, ["model.arch=unet"], "none"),
+    ({"kind": "pixels", "num_classes": 10}, ["flow.objective=meanflow", "sample.solver=meanflow"], "none"),
+    ({"kind": "pixels", "num_classes": 10}, ["repa.depth=3"], "none"),  # the debug DiT has 2 blocks
+])  # fmt: skip
+def test_auto_aligns_only_where_a_run_can(manifest, extra, expected):
+    from fmcli.config import resolve
+
+    cfg = load_config("debug", ["repa.encoder=auto", *extra])
+    resolved = resolve(cfg, {**manifest, "shape": [3, 16, 16]})
+    assert resolved.repa.encoder == expected
+    assert resolve(load_config("debug", ["repa.encoder=none", *extra]), {**manifest, "shape": [3, 16, 16]}).repa.encoder == "none"
