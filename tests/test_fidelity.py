@@ -308,7 +308,7 @@ def test_eval_refuses_what_it_cannot_score_before_the_classifier_trains(data, de
     Image.new("RGB", (8, 8)).save(folder / "small.png")
     with pytest.raises(UsageError, match="small.png is 8x8 but the dataset's images are 16x16"):
         evaluate_fidelity(EvalRequest(data=data, gen=folder), device=torch.device("cpu"))
-    assert not classifier.default_classifier_path(data, 0).exists() and not features.default_classifier_path(small, 0).exists()
+    assert not classifier.default_classifier_path(data, 0).exists() and not classifier.default_classifier_path(small, 0).exists()
 
 
 @pytest.mark.parametrize("space,flag,message", [
@@ -455,7 +455,7 @@ def test_eval_and_fid_refuse_a_damaged_dataset_in_one_line(data, tmp_path):
 def test_an_unwritable_data_folder_is_refused_before_the_classifier_trains(shapes16, monkeypatch, tmp_path):
     # The same check without an unprivileged user (which a CI checkout in a private temp folder cannot run):
     # the folder's answer is faked, and training must not start.
-    from fmcli import features, fsutil
+    from fmcli import classifier, features, fsutil
 
     data = Path(shutil.copytree(shapes16, tmp_path / "data"))
     monkeypatch.setattr(fsutil, "can_write_in", lambda folder: Path(folder).resolve() != data.resolve())
