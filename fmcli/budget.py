@@ -177,16 +177,18 @@ class RunBudget:
         # train.budget_fallback applies where the budget cut the steps under its min_steps, unless the run starts
         # from weights (train.init_from) whose model a fallback that resizes it could not load.
         fallback = cfg.train.budget_fallback
-        if fallback is not None and steps < min(fallback.min_steps, cfg.train.steps):
+        threshold = fallback.threshold(cfg) if fallback is not None else None
+        name = "min_steps_with_repa" if fallback is not None and threshold != fallback.min_steps else "min_steps"
+        if fallback is not None and steps < min(threshold, cfg.train.steps):
             if cfg.train.init_from and any(item.startswith("model.") for item in fallback.overrides):
-                self.log.info(f"budget: {steps} steps are under train.budget_fallback.min_steps={fallback.min_steps}, "
+                self.log.info(f"budget: {steps} steps are under train.budget_fallback.{name}={threshold}, "
                               "but train.init_from fixes the model: training it as set")
             else:
                 self.log.info(
-                    f"budget: {steps} steps are under train.budget_fallback.min_steps={fallback.min_steps}; "
+                    f"budget: {steps} steps are under train.budget_fallback.{name}={threshold}; "
                     f"training the preset's fallback instead: {' '.join(fallback.overrides)}"
                 )
-                self.fallback = {"from_steps": steps, "min_steps": fallback.min_steps, "overrides": fallback.overrides}
+                self.fallback = {"from_steps": steps, "min_steps": threshold, "overrides": fallback.overrides}
                 return None
         self.logged_steps = steps
         self._warn_ema(steps)

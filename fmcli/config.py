@@ -217,7 +217,14 @@ class BudgetFallback(Strict):
     budget fits fewer than `min_steps` of the preset's own steps, a fresh run trains `overrides` instead."""
 
     min_steps: int = Field(gt=0)
+    # min_steps where REPA is on (repa.encoder resolved to "domain"): its gain per step moves the point where a
+    # smaller model's extra steps pay (docs/benchmarks.md, "Representation alignment"); None = min_steps.
+    min_steps_with_repa: int | None = Field(None, gt=0)
     overrides: list[str] = Field(min_length=1)  # `--set`-style items, e.g. "model.hidden_size=64"
+
+    def threshold(self, cfg: "Config") -> int:
+        """The min_steps that applies to the run of `cfg` (REPA resolved)."""
+        return self.min_steps_with_repa if cfg.repa.encoder == "domain" and self.min_steps_with_repa is not None else self.min_steps
 
     @field_validator("overrides")
     @classmethod

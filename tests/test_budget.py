@@ -269,6 +269,23 @@ def test_a_machine_too_slow_for_the_recipe_trains_the_fallback(tmp_path, shapes1
     assert len(list((tmp_path / "run" / "checkpoints").glob("*.pt"))) >= 1
 
 
+@pytest.mark.parametrize("repa, falls_back", [("domain", False), ("none", True)])
+def test_a_repa_run_falls_back_under_its_own_threshold(tmp_path, shapes16, monkeypatch, repa, falls_back):
+    """~68 steps fit: under min_steps (100) but over min_steps_with_repa (50), which applies only with REPA on."""
+    machine = SimulatedMachine(lambda step: 0.05)
+    monkeypatch.setattr(budget_mod, "clock", lambda: machine.now)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_step_seconds", lambda self, probes: 0.05)
+    monkeypatch.setattr(budget_mod.RunBudget, "_measure_work", lambda self, cfg, probes: WORK)
+    cfg = cfg_for(shapes16, "train.steps=150", "train.budget_minutes=0.1", "train.log_every=50", *FALLBACK,
+                  "train.budget_fallback.min_steps_with_repa=50", f"repa.encoder={repa}", "repa.depth=1")
+    train(cfg, tmp_path / "run", log=machine)
+    budget = load_checkpoint(resolve_checkpoint(tmp_path / "run"))["hardware"]["budget"]
+    assert (budget["fallback"] is not None) == falls_back
+    if falls_back:
+        assert budget["fallback"]["min_steps"] == 100
+        assert any("under train.budget_fallback.min_steps=100" in line for line in machine.lines)
+
+
 def test_the_fallback_rebuilds_the_step_not_the_evaluator(tmp_path, shapes16, monkeypatch):
     """A fallback changes what the config decides for the step (config, hardware choice, TrainingStep) and
     nothing else: the evaluator (eval.* and the data, which a fallback never sets) is built once."""
