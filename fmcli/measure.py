@@ -294,7 +294,7 @@ def train_step_fn(model, cfg: Config, spec: BenchSpec, device: torch.device) -> 
     m = cfg.model
     shape = (m.in_channels, m.image_size, m.image_size)
     text = synthetic_text(cfg) if m.cross_attention else None
-    encoder = None if cfg.repa.encoder == "none" else untrained_encoder(cfg)  # REPA's cost does not depend on its weights
+    encoder = None if cfg.repa.encoder != "domain" else untrained_encoder(cfg)  # REPA's cost does not depend on its weights
     step = TrainingStep(cfg, ctx, micro=spec.batch, accum=1, shape=shape, text=text, model=model, ns_dtype=spec.muon_ns_dtype, encoder=encoder)
     batches = synthetic_batches(cfg, spec.batch, device)
     compiled = step.wrap(spec.compile, next(batches))  # a failed compile runs eager; the parent reports it once

@@ -87,7 +87,7 @@ class TrainingStep:
         self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
         # REPA (repa.encoder): a frozen encoder (`encoder`, default the run's own: repa.load_encoder) and a
         # projector trained beside the model; `forward_module` is what DDP wraps and compile compiles.
-        self.align = None if cfg.repa.encoder == "none" else Alignment(cfg, encoder if encoder is not None else load_encoder(cfg), ctx.device)
+        self.align = None if cfg.repa.encoder != "domain" else Alignment(cfg, encoder if encoder is not None else load_encoder(cfg), ctx.device)
         self.forward_module = self.model if self.align is None else AlignedNet(self.model, self.align.projector, cfg.repa.depth)
         self.optimizer = build_optimizer(self.model, cfg.optim, ns_dtype=ns_dtype, extra=None if self.align is None else self.align.projector)
         self.schedule, self.schedulers = build_schedulers(self.optimizer, cfg.optim, cfg.train.steps)

@@ -94,7 +94,7 @@ def test_hidden_tokens_are_the_output_of_block_k():
 
 
 def one_step(cfg, batch):
-    step = TrainingStep(cfg, DistContext(), micro=8, accum=1, shape=(3, 16, 16), encoder=untrained_encoder(cfg) if cfg.repa.encoder != "none" else None)
+    step = TrainingStep(cfg, DistContext(), micro=8, accum=1, shape=(3, 16, 16), encoder=untrained_encoder(cfg) if cfg.repa.encoder == "domain" else None)
     before = {n: p.detach().clone() for n, p in step.model.named_parameters()}
     result = step(iter([batch]), 0, 0)
     return step, before, result
