@@ -32,6 +32,35 @@ def assert_resumes_bit_exactly(run_root: Path, overrides: list[str], stop_at: in
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])  # the global RNG continues as if never stopped
 
 
+def one_and_two_processes(run_root: Path, data: Path, settings: list[str]) -> tuple[dict, dict]:
+    """4 `debug`-preset steps with `settings` in one process and under `--nproc 2` at the same global batch: the
+    same losses (to float rounding) and the same weights; returns both final checkpoints for more checks."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+
+    def args(name, *extra):
+        return ["train", "--preset", "debug", "--data", data, "--run-dir", run_root / name, "--set", "train.steps=4", "--set", "train.log_every=1",
+                "--set", "train.checkpoint_every=0", *[a for item in settings for a in ("--set", item)], *extra]
+
+    one = fm_in_process(*args("one"))
+    assert one.returncode == 0, one.stderr
+    two = run_fm(*args("two", "--nproc", "2"))
+    assert two.returncode == 0, two.stderr
+
+    def losses(name):
+        return [json.loads(line)["loss"] for line in (run_root / name / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+    np.testing.assert_allclose(losses("two"), losses("one"), rtol=1e-5)
+    a, b = (load_checkpoint(resolve_checkpoint(run_root / name)) for name in ("one", "two"))
+    for name in a["model"]:
+        torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-5, atol=1e-6)
+    return a, b
+
+
 def fm_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -298,7 +298,7 @@ def test_a_boolean_is_refused_for_every_number_setting_by_set_and_in_a_preset(li
         if section == "train.budget_fallback":  # a fallback needs a budget; its other field valid
             sets = ["train.budget_minutes=5", "train.budget_fallback={min_steps=1, overrides=['train.steps=2']}"]
             toml = '[train]\nbudget_minutes = 5\n[train.budget_fallback]\nmin_steps = 1\noverrides = ["train.steps=2"]\n'
-            toml = toml.replace(f"{field} = ", f"{field} = {value} #")
+            toml = toml.replace(f"{field} = ", f"{field} = {value} #") if f"\n{field} = " in toml else toml + f"{field} = {value}\n"
         else:
             sets, toml = [], f"[{section}]\n{field} = {value}\n"
         with pytest.raises(UsageError, match=f"invalid config [(]debug[)]: {refused}"):

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from conftest import assert_resumes_bit_exactly, fm_in_process, run_fm
-from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+from conftest import assert_resumes_bit_exactly, fm_in_process, one_and_two_processes, run_fm
 from fmcli.config import ModelConfig, config_to_dict, load_config, validate_config
 from fmcli.distributed import DistContext
 from fmcli.flow import flow_matching_loss, interpolate, mean_flow_loss, sample_time_pairs
@@ -179,18 +177,7 @@ def test_mean_flow_run_resumes_bit_exactly(tmp_path, shapes16):
 
 def test_two_processes_average_mean_flow_gradients_like_one(tmp_path, shapes16):
     """The JVP runs outside DDP; the prediction inside it: ranks must still end with the one-process weights."""
-    args = lambda d, *x: ["train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / d, "--set", "train.steps=4",  # noqa: E731
-                          "--set", "train.log_every=1", "--set", "train.checkpoint_every=0", "--set", "flow.meanflow_ratio=0.5",
-                          *[a for item in MEANFLOW for a in ("--set", item)], *x]
-    one = fm_in_process(*args("one"))
-    assert one.returncode == 0, one.stderr
-    two = run_fm(*args("two", "--nproc", "2"))
-    assert two.returncode == 0, two.stderr
-    losses = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]  # noqa: E731
-    np.testing.assert_allclose(losses("two"), losses("one"), rtol=1e-5)
-    a, b = (load_checkpoint(resolve_checkpoint(tmp_path / d))["model"] for d in ("one", "two"))
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+    one_and_two_processes(tmp_path, shapes16, ["flow.meanflow_ratio=0.5", *MEANFLOW])
 
 
 def test_init_from_a_flow_model_starts_as_the_teacher(debug_run):

@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_resumes_bit_exactly, fm_in_process, run_fm
-from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
+from conftest import assert_resumes_bit_exactly, fm_in_process, one_and_two_processes
 from fmcli.config import load_config
 from fmcli.distributed import DistContext
 from fmcli.errors import UsageError
@@ -148,17 +147,7 @@ def test_repa_run_resumes_bit_exactly(tmp_path, repa_data):
 
 def test_two_processes_average_repa_gradients_like_one(tmp_path, repa_data):
     """The projector is trained beside the network: under DDP its gradients too must be averaged across ranks."""
-    args = lambda d, *x: ["train", "--preset", "debug", "--data", repa_data, "--run-dir", tmp_path / d, "--set", "train.steps=4",  # noqa: E731
-                          "--set", "train.log_every=1", "--set", "train.checkpoint_every=0", *[a for item in REPA for a in ("--set", item)], *x]
-    one = fm_in_process(*args("one"))
-    assert one.returncode == 0, one.stderr
-    two = run_fm(*args("two", "--nproc", "2"))
-    assert two.returncode == 0, two.stderr
-    losses = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]  # noqa: E731
-    np.testing.assert_allclose(losses("two"), losses("one"), rtol=1e-5)
-    a, b = (load_checkpoint(resolve_checkpoint(tmp_path / d)) for d in ("one", "two"))
-    for name in a["model"]:
-        torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-5, atol=1e-6)
+    a, b = one_and_two_processes(tmp_path, repa_data, REPA)
     for name in a["repa"]["projector"]:
         # Adam turns float noise in near-zero gradients into ~1e-6 steps; a projector not averaged across ranks is off by ~lr (1e-3)
         torch.testing.assert_close(b["repa"]["projector"][name], a["repa"]["projector"][name], rtol=1e-4, atol=1e-5)
