@@ -50,7 +50,7 @@ class Alignment:
     """The frozen encoder, the trainable projector and the loss of one run (`TrainingStep.align`)."""
 
     def __init__(self, cfg: Config, encoder: Encoder, device: torch.device):
-        self.weight, self.depth, self.key = cfg.repa.weight, cfg.repa.depth, encoder.key
+        self.weight, self.key = cfg.repa.weight, encoder.key
         self.encoder = encoder.module.to(device).float().eval().requires_grad_(False)
         with torch.no_grad():  # the feature width, read off the encoder itself
             size, channels = cfg.model.image_size, cfg.model.in_channels
