@@ -148,6 +148,8 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
         report["compare"] = compare_diffusers(report, _summarise(results["diffusers"], flops_fwd, peak, cfg), replace(base, batch=batch, mode=opts.mode), log)
     if cfg.flow.objective == "meanflow" and "train" in report:
         report["meanflow"] = mean_flow_cost(cfg, replace(base, batch=batch), report["train"]["step_ms"], log)
+    if cfg.repa.encoder == "domain" and "train" in report:
+        report["repa"] = repa_cost(cfg, replace(base, batch=batch), report["train"]["step_ms"], log)
     report["warnings"] = timing_warnings(report, opts)
     for line in report["warnings"]:
         log(line)
@@ -196,32 +198,59 @@ def _checked_options(cfg: Config, opts: BenchOptions) -> str:
     return precision_setting
 
 
-def mean_flow_cost(cfg: Config, spec: BenchSpec, meanflow_step_ms: float, log) -> dict:
-    """A mean-flow training step's time against the flow-matching step of the same run (`flow_twin`), both
-    timed in interleaved rounds in one trial (`measure_interleaved`): the medians, their ratio and the per-round
-    ratios' spread. Where both do not fit in memory together the flow step is timed alone and priced against
-    the mean-flow trial's `meanflow_step_ms` (said on stderr, `interleaved: false`)."""
-    log(f"timing the flow-matching and the mean-flow step of the same model at batch {spec.batch} in {spec.rounds} interleaved rounds")
-    flow_cfg = config_to_dict(flow_twin(cfg))
-    pair = measure_any(replace(spec, mode="train", config=flow_cfg, other_config=config_to_dict(cfg)), measure_interleaved)
+def twin_cost(cfg: Config, twin: Config, spec: BenchSpec, step_ms: float, names: tuple[str, str], log) -> dict:
+    """A run's training step against its twin's (the same run with one thing switched off: `flow_twin`,
+    `repa_twin`), both timed in interleaved rounds in one trial (`measure_interleaved`): {"twin_ms", "step_ms",
+    "ratio", "spread"}, the medians, their ratio and the per-round ratios' spread. Where both do not fit in memory
+    together the twin is timed alone and priced against the run's own trial's `step_ms` (said on stderr,
+    `interleaved: false`). `names`: (the run's step, the twin's step) in the log lines."""
+    ours, theirs = names
+    log(f"timing {theirs} and {ours} of the same model at batch {spec.batch} in {spec.rounds} interleaved rounds")
+    twin_cfg = config_to_dict(twin)
+    pair = measure_any(replace(spec, mode="train", config=twin_cfg, other_config=config_to_dict(cfg)), measure_interleaved)
     if pair.get("oom"):
-        log(f"warning: both models do not fit in memory together at batch {spec.batch}: the flow-matching step is timed in a trial of its own, not interleaved")
-        flow = measure_any(replace(spec, mode="train", config=flow_cfg))
-        if flow.get("oom"):
-            raise RuntimeFailure(f"the flow-matching twin at batch {spec.batch} ran out of memory; pass a smaller --batch-size")
-        flow_ms = flow["train"]["step_ms"]
-        spread = {"ratio": meanflow_step_ms / flow_ms, "min": None, "max": None, "rounds": spec.rounds, "interleaved": False}
+        log(f"warning: both models do not fit in memory together at batch {spec.batch}: {theirs} is timed in a trial of its own, not interleaved")
+        alone = measure_any(replace(spec, mode="train", config=twin_cfg))
+        if alone.get("oom"):
+            raise RuntimeFailure(f"{theirs} (the twin) at batch {spec.batch} ran out of memory; pass a smaller --batch-size")
+        twin_ms = alone["train"]["step_ms"]
+        spread = {"ratio": step_ms / twin_ms, "min": None, "max": None, "rounds": spec.rounds, "interleaved": False}
     else:
         times = pair["train"]
         spread = interleaved_ratio(times["a"], times["b"])
-        flow_ms, meanflow_step_ms = 1000 * statistics.median(times["a"]), 1000 * statistics.median(times["b"])
+        twin_ms, step_ms = 1000 * statistics.median(times["a"]), 1000 * statistics.median(times["b"])
+    return {"twin_ms": twin_ms, "step_ms": step_ms, "ratio": step_ms / twin_ms, "spread": spread}
+
+
+def mean_flow_cost(cfg: Config, spec: BenchSpec, meanflow_step_ms: float, log) -> dict:
+    """A mean-flow training step's time against the flow-matching step of the same run (`flow_twin`, `twin_cost`)."""
+    cost = twin_cost(cfg, flow_twin(cfg), spec, meanflow_step_ms, ("the mean-flow step", "the flow-matching step"), log)
     return {
-        "flow_step_ms": flow_ms,
-        "meanflow_step_ms": meanflow_step_ms,
-        "step_cost_vs_flow": meanflow_step_ms / flow_ms,
-        "step_cost_spread": spread,  # the per-round ratios' min and max, over `rounds` interleaved rounds
+        "flow_step_ms": cost["twin_ms"],
+        "meanflow_step_ms": cost["step_ms"],
+        "step_cost_vs_flow": cost["ratio"],
+        "step_cost_spread": cost["spread"],  # the per-round ratios' min and max, over `rounds` interleaved rounds
         "jvp_fraction": cfg.flow.meanflow_ratio,  # rows with t_end > t: the only ones that need the JVP
     }
+
+
+def repa_cost(cfg: Config, spec: BenchSpec, repa_step_ms: float, log) -> dict:
+    """A REPA training step's time (the encoder's forward, the projector, the loss) against the same run's
+    step without REPA (`repa_twin`, `twin_cost`)."""
+    cost = twin_cost(cfg, repa_twin(cfg), spec, repa_step_ms, ("the REPA step", "the step without REPA"), log)
+    return {
+        "plain_step_ms": cost["twin_ms"],
+        "repa_step_ms": cost["step_ms"],
+        "step_cost_vs_plain": cost["ratio"],
+        "step_cost_spread": cost["spread"],  # the per-round ratios' min and max, over `rounds` interleaved rounds
+        "depth": cfg.repa.depth,  # the tokens after this many blocks are aligned
+        "weight": cfg.repa.weight,
+    }
+
+
+def repa_twin(cfg: Config) -> Config:
+    """The same run without REPA (`repa.encoder = "none"`): the baseline that `fm bench` prices a REPA step against."""
+    return cfg.with_section("repa", encoder="none")
 
 
 def flow_twin(cfg: Config) -> Config:
@@ -478,10 +507,11 @@ def _timed_figures(report: dict) -> list[tuple[str, dict, dict]]:
 
 
 def _ratio_spreads(report: dict) -> list[tuple[str, dict]]:
-    """(name, spread) of every ratio in a report: ours / diffusers per part, the mean-flow step's cost."""
+    """(name, spread) of every ratio in a report: ours / diffusers per part, the mean-flow and the REPA step's cost."""
     out = [(f"ours / diffusers ({part})", r) for part, r in ((report.get("compare") or {}).get("ratio_spread") or {}).items()]
-    if (report.get("meanflow") or {}).get("step_cost_spread"):
-        out.append(("the mean-flow step's cost", report["meanflow"]["step_cost_spread"]))
+    for key, name in (("meanflow", "the mean-flow step's cost"), ("repa", "the REPA step's cost")):
+        if (report.get(key) or {}).get("step_cost_spread"):
+            out.append((name, report[key]["step_cost_spread"]))
     return out
 
 
@@ -510,7 +540,7 @@ def _range(sp: dict | None) -> str:
 
 def bench_notes(report: dict) -> list[str]:
     """The lines printed under the table: each figure's median and spread over its rounds, the diffusers
-    ratio and the mean-flow step's cost (with the spread of their per-round ratios), when measured."""
+    ratio and the mean-flow and REPA steps' cost (with the spread of their per-round ratios), when measured."""
     notes = []
     for name, sp, round_ in _timed_figures(report):
         rate = round_["img_per_s"]  # the slowest round is the smallest img/s
@@ -523,6 +553,10 @@ def bench_notes(report: dict) -> list[str]:
         mf = report["meanflow"]
         notes.append(f"mean-flow step {mf['meanflow_step_ms']:.1f} ms = {mf['step_cost_vs_flow']:.2f}x the flow-matching step ({mf['flow_step_ms']:.1f} ms; JVP on {mf['jvp_fraction']:.0%} of the rows; "
                      f"per-round ratio {_range(mf.get('step_cost_spread'))})")  # fmt: skip
+    if report.get("repa"):
+        ra = report["repa"]
+        notes.append(f"REPA step {ra['repa_step_ms']:.1f} ms = {ra['step_cost_vs_plain']:.2f}x the step without it ({ra['plain_step_ms']:.1f} ms; tokens after block {ra['depth']} aligned; "
+                     f"per-round ratio {_range(ra.get('step_cost_spread'))})")  # fmt: skip
     return notes
 
 

@@ -440,6 +440,45 @@ def test_mean_flow_cost_is_timed_in_interleaved_rounds_through_a_load_change(mon
     assert mf["step_cost_spread"] == {"ratio": pytest.approx(2.0), "min": pytest.approx(2.0), "max": pytest.approx(2.0), "rounds": 5, "interleaved": True}
 
 
+@pytest.mark.parametrize("encoder", ["auto", "none"])
+def test_bench_prices_the_repa_step_against_the_same_run_without_it(monkeypatch, encoder):
+    """The quickstart ships repa.encoder = "auto" (on for the shapes). On a fake clock a step with REPA takes 30 ms
+    and one without 10 ms: hand computation, the REPA step costs 3.00x, every interleaved round too. The twin is
+    the same run with REPA off: the interleaved trial's first config has repa.encoder "none", its second the run's
+    own ("domain"), nothing else differs. With --set repa.encoder=none there is nothing to price: no "repa" block."""
+    import fmcli.bench as bench_mod
+
+    _FakeClock(lambda cfg: 0.03 if cfg.repa.encoder == "domain" else 0.01).install(monkeypatch)
+    specs, measure_any = [], bench_mod.measure_any
+    monkeypatch.setattr(bench_mod, "measure_any", lambda spec, *fn: specs.append(spec) or measure_any(spec, *fn))
+    tiny = ["model.hidden_size=32", "model.depth=2", "data.image_size=16", f"repa.encoder={encoder}"]
+    proc = fm_in_process("bench", "--preset", "quickstart", "--mode", "train", "-b", "2", "--steps", "5", "--rounds", "3", "--warmup", "0",
+                         *[a for item in tiny for a in ("--set", item)], "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    if encoder == "none":
+        assert "repa" not in report and len(specs) == 1 and "REPA step" not in proc.stderr
+        return
+    repa = report["repa"]
+    assert repa["plain_step_ms"] == pytest.approx(10.0) and repa["repa_step_ms"] == pytest.approx(30.0)
+    assert repa["step_cost_vs_plain"] == pytest.approx(repa["repa_step_ms"] / repa["plain_step_ms"]) == pytest.approx(3.0)
+    assert repa["step_cost_spread"] == {"ratio": pytest.approx(3.0), "min": pytest.approx(3.0), "max": pytest.approx(3.0), "rounds": 3, "interleaved": True}
+    assert (repa["depth"], repa["weight"]) == (2, 0.5)
+    twin, run = specs[-1].config, specs[-1].other_config
+    assert (twin["repa"]["encoder"], run["repa"]["encoder"]) == ("none", "domain")
+    assert {**twin, "repa": None} == {**run, "repa": None} and {**twin["repa"], "encoder": None} == {**run["repa"], "encoder": None}
+    assert "REPA step 30.0 ms = 3.00x the step without it (10.0 ms; tokens after block 2 aligned; per-round ratio 3.00-3.00x over 3 interleaved rounds)" in proc.stderr
+
+
+def test_a_noisy_repa_cost_is_warned_about():
+    """_ratio_spreads takes the REPA step's cost in: per-round ratios 2-4 around a ratio of 3 range over 67% > 20%."""
+    from fmcli.bench import BenchOptions, timing_warnings
+
+    report = {"repa": {"step_cost_spread": {"ratio": 3.0, "min": 2.0, "max": 4.0, "rounds": 3, "interleaved": True}}}
+    warnings = timing_warnings(report, BenchOptions(steps=5, rounds=3))
+    assert len(warnings) == 1 and "the REPA step's cost ranges over 67% of its median in 3 rounds" in warnings[0]
+
+
 def test_interleaved_rounds_alternate_so_a_load_change_hits_both_models(monkeypatch):
     """measure_interleaved alone, the load doubling mid-way through its rounds: A (cost 1) and B (cost 2) run
     in the order A B, B A, A B, ...; hand computation of the 4 rounds of one step each, load 1 before t = 4.5."""
