@@ -566,11 +566,12 @@ def resolve(cfg: Config, manifest: dict) -> Config:
 
 def with_resolved_repa(cfg: Config, data_kind: str) -> Config:
     """repa.encoder = "auto" -> "domain" where the run can align to the in-domain classifier (a flow-matching DiT of
-    at least repa.depth blocks, no text, on labelled pixel data: the classifier needs the labels), else "none"."""
+    at least repa.depth blocks, no text, on pixel data of at least 2 classes: the classifier learns to tell them
+    apart, and refuses a single class), else "none"."""
     if cfg.repa.encoder != "auto":
         return cfg
     m = cfg.model
-    fits = data_kind == "pixels" and bool(m.num_classes) and m.arch == "dit" and not m.cross_attention and cfg.flow.objective == "flow" and cfg.repa.depth <= m.depth
+    fits = data_kind == "pixels" and (m.num_classes or 0) >= 2 and m.arch == "dit" and not m.cross_attention and cfg.flow.objective == "flow" and cfg.repa.depth <= m.depth
     return cfg.with_section("repa", encoder="domain" if fits else "none")
 
 

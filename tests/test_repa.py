@@ -184,6 +184,7 @@ def test_repa_needs_a_labelled_dataset(tmp_path, shapes16):
 @pytest.mark.parametrize("manifest, extra, expected", [
     ({"kind": "pixels", "num_classes": 10}, [], "domain"),
     ({"kind": "pixels", "num_classes": 0}, [], "none"),  # unlabelled: no classifier to align with
+    ({"kind": "pixels", "num_classes": 1}, [], "none"),  # one class folder: train_classifier refuses fewer than 2 classes
     ({"kind": "latents", "num_classes": 10}, [], "none"),  # the classifier reads pixels
     ({"kind": "pairs", "num_classes": 10}, ["flow.coupling=pairs"], "none"),
     ({"kind": "pixels", "num_classes": 10}, ["model.arch=unet"], "none"),
