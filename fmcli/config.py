@@ -647,9 +647,10 @@ def resolve_without_data(cfg: Config) -> Config:
     is one, else the source's known shape (shapes = 3 x data.image_size, 10 classes; cifar10; mnist).
     Other sources need model.image_size, in_channels and num_classes set."""
     m = cfg.model
-    if None not in (m.image_size, m.in_channels, m.num_classes):
-        return with_data_dimension(cfg, m.in_channels * m.image_size**2)
     manifest_path = Path(cfg.data.path) / "manifest.json" if cfg.data.path else None
+    if None not in (m.image_size, m.in_channels, m.num_classes):  # repa.encoder "auto" resolved too, as `resolve` does
+        kind = "pixels" if cfg.repa.encoder != "auto" or manifest_path is None or not manifest_path.exists() else json.loads(manifest_path.read_text()).get("kind", "pixels")
+        return with_resolved_repa(with_data_dimension(cfg, m.in_channels * m.image_size**2), kind)
     if manifest_path is not None and manifest_path.exists():
         return resolve(cfg, json.loads(manifest_path.read_text()))
     if cfg.data.source == "shapes":

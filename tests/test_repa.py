@@ -198,3 +198,16 @@ def test_auto_aligns_only_where_a_run_can(manifest, extra, expected):
     resolved = resolve(cfg, {**manifest, "shape": [3, 16, 16]})
     assert resolved.repa.encoder == expected
     assert resolve(load_config("debug", ["repa.encoder=none", *extra]), {**manifest, "shape": [3, 16, 16]}).repa.encoder == "none"
+
+
+@pytest.mark.parametrize("kind, expected", [(None, "domain"), ("pixels", "domain"), ("latents", "none")])
+def test_bench_resolves_auto_with_the_shape_given(tmp_path, kind, expected):
+    """fm bench / the autotune (resolve_without_data) with model.image_size, in_channels and num_classes all set:
+    "auto" resolves as a training run on that data would (a labelled pixel DiT: on), not left "auto" (= off)."""
+    from fmcli.config import resolve_without_data
+
+    shape = ["model.image_size=16", "model.in_channels=3", "model.num_classes=10"]
+    if kind is not None:
+        (tmp_path / "manifest.json").write_text(json.dumps({"kind": kind, "shape": [3, 16, 16], "num_classes": 10}))
+    sets = [f"data.path='{tmp_path}'"] if kind is not None else ["data.source=folder"]
+    assert resolve_without_data(load_config("debug", ["repa.encoder=auto", *shape, *sets])).repa.encoder == expected
