@@ -184,7 +184,7 @@ def _load_or_train(data: Path, manifest: dict, key: str, path: Path, given: bool
         log(f"training the domain classifier on {data} (seed {seed}, {steps} steps; cached at {path})")
     x, y = np.load(data / "x.npy", mmap_mode="r"), np.load(data / "y.npy")
     model, acc, n_out = train_classifier(np.asarray(x), y, manifest["num_classes"], seed=seed, steps=steps)
-    _write_cache(path, model, acc, n_out, key, manifest, log)
+    _write_cache(path, model, acc, n_out, key, manifest, log, elsewhere)
     return TrainedClassifier(model, acc, n_out, key)
 
 
@@ -203,7 +203,7 @@ def _read_cache(path: Path, key: str, manifest: dict) -> tuple[TrainedClassifier
     return TrainedClassifier(model.eval(), float(blob["held_out_accuracy"]), int(blob["held_out"]), key), ""
 
 
-def _write_cache(path: Path, model: DomainCNN, acc: float, n_out: int, key: str, manifest: dict, log) -> None:
+def _write_cache(path: Path, model: DomainCNN, acc: float, n_out: int, key: str, manifest: dict, log, elsewhere: str) -> None:
     from .fsutil import atomic_write
 
     blob = {"format": CACHE_FORMAT, "key": key, "arch": CLASSIFIER_ARCH, "state": model.state_dict(),
@@ -212,7 +212,7 @@ def _write_cache(path: Path, model: DomainCNN, acc: float, n_out: int, key: str,
         atomic_write(path, lambda tmp: _save(blob, tmp))
     except OSError as err:  # e.g. a full disk (a read-only folder is refused before training): the classifier still works
         if log:
-            log(f"could not cache the classifier at {path} ({err}); pass --classifier PATH to keep it")
+            log(f"could not cache the classifier at {path} ({err}); pass {elsewhere} to keep it")
 
 
 def _save(blob: dict, path: Path) -> None:

@@ -211,3 +211,23 @@ def test_bench_resolves_auto_with_the_shape_given(tmp_path, kind, expected):
         (tmp_path / "manifest.json").write_text(json.dumps({"kind": kind, "shape": [3, 16, 16], "num_classes": 10}))
     sets = [f"data.path='{tmp_path}'"] if kind is not None else ["data.source=folder"]
     assert resolve_without_data(load_config("debug", ["repa.encoder=auto", *shape, *sets])).repa.encoder == expected
+
+
+def test_a_classifier_that_cannot_be_cached_names_repas_setting(shapes16, monkeypatch):
+    """A REPA run whose classifier cannot be saved (a full disk) says how REPA keeps it, --set repa.classifier=PATH,
+    not fm eval's --classifier flag, which `fm train` does not have."""
+    import fmcli.classifier as classifier
+    import fmcli.fsutil as fsutil
+    from fmcli.repa import load_encoder
+
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fsutil, "atomic_write", full_disk)
+    monkeypatch.setattr(classifier, "train_classifier", lambda x, y, n, **kw: (classifier.DomainCNN(x.shape[1], n).eval(), 1.0, 1))
+    logs = []
+    cfg = load_config("debug", [f"data.path='{shapes16}'", *REPA, "repa.seed=7"])
+    load_encoder(cfg, log=logs.append)
+    unsaved = [line for line in logs if "could not cache" in line]
+    assert len(unsaved) == 1 and "No space left" in unsaved[0] and unsaved[0].endswith("; pass --set repa.classifier=PATH to keep it")
+    assert not (shapes16 / "fm-classifier-s7.pt").exists()
