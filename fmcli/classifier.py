@@ -140,12 +140,13 @@ def default_classifier_path(data: Path, seed: int) -> Path:
 
 
 def load_or_train_classifier(data: Path, *, seed: int = 0, path: str | Path | None = None, steps: int = CLASSIFIER_STEPS, log=None,
-                             option: str = "--classifier", elsewhere: str = "--classifier PATH (training: --set eval.classifier=PATH)") -> TrainedClassifier:
+                             option: str = "--classifier", elsewhere: str = "--classifier PATH (training: --set eval.classifier=PATH)",
+                             unlabelled: str = "; for unlabelled images use the inception, dinov2 or tiny features") -> TrainedClassifier:
     """The cached classifier of `data` when its key matches, else a newly trained one (saved atomically).
 
     At the default location a stale or unreadable cache is replaced; at a path the user gave it is refused
     (it may be another dataset's classifier, which the user meant to keep). `option` names the setting that
-    gave `path` and `elsewhere` how to give one, in the messages.
+    gave `path`, `elsewhere` how to give one and `unlabelled` what to do without labels, in the messages.
     """
     from .data.dataset import read_manifest
     from .fsutil import folder_lock
@@ -154,7 +155,7 @@ def load_or_train_classifier(data: Path, *, seed: int = 0, path: str | Path | No
     manifest = read_manifest(data)
     if manifest["kind"] != "pixels" or not manifest.get("num_classes"):
         raise UsageError(f"{data}: the domain classifier needs a labelled pixel dataset (this one is {manifest['kind']}, "
-                         f"{manifest.get('num_classes') or 0} classes); for unlabelled images use the inception, dinov2 or tiny features")
+                         f"{manifest.get('num_classes') or 0} classes){unlabelled}")
     key = classifier_key(data, seed, steps)
     given = path is not None
     path = Path(path) if given else default_classifier_path(data, seed)

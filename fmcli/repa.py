@@ -99,7 +99,7 @@ def load_encoder(cfg: Config, log=None) -> Encoder:
 
     try:
         trained = load_or_train_classifier(cfg.data.path, seed=cfg.repa.seed, path=cfg.repa.classifier, log=log,
-                                           option="repa.classifier", elsewhere="--set repa.classifier=PATH")
+                                           option="repa.classifier", elsewhere="--set repa.classifier=PATH", unlabelled="")
     except UsageError as err:
         raise UsageError(f"repa.encoder='domain': {err}; or train without REPA: --set repa.encoder=none") from None
     return Encoder(domain_encoder(trained.model), trained.key)

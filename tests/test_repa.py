@@ -179,6 +179,8 @@ def test_repa_needs_a_labelled_dataset(tmp_path, shapes16):
                            "--set", "model.num_classes=0", "--set", "sample.cfg=1")
     assert result.returncode == 2, result.stderr
     assert "repa.encoder='domain'" in result.stderr and "labelled" in result.stderr and "repa.encoder=none" in result.stderr
+    # fm eval's way out (other feature spaces) is not REPA's: repa.encoder has no inception or dinov2
+    assert "inception" not in result.stderr and "dinov2" not in result.stderr
 
 
 @pytest.mark.parametrize("manifest, extra, expected", [
