@@ -78,10 +78,7 @@ def sample_batch(
     are an error (a RuntimeFailure), never images.
     """
     cond, uncond = conditions if conditions is not None else class_conditions(labels, getattr(model, "null_class", 0))
-    try:
-        check_solver_for_model(sample_cfg.solver, sample_cfg.guidance, getattr(model, "end_time", False))
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    check_sampler(model, sample_cfg)
     if sample_cfg.guidance == "auto" and guide is None:
         raise UsageError("--guidance auto needs a guide model: pass --guide-ckpt CKPT (a smaller or earlier checkpoint of the same data)")
     if sample_cfg.solver in SDE_SOLVERS and (seed is None or indices is None):
@@ -104,6 +101,16 @@ def sample_batch(
 
 
 DIVERGED_ADVICE = "try a lower --cfg or --sde-noise, another solver, or another checkpoint"
+
+
+def check_sampler(model, sample_cfg) -> None:
+    """A one-line UsageError where the solver or guidance does not fit the network (solvers.check_solver_for_model:
+    a mean-flow model jumps with `meanflow` and cfg only, a flow model never does). Commands call it before they
+    write anything (`fm sample --out DIR`'s manifest would otherwise block the corrected command)."""
+    try:
+        check_solver_for_model(sample_cfg.solver, sample_cfg.guidance, getattr(model, "end_time", False))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def check_finite_samples(x: torch.Tensor, indices=None) -> None:
@@ -676,6 +683,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     loaded = load_for_sampling(ckpt, dev, use_ema=ema, vae=vae, text_encoder=text_encoder, vae_option="--vae")
     check_conditioning(loaded, class_label, texts)  # before the precision probe and its lines
     sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log if ctx.rank == 0 else None)
+    check_sampler(loaded.model, sample_cfg)  # before DIR/fm-sample.json is written
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema, warn=None if ctx.rank == 0 else lambda message: None)
     loaded = prepare_for_sampling(loaded, sample_cfg, dev, log, ctx)

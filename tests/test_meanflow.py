@@ -233,6 +233,19 @@ def test_fine_tune_samples_and_exports_through_the_cli(tmp_path, mf_run, debug_r
     torch.testing.assert_close(sample_batch(b.model, x0, y, b.config.sample).x, sample_batch(a.model, x0, y, a.config.sample).x, rtol=0, atol=0)
 
 
+def test_a_refused_sampler_leaves_no_manifest_that_blocks_the_corrected_command(tmp_path, mf_run, debug_run):
+    """`fm sample --out DIR` with a solver or guidance the model refuses used to write DIR/fm-sample.json before the
+    refusal, and the corrected command was then refused as "other settings (solver)"."""
+    for ckpt, bad, fixed in ((mf_run, ["--solver", "heun"], []), (mf_run, ["--guidance", "cfg-zero", "--cfg", "2"], []),
+                             (debug_run, ["--solver", "meanflow"], ["--solver", "euler", "--steps", "2"])):
+        out = tmp_path / f"{ckpt.parent.name}-{bad[1]}"
+        refused = fm_in_process("sample", "--ckpt", ckpt, "-n", "2", *bad, "--out", out)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert not (out / "fm-sample.json").exists()
+        again = fm_in_process("sample", "--ckpt", ckpt, "-n", "2", *fixed, "--out", out)
+        assert again.returncode == 0, again.stderr
+
+
 def test_config_keeps_objective_model_and_solver_together():
     assert load_config("debug", MEANFLOW).model.end_time
     for items, words in ((["flow.objective='meanflow'"], "sample.solver='meanflow'"), (["model.end_time=true"], "model.end_time"),
