@@ -138,7 +138,9 @@ def _model_mismatch(theirs: dict, mine: dict, weights: dict, own: dict) -> tuple
     differ = [k for k in mine if k in theirs and theirs[k] != mine[k] and not (k == "end_time" and mine[k])]
     if differ:
         what = ", ".join(f"model.{k} {text(theirs[k])} in the checkpoint, {text(mine[k])} here" for k in differ)
-        return what, f"train with the checkpoint's model settings: {' '.join(f'--set model.{k}={text(theirs[k])}' for k in differ)}"
+        # model.end_time follows flow.objective (config): a mean-flow checkpoint's settings are that objective's.
+        sets = [f"--set model.{k}={text(theirs[k])}" if k != "end_time" else "--set flow.objective=meanflow --set sample.solver=meanflow" for k in differ]
+        return what, f"train with the checkpoint's model settings: {' '.join(sets)}"
     groups = (
         ("missing", [k for k in own if k not in weights]), ("unexpected", [k for k in weights if k not in own]),
         ("of another shape", [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]),

@@ -246,6 +246,20 @@ def test_a_refused_sampler_leaves_no_manifest_that_blocks_the_corrected_command(
         assert again.returncode == 0, again.stderr
 
 
+def test_init_from_a_mean_flow_checkpoint_advises_settings_that_work(tmp_path, mf_run, shapes16):
+    """A flow run from a mean-flow checkpoint: the refusal's advice used to be --set model.end_time=true, which the
+    config refuses without the mean-flow objective. Following the advice as given must train."""
+    import shlex
+
+    base = ["train", "--preset", "debug", "--data", shapes16, "--set", "train.steps=1", "--set", "train.checkpoint_every=0",
+            "--set", f"train.init_from={mf_run}"]
+    refused = fm_in_process(*base, "--run-dir", tmp_path / "a")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    advice = shlex.split(refused.stderr.strip().splitlines()[-1].split("train with the checkpoint's model settings: ", 1)[1])
+    followed = fm_in_process(*base, *advice, "--run-dir", tmp_path / "b")
+    assert followed.returncode == 0, followed.stderr
+
+
 def test_config_keeps_objective_model_and_solver_together():
     assert load_config("debug", MEANFLOW).model.end_time
     for items, words in ((["flow.objective='meanflow'"], "sample.solver='meanflow'"), (["model.end_time=true"], "model.end_time"),
