@@ -66,7 +66,8 @@ def bool_for_number(annotation: Any, value: Any) -> str | None:
     """Why `value` is a boolean where `annotation` wants a number (also as an item of a tuple or list setting), or None."""
     members = _union_members(annotation)
     if isinstance(value, bool):
-        if bool not in members and (int in members or float in members):
+        numeric_choices = any(typing.get_origin(m) is Literal and all(type(a) in (int, float) for a in typing.get_args(m)) for m in members)
+        if bool not in members and (int in members or float in members or numeric_choices):
             return f"Input should be a number, not the boolean {str(value).lower()}"
         return None
     if not isinstance(value, (list, tuple)):
@@ -337,6 +338,15 @@ class RepaConfig(Strict):
     weight: float = Field(0.5, gt=0)  # the loss is flow matching + weight * (1 - mean cosine similarity)
     seed: int = Field(1, ge=0)  # the classifier's seed: not fm eval's 0, so a run is not scored in the features it was pulled toward
     classifier: str | None = None  # the classifier's cache file; None = beside the dataset (fm-classifier-s{seed}.pt)
+    # iREPA (Singh et al. 2025): what transfers is the target's spatial structure. "conv" projects the token grid
+    # with one 3x3 convolution (neighbours inform each token) instead of the paper's per-token MLP, and
+    # spatial_norm standardises each target channel over the image's tokens (its image-wide mean, which every
+    # token shares, removed).
+    projector: Literal["mlp", "conv"] = "mlp"
+    # The classifier's map the target is read from, by its stride: 8 = its last (128 channels at 1/8 of the image),
+    # 4 = its third layer (64 channels at 1/4: a patch-4 DiT's own token grid, one cell per token).
+    feature_stride: Literal[4, 8] = 8
+    spatial_norm: bool = False
 
 
 class EncodersConfig(Strict):

@@ -6,7 +6,11 @@ denoising loss alone; sampling, the EMA and exports are unchanged (the projector
 
 The encoder (`repa.encoder = "domain"`) is fm's in-domain classifier (fmcli.classifier.DomainCNN, trained once
 on the dataset's own labelled images and cached beside it) with its pooling and head removed: a 128-channel map
-at 1/8 of the image size, brought to the DiT's token grid. Its seed (`repa.seed`, default 1) differs from the
+at 1/8 of the image size (or its 64-channel map at 1/4, `repa.feature_stride = 4`), brought to the DiT's token
+grid. iREPA (Singh et al. 2025, "What matters for representation alignment") found that the target's spatial
+structure is what transfers, and changed two things, both options here: a 3x3 convolution over the token grid as
+the projector (`repa.projector = "conv"`) and the target standardised per image and channel over its tokens
+(`repa.spatial_norm`). Its seed (`repa.seed`, default 1) differs from the
 one `fm eval` scores with (0), so a run is not measured in the very features it was pulled toward.
 """
 
@@ -41,23 +45,46 @@ class AlignedNet(nn.Module):
         return out, self.projector(hidden)
 
 
-def build_projector(width: int, feature_dim: int, hidden: int = 256) -> nn.Module:
-    """REPA's projector: a 3-layer MLP with SiLU (the paper's, narrower for fm's small models)."""
+class ConvProjector(nn.Module):
+    """iREPA's projector: one 3x3 convolution over the (square, row-major) token grid, [N, T, width] -> [N, T, D]."""
+
+    def __init__(self, width: int, feature_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, feature_dim, 3, padding=1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, count, width = tokens.shape
+        grid = int(round(count**0.5))
+        out = self.conv(tokens.transpose(1, 2).reshape(n, width, grid, grid))
+        return out.flatten(2).transpose(1, 2)
+
+
+def build_projector(kind: str, width: int, feature_dim: int, hidden: int = 256) -> nn.Module:
+    """REPA's projector (`repa.projector`): "mlp", the paper's 3-layer MLP with SiLU per token (narrower for fm's
+    small models), or "conv", iREPA's 3x3 convolution over the token grid."""
+    if kind == "conv":
+        return ConvProjector(width, feature_dim)
     return nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, feature_dim))
+
+
+def spatially_normalised(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[N, T, D] features standardised per image and channel over the T tokens (iREPA's spatial normalisation):
+    what is left is how each channel varies across the image, not its image-wide level."""
+    return (target - target.mean(dim=1, keepdim=True)) / (target.std(dim=1, keepdim=True) + eps)
 
 
 class Alignment:
     """The frozen encoder, the trainable projector and the loss of one run (`TrainingStep.align`)."""
 
     def __init__(self, cfg: Config, encoder: Encoder, device: torch.device):
-        self.weight, self.key = cfg.repa.weight, encoder.key
+        self.weight, self.key, self.spatial_norm = cfg.repa.weight, encoder.key, cfg.repa.spatial_norm
         self.encoder = encoder.module.to(device).float().eval().requires_grad_(False)
         with torch.no_grad():  # the feature width, read off the encoder itself
             size, channels = cfg.model.image_size, cfg.model.in_channels
             dim = self.encoder(torch.zeros(1, channels, size, size, device=device)).shape[1]
         with torch.random.fork_rng(devices=[]):  # its own draw: the network's weights and the global RNG stay a run's without REPA
             torch.manual_seed(cfg.train.seed + 1)
-            self.projector = build_projector(cfg.model.hidden_size, dim).to(device)
+            self.projector = build_projector(cfg.repa.projector, cfg.model.hidden_size, dim).to(device)
 
     def load_state_dict(self, state: dict | None) -> None:
         """The projector of a checkpoint, refused when the checkpoint trained without REPA or with another encoder."""
@@ -73,6 +100,8 @@ class Alignment:
         features of the clean images x1 at the tokens' places; 0 when they point the same way."""
         with torch.no_grad(), torch.autocast(x1.device.type, enabled=False):
             target = on_token_grid(self.encoder(x1.float()), int(round(projected.shape[1] ** 0.5)))
+            if self.spatial_norm:
+                target = spatially_normalised(target)
         cosine = F.cosine_similarity(projected.float(), target, dim=-1)
         return self.weight * (1.0 - cosine.mean())
 
@@ -87,10 +116,18 @@ def on_token_grid(features: torch.Tensor, grid: int) -> torch.Tensor:
     return features.flatten(2).transpose(1, 2)
 
 
-def domain_encoder(trained_model: nn.Module) -> nn.Module:
-    """The classifier's convolutional body without its pooling: [N, C, H, W] images in [-1, 1] -> [N, 128, H/8, W/8]."""
-    body = trained_model.body
-    return nn.Sequential(*[m for m in body if not isinstance(m, (nn.AdaptiveAvgPool2d, nn.Flatten))])
+def domain_encoder(trained_model: nn.Module, stride: int = 8) -> nn.Module:
+    """The classifier's convolutional body up to its map at 1/`stride` of the image (`repa.feature_stride`):
+    8 = all of it without the pooling, [N, 128, H/8, W/8]; 4 = its first three layers, [N, 64, H/4, W/4]."""
+    layers = [m for m in trained_model.body if not isinstance(m, (nn.AdaptiveAvgPool2d, nn.Flatten))]
+    keep, scale = [], 1
+    for m in layers:
+        if isinstance(m, nn.Conv2d):
+            if scale * m.stride[0] > stride:  # the deepest map at 1/stride is reached: this convolution is coarser
+                break
+            scale *= m.stride[0]
+        keep.append(m)
+    return nn.Sequential(*keep)
 
 
 def load_encoder(cfg: Config, log=None) -> Encoder:
@@ -102,7 +139,7 @@ def load_encoder(cfg: Config, log=None) -> Encoder:
                                            option="repa.classifier", elsewhere="--set repa.classifier=PATH", unlabelled="")
     except UsageError as err:
         raise UsageError(f"repa.encoder='domain': {err}; or train without REPA: --set repa.encoder=none") from None
-    return Encoder(domain_encoder(trained.model), trained.key)
+    return Encoder(domain_encoder(trained.model, cfg.repa.feature_stride), trained.key)
 
 
 def untrained_encoder(cfg: Config) -> Encoder:
@@ -110,4 +147,4 @@ def untrained_encoder(cfg: Config) -> Encoder:
     micro-batch autotune) does not depend on the weights."""
     from .classifier import DomainCNN
 
-    return Encoder(domain_encoder(DomainCNN(cfg.model.in_channels, max(2, cfg.model.num_classes or 2))), "untrained")
+    return Encoder(domain_encoder(DomainCNN(cfg.model.in_channels, max(2, cfg.model.num_classes or 2)), cfg.repa.feature_stride), "untrained")

@@ -15,10 +15,11 @@ from conftest import assert_resumes_bit_exactly, fm_in_process, one_and_two_proc
 from fmcli.config import load_config
 from fmcli.distributed import DistContext
 from fmcli.errors import UsageError
-from fmcli.repa import Alignment, Encoder, on_token_grid, untrained_encoder
+from fmcli.repa import Alignment, ConvProjector, Encoder, on_token_grid, spatially_normalised, untrained_encoder
 from fmcli.step import TrainingStep
 
 REPA = ["repa.encoder=domain", "repa.depth=1"]
+IREPA = ["repa.projector=conv", "repa.spatial_norm=true", "repa.feature_stride=4"]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,74 @@ def test_alignment_loss_is_one_minus_the_mean_cosine(tmp_path):
             a, b = p[n, tok], feats[n, :, tok // 4, tok % 4]
             cosines.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
     assert align.loss(projected, x1).item() == pytest.approx(0.7 * (1 - np.mean(cosines)), rel=1e-5)
+
+
+def test_spatial_norm_standardises_each_channel_over_the_tokens():
+    """Against numpy: each image's channel minus its mean over the tokens, over its sample standard deviation."""
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(3, 16, 5, generator=g) * torch.rand(1, 1, 5, generator=g) * 4 + torch.randn(1, 1, 5, generator=g) * 10
+    ref = feats.double().numpy()
+    ref = (ref - ref.mean(axis=1, keepdims=True)) / (ref.std(axis=1, ddof=1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(spatially_normalised(feats).double().numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_conv_projector_is_a_3x3_convolution_over_the_token_grid():
+    """Brute force: token (r, c)'s output is the bias plus each in-grid neighbour's token times the kernel's tap at
+    its offset (zero padding at the edges), on the row-major token grid."""
+    torch.manual_seed(5)
+    proj = ConvProjector(4, 6)
+    tokens = torch.randn(2, 9, 4, dtype=torch.float64)
+    proj = proj.double()
+    w, b = proj.conv.weight.detach().numpy(), proj.conv.bias.detach().numpy()
+    h = tokens.numpy()
+    out = proj(tokens).detach().numpy()
+    assert out.shape == (2, 9, 6)
+    for n in range(2):
+        for r in range(3):
+            for c in range(3):
+                want = b.copy()
+                for dr in (-1, 0, 1):
+                    for dc in (-1, 0, 1):
+                        if 0 <= r + dr < 3 and 0 <= c + dc < 3:
+                            want += w[:, :, dr + 1, dc + 1] @ h[n, (r + dr) * 3 + c + dc]
+                np.testing.assert_allclose(out[n, r * 3 + c], want, rtol=1e-10, atol=1e-10)
+
+
+def test_the_alignment_loss_with_spatial_norm_standardises_the_target(tmp_path):
+    """repa.spatial_norm: the loss's target is the encoder's tokens standardised per image and channel (numpy)."""
+    cfg = debug_cfg(*REPA, *IREPA)
+    conv = nn.Conv2d(3, 5, kernel_size=4, stride=4)
+    align = Alignment(cfg, Encoder(conv, "k"), torch.device("cpu"))
+    assert isinstance(align.projector, ConvProjector)
+    g = torch.Generator().manual_seed(6)
+    x1, projected = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 16, 5, generator=g)
+    feats = conv(x1).detach().double().numpy().reshape(2, 5, 16).transpose(0, 2, 1)  # [N, tokens, D]
+    feats = (feats - feats.mean(axis=1, keepdims=True)) / (feats.std(axis=1, ddof=1, keepdims=True) + 1e-6)
+    p = projected.double().numpy()
+    cosines = [float(p[n, k] @ feats[n, k] / np.linalg.norm(p[n, k]) / np.linalg.norm(feats[n, k])) for n in range(2) for k in range(16)]
+    assert align.loss(projected, x1).item() == pytest.approx(0.5 * (1 - np.mean(cosines)), rel=1e-5)
+
+
+def test_feature_stride_reads_the_classifier_map_at_that_stride():
+    """repa.feature_stride: 8 = the whole conv body without its pooling; 4 = its first three conv layers (64 channels
+    at 1/4), both against the classifier's layers run by hand."""
+    from fmcli.classifier import DomainCNN
+    from fmcli.repa import domain_encoder
+
+    torch.manual_seed(7)
+    model = DomainCNN(3, 10).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        h, maps = x, []
+        for m in model.body:
+            if isinstance(m, nn.AdaptiveAvgPool2d):
+                break
+            h = m(h)
+            maps.append(h)
+        torch.testing.assert_close(domain_encoder(model, 8)(x), maps[11], rtol=0, atol=0)
+        torch.testing.assert_close(domain_encoder(model, 4)(x), maps[8], rtol=0, atol=0)
+    assert maps[8].shape == (2, 64, 7, 7) and maps[11].shape == (2, 128, 4, 4)
+    assert untrained_encoder(debug_cfg(*REPA, "repa.feature_stride=4")).module(torch.zeros(1, 3, 16, 16)).shape == (1, 64, 4, 4)
 
 
 def test_hidden_tokens_are_the_output_of_block_k():
@@ -140,8 +209,9 @@ def test_the_projector_is_saved_and_a_resume_checks_the_encoder():
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def test_repa_run_resumes_bit_exactly(tmp_path, repa_data):
-    assert_resumes_bit_exactly(tmp_path, [f"data.path='{repa_data}'", *REPA, "train.steps=6", "train.log_every=1", "train.checkpoint_every=0",
+@pytest.mark.parametrize("variant", [[], IREPA], ids=["mlp", "irepa"])
+def test_repa_run_resumes_bit_exactly(tmp_path, repa_data, variant):
+    assert_resumes_bit_exactly(tmp_path, [f"data.path='{repa_data}'", *REPA, *variant, "train.steps=6", "train.log_every=1", "train.checkpoint_every=0",
                                           "train.global_batch_size=8", "train.micro_batch_size=4"])
 
 
