@@ -162,10 +162,15 @@ def _physical_memory_gib() -> float:
 
 def autotune_key(cfg: Config, device: torch.device, precision: str, compile: bool, *, ns_dtype: str | None, world_size: int) -> str:
     """Cache key: the device name plus a hash of everything that changes the tuned batch: a training step's memory
-    and speed (model, precision, compile, optimizer, Muon's Newton-Schulz dtype) and the world size (the search
-    stops at the per-rank batch, global / world size)."""
+    and speed (model, precision, compile, optimizer, Muon's Newton-Schulz dtype, the objective (a mean-flow step
+    adds a JVP on a fraction of its rows) and REPA's encoder and projector) and the world size (the search stops
+    at the per-rank batch, global / world size)."""
+    mean_flow, repa = cfg.flow.objective == "meanflow", cfg.repa
+    aligned = repa.encoder != "none"  # resolved by the caller ("auto" is "domain" or "none" here)
     facts = {"model": config_to_dict(cfg)["model"], "precision": precision, "compile": compile, "optim": cfg.optim.name,
-             "ns_dtype": ns_dtype if cfg.optim.name == "muon" else None, "world_size": world_size}
+             "ns_dtype": ns_dtype if cfg.optim.name == "muon" else None, "world_size": world_size,
+             "objective": [cfg.flow.objective, cfg.flow.meanflow_ratio if mean_flow else None],
+             "repa": [repa.encoder, repa.depth, repa.projector, repa.feature_stride] if aligned else None}
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
     return f"{device_name(device)}|{cfg.name}|{digest}"
 

@@ -113,7 +113,9 @@ def sample_time_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-flow training intervals (t, t_end), t <= t_end: two draws of `sample_times(sampler, **times)`
     sorted, then t_end = t (plain flow matching) for all but a fraction `ratio` of the rows, as in MeanFlow
-    (whose ablation found 25 % of intervals with r != t best for one-step sampling from scratch). Returns t and t_end, each [n]."""
+    (whose ablation found 25 % of intervals with r != t best for one-step sampling from scratch). As in its code,
+    those rows keep the earlier (noisier) draw, so their t follows the smaller of two draws, not the sampler
+    itself. Returns t and t_end, each [n]."""
     a = sample_times(n, sampler, generator=generator, **times)
     b = sample_times(n, sampler, generator=generator, **times)
     keep = torch.rand(n, generator=generator, device=a.device) < ratio

@@ -108,9 +108,10 @@ class Alignment:
 
 def on_token_grid(features: torch.Tensor, grid: int) -> torch.Tensor:
     """[N, C, h, w] feature map -> [N, grid * grid, C] in the DiT's token order (row-major): each token takes
-    the encoder cell it lies in (a coarser map repeats), or the mean of the cells it covers (a finer one)."""
-    if features.shape[-1] < grid:
-        features = F.interpolate(features, size=(grid, grid), mode="nearest")
+    the encoder cell its centre lies in (a coarser map repeats), or the mean of the cells it covers (a finer one)."""
+    if features.shape[-1] < grid:  # "nearest-exact" samples at token centres; "nearest" at their left edges, which
+        # picks the wrong cell where the grid is not a multiple of the map (48x48 at patch 6: 6 cells, 8 tokens)
+        features = F.interpolate(features, size=(grid, grid), mode="nearest-exact")
     elif features.shape[-1] > grid:
         features = F.adaptive_avg_pool2d(features, grid)
     return features.flatten(2).transpose(1, 2)
@@ -130,15 +131,17 @@ def domain_encoder(trained_model: nn.Module, stride: int = 8) -> nn.Module:
     return nn.Sequential(*keep)
 
 
-def load_encoder(cfg: Config, log=None) -> Encoder:
-    """The run's frozen encoder: the domain classifier of cfg.data.path (trained and cached on first use)."""
+def load_encoder(cfg: Config, log=None, *, resuming: bool = False) -> Encoder:
+    """The run's frozen encoder: the domain classifier of cfg.data.path (trained and cached on first use). An error
+    advises turning REPA off only to a fresh run: a resume refuses that change (it trained with REPA)."""
     from .classifier import load_or_train_classifier
 
     try:
         trained = load_or_train_classifier(cfg.data.path, seed=cfg.repa.seed, path=cfg.repa.classifier, log=log,
                                            option="repa.classifier", elsewhere="--set repa.classifier=PATH", unlabelled="")
     except UsageError as err:
-        raise UsageError(f"repa.encoder='domain': {err}; or train without REPA: --set repa.encoder=none") from None
+        off = "" if resuming else "; or train without REPA: --set repa.encoder=none"
+        raise UsageError(f"repa.encoder='domain': {err}{off}") from None
     return Encoder(domain_encoder(trained.model, cfg.repa.feature_stride), trained.key)
 
 

@@ -204,6 +204,12 @@ class TrainingStep:
             self.scaler.unscale_(o)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.forward_module.parameters(), clip).item()
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            # A finite logged loss with non-finite gradients (a term the log leaves out, REPA's, or an overflow in the
+            # backward): stepping would write NaN into every weight. Skipped like a non-finite loss (fp16's scaler
+            # skips such steps itself and lowers its scale). The norm is all-reduced, so every rank skips alike.
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(float("nan"), grad_norm, lr, ot_costs)
         for o in self.optimizer.optimizers:
             self.scaler.step(o)
         self.scaler.update()

@@ -222,8 +222,10 @@ def build_step(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log, r
     if cfg.train.global_batch_size > len(dataset):
         raise UsageError(f"train.global_batch_size {cfg.train.global_batch_size} exceeds the dataset size {len(dataset)}")
     encoder = None
+    if cfg.repa.classifier and cfg.repa.encoder == "none" and ctx.rank == 0:  # said, not silently dropped
+        log.info(f"repa.classifier={cfg.repa.classifier} is unused: REPA is off in this run (repa.encoder resolved to 'none')")
     if cfg.repa.encoder == "domain":  # REPA's encoder (the first run on a dataset trains it, about a minute)
-        encoder = load_encoder(cfg, log=log.info)
+        encoder = load_encoder(cfg, log=log.info, resuming=not fresh)
         if ctx.rank == 0:
             log.info(f"repa: the tokens after block {cfg.repa.depth} are aligned with the domain classifier of {cfg.data.path} "
                      f"(seed {cfg.repa.seed}; off: --set repa.encoder=none)")
@@ -392,10 +394,10 @@ class Trainer:
     def _on_non_finite(self, skips: int) -> None:
         if skips > self.cfg.train.max_nan_skips:
             raise RuntimeFailure(
-                f"non-finite loss at step {self.step + 1}; stopping without saving "
+                f"non-finite loss or gradients at step {self.step + 1}; stopping without saving "
                 f"(the last checkpoint in {self.run_dir / 'checkpoints'} is intact)"
             )
-        self.log.info(f"step {self.step + 1}: non-finite loss, step skipped ({skips}/{self.cfg.train.max_nan_skips})")
+        self.log.info(f"step {self.step + 1}: non-finite loss or gradients, step skipped ({skips}/{self.cfg.train.max_nan_skips})")
 
     # ----------------------------------------------------------------------------------- checkpoints
 

@@ -517,3 +517,22 @@ def test_tiny_bench_json_end_to_end_reports_rounds_for_training_and_sampling(mon
     assert sample["img_per_s"] == pytest.approx(2 / sample["seconds"]) and sample["seconds_spread"]["n"] == 3
     assert any("--steps 2 is too few" in w for w in report["warnings"])
     assert "fm train:" in proc.stderr and "fm sample:" in proc.stderr and "median of 3 rounds" in proc.stderr
+
+
+def test_the_autotune_key_changes_with_what_changes_a_steps_cost():
+    """A mean-flow step (a JVP on part of its rows) and a REPA step (an encoder, a projector) cost more memory and
+    time than a flow step of the same model: a batch tuned for one is not the answer for the other. What does not
+    change the step (REPA's weight) keeps the key, so a cached result is reused."""
+    base = ["train.micro_batch_size=auto", "model.image_size=16", "model.in_channels=3", "model.num_classes=4"]
+
+    def key(*sets):
+        cfg = resolve_bench_config(load_config("debug", base + list(sets)))
+        return autotune_key(cfg, torch.device("cpu"), "fp32", False, ns_dtype=None, world_size=1)
+
+    plain = key("repa.encoder=none")
+    assert key("repa.encoder=none", "repa.weight=2") == plain
+    keys = {plain, key("flow.objective=meanflow", "sample.solver=meanflow", "repa.encoder=none"), key("flow.objective=meanflow", "sample.solver=meanflow", "flow.meanflow_ratio=1", "repa.encoder=none"),
+            key("repa.encoder=domain", "repa.depth=1"), key("repa.encoder=domain", "repa.depth=1", "repa.projector=conv"),
+            key("repa.encoder=domain", "repa.depth=1", "repa.feature_stride=4")}
+    assert len(keys) == 6
+    assert key("repa.encoder=domain", "repa.depth=1", "repa.weight=2") == key("repa.encoder=domain", "repa.depth=1")

@@ -246,6 +246,17 @@ def test_a_refused_sampler_leaves_no_manifest_that_blocks_the_corrected_command(
         assert again.returncode == 0, again.stderr
 
 
+def test_reflow_defaults_to_each_teachers_own_kind_of_solver(tmp_path, mf_run, debug_run):
+    """`fm reflow` without --solver: heun for a flow teacher (the documented default), the mean-flow jumps for a
+    mean-flow teacher, which no other solver fits (it used to be refused as "not heun", a solver nobody gave)."""
+    for ckpt, expected in ((mf_run, "meanflow"), (debug_run, "heun")):
+        made = fm_in_process("reflow", "--ckpt", ckpt, "--num-pairs", "4", "--steps", "2", "--out", tmp_path / expected, "--json")
+        assert made.returncode == 0, made.stderr
+        assert json.loads(made.stdout)["solver"] == expected
+    refused = fm_in_process("reflow", "--ckpt", mf_run, "--num-pairs", "4", "--solver", "heun", "--out", tmp_path / "bad")
+    assert refused.returncode == 2 and "not heun" in refused.stderr and not (tmp_path / "bad").exists()
+
+
 def test_init_from_a_mean_flow_checkpoint_advises_settings_that_work(tmp_path, mf_run, shapes16):
     """A flow run from a mean-flow checkpoint: the refusal's advice used to be --set model.end_time=true, which the
     config refuses without the mean-flow objective. Following the advice as given must train."""

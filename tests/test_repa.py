@@ -5,6 +5,7 @@ and the refusals."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -53,6 +54,18 @@ def test_token_grid_repeats_a_coarser_map_and_averages_a_finer_one():
             torch.testing.assert_close(tokens[:, r * 4 + c], fine[:, :, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean((-1, -2)))
     same = torch.randn(2, 3, 4, 4, generator=g)
     torch.testing.assert_close(on_token_grid(same, 4), same.flatten(2).transpose(1, 2), rtol=0, atol=0)
+
+
+def test_token_grid_takes_the_cell_under_each_tokens_centre_when_the_grid_is_not_a_multiple_of_the_map():
+    """48x48 images at patch 6 (8x8 tokens) against the 1/8 map (6x6 cells): token i spans pixels [6i, 6i + 6),
+    its centre 6i + 3 lies in cell (6i + 3) // 8. The left edge (torch's "nearest") picks another cell for two
+    of the eight tokens per axis."""
+    coarse = torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(3))
+    tokens = on_token_grid(coarse, 8)
+    for r in range(8):
+        for c in range(8):
+            cell_r, cell_c = (6 * r + 3) // 8, (6 * c + 3) // 8
+            torch.testing.assert_close(tokens[:, r * 8 + c], coarse[:, :, cell_r, cell_c], rtol=0, atol=0)
 
 
 def test_alignment_loss_is_one_minus_the_mean_cosine(tmp_path):
@@ -193,6 +206,20 @@ def test_a_repa_step_logs_flow_matching_trains_the_projector_and_leaves_later_bl
     assert set(aligned.ema.state_dict()) == set(plain.ema.state_dict())
 
 
+def test_a_non_finite_alignment_term_skips_the_step_and_leaves_the_weights(monkeypatch):
+    """The logged loss is flow matching's alone, so a non-finite REPA term (finite flow loss) shows only in the
+    gradients: the step is skipped as for a non-finite loss, never taken with NaN gradients into the weights."""
+    g = torch.Generator().manual_seed(3)
+    batch = {"x": torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, "y": torch.randint(0, 10, (8,), generator=g)}
+    monkeypatch.setattr(Alignment, "loss", lambda self, projected, x1: projected.float().sum() * float("inf"))
+    step, before, result = one_step(debug_cfg(*REPA), batch)
+    assert math.isnan(result.loss)  # the trainer counts it against train.max_nan_skips
+    for name, p in step.model.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0, msg=name)
+        assert p.grad is None
+    assert all(torch.isfinite(p).all() for p in step.align.projector.parameters())
+
+
 def test_the_projector_is_saved_and_a_resume_checks_the_encoder():
     cfg = debug_cfg(*REPA)
     step = TrainingStep(cfg, DistContext(), micro=8, accum=1, shape=(3, 16, 16), encoder=untrained_encoder(cfg))
@@ -251,6 +278,33 @@ def test_repa_needs_a_labelled_dataset(tmp_path, shapes16):
     assert "repa.encoder='domain'" in result.stderr and "labelled" in result.stderr and "repa.encoder=none" in result.stderr
     # fm eval's way out (other feature spaces) is not REPA's: repa.encoder has no inception or dinov2
     assert "inception" not in result.stderr and "dinov2" not in result.stderr
+
+
+def test_a_resume_is_not_advised_to_turn_repa_off(tmp_path, shapes16):
+    """A fresh run whose encoder cannot be had may train without REPA; a resume may not (it refuses a change of
+    repa.encoder), so its error gives no such advice."""
+    import shutil
+
+    from fmcli.repa import load_encoder
+
+    data = tmp_path / "unlabelled"
+    shutil.copytree(shapes16, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "num_classes": 0}))
+    (data / "y.npy").unlink()
+    cfg = load_config("debug", [f"data.path='{data}'", *REPA])
+    with pytest.raises(UsageError, match="repa.encoder=none"):
+        load_encoder(cfg)
+    with pytest.raises(UsageError) as refused:
+        load_encoder(cfg, resuming=True)
+    assert "labelled" in str(refused.value) and "repa.encoder=none" not in str(refused.value)
+
+
+def test_a_classifier_given_to_a_run_without_repa_is_said_to_be_unused(tmp_path, shapes16):
+    result = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "r", "--set", "repa.encoder=none",
+                           "--set", f"repa.classifier={tmp_path / 'mine.pt'}", "--set", "train.steps=1", "--set", "sample.grid_size=2")
+    assert result.returncode == 0, result.stderr
+    assert f"repa.classifier={tmp_path / 'mine.pt'} is unused: REPA is off" in result.stderr
 
 
 @pytest.mark.parametrize("manifest, extra, expected", [

@@ -266,7 +266,7 @@ def test_non_finite_loss_stops_cleanly_or_is_skipped(tmp_path, shapes16, monkeyp
     monkeypatch.setattr(train_mod, "flow_matching_loss", nan_on_third_call)
     from fmcli.errors import RuntimeFailure
 
-    with pytest.raises(RuntimeFailure, match="non-finite loss at step 3"):
+    with pytest.raises(RuntimeFailure, match="non-finite loss or gradients at step 3"):
         train(cfg_for(shapes16, "train.steps=5", "train.checkpoint_every=2"), tmp_path / "stop")
     assert resolve_checkpoint(tmp_path / "stop").name == "step-0000002.pt"  # nothing written after the NaN
 

@@ -168,7 +168,7 @@ class SamplingFlags:
     def overrides(self, cfg_runs: bool = True, **extra):
         """A function base -> base with these options (validated in config.sample_settings).
         --guide-ckpt implies --guidance auto, and --guidance auto needs it. `cfg_runs`: the resolved cfg is the
-        one that runs (False for `fm eval --cfg W,...`, whose sweep sets it later); `extra`: the command's defaults."""
+        one that runs (False for `fm eval --cfg W,...`, whose sweep sets it later); `extra`: the command's defaults (a value, or a function of the checkpoint's sample settings)."""
         from ..config import sample_settings
 
         given = dict(
@@ -184,8 +184,8 @@ class SamplingFlags:
         if guide_ckpt is not None:
             given["guidance"] = "auto"
 
-        def settings(base):
-            out = sample_settings(base, **given)
+        def settings(base):  # a command default may depend on the checkpoint's settings (reflow's solver)
+            out = sample_settings(base, **{k: v(base) if callable(v) else v for k, v in given.items()})
             if out.guidance == "auto" and guide_ckpt is None:
                 raise UsageError("--guidance auto needs --guide-ckpt CKPT: a smaller or earlier checkpoint of the same data")
             refuse_unused(mine, out)

@@ -110,7 +110,7 @@ def reflow(
     ckpt: Annotated[str, typer.Option("--ckpt", help="Teacher: checkpoint file, run directory or export directory.")],
     num_pairs: Annotated[int, typer.Option("--num-pairs", "-n", min=1, max=10**9, help="Number of (noise, sample) pairs.")],
     out: Annotated[Path, typer.Option("--out", help="Output dataset directory (kind 'pairs', written atomically).")],
-    solver: Annotated[str, typer.Option("--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4, ab2 or dopri5 (euler-sde is refused: pairs need the ODE).")] = "heun",
+    solver: Annotated[Optional[str], typer.Option("--solver", help="Teacher ODE solver: heun, euler, midpoint, rk4, ab2 or dopri5 (euler-sde is refused: pairs need the ODE); default heun, meanflow for a mean-flow teacher.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, max=100_000, help="Solver steps (fixed-step solvers; default 50).")] = None,
     cfg_scale: Annotated[Optional[float], float_option("--cfg", min=0.0, help="Classifier-free guidance weight (default: the teacher's sample.cfg).")] = None,
     rtol: Rtol = None,
@@ -142,10 +142,13 @@ def reflow(
     from ..distributed import launched_externally
     from ..launch import on_ranks
     from ..reflow import check_teacher, reflow_command
+    from ..solvers import MEAN_FLOW_SOLVERS
 
     texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
     flags = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, precision=precision, compile_model=compile_model)
-    overrides = flags.overrides(steps=50)  # the default of fixed-step solvers (dopri5 chooses its own: --steps is refused)
+    # The defaults: 50 steps for fixed-step solvers (dopri5 chooses its own: --steps is refused); heun, or a
+    # mean-flow teacher's own jumps (no other solver fits it).
+    overrides = flags.overrides(steps=50, solver=lambda base: base.solver if base.solver in MEAN_FLOW_SOLVERS else "heun")
     if not launched_externally():  # the one-line refusals come before relaunching or solving anything
         check_teacher(ckpt, out, texts, force, overrides)
     work = functools.partial(
