@@ -53,12 +53,13 @@ COMPILE_SETTINGS = (True, False, "auto")
 CompileSetting = bool | Literal["auto"]  # train.compile, sample.compile (resolve_compile)
 DEVICE_SETTINGS = ("auto", "cpu", "cuda")
 DeviceSetting = Literal[DEVICE_SETTINGS]  # type: ignore[valid-type]  (train.device, every --device)
-PROBE_VERSION = 1  # bump when the probe's method changes: old cached results are then ignored
+PROBE_VERSION = 2  # bump when the probe's method changes: old cached results are then ignored
 
 # bf16 must beat fp32 by this factor to be chosen: it costs precision, so a tie goes to fp32.
 MIN_STEP_SPEEDUP = 1.1  # measured on a forward/backward of the model
 MIN_GEMM_SPEEDUP = 2.0  # from the GEMM alone (no model step measured): GEMMs overstate the step's gain
 STEP_PROBE_MAX_S = 2.0  # a model whose fp32 forward/backward takes longer is judged on the GEMM alone
+GEMM_ONCE_S = 1.0  # a probe GEMM whose first call takes longer is timed by that call alone (warm-up included)
 OPTIONAL_EXTRAS = {"plot": "matplotlib", "wandb": "wandb", "tensorboard": "tensorboard", "demo": "gradio", "test": "pytest"}
 
 
@@ -233,18 +234,22 @@ def _forced_probe(forced: str, width: int) -> Probe:
 def _gemm_gflops(width: int, rounds: int = 3, round_s: float = 0.05) -> dict:
     """Best GFLOP/s of a [1024, width] x [width, 4*width] GEMM (a DiT MLP's shape), fp32 and bf16 interleaved.
 
-    A dtype whose single call already takes longer than a round is timed once: it is slow, and how slow
-    matters little.
+    Each dtype's first call (allocation, kernel selection, JIT: up to a few times a call) is a warm-up, never
+    its timing, unless it took over GEMM_ONCE_S (bf16 emulated at a large width). A dtype whose timed call
+    already takes longer than a round is timed once: it is slow, and how slow matters little.
     """
     m, k, n = 1024, width, 4 * width
     flops = 2 * m * k * n
     gen = torch.Generator().manual_seed(0)
     mats = {p: (torch.randn(m, k, generator=gen).to(dt), torch.randn(k, n, generator=gen).to(dt)) for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     best = {}
-    for p, (a, b) in mats.items():  # warmup (first-call allocation and kernel selection)
-        start = time.perf_counter()
-        a @ b
-        best[p] = time.perf_counter() - start
+    for p, (a, b) in mats.items():  # warmup (first-call allocation and kernel selection), untimed unless slow itself
+        for _ in range(2):
+            start = time.perf_counter()
+            a @ b
+            best[p] = time.perf_counter() - start
+            if best[p] > GEMM_ONCE_S:  # so slow that its one-off costs are a small share, and a second call costs much
+                break
     for _ in range(rounds):
         for p, (a, b) in mats.items():
             if best[p] > round_s:

@@ -303,3 +303,50 @@ def test_two_runs_started_at_once_measure_the_probe_once(tmp_path):
     assert sorted(out.strip() for out, _, _ in results) == ["cache", "measured"]
     assert sum(err.count("measuring") for _, err, _ in results) == 1
     assert json.loads((tmp_path / "cache" / "fm" / "probe.json").read_text())  # one whole JSON document
+
+
+class FakeGemmClock:
+    """A made-up CPU's GEMM timings on a fake clock: each dtype's first call costs `first` seconds (allocation, kernel
+    selection, JIT), every later one `steady`; the probe's real matmuls only advance the clock."""
+
+    def __init__(self, monkeypatch, first: dict, steady: dict):
+        import types
+
+        self.now, self.first, self.steady, self.calls = 0.0, first, steady, {"fp32": 0, "bf16": 0}
+        real = torch.Tensor.__matmul__
+
+        def matmul(a, b):
+            p = "bf16" if a.dtype == torch.bfloat16 else "fp32"
+            self.now += (self.first if self.calls[p] == 0 else self.steady)[p]
+            self.calls[p] += 1
+            return real(a[:1, :1], b[:1, :1])  # the clock says what the GEMM cost; the real one need not run
+
+        monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+        monkeypatch.setattr(hardware, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+
+
+@pytest.mark.parametrize("first, steady, expected", [
+    # bf16 barely faster (1.1x): the GEMM-only precision and Muon's dtype are fp32; fp32's slow first call
+    # (one-off costs) counted as its time made it look 2.4x faster and picked bf16 for both
+    ({"fp32": 0.12, "bf16": 0.05}, {"fp32": 0.055, "bf16": 0.05}, "fp32"),
+    # bf16 3x faster once warm: bf16 for both; its first call (a JIT) counted as its time made it look 0.3x
+    ({"fp32": 0.06, "bf16": 0.2}, {"fp32": 0.06, "bf16": 0.02}, "bf16"),
+])
+def test_gemm_probe_times_each_dtype_after_its_warmup(monkeypatch, first, steady, expected):
+    """The GEMM probe's ratio is the warm one (fp32 time / bf16 time of calls after the first), whichever dtype's
+    first call is slow; both answers of the GEMM-only decision and of Muon's dtype are reached."""
+    monkeypatch.delenv(hardware.FORCE_ENV, raising=False)
+    FakeGemmClock(monkeypatch, first, steady)
+    probe = hardware.probe_cpu(256, use_cache=False)
+    assert probe.gemm_speedup == pytest.approx(steady["fp32"] / steady["bf16"])  # the closed form of the made-up machine
+    assert (probe.precision, probe.matmul_dtype) == (expected, expected)
+
+
+def test_gemm_probe_times_a_very_slow_dtype_once(monkeypatch):
+    """bf16 emulated at a large width (seconds a call): one call, its first, is its timing (a second would double the
+    probe's cost for a verdict that cannot change)."""
+    monkeypatch.delenv(hardware.FORCE_ENV, raising=False)
+    fake = FakeGemmClock(monkeypatch, {"fp32": 0.3, "bf16": 30.0}, {"fp32": 0.2, "bf16": 29.0})
+    probe = hardware.probe_cpu(1152, use_cache=False)
+    assert fake.calls["bf16"] == 1 and probe.gemm_speedup == pytest.approx(0.2 / 30.0)
+    assert (probe.precision, probe.matmul_dtype) == ("fp32", "fp32")
