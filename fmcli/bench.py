@@ -388,7 +388,7 @@ class SampleTimer:
     the solver), so what is timed is what `fm sample` runs, less decoding and writing PNGs (and, for text
     models, the text encoder: synthetic states stand in for prompts).
     A fixed-step solve is timed over min(steps, spec.steps) of its steps (after a one-step warmup, which also
-    compiles; `timed_steps` says how many ran) and scaled to the full solve by the network rows each evaluates:
+    compiles, an Euler step for dopri5; `timed_steps` says how many ran) and scaled to the full solve by the network rows each evaluates:
     the full solve's NFE and rows are counted on the same path with a stand-in network (which evaluations a
     fixed-step solve makes depends only on its grid: guidance intervals, zero-init steps and a solver's start-up
     evaluation included). An adaptive dopri5 solve is timed and counted whole.
@@ -409,17 +409,17 @@ class SampleTimer:
         # CFG-Zero*'s zero-init steps evaluate nothing and must be fewer than a solve's steps: a short solve takes one more.
         first = 1 + (s.zero_init_steps if s.guidance == "cfg-zero" else 0)
         self.timed = s.steps if s.solver == "dopri5" else min(s.steps, max(spec.steps, first))
-        if spec.warmup and s.solver != "dopri5":
-            self.solve(first)
+        if spec.warmup:  # the network's first calls (compiling, kernel selection) in no round; dopri5 warms up on Euler's grid
+            self.solve(first, "euler" if s.solver == "dopri5" else None)
         if self.timed != s.steps:  # the full solve's and the timed solve's evaluations, counted without running the network
             self.counted.dry = True
             self.full_rows, self.timed_rows = self.rows_of(s.steps), self.rows_of(self.timed)
             self.counted.dry = False
 
-    def solve(self, steps: int) -> None:
+    def solve(self, steps: int, solver: str | None = None) -> None:
         from .generate import iterate_samples
 
-        settings = self.s.model_copy(update={"steps": steps})
+        settings = self.s.model_copy(update={"steps": steps, "solver": solver or self.s.solver})
         for _, _, result in iterate_samples(self.loaded, list(range(self.b)), seed=0, sample_cfg=settings, batch_size=self.b, device=self.device, prompts=self.prompts):
             self.nfe = result.nfe if steps == self.s.steps else self.nfe
 

@@ -536,3 +536,33 @@ def test_the_autotune_key_changes_with_what_changes_a_steps_cost():
             key("repa.encoder=domain", "repa.depth=1", "repa.feature_stride=4")}
     assert len(keys) == 6
     assert key("repa.encoder=domain", "repa.depth=1", "repa.weight=2") == key("repa.encoder=domain", "repa.depth=1")
+
+
+@pytest.mark.parametrize("solver, steps", [("dopri5", 4), ("euler", 4)])
+def test_a_sampling_round_never_times_the_networks_first_call(monkeypatch, solver, steps):
+    """The network's first call costs 10 s on a fake clock (torch.compile, kernel selection), every later one 10 ms.
+    With --warmup, no round pays it: every round of a solve is NFE (x rows) of warm calls, its time the same in
+    each round (hand computation below). A dopri5 solve had no warm-up: its first round took 10 s more."""
+    import types
+
+    import fmcli.measure as measure_mod
+    from fmcli.bench import SampleTimer
+    from fmcli.config import config_to_dict
+    from fmcli.measure import BenchSpec
+
+    clock = {"now": 0.0, "calls": 0}
+
+    class Zero(torch.nn.Module):  # a zero velocity: dopri5 accepts every step, its evaluations a fixed count
+        def forward(self, x, t, **cond):
+            clock["now"] += 10.0 if clock["calls"] == 0 else 0.01
+            clock["calls"] += 1
+            return torch.zeros_like(x)
+
+    monkeypatch.setattr(measure_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    monkeypatch.setenv("FM_PROBE_FORCE", "bf16-slow")
+    cfg = resolve_bench_config(load_config("debug", [f"sample.solver={solver}", f"sample.steps={steps}", "sample.cfg=1"]))
+    spec = BenchSpec(config=config_to_dict(cfg), batch=2, mode="sample", steps=steps, warmup=1, rounds=3)
+    timer = SampleTimer(Zero(), cfg, spec, torch.device("cpu"))
+    rounds = [timer.round() for _ in range(3)]
+    facts = timer.facts(rounds)
+    assert facts["nfe"] >= 1 and rounds == pytest.approx([0.01 * facts["nfe"]] * 3)  # one unguided row batch per NFE
