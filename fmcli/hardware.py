@@ -59,6 +59,7 @@ PROBE_VERSION = 2  # bump when the probe's method changes: old cached results ar
 MIN_STEP_SPEEDUP = 1.1  # measured on a forward/backward of the model
 MIN_GEMM_SPEEDUP = 2.0  # from the GEMM alone (no model step measured): GEMMs overstate the step's gain
 STEP_PROBE_MAX_S = 2.0  # a model whose fp32 forward/backward takes longer is judged on the GEMM alone
+SLOW_BF16_FACTOR = 3.0  # a bf16 model step whose warm-up is this many times fp32's (and slow) is not timed again
 GEMM_ONCE_S = 1.0  # a probe GEMM whose first call takes longer is timed by that call alone (warm-up included)
 OPTIONAL_EXTRAS = {"plot": "matplotlib", "wandb": "wandb", "tensorboard": "tensorboard", "demo": "gradio", "test": "pytest"}
 
@@ -263,12 +264,21 @@ def _gemm_gflops(width: int, rounds: int = 3, round_s: float = 0.05) -> dict:
 
 
 def _step_ms(model_step: Callable[[str], None], rounds: int = 2) -> dict | None:
-    """Best milliseconds of the model's forward/backward per precision, interleaved; None when too slow."""
+    """Best milliseconds of the model's forward/backward per precision, interleaved; None when too slow.
+
+    A bf16 warm-up over STEP_PROBE_MAX_S and SLOW_BF16_FACTOR x fp32's (bf16 emulated: up to ~10x a step) ends the
+    probe there, both first calls as the times: bf16 loses whatever its one-off costs, and its rounds would cost a
+    minute of a budgeted run."""
     start = time.perf_counter()
     model_step("fp32")  # warmup, and the cost check
-    if time.perf_counter() - start > STEP_PROBE_MAX_S:
+    fp32_first = time.perf_counter() - start
+    if fp32_first > STEP_PROBE_MAX_S:
         return None
+    start = time.perf_counter()
     model_step("bf16")
+    bf16_first = time.perf_counter() - start
+    if bf16_first > max(STEP_PROBE_MAX_S, SLOW_BF16_FACTOR * fp32_first):
+        return {"fp32": 1000 * fp32_first, "bf16": 1000 * bf16_first}
     best = {"fp32": float("inf"), "bf16": float("inf")}
     for _ in range(rounds):
         for p in best:

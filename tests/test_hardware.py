@@ -350,3 +350,38 @@ def test_gemm_probe_times_a_very_slow_dtype_once(monkeypatch):
     probe = hardware.probe_cpu(1152, use_cache=False)
     assert fake.calls["bf16"] == 1 and probe.gemm_speedup == pytest.approx(0.2 / 30.0)
     assert (probe.precision, probe.matmul_dtype) == ("fp32", "fp32")
+
+
+class FakeStepClock:
+    """A model's forward/backward on a fake clock: per precision, the first call `first` seconds, later ones `steady`."""
+
+    def __init__(self, monkeypatch, first: dict, steady: dict):
+        import types
+
+        self.now, self.first, self.steady, self.calls = 0.0, first, steady, {"fp32": 0, "bf16": 0}
+        monkeypatch.setattr(hardware, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+
+    def step(self, precision: str) -> None:
+        self.now += (self.first if self.calls[precision] == 0 else self.steady)[precision]
+        self.calls[precision] += 1
+
+
+@pytest.mark.parametrize("first, steady, expected_ms, bf16_calls", [
+    # bf16 emulated (~10x): its 15 s warm-up ends the probe; 2 rounds more would have cost 30 s of a budgeted run
+    ({"fp32": 1.6, "bf16": 15.0}, {"fp32": 1.5, "bf16": 15.0}, {"fp32": 1600.0, "bf16": 15000.0}, 1),
+    # bf16 fast once warm, its first call slow (a JIT) but under 2 s: timed in rounds, the warm times decide
+    ({"fp32": 0.4, "bf16": 1.9}, {"fp32": 0.3, "bf16": 0.2}, {"fp32": 300.0, "bf16": 200.0}, 3),
+    # bf16 a little slower, its warm-up over 2 s but under 3x fp32's: timed in rounds
+    ({"fp32": 1.0, "bf16": 2.5}, {"fp32": 0.9, "bf16": 1.0}, {"fp32": 900.0, "bf16": 1000.0}, 3),
+])
+def test_model_step_probe_stops_after_an_emulated_bf16_warmup(monkeypatch, first, steady, expected_ms, bf16_calls):
+    fake = FakeStepClock(monkeypatch, first, steady)
+    ms = hardware._step_ms(fake.step)
+    assert ms == pytest.approx(expected_ms) and fake.calls["bf16"] == bf16_calls
+    expected = "bf16" if expected_ms["fp32"] / expected_ms["bf16"] >= hardware.MIN_STEP_SPEEDUP else "fp32"
+    assert hardware._choose(10.0, expected_ms["fp32"] / expected_ms["bf16"]) == expected  # both answers: fp32, bf16, fp32
+
+
+def test_model_step_probe_of_a_slow_model_is_judged_on_the_gemm(monkeypatch):
+    fake = FakeStepClock(monkeypatch, {"fp32": 2.5, "bf16": 1.0}, {"fp32": 2.4, "bf16": 1.0})
+    assert hardware._step_ms(fake.step) is None and fake.calls == {"fp32": 1, "bf16": 0}
