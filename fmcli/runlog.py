@@ -118,6 +118,15 @@ def write_config(run_dir: Path, config: dict) -> None:
     write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
 
 
+def write_env_hardware(run_dir: Path, hardware: dict) -> None:
+    """env.json's `hardware` rewritten with each checkpoint's, as config.json is: the budget's refits change its fit
+    (`hardware.budget`) as the run goes, and env.json would otherwise keep the first fit of a run that trained another."""
+    env = _read_env(run_dir / "env.json")
+    if env:
+        env["hardware"] = hardware
+        write_text_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+
+
 def append_metrics(run_dir: Path, record: dict) -> None:
     """Append one record; a torn last line (a run killed mid-write, before the resume that appends now) is cut
     off first: the record appended would otherwise continue it, one line that is neither record."""

@@ -33,7 +33,7 @@ from .generate import SamplingNet, initial_noise, sample_batch
 from .images import save_grid
 from .optim import extension_note
 from .runlog import (append_metrics, memory_mib, metrics_end, run_dir_lock, set_aside_metrics, set_aside_samples, step_name, write_config,
-                     write_run_files)
+                     write_env_hardware, write_run_files)
 from .repa import load_encoder
 from .step import TrainingStep
 from .tracking import NullTracker, make_tracker
@@ -420,6 +420,7 @@ class Trainer:
             path = save_checkpoint(state, self.run_dir / "checkpoints", self.step, cfg.keep_last, cfg.keep_every, log=self.log.info,
                                    resumed_from=self.branch_point, on_set_aside=self._set_aside_outputs)
             write_config(self.run_dir, state["config"])  # config.json follows the run's newest checkpoint
+            write_env_hardware(self.run_dir, state["hardware"])  # and env.json's hardware record (the budget's last fit)
             self.log.info(f"checkpoint: {path}")
         D.barrier(self.ctx)
         self.branch_point = None

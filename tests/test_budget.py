@@ -218,6 +218,9 @@ def test_the_trainer_refits_its_steps_when_the_machine_slows_down_and_a_resume_k
     first = max(n for n in range(1, 400) if n * 0.01 + (len(range(40, n, 40)) + 1) * 0.02 + 0.03 <= 1.2 * (1 - MARGIN_SHARE))
     assert f"-> {first} steps" in machine.lines[[i for i, line in enumerate(machine.lines) if "(measured)" in line][0]]
     assert budget["refits"] >= 1 and result.step == budget["steps"] == state["config"]["train"]["steps"]
+    # env.json says what ran too: the last fit (it kept the first one, a run of more steps with no refits)
+    env_budget = json.loads((tmp_path / "run" / "env.json").read_text())["hardware"]["budget"]
+    assert (env_budget["steps"], env_budget["refits"]) == (result.step, budget["refits"])
     assert result.step < first - 20  # the slowdown cost steps
     assert machine.now <= 1.2  # the simulated run ended within its 1.2 s
     assert any("budget:" in line and "pace" in line for line in machine.lines)
