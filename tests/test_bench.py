@@ -566,3 +566,19 @@ def test_a_sampling_round_never_times_the_networks_first_call(monkeypatch, solve
     rounds = [timer.round() for _ in range(3)]
     facts = timer.facts(rounds)
     assert facts["nfe"] >= 1 and rounds == pytest.approx([0.01 * facts["nfe"]] * 3)  # one unguided row batch per NFE
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_bench_hardware_of_a_text_model_probes_the_gemm_alone(monkeypatch, tmp_path, precision):
+    """A text model's forward needs the text encoder's states: fm train's probe judges it on the GEMM alone, and so
+    does fm bench's report of the CPU under an explicit precision (it ran the model without text: a ValueError)."""
+    from fmcli import hardware
+    from fmcli.bench import resolve_bench_hardware
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(hardware.FORCE_ENV, raising=False)
+    monkeypatch.setattr(hardware, "_gemm_gflops", lambda width: {"fp32": 100.0, "bf16": 50.0})
+    cfg = resolve_bench_config(load_config("debug", ["model.cross_attention=true", "model.text_dim=16"]))
+    hw = resolve_bench_hardware(cfg, torch.device("cpu"), precision, False, lambda line: None)
+    probe = hw["precision"]["probe"]
+    assert probe["step_ms"] is None and probe["gemm_speedup"] == pytest.approx(0.5) and hw["precision"]["precision"] == "fp32"
