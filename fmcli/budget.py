@@ -273,8 +273,9 @@ class RunBudget:
         del state
         # The sample grid: its own batch sampled with one solver step (after CFG-Zero*'s zero-init steps, which
         # evaluate nothing), scaled to the network evaluations of the real grid (an adaptive solver: one image
-        # solved in full, scaled to the grid's count). One-off costs (a VAE's loading, lazy kernels) are counted
-        # in, on the side of an overestimate; a machine that slows down later is caught by the refits.
+        # solved in full, scaled to the grid's count). First an untimed warm-up of the same batch (an adaptive
+        # solver's: one Euler step): one-off costs (a VAE's loading, lazy kernels), which the run's grids never pay
+        # again, would otherwise be scaled by the NFE (x50 at 50 steps); a machine that slows down later is caught by the refits.
         sample, n = cfg.sample, cfg.sample.grid_size
         adaptive = sample.solver in ADAPTIVE_SOLVERS
         zero_init = sample.zero_init_steps if sample.guidance == "cfg-zero" else 0
@@ -282,6 +283,7 @@ class RunBudget:
         # it is guided here, so the estimate prices every evaluation at the guided batch, never below the real grid.
         one_step = {"steps": min(sample.steps, zero_init + 1), "guidance_interval": None}
         probe_cfg = sample if adaptive else sample.model_copy(update=one_step)
+        probes.grid(1 if adaptive else n, sample.model_copy(update={**one_step, "solver": "euler"}) if adaptive else probe_cfg)
         start = clock()
         images, nfe = probes.grid(1 if adaptive else n, probe_cfg)
         seconds = clock() - start

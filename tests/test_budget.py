@@ -465,3 +465,31 @@ def test_a_fallback_typo_in_a_preset_is_reported_even_where_the_fallback_is_drop
     preset.write_text(preset.read_text().replace('"model.hiden_size=16", ', ""))
     assert (load_config(str(preset), overrides).train.budget_fallback is None) == bool(overrides)
     assert load_config(str(preset), ["train.budget_fallback=null"]).train.budget_fallback is None
+
+
+@pytest.mark.parametrize("solver", ["euler", "dopri5"])
+def test_the_grid_estimate_does_not_scale_one_off_costs_by_the_nfe(monkeypatch, solver):
+    """The first grid of a run pays one-off costs (a VAE's loading, lazy kernels: 3 s here, on a fake clock), later
+    ones only their network evaluations (10 ms each). The budget's estimate of a grid priced its one-step probe, one-off
+    costs included, times the NFE ratio: (3 + 0.01) x 50 = 150.5 s for a grid of 0.5 s (hand computation), a
+    quarter of a 10-minute budget per grid. It is now the warm grid's cost, NFE x 10 ms."""
+    from fmcli import distributed as D
+    from fmcli.budget import Probes, RunBudget
+    from fmcli.solvers import nfe_of
+
+    now, calls = [0.0], []
+
+    def grid(n, sample_cfg):
+        calls.append(sample_cfg.solver)
+        nfe = 20 if sample_cfg.solver == "dopri5" else sample_cfg.steps  # dopri5: 20 evaluations per image here
+        now[0] += (3.0 if len(calls) == 1 else 0.0) + 0.01 * nfe * (n if sample_cfg.solver == "dopri5" else 1)
+        return None, nfe
+
+    monkeypatch.setattr(budget_mod, "clock", lambda: now[0])
+    cfg = load_config("debug", [f"sample.solver={solver}", "sample.steps=50", "sample.grid_size=4"])
+    budget = RunBudget(10, 0.0, D.DistContext(), QuietLog())
+    probes = Probes(step_fn=None, example=None, state=lambda: {"w": torch.zeros(1)}, grid=grid, features=None)
+    _, grid_s, _ = budget._measure_work(cfg, probes)
+    warm = 0.01 * (20 * 4 if solver == "dopri5" else nfe_of("euler", 50))  # the run's grid: 0.8 s (dopri5), 0.5 s (euler)
+    assert grid_s == pytest.approx(warm)
+    assert calls[0] == "euler"  # an adaptive solver warms up on one Euler step, not a second full solve
