@@ -291,6 +291,7 @@ class RunBudget:
         per_image_s = grid_s / n
         eval_s = None
         if probes.features is not None:  # generation as the grid's per image, plus the features of the grid's images
+            probes.features(images)  # untimed warm-up, as the grid's: one-off costs scaled by num_samples / n otherwise
             start = clock()
             probes.features(images)
             features_s = (clock() - start) / len(images)

@@ -493,3 +493,29 @@ def test_the_grid_estimate_does_not_scale_one_off_costs_by_the_nfe(monkeypatch, 
     warm = 0.01 * (20 * 4 if solver == "dopri5" else nfe_of("euler", 50))  # the run's grid: 0.8 s (dopri5), 0.5 s (euler)
     assert grid_s == pytest.approx(warm)
     assert calls[0] == "euler"  # an adaptive solver warms up on one Euler step, not a second full solve
+
+
+def test_the_evaluation_estimate_does_not_scale_one_off_costs_by_the_sample_count(monkeypatch):
+    """An evaluation: generation at the grid's per-image cost plus the features of each sample. The extractor's
+    first call (lazy kernels at a new batch shape, 2 s on a fake clock) was priced per image of the grid (4) times
+    eval.num_samples (1000): (2 + 0.04) / 4 x 1000 = 510 s of features reserved for 10 s (hand computation). Now the
+    warm cost: per image 0.01 s of generation (one Euler step, 10 ms an image) + 0.01 s of features, x 1000 = 20 s."""
+    from fmcli import distributed as D
+    from fmcli.budget import Probes, RunBudget
+
+    now, feature_calls = [0.0], []
+
+    def grid(n, sample_cfg):
+        now[0] += 0.01 * n * sample_cfg.steps
+        return torch.zeros(n, 3, 8, 8), sample_cfg.steps
+
+    def features(images):
+        feature_calls.append(len(images))
+        now[0] += (2.0 if len(feature_calls) == 1 else 0.0) + 0.01 * len(images)
+
+    monkeypatch.setattr(budget_mod, "clock", lambda: now[0])
+    cfg = load_config("debug", ["sample.solver=euler", "sample.steps=1", "sample.grid_size=4", "eval.num_samples=1000"])
+    budget = RunBudget(10, 0.0, D.DistContext(), QuietLog())
+    probes = Probes(step_fn=None, example=None, state=lambda: {"w": torch.zeros(1)}, grid=grid, features=features)
+    _, grid_s, eval_s = budget._measure_work(cfg, probes)
+    assert grid_s == pytest.approx(0.04) and eval_s == pytest.approx((0.01 + 0.01) * 1000)
