@@ -346,17 +346,23 @@ def resolve_precision(setting: str, device: torch.device, width: int, model_step
             warning = "warning: this CPU has no native bf16 (AVX512-BF16 / AMX), so bf16 autocast may be slower than fp32 here; use precision fp32 (or auto)"
         return PrecisionChoice(setting, setting, "set explicitly", warning=warning)
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if cuda_native_bf16():
             return PrecisionChoice(setting, "bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16")
-        return PrecisionChoice(setting, "fp32", f"auto: {torch.cuda.get_device_name(device)} has no bf16 (fp16 would need loss scaling: set it explicitly)")
+        return PrecisionChoice(setting, "fp32", f"auto: {torch.cuda.get_device_name(device)} has no native bf16 (fp16 would need loss scaling: set it explicitly)")
     probe = probe_cpu(width, model_step, step_key)
     return PrecisionChoice(setting, probe.precision, f"auto: {probe.summary()}", probe=probe)
+
+
+def cuda_native_bf16() -> bool:
+    """bf16 in hardware on the current CUDA device (compute capability 8.0+, or ROCm). torch.cuda.is_bf16_supported()
+    also says yes where bf16 is only emulated (V100, T4: no bf16 tensor cores, far slower than fp32 there)."""
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def matmul_dtype(device: torch.device, width: int, probe: Probe | None = None) -> str:
     """The faster dtype for plain matmuls of this width (Muon's Newton-Schulz): bf16 on CUDA, probed on a CPU."""
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cuda_native_bf16() else "fp32"
     return (probe or probe_cpu(width)).matmul_dtype
 
 
@@ -540,7 +546,7 @@ def environment_report(device: torch.device, width: int = 384, remeasure: bool =
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
-            gpus.append({"index": i, "name": props.name, "memory_gib": round(props.total_memory / 2**30, 2), "bf16": bool(torch.cuda.is_bf16_supported())})
+            gpus.append({"index": i, "name": props.name, "memory_gib": round(props.total_memory / 2**30, 2), "bf16": props.major >= 8 or bool(torch.version.hip)})
     precision = resolve_precision("auto", device, width)
     compile_choice = resolve_compile("auto", device)
     probe = precision.probe or probe_cpu(width)  # the CPU's numbers, even when the device is a GPU

@@ -385,3 +385,19 @@ def test_model_step_probe_stops_after_an_emulated_bf16_warmup(monkeypatch, first
 def test_model_step_probe_of_a_slow_model_is_judged_on_the_gemm(monkeypatch):
     fake = FakeStepClock(monkeypatch, {"fp32": 2.5, "bf16": 1.0}, {"fp32": 2.4, "bf16": 1.0})
     assert hardware._step_ms(fake.step) is None and fake.calls == {"fp32": 1, "bf16": 0}
+
+
+@pytest.mark.parametrize("name, major, expected", [("Tesla T4", 7, "fp32"), ("Tesla V100-SXM2-16GB", 7, "fp32"), ("NVIDIA A100-SXM4-40GB", 8, "bf16")])
+def test_cuda_auto_precision_is_bf16_only_where_the_card_has_it_natively(monkeypatch, name, major, expected):
+    """bf16 tensor cores come with compute capability 8.0 (Ampere). torch.cuda.is_bf16_supported() also answers yes
+    where a bf16 tensor can merely be created (emulated: far slower than fp32 on a T4 or V100), which auto took for
+    support; made-up cards here, whose answers follow torch's rule (including_emulation=True: always yes)."""
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return major >= 8 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.version, "hip", None)
+    choice = hardware.resolve_precision("auto", torch.device("cuda"), width=64)
+    assert choice.precision == expected and name in choice.reason
+    assert hardware.matmul_dtype(torch.device("cuda"), 64) == expected  # Muon's Newton-Schulz follows
