@@ -401,3 +401,16 @@ def test_cuda_auto_precision_is_bf16_only_where_the_card_has_it_natively(monkeyp
     choice = hardware.resolve_precision("auto", torch.device("cuda"), width=64)
     assert choice.precision == expected and name in choice.reason
     assert hardware.matmul_dtype(torch.device("cuda"), 64) == expected  # Muon's Newton-Schulz follows
+
+
+@pytest.mark.parametrize("device, triton, compiler_works, expected", [
+    ("cuda", True, False, True), ("cuda", False, True, False), ("cpu", False, True, True), ("cpu", True, False, False),
+])
+def test_compile_auto_takes_each_answer_of_its_checks(monkeypatch, device, triton, compiler_works, expected):
+    """compile "auto": on CUDA triton decides (the C++ compiler does not), on a CPU the C++ compiler (triton does not);
+    both answers of each, with the checks faked."""
+    monkeypatch.setattr(hardware, "_has_triton", lambda: triton)
+    monkeypatch.setattr(hardware, "cxx_compiler", lambda use_cache=True: {"path": "/usr/bin/g++", "works": compiler_works, "error": None if compiler_works else "boom"})
+    choice = hardware.resolve_compile("auto", torch.device(device))
+    assert choice.compile is expected and choice.setting == "auto"
+    assert ("triton" in choice.reason) == (device == "cuda") and ("C++" in choice.reason) == (device == "cpu")
