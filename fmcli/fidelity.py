@@ -113,15 +113,33 @@ def score(reference: Reference, generated: Generated, *, k: int = 5, kid: bool =
 # ------------------------------------------------------------------------------------------ samples
 
 
-def check_scorable(loaded, data_shape: tuple | None = None, data=None) -> None:
-    """What `fm eval --ckpt` cannot score: latent and text models, and images of another shape than the dataset
-    `data`'s `data_shape` (when given)."""
+def check_scorable(loaded, data_shape: tuple | None = None, data=None, data_manifest: dict | None = None) -> None:
+    """What `fm eval --ckpt` cannot score: latent and text models, images of another shape than the dataset
+    `data`'s `data_shape` (when given), and, when `data_manifest` is given (the domain space is scored), classes
+    other than the data's (check_classes)."""
     if loaded.info.get("kind", "pixels") != "pixels" or loaded.is_text:
         what, prompts = ("text", " --prompts FILE") if loaded.is_text else ("latent", "")
         raise UsageError(f"fm eval --ckpt scores class-conditional or unconditional pixel models, not {what} ones: write the samples with "
                          f"`fm sample --ckpt CKPT -n N{prompts} --out DIR` and score them with `fm eval --gen DIR --data PIXELS`")  # fmt: skip
     if data_shape is not None and loaded.shape != data_shape:
         raise UsageError(f"the model makes {list(loaded.shape)} images but {data} holds {list(data_shape)}")
+    if data_manifest is not None:
+        check_classes(loaded.num_classes, loaded.info.get("class_names"), data_manifest, f"{data}")
+
+
+def check_classes(num_classes: int, class_names: list | None, manifest: dict, data: str) -> None:
+    """A class-conditional model scored in the domain space against labelled data must have the data's classes in
+    the data's order: sample i is asked for class i % num_classes and the classifier's class c is the data's, so the
+    conditional accuracy and the per-class FD would otherwise compare one class's samples with another's images."""
+    count, names = manifest.get("num_classes") or 0, manifest.get("class_names")
+    if not num_classes or not count:
+        return
+    if num_classes != count or (class_names and names and list(class_names) != list(names)):
+        mine = ", ".join(class_names) if class_names else f"{num_classes} classes"
+        theirs = ", ".join(names) if names else f"{count} classes"
+        raise UsageError(f"the model's classes ({mine}) are not those of {data} ({theirs}) in that order: its conditional accuracy and "
+                         "per-class FD would compare samples of one class with images of another; score against the data it was "
+                         "trained on, or leave the domain features out (--features inception, dinov2 or tiny)")  # fmt: skip
 
 
 def folder_images(path: Path, shape: tuple[int, int, int], log=None) -> np.ndarray:
@@ -177,7 +195,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
 
         # What the model cannot do, before the precision probe and before the classifier trains (a minute).
         loaded, base = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=None,
-                                    check=lambda m: check_scorable(m, _data_shape(req.data), req.data))
+                                    check=lambda m: check_scorable(m, _data_shape(req.data), req.data, _labels_read(req)))
         sweep = sweep_settings(base, req.cfgs, req.intervals, req.nfes, log)  # a budget or setting no solver run meets, too
         sweep = distinct_runs([guidance_that_runs(loaded, s, log) for s in sweep], log)  # each row reports what ran, once
     images = folder_images(req.gen, _data_shape(req.data), log) if req.gen is not None else None
@@ -240,6 +258,13 @@ def distinct_runs(sweep: list, log=None) -> list:
     return out
 
 
+def _labels_read(req: EvalRequest) -> dict | None:
+    """The manifest of `req.data` where the domain space reads the samples' classes (None: no space does)."""
+    from .data.dataset import read_manifest
+
+    return read_manifest(req.data) if "domain" in req.spaces else None
+
+
 def _data_shape(data: Path) -> tuple[int, int, int]:
     """The image shape of the pixel dataset `data` (a latent dataset's shape is its latents', not its images')."""
     from .data.dataset import read_manifest
@@ -274,6 +299,8 @@ class TrainingFidelity:
             if ref_shape != model_shape:
                 raise UsageError(f"eval.ref {data} holds {list(ref_shape)} images but the model makes {list(model_shape)} ones; "
                                  "give a reference of the training data's size and channels")  # fmt: skip
+            if cfg.eval.features == "domain":  # the samples' classes are the training data's
+                check_classes(cfg.model.num_classes, read_manifest(data_path).get("class_names"), read_manifest(data), f"eval.ref {data}")
         self.num_samples, self.device, self.space = cfg.eval.num_samples, device, cfg.eval.features
         self.extractor = build_space(self.space, data=data, device=device, classifier=cfg.eval.classifier, dinov2=cfg.eval.dinov2, log=log)
         self.reference = None

@@ -402,6 +402,47 @@ def test_eval_every_refuses_a_reference_of_another_image_shape_before_any_work(s
         TrainingFidelity(cfg, shapes16, "cpu")
 
 
+def _relabelled(data: Path, out: Path, order: list[int]) -> Path:
+    """A copy of the prepared dataset `data` whose class c is the old class order[c] (same images, another order)."""
+    import shutil
+
+    copy = Path(shutil.copytree(data, out, ignore=shutil.ignore_patterns("fm-classifier*")))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["class_names"] = [manifest["class_names"][c] for c in order]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    y = np.load(copy / "y.npy")
+    np.save(copy / "y.npy", np.argsort(order)[y])  # the old class order[c] is now c
+    return copy
+
+
+def test_eval_refuses_a_model_of_other_classes_than_the_data_in_the_domain_space(data, debug_run, tmp_path, monkeypatch):
+    """Sample i is asked for the model's class i % K and compared with the classifier's class of that index, which is
+    the data's: a dataset with the same classes in another order (or another class count) gave an accuracy and a
+    per-class FD of one class's samples against another class. Refused before the classifier trains; other spaces,
+    which read no classes, still score it, and so does the data the model was trained on."""
+    from fmcli import classifier
+    from fmcli.config import load_config, resolve
+    from fmcli.fidelity import EvalRequest, TrainingFidelity, evaluate_fidelity
+
+    names = json.loads((data / "manifest.json").read_text())["class_names"]
+    reordered = _relabelled(data, tmp_path / "reordered", list(range(len(names)))[::-1])
+    monkeypatch.setattr(classifier, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the classes were compared"))
+    with pytest.raises(UsageError, match=rf"the model's classes \({names[0]}, {names[1]}, .*\) are not those of .*reordered \({names[-1]}, {names[-2]}, "):
+        evaluate_fidelity(EvalRequest(data=reordered, ckpt=str(debug_run), num_samples=10), device=torch.device("cpu"))
+    cfg = load_config("debug", [f"data.path='{data}'", "eval.every=2", "eval.features='domain'", f"eval.ref='{reordered}'"])
+    cfg = resolve(cfg, json.loads((data / "manifest.json").read_text()))  # as training resolves it: the model's 10 classes
+    with pytest.raises(UsageError, match=r"are not those of eval.ref .*reordered"):
+        TrainingFidelity(cfg, data, "cpu")
+    manifest = json.loads((reordered / "manifest.json").read_text())
+    manifest["num_classes"], manifest["class_names"] = 11, None  # another class count, names not recorded
+    (reordered / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match=r"the model's classes \(.*\) are not those of .*reordered \(11 classes\)"):
+        evaluate_fidelity(EvalRequest(data=reordered, ckpt=str(debug_run), num_samples=10), device=torch.device("cpu"))
+    floor, rows = evaluate_fidelity(EvalRequest(data=reordered, ckpt=str(debug_run), num_samples=10, spaces=("tiny",), kid=False,
+                                                sample_overrides=lambda base: base.model_copy(update={"steps": 1})), device=torch.device("cpu"))  # fmt: skip
+    assert "accuracy" not in rows[0] and rows[0]["metrics"]["tiny"]["fd"] >= 0
+
+
 def test_plot_draws_the_frontier_of_an_eval_sweep(tmp_path):
     pytest.importorskip("matplotlib")
     floor = {"metrics": {"domain": {"fd": 0.1, "precision": 0.8, "recall": 0.8, "density": 1.0, "coverage": 0.9}}, "accuracy": 0.99}
