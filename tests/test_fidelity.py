@@ -74,7 +74,12 @@ def test_classifier_cache_is_reused_validated_and_rebuilt(data, monkeypatch):
     logs.clear()
     features.load_or_train_classifier(data, seed=0, steps=STEPS, log=logs.append)
     assert any("unreadable" in m for m in logs)
-    # ... and refused at a path the user gave.
+    # ... and refused at a path the user gave; the steps are part of what it was trained for, and the refusal says so
+    # (it blamed "another dataset, seed or architecture" for a cache of this data trained with other --classifier-steps).
+    shorter = data.parent / "shorter.pt"
+    features.load_or_train_classifier(data, seed=0, steps=STEPS - 5, path=shorter)
+    with pytest.raises(UsageError, match="shorter.pt: trained for another .*number of training steps"):
+        features.load_or_train_classifier(data, seed=0, steps=STEPS, path=shorter)
     mine = data.parent / "mine.pt"
     mine.write_bytes(b"garbage")
     with pytest.raises(UsageError, match="mine.pt: unreadable"):
