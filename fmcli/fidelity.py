@@ -2,8 +2,9 @@
 real-vs-real floor, optionally swept over guidance scale, guidance interval and NFE.
 
 The real-vs-real floor: the dataset's images are split by a seeded permutation into two disjoint halves. The
-second half is the reference every score is measured against (its first `n` images, `n` = the generated
-count, capped at the half); the first half's first `n` images are scored against the same reference as if
+second half is the reference every score is measured against (`n` of its images, `n` = the generated count,
+capped at the half: the first `n` of the permutation, a random draw whatever order the dataset stores its images
+in, e.g. class by class); `n` images of the first half, drawn alike, are scored against the same reference as if
 they were samples. A perfect generator scores the floor, not zero: FD, KID and the k-NN metrics of `n`
 samples carry a bias that the floor measures at the same `n`. Conditional accuracy's floor is the domain
 classifier's accuracy on its held-out real images.
@@ -40,9 +41,11 @@ class Reference:
 
 
 def split_halves(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(floor half, reference half): disjoint index sets of a seeded permutation of `count` images."""
+    """(floor half, reference half): disjoint index sets of a seeded permutation of `count` images, each in the
+    permutation's order, so that the first `n` of either are a random draw. (Sorted halves gave the lowest indices:
+    on a dataset stored class by class, as `fm prepare-data folder` stores class folders, only its first classes.)"""
     order = np.random.default_rng(seed).permutation(count)
-    return np.sort(order[: count // 2]), np.sort(order[count // 2 :])
+    return order[: count // 2], order[count // 2 :]
 
 
 def prepare_reference(data: Path, extractors: dict, n: int, *, seed: int = 0, batch_size: int = 256, log=None) -> Reference:
@@ -58,7 +61,7 @@ def prepare_reference(data: Path, extractors: dict, n: int, *, seed: int = 0, ba
         raise UsageError(f"{data} has {len(x)} images: the floor needs two disjoint halves of at least 6 (k-NN metrics with k=5)")
     y = np.load(Path(data) / "y.npy") if (Path(data) / "y.npy").is_file() else None
     floor_idx, ref_idx = split_halves(len(x), seed)
-    floor_idx, ref_idx = floor_idx[:n], ref_idx[:n]
+    floor_idx, ref_idx = np.sort(floor_idx[:n]), np.sort(ref_idx[:n])  # a random n of each half, read in file order
     ref, floor = {}, {}
     for space, ext in extractors.items():
         ref[space] = features_of(np.asarray(x[ref_idx]), ext, batch_size)

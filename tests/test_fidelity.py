@@ -163,6 +163,31 @@ def test_halves_are_disjoint_and_seeded():
     assert np.array_equal(split_halves(101, seed=0)[0], a) and not np.array_equal(split_halves(101, seed=1)[0], a)
 
 
+def test_reference_and_floor_are_random_draws_of_a_dataset_stored_class_by_class(data, tmp_path):
+    """`fm prepare-data folder` stores class folders one after the other. The reference and the floor took the lowest
+    `n` indices of each (sorted) half: on such data, the first classes only (100 of 512 shapes: 2 or 3 of 10 classes),
+    so every sample of another class was far from the reference while the floor looked fine. Each must hold the
+    classes in about the data's proportions: hypergeometric counts, within 4 standard deviations of n * share."""
+    import shutil
+
+    from fmcli.fidelity import prepare_reference
+
+    by_class = Path(shutil.copytree(data, tmp_path / "by-class", ignore=shutil.ignore_patterns("fm-classifier*")))
+    x, y = np.load(by_class / "x.npy"), np.load(by_class / "y.npy")
+    order = np.argsort(y, kind="stable")
+    np.save(by_class / "x.npy", x[order])
+    np.save(by_class / "y.npy", y[order])
+    mean_pixel = lambda images: images.double().flatten(1).mean(1, keepdim=True).numpy()  # noqa: E731 (any extractor)
+    n, total = 100, len(y)
+    reference = prepare_reference(by_class, {"pixels": mean_pixel}, n)
+    share = np.bincount(y, minlength=10) / total
+    sd = np.sqrt(n * share * (1 - share) * (total / 2 - n) / (total / 2 - 1))  # hypergeometric, n of a half of total / 2
+    for labels in (reference.ref_labels, reference.floor_labels):
+        counts = np.bincount(labels, minlength=10)
+        assert len(labels) == n and (counts > 0).all(), counts
+        assert (np.abs(counts - n * share) <= 4 * sd + 1).all(), (counts, n * share)
+
+
 def _json(result):
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -179,7 +204,7 @@ def test_eval_of_the_floor_images_scores_the_floor(data, tmp_path):
     floor_idx, ref_idx = split_halves(len(x), seed=0)
     folder = tmp_path / "gen"
     folder.mkdir()
-    for j, i in enumerate(floor_idx[:n]):
+    for j, i in enumerate(np.sort(floor_idx[:n])):  # the floor's n images, in the order the floor reads them
         Image.fromarray(x[i].transpose(1, 2, 0)).save(folder / f"{j:04d}.png")
     rows = _json(fm_in_process("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS, "--json"))
     (row,) = rows
