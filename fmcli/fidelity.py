@@ -199,8 +199,8 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
         # What the model cannot do, before the precision probe and before the classifier trains (a minute).
         loaded, base = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=None,
                                     check=lambda m: check_scorable(m, _data_shape(req.data), req.data, _labels_read(req)))
-        sweep = sweep_settings(base, req.cfgs, req.intervals, req.nfes, log)  # a budget or setting no solver run meets, too
-        sweep = distinct_runs([guidance_that_runs(loaded, s, log) for s in sweep], log)  # each row reports what ran, once
+        # A budget or setting no solver run meets is refused too; each row reports what ran (guidance_that_runs), once.
+        sweep = distinct_runs(sweep_settings(base, req.cfgs, req.intervals, req.nfes, log, runs=lambda s: guidance_that_runs(loaded, s, log)), log)
     images = folder_images(req.gen, _data_shape(req.data), log) if req.gen is not None else None
     n = len(images) if images is not None else req.num_samples
     if n < req.k + 1:
@@ -234,16 +234,18 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     return floor_row, rows
 
 
-def sweep_settings(base, cfgs, intervals, nfes, log=None) -> list:
+def sweep_settings(base, cfgs, intervals, nfes, log=None, runs=lambda settings: settings) -> list:
     """Every combination of the swept guidance scales, intervals and NFE budgets (None: the base's value); an
-    NFE budget the solver cannot meet is skipped with a note (evaluate.nfe_sweep), never run over budget."""
+    NFE budget the solver cannot meet is skipped with a note (evaluate.nfe_sweep), never run over budget.
+    `runs(settings)`: the guidance as it runs (generate.guidance_that_runs), before the budgets buy their steps:
+    cfg-zero's zero-init steps come on top of a budget only where they evaluate nothing, which unguided they do."""
     from .config import sample_settings
     from .evaluate import nfe_sweep
 
     out = []
     for w in cfgs or [None]:
         for interval in intervals or [None]:
-            settings = sample_settings(base, cfg=w, guidance_interval=interval)
+            settings = runs(sample_settings(base, cfg=w, guidance_interval=interval))
             out.extend([s for _, s in nfe_sweep(settings, nfes, log)] if nfes else [settings])
     return out
 

@@ -388,6 +388,33 @@ def test_cfg_1_rows_of_an_interval_sweep_are_one_run():
     assert [(s.cfg, s.guidance_interval) for s in runs] == [(1.0, None), (2.0, (0.0, 1.0)), (2.0, (0.2, 1.0))]
 
 
+def test_an_nfe_sweep_of_an_unconditional_model_under_cfg_zero_stays_within_its_budgets():
+    """`fm eval --nfe 4 --guidance cfg-zero --cfg 2` of an unconditional model added cfg-zero's zero-init step to the
+    budget's steps (they evaluate nothing when guided), then ran unguided, where every step evaluates the network: 5
+    NFE under a budget of 4 (`fm fid`, which reads the guidance as it runs first, ran 4). Reference: the network's
+    calls counted while each setting of the sweep samples."""
+    from fmcli.config import load_config
+    from fmcli.fidelity import distinct_runs, sweep_settings
+    from fmcli.generate import LoadedModel, guidance_that_runs, sample_batch
+
+    cfg = load_config("debug", ["model.num_classes=0", "sample.guidance='cfg-zero'", "sample.zero_init_steps=1"])
+    loaded = LoadedModel(model=None, config=cfg, info={}, step=0)
+    calls = []
+
+    def model(x, t, **cond):
+        calls.append(x.shape[0])
+        return -x
+
+    for solver, budgets in (("euler", [4, 8]), ("heun", [4, 8])):
+        base = cfg.sample.model_copy(update={"solver": solver})
+        sweep = distinct_runs(sweep_settings(base, [2.0], None, budgets, runs=lambda s: guidance_that_runs(loaded, s)))
+        assert len(sweep) == len(budgets)
+        for budget, settings in zip(budgets, sweep):
+            calls.clear()
+            result = sample_batch(model, torch.randn(3, 2), None, settings)
+            assert settings.cfg == 1.0 and len(calls) == result.nfe == budget, (solver, budget, settings.steps, len(calls))
+
+
 # ------------------------------------------------------------------------------------ during training
 
 
