@@ -362,6 +362,34 @@ def test_missing_feature_weights_are_refused_before_the_classifier_trains(data, 
     assert not classifier.default_classifier_path(data, 0).exists()
 
 
+def test_eval_refusing_an_unverified_inception_file_advises_only_options_it_has(data, tmp_path, monkeypatch):
+    """An Inception file of another sha256 is refused by `fm eval --features inception` as by `fm fid`, but the refusal
+    told users to pass --inception-unverified, which `fm eval` then rejected as "No such option". Every option the
+    line names must be one of `fm eval`'s own (its click parameters); `fm fid`, which has the flag, still advises it."""
+    import re
+
+    import typer
+
+    from fmcli import classifier
+    from fmcli.cli import app
+
+    monkeypatch.setattr(classifier, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the weights were checked"))
+    fake = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(torch.nn.Identity()).save(str(fake))
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for i, img in enumerate(np.load(data / "x.npy")[:8]):
+        Image.fromarray(img.transpose(1, 2, 0)).save(gen / f"{i:06d}.png")
+    result = fm_in_process("eval", "--gen", gen, "--data", data, "--features", "inception", "--inception", fake)
+    assert result.returncode == 2 and "refusing to load it" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    command = typer.main.get_command(app).commands["eval"]
+    options = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    named = set(re.findall(r"(?<![\w/-])--[a-z][a-z-]+", result.stderr))
+    assert named <= options, named - options
+    fid = fm_in_process("fid", "--gen", gen, "--ref", data, "--features", "inception", "--inception", fake)
+    assert fid.returncode == 2 and "--inception-unverified" in fid.stderr
+
+
 def test_cfg_1_rows_of_an_interval_sweep_are_one_run():
     """`fm eval --cfg 1,2 --guidance-interval 0,1 --guidance-interval 0.2,1` (the README's frontier example) scored cfg 1
     twice, once per interval, with identical numbers: at weight 1 the interval guides nothing. Reference: the guided
