@@ -142,7 +142,7 @@ def check_classes(num_classes: int, class_names: list | None, manifest: dict, da
         theirs = ", ".join(names) if names else f"{count} classes"
         raise UsageError(f"the model's classes ({mine}) are not those of {data} ({theirs}) in that order: its conditional accuracy and "
                          "per-class FD would compare samples of one class with images of another; score against the data it was "
-                         "trained on, or leave the domain features out (--features inception, dinov2 or tiny)")  # fmt: skip
+                         "trained on, or features that read no classes (inception, dinov2 or tiny)")  # fmt: skip
 
 
 def folder_images(path: Path, shape: tuple[int, int, int], log=None) -> np.ndarray:
