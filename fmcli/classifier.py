@@ -196,7 +196,7 @@ def _read_cache(path: Path, key: str, manifest: dict) -> tuple[TrainedClassifier
         if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT:
             return None, "not an fm classifier cache"
         if blob.get("key") != key:
-            return None, "trained for another dataset, seed or architecture"
+            return None, "trained for another dataset, seed, number of training steps or architecture"
         model = DomainCNN(manifest["shape"][0], manifest["num_classes"])
         model.load_state_dict(blob["state"])
     except (OSError, RuntimeError, KeyError, ValueError, EOFError, TypeError, pickle.UnpicklingError) as err:  # truncated, corrupt, wrong shapes

@@ -40,6 +40,8 @@ INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e9
 # Every still image type fm can read; GIFs are left out of scored folders (they are trajectory animations).
 IMAGE_EXTENSIONS = set(READABLE_IMAGE_EXTENSIONS) - {".gif"}
 STATS_FORMAT = 1
+# How `fm fid` and training accept an Inception file of another sha256 (`fm eval` has no such option).
+UNVERIFIED_OPTION = "--inception-unverified (--set eval.inception_unverified=true)"
 
 
 class FeatureExtractor(Protocol):
@@ -186,15 +188,17 @@ def _stdout_to_stderr():
 # ---------------------------------------------------------------------------------- feature extractors
 
 
-def build_extractor(spec: str, *, inception: str | None = None, device: torch.device | str = "cpu", unverified: bool = False) -> FeatureExtractor:
+def build_extractor(spec: str, *, inception: str | None = None, device: torch.device | str = "cpu", unverified: bool = False,
+                    unverified_option: str | None = UNVERIFIED_OPTION) -> FeatureExtractor:
     """`inception` (default; local weights), `tiny` (tests; not comparable), or `module:factory`.
 
     A `module:factory` is called as factory(device) and returns an object with `name`, `input_size` and
-    `__call__(uint8 [B,3,H,W]) -> [B,D]`. `unverified` accepts an Inception file with another sha256.
+    `__call__(uint8 [B,3,H,W]) -> [B,D]`. `unverified` accepts an Inception file with another sha256;
+    `unverified_option` is how the command says so (None: it cannot, and the refusal does not advise it).
     """
     device = torch.device(device)
     if spec == "inception":
-        return InceptionExtractor(resolve_inception_path(inception), device, unverified=unverified)
+        return InceptionExtractor(resolve_inception_path(inception), device, unverified=unverified, unverified_option=unverified_option)
     if spec == "tiny":
         return TinyExtractor(device)
     if ":" in spec:
@@ -233,15 +237,16 @@ class InceptionExtractor:
     name = "inception-v3-clean"
     input_size = 299
 
-    def __init__(self, path: Path, device: torch.device, unverified: bool = False):
+    def __init__(self, path: Path, device: torch.device, unverified: bool = False, unverified_option: str | None = UNVERIFIED_OPTION):
         from cleanfid.resize import build_resizer
 
         digest = _sha256(path)
         if digest != INCEPTION_SHA256 and not unverified:
             # torch.jit.load runs what the file describes: only the known file is loaded without being asked.
+            anyway = f", or pass {unverified_option} to use it anyway" if unverified_option else ""
             raise UsageError(
                 f"{path} has sha256 {digest[:16]}..., not the reference {INCEPTION_FILE}'s {INCEPTION_SHA256[:16]}...: refusing to load it; "
-                f"get the reference file from {INCEPTION_URL}, or pass --inception-unverified (--set eval.inception_unverified=true) to use it anyway"
+                f"get the reference file from {INCEPTION_URL}{anyway}"
             )
         if digest != INCEPTION_SHA256:
             print(f"warning: {path} has sha256 {digest[:16]}..., not the reference file's {INCEPTION_SHA256[:16]}...: FID may not be comparable", file=sys.stderr)

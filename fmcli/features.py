@@ -40,7 +40,8 @@ def build_space(spec: str, *, data: Path | None, device, classifier: str | None 
         return domain_extractor(Path(data), seed=seed, steps=steps or CLASSIFIER_STEPS, path=classifier, device=device, log=log)
     if spec == "dinov2":
         return Dinov2Extractor(resolve_dinov2_path(dinov2), device)
-    return build_extractor(spec, inception=inception, device=device, unverified=inception_unverified)
+    # fm eval (the one caller of these spaces here) has no --inception-unverified: its refusal must not advise one.
+    return build_extractor(spec, inception=inception, device=device, unverified=inception_unverified, unverified_option=None)
 
 
 class DomainExtractor:

@@ -2,8 +2,9 @@
 real-vs-real floor, optionally swept over guidance scale, guidance interval and NFE.
 
 The real-vs-real floor: the dataset's images are split by a seeded permutation into two disjoint halves. The
-second half is the reference every score is measured against (its first `n` images, `n` = the generated
-count, capped at the half); the first half's first `n` images are scored against the same reference as if
+second half is the reference every score is measured against (`n` of its images, `n` = the generated count,
+capped at the half: the first `n` of the permutation, a random draw whatever order the dataset stores its images
+in, e.g. class by class); `n` images of the first half, drawn alike, are scored against the same reference as if
 they were samples. A perfect generator scores the floor, not zero: FD, KID and the k-NN metrics of `n`
 samples carry a bias that the floor measures at the same `n`. Conditional accuracy's floor is the domain
 classifier's accuracy on its held-out real images.
@@ -40,9 +41,11 @@ class Reference:
 
 
 def split_halves(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(floor half, reference half): disjoint index sets of a seeded permutation of `count` images."""
+    """(floor half, reference half): disjoint index sets of a seeded permutation of `count` images, each in the
+    permutation's order, so that the first `n` of either are a random draw. (Sorted halves gave the lowest indices:
+    on a dataset stored class by class, as `fm prepare-data folder` stores class folders, only its first classes.)"""
     order = np.random.default_rng(seed).permutation(count)
-    return np.sort(order[: count // 2]), np.sort(order[count // 2 :])
+    return order[: count // 2], order[count // 2 :]
 
 
 def prepare_reference(data: Path, extractors: dict, n: int, *, seed: int = 0, batch_size: int = 256, log=None) -> Reference:
@@ -58,7 +61,7 @@ def prepare_reference(data: Path, extractors: dict, n: int, *, seed: int = 0, ba
         raise UsageError(f"{data} has {len(x)} images: the floor needs two disjoint halves of at least 6 (k-NN metrics with k=5)")
     y = np.load(Path(data) / "y.npy") if (Path(data) / "y.npy").is_file() else None
     floor_idx, ref_idx = split_halves(len(x), seed)
-    floor_idx, ref_idx = floor_idx[:n], ref_idx[:n]
+    floor_idx, ref_idx = np.sort(floor_idx[:n]), np.sort(ref_idx[:n])  # a random n of each half, read in file order
     ref, floor = {}, {}
     for space, ext in extractors.items():
         ref[space] = features_of(np.asarray(x[ref_idx]), ext, batch_size)
@@ -113,15 +116,33 @@ def score(reference: Reference, generated: Generated, *, k: int = 5, kid: bool =
 # ------------------------------------------------------------------------------------------ samples
 
 
-def check_scorable(loaded, data_shape: tuple | None = None, data=None) -> None:
-    """What `fm eval --ckpt` cannot score: latent and text models, and images of another shape than the dataset
-    `data`'s `data_shape` (when given)."""
+def check_scorable(loaded, data_shape: tuple | None = None, data=None, data_manifest: dict | None = None) -> None:
+    """What `fm eval --ckpt` cannot score: latent and text models, images of another shape than the dataset
+    `data`'s `data_shape` (when given), and, when `data_manifest` is given (the domain space is scored), classes
+    other than the data's (check_classes)."""
     if loaded.info.get("kind", "pixels") != "pixels" or loaded.is_text:
         what, prompts = ("text", " --prompts FILE") if loaded.is_text else ("latent", "")
         raise UsageError(f"fm eval --ckpt scores class-conditional or unconditional pixel models, not {what} ones: write the samples with "
                          f"`fm sample --ckpt CKPT -n N{prompts} --out DIR` and score them with `fm eval --gen DIR --data PIXELS`")  # fmt: skip
     if data_shape is not None and loaded.shape != data_shape:
         raise UsageError(f"the model makes {list(loaded.shape)} images but {data} holds {list(data_shape)}")
+    if data_manifest is not None:
+        check_classes(loaded.num_classes, loaded.info.get("class_names"), data_manifest, f"{data}")
+
+
+def check_classes(num_classes: int, class_names: list | None, manifest: dict, data: str) -> None:
+    """A class-conditional model scored in the domain space against labelled data must have the data's classes in
+    the data's order: sample i is asked for class i % num_classes and the classifier's class c is the data's, so the
+    conditional accuracy and the per-class FD would otherwise compare one class's samples with another's images."""
+    count, names = manifest.get("num_classes") or 0, manifest.get("class_names")
+    if not num_classes or not count:
+        return
+    if num_classes != count or (class_names and names and list(class_names) != list(names)):
+        mine = ", ".join(class_names) if class_names else f"{num_classes} classes"
+        theirs = ", ".join(names) if names else f"{count} classes"
+        raise UsageError(f"the model's classes ({mine}) are not those of {data} ({theirs}) in that order: its conditional accuracy and "
+                         "per-class FD would compare samples of one class with images of another; score against the data it was "
+                         "trained on, or features that read no classes (inception, dinov2 or tiny)")  # fmt: skip
 
 
 def folder_images(path: Path, shape: tuple[int, int, int], log=None) -> np.ndarray:
@@ -177,9 +198,9 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
 
         # What the model cannot do, before the precision probe and before the classifier trains (a minute).
         loaded, base = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=None,
-                                    check=lambda m: check_scorable(m, _data_shape(req.data), req.data))
-        sweep = sweep_settings(base, req.cfgs, req.intervals, req.nfes, log)  # a budget or setting no solver run meets, too
-        sweep = distinct_runs([guidance_that_runs(loaded, s, log) for s in sweep], log)  # each row reports what ran, once
+                                    check=lambda m: check_scorable(m, _data_shape(req.data), req.data, _labels_read(req)))
+        # A budget or setting no solver run meets is refused too; each row reports what ran (guidance_that_runs), once.
+        sweep = distinct_runs(sweep_settings(base, req.cfgs, req.intervals, req.nfes, log, runs=lambda s: guidance_that_runs(loaded, s, log)), log)
     images = folder_images(req.gen, _data_shape(req.data), log) if req.gen is not None else None
     n = len(images) if images is not None else req.num_samples
     if n < req.k + 1:
@@ -213,16 +234,18 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     return floor_row, rows
 
 
-def sweep_settings(base, cfgs, intervals, nfes, log=None) -> list:
+def sweep_settings(base, cfgs, intervals, nfes, log=None, runs=lambda settings: settings) -> list:
     """Every combination of the swept guidance scales, intervals and NFE budgets (None: the base's value); an
-    NFE budget the solver cannot meet is skipped with a note (evaluate.nfe_sweep), never run over budget."""
+    NFE budget the solver cannot meet is skipped with a note (evaluate.nfe_sweep), never run over budget.
+    `runs(settings)`: the guidance as it runs (generate.guidance_that_runs), before the budgets buy their steps:
+    cfg-zero's zero-init steps come on top of a budget only where they evaluate nothing, which unguided they do."""
     from .config import sample_settings
     from .evaluate import nfe_sweep
 
     out = []
     for w in cfgs or [None]:
         for interval in intervals or [None]:
-            settings = sample_settings(base, cfg=w, guidance_interval=interval)
+            settings = runs(sample_settings(base, cfg=w, guidance_interval=interval))
             out.extend([s for _, s in nfe_sweep(settings, nfes, log)] if nfes else [settings])
     return out
 
@@ -238,6 +261,13 @@ def distinct_runs(sweep: list, log=None) -> list:
         elif log:
             log(f"note: {settings.solver} {settings.steps} steps, {settings.guidance} {settings.cfg:g} comes out of the sweep twice: one row")
     return out
+
+
+def _labels_read(req: EvalRequest) -> dict | None:
+    """The manifest of `req.data` where the domain space reads the samples' classes (None: no space does)."""
+    from .data.dataset import read_manifest
+
+    return read_manifest(req.data) if "domain" in req.spaces else None
 
 
 def _data_shape(data: Path) -> tuple[int, int, int]:
@@ -274,6 +304,8 @@ class TrainingFidelity:
             if ref_shape != model_shape:
                 raise UsageError(f"eval.ref {data} holds {list(ref_shape)} images but the model makes {list(model_shape)} ones; "
                                  "give a reference of the training data's size and channels")  # fmt: skip
+            if cfg.eval.features == "domain":  # the samples' classes are the training data's
+                check_classes(cfg.model.num_classes, read_manifest(data_path).get("class_names"), read_manifest(data), f"eval.ref {data}")
         self.num_samples, self.device, self.space = cfg.eval.num_samples, device, cfg.eval.features
         self.extractor = build_space(self.space, data=data, device=device, classifier=cfg.eval.classifier, dinov2=cfg.eval.dinov2, log=log)
         self.reference = None

@@ -74,7 +74,12 @@ def test_classifier_cache_is_reused_validated_and_rebuilt(data, monkeypatch):
     logs.clear()
     features.load_or_train_classifier(data, seed=0, steps=STEPS, log=logs.append)
     assert any("unreadable" in m for m in logs)
-    # ... and refused at a path the user gave.
+    # ... and refused at a path the user gave; the steps are part of what it was trained for, and the refusal says so
+    # (it blamed "another dataset, seed or architecture" for a cache of this data trained with other --classifier-steps).
+    shorter = data.parent / "shorter.pt"
+    features.load_or_train_classifier(data, seed=0, steps=STEPS - 5, path=shorter)
+    with pytest.raises(UsageError, match="shorter.pt: trained for another .*number of training steps"):
+        features.load_or_train_classifier(data, seed=0, steps=STEPS, path=shorter)
     mine = data.parent / "mine.pt"
     mine.write_bytes(b"garbage")
     with pytest.raises(UsageError, match="mine.pt: unreadable"):
@@ -158,6 +163,31 @@ def test_halves_are_disjoint_and_seeded():
     assert np.array_equal(split_halves(101, seed=0)[0], a) and not np.array_equal(split_halves(101, seed=1)[0], a)
 
 
+def test_reference_and_floor_are_random_draws_of_a_dataset_stored_class_by_class(data, tmp_path):
+    """`fm prepare-data folder` stores class folders one after the other. The reference and the floor took the lowest
+    `n` indices of each (sorted) half: on such data, the first classes only (100 of 512 shapes: 2 or 3 of 10 classes),
+    so every sample of another class was far from the reference while the floor looked fine. Each must hold the
+    classes in about the data's proportions: hypergeometric counts, within 4 standard deviations of n * share."""
+    import shutil
+
+    from fmcli.fidelity import prepare_reference
+
+    by_class = Path(shutil.copytree(data, tmp_path / "by-class", ignore=shutil.ignore_patterns("fm-classifier*")))
+    x, y = np.load(by_class / "x.npy"), np.load(by_class / "y.npy")
+    order = np.argsort(y, kind="stable")
+    np.save(by_class / "x.npy", x[order])
+    np.save(by_class / "y.npy", y[order])
+    mean_pixel = lambda images: images.double().flatten(1).mean(1, keepdim=True).numpy()  # noqa: E731 (any extractor)
+    n, total = 100, len(y)
+    reference = prepare_reference(by_class, {"pixels": mean_pixel}, n)
+    share = np.bincount(y, minlength=10) / total
+    sd = np.sqrt(n * share * (1 - share) * (total / 2 - n) / (total / 2 - 1))  # hypergeometric, n of a half of total / 2
+    for labels in (reference.ref_labels, reference.floor_labels):
+        counts = np.bincount(labels, minlength=10)
+        assert len(labels) == n and (counts > 0).all(), counts
+        assert (np.abs(counts - n * share) <= 4 * sd + 1).all(), (counts, n * share)
+
+
 def _json(result):
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -174,7 +204,7 @@ def test_eval_of_the_floor_images_scores_the_floor(data, tmp_path):
     floor_idx, ref_idx = split_halves(len(x), seed=0)
     folder = tmp_path / "gen"
     folder.mkdir()
-    for j, i in enumerate(floor_idx[:n]):
+    for j, i in enumerate(np.sort(floor_idx[:n])):  # the floor's n images, in the order the floor reads them
         Image.fromarray(x[i].transpose(1, 2, 0)).save(folder / f"{j:04d}.png")
     rows = _json(fm_in_process("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS, "--json"))
     (row,) = rows
@@ -332,6 +362,34 @@ def test_missing_feature_weights_are_refused_before_the_classifier_trains(data, 
     assert not classifier.default_classifier_path(data, 0).exists()
 
 
+def test_eval_refusing_an_unverified_inception_file_advises_only_options_it_has(data, tmp_path, monkeypatch):
+    """An Inception file of another sha256 is refused by `fm eval --features inception` as by `fm fid`, but the refusal
+    told users to pass --inception-unverified, which `fm eval` then rejected as "No such option". Every option the
+    line names must be one of `fm eval`'s own (its click parameters); `fm fid`, which has the flag, still advises it."""
+    import re
+
+    import typer
+
+    from fmcli import classifier
+    from fmcli.cli import app
+
+    monkeypatch.setattr(classifier, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the weights were checked"))
+    fake = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(torch.nn.Identity()).save(str(fake))
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for i, img in enumerate(np.load(data / "x.npy")[:8]):
+        Image.fromarray(img.transpose(1, 2, 0)).save(gen / f"{i:06d}.png")
+    result = fm_in_process("eval", "--gen", gen, "--data", data, "--features", "inception", "--inception", fake)
+    assert result.returncode == 2 and "refusing to load it" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    command = typer.main.get_command(app).commands["eval"]
+    options = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    named = set(re.findall(r"(?<![\w/-])--[a-z][a-z-]+", result.stderr))
+    assert named <= options, named - options
+    fid = fm_in_process("fid", "--gen", gen, "--ref", data, "--features", "inception", "--inception", fake)
+    assert fid.returncode == 2 and "--inception-unverified" in fid.stderr
+
+
 def test_cfg_1_rows_of_an_interval_sweep_are_one_run():
     """`fm eval --cfg 1,2 --guidance-interval 0,1 --guidance-interval 0.2,1` (the README's frontier example) scored cfg 1
     twice, once per interval, with identical numbers: at weight 1 the interval guides nothing. Reference: the guided
@@ -356,6 +414,33 @@ def test_cfg_1_rows_of_an_interval_sweep_are_one_run():
     loaded = LoadedModel(model=None, config=cfg, info={}, step=0)  # a class-conditional model's settings, as they run
     runs = distinct_runs([guidance_that_runs(loaded, s) for s in sweep_settings(cfg.sample, [1.0, 2.0], [(0.0, 1.0), (0.2, 1.0)], None)])
     assert [(s.cfg, s.guidance_interval) for s in runs] == [(1.0, None), (2.0, (0.0, 1.0)), (2.0, (0.2, 1.0))]
+
+
+def test_an_nfe_sweep_of_an_unconditional_model_under_cfg_zero_stays_within_its_budgets():
+    """`fm eval --nfe 4 --guidance cfg-zero --cfg 2` of an unconditional model added cfg-zero's zero-init step to the
+    budget's steps (they evaluate nothing when guided), then ran unguided, where every step evaluates the network: 5
+    NFE under a budget of 4 (`fm fid`, which reads the guidance as it runs first, ran 4). Reference: the network's
+    calls counted while each setting of the sweep samples."""
+    from fmcli.config import load_config
+    from fmcli.fidelity import distinct_runs, sweep_settings
+    from fmcli.generate import LoadedModel, guidance_that_runs, sample_batch
+
+    cfg = load_config("debug", ["model.num_classes=0", "sample.guidance='cfg-zero'", "sample.zero_init_steps=1"])
+    loaded = LoadedModel(model=None, config=cfg, info={}, step=0)
+    calls = []
+
+    def model(x, t, **cond):
+        calls.append(x.shape[0])
+        return -x
+
+    for solver, budgets in (("euler", [4, 8]), ("heun", [4, 8])):
+        base = cfg.sample.model_copy(update={"solver": solver})
+        sweep = distinct_runs(sweep_settings(base, [2.0], None, budgets, runs=lambda s: guidance_that_runs(loaded, s)))
+        assert len(sweep) == len(budgets)
+        for budget, settings in zip(budgets, sweep):
+            calls.clear()
+            result = sample_batch(model, torch.randn(3, 2), None, settings)
+            assert settings.cfg == 1.0 and len(calls) == result.nfe == budget, (solver, budget, settings.steps, len(calls))
 
 
 # ------------------------------------------------------------------------------------ during training
@@ -400,6 +485,47 @@ def test_eval_every_refuses_a_reference_of_another_image_shape_before_any_work(s
     cfg = load_config("debug", [f"data.path='{shapes16}'", "eval.every=2", "eval.features='domain'", f"eval.ref='{small}'"])
     with pytest.raises(UsageError, match=r"eval.ref .*shapes8 holds \[3, 8, 8\] images but the model makes \[3, 16, 16\]"):
         TrainingFidelity(cfg, shapes16, "cpu")
+
+
+def _relabelled(data: Path, out: Path, order: list[int]) -> Path:
+    """A copy of the prepared dataset `data` whose class c is the old class order[c] (same images, another order)."""
+    import shutil
+
+    copy = Path(shutil.copytree(data, out, ignore=shutil.ignore_patterns("fm-classifier*")))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["class_names"] = [manifest["class_names"][c] for c in order]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    y = np.load(copy / "y.npy")
+    np.save(copy / "y.npy", np.argsort(order)[y])  # the old class order[c] is now c
+    return copy
+
+
+def test_eval_refuses_a_model_of_other_classes_than_the_data_in_the_domain_space(data, debug_run, tmp_path, monkeypatch):
+    """Sample i is asked for the model's class i % K and compared with the classifier's class of that index, which is
+    the data's: a dataset with the same classes in another order (or another class count) gave an accuracy and a
+    per-class FD of one class's samples against another class. Refused before the classifier trains; other spaces,
+    which read no classes, still score it, and so does the data the model was trained on."""
+    from fmcli import classifier
+    from fmcli.config import load_config, resolve
+    from fmcli.fidelity import EvalRequest, TrainingFidelity, evaluate_fidelity
+
+    names = json.loads((data / "manifest.json").read_text())["class_names"]
+    reordered = _relabelled(data, tmp_path / "reordered", list(range(len(names)))[::-1])
+    monkeypatch.setattr(classifier, "train_classifier", lambda *a, **k: pytest.fail("the classifier trained before the classes were compared"))
+    with pytest.raises(UsageError, match=rf"the model's classes \({names[0]}, {names[1]}, .*\) are not those of .*reordered \({names[-1]}, {names[-2]}, "):
+        evaluate_fidelity(EvalRequest(data=reordered, ckpt=str(debug_run), num_samples=10), device=torch.device("cpu"))
+    cfg = load_config("debug", [f"data.path='{data}'", "eval.every=2", "eval.features='domain'", f"eval.ref='{reordered}'"])
+    cfg = resolve(cfg, json.loads((data / "manifest.json").read_text()))  # as training resolves it: the model's 10 classes
+    with pytest.raises(UsageError, match=r"are not those of eval.ref .*reordered"):
+        TrainingFidelity(cfg, data, "cpu")
+    manifest = json.loads((reordered / "manifest.json").read_text())
+    manifest["num_classes"], manifest["class_names"] = 11, None  # another class count, names not recorded
+    (reordered / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match=r"the model's classes \(.*\) are not those of .*reordered \(11 classes\)"):
+        evaluate_fidelity(EvalRequest(data=reordered, ckpt=str(debug_run), num_samples=10), device=torch.device("cpu"))
+    floor, rows = evaluate_fidelity(EvalRequest(data=reordered, ckpt=str(debug_run), num_samples=10, spaces=("tiny",), kid=False,
+                                                sample_overrides=lambda base: base.model_copy(update={"steps": 1})), device=torch.device("cpu"))  # fmt: skip
+    assert "accuracy" not in rows[0] and rows[0]["metrics"]["tiny"]["fd"] >= 0
 
 
 def test_plot_draws_the_frontier_of_an_eval_sweep(tmp_path):
