@@ -361,6 +361,39 @@ def test_captions_folder_pairs(tmp_path):
     assert read_captions(tmp_path / "o") == ["a red thing"]
 
 
+def test_captions_with_unicode_line_separators_or_a_lone_surrogate_load_as_written(tmp_path):
+    # Scraped captions hold U+2028, U+0085 (cp1252's ellipsis read as latin-1) and lone surrogates (an emoji's
+    # escaped pair cut in half): each row must come back as itself (the surrogate as U+FFFD, which UTF-8 can hold).
+    captions = ["one\u2028two", "caf\x85 end", "cut \ud83d emoji", "plain"]
+    lines = []
+    for i, caption in enumerate(captions):
+        (tmp_path / f"{i}.png").write_bytes(_png(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+        lines.append(json.dumps({"image": f"{i}.png", "caption": caption}))  # ensure_ascii: a valid jsonl file
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    res = fm_in_process("prepare-data", "captions", "--root", tmp_path / "d.jsonl", "--out", tmp_path / "o", "--size", 8, "--workers", 1)
+    assert res.returncode == 0, res.stderr
+    expected = ["one\u2028two", "caf\x85 end", "cut \ufffd emoji", "plain"]
+    assert read_captions(tmp_path / "o") == expected
+    assert PreparedDataset(tmp_path / "o", text=True).__getitems__([0, 1, 2, 3])["caption"] == expected
+
+
+@pytest.mark.parametrize("line", ['{"i": 1, "text": "renamed key"}', "not json", '["a", "list"]', '{"i": 1, "caption": 7}'])
+def test_an_edited_captions_file_is_refused_before_use(shapes16, tmp_path, line):
+    import shutil
+
+    from fmcli.data.dataset import validate_prepared
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes16, data)
+    rows = (data / "captions.jsonl").read_text().split("\n")
+    rows[1] = line
+    (data / "captions.jsonl").write_text("\n".join(rows))
+    with pytest.raises(UsageError, match="captions.jsonl line 2 is not a caption row"):
+        validate_prepared(data)
+    with pytest.raises(UsageError, match="line 2"):
+        read_captions(data)
+
+
 def test_captions_bad_jsonl_exit_2(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"image": "a.png", "caption": "x"}\nnot json\n')
     res = fm_in_process("prepare-data", "captions", "--root", tmp_path / "d.jsonl", "--out", tmp_path / "o")

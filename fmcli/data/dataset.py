@@ -103,7 +103,7 @@ class PreparedWriter:
             if len(captions) != n:
                 raise ValueError(f"captions: {len(captions)} rows for {n} images")
             for k, caption in enumerate(captions):
-                self.captions.write(json.dumps({"i": self.count + k, "caption": caption or ""}, ensure_ascii=False) + "\n")
+                self.captions.write(json.dumps({"i": self.count + k, "caption": _encodable(caption or "")}, ensure_ascii=False) + "\n")
         self.count += n
 
     def finish(self, **manifest_fields) -> Path:
@@ -142,6 +142,16 @@ class PreparedWriter:
                 self.captions.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
+
+
+def _encodable(caption: str) -> str:
+    """`caption` with any lone surrogate (a JSON "\\ud83d" cut from its pair, common in scraped captions) replaced
+    by U+FFFD: UTF-8 cannot hold one, so the captions file, and a tokenizer, would fail on it."""
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in caption)
+    return caption
 
 
 class _NpyStream:
@@ -259,7 +269,7 @@ def validate_prepared(path: str | Path) -> dict:
                 raise UsageError(f"{y_file}: labels span [{lo}, {hi}] but the manifest says {num_classes} classes (labels must lie in [0, {num_classes})); {redo}")
     captions = path / "captions.jsonl"
     if captions.is_file():
-        lines = sum(1 for line in captions.open(encoding="utf-8") if line.strip())
+        lines = len(_caption_lines(captions, redo))
         if lines != count:
             raise UsageError(f"{captions} has {lines} captions for {count} images; {redo}")
     _check_text_cache(path, count, redo)
@@ -323,8 +333,28 @@ def _check_npy(file: Path, shape: tuple[int, ...] | None, dtype: str | None, red
 
 
 def read_captions(path: str | Path) -> list[str]:
-    lines = (Path(path) / "captions.jsonl").read_text().splitlines()
-    return [json.loads(line)["caption"] for line in lines if line.strip()]
+    return _caption_lines(Path(path) / "captions.jsonl", f"re-create it with `fm prepare-data ... --out {path} --force`")
+
+
+def _caption_lines(file: Path, redo: str) -> list[str]:
+    """The captions of captions.jsonl, one `{"i": n, "caption": "..."}` per line. Lines end at "\\n" only: the
+    writer escapes no U+2028 / U+0085 in a caption, which str.splitlines would take for line ends."""
+    try:
+        lines = file.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{file} is not readable UTF-8 text ({type(err).__name__}); {redo}") from None
+    captions = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("caption"), str):
+            raise UsageError(f"{file} line {n} is not a caption row {{\"i\": N, \"caption\": TEXT}}; {redo}")
+        captions.append(row["caption"])
+    return captions
 
 
 class PreparedDataset(Dataset):
