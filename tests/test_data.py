@@ -394,6 +394,23 @@ def test_an_edited_captions_file_is_refused_before_use(shapes16, tmp_path, line)
         read_captions(data)
 
 
+@pytest.mark.parametrize("names", ["circle", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], {"0": "circle"}])
+def test_class_names_that_are_not_names_are_refused_before_training(shapes16, tmp_path, names):
+    # Every checkpoint records them, and sampling refuses a checkpoint whose class names are not strings.
+    import shutil
+
+    from fmcli.data.dataset import validate_prepared
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes16, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "class_names": names}))
+    with pytest.raises(UsageError, match="class_names"):
+        validate_prepared(data)
+    (data / "manifest.json").write_text(json.dumps({**manifest, "class_names": None}))
+    assert validate_prepared(data)["class_names"] is None
+
+
 def test_captions_bad_jsonl_exit_2(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"image": "a.png", "caption": "x"}\nnot json\n')
     res = fm_in_process("prepare-data", "captions", "--root", tmp_path / "d.jsonl", "--out", tmp_path / "o")

@@ -251,6 +251,9 @@ def validate_prepared(path: str | Path) -> dict:
         raise UsageError(f"{path}/manifest.json lacks a valid {err} field; {redo}") from None
     if kind not in KIND_DTYPES or count < 1 or len(shape) != 3:
         raise UsageError(f"{path}/manifest.json: kind {kind!r}, count {count}, shape {list(shape)} is not a prepared dataset; {redo}")
+    names = manifest.get("class_names")  # recorded in every checkpoint, whose reader refuses what fm never writes
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise UsageError(f"{path}/manifest.json: class_names {str(names)[:60]} is not null or a list of names (strings); {redo}")
     for name in KIND_FILES[kind]:
         _check_npy(path / name, (count, *shape), KIND_DTYPES[kind], redo)
     if is_mirrored(manifest, path, redo):
