@@ -497,6 +497,27 @@ def test_existing_output_refused_unless_force(tmp_path):
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 
+def test_force_never_deletes_the_users_files_inside_a_prepared_dataset(tmp_path):
+    # The images being prepared kept inside the dataset folder they replace: --force would have deleted them with it.
+    out = tmp_path / "ds"
+    prepare("shapes", out, count=4, size=8)
+    raw = out / "raw" / "cat"
+    raw.mkdir(parents=True)
+    image = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    (raw / "a.png").write_bytes(_png(image))
+    (out / "notes.txt").write_text("mine")
+    res = fm_in_process("prepare-data", "folder", "--root", out / "raw", "--out", out, "--size", 8, "--force")
+    assert res.returncode == 2 and "notes.txt, raw" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert (raw / "a.png").read_bytes() == _png(image) and (out / "notes.txt").read_text() == "mine"
+    assert read_manifest(out)["source"] == "shapes"
+    (out / "notes.txt").unlink()
+    (out / "fm-classifier-s0.pt").write_bytes(b"fm's own cache")  # classifier.default_classifier_path: fm's, replaced
+    (tmp_path / "raw").mkdir()
+    (out / "raw").rename(tmp_path / "raw" / "raw")
+    prepare("folder", out, root=tmp_path / "raw", size=8, force=True)  # a dataset's own files only: replaced
+    assert read_manifest(out)["source"] == "folder" and sorted(p.name for p in out.iterdir()) == ["manifest.json", "x.npy", "y.npy"]
+
+
 def test_early_stop_joins_the_pool_without_terminate(tmp_path, monkeypatch):
     # Regression: leaving the decode pool early (--limit, Ctrl-C) through Pool.terminate() can deadlock
     # (a worker blocked writing a large result holds the result queue's lock; seen in ~1 run of 3

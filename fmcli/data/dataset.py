@@ -10,6 +10,7 @@ file and the directory fsynced, then the rename), so an interrupted run leaves n
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -196,14 +197,30 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype, total: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
 
 
+TEXT_CACHE_FILES = ("text.npy", "text_mask.npy", "text_empty.npy", "text_empty_mask.npy")
+# Every file a prepared dataset can hold (section 5), and the domain classifier fm caches beside it (an interrupted
+# write's temporary name too; classifier.default_classifier_path): what --force replaces with it.
+DATASET_FILES = ("manifest.json", "x.npy", "x_flip.npy", "x0.npy", "x1.npy", "y.npy", "captions.jsonl", *TEXT_CACHE_FILES)
+_FM_CACHE = re.compile(r"\.?fm-classifier-s\d+\.pt(\.tmp-[0-9a-f]+)?")
+
+
 def is_replaceable(path: Path) -> bool:
-    """--force may replace a previous prepared dataset or an empty directory, never anything else."""
-    return path.is_dir() and ((path / "manifest.json").is_file() or not any(path.iterdir()))
+    """--force may replace a previous prepared dataset (holding only a dataset's files) or an empty directory, never
+    anything else: a folder of the user's own (the images being prepared, say) inside it would go with it."""
+    return path.is_dir() and ((path / "manifest.json").is_file() or not any(path.iterdir())) and not _foreign_entries(path)
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name not in DATASET_FILES and not _FM_CACHE.fullmatch(p.name))
 
 
 def refuse_unreplaceable(path: Path) -> None:
     """What --force may not replace (`is_replaceable`) is refused: run before any work."""
     if path.exists() and not is_replaceable(path):
+        if path.is_dir() and (path / "manifest.json").is_file():
+            foreign = _foreign_entries(path)
+            raise UsageError(f"refusing to replace {path}: besides a prepared dataset it holds {', '.join(foreign[:3])}"
+                             f"{' ...' if len(foreign) > 3 else ''}, which --force would delete; move them out or choose another --out")
         raise UsageError(f"refusing to replace {path}: it is not a prepared dataset (no manifest.json) nor empty")
 
 
@@ -286,9 +303,6 @@ def is_mirrored(manifest: dict, path: Path, redo: str) -> bool:
     if not isinstance(mirrored, bool) or (mirrored and manifest.get("kind") != "latents"):
         raise UsageError(f"{path}/manifest.json: mirrored {mirrored!r} (only a latent dataset may be mirrored, true or false); {redo}")
     return mirrored
-
-
-TEXT_CACHE_FILES = ("text.npy", "text_mask.npy", "text_empty.npy", "text_empty_mask.npy")
 
 
 def _check_text_cache(path: Path, count: int, redo: str) -> None:
