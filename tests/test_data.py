@@ -518,6 +518,18 @@ def test_force_never_deletes_the_users_files_inside_a_prepared_dataset(tmp_path)
     assert read_manifest(out)["source"] == "folder" and sorted(p.name for p in out.iterdir()) == ["manifest.json", "x.npy", "y.npy"]
 
 
+def test_out_dot_is_the_current_folder_by_its_name(tmp_path):
+    # `--out .` has no name to put a temporary sibling beside (it failed with "ValueError: ... has an empty name").
+    here = tmp_path / "here"
+    here.mkdir()
+    res = fm_in_process("prepare-data", "shapes", "--out", ".", "--size", 8, "--count", 3, cwd=here)
+    assert res.returncode == 2 and "already exists" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    res = fm_in_process("prepare-data", "shapes", "--out", ".", "--size", 8, "--count", 3, "--force", "--json", cwd=here)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["path"] == str(here) and read_manifest(here)["count"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
 def test_early_stop_joins_the_pool_without_terminate(tmp_path, monkeypatch):
     # Regression: leaving the decode pool early (--limit, Ctrl-C) through Pool.terminate() can deadlock
     # (a worker blocked writing a large result holds the result queue's lock; seen in ~1 run of 3

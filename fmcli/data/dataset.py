@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import RuntimeFailure, UsageError
-from ..fsutil import commit, refuse_existing, temp_path
+from ..fsutil import commit, named_path, refuse_existing, temp_path
 
 FORMAT_VERSION = 1
 
@@ -48,7 +48,7 @@ class PreparedWriter:
         extras: dict[str, tuple[tuple[int, ...], str]] | None = None,
         x_name: str = "x",
     ):
-        self.out = Path(out)
+        self.out = named_path(out)
         refuse_existing(self.out, force, folders=True)
         refuse_unreplaceable(self.out)
         if capacity is not None and capacity <= 0:

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 from ..console import Bar
 from ..errors import UsageError
 from .decode import Record, decode_batch
-from ..fsutil import refuse_existing
+from ..fsutil import named_path, refuse_existing
 from .readers import DEFAULT_MAX_MEMBER_MIB, Source, open_captions, open_cifar10, open_folder, open_mnist, open_sklearn_digits, open_tar
 
 SOURCES = ("shapes", "cifar10", "mnist", "sklearn-digits", "folder", "captions", "tar")
@@ -65,7 +65,7 @@ def prepare(
 ) -> Summary:
     """Prepare `source` into `out`; returns counts and timing. Bad input raises UsageError, leaving nothing."""
     start = time.perf_counter()
-    out = Path(out)
+    out = named_path(out)
     refuse_existing(out, force, folders=True)
     from .dataset import PreparedWriter, refuse_unreplaceable  # imports torch: not at CLI start-up (`fm --help` stays fast)
 
