@@ -445,6 +445,29 @@ def test_tar_shards_with_corrupt_member(tmp_path):
     assert np.array_equal(x, np.stack([p.transpose(2, 0, 1) for p in pixels]))
 
 
+@pytest.mark.parametrize("damage", ["cut inside a header", "a damaged header"])
+def test_a_truncated_or_damaged_tar_shard_is_refused_not_silently_shortened(tmp_path, damage):
+    # tarfile stops at such a header as at the archive's end: the samples after it were dropped without a word.
+    with tarfile.open(tmp_path / "whole.tar", "w") as tar:
+        for i in range(6):
+            _add(tar, f"k{i}.png", _png(np.full((8, 8, 3), i, dtype=np.uint8)))
+            _add(tar, f"k{i}.txt", f"caption {i}".encode())
+    raw = bytearray((tmp_path / "whole.tar").read_bytes())
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        header = tar.getmember("k3.png").offset  # the 7th member's header, by tar's own index
+    if damage == "cut inside a header":
+        raw = raw[: header + 100]  # an interrupted download
+    else:
+        raw[header + 148 : header + 156] = b"9999999\0"  # the header's checksum field, wrong
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "s.tar").write_bytes(bytes(raw))
+    res = fm_in_process("prepare-data", "tar", "--root", str(tmp_path / "shards" / "*.tar"), "--size", 8, "--out", tmp_path / "o")
+    assert res.returncode == 2 and "s.tar is truncated or damaged after its first 6 members" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
+    summary = prepare("tar", tmp_path / "w", root=str(tmp_path / "whole.tar"), size=8)  # the whole shard: all 6
+    assert summary.count == 6 and read_captions(tmp_path / "w") == [f"caption {i}" for i in range(6)]
+
+
 def test_tar_no_match_and_not_a_tar_exit_2(tmp_path):
     res = fm_in_process("prepare-data", "tar", "--root", str(tmp_path / "nothing-*.tar"), "--out", tmp_path / "o")
     assert res.returncode == 2 and "no tar shards" in res.stderr

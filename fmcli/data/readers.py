@@ -346,10 +346,15 @@ def open_tar(pattern: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_MIB * 2**2
     keys, captioned = 0, False
     for shard in shards:
         try:
-            with tarfile.open(shard, "r:*") as tar:
-                names = [m.name for m in tar.getmembers() if m.isfile()]
+            with tarfile.open(shard, "r:*", tarinfo=_HeaderCheckedTarInfo) as tar:
+                members = tar.getmembers()
+                damage = getattr(tar, "fm_damage", None)
         except (tarfile.TarError, OSError, EOFError) as err:
             raise UsageError(f"{shard} is not a readable tar shard (expected a .tar, .tar.gz, .tar.bz2 or .tar.xz archive; {_archive_problem(err)})") from None
+        if damage is not None:
+            raise UsageError(f"{shard} is truncated or damaged after its first {len(members)} members ({damage}); tar stops reading "
+                             "there, dropping the rest: re-download or re-create it")
+        names = [m.name for m in members if m.isfile()]
         keys += len({_split_key(n)[0] for n in names})
         captioned = captioned or any(_split_key(n)[1].rsplit(".", 1)[-1] in ("txt", "json") for n in names)
     if keys == 0:
@@ -372,6 +377,21 @@ def open_tar(pattern: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_MIB * 2**2
                     yield _tar_record(shard, key, files, captioned)
 
     return Source("tar", records, 3, keys, captions=captioned, info={"root": pattern, "shards": len(shards)})
+
+
+class _HeaderCheckedTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive silently at a member header cut short (a download stopped there) or unreadable (damaged),
+    as at its end: such a header is noted on the TarFile (`fm_damage`) for `open_tar` to refuse the shard."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):  # the end-of-archive block, or the file's end at a header
+            raise
+        except tarfile.HeaderError as err:
+            tar.fm_damage = f"a bad member header at byte {tar.offset}: {err}"
+            raise
 
 
 def _split_key(name: str) -> tuple[str, str]:
