@@ -178,6 +178,24 @@ def test_mnist_truncated_file_is_exit_2(mnist, tmp_path):
     assert _leftovers(tmp_path, "o") == []
 
 
+def test_mnist_gz_with_a_damaged_deflate_stream_is_exit_2_naming_it(mnist, tmp_path):
+    import zlib
+
+    root, _, _ = mnist
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in root.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    raw = bytearray(gzip.compress(_idx((np.arange(300) % 10).astype(np.uint8)), mtime=0))
+    raw[10:12] = bytes([raw[10] ^ 0xFF, raw[11] ^ 0xFF])  # the first compressed block's header (after gzip's 10 bytes)
+    with pytest.raises(zlib.error):  # what gzip raises for it: not an OSError like a bad CRC
+        gzip.decompress(bytes(raw))
+    (bad / "train-labels-idx1-ubyte.gz").write_bytes(bytes(raw))
+    res = fm_in_process("prepare-data", "mnist", "--root", bad, "--out", tmp_path / "o")
+    assert res.returncode == 2 and "cannot read" in res.stderr and "train-labels-idx1-ubyte.gz" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and _leftovers(tmp_path, "o") == []
+
+
 # --------------------------------------------------------------------------------------- image folder
 
 

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -219,7 +220,7 @@ def _find_idx(root: Path, prefix: str, what: str, dims: int) -> Path:
 def _read_idx(path: Path, dims: int) -> np.ndarray:
     try:
         raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged deflate stream (BadGzipFile is an OSError)
         raise UsageError(f"cannot read {path} ({type(err).__name__}: {err})") from None
     if len(raw) < 4 + 4 * dims or raw[0:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] != dims:
         raise UsageError(f"{path} is not an IDX file of {dims} dimension(s) of unsigned bytes")
