@@ -429,6 +429,24 @@ def test_class_names_that_are_not_names_are_refused_before_training(shapes16, tm
     assert validate_prepared(data)["class_names"] is None
 
 
+def test_a_byte_order_mark_is_not_part_of_a_caption(tmp_path):
+    # Windows editors start UTF-8 text with U+FEFF: a jsonl file so saved was refused, a caption file kept it as text.
+    px = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "a.png").write_bytes(_png(px))
+    (tmp_path / "pairs" / "a.txt").write_bytes(b"\xef\xbb\xbfa red square\r\n")
+    prepare("captions", tmp_path / "o1", root=tmp_path / "pairs", size=8)
+    assert read_captions(tmp_path / "o1") == ["a red square"]
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"image": "pairs/a.png", "caption": "a red square"}).encode() + b"\n")
+    prepare("captions", tmp_path / "o2", root=tmp_path / "d.jsonl", size=8)
+    assert read_captions(tmp_path / "o2") == ["a red square"]
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        _add(tar, "a.png", _png(px))
+        _add(tar, "a.txt", b"\xef\xbb\xbfa red square")
+    prepare("tar", tmp_path / "o3", root=str(tmp_path / "s.tar"), size=8)
+    assert read_captions(tmp_path / "o3") == ["a red square"]
+
+
 def test_captions_bad_jsonl_exit_2(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"image": "a.png", "caption": "x"}\nnot json\n')
     res = fm_in_process("prepare-data", "captions", "--root", tmp_path / "d.jsonl", "--out", tmp_path / "o")

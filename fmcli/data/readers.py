@@ -281,7 +281,7 @@ def open_captions(root: str | Path) -> Source:
 def _read_jsonl(path: Path) -> list[tuple[str, str]]:
     entries = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Windows editors) is not text
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read {path} as a jsonl file of image/caption pairs ({type(err).__name__})") from None
     for n, line in enumerate(lines, 1):
@@ -311,7 +311,7 @@ def _caption_folder(root: Path) -> Source:
                 yield Record(_rel(p, root), None, problem=f"no caption file {text.name}")
                 continue
             try:
-                caption = text.read_text(encoding="utf-8").strip()
+                caption = text.read_text(encoding="utf-8-sig").strip()  # a byte-order mark is not part of the caption
             except (OSError, UnicodeDecodeError) as err:
                 yield Record(_rel(p, root), None, problem=f"unreadable caption ({type(err).__name__})")
                 continue
@@ -413,7 +413,7 @@ def _tar_record(shard: str, key: str, files: dict, captioned: bool) -> Record:
         return Record(name, None, problem="no image member")
     caption = None
     if "txt" in files:
-        caption = files["txt"].decode("utf-8", "replace").strip()
+        caption = files["txt"].decode("utf-8-sig", "replace").strip()
     elif "json" in files:
         try:
             meta = json.loads(files["json"])
