@@ -447,6 +447,16 @@ def test_a_byte_order_mark_is_not_part_of_a_caption(tmp_path):
     assert read_captions(tmp_path / "o3") == ["a red square"]
 
 
+def test_a_jsonl_file_with_raw_unicode_line_separators_in_its_captions_is_read_line_by_line(tmp_path):
+    # json.dumps(..., ensure_ascii=False) writes U+2028 and U+0085 raw: still one JSON object per "\n"-ended line.
+    (tmp_path / "a.png").write_bytes(_png(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+    captions = ["two\u2028lines", "next\x85line"]
+    text = "".join(json.dumps({"image": "a.png", "caption": c}, ensure_ascii=False) + "\r\n" for c in captions)
+    (tmp_path / "d.jsonl").write_text(text, encoding="utf-8", newline="")
+    summary = prepare("captions", tmp_path / "o", root=tmp_path / "d.jsonl", size=8)
+    assert summary.count == 2 and read_captions(tmp_path / "o") == captions
+
+
 def test_captions_bad_jsonl_exit_2(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"image": "a.png", "caption": "x"}\nnot json\n')
     res = fm_in_process("prepare-data", "captions", "--root", tmp_path / "d.jsonl", "--out", tmp_path / "o")

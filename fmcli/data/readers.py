@@ -281,7 +281,9 @@ def open_captions(root: str | Path) -> Source:
 def _read_jsonl(path: Path) -> list[tuple[str, str]]:
     entries = []
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Windows editors) is not text
+        # -sig: a byte-order mark (Windows editors) is not text; lines end at "\n" only (JSON allows a raw U+2028 or U+0085
+        # in a string, which str.splitlines takes for a line end)
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read {path} as a jsonl file of image/caption pairs ({type(err).__name__})") from None
     for n, line in enumerate(lines, 1):
