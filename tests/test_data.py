@@ -253,6 +253,24 @@ def test_flat_folder_is_unconditional_with_alpha_on_white_and_crop(tmp_path):
     assert np.array_equal(x[1][:, :, 3:-3], ref[:, :, 3:-3])
 
 
+def test_a_colour_key_transparency_is_composited_on_white_like_alpha(tmp_path):
+    # PNG's tRNS chunk on an RGB or grey image marks one colour transparent, as a palette entry or an alpha of 0 does.
+    root = tmp_path / "keyed"
+    root.mkdir()
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[:4] = (200, 100, 50)
+    rgb[4:] = (10, 20, 30)  # the transparent colour
+    Image.fromarray(rgb).save(root / "a.png", transparency=(10, 20, 30))
+    grey = np.full((8, 8), 90, dtype=np.uint8)
+    grey[:, :4] = 7  # the transparent grey
+    Image.fromarray(grey).save(root / "b.png", transparency=7)
+    prepare("folder", tmp_path / "o", root=root, size=8)
+    x = np.load(tmp_path / "o" / "x.npy")
+    expected_a = np.where((rgb == (10, 20, 30)).all(-1, keepdims=True), 255, rgb).transpose(2, 0, 1)
+    expected_b = np.repeat(np.where(grey == 7, 255, grey)[None], 3, axis=0)
+    assert np.array_equal(x[0], expected_a) and np.array_equal(x[1], expected_b)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     root = tmp_path / "photos"
     root.mkdir()
