@@ -93,12 +93,18 @@ def test_cifar10_extracted_folder_test_split(cifar, tmp_path):
     assert np.array_equal(np.load(tmp_path / "t16" / "x.npy")[2], ref)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not-an-archive", "no-batches"])
+@pytest.mark.parametrize("damage", ["truncated", "not-an-archive", "no-batches", "damaged-pixels"])
 def test_cifar10_bad_archive_is_usage_error(cifar, tmp_path, damage):
     archive, folder, _ = cifar
     bad = tmp_path / "cifar-10-python.tar.gz"
     if damage == "truncated":
         bad.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    elif damage == "damaged-pixels":  # random pixels are stored uncompressed: a flipped byte decodes, only gzip's CRC sees it
+        raw = bytearray(archive.read_bytes())
+        raw[len(raw) * 3 // 4] ^= 0xFF
+        with pytest.raises(gzip.BadGzipFile, match="CRC"):
+            gzip.decompress(bytes(raw))
+        bad.write_bytes(bytes(raw))
     elif damage == "not-an-archive":
         bad.write_bytes(b"hello" * 100)
     else:
