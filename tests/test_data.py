@@ -515,6 +515,20 @@ def test_tar_shards_with_corrupt_member(tmp_path):
     assert np.array_equal(x, np.stack([p.transpose(2, 0, 1) for p in pixels]))
 
 
+def test_a_compressed_tar_shard_whose_damage_decodes_fails_its_crc(tmp_path):
+    with tarfile.open(tmp_path / "s.tar.gz", "w:gz") as tar:
+        for i in range(4):
+            _add(tar, f"k{i}.png", _png(np.full((8, 8, 3), i, dtype=np.uint8)))
+            _add(tar, f"k{i}.txt", np.random.default_rng(i).integers(0, 256, 3000, dtype=np.uint8).tobytes())  # stored as is
+    raw = bytearray((tmp_path / "s.tar.gz").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    with pytest.raises(gzip.BadGzipFile, match="CRC"):
+        gzip.decompress(bytes(raw))
+    (tmp_path / "s.tar.gz").write_bytes(bytes(raw))
+    with pytest.raises(UsageError, match="CRC check failed"):
+        prepare("tar", tmp_path / "o", root=str(tmp_path / "s.tar.gz"), size=8)
+
+
 @pytest.mark.parametrize("damage", ["cut inside a header", "a damaged header"])
 def test_a_truncated_or_damaged_tar_shard_is_refused_not_silently_shortened(tmp_path, damage):
     # tarfile stops at such a header as at the archive's end: the samples after it were dropped without a word.

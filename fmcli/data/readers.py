@@ -356,6 +356,8 @@ def open_tar(pattern: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_MIB * 2**2
             with tarfile.open(shard, "r:*", tarinfo=_HeaderCheckedTarInfo) as tar:
                 members = tar.getmembers()
                 damage = getattr(tar, "fm_damage", None)
+                while tar.fileobj.read(1 << 20):  # on to the end, where a compressed shard's CRC is checked (as for cifar10)
+                    pass
         except (tarfile.TarError, OSError, EOFError) as err:
             raise UsageError(f"{shard} is not a readable tar shard (expected a .tar, .tar.gz, .tar.bz2 or .tar.xz archive; {_archive_problem(err)})") from None
         if damage is not None:
