@@ -29,6 +29,7 @@ from .readers import DEFAULT_MAX_MEMBER_MIB, Source, open_captions, open_cifar10
 
 SOURCES = ("shapes", "cifar10", "mnist", "sklearn-digits", "folder", "captions", "tar")
 SPLIT_SOURCES = ("cifar10", "mnist", "sklearn-digits")  # the sources with a train and a test split (--split)
+CAPTION_SOURCES = ("shapes", "captions", "tar")  # the sources whose records can carry captions (tar: shards with .txt/.json)
 BATCH = 64  # records per pool task
 SHOW_SKIPPED = 5
 PROGRESS_EVERY = 256  # records between progress updates
@@ -145,6 +146,9 @@ def prepare_dataset(
     if not encode:
         pixels(out)
         return summaries[-1]
+    if encode.get("text_encoder") and source not in CAPTION_SOURCES:  # said now, not after the (long) pixel pass
+        raise UsageError(f"the {source} source has no captions, which --text-encoder encodes: it needs captioned data "
+                         f"({', '.join(CAPTION_SOURCES)})")
     from ..hardware import resolve_device
 
     total = limit or (count if source == "shapes" else None)  # other sources: known only once read
