@@ -436,6 +436,19 @@ def test_an_edited_captions_file_is_refused_before_use(shapes16, tmp_path, line)
         read_captions(data)
 
 
+@pytest.mark.parametrize("content", [b"[1, 2]", b"null", b"\xff\xfe{}"])
+def test_a_manifest_that_is_not_a_json_object_is_a_usage_error(shapes16, tmp_path, content):
+    import shutil
+
+    from fmcli.data.dataset import validate_prepared
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes16, data)
+    (data / "manifest.json").write_bytes(content)
+    with pytest.raises(UsageError, match="manifest.json is not"):
+        validate_prepared(data)
+
+
 @pytest.mark.parametrize("names", ["circle", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], {"0": "circle"}])
 def test_class_names_that_are_not_names_are_refused_before_training(shapes16, tmp_path, names):
     # Every checkpoint records them, and sampling refuses a checkpoint whose class names are not strings.

@@ -232,9 +232,11 @@ def read_manifest(path: str | Path) -> dict:
     if not manifest.is_file():
         raise UsageError(f"{path} is not a prepared dataset (no manifest.json); create one with `fm prepare-data`")
     try:
-        data = json.loads(manifest.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"{manifest} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):  # what fm writes is an object of fields (docs/architecture.md section 5)
+        raise UsageError(f"{manifest} is not a dataset manifest (a JSON object of fields); re-create it with `fm prepare-data ... --out {path} --force`")
     if data.get("format") != FORMAT_VERSION:
         raise UsageError(f"{manifest}: unsupported format {data.get('format')!r} (expected {FORMAT_VERSION})")
     return data
