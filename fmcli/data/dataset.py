@@ -14,6 +14,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -291,7 +292,7 @@ def validate_prepared(path: str | Path) -> dict:
                 raise UsageError(f"{y_file}: labels span [{lo}, {hi}] but the manifest says {num_classes} classes (labels must lie in [0, {num_classes})); {redo}")
     captions = path / "captions.jsonl"
     if captions.is_file():
-        lines = len(_caption_lines(captions, redo))
+        lines = sum(1 for _ in _caption_lines(captions, redo))
         if lines != count:
             raise UsageError(f"{captions} has {lines} captions for {count} images; {redo}")
     _check_text_cache(path, count, redo)
@@ -352,28 +353,26 @@ def _check_npy(file: Path, shape: tuple[int, ...] | None, dtype: str | None, red
 
 
 def read_captions(path: str | Path) -> list[str]:
-    return _caption_lines(Path(path) / "captions.jsonl", f"re-create it with `fm prepare-data ... --out {path} --force`")
+    return list(_caption_lines(Path(path) / "captions.jsonl", f"re-create it with `fm prepare-data ... --out {path} --force`"))
 
 
-def _caption_lines(file: Path, redo: str) -> list[str]:
-    """The captions of captions.jsonl, one `{"i": n, "caption": "..."}` per line. Lines end at "\\n" only: the
-    writer escapes no U+2028 / U+0085 in a caption, which str.splitlines would take for line ends."""
+def _caption_lines(file: Path, redo: str) -> Iterator[str]:
+    """The captions of captions.jsonl, one `{"i": n, "caption": "..."}` per line, streamed. Lines end at "\\n" only
+    (newline="\\n"): the writer escapes no U+2028 / U+0085 in a caption, which str.splitlines takes for line ends."""
     try:
-        lines = file.read_text(encoding="utf-8").split("\n")
+        with open(file, encoding="utf-8", newline="\n") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict) or not isinstance(row.get("caption"), str):
+                    raise UsageError(f"{file} line {n} is not a caption row {{\"i\": N, \"caption\": TEXT}}; {redo}")
+                yield row["caption"]
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"{file} is not readable UTF-8 text ({type(err).__name__}); {redo}") from None
-    captions = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("caption"), str):
-            raise UsageError(f"{file} line {n} is not a caption row {{\"i\": N, \"caption\": TEXT}}; {redo}")
-        captions.append(row["caption"])
-    return captions
 
 
 class PreparedDataset(Dataset):
