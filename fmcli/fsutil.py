@@ -40,6 +40,13 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def named_path(path: str | Path) -> Path:
+    """`path`, made absolute where its last part is no name ("." or ".."), so that it has a temporary sibling
+    (`temp_path`) and can be renamed into: `--out .` is the current folder, by its own name."""
+    path = Path(path)
+    return Path(os.path.abspath(path)) if path.name in ("", "..") else path
+
+
 def temp_path(path: str | Path) -> Path:
     """A hidden, unique name beside `path` (same file system, so the final rename is atomic)."""
     path = Path(path)

@@ -93,12 +93,18 @@ def test_cifar10_extracted_folder_test_split(cifar, tmp_path):
     assert np.array_equal(np.load(tmp_path / "t16" / "x.npy")[2], ref)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not-an-archive", "no-batches"])
+@pytest.mark.parametrize("damage", ["truncated", "not-an-archive", "no-batches", "damaged-pixels"])
 def test_cifar10_bad_archive_is_usage_error(cifar, tmp_path, damage):
     archive, folder, _ = cifar
     bad = tmp_path / "cifar-10-python.tar.gz"
     if damage == "truncated":
         bad.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    elif damage == "damaged-pixels":  # random pixels are stored uncompressed: a flipped byte decodes, only gzip's CRC sees it
+        raw = bytearray(archive.read_bytes())
+        raw[len(raw) * 3 // 4] ^= 0xFF
+        with pytest.raises(gzip.BadGzipFile, match="CRC"):
+            gzip.decompress(bytes(raw))
+        bad.write_bytes(bytes(raw))
     elif damage == "not-an-archive":
         bad.write_bytes(b"hello" * 100)
     else:
@@ -178,6 +184,24 @@ def test_mnist_truncated_file_is_exit_2(mnist, tmp_path):
     assert _leftovers(tmp_path, "o") == []
 
 
+def test_mnist_gz_with_a_damaged_deflate_stream_is_exit_2_naming_it(mnist, tmp_path):
+    import zlib
+
+    root, _, _ = mnist
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in root.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    raw = bytearray(gzip.compress(_idx((np.arange(300) % 10).astype(np.uint8)), mtime=0))
+    raw[10:12] = bytes([raw[10] ^ 0xFF, raw[11] ^ 0xFF])  # the first compressed block's header (after gzip's 10 bytes)
+    with pytest.raises(zlib.error):  # what gzip raises for it: not an OSError like a bad CRC
+        gzip.decompress(bytes(raw))
+    (bad / "train-labels-idx1-ubyte.gz").write_bytes(bytes(raw))
+    res = fm_in_process("prepare-data", "mnist", "--root", bad, "--out", tmp_path / "o")
+    assert res.returncode == 2 and "cannot read" in res.stderr and "train-labels-idx1-ubyte.gz" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and _leftovers(tmp_path, "o") == []
+
+
 # --------------------------------------------------------------------------------------- image folder
 
 
@@ -233,6 +257,24 @@ def test_flat_folder_is_unconditional_with_alpha_on_white_and_crop(tmp_path):
     # filter also sees the real neighbours just outside the crop: equal away from the cropped edges.
     ref = np.asarray(Image.fromarray(wide).crop((8, 0, 56, 48)).resize((32, 32), Image.Resampling.LANCZOS)).transpose(2, 0, 1)
     assert np.array_equal(x[1][:, :, 3:-3], ref[:, :, 3:-3])
+
+
+def test_a_colour_key_transparency_is_composited_on_white_like_alpha(tmp_path):
+    # PNG's tRNS chunk on an RGB or grey image marks one colour transparent, as a palette entry or an alpha of 0 does.
+    root = tmp_path / "keyed"
+    root.mkdir()
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[:4] = (200, 100, 50)
+    rgb[4:] = (10, 20, 30)  # the transparent colour
+    Image.fromarray(rgb).save(root / "a.png", transparency=(10, 20, 30))
+    grey = np.full((8, 8), 90, dtype=np.uint8)
+    grey[:, :4] = 7  # the transparent grey
+    Image.fromarray(grey).save(root / "b.png", transparency=7)
+    prepare("folder", tmp_path / "o", root=root, size=8)
+    x = np.load(tmp_path / "o" / "x.npy")
+    expected_a = np.where((rgb == (10, 20, 30)).all(-1, keepdims=True), 255, rgb).transpose(2, 0, 1)
+    expected_b = np.repeat(np.where(grey == 7, 255, grey)[None], 3, axis=0)
+    assert np.array_equal(x[0], expected_a) and np.array_equal(x[1], expected_b)
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -361,6 +403,97 @@ def test_captions_folder_pairs(tmp_path):
     assert read_captions(tmp_path / "o") == ["a red thing"]
 
 
+def test_captions_with_unicode_line_separators_or_a_lone_surrogate_load_as_written(tmp_path):
+    # Scraped captions hold U+2028, U+0085 (cp1252's ellipsis read as latin-1) and lone surrogates (an emoji's
+    # escaped pair cut in half): each row must come back as itself (the surrogate as U+FFFD, which UTF-8 can hold).
+    captions = ["one\u2028two", "caf\x85 end", "cut \ud83d emoji", "plain"]
+    lines = []
+    for i, caption in enumerate(captions):
+        (tmp_path / f"{i}.png").write_bytes(_png(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+        lines.append(json.dumps({"image": f"{i}.png", "caption": caption}))  # ensure_ascii: a valid jsonl file
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    res = fm_in_process("prepare-data", "captions", "--root", tmp_path / "d.jsonl", "--out", tmp_path / "o", "--size", 8, "--workers", 1)
+    assert res.returncode == 0, res.stderr
+    expected = ["one\u2028two", "caf\x85 end", "cut \ufffd emoji", "plain"]
+    assert read_captions(tmp_path / "o") == expected
+    assert PreparedDataset(tmp_path / "o", text=True).__getitems__([0, 1, 2, 3])["caption"] == expected
+
+
+@pytest.mark.parametrize("line", ['{"i": 1, "text": "renamed key"}', "not json", '["a", "list"]', '{"i": 1, "caption": 7}'])
+def test_an_edited_captions_file_is_refused_before_use(shapes16, tmp_path, line):
+    import shutil
+
+    from fmcli.data.dataset import validate_prepared
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes16, data)
+    rows = (data / "captions.jsonl").read_text().split("\n")
+    rows[1] = line
+    (data / "captions.jsonl").write_text("\n".join(rows))
+    with pytest.raises(UsageError, match="captions.jsonl line 2 is not a caption row"):
+        validate_prepared(data)
+    with pytest.raises(UsageError, match="line 2"):
+        read_captions(data)
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"null", b"\xff\xfe{}"])
+def test_a_manifest_that_is_not_a_json_object_is_a_usage_error(shapes16, tmp_path, content):
+    import shutil
+
+    from fmcli.data.dataset import validate_prepared
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes16, data)
+    (data / "manifest.json").write_bytes(content)
+    with pytest.raises(UsageError, match="manifest.json is not"):
+        validate_prepared(data)
+
+
+@pytest.mark.parametrize("names", ["circle", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], {"0": "circle"}])
+def test_class_names_that_are_not_names_are_refused_before_training(shapes16, tmp_path, names):
+    # Every checkpoint records them, and sampling refuses a checkpoint whose class names are not strings.
+    import shutil
+
+    from fmcli.data.dataset import validate_prepared
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes16, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "class_names": names}))
+    with pytest.raises(UsageError, match="class_names"):
+        validate_prepared(data)
+    (data / "manifest.json").write_text(json.dumps({**manifest, "class_names": None}))
+    assert validate_prepared(data)["class_names"] is None
+
+
+def test_a_byte_order_mark_is_not_part_of_a_caption(tmp_path):
+    # Windows editors start UTF-8 text with U+FEFF: a jsonl file so saved was refused, a caption file kept it as text.
+    px = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "a.png").write_bytes(_png(px))
+    (tmp_path / "pairs" / "a.txt").write_bytes(b"\xef\xbb\xbfa red square\r\n")
+    prepare("captions", tmp_path / "o1", root=tmp_path / "pairs", size=8)
+    assert read_captions(tmp_path / "o1") == ["a red square"]
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"image": "pairs/a.png", "caption": "a red square"}).encode() + b"\n")
+    prepare("captions", tmp_path / "o2", root=tmp_path / "d.jsonl", size=8)
+    assert read_captions(tmp_path / "o2") == ["a red square"]
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        _add(tar, "a.png", _png(px))
+        _add(tar, "a.txt", b"\xef\xbb\xbfa red square")
+    prepare("tar", tmp_path / "o3", root=str(tmp_path / "s.tar"), size=8)
+    assert read_captions(tmp_path / "o3") == ["a red square"]
+
+
+def test_a_jsonl_file_with_raw_unicode_line_separators_in_its_captions_is_read_line_by_line(tmp_path):
+    # json.dumps(..., ensure_ascii=False) writes U+2028 and U+0085 raw: still one JSON object per "\n"-ended line.
+    (tmp_path / "a.png").write_bytes(_png(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+    captions = ["two\u2028lines", "next\x85line"]
+    text = "".join(json.dumps({"image": "a.png", "caption": c}, ensure_ascii=False) + "\r\n" for c in captions)
+    (tmp_path / "d.jsonl").write_text(text, encoding="utf-8", newline="")
+    summary = prepare("captions", tmp_path / "o", root=tmp_path / "d.jsonl", size=8)
+    assert summary.count == 2 and read_captions(tmp_path / "o") == captions
+
+
 def test_captions_bad_jsonl_exit_2(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"image": "a.png", "caption": "x"}\nnot json\n')
     res = fm_in_process("prepare-data", "captions", "--root", tmp_path / "d.jsonl", "--out", tmp_path / "o")
@@ -393,6 +526,43 @@ def test_tar_shards_with_corrupt_member(tmp_path):
     _, x, _ = _load(tmp_path / "o")
     assert read_captions(tmp_path / "o") == ["first", "second", "third"]
     assert np.array_equal(x, np.stack([p.transpose(2, 0, 1) for p in pixels]))
+
+
+def test_a_compressed_tar_shard_whose_damage_decodes_fails_its_crc(tmp_path):
+    with tarfile.open(tmp_path / "s.tar.gz", "w:gz") as tar:
+        for i in range(4):
+            _add(tar, f"k{i}.png", _png(np.full((8, 8, 3), i, dtype=np.uint8)))
+            _add(tar, f"k{i}.txt", np.random.default_rng(i).integers(0, 256, 3000, dtype=np.uint8).tobytes())  # stored as is
+    raw = bytearray((tmp_path / "s.tar.gz").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    with pytest.raises(gzip.BadGzipFile, match="CRC"):
+        gzip.decompress(bytes(raw))
+    (tmp_path / "s.tar.gz").write_bytes(bytes(raw))
+    with pytest.raises(UsageError, match="CRC check failed"):
+        prepare("tar", tmp_path / "o", root=str(tmp_path / "s.tar.gz"), size=8)
+
+
+@pytest.mark.parametrize("damage", ["cut inside a header", "a damaged header"])
+def test_a_truncated_or_damaged_tar_shard_is_refused_not_silently_shortened(tmp_path, damage):
+    # tarfile stops at such a header as at the archive's end: the samples after it were dropped without a word.
+    with tarfile.open(tmp_path / "whole.tar", "w") as tar:
+        for i in range(6):
+            _add(tar, f"k{i}.png", _png(np.full((8, 8, 3), i, dtype=np.uint8)))
+            _add(tar, f"k{i}.txt", f"caption {i}".encode())
+    raw = bytearray((tmp_path / "whole.tar").read_bytes())
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        header = tar.getmember("k3.png").offset  # the 7th member's header, by tar's own index
+    if damage == "cut inside a header":
+        raw = raw[: header + 100]  # an interrupted download
+    else:
+        raw[header + 148 : header + 156] = b"9999999\0"  # the header's checksum field, wrong
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "s.tar").write_bytes(bytes(raw))
+    res = fm_in_process("prepare-data", "tar", "--root", str(tmp_path / "shards" / "*.tar"), "--size", 8, "--out", tmp_path / "o")
+    assert res.returncode == 2 and "s.tar is truncated or damaged after its first 6 members" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
+    summary = prepare("tar", tmp_path / "w", root=str(tmp_path / "whole.tar"), size=8)  # the whole shard: all 6
+    assert summary.count == 6 and read_captions(tmp_path / "w") == [f"caption {i}" for i in range(6)]
 
 
 def test_tar_no_match_and_not_a_tar_exit_2(tmp_path):
@@ -445,6 +615,39 @@ def test_existing_output_refused_unless_force(tmp_path):
     with pytest.raises(UsageError, match="not a prepared dataset"):
         prepare("shapes", precious, count=9, force=True)
     assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_force_never_deletes_the_users_files_inside_a_prepared_dataset(tmp_path):
+    # The images being prepared kept inside the dataset folder they replace: --force would have deleted them with it.
+    out = tmp_path / "ds"
+    prepare("shapes", out, count=4, size=8)
+    raw = out / "raw" / "cat"
+    raw.mkdir(parents=True)
+    image = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    (raw / "a.png").write_bytes(_png(image))
+    (out / "notes.txt").write_text("mine")
+    res = fm_in_process("prepare-data", "folder", "--root", out / "raw", "--out", out, "--size", 8, "--force")
+    assert res.returncode == 2 and "notes.txt, raw" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert (raw / "a.png").read_bytes() == _png(image) and (out / "notes.txt").read_text() == "mine"
+    assert read_manifest(out)["source"] == "shapes"
+    (out / "notes.txt").unlink()
+    (out / "fm-classifier-s0.pt").write_bytes(b"fm's own cache")  # classifier.default_classifier_path: fm's, replaced
+    (tmp_path / "raw").mkdir()
+    (out / "raw").rename(tmp_path / "raw" / "raw")
+    prepare("folder", out, root=tmp_path / "raw", size=8, force=True)  # a dataset's own files only: replaced
+    assert read_manifest(out)["source"] == "folder" and sorted(p.name for p in out.iterdir()) == ["manifest.json", "x.npy", "y.npy"]
+
+
+def test_out_dot_is_the_current_folder_by_its_name(tmp_path):
+    # `--out .` has no name to put a temporary sibling beside (it failed with "ValueError: ... has an empty name").
+    here = tmp_path / "here"
+    here.mkdir()
+    res = fm_in_process("prepare-data", "shapes", "--out", ".", "--size", 8, "--count", 3, cwd=here)
+    assert res.returncode == 2 and "already exists" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    res = fm_in_process("prepare-data", "shapes", "--out", ".", "--size", 8, "--count", 3, "--force", "--json", cwd=here)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["path"] == str(here) and read_manifest(here)["count"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
 
 
 def test_early_stop_joins_the_pool_without_terminate(tmp_path, monkeypatch):

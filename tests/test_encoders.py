@@ -666,6 +666,20 @@ def test_a_text_encoder_of_another_architecture_is_a_usage_error_before_any_work
         prepare_encoded(pixel_pass, tmp_path / "out", text_encoder=str(bert), cache_text=True)
 
 
+@pytest.mark.parametrize("source", ["folder", "cifar10", "mnist", "sklearn-digits"])
+def test_a_text_encoder_for_a_source_without_captions_is_refused_before_the_pixel_pass(tmp_path, tiny_t5, monkeypatch, source):
+    """These sources never carry captions: the refusal came only after their whole pixel pass."""
+
+    def pixel_pass(*args, **kwargs):
+        raise AssertionError("the pixel pass ran before the source was checked for captions")
+
+    monkeypatch.setattr("fmcli.data.prepare.prepare_with_progress", pixel_pass)
+    (tmp_path / "root").mkdir()
+    res = fm_in_process("prepare-data", source, "--root", tmp_path / "root", "--out", tmp_path / "o", "--text-encoder", tiny_t5, "--cache-text")
+    assert res.returncode == 2 and f"the {source} source has no captions" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
+
+
 def test_encoder_weights_that_do_not_fit_their_config_are_a_one_line_usage_error(tmp_path, tiny_vae, tiny_t5):
     """A VAE or text-encoder directory whose weights do not fit its config.json (a config edited or copied from
     another model) failed with transformers' / diffusers' RuntimeError: exit 1 and a message of one line per

@@ -10,7 +10,7 @@ import typer
 from ..console import emit_json, stderr_console
 from ..data.prepare import SOURCES
 from ..errors import UsageError
-from ..fsutil import refuse_existing
+from ..fsutil import named_path, refuse_existing
 from .app import app, log_line
 from .options import float_option
 
@@ -63,6 +63,7 @@ def prepare_data(
         raise UsageError("--cache-text stores a text encoder's states: give the encoder with --text-encoder DIR")
     if flip and not vae:  # pixels are mirrored exactly at load time; only latents need their mirrors encoded
         raise UsageError("--flip stores the mirrored images' latents: it needs --vae DIR (pixel datasets are flipped when training, by data.flip)")
+    out = named_path(out)  # `--out .`: the current folder, by its name
     refuse_existing(out, force, folders=True)
     encode = dict(vae=vae, flip=flip, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch) if vae or text_encoder else None
     summary = prepare_dataset(

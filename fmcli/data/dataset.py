@@ -10,16 +10,18 @@ file and the directory fsynced, then the rename), so an interrupted run leaves n
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import RuntimeFailure, UsageError
-from ..fsutil import commit, refuse_existing, temp_path
+from ..fsutil import commit, named_path, refuse_existing, temp_path
 
 FORMAT_VERSION = 1
 
@@ -47,7 +49,7 @@ class PreparedWriter:
         extras: dict[str, tuple[tuple[int, ...], str]] | None = None,
         x_name: str = "x",
     ):
-        self.out = Path(out)
+        self.out = named_path(out)
         refuse_existing(self.out, force, folders=True)
         refuse_unreplaceable(self.out)
         if capacity is not None and capacity <= 0:
@@ -103,7 +105,7 @@ class PreparedWriter:
             if len(captions) != n:
                 raise ValueError(f"captions: {len(captions)} rows for {n} images")
             for k, caption in enumerate(captions):
-                self.captions.write(json.dumps({"i": self.count + k, "caption": caption or ""}, ensure_ascii=False) + "\n")
+                self.captions.write(json.dumps({"i": self.count + k, "caption": _encodable(caption or "")}, ensure_ascii=False) + "\n")
         self.count += n
 
     def finish(self, **manifest_fields) -> Path:
@@ -142,6 +144,16 @@ class PreparedWriter:
                 self.captions.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
+
+
+def _encodable(caption: str) -> str:
+    """`caption` with any lone surrogate (a JSON "\\ud83d" cut from its pair, common in scraped captions) replaced
+    by U+FFFD: UTF-8 cannot hold one, so the captions file, and a tokenizer, would fail on it."""
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in caption)
+    return caption
 
 
 class _NpyStream:
@@ -186,14 +198,30 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype, total: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
 
 
+TEXT_CACHE_FILES = ("text.npy", "text_mask.npy", "text_empty.npy", "text_empty_mask.npy")
+# Every file a prepared dataset can hold (section 5), and the domain classifier fm caches beside it (an interrupted
+# write's temporary name too; classifier.default_classifier_path): what --force replaces with it.
+DATASET_FILES = ("manifest.json", "x.npy", "x_flip.npy", "x0.npy", "x1.npy", "y.npy", "captions.jsonl", *TEXT_CACHE_FILES)
+_FM_CACHE = re.compile(r"\.?fm-classifier-s\d+\.pt(\.tmp-[0-9a-f]+)?")
+
+
 def is_replaceable(path: Path) -> bool:
-    """--force may replace a previous prepared dataset or an empty directory, never anything else."""
-    return path.is_dir() and ((path / "manifest.json").is_file() or not any(path.iterdir()))
+    """--force may replace a previous prepared dataset (holding only a dataset's files) or an empty directory, never
+    anything else: a folder of the user's own (the images being prepared, say) inside it would go with it."""
+    return path.is_dir() and ((path / "manifest.json").is_file() or not any(path.iterdir())) and not _foreign_entries(path)
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name not in DATASET_FILES and not _FM_CACHE.fullmatch(p.name))
 
 
 def refuse_unreplaceable(path: Path) -> None:
     """What --force may not replace (`is_replaceable`) is refused: run before any work."""
     if path.exists() and not is_replaceable(path):
+        if path.is_dir() and (path / "manifest.json").is_file():
+            foreign = _foreign_entries(path)
+            raise UsageError(f"refusing to replace {path}: besides a prepared dataset it holds {', '.join(foreign[:3])}"
+                             f"{' ...' if len(foreign) > 3 else ''}, which --force would delete; move them out or choose another --out")
         raise UsageError(f"refusing to replace {path}: it is not a prepared dataset (no manifest.json) nor empty")
 
 
@@ -205,9 +233,11 @@ def read_manifest(path: str | Path) -> dict:
     if not manifest.is_file():
         raise UsageError(f"{path} is not a prepared dataset (no manifest.json); create one with `fm prepare-data`")
     try:
-        data = json.loads(manifest.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"{manifest} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):  # what fm writes is an object of fields (docs/architecture.md section 5)
+        raise UsageError(f"{manifest} is not a dataset manifest (a JSON object of fields); re-create it with `fm prepare-data ... --out {path} --force`")
     if data.get("format") != FORMAT_VERSION:
         raise UsageError(f"{manifest}: unsupported format {data.get('format')!r} (expected {FORMAT_VERSION})")
     return data
@@ -241,6 +271,9 @@ def validate_prepared(path: str | Path) -> dict:
         raise UsageError(f"{path}/manifest.json lacks a valid {err} field; {redo}") from None
     if kind not in KIND_DTYPES or count < 1 or len(shape) != 3:
         raise UsageError(f"{path}/manifest.json: kind {kind!r}, count {count}, shape {list(shape)} is not a prepared dataset; {redo}")
+    names = manifest.get("class_names")  # recorded in every checkpoint, whose reader refuses what fm never writes
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise UsageError(f"{path}/manifest.json: class_names {str(names)[:60]} is not null or a list of names (strings); {redo}")
     for name in KIND_FILES[kind]:
         _check_npy(path / name, (count, *shape), KIND_DTYPES[kind], redo)
     if is_mirrored(manifest, path, redo):
@@ -259,7 +292,7 @@ def validate_prepared(path: str | Path) -> dict:
                 raise UsageError(f"{y_file}: labels span [{lo}, {hi}] but the manifest says {num_classes} classes (labels must lie in [0, {num_classes})); {redo}")
     captions = path / "captions.jsonl"
     if captions.is_file():
-        lines = sum(1 for line in captions.open(encoding="utf-8") if line.strip())
+        lines = sum(1 for _ in _caption_lines(captions, redo))
         if lines != count:
             raise UsageError(f"{captions} has {lines} captions for {count} images; {redo}")
     _check_text_cache(path, count, redo)
@@ -273,9 +306,6 @@ def is_mirrored(manifest: dict, path: Path, redo: str) -> bool:
     if not isinstance(mirrored, bool) or (mirrored and manifest.get("kind") != "latents"):
         raise UsageError(f"{path}/manifest.json: mirrored {mirrored!r} (only a latent dataset may be mirrored, true or false); {redo}")
     return mirrored
-
-
-TEXT_CACHE_FILES = ("text.npy", "text_mask.npy", "text_empty.npy", "text_empty_mask.npy")
 
 
 def _check_text_cache(path: Path, count: int, redo: str) -> None:
@@ -323,8 +353,26 @@ def _check_npy(file: Path, shape: tuple[int, ...] | None, dtype: str | None, red
 
 
 def read_captions(path: str | Path) -> list[str]:
-    lines = (Path(path) / "captions.jsonl").read_text().splitlines()
-    return [json.loads(line)["caption"] for line in lines if line.strip()]
+    return list(_caption_lines(Path(path) / "captions.jsonl", f"re-create it with `fm prepare-data ... --out {path} --force`"))
+
+
+def _caption_lines(file: Path, redo: str) -> Iterator[str]:
+    """The captions of captions.jsonl, one `{"i": n, "caption": "..."}` per line, streamed. Lines end at "\\n" only
+    (newline="\\n"): the writer escapes no U+2028 / U+0085 in a caption, which str.splitlines takes for line ends."""
+    try:
+        with open(file, encoding="utf-8", newline="\n") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict) or not isinstance(row.get("caption"), str):
+                    raise UsageError(f"{file} line {n} is not a caption row {{\"i\": N, \"caption\": TEXT}}; {redo}")
+                yield row["caption"]
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{file} is not readable UTF-8 text ({type(err).__name__}); {redo}") from None
 
 
 class PreparedDataset(Dataset):

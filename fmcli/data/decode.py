@@ -63,7 +63,7 @@ def open_image(data: bytes | str, size: int, channels: int) -> Image.Image:
     image = ImageOps.exif_transpose(image)  # camera photos: apply the EXIF orientation
     if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grayscale (PNG, TIFF): PIL's convert clips at 255
         image = Image.fromarray(np.round(np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # a palette's, or an L/RGB PNG's colour key (tRNS)
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("L" if channels == 1 else "RGB")

@@ -17,7 +17,7 @@ import torch
 
 from ..encoders import TextConditioning, check_text_encoder_dir, check_vae_dir, check_vae_encodes, check_vae_image_size, load_text_encoder, load_vae
 from ..errors import RuntimeFailure, UsageError
-from ..fsutil import refuse_existing
+from ..fsutil import named_path, refuse_existing
 from .dataset import PreparedDataset, PreparedWriter, refuse_unreplaceable
 
 _COPIED_FIELDS = ("num_classes", "class_names", "source", "image_size", "seed")
@@ -139,7 +139,7 @@ def _checked_float16(values: np.ndarray, non_finite: Callable[[int], str], too_l
 def prepare_encoded(prepare_pixels: Callable[[Path], Path], out: str | Path, *, force: bool = False, size: int | None = None, **encode_kwargs) -> Path:
     """Run `prepare_pixels(tmp_dir)` (any source's usual writer), then encode it into `out`; the temporary
     pixel dataset is removed whatever happens. `size`: the pixel pass's image size, checked against the VAE first."""
-    out = Path(out)
+    out = named_path(out)
     refuse_existing(out, force, folders=True)
     refuse_unreplaceable(out)  # --force replaces only a prepared dataset: said now, not after the pixel pass
     # Fail on a wrong encoder path before the (possibly long) pixel pass, not after it.

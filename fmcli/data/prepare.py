@@ -24,11 +24,12 @@ from typing import Callable, Iterable, Iterator
 from ..console import Bar
 from ..errors import UsageError
 from .decode import Record, decode_batch
-from ..fsutil import refuse_existing
+from ..fsutil import named_path, refuse_existing
 from .readers import DEFAULT_MAX_MEMBER_MIB, Source, open_captions, open_cifar10, open_folder, open_mnist, open_sklearn_digits, open_tar
 
 SOURCES = ("shapes", "cifar10", "mnist", "sklearn-digits", "folder", "captions", "tar")
 SPLIT_SOURCES = ("cifar10", "mnist", "sklearn-digits")  # the sources with a train and a test split (--split)
+CAPTION_SOURCES = ("shapes", "captions", "tar")  # the sources whose records can carry captions (tar: shards with .txt/.json)
 BATCH = 64  # records per pool task
 SHOW_SKIPPED = 5
 PROGRESS_EVERY = 256  # records between progress updates
@@ -65,7 +66,7 @@ def prepare(
 ) -> Summary:
     """Prepare `source` into `out`; returns counts and timing. Bad input raises UsageError, leaving nothing."""
     start = time.perf_counter()
-    out = Path(out)
+    out = named_path(out)
     refuse_existing(out, force, folders=True)
     from .dataset import PreparedWriter, refuse_unreplaceable  # imports torch: not at CLI start-up (`fm --help` stays fast)
 
@@ -145,6 +146,9 @@ def prepare_dataset(
     if not encode:
         pixels(out)
         return summaries[-1]
+    if encode.get("text_encoder") and source not in CAPTION_SOURCES:  # said now, not after the (long) pixel pass
+        raise UsageError(f"the {source} source has no captions, which --text-encoder encodes: it needs captioned data "
+                         f"({', '.join(CAPTION_SOURCES)})")
     from ..hardware import resolve_device
 
     total = limit or (count if source == "shapes" else None)  # other sources: known only once read

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -102,6 +103,10 @@ class _CifarFiles:
         if self.archive is not None:
             self.tar = tarfile.open(self.archive, "r:*")
             self.members = {Path(m.name).name: m for m in self.tar.getmembers() if m.isfile()}
+            # On to the end (a few blocks past the last header): a .tar.gz's CRC is checked only there, and tar reads the
+            # data it checks nowhere else, so damaged pixels would otherwise pass for good ones.
+            while self.tar.fileobj.read(1 << 20):
+                pass
         else:
             self.members = {p.name: p for p in self.folder.iterdir() if p.is_file()}
         self.names = set(self.members)
@@ -219,7 +224,7 @@ def _find_idx(root: Path, prefix: str, what: str, dims: int) -> Path:
 def _read_idx(path: Path, dims: int) -> np.ndarray:
     try:
         raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged deflate stream (BadGzipFile is an OSError)
         raise UsageError(f"cannot read {path} ({type(err).__name__}: {err})") from None
     if len(raw) < 4 + 4 * dims or raw[0:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] != dims:
         raise UsageError(f"{path} is not an IDX file of {dims} dimension(s) of unsigned bytes")
@@ -280,7 +285,9 @@ def open_captions(root: str | Path) -> Source:
 def _read_jsonl(path: Path) -> list[tuple[str, str]]:
     entries = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # -sig: a byte-order mark (Windows editors) is not text; lines end at "\n" only (JSON allows a raw U+2028 or U+0085
+        # in a string, which str.splitlines takes for a line end)
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read {path} as a jsonl file of image/caption pairs ({type(err).__name__})") from None
     for n, line in enumerate(lines, 1):
@@ -310,7 +317,7 @@ def _caption_folder(root: Path) -> Source:
                 yield Record(_rel(p, root), None, problem=f"no caption file {text.name}")
                 continue
             try:
-                caption = text.read_text(encoding="utf-8").strip()
+                caption = text.read_text(encoding="utf-8-sig").strip()  # a byte-order mark is not part of the caption
             except (OSError, UnicodeDecodeError) as err:
                 yield Record(_rel(p, root), None, problem=f"unreadable caption ({type(err).__name__})")
                 continue
@@ -346,10 +353,17 @@ def open_tar(pattern: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_MIB * 2**2
     keys, captioned = 0, False
     for shard in shards:
         try:
-            with tarfile.open(shard, "r:*") as tar:
-                names = [m.name for m in tar.getmembers() if m.isfile()]
+            with tarfile.open(shard, "r:*", tarinfo=_HeaderCheckedTarInfo) as tar:
+                members = tar.getmembers()
+                damage = getattr(tar, "fm_damage", None)
+                while tar.fileobj.read(1 << 20):  # on to the end, where a compressed shard's CRC is checked (as for cifar10)
+                    pass
         except (tarfile.TarError, OSError, EOFError) as err:
             raise UsageError(f"{shard} is not a readable tar shard (expected a .tar, .tar.gz, .tar.bz2 or .tar.xz archive; {_archive_problem(err)})") from None
+        if damage is not None:
+            raise UsageError(f"{shard} is truncated or damaged after its first {len(members)} members ({damage}); tar stops reading "
+                             "there, dropping the rest: re-download or re-create it")
+        names = [m.name for m in members if m.isfile()]
         keys += len({_split_key(n)[0] for n in names})
         captioned = captioned or any(_split_key(n)[1].rsplit(".", 1)[-1] in ("txt", "json") for n in names)
     if keys == 0:
@@ -374,6 +388,21 @@ def open_tar(pattern: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_MIB * 2**2
     return Source("tar", records, 3, keys, captions=captioned, info={"root": pattern, "shards": len(shards)})
 
 
+class _HeaderCheckedTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive silently at a member header cut short (a download stopped there) or unreadable (damaged),
+    as at its end: such a header is noted on the TarFile (`fm_damage`) for `open_tar` to refuse the shard."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):  # the end-of-archive block, or the file's end at a header
+            raise
+        except tarfile.HeaderError as err:
+            tar.fm_damage = f"a bad member header at byte {tar.offset}: {err}"
+            raise
+
+
 def _split_key(name: str) -> tuple[str, str]:
     """webdataset convention: the key is the path up to the first dot of the file name."""
     head, _, base = name.rpartition("/")
@@ -392,7 +421,7 @@ def _tar_record(shard: str, key: str, files: dict, captioned: bool) -> Record:
         return Record(name, None, problem="no image member")
     caption = None
     if "txt" in files:
-        caption = files["txt"].decode("utf-8", "replace").strip()
+        caption = files["txt"].decode("utf-8-sig", "replace").strip()
     elif "json" in files:
         try:
             meta = json.loads(files["json"])
