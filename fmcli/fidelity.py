@@ -7,7 +7,9 @@ capped at the half: the first `n` of the permutation, a random draw whatever ord
 in, e.g. class by class); `n` images of the first half, drawn alike, are scored against the same reference as if
 they were samples. A perfect generator scores the floor, not zero: FD, KID and the k-NN metrics of `n`
 samples carry a bias that the floor measures at the same `n`. Conditional accuracy's floor is the domain
-classifier's accuracy on its held-out real images.
+classifier's accuracy on its held-out real images. Which images a split draws moves every score (the floor's FD
+most: by a factor of 2 between draws at n = 1,000), so `fm eval` scores against several splits (`--splits`) and
+reports each number's mean over them with its standard deviation (`over_draws`).
 
 Metrics (fmcli.metrics) per feature space (fmcli.features): FD, KID, precision, recall, density, coverage;
 in the domain space also the conditional accuracy and the per-class FD (mean over classes, and each class).
@@ -50,6 +52,12 @@ def split_halves(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def prepare_reference(data: Path, extractors: dict, n: int, *, seed: int = 0, batch_size: int = 256, log=None) -> Reference:
     """Features of `n` reference and `n` floor images of the prepared pixel dataset `data` (each half capped)."""
+    return prepare_references(data, extractors, n, seeds=[seed], batch_size=batch_size, log=log)[0]
+
+
+def prepare_references(data: Path, extractors: dict, n: int, *, seeds, batch_size: int = 256, log=None) -> list[Reference]:
+    """One Reference per split seed (`prepare_reference`'s), the features of every image any of them reads
+    computed once: several draws of the reference and the floor cost little more than one."""
     from .data.dataset import read_manifest
 
     manifest = read_manifest(data)
@@ -60,18 +68,49 @@ def prepare_reference(data: Path, extractors: dict, n: int, *, seed: int = 0, ba
     if len(x) < 2 * 6:
         raise UsageError(f"{data} has {len(x)} images: the floor needs two disjoint halves of at least 6 (k-NN metrics with k=5)")
     y = np.load(Path(data) / "y.npy") if (Path(data) / "y.npy").is_file() else None
-    floor_idx, ref_idx = split_halves(len(x), seed)
-    floor_idx, ref_idx = np.sort(floor_idx[:n]), np.sort(ref_idx[:n])  # a random n of each half, read in file order
-    ref, floor = {}, {}
-    for space, ext in extractors.items():
-        ref[space] = features_of(np.asarray(x[ref_idx]), ext, batch_size)
-        floor[space] = features_of(np.asarray(x[floor_idx]), ext, batch_size)
-        if log:
-            log(f"{space} features of {len(ref_idx)} reference + {len(floor_idx)} floor images from {data}")
+    draws = []
+    for seed in seeds:
+        floor_idx, ref_idx = split_halves(len(x), seed)
+        draws.append((np.sort(floor_idx[:n]), np.sort(ref_idx[:n])))  # a random n of each half, read in file order
+    union = np.unique(np.concatenate([idx for draw in draws for idx in draw]))
+    feats = {space: np.concatenate([features_of(np.asarray(x[union[i : i + batch_size]]), ext, batch_size) for i in range(0, len(union), batch_size)])
+             for space, ext in extractors.items()}  # fmt: skip
+    if log:
+        log(f"{', '.join(extractors)} features of {len(union)} images of {data}: {len(draws)} draw(s) of {len(draws[0][1])} reference + "
+            f"{len(draws[0][0])} floor images")  # fmt: skip
     names = [str(c) for c in (manifest.get("class_names") or range(manifest.get("num_classes") or 0))]
-    return Reference(
-        extractors, ref, floor, y[ref_idx] if y is not None else None, y[floor_idx] if y is not None else None, names, tuple(x.shape[1:])
-    )
+    out = []
+    for floor_idx, ref_idx in draws:
+        rows = {"ref": np.searchsorted(union, ref_idx), "floor": np.searchsorted(union, floor_idx)}
+        out.append(Reference(extractors, {s: f[rows["ref"]] for s, f in feats.items()}, {s: f[rows["floor"]] for s, f in feats.items()},
+                             y[ref_idx] if y is not None else None, y[floor_idx] if y is not None else None, names, tuple(x.shape[1:])))  # fmt: skip
+    return out
+
+
+def over_draws(results: list[dict]) -> dict:
+    """Scores against several reference draws as one: each number the mean over the draws that have it (a class
+    a small draw lacks has no per-class FD there), and each metric's standard deviation over the draws beside it
+    (`fd_sd`, `recall_sd`, ...): how much the choice of real images moves it. One draw: its scores as they are."""
+    if len(results) == 1:
+        return results[0]
+
+    def merge(values: list):
+        present = [v for v in values if v is not None]
+        if not present:  # None in every draw (no per-class FD where no class has samples)
+            return None
+        if isinstance(present[0], dict):
+            return {k: merge([v.get(k) for v in present]) for k in dict.fromkeys(k for v in present for k in v)}
+        if isinstance(present[0], (int, float)) and not isinstance(present[0], bool):
+            return float(np.mean(present))
+        return present[0]
+
+    out = merge(results)
+    if out.get("per_class_fd"):  # the mean over the classes shown (draws may lack different classes)
+        out["per_class_fd_mean"] = float(np.mean(list(out["per_class_fd"].values())))
+    for space, scores in out["metrics"].items():
+        for key in list(scores):
+            scores[f"{key}_sd"] = float(np.std([r["metrics"][space][key] for r in results], ddof=1))
+    return out
 
 
 def features_of(images: np.ndarray, extractor, batch_size: int = 256) -> np.ndarray:
@@ -181,7 +220,8 @@ class EvalRequest(ScoreRequest):
     dinov2: str | None = None
     k: int = 5
     kid: bool = True
-    split_seed: int = 0
+    split_seed: int = 0  # the first draw's; draw i splits with split_seed + i
+    splits: int = 5  # reference draws: each score is the mean over them, its spread beside it (over_draws)
 
 
 def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=None) -> tuple[dict, list[dict]]:
@@ -212,13 +252,15 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
         for s in sorted(req.spaces, key=lambda space: space == "domain")
     }  # fmt: skip
     extractors = {s: built[s] for s in req.spaces}
-    reference = prepare_reference(req.data, extractors, n, seed=req.split_seed, log=log)
-    floor_row = {"ref_count": len(next(iter(reference.ref.values()))), "floor_count": len(next(iter(reference.floor.values()))), **floor(reference, k=req.k, kid=req.kid)}
+    references = prepare_references(req.data, extractors, n, seeds=range(req.split_seed, req.split_seed + req.splits), log=log)
+    counts = {"ref_count": len(next(iter(references[0].ref.values()))), "floor_count": len(next(iter(references[0].floor.values()))), "splits": req.splits}
+    floor_row = {**counts, **over_draws([floor(r, k=req.k, kid=req.kid) for r in references])}
+    scored = lambda generated: over_draws([score(r, generated, k=req.k, kid=req.kid) for r in references])  # noqa: E731
     if "domain" in extractors:
         floor_row["classifier_held_out"] = extractors["domain"].trained.held_out
     if images is not None:
         generated = Generated({s: features_of(images, e) for s, e in extractors.items()}, None)
-        return floor_row, [{"gen": str(req.gen), "num_samples": n, **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row}]
+        return floor_row, [{"gen": str(req.gen), "num_samples": n, **scored(generated), "floor": floor_row}]
     rows = []
     for settings in sweep:
         if log:
@@ -229,7 +271,7 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
             "nfe_per_sample": generated.nfe_per_sample, **nfe_fields(generated.nfe_per_sample, generated.nfe_max),
             "gen_seconds": round(generated.gen_seconds, 3), "num_samples": n, "seed": req.seed,
             **guide_record(settings, req.guide_ckpt),  # the guide that ran, as fm fid's rows name it
-            **score(reference, generated, k=req.k, kid=req.kid), "floor": floor_row,
+            **scored(generated), "floor": floor_row,
         })  # fmt: skip
     return floor_row, rows
 
@@ -357,8 +399,9 @@ def _solver_label(r: dict) -> str:
 
 
 def format_table(floor_row: dict, rows: list[dict]) -> str:
-    """The floor and every row as plain text: one line per (row, feature space)."""
-    head = f"{'setting':<28} {'features':<10} {'FD':>9} {'KID':>9} {'prec':>6} {'recall':>6} {'dens':>6} {'cover':>6} {'acc':>6} {'NFE':>5}"
+    """The floor and every row as plain text: one line per (row, feature space); over several reference draws each
+    number is their mean, and FD's standard deviation over them follows it (`FD sd`)."""
+    head = f"{'setting':<28} {'features':<10} {'FD':>9} {'FD sd':>7} {'KID':>9} {'prec':>6} {'recall':>6} {'dens':>6} {'cover':>6} {'acc':>6} {'NFE':>5}"
     lines = [head]
 
     def line(label, scores, nfe=None):
@@ -366,13 +409,15 @@ def format_table(floor_row: dict, rows: list[dict]) -> str:
             acc = scores.get("accuracy") if space == "domain" else None
             acc = f"{acc:>6.3f}" if acc is not None else f"{'-':>6}"
             kid = f"{m['kid']:>9.5f}" if "kid" in m else f"{'-':>9}"
+            sd = f"{m['fd_sd']:>7.4f}" if "fd_sd" in m else f"{'-':>7}"
             lines.append(
-                f"{label:<28} {space:<10} {m['fd']:>9.4f} {kid} {m['precision']:>6.3f} {m['recall']:>6.3f} {m['density']:>6.3f} "
+                f"{label:<28} {space:<10} {m['fd']:>9.4f} {sd} {kid} {m['precision']:>6.3f} {m['recall']:>6.3f} {m['density']:>6.3f} "
                 f"{m['coverage']:>6.3f} {acc} {'' if nfe is None else f'{nfe:g}':>5}"
             )
             label = ""
 
-    line(f"real vs real ({floor_row['floor_count']} vs {floor_row['ref_count']})", floor_row)
+    draws = f", {floor_row['splits']} draws" if floor_row.get("splits", 1) > 1 else ""
+    line(f"real vs real ({floor_row['floor_count']} vs {floor_row['ref_count']}{draws})", floor_row)
     labels = [_row_label(r) for r in rows]
     for label, r in zip(labels, rows):
         line(label, r, r.get("nfe_per_sample"))

@@ -206,7 +206,7 @@ def test_eval_of_the_floor_images_scores_the_floor(data, tmp_path):
     folder.mkdir()
     for j, i in enumerate(np.sort(floor_idx[:n])):  # the floor's n images, in the order the floor reads them
         Image.fromarray(x[i].transpose(1, 2, 0)).save(folder / f"{j:04d}.png")
-    rows = _json(fm_in_process("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS, "--json"))
+    rows = _json(fm_in_process("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS, "--splits", "1", "--json"))
     (row,) = rows
     assert row["num_samples"] == n and row["floor"]["floor_count"] == n and row["floor"]["ref_count"] == n
     for key, value in row["floor"]["metrics"]["domain"].items():
@@ -223,6 +223,39 @@ def test_eval_of_the_floor_images_scores_the_floor(data, tmp_path):
     assert row["floor"]["accuracy"] == trained.held_out_accuracy
 
 
+def test_scores_over_several_reference_draws_are_each_draws_mean_and_spread(data, tmp_path):
+    """--splits 3: every number is the mean over three seeded splits of the data, each scored on its own here (the
+    classifier's features of each draw's images, the metrics of fmcli.metrics), and each metric's `_sd` is the
+    sample standard deviation over them. A single draw of n = 40 moves FD a lot, which is why there are several."""
+    from fmcli import features, metrics
+    from fmcli.fidelity import split_halves
+
+    x = np.load(data / "x.npy")
+    n, folder = 40, tmp_path / "gen"
+    folder.mkdir()
+    for j in range(n):  # any 40 images: the last ones of the data, flipped left-right
+        Image.fromarray(np.ascontiguousarray(x[-1 - j].transpose(1, 2, 0)[:, ::-1])).save(folder / f"{j:04d}.png")
+    (row,) = _json(fm_in_process("eval", "--gen", folder, "--data", data, "--classifier-steps", STEPS, "--splits", "3", "--no-kid", "--json"))
+    ext = features.DomainExtractor(features.load_or_train_classifier(data, seed=0, steps=STEPS), 3, "cpu")
+    gen = ext(torch.from_numpy(np.stack([x[-1 - j][:, :, ::-1] for j in range(n)])))
+    per_draw = {"fd": [], "recall": [], "floor_fd": [], "floor_recall": []}
+    for seed in range(3):
+        floor_idx, ref_idx = split_halves(len(x), seed)
+        ref, flo = (ext(torch.from_numpy(x[np.sort(idx[:n])])) for idx in (ref_idx, floor_idx))
+        for prefix, fake in (("", gen), ("floor_", flo)):
+            scores = metrics.fidelity(ref, fake, k=5, kid=False)
+            per_draw[prefix + "fd"].append(scores.fd)
+            per_draw[prefix + "recall"].append(scores.recall)
+    got, floor = row["metrics"]["domain"], row["floor"]["metrics"]["domain"]
+    assert row["floor"]["splits"] == 3
+    for key in ("fd", "recall"):
+        assert got[key] == pytest.approx(np.mean(per_draw[key]), rel=1e-6)
+        assert got[f"{key}_sd"] == pytest.approx(np.std(per_draw[key], ddof=1), rel=1e-6, abs=1e-9)
+        assert floor[key] == pytest.approx(np.mean(per_draw["floor_" + key]), rel=1e-6)
+        assert floor[f"{key}_sd"] == pytest.approx(np.std(per_draw["floor_" + key], ddof=1), rel=1e-6, abs=1e-9)
+    assert len(set(np.round(per_draw["floor_fd"], 6))) == 3  # three different draws, not one scored three times
+
+
 def test_eval_sweeps_guidance_of_a_checkpoint(data, debug_run):
     result = fm_in_process("eval", "--ckpt", debug_run, "--data", data, "-n", 30, "--classifier-steps", STEPS, "--cfg", "1,2",
                     "--guidance-interval", "0,1", "--guidance-interval", "0.3,1", "--steps", 2, "--no-kid", "--json")  # fmt: skip
@@ -235,7 +268,8 @@ def test_eval_sweeps_guidance_of_a_checkpoint(data, debug_run):
     assert rows[0]["metrics"] == unguided["metrics"] and rows[0]["accuracy"] == unguided["accuracy"]
     for r in rows:
         m = r["metrics"]["domain"]
-        assert set(m) == {"fd", "precision", "recall", "density", "coverage"} and 0 <= r["accuracy"] <= 1
+        metric_names = {"fd", "precision", "recall", "density", "coverage"}  # each with its spread over the reference draws
+        assert set(m) == metric_names | {f"{k}_sd" for k in metric_names} and 0 <= r["accuracy"] <= 1
         assert r["num_samples"] == 30 and r["steps"] == 2
         # Classes with at least 2 images among both the 30 references and the 30 samples (3 of each class).
         assert 5 <= len(r["per_class_fd"]) <= 10 and r["per_class_fd_mean"] == pytest.approx(np.mean(list(r["per_class_fd"].values())))
@@ -244,7 +278,7 @@ def test_eval_sweeps_guidance_of_a_checkpoint(data, debug_run):
     table = fm_in_process("eval", "--ckpt", debug_run, "--data", data, "-n", 12, "--classifier-steps", STEPS, "--steps", 1, "--no-kid")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[1].startswith("real vs real (12 vs 12)") and "euler" in lines[2]
+    assert lines[1].startswith("real vs real (12 vs 12, 5 draws)") and "euler" in lines[2]
 
 
 def test_eval_autoguidance_by_the_model_itself_is_the_unguided_model(data, debug_run, tmp_path):

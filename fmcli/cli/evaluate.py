@@ -176,6 +176,7 @@ def eval_command(
     compile_model: SampleCompile = None,
     k: Annotated[int, typer.Option("--k", min=1, help="Neighbours for precision/recall/density/coverage.")] = 5,
     kid: Annotated[bool, typer.Option("--kid/--no-kid", help="Also report KID (100 subsets of up to 1,000).")] = True,
+    splits: Annotated[int, typer.Option("--splits", min=1, max=100, help="Draws of the reference and the floor (seeded splits of --data into two halves): each score is the mean over them, its standard deviation beside it (*_sd). 1: one draw.")] = 5,
     seed: SeedIfGiven = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Samples per forward batch (default 64).")] = None,
     ema: EmaIfGiven = None,
@@ -206,7 +207,7 @@ def eval_command(
         data=data, ckpt=ckpt, gen=gen, num_samples=num_samples, spaces=tuple(s.strip() for s in features.split(",") if s.strip()),
         cfgs=cfgs, intervals=refuse_repeats("--guidance-interval", [parse_interval(i) for i in intervals]) or None,
         nfes=parse_nfe(nfe, steps), sample_overrides=sampling.overrides(cfg_runs=cfgs is None or unguided), guide_ckpt=guide_ckpt,
-        classifier=classifier, classifier_seed=classifier_seed or 0, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, seed=seed or 0, batch_size=batch_size or 64, ema=ema is not False,
+        classifier=classifier, classifier_seed=classifier_seed or 0, classifier_steps=classifier_steps, inception=inception, dinov2=dinov2, k=k, kid=kid, splits=splits, seed=seed or 0, batch_size=batch_size or 64, ema=ema is not False,
     )  # fmt: skip
     _check_eval_flags(request)
     refuse_unscored_spaces(request.spaces, classifier=classifier, classifier_seed=classifier_seed, classifier_steps=classifier_steps,
