@@ -401,7 +401,7 @@ def _solver_label(r: dict) -> str:
 def format_table(floor_row: dict, rows: list[dict]) -> str:
     """The floor and every row as plain text: one line per (row, feature space); over several reference draws each
     number is their mean, and FD's standard deviation over them follows it (`FD sd`)."""
-    head = f"{'setting':<28} {'features':<10} {'FD':>9} {'FD sd':>7} {'KID':>9} {'prec':>6} {'recall':>6} {'dens':>6} {'cover':>6} {'acc':>6} {'NFE':>5}"
+    head = f"{'setting':<38} {'features':<10} {'FD':>9} {'FD sd':>7} {'KID':>9} {'prec':>6} {'recall':>6} {'dens':>6} {'cover':>6} {'acc':>6} {'NFE':>5}"
     lines = [head]
 
     def line(label, scores, nfe=None):
@@ -411,7 +411,7 @@ def format_table(floor_row: dict, rows: list[dict]) -> str:
             kid = f"{m['kid']:>9.5f}" if "kid" in m else f"{'-':>9}"
             sd = f"{m['fd_sd']:>7.4f}" if "fd_sd" in m else f"{'-':>7}"
             lines.append(
-                f"{label:<28} {space:<10} {m['fd']:>9.4f} {sd} {kid} {m['precision']:>6.3f} {m['recall']:>6.3f} {m['density']:>6.3f} "
+                f"{label:<38} {space:<10} {m['fd']:>9.4f} {sd} {kid} {m['precision']:>6.3f} {m['recall']:>6.3f} {m['density']:>6.3f} "
                 f"{m['coverage']:>6.3f} {acc} {'' if nfe is None else f'{nfe:g}':>5}"
             )
             label = ""
