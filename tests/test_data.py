@@ -234,6 +234,24 @@ def test_folder_classes_skip_corrupt_and_round_trip(folder, tmp_path):
     assert np.array_equal(x, np.stack([images[k].transpose(2, 0, 1) for k in order]))
 
 
+def test_a_macos_archives_metadata_folder_is_no_class(folder, tmp_path):
+    """A folder unzipped from a macOS archive holds __MACOSX/ (resource forks "._NAME", here a real image too):
+    it is not a class, so "cat" and "dog" keep labels 0 and 1 and no empty class appears."""
+    import shutil
+
+    root, images = folder
+    copy = tmp_path / "unzipped"
+    shutil.copytree(root, copy)
+    (copy / "__MACOSX" / "cat").mkdir(parents=True)
+    (copy / "__MACOSX" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    (copy / "__MACOSX" / "x.png").write_bytes(_png(images[("cat", 0)]))
+    res = fm_in_process("prepare-data", "folder", "--root", copy, "--out", tmp_path / "f", "--json", "--workers", "1")
+    assert res.returncode == 0, res.stderr
+    manifest, _, y = _load(tmp_path / "f")
+    assert manifest["class_names"] == ["cat", "dog"] and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert "__MACOSX" not in res.stderr
+
+
 def test_folder_parallel_workers_equal_serial(folder, tmp_path):
     root, _ = folder
     prepare("folder", tmp_path / "w1", root=root, size=16, workers=1)

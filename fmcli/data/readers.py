@@ -244,7 +244,9 @@ def open_folder(root: str | Path) -> Source:
     Every non-hidden file is tried: files that are not images, or are damaged, are skipped and counted.
     """
     root = _existing(root, want_dir=True)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # Hidden folders and macOS archives' __MACOSX (resource forks, "._NAME" files) are no classes: as one they
+    # would shift every later class's label and end up an empty class.
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
     if classes:
         groups = [(k, _files(root / c)) for k, c in enumerate(classes)]
         stray = [p for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
