@@ -58,7 +58,11 @@ def open_image(data: bytes | str, size: int, channels: int) -> Image.Image:
         with open(data, "rb") as f:
             data = f.read()
     image = Image.open(io.BytesIO(data))
-    image.draft(image.mode, (size, size))  # JPEG only: decode at a reduced scale that still covers `size`
+    # JPEG only: decode at a reduced scale (the DCT's own 1/2, 1/4, 1/8) that still covers twice `size`, so that
+    # Lanczos does the last factor of 2 or more, as Pillow's thumbnail (reducing_gap=2) does. Drafting at `size`
+    # itself left the DCT's box-like scaling as the resize (mean error vs a full decode 1.55 grey levels at 256
+    # from 1,024, 0.65 at twice; decoding 1.45x slower, still 2x faster than a full decode).
+    image.draft(image.mode, (2 * size, 2 * size))
     image.load()
     image = ImageOps.exif_transpose(image)  # camera photos: apply the EXIF orientation
     if image.mode == "I" or image.mode.startswith("I;16"):  # 16-bit grayscale (PNG, TIFF): PIL's convert clips at 255
