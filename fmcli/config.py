@@ -656,13 +656,15 @@ def resolve_without_data(cfg: Config) -> Config:
     """`resolve` for tools that use synthetic tensors (bench, autotune): the manifest at data.path when there
     is one, else the source's known shape (shapes = 3 x data.image_size, 10 classes; cifar10; mnist).
     Other sources need model.image_size, in_channels and num_classes set."""
+    from .data.dataset import read_manifest, validate_prepared  # a manifest is checked before it is believed
+
     m = cfg.model
     manifest_path = Path(cfg.data.path) / "manifest.json" if cfg.data.path else None
     if None not in (m.image_size, m.in_channels, m.num_classes):  # repa.encoder "auto" resolved too, as `resolve` does
-        kind = "pixels" if cfg.repa.encoder != "auto" or manifest_path is None or not manifest_path.exists() else json.loads(manifest_path.read_text()).get("kind", "pixels")
+        kind = "pixels" if cfg.repa.encoder != "auto" or manifest_path is None or not manifest_path.exists() else read_manifest(cfg.data.path).get("kind", "pixels")
         return with_resolved_repa(with_data_dimension(cfg, m.in_channels * m.image_size**2), kind)
     if manifest_path is not None and manifest_path.exists():
-        return resolve(cfg, json.loads(manifest_path.read_text()))
+        return resolve(cfg, validate_prepared(cfg.data.path))
     if cfg.data.source == "shapes":
         channels, size, classes = 3, cfg.data.image_size, 10
     elif cfg.data.source in KNOWN_SOURCE_SHAPES:

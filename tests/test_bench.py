@@ -582,3 +582,16 @@ def test_bench_hardware_of_a_text_model_probes_the_gemm_alone(monkeypatch, tmp_p
     hw = resolve_bench_hardware(cfg, torch.device("cpu"), precision, False, lambda line: None)
     probe = hw["precision"]["probe"]
     assert probe["step_ms"] is None and probe["gemm_speedup"] == pytest.approx(0.5) and hw["precision"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"format": 1, "kind": "pixels", "shape": "x"}'])
+def test_bench_checks_the_manifest_it_reads_the_shape_from(tmp_path, text):
+    """fm bench (and the autotune) read the model's shape from data.path's manifest: a damaged one is the same one
+    line as for training, not a TypeError or ValueError from deep inside."""
+    from conftest import fm_in_process
+
+    (tmp_path / "manifest.json").write_text(text)
+    result = fm_in_process("bench", "--preset", "debug", "--set", f"data.path={tmp_path}", "--mode", "train", "--steps", "1", "--warmup", "0")
+    assert result.returncode == 2, result.stderr
+    assert "manifest" in result.stderr and "fm prepare-data" in result.stderr and "Error:" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

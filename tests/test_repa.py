@@ -334,7 +334,7 @@ def test_bench_resolves_auto_with_the_shape_given(tmp_path, kind, expected):
 
     shape = ["model.image_size=16", "model.in_channels=3", "model.num_classes=10"]
     if kind is not None:
-        (tmp_path / "manifest.json").write_text(json.dumps({"kind": kind, "shape": [3, 16, 16], "num_classes": 10}))
+        (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "kind": kind, "shape": [3, 16, 16], "num_classes": 10}))
     sets = [f"data.path='{tmp_path}'"] if kind is not None else ["data.source=folder"]
     assert resolve_without_data(load_config("debug", ["repa.encoder=auto", *shape, *sets])).repa.encoder == expected
 
