@@ -42,6 +42,10 @@ class ExportSummary:
     ema: bool
 
 
+# Everything either format writes (`_write_fm`, `_write_diffusers`): what --force may replace along with the export.
+EXPORT_FILES = frozenset({EXPORT_MANIFEST, "README.md", _FM_WEIGHTS, _DIFFUSERS_WEIGHTS, "config.json", "scheduler"})
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers", *, use_ema: bool = True, force: bool = False) -> ExportSummary:
     """Write `ckpt`'s (EMA) weights to `out` in `fmt`; refuses, before writing anything, what cannot be exported."""
     if fmt not in EXPORT_FORMATS:
@@ -51,6 +55,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
         raise UsageError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not (out.is_dir() and ((out / EXPORT_MANIFEST).is_file() or not any(out.iterdir()))):
         raise UsageError(f"refusing to replace {out}: it is neither an fm export (no {EXPORT_MANIFEST}) nor empty")
+    if out.exists() and (foreign := sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)):
+        raise UsageError(f"refusing to replace {out}: besides an fm export it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                         "which --force would delete; move them out or choose another --out")  # fmt: skip
     refuse_unwritable(out.parent)  # a file where a folder of --out should be: one line now, not an OSError later
     path = resolve_checkpoint(ckpt)
     if is_export(path):

@@ -197,6 +197,21 @@ def test_existing_out_needs_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out", "step.pt"]  # no temporary directory left
 
 
+def test_force_never_deletes_the_users_files_inside_an_export(tmp_path):
+    """--force replaces an earlier export (either format over the other), not a file of the user's put inside it;
+    `--out .` is the current folder by its name (it had no name to put a temporary sibling beside)."""
+    make_checkpoint(tmp_path / "step.pt")
+    export_checkpoint(tmp_path / "step.pt", tmp_path / "e", "diffusers")
+    (tmp_path / "e" / "notes.txt").write_text("keep")
+    with pytest.raises(UsageError, match="notes.txt"):
+        export_checkpoint(tmp_path / "step.pt", tmp_path / "e", "fm", force=True)
+    assert (tmp_path / "e" / "notes.txt").read_text() == "keep" and (tmp_path / "e" / "scheduler").is_dir()
+    (tmp_path / "e" / "notes.txt").unlink()
+    res = fm_in_process("export", "--ckpt", tmp_path / "step.pt", "--format", "fm", "--out", ".", "--force", cwd=tmp_path / "e")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["README.md", "fm_export.json", "model.safetensors"]
+
+
 def test_out_under_a_file_is_refused_before_any_work(tmp_path, capsys):
     """--out whose folder is a file: exit 2 with one line, as every other output path (not exit 1 with a FileExistsError)."""
     from fmcli.cli import app

@@ -354,3 +354,16 @@ def test_json_row_and_manifest_record_the_settings_that_ran(teacher_ckpt, tmp_pa
     assert row["count"] == 3 and row["path"] == str(tmp_path / "p")
     teacher = PreparedDataset(tmp_path / "p").manifest["teacher"]
     assert {k: teacher.get(k) for k in expected} == expected and teacher["seed"] == 3 and teacher["num_pairs"] == 3
+
+
+def test_reflow_out_dot_is_refused_before_sampling_and_leaves_nothing(tmp_path, debug_run):
+    """`fm reflow --out .` names the current folder: an existing one is refused before any sampling (as any
+    existing --out), and no OUT.partial of finished chunks is left inside it; with --force it is the dataset."""
+    here = tmp_path / "pairs"
+    here.mkdir()
+    refused = fm_in_process("reflow", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--out", ".", cwd=here)
+    assert refused.returncode == 2 and "already exists" in refused.stderr, refused.stderr
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]
+    made = fm_in_process("reflow", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--out", ".", "--force", cwd=here)
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "pairs" / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]

@@ -10,7 +10,7 @@ import typer
 
 from ..console import emit_json, stderr_console
 from ..errors import UsageError
-from ..fsutil import refuse_existing
+from ..fsutil import named_path, refuse_existing
 from .app import app, log_line, torch_device
 from .options import (
     Atol, BatchSize, Ckpt, Device, Ema, Force, Gpus, Json, Nproc, Rtol, SampleCompile, SamplePrecision, SamplingFlags, Seed, float_option,
@@ -145,6 +145,7 @@ def reflow(
     from ..solvers import MEAN_FLOW_SOLVERS
 
     texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
+    out = named_path(out)  # `--out .`: the folder by its name, so that OUT.partial lies beside it, not inside
     flags = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, precision=precision, compile_model=compile_model)
     # The defaults: 50 steps for fixed-step solvers (dopri5 chooses its own: --steps is refused); heun, or a
     # mean-flow teacher's own jumps (no other solver fits it).
@@ -188,7 +189,7 @@ def export(
 
     from ..export import export_checkpoint
 
-    summary = export_checkpoint(ckpt, out, fmt, use_ema=ema, force=force)
+    summary = export_checkpoint(ckpt, named_path(out), fmt, use_ema=ema, force=force)  # `--out .`: the folder by its name
     if as_json:
         emit_json(vars(summary))
     else:
