@@ -451,17 +451,20 @@ def generate_features(
     device: torch.device,
     out: Path | None = None,
     progress: Callable[[int], None] | None = None,
+    labels: np.ndarray | None = None,
 ) -> GeneratedFeatures:
     """Sample the given global indices (sample i depends only on (seed, i): shardable) and return their
-    features in every space of `extractors`, and the class each sample was asked for."""
+    features in every space of `extractors`, and the class each sample was asked for: `labels[i]` for sample i
+    where given (fm eval's classes in the data's proportions), else generate.labels_for's cycle."""
     from .generate import iterate_samples
     from .images import save_images, to_uint8
 
     indices = list(indices)
+    asked = torch.as_tensor(labels[indices]) if labels is not None and indices else None
     feats: dict[str, list] = {space: [] for space in extractors}
     labels, nfe_total, nfe_max, gen_seconds = [], 0, 0, 0.0
     start = time.perf_counter()
-    for chunk, y, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device):
+    for chunk, y, result in iterate_samples(loaded, indices, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, labels=asked):
         pixels = to_rgb(torch.from_numpy(to_uint8(result.x)).permute(0, 3, 1, 2).contiguous())  # the PNG bytes' values, [B,3,H,W]
         gen_seconds += time.perf_counter() - start
         nfe_total += result.nfe * len(chunk)
@@ -486,7 +489,7 @@ def generate_features(
 
 
 def sharded_features(loaded, n: int, extractors: dict[str, FeatureExtractor], *, seed: int, sample_cfg, batch_size: int, device,
-                     ctx=None, out: Path | None = None, progress_factory=None) -> GeneratedFeatures:
+                     ctx=None, out: Path | None = None, progress_factory=None, labels: np.ndarray | None = None) -> GeneratedFeatures:
     """Samples 0..n-1 shared out over the ranks of `ctx` and their features, gathered in index order on every
     rank (sample i is the same on any rank, so the result is one process's); the time is the slowest rank's, the
     NFE per sample the mean over all ranks' samples (dopri5's differs between ranks), `nfe_max` the largest."""
@@ -498,7 +501,8 @@ def sharded_features(loaded, n: int, extractors: dict[str, FeatureExtractor], *,
     indices = D.shard_indices(n, ctx)
     bar = progress_factory(len(indices)) if progress_factory and ctx.rank == 0 else contextlib.nullcontext(None)
     with bar as advance:
-        generated = generate_features(loaded, indices, extractors, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, out=out, progress=advance)
+        generated = generate_features(loaded, indices, extractors, seed=seed, sample_cfg=sample_cfg, batch_size=batch_size, device=device, out=out,
+                                      progress=advance, labels=labels)  # fmt: skip
     if ctx.world_size == 1:
         return generated
     feats = {space: np.stack(D.gather_in_index_order(indices, list(f), ctx)) for space, f in generated.feats.items()}

@@ -87,6 +87,31 @@ def prepare_references(data: Path, extractors: dict, n: int, *, seeds, batch_siz
     return out
 
 
+def proportional_labels(n: int, counts) -> np.ndarray:
+    """n class labels in the proportions of `counts` (a dataset's images per class): each class gets its quota's
+    whole part and the largest remainders the rest (Hamilton), and the classes interleave by the position of each
+    label within its class ((j + 1/2) / count, ties by class): equal counts give i mod K, as generate.labels_for."""
+    counts = np.asarray(counts, dtype=np.float64)
+    quota = n * counts / counts.sum()
+    alloc = np.floor(quota).astype(int)
+    order = sorted(range(len(counts)), key=lambda k: (-(quota[k] - alloc[k]), k))  # largest remainder first, ties by class
+    for k in order[: n - alloc.sum()]:
+        alloc[k] += 1
+    slots = sorted(((j + 0.5) / c, k) for k, c in enumerate(alloc) for j in range(c))
+    return np.array([k for _, k in slots], dtype=np.int64)
+
+
+def data_labels(data: Path, num_classes: int) -> np.ndarray | None:
+    """The images per class of the labelled dataset `data` when it has the model's number of classes (check_classes
+    asks the same names in the same order where the domain space reads them), else None (the classes cycle)."""
+    from .data.dataset import read_manifest
+
+    if not num_classes or (read_manifest(data).get("num_classes") or 0) != num_classes or not (Path(data) / "y.npy").is_file():
+        return None
+    counts = np.bincount(np.load(Path(data) / "y.npy"), minlength=num_classes)
+    return counts if counts.all() else None  # a class without images: nothing to be proportional to, cycle as before
+
+
 def over_draws(results: list[dict]) -> dict:
     """Scores against several reference draws as one: each number the mean over the draws that have it (a class
     a small draw lacks has no per-class FD there), and each metric's standard deviation over the draws beside it
@@ -261,11 +286,16 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     if images is not None:
         generated = Generated({s: features_of(images, e) for s, e in extractors.items()}, None)
         return floor_row, [{"gen": str(req.gen), "num_samples": n, **scored(generated), "floor": floor_row}]
+    # Classes asked in the data's proportions: against imbalanced data, a cycle through the classes would score even
+    # a perfect model worse than the floor (whose halves have the data's class mix).
+    counts = data_labels(req.data, loaded.num_classes)
+    asked = proportional_labels(n, counts) if counts is not None else None
     rows = []
     for settings in sweep:
         if log:
             log(f"sampling {n}: {_solver_label(settings_record(settings))}, {settings.guidance} {settings.cfg:g}, interval {settings.guidance_interval}")
-        generated = sharded_features(loaded, n, extractors, seed=req.seed, sample_cfg=settings, batch_size=req.batch_size, device=device, progress_factory=progress_factory)
+        generated = sharded_features(loaded, n, extractors, seed=req.seed, sample_cfg=settings, batch_size=req.batch_size, device=device,
+                                     progress_factory=progress_factory, labels=asked)  # fmt: skip
         rows.append({
             "ckpt": str(req.ckpt), "step": loaded.step, **settings_record(settings), **sampling_record(loaded),
             "nfe_per_sample": generated.nfe_per_sample, **nfe_fields(generated.nfe_per_sample, generated.nfe_max),
@@ -349,6 +379,8 @@ class TrainingFidelity:
             if cfg.eval.features == "domain":  # the samples' classes are the training data's
                 check_classes(cfg.model.num_classes, read_manifest(data_path).get("class_names"), read_manifest(data), f"eval.ref {data}")
         self.num_samples, self.device, self.space = cfg.eval.num_samples, device, cfg.eval.features
+        counts = data_labels(data, cfg.model.num_classes)  # the classes asked, in the reference's proportions (fm eval's)
+        self.labels = proportional_labels(self.num_samples, counts) if counts is not None else None
         self.extractor = build_space(self.space, data=data, device=device, classifier=cfg.eval.classifier, dinov2=cfg.eval.dinov2, log=log)
         self.reference = None
         if with_reference:
@@ -362,12 +394,12 @@ class TrainingFidelity:
         loaded = LoadedModel(model=model, config=cfg, info={"kind": "pixels"}, step=step)
         n = self.num_samples
         generated = sharded_features(
-            loaded, n, {self.space: self.extractor}, seed=cfg.train.seed, sample_cfg=cfg.sample, batch_size=batch_size, device=self.device, ctx=ctx
+            loaded, n, {self.space: self.extractor}, seed=cfg.train.seed, sample_cfg=cfg.sample, batch_size=batch_size, device=self.device, ctx=ctx,
+            labels=self.labels,
         )  # fmt: skip
         if self.reference is None:
             return None
-        labels = np.arange(n) % loaded.num_classes if loaded.num_classes else None  # generate.labels_for's classes
-        scores = score(self.reference, Generated(generated.feats, labels), kid=False)
+        scores = score(self.reference, Generated(generated.feats, generated.labels), kid=False)
         record = {"step": step, **_flat(scores, self.space), **{f"{k}_floor": v for k, v in _flat(self.reference.floor_scores, self.space).items()}}
         return {**record, "eval_features": self.space, "eval_num_samples": n, "eval_gen_seconds": round(generated.gen_seconds, 3)}
 

@@ -690,3 +690,51 @@ def test_table_labels_each_per_class_mean_with_its_own_row():
     last = format_table(floor, rows).splitlines()[-1]
     assert last == ("per-class FD (domain), mean over classes: floor 0.2500; "
                     "cfg 1, meanflow 1: 3.0000, cfg 1, meanflow 2: 2.0000, samples: 1.5000")
+
+
+@pytest.mark.parametrize("counts, n", [([5, 5, 5], 9), ([90, 10], 20), ([7, 1, 2, 30], 13), ([3, 3], 7), ([1, 1000], 10)])
+def test_classes_are_asked_in_the_datas_proportions(counts, n):
+    """Hamilton's allocation, computed here with exact fractions: each class its quota's whole part, the largest
+    remainders (ties: the lower class) one more; equal counts give the cycle i mod K that fm sample uses."""
+    from fractions import Fraction
+
+    from fmcli.fidelity import proportional_labels
+
+    labels = proportional_labels(n, counts)
+    quota = [Fraction(n * c, sum(counts)) for c in counts]
+    alloc = [int(q) for q in quota]
+    for k in sorted(range(len(counts)), key=lambda k: (-(quota[k] - alloc[k]), k))[: n - sum(alloc)]:
+        alloc[k] += 1
+    assert len(labels) == n and np.bincount(labels, minlength=len(counts)).tolist() == alloc
+    if len(set(counts)) == 1 and n % len(counts) == 0:
+        assert labels.tolist() == [i % len(counts) for i in range(n)]
+
+
+def test_eval_asks_an_imbalanced_datasets_classes_in_its_proportions(data, debug_run, tmp_path, monkeypatch):
+    """A dataset of 1 circle to 3 squares: the samples fm eval scores are asked 1:3 as well (with a cycle through
+    the classes a perfect model of that data would score worse than its floor), and are sampled as asked."""
+    import fmcli.fidelity as fidelity
+    from fmcli.evaluate import sharded_features
+    from fmcli.generate import load_for_sampling
+
+    imbalanced = tmp_path / "imbalanced"
+    imbalanced.mkdir()
+    np.save(imbalanced / "x.npy", np.load(data / "x.npy")[:40])
+    np.save(imbalanced / "y.npy", np.array([0] * 10 + [1] * 30))
+    manifest = json.loads((data / "manifest.json").read_text())
+    (imbalanced / "manifest.json").write_text(json.dumps({**manifest, "count": 40, "num_classes": 2, "class_names": manifest["class_names"][:2]}))
+    counts = fidelity.data_labels(imbalanced, 2)
+    assert counts.tolist() == [10, 30] and np.bincount(fidelity.proportional_labels(20, counts)).tolist() == [5, 15]
+    assert fidelity.data_labels(imbalanced, 10) is None  # the model has other classes: the cycle, as before
+    # fm eval hands the data's proportions to the sampler...
+    seen = []
+    monkeypatch.setattr(fidelity, "sharded_features", lambda *a, **kw: seen.append(kw["labels"]) or sharded_features(*a, **kw))
+    rows = _json(fm_in_process("eval", "--ckpt", debug_run, "--data", data, "-n", 20, "--features", "tiny", "--steps", 1, "--no-kid", "--json"))
+    y = np.load(data / "y.npy")
+    assert len(rows) == 1 and seen[-1].tolist() == fidelity.proportional_labels(20, np.bincount(y, minlength=10)).tolist()
+    # ...which samples each index with its label (the labels gathered are the ones asked).
+    loaded = load_for_sampling(str(debug_run), torch.device("cpu"))
+    asked = np.array([3, 3, 3, 7, 0, 9])
+    generated = sharded_features(loaded, 6, {}, seed=0, sample_cfg=loaded.config.sample.model_copy(update={"steps": 1}), batch_size=4,
+                                 device=torch.device("cpu"), labels=asked)  # fmt: skip
+    assert generated.labels.tolist() == asked.tolist()
