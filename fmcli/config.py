@@ -315,6 +315,9 @@ class SampleConfig(Strict):
         return zero_init_steps
 
 
+EVAL_FEATURES = ("inception", "tiny", "domain", "dinov2")  # eval.features' named spaces (else module:factory)
+
+
 class EvalConfig(Strict):
     every: int = Field(0, ge=0)  # evaluate the EMA model every k steps (0 = off), logged to metrics.jsonl
     num_samples: int = Field(5000, gt=0)
@@ -327,6 +330,16 @@ class EvalConfig(Strict):
     dinov2: str | None = None  # dinov2: a local transformers Dinov2Model directory (None = $FM_DINOV2)
     inception: str | None = None  # inception-2015-12-05.pt; None = $FM_INCEPTION
     inception_unverified: bool = False  # accept an Inception file whose sha256 is not the reference one
+
+    @field_validator("features")
+    @classmethod
+    def _known_features(cls, features: str) -> str:
+        # Checked here, not only where an evaluator is built: with eval.every = 0 or no eval.ref a typo would sit in
+        # config.json and the checkpoints and fail at a later resume that gives the reference.
+        module, _, factory = features.partition(":")
+        if features not in EVAL_FEATURES and not (module.strip() and factory.strip()):
+            raise ValueError(f"must be {', '.join(EVAL_FEATURES)} or module:factory, got {features!r}")
+        return features
 
 
 class RepaConfig(Strict):
