@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import fm_in_process, run_fm
-from fmcli.config import RESUME_SAFE_KEYS, Config, apply_overrides, load_config, parse_override, preset_names
+from fmcli.config import RESUME_SAFE_KEYS, Config, apply_overrides, config_to_dict, load_config, parse_override, preset_names, validate_config
 from fmcli.errors import UsageError
 
 
@@ -444,3 +444,8 @@ def test_an_unknown_eval_features_is_refused_when_the_config_is_read(features):
         load_config("debug", [f"eval.features={features}"])
     for good in ("inception", "tiny", "domain", "dinov2", "mypackage.features:make"):
         assert load_config("debug", [f"eval.features={good}"]).eval.features == good
+    # A resume's --set too; a stored config that holds one still loads (to be sampled, or resumed with a --set).
+    stored = validate_config({**config_to_dict(load_config("debug")), "eval": {"features": features}})
+    with pytest.raises(UsageError, match=r"eval\.features: must be"):
+        apply_overrides(load_config("debug"), [f"eval.features={features}"], allowed=RESUME_SAFE_KEYS)
+    assert apply_overrides(stored, ["eval.features=tiny"], allowed=RESUME_SAFE_KEYS).eval.features == "tiny"
