@@ -254,8 +254,10 @@ def list_checkpoints(ckpt_dir: Path) -> dict[int, Path]:
 
 def resolve_checkpoint(target: str | Path) -> Path:
     """A checkpoint file, a run directory, or a checkpoints directory -> the checkpoint file to load (an
-    `fm export` directory is returned as it is)."""
+    `fm export` directory is returned as it is); a `checkpoints/latest` file given itself is followed, as its folder's."""
     target = Path(target)
+    if target.name == "latest" and target.is_file():  # the pointer (a tab completion), not a damaged checkpoint
+        return _read_latest(target)
     if target.is_file() or (target / EXPORT_MANIFEST).is_file():
         return target
     for ckpt_dir in (target / "checkpoints", target):

@@ -197,6 +197,29 @@ def test_latest_naming_its_own_or_a_set_aside_checkpoint_resolves_to_it(tmp_path
         resolve_checkpoint(tmp_path / "run")
 
 
+def test_the_latest_pointer_given_itself_resolves_to_the_checkpoint_it_names(tmp_path, debug_run):
+    """`fm resume RUN/checkpoints/latest` (a tab completion) loaded the one-line pointer as a checkpoint: "cannot load
+    checkpoint .../latest: corrupt or truncated (pop from empty list)", exit 2, for a healthy run. It is followed as
+    the folder's `latest` is; one naming nothing is refused as that one is."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "abandoned-from-step-0000001").mkdir(parents=True)
+    for rel in ("step-0000001.pt", "abandoned-from-step-0000001/step-0000002.pt"):
+        (ckpts / rel).write_bytes(b"x")
+        (ckpts / "latest").write_text(rel + "\n")
+        assert resolve_checkpoint(ckpts / "latest") == ckpts / rel
+    (ckpts / "latest").write_text("../../elsewhere.pt\n")
+    with pytest.raises(UsageError, match="does not name a checkpoint in its folder"):
+        resolve_checkpoint(ckpts / "latest")
+    run = tmp_path / "debug"
+    import shutil
+
+    shutil.copytree(debug_run, run)
+    named = (run / "checkpoints" / "latest").read_text().strip()
+    r = fm_in_process("resume", run / "checkpoints" / "latest", "--set", "train.steps=5")
+    assert r.returncode == 0 and r.stdout.strip().endswith("step-0000005.pt"), r.stderr
+    assert f"resumed from {run / 'checkpoints' / named} at step 4" in r.stderr, r.stderr
+
+
 def test_resuming_a_set_aside_checkpoint_sets_aside_every_checkpoint_the_current_branch_made_after_their_fork(tmp_path, shapes16):
     """Branch A reached 20 (checkpoints 10, 20); a rollback to 10 made branch B (checkpoint 15), A's 20 going to
     abandoned-from-step-0000010/. Resuming A's 20 from there: B left A at 10, so B's 15 (before 20, but not A's) is
