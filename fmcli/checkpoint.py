@@ -23,6 +23,7 @@ from .fsutil import atomic_write, commit, fsync_dir, fsync_file, temp_path, writ
 from .runlog import step_name
 
 STEP_FILE = re.compile(r"^step-(\d{7,})\.pt$")
+ASIDE_DIR = re.compile(r"^abandoned-from-step-(\d{7,})(?:-\d+)?$")  # _new_aside_dir's folders
 STALE_TEMP = re.compile(r"^\.(step-\d{7,}\.pt|latest)\.tmp-[0-9a-f]{8}$")  # fsutil.temp_path's, of a save killed mid-write
 EXPORT_MANIFEST = "fm_export.json"  # marks an `fm export` directory (weights only; export.py reads it)
 
@@ -174,17 +175,26 @@ def remove_stale_temps(ckpt_dir: Path) -> list[Path]:
     return stale
 
 
+def fork_step(ckpt_dir: Path, step: int, resumed: Path) -> int:
+    """The last step the run resumed from `resumed` (at `step`) shares with the branch in `ckpt_dir`: `step`,
+    except for a checkpoint set aside in ckpt_dir/abandoned-from-step-K[-N]/, whose branch left the run's
+    current one at K (the current branch's checkpoints, grids and records after K are another branch's)."""
+    resumed = Path(resumed).resolve()
+    m = ASIDE_DIR.match(resumed.parent.name)
+    return min(step, int(m.group(1))) if m and resumed.parent.parent == Path(ckpt_dir).resolve() else step
+
+
 def set_aside_branch(ckpt_dir: Path, step: int, resumed: Path) -> list[Path]:
     """The first save of a run resumed from `resumed` (at `step`): move the abandoned branch's checkpoints
-    (after `step`, or at it but not `resumed` itself) into abandoned-from-step-<step>[-N]/. `latest` is
-    pointed at `resumed` first when it lives under `ckpt_dir`, so it never names a moved file."""
-    resumed = Path(resumed).resolve()
-    abandoned = sorted(s for s, p in list_checkpoints(ckpt_dir).items() if s > step or (s == step and p.resolve() != resumed))
+    (after the fork, `fork_step`, or at `step` but not `resumed` itself) into abandoned-from-step-<fork>[-N]/.
+    `latest` is pointed at `resumed` first when it lives under `ckpt_dir`, so it never names a moved file."""
+    fork, resumed = fork_step(ckpt_dir, step, resumed), Path(resumed).resolve()
+    abandoned = sorted(s for s, p in list_checkpoints(ckpt_dir).items() if s > fork or (s == step and p.resolve() != resumed))
     if not abandoned:
         return []
     with contextlib.suppress(ValueError):  # a checkpoint of another run directory: latest cannot name it
         write_latest(ckpt_dir, resumed.relative_to(ckpt_dir.resolve()).as_posix())
-    return _move_aside(ckpt_dir, step, abandoned)
+    return _move_aside(ckpt_dir, fork, abandoned)
 
 
 def set_aside_from(ckpt_dir: Path, step: int) -> list[Path]:
@@ -244,8 +254,10 @@ def list_checkpoints(ckpt_dir: Path) -> dict[int, Path]:
 
 def resolve_checkpoint(target: str | Path) -> Path:
     """A checkpoint file, a run directory, or a checkpoints directory -> the checkpoint file to load (an
-    `fm export` directory is returned as it is)."""
+    `fm export` directory is returned as it is); a `checkpoints/latest` file given itself is followed, as its folder's."""
     target = Path(target)
+    if target.name == "latest" and target.is_file():  # the pointer (a tab completion), not a damaged checkpoint
+        return _read_latest(target)
     if target.is_file() or (target / EXPORT_MANIFEST).is_file():
         return target
     for ckpt_dir in (target / "checkpoints", target):

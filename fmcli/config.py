@@ -315,6 +315,20 @@ class SampleConfig(Strict):
         return zero_init_steps
 
 
+EVAL_FEATURES = ("inception", "tiny", "domain", "dinov2")  # eval.features' named spaces (else module:factory)
+
+
+def refuse_unknown_eval_features(cfg: "Config", source: str) -> None:
+    """eval.features must name a space or a module:factory. Checked where a config is written (load_config, a resume's
+    --set), not only where an evaluator is built: with eval.every = 0 or no eval.ref a typo would sit in config.json
+    and the checkpoints and fail at a later resume that gives the reference. Not in the model's validator: a stored
+    checkpoint's config with another value must still load to be sampled, exported or resumed with a --set."""
+    features = cfg.eval.features
+    module, _, factory = features.partition(":")
+    if features not in EVAL_FEATURES and not (module.strip() and factory.strip()):
+        raise UsageError(f"invalid config ({source}): eval.features: must be {', '.join(EVAL_FEATURES)} or module:factory, got {features!r}")
+
+
 class EvalConfig(Strict):
     every: int = Field(0, ge=0)  # evaluate the EMA model every k steps (0 = off), logged to metrics.jsonl
     num_samples: int = Field(5000, gt=0)
@@ -703,7 +717,9 @@ def load_config(preset: str | None, overrides: list[str] | None = None, note=Non
     raw = _apply_layer(raw, _overrides_layer(overrides or []))
     _refuse_repeated_fallback_keys(raw, preset or "defaults")
     _drop_overridden_fallback(raw, overrides or [], note or (lambda line: None), preset or "defaults")
-    return validate_config(raw, source=preset or "defaults")
+    cfg = validate_config(raw, source=preset or "defaults")
+    refuse_unknown_eval_features(cfg, preset or "defaults")
+    return cfg
 
 
 def _refuse_repeated_fallback_keys(raw: dict, source: str) -> None:
@@ -805,7 +821,10 @@ def apply_overrides(cfg: Config, overrides: list[str], allowed: set[str] | None 
     """Apply overrides to an existing config; with `allowed`, refuse keys outside it (resume safety)."""
     raw = _apply_layer(config_to_dict(cfg), _overrides_layer(overrides, allowed))
     _drop_fallback_without_budget(raw)  # a resume never falls back: nothing to say
-    return validate_config(raw, source="--set")
+    cfg = validate_config(raw, source="--set")
+    if any(parse_override(item)[0] == "eval.features" for item in overrides):
+        refuse_unknown_eval_features(cfg, "--set")
+    return cfg
 
 
 def _overrides_layer(overrides: list[str], allowed: set[str] | None = None, label: str = "--set ", once: bool = True) -> dict:

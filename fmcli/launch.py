@@ -52,7 +52,20 @@ def resume_config(ckpt: Path, overrides: list[str], data: Optional[Path] = None,
         raise UsageError(f"--data {data} differs from the resumed run's data.path {cfg.data.path}: a run cannot change its dataset on resume")
     if cfg.data.path and not Path(cfg.data.path).exists():  # said here, where the checkpoint tells what the data was
         raise UsageError(missing_resume_data(cfg.data, state.get("data_info")))
-    return apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
+    cfg = apply_overrides(cfg, overrides, allowed=RESUME_SAFE_KEYS)
+    check_set_steps(cfg, overrides, state.get("step"), ckpt)
+    return cfg
+
+
+def check_set_steps(cfg: Config, overrides: list[str], step, ckpt: Path) -> None:
+    """A resume's --set train.steps at or before the checkpoint's step would train nothing (the run would only say it
+    is already there): refused, as a --stop-at-step the checkpoint has passed is. Without the --set, a finished run
+    resumes to no work (exit 0), as before."""
+    from .config import parse_override
+
+    if isinstance(step, int) and cfg.train.steps <= step and any(parse_override(item)[0] == "train.steps" for item in overrides):
+        raise UsageError(f"--set train.steps={cfg.train.steps} is not after step {step}, where {ckpt} resumes: nothing would train; "
+                         "to extend the run give a larger N, or leave it out")
 
 
 def training_config(preset: str, overrides: list[str], *, data: Optional[Path], run_dir: Optional[Path], resume: Optional[str],

@@ -52,7 +52,12 @@ class WandbTracker:
         kwargs = dict(project=project, name=name, dir=str(run_dir), config=config, mode=os.environ.get("WANDB_MODE") or None)
         if resume_id:
             kwargs.update(id=resume_id, resume="allow")
-        self.run = wandb.init(**kwargs)
+        try:
+            self.run = wandb.init(**kwargs)
+        except wandb.errors.Error as err:  # not logged in (no API key), a refused key, no network: the machine's setup
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise UsageError(f"train.tracker=wandb: W&B did not start ({detail}): log in with `wandb login`, or run offline with "
+                             "WANDB_MODE=offline (upload later with `wandb sync`), or --set train.tracker=none") from None
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(_numeric(metrics), step=step)

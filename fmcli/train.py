@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from . import distributed as D
 from . import budget as B
 from .budget import CHECKPOINTS, EVALUATION, SAMPLES, Probes, RunBudget
-from .checkpoint import load_checkpoint, restore_rng, restore_training, save_checkpoint, set_aside_branch, training_state
+from .checkpoint import fork_step, load_checkpoint, restore_rng, restore_training, save_checkpoint, set_aside_branch, training_state
 from .config import Config, budget_fallback_config, config_to_dict, flip_warning, resolve_for_training, with_setting
 from .console import RankLog
 from .data.dataset import PreparedDataset, collate_batched, data_space
@@ -437,8 +437,9 @@ class Trainer:
 
     def _set_aside_outputs(self, aside: Path) -> None:
         """The abandoned branch's sample grids and metrics.jsonl records (after the resumed step) into `aside`, the
-        folder its checkpoints went to: the new branch overwrites none of them, and the records read as one branch."""
-        step = self.branch_point[0]
+        folder its checkpoints went to: the new branch overwrites none of them, and the records read as one branch.
+        A resumed set-aside checkpoint's branch left the current one at its folder's step (`fork_step`): from there."""
+        step = fork_step(self.run_dir / "checkpoints", *self.branch_point)
         grids = set_aside_samples(self.run_dir / "samples", step, aside)
         records = set_aside_metrics(self.run_dir, step, self.metrics_mark, aside)
         if grids or records:

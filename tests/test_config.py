@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import fm_in_process, run_fm
-from fmcli.config import RESUME_SAFE_KEYS, Config, apply_overrides, load_config, parse_override, preset_names
+from fmcli.config import RESUME_SAFE_KEYS, Config, apply_overrides, config_to_dict, load_config, parse_override, preset_names, validate_config
 from fmcli.errors import UsageError
 
 
@@ -76,8 +76,8 @@ def test_a_text_setting_given_a_number_by_set_keeps_the_text():
 
     from fmcli.launch import training_config
 
-    cfg = load_config("debug", ["name=2024", "data.path=007", "train.init_from=1e3", "eval.features=true", "train.steps=3"])
-    assert (cfg.name, cfg.data.path, cfg.train.init_from, cfg.eval.features) == ("2024", "007", "1e3", "true")
+    cfg = load_config("debug", ["name=2024", "data.path=007", "train.init_from=1e3", "eval.classifier=true", "train.steps=3"])
+    assert (cfg.name, cfg.data.path, cfg.train.init_from, cfg.eval.classifier) == ("2024", "007", "1e3", "true")
     assert cfg.train.steps == 3 and load_config("debug", ["name='x y'", "data.path=null"]).name == "x y"
     assert training_config("debug", ["name=2024"], data=None, run_dir=None, resume=None)[1] == Path("runs") / "2024"
 
@@ -433,3 +433,19 @@ def test_a_scripts_own_settings_give_way_to_the_users_set_of_the_same_key():
     assert items == ["train.steps=5", "optim.lr = 5e-4", "model.depth=2"]
     cfg = load_config("quickstart", items)
     assert (cfg.optim.lr, cfg.train.steps, cfg.model.depth) == (5e-4, 5, 2)
+
+
+@pytest.mark.parametrize("features", ["inceptoin", "Tiny", "domain,dinov2", ":make", "mod:", "true"])
+def test_an_unknown_eval_features_is_refused_when_the_config_is_read(features):
+    """eval.features was any string: with eval.every = 0 or no eval.ref nothing looked at it, so a typo went into
+    config.json and every checkpoint and failed only at a later resume that gave the reference. The spaces are
+    inception, tiny, domain, dinov2 (docs/architecture.md section 6) or a module:factory of two non-empty parts."""
+    with pytest.raises(UsageError, match=r"eval\.features: must be inception, tiny, domain, dinov2 or module:factory"):
+        load_config("debug", [f"eval.features={features}"])
+    for good in ("inception", "tiny", "domain", "dinov2", "mypackage.features:make"):
+        assert load_config("debug", [f"eval.features={good}"]).eval.features == good
+    # A resume's --set too; a stored config that holds one still loads (to be sampled, or resumed with a --set).
+    stored = validate_config({**config_to_dict(load_config("debug")), "eval": {"features": features}})
+    with pytest.raises(UsageError, match=r"eval\.features: must be"):
+        apply_overrides(load_config("debug"), [f"eval.features={features}"], allowed=RESUME_SAFE_KEYS)
+    assert apply_overrides(stored, ["eval.features=tiny"], allowed=RESUME_SAFE_KEYS).eval.features == "tiny"

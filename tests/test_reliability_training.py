@@ -138,3 +138,19 @@ def test_a_stop_at_step_the_resumed_checkpoint_has_passed_is_refused_before_trai
     assert sorted(list_checkpoints(run / "checkpoints")) == [4]  # nothing trained
     result = train(validate_config(load_checkpoint(ckpt)["config"]), run, resume_from=ckpt, stop_at_step=6, log=QuietLog())
     assert result.step == 6 and result.stopped_early
+
+
+def test_a_resume_whose_set_train_steps_is_not_after_the_checkpoint_is_refused(tmp_path, shapes16):
+    """`fm resume RUN --set train.steps=N` with N at or before the checkpoint's step (6 here) exited 0 training nothing,
+    saying "extend it with --set train.steps=N" to a user who had just set it: the --set had no effect. Refused (exit 2)
+    before any setup, as a --stop-at-step the checkpoint has passed is; without the --set a finished run is still exit 0."""
+    run = tmp_path / "run"
+    train(_debug(shapes16, "train.steps=6", "train.checkpoint_every=0"), run, log=QuietLog())
+    for steps in (3, 6):
+        for command in (["resume", run], ["train", "--resume", "latest", "--run-dir", run]):
+            r = fm_in_process(*command, "--set", f"train.steps={steps}")
+            assert r.returncode == 2 and f"--set train.steps={steps} is not after step 6" in r.stderr, r.stderr
+    assert fm_in_process("resume", run).returncode == 0  # a finished run, nothing asked: nothing to do
+    r = fm_in_process("resume", run, "--set", "train.steps=7")
+    assert r.returncode == 0, r.stderr
+    assert sorted(list_checkpoints(run / "checkpoints")) == [6, 7]

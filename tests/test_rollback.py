@@ -195,3 +195,47 @@ def test_latest_naming_its_own_or_a_set_aside_checkpoint_resolves_to_it(tmp_path
     (ckpts / "latest").write_text("step-0000009.pt\n")
     with pytest.raises(UsageError, match="names step-0000009.pt, which does not exist"):
         resolve_checkpoint(tmp_path / "run")
+
+
+def test_the_latest_pointer_given_itself_resolves_to_the_checkpoint_it_names(tmp_path, debug_run):
+    """`fm resume RUN/checkpoints/latest` (a tab completion) loaded the one-line pointer as a checkpoint: "cannot load
+    checkpoint .../latest: corrupt or truncated (pop from empty list)", exit 2, for a healthy run. It is followed as
+    the folder's `latest` is; one naming nothing is refused as that one is."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "abandoned-from-step-0000001").mkdir(parents=True)
+    for rel in ("step-0000001.pt", "abandoned-from-step-0000001/step-0000002.pt"):
+        (ckpts / rel).write_bytes(b"x")
+        (ckpts / "latest").write_text(rel + "\n")
+        assert resolve_checkpoint(ckpts / "latest") == ckpts / rel
+    (ckpts / "latest").write_text("../../elsewhere.pt\n")
+    with pytest.raises(UsageError, match="does not name a checkpoint in its folder"):
+        resolve_checkpoint(ckpts / "latest")
+    run = tmp_path / "debug"
+    import shutil
+
+    shutil.copytree(debug_run, run)
+    named = (run / "checkpoints" / "latest").read_text().strip()
+    r = fm_in_process("resume", run / "checkpoints" / "latest", "--set", "train.steps=5")
+    assert r.returncode == 0 and r.stdout.strip().endswith("step-0000005.pt"), r.stderr
+    assert f"resumed from {run / 'checkpoints' / named} at step 4" in r.stderr, r.stderr
+
+
+def test_resuming_a_set_aside_checkpoint_sets_aside_every_checkpoint_the_current_branch_made_after_their_fork(tmp_path, shapes16):
+    """Branch A reached 20 (checkpoints 10, 20); a rollback to 10 made branch B (checkpoint 15), A's 20 going to
+    abandoned-from-step-0000010/. Resuming A's 20 from there: B left A at 10, so B's 15 (before 20, but not A's) is
+    another branch's and is set aside with B's record of step 15; before, it stayed in rotation and keep_last=2
+    deleted it at A's step 40, and metrics.jsonl read B's 15 then A's 25."""
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    train(_debug(shapes16, "train.steps=20"), run, log=QuietLog())
+    b_cfg = validate_config(load_checkpoint(ckpts / "step-0000010.pt")["config"]).with_section("train", checkpoint_every=5)
+    train(b_cfg, run, resume_from=ckpts / "step-0000010.pt", stop_at_step=15, log=QuietLog())
+    assert sorted(list_checkpoints(ckpts)) == [10, 15]
+    b15 = (ckpts / "step-0000015.pt").read_bytes()
+    a20 = ckpts / "abandoned-from-step-0000010" / "step-0000020.pt"
+    a_cfg = validate_config(load_checkpoint(a20)["config"]).with_section("train", steps=40)
+    train(a_cfg, run, resume_from=a20, log=QuietLog())
+    assert sorted(list_checkpoints(ckpts)) == [30, 40]
+    assert [p.read_bytes() == b15 for p in ckpts.rglob("step-0000015.pt")] == [True]  # kept, out of rotation
+    assert sorted(list_checkpoints(ckpts / "abandoned-from-step-0000010-2")) == [15]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 25, 30, 35, 40]  # up to the fork, then A's own: no record of B

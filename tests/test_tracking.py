@@ -191,3 +191,20 @@ def test_a_wandb_run_continued_before_its_last_logged_step_warns_once_which_step
     (tmp_path / "wandb_id.txt").unlink()
     make_tracker("wandb", tmp_path, resumed_at=10, log=messages.append)  # a new W&B run: nothing to drop
     assert messages == []
+
+
+def test_wandb_without_a_login_is_one_line_saying_what_to_do(tmp_path, shapes16):
+    """train.tracker=wandb on a machine not logged in to W&B ended in "error: UsageError: No API key configured ...
+    (rerun with --debug for the traceback)", exit 1, as if fm had crashed: it is the machine's setup, exit 2 with the
+    three ways on (wandb login, WANDB_MODE=offline, train.tracker=none); nothing of a run is left to block a retry."""
+    pytest.importorskip("wandb")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "WANDB_API_KEY": "", "WANDB_MODE": "online", "WANDB_CONFIG_DIR": str(home / ".config"), "WANDB_SILENT": "true"}
+    args = ("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "run", "--set", "train.steps=2", "--set", "train.tracker=wandb")
+    res = run_fm(*args, env=env, timeout=300)
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error")]
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "train.tracker=wandb" in lines[0] and "wandb login" in lines[0] and "WANDB_MODE=offline" in lines[0] and "train.tracker=none" in lines[0], lines
+    again = fm_in_process(*args[:-2], "--set", "train.tracker=none")  # the same --run-dir trains
+    assert again.returncode == 0, again.stderr
