@@ -628,6 +628,9 @@ def sample_manifest(out: Path, record: dict, force: bool) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UsageError(f"{path} is damaged ({type(err).__name__}); pass --force to sample {out} over") from None
     before = before if isinstance(before, dict) else {}
+    if before.get(REPLACING):
+        raise UsageError(f"{out} was being sampled over with --force when it stopped, so its samples mix the earlier run's with this one's; "
+                         "pass --force again to sample it over, or choose another --out")  # fmt: skip
     differ = sorted(k for k in set(record) | set(before) if before.get(k) != record.get(k))
     if differ:
         raise UsageError(
@@ -635,6 +638,11 @@ def sample_manifest(out: Path, record: dict, force: bool) -> bool:
             "(--precision / --compile for the network's), pass --force to sample over them, or choose another --out"
         )
     return True
+
+
+# fm-sample.json's mark while `--force` samples over a folder that held samples: a continuation could not tell the earlier
+# run's files from this one's, so it is refused until the run has written every sample (the mark is then dropped).
+REPLACING = "replacing_earlier_samples"
 
 
 def _manifest_record(loaded: LoadedModel, ckpt: str, n: int, seed: int, class_label, texts: list[str], sample_cfg, guide_ckpt) -> dict:
@@ -695,8 +703,9 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         record = _manifest_record(loaded, ckpt, n, seed, class_label, texts, sample_cfg, guide_ckpt)
         continuing = sample_manifest(out, record, force)  # every rank reads it before rank 0 may write it
         D.barrier(ctx)
+        replacing = not continuing and force and samples_beyond(out, 0) > 0  # files of an earlier run, replaced one by one
         if not continuing and ctx.rank == 0:
-            write_text_atomic(manifest_path(out), json.dumps(record, indent=2) + "\n")
+            write_text_atomic(manifest_path(out), json.dumps(record | ({REPLACING: True} if replacing else {}), indent=2) + "\n")
         indices, there = _missing(out, indices, shown) if continuing else (indices, 0)
         reused = sum(D.all_gather_objects(there, ctx))
         if reused and ctx.rank == 0:
@@ -708,6 +717,8 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     nfes = [v for part in D.all_gather_objects(nfes, ctx) for v in part]
     if ctx.rank != 0:
         return None
+    if to_dir and replacing:  # every rank has written its samples (the gathers above): the folder is this run's alone
+        write_text_atomic(manifest_path(out), json.dumps(record, indent=2) + "\n")
     grid = save_grid(images, out / SAMPLE_GRID_NAME if to_dir else out)  # scoring the folder skips it (images.is_sample_grid)
     gif_path = None
     if gif is not None:  # frames are the model's states: latent models' go through the VAE here

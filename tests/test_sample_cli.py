@@ -385,3 +385,36 @@ def test_sampling_over_a_larger_earlier_run_warns_of_the_samples_it_leaves(tmp_p
     assert again.returncode == 0, again.stderr
     assert "holds 2 sample file(s) numbered 2 or above" in again.stderr, again.stderr
     assert sorted(p.name for p in out.glob("0*.png")) == ["000000.png", "000001.png", "000002.png", "000003.png"]
+
+
+def test_a_force_run_stopped_over_an_earlier_folder_is_never_continued_as_its_own(tmp_path, debug_run, monkeypatch):
+    """`--force` over a folder of another run's samples, stopped half way, left a manifest of the new settings beside
+    the earlier run's files: run again without --force, it took them for its own ("6 of 6 samples are there") and
+    the folder ended a mix of two settings. Now such a folder is refused until --force has sampled it over; the
+    end is byte-identical to an uninterrupted run into an empty folder (the reference)."""
+    import fmcli.images as images
+
+    how = ("--ckpt", debug_run, "-n", "6", "--seed", "4", "--batch-size", "2", "--precision", "fp32", "--no-compile", "--cfg", "2")
+    assert fm_in_process("sample", *how, "--steps", "2", "--out", tmp_path / "ref").returncode == 0
+    assert fm_in_process("sample", *how, "--steps", "1", "--out", tmp_path / "run").returncode == 0  # the earlier run
+    real, calls = images.save_images, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the second sample of the --force run is written
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(kwargs.get("start_index"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(images, "save_images", interrupted)
+    assert fm_in_process("sample", *how, "--steps", "2", "--out", tmp_path / "run", "--force").returncode == 130
+    monkeypatch.setattr(images, "save_images", real)
+    ref = sorted(p.name for p in (tmp_path / "ref").glob("0*.png"))
+    mixed = [name for name in ref if (tmp_path / "run" / name).read_bytes() != (tmp_path / "ref" / name).read_bytes()]
+    assert mixed  # the earlier run's samples are still there
+    again = fm_in_process("sample", *how, "--steps", "2", "--out", tmp_path / "run")
+    assert again.returncode == 2 and "sampled over with --force" in again.stderr, again.stderr
+    assert fm_in_process("sample", *how, "--steps", "2", "--out", tmp_path / "run", "--force").returncode == 0
+    for name in ref + ["grid.png", "fm-sample.json"]:
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    done = fm_in_process("sample", *how, "--steps", "2", "--out", tmp_path / "run")  # a finished --force run continues as any
+    assert done.returncode == 0 and "6 of 6 samples are there" in done.stderr, done.stderr
