@@ -702,8 +702,8 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     if to_dir:
         record = _manifest_record(loaded, ckpt, n, seed, class_label, texts, sample_cfg, guide_ckpt)
         continuing = sample_manifest(out, record, force)  # every rank reads it before rank 0 may write it
+        replacing = not continuing and force and samples_beyond(out, 0) > 0  # an earlier run's files (before any rank writes)
         D.barrier(ctx)
-        replacing = not continuing and force and samples_beyond(out, 0) > 0  # files of an earlier run, replaced one by one
         if not continuing and ctx.rank == 0:
             write_text_atomic(manifest_path(out), json.dumps(record | ({REPLACING: True} if replacing else {}), indent=2) + "\n")
         indices, there = _missing(out, indices, shown) if continuing else (indices, 0)
