@@ -418,3 +418,34 @@ def test_a_force_run_stopped_over_an_earlier_folder_is_never_continued_as_its_ow
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     done = fm_in_process("sample", *how, "--steps", "2", "--out", tmp_path / "run")  # a finished --force run continues as any
     assert done.returncode == 0 and "6 of 6 samples are there" in done.stderr, done.stderr
+
+
+def test_a_text_folder_continued_with_another_text_encoder_is_refused(tmp_path):
+    """fm-sample.json recorded the VAE but not the text encoder: continued with another --text-encoder (same width,
+    other weights), a folder took the first encoder's samples as its own ("same settings") and ended a mix of two
+    conditionings. Now refused; continued with the same encoder it ends as the uninterrupted run (the reference)."""
+    from fmcli.checkpoint import save_atomic
+    from fmcli.config import config_to_dict, load_config
+    from fmcli.encoders import build_tiny_text_encoder
+    from fmcli.models import build_model
+
+    for s in (0, 1):
+        build_tiny_text_encoder(tmp_path / f"enc{s}", seed=s, d_model=8, layers=1, heads=2)
+    cfg = load_config("debug", ["model.cross_attention=true", "model.text_dim=8", "model.image_size=16", "model.in_channels=3", "model.num_classes=0",
+                                f"encoders.text_encoder='{tmp_path / 'enc0'}'", "encoders.max_tokens=8"])  # fmt: skip
+    torch.manual_seed(0)  # weights away from the zero-velocity init, so that the text changes the images
+    sd = {k: v + 0.2 * torch.randn_like(v) if v.is_floating_point() else v for k, v in build_model(cfg.model).state_dict().items()}
+    save_atomic({"model": sd, "ema": sd, "config": config_to_dict(cfg), "step": 1, "data_info": {}}, tmp_path / "text.pt")
+    how = ("--ckpt", tmp_path / "text.pt", "--prompt", "a red circle", "-n", "4", "--steps", "2", "--cfg", "2", "--grid", "1", "--no-compile")
+    for s in (0, 1):
+        assert fm_in_process("sample", *how, "--text-encoder", tmp_path / f"enc{s}", "--out", tmp_path / f"ref{s}").returncode == 0
+    assert (tmp_path / "ref0" / "000003.png").read_bytes() != (tmp_path / "ref1" / "000003.png").read_bytes()
+    assert fm_in_process("sample", *how, "--text-encoder", tmp_path / "enc0", "--out", tmp_path / "run").returncode == 0
+    for i in (2, 3):  # an interrupted run's missing samples
+        (tmp_path / "run" / f"00000{i}.png").unlink()
+    other = fm_in_process("sample", *how, "--text-encoder", tmp_path / "enc1", "--out", tmp_path / "run")
+    assert other.returncode == 2 and "other settings (text_encoder)" in other.stderr, other.stderr
+    same = fm_in_process("sample", *how, "--text-encoder", tmp_path / "enc0", "--out", tmp_path / "run")
+    assert same.returncode == 0 and "2 of 4 samples are there" in same.stderr, same.stderr
+    for i in range(4):
+        assert (tmp_path / "run" / f"00000{i}.png").read_bytes() == (tmp_path / "ref0" / f"00000{i}.png").read_bytes(), i
