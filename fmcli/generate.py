@@ -134,6 +134,7 @@ class LoadedModel:
     text: object | None = None  # encoders.TextConditioning for text models
     vae: object | None = None  # encoders.FrozenVAE for latent models: samples are decoded to images
     guide: torch.nn.Module | None = None  # autoguidance's guide network (`with_guide`)
+    guide_step: int | None = None  # the guide checkpoint's step (a run directory's latest moves as it trains)
     ema: bool = True  # whether `model` holds EMA weights (an export holds the one set it was exported with)
     # After `prepare_for_sampling`: `model` and `guide` are SamplingNets, `hardware` the PrecisionChoice and
     # CompileChoice they run with.
@@ -217,7 +218,7 @@ def with_guide(loaded: LoadedModel, guide_ckpt: str, device: torch.device, use_e
             (warn or (lambda m: print(m, file=sys.stderr)))(
                 f"warning: --guide-ckpt's {what} was recorded at {paths[1]}, the model's at {paths[0]}; autoguidance is wrong unless they are the same weights"
             )
-    return dataclasses.replace(loaded, guide=guide.model)
+    return dataclasses.replace(loaded, guide=guide.model, guide_step=guide.step)
 
 
 def _guide_facts(m: LoadedModel) -> dict:
@@ -655,6 +656,7 @@ def _manifest_record(loaded: LoadedModel, ckpt: str, n: int, seed: int, class_la
         "class_label": class_label, "prompts_sha256": prompts, "vae": str(vae) if vae is not None else None,
         "text_encoder": str(Path(encoder).resolve()) if encoder is not None else None,
         **settings_record(sample_cfg), **sampling_record(loaded), **guide_record(sample_cfg, guide_ckpt),
+        **({"guide_step": loaded.guide_step} if guide_record(sample_cfg, guide_ckpt) else {}),
     }  # fmt: skip
 
 

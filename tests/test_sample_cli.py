@@ -449,3 +449,28 @@ def test_a_text_folder_continued_with_another_text_encoder_is_refused(tmp_path):
     assert same.returncode == 0 and "2 of 4 samples are there" in same.stderr, same.stderr
     for i in range(4):
         assert (tmp_path / "run" / f"00000{i}.png").read_bytes() == (tmp_path / "ref0" / f"00000{i}.png").read_bytes(), i
+
+
+def test_a_guided_folder_continued_after_the_guide_run_moved_on_is_refused(tmp_path, debug_run):
+    """--guide-ckpt RUN_DIR samples with that run's latest checkpoint; fm-sample.json recorded the path but not the
+    guide's step, so continued after the guide run had trained on, a folder kept the old guide's samples as "same
+    settings" beside the new guide's. Now the guide's step is recorded: refused, as the main checkpoint's is."""
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint, save_atomic
+
+    state = load_checkpoint(resolve_checkpoint(debug_run), map_location="cpu")
+    guide = tmp_path / "guide" / "checkpoints"
+    guide.mkdir(parents=True)
+    save_atomic(state, guide / "step-0000004.pt")
+    torch.manual_seed(0)  # a guide trained on: other weights at a later step
+    later = {**state, "step": 8, "ema": {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["ema"].items()}}
+    save_atomic(later, guide / "step-0000008.pt")
+    (guide / "latest").write_text("step-0000004.pt\n")
+    how = ("--ckpt", debug_run, "--guide-ckpt", tmp_path / "guide", "-n", "4", "--steps", "2", "--cfg", "3", "--grid", "1", "--no-compile")
+    assert fm_in_process("sample", *how, "--out", tmp_path / "run").returncode == 0
+    (tmp_path / "run" / "000003.png").unlink()  # an interrupted run's missing sample
+    (guide / "latest").write_text("step-0000008.pt\n")
+    moved = fm_in_process("sample", *how, "--out", tmp_path / "run")
+    assert moved.returncode == 2 and "other settings (guide_step)" in moved.stderr, moved.stderr
+    (guide / "latest").write_text("step-0000004.pt\n")
+    same = fm_in_process("sample", *how, "--out", tmp_path / "run")
+    assert same.returncode == 0 and "3 of 4 samples are there" in same.stderr, same.stderr
