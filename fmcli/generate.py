@@ -134,6 +134,7 @@ class LoadedModel:
     text: object | None = None  # encoders.TextConditioning for text models
     vae: object | None = None  # encoders.FrozenVAE for latent models: samples are decoded to images
     guide: torch.nn.Module | None = None  # autoguidance's guide network (`with_guide`)
+    guide_step: int | None = None  # the guide checkpoint's step (a run directory's latest moves as it trains)
     ema: bool = True  # whether `model` holds EMA weights (an export holds the one set it was exported with)
     # After `prepare_for_sampling`: `model` and `guide` are SamplingNets, `hardware` the PrecisionChoice and
     # CompileChoice they run with.
@@ -217,7 +218,7 @@ def with_guide(loaded: LoadedModel, guide_ckpt: str, device: torch.device, use_e
             (warn or (lambda m: print(m, file=sys.stderr)))(
                 f"warning: --guide-ckpt's {what} was recorded at {paths[1]}, the model's at {paths[0]}; autoguidance is wrong unless they are the same weights"
             )
-    return dataclasses.replace(loaded, guide=guide.model)
+    return dataclasses.replace(loaded, guide=guide.model, guide_step=guide.step)
 
 
 def _guide_facts(m: LoadedModel) -> dict:
@@ -628,6 +629,9 @@ def sample_manifest(out: Path, record: dict, force: bool) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UsageError(f"{path} is damaged ({type(err).__name__}); pass --force to sample {out} over") from None
     before = before if isinstance(before, dict) else {}
+    if before.get(REPLACING):
+        raise UsageError(f"{out} was being sampled over with --force when it stopped, so its samples mix the earlier run's with this one's; "
+                         "pass --force again to sample it over, or choose another --out")  # fmt: skip
     differ = sorted(k for k in set(record) | set(before) if before.get(k) != record.get(k))
     if differ:
         raise UsageError(
@@ -637,14 +641,22 @@ def sample_manifest(out: Path, record: dict, force: bool) -> bool:
     return True
 
 
+# fm-sample.json's mark while `--force` samples over a folder that held samples: a continuation could not tell the earlier
+# run's files from this one's, so it is refused until the run has written every sample (the mark is then dropped).
+REPLACING = "replacing_earlier_samples"
+
+
 def _manifest_record(loaded: LoadedModel, ckpt: str, n: int, seed: int, class_label, texts: list[str], sample_cfg, guide_ckpt) -> dict:
     """What decides sample i's image besides (seed, i): a continuation must find the same in DIR's manifest."""
     prompts = hashlib.sha256("\n".join(texts).encode()).hexdigest() if texts else None
     vae = getattr(loaded.vae, "path", None)
+    encoder = getattr(getattr(loaded.text, "encoder", None), "path", None)  # another text encoder: other states, other images
     return {
         "checkpoint": str(Path(ckpt).resolve()), "step": loaded.step, "ema": loaded.ema, "num_samples": n, "seed": seed,
         "class_label": class_label, "prompts_sha256": prompts, "vae": str(vae) if vae is not None else None,
+        "text_encoder": str(Path(encoder).resolve()) if encoder is not None else None,
         **settings_record(sample_cfg), **sampling_record(loaded), **guide_record(sample_cfg, guide_ckpt),
+        **({"guide_step": loaded.guide_step} if guide_record(sample_cfg, guide_ckpt) else {}),
     }  # fmt: skip
 
 
@@ -694,9 +706,10 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     if to_dir:
         record = _manifest_record(loaded, ckpt, n, seed, class_label, texts, sample_cfg, guide_ckpt)
         continuing = sample_manifest(out, record, force)  # every rank reads it before rank 0 may write it
+        replacing = not continuing and force and samples_beyond(out, 0) > 0  # an earlier run's files (before any rank writes)
         D.barrier(ctx)
         if not continuing and ctx.rank == 0:
-            write_text_atomic(manifest_path(out), json.dumps(record, indent=2) + "\n")
+            write_text_atomic(manifest_path(out), json.dumps(record | ({REPLACING: True} if replacing else {}), indent=2) + "\n")
         indices, there = _missing(out, indices, shown) if continuing else (indices, 0)
         reused = sum(D.all_gather_objects(there, ctx))
         if reused and ctx.rank == 0:
@@ -708,6 +721,8 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     nfes = [v for part in D.all_gather_objects(nfes, ctx) for v in part]
     if ctx.rank != 0:
         return None
+    if to_dir and replacing:  # every rank has written its samples (the gathers above): the folder is this run's alone
+        write_text_atomic(manifest_path(out), json.dumps(record, indent=2) + "\n")
     grid = save_grid(images, out / SAMPLE_GRID_NAME if to_dir else out)  # scoring the folder skips it (images.is_sample_grid)
     gif_path = None
     if gif is not None:  # frames are the model's states: latent models' go through the VAE here

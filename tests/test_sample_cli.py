@@ -385,3 +385,92 @@ def test_sampling_over_a_larger_earlier_run_warns_of_the_samples_it_leaves(tmp_p
     assert again.returncode == 0, again.stderr
     assert "holds 2 sample file(s) numbered 2 or above" in again.stderr, again.stderr
     assert sorted(p.name for p in out.glob("0*.png")) == ["000000.png", "000001.png", "000002.png", "000003.png"]
+
+
+def test_a_force_run_stopped_over_an_earlier_folder_is_never_continued_as_its_own(tmp_path, debug_run, monkeypatch):
+    """`--force` over a folder of another run's samples, stopped half way, left a manifest of the new settings beside
+    the earlier run's files: run again without --force, it took them for its own ("6 of 6 samples are there") and
+    the folder ended a mix of two settings. Now such a folder is refused until --force has sampled it over; the
+    end is byte-identical to an uninterrupted run into an empty folder (the reference)."""
+    import fmcli.images as images
+
+    how = ("--ckpt", debug_run, "-n", "6", "--seed", "4", "--batch-size", "2", "--precision", "fp32", "--no-compile", "--cfg", "2")
+    assert fm_in_process("sample", *how, "--steps", "2", "--out", tmp_path / "ref").returncode == 0
+    assert fm_in_process("sample", *how, "--steps", "1", "--out", tmp_path / "run").returncode == 0  # the earlier run
+    real, calls = images.save_images, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the second sample of the --force run is written
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(kwargs.get("start_index"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(images, "save_images", interrupted)
+    assert fm_in_process("sample", *how, "--steps", "2", "--out", tmp_path / "run", "--force").returncode == 130
+    monkeypatch.setattr(images, "save_images", real)
+    ref = sorted(p.name for p in (tmp_path / "ref").glob("0*.png"))
+    mixed = [name for name in ref if (tmp_path / "run" / name).read_bytes() != (tmp_path / "ref" / name).read_bytes()]
+    assert mixed  # the earlier run's samples are still there
+    again = fm_in_process("sample", *how, "--steps", "2", "--out", tmp_path / "run")
+    assert again.returncode == 2 and "sampled over with --force" in again.stderr, again.stderr
+    assert fm_in_process("sample", *how, "--steps", "2", "--out", tmp_path / "run", "--force").returncode == 0
+    for name in ref + ["grid.png", "fm-sample.json"]:
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    done = fm_in_process("sample", *how, "--steps", "2", "--out", tmp_path / "run")  # a finished --force run continues as any
+    assert done.returncode == 0 and "6 of 6 samples are there" in done.stderr, done.stderr
+
+
+def test_a_text_folder_continued_with_another_text_encoder_is_refused(tmp_path):
+    """fm-sample.json recorded the VAE but not the text encoder: continued with another --text-encoder (same width,
+    other weights), a folder took the first encoder's samples as its own ("same settings") and ended a mix of two
+    conditionings. Now refused; continued with the same encoder it ends as the uninterrupted run (the reference)."""
+    from fmcli.checkpoint import save_atomic
+    from fmcli.config import config_to_dict, load_config
+    from fmcli.encoders import build_tiny_text_encoder
+    from fmcli.models import build_model
+
+    for s in (0, 1):
+        build_tiny_text_encoder(tmp_path / f"enc{s}", seed=s, d_model=8, layers=1, heads=2)
+    cfg = load_config("debug", ["model.cross_attention=true", "model.text_dim=8", "model.image_size=16", "model.in_channels=3", "model.num_classes=0",
+                                f"encoders.text_encoder='{tmp_path / 'enc0'}'", "encoders.max_tokens=8"])  # fmt: skip
+    torch.manual_seed(0)  # weights away from the zero-velocity init, so that the text changes the images
+    sd = {k: v + 0.2 * torch.randn_like(v) if v.is_floating_point() else v for k, v in build_model(cfg.model).state_dict().items()}
+    save_atomic({"model": sd, "ema": sd, "config": config_to_dict(cfg), "step": 1, "data_info": {}}, tmp_path / "text.pt")
+    how = ("--ckpt", tmp_path / "text.pt", "--prompt", "a red circle", "-n", "4", "--steps", "2", "--cfg", "2", "--grid", "1", "--no-compile")
+    for s in (0, 1):
+        assert fm_in_process("sample", *how, "--text-encoder", tmp_path / f"enc{s}", "--out", tmp_path / f"ref{s}").returncode == 0
+    assert (tmp_path / "ref0" / "000003.png").read_bytes() != (tmp_path / "ref1" / "000003.png").read_bytes()
+    assert fm_in_process("sample", *how, "--text-encoder", tmp_path / "enc0", "--out", tmp_path / "run").returncode == 0
+    for i in (2, 3):  # an interrupted run's missing samples
+        (tmp_path / "run" / f"00000{i}.png").unlink()
+    other = fm_in_process("sample", *how, "--text-encoder", tmp_path / "enc1", "--out", tmp_path / "run")
+    assert other.returncode == 2 and "other settings (text_encoder)" in other.stderr, other.stderr
+    same = fm_in_process("sample", *how, "--text-encoder", tmp_path / "enc0", "--out", tmp_path / "run")
+    assert same.returncode == 0 and "2 of 4 samples are there" in same.stderr, same.stderr
+    for i in range(4):
+        assert (tmp_path / "run" / f"00000{i}.png").read_bytes() == (tmp_path / "ref0" / f"00000{i}.png").read_bytes(), i
+
+
+def test_a_guided_folder_continued_after_the_guide_run_moved_on_is_refused(tmp_path, debug_run):
+    """--guide-ckpt RUN_DIR samples with that run's latest checkpoint; fm-sample.json recorded the path but not the
+    guide's step, so continued after the guide run had trained on, a folder kept the old guide's samples as "same
+    settings" beside the new guide's. Now the guide's step is recorded: refused, as the main checkpoint's is."""
+    from fmcli.checkpoint import load_checkpoint, resolve_checkpoint, save_atomic
+
+    state = load_checkpoint(resolve_checkpoint(debug_run), map_location="cpu")
+    guide = tmp_path / "guide" / "checkpoints"
+    guide.mkdir(parents=True)
+    save_atomic(state, guide / "step-0000004.pt")
+    torch.manual_seed(0)  # a guide trained on: other weights at a later step
+    later = {**state, "step": 8, "ema": {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["ema"].items()}}
+    save_atomic(later, guide / "step-0000008.pt")
+    (guide / "latest").write_text("step-0000004.pt\n")
+    how = ("--ckpt", debug_run, "--guide-ckpt", tmp_path / "guide", "-n", "4", "--steps", "2", "--cfg", "3", "--grid", "1", "--no-compile")
+    assert fm_in_process("sample", *how, "--out", tmp_path / "run").returncode == 0
+    (tmp_path / "run" / "000003.png").unlink()  # an interrupted run's missing sample
+    (guide / "latest").write_text("step-0000008.pt\n")
+    moved = fm_in_process("sample", *how, "--out", tmp_path / "run")
+    assert moved.returncode == 2 and "other settings (guide_step)" in moved.stderr, moved.stderr
+    (guide / "latest").write_text("step-0000004.pt\n")
+    same = fm_in_process("sample", *how, "--out", tmp_path / "run")
+    assert same.returncode == 0 and "3 of 4 samples are there" in same.stderr, same.stderr
