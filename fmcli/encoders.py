@@ -61,7 +61,9 @@ class FrozenVAE:
         # bf16 decoding only where it is fast (CUDA); CPU stays fp32.
         self.dtype = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else torch.float32
         try:
-            vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True)
+            # Weights as .bin only: asked for directly, or diffusers logs an "error" line for the missing .safetensors first.
+            safetensors = None if any(self.path.glob("*.safetensors")) else False
+            vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True, use_safetensors=safetensors)
         except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights that do not fit config.json
             raise UsageError(f"could not load the VAE from {self.path}: {str(err).splitlines()[0]}" + (f"; {remedy}" if remedy else "")) from None
         self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
@@ -285,6 +287,8 @@ def _vae_facts(path) -> dict | None:
     absent), as `FrozenVAE.info` reports it; None when it cannot be read."""
     try:
         cfg = json.loads((Path(path).expanduser() / "config.json").read_text())
+        if _not_autoencoder_kl(cfg):  # not a VAE at all: check_vae_dir says so, not a comparison of defaults
+            return None
         shift = cfg.get("shift_factor")
         return {
             "scaling_factor": float(cfg.get("scaling_factor", 0.18215)),
@@ -401,7 +405,27 @@ _ALTERNATIVES = {
 
 
 def check_vae_dir(path, remedy: str | None = None) -> Path:
-    return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae", remedy)
+    """`path` if it holds a VAE's files and its config.json is an AutoencoderKL's (a text encoder's or another diffusers
+    model's directory also has a config.json and safetensors weights: said here, in one line, before any work)."""
+    path = _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae", remedy)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return path  # loading says why
+    if isinstance(config, dict) and (kind := _not_autoencoder_kl(config)):
+        raise UsageError(f"{path} is not a VAE: its config.json describes {kind}, and fm needs a diffusers AutoencoderKL "
+                         f"(e.g. `{_VAE_HINT.format(path='weights/sd-vae-ft-mse')}`)" + (f"; {remedy}" if remedy else ""))
+    return path
+
+
+def _not_autoencoder_kl(config: dict) -> str | None:
+    """What a model config.json describes when it is not a diffusers AutoencoderKL's (None when it is one, or says nothing)."""
+    name = config.get("_class_name")
+    if name is not None:
+        return None if name == "AutoencoderKL" else f"a diffusers {name}"
+    if config.get("model_type") or config.get("architectures"):  # a transformers model (a text encoder, a CLIP, ...)
+        return f"a transformers model ({config.get('model_type') or config.get('architectures')})"
+    return None
 
 
 def check_vae_image_size(path, size: int) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -812,3 +814,47 @@ def test_a_vae_with_per_channel_latent_normalisation_is_refused_for_encoding(tmp
     with pytest.raises(UsageError, match="latents_mean/latents_std"):
         vae.encode(images)
     assert vae.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 16, 16)  # latents an older fm encoded still decode
+
+
+def test_a_directory_that_is_not_a_vae_is_one_line_before_the_pixel_pass(tmp_path, tiny_vae, tiny_t5, monkeypatch):
+    """`--vae` naming a text encoder's directory (config.json + model.safetensors passed the file check) ran the whole
+    pixel pass, then printed diffusers' "An error occurred while trying to fetch" line and a second one about a missing
+    diffusion_pytorch_model.bin; `fm sample --vae` said the T5 "has scaling_factor 0.18215, downsample 1". Now one
+    line saying what the directory is, before any work; a diffusers model of another class is refused the same way."""
+    from diffusers import UNet2DModel
+
+    from fmcli.data import latents
+
+    unet = tmp_path / "unet"
+    UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=[8], down_block_types=["DownBlock2D"],
+                up_block_types=["UpBlock2D"], layers_per_block=1, norm_num_groups=4).save_pretrained(unet)  # fmt: skip
+    passes = []
+    monkeypatch.setattr(latents, "encode_prepared", lambda *a, **k: passes.append(a))
+    for wrong, what in ((tiny_t5, "a transformers model (t5)"), (unet, "a diffusers UNet2DModel")):
+        res = fm_in_process("prepare-data", "shapes", "--out", tmp_path / "out", "--size", 16, "--count", 4, "--vae", wrong)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert f"{wrong} is not a VAE: its config.json describes {what}" in res.stderr and "--local-dir weights/" in res.stderr
+        assert not passes and not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="is not a VAE.*; pass --vae DIR") as err:
+        from fmcli.generate import _sampling_encoders
+
+        cfg = load_config("text-debug").with_section("model", text_dim=32).with_section("encoders", text_encoder=str(tiny_t5))
+        info = {"kind": "latents", "vae": FrozenVAE(tiny_vae).info()}
+        _sampling_encoders(cfg, info, torch.device("cpu"), str(tiny_t5), None, vae_option="--vae")
+    assert "\n" not in str(err.value) and "scaling_factor" not in str(err.value)
+
+
+def test_a_vae_with_bin_weights_loads_without_an_error_line(tmp_path):
+    """A VAE saved as diffusion_pytorch_model.bin (older downloads) loaded, but diffusers first logged "An error
+    occurred while trying to fetch ...: no file named diffusion_pytorch_model.safetensors" on stderr, on a run that
+    worked. Now nothing is printed, and its latents are diffusers' own."""
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL.from_pretrained(_save_tiny_vae(tmp_path / "st", shift_factor=0.1)).save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert sorted(p.name for p in (tmp_path / "bin").iterdir()) == ["config.json", "diffusion_pytorch_model.bin"]
+    # A fresh process: diffusers' log handler holds the stderr of the process that first imported it.
+    code = f"from fmcli.encoders import FrozenVAE; FrozenVAE({str(tmp_path / 'bin')!r})"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    np.testing.assert_allclose(FrozenVAE(tmp_path / "bin").encode(images).numpy(), _diffusers_latents(tmp_path / "st", images), atol=1e-5)
