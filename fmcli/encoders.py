@@ -120,13 +120,14 @@ class FrozenTextEncoder:
     encoder runs in fp32 (T5 overflows in fp16).
     """
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu", max_tokens: int = 128):
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu", max_tokens: int = 128, remedy: str | None = None):
+        """`remedy`: what to do when the encoder is missing or does not load (default: download one, then --text-encoder)."""
         from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         _quiet_hf()
         if str(path) == BUILTIN_TINY_T5:
             path = ensure_builtin_text_encoder()
-        self.path = check_text_encoder_dir(path)
+        self.path = check_text_encoder_dir(path, remedy)
         self.device = torch.device(device)
         try:
             config = AutoConfig.from_pretrained(self.path, local_files_only=True)
@@ -134,7 +135,7 @@ class FrozenTextEncoder:
             self.model = cls.from_pretrained(self.path, local_files_only=True, torch_dtype=torch.float32)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights that do not fit config.json
-            raise UsageError(f"could not load the text encoder from {self.path}: {str(err).splitlines()[0]}") from None
+            raise UsageError(f"could not load the text encoder from {self.path}: {str(err).splitlines()[0]}" + (f"; {remedy}" if remedy else "")) from None
         self.model = self.model.to(self.device).eval().requires_grad_(False)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         self.max_tokens = min(max_tokens, limit) if limit else max_tokens
@@ -463,10 +464,10 @@ def check_vae_encodes(path) -> None:
 TEXT_ENCODER_TYPES = ("t5", "mt5", "clip", "clip_text_model")
 
 
-def check_text_encoder_dir(path) -> Path:
+def check_text_encoder_dir(path, remedy: str | None = None) -> Path:
     if str(path) == BUILTIN_TINY_T5:
         return Path(path)
-    path = _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder")
+    path = _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder", remedy)
     facts = _text_encoder_facts(path)  # None when config.json cannot be read: loading says why
     if facts is not None and facts[0] is not None and facts[0] not in TEXT_ENCODER_TYPES:
         raise UsageError(f"the text encoder {path} is a {facts[0]} (config.json model_type); fm loads T5 or CLIP text encoders "
@@ -496,5 +497,5 @@ def load_vae(path: str | None, device, precision: str = "fp32") -> FrozenVAE:
     return FrozenVAE(require(path, "VAE", "--vae", ENV_VAE, _VAE_HINT), device, precision)
 
 
-def load_text_encoder(path: str | None, device, max_tokens: int) -> FrozenTextEncoder:
-    return FrozenTextEncoder(require(path, "text encoder", "--text-encoder", ENV_TEXT_ENCODER, _TEXT_HINT), device, max_tokens)
+def load_text_encoder(path: str | None, device, max_tokens: int, remedy: str | None = None) -> FrozenTextEncoder:
+    return FrozenTextEncoder(require(path, "text encoder", "--text-encoder", ENV_TEXT_ENCODER, _TEXT_HINT), device, max_tokens, remedy)

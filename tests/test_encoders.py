@@ -858,3 +858,26 @@ def test_a_vae_with_bin_weights_loads_without_an_error_line(tmp_path):
     assert res.returncode == 0 and res.stderr == "", res.stderr
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     np.testing.assert_allclose(FrozenVAE(tmp_path / "bin").encode(images).numpy(), _diffusers_latents(tmp_path / "st", images), atol=1e-5)
+
+
+def test_a_text_model_whose_encoder_moved_is_told_to_give_that_encoder_not_to_download_t5_small(tmp_path, tiny_t5):
+    """Sampling a text model whose recorded encoder was gone said `huggingface-cli download google-t5/t5-small
+    --local-dir <the recorded path>`: a 512-wide encoder for a model trained on 32-wide states, put where the old one
+    was. It now says to give the encoder the model was trained with, naming its kind and width (as for a moved VAE)."""
+    from fmcli.config import apply_overrides
+    from fmcli.generate import _sampling_encoders
+
+    gone = tmp_path / "t5-gone"
+    cfg = apply_overrides(load_config("text-debug"), [f"encoders.text_encoder={gone}", "model.text_dim=32"])
+    info = {"kind": "pixels", "text_encoder": {"path": str(gone), "model_type": "t5", "hidden_size": 32, "max_tokens": 8}}
+    with pytest.raises(UsageError) as err:
+        _sampling_encoders(cfg, info, torch.device("cpu"), None, None)
+    message = str(err.value)
+    assert "\n" not in message and "t5-small" not in message and "huggingface-cli" not in message
+    assert message.endswith(f"pass --text-encoder DIR or set FM_TEXT_ENCODER to the text encoder the model was trained with (a t5 of width 32, at {gone})")
+    (tmp_path / "broken").mkdir()  # present but unloadable: the same advice after diffusers'/transformers' reason
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / "broken" / name).write_text("{}" if name != "model.safetensors" else "not weights")
+    with pytest.raises(UsageError, match=r"could not load the text encoder .*; pass --text-encoder DIR .*width 32"):
+        _sampling_encoders(cfg, info, torch.device("cpu"), None, str(tmp_path / "broken"))
+    assert set(_sampling_encoders(cfg, info, torch.device("cpu"), None, str(tiny_t5))) == {"text"}  # the right one loads
