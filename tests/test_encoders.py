@@ -881,3 +881,33 @@ def test_a_text_model_whose_encoder_moved_is_told_to_give_that_encoder_not_to_do
     with pytest.raises(UsageError, match=r"could not load the text encoder .*; pass --text-encoder DIR .*width 32"):
         _sampling_encoders(cfg, info, torch.device("cpu"), None, str(tmp_path / "broken"))
     assert set(_sampling_encoders(cfg, info, torch.device("cpu"), None, str(tiny_t5))) == {"text"}  # the right one loads
+
+
+@pytest.mark.parametrize("stdin_flag", [("--prompts", "-"), ("--prompts=-",)])
+def test_prompts_from_stdin_reach_the_ranks_in_the_launchers_order(tmp_path, tiny_t5, monkeypatch, stdin_flag):
+    """`fm sample|reflow --prompt A --prompts - --nproc 2` (stdin B, C): the ranks were handed every prompt again
+    beside the command's own --prompt A, so theirs were [A, A, B, C] and sample 1 was drawn for A, not B (seen as
+    different PNGs from the same command in one process); with `--prompts=-` the ranks read an empty stdin and failed.
+    The ranks' argv (torchrun's relaunch stubbed) must now give exactly the launcher's prompts, [A, B, C]."""
+    from fmcli import distributed
+    from fmcli.checkpoint import save_atomic
+    from fmcli.config import config_to_dict
+    from fmcli.models import build_model
+
+    cfg = load_config("text-debug").with_section("model", text_dim=32, image_size=8, in_channels=3, num_classes=0)
+    cfg = cfg.with_section("encoders", text_encoder=str(tiny_t5), max_tokens=8)
+    sd = build_model(cfg.model).state_dict()
+    save_atomic({"model": sd, "ema": sd, "config": config_to_dict(cfg), "step": 1, "data_info": {"kind": "pixels", "shape": [3, 8, 8]}}, tmp_path / "t.pt")
+    ranks = []
+    monkeypatch.setattr(distributed, "relaunch", lambda nproc, argv, **kw: ranks.append(list(argv)) or 0)
+    for command, outputs in (("sample", ("--out", tmp_path / "s")), ("reflow", ("-n", 4, "--out", tmp_path / "pairs"))):
+        args = [command, "--ckpt", tmp_path / "t.pt", "--prompt", "a red circle", *stdin_flag, *outputs, "--nproc", 2, "--device", "cpu"]
+        monkeypatch.setattr(sys, "argv", ["fm", *map(str, args)])
+        res = fm_in_process(*args, input="a blue star\n\na green square on a black background\n")
+        assert res.returncode == 0, res.stderr
+        argv = ranks.pop()
+        prompts = [argv[k + 1] for k, a in enumerate(argv) if a == "--prompt"]
+        assert prompts == ["a red circle", "a blue star", "a green square on a black background"], (command, argv)
+        assert not any(a.startswith("--prompts") for a in argv) and "--nproc" not in argv
+        if command == "sample":  # -n defaults to one sample per prompt: 3
+            assert argv[argv.index("--num-samples") + 1] == "3"
