@@ -236,8 +236,10 @@ def setup_training_encoders(cfg, dataset, device):
                 encoders["max_tokens"] = int(recorded["max_tokens"])
         else:
             text = TextConditioning.from_encoder(load_text_encoder(encoders["text_encoder"], device, cfg.encoders.max_tokens))
-        if cfg.model.text_dim not in (None, text.text_dim):
-            raise UsageError(f"model.text_dim={cfg.model.text_dim} does not match the text encoder's width {text.text_dim}; remove the setting")
+        if cfg.model.text_dim not in (None, text.text_dim):  # a resumed run's model, or a new run's setting
+            raise UsageError(f"model.text_dim={cfg.model.text_dim} does not match the width {text.text_dim} of the text encoder "
+                             f"{encoders['text_encoder']} (encoders.text_encoder or {ENV_TEXT_ENCODER}): a resumed run needs the encoder "
+                             "it was trained with (--set encoders.text_encoder=DIR); a new run can drop model.text_dim")
         cfg = cfg.with_section("model", text_dim=text.text_dim)
     return text, cfg.with_section("encoders", **{k: _absolute_if_here(v) if k != "max_tokens" else v for k, v in encoders.items()})
 

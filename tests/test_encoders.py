@@ -911,3 +911,24 @@ def test_prompts_from_stdin_reach_the_ranks_in_the_launchers_order(tmp_path, tin
         assert not any(a.startswith("--prompts") for a in argv) and "--nproc" not in argv
         if command == "sample":  # -n defaults to one sample per prompt: 3
             assert argv[argv.index("--num-samples") + 1] == "3"
+
+
+def test_resuming_a_text_run_with_a_text_encoder_of_another_width_names_the_encoder_not_a_setting(tmp_path, tiny_t5):
+    """A run that encodes its captions while training, resumed with `--set encoders.text_encoder=WIDER`, was told
+    "model.text_dim=32 does not match the text encoder's width 64; remove the setting": a setting the user never gave,
+    whose removal cannot fit 32-wide weights to 64-wide states. The line now names the encoder and what to do."""
+    from fmcli.config import apply_overrides
+    from fmcli.data.dataset import PreparedDataset
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.encoders import setup_training_encoders
+
+    data = PreparedDataset(prepare_shapes(tmp_path / "shapes", size=8, count=4, seed=0), text=True)
+    wider = build_tiny_text_encoder(tmp_path / "t5-64", seed=0, words=WORDS, d_model=64, layers=1, heads=4)
+    resumed = apply_overrides(load_config("text-debug"), ["model.text_dim=32", f"encoders.text_encoder={wider}", "encoders.max_tokens=8"])
+    with pytest.raises(UsageError) as err:
+        setup_training_encoders(resumed, data, "cpu")
+    message = str(err.value)
+    assert "\n" not in message and "remove the setting" not in message
+    assert f"model.text_dim=32 does not match the width 64 of the text encoder {wider}" in message and "the encoder it was trained with" in message
+    text, cfg = setup_training_encoders(resumed.with_section("encoders", text_encoder=str(tiny_t5)), data, "cpu")
+    assert text.text_dim == 32 and cfg.model.text_dim == 32  # the encoder it was trained with
