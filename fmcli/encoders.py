@@ -469,6 +469,13 @@ TEXT_ENCODER_TYPES = ("t5", "mt5", "clip", "clip_text_model")
 def check_text_encoder_dir(path, remedy: str | None = None) -> Path:
     if str(path) == BUILTIN_TINY_T5:
         return Path(path)
+    try:  # a diffusers model's directory (a VAE's): said as such, not "lacks tokenizer files; download t5-small into it"
+        diffusers_class = json.loads((Path(path).expanduser() / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        diffusers_class = None
+    if diffusers_class:
+        raise UsageError(f"{path} is not a text encoder: its config.json describes a diffusers {diffusers_class}, and fm needs a T5 or "
+                         f"CLIP text encoder (e.g. `{_TEXT_HINT.format(path='weights/t5-small')}`)" + (f"; {remedy}" if remedy else ""))
     path = _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder", remedy)
     facts = _text_encoder_facts(path)  # None when config.json cannot be read: loading says why
     if facts is not None and facts[0] is not None and facts[0] not in TEXT_ENCODER_TYPES:

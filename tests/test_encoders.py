@@ -932,3 +932,18 @@ def test_resuming_a_text_run_with_a_text_encoder_of_another_width_names_the_enco
     assert f"model.text_dim=32 does not match the width 64 of the text encoder {wider}" in message and "the encoder it was trained with" in message
     text, cfg = setup_training_encoders(resumed.with_section("encoders", text_encoder=str(tiny_t5)), data, "cpu")
     assert text.text_dim == 32 and cfg.model.text_dim == 32  # the encoder it was trained with
+
+
+def test_a_vae_given_as_the_text_encoder_is_named_as_such_not_sent_to_download_into_it(tmp_path, tiny_vae, monkeypatch):
+    """`--text-encoder VAE_DIR` said the VAE "lacks tokenizer files" and to `huggingface-cli download google-t5/t5-small
+    --local-dir VAE_DIR`, which would write a T5's config.json over the VAE's. Now one line saying what it is, before
+    the pixel pass, with an example path of its own; the VAE is untouched."""
+    from fmcli.data import latents
+
+    before = (tiny_vae / "config.json").read_text()
+    monkeypatch.setattr(latents, "encode_prepared", lambda *a, **k: pytest.fail("the pixel pass ran"))
+    res = fm_in_process("prepare-data", "shapes", "--out", tmp_path / "out", "--size", 16, "--count", 4, "--text-encoder", tiny_vae)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert f"{tiny_vae} is not a text encoder: its config.json describes a diffusers AutoencoderKL" in res.stderr
+    assert f"--local-dir {tiny_vae}" not in res.stderr and "--local-dir weights/t5-small" in res.stderr
+    assert (tiny_vae / "config.json").read_text() == before and not (tmp_path / "out").exists()
