@@ -410,15 +410,14 @@ _ALTERNATIVES = {
 def check_vae_dir(path, remedy: str | None = None) -> Path:
     """`path` if it holds a VAE's files and its config.json is an AutoencoderKL's (a text encoder's or another diffusers
     model's directory also has a config.json and safetensors weights: said here, in one line, before any work)."""
-    path = _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae", remedy)
-    try:
-        config = json.loads((path / "config.json").read_text())
+    try:  # first: the file check's advice would be to download a VAE into this other model's directory
+        config = json.loads((Path(path).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
-        return path  # loading says why
+        config = None  # the file check, or loading, says why
     if isinstance(config, dict) and (kind := _not_autoencoder_kl(config)):
         raise UsageError(f"{path} is not a VAE: its config.json describes {kind}, and fm needs a diffusers AutoencoderKL "
                          f"(e.g. `{_VAE_HINT.format(path='weights/sd-vae-ft-mse')}`)" + (f"; {remedy}" if remedy else ""))
-    return path
+    return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae", remedy)
 
 
 def _not_autoencoder_kl(config: dict) -> str | None:

@@ -828,9 +828,12 @@ def test_a_directory_that_is_not_a_vae_is_one_line_before_the_pixel_pass(tmp_pat
     unet = tmp_path / "unet"
     UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=[8], down_block_types=["DownBlock2D"],
                 up_block_types=["UpBlock2D"], layers_per_block=1, norm_num_groups=4).save_pretrained(unet)  # fmt: skip
+    import shutil
+
+    unweighted = shutil.copytree(tiny_t5, tmp_path / "t5-no-weights", ignore=shutil.ignore_patterns("*.safetensors"))  # "lacks weights: download a VAE into it"
     passes = []
     monkeypatch.setattr(latents, "encode_prepared", lambda *a, **k: passes.append(a))
-    for wrong, what in ((tiny_t5, "a transformers model (t5)"), (unet, "a diffusers UNet2DModel")):
+    for wrong, what in ((tiny_t5, "a transformers model (t5)"), (unet, "a diffusers UNet2DModel"), (unweighted, "a transformers model (t5)")):
         res = fm_in_process("prepare-data", "shapes", "--out", tmp_path / "out", "--size", 16, "--count", 4, "--vae", wrong)
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert f"{wrong} is not a VAE: its config.json describes {what}" in res.stderr and "--local-dir weights/" in res.stderr
