@@ -61,7 +61,9 @@ class FrozenVAE:
         # bf16 decoding only where it is fast (CUDA); CPU stays fp32.
         self.dtype = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else torch.float32
         try:
-            vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True)
+            # Weights as .bin only: asked for directly, or diffusers logs an "error" line for the missing .safetensors first.
+            safetensors = None if any(self.path.glob("*.safetensors")) else False
+            vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True, use_safetensors=safetensors)
         except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights that do not fit config.json
             raise UsageError(f"could not load the VAE from {self.path}: {str(err).splitlines()[0]}" + (f"; {remedy}" if remedy else "")) from None
         self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
@@ -118,13 +120,14 @@ class FrozenTextEncoder:
     encoder runs in fp32 (T5 overflows in fp16).
     """
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu", max_tokens: int = 128):
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu", max_tokens: int = 128, remedy: str | None = None):
+        """`remedy`: what to do when the encoder is missing or does not load (default: download one, then --text-encoder)."""
         from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         _quiet_hf()
         if str(path) == BUILTIN_TINY_T5:
             path = ensure_builtin_text_encoder()
-        self.path = check_text_encoder_dir(path)
+        self.path = check_text_encoder_dir(path, remedy)
         self.device = torch.device(device)
         try:
             config = AutoConfig.from_pretrained(self.path, local_files_only=True)
@@ -132,7 +135,7 @@ class FrozenTextEncoder:
             self.model = cls.from_pretrained(self.path, local_files_only=True, torch_dtype=torch.float32)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights that do not fit config.json
-            raise UsageError(f"could not load the text encoder from {self.path}: {str(err).splitlines()[0]}") from None
+            raise UsageError(f"could not load the text encoder from {self.path}: {str(err).splitlines()[0]}" + (f"; {remedy}" if remedy else "")) from None
         self.model = self.model.to(self.device).eval().requires_grad_(False)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         self.max_tokens = min(max_tokens, limit) if limit else max_tokens
@@ -233,8 +236,10 @@ def setup_training_encoders(cfg, dataset, device):
                 encoders["max_tokens"] = int(recorded["max_tokens"])
         else:
             text = TextConditioning.from_encoder(load_text_encoder(encoders["text_encoder"], device, cfg.encoders.max_tokens))
-        if cfg.model.text_dim not in (None, text.text_dim):
-            raise UsageError(f"model.text_dim={cfg.model.text_dim} does not match the text encoder's width {text.text_dim}; remove the setting")
+        if cfg.model.text_dim not in (None, text.text_dim):  # a resumed run's model, or a new run's setting
+            raise UsageError(f"model.text_dim={cfg.model.text_dim} does not match the width {text.text_dim} of the text encoder "
+                             f"{encoders['text_encoder']} (encoders.text_encoder or {ENV_TEXT_ENCODER}): a resumed run needs the encoder "
+                             "it was trained with (--set encoders.text_encoder=DIR); a new run can drop model.text_dim")
         cfg = cfg.with_section("model", text_dim=text.text_dim)
     return text, cfg.with_section("encoders", **{k: _absolute_if_here(v) if k != "max_tokens" else v for k, v in encoders.items()})
 
@@ -285,6 +290,8 @@ def _vae_facts(path) -> dict | None:
     absent), as `FrozenVAE.info` reports it; None when it cannot be read."""
     try:
         cfg = json.loads((Path(path).expanduser() / "config.json").read_text())
+        if _not_autoencoder_kl(cfg):  # not a VAE at all: check_vae_dir says so, not a comparison of defaults
+            return None
         shift = cfg.get("shift_factor")
         return {
             "scaling_factor": float(cfg.get("scaling_factor", 0.18215)),
@@ -401,7 +408,26 @@ _ALTERNATIVES = {
 
 
 def check_vae_dir(path, remedy: str | None = None) -> Path:
+    """`path` if it holds a VAE's files and its config.json is an AutoencoderKL's (a text encoder's or another diffusers
+    model's directory also has a config.json and safetensors weights: said here, in one line, before any work)."""
+    try:  # first: the file check's advice would be to download a VAE into this other model's directory
+        config = json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None  # the file check, or loading, says why
+    if isinstance(config, dict) and (kind := _not_autoencoder_kl(config)):
+        raise UsageError(f"{path} is not a VAE: its config.json describes {kind}, and fm needs a diffusers AutoencoderKL "
+                         f"(e.g. `{_VAE_HINT.format(path='weights/sd-vae-ft-mse')}`)" + (f"; {remedy}" if remedy else ""))
     return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae", remedy)
+
+
+def _not_autoencoder_kl(config: dict) -> str | None:
+    """What a model config.json describes when it is not a diffusers AutoencoderKL's (None when it is one, or says nothing)."""
+    name = config.get("_class_name")
+    if name is not None:
+        return None if name == "AutoencoderKL" else f"a diffusers {name}"
+    if config.get("model_type") or config.get("architectures"):  # a transformers model (a text encoder, a CLIP, ...)
+        return f"a transformers model ({config.get('model_type') or config.get('architectures')})"
+    return None
 
 
 def check_vae_image_size(path, size: int) -> None:
@@ -439,10 +465,17 @@ def check_vae_encodes(path) -> None:
 TEXT_ENCODER_TYPES = ("t5", "mt5", "clip", "clip_text_model")
 
 
-def check_text_encoder_dir(path) -> Path:
+def check_text_encoder_dir(path, remedy: str | None = None) -> Path:
     if str(path) == BUILTIN_TINY_T5:
         return Path(path)
-    path = _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder")
+    try:  # a diffusers model's directory (a VAE's): said as such, not "lacks tokenizer files; download t5-small into it"
+        diffusers_class = json.loads((Path(path).expanduser() / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        diffusers_class = None
+    if diffusers_class:
+        raise UsageError(f"{path} is not a text encoder: its config.json describes a diffusers {diffusers_class}, and fm needs a T5 or "
+                         f"CLIP text encoder (e.g. `{_TEXT_HINT.format(path='weights/t5-small')}`)" + (f"; {remedy}" if remedy else ""))
+    path = _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder", remedy)
     facts = _text_encoder_facts(path)  # None when config.json cannot be read: loading says why
     if facts is not None and facts[0] is not None and facts[0] not in TEXT_ENCODER_TYPES:
         raise UsageError(f"the text encoder {path} is a {facts[0]} (config.json model_type); fm loads T5 or CLIP text encoders "
@@ -472,5 +505,5 @@ def load_vae(path: str | None, device, precision: str = "fp32") -> FrozenVAE:
     return FrozenVAE(require(path, "VAE", "--vae", ENV_VAE, _VAE_HINT), device, precision)
 
 
-def load_text_encoder(path: str | None, device, max_tokens: int) -> FrozenTextEncoder:
-    return FrozenTextEncoder(require(path, "text encoder", "--text-encoder", ENV_TEXT_ENCODER, _TEXT_HINT), device, max_tokens)
+def load_text_encoder(path: str | None, device, max_tokens: int, remedy: str | None = None) -> FrozenTextEncoder:
+    return FrozenTextEncoder(require(path, "text encoder", "--text-encoder", ENV_TEXT_ENCODER, _TEXT_HINT), device, max_tokens, remedy)

@@ -386,7 +386,11 @@ def _sampling_encoders(cfg: Config, info: dict, device, vae: str | None, text_en
         path = resolve_path(text_encoder, None, ENV_TEXT_ENCODER, cfg.encoders.text_encoder)
         if cfg.model.text_dim is not None:
             check_same_text_encoder(path, info.get("text_encoder") or {}, cfg.model.text_dim, used_by="the model was trained on text states of", setting="--text-encoder")
-        out["text"] = TextConditioning.from_encoder(load_text_encoder(path, device, cfg.encoders.max_tokens))
+        # As for the VAE: the encoder the model was trained with, not a download of some other one (encoders._TEXT_HINT).
+        recorded = info.get("text_encoder") or {}
+        remedy = (f"pass --text-encoder DIR or set {ENV_TEXT_ENCODER} to the text encoder the model was trained with "
+                  f"(a {recorded.get('model_type') or 'text encoder'} of width {cfg.model.text_dim}" + (f", at {recorded['path']})" if recorded.get("path") else ")"))
+        out["text"] = TextConditioning.from_encoder(load_text_encoder(path, device, cfg.encoders.max_tokens, remedy))
     return out
 
 

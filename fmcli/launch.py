@@ -352,11 +352,25 @@ def relaunched(gpus: int, nproc: int, extra: list[str] | None = None) -> bool:
         return False
     argv = _without_launch_flags(sys.argv[1:]) + (["--device", "cuda"] if gpus else [])
     if extra is not None:  # stdin was consumed here: hand the ranks its prompts as arguments instead
-        argv = [a for a in argv if a not in ("--prompts", "-")] + extra
+        argv = _without_stdin_prompts(argv) + extra
     code = D.relaunch(procs, argv)
     if code:
         raise typer.Exit(code)
     return True
+
+
+def _without_stdin_prompts(argv: list[str]) -> list[str]:
+    """Drop `--prompts -` (or `--prompts=-`): the ranks get stdin's prompts as arguments. Only that pair: a prompt
+    that is "-" is a prompt, and `--prompts=-` left in made every rank read an empty stdin."""
+    out, k = [], 0
+    while k < len(argv):
+        if argv[k] == "--prompts" and k + 1 < len(argv) and argv[k + 1] == "-":
+            k += 2
+            continue
+        if argv[k] != "--prompts=-":
+            out.append(argv[k])
+        k += 1
+    return out
 
 
 def _without_launch_flags(argv: list[str]) -> list[str]:

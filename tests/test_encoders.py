@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -812,3 +814,139 @@ def test_a_vae_with_per_channel_latent_normalisation_is_refused_for_encoding(tmp
     with pytest.raises(UsageError, match="latents_mean/latents_std"):
         vae.encode(images)
     assert vae.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 16, 16)  # latents an older fm encoded still decode
+
+
+def test_a_directory_that_is_not_a_vae_is_one_line_before_the_pixel_pass(tmp_path, tiny_vae, tiny_t5, monkeypatch):
+    """`--vae` naming a text encoder's directory (config.json + model.safetensors passed the file check) ran the whole
+    pixel pass, then printed diffusers' "An error occurred while trying to fetch" line and a second one about a missing
+    diffusion_pytorch_model.bin; `fm sample --vae` said the T5 "has scaling_factor 0.18215, downsample 1". Now one
+    line saying what the directory is, before any work; a diffusers model of another class is refused the same way."""
+    from diffusers import UNet2DModel
+
+    from fmcli.data import latents
+
+    unet = tmp_path / "unet"
+    UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=[8], down_block_types=["DownBlock2D"],
+                up_block_types=["UpBlock2D"], layers_per_block=1, norm_num_groups=4).save_pretrained(unet)  # fmt: skip
+    import shutil
+
+    unweighted = shutil.copytree(tiny_t5, tmp_path / "t5-no-weights", ignore=shutil.ignore_patterns("*.safetensors"))  # "lacks weights: download a VAE into it"
+    passes = []
+    monkeypatch.setattr(latents, "encode_prepared", lambda *a, **k: passes.append(a))
+    for wrong, what in ((tiny_t5, "a transformers model (t5)"), (unet, "a diffusers UNet2DModel"), (unweighted, "a transformers model (t5)")):
+        res = fm_in_process("prepare-data", "shapes", "--out", tmp_path / "out", "--size", 16, "--count", 4, "--vae", wrong)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert f"{wrong} is not a VAE: its config.json describes {what}" in res.stderr and "--local-dir weights/" in res.stderr
+        assert not passes and not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="is not a VAE.*; pass --vae DIR") as err:
+        from fmcli.generate import _sampling_encoders
+
+        cfg = load_config("text-debug").with_section("model", text_dim=32).with_section("encoders", text_encoder=str(tiny_t5))
+        info = {"kind": "latents", "vae": FrozenVAE(tiny_vae).info()}
+        _sampling_encoders(cfg, info, torch.device("cpu"), str(tiny_t5), None, vae_option="--vae")
+    assert "\n" not in str(err.value) and "scaling_factor" not in str(err.value)
+
+
+def test_a_vae_with_bin_weights_loads_without_an_error_line(tmp_path):
+    """A VAE saved as diffusion_pytorch_model.bin (older downloads) loaded, but diffusers first logged "An error
+    occurred while trying to fetch ...: no file named diffusion_pytorch_model.safetensors" on stderr, on a run that
+    worked. Now nothing is printed, and its latents are diffusers' own."""
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL.from_pretrained(_save_tiny_vae(tmp_path / "st", shift_factor=0.1)).save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert sorted(p.name for p in (tmp_path / "bin").iterdir()) == ["config.json", "diffusion_pytorch_model.bin"]
+    # A fresh process: diffusers' log handler holds the stderr of the process that first imported it.
+    code = f"from fmcli.encoders import FrozenVAE; FrozenVAE({str(tmp_path / 'bin')!r})"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    np.testing.assert_allclose(FrozenVAE(tmp_path / "bin").encode(images).numpy(), _diffusers_latents(tmp_path / "st", images), atol=1e-5)
+
+
+def test_a_text_model_whose_encoder_moved_is_told_to_give_that_encoder_not_to_download_t5_small(tmp_path, tiny_t5):
+    """Sampling a text model whose recorded encoder was gone said `huggingface-cli download google-t5/t5-small
+    --local-dir <the recorded path>`: a 512-wide encoder for a model trained on 32-wide states, put where the old one
+    was. It now says to give the encoder the model was trained with, naming its kind and width (as for a moved VAE)."""
+    from fmcli.config import apply_overrides
+    from fmcli.generate import _sampling_encoders
+
+    gone = tmp_path / "t5-gone"
+    cfg = apply_overrides(load_config("text-debug"), [f"encoders.text_encoder={gone}", "model.text_dim=32"])
+    info = {"kind": "pixels", "text_encoder": {"path": str(gone), "model_type": "t5", "hidden_size": 32, "max_tokens": 8}}
+    with pytest.raises(UsageError) as err:
+        _sampling_encoders(cfg, info, torch.device("cpu"), None, None)
+    message = str(err.value)
+    assert "\n" not in message and "t5-small" not in message and "huggingface-cli" not in message
+    assert message.endswith(f"pass --text-encoder DIR or set FM_TEXT_ENCODER to the text encoder the model was trained with (a t5 of width 32, at {gone})")
+    (tmp_path / "broken").mkdir()  # present but unloadable: the same advice after diffusers'/transformers' reason
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / "broken" / name).write_text("{}" if name != "model.safetensors" else "not weights")
+    with pytest.raises(UsageError, match=r"could not load the text encoder .*; pass --text-encoder DIR .*width 32"):
+        _sampling_encoders(cfg, info, torch.device("cpu"), None, str(tmp_path / "broken"))
+    assert set(_sampling_encoders(cfg, info, torch.device("cpu"), None, str(tiny_t5))) == {"text"}  # the right one loads
+
+
+@pytest.mark.parametrize("stdin_flag", [("--prompts", "-"), ("--prompts=-",)])
+def test_prompts_from_stdin_reach_the_ranks_in_the_launchers_order(tmp_path, tiny_t5, monkeypatch, stdin_flag):
+    """`fm sample|reflow --prompt A --prompts - --nproc 2` (stdin B, C): the ranks were handed every prompt again
+    beside the command's own --prompt A, so theirs were [A, A, B, C] and sample 1 was drawn for A, not B (seen as
+    different PNGs from the same command in one process); with `--prompts=-` the ranks read an empty stdin and failed.
+    The ranks' argv (torchrun's relaunch stubbed) must now give exactly the launcher's prompts, [A, B, C]."""
+    from fmcli import distributed
+    from fmcli.checkpoint import save_atomic
+    from fmcli.config import config_to_dict
+    from fmcli.models import build_model
+
+    cfg = load_config("text-debug").with_section("model", text_dim=32, image_size=8, in_channels=3, num_classes=0)
+    cfg = cfg.with_section("encoders", text_encoder=str(tiny_t5), max_tokens=8)
+    sd = build_model(cfg.model).state_dict()
+    save_atomic({"model": sd, "ema": sd, "config": config_to_dict(cfg), "step": 1, "data_info": {"kind": "pixels", "shape": [3, 8, 8]}}, tmp_path / "t.pt")
+    ranks = []
+    monkeypatch.setattr(distributed, "relaunch", lambda nproc, argv, **kw: ranks.append(list(argv)) or 0)
+    for command, outputs in (("sample", ("--out", tmp_path / "s")), ("reflow", ("-n", 4, "--out", tmp_path / "pairs"))):
+        args = [command, "--ckpt", tmp_path / "t.pt", "--prompt", "a red circle", *stdin_flag, *outputs, "--nproc", 2, "--device", "cpu"]
+        monkeypatch.setattr(sys, "argv", ["fm", *map(str, args)])
+        res = fm_in_process(*args, input="a blue star\n\na green square on a black background\n")
+        assert res.returncode == 0, res.stderr
+        argv = ranks.pop()
+        prompts = [argv[k + 1] for k, a in enumerate(argv) if a == "--prompt"]
+        assert prompts == ["a red circle", "a blue star", "a green square on a black background"], (command, argv)
+        assert not any(a.startswith("--prompts") for a in argv) and "--nproc" not in argv
+        if command == "sample":  # -n defaults to one sample per prompt: 3
+            assert argv[argv.index("--num-samples") + 1] == "3"
+
+
+def test_resuming_a_text_run_with_a_text_encoder_of_another_width_names_the_encoder_not_a_setting(tmp_path, tiny_t5):
+    """A run that encodes its captions while training, resumed with `--set encoders.text_encoder=WIDER`, was told
+    "model.text_dim=32 does not match the text encoder's width 64; remove the setting": a setting the user never gave,
+    whose removal cannot fit 32-wide weights to 64-wide states. The line now names the encoder and what to do."""
+    from fmcli.config import apply_overrides
+    from fmcli.data.dataset import PreparedDataset
+    from fmcli.data.shapes import prepare_shapes
+    from fmcli.encoders import setup_training_encoders
+
+    data = PreparedDataset(prepare_shapes(tmp_path / "shapes", size=8, count=4, seed=0), text=True)
+    wider = build_tiny_text_encoder(tmp_path / "t5-64", seed=0, words=WORDS, d_model=64, layers=1, heads=4)
+    resumed = apply_overrides(load_config("text-debug"), ["model.text_dim=32", f"encoders.text_encoder={wider}", "encoders.max_tokens=8"])
+    with pytest.raises(UsageError) as err:
+        setup_training_encoders(resumed, data, "cpu")
+    message = str(err.value)
+    assert "\n" not in message and "remove the setting" not in message
+    assert f"model.text_dim=32 does not match the width 64 of the text encoder {wider}" in message and "the encoder it was trained with" in message
+    text, cfg = setup_training_encoders(resumed.with_section("encoders", text_encoder=str(tiny_t5)), data, "cpu")
+    assert text.text_dim == 32 and cfg.model.text_dim == 32  # the encoder it was trained with
+
+
+def test_a_vae_given_as_the_text_encoder_is_named_as_such_not_sent_to_download_into_it(tmp_path, tiny_vae, monkeypatch):
+    """`--text-encoder VAE_DIR` said the VAE "lacks tokenizer files" and to `huggingface-cli download google-t5/t5-small
+    --local-dir VAE_DIR`, which would write a T5's config.json over the VAE's. Now one line saying what it is, before
+    the pixel pass, with an example path of its own; the VAE is untouched."""
+    from fmcli.data import latents
+
+    before = (tiny_vae / "config.json").read_text()
+    monkeypatch.setattr(latents, "encode_prepared", lambda *a, **k: pytest.fail("the pixel pass ran"))
+    res = fm_in_process("prepare-data", "shapes", "--out", tmp_path / "out", "--size", 16, "--count", 4, "--text-encoder", tiny_vae)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert f"{tiny_vae} is not a text encoder: its config.json describes a diffusers AutoencoderKL" in res.stderr
+    assert f"--local-dir {tiny_vae}" not in res.stderr and "--local-dir weights/t5-small" in res.stderr
+    assert (tiny_vae / "config.json").read_text() == before and not (tmp_path / "out").exists()

@@ -61,14 +61,15 @@ def sample(
     _check_out(out)
     _check_gif(gif, gif_frames, gpus, nproc)
     overrides = sampling.overrides()
-    texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
+    piped = read_prompts(prompts_file)  # read stdin once, in the launching process
+    texts = list(prompt) + piped
     n = num_samples or len(texts) or 16
     refuse_existing(sample_outputs(out, n, force) + [gif], force)  # before any work; every rank checks again
     work = functools.partial(
         sample_command, ckpt=ckpt, texts=texts, n=n, class_label=class_label, sample_overrides=overrides, seed=seed, out=out, gif=gif, gif_frames=gif_frames or 16,
         batch_size=batch_size, ema=ema, vae=vae, text_encoder=text_encoder, force=force, guide_ckpt=sampling.guide_ckpt, grid=grid, log=log_line,
     )  # fmt: skip
-    summary = on_ranks(work, device=device, gpus=gpus, nproc=nproc, extra=_prompt_args(n, texts) if prompts_file == "-" else None)
+    summary = on_ranks(work, device=device, gpus=gpus, nproc=nproc, extra=_prompt_args(n, piped) if prompts_file == "-" else None)
     if summary is None:  # a launcher, or not rank 0
         return
     if as_json:
@@ -96,9 +97,11 @@ def _check_gif(gif: Optional[Path], gif_frames: Optional[int], gpus: int, nproc:
         raise UsageError("--gif is drawn by one process: drop --gpus/--nproc")
 
 
-def _prompt_args(n: int | None, texts: list[str]) -> list[str]:
-    """Stdin's prompts (read once, in the launcher) as arguments for the relaunched ranks, with the count they imply."""
-    return (["--num-samples", str(n)] if n is not None else []) + [a for t in texts for a in ("--prompt", t)]
+def _prompt_args(n: int | None, piped: list[str]) -> list[str]:
+    """Stdin's prompts (read once, in the launcher) as arguments for the relaunched ranks, with the count they imply.
+    Only stdin's: the ranks keep the command's own --prompt ones, which come first in their list as in the launcher's
+    (passing those again made prompt i of the ranks another prompt than the launcher's)."""
+    return (["--num-samples", str(n)] if n is not None else []) + [a for t in piped for a in ("--prompt", t)]
 
 
 # ------------------------------------------------------------------------------------------- reflow
@@ -144,7 +147,8 @@ def reflow(
     from ..reflow import check_teacher, reflow_command
     from ..solvers import MEAN_FLOW_SOLVERS
 
-    texts = list(prompt) + read_prompts(prompts_file)  # read stdin once, in the launching process
+    piped = read_prompts(prompts_file)  # read stdin once, in the launching process
+    texts = list(prompt) + piped
     out = named_path(out)  # `--out .`: the folder by its name, so that OUT.partial lies beside it, not inside
     flags = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, precision=precision, compile_model=compile_model)
     # The defaults: 50 steps for fixed-step solvers (dopri5 chooses its own: --steps is refused); heun, or a
@@ -156,7 +160,7 @@ def reflow(
         reflow_command, ckpt=ckpt, out=out, texts=texts, sample_overrides=overrides, num_pairs=num_pairs, seed=seed, batch_size=batch_size, ema=ema,
         text_encoder=text_encoder, force=force, log=log_line,
     )  # fmt: skip
-    summary = on_ranks(work, device=device, gpus=gpus, nproc=nproc, extra=_prompt_args(None, texts) if prompts_file == "-" else None)
+    summary = on_ranks(work, device=device, gpus=gpus, nproc=nproc, extra=_prompt_args(None, piped) if prompts_file == "-" else None)
     if summary is None:  # a launcher, or not rank 0
         return
     if as_json:
