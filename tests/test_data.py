@@ -171,12 +171,17 @@ def test_mnist_resized_keeps_one_channel(mnist, tmp_path):
     assert x.shape == (9, 1, 32, 32) and np.array_equal(x[3, 0], ref)
 
 
-def test_mnist_truncated_file_is_exit_2(mnist, tmp_path):
-    root, _, _ = mnist
+def _mnist_copy(mnist, tmp_path) -> Path:
+    """A copy of the mnist fixture's files to damage."""
     bad = tmp_path / "bad"
     bad.mkdir()
-    for f in root.iterdir():
+    for f in mnist[0].iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
+    return bad
+
+
+def test_mnist_truncated_file_is_exit_2(mnist, tmp_path):
+    bad = _mnist_copy(mnist, tmp_path)
     raw = (bad / "t10k-images-idx3-ubyte").read_bytes()
     (bad / "t10k-images-idx3-ubyte").write_bytes(raw[:-100])
     res = fm_in_process("prepare-data", "mnist", "--root", bad, "--split", "test", "--out", tmp_path / "o")
@@ -187,11 +192,7 @@ def test_mnist_truncated_file_is_exit_2(mnist, tmp_path):
 def test_mnist_gz_with_a_damaged_deflate_stream_is_exit_2_naming_it(mnist, tmp_path):
     import zlib
 
-    root, _, _ = mnist
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in root.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = _mnist_copy(mnist, tmp_path)
     raw = bytearray(gzip.compress(_idx((np.arange(300) % 10).astype(np.uint8)), mtime=0))
     raw[10:12] = bytes([raw[10] ^ 0xFF, raw[11] ^ 0xFF])  # the first compressed block's header (after gzip's 10 bytes)
     with pytest.raises(zlib.error):  # what gzip raises for it: not an OSError like a bad CRC

@@ -185,13 +185,19 @@ def test_latest_that_names_no_checkpoint_of_its_own_folder_is_refused(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "r1" / "checkpoints").iterdir()) == ["step-0000001.pt"]
 
 
-def test_latest_naming_its_own_or_a_set_aside_checkpoint_resolves_to_it(tmp_path):
-    ckpts = tmp_path / "run" / "checkpoints"
+def _latest_naming_each_kind_of_checkpoint(ckpts):
+    """ckpts/latest pointing at its own checkpoint, then at a set-aside one: yields (latest's text, the file)."""
     (ckpts / "abandoned-from-step-0000001").mkdir(parents=True)
     for rel in ("step-0000001.pt", "abandoned-from-step-0000001/step-0000002.pt"):
         (ckpts / rel).write_bytes(b"x")
         (ckpts / "latest").write_text(rel + "\n")
-        assert resolve_checkpoint(tmp_path / "run") == ckpts / rel
+        yield rel, ckpts / rel
+
+
+def test_latest_naming_its_own_or_a_set_aside_checkpoint_resolves_to_it(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    for _, named in _latest_naming_each_kind_of_checkpoint(ckpts):
+        assert resolve_checkpoint(tmp_path / "run") == named
     (ckpts / "latest").write_text("step-0000009.pt\n")
     with pytest.raises(UsageError, match="names step-0000009.pt, which does not exist"):
         resolve_checkpoint(tmp_path / "run")
@@ -202,11 +208,8 @@ def test_the_latest_pointer_given_itself_resolves_to_the_checkpoint_it_names(tmp
     checkpoint .../latest: corrupt or truncated (pop from empty list)", exit 2, for a healthy run. It is followed as
     the folder's `latest` is; one naming nothing is refused as that one is."""
     ckpts = tmp_path / "run" / "checkpoints"
-    (ckpts / "abandoned-from-step-0000001").mkdir(parents=True)
-    for rel in ("step-0000001.pt", "abandoned-from-step-0000001/step-0000002.pt"):
-        (ckpts / rel).write_bytes(b"x")
-        (ckpts / "latest").write_text(rel + "\n")
-        assert resolve_checkpoint(ckpts / "latest") == ckpts / rel
+    for _, named in _latest_naming_each_kind_of_checkpoint(ckpts):
+        assert resolve_checkpoint(ckpts / "latest") == named
     (ckpts / "latest").write_text("../../elsewhere.pt\n")
     with pytest.raises(UsageError, match="does not name a checkpoint in its folder"):
         resolve_checkpoint(ckpts / "latest")
