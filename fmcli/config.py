@@ -261,7 +261,7 @@ class TrainConfig(Strict):
     budget_minutes: float | None = Field(None, gt=0)
     budget_fallback: BudgetFallback | None = None  # a smaller recipe where the budget fits too few steps
     compile: CompileSetting = False  # "auto": where inductor works (CUDA, or a CPU with a C++ compiler)
-    max_nan_skips: int = Field(0, ge=0)  # non-finite losses or gradients tolerated (step skipped) before stopping
+    max_nan_skips: int = Field(0, ge=0)  # non-finite losses or gradients tolerated (step skipped) in the run, resumes included, before stopping
     tracker: Literal[TRACKERS] = "none"  # also log metrics.jsonl records and sample grids there (rank 0)
     init_from: str | None = None  # start from these weights (a checkpoint, run or export directory: its EMA), e.g. reflow's teacher
 

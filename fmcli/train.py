@@ -345,7 +345,9 @@ class Trainer:
 
     def _loop(self, batches, stop_at_step: int | None, result: TrainResult, progress) -> None:
         cfg = self.cfg.train
-        window, window_start, nan_skips, done = [], time.perf_counter(), 0, self.step >= self.cfg.train.steps
+        # Non-finite steps skipped so far in this run, resumes included (batches drawn without an optimizer step):
+        # train.max_nan_skips is the run's allowance, not each invocation's.
+        window, window_start, nan_skips, done = [], time.perf_counter(), self.batches - self.step, self.step >= self.cfg.train.steps
         # Test hook: FM_TEST_FAIL_RANK=r [FM_TEST_FAIL_STEP=s] makes rank r fail at step s (checks no-hang exits).
         fail_rank = os.environ.get("FM_TEST_FAIL_RANK")
         fail_at = int(os.environ.get("FM_TEST_FAIL_STEP", "1")) if fail_rank is not None and int(fail_rank) == self.ctx.rank else None

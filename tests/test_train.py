@@ -47,6 +47,28 @@ def test_tiny_model_overfits_two_images(tmp_path):
     assert last < 0.5 * first, (first, last)
 
 
+def test_the_non_finite_allowance_is_the_runs_not_each_resumes(tmp_path, shapes16, monkeypatch):
+    """train.max_nan_skips=1: one non-finite step skipped before a stop, another after the resume, is two in the
+    run: the resume stops at the second (it used to start counting from zero again)."""
+    import fmcli.step as step_mod
+    from fmcli.config import validate_config
+    from fmcli.errors import RuntimeFailure
+
+    real_loss, calls = step_mod.flow_matching_loss, {"n": 0}
+
+    def nan_on_calls(pred, target):
+        calls["n"] += 1
+        return real_loss(pred, target) * (float("nan") if calls["n"] in (2, 5) else 1.0)
+
+    monkeypatch.setattr(step_mod, "flow_matching_loss", nan_on_calls)
+    cfg = cfg_for(shapes16, "train.steps=6", "train.max_nan_skips=1", "train.checkpoint_every=0")
+    first = train(cfg, tmp_path / "run", stop_at_step=2)  # calls 1-3: call 2 skipped, steps 1 and 2 taken
+    assert first.stopped_early and first.step == 2
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    with pytest.raises(RuntimeFailure, match="non-finite loss or gradients at step 4"):  # calls 4, 5: the run's second skip
+        train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "run", resume_from=ckpt)
+
+
 def test_resume_is_bit_exact_with_accumulation_workers_and_ema(tmp_path, shapes16):
     common = ["train.steps=8", "train.global_batch_size=16", "train.micro_batch_size=4", "data.num_workers=1",
               "data.flip=true", "train.log_every=1", "train.checkpoint_every=0", "train.ema_decay=0.9"]
