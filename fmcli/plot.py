@@ -162,19 +162,38 @@ def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "rec
     fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 4.5), squeeze=False)
     for ax, space in zip(axes[0], spaces):
         several = len({(r.get("ckpt"), r.get("step")) for r in rows}) > 1  # appended evaluations of other checkpoints
-        pts = [(_x(r, space, x_key), _num(r["metrics"][space][y]), _label(r, several)) for r in rows if space in r["metrics"]]
+        sizes = len({r.get("num_samples") for r in rows}) > 1  # appended evaluations at another -n
+        pts = [(_x(r, space, x_key), _num(r["metrics"][space][y]), _label(r, several) + (f", n {r.get('num_samples')}" if sizes else ""))
+               for r in rows if space in r["metrics"]]  # fmt: skip
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:blue")
         for px, py, label in pts:
             ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        floor = rows[0].get("floor", {})
-        if space in floor.get("metrics", {}):
-            ax.plot([_x(floor, space, x_key)], [_num(floor["metrics"][space][y])], "*", ms=12, color="tab:green", label="real vs real")
+        floors = _floors(rows, space)
+        for i, (floor, name) in enumerate(floors):
+            color = ("tab:green", "tab:orange", "tab:red", "tab:purple", "tab:brown")[i % 5]  # never the points' blue
+            ax.plot([_x(floor, space, x_key)], [_num(floor["metrics"][space][y])], "*", ms=12, color=color, label=name)
+        if floors:
             ax.legend(loc="best")
         ax.set_xlabel("conditional accuracy" if x_key == "accuracy" else "precision")
         ax.set_ylabel(f"{'FD' if y == 'fd' else y} ({space} features)")
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return _save(fig, plt, out)
+
+
+def _floors(rows: list[dict], space: str) -> list[tuple[dict, str]]:
+    """The distinct real-vs-real floors of the rows (appended evaluations at another -n or against other data
+    have their own), each with its legend name: by its sample count where that tells them apart."""
+    floors = {}
+    for r in rows:
+        floor = r.get("floor")
+        if isinstance(floor, dict) and space in floor.get("metrics", {}):
+            floors.setdefault(json.dumps(floor, sort_keys=True), floor)
+    counts = [f.get("floor_count") for f in floors.values()]
+    if len(floors) < 2:
+        return [(f, "real vs real") for f in floors.values()]
+    by_count = len(set(map(str, counts))) == len(counts)
+    return [(f, f"real vs real, n {f.get('floor_count')}" if by_count else f"real vs real ({i + 1})") for i, f in enumerate(floors.values())]
 
 
 def _x(row: dict, space: str, key: str) -> float:

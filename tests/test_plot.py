@@ -270,3 +270,31 @@ def test_frontier_points_of_two_checkpoints_name_their_checkpoint():
             for name, step in (("a", 100), ("b", 200))]
     assert _label(rows[0]) == "cfg 2 [0.3,1] nfe 50"
     assert [_label(r, True) for r in rows] == ["a@100: cfg 2 [0.3,1] nfe 50", "b@200: cfg 2 [0.3,1] nfe 50"]
+
+
+def test_frontier_of_evaluations_at_two_sample_counts_draws_each_floor_and_names_the_count(tmp_path, monkeypatch):
+    # `fm eval -n 100 --json >> f.json; fm eval -n 1000 --json >> f.json`: each evaluation has its own floor (the
+    # floor depends on n); drawing only the first row's put the n=1000 point against the n=100 floor, and the two
+    # points of the same cfg read as one label twice.
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    drawn = _record_plotted(monkeypatch)
+    texts = []
+    annotate = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", lambda ax, text, *a, **k: texts.append(text) or annotate(ax, text, *a, **k))
+
+    def row(n, acc, recall, floor_recall):
+        scores = {"fd": 1.0, "precision": 0.5, "recall": recall, "density": 0.7, "coverage": 0.4, "recall_sd": 0.01, "fd_sd": 0.1}
+        floor = {"ref_count": n, "floor_count": n, "splits": 5, "accuracy": 0.99, "metrics": {"domain": dict(scores, recall=floor_recall)}}
+        return {"ckpt": "runs/a", "step": 100, "cfg": 2.0, "nfe_per_sample": 8, "num_samples": n, "accuracy": acc,
+                "metrics": {"domain": scores}, "floor": floor}
+
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps([row(100, 0.5, 0.7, 0.9)]) + "\n" + json.dumps([row(1000, 0.6, 0.75, 0.97)]) + "\n")
+    res = fm_in_process("plot", str(frontier))
+    assert res.returncode == 0, res.stderr
+    points, *floors = drawn
+    assert points == ([0.5, 0.6], [0.7, 0.75])
+    assert sorted(floors) == [([0.99], [0.9]), ([0.99], [0.97])]
+    assert texts == ["cfg 2 nfe 8, n 100", "cfg 2 nfe 8, n 1000"]
