@@ -8,6 +8,8 @@ matplotlib is an optional extra (`pip install -e '.[plot]'` in the checkout); wi
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -165,6 +167,7 @@ def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "rec
         sizes = len({r.get("num_samples") for r in rows}) > 1  # appended evaluations at another -n
         pts = [(_x(r, space, x_key), _num(r["metrics"][space][y]), _label(r, several) + (f", n {r.get('num_samples')}" if sizes else ""))
                for r in rows if space in r["metrics"]]  # fmt: skip
+        _note_left_out([p[2] for p in pts if math.isnan(p[0]) or math.isnan(p[1])], f"{x_key} or {y} ({space})")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:blue")
         for px, py, label in pts:
             ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -196,6 +199,12 @@ def _floors(rows: list[dict], space: str) -> list[tuple[dict, str]]:
     return [(f, f"real vs real, n {f.get('floor_count')}" if by_count else f"real vs real ({i + 1})") for i, f in enumerate(floors.values())]
 
 
+def _note_left_out(labels: list[str], what: str) -> None:
+    """A note on stderr naming the points not drawn: `--json` wrote their value as null (non-finite, a diverged run)."""
+    if labels:
+        print(f"note: {what} is null (non-finite) and not drawn for: {'; '.join(labels)}", file=sys.stderr)
+
+
 def _x(row: dict, space: str, key: str) -> float:
     return _num(row["accuracy"] if key == "accuracy" else row["metrics"][space]["precision"])
 
@@ -218,6 +227,7 @@ def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool 
     rows = read_nfe_sweep(path)
     out = _sweep_output(out, path, force)
     plt = _pyplot()
+    _note_left_out([f"{_curve_label(r, rows)}, nfe {r['nfe_per_sample']:g}" for r in rows if r["fid"] is None], "fid")
     curves: dict[tuple, list[tuple[float, float]]] = {}
     for r in rows:
         curves.setdefault((r["_sweep"], _curve_label(r, rows)), []).append((float(r["nfe_per_sample"]), _num(r["fid"])))

@@ -298,3 +298,20 @@ def test_frontier_of_evaluations_at_two_sample_counts_draws_each_floor_and_names
     assert points == ([0.5, 0.6], [0.7, 0.75])
     assert sorted(floors) == [([0.99], [0.9]), ([0.99], [0.97])]
     assert texts == ["cfg 2 nfe 8, n 100", "cfg 2 nfe 8, n 1000"]
+
+
+def test_fm_plot_names_the_points_a_null_value_leaves_out(tmp_path):
+    # A diverged setting (`--json` writes its non-finite FID/FD as null) is a gap in the picture: stderr says which.
+    pytest.importorskip("matplotlib")
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps([{"fid": None, "nfe_per_sample": 1, "solver": "euler"}, {"fid": 4.0, "nfe_per_sample": 2, "solver": "euler"}]))
+    res = fm_in_process("plot", str(sweep))
+    assert res.returncode == 0, res.stderr
+    assert "not drawn for: euler, cfg 1, nfe 1" in res.stderr and "nfe 2" not in res.stderr
+    scores = {"fd": 3.0, "precision": 0.5, "recall": 0.6, "density": 0.7, "coverage": 0.4}
+    rows = [{"cfg": c, "nfe_per_sample": 8, "accuracy": 0.5, "metrics": {"tiny": dict(scores, fd=None if c == 4 else 3.0)}} for c in (1, 4)]
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps(rows))
+    res = fm_in_process("plot", str(frontier), "--y", "fd")
+    assert res.returncode == 0, res.stderr
+    assert "not drawn for: cfg 4 nfe 8" in res.stderr and "cfg 1" not in res.stderr
