@@ -248,8 +248,10 @@ def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool 
 
 
 # Settings besides solver, guidance and cfg that make an `fm fid --nfe` row part of another curve (another
-# checkpoint, guidance interval, SDE noise, ...): rows that differ in one of them are never joined.
-_CURVE_SETTINGS = ("ckpt", "step", "guide_ckpt", "guidance_interval", "sde_noise", "zero_init_steps", "rtol", "atol", "seed", "num_samples", "features")
+# checkpoint, guidance interval, SDE noise, the network's precision, the reference's size, ...): rows that differ in
+# one of them are never joined.
+_CURVE_SETTINGS = ("ckpt", "step", "guide_ckpt", "guidance_interval", "sde_noise", "zero_init_steps", "rtol", "atol", "seed", "num_samples",
+                   "features", "precision", "ref_count")  # fmt: skip
 
 
 def _curve_label(row: dict, rows: list[dict]) -> str:

@@ -315,3 +315,19 @@ def test_fm_plot_names_the_points_a_null_value_leaves_out(tmp_path):
     res = fm_in_process("plot", str(frontier), "--y", "fd")
     assert res.returncode == 0, res.stderr
     assert "not drawn for: cfg 4 nfe 8" in res.stderr and "cfg 1" not in res.stderr
+
+
+def test_fm_plot_keeps_single_fid_rows_at_another_precision_or_reference_apart(tmp_path, monkeypatch):
+    # `fm fid --json` rows appended one by one join per setting; bf16 and fp32 (or another reference) are other
+    # settings: joined, they drew one zig-zag line through both FIDs at each NFE.
+    pytest.importorskip("matplotlib")
+    drawn = _record_plotted(monkeypatch)
+    base = {"solver": "euler", "cfg": 1.0, "guidance": "cfg", "ckpt": "runs/a", "step": 100, "seed": 0, "num_samples": 500, "features": "tiny"}
+    rows = [dict(base, nfe_per_sample=nfe, fid=fid, precision=prec, ref_count=ref)
+            for prec, ref, fids in (("fp32", 1000, (2.5, 1.25)), ("bf16", 1000, (7.5, 3.75)), ("fp32", 5000, (2.0, 1.0)))
+            for nfe, fid in zip((4, 8), fids)]
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = fm_in_process("plot", str(sweep))
+    assert res.returncode == 0, res.stderr
+    assert sorted(drawn) == [([4.0, 8.0], [2.0, 1.0]), ([4.0, 8.0], [2.5, 1.25]), ([4.0, 8.0], [7.5, 3.75])]
