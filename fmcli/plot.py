@@ -159,7 +159,7 @@ def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "rec
         raise UsageError(f"--y {y}: not every row of {path} has it (e.g. `fm eval --no-kid` writes no kid); choose one of {', '.join(have)}")
     out = _sweep_output(out, path, force)
     plt = _pyplot()
-    spaces = list(rows[0]["metrics"])
+    spaces = list(dict.fromkeys(s for r in rows for s in r["metrics"]))  # appended evaluations may score other spaces
     x_key = "accuracy" if all("accuracy" in r for r in rows) else "precision"  # unconditional: precision-recall
     fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 4.5), squeeze=False)
     for ax, space in zip(axes[0], spaces):

@@ -331,3 +331,18 @@ def test_fm_plot_keeps_single_fid_rows_at_another_precision_or_reference_apart(t
     res = fm_in_process("plot", str(sweep))
     assert res.returncode == 0, res.stderr
     assert sorted(drawn) == [([4.0, 8.0], [2.0, 1.0]), ([4.0, 8.0], [2.5, 1.25]), ([4.0, 8.0], [7.5, 3.75])]
+
+
+def test_frontier_draws_a_feature_space_only_later_appended_rows_have(tmp_path, monkeypatch):
+    # `fm eval --features domain --json > f.json; fm eval --features domain,dinov2 --json >> f.json`: one panel per
+    # space of any row (was: the first row's spaces only, the dinov2 point silently not drawn).
+    pytest.importorskip("matplotlib")
+    drawn = _record_plotted(monkeypatch)
+    scores = {"fd": 3.0, "precision": 0.5, "recall": 0.6, "density": 0.7, "coverage": 0.4}
+    first = {"cfg": 1.0, "nfe_per_sample": 8, "accuracy": 0.5, "metrics": {"domain": scores}}
+    second = {"cfg": 2.0, "nfe_per_sample": 8, "accuracy": 0.6, "metrics": {"domain": scores, "dinov2": dict(scores, recall=0.3)}}
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps([first]) + "\n" + json.dumps([second]) + "\n")
+    res = fm_in_process("plot", str(frontier))
+    assert res.returncode == 0, res.stderr
+    assert drawn == [([0.5, 0.6], [0.6, 0.6]), ([0.6], [0.3])]
