@@ -147,7 +147,8 @@ def _sweep_output(out, path: Path, force: bool) -> Path:
 
 def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "recall", force: bool = False) -> Path:
     """`y` (recall, precision, coverage, density or fd) against conditional accuracy, one point per sampling
-    setting and one panel per feature space, the real-vs-real floor as a star: the user picks a point."""
+    setting (its sd over the reference draws, `*_sd`, as an error bar) and one panel per feature space, the
+    real-vs-real floor as a star: the user picks a point."""
     if y not in FRONTIER_Y:
         raise UsageError(f"--y {y}: choose one of {', '.join(FRONTIER_Y)}")
     path = Path(path)
@@ -169,6 +170,9 @@ def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "rec
                for r in rows if space in r["metrics"]]  # fmt: skip
         _note_left_out([p[2] for p in pts if math.isnan(p[0]) or math.isnan(p[1])], f"{x_key} or {y} ({space})")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:blue")
+        spread = [_num(r["metrics"][space].get(f"{y}_sd")) for r in rows if space in r["metrics"]]
+        if any(not math.isnan(sd) for sd in spread):  # one sd over `fm eval`'s reference draws (--splits)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=spread, fmt="none", ecolor="tab:blue", alpha=0.5, capsize=2)
         for px, py, label in pts:
             ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
         floors = _floors(rows, space)

@@ -346,3 +346,23 @@ def test_frontier_draws_a_feature_space_only_later_appended_rows_have(tmp_path, 
     res = fm_in_process("plot", str(frontier))
     assert res.returncode == 0, res.stderr
     assert drawn == [([0.5, 0.6], [0.6, 0.6]), ([0.6], [0.3])]
+
+
+def test_frontier_shows_the_spread_over_reference_draws_as_error_bars(tmp_path, monkeypatch):
+    # `fm eval` rows carry each metric's sd over its reference draws (`recall_sd`, ...): drawn as +-1 sd bars on
+    # the chosen metric; a row of a one-draw evaluation (no `_sd`) gets none, and no error.
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    bars = []
+    errorbar = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda ax, x, y, *a, **k: bars.append((list(x), list(y), list(k["yerr"]))) or errorbar(ax, x, y, *a, **k))
+    scores = {"fd": 3.0, "precision": 0.5, "recall": 0.6, "density": 0.7, "coverage": 0.4}
+    rows = [{"cfg": 1.0, "nfe_per_sample": 8, "accuracy": 0.5, "metrics": {"domain": dict(scores, fd_sd=0.25, recall_sd=0.02)}},
+            {"cfg": 2.0, "nfe_per_sample": 8, "accuracy": 0.7, "metrics": {"domain": dict(scores, fd=5.0)}}]
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps(rows))
+    res = fm_in_process("plot", str(frontier), "--y", "fd")
+    assert res.returncode == 0, res.stderr
+    (x, y, sd), = bars
+    assert x == [0.5, 0.7] and y == [3.0, 5.0] and sd[0] == 0.25 and np.isnan(sd[1])
