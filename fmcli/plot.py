@@ -304,6 +304,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for ax, (keys, label, records, scale) in zip(axes[:, 0], panels):
         for key in keys:
             pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            _note_left_out([f"step {r['step']}" for r in records if key in r and not (isinstance(r[key], (int, float)) and math.isfinite(r[key]))], key)
             line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if records is fid or len(pts) < 30 else None, lw=1.2, label=key if len(keys) > 1 else None)
             floor = [r[f"{key}_floor"] for r in records if isinstance(r.get(f"{key}_floor"), (int, float))]
             if floor:  # the real-vs-real floor: where a perfect model would be

@@ -366,3 +366,16 @@ def test_frontier_shows_the_spread_over_reference_draws_as_error_bars(tmp_path, 
     assert res.returncode == 0, res.stderr
     (x, y, sd), = bars
     assert x == [0.5, 0.7] and y == [3.0, 5.0] and sd[0] == 0.25 and np.isnan(sd[1])
+
+
+def test_fm_plot_of_a_run_names_the_evaluations_a_non_finite_value_leaves_out(tmp_path):
+    # A diverged evaluation (FD NaN in metrics.jsonl, or null) is a gap in the curve: stderr names its step.
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0, "lr": 0.001}\n{"step": 10, "fd": 2.0, "fd_floor": 0.5}\n'
+                                       '{"step": 20, "loss": 0.9, "lr": 0.001}\n{"step": 20, "fd": NaN, "fd_floor": 0.5}\n'
+                                       '{"step": 30, "fd": null, "fd_floor": 0.5}\n')
+    res = fm_in_process("plot", str(run))
+    assert res.returncode == 0, res.stderr
+    assert "fd is null (non-finite) and not drawn for: step 20; step 30" in res.stderr and "step 10" not in res.stderr
