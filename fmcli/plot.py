@@ -8,6 +8,8 @@ matplotlib is an optional extra (`pip install -e '.[plot]'` in the checkout); wi
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -145,7 +147,8 @@ def _sweep_output(out, path: Path, force: bool) -> Path:
 
 def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "recall", force: bool = False) -> Path:
     """`y` (recall, precision, coverage, density or fd) against conditional accuracy, one point per sampling
-    setting and one panel per feature space, the real-vs-real floor as a star: the user picks a point."""
+    setting (its sd over the reference draws, `*_sd`, as an error bar) and one panel per feature space, the
+    real-vs-real floor as a star: the user picks a point."""
     if y not in FRONTIER_Y:
         raise UsageError(f"--y {y}: choose one of {', '.join(FRONTIER_Y)}")
     path = Path(path)
@@ -157,24 +160,53 @@ def plot_frontier(path: str | Path, out: str | Path | None = None, y: str = "rec
         raise UsageError(f"--y {y}: not every row of {path} has it (e.g. `fm eval --no-kid` writes no kid); choose one of {', '.join(have)}")
     out = _sweep_output(out, path, force)
     plt = _pyplot()
-    spaces = list(rows[0]["metrics"])
+    spaces = list(dict.fromkeys(s for r in rows for s in r["metrics"]))  # appended evaluations may score other spaces
     x_key = "accuracy" if all("accuracy" in r for r in rows) else "precision"  # unconditional: precision-recall
     fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 4.5), squeeze=False)
     for ax, space in zip(axes[0], spaces):
         several = len({(r.get("ckpt"), r.get("step")) for r in rows}) > 1  # appended evaluations of other checkpoints
-        pts = [(_x(r, space, x_key), _num(r["metrics"][space][y]), _label(r, several)) for r in rows if space in r["metrics"]]
+        sizes = len({r.get("num_samples") for r in rows}) > 1  # appended evaluations at another -n
+        pts = [(_x(r, space, x_key), _num(r["metrics"][space][y]), _label(r, several) + (f", n {r.get('num_samples')}" if sizes else ""))
+               for r in rows if space in r["metrics"]]  # fmt: skip
+        _note_left_out([p[2] for p in pts if math.isnan(p[0]) or math.isnan(p[1])], f"{x_key} or {y} ({space})")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:blue")
+        spread = [_num(r["metrics"][space].get(f"{y}_sd")) for r in rows if space in r["metrics"]]
+        if any(not math.isnan(sd) for sd in spread):  # one sd over `fm eval`'s reference draws (--splits)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=spread, fmt="none", ecolor="tab:blue", alpha=0.5, capsize=2)
         for px, py, label in pts:
             ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        floor = rows[0].get("floor", {})
-        if space in floor.get("metrics", {}):
-            ax.plot([_x(floor, space, x_key)], [_num(floor["metrics"][space][y])], "*", ms=12, color="tab:green", label="real vs real")
+        floors = _floors(rows, space)
+        for i, (floor, name) in enumerate(floors):
+            color = ("tab:green", "tab:orange", "tab:red", "tab:purple", "tab:brown")[i % 5]  # never the points' blue
+            ax.plot([_x(floor, space, x_key)], [_num(floor["metrics"][space][y])], "*", ms=12, color=color, label=name)
+        if floors:
             ax.legend(loc="best")
         ax.set_xlabel("conditional accuracy" if x_key == "accuracy" else "precision")
         ax.set_ylabel(f"{'FD' if y == 'fd' else y} ({space} features)")
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return _save(fig, plt, out)
+
+
+def _floors(rows: list[dict], space: str) -> list[tuple[dict, str]]:
+    """The distinct real-vs-real floors of the rows (appended evaluations at another -n or against other data
+    have their own), each with its legend name: by its sample count where that tells them apart."""
+    floors = {}
+    for r in rows:
+        floor = r.get("floor")
+        if isinstance(floor, dict) and space in floor.get("metrics", {}):
+            floors.setdefault(json.dumps(floor, sort_keys=True), floor)
+    counts = [f.get("floor_count") for f in floors.values()]
+    if len(floors) < 2:
+        return [(f, "real vs real") for f in floors.values()]
+    by_count = len(set(map(str, counts))) == len(counts)
+    return [(f, f"real vs real, n {f.get('floor_count')}" if by_count else f"real vs real ({i + 1})") for i, f in enumerate(floors.values())]
+
+
+def _note_left_out(labels: list[str], what: str) -> None:
+    """A note on stderr naming the points not drawn: `--json` wrote their value as null (non-finite, a diverged run)."""
+    if labels:
+        print(f"note: {what} is null (non-finite) and not drawn for: {'; '.join(labels)}", file=sys.stderr)
 
 
 def _x(row: dict, space: str, key: str) -> float:
@@ -199,6 +231,7 @@ def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool 
     rows = read_nfe_sweep(path)
     out = _sweep_output(out, path, force)
     plt = _pyplot()
+    _note_left_out([f"{_curve_label(r, rows)}, nfe {r['nfe_per_sample']:g}" for r in rows if r["fid"] is None], "fid")
     curves: dict[tuple, list[tuple[float, float]]] = {}
     for r in rows:
         curves.setdefault((r["_sweep"], _curve_label(r, rows)), []).append((float(r["nfe_per_sample"]), _num(r["fid"])))
@@ -219,8 +252,10 @@ def plot_nfe_sweep(path: str | Path, out: str | Path | None = None, force: bool 
 
 
 # Settings besides solver, guidance and cfg that make an `fm fid --nfe` row part of another curve (another
-# checkpoint, guidance interval, SDE noise, ...): rows that differ in one of them are never joined.
-_CURVE_SETTINGS = ("ckpt", "step", "guide_ckpt", "guidance_interval", "sde_noise", "zero_init_steps", "rtol", "atol", "seed", "num_samples", "features")
+# checkpoint, guidance interval, SDE noise, the network's precision, the reference's size, ...): rows that differ in
+# one of them are never joined.
+_CURVE_SETTINGS = ("ckpt", "step", "guide_ckpt", "guidance_interval", "sde_noise", "zero_init_steps", "rtol", "atol", "seed", "num_samples",
+                   "features", "precision", "ref_count")  # fmt: skip
 
 
 def _curve_label(row: dict, rows: list[dict]) -> str:
@@ -269,6 +304,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for ax, (keys, label, records, scale) in zip(axes[:, 0], panels):
         for key in keys:
             pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            _note_left_out([f"step {r['step']}" for r in records if key in r and not (isinstance(r[key], (int, float)) and math.isfinite(r[key]))], key)
             line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if records is fid or len(pts) < 30 else None, lw=1.2, label=key if len(keys) > 1 else None)
             floor = [r[f"{key}_floor"] for r in records if isinstance(r.get(f"{key}_floor"), (int, float))]
             if floor:  # the real-vs-real floor: where a perfect model would be

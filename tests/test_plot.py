@@ -270,3 +270,112 @@ def test_frontier_points_of_two_checkpoints_name_their_checkpoint():
             for name, step in (("a", 100), ("b", 200))]
     assert _label(rows[0]) == "cfg 2 [0.3,1] nfe 50"
     assert [_label(r, True) for r in rows] == ["a@100: cfg 2 [0.3,1] nfe 50", "b@200: cfg 2 [0.3,1] nfe 50"]
+
+
+def test_frontier_of_evaluations_at_two_sample_counts_draws_each_floor_and_names_the_count(tmp_path, monkeypatch):
+    # `fm eval -n 100 --json >> f.json; fm eval -n 1000 --json >> f.json`: each evaluation has its own floor (the
+    # floor depends on n); drawing only the first row's put the n=1000 point against the n=100 floor, and the two
+    # points of the same cfg read as one label twice.
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    drawn = _record_plotted(monkeypatch)
+    texts = []
+    annotate = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", lambda ax, text, *a, **k: texts.append(text) or annotate(ax, text, *a, **k))
+
+    def row(n, acc, recall, floor_recall):
+        scores = {"fd": 1.0, "precision": 0.5, "recall": recall, "density": 0.7, "coverage": 0.4, "recall_sd": 0.01, "fd_sd": 0.1}
+        floor = {"ref_count": n, "floor_count": n, "splits": 5, "accuracy": 0.99, "metrics": {"domain": dict(scores, recall=floor_recall)}}
+        return {"ckpt": "runs/a", "step": 100, "cfg": 2.0, "nfe_per_sample": 8, "num_samples": n, "accuracy": acc,
+                "metrics": {"domain": scores}, "floor": floor}
+
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps([row(100, 0.5, 0.7, 0.9)]) + "\n" + json.dumps([row(1000, 0.6, 0.75, 0.97)]) + "\n")
+    res = fm_in_process("plot", str(frontier))
+    assert res.returncode == 0, res.stderr
+    points, *floors = drawn
+    assert points == ([0.5, 0.6], [0.7, 0.75])
+    assert sorted(floors) == [([0.99], [0.9]), ([0.99], [0.97])]
+    assert texts == ["cfg 2 nfe 8, n 100", "cfg 2 nfe 8, n 1000"]
+
+
+def test_fm_plot_names_the_points_a_null_value_leaves_out(tmp_path):
+    # A diverged setting (`--json` writes its non-finite FID/FD as null) is a gap in the picture: stderr says which.
+    pytest.importorskip("matplotlib")
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps([{"fid": None, "nfe_per_sample": 1, "solver": "euler"}, {"fid": 4.0, "nfe_per_sample": 2, "solver": "euler"}]))
+    res = fm_in_process("plot", str(sweep))
+    assert res.returncode == 0, res.stderr
+    assert "not drawn for: euler, cfg 1, nfe 1" in res.stderr and "nfe 2" not in res.stderr
+    scores = {"fd": 3.0, "precision": 0.5, "recall": 0.6, "density": 0.7, "coverage": 0.4}
+    rows = [{"cfg": c, "nfe_per_sample": 8, "accuracy": 0.5, "metrics": {"tiny": dict(scores, fd=None if c == 4 else 3.0)}} for c in (1, 4)]
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps(rows))
+    res = fm_in_process("plot", str(frontier), "--y", "fd")
+    assert res.returncode == 0, res.stderr
+    assert "not drawn for: cfg 4 nfe 8" in res.stderr and "cfg 1" not in res.stderr
+
+
+def test_fm_plot_keeps_single_fid_rows_at_another_precision_or_reference_apart(tmp_path, monkeypatch):
+    # `fm fid --json` rows appended one by one join per setting; bf16 and fp32 (or another reference) are other
+    # settings: joined, they drew one zig-zag line through both FIDs at each NFE.
+    pytest.importorskip("matplotlib")
+    drawn = _record_plotted(monkeypatch)
+    base = {"solver": "euler", "cfg": 1.0, "guidance": "cfg", "ckpt": "runs/a", "step": 100, "seed": 0, "num_samples": 500, "features": "tiny"}
+    rows = [dict(base, nfe_per_sample=nfe, fid=fid, precision=prec, ref_count=ref)
+            for prec, ref, fids in (("fp32", 1000, (2.5, 1.25)), ("bf16", 1000, (7.5, 3.75)), ("fp32", 5000, (2.0, 1.0)))
+            for nfe, fid in zip((4, 8), fids)]
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = fm_in_process("plot", str(sweep))
+    assert res.returncode == 0, res.stderr
+    assert sorted(drawn) == [([4.0, 8.0], [2.0, 1.0]), ([4.0, 8.0], [2.5, 1.25]), ([4.0, 8.0], [7.5, 3.75])]
+
+
+def test_frontier_draws_a_feature_space_only_later_appended_rows_have(tmp_path, monkeypatch):
+    # `fm eval --features domain --json > f.json; fm eval --features domain,dinov2 --json >> f.json`: one panel per
+    # space of any row (was: the first row's spaces only, the dinov2 point silently not drawn).
+    pytest.importorskip("matplotlib")
+    drawn = _record_plotted(monkeypatch)
+    scores = {"fd": 3.0, "precision": 0.5, "recall": 0.6, "density": 0.7, "coverage": 0.4}
+    first = {"cfg": 1.0, "nfe_per_sample": 8, "accuracy": 0.5, "metrics": {"domain": scores}}
+    second = {"cfg": 2.0, "nfe_per_sample": 8, "accuracy": 0.6, "metrics": {"domain": scores, "dinov2": dict(scores, recall=0.3)}}
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps([first]) + "\n" + json.dumps([second]) + "\n")
+    res = fm_in_process("plot", str(frontier))
+    assert res.returncode == 0, res.stderr
+    assert drawn == [([0.5, 0.6], [0.6, 0.6]), ([0.6], [0.3])]
+
+
+def test_frontier_shows_the_spread_over_reference_draws_as_error_bars(tmp_path, monkeypatch):
+    # `fm eval` rows carry each metric's sd over its reference draws (`recall_sd`, ...): drawn as +-1 sd bars on
+    # the chosen metric; a row of a one-draw evaluation (no `_sd`) gets none, and no error.
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    bars = []
+    errorbar = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda ax, x, y, *a, **k: bars.append((list(x), list(y), list(k["yerr"]))) or errorbar(ax, x, y, *a, **k))
+    scores = {"fd": 3.0, "precision": 0.5, "recall": 0.6, "density": 0.7, "coverage": 0.4}
+    rows = [{"cfg": 1.0, "nfe_per_sample": 8, "accuracy": 0.5, "metrics": {"domain": dict(scores, fd_sd=0.25, recall_sd=0.02)}},
+            {"cfg": 2.0, "nfe_per_sample": 8, "accuracy": 0.7, "metrics": {"domain": dict(scores, fd=5.0)}}]
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(json.dumps(rows))
+    res = fm_in_process("plot", str(frontier), "--y", "fd")
+    assert res.returncode == 0, res.stderr
+    (x, y, sd), = bars
+    assert x == [0.5, 0.7] and y == [3.0, 5.0] and sd[0] == 0.25 and np.isnan(sd[1])
+
+
+def test_fm_plot_of_a_run_names_the_evaluations_a_non_finite_value_leaves_out(tmp_path):
+    # A diverged evaluation (FD NaN in metrics.jsonl, or null) is a gap in the curve: stderr names its step.
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0, "lr": 0.001}\n{"step": 10, "fd": 2.0, "fd_floor": 0.5}\n'
+                                       '{"step": 20, "loss": 0.9, "lr": 0.001}\n{"step": 20, "fd": NaN, "fd_floor": 0.5}\n'
+                                       '{"step": 30, "fd": null, "fd_floor": 0.5}\n')
+    res = fm_in_process("plot", str(run))
+    assert res.returncode == 0, res.stderr
+    assert "fd is null (non-finite) and not drawn for: step 20; step 30" in res.stderr and "step 10" not in res.stderr
