@@ -175,6 +175,20 @@ def test_a_run_shortened_during_warmup_below_the_floor_rises_to_the_floor_withou
     assert [s(k) for k in range(at, new_total + 4)] == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("configured, fitted, factor", [(5, 1000, 0.1), (1000, 5, 1.0)])
+def test_a_refit_before_the_first_step_sets_that_steps_lr_to_the_new_schedules(configured, fitted, factor):
+    """train.steps=5 has no warmup (round(0.05 x 5) = 0), a fit of 1000 has 50 steps of it, from 0.1 x lr: the
+    first step ran at the old schedule's LR (LambdaLR sets it at construction), 10x too high (and 10x too low the other way)."""
+    from fmcli.distributed import DistContext
+    from fmcli.step import TrainingStep
+
+    cfg = load_config("debug", ["data.source='shapes'", "model.image_size=8", "model.in_channels=1", "model.num_classes=0",
+                                "optim.name='muon'", f"train.steps={configured}", "train.global_batch_size=4"])
+    step = TrainingStep(cfg, DistContext(), micro=4, accum=1, shape=(1, 8, 8))
+    step.set_total_steps(fitted, at_step=0)
+    assert [g["lr"] for g in step.optimizer.param_groups] == pytest.approx([factor * cfg.optim.lr] * len(step.optimizer.param_groups), rel=1e-12)
+
+
 def test_a_retargeted_schedule_survives_the_scheduler_checkpoint():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
 
