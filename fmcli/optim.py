@@ -86,6 +86,7 @@ class LRSchedule:
         self.anchor_step, self.anchor_progress = None, 0.0  # None: the cosine starts at the end of warmup
         # None: the warmup rises from start_factor at step 0; else from warmup_anchor_factor at this step (a retarget)
         self.warmup_anchor_step, self.warmup_anchor_factor = None, self.start_factor
+        self.warmup_peak = 1.0  # where the warmup line ends: the peak, or the floor for an LR a retarget found below it
 
     def progress(self, step: int) -> float:
         """How far along the cosine `step` is, 0..1."""
@@ -98,8 +99,8 @@ class LRSchedule:
         if step < self.warmup_steps:
             if self.warmup_anchor_step is None:
                 return self.start_factor + (1 - self.start_factor) * step / self.warmup_steps
-            s0, f0 = self.warmup_anchor_step, self.warmup_anchor_factor
-            return f0 + (1 - f0) * (step - s0) / (self.warmup_steps - s0)
+            s0, f0, peak = self.warmup_anchor_step, self.warmup_anchor_factor, self.warmup_peak
+            return f0 + (peak - f0) * (step - s0) / (self.warmup_steps - s0)
         return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
 
     def retarget(self, step: int, total_steps: int) -> None:
@@ -110,9 +111,13 @@ class LRSchedule:
         if step < self.warmup_steps:  # still warming up: the warmup's share of the new length decides
             factor, warmup = self(step), int(round(self.warmup_frac * total_steps))
             span = 1 - self.min_factor
-            if step < warmup or span <= 0:  # a straight line from here to the peak at the new warmup's end
-                # (a constant LR after warmup, min_factor = 1, has no cosine to take over: its floor is the peak)
+            if step < warmup or factor <= self.min_factor:  # a straight line from here to the peak at the new warmup's end
+                # (an LR still at or below the cosine's floor, as always with a constant LR after warmup, min_factor = 1,
+                # has no cosine point to take over at: the line rises to the floor at the new end instead)
                 self.warmup_anchor_step, self.warmup_anchor_factor = step, factor
+                self.warmup_peak = 1.0 if step < warmup else self.min_factor
+                # the cosine from the new warmup's end; past a line to the floor, the floor (progress 1: an extension stays there)
+                self.anchor_step, self.anchor_progress = (None, 0.0) if step < warmup else (total_steps, 1.0)
                 self.total_steps, self.warmup_steps = total_steps, warmup if step < warmup else total_steps
                 return
             # The new length's warmup is already over: the cosine takes over here, at the point where its

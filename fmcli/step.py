@@ -140,6 +140,11 @@ class TrainingStep:
         the trainer holds as its own `cfg` (the same object, never a copy)."""
         self.cfg = self.cfg.with_section("train", steps=steps)
         self.schedule.retarget(at_step, steps)
+        # The optimizers hold the LR of step `at_step` already (LambdaLR sets it one step ahead): the new schedule's.
+        # A retarget keeps it continuous, except at step 0, where the new length may end or start the warmup (5 -> 1000 steps).
+        for scheduler in self.schedulers:
+            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base * self.schedule(at_step)
         return self.cfg
 
     def state_dict(self) -> dict:

@@ -162,6 +162,33 @@ def test_a_constant_lr_schedule_shortened_during_warmup_still_reaches_its_peak_a
     assert all(a < b for a, b in zip([s(k) for k in range(2, 11)], [s(k) for k in range(3, 11)]))
 
 
+@pytest.mark.parametrize("at, new_total", [(6, 40), (1, 5), (4, 30)])
+def test_a_run_shortened_during_warmup_below_the_floor_rises_to_the_floor_without_a_jump(at, new_total):
+    """min_lr_factor above warmup_start_factor: the warmup's LR at `at` is under the cosine's floor and the new
+    length's warmup (10 %) is over. The old code took the cosine over at its end, a jump up to the floor
+    (0.37 -> 0.5 at step 6 of 200 refitted to 40); now a straight line from the current LR to the floor at the new end."""
+    s = LRSchedule(200, 0.1, 0.1, 0.5)  # warmup: 20 steps, from 0.1 to 1, then the cosine down to 0.5
+    before = 0.1 + 0.9 * at / 20  # the warmup's closed form at `at`
+    assert s(at) == pytest.approx(before, rel=1e-12) and before < 0.5 and round(0.1 * new_total) <= at
+    s.retarget(at, new_total)
+    expected = [before + (0.5 - before) * (k - at) / (new_total - at) for k in range(at, new_total + 1)] + [0.5] * 3
+    assert [s(k) for k in range(at, new_total + 4)] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("configured, fitted, factor", [(5, 1000, 0.1), (1000, 5, 1.0)])
+def test_a_refit_before_the_first_step_sets_that_steps_lr_to_the_new_schedules(configured, fitted, factor):
+    """train.steps=5 has no warmup (round(0.05 x 5) = 0), a fit of 1000 has 50 steps of it, from 0.1 x lr: the
+    first step ran at the old schedule's LR (LambdaLR sets it at construction), 10x too high (and 10x too low the other way)."""
+    from fmcli.distributed import DistContext
+    from fmcli.step import TrainingStep
+
+    cfg = load_config("debug", ["data.source='shapes'", "model.image_size=8", "model.in_channels=1", "model.num_classes=0",
+                                "optim.name='muon'", f"train.steps={configured}", "train.global_batch_size=4"])
+    step = TrainingStep(cfg, DistContext(), micro=4, accum=1, shape=(1, 8, 8))
+    step.set_total_steps(fitted, at_step=0)
+    assert [g["lr"] for g in step.optimizer.param_groups] == pytest.approx([factor * cfg.optim.lr] * len(step.optimizer.param_groups), rel=1e-12)
+
+
 def test_a_retargeted_schedule_survives_the_scheduler_checkpoint():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
 
