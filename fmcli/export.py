@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import EXPORT_MANIFEST, load_checkpoint, resolve_checkpoint
 from .config import Config, config_to_dict, validate_config
 from .errors import UsageError
-from .fsutil import atomic_write, refuse_unwritable
+from .fsutil import atomic_write, refuse_foreign_entries, refuse_unwritable
 
 EXPORT_FORMATS = ("diffusers", "fm")
 EXPORT_VERSION = 1
@@ -55,9 +55,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
         raise UsageError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not (out.is_dir() and ((out / EXPORT_MANIFEST).is_file() or not any(out.iterdir()))):
         raise UsageError(f"refusing to replace {out}: it is neither an fm export (no {EXPORT_MANIFEST}) nor empty")
-    if out.exists() and (foreign := sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)):
-        raise UsageError(f"refusing to replace {out}: besides an fm export it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
-                         "which --force would delete; move them out or choose another --out")  # fmt: skip
+    if out.exists():
+        refuse_foreign_entries(out, "an fm export", EXPORT_FILES.__contains__)
     refuse_unwritable(out.parent)  # a file where a folder of --out should be: one line now, not an OSError later
     path = resolve_checkpoint(ckpt)
     if is_export(path):

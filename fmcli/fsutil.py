@@ -123,6 +123,15 @@ def refuse_existing(paths, force: bool, *, folders: bool = False) -> None:
         refuse_unwritable(folder)
 
 
+def refuse_foreign_entries(path: Path, what: str, ours: Callable[[str], bool]) -> None:
+    """--force replaces the folder `path` holding an earlier `what` only when every entry in it is one fm writes
+    there (`ours(name)`): a file of the user's inside it would be deleted with it. Refused, naming the first few."""
+    foreign = sorted(p.name for p in path.iterdir() if not ours(p.name))
+    if foreign:
+        raise UsageError(f"refusing to replace {path}: besides {what} it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                         "which --force would delete; move them out or choose another --out")  # fmt: skip
+
+
 def refuse_unwritable(folder: str | Path) -> None:
     """`folder` can be created (or is there) and written: its nearest existing ancestor is a writable folder."""
     folder = Path(folder)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import RuntimeFailure, UsageError
-from ..fsutil import commit, named_path, refuse_existing, temp_path
+from ..fsutil import commit, named_path, refuse_existing, refuse_foreign_entries, temp_path
 
 FORMAT_VERSION = 1
 
@@ -205,23 +205,19 @@ DATASET_FILES = ("manifest.json", "x.npy", "x_flip.npy", "x0.npy", "x1.npy", "y.
 _FM_CACHE = re.compile(r"\.?fm-classifier-s\d+\.pt(\.tmp-[0-9a-f]+)?")
 
 
-def is_replaceable(path: Path) -> bool:
-    """--force may replace a previous prepared dataset (holding only a dataset's files) or an empty directory, never
-    anything else: a folder of the user's own (the images being prepared, say) inside it would go with it."""
-    return path.is_dir() and ((path / "manifest.json").is_file() or not any(path.iterdir())) and not _foreign_entries(path)
-
-
-def _foreign_entries(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.name not in DATASET_FILES and not _FM_CACHE.fullmatch(p.name))
+def _is_dataset_entry(name: str) -> bool:
+    return name in DATASET_FILES or bool(_FM_CACHE.fullmatch(name))
 
 
 def refuse_unreplaceable(path: Path) -> None:
-    """What --force may not replace (`is_replaceable`) is refused: run before any work."""
-    if path.exists() and not is_replaceable(path):
-        if path.is_dir() and (path / "manifest.json").is_file():
-            foreign = _foreign_entries(path)
-            raise UsageError(f"refusing to replace {path}: besides a prepared dataset it holds {', '.join(foreign[:3])}"
-                             f"{' ...' if len(foreign) > 3 else ''}, which --force would delete; move them out or choose another --out")
+    """--force may replace a previous prepared dataset (holding only a dataset's files) or an empty directory, never
+    anything else: a folder of the user's own (the images being prepared, say) inside it would go with it. Run
+    before any work."""
+    if not path.exists():
+        return
+    if path.is_dir() and (path / "manifest.json").is_file():
+        refuse_foreign_entries(path, "a prepared dataset", _is_dataset_entry)
+    elif not (path.is_dir() and not any(path.iterdir())):
         raise UsageError(f"refusing to replace {path}: it is not a prepared dataset (no manifest.json) nor empty")
 
 
