@@ -256,14 +256,14 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     from .features import build_space
     from .generate import guidance_that_runs, guide_record, nfe_fields, sampling_record, settings_record
 
-    validate_prepared(req.data)  # as `fm train` does, before the classifier reads it: a damaged dataset is one line
+    manifest = validate_prepared(req.data)  # as `fm train` does, before the classifier reads it: a damaged dataset is one line
     loaded = base = None
     if req.ckpt is not None:  # a bad checkpoint (or guide) fails before the reference pass
         from .evaluate import load_sampler
 
         # What the model cannot do, before the precision probe and before the classifier trains (a minute).
         loaded, base = load_sampler(req.ckpt, req.guide_ckpt, req.sample_overrides, ema=req.ema, device=device, log=log, ctx=None,
-                                    check=lambda m: check_scorable(m, _data_shape(req.data), req.data, _labels_read(req)))
+                                    check=lambda m: check_scorable(m, _data_shape(req.data), req.data, manifest if "domain" in req.spaces else None))
         # A budget or setting no solver run meets is refused too; each row reports what ran (guidance_that_runs), once.
         sweep = distinct_runs(sweep_settings(base, req.cfgs, req.intervals, req.nfes, log, runs=lambda s: guidance_that_runs(loaded, s, log)), log)
     images = folder_images(req.gen, _data_shape(req.data), log) if req.gen is not None else None
@@ -278,8 +278,8 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
     }  # fmt: skip
     extractors = {s: built[s] for s in req.spaces}
     references = prepare_references(req.data, extractors, n, seeds=range(req.split_seed, req.split_seed + req.splits), log=log)
-    counts = {"ref_count": len(next(iter(references[0].ref.values()))), "floor_count": len(next(iter(references[0].floor.values()))), "splits": req.splits}
-    floor_row = {**counts, **over_draws([floor(r, k=req.k, kid=req.kid) for r in references])}
+    sizes = {"ref_count": len(next(iter(references[0].ref.values()))), "floor_count": len(next(iter(references[0].floor.values()))), "splits": req.splits}
+    floor_row = {**sizes, **over_draws([floor(r, k=req.k, kid=req.kid) for r in references])}
     scored = lambda generated: over_draws([score(r, generated, k=req.k, kid=req.kid) for r in references])  # noqa: E731
     if "domain" in extractors:
         floor_row["classifier_held_out"] = extractors["domain"].trained.held_out
@@ -288,8 +288,8 @@ def evaluate_fidelity(req: EvalRequest, *, device, log=None, progress_factory=No
         return floor_row, [{"gen": str(req.gen), "num_samples": n, **scored(generated), "floor": floor_row}]
     # Classes asked in the data's proportions: against imbalanced data, a cycle through the classes would score even
     # a perfect model worse than the floor (whose halves have the data's class mix).
-    counts = data_labels(req.data, loaded.num_classes)
-    asked = proportional_labels(n, counts) if counts is not None else None
+    class_counts = data_labels(req.data, loaded.num_classes)
+    asked = proportional_labels(n, class_counts) if class_counts is not None else None
     rows = []
     for settings in sweep:
         if log:
@@ -333,13 +333,6 @@ def distinct_runs(sweep: list, log=None) -> list:
         elif log:
             log(f"note: {settings.solver} {settings.steps} steps, {settings.guidance} {settings.cfg:g} comes out of the sweep twice: one row")
     return out
-
-
-def _labels_read(req: EvalRequest) -> dict | None:
-    """The manifest of `req.data` where the domain space reads the samples' classes (None: no space does)."""
-    from .data.dataset import read_manifest
-
-    return read_manifest(req.data) if "domain" in req.spaces else None
 
 
 def _data_shape(data: Path) -> tuple[int, int, int]:

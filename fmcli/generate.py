@@ -655,12 +655,12 @@ def _manifest_record(loaded: LoadedModel, ckpt: str, n: int, seed: int, class_la
     prompts = hashlib.sha256("\n".join(texts).encode()).hexdigest() if texts else None
     vae = getattr(loaded.vae, "path", None)
     encoder = getattr(getattr(loaded.text, "encoder", None), "path", None)  # another text encoder: other states, other images
+    guide = guide_record(sample_cfg, guide_ckpt)
     return {
         "checkpoint": str(Path(ckpt).resolve()), "step": loaded.step, "ema": loaded.ema, "num_samples": n, "seed": seed,
         "class_label": class_label, "prompts_sha256": prompts, "vae": str(vae) if vae is not None else None,
         "text_encoder": str(Path(encoder).resolve()) if encoder is not None else None,
-        **settings_record(sample_cfg), **sampling_record(loaded), **guide_record(sample_cfg, guide_ckpt),
-        **({"guide_step": loaded.guide_step} if guide_record(sample_cfg, guide_ckpt) else {}),
+        **settings_record(sample_cfg), **sampling_record(loaded), **guide, **({"guide_step": loaded.guide_step} if guide else {}),
     }  # fmt: skip
 
 

@@ -103,10 +103,7 @@ class _CifarFiles:
         if self.archive is not None:
             self.tar = tarfile.open(self.archive, "r:*")
             self.members = {Path(m.name).name: m for m in self.tar.getmembers() if m.isfile()}
-            # On to the end (a few blocks past the last header): a .tar.gz's CRC is checked only there, and tar reads the
-            # data it checks nowhere else, so damaged pixels would otherwise pass for good ones.
-            while self.tar.fileobj.read(1 << 20):
-                pass
+            _read_to_end(self.tar)
         else:
             self.members = {p.name: p for p in self.folder.iterdir() if p.is_file()}
         self.names = set(self.members)
@@ -358,8 +355,7 @@ def open_tar(pattern: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_MIB * 2**2
             with tarfile.open(shard, "r:*", tarinfo=_HeaderCheckedTarInfo) as tar:
                 members = tar.getmembers()
                 damage = getattr(tar, "fm_damage", None)
-                while tar.fileobj.read(1 << 20):  # on to the end, where a compressed shard's CRC is checked (as for cifar10)
-                    pass
+                _read_to_end(tar)
         except (tarfile.TarError, OSError, EOFError) as err:
             raise UsageError(f"{shard} is not a readable tar shard (expected a .tar, .tar.gz, .tar.bz2 or .tar.xz archive; {_archive_problem(err)})") from None
         if damage is not None:
@@ -388,6 +384,13 @@ def open_tar(pattern: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_MIB * 2**2
                     yield _tar_record(shard, key, files, captioned)
 
     return Source("tar", records, 3, keys, captions=captioned, info={"root": pattern, "shards": len(shards)})
+
+
+def _read_to_end(tar: tarfile.TarFile) -> None:
+    """Read an opened archive on to its end (a few blocks past the last header): a compressed archive's CRC is checked
+    only there, and listing reads nothing else, so damage that still decodes would pass for good data."""
+    while tar.fileobj.read(1 << 20):
+        pass
 
 
 class _HeaderCheckedTarInfo(tarfile.TarInfo):
