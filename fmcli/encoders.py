@@ -407,14 +407,21 @@ _ALTERNATIVES = {
 }
 
 
+def _config_json(path) -> dict | None:
+    """A model directory's config.json as a dict; None when it is missing, unreadable or not an object (the file
+    checks, or loading, say why)."""
+    try:
+        config = json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def check_vae_dir(path, remedy: str | None = None) -> Path:
     """`path` if it holds a VAE's files and its config.json is an AutoencoderKL's (a text encoder's or another diffusers
     model's directory also has a config.json and safetensors weights: said here, in one line, before any work)."""
-    try:  # first: the file check's advice would be to download a VAE into this other model's directory
-        config = json.loads((Path(path).expanduser() / "config.json").read_text())
-    except (OSError, ValueError):
-        config = None  # the file check, or loading, says why
-    if isinstance(config, dict) and (kind := _not_autoencoder_kl(config)):
+    config = _config_json(path)  # first: the file check's advice would be to download a VAE into this other model's directory
+    if config is not None and (kind := _not_autoencoder_kl(config)):
         raise UsageError(f"{path} is not a VAE: its config.json describes {kind}, and fm needs a diffusers AutoencoderKL "
                          f"(e.g. `{_VAE_HINT.format(path='weights/sd-vae-ft-mse')}`)" + (f"; {remedy}" if remedy else ""))
     return _check_dir(path, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"], _VAE_HINT, ENV_VAE, "--vae", remedy)
@@ -453,11 +460,7 @@ def refuse_latent_normalisation(path, config: dict) -> None:
 def check_vae_encodes(path) -> None:
     """`refuse_latent_normalisation` from the VAE's config.json, before `fm prepare-data`'s pixel pass (FrozenVAE.encode
     checks again); a config that cannot be read is left to loading."""
-    try:
-        config = json.loads((Path(path).expanduser() / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(config, dict):
+    if (config := _config_json(path)) is not None:
         refuse_latent_normalisation(path, config)
 
 
@@ -468,11 +471,8 @@ TEXT_ENCODER_TYPES = ("t5", "mt5", "clip", "clip_text_model")
 def check_text_encoder_dir(path, remedy: str | None = None) -> Path:
     if str(path) == BUILTIN_TINY_T5:
         return Path(path)
-    try:  # a diffusers model's directory (a VAE's): said as such, not "lacks tokenizer files; download t5-small into it"
-        diffusers_class = json.loads((Path(path).expanduser() / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        diffusers_class = None
-    if diffusers_class:
+    # A diffusers model's directory (a VAE's): said as such, not "lacks tokenizer files; download t5-small into it".
+    if diffusers_class := (_config_json(path) or {}).get("_class_name"):
         raise UsageError(f"{path} is not a text encoder: its config.json describes a diffusers {diffusers_class}, and fm needs a T5 or "
                          f"CLIP text encoder (e.g. `{_TEXT_HINT.format(path='weights/t5-small')}`)" + (f"; {remedy}" if remedy else ""))
     path = _check_dir(path, "text encoder", ["config.json", "model.safetensors", "tokenizer files"], _TEXT_HINT, ENV_TEXT_ENCODER, "--text-encoder", remedy)
