@@ -295,9 +295,8 @@ def resolve_bench_hardware(cfg: Config, device: torch.device, precision_setting:
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     choice, compile_choice, ns_dtype = hardware.resolve_hardware(cfg, device, shape)
     probe = choice.probe
-    if probe is None and device.type == "cpu":  # an explicit precision: still report what the CPU does (a text model's
-        step = (None, None) if cfg.model.cross_attention else hardware.precision_probe_step(cfg, shape)  # step needs the text encoder: GEMM alone, as fm train's)
-        probe = hardware.probe_cpu(cfg.model.hidden_size, *step)
+    if probe is None and device.type == "cpu":  # an explicit precision: still report what the CPU does
+        probe = hardware.probe_cpu(cfg.model.hidden_size, *hardware.model_probe_step(cfg, shape))
     log(f"precision: {choice.precision} ({choice.reason}); compile: {'on' if compile_choice.compile else 'off'} ({compile_choice.reason})")
     if choice.warning:
         log(choice.warning)

@@ -381,10 +381,14 @@ def resolve_model_precision(cfg, setting: str, device: torch.device, shape: tupl
     On a CPU, "auto" runs the probe on a forward/backward of a fresh copy of the model (not for text models,
     whose inputs need the text encoder: those are judged on the GEMM alone); training and sampling share its
     cached answer, as they share the model."""
-    step = key = None
-    if setting == "auto" and device.type == "cpu" and not cfg.model.cross_attention:
-        step, key = precision_probe_step(cfg, shape)
+    step, key = model_probe_step(cfg, shape) if setting == "auto" and device.type == "cpu" else (None, None)
     return resolve_precision(setting, device, cfg.model.hidden_size, step, key)
+
+
+def model_probe_step(cfg, shape: tuple[int, int, int]) -> tuple[Callable[[str], None] | None, str | None]:
+    """`precision_probe_step`, or (None, None) for a text model, whose inputs need the text encoder: the CPU probe
+    then judges it on the GEMM alone (`fm train`, `fm sample` and `fm bench` alike)."""
+    return (None, None) if cfg.model.cross_attention else precision_probe_step(cfg, shape)
 
 
 def precision_probe_step(cfg, shape: tuple[int, int, int]) -> tuple[Callable[[str], None], str]:
