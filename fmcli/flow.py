@@ -67,12 +67,13 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3-style resolution shift in our t=0-is-noise convention: shift > 1 spends more time near noise.
 
-    With s = 1 - t the noise level, SD3 uses s' = shift * s / (1 + (shift - 1) s); so t' = 1 - s'.
+    With s = 1 - t the noise level, SD3 uses s' = shift * s / (1 + (shift - 1) s); so t' = 1 - s', computed as
+    t / (t + shift (1 - t)), the same map in a form that keeps t = 0 and t = 1 exactly (1 - s' rounded them an
+    ulp off for some shifts: a grid that started at t = -1.2e-7).
     """
     if shift == 1.0:
         return t
-    s = 1 - t
-    return 1 - shift * s / (1 + (shift - 1) * s)
+    return t / (t + shift * (1 - t))
 
 
 def sample_times(

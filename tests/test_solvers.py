@@ -126,6 +126,29 @@ def test_shifted_grid_still_integrates_to_the_exact_endpoint():
     assert (res.x - _exact_endpoint(x0)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shifted_grids_start_at_noise_and_end_at_data_exactly(dtype):
+    # Every shifted grid must hit t = 0 and t = 1 exactly and rise strictly, with its times SD3's map of the
+    # even grid (computed in exact rationals). Written as 1 - s', the map rounded t = 0 to -1.2e-7 for some
+    # shifts, e.g. the "auto" shift of 4x32x32 latents: the network was then evaluated before the noise end.
+    from fractions import Fraction
+
+    from fmcli.config import resolution_shift
+    from fmcli.solvers import time_grid
+
+    shifts = [round(resolution_shift(d), 4) for d in (3 * 32 * 32, 4 * 32 * 32, 3 * 64 * 64)] + [k / 20 for k in range(1, 121)]
+    for shift in shifts:
+        grid = time_grid(10, shift, dtype=dtype)
+        assert grid[0].item() == 0.0 and grid[-1].item() == 1.0, (shift, grid[0].item(), grid[-1].item())
+        assert bool((grid[1:] > grid[:-1]).all()), shift
+        q = Fraction(shift)
+        exact = [1 - q * (1 - Fraction(i, 10)) / (1 + (q - 1) * (1 - Fraction(i, 10))) for i in range(11)]
+        assert max(abs(float(e) - g) for e, g in zip(exact, grid.tolist())) < (1e-6 if dtype == torch.float32 else 1e-14), shift
+    seen = []
+    solve(lambda x, t: seen.append(float(t)) or _gauss_velocity(x, t), _x0().to(dtype), "dopri5", shift=2.2857, rtol=1e-3, atol=1e-3)
+    assert min(seen) == 0.0
+
+
 def test_multistep_keeps_its_order_on_a_shifted_grid():
     # Variable steps: AB2's weights depend on the step ratio; with fixed weights the order would drop to 1.
     x0 = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
