@@ -37,22 +37,32 @@ NOISY_SPREAD, MIN_ROUNDS, MIN_STEPS = 0.2, 3, 5
 # ------------------------------------------------------------------------------------------ FLOPs
 
 
-def dit_forward_flops(model_cfg) -> int:
+def dit_forward_flops(model_cfg, text_tokens: int | None = None) -> int:
     """Analytic forward FLOPs per image of fmcli's DiT (2 FLOPs per multiply-add, matmuls only).
 
     N = (image/patch)^2 tokens of width D; per block: qkv 3*N*D*D, attention scores N*N*D and values
     N*N*D, projection N*D*D, MLP 2*N*D*H, adaLN modulation D*6D; plus the patch embedding N*(C*p*p)*D,
     the timestep MLP (256*D + D*D), and the final layer (D*2D modulation + N*D*p*p*C). Norms, softmax and
     activations are elementwise and not counted (as in the usual 6*N*params estimates).
+    A text DiT (model.cross_attention) with L = `text_tokens` states of width E (padding included: masked keys
+    are computed too) adds the caption projection L*(E*D + D*D) and per block the cross-attention: queries
+    N*D*D, keys and values 2*L*D*D, scores and values 2*N*L*D, projection N*D*D. A mean-flow DiT
+    (model.end_time) adds its interval embedding's MLP, 256*D + D*D.
     """
     m = model_cfg
-    if m.cross_attention:
-        raise UsageError("analytic FLOPs are not modelled for cross-attention DiTs yet")
     d, p, c = m.hidden_size, m.patch_size, m.in_channels
     n = (m.image_size // p) ** 2
     hidden = int(d * m.mlp_ratio)
     per_block = 3 * n * d * d + 2 * n * n * d + n * d * d + 2 * n * d * hidden + d * 6 * d
-    macs = n * c * p * p * d + (256 * d + d * d) + m.depth * per_block + d * 2 * d + n * d * p * p * c
+    extra = (256 * d + d * d) if m.end_time else 0
+    if m.cross_attention:
+        if m.text_dim is None:
+            raise UsageError("fm bench of a text model needs model.text_dim, the text encoder's width (e.g. --set model.text_dim=512)")
+        if text_tokens is None:
+            raise ValueError("a text DiT's FLOPs need the number of text tokens")
+        per_block += 2 * n * d * d + 2 * text_tokens * d * d + 2 * n * text_tokens * d
+        extra += text_tokens * (m.text_dim * d + d * d)
+    macs = n * c * p * p * d + (256 * d + d * d) + m.depth * per_block + d * 2 * d + n * d * p * p * c + extra
     return 2 * macs
 
 
@@ -102,7 +112,7 @@ def run_bench(cfg: Config, opts: BenchOptions, log: Callable[[str], None] = lamb
     if opts.mode in ("sample", "both"):
         hw["sample"] = resolve_bench_sampling(cfg, device, opts, log)
         sample_precision, sample_compile = hw["sample"]["precision"]["precision"], hw["sample"]["compile"]["compile"]
-    flops_fwd = dit_forward_flops(cfg.model)
+    flops_fwd = dit_forward_flops(cfg.model, cfg.encoders.max_tokens)
     peak = peak_flops(name) if device.type == "cuda" else None
     base = BenchSpec(
         config=config_to_dict(cfg), batch=1, steps=opts.steps, warmup=opts.warmup, rounds=opts.rounds, precision=precision, compile=compile_on, device=device.type,

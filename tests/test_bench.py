@@ -39,6 +39,37 @@ def test_dit_flops_match_flop_counter(sets):
     assert abs(dit_forward_flops(cfg.model) - counted) / counted < 0.05
 
 
+@pytest.mark.parametrize(
+    "sets",
+    [["flow.objective=meanflow", "sample.solver=meanflow"], ["model.cross_attention=true", "model.text_dim=12", "encoders.max_tokens=5", "model.num_classes=0"]],
+    ids=["mean-flow", "text"],
+)
+def test_mean_flow_and_text_dit_flops_equal_the_flop_counter(sets):
+    """The interval embedding's MLP and the cross-attention (keys and values over every padded text token) are
+    counted: torch's counter, with the math SDPA backend, sees exactly the matmuls the formula adds up."""
+    cfg = resolve_bench_config(load_config("debug", ["model.heads=4", "data.image_size=8", "model.patch_size=2", *sets]))
+    m, b = cfg.model, 3
+    model = build_bench_model(m)
+    tokens = cfg.encoders.max_tokens
+    extra = {"t_end": torch.ones(b)} if m.end_time else {"text": torch.randn(b, tokens, 12), "text_mask": torch.ones(b, tokens, dtype=torch.bool)}
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(b, 3, 8, 8), torch.rand(b), **extra)
+    assert dit_forward_flops(m, tokens) == counter.get_total_flops() / b
+
+
+def test_bench_of_a_text_model_reports_its_flops(tmp_path):
+    """fm bench measured a text model's training and sampling but then refused it ("FLOPs not modelled")."""
+    from fmcli.bench import BenchOptions, run_bench
+
+    cfg = load_config("debug", ["model.cross_attention=true", "model.text_dim=12", "encoders.max_tokens=4", "model.num_classes=0", "data.image_size=8",
+                                "model.patch_size=2", "sample.steps=1"])
+    report = run_bench(cfg, BenchOptions(batch_size=2, mode="both", steps=1, rounds=1, warmup=0))
+    assert report["flops_per_image"]["forward"] == dit_forward_flops(resolve_bench_config(cfg).model, 4) > 0
+    assert report["train"]["img_per_s"] > 0 and report["sample"]["flops_per_image"] > 0
+    with pytest.raises(UsageError, match="model.text_dim"):
+        dit_forward_flops(resolve_bench_config(load_config("debug", ["model.cross_attention=true", "model.num_classes=0"])).model, 4)
+
+
 def test_peak_flops_table():
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12

@@ -95,3 +95,22 @@ def test_cpu_bf16_autocast_attention_dtype_and_forward(monkeypatch, grad):
     if grad:
         out.float().pow(2).mean().backward()  # and the mixed graph differentiates
         assert all(p.grad is not None for p in model.blocks[0].attn.parameters())
+
+
+def test_a_mean_flow_dit_draws_a_flow_dits_initial_weights_and_leaves_the_rng_alike():
+    # models/dit.py: the interval embedding is drawn on a forked RNG, so every shared weight is a flow DiT's of
+    # the same seed (a mean-flow run and a flow run start from the same network) and so is the next global draw.
+    def build(end_time):
+        torch.manual_seed(3)
+        model = tiny(end_time=end_time)
+        return model, torch.rand(4)
+
+    flow, after_flow = build(False)
+    mean, after_mean = build(True)
+    mean_state = mean.state_dict()
+    assert set(flow.state_dict()) < set(mean_state)
+    for name, value in flow.state_dict().items():
+        assert torch.equal(value, mean_state[name]), name
+    assert torch.equal(after_flow, after_mean)
+    assert torch.count_nonzero(mean.interval_embed.mlp[0].weight) > 0  # drawn, not left at zero
+    assert torch.count_nonzero(mean.interval_embed.mlp[2].weight) == 0 and torch.count_nonzero(mean.interval_embed.mlp[2].bias) == 0

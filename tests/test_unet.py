@@ -85,3 +85,15 @@ def test_muon_with_the_unet_is_refused_rather_than_silently_adamw():
     with pytest.raises(UsageError, match="optim.name='muon'.*model.arch='unet'.*set optim.name='adamw'"):
         load_config("quickstart", ["model.arch=unet"])
     assert load_config("quickstart", ["model.arch=unet", "optim.name=adamw"]).optim.name == "adamw"
+
+
+def test_attention_heads_as_the_config_table_says():
+    # docs/architecture.md (model.heads): a text U-Net has `heads` heads in every attention layer; a class U-Net
+    # hidden_size / heads channels per head, so heads * m at a level of multiplier m (by hand: 16 / 2 = 8 per head).
+    from diffusers.models.attention_processor import Attention
+
+    def seen(model):
+        return {(a.heads, a.inner_dim // a.heads) for a in model.modules() if isinstance(a, Attention)}
+
+    assert seen(_unet(channel_mult=(1, 2, 4), image_size=8)) == {(4, 8), (8, 8)}  # 32 and 64 channels
+    assert seen(_unet(channel_mult=(1, 2, 4), image_size=8, cross_attention=True, text_dim=12, num_classes=0)) == {(2, 16), (2, 32)}

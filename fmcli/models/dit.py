@@ -54,8 +54,12 @@ class DiT(nn.Module):
         blocks = (DiTBlock(width, cfg.heads, cfg.mlp_ratio, cross_attention=cfg.cross_attention) for _ in range(cfg.depth))
         self.blocks = nn.ModuleList(blocks)
         self.final = FinalLayer(width, cfg.patch_size, cfg.in_channels)
-        # Last, so that the other weights draw the same initial values as a flow DiT's of the same seed.
-        self.interval_embed = TimestepEmbedder(width) if cfg.end_time else None
+        # On a forked RNG (here and in reset_parameters), so that the other weights draw the same initial values
+        # as a flow DiT's of the same seed, and the global stream is left where a flow DiT leaves it.
+        self.interval_embed = None
+        if cfg.end_time:
+            with torch.random.fork_rng(devices=[]):
+                self.interval_embed = TimestepEmbedder(width)
         self.reset_parameters()
 
     @property
@@ -68,8 +72,10 @@ class DiT(nn.Module):
         return self.interval_embed is not None
 
     def reset_parameters(self):
+        interval = set() if self.interval_embed is None else set(self.interval_embed.modules())
+
         def _basic(m):
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m not in interval:
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -94,7 +100,9 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
         if self.interval_embed is not None:  # zero output: the model starts blind to t_end (see the module docstring)
-            nn.init.normal_(self.interval_embed.mlp[0].weight, std=0.02)
+            with torch.random.fork_rng(devices=[]):
+                nn.init.normal_(self.interval_embed.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.interval_embed.mlp[0].bias)
             nn.init.zeros_(self.interval_embed.mlp[-1].weight)
             nn.init.zeros_(self.interval_embed.mlp[-1].bias)
 

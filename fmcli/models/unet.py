@@ -6,7 +6,9 @@ index `num_classes`, the null class for CFG dropout), `UNet2DConditionModel` for
 is passed as the diffusers timestep 1000 t (the range its sinusoidal embedding is tuned for).
 Contract: `model(x [B,C,H,W], t [B], y [B] | None, text [B,L,D] | None, text_mask [B,L] | None) -> velocity`.
 Sizes: base channels = model.hidden_size, one level per model.channel_mult entry, each level but the
-last halves the resolution (so image_size must be divisible by 2^(levels - 1)).
+last halves the resolution (so image_size must be divisible by 2^(levels - 1)). Attention (every level but the
+first, and the middle): a text U-Net has model.heads heads at every level; a class U-Net, as UNet2DModel counts,
+hidden_size / heads channels per head, so heads * m heads at a level of multiplier m.
 """
 
 from __future__ import annotations
