@@ -127,6 +127,20 @@ def check_gpus(requested: int) -> None:
         raise UsageError(f"--gpus {requested} requested but this machine has {found} CUDA GPU(s); use --nproc N for CPU processes")
 
 
+def check_nproc_device(nproc: int, device: str, key: str, cpu: str) -> None:
+    """--nproc N runs where the device setting (`key`: train.device or --device) resolves: on CUDA (cuda, or auto on a
+    machine with CUDA) each local rank takes one GPU (`setup`). More ranks than GPUs would share one, which NCCL
+    refuses at its first collective ("Duplicate GPU detected", a failure every rank shares, so none could say it):
+    refused here, in the launcher, before anything is written. `cpu` is how to ask for CPU processes instead."""
+    if nproc <= 1 or resolve_device(device, key).type != "cuda":
+        return
+    found = torch.cuda.device_count()
+    if nproc > found:
+        said = f"{key} {device}" if key.startswith("-") else f"{key}={device}"
+        raise UsageError(f"--nproc {nproc} runs on CUDA here ({said}), one process per GPU, but this machine has {found} CUDA GPU(s): "
+                         f"use at most {found} (--nproc {found} or --gpus {found}), or {cpu} for {nproc} CPU processes")
+
+
 def check_rendezvous(nnodes: int, rdzv_endpoint: str | None) -> None:
     if nnodes > 1 and rdzv_endpoint is None:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")

@@ -155,6 +155,8 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
         refuse_device_beside_gpus(cfg.train.device, resumed=ckpt is not None)
         D.check_gpus(launch["gpus"])
         cfg = cfg.with_section("train", device="cuda")
+    elif not child:
+        D.check_nproc_device(launch["nproc"], cfg.train.device, "train.device", cpu="--set train.device=cpu")
     if cfg.data.path:
         if not Path(cfg.data.path).exists():
             raise UsageError(f"data.path {cfg.data.path} does not exist; {prepare_hint(cfg.data)}")
@@ -392,6 +394,8 @@ def on_ranks(work, *, device: str, gpus: int, nproc: int, extra: list[str] | Non
     --device beside it would be accepted and ignored, so it is refused."""
     if gpus and device not in ("auto", "cuda"):
         raise UsageError(f"--gpus N runs on CUDA GPUs, so --device {device} would be ignored: drop --device {device} (or use --nproc N for CPU processes)")
+    if not gpus and not D.launched_externally():
+        D.check_nproc_device(nproc, device, "--device", cpu="--device cpu")
     if relaunched(gpus, nproc, extra=extra):
         return None
     ctx = rank_context(device, gpus)

@@ -168,6 +168,29 @@ def test_gpus_beyond_the_machine_is_a_usage_error(tmp_path, shapes16):
     assert "64" in out.stderr and "GPU" in out.stderr
 
 
+def test_nproc_beyond_the_cuda_gpus_is_a_usage_error(tmp_path, shapes16, debug_run, monkeypatch):
+    """--nproc N runs where the device resolves, CUDA on a GPU machine (train.device / --device auto): one GPU per rank.
+    On a 1-GPU machine `--nproc 2` put both ranks on cuda:0, which NCCL refuses on every rank alike ("Duplicate GPU
+    detected"), so no rank printed a cause: the launch said only that a message was above. Refused in the launcher
+    now (exit 2, nothing written), with the way to CPU processes; train.device=cpu still launches."""
+    import torch
+
+    from fmcli import distributed as D
+
+    launched = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(D, "relaunch", lambda nproc, argv, **kw: launched.append(nproc) or 0)
+    out = fm_in_process(*train_args(shapes16, tmp_path / "run", 2, "--nproc", "2"))
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "1 CUDA GPU" in errors[0] and "--set train.device=cpu" in errors[0], out.stderr
+    assert not (tmp_path / "run").exists() and launched == []
+    sampled = fm_in_process("sample", "--ckpt", debug_run, "-n", "2", "--out", tmp_path / "samples", "--nproc", "2")
+    assert sampled.returncode == 2 and "--device cpu" in sampled.stderr and launched == [], sampled.stderr
+    assert fm_in_process(*train_args(shapes16, tmp_path / "cpu", 2, "--nproc", "2", "--set", "train.device=cpu")).returncode == 0
+    assert launched == [2]
+
+
 # -n 2 over 3 ranks: rank 2's share is empty; it must still join every gather (labels included) and add nothing.
 # Two samples make an ill-conditioned FD: batch 2 vs batches of 1 move it in the 8th digit.
 @pytest.mark.parametrize(("n", "nproc", "rel"), [(10, 2, 1e-9), (2, 3, 1e-6)], ids=["two-processes", "fewer-samples-than-processes"])
