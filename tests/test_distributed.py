@@ -352,3 +352,28 @@ def test_a_usage_error_on_rank_1_alone_is_exit_2_and_one_line(tmp_path, debug_ru
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and errors == ["error: checkpoint not found: run"], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_failure_every_rank_shares_is_said_by_the_launcher(tmp_path, debug_run):
+    """A collective that fails on every rank alike (NCCL refusing them all, as two ranks on one GPU or a bad network
+    setting make it; here a sitecustomize on the ranks' path makes init_process_group raise what NCCL raises) is, on
+    each rank, a "peer" failure, so no rank printed it: the launch said only "the failing rank's message is above",
+    with nothing above. The launcher now prints what the ranks saw, once, exit 1."""
+    from conftest import REPO
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if 'RANK' in os.environ:\n"
+        "    import torch.distributed as dist\n"
+        "    def refuse(*args, **kwargs):\n"
+        "        raise dist.DistBackendError('NCCL error in: ProcessGroupNCCL.cpp:1727, invalid usage\\n'\n"
+        "                                    'Last error:\\nDuplicate GPU detected : rank 1 and rank 0 both on CUDA device 1000')\n"
+        "    dist.init_process_group = refuse\n"
+    )
+    out = run_fm("sample", "--ckpt", debug_run, "-n", "2", "--steps", "2", "--out", tmp_path / "samples", "--nproc", "2",
+                 env={"PYTHONPATH": f"{site}{os.pathsep}{REPO}"})
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and len(errors) == 1 and "Duplicate GPU detected" in errors[0] and "above" not in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
