@@ -29,6 +29,8 @@ def launch_options(gpus: int, nproc: int, nnodes: int = 1, node_rank: int = 0, r
     if gpus and nproc:
         raise UsageError("use either --gpus N or --nproc N, not both")
     # Checked here, before any directory or file is made (relaunch checks it again, too late for that).
+    if node_rank >= nnodes:  # a node of a multi-node run given without --nnodes would train a run of its own
+        raise UsageError(f"--node-rank {node_rank} needs --nnodes above it (the number of nodes, the same on every node; node ranks run 0 to N-1)")
     D.check_rendezvous(nnodes, rdzv_endpoint)
     if max(gpus, nproc) > 1 or nnodes > 1:
         D.shutdown_timeout()
