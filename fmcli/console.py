@@ -60,15 +60,16 @@ def _first_to_report(line: str) -> bool:
     return True
 
 
-def report_rank_exit(code: int | None) -> None:
+def report_rank_exit(code: int | None, peer_error: str | None = None) -> None:
     """A rank of `--nproc/--gpus N` that fails tells its launcher why, in the RANK_ERRORS_ENV folder: `code` (2 usage,
-    1 runtime), or None when it failed only because another rank did (a dead peer). The launcher's exit code is
+    1 runtime), or None when it failed only because another rank did (a dead peer), with what it saw (`peer_error`,
+    unprinted: printed by the launcher only where no rank had a cause of its own). The launcher's exit code is
     then the run's cause, not whichever rank's exit torchrun happened to see first (`distributed.relaunch`)."""
     folder = os.environ.get(RANK_ERRORS_ENV)
     if folder:
         try:
             with open(os.path.join(folder, f"exit-rank-{int(os.environ.get('RANK', '0'))}"), "w") as f:
-                f.write("peer" if code is None else str(code))
+                f.write(("peer\n" + " ".join((peer_error or "").split())).strip() if code is None else str(code))
         except (OSError, ValueError):  # the folder is gone (or RANK is not a number): the launcher falls back to the first failure
             pass
 
@@ -81,6 +82,18 @@ def reported_rank_exits(folder: str) -> list[int | None]:
             with open(os.path.join(folder, name)) as f:
                 text = f.read().strip()
             found.append(int(text) if text.isdigit() else None)  # "peer" (or a report cut short): no cause of its own
+    return found
+
+
+def reported_peer_errors(folder: str) -> list[str]:
+    """The errors that ranks reporting a dead peer (`report_rank_exit(None, ...)`) saw, in rank order, one line each."""
+    found = []
+    for name in sorted(os.listdir(folder) if os.path.isdir(folder) else (), key=lambda n: (len(n), n)):
+        if name.startswith("exit-rank-"):
+            with open(os.path.join(folder, name)) as f:
+                head, _, message = f.read().partition("\n")
+            if head.strip() == "peer" and message.strip():
+                found.append(message.strip())
     return found
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .console import RANK_ERRORS_ENV, reported_rank_exits
+from .console import RANK_ERRORS_ENV, reported_peer_errors, reported_rank_exits
 from .errors import RuntimeFailure, Stopped, UsageError
 from .hardware import resolve_device
 
@@ -127,6 +127,20 @@ def check_gpus(requested: int) -> None:
         raise UsageError(f"--gpus {requested} requested but this machine has {found} CUDA GPU(s); use --nproc N for CPU processes")
 
 
+def check_nproc_device(nproc: int, device: str, key: str, cpu: str) -> None:
+    """--nproc N runs where the device setting (`key`: train.device or --device) resolves: on CUDA (cuda, or auto on a
+    machine with CUDA) each local rank takes one GPU (`setup`). More ranks than GPUs would share one, which NCCL
+    refuses at its first collective ("Duplicate GPU detected", a failure every rank shares, so none could say it):
+    refused here, in the launcher, before anything is written. `cpu` is how to ask for CPU processes instead."""
+    if nproc <= 1 or resolve_device(device, key).type != "cuda":
+        return
+    found = torch.cuda.device_count()
+    if nproc > found:
+        said = f"{key} {device}" if key.startswith("-") else f"{key}={device}"
+        raise UsageError(f"--nproc {nproc} runs on CUDA here ({said}), one process per GPU, but this machine has {found} CUDA GPU(s): "
+                         f"use at most {found} (--nproc {found} or --gpus {found}), or {cpu} for {nproc} CPU processes")
+
+
 def check_rendezvous(nnodes: int, rdzv_endpoint: str | None) -> None:
     if nnodes > 1 and rdzv_endpoint is None:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
@@ -189,7 +203,7 @@ def relaunch(
         name = signal.Signals(err.sigval).name  # the one line of the whole run: the ranks stay quiet (cli/app.py)
         raise Stopped(f"stopped by {name}" + (" before the ranks saved a stop checkpoint" if stops_cleanly else ""), int(err.sigval)) from None
     except Exception as err:  # ChildFailedError: the failing rank already printed its one-line error
-        return failed_launch_code(err, reported_rank_exits(errors))
+        return failed_launch_code(err, reported_rank_exits(errors), reported_peer_errors(errors))
     finally:
         os.environ.pop(RANK_ERRORS_ENV, None)
         shutil.rmtree(errors, ignore_errors=True)
@@ -199,12 +213,14 @@ def relaunch(
     return 0
 
 
-def failed_launch_code(err: Exception, reported: list[int | None]) -> int:
+def failed_launch_code(err: Exception, reported: list[int | None], peer_errors: list[str] = ()) -> int:
     """The exit code of a launch whose ranks failed, as one process's: 1 if any rank reported a runtime error of its
     own, else 2 if one reported a usage error (a rank that failed only because another did, a dead peer, reports
     nothing that counts; torchrun's first failure is often that rank 0, by a tie of its whole-second timestamps).
     Those ranks printed their one line. Without a report (a rank killed by a signal, or one that died before it could
-    report), torchrun's first failure decides, and the launcher says what it knows of it."""
+    report), torchrun's first failure decides, and the launcher says what it knows of it: the signal, else the first
+    error that a rank reporting a broken collective saw (`peer_errors`: where every rank's collective failed alike,
+    e.g. NCCL refused them all, no rank printed it)."""
     if 1 in reported or 2 in reported:
         return 1 if 1 in reported else 2
     first = err.get_first_failure() if hasattr(err, "get_first_failure") else None
@@ -218,6 +234,9 @@ def failed_launch_code(err: Exception, reported: list[int | None]) -> int:
     code = failure.exitcode or 1
     if code in (130, 143):  # a rank stopped by a signal of its own: it stays quiet (cli/app.py), so say it here
         print(f"error: rank {rank} was {'interrupted' if code == 130 else 'terminated'}", file=sys.stderr)
+        return code
+    if peer_errors:
+        print(f"error: {peer_errors[0]}", file=sys.stderr)
         return code
     print(f"error: distributed run stopped with exit code {code} (the failing rank's message is above)", file=sys.stderr)
     return code

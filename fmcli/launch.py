@@ -29,6 +29,8 @@ def launch_options(gpus: int, nproc: int, nnodes: int = 1, node_rank: int = 0, r
     if gpus and nproc:
         raise UsageError("use either --gpus N or --nproc N, not both")
     # Checked here, before any directory or file is made (relaunch checks it again, too late for that).
+    if node_rank >= nnodes:  # a node of a multi-node run given without --nnodes would train a run of its own
+        raise UsageError(f"--node-rank {node_rank} needs --nnodes above it (the number of nodes, the same on every node; node ranks run 0 to N-1)")
     D.check_rendezvous(nnodes, rdzv_endpoint)
     if max(gpus, nproc) > 1 or nnodes > 1:
         D.shutdown_timeout()
@@ -155,6 +157,8 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
         refuse_device_beside_gpus(cfg.train.device, resumed=ckpt is not None)
         D.check_gpus(launch["gpus"])
         cfg = cfg.with_section("train", device="cuda")
+    elif not child:
+        D.check_nproc_device(launch["nproc"], cfg.train.device, "train.device", cpu="--set train.device=cpu")
     if cfg.data.path:
         if not Path(cfg.data.path).exists():
             raise UsageError(f"data.path {cfg.data.path} does not exist; {prepare_hint(cfg.data)}")
@@ -392,6 +396,8 @@ def on_ranks(work, *, device: str, gpus: int, nproc: int, extra: list[str] | Non
     --device beside it would be accepted and ignored, so it is refused."""
     if gpus and device not in ("auto", "cuda"):
         raise UsageError(f"--gpus N runs on CUDA GPUs, so --device {device} would be ignored: drop --device {device} (or use --nproc N for CPU processes)")
+    if not gpus and not D.launched_externally():
+        D.check_nproc_device(nproc, device, "--device", cpu="--device cpu")
     if relaunched(gpus, nproc, extra=extra):
         return None
     ctx = rank_context(device, gpus)

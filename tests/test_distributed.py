@@ -168,6 +168,29 @@ def test_gpus_beyond_the_machine_is_a_usage_error(tmp_path, shapes16):
     assert "64" in out.stderr and "GPU" in out.stderr
 
 
+def test_nproc_beyond_the_cuda_gpus_is_a_usage_error(tmp_path, shapes16, debug_run, monkeypatch):
+    """--nproc N runs where the device resolves, CUDA on a GPU machine (train.device / --device auto): one GPU per rank.
+    On a 1-GPU machine `--nproc 2` put both ranks on cuda:0, which NCCL refuses on every rank alike ("Duplicate GPU
+    detected"), so no rank printed a cause: the launch said only that a message was above. Refused in the launcher
+    now (exit 2, nothing written), with the way to CPU processes; train.device=cpu still launches."""
+    import torch
+
+    from fmcli import distributed as D
+
+    launched = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(D, "relaunch", lambda nproc, argv, **kw: launched.append(nproc) or 0)
+    out = fm_in_process(*train_args(shapes16, tmp_path / "run", 2, "--nproc", "2"))
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "1 CUDA GPU" in errors[0] and "--set train.device=cpu" in errors[0], out.stderr
+    assert not (tmp_path / "run").exists() and launched == []
+    sampled = fm_in_process("sample", "--ckpt", debug_run, "-n", "2", "--out", tmp_path / "samples", "--nproc", "2")
+    assert sampled.returncode == 2 and "--device cpu" in sampled.stderr and launched == [], sampled.stderr
+    assert fm_in_process(*train_args(shapes16, tmp_path / "cpu", 2, "--nproc", "2", "--set", "train.device=cpu")).returncode == 0
+    assert launched == [2]
+
+
 # -n 2 over 3 ranks: rank 2's share is empty; it must still join every gather (labels included) and add nothing.
 # Two samples make an ill-conditioned FD: batch 2 vs batches of 1 move it in the 8th digit.
 @pytest.mark.parametrize(("n", "nproc", "rel"), [(10, 2, 1e-9), (2, 3, 1e-6)], ids=["two-processes", "fewer-samples-than-processes"])
@@ -328,4 +351,29 @@ def test_a_usage_error_on_rank_1_alone_is_exit_2_and_one_line(tmp_path, debug_ru
                  env={"PYTHONPATH": f"{site}{os.pathsep}{REPO}"})
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and errors == ["error: checkpoint not found: run"], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_failure_every_rank_shares_is_said_by_the_launcher(tmp_path, debug_run):
+    """A collective that fails on every rank alike (NCCL refusing them all, as two ranks on one GPU or a bad network
+    setting make it; here a sitecustomize on the ranks' path makes init_process_group raise what NCCL raises) is, on
+    each rank, a "peer" failure, so no rank printed it: the launch said only "the failing rank's message is above",
+    with nothing above. The launcher now prints what the ranks saw, once, exit 1."""
+    from conftest import REPO
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if 'RANK' in os.environ:\n"
+        "    import torch.distributed as dist\n"
+        "    def refuse(*args, **kwargs):\n"
+        "        raise dist.DistBackendError('NCCL error in: ProcessGroupNCCL.cpp:1727, invalid usage\\n'\n"
+        "                                    'Last error:\\nDuplicate GPU detected : rank 1 and rank 0 both on CUDA device 1000')\n"
+        "    dist.init_process_group = refuse\n"
+    )
+    out = run_fm("sample", "--ckpt", debug_run, "-n", "2", "--steps", "2", "--out", tmp_path / "samples", "--nproc", "2",
+                 env={"PYTHONPATH": f"{site}{os.pathsep}{REPO}"})
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and len(errors) == 1 and "Duplicate GPU detected" in errors[0] and "above" not in errors[0], out.stderr
     assert "Traceback" not in out.stderr

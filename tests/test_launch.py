@@ -47,6 +47,20 @@ def test_a_refused_or_failed_launch_does_not_block_the_corrected_command(shapes1
     assert again.returncode == 2 and "fm resume" in again.stderr
 
 
+@pytest.mark.parametrize("nodes", [[], ["--nproc", "2"], ["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:1"]],
+                         ids=["one-process", "nproc", "beyond-nnodes"])
+def test_a_node_rank_that_is_not_a_node_of_the_run_is_refused(shapes16, tmp_path, nodes):
+    """Node ranks run 0..nnodes-1. `--node-rank 1` without `--nnodes` (a node of a two-node run whose command lost it)
+    trained a whole run of its own in one process, or as a one-node --nproc run, the node rank dropped silently: now
+    refused (exit 2) before anything is written."""
+    run = tmp_path / "run"
+    args = ("train", "--preset", "debug", "--data", shapes16, "--run-dir", run, "--set", "train.steps=1", "--set", "train.device=cpu")
+    out = fm_in_process(*args, *nodes, *(["--node-rank", "1"] if "--node-rank" not in nodes else []))
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "--nnodes" in errors[0], out.stderr
+    assert not run.exists()
+
+
 def test_a_folder_of_the_users_files_is_not_called_a_run_to_delete(shapes16, tmp_path):
     """--run-dir naming a folder that holds only the user's own files: refused (exit 2) as not an fm run, without
     the advice for a run that stopped before its first checkpoint ("delete it to start that run over")."""

@@ -91,7 +91,7 @@ def _report_to_launcher(err: Exception, code: int) -> None:
     from ..distributed import is_peer_failure
 
     peer = code == 1 and not isinstance(err, FmError) and is_peer_failure(err)
-    report_rank_exit(None if peer else code)
+    report_rank_exit(None if peer else code, peer_error=f"{type(err).__name__}: {err}" if peer else None)
 
 
 app = _App(

@@ -70,7 +70,7 @@ EmaIfGiven = Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Use 
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Gpus = Annotated[int, typer.Option("--gpus", min=0, help="Use N local GPUs (DDP over NCCL; sampling shards sample indices).")]
-Nproc = Annotated[int, typer.Option("--nproc", min=0, help="Use N local processes (DDP over gloo on CPU, NCCL on CUDA: --device cuda, or train.device=cuda for training).")]
+Nproc = Annotated[int, typer.Option("--nproc", min=0, help="Use N local processes (DDP over gloo on CPU, NCCL on CUDA, one GPU each: where --device, or train.device for training, resolves; auto is CUDA when there is one).")]
 StopAt = Annotated[Optional[int], typer.Option("--stop-at-step", min=1, help="Checkpoint and stop at this step (resume later).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 
