@@ -850,3 +850,32 @@ def test_a_large_jpeg_is_shrunk_by_lanczos_not_only_by_the_decoders_dct_scaling(
     reference = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB").resize((128, 128), Image.Resampling.LANCZOS), dtype=float)
     pixels = np.asarray(resize_center_crop(open_image(buf.getvalue(), 128, 3), 128), dtype=float)
     assert np.abs(pixels - reference).mean() < 0.75
+
+
+@pytest.mark.parametrize("edit", ["swap", "shift", "bool_index"])
+def test_captions_out_of_order_with_the_images_are_refused(tmp_path, edit):
+    """Captions are matched to images by position; an edited captions.jsonl whose rows were moved (two swapped, or
+    the first dropped and the last repeated: the count still right) paired images with other images' captions,
+    silently. Row k must say "i": k. Reference: each image's caption names its own pixel value."""
+    from fmcli.data.dataset import validate_prepared
+
+    with PreparedWriter(tmp_path / "d", 6, (1, 2, 2), captions=True) as w:
+        for k in range(6):
+            w.add(np.full((1, 2, 2), 10 * k, np.uint8), caption=f"grey {10 * k}")
+        data = w.finish()
+    batch = PreparedDataset(data, text=True).__getitems__([4, 0, 5, 2])
+    for x, caption in zip(batch["x"], batch["caption"]):
+        assert caption == f"grey {round((float(x[0, 0, 0]) + 1) * 127.5)}"
+    rows = (data / "captions.jsonl").read_text().splitlines()
+    if edit == "swap":
+        rows[1], rows[2] = rows[2], rows[1]
+    elif edit == "shift":
+        rows = rows[1:] + rows[-1:]
+    else:
+        rows[1] = json.dumps({"i": True, "caption": "grey 10"})
+    (data / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    expected_line = 1 if edit == "shift" else 2
+    with pytest.raises(UsageError, match=f"captions.jsonl line {expected_line} is the caption of image .*, expected {expected_line - 1}"):
+        validate_prepared(data)
+    with pytest.raises(UsageError, match="out of order"):
+        read_captions(data)

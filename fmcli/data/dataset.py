@@ -354,9 +354,12 @@ def read_captions(path: str | Path) -> list[str]:
 
 def _caption_lines(file: Path, redo: str) -> Iterator[str]:
     """The captions of captions.jsonl, one `{"i": n, "caption": "..."}` per line, streamed. Lines end at "\\n" only
-    (newline="\\n"): the writer escapes no U+2028 / U+0085 in a caption, which str.splitlines takes for line ends."""
+    (newline="\\n"): the writer escapes no U+2028 / U+0085 in a caption, which str.splitlines takes for line ends.
+    Row k must say "i": k: captions are matched to images by position, so rows moved, dropped or repeated in an
+    edited file (the count still right) would pair images with other images' captions."""
     try:
         with open(file, encoding="utf-8", newline="\n") as f:
+            k = 0  # the image this row belongs to
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -366,6 +369,10 @@ def _caption_lines(file: Path, redo: str) -> Iterator[str]:
                     row = None
                 if not isinstance(row, dict) or not isinstance(row.get("caption"), str):
                     raise UsageError(f"{file} line {n} is not a caption row {{\"i\": N, \"caption\": TEXT}}; {redo}")
+                i = row.get("i")
+                if type(i) is not int or i != k:  # type: a JSON true would compare equal to 1
+                    raise UsageError(f"{file} line {n} is the caption of image {i!r}, expected {k} (rows out of order with the images); {redo}")
+                k += 1
                 yield row["caption"]
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"{file} is not readable UTF-8 text ({type(err).__name__}); {redo}") from None
