@@ -468,6 +468,22 @@ def test_a_manifest_that_is_not_a_json_object_is_a_usage_error(shapes16, tmp_pat
         validate_prepared(data)
 
 
+@pytest.mark.parametrize("kind", [["pixels"], {"pixels": 1}, None, 3])
+def test_a_manifest_kind_that_is_not_a_name_is_a_usage_error(shapes16, tmp_path, kind):
+    """A hand-edited `kind` that is a JSON list or object was looked up as a dict key: TypeError ("unhashable type"),
+    which the CLI printed as an unexplained error. It is a manifest that is not fm's: one line naming the field."""
+    import shutil
+
+    from fmcli.data.dataset import validate_prepared
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes16, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "kind": kind}))
+    with pytest.raises(UsageError, match=r"manifest.json: kind .* is not a prepared dataset"):
+        validate_prepared(data)
+
+
 @pytest.mark.parametrize("names", ["circle", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], {"0": "circle"}])
 def test_class_names_that_are_not_names_are_refused_before_training(shapes16, tmp_path, names):
     # Every checkpoint records them, and sampling refuses a checkpoint whose class names are not strings.

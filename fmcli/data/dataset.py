@@ -265,7 +265,7 @@ def validate_prepared(path: str | Path) -> dict:
         num_classes = int(manifest.get("num_classes") or 0)
     except (KeyError, TypeError, ValueError) as err:
         raise UsageError(f"{path}/manifest.json lacks a valid {err} field; {redo}") from None
-    if kind not in KIND_DTYPES or count < 1 or len(shape) != 3:
+    if not isinstance(kind, str) or kind not in KIND_DTYPES or count < 1 or len(shape) != 3:  # a list is no dict key: TypeError
         raise UsageError(f"{path}/manifest.json: kind {kind!r}, count {count}, shape {list(shape)} is not a prepared dataset; {redo}")
     names = manifest.get("class_names")  # recorded in every checkpoint, whose reader refuses what fm never writes
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
