@@ -895,3 +895,20 @@ def test_captions_out_of_order_with_the_images_are_refused(tmp_path, edit):
         validate_prepared(data)
     with pytest.raises(UsageError, match="out of order"):
         read_captions(data)
+
+
+@pytest.mark.parametrize("space", ["latent", ["latents"], None, "pixels", "latents", "absent"])
+def test_reflow_pairs_must_say_pixels_or_latents(tmp_path, space):
+    """`space` says what a pairs dataset's x1 holds, which decides whether sample grids (and the student's checkpoint)
+    decode through a VAE; an edited one ("latent") trained and recorded kind "latent" in the checkpoint, silently."""
+    from fmcli.data.dataset import data_space, validate_prepared
+
+    x = np.zeros((4, 1, 2, 2), np.float32)
+    with PreparedWriter(tmp_path / "p", 4, (1, 2, 2), dtype="float32", kind="pairs", x_name="x1", extras={"x0": ((1, 2, 2), "float32")}) as w:
+        w.add_batch(x, x0=x)
+        data = w.finish(**({} if space == "absent" else {"space": space}))
+    if space in ("pixels", "latents", "absent"):
+        assert data_space(validate_prepared(data)) == ("pixels" if space == "absent" else space)
+    else:
+        with pytest.raises(UsageError, match=r"manifest.json: space .* is not what reflow pairs hold \(pixels or latents\)"):
+            validate_prepared(data)

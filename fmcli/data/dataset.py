@@ -267,6 +267,8 @@ def validate_prepared(path: str | Path) -> dict:
         raise UsageError(f"{path}/manifest.json lacks a valid {err} field; {redo}") from None
     if not isinstance(kind, str) or kind not in KIND_DTYPES or count < 1 or len(shape) != 3:  # a list is no dict key: TypeError
         raise UsageError(f"{path}/manifest.json: kind {kind!r}, count {count}, shape {list(shape)} is not a prepared dataset; {redo}")
+    if kind == "pairs" and manifest.get("space", "pixels") not in ("pixels", "latents"):  # what sampling decodes (or not) by
+        raise UsageError(f"{path}/manifest.json: space {manifest['space']!r} is not what reflow pairs hold (pixels or latents); re-create them with `fm reflow ... --out {path}`")
     names = manifest.get("class_names")  # recorded in every checkpoint, whose reader refuses what fm never writes
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise UsageError(f"{path}/manifest.json: class_names {str(names)[:60]} is not null or a list of names (strings); {redo}")
