@@ -912,3 +912,24 @@ def test_reflow_pairs_must_say_pixels_or_latents(tmp_path, space):
     else:
         with pytest.raises(UsageError, match=r"manifest.json: space .* is not what reflow pairs hold \(pixels or latents\)"):
             validate_prepared(data)
+
+
+@pytest.mark.parametrize("field, value", [("shape", ["3", "16", "16"]), ("shape", [3.0, 16, 16]), ("count", "512"), ("count", 512.0),
+                                          ("count", True), ("num_classes", 10.7), ("num_classes", "10"), ("shape", "3x16x16")])
+def test_manifest_sizes_that_are_not_json_integers_are_refused(shapes16, tmp_path, field, value):
+    """count, shape and num_classes are used as read (model.image_size, in_channels, num_classes): an edited
+    `"shape": ["3", "16", "16"]` passed validation (int() accepted it) and failed deep in setup as "TypeError: not
+    all arguments converted during string formatting"; 10.7 classes trained as 10. One line, exit 2."""
+    import shutil
+
+    from fmcli.data.dataset import validate_prepared
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes16, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, field: value}))
+    with pytest.raises(UsageError, match="must be whole numbers"):
+        validate_prepared(data)
+    res = fm_in_process("train", "--preset", "debug", "--data", data, "--run-dir", tmp_path / "run", "--set", "train.steps=1")
+    assert res.returncode == 2 and "must be whole numbers" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -261,10 +261,14 @@ def validate_prepared(path: str | Path) -> dict:
     manifest = read_manifest(path)
     redo = f"re-create it with `fm prepare-data ... --out {path} --force`"
     try:
-        kind, count, shape = manifest["kind"], int(manifest["count"]), tuple(int(v) for v in manifest["shape"])
-        num_classes = int(manifest.get("num_classes") or 0)
-    except (KeyError, TypeError, ValueError) as err:
+        kind, count, shape = manifest["kind"], manifest["count"], manifest["shape"]
+    except KeyError as err:
         raise UsageError(f"{path}/manifest.json lacks a valid {err} field; {redo}") from None
+    num_classes = manifest.get("num_classes") or 0
+    # JSON integers, as fm writes them: the fields are used as read (model sizes), so "3" or 3.0 would fail deep in setup.
+    if not (_is_int(count) and isinstance(shape, list) and all(_is_int(v) for v in shape) and _is_int(num_classes)):
+        raise UsageError(f"{path}/manifest.json: count {count!r}, shape {shape!r} and num_classes {num_classes!r} must be whole numbers; {redo}")
+    shape = tuple(shape)
     if not isinstance(kind, str) or kind not in KIND_DTYPES or count < 1 or len(shape) != 3:  # a list is no dict key: TypeError
         raise UsageError(f"{path}/manifest.json: kind {kind!r}, count {count}, shape {list(shape)} is not a prepared dataset; {redo}")
     if kind == "pairs" and manifest.get("space", "pixels") not in ("pixels", "latents"):  # what sampling decodes (or not) by
@@ -295,6 +299,11 @@ def validate_prepared(path: str | Path) -> dict:
             raise UsageError(f"{captions} has {lines} captions for {count} images; {redo}")
     _check_text_cache(path, count, redo)
     return manifest
+
+
+def _is_int(value) -> bool:
+    """A JSON integer: not a string, a float or a bool (which Python counts as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_mirrored(manifest: dict, path: Path, redo: str) -> bool:
