@@ -254,6 +254,27 @@ def test_pairs_training_resumes_bit_exactly_and_starts_from_the_teacher(teacher,
         train(load_config("debug", [*common, "model.depth=3"]), tmp_path / "mismatch")
 
 
+def test_init_from_refuses_weights_that_fit_but_compute_another_network(teacher_ckpt, shapes16, tmp_path):
+    """model.heads and model.prediction change no weight's shape, so the teacher's weights load into a model that
+    differs in them, and compute another function there: init_from refuses it (one line naming the setting)."""
+    from fmcli.models import build_model
+
+    state = load_checkpoint(teacher_ckpt)
+    model_cfg = validate_config(state["config"]).model
+    x, t, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.7]), torch.tensor([1, 2])
+    reference, other = build_model(model_cfg), build_model(model_cfg.model_copy(update={"heads": 2 * model_cfg.heads}))
+    reference.load_state_dict(state["ema"])
+    other.load_state_dict(state["ema"])  # the same shapes: it loads without a word
+    with torch.no_grad():
+        assert (other(x, t, y) - reference(x, t, y)).abs().max() > 1e-3  # but it is another network
+    common = [f"data.path='{shapes16}'", f"train.init_from='{teacher_ckpt}'", "train.steps=1", "train.checkpoint_every=0"]
+    for setting, said in ((f"model.heads={2 * model_cfg.heads}", f"model.heads {model_cfg.heads} in the checkpoint, {2 * model_cfg.heads} here"),
+                          ("model.prediction='data'", "model.prediction velocity in the checkpoint, data here")):
+        with pytest.raises(UsageError, match=said) as refused:
+            train(load_config("debug", [*common, setting]), tmp_path / "run")
+        assert "\n" not in str(refused.value)
+
+
 def test_straightness_benchmark_against_closed_forms():
     import importlib.util
 
