@@ -73,7 +73,8 @@ class ReflowSummary:
     def row(self) -> dict:
         """The `--json` row: the summary with its settings inline."""
         row = asdict(self)
-        return {**row, **row.pop("settings")}
+        settings = row.pop("settings")  # popped first: `{**row, **row.pop(...)}` unpacks row before the pop
+        return {**row, **settings}
 
 
 def reflow_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:

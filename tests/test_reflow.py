@@ -373,6 +373,7 @@ def test_json_row_and_manifest_record_the_settings_that_ran(teacher_ckpt, tmp_pa
     expected = {"solver": "dopri5", "steps": None, "rtol": 0.01, "atol": 0.02, "cfg": 2.0, "guidance": "cfg", "guidance_interval": [0.2, 0.9]}
     assert {k: row.get(k) for k in expected} == expected and row["seed"] == 3 and row["precision"] == "fp32" and row["compile"] is False
     assert row["count"] == 3 and row["path"] == str(tmp_path / "p")
+    assert "settings" not in row  # inline, one flat row as every sampling command's (not also nested)
     teacher = PreparedDataset(tmp_path / "p").manifest["teacher"]
     assert {k: teacher.get(k) for k in expected} == expected and teacher["seed"] == 3 and teacher["num_pairs"] == 3
 
