@@ -211,6 +211,37 @@ def test_text_teacher_pairs_carry_their_prompts(tmp_path):
     assert ds.manifest["teacher"]["prompts_sha256"]  # the prompts are part of the plan a restart must match
 
 
+def test_an_interrupted_text_reflow_refuses_another_text_encoder(tmp_path, monkeypatch):
+    """Another encoder of the same kind and width (t5-small and flan-t5-small, say) passes every encoder check
+    but encodes the prompts otherwise: continuing with it would mix two conditionings in one dataset."""
+    from fmcli.encoders import build_tiny_text_encoder
+
+    words = ["a", "red", "blue", "circle", "star"]
+    first, other = (build_tiny_text_encoder(tmp_path / name, seed=seed, words=words, d_model=16, layers=1, heads=2) for name, seed in (("t5", 0), ("t5b", 1)))
+    text_checkpoint(tmp_path / "text.pt", first, text_dim=16)
+    loaded = {e: load_for_sampling(str(tmp_path / "text.pt"), torch.device("cpu"), text_encoder=str(e)) for e in (first, other)}
+    prompts = ["a red circle", "a blue star"]
+    assert not torch.allclose(*(loaded[e].text.encode(prompts)[0] for e in (first, other)))  # another conditioning
+    real = reflow_mod._solve_chunk
+
+    def failing(loaded_model, indices, *args):
+        if indices[0] == 3:
+            raise KeyboardInterrupt
+        return real(loaded_model, indices, *args)
+
+    monkeypatch.setattr(reflow_mod, "_solve_chunk", failing)
+    with pytest.raises(KeyboardInterrupt):
+        pairs(loaded[first], tmp_path / "p", n=6, batch_size=3, prompts=prompts)
+    monkeypatch.setattr(reflow_mod, "_solve_chunk", real)
+    with pytest.raises(UsageError, match=r"other settings \(text_encoder\).*--text-encoder"):
+        pairs(loaded[other], tmp_path / "p", n=6, batch_size=3, prompts=prompts)
+    # A plan.json written before the field existed continues (its encoder is not known, so not compared).
+    plan_file = tmp_path / "p.partial" / "plan.json"
+    plan_file.write_text(json.dumps({k: v for k, v in json.loads(plan_file.read_text()).items() if k != "text_encoder"}))
+    summary = pairs(loaded[first], tmp_path / "p", n=6, batch_size=3, prompts=prompts)
+    assert summary.chunks_reused == 1 and PreparedDataset(tmp_path / "p").manifest["teacher"]["text_encoder"] == str(first.resolve())
+
+
 # ------------------------------------------------------------------------------------ training on pairs
 
 
