@@ -211,10 +211,12 @@ def generate_pairs(
     solved = reused = 0
     for c in range(ctx.rank, n_chunks, ctx.world_size):
         part = work / f"part-{c:07d}.npz"
+        indices = list(range(c * batch_size, min(num_pairs, (c + 1) * batch_size)))
         if part.is_file():
             reused += 1
+            if on_chunk is not None:  # the bar counts every pair of this rank's share (rank_share), found or solved
+                on_chunk(len(indices))
             continue
-        indices = list(range(c * batch_size, min(num_pairs, (c + 1) * batch_size)))
         x0, x1, y, nfe = _solve_chunk(loaded, indices, seed, sample_cfg, ctx.device, prompts)
         _save_part(part, x0=x0.numpy(), x1=x1.numpy(), nfe=np.asarray(nfe), **({"y": y.numpy()} if y is not None else {}))
         solved += 1

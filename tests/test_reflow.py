@@ -116,8 +116,10 @@ def test_an_interrupted_reflow_continues_without_recomputing_or_duplicating(teac
     with pytest.raises(UsageError, match="other settings"):
         pairs(teacher, tmp_path / "out", seed=5)
     calls.clear()
-    summary = pairs(teacher, tmp_path / "out")
+    advanced = []  # the progress bar's advances: its total is every pair (rank_share), the reused chunk's too
+    summary = pairs(teacher, tmp_path / "out", on_chunk=advanced.append)
     assert calls == [4, 8] and summary.chunks_reused == 1 and summary.chunks_solved == 2
+    assert sum(advanced) == 11 == reflow_mod.rank_share(11, 4, DistContext())
     for f, ref in arrays(tmp_path / "straight").items():
         np.testing.assert_array_equal(np.load(tmp_path / "out" / f"{f}.npy"), ref)
     assert not (tmp_path / "out.partial").exists()
