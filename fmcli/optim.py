@@ -176,13 +176,16 @@ def ema_initial_share(steps: int, decay: float, warmup: bool) -> float:
 
 
 def ema_warning(train_cfg) -> str | None:
-    """One stderr line when the run's EMA would still be mostly the initial (zero-output) network at its end."""
+    """One stderr line when the run's EMA would still be mostly the initial network at its end: the zero-output
+    one, or train.init_from's weights."""
     share = ema_initial_share(train_cfg.steps, train_cfg.ema_decay, train_cfg.ema_warmup)
     if share <= EMA_INITIAL_SHARE_LIMIT:
         return None
     fix = "set train.ema_warmup=true" if not train_cfg.ema_warmup else "lower train.ema_decay"
+    # A run started from train.init_from's weights (a reflow student) starts its EMA there: not an untrained model.
+    shown = f"mostly train.init_from's model ({train_cfg.init_from}), not what this run trains" if train_cfg.init_from else "an untrained model"
     return (
         f"warning: after {train_cfg.steps} steps the EMA (train.ema_decay={train_cfg.ema_decay}, "
         f"ema_warmup={str(train_cfg.ema_warmup).lower()}) is still {share:.0%} the initial weights, so EMA samples "
-        f"and FID show an untrained model; {fix} or train longer"
+        f"and FID show {shown}; {fix} or train longer"
     )

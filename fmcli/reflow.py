@@ -57,6 +57,11 @@ class ReflowPlan:
     prompts_sha256: str | None
     precision: str  # the teacher's network precision (sample.precision resolved): bf16 pairs differ slightly from fp32 ones
     compile: bool  # compiled or eager (also changes the pairs' last bits)
+    text_encoder: str | None = None  # a text teacher's encoder (its folder): another one encodes the prompts otherwise
+
+
+# Plan fields an interrupted run of an older fm lacks in its plan.json: compared only where it has them.
+LATER_PLAN_FIELDS = ("text_encoder",)
 
 
 @dataclass
@@ -73,7 +78,8 @@ class ReflowSummary:
     def row(self) -> dict:
         """The `--json` row: the summary with its settings inline."""
         row = asdict(self)
-        return {**row, **row.pop("settings")}
+        settings = row.pop("settings")  # popped first: `{**row, **row.pop(...)}` unpacks row before the pop
+        return {**row, **settings}
 
 
 def reflow_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
@@ -194,7 +200,7 @@ def generate_pairs(
         checkpoint=str(Path(checkpoint).resolve()), step=loaded.step, ema=ema, num_pairs=num_pairs, seed=seed, solver=sample_cfg.solver,
         steps=sample_cfg.steps, cfg=sample_cfg.cfg, rtol=sample_cfg.rtol, atol=sample_cfg.atol, shift=sample_cfg.shift or 1.0,
         chunk=batch_size, prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None,
-        **sampling_record(loaded),
+        **sampling_record(loaded), text_encoder=_text_encoder_of(loaded),
     )
     work = work_dir(out)
     if ctx.rank == 0:
@@ -205,10 +211,12 @@ def generate_pairs(
     solved = reused = 0
     for c in range(ctx.rank, n_chunks, ctx.world_size):
         part = work / f"part-{c:07d}.npz"
+        indices = list(range(c * batch_size, min(num_pairs, (c + 1) * batch_size)))
         if part.is_file():
             reused += 1
+            if on_chunk is not None:  # the bar counts every pair of this rank's share (rank_share), found or solved
+                on_chunk(len(indices))
             continue
-        indices = list(range(c * batch_size, min(num_pairs, (c + 1) * batch_size)))
         x0, x1, y, nfe = _solve_chunk(loaded, indices, seed, sample_cfg, ctx.device, prompts)
         _save_part(part, x0=x0.numpy(), x1=x1.numpy(), nfe=np.asarray(nfe), **({"y": y.numpy()} if y is not None else {}))
         solved += 1
@@ -241,16 +249,25 @@ def _solve_chunk(loaded, indices, seed, sample_cfg, device, prompts):
     return x0, result.x.float().cpu(), y, result.nfe
 
 
+def _text_encoder_of(loaded) -> str | None:
+    """The text encoder a text teacher's prompts are encoded with (its folder, absolute; None without text)."""
+    if not loaded.is_text:
+        return None
+    path = Path(loaded.text.encoder.path)
+    return str(path.resolve()) if path.exists() else str(path)  # the built-in tiny encoder is a name
+
+
 def _open_work_dir(work: Path, plan: ReflowPlan) -> None:
     """Create DIR.partial with the plan, or check that an existing one (an interrupted run) has the same plan."""
     plan_file = work / PLAN_FILE
     before = read_work_plan(work)
     if before is not None:
-        differ = sorted(k for k, v in asdict(plan).items() if before.get(k) != v)
+        differ = sorted(k for k, v in asdict(plan).items() if before.get(k, v if k in LATER_PLAN_FIELDS else None) != v)
         if differ:
+            which = "--precision / --compile for the network's" + (", --text-encoder or FM_TEXT_ENCODER for the prompts'" if "text_encoder" in differ else "")
             raise UsageError(
                 f"{work} holds an interrupted reflow with other settings ({', '.join(differ)}); "
-                f"rerun with the same options to continue it (--precision / --compile for the network's), or delete {work}"
+                f"rerun with the same options to continue it ({which}), or delete {work}"
             )
         return
     work.mkdir(parents=True, exist_ok=True)

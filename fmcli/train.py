@@ -107,6 +107,11 @@ def check_coupled_micro_batch(cfg: Config, state: dict, micro: int, world: int, 
                      f"this resume's would be {micro} ({processes(world)}), another coupling: {todo}")
 
 
+# Model settings that change what a network computes but no weight's shape (model.heads splits the same
+# projections otherwise; model.prediction reads the output as data or as velocity): init_from compares them.
+SHAPELESS_MODEL_SETTINGS = ("heads", "prediction")
+
+
 def init_weights(step_fn: TrainingStep, source: str) -> None:
     """Model and EMA from the (EMA) weights of a checkpoint, run or export directory; the architectures must match,
     except that a mean-flow model may start from a flow model: its end-time embedding keeps its zero-output
@@ -118,11 +123,16 @@ def init_weights(step_fn: TrainingStep, source: str) -> None:
     weights = state.get("ema") or state["model"]
     if step_fn.cfg.model.end_time and not any(k.startswith("interval_embed.") for k in weights):
         weights = {**weights, **{k: v for k, v in step_fn.model.state_dict().items() if k.startswith("interval_embed.")}}
+    theirs, mine = (state.get("config") or {}).get("model") or {}, step_fn.cfg.model.model_dump(mode="json")
     try:
+        # The attention heads and the output's meaning change what the weights compute, not their shapes: such
+        # weights would load without a word and start the run from another network than the checkpoint's.
+        if any(k in theirs and theirs[k] != mine[k] for k in SHAPELESS_MODEL_SETTINGS):
+            raise RuntimeError("the same shapes, another network")
         step_fn.model.load_state_dict(weights)
         step_fn.ema.load_state_dict(weights)
     except RuntimeError:
-        what, todo = _model_mismatch((state.get("config") or {}).get("model") or {}, step_fn.cfg.model.model_dump(mode="json"), weights, step_fn.model.state_dict())
+        what, todo = _model_mismatch(theirs, mine, weights, step_fn.model.state_dict())
         raise UsageError(f"train.init_from={source}: its model differs from this one ({what}); {todo}") from None
 
 

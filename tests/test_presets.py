@@ -219,6 +219,9 @@ def test_the_old_text_presets_fail_the_ema_check():
     old = load_config("overfit", ["train.ema_warmup=false"]).train
     assert "61% the initial weights" in ema_warning(old) and "train.ema_warmup=true" in ema_warning(old)
     assert ema_warning(load_config("text-debug", ["train.ema_warmup=false"]).train) is not None
+    # Started from another run's weights (a reflow student), the EMA is mostly that model, not an untrained one.
+    student = ema_warning(load_config("overfit", ["train.ema_warmup=false", "train.init_from='runs/teacher'"]).train)
+    assert "61% the initial weights" in student and "train.init_from's model (runs/teacher)" in student and "untrained" not in student
 
 
 def test_fm_train_warns_once_about_an_initial_weight_ema(tmp_path, shapes16):

@@ -116,8 +116,10 @@ def test_an_interrupted_reflow_continues_without_recomputing_or_duplicating(teac
     with pytest.raises(UsageError, match="other settings"):
         pairs(teacher, tmp_path / "out", seed=5)
     calls.clear()
-    summary = pairs(teacher, tmp_path / "out")
+    advanced = []  # the progress bar's advances: its total is every pair (rank_share), the reused chunk's too
+    summary = pairs(teacher, tmp_path / "out", on_chunk=advanced.append)
     assert calls == [4, 8] and summary.chunks_reused == 1 and summary.chunks_solved == 2
+    assert sum(advanced) == 11 == reflow_mod.rank_share(11, 4, DistContext())
     for f, ref in arrays(tmp_path / "straight").items():
         np.testing.assert_array_equal(np.load(tmp_path / "out" / f"{f}.npy"), ref)
     assert not (tmp_path / "out.partial").exists()
@@ -211,6 +213,37 @@ def test_text_teacher_pairs_carry_their_prompts(tmp_path):
     assert ds.manifest["teacher"]["prompts_sha256"]  # the prompts are part of the plan a restart must match
 
 
+def test_an_interrupted_text_reflow_refuses_another_text_encoder(tmp_path, monkeypatch):
+    """Another encoder of the same kind and width (t5-small and flan-t5-small, say) passes every encoder check
+    but encodes the prompts otherwise: continuing with it would mix two conditionings in one dataset."""
+    from fmcli.encoders import build_tiny_text_encoder
+
+    words = ["a", "red", "blue", "circle", "star"]
+    first, other = (build_tiny_text_encoder(tmp_path / name, seed=seed, words=words, d_model=16, layers=1, heads=2) for name, seed in (("t5", 0), ("t5b", 1)))
+    text_checkpoint(tmp_path / "text.pt", first, text_dim=16)
+    loaded = {e: load_for_sampling(str(tmp_path / "text.pt"), torch.device("cpu"), text_encoder=str(e)) for e in (first, other)}
+    prompts = ["a red circle", "a blue star"]
+    assert not torch.allclose(*(loaded[e].text.encode(prompts)[0] for e in (first, other)))  # another conditioning
+    real = reflow_mod._solve_chunk
+
+    def failing(loaded_model, indices, *args):
+        if indices[0] == 3:
+            raise KeyboardInterrupt
+        return real(loaded_model, indices, *args)
+
+    monkeypatch.setattr(reflow_mod, "_solve_chunk", failing)
+    with pytest.raises(KeyboardInterrupt):
+        pairs(loaded[first], tmp_path / "p", n=6, batch_size=3, prompts=prompts)
+    monkeypatch.setattr(reflow_mod, "_solve_chunk", real)
+    with pytest.raises(UsageError, match=r"other settings \(text_encoder\).*--text-encoder"):
+        pairs(loaded[other], tmp_path / "p", n=6, batch_size=3, prompts=prompts)
+    # A plan.json written before the field existed continues (its encoder is not known, so not compared).
+    plan_file = tmp_path / "p.partial" / "plan.json"
+    plan_file.write_text(json.dumps({k: v for k, v in json.loads(plan_file.read_text()).items() if k != "text_encoder"}))
+    summary = pairs(loaded[first], tmp_path / "p", n=6, batch_size=3, prompts=prompts)
+    assert summary.chunks_reused == 1 and PreparedDataset(tmp_path / "p").manifest["teacher"]["text_encoder"] == str(first.resolve())
+
+
 # ------------------------------------------------------------------------------------ training on pairs
 
 
@@ -252,6 +285,27 @@ def test_pairs_training_resumes_bit_exactly_and_starts_from_the_teacher(teacher,
         torch.testing.assert_close(got[k], v, atol=1e-9, rtol=0)
     with pytest.raises(UsageError, match="init_from"):
         train(load_config("debug", [*common, "model.depth=3"]), tmp_path / "mismatch")
+
+
+def test_init_from_refuses_weights_that_fit_but_compute_another_network(teacher_ckpt, shapes16, tmp_path):
+    """model.heads and model.prediction change no weight's shape, so the teacher's weights load into a model that
+    differs in them, and compute another function there: init_from refuses it (one line naming the setting)."""
+    from fmcli.models import build_model
+
+    state = load_checkpoint(teacher_ckpt)
+    model_cfg = validate_config(state["config"]).model
+    x, t, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.7]), torch.tensor([1, 2])
+    reference, other = build_model(model_cfg), build_model(model_cfg.model_copy(update={"heads": 2 * model_cfg.heads}))
+    reference.load_state_dict(state["ema"])
+    other.load_state_dict(state["ema"])  # the same shapes: it loads without a word
+    with torch.no_grad():
+        assert (other(x, t, y) - reference(x, t, y)).abs().max() > 1e-3  # but it is another network
+    common = [f"data.path='{shapes16}'", f"train.init_from='{teacher_ckpt}'", "train.steps=1", "train.checkpoint_every=0"]
+    for setting, said in ((f"model.heads={2 * model_cfg.heads}", f"model.heads {model_cfg.heads} in the checkpoint, {2 * model_cfg.heads} here"),
+                          ("model.prediction='data'", "model.prediction velocity in the checkpoint, data here")):
+        with pytest.raises(UsageError, match=said) as refused:
+            train(load_config("debug", [*common, setting]), tmp_path / "run")
+        assert "\n" not in str(refused.value)
 
 
 def test_straightness_benchmark_against_closed_forms():
@@ -352,6 +406,7 @@ def test_json_row_and_manifest_record_the_settings_that_ran(teacher_ckpt, tmp_pa
     expected = {"solver": "dopri5", "steps": None, "rtol": 0.01, "atol": 0.02, "cfg": 2.0, "guidance": "cfg", "guidance_interval": [0.2, 0.9]}
     assert {k: row.get(k) for k in expected} == expected and row["seed"] == 3 and row["precision"] == "fp32" and row["compile"] is False
     assert row["count"] == 3 and row["path"] == str(tmp_path / "p")
+    assert "settings" not in row  # inline, one flat row as every sampling command's (not also nested)
     teacher = PreparedDataset(tmp_path / "p").manifest["teacher"]
     assert {k: teacher.get(k) for k in expected} == expected and teacher["seed"] == 3 and teacher["num_pairs"] == 3
 
