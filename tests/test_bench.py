@@ -595,3 +595,28 @@ def test_bench_checks_the_manifest_it_reads_the_shape_from(tmp_path, text):
     assert result.returncode == 2, result.stderr
     assert "manifest" in result.stderr and "fm prepare-data" in result.stderr and "Error:" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("script", ["compare_diffusers", "profile_dit"])
+def test_benchmark_scripts_time_sampling_at_the_precision_they_label(monkeypatch, capsys, script):
+    """benchmarks/compare_diffusers.py and profile_dit.py report each --precisions entry's sampling figure: the
+    spec each measurement gets must sample at that precision too (BenchSpec.sample_precision defaults to fp32)."""
+    import importlib
+    import sys
+
+    mod = importlib.import_module(f"benchmarks.{script}")
+    asked = []
+
+    def fake(spec, fn=None):
+        asked.append((spec.precision, spec.sample_precision))
+        return {"params": 1, "train": {"img_per_s": 1.0}, "sample": {"img_per_s": 1.0}}
+
+    monkeypatch.setattr(mod, "measure_isolated" if script == "compare_diffusers" else "measure", fake)
+    extra = ["--variants", "new"] if script == "profile_dit" else []
+    monkeypatch.setattr(sys, "argv", [script, "--precisions", "fp32,bf16", "--repeats", "1", "--set", "model.hidden_size=32",
+                                      "--set", "model.depth=1", "--set", "model.heads=2", *extra])
+    assert mod.main() == 0
+    assert asked and {s for _, s in asked} == {"fp32", "bf16"}
+    assert all(sample == train for train, sample in asked)
+    if script == "compare_diffusers":
+        assert "32/1/2" in json.loads(capsys.readouterr().out)["model"]  # the model measured, not always DiT-S/2
