@@ -620,3 +620,40 @@ def test_benchmark_scripts_time_sampling_at_the_precision_they_label(monkeypatch
     assert all(sample == train for train, sample in asked)
     if script == "compare_diffusers":
         assert "32/1/2" in json.loads(capsys.readouterr().out)["model"]  # the model measured, not always DiT-S/2
+
+
+def test_an_autotune_cache_from_another_machine_or_torch_is_not_trusted(tmp_path, monkeypatch):
+    """Every CPU's device name is "cpu": a run directory resumed on another CPU (another model, core count, RAM: the
+    CPU search's budget is half of it) or under another torch must tune again, not reuse a batch tuned elsewhere.
+    A process that differs only in its thread count (a DDP rank beside the launcher that tuned) keeps the key."""
+    import fmcli.autotune as autotune_mod
+    from dataclasses import replace as dc_replace
+
+    from fmcli import hardware
+
+    from fmcli.autotune import AutotuneResult
+
+    searches = []
+
+    def fake_autotune(cfg, base, *, max_batch, **kw):
+        searches.append(max_batch)
+        return AutotuneResult(batch=4, stop="max batch", trials=[Trial(4, ok=True, throughput=1.0, memory_mib=1.0)])
+
+    monkeypatch.setattr(autotune_mod, "autotune_training", fake_autotune)
+    cfg = resolve_bench_config(load_config("debug", ["train.micro_batch_size=auto", "train.global_batch_size=16"]))
+    dev = torch.device("cpu")
+    assert auto_micro_batch(cfg, tmp_path, dev, 1, False) == 4 and len(searches) == 1
+    assert auto_micro_batch(cfg, tmp_path, dev, 1, False) == 4 and len(searches) == 1  # the same machine: cached
+    here = hardware.cpu_info()
+    monkeypatch.setattr(autotune_mod, "cpu_info", lambda: dc_replace(here, threads=here.threads + 7), raising=False)
+    assert auto_micro_batch(cfg, tmp_path, dev, 1, False) == 4 and len(searches) == 1  # threads alone: still cached
+    elsewhere = [("cpu_info", lambda: dc_replace(here, model=here.model + " (another)")),
+                 ("_physical_memory_gib", lambda: 4096.0), ("os.cpu_count", lambda: 1024)]
+    for name, fake in elsewhere:
+        with monkeypatch.context() as m:
+            m.setattr(autotune_mod.os if name == "os.cpu_count" else autotune_mod, name.split(".")[-1], fake, raising=False)
+            auto_micro_batch(cfg, tmp_path, dev, 1, False)
+    monkeypatch.setattr(torch, "__version__", "0.0.1-another")
+    auto_micro_batch(cfg, tmp_path, dev, 1, False)
+    assert len(searches) == 5  # another CPU model, RAM, core count, torch: each tuned again
+    assert len(json.loads((tmp_path / "autotune.json").read_text())) == 5
