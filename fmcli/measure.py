@@ -107,10 +107,19 @@ def measure_any(spec: BenchSpec, fn: Callable[[BenchSpec], dict] = measure) -> d
         return measure_isolated(spec, fn)
     try:
         return fn(spec)
-    except torch.OutOfMemoryError:
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
         gc.collect()
         torch.cuda.empty_cache()
         return {"oom": True, "batch": spec.batch}
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether a trial failed for want of memory (the batch does not fit): torch's OutOfMemoryError (CUDA), Python's
+    MemoryError, or torch's CPU allocator refusing an allocation (a RuntimeError "DefaultCPUAllocator: can't
+    allocate memory", where malloc fails: strict overcommit, `ulimit -v`, an allocation beyond the address space)."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 # ------------------------------------------------------------------------------ the trial server
@@ -189,10 +198,11 @@ def _serve_trials() -> None:
             code = 0
             try:
                 result = fn(BenchSpec(**spec))
-            except (MemoryError, torch.OutOfMemoryError):
-                result = {"oom": True, "batch": spec["batch"]}
-            except BaseException as err:  # reported by the parent as a failure, never taken for an OOM
-                result, code = {"error": f"{type(err).__name__}: {err}"}, 1
+            except BaseException as err:  # an OOM is a result (the batch does not fit); anything else a failure
+                if out_of_memory(err):
+                    result = {"oom": True, "batch": spec["batch"]}
+                else:  # reported by the parent as a failure, never taken for an OOM
+                    result, code = {"error": f"{type(err).__name__}: {err}"}, 1
             with os.fdopen(write_fd, "w") as out:
                 out.write(json.dumps(result))
             os._exit(code)

@@ -657,3 +657,18 @@ def test_an_autotune_cache_from_another_machine_or_torch_is_not_trusted(tmp_path
     auto_micro_batch(cfg, tmp_path, dev, 1, False)
     assert len(searches) == 5  # another CPU model, RAM, core count, torch: each tuned again
     assert len(json.loads((tmp_path / "autotune.json").read_text())) == 5
+
+
+def test_a_cpu_trial_whose_allocation_fails_is_an_oom_not_a_crash():
+    """Where malloc refuses (strict overcommit, `ulimit -v`, or here an allocation beyond any address space: 2^40
+    images), torch's CPU allocator raises RuntimeError "can't allocate memory", not MemoryError. The trial is a
+    batch that does not fit (autotune skips it and bisects), not a failure that ends fm bench / the autotune."""
+    from fmcli.config import config_to_dict
+    from fmcli.measure import BenchSpec, measure_any, out_of_memory
+
+    with pytest.raises(RuntimeError) as real:  # the allocator's own error, as a trial meets it
+        torch.empty(2**50, dtype=torch.uint8)
+    assert out_of_memory(real.value) and out_of_memory(MemoryError()) and not out_of_memory(RuntimeError("shape mismatch"))
+    cfg = resolve_bench_config(load_config("debug", ["model.image_size=16", "model.in_channels=3", "model.num_classes=4", "repa.encoder=none"]))
+    spec = BenchSpec(config=config_to_dict(cfg), batch=2**40, mode="train", steps=1, warmup=0, device="cpu")
+    assert measure_any(spec) == {"oom": True, "batch": 2**40}
