@@ -1,10 +1,10 @@
 """Batch-size autotune: the search and the `autotune.json` cache.
 
 A trial is one measurement of the real training step (measure.py: synthetic tensors shaped like the preset's
-data, on CPU in its own forked process). The autotuner doubles the batch from a small start until a trial
-fails (out of memory, or over the `--max-memory` budget) or the throughput stops improving, then bisects
-between the last two sizes and returns the fastest batch, or after a failure the largest safe one kept a
-margin below the failing size. DDP runs never autotune: they use a result cached in the run directory
+data, on CPU in its own forked process). The autotuner doubles the batch from a small start (halved first
+if it does not fit) until a trial fails (out of memory, or over the `--max-memory` budget) or the throughput
+stops improving, then bisects between the last two sizes and returns the fastest batch, or after a failure
+the largest safe one kept a margin below the failing size. DDP runs never autotune: they use a result cached in the run directory
 (`autotune.json`, keyed by device, preset, and everything that changes the answer: model, precision, compile,
 optimizer and Muon's Newton-Schulz dtype, objective, REPA, world size, the machine and its torch).
 """
@@ -62,6 +62,7 @@ def autotune(
 ) -> AutotuneResult:
     """Find the training batch size: double, then bisect between the last two sizes.
 
+    A `start` that already fails is halved until a batch fits (down to 1: only then does nothing fit).
     Doubling stops at the first failing batch (`measure` raised torch.OutOfMemoryError / MemoryError,
     returned ok=False, or its peak memory crossed `max_memory_mib`), when `patience + 1` doublings in a
     row fail to beat the best throughput so far by `min_gain` (plateau; the patience absorbs one noisy
@@ -72,6 +73,8 @@ def autotune(
     trials: dict[int, Trial] = {}
 
     def run(b: int) -> Trial:
+        if b in trials:  # measured already (a start that failed, doubled back up to)
+            return trials[b]
         try:
             trial = measure(b)
         except (torch.OutOfMemoryError, MemoryError):
@@ -85,6 +88,9 @@ def autotune(
     while True:
         trial = run(b)
         if not trial.ok:
+            if last_ok is None and b > 1:  # the start does not fit: a smaller batch may
+                b //= 2
+                continue
             if last_ok is None:
                 raise RuntimeFailure(f"batch size {b} already fails ({trial.reason}); nothing fits")
             stop, lo, hi = trial.reason, last_ok.batch, b
@@ -101,7 +107,6 @@ def autotune(
             lo = hi = b
             break
         b = min(2 * b, max_batch)
-
     if stop == "plateau":
         while hi - lo > max(1, lo // 4):
             mid = (lo + hi) // 2
@@ -110,11 +115,8 @@ def autotune(
                 lo = mid
             else:
                 hi = mid
-        ok = [t for t in trials.values() if t.ok]
-        chosen = max(ok, key=lambda t: (t.throughput, t.batch)).batch
-    elif stop == "max batch":
-        ok = [t for t in trials.values() if t.ok]
-        chosen = max(ok, key=lambda t: (t.throughput, t.batch)).batch
+    if stop in ("plateau", "max batch"):  # the fastest measured batch
+        chosen = max((t for t in trials.values() if t.ok), key=lambda t: (t.throughput, t.batch)).batch
     else:
         while hi - lo > max(1, lo // 8):
             mid = (lo + hi) // 2

@@ -101,9 +101,24 @@ def test_autotune_memory_budget_counts_as_failure():
 def test_autotune_failed_trial_without_exception_and_first_failure():
     measure, _ = _fake(lambda b: float(b), fail_above=40, raise_oom=False)
     assert autotune(measure, start=4, max_batch=4096).batch <= 40
-    measure, _ = _fake(lambda b: float(b), fail_above=2)
-    with pytest.raises(RuntimeFailure):
+    measure, _ = _fake(lambda b: float(b), fail_above=0)  # not even batch 1 fits
+    with pytest.raises(RuntimeFailure, match="batch size 1 already fails"):
         autotune(measure, start=4)
+
+
+@pytest.mark.parametrize("fits, raise_oom", [(1, True), (2, True), (3, False), (2, None)])
+def test_autotune_whose_start_fails_tries_smaller_batches(fits, raise_oom):
+    """The search starts at 4; a model of which only 1, 2 or 3 images fit (a large model, a small card, --max-memory)
+    was told "batch size 4 already fails; nothing fits". It halves until a batch fits and returns the largest one
+    that does (brute force: `fits`), each batch measured once; the failing start is not measured again."""
+    if raise_oom is None:  # over the memory budget rather than out of memory
+        measure, calls = _fake(lambda b: float(b), memory=lambda b: 100.0 * b)
+        result = autotune(measure, start=4, max_memory_mib=100.0 * fits + 50)
+    else:
+        measure, calls = _fake(lambda b: float(b), fail_above=fits, raise_oom=raise_oom)
+        result = autotune(measure, start=4)
+    assert result.batch == fits and result.stop in ("oom", "memory budget")
+    assert calls[:2] == [4, 2] and len(calls) == len(set(calls))
 
 
 def test_autotune_one_noisy_trial_is_not_a_plateau():
