@@ -687,3 +687,19 @@ def test_a_cpu_trial_whose_allocation_fails_is_an_oom_not_a_crash():
     cfg = resolve_bench_config(load_config("debug", ["model.image_size=16", "model.in_channels=3", "model.num_classes=4", "repa.encoder=none"]))
     spec = BenchSpec(config=config_to_dict(cfg), batch=2**40, mode="train", steps=1, warmup=0, device="cpu")
     assert measure_any(spec) == {"oom": True, "batch": 2**40}
+
+
+@pytest.mark.parametrize("sets", [["model.mlp_ratio=2"], ["flow.objective=meanflow", "sample.solver=meanflow"]])
+def test_compare_diffusers_refuses_a_model_it_cannot_match_before_measuring(monkeypatch, sets):
+    """diffusers' DiT has a 4x MLP and one time input: `--compare diffusers` of another model is a usage error
+    (exit 2) before the autotune or any trial, not a failed diffusers trial (exit 1) after fm's was measured."""
+    import fmcli.bench as bench_mod
+    from fmcli.bench import BenchOptions, run_bench
+
+    def no_trial(*a, **k):
+        raise AssertionError("measured before the refusal")
+
+    monkeypatch.setattr(bench_mod, "measure_any", no_trial)
+    monkeypatch.setattr(bench_mod, "autotune_training", no_trial)
+    with pytest.raises(UsageError, match="--compare diffusers"):
+        run_bench(load_config("debug", sets), BenchOptions(batch_size=None, mode="train", compare="diffusers"))
