@@ -299,6 +299,8 @@ def train_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device) 
 def train_step_fn(model, cfg: Config, spec: BenchSpec, device: torch.device) -> Callable[[], None]:
     """The real training step (step.TrainingStep, with EMA, coupling and conditioning) at batch
     `spec.batch` on synthetic data: one call = one optimizer step."""
+    if spec.precision not in ("fp32", "bf16", "fp16"):  # an unresolved "auto" would reach autocast as fp16
+        raise UsageError(f"a measurement needs a resolved precision (fp32, bf16 or fp16), not {spec.precision!r} (fmcli.hardware.resolve_hardware)")
     cfg = cfg.with_section("train", global_batch_size=spec.batch, micro_batch_size=None, precision=spec.precision)
     ctx = D.DistContext(device=device)
     m = cfg.model

@@ -703,3 +703,35 @@ def test_compare_diffusers_refuses_a_model_it_cannot_match_before_measuring(monk
     monkeypatch.setattr(bench_mod, "autotune_training", no_trial)
     with pytest.raises(UsageError, match="--compare diffusers"):
         run_bench(load_config("debug", sets), BenchOptions(batch_size=None, mode="train", compare="diffusers"))
+
+
+def test_autotune_sweep_measures_at_the_precision_fm_bench_resolves(monkeypatch):
+    """benchmarks/autotune_sweep.py passed the preset's train.precision as it is: the quickstart's "auto" reached
+    hardware.autocast, which took it for fp16 (on a CPU). Every trial now runs the precision "auto" resolves to,
+    and a measurement refuses an unresolved setting."""
+    import importlib
+    import sys
+
+    from fmcli.autotune import AutotuneResult
+    from fmcli.config import config_to_dict
+    from fmcli.measure import BenchSpec, measure
+
+    mod = importlib.import_module("benchmarks.autotune_sweep")
+    seen = []
+
+    def fake_tune(cfg, base, **kw):
+        seen.append(base.precision)
+        return AutotuneResult(batch=4, stop="max batch", trials=[Trial(4, ok=True, throughput=1.0, memory_mib=1.0)])
+
+    def fake_measure(spec, fn=None):
+        seen.append(spec.precision)
+        return {"train": {"img_per_s": 1.0}}
+
+    monkeypatch.setattr(mod, "autotune_training", fake_tune)
+    monkeypatch.setattr(mod, "measure_isolated", fake_measure)
+    monkeypatch.setattr(sys, "argv", ["autotune_sweep", "--preset", "debug", "--set", "train.precision=auto", "--max-batch", "4", "--repeats", "1"])
+    assert mod.main() == 0
+    assert len(seen) == 2 and set(seen) <= {"fp32", "bf16"}  # a CPU resolves "auto" to one of these, never fp16
+    cfg = resolve_bench_config(load_config("debug", ["train.precision=auto"]))
+    with pytest.raises(UsageError, match="resolved precision"):
+        measure(BenchSpec(config=config_to_dict(cfg), batch=2, mode="train", steps=1, warmup=0, precision="auto"))
