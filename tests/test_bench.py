@@ -735,3 +735,49 @@ def test_autotune_sweep_measures_at_the_precision_fm_bench_resolves(monkeypatch)
     cfg = resolve_bench_config(load_config("debug", ["train.precision=auto"]))
     with pytest.raises(UsageError, match="resolved precision"):
         measure(BenchSpec(config=config_to_dict(cfg), batch=2, mode="train", steps=1, warmup=0, precision="auto"))
+
+
+def test_shape_accuracy_reports_the_sampling_precision_beside_the_metrics(monkeypatch, capsys, debug_run, shapes16, tmp_path):
+    """benchmarks/shape_accuracy.py's JSON line held the sampling precision ("fp32") and the samples' precision
+    metric under one key, "precision": the metric overwrote it. With one sample per class (no per-class FD) it
+    stopped on round(None). Now: sample_precision / sample_compile, the metric's precision, per_class_fd_mean null."""
+    import importlib
+    import sys
+
+    mod = importlib.import_module("benchmarks.shape_accuracy")
+    monkeypatch.setattr(sys, "argv", ["shape_accuracy", "--ckpt", str(debug_run), "--data", str(shapes16), "--per-class", "1",
+                                      "--steps", "2", "--precision", "fp32", "--no-compile", "--classifier", str(tmp_path / "clf.pt")])
+    assert mod.main() == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["sample_precision"] == "fp32" and row["sample_compile"] is False
+    assert isinstance(row["precision"], float) and 0.0 <= row["precision"] <= 1.0  # the k-NN precision of the samples
+    assert row["per_class_fd_mean"] is None and row["num_samples"] == len(row["per_class"])  # one per class
+
+
+def test_loop_vs_bench_parts_builds_the_step_with_the_data_its_repa_reads(monkeypatch, tmp_path):
+    """benchmarks/loop_vs_bench.py parts built the quickstart's TrainingStep without data.path: the quickstart's REPA
+    (repa.encoder "auto" -> "domain" on the shapes) loads its encoder from the data, and the script stopped on
+    Path(None). The step it builds now sees the dataset it is fed from, as `fm train --data` sets it."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    import fmcli.step as step_mod
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on it: undone after the test
+    mod = importlib.import_module("benchmarks.loop_vs_bench")
+    built = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_step(cfg, *a, **k):
+        built.append((cfg.repa.encoder, cfg.data.path))
+        raise Stop
+
+    monkeypatch.setattr(step_mod, "TrainingStep", fake_step)
+    args = type("Args", (), {"work": str(tmp_path), "count": 40, "precision": "fp32", "compile": False, "steps": 1, "rounds": 1})()
+    with pytest.raises(Stop):
+        mod.parts(args)
+    (encoder, path), = built
+    assert encoder == "domain" and path is not None and Path(path).resolve() == (tmp_path / "gray28-40").resolve()
