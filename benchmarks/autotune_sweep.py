@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 
 from fmcli.autotune import autotune_training
+from fmcli.bench import resolve_bench_hardware
 from fmcli.measure import BenchSpec, device_name, measure, measure_isolated
 from fmcli.config import resolve_without_data as resolve_bench_config
 from fmcli.config import config_to_dict, load_config
@@ -39,9 +40,11 @@ def main() -> int:
 
     cfg = resolve_bench_config(load_config(args.preset, args.overrides))
     dev = torch.device(args.device)
-    base = BenchSpec(config=config_to_dict(cfg), batch=1, mode="train", steps=args.steps, warmup=args.warmup,
-                     precision=args.precision or cfg.train.precision, device=dev.type)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    # precision / compile "auto" (the quickstart's) resolved as fm bench resolves them before its autotune
+    hw = resolve_bench_hardware(cfg, dev, args.precision or cfg.train.precision, cfg.train.compile, log)
+    base = BenchSpec(config=config_to_dict(cfg), batch=1, mode="train", steps=args.steps, warmup=args.warmup,
+                     precision=hw["precision"]["precision"], compile=hw["compile"]["compile"], muon_ns_dtype=hw["muon_ns_dtype"], device=dev.type)
     tuned = autotune_training(cfg, base, max_batch=args.max_batch, log=log)
     log(f"autotune chose batch {tuned.batch} (stop: {tuned.stop})")
 
@@ -68,6 +71,8 @@ def main() -> int:
     report = {
         "device": device_name(dev),
         "preset": args.preset,
+        "precision": base.precision,
+        "compile": base.compile,
         "autotune": {"batch": tuned.batch, "stop": tuned.stop, "trials": [(t.batch, t.throughput) for t in tuned.trials]},
         "sweep_median_img_per_s": medians,
         "sweep_all": throughput,

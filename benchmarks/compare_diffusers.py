@@ -54,14 +54,14 @@ def main() -> int:
     name = device_name(dev)
     fwd = dit_forward_flops(cfg.model)
     peak = peak_flops(name) if dev.type == "cuda" else None
-    report = {"device": name, "batch": args.batch, "model": "DiT-S/2 384/12/6 patch 2, 32x32x4, 10 classes", "precisions": {}}
+    report = {"device": name, "batch": args.batch, "model": model_name(cfg.model), "precisions": {}}
     for precision in args.precisions.split(","):
         samples = {"fm": {"train": [], "sample": []}, "diffusers": {"train": [], "sample": []}}
         params = {}
         for r in range(args.repeats):
             order = ("fm", "diffusers") if r % 2 == 0 else ("diffusers", "fm")
             for impl in order:
-                res = run(replace(base, precision=precision, impl=impl))
+                res = run(replace(base, precision=precision, sample_precision=precision, impl=impl))  # both parts at this precision
                 params[impl] = res["params"]
                 for part in ("train", "sample"):
                     if part in res:
@@ -78,6 +78,11 @@ def main() -> int:
         report["precisions"][precision] = entry
     print(json.dumps(report, indent=1))
     return 0
+
+
+def model_name(m) -> str:
+    """The model measured, as --set left it (DiT-S/2 by default)."""
+    return f"DiT {m.hidden_size}/{m.depth}/{m.heads} patch {m.patch_size}, {m.image_size}x{m.image_size}x{m.in_channels}, {m.num_classes} classes"
 
 
 def interleaved(args) -> int:

@@ -115,7 +115,9 @@ def parts(args) -> dict:
     result = {}
     for name, path in datasets(work, args.count).items():
         dataset = PreparedDataset(path)
-        cfg = resolve(load_config("quickstart", hardware_sets(args) + ["train.budget_minutes=null", "train.budget_fallback=null"]), dataset.manifest)
+        # data.path as `fm train --data` sets it: the quickstart's REPA (repa.encoder "auto" -> "domain") reads its encoder there
+        sets = hardware_sets(args) + ["train.budget_minutes=null", "train.budget_fallback=null", f"data.path='{path}'"]
+        cfg = resolve(load_config("quickstart", sets), dataset.manifest)
         shape = tuple(dataset.manifest["shape"])
         precision, compile_choice, ns_dtype = resolve_hardware(cfg, torch.device("cpu"), shape)
         cfg = cfg.with_section("train", precision=precision.precision)

@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--variants", default="diffusers,old,old+unbind,old+poscast,new,new+split3")
     args = ap.parse_args()
-    cfg = resolve_bench_config(load_config("quickstart", overrides_with(DIT_S2 + ["sample.steps=20"], args.overrides)))
+    cfg = resolve_bench_config(load_config("quickstart", overrides_with(overrides_with(DIT_S2, ["sample.steps=20"]), args.overrides)))
     base = BenchSpec(config=config_to_dict(cfg), batch=args.batch, mode="both", steps=args.steps, warmup=3, device=args.device)
     if args.device == "cuda":
         m = cfg.model
@@ -99,7 +99,7 @@ def main() -> int:
         for r in range(args.repeats):
             for n in names if r % 2 == 0 else names[::-1]:
                 with variant(n):
-                    spec = replace(base, precision=precision, impl="diffusers" if n == "diffusers" else "fm")
+                    spec = replace(base, precision=precision, sample_precision=precision, impl="diffusers" if n == "diffusers" else "fm")
                     out = measure(spec)  # in-process: the variant patches must apply
                 for part in ("train", "sample"):
                     res[n][part].append(out[part]["img_per_s"])

@@ -74,10 +74,10 @@ def main() -> int:
         torchvision.utils.save_image((x[::3] + 1) / 2, args.grid, nrow=args.per_class // 3, padding=1)
     rounded = {k: round(v, 4) for k, v in scores["metrics"]["domain"].items()}
     print(json.dumps({
-        "ckpt": args.ckpt, "step": loaded.step, **sampling_record(loaded), "cfg": sample_cfg.cfg, "solver": sample_cfg.solver, "steps": sample_cfg.steps, "nfe": nfe,
+        "ckpt": args.ckpt, "step": loaded.step, **{f"sample_{k}": v for k, v in sampling_record(loaded).items()}, "cfg": sample_cfg.cfg, "solver": sample_cfg.solver, "steps": sample_cfg.steps, "nfe": nfe,
         "classifier_held_out_accuracy": round(ext.trained.held_out_accuracy, 4), "sample_accuracy": round(scores["accuracy"], 3),
         "per_class": per_class, **rounded, "floor": {k: round(v, 4) for k, v in real["metrics"]["domain"].items()},
-        "per_class_fd_mean": round(scores["per_class_fd_mean"], 4), "num_samples": len(labels), "seconds": round(time.perf_counter() - start, 1),
+        "per_class_fd_mean": None if scores["per_class_fd_mean"] is None else round(scores["per_class_fd_mean"], 4), "num_samples": len(labels), "seconds": round(time.perf_counter() - start, 1),
     }))  # fmt: skip
     return 0
 

@@ -1,12 +1,12 @@
 """Batch-size autotune: the search and the `autotune.json` cache.
 
 A trial is one measurement of the real training step (measure.py: synthetic tensors shaped like the preset's
-data, on CPU in its own forked process). The autotuner doubles the batch from a small start until a trial
-fails (out of memory, or over the `--max-memory` budget) or the throughput stops improving, then bisects
-between the last two sizes and returns the fastest batch, or after a failure the largest safe one kept a
-margin below the failing size. DDP runs never autotune: they use a result cached in the run directory
+data, on CPU in its own forked process). The autotuner doubles the batch from a small start (halved first
+if it does not fit) until a trial fails (out of memory, or over the `--max-memory` budget) or the throughput
+stops improving, then bisects between the last two sizes and returns the fastest batch, or after a failure
+the largest safe one kept a margin below the failing size. DDP runs never autotune: they use a result cached in the run directory
 (`autotune.json`, keyed by device, preset, and everything that changes the answer: model, precision, compile,
-optimizer and Muon's Newton-Schulz dtype, world size).
+optimizer and Muon's Newton-Schulz dtype, objective, REPA, world size, the machine and its torch).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from .config import Config, config_to_dict, resolve_without_data
 from .errors import RuntimeFailure, UsageError
 from .fsutil import write_text_atomic
+from .hardware import cpu_info
 from .measure import BenchSpec, device_name, measure_any, peak_of
 
 
@@ -61,6 +62,7 @@ def autotune(
 ) -> AutotuneResult:
     """Find the training batch size: double, then bisect between the last two sizes.
 
+    A `start` that already fails is halved until a batch fits (down to 1: only then does nothing fit).
     Doubling stops at the first failing batch (`measure` raised torch.OutOfMemoryError / MemoryError,
     returned ok=False, or its peak memory crossed `max_memory_mib`), when `patience + 1` doublings in a
     row fail to beat the best throughput so far by `min_gain` (plateau; the patience absorbs one noisy
@@ -71,6 +73,8 @@ def autotune(
     trials: dict[int, Trial] = {}
 
     def run(b: int) -> Trial:
+        if b in trials:  # measured already (a start that failed, doubled back up to)
+            return trials[b]
         try:
             trial = measure(b)
         except (torch.OutOfMemoryError, MemoryError):
@@ -84,6 +88,9 @@ def autotune(
     while True:
         trial = run(b)
         if not trial.ok:
+            if last_ok is None and b > 1:  # the start does not fit: a smaller batch may
+                b //= 2
+                continue
             if last_ok is None:
                 raise RuntimeFailure(f"batch size {b} already fails ({trial.reason}); nothing fits")
             stop, lo, hi = trial.reason, last_ok.batch, b
@@ -100,7 +107,6 @@ def autotune(
             lo = hi = b
             break
         b = min(2 * b, max_batch)
-
     if stop == "plateau":
         while hi - lo > max(1, lo // 4):
             mid = (lo + hi) // 2
@@ -109,11 +115,8 @@ def autotune(
                 lo = mid
             else:
                 hi = mid
-        ok = [t for t in trials.values() if t.ok]
-        chosen = max(ok, key=lambda t: (t.throughput, t.batch)).batch
-    elif stop == "max batch":
-        ok = [t for t in trials.values() if t.ok]
-        chosen = max(ok, key=lambda t: (t.throughput, t.batch)).batch
+    if stop in ("plateau", "max batch"):  # the fastest measured batch
+        chosen = max((t for t in trials.values() if t.ok), key=lambda t: (t.throughput, t.batch)).batch
     else:
         while hi - lo > max(1, lo // 8):
             mid = (lo + hi) // 2
@@ -163,16 +166,28 @@ def _physical_memory_gib() -> float:
 def autotune_key(cfg: Config, device: torch.device, precision: str, compile: bool, *, ns_dtype: str | None, world_size: int) -> str:
     """Cache key: the device name plus a hash of everything that changes the tuned batch: a training step's memory
     and speed (model, precision, compile, optimizer, Muon's Newton-Schulz dtype, the objective (a mean-flow step
-    adds a JVP on a fraction of its rows) and REPA's encoder and projector) and the world size (the search stops
-    at the per-rank batch, global / world size)."""
+    adds a JVP on a fraction of its rows) and REPA's encoder and projector), the world size (the search stops
+    at the per-rank batch, global / world size) and the machine (`_machine_facts`: a run directory resumed on
+    another machine or torch tunes again)."""
     mean_flow, repa = cfg.flow.objective == "meanflow", cfg.repa
     aligned = repa.encoder != "none"  # resolved by the caller ("auto" is "domain" or "none" here)
     facts = {"model": config_to_dict(cfg)["model"], "precision": precision, "compile": compile, "optim": cfg.optim.name,
              "ns_dtype": ns_dtype if cfg.optim.name == "muon" else None, "world_size": world_size,
              "objective": [cfg.flow.objective, cfg.flow.meanflow_ratio if mean_flow else None],
-             "repa": [repa.encoder, repa.depth, repa.projector, repa.feature_stride] if aligned else None}
+             "repa": [repa.encoder, repa.depth, repa.projector, repa.feature_stride] if aligned else None,
+             "machine": _machine_facts(device)}
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
     return f"{device_name(device)}|{cfg.name}|{digest}"
+
+
+def _machine_facts(device: torch.device) -> list:
+    """What a tuned batch depends on beyond the device name (every CPU's is "cpu"): the torch version and, on a
+    CPU, its model, bf16-relevant flags, core count and RAM (the CPU search's memory budget is half of it). Not
+    the process's thread count or affinity, which a DDP rank's may differ from the launcher's that tuned."""
+    if device.type == "cuda":
+        return [torch.__version__]
+    cpu = cpu_info()
+    return [torch.__version__, cpu.model, cpu.flags, os.cpu_count(), round(_physical_memory_gib())]
 
 
 def read_autotune_cache(path: Path) -> dict:

@@ -197,6 +197,10 @@ def _checked_options(cfg: Config, opts: BenchOptions) -> str:
         raise UsageError("--steps and --rounds must be >= 1 and --warmup >= 0")
     if cfg.model.arch != "dit":
         raise UsageError(f"fm bench supports model.arch='dit' only (got {cfg.model.arch!r})")
+    if opts.compare:  # before the autotune and fm's own trial, not in diffusers' trial after them
+        from .models.diffusers_dit import check_comparable
+
+        check_comparable(cfg.model)
     autotune_only = [flag for flag, value in (("--max-memory", opts.max_memory_gib), ("--max-batch", opts.max_batch), ("--run-dir", opts.run_dir)) if value is not None]
     if opts.batch_size is not None and autotune_only:  # they set (or keep) the autotune, which a given batch skips
         raise UsageError(f"{', '.join(autotune_only)} go with --batch-size auto (the autotune), not --batch-size {opts.batch_size}: drop them")

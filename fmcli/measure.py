@@ -107,10 +107,19 @@ def measure_any(spec: BenchSpec, fn: Callable[[BenchSpec], dict] = measure) -> d
         return measure_isolated(spec, fn)
     try:
         return fn(spec)
-    except torch.OutOfMemoryError:
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
         gc.collect()
         torch.cuda.empty_cache()
         return {"oom": True, "batch": spec.batch}
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether a trial failed for want of memory (the batch does not fit): torch's OutOfMemoryError (CUDA), Python's
+    MemoryError, or torch's CPU allocator refusing an allocation (a RuntimeError "DefaultCPUAllocator: can't
+    allocate memory", where malloc fails: strict overcommit, `ulimit -v`, an allocation beyond the address space)."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 # ------------------------------------------------------------------------------ the trial server
@@ -189,10 +198,11 @@ def _serve_trials() -> None:
             code = 0
             try:
                 result = fn(BenchSpec(**spec))
-            except (MemoryError, torch.OutOfMemoryError):
-                result = {"oom": True, "batch": spec["batch"]}
-            except BaseException as err:  # reported by the parent as a failure, never taken for an OOM
-                result, code = {"error": f"{type(err).__name__}: {err}"}, 1
+            except BaseException as err:  # an OOM is a result (the batch does not fit); anything else a failure
+                if out_of_memory(err):
+                    result = {"oom": True, "batch": spec["batch"]}
+                else:  # reported by the parent as a failure, never taken for an OOM
+                    result, code = {"error": f"{type(err).__name__}: {err}"}, 1
             with os.fdopen(write_fd, "w") as out:
                 out.write(json.dumps(result))
             os._exit(code)
@@ -289,6 +299,8 @@ def train_throughput(model, cfg: Config, spec: BenchSpec, device: torch.device) 
 def train_step_fn(model, cfg: Config, spec: BenchSpec, device: torch.device) -> Callable[[], None]:
     """The real training step (step.TrainingStep, with EMA, coupling and conditioning) at batch
     `spec.batch` on synthetic data: one call = one optimizer step."""
+    if spec.precision not in ("fp32", "bf16", "fp16"):  # an unresolved "auto" would reach autocast as fp16
+        raise UsageError(f"a measurement needs a resolved precision (fp32, bf16 or fp16), not {spec.precision!r} (fmcli.hardware.resolve_hardware)")
     cfg = cfg.with_section("train", global_batch_size=spec.batch, micro_batch_size=None, precision=spec.precision)
     ctx = D.DistContext(device=device)
     m = cfg.model

@@ -132,9 +132,24 @@ def test_autotune_memory_budget_counts_as_failure():
 def test_autotune_failed_trial_without_exception_and_first_failure():
     measure, _ = _fake(lambda b: float(b), fail_above=40, raise_oom=False)
     assert autotune(measure, start=4, max_batch=4096).batch <= 40
-    measure, _ = _fake(lambda b: float(b), fail_above=2)
-    with pytest.raises(RuntimeFailure):
+    measure, _ = _fake(lambda b: float(b), fail_above=0)  # not even batch 1 fits
+    with pytest.raises(RuntimeFailure, match="batch size 1 already fails"):
         autotune(measure, start=4)
+
+
+@pytest.mark.parametrize("fits, raise_oom", [(1, True), (2, True), (3, False), (2, None)])
+def test_autotune_whose_start_fails_tries_smaller_batches(fits, raise_oom):
+    """The search starts at 4; a model of which only 1, 2 or 3 images fit (a large model, a small card, --max-memory)
+    was told "batch size 4 already fails; nothing fits". It halves until a batch fits and returns the largest one
+    that does (brute force: `fits`), each batch measured once; the failing start is not measured again."""
+    if raise_oom is None:  # over the memory budget rather than out of memory
+        measure, calls = _fake(lambda b: float(b), memory=lambda b: 100.0 * b)
+        result = autotune(measure, start=4, max_memory_mib=100.0 * fits + 50)
+    else:
+        measure, calls = _fake(lambda b: float(b), fail_above=fits, raise_oom=raise_oom)
+        result = autotune(measure, start=4)
+    assert result.batch == fits and result.stop in ("oom", "memory budget")
+    assert calls[:2] == [4, 2] and len(calls) == len(set(calls))
 
 
 def test_autotune_one_noisy_trial_is_not_a_plateau():
@@ -626,3 +641,174 @@ def test_bench_checks_the_manifest_it_reads_the_shape_from(tmp_path, text):
     assert result.returncode == 2, result.stderr
     assert "manifest" in result.stderr and "fm prepare-data" in result.stderr and "Error:" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("script", ["compare_diffusers", "profile_dit"])
+def test_benchmark_scripts_time_sampling_at_the_precision_they_label(monkeypatch, capsys, script):
+    """benchmarks/compare_diffusers.py and profile_dit.py report each --precisions entry's sampling figure: the
+    spec each measurement gets must sample at that precision too (BenchSpec.sample_precision defaults to fp32)."""
+    import importlib
+    import sys
+
+    mod = importlib.import_module(f"benchmarks.{script}")
+    asked = []
+
+    def fake(spec, fn=None):
+        asked.append((spec.precision, spec.sample_precision))
+        return {"params": 1, "train": {"img_per_s": 1.0}, "sample": {"img_per_s": 1.0}}
+
+    monkeypatch.setattr(mod, "measure_isolated" if script == "compare_diffusers" else "measure", fake)
+    extra = ["--variants", "new"] if script == "profile_dit" else []
+    monkeypatch.setattr(sys, "argv", [script, "--precisions", "fp32,bf16", "--repeats", "1", "--set", "model.hidden_size=32",
+                                      "--set", "model.depth=1", "--set", "model.heads=2", *extra])
+    assert mod.main() == 0
+    assert asked and {s for _, s in asked} == {"fp32", "bf16"}
+    assert all(sample == train for train, sample in asked)
+    if script == "compare_diffusers":
+        assert "32/1/2" in json.loads(capsys.readouterr().out)["model"]  # the model measured, not always DiT-S/2
+
+
+def test_an_autotune_cache_from_another_machine_or_torch_is_not_trusted(tmp_path, monkeypatch):
+    """Every CPU's device name is "cpu": a run directory resumed on another CPU (another model, core count, RAM: the
+    CPU search's budget is half of it) or under another torch must tune again, not reuse a batch tuned elsewhere.
+    A process that differs only in its thread count (a DDP rank beside the launcher that tuned) keeps the key."""
+    import fmcli.autotune as autotune_mod
+    from dataclasses import replace as dc_replace
+
+    from fmcli import hardware
+
+    from fmcli.autotune import AutotuneResult
+
+    searches = []
+
+    def fake_autotune(cfg, base, *, max_batch, **kw):
+        searches.append(max_batch)
+        return AutotuneResult(batch=4, stop="max batch", trials=[Trial(4, ok=True, throughput=1.0, memory_mib=1.0)])
+
+    monkeypatch.setattr(autotune_mod, "autotune_training", fake_autotune)
+    cfg = resolve_bench_config(load_config("debug", ["train.micro_batch_size=auto", "train.global_batch_size=16"]))
+    dev = torch.device("cpu")
+    assert auto_micro_batch(cfg, tmp_path, dev, 1, False) == 4 and len(searches) == 1
+    assert auto_micro_batch(cfg, tmp_path, dev, 1, False) == 4 and len(searches) == 1  # the same machine: cached
+    here = hardware.cpu_info()
+    monkeypatch.setattr(autotune_mod, "cpu_info", lambda: dc_replace(here, threads=here.threads + 7), raising=False)
+    assert auto_micro_batch(cfg, tmp_path, dev, 1, False) == 4 and len(searches) == 1  # threads alone: still cached
+    elsewhere = [("cpu_info", lambda: dc_replace(here, model=here.model + " (another)")),
+                 ("_physical_memory_gib", lambda: 4096.0), ("os.cpu_count", lambda: 1024)]
+    for name, fake in elsewhere:
+        with monkeypatch.context() as m:
+            m.setattr(autotune_mod.os if name == "os.cpu_count" else autotune_mod, name.split(".")[-1], fake, raising=False)
+            auto_micro_batch(cfg, tmp_path, dev, 1, False)
+    monkeypatch.setattr(torch, "__version__", "0.0.1-another")
+    auto_micro_batch(cfg, tmp_path, dev, 1, False)
+    assert len(searches) == 5  # another CPU model, RAM, core count, torch: each tuned again
+    assert len(json.loads((tmp_path / "autotune.json").read_text())) == 5
+
+
+def test_a_cpu_trial_whose_allocation_fails_is_an_oom_not_a_crash():
+    """Where malloc refuses (strict overcommit, `ulimit -v`, or here an allocation beyond any address space: 2^40
+    images), torch's CPU allocator raises RuntimeError "can't allocate memory", not MemoryError. The trial is a
+    batch that does not fit (autotune skips it and bisects), not a failure that ends fm bench / the autotune."""
+    from fmcli.config import config_to_dict
+    from fmcli.measure import BenchSpec, measure_any, out_of_memory
+
+    with pytest.raises(RuntimeError) as real:  # the allocator's own error, as a trial meets it
+        torch.empty(2**50, dtype=torch.uint8)
+    assert out_of_memory(real.value) and out_of_memory(MemoryError()) and not out_of_memory(RuntimeError("shape mismatch"))
+    cfg = resolve_bench_config(load_config("debug", ["model.image_size=16", "model.in_channels=3", "model.num_classes=4", "repa.encoder=none"]))
+    spec = BenchSpec(config=config_to_dict(cfg), batch=2**40, mode="train", steps=1, warmup=0, device="cpu")
+    assert measure_any(spec) == {"oom": True, "batch": 2**40}
+
+
+@pytest.mark.parametrize("sets", [["model.mlp_ratio=2"], ["flow.objective=meanflow", "sample.solver=meanflow"]])
+def test_compare_diffusers_refuses_a_model_it_cannot_match_before_measuring(monkeypatch, sets):
+    """diffusers' DiT has a 4x MLP and one time input: `--compare diffusers` of another model is a usage error
+    (exit 2) before the autotune or any trial, not a failed diffusers trial (exit 1) after fm's was measured."""
+    import fmcli.bench as bench_mod
+    from fmcli.bench import BenchOptions, run_bench
+
+    def no_trial(*a, **k):
+        raise AssertionError("measured before the refusal")
+
+    monkeypatch.setattr(bench_mod, "measure_any", no_trial)
+    monkeypatch.setattr(bench_mod, "autotune_training", no_trial)
+    with pytest.raises(UsageError, match="--compare diffusers"):
+        run_bench(load_config("debug", sets), BenchOptions(batch_size=None, mode="train", compare="diffusers"))
+
+
+def test_autotune_sweep_measures_at_the_precision_fm_bench_resolves(monkeypatch):
+    """benchmarks/autotune_sweep.py passed the preset's train.precision as it is: the quickstart's "auto" reached
+    hardware.autocast, which took it for fp16 (on a CPU). Every trial now runs the precision "auto" resolves to,
+    and a measurement refuses an unresolved setting."""
+    import importlib
+    import sys
+
+    from fmcli.autotune import AutotuneResult
+    from fmcli.config import config_to_dict
+    from fmcli.measure import BenchSpec, measure
+
+    mod = importlib.import_module("benchmarks.autotune_sweep")
+    seen = []
+
+    def fake_tune(cfg, base, **kw):
+        seen.append(base.precision)
+        return AutotuneResult(batch=4, stop="max batch", trials=[Trial(4, ok=True, throughput=1.0, memory_mib=1.0)])
+
+    def fake_measure(spec, fn=None):
+        seen.append(spec.precision)
+        return {"train": {"img_per_s": 1.0}}
+
+    monkeypatch.setattr(mod, "autotune_training", fake_tune)
+    monkeypatch.setattr(mod, "measure_isolated", fake_measure)
+    monkeypatch.setattr(sys, "argv", ["autotune_sweep", "--preset", "debug", "--set", "train.precision=auto", "--max-batch", "4", "--repeats", "1"])
+    assert mod.main() == 0
+    assert len(seen) == 2 and set(seen) <= {"fp32", "bf16"}  # a CPU resolves "auto" to one of these, never fp16
+    cfg = resolve_bench_config(load_config("debug", ["train.precision=auto"]))
+    with pytest.raises(UsageError, match="resolved precision"):
+        measure(BenchSpec(config=config_to_dict(cfg), batch=2, mode="train", steps=1, warmup=0, precision="auto"))
+
+
+def test_shape_accuracy_reports_the_sampling_precision_beside_the_metrics(monkeypatch, capsys, debug_run, shapes16, tmp_path):
+    """benchmarks/shape_accuracy.py's JSON line held the sampling precision ("fp32") and the samples' precision
+    metric under one key, "precision": the metric overwrote it. With one sample per class (no per-class FD) it
+    stopped on round(None). Now: sample_precision / sample_compile, the metric's precision, per_class_fd_mean null."""
+    import importlib
+    import sys
+
+    mod = importlib.import_module("benchmarks.shape_accuracy")
+    monkeypatch.setattr(sys, "argv", ["shape_accuracy", "--ckpt", str(debug_run), "--data", str(shapes16), "--per-class", "1",
+                                      "--steps", "2", "--precision", "fp32", "--no-compile", "--classifier", str(tmp_path / "clf.pt")])
+    assert mod.main() == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["sample_precision"] == "fp32" and row["sample_compile"] is False
+    assert isinstance(row["precision"], float) and 0.0 <= row["precision"] <= 1.0  # the k-NN precision of the samples
+    assert row["per_class_fd_mean"] is None and row["num_samples"] == len(row["per_class"])  # one per class
+
+
+def test_loop_vs_bench_parts_builds_the_step_with_the_data_its_repa_reads(monkeypatch, tmp_path):
+    """benchmarks/loop_vs_bench.py parts built the quickstart's TrainingStep without data.path: the quickstart's REPA
+    (repa.encoder "auto" -> "domain" on the shapes) loads its encoder from the data, and the script stopped on
+    Path(None). The step it builds now sees the dataset it is fed from, as `fm train --data` sets it."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    import fmcli.step as step_mod
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on it: undone after the test
+    mod = importlib.import_module("benchmarks.loop_vs_bench")
+    built = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_step(cfg, *a, **k):
+        built.append((cfg.repa.encoder, cfg.data.path))
+        raise Stop
+
+    monkeypatch.setattr(step_mod, "TrainingStep", fake_step)
+    args = type("Args", (), {"work": str(tmp_path), "count": 40, "precision": "fp32", "compile": False, "steps": 1, "rounds": 1})()
+    with pytest.raises(Stop):
+        mod.parts(args)
+    (encoder, path), = built
+    assert encoder == "domain" and path is not None and Path(path).resolve() == (tmp_path / "gray28-40").resolve()

@@ -180,6 +180,18 @@ def _chunk_perm(perm: torch.Tensor, chunks: int) -> torch.Tensor:
     return torch.cat([perm + k * width for k in range(chunks)])
 
 
+def check_comparable(model_cfg) -> None:
+    """Refuse (one line) the fm models that DiffusersDiT cannot match in size: `fm bench --compare diffusers` checks
+    this before any measurement, DiffusersDiT again when built."""
+    m = model_cfg
+    if m.end_time:
+        raise UsageError("--compare diffusers: diffusers' DiT has one time input, a mean-flow model two (t, t_end)")
+    if m.mlp_ratio != 4.0:
+        raise UsageError("--compare diffusers needs model.mlp_ratio=4 (diffusers' DiT has a fixed 4x MLP)")
+    if m.cross_attention:
+        raise UsageError("--compare diffusers supports class-conditional DiTs only (no cross-attention)")
+
+
 class DiffusersDiT(nn.Module):
     """diffusers' class-conditional DiTTransformer2DModel behind fm's contract `model(x, t, y=None)`.
 
@@ -193,12 +205,7 @@ class DiffusersDiT(nn.Module):
         from diffusers import DiTTransformer2DModel
 
         m = model_cfg
-        if m.end_time:
-            raise UsageError("--compare diffusers: diffusers' DiT has one time input, a mean-flow model two (t, t_end)")
-        if m.mlp_ratio != 4.0:
-            raise UsageError("--compare diffusers needs model.mlp_ratio=4 (diffusers' DiT has a fixed 4x MLP)")
-        if m.cross_attention:
-            raise UsageError("--compare diffusers supports class-conditional DiTs only (no cross-attention)")
+        check_comparable(m)
         self.num_classes = m.num_classes
         self.inner = DiTTransformer2DModel(**diffusers_dit_config(m))
 
