@@ -45,6 +45,36 @@ def test_classifier_is_deterministic_for_a_seed(shapes16):
     assert not all(torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
 
 
+class _RowCounter:
+    """An [N,C,H,W] uint8 array that counts the rows read from it (a dataset's memory map stands in for it)."""
+
+    def __init__(self, x: np.ndarray):
+        self.x, self.rows = x, 0
+        self.shape, self.dtype = x.shape, x.dtype
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        out = self.x[index]
+        self.rows += len(out)
+        return out
+
+
+def test_classifier_reads_only_the_batches_it_draws(shapes16):
+    """The classifier trains from the dataset's memory map batch by batch: it reads its steps x batch rows and
+    the held-out ones, never the whole training part into memory (as float32, 4x the dataset's size: a 256px
+    labelled folder of 30,000 images asked 24 GB). The weights are those of training on the array in memory."""
+    from fmcli.classifier import train_classifier
+
+    x, y = np.load(shapes16 / "x.npy")[:400], np.load(shapes16 / "y.npy")[:400]
+    counted = _RowCounter(x)
+    a, acc_a, n_out = train_classifier(counted, y, 10, seed=3, steps=5, batch_size=8)
+    assert n_out == 40 and counted.rows <= 5 * 8 + n_out  # 80 of 400 rows; the old code read all 360 training rows first
+    b, acc_b, _ = train_classifier(x, y, 10, seed=3, steps=5, batch_size=8)
+    assert acc_a == acc_b and all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
 def test_classifier_cache_is_reused_validated_and_rebuilt(data, monkeypatch):
     from fmcli import classifier, features
 
