@@ -67,14 +67,24 @@ def memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def fm_source_commit() -> str | None:
+    """The commit of the fm checkout this code runs from (`pip install -e .` or PYTHONPATH), None for an installed
+    wheel. Asked of fm's own folder, not of the working directory: a run started inside the user's project repository
+    recorded that repository's commit as if it were fm's."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():  # site-packages (even inside a user's repository) has none: not fm's commit
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def write_run_files(run_dir: Path, config: dict, device: torch.device, world_size: int, hardware: dict, resumed_at: int | None = None) -> None:
     """config.json (the config trained) and env.json (this launch: the machine, the software, how the hardware was
     chosen). A resume (`resumed_at`: its step) rewrites env.json only: this launch's record, `resumed_at_step`, and
     the earlier launches' records under `launches` (oldest first), so that it never describes a launch that is over."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
     env = {
         "fm": __version__,
         "python": platform.python_version(),
@@ -86,7 +96,7 @@ def write_run_files(run_dir: Path, config: dict, device: torch.device, world_siz
         "cuda": torch.version.cuda,
         "world_size": world_size,
         "cpu_threads": torch.get_num_threads(),
-        "git_sha": sha,
+        "git_sha": fm_source_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hardware": hardware,
     }

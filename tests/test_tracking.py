@@ -7,6 +7,7 @@ import glob
 import json
 import struct
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +209,29 @@ def test_wandb_without_a_login_is_one_line_saying_what_to_do(tmp_path, shapes16)
     assert "train.tracker=wandb" in lines[0] and "wandb login" in lines[0] and "WANDB_MODE=offline" in lines[0] and "train.tracker=none" in lines[0], lines
     again = fm_in_process(*args[:-2], "--set", "train.tracker=none")  # the same --run-dir trains
     assert again.returncode == 0, again.stderr
+
+
+def test_env_json_git_sha_is_fm_s_commit_not_the_working_directory_s(tmp_path, monkeypatch):
+    """env.json's git_sha names the code that trained: fm's checkout, asked by its own folder. Started inside
+    another repository (a user's project), the old code recorded that repository's commit."""
+    import shutil
+    import subprocess
+
+    import fmcli
+    from fmcli.runlog import fm_source_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    project = tmp_path / "project"
+    project.mkdir()
+    git = ["git", "-C", str(project), "-c", "user.name=u", "-c", "user.email=u@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "user's work"], check=True)
+    theirs = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    root = Path(fmcli.__file__).resolve().parent.parent
+    expected = None
+    if (root / ".git").exists():
+        expected = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    monkeypatch.chdir(project)
+    assert fm_source_commit() == expected
+    assert fm_source_commit() != theirs
