@@ -505,3 +505,13 @@ def test_every_attribute_is_assigned_in_init(module):
     """Issue #29: a class's attributes are all made in its __init__ (or class body); methods only change them."""
     made_later = attributes_made_outside_init((PACKAGE / module).read_text())
     assert not made_later, f"fmcli/{module}: attributes first assigned outside __init__ (assign them in __init__): " + ", ".join(made_later)
+
+
+def test_the_manifest_source_row_names_every_prepare_data_source():
+    """docs/architecture.md's manifest table gives `source`'s values: every `fm prepare-data` source writes its own
+    name there (`data.prepare.SOURCES`), and `fm reflow` writes `reflow`."""
+    from fmcli.data.prepare import SOURCES
+
+    row = next(line for line in _doc().splitlines() if line.startswith("| `source` |"))
+    named = set(re.findall(r"`([\w-]+)`", row)) - {"source"}
+    assert named == {*SOURCES, "reflow"}, f"the manifest's source row names {sorted(named)}; the sources are {sorted(SOURCES)} and reflow"

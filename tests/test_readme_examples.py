@@ -94,3 +94,21 @@ def test_a_readme_block_runs_in_order(block):
         for path in written_paths(command):
             assert path not in seen, f"{command!r} writes {path}, which {seen[path]!r} above it wrote"
             seen[path] = command
+
+
+def test_resume_examples_extend_the_quickstart():
+    """`fm resume runs/quickstart --set train.steps=N` (README and `fm resume --help`) is shown as extending the run,
+    so N must be above every step a quickstart run can reach: the preset's train.steps (a budget only lowers it).
+    A smaller N is refused on a run that trained past it ("nothing would train")."""
+    import typer.main
+
+    from fmcli.cli import app
+    from fmcli.config import load_config
+
+    help_text = typer.main.get_command(app).commands["resume"].help
+    examples = [c for c in readme_commands() if c.startswith("fm resume runs/quickstart ")]
+    examples += [line.strip() for line in help_text.splitlines() if line.strip().startswith("fm resume runs/quickstart ")]
+    steps = [int(m.group(1)) for c in examples if (m := re.search(r"--set train\.steps=(\d+)", c))]
+    assert len(steps) >= 2, examples  # one in the README, one in --help
+    most = load_config("quickstart", []).train.steps
+    assert all(n > most for n in steps), f"resume examples {steps} do not extend the quickstart's {most} steps"

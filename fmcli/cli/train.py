@@ -62,8 +62,8 @@ def resume(
 
     Examples:
       fm resume runs/quickstart
-      fm resume runs/quickstart --set train.steps=4000
-      fm resume runs/quickstart/checkpoints/step-0002000.pt   # roll back: later checkpoints move to abandoned-from-step-0002000/
+      fm resume runs/quickstart --set train.steps=10000       # extend it past the preset's 7,600 steps
+      fm resume runs/x/checkpoints/step-0002000.pt   # roll back: later checkpoints move to abandoned-from-step-0002000/
     """
 
     from ..launch import launch_options, resume_training
