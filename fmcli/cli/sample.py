@@ -139,7 +139,8 @@ def reflow(
     Examples:
       fm reflow --ckpt runs/quickstart --num-pairs 4000 --out data/quickstart-pairs --solver heun --steps 50
       fm reflow --ckpt runs/cifar10 -n 50000 --solver dopri5 --cfg 1.5 --gpus 2 --out data/cifar10-pairs
-      fm train --preset quickstart --data data/quickstart-pairs --set flow.coupling=pairs --set train.init_from=runs/quickstart
+      fm train --preset quickstart --data data/quickstart-pairs --set flow.coupling=pairs --set train.init_from=runs/quickstart --set flow.cond_dropout=0 --set sample.cfg=1 --set flow.time_sampler=uniform --set flow.shift=1
+      (the student of guided pairs samples unguided; README, "Few-step generation", has the whole recipe)
     """
 
     from ..distributed import launched_externally
