@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QuietLog, fm_env, fm_in_process
+from conftest import QuietLog, assert_resumes_bit_exactly, fm_env, fm_in_process
 from fmcli import checkpoint as ckpt_mod
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config
@@ -89,6 +89,15 @@ def test_resume_is_bit_exact_with_accumulation_workers_and_ema(tmp_path, shapes1
     # The metrics log of the split run continues the same numbers.
     logged = [json.loads(line)["loss"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert logged == straight.losses
+
+
+@pytest.mark.parametrize("settings", [["flow.coupling=ot-exact", "train.micro_batch_size=8"], ["flow.coupling=ot-sinkhorn"],
+                                      ["flow.time_sampler=logit_normal", "optim.name=muon", "optim.grad_clip=0.01"]],
+                         ids=["ot-exact-accumulated", "ot-sinkhorn", "logit-normal-muon-clipped"])
+def test_couplings_time_samplers_and_muon_resume_bit_exactly(tmp_path, shapes16, settings):
+    """The resumes the other bit-exactness tests leave out: minibatch OT (per micro-batch, with accumulation),
+    logit-normal times, Muon's state, gradient clipping; a stop at step 3 of 6 and its resume equal a straight run."""
+    assert_resumes_bit_exactly(tmp_path, [f"data.path='{shapes16}'", "train.steps=6", "train.log_every=1", "train.checkpoint_every=0", *settings])
 
 
 def test_resume_on_a_dataset_of_another_size_is_refused(tmp_path):
