@@ -574,8 +574,10 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         if os.getpid() != self.pid or self.stopped:  # a DataLoader worker (the main process stops the run and its
             return  # workers), or a stop already saved: a second Ctrl-C while the workers shut down has nothing to stop
-        if self.stop_requested:  # a second Ctrl-C means: stop now
-            raise KeyboardInterrupt
+        if self.stop_requested:  # a second Ctrl-C means: stop now; a SIGTERM again is the same stop (a scheduler that
+            if signum == signal.SIGINT:  # signals every process of a job reaches the ranks, and torchrun forwards it too)
+                raise KeyboardInterrupt
+            return
         self.stop_requested = True
         self.log.info(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
 

@@ -462,6 +462,34 @@ def test_a_second_ctrl_c_while_a_stopped_run_winds_down_is_not_a_traceback(tmp_p
     assert not [u for u in unraisable if isinstance(u.exc_value, KeyboardInterrupt)]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm-twice", "ctrl-c-twice"])
+def test_a_repeated_sigterm_still_saves_the_stop_checkpoint_a_second_ctrl_c_stops_at_once(tmp_path, shapes16, monkeypatch, sig):
+    """A scheduler that signals every process of a job (Slurm) reaches the ranks of `--nproc/--gpus N` directly, and
+    torchrun forwards the launcher's SIGTERM to them again: the second SIGTERM raised KeyboardInterrupt, losing the
+    stop checkpoint (exit 143, the run back at its last checkpoint). Only a second Ctrl-C means "stop at once"
+    (README); SIGTERM twice is one stop: step 2's checkpoint, as for one signal."""
+    from fmcli import step as step_mod
+
+    real_step = step_mod.TrainingStep.__call__
+
+    def two_signals(self, batches, batch_index, step):
+        if step == 1:
+            os.kill(os.getpid(), sig)
+            os.kill(os.getpid(), sig)
+        return real_step(self, batches, batch_index, step)
+
+    monkeypatch.setattr(step_mod.TrainingStep, "__call__", two_signals)
+    cfg = cfg_for(shapes16, "train.steps=10", "train.checkpoint_every=0")
+    if sig == signal.SIGINT:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "run", log=QuietLog())
+        assert not (tmp_path / "run" / "checkpoints").exists()
+        return
+    result = train(cfg, tmp_path / "run", log=QuietLog())
+    assert result.stopped_early and result.step == 2
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["step"] == 2
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_is_not_sent_to_fm_resume(tmp_path, shapes16):
     """config.json and env.json but no checkpoint: `fm train` must not point at `fm resume` (which finds nothing to
     continue); both commands say the run stopped before its first checkpoint, one line, exit 2."""
