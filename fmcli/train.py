@@ -387,18 +387,27 @@ class Trainer:
             # A requested stop checkpoints before anything slow (samples, FID): under a launcher the
             # workers get only a grace period after the signal before they are killed.
             stop = D.any_rank(self.stop_requested, self.ctx) or (stop_at_step is not None and self.step >= stop_at_step)
-            if stop and window:  # the steps since the last log interval: logged now, or no record would hold them
-                self._log_metrics(window, out, time.perf_counter() - window_start)
-            if stop or done or self._every(cfg.checkpoint_every):
-                result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
             if stop and not done:
-                result.stopped_early = self.stopped = True
-                self.log.info(f"stopped at step {self.step}; continue with: fm resume {self.run_dir}")
-                return
-            if self._every(cfg.sample_every) or done:
-                self.budget.timed(SAMPLES, self._save_samples)
-            if self._every(self.cfg.eval.every):
-                self.budget.timed(EVALUATION, self._evaluate)
+                return self._stop(result, window, out, window_start, saved=False)
+            saved = done or self._every(cfg.checkpoint_every)
+            if saved:
+                result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
+            for due, part, work in ((self._every(cfg.sample_every) or done, SAMPLES, self._save_samples), (self._every(self.cfg.eval.every), EVALUATION, self._evaluate)):
+                # A stop asked for during this step's checkpoint or grid stops here, not after the FID and another step.
+                if (due or saved) and not done and D.any_rank(self.stop_requested, self.ctx):
+                    return self._stop(result, window, out, window_start, saved=saved)
+                if due:
+                    self.budget.timed(part, work)
+
+    def _stop(self, result: TrainResult, window: list[float], out, window_start: float, saved: bool) -> None:
+        """A requested stop at this step: its steps since the last log interval logged (or no record would hold them),
+        its checkpoint saved (unless `saved` already), the run stopped."""
+        if window:
+            self._log_metrics(window, out, time.perf_counter() - window_start)
+        if not saved:
+            result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
+        result.stopped_early = self.stopped = True
+        self.log.info(f"stopped at step {self.step}; continue with: fm resume {self.run_dir}")
 
     def _every(self, k: int) -> bool:
         return bool(k) and self.step % k == 0
@@ -575,8 +584,10 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         if os.getpid() != self.pid or self.stopped:  # a DataLoader worker (the main process stops the run and its
             return  # workers), or a stop already saved: a second Ctrl-C while the workers shut down has nothing to stop
-        if self.stop_requested:  # a second Ctrl-C means: stop now
-            raise KeyboardInterrupt
+        if self.stop_requested:  # a second Ctrl-C means: stop now; a SIGTERM again is the same stop (a scheduler that
+            if signum == signal.SIGINT:  # signals every process of a job reaches the ranks, and torchrun forwards it too)
+                raise KeyboardInterrupt
+            return
         self.stop_requested = True
         self.log.info(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
 

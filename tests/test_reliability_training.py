@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
+import torch
 
 from conftest import QuietLog, fm_in_process, run_fm
 from fmcli.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
@@ -84,6 +88,46 @@ def test_item06_a_stop_request_checkpoints_before_samples_and_fid(tmp_path, shap
     result = train(_debug(shapes16, "train.steps=8", "train.sample_every=4", "eval.every=4"), tmp_path / "run", stop_at_step=4, log=QuietLog())
     assert result.stopped_early
     assert calls == [("checkpoint", 4)]
+
+
+@pytest.mark.parametrize("during", ["_save_samples", "_save_checkpoint"])
+def test_a_stop_asked_for_during_a_checkpoint_or_grid_stops_before_the_next_slow_part(tmp_path, shapes16, monkeypatch, during):
+    """SIGTERM arriving while step 4's grid (or checkpoint) is written: the run used to evaluate step 4 (FID on
+    eval.num_samples samples: minutes, past a launcher's grace period) and train step 5 before its stop
+    checkpoint. By the docs' rule (a stop saves before anything slow) the order is: what was running finishes,
+    step 4's checkpoint (saved now where it was not yet), stop. The resume continues bit for bit: its losses and
+    weights are a straight run's."""
+    from fmcli import train as train_mod
+
+    calls = []
+    real = {name: getattr(train_mod.Trainer, name) for name in ("_save_samples", "_save_checkpoint")}
+
+    def hook(name):
+        def run(self):
+            calls.append((name.strip("_").split("_")[-1], self.step))
+            if name == during and self.step == 4 and not self.stop_requested:
+                self.stop_requested = True  # what the SIGTERM handler (_request_stop) sets, mid-write
+            return real[name](self)
+        return run
+
+    for name in real:
+        monkeypatch.setattr(train_mod.Trainer, name, hook(name))
+    monkeypatch.setattr(train_mod.Trainer, "_evaluate", lambda self: calls.append(("fid", self.step)))
+    common = ["train.steps=8", "train.sample_every=4", "eval.every=4", "train.log_every=3", "sample.grid_size=2", "sample.steps=2",
+              f"train.checkpoint_every={4 if during == '_save_checkpoint' else 0}"]
+    first = train(_debug(shapes16, *common), tmp_path / "run", log=QuietLog())
+    assert first.stopped_early and first.step == 4
+    assert calls == [("samples", 4), ("checkpoint", 4)] if during == "_save_samples" else [("checkpoint", 4)]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 4]  # step 4 (after the record at 3) is in a record
+    monkeypatch.undo()
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    assert load_checkpoint(ckpt)["step"] == 4
+    second = train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "run", resume_from=ckpt, log=QuietLog())
+    straight = train(_debug(shapes16, *common), tmp_path / "straight", log=QuietLog())
+    assert first.losses + second.losses == straight.losses
+    a, b = (load_checkpoint(resolve_checkpoint(tmp_path / d)) for d in ("run", "straight"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_item06_the_launcher_passes_an_explicit_shutdown_timeout(monkeypatch):

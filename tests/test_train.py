@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QuietLog, fm_env, fm_in_process
+from conftest import QuietLog, assert_resumes_bit_exactly, fm_env, fm_in_process
 from fmcli import checkpoint as ckpt_mod
 from fmcli.checkpoint import load_checkpoint, resolve_checkpoint
 from fmcli.config import load_config
@@ -89,6 +89,15 @@ def test_resume_is_bit_exact_with_accumulation_workers_and_ema(tmp_path, shapes1
     # The metrics log of the split run continues the same numbers.
     logged = [json.loads(line)["loss"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert logged == straight.losses
+
+
+@pytest.mark.parametrize("settings", [["flow.coupling=ot-exact", "train.micro_batch_size=8"], ["flow.coupling=ot-sinkhorn"],
+                                      ["flow.time_sampler=logit_normal", "optim.name=muon", "optim.grad_clip=0.01"]],
+                         ids=["ot-exact-accumulated", "ot-sinkhorn", "logit-normal-muon-clipped"])
+def test_couplings_time_samplers_and_muon_resume_bit_exactly(tmp_path, shapes16, settings):
+    """The resumes the other bit-exactness tests leave out: minibatch OT (per micro-batch, with accumulation),
+    logit-normal times, Muon's state, gradient clipping; a stop at step 3 of 6 and its resume equal a straight run."""
+    assert_resumes_bit_exactly(tmp_path, [f"data.path='{shapes16}'", "train.steps=6", "train.log_every=1", "train.checkpoint_every=0", *settings])
 
 
 def test_resume_on_a_dataset_of_another_size_is_refused(tmp_path):
@@ -451,6 +460,34 @@ def test_a_second_ctrl_c_while_a_stopped_run_winds_down_is_not_a_traceback(tmp_p
     result = train(cfg_for(shapes16, "train.steps=10", "train.checkpoint_every=0", "data.num_workers=1"), tmp_path / "run", log=QuietLog())
     assert result.stopped_early and result.step == 2
     assert not [u for u in unraisable if isinstance(u.exc_value, KeyboardInterrupt)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm-twice", "ctrl-c-twice"])
+def test_a_repeated_sigterm_still_saves_the_stop_checkpoint_a_second_ctrl_c_stops_at_once(tmp_path, shapes16, monkeypatch, sig):
+    """A scheduler that signals every process of a job (Slurm) reaches the ranks of `--nproc/--gpus N` directly, and
+    torchrun forwards the launcher's SIGTERM to them again: the second SIGTERM raised KeyboardInterrupt, losing the
+    stop checkpoint (exit 143, the run back at its last checkpoint). Only a second Ctrl-C means "stop at once"
+    (README); SIGTERM twice is one stop: step 2's checkpoint, as for one signal."""
+    from fmcli import step as step_mod
+
+    real_step = step_mod.TrainingStep.__call__
+
+    def two_signals(self, batches, batch_index, step):
+        if step == 1:
+            os.kill(os.getpid(), sig)
+            os.kill(os.getpid(), sig)
+        return real_step(self, batches, batch_index, step)
+
+    monkeypatch.setattr(step_mod.TrainingStep, "__call__", two_signals)
+    cfg = cfg_for(shapes16, "train.steps=10", "train.checkpoint_every=0")
+    if sig == signal.SIGINT:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "run", log=QuietLog())
+        assert not (tmp_path / "run" / "checkpoints").exists()
+        return
+    result = train(cfg, tmp_path / "run", log=QuietLog())
+    assert result.stopped_early and result.step == 2
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["step"] == 2
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_is_not_sent_to_fm_resume(tmp_path, shapes16):
