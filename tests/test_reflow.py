@@ -96,6 +96,19 @@ def test_two_processes_write_the_same_dataset_as_one(teacher_ckpt, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no .partial or .tmp left
 
 
+def interrupt_chunk_at(monkeypatch, first_index: int, error):
+    """Make the chunk that starts at pair `first_index` raise `error` (a kill mid-run); returns the real solver."""
+    real = reflow_mod._solve_chunk
+
+    def failing(loaded, indices, *args):
+        if indices[0] == first_index:
+            raise error
+        return real(loaded, indices, *args)
+
+    monkeypatch.setattr(reflow_mod, "_solve_chunk", failing)
+    return real
+
+
 def test_an_interrupted_reflow_continues_without_recomputing_or_duplicating(teacher, tmp_path, monkeypatch):
     pairs(teacher, tmp_path / "straight")
     real, calls = reflow_mod._solve_chunk, []
@@ -224,14 +237,7 @@ def test_an_interrupted_text_reflow_refuses_another_text_encoder(tmp_path, monke
     loaded = {e: load_for_sampling(str(tmp_path / "text.pt"), torch.device("cpu"), text_encoder=str(e)) for e in (first, other)}
     prompts = ["a red circle", "a blue star"]
     assert not torch.allclose(*(loaded[e].text.encode(prompts)[0] for e in (first, other)))  # another conditioning
-    real = reflow_mod._solve_chunk
-
-    def failing(loaded_model, indices, *args):
-        if indices[0] == 3:
-            raise KeyboardInterrupt
-        return real(loaded_model, indices, *args)
-
-    monkeypatch.setattr(reflow_mod, "_solve_chunk", failing)
+    real = interrupt_chunk_at(monkeypatch, 3, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         pairs(loaded[first], tmp_path / "p", n=6, batch_size=3, prompts=prompts)
     monkeypatch.setattr(reflow_mod, "_solve_chunk", real)
@@ -343,18 +349,8 @@ def test_a_restart_at_another_precision_is_refused(teacher, tmp_path, monkeypatc
 
     fp32 = prepare_for_sampling(teacher, HEUN.model_copy(update={"precision": "fp32", "compile": False}), torch.device("cpu"))
     bf16 = prepare_for_sampling(teacher, HEUN.model_copy(update={"precision": "bf16", "compile": False}), torch.device("cpu"))
-    real = reflow_mod._solve_chunk
-
-    class Killed(Exception):
-        pass
-
-    def failing(loaded, indices, *args):
-        if indices[0] == 4:
-            raise Killed
-        return real(loaded, indices, *args)
-
-    monkeypatch.setattr(reflow_mod, "_solve_chunk", failing)
-    with pytest.raises(Killed):
+    real = interrupt_chunk_at(monkeypatch, 4, RuntimeError("killed"))
+    with pytest.raises(RuntimeError, match="killed"):
         pairs(fp32, tmp_path / "out")
     assert json.loads((tmp_path / "out.partial" / "plan.json").read_text())["precision"] == "fp32"
     with pytest.raises(UsageError, match=r"other settings \(precision\)"):
