@@ -418,3 +418,32 @@ def test_corrupt_probe_cache_is_measured_again(damage, shapes16, tmp_path, monke
         app(args=["sample", "--ckpt", str(tmp_path / "second"), "-n", "2", "--out", str(tmp_path / "s.png"), "--device", "cpu"], prog_name="fm")
     code = exit_info.value.code
     assert code in (0, None), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["prepare-data", "reflow", "export"])
+def test_force_is_advised_only_where_force_replaces(command, debug_run, tmp_path, capsys):
+    """An --out folder of the user's (not an earlier output of this command, not empty): the error must not say
+    "pass --force", because --force is refused for it too (the user's file would go with it). Checked by
+    following the advice: whatever the first refusal says, with --force the user's folder is still refused,
+    so the first message may not advise --force; both refusals leave the user's file as it was."""
+    from fmcli.cli import app
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    args = {
+        "prepare-data": ["prepare-data", "shapes", "--count", "4", "--size", "8"],
+        "reflow": ["reflow", "--ckpt", debug_run, "-n", "2", "--steps", "1", "--device", "cpu"],
+        "export": ["export", "--ckpt", debug_run, "--format", "fm"],
+    }[command] + ["--out", mine]
+
+    def run(*extra):
+        with pytest.raises(SystemExit) as exit_info:
+            app(args=[str(a) for a in [*args, *extra]], prog_name="fm")
+        return exit_info.value.code, capsys.readouterr().err
+
+    (code, err), (forced_code, forced_err) = run(), run("--force")
+    assert code == 2 and forced_code == 2, (err, forced_err)  # --force does not replace a folder of the user's
+    assert "--force" not in err and "choose another --out" in err, err  # so it is never the advice
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"
+

@@ -63,7 +63,10 @@ def prepare_data(
         raise UsageError("--cache-text stores a text encoder's states: give the encoder with --text-encoder DIR")
     if flip and not vae:  # pixels are mirrored exactly at load time; only latents need their mirrors encoded
         raise UsageError("--flip stores the mirrored images' latents: it needs --vae DIR (pixel datasets are flipped when training, by data.flip)")
+    from ..data.dataset import refuse_unreplaceable
+
     out = named_path(out)  # `--out .`: the current folder, by its name
+    refuse_unreplaceable(out)  # first: "pass --force" is advice only for what --force may replace
     refuse_existing(out, force, folders=True)
     encode = dict(vae=vae, flip=flip, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch) if vae or text_encoder else None
     summary = prepare_dataset(
