@@ -280,6 +280,12 @@ CASES = [
     ("prepare-out-under-a-file", lambda w: ("prepare-data", "shapes", "--count", "4", "--out", w["afile"] / "data"), "is a file, not a folder"),
     ("class-grid-out-under-a-file", lambda w: ("class-grid", "--ckpt", w["run"], "--out", w["afile"] / "grid.png"), "is a file, not a folder"),
     # numbers far past any real use: refused up front, not an allocation failure (or a full disk) later
+    # An option the source does not read was accepted and ignored (`folder --count 2` prepared every image).
+    ("prepare-folder-count", lambda w: ("prepare-data", "folder", "--root", w["images"], "--count", "2", "--size", "8", "--out", w["root"] / "new-data"), "--count is not read by the folder source"),
+    ("prepare-folder-seed", lambda w: ("prepare-data", "folder", "--root", w["images"], "--seed", "3", "--size", "8", "--out", w["root"] / "new-data"), "--seed is not read"),
+    ("prepare-shapes-root", lambda w: ("prepare-data", "shapes", "--root", w["images"], "--count", "4", "--out", w["root"] / "new-data"), "--root is not read by the shapes source"),
+    ("prepare-digits-root", lambda w: ("prepare-data", "sklearn-digits", "--root", w["images"], "--out", w["root"] / "new-data"), "--root is not read"),
+    ("prepare-folder-max-member", lambda w: ("prepare-data", "folder", "--root", w["images"], "--max-member-mib", "1", "--out", w["root"] / "new-data"), "--max-member-mib is not read"),
     ("prepare-count-beyond-the-disk", lambda w: ("prepare-data", "shapes", "--count", "1000000000000", "--out", w["root"] / "new-data"), "GB free"),
     ("prepare-size-huge", lambda w: ("prepare-data", "shapes", "--size", "100000", "--out", w["root"] / "new-data"), "--size"),
     ("sample-steps-huge", lambda w: ("sample", "--ckpt", w["run"], "--steps", "1000000000000", "--out", w["root"] / "new.png"), "--steps"),
@@ -447,3 +453,16 @@ def test_force_is_advised_only_where_force_replaces(command, debug_run, tmp_path
     assert "--force" not in err and "choose another --out" in err, err  # so it is never the advice
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"
 
+
+def test_prepare_data_shapes_options_still_reach_the_generator(tmp_path, capsys):
+    """--count and --seed, now None when not given, still set the shapes images: the CLI's dataset equals the
+    library's `prepare("shapes", count=5, seed=7)`, and without --seed the seed-0 dataset."""
+    from fmcli.cli import app
+    from fmcli.data.prepare import prepare
+
+    for args, seed in ((["--seed", "7"], 7), ([], 0)):
+        with pytest.raises(SystemExit) as exit_info:
+            app(args=["prepare-data", "shapes", "--count", "5", "--size", "8", *args, "--out", str(tmp_path / f"cli{seed}")], prog_name="fm")
+        assert exit_info.value.code in (0, None), capsys.readouterr().err
+        prepare("shapes", tmp_path / f"lib{seed}", count=5, seed=seed, size=8)
+        assert np.array_equal(np.load(tmp_path / f"cli{seed}" / "x.npy"), np.load(tmp_path / f"lib{seed}" / "x.npy"))
