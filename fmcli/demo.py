@@ -272,8 +272,9 @@ def _serve(app, host: str, port: int, share: bool, out_dir: Path) -> None:
                 server_name=host, server_port=port, share=share, allowed_paths=[str(out_dir)], show_error=True, ssr_mode=False, quiet=False,
                 prevent_thread_lock=True,
             )  # fmt: skip
-        except OSError as err:  # port in use, bad host
-            raise UsageError(f"cannot serve on {host}:{port}: {err}") from None
+        except OSError:  # port in use, bad host: gradio says "Cannot find empty port" for both, with advice for its own API
+            raise UsageError(f"cannot serve on {host}:{port}: the port is in use, or {host} is not an address of this machine; "
+                             "choose another --port (or --host)") from None
         while app.is_running:  # our own wait: gradio's swallows Ctrl-C (and SIGTERM, fm's KeyboardInterrupt) and returns
             time.sleep(0.1)
     finally:  # the interrupt goes on to fm's handler (exit 130 / 143, one line)
