@@ -204,6 +204,9 @@ CASES = [
     ("resume-data-missing", lambda w: ("resume", w["nodata_run"]), "--size 16 --count 512 --seed 0"),
     # sampling: wrong-model flags, bad values, existing outputs
     ("sample-ckpt-missing", lambda w: ("sample", "--ckpt", w["root"] / "nope.pt", "--out", w["root"] / "new.png")),
+    # A run's config.json given as --ckpt: torch's refusal opened with "Re-running `torch.load` with `weights_only` set to
+    # False will likely succeed" (advice to execute the file), cut mid-sentence; the cause is what is shown now.
+    ("sample-ckpt-is-json", lambda w: ("sample", "--ckpt", w["run"] / "config.json", "--out", w["root"] / "new.png"), "not an fm checkpoint (Unsupported operand 123)"),
     ("sample-prompt-on-class-model", lambda w: ("sample", "--ckpt", w["run"], "--prompt", "a red circle", "--out", w["root"] / "new.png")),
     ("sample-class-label-range", lambda w: ("sample", "--ckpt", w["run"], "--class-label", "99", "--out", w["root"] / "new.png")),
     ("sample-unknown-solver", lambda w: ("sample", "--ckpt", w["run"], "--solver", "leapfrog", "--out", w["root"] / "new.png")),
