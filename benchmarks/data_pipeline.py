@@ -52,7 +52,8 @@ def main() -> None:
 
     for source in args.sources.split(","):
         root = make_fixture(source, work, args.count)
-        cmd = ["prepare-data", source, "--size", "32", "--workers", str(args.workers), "--count", str(args.count), "--force", "--json"]
+        cmd = ["prepare-data", source, "--size", "32", "--workers", str(args.workers), "--force", "--json"]
+        cmd += ["--count", str(args.count)] if source == "shapes" else []  # the other sources' fixtures hold args.count images
         cmd += ["--root", str(root)] if root else []
         base = run_measured(cmd + ["--out", str(work / f"{source}-base"), "--limit", "256"])
         full = run_measured(cmd + ["--out", str(work / f"{source}-full")])

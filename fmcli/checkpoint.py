@@ -303,14 +303,19 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         # the file asks for code, which no fm checkpoint does. Other unpickling errors are damage.
         if "Unsupported global" in str(err):
             raise UsageError(f"{path} is not an fm checkpoint (refused to unpickle code)") from None
-        raise UsageError(f"cannot load checkpoint {path}: corrupt or truncated ({_first_line(err)})") from None
+        raise UsageError(f"cannot load checkpoint {path}: corrupt or truncated, or not an fm checkpoint ({_first_line(err)})") from None
     except Exception as err:  # torch raises many types for damaged files
-        raise UsageError(f"cannot load checkpoint {path}: corrupt or truncated ({_first_line(err)})") from None
+        raise UsageError(f"cannot load checkpoint {path}: corrupt or truncated, or not an fm checkpoint ({_first_line(err)})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UsageError(f"{path} is not an fm checkpoint (missing model/config)")
     return state
 
 
 def _first_line(err: Exception) -> str:
+    """The cause in one short line. torch's weights-only refusal of a file that is no pickle (a JSON or text file
+    given as --ckpt) opens with advice to load it with weights_only=False, arbitrary code: its cause comes after
+    "WeightsUnpickler error:" ("Unsupported operand 123"), and only that is shown."""
     text = str(err).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip() or type(err).__name__
     return (text.splitlines()[0] if text else type(err).__name__)[:160]

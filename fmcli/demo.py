@@ -250,6 +250,7 @@ def launch_demo(
     """Serve the demo. The network runs at sample.precision / sample.compile (or `precision` / `compile_model`),
     resolved once at launch; a compiled network is reused by every request."""
     _import_gradio()  # fail fast, before loading the model
+    check_address(host, port)
     from .generate import load_for_sampling, prepare_for_sampling, with_guide
 
     loaded = load_for_sampling(ckpt, device, vae=vae, text_encoder=text_encoder, vae_option="--vae")
@@ -264,6 +265,24 @@ def launch_demo(
         _serve(app, host, port, share, out_dir)
 
 
+def check_address(host: str, port: int) -> None:
+    """--host/--port can be served on, said in one line before the model loads: gradio reports a host it cannot
+    resolve as "Cannot find empty port" (and uvicorn logs a second line), a port in use with advice for its own API."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UsageError(f"--host {host} is not a name or address of this machine ({getattr(err, 'strerror', None) or err}): "
+                         "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UsageError(f"cannot serve on {host}:{port} ({err.strerror or err}): choose another --port (or --host)") from None
+
+
 def _serve(app, host: str, port: int, share: bool, out_dir: Path) -> None:
     """app.launch, then wait until it stops; Ctrl-C / SIGTERM go on to fm's handler after the server is closed."""
     try:
@@ -272,8 +291,9 @@ def _serve(app, host: str, port: int, share: bool, out_dir: Path) -> None:
                 server_name=host, server_port=port, share=share, allowed_paths=[str(out_dir)], show_error=True, ssr_mode=False, quiet=False,
                 prevent_thread_lock=True,
             )  # fmt: skip
-        except OSError as err:  # port in use, bad host
-            raise UsageError(f"cannot serve on {host}:{port}: {err}") from None
+        except OSError:  # port in use, bad host: gradio says "Cannot find empty port" for both, with advice for its own API
+            raise UsageError(f"cannot serve on {host}:{port}: the port is in use, or {host} is not an address of this machine; "
+                             "choose another --port (or --host)") from None
         while app.is_running:  # our own wait: gradio's swallows Ctrl-C (and SIGTERM, fm's KeyboardInterrupt) and returns
             time.sleep(0.1)
     finally:  # the interrupt goes on to fm's handler (exit 130 / 143, one line)

@@ -51,12 +51,13 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists; pass --force to replace it")
+    # What --force may not replace is refused first, so that "pass --force" is never advice that --force then refuses.
     if out.exists() and not (out.is_dir() and ((out / EXPORT_MANIFEST).is_file() or not any(out.iterdir()))):
-        raise UsageError(f"refusing to replace {out}: it is neither an fm export (no {EXPORT_MANIFEST}) nor empty")
+        raise UsageError(f"refusing to replace {out}: it is neither an fm export (no {EXPORT_MANIFEST}) nor empty; choose another --out")
     if out.exists():
         refuse_foreign_entries(out, "an fm export", EXPORT_FILES.__contains__)
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
     refuse_unwritable(out.parent)  # a file where a folder of --out should be: one line now, not an OSError later
     path = resolve_checkpoint(ckpt)
     if is_export(path):

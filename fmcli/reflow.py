@@ -122,8 +122,8 @@ def check_solver(sample_cfg, mean_flow: bool) -> None:
 
 def check_inputs(loaded_config, out: Path, prompts: list[str] | None, force: bool) -> None:
     """The one-line refusals, before any work or any file: existing --out, text model without prompts."""
+    refuse_unreplaceable(out)  # first: "pass --force" is advice only for what --force may replace
     refuse_existing(out, force, folders=True)  # also OUT's folder writable: OUT.partial and OUT go there
-    refuse_unreplaceable(out)
     text = loaded_config.model.cross_attention
     if text and not prompts:
         raise UsageError("this teacher is a text-to-image model: reflow needs prompts (--prompt TEXT, repeatable, or --prompts FILE|-)")

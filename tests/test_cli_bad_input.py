@@ -204,6 +204,9 @@ CASES = [
     ("resume-data-missing", lambda w: ("resume", w["nodata_run"]), "--size 16 --count 512 --seed 0"),
     # sampling: wrong-model flags, bad values, existing outputs
     ("sample-ckpt-missing", lambda w: ("sample", "--ckpt", w["root"] / "nope.pt", "--out", w["root"] / "new.png")),
+    # A run's config.json given as --ckpt: torch's refusal opened with "Re-running `torch.load` with `weights_only` set to
+    # False will likely succeed" (advice to execute the file), cut mid-sentence; the cause is what is shown now.
+    ("sample-ckpt-is-json", lambda w: ("sample", "--ckpt", w["run"] / "config.json", "--out", w["root"] / "new.png"), "not an fm checkpoint (Unsupported operand 123)"),
     ("sample-prompt-on-class-model", lambda w: ("sample", "--ckpt", w["run"], "--prompt", "a red circle", "--out", w["root"] / "new.png")),
     ("sample-class-label-range", lambda w: ("sample", "--ckpt", w["run"], "--class-label", "99", "--out", w["root"] / "new.png")),
     ("sample-unknown-solver", lambda w: ("sample", "--ckpt", w["run"], "--solver", "leapfrog", "--out", w["root"] / "new.png")),
@@ -280,6 +283,12 @@ CASES = [
     ("prepare-out-under-a-file", lambda w: ("prepare-data", "shapes", "--count", "4", "--out", w["afile"] / "data"), "is a file, not a folder"),
     ("class-grid-out-under-a-file", lambda w: ("class-grid", "--ckpt", w["run"], "--out", w["afile"] / "grid.png"), "is a file, not a folder"),
     # numbers far past any real use: refused up front, not an allocation failure (or a full disk) later
+    # An option the source does not read was accepted and ignored (`folder --count 2` prepared every image).
+    ("prepare-folder-count", lambda w: ("prepare-data", "folder", "--root", w["images"], "--count", "2", "--size", "8", "--out", w["root"] / "new-data"), "--count is not read by the folder source"),
+    ("prepare-folder-seed", lambda w: ("prepare-data", "folder", "--root", w["images"], "--seed", "3", "--size", "8", "--out", w["root"] / "new-data"), "--seed is not read"),
+    ("prepare-shapes-root", lambda w: ("prepare-data", "shapes", "--root", w["images"], "--count", "4", "--out", w["root"] / "new-data"), "--root is not read by the shapes source"),
+    ("prepare-digits-root", lambda w: ("prepare-data", "sklearn-digits", "--root", w["images"], "--out", w["root"] / "new-data"), "--root is not read"),
+    ("prepare-folder-max-member", lambda w: ("prepare-data", "folder", "--root", w["images"], "--max-member-mib", "1", "--out", w["root"] / "new-data"), "--max-member-mib is not read"),
     ("prepare-count-beyond-the-disk", lambda w: ("prepare-data", "shapes", "--count", "1000000000000", "--out", w["root"] / "new-data"), "GB free"),
     ("prepare-size-huge", lambda w: ("prepare-data", "shapes", "--size", "100000", "--out", w["root"] / "new-data"), "--size"),
     ("sample-steps-huge", lambda w: ("sample", "--ckpt", w["run"], "--steps", "1000000000000", "--out", w["root"] / "new.png"), "--steps"),
@@ -418,3 +427,45 @@ def test_corrupt_probe_cache_is_measured_again(damage, shapes16, tmp_path, monke
         app(args=["sample", "--ckpt", str(tmp_path / "second"), "-n", "2", "--out", str(tmp_path / "s.png"), "--device", "cpu"], prog_name="fm")
     code = exit_info.value.code
     assert code in (0, None), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["prepare-data", "reflow", "export"])
+def test_force_is_advised_only_where_force_replaces(command, debug_run, tmp_path, capsys):
+    """An --out folder of the user's (not an earlier output of this command, not empty): the error must not say
+    "pass --force", because --force is refused for it too (the user's file would go with it). Checked by
+    following the advice: whatever the first refusal says, with --force the user's folder is still refused,
+    so the first message may not advise --force; both refusals leave the user's file as it was."""
+    from fmcli.cli import app
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    args = {
+        "prepare-data": ["prepare-data", "shapes", "--count", "4", "--size", "8"],
+        "reflow": ["reflow", "--ckpt", debug_run, "-n", "2", "--steps", "1", "--device", "cpu"],
+        "export": ["export", "--ckpt", debug_run, "--format", "fm"],
+    }[command] + ["--out", mine]
+
+    def run(*extra):
+        with pytest.raises(SystemExit) as exit_info:
+            app(args=[str(a) for a in [*args, *extra]], prog_name="fm")
+        return exit_info.value.code, capsys.readouterr().err
+
+    (code, err), (forced_code, forced_err) = run(), run("--force")
+    assert code == 2 and forced_code == 2, (err, forced_err)  # --force does not replace a folder of the user's
+    assert "--force" not in err and "choose another --out" in err, err  # so it is never the advice
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"
+
+
+def test_prepare_data_shapes_options_still_reach_the_generator(tmp_path, capsys):
+    """--count and --seed, now None when not given, still set the shapes images: the CLI's dataset equals the
+    library's `prepare("shapes", count=5, seed=7)`, and without --seed the seed-0 dataset."""
+    from fmcli.cli import app
+    from fmcli.data.prepare import prepare
+
+    for args, seed in ((["--seed", "7"], 7), ([], 0)):
+        with pytest.raises(SystemExit) as exit_info:
+            app(args=["prepare-data", "shapes", "--count", "5", "--size", "8", *args, "--out", str(tmp_path / f"cli{seed}")], prog_name="fm")
+        assert exit_info.value.code in (0, None), capsys.readouterr().err
+        prepare("shapes", tmp_path / f"lib{seed}", count=5, seed=seed, size=8)
+        assert np.array_equal(np.load(tmp_path / f"cli{seed}" / "x.npy"), np.load(tmp_path / f"lib{seed}" / "x.npy"))

@@ -225,6 +225,34 @@ def test_demo_without_gradio_says_how_to_install(debug_run):
     assert res.stderr.strip().splitlines() == ["error: fm demo needs gradio: pip install gradio  (or, in the fm checkout: pip install -e '.[demo]')"]
 
 
+def test_demo_on_a_port_in_use_names_fm_s_own_option(debug_run):
+    """A port another program listens on: one line naming --port, the option an fm user has, not gradio's advice
+    for its own API ("setting the GRADIO_SERVER_PORT environment variable or passing the `server_port` parameter
+    to `launch()`"); no temporary folder left behind."""
+    pytest.importorskip("gradio")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "fmcli.cli", "demo", "--ckpt", str(debug_run), "--port", str(port), "--device", "cpu"],
+                             capture_output=True, text=True, timeout=300, env=fm_env())
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and res.stdout == "" and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: cannot serve on 127.0.0.1:{port}") and "--port" in lines[0], lines
+    assert "GRADIO_SERVER_PORT" not in lines[0] and "launch()" not in lines[0], lines
+
+
+def test_demo_on_a_host_that_does_not_resolve_says_so_in_one_line(debug_run):
+    """A --host that is no name of this machine (a typo: `locahost`): one line naming --host, exit 2. Gradio reported
+    it as "Cannot find empty port", and uvicorn logged "ERROR: [Errno -2] ..." as a second line before it."""
+    pytest.importorskip("gradio")
+    res = subprocess.run([sys.executable, "-m", "fmcli.cli", "demo", "--ckpt", str(debug_run), "--host", "no-such-host.invalid", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, env=fm_env())
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and res.stdout == "" and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: --host no-such-host.invalid") and "empty port" not in lines[0], lines
+
+
 def test_page_settings_are_validated_like_fm_sample(loaded):
     from fmcli.config import sample_settings
     from fmcli.errors import UsageError

@@ -183,8 +183,9 @@ def test_existing_out_needs_force(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep")
     res = fm_in_process("export", "--ckpt", tmp_path / "step.pt", "--out", tmp_path / "out")
-    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--force" in res.stderr
-    forced = fm_in_process("export", "--ckpt", tmp_path / "step.pt", "--out", tmp_path / "out", "--force")  # not an export: still refused
+    # not an export: refused, and --force (which refuses it too) is not the advice
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--force" not in res.stderr and "choose another --out" in res.stderr
+    forced = fm_in_process("export", "--ckpt", tmp_path / "step.pt", "--out", tmp_path / "out", "--force")
     assert forced.returncode == 2 and "refusing" in forced.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "step.pt"]

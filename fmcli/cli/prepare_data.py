@@ -25,9 +25,9 @@ def prepare_data(
     size: Annotated[int, typer.Option("--size", min=8, max=4096, help="Output size: resize the short side, center crop (Lanczos).")] = 32,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Stop after N usable images.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decoding processes (default: cores, at most 8).")] = None,
-    count: Annotated[int, typer.Option("--count", min=1, help="Number of images (shapes).")] = 20000,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed (shapes).")] = 0,
-    max_member_mib: Annotated[float, float_option("--max-member-mib", min=0.001, help="tar: skip (and count) members larger than this, unread.")] = 64.0,
+    count: Annotated[Optional[int], typer.Option("--count", min=1, help="Number of images (shapes; default 20000).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Random seed (shapes; default 0).")] = None,
+    max_member_mib: Annotated[Optional[float], float_option("--max-member-mib", min=0.001, help="tar: skip (and count) members larger than this, unread (default 64).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     vae: Annotated[Optional[str], typer.Option("--vae", help="Local diffusers VAE directory: store float16 latents instead of pixels.")] = None,
@@ -63,12 +63,17 @@ def prepare_data(
         raise UsageError("--cache-text stores a text encoder's states: give the encoder with --text-encoder DIR")
     if flip and not vae:  # pixels are mirrored exactly at load time; only latents need their mirrors encoded
         raise UsageError("--flip stores the mirrored images' latents: it needs --vae DIR (pixel datasets are flipped when training, by data.flip)")
+    from ..data.dataset import refuse_unreplaceable
+    from ..data.prepare import DEFAULT_MAX_MEMBER_MIB
+
+    refuse_unread_options(source, root=root, count=count, seed=seed, max_member_mib=max_member_mib)
     out = named_path(out)  # `--out .`: the current folder, by its name
+    refuse_unreplaceable(out)  # first: "pass --force" is advice only for what --force may replace
     refuse_existing(out, force, folders=True)
     encode = dict(vae=vae, flip=flip, text_encoder=text_encoder, cache_text=cache_text, max_tokens=max_tokens, batch_size=encode_batch) if vae or text_encoder else None
     summary = prepare_dataset(
-        source, out, root=root, split=split, size=size, limit=limit, workers=workers, count=count, seed=seed, max_member_mib=max_member_mib,
-        force=force, encode=encode, device=device,
+        source, out, root=root, split=split, size=size, limit=limit, workers=workers, count=20000 if count is None else count,
+        seed=seed or 0, max_member_mib=DEFAULT_MAX_MEMBER_MIB if max_member_mib is None else max_member_mib, force=force, encode=encode, device=device,
     )  # fmt: skip
     for note in (skipped_note(summary), empty_classes_note(summary)):
         if note:
@@ -78,3 +83,15 @@ def prepare_data(
     else:
         stderr_console().print(f"wrote {summary.count} images ({summary.bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s", highlight=False)
         print(summary.path)
+
+
+def refuse_unread_options(source: str, **given) -> None:
+    """An option the source never reads (None: not given) would be accepted and do nothing: `folder --count 1000`
+    prepared every image (--limit N is the cap), `sklearn-digits --root DIR` scikit-learn's own digits. Exit 2."""
+    reads = {"root": set(SOURCES) - {"shapes", "sklearn-digits"}, "count": {"shapes"}, "seed": {"shapes"}, "max_member_mib": {"tar"}}
+    if source not in SOURCES:
+        return  # prepare_dataset names the sources
+    unread = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None and source not in reads[name]]
+    if unread:
+        hint = "; --limit N stops after N images" if "--count" in unread else ""
+        raise UsageError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by the {source} source: drop {', '.join(unread)}{hint}")

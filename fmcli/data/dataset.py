@@ -50,8 +50,8 @@ class PreparedWriter:
         x_name: str = "x",
     ):
         self.out = named_path(out)
-        refuse_existing(self.out, force, folders=True)
         refuse_unreplaceable(self.out)
+        refuse_existing(self.out, force, folders=True)
         if capacity is not None and capacity <= 0:
             raise UsageError("nothing to write: the source has no images")
         self.capacity, self.shape, self.dtype, self.kind = capacity, tuple(shape), dtype, kind
@@ -212,13 +212,14 @@ def _is_dataset_entry(name: str) -> bool:
 def refuse_unreplaceable(path: Path) -> None:
     """--force may replace a previous prepared dataset (holding only a dataset's files) or an empty directory, never
     anything else: a folder of the user's own (the images being prepared, say) inside it would go with it. Run
-    before any work."""
-    if not path.exists():
+    before any work, and before `refuse_existing`: its "pass --force" is advice only for what --force may replace.
+    A file is `refuse_existing`'s to refuse (not even --force puts a folder in its place)."""
+    if not path.is_dir():
         return
     if path.is_dir() and (path / "manifest.json").is_file():
         refuse_foreign_entries(path, "a prepared dataset", _is_dataset_entry)
     elif not (path.is_dir() and not any(path.iterdir())):
-        raise UsageError(f"refusing to replace {path}: it is not a prepared dataset (no manifest.json) nor empty")
+        raise UsageError(f"refusing to replace {path}: it is not a prepared dataset (no manifest.json) nor empty; choose another --out")
 
 
 

@@ -140,8 +140,8 @@ def prepare_encoded(prepare_pixels: Callable[[Path], Path], out: str | Path, *, 
     """Run `prepare_pixels(tmp_dir)` (any source's usual writer), then encode it into `out`; the temporary
     pixel dataset is removed whatever happens. `size`: the pixel pass's image size, checked against the VAE first."""
     out = named_path(out)
-    refuse_existing(out, force, folders=True)
     refuse_unreplaceable(out)  # --force replaces only a prepared dataset: said now, not after the pixel pass
+    refuse_existing(out, force, folders=True)
     # Fail on a wrong encoder path before the (possibly long) pixel pass, not after it.
     if encode_kwargs.get("cache_text") and not encode_kwargs.get("text_encoder"):
         raise UsageError("--cache-text needs --text-encoder PATH")

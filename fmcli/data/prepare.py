@@ -67,10 +67,10 @@ def prepare(
     """Prepare `source` into `out`; returns counts and timing. Bad input raises UsageError, leaving nothing."""
     start = time.perf_counter()
     out = named_path(out)
-    refuse_existing(out, force, folders=True)
     from .dataset import PreparedWriter, refuse_unreplaceable  # imports torch: not at CLI start-up (`fm --help` stays fast)
 
-    refuse_unreplaceable(out)
+    refuse_unreplaceable(out)  # first: "pass --force" is advice only for what --force may replace
+    refuse_existing(out, force, folders=True)
     if split not in ("train", "test"):
         raise UsageError(f"--split must be train or test, not {split!r}")
     if split != "train" and source not in SPLIT_SOURCES:  # it would be the training images again: a "test" set that leaks
