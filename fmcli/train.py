@@ -390,14 +390,17 @@ class Trainer:
             if stop and not done:
                 return self._stop(result, window, out, window_start, saved=False)
             saved = done or self._every(cfg.checkpoint_every)
+            # img_per_s is training images per second of training time: the window's clock stops for the periodic work.
+            paused = time.perf_counter()
             if saved:
                 result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
             for due, part, work in ((self._every(cfg.sample_every) or done, SAMPLES, self._save_samples), (self._every(self.cfg.eval.every), EVALUATION, self._evaluate)):
                 # A stop asked for during this step's checkpoint or grid stops here, not after the FID and another step.
                 if (due or saved) and not done and D.any_rank(self.stop_requested, self.ctx):
-                    return self._stop(result, window, out, window_start, saved=saved)
+                    return self._stop(result, window, out, window_start + time.perf_counter() - paused, saved=saved)
                 if due:
                     self.budget.timed(part, work)
+            window_start += time.perf_counter() - paused
 
     def _stop(self, result: TrainResult, window: list[float], out, window_start: float, saved: bool) -> None:
         """A requested stop at this step: its steps since the last log interval logged (or no record would hold them),
