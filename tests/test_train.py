@@ -606,3 +606,27 @@ def test_img_per_s_counts_training_time_only_not_grids_checkpoints_or_evaluation
     assert [r["step"] for r in records] == [4, 6]  # steps 1-4 (grid 2, checkpoint 3), steps 5-6 (grid and eval 4 before them)
     B = cfg.train.global_batch_size
     assert [r["img_per_s"] for r in records] == [pytest.approx(4 * B / 4.0), pytest.approx(2 * B / 2.0)]
+
+
+@pytest.mark.parametrize("every, evaluated, note", [(5, [5], "the last evaluation is at step 5"), (10, [], "no evaluation falls in steps 1-8"), (4, [4, 8], None)])
+def test_a_run_whose_eval_every_does_not_divide_its_steps_says_so_once_at_the_start(tmp_path, shapes16, every, evaluated, note):
+    """eval.every evaluates at its multiples (the docs promise no final evaluation; the final checkpoint and grid
+    are): train.steps=8 is evaluated at the multiples of k up to 8 by hand, and where k does not divide 8 one line
+    at the start says which step is the last evaluated (it used to say nothing)."""
+    messages = []
+
+    class Log(QuietLog):
+        def info(self, message):
+            messages.append(message)
+
+    cfg = cfg_for(shapes16, "train.steps=8", "train.log_every=4", f"eval.every={every}", "eval.features=tiny", f"eval.ref='{shapes16}'",
+                  "eval.num_samples=8", "sample.grid_size=2", "sample.steps=2")
+    train(cfg, tmp_path / "run", log=Log())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "fid" in r] == evaluated
+    notes = [m for m in messages if "none at the final step" in m]
+    if note is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and note in notes[0] and f"fm fid --ckpt {tmp_path / 'run'}" in notes[0], notes
+        assert messages.index(notes[0]) < min(i for i, m in enumerate(messages) if m.startswith("step "))  # before the first step's log
