@@ -327,6 +327,7 @@ class Trainer:
             self.tracker = make_tracker(self.cfg.train.tracker, self.run_dir, config=config_to_dict(self.cfg), resumed_at=resumed_at, log=self.log.info)
             write_run_files(self.run_dir, config_to_dict(self.cfg), self.ctx.device, self.ctx.world_size, self.hardware.record(self.budget.snapshot),
                             resumed_at=resumed_at)  # a resume records its own launch in env.json
+            self._note_final_evaluation()
         D.barrier(self.ctx)
         old_handlers = {}  # SIGINT and SIGTERM ask for a stop at the next step boundary
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -390,14 +391,17 @@ class Trainer:
             if stop and not done:
                 return self._stop(result, window, out, window_start, saved=False)
             saved = done or self._every(cfg.checkpoint_every)
+            # img_per_s is training images per second of training time: the window's clock stops for the periodic work.
+            paused = time.perf_counter()
             if saved:
                 result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
             for due, part, work in ((self._every(cfg.sample_every) or done, SAMPLES, self._save_samples), (self._every(self.cfg.eval.every), EVALUATION, self._evaluate)):
                 # A stop asked for during this step's checkpoint or grid stops here, not after the FID and another step.
                 if (due or saved) and not done and D.any_rank(self.stop_requested, self.ctx):
-                    return self._stop(result, window, out, window_start, saved=saved)
+                    return self._stop(result, window, out, window_start + time.perf_counter() - paused, saved=saved)
                 if due:
                     self.budget.timed(part, work)
+            window_start += time.perf_counter() - paused
 
     def _stop(self, result: TrainResult, window: list[float], out, window_start: float, saved: bool) -> None:
         """A requested stop at this step: its steps since the last log interval logged (or no record would hold them),
@@ -408,6 +412,18 @@ class Trainer:
             result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
         result.stopped_early = self.stopped = True
         self.log.info(f"stopped at step {self.step}; continue with: fm resume {self.run_dir}")
+
+    def _note_final_evaluation(self) -> None:
+        """Rank 0, at the start: eval.every evaluates at its multiples only, not at the end as the final checkpoint
+        and grid are; where it does not divide train.steps one line says which step is evaluated last (or none)."""
+        every, steps = self.cfg.eval.every, self.cfg.train.steps
+        if self.evaluator is None or steps % every == 0:
+            return
+        last = steps // every * every
+        when = f"the last evaluation is at step {last}" if last > self.step else f"no evaluation falls in steps {self.step + 1}-{steps}"
+        command = "fm eval" if self.cfg.eval.features in ("domain", "dinov2") else "fm fid"
+        self.log.info(f"note: eval.every={every} does not divide train.steps={steps}: {when}, none at the final step "
+                      f"(score the final checkpoint with {command} --ckpt {self.run_dir})")
 
     def _every(self, k: int) -> bool:
         return bool(k) and self.step % k == 0

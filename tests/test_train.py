@@ -565,3 +565,68 @@ def test_extending_a_finished_run_says_it_trains_at_the_lr_floor(tmp_path, shape
         before, after = torch.load(ckpt, weights_only=True)["model"], torch.load(run / "checkpoints" / "step-0000009.pt", weights_only=True)["model"]
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert said[0].startswith("warning:") and "train.init_from" in said[0]
+
+
+@pytest.mark.parametrize("stop", ["at_step", "during_grid"])
+def test_img_per_s_counts_training_time_only_not_grids_checkpoints_or_evaluation(tmp_path, shapes16, monkeypatch, stop):
+    """On a fake clock each optimizer step takes 1 s and each grid, checkpoint and evaluation 100 s: every
+    metrics.jsonl record's img_per_s is (its steps x global batch) / (its steps x 1 s) = the global batch, by hand.
+    The periodic work used to be counted in the window it fell in (steps 1-4: 4 x B / 204 s), so throughput
+    dropped after every grid, save or FID. Also the record a stop writes (at a step, and mid-grid)."""
+    import types
+
+    import fmcli.step as step_mod
+    from fmcli import train as train_mod
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"], time=time.time))
+    real_call = step_mod.TrainingStep.__call__
+
+    def step_takes_one_second(self, *args, **kwargs):
+        clock["now"] += 1.0
+        return real_call(self, *args, **kwargs)
+
+    def takes_100_seconds(real):
+        def work(self):
+            clock["now"] += 100.0
+            if real is None and stop == "during_grid" and self.step == 6:
+                self.stop_requested = True  # what SIGTERM sets, mid-grid
+            return real(self) if real is not None else None
+        return work
+
+    monkeypatch.setattr(step_mod.TrainingStep, "__call__", step_takes_one_second)
+    monkeypatch.setattr(train_mod.Trainer, "_save_checkpoint", takes_100_seconds(train_mod.Trainer._save_checkpoint))
+    monkeypatch.setattr(train_mod.Trainer, "_save_samples", takes_100_seconds(None))
+    monkeypatch.setattr(train_mod.Trainer, "_evaluate", takes_100_seconds(None))
+    cfg = cfg_for(shapes16, "train.steps=8", "train.log_every=4", "train.sample_every=2", "train.checkpoint_every=3", "eval.every=4")
+    result = train(cfg, tmp_path / "run", stop_at_step=6 if stop == "at_step" else None, log=QuietLog())
+    assert result.stopped_early and result.step == 6
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "img_per_s" in r]
+    assert [r["step"] for r in records] == [4, 6]  # steps 1-4 (grid 2, checkpoint 3), steps 5-6 (grid and eval 4 before them)
+    B = cfg.train.global_batch_size
+    assert [r["img_per_s"] for r in records] == [pytest.approx(4 * B / 4.0), pytest.approx(2 * B / 2.0)]
+
+
+@pytest.mark.parametrize("every, evaluated, note", [(5, [5], "the last evaluation is at step 5"), (10, [], "no evaluation falls in steps 1-8"), (4, [4, 8], None)])
+def test_a_run_whose_eval_every_does_not_divide_its_steps_says_so_once_at_the_start(tmp_path, shapes16, every, evaluated, note):
+    """eval.every evaluates at its multiples (the docs promise no final evaluation; the final checkpoint and grid
+    are): train.steps=8 is evaluated at the multiples of k up to 8 by hand, and where k does not divide 8 one line
+    at the start says which step is the last evaluated (it used to say nothing)."""
+    messages = []
+
+    class Log(QuietLog):
+        def info(self, message):
+            messages.append(message)
+
+    cfg = cfg_for(shapes16, "train.steps=8", "train.log_every=4", f"eval.every={every}", "eval.features=tiny", f"eval.ref='{shapes16}'",
+                  "eval.num_samples=8", "sample.grid_size=2", "sample.steps=2")
+    train(cfg, tmp_path / "run", log=Log())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "fid" in r] == evaluated
+    notes = [m for m in messages if "none at the final step" in m]
+    if note is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and note in notes[0] and f"fm fid --ckpt {tmp_path / 'run'}" in notes[0], notes
+        assert messages.index(notes[0]) < min(i for i, m in enumerate(messages) if m.startswith("step "))  # before the first step's log
