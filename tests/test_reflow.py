@@ -272,6 +272,30 @@ def test_text_pairs_record_the_encoder_that_ran_for_the_student(tmp_path, monkey
     assert resolved.encoders.text_encoder == str(encoder.resolve())
 
 
+def test_an_autoguidance_teacher_is_refused_with_advice_reflow_can_follow(tmp_path):
+    """A checkpoint of an older fm whose config samples with sample.guidance='auto': reflow said to pass --guide-ckpt,
+    which it does not have, so no command could make its pairs. Now one line (exit 2, nothing written) that says
+    --cfg W; with it the pairs are those of the same teacher with sample.guidance='cfg' at W."""
+    from fmcli.models import build_model
+
+    cfg = load_config("debug", ["model.image_size=16", "model.in_channels=3", "model.num_classes=4"])
+    sd = build_model(cfg.model).state_dict()
+    for name, guidance in (("auto.pt", "auto"), ("cfg.pt", "cfg")):
+        raw = config_to_dict(cfg)
+        raw["sample"].update(guidance=guidance, cfg=2.0)
+        save_atomic({"model": sd, "ema": sd, "config": raw, "step": 1, "data_info": {}}, tmp_path / name)
+    run = ["-n", "4", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
+    refused = fm_in_process("reflow", "--ckpt", tmp_path / "auto.pt", "--out", tmp_path / "p", *run)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "--cfg W" in refused.stderr and "--guide-ckpt" not in refused.stderr, refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.pt", "cfg.pt"]
+    for name in ("auto", "cfg"):
+        done = fm_in_process("reflow", "--ckpt", tmp_path / f"{name}.pt", "--out", tmp_path / f"p-{name}", "--cfg", "2", *run)
+        assert done.returncode == 0, done.stderr
+    for field in ("x0", "x1"):
+        np.testing.assert_array_equal(np.load(tmp_path / "p-auto" / f"{field}.npy"), np.load(tmp_path / "p-cfg" / f"{field}.npy"))
+
+
 # ------------------------------------------------------------------------------------ training on pairs
 
 
