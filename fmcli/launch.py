@@ -156,6 +156,10 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
         from .checkpoint import resolve_checkpoint
 
         resolve_checkpoint(cfg.train.init_from)
+    if cfg.eval.every and cfg.eval.ref is not None and cfg.eval.features == "inception":  # FID during training: its weights, too
+        from .evaluate import resolve_inception_path
+
+        resolve_inception_path(cfg.eval.inception)
     child = D.launched_externally()
     # When the command began (train.budget_minutes counts from here); our relaunched ranks inherit it.
     started_at = float(os.environ.get(STARTED_AT_ENV) or time.time())

@@ -78,9 +78,9 @@ def test_a_folder_of_the_users_files_is_not_called_a_run_to_delete(shapes16, tmp
 
 
 def test_refusals_that_need_no_data_come_before_the_default_data_is_prepared(tmp_path):
-    """A used --run-dir and a missing train.init_from were refused only after the default shapes data was prepared
-    into ./data (and, for init_from, after REPA's domain classifier trained on it): files and minutes the user did
-    not ask for. Both are one line (exit 2) now, with nothing written in the working directory."""
+    """A used --run-dir, a missing train.init_from and FID during training without Inception weights were refused only
+    after the default shapes data was prepared into ./data (and, for init_from, after REPA's domain classifier trained
+    on it): files and minutes the user did not ask for. Each is one line (exit 2) now, with nothing written here."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")  # a run that stopped before its first checkpoint
@@ -90,6 +90,9 @@ def test_refusals_that_need_no_data_come_before_the_default_data_is_prepared(tmp
     missing = fm_in_process("train", "--preset", "debug", "--run-dir", tmp_path / "new", *small,
                             "--set", f"train.init_from={tmp_path / 'nowhere.pt'}", cwd=tmp_path)
     assert missing.returncode == 2 and "not found" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    no_inception = fm_in_process("train", "--preset", "debug", "--run-dir", tmp_path / "new", *small, "--set", "eval.every=1",
+                                 "--set", f"eval.ref={tmp_path / 'run'}", "--set", "eval.features=inception", cwd=tmp_path, env={"FM_INCEPTION": ""})
+    assert no_inception.returncode == 2 and "Inception weights" in no_inception.stderr, no_inception.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and [p.name for p in run.iterdir()] == ["config.json"]
 
 
