@@ -102,9 +102,10 @@ def all_gather_objects(obj, ctx: DistContext) -> list:
     return out
 
 
-def shard_indices(n: int, ctx: DistContext) -> list[int]:
-    """This rank's share of sample indices 0..n-1 (strided, so every rank gets the same count +-1)."""
-    return list(range(ctx.rank, n, ctx.world_size))
+def shard_indices(n: int, ctx: DistContext) -> range:
+    """This rank's share of sample indices 0..n-1 (strided, so every rank gets the same count +-1); a range, not a
+    list: `fm sample -n 1000000000` streams its samples to a folder in batches, and a list of n ints alone is 36 GB."""
+    return range(ctx.rank, n, ctx.world_size)
 
 
 def gather_in_index_order(indices: list[int], rows, ctx: DistContext) -> list:

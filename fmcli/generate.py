@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -444,7 +445,7 @@ def iterate_samples(
     if indices:  # a rank's empty share (-n below the rank count) samples nothing: its command checked the prompts
         check_conditioning(loaded, class_label, prompts)
     for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
+        chunk = list(indices[start : start + batch_size])
         conditions, y = None, None
         if loaded.is_text:
             conditions = loaded.text.conditions(prompts[start : start + batch_size], device)
@@ -490,6 +491,19 @@ def refuse_classless(loaded: LoadedModel) -> None:
         raise UsageError("class-grid needs a class-conditional model, and this checkpoint is unconditional; use `fm sample`")
 
 
+def refuse_huge_grid(loaded, count: int, per_row: int, what: str, fix: str) -> None:
+    """A grid of `count` samples, `per_row` a row, is one image (images.grid_image: 2-pixel padding): past twice PIL's
+    MAX_IMAGE_PIXELS PIL refuses to open it (a decompression bomb), and its samples, all held for it, exhaust memory
+    before it is written. Refused before any sampling (exit 2)."""
+    from PIL import Image
+
+    side = loaded.shape[-1] * (int(loaded.vae.downsample) if loaded.vae is not None else 1)  # decoded pixels
+    width, height = per_row * (side + 2) + 2, -(-count // per_row) * (side + 2) + 2
+    if width * height > 2 * Image.MAX_IMAGE_PIXELS:
+        raise UsageError(f"{what} makes one grid image of {count} samples ({width}x{height} pixels), more than PIL opens "
+                         f"({2 * Image.MAX_IMAGE_PIXELS:,} pixels): {fix}")
+
+
 def class_grid_command(ckpt: str, out: Path, *, per_class: int, sample_overrides, guide_ckpt: str | None, seed: int, batch_size: int,
                        ema: bool, device: torch.device, log: Callable[[str], None] = lambda message: None) -> dict:
     """What `fm class-grid` does: `per_class` samples of every class as one labelled grid at `out`; returns its summary."""
@@ -499,6 +513,8 @@ def class_grid_command(ckpt: str, out: Path, *, per_class: int, sample_overrides
 
     loaded = load_for_sampling(ckpt, device, use_ema=ema)
     refuse_classless(loaded)
+    refuse_huge_grid(loaded, per_class * loaded.num_classes, per_class, f"--samples-per-class {per_class} for {loaded.num_classes} classes",
+                     "give fewer samples per class")
     sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log)
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, device, use_ema=ema)
@@ -608,7 +624,21 @@ def sample_outputs(out: Path, n: int, force: bool = False) -> list[Path]:
         return [out]
     if continues(out, force):
         return []
-    return [out / SAMPLE_GRID_NAME, manifest_path(out)] + [sample_file(out, i) for i in range(n)]
+    # Of the n sample files, those already there (from the folder's listing): naming all n would grow with n (-n 10**9).
+    there = sorted(i for i in sample_indices_in(out) if i < n)
+    return [out / SAMPLE_GRID_NAME, manifest_path(out)] + [sample_file(out, i) for i in there]
+
+
+def sample_indices_in(out: Path) -> list[int]:
+    """The indices of the files in `out` named as fm names samples (images.sample_file: six or more digits)."""
+    import re
+
+    from .images import sample_file
+
+    if not out.is_dir():
+        return []
+    found = (re.fullmatch(r"(\d{6,})\.png", p.name) for p in out.iterdir())
+    return [int(m.group(1)) for m in found if m and sample_file(out, int(m.group(1))).name == m.group(0)]
 
 
 def manifest_path(out: Path) -> Path:
@@ -700,11 +730,13 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
     check_conditioning(loaded, class_label, texts)  # before the precision probe and its lines
     sample_cfg = guidance_that_runs(loaded, sample_overrides(loaded.config.sample), log if ctx.rank == 0 else None)
     check_sampler(loaded.model, sample_cfg)  # before DIR/fm-sample.json is written
+    shown = grid_count(out, n, grid, loaded.config.sample.grid_size)
+    refuse_huge_grid(loaded, shown, math.ceil(math.sqrt(shown)), f"--grid {grid}" if grid is not None else f"--num-samples {n} with --out {out}",
+                     "give a smaller --grid" if grid is not None else "sample into a folder (--out DIR: the samples stream to files, the grid shows the first --grid K)")
     if guide_ckpt is not None:
         loaded = with_guide(loaded, guide_ckpt, dev, use_ema=ema, warn=None if ctx.rank == 0 else lambda message: None)
     loaded = prepare_for_sampling(loaded, sample_cfg, dev, log, ctx)
     start = time.perf_counter()
-    shown = grid_count(out, n, grid, loaded.config.sample.grid_size)
     to_dir = out.suffix.lower() not in STILL_IMAGE_SUFFIXES
     indices = D.shard_indices(n, ctx)  # sample i depends only on (seed, i): any split gives the same images
     if to_dir:

@@ -150,6 +150,16 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
         D.adopt_slurm()  # one srun task per GPU: this task is a rank (local rank 0 alone prepares the data, rank 0 checks the run)
     if int(os.environ.get("RANK", "0")) == 0:  # before any setup (data, probe, autotune, the ranks): refused at once, nothing written
         refuse_run_being_trained(run_dir)
+        if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and holds_a_run(run_dir):  # before the default data is prepared
+            refuse_used_run_dir(run_dir)
+    if ckpt is None and cfg.train.init_from:  # a missing one is said before data preparation, not after it
+        from .checkpoint import resolve_checkpoint
+
+        resolve_checkpoint(cfg.train.init_from)
+    if cfg.eval.every and cfg.eval.ref is not None and cfg.eval.features == "inception":  # FID during training: its weights, too
+        from .evaluate import resolve_inception_path
+
+        resolve_inception_path(cfg.eval.inception)
     child = D.launched_externally()
     # When the command began (train.budget_minutes counts from here); our relaunched ranks inherit it.
     started_at = float(os.environ.get(STARTED_AT_ENV) or time.time())
@@ -170,8 +180,6 @@ def run_training(cfg: Config, run_dir: Path, ckpt: Optional[Path], stop_at_step,
         # data and the other ranks wait for its manifest; our own relaunch prepared it in the parent already.
         cfg = default_data(cfg, prepare=not child or int(os.environ.get("LOCAL_RANK", "0")) == 0)
     if int(os.environ.get("RANK", "0")) == 0:  # once per run: the launching process, or rank 0 under torchrun/SLURM
-        if ckpt is None and not os.environ.get("FM_RUN_RESOLVED") and holds_a_run(run_dir):
-            refuse_used_run_dir(run_dir)
         if warning := ema_warning(cfg.train):
             print(warning, file=sys.stderr)
     if (procs > 1 or launch["nnodes"] > 1) and not child:

@@ -310,7 +310,9 @@ def _assemble(work: Path, out: Path, loaded, plan: ReflowPlan, n_chunks: int, pr
             source="reflow",
             space=info.get("kind", "pixels"),  # what x1 holds: pixels in [-1, 1] (float) or VAE latents
             vae=info.get("vae"),
-            text_encoder=info.get("text_encoder"),
+            # The encoder that encoded the prompts (--text-encoder, FM_TEXT_ENCODER or the run's), by its absolute path: the
+            # teacher's own record may name one that has moved, and its `cached` states are not in the pairs (captions are).
+            text_encoder={**loaded.text.encoder.info(), "cached": False} if loaded.is_text else None,
             teacher={**asdict(plan), **settings, **nfe_record(nfes)},
         )
     return path, nfe_record(nfes)

@@ -469,3 +469,62 @@ def test_prepare_data_shapes_options_still_reach_the_generator(tmp_path, capsys)
         assert exit_info.value.code in (0, None), capsys.readouterr().err
         prepare("shapes", tmp_path / f"lib{seed}", count=5, seed=seed, size=8)
         assert np.array_equal(np.load(tmp_path / f"cli{seed}" / "x.npy"), np.load(tmp_path / f"lib{seed}" / "x.npy"))
+
+
+def _fm(capsys, *args):
+    from fmcli.cli import app
+
+    with pytest.raises(SystemExit) as exit_info:
+        app(args=[str(a) for a in args], prog_name="fm")
+    return exit_info.value.code or 0, capsys.readouterr().err
+
+
+def test_a_grid_image_is_refused_before_sampling_past_what_pil_opens(debug_run, tmp_path, capsys, monkeypatch):
+    """`fm sample -n HUGE --out FILE.png` and `fm class-grid --samples-per-class HUGE` held every sample for one grid
+    image and died of a raw allocation error. A grid PIL would refuse to open is now one line (exit 2) before any work.
+    The reference is PIL itself: at the largest count allowed the written grid opens without a decompression-bomb error."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1444 // 2)  # 16x16 samples: 2 a row, 2 rows is (2*18+2)^2 = 1444
+    code, err = _fm(capsys, "sample", "--ckpt", debug_run, "-n", "4", "--steps", "1", "--device", "cpu", "--out", tmp_path / "ok.png")
+    assert code == 0, err
+    with Image.open(tmp_path / "ok.png") as img:  # raises DecompressionBombError past 2 * MAX_IMAGE_PIXELS
+        assert img.size == (38, 38)
+    for args in (["sample", "-n", "5", "--out", tmp_path / "big.png"], ["sample", "-n", "10", "--grid", "5", "--out", tmp_path / "dir"],
+                 ["class-grid", "--samples-per-class", "1000000000", "--out", tmp_path / "cg.png"]):
+        code, err = _fm(capsys, *args, "--ckpt", debug_run, "--steps", "1", "--device", "cpu")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "more than PIL opens" in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png"]
+
+
+def test_sampling_into_a_folder_does_not_name_every_sample_before_it_starts(tmp_path):
+    """`fm sample -n 1000000000 --out DIR` built the paths of all n files (and a list of all n indices) before its first
+    batch: a MemoryError or the OS's kill. The check now reads the folder: the same files as naming every sample
+    and keeping those that exist (brute force, small n), in memory that does not grow with n."""
+    import tracemalloc
+
+    from fmcli.distributed import DistContext, shard_indices
+    from fmcli.generate import sample_outputs
+    from fmcli.images import sample_file
+
+    out = tmp_path / "dir"
+    out.mkdir()
+    for name in ("000002.png", "000999.png", "1234567.png", "0000003.png", "notes.txt", "grid-old.png"):
+        (out / name).write_text("x")
+    for n in (1, 3, 1000, 2000):
+        brute = [sample_file(out, i) for i in range(n) if sample_file(out, i).exists()]
+        assert sample_outputs(out, n)[2:] == brute, n
+    assert [p.name for p in sample_outputs(out, 10**9)[2:]] == ["000002.png", "000999.png", "1234567.png"]
+    tracemalloc.start()
+    sample_outputs(out, 10**6)
+    indices = shard_indices(10**9, DistContext())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1_000_000 and len(indices) == 10**9 and indices[-1] == 10**9 - 1, peak
+
+
+def test_env_width_has_a_maximum(capsys):
+    """`fm env --width 1000000` asked the probe for a [1000000, 4000000] GEMM weight (16 TB): a raw allocation error.
+    Widths past 8192 (every DiT is below 4096) are a usage line now, before any probe."""
+    code, err = _fm(capsys, "env", "--width", "1000000")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "8192" in err, err

@@ -77,6 +77,25 @@ def test_a_folder_of_the_users_files_is_not_called_a_run_to_delete(shapes16, tmp
     assert stopped.returncode == 2 and "stopped before the first" in stopped.stderr, stopped.stderr
 
 
+def test_refusals_that_need_no_data_come_before_the_default_data_is_prepared(tmp_path):
+    """A used --run-dir, a missing train.init_from and FID during training without Inception weights were refused only
+    after the default shapes data was prepared into ./data (and, for init_from, after REPA's domain classifier trained
+    on it): files and minutes the user did not ask for. Each is one line (exit 2) now, with nothing written here."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # a run that stopped before its first checkpoint
+    small = ["--set", "data.count=16", "--set", "data.image_size=16", "--set", "train.steps=1"]
+    used = fm_in_process("train", "--preset", "debug", "--run-dir", run, *small, cwd=tmp_path)
+    assert used.returncode == 2 and "already exists" in used.stderr and len(used.stderr.strip().splitlines()) == 1, used.stderr
+    missing = fm_in_process("train", "--preset", "debug", "--run-dir", tmp_path / "new", *small,
+                            "--set", f"train.init_from={tmp_path / 'nowhere.pt'}", cwd=tmp_path)
+    assert missing.returncode == 2 and "not found" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    no_inception = fm_in_process("train", "--preset", "debug", "--run-dir", tmp_path / "new", *small, "--set", "eval.every=1",
+                                 "--set", f"eval.ref={tmp_path / 'run'}", "--set", "eval.features=inception", cwd=tmp_path, env={"FM_INCEPTION": ""})
+    assert no_inception.returncode == 2 and "Inception weights" in no_inception.stderr, no_inception.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and [p.name for p in run.iterdir()] == ["config.json"]
+
+
 def test_a_resumed_run_whose_data_moved_is_told_what_the_data_was(shapes16, tmp_path, monkeypatch):
     """A run trained with --data on another source than its preset's data.source (here the debug preset's "shapes"
     on a copy of a folder-made dataset), its data then moved: the resume names the dataset the checkpoint trained on

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -178,13 +179,13 @@ def test_pairs_round_trip_through_the_reader(teacher, tmp_path):
     np.testing.assert_array_equal(batch["y"].numpy(), raw["y"][[3, 0, 10]])
 
 
-def text_checkpoint(path, encoder=None, text_dim=8):
+def text_checkpoint(path, encoder=None, text_dim=8, data_info=None):
     cfg = load_config("debug", ["model.cross_attention=true", f"model.text_dim={text_dim}", "model.image_size=16", "model.in_channels=3",
                                 "model.num_classes=0", f"encoders.text_encoder='{encoder}'", "encoders.max_tokens=8"])
     from fmcli.models import build_model
 
     sd = build_model(cfg.model).state_dict()
-    save_atomic({"model": sd, "ema": sd, "config": config_to_dict(cfg), "step": 1, "data_info": {}}, path)
+    save_atomic({"model": sd, "ema": sd, "config": config_to_dict(cfg), "step": 1, "data_info": data_info or {}}, path)
 
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(debug_run, tmp_path):
@@ -248,6 +249,51 @@ def test_an_interrupted_text_reflow_refuses_another_text_encoder(tmp_path, monke
     plan_file.write_text(json.dumps({k: v for k, v in json.loads(plan_file.read_text()).items() if k != "text_encoder"}))
     summary = pairs(loaded[first], tmp_path / "p", n=6, batch_size=3, prompts=prompts)
     assert summary.chunks_reused == 1 and PreparedDataset(tmp_path / "p").manifest["teacher"]["text_encoder"] == str(first.resolve())
+
+
+def test_text_pairs_record_the_encoder_that_ran_for_the_student(tmp_path, monkeypatch):
+    """A teacher trained on cached text states of an encoder that has since moved, sampled with --text-encoder DIR:
+    the pairs' manifest recorded the teacher's old encoder (its gone path, `cached: true`, though the pairs hold
+    captions, no text states), so a student trained on them looked for that gone encoder. It records the one that
+    encoded the prompts, by its absolute path, and the student's training finds that one."""
+    from fmcli.encoders import build_tiny_text_encoder, setup_training_encoders
+
+    words = ["a", "red", "blue", "circle", "star"]
+    encoder = build_tiny_text_encoder(tmp_path / "t5", seed=0, words=words, d_model=16, layers=1, heads=2)
+    gone = {"path": str(tmp_path / "moved-away"), "model_type": "t5", "hidden_size": 16, "max_tokens": 8, "cached": True}
+    text_checkpoint(tmp_path / "text.pt", tmp_path / "moved-away", text_dim=16, data_info={"kind": "pixels", "text_encoder": gone})
+    monkeypatch.chdir(tmp_path)
+    loaded = load_for_sampling(str(tmp_path / "text.pt"), torch.device("cpu"), text_encoder="t5")  # relative, as typed
+    pairs(loaded, tmp_path / "p", n=4, batch_size=2, prompts=["a red circle", "a blue star"])
+    recorded = PreparedDataset(tmp_path / "p").manifest["text_encoder"]
+    assert recorded["path"] == os.path.join(str(tmp_path), "t5") and not recorded.get("cached"), recorded
+    student = load_config("debug", ["model.cross_attention=true", "model.image_size=16", "model.num_classes=0", "flow.coupling=pairs"])
+    _, resolved = setup_training_encoders(student, PreparedDataset(tmp_path / "p", text=True), torch.device("cpu"))
+    assert resolved.encoders.text_encoder == str(encoder.resolve())
+
+
+def test_an_autoguidance_teacher_is_refused_with_advice_reflow_can_follow(tmp_path):
+    """A checkpoint of an older fm whose config samples with sample.guidance='auto': reflow said to pass --guide-ckpt,
+    which it does not have, so no command could make its pairs. Now one line (exit 2, nothing written) that says
+    --cfg W; with it the pairs are those of the same teacher with sample.guidance='cfg' at W."""
+    from fmcli.models import build_model
+
+    cfg = load_config("debug", ["model.image_size=16", "model.in_channels=3", "model.num_classes=4"])
+    sd = build_model(cfg.model).state_dict()
+    for name, guidance in (("auto.pt", "auto"), ("cfg.pt", "cfg")):
+        raw = config_to_dict(cfg)
+        raw["sample"].update(guidance=guidance, cfg=2.0)
+        save_atomic({"model": sd, "ema": sd, "config": raw, "step": 1, "data_info": {}}, tmp_path / name)
+    run = ["-n", "4", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
+    refused = fm_in_process("reflow", "--ckpt", tmp_path / "auto.pt", "--out", tmp_path / "p", *run)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "--cfg W" in refused.stderr and "--guide-ckpt" not in refused.stderr, refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.pt", "cfg.pt"]
+    for name in ("auto", "cfg"):
+        done = fm_in_process("reflow", "--ckpt", tmp_path / f"{name}.pt", "--out", tmp_path / f"p-{name}", "--cfg", "2", *run)
+        assert done.returncode == 0, done.stderr
+    for field in ("x0", "x1"):
+        np.testing.assert_array_equal(np.load(tmp_path / "p-auto" / f"{field}.npy"), np.load(tmp_path / "p-cfg" / f"{field}.npy"))
 
 
 # ------------------------------------------------------------------------------------ training on pairs

@@ -154,7 +154,8 @@ def reflow(
     flags = SamplingFlags(cfg_scale=cfg_scale, steps=steps, solver=solver, rtol=rtol, atol=atol, precision=precision, compile_model=compile_model)
     # The defaults: 50 steps for fixed-step solvers (dopri5 chooses its own: --steps is refused); heun, or a
     # mean-flow teacher's own jumps (no other solver fits it).
-    overrides = flags.overrides(steps=50, solver=lambda base: base.solver if base.solver in MEAN_FLOW_SOLVERS else "heun")
+    overrides = flags.overrides(steps=50, solver=lambda base: base.solver if base.solver in MEAN_FLOW_SOLVERS else "heun",
+                                guidance=functools.partial(_reflow_guidance, cfg_scale))
     if not launched_externally():  # the one-line refusals come before relaunching or solving anything
         check_teacher(ckpt, out, texts, force, overrides)
     work = functools.partial(
@@ -169,6 +170,18 @@ def reflow(
     else:
         stderr_console().print(f"{summary.count} pairs, {summary.nfe:g} NFE per pair (mean; most {summary.nfe_max}), {summary.seconds:.1f} s ({summary.chunks_reused} chunks reused)", highlight=False)
         print(summary.path)
+
+
+def _reflow_guidance(cfg_scale: Optional[float], base) -> Optional[str]:
+    """A teacher whose config samples with autoguidance (sample.guidance 'auto', of an older fm) needs a guide
+    checkpoint, which `fm reflow` does not take: refused before anything is written, unless --cfg W is given, which
+    guides the pairs with classifier-free guidance (what --cfg is here). Other guidances are the teacher's own (None)."""
+    if base.guidance != "auto":
+        return None
+    if cfg_scale is None:
+        raise UsageError(f"this teacher's config samples with autoguidance (sample.guidance='auto', cfg {base.cfg:g}), whose guide "
+                         "checkpoint fm reflow does not take: pass --cfg W for classifier-free guided pairs (--cfg 1: unguided)")
+    return "cfg"
 
 
 # ------------------------------------------------------------------------------------------- export

@@ -72,7 +72,7 @@ def bench(
 @app.command("env")
 def env_command(
     device: Device = "auto",
-    width: Annotated[int, typer.Option("--width", min=8, help="Model width for the probe's GEMM (the quickstart DiT is 128).")] = 384,
+    width: Annotated[int, typer.Option("--width", min=8, max=8192, help="Model width for the probe's GEMM (the quickstart DiT is 128; DiT-XL 1152).")] = 384,
     remeasure: Annotated[bool, typer.Option("--remeasure", help="Forget this machine's cached probes and measure again (e.g. one taken under heavy load).")] = False,
     as_json: Json = False,
 ):
