@@ -677,7 +677,8 @@ def test_a_text_encoder_for_a_source_without_captions_is_refused_before_the_pixe
 
     monkeypatch.setattr("fmcli.data.prepare.prepare_with_progress", pixel_pass)
     (tmp_path / "root").mkdir()
-    res = fm_in_process("prepare-data", source, "--root", tmp_path / "root", "--out", tmp_path / "o", "--text-encoder", tiny_t5, "--cache-text")
+    root = [] if source == "sklearn-digits" else ["--root", tmp_path / "root"]  # scikit-learn ships the digits: --root is refused there
+    res = fm_in_process("prepare-data", source, *root, "--out", tmp_path / "o", "--text-encoder", tiny_t5, "--cache-text")
     assert res.returncode == 2 and f"the {source} source has no captions" in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
 
