@@ -204,7 +204,7 @@ def _atomic_dir(out: Path, write) -> None:
         tmp.mkdir()
         write(tmp)
 
-    atomic_write(out, write_dir)  # fsutil.commit moves a previous export aside, then replaces it
+    atomic_write(out, write_dir)  # fsutil.commit swaps it with a previous export, then deletes that
 
 
 # ------------------------------------------------------------------------------------------ READMEs

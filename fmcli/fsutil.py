@@ -9,7 +9,10 @@ check every command with an output path runs before doing any work (docs/archite
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
+import functools
 import os
 import shutil
 import uuid
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UsageError
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 
 
 def atomic_write(path: str | Path, writer: Callable[[Path], object], *, durable: bool = True) -> Path:
@@ -56,20 +61,59 @@ def temp_path(path: str | Path) -> Path:
 def commit(tmp: Path, path: Path, *, durable: bool = True) -> None:
     """fsync `tmp` (every file in it, for a directory), rename it to `path`, fsync the parent directory.
 
-    A directory replaces an existing one by moving the old one aside first (rename cannot replace a
-    non-empty directory); the old one is deleted only once the new one is in place.
+    A directory replaces an existing one (which rename cannot do) by swapping the two in one step (`_swap_dirs`),
+    so that `path` holds the old or the new one whatever stops the process; the old one is deleted only once the
+    new one is in place.
     """
     if durable:
         _fsync_tree(tmp)
-    old = None
-    if tmp.is_dir() and path.is_dir():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(path, old)
-    os.replace(tmp, path)
+    old = _swap_dirs(tmp, path) if tmp.is_dir() and path.is_dir() else None
+    if old is None:
+        os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _swap_dirs(new: Path, path: Path) -> Path:
+    """Put the directory `new` in the place of the directory `path`; return where the old one is now. One atomic
+    exchange where the kernel and filesystem have it (Linux renameat2); else the old one is moved aside first, and
+    moved back if moving the new one in fails or is interrupted (a kill between the two renames leaves it aside)."""
+    if _exchange(new, path):
+        return new
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(path, old)
+        os.replace(new, path)
+    except BaseException:  # a failure or Ctrl-C between the two: the old one goes back (a signal may come after
+        if os.path.lexists(old) and not os.path.lexists(path):  # either rename returned, hence the checks)
+            os.replace(old, path)
+        raise
+    return old
+
+
+@functools.lru_cache(maxsize=None)
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # not Linux, or a C library without it (glibc < 2.28)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths `a` and `b` in one step (renameat2 RENAME_EXCHANGE); False where that is not supported."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a filesystem (or kernel) without the exchange
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def commit_new(tmp: Path, path: Path) -> bool:

@@ -132,7 +132,7 @@ class PreparedWriter:
         }
         manifest.update(manifest_fields)
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        commit(self.tmp, self.out)  # an existing self.out (force=True) is moved aside, then removed
+        commit(self.tmp, self.out)  # an existing self.out (force=True) is swapped with it, then removed
         return self.out
 
     def __exit__(self, exc_type, exc, tb):
