@@ -59,7 +59,7 @@ def temp_path(path: str | Path) -> Path:
 
 
 def commit(tmp: Path, path: Path, *, durable: bool = True) -> None:
-    """fsync `tmp` (every file in it, for a directory), rename it to `path`, fsync the parent directory.
+    """fsync `tmp` (every file and folder in it, for a directory), rename it to `path`, fsync the parent directory.
 
     A directory replaces an existing one (which rename cannot do) by swapping the two in one step (`_swap_dirs`),
     so that `path` holds the old or the new one whatever stops the process; the old one is deleted only once the
@@ -132,11 +132,13 @@ def commit_new(tmp: Path, path: Path) -> bool:
 
 
 def _fsync_tree(tmp: Path) -> None:
-    """fsync a file, or every file in a directory and the directory itself, before it is renamed into place."""
-    for f in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
-        fsync_file(f)
-    if tmp.is_dir():
-        fsync_dir(tmp)
+    """fsync a file, or every file and folder in a directory and the directory itself (a file's name is durable
+    only once its folder is: a subfolder's too), before it is renamed into place."""
+    for p in [tmp] if tmp.is_file() else [*tmp.rglob("*"), tmp]:
+        if p.is_file():
+            fsync_file(p)
+        elif p.is_dir():
+            fsync_dir(p)
 
 
 def refuse_existing(paths, force: bool, *, folders: bool = False) -> None:

@@ -190,6 +190,33 @@ def test_directory_replace_killed_at_any_rename_keeps_old_or_new(tmp_path, when,
     assert _whole(target) in ("old", "new"), sorted(p.name for p in tmp_path.iterdir())
 
 
+def test_directory_commit_fsyncs_every_folder_in_it(tmp_path, monkeypatch):
+    """A durable commit of a folder fsyncs every file and every folder in it (a subfolder's entries too: export's
+    scheduler/) before the rename; the list to cover is os.walk's, not fsutil's."""
+    from fmcli import fsutil
+
+    tmp = tmp_path / ".exp.tmp-1"
+    (tmp / "scheduler" / "deep").mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(b"w")
+    (tmp / "scheduler" / "scheduler_config.json").write_text("{}")
+    (tmp / "scheduler" / "deep" / "x").write_text("x")
+    expected = set()
+    for folder, _dirs, files in os.walk(tmp):
+        expected |= {Path(folder), *(Path(folder) / f for f in files)}
+    synced, real_replace = set(), os.replace
+    monkeypatch.setattr(fsutil, "fsync_file", lambda p: synced.add(Path(p)))
+    monkeypatch.setattr(fsutil, "fsync_dir", lambda p: synced.add(Path(p)))
+
+    def replace(src, dst):
+        assert expected <= synced, sorted(map(str, expected - synced))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False, raising=False)
+    fsutil.commit(tmp, tmp_path / "exp")
+    assert (tmp_path / "exp" / "scheduler" / "deep" / "x").read_text() == "x"
+
+
 def test_no_writer_renames_a_temp_file_by_hand():
     """Every writer goes through fsutil: no module but fsutil renames a temp file (os.replace(tmp, ...)),
     so no copy of the write-fsync-rename dance can miss a step."""
