@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import EXPORT_MANIFEST, load_checkpoint, resolve_checkpoint
 from .config import Config, config_to_dict, validate_config
 from .errors import UsageError
-from .fsutil import atomic_write, refuse_foreign_entries, refuse_unwritable
+from .fsutil import atomic_write, refuse_unreplaceable_folder, refuse_unwritable
 
 EXPORT_FORMATS = ("diffusers", "fm")
 EXPORT_VERSION = 1
@@ -52,10 +52,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
         raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
     out = Path(out)
     # What --force may not replace is refused first, so that "pass --force" is never advice that --force then refuses.
-    if out.exists() and not (out.is_dir() and ((out / EXPORT_MANIFEST).is_file() or not any(out.iterdir()))):
-        raise UsageError(f"refusing to replace {out}: it is neither an fm export (no {EXPORT_MANIFEST}) nor empty; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"refusing to replace {out}: it is a file, not an fm export folder; choose another --out")
     if out.exists():
-        refuse_foreign_entries(out, "an fm export", EXPORT_FILES.__contains__)
+        refuse_unreplaceable_folder(out, "an fm export", EXPORT_MANIFEST, EXPORT_FILES.__contains__)
     if out.exists() and not force:
         raise UsageError(f"{out} already exists; pass --force to replace it")
     refuse_unwritable(out.parent)  # a file where a folder of --out should be: one line now, not an OSError later

@@ -169,13 +169,17 @@ def refuse_existing(paths, force: bool, *, folders: bool = False) -> None:
         refuse_unwritable(folder)
 
 
-def refuse_foreign_entries(path: Path, what: str, ours: Callable[[str], bool]) -> None:
-    """--force replaces the folder `path` holding an earlier `what` only when every entry in it is one fm writes
-    there (`ours(name)`): a file of the user's inside it would be deleted with it. Refused, naming the first few."""
-    foreign = sorted(p.name for p in path.iterdir() if not ours(p.name))
-    if foreign:
-        raise UsageError(f"refusing to replace {path}: besides {what} it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
-                         "which --force would delete; move them out or choose another --out")  # fmt: skip
+def refuse_unreplaceable_folder(path: Path, what: str, marker: str, ours: Callable[[str], bool]) -> None:
+    """--force replaces the folder `path` only when it is empty, or an earlier `what` (it holds the file `marker`) in
+    which every entry is one fm writes there (`ours(name)`): a file of the user's inside it would be deleted with it.
+    Anything else is refused in one line (the first few foreign entries named), before any work."""
+    if (path / marker).is_file():
+        foreign = sorted(p.name for p in path.iterdir() if not ours(p.name))
+        if foreign:
+            raise UsageError(f"refusing to replace {path}: besides {what} it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                             "which --force would delete; move them out or choose another --out")  # fmt: skip
+    elif any(path.iterdir()):
+        raise UsageError(f"refusing to replace {path}: it is not {what} (no {marker}) nor empty; choose another --out")
 
 
 def refuse_unwritable(folder: str | Path) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import RuntimeFailure, UsageError
-from ..fsutil import commit, named_path, refuse_existing, refuse_foreign_entries, temp_path
+from ..fsutil import commit, named_path, refuse_existing, refuse_unreplaceable_folder, temp_path
 
 FORMAT_VERSION = 1
 
@@ -214,14 +214,8 @@ def refuse_unreplaceable(path: Path) -> None:
     anything else: a folder of the user's own (the images being prepared, say) inside it would go with it. Run
     before any work, and before `refuse_existing`: its "pass --force" is advice only for what --force may replace.
     A file is `refuse_existing`'s to refuse (not even --force puts a folder in its place)."""
-    if not path.is_dir():
-        return
-    if path.is_dir() and (path / "manifest.json").is_file():
-        refuse_foreign_entries(path, "a prepared dataset", _is_dataset_entry)
-    elif not (path.is_dir() and not any(path.iterdir())):
-        raise UsageError(f"refusing to replace {path}: it is not a prepared dataset (no manifest.json) nor empty; choose another --out")
-
-
+    if path.is_dir():
+        refuse_unreplaceable_folder(path, "a prepared dataset", "manifest.json", _is_dataset_entry)
 
 
 def read_manifest(path: str | Path) -> dict:
