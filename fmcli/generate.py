@@ -630,15 +630,19 @@ def sample_outputs(out: Path, n: int, force: bool = False) -> list[Path]:
 
 
 def sample_indices_in(out: Path) -> list[int]:
-    """The indices of the files in `out` named as fm names samples (images.sample_file: six or more digits)."""
-    import re
-
+    """The indices of the files in `out` named exactly as fm names samples (images.sample_file: six or more digits)."""
     from .images import sample_file
+
+    return [i for i, name in _numbered_pngs(out) if sample_file(out, i).name == name]
+
+
+def _numbered_pngs(out: Path) -> list[tuple[int, str]]:
+    """(index, file name) of the files in `out` named like fm's samples, NNNNNN.png with six or more digits."""
+    import re
 
     if not out.is_dir():
         return []
-    found = (re.fullmatch(r"(\d{6,})\.png", p.name) for p in out.iterdir())
-    return [int(m.group(1)) for m in found if m and sample_file(out, int(m.group(1))).name == m.group(0)]
+    return [(int(m.group(1)), m.group(0)) for p in out.iterdir() if (m := re.fullmatch(r"(\d{6,})\.png", p.name))]
 
 
 def manifest_path(out: Path) -> Path:
@@ -786,11 +790,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
 
 def samples_beyond(out: Path, n: int) -> int:
     """How many files in `out` are named as fm names samples (images.sample_file) with an index of `n` or more."""
-    import re
-
-    if not out.is_dir():
-        return 0
-    return sum(1 for p in out.iterdir() if (m := re.fullmatch(r"(\d{6,})\.png", p.name)) and int(m.group(1)) >= n)
+    return sum(1 for i, _ in _numbered_pngs(out) if i >= n)
 
 
 def _missing(out: Path, indices: list[int], shown: int) -> tuple[list[int], int]:
