@@ -54,7 +54,8 @@ def dit_forward_flops(model_cfg, text_tokens: int | None = None) -> int:
     n = (m.image_size // p) ** 2
     hidden = int(d * m.mlp_ratio)
     per_block = 3 * n * d * d + 2 * n * n * d + n * d * d + 2 * n * d * hidden + d * 6 * d
-    extra = (256 * d + d * d) if m.end_time else 0
+    time_mlp = 256 * d + d * d  # a timestep embedder's MLP (frequencies -> D -> D)
+    extra = time_mlp if m.end_time else 0  # a mean-flow DiT's interval embedding is a second one
     if m.cross_attention:
         if m.text_dim is None:
             raise UsageError("fm bench of a text model needs model.text_dim, the text encoder's width (e.g. --set model.text_dim=512)")
@@ -62,7 +63,7 @@ def dit_forward_flops(model_cfg, text_tokens: int | None = None) -> int:
             raise ValueError("a text DiT's FLOPs need the number of text tokens")
         per_block += 2 * n * d * d + 2 * text_tokens * d * d + 2 * n * text_tokens * d
         extra += text_tokens * (m.text_dim * d + d * d)
-    macs = n * c * p * p * d + (256 * d + d * d) + m.depth * per_block + d * 2 * d + n * d * p * p * c + extra
+    macs = n * c * p * p * d + time_mlp + m.depth * per_block + d * 2 * d + n * d * p * p * c + extra
     return 2 * macs
 
 
