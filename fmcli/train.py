@@ -442,7 +442,7 @@ class Trainer:
         """The checkpoint's contents (checkpoint.training_state); collective: every rank calls it."""
         hardware = self.hardware.record(self.budget.snapshot)  # how precision / compile were resolved, the probe, the budget
         manifest = self.dataset.manifest  # what sampling needs to know of it; a student of reflow pairs samples its teacher's kind
-        keys = ("kind", "shape", "count", "num_classes", "class_names", "source", "image_size", "vae", "text_encoder")
+        keys = ("kind", "shape", "count", "num_classes", "class_names", "source", "image_size", "vae", "text_encoder", "fingerprint")
         data_info = {**{k: manifest.get(k) for k in keys}, "kind": data_space(manifest)}
         position = data_position(self.batches, len(self.dataset), self.cfg.train.global_batch_size)
         return training_state(self.step_fn.state_dict(), step=self.step, batches=self.batches, position=position, ctx=self.ctx,
@@ -488,12 +488,7 @@ class Trainer:
         self.budget.restore((state.get("hardware") or {}).get("budget"))  # the fitted steps are in the config
         self.step = int(state["step"])
         self.batches = int(state["data_position"]["batches"])
-        # The data position indexes this dataset's epoch permutations, which depend on its size (older checkpoints
-        # lack the count: only a position that falls elsewhere in the epochs is caught then).
-        count = (state.get("data_info") or {}).get("count")
-        if count is not None and int(count) != len(self.dataset):
-            raise UsageError(f"{path} was trained on {count} images, but {self.cfg.data.path} holds {len(self.dataset)} (re-prepared?): a resume "
-                             f"continues the same data; to go on with other data start a new run with --set train.init_from={path}")
+        self._check_same_data(path, state.get("data_info") or {})
         saved = (state["data_position"]["epoch"], state["data_position"]["index"])
         if saved != data_position(self.batches, len(self.dataset), self.cfg.train.global_batch_size):
             raise RuntimeFailure(f"{path}: data position {saved} does not match this dataset; was it re-prepared with another size?")
@@ -505,6 +500,25 @@ class Trainer:
         self.hardware.muon_ns_dtype = self.step_fn.optimizer.muon_ns_dtype  # a resumed run keeps its saved one
         self.branch_point = (self.step, path)
         self.log.info(f"resumed from {path} at step {self.step}")
+
+    def _check_same_data(self, path: Path, info: dict) -> None:
+        """A resume continues the saved data position in the same images: the dataset must be the one trained on, by
+        its image count and, where the checkpoint and the manifest both hold one (not an older fm's), its content
+        fingerprint (a copy elsewhere is the same dataset)."""
+        # The data position indexes this dataset's epoch permutations, which depend on its size (older checkpoints
+        # lack the count: only a position that falls elsewhere in the epochs is caught then).
+        data, count = self.cfg.data.path, info.get("count")
+        new = f"a resume continues the same data; to go on with other data start a new run with --set train.init_from={path}"
+        if count is not None and int(count) != len(self.dataset):
+            raise UsageError(f"{path} was trained on {count} images, but {data} holds {len(self.dataset)} (re-prepared?): {new}")
+        saved, current = info.get("fingerprint"), self.dataset.manifest.get("fingerprint")
+        if saved is not None and current is not None and saved != current:
+            raise UsageError(f"{path} was trained on other images than {data} holds (the same count, content fingerprint {str(saved)[:12]} "
+                             f"then, {current[:12]} now: re-prepared or replaced?): {new}")
+        if saved is None or current is None:
+            older = "the checkpoint" if saved is None else f"the dataset {data}"
+            self.log.info(f"note: {older} has no content fingerprint (written by an older fm): on resume only the image count "
+                          "shows the data is the one trained on")
 
     # ---------------------------------------------------------------------------------------- outputs
 

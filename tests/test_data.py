@@ -747,6 +747,52 @@ def test_writer_latents_extras_and_dtype_checks(tmp_path):
             w.add(np.zeros((1, 2, 2), np.uint8))
 
 
+def _fingerprint_from_files(path: Path) -> str:
+    """docs/architecture.md section 5's fingerprint, recomputed from the files on disk by hand: SHA-256 of sorted JSON
+    {row array file: "DTYPE [SHAPE] SHA256(data bytes)", captions.jsonl: SHA256(its bytes)}."""
+    import hashlib
+
+    parts = {}
+    for name in ("x.npy", "x0.npy", "x1.npy", "x_flip.npy", "y.npy"):
+        if (path / name).is_file():
+            a = np.load(path / name)
+            parts[name] = f"{a.dtype.str} {list(a.shape)} {hashlib.sha256(a.tobytes()).hexdigest()}"
+    if (path / "captions.jsonl").is_file():
+        parts["captions.jsonl"] = hashlib.sha256((path / "captions.jsonl").read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def test_the_manifest_fingerprint_is_the_contents_not_the_path(tmp_path):
+    """A resume compares the manifest's `fingerprint` with its checkpoint's: the files' contents, so another seed's
+    images of the same count differ, a copy elsewhere or the same images re-prepared are equal; a reflow pairs and a
+    mirrored latent dataset (row files x0/x1, x_flip) get one too; a malformed one is refused before use."""
+    import shutil
+
+    from fmcli.data.dataset import validate_prepared
+
+    a = prepare_shapes(tmp_path / "a", size=8, count=6, seed=0)
+    b = prepare_shapes(tmp_path / "b", size=8, count=6, seed=1)
+    again = prepare_shapes(tmp_path / "again", size=8, count=6, seed=0)
+    copy = Path(shutil.copytree(a, tmp_path / "elsewhere" / "copy"))
+    fp = {d.name: read_manifest(d)["fingerprint"] for d in (a, b, again)}
+    assert fp["a"] == _fingerprint_from_files(a) == _fingerprint_from_files(copy) == fp["again"]
+    assert fp["b"] == _fingerprint_from_files(b) != fp["a"]
+    pairs = {"x1": RNG.standard_normal((3, 1, 2, 2)), "x0": RNG.standard_normal((3, 1, 2, 2))}
+    with PreparedWriter(tmp_path / "p", 3, (1, 2, 2), dtype="float32", kind="pairs", labels=True, x_name="x1", extras={"x0": ((1, 2, 2), "float32")}) as w:
+        w.add_batch(pairs["x1"], np.array([0, 1, 0]), x0=pairs["x0"])
+        w.finish(num_classes=2)
+    with PreparedWriter(tmp_path / "l", 2, (1, 2, 2), dtype="float16", kind="latents", extras={"x_flip": ((1, 2, 2), "float16")}) as w:
+        w.add_batch(RNG.standard_normal((2, 1, 2, 2)), x_flip=RNG.standard_normal((2, 1, 2, 2)))
+        w.finish(mirrored=True)
+    for d in (tmp_path / "p", tmp_path / "l"):
+        assert validate_prepared(d)["fingerprint"] == _fingerprint_from_files(d)
+    manifest = read_manifest(copy)
+    for bad in (fp["a"].upper(), fp["a"][:-1], 7, ["x"]):
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": bad}))
+        with pytest.raises(UsageError, match="fingerprint .* is not a SHA-256"):
+            validate_prepared(copy)
+
+
 def test_dataset_pickles_without_data_and_loader_workers_agree(shapes16):
     ds = PreparedDataset(shapes16)
     first = ds.__getitems__([0, 5])

@@ -116,6 +116,33 @@ def test_resume_on_a_dataset_of_another_size_is_refused(tmp_path):
         train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "run", resume_from=ckpt)
 
 
+def test_resume_on_other_data_of_the_same_size_is_refused_by_its_fingerprint(tmp_path):
+    """The count check let a dataset replaced by another of the same size through (another shapes seed: the data
+    position went on in other images). The manifest's content fingerprint, kept in the checkpoint, refuses it
+    (exit 2); the same images re-prepared resume; a checkpoint without the fingerprint (an older fm's) resumes on
+    the count alone, saying so."""
+    from fmcli.config import validate_config
+
+    data = prepare_shapes(tmp_path / "shapes", size=8, count=32, seed=0)
+    common = ["model.patch_size=4", "train.steps=3", "train.global_batch_size=8", "train.checkpoint_every=0"]
+    train(cfg_for(data, *common), tmp_path / "run", stop_at_step=2)
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    state = load_checkpoint(ckpt)
+    cfg = validate_config(state["config"])
+    prepare_shapes(data, size=8, count=32, seed=1, force=True)  # other images, the same count
+    with pytest.raises(UsageError, match="trained on other images than .* content fingerprint"):
+        train(cfg, tmp_path / "run", resume_from=ckpt)
+    del state["data_info"]["fingerprint"]
+    older = tmp_path / "older.pt"
+    torch.save(state, older)
+    notes = []
+    log = type("Log", (QuietLog,), {"info": lambda self, message: notes.append(message)})()
+    assert train(cfg, tmp_path / "older-run", resume_from=older, log=log).step == 3
+    assert any("no content fingerprint" in n for n in notes), notes
+    prepare_shapes(data, size=8, count=32, seed=0, force=True)  # the same images again: the same dataset
+    assert train(cfg, tmp_path / "run", resume_from=ckpt).step == 3
+
+
 def test_metrics_epoch_counts_the_epochs_completed(tmp_path):
     """docs/architecture.md: a metrics record's `epoch` is the whole epochs completed by its step (drop-last: 20
     images at batch 8 make 2 steps an epoch, 4 images never read). By hand: floor(8 k / 16) after step k."""

@@ -9,6 +9,7 @@ file and the directory fsynced, then the rename), so an interrupted run leaves n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -61,6 +62,7 @@ class PreparedWriter:
         self._extras = dict(extras or {})
         self._streams: dict[str, _NpyStream] = {}
         self.captions = None
+        self._captions_hash = hashlib.sha256()  # the captions file's bytes as written (`content_fingerprint`)
         self._x_name = x_name  # the file of the images (add_batch's first argument): x.npy, or x1.npy for pairs
 
     def __enter__(self):
@@ -105,7 +107,9 @@ class PreparedWriter:
             if len(captions) != n:
                 raise ValueError(f"captions: {len(captions)} rows for {n} images")
             for k, caption in enumerate(captions):
-                self.captions.write(json.dumps({"i": self.count + k, "caption": _encodable(caption or "")}, ensure_ascii=False) + "\n")
+                line = json.dumps({"i": self.count + k, "caption": _encodable(caption or "")}, ensure_ascii=False) + "\n"
+                self.captions.write(line)
+                self._captions_hash.update(line.encode("utf-8"))
         self.count += n
 
     def finish(self, **manifest_fields) -> Path:
@@ -129,11 +133,19 @@ class PreparedWriter:
             "vae": None,
             "text_encoder": None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "fingerprint": self._fingerprint(),
         }
         manifest.update(manifest_fields)
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         commit(self.tmp, self.out)  # an existing self.out (force=True) is swapped with it, then removed
         return self.out
+
+    def _fingerprint(self) -> str:
+        """`content_fingerprint` of what was written, from the hashes kept while writing (nothing is read back)."""
+        parts = {stream.path.name: stream.fingerprint_part() for stream in self._streams.values()}
+        if self.captions is not None:
+            parts["captions.jsonl"] = self._captions_hash.hexdigest()
+        return content_fingerprint(parts)
 
     def __exit__(self, exc_type, exc, tb):
         # Any failure, Ctrl-C included, removes the temporary directory: no half-written dataset.
@@ -164,6 +176,7 @@ class _NpyStream:
     def __init__(self, path: Path, row_shape: tuple[int, ...], dtype: str):
         self.path, self.row_shape, self.dtype = path, tuple(row_shape), np.dtype(dtype)
         self.rows = 0
+        self.hash = hashlib.sha256()  # the data bytes, as written (`fingerprint_part`)
         self.file = open(path, "wb", buffering=1 << 20)
         self.file.write(b"\0" * self.HEADER_BYTES)
 
@@ -175,8 +188,14 @@ class _NpyStream:
             values = np.ascontiguousarray(values.astype(self.dtype, casting="same_kind", copy=False))
         if self.dtype.kind == "f" and not np.isfinite(values).all():  # float16 overflow shows up here as inf
             raise RuntimeFailure(f"{self.path.name}: non-finite values (NaN/inf, or beyond the float16 range) in rows {self.rows}..{self.rows + len(values) - 1}")
-        self.file.write(memoryview(values).cast("B"))
+        data = memoryview(values).cast("B")
+        self.file.write(data)
+        self.hash.update(data)
         self.rows += len(values)
+
+    def fingerprint_part(self) -> str:
+        """This file's part of `content_fingerprint`: dtype, shape and the SHA-256 of its data bytes."""
+        return npy_fingerprint_part(self.dtype, (self.rows, *self.row_shape), self.hash.hexdigest())
 
     def close(self) -> None:
         self.file.seek(0)
@@ -196,6 +215,22 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype, total: int) -> bytes:
         raise ValueError(f"npy header for shape {shape} does not fit in {total} bytes")
     body = text.ljust(body_len - 1) + "\n"
     return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
+
+
+def npy_fingerprint_part(dtype: np.dtype, shape: tuple[int, ...], data_sha256: str) -> str:
+    return f"{np.lib.format.dtype_to_descr(np.dtype(dtype))} {list(shape)} {data_sha256}"
+
+
+def content_fingerprint(parts: dict[str, str]) -> str:
+    """A prepared dataset's identity (manifest `fingerprint`, kept in each checkpoint's data_info: a resume on other data
+    of the same count is refused): the SHA-256 of its row files' contents, `parts` (file name -> for an array written row
+    by row, x/x1/x0/x_flip/y.npy, its dtype, shape and data bytes' SHA-256; for captions.jsonl its bytes' SHA-256) as
+    sorted JSON. Content only, neither the path nor `created`: a copy elsewhere is the same dataset. Computed while
+    writing; the cached text states, derived from the captions by the recorded encoder, are not part of it."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 TEXT_CACHE_FILES = ("text.npy", "text_mask.npy", "text_empty.npy", "text_empty_mask.npy")
@@ -268,6 +303,9 @@ def validate_prepared(path: str | Path) -> dict:
         raise UsageError(f"{path}/manifest.json: kind {kind!r}, count {count}, shape {list(shape)} is not a prepared dataset; {redo}")
     if kind == "pairs" and manifest.get("space", "pixels") not in ("pixels", "latents"):  # what sampling decodes (or not) by
         raise UsageError(f"{path}/manifest.json: space {manifest['space']!r} is not what reflow pairs hold (pixels or latents); re-create them with `fm reflow ... --out {path}`")
+    fingerprint = manifest.get("fingerprint")  # compared on resume; absent in data an older fm prepared
+    if fingerprint is not None and not (isinstance(fingerprint, str) and FINGERPRINT.fullmatch(fingerprint)):
+        raise UsageError(f"{path}/manifest.json: fingerprint {str(fingerprint)[:70]!r} is not a SHA-256 (64 lowercase hex digits); {redo}")
     names = manifest.get("class_names")  # recorded in every checkpoint, whose reader refuses what fm never writes
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise UsageError(f"{path}/manifest.json: class_names {str(names)[:60]} is not null or a list of names (strings); {redo}")
