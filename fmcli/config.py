@@ -710,16 +710,67 @@ def preset_names() -> list[str]:
     return sorted(entry.name.removesuffix(".toml") for entry in presets_dir().iterdir() if entry.name.endswith(".toml"))
 
 
-def load_config(preset: str | None, overrides: list[str] | None = None, note=None) -> Config:
+def load_config(preset: str | None, overrides: list[str] | None = None, note=None, data_path: str | None = None) -> Config:
     """Load a preset (a name in presets/ or a .toml path, with its bases), apply `a.b=value` overrides, validate.
-    `note(line)` hears of a setting the overrides switched off along with another (the budget's fallback)."""
-    raw = _read_preset(preset) if preset is not None else {}  # --preset "" (an unset $VAR) is an unknown preset, not the defaults
-    raw = _apply_layer(raw, _overrides_layer(overrides or []))
+    `note(line)` hears of a setting the overrides switched off along with another (the budget's fallback).
+    `data_path` (`fm train --data`) sets data.path over both. A setting the user gave (a --set, or a key of their own
+    preset file) that the run never reads is refused (`refuse_unread_settings`)."""
+    given: dict[str, str] = {}  # key -> where the user gave it
+    raw = _read_preset(preset, given) if preset is not None else {}  # --preset "" (an unset $VAR) is an unknown preset, not the defaults
+    layer = _overrides_layer(overrides or [])
+    given.update(dict.fromkeys(_section_keys(layer), "--set"))
+    raw = _apply_layer(raw, layer)
     _refuse_repeated_fallback_keys(raw, preset or "defaults")
     _drop_overridden_fallback(raw, overrides or [], note or (lambda line: None), preset or "defaults")
     cfg = validate_config(raw, source=preset or "defaults")
     refuse_unknown_eval_features(cfg, preset or "defaults")
+    cfg = cfg if data_path is None else cfg.with_section("data", path=data_path)
+    refuse_unread_settings(cfg, given)
     return cfg
+
+
+def _section_keys(layer: dict) -> set[str]:
+    """The `section.field` keys a preset layer (or the --set layer) states."""
+    return {f"{section}.{key}" for section, table in layer.items() if isinstance(table, dict) for key in table}
+
+
+def unread_settings(cfg: Config) -> dict[str, str]:
+    """The settings the run of `cfg` never reads, each with why: the U-Net's size is hidden_size, channel_mult,
+    layers_per_block and heads (models/unet.py), the DiT's hidden_size, depth, heads, patch_size and mlp_ratio
+    (models/dit.py); data.image_size, count and seed make the shapes data fm prepares itself, which only a run
+    with data.source = "shapes" and no data.path trains on (launch.default_data)."""
+    unread = {}
+    if cfg.model.arch == "unet":
+        for key in ("model.depth", "model.patch_size", "model.mlp_ratio"):
+            unread[key] = "is a DiT setting that the U-Net (model.arch = 'unet') never reads (its size is model.hidden_size, channel_mult, layers_per_block and heads)"
+    else:
+        for key in ("model.channel_mult", "model.layers_per_block"):
+            unread[key] = "is a U-Net setting that the DiT (model.arch = 'dit') never reads (its size is model.hidden_size, depth, heads, patch_size and mlp_ratio)"
+    data = cfg.data
+    if data.path is not None or data.source != "shapes":
+        where = (f"this run trains on data.path {data.path} as it was prepared" if data.path is not None else
+                 f"data.source = {data.source!r} comes from `fm prepare-data {data.source}`, whose options set its data")
+        for key in ("data.image_size", "data.count", "data.seed"):
+            unread[key] = f"only sets up the shapes data fm prepares itself (data.source = 'shapes', no data.path) and is never read here: {where}"
+    return unread
+
+
+def refuse_unread_settings(cfg: Config, given: dict[str, str]) -> None:
+    """A setting the user gave (`given`: key -> where, "--set" or their preset file) that the run of `cfg` never
+    reads (`unread_settings`) is an error, not accepted to do nothing; so is a key of train.budget_fallback.overrides
+    the fallback's config never reads, where the user gave the fallback. Only given keys, where a config is written:
+    a shipped preset's or a default value is no choice of the user's (`--set model.arch=unet` on a DiT preset keeps
+    its depth, unread), and a stored config.json, which holds every field, still loads (resume, sample, export)."""
+    for key, why in unread_settings(cfg).items():
+        if key in given:
+            raise UsageError(f"invalid config ({given[key]}): {key} {why}: drop it")
+    fallback = cfg.train.budget_fallback
+    if fallback is None or not any(key.startswith("train.budget_fallback") for key in given):
+        return
+    unread = unread_settings(budget_fallback_config(cfg))
+    for key in (parse_override(item)[0] for item in fallback.overrides):
+        if key in unread:
+            raise UsageError(f"invalid config (train.budget_fallback.overrides): {key} {unread[key]}: drop it")
 
 
 def _refuse_repeated_fallback_keys(raw: dict, source: str) -> None:
@@ -926,12 +977,13 @@ def _is_text_setting(annotation: Any) -> bool:
     return annotation is str or annotation == (str | None)
 
 
-def _read_preset(preset: str) -> dict:
-    """A preset with its `base = "NAME"` chain resolved (base first, each file deep-merged over it)."""
-    return _resolve_preset(preset, relative_to=None, chain=[])
+def _read_preset(preset: str, given: dict[str, str] | None = None) -> dict:
+    """A preset with its `base = "NAME"` chain resolved (base first, each file deep-merged over it); `given` hears
+    the keys each of the user's own files (not a shipped preset) states, with the file."""
+    return _resolve_preset(preset, relative_to=None, chain=[], given={} if given is None else given)
 
 
-def _resolve_preset(preset: str, relative_to: Path | None, chain: list[str]) -> dict:
+def _resolve_preset(preset: str, relative_to: Path | None, chain: list[str], given: dict[str, str]) -> dict:
     try:
         source, key, named = _locate_preset(preset, relative_to)
     except UsageError as err:
@@ -950,11 +1002,20 @@ def _resolve_preset(preset: str, relative_to: Path | None, chain: list[str]) -> 
         raise UsageError(f"preset {key} has no settings (empty, or only comments): is it the right file? A preset sets at least one key, e.g. base = \"quickstart\"")
     base = raw.pop("base", None)
     if base is None:
+        _note_given(raw, key, named, given)
         return raw
     if not isinstance(base, str) or not base:
         raise UsageError(f"preset {key}: base must be a preset name or a .toml path, got {base!r}")
     # A relative base path is relative to the user file that names it (shipped presets name their bases).
-    return _apply_layer(_resolve_preset(base, None if named else source.parent, [*chain, key]), raw)
+    merged = _apply_layer(_resolve_preset(base, None if named else source.parent, [*chain, key], given), raw)
+    _note_given(raw, key, named, given)  # after its base's: this file's word on a key is the later one
+    return merged
+
+
+def _note_given(raw: dict, key: str, named: bool, given: dict[str, str]) -> None:
+    """Record the keys a user's own preset file (not a shipped one, `named`) states, as given in `key`."""
+    if not named:
+        given.update(dict.fromkeys(_section_keys(raw), key))
 
 
 def _locate_preset(preset: str, relative_to: Path | None):

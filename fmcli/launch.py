@@ -87,13 +87,12 @@ def training_config(preset: str, overrides: list[str], *, data: Optional[Path], 
             raise UsageError(f"--resume {resume} continues its own run {run_dir_of(ckpt)}, not --run-dir {run_dir}; drop --run-dir, "
                              f"or start a new run from its weights: --set train.init_from={resume} (without --resume)")
         return resume_config(ckpt, overrides, data=data, stop_at_step=stop_at_step), run_dir or run_dir_of(ckpt), ckpt
-    cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr))
+    if data is not None and (given := next((item for item in overrides if "=" in item and parse_override(item)[0] == "data.path"), None)):
+        raise UsageError(f"--data {data} and --set {given.strip()} both set data.path: give one")  # not one silently dropped
+    # --data goes in with the preset: a data.image_size / count / seed given beside it is never read (refused there)
+    cfg = load_config(preset, overrides, note=lambda line: print(line, file=sys.stderr), data_path=None if data is None else str(data))
     if problem := seed_problem(cfg.train.seed):
         raise UsageError(f"invalid config ({preset}): train.seed: {problem}")
-    if data is not None:
-        if given := next((item for item in overrides if parse_override(item)[0] == "data.path"), None):
-            raise UsageError(f"--data {data} and --set {given.strip()} both set data.path: give one")  # not one silently dropped
-        cfg = cfg.with_section("data", path=str(data))
     return cfg, run_dir or default_run_dir(cfg.name), None
 
 

@@ -201,7 +201,7 @@ def test_values_the_run_cannot_use_are_refused_with_the_key(override, needle):
 
 
 def test_valid_micro_batch_betas_and_levels_still_load():
-    cfg = load_config("debug", ["train.micro_batch_size=4", "optim.betas=[0.0, 0.95]", "model.channel_mult=[1]"])
+    cfg = load_config("debug", ["train.micro_batch_size=4", "optim.betas=[0.0, 0.95]", "model.arch=unet", "model.channel_mult=[1]"])
     assert (cfg.train.micro_batch_size, cfg.optim.betas, cfg.model.channel_mult) == (4, (0.0, 0.95), (1,))
     assert load_config("debug", ["train.micro_batch_size=auto"]).train.micro_batch_size == "auto"
     assert load_config("debug", ["train.micro_batch_size=none"]).train.micro_batch_size is None
@@ -317,7 +317,7 @@ def test_numbers_still_load_where_a_number_is_expected():
     from fmcli.config import config_to_dict, validate_config
 
     cfg = load_config("debug", ["optim.lr=1", "sample.cfg=2", "train.steps=1e3", "train.budget_minutes=3", "optim.betas=[0, 0.9]",
-                                "model.channel_mult=[1, 2]", "data.flip=true", "train.compile=false", "sample.guidance_interval=[0, 1]"])
+                                "model.arch=unet", "model.channel_mult=[1, 2]", "data.flip=true", "train.compile=false", "sample.guidance_interval=[0, 1]"])
     assert (cfg.optim.lr, cfg.sample.cfg, cfg.train.steps, cfg.train.budget_minutes) == (1.0, 2.0, 1000, 3.0)
     assert (cfg.optim.betas, cfg.model.channel_mult, cfg.data.flip, cfg.train.compile) == ((0.0, 0.9), (1, 2), True, False)
     for name in preset_names():
@@ -407,7 +407,7 @@ def test_data_and_set_data_path_together_are_refused(tmp_path):
     assert sorted(tmp_path.iterdir()) == []  # nothing written
     assert training_config("debug", [], data=a, run_dir=None, resume=None)[0].data.path == str(a)
     assert training_config("debug", [f"data.path={b}"], data=None, run_dir=None, resume=None)[0].data.path == str(b)
-    assert training_config("debug", ["data.seed=1"], data=Path(a), run_dir=None, resume=None)[0].data.path == str(a)
+    assert training_config("debug", ["train.seed=1"], data=Path(a), run_dir=None, resume=None)[0].data.path == str(a)
 def test_resume_may_change_the_tracker_and_the_device_and_none_names_no_tracker():
     """train.tracker and train.device change where records go and where the same math runs, not the math: a
     resume may set them. `none` is train.tracker's own choice (no tracker), not null (which it does not take)."""
@@ -449,3 +449,91 @@ def test_an_unknown_eval_features_is_refused_when_the_config_is_read(features):
     with pytest.raises(UsageError, match=r"eval\.features: must be"):
         apply_overrides(load_config("debug"), [f"eval.features={features}"], allowed=RESUME_SAFE_KEYS)
     assert apply_overrides(stored, ["eval.features=tiny"], allowed=RESUME_SAFE_KEYS).eval.features == "tiny"
+
+
+def _reads(arch: str, key: str, value) -> bool:
+    """Whether the network `arch` builds depends on `key` (brute force: the weights' names and shapes of a tiny model
+    with the setting at another value), independent of what config.py says the architecture reads."""
+    from fmcli.config import ModelConfig
+    from fmcli.models import build_model
+
+    base = dict(arch=arch, hidden_size=8, heads=2, depth=1, patch_size=4, mlp_ratio=4.0, channel_mult=(1, 2), layers_per_block=1,
+                image_size=8, in_channels=3, num_classes=2)
+
+    def weights(**change):
+        return {name: tuple(p.shape) for name, p in build_model(ModelConfig(**{**base, **change})).state_dict().items()}
+
+    return weights() != weights(**{key: value})
+
+
+ARCH_SETTINGS = {"depth": 2, "patch_size": 2, "mlp_ratio": 2.0, "channel_mult": [1, 1], "layers_per_block": 2}
+
+
+@pytest.mark.parametrize("arch", ["dit", "unet"])
+def test_a_model_setting_the_architecture_never_reads_is_refused_where_the_user_gives_it(arch, tmp_path):
+    """`--set model.depth=8` on a U-Net (or model.channel_mult on a DiT) was accepted and trained the same network
+    as without it. A size setting the built network does not depend on is now a one-line error naming it, from a
+    --set or the user's own preset file; every one it does depend on still loads."""
+    unread = {key for key, value in ARCH_SETTINGS.items() if not _reads(arch, key, value)}
+    assert unread == ({"depth", "patch_size", "mlp_ratio"} if arch == "unet" else {"channel_mult", "layers_per_block"})  # the premise
+    for key, value in ARCH_SETTINGS.items():
+        sets = [f"model.arch={arch}", f"model.{key}={json.dumps(value)}"]
+        if key not in unread:
+            assert getattr(load_config("debug", sets).model, key) == (tuple(value) if isinstance(value, list) else value)
+            continue
+        with pytest.raises(UsageError, match=rf"^invalid config \(--set\): model\.{key} is a .* setting that the .* \(model\.arch = '{arch}'\) never reads"):
+            load_config("debug", sets)
+        own = tmp_path / f"{key}.toml"
+        own.write_text(f'base = "debug"\n[model]\narch = "{arch}"\n{key} = {json.dumps(value)}\n')
+        with pytest.raises(UsageError, match=rf"invalid config \({own}\): model\.{key} is a"):
+            load_config(str(own))
+
+
+def test_switching_the_architecture_keeps_the_presets_own_size_settings_and_stored_configs_load():
+    """Only a user's own value is refused: `--set model.arch=unet` on a DiT preset (its depth and patch_size are the
+    preset's, not the user's) and the reverse still load; so does every shipped preset, and its saved config.json
+    (which holds every field, defaults included) round-trips and takes a resume's --set."""
+    assert load_config("debug", ["model.arch=unet"]).model.arch == "unet"
+    assert load_config("mnist-unet", ["model.arch=dit"]).model.arch == "dit"
+    for name in preset_names():
+        saved = json.loads(json.dumps(config_to_dict(load_config(name))))
+        stored = validate_config(saved, source="config.json")
+        assert config_to_dict(stored) == saved
+        assert apply_overrides(stored, ["train.steps=5", "data.num_workers=0"], allowed=RESUME_SAFE_KEYS).train.steps == 5
+
+
+def test_a_user_file_over_a_shipped_preset_and_a_budget_fallback_are_checked_as_the_user_gave_them(tmp_path):
+    over = tmp_path / "over.toml"  # the base's depth is the shipped preset's: switching arch in the user's file is fine
+    over.write_text('base = "quickstart"\n[model]\narch = "unet"\n[optim]\nname = "adamw"\n[repa]\nencoder = "none"\n')
+    assert load_config(str(over)).model.arch == "unet"
+    with pytest.raises(UsageError, match=r"invalid config \(--set\): model\.mlp_ratio is a DiT setting"):
+        load_config(str(over), ["model.mlp_ratio=2"])
+    fallback = tmp_path / "fallback.toml"  # the fallback's items are the user's too: a depth for a U-Net falls back to the same net
+    fallback.write_text('base = "mnist-unet"\n[train]\nbudget_minutes = 5\n[train.budget_fallback]\nmin_steps = 10\noverrides = ["model.depth=2"]\n')
+    with pytest.raises(UsageError, match=r"invalid config \(train\.budget_fallback\.overrides\): model\.depth is a DiT setting"):
+        load_config(str(fallback))
+    fallback.write_text(fallback.read_text().replace("model.depth=2", "model.hidden_size=32"))
+    assert load_config(str(fallback)).train.budget_fallback.overrides == ["model.hidden_size=32"]
+
+
+def test_shapes_settings_beside_a_prepared_dataset_are_refused(shapes16):
+    """data.image_size, count and seed only make the shapes data fm prepares itself (data.source = "shapes" and no
+    data.path); beside --data (or another source) they were accepted and the run trained on the data as prepared."""
+    from pathlib import Path
+
+    from fmcli.config import resolve
+    from fmcli.data.dataset import read_manifest
+    from fmcli.launch import training_config
+
+    manifest = read_manifest(shapes16)  # the premise: the model takes the prepared data's own size, whatever data.image_size says
+    assert resolve(validate_config({"data": {"path": str(shapes16), "image_size": 32}}), manifest).model.image_size == manifest["shape"][-1] == 16
+    for item in ("data.image_size=32", "data.count=8", "data.seed=3"):
+        key = item.split("=")[0].replace(".", r"\.")
+        with pytest.raises(UsageError, match=rf"invalid config \(--set\): {key} only sets up the shapes data .*data\.path {shapes16}"):
+            training_config("debug", [item], data=Path(shapes16), run_dir=None, resume=None)
+        with pytest.raises(UsageError, match=rf"{key} only sets up .*data\.source = 'mnist' comes from `fm prepare-data mnist`"):
+            load_config("mnist-unet", [item])
+        assert load_config("debug", [item]).data.path is None  # the shapes data fm prepares: read
+    refused = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--set", "data.image_size=32", "--print-config")
+    assert refused.returncode == 2 and refused.stdout == "" and len(refused.stderr.strip().splitlines()) == 1
+    assert training_config("debug", [], data=Path(shapes16), run_dir=None, resume=None)[0].data.image_size == 16  # the preset's, unread: fine
