@@ -274,6 +274,7 @@ class Trainer:
         self.budget = RunBudget(cfg.train.budget_minutes, started, ctx, log)
         # (step, file) resumed from, until the first save or sample grid sets the abandoned branch aside (rank 0)
         self.branch_point = None
+        self.on_disk: tuple[int, Path] | None = None  # (step, file) of the checkpoint last resumed from or saved: the run's state at that step
         self.metrics_mark = 0  # where this run's metrics.jsonl records begin (a resume: the earlier ones are before it)
         if resume_from is not None:
             self._restore(resume_from)
@@ -359,6 +360,7 @@ class Trainer:
         # Non-finite steps skipped so far in this run, resumes included (batches drawn without an optimizer step):
         # train.max_nan_skips is the run's allowance, not each invocation's.
         window, window_start, nan_skips, done = [], time.perf_counter(), self.batches - self.step, self.step >= self.cfg.train.steps
+        last = None  # the last step taken (its lr and grad_norm for a stop's log record; a skipped step has none)
         # Test hook: FM_TEST_FAIL_RANK=r [FM_TEST_FAIL_STEP=s] makes rank r fail at step s (checks no-hang exits).
         fail_rank = os.environ.get("FM_TEST_FAIL_RANK")
         fail_at = int(os.environ.get("FM_TEST_FAIL_STEP", "1")) if fail_rank is not None and int(fail_rank) == self.ctx.rank else None
@@ -370,8 +372,11 @@ class Trainer:
             if not math.isfinite(out.loss):
                 nan_skips += 1
                 self._on_non_finite(nan_skips)
+                # A stop asked for during a stretch of skipped steps (up to train.max_nan_skips of them) stops here too.
+                if D.any_rank(self.stop_requested, self.ctx):
+                    return self._stop(result, window, last, window_start, saved=self._state_on_disk(result))
                 continue
-            self.step += 1
+            self.step, last = self.step + 1, out
             result.losses.append(out.loss)
             window.append(out.loss)
             if self.ctx.rank == 0:
@@ -411,7 +416,17 @@ class Trainer:
         if not saved:
             result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
         result.stopped_early = self.stopped = True
-        self.log.info(f"stopped at step {self.step}; continue with: fm resume {self.run_dir}")
+        self.log.info(f"stopped at step {self.step}; continue with: fm resume {self.run_dir if self.branch_point is None else result.checkpoint}")
+
+    def _state_on_disk(self, result: TrainResult) -> bool:
+        """A stop during a stretch of skipped steps with no step taken since the checkpoint last resumed from or saved:
+        that checkpoint holds the run's state (model, EMA, optimizer, schedule, RNG), all but the skipped batches, which a
+        resume draws again (and counts against train.max_nan_skips again, as they are not in it). It is not saved
+        again: a second file of the same step would replace it or set it aside. True (`result.checkpoint` set) if so."""
+        if self.on_disk is None or self.on_disk[0] != self.step:
+            return False
+        result.checkpoint = self.on_disk[1]
+        return True
 
     def _note_final_evaluation(self) -> None:
         """Rank 0, at the start: eval.every evaluates at its multiples only, not at the end as the final checkpoint
@@ -460,7 +475,7 @@ class Trainer:
             write_env_hardware(self.run_dir, state["hardware"])  # and env.json's hardware record (the budget's last fit)
             self.log.info(f"checkpoint: {path}")
         D.barrier(self.ctx)
-        self.branch_point = None
+        self.branch_point, self.on_disk = None, (self.step, path)
         return path
 
     def _set_aside_branch(self) -> None:
@@ -503,7 +518,7 @@ class Trainer:
         if note := extension_note(self.step, ended_at, self.cfg.train.steps, self.cfg.optim):
             self.log.info(note)
         self.hardware.muon_ns_dtype = self.step_fn.optimizer.muon_ns_dtype  # a resumed run keeps its saved one
-        self.branch_point = (self.step, path)
+        self.branch_point = self.on_disk = (self.step, path)
         self.log.info(f"resumed from {path} at step {self.step}")
 
     # ---------------------------------------------------------------------------------------- outputs

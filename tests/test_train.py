@@ -308,6 +308,35 @@ def test_non_finite_loss_stops_cleanly_or_is_skipped(tmp_path, shapes16, monkeyp
     assert state["data_position"]["batches"] == 6  # the skipped batch is consumed, not replayed
 
 
+@pytest.mark.parametrize("checkpoint_every", [0, 2], ids=["unsaved-step", "saved-step"])
+def test_a_stop_during_skipped_non_finite_steps_is_honoured_at_once(tmp_path, shapes16, monkeypatch, checkpoint_every):
+    """SIGTERM during a stretch of skipped non-finite steps stops at the first skip (the skip `continue`d past the stop
+    check: the run skipped on to train.max_nan_skips and failed without saving). Steps 1, 2 take batches 0, 1 and batch 2
+    is skipped: step 2's checkpoint says batches=3 (the skip counted as a skip is); where step 2 was saved already, that
+    file (batches=2) is the stop's checkpoint, not written again nor set aside."""
+    from fmcli import step as step_mod
+
+    real_step = step_mod.TrainingStep.__call__
+
+    def nan_from_step_2(self, batches, batch_index, step):
+        out = real_step(self, batches, batch_index, step)
+        if step < 2:
+            return out
+        if batch_index == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_mod.StepResult(float("nan"), float("nan"), out.lr)
+
+    monkeypatch.setattr(step_mod.TrainingStep, "__call__", nan_from_step_2)
+    cfg = cfg_for(shapes16, "train.steps=8", "train.max_nan_skips=3", f"train.checkpoint_every={checkpoint_every}", "train.log_every=100")
+    result = train(cfg, tmp_path / "run", log=QuietLog())
+    assert result.stopped_early and result.step == 2 and result.checkpoint.name == "step-0000002.pt"
+    state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
+    assert state["step"] == 2 and state["data_position"]["batches"] == (3 if checkpoint_every == 0 else 2)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step-0000002.pt"]  # nothing set aside
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2] and all(math.isfinite(r["grad_norm"]) for r in records if "loss" in r)
+
+
 def test_fp16_on_cpu_is_refused(tmp_path, shapes16):
     with pytest.raises(UsageError, match="fp16 needs a CUDA"):
         train(cfg_for(shapes16, "train.precision=fp16"), tmp_path / "run")
