@@ -107,6 +107,20 @@ def check_coupled_micro_batch(cfg: Config, state: dict, micro: int, world: int, 
                      f"this resume's would be {micro} ({processes(world)}), another coupling: {todo}")
 
 
+def auto_micro_batch_note(cfg: Config, state: dict, micro: int, world: int, path: Path) -> str | None:
+    """A resume with train.micro_batch_size="auto" whose autotune (this machine's cache or probe) gave another micro
+    batch than the checkpoint trained: the line that says so (None where it is the same, or unknown). The run goes on at
+    the new one (a machine with less memory needs it); gradient accumulation then sums in another order, so the losses
+    continue to float tolerance, not bit for bit. Coupled runs (minibatch OT) are refused before (check_coupled_micro_batch)."""
+    saved, saved_world = state.get("micro_batch_size"), int(state.get("world_size") or 1)
+    if cfg.train.micro_batch_size != "auto" or saved is None or int(saved) == micro:
+        return None
+    accum = cfg.train.global_batch_size // (int(saved) * saved_world), cfg.train.global_batch_size // (micro * world)
+    return (f"note: train.micro_batch_size=auto is {micro} per process here, {path} trained {saved} (gradient accumulation "
+            f"{accum[0]} -> {accum[1]}): the losses continue to float tolerance, not bit for bit (autotune.json of the run "
+            "directory keeps the tuned size per machine)")
+
+
 # Model settings that change what a network computes but no weight's shape (model.heads splits the same
 # projections otherwise; model.prediction reads the output as data or as velocity): init_from compares them.
 SHAPELESS_MODEL_SETTINGS = ("heads", "prediction")
@@ -513,6 +527,8 @@ class Trainer:
         if saved != data_position(self.batches, len(self.dataset), self.cfg.train.global_batch_size):
             raise RuntimeFailure(f"{path}: data position {saved} does not match this dataset; was it re-prepared with another size?")
         check_coupled_micro_batch(self.cfg, state, self.step_fn.micro, self.ctx.world_size, path)
+        if note := auto_micro_batch_note(self.cfg, state, self.step_fn.micro, self.ctx.world_size, path):
+            self.log.info(note)
         restore_rng(state, self.ctx)  # the streams of the rank it was (a resume at another world size starts them fresh: none is a step's)
         ended_at = state["config"]["train"]["steps"]  # the saved run's length (its schedule's end), --set train.steps aside
         if note := extension_note(self.step, ended_at, self.cfg.train.steps, self.cfg.optim):

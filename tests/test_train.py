@@ -337,6 +337,32 @@ def test_a_stop_during_skipped_non_finite_steps_is_honoured_at_once(tmp_path, sh
     assert [r["step"] for r in records if "loss" in r] == [2] and all(math.isfinite(r["grad_norm"]) for r in records if "loss" in r)
 
 
+@pytest.mark.parametrize("tuned", [16, 4], ids=["same", "other"])
+def test_a_resume_whose_auto_micro_batch_tunes_to_another_size_says_so(tmp_path, debug_run, monkeypatch, tuned):
+    """train.micro_batch_size="auto" is tuned again on resume (another machine, a lost autotune.json): where it gives
+    another micro batch than the checkpoint's (16, the debug run's whole batch) the run's accumulation changes (1 -> 16 / 4
+    = 4) and it no longer continues bit for bit: one line says so (it changed without a word)."""
+    from fmcli import autotune
+    from fmcli.config import validate_config, with_setting
+
+    class Lines(QuietLog):
+        def __init__(self):
+            self.lines = []
+
+        def info(self, message):
+            self.lines.append(message)
+
+    monkeypatch.setattr(autotune, "auto_micro_batch", lambda *a, **k: tuned)
+    ckpt = resolve_checkpoint(debug_run)
+    state = load_checkpoint(ckpt)
+    assert state["micro_batch_size"] == 16 and state["step"] == 4
+    cfg = with_setting(validate_config(state["config"]), "train.micro_batch_size", "auto")
+    log = Lines()
+    train(cfg, tmp_path / "run", resume_from=ckpt, log=log)  # at train.steps already: the restore, no step
+    notes = [line for line in log.lines if "micro_batch_size=auto" in line]
+    assert notes == ([] if tuned == 16 else [notes[0]]) and (tuned == 16 or "trained 16 (gradient accumulation 1 -> 4)" in notes[0])
+
+
 def test_fp16_on_cpu_is_refused(tmp_path, shapes16):
     with pytest.raises(UsageError, match="fp16 needs a CUDA"):
         train(cfg_for(shapes16, "train.precision=fp16"), tmp_path / "run")
