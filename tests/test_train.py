@@ -363,6 +363,35 @@ def test_a_resume_whose_auto_micro_batch_tunes_to_another_size_says_so(tmp_path,
     assert notes == ([] if tuned == 16 else [notes[0]]) and (tuned == 16 or "trained 16 (gradient accumulation 1 -> 4)" in notes[0])
 
 
+@pytest.mark.parametrize("clip, overflowing", [(1.0, "adamw"), (0.0, "muon")], ids=["clip-adamw-overflows", "no-clip-muon-overflows"])
+def test_an_fp16_overflow_skips_every_optimizer_not_only_the_one_that_overflowed(shapes16, clip, overflowing):
+    """fp16's GradScaler decides per optimizer; an overflow in one optimizer's gradients (Muon + AdamW) left the other
+    stepping on the clipped gradients: zeros (x 1 / inf, the clip) or NaN (inf / inf without a clip), its weights
+    changed or NaN. A skipped step leaves every weight and the EMA bit for bit as they were, and the scale halves
+    (GradScaler's backoff 0.5: 2^16 -> 2^15). CPU stand-in for CUDA: an enabled GradScaler("cpu"), the same code path."""
+    import itertools
+
+    from fmcli.data.dataset import PreparedDataset, collate_batched
+    from fmcli.distributed import DistContext
+    from fmcli.step import TrainingStep
+
+    cfg = cfg_for(shapes16, "optim.name=muon", f"optim.grad_clip={clip}", "model.image_size=16", "model.in_channels=3", "model.num_classes=10")
+    step = TrainingStep(cfg, DistContext(), micro=8, accum=1, shape=(3, 16, 16))
+    step.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    params = dict(step.model.named_parameters())
+    muon_params = {id(p) for o in step.optimizer.optimizers if type(o).__name__ == "Muon" for g in o.param_groups for p in g["params"]}
+    name = next(n for n, p in params.items() if (id(p) in muon_params) == (overflowing == "muon"))
+    params[name].register_hook(lambda g: torch.full_like(g, float("inf")))  # this optimizer's gradients only
+    before = {k: v.clone() for k, v in {**step.model.state_dict(), **{f"ema.{n}": p for n, p in step.ema.state_dict().items()}}.items()}
+    batch = collate_batched(PreparedDataset(shapes16).__getitems__(list(range(8))))
+    out = step(itertools.repeat(batch), 0, 0)
+    assert math.isfinite(out.loss) and not math.isfinite(out.grad_norm)
+    after = {**step.model.state_dict(), **{f"ema.{n}": p for n, p in step.ema.state_dict().items()}}
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert [len(o.state) for o in step.optimizer.optimizers] == [0, 0]  # no optimizer stepped: none holds a moment or momentum
+    assert step.scaler.get_scale() == 2.0**15
+
+
 def test_fp16_on_cpu_is_refused(tmp_path, shapes16):
     with pytest.raises(UsageError, match="fp16 needs a CUDA"):
         train(cfg_for(shapes16, "train.precision=fp16"), tmp_path / "run")
