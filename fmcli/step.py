@@ -215,8 +215,13 @@ class TrainingStep:
             # skips such steps itself and lowers its scale). The norm is all-reduced, so every rank skips alike.
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(float("nan"), grad_norm, lr, ot_costs)
-        for o in self.optimizer.optimizers:
-            self.scaler.step(o)
+        # fp16's GradScaler skips each optimizer whose own gradients overflowed and steps the others, but the clip above
+        # spread the non-finite norm into every gradient (x 0, or x NaN without a clip): Muon's optimizer beside AdamW's
+        # stepped on zeros or wrote NaN into its weights. An overflow skips every optimizer; the scaler lowers its scale
+        # (update). Like torch.amp's recipe (and timm), the step still counts: schedule, EMA and step counter advance.
+        if math.isfinite(grad_norm):
+            for o in self.optimizer.optimizers:
+                self.scaler.step(o)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         for s in self.schedulers:

@@ -107,6 +107,20 @@ def check_coupled_micro_batch(cfg: Config, state: dict, micro: int, world: int, 
                      f"this resume's would be {micro} ({processes(world)}), another coupling: {todo}")
 
 
+def auto_micro_batch_note(cfg: Config, state: dict, micro: int, world: int, path: Path) -> str | None:
+    """A resume with train.micro_batch_size="auto" whose autotune (this machine's cache or probe) gave another micro
+    batch than the checkpoint trained: the line that says so (None where it is the same, or unknown). The run goes on at
+    the new one (a machine with less memory needs it); gradient accumulation then sums in another order, so the losses
+    continue to float tolerance, not bit for bit. Coupled runs (minibatch OT) are refused before (check_coupled_micro_batch)."""
+    saved, saved_world = state.get("micro_batch_size"), int(state.get("world_size") or 1)
+    if cfg.train.micro_batch_size != "auto" or saved is None or int(saved) == micro:
+        return None
+    accum = cfg.train.global_batch_size // (int(saved) * saved_world), cfg.train.global_batch_size // (micro * world)
+    return (f"note: train.micro_batch_size=auto is {micro} per process here, {path} trained {saved} (gradient accumulation "
+            f"{accum[0]} -> {accum[1]}): the losses continue to float tolerance, not bit for bit (autotune.json of the run "
+            "directory keeps the tuned size per machine)")
+
+
 # Model settings that change what a network computes but no weight's shape (model.heads splits the same
 # projections otherwise; model.prediction reads the output as data or as velocity): init_from compares them.
 SHAPELESS_MODEL_SETTINGS = ("heads", "prediction")
@@ -274,6 +288,7 @@ class Trainer:
         self.budget = RunBudget(cfg.train.budget_minutes, started, ctx, log)
         # (step, file) resumed from, until the first save or sample grid sets the abandoned branch aside (rank 0)
         self.branch_point = None
+        self.on_disk: tuple[int, Path] | None = None  # (step, file) of the checkpoint last resumed from or saved: the run's state at that step
         self.metrics_mark = 0  # where this run's metrics.jsonl records begin (a resume: the earlier ones are before it)
         if resume_from is not None:
             self._restore(resume_from)
@@ -359,6 +374,7 @@ class Trainer:
         # Non-finite steps skipped so far in this run, resumes included (batches drawn without an optimizer step):
         # train.max_nan_skips is the run's allowance, not each invocation's.
         window, window_start, nan_skips, done = [], time.perf_counter(), self.batches - self.step, self.step >= self.cfg.train.steps
+        last = None  # the last step taken (its lr and grad_norm for a stop's log record; a skipped step has none)
         # Test hook: FM_TEST_FAIL_RANK=r [FM_TEST_FAIL_STEP=s] makes rank r fail at step s (checks no-hang exits).
         fail_rank = os.environ.get("FM_TEST_FAIL_RANK")
         fail_at = int(os.environ.get("FM_TEST_FAIL_STEP", "1")) if fail_rank is not None and int(fail_rank) == self.ctx.rank else None
@@ -370,8 +386,11 @@ class Trainer:
             if not math.isfinite(out.loss):
                 nan_skips += 1
                 self._on_non_finite(nan_skips)
+                # A stop asked for during a stretch of skipped steps (up to train.max_nan_skips of them) stops here too.
+                if D.any_rank(self.stop_requested, self.ctx):
+                    return self._stop(result, window, last, window_start, saved=self._state_on_disk(result))
                 continue
-            self.step += 1
+            self.step, last = self.step + 1, out
             result.losses.append(out.loss)
             window.append(out.loss)
             if self.ctx.rank == 0:
@@ -411,7 +430,17 @@ class Trainer:
         if not saved:
             result.checkpoint = self.budget.timed(CHECKPOINTS, self._save_checkpoint)
         result.stopped_early = self.stopped = True
-        self.log.info(f"stopped at step {self.step}; continue with: fm resume {self.run_dir}")
+        self.log.info(f"stopped at step {self.step}; continue with: fm resume {self.run_dir if self.branch_point is None else result.checkpoint}")
+
+    def _state_on_disk(self, result: TrainResult) -> bool:
+        """A stop during a stretch of skipped steps with no step taken since the checkpoint last resumed from or saved:
+        that checkpoint holds the run's state (model, EMA, optimizer, schedule, RNG), all but the skipped batches, which a
+        resume draws again (and counts against train.max_nan_skips again, as they are not in it). It is not saved
+        again: a second file of the same step would replace it or set it aside. True (`result.checkpoint` set) if so."""
+        if self.on_disk is None or self.on_disk[0] != self.step:
+            return False
+        result.checkpoint = self.on_disk[1]
+        return True
 
     def _note_final_evaluation(self) -> None:
         """Rank 0, at the start: eval.every evaluates at its multiples only, not at the end as the final checkpoint
@@ -460,7 +489,7 @@ class Trainer:
             write_env_hardware(self.run_dir, state["hardware"])  # and env.json's hardware record (the budget's last fit)
             self.log.info(f"checkpoint: {path}")
         D.barrier(self.ctx)
-        self.branch_point = None
+        self.branch_point, self.on_disk = None, (self.step, path)
         return path
 
     def _set_aside_branch(self) -> None:
@@ -493,12 +522,14 @@ class Trainer:
         if saved != data_position(self.batches, len(self.dataset), self.cfg.train.global_batch_size):
             raise RuntimeFailure(f"{path}: data position {saved} does not match this dataset; was it re-prepared with another size?")
         check_coupled_micro_batch(self.cfg, state, self.step_fn.micro, self.ctx.world_size, path)
+        if note := auto_micro_batch_note(self.cfg, state, self.step_fn.micro, self.ctx.world_size, path):
+            self.log.info(note)
         restore_rng(state, self.ctx)  # the streams of the rank it was (a resume at another world size starts them fresh: none is a step's)
         ended_at = state["config"]["train"]["steps"]  # the saved run's length (its schedule's end), --set train.steps aside
         if note := extension_note(self.step, ended_at, self.cfg.train.steps, self.cfg.optim):
             self.log.info(note)
         self.hardware.muon_ns_dtype = self.step_fn.optimizer.muon_ns_dtype  # a resumed run keeps its saved one
-        self.branch_point = (self.step, path)
+        self.branch_point = self.on_disk = (self.step, path)
         self.log.info(f"resumed from {path} at step {self.step}")
 
     def _check_same_data(self, path: Path, info: dict) -> None:

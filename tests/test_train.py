@@ -335,6 +335,90 @@ def test_non_finite_loss_stops_cleanly_or_is_skipped(tmp_path, shapes16, monkeyp
     assert state["data_position"]["batches"] == 6  # the skipped batch is consumed, not replayed
 
 
+@pytest.mark.parametrize("checkpoint_every", [0, 2], ids=["unsaved-step", "saved-step"])
+def test_a_stop_during_skipped_non_finite_steps_is_honoured_at_once(tmp_path, shapes16, monkeypatch, checkpoint_every):
+    """SIGTERM during a stretch of skipped non-finite steps stops at the first skip (the skip `continue`d past the stop
+    check: the run skipped on to train.max_nan_skips and failed without saving). Steps 1, 2 take batches 0, 1 and batch 2
+    is skipped: step 2's checkpoint says batches=3 (the skip counted as a skip is); where step 2 was saved already, that
+    file (batches=2) is the stop's checkpoint, not written again nor set aside."""
+    from fmcli import step as step_mod
+
+    real_step = step_mod.TrainingStep.__call__
+
+    def nan_from_step_2(self, batches, batch_index, step):
+        out = real_step(self, batches, batch_index, step)
+        if step < 2:
+            return out
+        if batch_index == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_mod.StepResult(float("nan"), float("nan"), out.lr)
+
+    monkeypatch.setattr(step_mod.TrainingStep, "__call__", nan_from_step_2)
+    cfg = cfg_for(shapes16, "train.steps=8", "train.max_nan_skips=3", f"train.checkpoint_every={checkpoint_every}", "train.log_every=100")
+    result = train(cfg, tmp_path / "run", log=QuietLog())
+    assert result.stopped_early and result.step == 2 and result.checkpoint.name == "step-0000002.pt"
+    state = load_checkpoint(resolve_checkpoint(tmp_path / "run"))
+    assert state["step"] == 2 and state["data_position"]["batches"] == (3 if checkpoint_every == 0 else 2)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step-0000002.pt"]  # nothing set aside
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2] and all(math.isfinite(r["grad_norm"]) for r in records if "loss" in r)
+
+
+@pytest.mark.parametrize("tuned", [16, 4], ids=["same", "other"])
+def test_a_resume_whose_auto_micro_batch_tunes_to_another_size_says_so(tmp_path, debug_run, monkeypatch, tuned):
+    """train.micro_batch_size="auto" is tuned again on resume (another machine, a lost autotune.json): where it gives
+    another micro batch than the checkpoint's (16, the debug run's whole batch) the run's accumulation changes (1 -> 16 / 4
+    = 4) and it no longer continues bit for bit: one line says so (it changed without a word)."""
+    from fmcli import autotune
+    from fmcli.config import validate_config, with_setting
+
+    class Lines(QuietLog):
+        def __init__(self):
+            self.lines = []
+
+        def info(self, message):
+            self.lines.append(message)
+
+    monkeypatch.setattr(autotune, "auto_micro_batch", lambda *a, **k: tuned)
+    ckpt = resolve_checkpoint(debug_run)
+    state = load_checkpoint(ckpt)
+    assert state["micro_batch_size"] == 16 and state["step"] == 4
+    cfg = with_setting(validate_config(state["config"]), "train.micro_batch_size", "auto")
+    log = Lines()
+    train(cfg, tmp_path / "run", resume_from=ckpt, log=log)  # at train.steps already: the restore, no step
+    notes = [line for line in log.lines if "micro_batch_size=auto" in line]
+    assert notes == ([] if tuned == 16 else [notes[0]]) and (tuned == 16 or "trained 16 (gradient accumulation 1 -> 4)" in notes[0])
+
+
+@pytest.mark.parametrize("clip, overflowing", [(1.0, "adamw"), (0.0, "muon")], ids=["clip-adamw-overflows", "no-clip-muon-overflows"])
+def test_an_fp16_overflow_skips_every_optimizer_not_only_the_one_that_overflowed(shapes16, clip, overflowing):
+    """fp16's GradScaler decides per optimizer; an overflow in one optimizer's gradients (Muon + AdamW) left the other
+    stepping on the clipped gradients: zeros (x 1 / inf, the clip) or NaN (inf / inf without a clip), its weights
+    changed or NaN. A skipped step leaves every weight and the EMA bit for bit as they were, and the scale halves
+    (GradScaler's backoff 0.5: 2^16 -> 2^15). CPU stand-in for CUDA: an enabled GradScaler("cpu"), the same code path."""
+    import itertools
+
+    from fmcli.data.dataset import PreparedDataset, collate_batched
+    from fmcli.distributed import DistContext
+    from fmcli.step import TrainingStep
+
+    cfg = cfg_for(shapes16, "optim.name=muon", f"optim.grad_clip={clip}", "model.image_size=16", "model.in_channels=3", "model.num_classes=10")
+    step = TrainingStep(cfg, DistContext(), micro=8, accum=1, shape=(3, 16, 16))
+    step.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    params = dict(step.model.named_parameters())
+    muon_params = {id(p) for o in step.optimizer.optimizers if type(o).__name__ == "Muon" for g in o.param_groups for p in g["params"]}
+    name = next(n for n, p in params.items() if (id(p) in muon_params) == (overflowing == "muon"))
+    params[name].register_hook(lambda g: torch.full_like(g, float("inf")))  # this optimizer's gradients only
+    before = {k: v.clone() for k, v in {**step.model.state_dict(), **{f"ema.{n}": p for n, p in step.ema.state_dict().items()}}.items()}
+    batch = collate_batched(PreparedDataset(shapes16).__getitems__(list(range(8))))
+    out = step(itertools.repeat(batch), 0, 0)
+    assert math.isfinite(out.loss) and not math.isfinite(out.grad_norm)
+    after = {**step.model.state_dict(), **{f"ema.{n}": p for n, p in step.ema.state_dict().items()}}
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert [len(o.state) for o in step.optimizer.optimizers] == [0, 0]  # no optimizer stepped: none holds a moment or momentum
+    assert step.scaler.get_scale() == 2.0**15
+
+
 def test_fp16_on_cpu_is_refused(tmp_path, shapes16):
     with pytest.raises(UsageError, match="fp16 needs a CUDA"):
         train(cfg_for(shapes16, "train.precision=fp16"), tmp_path / "run")
