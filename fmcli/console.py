@@ -25,17 +25,18 @@ def stderr_console():
 def emit_json(obj) -> None:
     """One JSON document on stdout (the only thing a --json command prints there). A non-finite float (a
     diverged FID, say) is written as null: Python's NaN/Infinity tokens are not JSON and break `jq`."""
-    sys.stdout.write(json.dumps(_finite(obj), allow_nan=False) + "\n")
+    sys.stdout.write(json.dumps(finite_json(obj), allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
-def _finite(obj):
+def finite_json(obj):
+    """`obj` with every non-finite float (NaN, inf) as None: what a strict JSON reader (`jq`) accepts."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 

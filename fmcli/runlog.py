@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .console import finite_json
 from .errors import UsageError
 from .fsutil import atomic_write, flock_exclusive, fsync_dir, write_text_atomic
 
@@ -139,10 +140,12 @@ def write_env_hardware(run_dir: Path, hardware: dict) -> None:
 
 def append_metrics(run_dir: Path, record: dict) -> None:
     """Append one record; a torn last line (a run killed mid-write, before the resume that appends now) is cut
-    off first: the record appended would otherwise continue it, one line that is neither record."""
+    off first: the record appended would otherwise continue it, one line that is neither record. A non-finite value
+    (an fp16 overflow step's grad_norm) is written as null: Python's NaN/Infinity tokens are not JSON (`jq` stops there)."""
+    line = json.dumps(finite_json(record), allow_nan=False) + "\n"
     with open(run_dir / "metrics.jsonl", "ab+") as f:
         drop_torn_tail(f)
-        f.write((json.dumps(record) + "\n").encode())
+        f.write(line.encode())
 
 
 def metrics_end(run_dir: Path) -> int:

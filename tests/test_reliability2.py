@@ -460,3 +460,17 @@ def test_json_output_is_valid_json_when_a_number_is_not_finite(capsys):
     text = capsys.readouterr().out
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"fid": None, "rows": [{"kid": None, "nfe": 4}, [None, 1.5]], "ok": True}
+
+
+def test_metrics_jsonl_records_are_strict_json_when_a_value_is_not_finite(tmp_path):
+    """An fp16 overflow step's grad_norm (inf) or a diverged evaluation (nan) goes into metrics.jsonl as null: a
+    strict JSON reader (one that refuses Python's NaN/Infinity tokens, as `jq` does) reads every line."""
+    from fmcli.runlog import append_metrics
+
+    def strict(line):
+        return json.loads(line, parse_constant=lambda token: pytest.fail(f"non-JSON token {token} in {line!r}"))
+
+    append_metrics(tmp_path, {"step": 1, "loss": 0.5, "grad_norm": float("inf")})
+    append_metrics(tmp_path, {"step": 2, "fd": float("nan"), "rows": [float("-inf"), 2.0]})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [strict(line) for line in lines] == [{"step": 1, "loss": 0.5, "grad_norm": None}, {"step": 2, "fd": None, "rows": [None, 2.0]}]
