@@ -47,9 +47,22 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def named_path(path: str | Path) -> Path:
     """`path`, made absolute where its last part is no name ("." or ".."), so that it has a temporary sibling
-    (`temp_path`) and can be renamed into: `--out .` is the current folder, by its own name."""
+    (`temp_path`) and can be renamed into: `--out .` is the current folder, by its own name. A symbolic link is
+    followed to what it names (data on a big disk linked into a project): the output is written through it, its
+    target replaced beside itself (one file system), and the link stays; a link to nothing or a loop is refused."""
     path = Path(path)
-    return Path(os.path.abspath(path)) if path.name in ("", "..") else path
+    path = Path(os.path.abspath(path)) if path.name in ("", "..") else path
+    return _link_target(path) if path.is_symlink() else path
+
+
+def _link_target(link: Path) -> Path:
+    try:
+        return Path(os.path.realpath(link, strict=True))
+    except FileNotFoundError:
+        raise UsageError(f"{link} is a symbolic link to {os.readlink(link)}, which does not exist: create that folder, "
+                         "or choose another output path") from None
+    except OSError as err:  # ELOOP: a link that leads back to itself
+        raise UsageError(f"{link} is a symbolic link that cannot be followed ({err.strerror}); fix the link or choose another output path") from None
 
 
 def temp_path(path: str | Path) -> Path:

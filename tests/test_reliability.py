@@ -217,6 +217,38 @@ def test_directory_commit_fsyncs_every_folder_in_it(tmp_path, monkeypatch):
     assert (tmp_path / "exp" / "scheduler" / "deep" / "x").read_text() == "x"
 
 
+def _tiny_dataset(out, value: int, force: bool = False) -> None:
+    from fmcli.data.dataset import PreparedWriter
+
+    with PreparedWriter(out, None, (1, 2, 2), force=force) as w:
+        w.add(np.full((1, 2, 2), value, np.uint8))
+        w.finish()
+
+
+def test_folder_output_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    """`--out LINK --force`, LINK a symbolic link to a folder (data on a big disk): the target is replaced in its own
+    folder and the link stays (the old code swapped the link itself for a real folder beside it: the data landed
+    beside the link, the link was deleted). A link to nothing, and a loop, are one-line refusals."""
+    from fmcli.errors import UsageError
+
+    (tmp_path / "big").mkdir()
+    (tmp_path / "proj").mkdir()
+    _tiny_dataset(tmp_path / "big" / "data", 1)
+    link = tmp_path / "proj" / "data"
+    link.symlink_to(tmp_path / "big" / "data")
+    _tiny_dataset(link, 7, force=True)
+    assert link.is_symlink() and os.readlink(link) == str(tmp_path / "big" / "data")
+    assert sorted(os.listdir(tmp_path / "proj")) == ["data"] and sorted(os.listdir(tmp_path / "big")) == ["data"]
+    assert np.load(tmp_path / "big" / "data" / "x.npy").ravel().tolist() == [7, 7, 7, 7]
+    (tmp_path / "proj" / "dangling").symlink_to(tmp_path / "big" / "nothing")
+    (tmp_path / "proj" / "a").symlink_to(tmp_path / "proj" / "b")
+    (tmp_path / "proj" / "b").symlink_to(tmp_path / "proj" / "a")
+    for bad, says in (("dangling", "which does not exist"), ("a", "cannot be followed")):
+        with pytest.raises(UsageError, match=f"symbolic link .*{says}"):
+            _tiny_dataset(tmp_path / "proj" / bad, 7, force=True)
+    assert sorted(os.listdir(tmp_path / "big")) == ["data"]
+
+
 def test_no_writer_renames_a_temp_file_by_hand():
     """Every writer goes through fsutil: no module but fsutil renames a temp file (os.replace(tmp, ...)),
     so no copy of the write-fsync-rename dance can miss a step."""
