@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import EXPORT_MANIFEST, load_checkpoint, resolve_checkpoint
 from .config import Config, config_to_dict, validate_config
 from .errors import UsageError
-from .fsutil import atomic_write, named_path, refuse_unreplaceable_folder, refuse_unwritable
+from .fsutil import commit, named_path, refuse_unreplaceable_folder, refuse_unwritable, temp_folder
 
 EXPORT_FORMATS = ("diffusers", "fm")
 EXPORT_VERSION = 1
@@ -199,12 +199,9 @@ def _write_diffusers(tmp: Path, weights: dict, cfg: Config, meta: dict, name: st
 
 def _atomic_dir(out: Path, write) -> None:
     """Run write(tmp) in a sibling temporary directory, then rename it to `out` (replacing a previous export)."""
-
-    def write_dir(tmp: Path) -> None:
-        tmp.mkdir()
+    with temp_folder(out) as tmp:  # what a killed earlier export to `out` left is dealt with first
         write(tmp)
-
-    atomic_write(out, write_dir)  # fsutil.commit swaps it with a previous export, then deletes that
+        commit(tmp, out)  # swapped with a previous export, which is then deleted
 
 
 # ------------------------------------------------------------------------------------------ READMEs
