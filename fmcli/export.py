@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import EXPORT_MANIFEST, load_checkpoint, resolve_checkpoint
 from .config import Config, config_to_dict, validate_config
 from .errors import UsageError
-from .fsutil import atomic_write, refuse_unreplaceable_folder, refuse_unwritable
+from .fsutil import commit, named_path, refuse_unreplaceable_folder, refuse_unwritable, temp_folder
 
 EXPORT_FORMATS = ("diffusers", "fm")
 EXPORT_VERSION = 1
@@ -50,7 +50,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
     """Write `ckpt`'s (EMA) weights to `out` in `fmt`; refuses, before writing anything, what cannot be exported."""
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
-    out = Path(out)
+    out = named_path(out)  # a symbolic link: its target replaced, the link kept
     # What --force may not replace is refused first, so that "pass --force" is never advice that --force then refuses.
     if out.exists() and not out.is_dir():
         raise UsageError(f"refusing to replace {out}: it is a file, not an fm export folder; choose another --out")
@@ -199,12 +199,9 @@ def _write_diffusers(tmp: Path, weights: dict, cfg: Config, meta: dict, name: st
 
 def _atomic_dir(out: Path, write) -> None:
     """Run write(tmp) in a sibling temporary directory, then rename it to `out` (replacing a previous export)."""
-
-    def write_dir(tmp: Path) -> None:
-        tmp.mkdir()
+    with temp_folder(out) as tmp:  # what a killed earlier export to `out` left is dealt with first
         write(tmp)
-
-    atomic_write(out, write_dir)  # fsutil.commit swaps it with a previous export, then deletes that
+        commit(tmp, out)  # swapped with a previous export, which is then deleted
 
 
 # ------------------------------------------------------------------------------------------ READMEs

@@ -14,7 +14,10 @@ import errno
 import fcntl
 import functools
 import os
+import re
+import shlex
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -22,6 +25,7 @@ from typing import Callable
 from .errors import UsageError
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+TEMP_MARK = ".fm-writing"  # in a folder output's temp folder while its writer (host and pid inside) holds its lock
 
 
 def atomic_write(path: str | Path, writer: Callable[[Path], object], *, durable: bool = True) -> Path:
@@ -47,15 +51,126 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def named_path(path: str | Path) -> Path:
     """`path`, made absolute where its last part is no name ("." or ".."), so that it has a temporary sibling
-    (`temp_path`) and can be renamed into: `--out .` is the current folder, by its own name."""
+    (`temp_path`) and can be renamed into: `--out .` is the current folder, by its own name. A symbolic link is
+    followed to what it names (data on a big disk linked into a project): the output is written through it, its
+    target replaced beside itself (one file system), and the link stays; a link to nothing or a loop is refused."""
     path = Path(path)
-    return Path(os.path.abspath(path)) if path.name in ("", "..") else path
+    path = Path(os.path.abspath(path)) if path.name in ("", "..") else path
+    return _link_target(path) if path.is_symlink() else path
+
+
+def _link_target(link: Path) -> Path:
+    try:
+        return Path(os.path.realpath(link, strict=True))
+    except FileNotFoundError:
+        raise UsageError(f"{link} is a symbolic link to {os.readlink(link)}, which does not exist: create that folder, "
+                         "or choose another output path") from None
+    except OSError as err:  # ELOOP: a link that leads back to itself
+        raise UsageError(f"{link} is a symbolic link that cannot be followed ({err.strerror}); fix the link or choose another output path") from None
 
 
 def temp_path(path: str | Path) -> Path:
     """A hidden, unique name beside `path` (same file system, so the final rename is atomic)."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def temp_folder(path: str | Path):
+    """Yield a new temp folder beside the folder output `path` (`temp_path`) to write it in and `commit` it from;
+    removed on exit unless committed. This process flocks it, then marks it (TEMP_MARK, which `commit` drops), for
+    as long as it writes: so a later write of `path` tells what a kill (SIGKILL, OOM) left, marked and unlocked,
+    from a live write (`clear_stale_temps`, run first). Where the filesystem has no locks it is not marked."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale_temps(path)
+    tmp = temp_path(path)
+    tmp.mkdir()
+    fd = None
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        if _try_flock(fd) is True:  # a new folder: nobody else holds it
+            (tmp / TEMP_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        yield tmp
+    finally:
+        _remove(tmp)  # before the lock goes: never marked and unlocked while this process lives
+        if fd is not None:
+            os.close(fd)
+
+
+def clear_stale_temps(path: Path) -> list[Path]:
+    """Deal with the temp folders (`.NAME.tmp-XXXXXXXX`, possibly a whole dataset each) that earlier writes of the
+    folder output `path` left when killed: one marked by this host (`temp_folder`) whose writer's lock is free is
+    removed, with a log line (its size); one fm cannot tell from a live write (unmarked: an older fm's, or the
+    old output a kill left mid-delete; another host's; no locks) is reported with the command that removes it; a
+    live one is left alone. Returns the removed ones."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-[0-9a-f]{{8}}")
+    try:
+        names = sorted(n for n in os.listdir(path.parent) if pattern.fullmatch(n))
+    except OSError:
+        return []
+    removed = []
+    for tmp in (path.parent / n for n in names):
+        if tmp.is_symlink() or not tmp.is_dir():
+            continue
+        size = f"{_tree_bytes(tmp) / 1e6:.1f} MB"
+        outcome = _remove_if_stale(tmp)
+        if outcome == "removed":
+            removed.append(tmp)
+            _note(f"removed {tmp} ({size}): the temporary folder of an earlier write of {path.name} that was killed before it finished")
+        elif outcome == "unknown":
+            _note(f"warning: {tmp} ({size}) looks like the temporary folder of an earlier write of {path.name} that was killed "
+                  f"before it finished; if no fm command is writing {path} now, remove it: rm -rf {shlex.quote(str(tmp))}")
+    return removed
+
+
+def _remove_if_stale(tmp: Path) -> str:
+    """"removed" (marked by this host, its writer's lock free: the writer is dead), "live" (locked), "gone", or
+    "unknown" (no marker, another host's marker, or no locks here: not fm's to delete)."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return "gone"
+    try:
+        locked = _try_flock(fd)
+        if locked is not True:
+            return "live" if locked is False else "unknown"
+        try:
+            host = (tmp / TEMP_MARK).read_text(encoding="utf-8").split()[0]
+        except (OSError, UnicodeDecodeError, IndexError):
+            return "unknown"
+        if host != socket.gethostname():  # a lock on a shared filesystem may be this host's alone
+            return "unknown"
+        shutil.rmtree(tmp, ignore_errors=True)
+        return "unknown" if os.path.lexists(tmp) else "removed"  # not all of it could be removed: said, with the command
+    finally:
+        os.close(fd)
+
+
+def _try_flock(fd: int) -> bool | None:
+    """A non-blocking exclusive flock on `fd`: True taken, False held by another process, None no locks here."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _tree_bytes(folder: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _note(message: str) -> None:
+    from .console import stderr_console
+
+    stderr_console().print(message, highlight=False, markup=False)
 
 
 def commit(tmp: Path, path: Path, *, durable: bool = True) -> None:
@@ -65,6 +180,8 @@ def commit(tmp: Path, path: Path, *, durable: bool = True) -> None:
     so that `path` holds the old or the new one whatever stops the process; the old one is deleted only once the
     new one is in place.
     """
+    if tmp.is_dir():
+        (tmp / TEMP_MARK).unlink(missing_ok=True)  # temp_folder's: the output holds only what its writer wrote
     if durable:
         _fsync_tree(tmp)
     old = _swap_dirs(tmp, path) if tmp.is_dir() and path.is_dir() else None

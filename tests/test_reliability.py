@@ -217,6 +217,92 @@ def test_directory_commit_fsyncs_every_folder_in_it(tmp_path, monkeypatch):
     assert (tmp_path / "exp" / "scheduler" / "deep" / "x").read_text() == "x"
 
 
+def _tiny_dataset(out, value: int, force: bool = False) -> None:
+    from fmcli.data.dataset import PreparedWriter
+
+    with PreparedWriter(out, None, (1, 2, 2), force=force) as w:
+        w.add(np.full((1, 2, 2), value, np.uint8))
+        w.finish()
+
+
+def test_folder_output_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    """`--out LINK --force`, LINK a symbolic link to a folder (data on a big disk): the target is replaced in its own
+    folder and the link stays (the old code swapped the link itself for a real folder beside it: the data landed
+    beside the link, the link was deleted). A link to nothing, and a loop, are one-line refusals."""
+    from fmcli.errors import UsageError
+
+    (tmp_path / "big").mkdir()
+    (tmp_path / "proj").mkdir()
+    _tiny_dataset(tmp_path / "big" / "data", 1)
+    link = tmp_path / "proj" / "data"
+    link.symlink_to(tmp_path / "big" / "data")
+    _tiny_dataset(link, 7, force=True)
+    assert link.is_symlink() and os.readlink(link) == str(tmp_path / "big" / "data")
+    assert sorted(os.listdir(tmp_path / "proj")) == ["data"] and sorted(os.listdir(tmp_path / "big")) == ["data"]
+    assert np.load(tmp_path / "big" / "data" / "x.npy").ravel().tolist() == [7, 7, 7, 7]
+    (tmp_path / "proj" / "dangling").symlink_to(tmp_path / "big" / "nothing")
+    (tmp_path / "proj" / "a").symlink_to(tmp_path / "proj" / "b")
+    (tmp_path / "proj" / "b").symlink_to(tmp_path / "proj" / "a")
+    for bad, says in (("dangling", "which does not exist"), ("a", "cannot be followed")):
+        with pytest.raises(UsageError, match=f"symbolic link .*{says}"):
+            _tiny_dataset(tmp_path / "proj" / bad, 7, force=True)
+    assert sorted(os.listdir(tmp_path / "big")) == ["data"]
+
+
+def _killed_mid_write(out: Path) -> None:
+    """A PreparedWriter of `out` SIGKILLed (no clean-up runs) after 2,000,256 bytes of x.npy, in a forked child."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            from fmcli.data.dataset import PreparedWriter
+
+            with PreparedWriter(out, None, (1, 1000, 1000)) as w:
+                w.add_batch(np.zeros((2, 1, 1000, 1000), np.uint8))
+                w._streams["x"].file.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    os.waitpid(pid, 0)
+
+
+def test_the_next_write_of_an_output_removes_what_a_killed_write_left(tmp_path, capsys):
+    """A write of a folder output killed mid-way (SIGKILL, OOM: no clean-up) leaves its hidden temp folder; the next
+    write of that output removes it and says so, with its size (the old code left it, possibly GBs, forever)."""
+    out = tmp_path / "data"
+    _killed_mid_write(out)
+    (left,) = [n for n in os.listdir(tmp_path) if n.startswith(".data.tmp-")]
+    _tiny_dataset(out, 3)
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+    err = capsys.readouterr().err
+    assert f"removed {tmp_path / left} (2.0 MB)" in err, err
+
+
+def test_leftover_clean_up_spares_live_writes_and_what_fm_cannot_tell_is_its_own(tmp_path, capsys):
+    """Only a temp folder this host's fm marked and whose writer's lock is free is removed: a live write (its lock
+    held, here by this process) is left alone; an unmarked one (an older fm's) or another host's is kept and reported
+    with the command that removes it; other names are not fm's and are neither touched nor named."""
+    from fmcli import fsutil
+
+    out = tmp_path / "data"
+    unmarked, other_host = tmp_path / ".data.tmp-0123abcd", tmp_path / ".data.tmp-89abcdef"
+    for folder in (unmarked, other_host, tmp_path / ".data.tmp-user", tmp_path / ".datax.tmp-01234567"):
+        folder.mkdir()
+        (folder / "x.npy").write_bytes(b"0" * 1000)
+    (other_host / fsutil.TEMP_MARK).write_text("another-host 1234\n")
+    (tmp_path / ".data.tmp-fedcba98").write_text("a file")
+    before = sorted(os.listdir(tmp_path))
+    with fsutil.temp_folder(out) as live:
+        capsys.readouterr()
+        assert fsutil.clear_stale_temps(out) == []
+        assert sorted(os.listdir(tmp_path)) == sorted(before + [live.name])
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line]
+        assert len(warnings) == 2 and all("rm -rf" in w for w in warnings), warnings
+        assert [w.split()[1] for w in warnings] == [str(unmarked), str(other_host)]
+        (live / "x.npy").write_bytes(b"1")
+        fsutil.commit(live, out)
+    assert os.listdir(out) == ["x.npy"]  # no marker in the output
+
+
 def test_no_writer_renames_a_temp_file_by_hand():
     """Every writer goes through fsutil: no module but fsutil renames a temp file (os.replace(tmp, ...)),
     so no copy of the write-fsync-rename dance can miss a step."""

@@ -3,8 +3,9 @@
 A dataset is a directory with manifest.json, x.npy ([N,C,H,W] uint8 pixels or float16 latents),
 optional y.npy (int64 labels) and captions.jsonl. Kind "pairs" (`fm reflow`) stores float32 x0.npy (noise)
 and x1.npy (the teacher's sample from it) instead of x.npy. The writer streams rows into
-`.npy` files inside `.DIR.tmp-*` and renames it into place only when complete (fsutil.commit: every
-file and the directory fsynced, then the rename), so an interrupted run leaves nothing.
+`.npy` files inside `.DIR.tmp-*` (fsutil.temp_folder) and renames it into place only when complete (fsutil.commit:
+every file and the directory fsynced, then the rename), so an interrupted run leaves nothing; what a kill leaves
+is removed by the next write of DIR.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import RuntimeFailure, UsageError
-from ..fsutil import commit, named_path, refuse_existing, refuse_unreplaceable_folder, temp_path
+from ..fsutil import commit, named_path, refuse_existing, refuse_unreplaceable_folder, temp_folder
 
 FORMAT_VERSION = 1
 
@@ -56,7 +57,7 @@ class PreparedWriter:
         if capacity is not None and capacity <= 0:
             raise UsageError("nothing to write: the source has no images")
         self.capacity, self.shape, self.dtype, self.kind = capacity, tuple(shape), dtype, kind
-        self.tmp = temp_path(self.out)
+        self.tmp: Path | None = None  # fsutil.temp_folder's, made on entering
         self.count = 0
         self._has_labels, self._has_captions = labels, captions
         self._extras = dict(extras or {})
@@ -66,8 +67,8 @@ class PreparedWriter:
         self._x_name = x_name  # the file of the images (add_batch's first argument): x.npy, or x1.npy for pairs
 
     def __enter__(self):
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
+        self._temp = temp_folder(self.out)  # what a killed earlier write of self.out left is dealt with first
+        self.tmp = self._temp.__enter__()
         self._streams["x"] = _NpyStream(self.tmp / f"{self._x_name}.npy", self.shape, self.dtype)
         if self._has_labels:
             self._streams["y"] = _NpyStream(self.tmp / "y.npy", (), "int64")
@@ -155,6 +156,7 @@ class PreparedWriter:
             if self.captions is not None and not self.captions.closed:
                 self.captions.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
+        self._temp.__exit__(None, None, None)  # its lock released
         return False
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 from ..console import Bar
 from ..errors import UsageError
 from .decode import Record, decode_batch
-from ..fsutil import named_path, refuse_existing
+from ..fsutil import clear_stale_temps, named_path, refuse_existing
 from .readers import DEFAULT_MAX_MEMBER_MIB, Source, open_captions, open_cifar10, open_folder, open_mnist, open_sklearn_digits, open_tar
 
 SOURCES = ("shapes", "cifar10", "mnist", "sklearn-digits", "folder", "captions", "tar")
@@ -80,6 +80,7 @@ def prepare(
     src = open_source(source, root, split=split, size=size, count=count, seed=seed, max_member_mib=max_member_mib)
     total = src.capacity if limit is None else min(limit, src.capacity or limit)
     if total:
+        clear_stale_temps(out)  # first: the temp folder (possibly GBs) a killed earlier write of OUT left is freed
         check_disk_space(out, total * src.channels * size * size)
     if on_start is not None:
         on_start(total)
