@@ -118,10 +118,14 @@ def clear_stale_temps(path: Path) -> list[Path]:
         if outcome == "removed":
             removed.append(tmp)
             _note(f"removed {tmp} ({size}): the temporary folder of an earlier write of {path.name} that was killed before it finished")
-        elif outcome == "unknown":
+        elif outcome == "unknown" and str(tmp) not in _REPORTED:  # once per process (prepare-data looks before writing too)
+            _REPORTED.add(str(tmp))
             _note(f"warning: {tmp} ({size}) looks like the temporary folder of an earlier write of {path.name} that was killed "
                   f"before it finished; if no fm command is writing {path} now, remove it: rm -rf {shlex.quote(str(tmp))}")
     return removed
+
+
+_REPORTED: set[str] = set()  # the leftovers clear_stale_temps warned of in this process
 
 
 def _remove_if_stale(tmp: Path) -> str:
