@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import EXPORT_MANIFEST, load_checkpoint, resolve_checkpoint
 from .config import Config, config_to_dict, validate_config
 from .errors import UsageError
-from .fsutil import commit, named_path, refuse_unreplaceable_folder, refuse_unwritable, temp_folder
+from .fsutil import commit_or_refuse, named_path, refuse_unreplaceable_folder, refuse_unwritable, temp_folder
 
 EXPORT_FORMATS = ("diffusers", "fm")
 EXPORT_VERSION = 1
@@ -87,7 +87,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     writer = _write_diffusers if fmt == "diffusers" else _write_fm
-    _atomic_dir(out, lambda tmp: writer(tmp, weights, cfg, meta, out.name))
+    _atomic_dir(out, lambda tmp: writer(tmp, weights, cfg, meta, out.name), force)
     return ExportSummary(path=str(out), format=fmt, layout=meta["layout"], params=sum(v.numel() for v in weights.values()), step=meta["step"], ema=bool(use_ema))
 
 
@@ -197,11 +197,12 @@ def _write_diffusers(tmp: Path, weights: dict, cfg: Config, meta: dict, name: st
     (tmp / "README.md").write_text(_diffusers_readme(cfg, meta, name))
 
 
-def _atomic_dir(out: Path, write) -> None:
-    """Run write(tmp) in a sibling temporary directory, then rename it to `out` (replacing a previous export)."""
+def _atomic_dir(out: Path, write, force: bool) -> None:
+    """Run write(tmp) in a sibling temporary directory, then rename it to `out` (with `force`, replacing a previous
+    export; without, refusing one that appeared while it was written)."""
     with temp_folder(out) as tmp:  # what a killed earlier export to `out` left is dealt with first
         write(tmp)
-        commit(tmp, out)  # swapped with a previous export, which is then deleted
+        commit_or_refuse(tmp, out, force, "export")  # a previous export is swapped out, then deleted
 
 
 # ------------------------------------------------------------------------------------------ READMEs

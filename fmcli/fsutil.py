@@ -184,8 +184,7 @@ def commit(tmp: Path, path: Path, *, durable: bool = True) -> None:
     so that `path` holds the old or the new one whatever stops the process; the old one is deleted only once the
     new one is in place.
     """
-    if tmp.is_dir():
-        (tmp / TEMP_MARK).unlink(missing_ok=True)  # temp_folder's: the output holds only what its writer wrote
+    _drop_mark(tmp)
     if durable:
         _fsync_tree(tmp)
     old = _swap_dirs(tmp, path) if tmp.is_dir() and path.is_dir() else None
@@ -237,10 +236,27 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def _drop_mark(tmp: Path) -> None:
+    """temp_folder's marker out of a folder about to be committed: the output holds only what its writer wrote."""
+    if tmp.is_dir():
+        (tmp / TEMP_MARK).unlink(missing_ok=True)
+
+
+def commit_or_refuse(tmp: Path, path: Path, force: bool, what: str) -> None:
+    """`commit` where `force` allows replacing `path`, else `commit_new`: an output that appeared at `path` after the
+    up-front `refuse_existing` (another command writing it at the same time) is refused, never replaced."""
+    if force:
+        commit(tmp, path)
+    elif not commit_new(tmp, path):
+        raise UsageError(f"{path} appeared while this {what} was written (another command writing it?): nothing was replaced; "
+                         "pass --force to replace it, or choose another --out")
+
+
 def commit_new(tmp: Path, path: Path) -> bool:
     """`commit` that never replaces: fsync `tmp`, rename it to `path` only where nothing is there yet (a plain
     rename fails on a non-empty directory), fsync the parent. False when `path` already existed (another process,
     e.g. a DDP rank, built it first: it may be reading it now); `tmp` is then left for the caller."""
+    _drop_mark(tmp)
     _fsync_tree(tmp)
     try:
         os.rename(tmp, path)

@@ -673,3 +673,46 @@ def test_outputs_in_an_unwritable_folder_are_refused_before_any_work(tmp_path, m
         refuse_existing([tmp_path / "ro" / "new" / "x.png"], force=True)
     assert asked == [tmp_path / "ro"]
     refuse_existing([tmp_path / "elsewhere" / "x.png"], force=False)  # a new folder under a writable one
+
+
+@pytest.mark.parametrize("appears", ["folder", "file"])
+def test_an_output_that_appears_while_written_is_refused_without_force(tmp_path, appears):
+    """`--out` checked free up front, then made by another command while this one wrote: without --force nothing is
+    replaced (its files stay byte for byte; a file there is a one-line error, not a NotADirectoryError) and no temp
+    folder is left; with --force the dataset replaces the folder, as asked."""
+    import numpy as np
+
+    from fmcli.data.dataset import PreparedWriter
+    from fmcli.errors import UsageError
+    from fmcli.export import _atomic_dir
+
+    def appear(path):
+        if appears == "folder":
+            path.mkdir()
+            (path / "theirs.txt").write_text("another command's output")
+        else:
+            path.write_text("another command's file")
+
+    def untouched(path):
+        return (path / "theirs.txt").read_text() if appears == "folder" else path.read_text()
+
+    out = tmp_path / "data"
+    with pytest.raises(UsageError, match="appeared while this dataset was written"):
+        with PreparedWriter(out, 2, (1, 4, 4)) as writer:
+            writer.add_batch(np.zeros((2, 1, 4, 4), np.uint8))
+            appear(out)
+            writer.finish()
+    assert untouched(out).startswith("another command's") and sorted(os.listdir(tmp_path)) == ["data"]
+
+    export = tmp_path / "export"
+    with pytest.raises(UsageError, match="appeared while this export was written"):
+        _atomic_dir(export, lambda tmp: (appear(export), (tmp / "model.safetensors").write_bytes(b"w")), False)
+    assert untouched(export).startswith("another command's") and sorted(os.listdir(tmp_path)) == ["data", "export"]
+
+    if appears == "folder":  # --force replaces an output of its kind; the folder here is not one, so only the swap is checked
+        forced = tmp_path / "forced"
+        with PreparedWriter(forced, 2, (1, 4, 4), force=True) as writer:
+            writer.add_batch(np.ones((2, 1, 4, 4), np.uint8))
+            appear(forced)
+            writer.finish()
+        assert np.load(forced / "x.npy").tolist() == np.ones((2, 1, 4, 4)).tolist() and not (forced / "theirs.txt").exists()

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import RuntimeFailure, UsageError
-from ..fsutil import commit, named_path, refuse_existing, refuse_unreplaceable_folder, temp_folder
+from ..fsutil import commit_or_refuse, named_path, refuse_existing, refuse_unreplaceable_folder, temp_folder
 
 FORMAT_VERSION = 1
 
@@ -54,6 +54,7 @@ class PreparedWriter:
         self.out = named_path(out)
         refuse_unreplaceable(self.out)
         refuse_existing(self.out, force, folders=True)
+        self._force = force
         if capacity is not None and capacity <= 0:
             raise UsageError("nothing to write: the source has no images")
         self.capacity, self.shape, self.dtype, self.kind = capacity, tuple(shape), dtype, kind
@@ -138,7 +139,9 @@ class PreparedWriter:
         }
         manifest.update(manifest_fields)
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        commit(self.tmp, self.out)  # an existing self.out (force=True) is swapped with it, then removed
+        # An existing self.out (force=True) is swapped with it, then removed; without --force one that appeared
+        # since the check in __init__ (another command writing it) is refused, not replaced.
+        commit_or_refuse(self.tmp, self.out, self._force, "dataset")
         return self.out
 
     def _fingerprint(self) -> str:
