@@ -269,3 +269,15 @@ def test_the_celebahq256_comment_states_its_parameter_count():
     # + final adaLN 525,312 and linear 8,208 + the 512-wide null condition = 38,747,152.
     assert count == 38_747_152
     assert f"about {count / 1e6:.1f}M parameters" in (presets_dir() / "celebahq256.toml").read_text()
+
+
+def test_a_shipped_preset_copied_into_a_users_file_loads(tmp_path):
+    """The usual way to start a custom preset is to copy a shipped one and edit it. A user's file is held to the rule
+    that a setting the run never reads is refused (config.refuse_unread_settings), so a shipped preset must state
+    none: its copy would be refused before the user changed a line."""
+    from fmcli.config import load_config, preset_names, presets_dir
+
+    for name in preset_names():
+        copy = tmp_path / f"my-{name}.toml"
+        shutil.copyfile(presets_dir() / f"{name}.toml", copy)
+        assert load_config(str(copy)).model_dump() == load_config(name).model_dump() | {"name": load_config(str(copy)).name}, name
