@@ -32,9 +32,11 @@ def atomic_write(path: str | Path, writer: Callable[[Path], object], *, durable:
     """Call `writer(tmp)` to write a file (or a directory) at `tmp`, then move it to `path` atomically.
 
     `durable` fsyncs the data and the directory entry (off only for throwaway caches). On any failure,
-    Ctrl-C included, the temp path is removed and `path` is untouched.
+    Ctrl-C included, the temp path is removed and `path` is untouched. A symbolic link is written through (its
+    target replaced beside itself, the link kept: `fm sample --out LINK.png`), as `named_path` does for folders.
     """
-    path = Path(path)
+    given = Path(path)
+    path = _write_through(given)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
@@ -42,7 +44,18 @@ def atomic_write(path: str | Path, writer: Callable[[Path], object], *, durable:
         commit(tmp, path, durable=durable)
     finally:
         _remove(tmp)
-    return path
+    return given
+
+
+def _write_through(path: Path) -> Path:
+    """Where a write of `path` goes: `path`, or the file a symbolic link there names (which may not exist yet, as
+    `echo > LINK` creates it); a loop is refused."""
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # realpath stops on a loop
+        raise UsageError(f"{path} is a symbolic link that cannot be followed (a loop); fix the link or choose another output path")
+    return target
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

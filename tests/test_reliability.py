@@ -716,3 +716,25 @@ def test_an_output_that_appears_while_written_is_refused_without_force(tmp_path,
             appear(forced)
             writer.finish()
         assert np.load(forced / "x.npy").tolist() == np.ones((2, 1, 4, 4)).tolist() and not (forced / "theirs.txt").exists()
+
+
+def test_a_file_output_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    """`fm sample --out LINK.png`, `fm plot --out`, `--save-stats` (every file goes through fsutil.atomic_write): a
+    symbolic link is written through, its target replaced and the link kept, as a folder output's is; a link to a
+    file not there yet creates it (as `echo > LINK` does); a loop is a one-line error."""
+    from fmcli.errors import UsageError
+    from fmcli.fsutil import write_text_atomic
+
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "grid.txt").write_text("old")
+    os.symlink(big / "grid.txt", tmp_path / "grid.txt")
+    os.symlink(big / "new.txt", tmp_path / "new.txt")
+    write_text_atomic(tmp_path / "grid.txt", "new")
+    write_text_atomic(tmp_path / "new.txt", "created")
+    assert os.readlink(tmp_path / "grid.txt") == str(big / "grid.txt") and (big / "grid.txt").read_text() == "new"
+    assert os.readlink(tmp_path / "new.txt") == str(big / "new.txt") and (big / "new.txt").read_text() == "created"
+    assert sorted(os.listdir(big)) == ["grid.txt", "new.txt"] and sorted(os.listdir(tmp_path)) == ["big", "grid.txt", "new.txt"]
+    os.symlink(tmp_path / "loop.txt", tmp_path / "loop.txt")
+    with pytest.raises(UsageError, match="cannot be followed"):
+        write_text_atomic(tmp_path / "loop.txt", "x")
