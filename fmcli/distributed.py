@@ -6,6 +6,7 @@ the children see WORLD_SIZE in their environment and join the group instead of r
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import shutil
@@ -63,7 +64,7 @@ def setup(device_pref: str = "auto") -> DistContext:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None, timeout=collective_timeout())
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -261,6 +262,19 @@ def shutdown_timeout() -> int:
     if not value.isdigit() or int(value) < 1:
         raise UsageError(f"FM_SHUTDOWN_TIMEOUT must be a positive number of seconds, got {value!r}")
     return int(value)
+
+
+DIST_TIMEOUT_ENV = "FM_DIST_TIMEOUT_S"
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a rank waits at a collective for the others (FM_DIST_TIMEOUT_S seconds, default 1800) before the
+    run is aborted: one explicit timeout for gloo and NCCL alike (NCCL's own default, 10 minutes, aborted runs whose
+    rank 0 was still writing a large checkpoint or a sample grid while the others waited at their next collective)."""
+    value = os.environ.get(DIST_TIMEOUT_ENV, "1800")
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"{DIST_TIMEOUT_ENV} must be a positive whole number of seconds (how long a rank waits for the others), got {value!r}")
+    return datetime.timedelta(seconds=int(value))
 
 
 def wait_until(ready, timeout: float, what: str, poll: float = 0.5) -> None:

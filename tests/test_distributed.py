@@ -377,3 +377,35 @@ def test_a_failure_every_rank_shares_is_said_by_the_launcher(tmp_path, debug_run
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 1 and len(errors) == 1 and "Duplicate GPU detected" in errors[0] and "above" not in errors[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_process_group_waits_fm_dist_timeout_s_for_a_collective(monkeypatch):
+    """The group's collective timeout is explicit, the same for gloo and NCCL (NCCL's own default, 10 minutes, aborted
+    the waiting ranks while rank 0 alone wrote a large checkpoint or grid): FM_DIST_TIMEOUT_S seconds, default 30 minutes."""
+    import datetime
+
+    from fmcli import distributed as D
+
+    seen = []
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(D.dist, "init_process_group", lambda **kwargs: seen.append(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("FM_DIST_TIMEOUT_S", raising=False)
+    D.setup("cpu")
+    monkeypatch.setenv("FM_DIST_TIMEOUT_S", "7200")
+    D.setup("cpu")
+    assert [(kw["backend"], kw["timeout"]) for kw in seen] == [("gloo", datetime.timedelta(minutes=30)), ("gloo", datetime.timedelta(hours=2))]
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", ""])
+def test_a_bad_fm_dist_timeout_s_is_one_line_before_anything_is_written(tmp_path, shapes16, value, monkeypatch):
+    from fmcli import distributed as D
+
+    monkeypatch.setattr(D, "relaunch", lambda *args, **kwargs: pytest.fail("launched despite a bad FM_DIST_TIMEOUT_S"))
+    env = {"FM_DIST_TIMEOUT_S": value}
+    out = fm_in_process(*train_args(shapes16, tmp_path / "run", 2, "--nproc", "2"), env=env)
+    assert out.returncode == 2 and out.stderr.count("error:") == 1 and "FM_DIST_TIMEOUT_S must be a positive whole number" in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
+    sampled = fm_in_process("sample", "--ckpt", "nowhere", "-n", "2", "--out", tmp_path / "samples", "--nproc", "2", env=env)
+    assert sampled.returncode == 2 and "FM_DIST_TIMEOUT_S" in sampled.stderr and not (tmp_path / "samples").exists(), sampled.stderr
