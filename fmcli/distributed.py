@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -84,6 +85,15 @@ def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= ctx.world_size
     return value
+
+
+def all_reduce_sum(array, ctx: DistContext):
+    """The float64 sum over the ranks of a numpy array (on the ranks' device: NCCL reduces CUDA tensors only)."""
+    if ctx.world_size == 1:
+        return array
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy()
 
 
 def any_rank(flag: bool, ctx: DistContext) -> bool:
