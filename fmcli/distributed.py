@@ -119,6 +119,11 @@ def shard_indices(n: int, ctx: DistContext) -> range:
     return range(ctx.rank, n, ctx.world_size)
 
 
+def block_of(n: int, ctx: DistContext) -> slice:
+    """This rank's contiguous block of items 0..n-1: the ranks' blocks in rank order are 0..n-1 (sizes differ by <= 1)."""
+    return slice(n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size)
+
+
 def gather_in_index_order(indices: list[int], rows, ctx: DistContext) -> list:
     """All ranks' (index, row) pairs, returned to every rank as rows sorted by global index."""
     pairs = list(zip(indices, rows))

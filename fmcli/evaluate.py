@@ -344,11 +344,6 @@ def reference_statistics(ref: str | Path, extractor: FeatureExtractor, *, batch_
     return statistics_of(feats, extractor.name, size, keep_features=keep_features)
 
 
-def _block(n: int, ctx) -> slice:
-    """This rank's contiguous block of n items (the blocks of the ranks in order cover 0..n-1; sizes differ by <= 1)."""
-    return slice(n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size)
-
-
 def _shared_prepared_statistics(ref: Path, extractor: FeatureExtractor, batch_size: int, log, ctx) -> Statistics:
     feats, size = prepared_features(ref, extractor, batch_size=batch_size, share=ctx)
     mu, sigma, count = shared_moments(feats, ctx)
@@ -363,7 +358,7 @@ def _shared_folder_statistics(ref: Path, extractor: FeatureExtractor, batch_size
     files = image_files(ref, log)
     if not files:
         raise UsageError(f"{ref} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no manifest.json")
-    feats, sizes = _files_features(files[_block(len(files), ctx)], extractor, batch_size)
+    feats, sizes = _files_features(files[D.block_of(len(files), ctx)], extractor, batch_size)
     mu, sigma, count = shared_moments(feats, ctx)
     (h, w), *others = set().union(*D.all_gather_objects(sizes, ctx))
     if log:
@@ -416,8 +411,10 @@ def prepared_features(path: Path, extractor: FeatureExtractor, *, batch_size: in
     manifest = read_manifest(path)
     if manifest["kind"] != "pixels":
         raise UsageError(f"{path} holds {manifest['kind']}, not pixels: FID needs images (use an image folder or a pixel dataset as --ref)")
+    from . import distributed as D
+
     x = np.load(path / "x.npy", mmap_mode="r")
-    rows = _block(len(x), share) if share is not None else slice(None)
+    rows = D.block_of(len(x), share) if share is not None else slice(None)
     return array_features(x[rows], extractor, batch_size=batch_size, log=log, what=str(path)), int(x.shape[-1])
 
 

@@ -437,6 +437,15 @@ def _reference_rank(rank: int, port: int, data, folder, out) -> None:
         result.update(folder_mu=stats.mu, folder_sigma=stats.sigma, folder_count=stats.count, folder_size=stats.image_size)
         rows = np.arange(15.0).reshape(5, 3) ** 1.5
         result["moments"] = np.concatenate([a.ravel() for a in shared_moments(rows if rank == 0 else None, ctx)[:2]])
+        # eval.features=dinov2's reference (50 + 50 images), the extractor stood in for by the tiny one
+        import fmcli.features
+
+        fmcli.features.build_space = lambda *args, **kwargs: TinyExtractor()
+        fed.clear()
+        fidelity = make_evaluator(cfg.with_section("eval", features="dinov2", ref=None, num_samples=50), PreparedDataset(data), ctx, QuietLog())
+        result.update(fidelity_fed=sum(fed), fidelity_has_ref=fidelity.reference is not None)
+        if fidelity.reference is not None:
+            result.update(fidelity_ref=fidelity.reference.ref["dinov2"], fidelity_floor=fidelity.reference.floor["dinov2"])
     finally:
         D.cleanup()
     np.savez(out / f"rank{rank}.npz", **result)
@@ -447,7 +456,8 @@ def test_training_fids_reference_is_shared_over_the_ranks_and_equals_numpys(tmp_
     (Inception over a large folder: past NCCL's timeout, the run aborted). Every rank now computes the features of
     its half of the images (counted at the extractor), and the mean and covariance rank 0 holds equal numpy's
     mean and np.cov of all the images' features (batched alike, so the features are bit-identical) to round-off:
-    a prepared dataset, an image folder, and a share with no rows."""
+    a prepared dataset, an image folder, and a share with no rows. eval.features=domain|dinov2's reference features
+    likewise: each rank computes half, rank 0 holds them all, equal to the extractor's features image by image."""
     import multiprocessing
 
     from PIL import Image
@@ -487,3 +497,13 @@ def test_training_fids_reference_is_shared_over_the_ranks_and_equals_numpys(tmp_
     expected = np.concatenate([rows.mean(axis=0), np.cov(rows, rowvar=False).ravel()])
     for rank in (zero, one):
         np.testing.assert_allclose(rank["moments"], expected, rtol=1e-13)
+    # The fidelity metrics' reference: each rank half of its 100 images; rank 0 holds the features of the seeded halves.
+    from fmcli.fidelity import split_halves
+
+    assert (int(zero["fidelity_fed"]), int(one["fidelity_fed"])) == (50, 50)
+    assert bool(zero["fidelity_has_ref"]) and not bool(one["fidelity_has_ref"])
+    floor_idx, ref_idx = split_halves(len(x), 0)
+    tiny = TinyExtractor()
+    for key, idx in (("fidelity_ref", ref_idx), ("fidelity_floor", floor_idx)):
+        one_by_one = np.concatenate([tiny(to_rgb(torch.from_numpy(x[i : i + 1]))) for i in np.sort(idx[:50])])
+        np.testing.assert_allclose(zero[key], one_by_one, rtol=1e-5, atol=1e-6)
