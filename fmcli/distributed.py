@@ -6,6 +6,7 @@ the children see WORLD_SIZE in their environment and join the group instead of r
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -63,7 +65,7 @@ def setup(device_pref: str = "auto") -> DistContext:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None, timeout=collective_timeout())
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -83,6 +85,15 @@ def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= ctx.world_size
     return value
+
+
+def all_reduce_sum(array, ctx: DistContext):
+    """The float64 sum over the ranks of a numpy array (on the ranks' device: NCCL reduces CUDA tensors only)."""
+    if ctx.world_size == 1:
+        return array
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy()
 
 
 def any_rank(flag: bool, ctx: DistContext) -> bool:
@@ -106,6 +117,11 @@ def shard_indices(n: int, ctx: DistContext) -> range:
     """This rank's share of sample indices 0..n-1 (strided, so every rank gets the same count +-1); a range, not a
     list: `fm sample -n 1000000000` streams its samples to a folder in batches, and a list of n ints alone is 36 GB."""
     return range(ctx.rank, n, ctx.world_size)
+
+
+def block_of(n: int, ctx: DistContext) -> slice:
+    """This rank's contiguous block of items 0..n-1: the ranks' blocks in rank order are 0..n-1 (sizes differ by <= 1)."""
+    return slice(n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size)
 
 
 def gather_in_index_order(indices: list[int], rows, ctx: DistContext) -> list:
@@ -261,6 +277,19 @@ def shutdown_timeout() -> int:
     if not value.isdigit() or int(value) < 1:
         raise UsageError(f"FM_SHUTDOWN_TIMEOUT must be a positive number of seconds, got {value!r}")
     return int(value)
+
+
+DIST_TIMEOUT_ENV = "FM_DIST_TIMEOUT_S"
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a rank waits at a collective for the others (FM_DIST_TIMEOUT_S seconds, default 1800) before the
+    run is aborted: one explicit timeout for gloo and NCCL alike (NCCL's own default, 10 minutes, aborted runs whose
+    rank 0 was still writing a large checkpoint or a sample grid while the others waited at their next collective)."""
+    value = os.environ.get(DIST_TIMEOUT_ENV, "1800")
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"{DIST_TIMEOUT_ENV} must be a positive whole number of seconds (how long a rank waits for the others), got {value!r}")
+    return datetime.timedelta(seconds=int(value))
 
 
 def wait_until(ready, timeout: float, what: str, poll: float = 0.5) -> None:

@@ -317,9 +317,13 @@ class TinyExtractor:
 # --------------------------------------------------------------------------------- reference features
 
 
-def reference_statistics(ref: str | Path, extractor: FeatureExtractor, *, batch_size: int = 64, keep_features: bool = False, log=None) -> Statistics:
-    """Statistics of REF: a stats .npz (checked against the extractor), a prepared dataset, or an image folder."""
-    ref = Path(ref)
+def reference_statistics(ref: str | Path, extractor: FeatureExtractor, *, batch_size: int = 64, keep_features: bool = False, log=None,
+                         ctx=None) -> Statistics:
+    """Statistics of REF: a stats .npz (checked against the extractor), a prepared dataset, or an image folder.
+    Collective under a `ctx` of several ranks (training's evaluator; without `keep_features`): each rank reads its
+    block of the images and the statistics are those of all of them (`shared_moments`), so no rank waits at its
+    next collective while another reads every image (Inception over a large folder: many minutes)."""
+    ref, shared = Path(ref), ctx is not None and ctx.world_size > 1 and not keep_features
     if not ref.exists():
         raise UsageError(f"--ref {ref} does not exist (a prepared dataset directory, an image folder or a stats .npz)")
     if ref.is_file():
@@ -330,10 +334,53 @@ def reference_statistics(ref: str | Path, extractor: FeatureExtractor, *, batch_
         from .data.dataset import validate_prepared
 
         validate_prepared(ref)  # as `fm train` does: a damaged dataset is one line, not a crash in np.load
+        if shared:
+            return _shared_prepared_statistics(ref, extractor, batch_size, log, ctx)
         feats, size = prepared_features(ref, extractor, batch_size=batch_size, log=log)
+    elif shared:
+        return _shared_folder_statistics(ref, extractor, batch_size, log, ctx)
     else:
         feats, size = folder_features(ref, extractor, batch_size=batch_size, log=log)
     return statistics_of(feats, extractor.name, size, keep_features=keep_features)
+
+
+def _shared_prepared_statistics(ref: Path, extractor: FeatureExtractor, batch_size: int, log, ctx) -> Statistics:
+    feats, size = prepared_features(ref, extractor, batch_size=batch_size, share=ctx)
+    mu, sigma, count = shared_moments(feats, ctx)
+    if log:
+        log(f"features of {count} images from {ref} (shared over {ctx.world_size} ranks)")
+    return Statistics(mu=mu, sigma=sigma, count=count, features=extractor.name, image_size=size)
+
+
+def _shared_folder_statistics(ref: Path, extractor: FeatureExtractor, batch_size: int, log, ctx) -> Statistics:
+    from . import distributed as D
+
+    files = image_files(ref, log)
+    if not files:
+        raise UsageError(f"{ref} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no manifest.json")
+    feats, sizes = _files_features(files[D.block_of(len(files), ctx)], extractor, batch_size)
+    mu, sigma, count = shared_moments(feats, ctx)
+    (h, w), *others = set().union(*D.all_gather_objects(sizes, ctx))
+    if log:
+        log(f"features of {count} images from {ref} (shared over {ctx.world_size} ranks)")
+    return Statistics(mu=mu, sigma=sigma, count=count, features=extractor.name, image_size=h if not others and h == w else None)
+
+
+def shared_moments(feats: np.ndarray | None, ctx) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean, unbiased covariance, count) of every rank's rows `feats` [n_r, D] (None: an empty share) taken together,
+    as `statistics_of` (np.cov) computes them from their concatenation, to float64 round-off: the summed counts and
+    sums give the mean, then the summed cross-products of the rows centred on it the covariance (two passes, as
+    np.cov: no cancellation of large sums). Collective: every rank calls it."""
+    from . import distributed as D
+
+    shapes = [shape for shape in D.all_gather_objects(None if feats is None or not len(feats) else np.shape(feats), ctx) if shape]
+    count = sum(n for n, _ in shapes)
+    if count < 2:
+        raise UsageError(f"FID needs at least 2 images, got {count}")
+    local = np.asarray(feats, dtype=np.float64) if feats is not None and len(feats) else np.zeros((0, shapes[0][1]))
+    mu = D.all_reduce_sum(local.sum(axis=0), ctx) / count
+    centred = local - mu
+    return mu, D.all_reduce_sum(centred.T @ centred, ctx) / (count - 1), count
 
 
 def load_statistics(path: str | Path, extractor: FeatureExtractor | None = None) -> Statistics:
@@ -356,15 +403,19 @@ def load_statistics(path: str | Path, extractor: FeatureExtractor | None = None)
     return stats
 
 
-def prepared_features(path: Path, extractor: FeatureExtractor, *, batch_size: int = 64, log=None) -> tuple[np.ndarray, int]:
-    """Features of a prepared pixel dataset (uint8 [N,C,H,W], read through a memmap in batches)."""
+def prepared_features(path: Path, extractor: FeatureExtractor, *, batch_size: int = 64, log=None, share=None) -> tuple[np.ndarray | None, int]:
+    """Features of a prepared pixel dataset (uint8 [N,C,H,W], read through a memmap in batches); with `share` (a
+    DistContext) only that rank's block of the images (None where the block is empty)."""
     from .data.dataset import read_manifest
 
     manifest = read_manifest(path)
     if manifest["kind"] != "pixels":
         raise UsageError(f"{path} holds {manifest['kind']}, not pixels: FID needs images (use an image folder or a pixel dataset as --ref)")
+    from . import distributed as D
+
     x = np.load(path / "x.npy", mmap_mode="r")
-    return array_features(x, extractor, batch_size=batch_size, log=log, what=str(path)), int(x.shape[-1])
+    rows = D.block_of(len(x), share) if share is not None else slice(None)
+    return array_features(x[rows], extractor, batch_size=batch_size, log=log, what=str(path)), int(x.shape[-1])
 
 
 def array_features(x, extractor: FeatureExtractor, *, batch_size: int = 64, log=None, what: str = "images") -> np.ndarray:
@@ -375,7 +426,7 @@ def array_features(x, extractor: FeatureExtractor, *, batch_size: int = 64, log=
         feats.append(extractor(to_rgb(batch)))
     if log:
         log(f"features of {len(x)} images from {what}")
-    return np.concatenate(feats)
+    return np.concatenate(feats) if feats else None  # None: no images (a rank's empty share)
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -394,6 +445,15 @@ def folder_features(path: Path, extractor: FeatureExtractor, *, batch_size: int 
     files = image_files(path, log)
     if not files:
         raise UsageError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no manifest.json")
+    feats, sizes = _files_features(files, extractor, batch_size)
+    if log:
+        log(f"features of {len(files)} images from {path}")
+    (h, w), *others = sizes
+    return feats, h if not others and h == w else None  # None: mixed or non-square sizes
+
+
+def _files_features(files: list[Path], extractor: FeatureExtractor, batch_size: int) -> tuple[np.ndarray | None, set]:
+    """(features of the image files in order, None for no files; their (height, width) sizes)."""
     feats, sizes, batch = [], set(), []
 
     def flush():
@@ -410,10 +470,7 @@ def folder_features(path: Path, extractor: FeatureExtractor, *, batch_size: int 
         if len(batch) == batch_size:
             flush()
     flush()
-    if log:
-        log(f"features of {len(files)} images from {path}")
-    (h, w), *others = sizes
-    return np.concatenate(feats), h if not others and h == w else None  # None: mixed or non-square sizes
+    return (np.concatenate(feats) if feats else None), sizes
 
 
 def image_files(path: Path, log=None) -> list[Path]:
@@ -713,15 +770,18 @@ def training_eval_unavailable(cfg, space: str) -> str | None:
 class TrainingEvaluator:
     """FID of the EMA model during training: extractor and reference statistics are prepared once."""
 
-    def __init__(self, cfg, data_manifest: dict, device: torch.device, log=None, with_reference: bool = True):
-        """`cfg.eval.ref` set and the model one `refuse_training_eval` accepts (the Trainer checks both first)."""
+    def __init__(self, cfg, data_manifest: dict, device: torch.device, log=None, with_reference: bool = True, ctx=None):
+        """`cfg.eval.ref` set and the model one `refuse_training_eval` accepts (the Trainer checks both first). Only
+        the rank `with_reference` keeps the reference and scores; under a `ctx` of several ranks every rank computes
+        its share of it (collective: a folder can take many minutes, which the others would wait at a collective)."""
         self.num_samples, self.device = cfg.eval.num_samples, device
         self.extractor = build_extractor(cfg.eval.features, inception=cfg.eval.inception, device=device, unverified=cfg.eval.inception_unverified)
-        # Only the rank that computes the distance needs the reference (a folder can take minutes to score).
-        self.ref = reference_statistics(cfg.eval.ref, self.extractor, log=log) if with_reference else None
+        shared = ctx is not None and ctx.world_size > 1
+        ref = reference_statistics(cfg.eval.ref, self.extractor, log=log, ctx=ctx) if shared or with_reference else None
         size = data_manifest["shape"][-1]
-        if self.ref is not None and self.ref.image_size and self.ref.image_size != size:
-            raise UsageError(f"eval.ref {cfg.eval.ref} holds {self.ref.image_size}px images but the model makes {size}px ones")
+        if ref is not None and ref.image_size and ref.image_size != size:
+            raise UsageError(f"eval.ref {cfg.eval.ref} holds {ref.image_size}px images but the model makes {size}px ones")
+        self.ref = ref if with_reference else None
 
     def __call__(self, model, cfg, step: int, batch_size: int, ctx=None) -> dict | None:
         """Every rank generates its share of the samples (`model`: the EMA, as a generate.SamplingNet at the run's

@@ -55,9 +55,11 @@ def prepare_reference(data: Path, extractors: dict, n: int, *, seed: int = 0, ba
     return prepare_references(data, extractors, n, seeds=[seed], batch_size=batch_size, log=log)[0]
 
 
-def prepare_references(data: Path, extractors: dict, n: int, *, seeds, batch_size: int = 256, log=None) -> list[Reference]:
+def prepare_references(data: Path, extractors: dict, n: int, *, seeds, batch_size: int = 256, log=None, ctx=None) -> list[Reference]:
     """One Reference per split seed (`prepare_reference`'s), the features of every image any of them reads
-    computed once: several draws of the reference and the floor cost little more than one."""
+    computed once: several draws of the reference and the floor cost little more than one. Collective under a `ctx`
+    of several ranks (training's evaluator): each rank computes the features of its block of those images and every
+    rank gets them all, so none waits at a collective while one computes them alone."""
     from .data.dataset import read_manifest
 
     manifest = read_manifest(data)
@@ -73,8 +75,7 @@ def prepare_references(data: Path, extractors: dict, n: int, *, seeds, batch_siz
         floor_idx, ref_idx = split_halves(len(x), seed)
         draws.append((np.sort(floor_idx[:n]), np.sort(ref_idx[:n])))  # a random n of each half, read in file order
     union = np.unique(np.concatenate([idx for draw in draws for idx in draw]))
-    feats = {space: np.concatenate([features_of(np.asarray(x[union[i : i + batch_size]]), ext, batch_size) for i in range(0, len(union), batch_size)])
-             for space, ext in extractors.items()}  # fmt: skip
+    feats = {space: union_features(x, union, ext, batch_size, ctx) for space, ext in extractors.items()}
     if log:
         log(f"{', '.join(extractors)} features of {len(union)} images of {data}: {len(draws)} draw(s) of {len(draws[0][1])} reference + "
             f"{len(draws[0][0])} floor images")  # fmt: skip
@@ -85,6 +86,18 @@ def prepare_references(data: Path, extractors: dict, n: int, *, seeds, batch_siz
         out.append(Reference(extractors, {s: f[rows["ref"]] for s, f in feats.items()}, {s: f[rows["floor"]] for s, f in feats.items()},
                              y[ref_idx] if y is not None else None, y[floor_idx] if y is not None else None, names, tuple(x.shape[1:])))  # fmt: skip
     return out
+
+
+def union_features(x, rows: np.ndarray, extractor, batch_size: int, ctx=None) -> np.ndarray:
+    """Features of the images x[rows] in that order; under a `ctx` of several ranks each rank computes its
+    contiguous block of the rows and the blocks, gathered in rank order, are the whole (collective)."""
+    from . import distributed as D
+
+    shared = ctx is not None and ctx.world_size > 1
+    mine = rows[D.block_of(len(rows), ctx)] if shared else rows
+    parts = [features_of(np.asarray(x[mine[i : i + batch_size]]), extractor, batch_size) for i in range(0, len(mine), batch_size)]
+    local = np.concatenate(parts) if parts else None  # None: this rank's block is empty (fewer rows than ranks)
+    return np.concatenate([part for part in D.all_gather_objects(local, ctx) if part is not None]) if shared else local
 
 
 def proportional_labels(n: int, counts) -> np.ndarray:
@@ -354,10 +367,11 @@ class TrainingFidelity:
     class-conditional models, accuracy of the EMA model, each logged beside its real-vs-real floor.
 
     The reference is eval.ref, else the training data. Every rank builds the extractor (generation is sharded;
-    the classifier is deterministic, so ranks that train it agree); the main rank holds the reference.
+    the classifier is deterministic, so ranks that train it agree); every rank computes the features of its share
+    of the reference images, and the main rank holds the reference.
     """
 
-    def __init__(self, cfg, data_path, device, log=None, with_reference: bool = True):
+    def __init__(self, cfg, data_path, device, log=None, with_reference: bool = True, ctx=None):
         from .data.dataset import read_manifest, validate_prepared
         from .features import build_space
 
@@ -376,9 +390,13 @@ class TrainingFidelity:
         self.labels = proportional_labels(self.num_samples, counts) if counts is not None else None
         self.extractor = build_space(self.space, data=data, device=device, classifier=cfg.eval.classifier, dinov2=cfg.eval.dinov2, log=log)
         self.reference = None
-        if with_reference:
-            self.reference = prepare_reference(data, {self.space: self.extractor}, cfg.eval.num_samples, log=log)
-            floor(self.reference, kid=False)
+        # The reference's features: every rank its share under `ctx` (collective); the rank `with_reference` keeps
+        # them and scores its floor (the k-NN metrics: seconds to minutes, within FM_DIST_TIMEOUT_S).
+        if with_reference or (ctx is not None and ctx.world_size > 1):
+            reference = prepare_references(data, {self.space: self.extractor}, cfg.eval.num_samples, seeds=[0], log=log, ctx=ctx)[0]
+            if with_reference:
+                floor(reference, kid=False)
+                self.reference = reference
 
     def __call__(self, model: torch.nn.Module, cfg, step: int, batch_size: int, ctx=None) -> dict | None:
         """`model` (the EMA) sampled as `cfg` (the run's config now) says; the rank holding the reference returns the record."""

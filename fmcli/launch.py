@@ -34,6 +34,7 @@ def launch_options(gpus: int, nproc: int, nnodes: int = 1, node_rank: int = 0, r
     D.check_rendezvous(nnodes, rdzv_endpoint)
     if max(gpus, nproc) > 1 or nnodes > 1:
         D.shutdown_timeout()
+        D.collective_timeout()
     return dict(gpus=gpus, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
 
 
@@ -361,6 +362,7 @@ def relaunched(gpus: int, nproc: int, extra: list[str] | None = None) -> bool:
         D.adopt_slurm()  # one srun task per GPU: this task is one rank of the command, its shard only
     if procs <= 1 or D.launched_externally():
         return False
+    D.collective_timeout()  # a bad FM_DIST_TIMEOUT_S: one line here, not one per rank
     argv = _without_launch_flags(sys.argv[1:]) + (["--device", "cuda"] if gpus else [])
     if extra is not None:  # stdin was consumed here: hand the ranks its prompts as arguments instead
         argv = _without_stdin_prompts(argv) + extra

@@ -175,7 +175,8 @@ def _model_mismatch(theirs: dict, mine: dict, weights: dict, own: dict) -> tuple
 
 def make_evaluator(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log):
     """The evaluator of a run with eval.every: the feature extractor on every rank (generation is sharded),
-    reference features computed once on rank 0 (None without a reference for FID). FID (inception/tiny) against eval.ref, or the fidelity metrics (domain/dinov2)
+    the reference's features (FID's statistics, the fidelity metrics' features) computed by every rank on its share and
+    held by rank 0 (None without a reference for FID). FID (inception/tiny) against eval.ref, or the fidelity metrics (domain/dinov2)
     against eval.ref or the training data."""
     fidelity = cfg.eval.features in ("domain", "dinov2")
     # Presets schedule evaluation (eval.every) but only the user knows the reference data: without one,
@@ -194,11 +195,11 @@ def make_evaluator(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, lo
     if fidelity:
         from .fidelity import TrainingFidelity
 
-        return TrainingFidelity(cfg, cfg.data.path, ctx.device, log=log.info, with_reference=ctx.rank == 0)
+        return TrainingFidelity(cfg, cfg.data.path, ctx.device, log=log.info, with_reference=ctx.rank == 0, ctx=ctx)
     from .evaluate import TrainingEvaluator
 
     manifest = {**dataset.manifest, "kind": "pixels"}  # reflow pairs of a pixel model: samples are pixels
-    return TrainingEvaluator(cfg, manifest, ctx.device, log=log.info, with_reference=ctx.rank == 0)
+    return TrainingEvaluator(cfg, manifest, ctx.device, log=log.info, with_reference=ctx.rank == 0, ctx=ctx)  # the reference: every rank its share
 
 
 def build_step(cfg: Config, dataset: PreparedDataset, ctx: D.DistContext, log, run_dir: Path, *, fresh: bool):

@@ -377,3 +377,136 @@ def test_a_failure_every_rank_shares_is_said_by_the_launcher(tmp_path, debug_run
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 1 and len(errors) == 1 and "Duplicate GPU detected" in errors[0] and "above" not in errors[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_process_group_waits_fm_dist_timeout_s_for_a_collective(monkeypatch):
+    """The group's collective timeout is explicit, the same for gloo and NCCL (NCCL's own default, 10 minutes, aborted
+    the waiting ranks while rank 0 alone wrote a large checkpoint or grid): FM_DIST_TIMEOUT_S seconds, default 30 minutes."""
+    import datetime
+
+    from fmcli import distributed as D
+
+    seen = []
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(D.dist, "init_process_group", lambda **kwargs: seen.append(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("FM_DIST_TIMEOUT_S", raising=False)
+    D.setup("cpu")
+    monkeypatch.setenv("FM_DIST_TIMEOUT_S", "7200")
+    D.setup("cpu")
+    assert [(kw["backend"], kw["timeout"]) for kw in seen] == [("gloo", datetime.timedelta(minutes=30)), ("gloo", datetime.timedelta(hours=2))]
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", ""])
+def test_a_bad_fm_dist_timeout_s_is_one_line_before_anything_is_written(tmp_path, shapes16, value, monkeypatch):
+    from fmcli import distributed as D
+
+    monkeypatch.setattr(D, "relaunch", lambda *args, **kwargs: pytest.fail("launched despite a bad FM_DIST_TIMEOUT_S"))
+    env = {"FM_DIST_TIMEOUT_S": value}
+    out = fm_in_process(*train_args(shapes16, tmp_path / "run", 2, "--nproc", "2"), env=env)
+    assert out.returncode == 2 and out.stderr.count("error:") == 1 and "FM_DIST_TIMEOUT_S must be a positive whole number" in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
+    sampled = fm_in_process("sample", "--ckpt", "nowhere", "-n", "2", "--out", tmp_path / "samples", "--nproc", "2", env=env)
+    assert sampled.returncode == 2 and "FM_DIST_TIMEOUT_S" in sampled.stderr and not (tmp_path / "samples").exists(), sampled.stderr
+
+
+def _reference_rank(rank: int, port: int, data, folder, out) -> None:
+    """One of two gloo ranks (forked): training's evaluator built as the Trainer builds it, then a folder's statistics
+    and `shared_moments` with an empty share; what each rank fed its extractor and computed, saved to `out`."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from conftest import QuietLog
+    from fmcli import distributed as D
+    from fmcli.config import load_config
+    from fmcli.data.dataset import PreparedDataset
+    from fmcli.evaluate import TinyExtractor, reference_statistics, shared_moments
+    from fmcli.train import make_evaluator
+
+    fed = []
+    extract = TinyExtractor.__call__
+    TinyExtractor.__call__ = lambda self, images: fed.append(len(images)) or extract(self, images)
+    ctx = D.setup("cpu")
+    try:
+        cfg = load_config("debug", [f"data.path='{data}'", "eval.every=1", "eval.features='tiny'", f"eval.ref='{data}'"])
+        evaluator = make_evaluator(cfg, PreparedDataset(data), ctx, QuietLog())
+        result = {"fed": sum(fed), "has_ref": evaluator.ref is not None}
+        if evaluator.ref is not None:
+            result.update(mu=evaluator.ref.mu, sigma=evaluator.ref.sigma, count=evaluator.ref.count, size=evaluator.ref.image_size)
+        stats = reference_statistics(folder, TinyExtractor(), batch_size=10, ctx=ctx)
+        result.update(folder_mu=stats.mu, folder_sigma=stats.sigma, folder_count=stats.count, folder_size=stats.image_size)
+        rows = np.arange(15.0).reshape(5, 3) ** 1.5
+        result["moments"] = np.concatenate([a.ravel() for a in shared_moments(rows if rank == 0 else None, ctx)[:2]])
+        # eval.features=dinov2's reference (50 + 50 images), the extractor stood in for by the tiny one
+        import fmcli.features
+
+        fmcli.features.build_space = lambda *args, **kwargs: TinyExtractor()
+        fed.clear()
+        fidelity = make_evaluator(cfg.with_section("eval", features="dinov2", ref=None, num_samples=50), PreparedDataset(data), ctx, QuietLog())
+        result.update(fidelity_fed=sum(fed), fidelity_has_ref=fidelity.reference is not None)
+        if fidelity.reference is not None:
+            result.update(fidelity_ref=fidelity.reference.ref["dinov2"], fidelity_floor=fidelity.reference.floor["dinov2"])
+    finally:
+        D.cleanup()
+    np.savez(out / f"rank{rank}.npz", **result)
+
+
+def test_training_fids_reference_is_shared_over_the_ranks_and_equals_numpys(tmp_path, shapes16):
+    """eval.ref's statistics were computed by rank 0 alone while the other ranks waited at their next collective
+    (Inception over a large folder: past NCCL's timeout, the run aborted). Every rank now computes the features of
+    its half of the images (counted at the extractor), and the mean and covariance rank 0 holds equal numpy's
+    mean and np.cov of all the images' features (batched alike, so the features are bit-identical) to round-off:
+    a prepared dataset, an image folder, and a share with no rows. eval.features=domain|dinov2's reference features
+    likewise: each rank computes half, rank 0 holds them all, equal to the extractor's features image by image."""
+    import multiprocessing
+
+    from PIL import Image
+
+    from fmcli.distributed import free_port
+    from fmcli.evaluate import TinyExtractor, to_rgb
+    from fmcli.train import make_evaluator  # noqa: F401  imported once here, not in each forked rank
+
+    x = np.load(shapes16 / "x.npy")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray(x[i].transpose(1, 2, 0)).save(folder / f"{i:03d}.png")
+    port, fork = free_port(), multiprocessing.get_context("fork")
+    ranks = [fork.Process(target=_reference_rank, args=(r, port, shapes16, folder, tmp_path)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(60)
+    for p in ranks:
+        if p.is_alive():  # a hung rank fails the test, not the session
+            p.kill()
+    assert [p.exitcode for p in ranks] == [0, 0]
+    zero, one = (np.load(tmp_path / f"rank{r}.npz") for r in (0, 1))
+    assert (int(zero["fed"]), int(one["fed"])) == (256, 256)  # each rank fed its extractor half of the 512 images
+    assert bool(zero["has_ref"]) and not bool(one["has_ref"])
+
+    def direct(images, batch):  # numpy's statistics of features computed in batches as the ranks batch them
+        tiny = TinyExtractor()
+        feats = np.concatenate([tiny(to_rgb(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])))) for i in range(0, len(images), batch)])
+        return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+    for prefix, images, batch in (("", x, 64), ("folder_", x[:40], 10)):
+        mu, sigma = direct(images, batch)
+        np.testing.assert_allclose(zero[prefix + "mu"], mu, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(zero[prefix + "sigma"], sigma, rtol=1e-10, atol=1e-13 * np.abs(sigma).max())
+        assert (int(zero[prefix + "count"]), int(zero[prefix + "size"])) == (len(images), 16)
+    np.testing.assert_allclose(one["folder_sigma"], zero["folder_sigma"], rtol=0, atol=0)  # every rank holds the same
+    rows = np.arange(15.0).reshape(5, 3) ** 1.5
+    expected = np.concatenate([rows.mean(axis=0), np.cov(rows, rowvar=False).ravel()])
+    for rank in (zero, one):
+        np.testing.assert_allclose(rank["moments"], expected, rtol=1e-13)
+    # The fidelity metrics' reference: each rank half of its 100 images; rank 0 holds the features of the seeded halves.
+    from fmcli.fidelity import split_halves
+
+    assert (int(zero["fidelity_fed"]), int(one["fidelity_fed"])) == (50, 50)
+    assert bool(zero["fidelity_has_ref"]) and not bool(one["fidelity_has_ref"])
+    floor_idx, ref_idx = split_halves(len(x), 0)
+    tiny = TinyExtractor()
+    for key, idx in (("fidelity_ref", ref_idx), ("fidelity_floor", floor_idx)):
+        one_by_one = np.concatenate([tiny(to_rgb(torch.from_numpy(x[i : i + 1]))) for i in np.sort(idx[:50])])
+        np.testing.assert_allclose(zero[key], one_by_one, rtol=1e-5, atol=1e-6)
