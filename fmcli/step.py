@@ -224,8 +224,10 @@ class TrainingStep:
                 self.scaler.step(o)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        for s in self.schedulers:
-            s.step()
+        with warnings.catch_warnings():  # a skipped overflow step (above): torch warns of a schedule stepped alone, as intended
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+            for s in self.schedulers:
+                s.step()
         update_ema(self.ema, self.model, ema_decay_at(step, cfg.train.ema_decay, cfg.train.ema_warmup))
         return StepResult(mean_loss, grad_norm, lr, ot_costs)
 
