@@ -615,8 +615,8 @@ def fid(req: FidRequest, *, device: torch.device, log, ctx=None, progress_factor
         sweep = nfe_sweep(sample_cfg, req.nfe, log) if req.nfe is not None else [(None, sample_cfg)]
     if req.gen is not None and not image_files(Path(req.gen)):  # so is an empty --gen
         raise UsageError(f"--gen {req.gen} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    ref_stats = _reference(req, extractor, log)
-    saved = {"stats": str(ref_stats.save(req.save_stats)), "ref_count": ref_stats.count, "features": ref_stats.features} if req.save_stats else {}
+    ref_stats = _reference(req, extractor, log, ctx)
+    saved = {"stats": str(_save_once(ref_stats, req.save_stats, ctx)), "ref_count": ref_stats.count, "features": ref_stats.features} if req.save_stats else {}
     if req.gen is not None:
         return {**saved, **_score_folder(req, ref_stats, extractor, log)}
     if loaded is None:
@@ -657,8 +657,15 @@ def sample_dir(out: Path | None, nfe: int | None) -> Path | None:
     return out / f"nfe-{nfe}" if out is not None and nfe is not None else out
 
 
-def _reference(req: FidRequest, extractor: FeatureExtractor, log) -> Statistics:
-    ref_stats = reference_statistics(req.ref, extractor, batch_size=req.batch_size, keep_features=req.kid, log=log)
+def _save_once(stats: Statistics, path: Path, ctx) -> Path:
+    """--save-stats written by rank 0 alone (every rank holds the same statistics; one writer, one temp file)."""
+    return stats.save(path) if ctx is None or ctx.rank == 0 else Path(path)
+
+
+def _reference(req: FidRequest, extractor: FeatureExtractor, log, ctx=None) -> Statistics:
+    """REF's statistics; under several ranks (`fm fid --nproc/--gpus`) each reads its share of the images, not all of
+    them (`reference_statistics`; --kid keeps every feature, so each rank reads them all then)."""
+    ref_stats = reference_statistics(req.ref, extractor, batch_size=req.batch_size, keep_features=req.kid, log=log, ctx=ctx)
     if not isinstance(extractor, InceptionExtractor):  # said once the inputs are known to be good
         log(f"features: {extractor.name} (not comparable to published FID)")
     if req.kid and ref_stats.feats is None:

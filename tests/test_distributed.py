@@ -196,11 +196,17 @@ def test_nproc_beyond_the_cuda_gpus_is_a_usage_error(tmp_path, shapes16, debug_r
 @pytest.mark.parametrize(("n", "nproc", "rel"), [(10, 2, 1e-9), (2, 3, 1e-6)], ids=["two-processes", "fewer-samples-than-processes"])
 def test_fid_generation_sharded_over_processes_equals_one(tmp_path, debug_run, shapes16, n, nproc, rel):
     args = ["fid", "--ckpt", debug_run, "--num-samples", str(n), "--ref", shapes16, "--features", "tiny", "--steps", "2", "--json"]
-    one = fm_in_process(*args)
-    many = run_fm(*args, "--nproc", str(nproc))
+    one = fm_in_process(*args, "--save-stats", tmp_path / "one" / "ref.npz")
+    many = run_fm(*args, "--nproc", str(nproc), "--save-stats", tmp_path / "many" / "ref.npz")
     assert one.returncode == 0 and many.returncode == 0, (one.stderr, many.stderr)
     a, b = json.loads(one.stdout), json.loads(many.stdout)
     assert a["fid"] == pytest.approx(b["fid"], rel=rel) and a["num_samples"] == b["num_samples"] == n
+    # The reference, read in shares by the ranks (fm fid --nproc), is the one process's to round-off; rank 0 alone wrote it.
+    ref_one, ref_many = np.load(tmp_path / "one" / "ref.npz"), np.load(tmp_path / "many" / "ref.npz")
+    assert f"(shared over {nproc} ranks)" in many.stderr, many.stderr  # each rank read its share, not every image
+    assert int(ref_one["count"]) == int(ref_many["count"]) and os.listdir(tmp_path / "many") == ["ref.npz"]
+    np.testing.assert_allclose(ref_many["mu"], ref_one["mu"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ref_many["sigma"], ref_one["sigma"], rtol=1e-10, atol=1e-12)
     assert a["nfe"] == b["nfe"] == 2 and a["nfe_max"] == b["nfe_max"] == 2
     assert "terminate called" not in many.stderr
 
