@@ -1,6 +1,7 @@
 """`fm sample`: byte-identical output for a seed, independent of batch size (at each precision); JSON and usage errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -90,6 +91,26 @@ def test_help_lists_the_solver_and_guidance_names_without_torch_at_import():
     probe = "import sys, fmcli.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=fm_env(), timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_fm_help_lists_each_command_in_one_sentence_not_broken_mid_line():
+    """`fm --help` shows each command's first docstring paragraph, and typer's rich mode keeps its line breaks
+    there: a paragraph wrapped over two source lines listed as "... conditional" / "accuracy ..." in the table.
+    At a width where every summary fits, each command's summary is one line of the listing."""
+    import inspect
+
+    import typer
+
+    from fmcli.cli.app import app
+
+    commands = {name: c for name, c in typer.main.get_command(app).commands.items() if not c.hidden}
+    r = fm_in_process("--help", env={"COLUMNS": "400"})
+    assert r.returncode == 0, r.stderr
+    for name, command in commands.items():
+        first = inspect.cleandoc(command.help or "").split("\n\n")[0]
+        assert "\n" not in first, f"fm {name}: its help's first paragraph spans lines: {first!r}"
+        row = next(line for line in r.stdout.splitlines() if re.search(rf"│ {re.escape(name)} ", line))
+        assert first.split()[-1].rstrip(".") in row, (name, row)
 
 
 def test_every_sampling_command_takes_the_dopri5_tolerances(tmp_path, debug_run, shapes16):

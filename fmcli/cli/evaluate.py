@@ -183,8 +183,10 @@ def eval_command(
     device: Device = "auto",
     as_json: Json = False,
 ):
-    """Fidelity against a prepared dataset: FD, KID, precision/recall, density/coverage per feature space, conditional
-    accuracy and per-class FD (domain features), each beside its real-vs-real floor, and the NFE.
+    """Fidelity against a prepared dataset: FD, KID, precision/recall, density/coverage, accuracy, beside real-vs-real.
+
+    Each metric per feature space, conditional accuracy and per-class FD (domain features), each beside its
+    real-vs-real floor, and the NFE.
 
     Examples:
       fm eval --ckpt runs/quickstart --data data/shapes-32-n20000-s0 -n 1000

@@ -76,8 +76,9 @@ def env_command(
     remeasure: Annotated[bool, typer.Option("--remeasure", help="Forget this machine's cached probes and measure again (e.g. one taken under heavy load).")] = False,
     as_json: Json = False,
 ):
-    """What this machine is and what `auto` picks on it: device, CPU flags, GPUs, versions, the fp32/bf16 probe,
-    precision and compile choice, C++ compiler, optional extras.
+    """What this machine is and what `auto` picks on it (precision, compile), with the probe behind the choice.
+
+    Device, CPU flags, GPUs, versions, the fp32/bf16 probe, precision and compile choice, C++ compiler, optional extras.
 
     The probe takes a few seconds the first time and is cached in $XDG_CACHE_HOME/fm/probe.json (~/.cache/fm);
     --remeasure measures it again.
@@ -109,9 +110,11 @@ def plot(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file (or an existing SWEEP.png).")] = False,
     y_metric: Annotated[Optional[str], typer.Option("--y", help="fm eval sweeps only: recall (default), precision, coverage, density, fd or kid against accuracy.")] = None,
 ):
-    """Plot loss and learning-rate curves (and FID or FD/precision/recall/coverage/accuracy when logged) from a
-    run's metrics.jsonl, FID against NFE from `fm fid --nfe` sweeps (one curve per appended sweep), or the
-    frontier of an `fm eval` sweep: recall (or --y fd ...) against conditional accuracy (needs matplotlib).
+    """Plot a run's training curves, FID against NFE, or an `fm eval` sweep's frontier (needs matplotlib).
+
+    Loss and learning-rate curves (and FID or FD/precision/recall/coverage/accuracy when logged) from a run's
+    metrics.jsonl, FID against NFE from `fm fid --nfe` sweeps (one curve per appended sweep), or the frontier of an
+    `fm eval` sweep: recall (or --y fd ...) against conditional accuracy.
 
     Examples:
       fm plot runs/quickstart
