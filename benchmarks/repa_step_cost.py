@@ -67,7 +67,8 @@ def main() -> None:
     args = ap.parse_args()
 
     on = [*args.overrides, "repa.encoder=domain"]
-    plain, _ = step_fn(args.preset, [*args.overrides, "repa.encoder=none"], args.batch)
+    off = [item for item in args.overrides if not item.split("=", 1)[0].strip().startswith("repa.")]  # REPA's own settings are unread without it (refused)
+    plain, _ = step_fn(args.preset, [*off, "repa.encoder=none"], args.batch)
     with_repa, cfg = step_fn(args.preset, on, args.batch)
     dim = repa.untrained_encoder(cfg).module(torch.zeros(1, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)).shape[1]
     variants = {

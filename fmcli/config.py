@@ -752,22 +752,45 @@ def unread_settings(cfg: Config) -> dict[str, str]:
                  f"data.source = {data.source!r} comes from `fm prepare-data {data.source}`, whose options set its data")
         for key in ("data.image_size", "data.count", "data.seed"):
             unread[key] = f"only sets up the shapes data fm prepares itself (data.source = 'shapes', no data.path) and is never read here: {where}"
+    return unread | _unread_beside_choices(cfg)
+
+
+def _unread_beside_choices(cfg: Config) -> dict[str, str]:
+    """The settings of one choice that another choice leaves unread: the Sinkhorn coupling's (flow.couple), the
+    logit-normal sampler's (flow.sample_times), the mean-flow objective's (step.TrainingStep), REPA's when it is off
+    (repa.encoder = "none"; "auto" is resolved from the data, so its settings may be read), and the text
+    encoder's without a text model (encoders.setup_training_encoders, generate)."""
+    f, unread = cfg.flow, {}
+    choices = [("flow.coupling", f.coupling, "ot-sinkhorn", ("flow.sinkhorn_reg", "flow.sinkhorn_iters"), "the Sinkhorn OT coupling"),
+               ("flow.time_sampler", f.time_sampler, "logit_normal", ("flow.logit_mean", "flow.logit_std"), "the logit-normal time sampler"),
+               ("flow.objective", f.objective, "meanflow", ("flow.meanflow_ratio", "flow.meanflow_power"), "the mean-flow objective")]
+    for switch, value, wanted, keys, what in choices:
+        for key in keys if value != wanted else ():
+            unread[key] = f"is read only by {what} ({switch} = {wanted!r}), and this run's {switch} is {value!r}"
+    if cfg.repa.encoder == "none":
+        for key in ("depth", "weight", "seed", "classifier", "projector", "feature_stride", "spatial_norm"):
+            unread[f"repa.{key}"] = "is a REPA setting and REPA is off (repa.encoder = 'none'; 'domain' or 'auto' turns it on)"
+    if not cfg.model.cross_attention:
+        for key in ("encoders.text_encoder", "encoders.max_tokens", "model.text_dim"):
+            unread[key] = "is a text-conditioning setting and this model has none (model.cross_attention = false; true makes a text model)"
     return unread
 
 
 def refuse_unread_settings(cfg: Config, given: dict[str, str]) -> None:
     """A setting the user gave (`given`: key -> where, "--set" or their preset file) that the run of `cfg` never
     reads (`unread_settings`) is an error, not accepted to do nothing; so is a key of train.budget_fallback.overrides
-    the fallback's config never reads, where the user gave the fallback. Only given keys, where a config is written:
+    the fallback's config never reads, where the user gave the fallback (a key that config reads is read: the run
+    may train it). Only given keys, where a config is written:
     a shipped preset's or a default value is no choice of the user's (`--set model.arch=unet` on a DiT preset keeps
     its depth, unread), and a stored config.json, which holds every field, still loads (resume, sample, export)."""
-    for key, why in unread_settings(cfg).items():
-        if key in given:
-            raise UsageError(f"invalid config ({given[key]}): {key} {why}: drop it")
     fallback = cfg.train.budget_fallback
+    unread_by_fallback = unread_settings(budget_fallback_config(cfg)) if fallback is not None else None
+    for key, why in unread_settings(cfg).items():  # a setting the fallback's config reads is read: the run may train it
+        if key in given and (unread_by_fallback is None or key in unread_by_fallback):
+            raise UsageError(f"invalid config ({given[key]}): {key} {why}: drop it")
     if fallback is None or not any(key.startswith("train.budget_fallback") for key in given):
         return
-    unread = unread_settings(budget_fallback_config(cfg))
+    unread = unread_by_fallback
     for key in (parse_override(item)[0] for item in fallback.overrides):
         if key in unread:
             raise UsageError(f"invalid config (train.budget_fallback.overrides): {key} {unread[key]}: drop it")

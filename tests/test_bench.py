@@ -14,7 +14,7 @@ from fmcli.autotune import Trial, auto_micro_batch, autotune, autotune_key
 from fmcli.bench import dit_forward_flops, peak_flops
 from fmcli.config import resolve_without_data as resolve_bench_config
 from fmcli.models import build_bench_model
-from fmcli.config import load_config
+from fmcli.config import apply_overrides, load_config
 from fmcli.errors import RuntimeFailure, UsageError
 from tests.conftest import fm_in_process, run_fm
 
@@ -576,7 +576,8 @@ def test_the_autotune_key_changes_with_what_changes_a_steps_cost():
         return autotune_key(cfg, torch.device("cpu"), "fp32", False, ns_dtype=None, world_size=1)
 
     plain = key("repa.encoder=none")
-    assert key("repa.encoder=none", "repa.weight=2") == plain
+    off = resolve_bench_config(apply_overrides(load_config("debug", base + ["repa.encoder=none"]), ["repa.depth=1", "repa.projector=conv"]))  # a stored config's
+    assert autotune_key(off, torch.device("cpu"), "fp32", False, ns_dtype=None, world_size=1) == plain
     keys = {plain, key("flow.objective=meanflow", "sample.solver=meanflow", "repa.encoder=none"), key("flow.objective=meanflow", "sample.solver=meanflow", "flow.meanflow_ratio=1", "repa.encoder=none"),
             key("repa.encoder=domain", "repa.depth=1"), key("repa.encoder=domain", "repa.depth=1", "repa.projector=conv"),
             key("repa.encoder=domain", "repa.depth=1", "repa.feature_stride=4")}

@@ -307,7 +307,7 @@ def test_a_repa_run_falls_back_under_its_own_threshold(tmp_path, shapes16, monke
     monkeypatch.setattr(budget_mod.RunBudget, "_measure_step_seconds", lambda self, probes: 0.05)
     monkeypatch.setattr(budget_mod.RunBudget, "_measure_work", lambda self, cfg, probes: WORK)
     cfg = cfg_for(shapes16, "train.steps=150", "train.budget_minutes=0.1", "train.log_every=50", *FALLBACK,
-                  "train.budget_fallback.min_steps_with_repa=50", f"repa.encoder={repa}", "repa.depth=1")
+                  "train.budget_fallback.min_steps_with_repa=50", f"repa.encoder={repa}", *(["repa.depth=1"] if repa == "domain" else []))
     train(cfg, tmp_path / "run", log=machine)
     budget = load_checkpoint(resolve_checkpoint(tmp_path / "run"))["hardware"]["budget"]
     assert (budget["fallback"] is not None) == falls_back

@@ -1,6 +1,8 @@
 """Presets and --set overrides: typed, validated, unknown keys and bad values rejected (exit 2 via the CLI)."""
 
+import functools
 import json
+import re
 
 import pytest
 
@@ -537,3 +539,103 @@ def test_shapes_settings_beside_a_prepared_dataset_are_refused(shapes16):
     refused = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--set", "data.image_size=32", "--print-config")
     assert refused.returncode == 2 and refused.stdout == "" and len(refused.stderr.strip().splitlines()) == 1
     assert training_config("debug", [], data=Path(shapes16), run_dir=None, resume=None)[0].data.image_size == 16  # the preset's, unread: fine
+
+
+# A setting: (another value, the --set items that make the run read it). model.text_dim and encoders.* need a text model.
+DEAD_BY_CHOICE = {
+    "flow.sinkhorn_reg": (100.0, ["flow.coupling=ot-sinkhorn"]),
+    "flow.sinkhorn_iters": (1, ["flow.coupling=ot-sinkhorn", "flow.sinkhorn_reg=100"]),
+    "flow.logit_mean": (3.0, ["flow.time_sampler=logit_normal"]),
+    "flow.logit_std": (0.1, ["flow.time_sampler=logit_normal"]),
+    "flow.meanflow_ratio": (1.0, ["flow.objective=meanflow", "sample.solver=meanflow"]),
+    "flow.meanflow_power": (0.0, ["flow.objective=meanflow", "sample.solver=meanflow"]),
+    "repa.depth": (1, ["repa.encoder=domain"]),
+    "repa.weight": (3.0, ["repa.encoder=domain", "repa.depth=1"]),
+    "repa.projector": ("conv", ["repa.encoder=domain", "repa.depth=1"]),
+    "repa.feature_stride": (4, ["repa.encoder=domain", "repa.depth=1"]),
+    "repa.spatial_norm": (True, ["repa.encoder=domain", "repa.depth=1"]),
+    "repa.seed": (5, ["repa.encoder=domain"]),  # the classifier's (repa.load_encoder): not in a one-step brute force
+    "repa.classifier": ("mine.pt", ["repa.encoder=domain"]),
+    "model.text_dim": (8, ["model.cross_attention=true", "model.num_classes=0"]),
+    "encoders.max_tokens": (4, ["model.cross_attention=true", "model.num_classes=0"]),
+    "encoders.text_encoder": ("builtin:tiny-t5", ["model.cross_attention=true", "model.num_classes=0"]),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _one_step_weights(items: tuple[str, ...]) -> tuple:
+    """The weights (model and REPA projector) after one training step of a tiny DiT on a fixed batch, with `items`
+    applied to a stored-config copy (no check of unread settings): a brute-force test of whether a setting is read."""
+    import torch
+
+    from fmcli.distributed import DistContext
+    from fmcli.repa import untrained_encoder
+    from fmcli.step import TrainingStep
+
+    base = load_config("debug", ["data.path='unused'", "model.image_size=8", "model.in_channels=3", "model.num_classes=0", "optim.grad_clip=0",
+                                 "train.global_batch_size=4"])
+    cfg = apply_overrides(base, [*items, *(["model.end_time=true"] if "flow.objective=meanflow" in items else [])])
+    torch.manual_seed(0)
+    step = TrainingStep(cfg, DistContext(), micro=4, accum=1, shape=(3, 8, 8), encoder=untrained_encoder(cfg) if cfg.repa.encoder == "domain" else None)
+    with torch.no_grad():  # no zero-initialised output layer: the step's update depends on every input
+        for p in step.model.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    step(iter([{"x": x}]), 0, 0)
+    modules = [step.model, *([step.align.projector] if step.align is not None else [])]
+    return tuple(p.detach().clone() for module in modules for p in module.parameters())
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    import torch
+
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("key", list(DEAD_BY_CHOICE))
+def test_a_setting_another_choice_leaves_unread_is_refused_where_the_user_gives_it(key, tmp_path):
+    """`--set flow.sinkhorn_reg=0.1` without the Sinkhorn coupling (likewise logit_mean/std without the logit-normal
+    sampler, meanflow_* without the mean-flow objective, repa.* with repa.encoder = "none", text settings without a
+    text model) was accepted and trained the same network. Now a one-line error naming the key, from a --set or the
+    user's own preset file; with the choice that reads it switched on in the same command it is accepted."""
+    value, switch = DEAD_BY_CHOICE[key]
+    item = f"{key}={json.dumps(value)}"
+    if key.startswith(("flow.", "repa.")) and key not in ("repa.seed", "repa.classifier"):  # the premise, by brute force
+        assert _same(_one_step_weights(()), _one_step_weights((item,)))  # off: the same step
+        if key == "flow.logit_mean":  # the brute force sees a setting that is read (the step is exact)
+            assert not _same(_one_step_weights(tuple(switch)), _one_step_weights((*switch, item)))
+    elif key.startswith("model."):  # the network's weights do not depend on text_dim without cross-attention
+        from fmcli.config import ModelConfig
+        from fmcli.models import build_model
+
+        shapes = [{n: tuple(p.shape) for n, p in build_model(ModelConfig(hidden_size=8, heads=2, depth=1, patch_size=4, image_size=8, in_channels=3,
+                                                                         num_classes=2, **change)).state_dict().items()} for change in ({}, {"text_dim": 8})]
+        assert shapes[0] == shapes[1]
+    else:  # the encoders a run sets up (text conditioning none, the config's encoders as before) do not depend on it
+        from types import SimpleNamespace
+
+        from fmcli.encoders import setup_training_encoders
+
+        pixels = SimpleNamespace(manifest={"kind": "pixels"}, space="pixels", has_cached_text=False)
+        base = load_config("debug")
+        text, resolved = setup_training_encoders(apply_overrides(base, [item]), pixels, "cpu")
+        assert text is None and setup_training_encoders(base, pixels, "cpu")[0] is None
+        assert config_to_dict(resolved)["model"] == config_to_dict(base)["model"]
+    with pytest.raises(UsageError, match=rf"^invalid config \(--set\): {re.escape(key)} (is read only by|is a REPA setting|is a text-conditioning)"):
+        load_config("debug", [item])
+    own = tmp_path / "own.toml"
+    section, field = key.split(".")
+    own.write_text(f'base = "debug"\n[{section}]\n{field} = {json.dumps(value)}\n')
+    with pytest.raises(UsageError, match=rf"^invalid config \({re.escape(str(own))}\): {re.escape(key)} "):
+        load_config(str(own))
+    cfg = load_config("debug", [*switch, item])  # switched on in the same command: read, accepted
+    assert config_to_dict(cfg)[section][field] == value
+
+
+def test_a_setting_only_the_budget_fallback_reads_is_accepted(tmp_path):
+    """The run may train train.budget_fallback's config: a setting that config reads is not unread."""
+    own = tmp_path / "own.toml"
+    own.write_text('base = "debug"\n[train]\nbudget_minutes = 5\n[train.budget_fallback]\nmin_steps = 10\noverrides = ["flow.coupling=ot-sinkhorn"]\n')
+    assert load_config(str(own), ["flow.sinkhorn_reg=0.1"]).flow.sinkhorn_reg == 0.1
+    with pytest.raises(UsageError, match=r"flow\.logit_std is read only by the logit-normal"):
+        load_config(str(own), ["flow.logit_std=0.5"])

@@ -301,8 +301,13 @@ def test_a_resume_is_not_advised_to_turn_repa_off(tmp_path, shapes16):
 
 
 def test_a_classifier_given_to_a_run_without_repa_is_said_to_be_unused(tmp_path, shapes16):
-    result = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "r", "--set", "repa.encoder=none",
-                           "--set", f"repa.classifier={tmp_path / 'mine.pt'}", "--set", "train.steps=1", "--set", "sample.grid_size=2")
+    # repa.encoder = "auto" that resolves to "none" (a U-Net has no tokens to align): said at the start of the run;
+    # with repa.encoder = "none" given outright it is refused at once (config.refuse_unread_settings).
+    with pytest.raises(UsageError, match=r"repa\.classifier is a REPA setting and REPA is off"):
+        load_config("debug", ["repa.encoder=none", f"repa.classifier={tmp_path / 'mine.pt'}"])
+    result = fm_in_process("train", "--preset", "debug", "--data", shapes16, "--run-dir", tmp_path / "r", "--set", "repa.encoder=auto",
+                           "--set", "model.arch=unet", "--set", f"repa.classifier={tmp_path / 'mine.pt'}", "--set", "train.steps=1",
+                           "--set", "sample.grid_size=2")
     assert result.returncode == 0, result.stderr
     assert f"repa.classifier={tmp_path / 'mine.pt'} is unused: REPA is off" in result.stderr
 
@@ -323,7 +328,8 @@ def test_auto_aligns_only_where_a_run_can(manifest, extra, expected):
     cfg = load_config("debug", ["repa.encoder=auto", *extra])
     resolved = resolve(cfg, {**manifest, "shape": [3, 16, 16]})
     assert resolved.repa.encoder == expected
-    assert resolve(load_config("debug", ["repa.encoder=none", *extra]), {**manifest, "shape": [3, 16, 16]}).repa.encoder == "none"
+    off = [item for item in extra if not item.startswith("repa.")]  # REPA's own settings beside "none" are refused (unread)
+    assert resolve(load_config("debug", ["repa.encoder=none", *off]), {**manifest, "shape": [3, 16, 16]}).repa.encoder == "none"
 
 
 @pytest.mark.parametrize("kind, expected", [(None, "domain"), ("pixels", "domain"), ("latents", "none")])
