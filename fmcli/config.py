@@ -717,6 +717,7 @@ def load_config(preset: str | None, overrides: list[str] | None = None, note=Non
     preset file) that the run never reads is refused (`refuse_unread_settings`)."""
     given: dict[str, str] = {}  # key -> where the user gave it
     raw = _read_preset(preset, given) if preset is not None else {}  # --preset "" (an unset $VAR) is an unknown preset, not the defaults
+    read_by_file = _read_by_the_file_alone(raw, given, bool(overrides) or data_path is not None)
     layer = _overrides_layer(overrides or [])
     given.update(dict.fromkeys(_section_keys(layer), "--set"))
     raw = _apply_layer(raw, layer)
@@ -725,8 +726,22 @@ def load_config(preset: str | None, overrides: list[str] | None = None, note=Non
     cfg = validate_config(raw, source=preset or "defaults")
     refuse_unknown_eval_features(cfg, preset or "defaults")
     cfg = cfg if data_path is None else cfg.with_section("data", path=data_path)
-    refuse_unread_settings(cfg, given)
+    # A key of the user's file that only the command line made unread (an ablation: --set flow.coupling=independent
+    # over a file's Sinkhorn settings, --data beside its shapes size) is the file's word, not a mistake on this line.
+    refuse_unread_settings(cfg, {key: where for key, where in given.items() if where == "--set" or key not in read_by_file})
     return cfg
+
+
+def _read_by_the_file_alone(raw: dict, given: dict[str, str], changed: bool) -> set[str]:
+    """The keys of the user's own preset file (`given`) that the file's config alone, before --set and --data
+    (`changed`: any given), reads; empty where nothing changes it or it does not validate alone."""
+    if not changed or not given:
+        return set()
+    try:
+        alone = validate_config(copy.deepcopy(raw), source="preset")
+    except UsageError:
+        return set()
+    return set(given) - set(unread_settings(alone))
 
 
 def _section_keys(layer: dict) -> set[str]:

@@ -639,3 +639,25 @@ def test_a_setting_only_the_budget_fallback_reads_is_accepted(tmp_path):
     assert load_config(str(own), ["flow.sinkhorn_reg=0.1"]).flow.sinkhorn_reg == 0.1
     with pytest.raises(UsageError, match=r"flow\.logit_std is read only by the logit-normal"):
         load_config(str(own), ["flow.logit_std=0.5"])
+
+
+def test_a_file_setting_that_only_the_command_line_leaves_unread_is_accepted(tmp_path, shapes16):
+    """An ablation over the user's own preset: the file's Sinkhorn settings with `--set flow.coupling=independent`, its
+    shapes size with `--data`, its DiT depth with `--set model.arch=unet`. The file's config alone reads them, so they
+    are the file's word, not a mistake on the command line: accepted. A key the file alone leaves unread is still
+    refused, and so is one given on the command line."""
+    from pathlib import Path
+
+    from fmcli.launch import training_config
+
+    mine = tmp_path / "mine.toml"
+    mine.write_text('base = "debug"\n[flow]\ncoupling = "ot-sinkhorn"\nsinkhorn_reg = 0.1\n[data]\nimage_size = 16\n[model]\ndepth = 3\n')
+    assert load_config(str(mine), ["flow.coupling=independent"]).flow.coupling == "independent"
+    assert load_config(str(mine), ["model.arch=unet", "model.channel_mult=[1,2]"]).model.arch == "unet"
+    cfg, _, _ = training_config(str(mine), [], data=Path(shapes16), run_dir=None, resume=None)
+    assert cfg.data.path == str(shapes16)
+    with pytest.raises(UsageError, match=r"invalid config \(--set\): flow\.sinkhorn_iters"):
+        load_config(str(mine), ["flow.coupling=independent", "flow.sinkhorn_iters=5"])
+    mine.write_text(mine.read_text().replace('coupling = "ot-sinkhorn"\n', ""))  # the file alone never reads its sinkhorn_reg
+    with pytest.raises(UsageError, match=rf"invalid config \({re.escape(str(mine))}\): flow\.sinkhorn_reg"):
+        load_config(str(mine), ["train.steps=3"])
