@@ -101,6 +101,114 @@ def test_couplings_time_samplers_and_muon_resume_bit_exactly(tmp_path, shapes16,
     assert_resumes_bit_exactly(tmp_path, [f"data.path='{shapes16}'", "train.steps=6", "train.log_every=1", "train.checkpoint_every=0", *settings])
 
 
+def _every_tensor(state: dict, keys) -> dict:
+    """{path: value} of every tensor and number under `keys` of a checkpoint (model, EMA, optimizer, ...), for a bit-for-bit compare."""
+    out = {}
+
+    def walk(obj, path):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}[{i}]")
+        else:
+            out[path] = obj
+
+    for key in keys:
+        walk(state.get(key), key)
+    return out
+
+
+RESUME_COMBINATIONS = {
+    # fm resume with every resume-safe setting that adds periodic work (grids, tiny-feature FID, checkpoints, workers)
+    # continues as a straight run without them: none of it perturbs the training draws or the data position.
+    "resume-safe-overrides": ([], 3, [["--set", "train.sample_every=1", "--set", "eval.every=2", "--set", "eval.num_samples=4",
+                                       "--set", "eval.ref={data}", "--set", "eval.features=tiny", "--set", "data.num_workers=1",
+                                       "--set", "train.checkpoint_every=1", "--set", "train.keep_last=1", "--set", "train.log_every=2"]]),
+    # stopped, resumed with --stop-at-step, resumed again: Muon with accumulation, EMA warmup, a grid every step, one checkpoint kept.
+    "twice-resumed": (["optim.name=muon", "train.micro_batch_size=8", "train.ema_warmup=true", "train.sample_every=1",
+                       "train.checkpoint_every=1", "train.keep_last=1"], 2, [["--stop-at-step", "4"], []]),
+    # a finished 3-step run (final grid and evaluation done) extended to 6 at a constant LR is a 6-step run.
+    "extended-train-steps": (["optim.warmup_frac=0", "optim.min_lr_factor=1", "train.sample_every=1", "eval.every=3",
+                              "eval.num_samples=4", "eval.ref={data}", "eval.features=tiny"], None, [["--set", "train.steps=6"]]),
+    # epochs of 2 batches (40 images): the stop and the resume fall mid-epoch; flips, exact OT per micro-batch.
+    "epochs-of-two-batches": (["data.flip=true", "flow.coupling=ot-exact", "train.micro_batch_size=8"], 3, [[]]),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_COMBINATIONS))
+def test_feature_combinations_resume_bit_exactly_through_fm_resume(tmp_path, shapes16, case):
+    """A straight 6-step run and one stopped at step k then continued by `fm resume`: every tensor of the model, EMA,
+    optimizer (and LR schedule), the data position (batches drawn: 6 of 16 images, or 6 over epochs of 2) and the
+    global RNG equal bit for bit, and so do the losses in metrics.jsonl."""
+    settings, stop_at, resumes = RESUME_COMBINATIONS[case]
+    data = prepare_shapes(tmp_path / "shapes40", size=16, count=40, seed=0) if case == "epochs-of-two-batches" else shapes16
+    base = [f"data.path='{data}'", "train.log_every=1", "sample.grid_size=2", "sample.steps=2"]  # the preset checkpoints at step 10: here at the end
+    settings = [s.format(data=data) for s in settings]
+    resumes = [[a.format(data=data) for a in r] for r in resumes]
+    straight = train(load_config("debug", [*base, "train.steps=6", *settings]), tmp_path / "straight", log=QuietLog())
+    steps = 3 if stop_at is None else 6  # extended: a whole 3-step run first
+    first = train(load_config("debug", [*base, f"train.steps={steps}", *settings]), tmp_path / "split", stop_at_step=stop_at, log=QuietLog())
+    assert first.step == (stop_at or 3)
+    for args in resumes:
+        resumed = fm_in_process("resume", tmp_path / "split", *args)
+        assert resumed.returncode == 0, resumed.stderr
+    a, b = (load_checkpoint(resolve_checkpoint(tmp_path / d)) for d in ("straight", "split"))
+    # A retargeted schedule (train.steps set on resume) records where it was re-anchored; its LRs are in the optimizer's groups.
+    keys = ["model", "ema", "optimizer", "scaler", "data_position", "step", "rng"] + ([] if stop_at is None else ["schedulers"])
+    mine, theirs = _every_tensor(b, keys), _every_tensor(a, keys)
+    assert mine.keys() == theirs.keys()
+    for path, value in theirs.items():
+        assert torch.equal(mine[path], value) if isinstance(value, torch.Tensor) else mine[path] == value, path
+    assert a["data_position"] == ({"epoch": 3, "index": 0, "batches": 6} if case == "epochs-of-two-batches" else {"epoch": 0, "index": 96, "batches": 6})
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    assert losses("straight") == straight.losses
+    if case != "resume-safe-overrides":  # its resume logs every 2nd step (means of two)
+        assert losses("split") == straight.losses
+
+
+@pytest.mark.parametrize("checkpoint_every", [0, 3], ids=["stop-saves", "step-3-saved-already"])
+def test_a_stop_during_skipped_steps_resumes_bit_exactly(tmp_path, shapes16, monkeypatch, checkpoint_every):
+    """Batches 3 and 4 give a non-finite loss (skipped, no optimizer step) and SIGTERM arrives during batch 3 or 4:
+    the stop saves step 3 with batches=4, or keeps step 3's own checkpoint (batches=3: the resume draws batch 3
+    again). Either way the resumed run is the straight run's 6 steps over 8 batches, every tensor bit for bit."""
+    from fmcli import step as step_mod
+    from fmcli.config import validate_config
+
+    real_step, real_loss, drawing, kill_at = step_mod.TrainingStep.__call__, step_mod.flow_matching_loss, {}, set()
+
+    def step(self, batches, batch_index, at):
+        drawing["batch"] = batch_index
+        if batch_index in kill_at:
+            kill_at.discard(batch_index)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, batches, batch_index, at)
+
+    monkeypatch.setattr(step_mod.TrainingStep, "__call__", step)
+    monkeypatch.setattr(step_mod, "flow_matching_loss", lambda *a, **kw: real_loss(*a, **kw) * (math.nan if drawing["batch"] in (3, 4) else 1.0))
+    cfg = cfg_for(shapes16, "train.steps=6", "train.max_nan_skips=2", "train.log_every=1", f"train.checkpoint_every={checkpoint_every}",
+                  "train.ema_warmup=true", "train.micro_batch_size=8")
+    straight = train(cfg, tmp_path / "straight", log=QuietLog())
+    kill_at.add(3 if checkpoint_every == 0 else 4)
+    first = train(cfg, tmp_path / "split", log=QuietLog())
+    assert first.stopped_early and first.step == 3
+    ckpt = resolve_checkpoint(tmp_path / "split")
+    assert load_checkpoint(ckpt)["data_position"]["batches"] == (4 if checkpoint_every == 0 else 3)
+    second = train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "split", resume_from=ckpt, log=QuietLog())
+    assert first.losses + second.losses == straight.losses
+    a, b = (load_checkpoint(resolve_checkpoint(tmp_path / d)) for d in ("straight", "split"))
+    assert a["data_position"] == {"epoch": 0, "index": 128, "batches": 8}  # 6 steps, 2 skipped batches
+    keys = ["model", "ema", "optimizer", "schedulers", "scaler", "data_position", "step", "rng"]
+    mine, theirs = _every_tensor(b, keys), _every_tensor(a, keys)
+    assert mine.keys() == theirs.keys()
+    for path, value in theirs.items():
+        assert torch.equal(mine[path], value) if isinstance(value, torch.Tensor) else mine[path] == value, path
+
+
 def test_resume_on_a_dataset_of_another_size_is_refused(tmp_path):
     """The data position indexes the epoch permutations of the dataset trained on, which depend on its size: a
     resume on a re-prepared dataset of another size (32 -> 40 images, batch 8: the same (epoch, index) after
