@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.shape_accuracy import cached_classifier
 from fmcli.evaluate import build_extractor, frechet_distance, reference_statistics, statistics_of, to_rgb
-from fmcli.generate import class_grid_samples, load_for_sampling
+from fmcli.generate import class_grid_samples, load_for_sampling, nfe_record
 from fmcli.images import to_uint8
 from fmcli.solvers import steps_for_nfe
 
@@ -52,14 +52,14 @@ def main() -> int:
 
     def score(settings) -> dict:
         t0 = time.perf_counter()
-        x, nfe = class_grid_samples(loaded, args.per_class, seed=args.seed, sample_cfg=settings, batch_size=len(labels), device=cpu)
+        x, nfes = class_grid_samples(loaded, args.per_class, seed=args.seed, sample_cfg=settings, batch_size=len(labels), device=cpu)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             accuracy = (clf(x.clamp(-1, 1)).argmax(1) == labels).float().mean().item()
         pixels = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).contiguous()  # the PNG values, as `fm fid` scores them
         fd = frechet_distance(statistics_of(extractor(to_rgb(pixels)), extractor.name, x.shape[-1]), ref)
         steps = None if settings.solver == "dopri5" else settings.steps
-        return {"solver": settings.solver, "steps": steps, "nfe": nfe, "shape_accuracy": round(accuracy, 3), "fd": round(fd, 3), "sample_seconds": round(seconds, 1)}
+        return {"solver": settings.solver, "steps": steps, **nfe_record(nfes), "shape_accuracy": round(accuracy, 3), "fd": round(fd, 3), "sample_seconds": round(seconds, 1)}
 
     rows = []
     for budget in (int(n) for n in args.nfe.split(",")):  # budget-major: a cut-short run still compares every solver

@@ -24,7 +24,7 @@ import torch
 
 from fmcli.features import domain_extractor
 from fmcli.fidelity import Generated, floor, prepare_reference, score
-from fmcli.generate import class_grid_samples, class_names_of, load_for_sampling, prepare_for_sampling, sampling_record
+from fmcli.generate import class_grid_samples, class_names_of, load_for_sampling, nfe_record, prepare_for_sampling, sampling_record
 from fmcli.images import to_uint8
 
 
@@ -58,7 +58,7 @@ def main() -> int:
     updates = {k: v for k, v in (("cfg", args.cfg), ("steps", args.steps), ("precision", args.precision), ("compile", args.compile_model)) if v is not None}
     sample_cfg = loaded.config.sample.model_copy(update=updates)
     loaded = prepare_for_sampling(loaded, sample_cfg, device, lambda line: print(line, file=sys.stderr))
-    x, nfe = class_grid_samples(loaded, args.per_class, seed=args.seed, sample_cfg=sample_cfg, batch_size=100, device=device)
+    x, nfes = class_grid_samples(loaded, args.per_class, seed=args.seed, sample_cfg=sample_cfg, batch_size=100, device=device)
     pixels = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).contiguous()  # the PNG bytes' values
     feats = ext(pixels)
     labels = np.repeat(np.arange(loaded.num_classes), args.per_class)
@@ -74,7 +74,7 @@ def main() -> int:
         torchvision.utils.save_image((x[::3] + 1) / 2, args.grid, nrow=args.per_class // 3, padding=1)
     rounded = {k: round(v, 4) for k, v in scores["metrics"]["domain"].items()}
     print(json.dumps({
-        "ckpt": args.ckpt, "step": loaded.step, **{f"sample_{k}": v for k, v in sampling_record(loaded).items()}, "cfg": sample_cfg.cfg, "solver": sample_cfg.solver, "steps": sample_cfg.steps, "nfe": nfe,
+        "ckpt": args.ckpt, "step": loaded.step, **{f"sample_{k}": v for k, v in sampling_record(loaded).items()}, "cfg": sample_cfg.cfg, "solver": sample_cfg.solver, "steps": sample_cfg.steps, **nfe_record(nfes),
         "classifier_held_out_accuracy": round(ext.trained.held_out_accuracy, 4), "sample_accuracy": round(scores["accuracy"], 3),
         "per_class": per_class, **rounded, "floor": {k: round(v, 4) for k, v in real["metrics"]["domain"].items()},
         "per_class_fd_mean": None if scores["per_class_fd_mean"] is None else round(scores["per_class_fd_mean"], 4), "num_samples": len(labels), "seconds": round(time.perf_counter() - start, 1),

@@ -41,7 +41,7 @@ class Frame:
     t: float  # flow time of x, 0 = noise, 1 = data
     x: torch.Tensor  # [n, C, H, W] images in [-1, 1] (latents decoded) on the CPU
     final: bool = False
-    nfe: int = 0  # network evaluations (final frame)
+    nfe: int = 0  # network evaluations so far (solvers.Step.nfe; the final frame's: the whole solve's)
 
 
 class _Cancelled(Exception):
@@ -79,7 +79,7 @@ def progressive(
                              "lower the guidance scale or pick a fixed-step solver")
         outcome["steps"] = step.index
         if step.index % every == 0 and step.t < 1.0:  # the final state comes as the final frame
-            frames.put((step.index, step.total, step.t, step.x.detach().clone()))
+            frames.put((step.index, step.total, step.t, step.x.detach().clone(), step.nfe))
 
     def work():
         try:
@@ -103,8 +103,8 @@ def progressive(
             item = frames.get()
             if item is None:
                 break
-            step, total, t, x = item
-            yield Frame(step=step, total=total, t=t, x=decode(loaded, x).cpu() if loaded.vae is not None else x.cpu())
+            step, total, t, x, nfe = item
+            yield Frame(step=step, total=total, t=t, x=decode(loaded, x).cpu() if loaded.vae is not None else x.cpu(), nfe=nfe)
     finally:
         stop.set()  # the consumer went away (closed page): the worker stops at its next evaluation
         worker.join()
@@ -115,6 +115,13 @@ def progressive(
         raise err
     result = outcome["result"]
     yield Frame(step=outcome["steps"], total=total, t=1.0, x=result.x.cpu(), final=True, nfe=result.nfe)
+
+
+def preview_status(frame: Frame) -> str:
+    """The page's line under a preview: "step 2/6, t = 0.333"; an adaptive solver's steps are not known in
+    advance, so its line gives the step and the network evaluations so far: "step 2, 14 evaluations, t = 0.412"."""
+    of = f"/{frame.total}" if frame.total else f", {frame.nfe} evaluations"
+    return f"step {frame.step}{of}, t = {frame.t:.3f}"
 
 
 MAX_STEPS, MAX_EVERY = 250, 50  # the page's slider ranges, enforced again by the handler
@@ -210,8 +217,7 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
             )
             for frame in frames:
                 if not frame.final:
-                    of = f"/{frame.total}" if frame.total else " evaluations"
-                    yield _display(frame.x), f"step {frame.step}{of}, t = {frame.t:.3f}", None
+                    yield _display(frame.x), preview_status(frame), None
                     continue
                 path = save_image_atomic(grid_image(frame.x), out_dir / f"fm-{kind.split('-')[0]}-seed{int(seed)}-{os.urandom(3).hex()}.png")
                 yield _display(frame.x), f"done: {n} image(s), {frame.nfe} network evaluations ({solver}, {guidance} {sample_cfg.cfg:g})", str(path)

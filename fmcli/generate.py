@@ -466,7 +466,7 @@ def iterate_samples(
 
 def class_grid_samples(
     loaded: LoadedModel, per_class: int, *, seed: int, sample_cfg, batch_size: int, device: torch.device
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """`per_class` samples of every class, ordered class by class (sample index = class * per_class + j).
 
     Returns (images [K * per_class, C, H, W] on the CPU, (NFE, samples) of every batch: `nfe_record`'s input).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -784,6 +785,49 @@ def test_shape_accuracy_reports_the_sampling_precision_beside_the_metrics(monkey
     assert row["sample_precision"] == "fp32" and row["sample_compile"] is False
     assert isinstance(row["precision"], float) and 0.0 <= row["precision"] <= 1.0  # the k-NN precision of the samples
     assert row["per_class_fd_mean"] is None and row["num_samples"] == len(row["per_class"])  # one per class
+    assert (row["nfe"], row["nfe_max"]) == (2, 2)  # 2 Euler steps, by hand: a number, as fm's rows give it (was [[2, 10]])
+
+
+def test_sampler_sweep_rows_give_the_nfe_as_a_number(monkeypatch, capsys, debug_run, shapes16):
+    """benchmarks/sampler_sweep.py's rows gave `nfe` as class_grid_samples' (NFE, samples) per batch, [[4, 10]], not
+    a number. Reference: the network's forward passes counted by a wrapper (one batch: the grid of 10)."""
+    import importlib
+    import sys
+
+    import fmcli.generate as generate
+
+    mod = importlib.import_module("benchmarks.sampler_sweep")
+    calls, load = [], generate.load_for_sampling
+
+    class Counting(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.null_class = net, net.null_class
+
+        def forward(self, *args, **kwargs):
+            calls.append(1)
+            return self.net(*args, **kwargs)
+
+    def counted(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        return dataclasses.replace(loaded, model=Counting(loaded.model))
+
+    monkeypatch.setattr(mod, "load_for_sampling", counted)
+    monkeypatch.setattr(mod, "cached_classifier", lambda data, path: (lambda x: torch.zeros(len(x), 10), 1.0))  # no training
+    monkeypatch.setattr(sys, "argv", ["sampler_sweep", "--ckpt", str(debug_run), "--data", str(shapes16), "--per-class", "1",
+                                      "--solvers", "heun", "--nfe", "5", "--tolerances", ""])
+    counts, score = [], mod.class_grid_samples
+
+    def counting_grid(*args, **kwargs):
+        before = len(calls)
+        out = score(*args, **kwargs)
+        counts.append(len(calls) - before)
+        return out
+
+    monkeypatch.setattr(mod, "class_grid_samples", counting_grid)
+    assert mod.main() == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [(r["nfe"], r["nfe_max"]) for r in rows] == [(n, n) for n in counts] and counts == [4]  # heun at NFE 5: 2 steps
 
 
 def test_loop_vs_bench_parts_builds_the_step_with_the_data_its_repa_reads(monkeypatch, tmp_path):

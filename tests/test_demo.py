@@ -218,6 +218,49 @@ def test_frames_of_the_new_solvers_and_guidance_end_in_the_fm_sample_result(load
         assert ref.nfe == 6  # zero-init skips the first of the 6 steps (no evaluation); ab2's Heun start-up adds one
 
 
+@pytest.mark.parametrize("solver", ["heun", "dopri5"])
+def test_preview_lines_give_the_network_evaluations_made_so_far(loaded, solver, monkeypatch):
+    """dopri5's preview line read "step 3 evaluations": its accepted-step index called evaluations (each step costs
+    6 and more, with its rejected tries). Reference: the network's calls counted by a wrapper at the moment the
+    sampler hands each preview over (the frame queue's put), and by hand for Heun (2 a step)."""
+    import queue
+    import types
+
+    from fmcli import demo
+
+    class Counting:
+        def __init__(self, net):
+            self.net, self.calls = net, 0
+
+        def __getattr__(self, name):
+            return getattr(self.net, name)
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            return self.net(*args, **kwargs)
+
+    counted, marks = Counting(loaded.model), []
+
+    class MarkingQueue(queue.Queue):
+        def put(self, item, *args, **kwargs):
+            if item is not None:
+                marks.append(counted.calls)
+            super().put(item, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "queue", types.SimpleNamespace(Queue=MarkingQueue))
+    import dataclasses
+
+    settings = _settings(loaded, solver=solver, steps=4, cfg=2.0, rtol=1e-3, atol=1e-3)
+    frames = list(demo.progressive(dataclasses.replace(loaded, model=counted), n=2, seed=0, sample_cfg=settings, every=1, device=torch.device("cpu")))
+    previews = frames[:-1]
+    assert [f.nfe for f in previews] == marks and frames[-1].nfe == counted.calls
+    if solver == "heun":
+        assert marks == [0, 2, 4, 6] and [demo.preview_status(f) for f in previews[:2]] == ["step 0/4, t = 0.000", f"step 1/4, t = {previews[1].t:.3f}"]
+    else:
+        assert len(previews) >= 2 and marks[1] >= 2 + 6  # the initial step size's 2 evaluations, then 6 a step
+        assert [demo.preview_status(f) for f in previews] == [f"step {f.step}, {n} evaluations, t = {f.t:.3f}" for f, n in zip(previews, marks)]
+
+
 def test_demo_without_gradio_says_how_to_install(debug_run):
     code = "import sys; sys.modules['gradio'] = None; sys.argv = ['fm', 'demo', '--ckpt', sys.argv[1]]; from fmcli.cli import app; app()"
     res = subprocess.run([sys.executable, "-c", code, str(debug_run)], capture_output=True, text=True, timeout=120, env=fm_env())

@@ -507,6 +507,41 @@ def test_an_nfe_sweep_of_an_unconditional_model_under_cfg_zero_stays_within_its_
             assert settings.cfg == 1.0 and len(calls) == result.nfe == budget, (solver, budget, settings.steps, len(calls))
 
 
+@pytest.mark.parametrize("guidance", ["cfg", "cfg-zero", "auto"])
+def test_an_nfe_sweep_of_a_guided_model_spends_the_most_steps_that_fit_each_budget(guidance):
+    """Every fixed-step solver, guided (a guidance interval; cfg-zero's 2 zero-init steps on top; autoguidance's
+    guide beside the main network) at budgets 1..12: the network calls counted here never exceed the budget, equal
+    the reported NFE (a guided pair counts once), and one step more would exceed it (brute force)."""
+    from fmcli.config import load_config
+    from fmcli.evaluate import nfe_sweep
+    from fmcli.generate import sample_batch
+
+    cfg = load_config("debug", [f"sample.guidance='{guidance}'", "sample.zero_init_steps=2", "sample.cfg=2.0", "sample.guidance_interval=[0.0, 0.5]"])
+    calls, guide_calls = [], []
+
+    def model(x, t, y=None):
+        calls.append(x.shape[0])
+        return -x
+
+    def guide(x, t, y=None):
+        guide_calls.append(x.shape[0])
+        return -0.5 * x
+
+    def counted(settings):
+        calls.clear()
+        result = sample_batch(model, torch.randn(2, 3), torch.tensor([0, 1]), settings, guide=guide, seed=0, indices=[0, 1])
+        return len(calls), result.nfe
+
+    for solver in ("euler", "midpoint", "heun", "rk4", "ab2", "euler-sde"):
+        budgets = list(range(1, 13))
+        for budget, settings in nfe_sweep(cfg.sample.model_copy(update={"solver": solver}), budgets, log=None):
+            n, reported = counted(settings)
+            more, _ = counted(settings.model_copy(update={"steps": settings.steps + 1}))
+            assert n == reported <= budget < more, (solver, budget, settings.steps, n, more)
+            assert set(calls) <= {2, 4} and (4 in calls) == (guidance != "auto")  # CFG: one [cond; uncond] forward of 4 rows
+    assert guidance != "auto" or guide_calls  # the guide ran, inside the interval, and counted no NFE of its own
+
+
 # ------------------------------------------------------------------------------------ during training
 
 
