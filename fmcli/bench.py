@@ -198,6 +198,9 @@ def _checked_options(cfg: Config, opts: BenchOptions) -> str:
         raise UsageError("--steps and --rounds must be >= 1 and --warmup >= 0")
     if cfg.model.arch != "dit":
         raise UsageError(f"fm bench supports model.arch='dit' only (got {cfg.model.arch!r})")
+    if opts.mode in ("sample", "both") and cfg.sample.guidance == "auto":  # before the autotune, not at the trial after it
+        raise UsageError("fm bench samples without a guide model, and sample.guidance = 'auto' (autoguidance) needs one: bench "
+                         "--set sample.guidance=cfg (autoguidance adds the guide's forward to each guided step), or --mode train")
     if opts.compare:  # before the autotune and fm's own trial, not in diffusers' trial after them
         from .models.diffusers_dit import check_comparable
 

@@ -779,7 +779,7 @@ def sample_command(ctx, *, ckpt: str, texts: list[str], n: int, class_label, sam
         "num_samples": n,
         "grid_samples": shown,
         **nfe_record(nfes),  # nfe: network evaluations per sample (mean; a CFG pair counts once), nfe_max: the most
-        "nfe_total": sum(nfe for nfe, _ in nfes),  # batched forward passes over all batches
+        "nfe_total": sum(nfe for nfe, _ in nfes),  # each batch's NFE once, summed (a guided pair, model and guide too, counts once)
         "seconds": round(time.perf_counter() - start, 3),  # compiling included (it happens at the first batch)
         **sampling_record(loaded),  # precision, compile: what ran
         **settings_record(sample_cfg),  # solver, steps, cfg, guidance, ...: what ran

@@ -738,6 +738,28 @@ def test_compare_diffusers_refuses_a_model_it_cannot_match_before_measuring(monk
         run_bench(load_config("debug", sets), BenchOptions(batch_size=None, mode="train", compare="diffusers"))
 
 
+@pytest.mark.parametrize("mode", ["sample", "both", "train"])
+def test_bench_refuses_autoguidance_before_measuring_where_it_samples(monkeypatch, mode):
+    """fm bench samples without a guide model: sample.guidance = 'auto' failed at the sampling trial, after the
+    autotune, with advice to pass --guide-ckpt, an option fm bench has not. It is now refused before any work
+    where bench samples; a training-only bench never samples, so it runs."""
+    import fmcli.bench as bench_mod
+    from fmcli.bench import BenchOptions, run_bench
+
+    class Measured(Exception):
+        pass
+
+    def no_trial(*a, **k):
+        raise Measured
+
+    monkeypatch.setattr(bench_mod, "measure_any", no_trial)
+    monkeypatch.setattr(bench_mod, "autotune_training", no_trial)
+    expected = pytest.raises(Measured) if mode == "train" else pytest.raises(UsageError, match=r"sample\.guidance=cfg")
+    with expected as err:
+        run_bench(load_config("debug", ["sample.guidance=auto"]), BenchOptions(batch_size=None, mode=mode))
+    assert "--guide-ckpt" not in str(err.value)
+
+
 def test_autotune_sweep_measures_at_the_precision_fm_bench_resolves(monkeypatch):
     """benchmarks/autotune_sweep.py passed the preset's train.precision as it is: the quickstart's "auto" reached
     hardware.autocast, which took it for fp16 (on a CPU). Every trial now runs the precision "auto" resolves to,
