@@ -456,9 +456,14 @@ class SampleTimer:
         return seconds * self.full_rows / max(1, self.timed_rows)
 
     def facts(self, rounds: list[float]) -> dict:
+        from .generate import settings_record
+        from .solvers import ADAPTIVE_SOLVERS
+
         seconds, b = statistics.median(rounds), self.b
         return {
-            "solver": self.s.solver, "steps": self.s.steps, "timed_steps": self.timed, "cfg": self.s.cfg, "nfe": self.nfe,
+            # steps as every --json row records them (null for dopri5, which chooses its own and is timed whole)
+            "solver": self.s.solver, "steps": settings_record(self.s)["steps"], "timed_steps": self.timed if self.s.solver not in ADAPTIVE_SOLVERS else None,
+            "cfg": self.s.cfg, "nfe": self.nfe,
             "forward_batch": 2 * b if self.guided else b,
             "forward_rows": self.full_rows,  # network rows the full solve of the batch evaluates (a guided NFE: 2 per image)
             "img_per_s": b / seconds, "img_nfe_per_s": b * self.nfe / seconds, "seconds": seconds,

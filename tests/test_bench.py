@@ -614,6 +614,8 @@ def test_a_sampling_round_never_times_the_networks_first_call(monkeypatch, solve
     rounds = [timer.round() for _ in range(3)]
     facts = timer.facts(rounds)
     assert facts["nfe"] >= 1 and rounds == pytest.approx([0.01 * facts["nfe"]] * 3)  # one unguided row batch per NFE
+    # steps as every --json row records them: dopri5 chooses its own (null), a fixed-step solve its grid's
+    assert (facts["steps"], facts["timed_steps"]) == ((None, None) if solver == "dopri5" else (steps, steps))
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp32"])
