@@ -186,6 +186,15 @@ def _record_step(line: bytes):
     return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
+def evaluated_at(run_dir: Path, step: int) -> bool:
+    """Whether metrics.jsonl holds an evaluation record (FID's `fid`, the fidelity metrics' `fd`) of `step`."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    # A line with a numeric step (_record_step) is a JSON object; a torn or damaged line is none.
+    return any(_record_step(line) == step and {"fid", "fd"} & json.loads(line).keys() for line in path.read_bytes().splitlines())
+
+
 def last_logged_step(run_dir: Path) -> int | None:
     """The highest step of a record the run has logged: metrics.jsonl's and those a rollback set aside
     (checkpoints/abandoned-from-step-*/metrics.jsonl), which a tracker was sent all the same; None if none."""

@@ -32,8 +32,8 @@ from .fsutil import write_text_atomic
 from .generate import SamplingNet, initial_noise, sample_batch
 from .images import save_grid
 from .optim import extension_note
-from .runlog import (append_metrics, memory_mib, metrics_end, run_dir_lock, set_aside_metrics, set_aside_samples, step_name, write_config,
-                     write_env_hardware, write_run_files)
+from .runlog import (append_metrics, evaluated_at, memory_mib, metrics_end, run_dir_lock, set_aside_metrics, set_aside_samples, step_name,
+                     write_config, write_env_hardware, write_run_files)
 from .repa import load_encoder
 from .step import TrainingStep
 from .tracking import NullTracker, make_tracker
@@ -291,6 +291,7 @@ class Trainer:
         self.branch_point = None
         self.on_disk: tuple[int, Path] | None = None  # (step, file) of the checkpoint last resumed from or saved: the run's state at that step
         self.metrics_mark = 0  # where this run's metrics.jsonl records begin (a resume: the earlier ones are before it)
+        self.resumed_every = (0, 0)  # the checkpoint resumed from: its (train.sample_every, eval.every), what was due at its step
         if resume_from is not None:
             self._restore(resume_from)
             check_stop_at_step(self.step, stop_at_step, resume_from)  # the launcher checked too; train() callers
@@ -360,7 +361,8 @@ class Trainer:
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_batched, pin_memory=self.ctx.device.type == "cuda",
                             persistent_workers=False, prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(self.cfg.train.seed))
         try:
-            self._loop(iter(loader), stop_at_step, result, progress)
+            if not self._catch_up(result):
+                self._loop(iter(loader), stop_at_step, result, progress)
         finally:
             progress(None, None)
             self.tracker.close()
@@ -422,6 +424,42 @@ class Trainer:
                 if due:
                     self.budget.timed(part, work)
             window_start += time.perf_counter() - paused
+
+    def _catch_up(self, result: TrainResult) -> bool:
+        """A resumed run, before its first step: the sample grid and the evaluation that were due at the resumed step
+        (by its checkpoint's intervals) and are missing, made now: a stop at a step saves and ends before that step's
+        grid and evaluation (`_loop`), which the straight run has. The model and EMA are the straight run's at that
+        step and neither touches the training draws, so the run goes on bit for bit. True where a stop asked for
+        meanwhile ended the run (the checkpoint resumed from is its state)."""
+        if self.resume_from is None:
+            return False
+        todo = D.all_gather_objects(self._skipped_work() if self.ctx.rank == 0 else None, self.ctx)[0]
+        if not todo:
+            return False
+        self.log.info(f"step {self.step}: the {' and '.join(what for what, _, _ in todo)} the stop skipped")
+        for _, part, work in todo:
+            if D.any_rank(self.stop_requested, self.ctx):  # a stop asked for during the grid: not the evaluation too
+                break
+            self.budget.timed(part, getattr(self, work))
+        if not D.any_rank(self.stop_requested, self.ctx):
+            return False
+        self._stop(result, [], None, 0.0, saved=self._state_on_disk(result))
+        return True
+
+    def _skipped_work(self) -> list[tuple[str, int, str]]:
+        """Rank 0: (what, budget part, method) of the resumed step's due work that this run lacks, and does (its grids
+        and evaluations not turned off by the resume). A grid file or an evaluation record of the step is this run's
+        unless the branch resumed left the current one before the step (`fork_step`): those a rollback sets aside."""
+        step, (sample_every, eval_every) = self.step, self.resumed_every
+        other_branch = step > fork_step(self.run_dir / "checkpoints", *self.branch_point)
+        todo = []
+        if step and sample_every and step % sample_every == 0 and self.cfg.train.sample_every:
+            if other_branch or not (self.run_dir / "samples" / step_name(step, ".png")).is_file():
+                todo.append(("sample grid", SAMPLES, "_save_samples"))
+        if step and eval_every and step % eval_every == 0 and self.evaluator is not None:
+            if other_branch or not evaluated_at(self.run_dir, step):
+                todo.append(("evaluation", EVALUATION, "_evaluate"))
+        return todo
 
     def _stop(self, result: TrainResult, window: list[float], out, window_start: float, saved: bool) -> None:
         """A requested stop at this step: its steps since the last log interval logged (or no record would hold them),
@@ -531,6 +569,9 @@ class Trainer:
             self.log.info(note)
         self.hardware.muon_ns_dtype = self.step_fn.optimizer.muon_ns_dtype  # a resumed run keeps its saved one
         self.branch_point = self.on_disk = (self.step, path)
+        saved_cfg = state["config"]
+        self.resumed_every = tuple(v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+                                   for v in (saved_cfg["train"].get("sample_every"), (saved_cfg.get("eval") or {}).get("every")))
         self.log.info(f"resumed from {path} at step {self.step}")
 
     def _check_same_data(self, path: Path, info: dict) -> None:

@@ -608,6 +608,42 @@ def test_a_stop_between_log_intervals_logs_its_steps_and_the_resume_continues_th
     assert [r["loss"] for r in records] == pytest.approx(expected, rel=1e-12)
 
 
+def test_a_stop_at_a_step_with_a_grid_and_evaluation_due_has_them_made_by_the_resume(tmp_path, shapes16):
+    """A stop at step 2 saves and ends before step 2's grid and tiny-feature FID (train.sample_every=eval.every=2); the
+    resume makes them before step 3, from the same EMA: the same grid files byte for byte and the same evaluation
+    records (their generation time aside) as a straight run, the same losses. A finished run extended by a resume
+    redoes nothing at its last step, whose grid and evaluation it has."""
+    from fmcli.config import validate_config
+
+    ref = prepare_shapes(tmp_path / "ref", size=16, count=8, seed=1)  # FID's reference: 8 images, its features in no time
+    common = ["train.steps=4", "train.global_batch_size=4", "train.log_every=1", "train.checkpoint_every=0", "train.sample_every=2", "sample.grid_size=2",
+              "sample.steps=2", "eval.every=2", "eval.num_samples=4", f"eval.ref='{ref}'", "eval.features=tiny"]
+    straight = train(cfg_for(shapes16, *common), tmp_path / "straight", log=QuietLog())
+    first = train(cfg_for(shapes16, *common), tmp_path / "split", stop_at_step=2, log=QuietLog())
+    ckpt = resolve_checkpoint(tmp_path / "split")
+    second = train(validate_config(load_checkpoint(ckpt)["config"]), tmp_path / "split", resume_from=ckpt, log=QuietLog())
+    assert first.losses + second.losses == straight.losses
+
+    def grids(run):
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / run / "samples").iterdir())}
+
+    def evaluations(run):
+        records = map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+        return [{k: v for k, v in r.items() if k != "fid_gen_seconds"} for r in records if "fid" in r]
+
+    assert list(grids("straight")) == ["step-0000002.png", "step-0000004.png"]
+    assert grids("split") == grids("straight")
+    assert [r["step"] for r in evaluations("straight")] == [2, 4]
+    assert evaluations("split") == evaluations("straight")
+    lines = []
+    log = type("Log", (QuietLog,), {"info": lambda self, message: lines.append(message)})()
+    ckpt = resolve_checkpoint(tmp_path / "straight")
+    extended = validate_config({**load_checkpoint(ckpt)["config"], "train": {**load_checkpoint(ckpt)["config"]["train"], "steps": 5}})
+    train(extended, tmp_path / "straight", resume_from=ckpt, log=log)
+    assert not any("skipped" in line for line in lines), lines
+    assert [r["step"] for r in evaluations("straight")] == [2, 4] and list(grids("straight"))[:2] == ["step-0000002.png", "step-0000004.png"]
+
+
 def test_a_resume_after_a_torn_metrics_line_keeps_every_line_a_record(tmp_path, shapes16):
     """A run killed mid-write leaves a torn last line; the resumed run's first record must not continue it (one
     line that is neither record, which `fm plot` then refuses): the torn fragment is dropped, the records stay."""
