@@ -142,6 +142,18 @@ def hardware_cache(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = old
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for this test (restored after): for in-process work on tiny tensors (toy MLPs,
+    16x16 OT plans), where a second OpenMP thread on this 2-core machine costs several times the work itself."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shapes16(tmp_path_factory) -> Path:
     """512 shapes images at 16x16 (the `debug` preset's data), prepared once per test session."""
