@@ -142,6 +142,20 @@ def hardware_cache(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = old
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread, from the first test of a module that asks for it to the module's end (restored
+    then; a module's `pytestmark = pytest.mark.usefixtures("one_thread")` covers its module-scoped fixtures too): for
+    in-process work on tiny tensors (toy MLPs, 16px debug models, 16x16 OT plans), where a second OpenMP thread on a
+    2-core machine costs several times the work itself. Subprocesses are not affected (fm_env sets their threads)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shapes16(tmp_path_factory) -> Path:
     """512 shapes images at 16x16 (the `debug` preset's data), prepared once per test session."""

@@ -18,6 +18,10 @@ from fmcli.optim import LRSchedule, build_schedulers
 from fmcli.train import train
 
 
+# torch on one thread for this module's tiny in-process models (conftest.one_thread): the same checks, faster.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def test_first_fit_leaves_room_for_the_final_checkpoint_and_periodic_work():
     b = StepBudget(seconds=100.0, started=0.0, requested_steps=10_000, work=(Work(0, at_end=True),))
     # 90 s left at 0.1 s/step, less the 1 % margin and the final event (2 % of the budget: never timed)

@@ -16,6 +16,20 @@ import torch
 from conftest import fm_env, fm_in_process, run_fm
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_process(one_thread):
+    """Every process of this module on one torch thread: the launches' ranks (OMP_NUM_THREADS, which fm_env keeps)
+    as fm itself chooses for 2 ranks on 2 cores, and the in-process runs they are compared with (conftest.one_thread).
+    fm_env's default of 2 put 4 spinning threads on 2 cores under --nproc 2; the checks are the same."""
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    if saved is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = saved
+
+
 def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

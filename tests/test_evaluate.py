@@ -16,6 +16,10 @@ from PIL import Image
 from conftest import QuietLog, fm_in_process
 from fmcli.errors import UsageError
 
+# torch on one thread for this module's tiny in-process models (conftest.one_thread): the same checks, faster.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 NOISE_LEVELS = (8, 24, 64)
 
 

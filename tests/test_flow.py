@@ -161,7 +161,7 @@ def test_per_class_exact_equals_brute_force_per_class():
 
 
 @pytest.mark.parametrize("method,batches", [("ot-exact", 300), ("ot-sinkhorn", 100)])
-def test_noise_paired_with_each_class_stays_standard_normal(method, batches):
+def test_noise_paired_with_each_class_stays_standard_normal(method, batches, one_thread):
     """Sampling starts every class from N(0, I), so the noise OT pairs with class-c data must be N(0, I) too.
     Two classes at x = -4 and x = +4 in 2-D, batches of 16: within-class coupling keeps the mean of each
     class's noise at 0 and its variance at 1 (the closed form); a label-blind plan gives class c the noise

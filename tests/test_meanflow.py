@@ -19,6 +19,10 @@ from fmcli.solvers import solve
 from fmcli.step import TrainingStep, mean_flow_target
 from fmcli.train import train
 
+# torch on one thread for this module's tiny in-process models (conftest.one_thread): the same checks, faster.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 MEANFLOW = ["flow.objective='meanflow'", "sample.solver='meanflow'", "sample.steps=2"]
 
 # ------------------------------------------------------------- the Gaussian reference (independent closed form)

@@ -14,7 +14,7 @@ def _benchmark():
     return module
 
 
-def test_ot_exact_gives_straighter_paths_than_independent():
+def test_ot_exact_gives_straighter_paths_than_independent(one_thread):
     results = _benchmark().compare(steps=400, batch=128, seed=0)
     ind, ot = results["independent"], results["ot-exact"]
     print(results)

@@ -14,6 +14,10 @@ from fmcli.config import load_config, validate_config
 from fmcli.train import train
 
 
+# torch on one thread for this module's tiny in-process models (conftest.one_thread): the same checks, faster.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def _debug(data: Path, *overrides):
     return load_config("debug", [f"data.path='{data}'", *overrides])
 
