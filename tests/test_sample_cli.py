@@ -91,6 +91,10 @@ def test_help_lists_the_solver_and_guidance_names_without_torch_at_import():
     probe = "import sys, fmcli.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=fm_env(), timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+    # torchvision's import pulls in torch._dynamo (~1.3 s a command start): only a grid (images.grid_image) imports it
+    probe = "import sys, fmcli.train, fmcli.generate, fmcli.evaluate, fmcli.images; print('torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=fm_env(), timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_fm_help_lists_each_command_in_one_sentence_not_broken_mid_line():
