@@ -108,9 +108,14 @@ def fm_in_process(*args, env: dict | None = None, cwd=None, input: str | None = 
 
 
 def run_fm(*args, cwd=None, env=None, timeout=600, input=None) -> subprocess.CompletedProcess:
-    """`fm ARGS` from this checkout (not whatever `fm` is on PATH); text stdout/stderr captured."""
+    """`fm ARGS` from this checkout (not whatever `fm` is on PATH); text stdout/stderr captured. Ranks of an
+    `--nproc N` command get one torch thread each unless `env` says otherwise (fm_env's 2 per process put 2N busy
+    threads on the machine's 2 cores, several times slower for these tiny models)."""
+    strs = [str(a) for a in args]
+    if "--nproc" in strs and "OMP_NUM_THREADS" not in (env or {}):
+        env = {**(env or {}), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "fmcli.cli", *map(str, args)],
+        [sys.executable, "-m", "fmcli.cli", *strs],
         cwd=cwd,
         env=fm_env(env),
         capture_output=True,
