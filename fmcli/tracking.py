@@ -52,8 +52,15 @@ class WandbTracker:
         kwargs = dict(project=project, name=name, dir=str(run_dir), config=config, mode=os.environ.get("WANDB_MODE") or None)
         if resume_id:
             kwargs.update(id=resume_id, resume="allow")
+        from pydantic import ValidationError
+
         try:
             self.run = wandb.init(**kwargs)
+        except ValidationError as err:  # a WANDB_* variable W&B cannot read (WANDB_MODE=ofline): pydantic's multi-line report
+            bad = err.errors()[0]
+            setting = ".".join(map(str, bad["loc"])) or "?"
+            raise UsageError(f"train.tracker=wandb: W&B refused its setting {setting}={bad.get('input')!r} ({bad['msg']}): fix or unset "
+                             f"WANDB_{setting.upper()} in the environment (WANDB_MODE=offline runs without network)") from None
         except wandb.errors.Error as err:  # not logged in (no API key), a refused key, no network: the machine's setup
             detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise UsageError(f"train.tracker=wandb: W&B did not start ({detail}): log in with `wandb login`, or run offline with "

@@ -235,3 +235,17 @@ def test_env_json_git_sha_is_fm_s_commit_not_the_working_directory_s(tmp_path, m
     monkeypatch.chdir(project)
     assert fm_source_commit() == expected
     assert fm_source_commit() != theirs
+
+
+@pytest.mark.parametrize("env, var", [({"WANDB_MODE": "ofline"}, "WANDB_MODE"), ({"WANDB_MODE": "offline", "WANDB_INIT_TIMEOUT": "soon"}, "WANDB_INIT_TIMEOUT")])
+def test_a_wandb_variable_wandb_cannot_read_is_one_line_naming_it(tmp_path, monkeypatch, env, var):
+    """A typo in WANDB_MODE made wandb.init raise pydantic's four-line ValidationError (exit 1, not naming the variable)."""
+    pytest.importorskip("wandb")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UsageError) as err:
+        make_tracker("wandb", tmp_path / "run")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("train.tracker=wandb: ") and f"unset {var} in the environment" in message
+    assert repr(env[var]) in message
+    assert not (tmp_path / "run" / "wandb_id.txt").exists()
