@@ -21,7 +21,7 @@ class Tracker(Protocol):
 
     def log_image(self, path: str | Path, step: int) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...  # failed: the run ended in an error
 
 
 class NullTracker:
@@ -31,7 +31,7 @@ class NullTracker:
     def log_image(self, path: str | Path, step: int) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -72,8 +72,8 @@ class WandbTracker:
     def log_image(self, path: str | Path, step: int) -> None:
         self.run.log({"samples": self._wandb.Image(str(path))}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # W&B shows a run that ended in an error as failed, not finished
 
 
 class TensorBoardTracker:
@@ -102,7 +102,7 @@ class TensorBoardTracker:
         self.writer.add_image("samples", arr, step, dataformats="HWC")
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 

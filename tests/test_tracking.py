@@ -167,11 +167,15 @@ class _FakeWandb:
         def log(self, metrics, step):
             self.logged.append(step)
 
-        def finish(self):
-            pass
+        def finish(self, exit_code=None):
+            self.exit_code = exit_code
 
     def init(self, **kwargs):
-        return self.Run(**kwargs)
+        self.run = self.Run(**kwargs)
+        return self.run
+
+    def Image(self, path):  # noqa: N802 (wandb's name)
+        return str(path)
 
 
 def test_a_wandb_run_continued_before_its_last_logged_step_warns_once_which_steps_it_drops(tmp_path, monkeypatch):
@@ -249,3 +253,23 @@ def test_a_wandb_variable_wandb_cannot_read_is_one_line_naming_it(tmp_path, monk
     assert "\n" not in message and message.startswith("train.tracker=wandb: ") and f"unset {var} in the environment" in message
     assert repr(env[var]) in message
     assert not (tmp_path / "run" / "wandb_id.txt").exists()
+
+
+def test_a_run_that_fails_ends_its_wandb_run_as_failed(tmp_path, shapes16, monkeypatch):
+    """W&B reads finish(exit_code): 0 is "finished", any other "failed". A run that raised (here an injected failure
+    after step 1) called finish() all the same, and W&B showed it as finished like a completed one."""
+    from conftest import QuietLog
+    from fmcli.config import load_config
+    from fmcli.train import train
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    make_tracker("wandb", tmp_path / "ok").close()  # a run that ends normally
+    assert fake.run.exit_code == 0
+    monkeypatch.setenv("FM_TEST_FAIL_RANK", "0")
+    monkeypatch.setenv("FM_TEST_FAIL_STEP", "1")
+    cfg = load_config("debug", [f"data.path='{shapes16}'", "train.steps=2", "train.log_every=1", "train.tracker='wandb'"])
+    with pytest.raises(Exception, match="injected failure on rank 0 at step 1"):
+        train(cfg, tmp_path / "run", log=QuietLog())
+    assert fake.run.logged == [1]  # this run's tracker: step 1 logged, then the failure
+    assert fake.run.exit_code == 1
