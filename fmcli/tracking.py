@@ -7,6 +7,7 @@ the sample-grid paths, on rank 0 only. Both backends are optional extras, import
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -52,10 +53,21 @@ class WandbTracker:
         kwargs = dict(project=project, name=name, dir=str(run_dir), config=config, mode=os.environ.get("WANDB_MODE") or None)
         if resume_id:
             kwargs.update(id=resume_id, resume="allow")
+        folder = Path(run_dir) / "wandb"
+        fresh = not folder.exists()
+        try:
+            self.run = self._start(wandb, kwargs)
+        except BaseException:  # W&B's folder of a start that failed (or was stopped with Ctrl-C while W&B waited for its
+            if fresh:  # server) goes: a retry in this run directory would find it and be refused (launch.holds_a_run)
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def _start(wandb, kwargs: dict):
         from pydantic import ValidationError
 
         try:
-            self.run = wandb.init(**kwargs)
+            return wandb.init(**kwargs)
         except ValidationError as err:  # a WANDB_* variable W&B cannot read (WANDB_MODE=ofline): pydantic's multi-line report
             bad = err.errors()[0]
             setting = ".".join(map(str, bad["loc"])) or "?"

@@ -273,3 +273,33 @@ def test_a_run_that_fails_ends_its_wandb_run_as_failed(tmp_path, shapes16, monke
         train(cfg, tmp_path / "run", log=QuietLog())
     assert fake.run.logged == [1]  # this run's tracker: step 1 logged, then the failure
     assert fake.run.exit_code == 1
+
+
+@pytest.mark.parametrize("failure", ["error", "ctrl-c"])
+def test_a_wandb_start_that_fails_leaves_nothing_that_blocks_a_retry(tmp_path, monkeypatch, failure):
+    """wandb.init writes RUN_DIR/wandb before it reaches the server: a start that failed there (no network, a refused
+    key) or was stopped with Ctrl-C during W&B's wait left that folder, and the retry the error advises (WANDB_MODE=offline,
+    train.tracker=none) was refused: "run directory ... holds files that are not an fm run (e.g. wandb)"."""
+    import types
+
+    from fmcli.launch import holds_a_run
+
+    class Error(Exception):
+        pass
+
+    def init(**kwargs):
+        (Path(kwargs["dir"]) / "wandb" / "run-x").mkdir(parents=True)  # as W&B does before it contacts its server
+        (Path(kwargs["dir"]) / "wandb" / "debug.log").write_text("...")
+        raise Error("Timed out while retrying") if failure == "error" else KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, errors=types.SimpleNamespace(Error=Error)))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").touch()  # the launch's own files
+    with pytest.raises(UsageError if failure == "error" else KeyboardInterrupt):
+        make_tracker("wandb", run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"] and not holds_a_run(run_dir)
+    (run_dir / "wandb" / "offline-run-1").mkdir(parents=True)  # a resumed run's W&B folder, from its earlier start: kept
+    with pytest.raises(UsageError if failure == "error" else KeyboardInterrupt):
+        make_tracker("wandb", run_dir)
+    assert (run_dir / "wandb" / "offline-run-1").is_dir()
