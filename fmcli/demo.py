@@ -129,6 +129,7 @@ MAX_CFG, MAX_SDE_NOISE = 10.0, 4.0  # the guidance and SDE-noise sliders' upper 
 # dopri5 picks its own steps, so the steps slider does not bound it: a stiff request (a huge guidance scale)
 # once took 464 evaluations. It stops at what the steps slider allows Heun (2 evaluations a step).
 MAX_DOPRI5_NFE = 2 * MAX_STEPS
+CACHE_CLEANUP = (600, 3600)  # gradio's delete_cache: every 600 s, its cached files older than 3600 s (all at close)
 
 
 def bounded_request(images, steps, every, max_images: int) -> tuple[int, int, int]:
@@ -224,7 +225,9 @@ def build_app(loaded: LoadedModel, device: torch.device, out_dir: Path, max_imag
         except UsageError as err:
             raise gr.Error(str(err)) from None
 
-    with gr.Blocks(title="fm demo") as app:
+    # Gradio copies every preview frame and grid into its cache (GRADIO_TEMP_DIR, else /tmp/gradio) and, unless told,
+    # keeps them for good: a served page would fill the disk. Files older than an hour go every 10 minutes, all at close.
+    with gr.Blocks(title="fm demo", delete_cache=CACHE_CLEANUP) as app:
         gr.Markdown(f"### fm demo: {kind} model, step {loaded.step}, {'x'.join(map(str, loaded.shape[1:]))} px\nThe preview shows x_t as the ODE integrates from noise (t = 0) to data (t = 1).")
         with gr.Row():
             with gr.Column():

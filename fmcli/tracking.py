@@ -7,6 +7,7 @@ the sample-grid paths, on rank 0 only. Both backends are optional extras, import
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -21,7 +22,7 @@ class Tracker(Protocol):
 
     def log_image(self, path: str | Path, step: int) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...  # failed: the run ended in an error
 
 
 class NullTracker:
@@ -31,7 +32,7 @@ class NullTracker:
     def log_image(self, path: str | Path, step: int) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -52,8 +53,26 @@ class WandbTracker:
         kwargs = dict(project=project, name=name, dir=str(run_dir), config=config, mode=os.environ.get("WANDB_MODE") or None)
         if resume_id:
             kwargs.update(id=resume_id, resume="allow")
+        folder = Path(run_dir) / "wandb"
+        fresh = not folder.exists()
         try:
-            self.run = wandb.init(**kwargs)
+            self.run = self._start(wandb, kwargs)
+        except BaseException:  # W&B's folder of a start that failed (or was stopped with Ctrl-C while W&B waited for its
+            if fresh:  # server) goes: a retry in this run directory would find it and be refused (launch.holds_a_run)
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def _start(wandb, kwargs: dict):
+        from pydantic import ValidationError
+
+        try:
+            return wandb.init(**kwargs)
+        except ValidationError as err:  # a WANDB_* variable W&B cannot read (WANDB_MODE=ofline): pydantic's multi-line report
+            bad = err.errors()[0]
+            setting = ".".join(map(str, bad["loc"])) or "?"
+            raise UsageError(f"train.tracker=wandb: W&B refused its setting {setting}={bad.get('input')!r} ({bad['msg']}): fix or unset "
+                             f"WANDB_{setting.upper()} in the environment (WANDB_MODE=offline runs without network)") from None
         except wandb.errors.Error as err:  # not logged in (no API key), a refused key, no network: the machine's setup
             detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise UsageError(f"train.tracker=wandb: W&B did not start ({detail}): log in with `wandb login`, or run offline with "
@@ -65,8 +84,8 @@ class WandbTracker:
     def log_image(self, path: str | Path, step: int) -> None:
         self.run.log({"samples": self._wandb.Image(str(path))}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # W&B shows a run that ended in an error as failed, not finished
 
 
 class TensorBoardTracker:
@@ -95,7 +114,7 @@ class TensorBoardTracker:
         self.writer.add_image("samples", arr, step, dataformats="HWC")
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 

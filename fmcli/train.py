@@ -360,12 +360,14 @@ class Trainer:
         # and must not draw it from the global RNG that a checkpoint restores, or a resumed run's would differ.
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_batched, pin_memory=self.ctx.device.type == "cuda",
                             persistent_workers=False, prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(self.cfg.train.seed))
+        failed = True  # until the loop returns: the tracker records how the run ended
         try:
             if not self._catch_up(result):
                 self._loop(iter(loader), stop_at_step, result, progress)
+            failed = False
         finally:
             progress(None, None)
-            self.tracker.close()
+            self.tracker.close(failed=failed)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             del loader

@@ -71,16 +71,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Server(str):
+    """The demo server's URL, with its process (`proc`) and gradio cache directory (`cache`)."""
+
+
 @pytest.fixture(scope="module")
 def server(debug_run, tmp_path_factory):
     pytest.importorskip("gradio")  # the `demo` extra
     pytest.importorskip("gradio_client")
     port = _free_port()
     log = tmp_path_factory.mktemp("demo") / "server.log"
+    cache = log.parent / "gradio-cache"  # gradio's copies of what the page received (not the machine's /tmp/gradio)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "fmcli.cli", "demo", "--ckpt", str(debug_run), "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=fm_env({"GRADIO_ANALYTICS_ENABLED": "False"}))
-    url = f"http://127.0.0.1:{port}/"
+                                stdout=out, stderr=subprocess.STDOUT, env=fm_env({"GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(cache)}))
+    url = _Server(f"http://127.0.0.1:{port}/")
+    url.proc, url.cache = proc, cache
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -351,3 +357,19 @@ def test_demo_stopped_by_ctrl_c_or_sigterm_exits_like_every_command(debug_run, t
     assert out == ""  # stdout carries results only: gradio's "Running on local URL" and "Closing server" are logs (stderr)
     assert "Running on local URL:  http://" in err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("fm-demo-")]
+
+
+def test_the_demo_leaves_no_files_in_gradio_s_cache(server):
+    """Gradio saves every preview frame and grid a page receives into its cache (GRADIO_TEMP_DIR, else /tmp/gradio):
+    fm demo kept them there for good (a served page filled the disk; the files stayed after fm demo ended).
+    It stops the module's server, so it comes after the other tests that use it."""
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    status = client.predict("", "all classes (cycling)", 2, 1.0, 2, "euler", 0, 1, "cfg", 1.0, api_name="/generate")[1]
+    client.close()  # its heartbeat connection would hold the server's shutdown
+    assert status.startswith("done: 2 image(s)")
+    assert [p for p in server.cache.rglob("*") if p.is_file()]  # the previews and the grid went through the cache
+    server.proc.terminate()  # SIGTERM: fm's exit 143, the server closed on the way
+    assert server.proc.wait(timeout=30) == 143  # (the wait the fixture's teardown has otherwise)
+    assert [p for p in server.cache.rglob("*") if p.is_file()] == []

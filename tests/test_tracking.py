@@ -167,11 +167,15 @@ class _FakeWandb:
         def log(self, metrics, step):
             self.logged.append(step)
 
-        def finish(self):
-            pass
+        def finish(self, exit_code=None):
+            self.exit_code = exit_code
 
     def init(self, **kwargs):
-        return self.Run(**kwargs)
+        self.run = self.Run(**kwargs)
+        return self.run
+
+    def Image(self, path):  # noqa: N802 (wandb's name)
+        return str(path)
 
 
 def test_a_wandb_run_continued_before_its_last_logged_step_warns_once_which_steps_it_drops(tmp_path, monkeypatch):
@@ -235,3 +239,67 @@ def test_env_json_git_sha_is_fm_s_commit_not_the_working_directory_s(tmp_path, m
     monkeypatch.chdir(project)
     assert fm_source_commit() == expected
     assert fm_source_commit() != theirs
+
+
+@pytest.mark.parametrize("env, var", [({"WANDB_MODE": "ofline"}, "WANDB_MODE"), ({"WANDB_MODE": "offline", "WANDB_INIT_TIMEOUT": "soon"}, "WANDB_INIT_TIMEOUT")])
+def test_a_wandb_variable_wandb_cannot_read_is_one_line_naming_it(tmp_path, monkeypatch, env, var):
+    """A typo in WANDB_MODE made wandb.init raise pydantic's four-line ValidationError (exit 1, not naming the variable)."""
+    pytest.importorskip("wandb")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UsageError) as err:
+        make_tracker("wandb", tmp_path / "run")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("train.tracker=wandb: ") and f"unset {var} in the environment" in message
+    assert repr(env[var]) in message
+    assert not (tmp_path / "run" / "wandb_id.txt").exists()
+
+
+def test_a_run_that_fails_ends_its_wandb_run_as_failed(tmp_path, shapes16, monkeypatch):
+    """W&B reads finish(exit_code): 0 is "finished", any other "failed". A run that raised (here an injected failure
+    after step 1) called finish() all the same, and W&B showed it as finished like a completed one."""
+    from conftest import QuietLog
+    from fmcli.config import load_config
+    from fmcli.train import train
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    make_tracker("wandb", tmp_path / "ok").close()  # a run that ends normally
+    assert fake.run.exit_code == 0
+    monkeypatch.setenv("FM_TEST_FAIL_RANK", "0")
+    monkeypatch.setenv("FM_TEST_FAIL_STEP", "1")
+    cfg = load_config("debug", [f"data.path='{shapes16}'", "train.steps=2", "train.log_every=1", "train.tracker='wandb'"])
+    with pytest.raises(Exception, match="injected failure on rank 0 at step 1"):
+        train(cfg, tmp_path / "run", log=QuietLog())
+    assert fake.run.logged == [1]  # this run's tracker: step 1 logged, then the failure
+    assert fake.run.exit_code == 1
+
+
+@pytest.mark.parametrize("failure", ["error", "ctrl-c"])
+def test_a_wandb_start_that_fails_leaves_nothing_that_blocks_a_retry(tmp_path, monkeypatch, failure):
+    """wandb.init writes RUN_DIR/wandb before it reaches the server: a start that failed there (no network, a refused
+    key) or was stopped with Ctrl-C during W&B's wait left that folder, and the retry the error advises (WANDB_MODE=offline,
+    train.tracker=none) was refused: "run directory ... holds files that are not an fm run (e.g. wandb)"."""
+    import types
+
+    from fmcli.launch import holds_a_run
+
+    class Error(Exception):
+        pass
+
+    def init(**kwargs):
+        (Path(kwargs["dir"]) / "wandb" / "run-x").mkdir(parents=True)  # as W&B does before it contacts its server
+        (Path(kwargs["dir"]) / "wandb" / "debug.log").write_text("...")
+        raise Error("Timed out while retrying") if failure == "error" else KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, errors=types.SimpleNamespace(Error=Error)))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").touch()  # the launch's own files
+    with pytest.raises(UsageError if failure == "error" else KeyboardInterrupt):
+        make_tracker("wandb", run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"] and not holds_a_run(run_dir)
+    (run_dir / "wandb" / "offline-run-1").mkdir(parents=True)  # a resumed run's W&B folder, from its earlier start: kept
+    with pytest.raises(UsageError if failure == "error" else KeyboardInterrupt):
+        make_tracker("wandb", run_dir)
+    assert (run_dir / "wandb" / "offline-run-1").is_dir()
