@@ -436,9 +436,8 @@ class Trainer:
         if self.resume_from is None:
             return False
         todo = D.all_gather_objects(self._skipped_work() if self.ctx.rank == 0 else None, self.ctx)[0]
-        if not todo:
-            return False
-        self.log.info(f"step {self.step}: the {' and '.join(what for what, _, _ in todo)} the stop skipped")
+        if todo:
+            self.log.info(f"step {self.step}: the {' and '.join(what for what, _, _ in todo)} the stop skipped")
         for _, part, work in todo:
             if D.any_rank(self.stop_requested, self.ctx):  # a stop asked for during the grid: not the evaluation too
                 break

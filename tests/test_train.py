@@ -889,3 +889,32 @@ def test_a_run_whose_eval_every_does_not_divide_its_steps_says_so_once_at_the_st
     else:
         assert len(notes) == 1 and note in notes[0] and f"fm fid --ckpt {tmp_path / 'run'}" in notes[0], notes
         assert messages.index(notes[0]) < min(i for i, m in enumerate(messages) if m.startswith("step "))  # before the first step's log
+
+
+def test_a_stop_before_a_resumed_runs_first_step_trains_nothing_and_saves_nothing(tmp_path, shapes16, monkeypatch):
+    """A signal between the handlers' install and the first step of a resume with no grid or evaluation to catch up
+    trained one step and saved it; the checkpoint resumed from is the run's state (`_state_on_disk`), as the docs say."""
+    import fmcli.train as train_mod
+    from fmcli import step as step_mod
+
+    run_dir = tmp_path / "run"
+    cfg = cfg_for(shapes16, "train.steps=4", "train.checkpoint_every=0", "train.sample_every=0")
+    first = train(cfg, run_dir, stop_at_step=1, log=QuietLog())
+    real_catch_up = train_mod.Trainer._catch_up
+
+    def signal_first(self, result):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_catch_up(self, result)
+
+    steps = []
+    real_step = step_mod.TrainingStep.__call__
+
+    def counted(self, batches, batch_index, step):
+        steps.append(step)
+        return real_step(self, batches, batch_index, step)
+
+    monkeypatch.setattr(train_mod.Trainer, "_catch_up", signal_first)
+    monkeypatch.setattr(step_mod.TrainingStep, "__call__", counted)
+    result = train(cfg, run_dir, resume_from=first.checkpoint, log=QuietLog())
+    assert steps == [] and result.stopped_early and result.step == 1 and result.checkpoint == first.checkpoint
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == [first.checkpoint.name]
