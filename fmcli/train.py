@@ -282,6 +282,7 @@ class Trainer:
         self.batches = 0  # global batches drawn; equals `step` unless non-finite steps were skipped
         self.stop_requested = False
         self.stopped = False  # a requested stop's checkpoint is saved: the run is only winding down (loader workers)
+        self.closing = False  # the loop is over (ended, stopped or failed): the tracker closes, nothing is left to save
         self.pid = os.getpid()  # the stop handler's process: DataLoader workers inherit the handler (fork) and a terminal's Ctrl-C
         self.tracker = NullTracker()  # train.tracker (W&B / TensorBoard), rank 0, opened in run()
         self.vae = None  # loaded when a latent sample grid is first decoded
@@ -366,11 +367,14 @@ class Trainer:
                 self._loop(iter(loader), stop_at_step, result, progress)
             failed = False
         finally:
-            progress(None, None)
-            self.tracker.close(failed=failed)
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
-            del loader
+            self.closing = True  # a signal now: nothing is left to save (the handler says so; Ctrl-C twice stops at once)
+            try:
+                progress(None, None)
+                self._close_tracker(failed)
+            finally:  # restored even where a second Ctrl-C interrupts the tracker's close
+                for sig, handler in old_handlers.items():
+                    signal.signal(sig, handler)
+                del loader
         result.step = self.step
         return result
 
@@ -427,6 +431,15 @@ class Trainer:
                     self.budget.timed(part, work)
             window_start += time.perf_counter() - paused
 
+    def _close_tracker(self, failed: bool) -> None:
+        """Rank 0's tracker closed (W&B's finish uploads). Its error is one line, not the command's: a training error on
+        its way out stays the one reported, and a finished run's checkpoints and grids are all on disk already."""
+        try:
+            self.tracker.close(failed=failed)
+        except Exception as err:  # noqa: BLE001 (a tracker's upload error; KeyboardInterrupt goes on)
+            saved = "" if failed else f"; the run's checkpoints and grids in {self.run_dir} are complete"
+            self.log.info(f"warning: train.tracker={self.cfg.train.tracker} failed to close ({type(err).__name__}: {err}){saved}")
+
     def _catch_up(self, result: TrainResult) -> bool:
         """A resumed run, before its first step: the sample grid and the evaluation that were due at the resumed step
         (by its checkpoint's intervals) and are missing, made now: a stop at a step saves and ends before that step's
@@ -436,9 +449,8 @@ class Trainer:
         if self.resume_from is None:
             return False
         todo = D.all_gather_objects(self._skipped_work() if self.ctx.rank == 0 else None, self.ctx)[0]
-        if not todo:
-            return False
-        self.log.info(f"step {self.step}: the {' and '.join(what for what, _, _ in todo)} the stop skipped")
+        if todo:
+            self.log.info(f"step {self.step}: the {' and '.join(what for what, _, _ in todo)} the stop skipped")
         for _, part, work in todo:
             if D.any_rank(self.stop_requested, self.ctx):  # a stop asked for during the grid: not the evaluation too
                 break
@@ -687,14 +699,20 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- signals
 
     def _request_stop(self, signum, frame) -> None:
-        if os.getpid() != self.pid or self.stopped:  # a DataLoader worker (the main process stops the run and its
-            return  # workers), or a stop already saved: a second Ctrl-C while the workers shut down has nothing to stop
+        if os.getpid() != self.pid or (self.stopped and not self.closing):  # a DataLoader worker (the main process stops the
+            return  # run and its workers), or a stop already saved: a second Ctrl-C while the workers shut down has nothing to stop
         if self.stop_requested:  # a second Ctrl-C means: stop now; a SIGTERM again is the same stop (a scheduler that
             if signum == signal.SIGINT:  # signals every process of a job reaches the ranks, and torchrun forwards it too)
                 raise KeyboardInterrupt
             return
         self.stop_requested = True
-        self.log.info(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
+        name = signal.Signals(signum).name
+        if self.closing:  # the loop is over: only the tracker's close (W&B's upload) is left
+            self.log.info(f"{name}: the training loop is over; closing train.tracker (Ctrl-C again stops it now)")
+        elif self.step >= self.cfg.train.steps:  # the last step is taken: its checkpoint (atomic), grid and evaluation are being made
+            self.log.info(f"{name}: training is done; finishing the last checkpoint, grid and evaluation (Ctrl-C again stops now)")
+        else:
+            self.log.info(f"{name}: finishing this step, then saving a checkpoint")
 
 
 def evaluation_line(record: dict) -> str:

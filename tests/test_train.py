@@ -889,3 +889,124 @@ def test_a_run_whose_eval_every_does_not_divide_its_steps_says_so_once_at_the_st
     else:
         assert len(notes) == 1 and note in notes[0] and f"fm fid --ckpt {tmp_path / 'run'}" in notes[0], notes
         assert messages.index(notes[0]) < min(i for i, m in enumerate(messages) if m.startswith("step "))  # before the first step's log
+
+
+class _LinesLog(QuietLog):
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(message)
+
+
+class _ClosingTracker:
+    """A train.tracker whose close does `on_close(failed)` (W&B's finish: an upload error, a Ctrl-C while it uploads)."""
+
+    def __init__(self, on_close):
+        self.on_close = on_close
+
+    def log(self, metrics, step):
+        pass
+
+    def log_image(self, path, step):
+        pass
+
+    def close(self, failed=False):
+        self.on_close(failed)
+
+
+def test_ctrl_c_while_the_tracker_closes_says_so_and_a_second_stops_at_once_with_the_handlers_restored(tmp_path, shapes16, monkeypatch):
+    """The loop is over (checkpoint and grid of the last step written): a Ctrl-C said "finishing this step, then saving
+    a checkpoint" (false), and a second one, interrupting close, skipped the restore of the caller's signal handlers."""
+    import fmcli.train as train_mod
+
+    def two_ctrl_c(failed):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train_mod, "make_tracker", lambda *a, **k: _ClosingTracker(two_ctrl_c))
+    mine = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGINT, mine)
+    log = _LinesLog()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg_for(shapes16, "train.steps=2"), tmp_path / "run", log=log)
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    said = [line for line in log.lines if line.startswith("SIGINT")]
+    assert len(said) == 1 and "closing train.tracker" in said[0] and "saving a checkpoint" not in said[0], log.lines
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["step"] == 2
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["finished", "training-error"])
+def test_a_tracker_close_error_is_one_warning_not_the_runs_error(tmp_path, shapes16, monkeypatch, fails):
+    """A W&B upload error in close replaced the training error on its way out (the real cause lost) and failed a run
+    whose checkpoints were all written; now it is one warning line, the training error is raised, a finished run returns."""
+    import fmcli.train as train_mod
+    from fmcli.errors import RuntimeFailure
+
+    def upload_error(failed):
+        raise ConnectionError("upload failed")
+
+    monkeypatch.setattr(train_mod, "make_tracker", lambda *a, **k: _ClosingTracker(upload_error))
+    if fails:
+        monkeypatch.setenv("FM_TEST_FAIL_RANK", "0")
+        monkeypatch.setenv("FM_TEST_FAIL_STEP", "1")
+    log = _LinesLog()
+    cfg = cfg_for(shapes16, "train.steps=2")
+    if fails:
+        with pytest.raises(RuntimeFailure, match="injected failure"):
+            train(cfg, tmp_path / "run", log=log)
+    else:
+        assert train(cfg, tmp_path / "run", log=log).step == 2
+        assert load_checkpoint(resolve_checkpoint(tmp_path / "run"))["step"] == 2
+    warned = [line for line in log.lines if "failed to close" in line]
+    assert len(warned) == 1 and "ConnectionError: upload failed" in warned[0], log.lines
+
+
+def test_a_stop_before_a_resumed_runs_first_step_trains_nothing_and_saves_nothing(tmp_path, shapes16, monkeypatch):
+    """A signal between the handlers' install and the first step of a resume with no grid or evaluation to catch up
+    trained one step and saved it; the checkpoint resumed from is the run's state (`_state_on_disk`), as the docs say."""
+    import fmcli.train as train_mod
+    from fmcli import step as step_mod
+
+    run_dir = tmp_path / "run"
+    cfg = cfg_for(shapes16, "train.steps=4", "train.checkpoint_every=0", "train.sample_every=0")
+    first = train(cfg, run_dir, stop_at_step=1, log=QuietLog())
+    real_catch_up = train_mod.Trainer._catch_up
+
+    def signal_first(self, result):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_catch_up(self, result)
+
+    steps = []
+    real_step = step_mod.TrainingStep.__call__
+
+    def counted(self, batches, batch_index, step):
+        steps.append(step)
+        return real_step(self, batches, batch_index, step)
+
+    monkeypatch.setattr(train_mod.Trainer, "_catch_up", signal_first)
+    monkeypatch.setattr(step_mod.TrainingStep, "__call__", counted)
+    result = train(cfg, run_dir, resume_from=first.checkpoint, log=QuietLog())
+    assert steps == [] and result.stopped_early and result.step == 1 and result.checkpoint == first.checkpoint
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == [first.checkpoint.name]
+
+
+def test_a_signal_while_the_last_steps_grid_is_made_says_what_happens_and_the_run_ends_normally(tmp_path, shapes16, monkeypatch):
+    """After the last step its checkpoint is saved whatever comes: "finishing this step, then saving a checkpoint" was false."""
+    import fmcli.train as train_mod
+
+    real_samples = train_mod.Trainer._save_samples
+
+    def signal_then_grid(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_samples(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "_save_samples", signal_then_grid)
+    log = _LinesLog()
+    result = train(cfg_for(shapes16, "train.steps=2", "train.sample_every=0"), tmp_path / "run", log=log)
+    assert result.step == 2 and not result.stopped_early and (tmp_path / "run" / "samples" / "step-0000002.png").is_file()
+    said = [line for line in log.lines if line.startswith("SIGTERM")]
+    assert len(said) == 1 and "training is done" in said[0] and "saving a checkpoint" not in said[0], log.lines
