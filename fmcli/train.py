@@ -450,7 +450,7 @@ class Trainer:
             return False
         todo = D.all_gather_objects(self._skipped_work() if self.ctx.rank == 0 else None, self.ctx)[0]
         if todo:
-            self.log.info(f"step {self.step}: the {' and '.join(what for what, _, _ in todo)} the stop skipped")
+            self.log.info(f"step {self.step}: the {' and '.join(what for what, _, _ in todo)} due at this step and missing (a stop skipped it, or a rollback set it aside)")
         for _, part, work in todo:
             if D.any_rank(self.stop_requested, self.ctx):  # a stop asked for during the grid: not the evaluation too
                 break
