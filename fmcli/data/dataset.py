@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -152,14 +151,14 @@ class PreparedWriter:
         return content_fingerprint(parts)
 
     def __exit__(self, exc_type, exc, tb):
-        # Any failure, Ctrl-C included, removes the temporary directory: no half-written dataset.
+        # Any failure, Ctrl-C included, leaves no half-written dataset: the files are closed here, and temp_folder's
+        # exit removes the temporary directory (after a commit, the swapped-out old output), then releases its lock.
         if self.tmp.exists():
             for stream in self._streams.values():
                 stream.abort()
             if self.captions is not None and not self.captions.closed:
                 self.captions.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        self._temp.__exit__(None, None, None)  # its lock released
+        self._temp.__exit__(None, None, None)
         return False
 
 
