@@ -323,47 +323,28 @@ def reference_statistics(ref: str | Path, extractor: FeatureExtractor, *, batch_
     Collective under a `ctx` of several ranks (training's evaluator; without `keep_features`): each rank reads its
     block of the images and the statistics are those of all of them (`shared_moments`), so no rank waits at its
     next collective while another reads every image (Inception over a large folder: many minutes)."""
-    ref, shared = Path(ref), ctx is not None and ctx.world_size > 1 and not keep_features
+    ref = Path(ref)
     if not ref.exists():
         raise UsageError(f"--ref {ref} does not exist (a prepared dataset directory, an image folder or a stats .npz)")
     if ref.is_file():
         if ref.suffix != ".npz":
             raise UsageError(f"--ref {ref} is a file but not a statistics .npz (written by `fm fid --save-stats`)")
         return load_statistics(ref, extractor)
+    # Each rank reads its block under several ranks; the features line is then the whole's, said below.
+    share = ctx if ctx is not None and ctx.world_size > 1 and not keep_features else None
     if (ref / "manifest.json").is_file():
         from .data.dataset import validate_prepared
 
         validate_prepared(ref)  # as `fm train` does: a damaged dataset is one line, not a crash in np.load
-        if shared:
-            return _shared_prepared_statistics(ref, extractor, batch_size, log, ctx)
-        feats, size = prepared_features(ref, extractor, batch_size=batch_size, log=log)
-    elif shared:
-        return _shared_folder_statistics(ref, extractor, batch_size, log, ctx)
+        feats, size = prepared_features(ref, extractor, batch_size=batch_size, log=log if share is None else None, share=share)
     else:
-        feats, size = folder_features(ref, extractor, batch_size=batch_size, log=log)
-    return statistics_of(feats, extractor.name, size, keep_features=keep_features)
-
-
-def _shared_prepared_statistics(ref: Path, extractor: FeatureExtractor, batch_size: int, log, ctx) -> Statistics:
-    feats, size = prepared_features(ref, extractor, batch_size=batch_size, share=ctx)
+        feats, size = folder_features(ref, extractor, batch_size=batch_size, log=log, share=share)
+    if share is None:
+        return statistics_of(feats, extractor.name, size, keep_features=keep_features)
     mu, sigma, count = shared_moments(feats, ctx)
     if log:
         log(f"features of {count} images from {ref} (shared over {ctx.world_size} ranks)")
     return Statistics(mu=mu, sigma=sigma, count=count, features=extractor.name, image_size=size)
-
-
-def _shared_folder_statistics(ref: Path, extractor: FeatureExtractor, batch_size: int, log, ctx) -> Statistics:
-    from . import distributed as D
-
-    files = image_files(ref, log)
-    if not files:
-        raise UsageError(f"{ref} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no manifest.json")
-    feats, sizes = _files_features(files[D.block_of(len(files), ctx)], extractor, batch_size)
-    mu, sigma, count = shared_moments(feats, ctx)
-    (h, w), *others = set().union(*D.all_gather_objects(sizes, ctx))
-    if log:
-        log(f"features of {count} images from {ref} (shared over {ctx.world_size} ranks)")
-    return Statistics(mu=mu, sigma=sigma, count=count, features=extractor.name, image_size=h if not others and h == w else None)
 
 
 def shared_moments(feats: np.ndarray | None, ctx) -> tuple[np.ndarray, np.ndarray, int]:
@@ -440,13 +421,19 @@ def read_rgb(path: Path) -> np.ndarray:
         raise UsageError(f"cannot read image {path}: {err}") from None
 
 
-def folder_features(path: Path, extractor: FeatureExtractor, *, batch_size: int = 64, log=None) -> tuple[np.ndarray, int | None]:
-    """Features of every image under a folder (sorted, recursive), read as RGB like clean-fid does."""
+def folder_features(path: Path, extractor: FeatureExtractor, *, batch_size: int = 64, log=None, share=None) -> tuple[np.ndarray | None, int | None]:
+    """Features of every image under a folder (sorted, recursive), read as RGB like clean-fid does; with `share` (a
+    DistContext; collective) only that rank's block of the files (None where the block is empty), the size every
+    rank's images agree on."""
+    from . import distributed as D
+
     files = image_files(path, log)
     if not files:
         raise UsageError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no manifest.json")
-    feats, sizes = _files_features(files, extractor, batch_size)
-    if log:
+    feats, sizes = _files_features(files[D.block_of(len(files), share)] if share is not None else files, extractor, batch_size)
+    if share is not None:
+        sizes = set().union(*D.all_gather_objects(sizes, share))
+    elif log:
         log(f"features of {len(files)} images from {path}")
     (h, w), *others = sizes
     return feats, h if not others and h == w else None  # None: mixed or non-square sizes
